@@ -1,0 +1,275 @@
+"""The problem statement: a bilevel problem written in SymPy (interface.md section 1).
+
+`Problem` normalises what the user wrote into one canonical form the later stages can rely on:
+
+* the lower variable and the hyperparameters are always `IndexedBase` arrays (scalar `Symbol`s
+  and lists of them become entries of a fixed-size array), so every stage sees one kind of read;
+* every other `IndexedBase` or non-integer `Symbol` is data, with a shape of size symbols;
+* sizes are the integer symbols in shapes, bound from the data at run time, never at build.
+
+Validation happens here, at construction, so a problem file fails on the line that defines the
+problem and not later inside the generator. Index validation (free indices, shifted indices that
+can leave their array) needs the loop structure, so it is delegated to `codegen.lower`.
+"""
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .errors import ProblemError
+from .primitives import ALLOWED_FUNCTIONS
+
+C_KEYWORDS = frozenset(
+    "auto break case char const continue default do double else enum extern float for goto if "
+    "inline int long register restrict return short signed sizeof static struct switch typedef "
+    "union unsigned void volatile while int64_t size_t".split()
+)
+# Names the generator makes for itself; user symbols may not take them.
+_RESERVED = re.compile(r"^(s\d+|c\d+|hg_.*|.*_bar|.*_dot|value|out|work|status|theta_t|q|v|t)$")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One named array of the problem: data, the lower variable or the hyperparameters."""
+
+    name: str
+    shape: tuple  # of SymPy integer expressions in the size symbols; () for a scalar
+    role: str  # "data", "x" or "theta"
+
+    @property
+    def base(self) -> sp.IndexedBase:
+        return sp.IndexedBase(self.name, shape=self.shape if self.shape else None)
+
+
+@dataclass
+class Problem:
+    """A bilevel problem: min_theta f(x*(theta), theta) + r(theta), x*(theta) = argmin_x g(x, theta).
+
+    Parameters follow interface.md section 1. `constants` optionally states mu, L, L_A, L_B, L_f
+    as SymPy expressions in theta (and scalar data): results computed with them say so.
+    """
+
+    name: str
+    x: object
+    theta: object
+    lower: object
+    upper: object
+    regulariser: object = 0
+    constants: dict | None = None
+    # Canonical form, filled in by __post_init__.
+    arrays: dict = field(init=False, repr=False)
+    sizes: tuple = field(init=False, repr=False)
+    g: sp.Expr = field(init=False, repr=False)
+    f: sp.Expr = field(init=False, repr=False)
+    r: sp.Expr = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
+            raise ProblemError(f"problem name {self.name!r} must be a valid identifier")
+        if keyword.iskeyword(self.name) or self.name in C_KEYWORDS:
+            raise ProblemError(f"problem name {self.name!r} is a Python or C keyword")
+        x_spec, x_subs = _variable_spec(self.x, "x", "lower variable x")
+        th_spec, th_subs = _variable_spec(self.theta, "theta", "hyperparameter theta")
+        if x_spec.name == th_spec.name:
+            raise ProblemError(f"x and theta are both named {x_spec.name!r}")
+        subs = {**x_subs, **th_subs}
+        self.g = _objective(self.lower, "lower", subs)
+        self.f = _objective(self.upper, "upper", subs)
+        self.r = _objective(self.regulariser, "regulariser", subs)
+        arrays = {x_spec.name: x_spec, th_spec.name: th_spec}
+        for label, expr in (("lower", self.g), ("upper", self.f), ("regulariser", self.r)):
+            _collect_data(expr, label, arrays)
+        _check_functions(self.g, "lower")
+        _check_functions(self.f, "upper")
+        _check_functions(self.r, "regulariser")
+        if self.r != 0 and any(a.role != "theta" for a in _bases_in(self.r, arrays)):
+            raise ProblemError("the regulariser r(theta) may depend on theta and scalar data only")
+        if not any(a.role == "x" for a in _bases_in(self.g, arrays)):
+            raise ProblemError(f"the lower objective does not depend on x ({x_spec.name})")
+        self.arrays = dict(sorted(arrays.items()))
+        self.sizes = tuple(sorted(_size_symbols(self.arrays.values()), key=lambda s: s.name))
+        _check_names(self)
+        _check_sizes_bindable(self)
+        self.constants = _stated_constants(self.constants, subs)
+        from .lower import check_indices  # index checks need the loop structure
+
+        for label, expr in (("lower", self.g), ("upper", self.f), ("regulariser", self.r)):
+            check_indices(expr, self.arrays, label)
+
+    # -- convenient views -------------------------------------------------------------------
+    @property
+    def x_spec(self) -> ArraySpec:
+        return next(a for a in self.arrays.values() if a.role == "x")
+
+    @property
+    def theta_spec(self) -> ArraySpec:
+        return next(a for a in self.arrays.values() if a.role == "theta")
+
+    @property
+    def data_specs(self) -> list:
+        return [a for a in self.arrays.values() if a.role == "data"]
+
+    @property
+    def theta_names(self) -> list:
+        """Display names of the theta entries (the user's symbols, or name[k])."""
+        if isinstance(self.theta, sp.Symbol):
+            return [self.theta.name]
+        if isinstance(self.theta, (list, tuple)):
+            return [s.name for s in self.theta]
+        return None
+
+
+def _variable_spec(var, default_name: str, what: str):
+    """Canonical array for x or theta, and the substitution of user symbols into it."""
+    role = "x" if default_name == "x" else "theta"
+    if isinstance(var, sp.IndexedBase):
+        shape = var.shape
+        if shape is None or len(shape) not in ((1, 2) if role == "x" else (1,)):
+            allowed = "1-D or 2-D" if role == "x" else "1-D"
+            raise ProblemError(f"{what} {var.name}: IndexedBase needs a {allowed} shape, got {shape}")
+        return ArraySpec(str(var.label), tuple(sp.sympify(s) for s in shape), role), {}
+    if isinstance(var, sp.Symbol):
+        var = [var]
+    if isinstance(var, (list, tuple)) and var and all(isinstance(s, sp.Symbol) for s in var):
+        if len(set(var)) != len(var):
+            raise ProblemError(f"{what}: the symbols {var} repeat")
+        base = sp.IndexedBase(default_name, shape=(len(var),))
+        return ArraySpec(default_name, (sp.Integer(len(var)),), role), {
+            s: base[k] for k, s in enumerate(var)
+        }
+    raise ProblemError(
+        f"{what} must be an IndexedBase with a symbolic shape, a Symbol or a list of Symbols; "
+        f"got {var!r} ({type(var).__name__})"
+    )
+
+
+def _objective(expr, label: str, subs: dict) -> sp.Expr:
+    if expr is None:
+        raise ProblemError(f"the {label} objective is missing")
+    try:
+        expr = sp.sympify(expr)
+    except (sp.SympifyError, TypeError) as exc:
+        raise ProblemError(f"the {label} objective is not a SymPy expression: {exc}") from None
+    if isinstance(expr, (sp.MatrixBase, sp.MatrixExpr)) or not isinstance(expr, sp.Expr):
+        raise ProblemError(f"the {label} objective must be a scalar expression, got {type(expr).__name__}")
+    if any(isinstance(a, (sp.Eq, sp.Rel)) for a in sp.preorder_traversal(expr)):
+        raise ProblemError(f"the {label} objective contains a relation; it must be a scalar expression")
+    return expr.xreplace(subs) if subs else expr
+
+
+def _collect_data(expr: sp.Expr, label: str, arrays: dict) -> None:
+    """Register every IndexedBase and real Symbol that is neither x nor theta as data."""
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Indexed):
+            name, shape = str(node.base.label), node.base.shape
+            if name in arrays:
+                if arrays[name].role == "data" and len(arrays[name].shape) != len(node.indices):
+                    raise ProblemError(f"{label}: {name} is used with {len(node.indices)} indices "
+                                       f"but has shape {arrays[name].shape}")
+                continue
+            if shape is None:
+                raise ProblemError(f"{label}: data array {name} has no shape; declare it as "
+                                   f"IndexedBase('{name}', shape=(...))")
+            if len(shape) != len(node.indices):
+                raise ProblemError(f"{label}: {name} has shape {tuple(shape)} but is used as {node}")
+            arrays[name] = ArraySpec(name, tuple(sp.sympify(s) for s in shape), "data")
+        elif isinstance(node, sp.Symbol) and not isinstance(node, sp.Idx) and not _is_integer(node):
+            if node.name in arrays:
+                if arrays[node.name].shape != ():
+                    raise ProblemError(f"{label}: {node.name} is used both as a scalar and an array")
+                continue
+            arrays[node.name] = ArraySpec(node.name, (), "data")
+
+
+def _is_integer(sym: sp.Symbol) -> bool:
+    return bool(sym.is_integer)
+
+
+def _bases_in(expr: sp.Expr, arrays: dict):
+    names = {str(n.base.label) for n in expr.atoms(sp.Indexed)}
+    names |= {s.name for s in expr.atoms(sp.Symbol) if s.name in arrays and arrays[s.name].shape == ()}
+    return [arrays[n] for n in sorted(names) if n in arrays]
+
+
+def _check_functions(expr: sp.Expr, label: str) -> None:
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Function) and not isinstance(node, sp.Indexed):
+            if type(node) not in ALLOWED_FUNCTIONS:
+                allowed = ", ".join(sorted(f.__name__ for f in ALLOWED_FUNCTIONS))
+                raise ProblemError(f"{label}: function {type(node).__name__} in {node} is not "
+                                   f"supported; use one of {allowed}")
+        elif isinstance(node, (sp.Integral, sp.Derivative, sp.Product, sp.Piecewise)):
+            raise ProblemError(f"{label}: {type(node).__name__} is not supported ({node})")
+
+
+def _size_symbols(specs):
+    sizes = set()
+    for spec in specs:
+        for s in spec.shape:
+            bad = [a for a in s.free_symbols if not _is_integer(a)]
+            if bad:
+                raise ProblemError(f"array {spec.name}: shape entry {s} uses {bad[0]}, which is not "
+                                   f"an integer symbol; declare sizes with integer=True, positive=True")
+            sizes |= s.free_symbols
+    return sizes
+
+
+def _check_names(problem: Problem) -> None:
+    names = list(problem.arrays) + [s.name for s in problem.sizes]
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ProblemError(f"symbol name {name!r} is not a valid C identifier")
+        if name in C_KEYWORDS:
+            raise ProblemError(f"symbol name {name!r} is a C keyword; rename it")
+        if _RESERVED.match(name) and not (name in ("x", "theta") or name == problem.name):
+            if problem.arrays.get(name) is None or problem.arrays[name].role == "data":
+                raise ProblemError(f"symbol name {name!r} is reserved for the generator; rename it")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ProblemError(f"the name(s) {dup} are used for more than one symbol")
+
+
+def _check_sizes_bindable(problem: Problem) -> None:
+    """Every size must be readable from a data array's shape, else it can never be bound."""
+    from_data = set()
+    for spec in problem.data_specs:
+        for s in spec.shape:
+            if isinstance(s, sp.Symbol):
+                from_data.add(s)
+    for spec in (problem.x_spec, problem.theta_spec):
+        for s in spec.shape:
+            missing = sorted((a.name for a in s.free_symbols - from_data))
+            if missing:
+                raise ProblemError(
+                    f"size {missing[0]} (in the shape of {spec.name}) appears in no data array's "
+                    f"shape as a plain symbol, so it can never be bound at run time")
+    for spec in problem.data_specs:
+        for s in spec.shape:
+            missing = sorted(a.name for a in s.free_symbols - from_data)
+            if missing:
+                raise ProblemError(f"size {missing[0]} in the shape {spec.shape} of {spec.name} "
+                                   f"appears in no shape as a plain symbol; it can never be bound")
+
+
+_CONSTANT_NAMES = ("mu", "L", "L_A", "L_B", "L_f")
+
+
+def _stated_constants(constants, subs):
+    if constants is None:
+        return None
+    if not isinstance(constants, dict):
+        raise ProblemError("constants must be a dict such as {'mu': sp.exp(theta), 'L': ...}")
+    out = {}
+    for key, value in constants.items():
+        if key not in _CONSTANT_NAMES:
+            raise ProblemError(f"unknown constant {key!r}; the constants are {_CONSTANT_NAMES}")
+        expr = sp.sympify(value).xreplace(subs)
+        if expr.atoms(sp.Sum):
+            raise ProblemError(f"constant {key} = {value}: stated constants may not contain sums")
+        out[key] = expr
+    if "mu" not in out:
+        raise ProblemError("stated constants must include mu (the certificate ||grad g||/mu needs it)")
+    return out
