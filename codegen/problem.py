@@ -162,7 +162,7 @@ def _objective(expr, label: str, subs: dict) -> sp.Expr:
 
 def _collect_data(expr: sp.Expr, label: str, arrays: dict) -> None:
     """Register every IndexedBase and real Symbol that is neither x nor theta as data."""
-    for node in sp.preorder_traversal(expr):
+    for node in _walk(expr):
         if isinstance(node, sp.Indexed):
             name, shape = str(node.base.label), node.base.shape
             if name in arrays:
@@ -184,13 +184,28 @@ def _collect_data(expr: sp.Expr, label: str, arrays: dict) -> None:
             arrays[node.name] = ArraySpec(node.name, (), "data")
 
 
+def _walk(expr):
+    """Pre-order traversal that skips the labels of IndexedBases (they are names, not symbols)."""
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, sp.Indexed):
+            stack.extend(reversed(node.indices))
+        elif isinstance(node, (sp.IndexedBase, sp.Idx)):
+            continue
+        else:
+            stack.extend(reversed(node.args))
+
+
 def _is_integer(sym: sp.Symbol) -> bool:
     return bool(sym.is_integer)
 
 
 def _bases_in(expr: sp.Expr, arrays: dict):
     names = {str(n.base.label) for n in expr.atoms(sp.Indexed)}
-    names |= {s.name for s in expr.atoms(sp.Symbol) if s.name in arrays and arrays[s.name].shape == ()}
+    names |= {s.name for s in _walk(expr) if isinstance(s, sp.Symbol) and s.name in arrays
+              and arrays[s.name].shape == ()}
     return [arrays[n] for n in sorted(names) if n in arrays]
 
 

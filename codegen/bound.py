@@ -1,0 +1,86 @@
+"""A problem bound to data: the kernels as NumPy functions, and the solvers on top of them.
+
+`BoundProblem` is the object of interface.md section 3 (`prob = ridge.bind(...)`). Its kernel
+methods validate their vector arguments (length, dtype, theta's length) and return fresh arrays;
+non-finite results are returned as they are (the solvers turn them into a status), while an
+invalid size raises. The solver methods delegate to `solvers` and `hypergradient`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import BindError
+from .runtime import GeneratedModule, KernelCaller, _as_float64
+
+
+class BoundProblem:
+    def __init__(self, module: GeneratedModule, bound: dict):
+        self.module = module
+        self.data = bound["arrays"]
+        self.sizes = bound["sizes"]
+        meta = module.meta
+        self.x_name, self.theta_name = meta["x"], meta["theta"]
+        self.x_shape = module.extent(self.x_name, self.sizes)
+        self.x_size = int(np.prod(self.x_shape))
+        self.theta_size = int(np.prod(module.extent(self.theta_name, self.sizes)))
+        self.is_quadratic = meta["is_quadratic"]
+        self.upper_depends_on_theta = meta["upper_depends_on_theta"]
+        work_fn = getattr(module.lib, f"hg_{module.name}_work_size")
+        self.work = np.zeros(max(1, int(work_fn(*[self.sizes[s] for s in meta["sizes"]]))))
+        self.kernels = {k["name"]: KernelCaller(module, k, self.data, self.sizes, self.work)
+                        for k in meta["kernels"]}
+        self._constants = None
+
+    def __repr__(self):
+        sizes = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+        return f"<{self.module.name} bound: {sizes}; x has {self.x_size} entries, theta {self.theta_size}>"
+
+    # -- argument checks -------------------------------------------------------------------
+    def _vector(self, name: str, value, length: int, what: str) -> np.ndarray:
+        arr = _as_float64(what, value)
+        if arr.size != length or (arr.ndim > 1 and arr.shape != self.x_shape):
+            raise BindError(f"{what} must have {length} entries (shape {self.x_shape if length == self.x_size else (length,)}), got shape {arr.shape}")
+        return arr.reshape(-1)
+
+    def _theta(self, theta) -> np.ndarray:
+        arr = _as_float64("theta", np.atleast_1d(theta))
+        if arr.ndim != 1 or arr.size != self.theta_size:
+            raise BindError(f"theta must be a float or a 1-D array of {self.theta_size} entries, "
+                            f"got shape {np.shape(theta)}")
+        return arr
+
+    def _call(self, kernel: str, x, theta, extra=None, out_size=None):
+        vectors = {self.x_name: self._vector(self.x_name, x, self.x_size, "x"),
+                   self.theta_name: self._theta(theta)}
+        if extra is not None:
+            name, value, length = extra
+            vectors[name] = self._vector(name, value, length, name)
+        out = np.empty(1 if out_size is None else out_size)
+        self.kernels[kernel](vectors, out)
+        return float(out[0]) if out_size is None else out
+
+    # -- kernels (interface.md section 3) --------------------------------------------------
+    def lower_value(self, x, theta) -> float:
+        return self._call("lower_value", x, theta)
+
+    def lower_grad(self, x, theta) -> np.ndarray:
+        return self._call("lower_grad", x, theta, out_size=self.x_size)
+
+    def lower_hvp(self, x, theta, v) -> np.ndarray:
+        return self._call("lower_hvp", x, theta, ("v", v, self.x_size), self.x_size)
+
+    def cross_vjp(self, x, theta, q) -> np.ndarray:
+        return self._call("cross_vjp", x, theta, ("q", q, self.x_size), self.theta_size)
+
+    def cross_jvp(self, x, theta, t) -> np.ndarray:
+        return self._call("cross_jvp", x, theta, ("t", np.atleast_1d(t), self.theta_size),
+                          self.x_size)
+
+    def upper_value(self, x, theta) -> float:
+        return self._call("upper_value", x, theta)
+
+    def upper_grad(self, x, theta) -> np.ndarray:
+        return self._call("upper_grad", x, theta, out_size=self.x_size)
+
+    def upper_theta_grad(self, x, theta) -> np.ndarray:
+        return self._call("upper_theta_grad", x, theta, out_size=self.theta_size)

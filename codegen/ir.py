@@ -1,0 +1,92 @@
+"""The loop-nest IR: plain, immutable data shared by every stage after the problem statement.
+
+A `Program` is a straight-line list of `Statement`s over named `Array`s. A statement is a loop
+nest (run-time bounds in the size symbols) whose body applies one or more `Update`s
+`target[index] op= expr`, where `expr` is a scalar SymPy expression whose reads are
+`Indexed(IndexedBase(name), *index)` (arrays) or `Symbol(name)` (scalars). Every target is zeroed
+(or set to -inf for a max) at kernel entry and only accumulated afterwards, which makes the
+derivative transforms (autodiff.py) and fusion (optimize.py) simple and order-independent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import sympy as sp
+
+# Array roles. Inputs are read-only kernel arguments; outputs and temporaries are accumulated.
+DATA, X, THETA, INPUT, TEMP, OUTPUT = "data", "x", "theta", "input", "temp", "output"
+
+
+@dataclass(frozen=True)
+class Array:
+    name: str
+    shape: tuple  # SymPy extents in the size symbols; () for a scalar
+    role: str
+    differentiable: bool = True  # False for the max of a log-sum-exp (its total derivative is 0)
+
+    @property
+    def is_scalar(self) -> bool:
+        return self.shape == ()
+
+
+@dataclass(frozen=True)
+class Loop:
+    var: sp.Symbol  # integer Symbol named after the user's Idx
+    lo: sp.Expr
+    hi: sp.Expr  # inclusive, like SymPy's Sum limits
+
+
+@dataclass(frozen=True)
+class Update:
+    target: str
+    index: tuple  # storage coordinates, affine in loop variables
+    expr: sp.Expr
+    op: str = "+"  # "+" accumulates, "max" takes the running maximum
+
+
+@dataclass(frozen=True)
+class Statement:
+    loops: tuple
+    updates: tuple
+
+
+@dataclass
+class Program:
+    arrays: dict  # name -> Array
+    statements: list
+    outputs: tuple = ()
+    meta: dict = field(default_factory=dict)
+
+    def with_statements(self, statements, outputs=None) -> "Program":
+        return replace(self, statements=list(statements),
+                       outputs=self.outputs if outputs is None else tuple(outputs))
+
+
+def read(array: Array, index: tuple) -> sp.Expr:
+    """The SymPy expression that reads `array` at `index` inside a statement body."""
+    if array.is_scalar:
+        return sp.Symbol(array.name, real=True)
+    return sp.Indexed(sp.IndexedBase(array.name), *index)
+
+
+def reads_of(expr: sp.Expr, arrays: dict) -> list:
+    """Distinct reads (Indexed or scalar Symbols naming an array) in `expr`, in a stable order."""
+    found = set()
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Indexed) and str(node.base.label) in arrays:
+            found.add(node)
+        elif isinstance(node, sp.Symbol) and node.name in arrays and arrays[node.name].is_scalar:
+            found.add(node)
+    return sorted(found, key=sp.default_sort_key)
+
+
+def read_name(r: sp.Expr) -> str:
+    return str(r.base.label) if isinstance(r, sp.Indexed) else r.name
+
+
+def read_index(r: sp.Expr) -> tuple:
+    return tuple(r.indices) if isinstance(r, sp.Indexed) else ()
+
+
+def loop_vars(loops) -> list:
+    return [lp.var for lp in loops]

@@ -1,0 +1,93 @@
+"""Program optimisations: dead-code elimination and loop fusion over a shared outer loop.
+
+Fusion is what makes a Hessian-vector product one pass over a dense data matrix: the row
+contraction z_i = a_i . v, the pointwise derivative terms at i and the scatter of a_i times them
+all run inside one loop over i, so row a_i is read from memory once and then from cache.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from . import ir
+
+
+def eliminate_dead_code(program: ir.Program) -> ir.Program:
+    """Keep only the updates that contribute to the outputs; drop arrays nothing uses."""
+    needed = set(program.outputs)
+    kept = []
+    for stmt in reversed(program.statements):
+        updates = tuple(u for u in stmt.updates if u.target in needed)
+        if not updates:
+            continue
+        for u in updates:
+            needed.add(u.target)
+            needed |= {ir.read_name(r) for r in ir.reads_of(u.expr, program.arrays)}
+        kept.append(ir.Statement(stmt.loops, updates))
+    kept.reverse()
+    arrays = {n: a for n, a in program.arrays.items()
+              if n in needed or a.role in (ir.X, ir.THETA, ir.INPUT)}
+    return ir.Program(arrays, kept, program.outputs, dict(program.meta))
+
+
+def fuse_outer_loops(program: ir.Program) -> list:
+    """Group consecutive statements that can share their outermost loop.
+
+    Returns a list of groups (lists of statements); a group of several statements shares its
+    first loop (renamed to the first statement's variable). A statement joins the group when its
+    outer loop has the same bounds and every array it reads that the group writes is written and
+    read only at the current outer iteration (first index exactly `var - lo`).
+    """
+    groups = []
+    for stmt in program.statements:
+        if groups and _can_join(groups[-1], stmt, program.arrays):
+            groups[-1].append(_rename_outer(stmt, groups[-1][0].loops[0].var))
+        else:
+            groups.append([stmt])
+    return groups
+
+
+def _rename_outer(stmt: ir.Statement, var: sp.Symbol) -> ir.Statement:
+    old = stmt.loops[0].var
+    if old == var:
+        return stmt
+    if any(lp.var == var for lp in stmt.loops[1:]):
+        return stmt  # cannot happen after _can_join; kept for safety of the rename
+    sub = {old: var}
+    loops = (ir.Loop(var, stmt.loops[0].lo, stmt.loops[0].hi),) + tuple(
+        ir.Loop(lp.var, lp.lo.xreplace(sub), lp.hi.xreplace(sub)) for lp in stmt.loops[1:])
+    updates = tuple(ir.Update(u.target, tuple(sp.sympify(i).xreplace(sub) for i in u.index),
+                              u.expr.xreplace(sub), u.op) for u in stmt.updates)
+    return ir.Statement(loops, updates)
+
+
+def _can_join(group: list, stmt: ir.Statement, arrays: dict) -> bool:
+    head = group[0].loops
+    if not head or not stmt.loops:
+        return False
+    outer, mine = head[0], stmt.loops[0]
+    if (outer.lo, outer.hi) != (mine.lo, mine.hi):
+        return False
+    inner_vars = {lp.var for s in group for lp in s.loops[1:]} | {lp.var for lp in stmt.loops[1:]}
+    if outer.var in {lp.var for lp in stmt.loops[1:]} or (mine.var != outer.var and mine.var in inner_vars):
+        return False
+    candidate = _rename_outer(stmt, outer.var)
+    written, read_in_group = {}, set()
+    for s in group:
+        for u in s.updates:
+            written.setdefault(u.target, []).append(u.index)
+            read_in_group |= {ir.read_name(r) for r in ir.reads_of(u.expr, arrays)}
+    for u in candidate.updates:
+        if u.target in read_in_group:
+            return False  # an earlier statement would see this statement's partial writes
+        for r in ir.reads_of(u.expr, arrays):
+            name = ir.read_name(r)
+            if name in written and not (
+                    _same_iteration(ir.read_index(r), outer)
+                    and all(_same_iteration(idx, outer) for idx in written[name])):
+                return False  # it needs values other iterations of the fused loop produce
+    return True
+
+
+def _same_iteration(index: tuple, loop: ir.Loop) -> bool:
+    """True if `index` addresses the slice of the current iteration of `loop` (first coordinate)."""
+    return bool(index) and sp.expand(index[0] - (loop.var - loop.lo)) == 0

@@ -1,0 +1,133 @@
+"""The whole pipeline for one problem file: load -> lower/differentiate -> render -> build.
+
+`build_problem` writes DIR/<name>/ (C source, header, meta.json, constants.json, __init__.py)
+and compiles it through the cache; `load_problem_file` runs a problem file and reports errors in
+it as one message with the file and line.
+"""
+from __future__ import annotations
+
+import json
+import runpy
+import traceback
+from pathlib import Path
+
+import sympy as sp
+
+from . import __version__, ir
+from .errors import HypergenError, ProblemError
+from .kernels import kernel_specs
+from .problem import Problem
+from .render import environment, render_module
+
+
+def load_problem_file(path) -> list:
+    """Run a problem file; return its module-level Problems (errors name the file and line)."""
+    path = Path(path)
+    if not path.exists():
+        raise HypergenError(f"{path}: no such problem file")
+    try:
+        namespace = runpy.run_path(str(path), run_name=f"hypergen_problem_{path.stem}")
+    except Exception as exc:  # a problem file may raise anything; report where, not how deep
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if Path(f.filename).resolve() == path.resolve()]
+        where = f"{path}:{frames[-1].lineno}" if frames else str(path)
+        raise HypergenError(f"{where}: {type(exc).__name__}: {exc}") from None
+    problems = [v for v in namespace.values() if isinstance(v, Problem)]
+    if not problems:
+        raise HypergenError(f"{path}: defines no codegen.Problem at module level")
+    names = [p.name for p in problems]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise HypergenError(f"{path}: several problems are named {dup[0]!r}")
+    return problems
+
+
+def generate(problem: Problem) -> dict:
+    """Every generated text of one problem, in memory: source, header, cdef, meta, constants."""
+    specs = kernel_specs(problem)
+    source, header, cdef = render_module(problem, specs)
+    by_name = {s.name: s for s in specs}
+    hvp_reads = {ir.read_name(r) for st in by_name["lower_hvp"].program.statements
+                 for u in st.updates for r in ir.reads_of(u.expr, by_name["lower_hvp"].program.arrays)}
+    theta = problem.theta_spec.name
+    meta = {
+        "name": problem.name,
+        "version": __version__,
+        "x": problem.x_spec.name,
+        "theta": theta,
+        "theta_names": problem.theta_names,
+        "sizes": [s.name for s in problem.sizes],
+        "arrays": [{"name": a.name, "role": a.role, "shape": [str(e) for e in a.shape]}
+                   for a in problem.arrays.values()],
+        "kernels": [_kernel_meta(problem, s) for s in specs],
+        "cdef": cdef,
+        "is_quadratic": problem.x_spec.name not in hvp_reads,
+        "upper_depends_on_theta": any(str(r.base.label) == theta for r in problem.f.atoms(sp.Indexed)),
+        "stated_constants": None if problem.constants is None else
+        {k: sp.srepr(v) for k, v in sorted(problem.constants.items())},
+    }
+    return {"source": source, "header": header, "cdef": cdef, "meta": meta,
+            "constants": _derive_constants(problem)}
+
+
+def _kernel_meta(problem, spec) -> dict:
+    from .render import KernelRenderer
+
+    params = KernelRenderer(spec, problem).params()
+    return {"name": spec.name, "doc": spec.doc,
+            "params": [{"name": p.name, "role": p.role, "ctype": p.ctype} for p in params]}
+
+
+def _derive_constants(problem):
+    """constants.json content, or None while the problem's constants cannot be derived."""
+    try:
+        from .constants import derive
+    except ImportError:
+        return None
+    return json.loads(derive(problem, allow_uncertified=True).to_json())
+
+
+def write_outputs(problem: Problem, texts: dict, out_dir, source_file=None) -> Path:
+    """Write DIR/<name>/; files whose content is unchanged are not touched."""
+    target = Path(out_dir) / problem.name
+    target.mkdir(parents=True, exist_ok=True)
+    prefix = f"hg_{problem.name}"
+    init = environment().get_template("package_init.py.j2").render(
+        version=__version__, name=problem.name, source=source_file,
+        data=[a.name for a in problem.data_specs])
+    files = {
+        f"{prefix}.c": texts["source"],
+        f"{prefix}.h": texts["header"],
+        "meta.json": json.dumps(texts["meta"], indent=1, sort_keys=True) + "\n",
+        "__init__.py": init,
+    }
+    if texts["constants"] is not None:
+        files["constants.json"] = json.dumps(texts["constants"], indent=1, sort_keys=True) + "\n"
+    for name, text in files.items():
+        path = target / name
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+    return target
+
+
+def build_problem(problem: Problem, out_dir, source_file=None):
+    """Generate, write and compile one problem; return the loaded GeneratedModule."""
+    from .runtime import load_directory
+
+    texts = generate(problem)
+    target = write_outputs(problem, texts, out_dir, source_file)
+    return load_directory(target)
+
+
+def load(path, name=None, out=None):
+    """codegen.load: build the problems of a file (cached) and return the one asked for."""
+    from .build import _cache_root
+
+    problems = load_problem_file(path)
+    if name is None and len(problems) > 1:
+        raise HypergenError(f"{path} defines {[p.name for p in problems]}; pass name=...")
+    chosen = problems[0] if name is None else next((p for p in problems if p.name == name), None)
+    if chosen is None:
+        raise HypergenError(f"{path} defines no problem named {name!r}")
+    out = Path(out) if out is not None else _cache_root(None) / "modules"
+    return build_problem(chosen, out, source_file=str(path))

@@ -1,0 +1,75 @@
+"""The C99 printer for scalar statement bodies: strict, allow-listed, readable.
+
+It prints only Sum-free scalar expressions (the lowering lifted every Sum), flattens array reads
+to row-major offsets using the IR's shapes, expands small integer powers into products and
+refuses any function outside `primitives.ALLOWED_FUNCTIONS` instead of emitting a comment.
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.c import C99CodePrinter
+
+from .errors import ProblemError
+from .primitives import sigmoid, softplus
+
+_C_FUNCTION = {softplus: "hg_softplus", sigmoid: "hg_sigmoid"}
+
+
+class KernelPrinter(C99CodePrinter):
+    """C99 printer that knows the program's arrays (for flat indexing) and read placeholders."""
+
+    def __init__(self, arrays: dict, placeholders: dict | None = None):
+        super().__init__({"strict": True})
+        self.arrays = arrays
+        self.placeholders = placeholders or {}
+
+    def flat_index(self, name: str, index) -> sp.Expr:
+        shape = self.arrays[name].shape
+        flat, stride = sp.Integer(0), sp.Integer(1)
+        for extent, idx in zip(reversed(shape), reversed(tuple(index))):
+            flat += sp.sympify(idx) * stride
+            stride *= extent
+        return sp.expand(flat)
+
+    def _print_Indexed(self, expr):
+        name = str(expr.base.label)
+        return f"{name}[{self.index_code(self.flat_index(name, expr.indices))}]"
+
+    def index_code(self, expr) -> str:
+        """Integer index arithmetic: printed without floating-point literals."""
+        return sp.ccode(expr, standard="C99")
+
+    def _print_Symbol(self, expr):
+        if expr.name in self.placeholders:
+            return self.placeholders[expr.name]
+        return super()._print_Symbol(expr)
+
+    def _print_Pow(self, expr):
+        base, exp = expr.base, expr.exp
+        if exp.is_Integer and 2 <= abs(int(exp)) <= 4:
+            b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Mul"] + 1)
+            prod = "*".join([b] * abs(int(exp)))
+            return prod if exp > 0 else f"1.0/({prod})"
+        return super()._print_Pow(expr)
+
+    def _print_Function(self, expr):
+        name = _C_FUNCTION.get(type(expr))
+        if name is not None:
+            return f"{name}({self._print(expr.args[0])})"
+        return super()._print_Function(expr)
+
+    def _print_Sum(self, expr):
+        raise ProblemError(f"internal: a Sum reached the C printer unlifted: {expr}")
+
+    def _print_Rational(self, expr):
+        return f"{float(expr.p)!r}/{float(expr.q)!r}".replace("inf", "INFINITY")
+
+    def _print_Integer(self, expr):
+        return f"{int(expr)}.0" if abs(int(expr)) < 2**53 else f"{float(expr)!r}"
+
+
+def print_expr(expr: sp.Expr, arrays: dict, placeholders: dict | None = None) -> str:
+    try:
+        return KernelPrinter(arrays, placeholders).doprint(expr)
+    except sp.printing.codeprinter.PrintMethodNotImplementedError as exc:
+        raise ProblemError(f"cannot print {expr} as C: {exc}") from None

@@ -1,0 +1,174 @@
+"""The generated module at run time: bind data, validate it, call the compiled kernels.
+
+A built problem directory holds `hg_<name>.c`, `hg_<name>.h`, `meta.json` (the kernel table and
+array shapes) and `constants.json`. `GeneratedModule` loads them (compiling through the cache only
+if needed) and `bind` returns a `BoundProblem`: the object every solver works on. Validation is
+done once at bind time, so the per-call path only checks the vector arguments.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import sympy as sp
+
+from .errors import BindError, KernelError
+
+KERNELS = ("lower_value", "lower_grad", "lower_hvp", "cross_vjp", "cross_jvp", "upper_value",
+           "upper_grad", "upper_theta_grad")
+
+
+def _as_float64(name: str, value) -> np.ndarray:
+    """Convert to a C-contiguous float64 array exactly, or refuse; never reinterpret bytes."""
+    arr = np.asarray(value)
+    if arr.dtype == np.float64:
+        return np.ascontiguousarray(arr)
+    if arr.dtype.kind in "biu":
+        out = arr.astype(np.float64)
+        if arr.size and np.any(out.astype(arr.dtype) != arr):
+            raise BindError(f"{name}: integer values beyond 2**53 cannot be represented as float64")
+        return np.ascontiguousarray(out)
+    if arr.dtype.kind == "f":
+        return np.ascontiguousarray(arr.astype(np.float64))  # float16/32 widen exactly
+    raise BindError(f"{name}: expected real numbers (float64), got dtype {arr.dtype}")
+
+
+def _check_finite(name: str, arr: np.ndarray) -> None:
+    if not np.all(np.isfinite(arr)):
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        where = tuple(int(b) for b in bad) if arr.ndim else ()
+        raise BindError(f"{name} contains a non-finite value ({arr[tuple(bad)]}) at index {where}")
+
+
+class GeneratedModule:
+    """One built problem: its metadata, compiled library and `bind` / `bind_samples`."""
+
+    def __init__(self, directory, lib_module, meta: dict, constants: dict | None):
+        self.directory = Path(directory)
+        self.meta = meta
+        self.name = meta["name"]
+        self.ffi, self.lib = lib_module.ffi, lib_module.lib
+        self.constants_json = constants
+        self._sizes = [sp.Symbol(s, integer=True, positive=True) for s in meta["sizes"]]
+        env = {s.name: s for s in self._sizes}
+        self.shapes = {a["name"]: tuple(sp.sympify(e, locals=env) for e in a["shape"])
+                       for a in meta["arrays"]}
+
+    def __repr__(self):
+        return f"<hypergen module {self.name!r}: kernels {', '.join(KERNELS)}>"
+
+    def bind(self, data=None, **arrays) -> "BoundProblem":
+        """Bind one sample's data (NumPy arrays by the problem's data names)."""
+        from .bound import BoundProblem
+
+        data = dict(data or {}, **arrays)
+        return BoundProblem(self, self.validate(data))
+
+    def bind_samples(self, samples) -> "BoundSamples":
+        """Several samples, one lower-level problem each; the upper objective is their mean."""
+        from .bound import BoundSamples
+
+        if isinstance(samples, dict) or not samples:
+            raise BindError("bind_samples expects a non-empty list of dicts of arrays")
+        bound = []
+        for s, data in enumerate(samples):
+            try:
+                bound.append(self.bind(data))
+            except BindError as exc:
+                raise BindError(f"sample {s}: {exc}") from None
+        return BoundSamples(bound)
+
+    # -- validation ------------------------------------------------------------------------
+    def validate(self, data: dict) -> dict:
+        """Arrays converted and checked against the declared shapes; sizes bound from them."""
+        names = [a["name"] for a in self.meta["arrays"] if a["role"] == "data"]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise BindError(f"missing data for {self.name}: {', '.join(missing)} "
+                            f"(expected {', '.join(names)})")
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise BindError(f"unknown data {', '.join(unknown)} for {self.name}; "
+                            f"the data names are {', '.join(names)}")
+        arrays = {n: _as_float64(n, data[n]) for n in names}
+        sizes = {}
+        for n in names:
+            shape = self.shapes[n]
+            if arrays[n].ndim != len(shape):
+                raise BindError(f"{n} must have {len(shape)} dimension(s) {tuple(map(str, shape))}, "
+                                f"got shape {arrays[n].shape}")
+            for axis, (expr, got) in enumerate(zip(shape, arrays[n].shape)):
+                if isinstance(expr, sp.Symbol):
+                    if expr.name in sizes and sizes[expr.name][0] != got:
+                        first = sizes[expr.name]
+                        raise BindError(
+                            f"inconsistent size {expr.name}: {first[1]} gives {first[0]} but "
+                            f"{n} (axis {axis}) gives {got}")
+                    sizes.setdefault(expr.name, (got, f"{n} (axis {axis})"))
+        sizes = {k: v[0] for k, v in sizes.items()}
+        for name, size in sizes.items():
+            if size < 1:
+                raise BindError(f"size {name} is {size}; every size must be at least 1")
+        for n in names:
+            want = self.extent(n, sizes)
+            if arrays[n].shape != want:
+                raise BindError(f"{n} has shape {arrays[n].shape} but the problem declares "
+                                f"{tuple(map(str, self.shapes[n]))} = {want}")
+            _check_finite(n, arrays[n])
+        return {"arrays": arrays, "sizes": {s.name: sizes[s.name] for s in self._sizes}}
+
+    def extent(self, name: str, sizes: dict) -> tuple:
+        """The concrete shape of array `name` for bound sizes ({size name: int})."""
+        subs = {s: sizes[s.name] for s in self._sizes if s.name in sizes}
+        return tuple(int(e.xreplace(subs)) for e in self.shapes[name])
+
+
+def load_directory(directory) -> GeneratedModule:
+    """Load a built problem directory (what `hypergen build` wrote), compiling only on a miss."""
+    from .build import load_published
+
+    directory = Path(directory)
+    meta = json.loads((directory / "meta.json").read_text())
+    prefix = f"hg_{meta['name']}"
+    source = (directory / f"{prefix}.c").read_text()
+    cdef = meta["cdef"]
+    lib_module = load_published(prefix, source, cdef, directory)
+    constants_path = directory / "constants.json"
+    constants = json.loads(constants_path.read_text()) if constants_path.exists() else None
+    return GeneratedModule(directory, lib_module, meta, constants)
+
+
+class KernelCaller:
+    """Calls one compiled kernel with the bound arrays; checks vector arguments per call."""
+
+    def __init__(self, module: GeneratedModule, kernel: dict, arrays: dict, sizes: dict, work):
+        self.name = kernel["name"]
+        self.fn = getattr(module.lib, f"hg_{module.name}_{kernel['name']}")
+        self.ffi = module.ffi
+        self.params = kernel["params"]
+        self.fixed = {}
+        for p in self.params:
+            if p["role"] == "size":
+                self.fixed[p["name"]] = sizes[p["name"]]
+            elif p["role"] == "data":
+                self.fixed[p["name"]] = self.ffi.from_buffer("double[]", arrays[p["name"]])
+            elif p["role"] == "scalar":
+                self.fixed[p["name"]] = float(arrays[p["name"]])
+            elif p["role"] == "work":
+                self.fixed[p["name"]] = self.ffi.from_buffer("double[]", work)
+        self.keep = (arrays, work)
+
+    def __call__(self, vectors: dict, out: np.ndarray):
+        args = []
+        for p in self.params:
+            if p["name"] in self.fixed:
+                args.append(self.fixed[p["name"]])
+            elif p["role"] == "output":
+                args.append(self.ffi.from_buffer("double[]", out))
+            else:
+                args.append(self.ffi.from_buffer("double[]", vectors[p["name"]]))
+        status = self.fn(*args)
+        if status == 2:
+            raise KernelError(f"{self.name}: invalid size (every size must be at least 1)")
+        return status
