@@ -1,0 +1,431 @@
+"""Stage: a rendered C translation unit -> a loaded cffi extension module, behind a content-addressed cache.
+
+Why it is built this way (notes/codegen.md, section 2):
+
+- Staleness is decided by content only. The key hashes everything that can change the binary (source,
+  cdef, flags, compiler identity, Python ABI, cffi and hypergen versions, templates), never mtimes.
+- The binary proves what it is. Its module name embeds the key prefix, so a binary built from other
+  inputs cannot even be initialised under the expected name, and it exports `hg_build_key()`, which is
+  compared with the full key after loading. Anything that fails to load is rebuilt, never trusted.
+- Builds publish atomically. A per-key `flock` serialises processes; the compile happens in a sibling
+  temporary directory and files move into place with `os.replace`, the extension last, so a reader never
+  sees a half-written entry. Files are replaced, never rewritten in place, so a process that already
+  mapped an old binary keeps a valid mapping.
+- The compile runs in a child Python. cffi `chdir`s and edits `os.environ` while compiling, and the
+  compiler writes to file descriptors 1 and 2; a child keeps that off the caller's threads and lets all
+  of the output land in build.log (and in `BuildError` when it fails).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import types
+import warnings
+
+import cffi
+
+from .errors import BuildError
+
+EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
+LAYOUT = "v1"
+KEY_FUNCTION = "hg_build_key"
+BASE_FLAGS = ("-O3", "-std=c99", "-fopenmp-simd", "-fno-math-errno", "-Wall", "-Wextra")
+# Environment variables setuptools folds into the compile and link commands.
+COMPILER_ENV = ("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS", "LDSHARED")
+
+# Per-process build statistics: `hypergen build` reports cache hits from these, tests count compiles.
+stats = {"compiled": 0, "loaded": 0, "reused": 0}
+
+_LOADED: dict[str, types.ModuleType] = {}
+_KEY_LOCKS: dict[str, threading.RLock] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+_COMPILE_SCRIPT = """\
+import json, sys
+from cffi import FFI
+job = json.load(sys.stdin)
+ffi = FFI()
+ffi.cdef(job["cdef"])
+ffi.set_source(job["module"], job["source"], extra_compile_args=job["flags"])
+try:
+    ffi.compile(tmpdir=job["tmpdir"], verbose=True)
+except Exception as exc:  # the compiler's own messages are already on stderr; no traceback needed
+    sys.exit(f"{type(exc).__name__}: {exc}")
+"""
+
+
+# ---------------------------------------------------------------- public API
+
+
+def default_flags() -> tuple[str, ...]:
+    """Optimising C99 flags; `-march=native` unless HYPERGEN_PORTABLE=1; then $HYPERGEN_CFLAGS.
+
+    `-fopenmp-simd` makes the templates' `#pragma omp simd` effective without linking OpenMP;
+    `-fno-math-errno` lets sqrt/exp vectorise. The flags are part of the cache key.
+    """
+    native = () if os.environ.get("HYPERGEN_PORTABLE") == "1" else ("-march=native",)
+    return BASE_FLAGS + native + tuple(shlex.split(os.environ.get("HYPERGEN_CFLAGS", "")))
+
+
+def cache_key(module_name: str, source: str, cdef: str, flags=None) -> str:
+    """The sha256 hex digest identifying the binary these inputs produce (flags None = defaults)."""
+    return _digest(_key_inputs(module_name, source, cdef, _resolve_flags(flags)))
+
+
+def compile_extension(module_name: str, source: str, cdef: str, *, flags=None,
+                      cache_dir: str | os.PathLike | None = None) -> types.ModuleType:
+    """Return the loaded cffi module (has .ffi and .lib) for this C source; compile only on a cache miss."""
+    flags = _resolve_flags(flags)
+    key = cache_key(module_name, source, cdef, flags)
+    return _cached(module_name, source, cdef, flags, key, cache_dir)
+
+
+def publish(module: types.ModuleType, directory: str | os.PathLike) -> pathlib.Path:
+    """Copy the module's extension file into `directory` (atomically) and return its path.
+
+    Older builds of the same problem in `directory` are removed, so e.g. generated/<name>/ holds only the
+    binary its current sources describe. Unlinking, unlike overwriting, is safe for processes that have
+    one of them loaded.
+    """
+    built = pathlib.Path(module.__file__)
+    match = re.fullmatch(r"(_hg_\w+_)[0-9a-f]{16}" + re.escape(EXT_SUFFIX), built.name)
+    if match is None:
+        raise ValueError(f"{built} is not an extension built by codegen.build")
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / built.name
+    if not (target.exists() and os.path.samefile(built, target)):
+        _copy_atomically(built, target)
+    for old in directory.glob(match.group(1) + "?" * 16 + EXT_SUFFIX):
+        if old != target:
+            old.unlink(missing_ok=True)
+    return target
+
+
+def load_published(module_name: str, source: str, cdef: str, directory: str | os.PathLike, *,
+                   flags=None, cache_dir: str | os.PathLike | None = None) -> types.ModuleType:
+    """Load the extension previously published into `directory` if its embedded key equals cache_key(...);
+    otherwise (missing, stale, corrupt) fall back to compile_extension. Never load a stale binary.
+
+    The published file is looked up under the name the current key implies, so a stale one is not even
+    opened; a file that is there but fails to load or carries another key is left alone and the cache
+    supplies the module instead.
+    """
+    flags = _resolve_flags(flags)
+    key = cache_key(module_name, source, cdef, flags)
+    path = pathlib.Path(directory) / _extension_name(module_name, key)
+    with _key_lock(key):
+        if key not in _LOADED and path.is_file():
+            module = _try_load(path, _module_name(module_name, key), key)
+            if module is not None:
+                _LOADED[key] = module
+                _count("loaded")
+                return module
+        return _cached(module_name, source, cdef, flags, key, cache_dir)
+
+
+def _copy_atomically(source: pathlib.Path, target: pathlib.Path) -> None:
+    """Copy via a temporary sibling and os.replace, so `target` is never seen half-written."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copy2(source, temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+# ---------------------------------------------------------------- the key
+
+
+def _resolve_flags(flags) -> tuple[str, ...]:
+    return default_flags() if flags is None else tuple(flags)
+
+
+def _digest(inputs: dict) -> str:
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _key_inputs(module_name: str, source: str, cdef: str, flags: tuple[str, ...]) -> dict:
+    """Everything that can change the compiled binary (or whether it loads here)."""
+    from . import __version__
+
+    native = tuple(flag for flag in flags if flag.endswith("=native"))
+    return {
+        "layout": LAYOUT,
+        "module_name": module_name,
+        "source": source,
+        "cdef": cdef,
+        "flags": list(flags),
+        "compiler": _compiler_identity(tuple(_compiler_command()), native),
+        "sysconfig": {name: sysconfig.get_config_var(name) for name in ("CC", "CFLAGS", "LDSHARED")},
+        "env": {name: os.environ[name] for name in COMPILER_ENV if name in os.environ},
+        "ext_suffix": EXT_SUFFIX,
+        "cffi": cffi.__version__,
+        "hypergen": __version__,
+        "templates": _templates_digest(),
+    }
+
+
+def _compiler_command() -> list[str]:
+    """The compiler setuptools will run: $CC, else the one Python was built with."""
+    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_identity(command: tuple[str, ...], native_flags: tuple[str, ...]) -> dict:
+    """Compiler path and version; with `-march=native` also the CPU target it expands to.
+
+    Without the expansion, a cache directory shared between machines (an NFS home) would hand one
+    machine's AVX-512 binary to another that dies on it with SIGILL. Computed once per process.
+    """
+    path = shutil.which(command[0]) or command[0]
+    expansion = ""
+    if native_flags:  # `-###` prints the driver's sub-commands (indented) with the flags expanded
+        dry_run = _output([*command, *native_flags, "-###", "-E", "-x", "c", os.devnull])
+        expansion = "\n".join(line for line in dry_run.splitlines() if line.startswith(" "))
+    return {"path": path, "version": _output([path, "--version"]), "native": expansion}
+
+
+def _output(command: list[str]) -> str:
+    """Combined output of a short command, or the reason it could not run (still a stable key input)."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unavailable: {exc}"
+    return done.stdout + done.stderr
+
+
+def _templates_digest() -> str:
+    """Digest of the Jinja templates, so template edits in an editable install invalidate the cache."""
+    here = pathlib.Path(__file__).resolve().parent
+    for directory in (here / "templates", here.parent / "templates"):
+        if directory.is_dir():
+            digest = hashlib.sha256()
+            for template in sorted(directory.glob("*.j2")):
+                content = template.read_bytes()
+                digest.update(f"{template.name}\0{len(content)}\0".encode() + content)
+            return digest.hexdigest()
+    return ""
+
+
+# ---------------------------------------------------------------- names and places
+
+
+def _module_name(module_name: str, key: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", module_name):
+        raise ValueError(f"module name {module_name!r} must be a C identifier")
+    return f"_hg_{module_name}_{key[:16]}"
+
+
+def _extension_name(module_name: str, key: str) -> str:
+    return _module_name(module_name, key) + EXT_SUFFIX
+
+
+def _cache_root(cache_dir) -> pathlib.Path:
+    """cache_dir, else $HYPERGEN_CACHE_DIR, else $XDG_CACHE_HOME/hypergen or ~/.cache/hypergen."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("HYPERGEN_CACHE_DIR")
+    if cache_dir is None:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        cache_dir = pathlib.Path(xdg if xdg else pathlib.Path.home() / ".cache") / "hypergen"
+    return pathlib.Path(cache_dir).expanduser().absolute()
+
+
+def _shard(cache_dir, key: str) -> pathlib.Path:
+    """The writable directory v1/<key[:2]> holding this key's entry and lock file.
+
+    An unwritable cache (read-only, or a path through a regular file) degrades to a per-user directory
+    under the system temp dir with a warning, rather than failing the build.
+    """
+    preferred = _cache_root(cache_dir) / LAYOUT / key[:2]
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK | os.X_OK):
+            return preferred
+    except OSError:
+        pass
+    fallback = _private_temp_root() / LAYOUT / key[:2]
+    warnings.warn(f"hypergen cache {preferred} is not writable; using {fallback}", RuntimeWarning,
+                  stacklevel=4)
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def _private_temp_root() -> pathlib.Path:
+    """<tempdir>/hypergen-<uid>, refused unless this user owns it and nobody else can write to it.
+
+    Otherwise another user could plant a binary there that we would load.
+    """
+    root = pathlib.Path(tempfile.gettempdir()) / f"hypergen-{os.getuid()}"
+    try:
+        root.mkdir(mode=0o700, exist_ok=True)
+        info = root.lstat()
+    except OSError as exc:
+        raise BuildError(f"no writable cache directory: {root}: {exc}; set HYPERGEN_CACHE_DIR") from exc
+    if not root.is_dir() or root.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise BuildError(f"refusing to use {root} as a cache (not a private directory owned by this user); "
+                         "set HYPERGEN_CACHE_DIR")
+    return root
+
+
+# ---------------------------------------------------------------- locking and loading
+
+
+def _key_lock(key: str) -> threading.RLock:
+    """Serialises this process's threads on one key (re-entrant: load_published falls back inside it)."""
+    with _REGISTRY_LOCK:
+        return _KEY_LOCKS.setdefault(key, threading.RLock())
+
+
+def _count(what: str) -> None:
+    with _REGISTRY_LOCK:
+        stats[what] += 1
+
+
+@contextlib.contextmanager
+def _file_lock(path: pathlib.Path):
+    """Exclusive inter-process lock (flock: released by the kernel if the holder dies). The lock file
+    is never deleted: deleting it would let two processes hold "the" lock on different inodes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _load(path: pathlib.Path, module_name: str, key: str) -> types.ModuleType:
+    """Import the extension at `path` under `module_name` and check the key it carries."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    carried = module.ffi.string(getattr(module.lib, KEY_FUNCTION)()).decode()
+    if carried != key:
+        raise ImportError(f"{path} carries build key {carried}, expected {key}")
+    return module
+
+
+def _try_load(path: pathlib.Path, module_name: str, key: str) -> types.ModuleType | None:
+    """The module at `path`, or None if it fails to load for any reason (truncated, foreign, stale)."""
+    try:
+        return _load(path, module_name, key)
+    except Exception:  # noqa: BLE001 -- whatever a broken binary raises, the answer is "rebuild"
+        return None
+
+
+def _cached(module_name, source, cdef, flags, key, cache_dir) -> types.ModuleType:
+    """In-process memo, then the disk cache under the key's file lock, then a build."""
+    with _key_lock(key):
+        if key in _LOADED:
+            _count("reused")
+            return _LOADED[key]
+        shard = _shard(cache_dir, key)
+        artifact = shard / key / _extension_name(module_name, key)
+        with _file_lock(shard / f"{key}.lock"):
+            module = _try_load(artifact, _module_name(module_name, key), key) if artifact.exists() else None
+            if module is not None:
+                _count("loaded")
+            else:
+                artifact.unlink(missing_ok=True)
+                _build(shard / key, module_name, source, cdef, flags, key)
+                module = _load_fresh(artifact, module_name, key)
+        _LOADED[key] = module
+        return module
+
+
+def _load_fresh(artifact: pathlib.Path, module_name: str, key: str) -> types.ModuleType:
+    try:
+        return _load(artifact, _module_name(module_name, key), key)
+    except Exception as exc:  # noqa: BLE001
+        raise BuildError(f"compiled {artifact} but could not load it: {exc}") from exc
+
+
+# ---------------------------------------------------------------- building
+
+
+def _build(entry: pathlib.Path, module_name: str, source: str, cdef: str, flags: tuple[str, ...],
+           key: str) -> None:
+    """Compile into a sibling temporary directory, then move the results into `entry`, extension last.
+
+    Runs under the key's file lock, so leftover temporary directories of this key are from builds that
+    died; they are removed first.
+    """
+    for leftover in entry.parent.glob(f".{key}.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    cffi_name = _module_name(module_name, key)
+    full_source = f'{source}\nconst char *{KEY_FUNCTION}(void) {{ return "{key}"; }}\n'
+    full_cdef = f"{cdef}\nconst char *{KEY_FUNCTION}(void);\n"
+    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
+    try:
+        (work / "module.c").write_text(full_source, encoding="utf-8")
+        (work / "module.h").write_text(full_cdef, encoding="utf-8")
+        job = {"module": cffi_name, "source": full_source, "cdef": full_cdef, "flags": list(flags),
+               "tmpdir": str(work / "cffi")}
+        started = time.time()
+        done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], input=json.dumps(job), cwd=work,
+                              capture_output=True, encoding="utf-8", errors="replace")
+        seconds = time.time() - started
+        log = done.stdout + done.stderr
+        (work / "build.log").write_text(log, encoding="utf-8")
+        built = work / "cffi" / (cffi_name + EXT_SUFFIX)
+        if done.returncode != 0 or not built.is_file():
+            _fail(work, entry, cffi_name, done.returncode, log)
+        _count("compiled")
+        inputs = _key_inputs(module_name, source, cdef, flags)
+        record = {"key": key, "module": cffi_name, "inputs": _summarise(inputs), "python": sys.version,
+                  "compile_seconds": round(seconds, 3), "compile_started": _timestamp(started),
+                  "compile_finished": _timestamp(started + seconds), "pid": os.getpid()}
+        record_text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+        (work / "build.json").write_text(record_text, encoding="utf-8")
+        entry.mkdir(exist_ok=True)
+        for name in ("module.c", "module.h", "build.json", "build.log"):
+            os.replace(work / name, entry / name)
+        os.replace(built, entry / built.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _timestamp(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _summarise(inputs: dict) -> dict:
+    """Key inputs for build.json, with the two texts (kept beside it as module.c/.h) as digests."""
+    summary = {name: value for name, value in inputs.items() if name not in ("source", "cdef")}
+    for name in ("source", "cdef"):
+        summary[f"{name}_sha256"] = hashlib.sha256(inputs[name].encode()).hexdigest()
+    return summary
+
+
+def _fail(work: pathlib.Path, entry: pathlib.Path, cffi_name: str, returncode: int, log: str):
+    """Keep the failed build as <key>.failed/ for inspection and raise BuildError pointing at it."""
+    kept = entry.parent / f"{entry.name}.failed"
+    shutil.rmtree(kept, ignore_errors=True)
+    os.replace(work, kept)
+    if len(log) > 20000:
+        log = f"{log[:4000]}\n[... {len(log) - 16000} characters cut; see build.log ...]\n{log[-12000:]}"
+    raise BuildError(
+        f"compiling {cffi_name} failed (exit status {returncode}).\n"
+        f"source: {kept / 'module.c'} (compiled as {kept / 'cffi' / (cffi_name + '.c')})\n"
+        f"log: {kept / 'build.log'}\n"
+        f"compiler command and output:\n{log}"
+    )
