@@ -84,3 +84,61 @@ class BoundProblem:
 
     def upper_theta_grad(self, x, theta) -> np.ndarray:
         return self._call("upper_theta_grad", x, theta, out_size=self.theta_size)
+
+    # -- constants and solvers -------------------------------------------------------------
+    def constants(self, theta) -> dict:
+        """mu, L, L_A, L_B, L_f at theta (derived and certified, or stated by the problem)."""
+        from .constants_runtime import evaluate_constants
+
+        if self._constants is None:
+            from .constants_runtime import prepare_constants
+
+            self._constants = prepare_constants(self.module, self.data)
+        return evaluate_constants(self._constants, self._theta(theta))
+
+    def solve_lower(self, theta, solver="fista", tol=1e-8, x0=None, **options):
+        """Solve the lower level to ||x - x*|| <= tol (certified by ||grad g|| / mu)."""
+        from .solvers import solve_lower
+
+        return solve_lower(self, self._theta(theta), solver=solver, tol=tol,
+                           x0=None if x0 is None else self._vector("x0", x0, self.x_size, "x0"),
+                           **options)
+
+    def hypergradient(self, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x0=None,
+                      **options):
+        """The hypergradient with its a posteriori and a priori error bounds."""
+        from .hypergradient import hypergradient
+
+        return hypergradient(self, self._theta(theta), lower=lower, adjoint=adjoint, eps=eps,
+                             delta=delta,
+                             x0=None if x0 is None else self._vector("x0", x0, self.x_size, "x0"),
+                             **options)
+
+
+class BoundSamples:
+    """Several samples of one problem: the upper objective and hypergradient are their means."""
+
+    def __init__(self, samples: list):
+        self.samples = samples
+        self.module = samples[0].module
+        self.theta_size = samples[0].theta_size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __repr__(self):
+        return f"<{self.module.name}: {len(self.samples)} bound samples>"
+
+    def constants(self, theta) -> list:
+        return [s.constants(theta) for s in self.samples]
+
+    def solve_lower(self, theta, solver="fista", tol=1e-8, x0=None, **options) -> list:
+        x0s = x0 if x0 is not None else [None] * len(self.samples)
+        return [s.solve_lower(theta, solver, tol, x, **options) for s, x in zip(self.samples, x0s)]
+
+    def hypergradient(self, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x0=None,
+                      **options):
+        from .hypergradient import hypergradient_samples
+
+        return hypergradient_samples(self.samples, self.samples[0]._theta(theta), lower=lower,
+                                     adjoint=adjoint, eps=eps, delta=delta, x0=x0, **options)

@@ -112,11 +112,14 @@ def write_outputs(problem: Problem, texts: dict, out_dir, source_file=None) -> P
 
 def build_problem(problem: Problem, out_dir, source_file=None):
     """Generate, write and compile one problem; return the loaded GeneratedModule."""
+    from .build import publish
     from .runtime import load_directory
 
     texts = generate(problem)
     target = write_outputs(problem, texts, out_dir, source_file)
-    return load_directory(target)
+    module = load_directory(target)
+    publish(module.extension, target)
+    return module
 
 
 def load(path, name=None, out=None):

@@ -49,7 +49,8 @@ class KernelPrinter(C99CodePrinter):
         if exp.is_Integer and 2 <= abs(int(exp)) <= 4:
             b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Mul"] + 1)
             prod = "*".join([b] * abs(int(exp)))
-            return prod if exp > 0 else f"1.0/({prod})"
+            # Parenthesised: SymPy's Mul printer puts a Pow after "/" as if it were atomic.
+            return f"({prod})" if exp > 0 else f"(1.0/({prod}))"
         return super()._print_Pow(expr)
 
     def _print_Function(self, expr):

@@ -23,14 +23,14 @@ def _as_float64(name: str, value) -> np.ndarray:
     """Convert to a C-contiguous float64 array exactly, or refuse; never reinterpret bytes."""
     arr = np.asarray(value)
     if arr.dtype == np.float64:
-        return np.ascontiguousarray(arr)
+        return np.require(arr, requirements="C")
     if arr.dtype.kind in "biu":
         out = arr.astype(np.float64)
         if arr.size and np.any(out.astype(arr.dtype) != arr):
             raise BindError(f"{name}: integer values beyond 2**53 cannot be represented as float64")
-        return np.ascontiguousarray(out)
+        return np.require(out, requirements="C")
     if arr.dtype.kind == "f":
-        return np.ascontiguousarray(arr.astype(np.float64))  # float16/32 widen exactly
+        return np.require(arr.astype(np.float64), requirements="C")  # float16/32 widen exactly
     raise BindError(f"{name}: expected real numbers (float64), got dtype {arr.dtype}")
 
 
@@ -48,6 +48,7 @@ class GeneratedModule:
         self.directory = Path(directory)
         self.meta = meta
         self.name = meta["name"]
+        self.extension = lib_module
         self.ffi, self.lib = lib_module.ffi, lib_module.lib
         self.constants_json = constants
         self._sizes = [sp.Symbol(s, integer=True, positive=True) for s in meta["sizes"]]

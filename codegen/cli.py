@@ -1,0 +1,99 @@
+"""The `hypergen` command line: build, show, audit, optimize (interface.md section 2).
+
+Errors in a problem file or its data come back as one line naming the file (and line), with exit
+status 2; a traceback from inside SymPy is never the answer to a user's typo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import HypergenError
+
+
+def _build(args) -> int:
+    from . import build
+    from .pipeline import build_problem, load_problem_file
+
+    for problem in load_problem_file(args.file):
+        start = time.perf_counter()
+        compiled = build.stats["compiled"]
+        module = build_problem(problem, args.out, source_file=args.file)
+        seconds = time.perf_counter() - start
+        how = "compiled" if build.stats["compiled"] > compiled else "cache hit"
+        print(f"{problem.name}: {module.directory} ({how}, {seconds:.2f} s)")
+    return 0
+
+
+def _show(args) -> int:
+    from .pipeline import generate, load_problem_file
+
+    for problem in load_problem_file(args.file):
+        sys.stdout.write(generate(problem)["source"])
+    return 0
+
+
+def _audit(args) -> int:
+    from .constants import derive, format_tree
+    from .pipeline import load_problem_file
+
+    for problem in load_problem_file(args.file):
+        derivation = derive(problem, allow_uncertified=args.allow_uncertified)
+        if args.json:
+            print(derivation.to_json())
+        else:
+            print(format_tree(derivation))
+    return 0
+
+
+def _optimize(args) -> int:
+    from .upper_cli import run_optimize
+
+    return run_optimize(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hypergen", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="generate and compile the problems of FILE")
+    b.add_argument("file")
+    b.add_argument("--out", default="generated", help="output directory (default: ./generated)")
+    b.set_defaults(run=_build)
+    s = sub.add_parser("show", help="print the generated C of FILE")
+    s.add_argument("file")
+    s.set_defaults(run=_show)
+    a = sub.add_parser("audit", help="the derived constants of FILE and how each was derived")
+    a.add_argument("file")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.add_argument("--allow-uncertified", action="store_true",
+                   help="accept a lower level whose strong convexity cannot be proved")
+    a.set_defaults(run=_audit)
+    o = sub.add_parser("optimize", help="learn the hyperparameters of FILE on DATA")
+    o.add_argument("file")
+    o.add_argument("--data", required=True, help="NPZ file whose names match the data symbols")
+    o.add_argument("--theta0", help="initial theta: a number or comma-separated numbers")
+    o.add_argument("--method", default="maid", choices=["gd", "maid", "lbfgsb"])
+    o.add_argument("--budget", help="work units (lower gradients + HVPs), or seconds as '30s'")
+    o.add_argument("--out", default="hypergen-run", help="directory for history and plots")
+    o.add_argument("--no-progress", action="store_true")
+    o.set_defaults(run=_optimize)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except HypergenError as exc:
+        print(f"hypergen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hypergen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Constants at run time: stated ones (from the problem file) or derived ones (constants.json).
+
+Stated constants are SymPy expressions in theta and scalar data; they are "assumed", never
+certified, and every result computed with them says so. Derived constants come from
+`codegen.constants` (structural rules with an audit trail) through constants.json.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import sympy as sp
+
+from .errors import HypergenError
+
+NAMES = ("mu", "L", "L_A", "L_B", "L_f")
+
+
+def prepare_constants(module, data: dict) -> dict:
+    """Everything `evaluate_constants` needs, computed once per bind (data quantities included)."""
+    meta = module.meta
+    if module.constants_json is not None:
+        from .constants import Derivation, compute_data_quantities
+
+        derivation = Derivation.from_json(module.constants_json)
+        return {"kind": "derived", "derivation": derivation,
+                "quantities": compute_data_quantities(derivation, data)}
+    stated = meta.get("stated_constants")
+    if not stated:
+        raise HypergenError(
+            f"{module.name}: no constants: they could not be derived and the problem states none "
+            f"(pass constants={{'mu': ..., 'L': ...}} to Problem)")
+    theta = sp.IndexedBase(meta["theta"])
+    exprs = {k: sp.sympify(v) for k, v in stated.items()}  # srepr text parses back
+    scalars = {s: float(data[s.name]) for e in exprs.values() for s in e.free_symbols
+               if isinstance(s, sp.Symbol) and s.name in data}
+    fns = {k: sp.lambdify([theta], e.xreplace(scalars), modules="math") for k, e in exprs.items()}
+    return {"kind": "stated", "functions": fns}
+
+
+def evaluate_constants(prepared: dict, theta: np.ndarray) -> dict:
+    if prepared["kind"] == "derived":
+        from .constants import evaluate
+
+        return evaluate(prepared["derivation"], theta, prepared["quantities"])
+    out = {}
+    for name in NAMES:
+        fn = prepared["functions"].get(name)
+        out[name] = float(fn(theta)) if fn is not None else math.inf
+    out["certified"] = False
+    out["source"] = "stated"
+    return out
