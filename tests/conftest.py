@@ -1,0 +1,44 @@
+"""Shared fixtures: a per-session compile cache and the examples built once."""
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+EXAMPLES = ["ridge", "logistic", "quadratic", "tv1d", "hypercleaning"]
+# Tiny sizes for oracle comparisons (the oracle unrolls every sum).
+TINY = {"ridge": dict(m=4, n=3, p=2), "logistic": dict(m=4, n=3, p=2),
+        "quadratic": dict(m1=4, m2=5, d=3, p=2), "tv1d": dict(n=5),
+        "hypercleaning": dict(c=3, n=4, m=5, mv=3)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Keep test builds out of the user's cache unless HYPERGEN_CACHE_DIR is set already."""
+    if "HYPERGEN_CACHE_DIR" not in os.environ:
+        os.environ["HYPERGEN_CACHE_DIR"] = str(tmp_path_factory.mktemp("hypergen-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("generated")
+
+
+_BUILT = {}
+
+
+def built_example(name, build_dir):
+    """(problem, generated module, example namespace) for examples/<name>.py, built once."""
+    if name not in _BUILT:
+        from codegen.pipeline import build_problem, load_problem_file
+
+        path = ROOT / "examples" / f"{name}.py"
+        problem = load_problem_file(path)[0]
+        _BUILT[name] = (problem, build_problem(problem, build_dir), runpy.run_path(str(path)))
+    return _BUILT[name]

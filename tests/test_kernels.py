@@ -1,0 +1,118 @@
+"""Every generated kernel of every example against independent references.
+
+- the unrolled SymPy oracle (tests/oracle.py) at tiny sizes, rtol 1e-12;
+- Taylor remainders: first order shrinks like h^2, second order like h^3 (in x and in theta);
+- symmetry of the HVP and transposition of the cross products.
+"""
+import numpy as np
+import pytest
+
+from conftest import EXAMPLES, TINY, built_example
+from oracle import Oracle
+
+KERNELS = ["lower_value", "lower_grad", "lower_hvp", "cross_vjp", "cross_jvp", "upper_value",
+           "upper_grad", "upper_theta_grad"]
+
+
+def _setup(name, build_dir, seed=0):
+    problem, module, ns = built_example(name, build_dir)
+    data = ns["example_data"](seed=seed, **TINY[name])
+    prob = module.bind(**data)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(prob.x_size)
+    theta = 0.5 * rng.standard_normal(prob.theta_size)
+    return problem, prob, data, rng, x, theta
+
+
+def _args(kernel, prob, rng, x, theta):
+    extra = {"lower_hvp": prob.x_size, "cross_vjp": prob.x_size, "cross_jvp": prob.theta_size}
+    if kernel in extra:
+        return (x, theta, rng.standard_normal(extra[kernel]))
+    return (x, theta)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_kernels_match_unrolled_sympy(name, build_dir):
+    problem, prob, data, rng, x, theta = _setup(name, build_dir)
+    oracle = Oracle(problem, data)
+    for kernel in KERNELS:
+        args = _args(kernel, prob, rng, x, theta)
+        got = np.atleast_1d(getattr(prob, kernel)(*args))
+        want = np.atleast_1d(np.asarray(getattr(oracle, kernel)(*args), dtype=float))
+        scale = max(np.max(np.abs(want)), 1e-300)
+        err = np.max(np.abs(got - want)) / scale
+        assert err <= 1e-12, f"{name}.{kernel}: relative error {err:.2e}"
+
+
+def _slopes(remainder, hs):
+    r = np.array([remainder(h) for h in hs])
+    return np.diff(np.log(r)) / np.diff(np.log(hs)), r
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_taylor_in_x(name, build_dir):
+    """|g(x+hd) - g(x) - h<grad,d>| ~ h^2; minus h^2/2 <d, A d> it is ~ h^3."""
+    _, prob, _, rng, x, theta = _setup(name, build_dir, seed=1)
+    d = rng.standard_normal(prob.x_size)
+    g0, grad, Ad = prob.lower_value(x, theta), prob.lower_grad(x, theta), prob.lower_hvp(x, theta, d)
+    hs = np.array([1e-1, 5e-2, 2.5e-2, 1.25e-2])
+    first, _ = _slopes(lambda h: abs(prob.lower_value(x + h * d, theta) - g0 - h * grad @ d), hs)
+    second, r2 = _slopes(lambda h: abs(prob.lower_value(x + h * d, theta) - g0 - h * grad @ d
+                                       - h * h / 2 * d @ Ad), hs)
+    assert np.all(np.abs(first - 2) < 0.1), f"{name}: first-order slopes {first}"
+    if np.max(r2) > 1e-11:  # quadratic objectives have a zero (round-off) second remainder
+        assert np.all(second > 2.8), f"{name}: second-order slopes {second}"
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_cross_terms_taylor_in_theta(name, build_dir):
+    """grad_x g(x, theta + h t) - grad_x g(x, theta) - h B t shrinks like h^2."""
+    _, prob, _, rng, x, theta = _setup(name, build_dir, seed=2)
+    t = rng.standard_normal(prob.theta_size)
+    g0, Bt = prob.lower_grad(x, theta), prob.cross_jvp(x, theta, t)
+    hs = np.array([2e-2, 1e-2, 5e-3, 2.5e-3])
+    rem = lambda h: np.linalg.norm(prob.lower_grad(x, theta + h * t) - g0 - h * Bt)  # noqa: E731
+    slopes, r = _slopes(rem, hs)
+    if np.max(r) > 1e-12:  # zero for problems whose gradient is linear in theta
+        assert np.all(np.abs(slopes - 2) < 0.15), f"{name}: slopes {slopes}"
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_hvp_symmetric_and_cross_products_transpose(name, build_dir):
+    _, prob, _, rng, x, theta = _setup(name, build_dir, seed=3)
+    u, v, q = (rng.standard_normal(prob.x_size) for _ in range(3))
+    t = rng.standard_normal(prob.theta_size)
+    assert np.isclose(u @ prob.lower_hvp(x, theta, v), v @ prob.lower_hvp(x, theta, u),
+                      rtol=1e-12, atol=1e-14)
+    assert np.isclose(q @ prob.cross_jvp(x, theta, t), t @ prob.cross_vjp(x, theta, q),
+                      rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_cross_vjp_matches_finite_differences_in_theta(name, build_dir):
+    """B^T q = d/dtheta <grad_x g(x, theta), q>, by central differences per theta entry."""
+    _, prob, _, rng, x, theta = _setup(name, build_dir, seed=4)
+    q = rng.standard_normal(prob.x_size)
+    h = 1e-6
+    fd = np.array([(prob.lower_grad(x, theta + h * e) - prob.lower_grad(x, theta - h * e)) @ q / (2 * h)
+                   for e in np.eye(prob.theta_size)])
+    np.testing.assert_allclose(prob.cross_vjp(x, theta, q), fd, rtol=1e-6, atol=1e-8)
+
+
+def test_upper_grad_matches_finite_differences(build_dir):
+    _, prob, _, rng, x, theta = _setup("tv1d", build_dir, seed=5)
+    d = rng.standard_normal(prob.x_size)
+    h = 1e-6
+    fd = (prob.upper_value(x + h * d, theta) - prob.upper_value(x - h * d, theta)) / (2 * h)
+    assert np.isclose(prob.upper_grad(x, theta) @ d, fd, rtol=1e-7)
+
+
+def test_logistic_is_stable_at_extreme_margins(build_dir):
+    """softplus/sigmoid never overflow: margins of +-800 give finite values and derivatives."""
+    problem, module, ns = built_example("logistic", build_dir)
+    data = ns["example_data"](seed=0, **TINY["logistic"])
+    prob = module.bind(**data)
+    x = np.full(prob.x_size, 400.0)
+    for kernel in ("lower_value", "lower_grad"):
+        assert np.all(np.isfinite(getattr(prob, kernel)(x, np.array([0.0]))))
+    assert np.all(np.isfinite(prob.lower_hvp(x, np.array([0.0]), np.ones(prob.x_size))))
