@@ -1,0 +1,104 @@
+"""Bad input gets a clear error naming the culprit: problem statements, data at bind, vectors."""
+import numpy as np
+import pytest
+import sympy as sp
+
+from codegen import BindError, Problem, ProblemError, sigmoid
+from conftest import TINY, built_example
+
+m, n = sp.symbols("m n", integer=True, positive=True)
+i, j = sp.Idx("i", m), sp.Idx("j", n)
+A, b = sp.IndexedBase("A", shape=(m, n)), sp.IndexedBase("b", shape=(m,))
+x = sp.IndexedBase("x", shape=(n,))
+th = sp.Symbol("th")
+K = sp.Symbol("K", integer=True, positive=True)
+Z, ell = sp.IndexedBase("z", shape=(K,)), sp.Idx("l", K)
+FIT = sp.Sum((sp.Sum(A[i, j] * x[j], (j, 0, n - 1)) - b[i]) ** 2, (i, 0, m - 1))
+
+
+def make(**kw):
+    args = dict(name="p", x=x, theta=th, lower=FIT + sp.exp(th) * sp.Sum(x[j] ** 2, (j, 0, n - 1)),
+                upper=sp.Sum(x[j] ** 2, (j, 0, n - 1)))
+    args.update(kw)
+    return Problem(**args)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(upper=None), "upper objective is missing"),
+    (dict(upper=sp.Matrix([1, 2])), "must be a scalar"),
+    (dict(lower=sp.Sum(A[i, j] ** 2, (i, 0, m - 1), (j, 0, n - 1))), "does not depend on x"),
+    (dict(lower=FIT + x[j] ** 2), "index j is used outside any sum"),
+    (dict(lower=FIT + sp.Sum((x[j + 1] - x[j]) ** 2, (j, 0, n - 1))), "can leave x"),
+    (dict(lower=FIT + sp.Sum(x[j - 1] ** 2, (j, 0, n - 1))), "can be negative"),
+    (dict(lower=FIT + sp.Sum(x[j * j] ** 2, (j, 0, n - 1))), "not affine"),
+    (dict(lower=FIT + sp.besselj(0, x[0])), "besselj"),
+    (dict(lower=FIT + sp.Sum(b[j] * x[j], (j, 0, n - 1))), "can leave b"),
+    (dict(name="for"), "keyword"),
+    (dict(theta=sp.Integer(3)), "hyperparameter theta must be"),
+    (dict(x=Z, lower=FIT + sp.Sum(Z[ell] ** 2, (ell, 0, K - 1))), "size K .* can never be bound"),
+])
+def test_problem_errors_name_the_culprit(kw, message):
+    with pytest.raises(ProblemError, match=message):
+        make(**kw)
+
+
+def test_valid_variants_construct():
+    """Vector theta, 2-D x, shifted stencils, scalar-symbol x: the language is general."""
+    w = sp.IndexedBase("w", shape=(m,))
+    make(theta=w, lower=sp.Sum(sigmoid(w[i]) * (sp.Sum(A[i, j] * x[j], (j, 0, n - 1)) - b[i]) ** 2,
+                               (i, 0, m - 1)) + sp.Sum(x[j] ** 2, (j, 0, n - 1)))
+    make(lower=FIT + sp.Sum(sp.sqrt((x[j + 1] - x[j]) ** 2 + 1), (j, 0, n - 2)))
+    a, c = sp.symbols("a c")
+    lam = sp.Symbol("lam")
+    Problem(name="tiny", x=[a, c], theta=th, lower=(a - lam) ** 2 + sp.exp(th) * c ** 2,
+            upper=(a + c) ** 2)
+
+
+def test_bind_errors(build_dir):
+    _, module, ns = built_example("ridge", build_dir)
+    good = ns["example_data"](seed=0, **TINY["ridge"])
+    cases = [
+        ({k: v for k, v in good.items() if k != "b"}, "missing data for ridge: b"),
+        (dict(good, extra=np.ones(3)), "unknown data extra"),
+        (dict(good, b=np.ones(7)), "inconsistent size m: A \\(axis 0\\) gives 4 but b \\(axis 0\\) gives 7"),
+        (dict(good, A=np.ones((4, 5))), "inconsistent size n"),
+        (dict(good, A=np.ones(12)), "A must have 2 dimension"),
+        (dict(good, b=np.array([1.0, np.nan, 0, 0])), r"b contains a non-finite value \(nan\) at index \(1,\)"),
+        (dict(good, b=np.ones(4, dtype=complex)), "expected real numbers"),
+        (dict(good, b=np.array(["a"] * 4)), "expected real numbers"),
+    ]
+    for data, message in cases:
+        with pytest.raises(BindError, match=message):
+            module.bind(**data)
+    # float32 and integer data widen exactly instead of being reinterpreted
+    p32 = module.bind(**dict(good, A=good["A"].astype(np.float32)))
+    p64 = module.bind(**dict(good, A=good["A"].astype(np.float32).astype(np.float64)))
+    x = np.ones(3)
+    assert p32.lower_value(x, 0.1) == p64.lower_value(x, 0.1)
+    # a non-contiguous view is copied, not misread
+    wide = np.asfortranarray(good["A"])
+    assert module.bind(**dict(good, A=wide)).lower_value(x, 0.1) == module.bind(**good).lower_value(x, 0.1)
+
+
+def test_vector_argument_errors(build_dir):
+    _, module, ns = built_example("ridge", build_dir)
+    prob = module.bind(**ns["example_data"](seed=0, **TINY["ridge"]))
+    with pytest.raises(BindError, match="x must have 3 entries"):
+        prob.lower_grad(np.ones(4), 0.0)
+    with pytest.raises(BindError, match="theta must be a float or a 1-D array of 1"):
+        prob.lower_grad(np.ones(3), [0.0, 1.0])
+    with pytest.raises(BindError, match="v must have 3 entries"):
+        prob.lower_hvp(np.ones(3), 0.0, np.ones(2))
+    with pytest.raises(BindError, match="x: expected real numbers"):
+        prob.lower_grad(np.ones(3, dtype=complex), 0.0)
+    assert np.all(np.isnan(prob.lower_grad(np.full(3, np.nan), 0.0)))  # no crash, NaN out
+
+
+def test_bind_samples(build_dir):
+    _, module, ns = built_example("ridge", build_dir)
+    samples = [ns["example_data"](seed=s, **TINY["ridge"]) for s in range(3)]
+    bound = module.bind_samples(samples)
+    assert len(bound) == 3
+    bad = samples[:2] + [dict(samples[2], b=np.ones(9))]
+    with pytest.raises(BindError, match="sample 2: inconsistent size m"):
+        module.bind_samples(bad)
