@@ -12,7 +12,7 @@ import sympy as sp
 from . import ir
 from .autodiff import adjoint, tangent
 from .lower import lower_objective
-from .optimize import eliminate_dead_code
+from .optimize import eliminate_dead_code, schedule
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def kernel_specs(problem) -> list:
     ]
     out = []
     for name, doc, program, inputs, output in specs:
-        program = eliminate_dead_code(program.with_statements(program.statements, [output]))
+        program = schedule(eliminate_dead_code(program.with_statements(program.statements, [output])))
         out.append(KernelSpec(name, doc, program, inputs, output))
     return out
 

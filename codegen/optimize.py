@@ -91,3 +91,45 @@ def _can_join(group: list, stmt: ir.Statement, arrays: dict) -> bool:
 def _same_iteration(index: tuple, loop: ir.Loop) -> bool:
     """True if `index` addresses the slice of the current iteration of `loop` (first coordinate)."""
     return bool(index) and sp.expand(index[0] - (loop.var - loop.lo)) == 0
+
+
+def schedule(program: ir.Program) -> ir.Program:
+    """Reorder statements (respecting dependences) so fusable loop nests become adjacent.
+
+    Greedy list scheduling: loop-free statements first whenever ready (they are O(1) and often
+    unblock others), then a ready statement sharing the previous statement's outer loop range,
+    else the earliest ready one. Two statements that only accumulate (+=) into the same array
+    commute, so they do not constrain each other.
+    """
+    stmts = program.statements
+    writes = [{u.target: u.op for u in s.updates} for s in stmts]
+    reads = [{ir.read_name(r) for u in s.updates for r in ir.reads_of(u.expr, program.arrays)}
+             for s in stmts]
+    preds = [set() for _ in stmts]
+    for b in range(len(stmts)):
+        for a in range(b):
+            if _depends(writes[a], reads[a], writes[b], reads[b]):
+                preds[b].add(a)
+    done, order, last_outer = set(), [], None
+    while len(order) < len(stmts):
+        ready = [k for k in range(len(stmts)) if k not in done and preds[k] <= done]
+        pick = next((k for k in ready if not stmts[k].loops), None)
+        if pick is None and last_outer is not None:
+            pick = next((k for k in ready if _outer(stmts[k]) == last_outer), None)
+        if pick is None:
+            pick = ready[0]
+        done.add(pick)
+        order.append(pick)
+        if stmts[pick].loops:
+            last_outer = _outer(stmts[pick])
+    return program.with_statements([stmts[k] for k in order])
+
+
+def _outer(stmt: ir.Statement):
+    return (stmt.loops[0].lo, stmt.loops[0].hi)
+
+
+def _depends(writes_a, reads_a, writes_b, reads_b) -> bool:
+    if set(writes_a) & reads_b or set(writes_b) & reads_a:
+        return True
+    return any(writes_a[t] != "+" or writes_b[t] != "+" for t in set(writes_a) & set(writes_b))
