@@ -134,7 +134,7 @@ def load_directory(directory) -> GeneratedModule:
     prefix = f"hg_{meta['name']}"
     source = (directory / f"{prefix}.c").read_text()
     cdef = meta["cdef"]
-    lib_module = load_published(prefix, source, cdef, directory)
+    lib_module = load_published(meta["name"], source, cdef, directory)
     constants_path = directory / "constants.json"
     constants = json.loads(constants_path.read_text()) if constants_path.exists() else None
     return GeneratedModule(directory, lib_module, meta, constants)
