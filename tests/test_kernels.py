@@ -116,3 +116,25 @@ def test_logistic_is_stable_at_extreme_margins(build_dir):
     for kernel in ("lower_value", "lower_grad"):
         assert np.all(np.isfinite(getattr(prob, kernel)(x, np.array([0.0]))))
     assert np.all(np.isfinite(prob.lower_hvp(x, np.array([0.0]), np.ones(prob.x_size))))
+
+
+def test_scalar_symbol_problem_matches_oracle(build_dir):
+    """x and theta as lists of plain Symbols, scalar data, no sums at all."""
+    import sympy as sp
+
+    from codegen import Problem
+    from codegen.pipeline import build_problem
+
+    a, c, t1, t2, lam = sp.symbols("a c t1 t2 lam")
+    problem = Problem(name="scalars", x=[a, c], theta=[t1, t2],
+                      lower=(a - lam) ** 2 + sp.exp(t1) * c ** 2 + sp.cosh(a * c) + t2 * a * c / 4,
+                      upper=(a + c - 1) ** 2 + sp.sin(t2) * a, regulariser=t1 ** 2)
+    prob = build_problem(problem, build_dir).bind(lam=0.3)
+    oracle = Oracle(problem, {"lam": 0.3})
+    rng = np.random.default_rng(7)
+    x, theta = rng.standard_normal(2), rng.standard_normal(2)
+    for kernel in KERNELS:
+        args = _args(kernel, prob, rng, x, theta)
+        np.testing.assert_allclose(np.atleast_1d(getattr(prob, kernel)(*args)),
+                                   np.atleast_1d(np.asarray(getattr(oracle, kernel)(*args), float)),
+                                   rtol=1e-12, atol=1e-14, err_msg=kernel)
