@@ -138,3 +138,20 @@ def test_scalar_symbol_problem_matches_oracle(build_dir):
         np.testing.assert_allclose(np.atleast_1d(getattr(prob, kernel)(*args)),
                                    np.atleast_1d(np.asarray(getattr(oracle, kernel)(*args), float)),
                                    rtol=1e-12, atol=1e-14, err_msg=kernel)
+
+
+def test_vectorised_paths_match_numpy_at_medium_size(build_dir):
+    """Sizes large enough for the simd main loops (tiny oracle sizes mostly run remainders)."""
+    _, module, ns = built_example("logistic", build_dir)
+    data = ns["example_data"](seed=3, m=203, n=37, p=11)
+    prob = module.bind(**data)
+    A, y = data["A"], data["y"]
+    rng = np.random.default_rng(0)
+    x, v, theta = rng.standard_normal(37) * 0.1, rng.standard_normal(37), np.array([-1.3])
+    z = y * (A @ x)
+    s = 1 / (1 + np.exp(z))  # sigmoid(-z)
+    m = A.shape[0]
+    grad = -A.T @ (y * s) / m + np.exp(theta[0]) * x
+    hvp = A.T @ (s * (1 - s) * (A @ v)) / m + np.exp(theta[0]) * v
+    np.testing.assert_allclose(prob.lower_grad(x, theta), grad, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(prob.lower_hvp(x, theta, v), hvp, rtol=1e-12, atol=1e-14)
