@@ -185,9 +185,11 @@ class KernelRenderer:
                     holders[r] = h
                     placeholders[h.name] = self.code(r)
         exprs = [u.expr.xreplace(holders) for u in stmt.updates]
-        replacements, reduced = sp.cse(exprs, symbols=self.local_names, order="none")
-        printer = KernelPrinter(self.arrays, placeholders)
         depth_of_read = {h: self.depth_needed(r.free_symbols, loops) for r, h in holders.items()}
+        hoisted, exprs = self.hoist_invariants(exprs, loops, fixed, depth_of_read)
+        replacements, reduced = sp.cse(exprs, symbols=self.local_names, order="none")
+        replacements = hoisted + replacements
+        printer = KernelPrinter(self.arrays, placeholders)
         locals_at = {}
         local_depth = {}
         for sym, expr in replacements:
@@ -232,6 +234,36 @@ class KernelRenderer:
             return out
 
         return build(fixed)
+
+    def hoist_invariants(self, exprs, loops, fixed, depth_of_read):
+        """Pull function calls that no loop of this statement changes (exp(theta)...) out of it."""
+        if len(loops) <= fixed:
+            return [], exprs
+        loop_vars = {lp.var for lp in loops}
+
+        def invariant(e):
+            return all(s not in loop_vars and depth_of_read.get(s, 0) <= fixed
+                       for s in e.free_symbols)
+
+        found = {}
+
+        def visit(e):
+            if not e.args:
+                return
+            if invariant(e) and (isinstance(e, sp.Function) or
+                                 isinstance(e, sp.Pow) and not e.exp.is_Integer):
+                found.setdefault(e, None)
+                return
+            for a in e.args:
+                visit(a)
+
+        for e in exprs:
+            visit(e)
+        if not found:
+            return [], exprs
+        hoisted = [(next(self.local_names), e) for e in found]
+        sub = {e: sym for sym, e in hoisted}
+        return hoisted, [e.xreplace(sub) for e in exprs]
 
     def depth_needed(self, symbols, loops) -> int:
         positions = [pos + 1 for pos, lp in enumerate(loops) if lp.var in symbols]
