@@ -1,0 +1,18 @@
+"""Derived constants with an audit trail (constants.md; issue 4).
+
+    der = derive(problem)                          # structural rules; raises ProblemError if refuted
+    q = compute_data_quantities(der, data)         # once per bind: certified norms of the operators
+    c = evaluate(der, theta, q)                    # mu, L, L_A, L_B, L_f (+ L_ft), certified
+    print(format_tree(der)); der.to_json(); Derivation.from_json(text)
+
+Modules: records (Record, Derivation, JSON), atoms (the atom table), terms (terms, atoms,
+operators), rules (derive), quantities (bind-time data quantities), numeric (evaluate), report.
+"""
+from .numeric import evaluate
+from .quantities import compute_data_quantities
+from .records import Derivation, Operator, Record, ThetaMax, ThetaMin
+from .report import format_tree
+from .rules import derive
+
+__all__ = ["derive", "compute_data_quantities", "evaluate", "format_tree", "Derivation", "Record",
+           "Operator", "ThetaMax", "ThetaMin"]

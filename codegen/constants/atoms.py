@@ -1,0 +1,307 @@
+"""The atom table: scalar functions psi(t) and what the rules need of them (constants.md 2, 3).
+
+`analyse_atom(psi)` returns `AtomFacts`: the range [lo, hi] of psi'' on R, sup |psi'''| (d3), and
+for theta-dependent parameters sup_t |d psi''/d theta_l| (dth). Table entries carry exact values;
+outside the table SymPy's `function_range` is tried under a timeout (certified), then a sampled
+estimate (never certified). Non-C^2 atoms give d3 = oo with a message; unbounded psi'' gives
+hi = oo ("infinite": only local constants on a ball would be finite; not derived here).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import sympy as sp
+
+from ..primitives import sigmoid, softplus, stabilise
+from .records import T
+
+SQRT3_18 = sp.sqrt(3) / 18  # sup |logistic'''| = sup |sigma''|
+CHARB3 = sp.Rational(48, 25) / sp.sqrt(5)  # sup |d^3/dt^3 sqrt(t^2 + 1)| = 0.8587, at t = 1/2
+LOGCOSH3 = 4 / (3 * sp.sqrt(3))  # sup |d^3 log cosh t| = 0.770
+STUDENT3 = sp.Rational(3, 2) + sp.sqrt(2)  # sup |d^3 log(1 + t^2)|
+LSE3 = 1 / sp.sqrt(2)  # Lipschitz constant of the Hessian of log-sum-exp (see lse_facts)
+NONSMOOTH = (sp.Abs, sp.Max, sp.Min, sp.Piecewise, sp.Heaviside, sp.sign)
+SMOOTH_HINT = ("use a smooth alternative such as the Charbonnier function sqrt(t**2 + nu**2) "
+               "(nu > 0) instead of |t| or Huber")
+
+
+@dataclass
+class AtomFacts:
+    name: str
+    lo: sp.Expr
+    hi: sp.Expr
+    d3: sp.Expr
+    dth: dict | None = field(default_factory=dict)  # theta symbol -> sup_t |d psi''/d theta|
+    kind: str = "exact"  # of the range: exact | bound | estimate | infinite
+    certified: bool = True
+    rule: str = ""
+    message: str = ""
+
+    @property
+    def peak(self):
+        """sup |psi''|."""
+        return sp.Max(sp.Abs(self.lo), sp.Abs(self.hi)) if self.lo != -self.hi else sp.Abs(self.hi)
+
+
+def lse_facts() -> AtomFacts:
+    """log-sum-exp of a vector u: Hessian diag(p) - p p^T in [0, 1/2] (Boehning 1992).
+
+    Third derivative: D^3[h,h,h] = sum_k p_k (h_k - hbar)^3 with hbar = p.h, so
+    |D^3[h,h,h]| <= max_k |h_k - hbar| Var_p(h) <= sqrt2 ||h|| * ||h||^2 / 2; for a symmetric
+    trilinear form this diagonal bound is its norm, so the Hessian is (1/sqrt2)-Lipschitz.
+    """
+    return AtomFacts("log-sum-exp", sp.S.Zero, sp.S.Half, LSE3, {}, "exact", True,
+                     "atom table: log-sum-exp, Hessian in [0, I/2] (Boehning), "
+                     "third derivative <= 1/sqrt2 (derived)")
+
+
+def _linear(arg):
+    """(a, b) if arg == a*t + b with a, b free of t, else None."""
+    if not arg.has(T):
+        return None
+    try:
+        poly = sp.Poly(arg, T)
+    except sp.PolynomialError:
+        return None
+    if poly.degree() != 1 or any(c.has(T) for c in poly.all_coeffs()):
+        return None
+    a, b = poly.all_coeffs()
+    return a, b
+
+
+def _quadratic(arg):
+    if not arg.has(T):
+        return None
+    try:
+        poly = sp.Poly(arg, T)
+    except sp.PolynomialError:
+        return None
+    if poly.degree() != 2 or any(c.has(T) for c in poly.all_coeffs()):
+        return None
+    return tuple(poly.all_coeffs())
+
+
+def _theta_free(expr, theta_syms):
+    return not (expr.free_symbols & set(theta_syms))
+
+
+def analyse_atom(psi, theta_syms=(), timeout=3.0) -> AtomFacts | None:
+    """Facts about psi(t) on all of R, or None when no rule applies (psi has data, ...)."""
+    psi = stabilise(sp.sympify(psi))
+    if psi.is_Add:
+        parts = [a for a in psi.args if a.has(T)]
+        if len(parts) > 1:
+            facts = [analyse_atom(p, theta_syms, timeout) for p in parts]
+            if any(f is None for f in facts):
+                return None
+            return _sum_facts(facts)
+        psi = parts[0]
+    kappa = sp.S.One
+    if psi.is_Mul:
+        kappa = sp.Mul(*[a for a in psi.args if not a.has(T)])
+        psi = sp.Mul(*[a for a in psi.args if a.has(T)])
+    facts = _base(psi, theta_syms, timeout)
+    if facts is None or kappa == 1:
+        return facts
+    return _scale_facts(facts, kappa, theta_syms)
+
+
+def _sum_facts(facts):
+    dth = None
+    if all(f.dth is not None for f in facts):
+        dth = {}
+        for f in facts:
+            for k, v in f.dth.items():
+                dth[k] = dth.get(k, 0) + v
+    return AtomFacts(" + ".join(f.name for f in facts), sp.Add(*[f.lo for f in facts]),
+                     sp.Add(*[f.hi for f in facts]), sp.Add(*[f.d3 for f in facts]), dth,
+                     "bound", all(f.certified for f in facts),
+                     "sum of atoms: " + "; ".join(f.rule for f in facts),
+                     "; ".join(f.message for f in facts if f.message))
+
+
+def _scale_facts(f, kappa, theta_syms):
+    if kappa.is_nonnegative:
+        lo, hi = kappa * f.lo, kappa * f.hi
+    elif kappa.is_nonpositive:
+        lo, hi = kappa * f.hi, kappa * f.lo
+    else:
+        return None
+    dth = None
+    if f.dth is not None:
+        dth = {k: sp.Abs(kappa) * v for k, v in f.dth.items()}
+        for s in kappa.free_symbols & set(theta_syms):
+            dth[s] = dth.get(s, 0) + sp.Abs(sp.diff(kappa, s)) * f.peak
+    return AtomFacts(f"{kappa}*{f.name}", lo, hi, sp.Abs(kappa) * f.d3, dth, f.kind, f.certified,
+                     f.rule + f"; scaled by {kappa}", f.message)
+
+
+def _base(psi, theta_syms, timeout):
+    if psi.has(*NONSMOOTH):
+        return _nonsmooth(psi, theta_syms)
+    if psi.is_polynomial(T):
+        return _polynomial(psi, theta_syms)
+    if isinstance(psi, softplus):
+        ab = _linear(psi.args[0])
+        if ab and ab[0].is_number and ab[0] != 0:
+            a, b = ab
+            return AtomFacts("softplus", sp.S.Zero, a**2 / 4, abs(a)**3 * SQRT3_18,
+                             {} if _theta_free(b, theta_syms) else None, "exact", True,
+                             "atom table: softplus(a t + b), psi'' in (0, a^2/4], "
+                             "sup|psi'''| = |a|^3 sqrt3/18")
+    if isinstance(psi, sp.Pow) and psi.exp == sp.S.Half:
+        q = _quadratic(psi.base)
+        if q is not None:
+            return _charbonnier(*q, theta_syms)
+    if isinstance(psi, sp.log) and isinstance(psi.args[0], sp.cosh):
+        ab = _linear(psi.args[0].args[0])
+        if ab and ab[0].is_number and ab[0] != 0:
+            a, b = ab
+            return AtomFacts("log cosh", sp.S.Zero, a**2, abs(a)**3 * LOGCOSH3,
+                             {} if _theta_free(b, theta_syms) else None, "exact", True,
+                             "atom table: log cosh(a t + b), psi'' in (0, a^2], "
+                             "sup|psi'''| = |a|^3 4/(3 sqrt3)")
+    if isinstance(psi, sp.log):
+        q = _quadratic(psi.args[0])
+        if q is not None and all(_theta_free(c, theta_syms) for c in q) and q[0].is_positive:
+            al, be, ga = q
+            nu2 = sp.simplify(ga / al - be**2 / (4 * al**2))
+            if nu2.is_positive:
+                return AtomFacts("log(1 + t^2) (Student-t)", -1 / (4 * nu2), 2 / nu2,
+                                 STUDENT3 / nu2 ** sp.Rational(3, 2), {}, "exact", True,
+                                 "atom table: log((t + tau)^2 + nu^2), psi'' in "
+                                 "[-1/(4 nu^2), 2/nu^2], sup|psi'''| = (3/2 + sqrt2)/nu^3",
+                                 "nonconvex atom: negative curvature -1/(4 nu^2)")
+    if isinstance(psi, sp.exp):
+        ab = _linear(psi.args[0])
+        if ab:
+            return AtomFacts("exp", sp.S.Zero, sp.oo, sp.oo, {}, "infinite", True,
+                             "atom table: exp(a t + b), psi'' in (0, oo)",
+                             "exp has unbounded curvature: L and L_A are infinite globally "
+                             "(only local constants on a ball exist)")
+    return _generic(psi, theta_syms, timeout)
+
+
+def _polynomial(psi, theta_syms):
+    poly = sp.Poly(psi, T)
+    deg = poly.degree()
+    if deg <= 1:
+        return AtomFacts("linear", sp.S.Zero, sp.S.Zero, sp.S.Zero, {}, "exact", True,
+                         "linear atom: psi'' = 0")
+    if deg == 2:
+        a2 = 2 * poly.all_coeffs()[0]
+        dth = {s: sp.Abs(sp.diff(a2, s)) for s in a2.free_symbols & set(theta_syms)}
+        return AtomFacts("quadratic", a2, a2, sp.S.Zero, dth, "exact", True,
+                         f"quadratic atom: psi'' = {a2} (exact), psi''' = 0")
+    p2 = sp.Poly(sp.diff(psi, T, 2), T)
+    lo = -sp.oo
+    coeffs = p2.all_coeffs()
+    if p2.degree() % 2 == 0 and all(c.is_number for c in coeffs) and coeffs[0] > 0:
+        crit = sp.Poly(sp.diff(p2.as_expr(), T), T).real_roots()
+        lo = sp.Min(*[p2.as_expr().subs(T, r) for r in crit]) if crit else p2.as_expr().subs(T, 0)
+        lo = sp.nsimplify(lo) if lo.is_number else lo
+    return AtomFacts(f"polynomial of degree {deg}", lo, sp.oo, sp.oo, {}, "infinite", True,
+                     f"polynomial atom of degree {deg}: psi'' = {p2.as_expr()} is unbounded",
+                     f"psi(t) = {psi} has unbounded curvature: L and L_A are infinite globally "
+                     "(only local constants on a ball exist)")
+
+
+def _charbonnier(al, be, ga, theta_syms):
+    if not (al.is_positive and _theta_free(al, theta_syms) and _theta_free(be, theta_syms)):
+        return None
+    nu2 = sp.simplify(ga / al - be**2 / (4 * al**2))
+    if not nu2.is_positive:
+        return None
+    ra = sp.sqrt(al)
+    # d psi''/d(nu^2) for psi = sqrt(s^2 + w): (s^2 - w/2)(s^2 + w)^(-5/2), sup |.| = w^(-3/2)/2 at s = 0
+    dth = {s: sp.simplify(ra * sp.Abs(sp.diff(nu2, s)) / 2 / nu2 ** sp.Rational(3, 2))
+           for s in nu2.free_symbols & set(theta_syms)}
+    return AtomFacts("Charbonnier", sp.S.Zero, sp.simplify(ra / sp.sqrt(nu2)),
+                     sp.simplify(ra * CHARB3 / nu2), dth, "exact", True,
+                     "atom table: Charbonnier sqrt(a((t + tau)^2 + nu^2)), psi'' in "
+                     "(0, sqrt(a)/nu], sup|psi'''| = sqrt(a) 48/(25 sqrt5)/nu^2")
+
+
+def _nonsmooth(psi, theta_syms):
+    if isinstance(psi, sp.Abs) and _linear(psi.args[0]):
+        return AtomFacts("|t|", sp.S.Zero, sp.oo, sp.oo, {}, "infinite", True,
+                         "non-smooth atom |a t + b|: convex, psi'' is a Dirac mass at the kink",
+                         f"{psi} is not twice differentiable: L and L_A are infinite; "
+                         + SMOOTH_HINT)
+    est = _sampled(psi, theta_syms)
+    if est is None:
+        return None
+    est.d3, est.dth = sp.oo, {}
+    est.name = "non-smooth " + str(psi)
+    est.message = (f"{psi} is not twice differentiable: L_A is infinite and the curvature "
+                   f"range is only sampled; " + SMOOTH_HINT)
+    return est
+
+
+_NUMPY = [{"sigmoid": lambda z: 0.5 * (1 + np.tanh(z / 2)),
+           "softplus": lambda z: np.logaddexp(0, z), "Heaviside": lambda z, h=0.5: np.heaviside(z, h)},
+          "numpy"]
+
+
+def _sampled(psi, theta_syms):
+    """Sampled psi'' range and sup|psi'''| (finite differences on a log grid): an estimate."""
+    if psi.free_symbols - {T}:
+        return None
+    f = sp.lambdify(T, psi, modules=_NUMPY)
+    grid = np.concatenate([-np.logspace(3, -4, 4000), [0.0], np.logspace(-4, 3, 4000)])
+    h = 1e-4
+    with np.errstate(all="ignore"):
+        p2 = (f(grid + h) - 2 * f(grid) + f(grid - h)) / h**2
+        p3 = (f(grid + 2 * h) - 2 * f(grid + h) + 2 * f(grid - h) - f(grid - 2 * h)) / (2 * h**3)
+    if not (np.all(np.isfinite(p2)) and np.all(np.isfinite(p3))):
+        return None
+    return AtomFacts(str(psi), sp.Float(p2.min()), sp.Float(p2.max()), sp.Float(np.abs(p3).max()),
+                     {}, "estimate", False, "sampled psi'' and psi''' on a grid of 8001 points "
+                     "in [-1e3, 1e3] (estimate, not certified)")
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _with_timeout(fn, seconds):
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Timeout
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    except (_Timeout, NotImplementedError, ValueError, TypeError, AttributeError):
+        return None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _generic(psi, theta_syms, timeout):
+    """Atoms outside the table: SymPy's function_range (certified) or sampling (estimate)."""
+    if psi.free_symbols - {T}:
+        return None  # parameters (theta, data) outside the table: no rule
+    from sympy.calculus.util import maximum, minimum
+
+    plain = psi.rewrite(sp.exp) if psi.has(sigmoid, softplus) else psi
+    p2, p3 = sp.diff(plain, T, 2), sp.diff(plain, T, 3)
+
+    def ranges():
+        lo, hi = minimum(p2, T), maximum(p2, T)
+        d3 = sp.Max(maximum(p3, T), -minimum(p3, T))
+        return lo, hi, d3
+
+    res = _with_timeout(ranges, timeout)
+    if res is not None and all(v.is_real is not False and not v.has(sp.AccumBounds) for v in res):
+        lo, hi, d3 = res
+        return AtomFacts(str(psi), lo, hi, d3, {}, "exact", True,
+                         "SymPy function_range of psi'' and psi''' on R")
+    return _sampled(psi, theta_syms)

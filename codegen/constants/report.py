@@ -1,0 +1,74 @@
+"""`format_tree`: the derivation as readable text (for `hypergen audit FILE`)."""
+from __future__ import annotations
+
+import sympy as sp
+
+
+def _flag(rec):
+    return "certified" if rec.certified else "NOT certified"
+
+
+def _lines(rec, depth, out):
+    pad = "  " * depth
+    out.append(f"{pad}{rec.name} = {sp.sstr(rec.expr)}   [{rec.kind}, {_flag(rec)}]")
+    if rec.term:
+        out.append(f"{pad}    term: {rec.term}")
+    if rec.rule:
+        out.append(f"{pad}    rule: {rec.rule}")
+    if rec.message:
+        out.append(f"{pad}    note: {rec.message}")
+    for c in rec.children:
+        _lines(c, depth + 1, out)
+
+
+def _terms(der):
+    seen, out = set(), []
+    for key in ("mu", "L_f"):
+        rec = der.constants.get(key)
+        if rec is None:
+            continue
+        for r in rec.walk():
+            if "[" in r.name and r.term and r.name.split("[")[1] not in seen:
+                seen.add(r.name.split("[")[1])
+                out.append(r)
+    return out
+
+
+def format_tree(derivation) -> str:
+    """Terms (with their atoms and operators), then each constant with the terms' contributions."""
+    der = derivation
+    out = [f"constants of {der.problem}: {der.status}"]
+    theta = ", ".join(f"{n} = {der.theta_name}[{k}]" for n, k in der.theta_symbols)
+    if theta:
+        out.append(f"theta: {theta}")
+    for sym, msg in der.conditions:
+        out.append(f"condition: {msg}")
+    out += ["", "terms:"]
+    for r in _terms(der):
+        out.append(f"  {r.name.split('[')[1][:-1]} = {r.term}")
+        out.append(f"      rule: {r.rule}")
+        for c in r.children:
+            what = c.term or f"{sp.sstr(c.expr)}"
+            out.append(f"      {c.name}: {what}   [{c.kind}, {_flag(c)}]")
+            out.append(f"          {c.rule}")
+    for name, rec in der.constants.items():
+        out.append("")
+        out.append(f"{name} = {sp.sstr(rec.expr)}   [{rec.kind}, {_flag(rec)}; {rec.domain}; "
+                   f"{rec.theta_region}]")
+        out.append(f"    rule: {rec.rule}")
+        if rec.message:
+            out.append(f"    note: {rec.message}")
+        for c in rec.children:
+            if c.kind == "assumed" or "[" not in c.name:
+                _lines(c, 2, out)
+                continue
+            out.append(f"    {c.name.split('[')[1][:-1]}: {sp.sstr(c.expr)}   [{c.kind}, {_flag(c)}]"
+                       + (f"  note: {c.message}" if c.message else ""))
+    if der.operators:
+        out += ["", "data quantities (computed at bind time):"]
+        out += [f"  {op.definition}" for op in der.operators.values()]
+        out += [f"  {name}: {q['description']}" for name, q in der.quantities.items()]
+    if der.messages:
+        out.append("")
+        out.extend(f"message: {m}" for m in der.messages)
+    return "\n".join(out) + "\n"

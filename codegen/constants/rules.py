@@ -1,0 +1,254 @@
+"""`derive`: the structural rules over the terms of g and f, combined into a Derivation.
+
+Weyl: the Hessian of g is the sum of the terms' Hessians, so the curvature intervals, L_A and
+the cross-derivative columns add. Strong convexity is certified (mu > 0 proved symbolically),
+conditional (mu > 0 depends on a data quantity or on theta: checked at bind / evaluate), refuted
+(every x-dependence goes through linear maps with fewer rows than dim x, or a fixed-size problem
+whose Hessian has a negative eigenvalue at a witness point: ProblemError), or unknown
+(ProblemError unless allow_uncertified, and then nothing is certified).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import sympy as sp
+
+from ..errors import ProblemError
+from .records import Derivation, Record, ThetaMin
+from .terms import Ctx, analyse_term, flatten
+
+HINT = "add a strongly convex term such as (exp(theta)/2)*Sum(x[j]**2, j)"
+
+
+def _kind(exprs_exact, expr, estimate=False):
+    if expr == sp.oo:
+        return "infinite"
+    if estimate:
+        return "estimate"
+    return "exact" if exprs_exact else "bound"
+
+
+def _term_record(name, t, expr, exact):
+    est = any(p.kind == "estimate" for p in t.parts)
+    if t.kind != "unsupported":
+        kind = _kind(exact, expr, est)
+    else:
+        kind = "infinite" if (t.certified and expr in (sp.oo, -sp.oo)) else "assumed"
+    return Record(f"{name}[{t.label}]", expr, kind, t.certified, t.rule or t.message,
+                  children=[Record(p.name, p.expr, p.kind, p.certified, p.rule, term=p.term,
+                                   message=p.message) for p in t.parts],
+                  term=t.source, message=t.message if t.kind != "unsupported" else "")
+
+
+def _sum(values):
+    if any(v == sp.oo for v in values):
+        return sp.oo
+    if any(v == -sp.oo for v in values):
+        return -sp.oo
+    return sp.Add(*values)
+
+
+def _lb(cols, ps):
+    if None in cols or any(v == sp.oo for v in cols.values()) or ps == sp.oo:
+        return sp.oo
+    vals = [v for v in cols.values() if v != 0]
+    main = vals[0] if len(vals) == 1 else sp.sqrt(sp.Add(*[v**2 for v in vals]))
+    return main + ps
+
+
+def derive(problem, allow_uncertified: bool = False) -> Derivation:
+    """Derive mu, L, L_A, L_B, L_f (and L_ft) of a Problem with an audit trail."""
+    ctx = Ctx(problem)
+    gt = [analyse_term(t, ctx, f"g{k + 1}") for k, t in enumerate(flatten(problem.g, ctx))]
+    ft = [analyse_term(t, ctx, f"f{k + 1}", upper=True) for k, t in enumerate(flatten(problem.f, ctx))]
+    stated = dict(problem.constants or {})
+    messages = []
+
+    refute, refutation = _rows_refutation(gt, ctx)
+    if refute:
+        raise ProblemError(refute)
+    for t in ft:  # an upper-level term without a rule only makes L_f infinite (still sound)
+        if t.kind == "unsupported":
+            t.certified, t.lo, t.hi = True, -sp.oo, sp.oo
+    estimated = [t for t in gt if t.kind != "unsupported" and not t.certified]
+    if estimated and not allow_uncertified and "mu" not in stated:
+        raise ProblemError("constants not certifiable: " + "; ".join(
+            f"{t.label} = {t.source}: {t.message or 'curvature only estimated'}" for t in estimated)
+            + " (pass allow_uncertified=True to use the estimates)")
+    unknown = [t for t in gt if t.kind == "unsupported"]
+    uncertified_reason = ""
+    if unknown:
+        text = "; ".join(f"{t.label} = {t.source}: {t.message}" for t in unknown)
+        if not allow_uncertified and "mu" not in stated:
+            raise ProblemError(f"strong convexity unknown: {text}. Rewrite the term with "
+                               f"table atoms, or pass allow_uncertified=True to assume it convex")
+        for t in unknown:
+            t.lo, t.hi, t.LA, t.LB_cols, t.LB_ps = sp.S.Zero, sp.oo, sp.oo, {None: sp.oo}, sp.oo
+            t.message += " (assumed convex: NOT certified)"
+        messages.append(f"unknown terms assumed convex: {text}")
+        uncertified_reason = "rests on terms assumed convex"
+
+    records = {}
+    nonscalar = sum(1 for t in gt if not t.scalar)
+    mu = _sum([t.lo for t in gt])
+    records["mu"] = Record("mu", mu, _kind(all(t.lo_exact for t in gt) and nonscalar <= 1, mu),
+                           all(t.certified for t in gt),
+                           "Weyl: the Hessian is the sum of the terms' Hessians; mu = sum of the "
+                           "terms' lower curvature bounds",
+                           children=[_term_record("mu", t, t.lo, t.lo_exact) for t in gt])
+    L = _sum([t.hi for t in gt])
+    records["L"] = Record("L", L, _kind(all(t.hi_exact for t in gt) and nonscalar <= 1, L),
+                          all(t.certified for t in gt),
+                          "Weyl: L = sum of the terms' upper curvature bounds",
+                          children=[_term_record("L", t, t.hi, t.hi_exact) for t in gt])
+    LA = _sum([t.LA for t in gt])
+    records["L_A"] = Record("L_A", LA, _kind(LA == 0, LA), all(t.certified for t in gt),
+                            "sum over terms of |c| max w sup|psi'''| ||K||^2 max_I ||K_I|| "
+                            "(quadratic terms: 0)",
+                            children=[_term_record("L_A", t, t.LA, t.LA == 0) for t in gt],
+                            message="; ".join(sorted({t.message for t in gt if t.LA == sp.oo and t.message})))
+    cols, ps = {}, sp.S.Zero
+    for t in gt:
+        for s, v in t.LB_cols.items():
+            cols[s] = cols.get(s, 0) + v
+        ps = ps + t.LB_ps
+    LB = _lb(cols, ps)
+    records["L_B"] = Record(
+        "L_B", LB, _kind(LB == 0, LB), all(t.certified for t in gt),
+        "columns of B: theta_l in a coefficient c gives |dc/dtheta_l| sup|psi''| ||K||^2, in an "
+        "atom parameter |c| sup|d psi''/d theta_l| ||K||^2 (added over terms), combined as "
+        "sqrt(sum of squares); per-sample weights add max|v'| sup|psi''| max_I||K_I|| ||K||",
+        children=[_term_record("L_B", t, _lb(dict(t.LB_cols), t.LB_ps), _lb(dict(t.LB_cols), t.LB_ps) == 0)
+                  for t in gt],
+        message="; ".join(sorted({t.LB_note for t in gt if t.LB_note})))
+    mf, Mf = _sum([t.lo for t in ft]), _sum([t.hi for t in ft])
+    if mf == -sp.oo or Mf == sp.oo:
+        Lf = sp.oo
+    elif mf.is_nonnegative or mf == 0:
+        Lf = Mf
+    elif Mf.is_nonpositive:
+        Lf = -mf
+    else:
+        Lf = sp.Max(-mf, Mf)
+    nfs = sum(1 for t in ft if not t.scalar)
+    records["L_f"] = Record("L_f", Lf, _kind(all(t.hi_exact and t.lo_exact for t in ft) and nfs <= 1, Lf),
+                            all(t.certified for t in ft),
+                            "max(|m_f|, |M_f|) of the upper level's curvature interval (Weyl over "
+                            "the terms of f)",
+                            children=[_term_record("L_f", t, t.hi, t.hi_exact) for t in ft],
+                            message="; ".join(t.message for t in ft if t.kind == "unsupported"))
+    if any(t.has_theta for t in ft):
+        Lft = _sum([t.Lft for t in ft if t.has_theta])
+        records["L_ft"] = Record("L_ft", Lft, _kind(False, Lft), all(t.certified for t in ft),
+                                 "Lipschitz constant in x of grad_theta f: theta in the offset of a "
+                                 "quadratic atom gives |c| psi'' ||K_x|| ||K_theta||; otherwise "
+                                 "infinite (no rule)",
+                                 children=[_term_record("L_ft", t, t.Lft, False) for t in ft if t.has_theta])
+
+    mu_check = _mu_status(mu, ctx)
+    if mu_check == "none":
+        witness = _witness(problem, ctx)
+        if witness:
+            raise ProblemError(witness)
+        msg = (f"strong convexity unknown: the curvature lower bound mu = {sp.sstr(mu)} is not "
+               f"provably positive (terms: "
+               + "; ".join(f"{t.label} = {t.source} gives {sp.sstr(t.lo)}" for t in gt)
+               + f"); {HINT}")
+        if not allow_uncertified and "mu" not in stated:
+            raise ProblemError(msg)
+        messages.append(msg)
+        uncertified_reason = uncertified_reason or "strong convexity unknown"
+    elif mu_check == "theta":
+        records["mu"].theta_region = "where mu(theta) > 0 (checked at evaluate)"
+    elif mu_check == "data":
+        records["mu"].theta_region = "all theta, if the data quantities make mu > 0 (checked at bind)"
+    if uncertified_reason:
+        for r in records.values():
+            r.uncertify(uncertified_reason)
+        warnings.warn(f"{problem.name}: constants not certified: {uncertified_reason}", stacklevel=2)
+    for key, value in stated.items():
+        expr = ctx.thetafy(sp.sympify(value))
+        old = records.get(key)
+        records[key] = Record(key, expr, "assumed", False,
+                              "stated by the user (Problem(constants=...)): not certified; "
+                              "spot-check by sampling", children=[old] if old else [])
+    status = ("uncertified" if not all(r.certified for r in records.values())
+              else "certified" if mu_check == "proved" else "conditional")
+    return Derivation(
+        problem=problem.name, constants=records, operators=ctx.operators,
+        quantities=ctx.quantities,
+        theta_symbols=sorted((s.name, k) for k, s in ctx.theta_syms.items()),
+        theta_name=ctx.th.name, x_name=ctx.x.name, x_shape=ctx.x_shape,
+        theta_shape=tuple(ctx.th.shape), sizes=[s.name for s in problem.sizes],
+        scalars=ctx.scalar_names,
+        data_shapes={a.name: tuple(a.shape) for a in problem.data_specs},
+        conditions=sorted(ctx.conditions.items()), status=status,
+        allow_uncertified=allow_uncertified, messages=messages + [
+            t.message for t in gt + ft if t.message and t.kind != "unsupported"],
+        refutation=refutation, mu_check=mu_check)
+
+
+def _mu_status(mu, ctx):
+    pos = {s: sp.Symbol(s.name, positive=True) for s in mu.free_symbols if s.name in ctx.conditions}
+    m = mu.xreplace(pos)
+    if m == -sp.oo:
+        return "none"
+    if m.is_positive:
+        return "proved"
+    if m == 0 or m.is_nonpositive:
+        return "none"
+    theta = set(ctx.theta_syms.values())
+    if m.free_symbols & theta or m.has(ThetaMin):
+        return "theta"
+    if any(s.name in ctx.quantities for s in m.free_symbols):
+        return "data"
+    return "none"
+
+
+def _rows_refutation(gt, ctx):
+    """Refuted when every x-dependence goes through linear maps with < dim x rows in total."""
+    if any(t.rows is None for t in gt):
+        return None, None
+    rows = [(f"{t.label} = {t.source}", t.rows) for t in gt if t.kind != "linear"]
+    info = {"rows": rows, "dim": ctx.dim}
+    gap = sp.simplify(ctx.dim - sp.Add(*[r for _, r in rows]))
+    if gap.is_positive:
+        terms = "; ".join(f"{s} (K with {sp.sstr(r)} rows)" for s, r in rows)
+        return (f"refuted: g is not strongly convex: every x-dependence goes through linear maps "
+                f"with {sp.sstr(sp.Add(*[r for _, r in rows]))} rows in total < dim x = "
+                f"{sp.sstr(ctx.dim)}, so g is constant along their common kernel; terms: {terms}. "
+                f"{HINT[0].upper() + HINT[1:]}"), info
+    return None, info
+
+
+def _witness(problem, ctx):
+    """Fixed-size, data-free g: a point where the unrolled Hessian has a negative eigenvalue."""
+    g = problem.g
+    if not all(s.is_Integer for s in ctx.x_shape) or problem.data_specs:
+        return None
+    try:
+        g = g.doit()
+    except Exception:  # noqa: BLE001 - any failure just means no witness
+        return None
+    if g.atoms(sp.Sum):
+        return None
+    shape = tuple(int(s) for s in ctx.x_shape)
+    d = int(np.prod(shape))
+    xs = sp.symbols(f"w0:{d}", real=True)
+    rep = {}
+    for ix in g.atoms(sp.Indexed):
+        name = str(ix.base.label)
+        if name == ctx.x.name:
+            rep[ix] = xs[int(np.ravel_multi_index(tuple(int(e) for e in ix.indices), shape))]
+        elif name == ctx.th.name:
+            rep[ix] = sp.S.Zero
+    H = sp.lambdify([xs], sp.hessian(g.xreplace(rep), xs), "numpy")
+    rng = np.random.default_rng(0)
+    for pt in [np.zeros(d)] + [rng.uniform(-1, 1, d) for _ in range(8)]:
+        ev = np.linalg.eigvalsh(np.asarray(H(pt), dtype=float))
+        if ev[0] < -1e-9:
+            return (f"refuted: g is not convex: at x = {np.round(pt, 4).tolist()} (theta = 0) the "
+                    f"Hessian has the eigenvalue {ev[0]:.6g} < 0. Check the negative-curvature "
+                    f"terms of {sp.sstr(problem.g)}; {HINT}")
+    return None

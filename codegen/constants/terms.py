@@ -1,0 +1,544 @@
+"""From a canonical objective to terms, atoms and linear operators (constants.md section 3).
+
+`flatten` splits g into terms coef(theta) * Sum_I w_I(theta_I) * core_I (x-free parts dropped),
+`analyse_term` recognises the core (linear, psi(k_I.x + b_I), log-sum-exp over an inner index)
+and the operator K (selection, stencil or data), and returns the term's curvature interval, L_A
+and cross-derivative bounds as SymPy expressions, with the records that explain them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from ..primitives import stabilise
+from .atoms import AtomFacts, analyse_atom, lse_facts
+from .records import T, Operator, Record, ThetaMax, ThetaMin, qsym
+
+
+# -- reads and degrees ------------------------------------------------------------------------
+def reads(expr, name):
+    return [ix for ix in expr.atoms(sp.Indexed) if str(ix.base.label) == name]
+
+
+class Ctx:
+    """What the analysis needs of the problem, plus the registry of data operators."""
+
+    def __init__(self, problem):
+        self.problem = problem
+        self.x = problem.x_spec
+        self.th = problem.theta_spec
+        self.x_shape = tuple(self.x.shape)
+        self.dim = sp.Mul(*self.x_shape)
+        names = problem.theta_names
+        n_fixed = int(self.th.shape[0]) if self.th.shape[0].is_Integer else None
+        self._names = names
+        self.theta_syms = {}  # flat index -> Symbol
+        self.n_fixed = n_fixed
+        self.scalars = {sp.Symbol(a.name) for a in problem.data_specs if a.shape == ()}
+        self.scalar_names = sorted(a.name for a in problem.data_specs if a.shape == ())
+        self.sizes = set(problem.sizes)
+        self.operators = {}
+        self.quantities = {}
+        self.conditions = {}  # scalar data symbol name -> message
+
+    def theta_symbol(self, k: int) -> sp.Symbol:
+        if k not in self.theta_syms:
+            if self._names is not None and k < len(self._names):
+                name = self._names[k]
+            else:
+                name = f"{self.th.name}[{k}]"
+            self.theta_syms[k] = sp.Symbol(name, real=True)
+        return self.theta_syms[k]
+
+    def has_x(self, expr):
+        return any(str(ix.base.label) == self.x.name for ix in expr.atoms(sp.Indexed))
+
+    def has_theta(self, expr):
+        return any(str(ix.base.label) == self.th.name for ix in expr.atoms(sp.Indexed))
+
+    def thetafy(self, expr):
+        """theta[k] (k a number) -> real Symbol; None if a theta read has a symbolic index."""
+        rep = {}
+        for ix in reads(expr, self.th.name):
+            if len(ix.indices) != 1 or not ix.indices[0].is_Integer:
+                return None
+            rep[ix] = self.theta_symbol(int(ix.indices[0]))
+        return expr.xreplace(rep)
+
+    def degree(self, expr):
+        """Polynomial degree in the x entries (oo when x sits inside a nonlinear function)."""
+        if not self.has_x(expr):
+            return 0
+        if isinstance(expr, sp.Indexed):
+            return 1
+        if expr.is_Add:
+            return max(self.degree(a) for a in expr.args)
+        if expr.is_Mul:
+            return sum(self.degree(a) for a in expr.args)
+        if expr.is_Pow and expr.exp.is_Integer and expr.exp >= 0:
+            return self.degree(expr.base) * int(expr.exp)
+        if isinstance(expr, sp.Sum):
+            if any(self.has_x(l) for lim in expr.limits for l in lim[1:]):
+                return sp.oo
+            return self.degree(expr.function)
+        return sp.oo
+
+    def register(self, lin, limits, block, reduce, var, rows, definition) -> str:
+        for name, op in self.operators.items():  # one operator per distinct map
+            if op.lin == lin and op.limits == tuple(limits) and op.block == block and op.var == var:
+                return name
+        name = f"K{len(self.operators) + 1}"
+        self.operators[name] = Operator(name, lin, tuple(limits), block, reduce, var, rows,
+                                        definition.replace("K?", name))
+        for what, desc in (("normsq", f"||{name}||^2 = lambda_max({name}^T {name})"),
+                           ("lmin", f"lambda_min({name}^T {name})"),
+                           ("rowmax", f"max_I ||{name}_I|| (largest row or per-sample block)")):
+            self.quantities[f"{what}_{name}"] = {"operator": name, "what": what,
+                                                 "description": desc}
+        return name
+
+
+# -- flattening ------------------------------------------------------------------------------
+@dataclass
+class Term:
+    coef: sp.Expr
+    weight: sp.Expr
+    limits: tuple
+    core: sp.Expr
+
+    @property
+    def source(self) -> str:
+        body = self.weight * self.core
+        inner = sp.Sum(body, *self.limits) if self.limits else body
+        return sp.sstr(sp.Mul(self.coef, inner, evaluate=False) if self.coef != 1 else inner)
+
+
+def flatten(expr, ctx: Ctx) -> list:
+    out = []
+    _flatten(stabilise(sp.sympify(expr)), sp.S.One, sp.S.One, (), ctx, out)
+    res = []
+    for t in out:  # sums over indices the term does not use are multiplicities
+        keep, coef = [], t.coef
+        for lim in t.limits:
+            if t.core.has(lim[0]) or t.weight.has(lim[0]):
+                keep.append(lim)
+            else:
+                coef = coef * (lim[2] - lim[1] + 1)
+        res.append(Term(coef, t.weight, tuple(keep), t.core))
+    return res
+
+
+def _flatten(expr, coef, weight, limits, ctx, out):
+    if not ctx.has_x(expr):
+        return
+    if expr.is_Add:
+        for a in expr.args:
+            _flatten(a, coef, weight, limits, ctx, out)
+    elif expr.is_Mul:
+        xdep = [a for a in expr.args if ctx.has_x(a)]
+        bound = [lim[0] for lim in limits]
+        free = [a for a in expr.args if not ctx.has_x(a)]
+        c = sp.Mul(*[a for a in free if not any(a.has(s) for s in bound)])
+        w = sp.Mul(*[a for a in free if any(a.has(s) for s in bound)])
+        if len(xdep) == 1:
+            _flatten(xdep[0], coef * c, weight * w, limits, ctx, out)
+        else:
+            out.append(Term(coef * c, weight * w, limits, sp.Mul(*xdep)))
+    elif isinstance(expr, sp.Sum):
+        _flatten(expr.function, coef, weight, limits + tuple(expr.limits), ctx, out)
+    else:
+        out.append(Term(coef, weight, limits, expr))
+
+
+# -- operators -------------------------------------------------------------------------------
+@dataclass
+class OpFacts:
+    normsq: sp.Expr
+    lmin: sp.Expr
+    rowmax: sp.Expr
+    normsq_exact: bool
+    lmin_exact: bool
+    rows: sp.Expr
+    full_identity: bool  # K^T K = a^2 I exactly
+    record: Record
+    name: str = ""
+
+
+def _count(limits):
+    return sp.Mul(*[lim[2] - lim[1] + 1 for lim in limits])
+
+
+def _affine_index(e, syms):
+    """(symbol, shift) for e = s + c, (None, c) for a constant, else False."""
+    e = sp.sympify(e)
+    if e.is_Integer:
+        return None, int(e)
+    for s in syms:
+        c = sp.simplify(e - s)
+        if c.is_Integer:
+            return s, int(c)
+    return False
+
+
+def classify_operator(lin, limits, block, ctx: Ctx, var="x", lse=False) -> OpFacts:
+    """The linear map I -> lin_I: a selection or stencil (analytic norms) or a data operator."""
+    spec = ctx.x if var == "x" else ctx.th
+    shape = tuple(spec.shape)
+    syms = [lim[0] for lim in limits]
+    rows = _count(limits)
+    data = [ix for ix in lin.atoms(sp.Indexed) if str(ix.base.label) != spec.name]
+    if not lse and not data and not lin.has(sp.Sum) and not (lin.free_symbols & ctx.scalars):
+        res = _structural(sp.expand(lin), limits, syms, shape, spec.name, rows)
+        if res is not None:
+            return res
+    reduce = {}
+    for lim in limits:
+        r = _kron_axis(lin, lim, spec.name, shape)
+        if r is not None:
+            reduce[lim[0]] = r
+    what = "x" if var == "x" else "theta"
+    definition = (f"K?: {what} -> ({sp.sstr(lin)})_{{{', '.join(str(s) for s in syms) or '-'}}}, "
+                  f"{sp.sstr(rows)} rows" + (f", per-sample blocks over {syms[:block]}"
+                                              if 0 < block < len(syms) else ""))
+    name = ctx.register(lin, limits, block, reduce, var, rows, definition)
+    ns, lm, rm = qsym(f"normsq_{name}"), qsym(f"lmin_{name}"), qsym(f"rowmax_{name}")
+    rec = Record(f"operator {name}", ns, "exact", True,
+                 "data operator: norms computed at bind time (eigvalsh of the smaller Gram matrix "
+                 "+ rounding margin; certified)", children=[], term=ctx.operators[name].definition)
+    return OpFacts(ns, lm, rm, True, True, rows, False, rec, name)
+
+
+def _kron_axis(lin, lim, xname, shape):
+    """Axis r if index s appears in lin only as the bare r-th index of x over its full range."""
+    s, lo, hi = lim
+    axes = set()
+    for ix in lin.atoms(sp.Indexed):
+        own = str(ix.base.label) == xname
+        for r, e in enumerate(ix.indices):
+            if e.has(s):
+                if not own or e != s:
+                    return None
+                axes.add(r)
+    if len(axes) != 1:
+        return None
+    r = axes.pop()
+    stripped = lin.xreplace({ix: sp.Dummy() for ix in lin.atoms(sp.Indexed)})
+    if stripped.has(s) or lo != 0 or sp.simplify(hi - (shape[r] - 1)) != 0:
+        return None
+    return r
+
+
+def _structural(lin, limits, syms, shape, xname, rows):
+    taps = {}
+    sig = None
+    for arg in sp.Add.make_args(lin):
+        coeff, rest = arg.as_coeff_Mul()
+        if not (isinstance(rest, sp.Indexed) and str(rest.base.label) == xname):
+            return None
+        pos = [_affine_index(e, syms) for e in rest.indices]
+        if any(p is False for p in pos):
+            return None
+        this_sig = tuple(p[0] for p in pos)
+        if sig is None:
+            sig = this_sig
+        elif sig != this_sig:
+            return None
+        shift = tuple(p[1] for p in pos)
+        taps[shift] = taps.get(shift, 0) + coeff
+    taps = {k: v for k, v in taps.items() if v != 0}
+    used = [s for s in sig if s is not None]
+    if not taps or len(set(used)) != len(used) or set(used) != set(syms):
+        return None
+    if len(taps) == 1:
+        (shift, a), = taps.items()
+        full = True
+        lims = {lim[0]: lim for lim in limits}
+        for r, (s, c) in enumerate(zip(sig, shift)):
+            if s is None:
+                full = full and shape[r] == 1 and c == 0
+            else:
+                _, lo, hi = lims[s]
+                full = full and sp.simplify(lo + c) == 0 and sp.simplify(hi + c - shape[r] + 1) == 0
+        a2 = sp.sympify(a) ** 2
+        lmin = a2 if full else sp.S.Zero
+        desc = (f"selection {a}*{xname}[...] ({'every entry once' if full else 'a subset of entries'}):"
+                f" K^T K = {a2}*{'I' if full else 'diag(0/1)'}; ||K||^2 = {a2}, lambda_min = {lmin}")
+        rec = Record("operator (selection)", a2, "exact", True, desc)
+        return OpFacts(a2, lmin, sp.Abs(a), True, True, rows, full, rec, "selection")
+    l1 = sum(abs(v) for v in taps.values())
+    l2 = sp.sqrt(sum(v**2 for v in taps.values()))
+    zero_sum = sum(taps.values()) == 0
+    text = ", ".join(f"{v}@{k}" for k, v in sorted(taps.items()))
+    desc = (f"stencil (in-bounds Toeplitz section) with taps {text}: ||K|| <= ||k||_1 = {l1} "
+            f"(Young), ||K||^2 <= {l1**2}; rows have norm ||k||_2 = {l2}"
+            + ("; taps sum to 0: constants are in the kernel, lambda_min = 0" if zero_sum else ""))
+    rec = Record("operator (stencil)", l1**2, "bound", True, desc)
+    return OpFacts(sp.sympify(l1**2), sp.S.Zero, l2, False, zero_sum, rows, False, rec, "stencil")
+
+
+# -- term analysis ---------------------------------------------------------------------------
+@dataclass
+class TermFacts:
+    label: str
+    source: str
+    kind: str  # linear | atom | lse | unsupported
+    lo: sp.Expr = sp.S.Zero
+    hi: sp.Expr = sp.S.Zero
+    lo_exact: bool = True
+    hi_exact: bool = True
+    scalar: bool = True  # Hessian exactly s I (or 0)
+    LA: sp.Expr = sp.S.Zero
+    LB_cols: dict = field(default_factory=dict)
+    LB_ps: sp.Expr = sp.S.Zero
+    LB_note: str = ""
+    Lft: sp.Expr = sp.S.Zero
+    certified: bool = True
+    rows: sp.Expr | None = sp.S.Zero
+    rule: str = ""
+    message: str = ""
+    parts: list = field(default_factory=list)  # Records: atom, operator, weights
+    has_theta: bool = False
+
+
+def _sign(c, ctx):
+    """'+', '-' or '?' for coefficient c; scalar data may be assumed positive (checked at bind)."""
+    if c.is_nonnegative:
+        return "+"
+    if c.is_nonpositive:
+        return "-"
+    data = c.free_symbols & ctx.scalars
+    if data:
+        pos = {s: sp.Symbol(s.name, positive=True) for s in data}
+        cp = c.xreplace(pos)
+        if cp.is_nonnegative or cp.is_nonpositive:
+            for s in data:
+                ctx.conditions[s.name] = (f"scalar data {s.name} is assumed > 0 (the sign of the "
+                                          f"coefficient {c} depends on it); checked at bind")
+            return "+" if cp.is_nonnegative else "-"
+    return "?"
+
+
+def _max_affine(expr, ctx, out):
+    if not ctx.has_x(expr):
+        return
+    if ctx.degree(expr) <= 1:
+        out.add(expr)
+        return
+    for a in ([expr.function] if isinstance(expr, sp.Sum) else expr.args):
+        _max_affine(a, ctx, out)
+
+
+def _split_affine(u, ctx):
+    parts = []
+    for a in sp.Add.make_args(u):
+        if isinstance(a, sp.Sum) and a.function.is_Add:
+            parts += [sp.Sum(b, *a.limits) for b in a.function.args]
+        else:
+            parts.append(a)
+    lin = sp.Add(*[a for a in parts if ctx.has_x(a)])
+    off = sp.Add(*[a for a in parts if not ctx.has_x(a)])
+    return lin, off
+
+
+def _per_sample(w, limits, ctx):
+    """(v(t), ok) for a weight w_I = v(theta[I]); (None, True) when w = 1."""
+    if w == 1:
+        return None, True
+    if any(str(ix.base.label) != ctx.th.name for ix in w.atoms(sp.Indexed)):
+        return None, False  # data-dependent weights: no rule
+    rds = {ix for ix in reads(w, ctx.th.name)}
+    if len(rds) != 1:
+        return None, False
+    ix = rds.pop()
+    v = w.xreplace({ix: T})
+    if any(v.has(lim[0]) for lim in limits) or ctx.has_theta(v):
+        return None, False
+    if not v.is_nonnegative:
+        return None, False
+    pos = _affine_index(ix.indices[0], [limits[0][0]]) if len(limits) == 1 else False
+    single = pos is not False and pos[0] is not None
+    return (v, single), True
+
+
+def analyse_term(term: Term, ctx: Ctx, label: str, upper=False) -> TermFacts:
+    tf = TermFacts(label, term.source, "unsupported")
+    tf.has_theta = ctx.has_theta(term.coef) or ctx.has_theta(term.weight) or ctx.has_theta(term.core)
+    c = ctx.thetafy(term.coef)
+    if c is None:
+        return _unsupported(tf, f"theta with a symbolic index in the coefficient {term.coef}")
+    if ctx.degree(term.core) <= 1:
+        tf.kind, tf.rows, tf.rule = "linear", sp.S.Zero, "linear in x: no curvature, B constant in x"
+        if upper and tf.has_theta:
+            tf.Lft, tf.LB_note = sp.oo, "theta times a linear term of f: no global rule (L_ft = oo)"
+        return tf
+    ps, ok = _per_sample(term.weight, term.limits, ctx)
+    if not ok:
+        return _unsupported(tf, f"weight {term.weight} (data-dependent or unrecognised per-sample "
+                                f"weight)")
+    core = term.core
+    inner = ()
+    if (isinstance(core, sp.log) and isinstance(core.args[0], sp.Sum)
+            and isinstance(core.args[0].function, sp.exp) and ctx.degree(core.args[0].function.args[0]) <= 1):
+        u = core.args[0].function.args[0]
+        inner = tuple(core.args[0].limits)
+        facts = lse_facts()
+        tf.kind = "lse"
+    else:
+        found = set()
+        _max_affine(core, ctx, found)
+        if len(found) != 1:
+            return _unsupported(tf, f"x enters {core} through {len(found)} different affine "
+                                    f"expressions (no separable-atom rule)")
+        u = found.pop()
+        psi = core.xreplace({u: T})
+        if ctx.has_x(psi) or any(psi.has(lim[0]) for lim in term.limits) or psi.atoms(sp.Indexed) - set(reads(psi, ctx.th.name)):
+            return _unsupported(tf, f"the atom {psi} depends on data or indices besides its argument")
+        psi = ctx.thetafy(psi)
+        if psi is None:
+            return _unsupported(tf, "theta with a symbolic index inside the atom")
+        facts = analyse_atom(psi, list(ctx.theta_syms.values()))
+        if facts is None:
+            return _unsupported(tf, f"no rule for the atom psi(t) = {psi}")
+        tf.kind = "atom"
+    lin, off = _split_affine(u, ctx)
+    if ctx.has_theta(lin):
+        return _unsupported(tf, f"theta multiplies x inside the atom argument {u}")
+    limits = tuple(term.limits) + inner
+    op = classify_operator(lin, limits, len(term.limits), ctx, lse=bool(inner))
+    tf.rows = op.rows
+    return _combine(tf, c, ps, facts, op, off, ctx, upper, limits)
+
+
+def _unsupported(tf, why):
+    tf.kind, tf.certified, tf.rows = "unsupported", False, None
+    tf.lo, tf.hi, tf.LA, tf.LB_ps, tf.Lft = -sp.oo, sp.oo, sp.oo, sp.oo, sp.oo
+    tf.lo_exact = tf.hi_exact = tf.scalar = False
+    tf.message = f"no rule applies: {why}"
+    return tf
+
+
+def _mul(a, b):
+    """a*b where oo*anything non-negative stays oo (never oo*0 = nan at evaluation)."""
+    if a == sp.oo or b == sp.oo:
+        return sp.oo
+    return a * b
+
+
+def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
+    sign = _sign(c, ctx)
+    if ps is None:
+        vmax = vmin = sp.S.One
+        dv = sp.S.Zero
+        single = True
+    else:
+        v, single = ps
+        vmax, vmin = ThetaMax(sp.Lambda(T, v)), ThetaMin(sp.Lambda(T, v))
+        dv = ThetaMax(sp.Lambda(T, sp.Abs(sp.diff(v, T))))
+    lo, hi = f.lo, f.hi
+
+    def vlo(z):  # min over v in [vmin, vmax] of v*z
+        if ps is None:
+            return z
+        return vmin * z if z.is_nonnegative else (vmax * z if z.is_nonpositive else sp.Min(vmin * z, vmax * z))
+
+    def vhi(z):
+        if ps is None:
+            return z
+        return vmax * z if z.is_nonnegative else (vmin * z if z.is_nonpositive else sp.Max(vmin * z, vmax * z))
+
+    if sign == "+":
+        s_lo, s_hi = _mul(c, vlo(lo)) if lo != -sp.oo else -sp.oo, _mul(c, vhi(hi))
+    elif sign == "-":
+        s_lo = -sp.oo if hi == sp.oo else c * vhi(hi)
+        s_hi = sp.oo if lo == -sp.oo else c * vlo(lo)
+    else:
+        s_hi = _mul(sp.Abs(c) * vmax, f.peak)
+        s_lo = -s_hi
+    N, lam = op.normsq, op.lmin
+
+    def apply(s, low):
+        if s in (sp.oo, -sp.oo):
+            return s
+        if low:
+            return s * lam if s.is_nonnegative else (s * N if s.is_nonpositive else sp.Min(s * lam, s * N))
+        return s * N if s.is_nonnegative else (s * lam if s.is_nonpositive else sp.Max(s * lam, s * N))
+
+    tf.lo, tf.hi = apply(s_lo, True), apply(s_hi, False)
+    const_curv = f.lo == f.hi and f.kind == "exact" and ps is None and sign != "?"
+    tf.lo_exact = const_curv and (op.lmin_exact if sign == "+" else op.normsq_exact)
+    tf.hi_exact = const_curv and (op.normsq_exact if sign == "+" else op.lmin_exact)
+    tf.scalar = const_curv and op.full_identity
+    tf.certified = f.certified
+    tf.LA = _mul(_mul(sp.Abs(c) * vmax, f.d3), N * op.rowmax) if f.d3 != 0 else sp.S.Zero
+    # cross derivatives: theta in c, in the atom's parameters, in the offset, per-sample weights
+    notes = []
+    theta_syms = set(ctx.theta_syms.values())
+    cols = {}
+    for s in c.free_symbols & theta_syms:
+        cols[s] = cols.get(s, 0) + _mul(sp.Abs(sp.diff(c, s)) * vmax, f.peak) * N
+    if f.dth is None:
+        cols = {None: sp.oo}
+        notes.append("theta inside the atom with no rule for d psi''/d theta")
+    else:
+        for s, val in f.dth.items():
+            cols[s] = cols.get(s, 0) + _mul(sp.Abs(c) * vmax, val) * N
+    ps_part = sp.S.Zero
+    if ps is not None:
+        if single:
+            ps_part = _mul(sp.Abs(c) * dv, f.peak) * op.rowmax * sp.sqrt(N)
+        else:
+            ps_part = sp.oo
+            notes.append("per-sample weight not indexed one-to-one by the sample index")
+    if ctx.has_theta(off) and f.d3 != 0:
+        cols = {None: sp.oo}
+        notes.append("theta in the argument of a non-quadratic atom: no rule")
+    tf.LB_cols, tf.LB_ps, tf.LB_note = cols, ps_part, "; ".join(notes)
+    if upper and tf.has_theta:
+        tf.Lft = _upper_theta(c, ps, f, op, off, ctx, limits)
+    wtxt = "" if ps is None else f", per-sample weight v(theta_I) = {ps[0]} in [{vmin}, {vmax}]"
+    tf.rule = (f"{tf.kind}: coefficient {c} ({'>= 0' if sign == '+' else '<= 0' if sign == '-' else 'sign unknown'})"
+               f"{wtxt}; {f.name} of K x + b, K: {op.name}")
+    tf.message = f.message
+    arec = Record(f"atom {f.name}", f.hi, f.kind if f.kind != "infinite" else "infinite",
+                  f.certified, f.rule, children=[], message=f.message,
+                  term=f"psi'' in [{sp.sstr(f.lo)}, {sp.sstr(f.hi)}], sup|psi'''| = {sp.sstr(f.d3)}")
+    tf.parts = [arec, op.record]
+    return tf
+
+
+def _upper_theta(c, ps, f, op, off, ctx, limits):
+    """Lipschitz constant in x of grad_theta f for one term of f (L_ft)."""
+    if ps is None and not (c.free_symbols & set(ctx.theta_syms.values())) and f.d3 == 0 \
+            and f.lo == f.hi and ctx.has_theta(off):
+        lin_t, rest = _split_theta(off, ctx)
+        if ctx.has_theta(rest):
+            return sp.oo
+        opt = classify_operator(lin_t, limits, 0, ctx, var="theta", lse=True)
+        return sp.Abs(c) * sp.Abs(f.hi) * sp.sqrt(op.normsq) * sp.sqrt(opt.normsq)
+    return sp.oo
+
+
+def _split_theta(off, ctx):
+    parts = []
+    for a in sp.Add.make_args(off):
+        if isinstance(a, sp.Sum) and a.function.is_Add:
+            parts += [sp.Sum(b, *a.limits) for b in a.function.args]
+        else:
+            parts.append(a)
+    lin = sp.Add(*[a for a in parts if ctx.has_theta(a)])
+    rest = sp.Add(*[a for a in parts if not ctx.has_theta(a)])
+    # theta must enter linearly with theta-free coefficients
+    deg_ok = all(_theta_linear(a, ctx) for a in sp.Add.make_args(lin))
+    return (lin, rest) if deg_ok else (lin, lin)
+
+
+def _theta_linear(a, ctx):
+    if isinstance(a, sp.Sum):
+        return _theta_linear(a.function, ctx)
+    if isinstance(a, sp.Indexed):
+        return True
+    if a.is_Mul:
+        dep = [b for b in a.args if ctx.has_theta(b)]
+        return len(dep) == 1 and _theta_linear(dep[0], ctx)
+    return False
