@@ -27,6 +27,7 @@ class _Lowering:
         self.arrays = {name: ir.Array(name, spec.shape, spec.role) for name, spec in arrays.items()}
         self.statements = []
         self.n_temps = 0
+        self.sizes = {str(s) for a in arrays.values() for e in a.shape for s in sp.sympify(e).free_symbols}
         self.seen = {}  # (loops, body, op) -> temp: the same sum written twice is computed once
 
     # -- helpers ---------------------------------------------------------------------------
@@ -52,6 +53,9 @@ class _Lowering:
         var, lo, hi = limit
         if not isinstance(var, (sp.Symbol, sp.Idx)):
             raise ProblemError(f"{self.label}: summation variable {var} must be an Idx or Symbol")
+        if str(var) in self.arrays or str(var) in self.sizes:
+            raise ProblemError(f"{self.label}: the index {var} has the name of an array or size; "
+                               f"rename it")
         if any(lp.var.name == str(var) for lp in outer):
             raise ProblemError(f"{self.label}: the index {var} is summed inside a sum over itself; "
                                f"use a different Idx for the inner sum")

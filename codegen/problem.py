@@ -28,7 +28,7 @@ C_KEYWORDS = frozenset(
     "union unsigned void volatile while int64_t size_t".split()
 )
 # Names the generator makes for itself; user symbols may not take them.
-_RESERVED = re.compile(r"^(s\d+|c\d+|hg_.*|.*_bar|.*_dot|value|out|work|status|theta_t|q|v|t)$")
+_RESERVED = re.compile(r"^(s\d+|c\d+|acc\d+|hg_.*|.*_bar|.*_dot|value|value_out|work|q|v|t)$")
 
 
 @dataclass(frozen=True)
@@ -239,9 +239,9 @@ def _check_names(problem: Problem) -> None:
             raise ProblemError(f"symbol name {name!r} is not a valid C identifier")
         if name in C_KEYWORDS:
             raise ProblemError(f"symbol name {name!r} is a C keyword; rename it")
-        if _RESERVED.match(name) and not (name in ("x", "theta") or name == problem.name):
-            if problem.arrays.get(name) is None or problem.arrays[name].role == "data":
-                raise ProblemError(f"symbol name {name!r} is reserved for the generator; rename it")
+        if _RESERVED.match(name):
+            raise ProblemError(f"symbol name {name!r} is reserved for the generator's own "
+                               f"variables; rename it")
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ProblemError(f"the name(s) {dup} are used for more than one symbol")

@@ -149,7 +149,7 @@ class KernelRenderer:
             if init == "0.0":
                 lines.append(f"memset({arr.name}, 0, sizeof(double) * (size_t)({extent}));")
             else:
-                lines.append(f"for (int64_t k = 0; k < {extent}; ++k) {arr.name}[k] = {init};")
+                lines.append(f"for (int64_t hg_k = 0; hg_k < {extent}; ++hg_k) {arr.name}[hg_k] = {init};")
         return lines
 
     def _initial(self, name: str) -> str:

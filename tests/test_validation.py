@@ -34,6 +34,10 @@ def make(**kw):
     (dict(lower=FIT + sp.besselj(0, x[0])), "besselj"),
     (dict(lower=FIT + sp.Sum(b[j] * x[j], (j, 0, n - 1))), "can leave b"),
     (dict(name="for"), "keyword"),
+    (dict(lower=FIT + sp.Sum(sp.IndexedBase("s0", shape=(n,))[j] * x[j], (j, 0, n - 1))),
+     "'s0' is reserved"),
+    (dict(lower=FIT + sp.Sum(x[sp.Idx("b", n)] ** 2, (sp.Idx("b", n), 0, n - 1))),
+     "index b has the name of an array"),
     (dict(theta=sp.Integer(3)), "hyperparameter theta must be"),
     (dict(x=Z, lower=FIT + sp.Sum(Z[ell] ** 2, (ell, 0, K - 1))), "size K .* can never be bound"),
 ])
