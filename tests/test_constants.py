@@ -81,6 +81,20 @@ def tv_problem():
         upper=sp.Sum((x[i] - xt[i]) ** 2, (i, 0, n - 1)) / 2)
 
 
+def tv2d_problem():
+    h, w = sp.symbols("h w", integer=True, positive=True)
+    i, j = sp.Idx("i", h), sp.Idx("j", w)
+    Y, Xt = sp.IndexedBase("Y", shape=(h, w)), sp.IndexedBase("Xt", shape=(h, w))
+    X = sp.IndexedBase("X", shape=(h, w))
+    la, lnu = sp.symbols("la lnu")
+    grad_sq = (X[i + 1, j] - X[i, j]) ** 2 + (X[i, j + 1] - X[i, j]) ** 2
+    return Problem(
+        name="tv2d", x=X, theta=[la, lnu],
+        lower=sp.Sum((X[i, j] - Y[i, j]) ** 2, (i, 0, h - 1), (j, 0, w - 1)) / 2
+        + sp.exp(la) * sp.Sum(sp.sqrt(grad_sq + sp.exp(2 * lnu)), (i, 0, h - 2), (j, 0, w - 2)),
+        upper=sp.Sum((X[i, j] - Xt[i, j]) ** 2, (i, 0, h - 1), (j, 0, w - 1)) / 2)
+
+
 def hypercleaning_problem():
     c, n, m, mv = sp.symbols("c n m mv", integer=True, positive=True)
     i, l, j, k = sp.Idx("i", m), sp.Idx("l", mv), sp.Idx("j", n), sp.Idx("k", c)
@@ -116,6 +130,8 @@ def example_data(name, seed=0):
         return {"C": g((6, 2)), "D": g((6, 4)), "e": g(6), "M": g((5, 4)), "b": g(5)}
     if name == "tv1d":
         return {"y": g(6), "xt": g(6)}
+    if name == "tv2d":
+        return {"Y": g((3, 3)), "Xt": g((3, 3))}
     if name == "hypercleaning":
         return {"A": g((4, 3)), "Y": _onehot(rng, 4, 2), "Av": g((3, 3)), "Yv": _onehot(rng, 3, 2),
                 "lam": np.float64(0.05)}
@@ -127,6 +143,7 @@ EXAMPLES = {
     "logistic": (logistic_problem, [[-1.0], [0.5]]),
     "quadratic": (quadratic_problem, [[0.3, -1.0]]),
     "tv1d": (tv_problem, [[np.log(0.5), np.log(0.3)], [0.0, 0.0]]),
+    "tv2d": (tv2d_problem, [[np.log(0.5), np.log(0.3)]]),
     "hypercleaning": (hypercleaning_problem, [[0.0, 1.0, -1.0, 2.0], [-3.0, 0.5, 3.0, 0.0]]),
 }
 

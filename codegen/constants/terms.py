@@ -13,6 +13,7 @@ import sympy as sp
 
 from ..primitives import stabilise
 from .atoms import AtomFacts, analyse_atom, lse_facts
+from .atoms import _charbonnier as _atoms_charbonnier
 from .records import T, Operator, Record, ThetaMax, ThetaMin, qsym
 
 
@@ -229,9 +230,9 @@ def _kron_axis(lin, lim, xname, shape):
     return r
 
 
-def _structural(lin, limits, syms, shape, xname, rows):
-    taps = {}
-    sig = None
+def _taps(lin, syms, xname):
+    """(signature, {shift: tap}) for lin = sum of number * x[outer index + shift], else None."""
+    taps, sig = {}, None
     for arg in sp.Add.make_args(lin):
         coeff, rest = arg.as_coeff_Mul()
         if not (isinstance(rest, sp.Indexed) and str(rest.base.label) == xname):
@@ -240,16 +241,23 @@ def _structural(lin, limits, syms, shape, xname, rows):
         if any(p is False for p in pos):
             return None
         this_sig = tuple(p[0] for p in pos)
-        if sig is None:
-            sig = this_sig
-        elif sig != this_sig:
+        if sig is not None and sig != this_sig:
             return None
+        sig = this_sig
         shift = tuple(p[1] for p in pos)
         taps[shift] = taps.get(shift, 0) + coeff
     taps = {k: v for k, v in taps.items() if v != 0}
-    used = [s for s in sig if s is not None]
+    used = [s for s in sig if s is not None] if sig else []
     if not taps or len(set(used)) != len(used) or set(used) != set(syms):
         return None
+    return sig, taps
+
+
+def _structural(lin, limits, syms, shape, xname, rows):
+    found = _taps(lin, syms, xname)
+    if found is None:
+        return None
+    sig, taps = found
     if len(taps) == 1:
         (shift, a), = taps.items()
         full = True
@@ -275,6 +283,61 @@ def _structural(lin, limits, syms, shape, xname, rows):
             + ("; taps sum to 0: constants are in the kernel, lambda_min = 0" if zero_sum else ""))
     rec = Record("operator (stencil)", l1**2, "bound", True, desc)
     return OpFacts(sp.sympify(l1**2), sp.S.Zero, l2, False, zero_sum, rows, False, rec, "stencil")
+
+
+def stacked_stencil(lins, limits, ctx):
+    """Stencils D_1..D_k stacked per outer index (a group atom's argument D_p x in R^k)."""
+    syms = [lim[0] for lim in limits]
+    found = [_taps(sp.expand(lin), syms, ctx.x.name) for lin in lins]
+    if any(f is None for f in found) or len({f[0] for f in found}) != 1:
+        return None
+    shifts = sorted({k for _, taps in found for k in taps})
+    M = sp.Matrix([[taps.get(k, 0) for k in shifts] for _, taps in found])
+    block = sp.sqrt(max(sp.Matrix(M * M.T).eigenvals()))  # exact spectral norm of D_p
+    normsq = sum(sum(abs(v) for v in taps.values()) ** 2 for _, taps in found)
+    zero = all(sum(taps.values()) == 0 for _, taps in found)
+    desc = (f"{len(lins)} stencils stacked per outer index, D_p = {M.tolist()} on shifts {shifts}: "
+            f"||D||^2 <= sum_k ||k_k||_1^2 = {normsq} (Young per component), ||D_p|| = {block} "
+            f"(exact)" + ("; constants are in the kernel, lambda_min = 0" if zero else ""))
+    rec = Record("operator (stacked stencils)", normsq, "bound", True, desc)
+    return OpFacts(sp.sympify(normsq), sp.S.Zero, block, False, zero, len(lins) * _count(limits),
+                   False, rec, "stacked stencils")
+
+
+def group_charbonnier(psi, ts, theta_syms):
+    """psi(t_1..t_k) = sqrt(a sum t_k^2 + c): the isotropic Charbonnier group atom.
+
+    With F(w) = sqrt(1 + |w|^2): grad^2 F has eigenvalues s^-3/2 and s^-1/2 (s = 1 + |w|^2), so
+    psi'' in [0, sqrt(a)/nu]; D^3 F[h,h,h] = -3 a_h (1 + |w|^2 - a_h^2) / s^(5/2) with a_h = w.h,
+    maximal (48/(25 sqrt5)) at |w| = a_h = 1/2 for every k, so sup||D^3 psi|| = sqrt(a) 0.8587/nu^2
+    as for k = 1; d grad^2 psi / d(nu^2) has norm <= nu^-3/2 at 0, again as for k = 1.
+    """
+    if not (isinstance(psi, sp.Pow) and psi.exp == sp.S.Half):
+        return None
+    try:
+        poly = sp.Poly(psi.base, *ts)
+    except sp.PolynomialError:
+        return None
+    terms = poly.terms()
+    squares = {}
+    const = sp.S.Zero
+    for mon, coeff in terms:
+        if sum(mon) == 0:
+            const = coeff
+        elif sum(mon) == 2 and max(mon) == 2:
+            squares[mon.index(2)] = coeff
+        else:
+            return None
+    if len(squares) != len(ts) or len(set(squares.values())) != 1:
+        return None
+    al = squares[0]
+    facts = _atoms_charbonnier(al, sp.S.Zero, const, theta_syms)
+    if facts is not None:
+        facts.name = f"group Charbonnier (k = {len(ts)})"
+        facts.rule = ("atom table: isotropic Charbonnier sqrt(a |v|^2 + nu^2), v in R^k: Hessian in "
+                      "[0, sqrt(a)/nu], third derivative <= sqrt(a) 48/(25 sqrt5)/nu^2 (as for "
+                      "k = 1: derived)")
+    return facts
 
 
 # -- term analysis ---------------------------------------------------------------------------
@@ -387,6 +450,8 @@ def analyse_term(term: Term, ctx: Ctx, label: str, upper=False) -> TermFacts:
     else:
         found = set()
         _max_affine(core, ctx, found)
+        if len(found) > 1:
+            return _group(tf, term, c, ps, core, found, ctx, upper)
         if len(found) != 1:
             return _unsupported(tf, f"x enters {core} through {len(found)} different affine "
                                     f"expressions (no separable-atom rule)")
@@ -542,3 +607,27 @@ def _theta_linear(a, ctx):
         dep = [b for b in a.args if ctx.has_theta(b)]
         return len(dep) == 1 and _theta_linear(dep[0], ctx)
     return False
+
+
+def _group(tf, term, c, ps, core, found, ctx, upper):
+    """A vector atom phi(D_p x + b_p) over stacked stencils (isotropic TV and the like)."""
+    us = sorted(found, key=sp.default_sort_key)
+    ts = sp.symbols(f"t0:{len(us)}", real=True)
+    psi = core.xreplace(dict(zip(us, ts)))
+    if ctx.has_x(psi) or any(psi.has(lim[0]) for lim in term.limits):
+        return _unsupported(tf, f"x enters {core} through {len(us)} affine expressions and the "
+                                f"atom is not a recognised group atom")
+    psi = ctx.thetafy(psi)
+    facts = None if psi is None else group_charbonnier(psi, ts, list(ctx.theta_syms.values()))
+    if facts is None:
+        return _unsupported(tf, f"x enters {core} through {len(us)} different affine expressions "
+                                f"(only the group atom sqrt(sum u_k^2 + nu^2) is known)")
+    parts = [_split_affine(u, ctx) for u in us]
+    if any(ctx.has_theta(lin) for lin, _ in parts):
+        return _unsupported(tf, "theta multiplies x inside a group atom")
+    op = stacked_stencil([lin for lin, _ in parts], tuple(term.limits), ctx)
+    if op is None:
+        return _unsupported(tf, "group atom over data operators: no rule (only stencils)")
+    tf.kind, tf.rows = "atom", op.rows
+    off = sp.Add(*[o for _, o in parts])
+    return _combine(tf, c, ps, facts, op, off, ctx, upper, tuple(term.limits))
