@@ -115,6 +115,21 @@ def hypercleaning_problem():
                      - sp.Sum(Yv[l, k] * z(Av, l), (k, 0, c - 1)), (l, 0, mv - 1)) / mv)
 
 
+def weighted_problem():
+    """theta-weighted quadratic (per-sample weights sigmoid(theta_i)) + (lam/2)||x||^2."""
+    m, n = sp.symbols("m n", integer=True, positive=True)
+    i, j = sp.Idx("i", m), sp.Idx("j", n)
+    A, y = sp.IndexedBase("A", shape=(m, n)), sp.IndexedBase("y", shape=(m,))
+    z = sp.IndexedBase("z", shape=(n,))
+    x, th = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("theta", shape=(m,))
+    lam = sp.Symbol("lam", positive=True)
+    return Problem(
+        name="weighted", x=x, theta=th,
+        lower=sp.Sum(sigmoid(th[i]) * (sp.Sum(A[i, j] * x[j], (j, 0, n - 1)) - y[i]) ** 2,
+                     (i, 0, m - 1)) / 2 + lam / 2 * sp.Sum(x[j] ** 2, (j, 0, n - 1)),
+        upper=sp.Sum((x[j] - z[j]) ** 2, (j, 0, n - 1)))
+
+
 def _onehot(rng, rows, c):
     return np.eye(c)[rng.integers(0, c, rows)]
 
@@ -130,6 +145,8 @@ def example_data(name, seed=0):
         return {"C": g((6, 2)), "D": g((6, 4)), "e": g(6), "M": g((5, 4)), "b": g(5)}
     if name == "tv1d":
         return {"y": g(6), "xt": g(6)}
+    if name == "weighted":
+        return {"A": g((5, 3)), "y": g(5), "z": g(3), "lam": np.float64(0.1)}
     if name == "tv2d":
         return {"Y": g((3, 3)), "Xt": g((3, 3))}
     if name == "hypercleaning":
@@ -143,6 +160,7 @@ EXAMPLES = {
     "logistic": (logistic_problem, [[-1.0], [0.5]]),
     "quadratic": (quadratic_problem, [[0.3, -1.0]]),
     "tv1d": (tv_problem, [[np.log(0.5), np.log(0.3)], [0.0, 0.0]]),
+    "weighted": (weighted_problem, [[0.5, -1.0, 2.0, 0.0, -3.0]]),
     "tv2d": (tv2d_problem, [[np.log(0.5), np.log(0.3)]]),
     "hypercleaning": (hypercleaning_problem, [[0.0, 1.0, -1.0, 2.0], [-3.0, 0.5, 3.0, 0.0]]),
 }
@@ -290,6 +308,24 @@ def test_examples_never_violated(name):
     assert der.status in ("certified", "conditional")
     line = ", ".join(f"{k} {min(v):.3g}..{max(v):.3g}" for k, v in RATIOS[name].items())
     print(f"\nbound/observed {name}: {line}")
+
+
+def test_brute_force_catches_a_wrong_constant(monkeypatch):
+    """Mutation: halving the logistic L_A (a wrong sqrt3/36 in the table) must be detected."""
+    import codegen.constants.rules as rules
+
+    prob, data = logistic_problem(), example_data("logistic")
+    real = rules.derive
+
+    def halved(problem, allow_uncertified=False):
+        der = real(problem, allow_uncertified)
+        der.constants["L_A"].expr = der.constants["L_A"].expr / 2
+        return der
+
+    monkeypatch.setitem(globals(), "derive", halved)
+    with pytest.raises(AssertionError, match="L_A"):
+        brute_check("mutation", prob, data, [[-1.0]], adversarial=False)
+    RATIOS.pop("mutation", None)
 
 
 def test_paper_quadratic_closed_form():
