@@ -114,6 +114,12 @@ class BoundProblem:
                              x0=None if x0 is None else self._vector("x0", x0, self.x_size, "x0"),
                              **options)
 
+    def optimize(self, theta0, method="maid", **options):
+        """Learn theta from theta0 (codegen.upper.optimize): method "maid", "gd" or "lbfgsb"."""
+        from .upper import optimize
+
+        return optimize(self, theta0, method=method, **options)
+
 
 class BoundSamples:
     """Several samples of one problem: the upper objective and hypergradient are their means."""
@@ -142,3 +148,9 @@ class BoundSamples:
 
         return hypergradient_samples(self.samples, self.samples[0]._theta(theta), lower=lower,
                                      adjoint=adjoint, eps=eps, delta=delta, x0=x0, **options)
+
+    def optimize(self, theta0, method="maid", **options):
+        """Learn theta from theta0 on the mean upper objective (codegen.upper.optimize)."""
+        from .upper import optimize
+
+        return optimize(self, theta0, method=method, **options)

@@ -1,0 +1,155 @@
+"""`hypergen optimize FILE --data DATA.npz`: learn the hyperparameters of a problem file.
+
+    hypergen optimize examples/ridge.py --data ridge.npz [--theta0 1,2] [--method maid]
+                      [--budget 5000 | --budget 30s] [--out DIR] [--no-progress]
+
+The data file is a NumPy .npz archive (np.savez) whose array names are the problem's data names
+(the IndexedBase/Symbol names of the problem file that are neither x nor theta):
+
+* one sample:      A, b, Av, bv                    -> module.bind(...)
+* several samples: A__0, b__0, A__1, b__1, ...     -> module.bind_samples([...]); the suffix
+  "__<s>" numbers the samples 0, 1, ..., S-1 (no gaps). An array without a suffix is shared by
+  every sample (e.g. validation data Av, bv used with each training set A__s, b__s).
+
+--theta0 is a number (used for every entry of theta) or comma-separated numbers, one per entry
+(default 0). --budget is a number of work units (lower gradients + Hessian-vector products) or
+seconds with an "s" suffix. The run prints a summary (theta, value, bound, work, time, status)
+and writes DIR/history.csv, DIR/history.json and, when matplotlib is installed, DIR/history.png.
+Every input error is raised as one HypergenError with a message naming the culprit.
+"""
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import HypergenError
+from .upper import OptimizeError, parse_budget, parse_theta0
+
+__all__ = ["run_optimize", "load_data"]
+
+_SUFFIX = re.compile(r"^(?P<name>.+)__(?P<index>\d+)$")
+
+
+def load_data(path, names) -> dict | list:
+    """Read an .npz data file for a problem whose data names are `names`: a dict of arrays (one
+    sample) or a list of dicts (names suffixed __0, __1, ...; unsuffixed arrays are shared)."""
+    path = Path(path)
+    if not path.exists():
+        raise HypergenError(f"data file {path} not found")
+    if path.is_dir():
+        raise HypergenError(f"data file {path} is a directory, expected an .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise HypergenError(f"{path} holds a single array, not an .npz archive of named "
+                                    f"arrays (write it with np.savez({', '.join(names)}=...))")
+            arrays = {key: npz[key] for key in npz.files}
+    except HypergenError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise HypergenError(f"cannot read data file {path} as .npz: {exc}") from None
+    names = list(names)
+    shared, per = {}, {}
+    unknown = []
+    for key, arr in arrays.items():
+        m = _SUFFIX.match(key)
+        if key in names:
+            shared[key] = arr
+        elif m and m.group("name") in names:
+            per.setdefault(int(m.group("index")), {})[m.group("name")] = arr
+        else:
+            unknown.append(key)
+    if unknown:
+        raise HypergenError(f"{path}: unknown array{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(sorted(unknown))}; the problem's data names are "
+                            f"{', '.join(names)} (suffix __0, __1, ... for several samples)")
+    if not per:
+        missing = [n for n in names if n not in shared]
+        if missing:
+            raise HypergenError(f"{path}: missing array{'s' if len(missing) > 1 else ''} "
+                                f"{', '.join(missing)} (the problem needs {', '.join(names)})")
+        return shared
+    indices = sorted(per)
+    if indices != list(range(len(indices))):
+        raise HypergenError(f"{path}: sample suffixes must be __0 ... __{len(indices) - 1} "
+                            f"without gaps, got {', '.join('__' + str(i) for i in indices)}")
+    samples = []
+    for s in indices:
+        data = dict(shared)
+        data.update(per[s])
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise HypergenError(f"{path}: sample {s} has no "
+                                + ", ".join(f"{n}__{s} (or shared {n})" for n in missing))
+        samples.append(data)
+    return samples
+
+
+def _fmt_theta(theta) -> str:
+    th = np.asarray(theta)
+    if th.size <= 10:
+        return ", ".join(f"{v:.8g}" for v in th)
+    return (f"{th.size} entries (norm {np.linalg.norm(th):.6g}, min {th.min():.6g}, "
+            f"max {th.max():.6g})")
+
+
+def run_optimize(args) -> int:
+    """The `hypergen optimize` command (args: file, data, theta0, method, budget, out,
+    no_progress). Returns the exit status: 0, 1 when the run failed, 130 when interrupted."""
+    from .pipeline import load
+    from .upper import optimize
+
+    budget = getattr(args, "budget", None)
+    parse_budget(budget)                                  # a bad budget fails before building
+    theta0_text = getattr(args, "theta0", None)
+    theta0 = 0.0 if theta0_text in (None, "") else theta0_text
+    if isinstance(theta0, str):
+        parse_theta0(theta0, len([s for s in theta0.split(",") if s.strip()]) or 1)
+    problem_file = Path(args.file)
+    if not problem_file.exists():
+        raise HypergenError(f"problem file {problem_file} not found")
+    data_path = Path(args.data)
+    if not data_path.exists():
+        raise HypergenError(f"data file {data_path} not found")
+
+    module = load(str(problem_file))
+    names = [a["name"] for a in module.meta["arrays"] if a["role"] == "data"]
+    data = load_data(data_path, names)
+    prob = module.bind_samples(data) if isinstance(data, list) else module.bind(data)
+    try:
+        theta0 = parse_theta0(theta0, prob.theta_size)
+    except OptimizeError as exc:
+        raise HypergenError(f"--theta0: {exc}") from None
+
+    n = len(data) if isinstance(data, list) else 1
+    print(f"{module.name}: {n} sample{'s' if n > 1 else ''}, theta has {prob.theta_size} "
+          f"entr{'ies' if prob.theta_size != 1 else 'y'}; method {args.method}"
+          + (f", budget {budget}" if budget else ""))
+    res = optimize(prob, theta0, method=args.method, budget=budget,
+                   progress=False if getattr(args, "no_progress", False) else None)
+    print(f"theta   {_fmt_theta(res.theta)}")
+    print(f"value   {res.value:.10g}")
+    print(f"bound   {res.bound:.3g} (a posteriori, on the hypergradient error; ||h|| = "
+          f"{res.grad_norm:.3g})")
+    print(f"work    {res.work} units (lower gradients + HVPs)")
+    print(f"time    {res.seconds:.3f} s")
+    print(f"status  {res.status}" + (f": {res.message}" if res.message else ""))
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HypergenError(f"cannot create output directory {out}: {exc}") from None
+    written = [res.history_to_csv(out / "history.csv"), res.history_to_json(out / "history.json")]
+    try:
+        res.plot(out / "history.png")
+        written.append(out / "history.png")
+    except ImportError:
+        print("(matplotlib not installed: no history.png; pip install hypergen[plot])")
+    print("wrote   " + ", ".join(str(p) for p in written))
+    if res.status == "interrupted":
+        return 130
+    return 1 if res.status == "failed" else 0
