@@ -5,8 +5,9 @@
     c = evaluate(der, theta, q)                    # mu, L, L_A, L_B, L_f (+ L_ft), certified
     print(format_tree(der)); der.to_json(); Derivation.from_json(text)
 
-Modules: records (Record, Derivation, JSON), atoms (the atom table), terms (terms, atoms,
-operators), rules (derive), quantities (bind-time data quantities), numeric (evaluate), report.
+Modules: records (Record, Derivation, JSON), atoms (the atom table), operators (selections,
+stencils, data operators), terms (terms and their rules),
+rules (derive), quantities (bind-time data quantities), numeric (evaluate), report.
 """
 from .numeric import evaluate
 from .quantities import compute_data_quantities

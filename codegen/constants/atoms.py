@@ -225,6 +225,42 @@ def _charbonnier(al, be, ga, theta_syms):
                      "(0, sqrt(a)/nu], sup|psi'''| = sqrt(a) 48/(25 sqrt5)/nu^2")
 
 
+def group_charbonnier(psi, ts, theta_syms):
+    """psi(t_1..t_k) = sqrt(a sum t_k^2 + c): the isotropic Charbonnier group atom.
+
+    With F(w) = sqrt(1 + |w|^2): grad^2 F has eigenvalues s^-3/2 and s^-1/2 (s = 1 + |w|^2), so
+    psi'' in [0, sqrt(a)/nu]; D^3 F[h,h,h] = -3 a_h (1 + |w|^2 - a_h^2) / s^(5/2) with a_h = w.h,
+    maximal (48/(25 sqrt5)) at |w| = a_h = 1/2 for every k, so sup||D^3 psi|| = sqrt(a) 0.8587/nu^2
+    as for k = 1; d grad^2 psi / d(nu^2) has norm <= nu^-3/2 at 0, again as for k = 1.
+    """
+    if not (isinstance(psi, sp.Pow) and psi.exp == sp.S.Half):
+        return None
+    try:
+        poly = sp.Poly(psi.base, *ts)
+    except sp.PolynomialError:
+        return None
+    terms = poly.terms()
+    squares = {}
+    const = sp.S.Zero
+    for mon, coeff in terms:
+        if sum(mon) == 0:
+            const = coeff
+        elif sum(mon) == 2 and max(mon) == 2:
+            squares[mon.index(2)] = coeff
+        else:
+            return None
+    if len(squares) != len(ts) or len(set(squares.values())) != 1:
+        return None
+    al = squares[0]
+    facts = _charbonnier(al, sp.S.Zero, const, theta_syms)
+    if facts is not None:
+        facts.name = f"group Charbonnier (k = {len(ts)})"
+        facts.rule = ("atom table: isotropic Charbonnier sqrt(a |v|^2 + nu^2), v in R^k: Hessian in "
+                      "[0, sqrt(a)/nu], third derivative <= sqrt(a) 48/(25 sqrt5)/nu^2 (as for "
+                      "k = 1: derived)")
+    return facts
+
+
 def _nonsmooth(psi, theta_syms):
     if isinstance(psi, sp.Abs) and _linear(psi.args[0]):
         return AtomFacts("|t|", sp.S.Zero, sp.oo, sp.oo, {}, "infinite", True,
