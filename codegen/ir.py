@@ -23,6 +23,7 @@ class Array:
     shape: tuple  # SymPy extents in the size symbols; () for a scalar
     role: str
     differentiable: bool = True  # False for the max of a log-sum-exp (its total derivative is 0)
+    sparse: bool = False  # CSR data: loops over its second index visit only the stored entries
 
     @property
     def is_scalar(self) -> bool:

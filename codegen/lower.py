@@ -24,7 +24,8 @@ from .primitives import stabilise
 class _Lowering:
     def __init__(self, arrays: dict, label: str):
         self.label = label
-        self.arrays = {name: ir.Array(name, spec.shape, spec.role) for name, spec in arrays.items()}
+        self.arrays = {name: ir.Array(name, spec.shape, spec.role, sparse=spec.sparse)
+                       for name, spec in arrays.items()}
         self.statements = []
         self.n_temps = 0
         self.sizes = {str(s) for a in arrays.values() for e in a.shape for s in sp.sympify(e).free_symbols}

@@ -57,8 +57,8 @@ def generate(problem: Problem) -> dict:
         "theta": theta,
         "theta_names": problem.theta_names,
         "sizes": [s.name for s in problem.sizes],
-        "arrays": [{"name": a.name, "role": a.role, "shape": [str(e) for e in a.shape]}
-                   for a in problem.arrays.values()],
+        "arrays": [{"name": a.name, "role": a.role, "shape": [str(e) for e in a.shape],
+                    "sparse": a.sparse} for a in problem.arrays.values()],
         "kernels": [_kernel_meta(problem, s) for s in specs],
         "cdef": cdef,
         "is_quadratic": problem.x_spec.name not in hvp_reads,

@@ -38,6 +38,7 @@ class ArraySpec:
     name: str
     shape: tuple  # of SymPy integer expressions in the size symbols; () for a scalar
     role: str  # "data", "x" or "theta"
+    sparse: bool = False  # a 2-D data matrix bound as CSR: contractions loop over its non-zeros
 
     @property
     def base(self) -> sp.IndexedBase:
@@ -59,6 +60,7 @@ class Problem:
     upper: object
     regulariser: object = 0
     constants: dict | None = None
+    sparse: tuple = ()  # names of 2-D data matrices bound in CSR form (scipy.sparse)
     # Canonical form, filled in by __post_init__.
     arrays: dict = field(init=False, repr=False)
     sizes: tuple = field(init=False, repr=False)
@@ -89,7 +91,7 @@ class Problem:
             raise ProblemError("the regulariser r(theta) may depend on theta and scalar data only")
         if not any(a.role == "x" for a in _bases_in(self.g, arrays)):
             raise ProblemError(f"the lower objective does not depend on x ({x_spec.name})")
-        self.arrays = dict(sorted(arrays.items()))
+        self.arrays = dict(sorted(_mark_sparse(arrays, self.sparse).items()))
         self.sizes = tuple(sorted(_size_symbols(self.arrays.values()), key=lambda s: s.name))
         _check_names(self)
         _check_sizes_bindable(self)
@@ -196,6 +198,17 @@ def _walk(expr):
             continue
         else:
             stack.extend(reversed(node.args))
+
+
+def _mark_sparse(arrays: dict, sparse) -> dict:
+    if isinstance(sparse, str):
+        sparse = (sparse,)
+    for name in sparse:
+        spec = arrays.get(str(name))
+        if spec is None or spec.role != "data" or len(spec.shape) != 2:
+            raise ProblemError(f"sparse={tuple(sparse)}: {name} is not a 2-D data array of the problem")
+        arrays[spec.name] = ArraySpec(spec.name, spec.shape, "data", sparse=True)
+    return arrays
 
 
 def _is_integer(sym: sp.Symbol) -> bool:

@@ -15,6 +15,7 @@ import jinja2
 import sympy as sp
 
 from . import __version__, ir
+from .errors import ProblemError
 from .kernels import KernelSpec
 from .optimize import fuse_outer_loops
 from .printer import KernelPrinter
@@ -98,7 +99,11 @@ class KernelRenderer:
                             self.index_code(_extent(self.arrays[th.name]))))
         for spec in prob.data_specs:
             if spec.name in used:
-                if spec.shape:
+                if spec.sparse:
+                    params += [Param("const double *restrict", f"{spec.name}_data", "csr_data"),
+                               Param("const int64_t *restrict", f"{spec.name}_indices", "csr_indices"),
+                               Param("const int64_t *restrict", f"{spec.name}_indptr", "csr_indptr")]
+                elif spec.shape:
                     params.append(Param("const double *restrict", spec.name, "data",
                                         self.index_code(_extent(self.arrays[spec.name]))))
                 else:
@@ -177,13 +182,14 @@ class KernelRenderer:
     def statement_nodes(self, stmt: ir.Statement, fixed: int) -> list:
         """Nodes for one statement; its first `fixed` loops are already open around it."""
         loops = stmt.loops
+        csr = self.csr_read(stmt)
         holders, placeholders = {}, {}
         for u in stmt.updates:
             for r in ir.reads_of(u.expr, self.arrays):
                 if r not in holders:
                     h = sp.Symbol(f"hg_read{len(holders)}", real=True)
                     holders[r] = h
-                    placeholders[h.name] = self.code(r)
+                    placeholders[h.name] = f"{r.base.label}_data[hg_p]" if r == csr else self.code(r)
         exprs = [u.expr.xreplace(holders) for u in stmt.updates]
         depth_of_read = {h: self.depth_needed(r.free_symbols, loops) for r, h in holders.items()}
         hoisted, exprs = self.hoist_invariants(exprs, loops, fixed, depth_of_read)
@@ -225,6 +231,14 @@ class KernelRenderer:
             out += [Node(line) for line in acc_lines_open.get(depth, [])]
             if depth == innermost:
                 out += [Node(line) for line in update_lines]
+            elif csr is not None and depth == innermost - 1:
+                name, row = csr.base.label, self.index_code(csr.indices[0])
+                row_next = self.index_code(csr.indices[0] + 1)
+                pragma = simd if simd.startswith("#pragma omp simd reduction") else ""
+                loop = Node(loop=("hg_p", f"{name}_indptr[{row}]", f"{name}_indptr[{row_next}]", pragma))
+                loop.children = [Node(f"const int64_t {loops[depth].var} = {name}_indices[hg_p];")]
+                loop.children += build(depth + 1)
+                out.append(loop)
             else:
                 pragma = simd if depth == innermost - 1 else ""
                 loop = Node(loop=self.loop_header(loops[depth], pragma))
@@ -234,6 +248,35 @@ class KernelRenderer:
             return out
 
         return build(fixed)
+
+    def csr_read(self, stmt: ir.Statement):
+        """The read A[row, j] of a CSR array whose non-zeros the innermost loop (over j) visits.
+
+        Legal only when j is the column index, the loop covers all columns and every update
+        vanishes where A[row, j] = 0; anything else is refused with the reason.
+        """
+        reads = sorted({r for u in stmt.updates for r in ir.reads_of(u.expr, self.arrays)
+                        if self.arrays[ir.read_name(r)].sparse}, key=sp.default_sort_key)
+        if not reads:
+            return None
+        name = ir.read_name(reads[0])
+        where = f"{self.spec.name} (statement over {', '.join(str(lp.var) for lp in stmt.loops)})"
+        if len(reads) > 1:
+            raise ProblemError(f"{name} is sparse (CSR) but one loop nest reads {reads}; "
+                               f"a CSR matrix can be read at one place per sum ({where})")
+        r, inner = reads[0], stmt.loops[-1]
+        row, col = r.indices
+        if col != inner.var or inner.var in sp.sympify(row).free_symbols:
+            raise ProblemError(f"{name} is sparse (CSR) but {r} is not summed over its column index "
+                               f"in the innermost sum ({where}); CSR supports rows outer, columns inner")
+        if (inner.lo, sp.expand(inner.hi - (self.arrays[name].shape[1] - 1))) != (0, 0):
+            raise ProblemError(f"{name} is sparse (CSR) but the sum over {inner.var} does not "
+                               f"cover all its columns ({where})")
+        for u in stmt.updates:
+            if sp.expand(u.expr.xreplace({r: 0})) != 0:
+                raise ProblemError(f"{name} is sparse (CSR) but {u.expr} does not vanish where "
+                                   f"{r} = 0, so its zeros cannot be skipped ({where})")
+        return r
 
     def hoist_invariants(self, exprs, loops, fixed, depth_of_read):
         """Pull function calls that no loop of this statement changes (exp(theta)...) out of it."""

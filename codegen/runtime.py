@@ -34,7 +34,32 @@ def _as_float64(name: str, value) -> np.ndarray:
     raise BindError(f"{name}: expected real numbers (float64), got dtype {arr.dtype}")
 
 
-def _check_finite(name: str, arr: np.ndarray) -> None:
+def _as_csr(name: str, value):
+    """A CSR matrix with float64 values, int64 indices, sorted and without duplicates."""
+    import scipy.sparse as sps
+
+    try:
+        csr = sps.csr_array(value)
+    except (TypeError, ValueError) as exc:
+        raise BindError(f"{name} is declared sparse: pass a 2-D scipy.sparse matrix or array "
+                        f"({exc})") from None
+    csr = sps.csr_array((_as_float64(name, csr.data), csr.indices, csr.indptr), shape=csr.shape)
+    try:
+        csr.check_format(full_check=True)  # indices inside the shape, indptr monotone
+    except ValueError as exc:
+        raise BindError(f"{name}: invalid CSR structure: {exc}") from None
+    csr.sum_duplicates()
+    csr.sort_indices()
+    csr.indices = np.ascontiguousarray(csr.indices, dtype=np.int64)
+    csr.indptr = np.ascontiguousarray(csr.indptr, dtype=np.int64)
+    return csr
+
+
+def _check_finite(name: str, arr) -> None:
+    if hasattr(arr, "tocsr"):
+        if not np.all(np.isfinite(arr.data)):
+            raise BindError(f"{name} contains a non-finite stored value")
+        return
     if not np.all(np.isfinite(arr)):
         bad = np.argwhere(~np.isfinite(arr))[0]
         where = tuple(int(b) for b in bad) if arr.ndim else ()
@@ -92,7 +117,8 @@ class GeneratedModule:
         if unknown:
             raise BindError(f"unknown data {', '.join(unknown)} for {self.name}; "
                             f"the data names are {', '.join(names)}")
-        arrays = {n: _as_float64(n, data[n]) for n in names}
+        sparse = {a["name"] for a in self.meta["arrays"] if a.get("sparse")}
+        arrays = {n: _as_csr(n, data[n]) if n in sparse else _as_float64(n, data[n]) for n in names}
         sizes = {}
         for n in names:
             shape = self.shapes[n]
@@ -154,6 +180,11 @@ class KernelCaller:
                 self.fixed[p["name"]] = sizes[p["name"]]
             elif p["role"] == "data":
                 self.fixed[p["name"]] = self.ffi.from_buffer("double[]", arrays[p["name"]])
+            elif p["role"].startswith("csr_"):
+                field = p["role"][len("csr_"):]  # data, indices or indptr
+                csr = arrays[p["name"][: -len(field) - 1]]
+                ctype = "double[]" if field == "data" else "int64_t[]"
+                self.fixed[p["name"]] = self.ffi.from_buffer(ctype, getattr(csr, field))
             elif p["role"] == "scalar":
                 self.fixed[p["name"]] = float(arrays[p["name"]])
             elif p["role"] == "work":

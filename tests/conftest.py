@@ -10,9 +10,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-EXAMPLES = ["ridge", "logistic", "quadratic", "tv1d", "tv2d", "hypercleaning"]
+EXAMPLES = ["ridge", "logistic", "logistic_sparse", "quadratic", "tv1d", "tv2d", "hypercleaning"]
 # Tiny sizes for oracle comparisons (the oracle unrolls every sum).
 TINY = {"ridge": dict(m=4, n=3, p=2), "logistic": dict(m=4, n=3, p=2),
+        "logistic_sparse": dict(m=5, n=4, p=3, density=0.5),
         "quadratic": dict(m1=4, m2=5, d=3, p=2), "tv1d": dict(n=5), "tv2d": dict(h=3, w=4),
         "hypercleaning": dict(c=3, n=4, m=5, mv=3)}
 
