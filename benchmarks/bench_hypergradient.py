@@ -1,0 +1,477 @@
+"""Time to a hypergradient accurate to 1e-6 relative: hypergen against JAXopt and NumPy/SciPy.
+
+    python benchmarks/bench_hypergradient.py                      # every case, full sizes
+    python benchmarks/bench_hypergradient.py --quick              # small sizes, a smoke run
+    python benchmarks/bench_hypergradient.py --cases ridge-small quadratic --repeat 5
+    python benchmarks/bench_hypergradient.py --profile logistic-large   # + cProfile of hypergen
+
+Cases: ridge and l2-logistic regression, dense, (m, n) = (2000, 500) ("-small") and (20000, 2000)
+("-large"); 2-D smoothed-TV denoising of a 256 x 256 image (examples/tv2d.py); the paper's
+quadratic problem (d = p = 10, m1 = m2 = 1000, examples/quadratic.py). Sparse CSR is listed as
+"not supported yet" (the generator has no sparse data arrays).
+
+Target: ||grad - grad F|| <= 1e-6 ||grad F||.
+* hypergen must reach it with its OWN certified bound: eps = delta runs down 1e-4, 1e-5, ... until
+  hg.bound <= 1e-6 ||hg.grad||; only that final configuration is timed, cold (x0 = None). Lower
+  solver "cg" when the lower level is quadratic (ridge, quadratic), "fista" otherwise; adjoint "cg".
+* JAXopt and NumPy/SciPy have no certificate: their tolerance (one tol for the lower solve and the
+  adjoint CG) runs down the same ladder until their TRUE error against a reference hypergradient
+  is <= 1e-6 relative (an oracle tuning that favours them), and that configuration is timed.
+  - JAXopt: implicit differentiation, jit-compiled, float64. Quadratic lower levels: jax CG under
+    jaxopt.implicit_diff.custom_root; otherwise jaxopt.LBFGS(implicit_diff=True). Adjoint:
+    jaxopt.linear_solve.solve_cg with an absolute tolerance. Compile time is reported separately.
+  - NumPy/SciPy: hand-written gradients and Hessian-vector products; lower solve scipy CG
+    (quadratic) or L-BFGS-B (otherwise), adjoint scipy CG (rtol = 0, atol = tol).
+* Reference: closed form (ridge, quadratic: dense solves) or hypergen at eps = delta = 1e-12, whose
+  own certified bound is printed next to it.
+Times are medians of --repeat runs after one warm-up run.
+"""
+import argparse
+import cProfile
+import io
+import math
+import os
+import platform
+import pstats
+import runpy
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import scipy.optimize
+import scipy.sparse.linalg as spla
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TARGET = 1e-6
+LADDER = [10.0 ** -k for k in range(4, 14)]
+
+FULL = {
+    "ridge-small": ("ridge", dict(m=2000, n=500, p=200)),
+    "ridge-large": ("ridge", dict(m=20000, n=2000, p=2000)),
+    "logistic-small": ("logistic", dict(m=2000, n=500, p=200)),
+    "logistic-large": ("logistic", dict(m=20000, n=2000, p=2000)),
+    "tv2d": ("tv2d", dict(h=256, w=256)),
+    "quadratic": ("quadratic", dict(m1=1000, m2=1000, d=10, p=10)),
+    "ridge-csr": (None, {}),
+}
+QUICK = {
+    "ridge-small": ("ridge", dict(m=200, n=50, p=40)),
+    "ridge-large": ("ridge", dict(m=1000, n=200, p=100)),
+    "logistic-small": ("logistic", dict(m=200, n=50, p=40)),
+    "logistic-large": ("logistic", dict(m=1000, n=200, p=100)),
+    "tv2d": ("tv2d", dict(h=32, w=32)),
+    "quadratic": ("quadratic", dict(m1=200, m2=200, d=10, p=10)),
+    "ridge-csr": (None, {}),
+}
+
+
+def median_time(fn, repeat):
+    """(median seconds, first-call seconds, last result) with the first call as warm-up."""
+    start = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), first, out
+
+
+def rel_err(g, ref):
+    return float(np.linalg.norm(np.asarray(g, dtype=float) - ref) / np.linalg.norm(ref))
+
+
+def theta0(ns, size):
+    t = ns["THETA0"]
+    return np.full(size, float(t)) if np.ndim(t) == 0 else np.asarray(t, dtype=float)
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy / SciPy hand-written implementations: (grad_g, hvp, grad_f, Bt_q, quadratic?, g_value)
+
+
+def _sigmoid(t):
+    return 0.5 * (1.0 + np.tanh(0.5 * t))
+
+
+def numpy_model(name, d, th):
+    if name == "ridge":
+        A, b, Av, bv = d["A"], d["b"], d["Av"], d["bv"]
+        al, p = math.exp(th[0]), Av.shape[0]
+        return dict(
+            quadratic=True,
+            rhs=A.T @ b,  # H x* = A^T b
+            grad_g=lambda x: A.T @ (A @ x - b) + al * x,
+            hvp=lambda x, v: A.T @ (A @ v) + al * v,
+            grad_f=lambda x: Av.T @ (Av @ x - bv) / p,
+            Btq=lambda x, q: np.array([al * (x @ q)]),
+        )
+    if name == "logistic":
+        A, y, Av, yv = d["A"], d["y"], d["Av"], d["yv"]
+        al, m, p = math.exp(th[0]), A.shape[0], Av.shape[0]
+
+        def value_grad(x):
+            z = y * (A @ x)
+            val = np.logaddexp(0.0, -z).sum() / m + 0.5 * al * (x @ x)
+            return val, -(A.T @ (y * _sigmoid(-z))) / m + al * x
+
+        def hvp(x, v):
+            s = _sigmoid(A @ x)
+            return A.T @ (s * (1 - s) * (A @ v)) / m + al * v
+
+        return dict(
+            quadratic=False, value_grad=value_grad, grad_g=lambda x: value_grad(x)[1], hvp=hvp,
+            grad_f=lambda x: -(Av.T @ (yv * _sigmoid(-yv * (Av @ x)))) / p,
+            Btq=lambda x, q: np.array([al * (x @ q)]),
+        )
+    if name == "tv2d":
+        Y, Xt = d["Y"], d["Xt"]
+        h, w = Y.shape
+        al, nu = math.exp(th[0]), math.exp(th[1])
+
+        def parts(x):
+            X = x.reshape(h, w)
+            dx = X[1:, :-1] - X[:-1, :-1]   # X[i+1, j] - X[i, j], i < h-1, j < w-1
+            dy = X[:-1, 1:] - X[:-1, :-1]   # X[i, j+1] - X[i, j]
+            return X, dx, dy, np.sqrt(dx * dx + dy * dy + nu * nu)
+
+        def Dt(ux, uy):                      # adjoint of the stencil pair
+            out = np.zeros((h, w))
+            out[1:, :-1] += ux
+            out[:-1, 1:] += uy
+            out[:-1, :-1] -= ux + uy
+            return out.ravel()
+
+        def value_grad(x):
+            X, dx, dy, s = parts(x)
+            val = 0.5 * np.sum((X - Y) ** 2) + al * s.sum()
+            return val, (X - Y).ravel() + al * Dt(dx / s, dy / s)
+
+        def hvp(x, v):
+            _, dx, dy, s = parts(x)
+            _, vx, vy, _ = parts(v)
+            vx, vy = vx, vy
+            dot = (dx * vx + dy * vy) / s ** 3
+            return v + al * Dt(vx / s - dx * dot, vy / s - dy * dot)
+
+        def Btq(x, q):
+            _, dx, dy, s = parts(x)
+            _, qx, qy, _ = parts(q)
+            g_la = al * np.sum((dx * qx + dy * qy) / s)
+            g_lnu = -al * nu * nu * np.sum((dx * qx + dy * qy) / s ** 3)
+            return np.array([g_la, g_lnu])
+
+        return dict(quadratic=False, value_grad=value_grad, grad_g=lambda x: value_grad(x)[1],
+                    hvp=hvp, grad_f=lambda x: x - Xt.ravel(), Btq=Btq)
+    if name == "quadratic":
+        M, b, C, D, e = d["M"], d["b"], d["C"], d["D"], d["e"]
+        r0 = C @ th - e
+        return dict(
+            quadratic=True, rhs=-2 * D.T @ r0,
+            grad_g=lambda x: 2 * D.T @ (r0 + D @ x),
+            hvp=lambda x, v: 2 * D.T @ (D @ v),
+            grad_f=lambda x: 2 * M.T @ (M @ x - b),
+            Btq=lambda x, q: 2 * C.T @ (D @ q),
+        )
+    raise ValueError(name)
+
+
+def numpy_hypergradient(model, n, tol):
+    """Lower solve to ||grad g|| <= tol, adjoint CG to ||A q - grad f|| <= tol; h = -B^T q."""
+    if model["quadratic"]:
+        op = spla.LinearOperator((n, n), matvec=lambda v: model["hvp"](None, v), dtype=float)
+        x, _ = spla.cg(op, model["rhs"], rtol=0.0, atol=tol, maxiter=100_000)
+    else:
+        res = scipy.optimize.minimize(model["value_grad"], np.zeros(n), jac=True,
+                                      method="L-BFGS-B",
+                                      options=dict(gtol=tol / math.sqrt(n), ftol=0.0,
+                                                   maxiter=100_000, maxfun=200_000))
+        x = res.x
+    op = spla.LinearOperator((n, n), matvec=lambda v: model["hvp"](x, v), dtype=float)
+    q, _ = spla.cg(op, model["grad_f"](x), rtol=0.0, atol=tol, maxiter=100_000)
+    return -model["Btq"](x, q)
+
+
+# ----------------------------------------------------------------------------------------------
+# JAX / JAXopt
+
+
+def jax_available():
+    try:
+        import jax
+        import jaxopt  # noqa: F401
+    except ImportError as exc:
+        return False, str(exc)
+    from importlib.metadata import version
+
+    jax.config.update("jax_enable_x64", True)
+    return True, (f"jax {jax.__version__}, jaxopt {version('jaxopt')}, "
+                  f"backend {jax.default_backend()}")
+
+
+def jax_functions(name):
+    """g(x, theta, data), f(x, theta, data) in jax.numpy and whether g is quadratic in x."""
+    import jax.numpy as jnp
+
+    if name == "ridge":
+        def g(x, th, d):
+            r = d["A"] @ x - d["b"]
+            return 0.5 * r @ r + 0.5 * jnp.exp(th[0]) * x @ x
+
+        def f(x, th, d):
+            r = d["Av"] @ x - d["bv"]
+            return 0.5 * r @ r / d["Av"].shape[0]
+        return g, f, True
+    if name == "logistic":
+        def g(x, th, d):
+            return (jnp.mean(jnp.logaddexp(0.0, -d["y"] * (d["A"] @ x)))
+                    + 0.5 * jnp.exp(th[0]) * x @ x)
+
+        def f(x, th, d):
+            return jnp.mean(jnp.logaddexp(0.0, -d["yv"] * (d["Av"] @ x)))
+        return g, f, False
+    if name == "tv2d":
+        def g(x, th, d):
+            Y = d["Y"]
+            X = x.reshape(Y.shape)
+            dx = X[1:, :-1] - X[:-1, :-1]
+            dy = X[:-1, 1:] - X[:-1, :-1]
+            return (0.5 * jnp.sum((X - Y) ** 2)
+                    + jnp.exp(th[0]) * jnp.sum(jnp.sqrt(dx * dx + dy * dy + jnp.exp(2 * th[1]))))
+
+        def f(x, th, d):
+            return 0.5 * jnp.sum((x - d["Xt"].ravel()) ** 2)
+        return g, f, False
+    if name == "quadratic":
+        def g(x, th, d):
+            r = d["C"] @ th + d["D"] @ x - d["e"]
+            return r @ r
+
+        def f(x, th, d):
+            r = d["M"] @ x - d["b"]
+            return r @ r
+        return g, f, True
+    raise ValueError(name)
+
+
+def jaxopt_hypergradient_fn(name, n, tol):
+    """A jit-compiled theta, data -> hypergradient with one tolerance for lower solve and adjoint."""
+    import jax
+    import jax.numpy as jnp
+    import jaxopt
+    from jaxopt.implicit_diff import custom_root
+    from jaxopt.linear_solve import solve_cg
+
+    g, f, quadratic = jax_functions(name)
+    grad_g = jax.grad(g)
+    adjoint_solve = partial(solve_cg, tol=0.0, atol=tol, maxiter=100_000)
+    if quadratic:
+        @custom_root(grad_g, solve=adjoint_solve)
+        def inner(x0, th, d):
+            rhs = -grad_g(jnp.zeros_like(x0), th, d)          # H x* = -grad g(0)
+            matvec = lambda v: jax.jvp(lambda z: grad_g(z, th, d), (x0,), (v,))[1]
+            return jax.scipy.sparse.linalg.cg(matvec, rhs, x0=x0, tol=0.0, atol=tol,
+                                              maxiter=100_000)[0]
+    else:
+        solver = jaxopt.LBFGS(fun=g, tol=tol, maxiter=100_000, implicit_diff=True,
+                              implicit_diff_solve=adjoint_solve)
+
+        def inner(x0, th, d):
+            return solver.run(x0, th, d).params
+
+    def outer(th, d):
+        return f(inner(jnp.zeros(n), th, d), th, d)
+    return jax.jit(jax.grad(outer))
+
+
+# ----------------------------------------------------------------------------------------------
+# references
+
+
+def reference(name, data, th, prob):
+    """(grad F, how, its certified bound or 0 for a closed form)."""
+    if name == "ridge":
+        A, b, Av, bv = data["A"], data["b"], data["Av"], data["bv"]
+        al = math.exp(th[0])
+        H = A.T @ A + al * np.eye(A.shape[1])
+        x = np.linalg.solve(H, A.T @ b)
+        q = np.linalg.solve(H, Av.T @ (Av @ x - bv) / Av.shape[0])
+        return np.array([-al * (x @ q)]), "closed form (dense solve)", 0.0
+    if name == "quadratic":
+        M, b, C, D, e = data["M"], data["b"], data["C"], data["D"], data["e"]
+        x = np.linalg.lstsq(D, e - C @ th, rcond=None)[0]
+        Dp_C = np.linalg.lstsq(D, C, rcond=None)[0]
+        return 2 * (M @ Dp_C).T @ (b - M @ x), "closed form (D^+)", 0.0
+    hg = prob.hypergradient(th, lower="fista", adjoint="cg", eps=1e-12, delta=1e-12,
+                            max_iter=200_000)
+    if hg.status != "ok":
+        print(f"  warning: reference status {hg.status}")
+    return hg.grad, "hypergen eps = delta = 1e-12", hg.bound / np.linalg.norm(hg.grad)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run_case(key, spec, args, have_jax):
+    import codegen
+
+    name, sizes = spec
+    row = {"case": key}
+    if name is None:
+        print(f"\n== {key}: sparse CSR data: not supported yet by the generator (no sparse arrays)")
+        row["note"] = "not supported yet"
+        return row
+    ns = runpy.run_path(str(ROOT / "examples" / f"{name}.py"))
+    data = ns["example_data"](0, **sizes)
+    prob = codegen.load(ROOT / "examples" / f"{name}.py").bind(**data)
+    th = theta0(ns, prob.theta_size)
+    n = prob.x_size
+    size_txt = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    print(f"\n== {key} ({name}: {size_txt}; x has {n} entries, theta {th.size})")
+    ref, how, ref_bound = reference(name, data, th, prob)
+    ref_norm = np.linalg.norm(ref)
+    print(f"  reference: {how}, ||grad F|| = {ref_norm:.4g}"
+          + (f", its certified bound / ||grad|| = {ref_bound:.2g}" if ref_bound else ""))
+    row.update(name=name, sizes=size_txt)
+
+    # hypergen: own certified bound decides
+    lower = "cg" if prob.is_quadratic else "fista"
+    for eps in LADDER:
+        hg = prob.hypergradient(th, lower=lower, adjoint="cg", eps=eps, delta=eps)
+        if hg.bound <= TARGET * np.linalg.norm(hg.grad):
+            break
+    else:
+        print("  hypergen: certified 1e-6 not reached on the ladder")
+    call = lambda: prob.hypergradient(th, lower=lower, adjoint="cg", eps=eps, delta=eps)
+    t, _, hg = median_time(call, args.repeat)
+    row["hg"] = dict(t=t, err=rel_err(hg.grad, ref), tol=eps, bound=hg.bound / np.linalg.norm(hg.grad),
+                     units=hg.work["units"], cross=hg.work["cross"], status=hg.status,
+                     solver=f"{lower}+cg")
+    print(f"  hypergen {lower}+cg eps=delta={eps:g}: {t * 1e3:.2f} ms, true err {row['hg']['err']:.2g}, "
+          f"certified bound/||h|| {row['hg']['bound']:.2g}, work {hg.work}, status {hg.status}")
+    if args.profile and key in args.profile:
+        profile(call, key)
+
+    # NumPy / SciPy
+    model = numpy_model(name, data, th)
+    for tol in LADDER:
+        if rel_err(numpy_hypergradient(model, n, tol), ref) <= TARGET:
+            break
+    t, _, g = median_time(lambda: numpy_hypergradient(model, n, tol), args.repeat)
+    row["np"] = dict(t=t, err=rel_err(g, ref), tol=tol,
+                     solver=("cg" if model["quadratic"] else "L-BFGS-B") + "+cg")
+    print(f"  NumPy/SciPy {row['np']['solver']} tol={tol:g}: {t * 1e3:.2f} ms, "
+          f"true err {row['np']['err']:.2g}")
+
+    # JAXopt
+    if have_jax:
+        import jax
+        import jax.numpy as jnp
+
+        jdata = {k: jnp.asarray(v) for k, v in data.items()}
+        jth = jnp.asarray(th)
+        compile_total = 0.0
+        for tol in LADDER:
+            fn = jaxopt_hypergradient_fn(name, n, tol)
+            start = time.perf_counter()
+            g = np.asarray(jax.block_until_ready(fn(jth, jdata)))
+            compile_total += time.perf_counter() - start
+            if rel_err(g, ref) <= TARGET:
+                break
+        fn = jaxopt_hypergradient_fn(name, n, tol)
+        t, first, g = median_time(lambda: jax.block_until_ready(fn(jth, jdata)), args.repeat)
+        _, quadratic = None, jax_functions(name)[2]
+        row["jax"] = dict(t=t, err=rel_err(np.asarray(g), ref), tol=tol, compile=first - t,
+                          solver=("jax cg" if quadratic else "LBFGS") + "+solve_cg")
+        print(f"  JAXopt {row['jax']['solver']} tol={tol:g}: {t * 1e3:.2f} ms, true err "
+              f"{row['jax']['err']:.2g}, first call (compile + run) - median = "
+              f"{row['jax']['compile']:.2f} s")
+    return row
+
+
+def profile(call, key):
+    """cProfile of one hypergen call: time inside the compiled kernels vs Python around them."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(3):
+        call()
+    pr.disable()
+    st = pstats.Stats(pr)
+    total = st.total_tt
+    kernel_t, kernel_n = 0.0, 0
+    for (file, line, fn), (cc, nc, tt, ct, callers) in st.stats.items():
+        if fn.startswith("hg_") or "hg_" in fn and file == "~":
+            kernel_t += tt
+            kernel_n += nc
+    print(f"  cProfile {key} (3 calls): total {total:.3f} s, in C kernels {kernel_t:.3f} s "
+          f"({kernel_n} kernel calls, {100 * kernel_t / total:.0f}%), Python/NumPy around them "
+          f"{total - kernel_t:.3f} s = {1e6 * (total - kernel_t) / max(kernel_n, 1):.1f} us per "
+          "kernel call")
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(12)
+    print("\n".join("    " + line for line in buf.getvalue().splitlines()[6:26]))
+
+
+def machine():
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in
+                     subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                     if l.startswith("Model name"))
+    except Exception:  # noqa: BLE001
+        model = platform.processor() or "unknown"
+    A = np.random.default_rng(0).standard_normal((20000, 2000))
+    v = np.ones(2000)
+    t, _, _ = median_time(lambda: A @ v, 15)
+    del A
+    return model, os.cpu_count(), t, 20000 * 2000 * 8 / t / 1e9
+
+
+def fmt_ms(t):
+    return f"{t * 1e3:.3g}" if t < 10 else f"{t * 1e3:.0f}"
+
+
+def table(rows, have_jax):
+    print("\n| case | hypergen ms (solver, eps) | cert. bound | true err | NumPy ms (tol) | true err "
+          "| JAXopt ms (tol) | true err | JIT s | hypergen/JAXopt | hypergen/NumPy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "hg" not in r:
+            print(f"| {r['case']} | {r.get('note', '')} | | | | | | | | | |")
+            continue
+        h, n = r["hg"], r["np"]
+        j = r.get("jax")
+        jcols = (f"{fmt_ms(j['t'])} ({j['tol']:.0e}) | {j['err']:.1e} | {j['compile']:.1f} | "
+                 f"{h['t'] / j['t']:.2f}" if j else "n/a | | | n/a")
+        print(f"| {r['case']} | {fmt_ms(h['t'])} ({h['solver']}, {h['tol']:.0e}) | "
+              f"{h['bound']:.1e} | {h['err']:.1e} | {fmt_ms(n['t'])} ({n['tol']:.0e}) | "
+              f"{n['err']:.1e} | {jcols} | {h['t'] / n['t']:.2f} |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="*", default=list(FULL),
+                        help=f"any of {', '.join(FULL)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up")
+    parser.add_argument("--profile", nargs="*", default=[],
+                        help="cases whose hypergen call is profiled with cProfile")
+    parser.add_argument("--no-jax", action="store_true", help="skip JAXopt")
+    args = parser.parse_args()
+    specs = QUICK if args.quick else FULL
+    unknown = [c for c in args.cases if c not in specs]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {list(specs)}")
+    have_jax, jax_msg = (False, "--no-jax") if args.no_jax else jax_available()
+    model, ncpu, t_av, bw = machine()
+    print(f"machine: {model}, {ncpu} cores; NumPy {np.__version__}; "
+          f"NumPy A @ v at 20000 x 2000: {t_av * 1e3:.1f} ms = {bw:.1f} GB/s")
+    print(f"JAXopt: {jax_msg}" if have_jax else f"JAXopt not available ({jax_msg}): its columns are skipped")
+    rows = [run_case(c, specs[c], args, have_jax) for c in args.cases]
+    table(rows, have_jax)
