@@ -38,12 +38,15 @@ class BoundProblem:
     # -- argument checks -------------------------------------------------------------------
     def _vector(self, name: str, value, length: int, what: str) -> np.ndarray:
         arr = _as_float64(what, value)
+        if arr.ndim == 1 and arr.size == length:
+            return arr
         if arr.size != length or (arr.ndim > 1 and arr.shape != self.x_shape):
-            raise BindError(f"{what} must have {length} entries (shape {self.x_shape if length == self.x_size else (length,)}), got shape {arr.shape}")
+            shape = self.x_shape if length == self.x_size else (length,)
+            raise BindError(f"{what} must have {length} entries (shape {shape}), got shape {arr.shape}")
         return arr.reshape(-1)
 
     def _theta(self, theta) -> np.ndarray:
-        arr = _as_float64("theta", np.atleast_1d(theta))
+        arr = _as_float64("theta", theta if isinstance(theta, np.ndarray) else np.atleast_1d(theta))
         if arr.ndim != 1 or arr.size != self.theta_size:
             raise BindError(f"theta must be a float or a 1-D array of {self.theta_size} entries, "
                             f"got shape {np.shape(theta)}")

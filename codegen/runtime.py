@@ -21,6 +21,8 @@ KERNELS = ("lower_value", "lower_grad", "lower_hvp", "cross_vjp", "cross_jvp", "
 
 def _as_float64(name: str, value) -> np.ndarray:
     """Convert to a C-contiguous float64 array exactly, or refuse; never reinterpret bytes."""
+    if type(value) is np.ndarray and value.dtype == np.float64 and value.flags.c_contiguous:
+        return value  # the per-call fast path: solvers pass such arrays thousands of times
     arr = np.asarray(value)
     if arr.dtype == np.float64:
         return np.require(arr, requirements="C")
@@ -191,15 +193,16 @@ class KernelCaller:
                 self.fixed[p["name"]] = self.ffi.from_buffer("double[]", work)
         self.keep = (arrays, work)
 
+        # Per call, only the vector arguments change: (position, name) of each, the rest fixed.
+        self.template = [self.fixed.get(p["name"]) for p in self.params]
+        self.slots = [(k, p["name"]) for k, p in enumerate(self.params)
+                      if p["name"] not in self.fixed]
+
     def __call__(self, vectors: dict, out: np.ndarray):
-        args = []
-        for p in self.params:
-            if p["name"] in self.fixed:
-                args.append(self.fixed[p["name"]])
-            elif p["role"] == "output":
-                args.append(self.ffi.from_buffer("double[]", out))
-            else:
-                args.append(self.ffi.from_buffer("double[]", vectors[p["name"]]))
+        args = list(self.template)
+        from_buffer = self.ffi.from_buffer
+        for k, name in self.slots:
+            args[k] = from_buffer("double[]", out if self.params[k]["role"] == "output" else vectors[name])
         status = self.fn(*args)
         if status == 2:
             raise KernelError(f"{self.name}: invalid size (every size must be at least 1)")
