@@ -400,6 +400,19 @@ def test_data_quantities_certified_and_estimates(monkeypatch):
     assert big["normsq"]["value"] >= ev[-1] and big["normsq"]["certified"] and big["lmin"]["value"] == 0
 
 
+def test_sparse_data_matches_dense():
+    import scipy.sparse as sps
+
+    der = derive(logistic_problem())
+    data = example_data("logistic")
+    dense = compute_data_quantities(der, data)
+    sparse = compute_data_quantities(der, {**data, "A": sps.csr_matrix(data["A"]),
+                                           "Av": sps.csr_matrix(data["Av"])})
+    for key in ("normsq_K1", "lmin_K1", "rowmax_K1", "normsq_K2"):
+        assert sparse[key]["certified"]
+        assert sparse[key]["value"] == pytest.approx(dense[key]["value"], rel=1e-12, abs=1e-14)
+
+
 def test_hypercleaning_kronecker_reduction_and_condition():
     prob = hypercleaning_problem()
     der = derive(prob)

@@ -19,7 +19,7 @@ from ..errors import ProblemError
 from ..primitives import sigmoid, softplus
 
 U = 2.0 ** -53
-DENSE_LIMIT = 4000  # largest Gram side for eigvalsh
+DENSE_LIMIT = 2000  # largest Gram side for eigvalsh
 ENTRY_LIMIT = 5e7  # largest dense operator (entries)
 
 _UFUNCS = {sp.exp: np.exp, sp.log: np.log, sp.sin: np.sin, sp.cos: np.cos, sp.tan: np.tan,
@@ -196,9 +196,55 @@ def operator_matrix(op, sizes, scalars, arrays, var_name, var_shape):
     return K, K.reshape(nb, -1, E.D)
 
 
+def _rows_of(raw, scale, data, sizes, der):
+    """K = diag(scale) M for lin = scale_i * Sum(M[i, j]*x[j], j) over all of x: kept sparse."""
+    M = raw
+    if not (M.ndim == 2 and M.shape[1] == int(np.prod([int(concrete(s, sizes)) for s in der.x_shape]))):
+        return None
+    K = M.multiply(scale[:, None]).tocsr() if hasattr(M, "multiply") else M * scale[:, None]
+    return K
+
+
+def simple_operator(op, der, data, sizes, scalars):
+    """A sparse-friendly path for the common lin = c_i * Sum(M[i, j]*x[j], (j, 0, n - 1))."""
+    if len(op.limits) != 1 or op.var != "x" or len(der.x_shape) != 1 or op.reduce:
+        return None
+    i, lo, hi = op.limits[0]
+    factors = list(op.lin.args) if op.lin.is_Mul else [op.lin]
+    sums = [a for a in factors if isinstance(a, sp.Sum)]
+    if len(sums) != 1 or len(sums[0].limits) != 1:
+        return None
+    body, (j, jlo, jhi) = sums[0].function, sums[0].limits[0]
+    if jlo != 0 or sp.simplify(jhi - der.x_shape[0] + 1) != 0 or lo != 0:
+        return None
+    args = list(body.args) if body.is_Mul else [body]
+    xs = [a for a in args if isinstance(a, sp.Indexed) and str(a.base.label) == der.x_name]
+    ms = [a for a in args if a not in xs]
+    if len(xs) != 1 or xs[0].indices != (j,) or len(ms) != 1 or not isinstance(ms[0], sp.Indexed) \
+            or ms[0].indices != (i, j) or str(ms[0].base.label) not in data:
+        return None
+    raw = data[str(ms[0].base.label)]
+    rows = int(concrete(hi, sizes)) + 1
+    if raw.shape[0] != rows:
+        return None
+    scale = np.ones(rows)
+    for a in factors:
+        if a is sums[0]:
+            continue
+        if a.is_Number:
+            scale = scale * float(a)
+        elif isinstance(a, sp.Indexed) and a.indices == (i,) and str(a.base.label) in data:
+            scale = scale * _dense(data[str(a.base.label)]).astype(float).reshape(-1)
+        else:
+            return None
+    return _rows_of(raw, scale, data, sizes, der)
+
+
 def operator_quantities(K, K3, estimates=False):
     """Certified normsq, lmin, rowmax of K (+ a power-iteration estimate if asked)."""
     R, D = K.shape
+    if hasattr(K, "toarray"):  # sparse K (one row per sample): Gram matrices through sparse products
+        return _sparse_quantities(K, estimates)
     fro2 = float(np.sum(K * K))
     res = {}
     if fro2 == 0.0:
@@ -207,7 +253,7 @@ def operator_quantities(K, K3, estimates=False):
     if min(R, D) <= DENSE_LIMIT:
         G = K.T @ K if R >= D else K @ K.T
         ev = np.linalg.eigvalsh(G)
-        margin = (R + 10 * D + 10) * U * fro2 * 1.01
+        margin = (max(R, D) + 10 * min(R, D) + 10) * U * fro2 * 1.01  # Gram rounding + eigvalsh
         res["normsq"] = {"value": float(ev[-1]) + margin, "certified": True,
                          "method": f"eigvalsh of the {G.shape[0]}x{G.shape[0]} Gram matrix "
                                    f"+ margin {margin:.2e}"}
@@ -242,12 +288,52 @@ def operator_quantities(K, K3, estimates=False):
     return res
 
 
+def _dense(value):
+    """NumPy view of a data value; scipy.sparse matrices are densified (norms need dense)."""
+    return np.asarray(value.toarray() if hasattr(value, "toarray") else value)
+
+
+def _sparse_quantities(K, estimates):
+    R, D = K.shape
+    sq = K.multiply(K)
+    fro2 = float(sq.sum())
+    if fro2 == 0.0 or min(R, D) > DENSE_LIMIT:
+        Kd_rows = np.asarray(sq.sum(axis=1)).reshape(-1)
+        n1 = float(abs(K).sum(axis=0).max())
+        ninf = float(abs(K).sum(axis=1).max())
+        val = min(fro2, n1 * ninf) * (1 + 4 * (R + D) * U)
+        return {"normsq": {"value": val, "certified": True,
+                           "method": "min(||K||_F^2, ||K||_1 ||K||_inf) (sparse) + margin"},
+                "lmin": {"value": 0.0, "certified": True, "method": "trivial lower bound 0",
+                         "wide": R < D},
+                "rowmax": {"value": float(np.sqrt(Kd_rows.max(initial=0.0))) * (1 + 2 * (R + D) * U),
+                           "certified": True, "method": "max row norm (sparse)"}}
+    G = (K.T @ K if R >= D else K @ K.T).toarray()
+    dense = {}
+    ev = np.linalg.eigvalsh(G)
+    margin = (max(R, D) + 10 * min(R, D) + 10) * U * fro2 * 1.01
+    dense["normsq"] = {"value": float(ev[-1]) + margin, "certified": True,
+                       "method": f"eigvalsh of the {G.shape[0]}x{G.shape[0]} Gram matrix (sparse "
+                                 f"product) + margin {margin:.2e}"}
+    dense["lmin"] = ({"value": max(0.0, float(ev[0]) - margin), "certified": True,
+                      "method": "eigvalsh of the Gram matrix - margin"} if R >= D else
+                     {"value": 0.0, "certified": True, "wide": True,
+                      "method": f"exact: K is wide ({R} rows < {D} columns)"})
+    rows = np.asarray(sq.sum(axis=1)).reshape(-1)
+    dense["rowmax"] = {"value": float(np.sqrt(rows.max())) * (1 + 2 * (R + D) * U),
+                       "certified": True, "method": "max row norm (sparse, + rounding margin)"}
+    if estimates:
+        dense["normsq:estimate"] = {"value": float(ev[-1]), "certified": False,
+                                    "method": "eigvalsh without margin (estimate)"}
+    return dense
+
+
 def bind_sizes(der, data) -> dict:
     sizes = {}
     for name, shape in der.data_shapes.items():
         if name not in data:
             raise ProblemError(f"data {name} is missing (needed to bind the constants)")
-        arr = np.asarray(data[name])
+        arr = _dense(data[name])
         if arr.ndim != len(shape):
             raise ProblemError(f"{name}: expected {len(shape)} dimensions, got shape {arr.shape}")
         for s, dim in zip(shape, arr.shape):
@@ -279,12 +365,16 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False) -> 
         name = str(sym)
         if not scalars.get(name, 0.0) > 0:
             raise ProblemError(f"{msg}; got {name} = {scalars.get(name)}")
-    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in data.items()
+    arrays = {k: _dense(v).astype(np.float64) for k, v in data.items()
               if k in der.data_shapes and der.data_shapes[k]}
     for name, op in der.operators.items():
         shape, var = (der.x_shape, der.x_name) if op.var == "x" else (der.theta_shape, der.theta_name)
         var_shape = tuple(int(concrete(s, sizes)) for s in shape)
-        K, K3 = operator_matrix(op, sizes, scalars, arrays, var, var_shape)
+        K = simple_operator(op, der, data, sizes, scalars) if op.block <= 1 else None
+        if K is not None:
+            K3 = None if hasattr(K, "toarray") else K[:, None, :]
+        else:
+            K, K3 = operator_matrix(op, sizes, scalars, arrays, var, var_shape)
         if K is None:
             qs = {w: {"value": math.inf if w != "lmin" else 0.0, "certified": True,
                       "method": "operator too large to form densely: trivial bound"}
