@@ -18,12 +18,13 @@ __all__ = [
 ]
 
 
-def load(path, name=None, out=None):
+def load(path, name=None, out=None, allow_uncertified=False):
     """Build (or load from the cache) the problems of a problem file; return one generated module.
 
     `name` picks a problem when the file defines several; `out` is the output directory
     (default: a per-user cache directory, so loading never writes into the caller's tree).
+    `allow_uncertified` accepts a lower level whose strong convexity cannot be proved.
     """
     from .pipeline import load as _load
 
-    return _load(path, name=name, out=out)
+    return _load(path, name=name, out=out, allow_uncertified=allow_uncertified)

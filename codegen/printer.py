@@ -10,7 +10,7 @@ import sympy as sp
 from sympy.printing.c import C99CodePrinter
 
 from .errors import ProblemError
-from .primitives import sigmoid, softplus
+from .primitives import ALLOWED_FUNCTIONS, sigmoid, softplus
 
 _C_FUNCTION = {softplus: "hg_softplus", sigmoid: "hg_sigmoid"}
 
@@ -30,6 +30,15 @@ class KernelPrinter(C99CodePrinter):
             flat += sp.sympify(idx) * stride
             stride *= extent
         return sp.expand(flat)
+
+    def doprint(self, expr, assign_to=None):
+        """Print, refusing any function outside the allow-list (SymPy would print tgamma...)."""
+        for node in sp.preorder_traversal(expr):
+            if isinstance(node, sp.core.function.Application) and not isinstance(node, sp.Indexed) \
+                    and type(node) not in ALLOWED_FUNCTIONS:
+                raise ProblemError(f"cannot print {node}: {type(node).__name__} is not among the "
+                                   f"supported functions")
+        return super().doprint(expr, assign_to)
 
     def _print_Indexed(self, expr):
         name = str(expr.base.label)

@@ -224,7 +224,10 @@ def _bases_in(expr: sp.Expr, arrays: dict):
 
 def _check_functions(expr: sp.Expr, label: str) -> None:
     for node in sp.preorder_traversal(expr):
-        if isinstance(node, sp.Function) and not isinstance(node, sp.Indexed):
+        if isinstance(node, (sp.Max, sp.Min)):
+            raise ProblemError(f"{label}: {node} is not twice differentiable; use a smooth "
+                               f"alternative such as softplus(u) for max(u, 0)")
+        if isinstance(node, sp.core.function.Application) and not isinstance(node, sp.Indexed):
             if type(node) not in ALLOWED_FUNCTIONS:
                 allowed = ", ".join(sorted(f.__name__ for f in ALLOWED_FUNCTIONS))
                 raise ProblemError(f"{label}: function {type(node).__name__} in {node} is not "
