@@ -2,7 +2,7 @@
 
 log(1 + exp(z)) overflows for z > 709 and its derivative exp(z)/(1 + exp(z)) gives inf/inf; the
 same holds for 1/(1 + exp(-z)). The primitives below carry their own derivative rules (softplus'
-= sigmoid, sigmoid' = sigmoid (1 - sigmoid)), so every derivative the generator takes stays in the
+= sigmoid, sigmoid'(z) = sigmoid(z) sigmoid(-z)), so every derivative the generator takes stays in the
 stable forms, and they print as branch-free stable C helpers (see templates/module.c.j2).
 Log-sum-exp is handled structurally by the lowering (max shifted out), not here.
 """
@@ -40,8 +40,8 @@ class sigmoid(sp.Function):
     nargs = 1
 
     def fdiff(self, argindex=1):
-        s = sigmoid(self.args[0])
-        return s * (1 - s)
+        # sigmoid(z) sigmoid(-z), not s (1 - s): 1 - s cancels to 0 for z > 37 (true e^-z).
+        return sigmoid(self.args[0]) * sigmoid(-self.args[0])
 
     @classmethod
     def eval(cls, z):

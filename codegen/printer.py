@@ -19,7 +19,8 @@ class KernelPrinter(C99CodePrinter):
     """C99 printer that knows the program's arrays (for flat indexing) and read placeholders."""
 
     def __init__(self, arrays: dict, placeholders: dict | None = None):
-        super().__init__({"strict": True})
+        # No M_PI-style macros: they are POSIX, not C99; constants print as 17-digit literals.
+        super().__init__({"strict": True, "math_macros": {}})
         self.arrays = arrays
         self.placeholders = placeholders or {}
 
@@ -70,6 +71,11 @@ class KernelPrinter(C99CodePrinter):
 
     def _print_Sum(self, expr):
         raise ProblemError(f"internal: a Sum reached the C printer unlifted: {expr}")
+
+    def _print_NumberSymbol(self, expr):
+        return repr(float(expr))
+
+    _print_Pi = _print_Exp1 = _print_EulerGamma = _print_GoldenRatio = _print_Catalan = _print_NumberSymbol
 
     def _print_Rational(self, expr):
         return f"{float(expr.p)!r}/{float(expr.q)!r}".replace("inf", "INFINITY")

@@ -27,7 +27,9 @@ if str(ROOT) not in sys.path:
 from codegen.pipeline import generate, load_problem_file  # noqa: E402
 
 EXAMPLES = ("ridge", "logistic", "quadratic", "tv1d", "hypercleaning")
-GOLDEN_FILES = ("hg_{name}.c", "hg_{name}.h", "meta.json", "__init__.py")
+GOLDEN_FILES = ("hg_{name}.c", "hg_{name}.h", "meta.json", "__init__.py", "constants.json")
+# Determinism and golden files cover every example, sparse ones included (the driver does not).
+GOLDEN_EXAMPLES = EXAMPLES + ("logistic_sparse", "tv2d")
 CC = os.environ.get("CC", "cc")
 STRICT = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-fopenmp-simd"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g",
@@ -70,17 +72,8 @@ def test_strict_compile(compiler, tmp_path, name, opt):
         assert res.stderr.strip() == "", f"{name} ({src}, {opt}) compiler output:\n{res.stderr}"
 
 
-M_CONSTANT_BUG = (
-    "codegen bug: printer.KernelPrinter inherits SymPy's C99 printing of known constants as the "
-    "POSIX/XSI macros M_PI, M_E, M_SQRT2, M_LN2, M_1_PI, which <math.h> does not define in strict "
-    "C99 (-std=c99 -pedantic, no _GNU_SOURCE): a problem with sp.pi (e.g. a Gaussian log(2*pi)) "
-    "gives C that fails with \"'M_PI' undeclared\"; the cffi build only works because Python.h "
-    "defines _GNU_SOURCE first. Print them as double literals (or #define them in the template)")
-
-
 @pytest.mark.parametrize("const", [sp.pi, sp.E, sp.sqrt(2), sp.log(2), 1 / sp.pi],
                          ids=["pi", "E", "sqrt2", "log2", "1_over_pi"])
-@pytest.mark.xfail(strict=True, reason=M_CONSTANT_BUG)
 def test_strict_compile_symbolic_constants(compiler, tmp_path, const):
     """A problem whose expression keeps a symbolic constant (pi, E, sqrt(2), log 2, 1/pi)."""
     from codegen import Problem
@@ -303,7 +296,8 @@ with tempfile.TemporaryDirectory() as d:
         (problem,) = load_problem_file(f"examples/{name}.py")
         target = write_outputs(problem, generate(problem), d, source_file=f"examples/{name}.py")
         out[name] = {f: (target / f).read_text() for f in (f"hg_{name}.c", f"hg_{name}.h",
-                                                          "meta.json", "__init__.py")}
+                                                          "meta.json", "__init__.py",
+                                                          "constants.json")}
 print(json.dumps(out))
 """
 
@@ -315,20 +309,20 @@ def fresh_builds():
     for seed in ("1", "987"):
         env = dict(os.environ, PYTHONHASHSEED=seed,
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        res = run([sys.executable, "-c", CHILD, *EXAMPLES], cwd=ROOT, env=env)
+        res = run([sys.executable, "-c", CHILD, *GOLDEN_EXAMPLES], cwd=ROOT, env=env)
         assert res.returncode == 0, res.stderr
         results.append(json.loads(res.stdout.strip().splitlines()[-1]))
     return results
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("name", GOLDEN_EXAMPLES)
 def test_fresh_processes_byte_identical(fresh_builds, name):
     a, b = fresh_builds
     for f in a[name]:
         assert a[name][f] == b[name][f], f"{name}/{f} differs between PYTHONHASHSEED=1 and 987"
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("name", GOLDEN_EXAMPLES)
 def test_committed_golden_up_to_date(fresh_builds, name):
     fresh = fresh_builds[0][name]
     hint = f"run `python -m codegen build examples/{name}.py --out generated` from the repo root"

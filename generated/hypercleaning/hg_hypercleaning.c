@@ -95,7 +95,7 @@ int hg_hypercleaning_lower_value(int64_t c, int64_t m, int64_t n, const double *
     double value = 0.0;
     memset(s1, 0, sizeof(double) * (size_t)(c*m));
     memset(s2, 0, sizeof(double) * (size_t)(m));
-    for (int64_t k = 0; k < m; ++k) s3[k] = -INFINITY;
+    for (int64_t hg_k = 0; hg_k < m; ++hg_k) s3[hg_k] = -INFINITY;
     memset(s4, 0, sizeof(double) * (size_t)(m));
 
     double acc0 = 0.0;
@@ -155,7 +155,7 @@ int hg_hypercleaning_lower_grad(int64_t c, int64_t m, int64_t n, const double *r
     double s0_bar = 0.0;
     double s5_bar = 0.0;
     memset(s1, 0, sizeof(double) * (size_t)(c*m));
-    for (int64_t k = 0; k < m; ++k) s3[k] = -INFINITY;
+    for (int64_t hg_k = 0; hg_k < m; ++hg_k) s3[hg_k] = -INFINITY;
     memset(s4, 0, sizeof(double) * (size_t)(m));
     memset(s2_bar, 0, sizeof(double) * (size_t)(m));
     memset(s4_bar, 0, sizeof(double) * (size_t)(m));
@@ -229,7 +229,7 @@ int hg_hypercleaning_lower_hvp(int64_t c, int64_t m, int64_t n, const double *re
     double s0_bar = 0.0;
     double s5_bar = 0.0;
     memset(s1, 0, sizeof(double) * (size_t)(c*m));
-    for (int64_t k = 0; k < m; ++k) s3[k] = -INFINITY;
+    for (int64_t hg_k = 0; hg_k < m; ++hg_k) s3[hg_k] = -INFINITY;
     memset(s4, 0, sizeof(double) * (size_t)(m));
     memset(s4_bar, 0, sizeof(double) * (size_t)(m));
     memset(s1_dot, 0, sizeof(double) * (size_t)(c*m));
@@ -306,7 +306,7 @@ int hg_hypercleaning_cross_vjp(int64_t c, int64_t m, int64_t n, const double *re
     double *restrict s4_dot = work + 2*c*m + 3*m;
     double s5_bar = 0.0;
     memset(s1, 0, sizeof(double) * (size_t)(c*m));
-    for (int64_t k = 0; k < m; ++k) s3[k] = -INFINITY;
+    for (int64_t hg_k = 0; hg_k < m; ++hg_k) s3[hg_k] = -INFINITY;
     memset(s4, 0, sizeof(double) * (size_t)(m));
     memset(s1_dot, 0, sizeof(double) * (size_t)(c*m));
     memset(s2_dot, 0, sizeof(double) * (size_t)(m));
@@ -348,7 +348,7 @@ int hg_hypercleaning_cross_vjp(int64_t c, int64_t m, int64_t n, const double *re
         s4[i] += acc4;
         s4_dot[i] += acc5;
         const double c1 = hg_sigmoid(theta[i]);
-        const double c2 = 1.0 - c1;
+        const double c2 = hg_sigmoid(-theta[i]);
         theta_bar_dot[i] += -c1*c2*s5_bar*s2_dot[i] + c1*c2*s5_bar*s4_dot[i]/s4[i];
     }
 
@@ -369,7 +369,7 @@ int hg_hypercleaning_cross_jvp(int64_t c, int64_t m, int64_t n, const double *re
     double *restrict s1_bar_dot = work + c*m + 4*m;
     double s5_bar = 0.0;
     memset(s1, 0, sizeof(double) * (size_t)(c*m));
-    for (int64_t k = 0; k < m; ++k) s3[k] = -INFINITY;
+    for (int64_t hg_k = 0; hg_k < m; ++hg_k) s3[hg_k] = -INFINITY;
     memset(s4, 0, sizeof(double) * (size_t)(m));
     memset(s2_bar_dot, 0, sizeof(double) * (size_t)(m));
     memset(s4_bar_dot, 0, sizeof(double) * (size_t)(m));
@@ -397,10 +397,9 @@ int hg_hypercleaning_cross_jvp(int64_t c, int64_t m, int64_t n, const double *re
             acc2 += exp(s1[c*i + k] - s3[i]);
         }
         s4[i] += acc2;
-        const double c0 = hg_sigmoid(theta[i]);
-        const double c1 = c0*s5_bar*t[i]*(1.0 - c0);
-        s2_bar_dot[i] += -c1;
-        s4_bar_dot[i] += c1/s4[i];
+        const double c0 = s5_bar*t[i]*hg_sigmoid(-theta[i])*hg_sigmoid(theta[i]);
+        s2_bar_dot[i] += -c0;
+        s4_bar_dot[i] += c0/s4[i];
         #pragma omp simd
         for (int64_t k = 0; k < c; ++k) {
             s1_bar_dot[c*i + k] += s4_bar_dot[i]*exp(s1[c*i + k] - s3[i]);
@@ -435,7 +434,7 @@ int hg_hypercleaning_upper_value(int64_t c, int64_t m, int64_t mv, int64_t n, co
     double value = 0.0;
     memset(s0, 0, sizeof(double) * (size_t)(c*mv));
     memset(s1, 0, sizeof(double) * (size_t)(mv));
-    for (int64_t k = 0; k < mv; ++k) s2[k] = -INFINITY;
+    for (int64_t hg_k = 0; hg_k < mv; ++hg_k) s2[hg_k] = -INFINITY;
     memset(s3, 0, sizeof(double) * (size_t)(mv));
 
     for (int64_t l = 0; l < mv; ++l) {
@@ -487,7 +486,7 @@ int hg_hypercleaning_upper_grad(int64_t c, int64_t m, int64_t mv, int64_t n, con
     double *restrict s0_bar = work + c*mv + 4*mv;
     double s4_bar = 0.0;
     memset(s0, 0, sizeof(double) * (size_t)(c*mv));
-    for (int64_t k = 0; k < mv; ++k) s2[k] = -INFINITY;
+    for (int64_t hg_k = 0; hg_k < mv; ++hg_k) s2[hg_k] = -INFINITY;
     memset(s3, 0, sizeof(double) * (size_t)(mv));
     memset(s1_bar, 0, sizeof(double) * (size_t)(mv));
     memset(s3_bar, 0, sizeof(double) * (size_t)(mv));

@@ -175,8 +175,8 @@ int hg_logistic_lower_hvp(int64_t m, int64_t n, const double *restrict theta, co
         }
         s0[i] += acc0;
         s0_dot[i] += acc1;
-        const double c0 = hg_sigmoid(-s0[i]*y[i]);
-        s0_bar_dot[i] += c0*s1_bar*s0_dot[i]*(y[i]*y[i])*(1.0 - c0);
+        const double c0 = s0[i]*y[i];
+        s0_bar_dot[i] += s1_bar*s0_dot[i]*(y[i]*y[i])*hg_sigmoid(-c0)*hg_sigmoid(c0);
         #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
             x_bar_dot[j] += A[i*n + j]*s0_bar_dot[i];

@@ -86,10 +86,11 @@ int hg_tv1d_lower_value(int64_t n, const double *restrict theta, const double *r
         acc0 += ((x[i] - y[i])*(x[i] - y[i]));
     }
     s0 += acc0;
+    const double c0 = exp(2.0*theta[1]);
     double acc1 = 0.0;
     #pragma omp simd reduction(+:acc1)
     for (int64_t i = 0; i < n - 1; ++i) {
-        acc1 += sqrt(((x[i + 1] - x[i])*(x[i + 1] - x[i])) + exp(2.0*theta[1]));
+        acc1 += sqrt(c0 + ((x[i + 1] - x[i])*(x[i + 1] - x[i])));
     }
     s1 += acc1;
     value += (1.0/2.0)*s0 + s1*exp(theta[0]);
@@ -110,11 +111,12 @@ int hg_tv1d_lower_grad(int64_t n, const double *restrict theta, const double *re
 
     s0_bar += 1.0/2.0;
     s1_bar += exp(theta[0]);
+    const double c0 = exp(2.0*theta[1]);
     for (int64_t i = 0; i < n - 1; ++i) {
-        const double c0 = x[i + 1] - x[i];
-        const double c1 = s1_bar/sqrt((c0*c0) + exp(2.0*theta[1]));
-        x_bar[i + 1] += c0*c1;
-        x_bar[i] += -c0*c1;
+        const double c1 = x[i + 1] - x[i];
+        const double c2 = s1_bar/sqrt(c0 + (c1*c1));
+        x_bar[i + 1] += c1*c2;
+        x_bar[i] += -c1*c2;
     }
     #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
@@ -136,17 +138,17 @@ int hg_tv1d_lower_hvp(int64_t n, const double *restrict theta, const double *res
 
     s0_bar += 1.0/2.0;
     s1_bar += exp(theta[0]);
+    const double c0 = exp(2.0*theta[1]);
     for (int64_t i = 0; i < n - 1; ++i) {
-        const double c0 = x[i + 1] - x[i];
-        const double c1 = (c0*c0);
-        const double c2 = c1 + exp(2.0*theta[1]);
-        const double c3 = s1_bar/sqrt(c2);
-        const double c4 = -c0;
-        const double c5 = s1_bar/pow(c2, 3.0/2.0);
-        const double c6 = c0*c4*c5 + c3;
-        const double c7 = -c3;
-        x_bar_dot[i + 1] += c6*v[i + 1] + v[i]*(c1*c5 + c7);
-        x_bar_dot[i] += c6*v[i] + v[i + 1]*((c4*c4)*c5 + c7);
+        const double c1 = x[i + 1] - x[i];
+        const double c2 = (c1*c1);
+        const double c3 = c0 + c2;
+        const double c4 = s1_bar/sqrt(c3);
+        const double c5 = -c1;
+        const double c6 = pow(c3, -3.0/2.0);
+        const double c7 = c1*c5*c6*s1_bar + c4;
+        x_bar_dot[i + 1] += c7*v[i + 1] + v[i]*(c2*c6*s1_bar - c4);
+        x_bar_dot[i] += c7*v[i] + v[i + 1]*(-c4 + (c5*c5)*c6*s1_bar);
     }
     #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
@@ -166,24 +168,25 @@ int hg_tv1d_cross_vjp(int64_t n, const double *restrict theta, const double *res
     double s1_dot = 0.0;
     memset(theta_bar_dot, 0, sizeof(double) * (size_t)(2));
 
+    const double c0 = exp(2.0*theta[1]);
     double acc0 = 0.0;
     #pragma omp simd reduction(+:acc0)
     for (int64_t i = 0; i < n - 1; ++i) {
-        const double c0 = x[i + 1] - x[i];
-        const double c1 = pow((c0*c0) + exp(2.0*theta[1]), -1.0/2.0);
-        acc0 += c0*c1*q[i + 1] - c0*c1*q[i];
+        const double c1 = x[i + 1] - x[i];
+        const double c2 = pow(c0 + (c1*c1), -1.0/2.0);
+        acc0 += c1*c2*q[i + 1] - c1*c2*q[i];
     }
     s1_dot += acc0;
-    const double c2 = exp(theta[0]);
-    s1_bar += c2;
-    theta_bar_dot[0] += c2*s1_dot;
+    const double c3 = exp(theta[0]);
+    s1_bar += c3;
+    theta_bar_dot[0] += c3*s1_dot;
     const double c4 = exp(2.0*theta[1]);
     double acc1 = 0.0;
     #pragma omp simd reduction(+:acc1)
     for (int64_t i = 0; i < n - 1; ++i) {
-        const double c3 = x[i + 1] - x[i];
-        const double c5 = c4*s1_bar/pow((c3*c3) + c4, 3.0/2.0);
-        acc1 += -c3*c5*q[i + 1] + c3*c5*q[i];
+        const double c5 = x[i + 1] - x[i];
+        const double c6 = c4*s1_bar/pow(c4 + (c5*c5), 3.0/2.0);
+        acc1 += -c5*c6*q[i + 1] + c5*c6*q[i];
     }
     theta_bar_dot[1] += acc1;
 
@@ -203,14 +206,14 @@ int hg_tv1d_cross_jvp(int64_t n, const double *restrict theta, const double *res
     const double c0 = exp(theta[0]);
     s1_bar += c0;
     s1_bar_dot += c0*t[0];
-    const double c2 = exp(2.0*theta[1]);
+    const double c1 = exp(2.0*theta[1]);
     for (int64_t i = 0; i < n - 1; ++i) {
-        const double c1 = x[i + 1] - x[i];
-        const double c3 = (c1*c1) + c2;
+        const double c2 = x[i + 1] - x[i];
+        const double c3 = c1 + (c2*c2);
         const double c4 = pow(c3, -1.0/2.0);
-        const double c5 = c2*s1_bar*t[1]/pow(c3, 3.0/2.0);
-        const double c6 = -c1;
-        x_bar_dot[i + 1] += c1*c4*s1_bar_dot - c1*c5;
+        const double c5 = c1*s1_bar*t[1]/pow(c3, 3.0/2.0);
+        const double c6 = -c2;
+        x_bar_dot[i + 1] += c2*c4*s1_bar_dot - c2*c5;
         x_bar_dot[i] += c4*c6*s1_bar_dot - c5*c6;
     }
 
