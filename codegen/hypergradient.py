@@ -35,6 +35,10 @@ FROBENIUS_MAX_P = 64
 
 _HARD = ("non-finite", "diverged", "not SPD")
 
+#: Relative margin on a LAPACK singular value (its backward error is a small multiple of
+#: d * machine epsilon * ||B||; 1e-10 covers d up to ~1e5 with room to spare).
+SVD_MARGIN = 1e-10
+
 
 def _mul(*xs) -> float:
     """Product with 0 * inf = 0: a term whose certified factor (an error bound, a norm) is exactly
@@ -109,7 +113,7 @@ class HypergradientResult:
             f"  bound={_fmt(self.bound)} ({'certified' if self.certified else 'uncertified'}), "
             f"apriori_bound={_fmt(self.apriori_bound)}"
             f"{'' if self.apriori_rigorous else ' (not rigorous)'}, value={_fmt(self.value)},",
-            f"  G={_fmt(self.G)}, e=G/mu={_fmt(self.e)}, R={_fmt(self.R)}, "
+            f"  G={_fmt(self.G)}, e={_fmt(self.e)} (>= ||x - x*||), R={_fmt(self.R)}, "
             f"||B||<={_fmt(self.norm_B)}, ||grad f||={_fmt(self.grad_f_norm)}, "
             f"||q||={_fmt(self.q_norm)},",
             f"  work={self.work}",
@@ -125,8 +129,9 @@ class HypergradientResult:
 def cross_norm(k, x, theta) -> tuple:
     """A certified upper bound on ||B(x, theta)||_2 and the number of cross products it cost.
 
-    p = 1: exactly ||B e_1|| (one JVP). p <= 64: the Frobenius norm from p JVPs (>= the spectral
-    norm). Larger p: k.cross_norm_bound(x, theta) if the kernel has a structural bound, else the
+    p = 1: exactly ||B e_1|| (one JVP). p <= 64: B is assembled from p JVPs and its spectral norm
+    taken by SVD with a relative margin for LAPACK's backward error (never above the Frobenius
+    norm, also computed). Larger p: k.cross_norm_bound(x, theta) if the kernel has a structural bound, else the
     Frobenius norm anyway (p JVPs; the cost shows in work["cross"]). Never power iteration: it
     approaches the norm from below and would void the certificate (pitfall 8).
     """
@@ -135,15 +140,64 @@ def cross_norm(k, x, theta) -> tuple:
     if p > FROBENIUS_MAX_P and hasattr(k, "cross_norm_bound"):
         v = float(k.cross_norm_bound(x, th))
         return (v if math.isfinite(v) else math.inf), 0
-    total = 0.0
+    columns = []
     for j in range(p):
         t = np.zeros(p)
         t[j] = 1.0
         col, _ = _call(k.cross_jvp, x, th, t)
         if col is None:
             return math.inf, j + 1
-        total += float(col @ col)
-    return math.sqrt(total), p
+        columns.append(col)
+    B = np.column_stack(columns)
+    frobenius = float(np.linalg.norm(B))
+    if p == 1 or p > FROBENIUS_MAX_P:
+        return frobenius, p
+    spectral = float(np.linalg.norm(B, 2)) * (1 + SVD_MARGIN) + np.finfo(float).tiny
+    return min(frobenius, spectral), p
+
+
+def refined_distance(k, x, theta, c: dict, grad, e0: float, iterations: int) -> tuple:
+    """A certified ||x - x*|| usually far below e0 = G/mu, from a few CG steps on A(x) s = grad g.
+
+    grad g(x) = A_avg (x - x*) with A_avg the Hessian averaged over [x*, x], and
+    ||A_avg - A(x)|| <= L_A e / 2, so e = ||x - x*|| satisfies e <= a + (L_A / (2 mu)) e^2 with
+    a = ||s|| + ||A(x) s - grad g|| / mu >= ||A(x)^{-1} grad g|| for ANY s (the residual is
+    recomputed, so CG's accuracy affects tightness, never validity). With e <= e0 < the larger
+    root, e lies below the smaller root 2a / (1 + sqrt(1 - 2 L_A a / mu)). Returns (e, HVPs used).
+    """
+    mu, L_A = c["mu"], c["L_A"]
+    if iterations <= 0 or e0 == 0.0 or not math.isfinite(L_A):
+        return e0, 0
+    s, r = np.zeros_like(grad), grad.copy()
+    d, rr, used = r.copy(), float(grad @ grad), 0
+    for _ in range(iterations):
+        Ad, _msg = _call(k.lower_hvp, x, theta, d)
+        used += 1
+        if Ad is None:
+            return e0, used
+        dAd = float(d @ Ad)
+        if not dAd > 0:
+            break
+        alpha = rr / dAd
+        s += alpha * d
+        r -= alpha * Ad
+        rr_new = float(r @ r)
+        if rr_new <= (1e-3 * e0 * mu) ** 2:
+            break
+        d = r + (rr_new / rr) * d
+        rr = rr_new
+    As, _msg = _call(k.lower_hvp, x, theta, s)  # the true residual, not CG's recursion
+    used += 1
+    if As is None:
+        return e0, used
+    a = (_norm(s) + _norm(As - grad) / mu) * (1 + 1e-12)
+    if L_A == 0.0:
+        return min(e0, a), used
+    cq = L_A / (2 * mu)
+    disc = 1 - 4 * a * cq
+    if disc < 0 or e0 >= (1 + math.sqrt(disc)) / (2 * cq):
+        return e0, used
+    return min(e0, 2 * a / (1 + math.sqrt(disc))), used
 
 
 def aposteriori_bound(c: dict, e, R, norm_B, norm_b, norm_q, upper_depends_on_theta=False):
@@ -190,7 +244,7 @@ def apriori_bound(c: dict, eps, delta, norm_B_e, norm_b_e, upper_depends_on_thet
 
 
 def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x0=None, q0=None,
-                  max_iter=DEFAULT_MAX_ITER, adjoint_max_iter=None, record=False
+                  max_iter=DEFAULT_MAX_ITER, adjoint_max_iter=None, record=False, refine_iter=10
                   ) -> HypergradientResult:
     """The hypergradient of F(theta) = f(x*(theta), theta) + r(theta) with certified bounds.
 
@@ -200,7 +254,9 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
     accuracy (G/mu <= eps), delta the absolute true adjoint residual. x0 warm-starts the lower
     solve (the test is made before the first step), q0 the adjoint (a nonzero q0 is legal but is
     no longer "backprop"). max_iter caps the lower solve, adjoint_max_iter (default max_iter) the
-    adjoint. Constants are read from k.constants(theta) at this theta (pitfall 3).
+    adjoint. Constants are read from k.constants(theta) at this theta (pitfall 3). refine_iter
+    CG steps (HVPs) sharpen the certified ||x_eps - x*|| below G/mu (`refined_distance`); 0
+    keeps e = G/mu.
     """
     if lower not in LOWER_SOLVERS:
         raise SolverError(f"unknown lower solver {lower!r}; choose from {LOWER_SOLVERS}")
@@ -228,6 +284,9 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
                        f"eps = {_fmt(eps)}{'; ' + low.message if low.message else ''})")
     G = low.G
     e = low.bound
+    if adjoint != "backprop" and low.grad is not None:
+        e, used = refined_distance(k, x, th, c, low.grad, e, refine_iter)
+        work["hvps"] += used
 
     # 2. adjoint solve at x_eps
     b, msg = _call(k.upper_grad, x, th)
@@ -322,7 +381,7 @@ def _failed(th, x, work, reasons, c, low, notes):
 
 def hypergradient_samples(ks, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x0=None,
                           q0=None, max_iter=DEFAULT_MAX_ITER, adjoint_max_iter=None,
-                          record=False) -> HypergradientResult:
+                          record=False, refine_iter=10) -> HypergradientResult:
     """The hypergradient of (1/S) sum_s f_s(x_s*(theta), theta) + r(theta) (pitfall 5).
 
     Each sample's lower problem and adjoint are solved separately (own mu_s, G_s, R_s, own zero
@@ -343,7 +402,8 @@ def hypergradient_samples(ks, theta, lower="fista", adjoint="cg", eps=1e-6, delt
             raise SolverError(f"{name} must have one entry per sample ({S}), got {len(v)}")
     res = [hypergradient(k, theta, lower=lower, adjoint=adjoint, eps=eps, delta=delta,
                          x0=None if x0 is None else x0[s], q0=None if q0 is None else q0[s],
-                         max_iter=max_iter, adjoint_max_iter=adjoint_max_iter, record=record)
+                         max_iter=max_iter, adjoint_max_iter=adjoint_max_iter, record=record,
+                         refine_iter=refine_iter)
            for s, k in enumerate(ks)]
     grad = np.mean([r.grad for r in res], axis=0)
     work = {key: sum(r.work.get(key, 0) for r in res)

@@ -45,3 +45,25 @@ def test_bound_holds_against_tight_solve(name, build_dir):
         hg = prob.hypergradient(theta, lower="fista", adjoint="cg", eps=eps, delta=eps)
         err = np.linalg.norm(hg.grad - ref.grad)
         assert err <= hg.bound + ref.bound, f"{name} eps {eps}: error {err:.2e}, bound {hg.bound:.2e}"
+
+
+@pytest.mark.parametrize("name", ["logistic", "tv1d", "ridge"])
+def test_refined_distance_is_certified(name, build_dir):
+    """refined_distance never falls below the true ||x - x*||, near and far from x*."""
+    from codegen.hypergradient import refined_distance
+    from codegen.solvers import checked_constants
+
+    _, module, ns = built_example(name, build_dir)
+    prob = module.bind(**ns["example_data"](seed=2))
+    theta = np.broadcast_to(np.asarray(ns["THETA0"], float), (prob.theta_size,)).copy()
+    xs = prob.solve_lower(theta, tol=1e-13, max_iter=200000).x
+    c = checked_constants(prob, theta)
+    rng = np.random.default_rng(0)
+    for scale in (1e-6, 1e-3, 1e-1, 1.0, 10.0):
+        for iterations in (1, 10, 50):
+            x = xs + scale * rng.standard_normal(prob.x_size)
+            grad = prob.lower_grad(x, theta)
+            e0 = np.linalg.norm(grad) / c["mu"]
+            e, _ = refined_distance(prob, x, theta, c, grad, e0, iterations)
+            true = np.linalg.norm(x - xs)
+            assert e <= e0 and e >= true - 1e-12, (scale, iterations, e, true)
