@@ -41,9 +41,24 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-import scipy.optimize
-import scipy.sparse.linalg as spla
+
+def _threads_from_argv():
+    """--threads N must act before NumPy/JAX start their thread pools."""
+    argv = sys.argv
+    n = argv[argv.index("--threads") + 1] if "--threads" in argv else "1"
+    if n != "0":
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = n
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                                   + ("false" if n == "1" else "true")).strip()
+    return n
+
+
+THREADS = _threads_from_argv()
+
+import numpy as np  # noqa: E402
+import scipy.optimize  # noqa: E402
+import scipy.sparse.linalg as spla  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -183,11 +198,31 @@ def numpy_model(name, d, th):
     raise ValueError(name)
 
 
-def numpy_hypergradient(model, n, tol):
-    """Lower solve to ||grad g|| <= tol, adjoint CG to ||A q - grad f|| <= tol; h = -B^T q."""
+def numpy_fista(grad_g, n, mu, L, tol, max_iter=1_000_000):
+    """Strongly convex FISTA (framework.md 4) from 0 until ||grad g(z)|| <= tol; returns z."""
+    y = y_prev = np.zeros(n)
+    t, qr, it = 0.0, mu / L, 0
+    while True:
+        a = 1.0 - qr * t * t
+        t_next = (a + math.sqrt(a * a + 4.0 * t * t)) / 2.0
+        beta = (t - 1.0) * (1.0 - qr * t_next) / (t_next * (1.0 - qr)) if it else 0.0
+        z = y + beta * (y - y_prev)
+        g = grad_g(z)
+        if np.linalg.norm(g) <= tol or it >= max_iter:
+            return z
+        y_prev, y = y, z - g / L
+        t, it = t_next, it + 1
+
+
+def numpy_hypergradient(model, n, tol, lower="lbfgs"):
+    """Lower solve to ||grad g|| <= tol, adjoint CG to ||A q - grad f|| <= tol; h = -B^T q.
+    Non-quadratic lower levels: lower = "lbfgs" (SciPy L-BFGS-B) or "fista" (hand-written, with
+    the same mu and L as hypergen, model["mu"], model["L"])."""
     if model["quadratic"]:
         op = spla.LinearOperator((n, n), matvec=lambda v: model["hvp"](None, v), dtype=float)
         x, _ = spla.cg(op, model["rhs"], rtol=0.0, atol=tol, maxiter=100_000)
+    elif lower == "fista":
+        x = numpy_fista(model["grad_g"], n, model["mu"], model["L"], tol)
     else:
         res = scipy.optimize.minimize(model["value_grad"], np.zeros(n), jac=True,
                                       method="L-BFGS-B",
@@ -358,17 +393,21 @@ def run_case(key, spec, args, have_jax):
           f"certified bound/||h|| {row['hg']['bound']:.2g}, work {hg.work}, status {hg.status}")
     if args.profile and key in args.profile:
         profile(call, key)
+        call_overhead(prob, th, hg)
 
-    # NumPy / SciPy
+    # NumPy / SciPy: every applicable lower solver, the fastest one goes in the table
     model = numpy_model(name, data, th)
-    for tol in LADDER:
-        if rel_err(numpy_hypergradient(model, n, tol), ref) <= TARGET:
-            break
-    t, _, g = median_time(lambda: numpy_hypergradient(model, n, tol), args.repeat)
-    row["np"] = dict(t=t, err=rel_err(g, ref), tol=tol,
-                     solver=("cg" if model["quadratic"] else "L-BFGS-B") + "+cg")
-    print(f"  NumPy/SciPy {row['np']['solver']} tol={tol:g}: {t * 1e3:.2f} ms, "
-          f"true err {row['np']['err']:.2g}")
+    c = prob.constants(th)
+    model.update(mu=c["mu"], L=c["L"])
+    for lower_np in (["cg"] if model["quadratic"] else ["lbfgs", "fista"]):
+        for tol in LADDER:
+            if rel_err(numpy_hypergradient(model, n, tol, lower_np), ref) <= TARGET:
+                break
+        t, _, g = median_time(lambda: numpy_hypergradient(model, n, tol, lower_np), args.repeat)
+        label = {"cg": "cg", "lbfgs": "L-BFGS-B", "fista": "FISTA"}[lower_np] + "+cg"
+        print(f"  NumPy/SciPy {label} tol={tol:g}: {t * 1e3:.2f} ms, true err {rel_err(g, ref):.2g}")
+        if "np" not in row or t < row["np"]["t"]:
+            row["np"] = dict(t=t, err=rel_err(g, ref), tol=tol, solver=label)
 
     # JAXopt
     if have_jax:
@@ -419,6 +458,20 @@ def profile(call, key):
     print("\n".join("    " + line for line in buf.getvalue().splitlines()[6:26]))
 
 
+def call_overhead(prob, th, hg):
+    """Wall time of one kernel call through the Python layer (BoundProblem -> cffi -> C) next to
+    the hypergradient's kernel-call count: the floor of hypergen's time on tiny problems."""
+    from codegen.solvers import _call
+
+    x, v = np.asarray(hg.x, dtype=float).ravel(), np.ones(prob.x_size)
+    t_bound, _, _ = median_time(lambda: [prob.lower_hvp(x, th, v) for _ in range(200)], 5)
+    t_solver, _, _ = median_time(lambda: [_call(prob.lower_hvp, x, th, v) for _ in range(200)], 5)
+    n_calls = hg.work["lower_grads"] + hg.work["hvps"] + hg.work["cross"] + 3
+    print(f"  one lower_hvp call: {t_bound / 200 * 1e6:.1f} us via prob.lower_hvp, "
+          f"{t_solver / 200 * 1e6:.1f} us via solvers._call; about {n_calls} kernel calls per "
+          "hypergradient")
+
+
 def machine():
     try:
         model = next(l.split(":", 1)[1].strip() for l in
@@ -438,8 +491,8 @@ def fmt_ms(t):
 
 
 def table(rows, have_jax):
-    print("\n| case | hypergen ms (solver, eps) | cert. bound | true err | NumPy ms (tol) | true err "
-          "| JAXopt ms (tol) | true err | JIT s | hypergen/JAXopt | hypergen/NumPy |")
+    print("\n| case | hypergen ms (solver, eps) | cert. bound | true err | NumPy ms (solver, tol) | true err "
+          "| JAXopt ms (solver, tol) | true err | JIT s | hypergen/JAXopt | hypergen/NumPy |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "hg" not in r:
@@ -449,8 +502,9 @@ def table(rows, have_jax):
         j = r.get("jax")
         jcols = (f"{fmt_ms(j['t'])} ({j['tol']:.0e}) | {j['err']:.1e} | {j['compile']:.1f} | "
                  f"{h['t'] / j['t']:.2f}" if j else "n/a | | | n/a")
+        jcols = jcols.replace(f"{fmt_ms(j['t'])} (", f"{fmt_ms(j['t'])} ({j['solver']}, ") if j else jcols
         print(f"| {r['case']} | {fmt_ms(h['t'])} ({h['solver']}, {h['tol']:.0e}) | "
-              f"{h['bound']:.1e} | {h['err']:.1e} | {fmt_ms(n['t'])} ({n['tol']:.0e}) | "
+              f"{h['bound']:.1e} | {h['err']:.1e} | {fmt_ms(n['t'])} ({n['solver']}, {n['tol']:.0e}) | "
               f"{n['err']:.1e} | {jcols} | {h['t'] / n['t']:.2f} |")
 
 
@@ -462,6 +516,9 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="cases whose hypergen call is profiled with cProfile")
+    parser.add_argument("--threads", default="1",
+                        help="BLAS/OpenMP/XLA threads (default 1, as hypergen's kernels; 0 = "
+                             "library defaults)")
     parser.add_argument("--no-jax", action="store_true", help="skip JAXopt")
     args = parser.parse_args()
     specs = QUICK if args.quick else FULL
@@ -472,6 +529,11 @@ if __name__ == "__main__":
     model, ncpu, t_av, bw = machine()
     print(f"machine: {model}, {ncpu} cores; NumPy {np.__version__}; "
           f"NumPy A @ v at 20000 x 2000: {t_av * 1e3:.1f} ms = {bw:.1f} GB/s")
+    print(f"threads for NumPy/SciPy/JAX: {THREADS if THREADS != '0' else 'library default'} "
+          f"(hypergen's kernels are single-threaded); load average at start "
+          f"{os.getloadavg()[0]:.2f}")
     print(f"JAXopt: {jax_msg}" if have_jax else f"JAXopt not available ({jax_msg}): its columns are skipped")
     rows = [run_case(c, specs[c], args, have_jax) for c in args.cases]
+    print(f"load average at end {os.getloadavg()[0]:.2f} (other processes on this machine make "
+          "times noisy)")
     table(rows, have_jax)
