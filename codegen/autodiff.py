@@ -111,11 +111,7 @@ def tangent(program: ir.Program, seeds: dict, outputs) -> ir.Program:
             updates.append(ir.Update(dot, u.index, sp.Add(*terms), u.op))
         statements.append(ir.Statement(stmt.loops, tuple(updates)))
     for name in outputs:  # an output no tangent reaches is identically zero, but still returned
-        arrays.setdefault(name, ir.Array(name, _shape_of_dot(program, name), ir.OUTPUT))
-    for name in outputs:
-        arrays[name] = ir.Array(name, arrays[name].shape, ir.OUTPUT)
+        shape = arrays[name].shape if name in arrays else program.arrays[name[: -len("_dot")]].shape
+        arrays[name] = ir.Array(name, shape, ir.OUTPUT)
     return ir.Program(arrays, statements, tuple(outputs), dict(program.meta))
 
-
-def _shape_of_dot(program: ir.Program, dot_name: str) -> tuple:
-    return program.arrays[dot_name[: -len("_dot")]].shape

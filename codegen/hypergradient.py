@@ -23,7 +23,7 @@ import numpy as np
 from .errors import KernelError
 from .solvers import (
     ADJOINT_SOLVERS, DEFAULT_MAX_ITER, LOWER_SOLVERS, AdjointResult, LowerResult, SolverError,
-    _arr, _call, _fmt, _norm, _solve_adjoint, _solve_lower, _theta, backprop_adjoint,
+    _arr, _call, _fmt, _norm, _solve_adjoint, _solve_lower, _theta, _x_size, backprop_adjoint,
     checked_constants,
 )
 
@@ -45,7 +45,7 @@ def _mul(*xs) -> float:
     zero vanishes whatever the (possibly infinite) Lipschitz constant multiplying it."""
     if any(x == 0.0 for x in xs):
         return 0.0
-    return float(math.prod(xs))
+    return math.prod(float(x) for x in xs)  # Python floats overflow to inf without a warning
 
 
 @dataclass(repr=False)
@@ -275,18 +275,56 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
     dep_theta = bool(getattr(k, "upper_depends_on_theta", False))
     reasons, notes = [], list(c["notes"])
 
+    # Local (ball) constants, framework.md pitfall 4 (exp / polynomial atoms: infinite globally).
+    # L only sets step sizes, so an infinite L is replaced by L on B(x0, 2 G0/mu), which holds
+    # x0 and x*; a wrong L can only stall the solver, its G/mu certificate needs mu alone.
+    local = hasattr(k, "local_constants")
+    pre_grads = 0
+    if local and not math.isfinite(c["L"]) and lower in ("gd", "hb", "fista"):
+        xs = np.zeros(_x_size(k)) if x0 is None else np.asarray(x0, float).ravel()
+        g0, _msg = _call(k.lower_grad, xs, th)
+        pre_grads = 1
+        if g0 is not None:
+            cl = k.local_constants(xs, th, 2 * _norm(g0) / mu)
+            if math.isfinite(cl["L"]):
+                c = dict(c, L=max(float(cl["L"]), mu))
+                notes.append(f"L = inf globally: step sizes use L = {_fmt(c['L'])} on the ball "
+                             "B(x0, 2||grad g(x0)||/mu)")
+
     # 1. lower solve
     low = _solve_lower(k, th, c, lower, eps, x0, max_iter, record, adjoint == "backprop")
     x = low.x
-    work = {"lower_grads": low.n_grad, "hvps": low.n_hvp, "cross": 0}
+    work = {"lower_grads": low.n_grad + pre_grads, "hvps": low.n_hvp, "cross": 0}
     if low.status != "converged":
         reasons.append(f"lower {low.solver} {low.status} (G/mu = {_fmt(low.bound)}, "
                        f"eps = {_fmt(eps)}{'; ' + low.message if low.message else ''})")
     G = low.G
     e = low.bound
+
+    c_global = c
+
+    def _localise(radius):
+        """L_A, L_B, L_f, L_ft valid on B(x_eps, radius) (contains [x_eps, x*] when radius >= e);
+        mu stays global; certified = AND of the flags (of the global and the local values)."""
+        if not (local and math.isfinite(radius)):
+            return c
+        if all(math.isfinite(c_global.get(key, 0.0)) for key in ("L_A", "L_B", "L_f", "L_ft")):
+            return c  # everything finite globally: keep the global constants unchanged
+        cl = k.local_constants(x, th, radius)
+        out = dict(c)
+        for key in ("L_A", "L_B", "L_f", "L_ft"):
+            if key in cl and cl[key] is not None and float(cl[key]) < out.get(key, math.inf):
+                out[key] = float(cl[key])
+        if not math.isfinite(c_global["L"]) and math.isfinite(cl["L"]):
+            out["L"] = max(float(cl["L"]), mu)  # adjoint step sizes: A(x_eps) <= L on this ball
+        out["certified"] = bool(c["certified"] and cl.get("certified", False))
+        return out
+
     if adjoint != "backprop" and low.grad is not None:
+        c = _localise(e)  # valid on B(x_eps, G/mu) for refined_distance (it needs a finite L_A)
         e, used = refined_distance(k, x, th, c, low.grad, e, refine_iter)
         work["hvps"] += used
+        c = _localise(e)  # the smaller certified ball: tighter (min with the values above)
 
     # 2. adjoint solve at x_eps
     b, msg = _call(k.upper_grad, x, th)

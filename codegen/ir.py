@@ -88,6 +88,3 @@ def read_name(r: sp.Expr) -> str:
 def read_index(r: sp.Expr) -> tuple:
     return tuple(r.indices) if isinstance(r, sp.Indexed) else ()
 
-
-def loop_vars(loops) -> list:
-    return [lp.var for lp in loops]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sympy as sp
 
 from . import ir
 from .autodiff import adjoint, tangent
@@ -51,6 +50,3 @@ def kernel_specs(problem) -> list:
         out.append(KernelSpec(name, doc, program, inputs, output))
     return out
 
-
-def depends_on(expr: sp.Expr, array_name: str) -> bool:
-    return any(str(r.base.label) == array_name for r in expr.atoms(sp.Indexed))

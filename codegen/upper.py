@@ -408,8 +408,9 @@ class _Runner:
     best point, progress bar and callback."""
 
     def __init__(self, k, theta_size, lower, adjoint, budget, time_budget, solver_max_iter,
-                 bar, callback, record_theta, lo, hi):
+                 bar, callback, record_theta, lo, hi, refine_iter):
         self.k = k
+        self.refine_iter = refine_iter
         self.multi = hasattr(k, "samples")
         self.ks = list(k.samples) if self.multi else [k]
         self.p = theta_size
@@ -462,10 +463,11 @@ class _Runner:
             if self.multi:
                 hg = hypergradient_samples(self.ks, theta, lower=self.lower,
                                            adjoint=self.adjoint, eps=eps, delta=delta,
-                                           x0=self.x, max_iter=cap)
+                                           x0=self.x, max_iter=cap, refine_iter=self.refine_iter)
             else:
                 hg = hypergradient(self.k, theta, lower=self.lower, adjoint=self.adjoint,
-                                   eps=eps, delta=delta, x0=self.x, max_iter=cap)
+                                   eps=eps, delta=delta, x0=self.x, max_iter=cap,
+                                   refine_iter=self.refine_iter)
         except HypergenError as exc:
             raise _Stop("failed", f"hypergradient at theta = {_short(theta)}: {exc}") from None
         self.add_work(hg.work["units"])
@@ -593,7 +595,7 @@ def optimize(k, theta0, method="maid", budget=None, time_budget=None, max_iter=1
              lower="fista", adjoint="cg", callback=None, gtol=1e-8, min_eps=1e-12,
              solver_max_iter=None, eta=1e-4, rho=0.9, tau=0.5, nu=1.05, growth=10 / 9,
              armijo=None, max_bt_loop=3, bt_steps=10, rel_accuracy=0.1, scipy_options=None,
-             record_theta=None) -> OptimizeResult:
+             record_theta=None, refine_iter=None) -> OptimizeResult:
     """Minimise the upper objective over theta from theta0 (see the module docstring).
 
     k              a bound problem (prob = module.bind(...)), a samples object
@@ -615,6 +617,8 @@ def optimize(k, theta0, method="maid", budget=None, time_budget=None, max_iter=1
                    SciPy's projected-gradient tolerance);
     min_eps        MAID / L-BFGS-B do not shrink eps below this ("accuracy floor");
     solver_max_iter  cap on lower and adjoint iterations per solve (default 10,000);
+    refine_iter    HVPs spent sharpening each bound (hypergradient's refine_iter): default 0 for
+                   "gd", whose steps do not depend on the bound, 10 for "maid" and "lbfgsb";
     eta, rho, tau, nu, growth, armijo (default eta^2), max_bt_loop, bt_steps: MAID's constants;
     rel_accuracy   L-BFGS-B: eps, delta shrink until bound <= rel_accuracy * ||h||;
     scipy_options  extra options for scipy.optimize.minimize (L-BFGS-B);
@@ -656,7 +660,8 @@ def optimize(k, theta0, method="maid", budget=None, time_budget=None, max_iter=1
         record_theta = theta.size <= RECORD_THETA_MAX
     bar = _progress_bar(progress, work_budget)
     run = _Runner(k, theta.size, lower, adjoint, work_budget, time_budget,
-                  solver_max_iter or DEFAULT_MAX_ITER, bar, callback, bool(record_theta), lo, hi)
+                  solver_max_iter or DEFAULT_MAX_ITER, bar, callback, bool(record_theta), lo, hi,
+                  (0 if method == "gd" else 10) if refine_iter is None else int(refine_iter))
     opts = dict(max_iter=int(max_iter), step=float(step), eps0=float(eps0), delta0=float(delta0),
                 schedule=schedule, gtol=float(gtol), min_eps=float(min_eps), eta=eta, rho=rho,
                 tau=tau, nu=nu, growth=growth, armijo=eta ** 2 if armijo is None else armijo,
