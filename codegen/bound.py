@@ -7,6 +7,8 @@ invalid size raises. The solver methods delegate to `solvers` and `hypergradient
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .errors import BindError
@@ -27,7 +29,8 @@ class BoundProblem:
         self.upper_depends_on_theta = meta["upper_depends_on_theta"]
         work_fn = getattr(module.lib, f"hg_{module.name}_work_size")
         self.work = np.zeros(max(1, int(work_fn(*[self.sizes[s] for s in meta["sizes"]]))))
-        self.kernels = {k["name"]: KernelCaller(module, k, self.data, self.sizes, self.work)
+        lock = threading.Lock()
+        self.kernels = {k["name"]: KernelCaller(module, k, self.data, self.sizes, self.work, lock)
                         for k in meta["kernels"]}
         self._constants = None
 
@@ -122,6 +125,17 @@ class BoundProblem:
         from .upper import optimize
 
         return optimize(self, theta0, method=method, **options)
+
+    def local_constants(self, x, theta, radius) -> dict:
+        """constants(theta) with L, L_A, L_B, L_f valid only on the ball B(x, radius) (finite for
+        exp / polynomial atoms; min(global, ball) otherwise). mu stays global (framework.md 8.4)."""
+        from .constants_runtime import evaluate_local_constants, prepare_constants
+
+        if self._constants is None:
+            self._constants = prepare_constants(self.module, self.data)
+        return evaluate_local_constants(self._constants, self._theta(theta),
+                                        self._vector("x", x, self.x_size, "x"), float(radius),
+                                        self.data)
 
 
 class BoundSamples:

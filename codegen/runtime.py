@@ -171,7 +171,8 @@ def load_directory(directory) -> GeneratedModule:
 class KernelCaller:
     """Calls one compiled kernel with the bound arrays; checks vector arguments per call."""
 
-    def __init__(self, module: GeneratedModule, kernel: dict, arrays: dict, sizes: dict, work):
+    def __init__(self, module: GeneratedModule, kernel: dict, arrays: dict, sizes: dict, work,
+                 lock):
         self.name = kernel["name"]
         self.fn = getattr(module.lib, f"hg_{module.name}_{kernel['name']}")
         self.ffi = module.ffi
@@ -192,6 +193,9 @@ class KernelCaller:
             elif p["role"] == "work":
                 self.fixed[p["name"]] = self.ffi.from_buffer("double[]", work)
         self.keep = (arrays, work)
+        # cffi releases the GIL during the call and `work` is shared by the bound problem's
+        # kernels: two threads must not use it at once (a race would be a silently wrong result).
+        self.lock = lock
 
         # Per call, only the vector arguments change: (position, name) of each, the rest fixed.
         self.template = [self.fixed.get(p["name"]) for p in self.params]
@@ -203,7 +207,8 @@ class KernelCaller:
         from_buffer = self.ffi.from_buffer
         for k, name in self.slots:
             args[k] = from_buffer("double[]", out if self.params[k]["role"] == "output" else vectors[name])
-        status = self.fn(*args)
+        with self.lock:
+            status = self.fn(*args)
         if status == 2:
             raise KernelError(f"{self.name}: invalid size (every size must be at least 1)")
         return status

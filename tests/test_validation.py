@@ -106,3 +106,19 @@ def test_bind_samples(build_dir):
     bad = samples[:2] + [dict(samples[2], b=np.ones(9))]
     with pytest.raises(BindError, match="sample 2: inconsistent size m"):
         module.bind_samples(bad)
+
+
+def test_threads_sharing_a_bound_problem_get_right_answers(build_dir):
+    """Kernels release the GIL and share the work buffer: calls must not interleave."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, module, ns = built_example("logistic", build_dir)
+    prob = module.bind(**ns["example_data"](seed=0, m=3000, n=50, p=10))
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(50) for _ in range(8)]
+    expected = [prob.lower_grad(x, 0.1) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda x: prob.lower_grad(x, 0.1), xs))
+            for g, e in zip(got, expected):
+                np.testing.assert_array_equal(g, e)
