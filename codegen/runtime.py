@@ -36,12 +36,20 @@ def _as_float64(name: str, value) -> np.ndarray:
     raise BindError(f"{name}: expected real numbers (float64), got dtype {arr.dtype}")
 
 
+def _frozen_copy(arr: np.ndarray) -> np.ndarray:
+    """A private read-only copy: the constants derived from the data at bind time must keep
+    describing the data the kernels read, whatever the caller does to its arrays later."""
+    out = np.array(arr, dtype=np.float64, order="C", copy=True)
+    out.flags.writeable = False
+    return out
+
+
 def _as_csr(name: str, value):
     """A CSR matrix with float64 values, int64 indices, sorted and without duplicates."""
     import scipy.sparse as sps
 
     try:
-        csr = sps.csr_array(value)
+        csr = sps.csr_array(value, copy=True)  # private: sorting below must not touch the caller's
     except (TypeError, ValueError) as exc:
         raise BindError(f"{name} is declared sparse: pass a 2-D scipy.sparse matrix or array "
                         f"({exc})") from None
@@ -54,6 +62,8 @@ def _as_csr(name: str, value):
     csr.sort_indices()
     csr.indices = np.ascontiguousarray(csr.indices, dtype=np.int64)
     csr.indptr = np.ascontiguousarray(csr.indptr, dtype=np.int64)
+    for part in (csr.data, csr.indices, csr.indptr):
+        part.flags.writeable = False
     return csr
 
 
@@ -120,7 +130,8 @@ class GeneratedModule:
             raise BindError(f"unknown data {', '.join(unknown)} for {self.name}; "
                             f"the data names are {', '.join(names)}")
         sparse = {a["name"] for a in self.meta["arrays"] if a.get("sparse")}
-        arrays = {n: _as_csr(n, data[n]) if n in sparse else _as_float64(n, data[n]) for n in names}
+        arrays = {n: _as_csr(n, data[n]) if n in sparse else _frozen_copy(_as_float64(n, data[n]))
+                  for n in names}
         sizes = {}
         for n in names:
             shape = self.shapes[n]

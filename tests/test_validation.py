@@ -122,3 +122,15 @@ def test_threads_sharing_a_bound_problem_get_right_answers(build_dir):
             got = list(pool.map(lambda x: prob.lower_grad(x, 0.1), xs))
             for g, e in zip(got, expected):
                 np.testing.assert_array_equal(g, e)
+
+
+def test_bind_keeps_a_private_copy(build_dir):
+    """Changing the caller's arrays after bind changes nothing: kernels and the constants derived
+    at bind time keep describing the same data."""
+    _, module, ns = built_example("ridge", build_dir)
+    data = ns["example_data"](seed=0, **TINY["ridge"])
+    prob = module.bind(**data)
+    x = np.ones(3)
+    before = prob.lower_grad(x, 0.0)
+    data["A"] *= 100.0
+    np.testing.assert_array_equal(prob.lower_grad(x, 0.0), before)
