@@ -50,3 +50,15 @@ def evaluate_constants(prepared: dict, theta: np.ndarray) -> dict:
     out["certified"] = False
     out["source"] = "stated"
     return out
+
+
+def evaluate_local_constants(prepared: dict, theta: np.ndarray, x: np.ndarray, radius: float,
+                             data: dict) -> dict:
+    """`evaluate_constants`, with L, L_A, L_B, L_f valid on the ball B(x, radius) only
+    (framework.md pitfall 4; constants.local). mu stays global. Stated constants: unchanged."""
+    if prepared["kind"] != "derived":
+        return evaluate_constants(prepared, theta)
+    from .constants import evaluate_local
+
+    return evaluate_local(prepared["derivation"], theta, prepared["quantities"], x, radius, data,
+                          cache=prepared.setdefault("ball_cache", {}))

@@ -279,6 +279,7 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
     # L only sets step sizes, so an infinite L is replaced by L on B(x0, 2 G0/mu), which holds
     # x0 and x*; a wrong L can only stall the solver, its G/mu certificate needs mu alone.
     local = hasattr(k, "local_constants")
+    c_global = c  # before any local replacement
     pre_grads = 0
     if local and not math.isfinite(c["L"]) and lower in ("gd", "hb", "fista"):
         xs = np.zeros(_x_size(k)) if x0 is None else np.asarray(x0, float).ravel()
@@ -300,8 +301,6 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
                        f"eps = {_fmt(eps)}{'; ' + low.message if low.message else ''})")
     G = low.G
     e = low.bound
-
-    c_global = c
 
     def _localise(radius):
         """L_A, L_B, L_f, L_ft valid on B(x_eps, radius) (contains [x_eps, x*] when radius >= e);

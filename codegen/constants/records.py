@@ -158,6 +158,9 @@ class Derivation:
     messages: list = field(default_factory=list)
     refutation: dict | None = None  # bind-time wide test: {"rows": [(term, rows)], "dim": d}
     mu_check: str = "proved"  # proved | data | theta | none
+    # local (ball) constants, constants/local.py: {"constants": name -> Record (domain "ball"),
+    # "terms": label -> rebuild info}; empty when every constant is finite globally
+    ball: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         d = {
@@ -176,6 +179,11 @@ class Derivation:
                 "dim": dump(self.refutation["dim"])},
             "mu_check": self.mu_check,
         }
+        if self.ball:  # only for problems with ball constants (older files stay byte-identical)
+            from .local import info_to_json
+
+            d["ball"] = {"constants": {k: r.to_dict() for k, r in self.ball["constants"].items()},
+                         "terms": {k: info_to_json(v) for k, v in self.ball["terms"].items()}}
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -195,8 +203,18 @@ class Derivation:
             refutation=None if ref is None else {
                 "rows": [(t, load(r)) for t, r in ref["rows"]], "dim": load(ref["dim"])},
             mu_check=d["mu_check"],
+            ball=_ball_from_json(d.get("ball")),
         )
 
     @property
     def certified(self) -> bool:
         return all(r.certified for r in self.constants.values())
+
+
+def _ball_from_json(d):
+    if not d:
+        return {}
+    from .local import info_from_json
+
+    return {"constants": {k: Record.from_dict(v) for k, v in d["constants"].items()},
+            "terms": {k: info_from_json(v) for k, v in d["terms"].items()}}

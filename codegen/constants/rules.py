@@ -146,6 +146,8 @@ def derive(problem, allow_uncertified: bool = False) -> Derivation:
                                  "infinite (no rule)",
                                  children=[_term_record("L_ft", t, t.Lft, False) for t in ft if t.has_theta])
 
+    ball = _ball_records(gt, ft, records, stated)
+
     mu_check = _mu_status(mu, ctx)
     if mu_check == "none":
         witness = _witness(problem, ctx)
@@ -164,7 +166,7 @@ def derive(problem, allow_uncertified: bool = False) -> Derivation:
     elif mu_check == "data":
         records["mu"].theta_region = "all theta, if the data quantities make mu > 0 (checked at bind)"
     if uncertified_reason:
-        for r in records.values():
+        for r in list(records.values()) + list(ball.get("constants", {}).values()):
             r.uncertify(uncertified_reason)
         warnings.warn(f"{problem.name}: constants not certified: {uncertified_reason}", stacklevel=2)
     for key, value in stated.items():
@@ -186,7 +188,57 @@ def derive(problem, allow_uncertified: bool = False) -> Derivation:
         conditions=sorted(ctx.conditions.items()), status=status,
         allow_uncertified=allow_uncertified, messages=messages + [
             t.message for t in gt + ft if t.message and t.kind != "unsupported"],
-        refutation=refutation, mu_check=mu_check)
+        refutation=refutation, mu_check=mu_check, ball=ball)
+
+
+BALL_RULE = ("on the ball B(x, r) only (framework.md pitfall 4): the rules of the global constant "
+             "with sup|psi''|, sup|psi'''| of each unbounded atom psi(k_i.x + b_i) taken over "
+             "[z_i - r||k_i||, z_i + r||k_i||], z = K x + b at the centre (ball_hi/peak/d3_<term>, "
+             "evaluated by constants.local.evaluate_local); mu stays global")
+
+
+def _ball_records(gt, ft, records, stated):
+    """Ball versions of L, L_A, L_B, L_f where some term has an unbounded atom (never mu)."""
+    if not any(t.ball for t in gt + ft):
+        return {}
+    terms = {t.label: t.ball["info"] for t in gt + ft if t.ball}
+
+    def val(t, key):
+        return t.ball[key] if t.ball else getattr(t, key)
+
+    exprs = {}
+    exprs["L"] = (_sum([val(t, "hi") for t in gt]), gt)
+    exprs["L_A"] = (_sum([val(t, "LA") for t in gt]), gt)
+    cols, ps = {}, sp.S.Zero
+    for t in gt:
+        for s, v in (t.ball["LB_cols"] if t.ball else t.LB_cols).items():
+            cols[s] = cols.get(s, 0) + v
+        ps = ps + val(t, "LB_ps")
+    exprs["L_B"] = (_lb(cols, ps), gt)
+    if any(t.ball for t in ft):
+        mf, Mf = _sum([t.lo for t in ft]), _sum([val(t, "hi") for t in ft])
+        if mf == -sp.oo or Mf == sp.oo:
+            Lf = sp.oo
+        elif mf.is_nonnegative or mf == 0:
+            Lf = Mf
+        elif Mf.is_nonpositive:
+            Lf = -mf
+        else:
+            Lf = sp.Max(-mf, Mf)
+        exprs["L_f"] = (Lf, ft)
+    out = {}
+    for name, (expr, ts) in exprs.items():
+        if name in stated or name not in records or expr == sp.oo or expr == records[name].expr:
+            continue
+        if not expr.free_symbols or not any(s.name.startswith("ball_") for s in expr.free_symbols):
+            continue
+        out[name] = Record(name, expr, "bound", all(t.certified for t in ts), BALL_RULE,
+                           domain="ball", term=", ".join(t.label for t in ts if t.ball))
+        records[name].message = ((records[name].message + "; ") if records[name].message else "") \
+            + "a local (ball) bound exists: constants.evaluate_local"
+    if not out:
+        return {}
+    return {"constants": out, "terms": terms}
 
 
 def _mu_status(mu, ctx):

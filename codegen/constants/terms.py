@@ -174,6 +174,7 @@ class TermFacts:
     message: str = ""
     parts: list = field(default_factory=list)  # Records: atom, operator, weights
     has_theta: bool = False
+    ball: dict | None = None  # local (ball) versions of hi, LA, LB_cols, LB_ps + rebuild info
 
 
 def _sign(c, ctx):
@@ -284,7 +285,36 @@ def analyse_term(term: Term, ctx: Ctx, label: str, upper=False) -> TermFacts:
     limits = tuple(term.limits) + inner
     op = classify_operator(lin, limits, len(term.limits), ctx, lse=bool(inner))
     tf.rows = op.rows
-    return _combine(tf, c, ps, facts, op, off, ctx, upper, limits)
+    tf = _combine(tf, c, ps, facts, op, off, ctx, upper, limits)
+    if tf.kind == "atom" and facts.kind == "infinite" and (facts.hi == sp.oo or facts.d3 == sp.oo):
+        _ball(tf, c, ps, facts, psi, lin, off, op, ctx, upper, limits)
+    return tf
+
+
+def _ball(tf, c, ps, facts, psi, lin, off, op, ctx, upper, limits):
+    """Local (ball) versions of the term's constants (constants/local.py): the same rules with
+    sup_R |psi''|, |psi'''| replaced by symbols evaluated over the atom's argument intervals."""
+    from .local import ball_symbols, term_info
+
+    info = term_info(psi, lin, off, limits)
+    if info is None:
+        return
+    sy = ball_symbols(tf.label)
+
+    class _BallFacts(AtomFacts):
+        @property
+        def peak(self):
+            return sy["peak"]
+
+    bf = _BallFacts(facts.name + " (on the ball)", facts.lo, sy["hi"], sy["d3"], facts.dth,
+                    "bound", facts.certified, facts.rule + "; sup over the ball's argument intervals")
+    saved = (tf.lo, tf.hi, tf.LA, dict(tf.LB_cols), tf.LB_ps, tf.LB_note, tf.Lft, tf.rule,
+             tf.message, tf.parts, tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified)
+    _combine(tf, c, ps, bf, op, off, ctx, upper, limits)
+    tf.ball = {"hi": tf.hi, "LA": tf.LA, "LB_cols": dict(tf.LB_cols), "LB_ps": tf.LB_ps,
+               "info": info}
+    (tf.lo, tf.hi, tf.LA, tf.LB_cols, tf.LB_ps, tf.LB_note, tf.Lft, tf.rule, tf.message, tf.parts,
+     tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified) = saved
 
 
 def _unsupported(tf, why):

@@ -1,0 +1,169 @@
+"""Local (ball) constants for exp and polynomial atoms (framework.md pitfall 4; issue 4).
+
+(a) brute force on the ball: lambda_max(A(y)) <= L and two-point quotients
+    ||A(y) - A(y')|| / ||y - y'|| <= L_A for y, y' in B(x, r), dense Hessians from the oracle;
+(b) the hypergradient's a posteriori bound is finite and >= the error against a tight solve;
+(c) a problem whose constants are finite globally (ridge) is unchanged.
+"""
+import numpy as np
+import pytest
+import sympy as sp
+
+from codegen.constants import Derivation, derive, evaluate_local
+from codegen.pipeline import build_problem
+from codegen.problem import Problem
+from oracle import Oracle
+
+RATIOS = {}
+
+
+def atom_problem(kind):
+    m, n, p = sp.symbols("m n p", integer=True, positive=True)
+    i, j, k = sp.Idx("i", m), sp.Idx("j", n), sp.Idx("k", p)
+    A, b = sp.IndexedBase("A", shape=(m, n)), sp.IndexedBase("b", shape=(m,))
+    Av, bv = sp.IndexedBase("Av", shape=(p, n)), sp.IndexedBase("bv", shape=(p,))
+    x, theta = sp.IndexedBase("x", shape=(n,)), sp.Symbol("theta")
+    atom = {"exp": sp.exp, "quartic": lambda u: u ** 4 / 4,
+            "ridge": lambda u: u ** 2 / 2}[kind]
+    return Problem(
+        name=f"local_{kind}", x=x, theta=theta,
+        lower=sp.Sum(atom(sp.Sum(A[i, j] * x[j], (j, 0, n - 1)) - b[i]), (i, 0, m - 1))
+        + sp.exp(theta) / 2 * sp.Sum(x[j] ** 2, (j, 0, n - 1)),
+        upper=sp.Sum((sp.Sum(Av[k, j] * x[j], (j, 0, n - 1)) - bv[k]) ** 2, (k, 0, p - 1)) / (2 * p))
+
+
+def make_data(seed, m=5, n=3, p=2):
+    rng = np.random.default_rng(seed)
+    return dict(A=rng.standard_normal((m, n)) / np.sqrt(n), b=rng.standard_normal(m),
+                Av=rng.standard_normal((p, n)), bv=rng.standard_normal(p))
+
+
+_MODULES = {}
+
+
+def module(kind, build_dir):
+    if kind not in _MODULES:
+        _MODULES[kind] = build_problem(atom_problem(kind), build_dir)
+    return _MODULES[kind]
+
+
+def _ball_points(rng, x, r, count):
+    d = rng.standard_normal((count, x.size))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    rad = r * rng.uniform(0, 1, count) ** (1 / x.size)
+    rad[: count // 4] = r  # a quarter on the sphere, where exp peaks
+    return x + d * rad[:, None]
+
+
+def test_derivation_marks_ball_constants():
+    for kind in ("exp", "quartic"):
+        der = derive(atom_problem(kind))
+        assert der.constants["L"].expr == sp.oo and der.constants["L_A"].expr == sp.oo
+        ball = der.ball["constants"]
+        assert set(ball) >= {"L", "L_A"} and "mu" not in ball
+        assert all(r.domain == "ball" and r.kind == "bound" and r.certified for r in ball.values())
+        again = Derivation.from_json(der.to_json())
+        assert again.to_json() == der.to_json()
+    ridge = derive(atom_problem("ridge"))
+    assert ridge.ball == {} and '"ball"' not in ridge.to_json()
+
+
+@pytest.mark.parametrize("kind", ["exp", "quartic"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_local_constants_hold_on_the_ball(kind, seed, build_dir):
+    data = make_data(seed)
+    prob = module(kind, build_dir).bind(**data)
+    orc = Oracle(atom_problem(kind), data)
+    rng = np.random.default_rng(100 + seed)
+    for theta in (-1.0, 0.5):
+        th = np.array([theta])
+        for r in (0.05, 0.5, 1.5):
+            x = rng.standard_normal(3) * 0.7
+            c = prob.local_constants(x, th, r)
+            glob = prob.constants(th)
+            assert c["mu"] == glob["mu"]  # mu is never local
+            assert c["certified"] and np.isfinite(c["L"]) and np.isfinite(c["L_A"])
+            assert c["domains"]["L_A"] == "ball"
+            pts = _ball_points(rng, x, r, 24)
+            H = [orc.hessian(y, th) for y in pts]
+            lmax = max(np.linalg.eigvalsh(h)[-1] for h in H)
+            lmin = min(np.linalg.eigvalsh(h)[0] for h in H)
+            assert lmax <= c["L"] * (1 + 1e-12) and lmin >= c["mu"] * (1 - 1e-12)
+            quot = 0.0
+            for a in range(len(pts)):
+                for b in range(a + 1, len(pts)):
+                    quot = max(quot, np.linalg.norm(H[a] - H[b], 2) / np.linalg.norm(pts[a] - pts[b]))
+                # near-coincident pairs (the derivative limit)
+                y2 = pts[a] + 1e-4 * rng.standard_normal(3) * min(r, 1.0)
+                if np.linalg.norm(y2 - x) <= r:
+                    quot = max(quot, np.linalg.norm(orc.hessian(y2, th) - H[a], 2)
+                               / np.linalg.norm(y2 - pts[a]))
+            assert quot <= c["L_A"] * (1 + 1e-9)
+            RATIOS.setdefault(kind, []).append((c["L_A"] / quot, c["L"] / lmax))
+
+
+@pytest.mark.parametrize("kind", ["exp", "quartic"])
+def test_hypergradient_bound_finite_and_valid(kind, build_dir):
+    data = make_data(7, m=8, n=5, p=4)
+    prob = module(kind, build_dir).bind(**data)
+    for theta in (-0.5, 0.3):
+        th = np.array([theta])
+        assert not np.isfinite(prob.constants(th)["L_A"])
+        ref = prob.hypergradient(th, eps=1e-13, delta=1e-13, max_iter=200000)
+        for eps in (1e-2, 1e-4, 1e-7):
+            hg = prob.hypergradient(th, eps=eps, delta=eps, max_iter=200000)
+            assert np.isfinite(hg.bound) and hg.certified, hg.status
+            err = np.linalg.norm(hg.grad - ref.grad)
+            assert err <= hg.bound + ref.bound, (err, hg.bound)
+            assert np.isfinite(hg.constants["L_A"]) and hg.constants["mu"] == prob.constants(th)["mu"]
+
+
+def test_global_constants_unchanged(build_dir):
+    data = make_data(3, m=8, n=5, p=4)
+    prob = module("ridge", build_dir).bind(**data)
+    th = np.array([0.2])
+    glob = prob.constants(th)
+    loc = prob.local_constants(np.ones(5), th, 0.3)
+    for key in ("mu", "L", "L_A", "L_B", "L_f", "certified"):
+        assert loc[key] == glob[key]
+    assert set(loc["domains"].values()) == {"all x"}
+    hg = prob.hypergradient(th, eps=1e-6, delta=1e-6)
+    for key in ("mu", "L", "L_A", "L_B", "L_f"):
+        assert hg.constants[key] == glob[key]
+
+
+def test_evaluate_local_direct():
+    """evaluate_local without a built module; ball sups by brute force on the intervals."""
+    from codegen.constants import compute_data_quantities
+    from codegen.constants.local import interval_sups
+
+    der = derive(atom_problem("exp"))
+    data = make_data(4)
+    q = compute_data_quantities(der, data)
+    x = np.array([0.3, -0.2, 0.1])
+    c = evaluate_local(der, [0.0], q, x, 0.4, data)
+    z = data["A"] @ x - data["b"]
+    rn = np.linalg.norm(data["A"], axis=1)
+    assert c["L_A"] >= np.exp(np.max(z + 0.4 * rn)) * q["normsq_K1"]["value"] * q["rowmax_K1"]["value"]
+    # polynomial sups: dense grid never exceeds the enclosure
+    comps = (np.array([0.3, -1.0, 0.5, 2.0, -0.7]), [(0.5, -1.3, 0.2)])
+    lo, hi = np.array([-2.0, 0.1]), np.array([1.5, 0.4])
+    s = interval_sups(comps, lo, hi)
+    t = np.concatenate([np.linspace(a, b, 20001) for a, b in zip(lo, hi)])
+    p2 = 12 * (-0.7) * t**2 + 6 * 2.0 * t + 2 * 0.5 + 0.5 * 1.69 * np.exp(-1.3 * t + 0.2)
+    p3 = 24 * (-0.7) * t + 12.0 + 0.5 * (-1.3) ** 3 * np.exp(-1.3 * t + 0.2)
+    assert s["hi"] >= max(p2.max(), 0) and s["peak"] >= np.abs(p2).max()
+    assert s["d3"] >= np.abs(p3).max()  # exp and polynomial parts bounded separately (looser)
+    poly = interval_sups((comps[0], []), lo, hi)  # the polynomial part alone: tight
+    p3p = 24 * (-0.7) * t + 12.0
+    assert np.abs(p3p).max() <= poly["d3"] <= np.abs(p3p).max() * (1 + 1e-6)
+
+
+def test_report_ratios():
+    """Print bound / brute-force ratios (run with -s)."""
+    for kind, vals in RATIOS.items():
+        la = [v[0] for v in vals]
+        lv = [v[1] for v in vals]
+        print(f"\n{kind}: L_A ball / sampled sup: median {np.median(la):.2f} "
+              f"[{min(la):.2f}, {max(la):.2f}]; L ball / sampled lambda_max: median "
+              f"{np.median(lv):.2f} [{min(lv):.2f}, {max(lv):.2f}]")
