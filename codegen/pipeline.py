@@ -6,15 +6,18 @@ it as one message with the file and line.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import runpy
+import tempfile
 import traceback
 from pathlib import Path
 
 import sympy as sp
 
 from . import __version__, ir
-from .errors import HypergenError, ProblemError
+from .errors import HypergenError
 from .kernels import kernel_specs
 from .problem import Problem
 from .render import environment, render_module
@@ -74,6 +77,57 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict:
             "constants": _derive_constants(problem, allow_uncertified)}
 
 
+def generate_cached(problem: Problem, allow_uncertified: bool = False) -> dict:
+    """`generate`, memoised on disk: an unchanged problem skips every SymPy stage.
+
+    The key covers the canonical problem (srepr of its expressions and arrays), the flag, and a
+    digest of the generator's own sources and templates, so any change to either misses. A
+    corrupt entry is regenerated; entries are published atomically (os.replace).
+    """
+    from .build import _cache_root
+
+    key = _symbolic_key(problem, allow_uncertified)
+    path = _cache_root(None) / "symbolic" / key[:2] / f"{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    texts = generate(problem, allow_uncertified)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as out:
+            json.dump(texts, out)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs the next build its speed
+    return texts
+
+
+def _symbolic_key(problem: Problem, allow_uncertified: bool) -> str:
+    h = hashlib.sha256()
+    canonical = [problem.name, sp.srepr(problem.g), sp.srepr(problem.f), sp.srepr(problem.r),
+                 [(a.name, a.role, a.sparse, [sp.srepr(e) for e in a.shape])
+                  for a in problem.arrays.values()],
+                 None if problem.constants is None else
+                 {k: sp.srepr(v) for k, v in sorted(problem.constants.items())},
+                 problem.theta_names, allow_uncertified, __version__]
+    h.update(json.dumps(canonical, sort_keys=True).encode())
+    h.update(_generator_digest().encode())
+    return h.hexdigest()
+
+
+def _generator_digest() -> str:
+    """Digest of the generator's sources and templates (catches edits in a source checkout)."""
+    from .render import template_digest
+
+    h = hashlib.sha256(template_digest().encode())
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def _kernel_meta(problem, spec) -> dict:
     from .render import KernelRenderer
 
@@ -117,7 +171,7 @@ def build_problem(problem: Problem, out_dir, source_file=None, allow_uncertified
     from .build import publish
     from .runtime import load_directory
 
-    texts = generate(problem, allow_uncertified)
+    texts = generate_cached(problem, allow_uncertified)
     target = write_outputs(problem, texts, out_dir, source_file)
     module = load_directory(target)
     publish(module.extension, target)

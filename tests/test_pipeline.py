@@ -1,0 +1,48 @@
+"""The pipeline's own behaviour: the symbolic cache in front of the SymPy stages, the CLI."""
+import json
+import subprocess
+import sys
+
+import sympy as sp
+
+from codegen import Problem
+from codegen.pipeline import _symbolic_key, generate, generate_cached
+from conftest import ROOT
+
+n = sp.Symbol("n", integer=True, positive=True)
+j = sp.Idx("j", n)
+x, y = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("y", shape=(n,))
+th = sp.Symbol("th")
+
+
+def _problem(weight=1):
+    return Problem(name="cached", x=x, theta=th,
+                   lower=sp.Sum((x[j] - y[j]) ** 2, (j, 0, n - 1)) * weight
+                   + sp.exp(th) * sp.Sum(x[j] ** 2, (j, 0, n - 1)),
+                   upper=sp.Sum(x[j] ** 2, (j, 0, n - 1)))
+
+
+def test_symbolic_cache_hits_misses_and_heals(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERGEN_CACHE_DIR", str(tmp_path))
+    problem = _problem()
+    first = generate_cached(problem)
+    assert first == json.loads(json.dumps(generate(problem)))
+    entries = list((tmp_path / "symbolic").rglob("*.json"))
+    assert len(entries) == 1
+    assert generate_cached(problem) == first  # a hit reads the entry
+    assert _symbolic_key(_problem(weight=2), False) != _symbolic_key(problem, False)
+    assert _symbolic_key(problem, True) != _symbolic_key(problem, False)
+    entries[0].write_text("{ truncated")  # a corrupt entry is regenerated, not trusted
+    assert generate_cached(problem) == first
+
+
+def test_cli_reports_problem_file_errors_with_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sympy as sp\nfrom codegen import Problem\n\n"
+                   "P = Problem(name='p', x=sp.Symbol('a'), theta=sp.Symbol('t'),\n"
+                   "            lower=sp.besselj(0, sp.Symbol('a')), upper=sp.Symbol('a'))\n")
+    res = subprocess.run([sys.executable, "-m", "codegen", "build", str(bad), "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2
+    assert f"{bad}:4: ProblemError: lower: function besselj" in res.stderr
+    assert "Traceback" not in res.stderr
