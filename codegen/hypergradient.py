@@ -168,29 +168,12 @@ def refined_distance(k, x, theta, c: dict, grad, e0: float, iterations: int) -> 
     mu, L_A = c["mu"], c["L_A"]
     if iterations <= 0 or e0 == 0.0 or not math.isfinite(L_A):
         return e0, 0
-    s, r = np.zeros_like(grad), grad.copy()
-    d, rr, used = r.copy(), float(grad @ grad), 0
-    for _ in range(iterations):
-        Ad, _msg = _call(k.lower_hvp, x, theta, d)
-        used += 1
-        if Ad is None:
-            return e0, used
-        dAd = float(d @ Ad)
-        if not dAd > 0:
-            break
-        alpha = rr / dAd
-        s += alpha * d
-        r -= alpha * Ad
-        rr_new = float(r @ r)
-        if rr_new <= (1e-3 * e0 * mu) ** 2:
-            break
-        d = r + (rr_new / rr) * d
-        rr = rr_new
-    As, _msg = _call(k.lower_hvp, x, theta, s)  # the true residual, not CG's recursion
-    used += 1
-    if As is None:
-        return e0, used
-    a = (_norm(s) + _norm(As - grad) / mu) * (1 + 1e-12)
+    # The adjoint CG solves A(x) s = grad g and recomputes its true residual at the end.
+    sol = _solve_adjoint(k, x, theta, c, "cg", 1e-3 * e0 * mu, None, iterations, grad, False)
+    if sol.q is None or not math.isfinite(sol.residual):
+        return e0, sol.n_hvp
+    a = (_norm(sol.q) + sol.residual / mu) * (1 + 1e-12)
+    used = sol.n_hvp
     if L_A == 0.0:
         return min(e0, a), used
     cq = L_A / (2 * mu)
