@@ -20,7 +20,7 @@ from . import __version__, ir
 from .errors import HypergenError
 from .kernels import kernel_specs
 from .problem import Problem
-from .render import environment, render_module
+from .render import ABI_VERSION, environment, render_module
 
 
 def load_problem_file(path) -> list:
@@ -60,6 +60,7 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict:
     meta = {
         "name": problem.name,
         "version": __version__,
+        "abi": ABI_VERSION,
         "x": problem.x_spec.name,
         "theta": theta,
         "theta_names": problem.theta_names,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import sympy as sp
 
-from .errors import BindError, KernelError
+from .errors import BindError, HypergenError, KernelError
 
 KERNELS = ("lower_value", "lower_grad", "lower_hvp", "cross_vjp", "cross_jvp", "upper_value",
            "upper_grad", "upper_theta_grad")
@@ -168,8 +168,15 @@ def load_directory(directory) -> GeneratedModule:
     """Load a built problem directory (what `hypergen build` wrote), compiling only on a miss."""
     from .build import load_published
 
+    from .render import ABI_VERSION
+
     directory = Path(directory)
     meta = json.loads((directory / "meta.json").read_text())
+    if meta.get("abi") != ABI_VERSION:
+        raise HypergenError(
+            f"{directory} was generated for kernel ABI {meta.get('abi')} (hypergen "
+            f"{meta.get('version')}), this hypergen reads ABI {ABI_VERSION}: run `hypergen build` "
+            f"on its problem file again")
     prefix = f"hg_{meta['name']}"
     source = (directory / f"{prefix}.c").read_text()
     cdef = meta["cdef"]

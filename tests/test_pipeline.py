@@ -46,3 +46,19 @@ def test_cli_reports_problem_file_errors_with_line(tmp_path):
     assert res.returncode == 2
     assert f"{bad}:4: ProblemError: lower: function besselj" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_directory_from_another_abi_is_refused(tmp_path):
+    import pytest
+
+    from codegen import HypergenError
+    from codegen.pipeline import write_outputs
+    from codegen.runtime import load_directory
+
+    problem = _problem()
+    target = write_outputs(problem, generate(problem), tmp_path)
+    meta = json.loads((target / "meta.json").read_text())
+    meta["abi"] = 0
+    (target / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(HypergenError, match="run `hypergen build`"):
+        load_directory(target)
