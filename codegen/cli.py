@@ -6,10 +6,8 @@ status 2; a traceback from inside SymPy is never the answer to a user's typo.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 from .errors import HypergenError
 

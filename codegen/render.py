@@ -7,7 +7,7 @@ deterministic: names come from the IR, iteration orders are fixed, nothing depen
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -15,9 +15,8 @@ import jinja2
 import sympy as sp
 
 from . import __version__, ir
-from .errors import ProblemError
 from .kernels import KernelSpec
-from .optimize import fuse_outer_loops
+from .loopnest import LoopNestBuilder
 from .printer import KernelPrinter
 
 ABI_VERSION = 1
@@ -36,15 +35,6 @@ def environment() -> jinja2.Environment:
         loader=jinja2.FileSystemLoader(str(templates_dir())),
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
         keep_trailing_newline=True, autoescape=False)
-
-
-@dataclass
-class Node:
-    """A loop (with children) or a line of C, as the template renders it."""
-
-    text: str = ""
-    loop: tuple | None = None  # (var, start, stop, pragma)
-    children: list = field(default_factory=list)
 
 
 @dataclass
@@ -80,9 +70,6 @@ class KernelRenderer:
         self.program = spec.program
         self.arrays = self.program.arrays
         self.printer = KernelPrinter(self.arrays)
-        # Kernel-wide name counters: locals of different statements share the function scope.
-        self.local_names = sp.numbered_symbols("c")
-        self.n_acc = 0
 
     def code(self, expr) -> str:
         return self.printer.doprint(expr)
@@ -162,186 +149,8 @@ class KernelRenderer:
                     for s in self.program.statements for u in s.updates)
         return "-INFINITY" if maxed else "0.0"
 
-    # -- bodies ----------------------------------------------------------------------------
     def body(self) -> list:
-        nodes = []
-        for group in fuse_outer_loops(self.program):
-            if len(group) == 1:
-                nodes.extend(self.statement_nodes(group[0], fixed=0))
-            else:
-                outer = group[0].loops[0]
-                loop = Node(loop=self.loop_header(outer, pragma=""))
-                for stmt in group:
-                    loop.children.extend(self.statement_nodes(stmt, fixed=1))
-                nodes.append(loop)
-        return nodes
-
-    def loop_header(self, lp: ir.Loop, pragma: str) -> tuple:
-        return (str(lp.var), self.index_code(lp.lo), self.index_code(lp.hi + 1), pragma)
-
-    def statement_nodes(self, stmt: ir.Statement, fixed: int) -> list:
-        """Nodes for one statement; its first `fixed` loops are already open around it."""
-        loops = stmt.loops
-        csr = self.csr_read(stmt)
-        holders, placeholders = {}, {}
-        for u in stmt.updates:
-            for r in ir.reads_of(u.expr, self.arrays):
-                if r not in holders:
-                    h = sp.Symbol(f"hg_read{len(holders)}", real=True)
-                    holders[r] = h
-                    placeholders[h.name] = f"{r.base.label}_data[hg_p]" if r == csr else self.code(r)
-        exprs = [u.expr.xreplace(holders) for u in stmt.updates]
-        depth_of_read = {h: self.depth_needed(r.free_symbols, loops) for r, h in holders.items()}
-        hoisted, exprs = self.hoist_invariants(exprs, loops, fixed, depth_of_read)
-        replacements, reduced = sp.cse(exprs, symbols=self.local_names, order="none")
-        replacements = hoisted + replacements
-        printer = KernelPrinter(self.arrays, placeholders)
-        locals_at = {}
-        local_depth = {}
-        for sym, expr in replacements:
-            deps = [self.depth_needed(expr.free_symbols, loops)]
-            deps += [depth_of_read[s] for s in expr.free_symbols if s in depth_of_read]
-            deps += [local_depth[s] for s in expr.free_symbols if s in local_depth]
-            d = max([fixed] + deps)
-            local_depth[sym] = d
-            locals_at.setdefault(d, []).append(f"const double {sym} = {printer.doprint(expr)};")
-        innermost = len(loops)
-        acc_lines_open, acc_lines_close, update_lines = {}, {}, []
-        accumulators = []
-        for u, e in zip(stmt.updates, reduced):
-            value = printer.doprint(e)
-            target = self.target_code(u)
-            d = max([fixed] + [pos + 1 for pos, lp in enumerate(loops)
-                               if any(lp.var in sp.sympify(i).free_symbols for i in u.index)])
-            if d >= innermost:
-                update_lines.append(self.update_line(target, value, u.op))
-            else:
-                acc = f"acc{self.n_acc}"
-                self.n_acc += 1
-                init = "-INFINITY" if u.op == "max" else "0.0"
-                acc_lines_open.setdefault(d, []).append(f"double {acc} = {init};")
-                update_lines.append(self.update_line(acc, value, u.op))
-                acc_lines_close.setdefault(d, []).append(self.update_line(target, acc, u.op))
-                if u.op == "+":
-                    accumulators.append(acc)
-        simd = self.simd_pragma(stmt, accumulators, update_lines)
-
-        def build(depth: int) -> list:
-            out = [Node(line) for line in locals_at.get(depth, [])]
-            out += [Node(line) for line in acc_lines_open.get(depth, [])]
-            if depth == innermost:
-                out += [Node(line) for line in update_lines]
-            elif csr is not None and depth == innermost - 1:
-                name, row = csr.base.label, self.index_code(csr.indices[0])
-                row_next = self.index_code(csr.indices[0] + 1)
-                pragma = simd if simd.startswith("#pragma omp simd reduction") else ""
-                loop = Node(loop=("hg_p", f"{name}_indptr[{row}]", f"{name}_indptr[{row_next}]", pragma))
-                loop.children = [Node(f"const int64_t {loops[depth].var} = {name}_indices[hg_p];")]
-                loop.children += build(depth + 1)
-                out.append(loop)
-            else:
-                pragma = simd if depth == innermost - 1 else ""
-                loop = Node(loop=self.loop_header(loops[depth], pragma))
-                loop.children = build(depth + 1)
-                out.append(loop)
-            out += [Node(line) for line in acc_lines_close.get(depth, [])]
-            return out
-
-        return build(fixed)
-
-    def csr_read(self, stmt: ir.Statement):
-        """The read A[row, j] of a CSR array whose non-zeros the innermost loop (over j) visits.
-
-        Legal only when j is the column index, the loop covers all columns and every update
-        vanishes where A[row, j] = 0; anything else is refused with the reason.
-        """
-        reads = sorted({r for u in stmt.updates for r in ir.reads_of(u.expr, self.arrays)
-                        if self.arrays[ir.read_name(r)].sparse}, key=sp.default_sort_key)
-        if not reads:
-            return None
-        name = ir.read_name(reads[0])
-        where = f"{self.spec.name} (statement over {', '.join(str(lp.var) for lp in stmt.loops)})"
-        if len(reads) > 1:
-            raise ProblemError(f"{name} is sparse (CSR) but one loop nest reads {reads}; "
-                               f"a CSR matrix can be read at one place per sum ({where})")
-        r, inner = reads[0], stmt.loops[-1]
-        row, col = r.indices
-        if col != inner.var or inner.var in sp.sympify(row).free_symbols:
-            raise ProblemError(f"{name} is sparse (CSR) but {r} is not summed over its column index "
-                               f"in the innermost sum ({where}); CSR supports rows outer, columns inner")
-        if (inner.lo, sp.expand(inner.hi - (self.arrays[name].shape[1] - 1))) != (0, 0):
-            raise ProblemError(f"{name} is sparse (CSR) but the sum over {inner.var} does not "
-                               f"cover all its columns ({where})")
-        for u in stmt.updates:
-            if sp.expand(u.expr.xreplace({r: 0})) != 0:
-                raise ProblemError(f"{name} is sparse (CSR) but {u.expr} does not vanish where "
-                                   f"{r} = 0, so its zeros cannot be skipped ({where})")
-        return r
-
-    def hoist_invariants(self, exprs, loops, fixed, depth_of_read):
-        """Pull function calls that no loop of this statement changes (exp(theta)...) out of it."""
-        if len(loops) <= fixed:
-            return [], exprs
-        loop_vars = {lp.var for lp in loops}
-
-        def invariant(e):
-            return all(s not in loop_vars and depth_of_read.get(s, 0) <= fixed
-                       for s in e.free_symbols)
-
-        found = {}
-
-        def visit(e):
-            if not e.args:
-                return
-            if invariant(e) and (isinstance(e, sp.Function) or
-                                 isinstance(e, sp.Pow) and not e.exp.is_Integer):
-                found.setdefault(e, None)
-                return
-            for a in e.args:
-                visit(a)
-
-        for e in exprs:
-            visit(e)
-        if not found:
-            return [], exprs
-        hoisted = [(next(self.local_names), e) for e in found]
-        sub = {e: sym for sym, e in hoisted}
-        return hoisted, [e.xreplace(sub) for e in exprs]
-
-    def depth_needed(self, symbols, loops) -> int:
-        positions = [pos + 1 for pos, lp in enumerate(loops) if lp.var in symbols]
-        return max(positions, default=0)
-
-    def target_code(self, u: ir.Update) -> str:
-        arr = self.arrays[u.target]
-        if arr.is_scalar:
-            return arr.name
-        return f"{arr.name}[{self.index_code(self.printer.flat_index(arr.name, u.index))}]"
-
-    @staticmethod
-    def update_line(target: str, value: str, op: str) -> str:
-        if op == "max":
-            return f"{target} = fmax({target}, {value});"
-        return f"{target} += {value};"
-
-    def simd_pragma(self, stmt: ir.Statement, accumulators: list, update_lines) -> str:
-        """`omp simd` on the innermost loop when its iterations are provably independent."""
-        if not stmt.loops or any(u.op == "max" for u in stmt.updates):
-            return ""
-        var = stmt.loops[-1].var
-        written = {}
-        for u in stmt.updates:
-            if any(var in sp.sympify(i).free_symbols for i in u.index):
-                written.setdefault(u.target, set()).add(tuple(u.index))
-        read_names = {ir.read_name(r) for u in stmt.updates for r in ir.reads_of(u.expr, self.arrays)}
-        if any(len(idx) > 1 for idx in written.values()) or set(written) & read_names:
-            return ""
-        direct = [u for u in stmt.updates if u.target not in written]
-        if len(direct) > len(accumulators):
-            return ""  # a scalar target updated directly inside the loop: keep it sequential
-        if accumulators:
-            return f"#pragma omp simd reduction(+:{', '.join(accumulators)})"
-        return "#pragma omp simd"
+        return LoopNestBuilder(self.program, self.printer, self.spec.name).body()
 
     def context(self) -> dict:
         params = self.params()

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sympy as sp
 
 from .errors import BindError, HypergenError, KernelError
+
+if TYPE_CHECKING:  # bound.py imports this module; the names are for annotations only
+    from .bound import BoundProblem, BoundSamples
 
 KERNELS = ("lower_value", "lower_grad", "lower_hvp", "cross_vjp", "cross_jvp", "upper_value",
            "upper_grad", "upper_theta_grad")
