@@ -30,6 +30,7 @@ plus multiples of exp(a t + b); group atoms; operators too large to form densely
 from __future__ import annotations
 
 import math
+from collections import ChainMap
 
 import numpy as np
 import sympy as sp
@@ -142,12 +143,11 @@ def interval_sups(components, lo, hi) -> dict:
 
 # -- bind-time rebuild of z = K x + b --------------------------------------------------------
 def _context(der, data):
-    from .quantities import _dense, bind_sizes, concrete
+    from .quantities import DenseOnDemand, bind_sizes, concrete
 
     sizes = bind_sizes(der, data)
     scalars = {n: float(np.asarray(data[n])) for n in der.scalars}
-    arrays = {k: _dense(v).astype(np.float64) for k, v in data.items()
-              if k in der.data_shapes and der.data_shapes[k]}
+    arrays = DenseOnDemand(data, [k for k, shape in der.data_shapes.items() if shape])
     xshape = tuple(int(concrete(s, sizes)) for s in der.x_shape)
     return sizes, scalars, arrays, xshape
 
@@ -168,7 +168,7 @@ def _operator(info, der, data, ctx):
     def offsets(theta):
         if off == 0:
             return np.zeros(K.shape[0])
-        arrs = dict(arrays)
+        arrs = ChainMap({}, arrays)  # no copy: arrays densify on demand
         arrs[der.theta_name] = np.asarray(theta, dtype=np.float64).reshape(-1)
         E = _Env(sizes, scalars, arrs, "__no_variable__", (1,))
         env, shape = {}, []

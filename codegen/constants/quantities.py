@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import string
+from collections.abc import Mapping
 
 import numpy as np
 import sympy as sp
@@ -293,6 +294,27 @@ def _dense(value):
     return np.asarray(value.toarray() if hasattr(value, "toarray") else value)
 
 
+class DenseOnDemand(Mapping):
+    """The data arrays as dense float64, each converted on first use only: a large sparse
+    matrix that no dense operator needs is never densified (20000 x 100000 would be 16 GB)."""
+
+    def __init__(self, data: dict, names):
+        self._data, self._names, self._dense = data, [n for n in names if n in data], {}
+
+    def __getitem__(self, name):
+        if name not in self._dense:
+            if name not in self._names:
+                raise KeyError(name)
+            self._dense[name] = _dense(self._data[name]).astype(np.float64)
+        return self._dense[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+
 def _sparse_quantities(K, estimates):
     R, D = K.shape
     sq = K.multiply(K)
@@ -333,10 +355,10 @@ def bind_sizes(der, data) -> dict:
     for name, shape in der.data_shapes.items():
         if name not in data:
             raise ProblemError(f"data {name} is missing (needed to bind the constants)")
-        arr = _dense(data[name])
-        if arr.ndim != len(shape):
-            raise ProblemError(f"{name}: expected {len(shape)} dimensions, got shape {arr.shape}")
-        for s, dim in zip(shape, arr.shape):
+        got = np.shape(data[name]) if not hasattr(data[name], "toarray") else data[name].shape
+        if len(got) != len(shape):
+            raise ProblemError(f"{name}: expected {len(shape)} dimensions, got shape {got}")
+        for s, dim in zip(shape, got):
             if isinstance(s, sp.Symbol):
                 if sizes.setdefault(s.name, dim) != dim:
                     raise ProblemError(f"size {s} is {sizes[s.name]} elsewhere but {dim} in {name}")
@@ -365,8 +387,7 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False) -> 
         name = str(sym)
         if not scalars.get(name, 0.0) > 0:
             raise ProblemError(f"{msg}; got {name} = {scalars.get(name)}")
-    arrays = {k: _dense(v).astype(np.float64) for k, v in data.items()
-              if k in der.data_shapes and der.data_shapes[k]}
+    arrays = DenseOnDemand(data, [k for k, shape in der.data_shapes.items() if shape])
     for name, op in der.operators.items():
         shape, var = (der.x_shape, der.x_name) if op.var == "x" else (der.theta_shape, der.theta_name)
         var_shape = tuple(int(concrete(s, sizes)) for s in shape)
