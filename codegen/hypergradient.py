@@ -35,6 +35,10 @@ FROBENIUS_MAX_P = 64
 
 _HARD = ("non-finite", "diverged", "not SPD")
 
+#: Relative size of the rounding errors in computing h = -B^T q + direct (a generous multiple of
+#: machine epsilon: reductions over the data run in the kernels and in NumPy).
+ROUNDING_FLOOR = 64 * np.finfo(float).eps
+
 #: Relative margin on a LAPACK singular value (its backward error is a small multiple of
 #: d * machine epsilon * ||B||; 1e-10 covers d up to ~1e5 with room to spare).
 SVD_MARGIN = 1e-10
@@ -55,7 +59,8 @@ class HypergradientResult:
     grad           h = -B(x_eps)^T q + upper_theta_grad(x_eps) (the latter includes grad r);
     bound          a posteriori bound on ||grad - grad F(theta)|| (framework.md 7; the smaller of
                    the ||grad f|| and the ||q|| forms, both valid); inf when not available;
-    bound_forms    both forms, {"grad_f": ..., "q": ...};
+    bound_forms    both forms, {"grad_f": ..., "q": ...}, and the floating-point floor added to
+                   the smaller ("rounding");
     apriori_bound  the a priori bound (framework.md 6) from the solvers' rates and iteration
                    counts; apriori_rigorous False when an HB rate (C = 1) was used;
     value          upper objective f(x_eps) + r at the lower solution;
@@ -357,6 +362,10 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
                        "trajectory (Hessians at every iterate), not covered by E&R's analysis")
     else:
         bound, forms = aposteriori_bound(c, e, R, nB, nb, nq, dep_theta)
+        # Floating point: h itself is computed with rounding errors the exact-arithmetic bound
+        # does not see; without this floor a converged solve could claim 1e-17 on a 1e-16 error.
+        forms["rounding"] = ROUNDING_FLOOR * (nB * nq + _norm(direct))
+        bound += forms["rounding"]
         apri = apriori_bound(c, low.apriori, adj.apriori, nB, nb, dep_theta)
         apri_rig = low.apriori_rigorous and adj.apriori_rigorous
         if not apri_rig:

@@ -18,7 +18,7 @@ def ridge_exact(data, theta):
     return -(alpha * xs) @ np.linalg.solve(H, grad_f)  # -B^T A^{-1} grad f, B = alpha x
 
 
-@pytest.mark.parametrize("lower", ["gd", "hb", "fista", "cg"])
+@pytest.mark.parametrize("lower", ["gd", "hb", "fista", "cg", "newton"])
 @pytest.mark.parametrize("adjoint", ["cg", "gd", "hb"])
 def test_ridge_bound_holds_against_closed_form(lower, adjoint, build_dir):
     _, module, ns = built_example("ridge", build_dir)
