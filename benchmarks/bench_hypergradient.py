@@ -7,13 +7,15 @@
 
 Cases: ridge and l2-logistic regression, dense, (m, n) = (2000, 500) ("-small") and (20000, 2000)
 ("-large"); 2-D smoothed-TV denoising of a 256 x 256 image (examples/tv2d.py); the paper's
-quadratic problem (d = p = 10, m1 = m2 = 1000, examples/quadratic.py). Sparse CSR is listed as
-"not supported yet" (the generator has no sparse data arrays).
+quadratic problem (d = p = 10, m1 = m2 = 1000, examples/quadratic.py); l2-logistic regression
+on CSR data, m = 20000, n = 100000 features, density 0.1% (examples/logistic_sparse.py; JAXopt
+gets the same matrix as a BCOO, NumPy as scipy.sparse).
 
 Target: ||grad - grad F|| <= 1e-6 ||grad F||.
 * hypergen must reach it with its OWN certified bound: eps = delta runs down 1e-4, 1e-5, ... until
   hg.bound <= 1e-6 ||hg.grad||; only that final configuration is timed, cold (x0 = None). Lower
-  solver "cg" when the lower level is quadratic (ridge, quadratic), "fista" otherwise; adjoint "cg".
+  solver "cg" when the lower level is quadratic (ridge, quadratic), the faster of "fista" and
+  "newton" otherwise; adjoint "cg".
 * JAXopt and NumPy/SciPy have no certificate: their tolerance (one tol for the lower solve and the
   adjoint CG) runs down the same ladder until their TRUE error against a reference hypergradient
   is <= 1e-6 relative (an oracle tuning that favours them), and that configuration is timed.
@@ -73,7 +75,7 @@ FULL = {
     "logistic-large": ("logistic", dict(m=20000, n=2000, p=2000)),
     "tv2d": ("tv2d", dict(h=256, w=256)),
     "quadratic": ("quadratic", dict(m1=1000, m2=1000, d=10, p=10)),
-    "ridge-csr": (None, {}),
+    "logistic-csr": ("logistic_sparse", dict(m=20000, n=100000, p=2000, density=0.001)),
 }
 QUICK = {
     "ridge-small": ("ridge", dict(m=200, n=50, p=40)),
@@ -82,7 +84,7 @@ QUICK = {
     "logistic-large": ("logistic", dict(m=1000, n=200, p=100)),
     "tv2d": ("tv2d", dict(h=32, w=32)),
     "quadratic": ("quadratic", dict(m1=200, m2=200, d=10, p=10)),
-    "ridge-csr": (None, {}),
+    "logistic-csr": ("logistic_sparse", dict(m=1000, n=5000, p=200, density=0.01)),
 }
 
 
@@ -117,6 +119,7 @@ def _sigmoid(t):
 
 
 def numpy_model(name, d, th):
+    name = "logistic" if name == "logistic_sparse" else name  # scipy.sparse has the same @
     if name == "ridge":
         A, b, Av, bv = d["A"], d["b"], d["Av"], d["bv"]
         al, p = math.exp(th[0]), Av.shape[0]
@@ -255,6 +258,7 @@ def jax_functions(name):
     """g(x, theta, data), f(x, theta, data) in jax.numpy and whether g is quadratic in x."""
     import jax.numpy as jnp
 
+    name = "logistic" if name == "logistic_sparse" else name  # BCOO has the same @
     if name == "ridge":
         def g(x, th, d):
             r = d["A"] @ x - d["b"]
@@ -359,10 +363,6 @@ def run_case(key, spec, args, have_jax):
 
     name, sizes = spec
     row = {"case": key}
-    if name is None:
-        print(f"\n== {key}: sparse CSR data: not supported yet by the generator (no sparse arrays)")
-        row["note"] = "not supported yet"
-        return row
     ns = runpy.run_path(str(ROOT / "examples" / f"{name}.py"))
     data = ns["example_data"](0, **sizes)
     prob = codegen.load(ROOT / "examples" / f"{name}.py").bind(**data)
@@ -376,21 +376,27 @@ def run_case(key, spec, args, have_jax):
           + (f", its certified bound / ||grad|| = {ref_bound:.2g}" if ref_bound else ""))
     row.update(name=name, sizes=size_txt)
 
-    # hypergen: own certified bound decides
-    lower = "cg" if prob.is_quadratic else "fista"
-    for eps in LADDER:
-        hg = prob.hypergradient(th, lower=lower, adjoint="cg", eps=eps, delta=eps)
-        if hg.bound <= TARGET * np.linalg.norm(hg.grad):
-            break
-    else:
-        print("  hypergen: certified 1e-6 not reached on the ladder")
-    call = lambda: prob.hypergradient(th, lower=lower, adjoint="cg", eps=eps, delta=eps)
-    t, _, hg = median_time(call, args.repeat)
+    # hypergen: own certified bound decides; every applicable lower solver, the fastest counts
+    best = None
+    for lower in (["cg"] if prob.is_quadratic else ["fista", "newton"]):
+        for eps in LADDER:
+            hg = prob.hypergradient(th, lower=lower, adjoint="cg", eps=eps, delta=eps)
+            if hg.bound <= TARGET * np.linalg.norm(hg.grad):
+                break
+        else:
+            print(f"  hypergen {lower}: certified 1e-6 not reached on the ladder")
+        call = lambda lower=lower, eps=eps: prob.hypergradient(  # noqa: E731
+            th, lower=lower, adjoint="cg", eps=eps, delta=eps)
+        t, _, hg = median_time(call, args.repeat)
+        print(f"  hypergen {lower}+cg eps=delta={eps:g}: {t * 1e3:.2f} ms, true err "
+              f"{rel_err(hg.grad, ref):.2g}, certified bound/||h|| "
+              f"{hg.bound / np.linalg.norm(hg.grad):.2g}, work {hg.work}, status {hg.status}")
+        if best is None or t < best[0]:
+            best = (t, lower, eps, hg, call)
+    t, lower, eps, hg, call = best
     row["hg"] = dict(t=t, err=rel_err(hg.grad, ref), tol=eps, bound=hg.bound / np.linalg.norm(hg.grad),
                      units=hg.work["units"], cross=hg.work["cross"], status=hg.status,
                      solver=f"{lower}+cg")
-    print(f"  hypergen {lower}+cg eps=delta={eps:g}: {t * 1e3:.2f} ms, true err {row['hg']['err']:.2g}, "
-          f"certified bound/||h|| {row['hg']['bound']:.2g}, work {hg.work}, status {hg.status}")
     if args.profile and key in args.profile:
         profile(call, key)
         call_overhead(prob, th, hg)
@@ -414,7 +420,10 @@ def run_case(key, spec, args, have_jax):
         import jax
         import jax.numpy as jnp
 
-        jdata = {k: jnp.asarray(v) for k, v in data.items()}
+        from jax.experimental import sparse as jsparse
+
+        jdata = {k: jsparse.BCOO.from_scipy_sparse(v) if hasattr(v, "tocsr") else jnp.asarray(v)
+                 for k, v in data.items()}
         jth = jnp.asarray(th)
         compile_total = 0.0
         for tol in LADDER:
