@@ -137,6 +137,42 @@ class BoundProblem:
                                         self._vector("x", x, self.x_size, "x"), float(radius),
                                         self.data)
 
+    def cross_norm_bound(self, x, theta) -> float:
+        """A certified upper bound on ||B(x, theta)||_2 in one pass over the data, or math.inf
+        when g is not of the per-sample-weight form sum_I v(theta_I) core_I(x) + (theta-free)
+        (constants/cross.py; hypergradient.cross_norm then falls back to cross JVPs).
+
+        The bound is ||B||_F from per-sample column norms with outward margins. On first use per
+        bind, two of its columns are checked against exact cross JVPs (not counted as work); a
+        mismatch disables the bound for this bind."""
+        import math
+
+        from .constants_runtime import cross_norm_structure, prepare_constants
+
+        if self._constants is None:
+            self._constants = prepare_constants(self.module, self.data)
+        cn = cross_norm_structure(self._constants, self.data)
+        if cn is None:
+            return math.inf
+        th = self._theta(theta)
+        xv = self._vector("x", x, self.x_size, "x")
+        try:
+            if not cn.checked:
+                comp = cn.column_norms(xv, th, margins=False)
+                marg = cn.column_norms(xv, th)
+                for r in sorted({int(np.argmax(comp)), cn.m // 2}):
+                    t = np.zeros(self.theta_size)
+                    t[cn.lo + r] = 1.0
+                    exact = float(np.linalg.norm(self.cross_jvp(xv, th, t)))
+                    if not (exact <= marg[r] and abs(exact - comp[r]) <= 1e-6 * marg[r] + 1e-300):
+                        self._constants["cross"] = (f"structural ||B|| check failed at column "
+                                                    f"{cn.lo + r}: {exact} vs {comp[r]}")
+                        return math.inf
+                cn.checked = True
+            return float(cn.bound(xv, th))
+        except Exception:  # noqa: BLE001 - no structural bound: the caller uses cross JVPs
+            return math.inf
+
 
 class BoundSamples:
     """Several samples of one problem: the upper objective and hypergradient are their means."""

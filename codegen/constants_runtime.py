@@ -62,3 +62,17 @@ def evaluate_local_constants(prepared: dict, theta: np.ndarray, x: np.ndarray, r
 
     return evaluate_local(prepared["derivation"], theta, prepared["quantities"], x, radius, data,
                           cache=prepared.setdefault("ball_cache", {}))
+
+
+def cross_norm_structure(prepared: dict, data: dict):
+    """The per-bind `constants.cross.CrossNorm` (one-pass bound on ||B||), or None when the
+    theta-structure of g is not per-sample weights (or the constants are stated): callers then
+    fall back to cross JVPs. Prepared once, kept in `prepared`."""
+    if prepared["kind"] != "derived":
+        return None
+    if "cross" not in prepared:
+        from .constants.cross import prepare_cross
+
+        prepared["cross"] = prepare_cross(prepared["derivation"], data)
+    cross = prepared["cross"]
+    return None if isinstance(cross, str) else cross
