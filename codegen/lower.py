@@ -60,7 +60,9 @@ class _Lowering:
         if any(lp.var.name == str(var) for lp in outer):
             raise ProblemError(f"{self.label}: the index {var} is summed inside a sum over itself; "
                                f"use a different Idx for the inner sum")
-        return ir.Loop(sp.Symbol(str(var), integer=True), sp.sympify(lo), sp.sympify(hi))
+        # Bounds may use enclosing indices (triangular sums): lift those to their loop variables.
+        return ir.Loop(sp.Symbol(str(var), integer=True), self.lift(sp.sympify(lo), outer),
+                       self.lift(sp.sympify(hi), outer))
 
     # -- the recursive lift ----------------------------------------------------------------
     def lift(self, expr, loops: tuple):

@@ -1,0 +1,68 @@
+"""The language is general: shapes of problems none of the examples has, against the oracle.
+
+Offsets (a sum from 1), triangular sums (an inner range bounded by the outer index),
+convolutions (x[i + k]), vector theta inside an atom, products and quotients of sums,
+fractional powers, 2-D x with one theta per row and a log-sum-exp upper level, and an index
+used as a number.
+"""
+import numpy as np
+import pytest
+import sympy as sp
+
+from codegen import Problem, sigmoid
+from codegen.pipeline import build_problem
+from oracle import Oracle
+
+n, K, m = sp.symbols("n K m", integer=True, positive=True)
+i, j, k, r = sp.Idx("i", n), sp.Idx("j", n), sp.Idx("k", K), sp.Idx("r", m)
+x, y = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("y", shape=(n,))
+w, cw = sp.IndexedBase("w", shape=(K,)), sp.IndexedBase("cw", shape=(m,))
+th, tm, t0 = sp.IndexedBase("th", shape=(n,)), sp.IndexedBase("tm", shape=(m,)), sp.Symbol("t0")
+X = sp.IndexedBase("X", shape=(m, n))
+ALL = (i, 0, n - 1)
+RIDGE = sp.exp(t0) * sp.Sum(x[i] ** 2, ALL)
+
+CASES = {
+    "offset_lo": dict(x=x, theta=t0, lower=sp.Sum((x[i] - x[i - 1]) ** 2, (i, 1, n - 1)) + RIDGE,
+                      upper=sp.Sum((x[i] - y[i]) ** 2, ALL)),
+    "triangular": dict(x=x, theta=t0, lower=sp.Sum(sp.Sum(x[j], (j, 0, i)) ** 2, ALL) + RIDGE,
+                       upper=sp.Sum(y[i] * x[i], ALL)),
+    "conv": dict(x=x, theta=t0, upper=sp.Sum(x[i] ** 2, ALL),
+                 lower=sp.Sum((sp.Sum(w[k] * x[i + k], (k, 0, K - 1)) - y[i]) ** 2, (i, 0, n - K))
+                 + RIDGE),
+    "theta_in_atom": dict(x=x, theta=th,
+                          lower=sp.Sum(sp.exp(th[i]) * x[i] ** 2 + sp.log(1 + sp.exp(x[i] * y[i])), ALL),
+                          upper=sp.Sum((x[i] - y[i]) ** 2, ALL) + sp.Sum(th[i] ** 2, ALL)),
+    "sum_products": dict(x=x, theta=t0,
+                         lower=sp.Sum(x[i] ** 2, ALL) * (1 + sp.Sum(y[i] ** 2 * x[i] ** 2, ALL))
+                         + t0 ** 2 * sp.Sum(x[i], ALL) ** 2,
+                         upper=sp.Sum(x[i], ALL) / sp.Sum(y[i] ** 2, ALL)),
+    "pow_frac": dict(x=x, theta=t0, lower=sp.Sum((x[i] ** 2 + sp.exp(t0)) ** sp.Rational(3, 2), ALL),
+                     upper=sp.sqrt(sp.Sum(x[i] ** 2 * y[i] ** 2, ALL) + 1) * sp.exp(t0)),
+    "rows_theta": dict(x=X, theta=tm,
+                       lower=sp.Sum(sigmoid(tm[r]) * sp.Sum((X[r, j] - y[j] * cw[r]) ** 2, (j, 0, n - 1)),
+                                    (r, 0, m - 1)) + sp.Sum(X[r, j] ** 2, (r, 0, m - 1), (j, 0, n - 1)),
+                       upper=sp.Sum(sp.log(sp.Sum(sp.exp(X[r, j]), (j, 0, n - 1))), (r, 0, m - 1))),
+    "index_value": dict(x=x, theta=t0, lower=sp.Sum((i + 1) * x[i] ** 2 + sp.cos(t0 * i) * x[i], ALL),
+                        upper=sp.Sum(i * x[i] * y[i], ALL)),
+}
+SHAPES = {"y": (5,), "w": (3,), "cw": (3,)}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_unseen_problem_shapes_match_oracle(name, build_dir):
+    problem = Problem(name=name, **CASES[name])
+    module = build_problem(problem, build_dir, allow_uncertified=True)
+    rng = np.random.default_rng(1)
+    data = {a.name: rng.standard_normal(SHAPES[a.name]) for a in problem.data_specs}
+    prob, oracle = module.bind(**data), Oracle(problem, data)
+    x0, t = rng.standard_normal(prob.x_size), 0.5 * rng.standard_normal(prob.theta_size)
+    v, tt = rng.standard_normal(prob.x_size), rng.standard_normal(prob.theta_size)
+    for kernel, args in [("lower_value", (x0, t)), ("lower_grad", (x0, t)), ("lower_hvp", (x0, t, v)),
+                         ("cross_vjp", (x0, t, v)), ("cross_jvp", (x0, t, tt)),
+                         ("upper_value", (x0, t)), ("upper_grad", (x0, t)),
+                         ("upper_theta_grad", (x0, t))]:
+        got = np.atleast_1d(getattr(prob, kernel)(*args))
+        want = np.atleast_1d(np.asarray(getattr(oracle, kernel)(*args), dtype=float))
+        err = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300)
+        assert err <= 1e-12, f"{name}.{kernel}: relative error {err:.1e}"
