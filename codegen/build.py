@@ -45,7 +45,7 @@ from .errors import BuildError
 EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
 LAYOUT = "v1"
 KEY_FUNCTION = "hg_build_key"
-BASE_FLAGS = ("-O3", "-std=c99", "-fopenmp-simd", "-fno-math-errno", "-Wall", "-Wextra")
+BASE_FLAGS = ("-O3", "-std=c99", "-fno-math-errno", "-Wall", "-Wextra")
 # Environment variables setuptools folds into the compile and link commands.
 COMPILER_ENV = ("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS", "LDSHARED")
 
@@ -62,7 +62,9 @@ from cffi import FFI
 job = json.load(sys.stdin)
 ffi = FFI()
 ffi.cdef(job["cdef"])
-ffi.set_source(job["module"], job["source"], extra_compile_args=job["flags"])
+# -fopenmp also links the OpenMP runtime; every other flag only compiles.
+link = [f for f in job["flags"] if f == "-fopenmp"]
+ffi.set_source(job["module"], job["source"], extra_compile_args=job["flags"], extra_link_args=link)
 try:
     ffi.compile(tmpdir=job["tmpdir"], verbose=True)
 except Exception as exc:  # the compiler's own messages are already on stderr; no traceback needed
@@ -76,11 +78,14 @@ except Exception as exc:  # the compiler's own messages are already on stderr; n
 def default_flags() -> tuple[str, ...]:
     """Optimising C99 flags; `-march=native` unless HYPERGEN_PORTABLE=1; then $HYPERGEN_CFLAGS.
 
-    `-fopenmp-simd` makes the templates' `#pragma omp simd` effective without linking OpenMP;
-    `-fno-math-errno` lets sqrt/exp vectorise. The flags are part of the cache key.
+    `-fopenmp` runs the kernels' heavy outer loops on all cores (`omp parallel for`) and makes
+    `omp simd` effective; HYPERGEN_OPENMP=0 gives `-fopenmp-simd` instead (serial, no OpenMP
+    runtime linked). `-fno-math-errno` lets sqrt/exp vectorise. The flags are part of the key.
     """
     native = () if os.environ.get("HYPERGEN_PORTABLE") == "1" else ("-march=native",)
-    return BASE_FLAGS + native + tuple(shlex.split(os.environ.get("HYPERGEN_CFLAGS", "")))
+    openmp = ("-fopenmp-simd",) if os.environ.get("HYPERGEN_OPENMP") == "0" else ("-fopenmp",)
+    return (BASE_FLAGS + openmp + native
+            + tuple(shlex.split(os.environ.get("HYPERGEN_CFLAGS", ""))))
 
 
 def cache_key(module_name: str, source: str, cdef: str, flags=None) -> str:

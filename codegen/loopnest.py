@@ -14,7 +14,7 @@ import sympy as sp
 
 from . import ir
 from .errors import ProblemError
-from .optimize import fuse_outer_loops
+from .optimize import _same_iteration, fuse_outer_loops
 from .printer import KernelPrinter
 
 
@@ -25,6 +25,10 @@ class Node:
     text: str = ""
     loop: tuple | None = None  # (var, start, stop, pragma)
     children: list = field(default_factory=list)
+
+
+# Loop-nest trip count above which the outer loop runs on all cores (a fork costs microseconds).
+PARALLEL_MIN_WORK = 200000
 
 
 class LoopNestBuilder:
@@ -46,15 +50,48 @@ class LoopNestBuilder:
     def body(self) -> list:
         nodes = []
         for group in fuse_outer_loops(self.program):
-            if len(group) == 1:
+            parallel = self.parallel_pragma(group)
+            if len(group) == 1 and not parallel:
                 nodes.extend(self.statement_nodes(group[0], fixed=0))
             else:
                 outer = group[0].loops[0]
-                loop = Node(loop=self.loop_header(outer, pragma=""))
+                loop = Node(loop=self.loop_header(outer, pragma=parallel))
                 for stmt in group:
                     loop.children.extend(self.statement_nodes(stmt, fixed=1))
                 nodes.append(loop)
         return nodes
+
+    def parallel_pragma(self, group: list) -> str:
+        """`omp parallel for` on a loop nest's outer loop when it pays and is race-free.
+
+        Only nests with inner loops (a pass over a data matrix, not an O(n) sweep), and only
+        when every update either writes the current outer iteration's own slice or sums into
+        a target no outer index reaches (an OpenMP reduction, array sections for arrays). An
+        `if` clause keeps small problems serial: a fork costs microseconds.
+        """
+        heaviest = max(group, key=lambda s: len(s.loops))
+        if len(heaviest.loops) < 2:
+            return ""
+        outer = group[0].loops[0]
+        reductions = []
+        for stmt in group:
+            for u in stmt.updates:
+                if u.index and _same_iteration(u.index, outer):
+                    continue
+                if u.op != "+" or any(outer.var in sp.sympify(e).free_symbols for e in u.index):
+                    return ""  # a max into shared data, or iterations scattering into each other
+                arr = self.arrays[u.target]
+                name = arr.name if arr.is_scalar else (
+                    f"{arr.name}[:{self.index_code(sp.Mul(*arr.shape))}]")
+                if name not in reductions:
+                    reductions.append(name)
+        # Trip count bound: indices in inner ranges (triangular sums) at their largest values.
+        extents = sp.Mul(*[lp.hi - lp.lo + 1 for lp in heaviest.loops])
+        for _ in heaviest.loops:
+            extents = extents.subs({lp.var: lp.hi for lp in heaviest.loops})
+        cost = self.index_code(sp.expand(extents))
+        clause = f" reduction(+: {', '.join(reductions)})" if reductions else ""
+        return f"#pragma omp parallel for schedule(static) if ({cost} > {PARALLEL_MIN_WORK}){clause}"
 
     def loop_header(self, lp: ir.Loop, pragma: str) -> tuple:
         return (str(lp.var), self.index_code(lp.lo), self.index_code(lp.hi + 1), pragma)

@@ -120,7 +120,10 @@ def test_flags_change_the_key_and_the_directory(tmp_path, monkeypatch):
     assert len(keys) == 3
     monkeypatch.setenv("HYPERGEN_PORTABLE", "1")
     monkeypatch.setenv("HYPERGEN_CFLAGS", "-DEXTRA=1  -funroll-loops")
-    assert build.default_flags() == build.BASE_FLAGS + ("-DEXTRA=1", "-funroll-loops")
+    assert build.default_flags() == build.BASE_FLAGS + ("-fopenmp", "-DEXTRA=1", "-funroll-loops")
+    monkeypatch.setenv("HYPERGEN_OPENMP", "0")  # serial kernels, no OpenMP runtime linked
+    assert "-fopenmp-simd" in build.default_flags() and "-fopenmp" not in build.default_flags()
+    monkeypatch.delenv("HYPERGEN_OPENMP")
     defaults = build.default_flags()
     assert build.cache_key("add", source, CDEF, None) == build.cache_key("add", source, CDEF, defaults)
     monkeypatch.delenv("HYPERGEN_CFLAGS")

@@ -195,3 +195,20 @@ def test_sparse_use_that_needs_zeros_is_refused():
                       upper=sp.Sum(x[j], (j, 0, n - 1)))
     with pytest.raises(ProblemError, match="does not vanish where A"):
         render_module(problem, kernel_specs(problem))
+
+
+def test_parallel_outer_loops_match_numpy(build_dir):
+    """Above the OpenMP threshold the row loop runs on all cores, reducing into x_bar."""
+    _, module, ns = built_example("logistic", build_dir)
+    data = ns["example_data"](seed=4, m=3001, n=97, p=11)
+    assert data["A"].size > 200000  # the generated `if` clause sends this size parallel
+    prob = module.bind(**data)
+    A, y = data["A"], data["y"]
+    rng = np.random.default_rng(1)
+    x, v, theta = rng.standard_normal(97) * 0.1, rng.standard_normal(97), np.array([-0.7])
+    s = 1 / (1 + np.exp(y * (A @ x)))
+    m = A.shape[0]
+    grad = -A.T @ (y * s) / m + np.exp(theta[0]) * x
+    hvp = A.T @ (s * (1 - s) * (A @ v)) / m + np.exp(theta[0]) * v
+    np.testing.assert_allclose(prob.lower_grad(x, theta), grad, rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(prob.lower_hvp(x, theta, v), hvp, rtol=1e-11, atol=1e-14)

@@ -98,14 +98,16 @@ int hg_hypercleaning_lower_value(int64_t c, int64_t m, int64_t n, const double *
     for (int64_t hg_k = 0; hg_k < m; ++hg_k) s3[hg_k] = -INFINITY;
     memset(s4, 0, sizeof(double) * (size_t)(m));
 
-    double acc0 = 0.0;
+    #pragma omp parallel for schedule(static) if (c*n > 200000) reduction(+: s0)
     for (int64_t k = 0; k < c; ++k) {
+        double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
         for (int64_t j = 0; j < n; ++j) {
             acc0 += (W[j + k*n]*W[j + k*n]);
         }
+        s0 += acc0;
     }
-    s0 += acc0;
+    #pragma omp parallel for schedule(static) if (c*m*n > 200000) reduction(+: s5)
     for (int64_t i = 0; i < m; ++i) {
         for (int64_t k = 0; k < c; ++k) {
             double acc1 = 0.0;
@@ -164,6 +166,7 @@ int hg_hypercleaning_lower_grad(int64_t c, int64_t m, int64_t n, const double *r
 
     s0_bar += lam;
     s5_bar += 1.0/m;
+    #pragma omp parallel for schedule(static) if (c*m*n > 200000) reduction(+: W_bar[:c*n])
     for (int64_t i = 0; i < m; ++i) {
         for (int64_t k = 0; k < c; ++k) {
             double acc0 = 0.0;
@@ -202,6 +205,7 @@ int hg_hypercleaning_lower_grad(int64_t c, int64_t m, int64_t n, const double *r
             }
         }
     }
+    #pragma omp parallel for schedule(static) if (c*n > 200000)
     for (int64_t k = 0; k < c; ++k) {
         #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
@@ -240,6 +244,7 @@ int hg_hypercleaning_lower_hvp(int64_t c, int64_t m, int64_t n, const double *re
 
     s0_bar += lam;
     s5_bar += 1.0/m;
+    #pragma omp parallel for schedule(static) if (c*m*n > 200000) reduction(+: W_bar_dot[:c*n])
     for (int64_t i = 0; i < m; ++i) {
         for (int64_t k = 0; k < c; ++k) {
             double acc0 = 0.0;
@@ -282,6 +287,7 @@ int hg_hypercleaning_lower_hvp(int64_t c, int64_t m, int64_t n, const double *re
             }
         }
     }
+    #pragma omp parallel for schedule(static) if (c*n > 200000)
     for (int64_t k = 0; k < c; ++k) {
         #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
@@ -314,6 +320,7 @@ int hg_hypercleaning_cross_vjp(int64_t c, int64_t m, int64_t n, const double *re
     memset(theta_bar_dot, 0, sizeof(double) * (size_t)(m));
 
     s5_bar += 1.0/m;
+    #pragma omp parallel for schedule(static) if (c*m*n > 200000)
     for (int64_t i = 0; i < m; ++i) {
         for (int64_t k = 0; k < c; ++k) {
             double acc0 = 0.0;
@@ -377,6 +384,7 @@ int hg_hypercleaning_cross_jvp(int64_t c, int64_t m, int64_t n, const double *re
     memset(W_bar_dot, 0, sizeof(double) * (size_t)(c*n));
 
     s5_bar += 1.0/m;
+    #pragma omp parallel for schedule(static) if (c*m*n > 200000) reduction(+: W_bar_dot[:c*n])
     for (int64_t i = 0; i < m; ++i) {
         for (int64_t k = 0; k < c; ++k) {
             double acc0 = 0.0;
@@ -437,6 +445,7 @@ int hg_hypercleaning_upper_value(int64_t c, int64_t m, int64_t mv, int64_t n, co
     for (int64_t hg_k = 0; hg_k < mv; ++hg_k) s2[hg_k] = -INFINITY;
     memset(s3, 0, sizeof(double) * (size_t)(mv));
 
+    #pragma omp parallel for schedule(static) if (c*mv*n > 200000) reduction(+: s4)
     for (int64_t l = 0; l < mv; ++l) {
         for (int64_t k = 0; k < c; ++k) {
             double acc0 = 0.0;
@@ -494,6 +503,7 @@ int hg_hypercleaning_upper_grad(int64_t c, int64_t m, int64_t mv, int64_t n, con
     memset(W_bar, 0, sizeof(double) * (size_t)(c*n));
 
     s4_bar += 1.0/mv;
+    #pragma omp parallel for schedule(static) if (c*mv*n > 200000) reduction(+: W_bar[:c*n])
     for (int64_t l = 0; l < mv; ++l) {
         for (int64_t k = 0; k < c; ++k) {
             double acc0 = 0.0;

@@ -89,6 +89,7 @@ int hg_logistic_sparse_lower_value(int64_t m, int64_t n, const double *restrict 
     double value = 0.0;
     memset(s0, 0, sizeof(double) * (size_t)(m));
 
+    #pragma omp parallel for schedule(static) if (m*n > 200000) reduction(+: s1)
     for (int64_t i = 0; i < m; ++i) {
         double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
@@ -127,6 +128,7 @@ int hg_logistic_sparse_lower_grad(int64_t m, int64_t n, const double *restrict t
 
     s1_bar += 1.0/m;
     s2_bar += (1.0/2.0)*exp(theta[0]);
+    #pragma omp parallel for schedule(static) if (m*n > 200000) reduction(+: x_bar[:n])
     for (int64_t i = 0; i < m; ++i) {
         double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
@@ -167,6 +169,7 @@ int hg_logistic_sparse_lower_hvp(int64_t m, int64_t n, const double *restrict th
 
     s1_bar += 1.0/m;
     s2_bar += (1.0/2.0)*exp(theta[0]);
+    #pragma omp parallel for schedule(static) if (m*n > 200000) reduction(+: x_bar_dot[:n])
     for (int64_t i = 0; i < m; ++i) {
         double acc0 = 0.0;
         double acc1 = 0.0;
@@ -243,6 +246,7 @@ int hg_logistic_sparse_upper_value(int64_t n, int64_t p, const double *restrict 
     double value = 0.0;
     memset(s0, 0, sizeof(double) * (size_t)(p));
 
+    #pragma omp parallel for schedule(static) if (n*p > 200000) reduction(+: s1)
     for (int64_t k = 0; k < p; ++k) {
         double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
@@ -274,6 +278,7 @@ int hg_logistic_sparse_upper_grad(int64_t n, int64_t p, const double *restrict t
     memset(x_bar, 0, sizeof(double) * (size_t)(n));
 
     s1_bar += 1.0/p;
+    #pragma omp parallel for schedule(static) if (n*p > 200000) reduction(+: x_bar[:n])
     for (int64_t k = 0; k < p; ++k) {
         double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)

@@ -93,6 +93,7 @@ int hg_quadratic_lower_value(int64_t d, int64_t m2, int64_t p, const double *res
     memset(s0, 0, sizeof(double) * (size_t)(m2));
     memset(s1, 0, sizeof(double) * (size_t)(m2));
 
+    #pragma omp parallel for schedule(static) if (m2*p > 200000) reduction(+: s2)
     for (int64_t i = 0; i < m2; ++i) {
         double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
@@ -130,6 +131,7 @@ int hg_quadratic_lower_grad(int64_t d, int64_t m2, int64_t p, const double *rest
     memset(x_bar, 0, sizeof(double) * (size_t)(d));
 
     s2_bar += 1.0;
+    #pragma omp parallel for schedule(static) if (m2*p > 200000) reduction(+: x_bar[:d])
     for (int64_t i = 0; i < m2; ++i) {
         double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
@@ -169,6 +171,7 @@ int hg_quadratic_lower_hvp(int64_t d, int64_t m2, int64_t p, const double *restr
     memset(x_bar_dot, 0, sizeof(double) * (size_t)(d));
 
     s2_bar += 1.0;
+    #pragma omp parallel for schedule(static) if (d*m2 > 200000) reduction(+: x_bar_dot[:d])
     for (int64_t i = 0; i < m2; ++i) {
         double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
@@ -202,6 +205,7 @@ int hg_quadratic_cross_vjp(int64_t d, int64_t m2, int64_t p, const double *restr
     memset(theta_bar_dot, 0, sizeof(double) * (size_t)(p));
 
     s2_bar += 1.0;
+    #pragma omp parallel for schedule(static) if (d*m2 > 200000) reduction(+: theta_bar_dot[:p])
     for (int64_t i = 0; i < m2; ++i) {
         double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
@@ -235,6 +239,7 @@ int hg_quadratic_cross_jvp(int64_t d, int64_t m2, int64_t p, const double *restr
     memset(x_bar_dot, 0, sizeof(double) * (size_t)(d));
 
     s2_bar += 1.0;
+    #pragma omp parallel for schedule(static) if (m2*p > 200000) reduction(+: x_bar_dot[:d])
     for (int64_t i = 0; i < m2; ++i) {
         double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
@@ -264,6 +269,7 @@ int hg_quadratic_upper_value(int64_t d, int64_t m1, int64_t p, const double *res
     double value = 0.0;
     memset(s0, 0, sizeof(double) * (size_t)(m1));
 
+    #pragma omp parallel for schedule(static) if (d*m1 > 200000) reduction(+: s1)
     for (int64_t l = 0; l < m1; ++l) {
         double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
@@ -294,6 +300,7 @@ int hg_quadratic_upper_grad(int64_t d, int64_t m1, int64_t p, const double *rest
     memset(x_bar, 0, sizeof(double) * (size_t)(d));
 
     s1_bar += 1.0;
+    #pragma omp parallel for schedule(static) if (d*m1 > 200000) reduction(+: x_bar[:d])
     for (int64_t l = 0; l < m1; ++l) {
         double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)

@@ -81,24 +81,26 @@ int hg_tv2d_lower_value(int64_t h, int64_t w, const double *restrict theta, cons
     double s1 = 0.0;
     double value = 0.0;
 
-    double acc0 = 0.0;
+    #pragma omp parallel for schedule(static) if (h*w > 200000) reduction(+: s0)
     for (int64_t i = 0; i < h; ++i) {
+        double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
         for (int64_t j = 0; j < w; ++j) {
             acc0 += ((X[i*w + j] - Y[i*w + j])*(X[i*w + j] - Y[i*w + j]));
         }
+        s0 += acc0;
     }
-    s0 += acc0;
-    const double c0 = exp(2.0*theta[1]);
-    double acc1 = 0.0;
+    #pragma omp parallel for schedule(static) if (h*w - h - w + 1 > 200000) reduction(+: s1)
     for (int64_t i = 0; i < h - 1; ++i) {
+        const double c0 = exp(2.0*theta[1]);
+        double acc1 = 0.0;
         #pragma omp simd reduction(+:acc1)
         for (int64_t j = 0; j < w - 1; ++j) {
             const double c1 = -X[i*w + j];
             acc1 += sqrt(c0 + ((c1 + X[i*w + j + w])*(c1 + X[i*w + j + w])) + ((c1 + X[i*w + j + 1])*(c1 + X[i*w + j + 1])));
         }
+        s1 += acc1;
     }
-    s1 += acc1;
     value += (1.0/2.0)*s0 + s1*exp(theta[0]);
 
     *value_out = value;
@@ -129,6 +131,7 @@ int hg_tv2d_lower_grad(int64_t h, int64_t w, const double *restrict theta, const
             X_bar[i*w + j] += c4*(-X[i*w + j + w] - X[i*w + j + 1] + 2.0*X[i*w + j]);
         }
     }
+    #pragma omp parallel for schedule(static) if (h*w > 200000)
     for (int64_t i = 0; i < h; ++i) {
         #pragma omp simd
         for (int64_t j = 0; j < w; ++j) {
@@ -172,6 +175,7 @@ int hg_tv2d_lower_hvp(int64_t h, int64_t w, const double *restrict theta, const 
             X_bar_dot[i*w + j] += v[i*w + j + w]*(c13*c6 + c9) + v[i*w + j + 1]*(c11*c13 + c9) + v[i*w + j]*(c10*c13 + 2.0*c5);
         }
     }
+    #pragma omp parallel for schedule(static) if (h*w > 200000)
     for (int64_t i = 0; i < h; ++i) {
         #pragma omp simd
         for (int64_t j = 0; j < w; ++j) {
@@ -192,9 +196,10 @@ int hg_tv2d_cross_vjp(int64_t h, int64_t w, const double *restrict theta, const 
     double s1_dot = 0.0;
     memset(theta_bar_dot, 0, sizeof(double) * (size_t)(2));
 
-    const double c0 = exp(2.0*theta[1]);
-    double acc0 = 0.0;
+    #pragma omp parallel for schedule(static) if (h*w - h - w + 1 > 200000) reduction(+: s1_dot)
     for (int64_t i = 0; i < h - 1; ++i) {
+        const double c0 = exp(2.0*theta[1]);
+        double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
         for (int64_t j = 0; j < w - 1; ++j) {
             const double c1 = -X[i*w + j];
@@ -203,14 +208,15 @@ int hg_tv2d_cross_vjp(int64_t h, int64_t w, const double *restrict theta, const 
             const double c4 = pow(c0 + (c2*c2) + (c3*c3), -1.0/2.0);
             acc0 += c2*c4*q[i*w + j + w] + c3*c4*q[i*w + j + 1] + c4*q[i*w + j]*(-X[i*w + j + w] - X[i*w + j + 1] + 2.0*X[i*w + j]);
         }
+        s1_dot += acc0;
     }
-    s1_dot += acc0;
     const double c5 = exp(theta[0]);
     s1_bar += c5;
     theta_bar_dot[0] += c5*s1_dot;
-    const double c6 = exp(2.0*theta[1]);
-    double acc1 = 0.0;
+    #pragma omp parallel for schedule(static) if (h*w - h - w + 1 > 200000) reduction(+: theta_bar_dot[:2])
     for (int64_t i = 0; i < h - 1; ++i) {
+        const double c6 = exp(2.0*theta[1]);
+        double acc1 = 0.0;
         #pragma omp simd reduction(+:acc1)
         for (int64_t j = 0; j < w - 1; ++j) {
             const double c7 = -X[i*w + j];
@@ -219,8 +225,8 @@ int hg_tv2d_cross_vjp(int64_t h, int64_t w, const double *restrict theta, const 
             const double c10 = c6*s1_bar/pow(c6 + (c8*c8) + (c9*c9), 3.0/2.0);
             acc1 += -c10*c8*q[i*w + j + w] - c10*c9*q[i*w + j + 1] + c10*q[i*w + j]*(X[i*w + j + w] + X[i*w + j + 1] - 2.0*X[i*w + j]);
         }
+        theta_bar_dot[1] += acc1;
     }
-    theta_bar_dot[1] += acc1;
 
     return hg_any_nonfinite(theta_bar_dot, 2) ? HG_TV2D_NONFINITE : HG_TV2D_OK;
 }
@@ -267,14 +273,15 @@ int hg_tv2d_upper_value(int64_t h, int64_t w, const double *restrict theta, cons
     double s0 = 0.0;
     double value = 0.0;
 
-    double acc0 = 0.0;
+    #pragma omp parallel for schedule(static) if (h*w > 200000) reduction(+: s0)
     for (int64_t i = 0; i < h; ++i) {
+        double acc0 = 0.0;
         #pragma omp simd reduction(+:acc0)
         for (int64_t j = 0; j < w; ++j) {
             acc0 += ((X[i*w + j] - Xt[i*w + j])*(X[i*w + j] - Xt[i*w + j]));
         }
+        s0 += acc0;
     }
-    s0 += acc0;
     value += (1.0/2.0)*s0;
 
     *value_out = value;
@@ -292,6 +299,7 @@ int hg_tv2d_upper_grad(int64_t h, int64_t w, const double *restrict theta, const
     memset(X_bar, 0, sizeof(double) * (size_t)(h*w));
 
     s0_bar += 1.0/2.0;
+    #pragma omp parallel for schedule(static) if (h*w > 200000)
     for (int64_t i = 0; i < h; ++i) {
         #pragma omp simd
         for (int64_t j = 0; j < w; ++j) {
