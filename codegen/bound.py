@@ -7,6 +7,7 @@ invalid size raises. The solver methods delegate to `solvers` and `hypergradient
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -92,15 +93,19 @@ class BoundProblem:
         return self._call("upper_theta_grad", x, theta, out_size=self.theta_size)
 
     # -- constants and solvers -------------------------------------------------------------
+    def _prepared_constants(self) -> dict:
+        """The constants' derivation and data quantities, computed once per bind."""
+        from .constants_runtime import prepare_constants
+
+        if self._constants is None:
+            self._constants = prepare_constants(self.module, self.data)
+        return self._constants
+
     def constants(self, theta) -> dict:
         """mu, L, L_A, L_B, L_f at theta (derived and certified, or stated by the problem)."""
         from .constants_runtime import evaluate_constants
 
-        if self._constants is None:
-            from .constants_runtime import prepare_constants
-
-            self._constants = prepare_constants(self.module, self.data)
-        return evaluate_constants(self._constants, self._theta(theta))
+        return evaluate_constants(self._prepared_constants(), self._theta(theta))
 
     def solve_lower(self, theta, solver="fista", tol=1e-8, x0=None, **options):
         """Solve the lower level to ||x - x*|| <= tol (certified by ||grad g|| / mu)."""
@@ -129,11 +134,9 @@ class BoundProblem:
     def local_constants(self, x, theta, radius) -> dict:
         """constants(theta) with L, L_A, L_B, L_f valid only on the ball B(x, radius) (finite for
         exp / polynomial atoms; min(global, ball) otherwise). mu stays global (framework.md 8.4)."""
-        from .constants_runtime import evaluate_local_constants, prepare_constants
+        from .constants_runtime import evaluate_local_constants
 
-        if self._constants is None:
-            self._constants = prepare_constants(self.module, self.data)
-        return evaluate_local_constants(self._constants, self._theta(theta),
+        return evaluate_local_constants(self._prepared_constants(), self._theta(theta),
                                         self._vector("x", x, self.x_size, "x"), float(radius),
                                         self.data)
 
@@ -145,13 +148,9 @@ class BoundProblem:
         The bound is ||B||_F from per-sample column norms with outward margins. On first use per
         bind, two of its columns are checked against exact cross JVPs (not counted as work); a
         mismatch disables the bound for this bind."""
-        import math
+        from .constants_runtime import cross_norm_structure
 
-        from .constants_runtime import cross_norm_structure, prepare_constants
-
-        if self._constants is None:
-            self._constants = prepare_constants(self.module, self.data)
-        cn = cross_norm_structure(self._constants, self.data)
+        cn = cross_norm_structure(self._prepared_constants(), self.data)
         if cn is None:
             return math.inf
         th = self._theta(theta)

@@ -62,3 +62,23 @@ def test_directory_from_another_abi_is_refused(tmp_path):
     (target / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(HypergenError, match="run `hypergen build`"):
         load_directory(target)
+
+
+def test_stated_constants_stand_in_when_convexity_is_unknown(tmp_path):
+    """Unknown convexity + stated constants builds without --allow-uncertified; the results
+    say the constants are assumed (never certified)."""
+    import numpy as np
+    import pytest
+
+    from codegen.pipeline import build_problem
+
+    a, c, t = sp.symbols("a c t")
+    problem = Problem(name="stated", x=[a, c], theta=t, lower=sp.cosh(a * c) + sp.exp(t) * (a ** 2 + c ** 2),
+                      upper=(a - 1) ** 2 + c ** 2, constants={"mu": sp.exp(t), "L": 10 + sp.exp(t)})
+    prob = build_problem(problem, tmp_path).bind()
+    consts = prob.constants(0.0)
+    assert consts["mu"] == pytest.approx(1.0) and consts["L"] == pytest.approx(11.0)
+    assert consts["certified"] is False
+    hg = prob.hypergradient(0.0)
+    assert not hg.certified and "stated constants" in hg.status
+    assert np.isfinite(hg.grad).all()
