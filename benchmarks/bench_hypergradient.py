@@ -526,8 +526,8 @@ if __name__ == "__main__":
     parser.add_argument("--profile", nargs="*", default=[],
                         help="cases whose hypergen call is profiled with cProfile")
     parser.add_argument("--threads", default="1",
-                        help="BLAS/OpenMP/XLA threads (default 1, as hypergen's kernels; 0 = "
-                             "library defaults)")
+                        help="BLAS/OpenMP/XLA threads for every library, hypergen's OpenMP "
+                             "kernels included (default 1; 0 = library defaults)")
     parser.add_argument("--no-jax", action="store_true", help="skip JAXopt")
     args = parser.parse_args()
     specs = QUICK if args.quick else FULL
@@ -539,7 +539,7 @@ if __name__ == "__main__":
     print(f"machine: {model}, {ncpu} cores; NumPy {np.__version__}; "
           f"NumPy A @ v at 20000 x 2000: {t_av * 1e3:.1f} ms = {bw:.1f} GB/s")
     print(f"threads for NumPy/SciPy/JAX: {THREADS if THREADS != '0' else 'library default'} "
-          f"(hypergen's kernels are single-threaded); load average at start "
+          f"(hypergen's kernels: OpenMP, same count); load average at start "
           f"{os.getloadavg()[0]:.2f}")
     print(f"JAXopt: {jax_msg}" if have_jax else f"JAXopt not available ({jax_msg}): its columns are skipped")
     rows = [run_case(c, specs[c], args, have_jax) for c in args.cases]
