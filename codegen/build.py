@@ -83,7 +83,9 @@ def default_flags() -> tuple[str, ...]:
     runtime linked). `-fno-math-errno` lets sqrt/exp vectorise. The flags are part of the key.
     """
     native = () if os.environ.get("HYPERGEN_PORTABLE") == "1" else ("-march=native",)
-    openmp = ("-fopenmp-simd",) if os.environ.get("HYPERGEN_OPENMP") == "0" else ("-fopenmp",)
+    wanted = os.environ.get("HYPERGEN_OPENMP") != "0"
+    openmp = ("-fopenmp",) if wanted and _links_openmp(tuple(_compiler_command())) else (
+        "-fopenmp-simd",)
     return (BASE_FLAGS + openmp + native
             + tuple(shlex.split(os.environ.get("HYPERGEN_CFLAGS", ""))))
 
@@ -193,6 +195,22 @@ def _key_inputs(module_name: str, source: str, cdef: str, flags: tuple[str, ...]
 def _compiler_command() -> list[str]:
     """The compiler setuptools will run: $CC, else the one Python was built with."""
     return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+
+
+@functools.lru_cache(maxsize=None)
+def _links_openmp(command: tuple[str, ...]) -> bool:
+    """Whether the compiler can build and link `-fopenmp` code (a compiler without an OpenMP
+    runtime then gets serial kernels instead of failing every build). Once per process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = pathlib.Path(tmp, "omp.c")
+        src.write_text("int main(void) {\n    int s = 0;\n#pragma omp parallel for reduction(+: s)\n"
+                       "    for (int i = 0; i < 4; ++i) s += i;\n    return s != 6;\n}\n")
+        try:
+            done = subprocess.run([*command, "-fopenmp", str(src), "-o", str(src.with_suffix(""))],
+                                  capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return done.returncode == 0
 
 
 @functools.lru_cache(maxsize=None)
