@@ -60,11 +60,12 @@ class SolverError(HypergenError, ValueError):
 
 
 def _norm(v) -> float:
-    return float(np.linalg.norm(v))
+    v = np.asarray(v, dtype=np.float64).ravel()
+    return math.sqrt(float(v @ v))  # what np.linalg.norm computes, without its call overhead
 
 
 def _finite(*arrays) -> bool:
-    return all(np.all(np.isfinite(a)) for a in arrays)
+    return all(np.isfinite(a).all() for a in arrays)
 
 
 def _call(fn, *args):
