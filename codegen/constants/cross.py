@@ -268,7 +268,7 @@ class CrossNorm:
             chunk = np.arange(self.lo + start, min(self.lo + start + step, self.hi + 1))
             J = np.concatenate([self._eval(s, self._lin(s)[0], chunk, True) for s in self.specs],
                                axis=1)
-            gram[start:start + chunk.size] = np.einsum("ird,isd->irs", J, J)
+            gram[start:start + chunk.size] = J @ J.transpose(0, 2, 1)  # batched BLAS, not einsum
         self.gram = gram
         self.rownorm = np.sqrt(np.maximum(np.einsum("irr->ir", gram), 0.0)) * (1 + 4 * (self.D + 4) * U)
         self.offsets = []
