@@ -82,3 +82,28 @@ def test_stated_constants_stand_in_when_convexity_is_unknown(tmp_path):
     hg = prob.hypergradient(0.0)
     assert not hg.certified and "stated constants" in hg.status
     assert np.isfinite(hg.grad).all()
+
+
+def test_a_file_with_two_problems_builds_both(tmp_path):
+    import codegen
+    from codegen import HypergenError
+
+    src = tmp_path / "two.py"
+    src.write_text(
+        "import sympy as sp\nfrom codegen import Problem\n"
+        "n = sp.Symbol('n', integer=True, positive=True)\nj = sp.Idx('j', n)\n"
+        "x, y = sp.IndexedBase('x', shape=(n,)), sp.IndexedBase('y', shape=(n,))\nt = sp.Symbol('t')\n"
+        "g = sp.Sum((x[j] - y[j]) ** 2, (j, 0, n - 1)) + sp.exp(t) * sp.Sum(x[j] ** 2, (j, 0, n - 1))\n"
+        "first = Problem(name='first', x=x, theta=t, lower=g, upper=sp.Sum(x[j], (j, 0, n - 1)))\n"
+        "second = Problem(name='second', x=x, theta=t, lower=g, upper=sp.Sum(x[j] ** 2, (j, 0, n - 1)))\n")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "codegen", "build", str(src), "--out", str(out)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert (out / "first" / "hg_first.c").is_file() and (out / "second" / "hg_second.c").is_file()
+    second = codegen.load(src, name="second", out=out)
+    assert second.name == "second"
+    import pytest
+
+    with pytest.raises(HypergenError, match="pass name="):
+        codegen.load(src, out=out)
