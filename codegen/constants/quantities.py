@@ -135,7 +135,51 @@ def _sum(body, limits, env, E):
         parts = [_sum(a, limits, env, E) for a in body.args]
         return _ev_add(parts)
     factors = list(body.args) if body.is_Mul else [body]
-    return _contract([_ev(a, env2, E) for a in factors], tuple(s for s, _, _ in limits), counts)
+    contract = tuple(s for s, _, _ in limits)
+    reads = [a for a in factors if isinstance(a, sp.Indexed) and str(a.base.label) == E.var]
+    if len(reads) == 1:  # linear in x: scatter the data into the Jacobian, no dense one-hot
+        others = [_ev(a, env2, E) for a in factors if a is not reads[0]]
+        if not any(p[2] for p in others):
+            position = factors.index(reads[0])
+            return _scatter_contract(others, position, reads[0], env2, E, contract, counts)
+    return _contract([_ev(a, env2, E) for a in factors], contract, counts)
+
+
+def _scatter_contract(others, position, read, env, E, contract, counts):
+    """sum over `contract` of (data parts) * x[read]: the Jacobian built by scattering the data
+    values into the columns the read addresses. Same result as `_contract` with the dense
+    one-hot of `_indexed`, whose size (index space x D) made large operators slow."""
+    idx = [_ev(e, env, E) for e in read.indices]
+    r_axes = _union(idx)
+    arrs = [_expand(a.astype(np.int64), ax, r_axes, False) for ax, a, _ in idx]
+    shape = np.broadcast_shapes(*[a.shape for a in arrs]) if arrs else ()
+    try:
+        flat = np.ravel_multi_index(tuple(np.broadcast_to(a, shape) for a in arrs), E.vshape)
+    except ValueError:
+        raise ProblemError(f"{read} reads outside the variable's shape {E.vshape}") from None
+    o_axes, o_arr = ((), np.asarray(1.0)) if not others else _contract(others, (), {})[:2]
+    # axes in the order `_contract` would give them (factor order), so callers see no difference
+    order = [p[0] for p in others]
+    order.insert(position, r_axes)
+    axes = _union([(ax, None, False) for ax in order])
+    vals, cols = _expand(o_arr, o_axes, axes, False), _expand(flat, r_axes, axes, False)
+    full = np.broadcast_shapes(vals.shape, cols.shape)
+    out_axes = tuple(a for a in axes if a not in contract)
+    keep = [axes.index(a) for a in out_axes]
+    summed = [k for k in range(len(axes)) if k not in keep]
+    vals = np.moveaxis(np.broadcast_to(vals, full), keep + summed, range(len(axes)))
+    cols = np.moveaxis(np.broadcast_to(cols, full), keep + summed, range(len(axes)))
+    out_shape = tuple(full[k] for k in keep)
+    rows = int(np.prod(out_shape)) if out_shape else 1
+    out = np.zeros((rows, E.D))
+    row_ids = np.repeat(np.arange(rows), vals.size // max(rows, 1))
+    np.add.at(out, (row_ids, cols.reshape(-1)), vals.reshape(-1).astype(float))
+    scale = 1
+    for sym in contract:
+        if sym not in axes:
+            scale *= counts[sym]
+    out = out.reshape(out_shape + (E.D,))
+    return out_axes, out * scale if scale != 1 else out, True
 
 
 def _ev_add(parts):
