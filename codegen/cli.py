@@ -55,7 +55,10 @@ def _optimize(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="hypergen", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"hypergen {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="generate and compile the problems of FILE")
     b.add_argument("file")
