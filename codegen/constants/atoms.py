@@ -58,30 +58,27 @@ def lse_facts() -> AtomFacts:
                      "third derivative <= 1/sqrt2 (derived)")
 
 
-def _linear(arg):
-    """(a, b) if arg == a*t + b with a, b free of t, else None."""
+def _poly_coeffs(arg, degree):
+    """The coefficients (highest first) if arg is a polynomial of exactly `degree` in t whose
+    coefficients are free of t, else None."""
     if not arg.has(T):
         return None
     try:
         poly = sp.Poly(arg, T)
     except sp.PolynomialError:
         return None
-    if poly.degree() != 1 or any(c.has(T) for c in poly.all_coeffs()):
+    if poly.degree() != degree or any(c.has(T) for c in poly.all_coeffs()):
         return None
-    a, b = poly.all_coeffs()
-    return a, b
+    return tuple(poly.all_coeffs())
+
+
+def _linear(arg):
+    """(a, b) if arg == a*t + b with a, b free of t, else None."""
+    return _poly_coeffs(arg, 1)
 
 
 def _quadratic(arg):
-    if not arg.has(T):
-        return None
-    try:
-        poly = sp.Poly(arg, T)
-    except sp.PolynomialError:
-        return None
-    if poly.degree() != 2 or any(c.has(T) for c in poly.all_coeffs()):
-        return None
-    return tuple(poly.all_coeffs())
+    return _poly_coeffs(arg, 2)
 
 
 def _theta_free(expr, theta_syms):

@@ -122,15 +122,7 @@ def derive(problem, allow_uncertified: bool = False) -> Derivation:
         children=[_term_record("L_B", t, _lb(dict(t.LB_cols), t.LB_ps), _lb(dict(t.LB_cols), t.LB_ps) == 0)
                   for t in gt],
         message="; ".join(sorted({t.LB_note for t in gt if t.LB_note})))
-    mf, Mf = _sum([t.lo for t in ft]), _sum([t.hi for t in ft])
-    if mf == -sp.oo or Mf == sp.oo:
-        Lf = sp.oo
-    elif mf.is_nonnegative or mf == 0:
-        Lf = Mf
-    elif Mf.is_nonpositive:
-        Lf = -mf
-    else:
-        Lf = sp.Max(-mf, Mf)
+    Lf = _curvature_bound(_sum([t.lo for t in ft]), _sum([t.hi for t in ft]))
     nfs = sum(1 for t in ft if not t.scalar)
     records["L_f"] = Record("L_f", Lf, _kind(all(t.hi_exact and t.lo_exact for t in ft) and nfs <= 1, Lf),
                             all(t.certified for t in ft),
@@ -216,15 +208,7 @@ def _ball_records(gt, ft, records, stated):
         ps = ps + val(t, "LB_ps")
     exprs["L_B"] = (_lb(cols, ps), gt)
     if any(t.ball for t in ft):
-        mf, Mf = _sum([t.lo for t in ft]), _sum([val(t, "hi") for t in ft])
-        if mf == -sp.oo or Mf == sp.oo:
-            Lf = sp.oo
-        elif mf.is_nonnegative or mf == 0:
-            Lf = Mf
-        elif Mf.is_nonpositive:
-            Lf = -mf
-        else:
-            Lf = sp.Max(-mf, Mf)
+        Lf = _curvature_bound(_sum([t.lo for t in ft]), _sum([val(t, "hi") for t in ft]))
         exprs["L_f"] = (Lf, ft)
     out = {}
     for name, (expr, ts) in exprs.items():
@@ -304,3 +288,14 @@ def _witness(problem, ctx):
                     f"Hessian has the eigenvalue {ev[0]:.6g} < 0. Check the negative-curvature "
                     f"terms of {sp.sstr(problem.g)}; {HINT}")
     return None
+
+
+def _curvature_bound(lo, hi):
+    """max(|lo|, |hi|) for a curvature interval [lo, hi] (L_f of the upper level), symbolic."""
+    if lo == -sp.oo or hi == sp.oo:
+        return sp.oo
+    if lo.is_nonnegative or lo == 0:
+        return hi
+    if hi.is_nonpositive:
+        return -lo
+    return sp.Max(-lo, hi)
