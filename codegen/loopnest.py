@@ -5,6 +5,10 @@ become placeholders, loop-invariant calls are hoisted, `sympy.cse` shares subexp
 reductions run in local accumulators (with `omp simd` where iterations are independent).
 Statements fused over a shared outer loop (optimize.fuse_outer_loops) share that loop, and a
 declared-sparse matrix turns the loop over its columns into a loop over its stored entries.
+A shared outer loop whose iterations are independent (up to sum reductions) is unrolled and
+jammed by JAM rows (`jam`): one sweep over j serves JAM rows of a data matrix, so x, v and
+the accumulated output are read from cache once per JAM rows and the JAM dot products run as
+independent chains instead of one latency-bound chain.
 """
 from __future__ import annotations
 
@@ -25,10 +29,18 @@ class Node:
     text: str = ""
     loop: tuple | None = None  # (var, start, stop, pragma)
     children: list = field(default_factory=list)
+    step: int = 1
+    simd: tuple | None = None  # an `omp simd` loop: its reduction accumulators (None: no simd)
 
 
 # Loop-nest trip count above which the outer loop runs on all cores (a fork costs microseconds).
 PARALLEL_MIN_WORK = 200000
+
+# Rows per sweep of an unrolled-and-jammed outer loop. Measured on the 2-core AMD EPYC (AVX2, 16
+# vector registers), logistic Hessian-vector product at 20000 x 2000, two threads: 17.3 ms with
+# 1 row, 14.2 with 2, 12.3 with 4, 10.4 with 8, 9.7 with 16; 8 keeps the code small and the
+# 2 x 8 dot-product accumulators in registers.
+JAM = 8
 
 
 class LoopNestBuilder:
@@ -53,6 +65,9 @@ class LoopNestBuilder:
             parallel = self.parallel_pragma(group)
             if len(group) == 1 and not parallel:
                 nodes.extend(self.statement_nodes(group[0], fixed=0))
+            elif (parallel and _iterations_independent(group, self.arrays)
+                  and not any(self.csr_read(stmt) for stmt in group)):
+                nodes.extend(self.jammed_loops(group, parallel))
             else:
                 outer = group[0].loops[0]
                 loop = Node(loop=self.loop_header(outer, pragma=parallel))
@@ -60,6 +75,27 @@ class LoopNestBuilder:
                     loop.children.extend(self.statement_nodes(stmt, fixed=1))
                 nodes.append(loop)
         return nodes
+
+    def jammed_loops(self, group: list, pragma: str) -> list:
+        """The group's outer loop over i unrolled by JAM and jammed, then a remainder loop.
+
+        The main loop steps i by JAM over the largest multiple of JAM rows; its body holds JAM
+        copies of every statement at rows i, i + 1, ..., each copy with its own locals and
+        accumulators, and inner loops with equal headers merged (`jam`). The remainder loop runs
+        the plain body for the last (trip count mod JAM) rows, serially.
+        """
+        outer = group[0].loops[0]
+        var, start, stop = str(outer.var), self.index_code(outer.lo), self.index_code(outer.hi + 1)
+        trips = stop if start == "0" else f"{stop} - {_paren(start)}"
+        split = f"{stop} - {_paren(trips)} % {JAM}"  # the end of the last full group of JAM rows
+        main = Node(loop=(var, start, split, pragma), step=JAM)
+        for stmt in group:
+            copies = [self.statement_nodes(_shift_outer(stmt, u), fixed=1) for u in range(JAM)]
+            main.children.extend(jam(copies))
+        rest = Node(loop=(var, split, stop, ""))
+        for stmt in group:
+            rest.children.extend(self.statement_nodes(stmt, fixed=1))
+        return [main, rest]
 
     def parallel_pragma(self, group: list) -> str:
         """`omp parallel for` on a loop nest's outer loop when it pays and is race-free.
@@ -158,7 +194,8 @@ class LoopNestBuilder:
                 out.append(loop)
             else:
                 pragma = simd if depth == innermost - 1 else ""
-                loop = Node(loop=self.loop_header(loops[depth], pragma))
+                loop = Node(loop=self.loop_header(loops[depth], pragma),
+                            simd=tuple(accumulators) if pragma else None)
                 loop.children = build(depth + 1)
                 out.append(loop)
             out += [Node(line) for line in acc_lines_close.get(depth, [])]
@@ -260,3 +297,79 @@ class LoopNestBuilder:
             return f"#pragma omp simd reduction(+:{', '.join(accumulators)})"
         return "#pragma omp simd"
 
+
+
+def _iterations_independent(group: list, arrays: dict) -> bool:
+    """True if no iteration of the group's outer loop reads what another one writes.
+
+    Every array the group writes must be either written and read only at the current outer
+    iteration (a per-row temporary), or a sum-reduction target that nothing in the group reads
+    (rows add to it in any order). Then the rows can run in any interleaving: in parallel, or
+    JAM at a time.
+    """
+    outer = group[0].loops[0]
+    row_local, reduced = set(), set()
+    for stmt in group:
+        for u in stmt.updates:
+            if u.index and _same_iteration(u.index, outer):
+                row_local.add(u.target)
+            elif u.op == "+" and not any(outer.var in sp.sympify(i).free_symbols for i in u.index):
+                reduced.add(u.target)
+            else:
+                return False
+    if row_local & reduced:
+        return False
+    for stmt in group:
+        for u in stmt.updates:
+            for r in ir.reads_of(u.expr, arrays):
+                name = ir.read_name(r)
+                if name in reduced or (name in row_local
+                                       and not _same_iteration(ir.read_index(r), outer)):
+                    return False
+    return True
+
+
+def _paren(code: str) -> str:
+    """C code as an operand of % or -: a name or number as is, anything else parenthesised."""
+    return code if code.isidentifier() or code.isdigit() else f"({code})"
+
+
+def _shift_outer(stmt: ir.Statement, offset: int) -> ir.Statement:
+    """The statement at outer row var + offset (inner loop bounds and every index shifted)."""
+    if offset == 0:
+        return stmt
+    var = stmt.loops[0].var
+    sub = {var: var + offset}
+    loops = stmt.loops[:1] + tuple(ir.Loop(lp.var, sp.sympify(lp.lo).xreplace(sub),
+                                           sp.sympify(lp.hi).xreplace(sub))
+                                   for lp in stmt.loops[1:])
+    updates = tuple(ir.Update(u.target, tuple(sp.sympify(i).xreplace(sub) for i in u.index),
+                              u.expr.xreplace(sub), u.op) for u in stmt.updates)
+    return ir.Statement(loops, updates)
+
+
+def jam(copies: list) -> list:
+    """Interleave the node lists of copies of one statement (at different rows) into one list.
+
+    The copies have the same shape. Position by position: lines of every copy in copy order;
+    loops with the same header become one loop whose body jams the copies' bodies and whose
+    `omp simd` reduces all their accumulators; loops whose headers differ (CSR rows, triangular
+    bounds) stay separate, one after another. Legal because the copies are independent rows.
+    """
+    if len({len(nodes) for nodes in copies}) != 1:
+        return [node for nodes in copies for node in nodes]  # shapes differ: one after another
+    out = []
+    for nodes in zip(*copies):
+        first = nodes[0]
+        if first.loop and all(n.loop and n.loop[:3] == first.loop[:3] for n in nodes):
+            simd = None
+            if all(n.simd is not None for n in nodes):
+                simd = tuple(acc for n in nodes for acc in n.simd)
+            pragma = ("" if simd is None else "#pragma omp simd" if not simd else
+                      f"#pragma omp simd reduction(+:{', '.join(simd)})")
+            merged = Node(loop=first.loop[:3] + (pragma,), step=first.step, simd=simd)
+            merged.children = jam([n.children for n in nodes])
+            out.append(merged)
+        else:
+            out.extend(nodes)
+    return out

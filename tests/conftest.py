@@ -11,11 +11,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 EXAMPLES = ["ridge", "logistic", "logistic_sparse", "quadratic", "tv1d", "tv2d", "hypercleaning"]
-# Tiny sizes for oracle comparisons (the oracle unrolls every sum).
-TINY = {"ridge": dict(m=4, n=3, p=2), "logistic": dict(m=4, n=3, p=2),
+# Tiny sizes for oracle comparisons (the oracle unrolls every sum). Row counts above the
+# generator's JAM (8) run both the unrolled-and-jammed loop and its remainder loop.
+TINY = {"ridge": dict(m=11, n=3, p=9), "logistic": dict(m=11, n=3, p=9),
         "logistic_sparse": dict(m=5, n=4, p=3, density=0.5),
-        "quadratic": dict(m1=4, m2=5, d=3, p=2), "tv1d": dict(n=5), "tv2d": dict(h=3, w=4),
-        "hypercleaning": dict(c=3, n=4, m=5, mv=3)}
+        "quadratic": dict(m1=9, m2=11, d=3, p=2), "tv1d": dict(n=5), "tv2d": dict(h=10, w=3),
+        "hypercleaning": dict(c=9, n=2, m=10, mv=9)}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,7 +5,7 @@
 * AddressSanitizer + UBSan: a C driver built from meta["kernels"] mallocs every pointer argument at
   its exact size, fills inputs with pseudo-random values and outputs / work with NaN (so a kernel
   that reads its work buffer or output before writing it, or leaves an output entry unwritten,
-  reports status 1), calls every kernel at several tiny size assignments (distinct sizes >= 2, and
+  reports status 1), calls every kernel at several tiny size assignments (distinct sizes >= 2, sizes 9-11 for the jammed loops, and
   all sizes = 1) and expects status 0; with every size = 0 and NULL pointers it expects status 2;
 * determinism: two fresh interpreters with different PYTHONHASHSEEDs generate byte-identical files,
   which are also byte-identical to the committed generated/<name>/.
@@ -233,8 +233,10 @@ def size_configs(meta):
     reverse = {s: base[(len(names) - 1 - k) % len(base)] for k, s in enumerate(names)}
     twos = {s: 2 for s in names}
     ones = {s: 1 for s in names}
+    # Above the generator's JAM (8): the unrolled-and-jammed loops and their remainder loops.
+    jammed = {s: (9, 11, 10)[k % 3] for k, s in enumerate(names)}
     configs = [distinct]
-    for extra in (reverse, twos):
+    for extra in (reverse, twos, jammed):
         if extra not in configs:
             configs.append(extra)
     configs.append(ones)  # edge case: empty stencil ranges, single classes / samples

@@ -60,7 +60,7 @@ def test_valid_variants_construct():
 
 def test_bind_errors(build_dir):
     _, module, ns = built_example("ridge", build_dir)
-    good = ns["example_data"](seed=0, **TINY["ridge"])
+    good = ns["example_data"](seed=0, m=4, n=3, p=2)  # the messages below quote these sizes
     cases = [
         ({k: v for k, v in good.items() if k != "b"}, "missing data for ridge: b"),
         (dict(good, extra=np.ones(3)), "unknown data extra"),
