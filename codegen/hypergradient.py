@@ -232,8 +232,8 @@ def apriori_bound(c: dict, eps, delta, norm_B_e, norm_b_e, upper_depends_on_thet
 
 
 def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x0=None, q0=None,
-                  max_iter=DEFAULT_MAX_ITER, adjoint_max_iter=None, record=False, refine_iter=10
-                  ) -> HypergradientResult:
+                  max_iter=DEFAULT_MAX_ITER, adjoint_max_iter=None, record=False, refine_iter=10,
+                  rtol=None, atol=0.0) -> HypergradientResult:
     """The hypergradient of F(theta) = f(x*(theta), theta) + r(theta) with certified bounds.
 
     lower in ("gd", "hb", "fista", "cg"), adjoint in ("cg", "gd", "hb", "backprop"); any pairing
@@ -245,7 +245,14 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
     adjoint. Constants are read from k.constants(theta) at this theta (pitfall 3). refine_iter
     CG steps (HVPs) sharpen the certified ||x_eps - x*|| below G/mu (`refined_distance`); 0
     keeps e = G/mu.
+
+    rtol, atol: ask for a certified accuracy instead, bound <= atol + rtol ||grad||. eps and
+    delta are then only the first round's tolerances; the bound's own parts tighten them, round
+    after warm-started round (`codegen.accuracy`). status says so if the target is not reached.
     """
+    if rtol is not None or atol:
+        return _to_accuracy(hypergradient, k, theta, lower, adjoint, eps, delta, x0, q0,
+                            max_iter, adjoint_max_iter, record, refine_iter, rtol, atol)
     if lower not in LOWER_SOLVERS:
         raise SolverError(f"unknown lower solver {lower!r}; choose from {LOWER_SOLVERS}")
     if adjoint not in ADJOINT_SOLVERS:
@@ -400,6 +407,25 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
         bound_forms=forms, lower=low, adjoint=adj, notes=notes, theta=th)
 
 
+def _to_accuracy(fn, k, theta, lower, adjoint, eps, delta, x0, q0, max_iter, adjoint_max_iter,
+                 record, refine_iter, rtol, atol):
+    """fn (hypergradient or hypergradient_samples) in rounds until its certified bound meets
+    atol + rtol ||grad|| (codegen.accuracy.to_accuracy)."""
+    from .accuracy import to_accuracy  # it imports this module
+
+    if adjoint == "backprop":
+        raise SolverError("rtol/atol steer the solvers by the certified bound, and "
+                          "adjoint='backprop' has none; use adjoint='cg', 'gd' or 'hb'")
+
+    def run(eps, delta, x0, q0, refine):
+        return fn(k, theta, lower=lower, adjoint=adjoint, eps=eps, delta=delta, x0=x0, q0=q0,
+                  max_iter=max_iter, adjoint_max_iter=adjoint_max_iter, record=record,
+                  refine_iter=refine)
+
+    return to_accuracy(run, 0.0 if rtol is None else float(rtol), float(atol), eps, delta, x0,
+                       q0, refine_iter)
+
+
 def _failed(th, x, work, reasons, c, low, notes):
     work["units"] = work["lower_grads"] + work["hvps"]
     return HypergradientResult(
@@ -410,7 +436,8 @@ def _failed(th, x, work, reasons, c, low, notes):
 
 def hypergradient_samples(ks, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x0=None,
                           q0=None, max_iter=DEFAULT_MAX_ITER, adjoint_max_iter=None,
-                          record=False, refine_iter=10) -> HypergradientResult:
+                          record=False, refine_iter=10, rtol=None, atol=0.0
+                          ) -> HypergradientResult:
     """The hypergradient of (1/S) sum_s f_s(x_s*(theta), theta) + r(theta) (pitfall 5).
 
     Each sample's lower problem and adjoint are solved separately (own mu_s, G_s, R_s, own zero
@@ -420,9 +447,12 @@ def hypergradient_samples(ks, theta, lower="fista", adjoint="cg", eps=1e-6, delt
     average counts it exactly once (not S times). x0, q0: None or one entry per sample. G, R,
     e, norm_B, grad_f_norm, q_norm are the worst (largest) over samples; x, q, lower, adjoint,
     constants are per-sample lists. status "ok" iff every sample is "ok"; otherwise the reasons,
-    each with the samples it affects.
+    each with the samples it affects. rtol, atol: as for `hypergradient`, on the mean.
     """
     ks = list(ks)
+    if rtol is not None or atol:
+        return _to_accuracy(hypergradient_samples, ks, theta, lower, adjoint, eps, delta, x0, q0,
+                            max_iter, adjoint_max_iter, record, refine_iter, rtol, atol)
     S = len(ks)
     if S == 0:
         raise SolverError("hypergradient_samples needs at least one sample")

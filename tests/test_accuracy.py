@@ -1,0 +1,119 @@
+"""A hypergradient to a requested certified accuracy (codegen.accuracy): rtol / atol.
+
+The loop must stop only when its own certified bound meets atol + rtol ||grad||, that bound
+must still hold against the exact hypergradient, and the work it reports must be the work done.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from quadratic_kernels import Logistic, PaperQuadratic, Ridge  # noqa: E402
+
+from codegen.hypergradient import hypergradient, hypergradient_samples  # noqa: E402
+from codegen.solvers import SolverError  # noqa: E402
+from conftest import built_example  # noqa: E402
+
+
+class Counting:
+    """A kernel wrapper counting the calls of the kernels that hg.work counts."""
+
+    COUNTED = ("lower_grad", "lower_hvp", "cross_vjp", "cross_jvp")
+
+    def __init__(self, k):
+        self.k, self.calls = k, dict.fromkeys(self.COUNTED, 0)
+
+    def __getattr__(self, name):
+        attr = getattr(self.k, name)
+        if name not in self.COUNTED:
+            return attr
+
+        def counted(*args):
+            self.calls[name] += 1
+            return attr(*args)
+        return counted
+
+
+KERNELS = {"ridge": (Ridge, [-0.7]), "quadratic": (PaperQuadratic, [1.0] * 10),
+           "logistic": (Logistic, [-1.0])}
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+@pytest.mark.parametrize("lower", ["fista", "newton"])
+@pytest.mark.parametrize("rtol", [1e-3, 1e-7, 1e-10])
+def test_rtol_met_bound_valid_work_counted(name, lower, rtol):
+    cls, theta = KERNELS[name]
+    k, th = Counting(cls.generate(seed=0)), np.array(theta)
+    hg = hypergradient(k, th, lower=lower, adjoint="cg", rtol=rtol)
+    assert hg.ok and hg.certified, hg.status
+    norm = np.linalg.norm(hg.grad)
+    assert hg.bound <= rtol * norm
+    err = np.linalg.norm(hg.grad - k.exact_hypergradient(th))
+    assert err <= hg.bound, f"{name}/{lower}: error {err:.2e} > bound {hg.bound:.2e}"
+    calls = k.calls
+    assert hg.work["lower_grads"] == calls["lower_grad"]
+    assert hg.work["hvps"] == calls["lower_hvp"]
+    assert hg.work["cross"] == calls["cross_vjp"] + calls["cross_jvp"]
+    assert "accuracy rounds" in hg.notes[-1]
+
+
+def test_loose_first_round_is_tightened_and_warm_started():
+    """From eps = delta = 1e-2 the bound is far above 1e-8 ||grad||: later rounds tighten both
+    tolerances, and warm starts make the whole cheaper than two cold solves at the end point."""
+    k, th = Ridge.generate(seed=0), np.array([-0.7])
+    hg = hypergradient(k, th, lower="cg", adjoint="cg", eps=1e-2, delta=1e-2, rtol=1e-8)
+    assert hg.ok and hg.bound <= 1e-8 * np.linalg.norm(hg.grad)
+    rounds = hg.notes[-1].split(": ", 1)[1].split("; ")
+    assert len(rounds) >= 2, rounds
+    assert np.linalg.norm(hg.grad - k.exact_hypergradient(th)) <= hg.bound
+
+
+def test_atol_and_unreachable_targets():
+    k, th = PaperQuadratic.generate(seed=1), np.ones(10)
+    exact = k.exact_hypergradient(th)
+    hg = hypergradient(k, th, lower="cg", atol=1e-4)
+    assert hg.ok and hg.bound <= 1e-4 and np.linalg.norm(hg.grad - exact) <= hg.bound
+    # far below the floating-point floor: refused with the reason, the estimate stays usable
+    hg = hypergradient(k, th, lower="cg", rtol=1e-20)
+    assert not hg.ok and "unreachable" in hg.status and hg.usable
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound
+
+
+def test_samples_to_accuracy():
+    ks = [Ridge.generate(seed=s, rho=0.3) for s in (3, 4, 5)]
+    th = np.array([-0.7])
+    exact = np.mean([k.exact_hypergradient(th) for k in ks], axis=0)
+    hg = hypergradient_samples(ks, th, lower="fista", adjoint="cg", rtol=1e-8)
+    assert hg.ok and hg.bound <= 1e-8 * np.linalg.norm(hg.grad)
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(rtol=-1e-6), "rtol and atol must be finite and >= 0"),
+    (dict(rtol=float("nan")), "rtol and atol must be finite"),
+    (dict(rtol=1e-6, atol=float("inf")), "rtol and atol must be finite"),
+    (dict(rtol=1e-6, lower="gd", adjoint="backprop"), "adjoint='backprop' has none"),
+])
+def test_bad_targets(options, message):
+    k = Ridge.generate(seed=0)
+    with pytest.raises(SolverError, match=message):
+        hypergradient(k, np.array([-0.7]), **{"lower": "fista", **options})
+
+
+def test_generated_ridge_to_accuracy(build_dir):
+    """Through the public BoundProblem API, on generated kernels, against the closed form."""
+    _, module, ns = built_example("ridge", build_dir)
+    data = ns["example_data"](seed=0, m=60, n=12, p=30)
+    prob = module.bind(**data)
+    A, b, Av, bv = data["A"], data["b"], data["Av"], data["bv"]
+    for theta in (-1.0, 1.0):
+        alpha = np.exp(theta)
+        H = A.T @ A + alpha * np.eye(A.shape[1])
+        xs = np.linalg.solve(H, A.T @ b)
+        exact = -(alpha * xs) @ np.linalg.solve(H, Av.T @ (Av @ xs - bv) / Av.shape[0])
+        hg = prob.hypergradient(theta, lower="cg", rtol=1e-9)
+        assert hg.ok and hg.bound <= 1e-9 * abs(hg.grad[0])
+        assert abs(hg.grad[0] - exact) <= hg.bound
