@@ -481,12 +481,13 @@ def _lower_newton(k, th, c, tol, x0, max_iter, record):
     """Inexact Newton (Newton-CG) with backtracking on ||grad g||; max_iter caps the WORK.
 
     The direction solves A(x) d = -grad g by the adjoint CG to a relative residual
-    eta = min(1/2, sqrt(||g|| / ||g0||)) (superlinear near x*); since A d = -g + r with
+    eta = min(1/2, sqrt(||g|| / ||g0||), L_A ||g|| / (2 mu^2)) (superlinear near x*, one exact
+    step when g is quadratic), but not below a quarter of the target tol * mu; since A d = -g + r with
     ||r|| <= eta ||g||, d is a descent direction for ||g||^2 / 2, and the step is halved until
     ||g(x + a d)|| <= (1 - 1e-4 a) ||g(x)||. Each step costs a few HVPs and gradients, about one
     pass over the data each, and needs no L. The certificate is ||g||/mu as for every solver.
     """
-    mu, L = c["mu"], c["L"]
+    mu, L, L_A = c["mu"], c["L"], c.get("L_A", math.inf)
     x = x0
     g, msg = _call(k.lower_grad, x, th)
     if g is None:
@@ -504,9 +505,13 @@ def _lower_newton(k, th, c, tol, x0, max_iter, record):
         if budget <= 1:
             status = "capped"
             break
+        # Forcing term: no tighter than the Newton model is good, (L_A / 2) (||g|| / mu)^2 after
+        # an exact step (and exact for L_A = 0), which also holds after a warm start, where
+        # sqrt(||g|| / ||g0||) would start over at 1/2; and no need to solve far below the
+        # target: ||g(x + d)|| is about the residual once the quadratic term is small.
         eta = min(0.5, math.sqrt(gn / gn0))
-        # No need to solve the Newton system far below the target: ||g(x + d)|| is about the
-        # residual there once the quadratic term is small.
+        if math.isfinite(L_A):
+            eta = min(eta, L_A * gn / (2 * mu * mu))
         inner_tol = max(eta * gn, NEWTON_TARGET_SHARE * tol * mu)
         step = _solve_adjoint(k, x, th, c, "cg", inner_tol, None, min(budget - 1, 100), -g, False)
         n_hvp += step.n_hvp
