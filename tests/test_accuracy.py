@@ -117,3 +117,14 @@ def test_generated_ridge_to_accuracy(build_dir):
         hg = prob.hypergradient(theta, lower="cg", rtol=1e-9)
         assert hg.ok and hg.bound <= 1e-9 * abs(hg.grad[0])
         assert abs(hg.grad[0] - exact) <= hg.bound
+
+
+def test_a_failing_round_ends_the_loop_with_its_reason():
+    """A capped lower solve is not papered over by more rounds: its status comes back, the
+    bound still holds, and the work is what was done."""
+    k, th = Counting(Ridge.generate(seed=0)), np.array([-0.7])
+    hg = hypergradient(k, th, lower="gd", adjoint="cg", max_iter=5, rtol=1e-8)
+    assert "lower gd capped" in hg.status and hg.usable
+    assert hg.notes[-1].count("eps=") == 1  # one round
+    assert np.linalg.norm(hg.grad - k.exact_hypergradient(th)) <= hg.bound
+    assert hg.work["lower_grads"] == k.calls["lower_grad"]
