@@ -337,14 +337,7 @@ def _file_lock(path: pathlib.Path):
 
 
 def _load(path: pathlib.Path, module_name: str, key: str) -> types.ModuleType:
-    """Import the extension at `path` under `module_name` and check the key it carries.
-
-    Before the first import loads the OpenMP runtime, OMP_WAIT_POLICY defaults to PASSIVE (a
-    user's setting is kept): the solvers alternate kernels with NumPy, whose OpenBLAS threads
-    starve while idle OpenMP workers spin. Measured on 2 cores, CSR logistic hypergradient
-    (20000 x 100000, 0.1%): 476 ms spinning, 278 ms passive; dense cases unchanged within noise.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Import the extension at `path` under `module_name` and check the key it carries."""
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -154,7 +154,7 @@ def cross_norm(k, x, theta) -> tuple:
             return math.inf, j + 1
         columns.append(col)
     B = np.column_stack(columns)
-    frobenius = float(np.linalg.norm(B))
+    frobenius = _norm(B)  # not np.linalg.norm: no BLAS threads on a long column (solvers._dot)
     if p == 1 or p > FROBENIUS_MAX_P:
         return frobenius, p
     spectral = float(np.linalg.norm(B, 2)) * (1 + SVD_MARGIN) + np.finfo(float).tiny

@@ -212,21 +212,3 @@ def test_publish_and_load_published_never_loads_a_stale_binary(tmp_path):
     assert build.publish(new, published) == planted
     assert [p.name for p in published.iterdir()] == [planted.name]  # the old build was dropped
 
-
-@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("active", "active")])
-def test_openmp_wait_policy_defaults_to_passive(tmp_path, preset, expected):
-    """Loading a kernel module sets OMP_WAIT_POLICY=PASSIVE (before the OpenMP runtime reads it)
-    unless the user set it; a fresh interpreter, so the module really loads."""
-    build.compile_extension("add", add_source(3.0), CDEF, cache_dir=tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if preset is not None:
-        env["OMP_WAIT_POLICY"] = preset
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    code = ("import os, sys\nfrom codegen import build\n"
-            "before = os.environ.get('OMP_WAIT_POLICY')\n"
-            f"build.compile_extension('add', {add_source(3.0)!r}, {CDEF!r}, cache_dir=sys.argv[1])\n"
-            "print(before, os.environ.get('OMP_WAIT_POLICY'))")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, text=True,
-                         capture_output=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(preset), expected]

@@ -47,6 +47,21 @@ def test_bound_holds_against_tight_solve(name, build_dir):
         assert err <= hg.bound + ref.bound, f"{name} eps {eps}: error {err:.2e}, bound {hg.bound:.2e}"
 
 
+def test_long_vectors_take_the_blas_free_reductions(build_dir):
+    """x longer than solvers.BLAS_FREE_FROM: CG and the norms reduce with einsum, and the bound
+    still holds against a tight solve."""
+    from codegen.solvers import BLAS_FREE_FROM
+
+    _, module, ns = built_example("tv1d", build_dir)
+    prob = module.bind(**ns["example_data"](seed=3, n=BLAS_FREE_FROM + 1000))
+    theta = np.broadcast_to(np.asarray(ns["THETA0"], float), (prob.theta_size,)).copy()
+    ref = prob.hypergradient(theta, lower="newton", eps=1e-12, delta=1e-12, max_iter=200000)
+    assert ref.status == "ok", ref.status
+    hg = prob.hypergradient(theta, lower="newton", rtol=1e-6)
+    assert hg.ok and hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
+    assert np.linalg.norm(hg.grad - ref.grad) <= hg.bound + ref.bound
+
+
 @pytest.mark.parametrize("name", ["logistic", "tv1d", "ridge"])
 def test_refined_distance_is_certified(name, build_dir):
     """refined_distance never falls below the true ||x - x*||, near and far from x*."""
