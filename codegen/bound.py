@@ -34,6 +34,8 @@ class BoundProblem:
         self.kernels = {k["name"]: KernelCaller(module, k, self.data, self.sizes, self.work, lock)
                         for k in meta["kernels"]}
         self._constants = None
+        self._cache_size = sum(int(np.prod(module.extent(a["name"], self.sizes)))
+                               for a in meta.get("hvp_cache", []))
 
     def __repr__(self):
         sizes = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
@@ -82,6 +84,27 @@ class BoundProblem:
     def cross_jvp(self, x, theta, t) -> np.ndarray:
         return self._call("cross_jvp", x, theta, ("t", np.atleast_1d(t), self.theta_size),
                           self.x_size)
+
+    def hvp_at(self, x, theta):
+        """v -> (d2g/dx2)(x, theta) v for many v at one x (a solver's CG at x_eps).
+
+        With a prepared HVP (lower_hvp_prepare / lower_hvp_apply: the HVP has temporaries that
+        depend on x alone, like z = A x) those are computed here once into a private cache and
+        each call runs only the v-dependent part; otherwise every call is lower_hvp. Same
+        values either way (the same operations, in the same order per entry)."""
+        xv, th = self._vector(self.x_name, x, self.x_size, "x"), self._theta(theta)
+        if "lower_hvp_apply" not in self.kernels:
+            return lambda v: self.lower_hvp(xv, th, v)
+        cache = np.empty(max(1, self._cache_size))
+        self.kernels["lower_hvp_prepare"]({self.x_name: xv, self.theta_name: th}, cache)
+        apply = self.kernels["lower_hvp_apply"]
+
+        def hvp(v):
+            out = np.empty(self.x_size)
+            apply({self.x_name: xv, self.theta_name: th, "cache": cache,
+                   "v": self._vector("v", v, self.x_size, "v")}, out)
+            return out
+        return hvp
 
     def upper_value(self, x, theta) -> float:
         return self._call("upper_value", x, theta)

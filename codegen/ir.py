@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 import sympy as sp
 
 # Array roles. Inputs are read-only kernel arguments; outputs and temporaries are accumulated.
-DATA, X, THETA, INPUT, TEMP, OUTPUT = "data", "x", "theta", "input", "temp", "output"
+# A cache array is a temporary of the HVP that depends on x but not on v: the prepared HVP
+# writes it once per x (lower_hvp_prepare) and reads it for every v (lower_hvp_apply).
+DATA, X, THETA, INPUT, TEMP, OUTPUT, CACHE = "data", "x", "theta", "input", "temp", "output", "cache"
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,13 @@ class KernelSpec:
     name: str
     doc: str
     program: ir.Program
-    inputs: tuple  # names of the vector inputs after x and theta ("v", "q" or "t")
-    output: str  # the array the kernel returns
+    inputs: tuple  # names of the vector inputs after x and theta ("v", "q" or "t"; "cache")
+    output: str  # the array the kernel returns ("cache": the cache arrays, one buffer)
+    cache: tuple = ()  # the cache arrays (role CACHE), in buffer order
+
+
+#: The buffer that carries the prepared HVP's cache arrays between its two kernels.
+CACHE_BUFFER = "cache"
 
 
 def kernel_specs(problem) -> list:
@@ -48,5 +53,70 @@ def kernel_specs(problem) -> list:
     for name, doc, program, inputs, output in specs:
         program = schedule(eliminate_dead_code(program.with_statements(program.statements, [output])))
         out.append(KernelSpec(name, doc, program, inputs, output))
+        if name == "lower_hvp":
+            out += prepared_hvp(program, output)
     return out
 
+
+def prepared_hvp(program: ir.Program, output: str, direction: str = "v") -> list:
+    """The HVP split at its x-only temporaries: [prepare, apply], or [] if it has none.
+
+    Every solver that needs HVPs (CG for the adjoint or a Newton step) calls them many times at
+    one x. Arrays the HVP computes from x alone (z = A x of a logistic loss, a pass over A)
+    are then the same every time: `lower_hvp_prepare` writes them into a cache buffer once, and
+    `lower_hvp_apply` reads them from it for each v, skipping their loops. A statement is
+    v-dependent if it reads `direction` or a v-dependent array, or adds into one (the output
+    collects both kinds); the cache holds the non-scalar temporaries the v-dependent part reads
+    and no v-dependent statement writes. Loop-free x-only scalars are recomputed by apply.
+    Statements are split into one update each first: the forward-over-reverse transform puts
+    z = A x and its tangent A v in one statement.
+    """
+    arrays = program.arrays
+    varying, stmts = {direction}, _one_update_each(program)
+    changed = True
+    while changed:
+        changed = False
+        for st in stmts:
+            targets = {u.target for u in st.updates}
+            reads = {ir.read_name(r) for u in st.updates for r in ir.reads_of(u.expr, arrays)}
+            if (reads | targets) & varying and not targets <= varying:
+                varying |= targets
+                changed = True
+    dependent = [st for st in stmts if {u.target for u in st.updates} & varying]
+    read_by_dependent = {ir.read_name(r) for st in dependent for u in st.updates
+                         for r in ir.reads_of(u.expr, arrays)}
+    cache = [name for name, a in arrays.items()
+             if name in read_by_dependent and name not in varying
+             and a.role == ir.TEMP and not a.is_scalar]
+    # A statement that fills a cache array must fill nothing else (apply drops it whole).
+    producers = [st for st in stmts if {u.target for u in st.updates} & set(cache)]
+    if not cache or any(not {u.target for u in st.updates} <= set(cache) for st in producers):
+        return []
+    cached = dict(arrays)
+    for name in cache:
+        cached[name] = ir.Array(name, arrays[name].shape, ir.CACHE)
+    invariant = [st for st in stmts if st not in dependent]
+    prepare = eliminate_dead_code(ir.Program(cached, invariant, tuple(cache), dict(program.meta)))
+    apply = eliminate_dead_code(ir.Program(
+        cached, [st for st in stmts if st not in producers], (output,), dict(program.meta)))
+    return [
+        KernelSpec("lower_hvp_prepare", "the x-only part of (d2g/dx2) v, once per x",
+                   schedule(prepare), (), CACHE_BUFFER, tuple(cache)),
+        KernelSpec("lower_hvp_apply", "(d2g/dx2) v from lower_hvp_prepare's cache",
+                   schedule(apply), (CACHE_BUFFER, direction), output, tuple(cache)),
+    ]
+
+
+
+def _one_update_each(program: ir.Program) -> list:
+    """The statements with several updates split into one statement per update, where no update
+    reads another's target (then their order inside the loop nest is free)."""
+    out = []
+    for st in program.statements:
+        targets = {u.target for u in st.updates}
+        reads = {ir.read_name(r) for u in st.updates for r in ir.reads_of(u.expr, program.arrays)}
+        if len(st.updates) > 1 and not targets & reads:
+            out += [ir.Statement(st.loops, (u,)) for u in st.updates]
+        else:
+            out.append(st)
+    return out

@@ -25,7 +25,7 @@ def eliminate_dead_code(program: ir.Program) -> ir.Program:
         kept.append(ir.Statement(stmt.loops, updates))
     kept.reverse()
     arrays = {n: a for n, a in program.arrays.items()
-              if n in needed or a.role in (ir.X, ir.THETA, ir.INPUT)}
+              if n in needed or a.role in (ir.X, ir.THETA, ir.INPUT, ir.CACHE)}
     return ir.Program(arrays, kept, program.outputs, dict(program.meta))
 
 

@@ -68,6 +68,11 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict:
         "arrays": [{"name": a.name, "role": a.role, "shape": [str(e) for e in a.shape],
                     "sparse": a.sparse} for a in problem.arrays.values()],
         "kernels": [_kernel_meta(problem, s) for s in specs],
+        # the prepared HVP's cache arrays, in buffer order ([] when the HVP has none)
+        "hvp_cache": [{"name": name, "shape": [str(e) for e in by_name["lower_hvp_apply"].program
+                                                .arrays[name].shape]}
+                      for name in by_name["lower_hvp_apply"].cache] if "lower_hvp_apply" in by_name
+        else [],
         "cdef": cdef,
         "is_quadratic": problem.x_spec.name not in hvp_reads,
         "upper_depends_on_theta": any(str(r.base.label) == theta for r in problem.f.atoms(sp.Indexed)),

@@ -15,7 +15,7 @@ import jinja2
 import sympy as sp
 
 from . import __version__, ir
-from .kernels import KernelSpec
+from .kernels import CACHE_BUFFER, KernelSpec
 from .loopnest import LoopNestBuilder
 from .printer import KernelPrinter
 
@@ -99,17 +99,29 @@ class KernelRenderer:
         params.append(Param("const double *restrict", xs, "input",
                             self.index_code(_extent(self.arrays[xs]))))
         for name in self.spec.inputs:
-            params.append(Param("const double *restrict", name, "input",
-                                self.index_code(_extent(self.arrays[name]))))
-        out = self.arrays[self.spec.output]
+            extent = self.cache_size() if name == CACHE_BUFFER else _extent(self.arrays[name])
+            params.append(Param("const double *restrict", name, "input", self.index_code(extent)))
         params.append(Param("double *restrict", self.out_param(), "output",
-                            self.index_code(_extent(out))))
+                            self.index_code(self.output_extent())))
         if self.work_arrays():
             params.append(Param("double *restrict", "work", "work"))
         return params
 
     def out_param(self) -> str:
+        if self.spec.output == CACHE_BUFFER:
+            return CACHE_BUFFER
         return "value_out" if self.arrays[self.spec.output].is_scalar else self.spec.output
+
+    def output_extent(self) -> sp.Expr:
+        if self.spec.output == CACHE_BUFFER:
+            return self.cache_size()
+        return _extent(self.arrays[self.spec.output])
+
+    def cache_arrays(self) -> list:
+        return [self.arrays[name] for name in self.spec.cache]
+
+    def cache_size(self) -> sp.Expr:
+        return sp.Add(*[_extent(a) for a in self.cache_arrays()])
 
     def work_arrays(self) -> list:
         return [a for a in self.arrays.values() if a.role == ir.TEMP and not a.is_scalar]
@@ -122,20 +134,30 @@ class KernelRenderer:
         return sp.Add(*[_extent(a) for a in self.work_arrays()])
 
     def setup_lines(self) -> list:
-        """Carve temporaries out of `work`, and zero every accumulator."""
+        """Carve temporaries out of `work` (cache arrays out of `cache`: written by the prepare
+        kernel, read-only in the apply kernel), and zero every accumulator."""
         lines, offset = [], sp.Integer(0)
-        out = self.arrays[self.spec.output]
+        writes_cache = self.spec.output == CACHE_BUFFER
+        out = None if writes_cache else self.arrays[self.spec.output]
         read = {ir.read_name(r) for st in self.program.statements for u in st.updates
                 for r in ir.reads_of(u.expr, self.arrays)}
         for p in self.params():
-            if p.role in ("theta", "input") and p.name not in read:
+            if p.role in ("theta", "input") and p.name not in read and p.name != CACHE_BUFFER:
                 lines.append(f"(void){p.name};  /* part of the uniform signature, unused here */")
+        for arr in self.cache_arrays():
+            qualifier = "" if writes_cache else "const "
+            lines.append(f"{qualifier}double *restrict {arr.name} = "
+                         f"{CACHE_BUFFER} + {self.index_code(offset)};")
+            offset += _extent(arr)
+        offset = sp.Integer(0)
         for arr in self.work_arrays():
             lines.append(f"double *restrict {arr.name} = work + {self.index_code(offset)};")
             offset += _extent(arr)
         for arr in self.scalar_locals():
             lines.append(f"double {arr.name} = {self._initial(arr.name)};")
-        for arr in self.work_arrays() + ([] if out.is_scalar else [out]):
+        zeroed = self.work_arrays() + (self.cache_arrays() if writes_cache else
+                                       [] if out.is_scalar else [out])
+        for arr in zeroed:
             extent = self.index_code(_extent(arr))
             init = self._initial(arr.name)
             if init == "0.0":
@@ -154,12 +176,13 @@ class KernelRenderer:
 
     def context(self) -> dict:
         params = self.params()
-        out = self.arrays[self.spec.output]
+        scalar = self.spec.output != CACHE_BUFFER and self.arrays[self.spec.output].is_scalar
         return {
             "name": self.spec.name, "doc": self.spec.doc, "params": params,
             "sizes": [p.name for p in params if p.role == "size"],
             "setup": self.setup_lines(), "body": self.body(),
-            "outputs": [(self.out_param(), self.index_code(_extent(out)), out.is_scalar, out.name)],
+            "outputs": [(self.out_param(), self.index_code(self.output_extent()), scalar,
+                         self.spec.output)],
         }
 
 

@@ -95,7 +95,7 @@ class GeneratedModule:
         self._sizes = [sp.Symbol(s, integer=True, positive=True) for s in meta["sizes"]]
         env = {s.name: s for s in self._sizes}
         self.shapes = {a["name"]: tuple(sp.sympify(e, locals=env) for e in a["shape"])
-                       for a in meta["arrays"]}
+                       for a in meta["arrays"] + meta.get("hvp_cache", [])}
 
     def __repr__(self):
         return f"<hypergen module {self.name!r}: kernels {', '.join(KERNELS)}>"

@@ -697,6 +697,7 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
         if b is None:
             raise SolverError(f"grad_x f is not finite at the lower solution ({msg})")
     b = np.asarray(b, dtype=np.float64)
+    hvp = hvp_at(k, x, th)
     n_hvp = 0
     bn = _norm(b)
     cold = q0 is None or not np.any(q0)
@@ -705,7 +706,7 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
         r = -b.copy()
     else:
         q = np.array(q0, dtype=np.float64).ravel()
-        Aq, msg = _call(k.lower_hvp, x, th, q)
+        Aq, msg = _call(hvp, q)
         n_hvp += 1
         if Aq is None:
             return AdjointResult(q=np.zeros_like(b), residual=math.inf, iterations=0,
@@ -729,7 +730,7 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
     while not status:
         rn = math.sqrt(ss) if solver == "cg" else _norm(r)
         if (rn <= delta or rn == 0.0) and it >= min_iter:
-            rt, msg = _true_residual(k, x, th, q, b)
+            rt, msg = _true_residual(hvp, q, b)
             n_hvp += 1
             if rt is None:
                 status = "non-finite"
@@ -753,7 +754,7 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
             status, msg = "diverged", f"residual grew from {r0:.3g} to {rn:.3g}"
             break
         if solver == "cg":
-            Ad, msg = _call(k.lower_hvp, x, th, d)
+            Ad, msg = _call(hvp, d)
             n_hvp += 1
             if Ad is None:
                 status = "non-finite"
@@ -777,7 +778,7 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
             ss = ss_new
             rn_new = math.sqrt(ss)
         else:
-            Ar, msg = _call(k.lower_hvp, x, th, r)
+            Ar, msg = _call(hvp, r)
             n_hvp += 1
             if Ar is None:
                 status = "non-finite"
@@ -798,7 +799,7 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
         if record:
             hist.append(rn_new)
     if math.isnan(R):  # one extra HVP: the TRUE residual of the returned q (pitfall 1)
-        rt, msg2 = _true_residual(k, x, th, q, b)
+        rt, msg2 = _true_residual(hvp, q, b)
         n_hvp += 1
         R = _norm(rt) if rt is not None else math.inf
         if rt is None:
@@ -812,8 +813,16 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
     return res
 
 
-def _true_residual(k, x, th, q, b):
-    Aq, msg = _call(k.lower_hvp, x, th, q)
+def hvp_at(k, x, th):
+    """v -> A(x) v for the many HVPs of one solve at one x: the kernel's prepared form
+    (BoundProblem.hvp_at: x-only work done once) when it has one, else k.lower_hvp."""
+    if hasattr(k, "hvp_at"):
+        return k.hvp_at(x, th)
+    return lambda v: k.lower_hvp(x, th, v)
+
+
+def _true_residual(hvp, q, b):
+    Aq, msg = _call(hvp, q)
     if Aq is None:
         return None, msg
     return Aq - b, ""
@@ -889,7 +898,7 @@ def backprop_adjoint(k, lower: LowerResult, theta, b=None) -> AdjointResult:
             break
         lam2, lam1 = lam1, lam
     q = a * qsum
-    rt, msg2 = _true_residual(k, xK, th, q, b)
+    rt, msg2 = _true_residual(hvp_at(k, xK, th), q, b)
     n_hvp += 1
     R = _norm(rt) if rt is not None else math.inf
     if K == 0:

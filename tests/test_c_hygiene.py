@@ -113,7 +113,7 @@ def _counts(meta, sizes):
     env = {s: sp.Symbol(s, integer=True, positive=True) for s in meta["sizes"]}
     subs = {env[s]: sp.Integer(v) for s, v in sizes.items()}
     out = {}
-    for a in meta["arrays"]:
+    for a in meta["arrays"] + meta.get("hvp_cache", []):
         count = 1
         for e in a["shape"]:
             v = sp.sympify(e, locals=env).xreplace(subs)
@@ -130,6 +130,8 @@ def _pointer_count(meta, kernel, param, counts):
     """Doubles behind one pointer parameter (None for the work buffer)."""
     role, pname = param["role"], param["name"]
     x, theta = meta["x"], meta["theta"]
+    if pname == "cache":  # the prepared HVP's buffer: written by prepare, read by apply
+        return sum(counts[a["name"]] for a in meta["hvp_cache"])
     if role in ("theta", "data"):
         return counts[pname]
     if role == "input":

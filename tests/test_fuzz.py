@@ -65,6 +65,10 @@ def compare_all(bound, oracle, x, th, v, q, t, rtol=1e-10, floor=1e-12, what="")
         tol = max(rtol * float(np.max(np.abs(ref))), floor)
         err = float(np.max(np.abs(got - ref)))
         assert err <= tol, f"{kernel}: |C - oracle| = {err:.3g} > {tol:.3g}\nC      {got}\noracle {ref}{what}"
+    # the prepared HVP where the problem has one (lower_hvp_prepare + lower_hvp_apply)
+    got, ref = bound.hvp_at(x, th)(v), np.asarray(oracle.lower_hvp(x, th, v), dtype=float)
+    err, tol = float(np.max(np.abs(got - ref))), max(rtol * float(np.max(np.abs(ref))), floor)
+    assert err <= tol, f"hvp_at: |C - oracle| = {err:.3g} > {tol:.3g}{what}"
 
 
 # -- 1. random problems against the oracle ------------------------------------------------

@@ -42,6 +42,27 @@ def test_kernels_match_unrolled_sympy(name, build_dir):
         scale = max(np.max(np.abs(want)), 1e-300)
         err = np.max(np.abs(got - want)) / scale
         assert err <= 1e-12, f"{name}.{kernel}: relative error {err:.2e}"
+    # the prepared HVP (lower_hvp_prepare once, lower_hvp_apply per v), for several v at one x
+    hvp = prob.hvp_at(x, theta)
+    for _ in range(2):
+        v = rng.standard_normal(prob.x_size)
+        want = np.asarray(oracle.lower_hvp(x, theta, v), dtype=float)
+        err = np.max(np.abs(hvp(v) - want)) / max(np.max(np.abs(want)), 1e-300)
+        assert err <= 1e-12, f"{name}.hvp_at: relative error {err:.2e}"
+
+
+# The examples whose HVP has x-only temporaries (z = A x, per-row log-sum-exp), so a prepared
+# HVP, and those without (quadratic or stencil lower levels).
+PREPARED = {"logistic", "logistic_sparse", "hypercleaning"}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_prepared_hvp_kernels_exist_where_they_save_work(name, build_dir):
+    _, module, _ = built_example(name, build_dir)
+    kernels = {k["name"] for k in module.meta["kernels"]}
+    prepared = {"lower_hvp_prepare", "lower_hvp_apply"} <= kernels
+    assert prepared == (name in PREPARED), kernels
+    assert bool(module.meta["hvp_cache"]) == prepared
 
 
 def _slopes(remainder, hs):

@@ -20,6 +20,10 @@ int hg_hypercleaning_lower_value(int64_t c, int64_t m, int64_t n, const double *
 int hg_hypercleaning_lower_grad(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict Y, double lam, const double *restrict W, double *restrict W_bar, double *restrict work);
 /* (d2g/dx2) v, forward over reverse */
 int hg_hypercleaning_lower_hvp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, double lam, const double *restrict W, const double *restrict v, double *restrict W_bar_dot, double *restrict work);
+/* the x-only part of (d2g/dx2) v, once per x */
+int hg_hypercleaning_lower_hvp_prepare(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict W, double *restrict cache);
+/* (d2g/dx2) v from lower_hvp_prepare's cache */
+int hg_hypercleaning_lower_hvp_apply(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, double lam, const double *restrict W, const double *restrict cache, const double *restrict v, double *restrict W_bar_dot, double *restrict work);
 /* B^T q = d/dtheta <grad_x g, q> */
 int hg_hypercleaning_cross_vjp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict Y, const double *restrict W, const double *restrict q, double *restrict theta_bar_dot, double *restrict work);
 /* B t = d/ds grad_x g(x, theta + s t) */
@@ -73,6 +77,7 @@ int64_t hg_hypercleaning_work_size(int64_t c, int64_t m, int64_t mv, int64_t n)
     if (c*m + 3*m > need) need = c*m + 3*m;
     if (2*c*m + 4*m > need) need = 2*c*m + 4*m;
     if (3*c*m + 5*m > need) need = 3*c*m + 5*m;
+    if (2*c*m + 2*m > need) need = 2*c*m + 2*m;
     if (2*c*m + 4*m > need) need = 2*c*m + 4*m;
     if (2*c*m + 4*m > need) need = 2*c*m + 4*m;
     if (c*mv + 3*mv > need) need = c*mv + 3*mv;
@@ -779,6 +784,318 @@ int hg_hypercleaning_lower_hvp(int64_t c, int64_t m, int64_t n, const double *re
         for (int64_t k = 0; k < c; ++k) {
             const double c26 = exp(s1[c*i + k] - s3[i]);
             s1_bar_dot[c*i + k] += c26*s1_dot[c*i + k]*s4_bar[i] + c26*s4_bar_dot[i];
+        }
+        for (int64_t k = 0; k < c; ++k) {
+            #pragma omp simd
+            for (int64_t j = 0; j < n; ++j) {
+                W_bar_dot[j + k*n] += A[i*n + j]*s1_bar_dot[c*i + k];
+            }
+        }
+    }
+    #pragma omp parallel for schedule(static) if (c*n > 200000)
+    for (int64_t k = 0; k < c - c % 8; k += 8) {
+        #pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+            W_bar_dot[j + k*n] += 2.0*s0_bar*v[j + k*n];
+            W_bar_dot[j + k*n + n] += 2.0*s0_bar*v[j + k*n + n];
+            W_bar_dot[j + k*n + 2*n] += 2.0*s0_bar*v[j + k*n + 2*n];
+            W_bar_dot[j + k*n + 3*n] += 2.0*s0_bar*v[j + k*n + 3*n];
+            W_bar_dot[j + k*n + 4*n] += 2.0*s0_bar*v[j + k*n + 4*n];
+            W_bar_dot[j + k*n + 5*n] += 2.0*s0_bar*v[j + k*n + 5*n];
+            W_bar_dot[j + k*n + 6*n] += 2.0*s0_bar*v[j + k*n + 6*n];
+            W_bar_dot[j + k*n + 7*n] += 2.0*s0_bar*v[j + k*n + 7*n];
+        }
+    }
+    for (int64_t k = c - c % 8; k < c; ++k) {
+        #pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+            W_bar_dot[j + k*n] += 2.0*s0_bar*v[j + k*n];
+        }
+    }
+
+    return hg_any_nonfinite(W_bar_dot, c*n) ? HG_HYPERCLEANING_NONFINITE : HG_HYPERCLEANING_OK;
+}
+
+/* the x-only part of (d2g/dx2) v, once per x */
+int hg_hypercleaning_lower_hvp_prepare(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict W, double *restrict cache)
+{
+    if (c < 1 || m < 1 || n < 1) {
+        return HG_HYPERCLEANING_BAD_SIZE;
+    }
+    double *restrict s1 = cache + 0;
+    double *restrict s3 = cache + c*m;
+    double *restrict s4 = cache + c*m + m;
+    double *restrict s4_bar = cache + c*m + 2*m;
+    double s5_bar = 0.0;
+    memset(s1, 0, sizeof(double) * (size_t)(c*m));
+    for (int64_t hg_k = 0; hg_k < m; ++hg_k) s3[hg_k] = -INFINITY;
+    memset(s4, 0, sizeof(double) * (size_t)(m));
+    memset(s4_bar, 0, sizeof(double) * (size_t)(m));
+
+    s5_bar += 1.0/m;
+    #pragma omp parallel for schedule(static) if (c*m*n > 200000)
+    for (int64_t i = 0; i < m - m % 8; i += 8) {
+        for (int64_t k = 0; k < c; ++k) {
+            double acc0 = 0.0;
+            double acc1 = 0.0;
+            double acc2 = 0.0;
+            double acc3 = 0.0;
+            double acc4 = 0.0;
+            double acc5 = 0.0;
+            double acc6 = 0.0;
+            double acc7 = 0.0;
+            #pragma omp simd reduction(+:acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+            for (int64_t j = 0; j < n; ++j) {
+                acc0 += A[i*n + j]*W[j + k*n];
+                acc1 += A[i*n + j + n]*W[j + k*n];
+                acc2 += A[i*n + j + 2*n]*W[j + k*n];
+                acc3 += A[i*n + j + 3*n]*W[j + k*n];
+                acc4 += A[i*n + j + 4*n]*W[j + k*n];
+                acc5 += A[i*n + j + 5*n]*W[j + k*n];
+                acc6 += A[i*n + j + 6*n]*W[j + k*n];
+                acc7 += A[i*n + j + 7*n]*W[j + k*n];
+            }
+            s1[c*i + k] += acc0;
+            s1[c*i + c + k] += acc1;
+            s1[c*i + 2*c + k] += acc2;
+            s1[c*i + 3*c + k] += acc3;
+            s1[c*i + 4*c + k] += acc4;
+            s1[c*i + 5*c + k] += acc5;
+            s1[c*i + 6*c + k] += acc6;
+            s1[c*i + 7*c + k] += acc7;
+        }
+        double acc8 = -INFINITY;
+        double acc9 = -INFINITY;
+        double acc10 = -INFINITY;
+        double acc11 = -INFINITY;
+        double acc12 = -INFINITY;
+        double acc13 = -INFINITY;
+        double acc14 = -INFINITY;
+        double acc15 = -INFINITY;
+        for (int64_t k = 0; k < c; ++k) {
+            acc8 = fmax(acc8, s1[c*i + k]);
+            acc9 = fmax(acc9, s1[c*i + c + k]);
+            acc10 = fmax(acc10, s1[c*i + 2*c + k]);
+            acc11 = fmax(acc11, s1[c*i + 3*c + k]);
+            acc12 = fmax(acc12, s1[c*i + 4*c + k]);
+            acc13 = fmax(acc13, s1[c*i + 5*c + k]);
+            acc14 = fmax(acc14, s1[c*i + 6*c + k]);
+            acc15 = fmax(acc15, s1[c*i + 7*c + k]);
+        }
+        s3[i] = fmax(s3[i], acc8);
+        s3[i + 1] = fmax(s3[i + 1], acc9);
+        s3[i + 2] = fmax(s3[i + 2], acc10);
+        s3[i + 3] = fmax(s3[i + 3], acc11);
+        s3[i + 4] = fmax(s3[i + 4], acc12);
+        s3[i + 5] = fmax(s3[i + 5], acc13);
+        s3[i + 6] = fmax(s3[i + 6], acc14);
+        s3[i + 7] = fmax(s3[i + 7], acc15);
+        double acc16 = 0.0;
+        double acc17 = 0.0;
+        double acc18 = 0.0;
+        double acc19 = 0.0;
+        double acc20 = 0.0;
+        double acc21 = 0.0;
+        double acc22 = 0.0;
+        double acc23 = 0.0;
+        #pragma omp simd reduction(+:acc16, acc17, acc18, acc19, acc20, acc21, acc22, acc23)
+        for (int64_t k = 0; k < c; ++k) {
+            acc16 += exp(s1[c*i + k] - s3[i]);
+            acc17 += exp(s1[c*i + c + k] - s3[i + 1]);
+            acc18 += exp(s1[c*i + 2*c + k] - s3[i + 2]);
+            acc19 += exp(s1[c*i + 3*c + k] - s3[i + 3]);
+            acc20 += exp(s1[c*i + 4*c + k] - s3[i + 4]);
+            acc21 += exp(s1[c*i + 5*c + k] - s3[i + 5]);
+            acc22 += exp(s1[c*i + 6*c + k] - s3[i + 6]);
+            acc23 += exp(s1[c*i + 7*c + k] - s3[i + 7]);
+        }
+        s4[i] += acc16;
+        s4[i + 1] += acc17;
+        s4[i + 2] += acc18;
+        s4[i + 3] += acc19;
+        s4[i + 4] += acc20;
+        s4[i + 5] += acc21;
+        s4[i + 6] += acc22;
+        s4[i + 7] += acc23;
+        s4_bar[i] += s5_bar*hg_sigmoid(theta[i])/s4[i];
+        s4_bar[i + 1] += s5_bar*hg_sigmoid(theta[i + 1])/s4[i + 1];
+        s4_bar[i + 2] += s5_bar*hg_sigmoid(theta[i + 2])/s4[i + 2];
+        s4_bar[i + 3] += s5_bar*hg_sigmoid(theta[i + 3])/s4[i + 3];
+        s4_bar[i + 4] += s5_bar*hg_sigmoid(theta[i + 4])/s4[i + 4];
+        s4_bar[i + 5] += s5_bar*hg_sigmoid(theta[i + 5])/s4[i + 5];
+        s4_bar[i + 6] += s5_bar*hg_sigmoid(theta[i + 6])/s4[i + 6];
+        s4_bar[i + 7] += s5_bar*hg_sigmoid(theta[i + 7])/s4[i + 7];
+    }
+    for (int64_t i = m - m % 8; i < m; ++i) {
+        for (int64_t k = 0; k < c; ++k) {
+            double acc24 = 0.0;
+            #pragma omp simd reduction(+:acc24)
+            for (int64_t j = 0; j < n; ++j) {
+                acc24 += A[i*n + j]*W[j + k*n];
+            }
+            s1[c*i + k] += acc24;
+        }
+        double acc25 = -INFINITY;
+        for (int64_t k = 0; k < c; ++k) {
+            acc25 = fmax(acc25, s1[c*i + k]);
+        }
+        s3[i] = fmax(s3[i], acc25);
+        double acc26 = 0.0;
+        #pragma omp simd reduction(+:acc26)
+        for (int64_t k = 0; k < c; ++k) {
+            acc26 += exp(s1[c*i + k] - s3[i]);
+        }
+        s4[i] += acc26;
+        s4_bar[i] += s5_bar*hg_sigmoid(theta[i])/s4[i];
+    }
+
+    return hg_any_nonfinite(cache, c*m + 3*m) ? HG_HYPERCLEANING_NONFINITE : HG_HYPERCLEANING_OK;
+}
+
+/* (d2g/dx2) v from lower_hvp_prepare's cache */
+int hg_hypercleaning_lower_hvp_apply(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, double lam, const double *restrict W, const double *restrict cache, const double *restrict v, double *restrict W_bar_dot, double *restrict work)
+{
+    if (c < 1 || m < 1 || n < 1) {
+        return HG_HYPERCLEANING_BAD_SIZE;
+    }
+    (void)W;  /* part of the uniform signature, unused here */
+    const double *restrict s1 = cache + 0;
+    const double *restrict s3 = cache + c*m;
+    const double *restrict s4 = cache + c*m + m;
+    const double *restrict s4_bar = cache + c*m + 2*m;
+    double *restrict s1_dot = work + 0;
+    double *restrict s4_dot = work + c*m;
+    double *restrict s4_bar_dot = work + c*m + m;
+    double *restrict s1_bar_dot = work + c*m + 2*m;
+    double s0_bar = 0.0;
+    double s5_bar = 0.0;
+    memset(s1_dot, 0, sizeof(double) * (size_t)(c*m));
+    memset(s4_dot, 0, sizeof(double) * (size_t)(m));
+    memset(s4_bar_dot, 0, sizeof(double) * (size_t)(m));
+    memset(s1_bar_dot, 0, sizeof(double) * (size_t)(c*m));
+    memset(W_bar_dot, 0, sizeof(double) * (size_t)(c*n));
+
+    s0_bar += lam;
+    s5_bar += 1.0/m;
+    #pragma omp parallel for schedule(static) if (c*m*n > 200000) reduction(+: W_bar_dot[:c*n])
+    for (int64_t i = 0; i < m - m % 8; i += 8) {
+        for (int64_t k = 0; k < c; ++k) {
+            double acc0 = 0.0;
+            double acc1 = 0.0;
+            double acc2 = 0.0;
+            double acc3 = 0.0;
+            double acc4 = 0.0;
+            double acc5 = 0.0;
+            double acc6 = 0.0;
+            double acc7 = 0.0;
+            #pragma omp simd reduction(+:acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+            for (int64_t j = 0; j < n; ++j) {
+                acc0 += A[i*n + j]*v[j + k*n];
+                acc1 += A[i*n + j + n]*v[j + k*n];
+                acc2 += A[i*n + j + 2*n]*v[j + k*n];
+                acc3 += A[i*n + j + 3*n]*v[j + k*n];
+                acc4 += A[i*n + j + 4*n]*v[j + k*n];
+                acc5 += A[i*n + j + 5*n]*v[j + k*n];
+                acc6 += A[i*n + j + 6*n]*v[j + k*n];
+                acc7 += A[i*n + j + 7*n]*v[j + k*n];
+            }
+            s1_dot[c*i + k] += acc0;
+            s1_dot[c*i + c + k] += acc1;
+            s1_dot[c*i + 2*c + k] += acc2;
+            s1_dot[c*i + 3*c + k] += acc3;
+            s1_dot[c*i + 4*c + k] += acc4;
+            s1_dot[c*i + 5*c + k] += acc5;
+            s1_dot[c*i + 6*c + k] += acc6;
+            s1_dot[c*i + 7*c + k] += acc7;
+        }
+        double acc8 = 0.0;
+        double acc9 = 0.0;
+        double acc10 = 0.0;
+        double acc11 = 0.0;
+        double acc12 = 0.0;
+        double acc13 = 0.0;
+        double acc14 = 0.0;
+        double acc15 = 0.0;
+        #pragma omp simd reduction(+:acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15)
+        for (int64_t k = 0; k < c; ++k) {
+            acc8 += s1_dot[c*i + k]*exp(s1[c*i + k] - s3[i]);
+            acc9 += s1_dot[c*i + c + k]*exp(s1[c*i + c + k] - s3[i + 1]);
+            acc10 += s1_dot[c*i + 2*c + k]*exp(s1[c*i + 2*c + k] - s3[i + 2]);
+            acc11 += s1_dot[c*i + 3*c + k]*exp(s1[c*i + 3*c + k] - s3[i + 3]);
+            acc12 += s1_dot[c*i + 4*c + k]*exp(s1[c*i + 4*c + k] - s3[i + 4]);
+            acc13 += s1_dot[c*i + 5*c + k]*exp(s1[c*i + 5*c + k] - s3[i + 5]);
+            acc14 += s1_dot[c*i + 6*c + k]*exp(s1[c*i + 6*c + k] - s3[i + 6]);
+            acc15 += s1_dot[c*i + 7*c + k]*exp(s1[c*i + 7*c + k] - s3[i + 7]);
+        }
+        s4_dot[i] += acc8;
+        s4_dot[i + 1] += acc9;
+        s4_dot[i + 2] += acc10;
+        s4_dot[i + 3] += acc11;
+        s4_dot[i + 4] += acc12;
+        s4_dot[i + 5] += acc13;
+        s4_dot[i + 6] += acc14;
+        s4_dot[i + 7] += acc15;
+        s4_bar_dot[i] += -s5_bar*s4_dot[i]*hg_sigmoid(theta[i])/(s4[i]*s4[i]);
+        s4_bar_dot[i + 1] += -s5_bar*s4_dot[i + 1]*hg_sigmoid(theta[i + 1])/(s4[i + 1]*s4[i + 1]);
+        s4_bar_dot[i + 2] += -s5_bar*s4_dot[i + 2]*hg_sigmoid(theta[i + 2])/(s4[i + 2]*s4[i + 2]);
+        s4_bar_dot[i + 3] += -s5_bar*s4_dot[i + 3]*hg_sigmoid(theta[i + 3])/(s4[i + 3]*s4[i + 3]);
+        s4_bar_dot[i + 4] += -s5_bar*s4_dot[i + 4]*hg_sigmoid(theta[i + 4])/(s4[i + 4]*s4[i + 4]);
+        s4_bar_dot[i + 5] += -s5_bar*s4_dot[i + 5]*hg_sigmoid(theta[i + 5])/(s4[i + 5]*s4[i + 5]);
+        s4_bar_dot[i + 6] += -s5_bar*s4_dot[i + 6]*hg_sigmoid(theta[i + 6])/(s4[i + 6]*s4[i + 6]);
+        s4_bar_dot[i + 7] += -s5_bar*s4_dot[i + 7]*hg_sigmoid(theta[i + 7])/(s4[i + 7]*s4[i + 7]);
+        #pragma omp simd
+        for (int64_t k = 0; k < c; ++k) {
+            const double c0 = exp(s1[c*i + k] - s3[i]);
+            const double c1 = exp(s1[c*i + c + k] - s3[i + 1]);
+            const double c2 = exp(s1[c*i + 2*c + k] - s3[i + 2]);
+            const double c3 = exp(s1[c*i + 3*c + k] - s3[i + 3]);
+            const double c4 = exp(s1[c*i + 4*c + k] - s3[i + 4]);
+            const double c5 = exp(s1[c*i + 5*c + k] - s3[i + 5]);
+            const double c6 = exp(s1[c*i + 6*c + k] - s3[i + 6]);
+            const double c7 = exp(s1[c*i + 7*c + k] - s3[i + 7]);
+            s1_bar_dot[c*i + k] += c0*s1_dot[c*i + k]*s4_bar[i] + c0*s4_bar_dot[i];
+            s1_bar_dot[c*i + c + k] += c1*s1_dot[c*i + c + k]*s4_bar[i + 1] + c1*s4_bar_dot[i + 1];
+            s1_bar_dot[c*i + 2*c + k] += c2*s1_dot[c*i + 2*c + k]*s4_bar[i + 2] + c2*s4_bar_dot[i + 2];
+            s1_bar_dot[c*i + 3*c + k] += c3*s1_dot[c*i + 3*c + k]*s4_bar[i + 3] + c3*s4_bar_dot[i + 3];
+            s1_bar_dot[c*i + 4*c + k] += c4*s1_dot[c*i + 4*c + k]*s4_bar[i + 4] + c4*s4_bar_dot[i + 4];
+            s1_bar_dot[c*i + 5*c + k] += c5*s1_dot[c*i + 5*c + k]*s4_bar[i + 5] + c5*s4_bar_dot[i + 5];
+            s1_bar_dot[c*i + 6*c + k] += c6*s1_dot[c*i + 6*c + k]*s4_bar[i + 6] + c6*s4_bar_dot[i + 6];
+            s1_bar_dot[c*i + 7*c + k] += c7*s1_dot[c*i + 7*c + k]*s4_bar[i + 7] + c7*s4_bar_dot[i + 7];
+        }
+        for (int64_t k = 0; k < c; ++k) {
+            #pragma omp simd
+            for (int64_t j = 0; j < n; ++j) {
+                W_bar_dot[j + k*n] += A[i*n + j]*s1_bar_dot[c*i + k];
+                W_bar_dot[j + k*n] += A[i*n + j + n]*s1_bar_dot[c*i + c + k];
+                W_bar_dot[j + k*n] += A[i*n + j + 2*n]*s1_bar_dot[c*i + 2*c + k];
+                W_bar_dot[j + k*n] += A[i*n + j + 3*n]*s1_bar_dot[c*i + 3*c + k];
+                W_bar_dot[j + k*n] += A[i*n + j + 4*n]*s1_bar_dot[c*i + 4*c + k];
+                W_bar_dot[j + k*n] += A[i*n + j + 5*n]*s1_bar_dot[c*i + 5*c + k];
+                W_bar_dot[j + k*n] += A[i*n + j + 6*n]*s1_bar_dot[c*i + 6*c + k];
+                W_bar_dot[j + k*n] += A[i*n + j + 7*n]*s1_bar_dot[c*i + 7*c + k];
+            }
+        }
+    }
+    for (int64_t i = m - m % 8; i < m; ++i) {
+        for (int64_t k = 0; k < c; ++k) {
+            double acc16 = 0.0;
+            #pragma omp simd reduction(+:acc16)
+            for (int64_t j = 0; j < n; ++j) {
+                acc16 += A[i*n + j]*v[j + k*n];
+            }
+            s1_dot[c*i + k] += acc16;
+        }
+        double acc17 = 0.0;
+        #pragma omp simd reduction(+:acc17)
+        for (int64_t k = 0; k < c; ++k) {
+            acc17 += s1_dot[c*i + k]*exp(s1[c*i + k] - s3[i]);
+        }
+        s4_dot[i] += acc17;
+        s4_bar_dot[i] += -s5_bar*s4_dot[i]*hg_sigmoid(theta[i])/(s4[i]*s4[i]);
+        #pragma omp simd
+        for (int64_t k = 0; k < c; ++k) {
+            const double c8 = exp(s1[c*i + k] - s3[i]);
+            s1_bar_dot[c*i + k] += c8*s1_dot[c*i + k]*s4_bar[i] + c8*s4_bar_dot[i];
         }
         for (int64_t k = 0; k < c; ++k) {
             #pragma omp simd

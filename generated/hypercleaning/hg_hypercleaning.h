@@ -18,6 +18,10 @@ int hg_hypercleaning_lower_value(int64_t c, int64_t m, int64_t n, const double *
 int hg_hypercleaning_lower_grad(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict Y, double lam, const double *restrict W, double *restrict W_bar, double *restrict work);
 /* (d2g/dx2) v, forward over reverse */
 int hg_hypercleaning_lower_hvp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, double lam, const double *restrict W, const double *restrict v, double *restrict W_bar_dot, double *restrict work);
+/* the x-only part of (d2g/dx2) v, once per x */
+int hg_hypercleaning_lower_hvp_prepare(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict W, double *restrict cache);
+/* (d2g/dx2) v from lower_hvp_prepare's cache */
+int hg_hypercleaning_lower_hvp_apply(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, double lam, const double *restrict W, const double *restrict cache, const double *restrict v, double *restrict W_bar_dot, double *restrict work);
 /* B^T q = d/dtheta <grad_x g, q> */
 int hg_hypercleaning_cross_vjp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict Y, const double *restrict W, const double *restrict q, double *restrict theta_bar_dot, double *restrict work);
 /* B t = d/ds grad_x g(x, theta + s t) */
