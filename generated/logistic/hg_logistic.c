@@ -20,10 +20,6 @@ int hg_logistic_lower_value(int64_t m, int64_t n, const double *restrict theta, 
 int hg_logistic_lower_grad(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict x_bar, double *restrict work);
 /* (d2g/dx2) v, forward over reverse */
 int hg_logistic_lower_hvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
-/* the x-only part of (d2g/dx2) v, once per x */
-int hg_logistic_lower_hvp_prepare(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, double *restrict cache);
-/* (d2g/dx2) v from lower_hvp_prepare's cache */
-int hg_logistic_lower_hvp_apply(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict cache, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
 /* B^T q = d/dtheta <grad_x g, q> */
 int hg_logistic_cross_vjp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, double *restrict theta_bar_dot);
 /* B t = d/ds grad_x g(x, theta + s t) */
@@ -76,7 +72,6 @@ int64_t hg_logistic_work_size(int64_t m, int64_t n, int64_t p)
     if (m > need) need = m;
     if (2*m > need) need = 2*m;
     if (3*m > need) need = 3*m;
-    if (2*m > need) need = 2*m;
     if (p > need) need = p;
     if (2*p > need) need = 2*p;
     return need;
@@ -348,155 +343,6 @@ int hg_logistic_lower_hvp(int64_t m, int64_t n, const double *restrict theta, co
         }
         s0[i] += acc16;
         s0_dot[i] += acc17;
-        const double c8 = s0[i]*y[i];
-        s0_bar_dot[i] += s1_bar*s0_dot[i]*(y[i]*y[i])*hg_sigmoid(-c8)*hg_sigmoid(c8);
-        #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-            x_bar_dot[j] += A[i*n + j]*s0_bar_dot[i];
-        }
-    }
-    #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-        x_bar_dot[j] += 2.0*s2_bar*v[j];
-    }
-
-    return hg_any_nonfinite(x_bar_dot, n) ? HG_LOGISTIC_NONFINITE : HG_LOGISTIC_OK;
-}
-
-/* the x-only part of (d2g/dx2) v, once per x */
-int hg_logistic_lower_hvp_prepare(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, double *restrict cache)
-{
-    if (m < 1 || n < 1) {
-        return HG_LOGISTIC_BAD_SIZE;
-    }
-    (void)theta;  /* part of the uniform signature, unused here */
-    double *restrict s0 = cache + 0;
-    memset(s0, 0, sizeof(double) * (size_t)(m));
-
-    #pragma omp parallel for schedule(static) if (m*n > 200000)
-    for (int64_t i = 0; i < m - m % 8; i += 8) {
-        double acc0 = 0.0;
-        double acc1 = 0.0;
-        double acc2 = 0.0;
-        double acc3 = 0.0;
-        double acc4 = 0.0;
-        double acc5 = 0.0;
-        double acc6 = 0.0;
-        double acc7 = 0.0;
-        #pragma omp simd reduction(+:acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
-        for (int64_t j = 0; j < n; ++j) {
-            acc0 += A[i*n + j]*x[j];
-            acc1 += A[i*n + j + n]*x[j];
-            acc2 += A[i*n + j + 2*n]*x[j];
-            acc3 += A[i*n + j + 3*n]*x[j];
-            acc4 += A[i*n + j + 4*n]*x[j];
-            acc5 += A[i*n + j + 5*n]*x[j];
-            acc6 += A[i*n + j + 6*n]*x[j];
-            acc7 += A[i*n + j + 7*n]*x[j];
-        }
-        s0[i] += acc0;
-        s0[i + 1] += acc1;
-        s0[i + 2] += acc2;
-        s0[i + 3] += acc3;
-        s0[i + 4] += acc4;
-        s0[i + 5] += acc5;
-        s0[i + 6] += acc6;
-        s0[i + 7] += acc7;
-    }
-    for (int64_t i = m - m % 8; i < m; ++i) {
-        double acc8 = 0.0;
-        #pragma omp simd reduction(+:acc8)
-        for (int64_t j = 0; j < n; ++j) {
-            acc8 += A[i*n + j]*x[j];
-        }
-        s0[i] += acc8;
-    }
-
-    return hg_any_nonfinite(cache, m) ? HG_LOGISTIC_NONFINITE : HG_LOGISTIC_OK;
-}
-
-/* (d2g/dx2) v from lower_hvp_prepare's cache */
-int hg_logistic_lower_hvp_apply(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict cache, const double *restrict v, double *restrict x_bar_dot, double *restrict work)
-{
-    if (m < 1 || n < 1) {
-        return HG_LOGISTIC_BAD_SIZE;
-    }
-    (void)x;  /* part of the uniform signature, unused here */
-    const double *restrict s0 = cache + 0;
-    double *restrict s0_dot = work + 0;
-    double *restrict s0_bar_dot = work + m;
-    double s1_bar = 0.0;
-    double s2_bar = 0.0;
-    memset(s0_dot, 0, sizeof(double) * (size_t)(m));
-    memset(s0_bar_dot, 0, sizeof(double) * (size_t)(m));
-    memset(x_bar_dot, 0, sizeof(double) * (size_t)(n));
-
-    s1_bar += 1.0/m;
-    s2_bar += (1.0/2.0)*exp(theta[0]);
-    #pragma omp parallel for schedule(static) if (m*n > 200000) reduction(+: x_bar_dot[:n])
-    for (int64_t i = 0; i < m - m % 8; i += 8) {
-        double acc0 = 0.0;
-        double acc1 = 0.0;
-        double acc2 = 0.0;
-        double acc3 = 0.0;
-        double acc4 = 0.0;
-        double acc5 = 0.0;
-        double acc6 = 0.0;
-        double acc7 = 0.0;
-        #pragma omp simd reduction(+:acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
-        for (int64_t j = 0; j < n; ++j) {
-            acc0 += A[i*n + j]*v[j];
-            acc1 += A[i*n + j + n]*v[j];
-            acc2 += A[i*n + j + 2*n]*v[j];
-            acc3 += A[i*n + j + 3*n]*v[j];
-            acc4 += A[i*n + j + 4*n]*v[j];
-            acc5 += A[i*n + j + 5*n]*v[j];
-            acc6 += A[i*n + j + 6*n]*v[j];
-            acc7 += A[i*n + j + 7*n]*v[j];
-        }
-        s0_dot[i] += acc0;
-        s0_dot[i + 1] += acc1;
-        s0_dot[i + 2] += acc2;
-        s0_dot[i + 3] += acc3;
-        s0_dot[i + 4] += acc4;
-        s0_dot[i + 5] += acc5;
-        s0_dot[i + 6] += acc6;
-        s0_dot[i + 7] += acc7;
-        const double c0 = s0[i]*y[i];
-        const double c1 = s0[i + 1]*y[i + 1];
-        const double c2 = s0[i + 2]*y[i + 2];
-        const double c3 = s0[i + 3]*y[i + 3];
-        const double c4 = s0[i + 4]*y[i + 4];
-        const double c5 = s0[i + 5]*y[i + 5];
-        const double c6 = s0[i + 6]*y[i + 6];
-        const double c7 = s0[i + 7]*y[i + 7];
-        s0_bar_dot[i] += s1_bar*s0_dot[i]*(y[i]*y[i])*hg_sigmoid(-c0)*hg_sigmoid(c0);
-        s0_bar_dot[i + 1] += s1_bar*s0_dot[i + 1]*(y[i + 1]*y[i + 1])*hg_sigmoid(-c1)*hg_sigmoid(c1);
-        s0_bar_dot[i + 2] += s1_bar*s0_dot[i + 2]*(y[i + 2]*y[i + 2])*hg_sigmoid(-c2)*hg_sigmoid(c2);
-        s0_bar_dot[i + 3] += s1_bar*s0_dot[i + 3]*(y[i + 3]*y[i + 3])*hg_sigmoid(-c3)*hg_sigmoid(c3);
-        s0_bar_dot[i + 4] += s1_bar*s0_dot[i + 4]*(y[i + 4]*y[i + 4])*hg_sigmoid(-c4)*hg_sigmoid(c4);
-        s0_bar_dot[i + 5] += s1_bar*s0_dot[i + 5]*(y[i + 5]*y[i + 5])*hg_sigmoid(-c5)*hg_sigmoid(c5);
-        s0_bar_dot[i + 6] += s1_bar*s0_dot[i + 6]*(y[i + 6]*y[i + 6])*hg_sigmoid(-c6)*hg_sigmoid(c6);
-        s0_bar_dot[i + 7] += s1_bar*s0_dot[i + 7]*(y[i + 7]*y[i + 7])*hg_sigmoid(-c7)*hg_sigmoid(c7);
-        #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-            x_bar_dot[j] += A[i*n + j]*s0_bar_dot[i];
-            x_bar_dot[j] += A[i*n + j + n]*s0_bar_dot[i + 1];
-            x_bar_dot[j] += A[i*n + j + 2*n]*s0_bar_dot[i + 2];
-            x_bar_dot[j] += A[i*n + j + 3*n]*s0_bar_dot[i + 3];
-            x_bar_dot[j] += A[i*n + j + 4*n]*s0_bar_dot[i + 4];
-            x_bar_dot[j] += A[i*n + j + 5*n]*s0_bar_dot[i + 5];
-            x_bar_dot[j] += A[i*n + j + 6*n]*s0_bar_dot[i + 6];
-            x_bar_dot[j] += A[i*n + j + 7*n]*s0_bar_dot[i + 7];
-        }
-    }
-    for (int64_t i = m - m % 8; i < m; ++i) {
-        double acc8 = 0.0;
-        #pragma omp simd reduction(+:acc8)
-        for (int64_t j = 0; j < n; ++j) {
-            acc8 += A[i*n + j]*v[j];
-        }
-        s0_dot[i] += acc8;
         const double c8 = s0[i]*y[i];
         s0_bar_dot[i] += s1_bar*s0_dot[i]*(y[i]*y[i])*hg_sigmoid(-c8)*hg_sigmoid(c8);
         #pragma omp simd

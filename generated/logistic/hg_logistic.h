@@ -18,10 +18,6 @@ int hg_logistic_lower_value(int64_t m, int64_t n, const double *restrict theta, 
 int hg_logistic_lower_grad(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict x_bar, double *restrict work);
 /* (d2g/dx2) v, forward over reverse */
 int hg_logistic_lower_hvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
-/* the x-only part of (d2g/dx2) v, once per x */
-int hg_logistic_lower_hvp_prepare(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, double *restrict cache);
-/* (d2g/dx2) v from lower_hvp_prepare's cache */
-int hg_logistic_lower_hvp_apply(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict cache, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
 /* B^T q = d/dtheta <grad_x g, q> */
 int hg_logistic_cross_vjp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, double *restrict theta_bar_dot);
 /* B t = d/ds grad_x g(x, theta + s t) */
