@@ -3,7 +3,7 @@
 Offsets (a sum from 1), triangular sums (an inner range bounded by the outer index),
 convolutions (x[i + k]), vector theta inside an atom, products and quotients of sums,
 fractional powers, 2-D x with one theta per row and a log-sum-exp upper level, and an index
-used as a number.
+used as a number; a matrix product inside an atom (the HVP caches it: a prepared HVP).
 """
 import numpy as np
 import pytest
@@ -19,6 +19,7 @@ x, y = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("y", shape=(n,))
 w, cw = sp.IndexedBase("w", shape=(K,)), sp.IndexedBase("cw", shape=(m,))
 th, tm, t0 = sp.IndexedBase("th", shape=(n,)), sp.IndexedBase("tm", shape=(m,)), sp.Symbol("t0")
 X = sp.IndexedBase("X", shape=(m, n))
+Q = sp.IndexedBase("Q", shape=(K, n))
 ALL = (i, 0, n - 1)
 RIDGE = sp.exp(t0) * sp.Sum(x[i] ** 2, ALL)
 
@@ -45,9 +46,15 @@ CASES = {
                        upper=sp.Sum(sp.log(sp.Sum(sp.exp(X[r, j]), (j, 0, n - 1))), (r, 0, m - 1))),
     "index_value": dict(x=x, theta=t0, lower=sp.Sum((i + 1) * x[i] ** 2 + sp.cos(t0 * i) * x[i], ALL),
                         upper=sp.Sum(i * x[i] * y[i], ALL)),
+    # a matrix product inside an atom: the HVP caches Q X^T (a prepared HVP, three loops)
+    "matrix_product": dict(x=X, theta=t0,
+                           lower=sp.Sum(sp.log(1 + sp.exp(sp.Sum(Q[k, j] * X[r, j], (j, 0, n - 1)))),
+                                        (r, 0, m - 1), (k, 0, K - 1))
+                           + sp.exp(t0) * sp.Sum(X[r, j] ** 2, (r, 0, m - 1), (j, 0, n - 1)),
+                           upper=sp.Sum((X[r, j] - cw[r] * y[j]) ** 2, (r, 0, m - 1), (j, 0, n - 1))),
 }
 # n = 11 and m = 10 exceed the generator's JAM (8): the jammed loops and their remainders run.
-SHAPES = {"y": (11,), "w": (3,), "cw": (10,)}
+SHAPES = {"y": (11,), "w": (3,), "cw": (10,), "Q": (3, 11)}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -67,3 +74,6 @@ def test_unseen_problem_shapes_match_oracle(name, build_dir):
         want = np.atleast_1d(np.asarray(getattr(oracle, kernel)(*args), dtype=float))
         err = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300)
         assert err <= 1e-12, f"{name}.{kernel}: relative error {err:.1e}"
+    want = np.asarray(oracle.lower_hvp(x0, t, v), dtype=float)  # prepared where it pays
+    err = np.max(np.abs(prob.hvp_at(x0, t)(v) - want)) / max(np.max(np.abs(want)), 1e-300)
+    assert err <= 1e-12, f"{name}.hvp_at: relative error {err:.1e}"
