@@ -82,7 +82,9 @@ def to_accuracy(run, rtol: float, atol: float, eps: float, delta: float, x0, q0,
         if e_part > share:
             eps, tightened = min(eps, hg.e * share / e_part), True
         if not tightened:  # both parts within share, the cross term or ||grad|| tipped it
-            eps, delta = 0.5 * min(eps, hg.e), 0.5 * min(delta, hg.R)
+            # (never to 0: a zero e or R is exact already, and a tolerance of 0 is never met)
+            eps = 0.5 * min(eps, hg.e) if hg.e > 0 else eps
+            delta = 0.5 * min(delta, hg.R) if hg.R > 0 else delta
         # The next lower solve certifies e <= eps by itself; refine only if that is not enough.
         refine = 0 if hg.e == 0 or e_part / hg.e * eps <= share else refine_iter
         x0, q0 = hg.x, hg.q
