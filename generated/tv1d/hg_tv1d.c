@@ -145,7 +145,7 @@ int hg_tv1d_lower_hvp(int64_t n, const double *restrict theta, const double *res
         const double c3 = c0 + c2;
         const double c4 = s1_bar/sqrt(c3);
         const double c5 = -c1;
-        const double c6 = pow(c3, -3.0/2.0);
+        const double c6 = (1.0/(c3*sqrt(c3)));
         const double c7 = c1*c5*c6*s1_bar + c4;
         x_bar_dot[i + 1] += c7*v[i + 1] + v[i]*(c2*c6*s1_bar - c4);
         x_bar_dot[i] += c7*v[i] + v[i + 1]*(-c4 + (c5*c5)*c6*s1_bar);
@@ -185,7 +185,7 @@ int hg_tv1d_cross_vjp(int64_t n, const double *restrict theta, const double *res
     #pragma omp simd reduction(+:acc1)
     for (int64_t i = 0; i < n - 1; ++i) {
         const double c5 = x[i + 1] - x[i];
-        const double c6 = c4*s1_bar/pow(c4 + (c5*c5), 3.0/2.0);
+        const double c6 = c4*s1_bar/((c4 + (c5*c5))*sqrt(c4 + (c5*c5)));
         acc1 += -c5*c6*q[i + 1] + c5*c6*q[i];
     }
     theta_bar_dot[1] += acc1;
@@ -211,7 +211,7 @@ int hg_tv1d_cross_jvp(int64_t n, const double *restrict theta, const double *res
         const double c2 = x[i + 1] - x[i];
         const double c3 = c1 + (c2*c2);
         const double c4 = pow(c3, -1.0/2.0);
-        const double c5 = c1*s1_bar*t[1]/pow(c3, 3.0/2.0);
+        const double c5 = c1*s1_bar*t[1]/(c3*sqrt(c3));
         const double c6 = -c2;
         x_bar_dot[i + 1] += c2*c4*s1_bar_dot - c2*c5;
         x_bar_dot[i] += c4*c6*s1_bar_dot - c5*c6;
