@@ -61,9 +61,9 @@ class KernelPrinter(C99CodePrinter):
             prod = "*".join([b] * abs(int(exp)))
             # Parenthesised: SymPy's Mul printer puts a Pow after "/" as if it were atomic.
             return f"({prod})" if exp > 0 else f"(1.0/({prod}))"
-        if exp.is_Rational and exp.q == 2 and 3 <= abs(exp.p) <= 7:
-            # x^(3/2) = x*sqrt(x): pow() is a libm call the loop cannot vectorise, and the
-            # smoothed-TV HVP at 256 x 256 spent most of its 1.6 ms in it (0.18 ms without).
+        if exp.is_Rational and exp.q == 2 and (exp.p == -1 or 3 <= abs(exp.p) <= 7):
+            # x^(3/2) = x*sqrt(x), x^(-1/2) = 1/sqrt(x): pow() is a libm call the loop cannot
+            # vectorise; the smoothed-TV HVP at 256 x 256 spent most of its 1.6 ms in it.
             b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Mul"] + 1)
             prod = "*".join([b] * (abs(exp.p) // 2) + [f"sqrt({self._print(base)})"])
             return f"({prod})" if exp > 0 else f"(1.0/({prod}))"

@@ -400,7 +400,8 @@ def test_printer_precedence_cases(c_batch):
              sp.sqrt(a ** 2 + 1) ** -3, sp.pi * a, sp.E ** a, a / -b ** 3,
              # half-integer powers print as products with sqrt (no pow call)
              a / (b ** 2 + 1) ** sp.Rational(5, 2), (c ** 2 + 1) ** sp.Rational(-3, 2) * a,
-             (a ** 2 + 1) ** sp.Rational(7, 2), c ** 2 / (a ** 2 + b ** 2 + 1) ** sp.Rational(-5, 2)]
+             (a ** 2 + 1) ** sp.Rational(7, 2), c ** 2 / (a ** 2 + b ** 2 + 1) ** sp.Rational(-5, 2),
+             (a ** 2 + 1) ** sp.Rational(-1, 2)]
     pts = [[(0.75, -1.25, 1.5), (-1.5, 0.5, -0.25)]] * len(exprs)
     got = iter(c_batch([print_expr(e, {}) for e in exprs], pts))
     with mpmath.workdps(40):

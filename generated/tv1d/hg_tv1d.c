@@ -173,7 +173,7 @@ int hg_tv1d_cross_vjp(int64_t n, const double *restrict theta, const double *res
     #pragma omp simd reduction(+:acc0)
     for (int64_t i = 0; i < n - 1; ++i) {
         const double c1 = x[i + 1] - x[i];
-        const double c2 = pow(c0 + (c1*c1), -1.0/2.0);
+        const double c2 = (1.0/(sqrt(c0 + (c1*c1))));
         acc0 += c1*c2*q[i + 1] - c1*c2*q[i];
     }
     s1_dot += acc0;
@@ -210,7 +210,7 @@ int hg_tv1d_cross_jvp(int64_t n, const double *restrict theta, const double *res
     for (int64_t i = 0; i < n - 1; ++i) {
         const double c2 = x[i + 1] - x[i];
         const double c3 = c1 + (c2*c2);
-        const double c4 = pow(c3, -1.0/2.0);
+        const double c4 = (1.0/(sqrt(c3)));
         const double c5 = c1*s1_bar*t[1]/(c3*sqrt(c3));
         const double c6 = -c2;
         x_bar_dot[i + 1] += c2*c4*s1_bar_dot - c2*c5;
