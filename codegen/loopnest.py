@@ -108,19 +108,14 @@ class LoopNestBuilder:
         heaviest = max(group, key=lambda s: len(s.loops))
         if len(heaviest.loops) < 2:
             return ""
-        outer = group[0].loops[0]
+        kinds = _update_kinds(group)
+        if kinds is None:
+            return ""  # a max into shared data, or iterations scattering into each other
         reductions = []
-        for stmt in group:
-            for u in stmt.updates:
-                if u.index and _same_iteration(u.index, outer):
-                    continue
-                if u.op != "+" or any(outer.var in sp.sympify(e).free_symbols for e in u.index):
-                    return ""  # a max into shared data, or iterations scattering into each other
-                arr = self.arrays[u.target]
-                name = arr.name if arr.is_scalar else (
-                    f"{arr.name}[:{self.index_code(sp.Mul(*arr.shape))}]")
-                if name not in reductions:
-                    reductions.append(name)
+        for target in kinds[1]:
+            arr = self.arrays[target]
+            reductions.append(arr.name if arr.is_scalar else
+                              f"{arr.name}[:{self.index_code(sp.Mul(*arr.shape))}]")
         # Trip count bound: indices in inner ranges (triangular sums) at their largest values.
         extents = sp.Mul(*[lp.hi - lp.lo + 1 for lp in heaviest.loops])
         for _ in heaviest.loops:
@@ -298,6 +293,24 @@ class LoopNestBuilder:
         return "#pragma omp simd"
 
 
+def _update_kinds(group: list):
+    """(row-local targets, sum-reduction targets in first-update order) of a group sharing an
+    outer loop, or None if an update is neither: a row-local target is written only at the
+    current outer iteration's slice; a reduction target is summed into at indices free of the
+    outer variable (every row adds to it)."""
+    outer = group[0].loops[0]
+    row_local, reduced = set(), []
+    for stmt in group:
+        for u in stmt.updates:
+            if u.index and _same_iteration(u.index, outer):
+                row_local.add(u.target)
+            elif u.op == "+" and not any(outer.var in sp.sympify(i).free_symbols for i in u.index):
+                if u.target not in reduced:
+                    reduced.append(u.target)
+            else:
+                return None
+    return row_local, reduced
+
 
 def _iterations_independent(group: list, arrays: dict) -> bool:
     """True if no iteration of the group's outer loop reads what another one writes.
@@ -307,18 +320,10 @@ def _iterations_independent(group: list, arrays: dict) -> bool:
     (rows add to it in any order). Then the rows can run in any interleaving: in parallel, or
     JAM at a time.
     """
-    outer = group[0].loops[0]
-    row_local, reduced = set(), set()
-    for stmt in group:
-        for u in stmt.updates:
-            if u.index and _same_iteration(u.index, outer):
-                row_local.add(u.target)
-            elif u.op == "+" and not any(outer.var in sp.sympify(i).free_symbols for i in u.index):
-                reduced.add(u.target)
-            else:
-                return False
-    if row_local & reduced:
+    kinds = _update_kinds(group)
+    if kinds is None or kinds[0] & set(kinds[1]):
         return False
+    outer, (row_local, reduced) = group[0].loops[0], kinds
     for stmt in group:
         for u in stmt.updates:
             for r in ir.reads_of(u.expr, arrays):
