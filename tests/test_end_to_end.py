@@ -45,6 +45,11 @@ def test_bound_holds_against_tight_solve(name, build_dir):
         hg = prob.hypergradient(theta, lower="fista", adjoint="cg", eps=eps, delta=eps)
         err = np.linalg.norm(hg.grad - ref.grad)
         assert err <= hg.bound + ref.bound, f"{name} eps {eps}: error {err:.2e}, bound {hg.bound:.2e}"
+    for lower in ("fista", "newton"):  # to a certified relative accuracy (codegen.accuracy)
+        hg = prob.hypergradient(theta, lower=lower, adjoint="cg", rtol=1e-5)
+        assert hg.ok and hg.bound <= 1e-5 * np.linalg.norm(hg.grad), hg.status
+        err = np.linalg.norm(hg.grad - ref.grad)
+        assert err <= hg.bound + ref.bound, f"{name} {lower} rtol: error {err:.2e}, bound {hg.bound:.2e}"
 
 
 def test_long_vectors_take_the_blas_free_reductions(build_dir):
