@@ -90,8 +90,8 @@ class BoundProblem:
 
         With a prepared HVP (lower_hvp_prepare / lower_hvp_apply: the HVP has temporaries that
         depend on x alone, like z = A x) those are computed here once into a private cache and
-        each call runs only the v-dependent part; otherwise every call is lower_hvp. Same
-        values either way (the same operations, in the same order per entry)."""
+        each call runs only the v-dependent part; otherwise every call is lower_hvp. The same
+        values either way up to rounding (the same operations; a sum may be ordered otherwise)."""
         xv, th = self._vector(self.x_name, x, self.x_size, "x"), self._theta(theta)
         if "lower_hvp_apply" not in self.kernels:
             return lambda v: self.lower_hvp(xv, th, v)

@@ -67,9 +67,10 @@ def _dot(a, b) -> float:
     """a . b for the solvers' vectors, never on BLAS threads when they are long.
 
     OpenBLAS runs a long dot product on its own threads, and between kernel calls the kernels'
-    OpenMP workers still spin on the cores: each dot then waits for a core, and a CSR logistic
-    hypergradient at 100000 features took 400 ms instead of 127 ms (2 cores). einsum's loop is
-    single-threaded; short vectors keep the faster BLAS call (OpenBLAS keeps those on one thread).
+    OpenMP workers still spin on the cores: each dot then waits for a core, and the woken BLAS
+    threads slow the next kernel. A CSR logistic hypergradient at 100000 features took 400 ms,
+    150 ms without BLAS threads (2 cores). einsum's loop is single-threaded; short vectors keep
+    the faster BLAS call (OpenBLAS keeps those on one thread).
     """
     if a.size < BLAS_FREE_FROM:
         return float(a @ b)
@@ -499,8 +500,8 @@ def _lower_newton(k, th, c, tol, x0, max_iter, record):
 
     The direction solves A(x) d = -grad g by the adjoint CG to a relative residual
     eta = min(1/2, sqrt(||g|| / ||g0||), L_A ||g|| / (2 mu^2)) (superlinear near x*, one exact
-    step when g is quadratic), but not below a quarter of the target tol * mu; since A d = -g + r with
-    ||r|| <= eta ||g||, d is a descent direction for ||g||^2 / 2, and the step is halved until
+    step when g is quadratic), but not below a quarter of the target tol * mu; since
+    A d = -g + r with ||r|| <= eta ||g||, d is a descent direction for ||g||^2 / 2, and the step is halved until
     ||g(x + a d)|| <= (1 - 1e-4 a) ||g(x)||. Each step costs a few HVPs and gradients, about one
     pass over the data each, and needs no L. The certificate is ||g||/mu as for every solver.
     """
@@ -898,7 +899,7 @@ def backprop_adjoint(k, lower: LowerResult, theta, b=None) -> AdjointResult:
             break
         lam2, lam1 = lam1, lam
     q = a * qsum
-    rt, msg2 = _true_residual(hvp_at(k, xK, th), q, b)
+    rt, msg2 = _true_residual(lambda v: k.lower_hvp(xK, th, v), q, b)  # one HVP: unprepared
     n_hvp += 1
     R = _norm(rt) if rt is not None else math.inf
     if K == 0:
