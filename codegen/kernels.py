@@ -112,7 +112,6 @@ def prepared_hvp(program: ir.Program, output: str, direction: str = "v") -> list
     ]
 
 
-
 def _one_update_each(program: ir.Program) -> list:
     """The statements with several updates split into one statement per update, where no update
     reads another's target (then their order inside the loop nest is free)."""
