@@ -57,6 +57,7 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict:
     hvp_reads = {ir.read_name(r) for st in by_name["lower_hvp"].program.statements
                  for u in st.updates for r in ir.reads_of(u.expr, by_name["lower_hvp"].program.arrays)}
     theta = problem.theta_spec.name
+    apply = by_name.get("lower_hvp_apply")
     meta = {
         "name": problem.name,
         "version": __version__,
@@ -69,10 +70,9 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict:
                     "sparse": a.sparse} for a in problem.arrays.values()],
         "kernels": [_kernel_meta(problem, s) for s in specs],
         # the prepared HVP's cache arrays, in buffer order ([] when the HVP has none)
-        "hvp_cache": [{"name": name, "shape": [str(e) for e in by_name["lower_hvp_apply"].program
-                                                .arrays[name].shape]}
-                      for name in by_name["lower_hvp_apply"].cache] if "lower_hvp_apply" in by_name
-        else [],
+        "hvp_cache": [] if apply is None else [
+            {"name": name, "shape": [str(e) for e in apply.program.arrays[name].shape]}
+            for name in apply.cache],
         "cdef": cdef,
         "is_quadratic": problem.x_spec.name not in hvp_reads,
         "upper_depends_on_theta": any(str(r.base.label) == theta for r in problem.f.atoms(sp.Indexed)),

@@ -578,23 +578,9 @@ def _lower_cg(k, th, mu, L, tol, x0, max_iter, record):
         if it >= max_iter:
             status = "capped"
             break
-        Ad, msg = _call(k.lower_hvp, x, th, d)
+        x_new, r_new, status, msg = _cg_step(lambda v: k.lower_hvp(x, th, v), x, r, d, rr)
         n_hvp += 1
-        if Ad is None:
-            status = "non-finite"
-            break
-        dAd = _dot(d, Ad)
-        if not math.isfinite(dAd):
-            status, msg = "non-finite", "d^T A d is not finite"
-            break
-        if dAd <= 0.0:
-            status, msg = "not SPD", f"d^T A d = {dAd:.3g} <= 0"
-            break
-        alpha = rr / dAd
-        x_new = x + alpha * d
-        r_new = r - alpha * Ad
-        if not _finite(x_new, r_new):
-            status, msg = "non-finite", "non-finite CG iterate"
+        if status:
             break
         x, r, g_true = x_new, r_new, False
         it += 1
@@ -755,23 +741,9 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
             status, msg = "diverged", f"residual grew from {r0:.3g} to {rn:.3g}"
             break
         if solver == "cg":
-            Ad, msg = _call(hvp, d)
+            q_new, s_new, status, msg = _cg_step(hvp, q, s, d, ss)
             n_hvp += 1
-            if Ad is None:
-                status = "non-finite"
-                break
-            dAd = _dot(d, Ad)
-            if not math.isfinite(dAd):
-                status, msg = "non-finite", "d^T A d is not finite"
-                break
-            if dAd <= 0.0:
-                status, msg = "not SPD", f"d^T A d = {dAd:.3g} <= 0"
-                break
-            alpha = ss / dAd
-            q_new = q + alpha * d
-            s_new = s - alpha * Ad
-            if not _finite(q_new, s_new):
-                status, msg = "non-finite", "non-finite CG iterate"
+            if status:
                 break
             ss_new = _dot(s_new, s_new)
             q, s = q_new, s_new
@@ -812,6 +784,25 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
                         segments=segments, history=hist, message=msg)
     res.apriori, res.apriori_rigorous = _adjoint_apriori(res, c)
     return res
+
+
+def _cg_step(hvp, u, r, d, rr):
+    """One conjugate-gradient step for A u = b with residual r = b - A u, direction d and
+    rr = r . r (one HVP): (u_new, r_new, "", "") or (None, None, status, message) when the HVP
+    or the iterate is not finite or d^T A d <= 0 (A not SPD). Both CG loops take their steps here."""
+    Ad, msg = _call(hvp, d)
+    if Ad is None:
+        return None, None, "non-finite", msg
+    dAd = _dot(d, Ad)
+    if not math.isfinite(dAd):
+        return None, None, "non-finite", "d^T A d is not finite"
+    if dAd <= 0.0:
+        return None, None, "not SPD", f"d^T A d = {dAd:.3g} <= 0"
+    alpha = rr / dAd
+    u_new, r_new = u + alpha * d, r - alpha * Ad
+    if not _finite(u_new, r_new):
+        return None, None, "non-finite", "non-finite CG iterate"
+    return u_new, r_new, "", ""
 
 
 def hvp_at(k, x, th):
