@@ -34,6 +34,7 @@ class BoundProblem:
         self.kernels = {k["name"]: KernelCaller(module, k, self.data, self.sizes, self.work, lock)
                         for k in meta["kernels"]}
         self._constants = None
+        self._fixed = {}  # the dense matrices of data-only kernels (_matrix)
         self._cache_size = sum(int(np.prod(module.extent(a["name"], self.sizes)))
                                for a in meta.get("hvp_cache", []))
 
@@ -84,6 +85,32 @@ class BoundProblem:
     def cross_jvp(self, x, theta, t) -> np.ndarray:
         return self._call("cross_jvp", x, theta, ("t", np.atleast_1d(t), self.theta_size),
                           self.x_size)
+
+    def lower_hessian(self, x, theta) -> np.ndarray:
+        """d2g/dx2 at (x, theta) as a dense (x_size, x_size) array, column c the HVP with e_c:
+        x_size HVPs in one kernel call (the direct solvers; 8 x_size^2 bytes)."""
+        return self._matrix("lower_hessian", "lower_hvp", x, theta, self.x_size)
+
+    def cross_matrix(self, x, theta) -> np.ndarray:
+        """B = d2g/dx dtheta at (x, theta) as a dense (x_size, theta_size) array, column c the
+        cross JVP with e_c: theta_size JVPs in one kernel call (the certified ||B||)."""
+        return self._matrix("cross_matrix", "cross_jvp", x, theta, self.theta_size)
+
+    def _matrix(self, kernel: str, base: str, x, theta, columns: int) -> np.ndarray:
+        """A dense-matrix kernel's result as (x_size, columns). When `base` reads neither x nor
+        theta (meta "data_only": the Hessian or B of g = ||C theta + D x - e||^2) the matrix
+        is fixed by the data: computed on first use, then returned read-only, as the derived
+        constants are (in-place changes to the bound data are not seen by either)."""
+        fixed = base in self.module.meta["data_only"]
+        if fixed and kernel in self._fixed:
+            self._vector(self.x_name, x, self.x_size, "x"), self._theta(theta)  # same checks
+            return self._fixed[kernel]
+        out = self._call(kernel, x, theta, out_size=self.x_size * columns)
+        matrix = out.reshape(columns, self.x_size).T
+        if fixed and np.all(np.isfinite(matrix)):
+            matrix.flags.writeable = False
+            self._fixed[kernel] = matrix
+        return matrix
 
     def hvp_at(self, x, theta):
         """v -> (d2g/dx2)(x, theta) v for many v at one x (a solver's CG at x_eps).

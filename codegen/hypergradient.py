@@ -134,26 +134,30 @@ class HypergradientResult:
 def cross_norm(k, x, theta) -> tuple:
     """A certified upper bound on ||B(x, theta)||_2 and the number of cross products it cost.
 
-    p = 1: exactly ||B e_1|| (one JVP). p <= 64: B is assembled from p JVPs and its spectral norm
-    taken by SVD with a relative margin for LAPACK's backward error (never above the Frobenius
-    norm, also computed). Larger p: k.cross_norm_bound(x, theta) if the kernel has a structural bound, else the
-    Frobenius norm anyway (p JVPs; the cost shows in work["cross"]). Never power iteration: it
-    approaches the norm from below and would void the certificate (pitfall 8).
+    p = 1: exactly ||B e_1|| (one JVP). p <= 64: B is assembled from p JVPs (in one kernel call,
+    k.cross_matrix, when the kernel has it) and its spectral norm taken by SVD with a relative
+    margin for LAPACK's backward error (never above the Frobenius norm, also computed). Larger p:
+    k.cross_norm_bound(x, theta) if the kernel has a structural bound, else the Frobenius norm
+    anyway (p JVPs; the cost shows in work["cross"]). Never power iteration: it approaches the
+    norm from below and would void the certificate (pitfall 8).
     """
     th = np.atleast_1d(theta)
     p = th.size
     if p > FROBENIUS_MAX_P and hasattr(k, "cross_norm_bound"):
         v = float(k.cross_norm_bound(x, th))
         if math.isfinite(v): return v, 0  # inf: no structural bound, use the JVPs below
-    columns = []
-    for j in range(p):
-        t = np.zeros(p)
-        t[j] = 1.0
-        col, _ = _call(k.cross_jvp, x, th, t)
-        if col is None:
-            return math.inf, j + 1
-        columns.append(col)
-    B = np.column_stack(columns)
+    if hasattr(k, "cross_matrix"):  # the p JVPs in one kernel call
+        B, _ = _call(k.cross_matrix, x, th)
+        if B is None:
+            return math.inf, p
+    else:
+        columns = []
+        for j in range(p):
+            col, _ = _call(k.cross_jvp, x, th, np.eye(1, p, j).ravel())
+            if col is None:
+                return math.inf, j + 1
+            columns.append(col)
+        B = np.column_stack(columns)
     frobenius = _norm(B)  # not np.linalg.norm: no BLAS threads on a long column (solvers._dot)
     if p == 1 or p > FROBENIUS_MAX_P:
         return frobenius, p
@@ -236,8 +240,9 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
                   rtol=None, atol=0.0) -> HypergradientResult:
     """The hypergradient of F(theta) = f(x*(theta), theta) + r(theta) with certified bounds.
 
-    lower in ("gd", "hb", "fista", "cg"), adjoint in ("cg", "gd", "hb", "backprop"); any pairing
-    is allowed except "backprop", which differentiates a stored GD or HB trajectory (so lower must
+    lower in ("gd", "hb", "fista", "cg", "newton", "direct"), adjoint in ("cg", "gd", "hb",
+    "direct", "backprop"); "direct" factors the dense Hessian (small x only, `codegen.dense`).
+    Any pairing is allowed except "backprop", which differentiates a stored GD or HB trajectory (so lower must
     be "gd" or "hb"; its bound is inf: E&R's analysis does not cover it). eps is the certified lower
     accuracy (G/mu <= eps), delta the absolute true adjoint residual. x0 warm-starts the lower
     solve (the test is made before the first step), q0 the adjoint (a nonzero q0 is legal but is
@@ -287,8 +292,9 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
                 notes.append(f"L = inf globally: step sizes use L = {_fmt(c['L'])} on the ball "
                              "B(x0, 2||grad g(x0)||/mu)")
 
-    # 1. lower solve
-    low = _solve_lower(k, th, c, lower, eps, x0, max_iter, record, adjoint == "backprop")
+    # 1. lower solve (lower="direct" and adjoint="direct" share one Hessian factor where it holds)
+    dense = {}
+    low = _solve_lower(k, th, c, lower, eps, x0, max_iter, record, adjoint == "backprop", dense)
     x = low.x
     work = {"lower_grads": low.n_grad + pre_grads, "hvps": low.n_hvp, "cross": 0}
     if low.status != "converged":
@@ -330,7 +336,7 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
         adj = backprop_adjoint(k, low, th, b=b)
         work["cross"] += adj.n_cross
     else:
-        adj = _solve_adjoint(k, x, th, c, adjoint, delta, q0, adjoint_max_iter, b, record)
+        adj = _solve_adjoint(k, x, th, c, adjoint, delta, q0, adjoint_max_iter, b, record, dense)
     work["hvps"] += adj.n_hvp
     q, R = adj.q, adj.residual
     if adj.zero_trap:

@@ -20,7 +20,7 @@ from . import __version__, ir
 from .errors import HypergenError
 from .kernels import kernel_specs
 from .problem import Problem
-from .render import ABI_VERSION, environment, render_module
+from .render import ABI_VERSION, environment, kernel_renderers, render_module
 
 
 def load_problem_file(path) -> list:
@@ -54,8 +54,8 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict:
     specs = kernel_specs(problem)
     source, header, cdef = render_module(problem, specs)
     by_name = {s.name: s for s in specs}
-    hvp_reads = {ir.read_name(r) for st in by_name["lower_hvp"].program.statements
-                 for u in st.updates for r in ir.reads_of(u.expr, by_name["lower_hvp"].program.arrays)}
+    reads = {s.name: {ir.read_name(r) for st in s.program.statements for u in st.updates
+                      for r in ir.reads_of(u.expr, s.program.arrays)} for s in specs}
     theta = problem.theta_spec.name
     apply = by_name.get("lower_hvp_apply")
     meta = {
@@ -68,13 +68,17 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict:
         "sizes": [s.name for s in problem.sizes],
         "arrays": [{"name": a.name, "role": a.role, "shape": [str(e) for e in a.shape],
                     "sparse": a.sparse} for a in problem.arrays.values()],
-        "kernels": [_kernel_meta(problem, s) for s in specs],
+        "kernels": [_kernel_meta(k) for k in kernel_renderers(problem, specs)],
         # the prepared HVP's cache arrays, in buffer order ([] when the HVP has none)
         "hvp_cache": [] if apply is None else [
             {"name": name, "shape": [str(e) for e in apply.program.arrays[name].shape]}
             for name in apply.cache],
         "cdef": cdef,
-        "is_quadratic": problem.x_spec.name not in hvp_reads,
+        "is_quadratic": problem.x_spec.name not in reads["lower_hvp"],
+        # kernels that read neither x nor theta: a linear map of their direction fixed by the
+        # data, so their dense matrices (lower_hessian, cross_matrix) are computed once per bind
+        "data_only": [name for name in ("lower_hvp", "cross_jvp")
+                      if not {problem.x_spec.name, theta} & reads[name]],
         "upper_depends_on_theta": any(str(r.base.label) == theta for r in problem.f.atoms(sp.Indexed)),
         "stated_constants": None if problem.constants is None else
         {k: sp.srepr(v) for k, v in sorted(problem.constants.items())},
@@ -134,12 +138,10 @@ def _generator_digest() -> str:
     return h.hexdigest()
 
 
-def _kernel_meta(problem, spec) -> dict:
-    from .render import KernelRenderer
-
-    params = KernelRenderer(spec, problem).params()
-    return {"name": spec.name, "doc": spec.doc,
-            "params": [{"name": p.name, "role": p.role, "ctype": p.ctype} for p in params]}
+def _kernel_meta(renderer) -> dict:
+    return {"name": renderer.name, "doc": renderer.doc,
+            "params": [{"name": p.name, "role": p.role, "ctype": p.ctype}
+                       for p in renderer.params()]}
 
 
 def _derive_constants(problem, allow_uncertified: bool):

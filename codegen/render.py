@@ -16,10 +16,10 @@ import sympy as sp
 
 from . import __version__, ir
 from .kernels import CACHE_BUFFER, KernelSpec
-from .loopnest import LoopNestBuilder
+from .loopnest import LoopNestBuilder, Node
 from .printer import KernelPrinter
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 def templates_dir() -> Path:
@@ -67,6 +67,7 @@ class KernelRenderer:
 
     def __init__(self, spec: KernelSpec, problem):
         self.spec, self.problem = spec, problem
+        self.name, self.doc = spec.name, spec.doc
         self.program = spec.program
         self.arrays = self.program.arrays
         self.printer = KernelPrinter(self.arrays)
@@ -133,6 +134,10 @@ class KernelRenderer:
     def work_size(self) -> sp.Expr:
         return sp.Add(*[_extent(a) for a in self.work_arrays()])
 
+    def work_code(self) -> str | None:
+        """C expression of the doubles of `work` this kernel uses (None: it takes no work)."""
+        return self.index_code(self.work_size()) if self.work_arrays() else None
+
     def setup_lines(self) -> list:
         """Carve temporaries out of `work` (cache arrays out of `cache`: written by the prepare
         kernel, read-only in the apply kernel), and zero every accumulator."""
@@ -186,16 +191,94 @@ class KernelRenderer:
         }
 
 
+class ColumnsRenderer:
+    """A kernel that runs another on every unit vector: a derivative as a dense matrix, in one
+    call instead of one per column (the direct solvers of a small problem need the Hessian and
+    B whole, and each separate call from Python costs more than its arithmetic).
+
+    Column c of the output, at output + c * rows, is base(..., direction = e_c, ...); the unit
+    vector lives at the start of `work`, the base kernel's own work after it. The first failing
+    column's status is returned as it is.
+    """
+
+    def __init__(self, name: str, doc: str, base: KernelRenderer, direction: str, out: str,
+                 prefix: str):
+        self.name, self.doc, self.base, self.direction = name, doc, base, direction
+        self.out, self.prefix = out, prefix
+        base_params = base.params()
+        self.count = next(p.length for p in base_params if p.name == direction)
+        self.rows = next(p.length for p in base_params if p.role == "output")
+
+    def params(self) -> list:
+        kept = [p for p in self.base.params() if p.name != self.direction
+                and p.role not in ("output", "work")]
+        return kept + [Param("double *restrict", self.out, "output",
+                             f"({self.rows})*({self.count})"),
+                       Param("double *restrict", "work", "work")]
+
+    def work_code(self) -> str:
+        inner = self.base.work_code()
+        return self.count if inner is None else f"{inner} + {self.count}"
+
+    def context(self) -> dict:
+        params = self.params()
+        args = []
+        for p in self.base.params():
+            if p.name == self.direction:
+                args.append("hg_unit")
+            elif p.role == "output":
+                args.append(f"{self.out} + hg_col*({self.rows})")
+            elif p.role == "work":
+                args.append(f"work + {self.count}")
+            else:
+                args.append(p.name)
+        ok = f"{self.prefix.upper()}_OK"
+        column = Node(loop=("hg_col", "0", self.count, ""), children=[
+            Node(text="hg_unit[hg_col] = 1.0;"),
+            Node(text=f"const int hg_status = {self.prefix}_{self.base.name}({', '.join(args)});"),
+            Node(text="hg_unit[hg_col] = 0.0;"),
+            Node(text=f"if (hg_status != {ok}) {{"),
+            Node(text="    return hg_status;"),
+            Node(text="}"),
+        ])
+        return {
+            "name": self.name, "doc": self.doc, "params": params,
+            "sizes": [p.name for p in params if p.role == "size"],
+            "setup": ["double *restrict hg_unit = work;",
+                      f"memset(hg_unit, 0, sizeof(double) * (size_t)({self.count}));"],
+            "body": [column], "outputs": [],
+        }
+
+
+#: (name, doc, base kernel, its direction input, output parameter) of the dense-matrix kernels.
+COLUMN_KERNELS = (
+    ("lower_hessian", "d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c",
+     "lower_hvp", "v", "hessian_out"),
+    ("cross_matrix", "B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c",
+     "cross_jvp", "t", "cross_out"),
+)
+
+
+def kernel_renderers(problem, specs: list) -> list:
+    """The renderers of every C function of the module: one per KernelSpec, then the
+    dense-matrix kernels built on them."""
+    kernels = [KernelRenderer(spec, problem) for spec in specs]
+    by_name = {k.name: k for k in kernels}
+    prefix = f"hg_{problem.name}"
+    return kernels + [ColumnsRenderer(name, doc, by_name[base], direction, out, prefix)
+                      for name, doc, base, direction, out in COLUMN_KERNELS]
+
+
 def render_module(problem, specs: list) -> tuple:
     """Return (source, header, cdef) for one problem: deterministic C99 text.
 
     The cdef is the header's declarations as cffi parses them (no include guards, no restrict).
     """
     env = environment()
-    kernels = [KernelRenderer(spec, problem) for spec in specs]
+    kernels = kernel_renderers(problem, specs)
     contexts = [k.context() for k in kernels]
     sizes = [s.name for s in problem.sizes]
-    work = [k.index_code(k.work_size()) for k in kernels if k.work_arrays()]
+    work = [k.work_code() for k in kernels if k.work_code() is not None]
     ctx = {
         "problem": problem.name, "prefix": f"hg_{problem.name}", "version": __version__,
         "abi": ABI_VERSION, "kernels": contexts, "sizes": sizes, "work": work,

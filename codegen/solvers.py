@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .dense import DIRECT_MAX_SIZE, HessianFactor
 from .errors import HypergenError, KernelError
 
 __all__ = [
@@ -42,8 +43,8 @@ __all__ = [
     "ADJOINT_SOLVERS",
 ]
 
-LOWER_SOLVERS = ("gd", "hb", "fista", "cg", "newton")
-ADJOINT_SOLVERS = ("cg", "gd", "hb", "backprop")
+LOWER_SOLVERS = ("gd", "hb", "fista", "cg", "newton", "direct")
+ADJOINT_SOLVERS = ("cg", "gd", "hb", "direct", "backprop")
 
 #: An iteration whose residual (gradient norm) grew by this factor over its start is "diverged".
 DIVERGENCE_FACTOR = 1e8
@@ -352,7 +353,9 @@ def solve_lower(k, theta, solver="fista", tol=1e-8, x0=None, max_iter=DEFAULT_MA
     solver: "gd" (step 2/(L+mu)), "hb" (Polyak heavy ball; may fail on non-quadratic g, then
     status "diverged" or "capped"), "fista" (strongly convex FISTA, Chambolle & Pock 2016 Alg. 5;
     returns its extrapolated point z, where the gradient is known), "cg" (only if k.is_quadratic;
-    the recursive residual triggers a check with the true gradient, restarting from it if needed).
+    the recursive residual triggers a check with the true gradient, restarting from it if needed),
+    "newton" (Newton-CG), "direct" (Newton with exact steps from the dense Hessian's Cholesky
+    factor, for small x: `codegen.dense`).
     mu and L are re-evaluated from k.constants(theta) on every call. The test is made before the
     first step (a good warm start returns after 0 iterations and 1 gradient). `record=True` keeps
     the per-iteration G/mu; `store_trajectory=True` keeps x_0..x_K (GD/HB, for adjoint="backprop";
@@ -363,7 +366,7 @@ def solve_lower(k, theta, solver="fista", tol=1e-8, x0=None, max_iter=DEFAULT_MA
                         store_trajectory)
 
 
-def _solve_lower(k, th, c, solver, tol, x0, max_iter, record, store_trajectory):
+def _solve_lower(k, th, c, solver, tol, x0, max_iter, record, store_trajectory, dense=None):
     if solver not in LOWER_SOLVERS:
         raise SolverError(f"unknown lower solver {solver!r}; choose from {LOWER_SOLVERS}")
     if solver == "cg" and not getattr(k, "is_quadratic", False):
@@ -387,6 +390,8 @@ def _solve_lower(k, th, c, solver, tol, x0, max_iter, record, store_trajectory):
         res = _lower_cg(k, th, mu, L, tol, x0, max_iter, record)
     elif solver == "newton":
         res = _lower_newton(k, th, c, tol, x0, max_iter, record)
+    elif solver == "direct":
+        res = _lower_newton(k, th, c, tol, x0, max_iter, record, {} if dense is None else dense)
     elif solver == "fista":
         res = _lower_fista(k, th, mu, L, step, tol, x0, max_iter, record)
     else:
@@ -495,7 +500,7 @@ def _lower_fista(k, th, mu, L, step, tol, x0, max_iter, record):
 NEWTON_TARGET_SHARE = 0.25
 
 
-def _lower_newton(k, th, c, tol, x0, max_iter, record):
+def _lower_newton(k, th, c, tol, x0, max_iter, record, dense=None):
     """Inexact Newton (Newton-CG) with backtracking on ||grad g||; max_iter caps the WORK.
 
     The direction solves A(x) d = -grad g by the adjoint CG to a relative residual
@@ -504,13 +509,17 @@ def _lower_newton(k, th, c, tol, x0, max_iter, record):
     A d = -g + r with ||r|| <= eta ||g||, d is a descent direction for ||g||^2 / 2, and the step is halved until
     ||g(x + a d)|| <= (1 - 1e-4 a) ||g(x)||. Each step costs a few HVPs and gradients, about one
     pass over the data each, and needs no L. The certificate is ||g||/mu as for every solver.
+
+    With a `dense` cache (lower="direct") the direction is exact instead, from the Cholesky
+    factor of the dense Hessian (`_dense_factor`; refactored only where A changes with x).
     """
     mu, L, L_A = c["mu"], c["L"], c.get("L_A", math.inf)
+    name = "newton" if dense is None else "direct"
     x = x0
     g, msg = _call(k.lower_grad, x, th)
     if g is None:
         return LowerResult(x=x0, grad=None, bound=math.inf, iterations=0, status="non-finite",
-                           solver="newton", tol=tol, mu=mu, L=L, n_grad=1, message=msg)
+                           solver=name, tol=tol, mu=mu, L=L, n_grad=1, message=msg)
     n_grad, n_hvp, it = 1, 0, 0
     gn = gn0 = _norm(g)
     hist = [gn / mu] if record else None
@@ -531,14 +540,22 @@ def _lower_newton(k, th, c, tol, x0, max_iter, record):
         if math.isfinite(L_A):
             eta = min(eta, L_A * gn / (2 * mu * mu))
         inner_tol = max(eta * gn, NEWTON_TARGET_SHARE * tol * mu)
-        step = _solve_adjoint(k, x, th, c, "cg", inner_tol, None, min(budget - 1, 100), -g, False)
-        n_hvp += step.n_hvp
-        if step.status in ("non-finite", "not SPD"):
-            status, msg = step.status, f"Newton direction: {step.message or step.status}"
+        if dense is None:
+            step = _solve_adjoint(k, x, th, c, "cg", inner_tol, None, min(budget - 1, 100), -g,
+                                  False, checked=False)
+            n_hvp += step.n_hvp
+            direction = step.q
+            failure = (step.status, step.message) if step.status in ("non-finite", "not SPD") else None
+        else:
+            fac, used, failure = _dense_factor(k, x, th, c, dense)
+            n_hvp += used
+            direction = None if fac is None else -fac.solve(g)
+        if failure:
+            status, msg = failure[0], f"Newton direction: {failure[1] or failure[0]}"
             break
         alpha, accepted = 1.0, False
         while n_grad + n_hvp < max_iter and alpha > 1e-10:
-            x_new = x + alpha * step.q
+            x_new = x + alpha * direction
             g_new, msg = _call(k.lower_grad, x_new, th)
             n_grad += 1
             if g_new is not None and _norm(g_new) <= (1.0 - 1e-4 * alpha) * gn:
@@ -553,7 +570,7 @@ def _lower_newton(k, th, c, tol, x0, max_iter, record):
         it += 1
         if record:
             hist.append(gn / mu)
-    return LowerResult(x=x, grad=g, bound=gn / mu, iterations=it, status=status, solver="newton",
+    return LowerResult(x=x, grad=g, bound=gn / mu, iterations=it, status=status, solver=name,
                        tol=tol, mu=mu, L=L, n_grad=n_grad, n_hvp=n_hvp, initial_bound=gn0 / mu,
                        history=hist, message=msg)
 
@@ -637,7 +654,7 @@ def _lower_apriori(res: LowerResult):
         return q_hb ** K * e0, False
     if res.solver == "cg":
         return (2.0 * math.sqrt(kappa)) ** res.segments * q_hb ** K * e0, True
-    if res.solver == "newton":  # ||g|| never increases: only the trivial bound e0 is rigorous
+    if res.solver in ("newton", "direct"):  # ||g|| never increases: only e0 is rigorous
         return e0, True
     sq = math.sqrt(res.mu / res.L)
 
@@ -662,17 +679,23 @@ def solve_adjoint(k, x, theta, solver="cg", delta=1e-6, q0=None, max_iter=DEFAUL
 
     solver: "cg", "gd" (Richardson, step 2/(L+mu): K steps from q0 = 0 are exactly K steps of
     backprop through GD with Hessians frozen at x), "hb" (Polyak heavy ball in residual form,
-    q_prev = q0: backprop through HB, frozen). q0 = None starts from 0; a nonzero q0 is a legal
-    warm start but no longer "backprop". `b` may pass grad_x f(x) if already known. For reverse
-    mode through the stored lower trajectory use `backprop_adjoint`.
+    q_prev = q0: backprop through HB, frozen), "direct" (the dense Hessian's Cholesky factor and
+    iterative refinement on the true residual; small x only; q0 is not used). q0 = None starts
+    from 0; a nonzero q0 is a legal warm start but no longer "backprop". `b` may pass
+    grad_x f(x) if already known. For reverse mode through the stored lower trajectory use
+    `backprop_adjoint`.
     """
     th = _theta(k, theta)
     return _solve_adjoint(k, np.asarray(x, dtype=np.float64), th, checked_constants(k, th),
                           solver, delta, q0, max_iter, b, record)
 
 
-def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
-    if solver not in ("cg", "gd", "hb"):
+def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record, dense=None,
+                   checked=True):
+    """solve_adjoint's work. checked=False (a Newton direction, whose quality the gradient at
+    the next point decides) stops on the recursive residual and reports it as `residual`,
+    without the one-HVP recomputation of the true residual."""
+    if solver not in ("cg", "gd", "hb", "direct"):
         raise SolverError(f"unknown adjoint solver {solver!r}; choose from {ADJOINT_SOLVERS} "
                           "('backprop' goes through backprop_adjoint / hypergradient)")
     mu, L = c["mu"], c["L"]
@@ -684,6 +707,8 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
         if b is None:
             raise SolverError(f"grad_x f is not finite at the lower solution ({msg})")
     b = np.asarray(b, dtype=np.float64)
+    if solver == "direct":
+        return _adjoint_direct(k, x, th, c, delta, b, max_iter, {} if dense is None else dense)
     hvp = hvp_at(k, x, th)
     n_hvp = 0
     bn = _norm(b)
@@ -717,6 +742,9 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
     while not status:
         rn = math.sqrt(ss) if solver == "cg" else _norm(r)
         if (rn <= delta or rn == 0.0) and it >= min_iter:
+            if not checked:
+                status, R = "converged", rn
+                break
             rt, msg = _true_residual(hvp, q, b)
             n_hvp += 1
             if rt is None:
@@ -771,7 +799,9 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
         R = math.nan
         if record:
             hist.append(rn_new)
-    if math.isnan(R):  # one extra HVP: the TRUE residual of the returned q (pitfall 1)
+    if math.isnan(R) and not checked:
+        R = rn  # the recursive residual of the returned q: all a Newton direction needs
+    elif math.isnan(R):  # one extra HVP: the TRUE residual of the returned q (pitfall 1)
         rt, msg2 = _true_residual(hvp, q, b)
         n_hvp += 1
         R = _norm(rt) if rt is not None else math.inf
@@ -784,6 +814,80 @@ def _solve_adjoint(k, x, th, c, solver, delta, q0, max_iter, b, record):
                         segments=segments, history=hist, message=msg)
     res.apriori, res.apriori_rigorous = _adjoint_apriori(res, c)
     return res
+
+
+#: Iterative-refinement steps of adjoint="direct" after its first solve (each one HVP).
+DIRECT_REFINEMENTS = 3
+
+
+def _adjoint_direct(k, x, th, c, delta, b, max_iter, dense):
+    """q = A(x)^{-1} b from the dense Cholesky factor, then iterative refinement
+    q -= A^{-1} (A q - b) on the TRUE residual (one HVP each, the kernel at x, never the dense
+    matrix), until R <= delta. A residual that stops halving has reached the rounding level:
+    status "capped", with the reason. q0 plays no part: the solve is not iterative."""
+    mu = c["mu"]
+    fac, n_hvp, failure = _dense_factor(k, x, th, c, dense)
+    if fac is None:
+        return AdjointResult(q=np.zeros_like(b), residual=math.inf, iterations=0,
+                             status=failure[0], solver="direct", delta=delta, mu=mu,
+                             n_hvp=n_hvp, r0=_norm(b), message=failure[1])
+    hvp = hvp_at(k, x, th)
+    q, it, status, msg, R_prev = fac.solve(b), 0, "", "", math.inf
+    while True:
+        rt, msg = _true_residual(hvp, q, b)
+        n_hvp += 1
+        if rt is None or not _finite(q):
+            status, R = "non-finite", math.inf
+            break
+        R = _norm(rt)
+        if R <= delta:
+            status = "converged"
+            break
+        if it >= min(max_iter, DIRECT_REFINEMENTS) or R > 0.5 * R_prev:
+            status = "capped"
+            msg = (f"iterative refinement stalled at R = {R:.3g} (the rounding level of the "
+                   "factored Hessian)" if R > 0.5 * R_prev else
+                   f"R = {R:.3g} after {it} refinement(s)")
+            break
+        q, R_prev, it = q - fac.solve(rt), R, it + 1
+    return AdjointResult(q=q, residual=R, iterations=it, status=status, solver="direct",
+                         delta=delta, mu=mu, n_hvp=n_hvp, r0=_norm(b), apriori=math.inf,
+                         message=msg)
+
+
+def _dense_factor(k, x, th, c, dense: dict):
+    """(HessianFactor or None, HVPs spent, None or (status, message)) for A(x, theta).
+
+    The factor cached in `dense` is reused where it holds (at its own x, or anywhere when
+    L_A = 0); otherwise the Hessian is assembled, by k.lower_hessian in one kernel call when the
+    kernel has it, else column by column from n HVPs (n HVPs of work either way), and factored.
+    """
+    held = dense.get("factor")
+    if held is not None and held.holds_at(x, c["L_A"] == 0.0):
+        return held, 0, None
+    n = x.size
+    if n > DIRECT_MAX_SIZE:
+        raise SolverError(
+            f"the direct solvers form the dense {n} x {n} Hessian ({n} HVPs, "
+            f"{8 * n * n / 1e6:.0f} MB); x has {n} entries, more than DIRECT_MAX_SIZE = "
+            f"{DIRECT_MAX_SIZE}: use lower='newton' or 'cg' and adjoint='cg'")
+    if hasattr(k, "lower_hessian"):
+        H, msg = _call(k.lower_hessian, x, th)
+    else:
+        hvp, columns, msg = hvp_at(k, x, th), [], ""
+        for j in range(n):
+            col, msg = _call(hvp, np.eye(1, n, j).ravel())
+            if col is None:
+                break
+            columns.append(col)
+        H = np.column_stack(columns) if len(columns) == n else None
+    if H is None:
+        return None, n, ("non-finite", f"Hessian: {msg}")
+    fac, msg = HessianFactor.factor(H.reshape(n, n), x)
+    if fac is None:
+        return None, n, ("not SPD", msg)
+    dense["factor"] = fac
+    return fac, n, None
 
 
 def _cg_step(hvp, u, r, d, rr):

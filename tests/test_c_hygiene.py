@@ -142,6 +142,10 @@ def _pointer_count(meta, kernel, param, counts):
     if role == "output":
         if pname == "value_out":
             return 1
+        if pname == "hessian_out":  # lower_hessian: x_size columns of x_size
+            return counts[x] * counts[x]
+        if pname == "cross_out":  # cross_matrix: theta_size columns of x_size
+            return counts[x] * counts[theta]
         for base in (x, theta):
             if pname in (f"{base}_bar", f"{base}_bar_dot"):
                 return counts[base]

@@ -111,11 +111,11 @@ def test_bound_valid_over_grid(quad, ridge, logistic):
     apri_viol = []
     hb_apri = [0, 0]  # non-rigorous (HB, C = 1) a priori values: how many, how many below true
     for name, k, thetas in problems:
-        lowers = ["gd", "hb", "fista", "newton"] + (["cg"] if k.is_quadratic else [])
+        lowers = ["gd", "hb", "fista", "newton", "direct"] + (["cg"] if k.is_quadratic else [])
         for th in thetas:
             exact = k.exact_hypergradient(th)
             for lo in lowers:
-                for ad in ("cg", "gd", "hb"):
+                for ad in ("cg", "gd", "hb", "direct"):
                     for eps in tols:
                         for delta in tols:
                             hg = hypergradient(k, th, lower=lo, adjoint=ad, eps=eps, delta=delta)

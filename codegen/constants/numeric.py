@@ -6,6 +6,7 @@ a relative 1e-12, which covers the few roundings of these short expressions. oo 
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -30,11 +31,7 @@ _F = {sp.exp: np.exp, sp.log: np.log, sp.Abs: np.abs, sp.sin: np.sin, sp.cos: np
 
 def num(expr, env: dict, theta: np.ndarray):
     """Float value of a constant's expression; env maps symbol names to floats."""
-    if expr is sp.oo or expr == sp.oo:
-        return math.inf
-    if expr == -sp.oo:
-        return -math.inf
-    if expr.is_Number:
+    if expr.is_Number:  # oo and -oo too (singletons; float() gives +-inf)
         return float(expr)
     if isinstance(expr, sp.Symbol):
         if expr.name not in env:
@@ -64,6 +61,12 @@ def num(expr, env: dict, theta: np.ndarray):
         if fn is not None:
             return fn(args[0])
     raise ProblemError(f"cannot evaluate {expr} numerically")
+
+
+@functools.lru_cache(maxsize=256)
+def _symbol_names(expr) -> frozenset:
+    """The names of an expression's free symbols (SymPy recomputes them on every call)."""
+    return frozenset(s.name for s in expr.free_symbols)
 
 
 def _up(v):
@@ -103,8 +106,7 @@ def evaluate(derivation, theta, quantities) -> dict:
             v = math.inf
         v = _down(v) if name == "mu" else _up(v)
         out[name] = v
-        flags[name] = rec.certified and not ({s.name for s in rec.expr.free_symbols}
-                                             & used_uncertified)
+        flags[name] = rec.certified and not (_symbol_names(rec.expr) & used_uncertified)
     if not out["mu"] > 0:
         msg = (f"mu(theta) = {out['mu']:.6g} <= 0 at theta = {th.tolist()}: strong convexity is "
                f"not certified here (mu = {sp.sstr(der.constants['mu'].expr)}; "

@@ -32,5 +32,9 @@ int hg_hypercleaning_upper_value(int64_t c, int64_t m, int64_t mv, int64_t n, co
 int hg_hypercleaning_upper_grad(int64_t c, int64_t m, int64_t mv, int64_t n, const double *restrict theta, const double *restrict Av, const double *restrict Yv, const double *restrict W, double *restrict W_bar, double *restrict work);
 /* grad_theta (f + r): the direct theta terms of the hypergradient */
 int hg_hypercleaning_upper_theta_grad(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict W, double *restrict theta_bar);
+/* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
+int hg_hypercleaning_lower_hessian(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, double lam, const double *restrict W, double *restrict hessian_out, double *restrict work);
+/* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
+int hg_hypercleaning_cross_matrix(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict Y, const double *restrict W, double *restrict cross_out, double *restrict work);
 
 #endif

@@ -32,5 +32,9 @@ int hg_logistic_sparse_upper_value(int64_t n, int64_t p, const double *restrict 
 int hg_logistic_sparse_upper_grad(int64_t n, int64_t p, const double *restrict theta, const double *restrict Av_data, const int64_t *restrict Av_indices, const int64_t *restrict Av_indptr, const double *restrict yv, const double *restrict x, double *restrict x_bar, double *restrict work);
 /* grad_theta (f + r): the direct theta terms of the hypergradient */
 int hg_logistic_sparse_upper_theta_grad(int64_t n, const double *restrict theta, const double *restrict x, double *restrict theta_bar);
+/* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
+int hg_logistic_sparse_lower_hessian(int64_t m, int64_t n, const double *restrict theta, const double *restrict A_data, const int64_t *restrict A_indices, const int64_t *restrict A_indptr, const double *restrict y, const double *restrict x, double *restrict hessian_out, double *restrict work);
+/* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
+int hg_logistic_sparse_cross_matrix(int64_t n, const double *restrict theta, const double *restrict x, double *restrict cross_out, double *restrict work);
 
 #endif

@@ -28,5 +28,9 @@ int hg_tv2d_upper_value(int64_t h, int64_t w, const double *restrict theta, cons
 int hg_tv2d_upper_grad(int64_t h, int64_t w, const double *restrict theta, const double *restrict Xt, const double *restrict X, double *restrict X_bar);
 /* grad_theta (f + r): the direct theta terms of the hypergradient */
 int hg_tv2d_upper_theta_grad(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, double *restrict theta_bar);
+/* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
+int hg_tv2d_lower_hessian(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, double *restrict hessian_out, double *restrict work);
+/* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
+int hg_tv2d_cross_matrix(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, double *restrict cross_out, double *restrict work);
 
 #endif

@@ -1,0 +1,175 @@
+"""The direct solvers (lower="direct", adjoint="direct") and the dense-matrix kernels.
+
+(a) lower_hessian / cross_matrix equal the HVP / cross-JVP columns bit for bit (they run the
+    same kernel on unit vectors) and the closed forms 2 D^T D, 2 D^T C of the paper quadratic;
+    data-only matrices are cached per bind, read-only, and still check their arguments;
+(b) the hypergradient with direct solves meets the closed form / a tight Newton reference within
+    its certified bound, on generated and on plain-NumPy kernels (HVP-column fallback), in one
+    rtol round;
+(c) failure modes are statuses, never numbers: an indefinite Hessian is "not SPD", a delta below
+    the rounding level is "capped" with its reason, a wrong L_A = 0 (a stale factor) still ends
+    with the TRUE residual, and x larger than DIRECT_MAX_SIZE is refused by name.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from codegen import solvers
+from codegen.errors import BindError
+from codegen.hypergradient import hypergradient
+from codegen.solvers import SolverError, solve_adjoint, solve_lower
+from conftest import TINY, built_example
+from quadratic_kernels import Logistic, PaperQuadratic
+
+
+def _columns(fn, x, theta, count):
+    return np.column_stack([fn(x, theta, np.eye(count)[c]) for c in range(count)])
+
+
+@pytest.mark.parametrize("name", ["ridge", "logistic", "logistic_sparse", "quadratic", "tv1d",
+                                  "tv2d", "hypercleaning"])
+def test_dense_kernels_are_the_columns(build_dir, name):
+    _, module, ns = built_example(name, build_dir)
+    prob = module.bind(**ns["example_data"](seed=1, **TINY[name]))
+    rng = np.random.default_rng(2)
+    x = 0.3 * rng.standard_normal(prob.x_size)
+    theta = 0.2 * rng.standard_normal(prob.theta_size)
+    H = prob.lower_hessian(x, theta)
+    B = prob.cross_matrix(x, theta)
+    assert H.shape == (prob.x_size, prob.x_size) and B.shape == (prob.x_size, prob.theta_size)
+    np.testing.assert_array_equal(H, _columns(prob.lower_hvp, x, theta, prob.x_size))
+    np.testing.assert_array_equal(B, _columns(prob.cross_jvp, x, theta, prob.theta_size))
+    np.testing.assert_allclose(H, H.T, rtol=0, atol=1e-12 * np.abs(H).max())
+
+
+def test_data_only_matrices_are_cached_and_checked(build_dir):
+    _, module, ns = built_example("quadratic", build_dir)
+    data = ns["example_data"](seed=3, **TINY["quadratic"])
+    prob = module.bind(**data)
+    assert module.meta["data_only"] == ["lower_hvp", "cross_jvp"]
+    D, C = data["D"], data["C"]
+    scale = np.abs(2 * D.T @ D).max()
+    for seed in range(3):  # any x, any theta: the same matrices
+        rng = np.random.default_rng(seed)
+        x, theta = rng.standard_normal(prob.x_size), rng.standard_normal(prob.theta_size)
+        np.testing.assert_allclose(prob.lower_hessian(x, theta), 2 * D.T @ D, rtol=0,
+                                   atol=1e-13 * scale)
+        np.testing.assert_allclose(prob.cross_matrix(x, theta), 2 * D.T @ C, rtol=0,
+                                   atol=1e-13 * np.abs(2 * D.T @ C).max())
+    H = prob.lower_hessian(x, theta)
+    assert H is prob.lower_hessian(x + 1, theta) and not H.flags.writeable
+    with pytest.raises(BindError, match="x must have 3 entries"):
+        prob.lower_hessian(np.ones(4), theta)
+    with pytest.raises(BindError, match="theta"):
+        prob.cross_matrix(x, np.ones(5))
+    # ridge: the Hessian depends on theta, B on x: never cached
+    _, ridge, rns = built_example("ridge", build_dir)
+    assert ridge.meta["data_only"] == []
+    rprob = ridge.bind(**rns["example_data"](seed=1, **TINY["ridge"]))
+    xr = np.ones(rprob.x_size)
+    H0, H1 = rprob.lower_hessian(xr, [0.0]), rprob.lower_hessian(xr, [1.0])
+    np.testing.assert_allclose(H1 - H0, (math.e - 1) * np.eye(rprob.x_size), atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["generated", "numpy"])
+def test_quadratic_hypergradient_to_rounding_in_one_round(build_dir, kernel):
+    if kernel == "generated":
+        _, module, ns = built_example("quadratic", build_dir)
+        data = ns["example_data"](seed=0)
+        k = module.bind(**data)
+        ref = PaperQuadratic(data["M"], data["b"], data["C"], data["D"], data["e"])
+    else:
+        k = ref = PaperQuadratic.generate(seed=0, m1=300, m2=300, d=10, p=10)
+    theta = np.linspace(-1.0, 1.0, 10)
+    exact = ref.exact_hypergradient(theta)
+    hg = hypergradient(k, theta, lower="direct", adjoint="direct", rtol=1e-10)
+    err = np.linalg.norm(hg.grad - exact)
+    assert hg.status == "ok" and hg.certified
+    assert hg.notes[-1].count("eps=") == 1  # one round: the solves are exact to rounding
+    assert err <= hg.bound <= 1e-10 * np.linalg.norm(exact)
+    assert hg.lower.solver == "direct" and hg.lower.iterations == 1  # one exact Newton step
+    # one Hessian (d HVPs of work, reused by the adjoint: L_A = 0) + the residual HVP
+    assert hg.work["hvps"] == k.x_size + 1 and hg.work["cross"] == 1 + k.theta_size
+
+
+def test_logistic_direct_matches_newton_and_the_reference():
+    k = Logistic.generate(seed=4, m=120, d=9, pv=60)
+    theta = np.array([-1.5])
+    low = solve_lower(k, theta, solver="direct", tol=1e-12)
+    ref = solve_lower(k, theta, solver="newton", tol=1e-12)
+    assert low.status == "converged" and low.bound <= 1e-12 and 2 <= low.iterations <= 8
+    assert np.linalg.norm(low.x - ref.x) <= low.bound + ref.bound
+    exact = k.exact_hypergradient(theta)
+    hg = hypergradient(k, theta, lower="direct", adjoint="direct", eps=1e-12, delta=1e-12)
+    assert hg.status == "ok"
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound <= 1e-9 * np.linalg.norm(exact)
+    # L_A > 0: the adjoint refactors at x_eps, one Hessian (d HVPs) per Newton step + one more
+    assert hg.work["hvps"] >= (low.iterations + 1) * k.x_size
+
+
+class _Negated:
+    """A kernel whose Hessian is -A: indefinite, against its own mu > 0."""
+
+    def __init__(self, k):
+        self._k = k
+
+    def __getattr__(self, name):
+        return getattr(self._k, name)
+
+    def lower_hvp(self, x, theta, v):
+        return -self._k.lower_hvp(x, theta, v)
+
+
+def test_indefinite_hessian_is_not_spd():
+    k = _Negated(PaperQuadratic.generate(seed=1, m1=50, m2=50, d=5, p=3))
+    theta = np.zeros(3)
+    adj = solve_adjoint(k, np.zeros(5), theta, solver="direct", delta=1e-8)
+    assert adj.status == "not SPD" and "Cholesky" in adj.message and adj.residual == math.inf
+    hg = hypergradient(k, theta, lower="direct", adjoint="direct")
+    assert "not SPD" in hg.status and not hg.certified and not hg.usable
+
+
+def test_delta_below_rounding_is_capped_with_its_reason():
+    k = PaperQuadratic.generate(seed=2, m1=80, m2=80, d=6, p=2)
+    x = solve_lower(k, np.zeros(2), solver="direct", tol=1e-12).x
+    adj = solve_adjoint(k, x, np.zeros(2), solver="direct", delta=1e-300)
+    assert adj.status == "capped" and "stalled" in adj.message
+    assert 0 < adj.residual < 1e-9 * np.linalg.norm(k.upper_grad(x, np.zeros(2)))
+    assert adj.n_hvp <= k.x_size + 1 + solvers.DIRECT_REFINEMENTS
+
+
+class _ClaimsQuadratic:
+    """Logistic kernels whose constants wrongly claim L_A = 0 (a constant Hessian): the Hessian
+    factor of the lower solve's first point is reused where it no longer holds."""
+
+    def __init__(self, k):
+        self._k = k
+
+    def __getattr__(self, name):
+        return getattr(self._k, name)
+
+    def constants(self, theta):
+        return dict(self._k.constants(theta), L_A=0.0)
+
+
+def test_stale_factor_shows_in_the_true_residual():
+    k = _ClaimsQuadratic(Logistic.generate(seed=5, m=150, d=7, pv=40))
+    theta = np.array([-2.0])
+    hg = hypergradient(k, theta, lower="direct", adjoint="direct", eps=1e-10, delta=1e-12)
+    A = np.column_stack([k.lower_hvp(hg.x, theta, e) for e in np.eye(k.x_size)])
+    true_R = np.linalg.norm(A @ hg.q - k.upper_grad(hg.x, theta))
+    assert hg.R == pytest.approx(true_R, rel=1e-6, abs=1e-15)
+    # the stale factor is a chord method: the lower solve still converges (slowly, on its own
+    # certificate), the adjoint's refinement does not reach delta and says so
+    assert hg.lower.status == "converged" and hg.lower.iterations > 5
+    assert hg.adjoint.status == "capped" and hg.R > 1e-12 and hg.status != "ok"
+
+
+def test_too_large_for_direct_is_refused(monkeypatch):
+    monkeypatch.setattr(solvers, "DIRECT_MAX_SIZE", 4)
+    k = PaperQuadratic.generate(seed=0, m1=20, m2=20, d=5, p=2)
+    with pytest.raises(SolverError, match=r"x has 5 entries, more than DIRECT_MAX_SIZE = 4"):
+        hypergradient(k, np.zeros(2), lower="direct", adjoint="cg")
+    with pytest.raises(SolverError, match="DIRECT_MAX_SIZE"):
+        solve_adjoint(k, np.zeros(5), np.zeros(2), solver="direct")
