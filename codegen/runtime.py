@@ -219,16 +219,17 @@ class KernelCaller:
         # kernels: two threads must not use it at once (a race would be a silently wrong result).
         self.lock = lock
 
-        # Per call, only the vector arguments change: (position, name) of each, the rest fixed.
+        # Per call, only the vector arguments change: (position, name, is the output) of each,
+        # the rest fixed.
         self.template = [self.fixed.get(p["name"]) for p in self.params]
-        self.slots = [(k, p["name"]) for k, p in enumerate(self.params)
+        self.slots = [(k, p["name"], p["role"] == "output") for k, p in enumerate(self.params)
                       if p["name"] not in self.fixed]
 
     def __call__(self, vectors: dict, out: np.ndarray):
         args = list(self.template)
         from_buffer = self.ffi.from_buffer
-        for k, name in self.slots:
-            args[k] = from_buffer("double[]", out if self.params[k]["role"] == "output" else vectors[name])
+        for k, name, is_output in self.slots:
+            args[k] = from_buffer("double[]", out if is_output else vectors[name])
         with self.lock:
             status = self.fn(*args)
         if status == 2:

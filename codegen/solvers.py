@@ -95,7 +95,7 @@ def _call(fn, *args):
         out = np.asarray(fn(*args), dtype=np.float64)
     except (KernelError, FloatingPointError, OverflowError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
-    if not np.all(np.isfinite(out)):
+    if not np.isfinite(out).all():
         return None, "non-finite kernel output"
     return out, ""
 

@@ -31,35 +31,56 @@ _F = {sp.exp: np.exp, sp.log: np.log, sp.Abs: np.abs, sp.sin: np.sin, sp.cos: np
 
 def num(expr, env: dict, theta: np.ndarray):
     """Float value of a constant's expression; env maps symbol names to floats."""
-    if expr.is_Number:  # oo and -oo too (singletons; float() gives +-inf)
-        return float(expr)
-    if isinstance(expr, sp.Symbol):
-        if expr.name not in env:
-            raise ProblemError(f"no value for {expr.name} (bind the data quantities first)")
-        return env[expr.name]
-    if isinstance(expr, (ThetaMax, ThetaMin)):
-        lam = expr.args[0]
-        vals = num(lam.expr, {**env, T.name: theta}, theta)
-        vals = np.broadcast_to(np.asarray(vals, dtype=float), theta.shape)
-        return float(np.min(vals) if isinstance(expr, ThetaMin) else np.max(vals))
-    args = [num(a, env, theta) for a in expr.args]
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        if expr.is_Add:
-            return sum(args[1:], args[0])
-        if expr.is_Mul:
-            out = args[0]
+        return _compiled(expr)(env, theta)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(expr):
+    """The expression as nested Python closures f(env, theta), built once per expression: a
+    hypergradient evaluates the constants at every theta, and walking the SymPy tree there
+    (type tests, attribute lookups) cost more than the arithmetic."""
+    if expr.is_Number:  # oo and -oo too (singletons; float() gives +-inf)
+        value = float(expr)
+        return lambda env, theta: value
+    if isinstance(expr, sp.Symbol):
+        name = expr.name
+
+        def symbol(env, theta):
+            if name not in env:
+                raise ProblemError(f"no value for {name} (bind the data quantities first)")
+            return env[name]
+        return symbol
+    if isinstance(expr, (ThetaMax, ThetaMin)):
+        inner = _compiled(expr.args[0].expr)
+        reduce = np.min if isinstance(expr, ThetaMin) else np.max
+
+        def over_theta(env, theta):
+            vals = inner({**env, T.name: theta}, theta)
+            return float(reduce(np.broadcast_to(np.asarray(vals, dtype=float), theta.shape)))
+        return over_theta
+    args = tuple(_compiled(a) for a in expr.args)
+    if expr.is_Add:
+        return lambda env, theta: sum((a(env, theta) for a in args[1:]), args[0](env, theta))
+    if expr.is_Mul:
+        def product(env, theta):
+            out = args[0](env, theta)
             for a in args[1:]:
-                out = out * a
+                out = out * a(env, theta)
             return out
-        if expr.is_Pow:
-            return np.power(args[0], args[1])
-        if isinstance(expr, sp.Max):
-            return np.maximum.reduce(np.broadcast_arrays(*args)) if len(args) > 1 else args[0]
-        if isinstance(expr, sp.Min):
-            return np.minimum.reduce(np.broadcast_arrays(*args)) if len(args) > 1 else args[0]
-        fn = _F.get(type(expr))
-        if fn is not None:
-            return fn(args[0])
+        return product
+    if expr.is_Pow:
+        base, exponent = args
+        return lambda env, theta: np.power(base(env, theta), exponent(env, theta))
+    if isinstance(expr, (sp.Max, sp.Min)):
+        if len(args) == 1:
+            return args[0]
+        pick = np.maximum if isinstance(expr, sp.Max) else np.minimum
+        return lambda env, theta: pick.reduce(np.broadcast_arrays(*(a(env, theta) for a in args)))
+    fn = _F.get(type(expr))
+    if fn is not None:
+        (arg,) = args
+        return lambda env, theta: fn(arg(env, theta))
     raise ProblemError(f"cannot evaluate {expr} numerically")
 
 
