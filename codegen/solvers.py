@@ -511,7 +511,8 @@ def _lower_newton(k, th, c, tol, x0, max_iter, record, dense=None):
     pass over the data each, and needs no L. The certificate is ||g||/mu as for every solver.
 
     With a `dense` cache (lower="direct") the direction is exact instead, from the Cholesky
-    factor of the dense Hessian (`_dense_factor`; refactored only where A changes with x).
+    factor of the dense Hessian (`_dense_factor`; refactored only where A changes with x). Its
+    n HVPs are counted as work, and one factorisation may take the work past max_iter.
     """
     mu, L, L_A = c["mu"], c["L"], c.get("L_A", math.inf)
     name = "newton" if dense is None else "direct"
