@@ -247,9 +247,10 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
 
     lower in ("gd", "hb", "fista", "cg", "newton", "direct"), adjoint in ("cg", "gd", "hb",
     "direct", "backprop"); "direct" factors the dense Hessian (small x only, `codegen.dense`).
-    Any pairing is allowed except "backprop", which differentiates a stored GD or HB trajectory (so lower must
-    be "gd" or "hb"; its bound is inf: E&R's analysis does not cover it). eps is the certified lower
-    accuracy (G/mu <= eps), delta the absolute true adjoint residual. x0 warm-starts the lower
+    Any pairing is allowed except "backprop", which differentiates a stored GD or HB
+    trajectory (so lower must be "gd" or "hb"; its bound is inf: E&R's analysis does not cover
+    it). eps is the certified lower accuracy (G/mu <= eps), delta the absolute true adjoint
+    residual. x0 warm-starts the lower
     solve (the test is made before the first step), q0 the adjoint (a nonzero q0 is legal but is
     no longer "backprop"). max_iter caps the lower solve, adjoint_max_iter (default max_iter) the
     adjoint. Constants are read from k.constants(theta) at this theta (pitfall 3). refine_iter

@@ -546,7 +546,8 @@ def _lower_newton(k, th, c, tol, x0, max_iter, record, dense=None):
                                   False, checked=False)
             n_hvp += step.n_hvp
             direction = step.q
-            failure = (step.status, step.message) if step.status in ("non-finite", "not SPD") else None
+            failed = step.status in ("non-finite", "not SPD")
+            failure = (step.status, step.message) if failed else None
         else:
             fac, used, failure = _dense_factor(k, x, th, c, dense)
             n_hvp += used
@@ -654,7 +655,7 @@ def _lower_apriori(res: LowerResult):
     if res.solver == "hb":
         return q_hb ** K * e0, False
     if res.solver == "cg":
-        return (2.0 * math.sqrt(kappa)) ** res.segments * q_hb ** K * e0, True
+        return _cg_rate_bound(kappa, res.segments, q_hb, K, e0), True
     if res.solver in ("newton", "direct"):  # ||g|| never increases: only e0 is rigorous
         return e0, True
     sq = math.sqrt(res.mu / res.L)
@@ -925,6 +926,17 @@ def _true_residual(hvp, q, b):
     return Aq - b, ""
 
 
+def _cg_rate_bound(kappa, segments, q_hb, K, start):
+    """(2 sqrt kappa)^segments q_hb^K start, CG's rate over restart segments, in logarithms:
+    many residual replacements (a delta near the rounding level) made the first factor overflow
+    a float and raise, where the product is only large (then inf) or even small."""
+    if start == 0.0 or (q_hb == 0.0 and K > 0):
+        return 0.0
+    log = (segments * math.log(2.0 * math.sqrt(kappa)) + (K * math.log(q_hb) if K else 0.0)
+           + math.log(start))
+    return math.exp(log) if log < math.log(np.finfo(float).max) else math.inf
+
+
 def _adjoint_apriori(res: AdjointResult, c):
     """A priori residual bound (framework.md 5) with the actual ||r_0||: GD q_GD^K ||r0||;
     CG (2 sqrt kappa)^S q_HB^K ||r0|| (S restart segments); HB q_HB^K ||r0|| (not rigorous)."""
@@ -939,7 +951,7 @@ def _adjoint_apriori(res: AdjointResult, c):
     if not math.isfinite(kappa):
         return (r0 if K == 0 else math.inf), True
     return min(r0 if K == 0 else math.inf,
-               (2.0 * math.sqrt(kappa)) ** res.segments * q_hb ** K * r0), True
+               _cg_rate_bound(kappa, res.segments, q_hb, K, r0)), True
 
 
 def backprop_adjoint(k, lower: LowerResult, theta, b=None) -> AdjointResult:

@@ -413,3 +413,15 @@ def test_backprop_adjoint_direct(ridge):
     assert adj.bound == math.inf and adj.iterations == low.iterations
     with pytest.raises(SolverError):
         backprop_adjoint(ridge, solve_lower(ridge, th, "gd", tol=1e-6), th)
+
+
+def test_cg_apriori_rate_survives_many_restarts():
+    """(2 sqrt kappa)^S q^K r0 in logarithms: S = 2000 restart segments overflowed a float."""
+    from codegen.solvers import _cg_rate_bound
+
+    assert _cg_rate_bound(100.0, 2000, 0.8, 10, 1.0) == math.inf
+    small = _cg_rate_bound(100.0, 300, 0.5, 3000, 1.0)  # 20^300 * 0.5^3000: finite, tiny
+    assert small == pytest.approx(math.exp(300 * math.log(20.0) + 3000 * math.log(0.5)), rel=1e-9)
+    assert _cg_rate_bound(4.0, 1, 0.5, 2, 3.0) == pytest.approx(4.0 * 0.25 * 3.0, rel=1e-12)
+    assert _cg_rate_bound(4.0, 1, 0.0, 0, 3.0) == pytest.approx(12.0)  # q^0 = 1
+    assert _cg_rate_bound(4.0, 1, 0.0, 5, 3.0) == 0.0
