@@ -99,8 +99,8 @@ class BoundProblem:
     def _matrix(self, kernel: str, base: str, x, theta, columns: int) -> np.ndarray:
         """A dense-matrix kernel's result as (x_size, columns). When `base` reads neither x nor
         theta (meta "data_only": the Hessian or B of g = ||C theta + D x - e||^2) the matrix
-        is fixed by the data: computed on first use, then returned read-only, as the derived
-        constants are (in-place changes to the bound data are not seen by either)."""
+        is fixed by the data, which bind copied read-only: computed on first use, then
+        returned (read-only) at every x and theta, whose arguments are still checked."""
         fixed = base in self.module.meta["data_only"]
         if fixed and kernel in self._fixed:
             self._vector(self.x_name, x, self.x_size, "x"), self._theta(theta)  # same checks
