@@ -371,7 +371,8 @@ def _solve_lower(k, th, c, solver, tol, x0, max_iter, record, store_trajectory, 
         raise SolverError(f"unknown lower solver {solver!r}; choose from {LOWER_SOLVERS}")
     if solver == "cg" and not getattr(k, "is_quadratic", False):
         raise SolverError("lower solver 'cg' needs a quadratic lower level (constant Hessian); "
-                          "this problem is not quadratic in x: use 'fista', 'gd' or 'hb'")
+                          "this problem is not quadratic in x: use 'newton', 'fista', 'gd', "
+                          "'hb' or, for a small x, 'direct'")
     if store_trajectory and solver not in ("gd", "hb"):
         raise SolverError(f"a stored trajectory (adjoint='backprop') needs lower='gd' or 'hb', "
                           f"not {solver!r}")
