@@ -103,7 +103,8 @@ class BoundProblem:
         returned (read-only) at every x and theta, whose arguments are still checked."""
         fixed = base in self.module.meta["data_only"]
         if fixed and kernel in self._fixed:
-            self._vector(self.x_name, x, self.x_size, "x"), self._theta(theta)  # same checks
+            self._vector(self.x_name, x, self.x_size, "x")  # the checks of a kernel call
+            self._theta(theta)
             return self._fixed[kernel]
         out = self._call(kernel, x, theta, out_size=self.x_size * columns)
         matrix = out.reshape(columns, self.x_size).T
