@@ -35,6 +35,7 @@ class BoundProblem:
                         for k in meta["kernels"]}
         self._constants = None
         self._fixed = {}  # the dense matrices of data-only kernels (_matrix)
+        self._derived = {}  # what the solvers derive from those matrices (fixed_memo)
         self._cache_size = sum(int(np.prod(module.extent(a["name"], self.sizes)))
                                for a in meta.get("hvp_cache", []))
 
@@ -112,6 +113,15 @@ class BoundProblem:
             matrix.flags.writeable = False
             self._fixed[kernel] = matrix
         return matrix
+
+    def fixed_memo(self, base: str) -> dict | None:
+        """A per-bind dict for what the solvers derive from the matrix of the data-only kernel
+        `base` (the Hessian's Cholesky factor, ||B||), or None when `base` reads x or theta.
+        Such a matrix is fixed by bind's read-only copy of the data, so what is derived from it
+        holds at every x and theta of this bind."""
+        if base not in self.module.meta["data_only"]:
+            return None
+        return self._derived.setdefault(base, {})
 
     def hvp_at(self, x, theta):
         """v -> (d2g/dx2)(x, theta) v for many v at one x (a solver's CG at x_eps).

@@ -39,10 +39,18 @@ def prepare_constants(module, data: dict) -> dict:
 
 
 def evaluate_constants(prepared: dict, theta: np.ndarray) -> dict:
+    """The constants at theta; derived constants that read no theta are evaluated once per bind
+    (kept in `prepared`) and handed out as copies."""
     if prepared["kind"] == "derived":
-        from .constants import evaluate
+        from .constants import evaluate, reads_theta
 
-        return evaluate(prepared["derivation"], theta, prepared["quantities"])
+        fixed = prepared.get("theta_free")
+        if fixed is None:
+            out = evaluate(prepared["derivation"], theta, prepared["quantities"])
+            if out["mu"] > 0 and not reads_theta(prepared["derivation"]):
+                prepared["theta_free"] = out  # mu <= 0 raises or warns at every call instead
+            fixed = out
+        return dict(fixed, certified_flags=dict(fixed["certified_flags"]))
     out = {}
     for name in NAMES:
         fn = prepared["functions"].get(name)

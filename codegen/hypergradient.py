@@ -25,7 +25,7 @@ from .errors import KernelError
 from .solvers import (
     ADJOINT_SOLVERS, DEFAULT_MAX_ITER, LOWER_SOLVERS, AdjointResult, LowerResult, SolverError,
     _arr, _call, _fmt, _norm, _solve_adjoint, _solve_lower, _theta, _x_size, backprop_adjoint,
-    checked_constants,
+    checked_constants, fixed_memo,
 )
 
 __all__ = ["HypergradientResult", "hypergradient", "hypergradient_samples",
@@ -48,9 +48,12 @@ SVD_MARGIN = 1e-10
 def _mul(*xs) -> float:
     """Product with 0 * inf = 0: a term whose certified factor (an error bound, a norm) is exactly
     zero vanishes whatever the (possibly infinite) Lipschitz constant multiplying it."""
-    if any(x == 0.0 for x in xs):
+    if 0.0 in xs:
         return 0.0
-    return math.prod(float(x) for x in xs)  # Python floats overflow to inf without a warning
+    out = 1.0
+    for x in xs:
+        out *= float(x)  # Python floats overflow to inf without a warning
+    return out
 
 
 @dataclass(repr=False)
@@ -140,8 +143,19 @@ def cross_norm(k, x, theta) -> tuple:
     margin for LAPACK's backward error (never above the Frobenius norm, also computed). Larger p:
     k.cross_norm_bound(x, theta) if the kernel has a structural bound, else the Frobenius norm
     anyway (p JVPs; the cost shows in work["cross"]). Never power iteration: it approaches the
-    norm from below and would void the certificate (pitfall 8).
+    norm from below and would void the certificate (pitfall 8). A B fixed by the data
+    (k.fixed_memo) is normed once per bind, at no cross products after that.
     """
+    memo = fixed_memo(k, "cross_jvp")
+    if memo is not None and "norm" in memo:
+        return memo["norm"], 0
+    norm, used = _cross_norm(k, x, theta)
+    if memo is not None and math.isfinite(norm):
+        memo["norm"] = norm
+    return norm, used
+
+
+def _cross_norm(k, x, theta) -> tuple:
     th = np.atleast_1d(theta)
     p = th.size
     if p > FROBENIUS_MAX_P and hasattr(k, "cross_norm_bound"):

@@ -79,7 +79,8 @@ def _dot(a, b) -> float:
 
 
 def _norm(v) -> float:
-    v = np.asarray(v, dtype=np.float64).ravel()
+    if type(v) is not np.ndarray or v.ndim != 1 or v.dtype != np.float64:
+        v = np.asarray(v, dtype=np.float64).ravel()
     return math.sqrt(_dot(v, v))  # what np.linalg.norm computes, without its call overhead
 
 
@@ -92,12 +93,20 @@ def _call(fn, *args):
     non-finite values (KernelError, FloatingPointError) become None so the caller can keep its
     last finite iterate instead of raising halfway through a solve."""
     try:
-        out = np.asarray(fn(*args), dtype=np.float64)
+        out = fn(*args)
+        if type(out) is not np.ndarray or out.dtype != np.float64:
+            out = np.asarray(out, dtype=np.float64)
     except (KernelError, FloatingPointError, OverflowError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
     if not np.isfinite(out).all():
         return None, "non-finite kernel output"
     return out, ""
+
+
+def fixed_memo(k, base: str):
+    """k.fixed_memo(base) (`BoundProblem.fixed_memo`) for kernels that have it, else None."""
+    memo = getattr(k, "fixed_memo", None)
+    return None if memo is None else memo(base)
 
 
 def _fmt(v) -> str:
@@ -561,7 +570,8 @@ def _lower_newton(k, th, c, tol, x0, max_iter, record, dense=None):
             x_new = x + alpha * direction
             g_new, msg = _call(k.lower_grad, x_new, th)
             n_grad += 1
-            if g_new is not None and _norm(g_new) <= (1.0 - 1e-4 * alpha) * gn:
+            gn_new = math.inf if g_new is None else _norm(g_new)
+            if gn_new <= (1.0 - 1e-4 * alpha) * gn:
                 accepted = True
                 break
             alpha *= 0.5
@@ -569,7 +579,7 @@ def _lower_newton(k, th, c, tol, x0, max_iter, record, dense=None):
             status = "capped" if n_grad + n_hvp >= max_iter else "diverged"
             msg = msg or "no decrease of ||grad g|| along the Newton direction"
             break
-        x, g, gn = x_new, g_new, _norm(g_new)
+        x, g, gn = x_new, g_new, gn_new
         it += 1
         if record:
             hist.append(gn / mu)
@@ -864,9 +874,13 @@ def _dense_factor(k, x, th, c, dense: dict):
     The factor cached in `dense` is reused where it holds (at its own x, or anywhere when
     L_A = 0); otherwise the Hessian is assembled, by k.lower_hessian in one kernel call when the
     kernel has it, else column by column from n HVPs (n HVPs of work either way), and factored.
+    A Hessian fixed by the data (k.fixed_memo) is factored once per bind instead of per call.
     """
+    memo = fixed_memo(k, "lower_hvp")
+    if memo is not None:
+        dense = memo
     held = dense.get("factor")
-    if held is not None and held.holds_at(x, c["L_A"] == 0.0):
+    if held is not None and held.holds_at(x, c["L_A"] == 0.0 or memo is not None):
         return held, 0, None
     n = x.size
     if n > DIRECT_MAX_SIZE:

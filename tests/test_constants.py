@@ -18,7 +18,7 @@ from scipy.optimize import minimize
 
 from codegen import Problem, sigmoid
 from codegen.constants import (Derivation, compute_data_quantities, derive, evaluate,
-                               format_tree)
+                               format_tree, reads_theta)
 from codegen.constants import atoms, quantities
 from codegen.errors import ProblemError
 
@@ -339,6 +339,31 @@ def test_paper_quadratic_closed_form():
     assert c["L_A"] == 0 and c["L_B"] == 0
     assert c["L_f"] == pytest.approx(2 * np.linalg.norm(data["M"], 2) ** 2, rel=1e-10)
     assert der.constants["mu"].kind == "exact" and der.mu_check == "data"
+
+
+def test_theta_free_constants_are_evaluated_once_per_bind():
+    """Only the paper quadratic's constants read no theta; evaluate_constants then returns the
+    first evaluation at every theta, as a copy (a caller's edit must not reach the next one)."""
+    from codegen.constants_runtime import evaluate_constants
+
+    assert {name: reads_theta(derive(make())) for name, (make, _) in EXAMPLES.items()} == {
+        "ridge": True, "logistic": True, "quadratic": False, "tv1d": True, "weighted": True,
+        "tv2d": True, "hypercleaning": True}
+    der = derive(quadratic_problem())
+    prepared = {"kind": "derived", "derivation": der,
+                "quantities": compute_data_quantities(der, example_data("quadratic"))}
+    first = evaluate_constants(prepared, np.array([0.3, -1.0]))
+    assert first == evaluate(der, [5.0, 7.0], prepared["quantities"])
+    first["mu"] = -1.0
+    first["certified_flags"]["mu"] = False
+    again = evaluate_constants(prepared, np.array([50.0, 2.0]))
+    assert again["mu"] > 0 and again["certified_flags"]["mu"] and again["certified"]
+    assert "theta_free" in prepared
+    ridge = derive(ridge_problem())
+    prepared = {"kind": "derived", "derivation": ridge,
+                "quantities": compute_data_quantities(ridge, example_data("ridge"))}
+    low, high = (evaluate_constants(prepared, np.array([t]))["mu"] for t in (-2.0, 1.5))
+    assert high > low and "theta_free" not in prepared
 
 
 def test_closed_forms_symbolic():

@@ -93,6 +93,30 @@ def test_quadratic_hypergradient_to_rounding_in_one_round(build_dir, kernel):
     assert hg.work["hvps"] == k.x_size + 1 and hg.work["cross"] == 1 + k.theta_size
 
 
+def test_fixed_hessian_factor_and_norm_are_reused_per_bind(build_dir):
+    """The paper quadratic's Hessian and B read neither x nor theta: the first hypergradient of a
+    bind factors the Hessian (d HVPs) and norms B (p JVPs), later ones at other thetas reuse
+    both and still meet the closed form within their bound; a second bind has its own."""
+    _, module, ns = built_example("quadratic", build_dir)
+    data = ns["example_data"](seed=0)
+    prob = module.bind(**data)
+    ref = PaperQuadratic(data["M"], data["b"], data["C"], data["D"], data["e"])
+    works = []
+    for theta in (np.linspace(-1.0, 1.0, 10), np.full(10, 2.0), np.zeros(10)):
+        hg = prob.hypergradient(theta, lower="direct", adjoint="direct", rtol=1e-10)
+        exact = ref.exact_hypergradient(theta)
+        assert hg.status == "ok" and hg.certified
+        assert np.linalg.norm(hg.grad - exact) <= hg.bound <= 1e-10 * np.linalg.norm(exact)
+        works.append((hg.work["hvps"], hg.work["cross"]))
+    assert works == [(prob.x_size + 1, prob.theta_size + 1), (1, 1), (1, 1)]
+    assert prob.fixed_memo("lower_hvp")["factor"] is not None
+    other = module.bind(**ns["example_data"](seed=5))
+    assert other.fixed_memo("lower_hvp") == {}  # nothing shared between binds
+    _, ridge, rns = built_example("ridge", build_dir)  # theta in the Hessian, x in B
+    rprob = ridge.bind(**rns["example_data"](seed=1, **TINY["ridge"]))
+    assert rprob.fixed_memo("lower_hvp") is None and rprob.fixed_memo("cross_jvp") is None
+
+
 def test_logistic_direct_matches_newton_and_the_reference():
     k = Logistic.generate(seed=4, m=120, d=9, pv=60)
     theta = np.array([-1.5])

@@ -11,11 +11,11 @@ stencils, data operators), terms (terms and their rules),
 rules (derive), quantities (bind-time data quantities), numeric (evaluate), report.
 """
 from .local import evaluate_local
-from .numeric import evaluate
+from .numeric import evaluate, reads_theta
 from .quantities import compute_data_quantities
 from .records import Derivation, Operator, Record, ThetaMax, ThetaMin
 from .report import format_tree
 from .rules import derive
 
-__all__ = ["derive", "compute_data_quantities", "evaluate", "evaluate_local", "format_tree", "Derivation", "Record",
+__all__ = ["derive", "compute_data_quantities", "evaluate", "evaluate_local", "reads_theta", "format_tree", "Derivation", "Record",
            "Operator", "ThetaMax", "ThetaMin"]

@@ -90,6 +90,15 @@ def _symbol_names(expr) -> frozenset:
     return frozenset(s.name for s in expr.free_symbols)
 
 
+def reads_theta(derivation) -> bool:
+    """Does any constant's expression read theta (a theta symbol, or a max / min over its
+    entries)? If none does, the constants are fixed by the data: one evaluation per bind serves
+    every theta (the paper's quadratic problem: mu = 2 s_min(D)^2, L_A = L_B = 0)."""
+    names = {name for name, _ in derivation.theta_symbols}
+    return any(_symbol_names(rec.expr) & names or rec.expr.has(ThetaMax)
+               for rec in derivation.constants.values())
+
+
 def _up(v):
     return v + REL * abs(v) if math.isfinite(v) else v
 
