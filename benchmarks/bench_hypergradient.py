@@ -35,7 +35,8 @@ Target: ||grad - grad F|| <= 1e-6 ||grad F||.
   kernels and solvers.
 * Reference: closed form (ridge, quadratic: dense solves) or hypergen at eps = delta = 1e-12, whose
   own certified bound is printed next to it.
-Times are medians of --repeat runs after one warm-up run.
+Times are medians of --repeat runs after one warm-up run, every contender of a case timed in
+turns (one call each per round) so that the machine's load hits them alike.
 """
 import argparse
 import cProfile
@@ -385,6 +386,8 @@ def reference(name, data, th, prob):
 
 
 def run_case(key, spec, args, have_jax):
+    """Tune every contender (the baselines' tolerances by the oracle), then time them all in
+    turns (`interleaved_times`) and keep each library's fastest."""
     import codegen
 
     name, sizes = spec
@@ -401,49 +404,29 @@ def run_case(key, spec, args, have_jax):
     print(f"  reference: {how}, ||grad F|| = {ref_norm:.4g}"
           + (f", its certified bound / ||grad|| = {ref_bound:.2g}" if ref_bound else ""))
     row.update(name=name, sizes=size_txt)
+    contenders = {}  # label -> (row key, zero-argument call, details for the row)
 
-    # hypergen: its own certified bound decides (rtol mode); every applicable pair of solvers,
-    # the fastest counts
+    # hypergen: its own certified bound decides (rtol mode); every applicable pair of solvers.
+    # Diagnostic, not the headline ("tuned"): the same pairs given the baselines' oracle tuning
+    # (eps = delta = tol down the ladder until the TRUE error is <= TARGET, no certificate
+    # asked); the gap to the certified time is what the certificate costs.
     pairs = [("cg", "cg")] if prob.is_quadratic else [("fista", "cg"), ("newton", "cg")]
     if n <= DIRECT_MAX:
         pairs.append(("direct", "direct"))
-    best = None
     for lower, adjoint in pairs:
-        call = lambda lower=lower, adjoint=adjoint: prob.hypergradient(  # noqa: E731
-            th, lower=lower, adjoint=adjoint, rtol=TARGET)
-        t, _, hg = median_time(call, args.repeat)
-        rounds = hg.notes[-1].count("eps=")
-        print(f"  hypergen {lower}+{adjoint} rtol={TARGET:g} ({rounds} rounds): {t * 1e3:.2f} ms, "
-              f"true err {rel_err(hg.grad, ref):.2g}, certified bound/||h|| "
-              f"{hg.bound / np.linalg.norm(hg.grad):.2g}, work {hg.work}, status {hg.status}")
-        if hg.status != "ok":
-            print(f"  hypergen {lower}+{adjoint}: certified {TARGET:g} not reached")
-        if best is None or t < best[0]:
-            best = (t, f"{lower}+{adjoint}", hg, call)
-    t, solver, hg, call = best
-    row["hg"] = dict(t=t, err=rel_err(hg.grad, ref), bound=hg.bound / np.linalg.norm(hg.grad),
-                     units=hg.work["units"], cross=hg.work["cross"], status=hg.status,
-                     solver=solver)
-    if args.profile and key in args.profile:
-        profile(call, key)
-        call_overhead(prob, th, hg)
+        solver = f"{lower}+{adjoint}"
+        contenders[f"hypergen {solver} rtol={TARGET:g}"] = ("hg", partial(
+            prob.hypergradient, th, lower=lower, adjoint=adjoint, rtol=TARGET),
+            dict(solver=solver))
+        tuned = partial(prob.hypergradient, th, lower=lower, adjoint=adjoint, refine_iter=0)
+        for tol in LADDER:
+            if rel_err(tuned(eps=tol, delta=tol).grad, ref) <= TARGET:
+                break
+        contenders[f"hypergen {solver} tuned like the baselines (eps = delta = {tol:g}, "
+                   "uncertified)"] = ("tuned", partial(tuned, eps=tol, delta=tol),
+                                      dict(solver=solver, tol=tol))
 
-    # Diagnostic, not the headline: the same solvers tuned by the oracle like the baselines
-    # (eps = delta = tol down the ladder until the TRUE error is <= TARGET, no certificate
-    # asked). The gap to the certified time is what the certificate costs.
-    lower, adjoint = solver.split("+")
-    tuned = lambda tol: prob.hypergradient(th, lower=lower, adjoint=adjoint, eps=tol,  # noqa: E731
-                                           delta=tol, refine_iter=0)
-    for tol in LADDER:
-        if rel_err(tuned(tol).grad, ref) <= TARGET:
-            break
-    t, _, hg_tuned = median_time(lambda: tuned(tol), args.repeat)
-    row["tuned"] = dict(t=t, tol=tol, err=rel_err(hg_tuned.grad, ref),
-                        units=hg_tuned.work["units"])
-    print(f"  hypergen {solver} tuned like the baselines (eps = delta = {tol:g}, uncertified): "
-          f"{t * 1e3:.2f} ms, true err {row['tuned']['err']:.2g}, work {hg_tuned.work}")
-
-    # NumPy / SciPy: every applicable lower solver, the fastest one goes in the table
+    # NumPy / SciPy: every applicable lower solver
     model = numpy_model(name, data, th)
     c = prob.constants(th)
     model.update(mu=c["mu"], L=c["L"])
@@ -451,18 +434,14 @@ def run_case(key, spec, args, have_jax):
         for tol in LADDER:
             if rel_err(numpy_hypergradient(model, n, tol, lower_np), ref) <= TARGET:
                 break
-        t, _, g = median_time(lambda: numpy_hypergradient(model, n, tol, lower_np), args.repeat)
         label = {"cg": "cg", "lbfgs": "L-BFGS-B", "fista": "FISTA"}[lower_np] + "+cg"
-        print(f"  NumPy/SciPy {label} tol={tol:g}: {t * 1e3:.2f} ms, true err {rel_err(g, ref):.2g}")
-        if "np" not in row or t < row["np"]["t"]:
-            row["np"] = dict(t=t, err=rel_err(g, ref), tol=tol, solver=label)
+        contenders[f"NumPy/SciPy {label} tol={tol:g}"] = (
+            "np", partial(numpy_hypergradient, model, n, tol, lower_np), dict(tol=tol, solver=label))
     if model["quadratic"] and n <= DIRECT_MAX:  # what a user would do at this size
-        t, _, g = median_time(lambda: numpy_hypergradient_dense(model, n), args.repeat)
-        print(f"  NumPy/SciPy dense Cholesky: {t * 1e3:.2f} ms, true err {rel_err(g, ref):.2g}")
-        if t < row["np"]["t"]:
-            row["np"] = dict(t=t, err=rel_err(g, ref), tol=0.0, solver="Cholesky")
+        contenders["NumPy/SciPy dense Cholesky"] = (
+            "np", partial(numpy_hypergradient_dense, model, n), dict(tol=0.0, solver="Cholesky"))
 
-    # JAXopt
+    # JAXopt (compile time: the first call, the warm-up, minus the median)
     if have_jax:
         import jax
         import jax.numpy as jnp
@@ -472,31 +451,65 @@ def run_case(key, spec, args, have_jax):
         jdata = {k: jsparse.BCOO.from_scipy_sparse(v) if hasattr(v, "tocsr") else jnp.asarray(v)
                  for k, v in data.items()}
         jth = jnp.asarray(th)
-        compile_total = 0.0
         for tol in LADDER:
             fn = jaxopt_hypergradient_fn(name, n, tol)
-            start = time.perf_counter()
-            g = np.asarray(jax.block_until_ready(fn(jth, jdata)))
-            compile_total += time.perf_counter() - start
-            if rel_err(g, ref) <= TARGET:
+            if rel_err(np.asarray(jax.block_until_ready(fn(jth, jdata))), ref) <= TARGET:
                 break
-        fn = jaxopt_hypergradient_fn(name, n, tol)
-        t, first, g = median_time(lambda: jax.block_until_ready(fn(jth, jdata)), args.repeat)
-        _, quadratic = None, jax_functions(name)[2]
-        row["jax"] = dict(t=t, err=rel_err(np.asarray(g), ref), tol=tol, compile=first - t,
-                          solver=("jax cg" if quadratic else "LBFGS") + "+solve_cg")
-        print(f"  JAXopt {row['jax']['solver']} tol={tol:g}: {t * 1e3:.2f} ms, true err "
-              f"{row['jax']['err']:.2g}, first call (compile + run) - median = "
-              f"{row['jax']['compile']:.2f} s")
-        if quadratic and n <= DIRECT_MAX:  # the materialised Hessian, both solves direct
+        solver = ("jax cg" if jax_functions(name)[2] else "LBFGS") + "+solve_cg"
+        fn = jaxopt_hypergradient_fn(name, n, tol)  # fresh: its first call compiles
+        contenders[f"JAXopt {solver} tol={tol:g}"] = (
+            "jax", lambda fn=fn: jax.block_until_ready(fn(jth, jdata)), dict(tol=tol, solver=solver))
+        if jax_functions(name)[2] and n <= DIRECT_MAX:  # the materialised Hessian, both direct
             fn = jaxopt_hypergradient_fn(name, n, 0.0, dense=True)
-            t, first, g = median_time(lambda: jax.block_until_ready(fn(jth, jdata)), args.repeat)
-            print(f"  JAXopt dense (jax.hessian, Cholesky): {t * 1e3:.2f} ms, true err "
-                  f"{rel_err(np.asarray(g), ref):.2g}, first call - median = {first - t:.2f} s")
-            if t < row["jax"]["t"]:
-                row["jax"] = dict(t=t, err=rel_err(np.asarray(g), ref), tol=0.0,
-                                  compile=first - t, solver="dense+solve_cholesky")
+            contenders["JAXopt dense (jax.hessian, Cholesky)"] = (
+                "jax", lambda fn=fn: jax.block_until_ready(fn(jth, jdata)),
+                dict(tol=0.0, solver="dense+solve_cholesky"))
+
+    times = interleaved_times({label: call for label, (_, call, _) in contenders.items()},
+                              args.repeat)
+    for label, (kind, call, info) in contenders.items():
+        t, first, out = times[label]
+        grad = out.grad if kind in ("hg", "tuned") else np.asarray(out)
+        entry = dict(info, t=t, err=rel_err(grad, ref))
+        line = f"  {label}: {t * 1e3:.2f} ms, true err {entry['err']:.2g}"
+        if kind in ("hg", "tuned"):
+            entry.update(bound=out.bound / np.linalg.norm(out.grad), units=out.work["units"],
+                         cross=out.work["cross"], status=out.status, call=call)
+            line += f", work {out.work}"
+        if kind == "hg":
+            line += (f", {out.notes[-1].count('eps=')} round(s), certified bound/||h|| "
+                     f"{entry['bound']:.2g}, status {out.status}")
+            if out.status != "ok":
+                line += f" (certified {TARGET:g} not reached)"
+        if kind == "jax":
+            entry["compile"] = first - t
+            line += f", first call (compile + run) - median = {first - t:.2f} s"
+        print(line)
+        if kind not in row or t < row[kind]["t"]:
+            row[kind] = entry
+    if args.profile and key in args.profile:
+        profile(row["hg"]["call"], key)
+        call_overhead(prob, th, row["hg"]["call"]())
     return row
+
+
+def interleaved_times(calls: dict, repeat: int) -> dict:
+    """{label: (median seconds, first-call seconds, last result)} of zero-argument calls timed
+    in turns: one warm-up call each, then `repeat` rounds that call each once. Load from other
+    processes on the machine then slows every contender of a round alike, not just the one
+    whose block of repeats it happened to hit."""
+    first, results, times = {}, {}, {label: [] for label in calls}
+    for label, fn in calls.items():
+        start = time.perf_counter()
+        results[label] = fn()
+        first[label] = time.perf_counter() - start
+    for _ in range(repeat):
+        for label, fn in calls.items():
+            start = time.perf_counter()
+            results[label] = fn()
+            times[label].append(time.perf_counter() - start)
+    return {label: (statistics.median(times[label]), first[label], results[label])
+            for label in calls}
 
 
 def profile(call, key):
