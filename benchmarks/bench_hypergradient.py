@@ -36,7 +36,8 @@ Target: ||grad - grad F|| <= 1e-6 ||grad F||.
 * Reference: closed form (ridge, quadratic: dense solves) or hypergen at eps = delta = 1e-12, whose
   own certified bound is printed next to it.
 Times are medians of --repeat runs after one warm-up run, every contender of a case timed in
-turns (one call each per round) so that the machine's load hits them alike.
+turns (per round, each makes an untimed call and then the timed one) so that the machine's load
+hits them alike while each timed call is as warm as in a loop of its own.
 """
 import argparse
 import cProfile
@@ -495,9 +496,12 @@ def run_case(key, spec, args, have_jax):
 
 def interleaved_times(calls: dict, repeat: int) -> dict:
     """{label: (median seconds, first-call seconds, last result)} of zero-argument calls timed
-    in turns: one warm-up call each, then `repeat` rounds that call each once. Load from other
+    in turns: one warm-up call each (the first call: JIT compilation), then `repeat` rounds in
+    which each contender makes an untimed call and then the timed one. Load from other
     processes on the machine then slows every contender of a round alike, not just the one
-    whose block of repeats it happened to hit."""
+    whose block of repeats it happened to hit; the untimed call right before keeps each timed
+    call as warm as in a loop of its own (caches, and thread pools that would otherwise have
+    gone to sleep during the other contenders' turns: JAX's costs 0.1 ms on the quadratic)."""
     first, results, times = {}, {}, {label: [] for label in calls}
     for label, fn in calls.items():
         start = time.perf_counter()
@@ -505,6 +509,7 @@ def interleaved_times(calls: dict, repeat: int) -> dict:
         first[label] = time.perf_counter() - start
     for _ in range(repeat):
         for label, fn in calls.items():
+            fn()
             start = time.perf_counter()
             results[label] = fn()
             times[label].append(time.perf_counter() - start)
