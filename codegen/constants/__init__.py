@@ -17,5 +17,5 @@ from .records import Derivation, Operator, Record, ThetaMax, ThetaMin
 from .report import format_tree
 from .rules import derive
 
-__all__ = ["derive", "compute_data_quantities", "evaluate", "evaluate_local", "reads_theta", "format_tree", "Derivation", "Record",
-           "Operator", "ThetaMax", "ThetaMin"]
+__all__ = ["derive", "compute_data_quantities", "evaluate", "evaluate_local", "reads_theta",
+           "format_tree", "Derivation", "Record", "Operator", "ThetaMax", "ThetaMin"]
