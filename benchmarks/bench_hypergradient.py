@@ -81,6 +81,9 @@ TARGET = 1e-6
 #: x sizes up to which hypergen also runs the direct solvers (dense Hessian, Cholesky).
 DIRECT_MAX = 100
 LADDER = [10.0 ** -k for k in range(4, 14)]
+#: Seconds between two contenders' turns: long enough for the previous one's idle worker threads
+#: to stop spinning (OpenBLAS spins about 0.1 s after a call) and give the core back.
+SETTLE = 0.25
 
 FULL = {
     "ridge-small": ("ridge", dict(m=2000, n=500, p=200)),
@@ -509,6 +512,7 @@ def interleaved_times(calls: dict, repeat: int) -> dict:
         first[label] = time.perf_counter() - start
     for _ in range(repeat):
         for label, fn in calls.items():
+            time.sleep(SETTLE)
             fn()
             start = time.perf_counter()
             results[label] = fn()

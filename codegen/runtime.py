@@ -19,9 +19,6 @@ from .errors import BindError, HypergenError, KernelError
 if TYPE_CHECKING:  # bound.py imports this module; the names are for annotations only
     from .bound import BoundProblem, BoundSamples
 
-KERNELS = ("lower_value", "lower_grad", "lower_hvp", "cross_vjp", "cross_jvp", "upper_value",
-           "upper_grad", "upper_theta_grad")
-
 
 def _as_float64(name: str, value) -> np.ndarray:
     """Convert to a C-contiguous float64 array exactly, or refuse; never reinterpret bytes."""
@@ -98,7 +95,8 @@ class GeneratedModule:
                        for a in meta["arrays"] + meta.get("hvp_cache", [])}
 
     def __repr__(self):
-        return f"<hypergen module {self.name!r}: kernels {', '.join(KERNELS)}>"
+        kernels = ", ".join(k["name"] for k in self.meta["kernels"])
+        return f"<hypergen module {self.name!r}: kernels {kernels}>"
 
     def bind(self, data=None, **arrays) -> "BoundProblem":
         """Bind one sample's data (NumPy arrays by the problem's data names)."""
