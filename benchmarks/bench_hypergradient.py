@@ -35,10 +35,10 @@ Target: ||grad - grad F|| <= 1e-6 ||grad F||.
   kernels and solvers.
 * Reference: closed form (ridge, quadratic: dense solves) or hypergen at eps = delta = 1e-12, whose
   own certified bound is printed next to it.
-Times are medians of --repeat runs after one warm-up run, every contender of a case timed in
-turns (`interleaved_times`: 0.25 s apart, each timed call after 5 ms of untimed ones) so that
-the machine's load hits them alike, no one's idle threads spin during another's turn, and each
-timed call is as warm as in a loop of its own.
+Times are medians of --repeat samples after one warm-up run, every contender of a case timed in
+turns (`interleaved_times`: 0.25 s apart; 20 ms of untimed calls, then a sample of at least one
+call and 20 ms) so that the machine's load hits them alike, no one's idle threads spin during
+another's turn, and each sample is as warm as in a loop of its own.
 """
 import argparse
 import cProfile
@@ -85,9 +85,9 @@ LADDER = [10.0 ** -k for k in range(4, 14)]
 #: Seconds between two contenders' turns: long enough for the previous one's idle worker threads
 #: to stop spinning (OpenBLAS spins about 0.1 s after a call) and give the core back.
 SETTLE = 0.25
-#: Seconds of untimed calls before each timed one (at least one call): a contender's caches and
-#: thread pools are then as warm as in a loop of its own.
-WARM = 0.005
+#: Seconds of untimed calls before each timed sample, and the least length of a sample (at least
+#: one call each): a contender's caches and thread pools are then as warm as in a loop of its own.
+WARM = 0.02
 
 FULL = {
     "ridge-small": ("ridge", dict(m=2000, n=500, p=200)),
@@ -502,15 +502,17 @@ def run_case(key, spec, args, have_jax):
 
 
 def interleaved_times(calls: dict, repeat: int) -> dict:
-    """{label: (median seconds, first-call seconds, last result)} of zero-argument calls timed
-    in turns: one warm-up call each (the first call: JIT compilation), then `repeat` rounds in
-    which each contender, SETTLE seconds after the previous one's turn, makes untimed calls for
-    WARM seconds (at least one) and then the timed one. Load from other processes on the
-    machine then slows every contender of a round alike, not just the one whose block of
-    repeats it happened to hit; no worker thread of another contender still spins on a core
-    (OpenBLAS's spin for about 0.1 s after a call and made hypergen's ridge 2000 x 500 take 2x);
-    and each timed call is as warm as in a loop of its own (caches, and thread pools that would
-    otherwise have gone to sleep: JAX's costs 0.1 ms on the quadratic)."""
+    """{label: (median seconds per call, first-call seconds, last result)} of zero-argument
+    calls timed in turns: one warm-up call each (the first call: JIT compilation), then `repeat`
+    rounds in which each contender, SETTLE seconds after the previous one's turn, makes untimed
+    calls for WARM seconds and then one timed sample: the mean of as many calls as fill WARM
+    seconds (at least one; timeit's loops, for calls far shorter than the clock's noise).
+    Load from other processes on the machine then slows every contender of a round alike, not
+    just the one whose block of repeats it happened to hit; no worker thread of another
+    contender still spins on a core (OpenBLAS's spin for about 0.1 s after a call and made
+    hypergen's ridge 2000 x 500 take 2x); and each sample is as warm as a loop of its own
+    (caches, and thread pools that would otherwise have gone to sleep: JAX's costs 0.1 ms on
+    the quadratic)."""
     first, results, times = {}, {}, {label: [] for label in calls}
     for label, fn in calls.items():
         start = time.perf_counter()
@@ -519,15 +521,22 @@ def interleaved_times(calls: dict, repeat: int) -> dict:
     for _ in range(repeat):
         for label, fn in calls.items():
             time.sleep(SETTLE)
-            start = time.perf_counter()
-            fn()
-            while time.perf_counter() - start < WARM:  # short calls: several untimed ones
-                fn()
-            start = time.perf_counter()
-            results[label] = fn()
-            times[label].append(time.perf_counter() - start)
+            _sample(fn, WARM)  # untimed
+            seconds, count, results[label] = _sample(fn, WARM)
+            times[label].append(seconds / count)
     return {label: (statistics.median(times[label]), first[label], results[label])
             for label in calls}
+
+
+def _sample(fn, least):
+    """Call fn until `least` seconds have passed, at least once: (seconds, calls, last result)."""
+    count, start = 0, time.perf_counter()
+    while True:
+        out = fn()
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= least:
+            return elapsed, count, out
 
 
 def profile(call, key):
