@@ -79,8 +79,7 @@ def _dot(a, b) -> float:
 
 
 def _norm(v) -> float:
-    if type(v) is not np.ndarray or v.ndim != 1 or v.dtype != np.float64:
-        v = np.asarray(v, dtype=np.float64).ravel()
+    v = np.asarray(v, dtype=np.float64).ravel()
     return math.sqrt(_dot(v, v))  # what np.linalg.norm computes, without its call overhead
 
 
@@ -93,9 +92,7 @@ def _call(fn, *args):
     non-finite values (KernelError, FloatingPointError) become None so the caller can keep its
     last finite iterate instead of raising halfway through a solve."""
     try:
-        out = fn(*args)
-        if type(out) is not np.ndarray or out.dtype != np.float64:
-            out = np.asarray(out, dtype=np.float64)
+        out = np.asarray(fn(*args), dtype=np.float64)
     except (KernelError, FloatingPointError, OverflowError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
     if not np.isfinite(out).all():
