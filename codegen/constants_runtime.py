@@ -44,13 +44,14 @@ def evaluate_constants(prepared: dict, theta: np.ndarray) -> dict:
     if prepared["kind"] == "derived":
         from .constants import evaluate, reads_theta
 
-        fixed = prepared.get("theta_free")
-        if fixed is None:
+        if "reads_theta" not in prepared:  # a tree walk: once per bind
+            prepared["reads_theta"] = reads_theta(prepared["derivation"])
+        out = prepared.get("theta_free")
+        if out is None:
             out = evaluate(prepared["derivation"], theta, prepared["quantities"])
-            if out["mu"] > 0 and not reads_theta(prepared["derivation"]):
+            if out["mu"] > 0 and not prepared["reads_theta"]:
                 prepared["theta_free"] = out  # mu <= 0 raises or warns at every call instead
-            fixed = out
-        return dict(fixed, certified_flags=dict(fixed["certified_flags"]))
+        return dict(out, certified_flags=dict(out["certified_flags"]))
     out = {}
     for name in NAMES:
         fn = prepared["functions"].get(name)
