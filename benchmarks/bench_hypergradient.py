@@ -13,7 +13,7 @@ gets the same matrix as a BCOO, NumPy as scipy.sparse).
 
 Target: ||grad - grad F|| <= 1e-6 ||grad F||.
 * hypergen must reach it with its OWN certified bound, untuned: prob.hypergradient(theta,
-  rtol=1e-6) runs warm-started rounds until hg.bound <= 1e-6 ||hg.grad|| (codegen.accuracy), timed
+  rtol=1e-6) runs warm-started rounds until hg.bound <= 1e-6 ||hg.grad|| (codegen.hypergrad.accuracy), timed
   whole and cold (x0 = None). Solvers: "cg" + "cg" when the lower level is quadratic (ridge,
   quadratic), the faster of "fista" + "cg" and "newton" + "cg" otherwise, and "direct" + "direct"
   too when x has at most DIRECT_MAX entries (the quadratic problem); the fastest counts.
@@ -567,7 +567,7 @@ def profile(call, key):
 def call_overhead(prob, th, hg):
     """Wall time of one kernel call through the Python layer (BoundProblem -> cffi -> C) next to
     the hypergradient's kernel-call count: the floor of hypergen's time on tiny problems."""
-    from codegen.solvers import _call
+    from codegen.hypergrad.solvers import _call
 
     x, v = np.asarray(hg.x, dtype=float).ravel(), np.ones(prob.x_size)
     t_bound, _, _ = median_time(lambda: [prob.lower_hvp(x, th, v) for _ in range(200)], 5)

@@ -2,15 +2,19 @@
 
 The pipeline, one module per stage, each taking and returning plain data:
 
-    problem (Problem) -> lower (loop-nest IR) -> autodiff (derivative programs) -> optimize
-    (dead code, fusion) -> render (C via Jinja templates) -> build (cffi, content-addressed cache)
-    -> runtime (bind, kernels) -> solvers / hypergradient (certified bounds) -> upper (optimize)
+    compiler.problem (Problem) -> compiler.lowering (loop-nest IR) -> compiler.autodiff
+    (derivative programs) -> compiler.passes (dead code, fusion) -> compiler.emit (C via Jinja
+    templates) -> jit (cffi, content-addressed cache) -> runtime (bind, kernels) -> hypergrad
+    (solvers, certified bounds) -> learn (theta by gradient methods)
+
+`constants` derives mu, L, L_A, L_B, L_f at build time and evaluates them at bind time;
+`pipeline` drives the stages and `cli` is the `hypergen` command.
 """
 from .errors import BindError, BuildError, HypergenError, KernelError, ProblemError
 from .primitives import sigmoid, softplus
-from .problem import Problem
-
-__version__ = "0.1.0"
+from . import pipeline
+from .compiler.problem import Problem
+from .version import __version__
 
 __all__ = [
     "Problem", "softplus", "sigmoid", "load", "HypergenError", "ProblemError", "BindError",
@@ -25,6 +29,4 @@ def load(path, name=None, out=None, allow_uncertified=False):
     (default: a per-user cache directory, so loading never writes into the caller's tree).
     `allow_uncertified` accepts a lower level whose strong convexity cannot be proved.
     """
-    from .pipeline import load as _load
-
-    return _load(path, name=name, out=out, allow_uncertified=allow_uncertified)
+    return pipeline.load(path, name=name, out=out, allow_uncertified=allow_uncertified)

@@ -16,11 +16,15 @@ from pathlib import Path
 
 import sympy as sp
 
-from . import __version__, ir
+from .compiler import ir
+from .compiler.emit.render import environment, kernel_renderers, render_module, template_digest
+from .compiler.kernels import kernel_specs
+from .compiler.problem import Problem
+from .constants import derive
 from .errors import HypergenError
-from .kernels import kernel_specs
-from .problem import Problem
-from .render import ABI_VERSION, environment, kernel_renderers, render_module
+from .jit import cache_root, publish
+from .runtime import load_directory
+from .version import ABI_VERSION, __version__
 
 
 def load_problem_file(path) -> list:
@@ -94,10 +98,8 @@ def generate_cached(problem: Problem, allow_uncertified: bool = False) -> dict:
     digest of the generator's own sources and templates, so any change to either misses. A
     corrupt entry is regenerated; entries are published atomically (os.replace).
     """
-    from .build import _cache_root
-
     key = _symbolic_key(problem, allow_uncertified)
-    path = _cache_root(None) / "symbolic" / key[:2] / f"{key}.json"
+    path = cache_root(None) / "symbolic" / key[:2] / f"{key}.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -129,8 +131,6 @@ def _symbolic_key(problem: Problem, allow_uncertified: bool) -> str:
 
 def _generator_digest() -> str:
     """Digest of the generator's sources and templates (catches edits in a source checkout)."""
-    from .render import template_digest
-
     h = hashlib.sha256(template_digest().encode())
     package = Path(__file__).resolve().parent
     for path in sorted(package.rglob("*.py")):
@@ -146,8 +146,6 @@ def _kernel_meta(renderer) -> dict:
 
 def _derive_constants(problem, allow_uncertified: bool):
     """constants.json content: the derivation tree of mu, L, L_A, L_B, L_f (codegen.constants)."""
-    from .constants import derive
-
     return json.loads(derive(problem, allow_uncertified=allow_uncertified).to_json())
 
 
@@ -176,9 +174,6 @@ def write_outputs(problem: Problem, texts: dict, out_dir, source_file=None) -> P
 
 def build_problem(problem: Problem, out_dir, source_file=None, allow_uncertified=False):
     """Generate, write and compile one problem; return the loaded GeneratedModule."""
-    from .build import publish
-    from .runtime import load_directory
-
     texts = generate_cached(problem, allow_uncertified)
     target = write_outputs(problem, texts, out_dir, source_file)
     module = load_directory(target)
@@ -188,13 +183,11 @@ def build_problem(problem: Problem, out_dir, source_file=None, allow_uncertified
 
 def load(path, name=None, out=None, allow_uncertified=False):
     """codegen.load: build the problems of a file (cached) and return the one asked for."""
-    from .build import _cache_root
-
     problems = load_problem_file(path)
     if name is None and len(problems) > 1:
         raise HypergenError(f"{path} defines {[p.name for p in problems]}; pass name=...")
     chosen = problems[0] if name is None else next((p for p in problems if p.name == name), None)
     if chosen is None:
         raise HypergenError(f"{path} defines no problem named {name!r}")
-    out = Path(out) if out is not None else _cache_root(None) / "modules"
+    out = Path(out) if out is not None else cache_root(None) / "modules"
     return build_problem(chosen, out, source_file=str(path), allow_uncertified=allow_uncertified)

@@ -1,4 +1,4 @@
-"""A hypergradient to a requested certified accuracy (codegen.accuracy): rtol / atol.
+"""A hypergradient to a requested certified accuracy (codegen.hypergrad.accuracy): rtol / atol.
 
 The loop must stop only when its own certified bound meets atol + rtol ||grad||, that bound
 must still hold against the exact hypergradient, and the work it reports must be the work done.
@@ -13,8 +13,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from quadratic_kernels import Logistic, PaperQuadratic, Ridge  # noqa: E402
 
-from codegen.hypergradient import hypergradient, hypergradient_samples  # noqa: E402
-from codegen.solvers import SolverError  # noqa: E402
+from codegen.hypergrad.hypergradient import hypergradient, hypergradient_samples  # noqa: E402
+from codegen.hypergrad.solvers import SolverError  # noqa: E402
 from conftest import built_example  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""codegen.build: compile, cache, lock, recover, publish. Each compile of the tiny C below takes ~0.6 s."""
+"""codegen.jit: compile, cache, lock, recover, publish. Each compile of the tiny C below takes ~0.6 s."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import codegen
-from codegen import build
+from codegen import jit as build
 from codegen.errors import BuildError
 
 REPO = pathlib.Path(codegen.__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def call_add(module) -> float:
 CHILD = """
 import json, sys
 import numpy as np
-from codegen import build
+from codegen import jit as build
 job = json.loads(sys.argv[1])
 flags = None if job["flags"] is None else tuple(job["flags"])
 if job.get("published"):

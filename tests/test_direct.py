@@ -15,10 +15,10 @@ import math
 import numpy as np
 import pytest
 
-from codegen import solvers
+from codegen.hypergrad import solvers
 from codegen.errors import BindError
-from codegen.hypergradient import hypergradient
-from codegen.solvers import SolverError, solve_adjoint, solve_lower
+from codegen.hypergrad.hypergradient import hypergradient
+from codegen.hypergrad.solvers import SolverError, solve_adjoint, solve_lower
 from conftest import TINY, built_example
 from quadratic_kernels import Logistic, PaperQuadratic
 

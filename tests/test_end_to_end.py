@@ -45,7 +45,7 @@ def test_bound_holds_against_tight_solve(name, build_dir):
         hg = prob.hypergradient(theta, lower="fista", adjoint="cg", eps=eps, delta=eps)
         err = np.linalg.norm(hg.grad - ref.grad)
         assert err <= hg.bound + ref.bound, f"{name} eps {eps}: error {err:.2e}, bound {hg.bound:.2e}"
-    for lower in ("fista", "newton"):  # to a certified relative accuracy (codegen.accuracy)
+    for lower in ("fista", "newton"):  # to a certified relative accuracy (codegen.hypergrad.accuracy)
         hg = prob.hypergradient(theta, lower=lower, adjoint="cg", rtol=1e-5)
         assert hg.ok and hg.bound <= 1e-5 * np.linalg.norm(hg.grad), hg.status
         err = np.linalg.norm(hg.grad - ref.grad)
@@ -55,7 +55,7 @@ def test_bound_holds_against_tight_solve(name, build_dir):
 def test_long_vectors_take_the_blas_free_reductions(build_dir):
     """x longer than solvers.BLAS_FREE_FROM: CG and the norms reduce with einsum, and the bound
     still holds against a tight solve."""
-    from codegen.solvers import BLAS_FREE_FROM
+    from codegen.hypergrad.solvers import BLAS_FREE_FROM
 
     _, module, ns = built_example("tv1d", build_dir)
     prob = module.bind(**ns["example_data"](seed=3, n=BLAS_FREE_FROM + 1000))
@@ -70,8 +70,8 @@ def test_long_vectors_take_the_blas_free_reductions(build_dir):
 @pytest.mark.parametrize("name", ["logistic", "tv1d", "ridge"])
 def test_refined_distance_is_certified(name, build_dir):
     """refined_distance never falls below the true ||x - x*||, near and far from x*."""
-    from codegen.hypergradient import refined_distance
-    from codegen.solvers import checked_constants
+    from codegen.hypergrad.hypergradient import refined_distance
+    from codegen.hypergrad.solvers import checked_constants
 
     _, module, ns = built_example(name, build_dir)
     prob = module.bind(**ns["example_data"](seed=2))

@@ -1,4 +1,4 @@
-"""The unified hypergradient framework (codegen.solvers, codegen.hypergradient) on plain-NumPy
+"""The unified hypergradient framework (codegen.hypergrad.solvers, codegen.hypergrad.hypergradient) on plain-NumPy
 kernels with exact hypergradients (tests/quadratic_kernels.py). Run with -s for the numbers."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from quadratic_kernels import Logistic, PaperQuadratic, Ridge  # noqa: E402
 
-from codegen.hypergradient import (  # noqa: E402
+from codegen.hypergrad.hypergradient import (  # noqa: E402
     HypergradientResult, cross_norm, hypergradient, hypergradient_samples,
 )
-from codegen.solvers import (  # noqa: E402
+from codegen.hypergrad.solvers import (  # noqa: E402
     SolverError, backprop_adjoint, fista_coefficients, solve_adjoint, solve_lower,
 )
 
@@ -72,7 +72,7 @@ class Faulty:
 
 def frozen_reverse(k, xK, th, K, a, b=0.0):
     """Reverse mode over K GD (b = 0) or heavy-ball steps with every Hessian and cross derivative
-    frozen at x_K, written from framework.md section 3 (independently of codegen.solvers):
+    frozen at x_K, written from framework.md section 3 (independently of codegen.hypergrad.solvers):
     xt_0 = grad f(x_K), xt_{-1} = 0; repeat K times: h -= a B^T xt_k;
     xt_{k+1} = (1 + b) xt_k - a A xt_k - b xt_{k-1}."""
     xt = k.upper_grad(xK, th)
@@ -417,7 +417,7 @@ def test_backprop_adjoint_direct(ridge):
 
 def test_cg_apriori_rate_survives_many_restarts():
     """(2 sqrt kappa)^S q^K r0 in logarithms: S = 2000 restart segments overflowed a float."""
-    from codegen.solvers import _cg_rate_bound
+    from codegen.hypergrad.solvers import _cg_rate_bound
 
     assert _cg_rate_bound(100.0, 2000, 0.8, 10, 1.0) == math.inf
     small = _cg_rate_bound(100.0, 300, 0.5, 3000, 1.0)  # 20^300 * 0.5^3000: finite, tiny

@@ -4,7 +4,7 @@
   stencil, trigonometric atoms, cubics, products of sums, theta inside atoms) are built and every
   kernel is compared with the unrolled SymPy oracle (tests/oracle.py) at tiny sizes;
 * random scalar expression trees over exp/log/sqrt/sin/cos/tanh/softplus/sigmoid, printed by
-  codegen.printer.print_expr, compiled in one batch with cc and compared with mpmath, with a
+  codegen.compiler.emit.printer.print_expr, compiled in one batch with cc and compared with mpmath, with a
   tolerance from a first-order rounding-error analysis of the tree (so cancellation is allowed
   for, not hidden);
 * the stable primitives at extreme arguments (|z| up to 800), alone and through generated kernels.
@@ -31,9 +31,9 @@ for _p in (str(ROOT), str(ROOT / "tests")):
         sys.path.insert(0, _p)
 
 from codegen import Problem, ProblemError, sigmoid, softplus  # noqa: E402
-from codegen.build import default_flags  # noqa: E402
+from codegen.jit import default_flags  # noqa: E402
 from codegen.pipeline import build_problem, generate, load_problem_file  # noqa: E402
-from codegen.printer import print_expr  # noqa: E402
+from codegen.compiler.emit.printer import print_expr  # noqa: E402
 from oracle import Oracle  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*constants not certified")

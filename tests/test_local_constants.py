@@ -11,7 +11,7 @@ import sympy as sp
 
 from codegen.constants import Derivation, derive, evaluate_local
 from codegen.pipeline import build_problem
-from codegen.problem import Problem
+from codegen.compiler.problem import Problem
 from oracle import Oracle
 
 RATIOS = {}

@@ -1,4 +1,4 @@
-"""codegen.loopnest on its own: when a row loop may be unrolled and jammed, and how copies merge.
+"""codegen.compiler.emit.loopnest on its own: when a row loop may be unrolled and jammed, and how copies merge.
 
 The numbers the jammed loops compute are checked against the oracle in test_kernels.py,
 test_language.py and test_fuzz.py (sizes above JAM, so the remainder loops run too); here the
@@ -10,7 +10,7 @@ from pathlib import Path
 import sympy as sp
 
 from codegen import ir
-from codegen.loopnest import JAM, Node, _iterations_independent, _paren, jam
+from codegen.compiler.emit.loopnest import JAM, Node, _iterations_independent, _paren, jam
 
 m, n = sp.symbols("m n", integer=True, positive=True)
 i, j = sp.symbols("i j", integer=True)

@@ -53,7 +53,7 @@ def test_directory_from_another_abi_is_refused(tmp_path):
 
     from codegen import HypergenError
     from codegen.pipeline import write_outputs
-    from codegen.runtime import load_directory
+    from codegen.runtime.module import load_directory
 
     problem = _problem()
     target = write_outputs(problem, generate(problem), tmp_path)

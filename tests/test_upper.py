@@ -1,4 +1,4 @@
-"""The upper-level loop (codegen.upper, codegen.upper_cli) on NumPy kernels with exact solutions
+"""The upper-level loop (codegen.learn, codegen.cli.optimize) on NumPy kernels with exact solutions
 (tests/upper_kernels.py) and, for the command line, on the built ridge example.
 Run with -s for the measured errors."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ from upper_kernels import (  # noqa: E402
 )
 
 from codegen.errors import HypergenError  # noqa: E402
-from codegen.upper import (  # noqa: E402
+from codegen.learn.upper import (  # noqa: E402
     OptimizeError, optimize, parse_budget, parse_theta0, read_history,
 )
 
@@ -287,7 +287,7 @@ def test_bound_problem_optimize(ridge_module):
 
 
 def test_cli_run(tmp_path, ridge_module, capsys):
-    from codegen.upper_cli import run_optimize
+    from codegen.cli.optimize import run_optimize
 
     d0, d1 = _ridge_data(0), _ridge_data(1)
     np.savez(tmp_path / "one.npz", **d0)
@@ -308,7 +308,7 @@ def test_cli_run(tmp_path, ridge_module, capsys):
 
 
 def test_cli_errors(tmp_path, ridge_module):
-    from codegen.upper_cli import run_optimize
+    from codegen.cli.optimize import run_optimize
 
     d = _ridge_data()
     np.savez(tmp_path / "ok.npz", **d)
@@ -334,7 +334,7 @@ def test_cli_errors(tmp_path, ridge_module):
             run_optimize(_args(tmp_path, data, **kw))
         assert "\n" not in str(info.value)
         print(f"\n{str(info.value)}")
-    from codegen.cli import main
+    from codegen.cli.main import main
     assert main(["optimize", os.path.join(ROOT, "examples", "ridge.py"), "--data",
                  str(tmp_path / "ok.npz"), "--budget", "x"]) == 2
 
@@ -353,7 +353,9 @@ def test_paper_quadratic_maid_with_cg_and_direct(build_dir):
     # this run raised the OverflowError
     res = prob.optimize(np.ones(10), method="maid", lower="cg", adjoint="cg", max_iter=50,
                         progress=False)
-    assert res.status == "accuracy floor" and float(res.value) <= start
+    # MAID may stop where it started: its value is then the same f(x_eps) up to the rounding of
+    # a fresh solve (2 ulp apart were seen on another machine), never above it by more
+    assert res.status == "accuracy floor" and float(res.value) <= start * (1 + 1e-12)
     for lower, adjoint in (("cg", "cg"), ("direct", "direct")):
         res = prob.optimize(np.ones(10), method="maid", lower=lower, adjoint=adjoint, step=1e-5,
                             max_iter=100, progress=False)

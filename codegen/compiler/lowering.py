@@ -17,8 +17,8 @@ from __future__ import annotations
 import sympy as sp
 
 from . import ir
-from .errors import ProblemError
-from .primitives import stabilise
+from ..errors import ProblemError
+from ..primitives import stabilise
 
 
 class _Lowering:

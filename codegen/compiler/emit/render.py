@@ -14,17 +14,17 @@ from pathlib import Path
 import jinja2
 import sympy as sp
 
-from . import __version__, ir
-from .kernels import CACHE_BUFFER, KernelSpec
+from ...version import ABI_VERSION, __version__
+from .. import ir
+from ..kernels import CACHE_BUFFER, KernelSpec
 from .loopnest import LoopNestBuilder, Node
 from .printer import KernelPrinter
 
-ABI_VERSION = 2
 
 
 def templates_dir() -> Path:
     """templates/ of a source checkout, or codegen/templates of an installed package."""
-    checkout = Path(__file__).resolve().parent.parent / "templates"
+    checkout = Path(__file__).resolve().parents[3] / "templates"
     if (checkout / "module.c.j2").exists():
         return checkout
     return Path(str(resources.files("codegen") / "templates"))

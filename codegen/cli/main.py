@@ -9,36 +9,33 @@ import argparse
 import sys
 import time
 
-from .errors import HypergenError
+from .. import jit
+from ..constants import derive, format_tree
+from ..errors import HypergenError
+from ..pipeline import build_problem, generate, load_problem_file
+from ..version import __version__
+from .optimize import run_optimize
 
 
 def _build(args) -> int:
-    from . import build
-    from .pipeline import build_problem, load_problem_file
-
     for problem in load_problem_file(args.file):
         start = time.perf_counter()
-        compiled = build.stats["compiled"]
+        compiled = jit.stats["compiled"]
         module = build_problem(problem, args.out, source_file=args.file,
                                allow_uncertified=args.allow_uncertified)
         seconds = time.perf_counter() - start
-        how = "compiled" if build.stats["compiled"] > compiled else "cache hit"
+        how = "compiled" if jit.stats["compiled"] > compiled else "cache hit"
         print(f"{problem.name}: {module.directory} ({how}, {seconds:.2f} s)")
     return 0
 
 
 def _show(args) -> int:
-    from .pipeline import generate, load_problem_file
-
     for problem in load_problem_file(args.file):
         sys.stdout.write(generate(problem, allow_uncertified=True)["source"])
     return 0
 
 
 def _audit(args) -> int:
-    from .constants import derive, format_tree
-    from .pipeline import load_problem_file
-
     for problem in load_problem_file(args.file):
         derivation = derive(problem, allow_uncertified=args.allow_uncertified)
         if args.json:
@@ -49,14 +46,10 @@ def _audit(args) -> int:
 
 
 def _optimize(args) -> int:
-    from .upper_cli import run_optimize
-
     return run_optimize(args)
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     p = argparse.ArgumentParser(prog="hypergen", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"hypergen {__version__}")
     sub = p.add_subparsers(dest="command", required=True)

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import HypergenError
-from .upper import OptimizeError, parse_budget, parse_theta0
+from ..errors import HypergenError
+from ..learn.upper import OptimizeError, optimize, parse_budget, parse_theta0
+from ..pipeline import load
 
 __all__ = ["run_optimize", "load_data"]
 
@@ -99,8 +100,6 @@ def _fmt_theta(theta) -> str:
 def run_optimize(args) -> int:
     """The `hypergen optimize` command (args: file, data, theta0, method, budget, out,
     no_progress). Returns the exit status: 0, 1 when the run failed, 130 when interrupted."""
-    from .pipeline import load
-    from .upper import optimize
 
     budget = getattr(args, "budget", None)
     parse_budget(budget)                                  # a bad budget fails before building

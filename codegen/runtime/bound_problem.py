@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import BindError
-from .runtime import GeneratedModule, KernelCaller, _as_float64
+from ..constants_runtime import (
+    cross_norm_structure, evaluate_constants, evaluate_local_constants, prepare_constants,
+)
+from ..errors import BindError
+from ..hypergrad import hypergradient, hypergradient_samples, solve_lower
+from ..learn import optimize
+from .kernel_caller import KernelCaller
+from .validation import as_float64
+
+if TYPE_CHECKING:  # annotations only: the module creates bound problems
+    from .module import GeneratedModule
 
 
 class BoundProblem:
@@ -45,7 +55,7 @@ class BoundProblem:
 
     # -- argument checks -------------------------------------------------------------------
     def _vector(self, name: str, value, length: int, what: str) -> np.ndarray:
-        arr = _as_float64(what, value)
+        arr = as_float64(what, value)
         if arr.ndim == 1 and arr.size == length:
             return arr
         if arr.size != length or (arr.ndim > 1 and arr.shape != self.x_shape):
@@ -54,7 +64,7 @@ class BoundProblem:
         return arr.reshape(-1)
 
     def _theta(self, theta) -> np.ndarray:
-        arr = _as_float64("theta", theta if isinstance(theta, np.ndarray) else np.atleast_1d(theta))
+        arr = as_float64("theta", theta if isinstance(theta, np.ndarray) else np.atleast_1d(theta))
         if arr.ndim != 1 or arr.size != self.theta_size:
             raise BindError(f"theta must be a float or a 1-D array of {self.theta_size} entries, "
                             f"got shape {np.shape(theta)}")
@@ -156,22 +166,16 @@ class BoundProblem:
     # -- constants and solvers -------------------------------------------------------------
     def _prepared_constants(self) -> dict:
         """The constants' derivation and data quantities, computed once per bind."""
-        from .constants_runtime import prepare_constants
-
         if self._constants is None:
             self._constants = prepare_constants(self.module, self.data)
         return self._constants
 
     def constants(self, theta) -> dict:
         """mu, L, L_A, L_B, L_f at theta (derived and certified, or stated by the problem)."""
-        from .constants_runtime import evaluate_constants
-
         return evaluate_constants(self._prepared_constants(), self._theta(theta))
 
     def solve_lower(self, theta, solver="fista", tol=1e-8, x0=None, **options):
         """Solve the lower level to ||x - x*|| <= tol (certified by ||grad g|| / mu)."""
-        from .solvers import solve_lower
-
         return solve_lower(self, self._theta(theta), solver=solver, tol=tol,
                            x0=None if x0 is None else self._vector("x0", x0, self.x_size, "x0"),
                            **options)
@@ -179,24 +183,18 @@ class BoundProblem:
     def hypergradient(self, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x0=None,
                       **options):
         """The hypergradient with its a posteriori and a priori error bounds."""
-        from .hypergradient import hypergradient
-
         return hypergradient(self, self._theta(theta), lower=lower, adjoint=adjoint, eps=eps,
                              delta=delta,
                              x0=None if x0 is None else self._vector("x0", x0, self.x_size, "x0"),
                              **options)
 
     def optimize(self, theta0, method="maid", **options):
-        """Learn theta from theta0 (codegen.upper.optimize): method "maid", "gd" or "lbfgsb"."""
-        from .upper import optimize
-
+        """Learn theta from theta0 (codegen.learn.optimize): method "maid", "gd" or "lbfgsb"."""
         return optimize(self, theta0, method=method, **options)
 
     def local_constants(self, x, theta, radius) -> dict:
         """constants(theta) with L, L_A, L_B, L_f valid only on the ball B(x, radius) (finite for
         exp / polynomial atoms; min(global, ball) otherwise). mu stays global (framework.md 8.4)."""
-        from .constants_runtime import evaluate_local_constants
-
         return evaluate_local_constants(self._prepared_constants(), self._theta(theta),
                                         self._vector("x", x, self.x_size, "x"), float(radius),
                                         self.data)
@@ -209,8 +207,6 @@ class BoundProblem:
         The bound is ||B||_F from per-sample column norms with outward margins. On first use per
         bind, two of its columns are checked against exact cross JVPs (not counted as work); a
         mismatch disables the bound for this bind."""
-        from .constants_runtime import cross_norm_structure
-
         cn = cross_norm_structure(self._prepared_constants(), self.data)
         if cn is None:
             return math.inf
@@ -257,13 +253,9 @@ class BoundSamples:
 
     def hypergradient(self, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x0=None,
                       **options):
-        from .hypergradient import hypergradient_samples
-
         return hypergradient_samples(self.samples, self.samples[0]._theta(theta), lower=lower,
                                      adjoint=adjoint, eps=eps, delta=delta, x0=x0, **options)
 
     def optimize(self, theta0, method="maid", **options):
-        """Learn theta from theta0 on the mean upper objective (codegen.upper.optimize)."""
-        from .upper import optimize
-
+        """Learn theta from theta0 on the mean upper objective (codegen.learn.optimize)."""
         return optimize(self, theta0, method=method, **options)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .dense import DIRECT_MAX_SIZE, HessianFactor
-from .errors import HypergenError, KernelError
+from ..errors import HypergenError, KernelError
 
 __all__ = [
     "SolverError", "LowerResult", "AdjointResult", "solve_lower", "solve_adjoint",
@@ -361,7 +361,7 @@ def solve_lower(k, theta, solver="fista", tol=1e-8, x0=None, max_iter=DEFAULT_MA
     returns its extrapolated point z, where the gradient is known), "cg" (only if k.is_quadratic;
     the recursive residual triggers a check with the true gradient, restarting from it if needed),
     "newton" (Newton-CG), "direct" (Newton with exact steps from the dense Hessian's Cholesky
-    factor, for small x: `codegen.dense`).
+    factor, for small x: `codegen.hypergrad.dense`).
     mu and L are re-evaluated from k.constants(theta) on every call. The test is made before the
     first step (a good warm start returns after 0 iterations and 1 gradient). `record=True` keeps
     the per-iteration G/mu; `store_trajectory=True` keeps x_0..x_K (GD/HB, for adjoint="backprop";

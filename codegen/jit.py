@@ -113,7 +113,7 @@ def publish(module: types.ModuleType, directory: str | os.PathLike) -> pathlib.P
     built = pathlib.Path(module.__file__)
     match = re.fullmatch(r"(_hg_\w+_)[0-9a-f]{16}" + re.escape(EXT_SUFFIX), built.name)
     if match is None:
-        raise ValueError(f"{built} is not an extension built by codegen.build")
+        raise ValueError(f"{built} is not an extension built by codegen.jit")
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / built.name
@@ -173,7 +173,7 @@ def _digest(inputs: dict) -> str:
 
 def _key_inputs(module_name: str, source: str, cdef: str, flags: tuple[str, ...]) -> dict:
     """Everything that can change the compiled binary (or whether it loads here)."""
-    from . import __version__
+    from .version import __version__
 
     native = tuple(flag for flag in flags if flag.endswith("=native"))
     return {
@@ -263,7 +263,7 @@ def _extension_name(module_name: str, key: str) -> str:
     return _module_name(module_name, key) + EXT_SUFFIX
 
 
-def _cache_root(cache_dir) -> pathlib.Path:
+def cache_root(cache_dir) -> pathlib.Path:
     """cache_dir, else $HYPERGEN_CACHE_DIR, else $XDG_CACHE_HOME/hypergen or ~/.cache/hypergen."""
     if cache_dir is None:
         cache_dir = os.environ.get("HYPERGEN_CACHE_DIR")
@@ -279,7 +279,7 @@ def _shard(cache_dir, key: str) -> pathlib.Path:
     An unwritable cache (read-only, or a path through a regular file) degrades to a per-user directory
     under the system temp dir with a warning, rather than failing the build.
     """
-    preferred = _cache_root(cache_dir) / LAYOUT / key[:2]
+    preferred = cache_root(cache_dir) / LAYOUT / key[:2]
     try:
         preferred.mkdir(parents=True, exist_ok=True)
         if os.access(preferred, os.W_OK | os.X_OK):

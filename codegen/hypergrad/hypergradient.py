@@ -5,7 +5,7 @@
     3. h = -B(x_eps)^T q + grad_theta f(x_eps) + grad r(theta)   (one cross VJP).
 
 All second derivatives are taken at the single point x_eps; that is what makes the bound of
-framework.md 7 computable. The kernel interface is abstract (see `codegen.solvers`).
+framework.md 7 computable. The kernel interface is abstract (see `codegen.hypergrad.solvers`).
 
 A result never carries a silently wrong number: every returned float is checked with isfinite,
 and `status` is "ok" only when (a) both solvers reached their tolerance, (b) the constants are
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.linalg import lapack
 
-from .errors import KernelError
+from ..errors import KernelError
 from .solvers import (
     ADJOINT_SOLVERS, DEFAULT_MAX_ITER, LOWER_SOLVERS, AdjointResult, LowerResult, SolverError,
     _arr, _call, _fmt, _norm, _solve_adjoint, _solve_lower, _theta, _x_size, backprop_adjoint,
@@ -260,7 +260,7 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
     """The hypergradient of F(theta) = f(x*(theta), theta) + r(theta) with certified bounds.
 
     lower in ("gd", "hb", "fista", "cg", "newton", "direct"), adjoint in ("cg", "gd", "hb",
-    "direct", "backprop"); "direct" factors the dense Hessian (small x only, `codegen.dense`).
+    "direct", "backprop"); "direct" factors the dense Hessian (small x only, `codegen.hypergrad.dense`).
     Any pairing is allowed except "backprop", which differentiates a stored GD or HB
     trajectory (so lower must be "gd" or "hb"; its bound is inf: E&R's analysis does not cover
     it). eps is the certified lower accuracy (G/mu <= eps), delta the absolute true adjoint
@@ -273,7 +273,7 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
 
     rtol, atol: ask for a certified accuracy instead, bound <= atol + rtol ||grad||. eps and
     delta are then only the first round's tolerances; the bound's own parts tighten them, round
-    after warm-started round (`codegen.accuracy`). status says so if the target is not reached.
+    after warm-started round (`codegen.hypergrad.accuracy`). status says so if the target is not reached.
     """
     if rtol is not None or atol:
         return _to_accuracy(hypergradient, k, theta, lower, adjoint, eps, delta, x0, q0,
@@ -436,7 +436,7 @@ def hypergradient(k, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x
 def _to_accuracy(fn, k, theta, lower, adjoint, eps, delta, x0, q0, max_iter, adjoint_max_iter,
                  record, refine_iter, rtol, atol):
     """fn (hypergradient or hypergradient_samples) in rounds until its certified bound meets
-    atol + rtol ||grad|| (codegen.accuracy.to_accuracy)."""
+    atol + rtol ||grad|| (codegen.hypergrad.accuracy.to_accuracy)."""
     from .accuracy import to_accuracy  # it imports this module
 
     if adjoint == "backprop":

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from . import ir
 from .autodiff import adjoint, tangent
-from .lower import lower_objective
-from .optimize import eliminate_dead_code, schedule
+from .lowering import lower_objective
+from .passes import eliminate_dead_code, schedule
 
 
 @dataclass(frozen=True)

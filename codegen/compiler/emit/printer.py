@@ -9,8 +9,8 @@ from __future__ import annotations
 import sympy as sp
 from sympy.printing.c import C99CodePrinter
 
-from .errors import ProblemError
-from .primitives import ALLOWED_FUNCTIONS, sigmoid, softplus
+from ...errors import ProblemError
+from ...primitives import ALLOWED_FUNCTIONS, sigmoid, softplus
 
 _C_FUNCTION = {softplus: "hg_softplus", sigmoid: "hg_sigmoid"}
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from . import ir
-from .errors import ProblemError
-from .optimize import _same_iteration, fuse_outer_loops
+from .. import ir
+from ...errors import ProblemError
+from ..passes import _same_iteration, fuse_outer_loops
 from .printer import KernelPrinter
 
 

@@ -9,7 +9,7 @@
 
 Validation happens here, at construction, so a problem file fails on the line that defines the
 problem and not later inside the generator. Index validation (free indices, shifted indices that
-can leave their array) needs the loop structure, so it is delegated to `codegen.lower`.
+can leave their array) needs the loop structure, so it is delegated to `codegen.compiler.lowering`.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .errors import ProblemError
-from .primitives import ALLOWED_FUNCTIONS
+from ..errors import ProblemError
+from ..primitives import ALLOWED_FUNCTIONS
 
 C_KEYWORDS = frozenset(
     "auto break case char const continue default do double else enum extern float for goto if "
@@ -96,7 +96,7 @@ class Problem:
         _check_names(self)
         _check_sizes_bindable(self)
         self.constants = _stated_constants(self.constants, subs)
-        from .lower import check_indices  # index checks need the loop structure
+        from .lowering import check_indices  # index checks need the loop structure
 
         for label, expr in (("lower", self.g), ("upper", self.f), ("regulariser", self.r)):
             check_indices(expr, self.arrays, label)

@@ -60,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import HypergenError
+from ..errors import HypergenError
 
 __all__ = ["optimize", "OptimizeResult", "OptimizeError", "read_history", "parse_budget",
            "parse_theta0", "METHODS", "SCHEDULES"]
@@ -455,7 +455,7 @@ class _Runner:
     # -- oracles ---------------------------------------------------------------------------
     def hypergradient(self, theta, eps, delta):
         """The (sample-averaged) hypergradient at theta, warm-started from the last x."""
-        from .hypergradient import hypergradient, hypergradient_samples
+        from ..hypergrad.hypergradient import hypergradient, hypergradient_samples
 
         self.check()
         cap = self.cap()
@@ -494,7 +494,7 @@ class _Runner:
     def value_at(self, theta, eps, x0):
         """Inexact value f(x_eps(theta)) (mean over samples), its certified error bound and the
         lower solutions; one lower solve per sample, warm-started from x0."""
-        from .solvers import _call, checked_constants, solve_lower
+        from ..hypergrad.solvers import _call, checked_constants, solve_lower
 
         self.check()
         cap = self.cap()
@@ -624,7 +624,7 @@ def optimize(k, theta0, method="maid", budget=None, time_budget=None, max_iter=1
     scipy_options  extra options for scipy.optimize.minimize (L-BFGS-B);
     record_theta   store theta in the history (default: when theta_size <= 1000).
     """
-    from .solvers import ADJOINT_SOLVERS, DEFAULT_MAX_ITER, LOWER_SOLVERS
+    from ..hypergrad.solvers import ADJOINT_SOLVERS, DEFAULT_MAX_ITER, LOWER_SOLVERS
 
     if method not in METHODS:
         raise OptimizeError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

@@ -1,0 +1,1 @@
+"""C emission: loop trees (`loopnest`), expressions (`printer`), files via Jinja (`render`)."""

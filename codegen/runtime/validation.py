@@ -1,0 +1,68 @@
+"""Data validation at bind time: exact float64 conversion, private read-only copies, CSR checks.
+
+Everything a kernel reads passes through here once, so the per-call path only checks vector
+lengths. A value that cannot be converted exactly is refused with its name, never reinterpreted.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sps
+
+from ..errors import BindError
+
+
+def as_float64(name: str, value) -> np.ndarray:
+    """Convert to a C-contiguous float64 array exactly, or refuse; never reinterpret bytes."""
+    if type(value) is np.ndarray and value.dtype == np.float64 and value.flags.c_contiguous:
+        return value  # the per-call fast path: solvers pass such arrays thousands of times
+    arr = np.asarray(value)
+    if arr.dtype == np.float64:
+        return np.require(arr, requirements="C")
+    if arr.dtype.kind in "biu":
+        out = arr.astype(np.float64)
+        if arr.size and np.any(out.astype(arr.dtype) != arr):
+            raise BindError(f"{name}: integer values beyond 2**53 cannot be represented as float64")
+        return np.require(out, requirements="C")
+    if arr.dtype.kind == "f":
+        return np.require(arr.astype(np.float64), requirements="C")  # float16/32 widen exactly
+    raise BindError(f"{name}: expected real numbers (float64), got dtype {arr.dtype}")
+
+
+def frozen_copy(arr: np.ndarray) -> np.ndarray:
+    """A private read-only copy: the constants derived from the data at bind time must keep
+    describing the data the kernels read, whatever the caller does to its arrays later."""
+    out = np.array(arr, dtype=np.float64, order="C", copy=True)
+    out.flags.writeable = False
+    return out
+
+
+def as_csr(name: str, value):
+    """A CSR matrix with float64 values, int64 indices, sorted and without duplicates."""
+    try:
+        csr = sps.csr_array(value, copy=True)  # private: sorting below must not touch the caller's
+    except (TypeError, ValueError) as exc:
+        raise BindError(f"{name} is declared sparse: pass a 2-D scipy.sparse matrix or array "
+                        f"({exc})") from None
+    csr = sps.csr_array((as_float64(name, csr.data), csr.indices, csr.indptr), shape=csr.shape)
+    try:
+        csr.check_format(full_check=True)  # indices inside the shape, indptr monotone
+    except ValueError as exc:
+        raise BindError(f"{name}: invalid CSR structure: {exc}") from None
+    csr.sum_duplicates()
+    csr.sort_indices()
+    csr.indices = np.ascontiguousarray(csr.indices, dtype=np.int64)
+    csr.indptr = np.ascontiguousarray(csr.indptr, dtype=np.int64)
+    for part in (csr.data, csr.indices, csr.indptr):
+        part.flags.writeable = False
+    return csr
+
+
+def check_finite(name: str, arr) -> None:
+    if hasattr(arr, "tocsr"):
+        if not np.all(np.isfinite(arr.data)):
+            raise BindError(f"{name} contains a non-finite stored value")
+        return
+    if not np.all(np.isfinite(arr)):
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        where = tuple(int(b) for b in bad) if arr.ndim else ()
+        raise BindError(f"{name} contains a non-finite value ({arr[tuple(bad)]}) at index {where}")
