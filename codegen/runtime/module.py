@@ -107,7 +107,10 @@ class GeneratedModule:
 def load_directory(directory) -> GeneratedModule:
     """Load a built problem directory (what `hypergen build` wrote), compiling only on a miss."""
     directory = Path(directory)
-    meta = json.loads((directory / "meta.json").read_text())
+    meta = _read_json(directory / "meta.json")
+    if not isinstance(meta, dict) or not {"name", "cdef", "kernels"} <= meta.keys():
+        raise HypergenError(f"{directory / 'meta.json'} is not a hypergen module description: "
+                            "run `hypergen build` on its problem file again")
     if meta.get("abi") != ABI_VERSION:
         raise HypergenError(
             f"{directory} was generated for kernel ABI {meta.get('abi')} (hypergen "
@@ -118,5 +121,18 @@ def load_directory(directory) -> GeneratedModule:
     cdef = meta["cdef"]
     lib_module = load_published(meta["name"], source, cdef, directory)
     constants_path = directory / "constants.json"
-    constants = json.loads(constants_path.read_text()) if constants_path.exists() else None
+    constants = _read_json(constants_path) if constants_path.exists() else None
     return GeneratedModule(directory, lib_module, meta, constants)
+
+
+def _read_json(path: Path):
+    """A file `hypergen build` wrote, parsed; a missing or damaged one is named with the fix
+    (a truncated file, from a full disk or a killed copy, must not surface as a JSON traceback)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HypergenError(f"{path} is missing: run `hypergen build` on the problem file "
+                            "to write this module again") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise HypergenError(f"{path} cannot be read ({exc}): run `hypergen build` on the problem "
+                            "file to write this module again") from None
