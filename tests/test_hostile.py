@@ -56,3 +56,40 @@ def test_truncated_constants_json_names_the_file(build_dir, tmp_path):
     with pytest.raises(HypergenError, match="constants.json cannot be read"):
         load_directory(target)
     json.loads((build_dir / "ridge" / "constants.json").read_text())  # the original is intact
+
+
+def _ridge_like(index="i", data="y", size="n", sparse_clash=None):
+    import sympy as sp
+
+    from codegen import Problem
+
+    n = sp.Symbol(size, integer=True, positive=True)
+    i = sp.Idx(index, n)
+    x, y = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase(data, shape=(n,))
+    theta = sp.Symbol("theta")
+    lower = sp.Sum((x[i] - y[i]) ** 2 + sp.exp(theta) * x[i] ** 2, (i, 0, n - 1))
+    return Problem(name="p", x=x, theta=theta, lower=lower,
+                   upper=sp.Sum((x[i] - y[i]) ** 2, (i, 0, n - 1)))
+
+
+@pytest.mark.parametrize("slot", ["index", "data", "size"])
+@pytest.mark.parametrize("name, says", [
+    ("i\n#define exp(a) (1.0)\n", "not a valid C identifier"),
+    ('i"\n#include "/etc/hostname', "not a valid C identifier"),
+    ("s0", "reserved"), ("value", "reserved"), ("need", "reserved"), ("hg_x", "reserved"),
+    ("_i", "not a valid C identifier"), ("exp", "C keyword or C library"), ("NAN", "C keyword or C library"),
+    ("int", "C keyword or C library"), ("i\u00e9", "not a valid C identifier"),
+])
+def test_every_identifier_slot_is_checked(slot, name, says):
+    """A name reaching the C source either builds a correct kernel or is refused naming itself:
+    an index label holding a #define once built and returned a wrong hypergradient marked ok."""
+    from codegen import ProblemError
+
+    with pytest.raises(ProblemError, match=says) as info:
+        _ridge_like(**{slot: name})
+    assert repr(name) in str(info.value)
+
+
+def test_plain_names_still_build():
+    problem = _ridge_like(index="row", data="target", size="count")
+    assert {"x", "theta", "target"} <= set(problem.arrays)

@@ -21,6 +21,7 @@ import sympy as sp
 
 from ..errors import ProblemError
 from ..primitives import ALLOWED_FUNCTIONS
+from .lowering import check_indices
 
 C_KEYWORDS = frozenset(
     "auto break case char const continue default do double else enum extern float for goto if "
@@ -28,7 +29,16 @@ C_KEYWORDS = frozenset(
     "union unsigned void volatile while int64_t size_t".split()
 )
 # Names the generator makes for itself; user symbols may not take them.
-_RESERVED = re.compile(r"^(s\d+|c\d+|acc\d+|hg_.*|.*_bar|.*_dot|value|value_out|work|q|v|t)$")
+_RESERVED = re.compile(r"^(s\d+|c\d+|acc\d+|hg_.*|HG_.*|.*_bar|.*_dot|value|value_out|work|q|v|t"
+                       r"|need|hessian_out|cross_out)$")
+# Names the C file takes from <math.h>, <stdint.h>, <string.h> and the compiler: a user symbol
+# with one of them would be shadowed by (or shadow) the library inside the kernels.
+C_LIBRARY = frozenset(
+    "exp log log1p expm1 sqrt cbrt fabs pow fmax fmin fma sin cos tan tanh sinh cosh asin acos "
+    "atan atan2 asinh acosh atanh erf erfc floor ceil round trunc hypot isfinite isnan isinf "
+    "signbit copysign INFINITY NAN HUGE_VAL memset memcpy int8_t int16_t int32_t uint8_t "
+    "uint16_t uint32_t uint64_t NULL main bool true false inline".split()
+)
 
 
 @dataclass(frozen=True)
@@ -96,8 +106,6 @@ class Problem:
         _check_names(self)
         _check_sizes_bindable(self)
         self.constants = _stated_constants(self.constants, subs)
-        from .lowering import check_indices  # index checks need the loop structure
-
         for label, expr in (("lower", self.g), ("upper", self.f), ("regulariser", self.r)):
             check_indices(expr, self.arrays, label)
 
@@ -248,16 +256,44 @@ def _size_symbols(specs):
     return sizes
 
 
+def _index_names(problem: Problem) -> set:
+    """The summation indices' names: they become C loop variables, like array names."""
+    names = set()
+    for expr in (problem.g, problem.f, problem.r):
+        for node in sp.preorder_traversal(expr):
+            if isinstance(node, sp.Idx):
+                names.add(str(node.label))
+            elif isinstance(node, sp.Sum):
+                names.update(str(limit[0]) for limit in node.limits)
+    return names
+
+
+def _check_identifier(name: str, what: str) -> None:
+    """Every name that reaches the C source is a plain ASCII identifier that is neither a C
+    keyword, nor a library name, nor one of the generator's own: anything else could change
+    what the kernels compute without a compiler error (a label holding a #define)."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name, flags=re.ASCII):
+        raise ProblemError(f"{what} name {name!r} is not a valid C identifier (letters, digits "
+                           "and underscores, starting with a letter)")
+    if name in C_KEYWORDS or name in C_LIBRARY:
+        raise ProblemError(f"{what} name {name!r} is a C keyword or C library name; rename it")
+    if _RESERVED.match(name):
+        raise ProblemError(f"{what} name {name!r} is reserved for the generator's own "
+                           f"variables; rename it")
+
+
 def _check_names(problem: Problem) -> None:
     names = list(problem.arrays) + [s.name for s in problem.sizes]
     for name in names:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise ProblemError(f"symbol name {name!r} is not a valid C identifier")
-        if name in C_KEYWORDS:
-            raise ProblemError(f"symbol name {name!r} is a C keyword; rename it")
-        if _RESERVED.match(name):
-            raise ProblemError(f"symbol name {name!r} is reserved for the generator's own "
-                               f"variables; rename it")
+        _check_identifier(name, "symbol")
+    for name in sorted(_index_names(problem)):
+        _check_identifier(name, "index")
+    csr_parts = {f"{a.name}_{part}" for a in problem.arrays.values() if a.sparse
+                 for part in ("data", "indices", "indptr")}
+    clash = sorted(csr_parts & (set(names) | _index_names(problem)))
+    if clash:
+        raise ProblemError(f"the name {clash[0]!r} is taken by the CSR arrays of a sparse matrix; "
+                           "rename it")
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ProblemError(f"the name(s) {dup} are used for more than one symbol")
