@@ -41,6 +41,7 @@ import warnings
 import cffi
 
 from .errors import BuildError
+from .version import __version__
 
 EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
 LAYOUT = "v1"
@@ -173,8 +174,6 @@ def _digest(inputs: dict) -> str:
 
 def _key_inputs(module_name: str, source: str, cdef: str, flags: tuple[str, ...]) -> dict:
     """Everything that can change the compiled binary (or whether it loads here)."""
-    from .version import __version__
-
     native = tuple(flag for flag in flags if flag.endswith("=native"))
     return {
         "layout": LAYOUT,

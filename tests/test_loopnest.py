@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sympy as sp
 
-from codegen import ir
+from codegen.compiler import ir
 from codegen.compiler.emit.loopnest import JAM, Node, _iterations_independent, _paren, jam
 
 m, n = sp.symbols("m n", integer=True, positive=True)

@@ -82,13 +82,13 @@ def _can_join(group: list, stmt: ir.Statement, arrays: dict) -> bool:
         for r in ir.reads_of(u.expr, arrays):
             name = ir.read_name(r)
             if name in written and not (
-                    _same_iteration(ir.read_index(r), outer)
-                    and all(_same_iteration(idx, outer) for idx in written[name])):
+                    same_iteration(ir.read_index(r), outer)
+                    and all(same_iteration(idx, outer) for idx in written[name])):
                 return False  # it needs values other iterations of the fused loop produce
     return True
 
 
-def _same_iteration(index: tuple, loop: ir.Loop) -> bool:
+def same_iteration(index: tuple, loop: ir.Loop) -> bool:
     """True if `index` addresses the slice of the current iteration of `loop` (first coordinate)."""
     return bool(index) and sp.expand(index[0] - (loop.var - loop.lo)) == 0
 

@@ -18,7 +18,7 @@ import sympy as sp
 
 from .. import ir
 from ...errors import ProblemError
-from ..passes import _same_iteration, fuse_outer_loops
+from ..passes import fuse_outer_loops, same_iteration
 from .printer import KernelPrinter
 
 
@@ -302,7 +302,7 @@ def _update_kinds(group: list):
     row_local, reduced = set(), []
     for stmt in group:
         for u in stmt.updates:
-            if u.index and _same_iteration(u.index, outer):
+            if u.index and same_iteration(u.index, outer):
                 row_local.add(u.target)
             elif u.op == "+" and not any(outer.var in sp.sympify(i).free_symbols for i in u.index):
                 if u.target not in reduced:
@@ -329,7 +329,7 @@ def _iterations_independent(group: list, arrays: dict) -> bool:
             for r in ir.reads_of(u.expr, arrays):
                 name = ir.read_name(r)
                 if name in reduced or (name in row_local
-                                       and not _same_iteration(ir.read_index(r), outer)):
+                                       and not same_iteration(ir.read_index(r), outer)):
                     return False
     return True
 
