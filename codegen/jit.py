@@ -196,7 +196,7 @@ def _compiler_command() -> list[str]:
     return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _links_openmp(command: tuple[str, ...]) -> bool:
     """Whether the compiler can build and link `-fopenmp` code (a compiler without an OpenMP
     runtime then gets serial kernels instead of failing every build). Once per process."""
@@ -212,7 +212,7 @@ def _links_openmp(command: tuple[str, ...]) -> bool:
         return done.returncode == 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiler_identity(command: tuple[str, ...], native_flags: tuple[str, ...]) -> dict:
     """Compiler path and version; with `-march=native` also the CPU target it expands to.
 

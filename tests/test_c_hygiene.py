@@ -5,8 +5,9 @@
 * AddressSanitizer + UBSan: a C driver built from meta["kernels"] mallocs every pointer argument at
   its exact size, fills inputs with pseudo-random values and outputs / work with NaN (so a kernel
   that reads its work buffer or output before writing it, or leaves an output entry unwritten,
-  reports status 1), calls every kernel at several tiny size assignments (distinct sizes >= 2, sizes 9-11 for the jammed loops, and
-  all sizes = 1) and expects status 0; with every size = 0 and NULL pointers it expects status 2;
+  reports status 1), calls every kernel at several tiny size assignments (distinct sizes >= 2,
+  sizes 9-11 for the jammed loops, and all sizes = 1) and expects status 0; with every size = 0
+  and NULL pointers it expects status 2;
 * determinism: two fresh interpreters with different PYTHONHASHSEEDs generate byte-identical files,
   which are also byte-identical to the committed generated/<name>/.
 """

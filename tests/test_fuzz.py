@@ -31,9 +31,10 @@ for _p in (str(ROOT), str(ROOT / "tests")):
         sys.path.insert(0, _p)
 
 from codegen import Problem, ProblemError, sigmoid, softplus  # noqa: E402
+from codegen.compiler.emit.printer import print_expr  # noqa: E402
 from codegen.jit import default_flags  # noqa: E402
 from codegen.pipeline import build_problem, generate, load_problem_file  # noqa: E402
-from codegen.compiler.emit.printer import print_expr  # noqa: E402
+
 from oracle import Oracle  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*constants not certified")
@@ -426,7 +427,7 @@ def test_primitives_extreme_arguments(c_batch):
     pts = [[(z, 0.0, 0.0) for z in EXTREME]] * len(cases)
     got = iter(c_batch(codes, pts))
     with mpmath.workdps(50):
-        for (e, ref_fn), code in zip(cases, codes):
+        for (_, ref_fn), code in zip(cases, codes):
             for z in EXTREME:
                 cval, ref = next(got), float(ref_fn(mpmath.mpf(z)))
                 assert math.isfinite(cval), f"{code} at {z}: {cval}"

@@ -205,8 +205,8 @@ def test_sparse_use_that_needs_zeros_is_refused():
     import sympy as sp
 
     from codegen import Problem, ProblemError
-    from codegen.compiler.kernels import kernel_specs
     from codegen.compiler.emit.render import render_module
+    from codegen.compiler.kernels import kernel_specs
 
     m, n = sp.symbols("m n", integer=True, positive=True)
     i, j = sp.Idx("i", m), sp.Idx("j", n)

@@ -11,6 +11,7 @@ import sympy as sp
 
 from codegen import Problem, sigmoid
 from codegen.pipeline import build_problem
+
 from oracle import Oracle
 
 n, K, m = sp.symbols("n K m", integer=True, positive=True)

@@ -14,6 +14,7 @@ for _p in (str(ROOT), str(ROOT / "tests")):
         sys.path.insert(0, _p)
 
 from codegen import Problem  # noqa: E402
+
 from oracle import Oracle  # noqa: E402
 
 EXAMPLES = ROOT / "examples"

@@ -7,6 +7,7 @@ import sympy as sp
 
 from codegen import Problem
 from codegen.pipeline import _symbolic_key, generate, generate_cached
+
 from conftest import ROOT
 
 n = sp.Symbol("n", integer=True, positive=True)

@@ -9,7 +9,9 @@ derivative transforms (autodiff.py) and fusion (optimize.py) simple and order-in
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import sympy as sp
 
@@ -22,7 +24,7 @@ DATA, X, THETA, INPUT, TEMP, OUTPUT, CACHE = "data", "x", "theta", "input", "tem
 @dataclass(frozen=True)
 class Array:
     name: str
-    shape: tuple  # SymPy extents in the size symbols; () for a scalar
+    shape: tuple[sp.Expr, ...]  # SymPy extents in the size symbols; () for a scalar
     role: str
     differentiable: bool = True  # False for the max of a log-sum-exp (its total derivative is 0)
     sparse: bool = False  # CSR data: loops over its second index visit only the stored entries
@@ -42,39 +44,40 @@ class Loop:
 @dataclass(frozen=True)
 class Update:
     target: str
-    index: tuple  # storage coordinates, affine in loop variables
+    index: tuple[sp.Expr, ...]  # storage coordinates, affine in loop variables
     expr: sp.Expr
     op: str = "+"  # "+" accumulates, "max" takes the running maximum
 
 
 @dataclass(frozen=True)
 class Statement:
-    loops: tuple
-    updates: tuple
+    loops: tuple[Loop, ...]
+    updates: tuple[Update, ...]
 
 
 @dataclass
 class Program:
-    arrays: dict  # name -> Array
-    statements: list
-    outputs: tuple = ()
-    meta: dict = field(default_factory=dict)
+    arrays: dict[str, Array]  # name -> Array
+    statements: list[Statement]
+    outputs: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
 
-    def with_statements(self, statements, outputs=None) -> "Program":
+    def with_statements(self, statements: Iterable[Statement],
+                        outputs: Iterable[str] | None = None) -> Program:
         return replace(self, statements=list(statements),
                        outputs=self.outputs if outputs is None else tuple(outputs))
 
 
-def read(array: Array, index: tuple) -> sp.Expr:
+def read(array: Array, index: tuple[sp.Expr, ...]) -> sp.Expr:
     """The SymPy expression that reads `array` at `index` inside a statement body."""
     if array.is_scalar:
         return sp.Symbol(array.name, real=True)
     return sp.Indexed(sp.IndexedBase(array.name), *index)
 
 
-def reads_of(expr: sp.Expr, arrays: dict) -> list:
+def reads_of(expr: sp.Expr, arrays: dict[str, Array]) -> list[sp.Expr]:
     """Distinct reads (Indexed or scalar Symbols naming an array) in `expr`, in a stable order."""
-    found = set()
+    found: set[sp.Expr] = set()
     for node in sp.preorder_traversal(expr):
         if isinstance(node, sp.Indexed) and str(node.base.label) in arrays:
             found.add(node)
@@ -87,6 +90,6 @@ def read_name(r: sp.Expr) -> str:
     return str(r.base.label) if isinstance(r, sp.Indexed) else r.name
 
 
-def read_index(r: sp.Expr) -> tuple:
+def read_index(r: sp.Expr) -> tuple[sp.Expr, ...]:
     return tuple(r.indices) if isinstance(r, sp.Indexed) else ()
 

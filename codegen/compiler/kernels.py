@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from . import ir
 from .autodiff import adjoint, tangent
 from .lowering import lower_objective

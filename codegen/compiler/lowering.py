@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import sympy as sp
 
-from . import ir
 from ..errors import ProblemError
 from ..primitives import stabilise
+from . import ir
 
 
 class _Lowering:

@@ -29,7 +29,7 @@ def eliminate_dead_code(program: ir.Program) -> ir.Program:
     return ir.Program(arrays, kept, program.outputs, dict(program.meta))
 
 
-def fuse_outer_loops(program: ir.Program) -> list:
+def fuse_outer_loops(program: ir.Program) -> list[list[ir.Statement]]:
     """Group consecutive statements that can share their outermost loop.
 
     Returns a list of groups (lists of statements); a group of several statements shares its
@@ -37,7 +37,7 @@ def fuse_outer_loops(program: ir.Program) -> list:
     outer loop has the same bounds and every array it reads that the group writes is written and
     read only at the current outer iteration (first index exactly `var - lo`).
     """
-    groups = []
+    groups: list[list[ir.Statement]] = []
     for stmt in program.statements:
         if groups and _can_join(groups[-1], stmt, program.arrays):
             groups[-1].append(_rename_outer(stmt, groups[-1][0].loops[0].var))
@@ -60,7 +60,8 @@ def _rename_outer(stmt: ir.Statement, var: sp.Symbol) -> ir.Statement:
     return ir.Statement(loops, updates)
 
 
-def _can_join(group: list, stmt: ir.Statement, arrays: dict) -> bool:
+def _can_join(group: list[ir.Statement], stmt: ir.Statement,
+              arrays: dict[str, ir.Array]) -> bool:
     head = group[0].loops
     if not head or not stmt.loops:
         return False
@@ -71,7 +72,8 @@ def _can_join(group: list, stmt: ir.Statement, arrays: dict) -> bool:
     if outer.var in {lp.var for lp in stmt.loops[1:]} or (mine.var != outer.var and mine.var in inner_vars):
         return False
     candidate = _rename_outer(stmt, outer.var)
-    written, read_in_group = {}, set()
+    written: dict[str, list[tuple[sp.Expr, ...]]] = {}
+    read_in_group: set[str] = set()
     for s in group:
         for u in s.updates:
             written.setdefault(u.target, []).append(u.index)
@@ -88,7 +90,7 @@ def _can_join(group: list, stmt: ir.Statement, arrays: dict) -> bool:
     return True
 
 
-def same_iteration(index: tuple, loop: ir.Loop) -> bool:
+def same_iteration(index: tuple[sp.Expr, ...], loop: ir.Loop) -> bool:
     """True if `index` addresses the slice of the current iteration of `loop` (first coordinate)."""
     return bool(index) and sp.expand(index[0] - (loop.var - loop.lo)) == 0
 
@@ -105,12 +107,14 @@ def schedule(program: ir.Program) -> ir.Program:
     writes = [{u.target: u.op for u in s.updates} for s in stmts]
     reads = [{ir.read_name(r) for u in s.updates for r in ir.reads_of(u.expr, program.arrays)}
              for s in stmts]
-    preds = [set() for _ in stmts]
+    preds: list[set[int]] = [set() for _ in stmts]
     for b in range(len(stmts)):
         for a in range(b):
             if _depends(writes[a], reads[a], writes[b], reads[b]):
                 preds[b].add(a)
-    done, order, last_outer = set(), [], None
+    done: set[int] = set()
+    order: list[int] = []
+    last_outer: tuple[sp.Expr, sp.Expr] | None = None
     while len(order) < len(stmts):
         ready = [k for k in range(len(stmts)) if k not in done and preds[k] <= done]
         pick = next((k for k in ready if not stmts[k].loops), None)
@@ -125,11 +129,12 @@ def schedule(program: ir.Program) -> ir.Program:
     return program.with_statements([stmts[k] for k in order])
 
 
-def _outer(stmt: ir.Statement):
+def _outer(stmt: ir.Statement) -> tuple[sp.Expr, sp.Expr]:
     return (stmt.loops[0].lo, stmt.loops[0].hi)
 
 
-def _depends(writes_a, reads_a, writes_b, reads_b) -> bool:
+def _depends(writes_a: dict[str, str], reads_a: set[str], writes_b: dict[str, str],
+             reads_b: set[str]) -> bool:
     if set(writes_a) & reads_b or set(writes_b) & reads_a:
         return True
     return any(writes_a[t] != "+" or writes_b[t] != "+" for t in set(writes_a) & set(writes_b))

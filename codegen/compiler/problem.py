@@ -308,7 +308,7 @@ def _check_sizes_bindable(problem: Problem) -> None:
                 from_data.add(s)
     for spec in (problem.x_spec, problem.theta_spec):
         for s in spec.shape:
-            missing = sorted((a.name for a in s.free_symbols - from_data))
+            missing = sorted(a.name for a in s.free_symbols - from_data)
             if missing:
                 raise ProblemError(
                     f"size {missing[0]} (in the shape of {spec.name}) appears in no data array's "

@@ -5,13 +5,16 @@ lengths. A value that cannot be converted exactly is refused with its name, neve
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sps
 
 from ..errors import BindError
 
 
-def as_float64(name: str, value) -> np.ndarray:
+def as_float64(name: str, value: npt.ArrayLike) -> np.ndarray:
     """Convert to a C-contiguous float64 array exactly, or refuse; never reinterpret bytes."""
     if type(value) is np.ndarray and value.dtype == np.float64 and value.flags.c_contiguous:
         return value  # the per-call fast path: solvers pass such arrays thousands of times
@@ -36,7 +39,7 @@ def frozen_copy(arr: np.ndarray) -> np.ndarray:
     return out
 
 
-def as_csr(name: str, value):
+def as_csr(name: str, value: Any) -> Any:  # scipy.sparse is untyped
     """A CSR matrix with float64 values, int64 indices, sorted and without duplicates."""
     try:
         csr = sps.csr_array(value, copy=True)  # private: sorting below must not touch the caller's
@@ -57,7 +60,7 @@ def as_csr(name: str, value):
     return csr
 
 
-def check_finite(name: str, arr) -> None:
+def check_finite(name: str, arr: Any) -> None:
     if hasattr(arr, "tocsr"):
         if not np.all(np.isfinite(arr.data)):
             raise BindError(f"{name} contains a non-finite stored value")

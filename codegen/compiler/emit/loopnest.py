@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .. import ir
 from ...errors import ProblemError
+from .. import ir
 from ..passes import fuse_outer_loops, same_iteration
 from .printer import KernelPrinter
 

@@ -21,7 +21,6 @@ from .loopnest import LoopNestBuilder, Node
 from .printer import KernelPrinter
 
 
-
 def templates_dir() -> Path:
     """templates/ of a source checkout, or codegen/templates of an installed package."""
     checkout = Path(__file__).resolve().parents[3] / "templates"
