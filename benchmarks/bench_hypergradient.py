@@ -567,7 +567,7 @@ def profile(call, key):
 def call_overhead(prob, th, hg):
     """Wall time of one kernel call through the Python layer (BoundProblem -> cffi -> C) next to
     the hypergradient's kernel-call count: the floor of hypergen's time on tiny problems."""
-    from codegen.hypergrad.solvers import _call
+    from codegen.hypergrad import call_kernel as _call
 
     x, v = np.asarray(hg.x, dtype=float).ravel(), np.ones(prob.x_size)
     t_bound, _, _ = median_time(lambda: [prob.lower_hvp(x, th, v) for _ in range(200)], 5)

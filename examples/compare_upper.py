@@ -38,7 +38,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import codegen
-from codegen.hypergrad.solvers import solve_lower
+from codegen.hypergrad import solve_lower
 
 HERE = Path(__file__).resolve().parent
 FIG = HERE / "figures"

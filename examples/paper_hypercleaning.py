@@ -19,7 +19,7 @@ reaches 0.314 at the budget, 100 reaches 0.274, 1000 0.268; 100 keeps the runs b
 solvers' costs show, as in the paper).
 
 ||B|| in the a posteriori bound: the library takes the Frobenius norm from p = m cross JVPs per
-hypergradient (codegen.hypergrad.hypergradient.cross_norm) unless the problem object has a structural
+hypergradient (codegen.hypergrad.bounds.cross_norm) unless the problem object has a structural
 `cross_norm_bound`; m JVPs each reading all of A cost O(m^2 n c), which dominates the wall time
 here. This script supplies the exact closed form through that hook (B's column j is
 sigmoid'(theta_j)/m (softmax(W a_j) - y_j) a_j^T, so ||B||_F^2 is one pass over A); it is checked
@@ -45,7 +45,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import codegen
-from codegen.hypergrad.hypergradient import cross_norm
+from codegen.hypergrad import cross_norm
 
 HERE = Path(__file__).resolve().parent
 FIG = HERE / "figures"

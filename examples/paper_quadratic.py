@@ -35,8 +35,7 @@ try:
 except ImportError:  # run from a checkout without installing: python examples/paper_quadratic.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import codegen
-from codegen.hypergrad.hypergradient import hypergradient
-from codegen.hypergrad.solvers import solve_lower
+from codegen.hypergrad import hypergradient, solve_lower
 
 HERE = Path(__file__).resolve().parent
 FIG = HERE / "figures"

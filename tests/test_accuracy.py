@@ -13,8 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from quadratic_kernels import Logistic, PaperQuadratic, Ridge  # noqa: E402
 
-from codegen.hypergrad.hypergradient import hypergradient, hypergradient_samples  # noqa: E402
-from codegen.hypergrad.solvers import SolverError  # noqa: E402
+from codegen.hypergrad import SolverError, hypergradient, hypergradient_samples  # noqa: E402
 from conftest import built_example  # noqa: E402
 
 

@@ -60,7 +60,7 @@ class _NoStructure:
 
 
 def test_hypergradient_uses_one_cross_product_at_m2000(build_dir):
-    from codegen.hypergrad.hypergradient import hypergradient
+    from codegen.hypergrad import hypergradient
 
     _, module, ns = built_example("hypercleaning", build_dir)
     data = ns["example_data"](seed=1, c=10, n=20, m=2000, mv=200)

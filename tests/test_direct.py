@@ -15,10 +15,9 @@ import math
 import numpy as np
 import pytest
 
-from codegen.hypergrad import solvers
+from codegen.hypergrad import SolverError, dense, hypergradient, solve_adjoint, solve_lower
 from codegen.errors import BindError
-from codegen.hypergrad.hypergradient import hypergradient
-from codegen.hypergrad.solvers import SolverError, solve_adjoint, solve_lower
+from codegen.hypergrad.adjoint.direct import DIRECT_REFINEMENTS
 from conftest import TINY, built_example
 from quadratic_kernels import Logistic, PaperQuadratic
 
@@ -161,7 +160,7 @@ def test_delta_below_rounding_is_capped_with_its_reason():
     adj = solve_adjoint(k, x, np.zeros(2), solver="direct", delta=1e-300)
     assert adj.status == "capped" and "stalled" in adj.message
     assert 0 < adj.residual < 1e-9 * np.linalg.norm(k.upper_grad(x, np.zeros(2)))
-    assert adj.n_hvp <= k.x_size + 1 + solvers.DIRECT_REFINEMENTS
+    assert adj.n_hvp <= k.x_size + 1 + DIRECT_REFINEMENTS
 
 
 class _ClaimsQuadratic:
@@ -192,7 +191,7 @@ def test_stale_factor_shows_in_the_true_residual():
 
 
 def test_too_large_for_direct_is_refused(monkeypatch):
-    monkeypatch.setattr(solvers, "DIRECT_MAX_SIZE", 4)
+    monkeypatch.setattr(dense, "DIRECT_MAX_SIZE", 4)
     k = PaperQuadratic.generate(seed=0, m1=20, m2=20, d=5, p=2)
     with pytest.raises(SolverError, match=r"x has 5 entries, more than DIRECT_MAX_SIZE = 4"):
         hypergradient(k, np.zeros(2), lower="direct", adjoint="cg")

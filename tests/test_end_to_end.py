@@ -53,9 +53,9 @@ def test_bound_holds_against_tight_solve(name, build_dir):
 
 
 def test_long_vectors_take_the_blas_free_reductions(build_dir):
-    """x longer than solvers.BLAS_FREE_FROM: CG and the norms reduce with einsum, and the bound
+    """x longer than common.BLAS_FREE_FROM: CG and the norms reduce with einsum, and the bound
     still holds against a tight solve."""
-    from codegen.hypergrad.solvers import BLAS_FREE_FROM
+    from codegen.hypergrad.common import BLAS_FREE_FROM
 
     _, module, ns = built_example("tv1d", build_dir)
     prob = module.bind(**ns["example_data"](seed=3, n=BLAS_FREE_FROM + 1000))
@@ -70,8 +70,7 @@ def test_long_vectors_take_the_blas_free_reductions(build_dir):
 @pytest.mark.parametrize("name", ["logistic", "tv1d", "ridge"])
 def test_refined_distance_is_certified(name, build_dir):
     """refined_distance never falls below the true ||x - x*||, near and far from x*."""
-    from codegen.hypergrad.hypergradient import refined_distance
-    from codegen.hypergrad.solvers import checked_constants
+    from codegen.hypergrad import checked_constants, refined_distance
 
     _, module, ns = built_example(name, build_dir)
     prob = module.bind(**ns["example_data"](seed=2))

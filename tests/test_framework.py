@@ -1,4 +1,4 @@
-"""The unified hypergradient framework (codegen.hypergrad.solvers, codegen.hypergrad.hypergradient) on plain-NumPy
+"""The unified hypergradient framework (codegen.hypergrad: its solvers and hypergradient) on plain-NumPy
 kernels with exact hypergradients (tests/quadratic_kernels.py). Run with -s for the numbers."""
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from quadratic_kernels import Logistic, PaperQuadratic, Ridge  # noqa: E402
 
-from codegen.hypergrad.hypergradient import (  # noqa: E402
-    HypergradientResult, cross_norm, hypergradient, hypergradient_samples,
+from codegen.hypergrad import (  # noqa: E402
+    HypergradientResult, SolverError, backprop_adjoint, cross_norm, hypergradient,
+    hypergradient_samples, solve_adjoint, solve_lower,
 )
-from codegen.hypergrad.solvers import (  # noqa: E402
-    SolverError, backprop_adjoint, fista_coefficients, solve_adjoint, solve_lower,
-)
+from codegen.hypergrad.lower.fista import fista_coefficients  # noqa: E402
+from codegen.hypergrad.rates import cg_rate_bound  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ class Faulty:
 
 def frozen_reverse(k, xK, th, K, a, b=0.0):
     """Reverse mode over K GD (b = 0) or heavy-ball steps with every Hessian and cross derivative
-    frozen at x_K, written from framework.md section 3 (independently of codegen.hypergrad.solvers):
+    frozen at x_K, written from framework.md section 3 (independently of codegen.hypergrad):
     xt_0 = grad f(x_K), xt_{-1} = 0; repeat K times: h -= a B^T xt_k;
     xt_{k+1} = (1 + b) xt_k - a A xt_k - b xt_{k-1}."""
     xt = k.upper_grad(xK, th)
@@ -417,11 +417,10 @@ def test_backprop_adjoint_direct(ridge):
 
 def test_cg_apriori_rate_survives_many_restarts():
     """(2 sqrt kappa)^S q^K r0 in logarithms: S = 2000 restart segments overflowed a float."""
-    from codegen.hypergrad.solvers import _cg_rate_bound
 
-    assert _cg_rate_bound(100.0, 2000, 0.8, 10, 1.0) == math.inf
-    small = _cg_rate_bound(100.0, 300, 0.5, 3000, 1.0)  # 20^300 * 0.5^3000: finite, tiny
+    assert cg_rate_bound(100.0, 2000, 0.8, 10, 1.0) == math.inf
+    small = cg_rate_bound(100.0, 300, 0.5, 3000, 1.0)  # 20^300 * 0.5^3000: finite, tiny
     assert small == pytest.approx(math.exp(300 * math.log(20.0) + 3000 * math.log(0.5)), rel=1e-9)
-    assert _cg_rate_bound(4.0, 1, 0.5, 2, 3.0) == pytest.approx(4.0 * 0.25 * 3.0, rel=1e-12)
-    assert _cg_rate_bound(4.0, 1, 0.0, 0, 3.0) == pytest.approx(12.0)  # q^0 = 1
-    assert _cg_rate_bound(4.0, 1, 0.0, 5, 3.0) == 0.0
+    assert cg_rate_bound(4.0, 1, 0.5, 2, 3.0) == pytest.approx(4.0 * 0.25 * 3.0, rel=1e-12)
+    assert cg_rate_bound(4.0, 1, 0.0, 0, 3.0) == pytest.approx(12.0)  # q^0 = 1
+    assert cg_rate_bound(4.0, 1, 0.0, 5, 3.0) == 0.0

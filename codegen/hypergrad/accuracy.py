@@ -17,11 +17,16 @@ the work of all rounds.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import Any, Callable
 
 import numpy as np
 
-from .hypergradient import aposteriori_bound
-from .solvers import SolverError, _fmt
+from .bounds import aposteriori_bound
+from .common import SolverError, fmt
+from .results import HypergradientResult, Reason, ReasonKind
+
+__all__ = ["to_accuracy", "bound_parts", "MAX_ROUNDS", "SHARE"]
 
 #: Rounds (each a warm-started lower solve, adjoint solve and bound) before giving up.
 MAX_ROUNDS = 8
@@ -33,7 +38,7 @@ SHARE = 0.4
 _WORK_KEYS = ("lower_grads", "hvps", "cross", "units")
 
 
-def bound_parts(hg) -> tuple:
+def bound_parts(hg: HypergradientResult) -> tuple[float, float, float]:
     """(R part, e part, rounding floor) of hg.bound; averaged over samples for several samples.
 
     R part = the bound at e = 0 (the adjoint residual's own contribution); e part = the rest
@@ -46,8 +51,12 @@ def bound_parts(hg) -> tuple:
     return r_part, max(hg.bound - rounding - r_part, 0.0), rounding
 
 
-def to_accuracy(run, rtol: float, atol: float, eps: float, delta: float, x0, q0,
-                refine_iter: int, max_rounds: int = MAX_ROUNDS):
+#: run(eps, delta, x0, q0, refine_iter) -> one round's result.
+Round = Callable[[float, float, Any, Any, int], HypergradientResult]
+
+
+def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, x0: Any,
+                q0: Any, refine_iter: int, max_rounds: int = MAX_ROUNDS) -> HypergradientResult:
     """Call run(eps, delta, x0, q0, refine_iter) -> HypergradientResult until
     bound <= atol + rtol ||grad||; eps and delta are the first round's tolerances.
 
@@ -61,19 +70,21 @@ def to_accuracy(run, rtol: float, atol: float, eps: float, delta: float, x0, q0,
         raise SolverError(f"rtol and atol must be finite and >= 0, not both 0 "
                           f"(got rtol={rtol!r}, atol={atol!r})")
     total = dict.fromkeys(_WORK_KEYS, 0)
-    trail, refine = [], 0  # the first round only measures the parts: no refinement yet
+    trail: list[str] = []
+    refine = 0  # the first round only measures the parts: no refinement yet
+    failure: str | None = None
     for _ in range(max_rounds):
         hg = run(eps, delta, x0, q0, refine)
         for key in _WORK_KEYS:
             total[key] += hg.work.get(key, 0)
-        trail.append(f"eps={_fmt(eps)}, delta={_fmt(delta)}: bound {_fmt(hg.bound)}")
+        trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: bound {fmt(hg.bound)}")
         target = atol + rtol * float(np.linalg.norm(hg.grad))
         if hg.status != "ok" or hg.bound <= target:
             break
         r_part, e_part, rounding = bound_parts(hg)
         if rounding >= (1 - 2 * SHARE) * target:
-            hg.status = (f"certified accuracy unreachable: the rounding floor {_fmt(rounding)} "
-                         f"alone exceeds a share of atol + rtol ||grad|| = {_fmt(target)}")
+            failure = (f"certified accuracy unreachable: the rounding floor {fmt(rounding)} "
+                       f"alone exceeds a share of atol + rtol ||grad|| = {fmt(target)}")
             break
         share = SHARE * target
         tightened = False
@@ -89,10 +100,10 @@ def to_accuracy(run, rtol: float, atol: float, eps: float, delta: float, x0, q0,
         refine = 0 if hg.e == 0 or e_part / hg.e * eps <= share else refine_iter
         x0, q0 = hg.x, hg.q
     else:
-        hg.status = (f"certified accuracy not reached in {max_rounds} rounds: bound "
-                     f"{_fmt(hg.bound)} > atol + rtol ||grad|| = {_fmt(target)}")
-    hg.work = total
-    hg.notes = list(hg.notes) + [f"accuracy rounds (rtol={_fmt(rtol)}, atol={_fmt(atol)}): "
-                                 + "; ".join(trail)]
-    return hg
+        failure = (f"certified accuracy not reached in {max_rounds} rounds: bound "
+                   f"{fmt(hg.bound)} > atol + rtol ||grad|| = {fmt(target)}")
+    notes = tuple(hg.notes) + (f"accuracy rounds (rtol={fmt(rtol)}, atol={fmt(atol)}): "
+                               + "; ".join(trail),)
+    reasons = hg.reasons if failure is None else (Reason(ReasonKind.ACCURACY, failure),)
+    return replace(hg, work=total, notes=notes, reasons=reasons)
 

@@ -10,8 +10,15 @@ number). Used by lower="direct" (Newton's method with exact steps) and adjoint="
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.linalg import lapack
+
+from .common import SolverError, call_kernel, fixed_memo, hvp_at
+from .results import Status
+
+__all__ = ["DIRECT_MAX_SIZE", "HessianFactor", "dense_factor"]
 
 #: Largest x for the direct solvers: the Hessian takes n HVPs and 8 n^2 bytes (2000: 32 MB).
 DIRECT_MAX_SIZE = 2000
@@ -28,7 +35,7 @@ class HessianFactor:
         self.lower, self.x = lower, x
 
     @classmethod
-    def factor(cls, hessian: np.ndarray, x: np.ndarray):
+    def factor(cls, hessian: np.ndarray, x: np.ndarray) -> tuple[HessianFactor | None, str]:
         """LAPACK's dpotrf itself: scipy.linalg.cho_factor costs 5x more on a 10 x 10 matrix,
         which is what a small problem's hypergradient factors."""
         symmetric = 0.5 * (hessian + hessian.T)  # HVP columns agree with rows up to rounding
@@ -50,3 +57,43 @@ class HessianFactor:
         """Can this factor serve at x? At its own x always; elsewhere when A does not depend on
         x (L_A = 0)."""
         return hessian_constant or np.array_equal(self.x, x)
+
+
+def dense_factor(k: Any, x: np.ndarray, th: np.ndarray, c: dict, dense: dict
+                 ) -> tuple[HessianFactor | None, int, tuple[Status, str] | None]:
+    """(HessianFactor or None, HVPs spent, None or (status, message)) for A(x, theta).
+
+    The factor cached in `dense` is reused where it holds (at its own x, or anywhere when
+    L_A = 0); otherwise the Hessian is assembled, by k.lower_hessian in one kernel call when the
+    kernel has it, else column by column from n HVPs (n HVPs of work either way), and factored.
+    A Hessian fixed by the data (k.fixed_memo) is factored once per bind instead of per call.
+    """
+    memo = fixed_memo(k, "lower_hvp")
+    if memo is not None:
+        dense = memo
+    held = dense.get("factor")
+    if held is not None and held.holds_at(x, c["L_A"] == 0.0 or memo is not None):
+        return held, 0, None
+    n = x.size
+    if n > DIRECT_MAX_SIZE:
+        raise SolverError(
+            f"the direct solvers form the dense {n} x {n} Hessian ({n} HVPs, "
+            f"{8 * n * n / 1e6:.0f} MB); x has {n} entries, more than DIRECT_MAX_SIZE = "
+            f"{DIRECT_MAX_SIZE}: use lower='newton' or 'cg' and adjoint='cg'")
+    if hasattr(k, "lower_hessian"):
+        H, msg = call_kernel(k.lower_hessian, x, th)
+    else:
+        hvp, columns, msg = hvp_at(k, x, th), [], ""
+        for j in range(n):
+            col, msg = call_kernel(hvp, np.eye(1, n, j).ravel())
+            if col is None:
+                break
+            columns.append(col)
+        H = np.column_stack(columns) if len(columns) == n else None
+    if H is None:
+        return None, n, (Status.NON_FINITE, f"Hessian: {msg}")
+    fac, msg = HessianFactor.factor(H.reshape(n, n), x)
+    if fac is None:
+        return None, n, (Status.NOT_SPD, msg)
+    dense["factor"] = fac
+    return fac, n, None

@@ -1,0 +1,111 @@
+"""Conjugate gradients: the one CG loop of the package.
+
+The adjoint solve (A q = grad f), Newton-CG's directions (A d = -grad g), the quadratic lower
+solve (A x = A x - grad g) and `refined_distance` (A s = grad g) all run `cg`. It works on the
+recursive residual s = b - A u and stops on it; whoever needs a certificate recomputes the TRUE
+residual and, if that fails the test, calls `cg` again from there (residual replacement, a new
+segment; docs/framework.md 8, pitfall 1). Failures are statuses, never exceptions: a non-finite
+product or iterate, and d^T A d <= 0 ("not SPD": A is not positive definite, against mu > 0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .common import DIVERGENCE_FACTOR, MatVec, all_finite, call_kernel, dot
+from .results import Status
+
+__all__ = ["CGResult", "cg"]
+
+
+@dataclass(frozen=True, eq=False)
+class CGResult:
+    """Where `cg` stopped.
+
+    x           the iterate; residual the recursive residual b - A x there (not recomputed);
+    rr          residual . residual; iterations steps taken; matvecs products with A;
+    status      CONVERGED (||residual|| / scale <= tol), CAPPED, DIVERGED, NON_FINITE, NOT_SPD;
+    message     why, for the last three.
+    """
+
+    x: np.ndarray
+    residual: np.ndarray
+    rr: float
+    iterations: int
+    matvecs: int
+    status: Status
+    message: str = ""
+
+    @property
+    def residual_norm(self) -> float:
+        return math.sqrt(self.rr)
+
+
+def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
+       residual: np.ndarray | None = None, tol: float = 0.0, scale: float = 1.0,
+       max_iter: int = 10_000, min_iter: int = 0, diverge_from: float | None = None,
+       history: list | None = None) -> CGResult:
+    """Conjugate gradients for A x = b, A = matvec symmetric positive definite.
+
+    x0 = None starts from 0 (residual b, no product); a given x0 costs one product for its
+    residual unless `residual` (b - A x0) is passed. Before each step the test
+    ||s|| / scale <= tol (or s = 0) is made, once `min_iter` steps are done; `max_iter` caps the
+    steps; with `diverge_from`, ||s|| > DIVERGENCE_FACTOR * diverge_from is "diverged".
+    `history` (a list) receives ||s|| / scale after every step.
+    """
+    matvecs = 0
+    x = np.zeros_like(b) if x0 is None else x0
+    if residual is None and x0 is None:
+        residual = b.copy()
+    elif residual is None:
+        Ax, msg = call_kernel(matvec, x)
+        matvecs += 1
+        if Ax is None:
+            return CGResult(x, b.copy(), math.inf, 0, matvecs, Status.NON_FINITE, msg)
+        residual = b - Ax
+    s = residual
+    d = s.copy()
+    ss = dot(s, s)
+    it = 0
+    while True:
+        rn = math.sqrt(ss)
+        if (rn / scale <= tol or rn == 0.0) and it >= min_iter:
+            return CGResult(x, s, ss, it, matvecs, Status.CONVERGED)
+        if it >= max_iter:
+            return CGResult(x, s, ss, it, matvecs, Status.CAPPED)
+        if diverge_from is not None and rn > DIVERGENCE_FACTOR * max(diverge_from, 1e-300):
+            return CGResult(x, s, ss, it, matvecs, Status.DIVERGED,
+                            f"residual grew from {diverge_from:.3g} to {rn:.3g}")
+        Ad, msg = call_kernel(matvec, d)
+        matvecs += 1
+        dAd, status, msg = _curvature(Ad, d, msg)
+        if status is not None:
+            return CGResult(x, s, ss, it, matvecs, status, msg)
+        alpha = ss / dAd
+        x_new, s_new = x + alpha * d, s - alpha * Ad
+        if not all_finite(x_new, s_new):
+            return CGResult(x, s, ss, it, matvecs, Status.NON_FINITE, "non-finite CG iterate")
+        ss_new = dot(s_new, s_new)
+        x, s = x_new, s_new
+        d = s + (ss_new / ss) * d if ss > 0 else s.copy()
+        ss = ss_new
+        it += 1
+        if history is not None:
+            history.append(math.sqrt(ss) / scale)
+
+
+def _curvature(Ad: np.ndarray | None, d: np.ndarray,
+               msg: str) -> tuple[float, Status | None, str]:
+    """(d^T A d, None, "") when A d is finite and d^T A d > 0, else (nan, the status that stops
+    CG, why)."""
+    if Ad is None:
+        return math.nan, Status.NON_FINITE, msg
+    dAd = dot(d, Ad)
+    if not math.isfinite(dAd):
+        return math.nan, Status.NON_FINITE, "d^T A d is not finite"
+    if dAd <= 0.0:
+        return math.nan, Status.NOT_SPD, f"d^T A d = {dAd:.3g} <= 0"
+    return dAd, None, ""
+

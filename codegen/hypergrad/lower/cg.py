@@ -1,0 +1,75 @@
+"""Conjugate gradients for a quadratic lower level (constant Hessian; docs/solvers.md 1).
+
+CG on A (x - x*) = grad g(x), i.e. the residual -grad g. When the recursive residual meets the
+test, the true gradient is evaluated; if it fails the test, CG restarts from it (a new segment).
+The returned `grad` is always a true gradient.
+"""
+from __future__ import annotations
+
+import math
+
+from ..common import LowerTask, call_kernel, norm
+from ..krylov import cg
+from ..rates import cg_rate_bound, rates
+from ..results import LowerResult, Status
+
+__all__ = ["solve_cg"]
+
+
+def solve_cg(task: LowerTask) -> LowerResult:
+    """CG with residual replacement until ||grad g(x)|| / mu <= tol (true gradient)."""
+    k, th, tol, x = task.k, task.theta, task.tol, task.x0
+    mu, L = task.constants["mu"], task.constants["L"]
+    g, msg = call_kernel(k.lower_grad, x, th)
+    if g is None:
+        return LowerResult(x=x, grad=None, bound=math.inf, iterations=0,
+                           status=Status.NON_FINITE, solver="cg", tol=tol, mu=mu, L=L,
+                           n_grad=1, message=msg)
+    n_grad, n_hvp, it, segments = 1, 0, 0, 1
+    gn = gn0 = norm(g)
+    hist = [gn / mu] if task.record else None
+    g_true = True  # does g hold the true gradient at x?
+    status, msg = (Status.CONVERGED if gn / mu <= tol else None), ""
+    while status is None:
+        x_seg = x  # the Hessian is constant: the segment's x serves for all its products
+        run = cg(lambda v: k.lower_hvp(x_seg, th, v), -g, x, residual=-g, tol=tol, scale=mu,
+                 max_iter=task.max_iter - it, history=hist)
+        n_hvp += run.matvecs
+        it += run.iterations
+        x, g_true = run.x, run.iterations == 0 and g_true
+        if run.status is not Status.CONVERGED:
+            status, msg = run.status, run.message
+            break
+        g, msg = call_kernel(k.lower_grad, x, th)
+        n_grad += 1
+        if g is None:
+            status = Status.NON_FINITE
+            break
+        g_true, gn = True, norm(g)
+        if gn / mu <= tol:
+            status = Status.CONVERGED
+            break
+        segments += 1  # the recursive residual drifted from the true gradient: restart there
+    if not g_true:
+        g2, msg2 = call_kernel(k.lower_grad, x, th)
+        n_grad += 1
+        if g2 is None:
+            return LowerResult(x=x, grad=None, bound=math.inf, iterations=it,
+                               status=Status.NON_FINITE, solver="cg", tol=tol, mu=mu, L=L,
+                               n_grad=n_grad, n_hvp=n_hvp, initial_bound=gn0 / mu,
+                               apriori=_apriori(gn0 / mu, it, segments, mu, L),
+                               segments=segments, history=hist, message=msg2)
+        g, gn = g2, norm(g2)
+    return LowerResult(x=x, grad=g, bound=gn / mu, iterations=it, status=status, solver="cg",
+                       tol=tol, mu=mu, L=L, n_grad=n_grad, n_hvp=n_hvp,
+                       initial_bound=gn0 / mu, apriori=_apriori(gn0 / mu, it, segments, mu, L),
+                       segments=segments, history=hist, message=msg)
+
+
+def _apriori(e0: float, K: int, segments: int, mu: float, L: float) -> float:
+    """(2 sqrt kappa)^S q_HB^K e0 over S restart segments (rigorous)."""
+    if not math.isfinite(e0):
+        return math.inf
+    kappa, _, q_hb = rates(mu, L)
+    return cg_rate_bound(kappa, segments, q_hb, K, e0)
+

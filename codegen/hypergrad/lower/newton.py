@@ -1,0 +1,106 @@
+"""Inexact Newton (Newton-CG) for the lower level; the backtracking loop lower="direct" shares.
+
+The direction solves A(x) d = -grad g by CG to a relative residual
+eta = min(1/2, sqrt(||g|| / ||g0||), L_A ||g|| / (2 mu^2)) (superlinear near x*, one exact step
+when g is quadratic), but not below a quarter of the target tol * mu; since A d = -g + r with
+||r|| <= eta ||g||, d is a descent direction for ||g||^2 / 2, and the step is halved until
+||g(x + a d)|| <= (1 - 1e-4 a) ||g(x)||. Each step costs a few HVPs and gradients, about one
+pass over the data each, and needs no L; max_iter caps the WORK (gradients + HVPs). The
+certificate is ||g||/mu as for every solver (docs/solvers.md 1).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+from ..common import LowerTask, call_kernel, hvp_at, norm
+from ..krylov import cg
+from ..results import LowerResult, Status
+
+__all__ = ["solve_newton", "newton_descent", "Direction", "NEWTON_TARGET_SHARE"]
+
+#: The Newton system is solved to a residual of at least this fraction of the target ||grad g||.
+NEWTON_TARGET_SHARE = 0.25
+
+#: Inner CG steps per Newton direction at most.
+NEWTON_INNER_MAX = 100
+
+#: direction(x, g, ||g||, ||g0||, work budget) -> (d or None, HVPs spent, None or the failure).
+Direction = Callable[[np.ndarray, np.ndarray, float, float, int],
+                     Tuple[Optional[np.ndarray], int, Optional[Tuple[Status, str]]]]
+
+
+def solve_newton(task: LowerTask) -> LowerResult:
+    """Newton-CG: directions from CG with the prepared HVP at x."""
+    k, th, c, tol = task.k, task.theta, task.constants, task.tol
+    mu, L_A = c["mu"], c.get("L_A", math.inf)
+
+    def direction(x: np.ndarray, g: np.ndarray, gn: float, gn0: float, budget: int):
+        # Forcing term: no tighter than the Newton model is good, (L_A / 2) (||g|| / mu)^2
+        # after an exact step (and exact for L_A = 0), which also holds after a warm start,
+        # where sqrt(||g|| / ||g0||) would start over at 1/2; and no need to solve far below
+        # the target: ||g(x + d)|| is about the residual once the quadratic term is small.
+        eta = min(0.5, math.sqrt(gn / gn0))
+        if math.isfinite(L_A):
+            eta = min(eta, L_A * gn / (2 * mu * mu))
+        inner_tol = max(eta * gn, NEWTON_TARGET_SHARE * tol * mu)
+        run = cg(hvp_at(k, x, th), -g, tol=inner_tol,
+                 max_iter=min(budget - 1, NEWTON_INNER_MAX), diverge_from=norm(g))
+        failed = run.status in (Status.NON_FINITE, Status.NOT_SPD)
+        return run.x, run.matvecs, ((run.status, run.message) if failed else None)
+
+    return newton_descent(task, "newton", direction)
+
+
+def newton_descent(task: LowerTask, name: str, direction: Direction) -> LowerResult:
+    """x <- x + a d with d = direction(...) and a halved until ||g|| decreases enough, until
+    ||grad g|| / mu <= tol or the work (gradients + HVPs) reaches max_iter. ||g|| never
+    increases, so the only rigorous a priori bound is e0."""
+    k, th, tol, x0, max_iter = task.k, task.theta, task.tol, task.x0, task.max_iter
+    mu, L = task.constants["mu"], task.constants["L"]
+    x = x0
+    g, msg = call_kernel(k.lower_grad, x, th)
+    if g is None:
+        return LowerResult(x=x0, grad=None, bound=math.inf, iterations=0,
+                           status=Status.NON_FINITE, solver=name, tol=tol, mu=mu, L=L,
+                           n_grad=1, message=msg)
+    n_grad, n_hvp, it = 1, 0, 0
+    gn = gn0 = norm(g)
+    hist = [gn / mu] if task.record else None
+    msg = ""
+    while True:
+        if gn / mu <= tol:
+            status = Status.CONVERGED
+            break
+        budget = max_iter - n_grad - n_hvp
+        if budget <= 1:
+            status = Status.CAPPED
+            break
+        d, used, failure = direction(x, g, gn, gn0, budget)
+        n_hvp += used
+        if failure:
+            status, msg = failure[0], f"Newton direction: {failure[1] or failure[0]}"
+            break
+        alpha, accepted = 1.0, False
+        while n_grad + n_hvp < max_iter and alpha > 1e-10:
+            x_new = x + alpha * d
+            g_new, msg = call_kernel(k.lower_grad, x_new, th)
+            n_grad += 1
+            gn_new = math.inf if g_new is None else norm(g_new)
+            if gn_new <= (1.0 - 1e-4 * alpha) * gn:
+                accepted = True
+                break
+            alpha *= 0.5
+        if not accepted:
+            status = Status.CAPPED if n_grad + n_hvp >= max_iter else Status.DIVERGED
+            msg = msg or "no decrease of ||grad g|| along the Newton direction"
+            break
+        x, g, gn = x_new, g_new, gn_new
+        it += 1
+        if hist is not None:
+            hist.append(gn / mu)
+    return LowerResult(x=x, grad=g, bound=gn / mu, iterations=it, status=status, solver=name,
+                       tol=tol, mu=mu, L=L, n_grad=n_grad, n_hvp=n_hvp, initial_bound=gn0 / mu,
+                       apriori=gn0 / mu, history=hist, message=msg)

@@ -1,0 +1,100 @@
+"""The options of one hypergradient, validated once (docs/solvers.md 4).
+
+`HypergradientOptions.make(options, **overrides)` is how every entry point reads its options:
+an unknown keyword is refused with its name (SciPy's convention), a solver name is checked by
+the registry, and combinations that cannot be answered (backprop with a gradient-free lower
+solver, or with an accuracy target it has no bound for) are refused here, before any work.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields, replace
+from typing import Any, Optional
+
+from .common import DEFAULT_MAX_ITER, SolverError
+from .registry import ADJOINT, AUTO, LOWER, check_adjoint_name, check_lower_name
+
+__all__ = ["HypergradientOptions", "DEFAULT_LOWER", "DEFAULT_ADJOINT"]
+
+#: The default solvers: chosen from the problem's structure and size (`codegen.hypergrad.auto`).
+DEFAULT_LOWER = "fista"
+DEFAULT_ADJOINT = "cg"
+
+
+@dataclass(frozen=True)
+class HypergradientOptions:
+    """How to compute one hypergradient.
+
+    lower, adjoint    solver names (registry) or "auto";
+    eps, delta        certified lower accuracy G/mu <= eps, absolute true adjoint residual;
+    max_iter          caps the lower solve (Newton: its work), adjoint_max_iter (default
+                      max_iter) the adjoint;
+    record            keep the solvers' per-iteration histories;
+    refine_iter       CG steps (HVPs) that sharpen the certified ||x_eps - x*|| (0: e = G/mu);
+    rtol, atol        ask for bound <= atol + rtol ||grad|| instead: eps and delta are then only
+                      the first round's tolerances (`codegen.hypergrad.accuracy`).
+    """
+
+    lower: str = DEFAULT_LOWER
+    adjoint: str = DEFAULT_ADJOINT
+    eps: float = 1e-6
+    delta: float = 1e-6
+    max_iter: int = DEFAULT_MAX_ITER
+    adjoint_max_iter: Optional[int] = None
+    record: bool = False
+    refine_iter: int = 10
+    rtol: Optional[float] = None
+    atol: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_lower_name(self.lower, allow_auto=True)
+        check_adjoint_name(self.adjoint, allow_auto=True)
+        for name in ("eps", "delta", "atol"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or math.isnan(value):
+                raise SolverError(f"{name} must be a number, got {value!r}")
+        for name in ("max_iter", "refine_iter") + (
+                ("adjoint_max_iter",) if self.adjoint_max_iter is not None else ()):
+            value = getattr(self, name)
+            if (not isinstance(value, numbers.Real) or not math.isfinite(value)
+                    or value != int(value) or value < 0):
+                raise SolverError(f"{name} must be a non-negative integer, got {value!r}")
+        if ADJOINT.get(self.adjoint) is not None and ADJOINT[self.adjoint].backprop:
+            entry = LOWER.get(self.lower)
+            if entry is None or not entry.keeps_trajectory:
+                raise SolverError("adjoint='backprop' needs lower='gd' or 'hb' (reverse mode "
+                                  f"through the stored trajectory), not lower={self.lower!r}")
+            if self.targets_accuracy:
+                raise SolverError("rtol/atol steer the solvers by the certified bound, and "
+                                  "adjoint='backprop' has none; use adjoint='cg', 'gd' or 'hb'")
+
+    @classmethod
+    def make(cls, options: HypergradientOptions | None = None,
+             **overrides: Any) -> HypergradientOptions:
+        """options (default: the defaults) with keyword overrides; an unknown keyword raises
+        SolverError naming it."""
+        if options is not None and not isinstance(options, cls):
+            raise SolverError(f"options must be a HypergradientOptions, got {options!r} "
+                              "(pass solver names by keyword: lower=..., adjoint=...)")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise SolverError(f"unknown option{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(map(repr, unknown))} for the hypergradient; the "
+                              f"options are {', '.join(sorted(known))}")
+        base = cls() if options is None else options
+        return replace(base, **overrides) if overrides else base
+
+    @property
+    def targets_accuracy(self) -> bool:
+        """rtol or atol asks for a certified accuracy (rounds of `codegen.hypergrad.accuracy`)."""
+        return self.rtol is not None or bool(self.atol)
+
+    @property
+    def adjoint_cap(self) -> int:
+        return int(self.max_iter if self.adjoint_max_iter is None else self.adjoint_max_iter)
+
+    @property
+    def is_auto(self) -> bool:
+        return AUTO in (self.lower, self.adjoint)

@@ -1,0 +1,105 @@
+"""solve_lower and solve_adjoint: one solver by name, its arguments checked, the constants read
+at this theta (docs/solvers.md 1-2). run_lower / run_adjoint take constants already checked
+(the hypergradient passes local ones) and a shared dense-factor cache.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .common import (
+    DEFAULT_MAX_ITER, AdjointTask, LowerTask, SolverError, all_finite, call_kernel,
+    checked_constants, checked_theta, x_size_of,
+)
+from .rates import require_finite_L
+from .registry import adjoint_entry, lower_entry
+from .results import AdjointResult, LowerResult
+
+__all__ = ["solve_lower", "solve_adjoint", "run_lower", "run_adjoint"]
+
+
+def solve_lower(k: Any, theta: Any, solver: str = "fista", tol: float = 1e-8,
+                x0: Any = None, max_iter: int = DEFAULT_MAX_ITER, record: bool = False,
+                store_trajectory: bool = False) -> LowerResult:
+    """Minimise g(., theta) until ||grad g(x)|| / mu <= tol (a certified ||x - x*|| <= tol).
+
+    solver: "gd" (step 2/(L+mu)), "hb" (Polyak heavy ball; may fail on non-quadratic g, then
+    status "diverged" or "capped"), "fista" (strongly convex FISTA; returns its extrapolated
+    point z, where the gradient is known), "cg" (only if k.is_quadratic), "newton" (Newton-CG),
+    "direct" (Newton with exact steps from the dense Hessian's Cholesky factor, small x only).
+    mu and L are re-evaluated from k.constants(theta) on every call. The test is made before the
+    first step (a good warm start returns after 0 iterations and 1 gradient). `record=True`
+    keeps the per-iteration G/mu; `store_trajectory=True` keeps x_0..x_K (GD/HB, for
+    adjoint="backprop"; O(K d) memory).
+    """
+    th = checked_theta(k, theta)
+    return run_lower(k, th, checked_constants(k, th), solver, tol, x0, max_iter, record,
+                     store_trajectory)
+
+
+def run_lower(k: Any, th: np.ndarray, c: dict, solver: str, tol: float, x0: Any,
+              max_iter: int, record: bool = False, store_trajectory: bool = False,
+              dense: dict | None = None) -> LowerResult:
+    """solve_lower with theta and the constants `c` already checked; `dense` is the Hessian
+    factor cache lower="direct" shares with adjoint="direct"."""
+    entry = lower_entry(solver)
+    if entry.needs_quadratic and not getattr(k, "is_quadratic", False):
+        raise SolverError("lower solver 'cg' needs a quadratic lower level (constant Hessian); "
+                          "this problem is not quadratic in x: use 'newton', 'fista', 'gd', "
+                          "'hb' or, for a small x, 'direct'")
+    if store_trajectory and not entry.keeps_trajectory:
+        raise SolverError(f"a stored trajectory (adjoint='backprop') needs lower='gd' or 'hb', "
+                          f"not {solver!r}")
+    if x0 is None:
+        x0 = np.zeros(x_size_of(k))
+    x0 = np.array(x0, dtype=np.float64).ravel()
+    if x0.size != x_size_of(k, x0.size):
+        raise SolverError(f"x0 has {x0.size} entries, the problem has x_size = {k.x_size}")
+    if not all_finite(x0):
+        raise SolverError("x0 is not finite")
+    if entry.needs_finite_L:
+        require_finite_L(solver, c["L"])
+    task = LowerTask(k=k, theta=th, constants=c, tol=float(tol), x0=x0, max_iter=int(max_iter),
+                     record=record, store_trajectory=store_trajectory,
+                     dense={} if dense is None else dense)
+    return entry.solve(task)
+
+
+def solve_adjoint(k: Any, x: Any, theta: Any, solver: str = "cg", delta: float = 1e-6,
+                  q0: Any = None, max_iter: int = DEFAULT_MAX_ITER, b: Any = None,
+                  record: bool = False) -> AdjointResult:
+    """Solve A(x, theta) q = grad_x f(x, theta) to an absolute TRUE residual <= delta.
+
+    solver: "cg", "gd" (Richardson, step 2/(L+mu): K steps from q0 = 0 are exactly K steps of
+    backprop through GD with Hessians frozen at x), "hb" (heavy ball in residual form,
+    q_prev = q0: backprop through HB, frozen), "direct" (the dense Hessian's Cholesky factor and
+    iterative refinement on the true residual; small x only; q0 is not used). q0 = None starts
+    from 0; a nonzero q0 is a legal warm start but no longer "backprop". `b` may pass
+    grad_x f(x) if already known. For reverse mode through the stored lower trajectory use
+    `backprop_adjoint`.
+    """
+    th = checked_theta(k, theta)
+    return run_adjoint(k, np.asarray(x, dtype=np.float64), th, checked_constants(k, th),
+                       solver, delta, q0, max_iter, b, record)
+
+
+def run_adjoint(k: Any, x: np.ndarray, th: np.ndarray, c: dict, solver: str, delta: float,
+                q0: Any, max_iter: int, b: Any = None, record: bool = False,
+                dense: dict | None = None) -> AdjointResult:
+    """solve_adjoint with theta and the constants `c` already checked; `dense` as in
+    run_lower."""
+    entry = adjoint_entry(solver)
+    if entry.solve is None:
+        raise SolverError(f"adjoint solver {solver!r} goes through backprop_adjoint / "
+                          "hypergradient (it needs the stored lower trajectory)")
+    if entry.needs_finite_L:
+        require_finite_L(solver, c["L"])
+    if b is None:
+        b, msg = call_kernel(k.upper_grad, x, th)
+        if b is None:
+            raise SolverError(f"grad_x f is not finite at the lower solution ({msg})")
+    task = AdjointTask(k=k, x=x, theta=th, constants=c, delta=float(delta),
+                       b=np.asarray(b, dtype=np.float64), q0=q0, max_iter=int(max_iter),
+                       record=record, dense={} if dense is None else dense)
+    return entry.solve(task)
