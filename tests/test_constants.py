@@ -19,7 +19,8 @@ from scipy.optimize import minimize
 from codegen import Problem, sigmoid
 from codegen.constants import (Derivation, compute_data_quantities, derive, evaluate,
                                format_tree, reads_theta)
-from codegen.constants import atoms, quantities
+from codegen.constants.derivation import atoms
+from codegen.constants.evaluation import interpreter, quantities
 from codegen.errors import ProblemError
 
 RATIOS = {}
@@ -312,7 +313,7 @@ def test_examples_never_violated(name):
 
 def test_brute_force_catches_a_wrong_constant(monkeypatch):
     """Mutation: halving the logistic L_A (a wrong sqrt3/36 in the table) must be detected."""
-    import codegen.constants.rules as rules
+    import codegen.constants.derivation.rules as rules
 
     prob, data = logistic_problem(), example_data("logistic")
     real = rules.derive
@@ -344,7 +345,7 @@ def test_paper_quadratic_closed_form():
 def test_theta_free_constants_are_evaluated_once_per_bind():
     """Only the paper quadratic's constants read no theta; evaluate_constants then returns the
     first evaluation at every theta, as a copy (a caller's edit must not reach the next one)."""
-    from codegen.constants_runtime import evaluate_constants
+    from codegen.constants.evaluation.runtime import evaluate_constants
 
     assert {name: reads_theta(derive(make())) for name, (make, _) in EXAMPLES.items()} == {
         "ridge": True, "logistic": True, "quadratic": False, "tv1d": True, "weighted": True,
@@ -721,10 +722,6 @@ def test_print_ratios():
 
 def test_scatter_jacobian_equals_dense_one_hot():
     """The operator interpreter's scatter path (x read linearly) equals the dense one-hot path."""
-    import numpy as np
-
-    from codegen.constants import quantities as Q
-
     n_, m_, c_ = 6, 4, 3
     rng = np.random.default_rng(0)
     i_, j_, k_ = sp.symbols("i j k", integer=True)
@@ -738,15 +735,16 @@ def test_scatter_jacobian_equals_dense_one_hot():
         ("x", (n_,), x_[j_], ((j_, 0, n_ - 1), (i_, 0, 2)), {}),
     ]
     for var, shape, body, limits, env in cases:
-        E = Q._Env({}, {}, data, var, shape)
-        got = Q._sum(body, limits, env, E)
+        E = interpreter.Env({}, {}, data, var, shape)
+        got = interpreter._sum(body, limits, env, E)
         env2 = dict(env)
         counts = {}
         for s, lo, hi in limits:
             env2[s] = np.arange(int(lo), int(hi) + 1)
             counts[s] = env2[s].size
         factors = list(body.args) if body.is_Mul else [body]
-        dense = Q._contract([Q._ev(a, env2, E) for a in factors], tuple(s for s, _, _ in limits),
+        dense = interpreter._contract([interpreter.interpret(a, env2, E) for a in factors],
+                                      tuple(s for s, _, _ in limits),
                             counts)
         assert got[0] == dense[0] and got[2] and dense[2]
         np.testing.assert_allclose(got[1], dense[1], rtol=1e-14, atol=1e-14)

@@ -135,7 +135,7 @@ def test_global_constants_unchanged(build_dir):
 def test_evaluate_local_direct():
     """evaluate_local without a built module; ball sups by brute force on the intervals."""
     from codegen.constants import compute_data_quantities
-    from codegen.constants.local import interval_sups
+    from codegen.constants.evaluation.local import interval_sups
 
     der = derive(atom_problem("exp"))
     data = make_data(4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import sympy as sp
 
 from ..primitives import sigmoid, softplus
@@ -158,8 +159,9 @@ class Derivation:
     messages: list = field(default_factory=list)
     refutation: dict | None = None  # bind-time wide test: {"rows": [(term, rows)], "dim": d}
     mu_check: str = "proved"  # proved | data | theta | none
-    # local (ball) constants, constants/local.py: {"constants": name -> Record (domain "ball"),
-    # "terms": label -> rebuild info}; empty when every constant is finite globally
+    # local (ball) constants (derivation/ball.py, evaluation/local.py): {"constants": name ->
+    # Record (domain "ball"), "terms": label -> rebuild info}; empty when every constant is finite
+    # globally
     ball: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -180,10 +182,8 @@ class Derivation:
             "mu_check": self.mu_check,
         }
         if self.ball:  # only for problems with ball constants (older files stay byte-identical)
-            from .local import info_to_json
-
             d["ball"] = {"constants": {k: r.to_dict() for k, r in self.ball["constants"].items()},
-                         "terms": {k: info_to_json(v) for k, v in self.ball["terms"].items()}}
+                         "terms": {k: ball_info_to_json(v) for k, v in self.ball["terms"].items()}}
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -211,10 +211,23 @@ class Derivation:
         return all(r.certified for r in self.constants.values())
 
 
-def _ball_from_json(d):
+def _ball_from_json(d: dict | None) -> dict:
     if not d:
         return {}
-    from .local import info_from_json
-
     return {"constants": {k: Record.from_dict(v) for k, v in d["constants"].items()},
-            "terms": {k: info_from_json(v) for k, v in d["terms"].items()}}
+            "terms": {k: ball_info_from_json(v) for k, v in d["terms"].items()}}
+
+
+def ball_info_to_json(info: dict) -> dict:
+    """A ball term's rebuild info (derivation.ball.term_info) as JSON: the atom's components
+    (polynomial coefficients, exp terms) as plain lists."""
+    c, exps = info["components"]
+    return {k: v for k, v in info.items() if k != "components"} | {
+        "poly": [float(v) for v in c], "exps": [list(e) for e in exps]}
+
+
+def ball_info_from_json(d: dict) -> dict:
+    """The inverse of `ball_info_to_json`."""
+    out = {k: v for k, v in d.items() if k not in ("poly", "exps")}
+    out["components"] = (np.array(d["poly"], dtype=float), [tuple(e) for e in d["exps"]])
+    return out

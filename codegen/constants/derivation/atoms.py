@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import sympy as sp
+from sympy.calculus.util import maximum, minimum
 
-from ..primitives import sigmoid, softplus, stabilise
-from .records import T
+from ...primitives import sigmoid, softplus, stabilise
+from ..records import T
 
 SQRT3_18 = sp.sqrt(3) / 18  # sup |logistic'''| = sup |sigma''|
 CHARB3 = sp.Rational(48, 25) / sp.sqrt(5)  # sup |d^3/dt^3 sqrt(t^2 + 1)| = 0.8587, at t = 1/2
@@ -322,8 +323,6 @@ def _generic(psi, theta_syms, timeout):
     """Atoms outside the table: SymPy's function_range (certified) or sampling (estimate)."""
     if psi.free_symbols - {T}:
         return None  # parameters (theta, data) outside the table: no rule
-    from sympy.calculus.util import maximum, minimum
-
     plain = psi.rewrite(sp.exp) if psi.has(sigmoid, softplus) else psi
     p2, p3 = sp.diff(plain, T, 2), sp.diff(plain, T, 3)
 

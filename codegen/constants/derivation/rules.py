@@ -14,8 +14,8 @@ import warnings
 import numpy as np
 import sympy as sp
 
-from ..errors import ProblemError
-from .records import Derivation, Record, ThetaMin
+from ...errors import ProblemError
+from ..records import Derivation, Record, ThetaMin
 from .terms import Ctx, analyse_term, flatten
 
 HINT = "add a strongly convex term such as (exp(theta)/2)*Sum(x[j]**2, j)"
@@ -63,110 +63,23 @@ def derive(problem, allow_uncertified: bool = False) -> Derivation:
     gt = [analyse_term(t, ctx, f"g{k + 1}") for k, t in enumerate(flatten(problem.g, ctx))]
     ft = [analyse_term(t, ctx, f"f{k + 1}", upper=True) for k, t in enumerate(flatten(problem.f, ctx))]
     stated = dict(problem.constants or {})
-    messages = []
-
     refute, refutation = _rows_refutation(gt, ctx)
     if refute:
         raise ProblemError(refute)
     for t in ft:  # an upper-level term without a rule only makes L_f infinite (still sound)
         if t.kind == "unsupported":
             t.certified, t.lo, t.hi = True, -sp.oo, sp.oo
-    estimated = [t for t in gt if t.kind != "unsupported" and not t.certified]
-    if estimated and not allow_uncertified and "mu" not in stated:
-        raise ProblemError("constants not certifiable: " + "; ".join(
-            f"{t.label} = {t.source}: {t.message or 'curvature only estimated'}" for t in estimated)
-            + " (pass allow_uncertified=True to use the estimates)")
-    unknown = [t for t in gt if t.kind == "unsupported"]
-    uncertified_reason = ""
-    if unknown:
-        text = "; ".join(f"{t.label} = {t.source}: {t.message}" for t in unknown)
-        if not allow_uncertified and "mu" not in stated:
-            raise ProblemError(f"strong convexity unknown: {text}. Rewrite the term with "
-                               f"table atoms, or pass allow_uncertified=True to assume it convex")
-        for t in unknown:
-            t.lo, t.hi, t.LA, t.LB_cols, t.LB_ps = sp.S.Zero, sp.oo, sp.oo, {None: sp.oo}, sp.oo
-            t.message += " (assumed convex: NOT certified)"
-        messages.append(f"unknown terms assumed convex: {text}")
-        uncertified_reason = "rests on terms assumed convex"
-
-    records = {}
-    nonscalar = sum(1 for t in gt if not t.scalar)
-    mu = _sum([t.lo for t in gt])
-    records["mu"] = Record("mu", mu, _kind(all(t.lo_exact for t in gt) and nonscalar <= 1, mu),
-                           all(t.certified for t in gt),
-                           "Weyl: the Hessian is the sum of the terms' Hessians; mu = sum of the "
-                           "terms' lower curvature bounds",
-                           children=[_term_record("mu", t, t.lo, t.lo_exact) for t in gt])
-    L = _sum([t.hi for t in gt])
-    records["L"] = Record("L", L, _kind(all(t.hi_exact for t in gt) and nonscalar <= 1, L),
-                          all(t.certified for t in gt),
-                          "Weyl: L = sum of the terms' upper curvature bounds",
-                          children=[_term_record("L", t, t.hi, t.hi_exact) for t in gt])
-    LA = _sum([t.LA for t in gt])
-    records["L_A"] = Record("L_A", LA, _kind(LA == 0, LA), all(t.certified for t in gt),
-                            "sum over terms of |c| max w sup|psi'''| ||K||^2 max_I ||K_I|| "
-                            "(quadratic terms: 0)",
-                            children=[_term_record("L_A", t, t.LA, t.LA == 0) for t in gt],
-                            message="; ".join(sorted({t.message for t in gt if t.LA == sp.oo and t.message})))
-    cols, ps = {}, sp.S.Zero
-    for t in gt:
-        for s, v in t.LB_cols.items():
-            cols[s] = cols.get(s, 0) + v
-        ps = ps + t.LB_ps
-    LB = _lb(cols, ps)
-    records["L_B"] = Record(
-        "L_B", LB, _kind(LB == 0, LB), all(t.certified for t in gt),
-        "columns of B: theta_l in a coefficient c gives |dc/dtheta_l| sup|psi''| ||K||^2, in an "
-        "atom parameter |c| sup|d psi''/d theta_l| ||K||^2 (added over terms), combined as "
-        "sqrt(sum of squares); per-sample weights add max|v'| sup|psi''| max_I||K_I|| ||K||",
-        children=[_term_record("L_B", t, _lb(dict(t.LB_cols), t.LB_ps), _lb(dict(t.LB_cols), t.LB_ps) == 0)
-                  for t in gt],
-        message="; ".join(sorted({t.LB_note for t in gt if t.LB_note})))
-    Lf = _curvature_bound(_sum([t.lo for t in ft]), _sum([t.hi for t in ft]))
-    nfs = sum(1 for t in ft if not t.scalar)
-    records["L_f"] = Record("L_f", Lf, _kind(all(t.hi_exact and t.lo_exact for t in ft) and nfs <= 1, Lf),
-                            all(t.certified for t in ft),
-                            "max(|m_f|, |M_f|) of the upper level's curvature interval (Weyl over "
-                            "the terms of f)",
-                            children=[_term_record("L_f", t, t.hi, t.hi_exact) for t in ft],
-                            message="; ".join(t.message for t in ft if t.kind == "unsupported"))
-    if any(t.has_theta for t in ft):
-        Lft = _sum([t.Lft for t in ft if t.has_theta])
-        records["L_ft"] = Record("L_ft", Lft, _kind(False, Lft), all(t.certified for t in ft),
-                                 "Lipschitz constant in x of grad_theta f: theta in the offset of a "
-                                 "quadratic atom gives |c| psi'' ||K_x|| ||K_theta||; otherwise "
-                                 "infinite (no rule)",
-                                 children=[_term_record("L_ft", t, t.Lft, False) for t in ft if t.has_theta])
-
+    messages, uncertified_reason = _admit_lower_terms(gt, stated, allow_uncertified)
+    records = _lower_records(gt) | _upper_records(ft, ctx.has_theta(sp.sympify(problem.f)))
     ball = _ball_records(gt, ft, records, stated)
-
-    mu_check = _mu_status(mu, ctx)
-    if mu_check == "none":
-        witness = _witness(problem, ctx)
-        if witness:
-            raise ProblemError(witness)
-        msg = (f"strong convexity unknown: the curvature lower bound mu = {sp.sstr(mu)} is not "
-               f"provably positive (terms: "
-               + "; ".join(f"{t.label} = {t.source} gives {sp.sstr(t.lo)}" for t in gt)
-               + f"); {HINT}")
-        if not allow_uncertified and "mu" not in stated:
-            raise ProblemError(msg)
-        messages.append(msg)
-        uncertified_reason = uncertified_reason or "strong convexity unknown"
-    elif mu_check == "theta":
-        records["mu"].theta_region = "where mu(theta) > 0 (checked at evaluate)"
-    elif mu_check == "data":
-        records["mu"].theta_region = "all theta, if the data quantities make mu > 0 (checked at bind)"
+    mu_check, reason = _strong_convexity(records["mu"], gt, problem, ctx, messages,
+                                         allow_uncertified or "mu" in stated)
+    uncertified_reason = uncertified_reason or reason
     if uncertified_reason:
         for r in list(records.values()) + list(ball.get("constants", {}).values()):
             r.uncertify(uncertified_reason)
         warnings.warn(f"{problem.name}: constants not certified: {uncertified_reason}", stacklevel=2)
-    for key, value in stated.items():
-        expr = ctx.thetafy(sp.sympify(value))
-        old = records.get(key)
-        records[key] = Record(key, expr, "assumed", False,
-                              "stated by the user (Problem(constants=...)): not certified; "
-                              "spot-check by sampling", children=[old] if old else [])
+    _apply_stated(records, stated, ctx)
     status = ("uncertified" if not all(r.certified for r in records.values())
               else "certified" if mu_check == "proved" else "conditional")
     return Derivation(
@@ -181,6 +94,132 @@ def derive(problem, allow_uncertified: bool = False) -> Derivation:
         allow_uncertified=allow_uncertified, messages=messages + [
             t.message for t in gt + ft if t.message and t.kind != "unsupported"],
         refutation=refutation, mu_check=mu_check, ball=ball)
+
+
+def _admit_lower_terms(gt: list, stated: dict, allow_uncertified: bool) -> tuple[list, str]:
+    """Refuse estimated or rule-less terms of g unless the user allows uncertified constants (or
+    states mu); rule-less terms are then assumed convex. Returns (messages, uncertified reason)."""
+    estimated = [t for t in gt if t.kind != "unsupported" and not t.certified]
+    if estimated and not allow_uncertified and "mu" not in stated:
+        raise ProblemError("constants not certifiable: " + "; ".join(
+            f"{t.label} = {t.source}: {t.message or 'curvature only estimated'}" for t in estimated)
+            + " (pass allow_uncertified=True to use the estimates)")
+    unknown = [t for t in gt if t.kind == "unsupported"]
+    if not unknown:
+        return [], ""
+    text = "; ".join(f"{t.label} = {t.source}: {t.message}" for t in unknown)
+    if not allow_uncertified and "mu" not in stated:
+        raise ProblemError(f"strong convexity unknown: {text}. Rewrite the term with "
+                           f"table atoms, or pass allow_uncertified=True to assume it convex")
+    for t in unknown:
+        t.lo, t.hi, t.LA, t.LB_cols, t.LB_ps = sp.S.Zero, sp.oo, sp.oo, {None: sp.oo}, sp.oo
+        t.message += " (assumed convex: NOT certified)"
+    return [f"unknown terms assumed convex: {text}"], "rests on terms assumed convex"
+
+
+def _lower_records(gt: list) -> dict:
+    """mu, L, L_A, L_B of g: Weyl over the terms (Hessians, third derivatives, B's columns add)."""
+    records = {}
+    certified = all(t.certified for t in gt)
+    nonscalar = sum(1 for t in gt if not t.scalar)
+    mu = _sum([t.lo for t in gt])
+    records["mu"] = Record("mu", mu, _kind(all(t.lo_exact for t in gt) and nonscalar <= 1, mu),
+                           certified,
+                           "Weyl: the Hessian is the sum of the terms' Hessians; mu = sum of the "
+                           "terms' lower curvature bounds",
+                           children=[_term_record("mu", t, t.lo, t.lo_exact) for t in gt])
+    L = _sum([t.hi for t in gt])
+    records["L"] = Record("L", L, _kind(all(t.hi_exact for t in gt) and nonscalar <= 1, L),
+                          certified, "Weyl: L = sum of the terms' upper curvature bounds",
+                          children=[_term_record("L", t, t.hi, t.hi_exact) for t in gt])
+    LA = _sum([t.LA for t in gt])
+    records["L_A"] = Record("L_A", LA, _kind(LA == 0, LA), certified,
+                            "sum over terms of |c| max w sup|psi'''| ||K||^2 max_I ||K_I|| "
+                            "(quadratic terms: 0)",
+                            children=[_term_record("L_A", t, t.LA, t.LA == 0) for t in gt],
+                            message="; ".join(sorted({t.message for t in gt
+                                                      if t.LA == sp.oo and t.message})))
+    cols, ps = {}, sp.S.Zero
+    for t in gt:
+        for s, v in t.LB_cols.items():
+            cols[s] = cols.get(s, 0) + v
+        ps = ps + t.LB_ps
+    LB = _lb(cols, ps)
+    records["L_B"] = Record(
+        "L_B", LB, _kind(LB == 0, LB), certified,
+        "columns of B: theta_l in a coefficient c gives |dc/dtheta_l| sup|psi''| ||K||^2, in an "
+        "atom parameter |c| sup|d psi''/d theta_l| ||K||^2 (added over terms), combined as "
+        "sqrt(sum of squares); per-sample weights add max|v'| sup|psi''| max_I||K_I|| ||K||",
+        children=[_term_record("L_B", t, _lb(dict(t.LB_cols), t.LB_ps),
+                               _lb(dict(t.LB_cols), t.LB_ps) == 0) for t in gt],
+        message="; ".join(sorted({t.LB_note for t in gt if t.LB_note})))
+    return records
+
+
+LFT_ZERO_RULE = ("theta enters f only through terms without x: grad_theta f does not depend on "
+                 "x, so its Lipschitz constant in x is 0")
+
+
+def _upper_records(ft: list, f_reads_theta: bool) -> dict:
+    """L_f (Weyl over the terms of f) and, when f reads theta, L_ft. `flatten` drops the terms
+    of f without x; when theta sits only there (f = ||x - y||^2/2 + theta^2), grad_theta f is
+    constant in x and L_ft = 0 exactly (without this record the consumers would read L_ft = inf)."""
+    Lf = _curvature_bound(_sum([t.lo for t in ft]), _sum([t.hi for t in ft]))
+    nfs = sum(1 for t in ft if not t.scalar)
+    records = {"L_f": Record(
+        "L_f", Lf, _kind(all(t.hi_exact and t.lo_exact for t in ft) and nfs <= 1, Lf),
+        all(t.certified for t in ft),
+        "max(|m_f|, |M_f|) of the upper level's curvature interval (Weyl over the terms of f)",
+        children=[_term_record("L_f", t, t.hi, t.hi_exact) for t in ft],
+        message="; ".join(t.message for t in ft if t.kind == "unsupported"))}
+    if any(t.has_theta for t in ft):
+        Lft = _sum([t.Lft for t in ft if t.has_theta])
+        records["L_ft"] = Record("L_ft", Lft, _kind(False, Lft), all(t.certified for t in ft),
+                                 "Lipschitz constant in x of grad_theta f: theta in the offset of a "
+                                 "quadratic atom gives |c| psi'' ||K_x|| ||K_theta||; otherwise "
+                                 "infinite (no rule)",
+                                 children=[_term_record("L_ft", t, t.Lft, False)
+                                           for t in ft if t.has_theta])
+    elif f_reads_theta:
+        records["L_ft"] = Record("L_ft", sp.S.Zero, "exact", True, LFT_ZERO_RULE)
+    return records
+
+
+def _strong_convexity(mu_record: Record, gt: list, problem, ctx: Ctx, messages: list,
+                      may_stay_unknown: bool) -> tuple[str, str]:
+    """How mu > 0 is known: proved, data (checked at bind), theta (checked at evaluate) or none
+    (refuted by a witness, or unknown: ProblemError unless allowed). Returns (status, reason to
+    uncertify)."""
+    mu = mu_record.expr
+    mu_check = _mu_status(mu, ctx)
+    if mu_check == "none":
+        witness = _witness(problem, ctx)
+        if witness:
+            raise ProblemError(witness)
+        msg = (f"strong convexity unknown: the curvature lower bound mu = {sp.sstr(mu)} is not "
+               f"provably positive (terms: "
+               + "; ".join(f"{t.label} = {t.source} gives {sp.sstr(t.lo)}" for t in gt)
+               + f"); {HINT}")
+        if not may_stay_unknown:
+            raise ProblemError(msg)
+        messages.append(msg)
+        return mu_check, "strong convexity unknown"
+    if mu_check == "theta":
+        mu_record.theta_region = "where mu(theta) > 0 (checked at evaluate)"
+    elif mu_check == "data":
+        mu_record.theta_region = "all theta, if the data quantities make mu > 0 (checked at bind)"
+    return mu_check, ""
+
+
+def _apply_stated(records: dict, stated: dict, ctx: Ctx) -> None:
+    """Constants the user states replace the derived ones (kept as children): assumed, never
+    certified."""
+    for key, value in stated.items():
+        expr = ctx.thetafy(sp.sympify(value))
+        old = records.get(key)
+        records[key] = Record(key, expr, "assumed", False,
+                              "stated by the user (Problem(constants=...)): not certified; "
+                              "spot-check by sampling", children=[old] if old else [])
 
 
 BALL_RULE = ("on the ball B(x, r) only (framework.md pitfall 4): the rules of the global constant "

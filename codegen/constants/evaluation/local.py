@@ -6,7 +6,7 @@ argument z_i = k_i . y + b_i of atom row i stays in I_i = [z_i - r ||k_i||, z_i 
 
     sup_{y in B} |psi''(k_i.y + b_i)| <= sup_{I_i} |psi''|,   sup |psi'''| likewise,
 
-and every structural rule of `terms._combine` holds on the ball with sup_R replaced by
+and every structural rule of `derivation.terms` holds on the ball with sup_R replaced by
 max_i sup_{I_i}. `derive` stores, per such term, the data needed to rebuild z = K x + b and ||k_i||
 (the affine argument as SymPy text) and, per constant, a "ball" Record whose expression uses the
 symbols ball_hi_<term> (max_i sup_{I_i} psi'', clipped at 0 from below), ball_peak_<term>
@@ -35,50 +35,15 @@ from collections import ChainMap
 import numpy as np
 import sympy as sp
 
-from .records import T, dump, load, qsym
+from ..records import Operator, load
+from .interpreter import (
+    DenseOnDemand, Env, as_int, bind_sizes, concrete, expand_axes, interpret, operator_matrix,
+)
+from .numeric import environment, evaluate, num, round_up
 
 U = 2.0 ** -53
 REL = 1e-12
 CRIT_REL = 1e-9  # relative margin for values at numerically located critical points
-
-
-def ball_symbols(label: str) -> dict:
-    return {w: qsym(f"ball_{w}_{label}") for w in ("hi", "peak", "d3")}
-
-
-def ball_components(psi):
-    """(polynomial coefficients, [(kappa, a, b)]) with psi = poly(t) + sum kappa exp(a t + b),
-    all numbers; None when psi has another form (or theta/data symbols)."""
-    psi = sp.sympify(psi)
-    if psi.free_symbols - {T}:
-        return None
-    poly = sp.S.Zero
-    exps = []
-    for term in sp.Add.make_args(sp.expand(psi, deep=False)):
-        if term.is_polynomial(T):
-            poly += term
-            continue
-        kappa = sp.Mul(*[f for f in sp.Mul.make_args(term) if not f.has(T)])
-        rest = sp.Mul(*[f for f in sp.Mul.make_args(term) if f.has(T)])
-        if not isinstance(rest, sp.exp):
-            return None
-        try:
-            p = sp.Poly(rest.args[0], T)
-        except sp.PolynomialError:
-            return None
-        if p.degree() != 1:
-            return None
-        a, b = p.all_coeffs()
-        if not (kappa.is_number and a.is_number and b.is_number):
-            return None
-        exps.append((float(kappa), float(a), float(b)))
-    try:
-        coeffs = [float(c) for c in sp.Poly(poly, T).all_coeffs()] if poly != 0 else [0.0]
-    except (sp.PolynomialError, TypeError):
-        return None
-    if not exps and len(coeffs) <= 3:
-        return None  # degree <= 2: finite globally, nothing to do
-    return np.array(coeffs[::-1]), exps  # ascending powers
 
 
 def _poly_deriv(c, n):
@@ -142,9 +107,9 @@ def interval_sups(components, lo, hi) -> dict:
 
 
 # -- bind-time rebuild of z = K x + b --------------------------------------------------------
-def _context(der, data):
-    from .quantities import DenseOnDemand, bind_sizes, concrete
-
+def bind_context(der, data) -> tuple:
+    """(sizes, scalars, dense-on-demand arrays, x shape) of one bind: what rebuilding an
+    operator or an offset from the data needs."""
     sizes = bind_sizes(der, data)
     scalars = {n: float(np.asarray(data[n])) for n in der.scalars}
     arrays = DenseOnDemand(data, [k for k, shape in der.data_shapes.items() if shape])
@@ -154,9 +119,6 @@ def _context(der, data):
 
 def _operator(info, der, data, ctx):
     """Dense K (rows x dim x), |K|, row norms, and a function theta -> b (offsets)."""
-    from .quantities import _Env, _ev, _expand, _int, operator_matrix
-    from .records import Operator
-
     sizes, scalars, arrays, xshape = ctx
     lin, off, limits = load(info["lin"]), load(info["off"]), tuple(load(info["limits"]))
     op = Operator("ball", lin, limits, 0, {}, "x", sp.S.Zero, "")
@@ -170,16 +132,16 @@ def _operator(info, der, data, ctx):
             return np.zeros(K.shape[0])
         arrs = ChainMap({}, arrays)  # no copy: arrays densify on demand
         arrs[der.theta_name] = np.asarray(theta, dtype=np.float64).reshape(-1)
-        E = _Env(sizes, scalars, arrs, "__no_variable__", (1,))
+        E = Env(sizes, scalars, arrs, "__no_variable__", (1,))
         env, shape = {}, []
         for s, lo, hi in limits:
-            env[s] = np.arange(_int(lo, E), _int(hi, E) + 1)
+            env[s] = np.arange(as_int(lo, E), as_int(hi, E) + 1)
             shape.append(env[s].size)
-        axes, arr, _ = _ev(off, env, E)
+        axes, arr, _ = interpret(off, env, E)
         extra = [a for a in axes if a not in rows]
         if extra:
             raise ValueError(f"offset has a free index {extra[0]}")
-        return np.broadcast_to(_expand(np.asarray(arr, dtype=float), axes, rows, False),
+        return np.broadcast_to(expand_axes(np.asarray(arr, dtype=float), axes, rows, False),
                                tuple(shape)).reshape(-1)
 
     rownorm = np.sqrt(np.sum(K * K, axis=1)) * (1 + 2 * (K.shape[1] + 2) * U)
@@ -196,7 +158,7 @@ def ball_values(der, theta, x, radius, data, cache=None) -> dict:
     if not terms:
         return out
     if "ctx" not in cache:
-        cache["ctx"] = _context(der, data)
+        cache["ctx"] = bind_context(der, data)
     x = np.asarray(x, dtype=np.float64).reshape(-1)
     r = float(radius)
     if not (math.isfinite(r) and r >= 0 and np.all(np.isfinite(x))):
@@ -226,34 +188,12 @@ def ball_values(der, theta, x, radius, data, cache=None) -> dict:
     return out
 
 
-def term_info(psi, lin, off, limits) -> dict | None:
-    comps = ball_components(psi)
-    if comps is None:
-        return None
-    return {"psi": dump(psi), "lin": dump(lin), "off": dump(off),
-            "limits": dump(sp.Tuple(*[sp.Tuple(*lim) for lim in limits])), "components": comps}
-
-
-def info_to_json(info: dict) -> dict:
-    c, exps = info["components"]
-    return {k: v for k, v in info.items() if k != "components"} | {
-        "poly": [float(v) for v in c], "exps": [list(e) for e in exps]}
-
-
-def info_from_json(d: dict) -> dict:
-    out = {k: v for k, v in d.items() if k not in ("poly", "exps")}
-    out["components"] = (np.array(d["poly"], dtype=float), [tuple(e) for e in d["exps"]])
-    return out
-
-
 def evaluate_local(der, theta, quantities, x, radius, data, cache=None) -> dict:
     """`evaluate` with L, L_A, L_B, L_f replaced by min(global, bound on the ball B(x, radius)).
 
     Keys as `evaluate` (+ "domains": name -> "ball" | "all x", "radius"). mu stays GLOBAL: it is
     never evaluated on the ball (its role is to prove ||x - x*|| <= G/mu).
     """
-    from .numeric import _up, environment, evaluate, num
-
     out = evaluate(der, theta, quantities)
     flags = dict(out["certified_flags"])
     domains = {k: "all x" for k in flags}
@@ -273,7 +213,7 @@ def evaluate_local(der, theta, quantities, x, radius, data, cache=None) -> dict:
             v = float(np.asarray(v).reshape(-1)[0]) if np.ndim(v) else float(v)
             if math.isnan(v):
                 continue
-            v = _up(v)
+            v = round_up(v)
             if v < out[name]:
                 out[name] = v
                 domains[name] = "ball"

@@ -2,7 +2,8 @@
 
 Stated constants are SymPy expressions in theta and scalar data; they are "assumed", never
 certified, and every result computed with them says so. Derived constants come from
-`codegen.constants` (structural rules with an audit trail) through constants.json.
+`codegen.constants.derivation` (structural rules with an audit trail) through constants.json. This
+module is the per-bind glue the runtime's BoundProblem calls (was codegen/constants_runtime.py).
 """
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ import math
 import numpy as np
 import sympy as sp
 
-from .errors import HypergenError
+from ...errors import HypergenError
+from ..records import Derivation
+from .cross import CrossNorm, prepare_cross
+from .local import evaluate_local
+from .numeric import evaluate, reads_theta
+from .quantities import compute_data_quantities
 
 NAMES = ("mu", "L", "L_A", "L_B", "L_f")
 
@@ -20,8 +26,6 @@ def prepare_constants(module, data: dict) -> dict:
     """Everything `evaluate_constants` needs, computed once per bind (data quantities included)."""
     meta = module.meta
     if module.constants_json is not None:
-        from .constants import Derivation, compute_data_quantities
-
         derivation = Derivation.from_json(module.constants_json)
         return {"kind": "derived", "derivation": derivation,
                 "quantities": compute_data_quantities(derivation, data)}
@@ -42,8 +46,6 @@ def evaluate_constants(prepared: dict, theta: np.ndarray) -> dict:
     """The constants at theta; derived constants that read no theta are evaluated once per bind
     (kept in `prepared`) and handed out as copies."""
     if prepared["kind"] == "derived":
-        from .constants import evaluate, reads_theta
-
         if "reads_theta" not in prepared:  # a tree walk: once per bind
             prepared["reads_theta"] = reads_theta(prepared["derivation"])
         out = prepared.get("theta_free")
@@ -67,21 +69,17 @@ def evaluate_local_constants(prepared: dict, theta: np.ndarray, x: np.ndarray, r
     (framework.md pitfall 4; constants.local). mu stays global. Stated constants: unchanged."""
     if prepared["kind"] != "derived":
         return evaluate_constants(prepared, theta)
-    from .constants import evaluate_local
-
     return evaluate_local(prepared["derivation"], theta, prepared["quantities"], x, radius, data,
                           cache=prepared.setdefault("ball_cache", {}))
 
 
-def cross_norm_structure(prepared: dict, data: dict):
-    """The per-bind `constants.cross.CrossNorm` (one-pass bound on ||B||), or None when the
+def cross_norm_structure(prepared: dict, data: dict) -> CrossNorm | None:
+    """The per-bind `constants.evaluation.cross.CrossNorm` (one-pass bound on ||B||), or None when the
     theta-structure of g is not per-sample weights (or the constants are stated): callers then
     fall back to cross JVPs. Prepared once, kept in `prepared`."""
     if prepared["kind"] != "derived":
         return None
     if "cross" not in prepared:
-        from .constants.cross import prepare_cross
-
         prepared["cross"] = prepare_cross(prepared["derivation"], data)
     cross = prepared["cross"]
     return None if isinstance(cross, str) else cross

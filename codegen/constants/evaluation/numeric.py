@@ -13,9 +13,9 @@ import warnings
 import numpy as np
 import sympy as sp
 
-from ..errors import ProblemError
-from ..primitives import sigmoid, softplus
-from .records import T, ThetaMax, ThetaMin
+from ...errors import ProblemError
+from ...primitives import sigmoid, softplus
+from ..records import T, ThetaMax, ThetaMin
 
 REL = 1e-12
 
@@ -99,11 +99,13 @@ def reads_theta(derivation) -> bool:
                for rec in derivation.constants.values())
 
 
-def _up(v):
+def round_up(v: float) -> float:
+    """v rounded outward (up) by REL: covers the roundings of a constant's short expression."""
     return v + REL * abs(v) if math.isfinite(v) else v
 
 
-def _down(v):
+def round_down(v: float) -> float:
+    """v rounded down by REL (mu: a lower bound)."""
     return v - REL * abs(v) if math.isfinite(v) else v
 
 
@@ -134,7 +136,7 @@ def evaluate(derivation, theta, quantities) -> dict:
             if name == "mu":
                 raise ProblemError(f"mu evaluates to NaN at theta = {th}")
             v = math.inf
-        v = _down(v) if name == "mu" else _up(v)
+        v = round_down(v) if name == "mu" else round_up(v)
         out[name] = v
         flags[name] = rec.certified and not (_symbol_names(rec.expr) & used_uncertified)
     if not out["mu"] > 0:

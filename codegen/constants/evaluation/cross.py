@@ -28,131 +28,23 @@ the bound unavailable (math.inf): the caller then falls back to cross JVPs.
 from __future__ import annotations
 
 import math
+from collections import ChainMap
 
 import numpy as np
 import sympy as sp
-from sympy.parsing.sympy_parser import parse_expr
 
-from ..primitives import sigmoid, softplus
-from .records import T
+from ..derivation.atoms import analyse_atom
+from ..derivation.ball import ball_components
+from ..derivation.cross_structure import NotAvailable, structure
+from ..derivation.terms import VarReads, split_affine
+from ..records import T
+from .interpreter import Env, as_int, expand_axes, interpret
+from .local import bind_context, interval_sups
 
 U = 2.0 ** -53
 REL = 1e-12
 CHUNK_ENTRIES = 4e6  # Jacobian entries per chunk while forming the Gram matrices
 GRAM_LIMIT = 5e7  # largest m R^2 kept in memory
-
-
-class NotAvailable(Exception):
-    """The structure is not per-sample weights: no structural bound (fall back to JVPs)."""
-
-
-# -- structure, from the derivation ------------------------------------------------------------
-def _namespace(der):
-    ns = {name: sp.IndexedBase(name) for name in der.data_shapes if der.data_shapes[name]}
-    ns[der.x_name] = sp.IndexedBase(der.x_name)
-    ns[der.theta_name] = sp.IndexedBase(der.theta_name)
-    for s in list(der.sizes) + list(der.scalars):
-        ns[s] = sp.Symbol(s)
-    glob = {}
-    exec("from sympy import *", glob)  # noqa: S102 - the parser's usual global namespace
-    glob.update(sigmoid=sigmoid, softplus=softplus)
-    return ns, glob
-
-
-class _Ctx:
-    """What `terms.flatten` and the helpers need: the names of x and theta."""
-
-    def __init__(self, der):
-        from .terms import Ctx
-
-        self.x = type("V", (), {"name": der.x_name})()
-        self.th = type("V", (), {"name": der.theta_name})()
-        self.has_x = Ctx.has_x.__get__(self)
-        self.has_theta = Ctx.has_theta.__get__(self)
-        self.degree = Ctx.degree.__get__(self)
-
-
-def _reads(expr, name):
-    return [ix for ix in expr.atoms(sp.Indexed) if str(ix.base.label) == name]
-
-
-def structure(der) -> list:
-    """Per-sample term specs [{kind, coef, v, sample, inner, u/lin, psi}] of the theta terms of g.
-
-    Raises NotAvailable when theta enters g in any other way."""
-    from .terms import _max_affine, _split_affine, flatten
-
-    rec = der.constants.get("L")
-    if rec is None or not rec.children:
-        raise NotAvailable("no term records in the derivation")
-    ns, glob = _namespace(der)
-    ctx = _Ctx(der)
-    specs = []
-    for child in rec.children:
-        if not child.term:
-            raise NotAvailable(f"term {child.name} has no recorded source")
-        try:
-            expr = parse_expr(child.term, local_dict=dict(ns), global_dict=glob)
-        except Exception as exc:  # noqa: BLE001 - an unparsable source: no structural bound
-            raise NotAvailable(f"cannot parse term {child.term!r}: {exc}") from None
-        for t in flatten(expr, ctx):
-            if not (ctx.has_theta(t.coef) or ctx.has_theta(t.weight) or ctx.has_theta(t.core)):
-                continue
-            specs.append(_term_spec(t, ctx, der, _max_affine, _split_affine))
-    if not specs:
-        raise NotAvailable("theta does not enter g through x-dependent terms")
-    return specs
-
-
-def _term_spec(t, ctx, der, _max_affine, _split_affine):
-    if ctx.has_theta(t.coef) or ctx.has_theta(t.core):
-        raise NotAvailable(f"theta outside a per-sample weight in {t.source}")
-    factors = sp.Mul.make_args(t.weight)
-    tf = [f for f in factors if ctx.has_theta(f)]
-    data = sp.Mul(*[f for f in factors if not ctx.has_theta(f)])
-    reads = {ix for f in tf for ix in _reads(f, der.theta_name)}
-    if len(reads) != 1:
-        raise NotAvailable(f"weight {t.weight} reads theta at {len(reads)} indices")
-    ix = reads.pop()
-    syms = [lim[0] for lim in t.limits]
-    if len(ix.indices) != 1 or ix.indices[0] not in syms:
-        raise NotAvailable(f"theta index {ix} is not a summation index")
-    s = ix.indices[0]
-    v = sp.Mul(*tf).xreplace({ix: T})
-    if v.free_symbols - {T} or v.atoms(sp.Indexed):
-        raise NotAvailable(f"weight {v} depends on more than theta_I")
-    sample = next(lim for lim in t.limits if lim[0] == s)
-    inner = tuple(lim for lim in t.limits if lim[0] != s)
-    spec = {"coef": t.coef, "v": v, "sample": sample, "inner": inner, "source": t.source}
-    core = t.core
-    if ctx.degree(core) <= 1:
-        lin, _ = _split_affine(core, ctx)
-        body = data * lin
-        spec.update(kind="linear", lin=sp.Sum(body, *inner) if inner else body, rows=())
-        return spec
-    if data != 1:
-        raise NotAvailable(f"data factor {data} on a nonlinear core in {t.source}")
-    if (isinstance(core, sp.log) and isinstance(core.args[0], sp.Sum)
-            and isinstance(core.args[0].function, sp.exp)
-            and ctx.degree(core.args[0].function.args[0]) <= 1):
-        u = core.args[0].function.args[0]
-        lse = tuple(core.args[0].limits)
-        if len(lse) != 1:
-            raise NotAvailable("log-sum-exp over several indices")
-        spec.update(kind="lse", u=u, rows=inner + lse)
-    else:
-        found = set()
-        _max_affine(core, ctx, found)
-        if len(found) != 1:
-            raise NotAvailable(f"core {core} is not psi(affine)")
-        u = found.pop()
-        psi = core.xreplace({u: T})
-        if psi.free_symbols - {T} or psi.atoms(sp.Indexed):
-            raise NotAvailable(f"atom {psi} depends on data, indices or theta")
-        spec.update(kind="atom", u=u, psi=psi, rows=inner)
-    if ctx.has_theta(spec["u"]):
-        raise NotAvailable("theta inside an atom argument")
-    return spec
 
 
 # -- numbers -----------------------------------------------------------------------------------
@@ -163,9 +55,6 @@ def _lambdify(expr):
 
 def _peak_fn(psi):
     """A function (lo, hi) -> sup |psi''| over [lo_i, hi_i] (arrays), or None."""
-    from .atoms import analyse_atom
-    from .local import ball_components, interval_sups
-
     facts = analyse_atom(psi)
     if facts is not None and facts.certified:
         try:
@@ -191,16 +80,12 @@ class CrossNorm:
     """The prepared bound for one bind: term specs, per-sample Gram matrices (lazy)."""
 
     def __init__(self, der, data):
-        from .local import _context
-        from .quantities import _Env, _int
-
         self.der = der
         self.specs = structure(der)
-        self.sizes, self.scalars, self.arrays, self.xshape = _context(der, data)
+        self.sizes, self.scalars, self.arrays, self.xshape = bind_context(der, data)
         self.D = int(np.prod(self.xshape))
-        self._Env, self._int = _Env, _int
-        E = _Env(self.sizes, self.scalars, self.arrays, "__none__", (1,))
-        ranges = {(self._int(sp.sympify(sp_[1]), E), self._int(sp.sympify(sp_[2]), E))
+        E = Env(self.sizes, self.scalars, self.arrays, "__none__", (1,))
+        ranges = {(as_int(sp.sympify(sp_[1]), E), as_int(sp.sympify(sp_[2]), E))
                   for sp_ in (s["sample"] for s in self.specs)}
         if len(ranges) != 1:
             raise NotAvailable("theta terms run over different sample ranges")
@@ -211,7 +96,7 @@ class CrossNorm:
                 {sym: self.sizes.get(sym.name, self.scalars.get(sym.name))
                  for sym in sp.sympify(s["coef"]).free_symbols}))
             s["dv"] = _lambdify(sp.diff(s["v"], T))
-            s["nrows"] = int(np.prod([self._int(hi, E) - self._int(lo, E) + 1
+            s["nrows"] = int(np.prod([as_int(hi, E) - as_int(lo, E) + 1
                                       for _, lo, hi in s["rows"]])) if s["rows"] else 1
             if s["kind"] == "atom":
                 s["dpsi"] = _lambdify(sp.diff(s["psi"], T))
@@ -227,38 +112,32 @@ class CrossNorm:
     # the interpreter over a chunk of samples
     def _eval(self, spec, expr, chunk, jac, x=None):
         """expr over (sample in chunk, rows...) as an array (chunk, nrows[, D])."""
-        from .quantities import _ev, _expand
-
         arrays = self.arrays
         if x is not None:
-            from collections import ChainMap
-
             arrays = ChainMap({self.der.x_name: x.reshape(self.xshape)}, self.arrays)
-        E = self._Env(self.sizes, self.scalars, arrays,
+        E = Env(self.sizes, self.scalars, arrays,
                       self.der.x_name if jac else "__none__", self.xshape)
         s = spec["sample"][0]
         env = {s: chunk}
         shape = [chunk.size]
         rows = (s,) + tuple(r[0] for r in spec["rows"])
         for sym, lo, hi in spec["rows"]:
-            env[sym] = np.arange(self._int(lo, E), self._int(hi, E) + 1)
+            env[sym] = np.arange(as_int(lo, E), as_int(hi, E) + 1)
             shape.append(env[sym].size)
-        axes, arr, isjac = _ev(expr, env, E)
+        axes, arr, isjac = interpret(expr, env, E)
         extra = [a for a in axes if a not in rows]
         if extra:
             raise NotAvailable(f"free index {extra[0]} in {expr}")
         if jac and not isjac:
             return np.zeros((chunk.size, int(np.prod(shape[1:])), self.D))
-        arr = _expand(np.asarray(arr, dtype=float), axes, rows, jac)
+        arr = expand_axes(np.asarray(arr, dtype=float), axes, rows, jac)
         arr = np.broadcast_to(arr, tuple(shape) + ((self.D,) if jac else ()))
         return arr.reshape((chunk.size, -1) + ((self.D,) if jac else ()))
 
     def _lin(self, spec):
-        from .terms import _split_affine
-
         if spec["kind"] == "linear":
             return spec["lin"], sp.S.Zero
-        return _split_affine(spec["u"], _Ctx(self.der))
+        return split_affine(spec["u"], VarReads(self.der.x_name, self.der.theta_name))
 
     def _grams(self):
         """Per-sample Gram matrices J_I J_I^T (m, R, R), row norms, offsets |b|."""
@@ -333,9 +212,9 @@ class CrossNorm:
         return (np.sqrt(np.maximum(q, 0.0) + gamma2 * A * A) + E) * (1 + REL)
 
     def _lse_size(self, s):
-        E = self._Env(self.sizes, self.scalars, self.arrays, "__none__", (1,))
+        E = Env(self.sizes, self.scalars, self.arrays, "__none__", (1,))
         _, lo, hi = s["rows"][-1]
-        return self._int(hi, E) - self._int(lo, E) + 1
+        return as_int(hi, E) - as_int(lo, E) + 1
 
     def bound(self, x, theta) -> float:
         cols = self.column_norms(x, theta)

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from ..primitives import stabilise
+from ...primitives import stabilise
 from .atoms import AtomFacts, analyse_atom, group_charbonnier, lse_facts
-from .operators import OpFacts, _affine_index, classify_operator, stacked_stencil
-from .records import T, Operator, Record, ThetaMax, ThetaMin
+from .ball import ball_symbols, term_info
+from .operators import OpFacts, affine_index, classify_operator, stacked_stencil
+from ..records import T, Operator, Record, ThetaMax, ThetaMin
 
 
 # -- reads and degrees ------------------------------------------------------------------------
@@ -22,11 +23,44 @@ def reads(expr, name):
     return [ix for ix in expr.atoms(sp.Indexed) if str(ix.base.label) == name]
 
 
-class Ctx:
+class VarReads:
+    """Which expressions read x or theta, and their degree in x: all that `flatten`,
+    `max_affine` and `split_affine` need (a Derivation read back from JSON gives the names)."""
+
+    def __init__(self, x_name: str, theta_name: str):
+        self.x_name, self.theta_name = x_name, theta_name
+
+    def has_x(self, expr) -> bool:
+        return any(str(ix.base.label) == self.x_name for ix in expr.atoms(sp.Indexed))
+
+    def has_theta(self, expr) -> bool:
+        return any(str(ix.base.label) == self.theta_name for ix in expr.atoms(sp.Indexed))
+
+    def degree(self, expr) -> int | sp.Expr:
+        """Polynomial degree in the x entries (oo when x sits inside a nonlinear function)."""
+        if not self.has_x(expr):
+            return 0
+        if isinstance(expr, sp.Indexed):
+            return 1
+        if expr.is_Add:
+            return max(self.degree(a) for a in expr.args)
+        if expr.is_Mul:
+            return sum(self.degree(a) for a in expr.args)
+        if expr.is_Pow and expr.exp.is_Integer and expr.exp >= 0:
+            return self.degree(expr.base) * int(expr.exp)
+        if isinstance(expr, sp.Sum):
+            if any(self.has_x(l) for lim in expr.limits for l in lim[1:]):
+                return sp.oo
+            return self.degree(expr.function)
+        return sp.oo
+
+
+class Ctx(VarReads):
     """What the analysis needs of the problem, plus the registry of data operators."""
 
     def __init__(self, problem):
         self.problem = problem
+        super().__init__(problem.x_spec.name, problem.theta_spec.name)
         self.x = problem.x_spec
         self.th = problem.theta_spec
         self.x_shape = tuple(self.x.shape)
@@ -52,12 +86,6 @@ class Ctx:
             self.theta_syms[k] = sp.Symbol(name, real=True)
         return self.theta_syms[k]
 
-    def has_x(self, expr):
-        return any(str(ix.base.label) == self.x.name for ix in expr.atoms(sp.Indexed))
-
-    def has_theta(self, expr):
-        return any(str(ix.base.label) == self.th.name for ix in expr.atoms(sp.Indexed))
-
     def thetafy(self, expr):
         """theta[k] (k a number) -> real Symbol; None if a theta read has a symbolic index."""
         rep = {}
@@ -66,24 +94,6 @@ class Ctx:
                 return None
             rep[ix] = self.theta_symbol(int(ix.indices[0]))
         return expr.xreplace(rep)
-
-    def degree(self, expr):
-        """Polynomial degree in the x entries (oo when x sits inside a nonlinear function)."""
-        if not self.has_x(expr):
-            return 0
-        if isinstance(expr, sp.Indexed):
-            return 1
-        if expr.is_Add:
-            return max(self.degree(a) for a in expr.args)
-        if expr.is_Mul:
-            return sum(self.degree(a) for a in expr.args)
-        if expr.is_Pow and expr.exp.is_Integer and expr.exp >= 0:
-            return self.degree(expr.base) * int(expr.exp)
-        if isinstance(expr, sp.Sum):
-            if any(self.has_x(l) for lim in expr.limits for l in lim[1:]):
-                return sp.oo
-            return self.degree(expr.function)
-        return sp.oo
 
     def register(self, lin, limits, block, reduce, var, rows, definition) -> str:
         for name, op in self.operators.items():  # one operator per distinct map
@@ -195,17 +205,17 @@ def _sign(c, ctx):
     return "?"
 
 
-def _max_affine(expr, ctx, out):
+def max_affine(expr, ctx, out):
     if not ctx.has_x(expr):
         return
     if ctx.degree(expr) <= 1:
         out.add(expr)
         return
     for a in ([expr.function] if isinstance(expr, sp.Sum) else expr.args):
-        _max_affine(a, ctx, out)
+        max_affine(a, ctx, out)
 
 
-def _split_affine(u, ctx):
+def split_affine(u, ctx):
     parts = []
     for a in sp.Add.make_args(u):
         if isinstance(a, sp.Sum) and a.function.is_Add:
@@ -232,7 +242,7 @@ def _per_sample(w, limits, ctx):
         return None, False
     if not v.is_nonnegative:
         return None, False
-    pos = _affine_index(ix.indices[0], [limits[0][0]]) if len(limits) == 1 else False
+    pos = affine_index(ix.indices[0], [limits[0][0]]) if len(limits) == 1 else False
     single = pos is not False and pos[0] is not None
     return (v, single), True
 
@@ -262,7 +272,7 @@ def analyse_term(term: Term, ctx: Ctx, label: str, upper=False) -> TermFacts:
         tf.kind = "lse"
     else:
         found = set()
-        _max_affine(core, ctx, found)
+        max_affine(core, ctx, found)
         if len(found) > 1:
             return _group(tf, term, c, ps, core, found, ctx, upper)
         if len(found) != 1:
@@ -279,7 +289,7 @@ def analyse_term(term: Term, ctx: Ctx, label: str, upper=False) -> TermFacts:
         if facts is None:
             return _unsupported(tf, f"no rule for the atom psi(t) = {psi}")
         tf.kind = "atom"
-    lin, off = _split_affine(u, ctx)
+    lin, off = split_affine(u, ctx)
     if ctx.has_theta(lin):
         return _unsupported(tf, f"theta multiplies x inside the atom argument {u}")
     limits = tuple(term.limits) + inner
@@ -292,10 +302,9 @@ def analyse_term(term: Term, ctx: Ctx, label: str, upper=False) -> TermFacts:
 
 
 def _ball(tf, c, ps, facts, psi, lin, off, op, ctx, upper, limits):
-    """Local (ball) versions of the term's constants (constants/local.py): the same rules with
-    sup_R |psi''|, |psi'''| replaced by symbols evaluated over the atom's argument intervals."""
-    from .local import ball_symbols, term_info
-
+    """Local (ball) versions of the term's constants (derivation/ball.py, evaluation/local.py):
+    the same rules with sup_R |psi''|, |psi'''| replaced by symbols evaluated over the atom's
+    argument intervals."""
     info = term_info(psi, lin, off, limits)
     if info is None:
         return
@@ -464,7 +473,7 @@ def _group(tf, term, c, ps, core, found, ctx, upper):
     if facts is None:
         return _unsupported(tf, f"x enters {core} through {len(us)} different affine expressions "
                                 f"(only the group atom sqrt(sum u_k^2 + nu^2) is known)")
-    parts = [_split_affine(u, ctx) for u in us]
+    parts = [split_affine(u, ctx) for u in us]
     if any(ctx.has_theta(lin) for lin, _ in parts):
         return _unsupported(tf, "theta multiplies x inside a group atom")
     op = stacked_stencil([lin for lin, _ in parts], tuple(term.limits), ctx)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .records import Record, qsym
+from ..records import Record, qsym
 
 
 @dataclass
@@ -30,7 +30,7 @@ def _count(limits):
     return sp.Mul(*[lim[2] - lim[1] + 1 for lim in limits])
 
 
-def _affine_index(e, syms):
+def affine_index(e, syms):
     """(symbol, shift) for e = s + c, (None, c) for a constant, else False."""
     e = sp.sympify(e)
     if e.is_Integer:
@@ -97,7 +97,7 @@ def _taps(lin, syms, xname):
         coeff, rest = arg.as_coeff_Mul()
         if not (isinstance(rest, sp.Indexed) and str(rest.base.label) == xname):
             return None
-        pos = [_affine_index(e, syms) for e in rest.indices]
+        pos = [affine_index(e, syms) for e in rest.indices]
         if any(p is False for p in pos):
             return None
         this_sig = tuple(p[0] for p in pos)
