@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..constants_runtime import (
+from ..constants.evaluation.runtime import (
     cross_norm_structure, evaluate_constants, evaluate_local_constants, prepare_constants,
 )
 from ..errors import BindError
