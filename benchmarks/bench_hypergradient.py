@@ -45,30 +45,16 @@ import cProfile
 import io
 import math
 import os
-import platform
 import pstats
 import runpy
-import statistics
-import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_times, machine, median_time, set_threads_from_argv  # noqa: E402
 
-def _threads_from_argv():
-    """--threads N must act before NumPy/JAX start their thread pools."""
-    argv = sys.argv
-    n = argv[argv.index("--threads") + 1] if "--threads" in argv else "1"
-    if n != "0":
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = n
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                                   + ("false" if n == "1" else "true")).strip()
-    return n
-
-
-THREADS = _threads_from_argv()
+THREADS = set_threads_from_argv()
 
 import numpy as np  # noqa: E402
 import scipy.linalg  # noqa: E402
@@ -82,12 +68,6 @@ TARGET = 1e-6
 #: x sizes up to which hypergen also runs the direct solvers (dense Hessian, Cholesky).
 DIRECT_MAX = 100
 LADDER = [10.0 ** -k for k in range(4, 14)]
-#: Seconds between two contenders' turns: long enough for the previous one's idle worker threads
-#: to stop spinning (OpenBLAS spins about 0.1 s after a call) and give the core back.
-SETTLE = 0.25
-#: Seconds of untimed calls before each timed sample, and the least length of a sample (at least
-#: one call each): a contender's caches and thread pools are then as warm as in a loop of its own.
-WARM = 0.02
 
 FULL = {
     "ridge-small": ("ridge", dict(m=2000, n=500, p=200)),
@@ -107,19 +87,6 @@ QUICK = {
     "quadratic": ("quadratic", dict(m1=200, m2=200, d=10, p=10)),
     "logistic-csr": ("logistic_sparse", dict(m=1000, n=5000, p=200, density=0.01)),
 }
-
-
-def median_time(fn, repeat):
-    """(median seconds, first-call seconds, last result) with the first call as warm-up."""
-    start = time.perf_counter()
-    out = fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), first, out
 
 
 def rel_err(g, ref):
@@ -503,44 +470,6 @@ def run_case(key, spec, args, have_jax):
     return row
 
 
-def interleaved_times(calls: dict, repeat: int) -> dict:
-    """{label: (median seconds per call, first-call seconds, last result)} of zero-argument
-    calls timed in turns: one warm-up call each (the first call: JIT compilation), then `repeat`
-    rounds in which each contender, SETTLE seconds after the previous one's turn, makes untimed
-    calls for WARM seconds and then one timed sample: the mean of as many calls as fill WARM
-    seconds (at least one; timeit's loops, for calls far shorter than the clock's noise).
-    Load from other processes on the machine then slows every contender of a round alike, not
-    just the one whose block of repeats it happened to hit; no worker thread of another
-    contender still spins on a core (OpenBLAS's spin for about 0.1 s after a call and made
-    hypergen's ridge 2000 x 500 take 2x); and each sample is as warm as a loop of its own
-    (caches, and thread pools that would otherwise have gone to sleep: JAX's costs 0.1 ms on
-    the quadratic)."""
-    first, results, times = {}, {}, {label: [] for label in calls}
-    for label, fn in calls.items():
-        start = time.perf_counter()
-        results[label] = fn()
-        first[label] = time.perf_counter() - start
-    for _ in range(repeat):
-        for label, fn in calls.items():
-            time.sleep(SETTLE)
-            _sample(fn, WARM)  # untimed
-            seconds, count, results[label] = _sample(fn, WARM)
-            times[label].append(seconds / count)
-    return {label: (statistics.median(times[label]), first[label], results[label])
-            for label in calls}
-
-
-def _sample(fn, least):
-    """Call fn until `least` seconds have passed, at least once: (seconds, calls, last result)."""
-    count, start = 0, time.perf_counter()
-    while True:
-        out = fn()
-        count += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= least:
-            return elapsed, count, out
-
-
 def profile(call, key):
     """cProfile of one hypergen call: time inside the compiled kernels vs Python around them."""
     pr = cProfile.Profile()
@@ -576,20 +505,6 @@ def call_overhead(prob, th, hg):
     print(f"  one lower_hvp call: {t_bound / 200 * 1e6:.1f} us via prob.lower_hvp, "
           f"{t_solver / 200 * 1e6:.1f} us via solvers._call; about {n_calls} kernel calls per "
           "hypergradient")
-
-
-def machine():
-    try:
-        model = next(l.split(":", 1)[1].strip() for l in
-                     subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                     if l.startswith("Model name"))
-    except Exception:  # noqa: BLE001
-        model = platform.processor() or "unknown"
-    A = np.random.default_rng(0).standard_normal((20000, 2000))
-    v = np.ones(2000)
-    t, _, _ = median_time(lambda: A @ v, 15)
-    del A
-    return model, os.cpu_count(), t, 20000 * 2000 * 8 / t / 1e9
 
 
 def fmt_ms(t):
