@@ -48,6 +48,7 @@ class HessianFactor:
         return cls(lower, x.copy()), ""
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
+        out: np.ndarray
         out, info = lapack.dpotrs(self.lower, rhs, lower=1)
         if info != 0:  # only an invalid argument, i.e. a bug here
             raise ValueError(f"dpotrs: invalid argument {-info}")
@@ -59,7 +60,7 @@ class HessianFactor:
         return hessian_constant or np.array_equal(self.x, x)
 
 
-def dense_factor(k: Any, x: np.ndarray, th: np.ndarray, c: dict, dense: dict
+def dense_factor(k: Any, x: np.ndarray, th: np.ndarray, c: dict[str, Any], dense: dict[str, Any]
                  ) -> tuple[HessianFactor | None, int, tuple[Status, str] | None]:
     """(HessianFactor or None, HVPs spent, None or (status, message)) for A(x, theta).
 
