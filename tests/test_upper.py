@@ -19,7 +19,7 @@ from upper_kernels import (  # noqa: E402
 )
 
 from codegen.errors import HypergenError  # noqa: E402
-from codegen.learn.upper import (  # noqa: E402
+from codegen.learn import (  # noqa: E402
     OptimizeError, optimize, parse_budget, parse_theta0, read_history,
 )
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import HypergenError
-from ..learn.upper import OptimizeError, optimize, parse_budget, parse_theta0
+from ..learn import OptimizeError, optimize, parse_budget, parse_theta0
 from ..pipeline import load
 
 __all__ = ["run_optimize", "load_data"]

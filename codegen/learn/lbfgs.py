@@ -1,0 +1,215 @@
+"""The default method, "lbfgs": a certified inexact L-BFGS (docs/framework.md 9).
+
+What a user of SciPy expects from `minimize(method="L-BFGS-B")`, on certified numbers:
+
+* **Steps at the right scale.** The direction is L-BFGS's two-loop product -H h with the last
+  `memory` pairs (s, y) of accepted steps and hypergradient changes; the first move has length
+  min(1, ||h||) (SciPy's first step), after which the pairs set the scale. Every trial point gets
+  a full hypergradient, so a rejected trial still yields the slope for an interpolated retry.
+* **Each hypergradient only as accurate as its own test needs.** At every point the lower and
+  adjoint solves run until the certified bound w <= grad_rtol ||h|| (hypergradient's rtol), so
+  -h is a certified descent direction, and until the certified value error (||grad f(x_eps)|| e
+  + L_f/2 e^2, L_f valid on the ball B(x_eps, e)) is below `value_share` of the decrease the
+  line search tests. The Armijo test is certified:
+
+      f(x'_eps) + err' + err <= f(x_eps) - armijo * h.(theta - theta')
+      implies F(theta') <= F(theta) - armijo * h.(theta - theta'),
+
+  so the accepted chain is monotone in the true F and the returned point is the last accepted.
+  When the inexact values pass but the errors hide the decrease, the values are tightened, not
+  the step shortened.
+* **Warm starts** of x and q from the previous point (the runner keeps both).
+* **Stopping rule (SciPy's, on certified numbers).** "converged" once the decrease still
+  possible, estimated by the quasi-Newton model with the certified gradient bound,
+  1/2 (||h|| + w)^2 h.Hh/||h||^2, is at most ftol * max(|F|, 1): more digits of F would mean
+  nothing. Also "converged" when the certified ||grad F|| <= ||h|| + w <= gtol. The result
+  states the certificate ||grad F(theta)|| <= ||h|| + w at the returned point.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .options import QuasiNewtonOptions
+from .result import OptimizeStatus
+from .runner import Runner, StopRun, floor_stop
+
+__all__ = ["run_lbfgs"]
+
+#: Interpolated retries stay within [INTERP_LOW, INTERP_HIGH] times the rejected step.
+INTERP_LOW, INTERP_HIGH = 0.1, 0.5
+#: Without a pair of positive curvature the next steepest-descent step is this much longer.
+EXPAND = 2.0
+#: A trial move is at most this many times as long as the last accepted one.
+MOVE_GROWTH = 10.0
+#: A pair (s, y) enters the memory only with s.y > CURVATURE_MIN ||s|| ||y||.
+CURVATURE_MIN = 1e-10
+
+
+@dataclass
+class Point:
+    """An evaluated point: its hypergradient and certified value, and the tolerances used."""
+
+    theta: np.ndarray
+    hg: Any
+    h: np.ndarray
+    hn: float
+    bound: float
+    value: float
+    err: float
+    eps: float
+    delta: float
+    entry: dict
+
+
+def _distance_for_value(hg: Any, target: float) -> float:
+    """The e that makes ||grad f|| e + L_f/2 e^2 = target at hg's point (0 when L_f = inf)."""
+    parts = hg.samples if hg.samples is not None else [hg]
+    nb = max(float(r.grad_f_norm) for r in parts)
+    L_f = max(float(r.constants["L_f"]) for r in parts)
+    if not math.isfinite(L_f):
+        return 0.0
+    return 2 * target / (nb + math.sqrt(nb * nb + 2 * L_f * target))
+
+
+def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: QuasiNewtonOptions,
+              value_tol: float | None, step: float) -> Point:
+    """The hypergradient at theta with bound <= grad_rtol ||h|| and, with value_tol, the
+    certified value error <= value_tol (eps shrinks until it is; the accuracy floor stops)."""
+    while True:
+        hg = run.hypergradient(theta, eps, delta, rtol=o.grad_rtol)
+        h = np.array(hg.grad, dtype=float)
+        hn = float(np.linalg.norm(h))
+        err = run.value_error(hg)
+        used_eps = float(hg.e) if math.isfinite(hg.e) and hg.e > 0 else eps
+        entry = run.record(theta, hg.value, err, hn, hg.bound, used_eps, delta, step)
+        if not math.isfinite(err):
+            note = "value error bound not finite (L_f = inf): the line search is not certified"
+            if note not in run.notes:
+                run.notes.append(note)
+        if not hg.bound <= o.grad_rtol * hn:     # a zero trap or a capped round: tighten
+            eps, delta = min(eps, used_eps) * o.tau, delta * o.tau
+            if eps < o.min_eps:
+                raise floor_stop(run, hg, eps, f"the bound {hg.bound:.3g} was still above "
+                                 f"grad_rtol ||h|| = {o.grad_rtol * hn:.3g}")
+            continue
+        if value_tol is None or not math.isfinite(err) or err <= value_tol:
+            return Point(theta, hg, h, hn, float(hg.bound), float(hg.value), err,
+                         used_eps, max(float(hg.R), o.min_eps) if math.isfinite(hg.R) else delta,
+                         entry)
+        need = _distance_for_value(hg, 0.8 * value_tol)
+        eps = min(used_eps * o.tau, need) if need > 0 else used_eps * o.tau
+        if eps < o.min_eps:
+            raise floor_stop(run, hg, eps, f"the value error {err:.3g} was still above "
+                             f"{value_tol:.3g}, the share of the decrease the line search tests")
+
+
+def _direction(h: np.ndarray, pairs: deque, gamma: float) -> np.ndarray:
+    """-H h by L-BFGS's two-loop recursion; H0 = gamma I."""
+    q = h.copy()
+    alphas = []
+    for s, y, rho in reversed(pairs):
+        a = rho * float(s @ q)
+        q -= a * y
+        alphas.append(a)
+    r = gamma * q
+    for (s, y, rho), a in zip(pairs, reversed(alphas)):
+        b = rho * float(y @ r)
+        r += s * (a - b)
+    return -r
+
+
+def _interpolate(t: float, slope0: float, value0: float, value_t: float) -> float:
+    """The minimiser of the quadratic through (0, value0) with slope slope0 and (t, value_t),
+    kept within [INTERP_LOW t, INTERP_HIGH t]."""
+    curv = value_t - value0 - slope0 * t
+    guess = -slope0 * t * t / (2 * curv) if curv > 0 else INTERP_LOW * t
+    return min(max(guess, INTERP_LOW * t), INTERP_HIGH * t)
+
+
+def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float,
+                 o: QuasiNewtonOptions) -> tuple[Point | None, Point]:
+    """Trial points base.theta + t d, t = 1 first (shortened to a move of max_move), until one
+    passes the certified Armijo test: (accepted point or None, the base point, possibly
+    re-evaluated with tighter values)."""
+    length = float(np.linalg.norm(d))
+    t, share = min(1.0, max_move / length) if length > 0 else 1.0, o.value_share
+    for _ in range(o.max_backtracks):
+        new = run.project(base.theta + t * d)
+        move = new - base.theta
+        dec = -float(base.h @ move)
+        if dec <= base.bound * float(np.linalg.norm(move)):
+            return None, base                   # not a certified descent move (or none)
+        target = share * dec
+        if base.err > target:
+            base = _evaluate(run, base.theta, min(base.eps, _distance_for_value(base.hg, target)
+                                                  or base.eps), base.delta, o, target, 0.0)
+            continue
+        # the values' own need sets eps (the gradient's need is met by rtol rounds), so eps
+        # may loosen again from one point to the next
+        trial = _evaluate(run, new, _distance_for_value(base.hg, target) or base.eps,
+                          base.delta, o, target, t)
+        if trial.value + trial.err + base.err <= base.value - o.armijo * dec:
+            return trial, base
+        if trial.value <= base.value - o.armijo * dec:
+            share *= 0.25                       # the errors hide a real decrease: tighten
+            continue
+        slope0 = -dec
+        t = _interpolate(t, slope0, base.value, trial.value)
+    return None, base
+
+
+def _stationary(base: Point, d: np.ndarray, have_pairs: bool,
+                o: QuasiNewtonOptions) -> str | None:
+    """The stopping rule's message when it holds at base, else None."""
+    cert = base.hn + base.bound
+    if cert <= o.gtol:
+        return f"||grad F|| <= ||h|| + bound = {cert:.3g} <= gtol"
+    if not have_pairs or base.hn == 0:
+        return None
+    predicted = 0.5 * float(-(base.h @ d)) * (cert / base.hn) ** 2
+    scale = max(abs(base.value), 1.0)
+    if predicted <= o.ftol * scale:
+        return (f"F can decrease by about {predicted:.3g} more (quasi-Newton model, certified "
+                f"gradient) <= ftol * max(|F|, 1) = {o.ftol * scale:.3g}; ||grad F|| <= "
+                f"||h|| + bound = {cert:.3g} (certified)")
+    return None
+
+
+def run_lbfgs(run: Runner, theta: np.ndarray, o: QuasiNewtonOptions
+              ) -> tuple[OptimizeStatus, str]:
+    base = _evaluate(run, theta, o.eps0, o.delta0, o, None, math.nan)
+    run.accept(theta, base.entry)
+    pairs: deque = deque(maxlen=o.memory)
+    first = o.first_step if o.first_step is not None else min(1.0, base.hn)
+    gamma = first / base.hn if base.hn > 0 else 1.0
+    max_move = math.inf
+    for _ in range(o.max_iter):
+        d = _direction(base.h, pairs, gamma)
+        done = _stationary(base, d, bool(pairs), o)
+        if done is not None:
+            return OptimizeStatus.CONVERGED, done
+        trial, base = _line_search(run, base, d, max_move, o)
+        if trial is None and pairs:             # the quasi-Newton step failed: steepest descent
+            pairs.clear()
+            trial, base = _line_search(run, base, _direction(base.h, pairs, gamma), max_move, o)
+        if trial is None:
+            raise StopRun(OptimizeStatus.STALLED,
+                          f"no trial step passed the certified decrease test; ||grad F|| <= "
+                          f"||h|| + bound = {base.hn + base.bound:.3g} (certified)")
+        s, y = trial.theta - base.theta, trial.h - base.h
+        max_move = MOVE_GROWTH * float(np.linalg.norm(s))
+        sy = float(s @ y)
+        if sy > CURVATURE_MIN * float(np.linalg.norm(s) * np.linalg.norm(y)):
+            pairs.append((s, y, 1.0 / sy))
+            gamma = sy / float(y @ y)
+        elif not pairs:
+            gamma *= EXPAND                     # F is not convex along s: longer steps
+        base = trial
+        run.accept(base.theta, base.entry)
+        run.iterations += 1
+    return OptimizeStatus.MAX_ITER, f"{o.max_iter} iterations"

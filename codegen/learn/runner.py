@@ -1,0 +1,312 @@
+"""The bookkeeping every upper-level method shares: the work and time budgets, warm starts of
+x (and q), the certified value errors, the history, the returned point, progress and callback.
+
+A method asks the runner for hypergradients and values; the runner counts their work in E&R's
+unit (lower gradients + HVPs over all samples; cross products are not counted), caps every
+solve at the remaining budget (so a run overshoots by at most one solve), and raises StopRun
+when a budget is spent or the callback asks to stop.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from ..errors import HypergenError
+from ..hypergrad import hypergradient, hypergradient_samples, solve_lower
+from ..hypergrad.solvers import checked_constants
+from .options import CommonOptions
+from .result import OptimizeStatus
+
+__all__ = ["StopRun", "Runner", "value_error_bound", "short_theta", "progress_bar"]
+
+#: Distinct non-"ok" hypergradient statuses kept in the result's notes.
+MAX_NOTES = 20
+
+
+class StopRun(Exception):
+    """Ends a run with a status and a message (raised by the runner or a method)."""
+
+    def __init__(self, status: OptimizeStatus, message: str = ""):
+        super().__init__(status, message)
+        self.status, self.message = status, message
+
+
+def value_error_bound(grad_f_norm: float, e: float, L_f: float) -> float:
+    """Certified bound on |f(x_eps) - f(x*)| for ||x_eps - x*|| <= e (docs/bounds.md 13):
+    ||grad f(x_eps)|| e + L_f/2 e^2, with L_f valid on the ball B(x_eps, e)."""
+    if e == 0:
+        return 0.0
+    if not math.isfinite(e):
+        return math.inf
+    return grad_f_norm * e + (0.5 * L_f * e * e)
+
+
+def short_theta(theta: np.ndarray) -> str:
+    th = np.asarray(theta)
+    if th.size <= 4:
+        return np.array2string(th, precision=4, separator=", ")
+    return f"<{th.size} entries, norm {np.linalg.norm(th):.4g}>"
+
+
+def progress_bar(progress: Any, budget: float | None) -> Any:
+    """A tqdm bar over the work budget, or None (progress=None: only when stderr is a tty)."""
+    if progress is None:
+        progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=int(budget) if budget else None, unit="work", leave=True,
+                desc="hypergen optimize", dynamic_ncols=True)
+
+
+def _finite_call(fn: Any, *args: Any) -> np.ndarray | None:
+    """A kernel's output as a float64 array, or None when it fails or is not finite."""
+    try:
+        out = np.asarray(fn(*args), dtype=np.float64)
+    except (HypergenError, FloatingPointError, OverflowError):
+        return None
+    return out if np.isfinite(out).all() else None
+
+
+def _score(entry: dict) -> tuple[float, float]:
+    """Points ranked by the certified upper bound value + value_error on F(theta) (ties to the
+    later point), then by the value when no finite error bound is known."""
+    ub = entry["value"] + entry["value_error"]
+    return (ub if math.isfinite(ub) else math.inf, entry["value"])
+
+
+class Runner:
+    """The state of one run (see the module docstring).
+
+    select "certified": the returned point is the recorded one with the smallest certified
+    upper bound on F; "accepted": the last point a method passed to `accept`.
+    warm_adjoint: the adjoint starts from the previous q (else from 0)."""
+
+    def __init__(self, problem: Any, theta_size: int, options: CommonOptions,
+                 lo: np.ndarray, hi: np.ndarray, select: str = "certified",
+                 warm_adjoint: bool = False):
+        self.problem = problem
+        self.options = options
+        self.multi = hasattr(problem, "samples")
+        self.kernels = list(problem.samples) if self.multi else [problem]
+        self.theta_size = theta_size
+        self.lo, self.hi = lo, hi
+        self.select, self.warm_adjoint = select, warm_adjoint
+        self.record_theta = options.records_theta(theta_size)
+        self.bar = progress_bar(options.progress, options.work_budget)
+        self.t0 = time.perf_counter()
+        self.work = 0
+        self.iterations = 0
+        self.x: Any = None             # warm start: an array, or a list per sample
+        self.q: Any = None
+        self.history: list[dict] = []
+        self.best: tuple[np.ndarray, dict] | None = None
+        self.best_score = (math.inf, math.inf)
+        self.last_hg: Any = None
+        self.notes: list[str] = []
+        self.pending: tuple | None = None   # an accepted point without a hypergradient yet
+        self.floor_reason = ""
+
+    # -- accounting ------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def check(self) -> None:
+        o = self.options
+        if o.work_budget is not None and self.work >= o.work_budget:
+            raise StopRun(OptimizeStatus.BUDGET, f"work budget of {o.work_budget:g} units spent")
+        if o.seconds_budget is not None and self.elapsed() >= o.seconds_budget:
+            raise StopRun(OptimizeStatus.TIME, f"time budget of {o.seconds_budget:g} s spent")
+
+    def cap(self) -> int:
+        """Iteration cap of the next solve: the solver cap, or less when the budget is short."""
+        budget = self.options.work_budget
+        if budget is None:
+            return self.options.solver_cap
+        return int(max(1, min(self.options.solver_cap, math.ceil(budget - self.work))))
+
+    def add_work(self, units: int) -> None:
+        self.work += int(units)
+        if self.bar is not None:
+            self.bar.update(int(units))
+
+    def project(self, theta: np.ndarray) -> np.ndarray:
+        return np.clip(theta, self.lo, self.hi)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    # -- oracles ---------------------------------------------------------------------------
+    def hypergradient(self, theta: np.ndarray, eps: float, delta: float,
+                      rtol: float | None = None) -> Any:
+        """The (sample-averaged) hypergradient at theta, warm-started from the last x (and q
+        when warm_adjoint); with rtol, solved until bound <= rtol ||h||."""
+        self.check()
+        o = self.options
+        q0 = self.q if self.warm_adjoint else None
+        kw = dict(lower=o.lower, adjoint=o.adjoint, eps=eps, delta=delta, x0=self.x, q0=q0,
+                  max_iter=self.cap(), refine_iter=o.refine, rtol=rtol)
+        try:
+            hg = (hypergradient_samples(self.kernels, theta, **kw) if self.multi
+                  else hypergradient(self.problem, theta, **kw))
+        except HypergenError as exc:
+            raise StopRun(OptimizeStatus.FAILED,
+                          f"hypergradient at theta = {short_theta(theta)}: {exc}") from None
+        self.add_work(hg.work["units"])
+        self.last_hg = hg
+        if hg.status != "ok":
+            for reason in hg.status.split("; "):
+                if reason not in self.notes and len(self.notes) < MAX_NOTES:
+                    self.notes.append(reason)
+        if not hg.usable:
+            raise StopRun(OptimizeStatus.FAILED, f"no usable hypergradient at theta = "
+                                                 f"{short_theta(theta)}: {hg.status}")
+        self._keep_warm(hg)
+        return hg
+
+    def _keep_warm(self, hg: Any) -> None:
+        xs = hg.x if self.multi else [hg.x]
+        if all(x is not None and np.all(np.isfinite(x)) for x in xs):
+            self.x = [np.array(x) for x in xs] if self.multi else np.array(hg.x)
+        qs = hg.q if self.multi else [hg.q]
+        if all(q is not None and np.all(np.isfinite(q)) for q in qs):
+            self.q = [np.array(q) for q in qs] if self.multi else np.array(hg.q)
+
+    def value_error(self, hg: Any) -> float:
+        """Certified bound on |f(x_eps) - f(x*)| (mean over samples) with e the certified
+        ||x_eps - x*|| and L_f the hypergradient's own (ball-local where that is finite)."""
+        parts = hg.samples if self.multi else [hg]
+        return float(np.mean([value_error_bound(r.grad_f_norm, r.e, r.constants["L_f"])
+                              for r in parts]))
+
+    def _lipschitz_f(self, k: Any, x: np.ndarray, theta: np.ndarray, e: float) -> float:
+        """L_f valid on B(x, e), which holds the segment [x, x*]: the global one, or the
+        ball-local one when the global is infinite (exp links: docs/framework.md 8)."""
+        L_f = float(checked_constants(k, theta)["L_f"])
+        if math.isfinite(L_f) or not hasattr(k, "local_constants") or not math.isfinite(e):
+            return L_f
+        try:
+            local = k.local_constants(x, theta, e).get("L_f")
+        except (HypergenError, FloatingPointError, OverflowError):
+            return L_f
+        return L_f if local is None else min(L_f, float(local))
+
+    def value_at(self, theta: np.ndarray, eps: float, x0: Any) -> tuple[float, float, Any]:
+        """Inexact value f(x_eps(theta)) (mean over samples), its certified error bound and the
+        lower solutions; one lower solve per sample, warm-started from x0. (inf, inf, None)
+        when a solve or the value fails."""
+        self.check()
+        cap = self.cap()
+        x0s = x0 if self.multi else [x0]
+        vals, errs, xs = [], [], []
+        for s, k in enumerate(self.kernels):
+            try:
+                low = solve_lower(k, theta, solver=self.options.lower, tol=eps,
+                                  x0=None if x0s is None else x0s[s], max_iter=cap)
+            except HypergenError:
+                return math.inf, math.inf, None
+            self.add_work(low.work)
+            if low.grad is None or not np.all(np.isfinite(low.x)):
+                return math.inf, math.inf, None
+            try:
+                v = float(k.upper_value(low.x, theta))
+            except (HypergenError, FloatingPointError, OverflowError):
+                return math.inf, math.inf, None
+            b = _finite_call(k.upper_grad, low.x, theta)
+            if b is None or not math.isfinite(v):
+                return math.inf, math.inf, None
+            vals.append(v)
+            errs.append(value_error_bound(float(np.linalg.norm(b)), low.bound,
+                                          self._lipschitz_f(k, low.x, theta, low.bound)))
+            xs.append(low.x)
+        return float(np.mean(vals)), float(np.mean(errs)), (xs if self.multi else xs[0])
+
+    # -- history ---------------------------------------------------------------------------
+    def record(self, theta: np.ndarray, value: float, value_error: float, grad_norm: float,
+               bound: float, eps: float, delta: float, step_size: float,
+               notify: bool = True) -> dict:
+        """Append one history entry; update the returned point ("certified" selection); call
+        the callback (StopRun "callback" when it returns True)."""
+        entry = {
+            "step": len(self.history),
+            "theta": [float(v) for v in theta] if self.record_theta else None,
+            "value": float(value), "value_error": float(value_error),
+            "grad_norm": float(grad_norm), "bound": float(bound),
+            "eps": float(eps), "delta": float(delta), "step_size": float(step_size),
+            "work": int(self.work), "time": self.elapsed(),
+        }
+        self.history.append(entry)
+        score = _score(entry)
+        if self.select == "certified" and math.isfinite(entry["value"]) \
+                and (self.best is None or score <= self.best_score):
+            self.best, self.best_score = (np.array(theta, dtype=float), entry), score
+        if self.bar is not None:
+            self.bar.set_postfix(value=f"{value:.6g}", h=f"{grad_norm:.2g}", bound=f"{bound:.2g}",
+                                 eps=f"{eps:.1g}", refresh=False)
+        callback = self.options.callback
+        if notify and callback is not None and callback(dict(entry)) is True:
+            raise StopRun(OptimizeStatus.CALLBACK, "the callback asked to stop")
+        return entry
+
+    def accept(self, theta: np.ndarray, entry: dict) -> None:
+        """The method's current point ("accepted" selection: the point returned)."""
+        self.best = (np.array(theta, dtype=float), entry)
+
+    def flush_pending(self) -> None:
+        """Record an accepted point that has no hypergradient yet (its value is certified)."""
+        if self.pending is not None:
+            args, self.pending = self.pending, None
+            entry = self.record(*args, notify=False)
+            if self.select == "accepted":
+                self.accept(args[0], entry)
+
+
+def shrink_to_accuracy(run: Runner, theta: np.ndarray, eps: float, delta: float, frac: float,
+                       tau: float, value_tol: Any = None) -> tuple[Any, float, float, bool]:
+    """Shrink eps, delta by tau until bound <= frac * ||h|| (and, if value_tol is given, the
+    certified value error <= value_tol(||h||)). Returns (hg, eps, delta, ok); ok is False when
+    eps would fall below min_eps (the last hg is returned; run.floor_reason says why)."""
+    while True:
+        hg = run.hypergradient(theta, eps, delta)
+        hn = float(np.linalg.norm(hg.grad))
+        grad_ok = hg.bound <= frac * hn
+        verr = run.value_error(hg) if value_tol is not None else 0.0
+        if not math.isfinite(verr):
+            note = "value error bound not finite (L_f = inf?): values are not certified"
+            if note not in run.notes:
+                run.notes.append(note)
+        value_ok = value_tol is None or not math.isfinite(verr) or verr <= value_tol(hn)
+        if grad_ok and value_ok:
+            return hg, eps, delta, True
+        if not math.isfinite(hg.bound):
+            raise StopRun(OptimizeStatus.FAILED, f"the a posteriori bound is not finite "
+                                                 f"({hg.status}): the accuracy test cannot pass")
+        if eps * tau < run.options.min_eps:
+            run.floor_reason = (
+                f"the bound ({hg.bound:.3g}) was still above {frac:g} ||h|| = {frac * hn:.3g}"
+                if not grad_ok else
+                f"the value error bound ({verr:.3g}) was still above {value_tol(hn):.3g}, a "
+                f"fraction of the change the line search must see")
+            return hg, eps, delta, False
+        eps *= tau
+        delta *= tau
+
+
+def floor_stop(run: Runner, hg: Any, eps: float, reason: str = "") -> StopRun:
+    """The stop at the accuracy floor: "converged" when the certificate meets gtol anyway."""
+    hn = float(np.linalg.norm(hg.grad))
+    cert = hn + hg.bound
+    if cert <= run.options.gtol:
+        return StopRun(OptimizeStatus.CONVERGED, f"||grad F|| <= ||h|| + bound = {cert:.3g}")
+    why = reason or run.floor_reason or "the tests needed a smaller eps"
+    return StopRun(OptimizeStatus.ACCURACY_FLOOR,
+                   f"eps = {eps:.3g} reached min_eps = {run.options.min_eps:g}: {why}; "
+                   f"certified ||grad F|| <= ||h|| + bound = {cert:.3g}")
