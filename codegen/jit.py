@@ -1,6 +1,6 @@
 """Stage: a rendered C translation unit -> a loaded cffi extension module, behind a content-addressed cache.
 
-Why it is built this way (notes/codegen.md, section 2):
+Why it is built this way (docs/compiler.md section 10):
 
 - Staleness is decided by content only. The key hashes everything that can change the binary (source,
   cdef, flags, compiler identity, Python ABI, cffi and hypergen versions, templates), never mtimes.

@@ -98,7 +98,7 @@ def generate_cached(problem: Problem, allow_uncertified: bool = False) -> dict:
     digest of the generator's own sources and templates, so any change to either misses. A
     corrupt entry is regenerated; entries are published atomically (os.replace).
     """
-    key = _symbolic_key(problem, allow_uncertified)
+    key = symbolic_key(problem, allow_uncertified)
     path = cache_root(None) / "symbolic" / key[:2] / f"{key}.json"
     try:
         return json.loads(path.read_text())
@@ -116,7 +116,8 @@ def generate_cached(problem: Problem, allow_uncertified: bool = False) -> dict:
     return texts
 
 
-def _symbolic_key(problem: Problem, allow_uncertified: bool) -> str:
+def symbolic_key(problem: Problem, allow_uncertified: bool) -> str:
+    """The symbolic cache's key: what the generated texts depend on (docs/compiler.md 10)."""
     h = hashlib.sha256()
     canonical = [problem.name, sp.srepr(problem.g), sp.srepr(problem.f), sp.srepr(problem.r),
                  [(a.name, a.role, a.sparse, [sp.srepr(e) for e in a.shape])

@@ -8,6 +8,9 @@ Log-sum-exp is handled structurally by the lowering (max shifted out), not here.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import sympy as sp
 
 
@@ -16,21 +19,23 @@ class softplus(sp.Function):
 
     nargs = 1
 
-    def fdiff(self, argindex=1):
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
         return sigmoid(self.args[0])
 
     @classmethod
-    def eval(cls, z):
+    def eval(cls, z: sp.Expr) -> sp.Expr | None:
         if z.is_Number and z == 0:
             return sp.log(2)
+        return None
 
-    def _eval_rewrite_as_log(self, z, **kwargs):
+    def _eval_rewrite_as_log(self, z: sp.Expr, **kwargs: Any) -> sp.Expr:
         return sp.log(1 + sp.exp(z))
 
-    def _eval_is_real(self):
-        return self.args[0].is_real
+    def _eval_is_real(self) -> bool | None:
+        real: bool | None = self.args[0].is_real
+        return real
 
-    def _eval_is_positive(self):
+    def _eval_is_positive(self) -> bool | None:
         return True if self.args[0].is_real else None
 
 
@@ -39,22 +44,24 @@ class sigmoid(sp.Function):
 
     nargs = 1
 
-    def fdiff(self, argindex=1):
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
         # sigmoid(z) sigmoid(-z), not s (1 - s): 1 - s cancels to 0 for z > 37 (true e^-z).
         return sigmoid(self.args[0]) * sigmoid(-self.args[0])
 
     @classmethod
-    def eval(cls, z):
+    def eval(cls, z: sp.Expr) -> sp.Expr | None:
         if z.is_Number and z == 0:
             return sp.Rational(1, 2)
+        return None
 
-    def _eval_rewrite_as_exp(self, z, **kwargs):
+    def _eval_rewrite_as_exp(self, z: sp.Expr, **kwargs: Any) -> sp.Expr:
         return 1 / (1 + sp.exp(-z))
 
-    def _eval_is_real(self):
-        return self.args[0].is_real
+    def _eval_is_real(self) -> bool | None:
+        real: bool | None = self.args[0].is_real
+        return real
 
-    def _eval_is_positive(self):
+    def _eval_is_positive(self) -> bool | None:
         return True if self.args[0].is_real else None
 
 
@@ -64,7 +71,7 @@ ALLOWED_FUNCTIONS = frozenset({
 })
 
 
-def _one_plus_exp(expr):
+def _one_plus_exp(expr: sp.Expr) -> sp.Expr | None:
     """Return u if expr == 1 + exp(u) (in any term order), else None."""
     if isinstance(expr, sp.Add) and len(expr.args) == 2 and sp.S.One in expr.args:
         other = expr.args[0] if expr.args[1] == 1 else expr.args[1]
@@ -76,7 +83,7 @@ def _one_plus_exp(expr):
 def stabilise(expr: sp.Expr) -> sp.Expr:
     """Rewrite log(1 + exp(u)) -> softplus(u) and 1/(1 + exp(-u)), exp(u)/(1 + exp(u)) -> sigmoid(u)."""
 
-    def rewrite(node):
+    def rewrite(node: sp.Basic) -> sp.Basic:
         if isinstance(node, sp.log):
             u = _one_plus_exp(node.args[0])
             if u is not None:
@@ -98,7 +105,7 @@ def stabilise(expr: sp.Expr) -> sp.Expr:
     return _bottom_up(expr, rewrite)
 
 
-def _bottom_up(expr, fn):
+def _bottom_up(expr: sp.Basic, fn: Callable[[sp.Basic], sp.Basic]) -> sp.Basic:
     if not expr.args or isinstance(expr, (sp.Indexed, sp.Idx)):
         return expr
     args = [_bottom_up(a, fn) if isinstance(a, sp.Basic) else a for a in expr.args]

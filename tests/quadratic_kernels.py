@@ -1,11 +1,11 @@
 """Plain-NumPy kernels of test problems with exact hypergradients, for tests/test_framework.py.
 
 Each class implements the abstract kernel interface the solvers program against (see
-codegen/solvers.py): lower_value/grad/hvp, cross_vjp/jvp, upper_value/grad/theta_grad,
+docs/interface.md section 3.1): lower_value/grad/hvp, cross_vjp/jvp, upper_value/grad/theta_grad,
 constants(theta), x_size, theta_size, is_quadratic, upper_depends_on_theta; plus, for testing,
 x_star(theta) and exact_hypergradient(theta).
 
-* PaperQuadratic: framework.md 10.1 (Li, Gu & Huang), f = ||M x - b||^2,
+* PaperQuadratic: docs/framework.md 10.1 (Li, Gu & Huang), f = ||M x - b||^2,
   g = ||C theta + D x - e||^2, closed forms for everything.
 * Ridge: g = 1/2||K x - y||^2 + e^theta/2 ||x||^2, f = 1/(2p)||Kv x - yv||^2; optionally
   f += c e^theta w.x (f depends on theta: L_ft) and r(theta) = rho/2 theta^2.
@@ -46,7 +46,7 @@ class PaperQuadratic:
 
     @classmethod
     def generate(cls, seed=0, m1=1000, m2=1000, d=10, p=10):
-        """framework.md 10.1 generator (NumPy legacy RandomState; draw order is ours)."""
+        """docs/framework.md 10.1 generator (NumPy legacy RandomState; draw order is ours)."""
         rs = np.random.RandomState(seed)
         M, C, D = rs.rand(m1, d), rs.rand(m2, p), rs.rand(m2, d)
         u1, u2, u3 = rs.rand(d), rs.rand(p), rs.rand(d)
@@ -182,7 +182,7 @@ class Ridge:
 
 class Logistic:
     """l2-regularised logistic regression, labels folded into the rows (Z = y * K).
-    Constants (notes/constants.md): mu = e^theta, L = ||K||^2/(4m) + e^theta,
+    Constants (docs/constants.md 2): mu = e^theta, L = ||K||^2/(4m) + e^theta,
     L_A = (sqrt3/18)||K||^2 max_i||k_i||/m, L_B = e^theta, L_f = ||Kv||^2/(4 p)."""
 
     is_quadratic = False

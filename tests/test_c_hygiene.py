@@ -1,4 +1,4 @@
-"""C hygiene of the generated sources (codegen.md 4, items 4-5).
+"""C hygiene of the generated sources (docs/compiler.md 12, items 4-5).
 
 * every example's source compiles warning-free with -std=c99 -Wall -Wextra -Werror -pedantic, alone
   and in one translation unit with its header (so the header's prototypes match the definitions);
@@ -9,11 +9,16 @@
   sizes 9-11 for the jammed loops, and all sizes = 1) and expects status 0; with every size = 0
   and NULL pointers it expects status 2;
 * determinism: two fresh interpreters with different PYTHONHASHSEEDs generate byte-identical files,
-  which are also byte-identical to the committed generated/<name>/.
+  which are also byte-identical to the committed generated/<name>/. A mismatch shows as a unified
+  diff. After a deliberate change of the generated code, rewrite generated/ through
+  `hypergen build` and review the diff before committing it:
+
+      HYPERGEN_UPDATE_GOLDEN=1 python -m pytest -q tests/test_c_hygiene.py -k golden
+      git diff generated/
 """
+import difflib
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -21,16 +26,14 @@ import sys
 import pytest
 import sympy as sp
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from codegen.pipeline import generate
 
-from codegen.pipeline import generate, load_problem_file  # noqa: E402
+from support import GOLDEN_EXAMPLES, ROOT, load_example
 
+# The sanitizer driver's examples (dense data only); determinism and golden files cover all.
 EXAMPLES = ("ridge", "logistic", "quadratic", "tv1d", "hypercleaning")
 GOLDEN_FILES = ("hg_{name}.c", "hg_{name}.h", "meta.json", "__init__.py", "constants.json")
-# Determinism and golden files cover every example, sparse ones included (the driver does not).
-GOLDEN_EXAMPLES = EXAMPLES + ("logistic_sparse", "tv2d")
+UPDATE_GOLDEN = os.environ.get("HYPERGEN_UPDATE_GOLDEN") == "1"
 CC = os.environ.get("CC", "cc")
 STRICT = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-fopenmp-simd"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g",
@@ -42,8 +45,7 @@ _TEXTS = {}
 def texts(name):
     """generate() of one example, memoised per test session."""
     if name not in _TEXTS:
-        (problem,) = load_problem_file(ROOT / "examples" / f"{name}.py")
-        _TEXTS[name] = generate(problem)
+        _TEXTS[name] = generate(load_example(name).problem)
     return _TEXTS[name]
 
 
@@ -331,12 +333,41 @@ def test_fresh_processes_byte_identical(fresh_builds, name):
         assert a[name][f] == b[name][f], f"{name}/{f} differs between PYTHONHASHSEED=1 and 987"
 
 
+def golden_diff(committed: str, fresh: str, path: str, limit: int = 120) -> str:
+    """The unified diff from the committed file to the fresh one (at most `limit` lines)."""
+    lines = list(difflib.unified_diff(committed.splitlines(keepends=True),
+                                      fresh.splitlines(keepends=True),
+                                      f"{path} (committed)", f"{path} (generated now)"))
+    more = f"... {len(lines) - limit} more diff lines\n" if len(lines) > limit else ""
+    return "".join(lines[:limit]) + more
+
+
+def test_golden_diff_shows_the_changed_line():
+    diff = golden_diff("a\nb\nc\n", "a\nB\nc\n", "hg_x.c")
+    assert "-b\n" in diff and "+B\n" in diff and "hg_x.c (committed)" in diff
+    assert golden_diff("same\n", "same\n", "f") == ""
+
+
+def update_golden(name: str) -> None:
+    """Rewrite generated/<name>/ the way a developer would: `hypergen build` from the root."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    res = run([sys.executable, "-m", "codegen", "build", f"examples/{name}.py", "--out",
+               "generated"], cwd=ROOT, env=env)
+    assert res.returncode == 0, f"hypergen build examples/{name}.py failed:\n{res.stderr}"
+
+
 @pytest.mark.parametrize("name", GOLDEN_EXAMPLES)
 def test_committed_golden_up_to_date(fresh_builds, name):
+    if UPDATE_GOLDEN:
+        update_golden(name)
     fresh = fresh_builds[0][name]
-    hint = f"run `python -m codegen build examples/{name}.py --out generated` from the repo root"
+    hint = ("if the change is intended: HYPERGEN_UPDATE_GOLDEN=1 python -m pytest -q "
+            "tests/test_c_hygiene.py -k golden, then review `git diff generated/`")
     for pattern in GOLDEN_FILES:
         f = pattern.format(name=name)
         path = ROOT / "generated" / name / f
         assert path.is_file(), f"generated/{name}/{f} is missing; {hint}"
-        assert path.read_text() == fresh[f], f"generated/{name}/{f} is stale; {hint}"
+        committed = path.read_text()
+        assert committed == fresh[f], (f"generated/{name}/{f} differs from what the generator "
+                                       f"writes now; {hint}\n"
+                                       + golden_diff(committed, fresh[f], f"generated/{name}/{f}"))

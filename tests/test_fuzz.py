@@ -12,11 +12,9 @@
 import itertools
 import math
 import os
-import pathlib
 import re
 import shutil
 import subprocess
-import sys
 
 import mpmath
 import numpy as np
@@ -25,17 +23,13 @@ import sympy as sp
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-for _p in (str(ROOT), str(ROOT / "tests")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from codegen import Problem, ProblemError, sigmoid, softplus
+from codegen.compiler.emit.printer import print_expr
+from codegen.jit import default_flags
+from codegen.pipeline import build_problem, generate
 
-from codegen import Problem, ProblemError, sigmoid, softplus  # noqa: E402
-from codegen.compiler.emit.printer import print_expr  # noqa: E402
-from codegen.jit import default_flags  # noqa: E402
-from codegen.pipeline import build_problem, generate, load_problem_file  # noqa: E402
-
-from oracle import Oracle  # noqa: E402
+from oracle import Oracle
+from support import load_example
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*constants not certified")
 CC = os.environ.get("CC", "cc")
@@ -324,7 +318,7 @@ def evaluate(expr, env):
 
 def primitive_helpers():
     """hg_softplus and hg_sigmoid as the generator emits them (taken from a generated source)."""
-    (problem,) = load_problem_file(ROOT / "examples" / "logistic.py")
+    problem = load_example("logistic").problem
     source = generate(problem)["source"]
     found = [re.search(r"static inline double " + fn + r"\(double z\)\n\{.*?\n\}\n", source, re.S)
              for fn in ("hg_softplus", "hg_sigmoid")]
@@ -438,7 +432,7 @@ def test_primitives_extreme_arguments(c_batch):
 def test_logistic_extreme_margins(build_dir):
     """Logistic regression with margins y_i (A x)_i up to |800|: every kernel finite and equal
     to the oracle (which evaluates log(1 + exp(z)) in 30-digit mpmath)."""
-    (problem,) = load_problem_file(ROOT / "examples" / "logistic.py")
+    problem = load_example("logistic").problem
     module = build_problem(problem, build_dir, allow_uncertified=True)
     rng = np.random.default_rng(7)
     mm, nn, pp = 4, 3, 3
@@ -461,7 +455,7 @@ def test_logistic_extreme_margins(build_dir):
 
 def test_hypercleaning_extreme_weights(build_dir):
     """theta_i = +-800 inside sigmoid(theta_i) (the per-sample weights): finite and exact."""
-    (problem,) = load_problem_file(ROOT / "examples" / "hypercleaning.py")
+    problem = load_example("hypercleaning").problem
     module = build_problem(problem, build_dir, allow_uncertified=True)
     rng = np.random.default_rng(3)
     cc_, nn, mm, mv = 2, 2, 3, 2
@@ -477,7 +471,7 @@ def test_hypercleaning_extreme_weights(build_dir):
 # -- 4. the allow-list ------------------------------------------------------------------------
 @pytest.mark.parametrize("fn", [sp.gamma, sp.erfc, sp.acos, sp.floor, sp.loggamma])
 def test_printer_refuses_functions_outside_allow_list(fn):
-    """codegen.md 4.6: the printer must raise on functions outside primitives.ALLOWED_FUNCTIONS."""
+    """docs/compiler.md 8: the printer must raise on functions outside primitives.ALLOWED_FUNCTIONS."""
     with pytest.raises(ProblemError):
         print_expr(fn(a), {})
 

@@ -7,8 +7,8 @@
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES, TINY, built_example
 from oracle import Oracle
+from support import EXAMPLES, TINY, built_example
 
 KERNELS = ["lower_value", "lower_grad", "lower_hvp", "cross_vjp", "cross_jvp", "upper_value",
            "upper_grad", "upper_theta_grad"]

@@ -2,15 +2,15 @@
 
 The numbers the jammed loops compute are checked against the oracle in test_kernels.py,
 test_language.py and test_fuzz.py (sizes above JAM, so the remainder loops run too); here the
-legality test and the merge are pinned down on hand-made IR.
+legality test and the merge are pinned down on hand-made IR, and the loops of the examples'
+kernels on the emitter's loop tree (tests/support/loops.py), not on the C text.
 """
-import re
-from pathlib import Path
-
 import sympy as sp
 
 from codegen.compiler import ir
-from codegen.compiler.emit.loopnest import JAM, Node, _iterations_independent, _paren, jam
+from codegen.compiler.emit.loopnest import JAM, Node, as_operand, iterations_independent, jam
+
+from support import kernel_body, kernel_names, load_example, loops_of
 
 m, n = sp.symbols("m n", integer=True, positive=True)
 i, j = sp.symbols("i j", integer=True)
@@ -32,7 +32,7 @@ SCATTER = stmt(("out", (j,), A[i, j] * s[i]))           # out += a_i s_i    (a s
 
 
 def test_row_local_temporaries_and_sum_reductions_are_independent():
-    assert _iterations_independent([DOT, SCATTER], ARRAYS)
+    assert iterations_independent([DOT, SCATTER], ARRAYS)
 
 
 def test_dependences_between_rows_forbid_jamming():
@@ -42,7 +42,7 @@ def test_dependences_between_rows_forbid_jamming():
     scatter_to_rows = stmt(("s", (i + 1,), A[i, j]))    # row i writes row i + 1's slot
     for group in ([DOT, previous_row], [SCATTER, reads_reduction], [shared_max],
                   [scatter_to_rows]):
-        assert not _iterations_independent(group, ARRAYS), group
+        assert not iterations_independent(group, ARRAYS), group
 
 
 def test_jam_merges_equal_loops_and_keeps_different_ones_apart():
@@ -63,15 +63,35 @@ def test_jam_merges_equal_loops_and_keeps_different_ones_apart():
     assert jam([[Node("a;")], [Node("b;"), Node("c;")]]) == [Node("a;"), Node("b;"), Node("c;")]
 
 
-def test_paren():
-    assert [_paren(c) for c in ("m", "12", "h - 1", "m*n")] == ["m", "12", "(h - 1)", "(m*n)"]
+def test_as_operand():
+    assert [as_operand(c) for c in ("m", "12", "h - 1", "m*n")] == ["m", "12", "(h - 1)", "(m*n)"]
 
 
-def test_generated_c_jams_dense_rows_not_csr_rows():
-    root = Path(__file__).resolve().parent.parent / "generated"
-    dense = (root / "logistic" / "hg_logistic.c").read_text()
-    assert f"for (int64_t i = 0; i < m - m % {JAM}; i += {JAM})" in dense
-    assert f"for (int64_t i = m - m % {JAM}; i < m; ++i)" in dense
-    sparse = (root / "logistic_sparse" / "hg_logistic_sparse.c").read_text()
-    hvp = re.search(r"int hg_logistic_sparse_lower_hvp\(.*?\n}\n", sparse + "\n", re.S).group(0)
-    assert "A_indptr" in hvp and f"+= {JAM})" not in hvp
+def test_dense_row_loop_is_jammed_with_a_remainder():
+    """Logistic HVP: rows i..i+JAM-1 share one sweep over j (2 dot products per row: a_i . x and
+    a_i . v, so 2 JAM accumulators), then a serial remainder loop runs the last m % JAM rows."""
+    loops = loops_of(kernel_body(load_example("logistic").problem, "lower_hvp"))
+    main, rest = [lp for lp in loops if lp.depth == 0 and lp.var == "i"]
+    assert (main.start, main.stop, main.step) == ("0", f"m - m % {JAM}", JAM)
+    assert (rest.start, rest.stop, rest.step) == (f"m - m % {JAM}", "m", 1)
+    assert main.parallel and not rest.parallel
+    row_sweeps = [loops_of([child])[0] for child in main.node.children if child.loop]
+    assert row_sweeps[0].var == "j" and row_sweeps[0].simd
+    assert len(row_sweeps[0].node.simd) == 2 * JAM
+    remainder_sweeps = [loops_of([child])[0] for child in rest.node.children if child.loop]
+    assert len(remainder_sweeps[0].node.simd) == 2
+
+
+def test_csr_rows_are_never_jammed():
+    """Sparse logistic: every kernel walks the stored entries of a row (A_indptr[i] to
+    A_indptr[i + 1]) inside a row loop of step 1."""
+    problem = load_example("logistic_sparse").problem
+    for kernel in kernel_names(problem):
+        loops = loops_of(kernel_body(problem, kernel))
+        assert all(lp.step == 1 for lp in loops), kernel
+    loops = loops_of(kernel_body(problem, "lower_hvp"))
+    rows = [lp for lp in loops if lp.depth == 0 and lp.var == "i"]
+    assert len(rows) == 1 and rows[0].parallel
+    walks = [lp for lp in loops if lp.depth == 1]
+    assert walks and all(lp.walks_csr_row and lp.start == "A_indptr[i]"
+                         and lp.stop == "A_indptr[i + 1]" for lp in walks)

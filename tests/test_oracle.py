@@ -1,23 +1,17 @@
 """The unrolled SymPy oracle (tests/oracle.py) against closed forms, and every example problem
 against its own oracle (symmetry, transposes, finite differences) at tiny sizes."""
-import pathlib
-import runpy
 import sys
 
 import numpy as np
 import pytest
 import sympy as sp
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-for _p in (str(ROOT), str(ROOT / "tests")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from codegen import Problem
 
-from codegen import Problem  # noqa: E402
+from oracle import Oracle
+from support import load_example
 
-from oracle import Oracle  # noqa: E402
-
-EXAMPLES = ROOT / "examples"
+# Smaller than support.TINY: the oracle's own Hessians and cross matrices unroll everything.
 TINY = {
     "ridge": dict(m=5, n=4, p=3),
     "logistic": dict(m=5, n=3, p=4),
@@ -25,14 +19,6 @@ TINY = {
     "tv1d": dict(n=5),
     "hypercleaning": dict(c=3, n=4, m=5, mv=3),
 }
-
-
-def load_example(name):
-    ns = runpy.run_path(str(EXAMPLES / f"{name}.py"))
-    problems = [v for v in ns.values() if isinstance(v, Problem)]
-    assert len(problems) == 1, f"{name}.py must define exactly one Problem"
-    assert problems[0].name == name
-    return problems[0], ns
 
 
 # -- the oracle against closed forms ----------------------------------------------------------

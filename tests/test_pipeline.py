@@ -6,9 +6,9 @@ import sys
 import sympy as sp
 
 from codegen import Problem
-from codegen.pipeline import _symbolic_key, generate, generate_cached
+from codegen.pipeline import generate, generate_cached, symbolic_key
 
-from conftest import ROOT
+from support import ROOT
 
 n = sp.Symbol("n", integer=True, positive=True)
 j = sp.Idx("j", n)
@@ -31,8 +31,8 @@ def test_symbolic_cache_hits_misses_and_heals(tmp_path, monkeypatch):
     entries = list((tmp_path / "symbolic").rglob("*.json"))
     assert len(entries) == 1
     assert generate_cached(problem) == first  # a hit reads the entry
-    assert _symbolic_key(_problem(weight=2), False) != _symbolic_key(problem, False)
-    assert _symbolic_key(problem, True) != _symbolic_key(problem, False)
+    assert symbolic_key(_problem(weight=2), False) != symbolic_key(problem, False)
+    assert symbolic_key(problem, True) != symbolic_key(problem, False)
     entries[0].write_text("{ truncated")  # a corrupt entry is regenerated, not trusted
     assert generate_cached(problem) == first
 

@@ -10,11 +10,11 @@
   CLI; an import of an optional dependency (`OPTIONAL_DEPENDENCIES`) is allowed inside a
   function and not counted;
 * no function over `MAX_FUNCTION_LINES` code lines, no module over `MAX_MODULE_LINES` lines;
-* 0 references to files the repository does not hold: every `*.md` path and every `../` path
-  cited in codegen/, tests/, examples/, benchmarks/, docs/ and README.md resolves, from the
-  citing file's folder or from the repository root, to a file inside the repository, and a
-  cited section number (`docs/framework.md 7`, `docs/interface.md section 3.1`) is a heading
-  of that page.
+* 0 references to files the repository does not hold: every `*.md` path, every `../` path and
+  every path from the root (`codegen/jit.py`, `templates/module.c.j2`) cited in codegen/,
+  tests/, examples/, benchmarks/, docs/ and README.md resolves, from the citing file's folder
+  or from the repository root, to a file inside the repository, and a cited section number
+  (`docs/framework.md 7`, `docs/interface.md section 3.1`) is a heading of that page.
 
 "Code lines" are physical lines that are not blank, not a comment and not part of a
 docstring. A failure lists every offender, so one run shows all that is left to do.
@@ -328,6 +328,8 @@ SCANNED_SUFFIXES = {".py", ".md", ".j2", ".txt", ".toml", ".cfg", ".sh", ""}
 URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+")
 MD_PATH = re.compile(r"(?<![\w./-])((?:\.{1,2}/)*[\w.-]+(?:/[\w.-]+)*\.md)(?![\w/])")
 PARENT_PATH = re.compile(r"(?<![\w.])(\.\./[\w./-]*[\w-])")
+ROOT_PATH = re.compile(r"(?<![\w./-])((?:codegen|tests|examples|benchmarks|docs|templates|generated)"
+                       r"/[\w./-]*\.(?:py|md|j2|json|c|h|toml|npz))(?![\w/])")
 # `docs/x.md 7`, `x.md 10.1`, `x.md section 3`, `x.md sections 2-5`, `x.md 4, items 4-5`
 SECTION = re.compile(r"\.md\)?(?: sections?)? (\d+(?:\.\d+)*)(?:-(\d+(?:\.\d+)*))?")
 
@@ -362,7 +364,7 @@ def _references():
             continue
         for number, line in enumerate(text.splitlines(), 1):
             line = URL.sub("", line)
-            for pattern in (MD_PATH, PARENT_PATH):
+            for pattern in (MD_PATH, PARENT_PATH, ROOT_PATH):
                 for match in pattern.finditer(line):
                     ref = match.group(1)
                     yield path, number, ref, _resolve_reference(path, ref), line[match.start():]
@@ -393,12 +395,22 @@ def test_cited_sections_exist():
         sorted(set(wrong)))
 
 
-@pytest.mark.parametrize("text, want", [
-    ("see docs/framework.md 7.", ["docs/framework.md"]),
-    ("(`../shared/notes/x.md`)", ["../shared/notes/x.md"]),
-    ("[a](docs/bounds.md) and https://example.org/a.md", ["docs/bounds.md"]),
-    ("codegen.py and README.md", ["README.md"]),
+@pytest.mark.parametrize("pattern, text, want", [
+    (MD_PATH, "see docs/framework.md 7.", ["docs/framework.md"]),
+    (MD_PATH, "(`../shared/notes/x.md`)", ["../shared/notes/x.md"]),
+    (MD_PATH, "[a](docs/bounds.md) and https://example.org/a.md", ["docs/bounds.md"]),
+    (MD_PATH, "codegen.py and README.md", ["README.md"]),
+    (PARENT_PATH, "read ../shared/notes/x.md first", ["../shared/notes/x.md"]),
+    (ROOT_PATH, "(`codegen/compiler/ir.py`), templates/module.c.j2.", ["codegen/compiler/ir.py",
+                                                                     "templates/module.c.j2"]),
+    (ROOT_PATH, "codegen.compiler and generated/<name>/hg_<name>.c", []),
 ])
-def test_reference_patterns(text, want):
-    found = [m.group(1) for m in MD_PATH.finditer(URL.sub("", text))]
-    assert found == want
+def test_reference_patterns(pattern, text, want):
+    assert [m.group(1) for m in pattern.finditer(URL.sub("", text))] == want
+
+
+def test_section_pattern():
+    assert SECTION.match(".md 12, items 4-5").groups() == ("12", None)
+    assert SECTION.match(".md sections 2-5)").groups() == ("2", "5")
+    assert SECTION.match(".md section 3.1.").groups() == ("3.1", None)
+    assert SECTION.match(".md, for the proofs") is None

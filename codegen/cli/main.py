@@ -1,4 +1,4 @@
-"""The `hypergen` command line: build, show, audit, optimize (interface.md section 2).
+"""The `hypergen` command line: build, show, audit, optimize (docs/interface.md section 2).
 
 Errors in a problem file or its data come back as one line naming the file (and line), with exit
 status 2; a traceback from inside SymPy is never the answer to a user's typo.

@@ -15,12 +15,15 @@ non-differentiable arrays (the max of a log-sum-exp) are constants.
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Sequence
+
 import sympy as sp
 
 from . import ir
 
 
-def partials(expr: sp.Expr, arrays: dict, wrt: set) -> list:
+def partials(expr: sp.Expr, arrays: dict[str, ir.Array],
+             wrt: Collection[str]) -> list[tuple[sp.Expr, sp.Expr]]:
     """[(read, d expr / d read)] for every read of an array named in `wrt`; zero partials dropped."""
     targets = [r for r in ir.reads_of(expr, arrays) if ir.read_name(r) in wrt]
     if not targets:
@@ -29,7 +32,7 @@ def partials(expr: sp.Expr, arrays: dict, wrt: set) -> list:
     to_holder = dict(zip(targets, holders))
     back = dict(zip(holders, targets))
     held = expr.xreplace(to_holder)
-    out = []
+    out: list[tuple[sp.Expr, sp.Expr]] = []
     for r, h in zip(targets, holders):
         d = sp.diff(held, h)
         if d != 0:
@@ -37,7 +40,7 @@ def partials(expr: sp.Expr, arrays: dict, wrt: set) -> list:
     return out
 
 
-def active_arrays(program: ir.Program, wrt) -> set:
+def active_arrays(program: ir.Program, wrt: Iterable[str]) -> set[str]:
     """Arrays whose value depends on the arrays in `wrt` (activity analysis)."""
     active = set(wrt)
     for stmt in program.statements:
@@ -48,7 +51,7 @@ def active_arrays(program: ir.Program, wrt) -> set:
     return active
 
 
-def adjoint(program: ir.Program, wrt, seed: str = "value") -> ir.Program:
+def adjoint(program: ir.Program, wrt: Sequence[str], seed: str = "value") -> ir.Program:
     """Append the reverse sweep of `program` for the scalar output `seed`; outputs <name>_bar."""
     arrays = dict(program.arrays)
     active = active_arrays(program, wrt)
@@ -62,9 +65,9 @@ def adjoint(program: ir.Program, wrt, seed: str = "value") -> ir.Program:
 
     for name in wrt:
         bar_of(name)
-    sweep = []
+    sweep: list[ir.Statement] = []
     for stmt in reversed(program.statements):
-        updates = []
+        updates: list[ir.Update] = []
         for u in stmt.updates:
             if u.target not in active:
                 continue
@@ -82,18 +85,18 @@ def adjoint(program: ir.Program, wrt, seed: str = "value") -> ir.Program:
     return ir.Program(arrays, list(program.statements) + sweep, outputs, dict(program.meta))
 
 
-def tangent(program: ir.Program, seeds: dict, outputs) -> ir.Program:
+def tangent(program: ir.Program, seeds: dict[str, str], outputs: Sequence[str]) -> ir.Program:
     """Forward-mode derivative of every statement along `seeds` ({array: its tangent input}).
 
     Each statement keeps its primal updates and gains the tangent updates in the same loop nest,
     so the derivative shares the loops (and the reads) of the value it differentiates.
     """
     arrays = dict(program.arrays)
-    dots = {}
+    dots: dict[str, str] = {}
     for name, tangent_input in seeds.items():
         arrays[tangent_input] = ir.Array(tangent_input, program.arrays[name].shape, ir.INPUT)
         dots[name] = tangent_input
-    statements = []
+    statements: list[ir.Statement] = []
     for stmt in program.statements:
         updates = list(stmt.updates)
         for u in stmt.updates:

@@ -1,4 +1,4 @@
-"""The kernel table: which derivative program each public kernel is (interface.md section 3).
+"""The kernel table: which derivative program each public kernel is (docs/interface.md section 3).
 
 Takes a `Problem`, returns plain `KernelSpec`s (name, doc, optimised program, argument roles);
 nothing here knows about C.
@@ -11,6 +11,7 @@ from . import ir
 from .autodiff import adjoint, tangent
 from .lowering import lower_objective
 from .passes import eliminate_dead_code, schedule
+from .problem import Problem
 
 
 @dataclass(frozen=True)
@@ -18,23 +19,23 @@ class KernelSpec:
     name: str
     doc: str
     program: ir.Program
-    inputs: tuple  # names of the vector inputs after x and theta ("v", "q" or "t"; "cache")
+    inputs: tuple[str, ...]  # names of the vector inputs after x and theta ("v", "q" or "t"; "cache")
     output: str  # the array the kernel returns ("cache": the cache arrays, one buffer)
-    cache: tuple = ()  # the cache arrays (role CACHE), in buffer order
+    cache: tuple[str, ...] = ()  # the cache arrays (role CACHE), in buffer order
 
 
 #: The buffer that carries the prepared HVP's cache arrays between its two kernels.
 CACHE_BUFFER = "cache"
 
 
-def kernel_specs(problem) -> list:
+def kernel_specs(problem: Problem) -> list[KernelSpec]:
     """All kernels of a problem, in the fixed order of the interface."""
     x, th = problem.x_spec.name, problem.theta_spec.name
     g = lower_objective(problem.g, problem.arrays, "lower")
     f = lower_objective(problem.f + problem.r, problem.arrays, "upper")
     grad_g = adjoint(g, [x, th])
     grad_f = adjoint(f, [x, th])
-    specs = [
+    specs: list[tuple[str, str, ir.Program, tuple[str, ...], str]] = [
         ("lower_value", "g(x, theta), the lower-level objective", g, (), "value"),
         ("lower_grad", "grad_x g(x, theta)", grad_g, (), f"{x}_bar"),
         ("lower_hvp", "(d2g/dx2) v, forward over reverse", tangent(grad_g, {x: "v"}, [f"{x}_bar_dot"]),
@@ -48,7 +49,7 @@ def kernel_specs(problem) -> list:
         ("upper_theta_grad", "grad_theta (f + r): the direct theta terms of the hypergradient",
          grad_f, (), f"{th}_bar"),
     ]
-    out = []
+    out: list[KernelSpec] = []
     for name, doc, program, inputs, output in specs:
         program = schedule(eliminate_dead_code(program.with_statements(program.statements, [output])))
         out.append(KernelSpec(name, doc, program, inputs, output))
@@ -57,7 +58,7 @@ def kernel_specs(problem) -> list:
     return out
 
 
-def prepared_hvp(program: ir.Program, output: str, direction: str = "v") -> list:
+def prepared_hvp(program: ir.Program, output: str, direction: str = "v") -> list[KernelSpec]:
     """The HVP split at its x-only temporaries: [prepare, apply], or [] if it has none.
 
     Every solver that needs HVPs (CG for the adjoint or a Newton step) calls them many times at
@@ -111,10 +112,10 @@ def prepared_hvp(program: ir.Program, output: str, direction: str = "v") -> list
     ]
 
 
-def _one_update_each(program: ir.Program) -> list:
+def _one_update_each(program: ir.Program) -> list[ir.Statement]:
     """The statements with several updates split into one statement per update, where no update
     reads another's target (then their order inside the loop nest is free)."""
-    out = []
+    out: list[ir.Statement] = []
     for st in program.statements:
         targets = {u.target for u in st.updates}
         reads = {ir.read_name(r) for u in st.updates for r in ir.reads_of(u.expr, program.arrays)}
@@ -125,7 +126,7 @@ def _one_update_each(program: ir.Program) -> list:
     return out
 
 
-def _heavy(stmt: ir.Statement, arrays: dict) -> bool:
+def _heavy(stmt: ir.Statement, arrays: dict[str, ir.Array]) -> bool:
     """Work worth caching across HVPs: a loop nest deeper than a matrix-vector pass (a matrix
     product, as in a multi-class loss: hypercleaning's HVP 6.0 -> 4.3 ms), or gathers through a
     CSR matrix (CSR logistic's HVP 6 -> 3 ms)."""

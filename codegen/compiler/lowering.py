@@ -14,6 +14,9 @@ done here because they need the loop ranges; the messages name the array, index 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
 import sympy as sp
 
 from ..errors import ProblemError
@@ -21,18 +24,36 @@ from ..primitives import stabilise
 from . import ir
 
 
+class ArrayDeclaration(Protocol):
+    """What the lowering reads of a problem's array (a `compiler.problem.ArraySpec`)."""
+
+    @property
+    def shape(self) -> tuple[sp.Expr, ...]: ...
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def sparse(self) -> bool: ...
+
+
+Loops = Sequence[ir.Loop]
+
+
 class _Lowering:
-    def __init__(self, arrays: dict, label: str):
+    def __init__(self, arrays: Mapping[str, ArrayDeclaration], label: str) -> None:
         self.label = label
         self.arrays = {name: ir.Array(name, spec.shape, spec.role, sparse=spec.sparse)
                        for name, spec in arrays.items()}
-        self.statements = []
+        self.statements: list[ir.Statement] = []
         self.n_temps = 0
         self.sizes = {str(s) for a in arrays.values() for e in a.shape for s in sp.sympify(e).free_symbols}
-        self.seen = {}  # (loops, body, op) -> temp: the same sum written twice is computed once
+        # (loops, body, op) -> temp: the same sum written twice is computed once
+        self.seen: dict[tuple[object, ...], ir.Array] = {}
 
     # -- helpers ---------------------------------------------------------------------------
-    def temp_for(self, dims, own, body, op="+", differentiable=True) -> ir.Array:
+    def temp_for(self, dims: Loops, own: Loops, body: sp.Expr, op: str = "+",
+                 differentiable: bool = True) -> ir.Array:
         """The temporary holding this reduction, emitting its statement the first time."""
         key = (tuple(dims) + tuple(own), body, op)
         if key not in self.seen:
@@ -42,7 +63,7 @@ class _Lowering:
             self.seen[key] = temp
         return self.seen[key]
 
-    def new_temp(self, dims, differentiable=True) -> ir.Array:
+    def new_temp(self, dims: Loops, differentiable: bool = True) -> ir.Array:
         name = f"s{self.n_temps}"
         self.n_temps += 1
         shape = tuple(sp.expand(lp.hi - lp.lo + 1) for lp in dims)
@@ -50,7 +71,7 @@ class _Lowering:
         self.arrays[name] = arr
         return arr
 
-    def loop_of(self, limit, outer) -> ir.Loop:
+    def loop_of(self, limit: tuple[sp.Expr, sp.Expr, sp.Expr], outer: Loops) -> ir.Loop:
         var, lo, hi = limit
         if not isinstance(var, (sp.Symbol, sp.Idx)):
             raise ProblemError(f"{self.label}: summation variable {var} must be an Idx or Symbol")
@@ -65,7 +86,7 @@ class _Lowering:
                        self.lift(sp.sympify(hi), outer))
 
     # -- the recursive lift ----------------------------------------------------------------
-    def lift(self, expr, loops: tuple):
+    def lift(self, expr: sp.Expr, loops: Loops) -> sp.Expr:
         """Return `expr` with every Sum replaced by a read of a temporary; `loops` enclose it."""
         if isinstance(expr, sp.Sum):
             return self.lift_sum(expr, loops)
@@ -80,7 +101,7 @@ class _Lowering:
             return self.lift_symbol(expr, loops)
         return expr.func(*[self.lift(a, loops) for a in expr.args])
 
-    def lift_symbol(self, expr, loops):
+    def lift_symbol(self, expr: sp.Expr, loops: Loops) -> sp.Expr:
         if isinstance(expr, sp.Symbol) and expr.name in self.arrays:
             return ir.read(self.arrays[expr.name], ())
         if isinstance(expr, sp.Symbol) and expr.is_integer:
@@ -89,14 +110,14 @@ class _Lowering:
                     return lp.var
         return expr
 
-    def lift_index_symbol(self, idx, loops):
+    def lift_index_symbol(self, idx: sp.Idx, loops: Loops) -> sp.Expr:
         for lp in loops:
             if lp.var.name == str(idx.label):
                 return lp.var
         raise ProblemError(f"{self.label}: the index {idx} is used outside any sum over {idx} "
                            f"(it is free); wrap the term in sp.Sum(..., ({idx}, lo, hi))")
 
-    def lift_indexed(self, node, loops):
+    def lift_indexed(self, node: sp.Indexed, loops: Loops) -> sp.Expr:
         name = str(node.base.label)
         index = tuple(self.lift(sp.sympify(i), loops) for i in node.indices)
         vars_ = {lp.var for lp in loops}
@@ -111,7 +132,8 @@ class _Lowering:
             self.check_bounds(node, name, pos, e, loops)
         return sp.Indexed(sp.IndexedBase(name), *index)
 
-    def check_bounds(self, node, name, pos, e, loops):
+    def check_bounds(self, node: sp.Indexed, name: str, pos: int, e: sp.Expr,
+                     loops: Loops) -> None:
         extent = self.arrays[name].shape[pos]
         lo, hi = _range_of(e, loops)
         if sp.simplify(lo).is_nonnegative is not True:
@@ -122,16 +144,16 @@ class _Lowering:
                                f"{self.arrays[name].shape}): it reaches {hi} but the last valid "
                                f"index is {extent - 1}; narrow the sum range")
 
-    def lift_sum(self, expr: sp.Sum, loops: tuple):
-        own = []
+    def lift_sum(self, expr: sp.Sum, loops: Loops) -> sp.Expr:
+        own: list[ir.Loop] = []
         for limit in expr.limits:
             own.append(self.loop_of(limit, tuple(loops) + tuple(own)))
         body = self.lift(expr.function, tuple(loops) + tuple(own))
         dims = self.dims_for(body, loops, own)
         return ir.read(self.temp_for(dims, own, body), _storage(dims))
 
-    def lift_logsumexp(self, s: sp.Sum, loops: tuple):
-        own = []
+    def lift_logsumexp(self, s: sp.Sum, loops: Loops) -> sp.Expr:
+        own: list[ir.Loop] = []
         for limit in s.limits:
             own.append(self.loop_of(limit, tuple(loops) + tuple(own)))
         u = self.lift(s.function.args[0], tuple(loops) + tuple(own))
@@ -140,7 +162,7 @@ class _Lowering:
         total = self.temp_for(dims, own, sp.exp(u - m_read))
         return sp.log(ir.read(total, _storage(dims))) + m_read
 
-    def dims_for(self, body, loops, own):
+    def dims_for(self, body: sp.Expr, loops: Loops, own: Loops) -> list[ir.Loop]:
         """The enclosing loops a temporary must be indexed by: those its body depends on."""
         used = set(body.free_symbols)
         for lp in own:
@@ -153,15 +175,16 @@ class _Lowering:
         return dims
 
 
-def _storage(dims) -> tuple:
+def _storage(dims: Loops) -> tuple[sp.Expr, ...]:
     return tuple(lp.var - lp.lo for lp in dims)
 
 
-def _range_of(e, loops):
+def _range_of(e: sp.Expr, loops: Loops) -> tuple[sp.Expr, sp.Expr]:
     """Bounds of an affine index expression over the loop ranges (outer ranges substituted)."""
     lo = hi = sp.expand(e)
     for lp in reversed(loops):
-        new_lo, new_hi = [], []
+        new_lo: list[sp.Expr] = []
+        new_hi: list[sp.Expr] = []
         for bound, pick_hi in ((lo, False), (hi, True)):
             c = bound.coeff(lp.var)
             if c == 0:
@@ -177,7 +200,8 @@ def _range_of(e, loops):
     return lo, hi
 
 
-def lower_objective(expr: sp.Expr, arrays: dict, label: str, result: str = "value") -> ir.Program:
+def lower_objective(expr: sp.Expr, arrays: Mapping[str, ArrayDeclaration], label: str,
+                    result: str = "value") -> ir.Program:
     """Lower one scalar objective into a Program whose output is the scalar array `result`."""
     lowering = _Lowering(arrays, label)
     body = lowering.lift(stabilise(sp.sympify(expr)), ())
@@ -191,14 +215,14 @@ def lower_objective(expr: sp.Expr, arrays: dict, label: str, result: str = "valu
     return ir.Program(lowering.arrays, lowering.statements, (result,))
 
 
-def _all_sizes(arrays: dict):
-    sizes = set()
+def _all_sizes(arrays: Mapping[str, ArrayDeclaration]) -> set[sp.Symbol]:
+    sizes: set[sp.Symbol] = set()
     for spec in arrays.values():
         for s in spec.shape:
             sizes |= sp.sympify(s).free_symbols
     return sizes
 
 
-def check_indices(expr: sp.Expr, arrays: dict, label: str) -> None:
+def check_indices(expr: sp.Expr, arrays: Mapping[str, ArrayDeclaration], label: str) -> None:
     """Validate indices (called at Problem construction); raises ProblemError naming the culprit."""
     lower_objective(expr, arrays, label)

@@ -1,4 +1,4 @@
-"""The problem statement: a bilevel problem written in SymPy (interface.md section 1).
+"""The problem statement: a bilevel problem written in SymPy (docs/interface.md section 1).
 
 `Problem` normalises what the user wrote into one canonical form the later stages can rely on:
 
@@ -59,7 +59,7 @@ class ArraySpec:
 class Problem:
     """A bilevel problem: min_theta f(x*(theta), theta) + r(theta), x*(theta) = argmin_x g(x, theta).
 
-    Parameters follow interface.md section 1. `constants` optionally states mu, L, L_A, L_B, L_f
+    Parameters follow docs/interface.md section 1. `constants` optionally states mu, L, L_A, L_B, L_f
     as SymPy expressions in theta (and scalar data): results computed with them say so.
     """
 

@@ -65,7 +65,7 @@ class LoopNestBuilder:
             parallel = self.parallel_pragma(group)
             if len(group) == 1 and not parallel:
                 nodes.extend(self.statement_nodes(group[0], fixed=0))
-            elif (parallel and _iterations_independent(group, self.arrays)
+            elif (parallel and iterations_independent(group, self.arrays)
                   and not any(self.csr_read(stmt) for stmt in group)):
                 nodes.extend(self.jammed_loops(group, parallel))
             else:
@@ -86,8 +86,8 @@ class LoopNestBuilder:
         """
         outer = group[0].loops[0]
         var, start, stop = str(outer.var), self.index_code(outer.lo), self.index_code(outer.hi + 1)
-        trips = stop if start == "0" else f"{stop} - {_paren(start)}"
-        split = f"{stop} - {_paren(trips)} % {JAM}"  # the end of the last full group of JAM rows
+        trips = stop if start == "0" else f"{stop} - {as_operand(start)}"
+        split = f"{stop} - {as_operand(trips)} % {JAM}"  # the end of the last full group of JAM rows
         main = Node(loop=(var, start, split, pragma), step=JAM)
         for stmt in group:
             copies = [self.statement_nodes(_shift_outer(stmt, u), fixed=1) for u in range(JAM)]
@@ -312,7 +312,7 @@ def _update_kinds(group: list):
     return row_local, reduced
 
 
-def _iterations_independent(group: list, arrays: dict) -> bool:
+def iterations_independent(group: list, arrays: dict) -> bool:
     """True if no iteration of the group's outer loop reads what another one writes.
 
     Every array the group writes must be either written and read only at the current outer
@@ -334,7 +334,7 @@ def _iterations_independent(group: list, arrays: dict) -> bool:
     return True
 
 
-def _paren(code: str) -> str:
+def as_operand(code: str) -> str:
     """C code as an operand of % or -: a name or number as is, anything else parenthesised."""
     return code if code.isidentifier() or code.isdigit() else f"({code})"
 

@@ -6,11 +6,15 @@ refuses any function outside `primitives.ALLOWED_FUNCTIONS` instead of emitting 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import sympy as sp
 from sympy.printing.c import C99CodePrinter
 
 from ...errors import ProblemError
 from ...primitives import ALLOWED_FUNCTIONS, sigmoid, softplus
+from .. import ir
 
 _C_FUNCTION = {softplus: "hg_softplus", sigmoid: "hg_sigmoid"}
 
@@ -18,13 +22,14 @@ _C_FUNCTION = {softplus: "hg_softplus", sigmoid: "hg_sigmoid"}
 class KernelPrinter(C99CodePrinter):
     """C99 printer that knows the program's arrays (for flat indexing) and read placeholders."""
 
-    def __init__(self, arrays: dict, placeholders: dict | None = None):
+    def __init__(self, arrays: dict[str, ir.Array],
+                 placeholders: dict[str, str] | None = None) -> None:
         # No M_PI-style macros: they are POSIX, not C99; constants print as 17-digit literals.
         super().__init__({"strict": True, "math_macros": {}})
         self.arrays = arrays
         self.placeholders = placeholders or {}
 
-    def flat_index(self, name: str, index) -> sp.Expr:
+    def flat_index(self, name: str, index: Iterable[sp.Expr]) -> sp.Expr:
         shape = self.arrays[name].shape
         flat, stride = sp.Integer(0), sp.Integer(1)
         for extent, idx in zip(reversed(shape), reversed(tuple(index))):
@@ -32,29 +37,32 @@ class KernelPrinter(C99CodePrinter):
             stride *= extent
         return sp.expand(flat)
 
-    def doprint(self, expr, assign_to=None):
+    def doprint(self, expr: sp.Expr, assign_to: Any = None) -> str:
         """Print, refusing any function outside the allow-list (SymPy would print tgamma...)."""
         for node in sp.preorder_traversal(expr):
             if isinstance(node, sp.core.function.Application) and not isinstance(node, sp.Indexed) \
                     and type(node) not in ALLOWED_FUNCTIONS:
                 raise ProblemError(f"cannot print {node}: {type(node).__name__} is not among the "
                                    f"supported functions")
-        return super().doprint(expr, assign_to)
+        code: str = super().doprint(expr, assign_to)
+        return code
 
-    def _print_Indexed(self, expr):
+    def _print_Indexed(self, expr: sp.Indexed) -> str:
         name = str(expr.base.label)
         return f"{name}[{self.index_code(self.flat_index(name, expr.indices))}]"
 
-    def index_code(self, expr) -> str:
+    def index_code(self, expr: sp.Expr) -> str:
         """Integer index arithmetic: printed without floating-point literals."""
-        return sp.ccode(expr, standard="C99")
+        code: str = sp.ccode(expr, standard="C99")
+        return code
 
-    def _print_Symbol(self, expr):
+    def _print_Symbol(self, expr: sp.Symbol) -> str:
         if expr.name in self.placeholders:
             return self.placeholders[expr.name]
-        return super()._print_Symbol(expr)
+        code: str = super()._print_Symbol(expr)
+        return code
 
-    def _print_Pow(self, expr):
+    def _print_Pow(self, expr: sp.Pow) -> str:
         base, exp = expr.base, expr.exp
         if exp.is_Integer and 2 <= abs(int(exp)) <= 4:
             b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Mul"] + 1)
@@ -67,30 +75,33 @@ class KernelPrinter(C99CodePrinter):
             b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Mul"] + 1)
             prod = "*".join([b] * (abs(exp.p) // 2) + [f"sqrt({self._print(base)})"])
             return f"({prod})" if exp > 0 else f"(1.0/({prod}))"
-        return super()._print_Pow(expr)
+        code: str = super()._print_Pow(expr)
+        return code
 
-    def _print_Function(self, expr):
+    def _print_Function(self, expr: sp.Function) -> str:
         name = _C_FUNCTION.get(type(expr))
         if name is not None:
             return f"{name}({self._print(expr.args[0])})"
-        return super()._print_Function(expr)
+        code: str = super()._print_Function(expr)
+        return code
 
-    def _print_Sum(self, expr):
+    def _print_Sum(self, expr: sp.Sum) -> str:
         raise ProblemError(f"internal: a Sum reached the C printer unlifted: {expr}")
 
-    def _print_NumberSymbol(self, expr):
+    def _print_NumberSymbol(self, expr: sp.NumberSymbol) -> str:
         return repr(float(expr))
 
     _print_Pi = _print_Exp1 = _print_EulerGamma = _print_GoldenRatio = _print_Catalan = _print_NumberSymbol
 
-    def _print_Rational(self, expr):
+    def _print_Rational(self, expr: sp.Rational) -> str:
         return f"{float(expr.p)!r}/{float(expr.q)!r}".replace("inf", "INFINITY")
 
-    def _print_Integer(self, expr):
+    def _print_Integer(self, expr: sp.Integer) -> str:
         return f"{int(expr)}.0" if abs(int(expr)) < 2**53 else f"{float(expr)!r}"
 
 
-def print_expr(expr: sp.Expr, arrays: dict, placeholders: dict | None = None) -> str:
+def print_expr(expr: sp.Expr, arrays: dict[str, ir.Array],
+               placeholders: dict[str, str] | None = None) -> str:
     try:
         return KernelPrinter(arrays, placeholders).doprint(expr)
     except sp.printing.codeprinter.PrintMethodNotImplementedError as exc:
