@@ -11,10 +11,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from quadratic_kernels import Logistic, PaperQuadratic, Ridge  # noqa: E402
-
 from codegen.hypergrad import SolverError, hypergradient, hypergradient_samples  # noqa: E402
+
 from conftest import built_example  # noqa: E402
+from quadratic_kernels import Logistic, PaperQuadratic, Ridge  # noqa: E402
 
 
 class Counting:

@@ -15,9 +15,10 @@ import math
 import numpy as np
 import pytest
 
-from codegen.hypergrad import SolverError, dense, hypergradient, solve_adjoint, solve_lower
 from codegen.errors import BindError
+from codegen.hypergrad import SolverError, dense, hypergradient, solve_adjoint, solve_lower
 from codegen.hypergrad.adjoint.direct import DIRECT_REFINEMENTS
+
 from conftest import TINY, built_example
 from quadratic_kernels import Logistic, PaperQuadratic
 

@@ -11,15 +11,20 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from quadratic_kernels import Logistic, PaperQuadratic, Ridge  # noqa: E402
-
 from codegen.hypergrad import (  # noqa: E402
-    HypergradientResult, SolverError, backprop_adjoint, cross_norm, hypergradient,
-    hypergradient_samples, solve_adjoint, solve_lower,
+    HypergradientResult,
+    SolverError,
+    backprop_adjoint,
+    cross_norm,
+    hypergradient,
+    hypergradient_samples,
+    solve_adjoint,
+    solve_lower,
 )
 from codegen.hypergrad.lower.fista import fista_coefficients  # noqa: E402
 from codegen.hypergrad.rates import cg_rate_bound  # noqa: E402
 
+from quadratic_kernels import Logistic, PaperQuadratic, Ridge  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # fixtures and helpers

@@ -24,17 +24,32 @@ import numpy as np
 from ..errors import KernelError
 from .accuracy import to_accuracy
 from .adjoint.backprop import backprop_adjoint
-from .auto import choose_adjoint, choose_lower
+from .auto import choose_solvers
 from .bounds import (
-    ROUNDING_FLOOR, aposteriori_bound, apriori_bound, cross_norm, refined_distance,
+    ROUNDING_FLOOR,
+    aposteriori_bound,
+    apriori_bound,
+    cross_norm,
+    refined_distance,
 )
 from .common import (
-    SolverError, call_kernel, checked_constants, checked_theta, fmt, norm, x_size_of,
+    SolverError,
+    call_kernel,
+    checked_constants,
+    checked_theta,
+    fmt,
+    norm,
+    x_size_of,
 )
 from .options import HypergradientOptions
-from .registry import AUTO, LOWER, adjoint_entry, lower_entry
+from .registry import adjoint_entry, lower_entry
 from .results import (
-    AdjointResult, HypergradientResult, LowerResult, Reason, ReasonKind, Status,
+    AdjointResult,
+    HypergradientResult,
+    LowerResult,
+    Reason,
+    ReasonKind,
+    Status,
 )
 from .solve import run_adjoint, run_lower
 
@@ -107,8 +122,7 @@ def _resolved(k: Any, opts: HypergradientOptions) -> HypergradientOptions:
     """opts with "auto" replaced by the solvers `codegen.hypergrad.auto` chooses for k."""
     if not opts.is_auto:
         return opts
-    adjoint = choose_adjoint(k)[0] if opts.adjoint == AUTO else opts.adjoint
-    lower = choose_lower(k, adjoint)[0] if opts.lower == AUTO else opts.lower
+    lower, adjoint = choose_solvers(k, opts.lower, opts.adjoint)
     return replace(opts, lower=lower, adjoint=adjoint)
 
 
@@ -311,6 +325,8 @@ def hypergradient_samples(ks: Any, theta: Any, options: HypergradientOptions | N
     """
     ks = list(ks)
     opts = HypergradientOptions.make(options, **overrides)
+    if ks:  # one choice for all samples (they share a problem, hence its structure and size)
+        opts = _resolved(ks[0], opts)
     if opts.targets_accuracy:
         return _in_rounds(hypergradient_samples, ks, theta, opts, x0, q0)
     S = len(ks)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, fields, replace
-from typing import Any, Optional
+from typing import Any
 
 from .common import DEFAULT_MAX_ITER, SolverError
 from .registry import ADJOINT, AUTO, LOWER, check_adjoint_name, check_lower_name
@@ -18,8 +18,8 @@ from .registry import ADJOINT, AUTO, LOWER, check_adjoint_name, check_lower_name
 __all__ = ["HypergradientOptions", "DEFAULT_LOWER", "DEFAULT_ADJOINT"]
 
 #: The default solvers: chosen from the problem's structure and size (`codegen.hypergrad.auto`).
-DEFAULT_LOWER = "fista"
-DEFAULT_ADJOINT = "cg"
+DEFAULT_LOWER = AUTO
+DEFAULT_ADJOINT = AUTO
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,10 @@ class HypergradientOptions:
     eps: float = 1e-6
     delta: float = 1e-6
     max_iter: int = DEFAULT_MAX_ITER
-    adjoint_max_iter: Optional[int] = None
+    adjoint_max_iter: int | None = None
     record: bool = False
     refine_iter: int = 10
-    rtol: Optional[float] = None
+    rtol: float | None = None
     atol: float = 0.0
 
     def __post_init__(self) -> None:
@@ -62,7 +62,7 @@ class HypergradientOptions:
                 raise SolverError(f"{name} must be a non-negative integer, got {value!r}")
         if ADJOINT.get(self.adjoint) is not None and ADJOINT[self.adjoint].backprop:
             entry = LOWER.get(self.lower)
-            if entry is None or not entry.keeps_trajectory:
+            if self.lower != AUTO and (entry is None or not entry.keeps_trajectory):
                 raise SolverError("adjoint='backprop' needs lower='gd' or 'hb' (reverse mode "
                                   f"through the stored trajectory), not lower={self.lower!r}")
             if self.targets_accuracy:

@@ -6,7 +6,7 @@ module in `lower/` (a function LowerTask -> LowerResult) and one line here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 from .adjoint import direct as adjoint_direct
 from .adjoint import krylov as adjoint_krylov
@@ -17,7 +17,8 @@ from .lower import fista, gradient, newton
 from .results import AdjointResult, LowerResult
 
 __all__ = ["LowerEntry", "AdjointEntry", "LOWER", "ADJOINT", "LOWER_SOLVERS", "ADJOINT_SOLVERS",
-           "AUTO", "LOWER_CHOICES", "ADJOINT_CHOICES", "lower_entry", "adjoint_entry", "check_lower_name", "check_adjoint_name"]
+           "AUTO", "LOWER_CHOICES", "ADJOINT_CHOICES", "lower_entry", "adjoint_entry",
+           "check_lower_name", "check_adjoint_name"]
 
 #: The name that asks `codegen.hypergrad.auto` to choose the solver from the problem.
 AUTO = "auto"
@@ -46,7 +47,7 @@ class AdjointEntry:
     """An adjoint solver and its needs. backprop has no `solve` of this form: it runs through
     `backprop_adjoint` on the stored lower trajectory and has no certified bound."""
 
-    solve: Optional[Callable[[AdjointTask], AdjointResult]]
+    solve: Callable[[AdjointTask], AdjointResult] | None
     needs_finite_L: bool = False
     backprop: bool = False
     dense: bool = False

@@ -8,12 +8,20 @@ from typing import Any
 
 import numpy as np
 
+from .auto import choose_adjoint, choose_lower
 from .common import (
-    DEFAULT_MAX_ITER, AdjointTask, LowerTask, SolverError, all_finite, call_kernel,
-    checked_constants, checked_theta, x_size_of,
+    DEFAULT_MAX_ITER,
+    AdjointTask,
+    LowerTask,
+    SolverError,
+    all_finite,
+    call_kernel,
+    checked_constants,
+    checked_theta,
+    x_size_of,
 )
 from .rates import require_finite_L
-from .registry import adjoint_entry, lower_entry
+from .registry import AUTO, adjoint_entry, lower_entry
 from .results import AdjointResult, LowerResult
 
 __all__ = ["solve_lower", "solve_adjoint", "run_lower", "run_adjoint"]
@@ -27,13 +35,16 @@ def solve_lower(k: Any, theta: Any, solver: str = "fista", tol: float = 1e-8,
     solver: "gd" (step 2/(L+mu)), "hb" (Polyak heavy ball; may fail on non-quadratic g, then
     status "diverged" or "capped"), "fista" (strongly convex FISTA; returns its extrapolated
     point z, where the gradient is known), "cg" (only if k.is_quadratic), "newton" (Newton-CG),
-    "direct" (Newton with exact steps from the dense Hessian's Cholesky factor, small x only).
+    "direct" (Newton with exact steps from the dense Hessian's Cholesky factor, small x only),
+    "auto" (chosen from the problem, `codegen.hypergrad.auto`; the result's `solver` names it).
     mu and L are re-evaluated from k.constants(theta) on every call. The test is made before the
     first step (a good warm start returns after 0 iterations and 1 gradient). `record=True`
     keeps the per-iteration G/mu; `store_trajectory=True` keeps x_0..x_K (GD/HB, for
     adjoint="backprop"; O(K d) memory).
     """
     th = checked_theta(k, theta)
+    if solver == AUTO:
+        solver = choose_lower(k, "backprop" if store_trajectory else AUTO)
     return run_lower(k, th, checked_constants(k, th), solver, tol, x0, max_iter, record,
                      store_trajectory)
 
@@ -74,12 +85,15 @@ def solve_adjoint(k: Any, x: Any, theta: Any, solver: str = "cg", delta: float =
     solver: "cg", "gd" (Richardson, step 2/(L+mu): K steps from q0 = 0 are exactly K steps of
     backprop through GD with Hessians frozen at x), "hb" (heavy ball in residual form,
     q_prev = q0: backprop through HB, frozen), "direct" (the dense Hessian's Cholesky factor and
-    iterative refinement on the true residual; small x only; q0 is not used). q0 = None starts
+    iterative refinement on the true residual; small x only; q0 is not used), "auto" (chosen
+    from the problem, `codegen.hypergrad.auto`). q0 = None starts
     from 0; a nonzero q0 is a legal warm start but no longer "backprop". `b` may pass
     grad_x f(x) if already known. For reverse mode through the stored lower trajectory use
     `backprop_adjoint`.
     """
     th = checked_theta(k, theta)
+    if solver == AUTO:
+        solver = choose_adjoint(k)
     return run_adjoint(k, np.asarray(x, dtype=np.float64), th, checked_constants(k, th),
                        solver, delta, q0, max_iter, b, record)
 

@@ -2,7 +2,11 @@
 module each. Import from `codegen.hypergrad` instead; this module goes once nothing uses it."""
 from .adjoint.backprop import backprop_adjoint
 from .common import (
-    BLAS_FREE_FROM, DEFAULT_MAX_ITER, SolverError, call_kernel, checked_constants,
+    BLAS_FREE_FROM,
+    DEFAULT_MAX_ITER,
+    SolverError,
+    call_kernel,
+    checked_constants,
 )
 from .lower.fista import fista_coefficients
 from .registry import ADJOINT_SOLVERS, LOWER_SOLVERS

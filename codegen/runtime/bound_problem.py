@@ -14,10 +14,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..constants.evaluation.runtime import (
-    cross_norm_structure, evaluate_constants, evaluate_local_constants, prepare_constants,
+    cross_norm_structure,
+    evaluate_constants,
+    evaluate_local_constants,
+    prepare_constants,
 )
 from ..errors import BindError
-from ..hypergrad import hypergradient, hypergradient_samples, solve_lower
+from ..hypergrad import (
+    HypergradientOptions,
+    HypergradientResult,
+    hypergradient,
+    hypergradient_samples,
+    solve_lower,
+)
 from ..learn import optimize
 from .kernel_caller import KernelCaller
 from .validation import as_float64
@@ -63,7 +72,8 @@ class BoundProblem:
             raise BindError(f"{what} must have {length} entries (shape {shape}), got shape {arr.shape}")
         return arr.reshape(-1)
 
-    def _theta(self, theta) -> np.ndarray:
+    def checked_theta(self, theta) -> np.ndarray:
+        """theta as a float64 1-D array of theta_size entries, else BindError."""
         arr = as_float64("theta", theta if isinstance(theta, np.ndarray) else np.atleast_1d(theta))
         if arr.ndim != 1 or arr.size != self.theta_size:
             raise BindError(f"theta must be a float or a 1-D array of {self.theta_size} entries, "
@@ -72,7 +82,7 @@ class BoundProblem:
 
     def _call(self, kernel: str, x, theta, extra=None, out_size=None):
         vectors = {self.x_name: self._vector(self.x_name, x, self.x_size, "x"),
-                   self.theta_name: self._theta(theta)}
+                   self.theta_name: self.checked_theta(theta)}
         if extra is not None:
             name, value, length = extra
             vectors[name] = self._vector(name, value, length, name)
@@ -115,7 +125,7 @@ class BoundProblem:
         fixed = base in self.module.meta["data_only"]
         if fixed and kernel in self._fixed:
             self._vector(self.x_name, x, self.x_size, "x")  # the checks of a kernel call
-            self._theta(theta)
+            self.checked_theta(theta)
             return self._fixed[kernel]
         out = self._call(kernel, x, theta, out_size=self.x_size * columns)
         matrix = out.reshape(columns, self.x_size).T
@@ -140,7 +150,7 @@ class BoundProblem:
         depend on x alone, like z = A x) those are computed here once into a private cache and
         each call runs only the v-dependent part; otherwise every call is lower_hvp. The same
         values either way up to rounding (the same operations; a sum may be ordered otherwise)."""
-        xv, th = self._vector(self.x_name, x, self.x_size, "x"), self._theta(theta)
+        xv, th = self._vector(self.x_name, x, self.x_size, "x"), self.checked_theta(theta)
         if "lower_hvp_apply" not in self.kernels:
             return lambda v: self.lower_hvp(xv, th, v)
         cache = np.empty(max(1, self._cache_size))
@@ -172,21 +182,22 @@ class BoundProblem:
 
     def constants(self, theta) -> dict:
         """mu, L, L_A, L_B, L_f at theta (derived and certified, or stated by the problem)."""
-        return evaluate_constants(self._prepared_constants(), self._theta(theta))
+        return evaluate_constants(self._prepared_constants(), self.checked_theta(theta))
 
     def solve_lower(self, theta, solver="fista", tol=1e-8, x0=None, **options):
         """Solve the lower level to ||x - x*|| <= tol (certified by ||grad g|| / mu)."""
-        return solve_lower(self, self._theta(theta), solver=solver, tol=tol,
+        return solve_lower(self, self.checked_theta(theta), solver=solver, tol=tol,
                            x0=None if x0 is None else self._vector("x0", x0, self.x_size, "x0"),
                            **options)
 
-    def hypergradient(self, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x0=None,
-                      **options):
-        """The hypergradient with its a posteriori and a priori error bounds."""
-        return hypergradient(self, self._theta(theta), lower=lower, adjoint=adjoint, eps=eps,
-                             delta=delta,
+    def hypergradient(self, theta, options: HypergradientOptions | None = None, *, x0=None,
+                      q0=None, **overrides) -> HypergradientResult:
+        """The hypergradient with its a posteriori and a priori error bounds; options as for
+        codegen.hypergrad.hypergradient (lower="auto", adjoint="auto", eps, delta, rtol, ...)."""
+        return hypergradient(self, self.checked_theta(theta), options,
                              x0=None if x0 is None else self._vector("x0", x0, self.x_size, "x0"),
-                             **options)
+                             q0=None if q0 is None else self._vector("q0", q0, self.x_size, "q0"),
+                             **overrides)
 
     def optimize(self, theta0, method="maid", **options):
         """Learn theta from theta0 (codegen.learn.optimize): method "maid", "gd" or "lbfgsb"."""
@@ -195,7 +206,7 @@ class BoundProblem:
     def local_constants(self, x, theta, radius) -> dict:
         """constants(theta) with L, L_A, L_B, L_f valid only on the ball B(x, radius) (finite for
         exp / polynomial atoms; min(global, ball) otherwise). mu stays global (framework.md 8.4)."""
-        return evaluate_local_constants(self._prepared_constants(), self._theta(theta),
+        return evaluate_local_constants(self._prepared_constants(), self.checked_theta(theta),
                                         self._vector("x", x, self.x_size, "x"), float(radius),
                                         self.data)
 
@@ -210,7 +221,7 @@ class BoundProblem:
         cn = cross_norm_structure(self._prepared_constants(), self.data)
         if cn is None:
             return math.inf
-        th = self._theta(theta)
+        th = self.checked_theta(theta)
         xv = self._vector("x", x, self.x_size, "x")
         try:
             if not cn.checked:
@@ -251,10 +262,11 @@ class BoundSamples:
         x0s = x0 if x0 is not None else [None] * len(self.samples)
         return [s.solve_lower(theta, solver, tol, x, **options) for s, x in zip(self.samples, x0s)]
 
-    def hypergradient(self, theta, lower="fista", adjoint="cg", eps=1e-6, delta=1e-6, x0=None,
-                      **options):
-        return hypergradient_samples(self.samples, self.samples[0]._theta(theta), lower=lower,
-                                     adjoint=adjoint, eps=eps, delta=delta, x0=x0, **options)
+    def hypergradient(self, theta, options: HypergradientOptions | None = None, *, x0=None,
+                      q0=None, **overrides) -> HypergradientResult:
+        """The mean hypergradient over the samples (codegen.hypergrad.hypergradient_samples)."""
+        return hypergradient_samples(self.samples, self.samples[0].checked_theta(theta), options,
+                                     x0=x0, q0=q0, **overrides)
 
     def optimize(self, theta0, method="maid", **options):
         """Learn theta from theta0 on the mean upper objective (codegen.learn.optimize)."""

@@ -16,7 +16,14 @@ from typing import Callable
 import numpy as np
 
 from ..common import (
-    DIVERGENCE_FACTOR, AdjointTask, MatVec, all_finite, call_kernel, hvp_at, norm, true_residual,
+    DIVERGENCE_FACTOR,
+    AdjointTask,
+    MatVec,
+    all_finite,
+    call_kernel,
+    hvp_at,
+    norm,
+    true_residual,
 )
 from ..krylov import cg
 from ..rates import cg_rate_bound, gd_step, hb_step, rates

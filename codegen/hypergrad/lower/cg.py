@@ -7,6 +7,7 @@ The returned `grad` is always a true gradient.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 from ..common import LowerTask, call_kernel, norm
 from ..krylov import cg
@@ -31,8 +32,8 @@ def solve_cg(task: LowerTask) -> LowerResult:
     g_true = True  # does g hold the true gradient at x?
     status, msg = (Status.CONVERGED if gn / mu <= tol else None), ""
     while status is None:
-        x_seg = x  # the Hessian is constant: the segment's x serves for all its products
-        run = cg(lambda v: k.lower_hvp(x_seg, th, v), -g, x, residual=-g, tol=tol, scale=mu,
+        # the Hessian is constant: the segment's first x serves for all its products
+        run = cg(partial(k.lower_hvp, x, th), -g, x, residual=-g, tol=tol, scale=mu,
                  max_iter=task.max_iter - it, history=hist)
         n_hvp += run.matvecs
         it += run.iterations

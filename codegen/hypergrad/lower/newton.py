@@ -11,7 +11,7 @@ certificate is ||g||/mu as for every solver (docs/solvers.md 1).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -29,7 +29,7 @@ NEWTON_INNER_MAX = 100
 
 #: direction(x, g, ||g||, ||g0||, work budget) -> (d or None, HVPs spent, None or the failure).
 Direction = Callable[[np.ndarray, np.ndarray, float, float, int],
-                     Tuple[Optional[np.ndarray], int, Optional[Tuple[Status, str]]]]
+                     tuple[Optional[np.ndarray], int, Optional[tuple[Status, str]]]]
 
 
 def solve_newton(task: LowerTask) -> LowerResult:

@@ -1,0 +1,228 @@
+"""The hypergradient layer's interface: options validated once, typed results, the solver
+registry, the public CG, and lower="auto" / adjoint="auto" (docs/solvers.md 3 and 4).
+
+"auto" is checked two ways on every example problem: it picks what the rule of docs/solvers.md 3
+says (the expected pair is written out here, not recomputed by the rule's code), and its result
+is certified to the requested accuracy and is the same number as the explicit call with the
+chosen solvers.
+"""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from codegen.hypergrad import (
+    ADJOINT_SOLVERS,
+    LOWER_CHOICES,
+    LOWER_SOLVERS,
+    HypergradientOptions,
+    Reason,
+    ReasonKind,
+    SolverError,
+    Status,
+    cg,
+    choose_solvers,
+    hypergradient,
+    hypergradient_samples,
+    solve_adjoint,
+    solve_lower,
+)
+from codegen.hypergrad.registry import ADJOINT, LOWER
+
+from conftest import built_example
+from quadratic_kernels import Logistic, Ridge
+
+# ----------------------------------------------------------------------------------------------
+# options
+
+
+def test_unknown_option_is_refused_by_name():
+    k = Ridge.generate(seed=0)
+    with pytest.raises(SolverError, match=r"unknown option 'rho' for the hypergradient"):
+        hypergradient(k, np.array([0.0]), rho=0.5)
+    with pytest.raises(SolverError, match=r"unknown options 'a', 'b'"):
+        HypergradientOptions.make(a=1, b=2)
+
+
+@pytest.mark.parametrize("keywords, message", [
+    (dict(lower="bfgs"), r"unknown lower solver 'bfgs'; choose from \('gd', 'hb', 'fista', "
+                         r"'cg', 'newton', 'direct', 'auto'\)"),
+    (dict(adjoint="lsqr"), "unknown adjoint solver 'lsqr'"),
+    (dict(eps=float("nan")), "eps must be a number"),
+    (dict(max_iter=2.5), "max_iter must be a non-negative integer"),
+    (dict(refine_iter=-1), "refine_iter must be a non-negative integer"),
+    (dict(lower="fista", adjoint="backprop"), "adjoint='backprop' needs lower='gd' or 'hb'"),
+    (dict(lower="gd", adjoint="backprop", rtol=1e-6), "adjoint='backprop' has none"),
+])
+def test_invalid_options_are_refused_before_any_work(keywords, message):
+    with pytest.raises(SolverError, match=message):
+        HypergradientOptions.make(**keywords)
+
+
+def test_options_object_and_overrides():
+    k = Ridge.generate(seed=0)
+    th = np.array([-0.5])
+    opts = HypergradientOptions(lower="cg", adjoint="cg", eps=1e-9, delta=1e-9)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.eps = 1.0
+    a = hypergradient(k, th, opts)
+    b = hypergradient(k, th, lower="cg", adjoint="cg", eps=1e-9, delta=1e-9)
+    np.testing.assert_array_equal(a.grad, b.grad)
+    c = hypergradient(k, th, opts, eps=1e-3)  # an override on top of an options object
+    assert c.lower.tol == 1e-3 and c.adjoint.delta == 1e-9
+    with pytest.raises(SolverError, match="pass solver names by keyword"):
+        hypergradient(k, th, "cg")
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+def test_results_are_typed_and_frozen():
+    k = Ridge.generate(seed=0)
+    hg = hypergradient(k, np.array([-0.5]), lower="cg", adjoint="cg")
+    assert hg.status == "ok" and hg.ok and hg.success and hg.reasons == ()
+    assert hg.lower.status is Status.CONVERGED and hg.lower.status == "converged"
+    assert f"{hg.lower.status}" == "converged" and hg.lower.success and hg.adjoint.success
+    assert (hg.lower_solver, hg.adjoint_solver) == ("cg", "cg")
+    for result in (hg, hg.lower, hg.adjoint):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            result.bound = 0.0
+
+
+def test_reasons_say_why_and_status_shows_them():
+    k = Logistic.generate(seed=0)
+    hg = hypergradient(k, np.array([0.0]), lower="fista", adjoint="cg", eps=1e-10, max_iter=3)
+    assert not hg.ok and not hg.success and hg.usable  # capped: inaccurate, not a failure
+    kinds = [r.kind for r in hg.reasons]
+    assert kinds[0] is ReasonKind.LOWER_SOLVE and hg.reasons[0].solver_status is Status.CAPPED
+    assert hg.status == "; ".join(r.text for r in hg.reasons)
+    assert hg.status.startswith("lower fista capped (G/mu = ")
+    assert not any(r.hard for r in hg.reasons)
+    assert Reason(ReasonKind.ADJOINT_SOLVE, "x", Status.NOT_SPD).hard
+
+
+def test_sample_reasons_name_their_samples():
+    ks = [Logistic.generate(seed=s) for s in (0, 1)]
+    hg = hypergradient_samples(ks, np.array([0.0]), lower="fista", adjoint="cg", eps=1e-10,
+                               max_iter=3)
+    lower = [r for r in hg.reasons if r.kind is ReasonKind.LOWER_SOLVE]
+    assert {r.samples for r in lower} <= {(0,), (1,), (0, 1)}
+    assert sorted(s for r in lower for s in r.samples) == [0, 1]
+    assert "[sample" in hg.status
+
+
+# ----------------------------------------------------------------------------------------------
+# registry and the public CG
+
+
+def test_registry_is_the_list_of_solvers():
+    assert LOWER_SOLVERS == tuple(LOWER) == ("gd", "hb", "fista", "cg", "newton", "direct")
+    assert ADJOINT_SOLVERS == tuple(ADJOINT) == ("cg", "gd", "hb", "direct", "backprop")
+    assert LOWER_CHOICES[-1] == "auto"
+    assert [n for n, e in LOWER.items() if e.keeps_trajectory] == ["gd", "hb"]
+    assert [n for n, e in LOWER.items() if e.needs_quadratic] == ["cg"]
+    k = Ridge.generate(seed=0)
+    for name in LOWER_SOLVERS:  # every registered solver runs and certifies its tolerance
+        low = solve_lower(k, np.array([0.0]), solver=name, tol=1e-8)
+        assert low.solver == name and low.success and low.bound <= 1e-8
+
+
+def test_public_cg():
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((30, 30))
+    A = M @ M.T + 30 * np.eye(30)
+    b = rng.standard_normal(30)
+    history = []
+    out = cg(lambda v: A @ v, b, tol=1e-10, history=history)
+    assert out.status is Status.CONVERGED and out.residual_norm <= 1e-10
+    assert np.linalg.norm(A @ out.x - b) <= 1e-9  # recursive and true residual agree here
+    assert len(history) == out.iterations == out.matvecs
+    warm = cg(lambda v: A @ v, b, out.x, tol=1e-10)
+    assert warm.iterations == 0 and warm.matvecs == 1  # one product for the residual of x0
+    indefinite = cg(lambda v: -v, b)
+    assert indefinite.status is Status.NOT_SPD and indefinite.iterations == 0
+    capped = cg(lambda v: A @ v, b, tol=0.0, max_iter=3)
+    assert capped.status is Status.CAPPED and capped.iterations == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# "auto"
+
+
+class _GradientOnly:
+    """A kernel without an HVP: only a first-order lower solver can run on it."""
+
+    x_size, is_quadratic = 1000, False
+
+    def lower_grad(self, x, theta):
+        return x
+
+
+def test_auto_rule_on_structure_and_size():
+    assert choose_solvers(_GradientOnly(), "auto", "auto") == ("fista", "cg")
+    assert choose_solvers(Ridge.generate(seed=0), "auto", "auto") == ("direct", "direct")
+    assert choose_solvers(Ridge.generate(seed=0, d=151), "auto", "auto") == ("cg", "cg")
+    assert choose_solvers(Ridge.generate(seed=0, d=150), "auto", "auto") == ("direct", "direct")
+    assert choose_solvers(Logistic.generate(seed=0, d=16), "auto", "auto") == ("direct",
+                                                                                 "direct")
+    assert choose_solvers(Logistic.generate(seed=0, d=17), "auto", "auto") == ("newton",
+                                                                                 "direct")
+    assert choose_solvers(Logistic.generate(seed=0, d=32), "auto", "auto") == ("newton",
+                                                                                 "direct")
+    assert choose_solvers(Logistic.generate(seed=0, d=33), "auto", "auto") == ("newton", "cg")
+    # one side given: the other follows it
+    assert choose_solvers(Ridge.generate(seed=0, d=100), "cg", "auto") == ("cg", "cg")
+    assert choose_solvers(Ridge.generate(seed=0, d=30), "cg", "auto") == ("cg", "direct")
+    assert choose_solvers(Ridge.generate(seed=0), "auto", "backprop") == ("gd", "backprop")
+
+
+# (example, sizes, expected lower, expected adjoint): the rule of docs/solvers.md 3, by hand
+AUTO_CASES = [
+    ("ridge", dict(m=40, n=10, p=20), "direct", "direct"),          # quadratic, 10 <= 150
+    ("ridge", dict(m=400, n=160, p=50), "cg", "cg"),               # quadratic, 160 > 150
+    ("quadratic", dict(m1=30, m2=30, d=5, p=3), "direct", "direct"),
+    ("logistic", dict(m=60, n=12, p=30), "direct", "direct"),       # not quadratic, 12 <= 16
+    ("logistic", dict(m=120, n=24, p=30), "newton", "direct"),      # 16 < 24 <= 32
+    ("logistic", dict(m=200, n=80, p=30), "newton", "cg"),
+    ("logistic_sparse", dict(m=80, n=300, p=20, density=0.05), "newton", "cg"),
+    ("tv1d", dict(n=12), "direct", "direct"),
+    ("tv1d", dict(n=120), "newton", "cg"),
+    ("tv2d", dict(h=6, w=5), "newton", "direct"),                   # x = 30 <= 32
+    ("hypercleaning", dict(c=3, n=4, m=30, mv=20), "direct", "direct"),  # x = 12
+]
+
+
+@pytest.mark.parametrize("name, sizes, lower, adjoint", AUTO_CASES,
+                         ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in AUTO_CASES])
+def test_auto_picks_the_rule_and_is_certified(build_dir, name, sizes, lower, adjoint):
+    _, module, ns = built_example(name, build_dir)
+    prob = module.bind(**ns["example_data"](seed=1, **sizes))
+    theta = np.full(prob.theta_size, -1.0 if name == "hypercleaning" else 0.1)
+    hg = prob.hypergradient(theta, rtol=1e-6)  # the defaults: lower="auto", adjoint="auto"
+    assert (hg.lower_solver, hg.adjoint_solver) == (lower, adjoint)
+    assert (hg.lower.solver, hg.adjoint.solver) == (lower, adjoint)
+    assert hg.ok and hg.certified and hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
+    # "auto" is the named call (on a fresh bind: a data-only Hessian's factor is kept per bind)
+    fresh = module.bind(**ns["example_data"](seed=1, **sizes))
+    explicit = fresh.hypergradient(theta, lower=lower, adjoint=adjoint, rtol=1e-6)
+    np.testing.assert_array_equal(hg.grad, explicit.grad)
+    assert hg.bound == explicit.bound and hg.work == explicit.work
+    # and it agrees with an independent tight solve within the two certified bounds
+    other = "cg" if prob.is_quadratic else "fista"
+    ref = prob.hypergradient(theta, lower=other, adjoint="cg", eps=1e-11, delta=1e-11)
+    assert np.linalg.norm(hg.grad - ref.grad) <= hg.bound + ref.bound
+    assert math.isfinite(ref.bound)
+
+
+def test_auto_in_solve_lower_and_samples(build_dir):
+    _, module, ns = built_example("logistic", build_dir)
+    probs = [module.bind(**ns["example_data"](seed=s, m=120, n=24, p=30)) for s in (1, 2)]
+    low = solve_lower(probs[0], np.array([0.1]), solver="auto", tol=1e-9)
+    assert low.solver == "newton" and low.success
+    adj = solve_adjoint(probs[0], low.x, np.array([0.1]), solver="auto", delta=1e-9)
+    assert adj.solver == "direct" and adj.success
+    hg = hypergradient_samples(probs, np.array([0.1]), rtol=1e-6)
+    assert (hg.lower_solver, hg.adjoint_solver) == ("newton", "direct")
+    assert [r.solver for r in hg.lower] == ["newton", "newton"] and hg.ok and hg.certified
