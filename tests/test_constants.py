@@ -20,7 +20,7 @@ from codegen import Problem, sigmoid
 from codegen.constants import (Derivation, compute_data_quantities, derive, evaluate,
                                format_tree, reads_theta)
 from codegen.constants.derivation import atoms
-from codegen.constants.evaluation import interpreter, quantities
+from codegen.constants.evaluation import interpreter, quantities, spectral
 from codegen.errors import ProblemError
 
 RATIOS = {}
@@ -421,7 +421,8 @@ def test_data_quantities_certified_and_estimates(monkeypatch):
     assert not est["certified"] and est["value"] <= ev[-1] * (1 + 1e-12)
     wide = quantities.operator_quantities(K.T, K.T[:, None, :])
     assert wide["lmin"]["value"] == 0.0 and wide["lmin"]["wide"]
-    monkeypatch.setattr(quantities, "DENSE_LIMIT", 4)
+    monkeypatch.setattr(spectral, "EIGH_SIDE_LIMIT", 4)
+    monkeypatch.setattr(spectral, "CHOLESKY_SIDE_LIMIT", 4)
     big = quantities.operator_quantities(K, K[:, None, :])
     assert big["normsq"]["value"] >= ev[-1] and big["normsq"]["certified"] and big["lmin"]["value"] == 0
 
@@ -431,9 +432,9 @@ def test_sparse_data_matches_dense():
 
     der = derive(logistic_problem())
     data = example_data("logistic")
-    dense = compute_data_quantities(der, data)
+    dense = compute_data_quantities(der, data, lazy=False)
     sparse = compute_data_quantities(der, {**data, "A": sps.csr_matrix(data["A"]),
-                                           "Av": sps.csr_matrix(data["Av"])})
+                                           "Av": sps.csr_matrix(data["Av"])}, lazy=False)
     for key in ("normsq_K1", "lmin_K1", "rowmax_K1", "normsq_K2"):
         assert sparse[key]["certified"]
         assert sparse[key]["value"] == pytest.approx(dense[key]["value"], rel=1e-12, abs=1e-14)

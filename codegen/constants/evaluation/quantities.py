@@ -10,15 +10,16 @@ iteration is only ever an estimate, stored under a separate key and never used i
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import sympy as sp
 
 from ...errors import ProblemError
+from . import spectral
 from .interpreter import DenseOnDemand, bind_sizes, concrete, dense_array, operator_matrix
 
 U = 2.0 ** -53
-DENSE_LIMIT = 2000  # largest Gram side for eigvalsh
 
 
 def _rows_of(raw, scale, data, sizes, der):
@@ -65,92 +66,129 @@ def simple_operator(op, der, data, sizes, scalars):
     return _rows_of(raw, scale, data, sizes, der)
 
 
-def operator_quantities(K, K3, estimates=False):
-    """Certified normsq, lmin, rowmax of K (+ a power-iteration estimate if asked)."""
+QUANTITY_KINDS = ("normsq", "lmin", "rowmax")
+
+
+def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS) -> dict:
+    """Certified normsq, lmin, rowmax of K (only the kinds in `needed`; + a power-iteration
+    estimate if asked). Each entry says which method certified it and how long it took."""
+    start = time.perf_counter()
     R, D = K.shape
-    if hasattr(K, "toarray"):  # sparse K (one row per sample): Gram matrices through sparse products
-        return _sparse_quantities(K, estimates)
-    fro2 = float(np.sum(K * K))
-    res = {}
+    rowsq = _row_squares(K)
+    fro2 = float(rowsq.sum()) * (1 + 2 * (R * D + 2) * U)  # a sum of non-negative terms
     if fro2 == 0.0:
-        z = {"value": 0.0, "method": "K = 0", "certified": True}
-        return {"normsq": dict(z), "lmin": dict(z), "rowmax": dict(z)}
-    if min(R, D) <= DENSE_LIMIT:
-        G = K.T @ K if R >= D else K @ K.T
-        ev = np.linalg.eigvalsh(G)
-        margin = (max(R, D) + 10 * min(R, D) + 10) * U * fro2 * 1.01  # Gram rounding + eigvalsh
-        res["normsq"] = {"value": float(ev[-1]) + margin, "certified": True,
-                         "method": f"eigvalsh of the {G.shape[0]}x{G.shape[0]} Gram matrix "
-                                   f"+ margin {margin:.2e}"}
-        if R >= D:
-            res["lmin"] = {"value": max(0.0, float(ev[0]) - margin), "certified": True,
-                           "method": f"eigvalsh of the {D}x{D} Gram matrix - margin {margin:.2e}"}
-        else:
-            res["lmin"] = {"value": 0.0, "certified": True,
-                           "method": f"exact: K is wide ({R} rows < {D} columns)", "wide": True}
-    else:
-        n1 = float(np.abs(K).sum(axis=0).max())
-        ninf = float(np.abs(K).sum(axis=1).max())
-        val, how = (fro2, "||K||_F^2") if fro2 <= n1 * ninf else (n1 * ninf, "||K||_1 ||K||_inf")
-        res["normsq"] = {"value": val * (1 + 4 * (R + D) * U), "certified": True,
-                         "method": f"{how} (too large for eigvalsh) + rounding margin"}
-        res["lmin"] = {"value": 0.0, "certified": True, "method": "trivial lower bound 0",
-                       "wide": R < D}
-    blk = np.sqrt(np.max(np.sum(K3 * K3, axis=(1, 2))))
-    res["rowmax"] = {"value": float(blk) * (1 + 2 * (R + D) * U), "certified": True,
-                     "method": "max per-sample block Frobenius norm" if K3.shape[1] > 1
-                     else "max row norm (exact, + rounding margin)"}
+        return {w: {"value": 0.0, "method": "K = 0", "certified": True} for w in needed}
+    res = {}
+    if not math.isfinite(fro2):  # overflow or non-finite data: only the trivial bounds hold
+        res = {"normsq": {"value": math.inf, "certified": True, "method": "||K||_F overflows"},
+               "lmin": {"value": 0.0, "certified": True, "method": "trivial lower bound 0"}}
+    elif "normsq" in needed or "lmin" in needed:
+        res.update(_spectral(K, fro2, "lmin" in needed))
+    for what in [w for w in res if w not in needed]:
+        del res[what]
+    if "rowmax" in needed:
+        res["rowmax"] = _rowmax(K, K3, rowsq)
     if estimates:
-        rng = np.random.default_rng(0)
-        v = rng.standard_normal(D)
-        lam = 0.0
-        for _ in range(20):
-            w = K.T @ (K @ v)
-            lam = float(np.linalg.norm(w) / max(np.linalg.norm(v), 1e-300))
-            v = w / max(np.linalg.norm(w), 1e-300)
-        res["normsq:estimate"] = {"value": lam, "certified": False,
-                                  "method": "power iteration, 20 steps (estimate from below)"}
+        res["normsq:estimate"] = _power_estimate(K)
+    seconds = time.perf_counter() - start
+    for what, q in res.items():
+        q["seconds"] = seconds
+        if math.isnan(q["value"]):  # never a certified NaN: the trivial bound instead
+            q.update(value=0.0 if what == "lmin" else math.inf,
+                     certified=what != "normsq:estimate",
+                     method=q["method"] + " gave NaN: trivial bound")
     return res
 
 
-def _sparse_quantities(K, estimates):
+def _row_squares(K) -> np.ndarray:
+    """||k_i||^2 of every row (sparse or dense), without a temporary the size of K."""
+    if hasattr(K, "toarray"):
+        return np.asarray(K.multiply(K).sum(axis=1), dtype=float).reshape(-1)
+    return np.einsum("ij,ij->i", K, K)
+
+
+def _rowmax(K, K3, rowsq: np.ndarray) -> dict:
     R, D = K.shape
-    sq = K.multiply(K)
-    fro2 = float(sq.sum())
-    if fro2 == 0.0 or min(R, D) > DENSE_LIMIT:
-        Kd_rows = np.asarray(sq.sum(axis=1)).reshape(-1)
-        n1 = float(abs(K).sum(axis=0).max())
-        ninf = float(abs(K).sum(axis=1).max())
-        val = min(fro2, n1 * ninf) * (1 + 4 * (R + D) * U)
+    if K3 is not None and K3.shape[1] > 1:
+        blk = float(np.sqrt(np.max(np.einsum("irj,irj->i", K3, K3))))
+        how = "max per-sample block Frobenius norm"
+    else:
+        blk = float(np.sqrt(rowsq.max(initial=0.0)))
+        how = "max row norm (exact, + rounding margin)"
+    return {"value": blk * (1 + 2 * (R + D) * U), "certified": True, "method": how}
+
+
+def _spectral(K, fro2: float, want_lmin: bool) -> dict:
+    """normsq (and lmin) of K by the method of `spectral.method_for` (eigvalsh where lmin is
+    wanted and the Gram matrix is formed anyway)."""
+    R, D = K.shape
+    method = spectral.method_for(R, D)
+    wide = {"value": 0.0, "certified": True, "wide": True,
+            "method": f"exact: K is wide ({R} rows < {D} columns)"}
+    if method == "nnz":
+        absK = abs(K)
+        cw, passes = spectral.collatz_wielandt(absK)
+        val, how = (fro2, "||K||_F^2") if fro2 <= cw else (
+            cw, f"Collatz-Wielandt bound of |K|^T |K| ({passes} products |K|^T |K| w)")
         return {"normsq": {"value": val, "certified": True,
-                           "method": "min(||K||_F^2, ||K||_1 ||K||_inf) (sparse) + margin"},
+                           "method": f"{how}, O(nnz): above the Gram limits (min of "
+                                     f"||K||_F^2 = {fro2:.6g} and the Collatz-Wielandt bound "
+                                     f"{cw:.6g}) + rounding margin"},
                 "lmin": {"value": 0.0, "certified": True, "method": "trivial lower bound 0",
-                         "wide": R < D},
-                "rowmax": {"value": float(np.sqrt(Kd_rows.max(initial=0.0))) * (1 + 2 * (R + D) * U),
-                           "certified": True, "method": "max row norm (sparse)"}}
-    G = (K.T @ K if R >= D else K @ K.T).toarray()
-    dense = {}
+                         "wide": R < D}}
+    G = K.T @ K if R >= D else K @ K.T
+    if hasattr(G, "toarray"):
+        G = G.toarray()
+    margin = spectral.gram_margin(R, D, fro2)
+    n = G.shape[0]
+    if method == "cholesky" and not (want_lmin and R >= D):
+        estimate = spectral.lanczos_max(G)
+        found = spectral.cholesky_certificate(G, estimate)
+        if found is not None:
+            bound, tries = found
+            return {"normsq": {"value": bound + margin, "certified": True,
+                               "method": f"Cholesky certificate of c I - G for the {n}x{n} Gram "
+                                         f"matrix (c from a Lanczos estimate {estimate:.6g}, "
+                                         f"{tries} factorisation(s)) + margin {margin:.2e}"},
+                    "lmin": wide if R < D else {"value": 0.0, "certified": True,
+                                                "method": "trivial lower bound 0"}}
     ev = np.linalg.eigvalsh(G)
-    margin = (max(R, D) + 10 * min(R, D) + 10) * U * fro2 * 1.01
-    dense["normsq"] = {"value": float(ev[-1]) + margin, "certified": True,
-                       "method": f"eigvalsh of the {G.shape[0]}x{G.shape[0]} Gram matrix (sparse "
-                                 f"product) + margin {margin:.2e}"}
-    dense["lmin"] = ({"value": max(0.0, float(ev[0]) - margin), "certified": True,
-                      "method": "eigvalsh of the Gram matrix - margin"} if R >= D else
-                     {"value": 0.0, "certified": True, "wide": True,
-                      "method": f"exact: K is wide ({R} rows < {D} columns)"})
-    rows = np.asarray(sq.sum(axis=1)).reshape(-1)
-    dense["rowmax"] = {"value": float(np.sqrt(rows.max())) * (1 + 2 * (R + D) * U),
-                       "certified": True, "method": "max row norm (sparse, + rounding margin)"}
-    if estimates:
-        dense["normsq:estimate"] = {"value": float(ev[-1]), "certified": False,
-                                    "method": "eigvalsh without margin (estimate)"}
-    return dense
+    out = {"normsq": {"value": float(ev[-1]) + margin, "certified": True,
+                      "method": f"eigvalsh of the {n}x{n} Gram matrix + margin {margin:.2e}"}}
+    out["lmin"] = wide if R < D else {
+        "value": max(0.0, float(ev[0]) - margin), "certified": True,
+        "method": f"eigvalsh of the {D}x{D} Gram matrix - margin {margin:.2e}"}
+    return out
 
 
-def compute_data_quantities(derivation, data: dict, estimates: bool = False) -> dict:
-    """name -> {"value", "method", "certified", ...} for sizes, scalar data and data quantities."""
+def _power_estimate(K) -> dict:
+    """20 power steps on K^T K: an estimate from below, never used in a constant."""
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(K.shape[1])
+    lam = 0.0
+    for _ in range(20):
+        w = K.T @ (K @ v)
+        lam = float(np.linalg.norm(w) / max(np.linalg.norm(v), 1e-300))
+        v = w / max(np.linalg.norm(w), 1e-300)
+    return {"value": lam, "certified": False,
+            "method": "power iteration, 20 steps (estimate from below)"}
+
+
+def needed_quantities(derivation) -> set:
+    """The data-quantity symbols some constant (global or ball) reads: only these are computed
+    at bind (mu's among them, so the bind-time check of mu > 0 has what it needs)."""
+    records = list(derivation.constants.values()) + list(
+        (derivation.ball or {}).get("constants", {}).values())
+    return {s.name for rec in records for r in rec.walk() for s in r.expr.free_symbols}
+
+
+def compute_data_quantities(derivation, data: dict, estimates: bool = False,
+                            lazy: bool = True) -> dict:
+    """name -> {"value", "method", "certified", ...} for sizes, scalar data and data quantities;
+    with `lazy`, only the quantities some constant reads (an operator none reads is not even
+    built)."""
     der = derivation
+    needed = needed_quantities(der) if lazy else None
     sizes = bind_sizes(der, data)
     out = {k: {"value": v, "method": "array shape", "certified": True} for k, v in sizes.items()}
     scalars = {}
@@ -164,6 +202,9 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False) -> 
             raise ProblemError(f"{msg}; got {name} = {scalars.get(name)}")
     arrays = DenseOnDemand(data, [k for k, shape in der.data_shapes.items() if shape])
     for name, op in der.operators.items():
+        kinds = tuple(w for w in QUANTITY_KINDS if needed is None or f"{w}_{name}" in needed)
+        if not kinds and not estimates:
+            continue
         shape, var = (der.x_shape, der.x_name) if op.var == "x" else (der.theta_shape, der.theta_name)
         var_shape = tuple(int(concrete(s, sizes)) for s in shape)
         K = simple_operator(op, der, data, sizes, scalars) if op.block <= 1 else None
@@ -174,9 +215,9 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False) -> 
         if K is None:
             qs = {w: {"value": math.inf if w != "lmin" else 0.0, "certified": True,
                       "method": "operator too large to form densely: trivial bound"}
-                  for w in ("normsq", "lmin", "rowmax")}
+                  for w in kinds}
         else:
-            qs = operator_quantities(K, K3, estimates)
+            qs = operator_quantities(K, K3, estimates, kinds)
         for what, q in qs.items():
             key = f"{what}_{name}" if ":" not in what else f"normsq_{name}:estimate"
             q = dict(q)

@@ -1,0 +1,133 @@
+"""Certified upper bounds on ||K||^2 = lambda_max(K^T K) whose cost scales with the data
+(docs/constants.md 4; issue 14 item 5).
+
+Three methods, chosen by size (`quantities.operator_quantities`):
+
+- eigvalsh of the smaller Gram matrix G (side <= EIGH_SIDE_LIMIT): exact eigenvalues plus the
+  rounding margin `gram_margin` (forming G, and eigvalsh's backward error); gives lambda_min too.
+- Cholesky certificate (Gram formed, side <= CHOLESKY_SIDE_LIMIT, R D min(R, D) <=
+  GRAM_FLOP_LIMIT): a Lanczos estimate theta of lambda_max(G) (from below: only a guess) picks
+  c = theta (1 + s); if the floating-point Cholesky factorisation of M = fl(c I - G) runs to
+  completion, then (Higham, Accuracy and Stability, Thm 10.3, any summation order, so blocked
+  LAPACK too) M + dM = R^T R >= 0 with |dM| <= g d d^T, d_i = sqrt((M + dM)_ii),
+  g = gamma_{n+1}, hence ||dM||_2 <= g tr(M + dM) <= g/(1 - g) tr(M), and forming M's diagonal
+  adds at most u max|c - G_ii|. So lambda_max(G) <= c + g/(1 - g) tr(M) + u max|c - G_ii|, and
+  ||K||^2 <= that + the Gram rounding margin. n^3/3 flops instead of an eigensolve. If the
+  factorisation breaks down, c was below lambda_max(G): s grows and it tries again.
+- O(nnz) above that: min(||K||_F^2, Collatz-Wielandt bound of |K|^T |K|). ||K|| <= || |K| || and,
+  for the non-negative symmetric A = |K|^T |K| and ANY positive w, lambda_max(A) <=
+  max_j (A w)_j / w_j (Collatz-Wielandt); w from a few power steps on A makes the bound decrease
+  towards || |K| ||^2 (exact for non-negative data), w = 1 gives at most ||K||_1 ||K||_inf. The
+  power steps only choose w: every w gives a valid bound, so nothing rests on their convergence.
+
+A power iteration or Lanczos value is never used as a bound by itself: it approaches
+lambda_max from below.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+U = 2.0 ** -53
+EIGH_SIDE_LIMIT = 1000  # Gram side up to which eigvalsh gives normsq and lmin at once
+CHOLESKY_SIDE_LIMIT = 4000  # largest Gram side for the Cholesky certificate
+GRAM_FLOP_LIMIT = 1.0e11  # largest R D min(R, D) for which a dense Gram matrix is formed
+LANCZOS_STEPS = 40
+CW_STEPS = 8  # at most this many power steps on |K|^T |K| choose the Collatz-Wielandt vector
+CW_STALL = 1e-3  # ... and they stop once a step improves the bound by less than this
+SLACKS = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # c = estimate (1 + s), in turn
+
+
+def gram_margin(rows: int, cols: int, fro2: float) -> float:
+    """Rounding margin of lambda(G) for G = K^T K (or K K^T) formed in float64 and eigvalsh's
+    backward error: (max + 10 min + 10) u ||K||_F^2 (covers gamma_R || |K|^T |K| || too)."""
+    return (max(rows, cols) + 10 * min(rows, cols) + 10) * U * fro2 * 1.01
+
+
+def method_for(rows: int, cols: int) -> str:
+    """The method for ||K||^2 at this size: eigvalsh, cholesky or nnz (module docstring)."""
+    side = min(rows, cols)
+    if side <= EIGH_SIDE_LIMIT:
+        return "eigvalsh"
+    if side <= CHOLESKY_SIDE_LIMIT and float(rows) * cols * side <= GRAM_FLOP_LIMIT:
+        return "cholesky"
+    return "nnz"
+
+
+def lanczos_max(G: np.ndarray, steps: int = LANCZOS_STEPS) -> float:
+    """The largest Ritz value of G (symmetric) after `steps` Lanczos steps with full
+    reorthogonalisation: <= lambda_max(G) up to rounding, an ESTIMATE (never a bound)."""
+    n = G.shape[0]
+    steps = max(1, min(steps, n))
+    Q = np.zeros((steps, n))
+    q = np.random.default_rng(0).standard_normal(n)
+    q /= np.linalg.norm(q)
+    alpha, beta = [], []
+    for k in range(steps):
+        Q[k] = q
+        w = G @ q
+        alpha.append(float(q @ w))
+        w -= Q[:k + 1].T @ (Q[:k + 1] @ w)  # full reorthogonalisation (twice is enough)
+        w -= Q[:k + 1].T @ (Q[:k + 1] @ w)
+        b = float(np.linalg.norm(w))
+        if b <= 1e-12 * max(abs(alpha[-1]), 1e-300) or k == steps - 1:
+            break
+        beta.append(b)
+        q = w / b
+    T = np.diag(alpha) + np.diag(beta[:len(alpha) - 1], 1) + np.diag(beta[:len(alpha) - 1], -1)
+    return float(np.linalg.eigvalsh(T)[-1])
+
+
+def cholesky_certificate(G: np.ndarray, estimate: float) -> tuple[float, int] | None:
+    """(c', tries): a certified lambda_max(G) <= c' from the first c = estimate (1 + s) for which
+    fl(c I - G) has a Cholesky factor (module docstring); None if every slack fails."""
+    n = G.shape[0]
+    diag = np.diag(G).copy()
+    if not (math.isfinite(estimate) and np.all(np.isfinite(G))):
+        return None
+    g = (n + 1) * U / (1 - (n + 1) * U)
+    g = 2 * g  # safety factor over Higham's gamma_{n+1}
+    scale = max(estimate, float(diag.max(initial=0.0)), 1e-300)
+    for tries, s in enumerate(SLACKS, start=1):
+        c = max(estimate, 0.0) * (1 + s) + s * 1e-12 * scale
+        M = -G  # a copy, negated exactly
+        M[np.diag_indices(n)] += c
+        try:
+            np.linalg.cholesky(M)
+        except np.linalg.LinAlgError:
+            continue
+        trace_m = float(np.sum(c - diag))
+        bound = c + g / (1 - g) * abs(trace_m) * (1 + 4 * n * U) + U * float(np.max(np.abs(c - diag)))
+        bound *= 1 + 4 * U
+        return (bound, tries) if math.isfinite(bound) else None
+    return None
+
+
+def collatz_wielandt(absK, steps: int = CW_STEPS) -> tuple[float, int]:
+    """min over w_0 = 1, w_1, ... (w_{k+1} = A w_k / max, floored > 0; at most `steps`, until
+    a step improves by less than CW_STALL) of
+    max_j (A w)_j / w_j with A = |K|^T |K|: a certified upper bound on || |K| ||^2 >= ||K||^2
+    (outward rounding: every entry of A w is a sum of non-negative products), and the number of
+    products A w it took."""
+    R, D = absK.shape
+    w = np.ones(D)
+    best, passes = math.inf, 0
+    grow = 1 + 4 * (R + D + 4) * U  # relative error of each entry of A w (non-negative sums)
+    for _ in range(steps + 1):
+        Aw = np.asarray(absK.T @ np.asarray(absK @ w).reshape(-1)).reshape(-1)
+        passes += 1
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(Aw > 0, Aw / w, 0.0)
+        value = float(ratio.max(initial=0.0)) * grow * (1 + 2 * U)
+        if not math.isfinite(value):  # overflow: no information (inf stays the answer)
+            break
+        if value > best * (1 - CW_STALL):  # converged: more passes over the data buy < 0.1%
+            best = min(best, value)
+            break
+        best = min(best, value)
+        top = float(Aw.max(initial=0.0))
+        if top == 0.0 or not math.isfinite(top):
+            break
+        w = np.maximum(Aw / top, 1e-8)  # any positive w gives a valid bound
+    return best, passes

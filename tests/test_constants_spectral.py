@@ -1,0 +1,154 @@
+"""Data quantities whose cost scales with the data (issue 14 item 5; docs/constants.md 4):
+every certified bound on ||K||^2 is >= the exact value (brute force: numpy's SVD at small sizes)
+on random and adversarial matrices, the size thresholds switch the method, only the quantities
+some constant reads are computed, and the logistic L_A has the data-local form (item 2)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sps
+
+from codegen.constants import compute_data_quantities, derive, evaluate
+from codegen.constants.evaluation import quantities, spectral
+
+_SPEC = importlib.util.spec_from_file_location(
+    "example_logistic", Path(__file__).resolve().parents[1] / "examples" / "logistic.py")
+LOGISTIC = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(LOGISTIC)  # the example's problem and data generator, reused
+
+
+def exact_normsq(K) -> float:
+    K = K.toarray() if hasattr(K, "toarray") else K
+    return float(np.linalg.norm(K, 2) ** 2)
+
+
+def matrices():
+    """(name, K): random, and the adversarial shapes for each method."""
+    rng = np.random.default_rng(7)
+    out = [("gaussian 60x25", rng.standard_normal((60, 25))),
+           ("gaussian wide 12x40", rng.standard_normal((12, 40))),
+           ("non-negative 50x30", rng.random((50, 30))),
+           ("rank one", np.outer(rng.standard_normal(40), rng.standard_normal(20))),
+           ("one entry", np.eye(30, 20) * 0.0 + np.pad([[3.5]], ((0, 29), (0, 19)))),
+           ("zero columns", np.hstack([rng.standard_normal((30, 10)), np.zeros((30, 5))]))]
+    u, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    v, _ = np.linalg.qr(rng.standard_normal((25, 25)))
+    s = np.ones(25)
+    s[:3] = [10.0, 10.0 - 1e-9, 10.0 - 2e-9]  # a cluster at the top: Lanczos converges slowly
+    out.append(("clustered top", u[:, :25] * s @ v.T))
+    s = np.logspace(0, -12, 25)
+    out.append(("ill-conditioned", u[:, :25] * s @ v.T))
+    out.append(("huge dynamic range", rng.standard_normal((30, 20)) * np.logspace(-150, 150, 20)))
+    out.append(("alternating signs", np.array([[(-1.0) ** (i + j) for j in range(20)]
+                                               for i in range(35)])))
+    return out
+
+
+@pytest.mark.parametrize("name, K", matrices(), ids=[n for n, _ in matrices()])
+def test_every_method_bounds_the_exact_norm(name, K, monkeypatch):
+    exact = exact_normsq(K)
+    for method, limits in (("eigvalsh", (10**6, 10**6, 1e30)), ("cholesky", (0, 10**6, 1e30)),
+                           ("nnz", (0, 0, 0.0))):
+        monkeypatch.setattr(spectral, "EIGH_SIDE_LIMIT", limits[0])
+        monkeypatch.setattr(spectral, "CHOLESKY_SIDE_LIMIT", limits[1])
+        monkeypatch.setattr(spectral, "GRAM_FLOP_LIMIT", limits[2])
+        for form in (K, sps.csr_matrix(K)):
+            q = quantities.operator_quantities(form, None if hasattr(form, "toarray")
+                                               else form[:, None, :], needed=("normsq",))
+            assert set(q) == {"normsq"} and q["normsq"]["certified"]
+            assert q["normsq"]["value"] >= exact, (name, method, q["normsq"])
+            if method == "cholesky" and exact > 0:
+                assert "Cholesky" in q["normsq"]["method"] or "eigvalsh" in q["normsq"]["method"]
+                assert q["normsq"]["value"] <= exact * 1.01 + 1e-300
+            if method == "nnz" and exact > 0:
+                assert "O(nnz)" in q["normsq"]["method"]
+
+
+def test_cholesky_certificate_survives_a_wrong_estimate():
+    """The estimate only picks c: far too low (0, half) or exact, the certificate stays valid."""
+    rng = np.random.default_rng(1)
+    for n in (5, 40, 120):
+        K = rng.standard_normal((2 * n, n))
+        G = K.T @ K
+        lam = float(np.linalg.eigvalsh(G)[-1])
+        for estimate in (0.0, lam / 2, lam * (1 - 1e-8), lam, lam * 3):
+            found = spectral.cholesky_certificate(G, estimate)
+            if found is None:
+                assert estimate < lam  # every slack below lambda_max: no certificate, no claim
+                continue
+            assert found[0] >= lam
+        assert spectral.cholesky_certificate(G, 0.0) is None  # c <= 1e-12 scale < lam: refused
+
+
+def test_lanczos_is_an_estimate_from_below():
+    """Why Lanczos / power values never certify: they are below lambda_max."""
+    rng = np.random.default_rng(2)
+    K = rng.standard_normal((300, 120))
+    G = K.T @ K
+    lam = float(np.linalg.eigvalsh(G)[-1])
+    est = spectral.lanczos_max(G, steps=5)
+    assert est <= lam * (1 + 1e-12) and est < lam
+
+
+def test_collatz_wielandt_is_sharp_on_non_negative_data():
+    """|K| = K: the bound tends to ||K||^2 from above (a few power steps)."""
+    rng = np.random.default_rng(3)
+    K = rng.random((400, 60))
+    exact = exact_normsq(K)
+    cw, passes = spectral.collatz_wielandt(np.abs(K))
+    assert 1 <= passes <= spectral.CW_STEPS + 1
+    assert exact <= cw <= exact * 1.001
+    assert cw <= float(np.abs(K).sum(axis=0).max() * np.abs(K).sum(axis=1).max())
+
+
+def test_method_thresholds():
+    assert spectral.method_for(5000, spectral.EIGH_SIDE_LIMIT) == "eigvalsh"
+    assert spectral.method_for(20000, 2000) == "cholesky"
+    assert spectral.method_for(20000, 20000) == "nnz"  # a dense Gram would be 8e12 flops
+    assert spectral.method_for(10**6, 1500) == "nnz"  # side small, but R D side > GRAM_FLOP_LIMIT
+    assert spectral.method_for(2000, 20000) == "cholesky"  # wide: the Gram side is the row count
+
+
+def test_only_the_quantities_a_constant_reads_are_computed():
+    der = derive(LOGISTIC.logistic)
+    data = LOGISTIC.example_data()
+    lazy = compute_data_quantities(der, data)
+    full = compute_data_quantities(der, data, lazy=False)
+    assert "lmin_K1" not in lazy and "lmin_K1" in full  # mu = exp(theta): no lambda_min needed
+    for key in ("normsq_K1", "rowmax_K1", "normsq_K2"):
+        assert lazy[key]["value"] == full[key]["value"]
+    assert evaluate(der, [-1.0], lazy) == evaluate(der, [-1.0], full)
+
+
+def logistic_hessian(K, x, m):
+    z = K @ x
+    s = 1 / (1 + np.exp(-z))
+    return (K.T * (s * (1 - s))) @ K / m
+
+
+def test_logistic_L_A_is_the_data_local_form_and_bounds_the_hessian_lipschitz_constant():
+    """L_A = (sqrt3/18) ||K||^2 max_i ||k_i|| / m (issue 14 item 2), never the max ||k_i||^3 form,
+    and above ||H(x) - H(y)|| / ||x - y|| at sampled pairs (brute force; the regulariser is
+    quadratic and adds nothing)."""
+    der = derive(LOGISTIC.logistic)
+    data = LOGISTIC.example_data()
+    c = evaluate(der, [-1.0], compute_data_quantities(der, data))
+    K = data["y"][:, None] * data["A"]
+    m = K.shape[0]
+    rows = np.linalg.norm(K, axis=1)
+    local_form = math.sqrt(3) / 18 * exact_normsq(K) * rows.max() / m
+    cube_form = math.sqrt(3) / 18 * rows.max() ** 3
+    assert local_form <= c["L_A"] <= local_form * (1 + 1e-9)
+    assert c["L_A"] < cube_form
+    rng = np.random.default_rng(4)
+    worst = 0.0
+    for _ in range(300):
+        x = rng.standard_normal(K.shape[1]) * rng.choice([0.1, 1.0, 3.0])
+        h = rng.standard_normal(K.shape[1]) * 10.0 ** rng.uniform(-4, 0)
+        diff = np.linalg.norm(logistic_hessian(K, x + h, m) - logistic_hessian(K, x, m), 2)
+        worst = max(worst, diff / np.linalg.norm(h))
+    assert 0 < worst <= c["L_A"]
