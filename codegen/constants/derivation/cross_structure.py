@@ -11,7 +11,7 @@ import sympy as sp
 from sympy.parsing.sympy_parser import parse_expr
 
 from ...primitives import sigmoid, softplus
-from ..records import T, Derivation
+from ..records import Derivation, T
 from .terms import Term, VarReads, flatten, max_affine, split_affine
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from ...primitives import stabilise
+from ..records import Operator, Record, T, ThetaMax, ThetaMin
 from .atoms import AtomFacts, analyse_atom, group_charbonnier, lse_facts
 from .ball import ball_symbols, term_info
 from .operators import OpFacts, affine_index, classify_operator, stacked_stencil
-from ..records import T, Operator, Record, ThetaMax, ThetaMin
 
 
 # -- reads and degrees ------------------------------------------------------------------------
