@@ -37,13 +37,18 @@ import threading
 import time
 import types
 import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any, NoReturn, Union
 
 import cffi
 
 from .errors import BuildError
 from .version import __version__
 
-EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
+PathLike = Union[str, "os.PathLike[str]"]
+Flags = Union[Iterable[str], None]  # compiler flags; None: default_flags()
+
+EXT_SUFFIX: str = sysconfig.get_config_var("EXT_SUFFIX")
 LAYOUT = "v1"
 KEY_FUNCTION = "hg_build_key"
 BASE_FLAGS = ("-O3", "-std=c99", "-fno-math-errno", "-Wall", "-Wextra")
@@ -91,26 +96,28 @@ def default_flags() -> tuple[str, ...]:
             + tuple(shlex.split(os.environ.get("HYPERGEN_CFLAGS", ""))))
 
 
-def cache_key(module_name: str, source: str, cdef: str, flags=None) -> str:
+def cache_key(module_name: str, source: str, cdef: str, flags: Flags = None) -> str:
     """The sha256 hex digest identifying the binary these inputs produce (flags None = defaults)."""
     return _digest(_key_inputs(module_name, source, cdef, _resolve_flags(flags)))
 
 
-def compile_extension(module_name: str, source: str, cdef: str, *, flags=None,
-                      cache_dir: str | os.PathLike | None = None) -> types.ModuleType:
+def compile_extension(module_name: str, source: str, cdef: str, *, flags: Flags = None,
+                      cache_dir: PathLike | None = None) -> types.ModuleType:
     """Return the loaded cffi module (has .ffi and .lib) for this C source; compile only on a cache miss."""
     flags = _resolve_flags(flags)
     key = cache_key(module_name, source, cdef, flags)
     return _cached(module_name, source, cdef, flags, key, cache_dir)
 
 
-def publish(module: types.ModuleType, directory: str | os.PathLike) -> pathlib.Path:
+def publish(module: types.ModuleType, directory: PathLike) -> pathlib.Path:
     """Copy the module's extension file into `directory` (atomically) and return its path.
 
     Older builds of the same problem in `directory` are removed, so e.g. generated/<name>/ holds only the
     binary its current sources describe. Unlinking, unlike overwriting, is safe for processes that have
     one of them loaded.
     """
+    if module.__file__ is None:
+        raise ValueError(f"{module.__name__} has no file: not an extension built by codegen.jit")
     built = pathlib.Path(module.__file__)
     match = re.fullmatch(r"(_hg_\w+_)[0-9a-f]{16}" + re.escape(EXT_SUFFIX), built.name)
     if match is None:
@@ -126,8 +133,8 @@ def publish(module: types.ModuleType, directory: str | os.PathLike) -> pathlib.P
     return target
 
 
-def load_published(module_name: str, source: str, cdef: str, directory: str | os.PathLike, *,
-                   flags=None, cache_dir: str | os.PathLike | None = None) -> types.ModuleType:
+def load_published(module_name: str, source: str, cdef: str, directory: PathLike, *,
+                   flags: Flags = None, cache_dir: PathLike | None = None) -> types.ModuleType:
     """Load the extension previously published into `directory` if its embedded key equals cache_key(...);
     otherwise (missing, stale, corrupt) fall back to compile_extension. Never load a stale binary.
 
@@ -163,16 +170,17 @@ def _copy_atomically(source: pathlib.Path, target: pathlib.Path) -> None:
 # ---------------------------------------------------------------- the key
 
 
-def _resolve_flags(flags) -> tuple[str, ...]:
+def _resolve_flags(flags: Flags) -> tuple[str, ...]:
     return default_flags() if flags is None else tuple(flags)
 
 
-def _digest(inputs: dict) -> str:
+def _digest(inputs: dict[str, Any]) -> str:
     canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _key_inputs(module_name: str, source: str, cdef: str, flags: tuple[str, ...]) -> dict:
+def _key_inputs(module_name: str, source: str, cdef: str,
+                flags: tuple[str, ...]) -> dict[str, Any]:
     """Everything that can change the compiled binary (or whether it loads here)."""
     native = tuple(flag for flag in flags if flag.endswith("=native"))
     return {
@@ -213,7 +221,8 @@ def _links_openmp(command: tuple[str, ...]) -> bool:
 
 
 @functools.cache
-def _compiler_identity(command: tuple[str, ...], native_flags: tuple[str, ...]) -> dict:
+def _compiler_identity(command: tuple[str, ...],
+                       native_flags: tuple[str, ...]) -> dict[str, Any]:
     """Compiler path and version; with `-march=native` also the CPU target it expands to.
 
     Without the expansion, a cache directory shared between machines (an NFS home) would hand one
@@ -262,7 +271,7 @@ def _extension_name(module_name: str, key: str) -> str:
     return _module_name(module_name, key) + EXT_SUFFIX
 
 
-def cache_root(cache_dir) -> pathlib.Path:
+def cache_root(cache_dir: PathLike | None) -> pathlib.Path:
     """cache_dir, else $HYPERGEN_CACHE_DIR, else $XDG_CACHE_HOME/hypergen or ~/.cache/hypergen."""
     if cache_dir is None:
         cache_dir = os.environ.get("HYPERGEN_CACHE_DIR")
@@ -272,7 +281,7 @@ def cache_root(cache_dir) -> pathlib.Path:
     return pathlib.Path(cache_dir).expanduser().absolute()
 
 
-def _shard(cache_dir, key: str) -> pathlib.Path:
+def _shard(cache_dir: PathLike | None, key: str) -> pathlib.Path:
     """The writable directory v1/<key[:2]> holding this key's entry and lock file.
 
     An unwritable cache (read-only, or a path through a regular file) degrades to a per-user directory
@@ -324,7 +333,7 @@ def _count(what: str) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: pathlib.Path):
+def _file_lock(path: pathlib.Path) -> Iterator[None]:
     """Exclusive inter-process lock (flock: released by the kernel if the holder dies). The lock file
     is never deleted: deleting it would let two processes hold "the" lock on different inodes."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -338,6 +347,8 @@ def _file_lock(path: pathlib.Path):
 def _load(path: pathlib.Path, module_name: str, key: str) -> types.ModuleType:
     """Import the extension at `path` under `module_name` and check the key it carries."""
     spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a loadable extension module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     carried = module.ffi.string(getattr(module.lib, KEY_FUNCTION)()).decode()
@@ -354,7 +365,8 @@ def _try_load(path: pathlib.Path, module_name: str, key: str) -> types.ModuleTyp
         return None
 
 
-def _cached(module_name, source, cdef, flags, key, cache_dir) -> types.ModuleType:
+def _cached(module_name: str, source: str, cdef: str, flags: tuple[str, ...], key: str,
+            cache_dir: PathLike | None) -> types.ModuleType:
     """In-process memo, then the disk cache under the key's file lock, then a build."""
     with _key_lock(key):
         if key in _LOADED:
@@ -430,7 +442,7 @@ def _timestamp(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _summarise(inputs: dict) -> dict:
+def _summarise(inputs: dict[str, Any]) -> dict[str, Any]:
     """Key inputs for build.json, with the two texts (kept beside it as module.c/.h) as digests."""
     summary = {name: value for name, value in inputs.items() if name not in ("source", "cdef")}
     for name in ("source", "cdef"):
@@ -438,7 +450,8 @@ def _summarise(inputs: dict) -> dict:
     return summary
 
 
-def _fail(work: pathlib.Path, entry: pathlib.Path, cffi_name: str, returncode: int, log: str):
+def _fail(work: pathlib.Path, entry: pathlib.Path, cffi_name: str, returncode: int,
+          log: str) -> NoReturn:
     """Keep the failed build as <key>.failed/ for inspection and raise BuildError pointing at it."""
     kept = entry.parent / f"{entry.name}.failed"
     shutil.rmtree(kept, ignore_errors=True)

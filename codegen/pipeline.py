@@ -13,21 +13,31 @@ import runpy
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Any, Union
 
 import sympy as sp
 
 from .compiler import ir
-from .compiler.emit.render import environment, kernel_renderers, render_module, template_digest
+from .compiler.emit.render import (
+    ColumnsRenderer,
+    KernelRenderer,
+    environment,
+    kernel_renderers,
+    render_module,
+    template_digest,
+)
 from .compiler.kernels import kernel_specs
 from .compiler.problem import Problem
 from .constants import derive
 from .errors import HypergenError
 from .jit import cache_root, publish
-from .runtime import load_directory
+from .runtime import GeneratedModule, load_directory
 from .version import ABI_VERSION, __version__
 
+PathLike = Union[str, "os.PathLike[str]"]
 
-def load_problem_file(path) -> list:
+
+def load_problem_file(path: PathLike) -> list[Problem]:
     """Run a problem file; return its module-level Problems (errors name the file and line)."""
     path = Path(path)
     if not path.exists():
@@ -49,7 +59,7 @@ def load_problem_file(path) -> list:
     return problems
 
 
-def generate(problem: Problem, allow_uncertified: bool = False) -> dict:
+def generate(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any]:
     """Every generated text of one problem, in memory: source, header, cdef, meta, constants.
 
     A lower level whose strong convexity cannot be proved is an error unless `allow_uncertified`
@@ -91,7 +101,7 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict:
             "constants": _derive_constants(problem, allow_uncertified)}
 
 
-def generate_cached(problem: Problem, allow_uncertified: bool = False) -> dict:
+def generate_cached(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any]:
     """`generate`, memoised on disk: an unchanged problem skips every SymPy stage.
 
     The key covers the canonical problem (srepr of its expressions and arrays), the flag, and a
@@ -101,7 +111,8 @@ def generate_cached(problem: Problem, allow_uncertified: bool = False) -> dict:
     key = symbolic_key(problem, allow_uncertified)
     path = cache_root(None) / "symbolic" / key[:2] / f"{key}.json"
     try:
-        return json.loads(path.read_text())
+        cached: dict[str, Any] = json.loads(path.read_text())
+        return cached
     except (OSError, ValueError):
         pass
     texts = generate(problem, allow_uncertified)
@@ -139,18 +150,20 @@ def _generator_digest() -> str:
     return h.hexdigest()
 
 
-def _kernel_meta(renderer) -> dict:
+def _kernel_meta(renderer: KernelRenderer | ColumnsRenderer) -> dict[str, Any]:
     return {"name": renderer.name, "doc": renderer.doc,
             "params": [{"name": p.name, "role": p.role, "ctype": p.ctype}
                        for p in renderer.params()]}
 
 
-def _derive_constants(problem, allow_uncertified: bool):
+def _derive_constants(problem: Problem, allow_uncertified: bool) -> dict[str, Any]:
     """constants.json content: the derivation tree of mu, L, L_A, L_B, L_f (codegen.constants)."""
-    return json.loads(derive(problem, allow_uncertified=allow_uncertified).to_json())
+    tree: dict[str, Any] = json.loads(derive(problem, allow_uncertified=allow_uncertified).to_json())
+    return tree
 
 
-def write_outputs(problem: Problem, texts: dict, out_dir, source_file=None) -> Path:
+def write_outputs(problem: Problem, texts: dict[str, Any], out_dir: PathLike,
+                  source_file: str | None = None) -> Path:
     """Write DIR/<name>/; files whose content is unchanged are not touched."""
     target = Path(out_dir) / problem.name
     target.mkdir(parents=True, exist_ok=True)
@@ -173,7 +186,8 @@ def write_outputs(problem: Problem, texts: dict, out_dir, source_file=None) -> P
     return target
 
 
-def build_problem(problem: Problem, out_dir, source_file=None, allow_uncertified=False):
+def build_problem(problem: Problem, out_dir: PathLike, source_file: str | None = None,
+                  allow_uncertified: bool = False) -> GeneratedModule:
     """Generate, write and compile one problem; return the loaded GeneratedModule."""
     texts = generate_cached(problem, allow_uncertified)
     target = write_outputs(problem, texts, out_dir, source_file)
@@ -182,7 +196,8 @@ def build_problem(problem: Problem, out_dir, source_file=None, allow_uncertified
     return module
 
 
-def load(path, name=None, out=None, allow_uncertified=False):
+def load(path: PathLike, name: str | None = None, out: PathLike | None = None,
+         allow_uncertified: bool = False) -> GeneratedModule:
     """codegen.load: build the problems of a file (cached) and return the one asked for."""
     problems = load_problem_file(path)
     if name is None and len(problems) > 1:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import keyword
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import sympy as sp
 
@@ -46,7 +48,7 @@ class ArraySpec:
     """One named array of the problem: data, the lower variable or the hyperparameters."""
 
     name: str
-    shape: tuple  # of SymPy integer expressions in the size symbols; () for a scalar
+    shape: tuple[sp.Expr, ...]  # of SymPy integer expressions in the size symbols; () for a scalar
     role: str  # "data", "x" or "theta"
     sparse: bool = False  # a 2-D data matrix bound as CSR: contractions loop over its non-zeros
 
@@ -69,16 +71,16 @@ class Problem:
     lower: object
     upper: object
     regulariser: object = 0
-    constants: dict | None = None
-    sparse: tuple = ()  # names of 2-D data matrices bound in CSR form (scipy.sparse)
+    constants: dict[str, Any] | None = None
+    sparse: str | Sequence[str] = ()  # names of 2-D data matrices bound in CSR form (scipy.sparse)
     # Canonical form, filled in by __post_init__.
-    arrays: dict = field(init=False, repr=False)
-    sizes: tuple = field(init=False, repr=False)
+    arrays: dict[str, ArraySpec] = field(init=False, repr=False)
+    sizes: tuple[sp.Symbol, ...] = field(init=False, repr=False)
     g: sp.Expr = field(init=False, repr=False)
     f: sp.Expr = field(init=False, repr=False)
     r: sp.Expr = field(init=False, repr=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
             raise ProblemError(f"problem name {self.name!r} must be a valid identifier")
         if keyword.iskeyword(self.name) or self.name in C_KEYWORDS:
@@ -119,11 +121,11 @@ class Problem:
         return next(a for a in self.arrays.values() if a.role == "theta")
 
     @property
-    def data_specs(self) -> list:
+    def data_specs(self) -> list[ArraySpec]:
         return [a for a in self.arrays.values() if a.role == "data"]
 
     @property
-    def theta_names(self) -> list:
+    def theta_names(self) -> list[str] | None:
         """Display names of the theta entries (the user's symbols, or name[k])."""
         if isinstance(self.theta, sp.Symbol):
             return [self.theta.name]
@@ -132,7 +134,8 @@ class Problem:
         return None
 
 
-def _variable_spec(var, default_name: str, what: str):
+def _variable_spec(var: object, default_name: str,
+                   what: str) -> tuple[ArraySpec, dict[sp.Symbol, sp.Expr]]:
     """Canonical array for x or theta, and the substitution of user symbols into it."""
     role = "x" if default_name == "x" else "theta"
     if isinstance(var, sp.IndexedBase):
@@ -156,7 +159,7 @@ def _variable_spec(var, default_name: str, what: str):
     )
 
 
-def _objective(expr, label: str, subs: dict) -> sp.Expr:
+def _objective(expr: object, label: str, subs: dict[sp.Symbol, sp.Expr]) -> sp.Expr:
     if expr is None:
         raise ProblemError(f"the {label} objective is missing")
     try:
@@ -170,7 +173,7 @@ def _objective(expr, label: str, subs: dict) -> sp.Expr:
     return expr.xreplace(subs) if subs else expr
 
 
-def _collect_data(expr: sp.Expr, label: str, arrays: dict) -> None:
+def _collect_data(expr: sp.Expr, label: str, arrays: dict[str, ArraySpec]) -> None:
     """Register every IndexedBase and real Symbol that is neither x nor theta as data."""
     for node in _walk(expr):
         if isinstance(node, sp.Indexed):
@@ -194,7 +197,7 @@ def _collect_data(expr: sp.Expr, label: str, arrays: dict) -> None:
             arrays[node.name] = ArraySpec(node.name, (), "data")
 
 
-def _walk(expr):
+def _walk(expr: sp.Basic) -> Iterator[sp.Basic]:
     """Pre-order traversal that skips the labels of IndexedBases (they are names, not symbols)."""
     stack = [expr]
     while stack:
@@ -208,7 +211,8 @@ def _walk(expr):
             stack.extend(reversed(node.args))
 
 
-def _mark_sparse(arrays: dict, sparse) -> dict:
+def _mark_sparse(arrays: dict[str, ArraySpec],
+                 sparse: str | Sequence[str]) -> dict[str, ArraySpec]:
     if isinstance(sparse, str):
         sparse = (sparse,)
     for name in sparse:
@@ -223,7 +227,7 @@ def _is_integer(sym: sp.Symbol) -> bool:
     return bool(sym.is_integer)
 
 
-def _bases_in(expr: sp.Expr, arrays: dict):
+def _bases_in(expr: sp.Expr, arrays: dict[str, ArraySpec]) -> list[ArraySpec]:
     names = {str(n.base.label) for n in expr.atoms(sp.Indexed)}
     names |= {s.name for s in _walk(expr) if isinstance(s, sp.Symbol) and s.name in arrays
               and arrays[s.name].shape == ()}
@@ -244,8 +248,8 @@ def _check_functions(expr: sp.Expr, label: str) -> None:
             raise ProblemError(f"{label}: {type(node).__name__} is not supported ({node})")
 
 
-def _size_symbols(specs):
-    sizes = set()
+def _size_symbols(specs: Iterable[ArraySpec]) -> set[sp.Symbol]:
+    sizes: set[sp.Symbol] = set()
     for spec in specs:
         for s in spec.shape:
             bad = [a for a in s.free_symbols if not _is_integer(a)]
@@ -256,9 +260,9 @@ def _size_symbols(specs):
     return sizes
 
 
-def _index_names(problem: Problem) -> set:
+def _index_names(problem: Problem) -> set[str]:
     """The summation indices' names: they become C loop variables, like array names."""
-    names = set()
+    names: set[str] = set()
     for expr in (problem.g, problem.f, problem.r):
         for node in sp.preorder_traversal(expr):
             if isinstance(node, sp.Idx):
@@ -324,12 +328,13 @@ def _check_sizes_bindable(problem: Problem) -> None:
 _CONSTANT_NAMES = ("mu", "L", "L_A", "L_B", "L_f")
 
 
-def _stated_constants(constants, subs):
+def _stated_constants(constants: object,
+                      subs: dict[sp.Symbol, sp.Expr]) -> dict[str, sp.Expr] | None:
     if constants is None:
         return None
     if not isinstance(constants, dict):
         raise ProblemError("constants must be a dict such as {'mu': sp.exp(theta), 'L': ...}")
-    out = {}
+    out: dict[str, sp.Expr] = {}
     for key, value in constants.items():
         if key not in _CONSTANT_NAMES:
             raise ProblemError(f"unknown constant {key!r}; the constants are {_CONSTANT_NAMES}")
