@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sps
 
-from codegen.constants import compute_data_quantities, derive, evaluate
+from codegen.constants import compute_data_quantities, derive, evaluate, format_tree
 from codegen.constants.evaluation import quantities, spectral
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -122,6 +122,9 @@ def test_only_the_quantities_a_constant_reads_are_computed():
     for key in ("normsq_K1", "rowmax_K1", "normsq_K2"):
         assert lazy[key]["value"] == full[key]["value"]
     assert evaluate(der, [-1.0], lazy) == evaluate(der, [-1.0], full)
+    text = format_tree(der, lazy)  # the audit trail names the method of every quantity
+    assert "normsq_K1 = " in text and "eigvalsh of the 10x10 Gram matrix" in text
+    assert "lmin_K1 = " not in text and "lmin_K1 = " in format_tree(der, full)
 
 
 def logistic_hessian(K, x, m):

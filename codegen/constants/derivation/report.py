@@ -34,8 +34,10 @@ def _terms(der):
     return out
 
 
-def format_tree(derivation) -> str:
-    """Terms (with their atoms and operators), then each constant with the terms' contributions."""
+def format_tree(derivation, quantities: dict | None = None) -> str:
+    """Terms (with their atoms and operators), then each constant with the terms' contributions;
+    with the `quantities` of a bind (`compute_data_quantities`), each data quantity's value and
+    the method that certified it."""
     der = derivation
     out = [f"constants of {der.problem}: {der.status}"]
     theta = ", ".join(f"{n} = {der.theta_name}[{k}]" for n, k in der.theta_symbols)
@@ -68,6 +70,12 @@ def format_tree(derivation) -> str:
         out += ["", "data quantities (computed at bind time):"]
         out += [f"  {op.definition}" for op in der.operators.values()]
         out += [f"  {name}: {q['description']}" for name, q in der.quantities.items()]
+    if quantities:
+        out += ["", "data quantities of this bind (value: method):"]
+        out += [f"  {name} = {q['value']:.6g}: {q['method']}"
+                + ("" if q.get("certified", True) else "   [NOT certified]")
+                for name, q in quantities.items() if name in der.quantities
+                or name.endswith(":estimate")]
     if der.messages:
         out.append("")
         out.extend(f"message: {m}" for m in der.messages)
