@@ -12,6 +12,7 @@ independent chains instead of one latency-bound chain.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -27,10 +28,10 @@ class Node:
     """A loop (with children) or a line of C, as the template renders it."""
 
     text: str = ""
-    loop: tuple | None = None  # (var, start, stop, pragma)
-    children: list = field(default_factory=list)
+    loop: tuple[str, str, str, str] | None = None  # (var, start, stop, pragma)
+    children: list[Node] = field(default_factory=list)
     step: int = 1
-    simd: tuple | None = None  # an `omp simd` loop: its reduction accumulators (None: no simd)
+    simd: tuple[str, ...] | None = None  # an `omp simd` loop: its reduction accumulators (None: no simd)
 
 
 # Loop-nest trip count above which the outer loop runs on all cores (a fork costs microseconds).
@@ -53,14 +54,14 @@ class LoopNestBuilder:
         self.local_names = sp.numbered_symbols("c")
         self.n_acc = 0
 
-    def code(self, expr) -> str:
+    def code(self, expr: sp.Expr) -> str:
         return self.printer.doprint(expr)
 
-    def index_code(self, expr) -> str:
+    def index_code(self, expr: sp.Expr) -> str:
         return self.printer.index_code(sp.sympify(expr))
 
-    def body(self) -> list:
-        nodes = []
+    def body(self) -> list[Node]:
+        nodes: list[Node] = []
         for group in fuse_outer_loops(self.program):
             parallel = self.parallel_pragma(group)
             if len(group) == 1 and not parallel:
@@ -76,7 +77,7 @@ class LoopNestBuilder:
                 nodes.append(loop)
         return nodes
 
-    def jammed_loops(self, group: list, pragma: str) -> list:
+    def jammed_loops(self, group: list[ir.Statement], pragma: str) -> list[Node]:
         """The group's outer loop over i unrolled by JAM and jammed, then a remainder loop.
 
         The main loop steps i by JAM over the largest multiple of JAM rows; its body holds JAM
@@ -97,7 +98,7 @@ class LoopNestBuilder:
             rest.children.extend(self.statement_nodes(stmt, fixed=1))
         return [main, rest]
 
-    def parallel_pragma(self, group: list) -> str:
+    def parallel_pragma(self, group: list[ir.Statement]) -> str:
         """`omp parallel for` on a loop nest's outer loop when it pays and is race-free.
 
         Only nests with inner loops (a pass over a data matrix, not an O(n) sweep), and only
@@ -124,14 +125,15 @@ class LoopNestBuilder:
         clause = f" reduction(+: {', '.join(reductions)})" if reductions else ""
         return f"#pragma omp parallel for schedule(static) if ({cost} > {PARALLEL_MIN_WORK}){clause}"
 
-    def loop_header(self, lp: ir.Loop, pragma: str) -> tuple:
+    def loop_header(self, lp: ir.Loop, pragma: str) -> tuple[str, str, str, str]:
         return (str(lp.var), self.index_code(lp.lo), self.index_code(lp.hi + 1), pragma)
 
-    def statement_nodes(self, stmt: ir.Statement, fixed: int) -> list:
+    def statement_nodes(self, stmt: ir.Statement, fixed: int) -> list[Node]:
         """Nodes for one statement; its first `fixed` loops are already open around it."""
         loops = stmt.loops
         csr = self.csr_read(stmt)
-        holders, placeholders = {}, {}
+        holders: dict[sp.Expr, sp.Symbol] = {}
+        placeholders: dict[str, str] = {}
         for u in stmt.updates:
             for r in ir.reads_of(u.expr, self.arrays):
                 if r not in holders:
@@ -144,8 +146,8 @@ class LoopNestBuilder:
         replacements, reduced = sp.cse(exprs, symbols=self.local_names, order="none")
         replacements = hoisted + replacements
         printer = KernelPrinter(self.arrays, placeholders)
-        locals_at = {}
-        local_depth = {}
+        locals_at: dict[int, list[str]] = {}
+        local_depth: dict[sp.Symbol, int] = {}
         for sym, expr in replacements:
             deps = [self.depth_needed(expr.free_symbols, loops)]
             deps += [depth_of_read[s] for s in expr.free_symbols if s in depth_of_read]
@@ -154,8 +156,10 @@ class LoopNestBuilder:
             local_depth[sym] = d
             locals_at.setdefault(d, []).append(f"const double {sym} = {printer.doprint(expr)};")
         innermost = len(loops)
-        acc_lines_open, acc_lines_close, update_lines = {}, {}, []
-        accumulators = []
+        acc_lines_open: dict[int, list[str]] = {}
+        acc_lines_close: dict[int, list[str]] = {}
+        update_lines: list[str] = []
+        accumulators: list[str] = []
         for u, e in zip(stmt.updates, reduced):
             value = printer.doprint(e)
             target = self.target_code(u)
@@ -174,7 +178,7 @@ class LoopNestBuilder:
                     accumulators.append(acc)
         simd = self.simd_pragma(stmt, accumulators, update_lines)
 
-        def build(depth: int) -> list:
+        def build(depth: int) -> list[Node]:
             out = [Node(line) for line in locals_at.get(depth, [])]
             out += [Node(line) for line in acc_lines_open.get(depth, [])]
             if depth == innermost:
@@ -198,7 +202,7 @@ class LoopNestBuilder:
 
         return build(fixed)
 
-    def csr_read(self, stmt: ir.Statement):
+    def csr_read(self, stmt: ir.Statement) -> sp.Indexed | None:
         """The read A[row, j] of a CSR array whose non-zeros the innermost loop (over j) visits.
 
         Legal only when j is the column index, the loop covers all columns and every update
@@ -227,19 +231,21 @@ class LoopNestBuilder:
                                    f"{r} = 0, so its zeros cannot be skipped ({where})")
         return r
 
-    def hoist_invariants(self, exprs, loops, fixed, depth_of_read):
+    def hoist_invariants(self, exprs: list[sp.Expr], loops: Sequence[ir.Loop], fixed: int,
+                         depth_of_read: dict[sp.Symbol, int]
+                         ) -> tuple[list[tuple[sp.Symbol, sp.Expr]], list[sp.Expr]]:
         """Pull function calls that no loop of this statement changes (exp(theta)...) out of it."""
         if len(loops) <= fixed:
             return [], exprs
         loop_vars = {lp.var for lp in loops}
 
-        def invariant(e):
+        def invariant(e: sp.Expr) -> bool:
             return all(s not in loop_vars and depth_of_read.get(s, 0) <= fixed
                        for s in e.free_symbols)
 
-        found = {}
+        found: dict[sp.Expr, None] = {}
 
-        def visit(e):
+        def visit(e: sp.Expr) -> None:
             if not e.args:
                 return
             if invariant(e) and (isinstance(e, sp.Function) or
@@ -257,7 +263,7 @@ class LoopNestBuilder:
         sub = {e: sym for sym, e in hoisted}
         return hoisted, [e.xreplace(sub) for e in exprs]
 
-    def depth_needed(self, symbols, loops) -> int:
+    def depth_needed(self, symbols: Iterable[sp.Symbol], loops: Sequence[ir.Loop]) -> int:
         positions = [pos + 1 for pos, lp in enumerate(loops) if lp.var in symbols]
         return max(positions, default=0)
 
@@ -273,12 +279,13 @@ class LoopNestBuilder:
             return f"{target} = fmax({target}, {value});"
         return f"{target} += {value};"
 
-    def simd_pragma(self, stmt: ir.Statement, accumulators: list, update_lines) -> str:
+    def simd_pragma(self, stmt: ir.Statement, accumulators: list[str],
+                    update_lines: list[str]) -> str:
         """`omp simd` on the innermost loop when its iterations are provably independent."""
         if not stmt.loops or any(u.op == "max" for u in stmt.updates):
             return ""
         var = stmt.loops[-1].var
-        written = {}
+        written: dict[str, set[tuple[sp.Expr, ...]]] = {}
         for u in stmt.updates:
             if any(var in sp.sympify(i).free_symbols for i in u.index):
                 written.setdefault(u.target, set()).add(tuple(u.index))
@@ -293,7 +300,7 @@ class LoopNestBuilder:
         return "#pragma omp simd"
 
 
-def _update_kinds(group: list):
+def _update_kinds(group: list[ir.Statement]) -> tuple[set[str], list[str]] | None:
     """(row-local targets, sum-reduction targets in first-update order) of a group sharing an
     outer loop, or None if an update is neither: a row-local target is written only at the
     current outer iteration's slice; a reduction target is summed into at indices free of the
@@ -312,7 +319,7 @@ def _update_kinds(group: list):
     return row_local, reduced
 
 
-def iterations_independent(group: list, arrays: dict) -> bool:
+def iterations_independent(group: list[ir.Statement], arrays: dict[str, ir.Array]) -> bool:
     """True if no iteration of the group's outer loop reads what another one writes.
 
     Every array the group writes must be either written and read only at the current outer
@@ -353,7 +360,7 @@ def _shift_outer(stmt: ir.Statement, offset: int) -> ir.Statement:
     return ir.Statement(loops, updates)
 
 
-def jam(copies: list) -> list:
+def jam(copies: list[list[Node]]) -> list[Node]:
     """Interleave the node lists of copies of one statement (at different rows) into one list.
 
     The copies have the same shape. Position by position: lines of every copy in copy order;

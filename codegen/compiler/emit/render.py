@@ -7,9 +7,11 @@ deterministic: names come from the IR, iteration orders are fixed, nothing depen
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, Union
 
 import jinja2
 import sympy as sp
@@ -17,6 +19,7 @@ import sympy as sp
 from ...version import ABI_VERSION, __version__
 from .. import ir
 from ..kernels import CACHE_BUFFER, KernelSpec
+from ..problem import Problem
 from .loopnest import LoopNestBuilder, Node
 from .printer import KernelPrinter
 
@@ -44,8 +47,8 @@ class Param:
     length: str = ""  # C expression of the element count, for arrays
 
 
-def _size_symbols(program: ir.Program, sizes) -> list:
-    used = set()
+def _size_symbols(program: ir.Program, sizes: Sequence[sp.Symbol]) -> list[sp.Symbol]:
+    used: set[sp.Symbol] = set()
     for arr in program.arrays.values():
         for s in arr.shape:
             used |= sp.sympify(s).free_symbols
@@ -64,21 +67,21 @@ def _extent(arr: ir.Array) -> sp.Expr:
 class KernelRenderer:
     """Turns one KernelSpec into the parameters, work layout and body tree of its C function."""
 
-    def __init__(self, spec: KernelSpec, problem):
+    def __init__(self, spec: KernelSpec, problem: Problem) -> None:
         self.spec, self.problem = spec, problem
         self.name, self.doc = spec.name, spec.doc
         self.program = spec.program
         self.arrays = self.program.arrays
         self.printer = KernelPrinter(self.arrays)
 
-    def code(self, expr) -> str:
+    def code(self, expr: sp.Expr) -> str:
         return self.printer.doprint(expr)
 
-    def index_code(self, expr) -> str:
+    def index_code(self, expr: sp.Expr | int) -> str:
         return self.printer.index_code(sp.sympify(expr))
 
     # -- the function frame ----------------------------------------------------------------
-    def params(self) -> list:
+    def params(self) -> list[Param]:
         prob, used = self.problem, set(self.arrays)
         params = [Param("int64_t", s.name, "size") for s in _size_symbols(self.program, prob.sizes)]
         th = prob.theta_spec
@@ -117,16 +120,16 @@ class KernelRenderer:
             return self.cache_size()
         return _extent(self.arrays[self.spec.output])
 
-    def cache_arrays(self) -> list:
+    def cache_arrays(self) -> list[ir.Array]:
         return [self.arrays[name] for name in self.spec.cache]
 
     def cache_size(self) -> sp.Expr:
         return sp.Add(*[_extent(a) for a in self.cache_arrays()])
 
-    def work_arrays(self) -> list:
+    def work_arrays(self) -> list[ir.Array]:
         return [a for a in self.arrays.values() if a.role == ir.TEMP and not a.is_scalar]
 
-    def scalar_locals(self) -> list:
+    def scalar_locals(self) -> list[ir.Array]:
         return [a for a in self.arrays.values()
                 if a.role in (ir.TEMP, ir.OUTPUT) and a.is_scalar]
 
@@ -137,12 +140,11 @@ class KernelRenderer:
         """C expression of the doubles of `work` this kernel uses (None: it takes no work)."""
         return self.index_code(self.work_size()) if self.work_arrays() else None
 
-    def setup_lines(self) -> list:
+    def setup_lines(self) -> list[str]:
         """Carve temporaries out of `work` (cache arrays out of `cache`: written by the prepare
         kernel, read-only in the apply kernel), and zero every accumulator."""
         lines, offset = [], sp.Integer(0)
         writes_cache = self.spec.output == CACHE_BUFFER
-        out = None if writes_cache else self.arrays[self.spec.output]
         read = {ir.read_name(r) for st in self.program.statements for u in st.updates
                 for r in ir.reads_of(u.expr, self.arrays)}
         for p in self.params():
@@ -159,8 +161,12 @@ class KernelRenderer:
             offset += _extent(arr)
         for arr in self.scalar_locals():
             lines.append(f"double {arr.name} = {self._initial(arr.name)};")
-        zeroed = self.work_arrays() + (self.cache_arrays() if writes_cache else
-                                       [] if out.is_scalar else [out])
+        if writes_cache:
+            outputs = self.cache_arrays()
+        else:
+            out = self.arrays[self.spec.output]
+            outputs = [] if out.is_scalar else [out]
+        zeroed = self.work_arrays() + outputs
         for arr in zeroed:
             extent = self.index_code(_extent(arr))
             init = self._initial(arr.name)
@@ -175,10 +181,10 @@ class KernelRenderer:
                     for s in self.program.statements for u in s.updates)
         return "-INFINITY" if maxed else "0.0"
 
-    def body(self) -> list:
+    def body(self) -> list[Node]:
         return LoopNestBuilder(self.program, self.printer, self.spec.name).body()
 
-    def context(self) -> dict:
+    def context(self) -> dict[str, Any]:
         params = self.params()
         scalar = self.spec.output != CACHE_BUFFER and self.arrays[self.spec.output].is_scalar
         return {
@@ -208,7 +214,7 @@ class ColumnsRenderer:
         self.count = next(p.length for p in base_params if p.name == direction)
         self.rows = next(p.length for p in base_params if p.role == "output")
 
-    def params(self) -> list:
+    def params(self) -> list[Param]:
         kept = [p for p in self.base.params() if p.name != self.direction
                 and p.role not in ("output", "work")]
         return kept + [Param("double *restrict", self.out, "output",
@@ -219,7 +225,7 @@ class ColumnsRenderer:
         inner = self.base.work_code()
         return self.count if inner is None else f"{inner} + {self.count}"
 
-    def context(self) -> dict:
+    def context(self) -> dict[str, Any]:
         params = self.params()
         args = []
         for p in self.base.params():
@@ -258,17 +264,21 @@ COLUMN_KERNELS = (
 )
 
 
-def kernel_renderers(problem, specs: list) -> list:
+Renderer = Union["KernelRenderer", "ColumnsRenderer"]
+
+
+def kernel_renderers(problem: Problem, specs: list[KernelSpec]) -> list[Renderer]:
     """The renderers of every C function of the module: one per KernelSpec, then the
     dense-matrix kernels built on them."""
     kernels = [KernelRenderer(spec, problem) for spec in specs]
     by_name = {k.name: k for k in kernels}
     prefix = f"hg_{problem.name}"
-    return kernels + [ColumnsRenderer(name, doc, by_name[base], direction, out, prefix)
-                      for name, doc, base, direction, out in COLUMN_KERNELS]
+    columns = [ColumnsRenderer(name, doc, by_name[base], direction, out, prefix)
+               for name, doc, base, direction, out in COLUMN_KERNELS]
+    return [*kernels, *columns]
 
 
-def render_module(problem, specs: list) -> tuple:
+def render_module(problem: Problem, specs: list[KernelSpec]) -> tuple[str, str, str]:
     """Return (source, header, cdef) for one problem: deterministic C99 text.
 
     The cdef is the header's declarations as cffi parses them (no include guards, no restrict).
