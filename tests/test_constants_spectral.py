@@ -155,3 +155,66 @@ def test_logistic_L_A_is_the_data_local_form_and_bounds_the_hessian_lipschitz_co
         diff = np.linalg.norm(logistic_hessian(K, x + h, m) - logistic_hessian(K, x, m), 2)
         worst = max(worst, diff / np.linalg.norm(h))
     assert 0 < worst <= c["L_A"]
+
+
+def test_cholesky_path_at_its_own_size():
+    """No monkeypatching: a Gram side above EIGH_SIDE_LIMIT takes the Cholesky certificate, and
+    the certified value is within 1e-3 of the exact one (one or two factorisations)."""
+    rng = np.random.default_rng(5)
+    K = rng.standard_normal((spectral.EIGH_SIDE_LIMIT + 300, spectral.EIGH_SIDE_LIMIT + 50))
+    q = quantities.operator_quantities(K, K[:, None, :], needed=("normsq", "rowmax"))
+    exact = float(np.linalg.eigvalsh(K.T @ K)[-1])
+    assert "Cholesky certificate" in q["normsq"]["method"]
+    assert exact <= q["normsq"]["value"] <= exact * (1 + 1e-3)
+
+
+def test_the_threshold_switches_the_bind_and_every_constant_stays_an_upper_bound(monkeypatch):
+    """The same bind through the O(nnz) path (GRAM_FLOP_LIMIT = 0): looser, never below."""
+    der = derive(LOGISTIC.logistic)
+    data = LOGISTIC.example_data()
+    sharp = evaluate(der, [-1.0], compute_data_quantities(der, data))
+    monkeypatch.setattr(spectral, "EIGH_SIDE_LIMIT", 0)
+    monkeypatch.setattr(spectral, "GRAM_FLOP_LIMIT", 0.0)
+    q = compute_data_quantities(der, data)
+    assert "O(nnz)" in q["normsq_K1"]["method"] and "O(nnz)" in q["normsq_K2"]["method"]
+    loose = evaluate(der, [-1.0], q)
+    for name in ("L", "L_A", "L_f"):
+        assert loose[name] >= sharp[name]
+    assert loose["mu"] == sharp["mu"] and loose["certified"]
+
+
+def test_random_matrices_property():
+    """Hypothesis-drawn shapes, sparsity, signs and scales: every method bounds ||K||^2."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=60, deadline=None)
+    @hypothesis.given(st.integers(1, 30), st.integers(1, 30), st.floats(0.0, 0.9),
+                      st.sampled_from([1e-200, 1e-8, 1.0, 1e8, 1e150]), st.booleans(),
+                      st.integers(0, 2**32 - 1))
+    def check(rows, cols, sparsity, scale, non_negative, seed):
+        rng = np.random.default_rng(seed)
+        K = rng.standard_normal((rows, cols)) * scale
+        K[rng.random((rows, cols)) < sparsity] = 0.0
+        if non_negative:
+            K = np.abs(K)
+        exact = exact_normsq(K)
+        G = K.T @ K
+        found = spectral.cholesky_certificate(G, spectral.lanczos_max(G))
+        if found is not None:
+            assert found[0] + spectral.gram_margin(rows, cols, float(np.sum(K * K))) >= exact
+        cw, _ = spectral.collatz_wielandt(np.abs(K))
+        assert cw >= exact or not math.isfinite(exact) or exact < 1e-300  # underflow: see below
+        q = quantities.operator_quantities(K, K[:, None, :], needed=("normsq", "rowmax"))
+        assert q["normsq"]["value"] >= exact and bool(np.any(K)) == (q["normsq"]["value"] > 0)
+
+    check()
+
+
+def test_underflowing_entries_never_give_a_zero_bound():
+    """Entries ~1e-170: their squares underflow to 0 in float64, yet ||K|| > 0; the bounds stay
+    above zero (the K = 0 shortcut tests the entries, not the squared norm)."""
+    K = np.full((4, 3), 1e-170)
+    q = quantities.operator_quantities(K, K[:, None, :])
+    assert q["normsq"]["value"] > 0 and q["rowmax"]["value"] >= np.sqrt(3) * 1e-170
+    assert q["lmin"]["value"] == 0.0

@@ -20,6 +20,7 @@ from . import spectral
 from .interpreter import DenseOnDemand, bind_sizes, concrete, dense_array, operator_matrix
 
 U = 2.0 ** -53
+UNDERFLOW = 1e-290  # > every absolute error from subnormal results (counts <= 1e10, w >= 1e-8)
 
 
 def _rows_of(raw, scale, data, sizes, der):
@@ -76,7 +77,7 @@ def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS) -
     R, D = K.shape
     rowsq = _row_squares(K)
     fro2 = float(rowsq.sum()) * (1 + 2 * (R * D + 2) * U)  # a sum of non-negative terms
-    if fro2 == 0.0:
+    if not (K.count_nonzero() if hasattr(K, "count_nonzero") else np.any(K)):
         return {w: {"value": 0.0, "method": "K = 0", "certified": True} for w in needed}
     res = {}
     if not math.isfinite(fro2):  # overflow or non-finite data: only the trivial bounds hold
@@ -93,6 +94,10 @@ def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS) -
     seconds = time.perf_counter() - start
     for what, q in res.items():
         q["seconds"] = seconds
+        if what == "normsq":  # absolute rounding below the normal range (underflow)
+            q["value"] += UNDERFLOW
+        elif what == "lmin":
+            q["value"] = max(0.0, q["value"] - UNDERFLOW)
         if math.isnan(q["value"]):  # never a certified NaN: the trivial bound instead
             q.update(value=0.0 if what == "lmin" else math.inf,
                      certified=what != "normsq:estimate",
@@ -108,14 +113,19 @@ def _row_squares(K) -> np.ndarray:
 
 
 def _rowmax(K, K3, rowsq: np.ndarray) -> dict:
+    """max_I ||K_I||: the largest row norm, or the largest per-sample block Frobenius norm."""
     R, D = K.shape
     if K3 is not None and K3.shape[1] > 1:
-        blk = float(np.sqrt(np.max(np.einsum("irj,irj->i", K3, K3))))
-        how = "max per-sample block Frobenius norm"
+        sq = float(np.max(np.einsum("irj,irj->i", K3, K3)))
+        how, width = "max per-sample block Frobenius norm", K3.shape[1] * D
     else:
-        blk = float(np.sqrt(rowsq.max(initial=0.0)))
-        how = "max row norm (exact, + rounding margin)"
-    return {"value": blk * (1 + 2 * (R + D) * U), "certified": True, "method": how}
+        sq = float(rowsq.max(initial=0.0))
+        how, width = "max row norm (exact, + rounding margin)", D
+    if sq < 1e-280:  # the squares may have underflowed: ||k||_2 <= sqrt(width) max |k_j| instead
+        top = float(abs(K).max())
+        return {"value": top * math.sqrt(width) * (1 + 4 * U), "certified": True,
+                "method": "sqrt(entries per block) max |K_ij| (squares underflow)"}
+    return {"value": math.sqrt(sq) * (1 + 2 * (R + D) * U), "certified": True, "method": how}
 
 
 def _spectral(K, fro2: float, want_lmin: bool) -> dict:
