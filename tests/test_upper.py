@@ -162,7 +162,8 @@ def _same(a, b):
 def test_history_round_trip(tmp_path, ridge):
     k, _ = ridge
     # a budget-terminated MAID run ends on an accepted point without a hypergradient (nan cells)
-    res = optimize(k, 2.0, method="maid", budget=320, progress=False)
+    res = optimize(k, 2.0, method="maid", budget=320, lower="fista", adjoint="cg",
+                   progress=False)
     assert res.status == "budget" and math.isnan(res.history[-1]["grad_norm"])
     assert list(res.theta) == res.history[-1]["theta"]
     for name in ("h.csv", "h.json"):

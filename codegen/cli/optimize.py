@@ -1,6 +1,6 @@
 """`hypergen optimize FILE --data DATA.npz`: learn the hyperparameters of a problem file.
 
-    hypergen optimize examples/ridge.py --data ridge.npz [--theta0 1,2] [--method maid]
+    hypergen optimize examples/ridge.py --data ridge.npz [--theta0 -0.5,1] [--method lbfgs]
                       [--budget 5000 | --budget 30s] [--out DIR] [--no-progress]
 
 The data file is a NumPy .npz archive (np.savez) whose array names are the problem's data names
@@ -19,17 +19,24 @@ Every input error is raised as one HypergenError with a message naming the culpr
 """
 from __future__ import annotations
 
+import argparse
+import math
 import re
 import zipfile
+from collections.abc import Sequence
+from typing import Any, Callable
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import HypergenError
-from ..learn import OptimizeError, optimize, parse_budget, parse_theta0
+from ..learn import DEFAULT_METHOD, METHODS, OptimizeError, optimize, parse_budget, parse_theta0
 from ..pipeline import load
 
-__all__ = ["run_optimize", "load_data"]
+__all__ = ["run_optimize", "load_data", "add_optimize_parser", "join_negative_values"]
+
+#: Options whose value may start with "-" (a negative theta0 such as -0.5,1).
+NEGATIVE_VALUE_OPTIONS = ("--theta0",)
 
 _SUFFIX = re.compile(r"^(?P<name>.+)__(?P<index>\d+)$")
 
@@ -89,6 +96,37 @@ def load_data(path, names) -> dict | list:
     return samples
 
 
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """["--theta0", "-0.5,1"] -> ["--theta0=-0.5,1"]: argparse takes a value that starts with
+    "-" and is not a plain number for an option, and refuses it."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in NEGATIVE_VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def add_optimize_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -> None:
+    """The `optimize` subcommand's arguments, on the subparsers `sub` of the main parser."""
+    o = sub.add_parser("optimize", help="learn the hyperparameters of FILE on DATA")
+    o.add_argument("file")
+    o.add_argument("--data", required=True, help="NPZ file whose names match the data symbols")
+    o.add_argument("--theta0", help="initial theta: a number (every entry) or comma-separated "
+                                    "numbers, e.g. --theta0 -0.5,1")
+    o.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
+                   help=f"the upper-level method (default {DEFAULT_METHOD}: certified L-BFGS)")
+    o.add_argument("--budget", help="work units (lower gradients + HVPs), or seconds as '30s'")
+    o.add_argument("--out", default="hypergen-run", help="directory for history and plots")
+    o.add_argument("--no-progress", action="store_true")
+    o.set_defaults(run=run)
+
+
 def _fmt_theta(theta) -> str:
     th = np.asarray(theta)
     if th.size <= 10:
@@ -114,6 +152,12 @@ def run_optimize(args) -> int:
     if not data_path.exists():
         raise HypergenError(f"data file {data_path} not found")
 
+    out = Path(args.out)
+    try:                                                  # before any work: a bad --out
+        out.mkdir(parents=True, exist_ok=True)            # must not cost the run
+    except OSError as exc:
+        raise HypergenError(f"cannot create output directory {out}: {exc}") from None
+
     module = load(str(problem_file))
     names = [a["name"] for a in module.meta["arrays"] if a["role"] == "data"]
     data = load_data(data_path, names)
@@ -127,21 +171,16 @@ def run_optimize(args) -> int:
     print(f"{module.name}: {n} sample{'s' if n > 1 else ''}, theta has {prob.theta_size} "
           f"entr{'ies' if prob.theta_size != 1 else 'y'}; method {args.method}"
           + (f", budget {budget}" if budget else ""))
-    res = optimize(prob, theta0, method=args.method, budget=budget,
+    res = optimize(prob, theta0, method=getattr(args, "method", None), budget=budget,
                    progress=False if getattr(args, "no_progress", False) else None)
+    err = f" +- {res.value_error:.3g} (certified)" if math.isfinite(res.value_error) else ""
     print(f"theta   {_fmt_theta(res.theta)}")
-    print(f"value   {res.value:.10g}")
-    print(f"bound   {res.bound:.3g} (a posteriori, on the hypergradient error; ||h|| = "
-          f"{res.grad_norm:.3g})")
+    print(f"value   {res.value:.10g}{err}")
+    print(f"bound   {res.certificate()}")
     print(f"work    {res.work} units (lower gradients + HVPs)")
     print(f"time    {res.seconds:.3f} s")
     print(f"status  {res.status}" + (f": {res.message}" if res.message else ""))
 
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HypergenError(f"cannot create output directory {out}: {exc}") from None
     written = [res.history_to_csv(out / "history.csv"), res.history_to_json(out / "history.json")]
     try:
         res.plot(out / "history.png")

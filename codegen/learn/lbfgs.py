@@ -20,8 +20,9 @@ What a user of SciPy expects from `minimize(method="L-BFGS-B")`, on certified nu
   the step shortened.
 * **Warm starts** of x and q from the previous point (the runner keeps both).
 * **Stopping rule (SciPy's, on certified numbers).** "converged" once the decrease still
-  possible, estimated by the quasi-Newton model with the certified gradient bound,
-  1/2 (||h|| + w)^2 h.Hh/||h||^2, is at most ftol * max(|F|, 1): more digits of F would mean
+  possible, estimated with the certified gradient bound c = ||h|| + w as the larger of the
+  quasi-Newton model's 1/2 c^2 h.Hh/||h||^2 and c^2 / (2 c_min) (c_min the smallest curvature
+  s.y/s.s of the stored pairs), is at most ftol * max(|F|, 1): more digits of F would mean
   nothing. Also "converged" when the certified ||grad F|| <= ||h|| + w <= gtol. The result
   states the certificate ||grad F(theta)|| <= ||h|| + w at the returned point.
 """
@@ -163,15 +164,20 @@ def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float,
     return None, base
 
 
-def _stationary(base: Point, d: np.ndarray, have_pairs: bool,
+def _stationary(base: Point, d: np.ndarray, pairs: deque,
                 o: QuasiNewtonOptions) -> str | None:
-    """The stopping rule's message when it holds at base, else None."""
+    """The stopping rule's message when it holds at base, else None.
+
+    The decrease still possible is estimated twice, and the larger counts: by the quasi-Newton
+    model along h, and by cert^2 / (2 c_min) with c_min the smallest curvature s.y/s.s of the
+    stored pairs (the model alone misses directions of small curvature it has not met yet)."""
     cert = base.hn + base.bound
     if cert <= o.gtol:
         return f"||grad F|| <= ||h|| + bound = {cert:.3g} <= gtol"
-    if not have_pairs or base.hn == 0:
+    if not pairs or base.hn == 0:
         return None
-    predicted = 0.5 * float(-(base.h @ d)) * (cert / base.hn) ** 2
+    c_min = min(1.0 / (rho * float(s @ s)) for s, _, rho in pairs)
+    predicted = max(0.5 * float(-(base.h @ d)) * (cert / base.hn) ** 2, cert * cert / (2 * c_min))
     scale = max(abs(base.value), 1.0)
     if predicted <= o.ftol * scale:
         return (f"F can decrease by about {predicted:.3g} more (quasi-Newton model, certified "
@@ -190,7 +196,7 @@ def run_lbfgs(run: Runner, theta: np.ndarray, o: QuasiNewtonOptions
     max_move = math.inf
     for _ in range(o.max_iter):
         d = _direction(base.h, pairs, gamma)
-        done = _stationary(base, d, bool(pairs), o)
+        done = _stationary(base, d, pairs, o)
         if done is not None:
             return OptimizeStatus.CONVERGED, done
         trial, base = _line_search(run, base, d, max_move, o)

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from ..errors import HypergenError
-from ..hypergrad.solvers import ADJOINT_SOLVERS, DEFAULT_MAX_ITER, LOWER_SOLVERS
+from ..hypergrad import ADJOINT_CHOICES, AUTO, DEFAULT_MAX_ITER, LOWER_CHOICES
 
 __all__ = ["OptimizeError", "CommonOptions", "GDOptions", "MAIDOptions", "LBFGSBOptions",
            "QuasiNewtonOptions", "OPTIONS", "METHODS", "DEFAULT_METHOD", "SCHEDULES",
@@ -140,7 +140,7 @@ class CommonOptions:
     progress        a tqdm bar; None = only when stderr is a terminal;
     bounds          (lo, hi) for every entry or a list of pairs (None = unbounded);
     eps0, delta0    first lower accuracy (certified ||x - x*||) and adjoint residual;
-    lower, adjoint  the solvers of `hypergradient`;
+    lower, adjoint  the solvers of `hypergradient` ("auto": chosen from the problem);
     callback        callback(entry) after every history entry (return True to stop);
     gtol            stop when the certified ||grad F|| <= ||h|| + bound <= gtol;
     min_eps         eps is never shrunk below this ("accuracy floor");
@@ -157,8 +157,8 @@ class CommonOptions:
     bounds: Any = None
     eps0: float = 0.1
     delta0: float = 0.1
-    lower: str = "fista"
-    adjoint: str = "cg"
+    lower: str = AUTO
+    adjoint: str = AUTO
     callback: Callable[[dict], Any] | None = None
     gtol: float = 1e-8
     min_eps: float = 1e-12
@@ -169,12 +169,12 @@ class CommonOptions:
     seconds_budget: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        if self.lower not in LOWER_SOLVERS:
+        if self.lower not in LOWER_CHOICES:
             raise OptimizeError(f"unknown lower solver {self.lower!r}; choose from "
-                                f"{LOWER_SOLVERS}")
-        if self.adjoint not in ADJOINT_SOLVERS:
+                                f"{', '.join(LOWER_CHOICES)}")
+        if self.adjoint not in ADJOINT_CHOICES:
             raise OptimizeError(f"unknown adjoint solver {self.adjoint!r}; choose from "
-                                f"{ADJOINT_SOLVERS}")
+                                f"{', '.join(ADJOINT_CHOICES)}")
         if self.adjoint == "backprop" and self.method != "gd":
             raise OptimizeError(f"method {self.method!r} needs the a posteriori bound, which "
                                 "adjoint='backprop' does not have; use adjoint='cg' (or "

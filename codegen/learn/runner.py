@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import HypergenError
-from ..hypergrad import hypergradient, hypergradient_samples, solve_lower
-from ..hypergrad.solvers import checked_constants
+from ..hypergrad import (
+    call_kernel, checked_constants, hypergradient, hypergradient_samples, solve_lower,
+)
 from .options import CommonOptions
 from .result import OptimizeStatus
 
@@ -64,15 +65,6 @@ def progress_bar(progress: Any, budget: float | None) -> Any:
         return None
     return tqdm(total=int(budget) if budget else None, unit="work", leave=True,
                 desc="hypergen optimize", dynamic_ncols=True)
-
-
-def _finite_call(fn: Any, *args: Any) -> np.ndarray | None:
-    """A kernel's output as a float64 array, or None when it fails or is not finite."""
-    try:
-        out = np.asarray(fn(*args), dtype=np.float64)
-    except (HypergenError, FloatingPointError, OverflowError):
-        return None
-    return out if np.isfinite(out).all() else None
 
 
 def _score(entry: dict) -> tuple[float, float]:
@@ -220,7 +212,7 @@ class Runner:
                 v = float(k.upper_value(low.x, theta))
             except (HypergenError, FloatingPointError, OverflowError):
                 return math.inf, math.inf, None
-            b = _finite_call(k.upper_grad, low.x, theta)
+            b, _ = call_kernel(k.upper_grad, low.x, theta)
             if b is None or not math.isfinite(v):
                 return math.inf, math.inf, None
             vals.append(v)

@@ -199,8 +199,9 @@ class BoundProblem:
                              q0=None if q0 is None else self._vector("q0", q0, self.x_size, "q0"),
                              **overrides)
 
-    def optimize(self, theta0, method="maid", **options):
-        """Learn theta from theta0 (codegen.learn.optimize): method "maid", "gd" or "lbfgsb"."""
+    def optimize(self, theta0, method=None, **options):
+        """Learn theta from theta0 (codegen.learn.optimize): method None (the default,
+        "lbfgs"), "maid", "gd" or "lbfgsb"."""
         return optimize(self, theta0, method=method, **options)
 
     def local_constants(self, x, theta, radius) -> dict:
@@ -268,6 +269,6 @@ class BoundSamples:
         return hypergradient_samples(self.samples, self.samples[0].checked_theta(theta), options,
                                      x0=x0, q0=q0, **overrides)
 
-    def optimize(self, theta0, method="maid", **options):
+    def optimize(self, theta0, method=None, **options):
         """Learn theta from theta0 on the mean upper objective (codegen.learn.optimize)."""
         return optimize(self, theta0, method=method, **options)

@@ -1,0 +1,155 @@
+"""The default upper-level method "lbfgs" (codegen/learn/lbfgs.py), the options' validation and
+the history plots, on NumPy kernels with exact solutions (tests/upper_kernels.py) and on the
+paper quadratic (closed-form optimum). Run with -s for the measured errors."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from upper_kernels import Logistic, Samples, exact_F, exact_grad, noisy_ridge, optimal_theta  # noqa: E402
+
+from codegen.cli.optimize import join_negative_values  # noqa: E402
+from codegen.learn import DEFAULT_METHOD, OptimizeError, OptimizeStatus, optimize  # noqa: E402
+from codegen.learn.options import QuasiNewtonOptions  # noqa: E402
+
+FTOL = QuasiNewtonOptions.ftol
+
+
+@pytest.mark.parametrize("case,theta0", [("ridge", 2.0), ("ridge", -3.0), ("samples", 2.0),
+                                         ("logistic", 2.0), ("logistic", -3.0)])
+def test_default_reaches_known_optimum(case, theta0):
+    k = {"ridge": lambda: noisy_ridge(0),
+         "samples": lambda: Samples([noisy_ridge(0), noisy_ridge(3)]),
+         "logistic": lambda: Logistic.generate(seed=0, m=80, d=6, pv=60)}[case]()
+    t_star = optimal_theta(k)
+    res = optimize(k, theta0, progress=False)
+    F, F_star = exact_F(k, res.theta), exact_F(k, t_star)
+    print(f"\n{case} from {theta0}: theta {res.theta[0]:.8f}, theta* {t_star:.8f}, "
+          f"F - F* = {F - F_star:.2e}, work {res.work}, evaluations {len(res.history)}, "
+          f"nit {res.nit}; {res.message}")
+    assert res.method == DEFAULT_METHOD == "lbfgs"
+    # it stops by its own rule, long before any cap
+    assert res.status == OptimizeStatus.CONVERGED and res.success, res
+    assert "ftol" in res.message and res.nit < 100
+    # its certificate holds for the exact gradient at the returned point
+    true_grad = float(np.linalg.norm(exact_grad(k, res.theta)))
+    assert true_grad <= res.stationarity
+    # ... and the rule's promise: F is within ftol * max(|F|, 1) of F* (up to the model's
+    # estimate: a factor 10 of margin, far below any tolerance that would hide a wrong answer)
+    assert 0 <= F - F_star + 1e-15 and F - F_star <= 10 * FTOL * max(abs(F_star), 1.0)
+    # the value returned is certified: F lies in value +- value_error
+    assert abs(res.value - F) <= res.value_error + 1e-15
+
+
+def test_default_true_objective_never_increases():
+    """The certified Armijo test: the point after j iterations (runs are deterministic, so
+    max_iter=j replays the first j) has a true F no larger than the point after j - 1."""
+    k = Logistic.generate(seed=0, m=80, d=6, pv=60)
+    full = optimize(k, -3.0, progress=False)
+    F = [exact_F(k, optimize(k, -3.0, max_iter=j, progress=False).theta)
+         for j in range(1, full.nit + 1)]
+    F = [exact_F(k, [-3.0])] + F
+    print(f"\ntrue F along the accepted points: {F[0]:.8f} -> {F[-1]:.8f} in {full.nit} steps")
+    assert full.nit >= 3
+    for a, b in zip(F, F[1:]):
+        assert b <= a, (a, b)
+
+
+def test_paper_quadratic_known_optimum(build_dir):
+    """theta in R^10, F(theta) = ||M D^+ (e - C theta) - b||^2: a least-squares problem whose
+    Hessian has condition number about 1.6e8; its minimiser is lstsq's."""
+    from conftest import built_example
+
+    _, module, ns = built_example("quadratic", build_dir)
+    d = ns["example_data"](0)
+    prob = module.bind(**d)
+    Dp = np.linalg.pinv(d["D"])
+    A, r0 = d["M"] @ Dp @ d["C"], d["M"] @ Dp @ d["e"] - d["b"]
+    t_star = np.linalg.lstsq(A, r0, rcond=None)[0]
+
+    def F(t):
+        return float(np.sum((r0 - A @ t) ** 2))
+
+    res = prob.optimize(np.ones(10), progress=False)
+    gap = F(res.theta) - F(t_star)
+    true_grad = float(np.linalg.norm(2 * A.T @ (A @ res.theta - r0)))
+    print(f"\npaper quadratic: F - F* = {gap:.2e} (F* = {F(t_star):.6g}), work {res.work}, "
+          f"nit {res.nit}; {res.message}")
+    assert res.status == "converged"
+    assert true_grad <= res.stationarity
+    assert -1e-12 <= gap <= 10 * FTOL * max(F(t_star), 1.0)
+
+
+def test_options_refused_by_name():
+    k = noisy_ridge(0)
+    cases = [
+        (dict(method="gd", rho=0.5), "option 'rho' does not apply to method 'gd'.*'maid'"),
+        (dict(method="maid", ftol=1e-6), "option 'ftol' does not apply to method 'maid'.*'lbfgs'"),
+        (dict(rel_accuracy=0.1), "option 'rel_accuracy' does not apply to method 'lbfgs'"),
+        (dict(method="lbfgs", foo=1), "unknown option 'foo' for method 'lbfgs'"),
+        (dict(schedule="cubic"), "schedule applies to method='gd'"),
+        (dict(ftol=-1.0), "ftol must be a positive number"),
+        (dict(grad_rtol=1.5), "grad_rtol must be a number in \\(0, 1\\)"),
+        (dict(memory=0), "memory must be an integer >= 1"),
+        (dict(lower="nope"), "unknown lower solver 'nope'"),
+        (dict(method="maid", rho=2.0), "rho must be a number in \\(0, 1\\)"),
+        (dict(method="adam"), "unknown method 'adam'"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(OptimizeError, match=msg):
+            optimize(k, 0.0, progress=False, **kw)
+    # valid calls of every method keep working unchanged
+    for method, kw in (("gd", dict(step=1.0)), ("maid", dict(rho=0.5)),
+                       ("lbfgsb", dict(rel_accuracy=0.2)), ("lbfgs", dict(memory=3))):
+        assert optimize(k, 0.0, method=method, max_iter=3, progress=False, **kw).method == method
+
+
+def test_theta0_number_fills_every_entry():
+    k = Samples([noisy_ridge(1)])
+    res = optimize(k, 0.5, method="gd", max_iter=2, progress=False)
+    assert res.history[0]["theta"] == [0.5]
+    assert list(join_negative_values(["optimize", "f.py", "--theta0", "-0.5,1"])) == \
+        ["optimize", "f.py", "--theta0=-0.5,1"]
+
+
+def test_gd_returns_last_iterate():
+    """gd's steps are not certified: its result is where it went, not theta0 (issue 13)."""
+    k = noisy_ridge(0)
+    res = optimize(k, 2.0, method="gd", step=1.0, eps0=0.1, delta0=0.1, max_iter=50,
+                   progress=False)
+    assert list(res.theta) == res.history[-1]["theta"] != res.history[0]["theta"]
+
+
+def test_budget_stop_summary_has_no_nan():
+    k = noisy_ridge(0)
+    res = optimize(k, 2.0, method="maid", budget=320, lower="fista", adjoint="cg",
+                   progress=False)
+    assert res.status == "budget" and math.isnan(res.grad_norm)
+    text = res.summary()
+    assert "nan" not in text and "no hypergradient at the returned point" in text
+    res = optimize(k, 2.0, budget=60, progress=False)
+    assert res.status == "budget" and "nan" not in res.summary()
+    assert "certified" in res.summary()
+
+
+def test_plot_shows_certified_interval_and_theta(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    k = Samples([noisy_ridge(0), noisy_ridge(3)])
+    res = optimize(k, 2.0, progress=False)
+    fig = res.plot()
+    value_ax, theta_ax, grad_ax = fig.axes[:3]
+    assert value_ax.get_ylabel() == "F(theta)"
+    assert any(type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection")
+               for c in value_ax.collections)             # the certified interval
+    assert [line.get_label() for line in theta_ax.get_lines()] == ["theta[0]"]
+    np.testing.assert_allclose(theta_ax.get_lines()[0].get_ydata(),
+                               [e["theta"][0] for e in res.history])
+    res.plot(tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
