@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 
@@ -44,10 +44,10 @@ def bound_parts(hg: HypergradientResult) -> tuple[float, float, float]:
     R part = the bound at e = 0 (the adjoint residual's own contribution); e part = the rest
     above the floor (every term with e, including the e R cross term)."""
     if hg.samples is not None:
-        parts = np.array([bound_parts(s) for s in hg.samples])
-        return tuple(float(v) for v in parts.mean(axis=0))
+        r_mean, e_mean, floor_mean = np.array([bound_parts(s) for s in hg.samples]).mean(axis=0)
+        return float(r_mean), float(e_mean), float(floor_mean)
     rounding = hg.bound_forms.get("rounding", 0.0)
-    r_part, _ = aposteriori_bound(hg.constants, 0.0, hg.R, hg.norm_B, hg.grad_f_norm, hg.q_norm)
+    r_part, _ = aposteriori_bound(cast(dict[str, Any], hg.constants), 0.0, hg.R, hg.norm_B, hg.grad_f_norm, hg.q_norm)
     return r_part, max(hg.bound - rounding - r_part, 0.0), rounding
 
 

@@ -92,7 +92,7 @@ def _cross_norm(k: Any, x: np.ndarray, theta: Any) -> tuple[float, int]:
     return min(frobenius, spectral), p
 
 
-def refined_distance(k: Any, x: np.ndarray, theta: np.ndarray, c: dict, grad: np.ndarray,
+def refined_distance(k: Any, x: np.ndarray, theta: np.ndarray, c: dict[str, Any], grad: np.ndarray,
                      e0: float, iterations: int) -> tuple[float, int]:
     """A certified ||x - x*|| usually far below e0 = G/mu, from a few CG steps on A(x) s = grad g.
 
@@ -120,8 +120,9 @@ def refined_distance(k: Any, x: np.ndarray, theta: np.ndarray, c: dict, grad: np
     return min(e0, 2 * a / (1 + math.sqrt(disc))), used
 
 
-def aposteriori_bound(c: dict, e: float, R: float, norm_B: float, norm_b: float, norm_q: float,
-                      upper_depends_on_theta: bool = False) -> tuple[float, dict]:
+def aposteriori_bound(c: dict[str, Any], e: float, R: float, norm_B: float, norm_b: float,
+                      norm_q: float, upper_depends_on_theta: bool = False
+                      ) -> tuple[float, dict[str, float]]:
     """The computable bound of docs/framework.md 7; returns (min, {"grad_f": ..., "q": ...}).
 
     With e >= ||x_eps - x*|| certified (G/mu), mu, and L_A, L_B, L_f valid on the ball
@@ -146,7 +147,7 @@ def aposteriori_bound(c: dict, e: float, R: float, norm_B: float, norm_b: float,
     return (min(vals) if vals else math.inf), forms
 
 
-def apriori_bound(c: dict, eps: float, delta: float, norm_B_e: float, norm_b_e: float,
+def apriori_bound(c: dict[str, Any], eps: float, delta: float, norm_B_e: float, norm_b_e: float,
                   upper_depends_on_theta: bool = False) -> float:
     """The a priori bound of docs/framework.md 6 with run-time estimates of the starred
     quantities: ||B*|| <= ||B(x_eps)|| + L_B eps, ||b*|| <= ||grad f(x_eps)|| + L_f eps, eps and

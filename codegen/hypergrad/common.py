@@ -85,7 +85,7 @@ def call_kernel(fn: Callable[..., Any], *args: Any) -> tuple[np.ndarray | None, 
     return out, ""
 
 
-def fixed_memo(k: Any, base: str) -> dict | None:
+def fixed_memo(k: Any, base: str) -> dict[str, Any] | None:
     """k.fixed_memo(base) (`BoundProblem.fixed_memo`: a per-bind store for what is derived from
     a matrix fixed by the data) for kernels that have it, else None."""
     memo = getattr(k, "fixed_memo", None)
@@ -96,7 +96,8 @@ def hvp_at(k: Any, x: Vector, th: Vector) -> MatVec:
     """v -> A(x) v for the many HVPs of one solve at one x: the kernel's prepared form
     (BoundProblem.hvp_at: x-only work done once) when it has one, else k.lower_hvp."""
     if hasattr(k, "hvp_at"):
-        return k.hvp_at(x, th)
+        prepared: MatVec = k.hvp_at(x, th)
+        return prepared
     return lambda v: k.lower_hvp(x, th, v)
 
 
@@ -149,7 +150,7 @@ def x_size_of(k: Any, default: int | None = None) -> int:
     return int(size)
 
 
-def checked_constants(k: Any, theta: Any) -> dict:
+def checked_constants(k: Any, theta: Any) -> dict[str, Any]:
     """k.constants(theta), validated and normalised (called afresh at every theta: pitfall 3).
 
     mu must be a positive finite float (the certificate G/mu and every bound divide by it); L must
@@ -205,13 +206,13 @@ class LowerTask:
 
     k: Any
     theta: np.ndarray
-    constants: dict
+    constants: dict[str, Any]
     tol: float
     x0: np.ndarray
     max_iter: int
     record: bool = False
     store_trajectory: bool = False
-    dense: dict = field(default_factory=dict)
+    dense: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -222,10 +223,10 @@ class AdjointTask:
     k: Any
     x: np.ndarray
     theta: np.ndarray
-    constants: dict
+    constants: dict[str, Any]
     delta: float
     b: np.ndarray
     q0: np.ndarray | None = None
     max_iter: int = DEFAULT_MAX_ITER
     record: bool = False
-    dense: dict = field(default_factory=dict)
+    dense: dict[str, Any] = field(default_factory=dict)

@@ -60,14 +60,14 @@ __all__ = ["hypergradient", "hypergradient_samples"]
 class _Ledger:
     """What one hypergradient has spent and found so far (work, reasons, notes)."""
 
-    work: dict = field(default_factory=lambda: {"lower_grads": 0, "hvps": 0, "cross": 0})
-    reasons: list = field(default_factory=list)
-    notes: list = field(default_factory=list)
+    work: dict[str, Any] = field(default_factory=lambda: {"lower_grads": 0, "hvps": 0, "cross": 0})
+    reasons: list[Any] = field(default_factory=list)
+    notes: list[Any] = field(default_factory=list)
 
     def reason(self, kind: ReasonKind, text: str, status: Status | None = None) -> None:
         self.reasons.append(Reason(kind, text, status))
 
-    def totals(self) -> dict:
+    def totals(self) -> dict[str, Any]:
         return dict(self.work, units=self.work["lower_grads"] + self.work["hvps"])
 
 
@@ -98,7 +98,7 @@ def hypergradient(k: Any, theta: Any, options: HypergradientOptions | None = Non
     c_global = checked_constants(k, th)
     ledger = _Ledger(notes=list(c_global["notes"]))
     c = _step_size_constants(k, th, c_global, opts.lower, x0, ledger)
-    dense: dict = {}  # lower="direct" and adjoint="direct" share one Hessian factor
+    dense: dict[str, Any] = {}  # lower="direct" and adjoint="direct" share one Hessian factor
     low = run_lower(k, th, c, opts.lower, opts.eps, x0, opts.max_iter, opts.record,
                     adjoint_entry(opts.adjoint).backprop, dense)
     ledger.work["lower_grads"] += low.n_grad
@@ -131,15 +131,16 @@ def _in_rounds(fn: Any, k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
     """fn (hypergradient or hypergradient_samples) in rounds until its certified bound meets
     atol + rtol ||grad|| (`codegen.hypergrad.accuracy.to_accuracy`)."""
     def run(eps: float, delta: float, x0: Any, q0: Any, refine: int) -> HypergradientResult:
-        return fn(k, theta, replace(opts, eps=eps, delta=delta, refine_iter=refine, rtol=None,
-                                    atol=0.0), x0=x0, q0=q0)
+        result: HypergradientResult = fn(k, theta, replace(
+            opts, eps=eps, delta=delta, refine_iter=refine, rtol=None, atol=0.0), x0=x0, q0=q0)
+        return result
 
     return to_accuracy(run, 0.0 if opts.rtol is None else float(opts.rtol), float(opts.atol),
                        opts.eps, opts.delta, x0, q0, opts.refine_iter)
 
 
-def _step_size_constants(k: Any, th: np.ndarray, c: dict, lower: str, x0: Any,
-                         ledger: _Ledger) -> dict:
+def _step_size_constants(k: Any, th: np.ndarray, c: dict[str, Any], lower: str, x0: Any,
+                         ledger: _Ledger) -> dict[str, Any]:
     """c with an infinite L replaced by L on B(x0, 2 G0/mu) for a solver that takes its step
     from L (docs/bounds.md 4; exp / polynomial atoms are infinite globally). The ball holds x0
     and x*; a wrong L can only stall the solver, its G/mu certificate needs mu alone."""
@@ -160,8 +161,8 @@ def _step_size_constants(k: Any, th: np.ndarray, c: dict, lower: str, x0: Any,
     return out
 
 
-def _localise(k: Any, x: np.ndarray, th: np.ndarray, c: dict, c_global: dict,
-              radius: float) -> dict:
+def _localise(k: Any, x: np.ndarray, th: np.ndarray, c: dict[str, Any], c_global: dict[str, Any],
+              radius: float) -> dict[str, Any]:
     """c with L_A, L_B, L_f, L_ft valid on B(x_eps, radius) where smaller (the ball contains
     [x_eps, x*] when radius >= e); mu stays global; certified = AND of the flags."""
     if not (hasattr(k, "local_constants") and math.isfinite(radius)):
@@ -179,8 +180,9 @@ def _localise(k: Any, x: np.ndarray, th: np.ndarray, c: dict, c_global: dict,
     return out
 
 
-def _localised(k: Any, th: np.ndarray, c: dict, c_global: dict, low: LowerResult,
-               opts: HypergradientOptions, ledger: _Ledger) -> tuple[dict, float]:
+def _localised(k: Any, th: np.ndarray, c: dict[str, Any], c_global: dict[str, Any],
+               low: LowerResult, opts: HypergradientOptions,
+               ledger: _Ledger) -> tuple[dict[str, Any], float]:
     """(constants on the certified ball around x_eps, e): localised on B(x_eps, G/mu), which
     refined_distance needs (a finite L_A) for a smaller certified e, then on B(x_eps, e)."""
     e = low.bound
@@ -192,8 +194,8 @@ def _localised(k: Any, th: np.ndarray, c: dict, c_global: dict, low: LowerResult
     return _localise(k, low.x, th, c, c_global, e), e
 
 
-def _adjoint(k: Any, th: np.ndarray, c: dict, low: LowerResult, b: np.ndarray,
-             opts: HypergradientOptions, q0: Any, dense: dict,
+def _adjoint(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, b: np.ndarray,
+             opts: HypergradientOptions, q0: Any, dense: dict[str, Any],
              ledger: _Ledger) -> AdjointResult:
     """The adjoint solve at x_eps (or backprop through the trajectory), with its reasons."""
     backprop = adjoint_entry(opts.adjoint).backprop
@@ -238,7 +240,7 @@ def _assemble(k: Any, th: np.ndarray, x: np.ndarray, adj: AdjointResult,
     return h_impl + direct, direct
 
 
-def _bounded(k: Any, th: np.ndarray, c: dict, low: LowerResult, adj: AdjointResult,
+def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: AdjointResult,
              b: np.ndarray, e: float, grad: np.ndarray, direct: np.ndarray,
              opts: HypergradientOptions, ledger: _Ledger) -> HypergradientResult:
     """The bounds (a posteriori with its rounding floor, a priori), the value and the result."""
@@ -248,7 +250,8 @@ def _bounded(k: Any, th: np.ndarray, c: dict, low: LowerResult, adj: AdjointResu
     ledger.work["cross"] += n_cross
     nb, nq = norm(b), norm(q)
     if adj.solver == "backprop":
-        bound, forms, apri, apri_rig = math.inf, {}, math.inf, False
+        forms: dict[str, float] = {}
+        bound, apri, apri_rig = math.inf, math.inf, False
         ledger.reason(ReasonKind.NO_BOUND,
                       "no a posteriori bound: adjoint='backprop' is reverse mode through the "
                       "trajectory (Hessians at every iterate), not covered by E&R's analysis")
@@ -299,7 +302,7 @@ def _value(k: Any, x: np.ndarray, th: np.ndarray, ledger: _Ledger) -> float:
     return value
 
 
-def _failed(th: np.ndarray, low: LowerResult, c: dict, opts: HypergradientOptions,
+def _failed(th: np.ndarray, low: LowerResult, c: dict[str, Any], opts: HypergradientOptions,
             ledger: _Ledger) -> HypergradientResult:
     return HypergradientResult(
         grad=np.full(th.size, np.nan), bound=math.inf, apriori_bound=math.inf, value=math.nan,
@@ -360,9 +363,9 @@ def hypergradient_samples(ks: Any, theta: Any, options: HypergradientOptions | N
         theta=res[0].theta)
 
 
-def _merged_reasons(res: list) -> tuple[Reason, ...]:
+def _merged_reasons(res: list[Any]) -> tuple[Reason, ...]:
     """The samples' reasons, each once, with the samples it affects (in order of appearance)."""
-    by_reason: dict[tuple, list[int]] = {}
+    by_reason: dict[tuple[ReasonKind, str, Status | None], list[int]] = {}
     for s, r in enumerate(res):
         for reason in r.reasons:
             key = (reason.kind, reason.text, reason.solver_status)

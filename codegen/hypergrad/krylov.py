@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class CGResult:
 def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
        residual: np.ndarray | None = None, tol: float = 0.0, scale: float = 1.0,
        max_iter: int = 10_000, min_iter: int = 0, diverge_from: float | None = None,
-       history: list | None = None) -> CGResult:
+       history: list[Any] | None = None) -> CGResult:
     """Conjugate gradients for A x = b, A = matvec symmetric positive definite.
 
     x0 = None starts from 0 (residual b, no product); a given x0 costs one product for its
@@ -81,8 +82,8 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
         Ad, msg = call_kernel(matvec, d)
         matvecs += 1
         dAd, status, msg = _curvature(Ad, d, msg)
-        if status is not None:
-            return CGResult(x, s, ss, it, matvecs, status, msg)
+        if status is not None or Ad is None:
+            return CGResult(x, s, ss, it, matvecs, status or Status.NON_FINITE, msg)
         alpha = ss / dAd
         x_new, s_new = x + alpha * d, s - alpha * Ad
         if not all_finite(x_new, s_new):

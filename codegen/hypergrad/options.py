@@ -58,7 +58,7 @@ class HypergradientOptions:
                 ("adjoint_max_iter",) if self.adjoint_max_iter is not None else ()):
             value = getattr(self, name)
             if (not isinstance(value, numbers.Real) or not math.isfinite(value)
-                    or value != int(value) or value < 0):
+                    or not float(value).is_integer() or value < 0):
                 raise SolverError(f"{name} must be a non-negative integer, got {value!r}")
         if ADJOINT.get(self.adjoint) is not None and ADJOINT[self.adjoint].backprop:
             entry = LOWER.get(self.lower)

@@ -7,6 +7,7 @@ of both levels use the same rates.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -22,12 +23,12 @@ def require_finite_L(solver: str, L: float) -> None:
                           "problem is quadratic or state L")
 
 
-def gd_step(mu: float, L: float) -> dict:
+def gd_step(mu: float, L: float) -> dict[str, Any]:
     """Gradient descent's optimal fixed step a = 2/(L + mu) (no momentum, b = 0)."""
     return {"a": 2.0 / (L + mu), "b": 0.0}
 
 
-def hb_step(mu: float, L: float) -> dict:
+def hb_step(mu: float, L: float) -> dict[str, Any]:
     """Polyak's heavy ball tuned for quadratics: a = 4/(sqrt L + sqrt mu)^2, b = q_HB^2."""
     sL, sm = math.sqrt(L), math.sqrt(mu)
     return {"a": 4.0 / (sL + sm) ** 2, "b": ((sL - sm) / (sL + sm)) ** 2}

@@ -112,9 +112,9 @@ class LowerResult:
     apriori: float = math.inf
     apriori_rigorous: bool = True
     segments: int = 1
-    step: dict = field(default_factory=dict)
-    history: list | None = None
-    trajectory: list | None = None
+    step: dict[str, Any] = field(default_factory=dict)
+    history: list[Any] | None = None
+    trajectory: list[Any] | None = None
     message: str = ""
 
     @property
@@ -174,7 +174,7 @@ class AdjointResult:
     apriori: float = math.inf
     apriori_rigorous: bool = True
     segments: int = 1
-    history: list | None = None
+    history: list[Any] | None = None
     h_cross: np.ndarray | None = None
     message: str = ""
 
@@ -237,11 +237,11 @@ class HypergradientResult:
     value: float
     x: Any
     q: Any
-    work: dict
+    work: dict[str, Any]
     reasons: tuple[Reason, ...] = ()
     lower_solver: str = ""
     adjoint_solver: str = ""
-    constants: dict | list = field(default_factory=dict)
+    constants: dict[str, Any] | list[Any] = field(default_factory=dict)
     G: float = math.nan
     R: float = math.nan
     e: float = math.nan
@@ -250,11 +250,11 @@ class HypergradientResult:
     q_norm: float = math.nan
     certified: bool = False
     apriori_rigorous: bool = True
-    bound_forms: dict = field(default_factory=dict)
-    lower: LowerResult | list | None = None
-    adjoint: AdjointResult | list | None = None
+    bound_forms: dict[str, Any] = field(default_factory=dict)
+    lower: LowerResult | list[Any] | None = None
+    adjoint: AdjointResult | list[Any] | None = None
     notes: tuple[str, ...] = ()
-    samples: list | None = None
+    samples: list[Any] | None = None
     theta: np.ndarray | None = None
 
     @property

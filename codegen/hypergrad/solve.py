@@ -49,9 +49,9 @@ def solve_lower(k: Any, theta: Any, solver: str = "fista", tol: float = 1e-8,
                      store_trajectory)
 
 
-def run_lower(k: Any, th: np.ndarray, c: dict, solver: str, tol: float, x0: Any,
+def run_lower(k: Any, th: np.ndarray, c: dict[str, Any], solver: str, tol: float, x0: Any,
               max_iter: int, record: bool = False, store_trajectory: bool = False,
-              dense: dict | None = None) -> LowerResult:
+              dense: dict[str, Any] | None = None) -> LowerResult:
     """solve_lower with theta and the constants `c` already checked; `dense` is the Hessian
     factor cache lower="direct" shares with adjoint="direct"."""
     entry = lower_entry(solver)
@@ -98,9 +98,9 @@ def solve_adjoint(k: Any, x: Any, theta: Any, solver: str = "cg", delta: float =
                        solver, delta, q0, max_iter, b, record)
 
 
-def run_adjoint(k: Any, x: np.ndarray, th: np.ndarray, c: dict, solver: str, delta: float,
+def run_adjoint(k: Any, x: np.ndarray, th: np.ndarray, c: dict[str, Any], solver: str, delta: float,
                 q0: Any, max_iter: int, b: Any = None, record: bool = False,
-                dense: dict | None = None) -> AdjointResult:
+                dense: dict[str, Any] | None = None) -> AdjointResult:
     """solve_adjoint with theta and the constants `c` already checked; `dense` as in
     run_lower."""
     entry = adjoint_entry(solver)

@@ -28,9 +28,10 @@ def solve_direct(task: AdjointTask) -> AdjointResult:
     mu = task.constants["mu"]
     fac, n_hvp, failure = dense_factor(k, x, th, task.constants, task.dense)
     if fac is None:
+        status, why = failure or (Status.NON_FINITE, "no factor")
         return AdjointResult(q=np.zeros_like(b), residual=math.inf, iterations=0,
-                             status=failure[0], solver="direct", delta=delta, mu=mu,
-                             n_hvp=n_hvp, r0=norm(b), message=failure[1])
+                             status=status, solver="direct", delta=delta, mu=mu,
+                             n_hvp=n_hvp, r0=norm(b), message=why)
     hvp = hvp_at(k, x, th)
     q, it, R_prev = fac.solve(b), 0, math.inf
     while True:

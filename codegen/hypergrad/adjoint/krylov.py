@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class _Run:
     trap: bool
     min_iter: int
     n_hvp: int
-    history: list | None
+    history: list[Any] | None
 
 
 def solve_cg(task: AdjointTask) -> AdjointResult:
@@ -122,13 +122,14 @@ def _cg_segments(task: AdjointTask, run: _Run) -> tuple[Status, float, str, int,
         if out.status is not Status.CONVERGED:
             return out.status, math.nan, out.message, it, segments
         status, R, msg, rt = _check(task, run)
-        if status is not None:
-            return status, R, msg, it, segments
+        if status is not None or rt is None:
+            return status or Status.NON_FINITE, R, msg, it, segments
         s = -rt  # residual replacement: restart from the true residual
         segments += 1
 
 
-def _check(task: AdjointTask, run: _Run) -> tuple[Status | None, float, str, np.ndarray]:
+def _check(task: AdjointTask, run: _Run
+           ) -> tuple[Status | None, float, str, np.ndarray | None]:
     """The true residual at run.q (one HVP): (a final status or None, R, message, A q - b)."""
     rt, msg = true_residual(run.hvp, run.q, task.b)
     run.n_hvp += 1
@@ -140,7 +141,7 @@ def _check(task: AdjointTask, run: _Run) -> tuple[Status | None, float, str, np.
     return None, R, msg, rt
 
 
-def _richardson(task: AdjointTask, run: _Run, step: dict
+def _richardson(task: AdjointTask, run: _Run, step: dict[str, Any]
                 ) -> tuple[Status, float, str, int, int]:
     """q <- q - a r + b (q - q_prev) on the residual r = A q - b, with residual replacement."""
     a, bm = step["a"], step["b"]
@@ -152,8 +153,8 @@ def _richardson(task: AdjointTask, run: _Run, step: dict
         if (rn <= task.delta or rn == 0.0) and it >= run.min_iter:
             run.q = q
             status, R, msg, rt = _check(task, run)
-            if status is not None:
-                return status, R, msg, it, segments
+            if status is not None or rt is None:
+                return status or Status.NON_FINITE, R, msg, it, segments
             r, r_prev, q_prev = rt, rt.copy(), q.copy()
             segments += 1
             continue
@@ -180,7 +181,7 @@ def _richardson(task: AdjointTask, run: _Run, step: dict
             run.history.append(norm(r))
 
 
-def _apriori(solver: str, K: int, segments: int, r0: float, c: dict) -> tuple[float, bool]:
+def _apriori(solver: str, K: int, segments: int, r0: float, c: dict[str, Any]) -> tuple[float, bool]:
     """A priori residual bound (docs/framework.md 5) with the actual ||r_0||: GD q_GD^K ||r0||;
     CG (2 sqrt kappa)^S q_HB^K ||r0|| (S restart segments); HB q_HB^K ||r0|| (not rigorous)."""
     kappa, q_gd, q_hb = rates(c["mu"], c["L"])

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..common import LowerTask
 from ..dense import dense_factor
-from ..results import LowerResult
+from ..results import LowerResult, Status
 from .newton import newton_descent
 
 __all__ = ["solve_direct"]
@@ -20,7 +20,8 @@ __all__ = ["solve_direct"]
 def solve_direct(task: LowerTask) -> LowerResult:
     """Newton descent with d = -A(x)^{-1} grad g from the (cached) factor."""
 
-    def direction(x: np.ndarray, g: np.ndarray, gn: float, gn0: float, budget: int):
+    def direction(x: np.ndarray, g: np.ndarray, gn: float, gn0: float,
+                  budget: int) -> tuple[np.ndarray | None, int, tuple[Status, str] | None]:
         fac, used, failure = dense_factor(task.k, x, task.theta, task.constants, task.dense)
         return (None if fac is None else -fac.solve(g)), used, failure
 

@@ -8,6 +8,7 @@ to z_k with (1 + |beta|) (docs/bounds.md 10).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from ..common import DIVERGENCE_FACTOR, LowerTask, all_finite, call_kernel, norm
 from ..rates import rates
@@ -46,7 +47,7 @@ def solve_fista(task: LowerTask) -> LowerResult:
     x_last = g_last = None
     gn = gn0 = math.inf
     beta_last = 0.0
-    hist: list | None = [] if task.record else None
+    hist: list[Any] | None = [] if task.record else None
     msg = ""
     while True:
         t_next, beta = _fista_step(q, t)

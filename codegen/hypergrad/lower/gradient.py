@@ -8,6 +8,7 @@ adjoint="backprop" (O(K d) memory).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from ..common import DIVERGENCE_FACTOR, LowerTask, all_finite, call_kernel, norm
 from ..rates import gd_step, hb_step, rates
@@ -28,7 +29,7 @@ def solve_hb(task: LowerTask) -> LowerResult:
     return _descend(task, "hb", hb_step(c["mu"], c["L"]))
 
 
-def _descend(task: LowerTask, solver: str, step: dict) -> LowerResult:
+def _descend(task: LowerTask, solver: str, step: dict[str, Any]) -> LowerResult:
     """x <- x - a grad g + b (x - x_prev) until ||grad g|| / mu <= tol."""
     k, th, tol, x0 = task.k, task.theta, task.tol, task.x0
     mu, L = task.constants["mu"], task.constants["L"]

@@ -37,7 +37,8 @@ def solve_newton(task: LowerTask) -> LowerResult:
     k, th, c, tol = task.k, task.theta, task.constants, task.tol
     mu, L_A = c["mu"], c.get("L_A", math.inf)
 
-    def direction(x: np.ndarray, g: np.ndarray, gn: float, gn0: float, budget: int):
+    def direction(x: np.ndarray, g: np.ndarray, gn: float, gn0: float,
+                  budget: int) -> tuple[np.ndarray | None, int, tuple[Status, str] | None]:
         # Forcing term: no tighter than the Newton model is good, (L_A / 2) (||g|| / mu)^2
         # after an exact step (and exact for L_A = 0), which also holds after a warm start,
         # where sqrt(||g|| / ||g0||) would start over at 1/2; and no need to solve far below
@@ -80,24 +81,25 @@ def newton_descent(task: LowerTask, name: str, direction: Direction) -> LowerRes
             break
         d, used, failure = direction(x, g, gn, gn0, budget)
         n_hvp += used
-        if failure:
-            status, msg = failure[0], f"Newton direction: {failure[1] or failure[0]}"
+        if failure is not None or d is None:
+            status, why = failure or (Status.NON_FINITE, "")
+            msg = f"Newton direction: {why or status}"
             break
-        alpha, accepted = 1.0, False
+        alpha, accepted = 1.0, None  # accepted: the new gradient once a step decreases ||g||
         while n_grad + n_hvp < max_iter and alpha > 1e-10:
             x_new = x + alpha * d
             g_new, msg = call_kernel(k.lower_grad, x_new, th)
             n_grad += 1
             gn_new = math.inf if g_new is None else norm(g_new)
             if gn_new <= (1.0 - 1e-4 * alpha) * gn:
-                accepted = True
+                accepted = g_new
                 break
             alpha *= 0.5
-        if not accepted:
+        if accepted is None:
             status = Status.CAPPED if n_grad + n_hvp >= max_iter else Status.DIVERGED
             msg = msg or "no decrease of ||grad g|| along the Newton direction"
             break
-        x, g, gn = x_new, g_new, gn_new
+        x, g, gn = x_new, accepted, gn_new
         it += 1
         if hist is not None:
             hist.append(gn / mu)
