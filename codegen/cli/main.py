@@ -8,16 +8,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 
 from .. import jit
 from ..constants import derive, format_tree
 from ..errors import HypergenError
 from ..pipeline import build_problem, generate, load_problem_file
 from ..version import __version__
-from .optimize import run_optimize
+from .optimize import add_optimize_parser, join_negative_values, run_optimize
 
 
-def _build(args) -> int:
+def _build(args: argparse.Namespace) -> int:
     for problem in load_problem_file(args.file):
         start = time.perf_counter()
         compiled = jit.stats["compiled"]
@@ -29,13 +30,13 @@ def _build(args) -> int:
     return 0
 
 
-def _show(args) -> int:
+def _show(args: argparse.Namespace) -> int:
     for problem in load_problem_file(args.file):
         sys.stdout.write(generate(problem, allow_uncertified=True)["source"])
     return 0
 
 
-def _audit(args) -> int:
+def _audit(args: argparse.Namespace) -> int:
     for problem in load_problem_file(args.file):
         derivation = derive(problem, allow_uncertified=args.allow_uncertified)
         if args.json:
@@ -45,7 +46,7 @@ def _audit(args) -> int:
     return 0
 
 
-def _optimize(args) -> int:
+def _optimize(args: argparse.Namespace) -> int:
     return run_optimize(args)
 
 
@@ -68,22 +69,15 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-uncertified", action="store_true",
                    help="accept a lower level whose strong convexity cannot be proved")
     a.set_defaults(run=_audit)
-    o = sub.add_parser("optimize", help="learn the hyperparameters of FILE on DATA")
-    o.add_argument("file")
-    o.add_argument("--data", required=True, help="NPZ file whose names match the data symbols")
-    o.add_argument("--theta0", help="initial theta: a number or comma-separated numbers")
-    o.add_argument("--method", default="maid", choices=["gd", "maid", "lbfgsb"])
-    o.add_argument("--budget", help="work units (lower gradients + HVPs), or seconds as '30s'")
-    o.add_argument("--out", default="hypergen-run", help="directory for history and plots")
-    o.add_argument("--no-progress", action="store_true")
-    o.set_defaults(run=_optimize)
+    add_optimize_parser(sub, _optimize)
     return p
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
-        return args.run(args)
+        status: int = args.run(args)
+        return status
     except HypergenError as exc:
         print(f"hypergen: error: {exc}", file=sys.stderr)
         return 2
