@@ -31,15 +31,13 @@ class LowerEntry:
     needs_quadratic  only for a constant Hessian (k.is_quadratic);
     needs_finite_L   takes a step size from L (an infinite global L is replaced by L on a ball
                      around x0 by the hypergradient, docs/bounds.md 4);
-    keeps_trajectory can store x_0..x_K for adjoint="backprop";
-    dense            forms the dense Hessian (x up to DIRECT_MAX_SIZE entries).
+    keeps_trajectory can store x_0..x_K for adjoint="backprop".
     """
 
     solve: Callable[[LowerTask], LowerResult]
     needs_quadratic: bool = False
     needs_finite_L: bool = False
     keeps_trajectory: bool = False
-    dense: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,6 @@ class AdjointEntry:
     solve: Callable[[AdjointTask], AdjointResult] | None
     needs_finite_L: bool = False
     backprop: bool = False
-    dense: bool = False
 
 
 LOWER: dict[str, LowerEntry] = {
@@ -59,14 +56,14 @@ LOWER: dict[str, LowerEntry] = {
     "fista": LowerEntry(fista.solve_fista, needs_finite_L=True),
     "cg": LowerEntry(lower_cg.solve_cg, needs_quadratic=True),
     "newton": LowerEntry(newton.solve_newton),
-    "direct": LowerEntry(lower_direct.solve_direct, dense=True),
+    "direct": LowerEntry(lower_direct.solve_direct),
 }
 
 ADJOINT: dict[str, AdjointEntry] = {
     "cg": AdjointEntry(adjoint_krylov.solve_cg),
     "gd": AdjointEntry(adjoint_krylov.solve_gd, needs_finite_L=True),
     "hb": AdjointEntry(adjoint_krylov.solve_hb, needs_finite_L=True),
-    "direct": AdjointEntry(adjoint_direct.solve_direct, dense=True),
+    "direct": AdjointEntry(adjoint_direct.solve_direct),
     "backprop": AdjointEntry(None, backprop=True),
 }
 

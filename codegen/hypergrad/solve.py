@@ -56,8 +56,8 @@ def run_lower(k: Any, th: np.ndarray, c: dict[str, Any], solver: str, tol: float
     factor cache lower="direct" shares with adjoint="direct"."""
     entry = lower_entry(solver)
     if entry.needs_quadratic and not getattr(k, "is_quadratic", False):
-        raise SolverError("lower solver 'cg' needs a quadratic lower level (constant Hessian); "
-                          "this problem is not quadratic in x: use 'newton', 'fista', 'gd', "
+        raise SolverError(f"lower solver {solver!r} needs a quadratic lower level (constant "
+                          "Hessian); this problem is not quadratic in x: use 'newton', 'fista', 'gd', "
                           "'hb' or, for a small x, 'direct'")
     if store_trajectory and not entry.keeps_trajectory:
         raise SolverError(f"a stored trajectory (adjoint='backprop') needs lower='gd' or 'hb', "
