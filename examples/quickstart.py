@@ -26,9 +26,11 @@ print("constants at theta = 0:", {k: round(v, 4) if isinstance(v, float) else v
 hg = prob.hypergradient(0.0, lower="fista", adjoint="cg", eps=1e-8, delta=1e-8)
 print(hg)
 
-res = prob.optimize(0.0, method="maid", budget=20000, progress=False)
+res = prob.optimize(0.0, progress=False)           # the default: certified L-BFGS, its own stop
 print(f"learned theta = {res.theta[0]:.6f} (alpha = {np.exp(res.theta[0]):.4f}), "
-      f"upper objective {res.value:.6f}, {res.work} work units, status {res.status}")
+      f"upper objective {res.value:.6f} +- {res.value_error:.1e}, {res.work} work units, "
+      f"status {res.status}")
+print(res.certificate())                          # how close to optimal, certified
 
 
 def exact_hypergradient(theta):

@@ -35,18 +35,25 @@ from typing import Any
 
 import numpy as np
 
+from ..hypergrad import aposteriori_bound
 from .options import QuasiNewtonOptions
 from .result import OptimizeStatus
 from .runner import Runner, StopRun, floor_stop
 
 __all__ = ["run_lbfgs"]
 
+#: Share of grad_rtol ||h|| each part of the bound aims at when the tolerances are predicted.
+SHARE = 0.4
+#: A tolerance predicted from the previous point is at most this many times looser.
+MAX_LOOSEN = 100.0
+#: Notes kept about failed trial points.
+MAX_TRIAL_NOTES = 20
 #: Interpolated retries stay within [INTERP_LOW, INTERP_HIGH] times the rejected step.
 INTERP_LOW, INTERP_HIGH = 0.1, 0.5
 #: Without a pair of positive curvature the next steepest-descent step is this much longer.
 EXPAND = 2.0
 #: A trial move is at most this many times as long as the last accepted one.
-MOVE_GROWTH = 10.0
+MOVE_GROWTH = 4.0
 #: A pair (s, y) enters the memory only with s.y > CURVATURE_MIN ||s|| ||y||.
 CURVATURE_MIN = 1e-10
 
@@ -132,6 +139,33 @@ def _interpolate(t: float, slope0: float, value0: float, value_t: float) -> floa
     return min(max(guess, INTERP_LOW * t), INTERP_HIGH * t)
 
 
+def _bound_parts(hg: Any) -> tuple[float, float]:
+    """(R part, e part) of hg.bound, mean over samples: the bound at e = 0 (the adjoint
+    residual's share), and the rest (every term with e)."""
+    if hg.samples is not None:
+        parts = np.array([_bound_parts(r) for r in hg.samples])
+        return float(parts[:, 0].mean()), float(parts[:, 1].mean())
+    r_part, _ = aposteriori_bound(hg.constants, 0.0, hg.R, hg.norm_B, hg.grad_f_norm,
+                                  hg.q_norm)
+    rounding = hg.bound_forms.get("rounding", 0.0)
+    return float(r_part), max(float(hg.bound) - rounding - float(r_part), 0.0)
+
+
+def _tolerances(base: Point, value_tol: float, o: QuasiNewtonOptions) -> tuple[float, float]:
+    """First-round eps, delta at a nearby point: the values' need, and the gradient's need
+    scaled from the base point part by part (the R part is linear in the adjoint residual, the
+    e part about linear in e), so that one round usually passes; they may loosen again from one
+    point to the next."""
+    target = SHARE * o.grad_rtol * base.hn
+    r_part, e_part = _bound_parts(base.hg)
+    eps = base.eps * min(target / e_part, MAX_LOOSEN) if e_part > 0 else base.eps
+    delta = base.delta * min(target / r_part, MAX_LOOSEN) if r_part > 0 else base.delta
+    need = _distance_for_value(base.hg, value_tol)
+    if need > 0:
+        eps = min(eps, need)
+    return max(eps, o.min_eps), max(delta, o.min_eps)
+
+
 def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float,
                  o: QuasiNewtonOptions) -> tuple[Point | None, Point]:
     """Trial points base.theta + t d, t = 1 first (shortened to a move of max_move), until one
@@ -150,10 +184,18 @@ def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float,
             base = _evaluate(run, base.theta, min(base.eps, _distance_for_value(base.hg, target)
                                                   or base.eps), base.delta, o, target, 0.0)
             continue
-        # the values' own need sets eps (the gradient's need is met by rtol rounds), so eps
-        # may loosen again from one point to the next
-        trial = _evaluate(run, new, _distance_for_value(base.hg, target) or base.eps,
-                          base.delta, o, target, t)
+        eps, delta = _tolerances(base, target, o)
+        try:
+            trial = _evaluate(run, new, eps, delta, o, target, t)
+        except StopRun as stop:                 # no usable number there: a shorter step
+            if stop.status != OptimizeStatus.FAILED:
+                raise
+            note = f"a trial point failed and was stepped back from: {stop.message}"
+            if len(run.notes) < MAX_TRIAL_NOTES:
+                run.notes.append(note)
+            run.x, run.q = base.hg.x, base.hg.q
+            t *= INTERP_LOW
+            continue
         if trial.value + trial.err + base.err <= base.value - o.armijo * dec:
             return trial, base
         if trial.value <= base.value - o.armijo * dec:

@@ -124,6 +124,11 @@ class Runner:
             return self.options.solver_cap
         return int(max(1, min(self.options.solver_cap, math.ceil(budget - self.work))))
 
+    def budget_capped(self) -> bool:
+        """Whether the work budget, not the solver cap, limits the solves now."""
+        budget = self.options.work_budget
+        return budget is not None and budget - self.work < self.options.solver_cap
+
     def add_work(self, units: int) -> None:
         self.work += int(units)
         if self.bar is not None:
@@ -298,6 +303,10 @@ def floor_stop(run: Runner, hg: Any, eps: float, reason: str = "") -> StopRun:
     cert = hn + hg.bound
     if cert <= run.options.gtol:
         return StopRun(OptimizeStatus.CONVERGED, f"||grad F|| <= ||h|| + bound = {cert:.3g}")
+    if run.budget_capped():
+        return StopRun(OptimizeStatus.BUDGET, f"work budget of {run.options.work_budget:g} "
+                                              f"units spent (the last solves were capped by "
+                                              f"it); certified ||grad F|| <= {cert:.3g}")
     why = reason or run.floor_reason or "the tests needed a smaller eps"
     return StopRun(OptimizeStatus.ACCURACY_FLOOR,
                    f"eps = {eps:.3g} reached min_eps = {run.options.min_eps:g}: {why}; "
