@@ -99,7 +99,7 @@ def test_collatz_wielandt_is_sharp_on_non_negative_data():
     rng = np.random.default_rng(3)
     K = rng.random((400, 60))
     exact = exact_normsq(K)
-    cw, passes = spectral.collatz_wielandt(np.abs(K))
+    cw, passes = spectral.collatz_wielandt(K)
     assert 1 <= passes <= spectral.CW_STEPS + 1
     assert exact <= cw <= exact * 1.001
     assert cw <= float(np.abs(K).sum(axis=0).max() * np.abs(K).sum(axis=1).max())
@@ -203,7 +203,7 @@ def test_random_matrices_property():
         found = spectral.cholesky_certificate(G, spectral.lanczos_max(G))
         if found is not None:
             assert found[0] + spectral.gram_margin(rows, cols, float(np.sum(K * K))) >= exact
-        cw, _ = spectral.collatz_wielandt(np.abs(K))
+        cw, _ = spectral.collatz_wielandt(K)
         assert cw >= exact or not math.isfinite(exact) or exact < 1e-300  # underflow: see below
         q = quantities.operator_quantities(K, K[:, None, :], needed=("normsq", "rowmax"))
         assert q["normsq"]["value"] >= exact and bool(np.any(K)) == (q["normsq"]["value"] > 0)
@@ -218,3 +218,15 @@ def test_underflowing_entries_never_give_a_zero_bound():
     q = quantities.operator_quantities(K, K[:, None, :])
     assert q["normsq"]["value"] > 0 and q["rowmax"]["value"] >= np.sqrt(3) * 1e-170
     assert q["lmin"]["value"] == 0.0
+
+
+def test_blocked_abs_gram_product_equals_the_dense_one(monkeypatch):
+    """|K|^T (|K| w) by blocks of rows (a ragged last block too) equals the product with |K|."""
+    rng = np.random.default_rng(8)
+    K = rng.standard_normal((23, 5))
+    w = rng.random(5)
+    monkeypatch.setattr(spectral, "CHUNK_ENTRIES", 20)  # 4 rows per block: 23 = 5 * 4 + 3
+    got = spectral._abs_gram_product(K)(w)
+    np.testing.assert_allclose(got, np.abs(K).T @ (np.abs(K) @ w), rtol=1e-14)
+    np.testing.assert_allclose(spectral._abs_gram_product(sps.csr_matrix(K))(w), got, rtol=1e-14)
+    assert spectral.collatz_wielandt(K)[0] >= exact_normsq(K)

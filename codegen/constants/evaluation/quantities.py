@@ -136,8 +136,7 @@ def _spectral(K, fro2: float, want_lmin: bool) -> dict:
     wide = {"value": 0.0, "certified": True, "wide": True,
             "method": f"exact: K is wide ({R} rows < {D} columns)"}
     if method == "nnz":
-        absK = abs(K)
-        cw, passes = spectral.collatz_wielandt(absK)
+        cw, passes = spectral.collatz_wielandt(K)
         val, how = (fro2, "||K||_F^2") if fro2 <= cw else (
             cw, f"Collatz-Wielandt bound of |K|^T |K| ({passes} products |K|^T |K| w)")
         return {"normsq": {"value": val, "certified": True,

@@ -36,6 +36,7 @@ GRAM_FLOP_LIMIT = 1.0e11  # largest R D min(R, D) for which a dense Gram matrix 
 LANCZOS_STEPS = 40
 CW_STEPS = 8  # at most this many power steps on |K|^T |K| choose the Collatz-Wielandt vector
 CW_STALL = 1e-3  # ... and they stop once a step improves the bound by less than this
+CHUNK_ENTRIES = 2 ** 22  # entries of |K| per block of rows (a 32 MB buffer; few BLAS calls)
 SLACKS = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # c = estimate (1 + s), in turn
 
 
@@ -104,18 +105,18 @@ def cholesky_certificate(G: np.ndarray, estimate: float) -> tuple[float, int] | 
     return None
 
 
-def collatz_wielandt(absK, steps: int = CW_STEPS) -> tuple[float, int]:
+def collatz_wielandt(K, steps: int = CW_STEPS) -> tuple[float, int]:
     """min over w_0 = 1, w_1, ... (w_{k+1} = A w_k / max, floored > 0; at most `steps`, until
-    a step improves by less than CW_STALL) of
-    max_j (A w)_j / w_j with A = |K|^T |K|: a certified upper bound on || |K| ||^2 >= ||K||^2
-    (outward rounding: every entry of A w is a sum of non-negative products), and the number of
-    products A w it took."""
-    R, D = absK.shape
+    a step improves by less than CW_STALL) of max_j (A w)_j / w_j with A = |K|^T |K|: a
+    certified upper bound on || |K| ||^2 >= ||K||^2 (outward rounding: every entry of A w is a
+    sum of non-negative products), and the number of products A w it took."""
+    R, D = K.shape
+    times_abs_gram = _abs_gram_product(K)
     w = np.ones(D)
     best, passes = math.inf, 0
     grow = 1 + 4 * (R + D + 4) * U  # relative error of each entry of A w (non-negative sums)
     for _ in range(steps + 1):
-        Aw = np.asarray(absK.T @ np.asarray(absK @ w).reshape(-1)).reshape(-1)
+        Aw = times_abs_gram(w)
         passes += 1
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(Aw > 0, Aw / w, 0.0)
@@ -131,3 +132,24 @@ def collatz_wielandt(absK, steps: int = CW_STEPS) -> tuple[float, int]:
             break
         w = np.maximum(Aw / top, 1e-8)  # any positive w gives a valid bound
     return best, passes
+
+
+def _abs_gram_product(K):
+    """w -> |K|^T (|K| w). Sparse K: |K| once (a copy of the stored values only). Dense K: |K|
+    by blocks of rows into one reused buffer, never a second matrix the size of K (allocating
+    one cost more than all the products at 20000 x 2000)."""
+    if hasattr(K, "toarray"):
+        absK = abs(K)
+        return lambda w: np.asarray(absK.T @ np.asarray(absK @ w).reshape(-1)).reshape(-1)
+    R, D = K.shape
+    rows = max(1, min(R, int(CHUNK_ENTRIES // max(D, 1))))
+    buffer = np.empty((rows, D))
+
+    def product(w: np.ndarray) -> np.ndarray:
+        out = np.zeros(D)
+        for start in range(0, R, rows):
+            block = np.abs(K[start:start + rows], out=buffer[:min(rows, R - start)])
+            out += block.T @ (block @ w)
+        return out
+
+    return product
