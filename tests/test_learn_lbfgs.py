@@ -153,3 +153,47 @@ def test_plot_shows_certified_interval_and_theta(tmp_path):
                                [e["theta"][0] for e in res.history])
     res.plot(tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+POISSON = '''
+import sympy as sp
+from codegen import Problem
+
+m, n, p = sp.symbols("m n p", integer=True, positive=True)
+i, j, k = sp.Idx("i", m), sp.Idx("j", n), sp.Idx("k", p)
+A, y = sp.IndexedBase("A", shape=(m, n)), sp.IndexedBase("y", shape=(m,))
+Av, yv = sp.IndexedBase("Av", shape=(p, n)), sp.IndexedBase("yv", shape=(p,))
+x = sp.IndexedBase("x", shape=(n,))
+theta = sp.Symbol("theta")
+za = sp.Sum(A[i, j] * x[j], (j, 0, n - 1))
+zv = sp.Sum(Av[k, j] * x[j], (j, 0, n - 1))
+poisson = Problem(
+    name="poisson", x=x, theta=theta,
+    lower=sp.Sum(sp.exp(za) - y[i] * za, (i, 0, m - 1)) / m
+          + sp.exp(theta) / 2 * sp.Sum(x[j] ** 2, (j, 0, n - 1)),
+    upper=sp.Sum(sp.exp(zv) - yv[k] * zv, (k, 0, p - 1)) / p,
+)
+'''
+
+
+def test_exp_link_values_use_ball_constants(tmp_path):
+    """Poisson regression (exp link): L_f = inf globally, finite on a ball. MAID's value test
+    once used the global L_f and never moved theta ("accuracy floor ... and ;", issue 13); the
+    values now use L_f on the ball that holds x_eps and x*, like the hypergradient."""
+    import codegen
+
+    (tmp_path / "poisson.py").write_text(POISSON)
+    module = codegen.load(tmp_path / "poisson.py", out=tmp_path / "gen")
+    rng = np.random.default_rng(0)
+    w = 0.3 * rng.standard_normal(5)
+    A, Av = rng.standard_normal((200, 5)) / 5 ** 0.5, rng.standard_normal((200, 5)) / 5 ** 0.5
+    prob = module.bind(A=A, y=rng.poisson(np.exp(A @ w)).astype(float), Av=Av,
+                       yv=rng.poisson(np.exp(Av @ w)).astype(float))
+    assert math.isinf(prob.constants(0.0)["L_f"])
+    for method in ("maid", None):
+        res = prob.optimize(0.0, method=method, budget=20000, progress=False)
+        print(f"\npoisson {res.method}: {res.status}, theta {res.theta[0]:.4f}, nit {res.nit}, "
+              f"{res.certificate()}")
+        assert res.success and res.nit > 3 and res.theta[0] < -1.0
+        assert math.isfinite(res.value_error)
+        assert res.stationarity < 1e-6
