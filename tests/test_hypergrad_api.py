@@ -226,3 +226,22 @@ def test_auto_in_solve_lower_and_samples(build_dir):
     hg = hypergradient_samples(probs, np.array([0.1]), rtol=1e-6)
     assert (hg.lower_solver, hg.adjoint_solver) == ("newton", "direct")
     assert [r.solver for r in hg.lower] == ["newton", "newton"] and hg.ok and hg.certified
+
+
+def test_backprop_with_auto_lower_differentiates_gd():
+    k = Ridge.generate(seed=0)
+    hg = hypergradient(k, np.array([-0.5]), adjoint="backprop", eps=1e-8)
+    assert (hg.lower_solver, hg.adjoint_solver) == ("gd", "backprop")
+    assert hg.lower.trajectory is not None and hg.bound == math.inf and not hg.certified
+    exact = k.exact_hypergradient(np.array([-0.5]))
+    assert np.linalg.norm(hg.grad - exact) <= 1e-6 * np.linalg.norm(exact)
+
+
+def test_bound_problem_refuses_unknown_options(build_dir):
+    _, module, ns = built_example("ridge", build_dir)
+    prob = module.bind(**ns["example_data"](seed=1, m=40, n=10, p=20))
+    with pytest.raises(SolverError, match="unknown option 'lower_solver'"):
+        prob.hypergradient(0.0, lower_solver="cg")
+    opts = HypergradientOptions(lower="cg", adjoint="cg", rtol=1e-8)
+    hg = prob.hypergradient(0.0, opts)
+    assert (hg.lower_solver, hg.adjoint_solver) == ("cg", "cg") and hg.ok
