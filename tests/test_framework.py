@@ -77,7 +77,7 @@ class Faulty:
 
 def frozen_reverse(k, xK, th, K, a, b=0.0):
     """Reverse mode over K GD (b = 0) or heavy-ball steps with every Hessian and cross derivative
-    frozen at x_K, written from framework.md section 3 (independently of codegen.hypergrad):
+    frozen at x_K, written from docs/framework.md section 3 (independently of codegen.hypergrad):
     xt_0 = grad f(x_K), xt_{-1} = 0; repeat K times: h -= a B^T xt_k;
     xt_{k+1} = (1 + b) xt_k - a A xt_k - b xt_{k-1}."""
     xt = k.upper_grad(xK, th)
@@ -158,7 +158,7 @@ def test_bound_valid_over_grid(quad, ridge, logistic):
 
 
 def test_paper_quadratic_cg_10_iterations(quad):
-    """framework.md 10.1: exact x*, CG adjoint for 10 iterations from q0 = 0."""
+    """docs/framework.md 10.1: exact x*, CG adjoint for 10 iterations from q0 = 0."""
     th = np.ones(10)
     xs = quad.x_star(th)
     exact = quad.exact_hypergradient(th)
@@ -180,7 +180,7 @@ def test_paper_quadratic_cg_10_iterations(quad):
 
 
 def test_bound_at_every_cg_iterate_logistic(logistic):
-    """framework.md 7 test: logistic lower level, the bound holds at every CG iterate."""
+    """docs/framework.md 7 test: logistic lower level, the bound holds at every CG iterate."""
     th = np.array([-1.5])
     exact = logistic.exact_hypergradient(th)
     x_eps = solve_lower(logistic, th, "fista", tol=1e-3).x
@@ -197,7 +197,7 @@ def test_bound_at_every_cg_iterate_logistic(logistic):
 
 
 # ----------------------------------------------------------------------------------------------
-# backpropagation is a linear solve (framework.md 3)
+# backpropagation is a linear solve (docs/framework.md 3)
 
 
 @pytest.mark.parametrize("method", ["gd", "hb"])
