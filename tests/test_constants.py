@@ -17,8 +17,14 @@ import sympy as sp
 from scipy.optimize import minimize
 
 from codegen import Problem, sigmoid
-from codegen.constants import (Derivation, compute_data_quantities, derive, evaluate,
-                               format_tree, reads_theta)
+from codegen.constants import (
+    Derivation,
+    compute_data_quantities,
+    derive,
+    evaluate,
+    format_tree,
+    reads_theta,
+)
 from codegen.constants.derivation import atoms
 from codegen.constants.evaluation import interpreter, quantities, spectral
 from codegen.errors import ProblemError
@@ -192,7 +198,8 @@ class Brute:
         self.d, self.p = d, p
         X = sp.symbols(f"X0:{d}", real=True)
         Tt = sp.symbols(f"T0:{p}", real=True)
-        g, f = self._unroll(problem.g, problem, data, sizes, X, Tt), self._unroll(problem.f, problem, data, sizes, X, Tt)
+        g = self._unroll(problem.g, problem, data, sizes, X, Tt)
+        f = self._unroll(problem.f, problem, data, sizes, X, Tt)
         grad = [sp.diff(g, v) for v in X]
         H = [[sp.diff(grad[a], X[b]) for b in range(d)] for a in range(d)]
         B = [[sp.diff(grad[a], t) for t in Tt] for a in range(d)]
@@ -278,9 +285,9 @@ def brute_check(name, problem, data, thetas, adversarial=True, seed=1, exact=())
         lo, hi = min(e[0] for e in eig), max(e[-1] for e in eig)
         if adversarial:
             for x0 in pts[:3]:
-                r1 = minimize(lambda x: np.linalg.eigvalsh(bf.H(x, th))[0], x0, method="Nelder-Mead",
+                r1 = minimize(lambda x, th=th: np.linalg.eigvalsh(bf.H(x, th))[0], x0, method="Nelder-Mead",
                               options={"maxiter": 400})
-                r2 = minimize(lambda x: -np.linalg.eigvalsh(bf.H(x, th))[-1], x0, method="Nelder-Mead",
+                r2 = minimize(lambda x, th=th: -np.linalg.eigvalsh(bf.H(x, th))[-1], x0, method="Nelder-Mead",
                               options={"maxiter": 400})
                 lo, hi = min(lo, r1.fun), max(hi, -r2.fun)
         tol = 1e-9 * max(1.0, abs(hi))
@@ -288,9 +295,9 @@ def brute_check(name, problem, data, thetas, adversarial=True, seed=1, exact=())
         assert c["L"] >= hi - tol, (name, th, c["L"], hi)
         if "mu" in exact:
             assert c["mu"] == pytest.approx(lo, rel=1e-10) and c["L"] == pytest.approx(hi, rel=1e-10)
-        LA = _lip(lambda x: bf.H(x, th), pts[::4], rng, 1.0)
-        LB = _lip(lambda x: bf.B(x, th), pts[::4], rng, 1.0)
-        Lf = _lip(lambda x: bf.fg(x, th), pts[::4], rng, 1.0)
+        LA = _lip(lambda x, th=th: bf.H(x, th), pts[::4], rng, 1.0)
+        LB = _lip(lambda x, th=th: bf.B(x, th), pts[::4], rng, 1.0)
+        Lf = _lip(lambda x, th=th: bf.fg(x, th), pts[::4], rng, 1.0)
         for key, obs in (("L_A", LA), ("L_B", LB), ("L_f", Lf)):
             assert c[key] >= obs * (1 - 1e-6) - 1e-9, (name, key, th, c[key], obs)
         _record(name, "mu", c["mu"], lo)

@@ -99,7 +99,7 @@ class Record:
                 "message": self.message, "children": [c.to_dict() for c in self.children]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Record":
+    def from_dict(cls, d: dict) -> Record:
         return cls(name=d["name"], expr=load(d["expr"]), kind=d["kind"], certified=d["certified"],
                    rule=d["rule"], domain=d["domain"], theta_region=d["theta_region"],
                    term=d.get("term", ""), message=d.get("message", ""),
@@ -131,7 +131,7 @@ class Operator:
                 "var": self.var, "rows": dump(self.rows), "definition": self.definition}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Operator":
+    def from_dict(cls, d: dict) -> Operator:
         return cls(name=d["name"], lin=load(d["lin"]), limits=tuple(load(d["limits"])),
                    block=d["block"], reduce={load(k): v for k, v in d["reduce"]}, var=d["var"],
                    rows=load(d["rows"]), definition=d["definition"])
@@ -187,7 +187,7 @@ class Derivation:
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text) -> "Derivation":
+    def from_json(cls, text) -> Derivation:
         d = json.loads(text) if isinstance(text, (str, bytes)) else text
         ref = d.get("refutation")
         return cls(

@@ -43,7 +43,7 @@ def format_tree(derivation, quantities: dict | None = None) -> str:
     theta = ", ".join(f"{n} = {der.theta_name}[{k}]" for n, k in der.theta_symbols)
     if theta:
         out.append(f"theta: {theta}")
-    for sym, msg in der.conditions:
+    for _sym, msg in der.conditions:
         out.append(f"condition: {msg}")
     out += ["", "terms:"]
     for r in _terms(der):

@@ -280,7 +280,8 @@ def analyse_term(term: Term, ctx: Ctx, label: str, upper=False) -> TermFacts:
                                     f"expressions (no separable-atom rule)")
         u = found.pop()
         psi = core.xreplace({u: T})
-        if ctx.has_x(psi) or any(psi.has(lim[0]) for lim in term.limits) or psi.atoms(sp.Indexed) - set(reads(psi, ctx.th.name)):
+        foreign = psi.atoms(sp.Indexed) - set(reads(psi, ctx.th.name))
+        if ctx.has_x(psi) or any(psi.has(lim[0]) for lim in term.limits) or foreign:
             return _unsupported(tf, f"the atom {psi} depends on data or indices besides its argument")
         psi = ctx.thetafy(psi)
         if psi is None:

@@ -37,7 +37,14 @@ import sympy as sp
 
 from ..records import Operator, load
 from .interpreter import (
-    DenseOnDemand, Env, as_int, bind_sizes, concrete, expand_axes, interpret, operator_matrix,
+    DenseOnDemand,
+    Env,
+    as_int,
+    bind_sizes,
+    concrete,
+    expand_axes,
+    interpret,
+    operator_matrix,
 )
 from .numeric import environment, evaluate, num, round_up
 
