@@ -51,7 +51,7 @@ MAX_TRIAL_NOTES = 20
 #: Interpolated retries stay within [INTERP_LOW, INTERP_HIGH] times the rejected step.
 INTERP_LOW, INTERP_HIGH = 0.1, 0.5
 #: Without a pair of positive curvature the next steepest-descent step is this much longer.
-EXPAND = 2.0
+EXPAND = 4.0
 #: A trial move is at most this many times as long as the last accepted one.
 MOVE_GROWTH = 4.0
 #: A pair (s, y) enters the memory only with s.y > CURVATURE_MIN ||s|| ||y||.

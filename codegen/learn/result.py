@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,8 @@ from .history import plot_history, write_csv, write_json
 __all__ = ["OptimizeStatus", "OptimizeResult"]
 
 
-class OptimizeStatus(StrEnum):
-    """Why a run stopped. A StrEnum: `res.status == "converged"` keeps working."""
+class OptimizeStatus(str, Enum):
+    """Why a run stopped. A str: `res.status == "converged"` keeps working."""
 
     CONVERGED = "converged"            # the method's own stopping rule holds (see `message`)
     ACCURACY_FLOOR = "accuracy floor"  # eps would fall below min_eps; the certificate holds
@@ -27,6 +27,12 @@ class OptimizeStatus(StrEnum):
     CALLBACK = "callback"              # the callback returned True
     INTERRUPTED = "interrupted"        # KeyboardInterrupt (Ctrl-C) or SIGTERM
     FAILED = "failed"                  # a solver returned no usable number; `message` says why
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
     @property
     def success(self) -> bool:
