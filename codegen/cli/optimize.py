@@ -41,7 +41,8 @@ NEGATIVE_VALUE_OPTIONS = ("--theta0",)
 _SUFFIX = re.compile(r"^(?P<name>.+)__(?P<index>\d+)$")
 
 
-def load_data(path, names) -> dict | list:
+def load_data(path: str | Path, names: Sequence[str]
+              ) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
     """Read an .npz data file for a problem whose data names are `names`: a dict of arrays (one
     sample) or a list of dicts (names suffixed __0, __1, ...; unsuffixed arrays are shared)."""
     path = Path(path)
@@ -60,7 +61,8 @@ def load_data(path, names) -> dict | list:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise HypergenError(f"cannot read data file {path} as .npz: {exc}") from None
     names = list(names)
-    shared, per = {}, {}
+    shared: dict[str, np.ndarray] = {}
+    per: dict[int, dict[str, np.ndarray]] = {}
     unknown = []
     for key, arr in arrays.items():
         m = _SUFFIX.match(key)
@@ -127,7 +129,7 @@ def add_optimize_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -> N
     o.set_defaults(run=run)
 
 
-def _fmt_theta(theta) -> str:
+def _fmt_theta(theta: np.ndarray) -> str:
     th = np.asarray(theta)
     if th.size <= 10:
         return ", ".join(f"{v:.8g}" for v in th)
@@ -135,7 +137,7 @@ def _fmt_theta(theta) -> str:
             f"max {th.max():.6g})")
 
 
-def run_optimize(args) -> int:
+def run_optimize(args: argparse.Namespace) -> int:
     """The `hypergen optimize` command (args: file, data, theta0, method, budget, out,
     no_progress). Returns the exit status: 0, 1 when the run failed, 130 when interrupted."""
 

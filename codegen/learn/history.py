@@ -29,10 +29,10 @@ def json_float(v: Any) -> float | str | None:
     """A JSON-safe float: non-finite values as the strings "nan", "inf", "-inf"."""
     if v is None:
         return None
-    v = float(v)
-    if math.isfinite(v):
-        return v
-    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    f = float(v)
+    if math.isfinite(f):
+        return f
+    return "nan" if math.isnan(f) else ("inf" if f > 0 else "-inf")
 
 
 def _from_text(v: Any) -> float:
@@ -41,8 +41,8 @@ def _from_text(v: Any) -> float:
     return float(v)
 
 
-def _entry_json(e: dict) -> dict:
-    out: dict = {}
+def _entry_json(e: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for key, v in e.items():
         if key == "theta":
             out[key] = None if v is None else [json_float(t) for t in v]
@@ -53,7 +53,7 @@ def _entry_json(e: dict) -> dict:
     return out
 
 
-def write_json(path: str | Path, history: list[dict], *, theta: np.ndarray,
+def write_json(path: str | Path, history: list[dict[str, Any]], *, theta: np.ndarray,
                **fields: Any) -> Path:
     """Write {**fields, theta, history} as JSON; non-finite numbers become the strings "nan",
     "inf", "-inf" (read back by read_history), so the file is strict JSON."""
@@ -66,7 +66,7 @@ def write_json(path: str | Path, history: list[dict], *, theta: np.ndarray,
     return path
 
 
-def write_csv(path: str | Path, history: list[dict]) -> Path:
+def write_csv(path: str | Path, history: list[dict[str, Any]]) -> Path:
     """One row per entry: the HISTORY_KEYS columns, then theta[0], theta[1], ... (a single
     JSON-encoded "theta" column when theta has more than 50 entries; empty if not recorded)."""
     path = Path(path)
@@ -89,11 +89,11 @@ def write_csv(path: str | Path, history: list[dict]) -> Path:
     return path
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _read_csv(path: Path) -> list[dict[str, Any]]:
     out = []
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
-            e: dict = {key: int(row[key]) if key in INT_KEYS else _from_text(row[key])
+            e: dict[str, Any] = {key: int(row[key]) if key in INT_KEYS else _from_text(row[key])
                        for key in HISTORY_KEYS}
             cols = sorted((k for k in row if k.startswith("theta[")), key=lambda c: int(c[6:-1]))
             if cols:
@@ -105,7 +105,7 @@ def _read_csv(path: Path) -> list[dict]:
     return out
 
 
-def read_history(path: str | Path) -> list[dict]:
+def read_history(path: str | Path) -> list[dict[str, Any]]:
     """Read a history written by write_csv (".csv") or write_json (any other suffix) back into
     a list of dicts with float values (theta a list of floats, or None)."""
     path = Path(path)
@@ -115,7 +115,7 @@ def read_history(path: str | Path) -> list[dict]:
     hist = doc["history"] if isinstance(doc, dict) else doc
     out = []
     for e in hist:
-        d: dict = {}
+        d: dict[str, Any] = {}
         for key, v in e.items():
             if key == "theta":
                 d[key] = None if v is None else [_from_text(t) for t in v]
@@ -139,7 +139,7 @@ def _pyplot(path: Any) -> Any:
     return plt
 
 
-def _plot_value(ax: Any, history: list[dict]) -> None:
+def _plot_value(ax: Any, history: list[dict[str, Any]]) -> None:
     work = np.array([e["work"] for e in history], dtype=float)
     value = np.array([e["value"] for e in history], dtype=float)
     err = np.array([e["value_error"] for e in history], dtype=float)
@@ -155,7 +155,7 @@ def _plot_value(ax: Any, history: list[dict]) -> None:
     ax.legend(fontsize=8)
 
 
-def _plot_theta(ax: Any, history: list[dict]) -> None:
+def _plot_theta(ax: Any, history: list[dict[str, Any]]) -> None:
     pts = [(e["work"], e["theta"]) for e in history if e.get("theta") is not None]
     ax.set_xlabel("work (lower gradients + HVPs)")
     if not pts:
@@ -173,7 +173,7 @@ def _plot_theta(ax: Any, history: list[dict]) -> None:
         ax.set_title(f"||theta|| ({thetas.shape[1]} entries)")
 
 
-def _plot_gradient(ax: Any, history: list[dict]) -> None:
+def _plot_gradient(ax: Any, history: list[dict[str, Any]]) -> None:
     rows = [(e["work"], e["grad_norm"], e["bound"]) for e in history
             if math.isfinite(e["grad_norm"]) and e["grad_norm"] > 0]
     ax.set_xlabel("work (lower gradients + HVPs)")
@@ -189,7 +189,7 @@ def _plot_gradient(ax: Any, history: list[dict]) -> None:
     ax.legend(fontsize=8)
 
 
-def plot_history(history: list[dict], path: str | Path | None = None,
+def plot_history(history: list[dict[str, Any]], path: str | Path | None = None,
                  title: str | None = None) -> Any:
     """Three panels against work: F(theta) in its certified interval, theta (or ||theta||),
     and ||h|| with its bound. Needs matplotlib (pip install hypergen[plot]). Saves to `path`

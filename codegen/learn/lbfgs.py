@@ -58,6 +58,10 @@ MOVE_GROWTH = 4.0
 CURVATURE_MIN = 1e-10
 
 
+#: One curvature pair of the memory: (s, y, 1 / s.y).
+Pair = tuple[np.ndarray, np.ndarray, float]
+
+
 @dataclass
 class Point:
     """An evaluated point: its hypergradient and certified value, and the tolerances used."""
@@ -71,7 +75,7 @@ class Point:
     err: float
     eps: float
     delta: float
-    entry: dict
+    entry: dict[str, Any]
 
 
 def _distance_for_value(hg: Any, target: float) -> float:
@@ -116,7 +120,7 @@ def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: Quasi
                              f"{value_tol:.3g}, the share of the decrease the line search tests")
 
 
-def _direction(h: np.ndarray, pairs: deque, gamma: float) -> np.ndarray:
+def _direction(h: np.ndarray, pairs: deque[Pair], gamma: float) -> np.ndarray:
     """-H h by L-BFGS's two-loop recursion; H0 = gamma I."""
     q = h.copy()
     alphas = []
@@ -128,7 +132,8 @@ def _direction(h: np.ndarray, pairs: deque, gamma: float) -> np.ndarray:
     for (s, y, rho), a in zip(pairs, reversed(alphas)):
         b = rho * float(y @ r)
         r += s * (a - b)
-    return -r
+    direction: np.ndarray = -r
+    return direction
 
 
 def _interpolate(t: float, slope0: float, value0: float, value_t: float) -> float:
@@ -206,7 +211,7 @@ def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float,
     return None, base
 
 
-def _stationary(base: Point, d: np.ndarray, pairs: deque,
+def _stationary(base: Point, d: np.ndarray, pairs: deque[Pair],
                 o: QuasiNewtonOptions) -> str | None:
     """The stopping rule's message when it holds at base, else None.
 
@@ -232,7 +237,7 @@ def run_lbfgs(run: Runner, theta: np.ndarray, o: QuasiNewtonOptions
               ) -> tuple[OptimizeStatus, str]:
     base = _evaluate(run, theta, o.eps0, o.delta0, o, None, math.nan)
     run.accept(theta, base.entry)
-    pairs: deque = deque(maxlen=o.memory)
+    pairs: deque[Pair] = deque(maxlen=o.memory)
     first = o.first_step if o.first_step is not None else min(1.0, base.hn)
     gamma = first / base.hn if base.hn > 0 else 1.0
     max_move = math.inf

@@ -16,6 +16,7 @@ The accepted chain is certified monotone, so the returned point is the last acce
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -26,12 +27,13 @@ from .runner import Runner, StopRun, floor_stop, shrink_to_accuracy
 __all__ = ["run_maid"]
 
 
-def _backtrack(run: Runner, theta: np.ndarray, hg: object, s: float, fe: float, eps: float,
-               tries: int, o: MAIDOptions) -> tuple | None:
+def _backtrack(run: Runner, theta: np.ndarray, hg: Any, s: float, fe: float, eps: float,
+               tries: int, o: MAIDOptions) -> tuple[Any, ...] | None:
     """The first of `tries` steps s rho^i that passes the certified decrease test:
     (step, theta', value, error, x'), or None."""
     x_here = run.x
-    grad = np.asarray(hg.grad)  # type: ignore[attr-defined]
+    grad = np.asarray(hg.grad)
+    armijo = float(o.armijo or 0.0)  # set from eta in MAIDOptions
     for i in range(tries):
         t = s * o.rho ** i
         new = run.project(theta - t * grad)
@@ -39,7 +41,7 @@ def _backtrack(run: Runner, theta: np.ndarray, hg: object, s: float, fe: float, 
         if dec <= 0:
             break                                 # the box stops every move
         v, err, x_new = run.value_at(new, eps, x_here)
-        if v + err + fe <= hg.value - o.armijo * dec:  # type: ignore[attr-defined]
+        if v + err + fe <= hg.value - armijo * dec:
             return t, new, v, err, x_new
     return None
 

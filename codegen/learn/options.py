@@ -159,7 +159,7 @@ class CommonOptions:
     delta0: float = 0.1
     lower: str = AUTO
     adjoint: str = AUTO
-    callback: Callable[[dict], Any] | None = None
+    callback: Callable[[dict[str, Any]], Any] | None = None
     gtol: float = 1e-8
     min_eps: float = 1e-12
     solver_max_iter: int | None = None
@@ -271,7 +271,7 @@ class LBFGSBOptions(CommonOptions):
     method: ClassVar[str] = "lbfgsb"
     rel_accuracy: float = 0.1
     tau: float = 0.5
-    scipy_options: dict | None = None
+    scipy_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -330,7 +330,7 @@ def _names(cls: type[CommonOptions]) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.init}
 
 
-def make_options(method: str | None, options: dict) -> CommonOptions:
+def make_options(method: str | None, options: dict[str, Any]) -> CommonOptions:
     """The validated options of `method` (None: the default) from the user's keywords.
 
     Refuses an unknown method, an unknown option, an option of another method (naming the

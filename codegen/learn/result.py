@@ -67,7 +67,7 @@ class OptimizeResult:
 
     theta: np.ndarray
     value: float
-    history: list[dict]
+    history: list[dict[str, Any]]
     status: OptimizeStatus
     work: int
     seconds: float

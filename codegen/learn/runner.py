@@ -67,7 +67,7 @@ def progress_bar(progress: Any, budget: float | None) -> Any:
                 desc="hypergen optimize", dynamic_ncols=True)
 
 
-def _score(entry: dict) -> tuple[float, float]:
+def _score(entry: dict[str, Any]) -> tuple[float, float]:
     """Points ranked by the certified upper bound value + value_error on F(theta) (ties to the
     later point), then by the value when no finite error bound is known."""
     ub = entry["value"] + entry["value_error"]
@@ -98,12 +98,12 @@ class Runner:
         self.iterations = 0
         self.x: Any = None             # warm start: an array, or a list per sample
         self.q: Any = None
-        self.history: list[dict] = []
-        self.best: tuple[np.ndarray, dict] | None = None
+        self.history: list[dict[str, Any]] = []
+        self.best: tuple[np.ndarray, dict[str, Any]] | None = None
         self.best_score = (math.inf, math.inf)
         self.last_hg: Any = None
         self.notes: list[str] = []
-        self.pending: tuple | None = None   # an accepted point without a hypergradient yet
+        self.pending: tuple[Any, ...] | None = None   # an accepted point without a hypergradient yet
         self.floor_reason = ""
 
     # -- accounting ------------------------------------------------------------------------
@@ -135,7 +135,8 @@ class Runner:
             self.bar.update(int(units))
 
     def project(self, theta: np.ndarray) -> np.ndarray:
-        return np.clip(theta, self.lo, self.hi)
+        projected: np.ndarray = np.clip(theta, self.lo, self.hi)
+        return projected
 
     def close(self) -> None:
         if self.bar is not None:
@@ -229,10 +230,10 @@ class Runner:
     # -- history ---------------------------------------------------------------------------
     def record(self, theta: np.ndarray, value: float, value_error: float, grad_norm: float,
                bound: float, eps: float, delta: float, step_size: float,
-               notify: bool = True) -> dict:
+               notify: bool = True) -> dict[str, Any]:
         """Append one history entry; update the returned point ("certified" selection); call
         the callback (StopRun "callback" when it returns True)."""
-        entry = {
+        entry: dict[str, Any] = {
             "step": len(self.history),
             "theta": [float(v) for v in theta] if self.record_theta else None,
             "value": float(value), "value_error": float(value_error),
@@ -242,7 +243,7 @@ class Runner:
         }
         self.history.append(entry)
         score = _score(entry)
-        if self.select == "certified" and math.isfinite(entry["value"]) \
+        if self.select == "certified" and math.isfinite(float(value)) \
                 and (self.best is None or score <= self.best_score):
             self.best, self.best_score = (np.array(theta, dtype=float), entry), score
         if self.bar is not None:
@@ -253,7 +254,7 @@ class Runner:
             raise StopRun(OptimizeStatus.CALLBACK, "the callback asked to stop")
         return entry
 
-    def accept(self, theta: np.ndarray, entry: dict) -> None:
+    def accept(self, theta: np.ndarray, entry: dict[str, Any]) -> None:
         """The method's current point ("accepted" selection: the point returned)."""
         self.best = (np.array(theta, dtype=float), entry)
 
@@ -261,7 +262,9 @@ class Runner:
         """Record an accepted point that has no hypergradient yet (its value is certified)."""
         if self.pending is not None:
             args, self.pending = self.pending, None
-            entry = self.record(*args, notify=False)
+            theta, value, error, grad_norm, bound, eps, delta, step_size = args
+            entry = self.record(theta, value, error, grad_norm, bound, eps, delta, step_size,
+                                notify=False)
             if self.select == "accepted":
                 self.accept(args[0], entry)
 
