@@ -197,3 +197,21 @@ def test_exp_link_values_use_ball_constants(tmp_path):
         assert res.success and res.nit > 3 and res.theta[0] < -1.0
         assert math.isfinite(res.value_error)
         assert res.stationarity < 1e-6
+
+
+def test_sigterm_ends_a_run_like_ctrl_c():
+    """SIGTERM during a run returns the result so far with status "interrupted" (issue 13),
+    and the previous SIGTERM handler is back afterwards."""
+    import signal
+
+    k = noisy_ridge(0)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def kill_at_third(entry):
+        if entry["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    res = optimize(k, 2.0, method="maid", callback=kill_at_third, progress=False)
+    assert res.status == OptimizeStatus.INTERRUPTED and "SIGTERM" in res.message
+    assert len(res.history) >= 3 and np.all(np.isfinite(res.theta))
+    assert signal.getsignal(signal.SIGTERM) is before
