@@ -236,7 +236,7 @@ class _NoLf:
 
 def test_uncertifiable_values_and_backprop(ridge):
     k, t_star = ridge
-    for method in ("maid", "lbfgsb"):           # the accuracy tests need a finite bound
+    for method in ("maid", "lbfgsb", "lbfgs"):  # the accuracy tests need a finite bound
         res = optimize(_NoLf(k), 2.0, method=method, progress=False)
         assert res.status == "failed" and "L_f = inf" in res.message, res
     # gd runs with adjoint="backprop" (no bound: inf in the history); MAID refuses it

@@ -103,6 +103,9 @@ def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: Quasi
             note = "value error bound not finite (L_f = inf): the line search is not certified"
             if note not in run.notes:
                 run.notes.append(note)
+        if not math.isfinite(hg.bound):
+            raise StopRun(OptimizeStatus.FAILED, f"the a posteriori bound is not finite "
+                                                 f"({hg.status}): no step can be certified")
         if not hg.bound <= o.grad_rtol * hn:     # a zero trap or a capped round: tighten
             eps, delta = min(eps, used_eps) * o.tau, delta * o.tau
             if eps < o.min_eps:
@@ -185,7 +188,7 @@ def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float,
         if dec <= base.bound * float(np.linalg.norm(move)):
             return None, base                   # not a certified descent move (or none)
         target = share * dec
-        if base.err > target:
+        if math.isfinite(base.err) and base.err > target:
             base = _evaluate(run, base.theta, min(base.eps, _distance_for_value(base.hg, target)
                                                   or base.eps), base.delta, o, target, 0.0)
             continue
@@ -201,7 +204,10 @@ def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float,
             run.x, run.q = base.hg.x, base.hg.q
             t *= INTERP_LOW
             continue
-        if trial.value + trial.err + base.err <= base.value - o.armijo * dec:
+        errors = trial.err + base.err
+        if not math.isfinite(errors):
+            errors = 0.0                        # L_f = inf even on the ball: said in the notes
+        if trial.value + errors <= base.value - o.armijo * dec:
             return trial, base
         if trial.value <= base.value - o.armijo * dec:
             share *= 0.25                       # the errors hide a real decrease: tighten
