@@ -1,7 +1,7 @@
 """Learning theta end to end: time to F(theta) <= F* + rel |F*| for hypergen and its peers.
 
     python benchmarks/bench_learning.py                       # every case, full sizes
-    python benchmarks/bench_learning.py --quick               # small sizes, a few minutes
+    python benchmarks/bench_learning.py --quick               # small sizes, 4-6 min on 2 cores
     python benchmarks/bench_learning.py --cases scalar --repeat 3
     python benchmarks/bench_learning.py --recompute-reference # F* again, not from the cache
 
@@ -35,20 +35,23 @@ Contenders:
 * scikit-learn (scalar): scipy.optimize.minimize_scalar(method="bounded") over log alpha in
   [log 1e-6, log 1e2] with warm-started LogisticRegression(fit_intercept=False) fits,
   C = 1 / (m alpha) (the same objective up to the factor m).
-Peers are tuned with the oracle, generously: every setting of a small ladder (inner tolerance,
-initial step or learning rate, fit tolerance, xatol) is run, each loop is stopped at the first
-step count at which the ORACLE says its theta reached the target (binary search on the step
-count; such a stopping rule does not exist for a user), and the fastest configuration is timed.
-hypergen gets no tuning.
+Peers are tuned with the oracle, generously: settings from small ladders (JAXopt: the initial
+step or learning rate at inner tolerance 1e-7, then the inner tolerance 1e-5 / 1e-9 at the best
+of them; scikit-learn: fit tolerance x xatol, the loosest xatol that reaches per fit tolerance),
+each loop stopped at the first step count at which the ORACLE says its theta reached the target
+(binary search on the step count; no user has such a stopping rule), and the fastest setting
+is timed. hypergen gets no tuning.
 
-Oracle: F(theta) = f(x*(theta)) + r(theta) with x* from damped Newton + Cholesky in NumPy/SciPy
-until ||grad g|| / mu * (||grad f|| + ||grad g|| / mu) <= 1e-12 (its worst certified error is
-printed); never hypergen's numbers. F*: scalar by bounded Brent on the oracle (xatol 1e-9),
+Oracle (benchmarks/learning_oracle.py): F(theta) = f(x*(theta)) + r(theta) with x* from damped
+Newton + Cholesky in NumPy/SciPy until ||grad g|| / mu * (||grad f|| + ||grad g|| / mu) <= 1e-12,
+or 1e-9 at round-off (its worst certified error near the target is printed next to the target's
+slack); never hypergen's numbers. At theta0 its exact hypergradient is checked against
+hypergen's certified one (they must agree within hypergen's bound). F*: scalar by bounded Brent on the oracle (xatol 1e-9),
 the others by SciPy L-BFGS-B on the oracle's exact hypergradient (Newton x*, Cholesky adjoint);
 cached in benchmarks/bench_learning_reference.npz keyed by case and sizes, recomputed when
 missing or with --recompute-reference. A contender that ends below F* is reported.
 
-Times are medians of --repeat runs of each contender timed in turns (benchmarks/timing.py,
+Times are medians of --repeat runs (default 3, 1 with --quick) of each contender timed in turns (benchmarks/timing.py,
 one whole run per turn, 0.25 s apart), so that the machine's load hits them alike; other
 processes on a shared machine still make them noisy (the load average is printed).
 """
@@ -392,7 +395,7 @@ def peer_contenders(case: str, data: dict, model, theta0, reached) -> dict:
 
 def run_case(case: str, spec: tuple, args) -> list:
     """Tune the peers, time every contender in turns, check every final theta with the oracle."""
-    module, data, model, ns = load_case(case, spec)
+    module, data, model, _ = load_case(case, spec)
     _, sizes, rel = spec
     oracle = Oracle(model)
     size_txt = ", ".join(f"{k}={v}" for k, v in sizes.items())
@@ -405,11 +408,11 @@ def run_case(case: str, spec: tuple, args) -> list:
     target = fstar + rel * abs(fstar)
     oracle.watch = target + 1e-3 * rel * abs(fstar)
     reached = lambda th: oracle.value(th) <= target  # noqa: E731
-    cross_check(prob, oracle, theta0)
     print(f"  F* = {fstar:.12g} ({how}); target {target:.12g}"
           + (f"; theta* = {theta_star[0]:.6g}" if theta_star.size == 1 else
              f"; theta* in [{theta_star.min():.3g}, {theta_star.max():.3g}]"))
-    default = inspect.signature(module.bind(**data).optimize).parameters["method"].default
+    cross_check(prob, oracle, theta0)
+    default = inspect.signature(prob.optimize).parameters["method"].default
     calls = {"hypergen optimize() (defaults)": dict()}
     for method in args.methods:   # an explicit method that is the default: the same call
         if method != default:
