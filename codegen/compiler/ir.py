@@ -5,7 +5,7 @@ nest (run-time bounds in the size symbols) whose body applies one or more `Updat
 `target[index] op= expr`, where `expr` is a scalar SymPy expression whose reads are
 `Indexed(IndexedBase(name), *index)` (arrays) or `Symbol(name)` (scalars). Every target is zeroed
 (or set to -inf for a max) at kernel entry and only accumulated afterwards, which makes the
-derivative transforms (autodiff.py) and fusion (optimize.py) simple and order-independent.
+derivative transforms (autodiff.py) and fusion (passes.py) simple and order-independent.
 """
 from __future__ import annotations
 

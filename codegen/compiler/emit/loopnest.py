@@ -3,7 +3,7 @@
 Each statement becomes its loops with the body at the innermost level; per statement the reads
 become placeholders, loop-invariant calls are hoisted, `sympy.cse` shares subexpressions, and
 reductions run in local accumulators (with `omp simd` where iterations are independent).
-Statements fused over a shared outer loop (optimize.fuse_outer_loops) share that loop, and a
+Statements fused over a shared outer loop (passes.fuse_outer_loops) share that loop, and a
 declared-sparse matrix turns the loop over its columns into a loop over its stored entries.
 A shared outer loop whose iterations are independent (up to sum reductions) is unrolled and
 jammed by JAM rows (`jam`): one sweep over j serves JAM rows of a data matrix, so x, v and
