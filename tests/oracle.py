@@ -31,7 +31,7 @@ class Oracle:
     def __init__(self, problem, data: dict, dps: int = DPS):
         self.problem = problem
         self.dps = dps
-        self.sizes = _bind_sizes(problem, data)  # name -> int
+        self.sizes = bind_sizes(problem, data)  # name -> int
         sizes_subs = {s: sp.Integer(self.sizes[s.name]) for s in problem.sizes}
         xs, ts = problem.x_spec, problem.theta_spec
         self.x_shape = _concrete_shape(xs, sizes_subs)
@@ -248,7 +248,7 @@ def _concrete_shape(spec, sizes_subs) -> tuple:
     return tuple(shape)
 
 
-def _bind_sizes(problem, data: dict) -> dict:
+def bind_sizes(problem, data: dict) -> dict:
     """Read the size symbols from the data arrays' shapes; raise on any inconsistency."""
     names = {spec.name for spec in problem.data_specs}
     missing = sorted(names - set(data))

@@ -8,7 +8,7 @@ import sympy as sp
 
 from codegen import Problem
 
-from oracle import Oracle
+from oracle import Oracle, bind_sizes
 from support import load_example
 
 # Smaller than support.TINY: the oracle's own Hessians and cross matrices unroll everything.
@@ -143,9 +143,7 @@ def test_example_default_data(example):
     for key, val in data.items():
         assert np.asarray(val).dtype == np.float64, key
         assert np.all(np.isfinite(val)), key
-    from oracle import _bind_sizes  # sizes consistent at the default sizes too (no unrolling)
-
-    sizes = _bind_sizes(prob, data)
+    sizes = bind_sizes(prob, data)  # consistent at the default sizes too (no unrolling)
     th0 = np.atleast_1d(np.asarray(ns["THETA0"], dtype=float))
     assert th0.ndim == 1 and th0.size in (1, int(sp.sympify(prob.theta_spec.shape[0]).subs(
         {s: sizes[s.name] for s in prob.sizes})))
