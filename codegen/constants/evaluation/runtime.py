@@ -3,7 +3,7 @@
 Stated constants are SymPy expressions in theta and scalar data; they are "assumed", never
 certified, and every result computed with them says so. Derived constants come from
 `codegen.constants.derivation` (structural rules with an audit trail) through constants.json. This
-module is the per-bind glue the runtime's BoundProblem calls (was codegen/constants_runtime.py).
+module is the per-bind glue the runtime's BoundProblem calls.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def evaluate_constants(prepared: dict, theta: np.ndarray) -> dict:
 def evaluate_local_constants(prepared: dict, theta: np.ndarray, x: np.ndarray, radius: float,
                              data: dict) -> dict:
     """`evaluate_constants`, with L, L_A, L_B, L_f valid on the ball B(x, radius) only
-    (framework.md pitfall 4; constants.local). mu stays global. Stated constants: unchanged."""
+    (docs/framework.md section 8.4; constants.local). mu stays global. Stated constants: unchanged."""
     if prepared["kind"] != "derived":
         return evaluate_constants(prepared, theta)
     return evaluate_local(prepared["derivation"], theta, prepared["quantities"], x, radius, data,
