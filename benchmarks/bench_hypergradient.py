@@ -190,7 +190,7 @@ def numpy_model(name, d, th):
 
 
 def numpy_fista(grad_g, n, mu, L, tol, max_iter=1_000_000):
-    """Strongly convex FISTA (framework.md 4) from 0 until ||grad g(z)|| <= tol; returns z."""
+    """Strongly convex FISTA (docs/framework.md 4) from 0 until ||grad g(z)|| <= tol; returns z."""
     y = y_prev = np.zeros(n)
     t, qr, it = 0.0, mu / L, 0
     while True:

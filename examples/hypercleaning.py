@@ -1,4 +1,4 @@
-"""Data hypercleaning (framework.md 10.2): one weight per training sample, theta_i, scales its loss.
+"""Data hypercleaning (docs/framework.md 10.2): one weight per training sample, theta_i, scales its loss.
 
 Lower: multinomial logistic regression W (c classes x n features) on corrupted labels,
     g(W, theta) = (1/m) sum_i sigmoid(theta_i) CE(W a_i, y_i) + lam ||W||_F^2,

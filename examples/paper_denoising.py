@@ -1,4 +1,4 @@
-"""Learned smoothed-TV regulariser for 1-D denoising against tuned TV (notes/framework.md 10.3, small).
+"""Learned smoothed-TV regulariser for 1-D denoising against tuned TV (docs/framework.md 10.3, small).
 
     python examples/paper_denoising.py            # about 15 s
     python examples/paper_denoising.py --quick    # about 5 s

@@ -1,4 +1,4 @@
-"""Data hypercleaning at small scale (notes/framework.md 10.2; Yang, Ji & Liang 2021; E&R's grid).
+"""Data hypercleaning at small scale (docs/framework.md 10.2; Yang, Ji & Liang 2021; E&R's grid).
 
     python examples/paper_hypercleaning.py            # about 3-4 min on 2 cores
     python examples/paper_hypercleaning.py --quick    # about 30 s (smaller m, budget, grid)
@@ -25,7 +25,7 @@ here. This script supplies the exact closed form through that hook (B's column j
 sigmoid'(theta_j)/m (softmax(W a_j) - y_j) a_j^T, so ||B||_F^2 is one pass over A); it is checked
 against the JVP value at start-up. --jvp-norm uses the library's default instead.
 
-Reported: the final validation loss per run (table like framework.md 10.2), the paper's two
+Reported: the final validation loss per run (table like docs/framework.md 10.2), the paper's two
 findings checked on it, and the samples flagged as corrupted (sigmoid(theta_j) < 0.5) against the
 truly corrupted ones (precision / recall). Figure: figures/paper_hypercleaning.png.
 """
@@ -53,7 +53,7 @@ LOWERS = ("gd", "hb", "fista")
 ADJOINTS = ("gd", "hb", "cg")
 TOLS = ((0.1, 0.01), (0.1, 0.1), (0.01, 0.01), (0.01, 0.1))   # (eps, delta), the paper's rows
 NAMES = {"gd": "GD", "hb": "HB", "fista": "FISTA", "cg": "CG"}
-# The paper's final objective after 100k work (framework.md 10.2), lower/adjoint -> row.
+# The paper's final objective after 100k work (docs/framework.md 10.2), lower/adjoint -> row.
 PAPER = {("gd", "cg"): (.5254, .5142, .5641, .5637), ("gd", "hb"): (.5539, .5332, .5652, .5643),
          ("hb", "cg"): (.4413, None, .4737, .4548), ("hb", "hb"): (.5415, .4976, .5429, .5144),
          ("fista", "cg"): (.4784, .4553, .5242, .5201),

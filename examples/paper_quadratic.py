@@ -1,4 +1,4 @@
-"""Reproduce the quadratic experiment of the paper (notes/framework.md 10.1; Li, Gu & Huang 2022).
+"""Reproduce the quadratic experiment of the paper (docs/framework.md 10.1; Li, Gu & Huang 2022).
 
     python examples/paper_quadratic.py            # tables on stdout, PNGs in examples/figures/
 
@@ -9,15 +9,15 @@ codegen's solvers (`solve_lower`, `hypergradient`) exactly as a user would call 
 
 Runs
   (i)   ||x_k - x*|| of GD, HB, FISTA for k = 0..100 from x0 = 0, with the a posteriori bound
-        ||grad g(x_k)||/mu and the a priori bound of framework.md 5 (HB: C = 1, NOT rigorous);
+        ||grad g(x_k)||/mu and the a priori bound of docs/framework.md 5 (HB: C = 1, NOT rigorous);
   (ii)  hypergradient error of CG, GD, HB adjoints for 0..200 adjoint iterations from q0 = 0, with
-        the a posteriori bound (framework.md 7) and the a priori bound (framework.md 6), at x_eps = x*
+        the a posteriori bound (docs/framework.md 7) and the a priori bound (docs/framework.md 6), at x_eps = x*
         and at x_eps from 20, 60, 100 HB iterations;
   (iii) budget 200 = N lower HB + (200 - N) adjoint iterations, N in {20, 40, 60, 80, 100}.
 
 Every curve is produced by truncation: the solver is called with tolerance 0 and max_iter = k for
 each k (the solvers are deterministic, so this is the k-th iterate of one long run). Two a priori
-columns are printed: codegen's (rates of framework.md 5: GD q^k ||r0||, CG 2 sqrt(kappa) q^k ||r0||,
+columns are printed: codegen's (rates of docs/framework.md 5: GD q^k ||r0||, CG 2 sqrt(kappa) q^k ||r0||,
 HB q^k ||r0||, lower eps from the rate) and the authors' script form (GD (L/mu) q^k ||r0||, CG
 2 kappa^(3/2) q^k ||r0||, HB (L/mu) q^k ||r0||, with the TRUE eps "for demonstration"), which is
 what the paper's a priori numbers are.
@@ -64,7 +64,7 @@ def setup(seed=0):
     M, b, C, D, e = (data[key] for key in ("M", "b", "C", "D", "e"))
     Dp = np.linalg.pinv(D)
     x_star = Dp @ (e - C @ theta)
-    grad_F = 2.0 * (M @ Dp @ C).T @ (b - M @ x_star)          # framework.md 10.1 closed form
+    grad_F = 2.0 * (M @ Dp @ C).T @ (b - M @ x_star)          # docs/framework.md 10.1 closed form
     # cross-check with -B^T A^{-1} grad f
     A, B, gf = 2 * D.T @ D, 2 * D.T @ C, 2 * M.T @ (M @ x_star - b)
     assert np.allclose(grad_F, -B.T @ np.linalg.solve(A, gf), rtol=1e-8)
@@ -89,7 +89,7 @@ def run_lower(prob, theta, exact):
 
 
 def script_apriori(solver, k, r0, eps_true, c, norm_B_star):
-    """The authors' script form of the a priori bound (framework.md 5, 6; L_A = L_B = 0 here)."""
+    """The authors' script form of the a priori bound (docs/framework.md 5, 6; L_A = L_B = 0 here)."""
     kappa = c["L"] / c["mu"]
     q_gd = (kappa - 1) / (kappa + 1)
     q_hb = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)
@@ -129,7 +129,7 @@ def main():
     t0 = time.time()
     prob, theta, exact = setup()
     c = prob.constants(theta)
-    print("Quadratic test problem (framework.md 10.1): m1 = m2 = 1000, d = p = 10, seed 0, "
+    print("Quadratic test problem (docs/framework.md 10.1): m1 = m2 = 1000, d = p = 10, seed 0, "
           "theta = ones")
     print(f"  codegen constants: mu = {c['mu']:.6g}, L = {c['L']:.6g}, kappa = "
           f"{c['L'] / c['mu']:.4g}, L_f = {c['L_f']:.6g}, L_A = {c['L_A']}, L_B = {c['L_B']}, "

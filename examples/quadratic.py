@@ -1,4 +1,4 @@
-"""The quadratic test problem of Li, Gu & Huang (AAAI 2022, Sec. 6.1); framework.md 10.1.
+"""The quadratic test problem of Li, Gu & Huang (AAAI 2022, Sec. 6.1); docs/framework.md 10.1.
 
     g(x, theta) = ||C theta + D x - e||^2,   f(x) = ||M x - b||^2.
 Closed forms: Hessian 2 D^T D, cross derivative B = 2 D^T C, x* = D^+ (e - C theta).

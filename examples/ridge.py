@@ -1,4 +1,4 @@
-"""Ridge regression with a learned weight: theta = log alpha (interface.md section 1)."""
+"""Ridge regression with a learned weight: theta = log alpha (docs/interface.md section 1)."""
 import numpy as np
 import sympy as sp
 from codegen import Problem

@@ -1,7 +1,7 @@
 """1-D denoising with smoothed total variation; theta = (log alpha, log nu).
 
     g(x) = 1/2 ||x - y||^2 + alpha sum_i sqrt((x[i+1] - x[i])^2 + nu^2),   f(x) = 1/2 ||x - x_true||^2.
-g is 1-strongly convex (mu = 1). Signals follow framework.md 10.3: 64 pixels, piecewise linear.
+g is 1-strongly convex (mu = 1). Signals follow docs/framework.md 10.3: 64 pixels, piecewise linear.
 """
 import numpy as np
 import sympy as sp

@@ -1,6 +1,6 @@
 """A problem bound to data: the kernels as NumPy functions, and the solvers on top of them.
 
-`BoundProblem` is the object of interface.md section 3 (`prob = ridge.bind(...)`). Its kernel
+`BoundProblem` is the object of docs/interface.md section 3 (`prob = ridge.bind(...)`). Its kernel
 methods validate their vector arguments (length, dtype, theta's length) and return fresh arrays;
 non-finite results are returned as they are (the solvers turn them into a status), while an
 invalid size raises. The solver methods delegate to `solvers` and `hypergradient`.
@@ -90,7 +90,7 @@ class BoundProblem:
         self.kernels[kernel](vectors, out)
         return float(out[0]) if out_size is None else out
 
-    # -- kernels (interface.md section 3) --------------------------------------------------
+    # -- kernels (docs/interface.md section 3) --------------------------------------------------
     def lower_value(self, x, theta) -> float:
         return self._call("lower_value", x, theta)
 
@@ -206,7 +206,7 @@ class BoundProblem:
 
     def local_constants(self, x, theta, radius) -> dict:
         """constants(theta) with L, L_A, L_B, L_f valid only on the ball B(x, radius) (finite for
-        exp / polynomial atoms; min(global, ball) otherwise). mu stays global (framework.md 8.4)."""
+        exp / polynomial atoms; min(global, ball) otherwise). mu stays global (docs/framework.md 8.4)."""
         return evaluate_local_constants(self._prepared_constants(), self.checked_theta(theta),
                                         self._vector("x", x, self.x_size, "x"), float(radius),
                                         self.data)

@@ -1,4 +1,4 @@
-"""The atom table: scalar functions psi(t) and what the rules need of them (constants.md 2, 3).
+"""The atom table: scalar functions psi(t) and what the rules need of them (docs/constants.md 2, 3).
 
 `analyse_atom(psi)` returns `AtomFacts`: the range [lo, hi] of psi'' on R, sup |psi'''| (d3), and
 for theta-dependent parameters sup_t |d psi''/d theta_l| (dth). Table entries carry exact values;

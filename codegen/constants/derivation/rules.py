@@ -222,7 +222,7 @@ def _apply_stated(records: dict, stated: dict, ctx: Ctx) -> None:
                               "spot-check by sampling", children=[old] if old else [])
 
 
-BALL_RULE = ("on the ball B(x, r) only (framework.md pitfall 4): the rules of the global constant "
+BALL_RULE = ("on the ball B(x, r) only (docs/framework.md section 8.4): the rules of the global constant "
              "with sup|psi''|, sup|psi'''| of each unbounded atom psi(k_i.x + b_i) taken over "
              "[z_i - r||k_i||, z_i + r||k_i||], z = K x + b at the centre (ball_hi/peak/d3_<term>, "
              "evaluated by constants.local.evaluate_local); mu stays global")

@@ -1,4 +1,4 @@
-"""From a canonical objective to terms, atoms and linear operators (constants.md section 3).
+"""From a canonical objective to terms, atoms and linear operators (docs/constants.md section 3).
 
 `flatten` splits g into terms coef(theta) * Sum_I w_I(theta_I) * core_I (x-free parts dropped),
 `analyse_term` recognises the core (linear, psi(k_I.x + b_I), log-sum-exp over an inner index)

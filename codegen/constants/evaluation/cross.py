@@ -1,11 +1,11 @@
-"""A certified run-time bound on ||B(x, theta)||_2 in one pass over the data (framework.md pitfall 8).
+"""A certified run-time bound on ||B(x, theta)||_2 in one pass over the data (docs/framework.md section 8.8).
 
 For problems whose theta enters g only as per-sample weights,
 
     g(x, theta) = sum_T c_T Sum_I v_T(theta_I) core_{T,I}(x) + (terms without theta),
 
 column I of B = d/dtheta grad_x g is  sum_T c_T v_T'(theta_I) grad_x core_{T,I}(x), and
-||B||_2 <= ||B||_F = sqrt(sum_I ||column I||^2) (constants.md 2, "Hypercleaning"). Each core is
+||B||_2 <= ||B||_F = sqrt(sum_I ||column I||^2) (docs/constants.md 2, "Hypercleaning"). Each core is
 linear in x, a table atom psi(u) of an affine u, or a log-sum-exp log Sum_k exp(u_k); with J_I the
 Jacobian rows of the affine arguments of every term of sample I (stacked) and w_I the matching
 weights (c_T v_T'(theta_I) psi'(z), softmax(z) for log-sum-exp, 1 for linear cores), column I is

@@ -1,4 +1,4 @@
-"""`evaluate`: the constants at one theta, with outward rounding (constants.md section 5).
+"""`evaluate`: the constants at one theta, with outward rounding (docs/constants.md section 5).
 
 Expressions are evaluated by a small float64 interpreter (stable sigmoid/softplus, max/min over
 the theta entries for per-sample weights); mu is rounded down and every Lipschitz constant up by

@@ -1,4 +1,4 @@
-"""Data quantities, computed once at bind time (constants.md section 4).
+"""Data quantities, computed once at bind time (docs/constants.md section 4).
 
 Every operator recorded by `derive` is rebuilt as a dense matrix from the data (a small NumPy
 interpreter of the indexed SymPy expression gives its Jacobian), Kronecker factors I (x) K
