@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..common import DIVERGENCE_FACTOR, LowerTask, all_finite, call_kernel, norm
+from ..common import LowerTask, all_finite, call_kernel, norm
 from ..rates import rates
 from ..results import LowerResult, Status
+from .stopping import first_order_stop
 
 __all__ = ["solve_fista", "fista_coefficients"]
 
@@ -64,14 +65,9 @@ def solve_fista(task: LowerTask) -> LowerResult:
             gn0 = gn
         if hist is not None:
             hist.append(gn / mu)
-        if gn / mu <= tol:
-            status = Status.CONVERGED
-            break
-        if it >= task.max_iter:
-            status = Status.CAPPED
-            break
-        if gn > DIVERGENCE_FACTOR * gn0:
-            status, msg = Status.DIVERGED, f"||grad g|| grew from {gn0:.3g} to {gn:.3g}"
+        stop, why = first_order_stop(gn, gn0, mu, tol, it, task.max_iter)
+        if stop is not None:
+            status, msg = stop, why or msg
             break
         y_prev, y = y, z - tau * g
         t = t_next

@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..common import DIVERGENCE_FACTOR, LowerTask, all_finite, call_kernel, norm
+from ..common import LowerTask, all_finite, call_kernel, norm
 from ..rates import gd_step, hb_step, rates
 from ..results import LowerResult, Status
+from .stopping import first_order_stop
 
 __all__ = ["solve_gd", "solve_hb"]
 
@@ -47,14 +48,9 @@ def _descend(task: LowerTask, solver: str, step: dict[str, Any]) -> LowerResult:
     traj = [x.copy()] if task.store_trajectory else None
     msg = ""
     while True:
-        if gn / mu <= tol:
-            status = Status.CONVERGED
-            break
-        if it >= task.max_iter:
-            status = Status.CAPPED
-            break
-        if gn > DIVERGENCE_FACTOR * gn0:
-            status, msg = Status.DIVERGED, f"||grad g|| grew from {gn0:.3g} to {gn:.3g}"
+        stop, why = first_order_stop(gn, gn0, mu, tol, it, task.max_iter)
+        if stop is not None:
+            status, msg = stop, why or msg
             break
         x_new = x - a * g
         if b:
