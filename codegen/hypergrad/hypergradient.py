@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -313,7 +314,7 @@ def _failed(th: np.ndarray, low: LowerResult, c: dict[str, Any], opts: Hypergrad
 
 
 def hypergradient_samples(ks: Any, theta: Any, options: HypergradientOptions | None = None, *,
-                          x0: Any = None, q0: Any = None,
+                          x0: Any = None, q0: Any = None, per_sample: Any = None,
                           **overrides: Any) -> HypergradientResult:
     """The hypergradient of (1/S) sum_s f_s(x_s*(theta), theta) + r(theta) (pitfall 5).
 
@@ -325,22 +326,28 @@ def hypergradient_samples(ks: Any, theta: Any, options: HypergradientOptions | N
     e, norm_B, grad_f_norm, q_norm are the worst (largest) over samples; x, q, lower, adjoint,
     constants are per-sample lists. status "ok" iff every sample is "ok"; otherwise the reasons,
     each with the samples it affects. Options and rtol, atol: as for `hypergradient`, on the mean.
+    per_sample: None (each sample's `hypergradient` in turn, here) or a callable (theta, opts,
+    x0, q0) -> the per-sample results in sample order, each `hypergradient(ks[s], theta, opts,
+    x0=x0[s], q0=q0[s])` computed elsewhere (codegen/runtime/executors.py runs them on worker
+    processes); the mean is formed here either way, in the same order, so the bits agree.
     """
     ks = list(ks)
     opts = HypergradientOptions.make(options, **overrides)
     if ks:  # one choice for all samples (they share a problem, hence its structure and size)
         opts = _resolved(ks[0], opts)
     if opts.targets_accuracy:
-        return _in_rounds(hypergradient_samples, ks, theta, opts, x0, q0)
+        return _in_rounds(partial(hypergradient_samples, per_sample=per_sample), ks, theta, opts,
+                          x0, q0)
     S = len(ks)
     if S == 0:
         raise SolverError("hypergradient_samples needs at least one sample")
     for name, v in (("x0", x0), ("q0", q0)):
         if v is not None and len(v) != S:
             raise SolverError(f"{name} must have one entry per sample ({S}), got {len(v)}")
-    res = [hypergradient(k, theta, opts, x0=None if x0 is None else x0[s],
-                         q0=None if q0 is None else q0[s])
-           for s, k in enumerate(ks)]
+    res = (list(per_sample(theta, opts, x0, q0)) if per_sample is not None else
+           [hypergradient(k, theta, opts, x0=None if x0 is None else x0[s],
+                          q0=None if q0 is None else q0[s])
+            for s, k in enumerate(ks)])
     work = {key: sum(r.work.get(key, 0) for r in res)
             for key in ("lower_grads", "hvps", "cross", "units")}
 

@@ -153,7 +153,7 @@ class Runner:
         kw = dict(lower=o.lower, adjoint=o.adjoint, eps=eps, delta=delta, x0=self.x, q0=q0,
                   max_iter=self.cap(), refine_iter=o.refine, rtol=rtol)
         try:
-            hg = (hypergradient_samples(self.kernels, theta, **kw) if self.multi
+            hg = (self.sample_hypergradient(theta, kw) if self.multi
                   else hypergradient(self.problem, theta, **kw))
         except HypergenError as exc:
             raise StopRun(OptimizeStatus.FAILED,
@@ -169,6 +169,14 @@ class Runner:
                                                  f"{short_theta(theta)}: {hg.status}")
         self._keep_warm(hg)
         return hg
+
+    def sample_hypergradient(self, theta: np.ndarray, kw: dict[str, Any]) -> Any:
+        """The mean over samples: the problem's own `hypergradient` when it has one (a
+        BoundSamples runs its samples on its executor's workers), else hypergradient_samples."""
+        method = getattr(self.problem, "hypergradient", None)
+        if method is not None:
+            return method(theta, **kw)
+        return hypergradient_samples(self.kernels, theta, **kw)
 
     def _keep_warm(self, hg: Any) -> None:
         xs = hg.x if self.multi else [hg.x]
