@@ -11,6 +11,10 @@ The data file is a NumPy .npz archive (np.savez) whose array names are the probl
   "__<s>" numbers the samples 0, 1, ..., S-1 (no gaps). An array without a suffix is shared by
   every sample (e.g. validation data Av, bv used with each training set A__s, b__s).
 
+--data may also be a directory of image files (png, jpg, tif, ...) for a denoising problem with a
+noisy image in the lower level and a clean one in the upper level: one sample per image, the noisy
+copy made with Gaussian noise of std 0.1 on [0, 1] grey values, seed 0 (codegen/cli/data.py).
+
 --theta0 is a number (used for every entry of theta) or comma-separated numbers, one per entry
 (default 0). --budget is a number of work units (lower gradients + Hessian-vector products) or
 seconds with an "s" suffix. The run prints a summary (theta, value, bound, work, time, status)
@@ -32,6 +36,7 @@ import numpy as np
 from ..errors import HypergenError
 from ..learn import DEFAULT_METHOD, METHODS, OptimizeError, optimize, parse_budget, parse_theta0
 from ..pipeline import load
+from .data import check_image_pairs, load_image_directory
 
 __all__ = ["run_optimize", "load_data", "add_optimize_parser", "join_negative_values"]
 
@@ -118,7 +123,9 @@ def add_optimize_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -> N
     """The `optimize` subcommand's arguments, on the subparsers `sub` of the main parser."""
     o = sub.add_parser("optimize", help="learn the hyperparameters of FILE on DATA")
     o.add_argument("file")
-    o.add_argument("--data", required=True, help="NPZ file whose names match the data symbols")
+    o.add_argument("--data", required=True,
+                   help="NPZ file whose names match the data symbols, or a directory of clean "
+                        "images (denoising problems)")
     o.add_argument("--theta0", help="initial theta: a number (every entry) or comma-separated "
                                     "numbers, e.g. --theta0 -0.5,1")
     o.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
@@ -162,7 +169,12 @@ def run_optimize(args: argparse.Namespace) -> int:
 
     module = load(str(problem_file))
     names = [a["name"] for a in module.meta["arrays"] if a["role"] == "data"]
-    data = load_data(data_path, names)
+    if data_path.is_dir():
+        data: dict[str, np.ndarray] | list[dict[str, np.ndarray]] = \
+            load_image_directory(data_path, module.meta)
+    else:
+        data = load_data(data_path, names)
+    check_image_pairs(data if isinstance(data, list) else [data], module.meta, data_path)
     prob = module.bind_samples(data) if isinstance(data, list) else module.bind(data)
     try:
         theta0 = parse_theta0(theta0, prob.theta_size)
