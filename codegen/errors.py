@@ -19,3 +19,8 @@ class BuildError(HypergenError, RuntimeError):
 
 class KernelError(HypergenError, RuntimeError):
     """A generated kernel returned a non-zero status (non-finite value, invalid size)."""
+
+
+class ConfigError(HypergenError, ValueError):
+    """An environment variable hypergen reads (HYPERGEN_CACHE_DIR, HYPERGEN_CFLAGS, CC, ...) is
+    invalid; the message names the variable and its value."""

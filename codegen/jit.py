@@ -7,10 +7,13 @@ Why it is built this way (docs/compiler.md section 10):
 - The binary proves what it is. Its module name embeds the key prefix, so a binary built from other
   inputs cannot even be initialised under the expected name, and it exports `hg_build_key()`, which is
   compared with the full key after loading. Anything that fails to load is rebuilt, never trusted.
-- Builds publish atomically. A per-key `flock` serialises processes; the compile happens in a sibling
-  temporary directory and files move into place with `os.replace`, the extension last, so a reader never
-  sees a half-written entry. Files are replaced, never rewritten in place, so a process that already
-  mapped an old binary keeps a valid mapping.
+- Builds publish atomically. A per-key `flock` serialises processes (it times out naming its holder);
+  the compile happens in a sibling temporary directory and files move into place with `os.replace`, the
+  extension last, so a reader never sees a half-written entry. Files are replaced, never rewritten in
+  place, so a process that already mapped an old binary keeps a valid mapping.
+- Nothing is loaded on trust. The entry's build.json (moved in before the extension) records the
+  extension's size and sha256; a cached or published file that does not match it is never dlopen'ed
+  (a truncated one would SIGBUS) but rebuilt, or recopied, with a warning naming it.
 - The compile runs in a child Python. cffi `chdir`s and edits `os.environ` while compiling, and the
   compiler writes to file descriptors 1 and 2; a child keeps that off the caller's threads and lets all
   of the output land in build.log (and in `BuildError` when it fails).
@@ -29,6 +32,7 @@ import pathlib
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -42,16 +46,18 @@ from typing import Any, NoReturn, Union
 
 import cffi
 
-from .errors import BuildError
+from .errors import BuildError, ConfigError
 from .version import __version__
 
 PathLike = Union[str, "os.PathLike[str]"]
 Flags = Union[Iterable[str], None]  # compiler flags; None: default_flags()
 
 EXT_SUFFIX: str = sysconfig.get_config_var("EXT_SUFFIX")
-LAYOUT = "v1"
+LAYOUT = "v1"  # entries from before checksums in build.json fail the check once and are rebuilt
 KEY_FUNCTION = "hg_build_key"
 BASE_FLAGS = ("-O3", "-std=c99", "-fno-math-errno", "-Wall", "-Wextra")
+#: seconds a build waits for another process's lock on the same key; $HYPERGEN_LOCK_TIMEOUT
+DEFAULT_LOCK_TIMEOUT = 600.0
 # Environment variables setuptools folds into the compile and link commands.
 COMPILER_ENV = ("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS", "LDSHARED")
 
@@ -92,13 +98,24 @@ def default_flags() -> tuple[str, ...]:
     wanted = os.environ.get("HYPERGEN_OPENMP") != "0"
     openmp = ("-fopenmp",) if wanted and _links_openmp(tuple(_compiler_command())) else (
         "-fopenmp-simd",)
-    return (BASE_FLAGS + openmp + native
-            + tuple(shlex.split(os.environ.get("HYPERGEN_CFLAGS", ""))))
+    return BASE_FLAGS + openmp + native + tuple(_split_variable("HYPERGEN_CFLAGS", ""))
+
+
+def _split_variable(name: str, default: str) -> list[str]:
+    """$name split like a shell would; an unbalanced quote is refused naming the variable."""
+    text = os.environ.get(name) or default
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"${name} = {text!r} cannot be split into arguments ({exc}): "
+                          "balance its quotes or unset it") from None
 
 
 def cache_key(module_name: str, source: str, cdef: str, flags: Flags = None) -> str:
     """The sha256 hex digest identifying the binary these inputs produce (flags None = defaults)."""
-    return _digest(_key_inputs(module_name, source, cdef, _resolve_flags(flags)))
+    inputs = _key_inputs(module_name, source, cdef, _resolve_flags(flags))
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def compile_extension(module_name: str, source: str, cdef: str, *, flags: Flags = None,
@@ -113,19 +130,16 @@ def publish(module: types.ModuleType, directory: PathLike) -> pathlib.Path:
     """Copy the module's extension file into `directory` (atomically) and return its path.
 
     Older builds of the same problem in `directory` are removed, so e.g. generated/<name>/ holds only the
-    binary its current sources describe. Unlinking, unlike overwriting, is safe for processes that have
-    one of them loaded.
+    binary its current sources describe (unlinking is safe for processes that have one loaded).
     """
-    if module.__file__ is None:
-        raise ValueError(f"{module.__name__} has no file: not an extension built by codegen.jit")
-    built = pathlib.Path(module.__file__)
+    built = pathlib.Path(module.__file__ or "")
     match = re.fullmatch(r"(_hg_\w+_)[0-9a-f]{16}" + re.escape(EXT_SUFFIX), built.name)
-    if match is None:
+    if module.__file__ is None or match is None:
         raise ValueError(f"{built} is not an extension built by codegen.jit")
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / built.name
-    if not (target.exists() and os.path.samefile(built, target)):
+    if not _same_file(built, target):
         _copy_atomically(built, target)
     for old in directory.glob(match.group(1) + "?" * 16 + EXT_SUFFIX):
         if old != target:
@@ -133,38 +147,55 @@ def publish(module: types.ModuleType, directory: PathLike) -> pathlib.Path:
     return target
 
 
+def _same_file(built: pathlib.Path, target: pathlib.Path) -> bool:
+    """Whether target is built itself (either may vanish meanwhile: another process publishing into
+    the same directory replaces or removes files)."""
+    try:
+        return os.path.samefile(built, target)
+    except FileNotFoundError:
+        return False
+
+
 def load_published(module_name: str, source: str, cdef: str, directory: PathLike, *,
                    flags: Flags = None, cache_dir: PathLike | None = None) -> types.ModuleType:
-    """Load the extension previously published into `directory` if its embedded key equals cache_key(...);
-    otherwise (missing, stale, corrupt) fall back to compile_extension. Never load a stale binary.
+    """Load the extension previously published into `directory` if its checksum holds and its embedded
+    key equals cache_key(...); otherwise (missing, stale, damaged) fall back to compile_extension.
 
     The published file is looked up under the name the current key implies, so a stale one is not even
-    opened; a file that is there but fails to load or carries another key is left alone and the cache
-    supplies the module instead.
+    opened; one that fails its checksum is never opened: the cache supplies the module and, when the
+    directory is writable, a good copy replaces the damaged one.
     """
     flags = _resolve_flags(flags)
     key = cache_key(module_name, source, cdef, flags)
     path = pathlib.Path(directory) / _extension_name(module_name, key)
     with _key_lock(key):
-        if key not in _LOADED and path.is_file():
-            module = _try_load(path, _module_name(module_name, key), key)
-            if module is not None:
-                _LOADED[key] = module
-                _count("loaded")
-                return module
-        return _cached(module_name, source, cdef, flags, key, cache_dir)
+        if key in _LOADED or not path.is_file():
+            return _cached(module_name, source, cdef, flags, key, cache_dir)
+        manifest = _shard(cache_dir, key) / key / "build.json"
+        module = _try_load(path, manifest, _module_name(module_name, key), key,
+                           "not loaded: the cache's copy is used and published again")
+        if module is not None:
+            _LOADED[key] = module
+            _count("loaded")
+            return module
+        module = _cached(module_name, source, cdef, flags, key, cache_dir)
+        with contextlib.suppress(OSError, BuildError):  # repair the directory if it is writable
+            publish(module, directory)
+        return module
 
 
 def _copy_atomically(source: pathlib.Path, target: pathlib.Path) -> None:
-    """Copy via a temporary sibling and os.replace, so `target` is never seen half-written."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
+    """Copy via a temporary sibling and os.replace, so `target` is never seen half-written. If
+    another process publishing here removed our source meanwhile, its copy is just as good (every
+    load checks the file against the cache's record first)."""
     try:
-        shutil.copy2(source, temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+        data = source.read_bytes()
+    except FileNotFoundError:
+        if target.is_file():
+            return
+        raise BuildError(f"{source} vanished while publishing it into {target.parent} (another "
+                         "process replaced it): build again") from None
+    write_atomically(target, data)
 
 
 # ---------------------------------------------------------------- the key
@@ -174,34 +205,23 @@ def _resolve_flags(flags: Flags) -> tuple[str, ...]:
     return default_flags() if flags is None else tuple(flags)
 
 
-def _digest(inputs: dict[str, Any]) -> str:
-    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
 def _key_inputs(module_name: str, source: str, cdef: str,
                 flags: tuple[str, ...]) -> dict[str, Any]:
     """Everything that can change the compiled binary (or whether it loads here)."""
     native = tuple(flag for flag in flags if flag.endswith("=native"))
     return {
-        "layout": LAYOUT,
-        "module_name": module_name,
-        "source": source,
-        "cdef": cdef,
-        "flags": list(flags),
-        "compiler": _compiler_identity(tuple(_compiler_command()), native),
+        "layout": LAYOUT, "module_name": module_name, "source": source, "cdef": cdef,
+        "flags": list(flags), "compiler": _compiler_identity(tuple(_compiler_command()), native),
         "sysconfig": {name: sysconfig.get_config_var(name) for name in ("CC", "CFLAGS", "LDSHARED")},
         "env": {name: os.environ[name] for name in COMPILER_ENV if name in os.environ},
-        "ext_suffix": EXT_SUFFIX,
-        "cffi": cffi.__version__,
-        "hypergen": __version__,
+        "ext_suffix": EXT_SUFFIX, "cffi": cffi.__version__, "hypergen": __version__,
         "templates": _templates_digest(),
     }
 
 
 def _compiler_command() -> list[str]:
     """The compiler setuptools will run: $CC, else the one Python was built with."""
-    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    return _split_variable("CC", sysconfig.get_config_var("CC") or "cc")
 
 
 @functools.cache
@@ -272,9 +292,20 @@ def _extension_name(module_name: str, key: str) -> str:
 
 
 def cache_root(cache_dir: PathLike | None) -> pathlib.Path:
-    """cache_dir, else $HYPERGEN_CACHE_DIR, else $XDG_CACHE_HOME/hypergen or ~/.cache/hypergen."""
-    if cache_dir is None:
-        cache_dir = os.environ.get("HYPERGEN_CACHE_DIR")
+    """cache_dir, else $HYPERGEN_CACHE_DIR, else $XDG_CACHE_HOME/hypergen or ~/.cache/hypergen.
+
+    $HYPERGEN_CACHE_DIR must be an absolute path: an empty or relative one would put the cache
+    (and the binaries loaded from it) wherever the current directory happens to be.
+    """
+    if cache_dir is None and "HYPERGEN_CACHE_DIR" in os.environ:
+        value = os.environ["HYPERGEN_CACHE_DIR"]
+        if not value.strip():
+            raise ConfigError("$HYPERGEN_CACHE_DIR is set but empty: unset it (default "
+                              "~/.cache/hypergen) or set it to an absolute directory")
+        if not pathlib.Path(value).expanduser().is_absolute():
+            raise ConfigError(f"$HYPERGEN_CACHE_DIR = {value!r} is a relative path (the cache would "
+                              "follow the current directory): give an absolute directory")
+        cache_dir = value
     if cache_dir is None:
         xdg = os.environ.get("XDG_CACHE_HOME")
         cache_dir = pathlib.Path(xdg if xdg else pathlib.Path.home() / ".cache") / "hypergen"
@@ -282,11 +313,8 @@ def cache_root(cache_dir: PathLike | None) -> pathlib.Path:
 
 
 def _shard(cache_dir: PathLike | None, key: str) -> pathlib.Path:
-    """The writable directory v1/<key[:2]> holding this key's entry and lock file.
-
-    An unwritable cache (read-only, or a path through a regular file) degrades to a per-user directory
-    under the system temp dir with a warning, rather than failing the build.
-    """
+    """The writable directory <LAYOUT>/<key[:2]> holding this key's entry and lock file. An unwritable
+    cache (read-only, a path through a file) degrades to a private temp directory with a warning."""
     preferred = cache_root(cache_dir) / LAYOUT / key[:2]
     try:
         preferred.mkdir(parents=True, exist_ok=True)
@@ -295,17 +323,16 @@ def _shard(cache_dir: PathLike | None, key: str) -> pathlib.Path:
     except OSError:
         pass
     fallback = _private_temp_root() / LAYOUT / key[:2]
-    warnings.warn(f"hypergen cache {preferred} is not writable; using {fallback}", RuntimeWarning,
-                  stacklevel=4)
+    origin = " ($HYPERGEN_CACHE_DIR)" if cache_dir is None and "HYPERGEN_CACHE_DIR" in os.environ else ""
+    warnings.warn(f"hypergen cache {preferred}{origin} is not writable; using {fallback}",
+                  RuntimeWarning, stacklevel=4)
     fallback.mkdir(parents=True, exist_ok=True)
     return fallback
 
 
 def _private_temp_root() -> pathlib.Path:
-    """<tempdir>/hypergen-<uid>, refused unless this user owns it and nobody else can write to it.
-
-    Otherwise another user could plant a binary there that we would load.
-    """
+    """<tempdir>/hypergen-<uid>, refused unless this user owns it and nobody else can write to it
+    (otherwise another user could plant a binary there that we would load)."""
     root = pathlib.Path(tempfile.gettempdir()) / f"hypergen-{os.getuid()}"
     try:
         root.mkdir(mode=0o700, exist_ok=True)
@@ -332,16 +359,100 @@ def _count(what: str) -> None:
         stats[what] += 1
 
 
+def lock_timeout() -> float:
+    """Seconds to wait for another process's build lock: $HYPERGEN_LOCK_TIMEOUT, default 600."""
+    text = os.environ.get("HYPERGEN_LOCK_TIMEOUT", "").strip() or str(DEFAULT_LOCK_TIMEOUT)
+    with contextlib.suppress(ValueError):
+        if float(text) > 0:
+            return float(text)
+    raise ConfigError(f"$HYPERGEN_LOCK_TIMEOUT = {text!r} is not a positive number of seconds")
+
+
 @contextlib.contextmanager
 def _file_lock(path: pathlib.Path) -> Iterator[None]:
     """Exclusive inter-process lock (flock: released by the kernel if the holder dies). The lock file
-    is never deleted: deleting it would let two processes hold "the" lock on different inodes."""
+    is never deleted: deleting it would let two processes hold "the" lock on different inodes. The
+    holder writes its pid, host and start time into it, so a build that waits longer than
+    lock_timeout() stops with a message naming the process it waited for."""
+    timeout = lock_timeout()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _acquire(fd, path, timeout)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _timestamp(time.time())}
+        with contextlib.suppress(OSError):  # the note is for people; a full disk must not block
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def _acquire(fd: int, path: pathlib.Path, timeout: float) -> None:
+    """flock(fd) within `timeout` seconds, warning once (naming the holder) after a few seconds."""
+    started, pause, warned = time.monotonic(), 0.01, False
+    while True:
+        with contextlib.suppress(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        waited = time.monotonic() - started
+        if waited >= timeout:
+            raise BuildError(f"timed out after {timeout:g} s waiting for the build lock {path}, held "
+                             f"by {_holder(fd)} (set $HYPERGEN_LOCK_TIMEOUT to wait longer; a lock "
+                             "is released when its process ends)")
+        if not warned and waited > min(5.0, timeout / 2):
+            warned = True
+            warnings.warn(f"waiting for the build lock {path}, held by {_holder(fd)}", stacklevel=5)
+        time.sleep(min(pause, timeout - waited))
+        pause = min(2 * pause, 0.5)
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, from what it wrote into the lock file."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        note = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"pid {note['pid']} on host {note['host']} since {note['since']}"
+    return "another process (it wrote no pid into the lock file)"
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def file_sha256(path: PathLike) -> str:
+    """The sha256 hex digest of a file's bytes."""
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def write_atomically(path: pathlib.Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary sibling and os.replace (never seen half-written)."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # as a plain write would (mkstemp makes 0600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _checksum_problem(binary: pathlib.Path, manifest: pathlib.Path) -> str | None:
+    """Why `binary` must not be loaded (the size or sha256 that build.json `manifest` records for it
+    is missing or differs), or None. Checked before dlopen: a truncated shared object is mapped
+    beyond its end and kills the process with SIGBUS."""
+    try:
+        record = json.loads(manifest.read_text())["extension"]
+        size, sha256 = int(record["size"]), str(record["sha256"])
+    except FileNotFoundError:
+        return f"there is no record of its checksum ({manifest} is missing)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its checksum record {manifest} is unreadable ({type(exc).__name__}: {exc})"
+    try:
+        if binary.stat().st_size != size:
+            return f"it has {binary.stat().st_size} bytes, {manifest} records {size}"
+        return None if file_sha256(binary) == sha256 else f"its sha256 differs from {manifest}"
+    except OSError as exc:
+        return f"it cannot be read ({exc})"
 
 
 def _load(path: pathlib.Path, module_name: str, key: str) -> types.ModuleType:
@@ -357,8 +468,15 @@ def _load(path: pathlib.Path, module_name: str, key: str) -> types.ModuleType:
     return module
 
 
-def _try_load(path: pathlib.Path, module_name: str, key: str) -> types.ModuleType | None:
-    """The module at `path`, or None if it fails to load for any reason (truncated, foreign, stale)."""
+def _try_load(path: pathlib.Path, manifest: pathlib.Path, module_name: str, key: str,
+              action: str) -> types.ModuleType | None:
+    """The module at `path`, or None if it fails its checksum (then warn naming it and `action`)
+    or fails to load for any other reason (foreign, stale key)."""
+    problem = _checksum_problem(path, manifest)
+    if problem is not None:
+        warnings.warn(f"hypergen: {path} failed its check: {problem}; {action}", RuntimeWarning,
+                      stacklevel=4)
+        return None
     try:
         return _load(path, module_name, key)
     except Exception:  # noqa: BLE001 -- whatever a broken binary raises, the answer is "rebuild"
@@ -375,22 +493,26 @@ def _cached(module_name: str, source: str, cdef: str, flags: tuple[str, ...], ke
         shard = _shard(cache_dir, key)
         artifact = shard / key / _extension_name(module_name, key)
         with _file_lock(shard / f"{key}.lock"):
-            module = _try_load(artifact, _module_name(module_name, key), key) if artifact.exists() else None
+            module = None
+            if artifact.exists():
+                module = _try_load(artifact, artifact.parent / "build.json",
+                                   _module_name(module_name, key), key, "rebuilding it")
             if module is not None:
                 _count("loaded")
             else:
                 artifact.unlink(missing_ok=True)
-                _build(shard / key, module_name, source, cdef, flags, key)
-                module = _load_fresh(artifact, module_name, key)
+                try:
+                    _build(shard / key, module_name, source, cdef, flags, key)
+                except OSError as exc:  # a full disk, a quota, a directory removed under us
+                    raise BuildError(f"cannot write the build of {module_name} to "
+                                     f"{exc.filename or shard}: {exc.strerror or exc} (free space "
+                                     "there or set $HYPERGEN_CACHE_DIR)") from None
+                try:
+                    module = _load(artifact, _module_name(module_name, key), key)
+                except Exception as exc:  # noqa: BLE001
+                    raise BuildError(f"compiled {artifact} but could not load it: {exc}") from exc
         _LOADED[key] = module
         return module
-
-
-def _load_fresh(artifact: pathlib.Path, module_name: str, key: str) -> types.ModuleType:
-    try:
-        return _load(artifact, _module_name(module_name, key), key)
-    except Exception as exc:  # noqa: BLE001
-        raise BuildError(f"compiled {artifact} but could not load it: {exc}") from exc
 
 
 # ---------------------------------------------------------------- building
@@ -405,6 +527,10 @@ def _build(entry: pathlib.Path, module_name: str, source: str, cdef: str, flags:
     """
     for leftover in entry.parent.glob(f".{key}.*"):
         shutil.rmtree(leftover, ignore_errors=True)
+    command = _compiler_command()  # a missing compiler in one line, not on line 10 of a log
+    if not command or shutil.which(command[0]) is None:
+        raise BuildError(f"no C compiler: {' '.join(command)!r} (from $CC, else Python's sysconfig "
+                         "CC) is not on PATH; install gcc or clang, or set CC to a C compiler")
     cffi_name = _module_name(module_name, key)
     full_source = f'{source}\nconst char *{KEY_FUNCTION}(void) {{ return "{key}"; }}\n'
     full_cdef = f"{cdef}\nconst char *{KEY_FUNCTION}(void);\n"
@@ -425,11 +551,13 @@ def _build(entry: pathlib.Path, module_name: str, source: str, cdef: str, flags:
             _fail(work, entry, cffi_name, done.returncode, log)
         _count("compiled")
         inputs = _key_inputs(module_name, source, cdef, flags)
-        record = {"key": key, "module": cffi_name, "inputs": _summarise(inputs), "python": sys.version,
+        binary = built.read_bytes()
+        extension = {"file": built.name, "size": len(binary), "sha256": hashlib.sha256(binary).hexdigest()}
+        record = {"key": key, "extension": extension, "module": cffi_name,
+                  "inputs": _summarise(inputs), "python": sys.version,
                   "compile_seconds": round(seconds, 3), "compile_started": _timestamp(started),
                   "compile_finished": _timestamp(started + seconds), "pid": os.getpid()}
-        record_text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-        (work / "build.json").write_text(record_text, encoding="utf-8")
+        (work / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         entry.mkdir(exist_ok=True)
         for name in ("module.c", "module.h", "build.json", "build.log"):
             os.replace(work / name, entry / name)
@@ -458,8 +586,10 @@ def _fail(work: pathlib.Path, entry: pathlib.Path, cffi_name: str, returncode: i
     os.replace(work, kept)
     if len(log) > 20000:
         log = f"{log[:4000]}\n[... {len(log) - 16000} characters cut; see build.log ...]\n{log[-12000:]}"
+    cause = next((line.strip() for line in log.splitlines()
+                  if "No space left" in line or "error:" in line), "see the log below")
     raise BuildError(
-        f"compiling {cffi_name} failed (exit status {returncode}).\n"
+        f"compiling {cffi_name} failed (exit status {returncode}): {cause}\n"
         f"source: {kept / 'module.c'} (compiled as {kept / 'cffi' / (cffi_name + '.c')})\n"
         f"log: {kept / 'build.log'}\n"
         f"compiler command and output:\n{log}"
