@@ -24,9 +24,11 @@ import numpy as np
 
 from .bounds import aposteriori_bound
 from .common import SolverError, fmt
+from .correction import Correction, combined, correct
 from .results import HypergradientResult, Reason, ReasonKind
 
-__all__ = ["to_accuracy", "bound_parts", "MAX_ROUNDS", "SHARE"]
+__all__ = ["to_accuracy", "bound_parts", "corrected_to_accuracy", "dwr_tightened", "MAX_ROUNDS",
+           "SHARE", "DWR_SHARE"]
 
 #: Rounds (each a warm-started lower solve, adjoint solve and bound) before giving up.
 MAX_ROUNDS = 8
@@ -107,3 +109,128 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
     reasons = hg.reasons if failure is None else (Reason(ReasonKind.ACCURACY, failure),)
     return replace(hg, work=total, notes=notes, reasons=reasons)
 
+
+
+#: Fraction of the target the DWR terms share (each term aims at DWR_SHARE * target / n for the
+#: n terms above zero); the rest absorbs the change of the terms between rounds.
+DWR_SHARE = 0.9
+
+
+def dwr_tightened(terms: dict[str, float], target: float, E: float, R: float, R_v: float,
+                  R_lam: float) -> tuple[float, float, float, float] | None:
+    """New (E, R, R_v, R_lam) targets so that each term of Theorem 15.1 (docs/bounds.md 15.2)
+    meets its share of `target`, or None when the rounding floor alone takes a fifth of it.
+
+    The terms scale as EE ~ E^2, theta ~ E, RE ~ R E, vE ~ R_v E, lamE ~ R_lam E, vR ~ R_v R:
+    E is set first (from EE and theta), then each residual from its products with the new E,
+    and R, R_v split their product term evenly (each by at most the square root of its excess).
+    This is steering only: every round's bound is recomputed and certified by itself."""
+    if terms.get("rounding", 0.0) >= 0.2 * target:
+        return None
+    active = [key for key, val in terms.items() if key != "rounding" and val > 0]
+    share = DWR_SHARE * (target - terms.get("rounding", 0.0)) / max(len(active), 1)
+
+    def factor(term: float, power: float = 1.0) -> float:
+        return 1.0 if term <= share else (share / term) ** (1.0 / power)
+
+    f_E = min(factor(terms["EE"], 2.0), factor(terms["theta"]))
+    f_R = min(factor(terms["RE"] * f_E), factor(terms["vR"], 2.0))
+    f_v = min(factor(terms["vE"] * f_E), factor(terms["vR"], 2.0))
+    f_lam = factor(terms["lamE"] * f_E)
+    if min(f_E, f_R, f_v, f_lam) == 1.0:  # every term within its share: halve all
+        f_E = f_R = f_v = f_lam = 0.5
+    return E * f_E, R * f_R, R_v * f_v, R_lam * f_lam
+
+
+def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: float,
+                          delta: float, x0: Any, q0: Any, refine_iter: int,
+                          components: bool, max_iter: int,
+                          max_rounds: int = MAX_ROUNDS) -> HypergradientResult:
+    """The DWR-corrected hypergradient (docs/bounds.md 15), in rounds when rtol/atol ask for
+    bound <= atol + rtol ||grad|| (one round at eps, delta otherwise).
+
+    Each round: run (a plain hypergradient with E&R's bound at eps, delta, warm-started), then
+    the forward and dual solves of `correction.correct` (warm-started too) and the product bound;
+    each term over its share tightens its own tolerance (`dwr_tightened`). components: every
+    component (grad = h_c, bound on ||h_c - grad F||); else only the component along h is
+    certified (grad = h, bound = E&R's, `directional` holds the component's bound and rtol
+    steers it). A round whose plain hypergradient is not "ok" is returned as it is."""
+    steer = rtol is not None or atol > 0
+    total = dict.fromkeys(_WORK_KEYS, 0)
+    trail: list[str] = []
+    tol_v: list[float] | None = None
+    tol_lam: list[float] | None = None
+    v0: list[Any] | None = None
+    lam0: list[Any] | None = None
+    refine = 0 if steer else refine_iter
+    failure: str | None = None
+    for _ in range(max_rounds if steer else 1):
+        hg = run(eps, delta, x0, q0, refine)
+        _add_work(total, hg.work)
+        if hg.status != "ok":
+            return replace(hg, work=total)
+        dirs = _directions(hg, components)
+        n = len(dirs)
+        corr = correct(k, hg, dirs, tol_v or [delta] * n, tol_lam or [delta] * n,
+                       v0 or [None] * n, lam0 or [None] * n, max_iter)
+        _add_work(total, {"hvps": corr.work["hvps"] + corr.work["upper"],
+                          "cross": corr.work["cross"],
+                          "units": corr.work["hvps"] + corr.work["upper"]})
+        grad, bound, plain = combined(corr, hg, components)
+        steered = bound if components else corr.parts[0].bound
+        target = atol + (rtol or 0.0) * float(np.linalg.norm(grad))
+        trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: dwr bound {fmt(steered)}")
+        if not steer or steered <= target:
+            break
+        share = target / math.sqrt(n) if components else target
+        new = [dwr_tightened(p.terms, share, hg.e, corr.residual, p.R_v, p.R_lam)
+               for p in corr.parts]
+        if any(t is None for t in new):
+            failure = (f"certified accuracy unreachable: the rounding floor takes a fifth of "
+                       f"atol + rtol ||grad|| = {fmt(target)}")
+            break
+        tight = [t for t in new if t is not None]
+        eps, delta = min(eps, min(t[0] for t in tight)), min(delta, min(t[1] for t in tight))
+        tol_v, tol_lam = [t[2] for t in tight], [t[3] for t in tight]
+        x0, q0, refine = hg.x, hg.q, refine_iter
+        v0, lam0 = [p.v for p in corr.parts], [p.lam for p in corr.parts]
+    else:
+        failure = (f"certified accuracy not reached in {max_rounds} rounds: dwr bound "
+                   f"{fmt(steered)} > atol + rtol ||grad|| = {fmt(target)}")
+    return _corrected_result(hg, corr, grad, bound, plain, components, total, trail, failure)
+
+
+def _add_work(total: dict[str, int], work: dict[str, Any]) -> None:
+    for key in _WORK_KEYS:
+        total[key] += int(work.get(key, 0))
+
+
+def _directions(hg: HypergradientResult, components: bool) -> list[np.ndarray]:
+    """e_1..e_p, or the unit vector along h (e_1 when h = 0)."""
+    p = int(np.asarray(hg.grad).size)
+    if components:
+        return list(np.eye(p))
+    h = np.asarray(hg.grad, dtype=np.float64)
+    nh = float(np.linalg.norm(h))
+    return [h / nh if nh > 0 else np.eye(p)[0]]
+
+
+def _corrected_result(hg: HypergradientResult, corr: Correction, grad: np.ndarray,
+                      bound: float, plain: float, components: bool, total: dict[str, int],
+                      trail: list[str], failure: str | None) -> HypergradientResult:
+    """hg with the corrected gradient and bound, the fields naming the certificate, the
+    summed work and the rounds' trail."""
+    part = corr.parts[0]
+    directional = {"direction": part.direction, "value": part.value, "plain": part.plain,
+                   "bound": part.bound, "plain_bound": part.plain_bound}
+    terms = {key: math.fsum(p.terms[key] for p in corr.parts) for key in part.terms}
+    notes = tuple(hg.notes) + ("DWR certificate (docs/bounds.md 15) rounds: "
+                               + "; ".join(trail),)
+    reasons = hg.reasons if failure is None else (Reason(ReasonKind.ACCURACY, failure),)
+    return replace(
+        hg, grad=grad, bound=bound, work=total, notes=notes, reasons=reasons,
+        certificate="dwr" if components else "dwr-direction",
+        uncorrected_grad=np.asarray(hg.grad), uncorrected_bound=plain,
+        directional=directional, correction_terms=terms,
+        certified=bool(hg.certified and math.isfinite(bound)),
+        bound_forms=dict(hg.bound_forms, er=hg.bound, dwr=bound, plain=plain))

@@ -2,8 +2,9 @@
 the a posteriori and a priori bounds, a certified ||B||, and the refined ||x_eps - x*||.
 
 Every function here returns an upper bound or inf, never an estimate that could fall below the
-true value: a product whose certified factor is exactly zero vanishes (0 * inf = 0, `_mul`), and
-||B|| is never taken by power iteration, which approaches it from below (pitfall 8).
+true value: a product whose certified factor is exactly zero vanishes (0 * inf = 0,
+`certified_product`), and ||B|| is never taken by power iteration, which approaches it from
+below (pitfall 8).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .common import call_kernel, fixed_memo, norm
 from .solve import run_adjoint
 
 __all__ = ["aposteriori_bound", "apriori_bound", "cross_norm", "refined_distance",
-           "FROBENIUS_MAX_P", "ROUNDING_FLOOR", "SVD_MARGIN"]
+           "certified_product", "FROBENIUS_MAX_P", "ROUNDING_FLOOR", "SVD_MARGIN"]
 
 #: ||B|| is taken as the Frobenius norm from p cross JVPs up to this p (exact for p = 1).
 FROBENIUS_MAX_P = 64
@@ -31,7 +32,7 @@ ROUNDING_FLOOR = 64 * np.finfo(float).eps
 SVD_MARGIN = 1e-10
 
 
-def _mul(*xs: float) -> float:
+def certified_product(*xs: float) -> float:
     """Product with 0 * inf = 0: a term whose certified factor (an error bound, a norm) is exactly
     zero vanishes whatever the (possibly infinite) Lipschitz constant multiplying it."""
     if 0.0 in xs:
@@ -135,13 +136,14 @@ def aposteriori_bound(c: dict[str, Any], e: float, R: float, norm_B: float, norm
     Both are valid upper bounds, so the smaller one is. + L_ft e if f depends on theta.
     """
     mu, LA, LB, Lf = c["mu"], c["L_A"], c["L_B"], c["L_f"]
+    mul = certified_product
     nB, nb, nq = norm_B, norm_b, norm_q
-    first = _mul(nB, R) / mu
-    f1 = (first + (_mul(Lf, nB, e) + _mul(LB, nb, e)) / mu + _mul(LA, nB, nb, e) / mu ** 2
-          + _mul(LB, Lf, e, e) / mu)
-    f2 = (first + (_mul(nB, Lf, e) + _mul(nB, nq, LA, e)) / mu + _mul(nq, LB, e)
-          + _mul(LB, e, R) / mu + (_mul(LB, e, e, Lf) + _mul(LB, e, e, nq, LA)) / mu)
-    extra = _mul(c.get("L_ft", 0.0), e) if upper_depends_on_theta else 0.0
+    first = mul(nB, R) / mu
+    f1 = (first + (mul(Lf, nB, e) + mul(LB, nb, e)) / mu + mul(LA, nB, nb, e) / mu ** 2
+          + mul(LB, Lf, e, e) / mu)
+    f2 = (first + (mul(nB, Lf, e) + mul(nB, nq, LA, e)) / mu + mul(nq, LB, e)
+          + mul(LB, e, R) / mu + (mul(LB, e, e, Lf) + mul(LB, e, e, nq, LA)) / mu)
+    extra = mul(c.get("L_ft", 0.0), e) if upper_depends_on_theta else 0.0
     forms = {"grad_f": f1 + extra, "q": f2 + extra}
     vals = [v for v in forms.values() if not math.isnan(v)]
     return (min(vals) if vals else math.inf), forms
@@ -156,11 +158,12 @@ def apriori_bound(c: dict[str, Any], eps: float, delta: float, norm_B_e: float, 
       + (L_f L_B/mu) eps^2   (+ L_ft eps if f depends on theta).
     """
     mu, LA, LB, Lf = c["mu"], c["L_A"], c["L_B"], c["L_f"]
-    nBs = norm_B_e + _mul(LB, eps)
-    nbs = norm_b_e + _mul(Lf, eps)
-    v = (_mul(nBs, delta) / mu + _mul(LB, eps, delta) / mu
-         + (_mul(LB, nbs, eps) + _mul(Lf, nBs, eps)) / mu + _mul(LA, nBs, nbs, eps) / mu ** 2
-         + _mul(Lf, LB, eps, eps) / mu)
+    mul = certified_product
+    nBs = norm_B_e + mul(LB, eps)
+    nbs = norm_b_e + mul(Lf, eps)
+    v = (mul(nBs, delta) / mu + mul(LB, eps, delta) / mu
+         + (mul(LB, nbs, eps) + mul(Lf, nBs, eps)) / mu + mul(LA, nBs, nbs, eps) / mu ** 2
+         + mul(Lf, LB, eps, eps) / mu)
     if upper_depends_on_theta:
-        v += _mul(c.get("L_ft", 0.0), eps)
+        v += mul(c.get("L_ft", 0.0), eps)
     return v if not math.isnan(v) else math.inf

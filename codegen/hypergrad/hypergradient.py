@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import KernelError
-from .accuracy import to_accuracy
+from .accuracy import corrected_to_accuracy, to_accuracy
 from .adjoint.backprop import backprop_adjoint
 from .auto import choose_solvers
 from .bounds import (
@@ -42,6 +42,7 @@ from .common import (
     norm,
     x_size_of,
 )
+from .correction import MAX_COMPONENTS, dwr_unavailable
 from .options import HypergradientOptions
 from .registry import adjoint_entry, lower_entry
 from .results import (
@@ -91,6 +92,8 @@ def hypergradient(k: Any, theta: Any, options: HypergradientOptions | None = Non
     after warm-started round. status says so if the target is not reached.
     """
     opts = _resolved(k, HypergradientOptions.make(options, **overrides))
+    if opts.certificate != "er":
+        return _with_certificate(k, theta, opts, x0, q0)
     if opts.targets_accuracy:
         return _in_rounds(hypergradient, k, theta, opts, x0, q0)
     if adjoint_entry(opts.adjoint).backprop and q0 is not None:
@@ -117,6 +120,30 @@ def hypergradient(k: Any, theta: Any, options: HypergradientOptions | None = Non
     adj = _adjoint(k, th, c, low, b, opts, q0, dense, ledger)
     grad, direct = _assemble(k, th, low.x, adj, ledger)
     return _bounded(k, th, c, low, adj, b, e, grad, direct, opts, ledger)
+
+
+def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
+                      q0: Any) -> HypergradientResult:
+    """The hypergradient with the DWR certificate (docs/bounds.md 15) where it applies, else
+    E&R's with a note saying why ("auto" and "dwr" alike)."""
+    why = dwr_unavailable(k)
+    if why is None and adjoint_entry(opts.adjoint).backprop:
+        why = "adjoint='backprop' has no adjoint residual to correct"
+    if why is not None:
+        res = hypergradient(k, theta, replace(opts, certificate="er"), x0=x0, q0=q0)
+        return replace(res, notes=tuple(res.notes) + (
+            f"certificate {opts.certificate!r}: E&R's bound (the DWR correction does not "
+            f"apply: {why})",))
+    th = checked_theta(k, theta)
+    plain = replace(opts, certificate="er", rtol=None, atol=0.0)
+
+    def run(eps: float, delta: float, x0: Any, q0: Any, refine: int) -> HypergradientResult:
+        return hypergradient(k, th, replace(plain, eps=eps, delta=delta, refine_iter=refine),
+                             x0=x0, q0=q0)
+
+    components = th.size <= MAX_COMPONENTS if opts.components is None else opts.components
+    return corrected_to_accuracy(run, k, opts.rtol, float(opts.atol), opts.eps, opts.delta, x0,
+                                 q0, opts.refine_iter, components, opts.adjoint_cap)
 
 
 def _resolved(k: Any, opts: HypergradientOptions) -> HypergradientOptions:
@@ -333,6 +360,8 @@ def hypergradient_samples(ks: Any, theta: Any, options: HypergradientOptions | N
     """
     ks = list(ks)
     opts = HypergradientOptions.make(options, **overrides)
+    if opts.certificate != "er":  # the DWR correction is per problem (docs/bounds.md 15.5)
+        opts = replace(opts, certificate="er")
     if ks:  # one choice for all samples (they share a problem, hence its structure and size)
         opts = _resolved(ks[0], opts)
     if opts.targets_accuracy:

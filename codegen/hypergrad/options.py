@@ -15,7 +15,10 @@ from typing import Any
 from .common import DEFAULT_MAX_ITER, SolverError
 from .registry import ADJOINT, AUTO, LOWER, check_adjoint_name, check_lower_name
 
-__all__ = ["HypergradientOptions", "DEFAULT_LOWER", "DEFAULT_ADJOINT"]
+__all__ = ["HypergradientOptions", "DEFAULT_LOWER", "DEFAULT_ADJOINT", "CERTIFICATES"]
+
+#: The certificates a hypergradient can report (docs/bounds.md 15 for "dwr").
+CERTIFICATES = ("er", "dwr", "auto")
 
 #: The default solvers: chosen from the problem's structure and size (`codegen.hypergrad.auto`).
 DEFAULT_LOWER = AUTO
@@ -33,7 +36,14 @@ class HypergradientOptions:
     record            keep the solvers' per-iteration histories;
     refine_iter       CG steps (HVPs) that sharpen the certified ||x_eps - x*|| (0: e = G/mu);
     rtol, atol        ask for bound <= atol + rtol ||grad|| instead: eps and delta are then only
-                      the first round's tolerances (`codegen.hypergrad.accuracy`).
+                      the first round's tolerances (`codegen.hypergrad.accuracy`);
+    certificate       "er" (E&R's bound, docs/framework.md 7), "dwr" (the corrected h_c with
+                      its product bound, docs/bounds.md 15: one forward and one dual solve per
+                      certified component; where it does not apply, E&R's with a note) or
+                      "auto" ("dwr" where it applies, else "er");
+    components        with "dwr": True certifies every component, False only the component along
+                      h (one pair of solves); None: every component up to
+                      `correction.MAX_COMPONENTS` hyperparameters.
     """
 
     lower: str = DEFAULT_LOWER
@@ -46,6 +56,8 @@ class HypergradientOptions:
     refine_iter: int = 10
     rtol: float | None = None
     atol: float = 0.0
+    certificate: str = "er"
+    components: bool | None = None
 
     def __post_init__(self) -> None:
         check_lower_name(self.lower, allow_auto=True)
@@ -60,6 +72,9 @@ class HypergradientOptions:
             if (not _is_real(value) or not math.isfinite(value)
                     or not float(value).is_integer() or value < 0):
                 raise SolverError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.certificate not in CERTIFICATES:
+            raise SolverError(f"certificate must be one of {', '.join(map(repr, CERTIFICATES))}, "
+                              f"got {self.certificate!r}")
         if ADJOINT.get(self.adjoint) is not None and ADJOINT[self.adjoint].backprop:
             entry = LOWER.get(self.lower)
             if self.lower != AUTO and (entry is None or not entry.keeps_trajectory):

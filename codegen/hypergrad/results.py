@@ -229,6 +229,16 @@ class HypergradientResult:
                    the smaller ("rounding");
     certified      True iff the bound is a certified finite upper bound (constants certified);
     lower, adjoint the solver results (lists for several samples), samples the per-sample results.
+    certificate    which bound `bound` is: "er" (E&R's, docs/framework.md 7), "dwr" (grad is the
+                   DWR-corrected h_c, bound its product bound, docs/bounds.md 15) or
+                   "dwr-direction" (grad, bound as "er"; `directional` certifies the component
+                   along h);
+    uncorrected_grad, uncorrected_bound  with a DWR certificate: the plain h and the sharpest
+                   bound on ||h - grad F|| (min of E&R's and |h - h_c| + bound(h_c));
+    directional    with a DWR certificate: the first direction u and u . h_c ("value"), u . h
+                   ("plain"), the bounds on |u . (h_c - grad F)| ("bound") and on
+                   |u . (h - grad F)| ("plain_bound");
+    correction_terms  the DWR bound's terms (summed over directions), docs/bounds.md 15.2.
     """
 
     grad: np.ndarray
@@ -256,6 +266,11 @@ class HypergradientResult:
     notes: tuple[str, ...] = ()
     samples: list[Any] | None = None
     theta: np.ndarray | None = None
+    certificate: str = "er"
+    uncorrected_grad: np.ndarray | None = None
+    uncorrected_bound: float = math.nan
+    directional: dict[str, Any] = field(default_factory=dict)
+    correction_terms: dict[str, float] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
