@@ -10,8 +10,8 @@ import hashlib
 import json
 import os
 import runpy
-import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Union
 
@@ -30,8 +30,9 @@ from .compiler.kernels import kernel_specs
 from .compiler.problem import Problem
 from .constants import derive
 from .errors import HypergenError
-from .jit import cache_root, publish
+from .jit import cache_root, file_sha256, publish, write_atomically
 from .runtime import GeneratedModule, load_directory
+from .runtime.module import MANIFEST, read_manifest
 from .version import ABI_VERSION, __version__
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -44,10 +45,13 @@ def load_problem_file(path: PathLike) -> list[Problem]:
         raise HypergenError(f"{path}: no such problem file")
     try:
         namespace = runpy.run_path(str(path), run_name=f"hypergen_problem_{path.stem}")
-    except Exception as exc:  # a problem file may raise anything; report where, not how deep
+    except (Exception, SystemExit) as exc:  # a problem file may raise anything; report where
         frames = [f for f in traceback.extract_tb(exc.__traceback__)
                   if Path(f.filename).resolve() == path.resolve()]
         where = f"{path}:{frames[-1].lineno}" if frames else str(path)
+        if isinstance(exc, SystemExit):  # sys.exit(0) would end hypergen "successfully" unbuilt
+            raise HypergenError(f"{where}: the problem file called sys.exit({exc.code!r}) while "
+                                "being loaded; it must define its Problems, not exit") from None
         raise HypergenError(f"{where}: {type(exc).__name__}: {exc}") from None
     problems = [v for v in namespace.values() if isinstance(v, Problem)]
     if not problems:
@@ -110,21 +114,42 @@ def generate_cached(problem: Problem, allow_uncertified: bool = False) -> dict[s
     """
     key = symbolic_key(problem, allow_uncertified)
     path = cache_root(None) / "symbolic" / key[:2] / f"{key}.json"
-    try:
-        cached: dict[str, Any] = json.loads(path.read_text())
+    cached = _read_symbolic_entry(path)
+    if cached is not None:
         return cached
-    except (OSError, ValueError):
-        pass
     texts = generate(problem, allow_uncertified)
+    entry = {"sha256": _texts_digest(texts), "texts": texts}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as out:
-            json.dump(texts, out)
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(entry).encode())
     except OSError:
         pass  # an unwritable cache only costs the next build its speed
     return texts
+
+
+def _texts_digest(texts: Any) -> str:
+    return hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()
+
+
+def _read_symbolic_entry(path: Path) -> dict[str, Any] | None:
+    """The generated texts a symbolic-cache entry holds, or None (missing, or damaged: then warn).
+
+    An entry is {"sha256", "texts"} with the digest of the texts: an entry that was truncated,
+    edited by hand or replaced by `{}` is regenerated, never compiled and trusted.
+    """
+    try:
+        entry = json.loads(path.read_text())
+        texts = entry["texts"]
+        if isinstance(texts, dict) and entry["sha256"] == _texts_digest(texts):
+            return texts
+        problem = "its sha256 does not match its texts (edited or damaged)"
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        problem = f"it is unreadable ({type(exc).__name__}: {exc})"
+    warnings.warn(f"hypergen: symbolic cache entry {path} failed its check: {problem}; "
+                  "regenerating it", RuntimeWarning, stacklevel=3)
+    return None
 
 
 def symbolic_key(problem: Problem, allow_uncertified: bool) -> str:
@@ -179,10 +204,25 @@ def write_outputs(problem: Problem, texts: dict[str, Any], out_dir: PathLike,
     }
     if texts["constants"] is not None:
         files["constants.json"] = json.dumps(texts["constants"], indent=1, sort_keys=True) + "\n"
+    recorded = read_manifest(target) or {}
     for name, text in files.items():
         path = target / name
-        if not path.exists() or path.read_text() != text:
-            path.write_text(text)
+        try:
+            if path.exists() and path.read_text() == text:
+                continue
+            if name in recorded and path.exists() and file_sha256(path) != recorded[name]:
+                warnings.warn(f"hypergen: {path} was changed since hypergen wrote it; "
+                              "writing it again", RuntimeWarning, stacklevel=2)
+            write_atomically(path, text.encode())
+        except OSError as exc:
+            raise HypergenError(f"cannot write {path}: {exc.strerror or exc}") from None
+    digests = "".join(f"{hashlib.sha256(text.encode()).hexdigest()}  {name}\n"
+                      for name, text in sorted(files.items()))
+    try:  # last: the files it vouches for are all in place
+        if not (target / MANIFEST).exists() or (target / MANIFEST).read_text() != digests:
+            write_atomically(target / MANIFEST, digests.encode())
+    except OSError as exc:
+        raise HypergenError(f"cannot write {target / MANIFEST}: {exc.strerror or exc}") from None
     return target
 
 
@@ -196,14 +236,22 @@ def build_problem(problem: Problem, out_dir: PathLike, source_file: str | None =
     return module
 
 
+def choose_problem(problems: list[Problem], name: str | None, path: PathLike) -> Problem:
+    """The problem called `name` (None: the only one); an error lists the names to choose from."""
+    names = ", ".join(p.name for p in problems)
+    if name is None and len(problems) > 1:
+        raise HypergenError(f"{path} defines several problems ({names}): pass name=... "
+                            "(on the command line: --name NAME)")
+    chosen = problems[0] if name is None else next((p for p in problems if p.name == name), None)
+    if chosen is None:
+        raise HypergenError(f"{path} defines no problem named {name!r}; it defines {names}")
+    return chosen
+
+
 def load(path: PathLike, name: str | None = None, out: PathLike | None = None,
          allow_uncertified: bool = False) -> GeneratedModule:
     """codegen.load: build the problems of a file (cached) and return the one asked for."""
     problems = load_problem_file(path)
-    if name is None and len(problems) > 1:
-        raise HypergenError(f"{path} defines {[p.name for p in problems]}; pass name=...")
-    chosen = problems[0] if name is None else next((p for p in problems if p.name == name), None)
-    if chosen is None:
-        raise HypergenError(f"{path} defines no problem named {name!r}")
+    chosen = choose_problem(problems, name, path)
     out = Path(out) if out is not None else cache_root(None) / "modules"
     return build_problem(chosen, out, source_file=str(path), allow_uncertified=allow_uncertified)

@@ -11,15 +11,22 @@ import time
 from collections.abc import Sequence
 
 from .. import jit
+from ..compiler.problem import Problem
 from ..constants import derive, format_tree
 from ..errors import HypergenError
-from ..pipeline import build_problem, generate, load_problem_file
+from ..pipeline import build_problem, choose_problem, generate, load_problem_file
 from ..version import __version__
 from .optimize import add_optimize_parser, join_negative_values, run_optimize
 
 
+def _problems(args: argparse.Namespace) -> list[Problem]:
+    """The problems of FILE, or only the one --name chooses (an unknown name lists the names)."""
+    problems = load_problem_file(args.file)
+    return problems if args.name is None else [choose_problem(problems, args.name, args.file)]
+
+
 def _build(args: argparse.Namespace) -> int:
-    for problem in load_problem_file(args.file):
+    for problem in _problems(args):
         start = time.perf_counter()
         compiled = jit.stats["compiled"]
         module = build_problem(problem, args.out, source_file=args.file,
@@ -31,13 +38,13 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    for problem in load_problem_file(args.file):
+    for problem in _problems(args):
         sys.stdout.write(generate(problem, allow_uncertified=True)["source"])
     return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
-    for problem in load_problem_file(args.file):
+    for problem in _problems(args):
         derivation = derive(problem, allow_uncertified=args.allow_uncertified)
         if args.json:
             print(derivation.to_json())
@@ -56,15 +63,18 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="generate and compile the problems of FILE")
     b.add_argument("file")
+    b.add_argument("--name", help="only the problem of this name (FILE may define several)")
     b.add_argument("--out", default="generated", help="output directory (default: ./generated)")
     b.add_argument("--allow-uncertified", action="store_true",
                    help="build even if the lower level cannot be proved strongly convex")
     b.set_defaults(run=_build)
     s = sub.add_parser("show", help="print the generated C of FILE")
     s.add_argument("file")
+    s.add_argument("--name", help="only the problem of this name (FILE may define several)")
     s.set_defaults(run=_show)
     a = sub.add_parser("audit", help="the derived constants of FILE and how each was derived")
     a.add_argument("file")
+    a.add_argument("--name", help="only the problem of this name (FILE may define several)")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.add_argument("--allow-uncertified", action="store_true",
                    help="accept a lower level whose strong convexity cannot be proved")

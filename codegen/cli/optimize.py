@@ -18,7 +18,8 @@ copy made with Gaussian noise of std 0.1 on [0, 1] grey values, seed 0 (codegen/
 --theta0 is a number (used for every entry of theta) or comma-separated numbers, one per entry
 (default 0). --budget is a number of work units (lower gradients + Hessian-vector products) or
 seconds with an "s" suffix. The run prints a summary (theta, value, bound, work, time, status)
-and writes DIR/history.csv, DIR/history.json and, when matplotlib is installed, DIR/history.png.
+and writes DIR/history.csv, DIR/history.json and, when matplotlib is installed, DIR/history.png;
+DIR/history.jsonl gets each step as it is done (a killed run keeps its completed steps there).
 Every input error is raised as one HypergenError with a message naming the culprit.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 
 from ..errors import HypergenError
 from ..learn import DEFAULT_METHOD, METHODS, OptimizeError, optimize, parse_budget, parse_theta0
+from ..learn.history import HistoryLog
 from ..pipeline import load
 from .data import check_image_pairs, load_image_directory
 
@@ -55,17 +57,21 @@ def load_data(path: str | Path, names: Sequence[str]
         raise HypergenError(f"data file {path} not found")
     if path.is_dir():
         raise HypergenError(f"data file {path} is a directory, expected an .npz file")
+    names = list(names)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise HypergenError(f"{path} holds a single array, not an .npz archive of named "
-                                    f"arrays (write it with np.savez({', '.join(names)}=...))")
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # an .npy file: one unnamed array
+            if len(names) == 1:
+                return {names[0]: loaded}
+            raise HypergenError(f"{path} holds a single array, but the problem needs {len(names)} "
+                                f"named arrays ({', '.join(names)}): write them into an .npz "
+                                f"archive with np.savez(path, {', '.join(f'{n}=...' for n in names)})")
+        with loaded as npz:
             arrays = {key: npz[key] for key in npz.files}
     except HypergenError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise HypergenError(f"cannot read data file {path} as .npz: {exc}") from None
-    names = list(names)
     shared: dict[str, np.ndarray] = {}
     per: dict[int, dict[str, np.ndarray]] = {}
     unknown = []
@@ -123,6 +129,7 @@ def add_optimize_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -> N
     """The `optimize` subcommand's arguments, on the subparsers `sub` of the main parser."""
     o = sub.add_parser("optimize", help="learn the hyperparameters of FILE on DATA")
     o.add_argument("file")
+    o.add_argument("--name", help="the problem to optimise when FILE defines several")
     o.add_argument("--data", required=True,
                    help="NPZ file whose names match the data symbols, or a directory of clean "
                         "images (denoising problems)")
@@ -167,7 +174,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise HypergenError(f"cannot create output directory {out}: {exc}") from None
 
-    module = load(str(problem_file))
+    module = load(str(problem_file), name=getattr(args, "name", None))
     names = [a["name"] for a in module.meta["arrays"] if a["role"] == "data"]
     if data_path.is_dir():
         data: dict[str, np.ndarray] | list[dict[str, np.ndarray]] = \
@@ -185,8 +192,16 @@ def run_optimize(args: argparse.Namespace) -> int:
     print(f"{module.name}: {n} sample{'s' if n > 1 else ''}, theta has {prob.theta_size} "
           f"entr{'ies' if prob.theta_size != 1 else 'y'}; method {args.method}"
           + (f", budget {budget}" if budget else ""))
-    res = optimize(prob, theta0, method=getattr(args, "method", None), budget=budget,
-                   progress=False if getattr(args, "no_progress", False) else None)
+    try:  # every step is on disk as soon as it is done: a killed run keeps its history
+        log = HistoryLog(out / "history.jsonl")
+    except OSError as exc:
+        raise HypergenError(f"cannot write {out / 'history.jsonl'}: {exc}") from None
+    try:
+        res = optimize(prob, theta0, method=getattr(args, "method", None), budget=budget,
+                       progress=False if getattr(args, "no_progress", False) else None,
+                       callback=log)
+    finally:
+        log.close()
     err = f" +- {res.value_error:.3g} (certified)" if math.isfinite(res.value_error) else ""
     print(f"theta   {_fmt_theta(res.theta)}")
     print(f"value   {res.value:.10g}{err}")
@@ -195,7 +210,8 @@ def run_optimize(args: argparse.Namespace) -> int:
     print(f"time    {res.seconds:.3f} s")
     print(f"status  {res.status}" + (f": {res.message}" if res.message else ""))
 
-    written = [res.history_to_csv(out / "history.csv"), res.history_to_json(out / "history.json")]
+    written = [log.finish(res.history), res.history_to_csv(out / "history.csv"),
+               res.history_to_json(out / "history.json")]
     try:
         res.plot(out / "history.png")
         written.append(out / "history.png")

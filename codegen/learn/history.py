@@ -1,6 +1,8 @@
 """A run's history on disk and on screen: CSV and strict JSON writing, reading back, plots.
 
-A history is a list of dicts, one per evaluated point (docs/interface.md 3.4). The plots show
+A history is a list of dicts, one per evaluated point (docs/interface.md 3.4). `HistoryLog`
+appends each entry to a JSON-lines file as it is recorded (the CLI's DIR/history.jsonl), so a
+run that is killed, even with SIGKILL, keeps every completed step. The plots show
 what the run certifies: F(theta) inside its certified interval f(x_eps) +- value_error (not the
 bare inexact value), theta itself, and ||h|| with the bound on its error.
 """
@@ -9,12 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["HISTORY_KEYS", "write_csv", "write_json", "read_history", "plot_history"]
+__all__ = ["HISTORY_KEYS", "HistoryLog", "write_csv", "write_json", "read_history",
+           "plot_history"]
 
 #: theta gets one CSV column per entry up to this size, else one JSON-encoded "theta" column.
 CSV_THETA_COLUMNS_MAX = 50
@@ -66,6 +70,35 @@ def write_json(path: str | Path, history: list[dict[str, Any]], *, theta: np.nda
     return path
 
 
+class HistoryLog:
+    """A callback for `optimize` that appends every history entry to a JSON-lines file at once.
+
+    Each line is one entry (the strict JSON of write_json's entries), written and flushed to the
+    operating system before the run goes on: a process killed after step k leaves steps 0..k on
+    disk (a line cut by the kill is skipped by read_history). `finish` replaces the file with the
+    run's whole history (entries recorded without the callback included), atomically.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 -- kept open for the run
+
+    def __call__(self, entry: dict[str, Any]) -> None:
+        self._file.write(json.dumps(_entry_json(entry)) + "\n")
+        self._file.flush()
+
+    def finish(self, history: list[dict[str, Any]]) -> Path:
+        """Close the log and rewrite it with the complete history; return its path."""
+        self.close()
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        temporary.write_text("".join(json.dumps(_entry_json(e)) + "\n" for e in history))
+        os.replace(temporary, self.path)
+        return self.path
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def write_csv(path: str | Path, history: list[dict[str, Any]]) -> Path:
     """One row per entry: the HISTORY_KEYS columns, then theta[0], theta[1], ... (a single
     JSON-encoded "theta" column when theta has more than 50 entries; empty if not recorded)."""
@@ -105,14 +138,28 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _read_lines(path: Path) -> list[Any]:
+    """The entries of a JSON-lines log; a last line cut short by a killed writer is skipped."""
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            break
+    return entries
+
+
 def read_history(path: str | Path) -> list[dict[str, Any]]:
-    """Read a history written by write_csv (".csv") or write_json (any other suffix) back into
-    a list of dicts with float values (theta a list of floats, or None)."""
+    """Read a history written by write_csv (".csv"), HistoryLog (".jsonl") or write_json (any
+    other suffix) back into a list of dicts with float values (theta a list of floats, or None)."""
     path = Path(path)
     if path.suffix.lower() == ".csv":
         return _read_csv(path)
-    doc = json.loads(path.read_text())
-    hist = doc["history"] if isinstance(doc, dict) else doc
+    if path.suffix.lower() == ".jsonl":
+        hist = _read_lines(path)
+    else:
+        doc = json.loads(path.read_text())
+        hist = doc["history"] if isinstance(doc, dict) else doc
     out = []
     for e in hist:
         d: dict[str, Any] = {}
