@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +47,7 @@ class BoundProblem:
         self.theta_size = int(np.prod(module.extent(self.theta_name, self.sizes)))
         self.is_quadratic = meta["is_quadratic"]
         self.upper_depends_on_theta = meta["upper_depends_on_theta"]
+        self.upper_is_quadratic = bool(meta.get("upper_is_quadratic", False))
         work_fn = getattr(module.lib, f"hg_{module.name}_work_size")
         self.work = np.zeros(max(1, int(work_fn(*[self.sizes[s] for s in meta["sizes"]]))))
         lock = threading.Lock()
@@ -173,6 +174,10 @@ class BoundProblem:
     def upper_theta_grad(self, x, theta) -> np.ndarray:
         return self._call("upper_theta_grad", x, theta, out_size=self.theta_size)
 
+    def upper_hvp(self, x, theta, v) -> np.ndarray:
+        """(d2f/dx2)(x, theta) v: the DWR correction's dual right-hand side (docs/bounds.md 15)."""
+        return self._call("upper_hvp", x, theta, ("v", v, self.x_size), self.x_size)
+
     # -- constants and solvers -------------------------------------------------------------
     def _prepared_constants(self) -> dict:
         """The constants' derivation and data quantities, computed once per bind."""
@@ -243,18 +248,37 @@ class BoundProblem:
 
 
 class BoundSamples:
-    """Several samples of one problem: the upper objective and hypergradient are their means."""
+    """Several samples of one problem: the upper objective and hypergradient are their means.
 
-    def __init__(self, samples: list):
+    executor: None (each sample in turn, here) or the SampleExecutor of
+    codegen/runtime/executors.py, which runs each sample's hypergradient on its home worker;
+    the mean is formed here in sample order either way, so the numbers are the same.
+    `samples` are the bound problems in this process (validation, constants, the solves of
+    `solve_lower` and of MAID's value tests, which stay here)."""
+
+    def __init__(self, samples: list, executor: Any = None):
         self.samples = samples
+        self.executor = executor
         self.module = samples[0].module
         self.theta_size = samples[0].theta_size
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.samples)
 
-    def __repr__(self):
-        return f"<{self.module.name}: {len(self.samples)} bound samples>"
+    def __repr__(self) -> str:
+        where = "" if self.executor is None else f" on {self.executor.description}"
+        return f"<{self.module.name}: {len(self.samples)} bound samples{where}>"
+
+    def __enter__(self) -> BoundSamples:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the executor's worker processes (a Client passed in is left open)."""
+        if self.executor is not None:
+            self.executor.close()
 
     def constants(self, theta) -> list:
         return [s.constants(theta) for s in self.samples]
@@ -265,9 +289,11 @@ class BoundSamples:
 
     def hypergradient(self, theta, options: HypergradientOptions | None = None, *, x0=None,
                       q0=None, **overrides) -> HypergradientResult:
-        """The mean hypergradient over the samples (codegen.hypergrad.hypergradient_samples)."""
+        """The mean hypergradient over the samples (codegen.hypergrad.hypergradient_samples),
+        each sample's part on its worker when there is an executor."""
+        per_sample = None if self.executor is None else self.executor.per_sample
         return hypergradient_samples(self.samples, self.samples[0].checked_theta(theta), options,
-                                     x0=x0, q0=q0, **overrides)
+                                     x0=x0, q0=q0, per_sample=per_sample, **overrides)
 
     def optimize(self, theta0, method=None, **options):
         """Learn theta from theta0 on the mean upper objective (codegen.learn.optimize)."""

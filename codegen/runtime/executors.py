@@ -1,0 +1,345 @@
+"""Many samples on several processes or machines: the parent's side (docs/distributed.md).
+
+`bind_samples(samples, executor=...)` validates every sample here, then gives each one a home
+worker and sends its data there once (`install`). A hypergradient then sends each worker only
+theta, the options and, per sample, either its starting points or "the (x, q) you hold from run
+r" when the caller's x0 / q0 are exactly what that worker returned last time (a digest of the
+bytes decides): the warm starts of an upper-level run stay on the workers. Each worker runs
+`hypergradient` on its samples (codegen/runtime/sample_worker.py), the same function with the
+same arguments as the serial path, and the parent forms the mean in sample order
+(`hypergradient_samples(..., per_sample=...)`), so the numbers are the serial ones bit for bit
+(given the same NumPy / BLAS build and BLAS thread count on the workers: each task carries the
+parent's count, see `blas_threads`).
+
+A sample whose worker is gone, or whose worker no longer holds it, is installed on a live worker
+and run again there from the explicit arrays, which the parent keeps; after MAX_ATTEMPTS losses,
+or with no worker left, the call raises ExecutorError naming the samples. A mean over the
+samples that did finish is never returned.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import pickle
+import uuid
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..hypergrad import HypergradientOptions, HypergradientResult
+from .sample_worker import (
+    MAX_ATTEMPTS,
+    ExecutorError,
+    SampleMissing,
+    SampleTask,
+    blas_threads,
+    serve,
+)
+
+__all__ = ["ExecutorError", "SampleExecutor", "ProcessBackend", "check_executor",
+           "make_executor", "MAX_ATTEMPTS"]
+
+_SERIAL = (None, "local")
+
+
+class Backend(Protocol):
+    """What runs the tasks: a pool of local processes, or a Dask cluster."""
+
+    description: str
+
+    def install(self, module: Any, items: list[tuple[int, str, dict[str, Any]]]) -> None: ...
+
+    def run(self, pairs: list[tuple[SampleTask, SampleTask]]) -> list[HypergradientResult]: ...
+
+    def close(self) -> None: ...
+
+
+def is_address(value: Any) -> bool:
+    """A Dask scheduler address: "tcp://host:port", "tls://...", "host:port"."""
+    return isinstance(value, str) and ("://" in value or value.rsplit(":", 1)[-1].isdigit())
+
+
+def check_executor(executor: Any, workers: int | None) -> None:
+    """Refuse, before any sample is bound, an executor value that names no executor."""
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool)
+                                or workers < 1):
+        raise ExecutorError(f"workers must be a positive integer, got {workers!r}")
+    if executor in _SERIAL or executor == "processes" or is_address(executor):
+        if workers is not None and executor != "processes":
+            raise ExecutorError(f"workers={workers} is for executor='processes' (the Dask "
+                                f"cluster decides its own workers), got executor={executor!r}")
+        return
+    if type(executor).__name__ == "Client" and hasattr(executor, "submit"):
+        return
+    raise ExecutorError(
+        f"executor {executor!r} is not an executor: use None or 'local' (serial), "
+        "'processes' (local worker processes), a dask.distributed.Client, or a Dask scheduler "
+        "address such as 'tcp://10.0.0.5:8786'")
+
+
+def make_executor(executor: Any, module: Any, data: list[dict[str, Any]],
+                  workers: int | None) -> SampleExecutor | None:
+    """The executor bind_samples asked for, with every sample installed; None for serial."""
+    check_executor(executor, workers)
+    if executor in _SERIAL:
+        return None
+    backend: Backend
+    if executor == "processes":
+        count = min(len(data), workers or os.cpu_count() or 1)
+        backend = ProcessBackend(count)
+    else:
+        from .dask_backend import DaskBackend  # imports dask, an optional extra
+        backend = DaskBackend(executor)
+    try:
+        return SampleExecutor(backend, module, data)
+    except BaseException:
+        backend.close()
+        raise
+
+
+def _digest(value: Any) -> bytes | None:
+    """What identifies a starting point bit for bit: dtype, shape and bytes (None: not an array)."""
+    if not isinstance(value, np.ndarray):
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{value.dtype.str}{value.shape}".encode())
+    h.update(np.ascontiguousarray(value).tobytes())
+    return h.digest()
+
+
+@dataclass
+class _Held:
+    """What the parent knows a sample's worker holds: the run number and its (x, q) digests."""
+
+    run: int = 0
+    x: bytes | None = None
+    q: bytes | None = None
+
+
+@dataclass
+class SampleExecutor:
+    """The parent's bookkeeping for one BoundSamples: tokens, the held warm starts, the backend.
+
+    warm_count: how many samples of the last call started from what their worker held (their
+    x0 did not travel)."""
+
+    backend: Backend
+    module: Any
+    data: list[dict[str, Any]]
+    tokens: list[str] = field(init=False)
+    held: list[_Held] = field(init=False)
+    warm_count: int = 0
+    _finalizer: Any = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        prefix = uuid.uuid4().hex[:12]
+        self.tokens = [f"{prefix}-{s}" for s in range(len(self.data))]
+        self.held = [_Held() for _ in self.data]
+        self.backend.install(self.module, [(s, self.tokens[s], d) for s, d in
+                                           enumerate(self.data)])
+        self.data = []  # the backend keeps what it needs to install a sample again
+        self._finalizer = weakref.finalize(self, self.backend.close)
+
+    @property
+    def description(self) -> str:
+        return self.backend.description
+
+    def per_sample(self, theta: np.ndarray, options: HypergradientOptions, x0: Any,
+                   q0: Any) -> list[HypergradientResult]:
+        """Each sample's hypergradient on its worker (hypergradient_samples' per_sample)."""
+        blas = blas_threads()
+        pairs = [self._tasks(s, theta, options, None if x0 is None else x0[s],
+                             None if q0 is None else q0[s], blas) for s in range(len(self.held))]
+        self.warm_count = sum(warm.warm_x for warm, _ in pairs)
+        results = self.backend.run(pairs)
+        for (task, _), res in zip(pairs, results):
+            self.held[task.index] = _Held(task.run, _digest(res.x), _digest(res.q))
+        return results
+
+    def _tasks(self, s: int, theta: np.ndarray, options: HypergradientOptions, x0: Any,
+               q0: Any, blas: int | None) -> tuple[SampleTask, SampleTask]:
+        """(the task to send first, the task with explicit arrays to send again elsewhere)."""
+        held = self.held[s]
+        warm_x = held.x is not None and _digest(x0) == held.x
+        warm_q = held.q is not None and _digest(q0) == held.q
+        full = SampleTask(s, self.tokens[s], theta, options, x0, q0, False, False, held.run,
+                          held.run + 1, blas)
+        warm = SampleTask(s, self.tokens[s], theta, options, None if warm_x else x0,
+                          None if warm_q else q0, warm_x, warm_q, held.run, held.run + 1,
+                          full.blas)
+        return warm, full
+
+    def close(self) -> None:
+        """Stop the worker processes (or leave a Client that was passed in, closing only one
+        this executor opened) and forget the installed samples."""
+        self._finalizer()
+
+
+@dataclass
+class _Item:
+    """A request queued for one worker process: install samples, or run one task."""
+
+    kind: str  # "install" | "run"
+    samples: list[int]
+    task: SampleTask | None = None
+    full: SampleTask | None = None
+
+
+@dataclass
+class _Process:
+    process: Any
+    connection: Connection
+    queue: deque[_Item] = field(default_factory=deque)
+    busy: _Item | None = None
+    alive: bool = True
+
+
+class ProcessBackend:
+    """A pool of local worker processes ("spawn": each imports hypergen afresh and loads the
+    module from its directory). Sample s lives on worker s mod n, and moves only when its
+    worker dies. Requests to one worker go one at a time, in order, over its own pipe."""
+
+    def __init__(self, count: int):
+        context = multiprocessing.get_context("spawn")
+        self.workers: list[_Process] = []
+        for _ in range(count):
+            parent_end, child_end = context.Pipe(duplex=True)
+            process = context.Process(target=serve, args=(child_end,), daemon=True,
+                                      name="hypergen-sample-worker")
+            process.start()
+            child_end.close()  # the parent sees EOF when the child dies
+            self.workers.append(_Process(process, parent_end))
+        self.description = f"processes ({count} workers)"
+        self.module: Any = None
+        self.items: dict[int, tuple[str, dict[str, Any]]] = {}
+        self.home: dict[int, int] = {}
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids (a test kills one to see its samples recomputed)."""
+        return [int(w.process.pid) for w in self.workers]
+
+    def install(self, module: Any, items: list[tuple[int, str, dict[str, Any]]]) -> None:
+        self.module = module
+        for s, token, data in items:
+            self.items[s] = (token, data)
+            self.home[s] = s % len(self.workers)
+        for position, worker in enumerate(self.workers):
+            mine = [s for s, _, _ in items if self.home[s] == position]
+            if mine:
+                worker.queue.append(_Item("install", mine))
+        self._drive({})
+
+    def run(self, pairs: list[tuple[SampleTask, SampleTask]]) -> list[HypergradientResult]:
+        for warm, full in pairs:
+            self.workers[self.home[warm.index]].queue.append(
+                _Item("run", [warm.index], warm, full))
+        results: dict[int, HypergradientResult] = {}
+        self._drive(results)
+        return [results[warm.index] for warm, _ in pairs]
+
+    def _drive(self, results: dict[int, HypergradientResult]) -> None:
+        """Send each worker its queue one request at a time until every queue is empty;
+        move the requests of a worker that died; raise the first sample's error."""
+        errors: dict[int, BaseException] = {}
+        attempts: dict[int, int] = {}
+        while True:
+            for worker in self.workers:
+                if worker.alive and worker.busy is None and worker.queue:
+                    item = worker.queue.popleft()
+                    if errors and item.kind == "run":
+                        continue  # a sample failed: the call raises; do not start more
+                    self._send(worker, item, attempts, errors)
+            busy = [w for w in self.workers if w.busy is not None]
+            if not busy:
+                break
+            ready = wait([w.connection for w in busy] + [w.process.sentinel for w in busy])
+            for worker in busy:
+                if worker.connection in ready or worker.process.sentinel in ready:
+                    self._receive(worker, results, attempts, errors)
+        if errors:
+            raise errors[min(errors)]
+
+    def _send(self, worker: _Process, item: _Item, attempts: dict[int, int],
+              errors: dict[int, BaseException]) -> None:
+        if item.kind == "install":
+            payload: Any = (self.module, [self.items[s] for s in item.samples])
+        else:
+            payload = item.task
+        worker.busy = item
+        try:
+            worker.connection.send_bytes(pickle.dumps((item.kind, payload),
+                                                      pickle.HIGHEST_PROTOCOL))
+        except (OSError, EOFError):
+            self._lost(worker, attempts, errors)
+
+    def _receive(self, worker: _Process, results: dict[int, HypergradientResult],
+                 attempts: dict[int, int], errors: dict[int, BaseException]) -> None:
+        item = worker.busy
+        assert item is not None
+        try:
+            status, value = pickle.loads(worker.connection.recv_bytes())
+        except (OSError, EOFError):
+            self._lost(worker, attempts, errors)
+            return
+        worker.busy = None
+        if status == "ok":
+            if item.kind == "run":
+                results[item.samples[0]] = value
+            return
+        exc, text = value
+        if isinstance(exc, SampleMissing) and item.full is not None:
+            worker.queue.extendleft([_Item("run", item.samples, item.full, item.full),
+                                     _Item("install", item.samples)])
+            return
+        if isinstance(exc, BaseException):
+            errors[item.samples[0]] = exc
+        else:
+            errors[item.samples[0]] = ExecutorError(f"sample {item.samples[0]}: {text}")
+
+    def _lost(self, worker: _Process, attempts: dict[int, int],
+              errors: dict[int, BaseException]) -> None:
+        """worker died: its requests go to the live workers, from explicit arrays."""
+        worker.alive = False
+        pending = ([worker.busy] if worker.busy is not None else []) + list(worker.queue)
+        worker.busy, worker.queue = None, deque()
+        live = [p for p, w in enumerate(self.workers) if w.alive]
+        runs = [item for item in pending if item.kind == "run"]
+        dead = self.workers.index(worker)
+        moved = sorted(s for s, home in self.home.items() if home == dead)
+        for item in runs:
+            attempts[item.samples[0]] = attempts.get(item.samples[0], 0) + 1
+        failed = [s for s in moved if attempts.get(s, 0) >= MAX_ATTEMPTS or not live]
+        if failed:
+            why = ("no worker process is left" if not live else
+                   f"they lost their worker process {MAX_ATTEMPTS} times")
+            errors[failed[0]] = ExecutorError(
+                f"samples {failed} could not be computed: {why} (exit code "
+                f"{worker.process.exitcode}); no partial mean is returned")
+            return
+        for n, s in enumerate(moved):
+            self.home[s] = live[n % len(live)]
+            self.workers[self.home[s]].queue.append(_Item("install", [s]))
+        for item in runs:
+            full = item.full or item.task
+            self.workers[self.home[item.samples[0]]].queue.append(
+                _Item("run", item.samples, full, full))
+
+    def close(self) -> None:
+        for worker in self.workers:
+            if worker.alive:
+                try:
+                    worker.connection.send_bytes(pickle.dumps(("stop", None)))
+                except (OSError, EOFError):
+                    pass
+        for worker in self.workers:
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.terminate()
+            worker.connection.close()
+            worker.alive = False

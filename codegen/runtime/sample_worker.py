@@ -1,0 +1,178 @@
+"""The worker side of an executor: samples installed once per worker, their hypergradients run
+where their data and warm starts already are.
+
+A worker process (a `processes` pool member or a Dask worker) keeps the installed samples at
+module level, so they outlive the tasks: by token, each a bound problem with the (x, q) of its
+last run. The generated module reaches a worker pickled as its directory and is loaded from
+there (`load_directory` reuses the extension the parent compiled; it does not compile again). A
+task names its sample by token and says whether its x0 / q0 are that held (x, q) ("warm") or
+come with the task; the parent keeps the arrays as well, so a sample whose worker is gone is
+installed elsewhere and run again with explicit arrays (codegen/runtime/executors.py).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from ..errors import HypergenError
+from ..hypergrad import HypergradientOptions, HypergradientResult, hypergradient
+
+try:  # the parent's BLAS thread count is set on the workers when threadpoolctl is there
+    from threadpoolctl import threadpool_info, threadpool_limits
+except ImportError:  # pragma: no cover - it comes with the dask extra and scikit-learn
+    threadpool_info = threadpool_limits = None
+
+if TYPE_CHECKING:  # annotations only: a worker gets its module by unpickling (no import edge)
+    from .bound_problem import BoundProblem
+    from .module import GeneratedModule
+
+__all__ = ["MAX_ATTEMPTS", "ExecutorError", "SampleTask", "SampleMissing", "install_samples",
+           "forget_samples", "run_sample", "serve", "worker_label", "blas_threads"]
+
+
+#: How often a sample may lose its worker within one call before the call fails by its name.
+MAX_ATTEMPTS = 3
+
+
+class ExecutorError(HypergenError, RuntimeError):
+    """An executor could not be set up, or samples could not be computed (named)."""
+
+
+class SampleMissing(HypergenError, LookupError):
+    """The task's sample is not installed on this worker, or its held warm start is not the one
+    the task refers to (the sample moved, or its worker was replaced): resend with arrays."""
+
+    def __init__(self, token: str, worker: str, why: str):
+        super().__init__(token, worker, why)
+        self.token, self.worker, self.why = token, worker, why
+
+    def __str__(self) -> str:
+        return f"sample {self.token} {self.why} on worker {self.worker}"
+
+
+@dataclass(frozen=True)
+class SampleTask:
+    """One sample's share of a hypergradient, as sent to a worker.
+
+    warm_x / warm_q: use the (x, q) the worker holds from this sample's run number `warm_run`
+    instead of x0 / q0 (which are then None: they do not travel). run: this run's number, kept
+    with its (x, q) on the worker. blas: the parent's BLAS thread count, set here for the run
+    (a dot product of 10^4 entries or more is summed in another order on another number of
+    threads, and the bits of a norm change; Dask workers start with one BLAS thread)."""
+
+    index: int
+    token: str
+    theta: np.ndarray
+    options: HypergradientOptions
+    x0: np.ndarray | None
+    q0: np.ndarray | None
+    warm_x: bool
+    warm_q: bool
+    warm_run: int
+    run: int
+    blas: int | None = None
+
+
+@dataclass
+class _Installed:
+    problem: BoundProblem
+    run: int = -1
+    x: np.ndarray | None = None
+    q: np.ndarray | None = None
+
+
+_SAMPLES: dict[str, _Installed] = {}
+_LOCK = threading.Lock()  # a Dask worker may run tasks in threads
+_BLAS_SET: list[int | None] = [None]  # the BLAS thread count a task set in this process
+
+
+def blas_threads() -> int | None:
+    """This process's BLAS thread count, or None when threadpoolctl is not installed."""
+    if threadpool_info is None:
+        return None
+    counts = [int(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+    return max(counts) if counts else None
+
+
+def _use_blas_threads(count: int | None) -> None:
+    """Run this worker's BLAS on `count` threads (the parent's), once per change."""
+    if count is None or threadpool_limits is None or _BLAS_SET[0] == count:
+        return
+    threadpool_limits(limits=count, user_api="blas")
+    _BLAS_SET[0] = count
+
+
+def worker_label() -> str:
+    """This worker's name in messages: its Dask address, else host and process id."""
+    try:
+        from dask.distributed import get_worker
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return f"{os.uname().nodename}:{os.getpid()}"
+
+
+def install_samples(module: GeneratedModule, items: list[tuple[str, dict[str, Any]]]) -> str:
+    """Bind each (token, data) of `items` to `module` and keep it under its token; returns the
+    worker's label (where the samples now live). The module arrives pickled as its directory
+    and is loaded from there when unpickled (GeneratedModule.__reduce__): once per batch."""
+    bound = [(token, _Installed(module.bind(data))) for token, data in items]
+    with _LOCK:
+        _SAMPLES.update(bound)
+    return worker_label()
+
+
+def forget_samples(tokens: list[str]) -> int:
+    """Drop installed samples (the parent closed them); returns how many were here."""
+    with _LOCK:
+        return sum(_SAMPLES.pop(t, None) is not None for t in tokens)
+
+
+def run_sample(task: SampleTask) -> HypergradientResult:
+    """The sample's hypergradient at task.theta, exactly as the serial `hypergradient_samples`
+    computes it (the same function, options and starting points), and its (x, q) kept here."""
+    with _LOCK:
+        held = _SAMPLES.get(task.token)
+    if held is None:
+        raise SampleMissing(task.token, worker_label(), "is not installed")
+    x0, q0 = task.x0, task.q0
+    if task.warm_x or task.warm_q:
+        if held.run != task.warm_run:
+            raise SampleMissing(task.token, worker_label(),
+                                f"holds the warm start of run {held.run}, not {task.warm_run}")
+        # copies: a solver that failed half-way must not leave the held start changed
+        x0 = np.array(held.x) if task.warm_x else x0
+        q0 = np.array(held.q) if task.warm_q else q0
+    _use_blas_threads(task.blas)
+    res = hypergradient(held.problem, task.theta, task.options, x0=x0, q0=q0)
+    held.run, held.x, held.q = task.run, res.x, res.q
+    return res
+
+
+def serve(connection: Connection) -> None:
+    """A `processes` worker's loop: (kind, payload) requests in, ("ok" | "error", value) out,
+    until "stop" or the parent's end of the pipe closes. An exception travels back as itself
+    (when it pickles) with its traceback text, so the parent can name the sample."""
+    handlers: dict[str, Callable[[Any], Any]] = {
+        "install": lambda p: install_samples(*p), "run": run_sample, "forget": forget_samples}
+    while True:
+        try:
+            kind, payload = connection.recv()
+        except (EOFError, OSError):
+            return
+        if kind == "stop":
+            return
+        try:
+            reply: tuple[str, Any] = ("ok", handlers[kind](payload))
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent
+            reply = ("error", (exc, traceback.format_exc()))
+        try:
+            connection.send(reply)
+        except Exception as exc:  # noqa: BLE001 - an unpicklable exception: send its text
+            connection.send(("error", (HypergenError(f"{type(exc).__name__}: {exc}"),
+                                       traceback.format_exc())))

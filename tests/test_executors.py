@@ -1,0 +1,178 @@
+"""Executors for many samples (docs/distributed.md, docs/interface.md section 4): the same
+hypergradient, bound and value to the last bit whether the samples run here, on a pool of local
+processes or on a Dask LocalCluster of 2 worker processes; warm starts kept on the workers; a
+lost worker's samples recomputed, or named; a bad executor named; optimize() unchanged.
+
+Each comparison is of the bytes of the float64 results (`_bits`), not of values within a
+tolerance: the executors promise the serial numbers themselves.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+
+from support import TINY, built_example
+
+from codegen.runtime.executors import ExecutorError
+
+distributed = pytest.importorskip("dask.distributed")
+
+SAMPLES = 4
+PROBLEMS = ("ridge", "logistic", "tv2d")
+
+
+def _bits(res) -> tuple:
+    """The bytes of everything a hypergradient returns as numbers (mean and per sample)."""
+    per_sample = tuple(np.asarray(r.x).tobytes() + np.asarray(r.q).tobytes()
+                       + np.float64(r.bound).tobytes() for r in res.samples)
+    return (res.grad.tobytes(), np.float64(res.bound).tobytes(),
+            np.float64(res.apriori_bound).tobytes(), np.float64(res.value).tobytes(),
+            tuple(sorted(res.work.items())), res.status, per_sample)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """2 Dask worker processes, 1 thread each (what CI runs)."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cl:
+        with distributed.Client(cl) as client:
+            yield cl, client
+
+
+@pytest.fixture(scope="module")
+def problems(tmp_path_factory):
+    """name -> (module, samples' data, theta0) for each example, at its tiny size."""
+    out = {}
+    build_dir = tmp_path_factory.mktemp("executors")
+    for name in PROBLEMS:
+        _, module, ns = built_example(name, build_dir)
+        data = [ns["example_data"](seed=s, **TINY[name]) for s in range(SAMPLES)]
+        out[name] = (module, data, np.atleast_1d(np.asarray(ns.get("THETA0", 0.0), float)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bound(problems, cluster):
+    """name -> {"serial", "processes", "dask"}: the same samples on each executor."""
+    _, client = cluster
+    out = {}
+    for name, (module, data, _) in problems.items():
+        out[name] = {"serial": module.bind_samples(data),
+                     "processes": module.bind_samples(data, executor="processes", workers=2),
+                     "dask": module.bind_samples(data, executor=client)}
+    yield out
+    for by_executor in out.values():
+        for prob in by_executor.values():
+            prob.close()
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_executors_give_the_serial_bits(name, problems, bound):
+    _, _, theta = problems[name]
+    probs = bound[name]
+    assert probs["processes"].executor is not None and probs["dask"].executor is not None
+    for kw in ({}, {"lower": "fista", "adjoint": "cg", "eps": 1e-6}, {"rtol": 1e-3}):
+        want = probs["serial"].hypergradient(theta, **kw)
+        assert want.status == "ok" and math.isfinite(want.bound)
+        for executor in ("processes", "dask"):
+            got = probs[executor].hypergradient(theta, **kw)
+            assert _bits(got) == _bits(want), (executor, kw)
+
+
+def test_a_scheduler_address_opens_and_closes_its_own_client(problems, cluster):
+    cl, _ = cluster
+    module, data, theta = problems["ridge"]
+    want = module.bind_samples(data).hypergradient(theta)
+    with module.bind_samples(data, executor=cl.scheduler_address) as prob:
+        client = prob.executor.backend.client
+        assert prob.executor.backend.owned
+        assert _bits(prob.hypergradient(theta)) == _bits(want)
+    assert client.status == "closed"
+
+
+def test_warm_starts_stay_on_the_workers(problems, bound):
+    """The second call starts from the first's (x, q): no x0 travels (warm_count), less work
+    than a cold start, and the serial second call's bits."""
+    _, _, theta = problems["logistic"]
+    kw = {"lower": "fista", "adjoint": "cg"}
+    serial = bound["logistic"]["serial"]
+    first = serial.hypergradient(theta, **kw)
+    cold = serial.hypergradient(theta + 0.1, **kw)
+    second = serial.hypergradient(theta + 0.1, x0=first.x, q0=first.q, **kw)
+    assert second.work["units"] < cold.work["units"]
+    for executor in ("processes", "dask"):
+        prob = bound["logistic"][executor]
+        got_first = prob.hypergradient(theta, **kw)
+        assert _bits(got_first) == _bits(first)
+        got = prob.hypergradient(theta + 0.1, x0=got_first.x, q0=got_first.q, **kw)
+        assert prob.executor.warm_count == SAMPLES, executor
+        assert _bits(got) == _bits(second), executor
+        changed = [np.array(x) for x in got.x]
+        changed[2][0] += 1.0  # not what its worker holds: this one travels, the others do not
+        prob.hypergradient(theta + 0.1, x0=changed, q0=got.q, **kw)
+        assert prob.executor.warm_count == SAMPLES - 1
+
+
+def test_a_killed_worker_process_has_its_samples_recomputed(problems):
+    module, data, theta = problems["tv2d"]
+    want = module.bind_samples(data).hypergradient(theta)
+    with module.bind_samples(data, executor="processes", workers=2) as prob:
+        first = prob.hypergradient(theta)
+        backend = prob.executor.backend
+        victim = backend.pids[0]
+        os.kill(victim, 9)
+        time.sleep(0.2)
+        again = prob.hypergradient(theta, x0=first.x, q0=first.q)
+        assert set(backend.home.values()) == {1}  # worker 0's samples moved to worker 1
+        serial = module.bind_samples(data)
+        assert _bits(again) == _bits(serial.hypergradient(theta, x0=want.x, q0=want.q))
+        os.kill(backend.pids[1], 9)
+        time.sleep(0.2)
+        with pytest.raises(ExecutorError, match=r"samples \[0, 1, 2, 3\] could not be computed: "
+                                                r"no worker process is left"):
+            prob.hypergradient(theta)
+
+
+def test_a_restarted_dask_cluster_has_the_samples_installed_again(problems, cluster):
+    _, client = cluster
+    module, data, theta = problems["tv2d"]
+    serial = module.bind_samples(data)
+    first = serial.hypergradient(theta)
+    want = serial.hypergradient(theta + 0.05, x0=first.x, q0=first.q)
+    with module.bind_samples(data, executor=client) as prob:
+        got_first = prob.hypergradient(theta)
+        before = dict(prob.executor.backend.home)
+        client.restart()  # every worker process is replaced: nothing installed survives
+        got = prob.hypergradient(theta + 0.05, x0=got_first.x, q0=got_first.q)
+        assert _bits(got) == _bits(want)
+        assert set(prob.executor.backend.home.values()).isdisjoint(before.values())
+
+
+def test_a_bad_executor_is_named(problems):
+    module, data, _ = problems["ridge"]
+    for bad, words in (("threads", "executor 'threads' is not an executor"),
+                       (4, "executor 4 is not an executor")):
+        with pytest.raises(ExecutorError, match=words):
+            module.bind_samples(data, executor=bad)
+    with pytest.raises(ExecutorError, match="workers must be a positive integer, got 0"):
+        module.bind_samples(data, executor="processes", workers=0)
+    with pytest.raises(ExecutorError, match="workers=2 is for executor='processes'"):
+        module.bind_samples(data, workers=2)
+
+
+def test_optimize_with_an_executor_is_the_serial_run(problems, bound):
+    _, _, theta = problems["logistic"]
+    runs = {executor: prob.optimize(theta, budget=400, progress=False)
+            for executor, prob in bound["logistic"].items()}
+    want = runs["serial"]
+    assert len(want.history) > 2
+    for executor in ("processes", "dask"):
+        got = runs[executor]
+        assert got.theta.tobytes() == want.theta.tobytes(), executor
+        assert [(h["value"], h["bound"], h["work"]) for h in got.history] == \
+            [(h["value"], h["bound"], h["work"]) for h in want.history], executor
+        assert (got.status, got.work) == (want.status, want.work)
