@@ -8,13 +8,14 @@ done once at bind time, so the per-call path only checks the vector arguments.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import sympy as sp
 
 from ..errors import BindError, HypergenError
-from ..jit import load_published
+from ..jit import file_sha256, load_published
 from ..version import ABI_VERSION
 from .bound_problem import BoundProblem, BoundSamples
 from .executors import check_executor, make_executor
@@ -132,12 +133,42 @@ def load_directory(directory) -> GeneratedModule:
             f"{meta.get('version')}), this hypergen reads ABI {ABI_VERSION}: run `hypergen build` "
             f"on its problem file again")
     prefix = f"hg_{meta['name']}"
-    source = (directory / f"{prefix}.c").read_text()
-    cdef = meta["cdef"]
-    lib_module = load_published(meta["name"], source, cdef, directory)
     constants_path = directory / "constants.json"
     constants = _read_json(constants_path) if constants_path.exists() else None
+    verify_manifest(directory)
+    source = (directory / f"{prefix}.c").read_text()
+    lib_module = load_published(meta["name"], source, meta["cdef"], directory)
     return GeneratedModule(directory, lib_module, meta, constants)
+
+
+#: sha256sum-format list of the files `hypergen build` wrote into a module directory
+MANIFEST = "checksums.sha256"
+
+
+def read_manifest(directory: Path) -> dict[str, str] | None:
+    """{file name: sha256} from DIR/checksums.sha256, or None when there is none (or it is damaged)."""
+    try:
+        lines = (Path(directory) / MANIFEST).read_text().splitlines()
+        return {name: digest for digest, name in (line.split("  ", 1) for line in lines if line)}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return None
+
+
+def verify_manifest(directory: Path) -> None:
+    """Refuse a module directory whose files differ from what `hypergen build` wrote: an edited
+    constants.json gives wrong certified bounds, an edited C source a wrong kernel."""
+    recorded = read_manifest(directory)
+    if recorded is None:
+        warnings.warn(f"hypergen: {directory / MANIFEST} is missing or unreadable: the files of "
+                      f"{directory} are not verified (run `hypergen build` again to write it)",
+                      RuntimeWarning, stacklevel=3)
+        return
+    for name, digest in recorded.items():
+        path = directory / name
+        if path.exists() and file_sha256(path) != digest:
+            raise HypergenError(f"{path} does not match its checksum in {directory / MANIFEST} "
+                                "(edited or damaged since it was written): run `hypergen build` "
+                                "on the problem file to write this module again")
 
 
 def _read_json(path: Path):
