@@ -2,6 +2,7 @@
 
     hypergen optimize examples/ridge.py --data ridge.npz [--theta0 -0.5,1] [--method lbfgs]
                       [--budget 5000 | --budget 30s] [--out DIR] [--no-progress]
+                      [--scheduler local | processes | tcp://HOST:8786]
 
 The data file is a NumPy .npz archive (np.savez) whose array names are the problem's data names
 (the IndexedBase/Symbol names of the problem file that are neither x nor theta):
@@ -20,6 +21,9 @@ copy made with Gaussian noise of std 0.1 on [0, 1] grey values, seed 0 (codegen/
 seconds with an "s" suffix. The run prints a summary (theta, value, bound, work, time, status)
 and writes DIR/history.csv, DIR/history.json and, when matplotlib is installed, DIR/history.png;
 DIR/history.jsonl gets each step as it is done (a killed run keeps its completed steps there).
+--scheduler runs the samples' hypergradients in this process (local, the default), on worker
+processes (processes) or on a Dask cluster (its scheduler's address; docs/distributed.md): the
+same numbers either way.
 Every input error is raised as one HypergenError with a message naming the culprit.
 """
 from __future__ import annotations
@@ -140,6 +144,10 @@ def add_optimize_parser(sub: Any, run: Callable[[argparse.Namespace], int]) -> N
     o.add_argument("--budget", help="work units (lower gradients + HVPs), or seconds as '30s'")
     o.add_argument("--out", default="hypergen-run", help="directory for history and plots")
     o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--scheduler", default="local",
+                   help="where the samples run: local (here, one after another), processes "
+                        "(a worker process per core) or a Dask scheduler address such as "
+                        "tcp://10.0.0.5:8786")
     o.set_defaults(run=run)
 
 
@@ -182,7 +190,10 @@ def run_optimize(args: argparse.Namespace) -> int:
     else:
         data = load_data(data_path, names)
     check_image_pairs(data if isinstance(data, list) else [data], module.meta, data_path)
-    prob = module.bind_samples(data) if isinstance(data, list) else module.bind(data)
+    scheduler = getattr(args, "scheduler", None) or "local"
+    prob = (module.bind_samples(data, executor=None if scheduler == "local" else scheduler)
+            if isinstance(data, list) else module.bind(data))
+    executor = getattr(prob, "executor", None)
     try:
         theta0 = parse_theta0(theta0, prob.theta_size)
     except OptimizeError as exc:
@@ -191,7 +202,8 @@ def run_optimize(args: argparse.Namespace) -> int:
     n = len(data) if isinstance(data, list) else 1
     print(f"{module.name}: {n} sample{'s' if n > 1 else ''}, theta has {prob.theta_size} "
           f"entr{'ies' if prob.theta_size != 1 else 'y'}; method {args.method}"
-          + (f", budget {budget}" if budget else ""))
+          + (f", budget {budget}" if budget else "")
+          + (f"; samples on {executor.description}" if executor is not None else ""))
     try:  # every step is on disk as soon as it is done: a killed run keeps its history
         log = HistoryLog(out / "history.jsonl")
     except OSError as exc:
@@ -202,6 +214,8 @@ def run_optimize(args: argparse.Namespace) -> int:
                        callback=log)
     finally:
         log.close()
+        if hasattr(prob, "close"):  # the executor's worker processes or Dask client
+            prob.close()
     err = f" +- {res.value_error:.3g} (certified)" if math.isfinite(res.value_error) else ""
     print(f"theta   {_fmt_theta(res.theta)}")
     print(f"value   {res.value:.10g}{err}")
