@@ -44,13 +44,26 @@ class ThetaMin(ThetaMax):
         return "min_k " + printer.doprint(self.args[0].expr.xreplace({T: sp.Symbol("theta_k")}))
 
 
+class FilterGainSq(sp.Function):
+    """FilterGainSq(shifts, c_1, ..., c_n): a certified upper bound on sup_omega
+    |sum_s c_s exp(i omega.s)|^2, the squared norm of the convolution by the taps c on l2(Z^k)
+    (derivation/filters.py), evaluated numerically (evaluation/spectral.py `filter_gain_sq`)."""
+
+    def _eval_is_real(self) -> bool:
+        return True
+
+    def _eval_is_nonnegative(self) -> bool:
+        return True
+
+
 def qsym(name: str) -> sp.Symbol:
     """A data-quantity symbol (every data quantity is a norm or eigenvalue: non-negative)."""
     return sp.Symbol(name, nonnegative=True)
 
 
 _NS = {k: getattr(sp, k) for k in dir(sp) if not k.startswith("_")}
-_NS.update(ThetaMax=ThetaMax, ThetaMin=ThetaMin, sigmoid=sigmoid, softplus=softplus)
+_NS.update(ThetaMax=ThetaMax, ThetaMin=ThetaMin, FilterGainSq=FilterGainSq, sigmoid=sigmoid,
+           softplus=softplus)
 
 
 def dump(expr) -> str:

@@ -6,7 +6,7 @@ anything else with data becomes an `Operator` whose norms are computed at bind t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy as sp
 
@@ -24,6 +24,8 @@ class OpFacts:
     full_identity: bool  # K^T K = a^2 I exactly
     record: Record
     name: str = ""
+    # learned filters (derivation/filters.py): theta symbol -> m_l >= ||dK/dtheta_l||
+    dtaps: dict = field(default_factory=dict)
 
 
 def _count(limits):

@@ -66,7 +66,12 @@ def format_tree(derivation, quantities: dict | None = None) -> str:
                 continue
             out.append(f"    {c.name.split('[')[1][:-1]}: {sp.sstr(c.expr)}   [{c.kind}, {_flag(c)}]"
                        + (f"  note: {c.message}" if c.message else ""))
-    if der.operators:
+    for name, rec in (der.ball or {}).get("constants", {}).items():
+        out.append("")
+        out.append(f"{name} (on the ball B(x, r) only) = {sp.sstr(rec.expr)}   [{rec.kind}, "
+                   f"{_flag(rec)}; {rec.domain}; terms {rec.term}]")
+        out.append(f"    rule: {rec.rule}")
+    if der.operators or der.quantities:
         out += ["", "data quantities (computed at bind time):"]
         out += [f"  {op.definition}" for op in der.operators.values()]
         out += [f"  {name}: {q['description']}" for name, q in der.quantities.items()]

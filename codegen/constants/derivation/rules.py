@@ -16,6 +16,7 @@ import sympy as sp
 
 from ...errors import ProblemError
 from ..records import Derivation, Record, ThetaMin
+from .filters import XINF
 from .terms import Ctx, analyse_term, flatten
 
 HINT = "add a strongly convex term such as (exp(theta)/2)*Sum(x[j]**2, j)"
@@ -228,11 +229,15 @@ BALL_RULE = ("on the ball B(x, r) only (docs/framework.md section 8.4): the rule
              "evaluated by constants.local.evaluate_local); mu stays global")
 
 
+XINF_RULE = ("; learned filters: |(dK/dtheta_l y)_I| <= m_l ||y||_inf <= m_l ball_xinf on the "
+             "ball, ball_xinf = ||x||_inf + r (docs/constants.md 8)")
+
+
 def _ball_records(gt, ft, records, stated):
     """Ball versions of L, L_A, L_B, L_f where some term has an unbounded atom (never mu)."""
     if not any(t.ball for t in gt + ft):
         return {}
-    terms = {t.label: t.ball["info"] for t in gt + ft if t.ball}
+    terms = {t.label: t.ball["info"] for t in gt + ft if t.ball and t.ball["info"] is not None}
 
     def val(t, key):
         return t.ball[key] if t.ball else getattr(t, key)
@@ -255,7 +260,8 @@ def _ball_records(gt, ft, records, stated):
             continue
         if not expr.free_symbols or not any(s.name.startswith("ball_") for s in expr.free_symbols):
             continue
-        out[name] = Record(name, expr, "bound", all(t.certified for t in ts), BALL_RULE,
+        rule = BALL_RULE + (XINF_RULE if XINF in expr.free_symbols else "")
+        out[name] = Record(name, expr, "bound", all(t.certified for t in ts), rule,
                            domain="ball", term=", ".join(t.label for t in ts if t.ball))
         records[name].message = ((records[name].message + "; ") if records[name].message else "") \
             + "a local (ball) bound exists: constants.evaluate_local"

@@ -15,6 +15,7 @@ from ...primitives import stabilise
 from ..records import Operator, Record, T, ThetaMax, ThetaMin
 from .atoms import AtomFacts, analyse_atom, group_charbonnier, lse_facts
 from .ball import ball_symbols, term_info
+from .filters import filter_operator, learned_columns
 from .operators import OpFacts, affine_index, classify_operator, stacked_stencil
 
 
@@ -291,15 +292,54 @@ def analyse_term(term: Term, ctx: Ctx, label: str, upper=False) -> TermFacts:
             return _unsupported(tf, f"no rule for the atom psi(t) = {psi}")
         tf.kind = "atom"
     lin, off = split_affine(u, ctx)
-    if ctx.has_theta(lin):
-        return _unsupported(tf, f"theta multiplies x inside the atom argument {u}")
     limits = tuple(term.limits) + inner
-    op = classify_operator(lin, limits, len(term.limits), ctx, lse=bool(inner))
+    op = filter_operator(lin, limits, ctx) if not inner and _filter_candidate(lin, ctx) else None
+    if ctx.has_theta(lin):
+        if op is None:
+            return _unsupported(tf, f"theta multiplies x inside the atom argument {u}, and it is "
+                                    f"not a filter sum_s c_s(theta) x[I + s] with numeric tap "
+                                    f"ranges (docs/constants.md 8)")
+        if ps is not None:
+            return _unsupported(tf, "per-sample weights on a learned filter: no rule (write one "
+                                    "term per filter)")
+    if op is None:
+        op = classify_operator(lin, limits, len(term.limits), ctx, lse=bool(inner))
     tf.rows = op.rows
     tf = _combine(tf, c, ps, facts, op, off, ctx, upper, limits)
-    if tf.kind == "atom" and facts.kind == "infinite" and (facts.hi == sp.oo or facts.d3 == sp.oo):
+    if op.dtaps:
+        _learned(tf, c, facts, op)
+    elif tf.kind == "atom" and facts.kind == "infinite" and (facts.hi == sp.oo or facts.d3 == sp.oo):
         _ball(tf, c, ps, facts, psi, lin, off, op, ctx, upper, limits)
     return tf
+
+
+def _filter_candidate(lin, ctx) -> bool:
+    """A learned filter (theta in the taps), or a filter whose taps are data entries: every
+    Sum in lin has numeric limits, so it unrolls into taps (derivation/filters.py)."""
+    if ctx.has_theta(lin):
+        return True
+    sums = lin.atoms(sp.Sum)
+    data = [ix for ix in lin.atoms(sp.Indexed) if str(ix.base.label) != ctx.x.name]
+    return bool(sums) and bool(data) and all(
+        all(sp.sympify(e).is_Integer for e in lim[1:]) for s in sums for lim in s.limits)
+
+
+def _learned(tf, c, facts, op) -> None:
+    """L_B columns of theta in a learned filter's taps (filters.learned_columns): infinite over
+    R^n when the atom's third derivative is not 0; the finite ball version (it reads
+    ball_xinf) goes to tf.ball."""
+    if None in tf.LB_cols or tf.kind != "atom":
+        return
+    glob, ball = learned_columns(c, facts, op)
+    ball_cols = dict(tf.LB_cols)
+    for s in glob:
+        tf.LB_cols[s] = sp.oo if glob[s] == sp.oo else tf.LB_cols.get(s, 0) + glob[s]
+        ball_cols[s] = ball_cols.get(s, 0) + ball[s]
+    if any(v == sp.oo for v in tf.LB_cols.values()):
+        tf.LB_note = ("theta in the taps of a filter inside a non-quadratic atom: B is Lipschitz "
+                      "only on a ball (x can grow along the filter's kernel); ball constant "
+                      "with ball_xinf = ||x||_inf + r")
+        tf.ball = {"hi": tf.hi, "LA": tf.LA, "LB_cols": ball_cols, "LB_ps": tf.LB_ps, "info": None}
 
 
 def _ball(tf, c, ps, facts, psi, lin, off, op, ctx, upper, limits):

@@ -35,6 +35,7 @@ from collections import ChainMap
 import numpy as np
 import sympy as sp
 
+from ..derivation.filters import XINF
 from ..records import Operator, load
 from .interpreter import (
     DenseOnDemand,
@@ -209,6 +210,10 @@ def evaluate_local(der, theta, quantities, x, radius, data, cache=None) -> dict:
         vals = ball_values(der, theta, x, radius, data, cache)
         th, env = environment(der, theta, quantities)
         env.update(vals)
+        xc = np.asarray(x, dtype=np.float64).reshape(-1)
+        if math.isfinite(float(radius)) and radius >= 0 and np.all(np.isfinite(xc)):
+            # sup ||y||_inf over B(x, r) <= ||x||_inf + r (learned filters, derivation/filters.py)
+            env[XINF.name] = (float(np.max(np.abs(xc), initial=0.0)) + float(radius)) * (1 + REL)
         used_uncertified = {n for n, q in quantities.items()
                             if isinstance(q, dict) and not q.get("certified", True)}
         for name, rec in ball.items():

@@ -15,7 +15,8 @@ import sympy as sp
 
 from ...errors import ProblemError
 from ...primitives import sigmoid, softplus
-from ..records import T, ThetaMax, ThetaMin
+from ..records import FilterGainSq, T, ThetaMax, ThetaMin
+from .spectral import filter_gain_sq
 
 REL = 1e-12
 
@@ -59,6 +60,8 @@ def _compiled(expr):
             vals = inner({**env, T.name: theta}, theta)
             return float(reduce(np.broadcast_to(np.asarray(vals, dtype=float), theta.shape)))
         return over_theta
+    if isinstance(expr, FilterGainSq):
+        return _filter_gain(expr)
     args = tuple(_compiled(a) for a in expr.args)
     if expr.is_Add:
         return lambda env, theta: sum((a(env, theta) for a in args[1:]), args[0](env, theta))
@@ -82,6 +85,24 @@ def _compiled(expr):
         (arg,) = args
         return lambda env, theta: fn(arg(env, theta))
     raise ProblemError(f"cannot evaluate {expr} numerically")
+
+
+def _filter_gain(expr):
+    """FilterGainSq(shifts, c_1..c_n): the taps evaluated, then the certified frequency-response
+    bound of `spectral.filter_gain_sq` (memoised on the tap values: fixed filters are evaluated
+    once)."""
+    shifts = tuple(tuple(int(v) for v in s) for s in expr.args[0])
+    taps = tuple(_compiled(a) for a in expr.args[1:])
+
+    def gain(env, theta):
+        values = tuple(float(np.asarray(a(env, theta)).reshape(-1)[0]) for a in taps)
+        return _gain_of(shifts, values)
+    return gain
+
+
+@functools.lru_cache(maxsize=256)
+def _gain_of(shifts: tuple, values: tuple) -> float:
+    return filter_gain_sq(np.array(shifts), np.array(values))
 
 
 @functools.lru_cache(maxsize=256)

@@ -210,6 +210,7 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
         if not scalars.get(name, 0.0) > 0:
             raise ProblemError(f"{msg}; got {name} = {scalars.get(name)}")
     arrays = DenseOnDemand(data, [k for k, shape in der.data_shapes.items() if shape])
+    out.update(_filter_entries(der, arrays, needed))
     for name, op in der.operators.items():
         kinds = tuple(w for w in QUANTITY_KINDS if needed is None or f"{w}_{name}" in needed)
         if not kinds and not estimates:
@@ -233,6 +234,18 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
             q["description"] = der.quantities.get(f"{what}_{name}", {}).get("description", what)
             out[key] = q
     _check_mu(der, out, sizes)
+    return out
+
+
+def _filter_entries(der, arrays, needed) -> dict:
+    """The data entries a filter's taps read (derivation/filters.py), from the bound data."""
+    out = {}
+    for name, q in der.quantities.items():
+        if q.get("what") != "entry" or (needed is not None and name not in needed):
+            continue
+        value = float(np.asarray(arrays[q["array"]])[tuple(q["index"])])
+        out[name] = {"value": value, "method": "data entry (a filter tap)", "certified": True,
+                     "description": q["description"]}
     return out
 
 

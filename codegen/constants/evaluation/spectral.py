@@ -153,3 +153,39 @@ def _abs_gram_product(K):
         return out
 
     return product
+
+
+FILTER_GRID_POINTS = 2 ** 16  # frequencies at which a filter's response is evaluated
+
+
+def filter_gain_sq(shifts: np.ndarray, taps: np.ndarray) -> float:
+    """A certified upper bound on sup_omega |c^(omega)|^2, c^(omega) = sum_s c_s exp(i omega.s):
+    the squared norm of the convolution by c on l2(Z^k), hence of every in-bounds section of it
+    (a filter restricted to the rows whose window lies inside x; docs/constants.md 8).
+
+    F = |c^|^2 = sum_{s,t} c_s c_t cos(omega.(s - t)) is evaluated directly on a grid of M^k
+    frequencies (spacing h = 2 pi/M per axis); the maximiser omega* of F has grad F = 0 and lies
+    within delta = h sqrt(k)/2 of a grid point g, so F(g) >= F(omega*) - H delta^2/2 with
+    H = sum_{s,t} |c_s c_t| ||s - t||^2 >= ||grad^2 F||. Rounding: each c^(g) is a sum of n
+    products of c_s with a unit complex number (error <= (n + 4) 4 u ||c||_1 with the sin/cos
+    errors), so F(g) is off by at most 2 e ||c||_1 + e^2. Never above ||c||_1^2 (Young)."""
+    shifts = np.asarray(shifts, dtype=np.int64).reshape(len(taps), -1)
+    c = np.asarray(taps, dtype=np.float64)
+    l1 = float(np.sum(np.abs(c)))
+    if not math.isfinite(l1):
+        return math.inf
+    if l1 == 0.0:
+        return 0.0
+    dims = shifts.shape[1]
+    shifts = shifts - shifts.min(axis=0)
+    per_axis = max(8, int(FILTER_GRID_POINTS ** (1.0 / max(dims, 1))))
+    axis = 2 * np.pi * np.arange(per_axis) / per_axis
+    grids = np.meshgrid(*([axis] * dims), indexing="ij")
+    phase = sum(g[..., None] * shifts[:, d] for d, g in enumerate(grids))
+    response = np.abs(np.exp(1j * phase) @ c) ** 2
+    diff = shifts[:, None, :] - shifts[None, :, :]
+    curvature = float(np.sum(np.abs(np.outer(c, c)) * np.sum(diff * diff, axis=2)))
+    delta = (2 * np.pi / per_axis) * math.sqrt(dims) / 2
+    err = (len(c) + 4) * 4 * U * l1
+    bound = float(response.max()) + curvature * delta ** 2 / 2 + 2 * err * l1 + err ** 2
+    return min(bound * (1 + 4 * U), l1 * l1 * (1 + 4 * U))
