@@ -37,19 +37,20 @@ def _problem_file(name):
 
 
 def learned2d(atom="logcosh"):
-    """One learned 2 x 2 filter with a learned log weight: theta = (log w, c_00, c_01, c_10, c_11)."""
+    """One learned 2 x 2 filter with a learned log weight, theta 2-D (one row per filter):
+    th[0, :] = (log w, c_00, c_01, c_10, c_11)."""
     h, w = sp.symbols("h w", integer=True, positive=True)
     i, j, a, b = sp.symbols("i j a b", integer=True)
     X, Y, Xt = (sp.IndexedBase(s, shape=(h, w)) for s in ("X", "Y", "Xt"))
-    th = sp.IndexedBase("th", shape=(5,))
-    u = sp.Sum(th[1 + 2 * a + b] * X[i + a, j + b], (a, 0, 1), (b, 0, 1))
+    th = sp.IndexedBase("th", shape=(1, 5))
+    u = sp.Sum(th[0, 1 + 2 * a + b] * X[i + a, j + b], (a, 0, 1), (b, 0, 1))
     phi = {"logcosh": sp.log(sp.cosh(u)),
            "student": sp.log(1 + u ** 2),
            "pseudohuber": sp.Rational(1, 5) * (sp.sqrt(1 + (5 * u) ** 2) - 1)}[atom]
     return Problem(
         name=f"learned2d_{atom}", x=X, theta=th,
         lower=sp.Sum((X[i, j] - Y[i, j]) ** 2, (i, 0, h - 1), (j, 0, w - 1)) / 2
-        + sp.exp(th[0]) * sp.Sum(phi, (i, 0, h - 2), (j, 0, w - 2)),
+        + sp.exp(th[0, 0]) * sp.Sum(phi, (i, 0, h - 2), (j, 0, w - 2)),
         upper=sp.Sum((X[i, j] - Xt[i, j]) ** 2, (i, 0, h - 1), (j, 0, w - 1)) / 2)
 
 
@@ -158,10 +159,13 @@ def test_filter_gain_bounds_the_operator_norm(seed):
 
 
 # -- (d) constants against measured eigenvalues and Lipschitz quotients ----------------------
-def _pairs(rng, n, count, scale):
-    for _ in range(count):
-        x = scale * rng.standard_normal(n)
-        yield x, x + rng.choice([1e-4, 1e-2, 1.0]) * rng.standard_normal(n)
+def _pairs(rng, n, count):
+    """Pairs at the scales where the atoms' curvature (responses ~ 0) and third derivative
+    (responses ~ nu/2) peak, and at a large scale; close and distant pairs."""
+    yield np.zeros(n), 1e-6 * rng.standard_normal(n)
+    for k in range(count):
+        x = (1.5, 0.05, 0.01)[k % 3] * rng.standard_normal(n)
+        yield x, x + rng.choice([1e-4, 1e-2, 1.0]) * np.abs(x).max() * rng.standard_normal(n)
 
 
 @pytest.mark.parametrize("name", ["foe_small", "filter1d", "learned2d"])
@@ -173,7 +177,7 @@ def test_constants_hold_against_measurements(name, build_dir):
         c = prob.constants(theta)
         assert c["certified"]
         lmin, lmax, qa, qb = np.inf, 0.0, 0.0, 0.0
-        for x, y in _pairs(rng, n, 12, 1.5):
+        for x, y in _pairs(rng, n, 12):
             Hx, Hy = prob.lower_hessian(x, theta), prob.lower_hessian(y, theta)
             ev = np.linalg.eigvalsh(Hx)
             lmin, lmax = min(lmin, ev[0]), max(lmax, ev[-1])
@@ -303,6 +307,47 @@ def test_pseudo_huber_and_unsupported_forms():
                    upper=sp.Sum((x[j] - y[j]) ** 2, (j, 0, n - 1)))
     with pytest.raises(ProblemError, match="not a filter sum_s"):
         derive(prob)
+
+
+def test_isotropic_tv_of_learned_differences():
+    """A group atom sqrt(u_1^2 + u_2^2 + nu^2) over two learned filters: certified, and every
+    constant (L_B on its ball) against the oracle's Hessians and cross derivatives."""
+    h, w = sp.symbols("h w", integer=True, positive=True)
+    i, j = sp.symbols("i j", integer=True)
+    X, Y = sp.IndexedBase("X", shape=(h, w)), sp.IndexedBase("Y", shape=(h, w))
+    th = sp.IndexedBase("th", shape=(4,))
+    u1 = th[0] * X[i, j] + th[1] * X[i + 1, j]
+    u2 = th[2] * X[i, j] + th[3] * X[i, j + 1]
+    problem = Problem(name="tv_learned", x=X, theta=th,
+                      lower=sp.Sum((X[i, j] - Y[i, j]) ** 2, (i, 0, h - 1), (j, 0, w - 1)) / 2
+                      + sp.Sum(sp.sqrt(u1 ** 2 + u2 ** 2 + sp.Rational(1, 4)),
+                               (i, 0, h - 2), (j, 0, w - 2)),
+                      upper=sp.Sum((X[i, j] - Y[i, j]) ** 2, (i, 0, h - 1), (j, 0, w - 1)))
+    der = derive(problem)
+    assert der.status == "certified" and der.constants["L_B"].expr == sp.oo
+    assert "stacked filters" in format_tree(der)
+    rng = np.random.default_rng(4)
+    data = {"Y": rng.standard_normal((3, 3))}
+    q = compute_data_quantities(der, data)
+    oracle = Oracle(problem, data)
+    for theta in (np.array([-1.0, 1.0, -1.0, 1.0]), rng.standard_normal(4)):
+        xc, r = rng.standard_normal(9), 1.0
+        c = evaluate_local(der, theta, q, xc, r, data)
+        assert c["certified"] and c["domains"]["L_B"] == "ball" and np.isfinite(c["L_B"])
+        pts = [xc + r * rng.uniform(0.3, 1) * d / np.linalg.norm(d)
+               for d in rng.standard_normal((8, 9))]
+        H = [np.asarray(oracle.hessian(p, theta), dtype=float) for p in pts]
+        B = [np.asarray(oracle.cross(p, theta), dtype=float) for p in pts]
+        ev = [np.linalg.eigvalsh(m) for m in H]
+        assert c["mu"] <= min(e[0] for e in ev) and max(e[-1] for e in ev) <= c["L"]
+        qa = max(np.linalg.norm(H[a] - H[b], 2) / np.linalg.norm(pts[a] - pts[b])
+                 for a in range(8) for b in range(a))
+        qb = max(np.linalg.norm(B[a] - B[b], 2) / np.linalg.norm(pts[a] - pts[b])
+                 for a in range(8) for b in range(a))
+        assert qa <= c["L_A"] and qb <= c["L_B"]
+        RATIOS.setdefault("isotropic TV of learned filters: L_A / measured", []).append(c["L_A"] / qa)
+        RATIOS.setdefault("isotropic TV of learned filters: ball L_B / measured", []).append(
+            c["L_B"] / qb)
 
 
 # -- (h) the audit ---------------------------------------------------------------------------

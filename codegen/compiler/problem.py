@@ -140,9 +140,12 @@ def _variable_spec(var: object, default_name: str,
     role = "x" if default_name == "x" else "theta"
     if isinstance(var, sp.IndexedBase):
         shape = var.shape
-        if shape is None or len(shape) not in ((1, 2) if role == "x" else (1,)):
-            allowed = "1-D or 2-D" if role == "x" else "1-D"
-            raise ProblemError(f"{what} {var.name}: IndexedBase needs a {allowed} shape, got {shape}")
+        if shape is None or len(shape) not in (1, 2):
+            raise ProblemError(f"{what} {var.name}: IndexedBase needs a 1-D or 2-D shape, got {shape}")
+        if role == "theta" and len(shape) == 2 and not all(sp.sympify(s).is_Integer for s in shape):
+            # a 2-D theta (learned filters theta[f, k]) is flattened in C order everywhere; its
+            # entries are read by number, so its shape must be numbers
+            raise ProblemError(f"{what} {var.name}: a 2-D theta needs a numeric shape, got {shape}")
         return ArraySpec(str(var.label), tuple(sp.sympify(s) for s in shape), role), {}
     if isinstance(var, sp.Symbol):
         var = [var]

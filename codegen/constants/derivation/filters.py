@@ -10,10 +10,10 @@ entries and scalar data. Such a map is an in-bounds section of the convolution b
     dK/dtheta_l = sum_s (dc_s/dtheta_l) S_s, so ||dK/dtheta_l|| <= m_l = sum_s |dc_s/dtheta_l| and
     |(dK/dtheta_l y)_I| <= m_l ||y||_inf.
 
-The bounds are SymPy expressions: ||c||_1 reads theta (evaluated per theta) and the data entries
-(symbols `Kf[0, 1, 2]` whose values are read from the data at bind, `evaluation/quantities.py`).
-When no tap reads theta, the certified frequency-response bound sup |c^| replaces ||c||_1 at bind
-(`FilterGainSq`, evaluated in `evaluation/numeric.py`), taking the smaller of the two.
+The bounds are SymPy expressions in the theta entries and the data entries (symbols
+`Kf[0, 1, 2]` whose values are read from the data at bind, `evaluation/quantities.py`):
+||K||^2 <= min(||c||_1^2, FilterGainSq(shifts, c)), the second the certified frequency-response
+bound (`evaluation/spectral.py`), evaluated at each theta (memoised on the tap values).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _coefficient(expr, ctx) -> sp.Expr | None:
             return None
         name = str(ix.base.label)
         if name == ctx.th.name:
-            rep[ix] = ctx.theta_symbol(int(ix.indices[0]))
+            rep[ix] = ctx.theta_symbol(ctx.theta_flat(ix))
         elif name == ctx.x.name:
             return None
         else:
@@ -101,13 +101,11 @@ def filter_operator(lin, limits, ctx) -> OpFacts | None:
     l2 = sp.sqrt(sp.Add(*[c**2 for c in coeffs]))
     theta = set(ctx.theta_syms.values())
     reads_theta = any(c.free_symbols & theta for c in coeffs)
-    if reads_theta:
-        normsq, how = l1**2, "||K|| <= ||c||_1 (Young), evaluated at each theta"
-    else:
-        shifts = sp.Tuple(*[sp.Tuple(*k) for k in sorted(taps)])
-        normsq = sp.Min(l1**2, FilterGainSq(shifts, *coeffs))
-        how = ("||K||^2 <= min(||c||_1^2, certified sup_omega |c^(omega)|^2) (frequency response "
-               "on a grid plus a curvature margin), evaluated at bind")
+    shifts = sp.Tuple(*[sp.Tuple(*k) for k in sorted(taps)])
+    normsq = sp.Min(l1**2, FilterGainSq(shifts, *coeffs))
+    how = ("||K||^2 <= min(||c||_1^2 (Young), certified sup_omega |c^(omega)|^2 (frequency "
+           "response on a grid plus a curvature margin)), evaluated "
+           + ("at each theta" if reads_theta else "once per bind"))
     dtaps = {s: sp.Add(*[sp.Abs(sp.diff(c, s)) for c in coeffs])
              for s in sorted(set().union(*[c.free_symbols for c in coeffs]) & theta,
                              key=lambda s: s.name)}
@@ -117,10 +115,8 @@ def filter_operator(lin, limits, ctx) -> OpFacts | None:
             + (f"; ||dK/d{', '.join(s.name for s in dtaps)}|| <= sum_s |dc_s/dtheta_l| "
                f"(learned taps)" if dtaps else ""))
     rec = Record("operator (filter)", normsq, "bound", True, desc)
-    op = OpFacts(normsq, sp.S.Zero, l2, False, False, sp.Mul(*[lim[2] - lim[1] + 1 for lim in limits]),
-                 False, rec, "filter")
-    op.dtaps = dtaps
-    return op
+    rows = sp.Mul(*[lim[2] - lim[1] + 1 for lim in limits])
+    return OpFacts(normsq, sp.S.Zero, l2, False, False, rows, False, rec, "filter", dtaps)
 
 
 def learned_columns(c, f, op: OpFacts) -> tuple[dict, dict]:
@@ -142,3 +138,22 @@ def learned_columns(c, f, op: OpFacts) -> tuple[dict, dict]:
         glob[s] = sp.oo
         ball[s] = first + sp.Abs(c) * f.d3 * N * m * XINF
     return glob, ball
+
+
+def stacked_filters(lins, limits, ctx) -> OpFacts | None:
+    """Filters D_1..D_k stacked per row (a group atom phi(D_p x), e.g. isotropic TV of learned
+    differences): ||D||^2 <= sum_k ||D_k||^2, ||D_p|| <= ||D_p||_F = sqrt(sum_k ||c_k||_2^2), and
+    for learned taps ||dD/dtheta_l|| and max_p ||(dD/dtheta_l y)_p|| / ||y||_inf are both
+    <= sqrt(sum_k m_kl^2), so `learned_columns` applies with that m_l."""
+    ops = [filter_operator(lin, limits, ctx) for lin in lins]
+    if any(op is None for op in ops):
+        return None
+    syms = sorted(set().union(*[op.dtaps for op in ops]), key=lambda s: s.name)
+    dtaps = {s: sp.sqrt(sp.Add(*[op.dtaps.get(s, 0) ** 2 for op in ops])) for s in syms}
+    normsq = sp.Add(*[op.normsq for op in ops])
+    block = sp.sqrt(sp.Add(*[op.rowmax ** 2 for op in ops]))
+    rec = Record("operator (stacked filters)", normsq, "bound", True,
+                 f"{len(ops)} filters stacked per row: ||D||^2 <= sum_k ||D_k||^2, ||D_p|| <= "
+                 f"sqrt(sum_k ||c_k||_2^2); " + "; ".join(op.record.rule for op in ops))
+    return OpFacts(normsq, sp.S.Zero, block, False, False, len(ops) * ops[0].rows, False, rec,
+                   "stacked filters", dtaps)

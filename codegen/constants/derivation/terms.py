@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import sympy as sp
 
 from ...primitives import stabilise
 from ..records import Operator, Record, T, ThetaMax, ThetaMin
 from .atoms import AtomFacts, analyse_atom, group_charbonnier, lse_facts
 from .ball import ball_symbols, term_info
-from .filters import filter_operator, learned_columns
+from .filters import filter_operator, learned_columns, stacked_filters
 from .operators import OpFacts, affine_index, classify_operator, stacked_stencil
 
 
@@ -82,19 +83,35 @@ class Ctx(VarReads):
         if k not in self.theta_syms:
             if self._names is not None and k < len(self._names):
                 name = self._names[k]
+            elif len(self.th.shape) == 2:  # numeric shape (Problem checks it)
+                pos = np.unravel_index(k, tuple(int(s) for s in self.th.shape))
+                name = f"{self.th.name}[{', '.join(str(int(p)) for p in pos)}]"
             else:
                 name = f"{self.th.name}[{k}]"
             self.theta_syms[k] = sp.Symbol(name, real=True)
         return self.theta_syms[k]
 
     def thetafy(self, expr):
-        """theta[k] (k a number) -> real Symbol; None if a theta read has a symbolic index."""
+        """theta[k] (k a number; theta[f, k] for a 2-D theta, flattened in C order) -> real
+        Symbol; None if a theta read has a symbolic index."""
         rep = {}
         for ix in reads(expr, self.th.name):
-            if len(ix.indices) != 1 or not ix.indices[0].is_Integer:
+            flat = self.theta_flat(ix)
+            if flat is None:
                 return None
-            rep[ix] = self.theta_symbol(int(ix.indices[0]))
+            rep[ix] = self.theta_symbol(flat)
         return expr.xreplace(rep)
+
+    def theta_flat(self, ix) -> int | None:
+        """The flat (C order) position of the theta read ix, None for a symbolic index."""
+        if len(ix.indices) != len(self.th.shape) or not all(e.is_Integer for e in ix.indices):
+            return None
+        if len(ix.indices) == 1:
+            return int(ix.indices[0])
+        if not all(s.is_Integer for s in self.th.shape):
+            return None
+        return int(np.ravel_multi_index(tuple(int(e) for e in ix.indices),
+                                        tuple(int(s) for s in self.th.shape)))
 
     def register(self, lin, limits, block, reduce, var, rows, definition) -> str:
         for name, op in self.operators.items():  # one operator per distinct map
@@ -515,11 +532,20 @@ def _group(tf, term, c, ps, core, found, ctx, upper):
         return _unsupported(tf, f"x enters {core} through {len(us)} different affine expressions "
                                 f"(only the group atom sqrt(sum u_k^2 + nu^2) is known)")
     parts = [split_affine(u, ctx) for u in us]
-    if any(ctx.has_theta(lin) for lin, _ in parts):
-        return _unsupported(tf, "theta multiplies x inside a group atom")
-    op = stacked_stencil([lin for lin, _ in parts], tuple(term.limits), ctx)
+    lins = [lin for lin, _ in parts]
+    if any(_filter_candidate(lin, ctx) for lin in lins):
+        op = stacked_filters(lins, tuple(term.limits), ctx)
+        if op is None or (op.dtaps and ps is not None):
+            return _unsupported(tf, "a group atom over filters needs every component to be a "
+                                    "filter sum_s c_s x[I + s] with numeric tap ranges, and no "
+                                    "per-sample weight on learned taps (docs/constants.md 8)")
+    else:
+        op = stacked_stencil(lins, tuple(term.limits), ctx)
     if op is None:
         return _unsupported(tf, "group atom over data operators: no rule (only stencils)")
     tf.kind, tf.rows = "atom", op.rows
     off = sp.Add(*[o for _, o in parts])
-    return _combine(tf, c, ps, facts, op, off, ctx, upper, tuple(term.limits))
+    tf = _combine(tf, c, ps, facts, op, off, ctx, upper, tuple(term.limits))
+    if op.dtaps:
+        _learned(tf, c, facts, op)
+    return tf

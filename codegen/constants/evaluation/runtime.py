@@ -28,7 +28,8 @@ def prepare_constants(module, data: dict) -> dict:
     if module.constants_json is not None:
         derivation = Derivation.from_json(module.constants_json)
         return {"kind": "derived", "derivation": derivation,
-                "quantities": compute_data_quantities(derivation, data)}
+                "quantities": compute_data_quantities(derivation, data),
+                "source": "stated" if meta.get("stated_constants") else "derived"}
     stated = meta.get("stated_constants")
     if not stated:
         raise HypergenError(
@@ -53,7 +54,8 @@ def evaluate_constants(prepared: dict, theta: np.ndarray) -> dict:
             out = evaluate(prepared["derivation"], theta, prepared["quantities"])
             if out["mu"] > 0 and not prepared["reads_theta"]:
                 prepared["theta_free"] = out  # mu <= 0 raises or warns at every call instead
-        return dict(out, certified_flags=dict(out["certified_flags"]))
+        return dict(out, certified_flags=dict(out["certified_flags"]),
+                    source=prepared.get("source", "derived"))
     out = {}
     for name in NAMES:
         fn = prepared["functions"].get(name)
