@@ -401,6 +401,17 @@ def run_case(key, spec, args, have_jax):
                    "uncertified)"] = ("tuned", partial(tuned, eps=tol, delta=tol),
                                       dict(solver=solver, tol=tol))
 
+    # the default call (lower = adjoint = "auto") against the best explicit pair (issue 16's
+    # first goal): warm, and the first call of a fresh bind (bind included, as for each pair)
+    contenders[f"hypergen auto (default) rtol={TARGET:g}"] = (
+        "auto", partial(prob.hypergradient, th, rtol=TARGET), dict(solver="auto"))
+    module = codegen.load(ROOT / "examples" / f"{name}.py")
+    for lower, adjoint in [*pairs, ("auto", "auto")]:
+        contenders[f"hypergen {lower}+{adjoint} first call of a fresh bind"] = (
+            "first", lambda lower=lower, adjoint=adjoint: module.bind(**data).hypergradient(
+                th, lower=lower, adjoint=adjoint, rtol=TARGET),
+            dict(solver=f"{lower}+{adjoint}"))
+
     # NumPy / SciPy: every applicable lower solver
     model = numpy_model(name, data, th)
     c = prob.constants(th)
@@ -444,13 +455,22 @@ def run_case(key, spec, args, have_jax):
                               args.repeat)
     for label, (kind, call, info) in contenders.items():
         t, first, out = times[label]
-        grad = out.grad if kind in ("hg", "tuned") else np.asarray(out)
+        grad = out.grad if kind in ("hg", "tuned", "auto", "first") else np.asarray(out)
         entry = dict(info, t=t, err=rel_err(grad, ref))
         line = f"  {label}: {t * 1e3:.2f} ms, true err {entry['err']:.2g}"
-        if kind in ("hg", "tuned"):
+        if kind == "first":
+            row.setdefault("first", {})[info["solver"]] = t
+            print(f"  {label}: {t * 1e3:.2f} ms")
+            continue
+        if kind in ("hg", "tuned", "auto"):
             entry.update(bound=out.bound / np.linalg.norm(out.grad), units=out.work["units"],
                          cross=out.work["cross"], status=out.status, call=call)
             line += f", work {out.work}"
+        if kind in ("hg", "auto"):
+            entry["c_calls"] = c_calls(call)
+            line += f", {entry['c_calls']} Python-to-C calls"
+            if kind == "auto":
+                line += f", chose {out.lower_solver}+{out.adjoint_solver}"
         if kind == "hg":
             line += (f", {out.notes[-1].count('eps=')} round(s), certified bound/||h|| "
                      f"{entry['bound']:.2g}, status {out.status}")
@@ -493,6 +513,21 @@ def profile(call, key):
     print("\n".join("    " + line for line in buf.getvalue().splitlines()[6:26]))
 
 
+def c_calls(call):
+    """Python-to-C calls of one call: kernel calls (KernelCaller.__call__) plus fused solver
+    loops (FusedLoops.run), counted by cProfile."""
+    pr = cProfile.Profile()
+    pr.enable()
+    call()
+    pr.disable()
+    count = 0
+    for (file, _, fn), (_, nc, _, _, _) in pstats.Stats(pr).stats.items():
+        if (fn == "__call__" and file.endswith("kernel_caller.py")) or \
+                (fn == "run" and file.endswith("fused.py")):
+            count += nc
+    return count
+
+
 def call_overhead(prob, th, hg):
     """Wall time of one kernel call through the Python layer (BoundProblem -> cffi -> C) next to
     the hypergradient's kernel-call count: the floor of hypergen's time on tiny problems."""
@@ -531,6 +566,23 @@ def table(rows, have_jax):
               f"| {tuned_ratio} |")
 
 
+def auto_table(rows):
+    """The default call against the best explicit pair, warm and on a fresh bind's first call,
+    and the Python-to-C calls of each."""
+    print("\n| case | auto ms | best pair ms (pair) | auto/best | first call: auto ms | best "
+          "first ms (pair) | auto/best | C calls: auto, best pair |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "auto" not in r:
+            continue
+        a, h, first = r["auto"], r["hg"], r["first"]
+        best = min((p for p in first if p != "auto+auto"), key=first.get)
+        print(f"| {r['case']} | {fmt_ms(a['t'])} | {fmt_ms(h['t'])} ({h['solver']}) | "
+              f"{a['t'] / h['t']:.2f} | {fmt_ms(first['auto+auto'])} | {fmt_ms(first[best])} "
+              f"({best}) | {first['auto+auto'] / first[best]:.2f} | {a['c_calls']}, "
+              f"{h['c_calls']} |")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="*", default=list(FULL),
@@ -543,7 +595,12 @@ if __name__ == "__main__":
                         help="BLAS/OpenMP/XLA threads for every library, hypergen's OpenMP "
                              "kernels included (default 1; 0 = library defaults)")
     parser.add_argument("--no-jax", action="store_true", help="skip JAXopt")
+    parser.add_argument("--no-fused", action="store_true",
+                        help="hypergen without its solver loops fused in C (Python loops only)")
     args = parser.parse_args()
+    if args.no_fused:
+        from codegen.hypergrad import fused
+        fused.FUSED_MAX_SIZE = 0
     specs = QUICK if args.quick else FULL
     unknown = [c for c in args.cases if c not in specs]
     if unknown:
@@ -560,3 +617,4 @@ if __name__ == "__main__":
     print(f"load average at end {os.getloadavg()[0]:.2f} (other processes on this machine make "
           "times noisy)")
     table(rows, have_jax)
+    auto_table(rows)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Union
@@ -21,6 +20,8 @@ from .. import ir
 from ..kernels import CACHE_BUFFER, KernelSpec
 from ..problem import Problem
 from .loopnest import LoopNestBuilder, Node
+from .loops import loops_context
+from .params import Param
 from .printer import KernelPrinter
 
 
@@ -37,14 +38,6 @@ def environment() -> jinja2.Environment:
         loader=jinja2.FileSystemLoader(str(templates_dir())),
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
         keep_trailing_newline=True, autoescape=False)
-
-
-@dataclass
-class Param:
-    ctype: str
-    name: str
-    role: str  # "size", "theta", "data", "scalar", "input", "output", "work"
-    length: str = ""  # C expression of the element count, for arrays
 
 
 def _size_symbols(program: ir.Program, sizes: Sequence[sp.Symbol]) -> list[sp.Symbol]:
@@ -288,9 +281,11 @@ def render_module(problem: Problem, specs: list[KernelSpec]) -> tuple[str, str, 
     contexts = [k.context() for k in kernels]
     sizes = [s.name for s in problem.sizes]
     work = [k.work_code() for k in kernels if k.work_code() is not None]
+    loops, loop_work = loops_context(problem, kernels, f"hg_{problem.name}")
     ctx = {
         "problem": problem.name, "prefix": f"hg_{problem.name}", "version": __version__,
-        "abi": ABI_VERSION, "kernels": contexts, "sizes": sizes, "work": work,
+        "abi": ABI_VERSION, "kernels": contexts, "sizes": sizes, "work": work + loop_work,
+        "loops": loops,
         "template_digest": template_digest(),
     }
     header = env.get_template("module.h.j2").render(**ctx)

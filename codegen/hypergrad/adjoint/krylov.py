@@ -25,6 +25,7 @@ from ..common import (
     norm,
     true_residual,
 )
+from ..fused import fused_cg, loops_for
 from ..krylov import cg
 from ..rates import cg_rate_bound, gd_step, hb_step, rates
 from ..results import AdjointResult, Status
@@ -112,10 +113,16 @@ def _cg_segments(task: AdjointTask, run: _Run) -> tuple[Status, float, str, int,
     """CG segments until the true residual meets delta: (status, R or nan, message,
     iterations, segments)."""
     it, segments, s = 0, 1, -run.r
+    loops = loops_for(task.k) if run.history is None else None
     while True:
-        out = cg(run.hvp, task.b, run.q, residual=s, tol=task.delta,
-                 max_iter=task.max_iter - it, min_iter=max(run.min_iter - it, 0),
-                 diverge_from=run.r0, history=run.history)
+        if loops is not None:  # the same CG in one C call
+            out = fused_cg(loops, task.x, task.theta, task.b, run.q, residual=s,
+                           tol=task.delta, max_iter=task.max_iter - it,
+                           min_iter=max(run.min_iter - it, 0), diverge_from=run.r0)
+        else:
+            out = cg(run.hvp, task.b, run.q, residual=s, tol=task.delta,
+                     max_iter=task.max_iter - it, min_iter=max(run.min_iter - it, 0),
+                     diverge_from=run.r0, history=run.history)
         run.n_hvp += out.matvecs
         it += out.iterations
         run.q = out.x

@@ -10,6 +10,7 @@ import math
 from functools import partial
 
 from ..common import LowerTask, call_kernel, norm
+from ..fused import fused_cg, loops_for
 from ..krylov import cg
 from ..rates import cg_rate_bound, rates
 from ..results import LowerResult, Status
@@ -30,11 +31,16 @@ def solve_cg(task: LowerTask) -> LowerResult:
     gn = gn0 = norm(g)
     hist = [gn / mu] if task.record else None
     g_true = True  # does g hold the true gradient at x?
+    loops = loops_for(k) if hist is None else None
     status, msg = (Status.CONVERGED if gn / mu <= tol else None), ""
     while status is None:
         # the Hessian is constant: the segment's first x serves for all its products
-        run = cg(partial(k.lower_hvp, x, th), -g, x, residual=-g, tol=tol, scale=mu,
-                 max_iter=task.max_iter - it, history=hist)
+        if loops is not None:  # the same CG in one C call
+            run = fused_cg(loops, x, th, -g, x, residual=-g, tol=tol, scale=mu,
+                           max_iter=task.max_iter - it)
+        else:
+            run = cg(partial(k.lower_hvp, x, th), -g, x, residual=-g, tol=tol, scale=mu,
+                     max_iter=task.max_iter - it, history=hist)
         n_hvp += run.matvecs
         it += run.iterations
         x, g_true = run.x, run.iterations == 0 and g_true

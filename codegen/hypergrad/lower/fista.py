@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from ..common import LowerTask, all_finite, call_kernel, norm
+from ..fused import LOOP_STATUSES, REASON_KERNEL, FusedLoops, contiguous, loops_for
 from ..rates import rates
 from ..results import LowerResult, Status
 from .stopping import first_order_stop
@@ -42,6 +45,9 @@ def solve_fista(task: LowerTask) -> LowerResult:
     mu, L = task.constants["mu"], task.constants["L"]
     step = {"tau": 1.0 / L, "q": mu / L}
     tau, q = step["tau"], step["q"]
+    loops = None if task.record else loops_for(k)
+    if loops is not None:
+        return _fused(task, loops, step)
     y = y_prev = x0
     t = 0.0
     it = n_grad = 0
@@ -72,8 +78,36 @@ def solve_fista(task: LowerTask) -> LowerResult:
         y_prev, y = y, z - tau * g
         t = t_next
         it += 1
+    return _result(task, step, status, it, n_grad, x_last, g_last, gn, gn0, beta_last, hist,
+                   msg)
+
+
+def _fused(task: LowerTask, loops: FusedLoops, step: dict[str, Any]) -> LowerResult:
+    """The loop above in one C call (codegen/hypergrad/fused.py): the same iterates up to the
+    rounding of the norms, the same stopping test."""
+    mu = task.constants["mu"]
+    z, g = np.empty(loops.x_size), np.empty(loops.x_size)
+    info = loops.run("loop_fista", contiguous(task.theta), [contiguous(task.x0), z, g],
+                     [task.tol, mu, step["tau"], step["q"], float(task.max_iter)])
+    status, it, n_grad = LOOP_STATUSES[int(info[0])], int(info[1]), int(info[2])
+    gn, gn0, beta_last, have_z = float(info[3]), float(info[4]), float(info[5]), info[6] > 0
+    if status is Status.DIVERGED:
+        msg = first_order_stop(gn, gn0, mu, task.tol, it, task.max_iter)[1]
+    elif status is Status.NON_FINITE:
+        msg = "non-finite kernel output" if int(info[7]) == REASON_KERNEL else "non-finite iterate"
+    else:
+        msg = ""
+    return _result(task, step, status, it, n_grad, z if have_z else None,
+                   g if have_z else None, gn, gn0, beta_last, None, msg)
+
+
+def _result(task: LowerTask, step: dict[str, Any], status: Status, it: int, n_grad: int,
+            x_last: np.ndarray | None, g_last: np.ndarray | None, gn: float, gn0: float,
+            beta_last: float, hist: list[Any] | None, msg: str) -> LowerResult:
+    """The LowerResult of a FISTA run that stopped after `it` steps at (x_last, g_last)."""
+    tol, mu, L = task.tol, task.constants["mu"], task.constants["L"]
     if x_last is None:  # not even the start had a finite gradient
-        return LowerResult(x=x0, grad=None, bound=math.inf, iterations=0, status=status,
+        return LowerResult(x=task.x0, grad=None, bound=math.inf, iterations=0, status=status,
                            solver="fista", tol=tol, mu=mu, L=L, n_grad=n_grad, step=step,
                            message=msg)
     if status is Status.NON_FINITE:

@@ -1,0 +1,151 @@
+"""Solver loops fused in C: one Python-to-C call per CG segment, FISTA or gradient-descent solve
+on a small problem, instead of a few per iteration (docs/solvers.md 5).
+
+A module generated with the solver-loop templates exports `hg_<name>_loop_cg`, `_loop_fista` and
+`_loop_descent` (codegen/compiler/emit/loops.py), which run, step for step, the Python loops of
+`krylov.cg`, `lower/fista.py` and `lower/gradient.py` through the module's own kernels. Their
+arguments are every size, theta and every data array in meta.json's order, the loop's vectors,
+a control vector and an info vector (both doubles), and the bound problem's work buffer (its
+work_size covers the loops). `loops_for(k)` returns a `FusedLoops` for a bound problem of at most
+`FUSED_MAX_SIZE` unknowns whose module has them, else None: the Python loops then run, as they
+do for plain-NumPy kernels, with a history to record, or on a large problem (where a kernel call
+costs far more than the Python around it, and Ctrl-C should reach the loop between kernel calls).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import KernelError
+from .krylov import CGResult
+from .results import Status
+
+__all__ = ["FUSED_MAX_SIZE", "FusedLoops", "loops_for", "fused_cg", "LOOP_STATUSES"]
+
+#: Largest x (entries) for which the solvers take the fused loops (measured: docs/solvers.md 5).
+FUSED_MAX_SIZE = 256
+
+#: info[0] of a loop -> Status (codegen/compiler/emit/loops.py LOOP_STATUS).
+LOOP_STATUSES = (Status.CONVERGED, Status.CAPPED, Status.DIVERGED, Status.NON_FINITE,
+                 Status.NOT_SPD)
+
+#: info[reason] of a loop: 1 a kernel output was not finite, 2 an iterate, 3 d^T A d.
+REASON_KERNEL, REASON_ITERATE, REASON_CURVATURE = 1, 2, 3
+
+_INFO_SIZE = 8
+_LOOPS: weakref.WeakKeyDictionary[Any, FusedLoops | None] = weakref.WeakKeyDictionary()
+
+
+class FusedLoops:
+    """The fused loops of one bound problem: the fixed arguments (sizes, data, work) bound once,
+    the vectors, control and info per call, under the bound problem's kernel lock (the loops use
+    its shared work buffer, as every kernel does)."""
+
+    def __init__(self, k: Any) -> None:
+        module = k.module
+        self.ffi, self.x_size = module.ffi, int(k.x_size)
+        prefix = f"hg_{module.name}"
+        self.functions = {name: getattr(module.lib, f"{prefix}_{name}")
+                          for name in ("loop_cg", "loop_fista", "loop_descent")}
+        meta, from_buffer = module.meta, module.ffi.from_buffer
+        self.sizes = [int(k.sizes[s]) for s in meta["sizes"]]
+        self.data: list[Any] = []
+        for array in meta["arrays"]:
+            if array["role"] != "data":
+                continue
+            value = k.data[array["name"]]
+            if array.get("sparse"):
+                self.data += [from_buffer("double[]", value.data),
+                              from_buffer("int64_t[]", value.indices),
+                              from_buffer("int64_t[]", value.indptr)]
+            elif array["shape"]:
+                self.data.append(from_buffer("double[]", value))
+            else:
+                self.data.append(float(value))
+        self.work = from_buffer("double[]", k.work)
+        self.keep = (k.data, k.work)
+        self.lock = k.kernels["lower_grad"].lock
+
+    def run(self, name: str, theta: np.ndarray, vectors: list[np.ndarray],
+            control: list[float]) -> np.ndarray:
+        """Call loop `name`; vectors are C-contiguous float64 (outputs written in place).
+        Returns the info vector."""
+        from_buffer = self.ffi.from_buffer
+        info = np.zeros(_INFO_SIZE)
+        ctl = np.asarray(control, dtype=np.float64)
+        args = [*self.sizes, from_buffer("double[]", theta), *self.data,
+                *(from_buffer("double[]", v) for v in vectors),
+                from_buffer("double[]", ctl), from_buffer("double[]", info), self.work]
+        with self.lock:
+            status = self.functions[name](*args)
+        if status != 0:
+            raise KernelError(f"{name}: invalid size (every size must be at least 1)")
+        return info
+
+
+def loops_for(k: Any) -> FusedLoops | None:
+    """The fused loops of bound problem k when it has them and x has at most FUSED_MAX_SIZE
+    entries, else None (plain kernels, an older module, a large problem)."""
+    if getattr(k, "x_size", FUSED_MAX_SIZE + 1) > FUSED_MAX_SIZE:
+        return None
+    try:
+        return _LOOPS[k]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referenceable: not a bound problem
+        return None
+    module = getattr(k, "module", None)
+    loops = None
+    if module is not None and hasattr(module.lib, f"hg_{module.name}_loop_cg"):
+        loops = FusedLoops(k)
+    _LOOPS[k] = loops
+    return loops
+
+
+def contiguous(v: np.ndarray) -> np.ndarray:
+    """v as a C-contiguous float64 vector (a copy only when it is not one already)."""
+    return np.ascontiguousarray(v, dtype=np.float64).ravel()
+
+
+@dataclass(frozen=True)
+class _CGMessage:
+    """Why loop_cg stopped, as `krylov.cg` words it."""
+
+    status: Status
+    reason: int
+    value: float
+    diverge_from: float
+
+    def text(self) -> str:
+        if self.status is Status.DIVERGED:
+            return f"residual grew from {self.diverge_from:.3g} to {self.value:.3g}"
+        if self.status is Status.NOT_SPD:
+            return f"d^T A d = {self.value:.3g} <= 0"
+        if self.status is Status.NON_FINITE:
+            return {REASON_KERNEL: "non-finite kernel output",
+                    REASON_ITERATE: "non-finite CG iterate"}.get(self.reason,
+                                                                 "d^T A d is not finite")
+        return ""
+
+
+def fused_cg(loops: FusedLoops, x_at: np.ndarray, theta: np.ndarray, b: np.ndarray,
+             x0: np.ndarray | None = None, *, residual: np.ndarray | None = None,
+             tol: float = 0.0, scale: float = 1.0, max_iter: int = 10_000, min_iter: int = 0,
+             diverge_from: float | None = None) -> CGResult:
+    """`krylov.cg` on A(x_at) u = b, A the lower Hessian, in one C call: the same steps and
+    stopping tests (x0 = None starts from 0 with residual b; a given x0 needs its residual)."""
+    if x0 is None:
+        u, s = np.zeros(loops.x_size), contiguous(b).copy()
+    elif residual is None:
+        raise ValueError("fused_cg from a given x0 needs its residual b - A x0")
+    else:
+        u, s = contiguous(x0).copy(), contiguous(residual).copy()
+    diverge = -1.0 if diverge_from is None else float(diverge_from)
+    info = loops.run("loop_cg", contiguous(theta), [contiguous(x_at), u, s],
+                     [tol, scale, float(max_iter), float(min_iter), diverge])
+    status = LOOP_STATUSES[int(info[0])]
+    message = _CGMessage(status, int(info[4]), float(info[5]), diverge).text()
+    return CGResult(u, s, float(info[3]), int(info[1]), int(info[2]), status, message)

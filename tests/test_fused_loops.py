@@ -1,0 +1,236 @@
+"""The solver loops fused in C (codegen/hypergrad/fused.py, templates/solver_loops.c.j2) against
+the Python loops they replace (docs/solvers.md 5).
+
+record=True keeps the Python loop (it needs per-iteration data), record=False takes the fused one
+on these small problems, so the two paths run on one bound problem:
+* lower cg / fista / gd / hb and adjoint cg: the same status and iteration count (within 1), points
+  within the sum of their certified bounds, and each bound >= the true error against a solve to
+  rounding; capped, diverged and non-finite runs stop alike;
+* the hypergradient with rtol: the same solvers and rounds, certified bounds that hold against a
+  reference at eps = delta = 1e-13;
+* AddressSanitizer + UBSan: a C driver runs every loop of three examples (one with a prepared HVP,
+  one with scalar data) on exactly sized buffers (data, vectors, control, info and work_size).
+"""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import sympy as sp
+
+from codegen.hypergrad import solve_adjoint, solve_lower
+from codegen.hypergrad.common import LowerTask, checked_constants
+from codegen.hypergrad.fused import FUSED_MAX_SIZE, loops_for
+from codegen.hypergrad.lower import gradient
+from codegen.pipeline import generate
+
+from support import built_example, load_example
+
+SMALL = {"ridge": dict(m=60, n=20, p=15), "logistic": dict(m=80, n=20, p=30)}
+
+
+def bound_problem(name, build_dir):
+    _, module, ns = built_example(name, build_dir)
+    prob = module.bind(**ns["example_data"](**SMALL[name]))
+    return prob, np.atleast_1d(np.float64(ns["THETA0"]))
+
+
+def exact_solution(prob, th):
+    """x* to rounding: Newton with the dense Hessian, polished until the gradient stalls."""
+    x = solve_lower(prob, th, solver="direct", tol=1e-14).x
+    for _ in range(3):
+        x = x - np.linalg.solve(prob.lower_hessian(x, th), prob.lower_grad(x, th))
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_the_small_examples_have_fused_loops(name, build_dir):
+    prob, _ = bound_problem(name, build_dir)
+    assert prob.x_size <= FUSED_MAX_SIZE
+    assert loops_for(prob) is not None
+
+
+@pytest.mark.parametrize("name,solver", [("ridge", "cg"), ("ridge", "fista"), ("ridge", "gd"),
+                                         ("ridge", "hb"), ("logistic", "fista"),
+                                         ("logistic", "gd")])
+def test_fused_lower_solvers_match_the_python_loops(name, solver, build_dir):
+    prob, th = bound_problem(name, build_dir)
+    x_star = exact_solution(prob, th)
+    tol = 1e-9
+    fused = solve_lower(prob, th, solver=solver, tol=tol)
+    python = solve_lower(prob, th, solver=solver, tol=tol, record=True)
+    assert fused.status == python.status == "converged"
+    assert abs(fused.iterations - python.iterations) <= 1
+    assert (fused.n_grad, fused.n_hvp) == (python.n_grad, python.n_hvp) or \
+        abs(fused.iterations - python.iterations) == 1
+    assert np.linalg.norm(fused.x - python.x) <= fused.bound + python.bound
+    for res in (fused, python):
+        assert res.bound <= tol
+        assert np.linalg.norm(res.x - x_star) <= res.bound * (1 + 1e-6) + 1e-13
+        np.testing.assert_allclose(res.grad, prob.lower_grad(res.x, th), rtol=0, atol=1e-14)
+    assert fused.apriori == pytest.approx(python.apriori, rel=1e-6)
+    assert fused.history is None and python.history is not None
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_fused_adjoint_cg_matches_the_python_loop(name, build_dir):
+    prob, th = bound_problem(name, build_dir)
+    x = exact_solution(prob, th)
+    b = prob.upper_grad(x, th)
+    q_star = np.linalg.solve(prob.lower_hessian(x, th), b)
+    for q0 in (None, 0.5 * q_star):
+        fused = solve_adjoint(prob, x, th, solver="cg", delta=1e-10, q0=q0)
+        python = solve_adjoint(prob, x, th, solver="cg", delta=1e-10, q0=q0, record=True)
+        assert fused.status == python.status == "converged"
+        assert abs(fused.iterations - python.iterations) <= 1
+        assert fused.segments == python.segments
+        for res in (fused, python):
+            assert res.residual <= 1e-10
+            true = np.linalg.norm(prob.lower_hvp(x, th, res.q) - b)
+            assert true == pytest.approx(res.residual, rel=1e-6, abs=1e-15)
+            assert np.linalg.norm(res.q - q_star) <= res.bound * (1 + 1e-6) + 1e-13
+        assert np.linalg.norm(fused.q - python.q) <= fused.bound + python.bound
+
+
+@pytest.mark.parametrize("solver", ["cg", "fista", "gd"])
+def test_capped_runs_stop_alike(solver, build_dir):
+    prob, th = bound_problem("ridge", build_dir)
+    fused = solve_lower(prob, th, solver=solver, tol=1e-14, max_iter=7)
+    python = solve_lower(prob, th, solver=solver, tol=1e-14, max_iter=7, record=True)
+    assert fused.status == python.status == "capped"
+    assert fused.iterations == python.iterations == 7
+    assert np.linalg.norm(fused.x - python.x) <= 1e-10 * np.linalg.norm(python.x)
+    assert fused.bound == pytest.approx(python.bound, rel=1e-8)
+
+
+def test_diverged_and_non_finite_runs_stop_alike(build_dir):
+    """A step 50 times too long (L taken far below the true one) diverges, with the same
+    message; a start where the gradient overflows is non-finite with no gradient."""
+    prob, th = bound_problem("ridge", build_dir)
+    c = checked_constants(prob, th)
+    wrong = dict(c, L=c["mu"])  # step 2 / (2 mu): far beyond 2 / L
+    runs = [gradient.solve_gd(LowerTask(prob, th, wrong, 1e-9, np.zeros(prob.x_size), 10_000,
+                                        record=record)) for record in (False, True)]
+    assert runs[0].status == runs[1].status == "diverged"
+    assert runs[0].iterations == runs[1].iterations
+    assert runs[0].message == runs[1].message and "grew" in runs[0].message
+    huge = np.full(prob.x_size, 1e308)  # A x overflows
+    for solver in ("gd", "fista"):
+        fused = solve_lower(prob, th, solver=solver, x0=huge)
+        python = solve_lower(prob, th, solver=solver, x0=huge, record=True)
+        assert fused.status == python.status == "non-finite"
+        assert fused.grad is None and python.grad is None
+        assert fused.iterations == python.iterations == 0
+        assert fused.message == python.message
+
+
+@pytest.mark.parametrize("name,lower", [("ridge", "cg"), ("logistic", "fista")])
+def test_fused_hypergradients_are_certified(name, lower, build_dir):
+    prob, th = bound_problem(name, build_dir)
+    ref = prob.hypergradient(th, lower="direct", adjoint="direct", eps=1e-13, delta=1e-13)
+    fused = prob.hypergradient(th, lower=lower, adjoint="cg", rtol=1e-6)
+    python = prob.hypergradient(th, lower=lower, adjoint="cg", rtol=1e-6, record=True)
+    assert fused.status == python.status == "ok"
+    for hg in (fused, python):
+        err = np.linalg.norm(hg.grad - ref.grad)
+        assert err <= hg.bound + ref.bound
+        assert hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
+    assert np.linalg.norm(fused.grad - python.grad) <= fused.bound + python.bound
+
+
+# -- AddressSanitizer + UBSan on the loops -------------------------------------------------------
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g",
+            "-fno-omit-frame-pointer"]
+DRIVEN = {"ridge": dict(m=7, n=5, p=3), "logistic": dict(m=9, n=10, p=4),
+          "hypercleaning": dict(c=3, n=4, m=12, mv=6)}
+
+
+def _driver(name, meta, sizes, data):
+    """C source: every loop on exactly sized mallocs of the bound data, from x0 = 0.1."""
+    prefix = f"hg_{name}"
+    lines = ["#include <stdint.h>", "#include <stdio.h>", "#include <stdlib.h>",
+             "#include <string.h>", f'#include "{prefix}.h"', "",
+             "static double *exact(const double *values, int64_t count)",
+             "{",
+             "    double *p = malloc(sizeof(double) * (size_t)count);",
+             "    if (p == NULL) exit(3);",
+             "    memcpy(p, values, sizeof(double) * (size_t)count);",
+             "    return p;",
+             "}", "", "int main(void)", "{"]
+    args = [str(sizes[s]) for s in meta["sizes"]]
+    n_x = None
+    for a in meta["arrays"]:
+        if a["role"] == "data" and not a["shape"]:
+            args.append(repr(float(data[a["name"]])))
+            continue
+        if a["role"] == "x":
+            n_x = int(np.prod([_extent(e, sizes) for e in a["shape"]]))
+            continue
+        if a["role"] not in ("data", "theta"):
+            continue
+        values = (data[a["name"]] if a["role"] == "data"
+                  else np.zeros(int(np.prod([_extent(e, sizes) for e in a["shape"]]))))
+        flat = ", ".join(repr(float(v)) for v in np.ravel(values))
+        lines.append(f"    static const double v_{a['name']}[] = {{{flat}}};")
+        lines.append(f"    double *a_{a['name']} = exact(v_{a['name']}, {np.size(values)});")
+    theta = meta["theta"]
+    fixed = [*args[:len(meta["sizes"])], f"a_{theta}",
+             *[f"a_{a['name']}" if a["shape"] else repr(float(data[a["name"]]))
+               for a in meta["arrays"] if a["role"] == "data"]]
+    size_args = ", ".join(args[:len(meta["sizes"])])
+    lines += [f"    const int64_t work_count = {prefix}_work_size({size_args});",
+              f"    double start[{n_x}];",
+              f"    for (int k = 0; k < {n_x}; ++k) start[k] = 0.1;",
+              "    int failures = 0;"]
+    controls = {"loop_cg": ("1e-300, 1.0, 40.0, 0.0, 1.0", 6),
+                "loop_fista": ("1e-300, 1e-3, 1e-2, 1e-1, 40.0", 8),
+                "loop_descent": ("1e-300, 1e-3, 1e-2, 0.5, 40.0", 7)}
+    for loop, (ctl, info) in controls.items():
+        lines += ["    {",
+                  f"        double *v0 = exact(start, {n_x}), *v1 = exact(start, {n_x}),"
+                  f" *v2 = exact(start, {n_x});",
+                  f"        static const double c[] = {{{ctl}}};",
+                  "        double *ctl = exact(c, 5);",
+                  f"        double *info = malloc(sizeof(double) * {info});",
+                  "        double *work = malloc(sizeof(double) * (size_t)work_count);",
+                  f"        int status = {prefix}_{loop}({', '.join(fixed)}, v0, v1, v2, ctl, info, work);",
+                  f"        if (status != 0) {{ fprintf(stderr, \"FAIL {loop}: %d\\n\", status); ++failures; }}",
+                  f"        else printf(\"{loop} status %g iterations %g\\n\", info[0], info[1]);",
+                  "        free(v0); free(v1); free(v2); free(ctl); free(info); free(work);",
+                  "    }"]
+    lines += [f"    free(a_{a['name']});" for a in meta["arrays"]
+              if a["role"] in ("data", "theta") and a["shape"]]
+    lines += ["    return failures;", "}", ""]
+    return "\n".join(lines)
+
+
+def _extent(expr, sizes):
+    return int(sp.sympify(expr).xreplace({sp.Symbol(k): v for k, v in sizes.items()}))
+
+
+@pytest.mark.parametrize("name", sorted(DRIVEN))
+def test_loops_under_address_sanitizer(name, tmp_path):
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler {cc!r}")
+    problem, ns = load_example(name)
+    texts = generate(problem)
+    sizes = DRIVEN[name]
+    data = ns["example_data"](**sizes)
+    (tmp_path / f"hg_{name}.c").write_text(texts["source"])
+    (tmp_path / f"hg_{name}.h").write_text(texts["header"])
+    (tmp_path / "driver.c").write_text(_driver(name, texts["meta"], sizes, data))
+    build = subprocess.run([cc, "-std=c99", "-O1", "-fopenmp-simd", *SANITIZE, "driver.c",
+                            f"hg_{name}.c", "-o", "driver", "-lm"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    if build.returncode != 0 and "sanitize" in build.stderr:
+        pytest.skip(f"{cc} cannot build with sanitizers: {build.stderr[:200]}")
+    assert build.returncode == 0, build.stderr
+    res = subprocess.run(["./driver"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, ASAN_OPTIONS="detect_leaks=1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["loop_cg", "loop_fista", "loop_descent"]
+    # 40 steps each unless a test stopped them earlier: the loops ran, not just returned
+    assert all(float(line.split()[-1]) >= 1 for line in lines), lines
