@@ -62,9 +62,10 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
     """Call run(eps, delta, x0, q0, refine_iter) -> HypergradientResult until
     bound <= atol + rtol ||grad||; eps and delta are the first round's tolerances.
 
-    A round whose status is not "ok" (a capped or failed solve, uncertified constants, a zero
-    trap) ends the loop: its result is returned as it is. The refinement of ||x - x*||
-    (refine_iter HVPs) is skipped in the first round, which only measures the parts, and in a
+    A round whose status is not "ok" (a capped or failed solve, a zero trap) ends the loop: its
+    result is returned as it is. Stated (uncertified) constants do not: the bound holds under
+    them, so rtol/atol steer it like a certified one. The refinement of ||x - x*|| (refine_iter
+    HVPs) is skipped in the first round, which only measures the parts, and in a
     later round when the lower solve's own certificate G/mu <= eps keeps the e part within its
     share. The returned result's work sums all rounds; its notes list the rounds' tolerances.
     """
@@ -81,7 +82,7 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
             total[key] += hg.work.get(key, 0)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: bound {fmt(hg.bound)}")
         target = atol + rtol * float(np.linalg.norm(hg.grad))
-        if hg.status != "ok" or hg.bound <= target:
+        if not steerable(hg) or hg.bound <= target:
             break
         r_part, e_part, rounding = bound_parts(hg)
         if rounding >= (1 - 2 * SHARE) * target:
@@ -106,8 +107,15 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
                    f"{fmt(hg.bound)} > atol + rtol ||grad|| = {fmt(target)}")
     notes = tuple(hg.notes) + (f"accuracy rounds (rtol={fmt(rtol)}, atol={fmt(atol)}): "
                                + "; ".join(trail),)
-    reasons = hg.reasons if failure is None else (Reason(ReasonKind.ACCURACY, failure),)
+    reasons = hg.reasons if failure is None else (
+        hg.reasons + (Reason(ReasonKind.ACCURACY, failure),))
     return replace(hg, work=total, notes=notes, reasons=reasons)
+
+
+def steerable(hg: HypergradientResult) -> bool:
+    """Whether another accuracy round can tighten hg's bound: it is finite and its only reasons
+    (if any) say the constants are stated, not certified."""
+    return math.isfinite(hg.bound) and all(r.kind is ReasonKind.UNCERTIFIED for r in hg.reasons)
 
 
 
