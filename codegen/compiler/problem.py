@@ -99,6 +99,8 @@ class Problem:
         _check_functions(self.g, "lower")
         _check_functions(self.f, "upper")
         _check_functions(self.r, "regulariser")
+        for label, expr in (("lower", self.g), ("upper", self.f), ("regulariser", self.r)):
+            _check_differentiable(expr, label, {x_spec.name, th_spec.name})
         if self.r != 0 and any(a.role != "theta" for a in _bases_in(self.r, arrays)):
             raise ProblemError("the regulariser r(theta) may depend on theta and scalar data only")
         if not any(a.role == "x" for a in _bases_in(self.g, arrays)):
@@ -249,6 +251,30 @@ def _check_functions(expr: sp.Expr, label: str) -> None:
                                    f"supported; use one of {allowed}")
         elif isinstance(node, (sp.Integral, sp.Derivative, sp.Product, sp.Piecewise)):
             raise ProblemError(f"{label}: {type(node).__name__} is not supported ({node})")
+
+
+def _check_differentiable(expr: sp.Expr, label: str, variables: set[str]) -> None:
+    """Refuse, naming the term, what the derivatives cannot handle: Abs of an expression in x or
+    theta (its derivative sign(u) jumps at 0 and its second derivative is not a function), and
+    an array indexed by an array (x[idx[j]]: indices must be loop indices plus constants)."""
+    for node in _walk(expr):
+        if isinstance(node, sp.Indexed):
+            inner = [i for index in node.indices for i in sp.preorder_traversal(index)
+                     if isinstance(i, sp.Indexed)]
+            if inner:
+                raise ProblemError(
+                    f"{label}: {node} indexes {node.base.label} with the array {inner[0].base.label}"
+                    f" (indirect indexing is not supported): index with sp.Idx loop indices plus "
+                    f"integer offsets, e.g. gather the data beforehand into an array of its own")
+        elif isinstance(node, sp.Abs):
+            reads = {str(i.base.label) for i in node.atoms(sp.Indexed)} | {
+                s.name for s in node.free_symbols if isinstance(s, sp.Symbol)}
+            if reads & variables:
+                u = node.args[0]
+                raise ProblemError(
+                    f"{label}: {node} is not differentiable where {u} = 0, and certified bounds "
+                    f"need g twice and f once differentiable in x and theta: use a smooth absolute "
+                    f"value such as sqrt(({u})**2 + delta**2) with a small delta > 0")
 
 
 def _size_symbols(specs: Iterable[ArraySpec]) -> set[sp.Symbol]:
