@@ -3,13 +3,14 @@ opened on a scheduler address, runs each sample's task on its home worker.
 
 Installing scatters each worker's samples to it and runs one `install_samples` task there (the
 module travels as its directory name); the bound samples then live in that worker process's
-memory, outside Dask's store, so a task carries only theta, the options and the starting points
-that are not already there. Tasks are pinned to their home worker but may run elsewhere (loose
-restrictions): on a worker that does not hold the sample, the task raises SampleMissing naming
-that worker, and the sample is installed there and run again from explicit arrays. A worker that
-dies while running a task has the task rerun elsewhere by the scheduler (the same path); Dask's
-KilledWorker, a cancelled future or a closed connection counts as a loss, and after
-MAX_ATTEMPTS losses the call raises ExecutorError naming the samples. Dask is imported here only.
+memory, outside Dask's store. A hypergradient is one Dask task per worker thread
+(`run_samples` on that worker's samples, split by thread), each carrying only theta, the
+options and the starting points that are not already there. Tasks are pinned to their home
+worker but may run elsewhere (loose restrictions): on a worker that does not hold a sample, its
+outcome is SampleMissing naming that worker, and the sample is installed there and run again
+from explicit arrays. A batch lost with its worker (KilledWorker, a cancelled future, a closed
+connection) has its samples installed on a live worker and run again; after MAX_ATTEMPTS
+losses of a sample the call raises ExecutorError naming it. Dask is imported here only.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .sample_worker import (
     SampleTask,
     forget_samples,
     install_samples,
-    run_sample,
+    run_samples,
 )
 
 __all__ = ["DaskBackend"]
@@ -46,6 +47,16 @@ def _client(executor: Any) -> tuple[Any, bool]:
         return Client(executor, timeout=CONNECT_TIMEOUT), True
     except (OSError, TimeoutError) as exc:
         raise ExecutorError(f"cannot reach the Dask scheduler at {executor}: {exc}") from None
+
+
+class _Lost:
+    """A batch lost with its worker (or cancelled): its samples are sent again elsewhere."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def __str__(self) -> str:
+        return self.why
 
 
 def _loss_types() -> tuple[type[BaseException], ...]:
@@ -106,63 +117,78 @@ class DaskBackend:
             for s in mine:
                 self.home[s] = label  # where the install task ran
 
-    def _submit(self, task: SampleTask) -> Any:
-        return self.client.submit(run_sample, task, workers=[self.home[task.index]],
-                                  allow_other_workers=True, pure=False,
-                                  key=f"hypergen-sample-{task.index}-{uuid.uuid4().hex}")
+    def _submit(self, tasks: dict[int, SampleTask]) -> list[tuple[Any, list[SampleTask]]]:
+        """One Dask task per worker thread: each home worker's tasks split into as many
+        batches as it has threads (the scheduler then handles workers x threads tasks per
+        call, not one per sample)."""
+        threads = self.client.nthreads()
+        by_worker: dict[str, list[SampleTask]] = {}
+        for s in sorted(tasks):
+            by_worker.setdefault(self.home[s], []).append(tasks[s])
+        out = []
+        for worker, mine in by_worker.items():
+            count = max(1, min(len(mine), int(threads.get(worker, 1))))
+            for b in range(count):
+                batch = mine[b::count]
+                out.append((self.client.submit(
+                    run_samples, batch, workers=[worker], allow_other_workers=True, pure=False,
+                    key=f"hypergen-samples-{batch[0].index}-{uuid.uuid4().hex}"), batch))
+        return out
 
     def run(self, pairs: list[tuple[SampleTask, SampleTask]]) -> list[HypergradientResult]:
-        live = set(self.workers())
-        moved = [warm.index for warm, _ in pairs if self.home[warm.index] not in live]
-        if moved:
-            names = sorted(live)
-            for n, s in enumerate(moved):
-                self.home[s] = names[n % len(names)]
-            self._install(moved)
-        futures = {warm.index: self._submit(full if warm.index in moved else warm)
-                   for warm, full in pairs}
+        full = {warm.index: f for warm, f in pairs}
+        send = {warm.index: warm for warm, _ in pairs}
         results: dict[int, HypergradientResult] = {}
         errors: dict[int, BaseException] = {}
-        for warm, full in pairs:
-            outcome = self._collect(futures[warm.index], full)
-            if isinstance(outcome, BaseException):
-                errors[warm.index] = outcome
-            else:
-                results[warm.index] = outcome
+        losses: dict[int, int] = {}
+        reinstall = self._rehome(list(send))
+        while send:
+            if reinstall:
+                self._install(sorted(reinstall))
+                send.update({s: full[s] for s in reinstall if s in send})
+            batches, send, reinstall = self._submit(send), {}, set()
+            for future, batch in batches:
+                for task, outcome in zip(batch, self._outcomes(future, batch)):
+                    s = task.index
+                    if isinstance(outcome, HypergradientResult):
+                        results[s] = outcome
+                    elif isinstance(outcome, (SampleMissing, _Lost)):
+                        losses[s] = losses.get(s, 0) + 1
+                        if losses[s] >= MAX_ATTEMPTS:
+                            errors[s] = ExecutorError(
+                                f"samples [{s}] could not be computed: lost {losses[s]} times "
+                                f"on the Dask workers (last: {outcome}); no partial mean is "
+                                "returned")
+                        else:
+                            if isinstance(outcome, SampleMissing):
+                                self.home[s] = outcome.worker
+                            send[s], reinstall = full[s], reinstall | {s}
+                    else:
+                        errors[s] = outcome
+            if errors:
+                break
+            reinstall |= self._rehome(list(send))
         if errors:
-            for future in futures.values():
-                future.cancel()
             raise errors[min(errors)]
         return [results[warm.index] for warm, _ in pairs]
 
-    def _collect(self, future: Any, full: SampleTask) -> HypergradientResult | BaseException:
-        """The task's result; after a loss or a missing sample, the sample installed on a live
-        worker and run again from explicit arrays (at most MAX_ATTEMPTS losses)."""
-        losses = 0
-        s = full.index
-        while True:
-            try:
-                result: HypergradientResult = future.result()
-                return result
-            except SampleMissing as missing:
-                self.home[s] = missing.worker
-            except _loss_types() as exc:
-                losses += 1
-                if losses >= MAX_ATTEMPTS:
-                    return ExecutorError(
-                        f"samples [{s}] could not be computed: their Dask task was lost "
-                        f"{losses} times (last: {type(exc).__name__}: {exc}); no partial mean "
-                        "is returned")
-                workers = self.workers()
-                if self.home[s] not in workers:
-                    self.home[s] = workers[s % len(workers)]
-            except Exception as exc:  # noqa: BLE001 - the sample's own error, raised by run
-                return exc
-            try:
-                self._install([s])
-            except ExecutorError as exc:
-                return exc
-            future = self._submit(full)
+    def _rehome(self, samples: list[int]) -> set[int]:
+        """The samples whose home worker is gone, given a live one (to be installed there)."""
+        live = self.workers()
+        moved = {s for s in samples if self.home[s] not in live}
+        for n, s in enumerate(sorted(moved)):
+            self.home[s] = live[n % len(live)]
+        return moved
+
+    def _outcomes(self, future: Any, batch: list[SampleTask]) -> list[Any]:
+        """The batch's per-sample outcomes; a lost batch is a _Lost for each of its samples."""
+        try:
+            outcomes: list[Any] = future.result()
+            return outcomes
+        except _loss_types() as exc:
+            return [_Lost(f"{type(exc).__name__}: {exc}")] * len(batch)
+        except Exception as exc:  # noqa: BLE001 - the batch failed as a whole: each sample
+            return [exc] * len(batch)
 
     def close(self) -> None:
         """Forget the samples on the workers; close the Client if this backend opened it."""

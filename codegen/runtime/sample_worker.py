@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # annotations only: a worker gets its module by unpickling (n
     from .module import GeneratedModule
 
 __all__ = ["MAX_ATTEMPTS", "ExecutorError", "SampleTask", "SampleMissing", "install_samples",
-           "forget_samples", "run_sample", "serve", "worker_label", "blas_threads"]
+           "forget_samples", "run_sample", "run_samples", "serve", "worker_label",
+           "blas_threads"]
 
 
 #: How often a sample may lose its worker within one call before the call fails by its name.
@@ -152,6 +153,18 @@ def run_sample(task: SampleTask) -> HypergradientResult:
     res = hypergradient(held.problem, task.theta, task.options, x0=x0, q0=q0)
     held.run, held.x, held.q = task.run, res.x, res.q
     return res
+
+
+def run_samples(tasks: list[SampleTask]) -> list[HypergradientResult | Exception]:
+    """run_sample for each task in turn (one Dask task per worker thread and call), each
+    sample's error returned in its place, so that it does not lose the others' results."""
+    outcomes: list[HypergradientResult | Exception] = []
+    for task in tasks:
+        try:
+            outcomes.append(run_sample(task))
+        except Exception as exc:  # noqa: BLE001 - the parent raises it, naming the sample
+            outcomes.append(exc)
+    return outcomes
 
 
 def serve(connection: Connection) -> None:

@@ -1,0 +1,172 @@
+"""One hypergradient over many samples: serial against worker processes and a Dask LocalCluster.
+
+    python benchmarks/bench_samples.py                    # 16 and 64 samples of 128 x 128
+    python benchmarks/bench_samples.py --samples 64 --repeat 3 --workers 2
+    python benchmarks/bench_samples.py --quick            # 8 samples of 32 x 32, a smoke run
+
+Problem: 2-D smoothed-TV denoising (examples/tv2d.py) at its THETA0, one lower-level problem
+per image; the images are 128 x 128 crops of scikit-image's photographs (camera, moon, coins,
+astronaut in grey, ...) at random offsets, with Gaussian noise of std 0.1 (seed 0). Each timed
+call is one cold hypergradient, `prob.hypergradient(theta)` (lower and adjoint "auto": Newton
+and CG here), over all samples: serial (this process), executor="processes" (`--workers`
+spawned processes) and a Dask LocalCluster of `--workers` processes with one thread each.
+Contenders are timed in turns (timing.interleaved_times: a warm-up call each, then --repeat
+rounds, one call per round, median), BLAS on --threads threads (default 1: a worker per core).
+
+Printed: the setup (bind_samples: spawning and installing), the median seconds per hypergradient
+and the ratio serial / executor, and whether the executor's result has the serial bits
+(gradient, bound, value, per-sample x and q). Then what travels per sample: the data sent once,
+the task sent per hypergradient with the warm start on the worker and with explicit arrays, the
+result returned; and the parent's cost per task, from 64 samples of 8 x 8 (almost no work).
+The goal of issue 15: at least 1.7x faster than serial with 2 workers at 64 samples.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_times, machine, set_threads_from_argv  # noqa: E402
+
+THREADS = set_threads_from_argv()
+
+import numpy as np  # noqa: E402
+
+import codegen  # noqa: E402
+from codegen.runtime.sample_worker import SampleTask  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+THETA0 = np.array([np.log(0.1), np.log(0.05)])  # examples/tv2d.py's THETA0
+PHOTOS = ("camera", "moon", "coins", "astronaut", "coffee", "page", "text", "brick")
+
+
+def photographs() -> list[np.ndarray]:
+    """scikit-image's photographs as grey values on [0, 1], each at least 128 x 128."""
+    from skimage import color, data
+    out = []
+    for name in PHOTOS:
+        img = np.asarray(getattr(data, name)(), dtype=float)
+        if img.ndim == 3:
+            img = color.rgb2gray(img[..., :3] / 255.0)
+        elif img.max() > 1.0:
+            img = img / 255.0
+        out.append(img)
+    return out
+
+
+def image_samples(count: int, size: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """`count` crops of size x size at random offsets, with their noisy copies (std 0.1)."""
+    rng = np.random.default_rng(seed)
+    photos = photographs()
+    samples = []
+    for s in range(count):
+        img = photos[s % len(photos)]
+        r, c = rng.integers(0, img.shape[0] - size + 1), rng.integers(0, img.shape[1] - size + 1)
+        clean = np.ascontiguousarray(img[r:r + size, c:c + size])
+        samples.append({"Y": clean + 0.1 * rng.standard_normal(clean.shape), "Xt": clean})
+    return samples
+
+
+def bits(res) -> tuple:
+    return (res.grad.tobytes(), np.float64(res.bound).tobytes(), np.float64(res.value).tobytes(),
+            tuple(np.asarray(r.x).tobytes() + np.asarray(r.q).tobytes() for r in res.samples))
+
+
+def compare(module, client, count: int, size: int, workers: int, repeat: int) -> None:
+    """One line per executor: setup, median seconds per hypergradient, ratio, same bits."""
+    data = image_samples(count, size)
+    probs = {"serial": module.bind_samples(data)}
+    setup = {"serial": 0.0}
+    for label, executor in (("processes", "processes"), ("dask", client)):
+        start = time.perf_counter()
+        probs[label] = module.bind_samples(data, executor=executor,
+                                           workers=workers if executor == "processes" else None)
+        setup[label] = time.perf_counter() - start
+    try:
+        timed = interleaved_times({label: (lambda p=p: p.hypergradient(THETA0))
+                                   for label, p in probs.items()}, repeat, warm=0.0)
+    finally:
+        for p in probs.values():
+            p.close()
+    serial_seconds, _, ref = timed["serial"]
+    assert ref.status == "ok", ref.status
+    for label, (seconds, _, res) in timed.items():
+        same = "-" if label == "serial" else ("yes" if bits(res) == bits(ref) else "NO")
+        print(f"{count:>7} {label:>10} {setup[label]:>9.2f} {seconds:>9.3f} "
+              f"{serial_seconds / seconds:>7.2f}x {same:>9}")
+
+
+def traffic(module, size: int) -> None:
+    """Bytes per sample: data (once), task (warm / explicit, per hypergradient), result."""
+    data = image_samples(1, size)
+    prob = module.bind_samples(data)
+    res = prob.hypergradient(THETA0)
+    opts = codegen.hypergrad.HypergradientOptions.make(None, lower=res.lower_solver,
+                                                       adjoint=res.adjoint_solver)
+    warm = SampleTask(0, "token", THETA0, opts, None, None, True, True, 1, 2, 1)
+    full = SampleTask(0, "token", THETA0, opts, res.x[0], res.q[0], False, False, 1, 2, 1)
+    sizes = {"data, sent once": pickle.dumps(prob.samples[0].data),
+             "task, warm start held": pickle.dumps(warm),
+             "task, x0 and q0 sent": pickle.dumps(full),
+             "result returned": pickle.dumps(res.samples[0])}
+    print(f"\nbytes per sample at {size} x {size} ({size * size} unknowns):")
+    for what, blob in sizes.items():
+        print(f"  {what:<24} {len(blob):>10,}")
+
+
+def overhead(module, client, workers: int, count: int = 64) -> None:
+    """The parent's wall time per task when the tasks do almost nothing (8 x 8 images)."""
+    data = image_samples(count, 8)
+    print(f"\ncost per task, {count} samples of 8 x 8 (median of 5 calls; overhead = wall time "
+          f"minus serial / {workers}, per sample):")
+    serial = 0.0
+    for label, executor in (("serial", None), ("processes", "processes"), ("dask", client)):
+        with module.bind_samples(data, executor=executor,
+                                 workers=workers if executor == "processes" else None) as prob:
+            prob.hypergradient(THETA0)
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                prob.hypergradient(THETA0)
+                times.append(time.perf_counter() - start)
+        per_sample = float(np.median(times)) / count
+        serial = serial or per_sample
+        extra = "" if executor is None else \
+            f", overhead {1e3 * (per_sample - serial / workers):.2f} ms"
+        print(f"  {label:>10} {1e3 * per_sample:>8.2f} ms per sample{extra}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", default="16,64", help="comma-separated sample counts")
+    ap.add_argument("--size", type=int, default=128, help="image side in pixels")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", default="1", help="BLAS threads per process (0: default)")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    counts = [8] if args.quick else [int(s) for s in args.samples.split(",")]
+    size = 32 if args.quick else args.size
+    from dask.distributed import Client, LocalCluster
+
+    model, cores, t_mv, gbs = machine()
+    print(f"machine: {model}, {cores} cores, BLAS threads {THREADS}; A @ v (20000 x 2000) "
+          f"{1e3 * t_mv:.1f} ms = {gbs:.1f} GB/s")
+    module = codegen.load(str(ROOT / "examples" / "tv2d.py"))
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        print(f"tv2d, {size} x {size} images, {args.workers} workers; one cold hypergradient "
+              f"at THETA0, median of {args.repeat}\n")
+        print(f"{'samples':>7} {'executor':>10} {'setup s':>9} {'seconds':>9} {'ratio':>8} "
+              f"{'same bits':>9}")
+        for count in counts:
+            compare(module, client, count, size, args.workers, args.repeat)
+        traffic(module, size)
+        overhead(module, client, args.workers)
+
+
+if __name__ == "__main__":  # the "processes" workers are spawned: they import this file
+    main()
