@@ -77,8 +77,11 @@ class BoundProblem:
         """theta as a float64 1-D array of theta_size entries, else BindError."""
         arr = as_float64("theta", theta if isinstance(theta, np.ndarray) else np.atleast_1d(theta))
         if arr.ndim != 1 or arr.size != self.theta_size:
-            raise BindError(f"theta must be a float or a 1-D array of {self.theta_size} entries, "
-                            f"got shape {np.shape(theta)}")
+            size = self.theta_size
+            expected = "a float or a 1-D array of 1 entry" if size == 1 else (
+                f"a 1-D array of {size} values (theta has {size} entries; np.full({size}, v) "
+                f"puts one value v in each)")
+            raise BindError(f"theta must be {expected}, got shape {np.shape(theta)}")
         return arr
 
     def _call(self, kernel: str, x, theta, extra=None, out_size=None):

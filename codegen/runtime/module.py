@@ -8,6 +8,8 @@ done once at bind time, so the per-call path only checks the vector arguments.
 from __future__ import annotations
 
 import json
+import math
+import os
 import warnings
 from pathlib import Path
 
@@ -86,6 +88,8 @@ class GeneratedModule:
             raise BindError(f"unknown data {', '.join(unknown)} for {self.name}; "
                             f"the data names are {', '.join(names)}")
         sparse = {a["name"] for a in self.meta["arrays"] if a.get("sparse")}
+        for n in names:
+            warn_if_rounded(n, data[n])
         arrays = {n: as_csr(n, data[n]) if n in sparse else frozen_copy(as_float64(n, data[n]))
                   for n in names}
         sizes = {}
@@ -106,6 +110,7 @@ class GeneratedModule:
         for name, size in sizes.items():
             if size < 1:
                 raise BindError(f"size {name} is {size}; every size must be at least 1")
+        self.check_memory(sizes)
         for n in names:
             want = self.extent(n, sizes)
             if arrays[n].shape != want:
@@ -114,10 +119,42 @@ class GeneratedModule:
             check_finite(n, arrays[n])
         return {"arrays": arrays, "sizes": {s.name: sizes[s.name] for s in self._sizes}}
 
+    def check_memory(self, sizes: dict) -> None:
+        """Refuse sizes whose solver vectors cannot fit in this machine's memory, naming x and its
+        size, before any allocation (m = 1e9 once ended in NumPy's MemoryError, or the OOM killer)."""
+        x = self.meta["x"]
+        entries = math.prod(self.extent(x, sizes))
+        cache = sum(math.prod(self.extent(a["name"], sizes)) for a in self.meta.get("hvp_cache", []))
+        needed = 8 * (SOLVER_VECTORS * entries + cache)
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if needed > memory:
+            raise BindError(
+                f"{x} would have {entries:,} entries ({8 * entries / 1e9:.3g} GB per vector; sizes "
+                f"{sizes}): the solvers keep at least {SOLVER_VECTORS} such vectors, "
+                f"{needed / 1e9:.3g} GB, and this machine has {memory / 1e9:.3g} GB of memory")
+
     def extent(self, name: str, sizes: dict) -> tuple:
         """The concrete shape of array `name` for bound sizes ({size name: int})."""
         subs = {s: sizes[s.name] for s in self._sizes if s.name in sizes}
         return tuple(int(e.xreplace(subs)) for e in self.shapes[name])
+
+
+#: x-sized float64 vectors a hypergradient keeps at least (x, gradient, adjoint, direction).
+SOLVER_VECTORS = 4
+
+
+def warn_if_rounded(name: str, value: object) -> None:
+    """Data wider than float64 (longdouble) is rounded to the float64 the kernels compute in:
+    said, naming the array, when that changes a value (it used to happen silently)."""
+    if not isinstance(value, (np.ndarray, np.generic)) or value.dtype.kind != "f" \
+            or value.dtype.itemsize <= 8:
+        return
+    changed = int(np.count_nonzero(np.asarray(value).astype(np.float64) != value))
+    if changed:
+        warnings.warn(f"{name} has dtype {value.dtype}: hypergen computes in float64, so "
+                      f"{changed} of its {np.size(value)} values are rounded (relative change "
+                      f"<= 1.1e-16); pass {name}.astype(np.float64) to say that is intended",
+                      RuntimeWarning, stacklevel=4)
 
 
 def load_directory(directory) -> GeneratedModule:
