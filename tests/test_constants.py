@@ -361,7 +361,7 @@ def test_theta_free_constants_are_evaluated_once_per_bind():
     prepared = {"kind": "derived", "derivation": der,
                 "quantities": compute_data_quantities(der, example_data("quadratic"))}
     first = evaluate_constants(prepared, np.array([0.3, -1.0]))
-    assert first == evaluate(der, [5.0, 7.0], prepared["quantities"])
+    assert first == dict(evaluate(der, [5.0, 7.0], prepared["quantities"]), source="derived")
     first["mu"] = -1.0
     first["certified_flags"]["mu"] = False
     again = evaluate_constants(prepared, np.array([50.0, 2.0]))

@@ -260,7 +260,11 @@ def _ball_records(gt, ft, records, stated):
             continue
         if not expr.free_symbols or not any(s.name.startswith("ball_") for s in expr.free_symbols):
             continue
-        rule = BALL_RULE + (XINF_RULE if XINF in expr.free_symbols else "")
+        interval = any(s.name.startswith(("ball_hi_", "ball_peak_", "ball_d3_"))
+                       for s in expr.free_symbols)
+        rule = (BALL_RULE if interval else "on the ball B(x, r) only (docs/framework.md section "
+                "8.4): the rules of the global constant") + (XINF_RULE if XINF in expr.free_symbols
+                                                              else "")
         out[name] = Record(name, expr, "bound", all(t.certified for t in ts), rule,
                            domain="ball", term=", ".join(t.label for t in ts if t.ball))
         records[name].message = ((records[name].message + "; ") if records[name].message else "") \
