@@ -8,6 +8,7 @@ tolerance: the executors promise the serial numbers themselves.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -15,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from support import TINY, built_example
-
 from codegen.runtime.executors import ExecutorError
+
+from support import ROOT, TINY, built_example
 
 distributed = pytest.importorskip("dask.distributed")
 
@@ -176,3 +177,25 @@ def test_optimize_with_an_executor_is_the_serial_run(problems, bound):
         assert [(h["value"], h["bound"], h["work"]) for h in got.history] == \
             [(h["value"], h["bound"], h["work"]) for h in want.history], executor
         assert (got.status, got.work) == (want.status, want.work)
+
+
+def test_cli_scheduler_processes_is_the_local_run(problems, tmp_path, capsys):
+    from codegen.cli.main import main
+
+    _, data, _ = problems["logistic"]
+    np.savez(tmp_path / "samples.npz",
+             **{f"{k}__{s}": v for s, d in enumerate(data) for k, v in d.items()})
+    problem_file = str(ROOT / "examples" / "logistic.py")
+    runs = {}
+    for scheduler in ("local", "processes"):
+        out = tmp_path / scheduler
+        assert main(["optimize", problem_file, "--data", str(tmp_path / "samples.npz"),
+                     "--budget", "300", "--no-progress", "--out", str(out),
+                     "--scheduler", scheduler]) == 0
+        runs[scheduler] = [{k: v for k, v in step.items() if k != "time"}
+                           for step in json.loads((out / "history.json").read_text())["history"]]
+    assert "samples on processes" in capsys.readouterr().out
+    assert len(runs["local"]) > 1 and runs["processes"] == runs["local"]
+    assert main(["optimize", problem_file, "--data", str(tmp_path / "samples.npz"),
+                 "--out", str(tmp_path / "bad"), "--scheduler", "threads"]) == 2
+    assert "executor 'threads' is not an executor" in capsys.readouterr().err

@@ -180,6 +180,17 @@ class SampleExecutor:
         self._finalizer()
 
 
+def _start_context() -> Any:
+    """"forkserver" where there is one (a server process imports hypergen once; each worker is
+    a fork of it: a pool starts in a fraction of a second), else "spawn". Neither forks the
+    caller, whose threads and locks a fork would copy mid-use."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([serve.__module__])
+    return context
+
+
 @dataclass
 class _Item:
     """A request queued for one worker process: install samples, or run one task."""
@@ -200,12 +211,13 @@ class _Process:
 
 
 class ProcessBackend:
-    """A pool of local worker processes ("spawn": each imports hypergen afresh and loads the
-    module from its directory). Sample s lives on worker s mod n, and moves only when its
-    worker dies. Requests to one worker go one at a time, in order, over its own pipe."""
+    """A pool of local worker processes (forked from a server process that imported hypergen,
+    or spawned; each loads the module from its directory). Sample s lives on worker s mod n,
+    and moves only when its worker dies. Requests to one worker go one at a time, in order,
+    over its own pipe."""
 
     def __init__(self, count: int):
-        context = multiprocessing.get_context("spawn")
+        context = _start_context()
         self.workers: list[_Process] = []
         for _ in range(count):
             parent_end, child_end = context.Pipe(duplex=True)
