@@ -159,6 +159,11 @@ class Oracle:
         return self._fn([sp.diff(self.f, s) for s in self._xsym])
 
     @cached_property
+    def _f_upper_hessian(self):
+        grad = [sp.diff(self.f, s) for s in self._xsym]
+        return self._fn([[sp.diff(ga, s) for s in self._xsym] for ga in grad])
+
+    @cached_property
     def _f_upper_theta_grad(self):
         return self._fn([sp.diff(self.fr, t) for t in self._tsym])
 
@@ -232,6 +237,10 @@ class Oracle:
     def upper_grad(self, x, theta) -> np.ndarray:
         """grad_x f."""
         return self._vec(self._call(self._f_upper_grad, x, theta), self.x_size)
+
+    def upper_hvp(self, x, theta, v) -> np.ndarray:
+        """(d2f/dx2) v (r does not read x)."""
+        return self._matvec(self._f_upper_hessian, x, theta, v)
 
     def upper_theta_grad(self, x, theta) -> np.ndarray:
         """grad_theta (f + r)."""

@@ -48,6 +48,9 @@ def kernel_specs(problem: Problem) -> list[KernelSpec]:
         ("upper_grad", "grad_x f(x, theta)", grad_f, (), f"{x}_bar"),
         ("upper_theta_grad", "grad_theta (f + r): the direct theta terms of the hypergradient",
          grad_f, (), f"{th}_bar"),
+        # H_f v: the DWR correction's dual right-hand side (docs/bounds.md 15.2)
+        ("upper_hvp", "(d2f/dx2) v, forward over reverse", tangent(grad_f, {x: "v"}, [f"{x}_bar_dot"]),
+         ("v",), f"{x}_bar_dot"),
     ]
     out: list[KernelSpec] = []
     for name, doc, program, inputs, output in specs:

@@ -152,7 +152,8 @@ def dwr_tightened(terms: dict[str, float], target: float, E: float, R: float, R_
 
 def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: float,
                           delta: float, x0: Any, q0: Any, refine_iter: int,
-                          components: bool, max_iter: int,
+                          components: bool, max_iter: int, relative: float,
+                          spent: dict[str, int] | None = None,
                           max_rounds: int = MAX_ROUNDS) -> HypergradientResult:
     """The DWR-corrected hypergradient (docs/bounds.md 15), in rounds when rtol/atol ask for
     bound <= atol + rtol ||grad|| (one round at eps, delta otherwise).
@@ -162,12 +163,15 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     each term over its share tightens its own tolerance (`dwr_tightened`). components: every
     component (grad = h_c, bound on ||h_c - grad F||); else only the component along h is
     certified (grad = h, bound = E&R's, `directional` holds the component's bound and rtol
-    steers it). A round whose plain hypergradient is not "ok" is returned as it is."""
+    steers it). The first round's forward and dual solves stop at `relative` times the norm of
+    their right-hand sides. A round whose plain hypergradient is not "ok" is returned as it is.
+    spent: work done before the first round (counted in the result)."""
     steer = rtol is not None or atol > 0
     total = dict.fromkeys(_WORK_KEYS, 0)
+    _add_work(total, spent or {})
     trail: list[str] = []
-    tol_v: list[float] | None = None
-    tol_lam: list[float] | None = None
+    tol_v: list[float | None] | None = None
+    tol_lam: list[float | None] | None = None
     v0: list[Any] | None = None
     lam0: list[Any] | None = None
     refine = 0 if steer else refine_iter
@@ -179,8 +183,8 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             return replace(hg, work=total)
         dirs = _directions(hg, components)
         n = len(dirs)
-        corr = correct(k, hg, dirs, tol_v or [delta] * n, tol_lam or [delta] * n,
-                       v0 or [None] * n, lam0 or [None] * n, max_iter)
+        corr = correct(k, hg, dirs, tol_v or [None] * n, tol_lam or [None] * n,
+                       v0 or [None] * n, lam0 or [None] * n, max_iter, relative)
         _add_work(total, {"hvps": corr.work["hvps"] + corr.work["upper"],
                           "cross": corr.work["cross"],
                           "units": corr.work["hvps"] + corr.work["upper"]})
@@ -199,7 +203,8 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             break
         tight = [t for t in new if t is not None]
         eps, delta = min(eps, min(t[0] for t in tight)), min(delta, min(t[1] for t in tight))
-        tol_v, tol_lam = [t[2] for t in tight], [t[3] for t in tight]
+        tol_v = [cast(float | None, t[2]) for t in tight]
+        tol_lam = [cast(float | None, t[3]) for t in tight]
         x0, q0, refine = hg.x, hg.q, refine_iter
         v0, lam0 = [p.v for p in corr.parts], [p.lam for p in corr.parts]
     else:

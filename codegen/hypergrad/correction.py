@@ -84,13 +84,15 @@ def dwr_unavailable(k: Any) -> str | None:
     return None
 
 
-def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray], tol_v: list[float],
-            tol_lam: list[float], v0: list[Any], lam0: list[Any], max_iter: int) -> Correction:
+def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
+            tol_v: list[float | None], tol_lam: list[float | None], v0: list[Any],
+            lam0: list[Any], max_iter: int, relative: float = 1e-3) -> Correction:
     """Theorem 15.1 at hg's x_eps and q for each direction u (g and f quadratic in x).
 
-    tol_v, tol_lam: the CG tolerances of the forward (A v = B u) and dual (A lam = m) solves;
-    v0, lam0: warm starts (None: 0). Work: HVPs (the two CGs, the residual r), upper HVPs and
-    cross JVPs, in E&R's units as the hypergradient counts them."""
+    tol_v, tol_lam: the CG tolerances of the forward (A v = B u) and dual (A lam = m) solves,
+    None for `relative` times the norm of the right-hand side; v0, lam0: warm starts (None: 0).
+    Work: HVPs (the two CGs, the residual r), upper HVPs and cross JVPs, in E&R's units as the
+    hypergradient counts them."""
     th = np.asarray(hg.theta, dtype=np.float64)
     x, q = np.asarray(hg.x), np.asarray(hg.q)
     c = dict(hg.constants) if isinstance(hg.constants, dict) else {}
@@ -105,8 +107,8 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray], tol_v
     r_g = np.asarray(hg.lower.grad)  # type: ignore[union-attr]
     parts = []
     for j, u in enumerate(directions):
-        part, used = _one_direction(k, hg, c, x, th, q, r, R, r_g, u, tol_v[j], tol_lam[j],
-                                    v0[j], lam0[j], max_iter)
+        part, used = _one_direction(k, hg, c, x, th, q, r, R, r_g, u, (tol_v[j], tol_lam[j]),
+                                    (v0[j], lam0[j]), max_iter, relative)
         for key, n in used.items():
             work[key] += n
         parts.append(part)
@@ -115,8 +117,9 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray], tol_v
 
 def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.ndarray,
                    th: np.ndarray, q: np.ndarray, r: np.ndarray, R: float, r_g: np.ndarray,
-                   u: np.ndarray, tol_v: float, tol_lam: float, v0: Any, lam0: Any,
-                   max_iter: int) -> tuple[DirectionCorrection, dict[str, int]]:
+                   u: np.ndarray, tols: tuple[float | None, float | None],
+                   starts: tuple[Any, Any], max_iter: int,
+                   relative: float) -> tuple[DirectionCorrection, dict[str, int]]:
     """The forward solve, m = -D_u q - H_f v, the dual solve and the bound along u."""
     used = {"hvps": 0, "cross": 0, "upper": 0}
     Bu, _ = call_kernel(k.cross_jvp, x, th, u)
@@ -126,14 +129,17 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     used["cross"] += 3
     if Bu is None or Bq is None or B0 is None:
         raise FloatingPointError("a cross JVP is not finite")
-    fwd = run_adjoint(k, x, th, c, "cg", tol_v, v0, max_iter, Bu)
+    tol_v, tol_lam = tols
+    fwd = run_adjoint(k, x, th, c, "cg", relative * norm(Bu) if tol_v is None else tol_v,
+                      starts[0], max_iter, Bu)
     used["hvps"] += fwd.n_hvp
     Hv, _ = call_kernel(k.upper_hvp, x, th, fwd.q)
     used["upper"] += 1
     if Hv is None:
         raise FloatingPointError("the upper HVP is not finite")
     m = -(Bq - B0) - Hv
-    dual = run_adjoint(k, x, th, c, "cg", tol_lam, lam0, max_iter, m)
+    dual = run_adjoint(k, x, th, c, "cg", relative * norm(m) if tol_lam is None else tol_lam,
+                       starts[1], max_iter, m)
     used["hvps"] += dual.n_hvp
     v, lam = fwd.q, dual.q
     mu, E = float(c["mu"]), float(hg.e)

@@ -129,11 +129,15 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
     why = dwr_unavailable(k)
     if why is None and adjoint_entry(opts.adjoint).backprop:
         why = "adjoint='backprop' has no adjoint residual to correct"
+    if why is None and opts.certificate == "auto" and not lower_entry(opts.lower).needs_finite_L:
+        # Measured (benchmarks/bench_certificate.py): the correction pays when lower digits cost
+        # more than CG digits (gd, hb, fista); with a CG, Newton or direct lower solve E&R's
+        # certifies the same accuracy with less work.
+        why = f"E&R's certifies with less work with lower={opts.lower!r}"
     if why is not None:
         res = hypergradient(k, theta, replace(opts, certificate="er"), x0=x0, q0=q0)
         return replace(res, notes=tuple(res.notes) + (
-            f"certificate {opts.certificate!r}: E&R's bound (the DWR correction does not "
-            f"apply: {why})",))
+            f"certificate {opts.certificate!r}: E&R's bound, no DWR correction ({why})",))
     th = checked_theta(k, theta)
     plain = replace(opts, certificate="er", rtol=None, atol=0.0)
 
@@ -142,8 +146,29 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
                              x0=x0, q0=q0)
 
     components = th.size <= MAX_COMPONENTS if opts.components is None else opts.components
-    return corrected_to_accuracy(run, k, opts.rtol, float(opts.atol), opts.eps, opts.delta, x0,
-                                 q0, opts.refine_iter, components, opts.adjoint_cap)
+    eps, delta, relative, spent = _first_round(k, th, opts, x0)
+    return corrected_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
+                                 opts.refine_iter, components, opts.adjoint_cap, relative, spent)
+
+
+def _first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,
+                 x0: Any) -> tuple[float, float, float, dict[str, int]]:
+    """(eps, delta, relative tolerance of the forward and dual CGs, work) of the DWR's first
+    round. With rtol: each solve to sqrt(rtol) of its starting size (the bound's terms are
+    products of two such errors; bounds.md 15.5): eps = s ||grad g(x0)||/mu,
+    delta = s ||grad f(x0)||, s = sqrt(rtol); one lower and one upper gradient. Otherwise the
+    options' eps and delta, and the CGs to delta relative."""
+    if opts.rtol is None or opts.rtol <= 0:
+        return opts.eps, opts.delta, 1e-3, {}
+    s = math.sqrt(float(opts.rtol))
+    xs = np.zeros(x_size_of(k)) if x0 is None else np.asarray(x0, float).ravel()
+    g0, _ = call_kernel(k.lower_grad, xs, th)
+    b0, _ = call_kernel(k.upper_grad, xs, th)
+    spent = {"lower_grads": 1, "units": 1}
+    if g0 is None or b0 is None or not norm(g0) > 0 or not norm(b0) > 0:
+        return opts.eps, opts.delta, s, spent
+    mu = checked_constants(k, th)["mu"]
+    return s * norm(g0) / mu, s * norm(b0), s, spent
 
 
 def _resolved(k: Any, opts: HypergradientOptions) -> HypergradientOptions:

@@ -1,0 +1,151 @@
+"""The DWR certificate (docs/bounds.md 15) against E&R's and against an oracle-stopped solve.
+
+    python benchmarks/bench_certificate.py            # every case
+    python benchmarks/bench_certificate.py --quick    # small sizes
+
+For each case (problem, lower solver, adjoint CG) and rtol in {1e-3, 1e-6, 1e-8}:
+* ER:  prob.hypergradient(theta, rtol=r, certificate="er"): its bound / true error, its work;
+* DWR: prob.hypergradient(theta, rtol=r, certificate="dwr"): bound(h_c) / ||h_c - grad F||, and
+  the plain h's bound (min of E&R's and |h - h_c| + bound(h_c)) / ||h - grad F||, its work;
+* oracle: the same solvers with eps = delta = tol down a ladder (factor 2, no certificate used)
+  stopped at the first tol whose TRUE error is <= r ||grad F|| and stays so at the next two rungs
+  (the robust rule of the prototype; not implementable: it reads the exact gradient).
+Work: E&R units (lower gradients + HVPs; the DWR's upper HVPs counted as HVPs) + cross products.
+True errors below 1e-13 ||grad F|| (the rounding level of the reference) are floored there in
+the ratios. The reference grad F: dense solves (numpy.linalg) with the problem's own kernels.
+"""
+import argparse
+import math
+import runpy
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from codegen import Problem  # noqa: E402
+from codegen.pipeline import build_problem  # noqa: E402
+
+RTOLS = (1e-3, 1e-6, 1e-8)
+FLOOR = 1e-13
+
+
+def _bind(example: str, data: dict):
+    ns = runpy.run_path(str(ROOT / "examples" / f"{example}.py"))
+    problem = next(v for v in ns.values() if isinstance(v, Problem))
+    return build_problem(problem, tempfile.mkdtemp(prefix="bench_cert_")).bind(**data), ns
+
+
+def _ridge_data(m: int, n: int, p: int, ill: bool, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    scales = np.logspace(0, -2, n) if ill else np.ones(n)
+    x_true = rng.standard_normal(n)
+    A = rng.standard_normal((m, n)) * scales
+    Av = rng.standard_normal((p, n)) * scales
+    return {"A": A, "b": A @ x_true + 0.5 * rng.standard_normal(m),
+            "Av": Av, "bv": Av @ x_true + 0.5 * rng.standard_normal(p)}
+
+
+def _exact(k, theta: np.ndarray) -> np.ndarray:
+    """grad F from dense solves (g quadratic: x* = -A^{-1} grad g(0))."""
+    x0 = np.zeros(k.x_size)
+    H = k.lower_hessian(x0, theta)
+    xs = np.linalg.solve(H, -k.lower_grad(x0, theta))
+    xs -= np.linalg.solve(H, k.lower_grad(xs, theta))  # one refinement step
+    q = np.linalg.solve(H, k.upper_grad(xs, theta))
+    q -= np.linalg.solve(H, k.lower_hvp(xs, theta, q) - k.upper_grad(xs, theta))
+    return -k.cross_matrix(xs, theta).T @ q + k.upper_theta_grad(xs, theta)
+
+
+def _work(hg) -> int:
+    return int(hg.work["units"] + hg.work["cross"])
+
+
+def _oracle(k, theta, lower, exact, rtol) -> int | None:
+    target = rtol * np.linalg.norm(exact)
+    rows = []
+    tol = 1e-1
+    while tol > 1e-15 and len(rows) < 60:
+        hg = k.hypergradient(theta, lower=lower, adjoint="cg", eps=tol, delta=tol, refine_iter=0,
+                             max_iter=100000)
+        rows.append((np.linalg.norm(hg.grad - exact) <= target, _work(hg)))
+        tol /= 2
+    for i in range(len(rows)):
+        if all(ok for ok, _ in rows[i:i + 3]):
+            return rows[i][1]
+    return None
+
+
+def _ratio(bound: float, err: float, scale: float) -> float:
+    return bound / max(err, FLOOR * scale)
+
+
+def run_case(name: str, k, theta: np.ndarray, lower: str) -> list[dict]:
+    exact = _exact(k, theta)
+    scale = float(np.linalg.norm(exact))
+    out = []
+    for rtol in RTOLS:
+        er = k.hypergradient(theta, lower=lower, adjoint="cg", rtol=rtol, certificate="er",
+                             max_iter=100000)
+        dwr = k.hypergradient(theta, lower=lower, adjoint="cg", rtol=rtol, certificate="dwr",
+                              components=True, max_iter=100000)
+        assert er.status == "ok" and dwr.status == "ok", (er.status, dwr.status)
+        err_er = np.linalg.norm(er.grad - exact)
+        err_c = np.linalg.norm(dwr.grad - exact)
+        err_h = np.linalg.norm(dwr.uncorrected_grad - exact)
+        for bound, err in ((er.bound, err_er), (dwr.bound, err_c), (dwr.uncorrected_bound, err_h)):
+            assert err <= bound or err <= FLOOR * scale, (name, rtol, bound, err)
+        out.append({
+            "case": name, "rtol": rtol, "oracle": _oracle(k, theta, lower, exact, rtol),
+            "er_work": _work(er), "er_ratio": _ratio(er.bound, err_er, scale),
+            "dwr_work": _work(dwr), "dwr_ratio": _ratio(dwr.bound, err_c, scale),
+            "plain_ratio": _ratio(dwr.uncorrected_bound, err_h, scale),
+            "er_hit": er.bound <= rtol * np.linalg.norm(er.grad),
+            "dwr_hit": dwr.bound <= rtol * np.linalg.norm(dwr.grad),
+        })
+    return out
+
+
+def cases(quick: bool):
+    m, n, p = (400, 100, 200) if quick else (2000, 500, 1000)
+    ridge, _ = _bind("ridge", _ridge_data(m, n, p, ill=False))
+    ill, _ = _bind("ridge", _ridge_data(m, n, p, ill=True))
+    quad_ns = runpy.run_path(str(ROOT / "examples" / "quadratic.py"))
+    quad, _ = _bind("quadratic", quad_ns["example_data"](m1=m, m2=m))
+    yield "ridge cg", ridge, np.array([0.0]), "cg"
+    yield "ridge gd", ridge, np.array([0.0]), "gd"
+    yield "ridge-ill cg", ill, np.array([math.log(1e-2)]), "cg"
+    yield "quadratic p=10 cg", quad, np.ones(10), "cg"
+    yield "quadratic p=10 gd", quad, np.ones(10), "gd"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    rows = []
+    print(f"{'case':<20} {'rtol':>6} {'oracle':>7} {'ER':>6} {'DWR':>6} {'ER/orc':>7} "
+          f"{'DWR/orc':>7} {'ER b/err':>9} {'DWR b/err':>9} {'plain b/err':>11}")
+    for name, k, theta, lower in cases(args.quick):
+        for row in run_case(name, k, theta, lower):
+            rows.append(row)
+            orc = row["oracle"]
+            er_rel, dwr_rel = ((f"{row['er_work'] / orc:7.2f}", f"{row['dwr_work'] / orc:7.2f}")
+                               if orc else ("      -", "      -"))
+            print(f"{row['case']:<20} {row['rtol']:6.0e} {orc or '-':>7} {row['er_work']:6d} "
+                  f"{row['dwr_work']:6d} {er_rel} {dwr_rel} "
+                  f"{row['er_ratio']:9.3g} {row['dwr_ratio']:9.3g} {row['plain_ratio']:11.3g}",
+                  flush=True)
+    for key in ("er_ratio", "dwr_ratio", "plain_ratio"):
+        print(f"median {key}: {np.median([r[key] for r in rows]):.3g}")
+    with_oracle = [r for r in rows if r["oracle"]]
+    for key in ("er_work", "dwr_work"):
+        print(f"median {key}/oracle: "
+              f"{np.median([r[key] / r['oracle'] for r in with_oracle]):.3g}")
+
+
+if __name__ == "__main__":
+    main()
