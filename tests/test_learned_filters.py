@@ -262,7 +262,8 @@ def test_nonconvex_expert_only_where_mu_is_positive():
     problem = learned2d("student")
     der = derive(problem)
     mu = der.constants["mu"]
-    assert der.mu_check == "theta" and "mu(theta) > 0" in mu.theta_region
+    assert der.mu_check == "theta" and mu.theta_region.startswith("where mu(theta) > 0")
+    assert "mu(theta) = -exp(th[0, 0])*Min(" in mu.theta_region
     data = learned2d_data(1)
     q = compute_data_quantities(der, data)
     # psi'' of log(1 + t^2) >= -1/4: mu = 1 - e^th0 (||c||_1)^2 / 4
@@ -289,6 +290,33 @@ def test_nonconvex_expert_only_where_mu_is_positive():
                        lower=sp.Sum(sp.log(1 + u ** 2), (i, 0, h - 2), (j, 0, w - 2))
                        + sp.Sum(Xt[i, j] * X[i, j], (i, 0, h - 1), (j, 0, w - 1)),
                        upper=sp.Sum((X[i, j] - Xt[i, j]) ** 2, (i, 0, h - 1), (j, 0, w - 1))))
+
+
+def test_mu_rounded_down_through_cancellation():
+    """mu = 1 - e^theta (Student-t expert) near the edge of its region: the evaluated mu never
+    exceeds the exact value (mpmath), although 1 - e^theta cancels."""
+    import mpmath
+
+    n = sp.Symbol("n", integer=True, positive=True)
+    i = sp.Symbol("i", integer=True)
+    x, y = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("y", shape=(n,))
+    t = sp.Symbol("t")
+    der = derive(Problem(name="student_edge", x=x, theta=t,
+                         lower=sp.Sum((x[i] - y[i]) ** 2, (i, 0, n - 1)) / 2
+                         + sp.exp(t) * sp.Sum(sp.log(1 + (x[i + 1] - x[i]) ** 2), (i, 0, n - 2)),
+                         upper=sp.Sum((x[i] - y[i]) ** 2, (i, 0, n - 1))))
+    q = compute_data_quantities(der, {"y": np.zeros(4)})
+    refused = 0
+    for theta in -np.logspace(-14, -2, 40):
+        exact = 1 - mpmath.exp(mpmath.mpf(float(theta)))
+        try:
+            mu = evaluate(der, theta, q)["mu"]
+        except ProblemError:  # within the rounding margin of 0: refused (conservative)
+            assert exact < 1e-11
+            refused += 1
+            continue
+        assert 0 < mu <= exact
+    assert 0 < refused < 10
 
 
 def test_pseudo_huber_and_unsupported_forms():

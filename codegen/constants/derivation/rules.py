@@ -206,7 +206,8 @@ def _strong_convexity(mu_record: Record, gt: list, problem, ctx: Ctx, messages: 
         messages.append(msg)
         return mu_check, "strong convexity unknown"
     if mu_check == "theta":
-        mu_record.theta_region = "where mu(theta) > 0 (checked at evaluate)"
+        mu_record.theta_region = (f"where mu(theta) > 0 (checked at evaluate), mu(theta) = "
+                                  f"{sp.sstr(mu)}")
     elif mu_check == "data":
         mu_record.theta_region = "all theta, if the data quantities make mu > 0 (checked at bind)"
     return mu_check, ""

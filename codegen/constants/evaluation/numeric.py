@@ -130,6 +130,16 @@ def round_down(v: float) -> float:
     return v - REL * abs(v) if math.isfinite(v) else v
 
 
+def _mu_rounded(expr, v: float, env: dict, theta: np.ndarray) -> float:
+    """mu rounded down by REL times the sum of its terms' moduli: a sum such as 1 - e^theta N/4
+    (a non-convex expert) cancels near the edge of its region, where REL |mu| would not cover
+    the roundings of its terms."""
+    if not (expr.is_Add and math.isfinite(v)):
+        return round_down(v)
+    scale = sum(abs(float(np.asarray(num(a, env, theta)).reshape(-1)[0])) for a in expr.args)
+    return v - REL * max(scale, abs(v)) if math.isfinite(scale) else round_down(v)
+
+
 def environment(derivation, theta, quantities):
     th = np.atleast_1d(np.asarray(theta, dtype=np.float64)).reshape(-1)
     env = {}
@@ -157,7 +167,7 @@ def evaluate(derivation, theta, quantities) -> dict:
             if name == "mu":
                 raise ProblemError(f"mu evaluates to NaN at theta = {th}")
             v = math.inf
-        v = round_down(v) if name == "mu" else round_up(v)
+        v = _mu_rounded(rec.expr, v, env, th) if name == "mu" else round_up(v)
         out[name] = v
         flags[name] = rec.certified and not (_symbol_names(rec.expr) & used_uncertified)
     if not out["mu"] > 0:
