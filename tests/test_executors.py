@@ -18,7 +18,7 @@ import pytest
 
 from codegen.runtime.executors import ExecutorError
 
-from support import ROOT, TINY, built_example
+from support import ROOT, TINY, built_example, load_example
 
 distributed = pytest.importorskip("dask.distributed")
 
@@ -199,3 +199,39 @@ def test_cli_scheduler_processes_is_the_local_run(problems, tmp_path, capsys):
     assert main(["optimize", problem_file, "--data", str(tmp_path / "samples.npz"),
                  "--out", str(tmp_path / "bad"), "--scheduler", "threads"]) == 2
     assert "executor 'threads' is not an executor" in capsys.readouterr().err
+
+
+def test_an_interrupted_call_leaves_no_stale_reply(problems):
+    """Ctrl-C while the workers compute: their late replies are dropped, never taken for the
+    next call's results (which would be another theta's numbers)."""
+    import signal
+    import threading
+
+    module, _, theta = problems["tv2d"]
+    data = [load_example("tv2d").namespace["example_data"](seed=s, h=48, w=48)
+            for s in range(SAMPLES)]
+    kw = {"lower": "fista", "adjoint": "cg", "eps": 1e-10, "delta": 1e-10}
+    want = module.bind_samples(data).hypergradient(theta + 0.3, **kw)
+    armed = threading.Event()
+
+    def interrupt(signum, frame):
+        if armed.is_set():
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with module.bind_samples(data, executor="processes", workers=2) as prob:
+            armed.set()
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+            try:
+                prob.hypergradient(theta, **kw)
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+            armed.clear()
+            got = prob.hypergradient(theta + 0.3, **kw)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    if not interrupted:
+        pytest.skip("the call ended before the interrupt arrived")
+    assert _bits(got) == _bits(want)

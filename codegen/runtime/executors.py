@@ -19,12 +19,15 @@ samples that did finish is never returned.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing
 import os
 import pickle
+import threading
 import uuid
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
@@ -135,6 +138,10 @@ class SampleExecutor:
     held: list[_Held] = field(init=False)
     warm_count: int = 0
     _finalizer: Any = field(init=False, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
+    # run numbers are never reused: a task of an interrupted call that finishes late on its
+    # worker leaves a run number the parent does not hold, so its (x, q) is never taken as warm
+    _runs: Iterator[int] = field(default_factory=lambda: itertools.count(1), repr=False)
 
     def __post_init__(self) -> None:
         prefix = uuid.uuid4().hex[:12]
@@ -152,25 +159,27 @@ class SampleExecutor:
     def per_sample(self, theta: np.ndarray, options: HypergradientOptions, x0: Any,
                    q0: Any) -> list[HypergradientResult]:
         """Each sample's hypergradient on its worker (hypergradient_samples' per_sample)."""
-        blas = blas_threads()
-        pairs = [self._tasks(s, theta, options, None if x0 is None else x0[s],
-                             None if q0 is None else q0[s], blas) for s in range(len(self.held))]
-        self.warm_count = sum(warm.warm_x for warm, _ in pairs)
-        results = self.backend.run(pairs)
-        for (task, _), res in zip(pairs, results):
-            self.held[task.index] = _Held(task.run, _digest(res.x), _digest(res.q))
-        return results
+        with self._lock:  # one call at a time: the held warm starts are per call
+            blas, run = blas_threads(), next(self._runs)
+            pairs = [self._tasks(s, theta, options, None if x0 is None else x0[s],
+                                 None if q0 is None else q0[s], blas, run)
+                     for s in range(len(self.held))]
+            self.warm_count = sum(warm.warm_x for warm, _ in pairs)
+            results = self.backend.run(pairs)
+            for (task, _), res in zip(pairs, results):
+                self.held[task.index] = _Held(task.run, _digest(res.x), _digest(res.q))
+            return results
 
     def _tasks(self, s: int, theta: np.ndarray, options: HypergradientOptions, x0: Any,
-               q0: Any, blas: int | None) -> tuple[SampleTask, SampleTask]:
+               q0: Any, blas: int | None, run: int) -> tuple[SampleTask, SampleTask]:
         """(the task to send first, the task with explicit arrays to send again elsewhere)."""
         held = self.held[s]
         warm_x = held.x is not None and _digest(x0) == held.x
         warm_q = held.q is not None and _digest(q0) == held.q
         full = SampleTask(s, self.tokens[s], theta, options, x0, q0, False, False, held.run,
-                          held.run + 1, blas)
+                          run, blas)
         warm = SampleTask(s, self.tokens[s], theta, options, None if warm_x else x0,
-                          None if warm_q else q0, warm_x, warm_q, held.run, held.run + 1,
+                          None if warm_q else q0, warm_x, warm_q, held.run, run,
                           full.blas)
         return warm, full
 
@@ -195,7 +204,7 @@ def _start_context() -> Any:
 class _Item:
     """A request queued for one worker process: install samples, or run one task."""
 
-    kind: str  # "install" | "run"
+    kind: str  # "install" | "run" | "stale" (a reply to drop: its call was interrupted)
     samples: list[int]
     task: SampleTask | None = None
     full: SampleTask | None = None
@@ -256,6 +265,19 @@ class ProcessBackend:
         return [results[warm.index] for warm, _ in pairs]
 
     def _drive(self, results: dict[int, HypergradientResult]) -> None:
+        """_exchange, and after an interruption (Ctrl-C, an error) the requests still out
+        marked stale: their replies are read and dropped before the next call's, so a late
+        reply can never be taken for a result of another theta."""
+        try:
+            self._exchange(results)
+        except BaseException:
+            for worker in self.workers:
+                worker.queue.clear()
+                if worker.busy is not None:
+                    worker.busy = _Item("stale", worker.busy.samples)
+            raise
+
+    def _exchange(self, results: dict[int, HypergradientResult]) -> None:
         """Send each worker its queue one request at a time until every queue is empty;
         move the requests of a worker that died; raise the first sample's error."""
         errors: dict[int, BaseException] = {}
@@ -300,6 +322,8 @@ class ProcessBackend:
             self._lost(worker, attempts, errors)
             return
         worker.busy = None
+        if item.kind == "stale":
+            return
         if status == "ok":
             if item.kind == "run":
                 results[item.samples[0]] = value

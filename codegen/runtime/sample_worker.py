@@ -61,11 +61,12 @@ class SampleMissing(HypergenError, LookupError):
 class SampleTask:
     """One sample's share of a hypergradient, as sent to a worker.
 
-    warm_x / warm_q: use the (x, q) the worker holds from this sample's run number `warm_run`
-    instead of x0 / q0 (which are then None: they do not travel). run: this run's number, kept
-    with its (x, q) on the worker. blas: the parent's BLAS thread count, set here for the run
-    (a dot product of 10^4 entries or more is summed in another order on another number of
-    threads, and the bits of a norm change; Dask workers start with one BLAS thread)."""
+    warm_x / warm_q: use the (x, q) the worker holds from the call numbered `warm_run`
+    instead of x0 / q0 (which are then None: they do not travel). run: this call's number
+    (never reused by the parent), kept with its (x, q) on the worker. blas: the parent's BLAS
+    thread count, set here for the run (a dot product of 10^4 entries or more is summed in
+    another order on another number of threads, and the bits of a norm change; Dask workers
+    start with one BLAS thread)."""
 
     index: int
     token: str
