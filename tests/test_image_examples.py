@@ -165,3 +165,29 @@ def test_hypergradient_matches_a_finite_difference_of_F(foe, theta0):
         fd = (F(theta0 + e) - F(theta0 - e)) / (2 * step)
         # central difference: O(step^2 F''') truncation plus solve errors of 1e-12 / step
         assert fd == pytest.approx(hg.grad[k], rel=1e-5, abs=1e-7), k
+
+
+def test_learned_filter_1d_has_a_certified_hypergradient_on_the_ball():
+    import runpy
+    lf = codegen.load(str(EXAMPLES / "learned_filter_1d.py"))
+    theta = np.array(runpy.run_path(str(EXAMPLES / "learned_filter_1d.py"))["THETA0"])
+    data = np.load(EXAMPLES / "data" / "tv1d.npz")
+    prob = lf.bind(y=data["y__0"], xt=data["xt__0"])
+    consts = prob.constants(theta)
+    assert np.isfinite([consts["mu"], consts["L"], consts["L_A"]]).all()
+    assert consts["L_B"] == np.inf                  # x can grow along the filter's null space
+    hg = prob.hypergradient(theta, rtol=1e-8)
+    assert hg.certified and np.isfinite(hg.bound)   # the ball constants give a finite bound
+    assert hg.bound <= 1e-8 * np.linalg.norm(hg.grad) + 1e-12
+
+    def F(th):
+        sol = prob.solve_lower(th, solver="newton", tol=1e-12)
+        assert sol.success
+        return prob.upper_value(sol.x, th)
+
+    step = 1e-5
+    for k in range(theta.size):
+        e = np.zeros_like(theta)
+        e[k] = step
+        fd = (F(theta + e) - F(theta - e)) / (2 * step)
+        assert fd == pytest.approx(hg.grad[k], rel=1e-5, abs=1e-7), k
