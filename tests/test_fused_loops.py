@@ -6,6 +6,7 @@ on these small problems, so the two paths run on one bound problem:
 * lower cg / fista / gd / hb and adjoint cg: the same status and iteration count (within 1), points
   within the sum of their certified bounds, and each bound >= the true error against a solve to
   rounding; capped, diverged and non-finite runs stop alike;
+* Newton-CG's directions through the fused CG against FUSED_MAX_SIZE = 0: the same steps;
 * the hypergradient with rtol: the same solvers and rounds, certified bounds that hold against a
   reference at eps = delta = 1e-13;
 * AddressSanitizer + UBSan: a C driver runs every loop of three examples (one with a prepared HVP,
@@ -21,6 +22,7 @@ import sympy as sp
 
 from codegen.hypergrad import solve_adjoint, solve_lower
 from codegen.hypergrad.common import LowerTask, checked_constants
+from codegen.hypergrad import fused as fused_module
 from codegen.hypergrad.fused import FUSED_MAX_SIZE, loops_for
 from codegen.hypergrad.lower import gradient
 from codegen.pipeline import generate
@@ -91,6 +93,23 @@ def test_fused_adjoint_cg_matches_the_python_loop(name, build_dir):
             assert true == pytest.approx(res.residual, rel=1e-6, abs=1e-15)
             assert np.linalg.norm(res.q - q_star) <= res.bound * (1 + 1e-6) + 1e-13
         assert np.linalg.norm(fused.q - python.q) <= fused.bound + python.bound
+
+
+def test_newton_directions_through_the_fused_cg(build_dir, monkeypatch):
+    """Newton-CG's inner CG (fused.cg_at) takes the fused loop; FUSED_MAX_SIZE = 0 gives the
+    Python loop: the same Newton steps and work, points within their bounds."""
+    prob, th = bound_problem("logistic", build_dir)
+    x_star = exact_solution(prob, th)
+    fused = solve_lower(prob, th, solver="newton", tol=1e-10)
+    monkeypatch.setattr(fused_module, "FUSED_MAX_SIZE", 0)
+    assert loops_for(prob) is None
+    python = solve_lower(prob, th, solver="newton", tol=1e-10)
+    assert fused.status == python.status == "converged"
+    assert fused.iterations == python.iterations
+    assert abs(fused.n_hvp - python.n_hvp) <= 1
+    for res in (fused, python):
+        assert np.linalg.norm(res.x - x_star) <= res.bound * (1 + 1e-6) + 1e-13
+    assert np.linalg.norm(fused.x - python.x) <= fused.bound + python.bound
 
 
 @pytest.mark.parametrize("solver", ["cg", "fista", "gd"])

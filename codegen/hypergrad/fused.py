@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import KernelError
-from .krylov import CGResult
+from .common import hvp_at
+from .krylov import CGResult, cg
 from .results import Status
 
-__all__ = ["FUSED_MAX_SIZE", "FusedLoops", "loops_for", "fused_cg", "LOOP_STATUSES"]
+__all__ = ["FUSED_MAX_SIZE", "FusedLoops", "loops_for", "fused_cg", "cg_at", "LOOP_STATUSES"]
 
 #: Largest x (entries) for which the solvers take the fused loops (measured: docs/solvers.md 5).
 FUSED_MAX_SIZE = 256
@@ -149,3 +150,14 @@ def fused_cg(loops: FusedLoops, x_at: np.ndarray, theta: np.ndarray, b: np.ndarr
     status = LOOP_STATUSES[int(info[0])]
     message = _CGMessage(status, int(info[4]), float(info[5]), diverge).text()
     return CGResult(u, s, float(info[3]), int(info[1]), int(info[2]), status, message)
+
+
+def cg_at(k: Any, x: np.ndarray, theta: np.ndarray, b: np.ndarray, *, tol: float = 0.0,
+          max_iter: int = 10_000, diverge_from: float | None = None) -> CGResult:
+    """CG from 0 on A(x) u = b, A the lower Hessian of kernel k at (x, theta): the fused loop
+    when k has one (`loops_for`), else `krylov.cg` with the prepared HVP (Newton-CG's
+    directions)."""
+    loops = loops_for(k)
+    if loops is not None:
+        return fused_cg(loops, x, theta, b, tol=tol, max_iter=max_iter, diverge_from=diverge_from)
+    return cg(hvp_at(k, x, theta), b, tol=tol, max_iter=max_iter, diverge_from=diverge_from)

@@ -15,8 +15,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..common import LowerTask, call_kernel, hvp_at, norm
-from ..krylov import cg
+from ..common import LowerTask, call_kernel, norm
+from ..fused import cg_at
 from ..results import LowerResult, Status
 
 __all__ = ["solve_newton", "newton_descent", "Direction", "NEWTON_TARGET_SHARE"]
@@ -33,7 +33,7 @@ Direction = Callable[[np.ndarray, np.ndarray, float, float, int],
 
 
 def solve_newton(task: LowerTask) -> LowerResult:
-    """Newton-CG: directions from CG with the prepared HVP at x."""
+    """Newton-CG: directions from CG at x (`fused.cg_at`: the fused loop on a small problem)."""
     k, th, c, tol = task.k, task.theta, task.constants, task.tol
     mu, L_A = c["mu"], c.get("L_A", math.inf)
 
@@ -47,8 +47,8 @@ def solve_newton(task: LowerTask) -> LowerResult:
         if math.isfinite(L_A):
             eta = min(eta, L_A * gn / (2 * mu * mu))
         inner_tol = max(eta * gn, NEWTON_TARGET_SHARE * tol * mu)
-        run = cg(hvp_at(k, x, th), -g, tol=inner_tol,
-                 max_iter=min(budget - 1, NEWTON_INNER_MAX), diverge_from=norm(g))
+        run = cg_at(k, x, th, -g, tol=inner_tol,
+                    max_iter=min(budget - 1, NEWTON_INNER_MAX), diverge_from=norm(g))
         failed = run.status in (Status.NON_FINITE, Status.NOT_SPD)
         return run.x, run.matvecs, ((run.status, run.message) if failed else None)
 
