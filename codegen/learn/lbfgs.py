@@ -10,7 +10,12 @@ What a user of SciPy expects from `minimize(method="L-BFGS-B")`, on certified nu
   adjoint solves run until the certified bound w <= grad_rtol ||h|| (hypergradient's rtol), so
   -h is a certified descent direction, and until the certified value error (||grad f(x_eps)|| e
   + L_f/2 e^2, L_f valid on the ball B(x_eps, e)) is below `value_share` of the decrease the
-  line search tests. The Armijo test is certified:
+  line search tests. Near the end the stopping rule needs less than grad_rtol ||h||: a trial
+  point whose ||h|| is expected to be small enough to stop is first solved only until
+  w <= the rule's own absolute need (`_stop_atol`), and solved on to grad_rtol ||h|| only if
+  the rule then does not stop there. The first round's eps and delta at a trial point are
+  scaled from the base point's bound parts to the ||h|| expected there (the last rate at which
+  ||h|| fell), so that one round usually suffices. The Armijo test is certified:
 
       f(x'_eps) + err' + err <= f(x_eps) - armijo * h.(theta - theta')
       implies F(theta') <= F(theta) - armijo * h.(theta - theta'),
@@ -19,12 +24,13 @@ What a user of SciPy expects from `minimize(method="L-BFGS-B")`, on certified nu
   When the inexact values pass but the errors hide the decrease, the values are tightened, not
   the step shortened.
 * **Warm starts** of x and q from the previous point (the runner keeps both).
-* **Stopping rule (SciPy's, on certified numbers).** "converged" once the decrease still
-  possible, estimated with the certified gradient bound c = ||h|| + w as the larger of the
-  quasi-Newton model's 1/2 c^2 h.Hh/||h||^2 and c^2 / (2 c_min) (c_min the smallest curvature
-  s.y/s.s of the stored pairs), is at most ftol * max(|F|, 1): more digits of F would mean
-  nothing. Also "converged" when the certified ||grad F|| <= ||h|| + w <= gtol. The result
-  states the certificate ||grad F(theta)|| <= ||h|| + w at the returned point.
+* **Stopping rule (a relative tolerance on F, on certified gradients).** "converged" once the
+  decrease still possible, estimated with the certified gradient bound c = ||h|| + w as the
+  larger of the quasi-Newton model's 1/2 c^2 h.Hh/||h||^2 and c^2 / (2 c_min) (c_min the
+  smallest curvature s.y/s.s of the stored pairs), is at most ftol |F| (ftol = 1e-7: F to
+  about seven digits, far below the statistical meaning of a validation loss; |F| at least
+  1e-6 |F(theta0)|). Also "converged" when the certified ||grad F|| <= ||h|| + w <= gtol. The
+  result states the certificate ||grad F(theta)|| <= ||h|| + w at the returned point.
 """
 from __future__ import annotations
 
@@ -56,6 +62,12 @@ EXPAND = 4.0
 MOVE_GROWTH = 4.0
 #: A pair (s, y) enters the memory only with s.y > CURVATURE_MIN ||s|| ||y||.
 CURVATURE_MIN = 1e-10
+#: Share of the stopping rule's allowed cert = ||h|| + bound given to the bound (`_stop_atol`).
+STOP_SHARE = 0.5
+#: ftol is relative to |F|, or to this share of |F(theta0)| when |F| is smaller.
+FLOOR_SHARE = 1e-6
+#: The ||h|| expected at the next point is at least this fraction of the current one.
+MIN_RATE = 0.01
 
 
 #: One curvature pair of the memory: (s, y, 1 / s.y).
@@ -76,6 +88,10 @@ class Point:
     eps: float
     delta: float
     entry: dict[str, Any]
+    #: bound <= grad_rtol ||h||: -h (and the L-BFGS direction, when the line search's test
+    #: passes) is a certified descent direction. False when only the stopping rule's absolute
+    #: tolerance was met (enough to stop, not to step).
+    steers: bool = True
 
 
 def _distance_for_value(hg: Any, target: float) -> float:
@@ -89,11 +105,12 @@ def _distance_for_value(hg: Any, target: float) -> float:
 
 
 def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: QuasiNewtonOptions,
-              value_tol: float | None, step: float) -> Point:
-    """The hypergradient at theta with bound <= grad_rtol ||h|| and, with value_tol, the
-    certified value error <= value_tol (eps shrinks until it is; the accuracy floor stops)."""
+              value_tol: float | None, step: float, atol: float = 0.0) -> Point:
+    """The hypergradient at theta with bound <= atol + grad_rtol ||h|| and, with value_tol,
+    the certified value error <= value_tol (eps shrinks until it is; the accuracy floor
+    stops). atol > 0 is the stopping rule's own need (`_stop_atol`)."""
     while True:
-        hg = run.hypergradient(theta, eps, delta, rtol=o.grad_rtol)
+        hg = run.hypergradient(theta, eps, delta, rtol=o.grad_rtol, atol=atol)
         h = np.array(hg.grad, dtype=float)
         hn = float(np.linalg.norm(h))
         err = run.value_error(hg)
@@ -106,7 +123,7 @@ def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: Quasi
         if not math.isfinite(hg.bound):
             raise StopRun(OptimizeStatus.FAILED, f"the a posteriori bound is not finite "
                                                  f"({hg.status}): no step can be certified")
-        if not hg.bound <= o.grad_rtol * hn:     # a zero trap or a capped round: tighten
+        if not hg.bound <= atol + o.grad_rtol * hn:   # a zero trap or a capped round: tighten
             eps, delta = min(eps, used_eps) * o.tau, delta * o.tau
             if eps < o.min_eps:
                 raise floor_stop(run, hg, eps, f"the bound {hg.bound:.3g} was still above "
@@ -115,7 +132,7 @@ def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: Quasi
         if value_tol is None or not math.isfinite(err) or err <= value_tol:
             return Point(theta, hg, h, hn, float(hg.bound), float(hg.value), err,
                          used_eps, max(float(hg.R), o.min_eps) if math.isfinite(hg.R) else delta,
-                         entry)
+                         entry, bool(hg.bound <= o.grad_rtol * hn))
         need = _distance_for_value(hg, 0.8 * value_tol)
         eps = min(used_eps * o.tau, need) if need > 0 else used_eps * o.tau
         if eps < o.min_eps:
@@ -159,12 +176,13 @@ def _bound_parts(hg: Any) -> tuple[float, float]:
     return float(r_part), max(float(hg.bound) - rounding - float(r_part), 0.0)
 
 
-def _tolerances(base: Point, value_tol: float, o: QuasiNewtonOptions) -> tuple[float, float]:
-    """First-round eps, delta at a nearby point: the values' need, and the gradient's need
-    scaled from the base point part by part (the R part is linear in the adjoint residual, the
-    e part about linear in e), so that one round usually passes; they may loosen again from one
-    point to the next."""
-    target = SHARE * o.grad_rtol * base.hn
+def _tolerances(base: Point, value_tol: float, grad_target: float,
+                o: QuasiNewtonOptions) -> tuple[float, float]:
+    """First-round eps, delta at a nearby point whose bound must meet grad_target: the values'
+    need, and the gradient's need scaled from the base point part by part (the R part is linear
+    in the adjoint residual, the e part about linear in e), so that one round usually passes;
+    they may loosen again from one point to the next."""
+    target = SHARE * grad_target
     r_part, e_part = _bound_parts(base.hg)
     eps = base.eps * min(target / e_part, MAX_LOOSEN) if e_part > 0 else base.eps
     delta = base.delta * min(target / r_part, MAX_LOOSEN) if r_part > 0 else base.delta
@@ -174,11 +192,12 @@ def _tolerances(base: Point, value_tol: float, o: QuasiNewtonOptions) -> tuple[f
     return max(eps, o.min_eps), max(delta, o.min_eps)
 
 
-def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float,
-                 o: QuasiNewtonOptions) -> tuple[Point | None, Point]:
+def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float, next_hn: float,
+                 atol: float, o: QuasiNewtonOptions) -> tuple[Point | None, Point]:
     """Trial points base.theta + t d, t = 1 first (shortened to a move of max_move), until one
     passes the certified Armijo test: (accepted point or None, the base point, possibly
-    re-evaluated with tighter values)."""
+    re-evaluated with tighter values). next_hn is the ||h|| expected at the trial point, atol
+    the stopping rule's absolute need there (their sum sets the first round's tolerances)."""
     length = float(np.linalg.norm(d))
     t, share = min(1.0, max_move / length) if length > 0 else 1.0, o.value_share
     for _ in range(o.max_backtracks):
@@ -192,9 +211,9 @@ def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float,
             base = _evaluate(run, base.theta, min(base.eps, _distance_for_value(base.hg, target)
                                                   or base.eps), base.delta, o, target, 0.0)
             continue
-        eps, delta = _tolerances(base, target, o)
+        eps, delta = _tolerances(base, target, atol + o.grad_rtol * next_hn, o)
         try:
-            trial = _evaluate(run, new, eps, delta, o, target, t)
+            trial = _evaluate(run, new, eps, delta, o, target, t, atol)
         except StopRun as stop:                 # no usable number there: a shorter step
             if stop.status != OptimizeStatus.FAILED:
                 raise
@@ -217,58 +236,111 @@ def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float,
     return None, base
 
 
-def _stationary(base: Point, d: np.ndarray, pairs: deque[Pair],
-                o: QuasiNewtonOptions) -> str | None:
-    """The stopping rule's message when it holds at base, else None.
+def _scale(base: Point, f0: float) -> float:
+    """What ftol is relative to: |F|, but at least FLOOR_SHARE |F(theta0)| (an F whose
+    infimum is 0 would otherwise ask for ever more digits)."""
+    return max(abs(base.value), FLOOR_SHARE * abs(f0))
 
-    The decrease still possible is estimated twice, and the larger counts: by the quasi-Newton
-    model along h, and by cert^2 / (2 c_min) with c_min the smallest curvature s.y/s.s of the
-    stored pairs (the model alone misses directions of small curvature it has not met yet)."""
+
+def _curvature(base: Point, d: np.ndarray, pairs: deque[Pair]) -> float:
+    """c such that cert^2 c estimates the decrease still possible with ||grad F|| <= cert: the
+    larger of the quasi-Newton model's (1/2 h.Hh / ||h||^2) and 1 / (2 c_min), c_min the smallest
+    curvature s.y/s.s of the stored pairs (the model alone misses directions of small curvature
+    it has not met yet). 0 without pairs (no estimate yet)."""
+    if not pairs or base.hn == 0:
+        return 0.0
+    c_min = min(1.0 / (rho * float(s @ s)) for s, _, rho in pairs)
+    return max(0.5 * float(-(base.h @ d)) / base.hn ** 2, 1.0 / (2 * c_min))
+
+
+def _stationary(base: Point, d: np.ndarray, pairs: deque[Pair], f0: float,
+                o: QuasiNewtonOptions) -> str | None:
+    """The stopping rule's message when it holds at base, else None: the decrease still
+    possible, estimated with the certified gradient bound cert = ||h|| + bound, is at most
+    ftol * scale (`_scale`), or cert <= gtol."""
     cert = base.hn + base.bound
     if cert <= o.gtol:
         return f"||grad F|| <= ||h|| + bound = {cert:.3g} <= gtol"
-    if not pairs or base.hn == 0:
+    coef = _curvature(base, d, pairs)
+    if coef == 0:
         return None
-    c_min = min(1.0 / (rho * float(s @ s)) for s, _, rho in pairs)
-    predicted = max(0.5 * float(-(base.h @ d)) * (cert / base.hn) ** 2, cert * cert / (2 * c_min))
-    scale = max(abs(base.value), 1.0)
-    if predicted <= o.ftol * scale:
+    predicted, limit = cert * cert * coef, o.ftol * _scale(base, f0)
+    if predicted <= limit:
         return (f"F can decrease by about {predicted:.3g} more (quasi-Newton model, certified "
-                f"gradient) <= ftol * max(|F|, 1) = {o.ftol * scale:.3g}; ||grad F|| <= "
+                f"gradient) <= ftol |F| = {limit:.3g}; ||grad F|| <= "
                 f"||h|| + bound = {cert:.3g} (certified)")
     return None
 
 
+def _stop_atol(base: Point, d: np.ndarray, pairs: deque[Pair], f0: float, next_hn: float,
+               o: QuasiNewtonOptions) -> float:
+    """The absolute bound at the next point that lets the stopping rule pass there if its
+    ||h|| is about next_hn (the rule needs cert = ||h|| + bound below sqrt(ftol scale / c),
+    which near the end is far looser than grad_rtol ||h||); 0 when the rule is not expected
+    to pass there (grad_rtol alone then sets the accuracy)."""
+    coef = _curvature(base, d, pairs)
+    if coef == 0:
+        return 0.0
+    allowed = math.sqrt(o.ftol * _scale(base, f0) / coef)
+    return STOP_SHARE * allowed if next_hn <= STOP_SHARE * allowed else 0.0
+
+
+def _remember(pairs: deque[Pair], new: Point, old: Point, gamma: float) -> tuple[float, bool]:
+    """Store the pair (s, y) of the step old -> new when its curvature is positive: (the next
+    H0 scale gamma, whether a pair was stored). Without any pair, F is not convex along the
+    steps so far: the next steepest-descent step is EXPAND times longer."""
+    s, y = new.theta - old.theta, new.h - old.h
+    sy = float(s @ y)
+    if sy > CURVATURE_MIN * float(np.linalg.norm(s) * np.linalg.norm(y)):
+        pairs.append((s, y, 1.0 / sy))
+        return sy / float(y @ y), True
+    return (gamma if pairs else gamma * EXPAND), False
+
+
 def run_lbfgs(run: Runner, theta: np.ndarray, o: QuasiNewtonOptions
               ) -> tuple[OptimizeStatus, str]:
+    """The loop (see the module docstring): (status, message) when its own rule ends it."""
     base = _evaluate(run, theta, o.eps0, o.delta0, o, None, math.nan)
     run.accept(theta, base.entry)
+    f0 = base.value
     pairs: deque[Pair] = deque(maxlen=o.memory)
     first = o.first_step if o.first_step is not None else min(1.0, base.hn)
     gamma = first / base.hn if base.hn > 0 else 1.0
-    max_move = math.inf
+    max_move, rate = math.inf, 1.0
+    previous: Point | None = None            # the point before base (its pair not stored yet)
     for _ in range(o.max_iter):
+        gamma_before = gamma
+        stored = False
+        if previous is not None:
+            gamma, stored = _remember(pairs, base, previous, gamma)
         d = _direction(base.h, pairs, gamma)
-        done = _stationary(base, d, pairs, o)
+        done = _stationary(base, d, pairs, f0, o)
+        if done is None and not base.steers:   # accurate enough to stop, not to step
+            base = _evaluate(run, base.theta, base.eps, base.delta, o, None, 0.0)
+            run.accept(base.theta, base.entry)
+            if stored:
+                pairs.pop()
+            gamma = gamma_before
+            if previous is not None:
+                gamma, _ = _remember(pairs, base, previous, gamma)
+            d = _direction(base.h, pairs, gamma)
+            done = _stationary(base, d, pairs, f0, o)
         if done is not None:
             return OptimizeStatus.CONVERGED, done
-        trial, base = _line_search(run, base, d, max_move, o)
+        next_hn = base.hn * max(rate, MIN_RATE)    # ||h|| goes on falling at its last rate
+        atol = _stop_atol(base, d, pairs, f0, next_hn, o)
+        trial, base = _line_search(run, base, d, max_move, next_hn, atol, o)
         if trial is None and pairs:             # the quasi-Newton step failed: steepest descent
             pairs.clear()
-            trial, base = _line_search(run, base, _direction(base.h, pairs, gamma), max_move, o)
+            trial, base = _line_search(run, base, _direction(base.h, pairs, gamma), max_move,
+                                       next_hn, 0.0, o)
         if trial is None:
             raise StopRun(OptimizeStatus.STALLED,
                           f"no trial step passed the certified decrease test; ||grad F|| <= "
                           f"||h|| + bound = {base.hn + base.bound:.3g} (certified)")
-        s, y = trial.theta - base.theta, trial.h - base.h
-        max_move = MOVE_GROWTH * float(np.linalg.norm(s))
-        sy = float(s @ y)
-        if sy > CURVATURE_MIN * float(np.linalg.norm(s) * np.linalg.norm(y)):
-            pairs.append((s, y, 1.0 / sy))
-            gamma = sy / float(y @ y)
-        elif not pairs:
-            gamma *= EXPAND                     # F is not convex along s: longer steps
-        base = trial
+        max_move = MOVE_GROWTH * float(np.linalg.norm(trial.theta - base.theta))
+        rate = min(1.0, trial.hn / base.hn) if base.hn > 0 else 1.0
+        previous, base = base, trial
         run.accept(base.theta, base.entry)
         run.iterations += 1
     return OptimizeStatus.MAX_ITER, f"{o.max_iter} iterations"

@@ -285,9 +285,9 @@ class LBFGSBOptions(CommonOptions):
 class QuasiNewtonOptions(CommonOptions):
     """The default method "lbfgs" (codegen/learn/lbfgs.py): a certified inexact L-BFGS.
 
-    ftol           stop once F can move by at most ftol * max(|F|, 1) more: the certified
-                   decrease of the last step and the model's predicted decrease are both below
-                   it (SciPy's L-BFGS-B test, on certified numbers);
+    ftol           stop once F can decrease by at most about ftol |F| more (|F| at least
+                   1e-6 |F(theta0)|), estimated from the certified gradient bound and the
+                   curvature the steps have met: F to about seven digits by default;
     gtol           or once the certified ||grad F|| <= ||h|| + bound <= gtol;
     memory         curvature pairs kept; armijo the sufficient-decrease constant;
     grad_rtol      every hypergradient is solved until bound <= grad_rtol ||h||;
@@ -298,7 +298,7 @@ class QuasiNewtonOptions(CommonOptions):
     """
 
     method: ClassVar[str] = "lbfgs"
-    ftol: float = 1e-9
+    ftol: float = 1e-7
     gtol: float = 0.0
     memory: int = 10
     armijo: float = 1e-4

@@ -144,14 +144,14 @@ class Runner:
 
     # -- oracles ---------------------------------------------------------------------------
     def hypergradient(self, theta: np.ndarray, eps: float, delta: float,
-                      rtol: float | None = None) -> Any:
+                      rtol: float | None = None, atol: float = 0.0) -> Any:
         """The (sample-averaged) hypergradient at theta, warm-started from the last x (and q
-        when warm_adjoint); with rtol, solved until bound <= rtol ||h||."""
+        when warm_adjoint); with rtol (and atol), solved until bound <= atol + rtol ||h||."""
         self.check()
         o = self.options
         q0 = self.q if self.warm_adjoint else None
         kw = dict(lower=o.lower, adjoint=o.adjoint, eps=eps, delta=delta, x0=self.x, q0=q0,
-                  max_iter=self.cap(), refine_iter=o.refine, rtol=rtol)
+                  max_iter=self.cap(), refine_iter=o.refine, rtol=rtol, atol=atol)
         try:
             hg = (self.sample_hypergradient(theta, kw) if self.multi
                   else hypergradient(self.problem, theta, **kw))
