@@ -54,31 +54,36 @@ def learned2d(atom="logcosh"):
         upper=sp.Sum((X[i, j] - Xt[i, j]) ** 2, (i, 0, h - 1), (j, 0, w - 1)) / 2)
 
 
-def learned2d_data(seed=0, h=4, w=5):
+def learned2d_data(seed: int = 0, h: int = 4, w: int = 5) -> dict:
     rng = np.random.default_rng(seed)
     xt = np.add.outer(np.linspace(0, 1, h), np.linspace(-1, 1, w) ** 2)
     return {"Y": xt + 0.2 * rng.standard_normal((h, w)), "Xt": xt}
 
 
 THETA_LEARNED2D = np.array([np.log(0.3), 1.0, -1.0, 0.5, -0.5])
-CASES = {  # name -> (problem, data, theta0)
+CASES = {  # name -> (problem, data function, theta0, tiny sizes for the oracle)
     "foe_small": lambda: (_problem_file("foe_small")[0],
-                          _problem_file("foe_small")[1]["example_data"](seed=1, h=5, w=4),
-                          np.array(_problem_file("foe_small")[1]["THETA0"])),
-    "filter1d": lambda: (_problem_file("filter1d")[0],
-                         _problem_file("filter1d")[1]["example_data"](seed=1, n=7),
-                         np.array(_problem_file("filter1d")[1]["THETA0"])),
-    "learned2d": lambda: (learned2d(), learned2d_data(), THETA_LEARNED2D),
+                          _problem_file("foe_small")[1]["example_data"],
+                          np.array(_problem_file("foe_small")[1]["THETA0"]), dict(h=4, w=4)),
+    "filter1d": lambda: (_problem_file("filter1d")[0], _problem_file("filter1d")[1]["example_data"],
+                         np.array(_problem_file("filter1d")[1]["THETA0"]), dict(n=5)),
+    "learned2d": lambda: (learned2d(), learned2d_data, THETA_LEARNED2D, dict(h=3, w=3)),
 }
+SIZES = {"foe_small": dict(h=5, w=4), "filter1d": dict(n=7), "learned2d": dict(h=4, w=5)}
 _BUILT: dict = {}
 
 
-def case(name, build_dir):
-    """(problem, bound problem, data, theta0), built once per session."""
+def case(name, build_dir, tiny=False):
+    """(problem, bound problem, data, theta0); the module built once per session, bound to the
+    test sizes (or to the oracle's tiny sizes)."""
     if name not in _BUILT:
-        problem, data, theta0 = CASES[name]()
-        _BUILT[name] = (problem, build_problem(problem, build_dir).bind(**data), data, theta0)
-    return _BUILT[name]
+        problem, make_data, theta0, tiny_sizes = CASES[name]()
+        module = build_problem(problem, build_dir)
+        _BUILT[name] = {}
+        for key, sizes in ((False, SIZES[name]), (True, tiny_sizes)):
+            data = make_data(seed=1, **sizes)
+            _BUILT[name][key] = (problem, module.bind(**data), data, theta0)
+    return _BUILT[name][tiny]
 
 
 def _thetas(theta0, rng, count=3):
@@ -106,11 +111,11 @@ def test_filter_bank_builds_certified_and_finite(build_dir):
 # -- (b) kernels against the oracle ----------------------------------------------------------
 @pytest.mark.parametrize("name", ["foe_small", "filter1d", "learned2d"])
 def test_kernels_match_unrolled_sympy(name, build_dir):
-    problem, prob, data, theta0 = case(name, build_dir)
+    problem, prob, data, theta0 = case(name, build_dir, tiny=True)
     oracle = Oracle(problem, data)
     rng = np.random.default_rng(3)
     n, p = prob.x_size, prob.theta_size
-    for theta in _thetas(theta0, rng, 2):
+    for theta in _thetas(theta0, rng, 2)[1:]:
         x = rng.standard_normal(n)
         calls = {"lower_value": (), "lower_grad": (), "lower_hvp": (rng.standard_normal(n),),
                  "cross_vjp": (rng.standard_normal(n),), "cross_jvp": (rng.standard_normal(p),),
@@ -148,7 +153,7 @@ def test_filter_gain_bounds_the_operator_norm(seed):
         gain = filter_gain_sq(shifts, taps.ravel())
         l1sq = np.sum(np.abs(taps)) ** 2
         # the exact sup of |c^|^2 on a much finer grid, and the norm of sections of the filter
-        fine = np.abs(np.fft.fftn(taps, s=(1024,) * dims, axes=tuple(range(dims)))) ** 2
+        fine = np.abs(np.fft.fftn(taps, s=(512,) * dims, axes=tuple(range(dims)))) ** 2
         assert fine.max() <= gain <= fine.max() * 1.02 and gain <= l1sq * (1 + 1e-15)
         K = _valid_conv_matrix(taps, (40,) if dims == 1 else (14, 15))
         normsq = np.linalg.norm(K, 2) ** 2
@@ -358,8 +363,9 @@ def test_isotropic_tv_of_learned_differences():
     data = {"Y": rng.standard_normal((3, 3))}
     q = compute_data_quantities(der, data)
     oracle = Oracle(problem, data)
-    for theta in (np.array([-1.0, 1.0, -1.0, 1.0]), rng.standard_normal(4)):
-        xc, r = rng.standard_normal(9), 1.0
+    for theta, scale in ((np.array([-1.0, 1.0, -1.0, 1.0]), 1.0), (rng.standard_normal(4), 1.0),
+                         (np.array([-1.0, 1.0, -1.0, 1.0]), 0.2)):
+        xc, r = scale * rng.standard_normal(9), scale  # 0.2: responses where the atom's derivatives peak
         c = evaluate_local(der, theta, q, xc, r, data)
         assert c["certified"] and c["domains"]["L_B"] == "ball" and np.isfinite(c["L_B"])
         pts = [xc + r * rng.uniform(0.3, 1) * d / np.linalg.norm(d)
