@@ -93,7 +93,7 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any
             for name in apply.cache],
         "cdef": cdef,
         "is_quadratic": problem.x_spec.name not in reads["lower_hvp"],
-        # f quadratic in x: the DWR correction's second-order term needs L_f only (bounds.md 15.2)
+        # f quadratic in x: the DWR correction's second-order term needs L_f only (docs/bounds.md 15.2)
         "upper_is_quadratic": problem.x_spec.name not in reads["upper_hvp"],
         # kernels that read neither x nor theta: a linear map of their direction fixed by the
         # data, so their dense matrices (lower_hessian, cross_matrix) are computed once per bind

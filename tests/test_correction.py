@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from codegen.hypergrad import HypergradientOptions, SolverError, hypergradient
 from codegen.hypergrad.correction import correct
@@ -243,6 +245,61 @@ def test_option_checked():
     assert HypergradientOptions().certificate == "er"
 
 
+
+
+class ExactRidge1D(QuadraticRidge):
+    """d = 1 with the exact mu = K^T K + alpha: every norm inequality of 15.2 is an equality."""
+
+    def constants(self, theta):
+        out = super().constants(theta)
+        out["mu"] = float(self.KtK[0, 0]) + self._alpha(theta)
+        return out
+
+
+@pytest.mark.parametrize("start", [0.3, 3.0])
+def test_each_term_is_attained_in_one_dimension(start):
+    """In one dimension the six terms of Corollary 15.2 are equalities (the bound is the sum
+    of their absolute values): none is loose by a constant factor. x, q, v, lam are the
+    (unsolved) starting points: max_iter = 0."""
+    k = ExactRidge1D.generate(seed=5, m=30, d=1, pv=20, c=0.7, rho=0.1)
+    theta = np.array([-0.3])
+    hg = hypergradient(k, theta, lower="gd", adjoint="gd", refine_iter=0, max_iter=0,
+                       x0=np.array([start]), q0=np.array([-start]))
+    corr = correct(k, hg, [np.ones(1)], [None], [None], [np.array([0.5])], [np.array([2.0])], 0)
+    part = corr.parts[0]
+    terms, _, _ = _exact_terms(k, theta, hg, part, np.ones(1))
+    for key, value in terms.items():
+        assert part.terms[key] > 1e-6
+        assert abs(value) == pytest.approx(part.terms[key], rel=1e-9, abs=0), key
+    assert abs(part.value - k.exact_hypergradient(theta)[0]) <= part.bound
+
+@settings(max_examples=40, derandomize=True, deadline=None, database=None)
+@given(seed=st.integers(0, 10_000), p=st.integers(1, 4), log_tol=st.floats(-9, -0.5),
+       iters=st.integers(0, 6), start=st.floats(0, 3), upper_theta=st.booleans())
+def test_bound_holds_for_any_forward_and_dual_vectors(seed, p, log_tol, iters, start, upper_theta):
+    """Theorem 15.1 needs nothing of v and lam: random warm starts and 0-6 CG steps (often far from
+    solving A v = B u, A lam = m), lower and adjoint at a drawn tolerance; the bound on h_c and
+    on h holds against the exact gradient for every component."""
+    rs = np.random.RandomState(seed)
+    if upper_theta:
+        k = QuadraticRidge.generate(seed=seed, c=float(rs.uniform(-1, 1)), rho=0.2)
+        theta = np.array([rs.uniform(-3, 1)])
+    else:
+        k = GroupRidge(seed=seed, p=p, d=3 * p + 2)
+        theta = rs.uniform(-3, 1, size=p)
+    tol = 10.0 ** log_tol
+    hg = hypergradient(k, theta, lower="gd", adjoint="cg", eps=tol, delta=tol, refine_iter=0)
+    if hg.status != "ok":
+        return
+    n = k.theta_size
+    starts = [start * rs.standard_normal(k.x_size) for _ in range(2 * n)]
+    corr = correct(k, hg, list(np.eye(n)), [1e-30] * n, [1e-30] * n, starts[:n], starts[n:],
+                   iters)
+    exact = k.exact_hypergradient(theta)
+    for j, part in enumerate(corr.parts):
+        assert abs(part.value - exact[j]) <= part.bound
+        assert abs(part.plain - exact[j]) <= part.plain_bound
+
 # -- the generated upper HVP kernel and the certificate on generated problems --------------------
 UPPER_QUADRATIC = {"ridge": True, "quadratic": True, "logistic": False, "logistic_sparse": False,
                    "hypercleaning": False}
@@ -293,3 +350,13 @@ def test_generated_ridge_dwr_bounds_hold_against_dense_solves(lower, build_dir):
         assert np.linalg.norm(hg.grad - exact) <= hg.bound
         plain_err = np.linalg.norm(hg.uncorrected_grad - exact)
         assert plain_err <= hg.uncorrected_bound <= 2.0 * plain_err + 1e-14
+
+
+def test_several_samples_keep_er_with_a_note():
+    from codegen.hypergrad import hypergradient_samples
+    ks = [QuadraticRidge.generate(seed=s) for s in (1, 2)]
+    hg = hypergradient_samples(ks, np.array([0.0]), lower="gd", adjoint="cg", eps=1e-6,
+                               delta=1e-6, certificate="dwr")
+    exact = np.mean([k.exact_hypergradient(np.array([0.0])) for k in ks], axis=0)
+    assert hg.certificate == "er" and "several samples" in hg.notes[-1]
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound

@@ -176,9 +176,15 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     lam0: list[Any] | None = None
     refine = 0 if steer else refine_iter
     failure: str | None = None
+    corr: Correction | None = None
+    steered = target = math.inf
     for _ in range(max_rounds if steer else 1):
         hg = run(eps, delta, x0, q0, refine)
         _add_work(total, hg.work)
+        if steer and hg.reasons and all(r.kind is ReasonKind.ZERO_TRAP for r in hg.reasons):
+            # delta >= ||grad f(x_eps)||: a relative first round was too loose for this x_eps
+            delta, x0 = min(0.5 * delta, relative * hg.grad_f_norm), hg.x
+            continue
         if hg.status != "ok":
             return replace(hg, work=total)
         dirs = _directions(hg, components)
@@ -210,6 +216,8 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     else:
         failure = (f"certified accuracy not reached in {max_rounds} rounds: dwr bound "
                    f"{fmt(steered)} > atol + rtol ||grad|| = {fmt(target)}")
+    if corr is None:  # every round was a zero trap
+        return replace(hg, work=total)
     return _corrected_result(hg, corr, grad, bound, plain, components, total, trail, failure)
 
 

@@ -155,7 +155,7 @@ def _first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,
                  x0: Any) -> tuple[float, float, float, dict[str, int]]:
     """(eps, delta, relative tolerance of the forward and dual CGs, work) of the DWR's first
     round. With rtol: each solve to sqrt(rtol) of its starting size (the bound's terms are
-    products of two such errors; bounds.md 15.5): eps = s ||grad g(x0)||/mu,
+    products of two such errors; docs/bounds.md 15.5): eps = s ||grad g(x0)||/mu,
     delta = s ||grad f(x0)||, s = sqrt(rtol); one lower and one upper gradient. Otherwise the
     options' eps and delta, and the CGs to delta relative."""
     if opts.rtol is None or opts.rtol <= 0:
@@ -385,7 +385,8 @@ def hypergradient_samples(ks: Any, theta: Any, options: HypergradientOptions | N
     """
     ks = list(ks)
     opts = HypergradientOptions.make(options, **overrides)
-    if opts.certificate != "er":  # the DWR correction is per problem (docs/bounds.md 15.5)
+    asked = opts.certificate
+    if asked != "er":  # the DWR correction is per problem (docs/bounds.md 15.4)
         opts = replace(opts, certificate="er")
     if ks:  # one choice for all samples (they share a problem, hence its structure and size)
         opts = _resolved(ks[0], opts)
@@ -420,7 +421,9 @@ def hypergradient_samples(ks: Any, theta: Any, options: HypergradientOptions | N
         certified=all(r.certified for r in res),
         apriori_rigorous=all(r.apriori_rigorous for r in res),
         lower=[r.lower for r in res], adjoint=[r.adjoint for r in res],
-        notes=tuple(sorted({n for r in res for n in r.notes})), samples=res,
+        notes=tuple(sorted({n for r in res for n in r.notes})) + (
+            (f"certificate {asked!r}: E&R's bound (several samples: no DWR correction)",)
+            if asked != "er" else ()), samples=res,
         theta=res[0].theta)
 
 
