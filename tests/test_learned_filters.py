@@ -324,6 +324,31 @@ def test_mu_rounded_down_through_cancellation():
     assert 0 < refused < 10
 
 
+def test_written_out_data_taps_are_a_filter():
+    """Taps written out term by term (no inner Sum) are the same filter as the Sum form: same
+    bound, no dense operator."""
+    n = sp.Symbol("n", integer=True, positive=True)
+    i, k = sp.symbols("i k", integer=True)
+    x, y = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("y", shape=(n,))
+    c = sp.IndexedBase("c", shape=(3,))
+    t = sp.Symbol("t")
+
+    def problem(u):
+        return Problem(name="taps", x=x, theta=t, upper=sp.Sum((x[i] - y[i]) ** 2, (i, 0, n - 1)),
+                       lower=sp.Sum((x[i] - y[i]) ** 2, (i, 0, n - 1)) / 2
+                       + sp.exp(t) * sp.Sum(sp.log(sp.cosh(u)), (i, 0, n - 3)))
+
+    data = {"y": np.zeros(30), "c": np.array([1.0, -2.0, 0.5])}
+    values = []
+    for u in (sp.Sum(c[k] * x[i + k], (k, 0, 2)), c[0] * x[i] + c[1] * x[i + 1] + c[2] * x[i + 2]):
+        der = derive(problem(u))
+        assert der.operators == {}
+        values.append(evaluate(der, 0.3, compute_data_quantities(der, data)))
+    assert values[0] == values[1]
+    K = _valid_conv_matrix(data["c"], (30,))
+    assert values[0]["L"] >= 1 + np.exp(0.3) * np.linalg.norm(K, 2) ** 2
+
+
 def test_pseudo_huber_and_unsupported_forms():
     der = derive(learned2d("pseudohuber"))
     assert der.status == "certified" and der.constants["L"].expr != sp.oo

@@ -337,8 +337,11 @@ def _filter_candidate(lin, ctx) -> bool:
         return True
     sums = lin.atoms(sp.Sum)
     data = [ix for ix in lin.atoms(sp.Indexed) if str(ix.base.label) != ctx.x.name]
-    return bool(sums) and bool(data) and all(
-        all(sp.sympify(e).is_Integer for e in lim[1:]) for s in sums for lim in s.limits)
+    if not data:
+        return False
+    if not sums:  # taps written out: Kf[0, 0]*X[i, j] + Kf[0, 1]*X[i, j + 1]
+        return all(e.is_Integer for ix in data for e in ix.indices)
+    return all(all(sp.sympify(e).is_Integer for e in lim[1:]) for s in sums for lim in s.limits)
 
 
 def _learned(tf, c, facts, op) -> None:
