@@ -18,6 +18,7 @@ from codegen.cli.data import (  # noqa: E402
     DEFAULT_NOISE_SIGMA,
     image_roles,
     load_image_directory,
+    read_image,
 )
 from codegen.cli.main import main  # noqa: E402
 from codegen.cli.optimize import load_data  # noqa: E402
@@ -79,6 +80,17 @@ def test_directory_of_pngs_gives_seeded_noisy_samples(foe, tmp_path):
         np.testing.assert_allclose(sample["Y"], clean + noise, rtol=0, atol=1e-15)
     again = load_image_directory(train, foe.meta)
     np.testing.assert_array_equal(again[1]["Y"], samples[1]["Y"])
+
+
+def test_colour_and_16_bit_images_become_grey_in_0_1(tmp_path):
+    from skimage.color import rgb2gray
+    rng = np.random.default_rng(3)
+    rgb = (rng.random((6, 7, 3)) * 255).astype(np.uint8)
+    io.imsave(tmp_path / "rgb.png", rgb, check_contrast=False)
+    np.testing.assert_allclose(read_image(tmp_path / "rgb.png"), rgb2gray(rgb / 255.0), atol=1e-15)
+    deep = np.array([[0, 65535, 32768]] * 3, dtype=np.uint16)
+    io.imsave(tmp_path / "deep.png", deep, check_contrast=False)
+    np.testing.assert_array_equal(read_image(tmp_path / "deep.png"), deep / 65535.0)
 
 
 def test_npz_of_clean_noisy_pairs(foe):
@@ -156,15 +168,16 @@ def test_hypergradient_matches_a_finite_difference_of_F(foe, theta0):
         assert sol.success
         return prob.upper_value(sol.x, theta)
 
-    hg = prob.hypergradient(theta0, rtol=1e-9)
-    assert hg.certified and hg.bound <= 1e-9 * np.linalg.norm(hg.grad) + 1e-12
+    hg = prob.hypergradient(theta0, rtol=1e-6)
+    assert hg.ok and hg.certified and hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
     step = 1e-4
     for k in range(theta0.size):
         e = np.zeros_like(theta0)
         e[k] = step
         fd = (F(theta0 + e) - F(theta0 - e)) / (2 * step)
-        # central difference: O(step^2 F''') truncation plus solve errors of 1e-12 / step
-        assert fd == pytest.approx(hg.grad[k], rel=1e-5, abs=1e-7), k
+        # the certified bound, plus the central difference's O(step^2 F''') truncation and the
+        # solves' 1e-12 / step (measured: |fd - grad| <= 1e-9 at this step)
+        assert abs(fd - hg.grad[k]) <= hg.bound + 1e-8, k
 
 
 def test_learned_filter_1d_has_a_certified_hypergradient_on_the_ball():
