@@ -137,10 +137,13 @@ def publish(module: types.ModuleType, directory: PathLike) -> pathlib.Path:
     if module.__file__ is None or match is None:
         raise ValueError(f"{built} is not an extension built by codegen.jit")
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     target = directory / built.name
-    if not _same_file(built, target):
-        _copy_atomically(built, target)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not _same_file(built, target):
+            _copy_atomically(built, target)
+    except OSError as exc:  # a full disk, a read-only directory: one line naming the path
+        raise BuildError(f"cannot write {target}: {exc.strerror or exc}") from None
     for old in directory.glob(match.group(1) + "?" * 16 + EXT_SUFFIX):
         if old != target:
             old.unlink(missing_ok=True)
