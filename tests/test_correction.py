@@ -360,3 +360,15 @@ def test_several_samples_keep_er_with_a_note():
     exact = np.mean([k.exact_hypergradient(np.array([0.0])) for k in ks], axis=0)
     assert hg.certificate == "er" and "several samples" in hg.notes[-1]
     assert np.linalg.norm(hg.grad - exact) <= hg.bound
+
+
+def test_loose_target_met_by_er_in_the_first_round():
+    """A target so loose that the first (measuring) round's E&R bound meets it (atol only: the
+    first round runs at the options' eps = delta = 1e-6): that result is returned as it is
+    (the cheaper certificate), labelled "er"."""
+    k, theta = PROBLEMS["ridge"]
+    hg = hypergradient(k, theta, lower="gd", adjoint="cg", atol=1e-2, certificate="dwr")
+    assert hg.certificate == "er" and hg.status == "ok"
+    assert hg.bound <= 1e-2
+    assert np.linalg.norm(hg.grad - k.exact_hypergradient(theta)) <= hg.bound
+    assert "met the target in the first round" in hg.notes[-1]

@@ -27,8 +27,8 @@ from .common import SolverError, fmt
 from .correction import Correction, combined, correct
 from .results import HypergradientResult, Reason, ReasonKind
 
-__all__ = ["to_accuracy", "bound_parts", "corrected_to_accuracy", "dwr_tightened", "MAX_ROUNDS",
-           "SHARE", "DWR_SHARE"]
+__all__ = ["to_accuracy", "bound_parts", "corrected_to_accuracy", "dwr_tightened",
+           "dwr_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE"]
 
 #: Rounds (each a warm-started lower solve, adjoint solve and bound) before giving up.
 MAX_ROUNDS = 8
@@ -150,6 +150,37 @@ def dwr_tightened(terms: dict[str, float], target: float, E: float, R: float, R_
     return E * f_E, R * f_R, R_v * f_v, R_lam * f_lam
 
 
+def dwr_planned(hg: HypergradientResult, target: float,
+                upper_depends_on_theta: bool) -> tuple[float, float, float | None, float | None]:
+    """(eps, delta, tol_v, tol_lam) that put each term of Corollary 15.2 at its share of
+    `target`, planned from a plain hypergradient (its e, ||grad f||, ||B|| and constants):
+
+        E     from EE = ||D|| L_f E^2/mu and theta = L_ft E;
+        R     from RE = ||D|| R E/mu, and R, R_v balanced in vR = R_v R/mu relative to
+              ||grad f|| and ||B|| (R/||grad f|| = R_v/||B||);
+        R_v   from vE = L_f R_v E/mu and vR; R_lam from lamE = R_lam E.
+    A tolerance no term limits stays as it was (eps, delta) or None (relative). Steering only."""
+    c = cast(dict[str, Any], hg.constants)
+    mu, LB, Lf = float(c["mu"]), float(c["L_B"]), float(c["L_f"])
+    Lt = float(c.get("L_ft", 0.0)) if upper_depends_on_theta else 0.0
+    share = DWR_SHARE * target / (6 if Lt > 0 else 5)
+    nb, nB = hg.grad_f_norm, hg.norm_B
+
+    def limit(numerator: float, denominator: float) -> float:
+        return numerator / denominator if denominator > 0 else math.inf
+
+    E = min(hg.e, math.sqrt(limit(share * mu, LB * Lf)), limit(share, Lt))
+    R = min(limit(share * mu, LB * E), math.sqrt(limit(share * mu * nb, nB)))
+    R_v = min(limit(share * mu, Lf * E), limit(share * mu, R), math.sqrt(limit(share * mu * nB, nb)))
+    R_lam = limit(share, E)
+
+    def finite(value: float) -> float | None:
+        return value if math.isfinite(value) and value > 0 else None
+
+    return (E if E > 0 else hg.e, R if math.isfinite(R) and R > 0 else hg.R,
+            finite(R_v), finite(R_lam))
+
+
 def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: float,
                           delta: float, x0: Any, q0: Any, refine_iter: int,
                           components: bool, max_iter: int, relative: float,
@@ -189,6 +220,19 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             return replace(hg, work=total)
         dirs = _directions(hg, components)
         n = len(dirs)
+        if steer and tol_v is None:  # the first round only measures: plan every tolerance
+            target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad))
+            trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E&R bound {fmt(hg.bound)}")
+            if hg.bound <= target:  # E&R's certifies it already: no correction needed
+                return replace(hg, work=total, notes=tuple(hg.notes) + (
+                    "DWR rounds: E&R's bound met the target in the first round; "
+                    + "; ".join(trail),))
+            eps, delta, planned_v, planned_lam = dwr_planned(
+                hg, target / math.sqrt(n) if components else target,
+                bool(getattr(k, "upper_depends_on_theta", False)))
+            tol_v, tol_lam = [planned_v] * n, [planned_lam] * n
+            x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself
+            continue
         corr = correct(k, hg, dirs, tol_v or [None] * n, tol_lam or [None] * n,
                        v0 or [None] * n, lam0 or [None] * n, max_iter, relative)
         _add_work(total, {"hvps": corr.work["hvps"] + corr.work["upper"],
@@ -197,7 +241,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         grad, bound, plain = combined(corr, hg, components)
         steered = bound if components else corr.parts[0].bound
         target = atol + (rtol or 0.0) * float(np.linalg.norm(grad))
-        trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: dwr bound {fmt(steered)}")
+        trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: DWR bound {fmt(steered)}")
         if not steer or steered <= target:
             break
         share = target / math.sqrt(n) if components else target
