@@ -372,3 +372,15 @@ def test_loose_target_met_by_er_in_the_first_round():
     assert hg.bound <= 1e-2
     assert np.linalg.norm(hg.grad - k.exact_hypergradient(theta)) <= hg.bound
     assert "met the target in the first round" in hg.notes[-1]
+
+
+def test_direction_rounds_meet_the_target_along_h():
+    k, theta = PROBLEMS["groups"]
+    exact = k.exact_hypergradient(theta)
+    hg = hypergradient(k, theta, lower="gd", adjoint="cg", rtol=1e-6, certificate="dwr",
+                       components=False)
+    d = hg.directional
+    assert hg.status == "ok" and hg.certificate == "dwr-direction"
+    assert d["bound"] <= 1e-6 * np.linalg.norm(hg.grad)
+    assert abs(d["value"] - d["direction"] @ exact) <= d["bound"]
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound
