@@ -68,8 +68,12 @@ CASES = {  # name -> (problem, data function, theta0, tiny sizes for the oracle)
     "filter1d": lambda: (_problem_file("filter1d")[0], _problem_file("filter1d")[1]["example_data"],
                          np.array(_problem_file("filter1d")[1]["THETA0"]), dict(n=5)),
     "learned2d": lambda: (learned2d(), learned2d_data, THETA_LEARNED2D, dict(h=3, w=3)),
+    # a non-convex (Student-t) expert where mu(theta) = 1 - e^th0 ||c||^2/4 > 0
+    "student2d": lambda: (learned2d("student"), learned2d_data, THETA_STUDENT, dict(h=3, w=3)),
 }
-SIZES = {"foe_small": dict(h=5, w=4), "filter1d": dict(n=7), "learned2d": dict(h=4, w=5)}
+THETA_STUDENT = np.array([np.log(0.1), 0.5, -0.5, 0.3, -0.3])
+SIZES = {"foe_small": dict(h=5, w=4), "filter1d": dict(n=7), "learned2d": dict(h=4, w=5),
+         "student2d": dict(h=4, w=5)}
 _BUILT: dict = {}
 
 
@@ -173,7 +177,7 @@ def _pairs(rng, n, count):
         yield x, x + rng.choice([1e-4, 1e-2, 1.0]) * np.abs(x).max() * rng.standard_normal(n)
 
 
-@pytest.mark.parametrize("name", ["foe_small", "filter1d", "learned2d"])
+@pytest.mark.parametrize("name", ["foe_small", "filter1d", "learned2d", "student2d"])
 def test_constants_hold_against_measurements(name, build_dir):
     problem, prob, data, theta0 = case(name, build_dir)
     rng = np.random.default_rng(11)
@@ -194,6 +198,7 @@ def test_constants_hold_against_measurements(name, build_dir):
         assert qa <= c["L_A"] * (1 + 1e-9)
         assert qb <= c["L_B"] * (1 + 1e-9)
         assert c["L_f"] >= 1.0  # f = 1/2 ||x - xt||^2: grad f is exactly 1-Lipschitz
+        RATIOS.setdefault(f"{name}: measured lambda_min / mu", []).append(lmin / c["mu"])
         RATIOS.setdefault(f"{name}: L / measured lambda_max", []).append(c["L"] / lmax)
         RATIOS.setdefault(f"{name}: L_A / measured quotient", []).append(c["L_A"] / qa)
         if np.isfinite(c["L_B"]):
@@ -201,7 +206,7 @@ def test_constants_hold_against_measurements(name, build_dir):
 
 
 # -- (e) L_B of a learned filter: infinite globally, certified on the ball --------------------
-@pytest.mark.parametrize("name", ["filter1d", "learned2d"])
+@pytest.mark.parametrize("name", ["filter1d", "learned2d", "student2d"])
 def test_learned_filter_cross_constant_on_the_ball(name, build_dir):
     problem, prob, data, theta0 = case(name, build_dir)
     der = derive(problem)
@@ -243,7 +248,7 @@ def test_learned_filter_cross_constant_on_the_ball(name, build_dir):
 CHECKS = {"count": 0, "held": 0}
 
 
-@pytest.mark.parametrize("name", ["foe_small", "learned2d", "filter1d"])
+@pytest.mark.parametrize("name", ["foe_small", "learned2d", "filter1d", "student2d"])
 def test_hypergradient_bound_holds_against_tight_solves(name, build_dir):
     problem, prob, data, theta0 = case(name, build_dir)
     rng = np.random.default_rng(2)
