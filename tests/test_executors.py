@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
+import sys
 import time
 
 import numpy as np
@@ -235,3 +237,16 @@ def test_an_interrupted_call_leaves_no_stale_reply(problems):
     if not interrupted:
         pytest.skip("the call ended before the interrupt arrived")
     assert _bits(got) == _bits(want)
+
+
+def test_the_allocator_is_tuned_only_under_dasks_trim_setting(monkeypatch):
+    """Dask workers run with MALLOC_TRIM_THRESHOLD_ set, which freezes glibc's mmap threshold
+    (vectors of 16384 doubles mapped at each allocation): tune_allocator sets the threshold
+    there, and only there."""
+    from codegen.runtime.sample_worker import tune_allocator
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert tune_allocator() is False
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert tune_allocator() is glibc
