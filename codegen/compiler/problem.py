@@ -100,7 +100,8 @@ class Problem:
         _check_functions(self.f, "upper")
         _check_functions(self.r, "regulariser")
         for label, expr in (("lower", self.g), ("upper", self.f), ("regulariser", self.r)):
-            _check_differentiable(expr, label, {x_spec.name, th_spec.name})
+            _check_differentiable(expr, label, {x_spec.name, th_spec.name},
+                                  {v: k for k, v in subs.items()})
         if self.r != 0 and any(a.role != "theta" for a in _bases_in(self.r, arrays)):
             raise ProblemError("the regulariser r(theta) may depend on theta and scalar data only")
         if not any(a.role == "x" for a in _bases_in(self.g, arrays)):
@@ -253,10 +254,12 @@ def _check_functions(expr: sp.Expr, label: str) -> None:
             raise ProblemError(f"{label}: {type(node).__name__} is not supported ({node})")
 
 
-def _check_differentiable(expr: sp.Expr, label: str, variables: set[str]) -> None:
+def _check_differentiable(expr: sp.Expr, label: str, variables: set[str],
+                          shown: dict[sp.Basic, sp.Basic]) -> None:
     """Refuse, naming the term, what the derivatives cannot handle: Abs of an expression in x or
     theta (its derivative sign(u) jumps at 0 and its second derivative is not a function), and
-    an array indexed by an array (x[idx[j]]: indices must be loop indices plus constants)."""
+    an array indexed by an array (x[idx[j]]: indices must be loop indices plus constants).
+    `shown` maps internal variables back to the user's symbols (theta[0] -> theta) for messages."""
     for node in _walk(expr):
         if isinstance(node, sp.Indexed):
             inner = [i for index in node.indices for i in sp.preorder_traversal(index)
@@ -270,7 +273,7 @@ def _check_differentiable(expr: sp.Expr, label: str, variables: set[str]) -> Non
             reads = {str(i.base.label) for i in node.atoms(sp.Indexed)} | {
                 s.name for s in node.free_symbols if isinstance(s, sp.Symbol)}
             if reads & variables:
-                u = node.args[0]
+                node, u = node.xreplace(shown), node.args[0].xreplace(shown)
                 raise ProblemError(
                     f"{label}: {node} is not differentiable where {u} = 0, and certified bounds "
                     f"need g twice and f once differentiable in x and theta: use a smooth absolute "
