@@ -457,7 +457,7 @@ def small_tmpfs(tmp_path):
 
 def test_full_disk_as_cache_names_the_path(small_tmpfs):
     filler = small_tmpfs / "filler"
-    with open(filler, "wb") as out:  # fill it, leaving a few kB
+    with open(filler, "wb") as out:  # fill it up: 200 kB do not fit in 192 kB
         try:
             out.write(b"\0" * (200 * 1024))
         except OSError:

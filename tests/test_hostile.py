@@ -93,3 +93,272 @@ def test_every_identifier_slot_is_checked(slot, name, says):
 def test_plain_names_still_build():
     problem = _ridge_like(index="row", data="target", size="count")
     assert {"x", "theta", "target"} <= set(problem.arrays)
+
+
+# -- the problem language: what cannot be differentiated is refused naming the term ------------
+
+def _scalar_problem(lower_extra=None, upper=None, regulariser=None, name="p"):
+    import sympy as sp
+
+    from codegen import Problem
+
+    n = sp.Symbol("n", integer=True, positive=True)
+    i = sp.Idx("i", n)
+    x, y = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("y", shape=(n,))
+    theta = sp.Symbol("theta")
+    lower = sp.Sum((x[i] - y[i]) ** 2 + sp.exp(theta) * x[i] ** 2, (i, 0, n - 1))
+    if lower_extra is not None:
+        lower += sp.Sum(lower_extra(x[i], y[i], theta), (i, 0, n - 1))
+    upper = sp.Sum((x[i] - 2 * y[i]) ** 2, (i, 0, n - 1)) if upper is None else \
+        sp.Sum(upper(x[i], y[i], theta), (i, 0, n - 1))
+    return Problem(name=name, x=x, theta=theta, lower=lower, upper=upper,
+                   regulariser=0 if regulariser is None else regulariser(theta))
+
+
+@pytest.mark.parametrize("slot, kwargs, term", [
+    ("lower", dict(lower_extra=lambda x, y, t: sp_abs(x)), "Abs(x[i])"),
+    ("lower", dict(lower_extra=lambda x, y, t: sp_abs(x - t) / 4), "Abs(theta - x[i])"),
+    ("upper", dict(upper=lambda x, y, t: sp_abs(x - y)), "Abs(x[i] - y[i])"),
+    ("regulariser", dict(regulariser=lambda t: sp_abs(t)), "Abs(theta)"),
+])
+def test_abs_of_a_variable_is_refused_with_the_smooth_replacement(slot, kwargs, term):
+    """Abs once failed at build with "cannot print sign(hg_read1)" and no file or line."""
+    from codegen import ProblemError
+
+    with pytest.raises(ProblemError) as info:
+        _scalar_problem(**kwargs)
+    message = str(info.value)
+    assert message.startswith(f"{slot}: {term} is not differentiable") and "sqrt(" in message
+
+
+def sp_abs(u):
+    import sympy as sp
+
+    return sp.Abs(u)
+
+
+def test_abs_of_data_only_is_not_refused_for_smoothness():
+    problem = _scalar_problem(lower_extra=lambda x, y, t: sp_abs(y) * x ** 2)
+    assert "y" in problem.arrays
+
+
+@pytest.mark.parametrize("slot", ["lower", "upper"])
+def test_indirect_indexing_is_refused_naming_both_arrays(slot):
+    """x[idx[j]] once ended in a SymPy PolynomialError."""
+    import sympy as sp
+
+    from codegen import Problem, ProblemError
+
+    n = sp.Symbol("n", integer=True, positive=True)
+    i = sp.Idx("i", n)
+    x, y, idx = (sp.IndexedBase(s, shape=(n,)) for s in ("x", "y", "idx"))
+    theta = sp.Symbol("theta")
+    plain = sp.Sum((x[i] - y[i]) ** 2 + sp.exp(theta) * x[i] ** 2, (i, 0, n - 1))
+    gathered = sp.Sum((x[idx[i]] - y[i]) ** 2, (i, 0, n - 1))
+    lower, upper = (plain + gathered, plain) if slot == "lower" else (plain, gathered)
+    with pytest.raises(ProblemError, match=rf"{slot}: x\[idx\[i\]\] indexes x with the array idx"):
+        Problem(name="p", x=x, theta=theta, lower=lower, upper=upper)
+
+
+# -- problem files and the command line ---------------------------------------------------------
+
+@pytest.mark.parametrize("statement", ["sys.exit(0)", "sys.exit(3)", "raise SystemExit('bye')"])
+def test_problem_file_that_exits_is_an_error(tmp_path, statement):
+    """sys.exit(0) in a problem file once made `hypergen build` exit 0 having built nothing."""
+    from codegen.pipeline import load_problem_file
+
+    path = tmp_path / "exits.py"
+    path.write_text(f"import sys\n\n{statement}\n")
+    with pytest.raises(HypergenError, match=r"exits.py:3: the problem file called sys.exit"):
+        load_problem_file(path)
+
+
+TWO_PROBLEMS = """\
+import sympy as sp
+from codegen import Problem
+n = sp.Symbol("n", integer=True, positive=True)
+j = sp.Idx("j", n)
+x, y = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("y", shape=(n,))
+t = sp.Symbol("t")
+g = sp.Sum((x[j] - y[j]) ** 2 + sp.exp(t) * x[j] ** 2, (j, 0, n - 1))
+first = Problem(name="first", x=x, theta=t, lower=g, upper=sp.Sum((x[j] - 1) ** 2, (j, 0, n - 1)))
+second = Problem(name="second", x=x, theta=t, lower=g, upper=sp.Sum(x[j] ** 2, (j, 0, n - 1)))
+"""
+
+
+@pytest.fixture
+def two_problems(tmp_path):
+    import numpy as np
+
+    (tmp_path / "two.py").write_text(TWO_PROBLEMS)
+    np.save(tmp_path / "y.npy", np.linspace(-1.0, 1.0, 7))
+    return tmp_path
+
+
+def test_cli_name_chooses_one_of_several_problems(two_problems, capsys):
+    from codegen.cli.main import main
+
+    assert main(["build", str(two_problems / "two.py"), "--name", "second",
+                 "--out", str(two_problems / "out")]) == 0
+    assert sorted(p.name for p in (two_problems / "out").iterdir()) == ["second"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    ([], "defines several problems (first, second): pass name=... (on the command line: --name NAME)"),
+    (["--name", "third"], "defines no problem named 'third'; it defines first, second"),
+])
+def test_cli_without_or_with_a_wrong_name_lists_the_names(two_problems, capsys, argv, says):
+    from codegen.cli.main import main
+
+    status = main(["optimize", str(two_problems / "two.py"), "--data", str(two_problems / "y.npy"),
+                   "--out", str(two_problems / "run"), *argv])
+    assert status == 2 and says in capsys.readouterr().err
+
+
+def test_cli_npy_data_for_a_one_array_problem_runs(two_problems, capsys):
+    """--data x.npy once crashed with a TypeError; one array for a one-array problem is enough."""
+    from codegen.cli.main import main
+    from codegen.learn.history import read_history
+
+    status = main(["optimize", str(two_problems / "two.py"), "--name", "first", "--data",
+                   str(two_problems / "y.npy"), "--budget", "300", "--no-progress",
+                   "--out", str(two_problems / "run")])
+    assert status == 0, capsys.readouterr().err
+    import json
+
+    steps = read_history(two_problems / "run" / "history.jsonl")
+    assert len(steps) > 1 and json.dumps(steps) == json.dumps(
+        read_history(two_problems / "run" / "history.json"))  # (json: nan equals nan)
+
+
+def test_npy_data_for_several_arrays_names_them(tmp_path):
+    import numpy as np
+
+    from codegen.cli.optimize import load_data
+
+    np.save(tmp_path / "A.npy", np.eye(3))
+    with pytest.raises(HypergenError, match=r"A.npy holds a single array, but the problem needs 4 "
+                                            r"named arrays \(A, b, Av, bv\).*np.savez"):
+        load_data(tmp_path / "A.npy", ["A", "b", "Av", "bv"])
+
+
+# -- data and runtime arguments ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grid_module(tmp_path_factory):
+    """x on an n x k grid with two small data vectors: tiny data can ask for a huge x."""
+    import sympy as sp
+
+    from codegen import Problem
+    from codegen.pipeline import build_problem
+
+    n, k = (sp.Symbol(s, integer=True, positive=True) for s in ("n", "k"))
+    i, j = sp.Idx("i", n), sp.Idx("j", k)
+    x = sp.IndexedBase("x", shape=(n, k))
+    w, u = sp.IndexedBase("w", shape=(n,)), sp.IndexedBase("u", shape=(k,))
+    theta = sp.Symbol("theta")
+    lower = sp.Sum((x[i, j] - w[i]) ** 2 + sp.exp(theta) * x[i, j] ** 2, (i, 0, n - 1), (j, 0, k - 1))
+    upper = sp.Sum((x[i, j] - u[j]) ** 2, (i, 0, n - 1), (j, 0, k - 1))
+    problem = Problem(name="grid", x=x, theta=theta, lower=lower, upper=upper)
+    return build_problem(problem, tmp_path_factory.mktemp("grid"))
+
+
+def test_sizes_beyond_memory_are_refused_naming_x(grid_module):
+    """m = 1e9 once ended in NumPy's MemoryError (or the OOM killer) without naming anything."""
+    import os
+
+    import numpy as np
+
+    from codegen import BindError
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    n = memory // 8 // 100_000 + 1  # x alone is larger than the memory
+    with pytest.raises(BindError, match=r"x would have [\d,]+ entries \([\d.]+ GB per vector; "
+                                        r"sizes .*'n': \d+.*this machine has [\d.]+ GB"):
+        grid_module.bind(w=np.zeros(n), u=np.zeros(100_000))
+
+
+def test_longdouble_data_that_rounds_warns_naming_the_array(grid_module):
+    import numpy as np
+
+    if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps:
+        pytest.skip("longdouble is float64 on this platform")
+    third = np.ones(4, dtype=np.longdouble) / 3
+    with pytest.warns(RuntimeWarning, match=r"w has dtype .*: hypergen computes in float64, so 4 of "
+                                            r"its 4 values are rounded"):
+        grid_module.bind(w=third, u=np.ones(2))
+
+
+def test_longdouble_data_that_is_exact_binds_silently(grid_module):
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prob = grid_module.bind(w=np.arange(4, dtype=np.longdouble), u=np.ones(2))
+    assert prob.hypergradient(0.0).status == "ok"
+
+
+def test_float_for_a_vector_theta_names_its_size(build_dir):
+    """prob.hypergradient(0.0) on an 8-entry theta was refused asking for... a float."""
+    import sympy as sp
+
+    from codegen import BindError, Problem
+    from codegen.pipeline import build_problem
+
+    n = sp.Symbol("n", integer=True, positive=True)
+    i = sp.Idx("i", n)
+    x, y = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("y", shape=(n,))
+    theta = sp.IndexedBase("theta", shape=(3,))
+    lower = sp.Sum((x[i] - y[i]) ** 2, (i, 0, n - 1)) + sp.Sum(
+        sp.exp(theta[0]) * x[i] ** 2 + theta[1] * x[i] + theta[2] ** 2 * x[i], (i, 0, n - 1))
+    problem = Problem(name="vector_theta", x=x, theta=theta, lower=lower,
+                      upper=sp.Sum((x[i] - 1) ** 2, (i, 0, n - 1)))
+    prob = build_problem(problem, build_dir).bind(y=[0.5, 1.0, 2.0])
+    with pytest.raises(BindError, match=r"theta must be a 1-D array of 3 values \(theta has 3 "
+                                        r"entries; np.full\(3, v\)"):
+        prob.hypergradient(0.0)
+    assert prob.hypergradient([0.0, 0.1, 0.2]).grad.shape == (3,)
+
+
+def test_erf_in_the_upper_level_says_uncertified(build_dir):
+    """erf in the upper level once crashed the constants with a TypeError."""
+    import numpy as np
+    import sympy as sp
+
+    from codegen.pipeline import build_problem
+
+    problem = _scalar_problem(upper=lambda x, y, t: (sp.erf(x) - y) ** 2, name="erf_upper")
+    hg = build_problem(problem, build_dir).bind(y=np.linspace(0, 1, 5)).hypergradient(0.3)
+    assert np.isfinite(hg.grad).all() and not hg.certified
+    assert "bound not finite" in hg.status and "L_f" in hg.status
+
+
+def test_stated_constants_honour_rtol_and_are_called_stated(build_dir):
+    """rtol was silently ignored with constants stated by hand (the rounds stopped at the first,
+    'uncertified' result), and their source was called 'unknown'."""
+    import numpy as np
+    import sympy as sp
+
+    from codegen import Problem
+    from codegen.pipeline import build_problem
+
+    n = sp.Symbol("n", integer=True, positive=True)
+    i = sp.Idx("i", n)
+    x, y = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("y", shape=(n,))
+    t = sp.Symbol("t")
+    # convex (Hessian >= 2 e^t - 1/4 > 0 for t > -2), but cos defeats the structural rules
+    lower = sp.Sum(sp.exp(t) * x[i] ** 2 - y[i] * x[i] + sp.cos(x[i]) / 4, (i, 0, n - 1))
+    upper = sp.Sum((x[i] - 1) ** 2, (i, 0, n - 1))
+    problem = Problem(name="stated_rtol", x=x, theta=t, lower=lower, upper=upper,
+                      constants={"mu": 2 * sp.exp(t) - sp.Rational(1, 4), "L": 2 * sp.exp(t) + 1,
+                                 "L_A": sp.Rational(1, 4), "L_B": 40 * sp.exp(t), "L_f": 2})
+    prob = build_problem(problem, build_dir).bind(y=np.linspace(-1.0, 2.0, 6))
+    loose = prob.hypergradient(0.3, lower="gd", adjoint="cg")
+    tight = prob.hypergradient(0.3, lower="gd", adjoint="cg", rtol=1e-10)
+    assert loose.bound > 1e-7  # eps = delta = 1e-6 alone does not reach rtol = 1e-10
+    assert tight.bound <= 1e-10 * np.linalg.norm(tight.grad)
+    assert tight.status.startswith("uncertified constants (source = 'stated')")
+    unreachable = prob.hypergradient(0.3, lower="gd", adjoint="cg", rtol=1e-17)
+    assert "certified accuracy unreachable" in unreachable.status
