@@ -150,8 +150,10 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
                           if bool(getattr(k, "upper_depends_on_theta", False)) else 0.0)
     delta = dot(v, r) - dot(lam, r_g)
     plain = float(dot(u, np.asarray(hg.grad)))
-    # rounding of the correction's two dot products and of h's component (docs/bounds.md 6)
-    terms["rounding"] = (ROUNDING_FLOOR * (norm(v) * R + norm(lam) * norm(r_g))
+    # rounding (docs/bounds.md 6): of the correction's two dot products, of m (the difference
+    # B(q) u - B(0) u cancels; its error pairs with e) and of h's component
+    terms["rounding"] = (ROUNDING_FLOOR * (norm(v) * R + norm(lam) * norm(r_g)
+                                           + (norm(Bq) + norm(B0) + norm(Hv)) * E)
                          + hg.bound_forms.get("rounding", 0.0) * nu)
     bound = math.fsum(terms.values())
     if not math.isfinite(bound):
