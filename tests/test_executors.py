@@ -250,3 +250,23 @@ def test_the_allocator_is_tuned_only_under_dasks_trim_setting(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert tune_allocator() is glibc
+
+
+def test_a_worker_that_lost_its_samples_gets_them_again(problems, bound, cluster):
+    """A Dask worker that no longer holds a sample (replaced at its address, or its memory
+    cleared) answers SampleMissing; the sample is installed again and run from the explicit
+    starting points, with the serial bits."""
+    from codegen.runtime.sample_worker import forget_samples
+
+    _, client = cluster
+    _, _, theta = problems["logistic"]
+    kw = {"lower": "fista", "adjoint": "cg"}
+    serial = bound["logistic"]["serial"]
+    first = serial.hypergradient(theta, **kw)
+    want = serial.hypergradient(theta + 0.1, x0=first.x, q0=first.q, **kw)
+    prob = bound["logistic"]["dask"]
+    got_first = prob.hypergradient(theta, **kw)
+    forgotten = client.run(forget_samples, prob.executor.tokens)
+    assert sum(forgotten.values()) == SAMPLES
+    got = prob.hypergradient(theta + 0.1, x0=got_first.x, q0=got_first.q, **kw)
+    assert _bits(got) == _bits(want)
