@@ -5,6 +5,8 @@ import json
 import shutil
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from codegen import HypergenError
 from codegen.compiler.emit.render import environment
@@ -362,3 +364,44 @@ def test_stated_constants_honour_rtol_and_are_called_stated(build_dir):
     assert tight.status.startswith("uncertified constants (source = 'stated')")
     unreachable = prob.hypergradient(0.3, lower="gd", adjoint="cg", rtol=1e-17)
     assert "certified accuracy unreachable" in unreachable.status
+
+
+# -- a fuzzer over the identifier slots: refused naming the name, or C that compiles ------------
+
+GENERATED_NAMES = ["s0", "s1", "value", "need", "hg_x", "exp", "NAN", "int", "main", "x", "theta",
+                   "n", "i", "A_data", "out", "work", "status", "sqrt", "restrict", "y", "_"]
+
+
+@settings(max_examples=80, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(st.one_of(st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,5}\Z"),
+                                st.sampled_from(GENERATED_NAMES)), min_size=3, max_size=3))
+def test_fuzzed_identifiers_are_refused_by_name_or_compile(tmp_path, names):
+    """Every name reaching the C source either compiles cleanly (-Wall -Wextra -Werror) or is
+    refused with a message quoting it: an index named s0 once built silently and returned NAN."""
+    import re
+    import shutil
+    import subprocess
+
+    from codegen import ProblemError
+    from codegen.compiler.emit.render import render_module
+    from codegen.compiler.kernels import kernel_specs
+
+    index, data, size = names
+    try:
+        problem = _ridge_like(index=index, data=data, size=size)
+    except ProblemError as exc:  # names one of them (as a word: 'theta[0]' names theta)
+        assert any(re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", str(exc))
+                   for name in names), str(exc)
+        event("refused")
+        return
+    event("compiled")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    source, _, _ = render_module(problem, kernel_specs(problem))
+    (tmp_path / "fuzz.c").write_text(source)
+    done = subprocess.run([compiler, "-std=c99", "-Wall", "-Wextra", "-Werror", "-fopenmp-simd",
+                           "-fsyntax-only", "fuzz.c"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, f"names {names} were accepted but the C fails:\n{done.stderr[:2000]}"
