@@ -193,7 +193,11 @@ def write_outputs(problem: Problem, texts: dict[str, Any], out_dir: PathLike,
                   source_file: str | None = None) -> Path:
     """Write DIR/<name>/; files whose content is unchanged are not touched."""
     target = Path(out_dir) / problem.name
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # --out naming a file, a read-only or full file system
+        raise HypergenError(f"cannot create the output directory {target}: "
+                            f"{exc.strerror or exc}") from None
     prefix = f"hg_{problem.name}"
     init = environment().get_template("package_init.py.j2").render(
         version=__version__, name=problem.name, source=source_file,

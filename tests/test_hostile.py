@@ -405,3 +405,15 @@ def test_fuzzed_identifiers_are_refused_by_name_or_compile(tmp_path, names):
                            "-fsyntax-only", "fuzz.c"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, f"names {names} were accepted but the C fails:\n{done.stderr[:2000]}"
+
+
+def test_build_out_naming_a_file_is_one_line(two_problems, capsys):
+    """--out pointing at a file once ended in a NotADirectoryError traceback."""
+    from codegen.cli.main import main
+
+    (two_problems / "a-file").write_text("")
+    assert main(["build", str(two_problems / "two.py"), "--name", "first",
+                 "--out", str(two_problems / "a-file")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hypergen: error: cannot create the output directory "
+                          f"{two_problems / 'a-file' / 'first'}: Not a directory") and err.count("\n") == 1
