@@ -11,7 +11,7 @@ call is one cold hypergradient, `prob.hypergradient(theta)` (lower and adjoint "
 and CG here), over all samples: serial (this process), executor="processes" (`--workers`
 spawned processes) and a Dask LocalCluster of `--workers` processes with one thread each.
 Contenders are timed in turns (timing.interleaved_times: a warm-up call each, then --repeat
-rounds, one call per round, median), BLAS on --threads threads (default 1: a worker per core).
+rounds, one call per round, median), BLAS and OpenMP on --threads threads (default 1: a worker per core).
 
 Printed: the setup (bind_samples: spawning and installing), the median seconds per hypergradient
 and the ratio serial / executor, and whether the executor's result has the serial bits
@@ -106,8 +106,9 @@ def traffic(module, size: int) -> None:
     res = prob.hypergradient(THETA0)
     opts = codegen.hypergrad.HypergradientOptions.make(None, lower=res.lower_solver,
                                                        adjoint=res.adjoint_solver)
-    warm = SampleTask(0, "token", THETA0, opts, None, None, True, True, 1, 2, 1)
-    full = SampleTask(0, "token", THETA0, opts, res.x[0], res.q[0], False, False, 1, 2, 1)
+    threads = {"blas": 1, "openmp": 1}
+    warm = SampleTask(0, "token", THETA0, opts, None, None, True, True, 1, 2, threads)
+    full = SampleTask(0, "token", THETA0, opts, res.x[0], res.q[0], False, False, 1, 2, threads)
     sizes = {"data, sent once": pickle.dumps(prob.samples[0].data),
              "task, warm start held": pickle.dumps(warm),
              "task, x0 and q0 sent": pickle.dumps(full),
@@ -145,7 +146,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128, help="image side in pixels")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--threads", default="1", help="BLAS threads per process (0: default)")
+    ap.add_argument("--threads", default="1", help="BLAS and OpenMP threads per process (0: the libraries' defaults)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     counts = [8] if args.quick else [int(s) for s in args.samples.split(",")]
@@ -153,7 +154,7 @@ def main() -> None:
     from dask.distributed import Client, LocalCluster
 
     model, cores, t_mv, gbs = machine()
-    print(f"machine: {model}, {cores} cores, BLAS threads {THREADS}; A @ v (20000 x 2000) "
+    print(f"machine: {model}, {cores} cores, BLAS/OpenMP threads {THREADS}; A @ v (20000 x 2000) "
           f"{1e3 * t_mv:.1f} ms = {gbs:.1f} GB/s")
     module = codegen.load(str(ROOT / "examples" / "tv2d.py"))
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,

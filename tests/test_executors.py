@@ -270,3 +270,20 @@ def test_a_worker_that_lost_its_samples_gets_them_again(problems, bound, cluster
     assert sum(forgotten.values()) == SAMPLES
     got = prob.hypergradient(theta + 0.1, x0=got_first.x, q0=got_first.q, **kw)
     assert _bits(got) == _bits(want)
+
+
+def test_dask_workers_run_with_the_parents_thread_counts(problems, bound, cluster):
+    """Dask workers start with one BLAS and one OpenMP thread; a sum over many entries (a
+    BLAS dot, a kernel's OpenMP reduction) changes its bits with the thread count, so each task
+    sets the parent's counts on its worker thread."""
+    from codegen.runtime.sample_worker import thread_counts
+
+    _, client = cluster
+    _, _, theta = problems["ridge"]
+    prob = bound["ridge"]["dask"]
+    prob.hypergradient(theta)
+    parent = thread_counts()
+    assert parent is not None and parent["blas"] >= 1
+    for worker in client.nthreads():
+        seen = client.submit(thread_counts, workers=[worker], pure=False).result()
+        assert {api: seen[api] for api in parent} == parent, worker

@@ -8,8 +8,8 @@ bytes decides): the warm starts of an upper-level run stay on the workers. Each 
 `hypergradient` on its samples (codegen/runtime/sample_worker.py), the same function with the
 same arguments as the serial path, and the parent forms the mean in sample order
 (`hypergradient_samples(..., per_sample=...)`), so the numbers are the serial ones bit for bit
-(given the same NumPy / BLAS build and BLAS thread count on the workers: each task carries the
-parent's count, see `blas_threads`).
+(given the same NumPy / BLAS build on the workers; each task carries the parent's BLAS and
+OpenMP thread counts, see `thread_counts`).
 
 A sample whose worker is gone, or whose worker no longer holds it, is installed on a live worker
 and run again there from the explicit arrays, which the parent keeps; after MAX_ATTEMPTS losses,
@@ -40,8 +40,8 @@ from .sample_worker import (
     ExecutorError,
     SampleMissing,
     SampleTask,
-    blas_threads,
     serve,
+    thread_counts,
 )
 
 __all__ = ["ExecutorError", "SampleExecutor", "ProcessBackend", "check_executor",
@@ -160,9 +160,9 @@ class SampleExecutor:
                    q0: Any) -> list[HypergradientResult]:
         """Each sample's hypergradient on its worker (hypergradient_samples' per_sample)."""
         with self._lock:  # one call at a time: the held warm starts are per call
-            blas, run = blas_threads(), next(self._runs)
+            threads, run = thread_counts(), next(self._runs)
             pairs = [self._tasks(s, theta, options, None if x0 is None else x0[s],
-                                 None if q0 is None else q0[s], blas, run)
+                                 None if q0 is None else q0[s], threads, run)
                      for s in range(len(self.held))]
             self.warm_count = sum(warm.warm_x for warm, _ in pairs)
             results = self.backend.run(pairs)
@@ -171,16 +171,17 @@ class SampleExecutor:
             return results
 
     def _tasks(self, s: int, theta: np.ndarray, options: HypergradientOptions, x0: Any,
-               q0: Any, blas: int | None, run: int) -> tuple[SampleTask, SampleTask]:
+               q0: Any, threads: dict[str, int] | None,
+               run: int) -> tuple[SampleTask, SampleTask]:
         """(the task to send first, the task with explicit arrays to send again elsewhere)."""
         held = self.held[s]
         warm_x = held.x is not None and _digest(x0) == held.x
         warm_q = held.q is not None and _digest(q0) == held.q
         full = SampleTask(s, self.tokens[s], theta, options, x0, q0, False, False, held.run,
-                          run, blas)
+                          run, threads)
         warm = SampleTask(s, self.tokens[s], theta, options, None if warm_x else x0,
                           None if warm_q else q0, warm_x, warm_q, held.run, run,
-                          full.blas)
+                          threads)
         return warm, full
 
     def close(self) -> None:

@@ -25,10 +25,10 @@ import numpy as np
 from ..errors import HypergenError
 from ..hypergrad import HypergradientOptions, HypergradientResult, hypergradient
 
-try:  # the parent's BLAS thread count is set on the workers when threadpoolctl is there
-    from threadpoolctl import threadpool_info, threadpool_limits
+try:  # the parent's BLAS and OpenMP thread counts are set on the workers with threadpoolctl
+    from threadpoolctl import ThreadpoolController, threadpool_info
 except ImportError:  # pragma: no cover - it comes with the dask extra and scikit-learn
-    threadpool_info = threadpool_limits = None
+    ThreadpoolController = threadpool_info = None
 
 if TYPE_CHECKING:  # annotations only: a worker gets its module by unpickling (no import edge)
     from .bound_problem import BoundProblem
@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # annotations only: a worker gets its module by unpickling (n
 
 __all__ = ["MAX_ATTEMPTS", "ExecutorError", "SampleTask", "SampleMissing", "install_samples",
            "forget_samples", "run_sample", "run_samples", "serve", "worker_label",
-           "blas_threads", "tune_allocator"]
+           "thread_counts", "tune_allocator"]
 
 
 #: How often a sample may lose its worker within one call before the call fails by its name.
@@ -65,10 +65,11 @@ class SampleTask:
 
     warm_x / warm_q: use the (x, q) the worker holds from the call numbered `warm_run`
     instead of x0 / q0 (which are then None: they do not travel). run: this call's number
-    (never reused by the parent), kept with its (x, q) on the worker. blas: the parent's BLAS
-    thread count, set here for the run (a dot product of 10^4 entries or more is summed in
-    another order on another number of threads, and the bits of a norm change; Dask workers
-    start with one BLAS thread)."""
+    (never reused by the parent), kept with its (x, q) on the worker. threads: the parent's
+    BLAS and OpenMP thread counts ({"blas": n, "openmp": m}), set here for the run: a dot
+    product of 10^4 entries or more is summed in another order on another number of BLAS
+    threads, and a kernel's OpenMP reduction (loops over 200000 iterations) on another number
+    of OpenMP threads, and the bits change; Dask workers start with one thread of each."""
 
     index: int
     token: str
@@ -80,7 +81,7 @@ class SampleTask:
     warm_q: bool
     warm_run: int
     run: int
-    blas: int | None = None
+    threads: dict[str, int] | None = None
 
 
 @dataclass
@@ -98,23 +99,30 @@ MMAP_THRESHOLD = 32 * 1024 * 1024
 
 _SAMPLES: dict[str, _Installed] = {}
 _LOCK = threading.Lock()  # a Dask worker may run tasks in threads
-_BLAS_SET: list[int | None] = [None]  # the BLAS thread count a task set in this process
+_CONTROLLER: list[Any] = []  # this process's threadpoolctl controller, made at the first task
 
 
-def blas_threads() -> int | None:
-    """This process's BLAS thread count, or None when threadpoolctl is not installed."""
+def thread_counts() -> dict[str, int] | None:
+    """The calling thread's BLAS and OpenMP thread counts ({"blas": n, "openmp": m}, for the
+    libraries loaded), or None when threadpoolctl is not installed."""
     if threadpool_info is None:
         return None
-    counts = [int(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
-    return max(counts) if counts else None
+    counts: dict[str, int] = {}
+    for lib in threadpool_info():
+        api = str(lib["user_api"])
+        counts[api] = max(counts.get(api, 0), int(lib["num_threads"]))
+    return counts
 
 
-def _use_blas_threads(count: int | None) -> None:
-    """Run this worker's BLAS on `count` threads (the parent's), once per change."""
-    if count is None or threadpool_limits is None or _BLAS_SET[0] == count:
+def _use_thread_counts(counts: dict[str, int] | None) -> None:
+    """Run this thread's BLAS and OpenMP on the parent's counts (OpenMP's is per thread, and a
+    Dask worker may run tasks on another thread: set at every task; it costs microseconds)."""
+    if counts is None or ThreadpoolController is None:
         return
-    threadpool_limits(limits=count, user_api="blas")
-    _BLAS_SET[0] = count
+    if not _CONTROLLER:  # after the first install: the module's OpenMP runtime is loaded
+        _CONTROLLER.append(ThreadpoolController())
+    for api, count in counts.items():
+        _CONTROLLER[0].limit(limits=count, user_api=api)
 
 
 def worker_label() -> str:
@@ -175,7 +183,7 @@ def run_sample(task: SampleTask) -> HypergradientResult:
         # copies: a solver that failed half-way must not leave the held start changed
         x0 = np.array(held.x) if task.warm_x else x0
         q0 = np.array(held.q) if task.warm_q else q0
-    _use_blas_threads(task.blas)
+    _use_thread_counts(task.threads)
     res = hypergradient(held.problem, task.theta, task.options, x0=x0, q0=q0)
     held.run, held.x, held.q = task.run, res.x, res.q
     return res
