@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..hypergrad import HypergradientOptions, HypergradientResult
+from .dask_backend import DaskBackend
 from .sample_worker import (
     MAX_ATTEMPTS,
     ExecutorError,
@@ -96,8 +97,7 @@ def make_executor(executor: Any, module: Any, data: list[dict[str, Any]],
         count = min(len(data), workers or os.cpu_count() or 1)
         backend = ProcessBackend(count)
     else:
-        from .dask_backend import DaskBackend  # imports dask, an optional extra
-        backend = DaskBackend(executor)
+        backend = DaskBackend(executor)  # imports dask (an optional extra) only now
     try:
         return SampleExecutor(backend, module, data)
     except BaseException:
