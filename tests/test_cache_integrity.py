@@ -543,7 +543,8 @@ def test_build_killed_while_compiling_leaves_a_usable_cache(tmp_path):
 
 def ridge_run(tmp_path: pathlib.Path, signum: int) -> tuple[int, pathlib.Path]:
     """`hypergen optimize` on the ridge example, stopped by `signum` after three steps."""
-    np.savez(tmp_path / "ridge.npz", **example_data("ridge", seed=0, m=40, n=10))
+    # large enough that the run is still stepping when the signal comes (1000 steps take seconds)
+    np.savez(tmp_path / "ridge.npz", **example_data("ridge", seed=0, m=1000, n=50))
     out = tmp_path / "run"
     run = subprocess.Popen([sys.executable, "-m", "codegen", "optimize", str(REPO / "examples" / "ridge.py"),
                             "--data", str(tmp_path / "ridge.npz"), "--method", "gd", "--no-progress",
@@ -553,7 +554,7 @@ def ridge_run(tmp_path: pathlib.Path, signum: int) -> tuple[int, pathlib.Path]:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and run.poll() is None and (
             not log.exists() or log.read_text().count("\n") < 3):
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert run.poll() is None, run.communicate()[1][-2000:]
     run.send_signal(signum)
     run.communicate(timeout=120)
