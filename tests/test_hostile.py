@@ -2,6 +2,7 @@
 file name, never a traceback from deep inside a parser."""
 import ast
 import json
+import os
 import shutil
 
 import pytest
@@ -417,3 +418,58 @@ def test_build_out_naming_a_file_is_one_line(two_problems, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"hypergen: error: cannot create the output directory "
                           f"{two_problems / 'a-file' / 'first'}: Not a directory") and err.count("\n") == 1
+
+
+# -- the compiled kernels under AddressSanitizer and UBSan, called through the Python runtime -----
+
+SANITIZED_RUN = """
+import json, sys
+from support import TINY, example_data
+import codegen
+name, out = sys.argv[1], sys.argv[2]
+module = codegen.load(f"examples/{name}.py", out=out)
+prob = module.bind(example_data(name, seed=1, **TINY[name]))
+theta = [0.1] * prob.theta_size
+for lower, adjoint in (("auto", "auto"), ("gd", "cg"), ("fista", "cg"), ("direct", "direct")):
+    hg = prob.hypergradient(theta, lower=lower, adjoint=adjoint)
+    assert all(abs(g) < 1e300 for g in hg.grad), (lower, adjoint, hg.status)
+print(json.dumps({"ok": True}))
+"""
+
+
+def _sanitizer_runtimes() -> list[str]:
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("the sanitizer run needs gcc")
+    paths = []
+    for lib in ("libasan.so", "libubsan.so"):
+        found = subprocess.run([compiler, f"-print-file-name={lib}"], capture_output=True,
+                               text=True).stdout.strip()
+        if not found or not os.path.isabs(found) or not os.path.exists(found):
+            pytest.skip(f"{lib} is not installed")
+        paths.append(found)
+    return paths
+
+
+@pytest.mark.parametrize("name", ["ridge", "logistic_sparse"])
+def test_kernels_under_sanitizers_through_the_runtime(tmp_path, name):
+    """Dense and CSR kernels built with -fsanitize=address,undefined (HYPERGEN_CFLAGS) and run by
+    the Python runtime with every solver pair: the buffers the runtime hands them are in bounds."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    runtimes = _sanitizer_runtimes()
+    env = dict(os.environ, LD_PRELOAD=" ".join(runtimes), ASAN_OPTIONS="detect_leaks=0",
+               UBSAN_OPTIONS="print_stacktrace=1",
+               HYPERGEN_CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=all "
+                               "-fno-omit-frame-pointer",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", SANITIZED_RUN, name, str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Sanitizer" not in done.stderr, done.stderr[-4000:]
