@@ -454,9 +454,9 @@ def _sanitizer_runtimes() -> list[str]:
     return paths
 
 
-@pytest.mark.parametrize("name", ["ridge", "logistic_sparse"])
+@pytest.mark.parametrize("name", ["ridge", "logistic_sparse", "tv2d"])
 def test_kernels_under_sanitizers_through_the_runtime(tmp_path, name):
-    """Dense and CSR kernels built with -fsanitize=address,undefined (HYPERGEN_CFLAGS) and run by
+    """Dense, CSR and 2-D kernels built with -fsanitize=address,undefined (HYPERGEN_CFLAGS) and run by
     the Python runtime with every solver pair: the buffers the runtime hands them are in bounds."""
     import subprocess
     import sys
