@@ -473,3 +473,16 @@ def test_kernels_under_sanitizers_through_the_runtime(tmp_path, name):
     done = subprocess.run([sys.executable, "-c", SANITIZED_RUN, name, str(tmp_path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "Sanitizer" not in done.stderr, done.stderr[-4000:]
+
+
+def test_cli_warnings_are_one_line_naming_the_file(two_problems, capsys):
+    from codegen.cli.main import main
+
+    argv = ["build", str(two_problems / "two.py"), "--name", "first", "--out", str(two_problems / "out")]
+    assert main(argv) == 0
+    constants = two_problems / "out" / "first" / "constants.json"
+    constants.write_text(constants.read_text().replace("certified", "assumed", 1))
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err == f"hypergen: warning: {constants} was changed since hypergen wrote it; writing it again\n"

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 from .. import jit
 from ..compiler.problem import Problem
@@ -83,10 +85,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """A warning as one line, like the errors: what happened and the file it names, no source."""
+    text = str(message).removeprefix("hypergen: ")
+    print(f"hypergen: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
-        status: int = args.run(args)
+        with warnings.catch_warnings():  # restores the caller's warning display afterwards
+            warnings.showwarning = _show_warning
+            status: int = args.run(args)
         return status
     except HypergenError as exc:
         print(f"hypergen: error: {exc}", file=sys.stderr)
