@@ -591,3 +591,20 @@ def test_history_log_skips_a_line_cut_by_a_kill(tmp_path):
     assert [e["step"] for e in history] == [0, 1, 2] and history[2]["value"] == pytest.approx(1 / 3)
     assert history[0]["value_error"] == math.inf
 
+
+
+def test_full_disk_during_optimize_keeps_running_and_says_where(tmp_path, build_dir):
+    """The step-by-step log meets a full disk (RLIMIT_FSIZE): the run goes on with a warning,
+    and the final history that cannot be written is one error naming the directory."""
+    codegen.load(str(REPO / "examples" / "ridge.py"))  # warm: the child writes no build files
+    np.savez(tmp_path / "ridge.npz", **example_data("ridge", seed=0, m=200, n=20))
+    done = subprocess.run([sys.executable, "-c", LIMITED, "20000", "optimize",
+                           str(REPO / "examples" / "ridge.py"), "--data", str(tmp_path / "ridge.npz"),
+                           "--method", "gd", "--no-progress", "--out", str(tmp_path / "run")],
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith(f"hypergen: warning: cannot append to {tmp_path / 'run' / 'history.jsonl'}"
+                               " (File too large): the run goes on")
+    assert lines[-1].startswith(f"hypergen: error: cannot write the history into {tmp_path / 'run'}")
+    assert "Traceback" not in done.stderr and "status " in done.stdout  # the summary was printed

@@ -224,13 +224,18 @@ def run_optimize(args: argparse.Namespace) -> int:
     print(f"time    {res.seconds:.3f} s")
     print(f"status  {res.status}" + (f": {res.message}" if res.message else ""))
 
-    written = [log.finish(res.history), res.history_to_csv(out / "history.csv"),
-               res.history_to_json(out / "history.json")]
+    try:
+        written = [log.finish(res.history), res.history_to_csv(out / "history.csv"),
+                   res.history_to_json(out / "history.json")]
+    except OSError as exc:  # a full disk at the end: say where, after the summary above
+        raise HypergenError(f"cannot write the history into {out}: {exc.strerror or exc}") from None
     try:
         res.plot(out / "history.png")
         written.append(out / "history.png")
     except ImportError:
         print("(matplotlib not installed: no history.png; pip install hypergen[plot])")
+    except OSError as exc:
+        raise HypergenError(f"cannot write {out / 'history.png'}: {exc.strerror or exc}") from None
     print("wrote   " + ", ".join(str(p) for p in written))
     if res.status == "interrupted":
         return 130

@@ -8,10 +8,12 @@ bare inexact value), theta itself, and ||h|| with the bound on its error.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +78,24 @@ class HistoryLog:
     Each line is one entry (the strict JSON of write_json's entries), written and flushed to the
     operating system before the run goes on: a process killed after step k leaves steps 0..k on
     disk (a line cut by the kill is skipped by read_history). `finish` replaces the file with the
-    run's whole history (entries recorded without the callback included), atomically.
+    run's whole history (entries recorded without the callback included), atomically. A write
+    that fails (a full disk) does not end the run: it is said once and the log stops.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 -- kept open for the run
+        self._file: Any = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 -- kept open
 
     def __call__(self, entry: dict[str, Any]) -> None:
-        self._file.write(json.dumps(_entry_json(entry)) + "\n")
-        self._file.flush()
+        if self._file is None:
+            return
+        try:
+            self._file.write(json.dumps(_entry_json(entry)) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            warnings.warn(f"cannot append to {self.path} ({exc.strerror or exc}): the run goes on, "
+                          "its history is written when it ends", RuntimeWarning, stacklevel=2)
+            self.close()
 
     def finish(self, history: list[dict[str, Any]]) -> Path:
         """Close the log and rewrite it with the complete history; return its path."""
@@ -96,7 +106,10 @@ class HistoryLog:
         return self.path
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            with contextlib.suppress(OSError):  # what a full disk kept from the last flush
+                self._file.close()
+            self._file = None
 
 
 def write_csv(path: str | Path, history: list[dict[str, Any]]) -> Path:
