@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -486,3 +487,92 @@ def test_cli_warnings_are_one_line_naming_the_file(two_problems, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert err == f"hypergen: warning: {constants} was changed since hypergen wrote it; writing it again\n"
+
+
+# -- runtime arguments and data: each refused naming the argument or array, or handled right ----
+
+@pytest.fixture(scope="module")
+def ridge_bound(build_dir):
+    from conftest import TINY
+    from support import example_data
+
+    _, module, _ = built_example("ridge", build_dir)
+    data = example_data("ridge", seed=0, **TINY["ridge"])
+    return module, data, module.bind(data)
+
+
+RUNTIME_CASES = [  # (case, call(module, data, prob), error type name, message pattern)
+    ("theta nan", lambda m, d, p: p.hypergradient(float("nan")), "SolverError", r"theta is not finite"),
+    ("theta inf", lambda m, d, p: p.hypergradient(float("inf")), "SolverError", r"theta is not finite"),
+    ("theta text", lambda m, d, p: p.hypergradient("abc"), "BindError", r"theta: expected real numbers"),
+    ("theta None", lambda m, d, p: p.hypergradient(None), "BindError", r"theta: expected real numbers"),
+    ("theta 2-D", lambda m, d, p: p.hypergradient([[0.1]]), "BindError", r"theta must be .* got shape \(1, 1\)"),
+    ("theta complex", lambda m, d, p: p.hypergradient(1j), "BindError", r"theta: .*complex"),
+    ("eps text", lambda m, d, p: p.hypergradient(0.1, eps="a"), "SolverError", r"eps must be a number"),
+    ("eps nan", lambda m, d, p: p.hypergradient(0.1, eps=float("nan")), "SolverError", r"eps must be a number"),
+    ("lower solver", lambda m, d, p: p.hypergradient(0.1, lower="nope"), "SolverError", r"unknown lower solver 'nope'"),
+    ("adjoint solver", lambda m, d, p: p.hypergradient(0.1, adjoint="nope"), "SolverError",
+     r"unknown adjoint solver 'nope'"),
+    ("x0 shape", lambda m, d, p: p.hypergradient(0.1, x0=np.ones(7)), "BindError", r"x0 must have 3 entries"),
+    ("x0 nan", lambda m, d, p: p.hypergradient(0.1, x0=np.full(3, np.nan)), "SolverError", r"x0 is not finite"),
+    ("q0 shape", lambda m, d, p: p.hypergradient(0.1, q0=np.ones(7)), "BindError", r"q0 must have 3 entries"),
+    ("max_iter negative", lambda m, d, p: p.hypergradient(0.1, max_iter=-5), "SolverError", r"max_iter must be"),
+    ("max_iter fraction", lambda m, d, p: p.hypergradient(0.1, max_iter=2.5), "SolverError", r"max_iter must be"),
+    ("rtol negative", lambda m, d, p: p.hypergradient(0.1, rtol=-1), "SolverError", r"rtol=-1"),
+    ("rtol nan", lambda m, d, p: p.hypergradient(0.1, rtol=float("nan")), "SolverError", r"rtol=nan"),
+    ("unknown option", lambda m, d, p: p.hypergradient(0.1, tolerance=1e-3), "SolverError",
+     r"unknown option 'tolerance'"),
+    ("data nan", lambda m, d, p: m.bind(dict(d, b=np.full_like(d["b"], np.nan))), "BindError",
+     r"b contains a non-finite value \(nan\)"),
+    ("data inf", lambda m, d, p: m.bind(dict(d, b=np.full_like(d["b"], np.inf))), "BindError",
+     r"b contains a non-finite value \(inf\)"),
+    ("data complex", lambda m, d, p: m.bind(dict(d, b=d["b"].astype(complex))), "BindError", r"b: .*complex"),
+    ("data object", lambda m, d, p: m.bind(dict(d, b=d["b"].astype(object))), "BindError", r"b: .*object"),
+    ("data text", lambda m, d, p: m.bind(dict(d, b=np.array(["a"] * len(d["b"])))), "BindError", r"b: "),
+    ("data None", lambda m, d, p: m.bind(dict(d, b=None)), "BindError", r"b: "),
+    ("data empty", lambda m, d, p: m.bind(dict(d, b=np.zeros(0))), "BindError", r"inconsistent size m: .*b"),
+    ("data 3-D", lambda m, d, p: m.bind(dict(d, A=d["A"][None])), "BindError", r"A must have 2 dimension"),
+    ("data scalar", lambda m, d, p: m.bind(dict(d, b=1.0)), "BindError", r"b must have 1 dimension"),
+    ("data missing", lambda m, d, p: m.bind({k: v for k, v in d.items() if k != "b"}), "BindError",
+     r"missing data for ridge: b"),
+    ("data unknown", lambda m, d, p: m.bind(dict(d, C=1.0)), "BindError", r"unknown data C"),
+    ("samples empty", lambda m, d, p: m.bind_samples([]), "BindError", r"non-empty list"),
+    ("samples a dict", lambda m, d, p: m.bind_samples(d), "BindError", r"non-empty list"),
+    ("sample bad", lambda m, d, p: m.bind_samples([d, dict(d, b=None)]), "BindError", r"sample 1: b"),
+    ("method", lambda m, d, p: p.optimize(0.1, method="nope"), "OptimizeError", r"unknown method 'nope'"),
+    ("budget", lambda m, d, p: p.optimize(0.1, budget=-1), "OptimizeError", r"budget must be a positive"),
+    ("theta0 size", lambda m, d, p: p.optimize([0.1, 0.2]), "OptimizeError", r"theta0 has 2 entries"),
+    ("solve_lower solver", lambda m, d, p: p.solve_lower(0.1, solver="nope"), "SolverError",
+     r"unknown lower solver 'nope'"),
+]
+
+
+@pytest.mark.parametrize("case, call, error, says", RUNTIME_CASES, ids=[c[0] for c in RUNTIME_CASES])
+def test_runtime_argument_is_refused_naming_it(ridge_bound, case, call, error, says):
+    with pytest.raises(HypergenError, match=says) as info:
+        call(*ridge_bound)
+    assert type(info.value).__name__ == error and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, convert", [
+    ("b", list), ("b", lambda b: b.astype(np.float32)), ("A", np.asfortranarray),
+    ("A", lambda a: a[:, ::-1].copy()[:, ::-1]), ("b", lambda b: (b * 4).round().astype(np.int32)),
+], ids=["list", "float32", "Fortran order", "negative strides", "int32"])
+def test_data_in_other_forms_gives_the_float64_answer(ridge_bound, name, convert):
+    """Any real array converts exactly: the same answer as its C-contiguous float64 copy."""
+    module, data, _ = ridge_bound
+    given_form = convert(data[name])
+    as_float64 = np.ascontiguousarray(np.asarray(given_form, dtype=np.float64))
+    got = module.bind(dict(data, **{name: given_form})).hypergradient(0.1)
+    want = module.bind(dict(data, **{name: as_float64})).hypergradient(0.1)
+    assert np.array_equal(got.grad, want.grad) and got.bound == want.bound
+
+
+def test_integers_beyond_2_53_are_refused_unless_exact(ridge_bound):
+    from codegen import BindError
+
+    module, data, _ = ridge_bound
+    exact = np.full(len(data["b"]), 2 ** 60, dtype=np.int64)
+    assert module.bind(dict(data, b=exact)).hypergradient(0.1).grad.shape == (1,)
+    with pytest.raises(BindError, match=r"b: integer values beyond 2\*\*53"):
+        module.bind(dict(data, b=exact + 1))
