@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pytest
 
+from codegen.hypergrad import SolverError
 from codegen.runtime.executors import ExecutorError
 
 from support import ROOT, TINY, built_example, load_example
@@ -287,3 +288,18 @@ def test_dask_workers_run_with_the_parents_thread_counts(problems, bound, cluste
     for worker in client.nthreads():
         seen = client.submit(thread_counts, workers=[worker], pure=False).result()
         assert {api: seen[api] for api in parent} == parent, worker
+
+
+def test_a_samples_own_error_is_the_serial_one(problems, bound):
+    """An error of the sample itself (here x0 of the wrong length for sample 2) is raised as
+    the serial loop raises it, whichever executor ran the sample."""
+    _, _, theta = problems["logistic"]
+    x0 = [np.zeros(3), np.zeros(3), np.zeros(7), np.zeros(3)]
+    messages = set()
+    for executor, prob in bound["logistic"].items():
+        with pytest.raises(SolverError) as info:
+            prob.hypergradient(theta, x0=x0)
+        messages.add(str(info.value))
+        if executor != "serial" and sys.version_info >= (3, 11):
+            assert "(sample 2, computed on a worker)" in info.value.__notes__
+    assert messages == {"x0 has 7 entries, the problem has x_size = 3"}

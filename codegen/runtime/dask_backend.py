@@ -23,6 +23,7 @@ from .sample_worker import (
     ExecutorError,
     SampleMissing,
     SampleTask,
+    first_error,
     forget_samples,
     install_samples,
     run_samples,
@@ -169,7 +170,7 @@ class DaskBackend:
                 break
             reinstall |= self._rehome(list(send))
         if errors:
-            raise errors[min(errors)]
+            raise first_error(errors)
         return [results[warm.index] for warm, _ in pairs]
 
     def _rehome(self, samples: list[int]) -> set[int]:

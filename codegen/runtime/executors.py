@@ -41,6 +41,7 @@ from .sample_worker import (
     ExecutorError,
     SampleMissing,
     SampleTask,
+    first_error,
     serve,
     thread_counts,
 )
@@ -298,7 +299,7 @@ class ProcessBackend:
                 if worker.connection in ready or worker.process.sentinel in ready:
                     self._receive(worker, results, attempts, errors)
         if errors:
-            raise errors[min(errors)]
+            raise first_error(errors)
 
     def _send(self, worker: _Process, item: _Item, attempts: dict[int, int],
               errors: dict[int, BaseException]) -> None:

@@ -34,9 +34,9 @@ if TYPE_CHECKING:  # annotations only: a worker gets its module by unpickling (n
     from .bound_problem import BoundProblem
     from .module import GeneratedModule
 
-__all__ = ["MAX_ATTEMPTS", "ExecutorError", "SampleTask", "SampleMissing", "install_samples",
-           "forget_samples", "run_sample", "run_samples", "serve", "worker_label",
-           "thread_counts", "tune_allocator"]
+__all__ = ["MAX_ATTEMPTS", "ExecutorError", "SampleTask", "SampleMissing", "first_error",
+           "install_samples", "forget_samples", "run_sample", "run_samples", "serve",
+           "worker_label", "thread_counts", "tune_allocator"]
 
 
 #: How often a sample may lose its worker within one call before the call fails by its name.
@@ -57,6 +57,17 @@ class SampleMissing(HypergenError, LookupError):
 
     def __str__(self) -> str:
         return f"sample {self.token} {self.why} on worker {self.worker}"
+
+
+def first_error(errors: dict[int, BaseException]) -> BaseException:
+    """The error of the first failing sample, as the serial loop would have raised it, with a
+    note naming the sample (Python 3.11+ shows notes under the message; the message is the
+    serial one)."""
+    sample = min(errors)
+    exc = errors[sample]
+    if hasattr(exc, "add_note") and not isinstance(exc, ExecutorError):
+        exc.add_note(f"(sample {sample}, computed on a worker)")
+    return exc
 
 
 @dataclass(frozen=True)
