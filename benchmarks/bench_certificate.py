@@ -10,6 +10,7 @@ For each case (problem, lower solver, adjoint CG) and rtol in {1e-3, 1e-6, 1e-8}
 * oracle: the same solvers with eps = delta = tol down a ladder (factor 2, no certificate used)
   stopped at the first tol whose TRUE error is <= r ||grad F|| and stays so at the next two rungs
   (the robust rule of the prototype; not implementable: it reads the exact gradient).
+A method whose status is not "ok" (e.g. a capped lower solve) is marked; medians skip it.
 Work: E&R units (lower gradients + HVPs; the DWR's upper HVPs counted as HVPs) + cross products.
 True errors below 1e-13 ||grad F|| (the rounding level of the reference) are floored there in
 the ratios. The reference grad F: dense solves (numpy.linalg) with the problem's own kernels.
@@ -92,7 +93,6 @@ def run_case(name: str, k, theta: np.ndarray, lower: str) -> list[dict]:
                              max_iter=100000)
         dwr = k.hypergradient(theta, lower=lower, adjoint="cg", rtol=rtol, certificate="dwr",
                               components=True, max_iter=100000)
-        assert er.status == "ok" and dwr.status == "ok", (er.status, dwr.status)
         err_er = np.linalg.norm(er.grad - exact)
         err_c = np.linalg.norm(dwr.grad - exact)
         err_h = np.linalg.norm(dwr.uncorrected_grad - exact)
@@ -103,8 +103,7 @@ def run_case(name: str, k, theta: np.ndarray, lower: str) -> list[dict]:
             "er_work": _work(er), "er_ratio": _ratio(er.bound, err_er, scale),
             "dwr_work": _work(dwr), "dwr_ratio": _ratio(dwr.bound, err_c, scale),
             "plain_ratio": _ratio(dwr.uncorrected_bound, err_h, scale),
-            "er_hit": er.bound <= rtol * np.linalg.norm(er.grad),
-            "dwr_hit": dwr.bound <= rtol * np.linalg.norm(dwr.grad),
+            "er_status": er.status, "dwr_status": dwr.status,
         })
     return out
 
@@ -137,14 +136,16 @@ def main() -> None:
                                if orc else ("      -", "      -"))
             print(f"{row['case']:<20} {row['rtol']:6.0e} {orc or '-':>7} {row['er_work']:6d} "
                   f"{row['dwr_work']:6d} {er_rel} {dwr_rel} "
-                  f"{row['er_ratio']:9.3g} {row['dwr_ratio']:9.3g} {row['plain_ratio']:11.3g}",
-                  flush=True)
-    for key in ("er_ratio", "dwr_ratio", "plain_ratio"):
-        print(f"median {key}: {np.median([r[key] for r in rows]):.3g}")
-    with_oracle = [r for r in rows if r["oracle"]]
-    for key in ("er_work", "dwr_work"):
-        print(f"median {key}/oracle: "
-              f"{np.median([r[key] / r['oracle'] for r in with_oracle]):.3g}")
+                  f"{row['er_ratio']:9.3g} {row['dwr_ratio']:9.3g} {row['plain_ratio']:11.3g}"
+                  + "".join(f"  [{who}: {row[who + '_status']}]" for who in ("er", "dwr")
+                            if row[who + "_status"] != "ok"), flush=True)
+    # medians over the rows where the method reached status "ok" (the target certified)
+    for key, who in (("er_ratio", "er"), ("dwr_ratio", "dwr"), ("plain_ratio", "dwr")):
+        print(f"median {key}: "
+              f"{np.median([r[key] for r in rows if r[who + '_status'] == 'ok']):.3g}")
+    for key, who in (("er_work", "er"), ("dwr_work", "dwr")):
+        ok = [r[key] / r["oracle"] for r in rows if r["oracle"] and r[who + "_status"] == "ok"]
+        print(f"median {key}/oracle: {np.median(ok):.3g}")
 
 
 if __name__ == "__main__":
