@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import sympy as sp
 
+from codegen.hypergrad import fused as fused_module
 from codegen.hypergrad import solve_adjoint, solve_lower
 from codegen.hypergrad.common import LowerTask, checked_constants
-from codegen.hypergrad import fused as fused_module
 from codegen.hypergrad.fused import FUSED_MAX_SIZE, loops_for
 from codegen.hypergrad.lower import gradient
 from codegen.pipeline import generate

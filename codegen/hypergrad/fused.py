@@ -27,7 +27,7 @@ from .results import Status
 __all__ = ["FUSED_MAX_SIZE", "FusedLoops", "loops_for", "fused_cg", "cg_at", "LOOP_STATUSES"]
 
 #: Largest x (entries) for which the solvers take the fused loops (measured: docs/solvers.md 5).
-FUSED_MAX_SIZE = 256
+FUSED_MAX_SIZE = 4096
 
 #: info[0] of a loop -> Status (codegen/compiler/emit/loops.py LOOP_STATUS).
 LOOP_STATUSES = (Status.CONVERGED, Status.CAPPED, Status.DIVERGED, Status.NON_FINITE,
