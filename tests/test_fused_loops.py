@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 import sympy as sp
 
+from codegen import Problem
 from codegen.hypergrad import fused as fused_module
 from codegen.hypergrad import solve_adjoint, solve_lower
 from codegen.hypergrad.common import LowerTask, checked_constants
 from codegen.hypergrad.fused import FUSED_MAX_SIZE, loops_for
 from codegen.hypergrad.lower import gradient
-from codegen.pipeline import generate
+from codegen.pipeline import build_problem, generate
 
 from support import built_example, load_example
 
@@ -110,6 +111,30 @@ def test_newton_directions_through_the_fused_cg(build_dir, monkeypatch):
     for res in (fused, python):
         assert np.linalg.norm(res.x - x_star) <= res.bound * (1 + 1e-6) + 1e-13
     assert np.linalg.norm(fused.x - python.x) <= fused.bound + python.bound
+
+
+def test_loops_of_a_problem_without_sizes(build_dir):
+    """x and theta as plain Symbols and scalar data: the loops take no size and one double
+    (stated constants: the Hessian [[2, 1/2], [1/2, 2 e^t]] has eigenvalues
+    1 + e^t -+ sqrt((1 - e^t)^2 + 1/4), within [2 min(1, e^t) - 1/2, 2 max(1, e^t) + 1/2]; the
+    stated mu = min(1, e^t) / 2 holds for e^t >= 1/3, as at t = 0.2 here)."""
+    a, c, t, lam = sp.symbols("a c t lam")
+    problem = Problem(name="fused_scalars", x=[a, c], theta=[t],
+                      lower=(a - lam) ** 2 + sp.exp(t) * c ** 2 + a * c / 2,
+                      upper=(a + c - 1) ** 2,
+                      constants={"mu": sp.Min(1, sp.exp(t)) / 2, "L": 3 + 2 * sp.exp(t)})
+    prob = build_problem(problem, build_dir, allow_uncertified=True).bind(lam=0.3)
+    th = np.array([0.2])
+    assert loops_for(prob) is not None
+    for solver in ("fista", "gd"):
+        fused = solve_lower(prob, th, solver=solver, tol=1e-12)
+        python = solve_lower(prob, th, solver=solver, tol=1e-12, record=True)
+        assert fused.status == python.status == "converged"
+        assert fused.iterations == python.iterations
+        np.testing.assert_allclose(fused.x, python.x, rtol=0, atol=fused.bound + python.bound)
+    hg = prob.hypergradient(th, lower="fista", adjoint="cg", eps=1e-12, delta=1e-12)
+    ref = prob.hypergradient(th, lower="direct", adjoint="direct", eps=1e-13, delta=1e-13)
+    assert np.linalg.norm(hg.grad - ref.grad) <= hg.bound + ref.bound
 
 
 @pytest.mark.parametrize("solver", ["cg", "fista", "gd"])
