@@ -24,7 +24,8 @@ from .common import hvp_at
 from .krylov import CGResult, cg
 from .results import Status
 
-__all__ = ["FUSED_MAX_SIZE", "FusedLoops", "loops_for", "fused_cg", "cg_at", "LOOP_STATUSES"]
+__all__ = ["FUSED_MAX_SIZE", "FusedLoops", "loops_for", "fused_cg", "cg_at", "count", "contiguous",
+           "LOOP_STATUSES"]
 
 #: Largest x (entries) for which the solvers take the fused loops (measured: docs/solvers.md 5).
 FUSED_MAX_SIZE = 4096
@@ -106,6 +107,12 @@ def loops_for(k: Any) -> FusedLoops | None:
     return loops
 
 
+def count(n: int) -> float:
+    """An iteration cap for a loop's control vector: a double the loop's int64 cast takes
+    exactly (a cap beyond 2^53 is no cap in practice)."""
+    return float(min(max(int(n), 0), 2 ** 53))
+
+
 def contiguous(v: np.ndarray) -> np.ndarray:
     """v as a C-contiguous float64 vector (a copy only when it is not one already)."""
     return np.ascontiguousarray(v, dtype=np.float64).ravel()
@@ -146,7 +153,7 @@ def fused_cg(loops: FusedLoops, x_at: np.ndarray, theta: np.ndarray, b: np.ndarr
         u, s = contiguous(x0).copy(), contiguous(residual).copy()
     diverge = -1.0 if diverge_from is None else float(diverge_from)
     info = loops.run("loop_cg", contiguous(theta), [contiguous(x_at), u, s],
-                     [tol, scale, float(max_iter), float(min_iter), diverge])
+                     [tol, scale, count(max_iter), count(min_iter), diverge])
     status = LOOP_STATUSES[int(info[0])]
     message = _CGMessage(status, int(info[4]), float(info[5]), diverge).text()
     return CGResult(u, s, float(info[3]), int(info[1]), int(info[2]), status, message)

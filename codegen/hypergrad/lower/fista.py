@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..common import LowerTask, all_finite, call_kernel, norm
-from ..fused import LOOP_STATUSES, REASON_KERNEL, FusedLoops, contiguous, loops_for
+from ..fused import LOOP_STATUSES, REASON_KERNEL, FusedLoops, contiguous, count, loops_for
 from ..rates import rates
 from ..results import LowerResult, Status
 from .stopping import first_order_stop
@@ -88,7 +88,7 @@ def _fused(task: LowerTask, loops: FusedLoops, step: dict[str, Any]) -> LowerRes
     mu = task.constants["mu"]
     z, g = np.empty(loops.x_size), np.empty(loops.x_size)
     info = loops.run("loop_fista", contiguous(task.theta), [contiguous(task.x0), z, g],
-                     [task.tol, mu, step["tau"], step["q"], float(task.max_iter)])
+                     [task.tol, mu, step["tau"], step["q"], count(task.max_iter)])
     status, it, n_grad = LOOP_STATUSES[int(info[0])], int(info[1]), int(info[2])
     gn, gn0, beta_last, have_z = float(info[3]), float(info[4]), float(info[5]), info[6] > 0
     if status is Status.DIVERGED:

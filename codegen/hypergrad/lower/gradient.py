@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..common import LowerTask, all_finite, call_kernel, norm
-from ..fused import LOOP_STATUSES, REASON_KERNEL, FusedLoops, contiguous, loops_for
+from ..fused import LOOP_STATUSES, REASON_KERNEL, FusedLoops, contiguous, count, loops_for
 from ..rates import gd_step, hb_step, rates
 from ..results import LowerResult, Status
 from .stopping import first_order_stop
@@ -84,7 +84,7 @@ def _fused(task: LowerTask, solver: str, step: dict[str, Any], loops: FusedLoops
     mu = task.constants["mu"]
     x, g = np.empty(loops.x_size), np.empty(loops.x_size)
     info = loops.run("loop_descent", contiguous(task.theta), [contiguous(task.x0), x, g],
-                     [task.tol, mu, step["a"], step["b"], float(task.max_iter)])
+                     [task.tol, mu, step["a"], step["b"], count(task.max_iter)])
     status, it, n_grad = LOOP_STATUSES[int(info[0])], int(info[1]), int(info[2])
     gn, gn0 = float(info[3]), float(info[4])
     reason = "non-finite kernel output" if int(info[6]) == REASON_KERNEL else "non-finite iterate"
