@@ -134,8 +134,8 @@ class _CGMessage:
             return f"d^T A d = {self.value:.3g} <= 0"
         if self.status is Status.NON_FINITE:
             return {REASON_KERNEL: "non-finite kernel output",
-                    REASON_ITERATE: "non-finite CG iterate"}.get(self.reason,
-                                                                 "d^T A d is not finite")
+                    REASON_ITERATE: "non-finite CG iterate",
+                    REASON_CURVATURE: "d^T A d is not finite"}[self.reason]
         return ""
 
 
