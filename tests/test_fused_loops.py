@@ -3,6 +3,7 @@ the Python loops they replace (docs/solvers.md 5).
 
 record=True keeps the Python loop (it needs per-iteration data), record=False takes the fused one
 on these small problems, so the two paths run on one bound problem:
+* fused_cg against krylov.cg: converged, capped, min_iter and diverged alike;
 * lower cg / fista / gd / hb and adjoint cg: the same status and iteration count (within 1), points
   within the sum of their certified bounds, and each bound >= the true error against a solve to
   rounding; capped, diverged and non-finite runs stop alike;
@@ -23,8 +24,9 @@ import sympy as sp
 from codegen import Problem
 from codegen.hypergrad import fused as fused_module
 from codegen.hypergrad import solve_adjoint, solve_lower
-from codegen.hypergrad.common import LowerTask, checked_constants
-from codegen.hypergrad.fused import FUSED_MAX_SIZE, loops_for
+from codegen.hypergrad.common import LowerTask, checked_constants, hvp_at
+from codegen.hypergrad.fused import FUSED_MAX_SIZE, fused_cg, loops_for
+from codegen.hypergrad.krylov import cg
 from codegen.hypergrad.lower import gradient
 from codegen.pipeline import build_problem, generate
 
@@ -135,6 +137,28 @@ def test_loops_of_a_problem_without_sizes(build_dir):
     hg = prob.hypergradient(th, lower="fista", adjoint="cg", eps=1e-12, delta=1e-12)
     ref = prob.hypergradient(th, lower="direct", adjoint="direct", eps=1e-13, delta=1e-13)
     assert np.linalg.norm(hg.grad - ref.grad) <= hg.bound + ref.bound
+
+
+def test_fused_cg_stops_as_krylov_cg(build_dir):
+    """fused_cg against krylov.cg on one system: converged, capped, min_iter, diverged."""
+    prob, th = bound_problem("logistic", build_dir)
+    x = exact_solution(prob, th)
+    b = prob.upper_grad(x, th)
+    loops = loops_for(prob)
+    hvp = hvp_at(prob, x, th)
+    cases = [dict(tol=1e-9), dict(tol=1e-14, max_iter=5), dict(tol=1e3, min_iter=3),
+             dict(tol=1e-9, diverge_from=1e-30)]
+    for kw in cases:
+        fused, python = fused_cg(loops, x, th, b, **kw), cg(hvp, b, **kw)
+        assert fused.status == python.status, kw
+        assert abs(fused.iterations - python.iterations) <= 1, kw
+        assert fused.matvecs - fused.iterations == python.matvecs - python.iterations, kw
+        assert fused.message == python.message, kw
+        if fused.iterations == python.iterations:
+            assert np.linalg.norm(fused.x - python.x) <= 1e-10 * (1 + np.linalg.norm(python.x))
+    assert [fused_cg(loops, x, th, b, **kw).status for kw in cases] == [
+        "converged", "capped", "converged", "diverged"]
+    assert fused_cg(loops, x, th, b, tol=1e3, min_iter=3).iterations == 3
 
 
 @pytest.mark.parametrize("solver", ["cg", "fista", "gd"])
