@@ -92,6 +92,16 @@ print(json.dumps(results))
 """
 
 
+def detach(binary: pathlib.Path) -> None:
+    """Give `binary` a new inode holding the same bytes. This process has the built extension
+    dlopen'ed: damaging its mapped file in place would kill this process (SIGBUS) the next time
+    it touches an unmapped page, long after the test; the damage must reach only the loader
+    child, which opens the path afresh."""
+    fresh = binary.with_name(binary.name + ".fresh")
+    shutil.copy2(binary, fresh)
+    os.replace(fresh, binary)
+
+
 def _truncate(fraction: float):
     return lambda binary, record: os.truncate(binary, max(1024, int(binary.stat().st_size * fraction))
                                               if fraction < 1 else binary.stat().st_size - 1)
@@ -142,6 +152,7 @@ def damaged_loads(tmp_path_factory):
         binary = entry_of(jit.compile_extension("twice", source, CDEF, flags=FLAGS, cache_dir=root))
         record = binary.parent / "build.json"
         damaged[case] = (binary if culprit == "binary" else record, None)
+        detach(binary)
         damage(binary, record)
         jobs.append({"case": case, "cache": str(root), "source": source, "cdef": CDEF,
                      "flags": list(FLAGS), "published": None})
@@ -151,6 +162,7 @@ def damaged_loads(tmp_path_factory):
         module = jit.compile_extension("twice", source, CDEF, flags=FLAGS, cache_dir=root)
         binary = jit.publish(module, published)
         damaged[case] = (binary, binary.read_bytes())
+        detach(binary)
         damage(binary, None)
         jobs.append({"case": case, "cache": str(root), "source": source, "cdef": CDEF,
                      "flags": list(FLAGS), "published": str(published)})
