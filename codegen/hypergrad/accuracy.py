@@ -11,6 +11,9 @@ tolerance in proportion:
     e part   the rest, about linear in e >= ||x - x*||            -> eps := e * share / e part
 
 until the bound meets the target or a round fails, stalls at the rounding floor or runs out.
+eps is never asked below eps_machine ||x|| (`stopping.solution_floor`); a target that needs
+less, or a lower solve that stagnates at its rounding floor, ends the rounds with the status
+"accuracy floor" and the best certified bound reached (a valid certificate, not a failure).
 Every round's result is a complete certified hypergradient; only the last is returned, with
 the work of all rounds.
 """
@@ -25,7 +28,8 @@ import numpy as np
 from .bounds import aposteriori_bound
 from .common import SolverError, fmt
 from .correction import Correction, combined, correct
-from .results import HypergradientResult, Reason, ReasonKind
+from .lower.stopping import solution_floor
+from .results import HypergradientResult, Reason, ReasonKind, Status
 
 __all__ = ["to_accuracy", "bound_parts", "corrected_to_accuracy", "dwr_tightened",
            "dwr_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE"]
@@ -38,6 +42,9 @@ MAX_ROUNDS = 8
 SHARE = 0.4
 
 _WORK_KEYS = ("lower_grads", "hvps", "cross", "units")
+
+#: The note that keeps a lower solve's "rounding floor" reason once the rounds accepted it.
+FLOOR_NOTE = "lower solve at its rounding floor"
 
 
 def bound_parts(hg: HypergradientResult) -> tuple[float, float, float]:
@@ -76,8 +83,9 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
     trail: list[str] = []
     refine = 0  # the first round only measures the parts: no refinement yet
     failure: str | None = None
+    kind = ReasonKind.ACCURACY
     for _ in range(max_rounds):
-        hg = run(eps, delta, x0, q0, refine)
+        hg = _floor_accepted(run(eps, delta, x0, q0, refine))
         for key in _WORK_KEYS:
             total[key] += hg.work.get(key, 0)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: bound {fmt(hg.bound)}")
@@ -85,19 +93,29 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
         if not steerable(hg) or hg.bound <= target:
             break
         r_part, e_part, rounding = bound_parts(hg)
-        if rounding >= (1 - 2 * SHARE) * target:
-            failure = (f"certified accuracy unreachable: the rounding floor {fmt(rounding)} "
-                       f"alone exceeds a share of atol + rtol ||grad|| = {fmt(target)}")
-            break
         share = SHARE * target
+        lowest = _lowest_eps(hg)
+        stalled = _lower_stalled(hg) or (e_part > share and eps <= lowest)
+        if not stalled and rounding >= (1 - 2 * SHARE) * target and not rounding > 0:
+            failure = (f"certified accuracy unreachable: atol + rtol ||grad|| = {fmt(target)}")
+            break   # a zero target (h = 0 with atol = 0): no floor, the caller tightens
+        if stalled or rounding >= (1 - 2 * SHARE) * target:
+            kind = ReasonKind.ACCURACY_FLOOR
+            failure = (f"accuracy floor (certified accuracy unreachable): atol + rtol "
+                       f"||grad|| = {fmt(target)} is below the accuracy floating point "
+                       f"allows here ("
+                       + (f"the lower solve reached its rounding floor, e = {fmt(hg.e)}"
+                          if stalled else f"the rounding floor {fmt(rounding)} of the bound")
+                       + f"); bound {fmt(hg.bound)} is the best certified")
+            break
         tightened = False
         if r_part > share:
             delta, tightened = min(delta, hg.R * share / r_part), True
         if e_part > share:
-            eps, tightened = min(eps, hg.e * share / e_part), True
+            eps, tightened = max(min(eps, hg.e * share / e_part), lowest), True
         if not tightened:  # both parts within share, the cross term or ||grad|| tipped it
             # (never to 0: a zero e or R is exact already, and a tolerance of 0 is never met)
-            eps = 0.5 * min(eps, hg.e) if hg.e > 0 else eps
+            eps = max(0.5 * min(eps, hg.e), lowest) if hg.e > 0 else eps
             delta = 0.5 * min(delta, hg.R) if hg.R > 0 else delta
         # The next lower solve certifies e <= eps by itself; refine only if that is not enough.
         refine = 0 if hg.e == 0 or e_part / hg.e * eps <= share else refine_iter
@@ -108,8 +126,37 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
     notes = tuple(hg.notes) + (f"accuracy rounds (rtol={fmt(rtol)}, atol={fmt(atol)}): "
                                + "; ".join(trail),)
     reasons = hg.reasons if failure is None else (
-        hg.reasons + (Reason(ReasonKind.ACCURACY, failure),))
+        hg.reasons + (Reason(kind, failure),))
     return replace(hg, work=total, notes=notes, reasons=reasons)
+
+
+def _is_floor_reason(reason: Reason) -> bool:
+    return (reason.kind is ReasonKind.LOWER_SOLVE
+            and reason.solver_status is Status.ROUNDING_FLOOR)
+
+
+def _lower_stalled(hg: HypergradientResult) -> bool:
+    """Whether hg's lower solve stagnated at its rounding floor (seen by `_floor_accepted`)."""
+    return any(note.startswith(FLOOR_NOTE) for note in hg.notes)
+
+
+def _floor_accepted(hg: HypergradientResult) -> HypergradientResult:
+    """hg without its lower solve's "rounding floor" reason when that is its only non-stated
+    reason: the bound certifies the G reached (the floor is accuracy, not failure); the
+    rounds decide whether it meets the target. A note keeps what the solver said."""
+    floor = [r for r in hg.reasons if _is_floor_reason(r)]
+    rest = tuple(r for r in hg.reasons if not _is_floor_reason(r))
+    if not floor or not all(r.kind is ReasonKind.UNCERTIFIED for r in rest):
+        return hg
+    return replace(hg, reasons=rest, notes=tuple(hg.notes) + tuple(
+        f"{FLOOR_NOTE}: {r}" for r in floor))
+
+
+def _lowest_eps(hg: HypergradientResult) -> float:
+    """The lowest eps the next round may ask for: eps_machine ||x|| (the largest over samples)."""
+    if hg.samples is not None:
+        return max(_lowest_eps(s) for s in hg.samples)
+    return solution_floor(hg.x) if hg.x is not None else 0.0
 
 
 def steerable(hg: HypergradientResult) -> bool:

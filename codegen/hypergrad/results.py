@@ -29,6 +29,7 @@ class Status(str, Enum):
     NON_FINITE = "non-finite"  # a kernel or an iterate was not finite: the last finite one kept
     NOT_SPD = "not SPD"        # d^T A d <= 0 or Cholesky failed: contradicts mu > 0
     ZERO_TRAP = "zero trap"    # ||grad f|| <= delta from q0 = 0: an iteration was forced
+    ROUNDING_FLOOR = "rounding floor"  # no decrease, ||grad g|| already at eps_machine's scale
 
     def __str__(self) -> str:
         return self.value
@@ -51,6 +52,7 @@ class ReasonKind(Enum):
     NO_BOUND = "no bound"              # the a posteriori bound is inf (or backprop has none)
     UNCERTIFIED = "uncertified"        # the constants were stated, not derived
     ACCURACY = "accuracy"              # rtol / atol not met
+    ACCURACY_FLOOR = "accuracy floor"  # rtol / atol below what rounding lets the solvers reach
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,12 @@ class HypergradientResult:
     @property
     def message(self) -> str:
         return self.status
+
+    @property
+    def at_accuracy_floor(self) -> bool:
+        """The requested rtol / atol lies below the accuracy floating point lets the solvers
+        reach: `bound` is the best certified bound reached (still a valid certificate)."""
+        return any(reason.kind is ReasonKind.ACCURACY_FLOOR for reason in self.reasons)
 
     @property
     def usable(self) -> bool:

@@ -31,6 +31,9 @@ What a user of SciPy expects from `minimize(method="L-BFGS-B")`, on certified nu
   about seven digits, far below the statistical meaning of a validation loss; |F| at least
   1e-6 |F(theta0)|). Also "converged" when the certified ||grad F|| <= ||h|| + w <= gtol. The
   result states the certificate ||grad F(theta)|| <= ||h|| + w at the returned point.
+* **The accuracy floor.** A hypergradient whose rounds end at the solvers' rounding floor
+  (`at_accuracy_floor`), at the base or a trial point, ends the run with "accuracy floor" and
+  the last accepted point's certificate (`_floor_end`), not "failed".
 """
 from __future__ import annotations
 
@@ -123,6 +126,8 @@ def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: Quasi
         if not math.isfinite(hg.bound):
             raise StopRun(OptimizeStatus.FAILED, f"the a posteriori bound is not finite "
                                                  f"({hg.status}): no step can be certified")
+        if getattr(hg, "at_accuracy_floor", False) and not hg.bound <= atol + o.grad_rtol * hn:
+            raise _floor_end(run, hn + float(hg.bound), str(hg.status))
         if not hg.bound <= atol + o.grad_rtol * hn:   # a zero trap or a capped round: tighten
             eps, delta = min(eps, used_eps) * o.tau, delta * o.tau
             if eps < o.min_eps:
@@ -138,6 +143,18 @@ def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: Quasi
         if eps < o.min_eps:
             raise floor_stop(run, hg, eps, f"the value error {err:.3g} was still above "
                              f"{value_tol:.3g}, the share of the decrease the line search tests")
+
+
+def _floor_end(run: Runner, cert: float, why: str) -> StopRun:
+    """The end of useful progress: the accuracy a test needs is below what floating point lets
+    the solvers reach. "converged" when the certificate ||grad F|| <= cert meets gtol anyway,
+    else "accuracy floor" (success, as for min_eps: the returned point and its certificate
+    hold), never "failed"."""
+    if cert <= run.options.gtol:
+        return StopRun(OptimizeStatus.CONVERGED, f"||grad F|| <= ||h|| + bound = {cert:.3g}")
+    return StopRun(OptimizeStatus.ACCURACY_FLOOR,
+                   f"the certified accuracy needed is below the rounding floor ({why}); "
+                   f"certified ||grad F|| <= ||h|| + bound = {cert:.3g}")
 
 
 def _direction(h: np.ndarray, pairs: deque[Pair], gamma: float) -> np.ndarray:
@@ -215,6 +232,9 @@ def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float, next_
         try:
             trial = _evaluate(run, new, eps, delta, o, target, t, atol)
         except StopRun as stop:                 # no usable number there: a shorter step
+            if stop.status == OptimizeStatus.ACCURACY_FLOOR:    # the end of useful progress
+                raise _floor_end(run, base.hn + base.bound,
+                                 f"at a trial point: {stop.message}") from None
             if stop.status != OptimizeStatus.FAILED:
                 raise
             note = f"a trial point failed and was stepped back from: {stop.message}"

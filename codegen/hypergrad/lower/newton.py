@@ -6,7 +6,9 @@ when g is quadratic), but not below a quarter of the target tol * mu; since A d 
 ||r|| <= eta ||g||, d is a descent direction for ||g||^2 / 2, and the step is halved until
 ||g(x + a d)|| <= (1 - 1e-4 a) ||g(x)||. Each step costs a few HVPs and gradients, about one
 pass over the data each, and needs no L; max_iter caps the WORK (gradients + HVPs). The
-certificate is ||g||/mu as for every solver (docs/solvers.md 1).
+certificate is ||g||/mu as for every solver (docs/solvers.md 1). When no step decreases ||g||,
+the solve "diverged" unless ||g|| is already at the rounding floor (`stopping.rounding_floor`):
+then it is "rounding floor", the accuracy floating point allows, not a failure.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 from ..common import LowerTask, call_kernel, norm
 from ..fused import cg_at
 from ..results import LowerResult, Status
+from .stopping import rounding_floor
 
 __all__ = ["solve_newton", "newton_descent", "Direction", "NEWTON_TARGET_SHARE"]
 
@@ -96,8 +99,7 @@ def newton_descent(task: LowerTask, name: str, direction: Direction) -> LowerRes
                 break
             alpha *= 0.5
         if accepted is None:
-            status = Status.CAPPED if n_grad + n_hvp >= max_iter else Status.DIVERGED
-            msg = msg or "no decrease of ||grad g|| along the Newton direction"
+            status, msg = _no_decrease(gn, rounding_floor(L, x), n_grad + n_hvp >= max_iter, msg)
             break
         x, g, gn = x_new, accepted, gn_new
         it += 1
@@ -106,3 +108,14 @@ def newton_descent(task: LowerTask, name: str, direction: Direction) -> LowerRes
     return LowerResult(x=x, grad=g, bound=gn / mu, iterations=it, status=status, solver=name,
                        tol=tol, mu=mu, L=L, n_grad=n_grad, n_hvp=n_hvp, initial_bound=gn0 / mu,
                        apriori=gn0 / mu, history=hist, message=msg)
+
+
+def _no_decrease(gn: float, floor: float, out_of_work: bool, msg: str) -> tuple[Status, str]:
+    """Why no step along the direction decreased ||g|| = gn: the work ran out (capped), gn is
+    at the rounding floor (stagnation, not failure), or the direction is bad (diverged)."""
+    if out_of_work:
+        return Status.CAPPED, msg or "no decrease of ||grad g|| along the Newton direction"
+    if gn <= floor:
+        return Status.ROUNDING_FLOOR, (f"||grad g|| = {gn:.3g} stagnates at the rounding floor "
+                                       f"{floor:.3g} (eps_machine * the scale of grad g)")
+    return Status.DIVERGED, msg or "no decrease of ||grad g|| along the Newton direction"
