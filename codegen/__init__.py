@@ -10,7 +10,7 @@ The pipeline, one module per stage, each taking and returning plain data:
 `constants` derives mu, L, L_A, L_B, L_f at build time and evaluates them at bind time;
 `pipeline` drives the stages and `cli` is the `hypergen` command.
 """
-from .errors import BindError, BuildError, HypergenError, KernelError, ProblemError
+from .errors import BindError, BuildError, ConfigError, HypergenError, KernelError, ProblemError
 from .primitives import sigmoid, softplus
 from . import pipeline
 from .compiler.problem import Problem
@@ -18,7 +18,7 @@ from .version import __version__
 
 __all__ = [
     "Problem", "softplus", "sigmoid", "load", "HypergenError", "ProblemError", "BindError",
-    "BuildError", "KernelError", "__version__",
+    "BuildError", "KernelError", "ConfigError", "__version__",
 ]
 
 
