@@ -267,3 +267,27 @@ def test_sigterm_ends_a_run_like_ctrl_c():
     assert res.status == OptimizeStatus.INTERRUPTED and "SIGTERM" in res.message
     assert len(res.history) >= 3 and np.all(np.isfinite(res.theta))
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_run_past_the_rounding_floor_ends_at_the_accuracy_floor(build_dir):
+    """ftol = 1e-30 with min_eps out of the way: the line search soon needs values below what
+    floating point certifies. The run ends with "accuracy floor" (success, as min_eps's floor),
+    never "failed", and its certificate holds for the exact gradient at the returned point."""
+    from conftest import built_example
+    _, module, ns = built_example("ridge", build_dir)
+    data = ns["example_data"](seed=0, m=60, n=12, p=30)
+    A, b, Av, bv = data["A"], data["b"], data["Av"], data["bv"]
+
+    def exact_gradient(theta):
+        alpha = np.exp(theta)
+        H = A.T @ A + alpha * np.eye(A.shape[1])
+        xs = np.linalg.solve(H, A.T @ b)
+        return -(alpha * xs) @ np.linalg.solve(H, Av.T @ (Av @ xs - bv) / Av.shape[0])
+
+    for lower in ("newton", "cg"):
+        res = optimize(module.bind(**data), 1.0, lower=lower, ftol=1e-30, min_eps=1e-300,
+                       progress=False)
+        print(f"\n{lower}: {res.status}, stationarity {res.stationarity:.3g}; {res.message}")
+        assert res.status == OptimizeStatus.ACCURACY_FLOOR and res.success, res
+        assert "below what the solvers reach" in res.message
+        assert abs(exact_gradient(res.theta[0])) <= res.stationarity < 1e-10

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..hypergrad import aposteriori_bound
+from ..hypergrad.lower.stopping import solution_floor
 from .options import QuasiNewtonOptions
 from .result import OptimizeStatus
 from .runner import Runner, StopRun, floor_stop
@@ -69,6 +70,8 @@ CURVATURE_MIN = 1e-10
 STOP_SHARE = 0.5
 #: ftol is relative to |F|, or to this share of |F(theta0)| when |F| is smaller.
 FLOOR_SHARE = 1e-6
+#: How the end at the accuracy floor begins its message.
+FLOOR_LEAD = "the certified accuracy needed is below what the solvers reach"
 #: The ||h|| expected at the next point is at least this fraction of the current one.
 MIN_RATE = 0.01
 
@@ -127,12 +130,11 @@ def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: Quasi
             raise StopRun(OptimizeStatus.FAILED, f"the a posteriori bound is not finite "
                                                  f"({hg.status}): no step can be certified")
         if getattr(hg, "at_accuracy_floor", False) and not hg.bound <= atol + o.grad_rtol * hn:
-            raise _floor_end(run, hn + float(hg.bound), str(hg.status))
+            raise _floor_end(run, hn + float(hg.bound), f"{FLOOR_LEAD} ({hg.status})")
         if not hg.bound <= atol + o.grad_rtol * hn:   # a zero trap or a capped round: tighten
             eps, delta = min(eps, used_eps) * o.tau, delta * o.tau
-            if eps < o.min_eps:
-                raise floor_stop(run, hg, eps, f"the bound {hg.bound:.3g} was still above "
-                                 f"grad_rtol ||h|| = {o.grad_rtol * hn:.3g}")
+            _check_floors(run, hg, eps, o, f"the bound {hg.bound:.3g} was still above "
+                          f"grad_rtol ||h|| = {o.grad_rtol * hn:.3g}")
             continue
         if value_tol is None or not math.isfinite(err) or err <= value_tol:
             return Point(theta, hg, h, hn, float(hg.bound), float(hg.value), err,
@@ -140,9 +142,21 @@ def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: Quasi
                          entry, bool(hg.bound <= o.grad_rtol * hn))
         need = _distance_for_value(hg, 0.8 * value_tol)
         eps = min(used_eps * o.tau, need) if need > 0 else used_eps * o.tau
-        if eps < o.min_eps:
-            raise floor_stop(run, hg, eps, f"the value error {err:.3g} was still above "
-                             f"{value_tol:.3g}, the share of the decrease the line search tests")
+        _check_floors(run, hg, eps, o, f"the value error {err:.3g} was still above "
+                      f"{value_tol:.3g}, the share of the decrease the line search tests")
+
+
+def _check_floors(run: Runner, hg: Any, eps: float, o: QuasiNewtonOptions, why: str) -> None:
+    """Stop when the next eps falls below min_eps (`floor_stop`) or below eps_machine ||x||,
+    the accuracy floating point lets the lower solve reach (`_floor_end`)."""
+    if eps < o.min_eps:
+        raise floor_stop(run, hg, eps, why)
+    xs = hg.x if hg.samples is not None else [hg.x]
+    lowest = max(solution_floor(x) for x in xs)
+    if eps < lowest:
+        raise _floor_end(run, float(np.linalg.norm(hg.grad)) + float(hg.bound),
+                         f"{FLOOR_LEAD} (eps = {eps:.3g} < eps_machine ||x|| = "
+                         f"{lowest:.3g}: {why})")
 
 
 def _floor_end(run: Runner, cert: float, why: str) -> StopRun:
@@ -153,8 +167,7 @@ def _floor_end(run: Runner, cert: float, why: str) -> StopRun:
     if cert <= run.options.gtol:
         return StopRun(OptimizeStatus.CONVERGED, f"||grad F|| <= ||h|| + bound = {cert:.3g}")
     return StopRun(OptimizeStatus.ACCURACY_FLOOR,
-                   f"the certified accuracy needed is below the rounding floor ({why}); "
-                   f"certified ||grad F|| <= ||h|| + bound = {cert:.3g}")
+                   f"{why}; certified ||grad F|| <= ||h|| + bound = {cert:.3g}")
 
 
 def _direction(h: np.ndarray, pairs: deque[Pair], gamma: float) -> np.ndarray:
@@ -234,7 +247,8 @@ def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float, next_
         except StopRun as stop:                 # no usable number there: a shorter step
             if stop.status == OptimizeStatus.ACCURACY_FLOOR:    # the end of useful progress
                 raise _floor_end(run, base.hn + base.bound,
-                                 f"at a trial point: {stop.message}") from None
+                                 f"at a trial point, {stop.message}; at the returned point"
+                                 ) from None
             if stop.status != OptimizeStatus.FAILED:
                 raise
             note = f"a trial point failed and was stepped back from: {stop.message}"
