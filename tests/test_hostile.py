@@ -576,3 +576,70 @@ def test_integers_beyond_2_53_are_refused_unless_exact(ridge_bound):
     assert module.bind(dict(data, b=exact)).hypergradient(0.1).grad.shape == (1,)
     with pytest.raises(BindError, match=r"b: integer values beyond 2\*\*53"):
         module.bind(dict(data, b=exact + 1))
+
+
+def test_negative_tolerances_are_refused_naming_them():
+    """eps < 0 was accepted and the solve then reported "lower direct diverged"."""
+    from codegen.hypergrad.options import HypergradientOptions
+    from codegen.hypergrad.common import SolverError
+
+    for name in ("eps", "delta", "atol"):
+        with pytest.raises(SolverError, match=rf"{name} must be a number >= 0, got -1e-06"):
+            HypergradientOptions(**{name: -1e-6})
+    assert HypergradientOptions(eps=0.0, delta=0.0).eps == 0.0
+
+
+def _square_problem(extent):
+    """x = X[i, j] of shape (extent, extent): its size is a power, extent**2."""
+    import sympy as sp
+
+    from codegen import Problem
+
+    i, j = sp.Idx("i", extent), sp.Idx("j", extent)
+    X, Y = sp.IndexedBase("X", shape=(extent, extent)), sp.IndexedBase("Y", shape=(extent, extent))
+    theta = sp.Symbol("theta")
+    lower = sp.Sum((X[i, j] - Y[i, j]) ** 2 + sp.exp(theta) * X[i, j] ** 2,
+                   (i, 0, extent - 1), (j, 0, extent - 1)) / 2
+    upper = sp.Sum((X[i, j] - Y[i, j]) ** 2, (i, 0, extent - 1), (j, 0, extent - 1))
+    return Problem(name="square", x=X, theta=theta, lower=lower, upper=upper)
+
+
+def test_square_variable_builds_and_matches_the_oracle(tmp_path):
+    """X of shape (n, n) printed its size as pow(n, 2), a double: `hessian_out + hg_col*pow(n, 2)`
+    did not compile, and work_size went through floating point."""
+    import sympy as sp
+
+    from codegen.pipeline import build_problem
+    from oracle import Oracle
+
+    problem = _square_problem(sp.Symbol("n", integer=True, positive=True))
+    Y = np.random.default_rng(0).standard_normal((3, 3))
+    prob = build_problem(problem, tmp_path).bind(Y=Y)
+    oracle = Oracle(problem, {"Y": Y})
+    x, theta, v = np.linspace(-1.0, 1.0, 9), 0.3, np.cos(np.arange(9.0))
+    for got, want in [(prob.lower_grad(x, theta), oracle.lower_grad(x, theta)),
+                      (prob.lower_hvp(x, theta, v), oracle.lower_hvp(x, theta, v)),
+                      (prob.lower_hessian(x, theta), oracle.hessian(x, theta)),
+                      (prob.cross_matrix(x, theta), oracle.cross(x, theta))]:
+        np.testing.assert_allclose(got, np.asarray(want, dtype=float).reshape(np.shape(got)),
+                                   rtol=1e-12, atol=1e-14)
+
+
+def test_literal_sizes_beyond_int_compile_without_overflow(tmp_path):
+    """A literal extent near 2**31: work_size's 2*(2147483647) was an int product that overflowed
+    (gcc -Woverflow) into a negative, silently too small buffer size."""
+    import subprocess
+
+    import sympy as sp
+
+    from codegen.compiler.emit.render import render_module
+    from codegen.compiler.kernels import kernel_specs
+
+    problem = _square_problem(sp.Integer(46341))  # 46341**2 > 2**31
+    source, _, _ = render_module(problem, kernel_specs(problem))
+    assert "pow(" not in source
+    (tmp_path / "hg_square.c").write_text(source)
+    res = subprocess.run([os.environ.get("CC", "cc"), "-std=c99", "-Wall", "-Wextra", "-Werror",
+                          "-pedantic", "-fopenmp-simd", "-c", "hg_square.c", "-o", os.devnull],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and not res.stderr.strip(), res.stderr

@@ -62,10 +62,11 @@ class HypergradientOptions:
     def __post_init__(self) -> None:
         check_lower_name(self.lower, allow_auto=True)
         check_adjoint_name(self.adjoint, allow_auto=True)
-        for name in ("eps", "delta", "atol"):
+        for name in ("eps", "delta", "atol"):  # rtol: codegen.hypergrad.accuracy
             value = getattr(self, name)
-            if not _is_real(value) or math.isnan(value):
-                raise SolverError(f"{name} must be a number, got {value!r}")
+            # A negative tolerance can never be met: eps < 0 ended as "lower direct diverged".
+            if not _is_real(value) or math.isnan(value) or value < 0:
+                raise SolverError(f"{name} must be a number >= 0, got {value!r}")
         for name in ("max_iter", "refine_iter") + (
                 ("adjoint_max_iter",) if self.adjoint_max_iter is not None else ()):
             value = getattr(self, name)

@@ -106,7 +106,8 @@ def loops_context(problem: Problem, kernels: Sequence[KernelLike], prefix: str
     prepared = "lower_hvp_apply" in by_name
     contexts, work = [], []
     for name, doc, own, vectors in LOOPS:
-        own_code = f"{own}*({n})"
+        # int64_t: with a literal extent, 2*(2147483647) would be an int product and overflow.
+        own_code = f"(int64_t){own}*({n})"
         cache_at = f"hg_work + {own_code}"
         if name == "loop_cg":
             base = f"{own_code} + ({_cache_code(by_name)})" if prepared else own_code

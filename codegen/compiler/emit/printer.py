@@ -52,8 +52,8 @@ class KernelPrinter(C99CodePrinter):
         return f"{name}[{self.index_code(self.flat_index(name, expr.indices))}]"
 
     def index_code(self, expr: sp.Expr) -> str:
-        """Integer index arithmetic: printed without floating-point literals."""
-        code: str = sp.ccode(expr, standard="C99")
+        """Integer index arithmetic: printed without floating-point literals or pow()."""
+        code: str = IndexPrinter().doprint(expr)
         return code
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:
@@ -98,6 +98,26 @@ class KernelPrinter(C99CodePrinter):
 
     def _print_Integer(self, expr: sp.Integer) -> str:
         return f"{int(expr)}.0" if abs(int(expr)) < 2**53 else f"{float(expr)!r}"
+
+
+class IndexPrinter(C99CodePrinter):
+    """Integer size, offset and index arithmetic (over int64_t sizes and indices).
+
+    A power of a size, n**2 of an (n, n) variable, prints as the product (n*n): SymPy's pow(n, 2)
+    is a double, which made `pointer + pow(n, 2)` fail to compile and work_size round through
+    floating point above 2**53.
+    """
+
+    def __init__(self) -> None:
+        super().__init__({"strict": True})
+
+    def _print_Pow(self, expr: sp.Pow) -> str:
+        base, exp = expr.base, expr.exp
+        if not (exp.is_Integer and exp > 0):
+            raise ProblemError(f"cannot print {expr} as integer C: the exponent of an index or "
+                               f"size expression must be a positive integer")
+        b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Mul"] + 1)
+        return "(" + "*".join([b] * int(exp)) + ")"
 
 
 def print_expr(expr: sp.Expr, arrays: dict[str, ir.Array],

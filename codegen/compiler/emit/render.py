@@ -211,12 +211,13 @@ class ColumnsRenderer:
         kept = [p for p in self.base.params() if p.name != self.direction
                 and p.role not in ("output", "work")]
         return kept + [Param("double *restrict", self.out, "output",
-                             f"({self.rows})*({self.count})"),
+                             f"(int64_t)({self.rows})*({self.count})"),
                        Param("double *restrict", "work", "work")]
 
     def work_code(self) -> str:
         inner = self.base.work_code()
-        return self.count if inner is None else f"{inner} + {self.count}"
+        # int64_t: two literal extents near 2**31 would add (and overflow) as int.
+        return self.count if inner is None else f"{inner} + (int64_t)({self.count})"
 
     def context(self) -> dict[str, Any]:
         params = self.params()
