@@ -89,12 +89,12 @@ int64_t hg_hypercleaning_work_size(int64_t c, int64_t m, int64_t mv, int64_t n)
     if (c*mv + 3*mv > need) need = c*mv + 3*mv;
     if (2*c*mv + 4*mv > need) need = 2*c*mv + 4*mv;
     if (3*c*mv + 5*mv > need) need = 3*c*mv + 5*mv;
-    if (3*c*m + 5*m + (int64_t)(c*n) > need) need = 3*c*m + 5*m + (int64_t)(c*n);
-    if (2*c*m + 4*m + (int64_t)(m) > need) need = 2*c*m + 4*m + (int64_t)(m);
-    if ((int64_t)2*(c*n) + (c*m + 3*m) > need) need = (int64_t)2*(c*n) + (c*m + 3*m);
-    if ((int64_t)2*(c*n) + (c*m + 3*m) + 2*c*m + 2*m > need) need = (int64_t)2*(c*n) + (c*m + 3*m) + 2*c*m + 2*m;
-    if ((int64_t)4*(c*n) + 2*c*m + 4*m > need) need = (int64_t)4*(c*n) + 2*c*m + 4*m;
-    if ((int64_t)3*(c*n) + 2*c*m + 4*m > need) need = (int64_t)3*(c*n) + 2*c*m + 4*m;
+    if (3*c*m + 5*m + (c*n) > need) need = 3*c*m + 5*m + (c*n);
+    if (2*c*m + 4*m + (m) > need) need = 2*c*m + 4*m + (m);
+    if (2*(c*n) + (c*m + 3*m) > need) need = 2*(c*n) + (c*m + 3*m);
+    if (2*(c*n) + (c*m + 3*m) + 2*c*m + 2*m > need) need = 2*(c*n) + (c*m + 3*m) + 2*c*m + 2*m;
+    if (4*(c*n) + 2*c*m + 4*m > need) need = 4*(c*n) + 2*c*m + 4*m;
+    if (3*(c*n) + 2*c*m + 4*m > need) need = 3*(c*n) + 2*c*m + 4*m;
     return need;
 }
 
@@ -2321,7 +2321,7 @@ int hg_hypercleaning_loop_cg(int64_t c, int64_t m, int64_t mv, int64_t n, const 
     const int64_t hg_max_iter = (int64_t)hg_ctl[2], hg_min_iter = (int64_t)hg_ctl[3];
     double *restrict hg_d = hg_work;
     double *restrict hg_Ad = hg_work + hg_n;
-    double *restrict hg_cache = hg_work + (int64_t)2*(c*n);
+    double *restrict hg_cache = hg_work + 2*(c*n);
     (void)hg_hypercleaning_lower_hvp_prepare(c, m, n, theta, A, hg_xh, hg_cache);  /* a non-finite cache shows in the products */
     int64_t hg_it = 0, hg_matvecs = 0;
     int hg_status = 0, hg_reason = 0;
@@ -2344,7 +2344,7 @@ int hg_hypercleaning_loop_cg(int64_t c, int64_t m, int64_t mv, int64_t n, const 
             break;
         }
         ++hg_matvecs;
-        if (hg_hypercleaning_lower_hvp_apply(c, m, n, theta, A, lam, hg_xh, hg_cache, hg_d, hg_Ad, hg_work + (int64_t)2*(c*n) + (c*m + 3*m)) != HG_HYPERCLEANING_OK) {
+        if (hg_hypercleaning_lower_hvp_apply(c, m, n, theta, A, lam, hg_xh, hg_cache, hg_d, hg_Ad, hg_work + 2*(c*n) + (c*m + 3*m)) != HG_HYPERCLEANING_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;
@@ -2435,7 +2435,7 @@ int hg_hypercleaning_loop_fista(int64_t c, int64_t m, int64_t mv, int64_t n, con
             hg_reason = 2;
             break;
         }
-        if (hg_hypercleaning_lower_grad(c, m, n, theta, A, Y, lam, hg_point, hg_grad, hg_work + (int64_t)4*(c*n)) != HG_HYPERCLEANING_OK) {
+        if (hg_hypercleaning_lower_grad(c, m, n, theta, A, Y, lam, hg_point, hg_grad, hg_work + 4*(c*n)) != HG_HYPERCLEANING_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;
@@ -2500,7 +2500,7 @@ int hg_hypercleaning_loop_descent(int64_t c, int64_t m, int64_t mv, int64_t n, c
     memcpy(hg_point, hg_x0, sizeof(double) * (size_t)hg_n);
     int64_t hg_it = 0, hg_n_grad = 1;
     int hg_status = 0, hg_reason = 0;
-    if (hg_hypercleaning_lower_grad(c, m, n, theta, A, Y, lam, hg_point, hg_grad, hg_work + (int64_t)3*(c*n)) != HG_HYPERCLEANING_OK) {
+    if (hg_hypercleaning_lower_grad(c, m, n, theta, A, Y, lam, hg_point, hg_grad, hg_work + 3*(c*n)) != HG_HYPERCLEANING_OK) {
         hg_info[0] = 3;
         hg_info[1] = 0.0;
         hg_info[2] = 1.0;
@@ -2543,7 +2543,7 @@ int hg_hypercleaning_loop_descent(int64_t c, int64_t m, int64_t mv, int64_t n, c
             hg_reason = 2;
             break;
         }
-        if (hg_hypercleaning_lower_grad(c, m, n, theta, A, Y, lam, hg_point, hg_grad, hg_work + (int64_t)3*(c*n)) != HG_HYPERCLEANING_OK) {
+        if (hg_hypercleaning_lower_grad(c, m, n, theta, A, Y, lam, hg_point, hg_grad, hg_work + 3*(c*n)) != HG_HYPERCLEANING_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;

@@ -81,11 +81,11 @@ int64_t hg_logistic_work_size(int64_t m, int64_t n, int64_t p)
     if (p > need) need = p;
     if (2*p > need) need = 2*p;
     if (3*p > need) need = 3*p;
-    if (3*m + (int64_t)(n) > need) need = 3*m + (int64_t)(n);
+    if (3*m + (n) > need) need = 3*m + (n);
     if (1 > need) need = 1;
-    if ((int64_t)2*(n) + 3*m > need) need = (int64_t)2*(n) + 3*m;
-    if ((int64_t)4*(n) + 2*m > need) need = (int64_t)4*(n) + 2*m;
-    if ((int64_t)3*(n) + 2*m > need) need = (int64_t)3*(n) + 2*m;
+    if (2*(n) + 3*m > need) need = 2*(n) + 3*m;
+    if (4*(n) + 2*m > need) need = 4*(n) + 2*m;
+    if (3*(n) + 2*m > need) need = 3*(n) + 2*m;
     return need;
 }
 
@@ -777,7 +777,7 @@ int hg_logistic_loop_cg(int64_t m, int64_t n, int64_t p, const double *restrict 
             break;
         }
         ++hg_matvecs;
-        if (hg_logistic_lower_hvp(m, n, theta, A, y, hg_xh, hg_d, hg_Ad, hg_work + (int64_t)2*(n)) != HG_LOGISTIC_OK) {
+        if (hg_logistic_lower_hvp(m, n, theta, A, y, hg_xh, hg_d, hg_Ad, hg_work + 2*(n)) != HG_LOGISTIC_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;
@@ -867,7 +867,7 @@ int hg_logistic_loop_fista(int64_t m, int64_t n, int64_t p, const double *restri
             hg_reason = 2;
             break;
         }
-        if (hg_logistic_lower_grad(m, n, theta, A, y, hg_point, hg_grad, hg_work + (int64_t)4*(n)) != HG_LOGISTIC_OK) {
+        if (hg_logistic_lower_grad(m, n, theta, A, y, hg_point, hg_grad, hg_work + 4*(n)) != HG_LOGISTIC_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;
@@ -931,7 +931,7 @@ int hg_logistic_loop_descent(int64_t m, int64_t n, int64_t p, const double *rest
     memcpy(hg_point, hg_x0, sizeof(double) * (size_t)hg_n);
     int64_t hg_it = 0, hg_n_grad = 1;
     int hg_status = 0, hg_reason = 0;
-    if (hg_logistic_lower_grad(m, n, theta, A, y, hg_point, hg_grad, hg_work + (int64_t)3*(n)) != HG_LOGISTIC_OK) {
+    if (hg_logistic_lower_grad(m, n, theta, A, y, hg_point, hg_grad, hg_work + 3*(n)) != HG_LOGISTIC_OK) {
         hg_info[0] = 3;
         hg_info[1] = 0.0;
         hg_info[2] = 1.0;
@@ -974,7 +974,7 @@ int hg_logistic_loop_descent(int64_t m, int64_t n, int64_t p, const double *rest
             hg_reason = 2;
             break;
         }
-        if (hg_logistic_lower_grad(m, n, theta, A, y, hg_point, hg_grad, hg_work + (int64_t)3*(n)) != HG_LOGISTIC_OK) {
+        if (hg_logistic_lower_grad(m, n, theta, A, y, hg_point, hg_grad, hg_work + 3*(n)) != HG_LOGISTIC_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;

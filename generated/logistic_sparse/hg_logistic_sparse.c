@@ -86,12 +86,12 @@ int64_t hg_logistic_sparse_work_size(int64_t m, int64_t n, int64_t p)
     if (p > need) need = p;
     if (2*p > need) need = 2*p;
     if (3*p > need) need = 3*p;
-    if (3*m + (int64_t)(n) > need) need = 3*m + (int64_t)(n);
+    if (3*m + (n) > need) need = 3*m + (n);
     if (1 > need) need = 1;
-    if ((int64_t)2*(n) + (m) > need) need = (int64_t)2*(n) + (m);
-    if ((int64_t)2*(n) + (m) + 2*m > need) need = (int64_t)2*(n) + (m) + 2*m;
-    if ((int64_t)4*(n) + 2*m > need) need = (int64_t)4*(n) + 2*m;
-    if ((int64_t)3*(n) + 2*m > need) need = (int64_t)3*(n) + 2*m;
+    if (2*(n) + (m) > need) need = 2*(n) + (m);
+    if (2*(n) + (m) + 2*m > need) need = 2*(n) + (m) + 2*m;
+    if (4*(n) + 2*m > need) need = 4*(n) + 2*m;
+    if (3*(n) + 2*m > need) need = 3*(n) + 2*m;
     return need;
 }
 
@@ -508,7 +508,7 @@ int hg_logistic_sparse_loop_cg(int64_t m, int64_t n, int64_t p, const double *re
     const int64_t hg_max_iter = (int64_t)hg_ctl[2], hg_min_iter = (int64_t)hg_ctl[3];
     double *restrict hg_d = hg_work;
     double *restrict hg_Ad = hg_work + hg_n;
-    double *restrict hg_cache = hg_work + (int64_t)2*(n);
+    double *restrict hg_cache = hg_work + 2*(n);
     (void)hg_logistic_sparse_lower_hvp_prepare(m, n, theta, A_data, A_indices, A_indptr, hg_xh, hg_cache);  /* a non-finite cache shows in the products */
     int64_t hg_it = 0, hg_matvecs = 0;
     int hg_status = 0, hg_reason = 0;
@@ -531,7 +531,7 @@ int hg_logistic_sparse_loop_cg(int64_t m, int64_t n, int64_t p, const double *re
             break;
         }
         ++hg_matvecs;
-        if (hg_logistic_sparse_lower_hvp_apply(m, n, theta, A_data, A_indices, A_indptr, y, hg_xh, hg_cache, hg_d, hg_Ad, hg_work + (int64_t)2*(n) + (m)) != HG_LOGISTIC_SPARSE_OK) {
+        if (hg_logistic_sparse_lower_hvp_apply(m, n, theta, A_data, A_indices, A_indptr, y, hg_xh, hg_cache, hg_d, hg_Ad, hg_work + 2*(n) + (m)) != HG_LOGISTIC_SPARSE_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;
@@ -625,7 +625,7 @@ int hg_logistic_sparse_loop_fista(int64_t m, int64_t n, int64_t p, const double 
             hg_reason = 2;
             break;
         }
-        if (hg_logistic_sparse_lower_grad(m, n, theta, A_data, A_indices, A_indptr, y, hg_point, hg_grad, hg_work + (int64_t)4*(n)) != HG_LOGISTIC_SPARSE_OK) {
+        if (hg_logistic_sparse_lower_grad(m, n, theta, A_data, A_indices, A_indptr, y, hg_point, hg_grad, hg_work + 4*(n)) != HG_LOGISTIC_SPARSE_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;
@@ -693,7 +693,7 @@ int hg_logistic_sparse_loop_descent(int64_t m, int64_t n, int64_t p, const doubl
     memcpy(hg_point, hg_x0, sizeof(double) * (size_t)hg_n);
     int64_t hg_it = 0, hg_n_grad = 1;
     int hg_status = 0, hg_reason = 0;
-    if (hg_logistic_sparse_lower_grad(m, n, theta, A_data, A_indices, A_indptr, y, hg_point, hg_grad, hg_work + (int64_t)3*(n)) != HG_LOGISTIC_SPARSE_OK) {
+    if (hg_logistic_sparse_lower_grad(m, n, theta, A_data, A_indices, A_indptr, y, hg_point, hg_grad, hg_work + 3*(n)) != HG_LOGISTIC_SPARSE_OK) {
         hg_info[0] = 3;
         hg_info[1] = 0.0;
         hg_info[2] = 1.0;
@@ -736,7 +736,7 @@ int hg_logistic_sparse_loop_descent(int64_t m, int64_t n, int64_t p, const doubl
             hg_reason = 2;
             break;
         }
-        if (hg_logistic_sparse_lower_grad(m, n, theta, A_data, A_indices, A_indptr, y, hg_point, hg_grad, hg_work + (int64_t)3*(n)) != HG_LOGISTIC_SPARSE_OK) {
+        if (hg_logistic_sparse_lower_grad(m, n, theta, A_data, A_indices, A_indptr, y, hg_point, hg_grad, hg_work + 3*(n)) != HG_LOGISTIC_SPARSE_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;

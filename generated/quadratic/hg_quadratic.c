@@ -84,11 +84,11 @@ int64_t hg_quadratic_work_size(int64_t d, int64_t m1, int64_t m2, int64_t p)
     if (m1 > need) need = m1;
     if (2*m1 > need) need = 2*m1;
     if (2*m1 > need) need = 2*m1;
-    if (2*m2 + (int64_t)(d) > need) need = 2*m2 + (int64_t)(d);
-    if (2*m2 + (int64_t)(p) > need) need = 2*m2 + (int64_t)(p);
-    if ((int64_t)2*(d) + 2*m2 > need) need = (int64_t)2*(d) + 2*m2;
-    if ((int64_t)4*(d) + 3*m2 > need) need = (int64_t)4*(d) + 3*m2;
-    if ((int64_t)3*(d) + 3*m2 > need) need = (int64_t)3*(d) + 3*m2;
+    if (2*m2 + (d) > need) need = 2*m2 + (d);
+    if (2*m2 + (p) > need) need = 2*m2 + (p);
+    if (2*(d) + 2*m2 > need) need = 2*(d) + 2*m2;
+    if (4*(d) + 3*m2 > need) need = 4*(d) + 3*m2;
+    if (3*(d) + 3*m2 > need) need = 3*(d) + 3*m2;
     return need;
 }
 
@@ -885,7 +885,7 @@ int hg_quadratic_loop_cg(int64_t d, int64_t m1, int64_t m2, int64_t p, const dou
             break;
         }
         ++hg_matvecs;
-        if (hg_quadratic_lower_hvp(d, m2, p, theta, D, hg_xh, hg_d, hg_Ad, hg_work + (int64_t)2*(d)) != HG_QUADRATIC_OK) {
+        if (hg_quadratic_lower_hvp(d, m2, p, theta, D, hg_xh, hg_d, hg_Ad, hg_work + 2*(d)) != HG_QUADRATIC_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;
@@ -976,7 +976,7 @@ int hg_quadratic_loop_fista(int64_t d, int64_t m1, int64_t m2, int64_t p, const 
             hg_reason = 2;
             break;
         }
-        if (hg_quadratic_lower_grad(d, m2, p, theta, C, D, e, hg_point, hg_grad, hg_work + (int64_t)4*(d)) != HG_QUADRATIC_OK) {
+        if (hg_quadratic_lower_grad(d, m2, p, theta, C, D, e, hg_point, hg_grad, hg_work + 4*(d)) != HG_QUADRATIC_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;
@@ -1041,7 +1041,7 @@ int hg_quadratic_loop_descent(int64_t d, int64_t m1, int64_t m2, int64_t p, cons
     memcpy(hg_point, hg_x0, sizeof(double) * (size_t)hg_n);
     int64_t hg_it = 0, hg_n_grad = 1;
     int hg_status = 0, hg_reason = 0;
-    if (hg_quadratic_lower_grad(d, m2, p, theta, C, D, e, hg_point, hg_grad, hg_work + (int64_t)3*(d)) != HG_QUADRATIC_OK) {
+    if (hg_quadratic_lower_grad(d, m2, p, theta, C, D, e, hg_point, hg_grad, hg_work + 3*(d)) != HG_QUADRATIC_OK) {
         hg_info[0] = 3;
         hg_info[1] = 0.0;
         hg_info[2] = 1.0;
@@ -1084,7 +1084,7 @@ int hg_quadratic_loop_descent(int64_t d, int64_t m1, int64_t m2, int64_t p, cons
             hg_reason = 2;
             break;
         }
-        if (hg_quadratic_lower_grad(d, m2, p, theta, C, D, e, hg_point, hg_grad, hg_work + (int64_t)3*(d)) != HG_QUADRATIC_OK) {
+        if (hg_quadratic_lower_grad(d, m2, p, theta, C, D, e, hg_point, hg_grad, hg_work + 3*(d)) != HG_QUADRATIC_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;

@@ -81,11 +81,11 @@ int64_t hg_ridge_work_size(int64_t m, int64_t n, int64_t p)
     if (p > need) need = p;
     if (2*p > need) need = 2*p;
     if (2*p > need) need = 2*p;
-    if (2*m + (int64_t)(n) > need) need = 2*m + (int64_t)(n);
+    if (2*m + (n) > need) need = 2*m + (n);
     if (1 > need) need = 1;
-    if ((int64_t)2*(n) + 2*m > need) need = (int64_t)2*(n) + 2*m;
-    if ((int64_t)4*(n) + 2*m > need) need = (int64_t)4*(n) + 2*m;
-    if ((int64_t)3*(n) + 2*m > need) need = (int64_t)3*(n) + 2*m;
+    if (2*(n) + 2*m > need) need = 2*(n) + 2*m;
+    if (4*(n) + 2*m > need) need = 4*(n) + 2*m;
+    if (3*(n) + 2*m > need) need = 3*(n) + 2*m;
     return need;
 }
 
@@ -703,7 +703,7 @@ int hg_ridge_loop_cg(int64_t m, int64_t n, int64_t p, const double *restrict the
             break;
         }
         ++hg_matvecs;
-        if (hg_ridge_lower_hvp(m, n, theta, A, hg_xh, hg_d, hg_Ad, hg_work + (int64_t)2*(n)) != HG_RIDGE_OK) {
+        if (hg_ridge_lower_hvp(m, n, theta, A, hg_xh, hg_d, hg_Ad, hg_work + 2*(n)) != HG_RIDGE_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;
@@ -793,7 +793,7 @@ int hg_ridge_loop_fista(int64_t m, int64_t n, int64_t p, const double *restrict 
             hg_reason = 2;
             break;
         }
-        if (hg_ridge_lower_grad(m, n, theta, A, b, hg_point, hg_grad, hg_work + (int64_t)4*(n)) != HG_RIDGE_OK) {
+        if (hg_ridge_lower_grad(m, n, theta, A, b, hg_point, hg_grad, hg_work + 4*(n)) != HG_RIDGE_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;
@@ -857,7 +857,7 @@ int hg_ridge_loop_descent(int64_t m, int64_t n, int64_t p, const double *restric
     memcpy(hg_point, hg_x0, sizeof(double) * (size_t)hg_n);
     int64_t hg_it = 0, hg_n_grad = 1;
     int hg_status = 0, hg_reason = 0;
-    if (hg_ridge_lower_grad(m, n, theta, A, b, hg_point, hg_grad, hg_work + (int64_t)3*(n)) != HG_RIDGE_OK) {
+    if (hg_ridge_lower_grad(m, n, theta, A, b, hg_point, hg_grad, hg_work + 3*(n)) != HG_RIDGE_OK) {
         hg_info[0] = 3;
         hg_info[1] = 0.0;
         hg_info[2] = 1.0;
@@ -900,7 +900,7 @@ int hg_ridge_loop_descent(int64_t m, int64_t n, int64_t p, const double *restric
             hg_reason = 2;
             break;
         }
-        if (hg_ridge_lower_grad(m, n, theta, A, b, hg_point, hg_grad, hg_work + (int64_t)3*(n)) != HG_RIDGE_OK) {
+        if (hg_ridge_lower_grad(m, n, theta, A, b, hg_point, hg_grad, hg_work + 3*(n)) != HG_RIDGE_OK) {
             hg_status = 3;
             hg_reason = 1;
             break;

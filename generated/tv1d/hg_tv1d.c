@@ -75,9 +75,9 @@ int64_t hg_tv1d_work_size(int64_t n)
     int64_t need = 0;
     if (n > need) need = n;
     if (2 > need) need = 2;
-    if ((int64_t)2*(n) > need) need = (int64_t)2*(n);
-    if ((int64_t)4*(n) > need) need = (int64_t)4*(n);
-    if ((int64_t)3*(n) > need) need = (int64_t)3*(n);
+    if (2*(n) > need) need = 2*(n);
+    if (4*(n) > need) need = 4*(n);
+    if (3*(n) > need) need = 3*(n);
     return need;
 }
 

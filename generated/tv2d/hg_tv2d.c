@@ -76,9 +76,9 @@ int64_t hg_tv2d_work_size(int64_t h, int64_t w)
     int64_t need = 0;
     if (h*w > need) need = h*w;
     if (2 > need) need = 2;
-    if ((int64_t)2*(h*w) > need) need = (int64_t)2*(h*w);
-    if ((int64_t)4*(h*w) > need) need = (int64_t)4*(h*w);
-    if ((int64_t)3*(h*w) > need) need = (int64_t)3*(h*w);
+    if (2*(h*w) > need) need = 2*(h*w);
+    if (4*(h*w) > need) need = 4*(h*w);
+    if (3*(h*w) > need) need = 3*(h*w);
     return need;
 }
 

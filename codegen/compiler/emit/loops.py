@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..problem import Problem
-from .params import Param
+from .params import Param, wide
 
 
 class KernelLike(Protocol):
@@ -106,8 +106,7 @@ def loops_context(problem: Problem, kernels: Sequence[KernelLike], prefix: str
     prepared = "lower_hvp_apply" in by_name
     contexts, work = [], []
     for name, doc, own, vectors in LOOPS:
-        # int64_t: with a literal extent, 2*(2147483647) would be an int product and overflow.
-        own_code = f"(int64_t){own}*({n})"
+        own_code = f"{own}*({wide(n)})"
         cache_at = f"hg_work + {own_code}"
         if name == "loop_cg":
             base = f"{own_code} + ({_cache_code(by_name)})" if prepared else own_code

@@ -21,7 +21,7 @@ from ..kernels import CACHE_BUFFER, KernelSpec
 from ..problem import Problem
 from .loopnest import LoopNestBuilder, Node
 from .loops import loops_context
-from .params import Param
+from .params import Param, wide
 from .printer import KernelPrinter
 
 
@@ -211,13 +211,12 @@ class ColumnsRenderer:
         kept = [p for p in self.base.params() if p.name != self.direction
                 and p.role not in ("output", "work")]
         return kept + [Param("double *restrict", self.out, "output",
-                             f"(int64_t)({self.rows})*({self.count})"),
+                             f"({wide(self.rows)})*({self.count})"),
                        Param("double *restrict", "work", "work")]
 
     def work_code(self) -> str:
         inner = self.base.work_code()
-        # int64_t: two literal extents near 2**31 would add (and overflow) as int.
-        return self.count if inner is None else f"{inner} + (int64_t)({self.count})"
+        return self.count if inner is None else f"{inner} + ({wide(self.count)})"
 
     def context(self) -> dict[str, Any]:
         params = self.params()
