@@ -4,6 +4,8 @@ import ast
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -643,3 +645,26 @@ def test_literal_sizes_beyond_int_compile_without_overflow(tmp_path):
                           "-pedantic", "-fopenmp-simd", "-c", "hg_square.c", "-o", os.devnull],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and not res.stderr.strip(), res.stderr
+
+
+LITERAL_SIZE_DERIVATION = """
+import sympy as sp
+from codegen import Problem
+from codegen.constants import derive
+N = 2147483647
+x, y, a = (sp.IndexedBase(name, shape=(N,)) for name in "xya")
+j, theta = sp.Idx("j", N), sp.Symbol("theta")
+fit = sp.Sum((x[j] - y[j]) ** 2, (j, 0, N - 1)) / 2
+prob = Problem(name="big", x=x, theta=theta, upper=fit,
+               lower=fit + sp.exp(theta) * sp.log(1 + sp.exp(sp.Sum(a[j] * x[j], (j, 0, N - 1)))))
+print(derive(prob, allow_uncertified=True).to_json()[:1])
+"""
+
+
+def test_literal_size_of_two_billion_derives_without_unrolling():
+    """A contraction over a literal range of 2**31 - 1 terms once hung the constants' filter
+    rule, which unrolled the Sum to look for taps (run in a child: a hang must fail, not stall)."""
+    done = subprocess.run([sys.executable, "-c", LITERAL_SIZE_DERIVATION], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "{"

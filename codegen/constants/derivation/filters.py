@@ -52,10 +52,28 @@ def _coefficient(expr, ctx) -> sp.Expr | None:
     return expr.xreplace(rep)
 
 
+#: A filter has a handful of taps; unrolling a Sum with literal limits of 2**31 terms would hang
+#: the build, so longer literal ranges are left to the operator rules.
+MAX_UNROLLED_TAPS = 4096
+
+
+def _unrolled_terms(lin) -> int:
+    """How many terms `doit` would write out for the Sums in `lin` with literal limits (an upper
+    estimate: the product over all of them); Sums with symbolic limits stay unexpanded."""
+    count = 1
+    for term in lin.atoms(sp.Sum):
+        for _, low, high in term.limits:
+            if low.is_Integer and high.is_Integer:
+                count *= max(int(high) - int(low) + 1, 1)
+    return count
+
+
 def unrolled_taps(lin, limits, ctx) -> tuple[tuple, dict] | None:
     """(signature, {shift: coefficient}) of lin = sum_s c_s x[I + s], inner sums unrolled;
     None when lin is not of that form (then no filter rule applies)."""
     syms = [lim[0] for lim in limits]
+    if _unrolled_terms(lin) > MAX_UNROLLED_TAPS:
+        return None  # a contraction over a long literal range is an operator, not a filter
     try:
         flat = sp.expand(lin.doit())
     except (TypeError, ValueError, NotImplementedError):
