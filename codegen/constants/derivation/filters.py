@@ -20,7 +20,7 @@ from __future__ import annotations
 import sympy as sp
 
 from ..records import FilterGainSq, Record, qsym
-from .operators import OpFacts, affine_index
+from .operators import OpFacts, collect_taps
 
 # sup over the ball of ||y||_inf, bound at evaluate_local as ||x_c||_inf + r (evaluation/local.py)
 XINF = qsym("ball_xinf")
@@ -80,8 +80,7 @@ def unrolled_taps(lin, limits, ctx) -> tuple[tuple, dict] | None:
         return None
     if flat.has(sp.Sum):
         return None
-    taps: dict = {}
-    sig = None
+    reads = []
     for arg in sp.Add.make_args(flat):
         factors = sp.Mul.make_args(arg)
         xs = [f for f in factors if isinstance(f, sp.Indexed) and str(f.base.label) == ctx.x.name]
@@ -91,20 +90,10 @@ def unrolled_taps(lin, limits, ctx) -> tuple[tuple, dict] | None:
         if any(rest.has(s) for s in syms) or ctx.has_x(rest):
             return None
         coeff = _coefficient(rest, ctx)
-        pos = [affine_index(e, syms) for e in xs[0].indices]
-        if coeff is None or any(p is False for p in pos):
+        if coeff is None:
             return None
-        this_sig = tuple(p[0] for p in pos)
-        if sig is not None and sig != this_sig:
-            return None
-        sig = this_sig
-        shift = tuple(p[1] for p in pos)
-        taps[shift] = taps.get(shift, 0) + coeff
-    taps = {k: v for k, v in taps.items() if v != 0}
-    used = [s for s in sig if s is not None] if sig else []
-    if not taps or len(set(used)) != len(used) or set(used) != set(syms):
-        return None
-    return sig, taps
+        reads.append((xs[0], coeff))
+    return collect_taps(reads, syms)
 
 
 def filter_operator(lin, limits, ctx) -> OpFacts | None:

@@ -94,12 +94,23 @@ def _kron_axis(lin, lim, xname, shape):
 
 def _taps(lin, syms, xname):
     """(signature, {shift: tap}) for lin = sum of number * x[outer index + shift], else None."""
-    taps, sig = {}, None
+    reads = []
     for arg in sp.Add.make_args(lin):
         coeff, rest = arg.as_coeff_Mul()
         if not (isinstance(rest, sp.Indexed) and str(rest.base.label) == xname):
             return None
-        pos = [affine_index(e, syms) for e in rest.indices]
+        reads.append((rest, coeff))
+    return collect_taps(reads, syms)
+
+
+def collect_taps(reads, syms):
+    """(signature, {shift: tap}) of the reads [(x[outer index + shift], tap), ...] when every
+    read has the same affine signature in the outer indices `syms`, each of them used exactly
+    once, and some tap is nonzero; else None. What a shift-structured operator (here) and a
+    filter with symbolic taps (filters.py) both are."""
+    taps, sig = {}, None
+    for read, coeff in reads:
+        pos = [affine_index(e, syms) for e in read.indices]
         if any(p is False for p in pos):
             return None
         this_sig = tuple(p[0] for p in pos)
