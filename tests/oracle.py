@@ -147,6 +147,15 @@ class Oracle:
         return full
 
     @cached_property
+    def _f_third(self):
+        """d^3 g/dx_c dx_a dx_b as nested lists [c][a][b] (each entry differentiated from the
+        Hessian entry, not from a symmetry shortcut: the test checks the symmetry too)."""
+        H = self._hess_expr
+        d = self.x_size
+        return self._fn([[[sp.diff(H[a][b], self._xsym[c]) for b in range(d)] for a in range(d)]
+                         for c in range(d)])
+
+    @cached_property
     def _f_cross(self):
         return self._fn([[sp.diff(ga, t) for t in self._tsym] for ga in self._grad_expr])
 
@@ -241,6 +250,20 @@ class Oracle:
     def upper_hvp(self, x, theta, v) -> np.ndarray:
         """(d2f/dx2) v (r does not read x)."""
         return self._matvec(self._f_upper_hessian, x, theta, v)
+
+    def lower_tvp(self, x, theta, v, w) -> np.ndarray:
+        """grad_x (v^T (d2g/dx2) w): the unrolled Hessian differentiated once more by sympy.diff,
+        contracted with v and w in mpmath."""
+        T = self._call(self._f_third, x, theta)
+        v = np.asarray(v, dtype=np.float64).reshape(-1)
+        w = np.asarray(w, dtype=np.float64).reshape(-1)
+        d = self.x_size
+        with mpmath.workdps(self.dps):
+            mv = [mpmath.mpf(float(a)) for a in v]
+            mw = [mpmath.mpf(float(a)) for a in w]
+            out = [mpmath.fsum(T[c][a][b] * mv[a] * mw[b] for a in range(d) for b in range(d))
+                   for c in range(d)]
+            return np.array([float(a) for a in out], dtype=np.float64)
 
     def upper_theta_grad(self, x, theta) -> np.ndarray:
         """grad_theta (f + r)."""

@@ -8,6 +8,8 @@ from the two:
     lower_hvp   = tangent(adjoint(g), x <- v)      -> x_bar_dot      (forward over reverse)
     cross_vjp   = tangent(adjoint(g), x <- q)      -> theta_bar_dot  (B^T q = d/dtheta <grad_x g, q>)
     cross_jvp   = tangent(adjoint(g), theta <- t)  -> x_bar_dot      (B t)
+    lower_tvp   = tangent(lower_hvp, x <- hg_w)    -> x_bar_dot_dw_dot (grad_x (v^T A(x) w): the
+                                                      third derivative of g with two vectors)
 
 The adjoint of `T[I] += e(..., Y[J], ...)` over a loop nest is `Y_bar[J] += T_bar[I] * de/dY[J]`
 over the same nest: a transposed contraction, or a scatter for shifted indices. Reads of
@@ -85,11 +87,14 @@ def adjoint(program: ir.Program, wrt: Sequence[str], seed: str = "value") -> ir.
     return ir.Program(arrays, list(program.statements) + sweep, outputs, dict(program.meta))
 
 
-def tangent(program: ir.Program, seeds: dict[str, str], outputs: Sequence[str]) -> ir.Program:
+def tangent(program: ir.Program, seeds: dict[str, str], outputs: Sequence[str],
+            suffix: str = "_dot") -> ir.Program:
     """Forward-mode derivative of every statement along `seeds` ({array: its tangent input}).
 
     Each statement keeps its primal updates and gains the tangent updates in the same loop nest,
-    so the derivative shares the loops (and the reads) of the value it differentiates.
+    so the derivative shares the loops (and the reads) of the value it differentiates. The
+    tangent of array T is named T + suffix: a second tangent of a tangent program (a third
+    derivative) takes another suffix, so its arrays do not collide with the first's T_dot.
     """
     arrays = dict(program.arrays)
     dots: dict[str, str] = {}
@@ -106,7 +111,7 @@ def tangent(program: ir.Program, seeds: dict[str, str], outputs: Sequence[str]) 
                      for r, d in partials(u.expr, arrays, set(dots))]
             if not terms:
                 continue
-            dot = f"{u.target}_dot"
+            dot = f"{u.target}{suffix}"
             if dot not in arrays:
                 role = ir.OUTPUT if dot in outputs else ir.TEMP
                 arrays[dot] = ir.Array(dot, arrays[u.target].shape, role)
@@ -114,7 +119,7 @@ def tangent(program: ir.Program, seeds: dict[str, str], outputs: Sequence[str]) 
             updates.append(ir.Update(dot, u.index, sp.Add(*terms), u.op))
         statements.append(ir.Statement(stmt.loops, tuple(updates)))
     for name in outputs:  # an output no tangent reaches is identically zero, but still returned
-        shape = arrays[name].shape if name in arrays else program.arrays[name[: -len("_dot")]].shape
+        shape = arrays[name].shape if name in arrays else program.arrays[name[: -len(suffix)]].shape
         arrays[name] = ir.Array(name, shape, ir.OUTPUT)
     return ir.Program(arrays, statements, tuple(outputs), dict(program.meta))
 

@@ -35,11 +35,11 @@ def kernel_specs(problem: Problem) -> list[KernelSpec]:
     f = lower_objective(problem.f + problem.r, problem.arrays, "upper")
     grad_g = adjoint(g, [x, th])
     grad_f = adjoint(f, [x, th])
+    hvp = tangent(grad_g, {x: "v"}, [f"{x}_bar_dot"])
     specs: list[tuple[str, str, ir.Program, tuple[str, ...], str]] = [
         ("lower_value", "g(x, theta), the lower-level objective", g, (), "value"),
         ("lower_grad", "grad_x g(x, theta)", grad_g, (), f"{x}_bar"),
-        ("lower_hvp", "(d2g/dx2) v, forward over reverse", tangent(grad_g, {x: "v"}, [f"{x}_bar_dot"]),
-         ("v",), f"{x}_bar_dot"),
+        ("lower_hvp", "(d2g/dx2) v, forward over reverse", hvp, ("v",), f"{x}_bar_dot"),
         ("cross_vjp", "B^T q = d/dtheta <grad_x g, q>", tangent(grad_g, {x: "q"}, [f"{th}_bar_dot"]),
          ("q",), f"{th}_bar_dot"),
         ("cross_jvp", "B t = d/ds grad_x g(x, theta + s t)", tangent(grad_g, {th: "t"}, [f"{x}_bar_dot"]),
@@ -51,6 +51,13 @@ def kernel_specs(problem: Problem) -> list[KernelSpec]:
         # H_f v: the DWR correction's dual right-hand side (docs/bounds.md 15.2)
         ("upper_hvp", "(d2f/dx2) v, forward over reverse", tangent(grad_f, {x: "v"}, [f"{x}_bar_dot"]),
          ("v",), f"{x}_bar_dot"),
+        # (D A(x)[w]) v = grad_x (v^T A(x) w), the third derivative of g contracted with v and w
+        # (symmetric in v, w): the non-quadratic DWR correction's dual right-hand side
+        # (docs/bounds.md 15.3). A second tangent of the HVP, along x <- w; w is named hg_w and
+        # the second tangents T_dw_dot (names a user symbol may not take: a size may be "w").
+        ("lower_tvp", "(d3g/dx3)[v, w, .] = grad_x (v^T (d2g/dx2) w), forward over the HVP",
+         tangent(hvp, {x: "hg_w"}, [f"{x}_bar_dot_dw_dot"], suffix="_dw_dot"), ("v", "hg_w"),
+         f"{x}_bar_dot_dw_dot"),
     ]
     out: list[KernelSpec] = []
     for name, doc, program, inputs, output in specs:

@@ -181,6 +181,17 @@ class BoundProblem:
         """(d2f/dx2)(x, theta) v: the DWR correction's dual right-hand side (docs/bounds.md 15)."""
         return self._call("upper_hvp", x, theta, ("v", v, self.x_size), self.x_size)
 
+    def lower_tvp(self, x, theta, v, w) -> np.ndarray:
+        """grad_x (v^T (d2g/dx2)(x, theta) w): the third derivative of g contracted with v and w
+        (the non-quadratic DWR correction, docs/bounds.md 15.3)."""
+        vectors = {self.x_name: self._vector(self.x_name, x, self.x_size, "x"),
+                   self.theta_name: self.checked_theta(theta),
+                   "v": self._vector("v", v, self.x_size, "v"),
+                   "hg_w": self._vector("w", w, self.x_size, "w")}
+        out = np.empty(self.x_size)
+        self.kernels["lower_tvp"](vectors, out)
+        return out
+
     # -- constants and solvers -------------------------------------------------------------
     def _prepared_constants(self) -> dict:
         """The constants' derivation and data quantities, computed once per bind."""
