@@ -7,7 +7,7 @@ set, the clean crops of examples/data/foe_train/ with the noise `hypergen optimi
 adds (std 0.1, seed 0, codegen/cli/data.py):
 
 * TV: examples/tv2d.py, isotropic smoothed TV, theta = (log alpha, log nu);
-* FoE: examples/foe_denoise.py, 3 fixed 3 x 3 filters with learned weights and smoothing.
+* FoE: examples/foe_denoise.py, the 8 fixed 3 x 3 DCT filters with learned weights.
 
 Each learned theta then denoises the held-out crops of examples/data/foe_test.npz (regions and a
 picture the training set does not contain) with a tight lower solve; the script prints PSNR and
@@ -62,7 +62,9 @@ def figure(rows: list[dict[str, np.ndarray]], filters: np.ndarray, weights: np.n
     import matplotlib.pyplot as plt
 
     cols = ["clean", "noisy", "TV", "FoE"]
-    fig, axes = plt.subplots(len(rows) + 1, 4, figsize=(8, 2 * len(rows) + 2))
+    filter_rows = -(-len(filters) // 4)
+    fig, axes = plt.subplots(len(rows) + filter_rows, 4,
+                             figsize=(8, 2 * (len(rows) + filter_rows)))
     for r, row in enumerate(rows):
         for c, name in enumerate(cols):
             ax = axes[r, c]
@@ -70,8 +72,8 @@ def figure(rows: list[dict[str, np.ndarray]], filters: np.ndarray, weights: np.n
             title = name if name == "clean" else f"{name} {quality(row[name], row['clean'])[0]:.2f} dB"
             ax.set_title(title, fontsize=8)
             ax.axis("off")
-    for f in range(4):
-        ax = axes[-1, f]
+    for f in range(4 * filter_rows):
+        ax = axes[len(rows) + f // 4, f % 4]
         ax.axis("off")
         if f < len(filters):
             ax.imshow(filters[f], cmap="RdBu", vmin=-1, vmax=1)
@@ -110,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"mean | {mean[0]:10.2f} {mean[1]:6.3f} | {mean[2]:8.2f} {mean[3]:6.3f} | "
           f"{mean[4]:8.2f} {mean[5]:6.3f}")
     print(f"FoE - TV: {mean[4] - mean[2]:+.2f} dB PSNR, {mean[5] - mean[3]:+.3f} SSIM")
-    filters = foe_ns["FILTERS"] * np.array(foe_ns["FILTER_SCALE"])[:, None, None]
+    filters = foe_ns["FILTERS"] * np.array(foe_ns["FILTER_SCALE"], dtype=float)[:, None, None]
     try:
-        figure(rows, filters, np.exp(foe_res.theta[:3]), HERE / "figures" / "foe_denoise.png")
+        figure(rows, filters, np.exp(foe_res.theta[:len(filters)]),
+               HERE / "figures" / "foe_denoise.png")
     except ImportError:
         print("(matplotlib not installed: no figure)")
 

@@ -150,9 +150,10 @@ def test_rtol_below_the_rounding_floor_is_an_accuracy_floor_not_a_divergence():
     err = float(np.linalg.norm(hg.grad - ref.grad))
     print(f"\nfoe 16x16 at rtol=1e-12: {hg.status}; |h - h_ref| = {err:.3g}")
     assert err <= hg.bound
-    # a reachable rtol on the same problem is met, with the floor only in the notes
-    ok = prob.hypergradient(theta, lower="newton", rtol=1e-9)
-    assert ok.ok and ok.bound <= 1e-9 * np.linalg.norm(ok.grad)
+    # a reachable rtol on the same problem is met, with the floor only in the notes (1e-7: at the
+    # 8-filter THETA0 ||grad|| is about 0.09 and the rounds already end at the floor for 1e-8)
+    ok = prob.hypergradient(theta, lower="newton", rtol=1e-7)
+    assert ok.ok and ok.bound <= 1e-7 * np.linalg.norm(ok.grad)
     assert float(np.linalg.norm(ok.grad - ref.grad)) <= ok.bound
 
 

@@ -62,9 +62,15 @@ def test_foe_builds_with_every_constant_certified(foe, theta0):
         assert np.isfinite(consts[name]) and consts[name] > 0, name
     # rounded outwards: mu a hair below the data term's 1, L a hair above the exact rule
     assert 1 - 1e-9 <= consts["mu"] <= 1
-    # L = 1 + (4 w0 + 4 w1 + 16 w2) / nu: ||K||^2 of the two differences and the 3x3 stencil
+    # L = 1 + sum_f w_f ||K_f||^2 / nu; a DCT filter v_a v_b^T has ||K||^2 = ||k||_1^2 exactly
+    # (its frequency response peaks at |v_a^| |v_b^| = ||v_a||_1 ||v_b||_1), so min(l1^2, the
+    # FFT bound) is the l1 rule
+    import runpy
+    ns = runpy.run_path(str(EXAMPLES / "foe_denoise.py"))
+    l1_sq = [(float(scale) * np.abs(k).sum()) ** 2
+             for k, scale in zip(ns["FILTERS"], ns["FILTER_SCALE"])]
     w, nu = np.exp(theta0), 1e-3
-    exact_rule = 1 + (4 * w[0] + 4 * w[1] + 16 * w[2]) / nu
+    exact_rule = 1 + float(np.dot(w, l1_sq)) / nu
     assert exact_rule <= consts["L"] <= exact_rule * (1 + 1e-9)
 
 
@@ -135,11 +141,11 @@ def test_directory_refused_for_a_problem_without_image_pair(tmp_path, capsys):
 def test_cli_learns_from_a_directory(tmp_path, capsys):
     train = tiny_train_dir(tmp_path, count=2)
     status = main(["optimize", str(EXAMPLES / "foe_denoise.py"), "--data", str(train),
-                   "--theta0=-3.9,-3.9,-3.9", "--budget", "300",
+                   "--theta0=" + ",".join(["-3.9"] * 8), "--budget", "300",
                    "--out", str(tmp_path / "run"), "--no-progress"])
     out = capsys.readouterr().out
     assert status == 0, out
-    assert "foe_denoise: 2 samples, theta has 3 entries" in out
+    assert "foe_denoise: 2 samples, theta has 8 entries" in out
 
 
 def test_learned_weights_beat_the_noisy_input_on_a_held_out_crop(foe, theta0, tmp_path):
