@@ -384,3 +384,110 @@ def test_direction_rounds_meet_the_target_along_h():
     assert d["bound"] <= 1e-6 * np.linalg.norm(hg.grad)
     assert abs(d["value"] - d["direction"] @ exact) <= d["bound"]
     assert np.linalg.norm(hg.grad - exact) <= hg.bound
+
+
+# -- the non-quadratic case: g not quadratic, B affine in x (docs/bounds.md 15.3) ------------------
+from nonquadratic_kernels import AffineLogistic, SmoothTV1D  # noqa: E402
+from nonquadratic_kernels import exact_hypergradient as nq_exact  # noqa: E402
+from nonquadratic_kernels import x_star as nq_x_star  # noqa: E402
+
+
+def _nonquadratic():
+    return {
+        "logistic": (AffineLogistic.generate(seed=0, m=60, d=6, pv=40), np.array([-2.0])),
+        "logistic-weak": (AffineLogistic.generate(seed=1, m=80, d=8, pv=50), np.array([-4.0])),
+        "tv": (SmoothTV1D.generate(seed=2, n=24), np.array([1.0])),
+        "tv-rough": (SmoothTV1D.generate(seed=3, n=16, gamma=0.3), np.array([-0.5])),
+    }
+
+
+NONQUADRATIC = _nonquadratic()
+
+
+def _exact_terms_nonquadratic(k, theta, hg, part, u):
+    """The exact decomposition of Corollary 15.3 (docs/bounds.md 15.3) from dense solves, each
+    term named as the bound term that must dominate it:
+        vR     rho_v^T A_e^-1 r
+        RE     r^T A_e^-1 D e - v^T DA_e[e] A_e^-1 r
+        vE+EE  (v* - v)^T (DA_e[e] q_e - H_e e)
+        upperH -v*^T (b_e - b* - H_e e)
+        third  -v*^T (DA_e[e] - (A_e - A*)) q_e
+        lamE   rho_lam^T e;   lamA  lam^T (A_e e - r_g)."""
+    x, q, v, lam = hg.x, hg.q, part.v, part.lam
+    xs = nq_x_star(k, theta, x)
+    e = x - xs
+    A, As = k.hessian(x, theta), k.hessian(xs, theta)
+    He = k.upper_hessian(x, theta)
+    D = np.column_stack([k.cross_jvp(c, theta, u) - k.cross_jvp(0 * c, theta, u)
+                         for c in np.eye(k.x_size)])
+    b, bs = k.upper_grad(x, theta), k.upper_grad(xs, theta)
+    r = A @ q - b
+    Ainv = np.linalg.inv(A)
+    q_e = Ainv @ b
+    v_star = np.linalg.solve(As, k.cross_jvp(xs, theta, u))
+    DAe = np.column_stack([k.lower_tvp(x, theta, e, c) for c in np.eye(k.x_size)])
+    rho_v = A @ v - k.cross_jvp(x, theta, u)
+    m = -D @ q - k.upper_hvp(x, theta, v) + k.lower_tvp(x, theta, v, q)
+    rho_lam = m - A @ lam
+    r_g = k.lower_grad(x, theta)
+    terms = {
+        "vR": rho_v @ Ainv @ r,
+        "RE": r @ Ainv @ D @ e - v @ DAe @ Ainv @ r,
+        "vE+EE": (v_star - v) @ (DAe @ q_e - He @ e),
+        "upperH": -v_star @ (b - bs - He @ e),
+        "third": -v_star @ (DAe - (A - As)) @ q_e,
+        "lamE": rho_lam @ e,
+        "lamA": lam @ (A @ e - r_g),
+    }
+    return terms, e
+
+
+@pytest.mark.parametrize("name", sorted(NONQUADRATIC))
+@pytest.mark.parametrize("tol", [1e-1, 1e-2, 1e-4])
+def test_nonquadratic_exact_identity_and_each_inequality(name, tol):
+    """Corollary 15.3: the exact decomposition sums to u.(h_c - grad F) (x* and grad F from dense
+    Newton solves), and each part is below the bound term(s) the code computes."""
+    k, theta = NONQUADRATIC[name]
+    hg = hypergradient(k, theta, lower="gd", adjoint="cg", eps=tol, delta=tol, refine_iter=0)
+    assert hg.status == "ok"
+    u = np.ones(1)
+    corr = correct(k, hg, [u], [tol], [tol], [None], [None], 200)
+    part = corr.parts[0]
+    exact = float(nq_exact(k, theta)[0])
+    terms, e = _exact_terms_nonquadratic(k, theta, hg, part, u)
+    err = part.value - exact
+    assert abs(err - math.fsum(terms.values())) <= 1e-10 * (abs(exact) + abs(err)) + 1e-15, \
+        (err, terms)
+    assert np.linalg.norm(e) <= hg.e * (1 + 1e-12)
+    bound_of = dict(part.terms, **{"vE+EE": part.terms["vE"] + part.terms["EE"]})
+    for key, value in terms.items():
+        assert abs(value) <= bound_of[key] * (1 + 1e-9) + 1e-15, (key, value, part.terms)
+    assert abs(err) <= part.bound
+    assert abs(part.plain - exact) <= part.plain_bound
+
+
+@settings(max_examples=40, derandomize=True, deadline=None, database=None)
+@given(seed=st.integers(0, 10_000), tv=st.booleans(), log_tol=st.floats(-8, -0.5),
+       iters=st.integers(0, 6), start=st.floats(0, 3), log_alpha=st.floats(-4, 1))
+def test_nonquadratic_bound_holds_for_any_forward_and_dual_vectors(seed, tv, log_tol, iters,
+                                                                  start, log_alpha):
+    """Corollary 15.3 needs nothing of v and lam either: random starts, 0-6 CG steps, drawn
+    tolerances and regularisation weights; bound(h_c) and the plain bound hold."""
+    rs = np.random.RandomState(seed)
+    if tv:
+        k = SmoothTV1D.generate(seed=seed, n=int(rs.randint(5, 20)),
+                                gamma=float(rs.uniform(0.05, 1.0)))
+    else:
+        k = AffineLogistic.generate(seed=seed, m=int(rs.randint(10, 60)), d=int(rs.randint(2, 7)),
+                                    pv=int(rs.randint(5, 30)))
+    theta = np.array([log_alpha])
+    tol = 10.0 ** log_tol
+    hg = hypergradient(k, theta, lower="gd", adjoint="cg", eps=tol, delta=tol, refine_iter=0)
+    if hg.status != "ok":
+        return
+    starts = [start * rs.standard_normal(k.x_size) for _ in range(2)]
+    corr = correct(k, hg, [np.ones(1)], [1e-30], [1e-30], starts[:1], starts[1:], iters)
+    exact = float(nq_exact(k, theta)[0])
+    part = corr.parts[0]
+    assert abs(part.value - exact) <= part.bound
+    assert abs(part.plain - exact) <= part.plain_bound

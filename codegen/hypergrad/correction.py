@@ -7,16 +7,19 @@ and one dual solve A lambda = m (m ~ the x-gradient of the hypergradient map alo
 
     u . h_c = u . h + v . r - lambda . grad g(x_eps),
 
-whose error is a sum of PRODUCTS of recomputed residuals and e (docs/bounds.md 15, Theorem 15.1):
+whose error is a sum of PRODUCTS of recomputed residuals and e (docs/bounds.md 15, Theorem 15.1).
+With g and f quadratic in x (Corollary 15.2):
 
     |u . (h_c - grad F)| <= R_v R/mu + ||D_u|| R E/mu + L_f R_v E/mu + R_lam E
                             + ||D_u|| L_f E^2/mu  (+ L_ft ||u|| E when f depends on theta),
 
-with D_u = d(B u)/dx, ||D_u|| <= L_B ||u||. Each residual is recomputed (one HVP), so how well
-v and lambda solve their systems changes the bound's size, never its validity. This module
-applies the theorem where its second-order term follows from existing constants: g and f
-quadratic in x (the Hessians do not read x), as for ridge and the paper's quadratic problem.
-Elsewhere `dwr_unavailable` says why, and the hypergradient keeps E&R's bound.
+with D_u = d(B u)/dx, ||D_u|| <= L_B ||u||. With g not quadratic but B affine in x (a
+regularisation weight: D_u constant) Corollary 15.3 adds L_A (Lipschitz constant of A on the
+ball), L_3 (of x -> DA(x), a fourth-derivative bound) and L_Hf (of H_f; 0 for quadratic f)
+terms, every one still a product of two small quantities; m then carries the third-derivative
+term grad_x (v^T A(x) q) (the `lower_tvp` kernel). Each residual is recomputed (one HVP), so how
+well v and lambda solve their systems changes the bound's size, never its validity. Elsewhere
+`dwr_unavailable` says why, and the hypergradient keeps E&R's bound.
 
 Plain h: |u . (h - grad F)| <= |u . (h - h_c)| + bound(h_c), usually within a few percent of the
 true error once E is small (the correction is an almost exact error estimate).
@@ -74,14 +77,46 @@ class Correction:
     work: dict[str, int] = field(default_factory=dict)
 
 
-def dwr_unavailable(k: Any) -> str | None:
-    """None if Theorem 15.1's quadratic case (docs/bounds.md 15.3) applies to k, else why not:
-    it needs A and H_f independent of x (then B u and grad f are affine in x) and an upper HVP."""
-    if not bool(getattr(k, "is_quadratic", False)):
-        return "the lower Hessian depends on x (no second-order constant for the correction)"
-    if not bool(getattr(k, "upper_is_quadratic", False)) or not hasattr(k, "upper_hvp"):
-        return "the upper Hessian depends on x (no second-order constant for the correction)"
+def dwr_unavailable(k: Any, theta: Any = None) -> str | None:
+    """None if Corollary 15.2 (g, f quadratic in x) or 15.3 (g not quadratic, B affine in x)
+    applies to k (docs/bounds.md 15.3), else why not. 15.3 needs the lower_tvp kernel, B affine in
+    x (`cross_is_affine`) and, at theta when given, finite L_3 (and L_Hf when f is not quadratic)
+    in k.constants(theta)."""
+    if bool(getattr(k, "is_quadratic", False)):
+        if not bool(getattr(k, "upper_is_quadratic", False)) or not hasattr(k, "upper_hvp"):
+            return "the upper Hessian depends on x (no second-order constant for the correction)"
+        return None
+    if not bool(getattr(k, "cross_is_affine", False)) or not hasattr(k, "lower_tvp"):
+        return ("the lower Hessian depends on x and B = d_theta grad_x g is not known to be "
+                "affine in x (Corollary 15.3 needs D_u = d(B u)/dx constant and the lower_tvp "
+                "kernel; with B not affine it would need a Lipschitz constant of D_u on the ball)")
+    if not hasattr(k, "upper_hvp"):
+        return "the problem has no upper HVP (the dual right-hand side)"
+    if theta is not None:
+        L3, LH = higher_constants(k, np.atleast_1d(np.asarray(theta, dtype=np.float64)))
+        if not (math.isfinite(L3) and math.isfinite(LH)):
+            return ("the lower Hessian depends on x and the constants give no finite L_3 "
+                    "(Lipschitz constant of x -> DA(x), a fourth-derivative bound of g on the "
+                    "ball)" + ("" if math.isfinite(LH) else " or L_Hf (of the upper Hessian)"))
     return None
+
+
+def higher_constants(k: Any, th: np.ndarray) -> tuple[float, float]:
+    """(L_3, L_Hf): Lipschitz constants of x -> DA(x) (fourth derivative of g) and of
+    x -> H_f(x) (third derivative of f), from k.constants(theta); 0 where g (f) is quadratic in
+    x, inf where missing (the bound is then infinite, never wrong)."""
+    raw = dict(k.constants(th))
+
+    def read(key: str, zero: bool) -> float:
+        if zero:
+            return 0.0
+        value = float(raw.get(key, math.inf))
+        if math.isnan(value) or value < 0:
+            raise ValueError(f"constant {key} = {raw.get(key)!r} is not >= 0")
+        return value
+
+    return (read("L_3", bool(getattr(k, "is_quadratic", False))),
+            read("L_Hf", bool(getattr(k, "upper_is_quadratic", False))))
 
 
 def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
@@ -105,6 +140,7 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
     r = Aq - b
     R = norm(r)
     r_g = np.asarray(hg.lower.grad)  # type: ignore[union-attr]
+    c["L_3"], c["L_Hf"] = higher_constants(k, th)
     parts = []
     for j, u in enumerate(directions):
         part, used = _one_direction(k, hg, c, x, th, q, r, R, r_g, u, (tol_v[j], tol_lam[j]),
@@ -120,10 +156,12 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
                    u: np.ndarray, tols: tuple[float | None, float | None],
                    starts: tuple[Any, Any], max_iter: int,
                    relative: float) -> tuple[DirectionCorrection, dict[str, int]]:
-    """The forward solve, m = -D_u q - H_f v, the dual solve and the bound along u."""
+    """The forward solve, m = -D_u q - H_f v (+ grad_x (v^T A(x) q)), the dual solve and the
+    bound along u."""
     used = {"hvps": 0, "cross": 0, "upper": 0}
     Bu, _ = call_kernel(k.cross_jvp, x, th, u)
-    # B u is affine in x (g quadratic): D_u q = B(q) u - B(0) u exactly (D_u is symmetric).
+    # B u is affine in x (g quadratic, or cross_is_affine): D_u q = B(q) u - B(0) u exactly
+    # (D_u is symmetric).
     Bq, _ = call_kernel(k.cross_jvp, q, th, u)
     B0, _ = call_kernel(k.cross_jvp, np.zeros_like(x), th, u)
     used["cross"] += 3
@@ -138,6 +176,15 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     if Hv is None:
         raise FloatingPointError("the upper HVP is not finite")
     m = -(Bq - B0) - Hv
+    quadratic = bool(getattr(k, "is_quadratic", False))
+    Tvq = np.zeros_like(m)
+    if not quadratic:  # the third-derivative term of grad Phi_u (docs/bounds.md 15.1)
+        T, _ = call_kernel(k.lower_tvp, x, th, fwd.q, q)
+        used["hvps"] += 1
+        if T is None:
+            raise FloatingPointError("the lower third-derivative product is not finite")
+        Tvq = T
+        m = m + Tvq
     dual = run_adjoint(k, x, th, c, "cg", relative * norm(m) if tol_lam is None else tol_lam,
                        starts[1], max_iter, m)
     used["hvps"] += dual.n_hvp
@@ -148,12 +195,17 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     terms = product_terms(mu, E, R, fwd.residual, dual.residual, certified_product(LB, nu), Lf,
                           certified_product(float(c.get("L_ft", 0.0)), nu)
                           if bool(getattr(k, "upper_depends_on_theta", False)) else 0.0)
+    if not quadratic:
+        terms.update(nonquadratic_terms(
+            mu, E, R, fwd.residual, certified_product(LB, nu), Lf, float(c["L_A"]),
+            float(c["L_3"]), float(c["L_Hf"]),
+            norm(v), norm(q), norm(lam)))
     delta = dot(v, r) - dot(lam, r_g)
     plain = float(dot(u, np.asarray(hg.grad)))
     # rounding (docs/bounds.md 6): of the correction's two dot products, of m (the difference
     # B(q) u - B(0) u cancels; its error pairs with e) and of h's component
     terms["rounding"] = (ROUNDING_FLOOR * (norm(v) * R + norm(lam) * norm(r_g)
-                                           + (norm(Bq) + norm(B0) + norm(Hv)) * E)
+                                           + (norm(Bq) + norm(B0) + norm(Hv) + norm(Tvq)) * E)
                          + hg.bound_forms.get("rounding", 0.0) * nu)
     bound = math.fsum(terms.values())
     if not math.isfinite(bound):
@@ -176,6 +228,34 @@ def product_terms(mu: float, E: float, R: float, R_v: float, R_lam: float, norm_
         "lamE": certified_product(R_lam, E),
         "EE": certified_product(norm_D, L_f, E, E) / mu,
         "theta": certified_product(theta_lipschitz, E),
+    }
+
+
+def nonquadratic_terms(mu: float, E: float, R: float, R_v: float, norm_D: float, L_f: float,
+                       L_A: float, L_3: float, L_Hf: float, norm_v: float, norm_q: float,
+                       norm_lam: float) -> dict[str, float]:
+    """Corollary 15.3's terms (g not quadratic, B affine in x; docs/bounds.md 15.3), by name:
+    they replace RE, vE, EE of `product_terms` and add lamA, third, upperH.
+
+    With nq = ||q|| + R/mu >= ||q_e||, nv = ||v|| + R_v/mu >= ||v_e||, c_v = (||D_u|| + L_A nv)/mu
+    (||v* - v_e|| <= c_v E) and J = L_f + L_A nq:
+        RE     = (||D_u|| + L_A ||v||) R E/mu
+        vE     = J R_v E/mu                  EE     = c_v J E^2
+        lamA   = L_A ||lam|| E^2/2           third  = L_3 (nv + c_v E) nq E^2/2
+        upperH = L_Hf (nv + c_v E) E^2/2
+    With L_A = L_3 = L_Hf = 0 they are Corollary 15.2's."""
+    nq = norm_q + R / mu
+    nv = norm_v + R_v / mu
+    c_v = (norm_D + certified_product(L_A, nv)) / mu
+    J = L_f + certified_product(L_A, nq)
+    nv_star = nv + certified_product(c_v, E)
+    return {
+        "RE": certified_product(norm_D + certified_product(L_A, norm_v), R, E) / mu,
+        "vE": certified_product(J, R_v, E) / mu,
+        "EE": certified_product(c_v, J, E, E),
+        "lamA": 0.5 * certified_product(L_A, norm_lam, E, E),
+        "third": 0.5 * certified_product(L_3, nv_star, nq, E, E),
+        "upperH": 0.5 * certified_product(L_Hf, nv_star, E, E),
     }
 
 

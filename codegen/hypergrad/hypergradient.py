@@ -126,7 +126,7 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
                       q0: Any) -> HypergradientResult:
     """The hypergradient with the DWR certificate (docs/bounds.md 15) where it applies, else
     E&R's with a note saying why ("auto" and "dwr" alike)."""
-    why = dwr_unavailable(k)
+    why = dwr_unavailable(k, theta)
     if why is None and adjoint_entry(opts.adjoint).backprop:
         why = "adjoint='backprop' has no adjoint residual to correct"
     if why is None and opts.certificate == "auto" and not lower_entry(opts.lower).needs_finite_L:

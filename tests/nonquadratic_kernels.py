@@ -1,0 +1,186 @@
+"""Plain-NumPy test problems for the DWR certificate's non-quadratic case (docs/bounds.md 15.3):
+g not quadratic in x, B = d_theta grad_x g affine in x (a weight on a quadratic term), with the
+third-derivative kernel lower_tvp, the upper HVP and the constants Corollary 15.3 reads
+(L_A, L_3 = Lipschitz constant of x -> DA(x), L_Hf = of x -> H_f), each from the atoms' sups.
+
+* AffineLogistic: tests/quadratic_kernels.Logistic (l2 weight e^theta, validation logistic loss),
+  B = e^theta x. Atom l(t) = log(1 + e^-t): sup|l'''| = sqrt(3)/18, sup|l''''| = 1/8.
+* SmoothTV1D: g = e^theta/2 ||x - y||^2 + beta sum_i psi((D x)_i), psi(t) = sqrt(t^2 + gamma^2),
+  D the forward difference; f = 1/2 ||x - x_true||^2. B = e^theta (x - y). sup|psi''| = 1/gamma,
+  sup|psi'''| = 3 gamma^3/2 / (5 gamma^2/4)^(5/2) (at t = gamma/2), sup|psi''''| = 3/gamma^3 (t = 0).
+
+Exact references: x* by Newton with dense solves, grad F by dense solves at x*.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import expit
+
+from quadratic_kernels import Logistic
+
+_UP = 1.0 + 1e-12
+
+
+def _spec2(K):
+    return float(np.linalg.norm(K, 2)) ** 2 * _UP
+
+
+class AffineLogistic(Logistic):
+    """l2-regularised logistic regression with the kernels and constants of Corollary 15.3.
+
+    DA(x)[e] = (1/m) Z^T diag(l'''(Z x) * Z e) Z, so ||DA(x)[e]|| <= sup|l'''| ||Z||^2 max||z_i||
+    ||e||/m (L_A) and ||D^2A[a, e]|| <= sup|l''''| ||Z||^2 max||z_i||^2 ||a|| ||e||/m (L_3); the
+    same for the validation loss gives L_Hf."""
+
+    cross_is_affine = True
+    upper_is_quadratic = False
+
+    def __init__(self, K, y, Kv, yv):
+        super().__init__(K, y, Kv, yv)
+        rmax = float(np.max(np.linalg.norm(self.Z, axis=1)))
+        self._L3 = 0.125 * _spec2(self.Z) * rmax ** 2 / self.m * _UP
+        rvmax = float(np.max(np.linalg.norm(self.Zv, axis=1)))
+        self._LHf = (math.sqrt(3.0) / 18.0) * _spec2(self.Zv) * rvmax / self.pv * _UP
+
+    @staticmethod
+    def _third(z):
+        """l'''(t) for l(t) = log(1 + e^-t): s(1 - s)(1 - 2s) with s = sigmoid(t)."""
+        s = expit(z)
+        return s * (1.0 - s) * (1.0 - 2.0 * s)
+
+    def lower_tvp(self, x, theta, v, w):
+        z = self.Z @ x
+        return self.Z.T @ (self._third(z) * (self.Z @ v) * (self.Z @ w)) / self.m
+
+    def upper_hvp(self, x, theta, v):
+        z = self.Zv @ x
+        return self.Zv.T @ (expit(z) * expit(-z) * (self.Zv @ v)) / self.pv
+
+    def constants(self, theta):
+        out = super().constants(theta)
+        out.update(L_3=self._L3, L_Hf=self._LHf)
+        return out
+
+    def hessian(self, x, theta):
+        return self._hess(x, theta)
+
+    def upper_hessian(self, x, theta):
+        z = self.Zv @ x
+        return (self.Zv.T * (expit(z) * expit(-z))) @ self.Zv / self.pv
+
+    def cross_matrix(self, x, theta):
+        return self._alpha(theta) * x[:, None]
+
+
+class SmoothTV1D:
+    """1-D smoothed-TV denoising with the fidelity weight as hyperparameter (B affine in x)."""
+
+    is_quadratic = False
+    upper_is_quadratic = True
+    upper_depends_on_theta = False
+    cross_is_affine = True
+    theta_size = 1
+
+    def __init__(self, y, x_true, beta=0.5, gamma=0.1):
+        self.y, self.x_true = np.asarray(y, float), np.asarray(x_true, float)
+        self.x_size = self.y.size
+        self.beta, self.gamma = float(beta), float(gamma)
+        n = self.x_size
+        self.D = np.eye(n, k=1)[:-1] - np.eye(n)[:-1]  # (n-1) x n forward differences
+        g = self.gamma
+        s2 = 3.0 * g ** 3 / 2.0 / (1.25 * g * g) ** 2.5  # sup|psi'''|
+        s3 = 3.0 / g ** 3                                 # sup|psi''''|
+        D2 = _spec2(self.D)
+        row = math.sqrt(2.0)  # ||d_i||
+        self._L0 = self.beta * D2 / g
+        self._LA = self.beta * s2 * D2 * row * _UP
+        self._L3 = self.beta * s3 * D2 * row * row * _UP
+
+    @classmethod
+    def generate(cls, seed=0, n=40, noise=0.2, beta=0.5, gamma=0.1):
+        rs = np.random.RandomState(seed)
+        x_true = np.repeat(rs.randn(4), -(-n // 4))[:n]
+        return cls(x_true + noise * rs.randn(n), x_true, beta, gamma)
+
+    def _alpha(self, theta):
+        return math.exp(float(np.asarray(theta).ravel()[0]))
+
+    def _psi(self, t, order):
+        g2 = self.gamma ** 2
+        r = t * t + g2
+        return {0: np.sqrt(r), 1: t / np.sqrt(r), 2: g2 / r ** 1.5,
+                3: -3.0 * g2 * t / r ** 2.5}[order]
+
+    def lower_value(self, x, theta):
+        d = x - self.y
+        return 0.5 * self._alpha(theta) * float(d @ d) + self.beta * float(
+            np.sum(self._psi(self.D @ x, 0)))
+
+    def lower_grad(self, x, theta):
+        return self._alpha(theta) * (x - self.y) + self.beta * self.D.T @ self._psi(self.D @ x, 1)
+
+    def hessian(self, x, theta):
+        w = self._psi(self.D @ x, 2)
+        return self.beta * (self.D.T * w) @ self.D + self._alpha(theta) * np.eye(self.x_size)
+
+    def lower_hvp(self, x, theta, v):
+        return (self.beta * self.D.T @ (self._psi(self.D @ x, 2) * (self.D @ v))
+                + self._alpha(theta) * v)
+
+    def lower_tvp(self, x, theta, v, w):
+        return self.beta * self.D.T @ (self._psi(self.D @ x, 3) * (self.D @ v) * (self.D @ w))
+
+    def cross_matrix(self, x, theta):
+        return self._alpha(theta) * (x - self.y)[:, None]
+
+    def cross_vjp(self, x, theta, q):
+        return self.cross_matrix(x, theta).T @ q
+
+    def cross_jvp(self, x, theta, t):
+        return self.cross_matrix(x, theta) @ np.atleast_1d(np.asarray(t, float))
+
+    def upper_value(self, x, theta):
+        d = x - self.x_true
+        return 0.5 * float(d @ d)
+
+    def upper_grad(self, x, theta):
+        return x - self.x_true
+
+    def upper_hvp(self, x, theta, v):
+        return np.array(v, dtype=float)
+
+    def upper_hessian(self, x, theta):
+        return np.eye(self.x_size)
+
+    def upper_theta_grad(self, x, theta):
+        return np.zeros(1)
+
+    def constants(self, theta):
+        a = self._alpha(theta)
+        return {"mu": a / _UP, "L": (self._L0 + a) * _UP, "L_A": self._LA, "L_B": a * _UP,
+                "L_f": 1.0 * _UP, "L_3": self._L3, "certified": True, "source": "derived"}
+
+
+def x_star(k, theta, x0=None):
+    """Newton with dense solves to ||grad g|| <= 1e-15 (damped by halving while g increases)."""
+    x = np.zeros(k.x_size) if x0 is None else np.array(x0, float)
+    for _ in range(200):
+        g = k.lower_grad(x, theta)
+        if np.linalg.norm(g) <= 1e-15:
+            break
+        step = np.linalg.solve(k.hessian(x, theta), g)
+        t, f0 = 1.0, k.lower_value(x, theta)
+        while k.lower_value(x - t * step, theta) > f0 + 1e-14 * abs(f0) and t > 1e-8:
+            t *= 0.5
+        x = x - t * step
+    return x
+
+
+def exact_hypergradient(k, theta):
+    xs = x_star(k, theta)
+    H = k.hessian(xs, theta)
+    q = np.linalg.solve(H, k.upper_grad(xs, theta))
+    q -= np.linalg.solve(H, H @ q - k.upper_grad(xs, theta))
+    return -k.cross_matrix(xs, theta).T @ q + k.upper_theta_grad(xs, theta)
