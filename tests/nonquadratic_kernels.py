@@ -184,3 +184,35 @@ def exact_hypergradient(k, theta):
     q = np.linalg.solve(H, k.upper_grad(xs, theta))
     q -= np.linalg.solve(H, H @ q - k.upper_grad(xs, theta))
     return -k.cross_matrix(xs, theta).T @ q + k.upper_theta_grad(xs, theta)
+
+
+class GeneratedLogistic:
+    """A bound generated `logistic` example (examples/logistic.py: l2 weight e^theta, validation
+    logistic loss) with what Corollary 15.3 needs and the generated constants do not derive:
+    B = e^theta x is affine in x (cross_is_affine), and L_3, L_Hf from the data and the atom's
+    sups, (1/8) ||A||^2 max||a_i||^2/m and (sqrt3/18) ||Av||^2 max||av_i||/p (labels are +-1,
+    so they drop out of the norms). Everything else, lower_tvp included, is the generated
+    problem's."""
+
+    cross_is_affine = True
+
+    def __init__(self, prob, data):
+        self._prob = prob
+        A, Av = np.asarray(data["A"], float), np.asarray(data["Av"], float)
+        self._L3 = 0.125 * _spec2(A) * float(np.max(np.sum(A * A, axis=1))) / A.shape[0] * _UP
+        self._LHf = ((math.sqrt(3.0) / 18.0) * _spec2(Av)
+                     * float(np.max(np.linalg.norm(Av, axis=1))) / Av.shape[0] * _UP)
+
+    def __getattr__(self, name):
+        return getattr(self._prob, name)
+
+    def constants(self, theta):
+        out = dict(self._prob.constants(theta))
+        out.update(L_3=self._L3, L_Hf=self._LHf)
+        return out
+
+    def hessian(self, x, theta):
+        return self._prob.lower_hessian(x, theta)
+
+    def upper_hessian(self, x, theta):
+        return np.column_stack([self._prob.upper_hvp(x, theta, c) for c in np.eye(self.x_size)])

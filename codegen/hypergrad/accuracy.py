@@ -25,9 +25,9 @@ from typing import Any, Callable, cast
 
 import numpy as np
 
-from .bounds import aposteriori_bound
+from .bounds import aposteriori_bound, certified_product
 from .common import SolverError, fmt
-from .correction import Correction, combined, correct
+from .correction import Correction, combined, correct, higher_constants
 from .lower.stopping import solution_floor
 from .results import HypergradientResult, Reason, ReasonKind, Status
 
@@ -166,6 +166,9 @@ def steerable(hg: HypergradientResult) -> bool:
 
 
 
+#: The terms of Corollaries 15.2 and 15.3 that are second order in E (docs/bounds.md 15).
+SECOND_ORDER = ("EE", "lamA", "third", "upperH")
+
 #: Fraction of the target the DWR terms share (each term aims at DWR_SHARE * target / n for the
 #: n terms above zero); the rest absorbs the change of the terms between rounds.
 DWR_SHARE = 0.9
@@ -176,9 +179,10 @@ def dwr_tightened(terms: dict[str, float], target: float, E: float, R: float, R_
     """New (E, R, R_v, R_lam) targets so that each term of Theorem 15.1 (docs/bounds.md 15.2)
     meets its share of `target`, or None when the rounding floor alone takes a fifth of it.
 
-    The terms scale as EE ~ E^2, theta ~ E, RE ~ R E, vE ~ R_v E, lamE ~ R_lam E, vR ~ R_v R:
-    E is set first (from EE and theta), then each residual from its products with the new E,
-    and R, R_v split their product term evenly (each by at most the square root of its excess).
+    The terms scale as EE (lamA, third, upperH of Corollary 15.3) ~ E^2, theta ~ E, RE ~ R E,
+    vE ~ R_v E, lamE ~ R_lam E, vR ~ R_v R: E is set first (from the E^2 terms and theta), then
+    each residual from its products with the new E, and R, R_v split their product term evenly
+    (each by at most the square root of its excess).
     This is steering only: every round's bound is recomputed and certified by itself."""
     if terms.get("rounding", 0.0) >= 0.2 * target:
         return None
@@ -188,7 +192,8 @@ def dwr_tightened(terms: dict[str, float], target: float, E: float, R: float, R_
     def factor(term: float, power: float = 1.0) -> float:
         return 1.0 if term <= share else (share / term) ** (1.0 / power)
 
-    f_E = min(factor(terms["EE"], 2.0), factor(terms["theta"]))
+    f_E = min([factor(terms.get(key, 0.0), 2.0) for key in SECOND_ORDER]
+              + [factor(terms["theta"])])
     f_R = min(factor(terms["RE"] * f_E), factor(terms["vR"], 2.0))
     f_v = min(factor(terms["vE"] * f_E), factor(terms["vR"], 2.0))
     f_lam = factor(terms["lamE"] * f_E)
@@ -197,28 +202,38 @@ def dwr_tightened(terms: dict[str, float], target: float, E: float, R: float, R_
     return E * f_E, R * f_R, R_v * f_v, R_lam * f_lam
 
 
-def dwr_planned(hg: HypergradientResult, target: float,
-                upper_depends_on_theta: bool) -> tuple[float, float, float | None, float | None]:
-    """(eps, delta, tol_v, tol_lam) that put each term of Corollary 15.2 at its share of
-    `target`, planned from a plain hypergradient (its e, ||grad f||, ||B|| and constants):
+def dwr_planned(hg: HypergradientResult, target: float, upper_depends_on_theta: bool,
+                higher: tuple[float, float] | None = None
+                ) -> tuple[float, float, float | None, float | None]:
+    """(eps, delta, tol_v, tol_lam) that put each term of Corollary 15.2 (15.3 when `higher` =
+    (L_3, L_Hf) is given: g not quadratic) at its share of `target`, planned from a plain
+    hypergradient (its e, ||grad f||, ||B||, ||q|| and constants), with ||v|| ~ ||B||/mu:
 
-        E     from EE = ||D|| L_f E^2/mu and theta = L_ft E;
-        R     from RE = ||D|| R E/mu, and R, R_v balanced in vR = R_v R/mu relative to
-              ||grad f|| and ||B|| (R/||grad f|| = R_v/||B||);
-        R_v   from vE = L_f R_v E/mu and vR; R_lam from lamE = R_lam E.
+        E     from the E^2 terms (EE = c_v J E^2, c_v = (L_B + L_A ||v||)/mu, J = L_f + L_A ||q||,
+              + L_A ||lam|| E^2/2 + L_3 ||v|| ||q|| E^2/2 + L_Hf ||v|| E^2/2) and theta = L_ft E;
+        R     from RE = (L_B + L_A ||v||) R E/mu, and R, R_v balanced in vR = R_v R/mu relative
+              to ||grad f|| and ||B|| (R/||grad f|| = R_v/||B||);
+        R_v   from vE = J R_v E/mu and vR; R_lam from lamE = R_lam E.
     A tolerance no term limits stays as it was (eps, delta) or None (relative). Steering only."""
     c = cast(dict[str, Any], hg.constants)
     mu, LB, Lf = float(c["mu"]), float(c["L_B"]), float(c["L_f"])
     Lt = float(c.get("L_ft", 0.0)) if upper_depends_on_theta else 0.0
     share = DWR_SHARE * target / (6 if Lt > 0 else 5)
-    nb, nB = hg.grad_f_norm, hg.norm_B
+    nb, nB, nq = hg.grad_f_norm, hg.norm_B, hg.q_norm
+    LA, L3, LH = (0.0, 0.0, 0.0) if higher is None else (float(c["L_A"]), *higher)
+    nv = nB / mu
+    D_eff = LB + certified_product(LA, nv)
+    J = Lf + certified_product(LA, nq)
+    n_lam = (certified_product(D_eff, nq) + certified_product(J, nv)) / mu
+    coef_E2 = (certified_product(D_eff, J) / mu + 0.5 * certified_product(LA, n_lam)
+               + 0.5 * certified_product(L3, nv, nq) + 0.5 * certified_product(LH, nv))
 
     def limit(numerator: float, denominator: float) -> float:
         return numerator / denominator if denominator > 0 else math.inf
 
-    E = min(hg.e, math.sqrt(limit(share * mu, LB * Lf)), limit(share, Lt))
-    R = min(limit(share * mu, LB * E), math.sqrt(limit(share * mu * nb, nB)))
-    R_v = min(limit(share * mu, Lf * E), limit(share * mu, R), math.sqrt(limit(share * mu * nB, nb)))
+    E = min(hg.e, math.sqrt(limit(share, coef_E2)), limit(share, Lt))
+    R = min(limit(share * mu, D_eff * E), math.sqrt(limit(share * mu * nb, nB)))
+    R_v = min(limit(share * mu, J * E), limit(share * mu, R), math.sqrt(limit(share * mu * nB, nb)))
     R_lam = limit(share, E)
 
     def finite(value: float) -> float | None:
@@ -276,7 +291,9 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                     + "; ".join(trail),))
             eps, delta, planned_v, planned_lam = dwr_planned(
                 hg, target / math.sqrt(n) if components else target,
-                bool(getattr(k, "upper_depends_on_theta", False)))
+                bool(getattr(k, "upper_depends_on_theta", False)),
+                None if bool(getattr(k, "is_quadratic", False))
+                else higher_constants(k, np.asarray(hg.theta, dtype=np.float64)))
             tol_v, tol_lam = [planned_v] * n, [planned_lam] * n
             x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself
             continue
