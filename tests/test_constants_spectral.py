@@ -52,10 +52,11 @@ def matrices():
 def test_every_method_bounds_the_exact_norm(name, K, monkeypatch):
     exact = exact_normsq(K)
     for method, limits in (("eigvalsh", (10**6, 10**6, 1e30)), ("cholesky", (0, 10**6, 1e30)),
-                           ("nnz", (0, 0, 0.0))):
+                           ("blocks", (0, 0, 0.0))):  # sparse K: the O(nnz) bound instead
         monkeypatch.setattr(spectral, "EIGH_SIDE_LIMIT", limits[0])
         monkeypatch.setattr(spectral, "CHOLESKY_SIDE_LIMIT", limits[1])
         monkeypatch.setattr(spectral, "GRAM_FLOP_LIMIT", limits[2])
+        monkeypatch.setattr(spectral, "BLOCK_ROWS_MAX", 7)  # several blocks, a ragged last one
         for form in (K, sps.csr_matrix(K)):
             q = quantities.operator_quantities(form, None if hasattr(form, "toarray")
                                                else form[:, None, :], needed=("normsq",))
@@ -64,8 +65,9 @@ def test_every_method_bounds_the_exact_norm(name, K, monkeypatch):
             if method == "cholesky" and exact > 0:
                 assert "Cholesky" in q["normsq"]["method"] or "eigvalsh" in q["normsq"]["method"]
                 assert q["normsq"]["value"] <= exact * 1.01 + 1e-300
-            if method == "nnz" and exact > 0:
-                assert "O(nnz)" in q["normsq"]["method"]
+            if method == "blocks" and exact > 0:
+                sparse = hasattr(form, "toarray")
+                assert ("O(nnz)" if sparse else "above the Gram limits") in q["normsq"]["method"]
 
 
 def test_cholesky_certificate_survives_a_wrong_estimate():
@@ -106,11 +108,19 @@ def test_collatz_wielandt_is_sharp_on_non_negative_data():
 
 
 def test_method_thresholds():
-    assert spectral.method_for(5000, spectral.EIGH_SIDE_LIMIT) == "eigvalsh"
-    assert spectral.method_for(20000, 2000) == "cholesky"
-    assert spectral.method_for(20000, 20000) == "nnz"  # a dense Gram would be 8e12 flops
-    assert spectral.method_for(10**6, 1500) == "nnz"  # side small, but R D side > GRAM_FLOP_LIMIT
-    assert spectral.method_for(2000, 20000) == "cholesky"  # wide: the Gram side is the row count
+    assert spectral.method_for(2000, 500) == "eigvalsh"
+    assert spectral.method_for(3000, spectral.EIGH_SIDE_LIMIT) == "eigvalsh"  # 3e9 flops
+    assert spectral.method_for(1500, 1200) == "cholesky"
+    assert spectral.method_for(20000, 2000) == "blocks"  # a Gram of 8e10 flops: 1-2x the solve
+    assert spectral.method_for(20000, 2000, sparse=True) == "nnz"
+    assert spectral.method_for(20000, 20000) == "blocks"
+    assert spectral.method_for(2000, 20000) == "blocks"  # wide: the Gram side is the row count
+    # lambda_min has no cheaper certified lower bound than 0: the Gram is formed up to 1e11
+    assert spectral.method_for(20000, 2000, want_lmin=True) == "cholesky"
+    assert spectral.method_for(20000, 900, want_lmin=True) == "eigvalsh"
+    assert spectral.method_for(10**6, 1500, want_lmin=True) == "blocks"
+    assert spectral.block_rows(20000, 2000) == int(spectral.BLOCK_FLOP_BUDGET // 4e7) == 25
+    assert spectral.block_rows(30, 20) == 20  # never more rows than the short side
 
 
 def test_only_the_quantities_a_constant_reads_are_computed():
@@ -168,18 +178,25 @@ def test_cholesky_path_at_its_own_size():
     assert exact <= q["normsq"]["value"] <= exact * (1 + 1e-3)
 
 
-def test_the_threshold_switches_the_bind_and_every_constant_stays_an_upper_bound(monkeypatch):
-    """The same bind through the O(nnz) path (GRAM_FLOP_LIMIT = 0): looser, never below."""
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_threshold_switches_the_bind_and_every_constant_stays_an_upper_bound(monkeypatch,
+                                                                                sparse):
+    """The same bind above the Gram limit (GRAM_FLOP_LIMIT = 0): block sums for dense data, the
+    O(nnz) bound for sparse; looser, never below."""
     der = derive(LOGISTIC.logistic)
     data = LOGISTIC.example_data()
+    if sparse:
+        data = {**data, "A": sps.csr_matrix(data["A"]), "Av": sps.csr_matrix(data["Av"])}
     sharp = evaluate(der, [-1.0], compute_data_quantities(der, data))
     monkeypatch.setattr(spectral, "EIGH_SIDE_LIMIT", 0)
     monkeypatch.setattr(spectral, "GRAM_FLOP_LIMIT", 0.0)
+    monkeypatch.setattr(spectral, "BLOCK_ROWS_MAX", 4)
     q = compute_data_quantities(der, data)
-    assert "O(nnz)" in q["normsq_K1"]["method"] and "O(nnz)" in q["normsq_K2"]["method"]
+    for key in ("normsq_K1", "normsq_K2"):
+        assert ("O(nnz)" if sparse else "blocks of 4 rows") in q[key]["method"], q[key]["method"]
     loose = evaluate(der, [-1.0], q)
     for name in ("L", "L_A", "L_f"):
-        assert loose[name] >= sharp[name]
+        assert sharp[name] <= loose[name] <= sharp[name] * (50 if sparse else 4)
     assert loose["mu"] == sharp["mu"] and loose["certified"]
 
 
@@ -205,6 +222,9 @@ def test_random_matrices_property():
             assert found[0] + spectral.gram_margin(rows, cols, float(np.sum(K * K))) >= exact
         cw, _ = spectral.collatz_wielandt(K)
         assert cw >= exact or not math.isfinite(exact) or exact < 1e-300  # underflow: see below
+        fro2 = float(np.sum(K * K)) * (1 + 1e-12)
+        block, _, _ = spectral.block_sum_bound(K, fro2, size=int(rng.integers(1, 8)))
+        assert block >= exact or not math.isfinite(exact) or exact < 1e-300
         q = quantities.operator_quantities(K, K[:, None, :], needed=("normsq", "rowmax"))
         assert q["normsq"]["value"] >= exact and bool(np.any(K)) == (q["normsq"]["value"] > 0)
 
@@ -230,3 +250,62 @@ def test_blocked_abs_gram_product_equals_the_dense_one(monkeypatch):
     np.testing.assert_allclose(got, np.abs(K).T @ (np.abs(K) @ w), rtol=1e-14)
     np.testing.assert_allclose(spectral._abs_gram_product(sps.csr_matrix(K))(w), got, rtol=1e-14)
     assert spectral.collatz_wielandt(K)[0] >= exact_normsq(K)
+
+
+@pytest.mark.parametrize("name, K", matrices(), ids=[n for n, _ in matrices()])
+def test_block_sums_bound_the_exact_norm_at_every_block_size(name, K):
+    """sum_b ||K_b||^2 + margin >= ||K||^2 for blocks of 1 row (Frobenius) up to the whole short
+    side, tall and wide (blocks of columns), ragged last blocks included; blocks of one row give
+    ||K||_F^2, and merging blocks never increases the bound (the triangle inequality)."""
+    exact = exact_normsq(K)
+    fro2 = float(np.sum(K * K)) * (1 + 1e-12)
+    if not math.isfinite(fro2):
+        return  # overflowing data: operator_quantities gives infinity before any block
+    short = min(K.shape)
+    values = []
+    for size in (1, 2, 3, 7, short):
+        bound, blocks, s = spectral.block_sum_bound(K, fro2, size=size)
+        assert s == min(size, short) and blocks == -(-max(K.shape) // s)
+        assert bound >= exact, (name, size, bound, exact)
+        values.append(bound)
+    if exact > 0:
+        assert values[0] <= fro2 * (1 + 1e-9)
+        assert values[1] <= values[0] * (1 + 1e-9)  # pairs of rows: merged single rows
+
+
+def test_block_sums_are_exact_for_a_shared_top_direction_and_scale_with_block_size():
+    """Rank one, and non-negative data (a dominant mean direction): every block shares K's top
+    right singular vector and the sum is within 1.2x of ||K||^2. Isotropic Gaussian data: about
+    min(R, D)/s, far below ||K||_F^2 = about min(R, D) ||K||^2 / 1.7."""
+    rng = np.random.default_rng(11)
+    u, v = rng.standard_normal(900), rng.standard_normal(60)
+    for K, most in ((np.outer(u, v), 1 + 1e-9), (rng.random((900, 60)), 1.2)):
+        fro2 = float(np.sum(K * K)) * (1 + 1e-12)
+        bound, _, _ = spectral.block_sum_bound(K, fro2, size=10)
+        assert exact_normsq(K) <= bound <= most * exact_normsq(K)
+    K = rng.standard_normal((3000, 200))
+    fro2 = float(np.sum(K * K)) * (1 + 1e-12)
+    exact = exact_normsq(K)
+    for size in (10, 25, 50):
+        bound, _, _ = spectral.block_sum_bound(K, fro2, size=size)
+        assert exact <= bound <= 1.5 * exact * 200 / size and bound < fro2 / 4
+
+
+def test_a_row_scale_of_constant_modulus_is_applied_exactly_without_a_copy():
+    """lin = y_i Sum(A[i, j] x[j]): labels +-c give K = c diag(+-1) A, whose normsq, lmin and
+    rowmax are c^2, c^2 and c times A's (the data are not copied); labels of varying modulus
+    are applied to a copy. Both against brute force."""
+    der = derive(LOGISTIC.logistic)
+    base = LOGISTIC.example_data()
+    rng = np.random.default_rng(12)
+    for labels in (base["y"] * 3.7, base["y"] * 1e-3, base["y"] * rng.uniform(0.5, 2.0, 200)):
+        data = {**base, "y": labels}
+        q = compute_data_quantities(der, data, lazy=False)
+        K = labels[:, None] * data["A"]
+        ev = np.linalg.eigvalsh(K.T @ K)
+        assert ev[-1] <= q["normsq_K1"]["value"] <= ev[-1] * (1 + 1e-9)
+        assert ev[0] * (1 - 1e-9) <= q["lmin_K1"]["value"] <= ev[0]
+        rows = float(np.linalg.norm(K, axis=1).max())
+        assert rows <= q["rowmax_K1"]["value"] <= rows * (1 + 1e-9)
+        constant = np.all(np.abs(labels) == abs(labels[0]))
+        assert ("times the row scale" in q["normsq_K1"]["method"]) == bool(constant)

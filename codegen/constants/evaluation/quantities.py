@@ -24,16 +24,44 @@ UNDERFLOW = 1e-290  # > every absolute error from subnormal results (counts <= 1
 
 
 def _rows_of(raw, scale, data, sizes, der):
-    """K = diag(scale) M for lin = scale_i * Sum(M[i, j]*x[j], j) over all of x: kept sparse."""
+    """(K, f) with K = diag(scale) M / f for lin = scale_i * Sum(M[i, j]*x[j], j) over all of x:
+    kept sparse. A row scale of constant modulus (labels +-1, 1/m) is not applied: then K = M and
+    f = |scale_i|, since diag(scale) M = f diag(+-1) M has the Gram matrix f^2 M^T M and row norms
+    f ||m_i|| (no copy of the data; `scaled_quantities` applies f with its rounding)."""
     M = raw
     if not (M.ndim == 2 and M.shape[1] == int(np.prod([int(concrete(s, sizes)) for s in der.x_shape]))):
         return None
+    size = np.abs(scale)
+    if size.size and np.all(size == size[0]) and 0 < size[0] < math.inf:
+        return (M.astype(np.float64) if hasattr(M, "multiply") else
+                np.asarray(M, dtype=np.float64)), float(size[0])
     K = M.multiply(scale[:, None]).tocsr() if hasattr(M, "multiply") else M * scale[:, None]
-    return K
+    return K, 1.0
+
+
+def scaled_quantities(qs: dict, factor: float) -> dict:
+    """The quantities of f K from those of K (f > 0): normsq and lmin times f^2, rowmax times f,
+    each rounded outward (a product and a square: 3 roundings, relative 4u covers them)."""
+    if factor == 1.0:
+        return qs
+    out = {}
+    for what, q in qs.items():
+        q = dict(q)
+        power = 1 if what == "rowmax" else 2
+        grow = (1 - 4 * U) if what == "lmin" else (1 + 4 * U)
+        q["value"] = q["value"] * factor ** power * grow
+        if what == "lmin":
+            q["value"] = max(0.0, q["value"] - UNDERFLOW)
+        elif what != "normsq:estimate" and q["value"] != 0.0:  # K = 0 stays exactly 0
+            q["value"] += UNDERFLOW
+        q["method"] = f"{q['method']}; times the row scale {factor:.6g} (power {power})"
+        out[what] = q
+    return out
 
 
 def simple_operator(op, der, data, sizes, scalars):
-    """A sparse-friendly path for the common lin = c_i * Sum(M[i, j]*x[j], (j, 0, n - 1))."""
+    """A sparse-friendly path for the common lin = c_i * Sum(M[i, j]*x[j], (j, 0, n - 1)): (K, f)
+    as in `_rows_of`, or None."""
     if len(op.limits) != 1 or op.var != "x" or len(der.x_shape) != 1 or op.reduce:
         return None
     i, lo, hi = op.limits[0]
@@ -77,7 +105,7 @@ def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS) -
     R, D = K.shape
     rowsq = _row_squares(K)
     fro2 = float(rowsq.sum()) * (1 + 2 * (R * D + 2) * U)  # a sum of non-negative terms
-    if not (K.count_nonzero() if hasattr(K, "count_nonzero") else np.any(K)):
+    if not fro2 > 0 and not (K.count_nonzero() if hasattr(K, "count_nonzero") else np.any(K)):
         return {w: {"value": 0.0, "method": "K = 0", "certified": True} for w in needed}
     res = {}
     if not math.isfinite(fro2):  # overflow or non-finite data: only the trivial bounds hold
@@ -132,9 +160,10 @@ def _spectral(K, fro2: float, want_lmin: bool) -> dict:
     """normsq (and lmin) of K by the method of `spectral.method_for` (eigvalsh where lmin is
     wanted and the Gram matrix is formed anyway)."""
     R, D = K.shape
-    method = spectral.method_for(R, D)
+    method = spectral.method_for(R, D, sparse=hasattr(K, "toarray"), want_lmin=want_lmin)
     wide = {"value": 0.0, "certified": True, "wide": True,
             "method": f"exact: K is wide ({R} rows < {D} columns)"}
+    trivial = {"value": 0.0, "certified": True, "method": "trivial lower bound 0", "wide": R < D}
     if method == "nnz":
         cw, passes = spectral.collatz_wielandt(K)
         val, how = (fro2, "||K||_F^2") if fro2 <= cw else (
@@ -143,8 +172,17 @@ def _spectral(K, fro2: float, want_lmin: bool) -> dict:
                            "method": f"{how}, O(nnz): above the Gram limits (min of "
                                      f"||K||_F^2 = {fro2:.6g} and the Collatz-Wielandt bound "
                                      f"{cw:.6g}) + rounding margin"},
-                "lmin": {"value": 0.0, "certified": True, "method": "trivial lower bound 0",
-                         "wide": R < D}}
+                "lmin": trivial}
+    if method == "blocks":
+        bound, blocks, size = spectral.block_sum_bound(K, fro2)
+        how = "||K||_F^2" if fro2 <= bound else (
+            f"sum of ||K_b||^2 over {blocks} blocks of {size} "
+            f"{'rows' if R >= D else 'columns'} (eigvalsh of each block's Gram)")
+        return {"normsq": {"value": min(fro2, bound), "certified": True,
+                           "method": f"{how}: above the Gram limits (min of ||K||_F^2 = "
+                                     f"{fro2:.6g} and the block sum {bound:.6g}) + rounding "
+                                     f"margin"},
+                "lmin": trivial}
     G = K.T @ K if R >= D else K @ K.T
     if hasattr(G, "toarray"):
         G = G.toarray()
@@ -159,8 +197,7 @@ def _spectral(K, fro2: float, want_lmin: bool) -> dict:
                                "method": f"Cholesky certificate of c I - G for the {n}x{n} Gram "
                                          f"matrix (c from a Lanczos estimate {estimate:.6g}, "
                                          f"{tries} factorisation(s)) + margin {margin:.2e}"},
-                    "lmin": wide if R < D else {"value": 0.0, "certified": True,
-                                                "method": "trivial lower bound 0"}}
+                    "lmin": wide if R < D else trivial}
     ev = np.linalg.eigvalsh(G)
     out = {"normsq": {"value": float(ev[-1]) + margin, "certified": True,
                       "method": f"eigvalsh of the {n}x{n} Gram matrix + margin {margin:.2e}"}}
@@ -217,8 +254,10 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
             continue
         shape, var = (der.x_shape, der.x_name) if op.var == "x" else (der.theta_shape, der.theta_name)
         var_shape = tuple(int(concrete(s, sizes)) for s in shape)
-        K = simple_operator(op, der, data, sizes, scalars) if op.block <= 1 else None
-        if K is not None:
+        scaled = simple_operator(op, der, data, sizes, scalars) if op.block <= 1 else None
+        factor = 1.0
+        if scaled is not None:
+            K, factor = scaled
             K3 = None if hasattr(K, "toarray") else K[:, None, :]
         else:
             K, K3 = operator_matrix(op, sizes, scalars, arrays, var, var_shape)
@@ -227,7 +266,7 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
                       "method": "operator too large to form densely: trivial bound"}
                   for w in kinds}
         else:
-            qs = operator_quantities(K, K3, estimates, kinds)
+            qs = scaled_quantities(operator_quantities(K, K3, estimates, kinds), factor)
         for what, q in qs.items():
             key = f"{what}_{name}" if ":" not in what else f"normsq_{name}:estimate"
             q = dict(q)
