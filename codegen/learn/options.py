@@ -290,7 +290,8 @@ class QuasiNewtonOptions(CommonOptions):
                    curvature the steps have met: F to about seven digits by default;
     gtol           or once the certified ||grad F|| <= ||h|| + bound <= gtol;
     memory         curvature pairs kept; armijo the sufficient-decrease constant;
-    grad_rtol      every hypergradient is solved until bound <= grad_rtol ||h||;
+    grad_rtol      every hypergradient is solved until bound <= grad_rtol ||h|| (0.25: -h and
+                   the L-BFGS direction stay certified descent directions with a margin);
     value_share    the certified value errors of the two points compared take at most this
                    share of the decrease the line search tests;
     first_step     length of the first trial move in theta (default: 1, or ||h|| if smaller);
@@ -302,7 +303,7 @@ class QuasiNewtonOptions(CommonOptions):
     gtol: float = 0.0
     memory: int = 10
     armijo: float = 1e-4
-    grad_rtol: float = 0.1
+    grad_rtol: float = 0.25
     value_share: float = 0.25
     first_step: float | None = None
     max_backtracks: int = 12

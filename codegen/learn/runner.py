@@ -26,6 +26,9 @@ __all__ = ["StopRun", "Runner", "value_error_bound", "short_theta", "progress_ba
 
 #: Distinct non-"ok" hypergradient statuses kept in the result's notes.
 MAX_NOTES = 20
+#: The warm start is extrapolated along the last step when the new step is this aligned with it
+#: (|cos| >= ALIGNED) and at most MAX_EXTRAPOLATION times as long (`Runner.predicted`).
+ALIGNED, MAX_EXTRAPOLATION = 0.9, 4.0
 
 
 class StopRun(Exception):
@@ -98,6 +101,7 @@ class Runner:
         self.iterations = 0
         self.x: Any = None             # warm start: an array, or a list per sample
         self.q: Any = None
+        self.trail: list[tuple[np.ndarray, Any, Any]] = []   # (theta, x, q) of the last points
         self.history: list[dict[str, Any]] = []
         self.best: tuple[np.ndarray, dict[str, Any]] | None = None
         self.best_score = (math.inf, math.inf)
@@ -149,8 +153,9 @@ class Runner:
         when warm_adjoint); with rtol (and atol), solved until bound <= atol + rtol ||h||."""
         self.check()
         o = self.options
-        q0 = self.q if self.warm_adjoint else None
-        kw = dict(lower=o.lower, adjoint=o.adjoint, eps=eps, delta=delta, x0=self.x, q0=q0,
+        x0, q0 = self.predicted(theta)
+        q0 = q0 if self.warm_adjoint else None
+        kw = dict(lower=o.lower, adjoint=o.adjoint, eps=eps, delta=delta, x0=x0, q0=q0,
                   max_iter=self.cap(), refine_iter=o.refine, rtol=rtol, atol=atol)
         try:
             hg = (self.sample_hypergradient(theta, kw) if self.multi
@@ -167,7 +172,8 @@ class Runner:
         if not hg.usable:
             raise StopRun(OptimizeStatus.FAILED, f"no usable hypergradient at theta = "
                                                  f"{short_theta(theta)}: {hg.status}")
-        self._keep_warm(hg)
+        if self._keep_warm(hg):
+            self._extend_trail(theta)
         return hg
 
     def sample_hypergradient(self, theta: np.ndarray, kw: dict[str, Any]) -> Any:
@@ -178,13 +184,49 @@ class Runner:
             return method(theta, **kw)
         return hypergradient_samples(self.kernels, theta, **kw)
 
-    def _keep_warm(self, hg: Any) -> None:
+    def _keep_warm(self, hg: Any) -> bool:
+        """Keep hg's x (and q) as the next warm start; whether both were finite and kept."""
         xs = hg.x if self.multi else [hg.x]
-        if all(x is not None and np.all(np.isfinite(x)) for x in xs):
+        kept = all(x is not None and np.all(np.isfinite(x)) for x in xs)
+        if kept:
             self.x = [np.array(x) for x in xs] if self.multi else np.array(hg.x)
         qs = hg.q if self.multi else [hg.q]
         if all(q is not None and np.all(np.isfinite(q)) for q in qs):
             self.q = [np.array(q) for q in qs] if self.multi else np.array(hg.q)
+        else:
+            kept = False
+        return kept
+
+    def _extend_trail(self, theta: np.ndarray) -> None:
+        """Keep (theta, x, q) of the last two distinct thetas solved at (`predicted`)."""
+        th = np.array(theta, dtype=float)
+        if self.trail and np.array_equal(self.trail[-1][0], th):
+            self.trail.pop()
+        self.trail = (self.trail + [(th, self.x, self.q)])[-2:]
+
+    def predicted(self, theta: np.ndarray) -> tuple[Any, Any]:
+        """Warm starts of x and q at theta: the last solution, moved along the secant of the
+        last two points solved at when theta lies (nearly) on their line,
+        x(theta) ~ x_b + c (x_b - x_a) with c = (theta - theta_b).s / s.s, s = theta_b - theta_a
+        (first order in the step where the last solution alone is zeroth order; exact for a
+        scalar theta up to the secant's error). Only a starting point: every solve certifies
+        its own result from wherever it starts. A method that reset x (a failed trial) gets its
+        own x back unchanged."""
+        if len(self.trail) < 2 or self.x is None or self.trail[-1][1] is not self.x:
+            return self.x, self.q
+        (th_a, x_a, q_a), (th_b, x_b, q_b) = self.trail
+        s, step = th_b - th_a, np.asarray(theta, dtype=float) - th_b
+        ss, along = float(s @ s), float(step @ s)
+        if ss == 0 or abs(along) < ALIGNED * float(np.linalg.norm(step)) * math.sqrt(ss) \
+                or abs(along) > MAX_EXTRAPOLATION * ss:
+            return self.x, self.q
+        c = along / ss
+
+        def moved(b: Any, a: Any) -> Any:
+            if self.multi:
+                return [vb + c * (vb - va) for vb, va in zip(b, a)]
+            return b + c * (b - a)
+        return moved(x_b, x_a), (moved(q_b, q_a) if q_b is self.q else self.q)
 
     def value_error(self, hg: Any) -> float:
         """Certified bound on |f(x_eps) - f(x*)| (mean over samples) with e the certified
