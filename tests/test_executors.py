@@ -303,3 +303,42 @@ def test_a_samples_own_error_is_the_serial_one(problems, bound):
         if executor != "serial" and sys.version_info >= (3, 11):
             assert "(sample 2, computed on a worker)" in info.value.__notes__
     assert messages == {"x0 has 7 entries, the problem has x_size = 3"}
+
+
+def test_large_tasks_and_results_flow_with_requests_pipelined(problems):
+    """Two requests per worker may be outstanding (executors.PIPELINE_DEPTH), but one larger
+    than AHEAD_BYTES waits for an idle worker: 8 samples of 256 x 256 with explicit x0 and q0
+    (1 MB per task, 1.5 MB per result) complete with the serial bits. Sent ahead to a busy
+    worker, such a task blocks the parent's write while the worker blocks writing its result
+    (measured: the call hangs with AHEAD_BYTES unlimited; the alarm turns that into a failure).
+    The warm call after them (600-byte tasks) goes two ahead, with the serial bits too."""
+    import signal
+
+    from codegen.runtime.executors import AHEAD_BYTES, PIPELINE_DEPTH
+
+    def hung(signum, frame):
+        raise TimeoutError("the executor's call blocked (parent and worker both writing?)")
+
+    assert PIPELINE_DEPTH >= 2
+    module, _, theta = problems["tv2d"]
+    data = [load_example("tv2d").namespace["example_data"](seed=s, h=256, w=256)
+            for s in range(8)]
+    serial = module.bind_samples(data)
+    first = serial.hypergradient(theta)
+    x0 = [x + 1e-3 for x in first.x]  # not what any worker holds: every task carries arrays
+    want = serial.hypergradient(theta + 0.1, x0=x0, q0=first.q)
+    warm_want = serial.hypergradient(theta + 0.2, x0=want.x, q0=want.q)
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        with module.bind_samples(data, executor="processes", workers=2) as prob:
+            prob.hypergradient(theta)
+            got = prob.hypergradient(theta + 0.1, x0=x0, q0=first.q)
+            assert prob.executor.warm_count == 0 and x0[0].nbytes > AHEAD_BYTES
+            assert _bits(got) == _bits(want)
+            warm = prob.hypergradient(theta + 0.2, x0=got.x, q0=got.q)
+            assert prob.executor.warm_count == 8
+            assert _bits(warm) == _bits(warm_want)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -202,22 +202,40 @@ def _start_context() -> Any:
     return context
 
 
+#: Requests one worker may have outstanding (sent, reply not read yet): with 2, the next task
+#: already waits in the worker's pipe when it sends a reply, so it does not sit idle while the
+#: parent reads the reply (a 128 x 128 tv2d result is 395 KB) and sends the next request.
+PIPELINE_DEPTH = 2
+
+#: The largest request sent while another is outstanding. A worker reads requests only between
+#: tasks and the parent reads replies only between its sends, so a request larger than the
+#: socket's buffer (about 200 KB on Linux) sent to a busy worker could block both sides, each
+#: writing while the other writes: install requests and tasks with explicit x0 / q0 wait until
+#: their worker is idle. A task with the warm start held is about 600 bytes.
+AHEAD_BYTES = 16 * 1024
+
+
 @dataclass
 class _Item:
-    """A request queued for one worker process: install samples, or run one task."""
+    """A request queued for one worker process: install samples, or run one task; `request`
+    holds its pickled bytes once made (kept while it waits for an idle worker)."""
 
     kind: str  # "install" | "run" | "stale" (a reply to drop: its call was interrupted)
     samples: list[int]
     task: SampleTask | None = None
     full: SampleTask | None = None
+    request: bytes | None = None
 
 
 @dataclass
 class _Process:
+    """One worker process: its queue of requests to send, and `sent`, the requests sent whose
+    replies are still to be read (in order: a worker answers its requests one by one)."""
+
     process: Any
     connection: Connection
     queue: deque[_Item] = field(default_factory=deque)
-    busy: _Item | None = None
+    sent: deque[_Item] = field(default_factory=deque)
     alive: bool = True
 
 
@@ -225,7 +243,7 @@ class ProcessBackend:
     """A pool of local worker processes (forked from a server process that imported hypergen,
     or spawned; each loads the module from its directory). Sample s lives on worker s mod n,
     and moves only when its worker dies. Requests to one worker go one at a time, in order,
-    over its own pipe."""
+    over its own pipe, up to PIPELINE_DEPTH of them outstanding."""
 
     def __init__(self, count: int):
         context = _start_context()
@@ -275,23 +293,19 @@ class ProcessBackend:
         except BaseException:
             for worker in self.workers:
                 worker.queue.clear()
-                if worker.busy is not None:
-                    worker.busy = _Item("stale", worker.busy.samples)
+                worker.sent = deque(_Item("stale", item.samples) for item in worker.sent)
             raise
 
     def _exchange(self, results: dict[int, HypergradientResult]) -> None:
-        """Send each worker its queue one request at a time until every queue is empty;
-        move the requests of a worker that died; raise the first sample's error."""
+        """Send each worker its queue, up to PIPELINE_DEPTH requests outstanding, until every
+        queue is empty; move the requests of a worker that died; raise the first sample's
+        error."""
         errors: dict[int, BaseException] = {}
         attempts: dict[int, int] = {}
         while True:
             for worker in self.workers:
-                if worker.alive and worker.busy is None and worker.queue:
-                    item = worker.queue.popleft()
-                    if errors and item.kind == "run":
-                        continue  # a sample failed: the call raises; do not start more
-                    self._send(worker, item, attempts, errors)
-            busy = [w for w in self.workers if w.busy is not None]
+                self._fill(worker, attempts, errors)
+            busy = [w for w in self.workers if w.sent]
             if not busy:
                 break
             ready = wait([w.connection for w in busy] + [w.process.sentinel for w in busy])
@@ -301,29 +315,37 @@ class ProcessBackend:
         if errors:
             raise first_error(errors)
 
-    def _send(self, worker: _Process, item: _Item, attempts: dict[int, int],
+    def _fill(self, worker: _Process, attempts: dict[int, int],
               errors: dict[int, BaseException]) -> None:
-        if item.kind == "install":
-            payload: Any = (self.module, [self.items[s] for s in item.samples])
-        else:
-            payload = item.task
-        worker.busy = item
-        try:
-            worker.connection.send_bytes(pickle.dumps((item.kind, payload),
-                                                      pickle.HIGHEST_PROTOCOL))
-        except (OSError, EOFError):
-            self._lost(worker, attempts, errors)
+        """Send the worker's queued requests while fewer than PIPELINE_DEPTH are outstanding;
+        one larger than AHEAD_BYTES waits until the worker has none outstanding."""
+        while worker.alive and worker.queue and len(worker.sent) < PIPELINE_DEPTH:
+            item = worker.queue[0]
+            if errors and item.kind == "run":
+                worker.queue.popleft()  # a sample failed: the call raises; do not start more
+                continue
+            if item.request is None:
+                payload: Any = ((self.module, [self.items[s] for s in item.samples])
+                                if item.kind == "install" else item.task)
+                item.request = pickle.dumps((item.kind, payload), pickle.HIGHEST_PROTOCOL)
+            if worker.sent and len(item.request) > AHEAD_BYTES:
+                return
+            worker.queue.popleft()
+            worker.sent.append(item)
+            try:
+                worker.connection.send_bytes(item.request)
+            except (OSError, EOFError):
+                self._lost(worker, attempts, errors)
+                return
 
     def _receive(self, worker: _Process, results: dict[int, HypergradientResult],
                  attempts: dict[int, int], errors: dict[int, BaseException]) -> None:
-        item = worker.busy
-        assert item is not None
         try:
             status, value = pickle.loads(worker.connection.recv_bytes())
         except (OSError, EOFError):
             self._lost(worker, attempts, errors)
             return
-        worker.busy = None
+        item = worker.sent.popleft()
         if item.kind == "stale":
             return
         if status == "ok":
@@ -344,8 +366,8 @@ class ProcessBackend:
               errors: dict[int, BaseException]) -> None:
         """worker died: its requests go to the live workers, from explicit arrays."""
         worker.alive = False
-        pending = ([worker.busy] if worker.busy is not None else []) + list(worker.queue)
-        worker.busy, worker.queue = None, deque()
+        pending = list(worker.sent) + list(worker.queue)
+        worker.sent, worker.queue = deque(), deque()
         live = [p for p, w in enumerate(self.workers) if w.alive]
         runs = [item for item in pending if item.kind == "run"]
         dead = self.workers.index(worker)
