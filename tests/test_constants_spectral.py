@@ -56,7 +56,7 @@ def test_every_method_bounds_the_exact_norm(name, K, monkeypatch):
         monkeypatch.setattr(spectral, "EIGH_SIDE_LIMIT", limits[0])
         monkeypatch.setattr(spectral, "CHOLESKY_SIDE_LIMIT", limits[1])
         monkeypatch.setattr(spectral, "GRAM_FLOP_LIMIT", limits[2])
-        monkeypatch.setattr(spectral, "BLOCK_ROWS_MAX", 7)  # several blocks, a ragged last one
+        monkeypatch.setattr(spectral, "BLOCK_ROWS", 7)  # several blocks, a ragged last one
         for form in (K, sps.csr_matrix(K)):
             q = quantities.operator_quantities(form, None if hasattr(form, "toarray")
                                                else form[:, None, :], needed=("normsq",))
@@ -119,7 +119,7 @@ def test_method_thresholds():
     assert spectral.method_for(20000, 2000, want_lmin=True) == "cholesky"
     assert spectral.method_for(20000, 900, want_lmin=True) == "eigvalsh"
     assert spectral.method_for(10**6, 1500, want_lmin=True) == "blocks"
-    assert spectral.block_rows(20000, 2000) == int(spectral.BLOCK_FLOP_BUDGET // 4e7) == 25
+    assert spectral.block_rows(20000, 2000) == spectral.block_rows(10**6, 2000) == 32
     assert spectral.block_rows(30, 20) == 20  # never more rows than the short side
 
 
@@ -190,7 +190,7 @@ def test_the_threshold_switches_the_bind_and_every_constant_stays_an_upper_bound
     sharp = evaluate(der, [-1.0], compute_data_quantities(der, data))
     monkeypatch.setattr(spectral, "EIGH_SIDE_LIMIT", 0)
     monkeypatch.setattr(spectral, "GRAM_FLOP_LIMIT", 0.0)
-    monkeypatch.setattr(spectral, "BLOCK_ROWS_MAX", 4)
+    monkeypatch.setattr(spectral, "BLOCK_ROWS", 4)
     q = compute_data_quantities(der, data)
     for key in ("normsq_K1", "normsq_K2"):
         assert ("O(nnz)" if sparse else "blocks of 4 rows") in q[key]["method"], q[key]["method"]
