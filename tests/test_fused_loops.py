@@ -161,6 +161,55 @@ def test_fused_cg_stops_as_krylov_cg(build_dir):
     assert fused_cg(loops, x, th, b, tol=1e3, min_iter=3).iterations == 3
 
 
+def _spd(n, cond, seed):
+    """A symmetric positive definite n x n matrix with eigenvalues geomspace(1, cond, n)."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (Q * np.geomspace(1.0, cond, n)) @ Q.T
+    return (A + A.T) / 2, rng.standard_normal(n)
+
+
+@pytest.mark.parametrize("n,cond", [(12, 10.0), (40, 1e3), (60, 1e5)])
+def test_gauss_radau_estimate_bounds_the_energy_error_of_cg(n, cond):
+    """krylov.cg's Gauss-Radau estimate at every iterate against the true ||x_k - x*||_A (x* by
+    a dense solve): above it (mu <= lambda_min: an upper bound in exact arithmetic), within a
+    factor that shrinks as mu approaches lambda_min, and nan without a mu."""
+    A, b = _spd(n, cond, n)
+    x_star = np.linalg.solve(A, b)
+    for mu, worst in ((0.999, 4.0), (0.5, 6.0)):
+        for k in range(0, n, 3):
+            run = cg(lambda v: A @ v, b, max_iter=k, mu=mu)
+            e = run.x - x_star
+            true = float(np.sqrt(e @ A @ e))
+            if true < 1e-9 * np.linalg.norm(x_star):  # converged to rounding: nothing to estimate
+                continue
+            assert true * (1 - 1e-8) <= run.energy_error <= worst * true, (mu, k)
+    assert np.isnan(cg(lambda v: A @ v, b, max_iter=3).energy_error)
+
+
+def test_fused_cg_tracks_the_same_energy_estimate(build_dir):
+    """The fused CG's Gauss-Radau recurrence against krylov.cg's on the logistic Hessian, and
+    both against the true energy-norm error (A = the dense Hessian, mu the certified constant);
+    the solvers report it on their results, next to (not instead of) the certificate."""
+    prob, th = bound_problem("logistic", build_dir)
+    x = exact_solution(prob, th)
+    b = prob.upper_grad(x, th)
+    A = prob.lower_hessian(x, th)
+    q_star = np.linalg.solve(A, b)
+    mu = checked_constants(prob, th)["mu"]
+    for k in (1, 3, 6):
+        fused = fused_cg(loops_for(prob), x, th, b, tol=0.0, max_iter=k, mu=mu)
+        python = cg(hvp_at(prob, x, th), b, tol=0.0, max_iter=k, mu=mu)
+        assert fused.energy_error == pytest.approx(python.energy_error, rel=1e-8)
+        e = fused.x - q_star
+        assert np.sqrt(e @ A @ e) <= fused.energy_error * (1 + 1e-8)
+    adj = solve_adjoint(prob, x, th, solver="cg", delta=1e-4)
+    e = adj.q - q_star
+    assert np.sqrt(e @ A @ e) <= adj.energy_error_estimate <= adj.residual / np.sqrt(mu) * 1.01
+    low = solve_lower(bound_problem("ridge", build_dir)[0], th, solver="cg", tol=1e-6)
+    assert low.energy_error_estimate > 0 and np.isfinite(low.energy_error_estimate)
+
+
 @pytest.mark.parametrize("solver", ["cg", "fista", "gd"])
 def test_capped_runs_stop_alike(solver, build_dir):
     prob, th = bound_problem("ridge", build_dir)
@@ -251,15 +300,15 @@ def _driver(name, meta, sizes, data):
               f"    double start[{n_x}];",
               f"    for (int k = 0; k < {n_x}; ++k) start[k] = 0.1;",
               "    int failures = 0;"]
-    controls = {"loop_cg": ("1e-300, 1.0, 40.0, 0.0, 1.0", 6),
-                "loop_fista": ("1e-300, 1e-3, 1e-2, 1e-1, 40.0", 8),
-                "loop_descent": ("1e-300, 1e-3, 1e-2, 0.5, 40.0", 7)}
-    for loop, (ctl, info) in controls.items():
+    controls = {"loop_cg": ("1e-300, 1.0, 40.0, 0.0, 1.0, 1e-3", 6, 7),
+                "loop_fista": ("1e-300, 1e-3, 1e-2, 1e-1, 40.0", 5, 8),
+                "loop_descent": ("1e-300, 1e-3, 1e-2, 0.5, 40.0", 5, 7)}
+    for loop, (ctl, n_ctl, info) in controls.items():
         lines += ["    {",
                   f"        double *v0 = exact(start, {n_x}), *v1 = exact(start, {n_x}),"
                   f" *v2 = exact(start, {n_x});",
                   f"        static const double c[] = {{{ctl}}};",
-                  "        double *ctl = exact(c, 5);",
+                  f"        double *ctl = exact(c, {n_ctl});",
                   f"        double *info = malloc(sizeof(double) * {info});",
                   "        double *work = malloc(sizeof(double) * (size_t)work_count);",
                   f"        int status = {prefix}_{loop}({', '.join(fixed)}, v0, v1, v2, ctl, info, work);",

@@ -13,6 +13,7 @@ costs far more than the Python around it, and Ctrl-C should reach the loop betwe
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..errors import KernelError
 from .common import hvp_at
-from .krylov import CGResult, cg
+from .krylov import CGResult, cg, energy_estimate
 from .results import Status
 
 __all__ = ["FUSED_MAX_SIZE", "FusedLoops", "loops_for", "fused_cg", "cg_at", "count", "contiguous",
@@ -142,9 +143,10 @@ class _CGMessage:
 def fused_cg(loops: FusedLoops, x_at: np.ndarray, theta: np.ndarray, b: np.ndarray,
              x0: np.ndarray | None = None, *, residual: np.ndarray | None = None,
              tol: float = 0.0, scale: float = 1.0, max_iter: int = 10_000, min_iter: int = 0,
-             diverge_from: float | None = None) -> CGResult:
+             diverge_from: float | None = None, mu: float | None = None) -> CGResult:
     """`krylov.cg` on A(x_at) u = b, A the lower Hessian, in one C call: the same steps and
-    stopping tests (x0 = None starts from 0 with residual b; a given x0 needs its residual)."""
+    stopping tests (x0 = None starts from 0 with residual b; a given x0 needs its residual),
+    and with mu the same Gauss-Radau energy-norm estimate."""
     if x0 is None:
         u, s = np.zeros(loops.x_size), contiguous(b).copy()
     elif residual is None:
@@ -152,11 +154,14 @@ def fused_cg(loops: FusedLoops, x_at: np.ndarray, theta: np.ndarray, b: np.ndarr
     else:
         u, s = contiguous(x0).copy(), contiguous(residual).copy()
     diverge = -1.0 if diverge_from is None else float(diverge_from)
+    node = float(mu) if mu is not None and 0.0 < mu < math.inf else -1.0
     info = loops.run("loop_cg", contiguous(theta), [contiguous(x_at), u, s],
-                     [tol, scale, count(max_iter), count(min_iter), diverge])
+                     [tol, scale, count(max_iter), count(min_iter), diverge, node])
     status = LOOP_STATUSES[int(info[0])]
     message = _CGMessage(status, int(info[4]), float(info[5]), diverge).text()
-    return CGResult(u, s, float(info[3]), int(info[1]), int(info[2]), status, message)
+    ss = float(info[3])
+    energy = energy_estimate((float(info[6]), node) if node > 0 else None, ss)
+    return CGResult(u, s, ss, int(info[1]), int(info[2]), status, message, energy)
 
 
 def cg_at(k: Any, x: np.ndarray, theta: np.ndarray, b: np.ndarray, *, tol: float = 0.0,

@@ -18,7 +18,7 @@ import numpy as np
 from .common import DIVERGENCE_FACTOR, MatVec, all_finite, call_kernel, dot
 from .results import Status
 
-__all__ = ["CGResult", "cg"]
+__all__ = ["CGResult", "cg", "gauss_radau_start", "gauss_radau_step", "energy_estimate"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,7 +28,9 @@ class CGResult:
     x           the iterate; residual the recursive residual b - A x there (not recomputed);
     rr          residual . residual; iterations steps taken; matvecs products with A;
     status      CONVERGED (||residual|| / scale <= tol), CAPPED, DIVERGED, NON_FINITE, NOT_SPD;
-    message     why, for the last three.
+    message     why, for the last three;
+    energy_error  the Gauss-Radau estimate of ||x - A^{-1} b||_A (`energy_estimate`; nan without
+                a mu). In exact arithmetic an upper bound; in floating point an estimate only.
     """
 
     x: np.ndarray
@@ -38,6 +40,7 @@ class CGResult:
     matvecs: int
     status: Status
     message: str = ""
+    energy_error: float = math.nan
 
     @property
     def residual_norm(self) -> float:
@@ -47,14 +50,15 @@ class CGResult:
 def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
        residual: np.ndarray | None = None, tol: float = 0.0, scale: float = 1.0,
        max_iter: int = 10_000, min_iter: int = 0, diverge_from: float | None = None,
-       history: list[Any] | None = None) -> CGResult:
+       history: list[Any] | None = None, mu: float | None = None) -> CGResult:
     """Conjugate gradients for A x = b, A = matvec symmetric positive definite.
 
     x0 = None starts from 0 (residual b, no product); a given x0 costs one product for its
     residual unless `residual` (b - A x0) is passed. Before each step the test
     ||s|| / scale <= tol (or s = 0) is made, once `min_iter` steps are done; `max_iter` caps the
     steps; with `diverge_from`, ||s|| > DIVERGENCE_FACTOR * diverge_from is "diverged".
-    `history` (a list) receives ||s|| / scale after every step.
+    `history` (a list) receives ||s|| / scale after every step. `mu` (0 < mu <= the smallest
+    eigenvalue of A) turns on the Gauss-Radau energy-norm estimate (`CGResult.energy_error`).
     """
     matvecs = 0
     x = np.zeros_like(b) if x0 is None else x0
@@ -70,31 +74,67 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
     d = s.copy()
     ss = dot(s, s)
     it = 0
+    radau = gauss_radau_start(mu)
+
+    def result(status: Status, message: str = "") -> CGResult:
+        return CGResult(x, s, ss, it, matvecs, status, message, energy_estimate(radau, ss))
+
     while True:
         rn = math.sqrt(ss)
         if (rn / scale <= tol or rn == 0.0) and it >= min_iter:
-            return CGResult(x, s, ss, it, matvecs, Status.CONVERGED)
+            return result(Status.CONVERGED)
         if it >= max_iter:
-            return CGResult(x, s, ss, it, matvecs, Status.CAPPED)
+            return result(Status.CAPPED)
         if diverge_from is not None and rn > DIVERGENCE_FACTOR * max(diverge_from, 1e-300):
-            return CGResult(x, s, ss, it, matvecs, Status.DIVERGED,
-                            f"residual grew from {diverge_from:.3g} to {rn:.3g}")
+            return result(Status.DIVERGED, f"residual grew from {diverge_from:.3g} to {rn:.3g}")
         Ad, msg = call_kernel(matvec, d)
         matvecs += 1
         dAd, status, msg = _curvature(Ad, d, msg)
         if status is not None or Ad is None:
-            return CGResult(x, s, ss, it, matvecs, status or Status.NON_FINITE, msg)
+            return result(status or Status.NON_FINITE, msg)
         alpha = ss / dAd
         x_new, s_new = x + alpha * d, s - alpha * Ad
         if not all_finite(x_new, s_new):
-            return CGResult(x, s, ss, it, matvecs, Status.NON_FINITE, "non-finite CG iterate")
+            return result(Status.NON_FINITE, "non-finite CG iterate")
         ss_new = dot(s_new, s_new)
         x, s = x_new, s_new
         d = s + (ss_new / ss) * d if ss > 0 else s.copy()
+        if radau is not None:
+            radau = gauss_radau_step(radau, alpha, ss_new / ss if ss > 0 else 0.0)
         ss = ss_new
         it += 1
         if history is not None:
             history.append(math.sqrt(ss) / scale)
+
+
+def gauss_radau_start(mu: float | None) -> tuple[float, float] | None:
+    """The Gauss-Radau state (alpha_mu, mu) before CG's first step: alpha_mu = 1/mu; None
+    without a usable mu (then no estimate)."""
+    if mu is None or not (0.0 < mu < math.inf):
+        return None
+    return 1.0 / mu, mu
+
+
+def gauss_radau_step(state: tuple[float, float], alpha: float,
+                     delta: float) -> tuple[float, float]:
+    """The state after a CG step of length alpha with delta = ||s_new||^2 / ||s||^2:
+    alpha_mu <- (alpha_mu - alpha) / (mu (alpha_mu - alpha) + delta), the recurrence of Meurant
+    and Tichy's CGQ algorithm for the Gauss-Radau rule with its node prescribed at mu."""
+    alpha_mu, mu = state
+    gap = alpha_mu - alpha
+    denominator = mu * gap + delta
+    return (gap / denominator if denominator > 0.0 else math.nan), mu
+
+
+def energy_estimate(state: tuple[float, float] | None, ss: float) -> float:
+    """sqrt(alpha_mu ||s||^2): the Gauss-Radau estimate of ||x - x*||_A at the current iterate
+    (an upper bound in exact arithmetic when mu <= lambda_min(A)); nan when there is none."""
+    if state is None:
+        return math.nan
+    if ss == 0.0:
+        return 0.0  # x solves A x = b (in exact arithmetic)
+    value = state[0] * ss
+    return math.sqrt(value) if value >= 0.0 and math.isfinite(value) else math.nan
 
 
 def _curvature(Ad: np.ndarray | None, d: np.ndarray,

@@ -96,7 +96,10 @@ class LowerResult:
     segments   CG restart segments (residual replacement);
     step       the step parameters used (gd/hb: a, b; fista: tau, q);
     history    per-iteration G/mu (CG: recursive residual / mu) when record=True;
-    trajectory the iterates x_0..x_K when stored for backprop (O(K d) memory).
+    trajectory the iterates x_0..x_K when stored for backprop (O(K d) memory);
+    energy_error_estimate  cg only: the Gauss-Radau estimate of ||x - x*||_A from the last CG
+               segment's coefficients (docs/solvers.md 6). An exact-arithmetic estimate, NOT a
+               certificate (that is `bound`); nan when no CG step ran.
     """
 
     x: np.ndarray
@@ -118,6 +121,7 @@ class LowerResult:
     history: list[Any] | None = None
     trajectory: list[Any] | None = None
     message: str = ""
+    energy_error_estimate: float = math.nan
 
     @property
     def work(self) -> int:
@@ -159,7 +163,10 @@ class AdjointResult:
     work       HVPs (n_hvp); n_cross counts cross VJPs done here ("backprop" only);
     apriori    a priori residual bound delta_k from the rate (docs/framework.md 5) with the
                actual ||r_0||; apriori_rigorous False for HB;
-    h_cross    "backprop" only: the accumulated -sum_k a B(x_k)^T xt_{k+1}.
+    h_cross    "backprop" only: the accumulated -sum_k a B(x_k)^T xt_{k+1};
+    energy_error_estimate  cg only: the Gauss-Radau estimate of ||q - A^{-1} grad f||_A from the
+               last CG segment's coefficients (docs/solvers.md 6). An exact-arithmetic
+               estimate, NOT a certificate (that is `bound`); nan when no CG step ran.
     """
 
     q: np.ndarray
@@ -179,6 +186,7 @@ class AdjointResult:
     history: list[Any] | None = None
     h_cross: np.ndarray | None = None
     message: str = ""
+    energy_error_estimate: float = math.nan
 
     @property
     def work(self) -> int:

@@ -40,8 +40,8 @@ LOOP_REASON = {"none": 0, "kernel": 1, "iterate": 2, "curvature": 3}
 #: (name, doc, vectors of the loop's own in `work`, its vector parameters as (ctype, name)).
 LOOPS = (
     ("loop_cg", "CG on A(xh) u = b from u with residual s = b - A u (both updated in place); "
-     "ctl = [tol, scale, max_iter, min_iter, diverge_from (< 0: none)]; "
-     "info = [status, iterations, matvecs, s.s, reason, value]", 2,
+     "ctl = [tol, scale, max_iter, min_iter, diverge_from (< 0: none), mu (<= 0: none)]; "
+     "info = [status, iterations, matvecs, s.s, reason, value, alpha_mu (Gauss-Radau)]", 2,
      (("const double *restrict", "hg_xh"), ("double *restrict", "hg_u"), ("double *restrict", "hg_s"))),
     ("loop_fista", "strongly convex FISTA from x0: the last z with a finite gradient into z, "
      "its gradient into g; ctl = [tol, mu, tau, q, max_iter]; "

@@ -45,6 +45,7 @@ class _Run:
     min_iter: int
     n_hvp: int
     history: list[Any] | None
+    energy_error: float = math.nan  # the last CG segment's Gauss-Radau estimate at q
 
 
 def solve_cg(task: AdjointTask) -> AdjointResult:
@@ -106,7 +107,7 @@ def _solve(task: AdjointTask, solver: str, iterate: Iterate) -> AdjointResult:
     return AdjointResult(q=run.q, residual=R, iterations=it, status=status, solver=solver,
                          delta=delta, mu=mu, n_hvp=run.n_hvp, r0=r0, zero_trap=trap,
                          apriori=apriori, apriori_rigorous=rigorous, segments=segments,
-                         history=run.history, message=msg)
+                         history=run.history, message=msg, energy_error_estimate=run.energy_error)
 
 
 def _cg_segments(task: AdjointTask, run: _Run) -> tuple[Status, float, str, int, int]:
@@ -114,18 +115,19 @@ def _cg_segments(task: AdjointTask, run: _Run) -> tuple[Status, float, str, int,
     iterations, segments)."""
     it, segments, s = 0, 1, -run.r
     loops = loops_for(task.k) if run.history is None else None
+    mu = task.constants["mu"]
     while True:
         if loops is not None:  # the same CG in one C call
             out = fused_cg(loops, task.x, task.theta, task.b, run.q, residual=s,
                            tol=task.delta, max_iter=task.max_iter - it,
-                           min_iter=max(run.min_iter - it, 0), diverge_from=run.r0)
+                           min_iter=max(run.min_iter - it, 0), diverge_from=run.r0, mu=mu)
         else:
             out = cg(run.hvp, task.b, run.q, residual=s, tol=task.delta,
                      max_iter=task.max_iter - it, min_iter=max(run.min_iter - it, 0),
-                     diverge_from=run.r0, history=run.history)
+                     diverge_from=run.r0, history=run.history, mu=mu)
         run.n_hvp += out.matvecs
         it += out.iterations
-        run.q = out.x
+        run.q, run.energy_error = out.x, out.energy_error
         if out.status is not Status.CONVERGED:
             return out.status, math.nan, out.message, it, segments
         status, R, msg, rt = _check(task, run)

@@ -33,17 +33,18 @@ def solve_cg(task: LowerTask) -> LowerResult:
     g_true = True  # does g hold the true gradient at x?
     loops = loops_for(k) if hist is None else None
     status, msg = (Status.CONVERGED if gn / mu <= tol else None), ""
+    energy = math.nan  # the last segment's Gauss-Radau estimate of ||x - x*||_A
     while status is None:
         # the Hessian is constant: the segment's first x serves for all its products
         if loops is not None:  # the same CG in one C call
             run = fused_cg(loops, x, th, -g, x, residual=-g, tol=tol, scale=mu,
-                           max_iter=task.max_iter - it)
+                           max_iter=task.max_iter - it, mu=mu)
         else:
             run = cg(partial(k.lower_hvp, x, th), -g, x, residual=-g, tol=tol, scale=mu,
-                     max_iter=task.max_iter - it, history=hist)
+                     max_iter=task.max_iter - it, history=hist, mu=mu)
         n_hvp += run.matvecs
         it += run.iterations
-        x, g_true = run.x, run.iterations == 0 and g_true
+        x, g_true, energy = run.x, run.iterations == 0 and g_true, run.energy_error
         if run.status is not Status.CONVERGED:
             status, msg = run.status, run.message
             break
@@ -70,7 +71,8 @@ def solve_cg(task: LowerTask) -> LowerResult:
     return LowerResult(x=x, grad=g, bound=gn / mu, iterations=it, status=status, solver="cg",
                        tol=tol, mu=mu, L=L, n_grad=n_grad, n_hvp=n_hvp,
                        initial_bound=gn0 / mu, apriori=_apriori(gn0 / mu, it, segments, mu, L),
-                       segments=segments, history=hist, message=msg)
+                       segments=segments, history=hist, message=msg,
+                       energy_error_estimate=energy)
 
 
 def _apriori(e0: float, K: int, segments: int, mu: float, L: float) -> float:
