@@ -310,13 +310,18 @@ def test_large_tasks_and_results_flow_with_requests_pipelined(problems):
     than AHEAD_BYTES waits for an idle worker: 8 samples of 256 x 256 with explicit x0 and q0
     (1 MB per task, 1.5 MB per result) complete with the serial bits. Sent ahead to a busy
     worker, such a task blocks the parent's write while the worker blocks writing its result
-    (measured: the call hangs with AHEAD_BYTES unlimited; the alarm turns that into a failure).
-    The warm call after them (600-byte tasks) goes two ahead, with the serial bits too."""
+    (measured: the call hangs with AHEAD_BYTES unlimited; the alarm kills the workers, which
+    unblocks the parent, and fails the test). The warm call after them (600-byte tasks) goes
+    two ahead, with the serial bits too."""
     import signal
 
     from codegen.runtime.executors import AHEAD_BYTES, PIPELINE_DEPTH
 
+    pids: list[int] = []
+
     def hung(signum, frame):
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
         raise TimeoutError("the executor's call blocked (parent and worker both writing?)")
 
     assert PIPELINE_DEPTH >= 2
@@ -332,6 +337,7 @@ def test_large_tasks_and_results_flow_with_requests_pipelined(problems):
     signal.alarm(120)
     try:
         with module.bind_samples(data, executor="processes", workers=2) as prob:
+            pids.extend(prob.executor.backend.pids)
             prob.hypergradient(theta)
             got = prob.hypergradient(theta + 0.1, x0=x0, q0=first.q)
             assert prob.executor.warm_count == 0 and x0[0].nbytes > AHEAD_BYTES
