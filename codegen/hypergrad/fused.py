@@ -77,7 +77,7 @@ class FusedLoops:
         """Call loop `name`; vectors are C-contiguous float64 (outputs written in place).
         Returns the info vector."""
         from_buffer = self.ffi.from_buffer
-        info = np.zeros(_INFO_SIZE)
+        info = np.full(_INFO_SIZE, np.nan)  # an entry a loop does not write reads as unknown
         ctl = np.asarray(control, dtype=np.float64)
         args = [*self.sizes, from_buffer("double[]", theta), *self.data,
                 *(from_buffer("double[]", v) for v in vectors),
