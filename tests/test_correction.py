@@ -546,3 +546,21 @@ def test_nonquadratic_without_fourth_derivative_bound_keeps_er():
     hg = hypergradient(k, np.array([0.0]), eps=1e-4, delta=1e-4, certificate="dwr")
     assert hg.certificate == "er"
     assert "no finite L_3" in hg.notes[-1]
+
+
+def test_tightening_gives_tiny_terms_no_share_of_the_target():
+    """dwr_tightened (steering): terms far below an equal share keep their value (water filling),
+    so the terms over it are tightened only as far as the rest of the target allows, and the
+    tightened terms, scaled as products, then fit the target."""
+    from codegen.hypergrad.accuracy import DWR_SHARE, dwr_tightened
+    terms = {"vR": 4.0, "RE": 4.0, "vE": 1.0, "lamE": 1.0, "EE": 4.0, "theta": 0.0,
+             "lamA": 1e-4, "third": 1e-4, "upperH": 1e-4, "rounding": 0.0}
+    E, R, R_v, R_lam = dwr_tightened(terms, 1.0, 1.0, 1.0, 1.0, 1.0)
+    f_E, f_R, f_v, f_lam = E, R, R_v, R_lam
+    scaled = {"vR": 4.0 * f_v * f_R, "RE": 4.0 * f_R * f_E, "vE": f_v * f_E,
+              "lamE": f_lam * f_E, "EE": 4.0 * f_E ** 2,
+              "lamA": 1e-4 * f_E ** 2, "third": 1e-4 * f_E ** 2, "upperH": 1e-4 * f_E ** 2}
+    assert sum(scaled.values()) <= DWR_SHARE
+    # an equal ninth of the target each would have tightened EE to 0.1: water filling lets the
+    # three large terms (and vE, lamE) share what the three tiny ones do not use
+    assert 4.0 * f_E ** 2 > DWR_SHARE / 8
