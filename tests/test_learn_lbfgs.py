@@ -113,6 +113,67 @@ def test_stopping_accuracy_is_never_stepped_from(build_dir):
     assert stop_accuracy_points > 0
 
 
+def test_resolved_to_stop_at_the_same_theta(build_dir):
+    """A point whose ||h|| alone already meets the stopping rule, with only its bound in the
+    way, is solved further at the same theta (`_tightened_to_stop`) instead of stepping on: the
+    re-solved entry has the same theta and a smaller bound, the run stops by its rule, its
+    certificate holds against a tight hypergradient, and F reaches a tight reference run's
+    optimum within the rule's promise."""
+    from conftest import built_example
+
+    _, module, ns = built_example("logistic_weights", build_dir)
+    prob = module.bind(**ns["example_data"](0, m=1000, n=100, p=500))
+    reference = prob.optimize(np.zeros(100), ftol=1e-12, progress=False)
+    F_star = reference.value - reference.value_error
+    resolved = 0
+    for ftol, grad_rtol in ((1e-6, 0.25), (1e-7, 0.1)):   # settings that meet the path
+        res = prob.optimize(np.zeros(100), ftol=ftol, grad_rtol=grad_rtol, progress=False)
+        h = res.history
+        for before, after in zip(h, h[1:]):
+            if after["theta"] == before["theta"]:
+                resolved += 1
+                assert after["bound"] < before["bound"], (before, after)
+        tight = prob.hypergradient(res.theta, rtol=1e-8)
+        assert res.status == OptimizeStatus.CONVERGED, res.message
+        assert float(np.linalg.norm(tight.grad)) - tight.bound <= res.stationarity
+        assert tight.value - F_star <= 10 * ftol * abs(F_star) + reference.value_error
+    assert resolved > 0
+
+
+def test_secant_warm_start_keeps_scalar_runs_exact(build_dir):
+    """For a scalar theta every step continues the line of the last two points, so x and q start
+    from the secant prediction (`Runner.predicted`); the run still ends at the exact optimum of
+    the logistic example (bounded Brent on tight hypergen values as the reference) and its
+    certificate holds against a tight hypergradient."""
+    import scipy.optimize
+    from conftest import built_example
+
+    from codegen.learn.runner import Runner
+
+    _, module, ns = built_example("logistic", build_dir)
+    prob = module.bind(**ns["example_data"](0, m=400, n=30, p=200))
+    calls = []
+    original = Runner.predicted
+
+    def counted(self, theta):
+        x0, q0 = original(self, theta)
+        calls.append(x0 is not self.x)
+        return x0, q0
+    Runner.predicted = counted
+    try:
+        res = prob.optimize(0.0, progress=False)
+    finally:
+        Runner.predicted = original
+    ref = scipy.optimize.minimize_scalar(
+        lambda t: prob.hypergradient([t], rtol=1e-10).value, bounds=(-12, 4), method="bounded",
+        options=dict(xatol=1e-8))
+    tight = prob.hypergradient(res.theta, rtol=1e-8)
+    assert sum(calls) >= 2, calls
+    assert res.status == OptimizeStatus.CONVERGED, res.message
+    assert float(np.linalg.norm(tight.grad)) - tight.bound <= res.stationarity
+    assert tight.value - ref.fun <= 10 * FTOL * abs(ref.fun)
+
+
 def test_paper_quadratic_known_optimum(build_dir):
     """theta in R^10, F(theta) = ||M D^+ (e - C theta) - b||^2: a least-squares problem whose
     Hessian has condition number about 1.6e8; its minimiser is lstsq's."""

@@ -13,7 +13,9 @@ What a user of SciPy expects from `minimize(method="L-BFGS-B")`, on certified nu
   line search tests. Near the end the stopping rule needs less than grad_rtol ||h||: a trial
   point whose ||h|| is expected to be small enough to stop is first solved only until
   w <= the rule's own absolute need (`_stop_atol`), and solved on to grad_rtol ||h|| only if
-  the rule then does not stop there. The first round's eps and delta at a trial point are
+  the rule then does not stop there; a point whose ||h|| alone already meets the rule is
+  instead solved further at the same theta until the rule passes (`_tightened_to_stop`). The
+  first round's eps and delta at a trial point are
   scaled from the base point's bound parts to the ||h|| expected there (the last rate at which
   ||h|| fell), so that one round usually suffices. The Armijo test is certified:
 
@@ -68,6 +70,9 @@ MOVE_GROWTH = 4.0
 CURVATURE_MIN = 1e-10
 #: Share of the stopping rule's allowed cert = ||h|| + bound given to the bound (`_stop_atol`).
 STOP_SHARE = 0.5
+#: A point whose ||h|| alone is below this share of the rule's allowed cert is re-solved at the
+#: same theta until the rule can pass there, instead of stepping on (`_tightened_to_stop`).
+TIGHTEN_SHARE = 0.9
 #: ftol is relative to |F|, or to this share of |F(theta0)| when |F| is smaller.
 FLOOR_SHARE = 1e-6
 #: How the end at the accuracy floor begins its message.
@@ -319,6 +324,37 @@ def _stop_atol(base: Point, d: np.ndarray, pairs: deque[Pair], f0: float, next_h
     return STOP_SHARE * allowed if next_hn <= STOP_SHARE * allowed else 0.0
 
 
+def _allowed_cert(base: Point, d: np.ndarray, pairs: deque[Pair], f0: float,
+                  o: QuasiNewtonOptions) -> float:
+    """The certified gradient c = ||h|| + bound below which the stopping rule passes at base
+    (`_stationary`): sqrt(ftol scale / curvature factor); 0 without a curvature estimate."""
+    coef = _curvature(base, d, pairs)
+    return math.sqrt(o.ftol * _scale(base, f0) / coef) if coef > 0 else 0.0
+
+
+def _tightened_to_stop(run: Runner, base: Point, d: np.ndarray, pairs: deque[Pair], f0: float,
+                       o: QuasiNewtonOptions) -> Point | None:
+    """base re-solved at the same theta until bound <= allowed - ||h|| when ||h|| alone is
+    already below TIGHTEN_SHARE of what the stopping rule allows and only the bound keeps it
+    from passing: a warm-started round at the same theta costs a fraction of a new point. None
+    when that does not apply (the caller steps on)."""
+    allowed = _allowed_cert(base, d, pairs, f0, o)
+    if not 0 < base.hn <= TIGHTEN_SHARE * allowed:
+        return None
+    return _evaluate(run, base.theta, base.eps, base.delta, o, None, 0.0,
+                     STOP_SHARE * (allowed - base.hn))
+
+
+def _resolved_to_steer(run: Runner, base: Point, d: np.ndarray, pairs: deque[Pair], f0: float,
+                       o: QuasiNewtonOptions) -> Point | None:
+    """base re-solved at the same theta to bound <= grad_rtol ||h|| when it was solved only as
+    far as the stopping rule needed and the rule did not pass: every step leaves from a point
+    whose -h is a certified descent direction. None when base steers already."""
+    if base.steers:
+        return None
+    return _evaluate(run, base.theta, base.eps, base.delta, o, None, 0.0)
+
+
 def _remember(pairs: deque[Pair], new: Point, old: Point, gamma: float) -> tuple[float, bool]:
     """Store the pair (s, y) of the step old -> new when its curvature is positive: (the next
     H0 scale gamma, whether a pair was stored). Without any pair, F is not convex along the
@@ -349,14 +385,17 @@ def run_lbfgs(run: Runner, theta: np.ndarray, o: QuasiNewtonOptions
             gamma, stored = _remember(pairs, base, previous, gamma)
         d = _direction(base.h, pairs, gamma)
         done = _stationary(base, d, pairs, f0, o)
-        if done is None and not base.steers:   # accurate enough to stop, not to step
-            base = _evaluate(run, base.theta, base.eps, base.delta, o, None, 0.0)
+        for resolve in (_tightened_to_stop, _resolved_to_steer):
+            again = resolve(run, base, d, pairs, f0, o) if done is None else None
+            if again is None:
+                continue
+            base = again                            # the same theta, solved further
             run.accept(base.theta, base.entry)
             if stored:
                 pairs.pop()
-            gamma = gamma_before
+            gamma, stored = gamma_before, False
             if previous is not None:
-                gamma, _ = _remember(pairs, base, previous, gamma)
+                gamma, stored = _remember(pairs, base, previous, gamma)
             d = _direction(base.h, pairs, gamma)
             done = _stationary(base, d, pairs, f0, o)
         if done is not None:
