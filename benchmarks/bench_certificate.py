@@ -2,6 +2,7 @@
 
     python benchmarks/bench_certificate.py            # every case
     python benchmarks/bench_certificate.py --quick    # small sizes
+    python benchmarks/bench_certificate.py --cases logistic tv1d   # only these cases
 
 For each case (problem, lower solver, adjoint CG) and rtol in {1e-3, 1e-6, 1e-8}:
 * ER:  prob.hypergradient(theta, rtol=r, certificate="er"): its bound / true error, its work;
@@ -151,11 +152,15 @@ def cases(quick: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cases", nargs="*", default=None,
+                        help="only the cases whose name contains one of these words")
     args = parser.parse_args()
     rows = []
     print(f"{'case':<20} {'rtol':>6} {'oracle':>7} {'ER':>6} {'DWR':>6} {'ER/orc':>7} "
           f"{'DWR/orc':>7} {'ER b/err':>9} {'DWR b/err':>9} {'plain b/err':>11}")
     for name, k, theta, lower in cases(args.quick):
+        if args.cases and not any(word in name for word in args.cases):
+            continue
         for row in run_case(name, k, theta, lower):
             rows.append(row)
             orc = row["oracle"]

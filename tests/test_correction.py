@@ -206,6 +206,7 @@ def test_rtol_rounds_meet_the_target(name, rtol):
     assert np.linalg.norm(hg.grad - exact) <= hg.bound
     assert np.linalg.norm(hg.uncorrected_grad - exact) <= hg.uncorrected_bound
     assert hg.work["units"] > 0 and "DWR certificate" in hg.notes[-1]
+    assert "Corollary 15.2" in hg.notes[-1]
 
 
 def test_direction_along_h_only():
@@ -532,6 +533,7 @@ def test_nonquadratic_sweep_and_rtol_rounds(name, lower):
     for rtol in (1e-3, 1e-6, 1e-8):
         hg = hypergradient(k, theta, lower=lower, adjoint="cg", rtol=rtol, certificate="dwr")
         assert hg.status == "ok" and hg.certificate == "dwr"
+        assert "Corollary 15.3" in hg.notes[-1]
         assert hg.bound <= rtol * np.linalg.norm(hg.grad)
         assert np.linalg.norm(hg.grad - exact) <= hg.bound
         assert np.linalg.norm(hg.uncorrected_grad - exact) <= hg.uncorrected_bound

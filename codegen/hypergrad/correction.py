@@ -70,11 +70,13 @@ class DirectionCorrection:
 
 @dataclass(frozen=True)
 class Correction:
-    """All directions of one correction, and the work it cost."""
+    """All directions of one correction, the work it cost, and the corollary of docs/bounds.md 15
+    whose terms bound it ("15.2": g and f quadratic in x; "15.3": g not quadratic, B affine)."""
 
     parts: list[DirectionCorrection]
     residual: float  # R = ||A q - grad f||, recomputed here
     work: dict[str, int] = field(default_factory=dict)
+    corollary: str = "15.2"
 
 
 def dwr_unavailable(k: Any, theta: Any = None) -> str | None:
@@ -148,7 +150,8 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
         for key, n in used.items():
             work[key] += n
         parts.append(part)
-    return Correction(parts, R, work)
+    return Correction(parts, R, work,
+                      "15.2" if bool(getattr(k, "is_quadratic", False)) else "15.3")
 
 
 def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.ndarray,
