@@ -473,7 +473,8 @@ def test_nonquadratic_exact_identity_and_each_inequality(name, tol):
 def test_nonquadratic_bound_holds_for_any_forward_and_dual_vectors(seed, tv, log_tol, iters,
                                                                   start, log_alpha):
     """Corollary 15.3 needs nothing of v and lam either: random starts, 0-6 CG steps, drawn
-    tolerances and regularisation weights; bound(h_c) and the plain bound hold."""
+    tolerances and regularisation weights; each part of the exact decomposition is below its
+    term, and bound(h_c) and the plain bound hold."""
     rs = np.random.RandomState(seed)
     if tv:
         k = SmoothTV1D.generate(seed=seed, n=int(rs.randint(5, 20)),
@@ -490,6 +491,10 @@ def test_nonquadratic_bound_holds_for_any_forward_and_dual_vectors(seed, tv, log
     corr = correct(k, hg, [np.ones(1)], [1e-30], [1e-30], starts[:1], starts[1:], iters)
     exact = float(nq_exact(k, theta)[0])
     part = corr.parts[0]
+    terms, _ = _exact_terms_nonquadratic(k, theta, hg, part, np.ones(1))
+    bound_of = dict(part.terms, **{"vE+EE": part.terms["vE"] + part.terms["EE"]})
+    for key, value in terms.items():
+        assert abs(value) <= bound_of[key] * (1 + 1e-9) + 1e-14, (key, value, part.terms)
     assert abs(part.value - exact) <= part.bound
     assert abs(part.plain - exact) <= part.plain_bound
 
