@@ -571,3 +571,18 @@ def test_tightening_gives_tiny_terms_no_share_of_the_target():
     # an equal ninth of the target each would have tightened EE to 0.1: water filling lets the
     # three large terms (and vE, lamE) share what the three tiny ones do not use
     assert 4.0 * f_E ** 2 > DWR_SHARE / 8
+
+
+def test_generated_nonquadratic_problem_keeps_er_and_says_why(build_dir):
+    """A generated non-quadratic problem as built (no cross_is_affine flag, no L_3 in its derived
+    constants): certificate="dwr" reports E&R's bound, valid, with the reason in the notes."""
+    _, module, ns = built_example("logistic", build_dir)
+    data = ns["example_data"](seed=3, m=60, n=6, p=40)
+    prob = module.bind(**data)
+    theta = np.array([math.log(0.05)])
+    hg = prob.hypergradient(theta, lower="gd", adjoint="cg", rtol=1e-6, certificate="dwr")
+    assert hg.certificate == "er" and hg.status == "ok"
+    assert "not known to be affine in x" in hg.notes[-1]
+    from nonquadratic_kernels import GeneratedLogistic
+    exact = nq_exact(GeneratedLogistic(prob, data), theta)
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound
