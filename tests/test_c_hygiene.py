@@ -126,7 +126,7 @@ def _counts(meta, sizes):
     return out
 
 
-INPUT_LIKE = {"v": "x", "q": "x", "t": "theta"}  # direction vectors: shaped like x or theta
+INPUT_LIKE = {"v": "x", "q": "x", "t": "theta", "hg_w": "x"}  # direction vectors: shaped like x or theta
 
 
 def _pointer_count(meta, kernel, param, counts):
@@ -150,7 +150,7 @@ def _pointer_count(meta, kernel, param, counts):
         if pname == "cross_out":  # cross_matrix: theta_size columns of x_size
             return counts[x] * counts[theta]
         for base in (x, theta):
-            if pname in (f"{base}_bar", f"{base}_bar_dot"):
+            if pname in (f"{base}_bar", f"{base}_bar_dot", f"{base}_bar_dot_dw_dot"):
                 return counts[base]
         raise AssertionError(f"{kernel['name']}: cannot size output parameter {pname!r}")
     if role == "work":
