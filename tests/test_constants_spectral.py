@@ -109,7 +109,8 @@ def test_collatz_wielandt_is_sharp_on_non_negative_data():
 
 def test_method_thresholds():
     assert spectral.method_for(2000, 500) == "eigvalsh"
-    assert spectral.method_for(3000, spectral.EIGH_SIDE_LIMIT) == "eigvalsh"  # 3e9 flops
+    assert spectral.method_for(20000, 785) == "eigvalsh"  # hypercleaning: first-order step sizes
+    assert spectral.method_for(10**6, 1000) == "blocks"  # 1e12 flops
     assert spectral.method_for(1500, 1200) == "cholesky"
     assert spectral.method_for(20000, 2000) == "blocks"  # a Gram of 8e10 flops: 1-2x the solve
     assert spectral.method_for(20000, 2000, sparse=True) == "nnz"
@@ -117,7 +118,6 @@ def test_method_thresholds():
     assert spectral.method_for(2000, 20000) == "blocks"  # wide: the Gram side is the row count
     # lambda_min has no cheaper certified lower bound than 0: the Gram is formed up to 1e11
     assert spectral.method_for(20000, 2000, want_lmin=True) == "cholesky"
-    assert spectral.method_for(20000, 900, want_lmin=True) == "eigvalsh"
     assert spectral.method_for(10**6, 1500, want_lmin=True) == "blocks"
     assert spectral.block_rows(20000, 2000) == spectral.block_rows(10**6, 2000) == 32
     assert spectral.block_rows(30, 20) == 20  # never more rows than the short side

@@ -4,7 +4,7 @@
 Four methods, chosen by the cost of a dense Gram matrix (`method_for`,
 `quantities.operator_quantities`):
 
-- eigvalsh of the smaller Gram matrix G (side <= EIGH_SIDE_LIMIT, R D side <= GRAM_FLOP_LIMIT):
+- eigvalsh of the smaller Gram matrix G (side <= EIGH_SIDE_LIMIT, R D side <= LMIN_FLOP_LIMIT):
   exact eigenvalues plus the rounding margin `gram_margin` (forming G, and eigvalsh's backward
   error); gives lambda_min too.
 - Cholesky certificate (Gram formed, side <= CHOLESKY_SIDE_LIMIT, R D side <= GRAM_FLOP_LIMIT): a
@@ -66,14 +66,16 @@ def gram_margin(rows: int, cols: int, fro2: float) -> float:
 
 def method_for(rows: int, cols: int, sparse: bool = False, want_lmin: bool = False) -> str:
     """The method for ||K||^2 at this size: eigvalsh, cholesky, blocks (dense) or nnz (sparse)
-    (module docstring). With `want_lmin` a Gram matrix up to LMIN_FLOP_LIMIT is formed (eigvalsh
-    gives both): lambda_min has no cheaper certified lower bound than 0."""
+    (module docstring). A Gram side up to EIGH_SIDE_LIMIT keeps the exact eigvalsh up to
+    LMIN_FLOP_LIMIT (a step size 1/L of a first-order solver wants ||K||^2 exact; 20000 x 785
+    hypercleaning is 1.2e10 flops); a larger side forms the Gram matrix only up to GRAM_FLOP_LIMIT,
+    or up to LMIN_FLOP_LIMIT with `want_lmin` (lambda_min has no cheaper certified lower bound
+    than 0; eigvalsh gives both)."""
     side = min(rows, cols)
     flops = float(rows) * cols * side
-    limit = max(GRAM_FLOP_LIMIT, LMIN_FLOP_LIMIT if want_lmin else 0.0)
-    if side <= EIGH_SIDE_LIMIT and flops <= limit:
+    if side <= EIGH_SIDE_LIMIT and flops <= LMIN_FLOP_LIMIT:
         return "eigvalsh"
-    if side <= CHOLESKY_SIDE_LIMIT and flops <= limit:
+    if side <= CHOLESKY_SIDE_LIMIT and flops <= (LMIN_FLOP_LIMIT if want_lmin else GRAM_FLOP_LIMIT):
         return "cholesky"
     return "nnz" if sparse else "blocks"
 
