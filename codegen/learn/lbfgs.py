@@ -71,8 +71,10 @@ CURVATURE_MIN = 1e-10
 #: Share of the stopping rule's allowed cert = ||h|| + bound given to the bound (`_stop_atol`).
 STOP_SHARE = 0.5
 #: A point whose ||h|| alone is below this share of the rule's allowed cert is re-solved at the
-#: same theta until the rule can pass there, instead of stepping on (`_tightened_to_stop`).
-TIGHTEN_SHARE = 0.9
+#: same theta until the rule can pass there, instead of stepping on (`_tightened_to_stop`): the
+#: bound it then needs, (1 - share) / 2 of the allowed cert, is about one digit below
+#: grad_rtol ||h||, a fraction of a new point's solve.
+TIGHTEN_SHARE = 0.95
 #: ftol is relative to |F|, or to this share of |F(theta0)| when |F| is smaller.
 FLOOR_SHARE = 1e-6
 #: How the end at the accuracy floor begins its message.
@@ -116,12 +118,15 @@ def _distance_for_value(hg: Any, target: float) -> float:
 
 
 def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: QuasiNewtonOptions,
-              value_tol: float | None, step: float, atol: float = 0.0) -> Point:
-    """The hypergradient at theta with bound <= atol + grad_rtol ||h|| and, with value_tol,
-    the certified value error <= value_tol (eps shrinks until it is; the accuracy floor
-    stops). atol > 0 is the stopping rule's own need (`_stop_atol`)."""
+              value_tol: float | None, step: float, atol: float = 0.0,
+              rtol: float | None = None) -> Point:
+    """The hypergradient at theta with bound <= atol + rtol ||h|| (rtol: grad_rtol unless
+    given) and, with value_tol, the certified value error <= value_tol (eps shrinks until it
+    is; the accuracy floor stops). atol > 0 is the stopping rule's own need (`_stop_atol`,
+    `_tightened_to_stop`)."""
+    rtol = o.grad_rtol if rtol is None else rtol
     while True:
-        hg = run.hypergradient(theta, eps, delta, rtol=o.grad_rtol, atol=atol)
+        hg = run.hypergradient(theta, eps, delta, rtol=rtol, atol=atol)
         h = np.array(hg.grad, dtype=float)
         hn = float(np.linalg.norm(h))
         err = run.value_error(hg)
@@ -134,12 +139,12 @@ def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: Quasi
         if not math.isfinite(hg.bound):
             raise StopRun(OptimizeStatus.FAILED, f"the a posteriori bound is not finite "
                                                  f"({hg.status}): no step can be certified")
-        if getattr(hg, "at_accuracy_floor", False) and not hg.bound <= atol + o.grad_rtol * hn:
+        if getattr(hg, "at_accuracy_floor", False) and not hg.bound <= atol + rtol * hn:
             raise _floor_end(run, hn + float(hg.bound), f"{FLOOR_LEAD} ({hg.status})")
-        if not hg.bound <= atol + o.grad_rtol * hn:   # a zero trap or a capped round: tighten
+        if not hg.bound <= atol + rtol * hn:   # a zero trap or a capped round: tighten
             eps, delta = min(eps, used_eps) * o.tau, delta * o.tau
             _check_floors(run, hg, eps, o, f"the bound {hg.bound:.3g} was still above "
-                          f"grad_rtol ||h|| = {o.grad_rtol * hn:.3g}")
+                          f"atol + rtol ||h|| = {atol + rtol * hn:.3g}")
             continue
         if value_tol is None or not math.isfinite(err) or err <= value_tol:
             return Point(theta, hg, h, hn, float(hg.bound), float(hg.value), err,
@@ -342,7 +347,7 @@ def _tightened_to_stop(run: Runner, base: Point, d: np.ndarray, pairs: deque[Pai
     if not 0 < base.hn <= TIGHTEN_SHARE * allowed:
         return None
     return _evaluate(run, base.theta, base.eps, base.delta, o, None, 0.0,
-                     STOP_SHARE * (allowed - base.hn))
+                     STOP_SHARE * (allowed - base.hn), rtol=0.0)
 
 
 def _resolved_to_steer(run: Runner, base: Point, d: np.ndarray, pairs: deque[Pair], f0: float,
