@@ -15,9 +15,10 @@ What a user of SciPy expects from `minimize(method="L-BFGS-B")`, on certified nu
   w <= the rule's own absolute need (`_stop_atol`), and solved on to grad_rtol ||h|| only if
   the rule then does not stop there; a point whose ||h|| alone already meets the rule is
   instead solved further at the same theta until the rule passes (`_tightened_to_stop`). The
-  first round's eps and delta at a trial point are
-  scaled from the base point's bound parts to the ||h|| expected there (the last rate at which
-  ||h|| fell), so that one round usually suffices. The Armijo test is certified:
+  first round's eps and delta at a trial point are scaled from the base point's bound parts to
+  the ||h|| expected there (the last rate at which ||h|| fell; for a scalar theta the product
+  of the last two, the secant method's rate), so that one round usually suffices. The Armijo
+  test is certified:
 
       f(x'_eps) + err' + err <= f(x_eps) - armijo * h.(theta - theta')
       implies F(theta') <= F(theta) - armijo * h.(theta - theta'),
@@ -381,7 +382,7 @@ def run_lbfgs(run: Runner, theta: np.ndarray, o: QuasiNewtonOptions
     pairs: deque[Pair] = deque(maxlen=o.memory)
     first = o.first_step if o.first_step is not None else min(1.0, base.hn)
     gamma = first / base.hn if base.hn > 0 else 1.0
-    max_move, rate = math.inf, 1.0
+    max_move, rate, rate_before = math.inf, 1.0, 1.0
     previous: Point | None = None            # the point before base (its pair not stored yet)
     for _ in range(o.max_iter):
         gamma_before = gamma
@@ -405,7 +406,10 @@ def run_lbfgs(run: Runner, theta: np.ndarray, o: QuasiNewtonOptions
             done = _stationary(base, d, pairs, f0, o)
         if done is not None:
             return OptimizeStatus.CONVERGED, done
-        next_hn = base.hn * max(rate, MIN_RATE)    # ||h|| goes on falling at its last rate
+        # ||h|| goes on falling at its last rate; for a scalar theta L-BFGS is the secant
+        # method, whose rates multiply (e_k+1 ~ C e_k e_k-1, so r_k+1 ~ r_k r_k-1)
+        expected = rate * rate_before if base.theta.size == 1 else rate
+        next_hn = base.hn * max(expected, MIN_RATE)
         atol = _stop_atol(base, d, pairs, f0, next_hn, o)
         trial, base = _line_search(run, base, d, max_move, next_hn, atol, o)
         if trial is None and pairs:             # the quasi-Newton step failed: steepest descent
@@ -417,7 +421,7 @@ def run_lbfgs(run: Runner, theta: np.ndarray, o: QuasiNewtonOptions
                           f"no trial step passed the certified decrease test; ||grad F|| <= "
                           f"||h|| + bound = {base.hn + base.bound:.3g} (certified)")
         max_move = MOVE_GROWTH * float(np.linalg.norm(trial.theta - base.theta))
-        rate = min(1.0, trial.hn / base.hn) if base.hn > 0 else 1.0
+        rate_before, rate = rate, (min(1.0, trial.hn / base.hn) if base.hn > 0 else 1.0)
         previous, base = base, trial
         run.accept(base.theta, base.entry)
         run.iterations += 1
