@@ -520,7 +520,7 @@ def test_generated_logistic_dwr_bounds_hold_against_dense_solves(lower, build_di
 
 
 @pytest.mark.parametrize("name", sorted(NONQUADRATIC))
-@pytest.mark.parametrize("lower", ["gd", "newton"])
+@pytest.mark.parametrize("lower", ["gd", "fista", "newton"])
 def test_nonquadratic_sweep_and_rtol_rounds(name, lower):
     """Validity sweep (fixed tolerances) and rtol rounds with certificate="dwr": bound >=
     ||h_c - grad F|| and uncorrected_bound >= ||h - grad F|| always; rtol met."""
@@ -586,3 +586,24 @@ def test_generated_nonquadratic_problem_keeps_er_and_says_why(build_dir):
     from nonquadratic_kernels import GeneratedLogistic
     exact = nq_exact(GeneratedLogistic(prob, data), theta)
     assert np.linalg.norm(hg.grad - exact) <= hg.bound
+
+
+@pytest.mark.parametrize("name", ["logistic", "tv"])
+def test_nonquadratic_direction_and_auto(name):
+    """components=False on a non-quadratic problem: u . h_c and its bound along u = h/||h||
+    hold; certificate="auto" takes the correction with a first-order lower solver and names
+    Corollary 15.3, and E&R's with Newton."""
+    k, theta = NONQUADRATIC[name]
+    exact = nq_exact(k, theta)
+    hg = hypergradient(k, theta, lower="gd", adjoint="cg", rtol=1e-6, certificate="dwr",
+                       components=False)
+    d = hg.directional
+    assert hg.status == "ok" and hg.certificate == "dwr-direction"
+    assert d["bound"] <= 1e-6 * np.linalg.norm(hg.grad)
+    assert abs(d["value"] - d["direction"] @ exact) <= d["bound"]
+    assert abs(d["plain"] - d["direction"] @ exact) <= d["plain_bound"]
+    auto = hypergradient(k, theta, lower="gd", adjoint="cg", rtol=1e-6, certificate="auto")
+    assert auto.certificate == "dwr" and "Corollary 15.3" in auto.notes[-1]
+    assert np.linalg.norm(auto.grad - exact) <= auto.bound
+    newton = hypergradient(k, theta, lower="newton", adjoint="cg", rtol=1e-6, certificate="auto")
+    assert newton.certificate == "er" and "less work with lower='newton'" in newton.notes[-1]
