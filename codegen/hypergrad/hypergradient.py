@@ -196,7 +196,12 @@ def _step_size_constants(k: Any, th: np.ndarray, c: dict[str, Any], lower: str, 
                          ledger: _Ledger) -> dict[str, Any]:
     """c with an infinite L replaced by L on B(x0, 2 G0/mu) for a solver that takes its step
     from L (docs/bounds.md 4; exp / polynomial atoms are infinite globally). The ball holds x0
-    and x*; a wrong L can only stall the solver, its G/mu certificate needs mu alone."""
+    and x*; a wrong L can only stall the solver, its G/mu certificate needs mu alone. Such a
+    solver first asks k to tighten ||K||^2 where block sums bounded it (docs/constants.md 4)."""
+    tighten = getattr(k, "tighten_constants", None)
+    if lower_entry(lower).needs_finite_L and tighten is not None and tighten():
+        c = checked_constants(k, th)
+        ledger.notes.append("step sizes: ||K||^2 by the Gram matrix instead of block sums")
     if not (hasattr(k, "local_constants") and not math.isfinite(c["L"])
             and lower_entry(lower).needs_finite_L):
         return c

@@ -18,6 +18,7 @@ from ..constants.evaluation.runtime import (
     evaluate_constants,
     evaluate_local_constants,
     prepare_constants,
+    tighten_constants,
 )
 from ..errors import BindError
 from ..hypergrad import (
@@ -203,6 +204,11 @@ class BoundProblem:
         """mu, L, L_A, L_B, L_f at theta (derived and certified, or stated by the problem)."""
         return evaluate_constants(self._prepared_constants(), self.checked_theta(theta))
 
+    def tighten_constants(self) -> bool:
+        """||K||^2 by the Gram matrix where block sums bounded it (once per bind; for the step
+        sizes of first-order solvers, docs/constants.md 4). True if the constants changed."""
+        return tighten_constants(self._prepared_constants())
+
     def solve_lower(self, theta, solver="fista", tol=1e-8, x0=None, **options):
         """Solve the lower level to ||x - x*|| <= tol (certified by ||grad g|| / mu)."""
         return solve_lower(self, self.checked_theta(theta), solver=solver, tol=tol,
@@ -296,6 +302,9 @@ class BoundSamples:
 
     def constants(self, theta) -> list:
         return [s.constants(theta) for s in self.samples]
+
+    def tighten_constants(self) -> bool:
+        return any([s.tighten_constants() for s in self.samples])
 
     def solve_lower(self, theta, solver="fista", tol=1e-8, x0=None, **options) -> list:
         x0s = x0 if x0 is not None else [None] * len(self.samples)

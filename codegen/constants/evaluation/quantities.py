@@ -98,9 +98,11 @@ def simple_operator(op, der, data, sizes, scalars):
 QUANTITY_KINDS = ("normsq", "lmin", "rowmax")
 
 
-def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS) -> dict:
+def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS,
+                        tight: bool = False) -> dict:
     """Certified normsq, lmin, rowmax of K (only the kinds in `needed`; + a power-iteration
-    estimate if asked). Each entry says which method certified it and how long it took."""
+    estimate if asked; `tight`: the Gram matrix up to LMIN_FLOP_LIMIT, as for step sizes). Each
+    entry says which method certified it and how long it took."""
     start = time.perf_counter()
     R, D = K.shape
     rowsq = _row_squares(K)
@@ -112,7 +114,7 @@ def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS) -
         res = {"normsq": {"value": math.inf, "certified": True, "method": "||K||_F overflows"},
                "lmin": {"value": 0.0, "certified": True, "method": "trivial lower bound 0"}}
     elif "normsq" in needed or "lmin" in needed:
-        res.update(_spectral(K, fro2, "lmin" in needed))
+        res.update(_spectral(K, fro2, "lmin" in needed, tight))
     for what in [w for w in res if w not in needed]:
         del res[what]
     if "rowmax" in needed:
@@ -156,11 +158,12 @@ def _rowmax(K, K3, rowsq: np.ndarray) -> dict:
     return {"value": math.sqrt(sq) * (1 + 2 * (R + D) * U), "certified": True, "method": how}
 
 
-def _spectral(K, fro2: float, want_lmin: bool) -> dict:
+def _spectral(K, fro2: float, want_lmin: bool, tight: bool = False) -> dict:
     """normsq (and lmin) of K by the method of `spectral.method_for` (eigvalsh where lmin is
     wanted and the Gram matrix is formed anyway)."""
     R, D = K.shape
-    method = spectral.method_for(R, D, sparse=hasattr(K, "toarray"), want_lmin=want_lmin)
+    method = spectral.method_for(R, D, sparse=hasattr(K, "toarray"), want_lmin=want_lmin,
+                                 tight=tight)
     wide = {"value": 0.0, "certified": True, "wide": True,
             "method": f"exact: K is wide ({R} rows < {D} columns)"}
     trivial = {"value": 0.0, "certified": True, "method": "trivial lower bound 0", "wide": R < D}
@@ -178,7 +181,7 @@ def _spectral(K, fro2: float, want_lmin: bool) -> dict:
         how = "||K||_F^2" if fro2 <= bound else (
             f"sum of ||K_b||^2 over {blocks} blocks of {size} "
             f"{'rows' if R >= D else 'columns'} (eigvalsh of each block's Gram)")
-        return {"normsq": {"value": min(fro2, bound), "certified": True,
+        return {"normsq": {"value": min(fro2, bound), "certified": True, "loose": True,
                            "method": f"{how}: above the Gram limits (min of ||K||_F^2 = "
                                      f"{fro2:.6g} and the block sum {bound:.6g}) + rounding "
                                      f"margin"},
@@ -220,6 +223,12 @@ def _power_estimate(K) -> dict:
             "method": "power iteration, 20 steps (estimate from below)"}
 
 
+def loose_quantities(quantities: dict) -> list:
+    """The ||K||^2 entries a Gram matrix would tighten (block sums: up to min(R, D)/32 times
+    ||K||^2), which `compute_data_quantities(..., tight=True)` recomputes."""
+    return [k for k, q in quantities.items() if q.get("loose")]
+
+
 def needed_quantities(derivation) -> set:
     """The data-quantity symbols some constant (global or ball) reads: only these are computed
     at bind (mu's among them, so the bind-time check of mu > 0 has what it needs)."""
@@ -229,10 +238,11 @@ def needed_quantities(derivation) -> set:
 
 
 def compute_data_quantities(derivation, data: dict, estimates: bool = False,
-                            lazy: bool = True) -> dict:
+                            lazy: bool = True, tight: bool = False) -> dict:
     """name -> {"value", "method", "certified", ...} for sizes, scalar data and data quantities;
     with `lazy`, only the quantities some constant reads (an operator none reads is not even
-    built)."""
+    built); with `tight`, ||K||^2 by the Gram matrix up to LMIN_FLOP_LIMIT instead of block sums
+    (first-order step sizes: `runtime.tighten_constants`)."""
     der = derivation
     needed = needed_quantities(der) if lazy else None
     sizes = bind_sizes(der, data)
@@ -266,7 +276,7 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
                       "method": "operator too large to form densely: trivial bound"}
                   for w in kinds}
         else:
-            qs = scaled_quantities(operator_quantities(K, K3, estimates, kinds), factor)
+            qs = scaled_quantities(operator_quantities(K, K3, estimates, kinds, tight), factor)
         for what, q in qs.items():
             key = f"{what}_{name}" if ":" not in what else f"normsq_{name}:estimate"
             q = dict(q)

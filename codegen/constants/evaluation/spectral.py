@@ -64,18 +64,21 @@ def gram_margin(rows: int, cols: int, fro2: float) -> float:
     return (max(rows, cols) + 10 * min(rows, cols) + 10) * U * fro2 * 1.01
 
 
-def method_for(rows: int, cols: int, sparse: bool = False, want_lmin: bool = False) -> str:
+def method_for(rows: int, cols: int, sparse: bool = False, want_lmin: bool = False,
+               tight: bool = False) -> str:
     """The method for ||K||^2 at this size: eigvalsh, cholesky, blocks (dense) or nnz (sparse)
     (module docstring). A Gram side up to EIGH_SIDE_LIMIT keeps the exact eigvalsh up to
     LMIN_FLOP_LIMIT (a step size 1/L of a first-order solver wants ||K||^2 exact; 20000 x 785
     hypercleaning is 1.2e10 flops); a larger side forms the Gram matrix only up to GRAM_FLOP_LIMIT,
     or up to LMIN_FLOP_LIMIT with `want_lmin` (lambda_min has no cheaper certified lower bound
-    than 0; eigvalsh gives both)."""
+    than 0; eigvalsh gives both) or `tight` (step sizes 1/L of a first-order solver, on request:
+    `quantities.compute_data_quantities(..., tight=True)`)."""
     side = min(rows, cols)
     flops = float(rows) * cols * side
     if side <= EIGH_SIDE_LIMIT and flops <= LMIN_FLOP_LIMIT:
         return "eigvalsh"
-    if side <= CHOLESKY_SIDE_LIMIT and flops <= (LMIN_FLOP_LIMIT if want_lmin else GRAM_FLOP_LIMIT):
+    if side <= CHOLESKY_SIDE_LIMIT and flops <= (LMIN_FLOP_LIMIT if want_lmin or tight
+                                                 else GRAM_FLOP_LIMIT):
         return "cholesky"
     return "nnz" if sparse else "blocks"
 
