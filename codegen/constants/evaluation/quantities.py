@@ -1,11 +1,13 @@
 """Data quantities, computed once at bind time (docs/constants.md section 4).
 
-Every operator recorded by `derive` is rebuilt as a dense matrix from the data (a small NumPy
-interpreter of the indexed SymPy expression gives its Jacobian), Kronecker factors I (x) K
-reduced to K. Certified: exact eigenvalues of the smaller Gram matrix plus a rounding margin
-(forming the Gram: gamma_R ||K||_F^2; eigvalsh: a backward error of 10 D u ||G||), else the
-certified bound min(||K||_F^2, ||K||_1 ||K||_inf); lambda_min = 0 exactly when K is wide. Power
-iteration is only ever an estimate, stored under a separate key and never used in a constant.
+Every operator recorded by `derive` is rebuilt as a matrix from the data (a small NumPy
+interpreter of the indexed SymPy expression gives its Jacobian; c_i * Sum(M[i, j] x[j]) keeps M
+sparse, and uncopied when |c_i| is constant), Kronecker factors I (x) K reduced to K. ||K||^2 is
+certified by the method of `spectral.method_for`: exact Gram eigenvalues plus a rounding margin, a
+Cholesky certificate of c I - G, block sums (dense, above the Gram limits) or min(||K||_F^2,
+Collatz-Wielandt) (sparse); lambda_min = 0 exactly when K is wide, and 0 above the Gram limits.
+Power iteration is only ever an estimate, stored under a separate key and never used in a
+constant.
 """
 from __future__ import annotations
 
