@@ -216,3 +216,61 @@ class GeneratedLogistic:
 
     def upper_hessian(self, x, theta):
         return np.column_stack([self._prob.upper_hvp(x, theta, c) for c in np.eye(self.x_size)])
+
+
+class GroupLogistic(AffineLogistic):
+    """AffineLogistic with p group weights: g = logistic + sum_k e^theta_k/2 ||x_{G_k}||^2, so
+    B[:, k] = e^theta_k x_{G_k} (affine in x; disjoint supports, L_B = max_k e^theta_k)."""
+
+    def __init__(self, K, y, Kv, yv, p):
+        super().__init__(K, y, Kv, yv)
+        self.theta_size = p
+        self.group = np.arange(self.x_size) % p
+
+    @classmethod
+    def generate(cls, seed=0, m=60, d=7, pv=40, p=3):
+        rs = np.random.RandomState(seed)
+        w = rs.randn(d)
+        K, Kv = rs.randn(m, d), rs.randn(pv, d)
+        y = np.where(K @ w + 0.5 * rs.randn(m) > 0, 1.0, -1.0)
+        yv = np.where(Kv @ w + 0.5 * rs.randn(pv) > 0, 1.0, -1.0)
+        return cls(K, y, Kv, yv, p)
+
+    def _weights(self, theta):
+        return np.exp(np.asarray(theta, dtype=float))[self.group]
+
+    def lower_value(self, x, theta):
+        return (float(np.mean(np.logaddexp(0.0, -self.Z @ x)))
+                + 0.5 * float(self._weights(theta) @ (x * x)))
+
+    def lower_grad(self, x, theta):
+        return -self.Z.T @ expit(-self.Z @ x) / self.m + self._weights(theta) * x
+
+    def _hess(self, x, theta):
+        z = self.Z @ x
+        return (self.Z.T * (expit(z) * expit(-z))) @ self.Z / self.m + np.diag(self._weights(theta))
+
+    def lower_hvp(self, x, theta, v):
+        z = self.Z @ x
+        return self.Z.T @ (expit(z) * expit(-z) * (self.Z @ v)) / self.m + self._weights(theta) * v
+
+    def cross_matrix(self, x, theta):
+        out = np.zeros((self.x_size, self.theta_size))
+        out[np.arange(self.x_size), self.group] = self._weights(theta) * x
+        return out
+
+    def cross_vjp(self, x, theta, q):
+        return self.cross_matrix(x, theta).T @ q
+
+    def cross_jvp(self, x, theta, t):
+        return self.cross_matrix(x, theta) @ np.asarray(t, dtype=float)
+
+    def upper_theta_grad(self, x, theta):
+        return np.zeros(self.theta_size)
+
+    def constants(self, theta):
+        al = np.exp(np.asarray(theta, dtype=float))
+        out = super().constants(np.array([0.0]))
+        out.update(mu=float(al.min()) / _UP, L=(self._L0 + float(al.max())) * _UP,
+                   L_B=float(al.max()) * _UP)
+        return out

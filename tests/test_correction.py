@@ -607,3 +607,29 @@ def test_nonquadratic_direction_and_auto(name):
     assert np.linalg.norm(auto.grad - exact) <= auto.bound
     newton = hypergradient(k, theta, lower="newton", adjoint="cg", rtol=1e-6, certificate="auto")
     assert newton.certificate == "er" and "less work with lower='newton'" in newton.notes[-1]
+
+
+@pytest.mark.parametrize("lower", ["gd", "newton"])
+def test_nonquadratic_several_hyperparameters(lower):
+    """p = 3 group weights on logistic regression: one pair of solves per component, the bound on
+    ||h_c - grad F|| (sqrt of the components' squares) and on the plain h hold, rtol met; each
+    component's exact decomposition is below its terms."""
+    from nonquadratic_kernels import GroupLogistic
+    k = GroupLogistic.generate(seed=7)
+    theta = np.array([-2.0, -1.0, -3.0])
+    exact = nq_exact(k, theta)
+    for rtol in (1e-3, 1e-6, 1e-8):
+        hg = hypergradient(k, theta, lower=lower, adjoint="cg", rtol=rtol, certificate="dwr")
+        assert hg.status == "ok" and hg.certificate == "dwr"
+        assert hg.bound <= rtol * np.linalg.norm(hg.grad)
+        assert np.linalg.norm(hg.grad - exact) <= hg.bound
+        assert np.linalg.norm(hg.uncorrected_grad - exact) <= hg.uncorrected_bound
+    hg = hypergradient(k, theta, lower="gd", adjoint="cg", eps=1e-2, delta=1e-2, refine_iter=0)
+    dirs = list(np.eye(3))
+    corr = correct(k, hg, dirs, [1e-3] * 3, [1e-3] * 3, [None] * 3, [None] * 3, 200)
+    for u, part in zip(dirs, corr.parts):
+        terms, _ = _exact_terms_nonquadratic(k, theta, hg, part, u)
+        bound_of = dict(part.terms, **{"vE+EE": part.terms["vE"] + part.terms["EE"]})
+        for key, value in terms.items():
+            assert abs(value) <= bound_of[key] * (1 + 1e-9) + 1e-15, (key, value, part.terms)
+        assert abs(part.value - u @ exact) <= part.bound
