@@ -405,6 +405,14 @@ def run_case(key, spec, args, have_jax):
     # first goal): warm, and the first call of a fresh bind (bind included, as for each pair)
     contenders[f"hypergen auto (default) rtol={TARGET:g}"] = (
         "auto", partial(prob.hypergradient, th, rtol=TARGET), dict(solver="auto"))
+    # Diagnostic: the default's last round alone, cold, at the tolerances its rounds ended with
+    # (known only afterwards; no refinement of ||x - x*||, as in a first round): what the
+    # measuring rounds cost on top of the final solves.
+    final_eps, final_delta = final_tolerances(prob.hypergradient(th, rtol=TARGET))
+    contenders["hypergen auto, one round at its final tolerances (diagnostic)"] = (
+        "oneround", partial(prob.hypergradient, th, eps=final_eps, delta=final_delta,
+                            refine_iter=0),
+        dict(solver="auto", eps=final_eps, delta=final_delta))
     module = codegen.load(ROOT / "examples" / f"{name}.py")
     for lower, adjoint in [*pairs, ("auto", "auto")]:
         contenders[f"hypergen {lower}+{adjoint} first call of a fresh bind"] = (
@@ -455,14 +463,15 @@ def run_case(key, spec, args, have_jax):
                               args.repeat)
     for label, (kind, call, info) in contenders.items():
         t, first, out = times[label]
-        grad = out.grad if kind in ("hg", "tuned", "auto", "first") else np.asarray(out)
+        grad = (out.grad if kind in ("hg", "tuned", "auto", "first", "oneround")
+                else np.asarray(out))
         entry = dict(info, t=t, err=rel_err(grad, ref))
         line = f"  {label}: {t * 1e3:.2f} ms, true err {entry['err']:.2g}"
         if kind == "first":
             row.setdefault("first", {})[info["solver"]] = t
             print(f"  {label}: {t * 1e3:.2f} ms")
             continue
-        if kind in ("hg", "tuned", "auto"):
+        if kind in ("hg", "tuned", "auto", "oneround"):
             entry.update(bound=out.bound / np.linalg.norm(out.grad), units=out.work["units"],
                          cross=out.work["cross"], status=out.status, call=call)
             line += f", work {out.work}"
@@ -470,6 +479,7 @@ def run_case(key, spec, args, have_jax):
             entry["c_calls"] = c_calls(call)
             line += f", {entry['c_calls']} Python-to-C calls"
             if kind == "auto":
+                entry["rounds"] = out.notes[-1].count("eps=")
                 line += f", chose {out.lower_solver}+{out.adjoint_solver}"
         if kind == "hg":
             line += (f", {out.notes[-1].count('eps=')} round(s), certified bound/||h|| "
@@ -488,6 +498,13 @@ def run_case(key, spec, args, have_jax):
         profile(row["hg"]["call"], key)
         call_overhead(prob, th, row["hg"]["call"]())
     return row
+
+
+def final_tolerances(hg):
+    """(eps, delta) of the last accuracy round of a result with rtol (from its rounds note)."""
+    note = next(n for n in hg.notes if n.startswith("accuracy rounds"))
+    eps, delta = note.rsplit("eps=", 1)[1].split(":")[0].split(", delta=")
+    return float(eps), float(delta)
 
 
 def profile(call, key):
@@ -583,6 +600,22 @@ def auto_table(rows):
               f"{h['c_calls']} |")
 
 
+def rounds_table(rows):
+    """What the certificate's rounds cost: the default call against its own last round run
+    alone and cold (the tolerances a perfect first guess would have asked), in work units and
+    time, with that round's certified bound."""
+    print("\n| case | default: rounds, units, ms | its last round alone: units, ms (eps, delta) "
+          "| its bound / ||h|| | last round / default, time |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "auto" not in r or "oneround" not in r:
+            continue
+        a, o = r["auto"], r["oneround"]
+        print(f"| {r['case']} | {a['rounds']}, {a['units']}, {fmt_ms(a['t'])} | {o['units']}, "
+              f"{fmt_ms(o['t'])} ({o['eps']:.1e}, {o['delta']:.1e}) | {o['bound']:.1e} | "
+              f"{o['t'] / a['t']:.2f} |")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="*", default=list(FULL),
@@ -618,3 +651,4 @@ if __name__ == "__main__":
           "times noisy)")
     table(rows, have_jax)
     auto_table(rows)
+    rounds_table(rows)

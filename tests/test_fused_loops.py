@@ -256,6 +256,31 @@ def test_fused_hypergradients_are_certified(name, lower, build_dir):
     assert np.linalg.norm(fused.grad - python.grad) <= fused.bound + python.bound
 
 
+def test_stencil_problems_take_the_fused_loops_above_fused_max_size(build_dir, monkeypatch):
+    """2-D TV on a 72 x 72 image (5184 entries > FUSED_MAX_SIZE; data: the image and its target,
+    2 numbers per entry) takes the fused loops (fused_size_limit), a dense ridge problem of that
+    x would not; the fused hypergradient takes the same solver steps as the Python loops and
+    both bounds hold against a reference."""
+    _, module, ns = built_example("tv2d", build_dir)
+    prob = module.bind(**ns["example_data"](h=72, w=72))
+    th = np.atleast_1d(np.asarray(ns["THETA0"], dtype=np.float64))
+    assert prob.x_size > FUSED_MAX_SIZE
+    assert fused_module.fused_size_limit(prob) == FUSED_MAX_SIZE * fused_module.CHEAP_KERNEL_FACTOR
+    assert loops_for(prob) is not None
+    ridge, _ = bound_problem("ridge", build_dir)
+    assert fused_module.fused_size_limit(ridge) == FUSED_MAX_SIZE  # a 60 x 20 matrix and more
+    ref = prob.hypergradient(th, lower="newton", adjoint="cg", eps=1e-12, delta=1e-12)
+    fused = prob.hypergradient(th, lower="newton", adjoint="cg", rtol=1e-6)
+    monkeypatch.setattr(fused_module, "FUSED_MAX_SIZE", 0)  # every loop in Python
+    assert loops_for(prob) is None
+    python = prob.hypergradient(th, lower="newton", adjoint="cg", rtol=1e-6)
+    assert fused.status == python.status == ref.status == "ok"
+    assert abs(fused.work["units"] - python.work["units"]) <= 2
+    for hg in (fused, python):
+        assert np.linalg.norm(hg.grad - ref.grad) <= hg.bound + ref.bound
+        assert hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
+
+
 # -- AddressSanitizer + UBSan on the loops -------------------------------------------------------
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g",
             "-fno-omit-frame-pointer"]

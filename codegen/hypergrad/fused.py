@@ -6,10 +6,13 @@ A module generated with the solver-loop templates exports `hg_<name>_loop_cg`, `
 `krylov.cg`, `lower/fista.py` and `lower/gradient.py` through the module's own kernels. Their
 arguments are every size, theta and every data array in meta.json's order, the loop's vectors,
 a control vector and an info vector (both doubles), and the bound problem's work buffer (its
-work_size covers the loops). `loops_for(k)` returns a `FusedLoops` for a bound problem of at most
-`FUSED_MAX_SIZE` unknowns whose module has them, else None: the Python loops then run, as they
-do for plain-NumPy kernels, with a history to record, or on a large problem (where a kernel call
-costs far more than the Python around it, and Ctrl-C should reach the loop between kernel calls).
+work_size covers the loops). `loops_for(k)` returns a `FusedLoops` for a bound problem whose
+module has them and whose x is small enough (`fused_size_limit`: FUSED_MAX_SIZE unknowns, or
+CHEAP_KERNEL_FACTOR times that when its data hold at most CHEAP_DATA_PER_ENTRY numbers per
+unknown, a stencil-like kernel), else None: the Python loops then run, as they do for
+plain-NumPy kernels, with a history to record, or on a large problem with costly kernels (where
+a kernel call costs far more than the Python and vector work around it, and Ctrl-C should reach
+the loop between kernel calls).
 """
 from __future__ import annotations
 
@@ -25,11 +28,19 @@ from .common import hvp_at
 from .krylov import CGResult, cg, energy_estimate
 from .results import Status
 
-__all__ = ["FUSED_MAX_SIZE", "FusedLoops", "loops_for", "fused_cg", "cg_at", "count", "contiguous",
+__all__ = ["FUSED_MAX_SIZE", "CHEAP_KERNEL_FACTOR", "CHEAP_DATA_PER_ENTRY", "fused_size_limit",
+           "FusedLoops", "loops_for", "fused_cg", "cg_at", "count", "contiguous",
            "LOOP_STATUSES"]
 
 #: Largest x (entries) for which the solvers take the fused loops (measured: docs/solvers.md 5).
 FUSED_MAX_SIZE = 4096
+
+#: A problem whose data hold at most CHEAP_DATA_PER_ENTRY numbers per entry of x (an image and
+#: its target for 2-D TV: 2) has kernels that cost a few vector passes per call, so the Python
+#: loops' own vector work and round trips still weigh at many more entries: the fused loops run
+#: up to CHEAP_KERNEL_FACTOR * FUSED_MAX_SIZE entries there (measured: docs/solvers.md 5).
+CHEAP_DATA_PER_ENTRY = 8
+CHEAP_KERNEL_FACTOR = 32
 
 #: info[0] of a loop -> Status (codegen/compiler/emit/loops.py LOOP_STATUS).
 LOOP_STATUSES = (Status.CONVERGED, Status.CAPPED, Status.DIVERGED, Status.NON_FINITE,
@@ -40,6 +51,7 @@ REASON_KERNEL, REASON_ITERATE, REASON_CURVATURE = 1, 2, 3
 
 _INFO_SIZE = 8
 _LOOPS: weakref.WeakKeyDictionary[Any, FusedLoops | None] = weakref.WeakKeyDictionary()
+_DATA_PER_ENTRY: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
 class FusedLoops:
@@ -89,10 +101,28 @@ class FusedLoops:
         return info
 
 
+def fused_size_limit(k: Any) -> int:
+    """The largest x for which bound problem k takes the fused loops: FUSED_MAX_SIZE, times
+    CHEAP_KERNEL_FACTOR when its data hold at most CHEAP_DATA_PER_ENTRY numbers per entry of x
+    (nonzeros for sparse data). Deterministic (sizes only), so every run of a problem takes the
+    same loops."""
+    try:
+        per_entry = _DATA_PER_ENTRY[k]
+    except KeyError:
+        data = getattr(k, "data", {}).values()
+        numbers = sum(int(v.nnz) if hasattr(v, "nnz") else int(np.size(v)) for v in data)
+        per_entry = _DATA_PER_ENTRY[k] = numbers / max(int(k.x_size), 1)
+    except TypeError:  # not weakly referenceable: not a bound problem
+        return FUSED_MAX_SIZE
+    return FUSED_MAX_SIZE * (CHEAP_KERNEL_FACTOR if per_entry <= CHEAP_DATA_PER_ENTRY else 1)
+
+
 def loops_for(k: Any) -> FusedLoops | None:
-    """The fused loops of bound problem k when it has them and x has at most FUSED_MAX_SIZE
-    entries, else None (plain kernels, an older module, a large problem)."""
-    if getattr(k, "x_size", FUSED_MAX_SIZE + 1) > FUSED_MAX_SIZE:
+    """The fused loops of bound problem k when it has them and x has at most
+    `fused_size_limit(k)` entries, else None (plain kernels, an older module, a large problem
+    with costly kernels)."""
+    size = getattr(k, "x_size", None)
+    if size is None or size > FUSED_MAX_SIZE and size > fused_size_limit(k):
         return None
     try:
         return _LOOPS[k]
