@@ -313,8 +313,8 @@ def test_a_row_scale_of_constant_modulus_is_applied_exactly_without_a_copy():
 
 def test_first_order_solvers_tighten_block_sums_and_newton_does_not(monkeypatch):
     """Block sums shrink a step size 1/L (FISTA: 8x the iterations at 20000 x 2000): a first-order
-    lower solver asks the bind to recompute ||K||^2 by the Gram matrix once; Newton-CG keeps the
-    block sums. Both certified bounds hold against a tight solve."""
+    lower or adjoint solver asks the bind to recompute ||K||^2 by the Gram matrix once; Newton-CG
+    keeps the block sums. Every certified bound holds against a tight solve."""
     import codegen
 
     monkeypatch.setattr(spectral, "EIGH_SIDE_LIMIT", 0)
@@ -325,10 +325,11 @@ def test_first_order_solvers_tighten_block_sums_and_newton_does_not(monkeypatch)
     prob = module.bind(**data)
     reference = prob.hypergradient(theta, lower="newton", adjoint="cg", eps=1e-12, delta=1e-12)
     exact = exact_normsq(data["y"][:, None] * data["A"])
-    for lower, tightened in (("newton", False), ("fista", True)):
+    for lower, adjoint, tightened in (("newton", "cg", False), ("fista", "cg", True),
+                                      ("newton", "gd", True)):
         prob = module.bind(**data)
         loose = prob.constants(theta)
-        hg = prob.hypergradient(theta, lower=lower, adjoint="cg", rtol=1e-6)
+        hg = prob.hypergradient(theta, lower=lower, adjoint=adjoint, rtol=1e-6)
         after = prob.constants(theta)
         q = prob._prepared_constants()["quantities"]["normsq_K1"]
         assert ("Cholesky certificate" in q["method"]) == tightened, q["method"]

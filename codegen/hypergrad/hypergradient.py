@@ -101,7 +101,7 @@ def hypergradient(k: Any, theta: Any, options: HypergradientOptions | None = Non
     th = checked_theta(k, theta)
     c_global = checked_constants(k, th)
     ledger = _Ledger(notes=list(c_global["notes"]))
-    c = _step_size_constants(k, th, c_global, opts.lower, x0, ledger)
+    c = _step_size_constants(k, th, c_global, opts.lower, x0, ledger, opts.adjoint)
     dense: dict[str, Any] = {}  # lower="direct" and adjoint="direct" share one Hessian factor
     low = run_lower(k, th, c, opts.lower, opts.eps, x0, opts.max_iter, opts.record,
                     adjoint_entry(opts.adjoint).backprop, dense)
@@ -193,13 +193,16 @@ def _in_rounds(fn: Any, k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
 
 
 def _step_size_constants(k: Any, th: np.ndarray, c: dict[str, Any], lower: str, x0: Any,
-                         ledger: _Ledger) -> dict[str, Any]:
+                         ledger: _Ledger, adjoint: str | None = None) -> dict[str, Any]:
     """c with an infinite L replaced by L on B(x0, 2 G0/mu) for a solver that takes its step
     from L (docs/bounds.md 4; exp / polynomial atoms are infinite globally). The ball holds x0
-    and x*; a wrong L can only stall the solver, its G/mu certificate needs mu alone. Such a
-    solver first asks k to tighten ||K||^2 where block sums bounded it (docs/constants.md 4)."""
+    and x*; a wrong L can only stall the solver, its G/mu certificate needs mu alone. A lower or
+    adjoint solver with a step size from L first asks k to tighten ||K||^2 where block sums
+    bounded it (docs/constants.md 4)."""
+    steps = lower_entry(lower).needs_finite_L or (
+        adjoint is not None and adjoint_entry(adjoint).needs_finite_L)
     tighten = getattr(k, "tighten_constants", None)
-    if lower_entry(lower).needs_finite_L and tighten is not None and tighten():
+    if steps and tighten is not None and tighten():
         c = checked_constants(k, th)
         ledger.notes.append("step sizes: ||K||^2 by the Gram matrix instead of block sums")
     if not (hasattr(k, "local_constants") and not math.isfinite(c["L"])
