@@ -274,3 +274,78 @@ class GroupLogistic(AffineLogistic):
         out.update(mu=float(al.min()) / _UP, L=(self._L0 + float(al.max())) * _UP,
                    L_B=float(al.max()) * _UP)
         return out
+
+
+class RidgeLogisticUpper:
+    """g = 1/(2m) ||K x - y||^2 + e^theta/2 ||x||^2 (quadratic), f = the mean logistic loss of the
+    labelled validation rows Zv (not quadratic): Corollary 15.3 with L_A = L_3 = 0 and
+    L_Hf = (sqrt3/18) ||Zv||^2 max||zv_i||/pv."""
+
+    is_quadratic = True
+    upper_is_quadratic = False
+    upper_depends_on_theta = False
+    theta_size = 1
+
+    def __init__(self, seed=0, m=50, d=6, pv=40):
+        rs = np.random.RandomState(seed)
+        w = rs.randn(d)
+        self.K = rs.randn(m, d)
+        self.y = self.K @ w + 0.3 * rs.randn(m)
+        Kv = rs.randn(pv, d)
+        yv = np.where(Kv @ w + 0.5 * rs.randn(pv) > 0, 1.0, -1.0)
+        self.Zv = yv[:, None] * Kv
+        self.m, self.x_size, self.pv = m, d, pv
+        self.KtK = self.K.T @ self.K / m
+        self._L0 = _spec2(self.K) / m
+        self._Lf = _spec2(self.Zv) / (4.0 * pv)
+        self._LHf = ((math.sqrt(3.0) / 18.0) * _spec2(self.Zv)
+                     * float(np.max(np.linalg.norm(self.Zv, axis=1))) / pv * _UP)
+
+    def _alpha(self, theta):
+        return math.exp(float(np.asarray(theta).ravel()[0]))
+
+    def lower_value(self, x, theta):
+        r = self.K @ x - self.y
+        return 0.5 * float(r @ r) / self.m + 0.5 * self._alpha(theta) * float(x @ x)
+
+    def lower_grad(self, x, theta):
+        return self.K.T @ (self.K @ x - self.y) / self.m + self._alpha(theta) * x
+
+    def hessian(self, x, theta):
+        return self.KtK + self._alpha(theta) * np.eye(self.x_size)
+
+    def lower_hvp(self, x, theta, v):
+        return self.KtK @ v + self._alpha(theta) * v
+
+    def cross_matrix(self, x, theta):
+        return self._alpha(theta) * np.asarray(x, float)[:, None]
+
+    def cross_vjp(self, x, theta, q):
+        return self.cross_matrix(x, theta).T @ q
+
+    def cross_jvp(self, x, theta, t):
+        return self.cross_matrix(x, theta) @ np.atleast_1d(np.asarray(t, float))
+
+    def upper_value(self, x, theta):
+        return float(np.mean(np.logaddexp(0.0, -self.Zv @ x)))
+
+    def upper_grad(self, x, theta):
+        return -self.Zv.T @ expit(-self.Zv @ x) / self.pv
+
+    def upper_hessian(self, x, theta):
+        z = self.Zv @ x
+        return (self.Zv.T * (expit(z) * expit(-z))) @ self.Zv / self.pv
+
+    def upper_hvp(self, x, theta, v):
+        return self.upper_hessian(x, theta) @ v
+
+    def upper_theta_grad(self, x, theta):
+        return np.zeros(1)
+
+    def lower_tvp(self, x, theta, v, w):
+        return np.zeros(self.x_size)
+
+    def constants(self, theta):
+        a = self._alpha(theta)
+        return {"mu": a / _UP, "L": (self._L0 + a) * _UP, "L_A": 0.0, "L_B": a * _UP,
+                "L_f": self._Lf, "L_Hf": self._LHf, "certified": True, "source": "derived"}

@@ -394,7 +394,9 @@ from nonquadratic_kernels import x_star as nq_x_star  # noqa: E402
 
 
 def _nonquadratic():
+    from nonquadratic_kernels import RidgeLogisticUpper
     return {
+        "ridge-logistic-f": (RidgeLogisticUpper(seed=5), np.array([-1.5])),
         "logistic": (AffineLogistic.generate(seed=0, m=60, d=6, pv=40), np.array([-2.0])),
         "logistic-weak": (AffineLogistic.generate(seed=1, m=80, d=8, pv=50), np.array([-4.0])),
         "tv": (SmoothTV1D.generate(seed=2, n=24), np.array([1.0])),

@@ -27,7 +27,7 @@ import numpy as np
 
 from .bounds import aposteriori_bound, certified_product
 from .common import SolverError, fmt
-from .correction import Correction, combined, correct, higher_constants
+from .correction import Correction, combined, correct, higher_constants, uses_general_terms
 from .lower.stopping import solution_floor
 from .results import HypergradientResult, Reason, ReasonKind, Status
 
@@ -308,8 +308,8 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             eps, delta, planned_v, planned_lam = dwr_planned(
                 hg, target / math.sqrt(n) if components else target,
                 bool(getattr(k, "upper_depends_on_theta", False)),
-                None if bool(getattr(k, "is_quadratic", False))
-                else higher_constants(k, np.asarray(hg.theta, dtype=np.float64)))
+                higher_constants(k, np.asarray(hg.theta, dtype=np.float64))
+                if uses_general_terms(k) else None)
             tol_v, tol_lam = [planned_v] * n, [planned_lam] * n
             x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself
             continue

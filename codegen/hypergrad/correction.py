@@ -80,15 +80,15 @@ class Correction:
 
 
 def dwr_unavailable(k: Any, theta: Any = None) -> str | None:
-    """None if Corollary 15.2 (g, f quadratic in x) or 15.3 (g not quadratic, B affine in x)
-    applies to k (docs/bounds.md 15.3), else why not. 15.3 needs the lower_tvp kernel, B affine in
-    x (`cross_is_affine`) and, at theta when given, finite L_3 (and L_Hf when f is not quadratic)
-    in k.constants(theta)."""
-    if bool(getattr(k, "is_quadratic", False)):
-        if not bool(getattr(k, "upper_is_quadratic", False)) or not hasattr(k, "upper_hvp"):
-            return "the upper Hessian depends on x (no second-order constant for the correction)"
-        return None
-    if not bool(getattr(k, "cross_is_affine", False)) or not hasattr(k, "lower_tvp"):
+    """None if Corollary 15.2 (g, f quadratic in x) or 15.3 (g or f not quadratic, B affine in
+    x) applies to k (docs/bounds.md 15.3), else why not. 15.3 needs, when g is not quadratic, the
+    lower_tvp kernel, B affine in x (`cross_is_affine`) and finite L_3, and when f is not
+    quadratic a finite L_Hf, in k.constants(theta) (checked when theta is given)."""
+    quadratic = bool(getattr(k, "is_quadratic", False))
+    if quadratic and bool(getattr(k, "upper_is_quadratic", False)):
+        return None if hasattr(k, "upper_hvp") else "the problem has no upper HVP"
+    if not quadratic and (not bool(getattr(k, "cross_is_affine", False))
+                          or not hasattr(k, "lower_tvp")):
         return ("the lower Hessian depends on x and B = d_theta grad_x g is not known to be "
                 "affine in x (Corollary 15.3 needs D_u = d(B u)/dx constant and the lower_tvp "
                 "kernel; with B not affine it would need a Lipschitz constant of D_u on the ball)")
@@ -96,11 +96,20 @@ def dwr_unavailable(k: Any, theta: Any = None) -> str | None:
         return "the problem has no upper HVP (the dual right-hand side)"
     if theta is not None:
         L3, LH = higher_constants(k, np.atleast_1d(np.asarray(theta, dtype=np.float64)))
-        if not (math.isfinite(L3) and math.isfinite(LH)):
+        if not math.isfinite(L3):
             return ("the lower Hessian depends on x and the constants give no finite L_3 "
                     "(Lipschitz constant of x -> DA(x), a fourth-derivative bound of g on the "
-                    "ball)" + ("" if math.isfinite(LH) else " or L_Hf (of the upper Hessian)"))
+                    "ball)")
+        if not math.isfinite(LH):
+            return ("the upper Hessian depends on x and the constants give no finite L_Hf "
+                    "(Lipschitz constant of x -> H_f(x) on the ball)")
     return None
+
+
+def uses_general_terms(k: Any) -> bool:
+    """Whether k's bound is Corollary 15.3's (g or f not quadratic in x) rather than 15.2's."""
+    return not (bool(getattr(k, "is_quadratic", False))
+                and bool(getattr(k, "upper_is_quadratic", False)))
 
 
 def higher_constants(k: Any, th: np.ndarray) -> tuple[float, float]:
@@ -124,7 +133,8 @@ def higher_constants(k: Any, th: np.ndarray) -> tuple[float, float]:
 def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
             tol_v: list[float | None], tol_lam: list[float | None], v0: list[Any],
             lam0: list[Any], max_iter: int, relative: float = 1e-3) -> Correction:
-    """Theorem 15.1 at hg's x_eps and q for each direction u (g and f quadratic in x).
+    """Theorem 15.1 at hg's x_eps and q for each direction u, bounded by Corollary 15.2 (g, f
+    quadratic in x) or 15.3 (`dwr_unavailable` says which applies).
 
     tol_v, tol_lam: the CG tolerances of the forward (A v = B u) and dual (A lam = m) solves,
     None for `relative` times the norm of the right-hand side; v0, lam0: warm starts (None: 0).
@@ -150,8 +160,7 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
         for key, n in used.items():
             work[key] += n
         parts.append(part)
-    return Correction(parts, R, work,
-                      "15.2" if bool(getattr(k, "is_quadratic", False)) else "15.3")
+    return Correction(parts, R, work, "15.3" if uses_general_terms(k) else "15.2")
 
 
 def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.ndarray,
@@ -181,7 +190,7 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     m = -(Bq - B0) - Hv
     quadratic = bool(getattr(k, "is_quadratic", False))
     Tvq = np.zeros_like(m)
-    if not quadratic:  # the third-derivative term of grad Phi_u (docs/bounds.md 15.1)
+    if not quadratic:  # the third-derivative term of grad Phi_u (docs/bounds.md 15.3)
         T, _ = call_kernel(k.lower_tvp, x, th, fwd.q, q)
         used["hvps"] += 1
         if T is None:
@@ -198,7 +207,7 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     terms = product_terms(mu, E, R, fwd.residual, dual.residual, certified_product(LB, nu), Lf,
                           certified_product(float(c.get("L_ft", 0.0)), nu)
                           if bool(getattr(k, "upper_depends_on_theta", False)) else 0.0)
-    if not quadratic:
+    if uses_general_terms(k):
         terms.update(nonquadratic_terms(
             mu, E, R, fwd.residual, certified_product(LB, nu), Lf, float(c["L_A"]),
             float(c["L_3"]), float(c["L_Hf"]),
