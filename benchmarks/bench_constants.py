@@ -12,7 +12,11 @@ the work units and the certified bound. Contenders run in turns (`--repeat` roun
   Cholesky certificate at 2000 columns);
 - "frobenius": blocks of one row, i.e. ||K||_F^2, to show what a loose constant costs the solve.
 
-    python benchmarks/bench_constants.py [--size 20000 2000] [--repeat 3] [--profile] [--threads N]
+With `--lower fista` (adjoint "cg") the first-order solver asks the bind to tighten block-sum
+||K||^2 by the Gram matrix (docs/constants.md 4): its time is then in the hypergradient column.
+
+    python benchmarks/bench_constants.py [--size 20000 2000] [--repeat 3] [--lower fista]
+                                         [--profile] [--threads N]
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ SETTINGS = {"blocks": {},
             "frobenius": {"BLOCK_ROWS": 1}}
 
 
-def one_run(module, data, settings: dict, profile: bool) -> dict:
+def one_run(module, data, settings: dict, profile: bool, solvers: dict) -> dict:
     """A fresh bind under `settings` (spectral module constants): seconds of constants and of the
     first hypergradient, its work and bound, the methods and values of the data quantities."""
     saved = {k: getattr(spectral, k) for k in settings}
@@ -57,7 +61,7 @@ def one_run(module, data, settings: dict, profile: bool) -> dict:
         t0 = time.perf_counter()
         c = prob.constants(THETA0)
         t1 = time.perf_counter()
-        hg = prob.hypergradient(THETA0, rtol=1e-6)
+        hg = prob.hypergradient(THETA0, rtol=1e-6, **solvers)
         t2 = time.perf_counter()
         if prof:
             prof.disable()
@@ -76,15 +80,17 @@ def main() -> None:
     m, n = (int(argv[argv.index("--size") + 1]), int(argv[argv.index("--size") + 2])) \
         if "--size" in argv else (20000, 2000)
     repeat = int(argv[argv.index("--repeat") + 1]) if "--repeat" in argv else 3
+    solvers = {"lower": argv[argv.index("--lower") + 1], "adjoint": "cg"} if "--lower" in argv \
+        else {}
     module = codegen.load(str(ROOT / "examples" / "logistic.py"))
     data = example_data(0, m=m, n=n, p=m // 4)
     runs: dict = {name: [] for name in SETTINGS}
     for _ in range(repeat):
         for name, settings in SETTINGS.items():
-            runs[name].append(one_run(module, data, settings, "--profile" in argv))
+            runs[name].append(one_run(module, data, settings, "--profile" in argv, solvers))
             time.sleep(0.25)
-    print(f"logistic {m} x {n} (validation {m // 4}), rtol=1e-6, threads {THREADS}, "
-          f"{repeat} fresh binds each, medians")
+    print(f"logistic {m} x {n} (validation {m // 4}), rtol=1e-6, {solvers or 'default solvers'}, "
+          f"threads {THREADS}, {repeat} fresh binds each, medians")
     print(f"{'method':10} {'constants s':>11} {'hypergrad s':>11} {'share':>6} {'units':>6} "
           f"{'L_A':>9} {'L_f':>9} {'bound':>9}")
     for name, rs in runs.items():
