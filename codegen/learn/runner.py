@@ -26,9 +26,9 @@ __all__ = ["StopRun", "Runner", "value_error_bound", "short_theta", "progress_ba
 
 #: Distinct non-"ok" hypergradient statuses kept in the result's notes.
 MAX_NOTES = 20
-#: The warm start is extrapolated along the last step when the new step is this aligned with it
-#: (|cos| >= ALIGNED) and at most MAX_EXTRAPOLATION times as long (`Runner.predicted`).
-ALIGNED, MAX_EXTRAPOLATION = 0.9, 4.0
+#: The warm start is extrapolated along the last step when the new step is at most this many
+#: times as long (`Runner.predicted`).
+MAX_EXTRAPOLATION = 4.0
 
 
 class StopRun(Exception):
@@ -205,22 +205,21 @@ class Runner:
         self.trail = (self.trail + [(th, self.x, self.q)])[-2:]
 
     def predicted(self, theta: np.ndarray) -> tuple[Any, Any]:
-        """Warm starts of x and q at theta: the last solution, moved along the secant of the
-        last two points solved at when theta lies (nearly) on their line,
-        x(theta) ~ x_b + c (x_b - x_a) with c = (theta - theta_b).s / s.s, s = theta_b - theta_a
-        (first order in the step where the last solution alone is zeroth order; exact for a
-        scalar theta up to the secant's error). Only a starting point: every solve certifies
-        its own result from wherever it starts. A method that reset x (a failed trial) gets its
-        own x back unchanged."""
-        if len(self.trail) < 2 or self.x is None or self.trail[-1][1] is not self.x:
+        """Warm starts of x and q at theta: for a scalar theta, the last solution moved along
+        the secant of the last two points solved at, x(theta) ~ x_b + c (x_b - x_a) with
+        c = (theta - theta_b) / (theta_b - theta_a): first order in the step, where the last
+        solution alone is zeroth order. For a vector theta the last solution: L-BFGS steps
+        rarely continue the last line, and where they did (hypercleaning) the path changed
+        without a cheaper point. Only a starting point: every solve certifies its own result
+        from wherever it starts. A method that reset x (a failed trial) gets its own x back."""
+        if self.theta_size != 1 or len(self.trail) < 2 or self.x is None \
+                or self.trail[-1][1] is not self.x:
             return self.x, self.q
         (th_a, x_a, q_a), (th_b, x_b, q_b) = self.trail
-        s, step = th_b - th_a, np.asarray(theta, dtype=float) - th_b
-        ss, along = float(s @ s), float(step @ s)
-        if ss == 0 or abs(along) < ALIGNED * float(np.linalg.norm(step)) * math.sqrt(ss) \
-                or abs(along) > MAX_EXTRAPOLATION * ss:
+        s = float(th_b[0] - th_a[0])
+        c = float(np.ravel(theta)[0] - th_b[0]) / s if s != 0 else math.inf
+        if not abs(c) <= MAX_EXTRAPOLATION:
             return self.x, self.q
-        c = along / ss
 
         def moved(b: Any, a: Any) -> Any:
             if self.multi:
