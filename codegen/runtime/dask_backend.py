@@ -3,10 +3,9 @@ opened on a scheduler address, runs each sample's task on its home worker.
 
 Installing scatters each worker's samples to it and runs one `install_samples` task there (the
 module travels as its directory name); the bound samples then live in that worker process's
-memory, outside Dask's store. A hypergradient is BATCHES_PER_THREAD Dask tasks per worker
-thread (`run_samples` on that worker's samples, split into batches), each carrying only theta,
-the options and the starting points that are not already there; the parent takes each batch's
-results as it completes, so they travel while the worker computes its next batch. Tasks are pinned to their home
+memory, outside Dask's store. A hypergradient is one Dask task per worker thread
+(`run_samples` on that worker's samples, split by thread), each carrying only theta, the
+options and the starting points that are not already there. Tasks are pinned to their home
 worker but may run elsewhere (loose restrictions): on a worker that does not hold a sample, its
 outcome is SampleMissing naming that worker, and the sample is installed there and run again
 from explicit arrays. A batch lost with its worker (KilledWorker, a cancelled future, a closed
@@ -34,13 +33,6 @@ __all__ = ["DaskBackend"]
 
 #: Seconds to wait for a scheduler to answer, and for its first worker to join.
 CONNECT_TIMEOUT = 30.0
-
-#: Batches per worker thread and call. With one batch a worker's results (x, q and the lower
-#: gradient: 395 KB per 128 x 128 sample) travelled all at once after its last sample, while the
-#: worker sat idle; with several, a batch's results travel while the worker computes the next,
-#: and the scheduler handles (workers x threads x BATCHES_PER_THREAD) tasks per call, still not
-#: one per sample.
-BATCHES_PER_THREAD = 4
 
 
 def _client(executor: Any) -> tuple[Any, bool]:
@@ -127,15 +119,16 @@ class DaskBackend:
                 self.home[s] = label  # where the install task ran
 
     def _submit(self, tasks: dict[int, SampleTask]) -> list[tuple[Any, list[SampleTask]]]:
-        """BATCHES_PER_THREAD Dask tasks per worker thread: each home worker's tasks split
-        into that many batches per thread (at most one per sample)."""
+        """One Dask task per worker thread: each home worker's tasks split into as many
+        batches as it has threads (the scheduler then handles workers x threads tasks per
+        call, not one per sample)."""
         threads = self.client.nthreads()
         by_worker: dict[str, list[SampleTask]] = {}
         for s in sorted(tasks):
             by_worker.setdefault(self.home[s], []).append(tasks[s])
         out = []
         for worker, mine in by_worker.items():
-            count = max(1, min(len(mine), BATCHES_PER_THREAD * int(threads.get(worker, 1))))
+            count = max(1, min(len(mine), int(threads.get(worker, 1))))
             for b in range(count):
                 batch = mine[b::count]
                 out.append((self.client.submit(
@@ -144,9 +137,6 @@ class DaskBackend:
         return out
 
     def run(self, pairs: list[tuple[SampleTask, SampleTask]]) -> list[HypergradientResult]:
-        """Each pair's result, its batch taken as it completes (cancelled and lost batches
-        too: as_completed yields them); the errors and losses are per sample as before."""
-        from dask.distributed import as_completed
         full = {warm.index: f for warm, f in pairs}
         send = {warm.index: warm for warm, _ in pairs}
         results: dict[int, HypergradientResult] = {}
@@ -158,9 +148,7 @@ class DaskBackend:
                 self._install(sorted(reinstall))
                 send.update({s: full[s] for s in reinstall if s in send})
             batches, send, reinstall = self._submit(send), {}, set()
-            by_key = {future.key: batch for future, batch in batches}
-            for future in as_completed([future for future, _ in batches]):
-                batch = by_key[future.key]
+            for future, batch in batches:
                 for task, outcome in zip(batch, self._outcomes(future, batch)):
                     s = task.index
                     if isinstance(outcome, HypergradientResult):
