@@ -50,14 +50,16 @@ LOOP_STATUSES = (Status.CONVERGED, Status.CAPPED, Status.DIVERGED, Status.NON_FI
 REASON_KERNEL, REASON_ITERATE, REASON_CURVATURE = 1, 2, 3
 
 _INFO_SIZE = 8
+_CONTROL_SIZE = 8
 _LOOPS: weakref.WeakKeyDictionary[Any, FusedLoops | None] = weakref.WeakKeyDictionary()
 _DATA_PER_ENTRY: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
 class FusedLoops:
-    """The fused loops of one bound problem: the fixed arguments (sizes, data, work) bound once,
-    the vectors, control and info per call, under the bound problem's kernel lock (the loops use
-    its shared work buffer, as every kernel does)."""
+    """The fused loops of one bound problem: the fixed arguments (sizes, data, work and its own
+    control and info vectors) bound once, theta and the vectors per call; each call fills the
+    control and reads the info under the bound problem's kernel lock (the loops use its shared
+    work buffer, as every kernel does)."""
 
     def __init__(self, k: Any) -> None:
         module = k.module
@@ -83,19 +85,22 @@ class FusedLoops:
         self.work = from_buffer("double[]", k.work)
         self.keep = (k.data, k.work)
         self.lock = k.kernels["lower_grad"].lock
+        self.control, self.info = np.zeros(_CONTROL_SIZE), np.zeros(_INFO_SIZE)
+        self.tail = [from_buffer("double[]", self.control), from_buffer("double[]", self.info),
+                     self.work]
 
     def run(self, name: str, theta: np.ndarray, vectors: list[np.ndarray],
             control: list[float]) -> np.ndarray:
         """Call loop `name`; vectors are C-contiguous float64 (outputs written in place).
         Returns the info vector."""
         from_buffer = self.ffi.from_buffer
-        info = np.full(_INFO_SIZE, np.nan)  # an entry a loop does not write reads as unknown
-        ctl = np.asarray(control, dtype=np.float64)
         args = [*self.sizes, from_buffer("double[]", theta), *self.data,
-                *(from_buffer("double[]", v) for v in vectors),
-                from_buffer("double[]", ctl), from_buffer("double[]", info), self.work]
+                *[from_buffer("double[]", v) for v in vectors], *self.tail]
         with self.lock:
+            self.control[:len(control)] = control
+            self.info.fill(np.nan)  # an entry a loop does not write reads as unknown
             status = self.functions[name](*args)
+            info: np.ndarray = self.info.copy()
         if status != 0:
             raise KernelError(f"{name}: invalid size (every size must be at least 1)")
         return info
@@ -188,7 +193,8 @@ def fused_cg(loops: FusedLoops, x_at: np.ndarray, theta: np.ndarray, b: np.ndarr
     info = loops.run("loop_cg", contiguous(theta), [contiguous(x_at), u, s],
                      [tol, scale, count(max_iter), count(min_iter), diverge, node])
     status = LOOP_STATUSES[int(info[0])]
-    message = _CGMessage(status, int(info[4]), float(info[5]), diverge).text()
+    message = ("" if status in (Status.CONVERGED, Status.CAPPED) else
+               _CGMessage(status, int(info[4]), float(info[5]), diverge).text())
     ss = float(info[3])
     energy = energy_estimate((float(info[6]), node) if node > 0 else None, ss)
     return CGResult(u, s, ss, int(info[1]), int(info[2]), status, message, energy)
