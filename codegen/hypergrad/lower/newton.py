@@ -51,7 +51,7 @@ def solve_newton(task: LowerTask) -> LowerResult:
             eta = min(eta, L_A * gn / (2 * mu * mu))
         inner_tol = max(eta * gn, NEWTON_TARGET_SHARE * tol * mu)
         run = cg_at(k, x, th, -g, tol=inner_tol,
-                    max_iter=min(budget - 1, NEWTON_INNER_MAX), diverge_from=norm(g))
+                    max_iter=min(budget - 1, NEWTON_INNER_MAX), diverge_from=gn)
         failed = run.status in (Status.NON_FINITE, Status.NOT_SPD)
         return run.x, run.matvecs, ((run.status, run.message) if failed else None)
 
