@@ -15,9 +15,12 @@ rounds, one call per round, median), BLAS and OpenMP on --threads threads (defau
 
 Printed: the setup (bind_samples: spawning and installing), the median seconds per hypergradient
 and the ratio serial / executor, and whether the executor's result has the serial bits
-(gradient, bound, value, per-sample x and q). Then what travels per sample: the data sent once,
-the task sent per hypergradient with the warm start on the worker and with explicit arrays, the
-result returned; and the parent's cost per task, from 64 samples of 8 x 8 (almost no work).
+(gradient, bound, value, per-sample x and q); then the "ceiling": --workers bare processes, no
+executor, each computing its share of the samples serially, started together (what the
+machine allows; timed after the contenders, not interleaved with them). Then what travels per
+sample: the data sent once, the task sent per hypergradient with the warm start on the worker
+and with explicit arrays, the result returned; and the parent's cost per task, from 64 samples
+of 8 x 8 (almost no work).
 The goal of issue 15: at least 1.7x faster than serial with 2 workers at 64 samples.
 """
 from __future__ import annotations
@@ -99,6 +102,38 @@ def compare(module, client, count: int, size: int, workers: int, repeat: int) ->
               f"{serial_seconds / seconds:>7.2f}x {same:>9}")
 
 
+def _share(rank: int, workers: int, count: int, size: int, repeat: int, barrier, out) -> None:
+    """One bare process of `ceiling`: every workers-th sample, serially, in rounds in step."""
+    module = codegen.load(str(ROOT / "examples" / "tv2d.py"))
+    prob = module.bind_samples(image_samples(count, size)[rank::workers])
+    prob.hypergradient(THETA0)
+    times = []
+    for _ in range(repeat):
+        barrier.wait()
+        start = time.perf_counter()
+        prob.hypergradient(THETA0)
+        times.append(time.perf_counter() - start)
+    out.put(times)
+
+
+def ceiling(count: int, size: int, workers: int, repeat: int) -> float:
+    """The machine's own limit, no executor at all: `workers` independent processes, each the
+    serial hypergradient of its share of the samples, started together (a barrier per round);
+    the median over rounds of the slowest share. Two processes on two cores that share caches,
+    memory bandwidth or a host with other guests take longer than one alone."""
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    barrier, out = context.Barrier(workers), context.Queue()
+    procs = [context.Process(target=_share, args=(r, workers, count, size, repeat, barrier, out))
+             for r in range(workers)]
+    for p in procs:
+        p.start()
+    rounds = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return float(np.median(np.max(rounds, axis=0)))
+
+
 def traffic(module, size: int) -> None:
     """Bytes per sample: data (once), task (warm / explicit, per hypergradient), result."""
     data = image_samples(1, size)
@@ -165,6 +200,9 @@ def main() -> None:
               f"{'same bits':>9}")
         for count in counts:
             compare(module, client, count, size, args.workers, args.repeat)
+            bare = ceiling(count, size, args.workers, max(args.repeat, 3))
+            print(f"{count:>7} {'ceiling':>10} {'':>9} {bare:>9.3f}   ({args.workers} bare "
+                  "processes, each its share serially: the machine's limit)")
         traffic(module, size)
         overhead(module, client, args.workers)
 
