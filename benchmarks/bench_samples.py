@@ -103,7 +103,11 @@ def compare(module, client, count: int, size: int, workers: int, repeat: int) ->
 
 
 def _share(rank: int, workers: int, count: int, size: int, repeat: int, barrier, out) -> None:
-    """One bare process of `ceiling`: every workers-th sample, serially, in rounds in step."""
+    """One bare process of `ceiling`: every workers-th sample, serially, in rounds in step. It
+    inherits the MALLOC_TRIM_THRESHOLD_ the LocalCluster set in this process's environment, and
+    tunes the allocator as the executors' workers do (docs/distributed.md 1)."""
+    from codegen.runtime.sample_worker import tune_allocator
+    tune_allocator()
     module = codegen.load(str(ROOT / "examples" / "tv2d.py"))
     prob = module.bind_samples(image_samples(count, size)[rank::workers])
     prob.hypergradient(THETA0)
