@@ -30,12 +30,14 @@ int hg_tv2d_upper_grad(int64_t h, int64_t w, const double *restrict theta, const
 int hg_tv2d_upper_theta_grad(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, double *restrict theta_bar);
 /* (d2f/dx2) v, forward over reverse */
 int hg_tv2d_upper_hvp(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, double *restrict X_bar_dot);
+/* (d3g/dx3)[v, w, .] = grad_x (v^T (d2g/dx2) w), forward over the HVP */
+int hg_tv2d_lower_tvp(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, const double *restrict hg_w, double *restrict X_bar_dot_dw_dot);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_tv2d_lower_hessian(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
 int hg_tv2d_cross_matrix(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, double *restrict cross_out, double *restrict work);
 
-/* CG on A(xh) u = b from u with residual s = b - A u (both updated in place); ctl = [tol, scale, max_iter, min_iter, diverge_from (< 0: none)]; info = [status, iterations, matvecs, s.s, reason, value] */
+/* CG on A(xh) u = b from u with residual s = b - A u (both updated in place); ctl = [tol, scale, max_iter, min_iter, diverge_from (< 0: none), mu (<= 0: none)]; info = [status, iterations, matvecs, s.s, reason, value, alpha_mu (Gauss-Radau)] */
 int hg_tv2d_loop_cg(int64_t h, int64_t w, const double *restrict theta, const double *restrict Xt, const double *restrict Y, const double *restrict hg_xh, double *restrict hg_u, double *restrict hg_s, const double *restrict hg_ctl, double *restrict hg_info, double *restrict hg_work);
 /* strongly convex FISTA from x0: the last z with a finite gradient into z, its gradient into g; ctl = [tol, mu, tau, q, max_iter]; info = [status, iterations, gradients, ||g||, ||g0||, beta_last, have_z, reason] */
 int hg_tv2d_loop_fista(int64_t h, int64_t w, const double *restrict theta, const double *restrict Xt, const double *restrict Y, const double *restrict hg_x0, double *restrict hg_z, double *restrict hg_g, const double *restrict hg_ctl, double *restrict hg_info, double *restrict hg_work);
