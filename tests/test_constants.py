@@ -553,6 +553,16 @@ L_A = 0   [exact, certified; all x; all theta]
     g1: 0   [exact, certified]
     g2: 0   [exact, certified]
 
+L_3 = 0   [exact, certified; all x; all theta]
+    rule: Lipschitz constant of x -> DA(x) (fourth derivative of g): sum over terms of |c| max w sup|psi''''| ||K||^2 max_I ||K_I||^2 (quadratic terms: 0; infinite where the atom table has no sup|psi''''|)
+    g1: 0   [exact, certified]
+    g2: 0   [exact, certified]
+
+L_DB = 0   [exact, certified; all x; all theta]
+    rule: Lipschitz constant of x -> d(B u)/dx per ||u||: 0 when every term that reads theta is quadratic in x (B affine in x); otherwise not derived (infinite)
+    g1: 0   [exact, certified]
+    g2: 0   [exact, certified]
+
 L_B = exp(theta)   [bound, certified; all x; all theta]
     rule: columns of B: theta_l in a coefficient c gives |dc/dtheta_l| sup|psi''| ||K||^2, in an atom parameter |c| sup|d psi''/d theta_l| ||K||^2 (added over terms), combined as sqrt(sum of squares); per-sample weights add max|v'| sup|psi''| max_I||K_I|| ||K||
     g1: 0   [exact, certified]
@@ -561,6 +571,10 @@ L_B = exp(theta)   [bound, certified; all x; all theta]
 L_f = normsq_K2/p   [exact, certified; all x; all theta]
     rule: max(|m_f|, |M_f|) of the upper level's curvature interval (Weyl over the terms of f)
     f1: normsq_K2/p   [exact, certified]
+
+L_Hf = 0   [exact, certified; all x; all theta]
+    rule: Lipschitz constant of x -> H_f(x): the rule of L_A over the terms of f (quadratic f: 0)
+    f1: 0   [exact, certified]
 
 data quantities (computed at bind time):
   K1: x -> (Sum(A[i, j]*x[j], (j, 0, n - 1)))_{i}, m rows
@@ -756,3 +770,75 @@ def test_scatter_jacobian_equals_dense_one_hot():
                             counts)
         assert got[0] == dense[0] and got[2] and dense[2]
         np.testing.assert_allclose(got[1], dense[1], rtol=1e-14, atol=1e-14)
+
+
+# -- L_3, L_Hf, L_DB: the constants of the DWR certificate's Corollary 15.3 -----------------
+@pytest.mark.parametrize("psi", [sp.log(1 + sp.exp(-atoms.T)), sp.sqrt(atoms.T ** 2 + sp.Rational(1, 100)),
+                                 sp.log(sp.cosh(2 * atoms.T))])
+def test_atom_fourth_derivative_sup_is_tight(psi):
+    """The table's sup|psi''''| is >= the sampled maximum and attained (within 0.1%)."""
+    d4 = float(atoms.analyse_atom(psi).d4)
+    f4 = sp.lambdify(atoms.T, sp.diff(psi, atoms.T, 4), "numpy")
+    t = np.concatenate([np.linspace(-20, 20, 200001), [0.0]])
+    sampled = float(np.max(np.abs(f4(t))))
+    assert sampled <= d4 * (1 + 1e-12) and d4 <= 1.001 * sampled, (psi, d4, sampled)
+
+
+def _logistic_derivatives(Z, x, a, e, order):
+    """||D^(order-2) H(x)[a(, e)]|| of x -> mean_i log(1 + exp(-z_i . x)), exactly."""
+    s = 1.0 / (1.0 + np.exp(-(Z @ x)))
+    w = s * (1 - s) * (1 - 2 * s) * -(Z @ a) if order == 3 else \
+        s * (1 - s) * (1 - 6 * s * (1 - s)) * (Z @ a) * (Z @ e)
+    return np.linalg.norm((Z.T * w) @ Z / Z.shape[0], 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_logistic_L3_and_LHf_against_brute_force(seed):
+    """L_3 >= ||D^2 A(x)[a, e]|| and L_Hf >= ||D H_f(x)[a]|| at random points and unit
+    directions and at the worst case of the rule (a = e = the longest row, x with its margin
+    0), and within a factor 2 of the largest value measured; B is affine (L_DB = 0)."""
+    rng = np.random.default_rng(seed)
+    data = {"A": rng.standard_normal((4, 3)), "y": np.sign(rng.standard_normal(4)),
+            "Av": rng.standard_normal((3, 3)), "yv": np.sign(rng.standard_normal(3))}
+    der = derive(logistic_problem())
+    c = evaluate(der, np.array([0.0]), compute_data_quantities(der, data))
+    assert c["L_DB"] == 0.0 and c["certified"]
+    observed = {}
+    for key, Z, order in (("L_3", data["y"][:, None] * data["A"], 4),
+                          ("L_Hf", data["yv"][:, None] * data["Av"], 3)):
+        k = Z[np.argmax(np.linalg.norm(Z, axis=1))]
+        k_unit = k / np.linalg.norm(k)
+        points = [3 * rng.standard_normal(3) for _ in range(200)]
+        points += [rng.standard_normal(3) * 1e-3 + t * k_unit for t in np.linspace(-2, 2, 41)]
+        best = 0.0
+        for x in points:
+            dirs = [rng.standard_normal(3) for _ in range(3)] + [k_unit]
+            for a in dirs:
+                a = a / np.linalg.norm(a)
+                best = max(best, _logistic_derivatives(Z, x, a, a, order))
+        assert c[key] >= best * (1 - 1e-12), (key, c[key], best)
+        assert c[key] <= 2 * best, (key, c[key], best)
+        observed[key] = best
+    print(f"\nbound/observed seed {seed}: "
+          + ", ".join(f"{k} {c[k] / v:.3g}" for k, v in observed.items()))
+
+
+def test_fourth_derivative_and_affine_cross_records():
+    """L_3 = 0 and L_Hf = 0 for quadratic g and f; theta weighting a non-quadratic term makes B
+    non-affine in x (L_DB infinite); an atom without a table sup|psi''''| gives L_3 = oo."""
+    ridge = derive(ridge_problem()).constants
+    assert ridge["L_3"].expr == 0 and ridge["L_Hf"].expr == 0 and ridge["L_DB"].expr == 0
+    assert "L_3" in format_tree(derive(logistic_problem())) and "L_DB" in format_tree(
+        derive(logistic_problem()))
+    m, n = sp.symbols("m n", integer=True, positive=True)
+    i, j = sp.Idx("i", m), sp.Idx("j", n)
+    A, x, theta = sp.IndexedBase("A", shape=(m, n)), sp.IndexedBase("x", shape=(n,)), sp.Symbol("theta")
+    weighted = Problem(
+        name="weighted_logistic", x=x, theta=theta,
+        lower=sp.exp(theta) * sp.Sum(sp.log(1 + sp.exp(sp.Sum(A[i, j] * x[j], (j, 0, n - 1)))),
+                                     (i, 0, m - 1)) + sp.Sum(x[j] ** 2, (j, 0, n - 1)) / 2,
+        upper=sp.Sum(x[j] ** 2, (j, 0, n - 1)) / 2)
+    cons = derive(weighted).constants
+    assert cons["L_DB"].expr == sp.oo and cons["L_3"].expr != sp.oo and cons["L_Hf"].expr == 0
+    group = derive(tv2d_problem()).constants
+    assert group["L_3"].expr == sp.oo and group["L_DB"].expr == sp.oo  # theta weights TV

@@ -575,19 +575,68 @@ def test_tightening_gives_tiny_terms_no_share_of_the_target():
     assert 4.0 * f_E ** 2 > DWR_SHARE / 8
 
 
-def test_generated_nonquadratic_problem_keeps_er_and_says_why(build_dir):
-    """A generated non-quadratic problem as built (no cross_is_affine flag, no L_3 in its derived
-    constants): certificate="dwr" reports E&R's bound, valid, with the reason in the notes."""
+def test_generated_logistic_gets_dwr_from_its_derived_constants(build_dir):
+    """The generated logistic problem as built (no wrapper): its derived constants give L_DB = 0
+    (B = e^theta x affine in x), L_3 and L_Hf equal to the data formulas of
+    nonquadratic_kernels.GeneratedLogistic, so certificate="dwr" applies; in a sweep of fixed
+    tolerances the bounds hold against grad F from dense Newton solves."""
+    from nonquadratic_kernels import GeneratedLogistic
+
+    from codegen.hypergrad.correction import dwr_unavailable
     _, module, ns = built_example("logistic", build_dir)
     data = ns["example_data"](seed=3, m=60, n=6, p=40)
     prob = module.bind(**data)
     theta = np.array([math.log(0.05)])
+    reference = GeneratedLogistic(prob, data)
+    c = prob.constants(theta)
+    assert c["L_DB"] == 0.0
+    assert c["L_3"] == pytest.approx(reference._L3, rel=1e-9)
+    assert c["L_Hf"] == pytest.approx(reference._LHf, rel=1e-9)
+    assert dwr_unavailable(prob, theta) is None
+    assert "not known to be affine" in dwr_unavailable(prob)  # no theta: constants unread
+    exact = nq_exact(reference, theta)
+    for lower in ("gd", "newton"):
+        for tol in (1e-1, 1e-2, 1e-3, 1e-5, 1e-7):
+            hg = hypergradient(prob, theta, lower=lower, adjoint="cg", eps=tol, delta=tol,
+                               certificate="dwr")
+            assert hg.status == "ok" and hg.certificate == "dwr", (lower, tol, hg.notes[-1])
+            assert "Corollary 15.3" in hg.notes[-1]
+            assert np.linalg.norm(hg.grad - exact) <= hg.bound, (lower, tol)
+            assert np.linalg.norm(hg.uncorrected_grad - exact) <= hg.uncorrected_bound
     hg = prob.hypergradient(theta, lower="gd", adjoint="cg", rtol=1e-6, certificate="dwr")
-    assert hg.certificate == "er" and hg.status == "ok"
-    assert "not known to be affine in x" in hg.notes[-1]
-    from nonquadratic_kernels import GeneratedLogistic
-    exact = nq_exact(GeneratedLogistic(prob, data), theta)
+    assert hg.certificate == "dwr" and hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
     assert np.linalg.norm(hg.grad - exact) <= hg.bound
+
+
+def test_generated_lower_tvp_differences_below_L3(build_dir):
+    """Central differences of the generated lower_tvp kernel along a give D^2 A(x)[a, a] column
+    by column (lower_tvp(x, v, w) = D^3 g(x)[v, w, .]); they match the exact fourth derivative,
+    stay below the derived L_3 and reach a third of it at the rule's worst case (a along the
+    longest row, x on its zero margin)."""
+    from scipy.special import expit
+    _, module, ns = built_example("logistic", build_dir)
+    data = ns["example_data"](seed=5, m=4, n=3, p=3)
+    prob = module.bind(**data)
+    theta = np.array([0.0])
+    L3 = prob.constants(theta)["L_3"]
+    Z = data["y"][:, None] * data["A"]
+    row = Z[np.argmax(np.linalg.norm(Z, axis=1))]
+    unit = row / np.linalg.norm(row)
+    rng = np.random.default_rng(0)
+    points = [2 * rng.standard_normal(3) for _ in range(20)] + [0.01 * rng.standard_normal(3)
+                                                                  for _ in range(5)]
+    best, h = 0.0, 1e-4
+    for x in points:
+        for a in [unit] + [d / np.linalg.norm(d) for d in rng.standard_normal((3, 3))]:
+            cols = [(prob.lower_tvp(x + h * a, theta, a, e) - prob.lower_tvp(x - h * a, theta, a, e))
+                    / (2 * h) for e in np.eye(3)]
+            M = np.column_stack(cols)
+            s = expit(Z @ x)
+            w = s * (1 - s) * (1 - 6 * s * (1 - s)) * (Z @ a) ** 2
+            exact = (Z.T * w) @ Z / Z.shape[0]
+            assert np.allclose(M, exact, rtol=1e-5, atol=1e-7 * L3)
+            best = max(best, float(np.linalg.norm(M, 2)))
+    assert best <= L3 and L3 <= 3 * best, (L3, best)
 
 
 @pytest.mark.parametrize("name", ["logistic", "tv"])

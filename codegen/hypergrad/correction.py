@@ -82,20 +82,21 @@ class Correction:
 def dwr_unavailable(k: Any, theta: Any = None) -> str | None:
     """None if Corollary 15.2 (g, f quadratic in x) or 15.3 (g or f not quadratic, B affine in
     x) applies to k (docs/bounds.md 15.3), else why not. 15.3 needs, when g is not quadratic, the
-    lower_tvp kernel, B affine in x (`cross_is_affine`) and finite L_3, and when f is not
-    quadratic a finite L_Hf, in k.constants(theta) (checked when theta is given)."""
+    lower_tvp kernel, B affine in x (`cross_is_affine`, or L_DB = 0 in k.constants(theta): the
+    derivation proved every theta-dependent term of g quadratic in x) and finite L_3, and when f
+    is not quadratic a finite L_Hf, in k.constants(theta) (read when theta is given)."""
     quadratic = bool(getattr(k, "is_quadratic", False))
     if quadratic and bool(getattr(k, "upper_is_quadratic", False)):
         return None if hasattr(k, "upper_hvp") else "the problem has no upper HVP"
-    if not quadratic and (not bool(getattr(k, "cross_is_affine", False))
-                          or not hasattr(k, "lower_tvp")):
+    th = None if theta is None else np.atleast_1d(np.asarray(theta, dtype=np.float64))
+    if not quadratic and (not _cross_affine(k, th) or not hasattr(k, "lower_tvp")):
         return ("the lower Hessian depends on x and B = d_theta grad_x g is not known to be "
                 "affine in x (Corollary 15.3 needs D_u = d(B u)/dx constant and the lower_tvp "
                 "kernel; with B not affine it would need a Lipschitz constant of D_u on the ball)")
     if not hasattr(k, "upper_hvp"):
         return "the problem has no upper HVP (the dual right-hand side)"
-    if theta is not None:
-        L3, LH = higher_constants(k, np.atleast_1d(np.asarray(theta, dtype=np.float64)))
+    if th is not None:
+        L3, LH = higher_constants(k, th)
         if not math.isfinite(L3):
             return ("the lower Hessian depends on x and the constants give no finite L_3 "
                     "(Lipschitz constant of x -> DA(x), a fourth-derivative bound of g on the "
@@ -104,6 +105,15 @@ def dwr_unavailable(k: Any, theta: Any = None) -> str | None:
             return ("the upper Hessian depends on x and the constants give no finite L_Hf "
                     "(Lipschitz constant of x -> H_f(x) on the ball)")
     return None
+
+
+def _cross_affine(k: Any, th: np.ndarray | None) -> bool:
+    """Whether B = d_theta grad_x g is known to be affine in x: the kernel says so
+    (cross_is_affine) or, at theta, the derived constants give L_DB = 0 (the Lipschitz constant
+    of x -> d(B u)/dx)."""
+    if bool(getattr(k, "cross_is_affine", False)):
+        return True
+    return th is not None and float(dict(k.constants(th)).get("L_DB", math.inf)) == 0.0
 
 
 def uses_general_terms(k: Any) -> bool:

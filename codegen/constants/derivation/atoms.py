@@ -40,6 +40,7 @@ class AtomFacts:
     certified: bool = True
     rule: str = ""
     message: str = ""
+    d4: sp.Expr = sp.oo  # sup |psi''''| (L_3); oo where the table has no value
 
     @property
     def peak(self):
@@ -118,7 +119,8 @@ def _sum_facts(facts):
                      sp.Add(*[f.hi for f in facts]), sp.Add(*[f.d3 for f in facts]), dth,
                      "bound", all(f.certified for f in facts),
                      "sum of atoms: " + "; ".join(f.rule for f in facts),
-                     "; ".join(f.message for f in facts if f.message))
+                     "; ".join(f.message for f in facts if f.message),
+                     sp.Add(*[f.d4 for f in facts]))
 
 
 def _scale_facts(f, kappa, theta_syms):
@@ -134,7 +136,7 @@ def _scale_facts(f, kappa, theta_syms):
         for s in kappa.free_symbols & set(theta_syms):
             dth[s] = dth.get(s, 0) + sp.Abs(sp.diff(kappa, s)) * f.peak
     return AtomFacts(f"{kappa}*{f.name}", lo, hi, sp.Abs(kappa) * f.d3, dth, f.kind, f.certified,
-                     f.rule + f"; scaled by {kappa}", f.message)
+                     f.rule + f"; scaled by {kappa}", f.message, sp.Abs(kappa) * f.d4)
 
 
 def _base(psi, theta_syms, timeout):
@@ -149,7 +151,7 @@ def _base(psi, theta_syms, timeout):
             return AtomFacts("softplus", sp.S.Zero, a**2 / 4, abs(a)**3 * SQRT3_18,
                              {} if _theta_free(b, theta_syms) else None, "exact", True,
                              "atom table: softplus(a t + b), psi'' in (0, a^2/4], "
-                             "sup|psi'''| = |a|^3 sqrt3/18")
+                             "sup|psi'''| = |a|^3 sqrt3/18, sup|psi''''| = a^4/8", "", a**4 / 8)
     if isinstance(psi, sp.Pow) and psi.exp == sp.S.Half:
         q = _quadratic(psi.base)
         if q is not None:
@@ -161,7 +163,8 @@ def _base(psi, theta_syms, timeout):
             return AtomFacts("log cosh", sp.S.Zero, a**2, abs(a)**3 * LOGCOSH3,
                              {} if _theta_free(b, theta_syms) else None, "exact", True,
                              "atom table: log cosh(a t + b), psi'' in (0, a^2], "
-                             "sup|psi'''| = |a|^3 4/(3 sqrt3)")
+                             "sup|psi'''| = |a|^3 4/(3 sqrt3), sup|psi''''| = 2 a^4", "",
+                             2 * a**4)
     if isinstance(psi, sp.log):
         q = _quadratic(psi.args[0])
         if q is not None and all(_theta_free(c, theta_syms) for c in q) and q[0].is_positive:
@@ -188,12 +191,12 @@ def _polynomial(psi, theta_syms):
     deg = poly.degree()
     if deg <= 1:
         return AtomFacts("linear", sp.S.Zero, sp.S.Zero, sp.S.Zero, {}, "exact", True,
-                         "linear atom: psi'' = 0")
+                         "linear atom: psi'' = 0", "", sp.S.Zero)
     if deg == 2:
         a2 = 2 * poly.all_coeffs()[0]
         dth = {s: sp.Abs(sp.diff(a2, s)) for s in a2.free_symbols & set(theta_syms)}
         return AtomFacts("quadratic", a2, a2, sp.S.Zero, dth, "exact", True,
-                         f"quadratic atom: psi'' = {a2} (exact), psi''' = 0")
+                         f"quadratic atom: psi'' = {a2} (exact), psi''' = 0", "", sp.S.Zero)
     p2 = sp.Poly(sp.diff(psi, T, 2), T)
     lo = -sp.oo
     coeffs = p2.all_coeffs()
@@ -220,7 +223,9 @@ def _charbonnier(al, be, ga, theta_syms):
     return AtomFacts("Charbonnier", sp.S.Zero, sp.simplify(ra / sp.sqrt(nu2)),
                      sp.simplify(ra * CHARB3 / nu2), dth, "exact", True,
                      "atom table: Charbonnier sqrt(a((t + tau)^2 + nu^2)), psi'' in "
-                     "(0, sqrt(a)/nu], sup|psi'''| = sqrt(a) 48/(25 sqrt5)/nu^2")
+                     "(0, sqrt(a)/nu], sup|psi'''| = sqrt(a) 48/(25 sqrt5)/nu^2, "
+                     "sup|psi''''| = 3 sqrt(a)/nu^3 (at t = -tau)", "",
+                     sp.simplify(3 * ra / nu2 ** sp.Rational(3, 2)))
 
 
 def group_charbonnier(psi, ts, theta_syms):
@@ -253,6 +258,7 @@ def group_charbonnier(psi, ts, theta_syms):
     facts = _charbonnier(al, sp.S.Zero, const, theta_syms)
     if facts is not None:
         facts.name = f"group Charbonnier (k = {len(ts)})"
+        facts.d4 = sp.oo  # the k = 1 value is not proved for k > 1: no L_3
         facts.rule = ("atom table: isotropic Charbonnier sqrt(a |v|^2 + nu^2), v in R^k: Hessian in "
                       "[0, sqrt(a)/nu], third derivative <= sqrt(a) 48/(25 sqrt5)/nu^2 (as for "
                       "k = 1: derived)")

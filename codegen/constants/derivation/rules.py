@@ -140,6 +140,22 @@ def _lower_records(gt: list) -> dict:
                             children=[_term_record("L_A", t, t.LA, t.LA == 0) for t in gt],
                             message="; ".join(sorted({t.message for t in gt
                                                       if t.LA == sp.oo and t.message})))
+    L3 = _sum([t.L3 for t in gt])
+    records["L_3"] = Record("L_3", L3, _kind(L3 == 0, L3), certified,
+                            "Lipschitz constant of x -> DA(x) (fourth derivative of g): sum over "
+                            "terms of |c| max w sup|psi''''| ||K||^2 max_I ||K_I||^2 (quadratic "
+                            "terms: 0; infinite where the atom table has no sup|psi''''|)",
+                            children=[_term_record("L_3", t, t.L3, t.L3 == 0) for t in gt])
+    affine = all(t.B_affine for t in gt)
+    records["L_DB"] = Record(
+        "L_DB", sp.S.Zero if affine else sp.oo, "exact" if affine else "infinite", True,
+        "Lipschitz constant of x -> d(B u)/dx per ||u||: 0 when every term that reads theta is "
+        "quadratic in x (B affine in x); otherwise not derived (infinite)",
+        children=[Record(f"L_DB[{t.label}]", sp.S.Zero if t.B_affine else sp.oo,
+                         "exact" if t.B_affine else "infinite", True,
+                         "no theta, or quadratic in x" if t.B_affine
+                         else "theta in a term that is not quadratic in x", term=t.source)
+                  for t in gt])
     cols, ps = {}, sp.S.Zero
     for t in gt:
         for s, v in t.LB_cols.items():
@@ -173,6 +189,11 @@ def _upper_records(ft: list, f_reads_theta: bool) -> dict:
         "max(|m_f|, |M_f|) of the upper level's curvature interval (Weyl over the terms of f)",
         children=[_term_record("L_f", t, t.hi, t.hi_exact) for t in ft],
         message="; ".join(t.message for t in ft if t.kind == "unsupported"))}
+    LHf = _sum([t.LA for t in ft])
+    records["L_Hf"] = Record("L_Hf", LHf, _kind(LHf == 0, LHf), all(t.certified for t in ft),
+                             "Lipschitz constant of x -> H_f(x): the rule of L_A over the terms "
+                             "of f (quadratic f: 0)",
+                             children=[_term_record("L_Hf", t, t.LA, t.LA == 0) for t in ft])
     if any(t.has_theta for t in ft):
         Lft = _sum([t.Lft for t in ft if t.has_theta])
         records["L_ft"] = Record("L_ft", Lft, _kind(False, Lft), all(t.certified for t in ft),

@@ -192,6 +192,8 @@ class TermFacts:
     hi_exact: bool = True
     scalar: bool = True  # Hessian exactly s I (or 0)
     LA: sp.Expr = sp.S.Zero
+    L3: sp.Expr = sp.S.Zero  # Lipschitz constant of x -> D(Hessian)(x): sup|psi''''| rule
+    B_affine: bool = True  # B = d_theta grad_x g of this term is affine in x
     LB_cols: dict = field(default_factory=dict)
     LB_ps: sp.Expr = sp.S.Zero
     LB_note: str = ""
@@ -379,17 +381,18 @@ def _ball(tf, c, ps, facts, psi, lin, off, op, ctx, upper, limits):
     bf = _BallFacts(facts.name + " (on the ball)", facts.lo, sy["hi"], sy["d3"], facts.dth,
                     "bound", facts.certified, facts.rule + "; sup over the ball's argument intervals")
     saved = (tf.lo, tf.hi, tf.LA, dict(tf.LB_cols), tf.LB_ps, tf.LB_note, tf.Lft, tf.rule,
-             tf.message, tf.parts, tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified)
+             tf.message, tf.parts, tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified, tf.L3)
     _combine(tf, c, ps, bf, op, off, ctx, upper, limits)
     tf.ball = {"hi": tf.hi, "LA": tf.LA, "LB_cols": dict(tf.LB_cols), "LB_ps": tf.LB_ps,
                "info": info}
     (tf.lo, tf.hi, tf.LA, tf.LB_cols, tf.LB_ps, tf.LB_note, tf.Lft, tf.rule, tf.message, tf.parts,
-     tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified) = saved
+     tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified, tf.L3) = saved
 
 
 def _unsupported(tf, why):
     tf.kind, tf.certified, tf.rows = "unsupported", False, None
-    tf.lo, tf.hi, tf.LA, tf.LB_ps, tf.Lft = -sp.oo, sp.oo, sp.oo, sp.oo, sp.oo
+    tf.lo, tf.hi, tf.LA, tf.LB_ps, tf.Lft, tf.L3 = -sp.oo, sp.oo, sp.oo, sp.oo, sp.oo, sp.oo
+    tf.B_affine = not tf.has_theta
     tf.lo_exact = tf.hi_exact = tf.scalar = False
     tf.message = f"no rule applies: {why}"
     return tf
@@ -448,6 +451,11 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
     tf.scalar = const_curv and op.full_identity
     tf.certified = f.certified
     tf.LA = _mul(_mul(sp.Abs(c) * vmax, f.d3), N * op.rowmax) if f.d3 != 0 else sp.S.Zero
+    # one derivative higher: ||D^2 H[a, e]|| <= |c| max w sup|psi''''| max_I||K_I||^2 ||K||^2
+    tf.L3 = (_mul(_mul(sp.Abs(c) * vmax, f.d4), N * op.rowmax ** 2) if f.d3 != 0
+             else sp.S.Zero)
+    # psi''' = 0: the term is quadratic in x for every theta, so its part of B is affine in x
+    tf.B_affine = f.d3 == 0 or not tf.has_theta
     # cross derivatives: theta in c, in the atom's parameters, in the offset, per-sample weights
     notes = []
     theta_syms = set(ctx.theta_syms.values())
