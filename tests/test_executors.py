@@ -117,7 +117,10 @@ def test_warm_starts_stay_on_the_workers(problems, bound):
         assert _bits(got) == _bits(second), executor
         changed = [np.array(x) for x in got.x]
         changed[2][0] += 1.0  # not what its worker holds: this one travels, the others do not
-        prob.hypergradient(theta + 0.1, x0=changed, q0=got.q, **kw)
+        again = prob.hypergradient(theta + 0.1, x0=changed, q0=got.q, **kw)
+        assert prob.executor.warm_count == SAMPLES - 1
+        again.x[1][0] += 1.0  # changed in place after it came back: the parent's copy sees it
+        prob.hypergradient(theta + 0.1, x0=again.x, q0=again.q, **kw)
         assert prob.executor.warm_count == SAMPLES - 1
 
 
