@@ -162,7 +162,9 @@ def test_a_restarted_dask_cluster_has_the_samples_installed_again(problems, clus
 def test_a_bad_executor_is_named(problems):
     module, data, _ = problems["ridge"]
     for bad, words in (("threads", "executor 'threads' is not an executor"),
-                       (4, "executor 4 is not an executor")):
+                       (4, "executor 4 is not an executor"),
+                       # not taken for a Dask address "host:port" (that waited 30 s to connect)
+                       ("processes:4", "use executor='processes', workers=N")):
         with pytest.raises(ExecutorError, match=words):
             module.bind_samples(data, executor=bad)
     with pytest.raises(ExecutorError, match="workers must be a positive integer, got 0"):
@@ -205,6 +207,10 @@ def test_cli_scheduler_processes_is_the_local_run(problems, tmp_path, capsys):
     assert main(["optimize", problem_file, "--data", str(tmp_path / "samples.npz"),
                  "--out", str(tmp_path / "bad"), "--scheduler", "threads"]) == 2
     assert "executor 'threads' is not an executor" in capsys.readouterr().err
+    assert main(["optimize", problem_file, "--data", str(tmp_path / "samples.npz"),
+                 "--out", str(tmp_path / "early"), "--scheduler", "processes:2"]) == 2
+    assert "--scheduler: executor 'processes:2'" in capsys.readouterr().err
+    assert not (tmp_path / "early").exists()  # refused before building or writing anything
 
 
 def test_an_interrupted_call_leaves_no_stale_reply(problems):

@@ -42,6 +42,7 @@ from ..errors import HypergenError
 from ..learn import DEFAULT_METHOD, METHODS, OptimizeError, optimize, parse_budget, parse_theta0
 from ..learn.history import HistoryLog
 from ..pipeline import load
+from ..runtime.executors import ExecutorError, check_executor
 from .data import check_image_pairs, load_image_directory
 
 __all__ = ["run_optimize", "load_data", "add_optimize_parser", "join_negative_values"]
@@ -176,6 +177,12 @@ def run_optimize(args: argparse.Namespace) -> int:
     if not data_path.exists():
         raise HypergenError(f"data file {data_path} not found")
 
+    scheduler = getattr(args, "scheduler", None) or "local"
+    try:                                                  # a bad --scheduler fails before building
+        check_executor(None if scheduler == "local" else scheduler, None)
+    except ExecutorError as exc:
+        raise HypergenError(f"--scheduler: {exc}") from None
+
     out = Path(args.out)
     try:                                                  # before any work: a bad --out
         out.mkdir(parents=True, exist_ok=True)            # must not cost the run
@@ -190,7 +197,6 @@ def run_optimize(args: argparse.Namespace) -> int:
     else:
         data = load_data(data_path, names)
     check_image_pairs(data if isinstance(data, list) else [data], module.meta, data_path)
-    scheduler = getattr(args, "scheduler", None) or "local"
     prob = (module.bind_samples(data, executor=None if scheduler == "local" else scheduler)
             if isinstance(data, list) else module.bind(data))
     executor = getattr(prob, "executor", None)

@@ -74,6 +74,11 @@ def check_executor(executor: Any, workers: int | None) -> None:
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool)
                                 or workers < 1):
         raise ExecutorError(f"workers must be a positive integer, got {workers!r}")
+    if isinstance(executor, str) and executor.partition(":")[0] in ("processes", "local") \
+            and executor not in ("processes", "local"):
+        raise ExecutorError(
+            f"executor {executor!r} is not an executor (nor a Dask scheduler address): for N "
+            "worker processes use executor='processes', workers=N; 'local' is serial")
     if executor in _SERIAL or executor == "processes" or is_address(executor):
         if workers is not None and executor != "processes":
             raise ExecutorError(f"workers={workers} is for executor='processes' (the Dask "
