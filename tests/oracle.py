@@ -160,6 +160,14 @@ class Oracle:
         return self._fn([[sp.diff(ga, t) for t in self._tsym] for ga in self._grad_expr])
 
     @cached_property
+    def _f_cross_dx(self):
+        """d^3 g/dx_c dx_a dtheta_t as nested lists [c][a][t]: each entry of B (the x-gradient
+        differentiated in theta) differentiated once more in x_c."""
+        cross = [[sp.diff(ga, t) for t in self._tsym] for ga in self._grad_expr]
+        return self._fn([[[sp.diff(cross[a][t], xc) for t in range(len(self._tsym))]
+                          for a in range(self.x_size)] for xc in self._xsym])
+
+    @cached_property
     def _f_upper_value(self):
         return self._fn(self.fr)
 
@@ -263,6 +271,19 @@ class Oracle:
             mw = [mpmath.mpf(float(a)) for a in w]
             out = [mpmath.fsum(T[c][a][b] * mv[a] * mw[b] for a in range(d) for b in range(d))
                    for c in range(d)]
+            return np.array([float(a) for a in out], dtype=np.float64)
+
+    def cross_hvp(self, x, theta, t, w) -> np.ndarray:
+        """grad_x (w^T B(x) t): the unrolled B differentiated once more in x by sympy.diff,
+        contracted with w and t in mpmath."""
+        D = self._call(self._f_cross_dx, x, theta)
+        t = np.atleast_1d(np.asarray(t, dtype=np.float64)).reshape(-1)
+        w = np.asarray(w, dtype=np.float64).reshape(-1)
+        with mpmath.workdps(self.dps):
+            mt = [mpmath.mpf(float(a)) for a in t]
+            mw = [mpmath.mpf(float(a)) for a in w]
+            out = [mpmath.fsum(D[c][a][j] * mw[a] * mt[j] for a in range(self.x_size)
+                               for j in range(len(mt))) for c in range(self.x_size)]
             return np.array([float(a) for a in out], dtype=np.float64)
 
     def upper_theta_grad(self, x, theta) -> np.ndarray:

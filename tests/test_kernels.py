@@ -267,3 +267,45 @@ def test_lower_tvp_matches_oracle_finite_differences_and_symmetry(name, build_di
     assert np.isclose(z @ got, fd, rtol=1e-6, atol=1e-7 * scale), (z @ got, fd)
     assert np.isclose(z @ got, v @ prob.lower_tvp(x, theta, z, w), rtol=1e-11,
                       atol=1e-13 * scale)
+
+
+def _cross_hvp(prob, x, theta, t, w):
+    """cross_hvp through the bound problem's method, or its kernel directly while the runtime
+    has no method for it (same vector names as lower_tvp: t like theta, hg_w like x)."""
+    if hasattr(prob, "cross_hvp"):
+        return prob.cross_hvp(x, theta, t, w)
+    out = np.empty(prob.x_size)
+    prob.kernels["cross_hvp"]({prob.x_name: np.asarray(x, dtype=np.float64),
+                               prob.theta_name: np.asarray(theta, dtype=np.float64),
+                               "t": np.atleast_1d(np.asarray(t, dtype=np.float64)),
+                               "hg_w": np.asarray(w, dtype=np.float64)}, out)
+    return out
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_cross_hvp_matches_oracle_finite_differences_and_symmetry(name, build_dir):
+    """cross_hvp(x, theta, t, w) = grad_x (w^T B(x) t) = d/ds B(x + s w) t: against the unrolled
+    SymPy B differentiated once more in x (rtol 1e-12), central differences of cross_jvp along
+    w, and the symmetry of D_t(x) = d(B t)/dx (z . D_t w = w . D_t z)."""
+    problem, prob, data, rng, x, theta = _setup(name, build_dir, seed=7)
+    t = rng.standard_normal(prob.theta_size)
+    w, z = (rng.standard_normal(prob.x_size) for _ in range(2))
+    got = _cross_hvp(prob, x, theta, t, w)
+    if name != "tv2d":  # 30 x 30 x theta entries unrolled: differences and symmetry only
+        oracle = Oracle(problem, {k: a.toarray() if hasattr(a, "toarray") else a
+                                  for k, a in data.items()})
+        want = oracle.cross_hvp(x, theta, t, w)
+        if np.max(np.abs(want)) == 0:  # B does not read x (theta only in x-free terms)
+            assert np.all(got == 0), f"{name}: {got}"
+        else:
+            err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+            assert err <= 1e-12, f"{name}.cross_hvp: relative error {err:.2e}"
+    scale = max(np.max(np.abs(got)), 1.0)
+    h = 1e-5
+    fd = (prob.cross_jvp(x + h * w, theta, t) - prob.cross_jvp(x - h * w, theta, t)) / (2 * h)
+    np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-7 * scale)
+    assert np.isclose(z @ got, w @ _cross_hvp(prob, x, theta, t, z), rtol=1e-11,
+                      atol=1e-13 * scale)
+    # linear in t: the cross product with t and with -2 t
+    np.testing.assert_allclose(_cross_hvp(prob, x, theta, -2 * t, w), -2 * got, rtol=1e-12,
+                               atol=1e-14 * scale)

@@ -10,6 +10,7 @@ from the two:
     cross_jvp   = tangent(adjoint(g), theta <- t)  -> x_bar_dot      (B t)
     lower_tvp   = tangent(lower_hvp, x <- hg_w)    -> x_bar_dot_dw_dot (grad_x (v^T A(x) w): the
                                                       third derivative of g with two vectors)
+    cross_hvp   = tangent(cross_jvp, x <- hg_w)    -> x_bar_dot_dw_dot (grad_x (w^T B(x) t))
 
 The adjoint of `T[I] += e(..., Y[J], ...)` over a loop nest is `Y_bar[J] += T_bar[I] * de/dY[J]`
 over the same nest: a transposed contraction, or a scatter for shifted indices. Reads of

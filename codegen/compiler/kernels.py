@@ -36,14 +36,14 @@ def kernel_specs(problem: Problem) -> list[KernelSpec]:
     grad_g = adjoint(g, [x, th])
     grad_f = adjoint(f, [x, th])
     hvp = tangent(grad_g, {x: "v"}, [f"{x}_bar_dot"])
+    cross = tangent(grad_g, {th: "t"}, [f"{x}_bar_dot"])
     specs: list[tuple[str, str, ir.Program, tuple[str, ...], str]] = [
         ("lower_value", "g(x, theta), the lower-level objective", g, (), "value"),
         ("lower_grad", "grad_x g(x, theta)", grad_g, (), f"{x}_bar"),
         ("lower_hvp", "(d2g/dx2) v, forward over reverse", hvp, ("v",), f"{x}_bar_dot"),
         ("cross_vjp", "B^T q = d/dtheta <grad_x g, q>", tangent(grad_g, {x: "q"}, [f"{th}_bar_dot"]),
          ("q",), f"{th}_bar_dot"),
-        ("cross_jvp", "B t = d/ds grad_x g(x, theta + s t)", tangent(grad_g, {th: "t"}, [f"{x}_bar_dot"]),
-         ("t",), f"{x}_bar_dot"),
+        ("cross_jvp", "B t = d/ds grad_x g(x, theta + s t)", cross, ("t",), f"{x}_bar_dot"),
         ("upper_value", "f(x, theta) + r(theta), the upper-level objective", f, (), "value"),
         ("upper_grad", "grad_x f(x, theta)", grad_f, (), f"{x}_bar"),
         ("upper_theta_grad", "grad_theta (f + r): the direct theta terms of the hypergradient",
@@ -57,6 +57,13 @@ def kernel_specs(problem: Problem) -> list[KernelSpec]:
         # the second tangents T_dw_dot (names a user symbol may not take: a size may be "w").
         ("lower_tvp", "(d3g/dx3)[v, w, .] = grad_x (v^T (d2g/dx2) w), forward over the HVP",
          tangent(hvp, {x: "hg_w"}, [f"{x}_bar_dot_dw_dot"], suffix="_dw_dot"), ("v", "hg_w"),
+         f"{x}_bar_dot_dw_dot"),
+        # D_t(x) w = grad_x (w^T B(x) t) = d/ds B(x + s w) t, the cross derivative once more in x
+        # (d^3 g/dx dx dtheta contracted with w and t; D_t(x) is symmetric): the DWR correction's
+        # D_u q when B is not affine in x (docs/bounds.md 15.3). A second tangent of the cross
+        # JVP along x <- hg_w, named as lower_tvp's.
+        ("cross_hvp", "(d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP",
+         tangent(cross, {x: "hg_w"}, [f"{x}_bar_dot_dw_dot"], suffix="_dw_dot"), ("t", "hg_w"),
          f"{x}_bar_dot_dw_dot"),
     ]
     out: list[KernelSpec] = []
