@@ -24,6 +24,7 @@ CHARB3 = sp.Rational(48, 25) / sp.sqrt(5)  # sup |d^3/dt^3 sqrt(t^2 + 1)| = 0.85
 LOGCOSH3 = 4 / (3 * sp.sqrt(3))  # sup |d^3 log cosh t| = 0.770
 STUDENT3 = sp.Rational(3, 2) + sp.sqrt(2)  # sup |d^3 log(1 + t^2)|
 LSE3 = 1 / sp.sqrt(2)  # Lipschitz constant of the Hessian of log-sum-exp (see lse_facts)
+LSE4 = sp.S.Half  # sup of the fourth derivative of log-sum-exp (see lse_facts)
 NONSMOOTH = (sp.Abs, sp.Max, sp.Min, sp.Piecewise, sp.Heaviside, sp.sign)
 SMOOTH_HINT = ("use a smooth alternative such as the Charbonnier function sqrt(t**2 + nu**2) "
                "(nu > 0) instead of |t| or Huber")
@@ -54,10 +55,16 @@ def lse_facts() -> AtomFacts:
     Third derivative: D^3[h,h,h] = sum_k p_k (h_k - hbar)^3 with hbar = p.h, so
     |D^3[h,h,h]| <= max_k |h_k - hbar| Var_p(h) <= sqrt2 ||h|| * ||h||^2 / 2; for a symmetric
     trilinear form this diagonal bound is its norm, so the Hessian is (1/sqrt2)-Lipschitz.
+    Fourth derivative: D^4[h,h,h,h] = E Y^4 - 3 (E Y^2)^2 (the fourth cumulant of h under p,
+    Y = h - hbar). Y lies in an interval of length r = max h - min h <= sqrt2 ||h|| containing 0,
+    so V = E Y^2 <= r^2/4 and (E Y^2)^2 <= E Y^4 <= r^2 V: the cumulant lies in
+    [-2 V^2, r^2 V - 3 V^2], within [-r^4/8, r^4/12], so |D^4[h,h,h,h]| <= ||h||^4/2 (attained
+    at p = (1/2, 1/2), h = (1, -1)/sqrt2); the norm of the symmetric form is that sup (L_3).
+    docs/constants.md 3.5.
     """
     return AtomFacts("log-sum-exp", sp.S.Zero, sp.S.Half, LSE3, {}, "exact", True,
                      "atom table: log-sum-exp, Hessian in [0, I/2] (Boehning), "
-                     "third derivative <= 1/sqrt2 (derived)")
+                     "third derivative <= 1/sqrt2, fourth <= 1/2 (derived)", d4=LSE4)
 
 
 def _poly_coeffs(arg, degree):

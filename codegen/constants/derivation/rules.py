@@ -146,16 +146,14 @@ def _lower_records(gt: list) -> dict:
                             "terms of |c| max w sup|psi''''| ||K||^2 max_I ||K_I||^2 (quadratic "
                             "terms: 0; infinite where the atom table has no sup|psi''''|)",
                             children=[_term_record("L_3", t, t.L3, t.L3 == 0) for t in gt])
-    affine = all(t.B_affine for t in gt)
+    LDB = _sum([t.LDB for t in gt])
     records["L_DB"] = Record(
-        "L_DB", sp.S.Zero if affine else sp.oo, "exact" if affine else "infinite", True,
-        "Lipschitz constant of x -> d(B u)/dx per ||u||: 0 when every term that reads theta is "
-        "quadratic in x (B affine in x); otherwise not derived (infinite)",
-        children=[Record(f"L_DB[{t.label}]", sp.S.Zero if t.B_affine else sp.oo,
-                         "exact" if t.B_affine else "infinite", True,
-                         "no theta, or quadratic in x" if t.B_affine
-                         else "theta in a term that is not quadratic in x", term=t.source)
-                  for t in gt])
+        "L_DB", LDB, _kind(LDB == 0, LDB), certified,
+        "Lipschitz constant of x -> d(B u)/dx per ||u||: 0 for terms without theta or quadratic "
+        "in x (B affine in x); theta in a coefficient c or a per-sample weight w(theta_I) gives "
+        "(sum_l |dc/dtheta_l| max w + |c| max|w'|) sup|psi'''| ||K||^2 max_I ||K_I|| (infinite "
+        "for theta inside an atom or its argument)",
+        children=[_term_record("L_DB", t, t.LDB, t.LDB == 0) for t in gt])
     cols, ps = {}, sp.S.Zero
     for t in gt:
         for s, v in t.LB_cols.items():

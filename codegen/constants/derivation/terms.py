@@ -194,6 +194,7 @@ class TermFacts:
     LA: sp.Expr = sp.S.Zero
     L3: sp.Expr = sp.S.Zero  # Lipschitz constant of x -> D(Hessian)(x): sup|psi''''| rule
     B_affine: bool = True  # B = d_theta grad_x g of this term is affine in x
+    LDB: sp.Expr = sp.S.Zero  # Lipschitz constant of x -> d(B u)/dx per ||u|| (0: B affine)
     LB_cols: dict = field(default_factory=dict)
     LB_ps: sp.Expr = sp.S.Zero
     LB_note: str = ""
@@ -381,18 +382,20 @@ def _ball(tf, c, ps, facts, psi, lin, off, op, ctx, upper, limits):
     bf = _BallFacts(facts.name + " (on the ball)", facts.lo, sy["hi"], sy["d3"], facts.dth,
                     "bound", facts.certified, facts.rule + "; sup over the ball's argument intervals")
     saved = (tf.lo, tf.hi, tf.LA, dict(tf.LB_cols), tf.LB_ps, tf.LB_note, tf.Lft, tf.rule,
-             tf.message, tf.parts, tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified, tf.L3)
+             tf.message, tf.parts, tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified, tf.L3,
+             tf.LDB)
     _combine(tf, c, ps, bf, op, off, ctx, upper, limits)
     tf.ball = {"hi": tf.hi, "LA": tf.LA, "LB_cols": dict(tf.LB_cols), "LB_ps": tf.LB_ps,
                "info": info}
     (tf.lo, tf.hi, tf.LA, tf.LB_cols, tf.LB_ps, tf.LB_note, tf.Lft, tf.rule, tf.message, tf.parts,
-     tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified, tf.L3) = saved
+     tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified, tf.L3, tf.LDB) = saved
 
 
 def _unsupported(tf, why):
     tf.kind, tf.certified, tf.rows = "unsupported", False, None
     tf.lo, tf.hi, tf.LA, tf.LB_ps, tf.Lft, tf.L3 = -sp.oo, sp.oo, sp.oo, sp.oo, sp.oo, sp.oo
     tf.B_affine = not tf.has_theta
+    tf.LDB = sp.S.Zero if tf.B_affine else sp.oo
     tf.lo_exact = tf.hi_exact = tf.scalar = False
     tf.message = f"no rule applies: {why}"
     return tf
@@ -456,6 +459,8 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
              else sp.S.Zero)
     # psi''' = 0: the term is quadratic in x for every theta, so its part of B is affine in x
     tf.B_affine = f.d3 == 0 or not tf.has_theta
+    tf.LDB = (sp.S.Zero if tf.B_affine
+              else _cross_lipschitz(c, ps, f, op, off, ctx, single, dv, vmax))
     # cross derivatives: theta in c, in the atom's parameters, in the offset, per-sample weights
     notes = []
     theta_syms = set(ctx.theta_syms.values())
@@ -490,6 +495,24 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
                   term=f"psi'' in [{sp.sstr(f.lo)}, {sp.sstr(f.hi)}], sup|psi'''| = {sp.sstr(f.d3)}")
     tf.parts = [arec, op.record]
     return tf
+
+
+def _cross_lipschitz(c, ps, f, op, off, ctx, single, dv, vmax):
+    """L_DB of a term c(theta) sum_I w_I(theta_I) psi(K_I x + b) whose B is not affine in x
+    (docs/constants.md 3.5). Its part of d(B u)/dx is K^T diag_I(beta_I psi''(K_I x)) K with
+    beta_I = (grad c . u) w_I + c w'(theta_I) u_I, so |beta_I| <= beta ||u|| with
+    beta = sum_l |dc/dtheta_l| max w + |c| max|w'|. As for L_A (the same sum with |c| max w in
+    place of beta) its Lipschitz constant is beta sup|psi'''| ||K||^2 max_I ||K_I||. Theta inside
+    the atom or its argument would need d psi'''/d theta, which the table does not have: oo."""
+    if f.dth is None or any(val != 0 for val in f.dth.values()) or ctx.has_theta(off):
+        return sp.oo
+    theta_syms = set(ctx.theta_syms.values())
+    beta = sp.Add(*[sp.Abs(sp.diff(c, s)) for s in c.free_symbols & theta_syms]) * vmax
+    if ps is not None:
+        if not single:
+            return sp.oo
+        beta = beta + sp.Abs(c) * dv
+    return _mul(_mul(beta, f.d3), op.normsq * op.rowmax)
 
 
 def _upper_theta(c, ps, f, op, off, ctx, limits):
