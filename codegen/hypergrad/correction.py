@@ -13,11 +13,13 @@ With g and f quadratic in x (Corollary 15.2):
     |u . (h_c - grad F)| <= R_v R/mu + ||D_u|| R E/mu + L_f R_v E/mu + R_lam E
                             + ||D_u|| L_f E^2/mu  (+ L_ft ||u|| E when f depends on theta),
 
-with D_u = d(B u)/dx, ||D_u|| <= L_B ||u||. With g not quadratic but B affine in x (a
-regularisation weight: D_u constant) Corollary 15.3 adds L_A (Lipschitz constant of A on the
-ball), L_3 (of x -> DA(x), a fourth-derivative bound) and L_Hf (of H_f; 0 for quadratic f)
-terms, every one still a product of two small quantities; m then carries the third-derivative
-term grad_x (v^T A(x) q) (the `lower_tvp` kernel). Each residual is recomputed (one HVP), so how
+with D_u = d(B u)/dx, ||D_u|| <= L_B ||u||. With g not quadratic Corollary 15.3 adds L_A
+(Lipschitz constant of A on the ball), L_3 (of x -> DA(x), a fourth-derivative bound) and L_Hf
+(of H_f; 0 for quadratic f) terms, every one still a product of two small quantities; m then
+carries the third-derivative term grad_x (v^T A(x) q) (the `lower_tvp` kernel). When B is not
+affine in x either (per-sample weights on a non-quadratic loss, a weight on TV) D_u = D_u(x) is
+evaluated at x_eps by the `cross_hvp` kernel and L_DB (Lipschitz constant of x -> D_u(x) per
+||u||) adds one more E^2 term. Each residual is recomputed (one HVP), so how
 well v and lambda solve their systems changes the bound's size, never its validity. Elsewhere
 `dwr_unavailable` says why, and the hypergradient keeps E&R's bound.
 
@@ -80,19 +82,19 @@ class Correction:
 
 
 def dwr_unavailable(k: Any, theta: Any = None) -> str | None:
-    """None if Corollary 15.2 (g, f quadratic in x) or 15.3 (g or f not quadratic, B affine in
-    x) applies to k (docs/bounds.md 15.3), else why not. 15.3 needs, when g is not quadratic, the
-    lower_tvp kernel, B affine in x (`cross_is_affine`, or L_DB = 0 in k.constants(theta): the
-    derivation proved every theta-dependent term of g quadratic in x) and finite L_3, and when f
-    is not quadratic a finite L_Hf, in k.constants(theta) (read when theta is given)."""
+    """None if Corollary 15.2 (g, f quadratic in x) or 15.3 (g or f not quadratic) applies to k
+    (docs/bounds.md 15.3), else why not. 15.3 needs, when g is not quadratic, the lower_tvp
+    kernel and finite L_3, and either B affine in x (`cross_is_affine`, or L_DB = 0 in
+    k.constants(theta): the derivation proved every theta-dependent term of g quadratic in x) or
+    the cross_hvp kernel and a finite L_DB; when f is not quadratic a finite L_Hf. The constants
+    are read from k.constants(theta) when theta is given."""
     quadratic = bool(getattr(k, "is_quadratic", False))
     if quadratic and bool(getattr(k, "upper_is_quadratic", False)):
         return None if hasattr(k, "upper_hvp") else "the problem has no upper HVP"
     th = None if theta is None else np.atleast_1d(np.asarray(theta, dtype=np.float64))
-    if not quadratic and (not _cross_affine(k, th) or not hasattr(k, "lower_tvp")):
-        return ("the lower Hessian depends on x and B = d_theta grad_x g is not known to be "
-                "affine in x (Corollary 15.3 needs D_u = d(B u)/dx constant and the lower_tvp "
-                "kernel; with B not affine it would need a Lipschitz constant of D_u on the ball)")
+    why = None if quadratic else _lower_missing(k, th)
+    if why is not None:
+        return why
     if not hasattr(k, "upper_hvp"):
         return "the problem has no upper HVP (the dual right-hand side)"
     if th is not None:
@@ -105,6 +107,73 @@ def dwr_unavailable(k: Any, theta: Any = None) -> str | None:
             return ("the upper Hessian depends on x and the constants give no finite L_Hf "
                     "(Lipschitz constant of x -> H_f(x) on the ball)")
     return None
+
+
+def _lower_missing(k: Any, th: np.ndarray | None) -> str | None:
+    """What Corollary 15.3 lacks for a non-quadratic g: the lower_tvp kernel, and for B not
+    known to be affine in x the cross_hvp kernel and a finite L_DB (None: nothing)."""
+    if not hasattr(k, "lower_tvp"):
+        return ("the lower Hessian depends on x and the problem has no lower_tvp kernel "
+                "(grad_x (v^T A(x) w), the dual right-hand side of Corollary 15.3)")
+    if _cross_affine(k, th):
+        return None
+    if cross_hvp_of(k) is None:
+        return ("the lower Hessian depends on x, B = d_theta grad_x g is not known to be affine "
+                "in x and the problem has no cross_hvp kernel (D_u(x) q = grad_x (q^T B(x) u), "
+                "Corollary 15.3 with B not affine)")
+    if th is None:
+        return ("the lower Hessian depends on x and B = d_theta grad_x g is not known to be "
+                "affine in x (theta not given: L_DB, the Lipschitz constant of x -> d(B u)/dx, "
+                "is read from the constants at theta)")
+    if not math.isfinite(cross_lipschitz(k, th)):
+        return ("the lower Hessian depends on x, B = d_theta grad_x g is not known to be affine "
+                "in x and the constants give no finite L_DB (Lipschitz constant of "
+                "x -> d(B u)/dx per ||u|| on the ball, a bound on d^4 g/dx^3 dtheta)")
+    return None
+
+
+def cross_hvp_of(k: Any) -> Any:
+    """The map (x, theta, t, w) -> grad_x (w^T B(x) t) = d/ds B(x + s w) t of k, or None: k's
+    own `cross_hvp`, or a generated module's `cross_hvp` kernel called with the runtime's
+    vector names (t like theta, hg_w like x; docs/compiler.md)."""
+    own = getattr(k, "cross_hvp", None)
+    if own is not None:
+        return own
+    kernels = getattr(k, "kernels", None)
+    if not isinstance(kernels, dict) or "cross_hvp" not in kernels:
+        return None
+    kernel = kernels["cross_hvp"]
+
+    def call(x: Any, theta: Any, t: Any, w: Any) -> np.ndarray:
+        vectors = {k.x_name: _flat(x, k.x_size, "x"),
+                   k.theta_name: _flat(theta, k.theta_size, "theta"),
+                   "t": _flat(t, k.theta_size, "t"), "hg_w": _flat(w, k.x_size, "w")}
+        out = np.empty(k.x_size)
+        kernel(vectors, out)
+        return out
+
+    return call
+
+
+def _flat(value: Any, size: int, what: str) -> np.ndarray:
+    """value as a contiguous float64 vector of `size` entries, else ValueError naming it."""
+    arr = np.ascontiguousarray(np.asarray(value, dtype=np.float64).reshape(-1))
+    if arr.size != size:
+        raise ValueError(f"cross_hvp: {what} must have {size} entries, got {arr.size}")
+    return arr
+
+
+def cross_lipschitz(k: Any, th: np.ndarray) -> float:
+    """L_DB: a Lipschitz constant of x -> d(B u)/dx per ||u|| on the ball (docs/bounds.md 15.3).
+    0 where B is known to be affine in x (g quadratic, or `cross_is_affine`); else from
+    k.constants(theta), inf where missing (the correction then does not apply)."""
+    if bool(getattr(k, "is_quadratic", False)) or bool(getattr(k, "cross_is_affine", False)):
+        return 0.0
+    raw = dict(k.constants(th)).get("L_DB", math.inf)
+    value = float(raw)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"constant L_DB = {raw!r} is not >= 0")
+    return value
 
 
 def _cross_affine(k: Any, th: np.ndarray | None) -> bool:
@@ -163,6 +232,7 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
     R = norm(r)
     r_g = np.asarray(hg.lower.grad)  # type: ignore[union-attr]
     c["L_3"], c["L_Hf"] = higher_constants(k, th)
+    c["L_DB"] = cross_lipschitz(k, th)
     parts = []
     for j, u in enumerate(directions):
         part, used = _one_direction(k, hg, c, x, th, q, r, R, r_g, u, (tol_v[j], tol_lam[j]),
@@ -182,13 +252,11 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     bound along u."""
     used = {"hvps": 0, "cross": 0, "upper": 0}
     Bu, _ = call_kernel(k.cross_jvp, x, th, u)
-    # B u is affine in x (g quadratic, or cross_is_affine): D_u q = B(q) u - B(0) u exactly
-    # (D_u is symmetric).
-    Bq, _ = call_kernel(k.cross_jvp, q, th, u)
-    B0, _ = call_kernel(k.cross_jvp, np.zeros_like(x), th, u)
-    used["cross"] += 3
-    if Bu is None or Bq is None or B0 is None:
-        raise FloatingPointError("a cross JVP is not finite")
+    used["cross"] += 1
+    if Bu is None:
+        raise FloatingPointError("the cross JVP B u is not finite")
+    Dq, D_parts = _cross_derivative(k, x, th, u, q, float(c["L_DB"]) == 0.0)
+    used["cross"] += len(D_parts)
     tol_v, tol_lam = tols
     fwd = run_adjoint(k, x, th, c, "cg", relative * norm(Bu) if tol_v is None else tol_v,
                       starts[0], max_iter, Bu)
@@ -197,7 +265,7 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     used["upper"] += 1
     if Hv is None:
         raise FloatingPointError("the upper HVP is not finite")
-    m = -(Bq - B0) - Hv
+    m = -Dq - Hv
     quadratic = bool(getattr(k, "is_quadratic", False))
     Tvq = np.zeros_like(m)
     if not quadratic:  # the third-derivative term of grad Phi_u (docs/bounds.md 15.3)
@@ -222,12 +290,15 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
             mu, E, R, fwd.residual, certified_product(LB, nu), Lf, float(c["L_A"]),
             float(c["L_3"]), float(c["L_Hf"]),
             norm(v), norm(q), norm(lam)))
+        if float(c["L_DB"]) > 0:  # B not affine in x (docs/bounds.md 15.3)
+            terms["crossB"] = cross_term(mu, E, R, certified_product(float(c["L_DB"]), nu),
+                                         norm(q))
     delta = dot(v, r) - dot(lam, r_g)
     plain = float(dot(u, np.asarray(hg.grad)))
     # rounding (docs/bounds.md 6): of the correction's two dot products, of m (the difference
     # B(q) u - B(0) u cancels; its error pairs with e) and of h's component
     terms["rounding"] = (ROUNDING_FLOOR * (norm(v) * R + norm(lam) * norm(r_g)
-                                           + (norm(Bq) + norm(B0) + norm(Hv) + norm(Tvq)) * E)
+                                           + (sum(D_parts) + norm(Hv) + norm(Tvq)) * E)
                          + hg.bound_forms.get("rounding", 0.0) * nu)
     bound = math.fsum(terms.values())
     if not math.isfinite(bound):
@@ -235,6 +306,30 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     part = DirectionCorrection(u, plain + delta, plain, bound, abs(delta) + bound, terms, v, lam,
                                fwd.residual, dual.residual)
     return part, used
+
+
+def _cross_derivative(k: Any, x: np.ndarray, th: np.ndarray, u: np.ndarray, q: np.ndarray,
+                      affine: bool) -> tuple[np.ndarray, list[float]]:
+    """(D_u(x) q, the norms of the kernel outputs it was formed from, for the rounding floor).
+    B u affine in x: D_u q = B(q) u - B(0) u exactly, two cross JVPs. Otherwise one cross_hvp
+    call, grad_x (q^T B(x) u) at x_eps (D_u is symmetric either way)."""
+    if affine:
+        Bq, _ = call_kernel(k.cross_jvp, q, th, u)
+        B0, _ = call_kernel(k.cross_jvp, np.zeros_like(x), th, u)
+        if Bq is None or B0 is None:
+            raise FloatingPointError("a cross JVP is not finite")
+        return Bq - B0, [norm(Bq), norm(B0)]
+    Dq, _ = call_kernel(cross_hvp_of(k), x, th, u, q)
+    if Dq is None:
+        raise FloatingPointError("the cross derivative D_u(x_eps) q (cross_hvp) is not finite")
+    return Dq, [norm(Dq)]
+
+
+def cross_term(mu: float, E: float, R: float, L_DB_u: float, norm_q: float) -> float:
+    """crossB >= |q_e^T rho_B| with rho_B = integral_0^1 (D_u(x_eps) - D_u(x_t)) e dt, the part
+    of Corollary 15.3 that B not affine in x adds: L_DB ||u|| (||q|| + R/mu) E^2/2
+    (L_DB_u = L_DB ||u||; docs/bounds.md 15.3)."""
+    return 0.5 * certified_product(L_DB_u, norm_q + R / mu, E, E)
 
 
 def product_terms(mu: float, E: float, R: float, R_v: float, R_lam: float, norm_D: float,
