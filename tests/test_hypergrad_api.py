@@ -178,42 +178,63 @@ def test_auto_rule_on_structure_and_size():
     assert choose_solvers(Ridge.generate(seed=0), "auto", "backprop") == ("gd", "backprop")
 
 
-# (example, sizes, expected lower, expected adjoint): the rule of docs/solvers.md 3, by hand
+# (example, sizes, theta entries, expected lower, expected adjoint): the rule of
+# docs/solvers.md 3, by hand. L/mu = 1 + 4 alpha/nu (tv1d), 1 + 8 alpha/nu (tv2d): 5 and 9 at
+# theta = 0.1; tv2d at (log 1, log 0.1): 81. Logistic regression at theta = 0.1: L/mu = 1.6 (dense,
+# 233 numbers of data per entry of x: not a cheap kernel) and 1.06 (CSR, 5.3 per entry: cheap).
+# The cheap, well-conditioned rows took Newton-CG before L/mu entered the rule; FISTA is faster
+# there (docs/solvers.md 3: 0.80-0.96 of Newton-CG's time at these sizes and conditions).
 AUTO_CASES = [
-    ("ridge", dict(m=40, n=10, p=20), "direct", "direct"),          # quadratic, 10 <= 150
-    ("ridge", dict(m=400, n=160, p=50), "cg", "cg"),               # quadratic, 160 > 150
-    ("quadratic", dict(m1=30, m2=30, d=5, p=3), "direct", "direct"),
-    ("logistic", dict(m=60, n=12, p=30), "direct", "direct"),       # not quadratic, 12 <= 16
-    ("logistic", dict(m=120, n=24, p=30), "newton", "direct"),      # 16 < 24 <= 32
-    ("logistic", dict(m=200, n=80, p=30), "newton", "cg"),
-    ("logistic_sparse", dict(m=80, n=300, p=20, density=0.05), "newton", "cg"),
-    ("tv1d", dict(n=12), "direct", "direct"),
-    ("tv1d", dict(n=120), "newton", "cg"),
-    ("tv2d", dict(h=6, w=5), "newton", "direct"),                   # x = 30 <= 32
-    ("hypercleaning", dict(c=3, n=4, m=30, mv=20), "direct", "direct"),  # x = 12
+    ("ridge", dict(m=40, n=10, p=20), 0.1, "direct", "direct"),     # quadratic, 10 <= 150
+    ("ridge", dict(m=400, n=160, p=50), 0.1, "cg", "cg"),           # quadratic, 160 > 150
+    ("quadratic", dict(m1=30, m2=30, d=5, p=3), 0.1, "direct", "direct"),
+    ("logistic", dict(m=60, n=12, p=30), 0.1, "direct", "direct"),  # not quadratic, 12 <= 16
+    ("logistic", dict(m=120, n=24, p=30), 0.1, "newton", "direct"),  # 16 < 24 <= 32
+    ("logistic", dict(m=200, n=80, p=30), 0.1, "newton", "cg"),     # costly kernel
+    ("logistic_sparse", dict(m=80, n=300, p=20, density=0.05), 0.1, "fista", "cg"),
+    ("tv1d", dict(n=12), 0.1, "direct", "direct"),
+    ("tv1d", dict(n=120), 0.1, "fista", "cg"),                      # L/mu = 5
+    ("tv1d", dict(n=2100), 0.1, "newton", "cg"),                    # 2100 > FISTA_MAX_SIZE
+    ("tv2d", dict(h=6, w=5), 0.1, "fista", "direct"),               # x = 30 <= 32, L/mu = 9
+    ("tv2d", dict(h=8, w=8), [0.0, math.log(0.1)], "newton", "cg"),  # L/mu = 81 > 20
+    ("hypercleaning", dict(c=3, n=4, m=30, mv=20), -1.0, "direct", "direct"),  # x = 12
 ]
 
 
-@pytest.mark.parametrize("name, sizes, lower, adjoint", AUTO_CASES,
-                         ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in AUTO_CASES])
-def test_auto_picks_the_rule_and_is_certified(build_dir, name, sizes, lower, adjoint):
+@pytest.mark.parametrize("name, sizes, theta, lower, adjoint", AUTO_CASES,
+                         ids=[f"{c[0]}-{c[3]}-{c[4]}" for c in AUTO_CASES])
+def test_auto_picks_the_rule_and_is_certified(build_dir, name, sizes, theta, lower, adjoint):
     _, module, ns = built_example(name, build_dir)
     prob = module.bind(**ns["example_data"](seed=1, **sizes))
-    theta = np.full(prob.theta_size, -1.0 if name == "hypercleaning" else 0.1)
-    hg = prob.hypergradient(theta, rtol=1e-6)  # the defaults: lower="auto", adjoint="auto"
-    assert (hg.lower_solver, hg.adjoint_solver) == (lower, adjoint)
+    theta = np.broadcast_to(np.asarray(theta, float), (prob.theta_size,)).copy()
+    assert choose_solvers(prob, "auto", "auto", theta) == (lower, adjoint)
+    hg = prob.hypergradient(theta, lower=lower, adjoint=adjoint, rtol=1e-6)
     assert (hg.lower.solver, hg.adjoint.solver) == (lower, adjoint)
     assert hg.ok and hg.certified and hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
-    # "auto" is the named call (on a fresh bind: a data-only Hessian's factor is kept per bind)
+    # the same number on a fresh bind (a data-only Hessian's factor is kept per bind)
     fresh = module.bind(**ns["example_data"](seed=1, **sizes))
-    explicit = fresh.hypergradient(theta, lower=lower, adjoint=adjoint, rtol=1e-6)
-    np.testing.assert_array_equal(hg.grad, explicit.grad)
-    assert hg.bound == explicit.bound and hg.work == explicit.work
+    again = fresh.hypergradient(theta, lower=lower, adjoint=adjoint, rtol=1e-6)
+    np.testing.assert_array_equal(hg.grad, again.grad)
+    assert hg.bound == again.bound and hg.work == again.work
     # and it agrees with an independent tight solve within the two certified bounds
-    other = "cg" if prob.is_quadratic else "fista"
+    other = "cg" if prob.is_quadratic else ("newton" if lower == "fista" else "fista")
     ref = prob.hypergradient(theta, lower=other, adjoint="cg", eps=1e-11, delta=1e-11)
     assert np.linalg.norm(hg.grad - ref.grad) <= hg.bound + ref.bound
     assert math.isfinite(ref.bound)
+
+
+def test_auto_without_theta_is_the_rule_of_structure_and_size(build_dir):
+    """theta=None (solve_lower, solve_adjoint): L/mu is not read, Newton-CG for non-quadratic g."""
+    _, module, ns = built_example("tv1d", build_dir)
+    prob = module.bind(**ns["example_data"](seed=1, n=120))
+    assert choose_solvers(prob, "auto", "auto") == ("newton", "cg")
+    theta = np.array([0.1, 0.1])  # L/mu = 5
+    assert choose_solvers(prob, "auto", "auto", theta) == ("fista", "cg")
+    assert choose_solvers(prob, "auto", "auto", np.array([0.1, 0.1 - math.log(5)])) == (
+        "newton", "cg")  # L/mu = 1 + 4 * 5 = 21 > 20
+    assert choose_solvers(prob, "newton", "auto", theta) == ("newton", "cg")
+    assert choose_solvers(prob, "auto", "backprop", theta) == ("gd", "backprop")
+    assert choose_solvers(_GradientOnly(), "auto", "auto", theta) == ("fista", "cg")
 
 
 def test_auto_in_solve_lower_and_samples(build_dir):

@@ -1,9 +1,11 @@
-"""lower="auto" and adjoint="auto", the defaults: solvers chosen from the problem's structure and
-size (docs/solvers.md 3).
+"""lower="auto" and adjoint="auto", the defaults: solvers chosen from the problem's structure,
+size and, where the choice hinges on it, its condition number L/mu at theta (docs/solvers.md 3).
 
     lower   g quadratic (k.is_quadratic), x_size <= QUADRATIC_DIRECT_MAX  "direct"
             g quadratic                                                  "cg"
             g not quadratic, x_size <= NONQUADRATIC_DIRECT_MAX           "direct"
+            g not quadratic, a cheap kernel with fused loops (`cheap_fused`),
+              x_size <= FISTA_MAX_SIZE and L/mu <= FISTA_KAPPA_MAX at theta  "fista"
             g not quadratic, an HVP kernel                               "newton"
             no HVP kernel                                                "fista"
     adjoint lower is "direct" (the factor is shared), or
@@ -14,17 +16,26 @@ With adjoint="backprop" (a stored trajectory) lower "auto" is "gd". The threshol
 (docs/solvers.md 3): one factorisation serves a quadratic g's lower solve and adjoint, so it
 pays up to about 150 entries; a non-quadratic g needs a new factor at every Newton step, so
 there it pays only for a handful of entries, and Newton-CG (no L needed, quadratic convergence
-near x*) takes over. The choice depends on the kernel only, never on theta, so every round and
-every sample of one call use the same solvers.
+near x*) takes over. FISTA's iterations grow like sqrt(L/mu) and Newton-CG's much less, but a
+Newton step costs a few Python-to-C round trips where FISTA runs whole in one fused C call: on a
+well-conditioned problem whose kernels cost a few vector passes (stencils: TV), FISTA's extra
+gradients cost less than Newton's round trips, up to a few thousand entries. Without theta
+(theta=None) the rule is the one of structure and size alone (Newton-CG). L/mu is read only
+where it decides, so the other cases pay nothing for it; for one theta the choice is fixed, so
+every round and every sample of one call use the same solvers.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from .common import checked_constants
+from .fused import CHEAP_DATA_PER_ENTRY, data_per_entry, loops_for
 from .registry import AUTO
 
 __all__ = ["QUADRATIC_DIRECT_MAX", "NONQUADRATIC_DIRECT_MAX", "ADJOINT_DIRECT_MAX",
-           "choose_lower", "choose_adjoint", "choose_solvers"]
+           "FISTA_KAPPA_MAX", "FISTA_MAX_SIZE", "cheap_fused", "choose_lower",
+           "choose_adjoint", "choose_solvers"]
 
 #: Largest x for lower="direct" when g is quadratic (one factor for the lower solve and adjoint).
 QUADRATIC_DIRECT_MAX = 150
@@ -35,9 +46,29 @@ NONQUADRATIC_DIRECT_MAX = 16
 #: Largest x for adjoint="direct" after an iterative lower solve (a factor of its own).
 ADJOINT_DIRECT_MAX = 32
 
+#: Largest L/mu at theta for which a cheap fused kernel takes FISTA rather than Newton-CG.
+FISTA_KAPPA_MAX = 20.0
 
-def choose_lower(k: Any, adjoint: str = AUTO) -> str:
-    """The lower solver "auto" stands for on kernel k (adjoint: the adjoint solver asked for)."""
+#: Largest x for which a cheap fused kernel takes FISTA (beyond it the kernels' own cost
+#: outweighs Newton's round trips and Newton-CG's fewer work units win).
+FISTA_MAX_SIZE = 2048
+
+
+def cheap_fused(k: Any) -> bool:
+    """Whether k's solver loops run fused in C and its data hold at most CHEAP_DATA_PER_ENTRY
+    numbers per entry of x (a kernel of a few vector passes: a stencil)."""
+    return loops_for(k) is not None and data_per_entry(k) <= CHEAP_DATA_PER_ENTRY
+
+
+def _well_conditioned(k: Any, theta: Any) -> bool:
+    """L/mu <= FISTA_KAPPA_MAX at theta (k.constants(theta), checked); an infinite L is not."""
+    c = checked_constants(k, theta)
+    return math.isfinite(c["L"]) and c["L"] <= FISTA_KAPPA_MAX * c["mu"]
+
+
+def choose_lower(k: Any, adjoint: str = AUTO, theta: Any = None) -> str:
+    """The lower solver "auto" stands for on kernel k (adjoint: the adjoint solver asked for;
+    theta: where L/mu is read when the choice between FISTA and Newton-CG hinges on it)."""
     if adjoint == "backprop":
         return "gd"  # reverse mode through a stored GD trajectory
     if not (hasattr(k, "lower_hvp") or hasattr(k, "hvp_at")):
@@ -47,23 +78,28 @@ def choose_lower(k: Any, adjoint: str = AUTO) -> str:
     limit = QUADRATIC_DIRECT_MAX if quadratic else NONQUADRATIC_DIRECT_MAX
     if n is not None and n <= limit:
         return "direct"
-    return "cg" if quadratic else "newton"
+    if quadratic:
+        return "cg"
+    if (theta is not None and n is not None and n <= FISTA_MAX_SIZE and cheap_fused(k)
+            and _well_conditioned(k, theta)):
+        return "fista"
+    return "newton"
 
 
-def choose_adjoint(k: Any, lower: str = AUTO) -> str:
+def choose_adjoint(k: Any, lower: str = AUTO, theta: Any = None) -> str:
     """The adjoint solver "auto" stands for on kernel k after the lower solver `lower`."""
     if lower == AUTO:
-        lower = choose_lower(k)
+        lower = choose_lower(k, theta=theta)
     n = getattr(k, "x_size", None)
     if lower == "direct" or (n is not None and n <= ADJOINT_DIRECT_MAX):
         return "direct"
     return "cg"
 
 
-def choose_solvers(k: Any, lower: str, adjoint: str) -> tuple[str, str]:
-    """(lower, adjoint) with each "auto" replaced by its choice on kernel k."""
+def choose_solvers(k: Any, lower: str, adjoint: str, theta: Any = None) -> tuple[str, str]:
+    """(lower, adjoint) with each "auto" replaced by its choice on kernel k at theta."""
     if lower == AUTO:
-        lower = choose_lower(k, adjoint)
+        lower = choose_lower(k, adjoint, theta)
     if adjoint == AUTO:
-        adjoint = choose_adjoint(k, lower)
+        adjoint = choose_adjoint(k, lower, theta)
     return lower, adjoint

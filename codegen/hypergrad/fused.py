@@ -28,8 +28,8 @@ from .common import hvp_at
 from .krylov import CGResult, cg, energy_estimate
 from .results import Status
 
-__all__ = ["FUSED_MAX_SIZE", "CHEAP_KERNEL_FACTOR", "CHEAP_DATA_PER_ENTRY", "fused_size_limit",
-           "FusedLoops", "loops_for", "fused_cg", "cg_at", "count", "contiguous",
+__all__ = ["FUSED_MAX_SIZE", "CHEAP_KERNEL_FACTOR", "CHEAP_DATA_PER_ENTRY", "data_per_entry",
+           "fused_size_limit", "FusedLoops", "loops_for", "fused_cg", "cg_at", "count", "contiguous",
            "LOOP_STATUSES"]
 
 #: Largest x (entries) for which the solvers take the fused loops (measured: docs/solvers.md 5).
@@ -106,20 +106,28 @@ class FusedLoops:
         return info
 
 
+def data_per_entry(k: Any) -> float:
+    """The numbers k's data hold per entry of x (nonzeros for sparse data), computed once per
+    bound problem: a measure of what one kernel call costs next to a vector pass. inf for a
+    kernel that is not a bound problem (nothing is known of its cost)."""
+    try:
+        return _DATA_PER_ENTRY[k]
+    except KeyError:
+        data = getattr(k, "data", {}).values()
+        numbers = sum(int(v.nnz) if hasattr(v, "nnz") else int(np.size(v)) for v in data)
+        per_entry = _DATA_PER_ENTRY[k] = numbers / max(int(k.x_size), 1)
+        return per_entry
+    except TypeError:  # not weakly referenceable: not a bound problem
+        return math.inf
+
+
 def fused_size_limit(k: Any) -> int:
     """The largest x for which bound problem k takes the fused loops: FUSED_MAX_SIZE, times
     CHEAP_KERNEL_FACTOR when its data hold at most CHEAP_DATA_PER_ENTRY numbers per entry of x
     (nonzeros for sparse data). Deterministic (sizes only), so every run of a problem takes the
     same loops."""
-    try:
-        per_entry = _DATA_PER_ENTRY[k]
-    except KeyError:
-        data = getattr(k, "data", {}).values()
-        numbers = sum(int(v.nnz) if hasattr(v, "nnz") else int(np.size(v)) for v in data)
-        per_entry = _DATA_PER_ENTRY[k] = numbers / max(int(k.x_size), 1)
-    except TypeError:  # not weakly referenceable: not a bound problem
-        return FUSED_MAX_SIZE
-    return FUSED_MAX_SIZE * (CHEAP_KERNEL_FACTOR if per_entry <= CHEAP_DATA_PER_ENTRY else 1)
+    cheap = data_per_entry(k) <= CHEAP_DATA_PER_ENTRY
+    return FUSED_MAX_SIZE * (CHEAP_KERNEL_FACTOR if cheap else 1)
 
 
 def loops_for(k: Any) -> FusedLoops | None:
