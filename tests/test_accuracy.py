@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import codegen  # noqa: E402
 from codegen.hypergrad import SolverError, hypergradient, hypergradient_samples  # noqa: E402
+from codegen.hypergrad.accuracy import to_accuracy  # noqa: E402
 
 from conftest import built_example  # noqa: E402
 from quadratic_kernels import Logistic, PaperQuadratic, Ridge  # noqa: E402
@@ -59,6 +60,29 @@ def test_rtol_met_bound_valid_work_counted(name, lower, rtol):
     assert hg.work["hvps"] == calls["lower_hvp"]
     assert hg.work["cross"] == calls["cross_vjp"] + calls["cross_jvp"]
     assert "accuracy rounds" in hg.notes[-1]
+
+
+@pytest.mark.parametrize("name, lower, rtol, seed", [
+    ("logistic", "fista", 1e-6, 0), ("logistic", "fista", 1e-10, 0),
+    ("quadratic", "fista", 1e-8, 0), ("quadratic", "newton", 1e-8, 1)])
+def test_no_refinement_when_the_planned_eps_certifies_the_e_part(name, lower, rtol, seed):
+    """A round after the first sets eps so that the lower solve's own certificate G/mu <= eps
+    keeps the e part at its share: refining ||x - x*|| (refine_iter HVPs) buys nothing there.
+    On these problems the old test, (e part / e) * eps <= share, lost to a rounding tie and
+    paid 10 HVPs; no round here reaches the eps floor, so no round may refine."""
+    cls, theta = KERNELS[name]
+    k, th = cls.generate(seed=seed), np.array(theta)
+    refines = []
+
+    def run(eps, delta, x0, q0, refine):
+        refines.append(refine)
+        return hypergradient(k, th, lower=lower, adjoint="cg", eps=eps, delta=delta,
+                             refine_iter=refine, x0=x0, q0=q0)
+
+    hg = to_accuracy(run, rtol, 0.0, 1e-6, 1e-6, None, None, refine_iter=10)
+    assert hg.ok and hg.bound <= rtol * np.linalg.norm(hg.grad)
+    assert len(refines) >= 2 and refines == [0] * len(refines), refines
+    assert np.linalg.norm(hg.grad - k.exact_hypergradient(th)) <= hg.bound
 
 
 def test_loose_first_round_is_tightened_and_warm_started():

@@ -109,16 +109,20 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
                        + f"); bound {fmt(hg.bound)} is the best certified")
             break
         tightened = False
+        # the e <= eps that keeps the e part within its share (the e part is about linear in e)
+        needed = hg.e * share / e_part if e_part > 0 else math.inf
         if r_part > share:
             delta, tightened = min(delta, hg.R * share / r_part), True
         if e_part > share:
-            eps, tightened = max(min(eps, hg.e * share / e_part), lowest), True
+            eps, tightened = max(min(eps, needed), lowest), True
         if not tightened:  # both parts within share, the cross term or ||grad|| tipped it
             # (never to 0: a zero e or R is exact already, and a tolerance of 0 is never met)
             eps = max(0.5 * min(eps, hg.e), lowest) if hg.e > 0 else eps
             delta = 0.5 * min(delta, hg.R) if hg.R > 0 else delta
-        # The next lower solve certifies e <= eps by itself; refine only if that is not enough.
-        refine = 0 if hg.e == 0 or e_part / hg.e * eps <= share else refine_iter
+        # The next lower solve certifies e <= eps by itself; refine only where that is not
+        # enough (eps held at the floor `lowest`). `needed` is the very float eps was set to, so
+        # a rounding tie cannot buy refine_iter HVPs.
+        refine = refine_iter if eps > needed else 0
         x0, q0 = hg.x, hg.q
     else:
         failure = (f"certified accuracy not reached in {max_rounds} rounds: bound "
