@@ -20,6 +20,10 @@ the ratios. The reference grad F: dense solves (numpy.linalg) with the problem's
 Non-quadratic cases (docs/bounds.md 15.3, Corollary 15.3): the generated logistic example with
 L_3, L_Hf from the data (tests/nonquadratic_kernels.GeneratedLogistic), and 1-D smoothed TV
 denoising with the fidelity weight as hyperparameter (tests/nonquadratic_kernels.SmoothTV1D).
+B not affine in x (Corollary 15.3 with cross_hvp and L_DB): the generated hypercleaning example
+with 8 per-sample weights (c = 10, n = 21 or 51, m = 8, mv = 200, lambda = 1e-2), and 1-D smoothed
+TV denoising with the TV weight e^t as hyperparameter (tests/nonquadratic_kernels.TV_WEIGHT).
+Paper-scale hypercleaning (20000 weights, the component along h): benchmarks/bench_hypercleaning.py.
 """
 import argparse
 import math
@@ -35,7 +39,13 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-from nonquadratic_kernels import GeneratedLogistic, SmoothTV1D  # noqa: E402
+from nonquadratic_kernels import (  # noqa: E402
+    TV_WEIGHT,
+    DenseGenerated,
+    GeneratedLogistic,
+    SmoothTV1D,
+    tv_weight_data,
+)
 from nonquadratic_kernels import exact_hypergradient as newton_exact  # noqa: E402
 
 from codegen import Problem  # noqa: E402
@@ -147,6 +157,17 @@ def cases(quick: bool):
     tv = SmoothTV1D.generate(seed=0, n=n, noise=0.2, beta=0.5, gamma=0.1)
     yield "tv1d gd", tv, np.array([1.0]), "gd"
     yield "tv1d newton", tv, np.array([1.0]), "newton"
+    # B not affine in x (cross_hvp, L_DB): per-sample weights on softmax cross-entropy (8 weights:
+    # every component certified) and a weight on smoothed TV
+    hc_ns = runpy.run_path(str(ROOT / "examples" / "hypercleaning.py"))
+    hc, _ = _bind("hypercleaning", hc_ns["example_data"](seed=0, c=10, n=21 if quick else 51,
+                                                           m=8, mv=200, lam=1e-2))
+    yield "hypercleaning gd", DenseGenerated(hc), np.linspace(-1.0, 1.0, 8), "gd"
+    yield "hypercleaning newton", DenseGenerated(hc), np.linspace(-1.0, 1.0, 8), "newton"
+    tvw = build_problem(TV_WEIGHT, tempfile.mkdtemp(prefix="bench_cert_")).bind(
+        **tv_weight_data(seed=0, n=n))
+    yield "tv-weight gd", DenseGenerated(tvw), np.array([math.log(0.3)]), "gd"
+    yield "tv-weight newton", DenseGenerated(tvw), np.array([math.log(0.3)]), "newton"
 
 
 def main() -> None:

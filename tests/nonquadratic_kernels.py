@@ -9,6 +9,12 @@ third-derivative kernel lower_tvp, the upper HVP and the constants Corollary 15.
   D the forward difference; f = 1/2 ||x - x_true||^2. B = e^theta (x - y). sup|psi''| = 1/gamma,
   sup|psi'''| = 3 gamma^3/2 / (5 gamma^2/4)^(5/2) (at t = gamma/2), sup|psi''''| = 3/gamma^3 (t = 0).
 
+B not affine in x (docs/bounds.md 15.3, the cross_hvp kernel and L_DB from the constants):
+* TV_WEIGHT: a generated problem, g = 1/2 ||x - y||^2 + e^t sum_i sqrt((x[i+1] - x[i])^2 + gam^2)
+  (B = e^t D^T psi'(D x)); tv_weight_data makes its data.
+* DenseGenerated wraps a bound generated problem (hypercleaning, TV_WEIGHT) with the dense
+  lower and upper Hessians the references read.
+
 Exact references: x* by Newton with dense solves, grad F by dense solves at x*.
 """
 from __future__ import annotations
@@ -16,7 +22,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import sympy as sp
 from scipy.special import expit
+
+from codegen import Problem
 
 from quadratic_kernels import Logistic
 
@@ -349,3 +358,44 @@ class RidgeLogisticUpper:
         a = self._alpha(theta)
         return {"mu": a / _UP, "L": (self._L0 + a) * _UP, "L_A": 0.0, "L_B": a * _UP,
                 "L_f": self._Lf, "L_Hf": self._LHf, "certified": True, "source": "derived"}
+
+
+n_sym = sp.Symbol("n", integer=True, positive=True)
+_i = sp.Idx("i", n_sym)
+_x, _y = sp.IndexedBase("x", shape=(n_sym,)), sp.IndexedBase("y", shape=(n_sym,))
+_xt = sp.IndexedBase("xt", shape=(n_sym,))
+_t, _gam = sp.Symbol("t"), sp.Symbol("gam", positive=True)
+
+#: 1-D denoising with a learned TV weight e^t (gam is data): B = e^t D^T psi'(D x), not affine.
+TV_WEIGHT = Problem(
+    name="tv_weight",
+    x=_x,
+    theta=_t,
+    lower=sp.Sum((_x[_i] - _y[_i]) ** 2, (_i, 0, n_sym - 1)) / 2
+          + sp.exp(_t) * sp.Sum(sp.sqrt((_x[_i + 1] - _x[_i]) ** 2 + _gam ** 2),
+                                (_i, 0, n_sym - 2)),
+    upper=sp.Sum((_x[_i] - _xt[_i]) ** 2, (_i, 0, n_sym - 1)) / 2,
+)
+
+
+def tv_weight_data(seed=3, n=16, noise=0.2, gam=0.2):
+    """A piecewise-constant signal of 4 pieces, a noisy copy and gam for TV_WEIGHT."""
+    rng = np.random.default_rng(seed)
+    xt = np.repeat(rng.uniform(-1, 1, 4), -(-n // 4))[:n]
+    return {"y": xt + noise * rng.standard_normal(n), "xt": xt, "gam": np.float64(gam)}
+
+
+class DenseGenerated:
+    """A bound generated problem with the dense matrices the exact references read."""
+
+    def __init__(self, prob):
+        self._prob = prob
+
+    def __getattr__(self, name):
+        return getattr(self._prob, name)
+
+    def hessian(self, x, theta):
+        return self._prob.lower_hessian(x, theta)
+
+    def upper_hessian(self, x, theta):
+        return np.column_stack([self._prob.upper_hvp(x, theta, c) for c in np.eye(self.x_size)])

@@ -12,67 +12,35 @@ import math
 
 import numpy as np
 import pytest
-import sympy as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nonquadratic_kernels import exact_hypergradient, x_star
+from nonquadratic_kernels import (
+    TV_WEIGHT,
+    DenseGenerated,
+    exact_hypergradient,
+    tv_weight_data,
+    x_star,
+)
 
-from codegen import Problem
 from codegen.hypergrad import hypergradient
 from codegen.hypergrad.correction import correct, cross_hvp_of, dwr_unavailable
 from codegen.pipeline import build_problem
 
 from support import built_example
 
-n_sym = sp.Symbol("n", integer=True, positive=True)
-_i = sp.Idx("i", n_sym)
-_x, _y = sp.IndexedBase("x", shape=(n_sym,)), sp.IndexedBase("y", shape=(n_sym,))
-_xt = sp.IndexedBase("xt", shape=(n_sym,))
-_t, _gam = sp.Symbol("t"), sp.Symbol("gam", positive=True)
-
-#: 1-D denoising with a learned TV weight e^t (gam is data): B = e^t D^T psi'(D x), not affine.
-TV_WEIGHT = Problem(
-    name="tv_weight",
-    x=_x,
-    theta=_t,
-    lower=sp.Sum((_x[_i] - _y[_i]) ** 2, (_i, 0, n_sym - 1)) / 2
-          + sp.exp(_t) * sp.Sum(sp.sqrt((_x[_i + 1] - _x[_i]) ** 2 + _gam ** 2),
-                                (_i, 0, n_sym - 2)),
-    upper=sp.Sum((_x[_i] - _xt[_i]) ** 2, (_i, 0, n_sym - 1)) / 2,
-)
-
-
-class Dense:
-    """A bound generated problem with the dense matrices the exact references read."""
-
-    def __init__(self, prob):
-        self._prob = prob
-
-    def __getattr__(self, name):
-        return getattr(self._prob, name)
-
-    def hessian(self, x, theta):
-        return self._prob.lower_hessian(x, theta)
-
-    def upper_hessian(self, x, theta):
-        return np.column_stack([self._prob.upper_hvp(x, theta, c) for c in np.eye(self.x_size)])
-
 
 @pytest.fixture(scope="module")
 def cleaning(build_dir):
     _, module, ns = built_example("hypercleaning", build_dir)
     data = ns["example_data"](seed=2, c=3, n=4, m=8, mv=12, lam=1e-2)
-    return Dense(module.bind(**data)), np.linspace(-1.0, 1.5, 8)
+    return DenseGenerated(module.bind(**data)), np.linspace(-1.0, 1.5, 8)
 
 
 @pytest.fixture(scope="module")
 def tv_weight(build_dir):
     module = build_problem(TV_WEIGHT, build_dir)
-    rng = np.random.default_rng(3)
-    n = 16
-    xt = np.repeat(rng.uniform(-1, 1, 4), n // 4)
-    data = {"y": xt + 0.2 * rng.standard_normal(n), "xt": xt, "gam": np.float64(0.2)}
-    return Dense(module.bind(**data)), np.array([math.log(0.3)])
+    data = tv_weight_data(seed=3, n=16)
+    return DenseGenerated(module.bind(**data)), np.array([math.log(0.3)])
 
 
 def _exact_terms(k, theta, hg, part, u):
@@ -189,7 +157,7 @@ def test_direction_only_with_many_weights(build_dir):
     """Hypercleaning with more weights than MAX_COMPONENTS: the component along h is certified
     (one pair of solves) and its bound holds against the dense reference."""
     _, module, ns = built_example("hypercleaning", build_dir)
-    k = Dense(module.bind(**ns["example_data"](seed=5, c=3, n=4, m=30, mv=12, lam=1e-2)))
+    k = DenseGenerated(module.bind(**ns["example_data"](seed=5, c=3, n=4, m=30, mv=12, lam=1e-2)))
     theta = np.zeros(k.theta_size)
     exact = exact_hypergradient(k, theta)
     hg = hypergradient(k, theta, lower="gd", adjoint="cg", rtol=1e-4, certificate="dwr",
@@ -207,7 +175,7 @@ def test_missing_pieces_are_named(cleaning):
     k, theta = cleaning
     assert "not known to be affine" in dwr_unavailable(k)
 
-    class NoCrossHvp(Dense):
+    class NoCrossHvp(DenseGenerated):
         def __getattr__(self, name):
             if name == "kernels":
                 return {n: f for n, f in self._prob.kernels.items() if n != "cross_hvp"}
