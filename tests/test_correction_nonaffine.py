@@ -29,6 +29,17 @@ from codegen.pipeline import build_problem
 from support import built_example
 
 
+class NoCrossHvp(DenseGenerated):
+    """A bound problem without cross_hvp: neither the runtime's method nor the kernel."""
+
+    def __getattr__(self, name):
+        if name == "cross_hvp":
+            raise AttributeError(name)
+        if name == "kernels":
+            return {n: f for n, f in self._prob.kernels.items() if n != "cross_hvp"}
+        return getattr(self._prob, name)
+
+
 @pytest.fixture(scope="module")
 def cleaning(build_dir):
     _, module, ns = built_example("hypercleaning", build_dir)
@@ -175,16 +186,20 @@ def test_missing_pieces_are_named(cleaning):
     k, theta = cleaning
     assert "not known to be affine" in dwr_unavailable(k)
 
-    class NoCrossHvp(DenseGenerated):
-        def __getattr__(self, name):
-            if name == "cross_hvp":  # neither the method nor the kernel
-                raise AttributeError(name)
-            if name == "kernels":
-                return {n: f for n, f in self._prob.kernels.items() if n != "cross_hvp"}
-            return getattr(self._prob, name)
-
     bare = NoCrossHvp(k._prob)
     assert "no cross_hvp kernel" in dwr_unavailable(bare, theta)
     hg = hypergradient(bare, theta, lower="gd", adjoint="cg", eps=1e-3, delta=1e-3,
                        certificate="dwr")
     assert hg.certificate == "er" and "no cross_hvp kernel" in hg.notes[-1]
+
+
+def test_correct_refuses_non_affine_B_without_cross_hvp(cleaning):
+    """Called directly (past dwr_unavailable), correct names the missing kernel instead of
+    forming D_u q from B's differences, which would be wrong for B not affine in x."""
+    k, theta = cleaning
+
+    bare = NoCrossHvp(k._prob)
+    hg = hypergradient(bare, theta, lower="gd", adjoint="cg", eps=1e-2, delta=1e-2)
+    u = np.eye(k.theta_size)[0]
+    with pytest.raises(ValueError, match="no cross_hvp kernel"):
+        correct(bare, hg, [u], [1e-2], [1e-2], [None], [None], 200)

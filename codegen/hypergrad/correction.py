@@ -319,7 +319,11 @@ def _cross_derivative(k: Any, x: np.ndarray, th: np.ndarray, u: np.ndarray, q: n
         if Bq is None or B0 is None:
             raise FloatingPointError("a cross JVP is not finite")
         return Bq - B0, [norm(Bq), norm(B0)]
-    Dq, _ = call_kernel(cross_hvp_of(k), x, th, u, q)
+    dhvp = cross_hvp_of(k)
+    if dhvp is None:
+        raise ValueError("B = d_theta grad_x g is not known to be affine in x and the problem "
+                         "has no cross_hvp kernel for D_u(x_eps) q (docs/bounds.md 15.3)")
+    Dq, _ = call_kernel(dhvp, x, th, u, q)
     if Dq is None:
         raise FloatingPointError("the cross derivative D_u(x_eps) q (cross_hvp) is not finite")
     return Dq, [norm(Dq)]
