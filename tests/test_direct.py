@@ -48,7 +48,7 @@ def test_data_only_matrices_are_cached_and_checked(build_dir):
     data = ns["example_data"](seed=3, **TINY["quadratic"])
     prob = module.bind(**data)
     assert module.meta["data_only"] == ["lower_hvp", "cross_jvp"]
-    assert repr(module).endswith("upper_theta_grad, upper_hvp, lower_tvp, lower_hessian, cross_matrix>")
+    assert repr(module).endswith("upper_theta_grad, upper_hvp, lower_tvp, cross_hvp, lower_hessian, cross_matrix>")
     D, C = data["D"], data["C"]
     scale = np.abs(2 * D.T @ D).max()
     for seed in range(3):  # any x, any theta: the same matrices
@@ -198,3 +198,26 @@ def test_too_large_for_direct_is_refused(monkeypatch):
         hypergradient(k, np.zeros(2), lower="direct", adjoint="cg")
     with pytest.raises(SolverError, match="DIRECT_MAX_SIZE"):
         solve_adjoint(k, np.zeros(5), np.zeros(2), solver="direct")
+
+
+@pytest.mark.parametrize("n", [1, 10, 50, 120])
+def test_hessian_factor_is_the_cholesky_factor_of_the_symmetric_part(n):
+    """HessianFactor.factor on an SPD matrix with rounding-size asymmetry, passed read-only (as
+    a data-only Hessian is): its factor is NumPy's Cholesky factor of (H + H^T)/2, its solves
+    match a dense solve, and the input is left as it was."""
+    rng = np.random.default_rng(n)
+    M = rng.standard_normal((n, n))
+    H = M @ M.T + n * np.eye(n)
+    H += 1e-14 * np.abs(H).max() * rng.standard_normal((n, n))  # not exactly symmetric
+    H.setflags(write=False)
+    before = H.copy()
+    x = rng.standard_normal(n)
+    fac, why = dense.HessianFactor.factor(H, x)
+    assert why == "" and fac is not None
+    S = 0.5 * (H + H.T)
+    L = np.tril(fac.lower)
+    np.testing.assert_allclose(L, np.linalg.cholesky(S), rtol=1e-12, atol=1e-12 * np.abs(L).max())
+    b = rng.standard_normal(n)
+    np.testing.assert_allclose(fac.solve(b), np.linalg.solve(S, b), rtol=1e-10)
+    np.testing.assert_array_equal(H, before)
+    assert fac.holds_at(x, False) and not fac.holds_at(x + 1.0, False) and fac.holds_at(x + 1, True)
