@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import codegen  # noqa: E402
 from codegen.hypergrad import SolverError, hypergradient, hypergradient_samples  # noqa: E402
-from codegen.hypergrad.accuracy import to_accuracy  # noqa: E402
+from codegen.hypergrad.accuracy import first_tolerances, to_accuracy  # noqa: E402
 
 from conftest import built_example  # noqa: E402
 from quadratic_kernels import Logistic, PaperQuadratic, Ridge  # noqa: E402
@@ -63,13 +63,14 @@ def test_rtol_met_bound_valid_work_counted(name, lower, rtol):
 
 
 @pytest.mark.parametrize("name, lower, rtol, seed", [
-    ("logistic", "fista", 1e-6, 0), ("logistic", "fista", 1e-10, 0),
-    ("quadratic", "fista", 1e-8, 0), ("quadratic", "newton", 1e-8, 1)])
+    ("ridge", "newton", 1e-6, 0), ("ridge", "newton", 1e-8, 1), ("ridge", "fista", 1e-10, 1),
+    ("logistic", "newton", 1e-6, 1)])
 def test_no_refinement_when_the_planned_eps_certifies_the_e_part(name, lower, rtol, seed):
     """A round after the first sets eps so that the lower solve's own certificate G/mu <= eps
     keeps the e part at its share: refining ||x - x*|| (refine_iter HVPs) buys nothing there.
-    On these problems the old test, (e part / e) * eps <= share, lost to a rounding tie and
-    paid 10 HVPs; no round here reaches the eps floor, so no round may refine."""
+    From a first round at 1e-5, the old test, (e part / e) * eps <= share, lost to a rounding
+    tie on each of these problems and paid 10 HVPs; no round here reaches the eps floor, so no
+    round may refine."""
     cls, theta = KERNELS[name]
     k, th = cls.generate(seed=seed), np.array(theta)
     refines = []
@@ -79,9 +80,34 @@ def test_no_refinement_when_the_planned_eps_certifies_the_e_part(name, lower, rt
         return hypergradient(k, th, lower=lower, adjoint="cg", eps=eps, delta=delta,
                              refine_iter=refine, x0=x0, q0=q0)
 
-    hg = to_accuracy(run, rtol, 0.0, 1e-6, 1e-6, None, None, refine_iter=10)
+    hg = to_accuracy(run, rtol, 0.0, 1e-5, 1e-5, None, None, refine_iter=10)
     assert hg.ok and hg.bound <= rtol * np.linalg.norm(hg.grad)
     assert len(refines) >= 2 and refines == [0] * len(refines), refines
+    assert np.linalg.norm(hg.grad - k.exact_hypergradient(th)) <= hg.bound
+
+
+def test_first_round_tolerances():
+    """With rtol and eps, delta at the options' defaults the first round runs at 1e-3 rtol
+    (never looser than the defaults, never below 1e-9); a caller's eps or delta is its plan and
+    is kept; atol alone keeps the defaults."""
+    assert first_tolerances(1e-6, 1e-6, 1e-6) == pytest.approx((1e-9, 1e-9))
+    assert first_tolerances(1e-5, 1e-6, 1e-6) == pytest.approx((1e-8, 1e-8))
+    assert first_tolerances(1e-2, 1e-6, 1e-6) == (1e-6, 1e-6)
+    assert first_tolerances(1e-10, 1e-6, 1e-6) == (1e-9, 1e-9)
+    assert first_tolerances(1e-6, 1e-2, 1e-6) == (1e-2, 1e-6)
+    assert first_tolerances(1e-6, 1e-6, 3e-7) == (1e-6, 3e-7)
+    assert first_tolerances(0.0, 1e-6, 1e-6) == (1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_default_first_round_is_planned_and_the_bound_still_holds(name):
+    """The default call's trail starts at 1e-3 rtol, meets the target and stays above the
+    exact error."""
+    cls, theta = KERNELS[name]
+    k, th = cls.generate(seed=2), np.array(theta)
+    hg = hypergradient(k, th, lower="newton", adjoint="cg", rtol=1e-6)
+    assert hg.notes[-1].split(": ", 1)[1].startswith("eps=1e-09, delta=1e-09: "), hg.notes[-1]
+    assert hg.ok and hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
     assert np.linalg.norm(hg.grad - k.exact_hypergradient(th)) <= hg.bound
 
 

@@ -11,6 +11,8 @@ tolerance in proportion:
     e part   the rest, about linear in e >= ||x - x*||            -> eps := e * share / e part
 
 until the bound meets the target or a round fails, stalls at the rounding floor or runs out.
+The first round runs at the caller's eps and delta, or, left at their defaults, at 1e-3 rtol
+(`first_tolerances`): near where the rounds usually end, so that one round often suffices.
 eps is never asked below eps_machine ||x|| (`stopping.solution_floor`); a target that needs
 less, or a lower solve that stagnates at its rounding floor, ends the rounds with the status
 "accuracy floor" and the best certified bound reached (a valid certificate, not a failure).
@@ -29,10 +31,11 @@ from .bounds import aposteriori_bound, certified_product
 from .common import SolverError, fmt
 from .correction import Correction, combined, correct, higher_constants, uses_general_terms
 from .lower.stopping import solution_floor
+from .options import HypergradientOptions
 from .results import HypergradientResult, Reason, ReasonKind, Status
 
-__all__ = ["to_accuracy", "bound_parts", "corrected_to_accuracy", "dwr_tightened",
-           "dwr_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE"]
+__all__ = ["to_accuracy", "bound_parts", "first_tolerances", "corrected_to_accuracy",
+           "dwr_tightened", "dwr_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE"]
 
 #: Rounds (each a warm-started lower solve, adjoint solve and bound) before giving up.
 MAX_ROUNDS = 8
@@ -45,6 +48,18 @@ _WORK_KEYS = ("lower_grads", "hvps", "cross", "units")
 
 #: The note that keeps a lower solve's "rounding floor" reason once the rounds accepted it.
 FLOOR_NOTE = "lower solve at its rounding floor"
+
+#: With rtol and eps, delta left at the options' defaults, the first round runs at
+#: eps = delta = FIRST_ROUND * rtol (`first_tolerances`). Over the examples (docs/bounds.md 12)
+#: the rounds' final eps / rtol had a median of 5e-4 and the final delta / rtol one of 6e-3, so
+#: this first round often ends the rounds; where it does not, the warm starts carry its work
+#: over. Like the defaults it is absolute: a problem scaled far from the examples' pays for it
+#: (measured in docs/bounds.md 12).
+FIRST_ROUND = 1e-3
+
+#: The tightest first round: far enough above the rounding floor eps_machine ||x|| of a lower
+#: solve (||x|| up to about 1e5) that the first round, blind to ||x||, does not stall there.
+FIRST_FLOOR = 1e-9
 
 
 def bound_parts(hg: HypergradientResult) -> tuple[float, float, float]:
@@ -64,10 +79,26 @@ def bound_parts(hg: HypergradientResult) -> tuple[float, float, float]:
 Round = Callable[[float, float, Any, Any, int], HypergradientResult]
 
 
+def first_tolerances(rtol: float, eps: float, delta: float) -> tuple[float, float]:
+    """The first round's (eps, delta) for a call asking bound <= atol + rtol ||grad||.
+
+    Given eps or delta (anything but the options' defaults) are the caller's plan (the learning
+    loops predict them from the previous point) and are kept. At the defaults the first round
+    aims near the usual end point: the final tolerances depend on ||h||, which nothing known
+    before a solve predicts (docs/bounds.md 12), but they scale with rtol. Never looser than
+    the defaults. Steering only: every round's bound is certified by itself."""
+    default = HypergradientOptions()
+    if not rtol > 0 or (eps, delta) != (default.eps, default.delta):
+        return eps, delta
+    first = max(FIRST_ROUND * rtol, FIRST_FLOOR)
+    return min(eps, first), min(delta, first)
+
+
 def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, x0: Any,
                 q0: Any, refine_iter: int, max_rounds: int = MAX_ROUNDS) -> HypergradientResult:
     """Call run(eps, delta, x0, q0, refine_iter) -> HypergradientResult until
-    bound <= atol + rtol ||grad||; eps and delta are the first round's tolerances.
+    bound <= atol + rtol ||grad||; the first round runs at `first_tolerances(rtol, eps, delta)`
+    (eps and delta themselves unless they are the options' defaults).
 
     A round whose status is not "ok" (a capped or failed solve, a zero trap) ends the loop: its
     result is returned as it is. Stated (uncertified) constants do not: the bound holds under
@@ -79,6 +110,7 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
     if not (rtol >= 0 and atol >= 0 and rtol + atol > 0) or not math.isfinite(rtol + atol):
         raise SolverError(f"rtol and atol must be finite and >= 0, not both 0 "
                           f"(got rtol={rtol!r}, atol={atol!r})")
+    eps, delta = first_tolerances(rtol, eps, delta)
     total = dict.fromkeys(_WORK_KEYS, 0)
     trail: list[str] = []
     refine = 0  # the first round only measures the parts: no refinement yet
@@ -119,10 +151,12 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
             # (never to 0: a zero e or R is exact already, and a tolerance of 0 is never met)
             eps = max(0.5 * min(eps, hg.e), lowest) if hg.e > 0 else eps
             delta = 0.5 * min(delta, hg.R) if hg.R > 0 else delta
-        # The next lower solve certifies e <= eps by itself; refine only where that is not
-        # enough (eps held at the floor `lowest`). `needed` is the very float eps was set to, so
-        # a rounding tie cannot buy refine_iter HVPs.
-        refine = refine_iter if eps > needed else 0
+        # The next lower solve, warm-started at x, certifies e <= min(eps, G/mu at x) by itself
+        # (it tests before its first step); refine only where that is not enough (eps held at
+        # the floor `lowest`, or a refined e kept the e part small). `needed` is the very float
+        # eps was set to, so a rounding tie cannot buy refine_iter HVPs.
+        unrefined = _unrefined_e(hg)
+        refine = refine_iter if (unrefined if unrefined < eps else eps) > needed else 0
         x0, q0 = hg.x, hg.q
     else:
         failure = (f"certified accuracy not reached in {max_rounds} rounds: bound "
@@ -154,6 +188,15 @@ def _floor_accepted(hg: HypergradientResult) -> HypergradientResult:
         return hg
     return replace(hg, reasons=rest, notes=tuple(hg.notes) + tuple(
         f"{FLOOR_NOTE}: {r}" for r in floor))
+
+
+def _unrefined_e(hg: HypergradientResult) -> float:
+    """G/mu at hg's x (the worst over samples): the e a lower solve warm-started there certifies
+    without a step or a refinement; nan when hg does not say."""
+    if hg.samples is not None:
+        return max(_unrefined_e(s) for s in hg.samples)
+    mu = cast(dict[str, Any], hg.constants).get("mu", math.nan)
+    return hg.G / mu if mu > 0 else math.nan
 
 
 def _lowest_eps(hg: HypergradientResult) -> float:
