@@ -424,6 +424,7 @@ def run_case(key, spec, args, have_jax):
     model = numpy_model(name, data, th)
     c = prob.constants(th)
     model.update(mu=c["mu"], L=c["L"])
+    row["kappa"] = c["L"] / c["mu"]  # L/mu at theta: "auto" reads it (docs/solvers.md 3)
     for lower_np in (["cg"] if model["quadratic"] else ["lbfgs", "fista"]):
         for tol in LADDER:
             if rel_err(numpy_hypergradient(model, n, tol, lower_np), ref) <= TARGET:
@@ -480,6 +481,7 @@ def run_case(key, spec, args, have_jax):
             line += f", {entry['c_calls']} Python-to-C calls"
             if kind == "auto":
                 entry["rounds"] = out.notes[-1].count("eps=")
+                entry["chose"] = f"{out.lower_solver}+{out.adjoint_solver}"
                 line += f", chose {out.lower_solver}+{out.adjoint_solver}"
         if kind == "hg":
             line += (f", {out.notes[-1].count('eps=')} round(s), certified bound/||h|| "
@@ -586,15 +588,16 @@ def table(rows, have_jax):
 def auto_table(rows):
     """The default call against the best explicit pair, warm and on a fresh bind's first call,
     and the Python-to-C calls of each."""
-    print("\n| case | auto ms | best pair ms (pair) | auto/best | first call: auto ms | best "
-          "first ms (pair) | auto/best | C calls: auto, best pair |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| case | L/mu | auto chose | auto ms | best pair ms (pair) | auto/best | first call: "
+          "auto ms | best first ms (pair) | auto/best | C calls: auto, best pair |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "auto" not in r:
             continue
         a, h, first = r["auto"], r["hg"], r["first"]
         best = min((p for p in first if p != "auto+auto"), key=first.get)
-        print(f"| {r['case']} | {fmt_ms(a['t'])} | {fmt_ms(h['t'])} ({h['solver']}) | "
+        print(f"| {r['case']} | {r['kappa']:.3g} | {a['chose']} | {fmt_ms(a['t'])} | "
+              f"{fmt_ms(h['t'])} ({h['solver']}) | "
               f"{a['t'] / h['t']:.2f} | {fmt_ms(first['auto+auto'])} | {fmt_ms(first[best])} "
               f"({best}) | {first['auto+auto'] / first[best]:.2f} | {a['c_calls']}, "
               f"{h['c_calls']} |")
