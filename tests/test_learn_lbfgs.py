@@ -126,8 +126,9 @@ def test_resolved_to_stop_at_the_same_theta(build_dir):
 
     _, module, ns = built_example("logistic", build_dir)
     ended_on_resolve = 0
-    for seed, theta0, grad_rtol, ftol in ((2, -6.0, 0.5, 1e-7), (1, -3.0, 0.75, 1e-7),
-                                          (3, -3.0, 0.5, 1e-6)):
+    for seed, theta0, grad_rtol, ftol in ((0, -6.0, 0.5, 1e-7), (2, -3.0, 0.75, 1e-7),
+                                          (3, 0.0, 0.75, 1e-6), (2, -6.0, 0.5, 1e-7),
+                                          (1, -3.0, 0.75, 1e-7), (3, -3.0, 0.5, 1e-6)):
         prob = module.bind(**ns["example_data"](seed, m=1000, n=50, p=300))
         res = prob.optimize(theta0, grad_rtol=grad_rtol, ftol=ftol, progress=False)
         last, before = res.history[-1], res.history[-2]
@@ -212,6 +213,40 @@ def test_secant_warm_start_keeps_scalar_runs_exact(build_dir):
     assert res.status == OptimizeStatus.CONVERGED, res.message
     assert float(np.linalg.norm(tight.grad)) - tight.bound <= res.stationarity
     assert tight.value - ref.fun <= 10 * FTOL * abs(ref.fun)
+
+
+def test_warm_start_is_exact_on_a_quadratic_path():
+    """For a scalar theta x and q start from the quadratic in theta through the last three
+    solutions (`Runner.predicted`): exact when the path x(theta) is a quadratic, the secant
+    (exact for a line only) while two are known, the last solution beyond MAX_EXTRAPOLATION
+    times the last step; a vector theta starts from the last solution."""
+    from codegen.learn.options import make_options
+    from codegen.learn.runner import MAX_EXTRAPOLATION, Runner
+
+    a, b, c = np.array([1.0, -2.0]), np.array([0.5, 3.0]), np.array([-1.0, 0.25])
+
+    def path(t):
+        return a + b * t + c * t * t
+
+    def runner(thetas, size=1):
+        run = Runner(object(), size, make_options(None, {}), np.full(size, -np.inf),
+                     np.full(size, np.inf))
+        for t in thetas:
+            run.x, run.q = path(t), 2 * path(t)
+            run._extend_trail(np.full(size, t))
+        return run
+
+    run = runner([0.0, -0.5, -2.0])
+    x0, q0 = run.predicted(np.array([-3.0]))
+    assert np.allclose(x0, path(-3.0), rtol=0, atol=1e-12)
+    assert np.allclose(q0, 2 * path(-3.0), rtol=0, atol=1e-12)
+    x0, _ = runner([-0.5, -2.0]).predicted(np.array([-3.0]))
+    secant = path(-2.0) + (-1.0 / -1.5) * (path(-2.0) - path(-0.5))
+    assert np.allclose(x0, secant, rtol=0, atol=1e-12)
+    assert not np.allclose(x0, path(-3.0), rtol=0, atol=1e-3)
+    assert run.predicted(np.array([-2.0 - 1.5 * (MAX_EXTRAPOLATION + 1)]))[0] is run.x
+    vector = runner([0.0, -0.5, -2.0], size=2)
+    assert vector.predicted(np.array([-3.0, -3.0]))[0] is vector.x
 
 
 def test_paper_quadratic_known_optimum(build_dir):
