@@ -47,7 +47,7 @@ NONQUADRATIC_DIRECT_MAX = 16
 ADJOINT_DIRECT_MAX = 32
 
 #: Largest L/mu at theta for which a cheap fused kernel takes FISTA rather than Newton-CG.
-FISTA_KAPPA_MAX = 20.0
+FISTA_KAPPA_MAX = 10.0
 
 #: Largest x for which a cheap fused kernel takes FISTA (beyond it the kernels' own cost
 #: outweighs Newton's round trips and Newton-CG's fewer work units win).
