@@ -4,6 +4,8 @@
     python benchmarks/bench_hypergradient.py --quick              # small sizes, a smoke run
     python benchmarks/bench_hypergradient.py --cases ridge-small quadratic --repeat 5
     python benchmarks/bench_hypergradient.py --profile logistic-large   # + cProfile of hypergen
+    python benchmarks/bench_hypergradient.py --quick --cases quadratic --stages quadratic --no-jax
+                                                                 # + time per stage of the default
 
 Cases: ridge and l2-logistic regression, dense, (m, n) = (2000, 500) ("-small") and (20000, 2000)
 ("-large"); 2-D smoothed-TV denoising of a 256 x 256 image (examples/tv2d.py); the paper's
@@ -499,6 +501,8 @@ def run_case(key, spec, args, have_jax):
     if args.profile and key in args.profile:
         profile(row["hg"]["call"], key)
         call_overhead(prob, th, row["hg"]["call"]())
+    if args.stages and key in args.stages:
+        stages(prob, th, key)
     return row
 
 
@@ -530,6 +534,67 @@ def profile(call, key):
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(12)
     print("\n".join("    " + line for line in buf.getvalue().splitlines()[6:26]))
+
+
+#: (module, function, label) of the stages `stages` times; "  " marks a part of the stage above.
+STAGES = [
+    ("codegen.runtime.bound_problem", "hypergradient", "the whole call (BoundProblem.hypergradient)"),
+    ("codegen.hypergrad.hypergradient", "_resolved", "  options: \"auto\" resolved"),
+    ("codegen.hypergrad.hypergradient", "to_accuracy", "  the accuracy rounds (to_accuracy)"),
+    ("codegen.hypergrad.hypergradient", "checked_theta", "    theta checked"),
+    ("codegen.hypergrad.hypergradient", "checked_constants", "    constants at theta"),
+    ("codegen.hypergrad.hypergradient", "_step_size_constants", "    step-size constants"),
+    ("codegen.hypergrad.hypergradient", "run_lower", "    lower solve"),
+    ("codegen.hypergrad.lower.direct", "dense_factor", "      of which the Hessian and its factor"),
+    ("codegen.hypergrad.hypergradient", "_localised", "    localised constants, refined e"),
+    ("codegen.hypergrad.hypergradient", "_adjoint", "    adjoint solve"),
+    ("codegen.hypergrad.hypergradient", "_assemble", "    h = -B^T q + grad_theta f"),
+    ("codegen.hypergrad.hypergradient", "_bounded", "    bounds, value and the result"),
+    ("codegen.hypergrad.hypergradient", "cross_norm", "      of which ||B||"),
+    ("codegen.hypergrad.hypergradient", "aposteriori_bound", "      of which the a posteriori bound"),
+    ("codegen.hypergrad.hypergradient", "_value", "      of which the upper value"),
+]
+
+
+def stages(prob, th, key, calls=2000):
+    """Wall time per stage of the default call prob.hypergradient(th, rtol=TARGET), warm: each
+    function of STAGES wrapped (in this process only) with a perf_counter accumulator. What the
+    stages leave of their parent is the Python between them (argument checks, results)."""
+    import importlib
+    import time
+
+    spent, originals = {}, []
+
+    def timed(module, name, label):
+        fn = getattr(module, name)
+
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+        originals.append((module, name, fn))
+        setattr(module, name, wrapper)
+
+    call = partial(prob.hypergradient, th, rtol=TARGET)
+    bare, _, _ = median_time(lambda: [call() for _ in range(200)], 5)
+    for module_name, name, label in STAGES:
+        module = sys.modules.get(module_name) or importlib.import_module(module_name)
+        if hasattr(module, name):
+            timed(module, name, label)
+    try:
+        for _ in range(calls):
+            call()
+    finally:
+        for module, name, fn in reversed(originals):
+            setattr(module, name, fn)
+    hg = call()
+    print(f"  stages of one default call ({hg.lower_solver}+{hg.adjoint_solver}, work "
+          f"{hg.work}): {bare / 200 * 1e6:.1f} us unwrapped, per call (wrapped):")
+    for _, _, label in STAGES:
+        if label in spent:
+            print(f"    {label:48s} {spent[label] / calls * 1e6:8.1f} us")
 
 
 def c_calls(call):
@@ -627,6 +692,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="cases whose hypergen call is profiled with cProfile")
+    parser.add_argument("--stages", nargs="*", default=[],
+                        help="cases whose default call is timed stage by stage (perf_counter)")
     parser.add_argument("--threads", default="1",
                         help="BLAS/OpenMP/XLA threads for every library, hypergen's OpenMP "
                              "kernels included (default 1; 0 = library defaults)")
