@@ -208,14 +208,15 @@ def test_auto_picks_the_rule_and_is_certified(build_dir, name, sizes, theta, low
     prob = module.bind(**ns["example_data"](seed=1, **sizes))
     theta = np.broadcast_to(np.asarray(theta, float), (prob.theta_size,)).copy()
     assert choose_solvers(prob, "auto", "auto", theta) == (lower, adjoint)
-    hg = prob.hypergradient(theta, lower=lower, adjoint=adjoint, rtol=1e-6)
+    hg = prob.hypergradient(theta, rtol=1e-6)  # the defaults: lower="auto", adjoint="auto"
+    assert (hg.lower_solver, hg.adjoint_solver) == (lower, adjoint)
     assert (hg.lower.solver, hg.adjoint.solver) == (lower, adjoint)
     assert hg.ok and hg.certified and hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
-    # the same number on a fresh bind (a data-only Hessian's factor is kept per bind)
+    # "auto" is the named call (on a fresh bind: a data-only Hessian's factor is kept per bind)
     fresh = module.bind(**ns["example_data"](seed=1, **sizes))
-    again = fresh.hypergradient(theta, lower=lower, adjoint=adjoint, rtol=1e-6)
-    np.testing.assert_array_equal(hg.grad, again.grad)
-    assert hg.bound == again.bound and hg.work == again.work
+    explicit = fresh.hypergradient(theta, lower=lower, adjoint=adjoint, rtol=1e-6)
+    np.testing.assert_array_equal(hg.grad, explicit.grad)
+    assert hg.bound == explicit.bound and hg.work == explicit.work
     # and it agrees with an independent tight solve within the two certified bounds
     other = "cg" if prob.is_quadratic else ("newton" if lower == "fista" else "fista")
     ref = prob.hypergradient(theta, lower=other, adjoint="cg", eps=1e-11, delta=1e-11)

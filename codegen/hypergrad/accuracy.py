@@ -29,7 +29,14 @@ import numpy as np
 
 from .bounds import aposteriori_bound, certified_product
 from .common import SolverError, fmt
-from .correction import Correction, combined, correct, higher_constants, uses_general_terms
+from .correction import (
+    Correction,
+    combined,
+    correct,
+    cross_lipschitz,
+    higher_constants,
+    uses_general_terms,
+)
 from .lower.stopping import solution_floor
 from .options import HypergradientOptions
 from .results import HypergradientResult, Reason, ReasonKind, Status
@@ -220,7 +227,7 @@ def steerable(hg: HypergradientResult) -> bool:
 PLAN_SLACK = 1.5
 
 #: The terms of Corollaries 15.2 and 15.3 that are second order in E (docs/bounds.md 15).
-SECOND_ORDER = ("EE", "lamA", "third", "upperH")
+SECOND_ORDER = ("EE", "lamA", "third", "upperH", "crossB")
 
 #: Fraction of the target the DWR terms share (each term aims at DWR_SHARE * target / n for the
 #: n terms above zero); the rest absorbs the change of the terms between rounds.
@@ -265,15 +272,16 @@ def _water_filled(terms: dict[str, float], budget: float) -> float:
 
 
 def dwr_planned(hg: HypergradientResult, target: float, upper_depends_on_theta: bool,
-                higher: tuple[float, float] | None = None
+                higher: tuple[float, float, float] | None = None
                 ) -> tuple[float, float, float | None, float | None]:
     """(eps, delta, tol_v, tol_lam) that put each term of Corollary 15.2 (15.3 when `higher` =
-    (L_3, L_Hf) is given: g not quadratic) at its share of `target` (PLAN_SLACK times an equal
+    (L_3, L_Hf, L_DB) is given: g not quadratic) at its share of `target` (PLAN_SLACK times an equal
     share: the estimates below are upper bounds), planned from a plain
     hypergradient (its e, ||grad f||, ||B||, ||q|| and constants), with ||v|| ~ ||B||/mu:
 
         E     from the E^2 terms (EE = c_v J E^2, c_v = (L_B + L_A ||v||)/mu, J = L_f + L_A ||q||,
-              + L_A ||lam|| E^2/2 + L_3 ||v|| ||q|| E^2/2 + L_Hf ||v|| E^2/2) and theta = L_ft E;
+              + L_A ||lam|| E^2/2 + L_3 ||v|| ||q|| E^2/2 + L_Hf ||v|| E^2/2
+              + L_DB ||q|| E^2/2, crossB when B is not affine in x) and theta = L_ft E;
         R     from RE = (L_B + L_A ||v||) R E/mu, and R, R_v balanced in vR = R_v R/mu relative
               to ||grad f|| and ||B|| (R/||grad f|| = R_v/||B||);
         R_v   from vE = J R_v E/mu and vR; R_lam from lamE = R_lam E.
@@ -283,13 +291,14 @@ def dwr_planned(hg: HypergradientResult, target: float, upper_depends_on_theta: 
     Lt = float(c.get("L_ft", 0.0)) if upper_depends_on_theta else 0.0
     share = PLAN_SLACK * DWR_SHARE * target / (6 if Lt > 0 else 5)
     nb, nB, nq = hg.grad_f_norm, hg.norm_B, hg.q_norm
-    LA, L3, LH = (0.0, 0.0, 0.0) if higher is None else (float(c["L_A"]), *higher)
+    LA, L3, LH, LDB = (0.0, 0.0, 0.0, 0.0) if higher is None else (float(c["L_A"]), *higher)
     nv = nB / mu
     D_eff = LB + certified_product(LA, nv)
     J = Lf + certified_product(LA, nq)
     n_lam = (certified_product(D_eff, nq) + certified_product(J, nv)) / mu
     coef_E2 = (certified_product(D_eff, J) / mu + 0.5 * certified_product(LA, n_lam)
-               + 0.5 * certified_product(L3, nv, nq) + 0.5 * certified_product(LH, nv))
+               + 0.5 * certified_product(L3, nv, nq) + 0.5 * certified_product(LH, nv)
+               + 0.5 * certified_product(LDB, nq))
 
     def limit(numerator: float, denominator: float) -> float:
         return numerator / denominator if denominator > 0 else math.inf
@@ -355,7 +364,8 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             eps, delta, planned_v, planned_lam = dwr_planned(
                 hg, target / math.sqrt(n) if components else target,
                 bool(getattr(k, "upper_depends_on_theta", False)),
-                higher_constants(k, np.asarray(hg.theta, dtype=np.float64))
+                (*higher_constants(k, np.asarray(hg.theta, dtype=np.float64)),
+                 cross_lipschitz(k, np.asarray(hg.theta, dtype=np.float64)))
                 if uses_general_terms(k) else None)
             tol_v, tol_lam = [planned_v] * n, [planned_lam] * n
             x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself

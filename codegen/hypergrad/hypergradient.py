@@ -91,7 +91,7 @@ def hypergradient(k: Any, theta: Any, options: HypergradientOptions | None = Non
     delta are then only the first round's tolerances; the bound's own parts tighten them, round
     after warm-started round. status says so if the target is not reached.
     """
-    opts = _resolved(k, HypergradientOptions.make(options, **overrides))
+    opts = _resolved(k, HypergradientOptions.make(options, **overrides), theta)
     if opts.certificate != "er":
         return _with_certificate(k, theta, opts, x0, q0)
     if opts.targets_accuracy:
@@ -171,11 +171,12 @@ def _first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,
     return s * norm(g0) / mu, s * norm(b0), s, spent
 
 
-def _resolved(k: Any, opts: HypergradientOptions) -> HypergradientOptions:
-    """opts with "auto" replaced by the solvers `codegen.hypergrad.auto` chooses for k."""
+def _resolved(k: Any, opts: HypergradientOptions, theta: Any) -> HypergradientOptions:
+    """opts with "auto" replaced by the solvers `codegen.hypergrad.auto` chooses for k at theta
+    (L/mu there decides between FISTA and Newton-CG on a cheap fused kernel)."""
     if not opts.is_auto:
         return opts
-    lower, adjoint = choose_solvers(k, opts.lower, opts.adjoint)
+    lower, adjoint = choose_solvers(k, opts.lower, opts.adjoint, theta)
     return replace(opts, lower=lower, adjoint=adjoint)
 
 
@@ -397,7 +398,7 @@ def hypergradient_samples(ks: Any, theta: Any, options: HypergradientOptions | N
     if asked != "er":  # the DWR correction is per problem (docs/bounds.md 15.4)
         opts = replace(opts, certificate="er")
     if ks:  # one choice for all samples (they share a problem, hence its structure and size)
-        opts = _resolved(ks[0], opts)
+        opts = _resolved(ks[0], opts, theta)
     if opts.targets_accuracy:
         return _in_rounds(partial(hypergradient_samples, per_sample=per_sample), ks, theta, opts,
                           x0, q0)

@@ -44,7 +44,7 @@ def solve_lower(k: Any, theta: Any, solver: str = "fista", tol: float = 1e-8,
     """
     th = checked_theta(k, theta)
     if solver == AUTO:
-        solver = choose_lower(k, "backprop" if store_trajectory else AUTO)
+        solver = choose_lower(k, "backprop" if store_trajectory else AUTO, th)
     return run_lower(k, th, checked_constants(k, th), solver, tol, x0, max_iter, record,
                      store_trajectory)
 
@@ -93,7 +93,7 @@ def solve_adjoint(k: Any, x: Any, theta: Any, solver: str = "cg", delta: float =
     """
     th = checked_theta(k, theta)
     if solver == AUTO:
-        solver = choose_adjoint(k)
+        solver = choose_adjoint(k, theta=th)
     return run_adjoint(k, np.asarray(x, dtype=np.float64), th, checked_constants(k, th),
                        solver, delta, q0, max_iter, b, record)
 

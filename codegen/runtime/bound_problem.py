@@ -193,6 +193,17 @@ class BoundProblem:
         self.kernels["lower_tvp"](vectors, out)
         return out
 
+    def cross_hvp(self, x, theta, t, w) -> np.ndarray:
+        """grad_x (w^T B(x, theta) t) = d/ds B(x + s w, theta) t: the cross derivative once more
+        in x (the DWR correction when B is not affine in x, docs/bounds.md 15.3)."""
+        vectors = {self.x_name: self._vector(self.x_name, x, self.x_size, "x"),
+                   self.theta_name: self.checked_theta(theta),
+                   "t": self._vector("t", np.atleast_1d(t), self.theta_size, "t"),
+                   "hg_w": self._vector("w", w, self.x_size, "w")}
+        out = np.empty(self.x_size)
+        self.kernels["cross_hvp"](vectors, out)
+        return out
+
     # -- constants and solvers -------------------------------------------------------------
     def _prepared_constants(self) -> dict:
         """The constants' derivation and data quantities, computed once per bind."""
