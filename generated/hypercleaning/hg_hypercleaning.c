@@ -38,6 +38,8 @@ int hg_hypercleaning_upper_theta_grad(int64_t c, int64_t m, int64_t n, const dou
 int hg_hypercleaning_upper_hvp(int64_t c, int64_t m, int64_t mv, int64_t n, const double *restrict theta, const double *restrict Av, const double *restrict W, const double *restrict v, double *restrict W_bar_dot, double *restrict work);
 /* (d3g/dx3)[v, w, .] = grad_x (v^T (d2g/dx2) w), forward over the HVP */
 int hg_hypercleaning_lower_tvp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict W, const double *restrict v, const double *restrict hg_w, double *restrict W_bar_dot_dw_dot, double *restrict work);
+/* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
+int hg_hypercleaning_cross_hvp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict W, const double *restrict t, const double *restrict hg_w, double *restrict W_bar_dot_dw_dot, double *restrict work);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_hypercleaning_lower_hessian(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, double lam, const double *restrict W, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -72,7 +74,7 @@ static int hg_any_nonfinite(const double *values, int64_t n)
 
 int hg_hypercleaning_abi_version(void)
 {
-    return 5;
+    return 6;
 }
 
 int64_t hg_hypercleaning_work_size(int64_t c, int64_t m, int64_t mv, int64_t n)
@@ -92,6 +94,7 @@ int64_t hg_hypercleaning_work_size(int64_t c, int64_t m, int64_t mv, int64_t n)
     if (2*c*mv + 4*mv > need) need = 2*c*mv + 4*mv;
     if (3*c*mv + 5*mv > need) need = 3*c*mv + 5*mv;
     if (4*c*m + 9*m > need) need = 4*c*m + 9*m;
+    if (3*c*m + 5*m > need) need = 3*c*m + 5*m;
     if (3*c*m + 5*m + (c*n) > need) need = 3*c*m + 5*m + (c*n);
     if (2*c*m + 4*m + (m) > need) need = 2*c*m + 4*m + (m);
     if (2*(c*n) + (c*m + 3*m) > need) need = 2*(c*n) + (c*m + 3*m);
@@ -2656,6 +2659,275 @@ int hg_hypercleaning_lower_tvp(int64_t c, int64_t m, int64_t n, const double *re
             const double c61 = exp(s1[c*i + k] - s3[i]);
             const double c62 = c61*s1_dot[c*i + k];
             s1_bar_dot_dw_dot[c*i + k] += c61*s4_bar_dot_dw_dot[i] + c62*s4_bar_dw_dot[i] + s1_dw_dot[c*i + k]*(c61*s4_bar_dot[i] + c62*s4_bar[i]);
+        }
+        for (int64_t k = 0; k < c; ++k) {
+            #pragma omp simd
+            for (int64_t j = 0; j < n; ++j) {
+                W_bar_dot_dw_dot[j + k*n] += A[i*n + j]*s1_bar_dot_dw_dot[c*i + k];
+            }
+        }
+    }
+
+    return hg_any_nonfinite(W_bar_dot_dw_dot, c*n) ? HG_HYPERCLEANING_NONFINITE : HG_HYPERCLEANING_OK;
+}
+
+/* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
+int hg_hypercleaning_cross_hvp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict W, const double *restrict t, const double *restrict hg_w, double *restrict W_bar_dot_dw_dot, double *restrict work)
+{
+    if (c < 1 || m < 1 || n < 1) {
+        return HG_HYPERCLEANING_BAD_SIZE;
+    }
+    double *restrict s1 = work + 0;
+    double *restrict s3 = work + c*m;
+    double *restrict s4 = work + c*m + m;
+    double *restrict s4_bar_dot = work + c*m + 2*m;
+    double *restrict s1_dw_dot = work + c*m + 3*m;
+    double *restrict s4_dw_dot = work + 2*c*m + 3*m;
+    double *restrict s4_bar_dot_dw_dot = work + 2*c*m + 4*m;
+    double *restrict s1_bar_dot_dw_dot = work + 2*c*m + 5*m;
+    double s5_bar = 0.0;
+    memset(s1, 0, sizeof(double) * (size_t)(c*m));
+    for (int64_t hg_k = 0; hg_k < m; ++hg_k) s3[hg_k] = -INFINITY;
+    memset(s4, 0, sizeof(double) * (size_t)(m));
+    memset(s4_bar_dot, 0, sizeof(double) * (size_t)(m));
+    memset(s1_dw_dot, 0, sizeof(double) * (size_t)(c*m));
+    memset(s4_dw_dot, 0, sizeof(double) * (size_t)(m));
+    memset(s4_bar_dot_dw_dot, 0, sizeof(double) * (size_t)(m));
+    memset(s1_bar_dot_dw_dot, 0, sizeof(double) * (size_t)(c*m));
+    memset(W_bar_dot_dw_dot, 0, sizeof(double) * (size_t)(c*n));
+
+    s5_bar += 1.0/m;
+    #pragma omp parallel for schedule(static) if (c*m*n > 200000) reduction(+: W_bar_dot_dw_dot[:c*n])
+    for (int64_t i = 0; i < m - m % 8; i += 8) {
+        for (int64_t k = 0; k < c; ++k) {
+            double acc0 = 0.0;
+            double acc2 = 0.0;
+            double acc4 = 0.0;
+            double acc6 = 0.0;
+            double acc8 = 0.0;
+            double acc10 = 0.0;
+            double acc12 = 0.0;
+            double acc14 = 0.0;
+            double acc1 = 0.0;
+            double acc3 = 0.0;
+            double acc5 = 0.0;
+            double acc7 = 0.0;
+            double acc9 = 0.0;
+            double acc11 = 0.0;
+            double acc13 = 0.0;
+            double acc15 = 0.0;
+            #pragma omp simd reduction(+:acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15)
+            for (int64_t j = 0; j < n; ++j) {
+                acc0 += A[i*n + j]*W[j + k*n];
+                acc2 += A[i*n + j + n]*W[j + k*n];
+                acc4 += A[i*n + j + 2*n]*W[j + k*n];
+                acc6 += A[i*n + j + 3*n]*W[j + k*n];
+                acc8 += A[i*n + j + 4*n]*W[j + k*n];
+                acc10 += A[i*n + j + 5*n]*W[j + k*n];
+                acc12 += A[i*n + j + 6*n]*W[j + k*n];
+                acc14 += A[i*n + j + 7*n]*W[j + k*n];
+                acc1 += A[i*n + j]*hg_w[j + k*n];
+                acc3 += A[i*n + j + n]*hg_w[j + k*n];
+                acc5 += A[i*n + j + 2*n]*hg_w[j + k*n];
+                acc7 += A[i*n + j + 3*n]*hg_w[j + k*n];
+                acc9 += A[i*n + j + 4*n]*hg_w[j + k*n];
+                acc11 += A[i*n + j + 5*n]*hg_w[j + k*n];
+                acc13 += A[i*n + j + 6*n]*hg_w[j + k*n];
+                acc15 += A[i*n + j + 7*n]*hg_w[j + k*n];
+            }
+            s1[c*i + k] += acc0;
+            s1[c*i + c + k] += acc2;
+            s1[c*i + 2*c + k] += acc4;
+            s1[c*i + 3*c + k] += acc6;
+            s1[c*i + 4*c + k] += acc8;
+            s1[c*i + 5*c + k] += acc10;
+            s1[c*i + 6*c + k] += acc12;
+            s1[c*i + 7*c + k] += acc14;
+            s1_dw_dot[c*i + k] += acc1;
+            s1_dw_dot[c*i + c + k] += acc3;
+            s1_dw_dot[c*i + 2*c + k] += acc5;
+            s1_dw_dot[c*i + 3*c + k] += acc7;
+            s1_dw_dot[c*i + 4*c + k] += acc9;
+            s1_dw_dot[c*i + 5*c + k] += acc11;
+            s1_dw_dot[c*i + 6*c + k] += acc13;
+            s1_dw_dot[c*i + 7*c + k] += acc15;
+        }
+        double acc16 = -INFINITY;
+        double acc17 = -INFINITY;
+        double acc18 = -INFINITY;
+        double acc19 = -INFINITY;
+        double acc20 = -INFINITY;
+        double acc21 = -INFINITY;
+        double acc22 = -INFINITY;
+        double acc23 = -INFINITY;
+        for (int64_t k = 0; k < c; ++k) {
+            acc16 = fmax(acc16, s1[c*i + k]);
+            acc17 = fmax(acc17, s1[c*i + c + k]);
+            acc18 = fmax(acc18, s1[c*i + 2*c + k]);
+            acc19 = fmax(acc19, s1[c*i + 3*c + k]);
+            acc20 = fmax(acc20, s1[c*i + 4*c + k]);
+            acc21 = fmax(acc21, s1[c*i + 5*c + k]);
+            acc22 = fmax(acc22, s1[c*i + 6*c + k]);
+            acc23 = fmax(acc23, s1[c*i + 7*c + k]);
+        }
+        s3[i] = fmax(s3[i], acc16);
+        s3[i + 1] = fmax(s3[i + 1], acc17);
+        s3[i + 2] = fmax(s3[i + 2], acc18);
+        s3[i + 3] = fmax(s3[i + 3], acc19);
+        s3[i + 4] = fmax(s3[i + 4], acc20);
+        s3[i + 5] = fmax(s3[i + 5], acc21);
+        s3[i + 6] = fmax(s3[i + 6], acc22);
+        s3[i + 7] = fmax(s3[i + 7], acc23);
+        double acc24 = 0.0;
+        double acc26 = 0.0;
+        double acc28 = 0.0;
+        double acc30 = 0.0;
+        double acc32 = 0.0;
+        double acc34 = 0.0;
+        double acc36 = 0.0;
+        double acc38 = 0.0;
+        double acc25 = 0.0;
+        double acc27 = 0.0;
+        double acc29 = 0.0;
+        double acc31 = 0.0;
+        double acc33 = 0.0;
+        double acc35 = 0.0;
+        double acc37 = 0.0;
+        double acc39 = 0.0;
+        #pragma omp simd reduction(+:acc24, acc25, acc26, acc27, acc28, acc29, acc30, acc31, acc32, acc33, acc34, acc35, acc36, acc37, acc38, acc39)
+        for (int64_t k = 0; k < c; ++k) {
+            const double c0 = exp(s1[c*i + k] - s3[i]);
+            const double c1 = exp(s1[c*i + c + k] - s3[i + 1]);
+            const double c2 = exp(s1[c*i + 2*c + k] - s3[i + 2]);
+            const double c3 = exp(s1[c*i + 3*c + k] - s3[i + 3]);
+            const double c4 = exp(s1[c*i + 4*c + k] - s3[i + 4]);
+            const double c5 = exp(s1[c*i + 5*c + k] - s3[i + 5]);
+            const double c6 = exp(s1[c*i + 6*c + k] - s3[i + 6]);
+            const double c7 = exp(s1[c*i + 7*c + k] - s3[i + 7]);
+            acc24 += c0;
+            acc26 += c1;
+            acc28 += c2;
+            acc30 += c3;
+            acc32 += c4;
+            acc34 += c5;
+            acc36 += c6;
+            acc38 += c7;
+            acc25 += c0*s1_dw_dot[c*i + k];
+            acc27 += c1*s1_dw_dot[c*i + c + k];
+            acc29 += c2*s1_dw_dot[c*i + 2*c + k];
+            acc31 += c3*s1_dw_dot[c*i + 3*c + k];
+            acc33 += c4*s1_dw_dot[c*i + 4*c + k];
+            acc35 += c5*s1_dw_dot[c*i + 5*c + k];
+            acc37 += c6*s1_dw_dot[c*i + 6*c + k];
+            acc39 += c7*s1_dw_dot[c*i + 7*c + k];
+        }
+        s4[i] += acc24;
+        s4[i + 1] += acc26;
+        s4[i + 2] += acc28;
+        s4[i + 3] += acc30;
+        s4[i + 4] += acc32;
+        s4[i + 5] += acc34;
+        s4[i + 6] += acc36;
+        s4[i + 7] += acc38;
+        s4_dw_dot[i] += acc25;
+        s4_dw_dot[i + 1] += acc27;
+        s4_dw_dot[i + 2] += acc29;
+        s4_dw_dot[i + 3] += acc31;
+        s4_dw_dot[i + 4] += acc33;
+        s4_dw_dot[i + 5] += acc35;
+        s4_dw_dot[i + 6] += acc37;
+        s4_dw_dot[i + 7] += acc39;
+        const double c8 = s5_bar*t[i]*hg_sigmoid(-theta[i])*hg_sigmoid(theta[i]);
+        const double c9 = s5_bar*t[i + 1]*hg_sigmoid(-theta[i + 1])*hg_sigmoid(theta[i + 1]);
+        const double c10 = s5_bar*t[i + 2]*hg_sigmoid(-theta[i + 2])*hg_sigmoid(theta[i + 2]);
+        const double c11 = s5_bar*t[i + 3]*hg_sigmoid(-theta[i + 3])*hg_sigmoid(theta[i + 3]);
+        const double c12 = s5_bar*t[i + 4]*hg_sigmoid(-theta[i + 4])*hg_sigmoid(theta[i + 4]);
+        const double c13 = s5_bar*t[i + 5]*hg_sigmoid(-theta[i + 5])*hg_sigmoid(theta[i + 5]);
+        const double c14 = s5_bar*t[i + 6]*hg_sigmoid(-theta[i + 6])*hg_sigmoid(theta[i + 6]);
+        const double c15 = s5_bar*t[i + 7]*hg_sigmoid(-theta[i + 7])*hg_sigmoid(theta[i + 7]);
+        s4_bar_dot[i] += c8/s4[i];
+        s4_bar_dot[i + 1] += c9/s4[i + 1];
+        s4_bar_dot[i + 2] += c10/s4[i + 2];
+        s4_bar_dot[i + 3] += c11/s4[i + 3];
+        s4_bar_dot[i + 4] += c12/s4[i + 4];
+        s4_bar_dot[i + 5] += c13/s4[i + 5];
+        s4_bar_dot[i + 6] += c14/s4[i + 6];
+        s4_bar_dot[i + 7] += c15/s4[i + 7];
+        s4_bar_dot_dw_dot[i] += -c8*s4_dw_dot[i]/(s4[i]*s4[i]);
+        s4_bar_dot_dw_dot[i + 1] += -c9*s4_dw_dot[i + 1]/(s4[i + 1]*s4[i + 1]);
+        s4_bar_dot_dw_dot[i + 2] += -c10*s4_dw_dot[i + 2]/(s4[i + 2]*s4[i + 2]);
+        s4_bar_dot_dw_dot[i + 3] += -c11*s4_dw_dot[i + 3]/(s4[i + 3]*s4[i + 3]);
+        s4_bar_dot_dw_dot[i + 4] += -c12*s4_dw_dot[i + 4]/(s4[i + 4]*s4[i + 4]);
+        s4_bar_dot_dw_dot[i + 5] += -c13*s4_dw_dot[i + 5]/(s4[i + 5]*s4[i + 5]);
+        s4_bar_dot_dw_dot[i + 6] += -c14*s4_dw_dot[i + 6]/(s4[i + 6]*s4[i + 6]);
+        s4_bar_dot_dw_dot[i + 7] += -c15*s4_dw_dot[i + 7]/(s4[i + 7]*s4[i + 7]);
+        #pragma omp simd
+        for (int64_t k = 0; k < c; ++k) {
+            const double c16 = exp(s1[c*i + k] - s3[i]);
+            const double c17 = exp(s1[c*i + c + k] - s3[i + 1]);
+            const double c18 = exp(s1[c*i + 2*c + k] - s3[i + 2]);
+            const double c19 = exp(s1[c*i + 3*c + k] - s3[i + 3]);
+            const double c20 = exp(s1[c*i + 4*c + k] - s3[i + 4]);
+            const double c21 = exp(s1[c*i + 5*c + k] - s3[i + 5]);
+            const double c22 = exp(s1[c*i + 6*c + k] - s3[i + 6]);
+            const double c23 = exp(s1[c*i + 7*c + k] - s3[i + 7]);
+            s1_bar_dot_dw_dot[c*i + k] += c16*s1_dw_dot[c*i + k]*s4_bar_dot[i] + c16*s4_bar_dot_dw_dot[i];
+            s1_bar_dot_dw_dot[c*i + c + k] += c17*s1_dw_dot[c*i + c + k]*s4_bar_dot[i + 1] + c17*s4_bar_dot_dw_dot[i + 1];
+            s1_bar_dot_dw_dot[c*i + 2*c + k] += c18*s1_dw_dot[c*i + 2*c + k]*s4_bar_dot[i + 2] + c18*s4_bar_dot_dw_dot[i + 2];
+            s1_bar_dot_dw_dot[c*i + 3*c + k] += c19*s1_dw_dot[c*i + 3*c + k]*s4_bar_dot[i + 3] + c19*s4_bar_dot_dw_dot[i + 3];
+            s1_bar_dot_dw_dot[c*i + 4*c + k] += c20*s1_dw_dot[c*i + 4*c + k]*s4_bar_dot[i + 4] + c20*s4_bar_dot_dw_dot[i + 4];
+            s1_bar_dot_dw_dot[c*i + 5*c + k] += c21*s1_dw_dot[c*i + 5*c + k]*s4_bar_dot[i + 5] + c21*s4_bar_dot_dw_dot[i + 5];
+            s1_bar_dot_dw_dot[c*i + 6*c + k] += c22*s1_dw_dot[c*i + 6*c + k]*s4_bar_dot[i + 6] + c22*s4_bar_dot_dw_dot[i + 6];
+            s1_bar_dot_dw_dot[c*i + 7*c + k] += c23*s1_dw_dot[c*i + 7*c + k]*s4_bar_dot[i + 7] + c23*s4_bar_dot_dw_dot[i + 7];
+        }
+        for (int64_t k = 0; k < c; ++k) {
+            #pragma omp simd
+            for (int64_t j = 0; j < n; ++j) {
+                W_bar_dot_dw_dot[j + k*n] += A[i*n + j]*s1_bar_dot_dw_dot[c*i + k];
+                W_bar_dot_dw_dot[j + k*n] += A[i*n + j + n]*s1_bar_dot_dw_dot[c*i + c + k];
+                W_bar_dot_dw_dot[j + k*n] += A[i*n + j + 2*n]*s1_bar_dot_dw_dot[c*i + 2*c + k];
+                W_bar_dot_dw_dot[j + k*n] += A[i*n + j + 3*n]*s1_bar_dot_dw_dot[c*i + 3*c + k];
+                W_bar_dot_dw_dot[j + k*n] += A[i*n + j + 4*n]*s1_bar_dot_dw_dot[c*i + 4*c + k];
+                W_bar_dot_dw_dot[j + k*n] += A[i*n + j + 5*n]*s1_bar_dot_dw_dot[c*i + 5*c + k];
+                W_bar_dot_dw_dot[j + k*n] += A[i*n + j + 6*n]*s1_bar_dot_dw_dot[c*i + 6*c + k];
+                W_bar_dot_dw_dot[j + k*n] += A[i*n + j + 7*n]*s1_bar_dot_dw_dot[c*i + 7*c + k];
+            }
+        }
+    }
+    for (int64_t i = m - m % 8; i < m; ++i) {
+        for (int64_t k = 0; k < c; ++k) {
+            double acc40 = 0.0;
+            double acc41 = 0.0;
+            #pragma omp simd reduction(+:acc40, acc41)
+            for (int64_t j = 0; j < n; ++j) {
+                acc40 += A[i*n + j]*W[j + k*n];
+                acc41 += A[i*n + j]*hg_w[j + k*n];
+            }
+            s1[c*i + k] += acc40;
+            s1_dw_dot[c*i + k] += acc41;
+        }
+        double acc42 = -INFINITY;
+        for (int64_t k = 0; k < c; ++k) {
+            acc42 = fmax(acc42, s1[c*i + k]);
+        }
+        s3[i] = fmax(s3[i], acc42);
+        double acc43 = 0.0;
+        double acc44 = 0.0;
+        #pragma omp simd reduction(+:acc43, acc44)
+        for (int64_t k = 0; k < c; ++k) {
+            const double c24 = exp(s1[c*i + k] - s3[i]);
+            acc43 += c24;
+            acc44 += c24*s1_dw_dot[c*i + k];
+        }
+        s4[i] += acc43;
+        s4_dw_dot[i] += acc44;
+        const double c25 = s5_bar*t[i]*hg_sigmoid(-theta[i])*hg_sigmoid(theta[i]);
+        s4_bar_dot[i] += c25/s4[i];
+        s4_bar_dot_dw_dot[i] += -c25*s4_dw_dot[i]/(s4[i]*s4[i]);
+        #pragma omp simd
+        for (int64_t k = 0; k < c; ++k) {
+            const double c26 = exp(s1[c*i + k] - s3[i]);
+            s1_bar_dot_dw_dot[c*i + k] += c26*s1_dw_dot[c*i + k]*s4_bar_dot[i] + c26*s4_bar_dot_dw_dot[i];
         }
         for (int64_t k = 0; k < c; ++k) {
             #pragma omp simd

@@ -36,6 +36,8 @@ int hg_hypercleaning_upper_theta_grad(int64_t c, int64_t m, int64_t n, const dou
 int hg_hypercleaning_upper_hvp(int64_t c, int64_t m, int64_t mv, int64_t n, const double *restrict theta, const double *restrict Av, const double *restrict W, const double *restrict v, double *restrict W_bar_dot, double *restrict work);
 /* (d3g/dx3)[v, w, .] = grad_x (v^T (d2g/dx2) w), forward over the HVP */
 int hg_hypercleaning_lower_tvp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict W, const double *restrict v, const double *restrict hg_w, double *restrict W_bar_dot_dw_dot, double *restrict work);
+/* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
+int hg_hypercleaning_cross_hvp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict W, const double *restrict t, const double *restrict hg_w, double *restrict W_bar_dot_dw_dot, double *restrict work);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_hypercleaning_lower_hessian(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, double lam, const double *restrict W, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */

@@ -38,6 +38,8 @@ int hg_logistic_sparse_upper_theta_grad(int64_t n, const double *restrict theta,
 int hg_logistic_sparse_upper_hvp(int64_t n, int64_t p, const double *restrict theta, const double *restrict Av_data, const int64_t *restrict Av_indices, const int64_t *restrict Av_indptr, const double *restrict yv, const double *restrict x, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
 /* (d3g/dx3)[v, w, .] = grad_x (v^T (d2g/dx2) w), forward over the HVP */
 int hg_logistic_sparse_lower_tvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict A_data, const int64_t *restrict A_indices, const int64_t *restrict A_indptr, const double *restrict y, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot, double *restrict work);
+/* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
+int hg_logistic_sparse_cross_hvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_logistic_sparse_lower_hessian(int64_t m, int64_t n, const double *restrict theta, const double *restrict A_data, const int64_t *restrict A_indices, const int64_t *restrict A_indptr, const double *restrict y, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -72,7 +74,7 @@ static int hg_any_nonfinite(const double *values, int64_t n)
 
 int hg_logistic_sparse_abi_version(void)
 {
-    return 5;
+    return 6;
 }
 
 int64_t hg_logistic_sparse_work_size(int64_t m, int64_t n, int64_t p)
@@ -481,6 +483,25 @@ int hg_logistic_sparse_lower_tvp(int64_t m, int64_t n, const double *restrict th
             const int64_t j = A_indices[hg_p];
             x_bar_dot_dw_dot[j] += A_data[hg_p]*s0_bar_dot_dw_dot[i];
         }
+    }
+
+    return hg_any_nonfinite(x_bar_dot_dw_dot, n) ? HG_LOGISTIC_SPARSE_NONFINITE : HG_LOGISTIC_SPARSE_OK;
+}
+
+/* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
+int hg_logistic_sparse_cross_hvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot)
+{
+    if (n < 1) {
+        return HG_LOGISTIC_SPARSE_BAD_SIZE;
+    }
+    (void)x;  /* part of the uniform signature, unused here */
+    double s2_bar_dot = 0.0;
+    memset(x_bar_dot_dw_dot, 0, sizeof(double) * (size_t)(n));
+
+    s2_bar_dot += (1.0/2.0)*t[0]*exp(theta[0]);
+    #pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+        x_bar_dot_dw_dot[j] += 2.0*s2_bar_dot*hg_w[j];
     }
 
     return hg_any_nonfinite(x_bar_dot_dw_dot, n) ? HG_LOGISTIC_SPARSE_NONFINITE : HG_LOGISTIC_SPARSE_OK;

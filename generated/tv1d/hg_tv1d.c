@@ -34,6 +34,8 @@ int hg_tv1d_upper_theta_grad(int64_t n, const double *restrict theta, const doub
 int hg_tv1d_upper_hvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict x_bar_dot);
 /* (d3g/dx3)[v, w, .] = grad_x (v^T (d2g/dx2) w), forward over the HVP */
 int hg_tv1d_lower_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
+/* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
+int hg_tv1d_cross_hvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_tv1d_lower_hessian(int64_t n, const double *restrict theta, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -68,7 +70,7 @@ static int hg_any_nonfinite(const double *values, int64_t n)
 
 int hg_tv1d_abi_version(void)
 {
-    return 5;
+    return 6;
 }
 
 int64_t hg_tv1d_work_size(int64_t n)
@@ -342,6 +344,42 @@ int hg_tv1d_lower_tvp(int64_t n, const double *restrict theta, const double *res
         const double c20 = c11*(c7*c7);
         x_bar_dot_dw_dot[i + 1] += hg_w[i + 1]*(c13*v[i + 1] + v[i]*(c10*c14 + c17)) + hg_w[i]*(c18*v[i + 1] + v[i]*(c14*c9 + c19));
         x_bar_dot_dw_dot[i] += hg_w[i + 1]*(c13*v[i] + v[i + 1]*(c10*c20 + c17)) + hg_w[i]*(c18*v[i] + v[i + 1]*(c19 + c20*c9));
+    }
+
+    return hg_any_nonfinite(x_bar_dot_dw_dot, n) ? HG_TV1D_NONFINITE : HG_TV1D_OK;
+}
+
+/* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
+int hg_tv1d_cross_hvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot)
+{
+    if (n < 1) {
+        return HG_TV1D_BAD_SIZE;
+    }
+    double s1_bar = 0.0;
+    double s1_bar_dot = 0.0;
+    memset(x_bar_dot_dw_dot, 0, sizeof(double) * (size_t)(n));
+
+    const double c0 = exp(theta[0]);
+    s1_bar += c0;
+    s1_bar_dot += c0*t[0];
+    const double c1 = exp(2.0*theta[1]);
+    const double c7 = c1*s1_bar*t[1];
+    for (int64_t i = 0; i < n - 1; ++i) {
+        const double c2 = 3.0*x[i + 1] - 3.0*x[i];
+        const double c3 = -c2;
+        const double c4 = x[i + 1] - x[i];
+        const double c5 = (c4*c4);
+        const double c6 = c1 + c5;
+        const double c8 = c7/(c6*c6*sqrt(c6));
+        const double c9 = c4*c8;
+        const double c10 = (1.0/(c6*sqrt(c6)));
+        const double c11 = -c4;
+        const double c12 = c10*c7 - s1_bar_dot/sqrt(c6);
+        const double c13 = -c10*c11*c4*s1_bar_dot + c12;
+        const double c14 = c10*s1_bar_dot;
+        const double c15 = c11*c8;
+        x_bar_dot_dw_dot[i + 1] += hg_w[i + 1]*(-c13 - c3*c9) + hg_w[i]*(c12 + c14*c5 - c2*c9);
+        x_bar_dot_dw_dot[i] += hg_w[i + 1]*((c11*c11)*c14 + c12 - c15*c3) + hg_w[i]*(-c13 - c15*c2);
     }
 
     return hg_any_nonfinite(x_bar_dot_dw_dot, n) ? HG_TV1D_NONFINITE : HG_TV1D_OK;

@@ -34,6 +34,8 @@ int hg_tv2d_upper_theta_grad(int64_t h, int64_t w, const double *restrict theta,
 int hg_tv2d_upper_hvp(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, double *restrict X_bar_dot);
 /* (d3g/dx3)[v, w, .] = grad_x (v^T (d2g/dx2) w), forward over the HVP */
 int hg_tv2d_lower_tvp(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, const double *restrict hg_w, double *restrict X_bar_dot_dw_dot);
+/* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
+int hg_tv2d_cross_hvp(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict t, const double *restrict hg_w, double *restrict X_bar_dot_dw_dot);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_tv2d_lower_hessian(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -68,7 +70,7 @@ static int hg_any_nonfinite(const double *values, int64_t n)
 
 int hg_tv2d_abi_version(void)
 {
-    return 5;
+    return 6;
 }
 
 int64_t hg_tv2d_work_size(int64_t h, int64_t w)
@@ -700,6 +702,56 @@ int hg_tv2d_lower_tvp(int64_t h, int64_t w, const double *restrict theta, const 
             X_bar_dot_dw_dot[i*w + j + w] += hg_w[i*w + j + w]*(c12*c24 + c23 + v[i*w + j]*(c1*c12 + c19) + v[i*w + j + w]*(c12*c15 - c14 + c20)) + hg_w[i*w + j + 1]*(c24*c28 - c29 + v[i*w + j]*(c1*c28 + c14 + c25) + v[i*w + j + w]*(c15*c28 + c22)) + hg_w[i*w + j]*(-c23 + c24*c32 + c29 + v[i*w + j]*(c1*c31*c6*c9*s1_bar - 2.0*c14 - c30) + v[i*w + j + w]*(c15*c32 + c19));
             X_bar_dot_dw_dot[i*w + j + 1] += hg_w[i*w + j + w]*(c35*c37 - c36 + v[i*w + j]*(c1*c35 + c17 + c33) + v[i*w + j + 1]*(c16 + c21*c35)) + hg_w[i*w + j + 1]*(c37*c38 + c41 + v[i*w + j]*(c1*c38 + c39) + v[i*w + j + 1]*(c21*c38 - c33 + c40)) + hg_w[i*w + j]*(c36 + c37*c42 - c41 + v[i*w + j]*(c1*c31*c7*c9*s1_bar - c30 - 2.0*c33) + v[i*w + j + 1]*(c21*c42 + c39));
             X_bar_dot_dw_dot[i*w + j] += hg_w[i*w + j + w]*(v[i*w + j]*(c1*c4*c44 + c48) + v[i*w + j + w]*(c15*c4*c43*c9*s1_bar - c47) + v[i*w + j + 1]*(c21*c4*c43*c9*s1_bar - c49)) + hg_w[i*w + j + 1]*(v[i*w + j]*(c1*c27*c44 + c51) + v[i*w + j + w]*(c15*c27*c43*c9*s1_bar - c49) + v[i*w + j + 1]*(c21*c27*c43*c9*s1_bar - c50)) + hg_w[i*w + j]*(v[i*w + j]*(c1*c52 + 4.0*c18 - 2.0*c46) + v[i*w + j + w]*(c15*c52 + c48) + v[i*w + j + 1]*(c21*c52 + c51));
+        }
+    }
+
+    return hg_any_nonfinite(X_bar_dot_dw_dot, h*w) ? HG_TV2D_NONFINITE : HG_TV2D_OK;
+}
+
+/* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
+int hg_tv2d_cross_hvp(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict t, const double *restrict hg_w, double *restrict X_bar_dot_dw_dot)
+{
+    if (h < 1 || w < 1) {
+        return HG_TV2D_BAD_SIZE;
+    }
+    double s1_bar = 0.0;
+    double s1_bar_dot = 0.0;
+    memset(X_bar_dot_dw_dot, 0, sizeof(double) * (size_t)(h*w));
+
+    const double c0 = exp(theta[0]);
+    s1_bar += c0;
+    s1_bar_dot += c0*t[0];
+    const double c1 = exp(2.0*theta[1]);
+    const double c11 = c1*s1_bar*t[1];
+    for (int64_t i = 0; i < h - 1; ++i) {
+        for (int64_t j = 0; j < w - 1; ++j) {
+            const double c2 = -X[i*w + j];
+            const double c3 = c2 + X[i*w + j + w];
+            const double c4 = c2 + X[i*w + j + 1];
+            const double c5 = c1 + (c3*c3) + (c4*c4);
+            const double c6 = (1.0/(c5*sqrt(c5)));
+            const double c7 = -c3;
+            const double c8 = -3.0*X[i*w + j];
+            const double c9 = 3.0*X[i*w + j + w];
+            const double c10 = -c8 - c9;
+            const double c12 = c11/(c5*c5*sqrt(c5));
+            const double c13 = c12*c3;
+            const double c14 = (1.0/(sqrt(c5)));
+            const double c15 = c14*s1_bar_dot;
+            const double c16 = c11*c6;
+            const double c17 = -c15 + c16;
+            const double c18 = -c4;
+            const double c19 = 3.0*X[i*w + j + 1];
+            const double c20 = -c19 - c8;
+            const double c21 = X[i*w + j + w] + X[i*w + j + 1] - 2.0*X[i*w + j];
+            const double c22 = c19 + c9 - 6.0*X[i*w + j];
+            const double c23 = c15 - c16;
+            const double c24 = c12*c4;
+            const double c25 = -c21;
+            const double c26 = c12*c25;
+            X_bar_dot_dw_dot[i*w + j + w] += hg_w[i*w + j + w]*(-c10*c13 - c17 + c3*c6*c7*s1_bar_dot) + hg_w[i*w + j + 1]*(-c13*c20 + c18*c3*c6*s1_bar_dot) + hg_w[i*w + j]*(-c13*c22 + c21*c3*c6*s1_bar_dot - c23);
+            X_bar_dot_dw_dot[i*w + j + 1] += hg_w[i*w + j + w]*(-c10*c24 + c4*c6*c7*s1_bar_dot) + hg_w[i*w + j + 1]*(-c17 + c18*c4*c6*s1_bar_dot - c20*c24) + hg_w[i*w + j]*(c21*c4*c6*s1_bar_dot - c22*c24 - c23);
+            X_bar_dot_dw_dot[i*w + j] += hg_w[i*w + j + w]*(-c10*c26 - c23 + c25*c6*c7*s1_bar_dot) + hg_w[i*w + j + 1]*(c18*c25*c6*s1_bar_dot - c20*c26 - c23) + hg_w[i*w + j]*(2.0*c14*s1_bar_dot - 2.0*c16 + c21*c25*c6*s1_bar_dot - c22*c26);
         }
     }
 
