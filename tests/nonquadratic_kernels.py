@@ -399,3 +399,20 @@ class DenseGenerated:
 
     def upper_hessian(self, x, theta):
         return np.column_stack([self._prob.upper_hvp(x, theta, c) for c in np.eye(self.x_size)])
+
+
+def check_decomposition(part, hg, exact, terms, e, rel=1e-9, tiny=1e-14):
+    """The DWR identity and its bounds against exact quantities (docs/bounds.md 15): the
+    corrected value's error equals the sum of the exact terms (to rel, tiny), e is within hg.e,
+    each exact term is within its bound, and the corrected and plain values within theirs.
+    Returns |error of the corrected value|."""
+    err = part.value - exact
+    assert abs(err - math.fsum(terms.values())) <= rel * (abs(exact) + abs(err)) + tiny, \
+        (err, terms)
+    assert np.linalg.norm(e) <= hg.e * (1 + 1e-12)
+    bound_of = dict(part.terms, **{"vE+EE": part.terms["vE"] + part.terms["EE"]})
+    for key, value in terms.items():
+        assert abs(value) <= bound_of[key] * (1 + 1e-9) + 1e-15, (key, value, part.terms)
+    assert abs(err) <= part.bound
+    assert abs(part.plain - exact) <= part.plain_bound
+    return abs(err)

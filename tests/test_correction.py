@@ -388,7 +388,7 @@ def test_direction_rounds_meet_the_target_along_h():
 
 
 # -- the non-quadratic case: g not quadratic, B affine in x (docs/bounds.md 15.3) ------------------
-from nonquadratic_kernels import AffineLogistic, SmoothTV1D  # noqa: E402
+from nonquadratic_kernels import AffineLogistic, SmoothTV1D, check_decomposition  # noqa: E402
 from nonquadratic_kernels import exact_hypergradient as nq_exact  # noqa: E402
 from nonquadratic_kernels import x_star as nq_x_star  # noqa: E402
 
@@ -458,15 +458,7 @@ def test_nonquadratic_exact_identity_and_each_inequality(name, tol):
     part = corr.parts[0]
     exact = float(nq_exact(k, theta)[0])
     terms, e = _exact_terms_nonquadratic(k, theta, hg, part, u)
-    err = part.value - exact
-    assert abs(err - math.fsum(terms.values())) <= 1e-10 * (abs(exact) + abs(err)) + 1e-15, \
-        (err, terms)
-    assert np.linalg.norm(e) <= hg.e * (1 + 1e-12)
-    bound_of = dict(part.terms, **{"vE+EE": part.terms["vE"] + part.terms["EE"]})
-    for key, value in terms.items():
-        assert abs(value) <= bound_of[key] * (1 + 1e-9) + 1e-15, (key, value, part.terms)
-    assert abs(err) <= part.bound
-    assert abs(part.plain - exact) <= part.plain_bound
+    check_decomposition(part, hg, exact, terms, e, rel=1e-10, tiny=1e-15)
 
 
 @settings(max_examples=40, derandomize=True, deadline=None, database=None)
