@@ -133,34 +133,9 @@ def _lower_missing(k: Any, th: np.ndarray | None) -> str | None:
 
 
 def cross_hvp_of(k: Any) -> Any:
-    """The map (x, theta, t, w) -> grad_x (w^T B(x) t) = d/ds B(x + s w) t of k, or None: k's
-    own `cross_hvp`, or a generated module's `cross_hvp` kernel called with the runtime's
-    vector names (t like theta, hg_w like x; docs/compiler.md)."""
-    own = getattr(k, "cross_hvp", None)
-    if own is not None:
-        return own
-    kernels = getattr(k, "kernels", None)
-    if not isinstance(kernels, dict) or "cross_hvp" not in kernels:
-        return None
-    kernel = kernels["cross_hvp"]
-
-    def call(x: Any, theta: Any, t: Any, w: Any) -> np.ndarray:
-        vectors = {k.x_name: _flat(x, k.x_size, "x"),
-                   k.theta_name: _flat(theta, k.theta_size, "theta"),
-                   "t": _flat(t, k.theta_size, "t"), "hg_w": _flat(w, k.x_size, "w")}
-        out = np.empty(k.x_size)
-        kernel(vectors, out)
-        return out
-
-    return call
-
-
-def _flat(value: Any, size: int, what: str) -> np.ndarray:
-    """value as a contiguous float64 vector of `size` entries, else ValueError naming it."""
-    arr = np.ascontiguousarray(np.asarray(value, dtype=np.float64).reshape(-1))
-    if arr.size != size:
-        raise ValueError(f"cross_hvp: {what} must have {size} entries, got {arr.size}")
-    return arr
+    """k's map (x, theta, t, w) -> grad_x (w^T B(x) t) = d/ds B(x + s w) t (`cross_hvp`: every
+    generated module's BoundProblem has it), or None."""
+    return getattr(k, "cross_hvp", None)
 
 
 def cross_lipschitz(k: Any, th: np.ndarray) -> float:
