@@ -309,3 +309,53 @@ def test_cross_hvp_matches_oracle_finite_differences_and_symmetry(name, build_di
     # linear in t: the cross product with t and with -2 t
     np.testing.assert_allclose(_cross_hvp(prob, x, theta, -2 * t, w), -2 * got, rtol=1e-12,
                                atol=1e-14 * scale)
+
+
+# The examples whose g splits into theta-free terms with a Hessian fixed by the data and terms
+# with theta (codegen/compiler/kernels.py split_hessian): ridge's ||A x - b||^2 / 2, TV's and
+# the filters' fidelity ||x - y||^2 / 2, hypercleaning's ridge on the weights. Logistic losses
+# (an x-dependent Hessian) and the paper quadratic (theta in its only term) have none.
+SPLIT = {"ridge", "tv1d", "tv2d", "hypercleaning"}
+
+
+class _Terms:
+    """`problem` with g replaced by some of its terms, for the oracle."""
+
+    def __init__(self, problem, g):
+        self._problem, self.g = problem, g
+
+    def __getattr__(self, name):
+        return getattr(self._problem, name)
+
+
+def _dense(prob, kernel, x, theta):
+    out = np.empty(prob.x_size * prob.x_size)
+    prob.kernels[kernel]({prob.x_name: x, prob.theta_name: theta}, out)
+    return out.reshape(prob.x_size, prob.x_size).T  # column c is the kernel on e_c
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_split_hessian_matches_unrolled_sympy(name, build_dir):
+    """lower_hessian_fixed / _varying are the Hessians of g's terms without / with theta (the
+    unrolled SymPy oracle of each part, rtol 1e-12), the fixed one the same at any x and theta,
+    and both only where the theta-free terms' Hessian reads neither x nor theta."""
+    import sympy as sp
+
+    problem, prob, data, rng, x, theta = _setup(name, build_dir, seed=6)
+    assert ("lower_hessian_fixed" in prob.kernels) == (name in SPLIT)
+    assert ("lower_hessian_varying" in prob.kernels) == (name in SPLIT)
+    if name not in SPLIT:
+        return
+    data = {k: v.toarray() if hasattr(v, "toarray") else v for k, v in data.items()}
+    th = problem.theta_spec.name
+    terms = sp.Add.make_args(problem.g)
+    with_theta = [t for t in terms if any(str(a.base.label) == th for a in t.atoms(sp.Indexed))]
+    fixed = Oracle(_Terms(problem, sp.Add(*[t for t in terms if t not in with_theta])), data)
+    varying = Oracle(_Terms(problem, sp.Add(*with_theta)), data)
+    for part, oracle in (("fixed", fixed), ("varying", varying)):
+        got, want = _dense(prob, f"lower_hessian_{part}", x, theta), oracle.hessian(x, theta)
+        err = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300)
+        assert err <= 1e-12, f"{name}.lower_hessian_{part}: relative error {err:.2e}"
+    x2, theta2 = rng.standard_normal(prob.x_size), theta + 1.0
+    np.testing.assert_array_equal(_dense(prob, "lower_hessian_fixed", x2, theta2),
+                                  _dense(prob, "lower_hessian_fixed", x, theta))

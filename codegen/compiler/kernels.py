@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy as sp
+
 from . import ir
 from .autodiff import adjoint, tangent
 from .lowering import lower_objective
@@ -66,13 +68,57 @@ def kernel_specs(problem: Problem) -> list[KernelSpec]:
          tangent(cross, {x: "hg_w"}, [f"{x}_bar_dot_dw_dot"], suffix="_dw_dot"), ("t", "hg_w"),
          f"{x}_bar_dot_dw_dot"),
     ]
+    specs += split_hessian(problem)
     out: list[KernelSpec] = []
     for name, doc, program, inputs, output in specs:
-        program = schedule(eliminate_dead_code(program.with_statements(program.statements, [output])))
+        program = _optimised(program, output)
         out.append(KernelSpec(name, doc, program, inputs, output))
         if name == "lower_hvp":
             out += prepared_hvp(program, output)
     return out
+
+
+def _optimised(program: ir.Program, output: str) -> ir.Program:
+    return schedule(eliminate_dead_code(program.with_statements(program.statements, [output])))
+
+
+def _reads(program: ir.Program) -> set[str]:
+    return {ir.read_name(r) for st in program.statements for u in st.updates
+            for r in ir.reads_of(u.expr, program.arrays)}
+
+
+def split_hessian(problem: Problem) -> list[tuple[str, str, ir.Program, tuple[str, ...], str]]:
+    """The HVPs of g's terms without theta (`lower_hvp_fixed`) and with it
+    (`lower_hvp_varying`), when the first reads neither x nor theta; else [].
+
+    g = g_fixed(x) + g_varying(x, theta) split at its top-level sum. When g_fixed's Hessian is a
+    matrix the data fix (ridge: A^T A of ||A x - b||^2 / 2), the direct solvers form it once per
+    bind and add the Hessian of the rest at each (x, theta) (e^theta I: n^2 numbers instead of
+    n HVPs through A, codegen/hypergrad/dense.py). A g whose every term reads theta, or none,
+    has no such split (the whole Hessian is then either recomputed, or fixed by the data
+    already: meta "data_only")."""
+    x, th = problem.x_spec.name, problem.theta_spec.name
+
+    def reads_theta(term: sp.Expr) -> bool:
+        return any(str(a.base.label) == th for a in term.atoms(sp.Indexed))
+
+    terms = sp.Add.make_args(problem.g)
+    fixed = [t for t in terms if not reads_theta(t)]
+    varying = [t for t in terms if reads_theta(t)]
+    if not fixed or not varying:
+        return []
+    hvps = []
+    for part, label in ((sp.Add(*fixed), "fixed"), (sp.Add(*varying), "varying")):
+        grad = adjoint(lower_objective(part, problem.arrays, f"lower ({label} terms)"), [x, th])
+        hvps.append(tangent(grad, {x: "v"}, [f"{x}_bar_dot"]))
+    if _reads(_optimised(hvps[0], f"{x}_bar_dot")) & {x, th}:
+        return []  # g_fixed is not quadratic in x: its Hessian changes with x, nothing to keep
+    return [
+        ("lower_hvp_fixed", "(d2 g_fixed/dx2) v, g_fixed the terms of g without theta (read "
+         "neither x nor theta)", hvps[0], ("v",), f"{x}_bar_dot"),
+        ("lower_hvp_varying", "(d2 g_varying/dx2) v, g_varying the terms of g with theta",
+         hvps[1], ("v",), f"{x}_bar_dot"),
+    ]
 
 
 def prepared_hvp(program: ir.Program, output: str, direction: str = "v") -> list[KernelSpec]:

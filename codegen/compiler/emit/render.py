@@ -254,6 +254,12 @@ COLUMN_KERNELS = (
      "lower_hvp", "v", "hessian_out"),
     ("cross_matrix", "B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c",
      "cross_jvp", "t", "cross_out"),
+    # the Hessian split at g's terms without and with theta (compiler/kernels.py split_hessian):
+    # only in modules whose g has that split
+    ("lower_hessian_fixed", "d2 g_fixed/dx2 as a dense matrix, fixed by the data: column c is "
+     "lower_hvp_fixed with v = e_c", "lower_hvp_fixed", "v", "hessian_out"),
+    ("lower_hessian_varying", "d2 g_varying/dx2 as a dense matrix: column c is "
+     "lower_hvp_varying with v = e_c", "lower_hvp_varying", "v", "hessian_out"),
 )
 
 
@@ -267,7 +273,7 @@ def kernel_renderers(problem: Problem, specs: list[KernelSpec]) -> list[Renderer
     by_name = {k.name: k for k in kernels}
     prefix = f"hg_{problem.name}"
     columns = [ColumnsRenderer(name, doc, by_name[base], direction, out, prefix)
-               for name, doc, base, direction, out in COLUMN_KERNELS]
+               for name, doc, base, direction, out in COLUMN_KERNELS if base in by_name]
     return [*kernels, *columns]
 
 
