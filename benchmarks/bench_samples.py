@@ -19,8 +19,9 @@ and the ratio serial / executor, and whether the executor's result has the seria
 executor, each computing its share of the samples serially, started together (what the
 machine allows; timed after the contenders, not interleaved with them). Then what travels per
 sample: the data sent once, the task sent per hypergradient with the warm start on the worker
-and with explicit arrays, the result returned; and the parent's cost per task, from 64 samples
-of 8 x 8 (almost no work).
+and with explicit arrays, the result returned (x, q and the lower gradient stay on the worker)
+and what it would be with them; and the parent's cost per task, from 64 samples of 8 x 8
+(almost no work).
 The goal of issue 15: at least 1.7x faster than serial with 2 workers at 64 samples.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ THREADS = set_threads_from_argv()
 import numpy as np  # noqa: E402
 
 import codegen  # noqa: E402
-from codegen.runtime.sample_worker import SampleTask  # noqa: E402
+from codegen.runtime.sample_worker import Held, SampleTask, slim  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 THETA0 = np.array([np.log(0.1), np.log(0.05)])  # examples/tv2d.py's THETA0
@@ -146,12 +147,13 @@ def traffic(module, size: int) -> None:
     opts = codegen.hypergrad.HypergradientOptions.make(None, lower=res.lower_solver,
                                                        adjoint=res.adjoint_solver)
     threads = {"blas": 1, "openmp": 1}
-    warm = SampleTask(0, "token", THETA0, opts, None, None, True, True, 1, 2, threads)
-    full = SampleTask(0, "token", THETA0, opts, res.x[0], res.q[0], False, False, 1, 2, threads)
+    warm = SampleTask(0, "token", THETA0, opts, Held(1, 0), Held(1, 1), 2, threads)
+    full = SampleTask(0, "token", THETA0, opts, res.x[0], res.q[0], 2, threads)
     sizes = {"data, sent once": pickle.dumps(prob.samples[0].data),
              "task, warm start held": pickle.dumps(warm),
              "task, x0 and q0 sent": pickle.dumps(full),
-             "result returned": pickle.dumps(res.samples[0])}
+             "result returned": slim(res.samples[0], 0),
+             "result with x, q, grad": pickle.dumps(res.samples[0])}
     print(f"\nbytes per sample at {size} x {size} ({size * size} unknowns):")
     for what, blob in sizes.items():
         print(f"  {what:<24} {len(blob):>10,}")

@@ -61,13 +61,17 @@ def problems(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bound(problems, cluster):
-    """name -> {"serial", "processes", "dask"}: the same samples on each executor."""
+    """name -> {"serial", "processes", "dask"}: the same samples on each executor. Their x, q
+    and lower gradients stay on the workers whatever their size (inline_bytes 0: these tiny
+    problems' would otherwise come back with the results, docs/distributed.md 3)."""
     _, client = cluster
     out = {}
     for name, (module, data, _) in problems.items():
         out[name] = {"serial": module.bind_samples(data),
                      "processes": module.bind_samples(data, executor="processes", workers=2),
                      "dask": module.bind_samples(data, executor=client)}
+        for executor in ("processes", "dask"):
+            out[name][executor].executor.inline_bytes = 0
     yield out
     for by_executor in out.values():
         for prob in by_executor.values():
@@ -125,23 +129,112 @@ def test_warm_starts_stay_on_the_workers(problems, bound):
 
 
 def test_a_killed_worker_process_has_its_samples_recomputed(problems):
+    """Worker 0 dies holding its samples' x, q and lower gradients: read, they are computed
+    again on worker 1 from the same starts (the serial bits); the next call, warm-started at
+    them, runs there too; with no worker left the samples are named."""
     module, data, theta = problems["tv2d"]
-    want = module.bind_samples(data).hypergradient(theta)
+    serial = module.bind_samples(data)
+    want = serial.hypergradient(theta)
     with module.bind_samples(data, executor="processes", workers=2) as prob:
+        prob.executor.inline_bytes = 0
         first = prob.hypergradient(theta)
         backend = prob.executor.backend
         victim = backend.pids[0]
         os.kill(victim, 9)
         time.sleep(0.2)
+        assert np.asarray(first.lower[0].grad).tobytes() == want.lower[0].grad.tobytes()
         again = prob.hypergradient(theta, x0=first.x, q0=first.q)
         assert set(backend.home.values()) == {1}  # worker 0's samples moved to worker 1
-        serial = module.bind_samples(data)
         assert _bits(again) == _bits(serial.hypergradient(theta, x0=want.x, q0=want.q))
         os.kill(backend.pids[1], 9)
         time.sleep(0.2)
         with pytest.raises(ExecutorError, match=r"samples \[0, 1, 2, 3\] could not be computed: "
                                                 r"no worker process is left"):
             prob.hypergradient(theta)
+
+
+def test_a_long_warm_chain_is_cut_and_recomputed_after_a_loss(problems):
+    """An upper-level run passes each result's x, q back: after MAX_REPLAY calls the parent
+    fetches them (a lost sample is never computed again from further back than that), and a
+    worker killed at the end of a long chain costs nothing but time: the serial bits."""
+    from codegen.runtime.held import MAX_REPLAY
+
+    module, data, theta = problems["logistic"]
+    kw = {"lower": "fista", "adjoint": "cg"}
+    steps = [theta + 0.01 * k for k in range(MAX_REPLAY + 3)]
+    serial = module.bind_samples(data)
+    want = serial.hypergradient(steps[0], **kw)
+    for th in steps[1:]:
+        want = serial.hypergradient(th, x0=want.x, q0=want.q, **kw)
+    with module.bind_samples(data, executor="processes", workers=2) as prob:
+        prob.executor.inline_bytes = 0
+        got = prob.hypergradient(steps[0], **kw)
+        for th in steps[1:-1]:
+            got = prob.hypergradient(th, x0=got.x, q0=got.q, **kw)
+            assert prob.executor.warm_count == SAMPLES
+        assert max(r.x.made.step.depth for r in got.samples) <= MAX_REPLAY
+        os.kill(prob.executor.backend.pids[1], 9)
+        time.sleep(0.2)
+        got = prob.hypergradient(steps[-1], x0=got.x, q0=got.q, **kw)
+        assert _bits(got) == _bits(want)
+
+
+def test_results_stay_on_the_workers_until_read(problems, bound, cluster):
+    """x, q and the lower gradient stay on the workers: a result holds HeldArrays (shape known,
+    nothing fetched), which read as the serial arrays; a result nobody refers to any more has
+    its arrays dropped on its worker with the next call's tasks, one that is referred to keeps
+    them (Dask: held_calls on each worker)."""
+    from codegen.runtime.executors import HeldArray
+    from codegen.runtime.sample_worker import held_calls
+
+    _, client = cluster
+    _, _, theta = problems["tv2d"]
+    serial = bound["tv2d"]["serial"]
+    want = serial.hypergradient(theta)
+    for executor in ("processes", "dask"):
+        prob = bound["tv2d"][executor]
+        got = prob.hypergradient(theta)
+        held = [got.x[0], got.q[0], got.lower[0].grad]
+        assert all(isinstance(a, HeldArray) and not a.fetched for a in held)
+        assert got.lower[0].x is got.x[0] and got.adjoint[0].q is got.q[0]
+        assert held[0].shape == want.x[0].shape and held[0].dtype == want.x[0].dtype
+        assert np.asarray(held[2]).tobytes() == want.lower[0].grad.tobytes()
+        assert _bits(got) == _bits(want)
+    del got, held
+    prob = bound["tv2d"]["dask"]
+    kept = prob.hypergradient(theta)
+    runs = [prob.hypergradient(theta + 0.01 * k).x[0].made.run for k in (1, 2, 3)]
+    on_workers: dict[str, list[int]] = {}
+    for found in client.run(held_calls, prob.executor.tokens).values():
+        on_workers.update(found)
+    first_run = kept.x[0].made.run
+    for token in prob.executor.tokens:
+        # runs[0]'s arrays went with runs[2]'s tasks; runs[1]'s go with the next call's
+        assert on_workers[token] == [first_run, runs[1], runs[2]], token
+    assert _bits(kept) == _bits(want)
+
+
+def test_a_held_array_reads_as_its_array(problems, bound):
+    """Arithmetic, indexing, len, copies, pickling and NumPy functions on a HeldArray give
+    what they give on the array itself; a call after close() is refused by name, while the
+    results kept from before it stay readable."""
+    import pickle
+
+    module, data, theta = problems["ridge"]
+    ref = bound["ridge"]["serial"].hypergradient(theta).x[1]
+    with module.bind_samples(data, executor="processes", workers=2) as prob:
+        prob.executor.inline_bytes = 0
+        res = prob.hypergradient(theta)
+    x = res.x[1]
+    assert not x.fetched and len(x) == len(ref) and x.size == ref.size and x.ndim == ref.ndim
+    assert (x + 1.0).tobytes() == (ref + 1.0).tobytes()
+    assert (2.0 * x - x).tobytes() == (2.0 * ref - ref).tobytes()
+    assert x[0] == ref[0] and list(x) == list(ref)
+    assert np.linalg.norm(x) == np.linalg.norm(ref)
+    assert x.copy().tobytes() == ref.tobytes() and x.sum() == ref.sum()
+    assert pickle.loads(pickle.dumps(x)).tobytes() == ref.tobytes()
+    with pytest.raises(ExecutorError, match="is closed"):
+        prob.hypergradient(theta)
 
 
 def test_a_restarted_dask_cluster_has_the_samples_installed_again(problems, cluster):
@@ -151,9 +244,11 @@ def test_a_restarted_dask_cluster_has_the_samples_installed_again(problems, clus
     first = serial.hypergradient(theta)
     want = serial.hypergradient(theta + 0.05, x0=first.x, q0=first.q)
     with module.bind_samples(data, executor=client) as prob:
+        prob.executor.inline_bytes = 0
         got_first = prob.hypergradient(theta)
         before = dict(prob.executor.backend.home)
         client.restart()  # every worker process is replaced: nothing installed survives
+        assert np.asarray(got_first.q[1]).tobytes() == first.q[1].tobytes()  # computed again
         got = prob.hypergradient(theta + 0.05, x0=got_first.x, q0=got_first.q)
         assert _bits(got) == _bits(want)
         assert set(prob.executor.backend.home.values()).isdisjoint(before.values())

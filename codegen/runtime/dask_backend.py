@@ -17,12 +17,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from ..hypergrad import HypergradientResult
 from .sample_worker import (
     MAX_ATTEMPTS,
     ExecutorError,
+    Pair,
     SampleMissing,
     SampleTask,
+    fetch_arrays,
     first_error,
     forget_samples,
     install_samples,
@@ -136,22 +137,22 @@ class DaskBackend:
                     key=f"hypergen-samples-{batch[0].index}-{uuid.uuid4().hex}"), batch))
         return out
 
-    def run(self, pairs: list[tuple[SampleTask, SampleTask]]) -> list[HypergradientResult]:
-        full = {warm.index: f for warm, f in pairs}
-        send = {warm.index: warm for warm, _ in pairs}
-        results: dict[int, HypergradientResult] = {}
+    def run(self, pairs: list[Pair]) -> list[bytes]:
+        full = {first.index: make_full for first, make_full in pairs}
+        send = {first.index: first for first, _ in pairs}
+        results: dict[int, bytes] = {}
         errors: dict[int, BaseException] = {}
         losses: dict[int, int] = {}
         reinstall = self._rehome(list(send))
         while send:
             if reinstall:
                 self._install(sorted(reinstall))
-                send.update({s: full[s] for s in reinstall if s in send})
+                send.update({s: full[s]() for s in reinstall if s in send})
             batches, send, reinstall = self._submit(send), {}, set()
             for future, batch in batches:
                 for task, outcome in zip(batch, self._outcomes(future, batch)):
                     s = task.index
-                    if isinstance(outcome, HypergradientResult):
+                    if isinstance(outcome, bytes):
                         results[s] = outcome
                     elif isinstance(outcome, (SampleMissing, _Lost)):
                         losses[s] = losses.get(s, 0) + 1
@@ -163,7 +164,7 @@ class DaskBackend:
                         else:
                             if isinstance(outcome, SampleMissing):
                                 self.home[s] = outcome.worker
-                            send[s], reinstall = full[s], reinstall | {s}
+                            send[s], reinstall = full[s](), reinstall | {s}
                     else:
                         errors[s] = outcome
             if errors:
@@ -171,7 +172,27 @@ class DaskBackend:
             reinstall |= self._rehome(list(send))
         if errors:
             raise first_error(errors)
-        return [results[warm.index] for warm, _ in pairs]
+        return [results[first.index] for first, _ in pairs]
+
+    def fetch(self, items: list[tuple[int, str, int, int]]) -> dict[int, Any]:
+        """One fetch task per home worker; a lost one gives an exception per sample (the
+        caller computes those arrays again, on the sample's new home)."""
+        self._rehome([s for s, _, _, _ in items])
+        by_worker: dict[str, list[tuple[int, str, int, int]]] = {}
+        for item in items:
+            by_worker.setdefault(self.home[item[0]], []).append(item)
+        futures = [(self.client.submit(fetch_arrays, [i[1:] for i in mine], workers=[worker],
+                                       allow_other_workers=True, pure=False,
+                                       key=f"hypergen-fetch-{uuid.uuid4().hex}"),
+                    mine) for worker, mine in by_worker.items()]
+        out: dict[int, Any] = {}
+        for future, mine in futures:
+            try:
+                arrays = future.result()
+            except _loss_types() as exc:
+                arrays = [_Lost(f"{type(exc).__name__}: {exc}")] * len(mine)
+            out.update((s, a) for (s, _, _, _), a in zip(mine, arrays))
+        return out
 
     def _rehome(self, samples: list[int]) -> set[int]:
         """The samples whose home worker is gone, given a live one (to be installed there)."""

@@ -28,17 +28,20 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from ..hypergrad import HypergradientOptions, HypergradientResult
 from .dask_backend import DaskBackend
+from .held import MAX_REPLAY, HeldArray, _Made, _Step, load, materialized
 from .sample_worker import (
     MAX_ATTEMPTS,
+    SLOTS,
     ExecutorError,
+    Pair,
     SampleMissing,
     SampleTask,
     first_error,
@@ -47,7 +50,7 @@ from .sample_worker import (
 )
 
 __all__ = ["ExecutorError", "SampleExecutor", "ProcessBackend", "check_executor",
-           "make_executor", "MAX_ATTEMPTS"]
+           "make_executor", "MAX_ATTEMPTS", "HeldArray", "INLINE_BYTES"]
 
 _SERIAL = (None, "local")
 
@@ -59,7 +62,15 @@ class Backend(Protocol):
 
     def install(self, module: Any, items: list[tuple[int, str, dict[str, Any]]]) -> None: ...
 
-    def run(self, pairs: list[tuple[SampleTask, SampleTask]]) -> list[HypergradientResult]: ...
+    def run(self, pairs: list[Pair]) -> list[bytes]:
+        """Each pair's first task on its sample's worker (the second where that worker lost
+        the sample); the slim results (sample_worker.slim) in the pairs' order."""
+        ...
+
+    def fetch(self, items: list[tuple[int, str, int, int]]) -> dict[int, Any]:
+        """Held arrays (sample, token, call, slot), one per sample: sample -> the array, or an
+        exception where its worker does not hold it (lost, or replaced)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -111,52 +122,49 @@ def make_executor(executor: Any, module: Any, data: list[dict[str, Any]],
         raise
 
 
-def _snapshot(value: Any) -> np.ndarray | None:
-    """The parent's own copy of an array a worker returned and holds (None: not an array). A
-    copy, because the caller may change the returned array in place before passing it back."""
-    return np.array(value) if isinstance(value, np.ndarray) else None
-
-
-def _same_bits(value: Any, held: np.ndarray | None) -> bool:
+def _same_bits(value: Any, held: np.ndarray) -> bool:
     """Whether `value` is the held array bit for bit: dtype, shape and bytes. A byte comparison
     of 64 pairs of 16384 doubles costs about 0.5 ms; a blake2b digest of both sides cost 16 ms
     of the parent's time per call, a sixth of the executor's overhead at 64 samples of 128 x 128."""
-    return (held is not None and isinstance(value, np.ndarray) and value.dtype == held.dtype
+    return (isinstance(value, np.ndarray) and value.dtype == held.dtype
             and value.shape == held.shape and value.tobytes() == held.tobytes())
 
 
-@dataclass
-class _Held:
-    """What the parent knows a sample's worker holds: the run number and copies of its (x, q)."""
-
-    run: int = 0
-    x: np.ndarray | None = None
-    q: np.ndarray | None = None
+#: A held array of at most this many bytes (512 doubles) also comes back with its result, so a
+#: small problem's x and q are plain arrays, read without a round trip to the worker.
+INLINE_BYTES = 4096
 
 
 @dataclass
 class SampleExecutor:
-    """The parent's bookkeeping for one BoundSamples: tokens, the held warm starts, the backend.
+    """The parent's bookkeeping for one BoundSamples: tokens, what the workers hold, the backend.
 
-    warm_count: how many samples of the last call started from what their worker held (their
-    x0 did not travel)."""
+    made[s]: sample s's results whose arrays its worker holds, by call number (alive while a
+    HeldArray of theirs, or `latest[s]`, is). warm_count: how many samples of the last call
+    started from an array their worker held (their x0 did not travel). inline_bytes: see
+    INLINE_BYTES."""
 
     backend: Backend
     module: Any
     data: list[dict[str, Any]]
     tokens: list[str] = field(init=False)
-    held: list[_Held] = field(init=False)
+    made: list[weakref.WeakValueDictionary[int, _Made]] = field(init=False)
+    latest: list[_Made | None] = field(init=False)
     warm_count: int = 0
+    inline_bytes: int = INLINE_BYTES
+    closed: bool = False
+    _released: list[tuple[int, int]] = field(default_factory=list, repr=False)
     _finalizer: Any = field(init=False, repr=False)
-    _lock: Any = field(default_factory=threading.Lock, repr=False)
+    _lock: Any = field(default_factory=threading.RLock, repr=False)
     # run numbers are never reused: a task of an interrupted call that finishes late on its
-    # worker leaves a run number the parent does not hold, so its (x, q) is never taken as warm
+    # worker leaves arrays under a number no result of the parent refers to
     _runs: Iterator[int] = field(default_factory=lambda: itertools.count(1), repr=False)
 
     def __post_init__(self) -> None:
         prefix = uuid.uuid4().hex[:12]
         self.tokens = [f"{prefix}-{s}" for s in range(len(self.data))]
-        self.held = [_Held() for _ in self.data]
+        self.made = [weakref.WeakValueDictionary() for _ in self.data]
+        self.latest = [None for _ in self.data]
         self.backend.install(self.module, [(s, self.tokens[s], d) for s, d in
                                            enumerate(self.data)])
         self.data = []  # the backend keeps what it needs to install a sample again
@@ -168,35 +176,150 @@ class SampleExecutor:
 
     def per_sample(self, theta: np.ndarray, options: HypergradientOptions, x0: Any,
                    q0: Any) -> list[HypergradientResult]:
-        """Each sample's hypergradient on its worker (hypergradient_samples' per_sample)."""
-        with self._lock:  # one call at a time: the held warm starts are per call
+        """Each sample's hypergradient on its worker (hypergradient_samples' per_sample), its
+        x, q and lower gradient left there (HeldArrays)."""
+        with self._lock:  # one call at a time
+            self._check_open()
             threads, run = thread_counts(), next(self._runs)
-            pairs = [self._tasks(s, theta, options, None if x0 is None else x0[s],
-                                 None if q0 is None else q0[s], threads, run)
-                     for s in range(len(self.held))]
-            self.warm_count = sum(warm.warm_x for warm, _ in pairs)
-            results = self.backend.run(pairs)
-            for (task, _), res in zip(pairs, results):
-                self.held[task.index] = _Held(task.run, _snapshot(res.x), _snapshot(res.q))
+            count = len(self.tokens)
+            starts = [self._starts(s, None if x0 is None else x0[s],
+                                   None if q0 is None else q0[s]) for s in range(count)]
+            self._cut_deep(starts)
+            steps = [_Step(s, run, theta, options, threads, xs, qs,
+                           1 + max([src[0].depth for src in (xs, qs)
+                                    if isinstance(src, tuple) and len(src) == 2], default=0))
+                     for s, (xs, qs) in enumerate(starts)]
+            self.warm_count = sum(isinstance(step.x0, tuple) for step in steps)
+            drops = self._drops()
+            blobs = self.backend.run([self._pair(step, drops.get(step.sample, ()))
+                                      for step in steps])
+            results = []
+            for step, blob in zip(steps, blobs):
+                made = _Made(step, self._fetch)
+                results.append(load(blob, made))
+                self._keep(made)
             return results
 
-    def _tasks(self, s: int, theta: np.ndarray, options: HypergradientOptions, x0: Any,
-               q0: Any, threads: dict[str, int] | None,
-               run: int) -> tuple[SampleTask, SampleTask]:
-        """(the task to send first, the task with explicit arrays to send again elsewhere)."""
-        held = self.held[s]
-        warm_x, warm_q = _same_bits(x0, held.x), _same_bits(q0, held.q)
-        full = SampleTask(s, self.tokens[s], theta, options, x0, q0, False, False, held.run,
-                          run, threads)
-        warm = SampleTask(s, self.tokens[s], theta, options, None if warm_x else x0,
-                          None if warm_q else q0, warm_x, warm_q, held.run, run,
-                          threads)
-        return warm, full
+    def _starts(self, s: int, x0: Any, q0: Any) -> tuple[Any, Any]:
+        return self._source(s, x0), self._source(s, q0)
+
+    def _source(self, s: int, value: Any) -> Any:
+        """A starting point as a _Step input: (the step that made it, slot) when sample s's
+        worker holds it (a HeldArray of it not read yet, or an array with the bits of one the
+        parent fetched), else the parent's own copy (the caller may change theirs later)."""
+        if value is None:
+            return None
+        if isinstance(value, HeldArray) and not value.fetched and value.made.sample == s \
+                and self.made[s].get(value.made.run) is value.made:
+            return value.made.step, value.slot
+        value = materialized(value)
+        if isinstance(value, np.ndarray):
+            for made in list(self.made[s].values()):
+                for slot, pristine in made.pristine.items():
+                    if _same_bits(value, pristine):
+                        return made.step, slot
+            return np.array(value)
+        return value
+
+    def _cut_deep(self, starts: list[tuple[Any, Any]]) -> None:
+        """Starts at an earlier step MAX_REPLAY calls deep are fetched (in place in `starts`,
+        as (step, slot, array)): they still do not travel, but the parent holds their bits,
+        and a lost sample is never computed again from further back."""
+        for s, pair in enumerate(starts):
+            cut = []
+            for src in pair:
+                if isinstance(src, tuple) and len(src) == 2 and src[0].depth >= MAX_REPLAY:
+                    made = self.made[s].get(src[0].run)
+                    if made is not None:
+                        src = (src[0], src[1], self._fetch(made, src[1]))
+                cut.append(src)
+            starts[s] = (cut[0], cut[1])
+
+    def _keep(self, made: _Made) -> None:
+        """Register a result the worker holds; when it is no longer referenced, its arrays are
+        dropped on the worker (with the sample's next task)."""
+        self.made[made.sample][made.run] = made
+        self.latest[made.sample] = made
+        weakref.finalize(made, self._released.append, (made.sample, made.run))
+
+    def _drops(self) -> dict[int, tuple[int, ...]]:
+        """The calls whose arrays each sample's worker may forget, taken from the queue."""
+        released, self._released[:] = list(self._released), []
+        drops: dict[int, list[int]] = {}
+        for s, run in released:
+            drops.setdefault(s, []).append(run)
+        return {s: tuple(runs) for s, runs in drops.items()}
+
+    def _pair(self, step: _Step, drop: tuple[int, ...]) -> Pair:
+        """(the task to send first, a function making the task to send again to a worker that
+        lost the sample: with the earlier steps its held starts come from, to compute them
+        again first; made only when needed)."""
+        token = self.tokens[step.sample]
+        first = replace(step.task(token, self.inline_bytes), drop=drop)
+
+        def full() -> SampleTask:
+            chain = step.chain()[:-1]
+            alive = self.made[step.sample]
+            extra = tuple(e.run for e in chain if e.run not in alive)
+            return replace(step.task(token, self.inline_bytes, full=True),
+                           replay=tuple(e.task(token, 0, full=True) for e in chain),
+                           drop=drop + extra)
+        return first, full
+
+    def _fetch(self, made: _Made, slot: int) -> np.ndarray:
+        """made's array in `slot`, fetched with the same slot of every other sample of that
+        call not fetched yet (a caller that reads one sample's x usually reads them all); a
+        sample its worker lost is computed again first from its steps."""
+        with self._lock:
+            if slot in made.pristine:
+                return made.pristine[slot]
+            self._check_open()
+            wanted = [m for m in (self.made[s].get(made.run) for s in range(len(self.tokens)))
+                      if m is not None and slot not in m.pristine]
+            for _attempt in range(MAX_ATTEMPTS):
+                got = self.backend.fetch([(m.sample, self.tokens[m.sample], m.run, slot)
+                                          for m in wanted])
+                missing = []
+                for m in wanted:
+                    value = got.get(m.sample)
+                    if isinstance(value, np.ndarray):
+                        m.pristine[slot] = value
+                    else:
+                        missing.append(m)
+                if made not in missing:
+                    return made.pristine[slot]
+                self._recompute(made)
+                wanted = [made]
+            raise ExecutorError(f"the {SLOTS[slot]} of sample {made.sample} (call {made.run}) "
+                                f"could not be fetched: its worker lost it {MAX_ATTEMPTS} times "
+                                f"(last: {got.get(made.sample)})")
+
+    def _recompute(self, made: _Made) -> None:
+        """Compute made's call again on the sample's (new) worker from its steps: the same
+        calls from the same starts give the same bits."""
+        full = self._pair(made.step, ())[1]()
+        self.backend.run([(full, lambda: full)])
 
     def close(self) -> None:
-        """Stop the worker processes (or leave a Client that was passed in, closing only one
-        this executor opened) and forget the installed samples."""
+        """Fetch the held arrays of the results still referenced (they stay readable), then
+        stop the worker processes (or leave a Client that was passed in, closing only one this
+        executor opened) and forget the installed samples."""
+        with self._lock:
+            if not self.closed:
+                self.latest = [None for _ in self.tokens]  # the results nobody holds go
+                try:
+                    for by_run in self.made:
+                        for made in list(by_run.values()):
+                            for slot in made.slots:
+                                self._fetch(made, slot)
+                except ExecutorError:  # a worker already gone: those arrays are lost
+                    pass
+                self.closed = True
         self._finalizer()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ExecutorError(f"the samples' executor ({self.description}) is closed")
 
 
 def _start_context() -> Any:
@@ -225,14 +348,29 @@ AHEAD_BYTES = 16 * 1024
 
 @dataclass
 class _Item:
-    """A request queued for one worker process: install samples, or run one task; `request`
-    holds its pickled bytes once made (kept while it waits for an idle worker)."""
+    """A request queued for one worker process: install samples, run tasks (`tasks`, one per
+    sample, and `fulls`, each to send again where the worker lost its sample), or fetch held
+    arrays (`fetch`: (token, call, slot) per sample); `request` holds its pickled bytes once
+    made (kept while it waits for an idle worker)."""
 
-    kind: str  # "install" | "run" | "stale" (a reply to drop: its call was interrupted)
+    kind: str  # "install" | "run" | "fetch" | "stale" (a reply to drop: its call was interrupted)
     samples: list[int]
-    task: SampleTask | None = None
-    full: SampleTask | None = None
+    tasks: list[SampleTask] = field(default_factory=list)
+    fulls: list[Callable[[], SampleTask]] = field(default_factory=list)
     request: bytes | None = None
+    fetch: list[tuple[str, int, int]] | None = None
+
+
+def _resent(full: SampleTask) -> Pair:
+    """A full task sent again: it is its own full task."""
+    return full, lambda: full
+
+
+def _run_item(pairs: list[Pair]) -> _Item:
+    """One worker's share of a call: a single request (the worker runs its samples in turn and
+    answers once: the parent reads two messages per call, not one per sample)."""
+    return _Item("run", [task.index for task, _ in pairs], [task for task, _ in pairs],
+                 [full for _, full in pairs])
 
 
 @dataclass
@@ -251,7 +389,8 @@ class ProcessBackend:
     """A pool of local worker processes (forked from a server process that imported hypergen,
     or spawned; each loads the module from its directory). Sample s lives on worker s mod n,
     and moves only when its worker dies. Requests to one worker go one at a time, in order,
-    over its own pipe, up to PIPELINE_DEPTH of them outstanding."""
+    over its own pipe, up to PIPELINE_DEPTH of them outstanding; a call is one request per
+    worker, with all its samples' tasks."""
 
     def __init__(self, count: int):
         context = _start_context()
@@ -284,15 +423,42 @@ class ProcessBackend:
                 worker.queue.append(_Item("install", mine))
         self._drive({})
 
-    def run(self, pairs: list[tuple[SampleTask, SampleTask]]) -> list[HypergradientResult]:
-        for warm, full in pairs:
-            self.workers[self.home[warm.index]].queue.append(
-                _Item("run", [warm.index], warm, full))
-        results: dict[int, HypergradientResult] = {}
-        self._drive(results)
-        return [results[warm.index] for warm, _ in pairs]
+    def _homes(self, samples: list[int]) -> None:
+        """Samples whose home worker died in an earlier call are installed on a live one; with
+        none left, ExecutorError names them."""
+        live = [p for p, w in enumerate(self.workers) if w.alive]
+        moved = [s for s in samples if not self.workers[self.home[s]].alive]
+        if moved and not live:
+            raise ExecutorError(f"samples {moved} could not be computed: no worker process is "
+                                "left; no partial mean is returned")
+        for n, s in enumerate(moved):
+            self.home[s] = live[n % len(live)]
+            self.workers[self.home[s]].queue.append(_Item("install", [s]))
 
-    def _drive(self, results: dict[int, HypergradientResult]) -> None:
+    def run(self, pairs: list[Pair]) -> list[bytes]:
+        self._homes([first.index for first, _ in pairs])
+        by_worker: dict[int, list[Pair]] = {}
+        for pair in pairs:
+            by_worker.setdefault(self.home[pair[0].index], []).append(pair)
+        for position, mine in by_worker.items():
+            self.workers[position].queue.append(_run_item(mine))
+        results: dict[int, Any] = {}
+        self._drive(results)
+        return [results[first.index] for first, _ in pairs]
+
+    def fetch(self, items: list[tuple[int, str, int, int]]) -> dict[int, Any]:
+        self._homes([s for s, _, _, _ in items])
+        by_worker: dict[int, list[tuple[int, str, int, int]]] = {}
+        for item in items:
+            by_worker.setdefault(self.home[item[0]], []).append(item)
+        for position, mine in by_worker.items():
+            self.workers[position].queue.append(_Item(
+                "fetch", [s for s, _, _, _ in mine], fetch=[i[1:] for i in mine]))
+        results: dict[int, Any] = {}
+        self._drive(results)
+        return results
+
+    def _drive(self, results: dict[int, Any]) -> None:
         """_exchange, and after an interruption (Ctrl-C, an error) the requests still out
         marked stale: their replies are read and dropped before the next call's, so a late
         reply can never be taken for a result of another theta."""
@@ -304,7 +470,7 @@ class ProcessBackend:
                 worker.sent = deque(_Item("stale", item.samples) for item in worker.sent)
             raise
 
-    def _exchange(self, results: dict[int, HypergradientResult]) -> None:
+    def _exchange(self, results: dict[int, Any]) -> None:
         """Send each worker its queue, up to PIPELINE_DEPTH requests outstanding, until every
         queue is empty; move the requests of a worker that died; raise the first sample's
         error."""
@@ -312,7 +478,7 @@ class ProcessBackend:
         attempts: dict[int, int] = {}
         while True:
             for worker in self.workers:
-                self._fill(worker, attempts, errors)
+                self._fill(worker, results, attempts, errors)
             busy = [w for w in self.workers if w.sent]
             if not busy:
                 break
@@ -323,7 +489,7 @@ class ProcessBackend:
         if errors:
             raise first_error(errors)
 
-    def _fill(self, worker: _Process, attempts: dict[int, int],
+    def _fill(self, worker: _Process, results: dict[int, Any], attempts: dict[int, int],
               errors: dict[int, BaseException]) -> None:
         """Send the worker's queued requests while fewer than PIPELINE_DEPTH are outstanding;
         one larger than AHEAD_BYTES waits until the worker has none outstanding."""
@@ -334,7 +500,8 @@ class ProcessBackend:
                 continue
             if item.request is None:
                 payload: Any = ((self.module, [self.items[s] for s in item.samples])
-                                if item.kind == "install" else item.task)
+                                if item.kind == "install" else
+                                item.fetch if item.kind == "fetch" else item.tasks)
                 item.request = pickle.dumps((item.kind, payload), pickle.HIGHEST_PROTOCOL)
             if worker.sent and len(item.request) > AHEAD_BYTES:
                 return
@@ -343,45 +510,73 @@ class ProcessBackend:
             try:
                 worker.connection.send_bytes(item.request)
             except (OSError, EOFError):
-                self._lost(worker, attempts, errors)
+                self._lost(worker, results, attempts, errors)
                 return
 
-    def _receive(self, worker: _Process, results: dict[int, HypergradientResult],
+    def _receive(self, worker: _Process, results: dict[int, Any],
                  attempts: dict[int, int], errors: dict[int, BaseException]) -> None:
         try:
             status, value = pickle.loads(worker.connection.recv_bytes())
         except (OSError, EOFError):
-            self._lost(worker, attempts, errors)
+            self._lost(worker, results, attempts, errors)
             return
         item = worker.sent.popleft()
         if item.kind == "stale":
             return
         if status == "ok":
             if item.kind == "run":
-                results[item.samples[0]] = value
+                self._outcomes(worker, item, value, results, attempts, errors)
+            elif item.kind == "fetch":
+                results.update(zip(item.samples, value))
             return
         exc, text = value
-        if isinstance(exc, SampleMissing) and item.full is not None:
-            worker.queue.extendleft([_Item("run", item.samples, item.full, item.full),
-                                     _Item("install", item.samples)])
-            return
         if isinstance(exc, BaseException):
             errors[item.samples[0]] = exc
         else:
             errors[item.samples[0]] = ExecutorError(f"sample {item.samples[0]}: {text}")
 
-    def _lost(self, worker: _Process, attempts: dict[int, int],
+    def _outcomes(self, worker: _Process, item: _Item, outcomes: list[Any],
+                  results: dict[int, Any], attempts: dict[int, int],
+                  errors: dict[int, BaseException]) -> None:
+        """A run request's per-sample outcomes: a result, SampleMissing (the worker does not
+        hold the sample or an array its task starts from: install it and send the full task,
+        MAX_ATTEMPTS times at most), or the sample's own error."""
+        again = []
+        for task, make_full, outcome in zip(item.tasks, item.fulls, outcomes):
+            s = task.index
+            if isinstance(outcome, bytes):
+                results[s] = outcome
+            elif isinstance(outcome, SampleMissing):
+                attempts[s] = attempts.get(s, 0) + 1
+                if attempts[s] >= MAX_ATTEMPTS:
+                    errors[s] = ExecutorError(f"samples [{s}] could not be computed: {outcome} "
+                                              f"{MAX_ATTEMPTS} times; no partial mean is returned")
+                again.append(_resent(make_full()))
+            else:
+                errors[s] = outcome
+        if again and not errors:
+            worker.queue.extendleft([_run_item(again),
+                                     _Item("install", [full.index for full, _ in again])])
+
+    def _lost(self, worker: _Process, results: dict[int, Any], attempts: dict[int, int],
               errors: dict[int, BaseException]) -> None:
-        """worker died: its requests go to the live workers, from explicit arrays."""
+        """worker died: its samples are installed on the live workers and its run requests
+        go there, with the earlier steps their held starts came from (`full`); its fetches
+        come back as lost (the caller computes those arrays again)."""
         worker.alive = False
         pending = list(worker.sent) + list(worker.queue)
         worker.sent, worker.queue = deque(), deque()
+        for item in pending:
+            if item.kind == "fetch":
+                results.update((s, ExecutorError(f"sample {s}: its worker process died"))
+                               for s in item.samples)
         live = [p for p, w in enumerate(self.workers) if w.alive]
         runs = [item for item in pending if item.kind == "run"]
         dead = self.workers.index(worker)
         moved = sorted(s for s, home in self.home.items() if home == dead)
         for item in runs:
-            attempts[item.samples[0]] = attempts.get(item.samples[0], 0) + 1
+            for s in item.samples:
+                attempts[s] = attempts.get(s, 0) + 1
         failed = [s for s in moved if attempts.get(s, 0) >= MAX_ATTEMPTS or not live]
         if failed:
             why = ("no worker process is left" if not live else
@@ -393,10 +588,13 @@ class ProcessBackend:
         for n, s in enumerate(moved):
             self.home[s] = live[n % len(live)]
             self.workers[self.home[s]].queue.append(_Item("install", [s]))
+        by_worker: dict[int, list[Pair]] = {}
         for item in runs:
-            full = item.full or item.task
-            self.workers[self.home[item.samples[0]]].queue.append(
-                _Item("run", item.samples, full, full))
+            for make_full in item.fulls:
+                full = make_full()
+                by_worker.setdefault(self.home[full.index], []).append(_resent(full))
+        for position, mine in by_worker.items():
+            self.workers[position].queue.append(_run_item(mine))
 
     def close(self) -> None:
         for worker in self.workers:

@@ -2,21 +2,25 @@
 where their data and warm starts already are.
 
 A worker process (a `processes` pool member or a Dask worker) keeps the installed samples at
-module level, so they outlive the tasks: by token, each a bound problem with the (x, q) of its
-last run. The generated module reaches a worker pickled as its directory and is loaded from
-there (`load_directory` reuses the extension the parent compiled; it does not compile again). A
-task names its sample by token and says whether its x0 / q0 are that held (x, q) ("warm") or
-come with the task; the parent keeps the arrays as well, so a sample whose worker is gone is
-installed elsewhere and run again with explicit arrays (codegen/runtime/executors.py).
+module level, so they outlive the tasks: by token, each a bound problem with the large arrays of
+its results (x, q and the lower gradient: SLOTS), by call number, until the parent drops them.
+A result goes back to the parent without them (`slim`: a handle per array, codegen/runtime/
+held.py), and the parent fetches one only when its caller reads it. The generated module reaches
+a worker pickled as its directory and is loaded from there (`load_directory` reuses the
+extension the parent compiled; it does not compile again). A task names its sample by token,
+and its x0 / q0 either come with it or are `Held` references to arrays this worker holds; a
+task sent again after its worker was lost carries `replay`, the earlier calls that made those
+arrays, so the new worker computes them first, to the same bits (codegen/runtime/executors.py).
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -34,8 +38,9 @@ if TYPE_CHECKING:  # annotations only: a worker gets its module by unpickling (n
     from .bound_problem import BoundProblem
     from .module import GeneratedModule
 
-__all__ = ["MAX_ATTEMPTS", "ExecutorError", "SampleTask", "SampleMissing", "first_error",
-           "install_samples", "forget_samples", "run_sample", "run_samples", "serve",
+__all__ = ["MAX_ATTEMPTS", "SLOTS", "ExecutorError", "Held", "Pair", "SampleTask",
+           "SampleMissing", "first_error", "install_samples", "forget_samples", "run_sample",
+           "run_samples", "fetch_arrays", "held_calls", "serve", "slim",
            "worker_label", "thread_counts", "tune_allocator"]
 
 
@@ -70,37 +75,57 @@ def first_error(errors: dict[int, BaseException]) -> BaseException:
     return exc
 
 
+#: The arrays of a sample's result that stay on its worker, by slot number: the lower solution x,
+#: the adjoint q and the lower solver's gradient (lower.x and adjoint.q are x and q themselves).
+SLOTS = ("x", "q", "lower gradient")
+
+
+@dataclass(frozen=True)
+class Held:
+    """An array the sample's worker holds: slot `slot` (SLOTS) of its result of call `run`."""
+
+    run: int
+    slot: int
+
+
 @dataclass(frozen=True)
 class SampleTask:
     """One sample's share of a hypergradient, as sent to a worker.
 
-    warm_x / warm_q: use the (x, q) the worker holds from the call numbered `warm_run`
-    instead of x0 / q0 (which are then None: they do not travel). run: this call's number
-    (never reused by the parent), kept with its (x, q) on the worker. threads: the parent's
-    BLAS and OpenMP thread counts ({"blas": n, "openmp": m}), set here for the run: a dot
-    product of 10^4 entries or more is summed in another order on another number of BLAS
-    threads, and a kernel's OpenMP reduction (loops over 200000 iterations) on another number
-    of OpenMP threads, and the bits change; Dask workers start with one thread of each."""
+    x0 / q0: None, an array (it travels), or a `Held` reference to an array the worker holds.
+    run: this call's number (never reused by the parent); the worker keeps the result's arrays
+    under it. threads: the parent's BLAS and OpenMP thread counts ({"blas": n, "openmp": m}),
+    set here for the run: a dot product of 10^4 entries or more is summed in another order on
+    another number of BLAS threads, and a kernel's OpenMP reduction (loops over 200000
+    iterations) on another number of OpenMP threads, and the bits change; Dask workers start
+    with one thread of each. inline: a held array of at most this many bytes also travels back
+    with the result (small problems get plain arrays, no fetch). drop: this sample's earlier
+    calls whose arrays the parent no longer needs (dropped after the run). replay: the earlier
+    calls (in order) that made the Held arrays this task starts from, run first where those
+    arrays are missing (the sample's worker was lost): the same calls give the same bits."""
 
     index: int
     token: str
     theta: np.ndarray
     options: HypergradientOptions
-    x0: np.ndarray | None
-    q0: np.ndarray | None
-    warm_x: bool
-    warm_q: bool
-    warm_run: int
+    x0: Any
+    q0: Any
     run: int
     threads: dict[str, int] | None = None
+    inline: int = 0
+    drop: tuple[int, ...] = ()
+    replay: tuple[SampleTask, ...] = ()
+
+
+#: A task to send first, and a function making the task to send again where the first found its
+#: sample's worker lost (its `replay` filled in: made only when needed).
+Pair = tuple[SampleTask, Callable[[], SampleTask]]
 
 
 @dataclass
 class _Installed:
     problem: BoundProblem
-    run: int = -1
-    x: np.ndarray | None = None
-    q: np.ndarray | None = None
+    results: dict[int, tuple[np.ndarray | None, ...]] = field(default_factory=dict)
 
 
 #: glibc's mallopt parameter numbers: the size from which malloc maps memory, and the free
@@ -185,31 +210,102 @@ def forget_samples(tokens: list[str]) -> int:
         return sum(_SAMPLES.pop(t, None) is not None for t in tokens)
 
 
-def run_sample(task: SampleTask) -> HypergradientResult:
+def _start(held: _Installed, task: SampleTask, value: Any) -> Any:
+    """x0 / q0 as the task gives it: a copy of a held array (a solver that failed half-way must
+    not leave it changed), or the value itself."""
+    if not isinstance(value, Held):
+        return value
+    arrays = held.results.get(value.run)
+    if arrays is None or arrays[value.slot] is None:
+        raise SampleMissing(task.token, worker_label(),
+                            f"holds no {SLOTS[value.slot]} of call {value.run}")
+    return np.array(arrays[value.slot])
+
+
+def _slots(res: HypergradientResult) -> tuple[np.ndarray | None, ...]:
+    """The result's held arrays, by slot."""
+    grad = None if res.lower is None or isinstance(res.lower, list) else res.lower.grad
+    return tuple(a if isinstance(a, np.ndarray) else None for a in (res.x, res.q, grad))
+
+
+class _SlimPickler(pickle.Pickler):
+    """Pickles a result with each held array replaced by (slot, shape, dtype, bytes or None):
+    the bytes only for arrays of at most `inline` bytes."""
+
+    def __init__(self, file: Any, arrays: tuple[np.ndarray | None, ...], inline: int):
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self.slot_of = {id(a): n for n, a in reversed(list(enumerate(arrays))) if a is not None}
+        self.arrays, self.inline = arrays, inline
+
+    def persistent_id(self, obj: Any) -> Any:
+        slot = self.slot_of.get(id(obj)) if isinstance(obj, np.ndarray) else None
+        if slot is None or self.arrays[slot] is not obj:
+            return None
+        return (slot, obj.shape, obj.dtype.str, obj.tobytes() if obj.nbytes <= self.inline
+                else None)
+
+
+def slim(res: HypergradientResult, inline: int) -> bytes:
+    """The result pickled without its held arrays (codegen/runtime/held.py loads it)."""
+    import io
+    buffer = io.BytesIO()
+    _SlimPickler(buffer, _slots(res), inline).dump(res)
+    return buffer.getvalue()
+
+
+def _compute(held: _Installed, task: SampleTask) -> HypergradientResult:
+    """The sample's hypergradient at task.theta, as the serial path computes it; its arrays
+    kept under task.run."""
+    x0, q0 = _start(held, task, task.x0), _start(held, task, task.q0)
+    _use_thread_counts(task.threads)
+    res = hypergradient(held.problem, task.theta, task.options, x0=x0, q0=q0)
+    held.results[task.run] = _slots(res)
+    return res
+
+
+def run_sample(task: SampleTask) -> bytes:
     """The sample's hypergradient at task.theta, exactly as the serial `hypergradient_samples`
-    computes it (the same function, options and starting points), and its (x, q) kept here."""
+    computes it (the same function, options and starting points), slimmed (`slim`); first the
+    replayed calls whose arrays are missing here, last the dropped calls' arrays forgotten."""
     with _LOCK:
         held = _SAMPLES.get(task.token)
     if held is None:
         raise SampleMissing(task.token, worker_label(), "is not installed")
-    x0, q0 = task.x0, task.q0
-    if task.warm_x or task.warm_q:
-        if held.run != task.warm_run:
-            raise SampleMissing(task.token, worker_label(),
-                                f"holds the warm start of run {held.run}, not {task.warm_run}")
-        # copies: a solver that failed half-way must not leave the held start changed
-        x0 = np.array(held.x) if task.warm_x else x0
-        q0 = np.array(held.q) if task.warm_q else q0
-    _use_thread_counts(task.threads)
-    res = hypergradient(held.problem, task.theta, task.options, x0=x0, q0=q0)
-    held.run, held.x, held.q = task.run, res.x, res.q
-    return res
+    for earlier in task.replay:
+        if earlier.run not in held.results:
+            _compute(held, earlier)
+    blob = slim(_compute(held, task), task.inline)
+    for run in task.drop:
+        held.results.pop(run, None)
+    return blob
 
 
-def run_samples(tasks: list[SampleTask]) -> list[HypergradientResult | Exception]:
-    """run_sample for each task in turn (one Dask task per worker thread and call), each
-    sample's error returned in its place, so that it does not lose the others' results."""
-    outcomes: list[HypergradientResult | Exception] = []
+def fetch_arrays(items: list[tuple[str, int, int]]) -> list[np.ndarray | SampleMissing]:
+    """The held arrays (token, call, slot) asked for, each a SampleMissing where it is not
+    here (its worker was replaced, or the sample moved)."""
+    out: list[np.ndarray | SampleMissing] = []
+    for token, run, slot in items:
+        with _LOCK:
+            held = _SAMPLES.get(token)
+        arrays = None if held is None else held.results.get(run)
+        array = None if arrays is None else arrays[slot]
+        out.append(array if array is not None else SampleMissing(
+            token, worker_label(), f"holds no {SLOTS[slot]} of call {run}"))
+    return out
+
+
+def held_calls(tokens: list[str]) -> dict[str, list[int]]:
+    """The calls whose arrays this worker holds, per installed sample of `tokens` (what the
+    parent's results still refer to, and each sample's latest)."""
+    with _LOCK:
+        return {t: sorted(_SAMPLES[t].results) for t in tokens if t in _SAMPLES}
+
+
+def run_samples(tasks: list[SampleTask]) -> list[bytes | Exception]:
+    """run_sample for each task in turn (a worker's share of a call: one request to a
+    `processes` worker, one Dask task per worker thread), each sample's error returned in its
+    place, so that it does not lose the others' results."""
+    outcomes: list[bytes | Exception] = []
     for task in tasks:
         try:
             outcomes.append(run_sample(task))
@@ -223,7 +319,8 @@ def serve(connection: Connection) -> None:
     until "stop" or the parent's end of the pipe closes. An exception travels back as itself
     (when it pickles) with its traceback text, so the parent can name the sample."""
     handlers: dict[str, Callable[[Any], Any]] = {
-        "install": lambda p: install_samples(*p), "run": run_sample, "forget": forget_samples}
+        "install": lambda p: install_samples(*p), "run": run_samples, "fetch": fetch_arrays,
+        "forget": forget_samples}
     while True:
         try:
             kind, payload = connection.recv()
