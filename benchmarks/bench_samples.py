@@ -15,7 +15,8 @@ rounds, one call per round, median), BLAS and OpenMP on --threads threads (defau
 
 Printed: the setup (bind_samples: spawning and installing), the median seconds per hypergradient
 and the ratio serial / executor, and whether the executor's result has the serial bits
-(gradient, bound, value, per-sample x and q); then the "ceiling": --workers bare processes, no
+(gradient, bound, value, per-sample x and q); the seconds to read every x and q after one
+call (they stay on the workers until read, docs/distributed.md 3); then the "ceiling": --workers bare processes, no
 executor, each computing its share of the samples serially, started together (what the
 machine allows; timed after the contenders, not interleaved with them). Then what travels per
 sample: the data sent once, the task sent per hypergradient with the warm start on the worker
@@ -92,6 +93,7 @@ def compare(module, client, count: int, size: int, workers: int, repeat: int) ->
     try:
         timed = interleaved_times({label: (lambda p=p: p.hypergradient(THETA0))
                                    for label, p in probs.items()}, repeat, warm=0.0)
+        reads = {label: read_seconds(p) for label, p in probs.items() if label != "serial"}
     finally:
         for p in probs.values():
             p.close()
@@ -100,7 +102,20 @@ def compare(module, client, count: int, size: int, workers: int, repeat: int) ->
     for label, (seconds, _, res) in timed.items():
         same = "-" if label == "serial" else ("yes" if bits(res) == bits(ref) else "NO")
         print(f"{count:>7} {label:>10} {setup[label]:>9.2f} {seconds:>9.3f} "
-              f"{serial_seconds / seconds:>7.2f}x {same:>9}")
+              f"{serial_seconds / seconds:>7.2f}x {same:>9}"
+              + (f"   (then reading every x and q: {reads[label]:.3f} s)" if label in reads
+                 else ""))
+
+
+def read_seconds(prob) -> float:
+    """Seconds to read every sample's x and q of a fresh result (fetched from the workers,
+    where they stay until read): what a caller that wants them all pays on top."""
+    res = prob.hypergradient(THETA0)
+    start = time.perf_counter()
+    for arrays in (res.x, res.q):
+        for a in arrays:
+            np.asarray(a)
+    return time.perf_counter() - start
 
 
 def _share(rank: int, workers: int, count: int, size: int, repeat: int, barrier, out) -> None:

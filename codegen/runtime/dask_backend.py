@@ -46,7 +46,7 @@ def _client(executor: Any) -> tuple[Any, bool]:
     if not isinstance(executor, str):
         return executor, False
     try:
-        return Client(executor, timeout=CONNECT_TIMEOUT), True
+        return Client(executor, timeout=CONNECT_TIMEOUT), True  # type: ignore[no-untyped-call]
     except (OSError, TimeoutError) as exc:
         raise ExecutorError(f"cannot reach the Dask scheduler at {executor}: {exc}") from None
 

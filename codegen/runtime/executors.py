@@ -2,20 +2,21 @@
 
 `bind_samples(samples, executor=...)` validates every sample here, then gives each one a home
 worker and sends its data there once (`install`). A hypergradient then sends each worker only
-theta, the options and, per sample, either its starting points or "the (x, q) you hold from run
-r" when the caller's x0 / q0 are exactly what that worker returned last time (their bytes are
-compared with the parent's copy of what it returned): the warm starts of an upper-level run stay
-on the workers. Each worker runs
+theta, the options and, per sample, its starting points, or a reference to them where that
+worker holds them (a HeldArray of its result, or an array with the bits of one the parent
+fetched): the warm starts of an upper-level run stay on the workers. Each worker runs
 `hypergradient` on its samples (codegen/runtime/sample_worker.py), the same function with the
-same arguments as the serial path, and the parent forms the mean in sample order
-(`hypergradient_samples(..., per_sample=...)`), so the numbers are the serial ones bit for bit
-(given the same NumPy / BLAS build on the workers; each task carries the parent's BLAS and
-OpenMP thread counts, see `thread_counts`).
+same arguments as the serial path, keeps x, q and the lower gradient, and sends the rest back;
+the parent forms the mean in sample order (`hypergradient_samples(..., per_sample=...)`), so
+the numbers are the serial ones bit for bit (given the same NumPy / BLAS build on the workers;
+each task carries the parent's BLAS and OpenMP thread counts, see `thread_counts`). The arrays
+left on the workers are HeldArrays in the results, fetched when read (codegen/runtime/held.py).
 
 A sample whose worker is gone, or whose worker no longer holds it, is installed on a live worker
-and run again there from the explicit arrays, which the parent keeps; after MAX_ATTEMPTS losses,
-or with no worker left, the call raises ExecutorError naming the samples. A mean over the
-samples that did finish is never returned.
+and run again there from the same starts: those the parent holds travel, and those that were
+on the lost worker are computed again first from the steps that made them (`_Step`); after
+MAX_ATTEMPTS losses, or with no worker left, the call raises ExecutorError naming the samples.
+A mean over the samples that did finish is never returned.
 """
 from __future__ import annotations
 
@@ -191,11 +192,17 @@ class SampleExecutor:
                      for s, (xs, qs) in enumerate(starts)]
             self.warm_count = sum(isinstance(step.x0, tuple) for step in steps)
             drops = self._drops()
-            blobs = self.backend.run([self._pair(step, drops.get(step.sample, ()))
-                                      for step in steps])
+            try:
+                blobs = self.backend.run([self._pair(step, drops.get(step.sample, ()))
+                                          for step in steps])
+            except BaseException:  # what the workers computed of this call is not referred to
+                self._released.extend((step.sample, run) for step in steps)
+                for s, runs in drops.items():
+                    self._released.extend((s, r) for r in runs)
+                raise
             results = []
             for step, blob in zip(steps, blobs):
-                made = _Made(step, self._fetch)
+                made = _Made(step, weakref.ref(self))
                 results.append(load(blob, made))
                 self._keep(made)
             return results
@@ -231,7 +238,7 @@ class SampleExecutor:
                 if isinstance(src, tuple) and len(src) == 2 and src[0].depth >= MAX_REPLAY:
                     made = self.made[s].get(src[0].run)
                     if made is not None:
-                        src = (src[0], src[1], self._fetch(made, src[1]))
+                        src = (src[0], src[1], self.fetch(made, src[1]))
                 cut.append(src)
             starts[s] = (cut[0], cut[1])
 
@@ -243,10 +250,11 @@ class SampleExecutor:
         weakref.finalize(made, self._released.append, (made.sample, made.run))
 
     def _drops(self) -> dict[int, tuple[int, ...]]:
-        """The calls whose arrays each sample's worker may forget, taken from the queue."""
-        released, self._released[:] = list(self._released), []
+        """The calls whose arrays each sample's worker may forget, taken from the queue (one
+        pop at a time: a finalizer may append while this runs)."""
         drops: dict[int, list[int]] = {}
-        for s, run in released:
+        while self._released:
+            s, run = self._released.pop()
             drops.setdefault(s, []).append(run)
         return {s: tuple(runs) for s, runs in drops.items()}
 
@@ -266,7 +274,7 @@ class SampleExecutor:
                            drop=drop + extra)
         return first, full
 
-    def _fetch(self, made: _Made, slot: int) -> np.ndarray:
+    def fetch(self, made: _Made, slot: int) -> np.ndarray:
         """made's array in `slot`, fetched with the same slot of every other sample of that
         call not fetched yet (a caller that reads one sample's x usually reads them all); a
         sample its worker lost is computed again first from its steps."""
@@ -311,7 +319,7 @@ class SampleExecutor:
                     for by_run in self.made:
                         for made in list(by_run.values()):
                             for slot in made.slots:
-                                self._fetch(made, slot)
+                                self.fetch(made, slot)
                 except ExecutorError:  # a worker already gone: those arrays are lost
                     pass
                 self.closed = True

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import io
 import pickle
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
@@ -78,7 +79,7 @@ class _Made:
     compared with an explicit x0 / q0 to find that it is a held array)."""
 
     step: _Step
-    fetch: Callable[[_Made, int], np.ndarray]
+    owner: weakref.ref[Any]  # the SampleExecutor (weak: it keeps each sample's latest _Made)
     pristine: dict[int, np.ndarray] = field(default_factory=dict)
     slots: set[int] = field(default_factory=set)
 
@@ -101,6 +102,7 @@ class HeldArray(NDArrayOperatorsMixin):
 
     def __init__(self, made: _Made, slot: int, shape: tuple[int, ...], dtype: np.dtype):
         self.made, self.slot = made, slot
+        self.owner: Any = made.owner()  # the executor that fetches it stays while it does
         self.shape, self.dtype = shape, dtype
         self._array: np.ndarray | None = None
 
@@ -111,7 +113,7 @@ class HeldArray(NDArrayOperatorsMixin):
     def value(self) -> np.ndarray:
         """The array itself (fetched from the worker the first time)."""
         if self._array is None:
-            self._array = np.array(self.made.fetch(self.made, self.slot))
+            self._array = np.array(self.owner.fetch(self.made, self.slot))
         return self._array
 
     @property
@@ -149,7 +151,7 @@ class HeldArray(NDArrayOperatorsMixin):
         return iter(self.value())
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("made", "slot", "shape", "dtype", "_array"):
+        if name.startswith("__") or name in ("made", "slot", "owner", "shape", "dtype", "_array"):
             raise AttributeError(name)
         return getattr(self.value(), name)
 
