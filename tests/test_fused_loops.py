@@ -8,6 +8,8 @@ on these small problems, so the two paths run on one bound problem:
   within the sum of their certified bounds, and each bound >= the true error against a solve to
   rounding; capped, diverged and non-finite runs stop alike;
 * Newton-CG's directions through the fused CG against FUSED_MAX_SIZE = 0: the same steps;
+* the whole Newton-CG solve in one call (loop_newton) against the Python loop: the same status,
+  message and work when converged, capped, at the rounding floor and from a non-finite start;
 * the hypergradient with rtol: the same solvers and rounds, certified bounds that hold against a
   reference at eps = delta = 1e-13;
 * AddressSanitizer + UBSan: a C driver runs every loop of three examples (one with a prepared HVP,
@@ -113,6 +115,40 @@ def test_newton_directions_through_the_fused_cg(build_dir, monkeypatch):
     for res in (fused, python):
         assert np.linalg.norm(res.x - x_star) <= res.bound * (1 + 1e-6) + 1e-13
     assert np.linalg.norm(fused.x - python.x) <= fused.bound + python.bound
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("case", ["converged", "capped", "capped later", "rounding floor",
+                                  "non-finite"])
+def test_fused_newton_stops_as_the_python_loop(name, case, build_dir):
+    """loop_newton (record=False) against newton_descent with the fused CG's directions
+    (record=True): the same status and message, the same steps and work (within one step at a
+    rounding tie), points within their certified bounds of each other and of x*."""
+    prob, th = bound_problem(name, build_dir)
+    assert "loop_newton" in loops_for(prob).functions
+    kw = {"converged": dict(tol=1e-10), "capped": dict(tol=1e-14, max_iter=12),
+          "capped later": dict(tol=0.0, max_iter=30), "rounding floor": dict(tol=0.0),
+          "non-finite": dict(x0=np.full(prob.x_size, 1e308))}[case]
+    fused = solve_lower(prob, th, solver="newton", **kw)
+    python = solve_lower(prob, th, solver="newton", record=True, **kw)
+    assert fused.status == python.status
+    assert fused.status == {"converged": "converged", "capped": "capped",
+                            "capped later": "capped", "rounding floor": "rounding floor",
+                            "non-finite": "non-finite"}[case]
+    if case == "non-finite":
+        assert fused.grad is None and python.grad is None and fused.message == python.message
+        assert (fused.iterations, fused.n_grad) == (python.iterations, python.n_grad) == (0, 1)
+        return
+    assert fused.history is None and python.history is not None
+    assert abs(fused.iterations - python.iterations) <= 1
+    if fused.iterations == python.iterations:
+        assert (fused.n_grad, fused.n_hvp) == (python.n_grad, python.n_hvp)
+        assert fused.message.split(" = ")[0] == python.message.split(" = ")[0]
+    np.testing.assert_allclose(fused.grad, prob.lower_grad(fused.x, th), rtol=0, atol=1e-14)
+    assert np.linalg.norm(fused.x - python.x) <= fused.bound + python.bound + 1e-14
+    x_star = exact_solution(prob, th)
+    assert np.linalg.norm(fused.x - x_star) <= fused.bound * (1 + 1e-6) + 1e-13
+    assert fused.apriori == fused.initial_bound == pytest.approx(python.apriori, rel=1e-12)
 
 
 def test_loops_of_a_problem_without_sizes(build_dir):
@@ -327,7 +363,8 @@ def _driver(name, meta, sizes, data):
               "    int failures = 0;"]
     controls = {"loop_cg": ("1e-300, 1.0, 40.0, 0.0, 1.0, 1e-3", 6, 7),
                 "loop_fista": ("1e-300, 1e-3, 1e-2, 1e-1, 40.0", 5, 8),
-                "loop_descent": ("1e-300, 1e-3, 1e-2, 0.5, 40.0", 5, 7)}
+                "loop_descent": ("1e-300, 1e-3, 1e-2, 0.5, 40.0", 5, 7),
+                "loop_newton": ("1e-300, 1e-3, 1e300, 40.0, 10.0, 0.25", 6, 10)}
     for loop, (ctl, n_ctl, info) in controls.items():
         lines += ["    {",
                   f"        double *v0 = exact(start, {n_x}), *v1 = exact(start, {n_x}),"
@@ -373,6 +410,7 @@ def test_loops_under_address_sanitizer(name, tmp_path):
                          timeout=120, env=dict(os.environ, ASAN_OPTIONS="detect_leaks=1"))
     assert res.returncode == 0, res.stdout + res.stderr
     lines = res.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ["loop_cg", "loop_fista", "loop_descent"]
+    assert [line.split()[0] for line in lines] == ["loop_cg", "loop_fista", "loop_descent",
+                                                   "loop_newton"]
     # 40 steps each unless a test stopped them earlier: the loops ran, not just returned
     assert all(float(line.split()[-1]) >= 1 for line in lines), lines

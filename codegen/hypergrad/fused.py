@@ -1,9 +1,11 @@
-"""Solver loops fused in C: one Python-to-C call per CG segment, FISTA or gradient-descent solve
-on a small problem, instead of a few per iteration (docs/solvers.md 5).
+"""Solver loops fused in C: one Python-to-C call per CG segment, FISTA, gradient-descent or
+Newton-CG solve on a small problem, instead of a few per iteration (docs/solvers.md 5).
 
-A module generated with the solver-loop templates exports `hg_<name>_loop_cg`, `_loop_fista` and
-`_loop_descent` (codegen/compiler/emit/loops.py), which run, step for step, the Python loops of
-`krylov.cg`, `lower/fista.py` and `lower/gradient.py` through the module's own kernels. Their
+A module generated with the solver-loop templates exports `hg_<name>_loop_cg`, `_loop_fista`,
+`_loop_descent` and `_loop_newton` (codegen/compiler/emit/loops.py), which run, step for step,
+the Python loops of `krylov.cg`, `lower/fista.py`, `lower/gradient.py` and `lower/newton.py`
+through the module's own kernels (a module generated before `_loop_newton` keeps Newton-CG's
+steps in Python). Their
 arguments are every size, theta and every data array in meta.json's order, the loop's vectors,
 a control vector and an info vector (both doubles), and the bound problem's work buffer (its
 work_size covers the loops). `loops_for(k)` returns a `FusedLoops` for a bound problem whose
@@ -30,7 +32,7 @@ from .results import Status
 
 __all__ = ["FUSED_MAX_SIZE", "CHEAP_KERNEL_FACTOR", "CHEAP_DATA_PER_ENTRY", "data_per_entry",
            "fused_size_limit", "FusedLoops", "loops_for", "fused_cg", "cg_at", "count", "contiguous",
-           "LOOP_STATUSES"]
+           "LOOP_STATUSES", "NO_DECREASE", "NewtonRun", "fused_newton"]
 
 #: Largest x (entries) for which the solvers take the fused loops (measured: docs/solvers.md 5).
 FUSED_MAX_SIZE = 4096
@@ -46,10 +48,14 @@ CHEAP_KERNEL_FACTOR = 32
 LOOP_STATUSES = (Status.CONVERGED, Status.CAPPED, Status.DIVERGED, Status.NON_FINITE,
                  Status.NOT_SPD)
 
+#: info[0] of loop_newton when no step along a direction decreased ||grad g|| (the caller
+#: tells a capped solve, the rounding floor and divergence apart: `lower/newton.py`).
+NO_DECREASE = 5
+
 #: info[reason] of a loop: 1 a kernel output was not finite, 2 an iterate, 3 d^T A d.
 REASON_KERNEL, REASON_ITERATE, REASON_CURVATURE = 1, 2, 3
 
-_INFO_SIZE = 8
+_INFO_SIZE = 10
 _CONTROL_SIZE = 8
 _LOOPS: weakref.WeakKeyDictionary[Any, FusedLoops | None] = weakref.WeakKeyDictionary()
 _DATA_PER_ENTRY: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
@@ -66,7 +72,8 @@ class FusedLoops:
         self.ffi, self.x_size = module.ffi, int(k.x_size)
         prefix = f"hg_{module.name}"
         self.functions = {name: getattr(module.lib, f"{prefix}_{name}")
-                          for name in ("loop_cg", "loop_fista", "loop_descent")}
+                          for name in ("loop_cg", "loop_fista", "loop_descent", "loop_newton")
+                          if hasattr(module.lib, f"{prefix}_{name}")}
         meta, from_buffer = module.meta, module.ffi.from_buffer
         self.sizes = [int(k.sizes[s]) for s in meta["sizes"]]
         self.data: list[Any] = []
@@ -217,3 +224,41 @@ def cg_at(k: Any, x: np.ndarray, theta: np.ndarray, b: np.ndarray, *, tol: float
     if loops is not None:
         return fused_cg(loops, x, theta, b, tol=tol, max_iter=max_iter, diverge_from=diverge_from)
     return cg(hvp_at(k, x, theta), b, tol=tol, max_iter=max_iter, diverge_from=diverge_from)
+
+
+@dataclass(frozen=True)
+class NewtonRun:
+    """What loop_newton reports: the last x and its gradient (None if the first gradient failed),
+    the counts, ||g|| and ||g0||, the Status (None: no step decreased ||g||, the caller says
+    why), the message of a failed direction, and whether the last gradient failed."""
+
+    x: np.ndarray
+    grad: np.ndarray | None
+    iterations: int
+    n_grad: int
+    n_hvp: int
+    gn: float
+    gn0: float
+    status: Status | None
+    message: str
+    last_failed: bool
+
+
+def fused_newton(loops: FusedLoops, theta: np.ndarray, x0: np.ndarray, *, tol: float, mu: float,
+                 L_A: float, max_iter: int, inner_max: int, share: float) -> NewtonRun:
+    """`lower/newton.py`'s Newton-CG (directions by loop_cg from 0 to the forcing term, steps
+    halved until ||g|| decreases) in one C call."""
+    x, g = np.empty(loops.x_size), np.empty(loops.x_size)
+    info = loops.run("loop_newton", contiguous(theta), [contiguous(x0), x, g],
+                     [tol, mu, L_A, count(max_iter), count(inner_max), share])
+    code, gn, have_g = int(info[0]), float(info[4]), info[8] == 1.0
+    status = None if code == NO_DECREASE else LOOP_STATUSES[code]
+    message = ""
+    if not have_g:  # the first gradient
+        message = "non-finite kernel output"
+    elif status in (Status.NON_FINITE, Status.NOT_SPD):  # a direction's CG
+        why = _CGMessage(status, int(info[6]), float(info[7]), gn).text()
+        message = f"Newton direction: {why or status}"
+    return NewtonRun(x if have_g else contiguous(x0).copy(), g if have_g else None,
+                     int(info[1]), int(info[2]), int(info[3]), gn, float(info[5]), status,
+                     message, info[9] == 1.0)

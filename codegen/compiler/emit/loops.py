@@ -1,5 +1,5 @@
-"""Solver loops fused in C: whole CG, FISTA and gradient-descent loops that call the module's own
-kernels, so that a small problem pays one Python-to-C call per solve instead of a few per
+"""Solver loops fused in C: whole CG, FISTA, gradient-descent and Newton-CG loops that call the
+module's own kernels, so that a small problem pays one Python-to-C call per solve instead of a few per
 iteration (docs/solvers.md 5, docs/compiler.md 11).
 
 Each loop function takes every size, theta and every data array of the problem (in the order of
@@ -9,7 +9,8 @@ output (status, counts, final norms, as doubles) and the caller's `work` buffer:
 vectors first, then the prepared HVP's cache (when the module has one), then the work of the
 kernels it calls. No allocation; the module's work_size covers every loop. What each loop
 computes, step for step, is the Python loop it replaces (codegen/hypergrad/krylov.py `cg`,
-codegen/hypergrad/lower/fista.py, codegen/hypergrad/lower/gradient.py); the templates are
+codegen/hypergrad/lower/fista.py, codegen/hypergrad/lower/gradient.py, and
+codegen/hypergrad/lower/newton.py, whose directions run `loop_cg` itself); the templates are
 templates/solver_loops.c.j2 and templates/solver_loops.h.j2.
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ class KernelLike(Protocol):
 
 
 #: Status codes a loop writes into info[0] (codegen/hypergrad/fused.py reads them).
-LOOP_STATUS = {"converged": 0, "capped": 1, "diverged": 2, "non_finite": 3, "not_spd": 4}
+LOOP_STATUS = {"converged": 0, "capped": 1, "diverged": 2, "non_finite": 3, "not_spd": 4,
+               "no_decrease": 5}  # loop_newton: no step decreased ||grad g|| (Python says why)
 
 #: Why a loop stopped on a failure, info's reason entry (the Python side turns it into a message).
 LOOP_REASON = {"none": 0, "kernel": 1, "iterate": 2, "curvature": 3}
@@ -50,6 +52,12 @@ LOOPS = (
     ("loop_descent", "gradient descent / heavy ball from x0: the last iterate into x, its gradient "
      "into g; ctl = [tol, mu, a, b, max_iter]; "
      "info = [status, iterations, gradients, ||g||, ||g0||, have_g, reason]", 3,
+     (("const double *restrict", "hg_x0"), ("double *restrict", "hg_x"), ("double *restrict", "hg_g"))),
+    ("loop_newton", "Newton-CG from x0 (directions by loop_cg from 0, steps halved until ||g|| "
+     "decreases): the last x into x, its gradient into g; "
+     "ctl = [tol, mu, L_A, max_iter (gradients + HVPs), inner_max, target_share]; "
+     "info = [status, iterations, gradients, HVPs, ||g||, ||g0||, reason, value, have_g, "
+     "last gradient failed]", 4,
      (("const double *restrict", "hg_x0"), ("double *restrict", "hg_x"), ("double *restrict", "hg_g"))),
 )
 
@@ -105,10 +113,21 @@ def loops_context(problem: Problem, kernels: Sequence[KernelLike], prefix: str
     n = next(p.length for p in grad.params() if p.name == x)
     prepared = "lower_hvp_apply" in by_name
     contexts, work = [], []
+    cg_work: list[str] = []
     for name, doc, own, vectors in LOOPS:
         own_code = f"{own}*({wide(n)})"
         cache_at = f"hg_work + {own_code}"
-        if name == "loop_cg":
+        if name == "loop_newton":  # its own vectors, then loop_cg's or lower_grad's work
+            kwork = f"hg_work + {own_code}"
+            fixed_args = ", ".join(p.name for p in fixed)
+            calls = {"grad": kernel_call(prefix, grad, {x: "hg_point", "out": "hg_grad"}, kwork),
+                     "cg": f"{prefix}_loop_cg({fixed_args}, hg_x, hg_u, hg_s, hg_cg_ctl, "
+                           f"hg_cg_info, {kwork})"}
+            inner = grad.work_code()
+            work += [f"{own_code} + {need}" for need in cg_work]
+            work.append(own_code if inner is None else f"{own_code} + {inner}")
+            used = []
+        elif name == "loop_cg":
             base = f"{own_code} + ({_cache_code(by_name)})" if prepared else own_code
             kwork = f"hg_work + {base}"
             hvp = by_name["lower_hvp_apply" if prepared else "lower_hvp"]
@@ -125,6 +144,8 @@ def loops_context(problem: Problem, kernels: Sequence[KernelLike], prefix: str
         for kernel in used:
             inner = by_name[kernel].work_code()
             work.append(base if inner is None else f"{base} + {inner}")
+            if name == "loop_cg":
+                cg_work.append(work[-1])
         params = [*fixed, *(Param(ctype, v, "vector") for ctype, v in vectors),
                   Param("const double *restrict", "hg_ctl", "control"),
                   Param("double *restrict", "hg_info", "info"),

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..common import LowerTask, call_kernel, norm
-from ..fused import cg_at
+from ..fused import FusedLoops, cg_at, fused_newton, loops_for
 from ..results import LowerResult, Status
 from .stopping import rounding_floor
 
@@ -36,9 +36,13 @@ Direction = Callable[[np.ndarray, np.ndarray, float, float, int],
 
 
 def solve_newton(task: LowerTask) -> LowerResult:
-    """Newton-CG: directions from CG at x (`fused.cg_at`: the fused loop on a small problem)."""
+    """Newton-CG: the whole solve in one C call on a small problem whose module has the loop
+    (`fused.fused_newton`), else directions from CG at x (`fused.cg_at`) and steps here."""
     k, th, c, tol = task.k, task.theta, task.constants, task.tol
     mu, L_A = c["mu"], c.get("L_A", math.inf)
+    loops = None if task.record else loops_for(k)
+    if loops is not None and "loop_newton" in loops.functions:
+        return _fused(task, loops)
 
     def direction(x: np.ndarray, g: np.ndarray, gn: float, gn0: float,
                   budget: int) -> tuple[np.ndarray | None, int, tuple[Status, str] | None]:
@@ -108,6 +112,27 @@ def newton_descent(task: LowerTask, name: str, direction: Direction) -> LowerRes
     return LowerResult(x=x, grad=g, bound=gn / mu, iterations=it, status=status, solver=name,
                        tol=tol, mu=mu, L=L, n_grad=n_grad, n_hvp=n_hvp, initial_bound=gn0 / mu,
                        apriori=gn0 / mu, history=hist, message=msg)
+
+
+def _fused(task: LowerTask, loops: FusedLoops) -> LowerResult:
+    """solve_newton through loop_newton: the same steps and stopping tests in one C call."""
+    mu, L = task.constants["mu"], task.constants["L"]
+    run = fused_newton(loops, task.theta, task.x0, tol=task.tol, mu=mu,
+                       L_A=task.constants.get("L_A", math.inf), max_iter=task.max_iter,
+                       inner_max=NEWTON_INNER_MAX, share=NEWTON_TARGET_SHARE)
+    if run.grad is None:
+        return LowerResult(x=run.x, grad=None, bound=math.inf, iterations=0,
+                           status=Status.NON_FINITE, solver="newton", tol=task.tol, mu=mu, L=L,
+                           n_grad=1, message=run.message)
+    status, msg = run.status, run.message
+    if status is None:
+        status, msg = _no_decrease(run.gn, rounding_floor(L, run.x),
+                                   run.n_grad + run.n_hvp >= task.max_iter,
+                                   "non-finite kernel output" if run.last_failed else "")
+    return LowerResult(x=run.x, grad=run.grad, bound=run.gn / mu, iterations=run.iterations,
+                       status=status, solver="newton", tol=task.tol, mu=mu, L=L,
+                       n_grad=run.n_grad, n_hvp=run.n_hvp, initial_bound=run.gn0 / mu,
+                       apriori=run.gn0 / mu, message=msg)
 
 
 def _no_decrease(gn: float, floor: float, out_of_work: bool, msg: str) -> tuple[Status, str]:
