@@ -227,6 +227,7 @@ def test_a_held_array_reads_as_its_array(problems, bound):
         res = prob.hypergradient(theta)
     x = res.x[1]
     assert not x.fetched and len(x) == len(ref) and x.size == ref.size and x.ndim == ref.ndim
+    assert x.norm == np.linalg.norm(ref) and x.all_finite is True and not x.fetched
     assert (x + 1.0).tobytes() == (ref + 1.0).tobytes()
     assert (2.0 * x - x).tobytes() == (2.0 * ref - ref).tobytes()
     assert x[0] == ref[0] and list(x) == list(ref)

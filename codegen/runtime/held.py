@@ -94,14 +94,19 @@ class _Made:
 
 class HeldArray(NDArrayOperatorsMixin):
     """An array of a sample's result that its worker holds: read it (np.asarray(a), a[i],
-    a.copy(), a + 1, ...) and it is fetched once and kept here; `shape`, `dtype`, `size` and
-    `ndim` are known without fetching. Passed back as x0 / q0 to the same BoundSamples before it
-    is read, nothing travels (the worker starts from its own copy). Pickles as its array."""
+    a.copy(), a + 1, ...) and it is fetched once and kept here. Known without fetching:
+    `shape`, `dtype`, `size`, `ndim`, `norm` (the float np.linalg.norm gives for it as float64;
+    None unless real) and `all_finite` (np.all(np.isfinite(a)); None unless numeric). Passed
+    back as x0 / q0 to the same BoundSamples before it is read, nothing travels (the worker
+    starts from its own copy). Pickles as its array."""
 
     __array_priority__ = 20.0
 
-    def __init__(self, made: _Made, slot: int, shape: tuple[int, ...], dtype: np.dtype):
+    def __init__(self, made: _Made, slot: int, shape: tuple[int, ...], dtype: np.dtype,
+                 facts: dict[str, Any]):
         self.made, self.slot = made, slot
+        self.norm: float | None = facts["norm"]
+        self.all_finite: bool | None = facts["all_finite"]
         self.owner: Any = made.owner()  # the executor that fetches it stays while it does
         self.shape, self.dtype = shape, dtype
         self._array: np.ndarray | None = None
@@ -151,7 +156,8 @@ class HeldArray(NDArrayOperatorsMixin):
         return iter(self.value())
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("made", "slot", "owner", "shape", "dtype", "_array"):
+        if name.startswith("__") or name in ("made", "slot", "owner", "shape", "dtype", "norm",
+                                             "all_finite", "_array"):
             raise AttributeError(name)
         return getattr(self.value(), name)
 
@@ -186,11 +192,12 @@ class _Loader(pickle.Unpickler):
         self.seen: dict[int, Any] = {}
 
     def persistent_load(self, pid: Any) -> Any:
-        slot, shape, dtype, raw = pid
+        slot, shape, dtype, raw, facts = pid
         if slot not in self.seen:
             if raw is None:
                 self.made.slots.add(slot)
-                self.seen[slot] = HeldArray(self.made, slot, tuple(shape), np.dtype(dtype))
+                self.seen[slot] = HeldArray(self.made, slot, tuple(shape), np.dtype(dtype),
+                                            facts)
             else:
                 self.made.pristine[slot] = np.frombuffer(raw, np.dtype(dtype)).reshape(shape)
                 self.seen[slot] = np.array(self.made.pristine[slot])

@@ -229,20 +229,28 @@ def _slots(res: HypergradientResult) -> tuple[np.ndarray | None, ...]:
 
 
 class _SlimPickler(pickle.Pickler):
-    """Pickles a result with each held array replaced by (slot, shape, dtype, bytes or None):
-    the bytes only for arrays of at most `inline` bytes."""
+    """Pickles a result with each held array replaced by (slot, shape, dtype, bytes or None,
+    facts): the bytes only for arrays of at most `inline` bytes; facts are its 2-norm and
+    whether it is all finite, which callers ask of x and q without needing the array."""
 
     def __init__(self, file: Any, arrays: tuple[np.ndarray | None, ...], inline: int):
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
         self.slot_of = {id(a): n for n, a in reversed(list(enumerate(arrays))) if a is not None}
         self.arrays, self.inline = arrays, inline
+        self.pids: dict[int, tuple[Any, ...]] = {}
 
     def persistent_id(self, obj: Any) -> Any:
         slot = self.slot_of.get(id(obj)) if isinstance(obj, np.ndarray) else None
         if slot is None or self.arrays[slot] is not obj:
             return None
-        return (slot, obj.shape, obj.dtype.str, obj.tobytes() if obj.nbytes <= self.inline
-                else None)
+        if slot not in self.pids:  # x is also lower.x: once
+            numeric = obj.dtype.kind in "fc"
+            facts = {"norm": float(np.linalg.norm(np.asarray(obj, dtype=np.float64)))
+                     if obj.dtype.kind == "f" else None,
+                     "all_finite": bool(np.all(np.isfinite(obj))) if numeric else None}
+            self.pids[slot] = (slot, obj.shape, obj.dtype.str,
+                               obj.tobytes() if obj.nbytes <= self.inline else None, facts)
+        return self.pids[slot]
 
 
 def slim(res: HypergradientResult, inline: int) -> bytes:
