@@ -220,8 +220,8 @@ class SampleExecutor:
                 and self.made[s].get(value.made.run) is value.made:
             return value.made.step, value.slot
         value = materialized(value)
-        if isinstance(value, np.ndarray):
-            for made in list(self.made[s].values()):
+        if isinstance(value, np.ndarray):  # newest first: usually the last call's x or q
+            for _, made in sorted(self.made[s].items(), reverse=True):
                 for slot, pristine in made.pristine.items():
                     if _same_bits(value, pristine):
                         return made.step, slot
