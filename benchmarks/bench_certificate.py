@@ -8,6 +8,9 @@ For each case (problem, lower solver, adjoint CG) and rtol in {1e-3, 1e-6, 1e-8}
 * ER:  prob.hypergradient(theta, rtol=r, certificate="er"): its bound / true error, its work;
 * DWR: prob.hypergradient(theta, rtol=r, certificate="dwr"): bound(h_c) / ||h_c - grad F||, and
   the plain h's bound (min of E&R's and |h - h_c| + bound(h_c)) / ||h - grad F||, its work;
+* tight: prob.hypergradient(theta, rtol=r, certificate="tight") (the default's choice where it
+  applies, docs/bounds.md 15.6): the plain h with |h - h_c| + bound(h_c) steered to the target;
+  its bound / ||h - grad F||, its work, and its true error / target (how little it overshoots);
 * oracle: the same solvers with eps = delta = tol down a ladder (factor 2, no certificate used)
   stopped at the first tol whose TRUE error is <= r ||grad F|| and stays so at the next two rungs
   (the robust rule of the prototype; not implementable: it reads the exact gradient).
@@ -122,6 +125,10 @@ def run_case(name: str, k, theta: np.ndarray, lower: str) -> list[dict]:
                             max_iter=100000)
         dwr = _hypergradient(k, theta, lower=lower, adjoint="cg", rtol=rtol, certificate="dwr",
                              components=True, max_iter=100000)
+        tight = _hypergradient(k, theta, lower=lower, adjoint="cg", rtol=rtol,
+                               certificate="tight", max_iter=100000)
+        err_t = np.linalg.norm(tight.grad - exact)
+        assert err_t <= tight.bound or err_t <= FLOOR * scale, (name, rtol, tight.bound, err_t)
         err_er = np.linalg.norm(er.grad - exact)
         err_c = np.linalg.norm(dwr.grad - exact)
         err_h = np.linalg.norm(dwr.uncorrected_grad - exact)
@@ -132,6 +139,8 @@ def run_case(name: str, k, theta: np.ndarray, lower: str) -> list[dict]:
             "er_work": _work(er), "er_ratio": _ratio(er.bound, err_er, scale),
             "dwr_work": _work(dwr), "dwr_ratio": _ratio(dwr.bound, err_c, scale),
             "plain_ratio": _ratio(dwr.uncorrected_bound, err_h, scale),
+            "tight_work": _work(tight), "tight_ratio": _ratio(tight.bound, err_t, scale),
+            "tight_status": tight.status, "tight_err": err_t / (rtol * scale),
             "er_status": er.status, "dwr_status": dwr.status,
         })
     return out
@@ -170,6 +179,20 @@ def cases(quick: bool):
     yield "tv-weight newton", DenseGenerated(tvw), np.array([math.log(0.3)]), "newton"
 
 
+METHODS = ("er", "dwr", "tight")
+
+
+def _row_text(row: dict) -> str:
+    orc = row["oracle"]
+    per_oracle = "".join(f"{row[m + '_work'] / orc:7.2f}" if orc else "      -" for m in METHODS)
+    flags = "".join(f"  [{m}: {row[m + '_status']}]" for m in METHODS
+                    if row[m + "_status"] != "ok")
+    return (f"{row['case']:<20} {row['rtol']:6.0e} {orc or '-':>6} "
+            + "".join(f"{row[m + '_work']:6d}" for m in METHODS) + per_oracle
+            + f" {row['er_ratio']:8.3g} {row['dwr_ratio']:8.3g} {row['plain_ratio']:8.3g}"
+            + f" {row['tight_ratio']:8.3g} {row['tight_err']:8.2g}" + flags)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -177,28 +200,25 @@ def main() -> None:
                         help="only the cases whose name contains one of these words")
     args = parser.parse_args()
     rows = []
-    print(f"{'case':<20} {'rtol':>6} {'oracle':>7} {'ER':>6} {'DWR':>6} {'ER/orc':>7} "
-          f"{'DWR/orc':>7} {'ER b/err':>9} {'DWR b/err':>9} {'plain b/err':>11}")
+    print("work in units; b/err = bound / true error; err/tgt = tight's true error / target")
+    print(f"{'case':<20} {'rtol':>6} {'oracle':>6} {'ER':>6}{'DWR':>6}{'tight':>6}"
+          f"{'ER/o':>7}{'DWR/o':>7}{'tght/o':>7} {'ER b/e':>8} {'DWR b/e':>8} {'plain':>8}"
+          f" {'tight':>8} {'err/tgt':>8}")
     for name, k, theta, lower in cases(args.quick):
         if args.cases and not any(word in name for word in args.cases):
             continue
         for row in run_case(name, k, theta, lower):
             rows.append(row)
-            orc = row["oracle"]
-            er_rel, dwr_rel = ((f"{row['er_work'] / orc:7.2f}", f"{row['dwr_work'] / orc:7.2f}")
-                               if orc else ("      -", "      -"))
-            print(f"{row['case']:<20} {row['rtol']:6.0e} {orc or '-':>7} {row['er_work']:6d} "
-                  f"{row['dwr_work']:6d} {er_rel} {dwr_rel} "
-                  f"{row['er_ratio']:9.3g} {row['dwr_ratio']:9.3g} {row['plain_ratio']:11.3g}"
-                  + "".join(f"  [{who}: {row[who + '_status']}]" for who in ("er", "dwr")
-                            if row[who + "_status"] != "ok"), flush=True)
+            print(_row_text(row), flush=True)
     # medians over the rows where the method reached status "ok" (the target certified)
-    for key, who in (("er_ratio", "er"), ("dwr_ratio", "dwr"), ("plain_ratio", "dwr")):
+    for key, who in (("er_ratio", "er"), ("dwr_ratio", "dwr"), ("plain_ratio", "dwr"),
+                     ("tight_ratio", "tight")):
         print(f"median {key}: "
               f"{np.median([r[key] for r in rows if r[who + '_status'] == 'ok']):.3g}")
-    for key, who in (("er_work", "er"), ("dwr_work", "dwr")):
-        ok = [r[key] / r["oracle"] for r in rows if r["oracle"] and r[who + "_status"] == "ok"]
-        print(f"median {key}/oracle: {np.median(ok):.3g}")
+    for who in METHODS:
+        ok = [r[who + "_work"] / r["oracle"] for r in rows
+              if r["oracle"] and r[who + "_status"] == "ok"]
+        print(f"median {who}_work/oracle: {np.median(ok):.3g}")
 
 
 if __name__ == "__main__":

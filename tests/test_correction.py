@@ -227,24 +227,31 @@ def test_direction_along_h_only():
 
 def test_not_quadratic_keeps_er_with_a_note():
     k = Logistic.generate(seed=0, m=40, d=5, pv=20)
-    hg = hypergradient(k, np.array([-1.0]), eps=1e-4, delta=1e-4, certificate="auto")
+    hg = hypergradient(k, np.array([-1.0]), rtol=1e-4, certificate="tight")
     assert hg.certificate == "er"
     assert any("no DWR correction (the lower Hessian depends on x" in n for n in hg.notes)
 
 
-def test_auto_picks_dwr_for_first_order_lower_solvers_only():
+def test_auto_is_tight_with_a_target_and_er_without():
+    """The default certificate: "tight" when rtol asks for an accuracy with a first-order lower
+    solver, E&R's at fixed eps and delta (the caller plans the accuracy)."""
     k, theta = PROBLEMS["ridge"]
-    assert hypergradient(k, theta, lower="gd", adjoint="cg", rtol=1e-6,
-                         certificate="auto").certificate == "dwr"
-    hg = hypergradient(k, theta, lower="cg", adjoint="cg", rtol=1e-6, certificate="auto")
-    assert hg.certificate == "er" and "less work with lower='cg'" in hg.notes[-1]
+    exact = k.exact_hypergradient(theta)
+    for lower in ("gd", "fista"):
+        hg = hypergradient(k, theta, lower=lower, adjoint="cg", rtol=1e-6)
+        assert hg.certificate == "tight" and hg.status == "ok"
+        err = np.linalg.norm(hg.grad - exact)
+        assert err <= hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
+        assert hg.bound <= 3 * err  # the point of the tight bound (measured 1.0-1.5)
+        assert np.linalg.norm(hg.corrected_grad - exact) <= hg.corrected_bound
+    assert hypergradient(k, theta, lower="cg", adjoint="cg", eps=1e-6,
+                         delta=1e-6).certificate == "er"
 
 
 def test_option_checked():
     with pytest.raises(SolverError, match="certificate"):
         HypergradientOptions(certificate="sharp")
-    assert HypergradientOptions().certificate == "er"
-
+    assert HypergradientOptions().certificate == "auto"
 
 
 
@@ -634,7 +641,7 @@ def test_generated_lower_tvp_differences_below_L3(build_dir):
 @pytest.mark.parametrize("name", ["logistic", "tv"])
 def test_nonquadratic_direction_and_auto(name):
     """components=False on a non-quadratic problem: u . h_c and its bound along u = h/||h||
-    hold; certificate="auto" takes the correction with a first-order lower solver and names
+    hold; the default certificate ("auto") is "tight" with a first-order lower solver, naming
     Corollary 15.3, and E&R's with Newton."""
     k, theta = NONQUADRATIC[name]
     exact = nq_exact(k, theta)
@@ -645,11 +652,11 @@ def test_nonquadratic_direction_and_auto(name):
     assert d["bound"] <= 1e-6 * np.linalg.norm(hg.grad)
     assert abs(d["value"] - d["direction"] @ exact) <= d["bound"]
     assert abs(d["plain"] - d["direction"] @ exact) <= d["plain_bound"]
-    auto = hypergradient(k, theta, lower="gd", adjoint="cg", rtol=1e-6, certificate="auto")
-    assert auto.certificate == "dwr" and "Corollary 15.3" in auto.notes[-1]
+    auto = hypergradient(k, theta, lower="gd", adjoint="cg", rtol=1e-6)
+    assert auto.certificate == "tight" and "Corollary 15.3" in auto.notes[-1]
     assert np.linalg.norm(auto.grad - exact) <= auto.bound
-    newton = hypergradient(k, theta, lower="newton", adjoint="cg", rtol=1e-6, certificate="auto")
-    assert newton.certificate == "er" and "less work with lower='newton'" in newton.notes[-1]
+    newton = hypergradient(k, theta, lower="newton", adjoint="cg", rtol=1e-6)
+    assert newton.certificate == "er"
 
 
 @pytest.mark.parametrize("lower", ["gd", "newton"])

@@ -41,8 +41,9 @@ from .lower.stopping import solution_floor
 from .options import HypergradientOptions
 from .results import HypergradientResult, Reason, ReasonKind, Status
 
-__all__ = ["to_accuracy", "bound_parts", "first_tolerances", "corrected_to_accuracy",
-           "dwr_tightened", "dwr_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE"]
+__all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances", "corrected_to_accuracy",
+           "dwr_tightened", "dwr_planned", "plain_tightened", "MAX_ROUNDS", "SHARE",
+           "DWR_SHARE", "TIGHT_RELATIVE", "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND", "tight_planned"]
 
 #: Rounds (each a warm-started lower solve, adjoint solve and bound) before giving up.
 MAX_ROUNDS = 8
@@ -86,7 +87,8 @@ def bound_parts(hg: HypergradientResult) -> tuple[float, float, float]:
 Round = Callable[[float, float, Any, Any, int], HypergradientResult]
 
 
-def first_tolerances(rtol: float, eps: float, delta: float) -> tuple[float, float]:
+def first_tolerances(rtol: float, eps: float, delta: float,
+                     factor: float = FIRST_ROUND) -> tuple[float, float]:
     """The first round's (eps, delta) for a call asking bound <= atol + rtol ||grad||.
 
     Given eps or delta (anything but the options' defaults) are the caller's plan (the learning
@@ -97,8 +99,15 @@ def first_tolerances(rtol: float, eps: float, delta: float) -> tuple[float, floa
     default = HypergradientOptions()
     if not rtol > 0 or (eps, delta) != (default.eps, default.delta):
         return eps, delta
-    first = max(FIRST_ROUND * rtol, FIRST_FLOOR)
-    return min(eps, first), min(delta, first)
+    first = max(factor * rtol, FIRST_FLOOR)
+    return (first, first) if factor > FIRST_ROUND else (min(eps, first), min(delta, first))
+
+
+def check_targets(rtol: float, atol: float) -> None:
+    """SolverError unless rtol and atol are finite, >= 0 and not both 0 (before any work)."""
+    if not (rtol >= 0 and atol >= 0 and rtol + atol > 0) or not math.isfinite(rtol + atol):
+        raise SolverError(f"rtol and atol must be finite and >= 0, not both 0 "
+                          f"(got rtol={rtol!r}, atol={atol!r})")
 
 
 def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, x0: Any,
@@ -114,9 +123,7 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
     later round when the lower solve's own certificate G/mu <= eps keeps the e part within its
     share. The returned result's work sums all rounds; its notes list the rounds' tolerances.
     """
-    if not (rtol >= 0 and atol >= 0 and rtol + atol > 0) or not math.isfinite(rtol + atol):
-        raise SolverError(f"rtol and atol must be finite and >= 0, not both 0 "
-                          f"(got rtol={rtol!r}, atol={atol!r})")
+    check_targets(rtol, atol)
     eps, delta = first_tolerances(rtol, eps, delta)
     total = dict.fromkeys(_WORK_KEYS, 0)
     trail: list[str] = []
@@ -261,6 +268,65 @@ def dwr_tightened(terms: dict[str, float], target: float, E: float, R: float, R_
     return E * f_E, R * f_R, R_v * f_v, R_lam * f_lam
 
 
+#: With certificate="tight", the first round runs at eps = delta = TIGHT_FIRST_ROUND * rtol
+#: (`first_tolerances`): the plain bound is within a few percent of h's error, so the rounds
+#: aim at the target itself, not at E&R's hundreds of times smaller true error.
+TIGHT_FIRST_ROUND = 1.0
+
+#: With certificate="tight" at the caller's eps and delta (no rtol, atol: one round, nothing to
+#: plan from), the forward and dual CGs stop at this fraction of their right-hand sides.
+TIGHT_RELATIVE = 1e-3
+
+#: With certificate="tight", the first round's forward and dual solves aim bound(h_c) at this
+#: fraction of the target (`tight_planned`): the rounds aim h's own error at about half of it,
+#: so the bound stays within 1 + 2 bound(h_c) / err of h's true error.
+TIGHT_PLAN_SHARE = 0.25
+
+
+def tight_planned(hg: HypergradientResult, share: float) -> tuple[float, float]:
+    """(tol_v, tol_lam): the forward and dual residuals at which the terms that depend on them,
+    vR = R_v R/mu, vE = J R_v E/mu (J = L_f + L_A (||q|| + R/mu)) and lamE = R_lam E, each take a
+    third of `share`, given the round's E and R (docs/bounds.md 15.6). A residual that no term
+    limits is infinite: that solve makes no step (Newton's tiny E leaves the dual solve free).
+    Steering only: the correction recomputes both residuals and bounds with them."""
+    c = cast(dict[str, Any], hg.constants)
+    mu, E, R = float(c["mu"]), float(hg.e), float(hg.R)
+    J = float(c["L_f"]) + certified_product(float(c.get("L_A", 0.0)), hg.q_norm + R / mu)
+    third = share / 3.0
+
+    def limit(numerator: float, denominator: float) -> float:
+        return numerator / denominator if denominator > 0 else math.inf
+
+    return min(limit(third * mu, R), limit(third * mu, J * E)), limit(third, E)
+
+#: h's error estimate |u . (h - h_c)| is linear in E and R: a round that tightens them aims it
+#: at this fraction of its share (bound(h_c) takes the rest, through `dwr_tightened`).
+PLAIN_SHARE = 0.5
+
+
+def plain_tightened(part: Any, share: float, E: float,
+                    R: float) -> tuple[float, float, float, float] | None:
+    """New (E, R, R_v, R_lam) targets for the plain bound |u . (h - h_c)| + bound_u(h_c) of one
+    direction to meet `share` (docs/bounds.md 15.6), or None at the rounding floor.
+
+    |u . (h - h_c)| is about h's true error, first order in E and R: both scale by
+    PLAIN_SHARE share / |u . (h - h_c)|. bound_u(h_c) gets the other part of the share from
+    `dwr_tightened`, and only when it exceeds that part (its residuals are then left alone).
+    Steering only: every round's bound is recomputed and certified by itself."""
+    gap = abs(part.value - part.plain)
+    rest = (1.0 - PLAIN_SHARE) * share
+    if part.terms.get("rounding", 0.0) >= 0.2 * share:
+        return None
+    dwr = (E, R, part.R_v, part.R_lam) if part.bound <= rest else dwr_tightened(
+        part.terms, rest, E, R, part.R_v, part.R_lam)
+    if dwr is None:
+        return None
+    f = min(1.0, PLAIN_SHARE * share / gap) if gap > 0 else 1.0
+    if f == 1.0 and part.bound <= rest:  # the sum tipped it: halve E and R
+        f = 0.5
+    return min(dwr[0], E * f), min(dwr[1], R * f), dwr[2], dwr[3]
+
+
 def _water_filled(terms: dict[str, float], budget: float) -> float:
     """The share of `budget` each term above it may take when the terms already below their
     share keep their own value (water filling): tiny terms (lamA, third, upperH, often 1e-3 of
@@ -319,7 +385,8 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                           delta: float, x0: Any, q0: Any, refine_iter: int,
                           components: bool, max_iter: int, relative: float,
                           spent: dict[str, int] | None = None,
-                          max_rounds: int = MAX_ROUNDS) -> HypergradientResult:
+                          max_rounds: int = MAX_ROUNDS, tight: bool = False
+                          ) -> HypergradientResult:
     """The DWR-corrected hypergradient (docs/bounds.md 15), in rounds when rtol/atol ask for
     bound <= atol + rtol ||grad|| (one round at eps, delta otherwise).
 
@@ -330,8 +397,15 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     certified (grad = h, bound = E&R's, `directional` holds the component's bound and rtol
     steers it). The first round's forward and dual solves stop at `relative` times the norm of
     their right-hand sides. A round whose plain hypergradient is not "ok" is returned as it is.
-    spent: work done before the first round (counted in the result)."""
-    steer = rtol is not None or atol > 0
+    spent: work done before the first round (counted in the result).
+
+    tight (every component): the rounds steer the plain h's bound |h - h_c| + bound(h_c)
+    instead and return h with it; the first round's forward and dual solves are planned from
+    its E and R (`tight_planned`), later rounds tightened by `plain_tightened`; h_c is kept as
+    `corrected_grad`."""
+    steer = rtol is not None or atol != 0
+    if steer:
+        check_targets(0.0 if rtol is None else rtol, atol)
     total = dict.fromkeys(_WORK_KEYS, 0)
     _add_work(total, spent or {})
     trail: list[str] = []
@@ -354,44 +428,44 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             return replace(hg, work=total)
         dirs = _directions(hg, components)
         n = len(dirs)
-        if steer and tol_v is None:  # the first round only measures: plan every tolerance
+        if steer and tol_v is None:  # the first round: plan the forward and dual solves
             target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad))
-            trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E&R bound {fmt(hg.bound)}")
-            if hg.bound <= target:  # E&R's certifies it already: no correction needed
-                return replace(hg, work=total, notes=tuple(hg.notes) + (
-                    "DWR rounds: E&R's bound met the target in the first round; "
-                    + "; ".join(trail),))
-            eps, delta, planned_v, planned_lam = dwr_planned(
-                hg, target / math.sqrt(n) if components else target,
-                bool(getattr(k, "upper_depends_on_theta", False)),
-                (*higher_constants(k, np.asarray(hg.theta, dtype=np.float64)),
-                 cross_lipschitz(k, np.asarray(hg.theta, dtype=np.float64)))
-                if uses_general_terms(k) else None)
-            tol_v, tol_lam = [planned_v] * n, [planned_lam] * n
-            x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself
-            continue
+            if tight:  # from this round's E and R, in this round
+                tol_v, tol_lam = _tight_first(hg, target, n)
+            else:  # from this round's measurements, for the next round
+                trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E&R bound {fmt(hg.bound)}")
+                if hg.bound <= target:  # E&R's certifies it already: no correction needed
+                    return replace(hg, work=total, notes=tuple(hg.notes) + (
+                        "DWR rounds: E&R's bound met the target in the first round; "
+                        + "; ".join(trail),))
+                eps, delta, tol_v, tol_lam = _dwr_first(k, hg, target, n, components)
+                x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself
+                continue
         corr = correct(k, hg, dirs, tol_v or [None] * n, tol_lam or [None] * n,
                        v0 or [None] * n, lam0 or [None] * n, max_iter, relative)
         _add_work(total, {"hvps": corr.work["hvps"] + corr.work["upper"],
                           "cross": corr.work["cross"],
                           "units": corr.work["hvps"] + corr.work["upper"]})
         grad, bound, plain = combined(corr, hg, components)
-        steered = bound if components else corr.parts[0].bound
-        target = atol + (rtol or 0.0) * float(np.linalg.norm(grad))
-        trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: DWR bound {fmt(steered)}")
+        steered = plain if tight else bound if components else corr.parts[0].bound
+        target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad if tight else grad))
+        trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: "
+                     f"{'plain' if tight else 'DWR'} bound {fmt(steered)}")
         if not steer or steered <= target:
             break
         share = target / math.sqrt(n) if components else target
-        new = [dwr_tightened(p.terms, share, hg.e, corr.residual, p.R_v, p.R_lam)
+        new = [plain_tightened(p, share, hg.e, corr.residual) if tight else
+               dwr_tightened(p.terms, share, hg.e, corr.residual, p.R_v, p.R_lam)
                for p in corr.parts]
         if any(t is None for t in new):
             failure = (f"certified accuracy unreachable: the rounding floor takes a fifth of "
                        f"atol + rtol ||grad|| = {fmt(target)}")
             break
-        tight = [t for t in new if t is not None]
-        eps, delta = min(eps, min(t[0] for t in tight)), min(delta, min(t[1] for t in tight))
-        tol_v = [cast(float | None, t[2]) for t in tight]
-        tol_lam = [cast(float | None, t[3]) for t in tight]
+        planned = [t for t in new if t is not None]
+        eps = min(eps, min(t[0] for t in planned))
+        delta = min(delta, min(t[1] for t in planned))
+        tol_v = [cast(float | None, t[2]) for t in planned]
+        tol_lam = [cast(float | None, t[3]) for t in planned]
         x0, q0, refine = hg.x, hg.q, refine_iter
         v0, lam0 = [p.v for p in corr.parts], [p.lam for p in corr.parts]
     else:
@@ -399,7 +473,38 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                    f"{fmt(steered)} > atol + rtol ||grad|| = {fmt(target)}")
     if corr is None:  # every round was a zero trap
         return replace(hg, work=total)
+    if tight:
+        return _tight_result(hg, corr, grad, bound, plain, total, trail, failure)
     return _corrected_result(hg, corr, grad, bound, plain, components, total, trail, failure)
+
+
+def _tight_result(hg: HypergradientResult, corr: Correction, h_c: np.ndarray, bound_c: float,
+                  plain: float, total: dict[str, int], trail: list[str],
+                  failure: str | None) -> HypergradientResult:
+    """hg (the plain h) with the bound |h - h_c| + bound(h_c), h_c and its bound kept."""
+    res = _corrected_result(hg, corr, h_c, bound_c, plain, True, total, trail, failure)
+    return replace(res, grad=np.asarray(hg.grad), bound=plain, certificate="tight",
+                   uncorrected_grad=None, uncorrected_bound=math.nan,
+                   corrected_grad=h_c, corrected_bound=bound_c,
+                   certified=bool(hg.certified and math.isfinite(plain)))
+
+
+def _tight_first(hg: HypergradientResult, target: float,
+                 n: int) -> tuple[list[float | None], list[float | None]]:
+    """The first tight round's forward and dual tolerances, one pair per direction."""
+    tol_v, tol_lam = tight_planned(hg, TIGHT_PLAN_SHARE * target / math.sqrt(n))
+    return [tol_v] * n, [tol_lam] * n
+
+
+def _dwr_first(k: Any, hg: HypergradientResult, target: float, n: int, components: bool
+               ) -> tuple[float, float, list[float | None], list[float | None]]:
+    """(eps, delta, tol_v, tol_lam per direction) of the planned round (`dwr_planned`)."""
+    th = np.asarray(hg.theta, dtype=np.float64)
+    eps, delta, tol_v, tol_lam = dwr_planned(
+        hg, target / math.sqrt(n) if components else target,
+        bool(getattr(k, "upper_depends_on_theta", False)),
+        (*higher_constants(k, th), cross_lipschitz(k, th)) if uses_general_terms(k) else None)
+    return eps, delta, [tol_v] * n, [tol_lam] * n
 
 
 def _add_work(total: dict[str, int], work: dict[str, Any]) -> None:
@@ -435,4 +540,5 @@ def _corrected_result(hg: HypergradientResult, corr: Correction, grad: np.ndarra
         uncorrected_grad=np.asarray(hg.grad), uncorrected_bound=plain,
         directional=directional, correction_terms=terms,
         certified=bool(hg.certified and math.isfinite(bound)),
-        bound_forms=dict(hg.bound_forms, er=hg.bound, dwr=bound, plain=plain))
+        bound_forms=dict(hg.bound_forms, er=hg.bound, dwr=bound, plain=plain,
+                         dwr_parts=[p.bound for p in corr.parts]))

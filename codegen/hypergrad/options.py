@@ -17,8 +17,8 @@ from .registry import ADJOINT, AUTO, LOWER, check_adjoint_name, check_lower_name
 
 __all__ = ["HypergradientOptions", "DEFAULT_LOWER", "DEFAULT_ADJOINT", "CERTIFICATES"]
 
-#: The certificates a hypergradient can report (docs/bounds.md 15 for "dwr").
-CERTIFICATES = ("er", "dwr", "auto")
+#: The certificates a hypergradient can report (docs/bounds.md 15 for "dwr" and "tight").
+CERTIFICATES = ("er", "dwr", "tight", "auto")
 
 #: The default solvers: chosen from the problem's structure and size (`codegen.hypergrad.auto`).
 DEFAULT_LOWER = AUTO
@@ -40,7 +40,13 @@ class HypergradientOptions:
     certificate       "er" (E&R's bound, docs/framework.md 7), "dwr" (the corrected h_c with
                       its product bound, docs/bounds.md 15: one forward and one dual solve per
                       certified component; where it does not apply, E&R's with a note) or
-                      "auto" ("dwr" where it applies, else "er");
+                      "tight" (the plain h with the bound |h - h_c| + bound(h_c), docs/bounds.md
+                      15.6: within a few times h's true error; one forward and one dual
+                      solve per hyperparameter, up to `correction.MAX_COMPONENTS`, else "er")
+                      or "auto" (the default: the one that certifies the target with the least
+                      work, docs/bounds.md 15.6: with rtol or atol and a first-order lower
+                      solver (gd, hb, fista), "tight" where it applies; "er" otherwise, and
+                      always at fixed eps and delta);
     components        with "dwr": True certifies every component, False only the component along
                       h (one pair of solves); None: every component up to
                       `correction.MAX_COMPONENTS` hyperparameters.
@@ -56,7 +62,7 @@ class HypergradientOptions:
     refine_iter: int = 10
     rtol: float | None = None
     atol: float = 0.0
-    certificate: str = "er"
+    certificate: str = "auto"
     components: bool | None = None
 
     def __post_init__(self) -> None:

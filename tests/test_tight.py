@@ -1,0 +1,109 @@
+"""The tight bound on the plain hypergradient (certificate="tight", docs/bounds.md 15.6), the
+default with rtol / atol: valid against exact gradients, within a few times the true error, and
+chosen by "auto" by the documented rule."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nonquadratic_kernels import AffineLogistic, GroupLogistic, SmoothTV1D
+from nonquadratic_kernels import exact_hypergradient as nq_exact
+from test_correction import NONQUADRATIC, PROBLEMS, GroupRidge, QuadraticRidge
+
+from codegen.hypergrad import hypergradient, hypergradient_samples
+
+RTOLS = (1e-3, 1e-6, 1e-8)
+
+
+def _cases():
+    for name, (k, theta) in PROBLEMS.items():
+        yield name, k, theta, k.exact_hypergradient(theta)
+    for name, (k, theta) in NONQUADRATIC.items():
+        yield name, k, theta, nq_exact(k, theta)
+    k = GroupLogistic.generate(seed=7)
+    theta = np.array([-2.0, -1.0, -3.0])
+    yield "group-logistic", k, theta, nq_exact(k, theta)
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("lower", ["gd", "newton"])
+def test_tight_bound_holds_meets_rtol_and_is_close_to_the_error(lower):
+    """Every problem class of the correction tests (quadratic and not, f depending on theta,
+    several hyperparameters) at rtol 1e-3, 1e-6, 1e-8: the error of h is below the bound, the
+    bound below the target, and bound <= err + 2 ||b|| (docs/bounds.md 15.6: the bound exceeds
+    h's error by at most twice h_c's bound). Over all of them the median bound / error is at
+    most 3 (the certificate's purpose; measured 1.0-1.5)."""
+    ratios = []
+    for name, k, theta, exact in CASES:
+        for rtol in RTOLS:
+            hg = hypergradient(k, theta, lower=lower, adjoint="cg", rtol=rtol,
+                               certificate="tight")
+            assert hg.status == "ok" and hg.certificate == "tight", (name, rtol, hg.status)
+            err = float(np.linalg.norm(hg.grad - exact))
+            scale = float(np.linalg.norm(exact))
+            assert err <= hg.bound <= rtol * np.linalg.norm(hg.grad), (name, rtol)
+            b = math.sqrt(math.fsum(p ** 2 for p in hg.bound_forms["dwr_parts"]))
+            assert hg.bound <= err + 2 * b + 1e-12 * scale, (name, rtol, hg.bound, err, b)
+            assert np.linalg.norm(hg.corrected_grad - exact) <= hg.corrected_bound
+            ratios.append(hg.bound / max(err, 1e-13 * scale))
+    assert float(np.median(ratios)) <= 3.0, sorted(ratios)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["ridge", "groups", "logistic", "tv"]),
+       log_rtol=st.floats(-9, -2), lower=st.sampled_from(["gd", "newton", "fista"]))
+def test_tight_bound_holds_on_drawn_problems(seed, kind, log_rtol, lower):
+    """Hypothesis-drawn problems, hyperparameters and targets: the tight bound is never below
+    h's true error, whatever the rounds did."""
+    rs = np.random.RandomState(seed)
+    if kind == "ridge":
+        k, theta = QuadraticRidge.generate(seed=seed), np.array([rs.uniform(-3, 1)])
+        exact = k.exact_hypergradient(theta)
+    elif kind == "groups":
+        p = int(rs.randint(1, 4))
+        k, theta = GroupRidge(seed=seed, p=p, d=3 * p + 2), rs.uniform(-3, 1, size=p)
+        exact = k.exact_hypergradient(theta)
+    elif kind == "logistic":
+        k = AffineLogistic.generate(seed=seed, m=int(rs.randint(10, 60)),
+                                    d=int(rs.randint(2, 7)), pv=int(rs.randint(5, 30)))
+        theta = np.array([rs.uniform(-4, 0)])
+        exact = nq_exact(k, theta)
+    else:
+        k = SmoothTV1D.generate(seed=seed, n=int(rs.randint(5, 20)),
+                                gamma=float(rs.uniform(0.05, 1.0)))
+        theta = np.array([rs.uniform(-1, 1.5)])
+        exact = nq_exact(k, theta)
+    hg = hypergradient(k, theta, lower=lower, adjoint="cg", rtol=10.0 ** log_rtol,
+                       certificate="tight")
+    if not hg.usable:
+        return
+    err = float(np.linalg.norm(hg.grad - exact))
+    assert err <= hg.bound or err <= 1e-13 * np.linalg.norm(exact), (hg.bound, err, hg.status)
+
+
+def test_auto_rule():
+    """The default certificate ("auto"), the one that certifies with the least work: "tight"
+    with rtol and a first-order lower solver (one hyperparameter or several); E&R's with CG or
+    Newton, at fixed eps and delta, and over several samples (no note: `certificate` says
+    it)."""
+    ridge, theta1 = PROBLEMS["ridge"]
+    groups, theta3 = PROBLEMS["groups"]
+    assert hypergradient(ridge, theta1, lower="gd", rtol=1e-6).certificate == "tight"
+    assert hypergradient(groups, theta3, lower="fista", rtol=1e-6).certificate == "tight"
+    assert hypergradient(ridge, theta1, lower="cg", rtol=1e-6).certificate == "er"
+    assert hypergradient(groups, theta3, lower="newton", rtol=1e-6).certificate == "er"
+    assert hypergradient(ridge, theta1, lower="cg", eps=1e-8, delta=1e-8).certificate == "er"
+    many = hypergradient_samples([ridge, ridge], theta1, lower="cg", rtol=1e-6)
+    assert many.certificate == "er" and not any("certificate" in n for n in many.notes)
+
+
+def test_unreachable_target_keeps_a_valid_bound():
+    """rtol below what floating point allows: the rounds stop with a reason, and the bound
+    they return still holds."""
+    k, theta = PROBLEMS["ridge"]
+    hg = hypergradient(k, theta, lower="cg", rtol=1e-20, certificate="tight")
+    assert hg.status != "ok" and "accuracy" in hg.status
+    assert np.linalg.norm(hg.grad - k.exact_hypergradient(theta)) <= hg.bound
