@@ -9,9 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nonquadratic_kernels import AffineLogistic, GroupLogistic, SmoothTV1D
 from nonquadratic_kernels import exact_hypergradient as nq_exact
+from support import EXAMPLES, TINY, built_example
 from test_correction import NONQUADRATIC, PROBLEMS, GroupRidge, QuadraticRidge
 
+from codegen.constants.derivation.report import format_tree
+from codegen.constants.derivation.rules import derive
 from codegen.hypergrad import hypergradient, hypergradient_samples
+from codegen.hypergrad.correction import dwr_unavailable
 
 RTOLS = (1e-3, 1e-6, 1e-8)
 
@@ -107,3 +111,16 @@ def test_unreachable_target_keeps_a_valid_bound():
     hg = hypergradient(k, theta, lower="cg", rtol=1e-20, certificate="tight")
     assert hg.status != "ok" and "accuracy" in hg.status
     assert np.linalg.norm(hg.grad - k.exact_hypergradient(theta)) <= hg.bound
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_audit_names_the_certificates_the_runtime_allows(name, build_dir):
+    """`hypergen audit` says whether the correction (and so "tight") is available from the
+    derived constants; the bound module's own check (`dwr_unavailable` at theta, from the
+    kernels and the evaluated constants) agrees on every example."""
+    problem, module, ns = built_example(name, build_dir)
+    text = format_tree(derive(problem))
+    line = next(ln for ln in text.splitlines() if ln.startswith("  dwr, tight:"))
+    prob = module.bind(**ns["example_data"](seed=0, **TINY[name]))
+    theta = np.zeros(prob.theta_size)
+    assert ("not available" not in line) == (dwr_unavailable(prob, theta) is None), (line, name)

@@ -34,6 +34,35 @@ def _terms(der):
     return out
 
 
+#: The constants the DWR correction's second-order terms need (docs/bounds.md 15.3): 0 where g
+#: is quadratic (L_3), f is quadratic (L_Hf) or B is affine in x (L_DB).
+_CORRECTION_CONSTANTS = ("L_3", "L_Hf", "L_DB")
+
+
+def _certificates(der) -> list:
+    """Which bounds a hypergradient of this problem can report (docs/bounds.md 7, 15), read from
+    the derived constants: the correction ("dwr", "tight") needs L_3, L_Hf and L_DB finite,
+    globally or on the ball; E&R's needs nothing more. At run time each is also checked at theta."""
+    ball = (der.ball or {}).get("constants", {})
+    infinite = [name for name in _CORRECTION_CONSTANTS if name in der.constants
+                and der.constants[name].expr.has(sp.oo, sp.zoo) and name not in ball]
+    quadratic = all(der.constants[name].expr == 0 for name in ("L_A", "L_Hf")
+                    if name in der.constants)
+    out = ["", "certificates (docs/bounds.md 7, 15):", "  er: E&R's bound, always"]
+    if infinite:
+        out.append(f"  dwr, tight: not available ({', '.join(infinite)} infinite: the "
+                   "correction's second-order terms have no finite bound)")
+        out.append("  default (\"auto\") with rtol or atol: E&R's")
+        return out
+    corollary = "15.2, g and f quadratic in x" if quadratic else "15.3"
+    out.append(f"  dwr, tight: available (Corollary {corollary}) where "
+               f"{', '.join(_CORRECTION_CONSTANTS)} are finite at theta")
+    out.append("  default (\"auto\") with rtol or atol: \"tight\" with a first-order lower solver "
+               "(gd, hb, fista), E&R's with cg, newton or direct (the least work, "
+               "docs/bounds.md 15.6)")
+    return out
+
+
 def format_tree(derivation, quantities: dict | None = None) -> str:
     """Terms (with their atoms and operators), then each constant with the terms' contributions;
     with the `quantities` of a bind (`compute_data_quantities`), each data quantity's value and
@@ -71,6 +100,7 @@ def format_tree(derivation, quantities: dict | None = None) -> str:
         out.append(f"{name} (on the ball B(x, r) only) = {sp.sstr(rec.expr)}   [{rec.kind}, "
                    f"{_flag(rec)}; {rec.domain}; terms {rec.term}]")
         out.append(f"    rule: {rec.rule}")
+    out += _certificates(der)
     if der.operators or der.quantities:
         out += ["", "data quantities (computed at bind time):"]
         out += [f"  {op.definition}" for op in der.operators.values()]
