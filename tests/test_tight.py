@@ -9,13 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nonquadratic_kernels import AffineLogistic, GroupLogistic, SmoothTV1D
 from nonquadratic_kernels import exact_hypergradient as nq_exact
-from support import EXAMPLES, TINY, built_example
 from test_correction import NONQUADRATIC, PROBLEMS, GroupRidge, QuadraticRidge
 
 from codegen.constants.derivation.report import format_tree
 from codegen.constants.derivation.rules import derive
 from codegen.hypergrad import hypergradient, hypergradient_samples
 from codegen.hypergrad.correction import dwr_unavailable
+
+from support import EXAMPLES, TINY, built_example
 
 RTOLS = (1e-3, 1e-6, 1e-8)
 
