@@ -37,7 +37,7 @@ import numpy as np
 
 from ..hypergrad import HypergradientOptions, HypergradientResult
 from .dask_backend import DaskBackend
-from .held import MAX_REPLAY, HeldArray, _Made, _Step, load, materialized
+from .held import MAX_REPLAY, HeldArray, _Cut, _Made, _Step, load, materialized
 from .sample_worker import (
     MAX_ATTEMPTS,
     SLOTS,
@@ -187,10 +187,10 @@ class SampleExecutor:
                                    None if q0 is None else q0[s]) for s in range(count)]
             self._cut_deep(starts)
             steps = [_Step(s, run, theta, options, threads, xs, qs,
-                           1 + max([src[0].depth for src in (xs, qs)
-                                    if isinstance(src, tuple) and len(src) == 2], default=0))
+                           1 + max([src[0].depth for src in (xs, qs) if isinstance(src, tuple)],
+                                   default=0))
                      for s, (xs, qs) in enumerate(starts)]
-            self.warm_count = sum(isinstance(step.x0, tuple) for step in steps)
+            self.warm_count = sum(isinstance(step.x0, (tuple, _Cut)) for step in steps)
             drops = self._drops()
             try:
                 blobs = self.backend.run([self._pair(step, drops.get(step.sample, ()))
@@ -230,15 +230,15 @@ class SampleExecutor:
 
     def _cut_deep(self, starts: list[tuple[Any, Any]]) -> None:
         """Starts at an earlier step MAX_REPLAY calls deep are fetched (in place in `starts`,
-        as (step, slot, array)): they still do not travel, but the parent holds their bits,
-        and a lost sample is never computed again from further back."""
+        as _Cut): they still do not travel, but the parent holds their bits, and a lost sample
+        is never computed again from further back."""
         for s, pair in enumerate(starts):
             cut = []
             for src in pair:
-                if isinstance(src, tuple) and len(src) == 2 and src[0].depth >= MAX_REPLAY:
+                if isinstance(src, tuple) and src[0].depth >= MAX_REPLAY:
                     made = self.made[s].get(src[0].run)
                     if made is not None:
-                        src = (src[0], src[1], self.fetch(made, src[1]))
+                        src = _Cut(made.run, src[1], self.fetch(made, src[1]))
                 cut.append(src)
             starts[s] = (cut[0], cut[1])
 

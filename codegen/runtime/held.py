@@ -34,11 +34,21 @@ __all__ = ["HeldArray", "materialized", "MAX_REPLAY"]
 MAX_REPLAY = 16
 
 
+@dataclass(frozen=True)
+class _Cut:
+    """A start that is an earlier call's array, which the parent fetched: it need not travel
+    to the worker that holds it, and a worker that lost it gets it from the parent (the step
+    that made it is never computed again, nor kept)."""
+
+    run: int
+    slot: int
+    array: np.ndarray
+
+
 @dataclass(eq=False)
 class _Step:
     """How one sample's result of call `run` was made. x0 / q0: None, an array the parent owns
-    (a copy of what its caller passed), (an earlier _Step, slot), or (an earlier _Step, slot,
-    its array as the parent fetched it: `cut`, that step is never computed again)."""
+    (a copy of what its caller passed), (an earlier _Step, slot), or a _Cut."""
 
     sample: int
     run: int
@@ -57,17 +67,18 @@ class _Step:
             step = todo.pop()
             if step.run not in seen:
                 seen[step.run] = step
-                todo.extend(src[0] for src in (step.x0, step.q0)
-                            if isinstance(src, tuple) and len(src) == 2)
+                todo.extend(src[0] for src in (step.x0, step.q0) if isinstance(src, tuple))
         return [seen[run] for run in sorted(seen)]
 
     def task(self, token: str, inline: int, full: bool = False) -> SampleTask:
         """The step as a task: earlier steps' arrays as Held references, except, with `full`
         (to a worker that lost them), those the parent fetched, which then travel."""
         def start(src: Any) -> Any:
-            if not isinstance(src, tuple):
-                return src
-            return src[2] if full and len(src) == 3 else Held(src[0].run, src[1])
+            if isinstance(src, tuple):
+                return Held(src[0].run, src[1])
+            if isinstance(src, _Cut):
+                return src.array if full else Held(src.run, src.slot)
+            return src
         return SampleTask(self.sample, token, self.theta, self.options, start(self.x0),
                           start(self.q0), self.run, self.threads, inline)
 
