@@ -8,12 +8,14 @@ tolerance: the executors promise the serial numbers themselves.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import platform
 import sys
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -155,7 +157,8 @@ def test_a_killed_worker_process_has_its_samples_recomputed(problems):
 
 def test_a_long_warm_chain_is_cut_and_recomputed_after_a_loss(problems):
     """An upper-level run passes each result's x, q back: after MAX_REPLAY calls the parent
-    fetches them (a lost sample is never computed again from further back than that), and a
+    fetches them (a lost sample is never computed again from further back than that, and the
+    steps before are freed), and a
     worker killed at the end of a long chain costs nothing but time: the serial bits."""
     from codegen.runtime.held import MAX_REPLAY
 
@@ -169,10 +172,13 @@ def test_a_long_warm_chain_is_cut_and_recomputed_after_a_loss(problems):
     with module.bind_samples(data, executor="processes", workers=2) as prob:
         prob.executor.inline_bytes = 0
         got = prob.hypergradient(steps[0], **kw)
+        first_step = weakref.ref(got.x[0].made.step)
         for th in steps[1:-1]:
             got = prob.hypergradient(th, x0=got.x, q0=got.q, **kw)
             assert prob.executor.warm_count == SAMPLES
         assert max(r.x.made.step.depth for r in got.samples) <= MAX_REPLAY
+        gc.collect()
+        assert first_step() is None  # the steps before the cut are forgotten
         os.kill(prob.executor.backend.pids[1], 9)
         time.sleep(0.2)
         got = prob.hypergradient(steps[-1], x0=got.x, q0=got.q, **kw)
