@@ -351,7 +351,8 @@ def test_paper_quadratic_closed_form():
 
 def test_theta_free_constants_are_evaluated_once_per_bind():
     """Only the paper quadratic's constants read no theta; evaluate_constants then returns the
-    first evaluation at every theta, as a copy (a caller's edit must not reach the next one)."""
+    first evaluation at every theta, as a copy (a caller's edit must not reach the next one).
+    The others are kept for the last theta asked, also handed out as copies."""
     from codegen.constants.evaluation.runtime import evaluate_constants
 
     assert {name: reads_theta(derive(make())) for name, (make, _) in EXAMPLES.items()} == {
@@ -372,6 +373,12 @@ def test_theta_free_constants_are_evaluated_once_per_bind():
                 "quantities": compute_data_quantities(ridge, example_data("ridge"))}
     low, high = (evaluate_constants(prepared, np.array([t]))["mu"] for t in (-2.0, 1.5))
     assert high > low and "theta_free" not in prepared
+    # constants that read theta: the last theta's are kept (and handed out as copies too)
+    kept = evaluate_constants(prepared, np.array([1.5]))
+    assert kept == dict(evaluate(ridge, [1.5], prepared["quantities"]), source="derived")
+    kept["mu"] = -1.0
+    assert evaluate_constants(prepared, np.array([1.5]))["mu"] == high
+    assert evaluate_constants(prepared, np.array([-2.0]))["mu"] == low
 
 
 def test_closed_forms_symbolic():
@@ -575,6 +582,11 @@ L_f = normsq_K2/p   [exact, certified; all x; all theta]
 L_Hf = 0   [exact, certified; all x; all theta]
     rule: Lipschitz constant of x -> H_f(x): the rule of L_A over the terms of f (quadratic f: 0)
     f1: 0   [exact, certified]
+
+certificates (docs/bounds.md 7, 15):
+  er: E&R's bound, always
+  dwr, tight: available (Corollary 15.2, g and f quadratic in x) where L_3, L_Hf, L_DB are finite at theta
+  default ("auto") with rtol or atol: "tight" with a first-order lower solver (gd, hb, fista), E&R's with cg, newton or direct (the least work, docs/bounds.md 15.6)
 
 data quantities (computed at bind time):
   K1: x -> (Sum(A[i, j]*x[j], (j, 0, n - 1)))_{i}, m rows
