@@ -41,9 +41,10 @@ from .lower.stopping import solution_floor
 from .options import HypergradientOptions
 from .results import HypergradientResult, Reason, ReasonKind, Status
 
-__all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances", "corrected_to_accuracy",
-           "dwr_tightened", "dwr_planned", "plain_tightened", "MAX_ROUNDS", "SHARE",
-           "DWR_SHARE", "TIGHT_RELATIVE", "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND", "tight_planned"]
+__all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances",
+           "corrected_to_accuracy", "dwr_tightened", "dwr_planned", "plain_tightened",
+           "tight_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE", "TIGHT_RELATIVE",
+           "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND"]
 
 #: Rounds (each a warm-started lower solve, adjoint solve and bound) before giving up.
 MAX_ROUNDS = 8
@@ -94,8 +95,10 @@ def first_tolerances(rtol: float, eps: float, delta: float,
     Given eps or delta (anything but the options' defaults) are the caller's plan (the learning
     loops predict them from the previous point) and are kept. At the defaults the first round
     aims near the usual end point: the final tolerances depend on ||h||, which nothing known
-    before a solve predicts (docs/bounds.md 12), but they scale with rtol. Never looser than
-    the defaults. Steering only: every round's bound is certified by itself."""
+    before a solve predicts (docs/bounds.md 12), but they scale with rtol. factor: the first
+    round's tolerance over rtol; at E&R's FIRST_ROUND or below never looser than the defaults,
+    above it (the tight rounds, which aim at the target itself) factor * rtol as it is.
+    Steering only: every round's bound is certified by itself."""
     default = HypergradientOptions()
     if not rtol > 0 or (eps, delta) != (default.eps, default.delta):
         return eps, delta
@@ -269,8 +272,8 @@ def dwr_tightened(terms: dict[str, float], target: float, E: float, R: float, R_
 
 
 #: With certificate="tight", the first round runs at eps = delta = TIGHT_FIRST_ROUND * rtol
-#: (`first_tolerances`): the plain bound is within a few percent of h's error, so the rounds
-#: aim at the target itself, not at E&R's hundreds of times smaller true error.
+#: (`first_tolerances`): the plain bound is within a few times h's error, so the rounds aim
+#: at the target itself, not at E&R's hundreds of times smaller true error.
 TIGHT_FIRST_ROUND = 1.0
 
 #: With certificate="tight" at the caller's eps and delta (no rtol, atol: one round, nothing to
@@ -298,6 +301,7 @@ def tight_planned(hg: HypergradientResult, share: float) -> tuple[float, float]:
         return numerator / denominator if denominator > 0 else math.inf
 
     return min(limit(third * mu, R), limit(third * mu, J * E)), limit(third, E)
+
 
 #: h's error estimate |u . (h - h_c)| is linear in E and R: a round that tightens them aims it
 #: at this fraction of its share (bound(h_c) takes the rest, through `dwr_tightened`).
