@@ -34,10 +34,18 @@ int hg_tv1d_upper_hvp(int64_t n, const double *restrict theta, const double *res
 int hg_tv1d_lower_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
 /* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
 int hg_tv1d_cross_hvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
+/* (d2 g_fixed/dx2) v, g_fixed the terms of g without theta (read neither x nor theta) */
+int hg_tv1d_lower_hvp_fixed(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict x_bar_dot);
+/* (d2 g_varying/dx2) v, g_varying the terms of g with theta */
+int hg_tv1d_lower_hvp_varying(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict x_bar_dot);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_tv1d_lower_hessian(int64_t n, const double *restrict theta, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
 int hg_tv1d_cross_matrix(int64_t n, const double *restrict theta, const double *restrict x, double *restrict cross_out, double *restrict work);
+/* d2 g_fixed/dx2 as a dense matrix, fixed by the data: column c is lower_hvp_fixed with v = e_c */
+int hg_tv1d_lower_hessian_fixed(int64_t n, const double *restrict theta, const double *restrict x, double *restrict hessian_out, double *restrict work);
+/* d2 g_varying/dx2 as a dense matrix: column c is lower_hvp_varying with v = e_c */
+int hg_tv1d_lower_hessian_varying(int64_t n, const double *restrict theta, const double *restrict x, double *restrict hessian_out, double *restrict work);
 
 /* CG on A(xh) u = b from u with residual s = b - A u (both updated in place); ctl = [tol, scale, max_iter, min_iter, diverge_from (< 0: none), mu (<= 0: none)]; info = [status, iterations, matvecs, s.s, reason, value, alpha_mu (Gauss-Radau)] */
 int hg_tv1d_loop_cg(int64_t n, const double *restrict theta, const double *restrict xt, const double *restrict y, const double *restrict hg_xh, double *restrict hg_u, double *restrict hg_s, const double *restrict hg_ctl, double *restrict hg_info, double *restrict hg_work);
@@ -45,4 +53,6 @@ int hg_tv1d_loop_cg(int64_t n, const double *restrict theta, const double *restr
 int hg_tv1d_loop_fista(int64_t n, const double *restrict theta, const double *restrict xt, const double *restrict y, const double *restrict hg_x0, double *restrict hg_z, double *restrict hg_g, const double *restrict hg_ctl, double *restrict hg_info, double *restrict hg_work);
 /* gradient descent / heavy ball from x0: the last iterate into x, its gradient into g; ctl = [tol, mu, a, b, max_iter]; info = [status, iterations, gradients, ||g||, ||g0||, have_g, reason] */
 int hg_tv1d_loop_descent(int64_t n, const double *restrict theta, const double *restrict xt, const double *restrict y, const double *restrict hg_x0, double *restrict hg_x, double *restrict hg_g, const double *restrict hg_ctl, double *restrict hg_info, double *restrict hg_work);
+/* Newton-CG from x0 (directions by loop_cg from 0, steps halved until ||g|| decreases): the last x into x, its gradient into g; ctl = [tol, mu, L_A, max_iter (gradients + HVPs), inner_max, target_share]; info = [status, iterations, gradients, HVPs, ||g||, ||g0||, reason, value, have_g, last gradient failed] */
+int hg_tv1d_loop_newton(int64_t n, const double *restrict theta, const double *restrict xt, const double *restrict y, const double *restrict hg_x0, double *restrict hg_x, double *restrict hg_g, const double *restrict hg_ctl, double *restrict hg_info, double *restrict hg_work);
 #endif
