@@ -9,8 +9,9 @@ per image; the images are 128 x 128 crops of scikit-image's photographs (camera,
 astronaut in grey, ...) at random offsets, with Gaussian noise of std 0.1 (seed 0). Each timed
 call is one cold hypergradient, `prob.hypergradient(theta)` (lower and adjoint "auto": Newton
 and CG here), over all samples: serial (this process), executor="processes" (`--workers`
-spawned processes) and a Dask LocalCluster of `--workers` processes with one thread each.
-Contenders are timed in turns (timing.interleaved_times: a warm-up call each, then --repeat
+spawned processes) and a Dask LocalCluster of `--workers` processes with one thread each, each
+executor against serial with only its own workers alive (the processes first, the cluster
+started after them). Contenders are timed in turns (timing.interleaved_times: a warm-up call each, then --repeat
 rounds, one call per round, median), BLAS and OpenMP on --threads threads (default 1: a worker per core).
 
 Printed: the setup (bind_samples: spawning and installing), the median seconds per hypergradient
@@ -80,31 +81,30 @@ def bits(res) -> tuple:
             tuple(np.asarray(r.x).tobytes() + np.asarray(r.q).tobytes() for r in res.samples))
 
 
-def compare(module, client, count: int, size: int, workers: int, repeat: int) -> None:
-    """One line per executor: setup, median seconds per hypergradient, ratio, same bits."""
+def compare(module, label: str, executor, count: int, size: int, workers: int,
+            repeat: int) -> None:
+    """Serial against one executor, in turns: a line each (setup, median seconds per
+    hypergradient, ratio, same bits, then the time to read every x and q)."""
     data = image_samples(count, size)
-    probs = {"serial": module.bind_samples(data)}
-    setup = {"serial": 0.0}
-    for label, executor in (("processes", "processes"), ("dask", client)):
-        start = time.perf_counter()
-        probs[label] = module.bind_samples(data, executor=executor,
-                                           workers=workers if executor == "processes" else None)
-        setup[label] = time.perf_counter() - start
+    start = time.perf_counter()
+    probs = {"serial": module.bind_samples(data),
+             label: module.bind_samples(data, executor=executor,
+                                        workers=workers if executor == "processes" else None)}
+    setup = {"serial": 0.0, label: time.perf_counter() - start}
     try:
-        timed = interleaved_times({label: (lambda p=p: p.hypergradient(THETA0))
-                                   for label, p in probs.items()}, repeat, warm=0.0)
-        reads = {label: read_seconds(p) for label, p in probs.items() if label != "serial"}
+        timed = interleaved_times({name: (lambda p=p: p.hypergradient(THETA0))
+                                   for name, p in probs.items()}, repeat, warm=0.0)
+        read = read_seconds(probs[label])
     finally:
         for p in probs.values():
             p.close()
     serial_seconds, _, ref = timed["serial"]
     assert ref.status == "ok", ref.status
-    for label, (seconds, _, res) in timed.items():
-        same = "-" if label == "serial" else ("yes" if bits(res) == bits(ref) else "NO")
-        print(f"{count:>7} {label:>10} {setup[label]:>9.2f} {seconds:>9.3f} "
+    for name, (seconds, _, res) in timed.items():
+        same = "-" if name == "serial" else ("yes" if bits(res) == bits(ref) else "NO")
+        print(f"{count:>7} {name:>10} {setup[name]:>9.2f} {seconds:>9.3f} "
               f"{serial_seconds / seconds:>7.2f}x {same:>9}"
-              + (f"   (then reading every x and q: {reads[label]:.3f} s)" if label in reads
-                 else ""))
+              + (f"   (then reading every x and q: {read:.3f} s)" if name == label else ""))
 
 
 def read_seconds(prob) -> float:
@@ -119,9 +119,9 @@ def read_seconds(prob) -> float:
 
 
 def _share(rank: int, workers: int, count: int, size: int, repeat: int, barrier, out) -> None:
-    """One bare process of `ceiling`: every workers-th sample, serially, in rounds in step. It
-    inherits the MALLOC_TRIM_THRESHOLD_ the LocalCluster set in this process's environment, and
-    tunes the allocator as the executors' workers do (docs/distributed.md 1)."""
+    """One bare process of `ceiling`: every workers-th sample, serially, in rounds in step. In
+    the Dask phase it inherits the MALLOC_TRIM_THRESHOLD_ the LocalCluster set in this process's
+    environment, and tunes the allocator as the executors' workers do (docs/distributed.md 1)."""
     from codegen.runtime.sample_worker import tune_allocator
     tune_allocator()
     module = codegen.load(str(ROOT / "examples" / "tv2d.py"))
@@ -213,17 +213,24 @@ def main() -> None:
     print(f"machine: {model}, {cores} cores, BLAS/OpenMP threads {THREADS}; A @ v (20000 x 2000) "
           f"{1e3 * t_mv:.1f} ms = {gbs:.1f} GB/s")
     module = codegen.load(str(ROOT / "examples" / "tv2d.py"))
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        print(f"tv2d, {size} x {size} images, {args.workers} workers; one cold hypergradient "
-              f"at THETA0, median of {args.repeat}\n")
-        print(f"{'samples':>7} {'executor':>10} {'setup s':>9} {'seconds':>9} {'ratio':>8} "
-              f"{'same bits':>9}")
+    print(f"tv2d, {size} x {size} images, {args.workers} workers; one cold hypergradient "
+          f"at THETA0, median of {args.repeat}\n")
+    print(f"{'samples':>7} {'executor':>10} {'setup s':>9} {'seconds':>9} {'ratio':>8} "
+          f"{'same bits':>9}")
+
+    def with_ceiling(label: str, executor) -> None:
         for count in counts:
-            compare(module, client, count, size, args.workers, args.repeat)
+            compare(module, label, executor, count, size, args.workers, args.repeat)
             bare = ceiling(count, size, args.workers, max(args.repeat, 3))
             print(f"{count:>7} {'ceiling':>10} {'':>9} {bare:>9.3f}   ({args.workers} bare "
                   "processes, each its share serially: the machine's limit)")
+    # each executor with only its own workers alive: an idle LocalCluster alongside (its
+    # scheduler thread here, its workers and nannies) took the processes executor from 1.9x
+    # to 1.6-1.7x at 64 samples (docs/distributed.md 5)
+    with_ceiling("processes", "processes")
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        with_ceiling("dask", client)
         traffic(module, size)
         overhead(module, client, args.workers)
 
