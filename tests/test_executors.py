@@ -417,7 +417,7 @@ def test_a_samples_own_error_is_the_serial_one(problems, bound):
 
 
 def test_large_tasks_and_results_flow_with_requests_pipelined(problems):
-    """Two requests per worker may be outstanding (executors.PIPELINE_DEPTH), but one larger
+    """Two requests per worker may be outstanding (process_backend.PIPELINE_DEPTH), but one larger
     than AHEAD_BYTES waits for an idle worker: 8 samples of 256 x 256 with explicit x0 and q0
     (1 MB per task, 1.5 MB per result) complete with the serial bits. Sent ahead to a busy
     worker, such a task blocks the parent's write while the worker blocks writing its result
@@ -426,7 +426,7 @@ def test_large_tasks_and_results_flow_with_requests_pipelined(problems):
     two ahead, with the serial bits too."""
     import signal
 
-    from codegen.runtime.executors import AHEAD_BYTES, PIPELINE_DEPTH
+    from codegen.runtime.process_backend import AHEAD_BYTES, PIPELINE_DEPTH
 
     pids: list[int] = []
 

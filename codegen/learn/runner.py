@@ -208,12 +208,12 @@ class Runner:
     def _keep_warm(self, hg: Any) -> bool:
         """Keep hg's x (and q) as the next warm start; whether both were finite and kept."""
         xs = hg.x if self.multi else [hg.x]
-        kept = all(x is not None and np.all(np.isfinite(x)) for x in xs)
+        kept = all(x is not None and _all_finite(x) for x in xs)
         if kept:
-            self.x = [np.array(x) for x in xs] if self.multi else np.array(hg.x)
+            self.x = [_kept(x) for x in xs] if self.multi else np.array(hg.x)
         qs = hg.q if self.multi else [hg.q]
-        if all(q is not None and np.all(np.isfinite(q)) for q in qs):
-            self.q = [np.array(q) for q in qs] if self.multi else np.array(hg.q)
+        if all(q is not None and _all_finite(q) for q in qs):
+            self.q = [_kept(q) for q in qs] if self.multi else np.array(hg.q)
         else:
             kept = False
         return kept
@@ -392,3 +392,16 @@ def floor_stop(run: Runner, hg: Any, eps: float, reason: str = "") -> StopRun:
     return StopRun(OptimizeStatus.ACCURACY_FLOOR,
                    f"eps = {eps:.3g} reached min_eps = {run.options.min_eps:g}: {why}; "
                    f"certified ||grad F|| <= ||h|| + bound = {cert:.3g}")
+
+
+def _all_finite(a: Any) -> bool:
+    """np.all(np.isfinite(a)); a sample's array left on its worker (a HeldArray,
+    docs/distributed.md 3) says so without being fetched."""
+    known = getattr(a, "all_finite", None)
+    return known if isinstance(known, bool) else bool(np.all(np.isfinite(a)))
+
+
+def _kept(a: Any) -> Any:
+    """A warm start of the runner's own: a copy, or an unread HeldArray as it is (a copy would
+    fetch it; passed back unread, it does not travel to its worker)."""
+    return a if getattr(a, "fetched", None) is False else np.array(a)

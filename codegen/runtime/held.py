@@ -6,9 +6,9 @@ time it is read (np.asarray, an attribute, an index, arithmetic). The parent nee
 to form the mean, so a hypergradient over many samples moves a few hundred bytes per sample
 back instead of three vectors of the sample's size.
 
-A `_Made` is one sample's result of one call as its worker holds it; its HeldArrays keep it
+A `HeldResult` is one sample's result of one call as its worker holds it; its HeldArrays keep it
 alive, and the executor keeps each sample's latest. When none is left, the executor tells the
-worker to drop the arrays. A `_Step` is how that call was made (theta, options, starting
+worker to drop the arrays. A `Step` is how that call was made (theta, options, starting
 points: None, the parent's own copy of an explicit array, or an earlier step's slot): a sample
 whose worker is lost is computed again on another worker from its steps, to the same bits.
 """
@@ -26,7 +26,7 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 from ..hypergrad import HypergradientOptions
 from .sample_worker import SLOTS, Held, SampleTask
 
-__all__ = ["HeldArray", "materialized", "MAX_REPLAY"]
+__all__ = ["HeldArray", "HeldResult", "FetchedStart", "Step", "materialized", "load", "MAX_REPLAY"]
 
 #: The most calls a lost sample is computed again from (its steps): a step whose start is an
 #: earlier step's array this many calls deep fetches that array first, so that the parent holds
@@ -35,7 +35,7 @@ MAX_REPLAY = 16
 
 
 @dataclass(frozen=True)
-class _Cut:
+class FetchedStart:
     """A start that is an earlier call's array, which the parent fetched: it need not travel
     to the worker that holds it, and a worker that lost it gets it from the parent (the step
     that made it is never computed again, nor kept)."""
@@ -46,9 +46,9 @@ class _Cut:
 
 
 @dataclass(eq=False)
-class _Step:
+class Step:
     """How one sample's result of call `run` was made. x0 / q0: None, an array the parent owns
-    (a copy of what its caller passed), (an earlier _Step, slot), or a _Cut."""
+    (a copy of what its caller passed), (an earlier Step, slot), or a FetchedStart."""
 
     sample: int
     run: int
@@ -59,9 +59,9 @@ class _Step:
     q0: Any
     depth: int = 1
 
-    def chain(self) -> list[_Step]:
+    def chain(self) -> list[Step]:
         """This step and every earlier step it starts from, oldest first."""
-        seen: dict[int, _Step] = {}
+        seen: dict[int, Step] = {}
         todo = [self]
         while todo:
             step = todo.pop()
@@ -76,7 +76,7 @@ class _Step:
         def start(src: Any) -> Any:
             if isinstance(src, tuple):
                 return Held(src[0].run, src[1])
-            if isinstance(src, _Cut):
+            if isinstance(src, FetchedStart):
                 return src.array if full else Held(src.run, src.slot)
             return src
         return SampleTask(self.sample, token, self.theta, self.options, start(self.x0),
@@ -84,13 +84,13 @@ class _Step:
 
 
 @dataclass(eq=False)
-class _Made:
+class HeldResult:
     """One sample's result of one call, held by its worker: the slots it holds that did not come
     back inline, and the parent's own copies of those fetched or sent inline (`pristine`:
     compared with an explicit x0 / q0 to find that it is a held array)."""
 
-    step: _Step
-    owner: weakref.ref[Any]  # the SampleExecutor (weak: it keeps each sample's latest _Made)
+    step: Step
+    owner: weakref.ref[Any]  # the SampleExecutor (weak: it keeps each sample's latest HeldResult)
     pristine: dict[int, np.ndarray] = field(default_factory=dict)
     slots: set[int] = field(default_factory=set)
 
@@ -113,7 +113,7 @@ class HeldArray(NDArrayOperatorsMixin):
 
     __array_priority__ = 20.0
 
-    def __init__(self, made: _Made, slot: int, shape: tuple[int, ...], dtype: np.dtype,
+    def __init__(self, made: HeldResult, slot: int, shape: tuple[int, ...], dtype: np.dtype,
                  facts: dict[str, Any]):
         self.made, self.slot = made, slot
         self.norm: float | None = facts["norm"]
@@ -197,7 +197,7 @@ class _Loader(pickle.Unpickler):
     """Unpickles a slim result (sample_worker.slim): each held array becomes a HeldArray of
     `made`, or, sent inline, a plain array (the parent keeps a copy in made.pristine)."""
 
-    def __init__(self, blob: bytes, made: _Made):
+    def __init__(self, blob: bytes, made: HeldResult):
         super().__init__(io.BytesIO(blob))
         self.made = made
         self.seen: dict[int, Any] = {}
@@ -215,6 +215,6 @@ class _Loader(pickle.Unpickler):
         return self.seen[slot]
 
 
-def load(blob: bytes, made: _Made) -> Any:
+def load(blob: bytes, made: HeldResult) -> Any:
     """The per-sample result a worker sent (sample_worker.slim), with HeldArrays of `made`."""
     return _Loader(blob, made).load()

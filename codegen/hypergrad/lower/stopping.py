@@ -29,8 +29,12 @@ def rounding_floor(L: float, x: np.ndarray) -> float:
 
 def solution_floor(x: np.ndarray) -> float:
     """eps_machine ||x||: the lowest tolerance on ||x - x*|| worth asking a lower solver for
-    (x's own entries are rounded to that; the accuracy rounds never ask for less)."""
-    return float(np.finfo(np.float64).eps) * float(np.linalg.norm(np.asarray(x, dtype=np.float64)))
+    (x's own entries are rounded to that; the accuracy rounds never ask for less). A sample's
+    x left on its worker (a HeldArray, docs/distributed.md 3) gives its norm unfetched."""
+    known = getattr(x, "norm", None)
+    norm = known if isinstance(known, float) else \
+        float(np.linalg.norm(np.asarray(x, dtype=np.float64)))
+    return float(np.finfo(np.float64).eps) * norm
 
 
 def first_order_stop(gn: float, gn0: float, mu: float, tol: float, iteration: int,
