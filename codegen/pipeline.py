@@ -97,8 +97,8 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any
         "upper_is_quadratic": problem.x_spec.name not in reads["upper_hvp"],
         # kernels that read neither x nor theta: a linear map of their direction fixed by the
         # data, so their dense matrices (lower_hessian, cross_matrix) are computed once per bind
-        "data_only": [name for name in ("lower_hvp", "cross_jvp")
-                      if not {problem.x_spec.name, theta} & reads[name]],
+        "data_only": [name for name in ("lower_hvp", "cross_jvp", "lower_hvp_fixed")
+                      if name in reads and not {problem.x_spec.name, theta} & reads[name]],
         "upper_depends_on_theta": any(str(r.base.label) == theta for r in problem.f.atoms(sp.Indexed)),
         "stated_constants": None if problem.constants is None else
         {k: sp.srepr(v) for k, v in sorted(problem.constants.items())},

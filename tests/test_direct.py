@@ -64,9 +64,10 @@ def test_data_only_matrices_are_cached_and_checked(build_dir):
         prob.lower_hessian(np.ones(4), theta)
     with pytest.raises(BindError, match="theta"):
         prob.cross_matrix(x, np.ones(5))
-    # ridge: the Hessian depends on theta, B on x: never cached
+    # ridge: the Hessian depends on theta, B on x: never cached (only the Hessian of its
+    # theta-free term, lower_hvp_fixed, is data-only)
     _, ridge, rns = built_example("ridge", build_dir)
-    assert ridge.meta["data_only"] == []
+    assert ridge.meta["data_only"] == ["lower_hvp_fixed"]
     rprob = ridge.bind(**rns["example_data"](seed=1, **TINY["ridge"]))
     xr = np.ones(rprob.x_size)
     H0, H1 = rprob.lower_hessian(xr, [0.0]), rprob.lower_hessian(xr, [1.0])
@@ -100,14 +101,14 @@ def test_split_hessian_is_the_hessian_and_its_fixed_part_is_kept_per_bind(build_
         want = prob.lower_hessian(x, theta)
         assert msg == ""
         np.testing.assert_allclose(H, want.T, rtol=0, atol=1e-13 * np.abs(want).max())
-        fixed = dense._FIXED_PART[prob]
+        fixed = prob.fixed_memo("lower_hvp_fixed")["hessian"]
         assert kept is None or fixed is kept
         assert not fixed.flags.writeable
         kept = fixed
     other = module.bind(**ns["example_data"](seed=3, **TINY[name]))
-    assert other not in dense._FIXED_PART  # formed on first use, per bind
+    assert other.fixed_memo("lower_hvp_fixed") == {}  # formed on first use, per bind
     dense.assembled_hessian(other, np.zeros(other.x_size), np.zeros(other.theta_size))
-    assert dense._FIXED_PART[other] is not kept
+    assert other.fixed_memo("lower_hvp_fixed")["hessian"] is not kept
 
 
 def test_ridge_direct_with_the_split_hessian_meets_the_closed_form(build_dir):
