@@ -140,18 +140,8 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
         return hypergradient(k, theta, replace(opts, certificate="er"), x0=x0, q0=q0)
     if opts.targets_accuracy:  # refused before any work, as the E&R rounds refuse it
         check_targets(0.0 if opts.rtol is None else opts.rtol, float(opts.atol))
-    why = dwr_unavailable(k, theta)
-    if why is None and adjoint_entry(opts.adjoint).backprop:
-        why = "adjoint='backprop' has no adjoint residual to correct"
-    size = checked_theta(k, theta).size
-    if why is None and asked in ("tight", "auto") and size > MAX_COMPONENTS:
-        why = (f"the tight bound needs a pair of solves per component, and theta has {size} "
-               f"> {MAX_COMPONENTS}")
-    if why is None and asked == "auto" and not lower_entry(opts.lower).needs_finite_L:
-        # The certificate that certifies the target with the least work (docs/bounds.md 15.6):
-        # with a first-order lower solve the tight bound took 0.6-1.25x E&R's work, with a
-        # CG, Newton or direct one 1.0-1.9x (and 3.4-4.2x for 8 hyperparameters)
-        why = f"E&R's certifies with less work with lower={opts.lower!r}"
+    th = checked_theta(k, theta)
+    why = _certificate_refused(k, th, opts)
     if why is not None:
         res = hypergradient(k, theta, replace(opts, certificate="er"), x0=x0, q0=q0)
         if asked == "auto":  # the default: `certificate` names the bound, docs/bounds.md 15.6 why
@@ -160,7 +150,6 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
             f"certificate {asked!r}: E&R's bound, no DWR correction ({why})",))
     if asked == "auto":
         opts = replace(opts, certificate="tight")
-    th = checked_theta(k, theta)
     plain = replace(opts, certificate="er", rtol=None, atol=0.0)
 
     def run(eps: float, delta: float, x0: Any, q0: Any, refine: int) -> HypergradientResult:
@@ -176,6 +165,24 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
     eps, delta, relative, spent = _first_round(k, th, opts, x0)
     return corrected_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
                                  opts.refine_iter, components, opts.adjoint_cap, relative, spent)
+
+
+def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions) -> str | None:
+    """Why opts.certificate ("dwr", "tight" or "auto") falls back to E&R's bound at th, or None.
+    The cheap rules first: "auto" with a CG, Newton or direct lower solve never pays for the
+    constants that `dwr_unavailable` evaluates."""
+    asked, size = opts.certificate, th.size
+    if asked == "auto" and not lower_entry(opts.lower).needs_finite_L:
+        # The certificate that certifies the target with the least work (docs/bounds.md 15.6):
+        # with a first-order lower solve the tight bound took 0.6-1.25x E&R's work, with a
+        # CG, Newton or direct one 1.0-1.9x (and 3.4-4.2x for 8 hyperparameters)
+        return f"E&R's certifies with less work with lower={opts.lower!r}"
+    if asked in ("tight", "auto") and size > MAX_COMPONENTS:
+        return (f"the tight bound needs a pair of solves per component, and theta has {size} "
+                f"> {MAX_COMPONENTS}")
+    if adjoint_entry(opts.adjoint).backprop:
+        return "adjoint='backprop' has no adjoint residual to correct"
+    return dwr_unavailable(k, th)
 
 
 def _first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,
