@@ -396,8 +396,10 @@ def test_dask_workers_run_with_the_parents_thread_counts(problems, bound, cluste
     prob.hypergradient(theta)
     parent = thread_counts()
     assert parent is not None and parent["blas"] >= 1
-    for worker in client.nthreads():
-        seen = client.submit(thread_counts, workers=[worker], pure=False).result()
+    backend = prob.executor.backend
+    workers = sorted(backend.hosts)
+    assert workers == sorted(client.nthreads())
+    for worker, seen in zip(workers, backend._call([(w, "thread_counts", ()) for w in workers])):
         assert {api: seen[api] for api in parent} == parent, worker
 
 

@@ -1,20 +1,28 @@
 """The Dask backend of the executors (docs/distributed.md): a dask.distributed.Client, given or
-opened on a scheduler address, runs each sample's task on its home worker.
+opened on a scheduler address, runs each sample's work on its home worker.
 
-Installing scatters each worker's samples to it and runs one `install_samples` task there (the
-module travels as its directory name); the bound samples then live in that worker process's
-memory, outside Dask's store. A hypergradient is one Dask task per worker thread
-(`run_samples` on that worker's samples, split by thread), each carrying only theta, the
-options and the starting points that are not already there. Tasks are pinned to their home
-worker but may run elsewhere (loose restrictions): on a worker that does not hold a sample, its
-outcome is SampleMissing naming that worker, and the sample is installed there and run again
-from explicit arrays. A batch lost with its worker (KilledWorker, a cancelled future, a closed
-connection) has its samples installed on a live worker and run again; after MAX_ATTEMPTS
-losses of a sample the call raises ExecutorError naming it. Dask is imported here only.
+The work reaches a worker through a Dask actor, `SampleHost`, one per worker that holds samples:
+a call on it goes from the client to that worker and back (directly, or relayed by the
+scheduler when the Client does not connect to workers directly), with no task graph, no
+scheduling and no gather. A hypergradient is one such call per worker with that worker's share,
+answered once; as Dask tasks (a submit and a gather per worker, and the scheduler's messages
+in between) the same call took about 20 ms more on a LocalCluster, against 3 ms this way
+(docs/distributed.md 5). Installing sends each worker's samples in one call too (the module
+travels as its directory name); the bound samples then live in that worker process's memory
+(codegen/runtime/sample_worker.py), outside Dask's store.
+
+A call that cannot reach its worker's actor (the worker died or was replaced: a closed
+connection, an unknown actor) loses its batch: the samples are installed on a live worker and
+run again from explicit arrays; a worker that answers SampleMissing (it no longer holds the
+sample) gets it installed again. After MAX_ATTEMPTS losses of a sample the call raises
+ExecutorError naming it. Dask is imported here only when a backend is made.
 """
 from __future__ import annotations
 
+import asyncio
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from .sample_worker import (
@@ -28,9 +36,10 @@ from .sample_worker import (
     forget_samples,
     install_samples,
     run_samples,
+    thread_counts,
 )
 
-__all__ = ["DaskBackend"]
+__all__ = ["DaskBackend", "SampleHost"]
 
 #: Seconds to wait for a scheduler to answer, and for its first worker to join.
 CONNECT_TIMEOUT = 30.0
@@ -51,8 +60,37 @@ def _client(executor: Any) -> tuple[Any, bool]:
         raise ExecutorError(f"cannot reach the Dask scheduler at {executor}: {exc}") from None
 
 
+class SampleHost:
+    """The actor on one Dask worker through which the parent installs, runs and fetches that
+    worker's samples (sample_worker's functions). A Dask worker runs every actor's methods on
+    one thread of its own; a call's share split into several batches (a worker with several
+    threads) runs them on a pool of that many threads here, as Dask would run several tasks."""
+
+    def __init__(self) -> None:
+        self.pools: dict[int, ThreadPoolExecutor] = {}
+
+    def install(self, module: Any, items: list[tuple[str, dict[str, Any]]]) -> str:
+        return install_samples(module, items)
+
+    def run(self, batches: list[list[SampleTask]]) -> list[list[bytes | Exception]]:
+        if len(batches) == 1:
+            return [run_samples(batches[0])]
+        count = len(batches)
+        if count not in self.pools:
+            self.pools[count] = ThreadPoolExecutor(count, thread_name_prefix="hypergen")
+        return list(self.pools[count].map(run_samples, batches))
+
+    def fetch(self, items: list[tuple[str, int, int]]) -> list[Any]:
+        return fetch_arrays(items)
+
+    def thread_counts(self) -> dict[str, int] | None:
+        """The BLAS and OpenMP thread counts of the thread the samples run on (OpenMP's is per
+        thread: each task sets the parent's, sample_worker.SampleTask.threads)."""
+        return thread_counts()
+
+
 class _Lost:
-    """A batch lost with its worker (or cancelled): its samples are sent again elsewhere."""
+    """A call lost with its worker (or its actor): its samples are sent again elsewhere."""
 
     def __init__(self, why: str):
         self.why = why
@@ -61,10 +99,13 @@ class _Lost:
         return self.why
 
 
-def _loss_types() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean "the worker or the task was lost", not "the sample failed"."""
-    from dask.distributed import CancelledError, KilledWorker, TimeoutError
-    return (KilledWorker, CancelledError, TimeoutError, OSError)
+@dataclass
+class _Host:
+    """A SampleHost actor: its future (which keeps it alive), key and the worker's threads."""
+
+    future: Any
+    key: str
+    threads: int
 
 
 class DaskBackend:
@@ -76,18 +117,23 @@ class DaskBackend:
         self.module: Any = None
         self.items: dict[int, tuple[str, dict[str, Any]]] = {}
         self.home: dict[int, str] = {}
+        self.hosts: dict[str, _Host] = {}
+        self.threads: dict[str, int] = {}
+        self.moved: set[int] = set()  # samples to install again before their next task
 
-    def workers(self) -> list[str]:
-        """The addresses of the cluster's workers now (waiting for a first one to join)."""
-        names = sorted(self.client.nthreads())
-        if not names:
+    def workers(self, avoid: frozenset[str] = frozenset()) -> list[str]:
+        """The addresses of the cluster's workers now, those in `avoid` last resort (they lost
+        a call just now: the scheduler may not have noticed yet); waits for a first one."""
+        self.threads = {str(w): int(n) for w, n in self.client.nthreads().items()}
+        if not self.threads:
             try:
                 self.client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
-            except _loss_types() as exc:
+            except Exception as exc:  # noqa: BLE001 - a timeout, or a scheduler gone
                 raise ExecutorError(f"the Dask cluster at {self.description} has no worker "
                                     f"({exc})") from None
-            names = sorted(self.client.nthreads())
-        return names
+            self.threads = {str(w): int(n) for w, n in self.client.nthreads().items()}
+        names = sorted(self.threads)
+        return [w for w in names if w not in avoid] or names
 
     def install(self, module: Any, items: list[tuple[int, str, dict[str, Any]]]) -> None:
         self.module = module
@@ -97,44 +143,94 @@ class DaskBackend:
             self.home[s] = workers[s % len(workers)]
         self._install([s for s, _, _ in items])
 
+    def _host(self, worker: str) -> str:
+        """The worker's SampleHost, made if it has none; returns the worker it lives on (the
+        one asked for unless that one left meanwhile)."""
+        if worker in self.hosts:
+            return worker
+        from dask.distributed import wait
+        key = f"hypergen-host-{uuid.uuid4().hex}"
+        future = self.client.submit(SampleHost, workers=[worker], allow_other_workers=True,
+                                    actor=True, pure=False, key=key)
+        try:
+            wait(future, timeout=CONNECT_TIMEOUT)  # type: ignore[no-untyped-call]
+            where = [str(w) for w in self.client.who_has(future).get(key, ())]
+        except Exception as exc:  # noqa: BLE001 - a timeout, or a scheduler gone
+            where, why = [], f"{type(exc).__name__}: {exc}"
+        else:
+            why = future.status
+        if future.status != "finished" or not where:
+            raise ExecutorError(f"no hypergen actor could be started on the Dask worker "
+                                f"{worker} ({why})")
+        self.hosts[where[0]] = _Host(future, key, self.threads.get(where[0], 1))
+        return where[0]
+
     def _install(self, samples: list[int]) -> None:
-        """Send the samples to their home workers (one scattered batch and one task each)."""
+        """Send the samples to their home workers (one actor call per worker)."""
         by_worker: dict[str, list[int]] = {}
         for s in samples:
-            by_worker.setdefault(self.home[s], []).append(s)
-        futures = []
-        for worker, mine in by_worker.items():
-            data = self.client.scatter([self.items[s][1] for s in mine], workers=[worker],
-                                       hash=False)
-            futures.append(self.client.submit(
-                install_samples, self.module, [(self.items[s][0], d) for s, d in zip(mine, data)],
-                workers=[worker], allow_other_workers=True, pure=False,
-                key=f"hypergen-install-{uuid.uuid4().hex}"))
-        try:
-            labels = self.client.gather(futures)
-        except _loss_types() as exc:
-            raise ExecutorError(f"samples {sorted(samples)} could not be installed on the Dask "
-                                f"workers: {type(exc).__name__}: {exc}") from None
-        for label, mine in zip(labels, by_worker.values()):
+            by_worker.setdefault(self._host(self.home[s]), []).append(s)
+        replies = self._call([(worker, "install", (self.module, [self.items[s] for s in mine]))
+                              for worker, mine in by_worker.items()])
+        for reply, (worker, mine) in zip(replies, by_worker.items()):
+            if not isinstance(reply, str):
+                raise ExecutorError(f"samples {sorted(mine)} could not be installed on the "
+                                    f"Dask worker {worker}: {reply}") from None
             for s in mine:
-                self.home[s] = label  # where the install task ran
+                self.home[s] = reply  # where they now live
+                self.moved.discard(s)
 
-    def _submit(self, tasks: dict[int, SampleTask]) -> list[tuple[Any, list[SampleTask]]]:
-        """One Dask task per worker thread: each home worker's tasks split into as many
-        batches as it has threads (the scheduler then handles workers x threads tasks per
-        call, not one per sample)."""
-        threads = self.client.nthreads()
+    def _call(self, calls: list[tuple[str, str, tuple[Any, ...]]]) -> list[Any]:
+        """Each (worker, method, args) on that worker's SampleHost, all at once; the replies in
+        order: the method's value, the exception it raised, or _Lost where the worker or its
+        actor could not be reached (the worker is then forgotten: an actor is made anew)."""
+        from distributed.actor import ProxyRPC
+        from distributed.protocol.serialize import to_serialize
+        client = self.client
+
+        async def one(worker: str, method: str, args: tuple[Any, ...]) -> Any:
+            rpc = client.rpc(worker) if client.direct_to_workers else \
+                ProxyRPC(client.scheduler, worker)  # type: ignore[no-untyped-call]
+            try:
+                reply = await rpc.actor_execute(actor=self.hosts[worker].key, function=method,
+                                                args=[to_serialize(a) for a in args],  # type: ignore[no-untyped-call]
+                                                kwargs={})
+            except Exception as exc:  # noqa: BLE001 - the worker, or its actor, is gone
+                return _Lost(f"{type(exc).__name__}: {exc}")
+            return reply["result"] if reply["status"] == "OK" else reply["exception"]
+
+        async def every() -> list[Any]:
+            return list(await asyncio.gather(*(one(*call) for call in calls)))
+
+        replies: list[Any] = client.sync(every)
+        for (worker, _, _), reply in zip(calls, replies):
+            if isinstance(reply, _Lost):
+                self._forget_host(worker)
+        return replies
+
+    def _forget_host(self, worker: str) -> None:
+        """A worker that lost a call: its actor is dropped, its samples get a new home."""
+        host = self.hosts.pop(worker, None)
+        if host is not None:
+            try:
+                self.client.cancel([host.future])
+            except Exception:  # noqa: BLE001 - a cluster already gone holds nothing
+                pass
+        lost = [s for s, w in self.home.items() if w == worker]
+        live = self.workers(avoid=frozenset({worker}))
+        for n, s in enumerate(sorted(lost)):
+            self.home[s] = live[n % len(live)]
+        self.moved.update(lost)
+
+    def _batches(self, tasks: dict[int, SampleTask]) -> dict[str, list[list[SampleTask]]]:
+        """Each home worker's tasks, split into as many batches as it has threads."""
         by_worker: dict[str, list[SampleTask]] = {}
         for s in sorted(tasks):
             by_worker.setdefault(self.home[s], []).append(tasks[s])
-        out = []
+        out = {}
         for worker, mine in by_worker.items():
-            count = max(1, min(len(mine), int(threads.get(worker, 1))))
-            for b in range(count):
-                batch = mine[b::count]
-                out.append((self.client.submit(
-                    run_samples, batch, workers=[worker], allow_other_workers=True, pure=False,
-                    key=f"hypergen-samples-{batch[0].index}-{uuid.uuid4().hex}"), batch))
+            count = max(1, min(len(mine), self.hosts[worker].threads))
+            out[worker] = [mine[b::count] for b in range(count)]
         return out
 
     def run(self, pairs: list[Pair]) -> list[bytes]:
@@ -143,14 +239,16 @@ class DaskBackend:
         results: dict[int, bytes] = {}
         errors: dict[int, BaseException] = {}
         losses: dict[int, int] = {}
-        reinstall = self._rehome(list(send))
         while send:
+            reinstall = sorted(self.moved & set(send))
             if reinstall:
-                self._install(sorted(reinstall))
-                send.update({s: full[s]() for s in reinstall if s in send})
-            batches, send, reinstall = self._submit(send), {}, set()
-            for future, batch in batches:
-                for task, outcome in zip(batch, self._outcomes(future, batch)):
+                self._install(reinstall)
+                send.update({s: full[s]() for s in reinstall})
+            by_worker = self._batches(send)
+            replies = self._call([(w, "run", (b,)) for w, b in by_worker.items()])
+            send = {}
+            for batches, reply in zip(by_worker.values(), replies):
+                for task, outcome in self._outcomes(batches, reply):
                     s = task.index
                     if isinstance(outcome, bytes):
                         results[s] = outcome
@@ -164,59 +262,50 @@ class DaskBackend:
                         else:
                             if isinstance(outcome, SampleMissing):
                                 self.home[s] = outcome.worker
-                            send[s], reinstall = full[s](), reinstall | {s}
+                                self.moved.add(s)
+                            send[s] = full[s]()
                     else:
                         errors[s] = outcome
             if errors:
                 break
-            reinstall |= self._rehome(list(send))
         if errors:
             raise first_error(errors)
         return [results[first.index] for first, _ in pairs]
 
+    @staticmethod
+    def _outcomes(batches: list[list[SampleTask]], reply: Any) -> list[tuple[SampleTask, Any]]:
+        """(task, its outcome) for a worker's reply: per-sample outcomes, or the whole call's
+        loss or error for each of its tasks."""
+        tasks = [task for batch in batches for task in batch]
+        if isinstance(reply, list):
+            return list(zip(tasks, [o for outcomes in reply for o in outcomes]))
+        return [(task, reply) for task in tasks]
+
     def fetch(self, items: list[tuple[int, str, int, int]]) -> dict[int, Any]:
-        """One fetch task per home worker; a lost one gives an exception per sample (the
-        caller computes those arrays again, on the sample's new home)."""
-        self._rehome([s for s, _, _, _ in items])
+        """One fetch call per home worker; a lost one gives a _Lost per sample (the caller
+        computes those arrays again, on the sample's new home)."""
+        out: dict[int, Any] = {}
         by_worker: dict[str, list[tuple[int, str, int, int]]] = {}
         for item in items:
-            by_worker.setdefault(self.home[item[0]], []).append(item)
-        futures = [(self.client.submit(fetch_arrays, [i[1:] for i in mine], workers=[worker],
-                                       allow_other_workers=True, pure=False,
-                                       key=f"hypergen-fetch-{uuid.uuid4().hex}"),
-                    mine) for worker, mine in by_worker.items()]
-        out: dict[int, Any] = {}
-        for future, mine in futures:
-            try:
-                arrays = future.result()
-            except _loss_types() as exc:
-                arrays = [_Lost(f"{type(exc).__name__}: {exc}")] * len(mine)
+            if item[0] in self.moved:  # its worker is gone: nothing to fetch
+                out[item[0]] = _Lost(f"sample {item[0]} lost its worker")
+            else:
+                by_worker.setdefault(self.home[item[0]], []).append(item)
+        replies = self._call([(w, "fetch", ([i[1:] for i in mine],))
+                              for w, mine in by_worker.items()])
+        for reply, mine in zip(replies, by_worker.values()):
+            arrays = reply if isinstance(reply, list) else [reply] * len(mine)
             out.update((s, a) for (s, _, _, _), a in zip(mine, arrays))
         return out
 
-    def _rehome(self, samples: list[int]) -> set[int]:
-        """The samples whose home worker is gone, given a live one (to be installed there)."""
-        live = self.workers()
-        moved = {s for s in samples if self.home[s] not in live}
-        for n, s in enumerate(sorted(moved)):
-            self.home[s] = live[n % len(live)]
-        return moved
-
-    def _outcomes(self, future: Any, batch: list[SampleTask]) -> list[Any]:
-        """The batch's per-sample outcomes; a lost batch is a _Lost for each of its samples."""
-        try:
-            outcomes: list[Any] = future.result()
-            return outcomes
-        except _loss_types() as exc:
-            return [_Lost(f"{type(exc).__name__}: {exc}")] * len(batch)
-        except Exception as exc:  # noqa: BLE001 - the batch failed as a whole: each sample
-            return [exc] * len(batch)
-
     def close(self) -> None:
-        """Forget the samples on the workers; close the Client if this backend opened it."""
+        """Forget the samples on the workers and drop the actors; close the Client if this
+        backend opened it."""
         try:
             self.client.run(forget_samples, [token for token, _ in self.items.values()])
+            self.client.cancel([host.future for host in self.hosts.values()])
         except Exception:  # noqa: BLE001 - a cluster already gone holds nothing to forget
             pass
+        self.hosts.clear()
         if self.owned:
             self.client.close()
