@@ -215,6 +215,38 @@ def test_secant_warm_start_keeps_scalar_runs_exact(build_dir):
     assert tight.value - ref.fun <= 10 * FTOL * abs(ref.fun)
 
 
+def test_loop_asks_for_er_and_its_certificate_holds(build_dir):
+    """The loops ask for E&R's certificate (`runner.LOOP_CERTIFICATE`, docs/framework.md 9.1)
+    although the DWR correction applies to the logistic example; the default run's certified
+    ||grad F|| bound at the returned theta holds against the tight certificate
+    (docs/bounds.md 15.6: within a few times h's true error) at rtol 1e-8, and against the
+    DWR-corrected h_c with its product bound."""
+    from conftest import built_example
+
+    from codegen.hypergrad.correction import dwr_unavailable
+    from codegen.learn.options import make_options
+    from codegen.learn.runner import LOOP_CERTIFICATE, Runner
+
+    _, module, ns = built_example("logistic", build_dir)
+    prob = module.bind(**ns["example_data"](1, m=400, n=30, p=200))
+    assert LOOP_CERTIFICATE == "er"
+    assert dwr_unavailable(prob, np.array([-2.0])) is None      # a choice, not a fallback
+    run = Runner(prob, 1, make_options(None, {"progress": False}), np.array([-np.inf]),
+                 np.array([np.inf]))
+    hg = run.hypergradient(np.array([-2.0]), 1e-2, 1e-2, rtol=0.25)
+    assert hg.certificate == LOOP_CERTIFICATE and hg.bound <= 0.25 * np.linalg.norm(hg.grad)
+    res = prob.optimize(0.0, progress=False)
+    assert res.status == OptimizeStatus.CONVERGED, res.message
+    tight = prob.hypergradient(res.theta, rtol=1e-8, certificate="tight", adjoint="cg")
+    dwr = prob.hypergradient(res.theta, rtol=1e-8, certificate="dwr", adjoint="cg")
+    print(f"\nstationarity {res.stationarity:.3e}; tight |h| {np.linalg.norm(tight.grad):.3e} "
+          f"+- {tight.bound:.1e}; dwr |h_c| {np.linalg.norm(dwr.grad):.3e} +- {dwr.bound:.1e}")
+    assert (tight.certificate, tight.status, dwr.certificate, dwr.status) == (
+        "tight", "ok", "dwr", "ok")
+    assert float(np.linalg.norm(tight.grad)) - tight.bound <= res.stationarity
+    assert float(np.linalg.norm(dwr.grad)) - dwr.bound <= res.stationarity
+
+
 def test_warm_start_is_exact_on_a_quadratic_path():
     """For a scalar theta x and q start from the quadratic in theta through the last three
     solutions (`Runner.predicted`): exact when the path x(theta) is a quadratic, the secant

@@ -22,7 +22,8 @@ from ..hypergrad import (
 from .options import CommonOptions
 from .result import OptimizeStatus
 
-__all__ = ["StopRun", "Runner", "value_error_bound", "short_theta", "progress_bar"]
+__all__ = ["StopRun", "Runner", "value_error_bound", "short_theta", "progress_bar",
+           "LOOP_CERTIFICATE"]
 
 #: Distinct non-"ok" hypergradient statuses kept in the result's notes.
 MAX_NOTES = 20
@@ -34,6 +35,14 @@ MAX_EXTRAPOLATION = 4.0
 #: fewer units than the secant (2 points) over the twelve runs; 4 points 1.5% fewer again over
 #: nine, within the spread of single runs.
 TRAIL = 3
+#: The certificate every loop asks for, for every size of theta: E&R's (docs/framework.md 9.1,
+#: "Certificates in the loop"). With a Newton-CG lower solve, learning one weight of the 10000 x
+#: 500 logistic example from theta0 = 0 took 351 units with it, 401 with "dwr" (the loop
+#: stepping along h_c with bound(h_c)) and 541-678 with "tight"; beyond
+#: correction.MAX_COMPONENTS entries "dwr" certifies only the component along h and leaves grad
+#: and bound E&R's, at one more pair of solves. Not measured in a loop: a first-order lower
+#: solve, where a single call's default is the tight bound.
+LOOP_CERTIFICATE = "er"
 
 
 def _lagrange_weights(ts: list[float], t: float) -> list[float]:
@@ -172,12 +181,9 @@ class Runner:
         o = self.options
         x0, q0 = self.predicted(theta)
         q0 = q0 if self.warm_adjoint else None
-        # E&R's certificate: the loop's tests need a valid bound at the least work, and the
-        # tight one's forward and dual solves doubled the work of learning one weight (10000 x
-        # 500 logistic: 678 units against 351 to the same theta; docs/bounds.md 15.6)
         kw = dict(lower=o.lower, adjoint=o.adjoint, eps=eps, delta=delta, x0=x0, q0=q0,
                   max_iter=self.cap(), refine_iter=o.refine, rtol=rtol, atol=atol,
-                  certificate="er")
+                  certificate=LOOP_CERTIFICATE)
         try:
             hg = (self.sample_hypergradient(theta, kw) if self.multi
                   else hypergradient(self.problem, theta, **kw))
