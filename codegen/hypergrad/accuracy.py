@@ -22,7 +22,6 @@ the work of all rounds.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any, Callable, cast
 
 import numpy as np
@@ -38,8 +37,8 @@ from .correction import (
     uses_general_terms,
 )
 from .lower.stopping import solution_floor
-from .options import HypergradientOptions
-from .results import HypergradientResult, Reason, ReasonKind, Status
+from .options import DEFAULTS
+from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 
 __all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances",
            "corrected_to_accuracy", "dwr_tightened", "dwr_planned", "plain_tightened",
@@ -99,7 +98,7 @@ def first_tolerances(rtol: float, eps: float, delta: float,
     round's tolerance over rtol; at E&R's FIRST_ROUND or below never looser than the defaults,
     above it (the tight rounds, which aim at the target itself) factor * rtol as it is.
     Steering only: every round's bound is certified by itself."""
-    default = HypergradientOptions()
+    default = DEFAULTS
     if not rtol > 0 or (eps, delta) != (default.eps, default.delta):
         return eps, delta
     first = max(factor * rtol, FIRST_FLOOR)
@@ -182,7 +181,7 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
                                + "; ".join(trail),)
     reasons = hg.reasons if failure is None else (
         hg.reasons + (Reason(kind, failure),))
-    return replace(hg, work=total, notes=notes, reasons=reasons)
+    return evolve(hg, work=total, notes=notes, reasons=reasons)
 
 
 def _is_floor_reason(reason: Reason) -> bool:
@@ -203,7 +202,7 @@ def _floor_accepted(hg: HypergradientResult) -> HypergradientResult:
     rest = tuple(r for r in hg.reasons if not _is_floor_reason(r))
     if not floor or not all(r.kind is ReasonKind.UNCERTIFIED for r in rest):
         return hg
-    return replace(hg, reasons=rest, notes=tuple(hg.notes) + tuple(
+    return evolve(hg, reasons=rest, notes=tuple(hg.notes) + tuple(
         f"{FLOOR_NOTE}: {r}" for r in floor))
 
 
@@ -429,7 +428,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             delta, x0 = min(0.5 * delta, relative * hg.grad_f_norm), hg.x
             continue
         if hg.status != "ok":
-            return replace(hg, work=total)
+            return evolve(hg, work=total)
         dirs = _directions(hg, components)
         n = len(dirs)
         if steer and tol_v is None:  # the first round: plan the forward and dual solves
@@ -439,7 +438,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             else:  # from this round's measurements, for the next round
                 trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E&R bound {fmt(hg.bound)}")
                 if hg.bound <= target:  # E&R's certifies it already: no correction needed
-                    return replace(hg, work=total, notes=tuple(hg.notes) + (
+                    return evolve(hg, work=total, notes=tuple(hg.notes) + (
                         "DWR rounds: E&R's bound met the target in the first round; "
                         + "; ".join(trail),))
                 eps, delta, tol_v, tol_lam = _dwr_first(k, hg, target, n, components)
@@ -476,7 +475,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         failure = (f"certified accuracy not reached in {max_rounds} rounds: dwr bound "
                    f"{fmt(steered)} > atol + rtol ||grad|| = {fmt(target)}")
     if corr is None:  # every round was a zero trap
-        return replace(hg, work=total)
+        return evolve(hg, work=total)
     if tight:
         return _tight_result(hg, corr, grad, bound, plain, total, trail, failure)
     return _corrected_result(hg, corr, grad, bound, plain, components, total, trail, failure)
@@ -487,7 +486,7 @@ def _tight_result(hg: HypergradientResult, corr: Correction, h_c: np.ndarray, bo
                   failure: str | None) -> HypergradientResult:
     """hg (the plain h) with the bound |h - h_c| + bound(h_c), h_c and its bound kept."""
     res = _corrected_result(hg, corr, h_c, bound_c, plain, True, total, trail, failure)
-    return replace(res, grad=np.asarray(hg.grad), bound=plain, certificate="tight",
+    return evolve(res, grad=np.asarray(hg.grad), bound=plain, certificate="tight",
                    uncorrected_grad=None, uncorrected_bound=math.nan,
                    corrected_grad=h_c, corrected_bound=bound_c,
                    certified=bool(hg.certified and math.isfinite(plain)))
@@ -538,7 +537,7 @@ def _corrected_result(hg: HypergradientResult, corr: Correction, grad: np.ndarra
     notes = tuple(hg.notes) + (f"DWR certificate (docs/bounds.md 15, Corollary {corr.corollary}) rounds: "
                                + "; ".join(trail),)
     reasons = hg.reasons if failure is None else (Reason(ReasonKind.ACCURACY, failure),)
-    return replace(
+    return evolve(
         hg, grad=grad, bound=bound, work=total, notes=notes, reasons=reasons,
         certificate="dwr" if components else "dwr-direction",
         uncorrected_grad=np.asarray(hg.grad), uncorrected_bound=plain,

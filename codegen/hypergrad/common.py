@@ -131,11 +131,14 @@ def summarize(a: Any) -> str:
 
 def checked_theta(k: Any, theta: Any) -> np.ndarray:
     """theta as a finite 1-D float64 array of the kernel's theta_size, else SolverError."""
-    th = np.atleast_1d(np.asarray(theta, dtype=np.float64)).ravel()
+    if type(theta) is np.ndarray and theta.dtype == np.float64 and theta.ndim == 1:
+        th = theta  # what the conversions below return for such a theta, without their calls
+    else:
+        th = np.atleast_1d(np.asarray(theta, dtype=np.float64)).ravel()
     size = getattr(k, "theta_size", None)
     if size is not None and th.size != size:
         raise SolverError(f"theta has {th.size} entries, the problem has theta_size = {size}")
-    if not np.all(np.isfinite(th)):
+    if not np.isfinite(th).all():
         raise SolverError(f"theta is not finite: {th}")
     return th
 

@@ -16,9 +16,8 @@ as opposed to a failure.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from functools import partial
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
@@ -59,6 +58,7 @@ from .results import (
     Reason,
     ReasonKind,
     Status,
+    evolve,
 )
 from .solve import run_adjoint, run_lower
 
@@ -101,11 +101,26 @@ def hypergradient(k: Any, theta: Any, options: HypergradientOptions | None = Non
     opts = _resolved(k, HypergradientOptions.make(options, **overrides), theta)
     if opts.certificate != "er":
         return _with_certificate(k, theta, opts, x0, q0)
+    return _er(k, theta, opts, x0, q0)
+
+
+def _er(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
+        q0: Any) -> HypergradientResult:
+    """E&R's bound with opts resolved (no "auto"): in rounds for rtol / atol, else one solve.
+    theta is checked once here, not again in every round."""
     if opts.targets_accuracy:
-        return _in_rounds(hypergradient, k, theta, opts, x0, q0)
+        rtol = 0.0 if opts.rtol is None else float(opts.rtol)
+        check_targets(rtol, float(opts.atol))  # refused before theta, as the rounds refuse it
+        th = checked_theta(k, theta)
+        return _in_rounds(lambda o, x, q: _once(k, th, o, x, q), opts, x0, q0)
     if adjoint_entry(opts.adjoint).backprop and q0 is not None:
         raise SolverError("adjoint='backprop' takes no q0 (a warm start is not backprop)")
-    th = checked_theta(k, theta)
+    return _once(k, checked_theta(k, theta), opts, x0, q0)
+
+
+def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
+          q0: Any) -> HypergradientResult:
+    """One hypergradient with E&R's bound at fixed eps and delta: th checked, opts resolved."""
     c_global = checked_constants(k, th)
     ledger = _Ledger(notes=list(c_global["notes"]))
     c = _step_size_constants(k, th, c_global, opts.lower, x0, ledger, opts.adjoint)
@@ -137,24 +152,23 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
     if asked == "auto" and not opts.targets_accuracy:
         # fixed eps and delta: the caller plans the accuracy (the learning loops do), and the
         # correction's extra solves would buy nothing it asked for
-        return hypergradient(k, theta, replace(opts, certificate="er"), x0=x0, q0=q0)
+        return _er(k, theta, opts.evolve(certificate="er"), x0, q0)
     if opts.targets_accuracy:  # refused before any work, as the E&R rounds refuse it
         check_targets(0.0 if opts.rtol is None else opts.rtol, float(opts.atol))
     th = checked_theta(k, theta)
     why = _certificate_refused(k, th, opts)
     if why is not None:
-        res = hypergradient(k, theta, replace(opts, certificate="er"), x0=x0, q0=q0)
+        res = _er(k, th, opts.evolve(certificate="er"), x0, q0)
         if asked == "auto":  # the default: `certificate` names the bound, docs/bounds.md 15.6 why
             return res
-        return replace(res, notes=tuple(res.notes) + (
+        return evolve(res, notes=tuple(res.notes) + (
             f"certificate {asked!r}: E&R's bound, no DWR correction ({why})",))
     if asked == "auto":
-        opts = replace(opts, certificate="tight")
-    plain = replace(opts, certificate="er", rtol=None, atol=0.0)
+        opts = opts.evolve(certificate="tight")
+    plain = opts.evolve(certificate="er", rtol=None, atol=0.0)
 
     def run(eps: float, delta: float, x0: Any, q0: Any, refine: int) -> HypergradientResult:
-        return hypergradient(k, th, replace(plain, eps=eps, delta=delta, refine_iter=refine),
-                             x0=x0, q0=q0)
+        return _once(k, th, plain.evolve(eps=eps, delta=delta, refine_iter=refine), x0, q0)
 
     if opts.certificate == "tight":
         eps, delta = first_tolerances(opts.rtol or 0.0, opts.eps, opts.delta, TIGHT_FIRST_ROUND)
@@ -211,17 +225,16 @@ def _resolved(k: Any, opts: HypergradientOptions, theta: Any) -> HypergradientOp
     if not opts.is_auto:
         return opts
     lower, adjoint = choose_solvers(k, opts.lower, opts.adjoint, theta)
-    return replace(opts, lower=lower, adjoint=adjoint)
+    return opts.evolve(lower=lower, adjoint=adjoint)
 
 
-def _in_rounds(fn: Any, k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
-               q0: Any) -> HypergradientResult:
-    """fn (hypergradient or hypergradient_samples) in rounds until its certified bound meets
-    atol + rtol ||grad|| (`codegen.hypergrad.accuracy.to_accuracy`)."""
+def _in_rounds(solve: Callable[[HypergradientOptions, Any, Any], HypergradientResult],
+               opts: HypergradientOptions, x0: Any, q0: Any) -> HypergradientResult:
+    """solve(options, x0, q0) (one hypergradient, or one over several samples) in rounds until
+    its certified bound meets atol + rtol ||grad|| (`codegen.hypergrad.accuracy.to_accuracy`)."""
     def run(eps: float, delta: float, x0: Any, q0: Any, refine: int) -> HypergradientResult:
-        result: HypergradientResult = fn(k, theta, replace(
-            opts, eps=eps, delta=delta, refine_iter=refine, rtol=None, atol=0.0), x0=x0, q0=q0)
-        return result
+        return solve(opts.evolve(eps=eps, delta=delta, refine_iter=refine, rtol=None, atol=0.0),
+                     x0, q0)
 
     return to_accuracy(run, 0.0 if opts.rtol is None else float(opts.rtol), float(opts.atol),
                        opts.eps, opts.delta, x0, q0, opts.refine_iter)
@@ -430,12 +443,12 @@ def hypergradient_samples(ks: Any, theta: Any, options: HypergradientOptions | N
     opts = HypergradientOptions.make(options, **overrides)
     asked = opts.certificate
     if asked != "er":  # the DWR correction is per problem (docs/bounds.md 15.4)
-        opts = replace(opts, certificate="er")
+        opts = opts.evolve(certificate="er")
     if ks:  # one choice for all samples (they share a problem, hence its structure and size)
         opts = _resolved(ks[0], opts, theta)
     if opts.targets_accuracy:
-        return _in_rounds(partial(hypergradient_samples, per_sample=per_sample), ks, theta, opts,
-                          x0, q0)
+        return _in_rounds(lambda o, x, q: hypergradient_samples(
+            ks, theta, o, x0=x, q0=q, per_sample=per_sample), opts, x0, q0)
     S = len(ks)
     if S == 0:
         raise SolverError("hypergradient_samples needs at least one sample")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .common import DEFAULT_MAX_ITER, SolverError
 from .registry import ADJOINT, AUTO, LOWER, check_adjoint_name, check_lower_name
 
-__all__ = ["HypergradientOptions", "DEFAULT_LOWER", "DEFAULT_ADJOINT", "CERTIFICATES"]
+__all__ = ["HypergradientOptions", "DEFAULT_LOWER", "DEFAULT_ADJOINT", "CERTIFICATES", "DEFAULTS"]
 
 #: The certificates a hypergradient can report (docs/bounds.md 15 for "dwr" and "tight").
 CERTIFICATES = ("er", "dwr", "tight", "auto")
@@ -66,23 +66,31 @@ class HypergradientOptions:
     components: bool | None = None
 
     def __post_init__(self) -> None:
-        check_lower_name(self.lower, allow_auto=True)
-        check_adjoint_name(self.adjoint, allow_auto=True)
+        self._check(_FIELDS)
+
+    def _check(self, names: Any) -> None:
+        """SolverError unless the fields `names` (and the combinations they take part in) are
+        valid; the rest was checked when this object's source was made."""
+        if "lower" in names:
+            check_lower_name(self.lower, allow_auto=True)
+        if "adjoint" in names:
+            check_adjoint_name(self.adjoint, allow_auto=True)
         for name in ("eps", "delta", "atol"):  # rtol: codegen.hypergrad.accuracy
-            value = getattr(self, name)
-            # A negative tolerance can never be met: eps < 0 ended as "lower direct diverged".
-            if not _is_real(value) or math.isnan(value) or value < 0:
-                raise SolverError(f"{name} must be a number >= 0, got {value!r}")
-        for name in ("max_iter", "refine_iter") + (
-                ("adjoint_max_iter",) if self.adjoint_max_iter is not None else ()):
-            value = getattr(self, name)
-            if (not _is_real(value) or not math.isfinite(value)
-                    or not float(value).is_integer() or value < 0):
+            if name in names:
+                value = getattr(self, name)
+                # A negative tolerance can never be met: eps < 0 ended as "lower direct diverged".
+                if not _is_real(value) or math.isnan(value) or value < 0:
+                    raise SolverError(f"{name} must be a number >= 0, got {value!r}")
+        for name in ("max_iter", "refine_iter", "adjoint_max_iter"):
+            value = getattr(self, name) if name in names else None  # adjoint_max_iter may be None
+            if value is not None and (not _is_real(value) or not math.isfinite(value)
+                                      or not float(value).is_integer() or value < 0):
                 raise SolverError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.certificate not in CERTIFICATES:
+        if "certificate" in names and self.certificate not in CERTIFICATES:
             raise SolverError(f"certificate must be one of {', '.join(map(repr, CERTIFICATES))}, "
                               f"got {self.certificate!r}")
-        if ADJOINT.get(self.adjoint) is not None and ADJOINT[self.adjoint].backprop:
+        if (not names.isdisjoint(_COMBINED) and ADJOINT.get(self.adjoint) is not None
+                and ADJOINT[self.adjoint].backprop):
             entry = LOWER.get(self.lower)
             if self.lower != AUTO and (entry is None or not entry.keeps_trajectory):
                 raise SolverError("adjoint='backprop' needs lower='gd' or 'hb' (reverse mode "
@@ -90,6 +98,20 @@ class HypergradientOptions:
             if self.targets_accuracy:
                 raise SolverError("rtol/atol steer the solvers by the certified bound, and "
                                   "adjoint='backprop' has none; use adjoint='cg', 'gd' or 'hb'")
+
+    def evolve(self, **changes: Any) -> HypergradientOptions:
+        """dataclasses.replace(self, **changes) with only the changed fields checked (and the
+        combinations they enter): the same errors, without re-checking what this object's
+        own construction checked. The hypergradient derives several options per call (the
+        solvers "auto" chose, each accuracy round's tolerances), a few microseconds each
+        through replace."""
+        if not changes.keys() <= _FIELDS:
+            raise SolverError(f"unknown options {sorted(set(changes) - _FIELDS)}")
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        new._check(changes.keys())
+        return new
 
     @classmethod
     def make(cls, options: HypergradientOptions | None = None,
@@ -99,14 +121,14 @@ class HypergradientOptions:
         if options is not None and not isinstance(options, cls):
             raise SolverError(f"options must be a HypergradientOptions, got {options!r} "
                               "(pass solver names by keyword: lower=..., adjoint=...)")
-        unknown = sorted(set(overrides) - _FIELDS)
-        if unknown:
+        if not overrides.keys() <= _FIELDS:
+            unknown = sorted(set(overrides) - _FIELDS)
             raise SolverError(f"unknown option{'s' if len(unknown) > 1 else ''} "
                               f"{', '.join(map(repr, unknown))} for the hypergradient; the "
                               f"options are {', '.join(sorted(_FIELDS))}")
-        if options is None:
-            return cls(**overrides)
-        return replace(options, **overrides) if overrides else options
+        base = options if options is not None else (
+            DEFAULTS if cls is HypergradientOptions else cls())
+        return base.evolve(**overrides) if overrides else base
 
     @property
     def targets_accuracy(self) -> bool:
@@ -124,8 +146,15 @@ class HypergradientOptions:
 
 _FIELDS = frozenset(f.name for f in fields(HypergradientOptions))
 
+#: The fields whose combination with adjoint="backprop" is refused.
+_COMBINED = frozenset({"lower", "adjoint", "rtol", "atol"})
+
 
 def _is_real(value: Any) -> bool:
     """A real number; plain floats and ints skip the ABC check, which costs microseconds on
     every round of an accuracy loop."""
     return type(value) in (float, int) or isinstance(value, numbers.Real)
+
+
+#: The default options, made (and checked) once: frozen, so `make` shares them.
+DEFAULTS = HypergradientOptions()

@@ -8,16 +8,16 @@ reports is what it computed, and no caller changes it afterwards.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .common import fmt, norm, summarize
 
 __all__ = ["Status", "HARD_STATUSES", "ReasonKind", "Reason", "LowerResult", "AdjointResult",
-           "HypergradientResult"]
+           "HypergradientResult", "evolve"]
 
 
 class Status(str, Enum):
@@ -334,3 +334,22 @@ class HypergradientResult:
             lines.append(f"  lower={self.lower!r},")
             lines.append(f"  adjoint={self.adjoint!r}")
         return "\n".join(lines) + ")"
+
+
+_Result = TypeVar("_Result", LowerResult, AdjointResult, HypergradientResult)
+
+_FIELD_NAMES = {cls: frozenset(f.name for f in fields(cls))
+                for cls in (LowerResult, AdjointResult, HypergradientResult)}
+
+
+def evolve(result: _Result, **changes: Any) -> _Result:
+    """dataclasses.replace(result, **changes) for these frozen results (no __post_init__, every
+    field an init field): the same new object, without __init__'s object.__setattr__ per field
+    (8 us for HypergradientResult's 36 fields, on every accuracy round)."""
+    if not changes.keys() <= _FIELD_NAMES[type(result)]:
+        raise TypeError(f"{type(result).__name__} has no fields "
+                        f"{sorted(set(changes) - _FIELD_NAMES[type(result)])}")
+    new = object.__new__(type(result))
+    new.__dict__.update(result.__dict__)
+    new.__dict__.update(changes)
+    return new
