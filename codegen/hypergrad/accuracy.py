@@ -27,7 +27,7 @@ from typing import Any, Callable, cast
 import numpy as np
 
 from .bounds import aposteriori_bound, certified_product
-from .common import SolverError, fmt
+from .common import SolverError, fmt, grad_norm
 from .correction import (
     Correction,
     combined,
@@ -137,7 +137,7 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
         for key in _WORK_KEYS:
             total[key] += hg.work.get(key, 0)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: bound {fmt(hg.bound)}")
-        target = atol + rtol * float(np.linalg.norm(hg.grad))
+        target = atol + rtol * grad_norm(hg.grad)
         if not steerable(hg) or hg.bound <= target:
             break
         r_part, e_part, rounding = bound_parts(hg)

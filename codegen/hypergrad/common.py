@@ -22,7 +22,7 @@ from ..errors import HypergenError, KernelError
 
 __all__ = [
     "SolverError", "DEFAULT_MAX_ITER", "DIVERGENCE_FACTOR", "BLAS_FREE_FROM", "dot", "norm",
-    "all_finite", "call_kernel", "fixed_memo", "hvp_at", "true_residual", "fmt", "summarize",
+    "all_finite", "finite", "grad_norm", "call_kernel", "fixed_memo", "hvp_at", "true_residual", "fmt", "summarize",
     "checked_theta", "x_size_of", "checked_constants", "LowerTask", "AdjointTask",
 ]
 
@@ -55,19 +55,37 @@ def dot(a: Vector, b: Vector) -> float:
     the faster BLAS call (OpenBLAS keeps those on one thread).
     """
     if a.size < BLAS_FREE_FROM:
-        return float(a @ b)
+        return float(a.dot(b))  # the BLAS ddot of a @ b, without matmul's ufunc dispatch
     return float(np.einsum("i,i->", a, b))
 
 
 def norm(v: Any) -> float:
-    """The 2-norm of v flattened: what np.linalg.norm computes, without its call overhead and
-    BLAS threads (see `dot`)."""
-    v = np.asarray(v, dtype=np.float64).ravel()
+    """The 2-norm of v flattened: what np.linalg.norm computes (bit for bit below
+    BLAS_FREE_FROM entries: sqrt(v . v)), without its call overhead and BLAS threads (`dot`)."""
+    if not (type(v) is np.ndarray and v.dtype == np.float64 and v.ndim == 1):
+        v = np.asarray(v, dtype=np.float64).ravel()
     return math.sqrt(dot(v, v))
 
 
+def grad_norm(v: Any) -> float:
+    """np.linalg.norm(v) bit for bit at every length (sqrt(v . v) by BLAS, as NumPy computes
+    it), without its dispatch: for decisions that must not move by an ulp (the accuracy
+    rounds' target)."""
+    v = np.asarray(v, dtype=np.float64).ravel()
+    return math.sqrt(float(v.dot(v)))
+
+
+def finite(a: Any) -> bool:
+    """np.isfinite(a).all(): every entry finite (the reduction without ndarray.all's Python
+    wrapper, a fifth of the check on a short vector)."""
+    return bool(_ALL(np.isfinite(a), axis=None))
+
+
+_ALL = np.logical_and.reduce
+
+
 def all_finite(*arrays: Any) -> bool:
-    return all(np.isfinite(a).all() for a in arrays)
+    return all(finite(a) for a in arrays)
 
 
 def call_kernel(fn: Callable[..., Any], *args: Any) -> tuple[np.ndarray | None, str]:
@@ -80,7 +98,7 @@ def call_kernel(fn: Callable[..., Any], *args: Any) -> tuple[np.ndarray | None, 
         out = np.asarray(fn(*args), dtype=np.float64)
     except (KernelError, FloatingPointError, OverflowError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
-    if not np.isfinite(out).all():
+    if not finite(out):
         return None, "non-finite kernel output"
     return out, ""
 
@@ -138,7 +156,7 @@ def checked_theta(k: Any, theta: Any) -> np.ndarray:
     size = getattr(k, "theta_size", None)
     if size is not None and th.size != size:
         raise SolverError(f"theta has {th.size} entries, the problem has theta_size = {size}")
-    if not np.isfinite(th).all():
+    if not finite(th):
         raise SolverError(f"theta is not finite: {th}")
     return th
 

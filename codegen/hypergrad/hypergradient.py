@@ -44,6 +44,7 @@ from .common import (
     call_kernel,
     checked_constants,
     checked_theta,
+    finite,
     fmt,
     norm,
     x_size_of,
@@ -273,14 +274,13 @@ def _step_size_constants(k: Any, th: np.ndarray, c: dict[str, Any], lower: str, 
 def _localise(k: Any, x: np.ndarray, th: np.ndarray, c: dict[str, Any], c_global: dict[str, Any],
               radius: float) -> dict[str, Any]:
     """c with L_A, L_B, L_f, L_ft valid on B(x_eps, radius) where smaller (the ball contains
-    [x_eps, x*] when radius >= e); mu stays global; certified = AND of the flags."""
+    [x_eps, x*] when radius >= e); mu stays global; certified = AND of the flags. Called only
+    where some of them is infinite globally (else the global constants are kept unchanged)."""
     if not (hasattr(k, "local_constants") and math.isfinite(radius)):
         return c
-    if all(math.isfinite(c_global.get(key, 0.0)) for key in ("L_A", "L_B", "L_f", "L_ft")):
-        return c  # everything finite globally: keep the global constants unchanged
     cl = k.local_constants(x, th, radius)
     out = dict(c)
-    for key in ("L_A", "L_B", "L_f", "L_ft"):
+    for key in _LOCAL_KEYS:
         if key in cl and cl[key] is not None and float(cl[key]) < out.get(key, math.inf):
             out[key] = float(cl[key])
     if not math.isfinite(c_global["L"]) and math.isfinite(cl["L"]):
@@ -297,10 +297,16 @@ def _localised(k: Any, th: np.ndarray, c: dict[str, Any], c_global: dict[str, An
     e = low.bound
     if adjoint_entry(opts.adjoint).backprop or low.grad is None:
         return c, e
-    c = _localise(k, low.x, th, c, c_global, e)
+    local = not all(math.isfinite(c_global.get(key, 0.0)) for key in _LOCAL_KEYS)
+    if local:
+        c = _localise(k, low.x, th, c, c_global, e)
     e, used = refined_distance(k, low.x, th, c, low.grad, e, opts.refine_iter)
     ledger.work["hvps"] += used
-    return _localise(k, low.x, th, c, c_global, e), e
+    return (_localise(k, low.x, th, c, c_global, e) if local else c), e
+
+
+#: The constants `_localise` tightens on a ball (when one of them is infinite globally).
+_LOCAL_KEYS = ("L_A", "L_B", "L_f", "L_ft")
 
 
 def _adjoint(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, b: np.ndarray,
@@ -385,7 +391,7 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
                       f"uncertified constants (source = {c['source']!r}): the bound is only as "
                       "good as the stated constants")
     value = _value(k, x, th, ledger)
-    if not np.all(np.isfinite(grad)):
+    if not finite(grad):
         ledger.reason(ReasonKind.NON_FINITE, "non-finite hypergradient")
     # A bound computed from certified constants stays valid for a capped or diverged solve (it
     # is about the returned point); "not SPD" contradicts mu > 0, so nothing is certified then.

@@ -8,7 +8,7 @@ reports is what it computed, and no caller changes it afterwards.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -16,8 +16,50 @@ import numpy as np
 
 from .common import fmt, norm, summarize
 
+_T = TypeVar("_T")
+
 __all__ = ["Status", "HARD_STATUSES", "ReasonKind", "Reason", "LowerResult", "AdjointResult",
            "HypergradientResult", "evolve"]
+
+
+class _Factory:
+    """The default of a field with a default factory in a generated __init__'s signature."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+_FACTORY = _Factory()
+
+
+def _filled_at_once(cls: type[_T]) -> type[_T]:
+    """cls, a frozen dataclass, with an __init__ that sets all fields in one __dict__.update.
+
+    The dataclass's own frozen __init__ sets each field through object.__setattr__: 14 us for
+    HypergradientResult's 36 fields, 10 us for LowerResult's 20, on every accuracy round of a
+    hypergradient that itself takes 100-200 us at x = 10-50. This one has the same signature,
+    defaults and default factories (generated the way dataclasses generates its own), and the
+    instances stay frozen (the dataclass's __setattr__ still refuses assignment)."""
+    namespace: dict[str, Any] = {"MISSING": MISSING, "FACTORY": _FACTORY}
+    params, body = [], []
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.default is not MISSING:
+            namespace[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        elif f.default_factory is not MISSING:
+            namespace[f"_factory_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=FACTORY")
+            body.append(f"    if {f.name} is FACTORY:\n        {f.name} = _factory_{f.name}()\n")
+        else:
+            params.append(f.name)
+    names = ", ".join(f"{f.name}={f.name}" for f in fields(cls))  # type: ignore[arg-type]
+    source = (f"def __init__(self, {', '.join(params)}):\n" + "".join(body)
+              + f"    self.__dict__.update({names})\n")
+    exec(source, namespace)  # generated from the class's own fields, as dataclasses does
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init  # type: ignore[method-assign]
+    return cls
 
 
 class Status(str, Enum):
@@ -81,6 +123,7 @@ def _rigour(rigorous: bool) -> str:
     return "" if rigorous else " (not rigorous)"
 
 
+@_filled_at_once
 @dataclass(frozen=True, eq=False, repr=False)
 class LowerResult:
     """Result of a lower-level solve.
@@ -151,6 +194,7 @@ class LowerResult:
         return s + ")"
 
 
+@_filled_at_once
 @dataclass(frozen=True, eq=False, repr=False)
 class AdjointResult:
     """Result of an adjoint solve A(x_eps) q = grad_x f(x_eps).
@@ -216,6 +260,7 @@ class AdjointResult:
         return s + ")"
 
 
+@_filled_at_once
 @dataclass(frozen=True, eq=False, repr=False)
 class HypergradientResult:
     """A hypergradient estimate with its error bounds (docs/interface.md section 3).

@@ -63,12 +63,13 @@ def run_lower(k: Any, th: np.ndarray, c: dict[str, Any], solver: str, tol: float
         raise SolverError(f"a stored trajectory (adjoint='backprop') needs lower='gd' or 'hb', "
                           f"not {solver!r}")
     if x0 is None:
-        x0 = np.zeros(x_size_of(k))
-    x0 = np.array(x0, dtype=np.float64).ravel()
-    if x0.size != x_size_of(k, x0.size):
-        raise SolverError(f"x0 has {x0.size} entries, the problem has x_size = {k.x_size}")
-    if not all_finite(x0):
-        raise SolverError("x0 is not finite")
+        x0 = np.zeros(x_size_of(k))  # our own, finite and of the right size
+    else:
+        x0 = np.array(x0, dtype=np.float64).ravel()  # a private copy of the caller's
+        if x0.size != x_size_of(k, x0.size):
+            raise SolverError(f"x0 has {x0.size} entries, the problem has x_size = {k.x_size}")
+        if not all_finite(x0):
+            raise SolverError("x0 is not finite")
     if entry.needs_finite_L:
         require_finite_L(solver, c["L"])
     task = LowerTask(k=k, theta=th, constants=c, tol=float(tol), x0=x0, max_iter=int(max_iter),
