@@ -261,6 +261,28 @@ def test_a_restarted_dask_cluster_has_the_samples_installed_again(problems, clus
         assert set(prob.executor.backend.home.values()).isdisjoint(before.values())
 
 
+def test_a_killed_dask_worker_has_its_samples_recomputed(problems):
+    """A Dask worker process killed while it holds samples and their arrays: the call to its
+    actor is lost, the samples are installed on a live worker, the arrays read are computed
+    again there and the next call (warm-started at them) has the serial bits (its own cluster:
+    the nanny replaces the killed process at another address)."""
+    module, data, theta = problems["tv2d"]
+    serial = module.bind_samples(data)
+    want = serial.hypergradient(theta)
+    again = serial.hypergradient(theta, x0=want.x, q0=want.q)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cl, distributed.Client(cl) as client:
+        with module.bind_samples(data, executor=client) as prob:
+            prob.executor.inline_bytes = 0
+            first = prob.hypergradient(theta)
+            victim = prob.executor.backend.home[0]
+            os.kill(client.run(os.getpid, workers=[victim])[victim], 9)
+            assert np.asarray(first.lower[0].grad).tobytes() == want.lower[0].grad.tobytes()
+            got = prob.hypergradient(theta, x0=first.x, q0=first.q)
+            assert _bits(got) == _bits(again)
+            assert victim not in prob.executor.backend.home.values()
+
+
 def test_a_bad_executor_is_named(problems):
     module, data, _ = problems["ridge"]
     for bad, words in (("threads", "executor 'threads' is not an executor"),
