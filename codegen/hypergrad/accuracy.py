@@ -198,6 +198,8 @@ def _floor_accepted(hg: HypergradientResult) -> HypergradientResult:
     """hg without its lower solve's "rounding floor" reason when that is its only non-stated
     reason: the bound certifies the G reached (the floor is accuracy, not failure); the
     rounds decide whether it meets the target. A note keeps what the solver said."""
+    if not hg.reasons:
+        return hg
     floor = [r for r in hg.reasons if _is_floor_reason(r)]
     rest = tuple(r for r in hg.reasons if not _is_floor_reason(r))
     if not floor or not all(r.kind is ReasonKind.UNCERTIFIED for r in rest):

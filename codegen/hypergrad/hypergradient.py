@@ -102,21 +102,20 @@ def hypergradient(k: Any, theta: Any, options: HypergradientOptions | None = Non
     opts = _resolved(k, HypergradientOptions.make(options, **overrides), theta)
     if opts.certificate != "er":
         return _with_certificate(k, theta, opts, x0, q0)
-    return _er(k, theta, opts, x0, q0)
+    if opts.targets_accuracy:  # refused before theta is checked, as the rounds refuse it
+        check_targets(0.0 if opts.rtol is None else float(opts.rtol), float(opts.atol))
+    return _er(k, checked_theta(k, theta), opts, x0, q0)
 
 
-def _er(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
+def _er(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
         q0: Any) -> HypergradientResult:
-    """E&R's bound with opts resolved (no "auto"): in rounds for rtol / atol, else one solve.
-    theta is checked once here, not again in every round."""
+    """E&R's bound with th checked (once, not in every round) and opts resolved (no "auto"):
+    in rounds for rtol / atol, else one solve."""
     if opts.targets_accuracy:
-        rtol = 0.0 if opts.rtol is None else float(opts.rtol)
-        check_targets(rtol, float(opts.atol))  # refused before theta, as the rounds refuse it
-        th = checked_theta(k, theta)
         return _in_rounds(lambda o, x, q: _once(k, th, o, x, q), opts, x0, q0)
     if adjoint_entry(opts.adjoint).backprop and q0 is not None:
         raise SolverError("adjoint='backprop' takes no q0 (a warm start is not backprop)")
-    return _once(k, checked_theta(k, theta), opts, x0, q0)
+    return _once(k, th, opts, x0, q0)
 
 
 def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
@@ -153,7 +152,7 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
     if asked == "auto" and not opts.targets_accuracy:
         # fixed eps and delta: the caller plans the accuracy (the learning loops do), and the
         # correction's extra solves would buy nothing it asked for
-        return _er(k, theta, opts.evolve(certificate="er"), x0, q0)
+        return _er(k, checked_theta(k, theta), opts.evolve(certificate="er"), x0, q0)
     if opts.targets_accuracy:  # refused before any work, as the E&R rounds refuse it
         check_targets(0.0 if opts.rtol is None else opts.rtol, float(opts.atol))
     th = checked_theta(k, theta)

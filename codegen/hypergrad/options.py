@@ -82,9 +82,13 @@ class HypergradientOptions:
                 if not _is_real(value) or math.isnan(value) or value < 0:
                     raise SolverError(f"{name} must be a number >= 0, got {value!r}")
         for name in ("max_iter", "refine_iter", "adjoint_max_iter"):
-            value = getattr(self, name) if name in names else None  # adjoint_max_iter may be None
-            if value is not None and (not _is_real(value) or not math.isfinite(value)
-                                      or not float(value).is_integer() or value < 0):
+            if name not in names:
+                continue
+            value = getattr(self, name)
+            if name == "adjoint_max_iter" and value is None:  # None: max_iter's
+                continue
+            if (not _is_real(value) or not math.isfinite(value)
+                    or not float(value).is_integer() or value < 0):
                 raise SolverError(f"{name} must be a non-negative integer, got {value!r}")
         if "certificate" in names and self.certificate not in CERTIFICATES:
             raise SolverError(f"certificate must be one of {', '.join(map(repr, CERTIFICATES))}, "

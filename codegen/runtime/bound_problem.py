@@ -35,6 +35,8 @@ from .validation import as_float64
 if TYPE_CHECKING:  # annotations only: the module creates bound problems
     from .module import GeneratedModule
 
+_FLOAT64 = np.dtype(np.float64)
+
 
 class BoundProblem:
     def __init__(self, module: GeneratedModule, bound: dict):
@@ -66,6 +68,9 @@ class BoundProblem:
 
     # -- argument checks -------------------------------------------------------------------
     def _vector(self, name: str, value, length: int, what: str) -> np.ndarray:
+        if (type(value) is np.ndarray and value.dtype == _FLOAT64 and value.ndim == 1
+                and value.size == length and value.flags.c_contiguous):
+            return value  # the solvers' own vectors, thousands of times per solve
         arr = as_float64(what, value)
         if arr.ndim == 1 and arr.size == length:
             return arr
@@ -76,6 +81,9 @@ class BoundProblem:
 
     def checked_theta(self, theta) -> np.ndarray:
         """theta as a float64 1-D array of theta_size entries, else BindError."""
+        if (type(theta) is np.ndarray and theta.dtype == _FLOAT64 and theta.ndim == 1
+                and theta.size == self.theta_size and theta.flags.c_contiguous):
+            return theta  # what the checks below return for it, as in _vector
         arr = as_float64("theta", theta if isinstance(theta, np.ndarray) else np.atleast_1d(theta))
         if arr.ndim != 1 or arr.size != self.theta_size:
             size = self.theta_size

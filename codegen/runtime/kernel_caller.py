@@ -19,6 +19,7 @@ class KernelCaller:
         self.name = kernel["name"]
         self.fn = getattr(module.lib, f"hg_{module.name}_{kernel['name']}")
         self.ffi = module.ffi
+        self.from_buffer = module.ffi.from_buffer
         self.params = kernel["params"]
         self.fixed = {}
         for p in self.params:
@@ -47,8 +48,8 @@ class KernelCaller:
                       if p["name"] not in self.fixed]
 
     def __call__(self, vectors: dict, out: np.ndarray):
-        args = list(self.template)
-        from_buffer = self.ffi.from_buffer
+        args = self.template.copy()
+        from_buffer = self.from_buffer
         for k, name, is_output in self.slots:
             args[k] = from_buffer("double[]", out if is_output else vectors[name])
         with self.lock:
