@@ -29,7 +29,9 @@ The goal of issue 15: at least 1.7x faster than serial with 2 workers at 64 samp
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
+import queue
 import sys
 import time
 from pathlib import Path
@@ -148,7 +150,14 @@ def ceiling(count: int, size: int, workers: int, repeat: int) -> float:
              for r in range(workers)]
     for p in procs:
         p.start()
-    rounds = [out.get() for _ in procs]
+    rounds: list = []
+    while len(rounds) < workers:  # a process that died (an exception, the OOM killer) is named
+        try:
+            rounds.append(out.get(timeout=1.0))
+        except queue.Empty:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"a ceiling process failed (exit codes {failed})") from None
     for p in procs:
         p.join()
     return float(np.median(np.max(rounds, axis=0)))
@@ -196,6 +205,11 @@ def overhead(module, client, workers: int, count: int = 64) -> None:
         print(f"  {label:>10} {1e3 * per_sample:>8.2f} ms per sample{extra}")
 
 
+def load() -> str:
+    """The 1, 5 and 15 minute load averages (other jobs on the machine slow every contender)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", default="16,64", help="comma-separated sample counts")
@@ -227,10 +241,13 @@ def main() -> None:
     # each executor with only its own workers alive: an idle LocalCluster alongside (its
     # scheduler thread here, its workers and nannies) took the processes executor from 1.9x
     # to 1.6-1.7x at 64 samples (docs/distributed.md 5)
+    print(f"load average {load()}")
     with_ceiling("processes", "processes")
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
+        print(f"load average {load()}")
         with_ceiling("dask", client)
+        print(f"load average {load()}")
         traffic(module, size)
         overhead(module, client, args.workers)
 

@@ -265,14 +265,16 @@ def test_a_killed_dask_worker_has_its_samples_recomputed(problems):
     """A Dask worker process killed while it holds samples and their arrays: the call to its
     actor is lost, the samples are installed on a live worker, the arrays read are computed
     again there and the next call (warm-started at them) has the serial bits (its own cluster:
-    the nanny replaces the killed process at another address)."""
+    the nanny replaces the killed process at another address; 2 threads per worker, so each
+    worker's share runs as 2 batches on the actor's thread pool)."""
     module, data, theta = problems["tv2d"]
     serial = module.bind_samples(data)
     want = serial.hypergradient(theta)
     again = serial.hypergradient(theta, x0=want.x, q0=want.q)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True,
                                   dashboard_address=None) as cl, distributed.Client(cl) as client:
         with module.bind_samples(data, executor=client) as prob:
+            assert {host.threads for host in prob.executor.backend.hosts.values()} == {2}
             prob.executor.inline_bytes = 0
             first = prob.hypergradient(theta)
             victim = prob.executor.backend.home[0]
