@@ -311,8 +311,8 @@ def held_calls(tokens: list[str]) -> dict[str, list[int]]:
 
 def run_samples(tasks: list[SampleTask]) -> list[bytes | Exception]:
     """run_sample for each task in turn (a worker's share of a call: one request to a
-    `processes` worker, one Dask task per worker thread), each sample's error returned in its
-    place, so that it does not lose the others' results."""
+    `processes` worker; on a Dask worker, one call on its actor, a batch per worker thread),
+    each sample's error returned in its place, so that it does not lose the others' results."""
     outcomes: list[bytes | Exception] = []
     for task in tasks:
         try:
