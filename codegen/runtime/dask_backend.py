@@ -145,7 +145,8 @@ class DaskBackend:
 
     def _host(self, worker: str) -> str:
         """The worker's SampleHost, made if it has none; returns the worker it lives on (the
-        one asked for unless that one left meanwhile)."""
+        one asked for unless that one left meanwhile). Making it is a Dask task: on a cluster
+        busy with other work it waits for a free thread, as any task would."""
         if worker in self.hosts:
             return worker
         from dask.distributed import wait
@@ -153,9 +154,9 @@ class DaskBackend:
         future = self.client.submit(SampleHost, workers=[worker], allow_other_workers=True,
                                     actor=True, pure=False, key=key)
         try:
-            wait(future, timeout=CONNECT_TIMEOUT)  # type: ignore[no-untyped-call]
+            wait(future)  # type: ignore[no-untyped-call]
             where = [str(w) for w in self.client.who_has(future).get(key, ())]
-        except Exception as exc:  # noqa: BLE001 - a timeout, or a scheduler gone
+        except Exception as exc:  # noqa: BLE001 - a scheduler gone
             where, why = [], f"{type(exc).__name__}: {exc}"
         else:
             why = future.status
