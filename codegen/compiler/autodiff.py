@@ -18,6 +18,7 @@ non-differentiable arrays (the max of a log-sum-exp) are constants.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterable, Sequence
 
 import sympy as sp
@@ -28,9 +29,15 @@ from . import ir
 def partials(expr: sp.Expr, arrays: dict[str, ir.Array],
              wrt: Collection[str]) -> list[tuple[sp.Expr, sp.Expr]]:
     """[(read, d expr / d read)] for every read of an array named in `wrt`; zero partials dropped."""
-    targets = [r for r in ir.reads_of(expr, arrays) if ir.read_name(r) in wrt]
-    if not targets:
-        return []
+    targets = tuple(r for r in ir.reads_of(expr, arrays) if ir.read_name(r) in wrt)
+    return list(_partials(expr, targets)) if targets else []
+
+
+@functools.lru_cache(maxsize=4096)
+def _partials(expr: sp.Expr, targets: tuple[sp.Expr, ...]) -> tuple[tuple[sp.Expr, sp.Expr], ...]:
+    """The non-zero d expr / d target. Memoised: the kernels differentiate the same update bodies
+    along the same reads several times (the HVP and cross_vjp are both tangents of the adjoint
+    along x), and `sp.diff` of a large body is the costly step."""
     holders = [sp.Symbol(f"hg_read{k}", real=True) for k in range(len(targets))]
     to_holder = dict(zip(targets, holders))
     back = dict(zip(holders, targets))
@@ -40,7 +47,7 @@ def partials(expr: sp.Expr, arrays: dict[str, ir.Array],
         d = sp.diff(held, h)
         if d != 0:
             out.append((r, d.xreplace(back)))
-    return out
+    return tuple(out)
 
 
 def active_arrays(program: ir.Program, wrt: Iterable[str]) -> set[str]:

@@ -9,6 +9,7 @@ derivative transforms (autodiff.py) and fusion (passes.py) simple and order-inde
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -76,14 +77,44 @@ def read(array: Array, index: tuple[sp.Expr, ...]) -> sp.Expr:
 
 
 def reads_of(expr: sp.Expr, arrays: dict[str, Array]) -> list[sp.Expr]:
-    """Distinct reads (Indexed or scalar Symbols naming an array) in `expr`, in a stable order."""
-    found: set[sp.Expr] = set()
-    for node in sp.preorder_traversal(expr):
-        if isinstance(node, sp.Indexed) and str(node.base.label) in arrays:
-            found.add(node)
-        elif isinstance(node, sp.Symbol) and node.name in arrays and arrays[node.name].is_scalar:
-            found.add(node)
-    return sorted(found, key=sp.default_sort_key)
+    """Distinct reads (Indexed or scalar Symbols naming an array) in `expr`, in a stable order.
+
+    Every pass asks this of the same few hundred (often huge) update expressions again and again,
+    so the tree walk and the sort are done once per expression (`_read_candidates`) and only the
+    filter by `arrays` runs per call.
+    """
+    return [node for node, name, indexed in _read_candidates(expr)
+            if name in arrays and (indexed or arrays[name].is_scalar)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_candidates(expr: sp.Expr) -> tuple[tuple[sp.Expr, str, bool], ...]:
+    """Every Indexed and Symbol node of `expr` as (node, array name, is Indexed), sorted by
+    `sp.default_sort_key` (a subset of a sorted list stays sorted, so `reads_of` filters it).
+
+    The walk visits each distinct subexpression once: derivatives share subtrees heavily, and
+    `sp.preorder_traversal` would walk every shared copy again.
+    """
+    found: list[tuple[sp.Expr, str, bool]] = []
+    seen: set[sp.Basic] = set()
+    stack: list[sp.Basic] = [expr]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, sp.Indexed):
+            found.append((node, str(node.base.label), True))
+        elif isinstance(node, sp.Symbol):
+            found.append((node, node.name, False))
+        stack.extend(node.args)
+    return tuple(sorted(found, key=lambda c: sp.default_sort_key(c[0])))
+
+
+@functools.lru_cache(maxsize=4096)
+def free_symbols(expr: sp.Expr) -> frozenset[sp.Basic]:
+    """`expr.free_symbols`, computed once per expression (SymPy recomputes it on every access)."""
+    return frozenset(expr.free_symbols)
 
 
 def read_name(r: sp.Expr) -> str:

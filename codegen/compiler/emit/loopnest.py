@@ -248,8 +248,8 @@ class LoopNestBuilder:
         def visit(e: sp.Expr) -> None:
             if not e.args:
                 return
-            if invariant(e) and (isinstance(e, sp.Function) or
-                                 isinstance(e, sp.Pow) and not e.exp.is_Integer):
+            if (isinstance(e, sp.Function) or isinstance(e, sp.Pow) and not e.exp.is_Integer) \
+                    and invariant(e):  # the cheap test first: free_symbols walks all of `e`
                 found.setdefault(e, None)
                 return
             for a in e.args:

@@ -49,7 +49,7 @@ def _size_symbols(program: ir.Program, sizes: Sequence[sp.Symbol]) -> list[sp.Sy
         for lp in stmt.loops:
             used |= lp.lo.free_symbols | lp.hi.free_symbols
         for u in stmt.updates:
-            used |= u.expr.free_symbols
+            used |= ir.free_symbols(u.expr)
     return [s for s in sizes if s in used]
 
 
