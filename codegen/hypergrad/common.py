@@ -213,10 +213,14 @@ def checked_constants(k: Any, theta: Any) -> dict[str, Any]:
         "certified": bool(raw.get("certified", False)),
         "source": str(raw.get("source", "unknown")),
     }
-    if any(v < 0 for key, v in c.items() if key.startswith("L")):
+    if any(c[key] < 0 for key in _LIPSCHITZ):
         raise SolverError(f"negative Lipschitz constant in {raw}")
     c["notes"] = notes
     return c
+
+
+#: The Lipschitz constants of `checked_constants` (every key of its result that starts with L).
+_LIPSCHITZ = ("L", "L_A", "L_B", "L_f", "L_ft")
 
 
 @dataclass
