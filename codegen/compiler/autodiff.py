@@ -41,12 +41,12 @@ def _partials(expr: sp.Expr, targets: tuple[sp.Expr, ...]) -> tuple[tuple[sp.Exp
     holders = [sp.Symbol(f"hg_read{k}", real=True) for k in range(len(targets))]
     to_holder = dict(zip(targets, holders))
     back = dict(zip(holders, targets))
-    held = expr.xreplace(to_holder)
+    held = ir.xreplace(expr, to_holder)
     out: list[tuple[sp.Expr, sp.Expr]] = []
     for r, h in zip(targets, holders):
         d = sp.diff(held, h)
         if d != 0:
-            out.append((r, d.xreplace(back)))
+            out.append((r, ir.xreplace(d, back)))
     return tuple(out)
 
 

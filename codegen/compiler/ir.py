@@ -117,6 +117,30 @@ def free_symbols(expr: sp.Expr) -> frozenset[sp.Basic]:
     return frozenset(expr.free_symbols)
 
 
+def xreplace(expr: sp.Expr, rule: dict[Any, Any]) -> sp.Expr:
+    """`expr.xreplace(rule)`, rebuilding each distinct subexpression once.
+
+    SymPy's xreplace walks the expression as a tree, so a subtree shared many times (derivative
+    bodies share theirs heavily) is walked and rebuilt once per occurrence. This walks the same
+    nodes in the same way (a node changes when a rule fires below it, and is then rebuilt with
+    `func(*args)`), so the result is the same expression.
+    """
+    memo: dict[sp.Basic, tuple[sp.Basic, bool]] = {}
+
+    def walk(node: sp.Basic) -> tuple[sp.Basic, bool]:
+        if node in rule:
+            return rule[node], True
+        done = memo.get(node)
+        if done is None:
+            parts = [walk(a) if isinstance(a, sp.Basic) else (a, False) for a in node.args]
+            changed = any(c for _, c in parts)
+            done = (node.func(*[a for a, _ in parts]), True) if changed else (node, False)
+            memo[node] = done
+        return done
+
+    return walk(expr)[0] if rule else expr
+
+
 def read_name(r: sp.Expr) -> str:
     return str(r.base.label) if isinstance(r, sp.Indexed) else r.name
 

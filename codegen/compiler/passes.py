@@ -56,7 +56,7 @@ def _rename_outer(stmt: ir.Statement, var: sp.Symbol) -> ir.Statement:
     loops = (ir.Loop(var, stmt.loops[0].lo, stmt.loops[0].hi),) + tuple(
         ir.Loop(lp.var, lp.lo.xreplace(sub), lp.hi.xreplace(sub)) for lp in stmt.loops[1:])
     updates = tuple(ir.Update(u.target, tuple(sp.sympify(i).xreplace(sub) for i in u.index),
-                              u.expr.xreplace(sub), u.op) for u in stmt.updates)
+                              ir.xreplace(u.expr, sub), u.op) for u in stmt.updates)
     return ir.Statement(loops, updates)
 
 

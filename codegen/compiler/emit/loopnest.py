@@ -140,7 +140,7 @@ class LoopNestBuilder:
                     h = sp.Symbol(f"hg_read{len(holders)}", real=True)
                     holders[r] = h
                     placeholders[h.name] = f"{r.base.label}_data[hg_p]" if r == csr else self.code(r)
-        exprs = [u.expr.xreplace(holders) for u in stmt.updates]
+        exprs = [ir.xreplace(u.expr, holders) for u in stmt.updates]
         depth_of_read = {h: self.depth_needed(r.free_symbols, loops) for r, h in holders.items()}
         hoisted, exprs = self.hoist_invariants(exprs, loops, fixed, depth_of_read)
         replacements, reduced = sp.cse(exprs, symbols=self.local_names, order="none")
@@ -356,7 +356,7 @@ def _shift_outer(stmt: ir.Statement, offset: int) -> ir.Statement:
                                            sp.sympify(lp.hi).xreplace(sub))
                                    for lp in stmt.loops[1:])
     updates = tuple(ir.Update(u.target, tuple(sp.sympify(i).xreplace(sub) for i in u.index),
-                              u.expr.xreplace(sub), u.op) for u in stmt.updates)
+                              ir.xreplace(u.expr, sub), u.op) for u in stmt.updates)
     return ir.Statement(loops, updates)
 
 
