@@ -95,3 +95,17 @@ def test_csr_rows_are_never_jammed():
     walks = [lp for lp in loops if lp.depth == 1]
     assert walks and all(lp.walks_csr_row and lp.start == "A_indptr[i]"
                          and lp.stop == "A_indptr[i + 1]" for lp in walks)
+
+
+def test_memoised_walks_match_sympy_on_shared_subtrees():
+    """ir.reads_of and ir.xreplace walk each distinct subexpression once (derivative bodies share
+    theirs); they must return what SymPy's tree walks return, in the same order."""
+    top = sp.Symbol("top", real=True)
+    inner = sp.exp(A[i, j] * x[j] + top) * s[i]
+    body = sp.diff(sp.log(1 + inner ** 2) * out[j], x[j], 2) + inner * sp.sin(inner)
+    walked = {e for e in sp.preorder_traversal(body)
+              if isinstance(e, sp.Indexed) or e == top}
+    assert ir.reads_of(body, ARRAYS) == sorted(walked, key=sp.default_sort_key)
+    assert [ir.read_name(r) for r in ir.reads_of(body, {"x": ARRAYS["x"]})] == ["x"]
+    for rule in ({x[j]: sp.Symbol("h")}, {inner: top}, {i: i + 1, top: 2 * top}, {}):
+        assert sp.srepr(ir.xreplace(body, rule)) == sp.srepr(body.xreplace(rule))
