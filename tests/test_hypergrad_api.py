@@ -60,6 +60,21 @@ def test_invalid_options_are_refused_before_any_work(keywords, message):
         HypergradientOptions.make(**keywords)
 
 
+@pytest.mark.parametrize("keywords", [
+    dict(refine_iter=None), dict(max_iter=None), dict(max_iter=-3), dict(eps=-1.0),
+    dict(delta=float("nan")), dict(refine_iter=1.5), dict(lower="bfgs"), dict(certificate="exact"),
+    dict(lower="fista", adjoint="backprop"),
+])
+def test_derived_options_refuse_what_the_constructor_refuses(keywords):
+    """evolve (the per-call derivation, which checks only the changed fields) raises the
+    constructor's own error for every field it changes."""
+    with pytest.raises(SolverError) as direct:
+        HypergradientOptions(**keywords)
+    with pytest.raises(SolverError) as derived:
+        HypergradientOptions().evolve(**keywords)
+    assert str(derived.value) == str(direct.value)
+
+
 def test_options_object_and_overrides():
     k = Ridge.generate(seed=0)
     th = np.array([-0.5])
