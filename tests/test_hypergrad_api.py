@@ -16,7 +16,10 @@ from codegen.hypergrad import (
     ADJOINT_SOLVERS,
     LOWER_CHOICES,
     LOWER_SOLVERS,
+    AdjointResult,
     HypergradientOptions,
+    HypergradientResult,
+    LowerResult,
     Reason,
     ReasonKind,
     SolverError,
@@ -282,3 +285,33 @@ def test_bound_problem_refuses_unknown_options(build_dir):
     opts = HypergradientOptions(lower="cg", adjoint="cg", rtol=1e-8)
     hg = prob.hypergradient(0.0, opts)
     assert (hg.lower_solver, hg.adjoint_solver) == ("cg", "cg") and hg.ok
+
+
+@pytest.mark.parametrize("cls", [LowerResult, AdjointResult, HypergradientResult])
+def test_result_init_is_the_dataclass_init(cls):
+    """The results' one-step __init__ (results._filled_at_once) takes the fields the dataclass
+    declares, in order, with their defaults; a default factory gives each instance its own
+    object; the instance stays frozen and pickles."""
+    import inspect
+    import pickle
+    declared = dataclasses.fields(cls)
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    assert [p.name for p in params] == [f.name for f in declared]
+    required = {f.name: object() for f in declared
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    a, b = cls(**required), cls(**required)
+    for f in declared:
+        if f.default is not dataclasses.MISSING:
+            assert getattr(a, f.name) is f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            assert getattr(a, f.name) == f.default_factory()
+            if isinstance(getattr(a, f.name), (list, dict, set)):
+                assert getattr(a, f.name) is not getattr(b, f.name)
+        else:
+            assert getattr(a, f.name) is required[f.name]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(a, declared[0].name, 1)
+    with pytest.raises(TypeError):
+        cls()
+    x = cls(**{k: i for i, k in enumerate(required)})
+    assert pickle.dumps(pickle.loads(pickle.dumps(x))) == pickle.dumps(x)  # nan defaults

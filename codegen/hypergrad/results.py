@@ -40,6 +40,8 @@ def _filled_at_once(cls: type[_T]) -> type[_T]:
     hypergradient that itself takes 100-200 us at x = 10-50. This one has the same signature,
     defaults and default factories (generated the way dataclasses generates its own), and the
     instances stay frozen (the dataclass's __setattr__ still refuses assignment)."""
+    if hasattr(cls, "__post_init__") or not all(f.init for f in fields(cls)):  # type: ignore[arg-type]
+        raise TypeError(f"{cls.__name__}: a __post_init__ or a non-init field would be skipped")
     namespace: dict[str, Any] = {"MISSING": MISSING, "FACTORY": _FACTORY}
     params, body = [], []
     for f in fields(cls):  # type: ignore[arg-type]
