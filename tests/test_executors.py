@@ -104,6 +104,18 @@ def test_a_scheduler_address_opens_and_closes_its_own_client(problems, cluster):
     assert client.status == "closed"
 
 
+def test_a_client_that_connects_to_workers_directly_gives_the_serial_bits(problems, cluster):
+    """The actor calls go straight to the workers when the Client does (direct_to_workers),
+    through the scheduler's relay otherwise (the fixture's Client): both paths, the same bits."""
+    cl, _ = cluster
+    module, data, theta = problems["logistic"]
+    want = module.bind_samples(data).hypergradient(theta, rtol=1e-6)
+    with distributed.Client(cl, direct_to_workers=True) as client:
+        assert client.direct_to_workers
+        with module.bind_samples(data, executor=client) as prob:
+            assert _bits(prob.hypergradient(theta, rtol=1e-6)) == _bits(want)
+
+
 def test_warm_starts_stay_on_the_workers(problems, bound):
     """The second call starts from the first's (x, q): no x0 travels (warm_count), less work
     than a cold start, and the serial second call's bits."""
