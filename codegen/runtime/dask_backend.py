@@ -184,7 +184,12 @@ class DaskBackend:
     def _call(self, calls: list[tuple[str, str, tuple[Any, ...]]]) -> list[Any]:
         """Each (worker, method, args) on that worker's SampleHost, all at once; the replies in
         order: the method's value, the exception it raised, or _Lost where the worker or its
-        actor could not be reached (the worker is then forgotten: an actor is made anew)."""
+        actor could not be reached (the worker is then forgotten: an actor is made anew).
+
+        The calls use the worker's `actor_execute` RPC, which the public Actor proxy wraps: the
+        proxy catches only OSError, so a worker restarted since (it answers KeyError: no such
+        actor) would leave its future unresolved and the call waiting forever. Checked against
+        distributed 2023.1.0 (the oldest pyproject.toml admits) and the current release."""
         from distributed.actor import ProxyRPC
         from distributed.protocol.serialize import to_serialize
         client = self.client
