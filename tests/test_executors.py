@@ -267,6 +267,11 @@ def test_a_restarted_dask_cluster_has_the_samples_installed_again(problems, clus
         got_first = prob.hypergradient(theta)
         before = dict(prob.executor.backend.home)
         client.restart()  # every worker process is replaced: nothing installed survives
+        # the restart cancelled the actors: a call to them is a loss at once, not an attempt to
+        # reach a gone address (which waits out Dask's 30 s connect timeout)
+        backend = prob.executor.backend
+        replies = backend._call([(w, "thread_counts", ()) for w in sorted(backend.hosts)])
+        assert len(replies) == 2 and all("is cancelled" in str(r) for r in replies), replies
         assert np.asarray(got_first.q[1]).tobytes() == first.q[1].tobytes()  # computed again
         got = prob.hypergradient(theta + 0.05, x0=got_first.x, q0=got_first.q)
         assert _bits(got) == _bits(want)

@@ -195,6 +195,11 @@ class DaskBackend:
         client = self.client
 
         async def one(worker: str, method: str, args: tuple[Any, ...]) -> Any:
+            status = self.hosts[worker].future.status
+            if status != "finished":  # the scheduler saw the actor's worker go (a restart
+                # cancels it, a death loses it): calling its address would wait out the 30 s
+                # connect timeout first
+                return _Lost(f"the actor on {worker} is {status}")
             rpc = client.rpc(worker) if client.direct_to_workers else \
                 ProxyRPC(client.scheduler, worker)  # type: ignore[no-untyped-call]
             try:
