@@ -88,21 +88,23 @@ Round = Callable[[float, float, Any, Any, int], HypergradientResult]
 
 
 def first_tolerances(rtol: float, eps: float, delta: float,
-                     factor: float = FIRST_ROUND) -> tuple[float, float]:
+                     tight: bool = False) -> tuple[float, float]:
     """The first round's (eps, delta) for a call asking bound <= atol + rtol ||grad||.
 
     Given eps or delta (anything but the options' defaults) are the caller's plan (the learning
     loops predict them from the previous point) and are kept. At the defaults the first round
     aims near the usual end point: the final tolerances depend on ||h||, which nothing known
-    before a solve predicts (docs/bounds.md 12), but they scale with rtol. factor: the first
-    round's tolerance over rtol; at E&R's FIRST_ROUND or below never looser than the defaults,
-    above it (the tight rounds, which aim at the target itself) factor * rtol as it is.
-    Steering only: every round's bound is certified by itself."""
-    default = DEFAULTS
-    if not rtol > 0 or (eps, delta) != (default.eps, default.delta):
+    before a solve predicts (docs/bounds.md 12), but they scale with rtol. E&R's rounds start
+    at FIRST_ROUND * rtol, never looser than the defaults; the tight rounds (tight=True), whose
+    bound is within a few times h's error, at the target itself: TIGHT_FIRST_ROUND * rtol as
+    it is. Steering only: every round's bound is certified by itself."""
+    if not rtol > 0 or (eps, delta) != (DEFAULTS.eps, DEFAULTS.delta):
         return eps, delta
-    first = max(factor * rtol, FIRST_FLOOR)
-    return (first, first) if factor > FIRST_ROUND else (min(eps, first), min(delta, first))
+    if tight:
+        first = max(TIGHT_FIRST_ROUND * rtol, FIRST_FLOOR)
+        return first, first
+    first = max(FIRST_ROUND * rtol, FIRST_FLOOR)
+    return min(eps, first), min(delta, first)
 
 
 def check_targets(rtol: float, atol: float) -> None:

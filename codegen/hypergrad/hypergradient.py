@@ -23,7 +23,6 @@ import numpy as np
 
 from ..errors import KernelError
 from .accuracy import (
-    TIGHT_FIRST_ROUND,
     TIGHT_RELATIVE,
     check_targets,
     corrected_to_accuracy,
@@ -171,7 +170,7 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
         return _once(k, th, plain.evolve(eps=eps, delta=delta, refine_iter=refine), x0, q0)
 
     if opts.certificate == "tight":
-        eps, delta = first_tolerances(opts.rtol or 0.0, opts.eps, opts.delta, TIGHT_FIRST_ROUND)
+        eps, delta = first_tolerances(opts.rtol or 0.0, opts.eps, opts.delta, tight=True)
         return corrected_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
                                      opts.refine_iter, True, opts.adjoint_cap, TIGHT_RELATIVE,
                                      tight=True)
