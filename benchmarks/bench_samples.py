@@ -9,7 +9,9 @@ per image; the images are 128 x 128 crops of scikit-image's photographs (camera,
 astronaut in grey, ...) at random offsets, with Gaussian noise of std 0.1 (seed 0). Each timed
 call is one cold hypergradient, `prob.hypergradient(theta)` (lower and adjoint "auto": Newton
 and CG here), over all samples: serial (this process), executor="processes" (`--workers`
-spawned processes) and a Dask LocalCluster of `--workers` processes with one thread each, each
+spawned processes) and a Dask LocalCluster of `--workers` processes with one thread each (the
+workers' statistical profiler off unless --dask-profiler: it samples every thread every 10 ms,
+7-8 ms of a worker's CPU per call here, which a cluster that runs only hypergen does not need), each
 executor against serial with only its own workers alive (the processes first, the cluster
 started after them). Contenders are timed in turns (timing.interleaved_times: a warm-up call each, then --repeat
 rounds, one call per round, median), BLAS and OpenMP on --threads threads (default 1: a worker per core).
@@ -218,9 +220,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", default="1", help="BLAS and OpenMP threads per process (0: the libraries' defaults)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dask-profiler", action="store_true",
+                    help="keep the Dask workers' statistical profiler on (Dask's default; off "
+                         "here, as on a cluster that runs only hypergen: docs/distributed.md 5)")
     args = ap.parse_args()
     counts = [8] if args.quick else [int(s) for s in args.samples.split(",")]
     size = 32 if args.quick else args.size
+    import dask
     from dask.distributed import Client, LocalCluster
 
     model, cores, t_mv, gbs = machine()
@@ -243,9 +249,12 @@ def main() -> None:
     # to 1.6-1.7x at 64 samples (docs/distributed.md 5)
     print(f"load average {load()}")
     with_ceiling("processes", "processes")
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        print(f"load average {load()}")
+    # the nannies hand this process's Dask configuration to the worker processes they start
+    with dask.config.set({"distributed.worker.profile.enabled": args.dask_profiler}), \
+            LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                         dashboard_address=None) as cluster, Client(cluster) as client:
+        profiling = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+        print(f"load average {load()}; workers' profiler on: {sorted(set(profiling.values()))}")
         with_ceiling("dask", client)
         print(f"load average {load()}")
         traffic(module, size)
