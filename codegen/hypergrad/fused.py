@@ -32,7 +32,7 @@ from .results import Status
 
 __all__ = ["FUSED_MAX_SIZE", "CHEAP_KERNEL_FACTOR", "CHEAP_DATA_PER_ENTRY", "data_per_entry",
            "fused_size_limit", "FusedLoops", "loops_for", "fused_cg", "cg_at", "count", "contiguous",
-           "LOOP_STATUSES", "NO_DECREASE", "NewtonRun", "fused_newton"]
+           "LOOP_STATUSES", "NO_DECREASE", "NewtonRun", "fused_newton", "closing_for"]
 
 #: Largest x (entries) for which the solvers take the fused loops (measured: docs/solvers.md 5).
 FUSED_MAX_SIZE = 4096
@@ -69,10 +69,11 @@ class FusedLoops:
 
     def __init__(self, k: Any) -> None:
         module = k.module
-        self.ffi, self.x_size = module.ffi, int(k.x_size)
+        self.ffi, self.x_size, self.theta_size = module.ffi, int(k.x_size), int(k.theta_size)
         prefix = f"hg_{module.name}"
         self.functions = {name: getattr(module.lib, f"{prefix}_{name}")
-                          for name in ("loop_cg", "loop_fista", "loop_descent", "loop_newton")
+                          for name in ("loop_cg", "loop_fista", "loop_descent", "loop_newton",
+                                       "closing")
                           if hasattr(module.lib, f"{prefix}_{name}")}
         meta, from_buffer = module.meta, module.ffi.from_buffer
         self.sizes = [int(k.sizes[s]) for s in meta["sizes"]]
@@ -112,6 +113,21 @@ class FusedLoops:
             raise KernelError(f"{name}: invalid size (every size must be at least 1)")
         return info
 
+    def close(self, theta: np.ndarray, x: np.ndarray,
+              q: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """(B^T q, the direct theta terms, f + r) at (x, theta) from the module's `closing` (one
+        call for cross_vjp, upper_theta_grad and upper_value); vectors C-contiguous float64.
+        Non-finite outputs are returned as they are, as the kernels return them."""
+        from_buffer = self.ffi.from_buffer
+        btq, direct, value = np.empty(self.theta_size), np.empty(self.theta_size), np.empty(1)
+        args = [*self.sizes, from_buffer("double[]", theta), *self.data,
+                *[from_buffer("double[]", v) for v in (x, q, btq, direct, value)], self.work]
+        with self.lock:
+            status = self.functions["closing"](*args)
+        if status == 2:
+            raise KernelError("closing: invalid size (every size must be at least 1)")
+        return btq, direct, float(value[0])
+
 
 def data_per_entry(k: Any) -> float:
     """The numbers k's data hold per entry of x (nonzeros for sparse data), computed once per
@@ -144,6 +160,19 @@ def loops_for(k: Any) -> FusedLoops | None:
     size = getattr(k, "x_size", None)
     if size is None or size > FUSED_MAX_SIZE and size > fused_size_limit(k):
         return None
+    return _fused_of(k)
+
+
+def closing_for(k: Any) -> FusedLoops | None:
+    """The fused functions of bound problem k when its module has `closing` (at any size: it
+    runs the same three kernels, one Python-to-C call instead of three), else None."""
+    fused = _fused_of(k)
+    return fused if fused is not None and "closing" in fused.functions else None
+
+
+def _fused_of(k: Any) -> FusedLoops | None:
+    """k's FusedLoops, built once per bound problem, or None (no loops in its module, or not a
+    bound problem)."""
     try:
         return _LOOPS[k]
     except KeyError:

@@ -49,6 +49,7 @@ from .common import (
     x_size_of,
 )
 from .correction import MAX_COMPONENTS, dwr_unavailable
+from .fused import closing_for, contiguous
 from .options import HypergradientOptions
 from .registry import adjoint_entry, lower_entry
 from .results import (
@@ -139,8 +140,9 @@ def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
         ledger.reason(ReasonKind.NON_FINITE, f"grad_x f not finite at x_eps ({msg})")
         return _failed(th, low, c, opts, ledger)
     adj = _adjoint(k, th, c, low, b, opts, q0, dense, ledger)
-    grad, direct = _assemble(k, th, low.x, adj, ledger)
-    return _bounded(k, th, c, low, adj, b, e, grad, direct, opts, ledger)
+    closing = _closing(k, th, low.x, adj)
+    grad, direct = _assemble(th, adj, closing, ledger)
+    return _bounded(k, th, c, low, adj, b, e, grad, direct, closing, opts, ledger)
 
 
 def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
@@ -335,18 +337,50 @@ def _adjoint(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, b: np.
     return adj
 
 
-def _assemble(k: Any, th: np.ndarray, x: np.ndarray, adj: AdjointResult,
+@dataclass(frozen=True)
+class _Closing:
+    """What the step after the adjoint solve reads of the kernels at (x_eps, theta): B^T q and
+    the direct theta terms as `call_kernel` returns them (None and the reason when not finite),
+    and f + r with the exception text of a failed evaluation (None if it did not raise)."""
+
+    btq: tuple[np.ndarray | None, str]
+    direct: tuple[np.ndarray | None, str]
+    value: float
+    value_failure: str | None = None
+
+
+def _closing(k: Any, th: np.ndarray, x: np.ndarray, adj: AdjointResult) -> _Closing:
+    """The closing kernels (cross VJP, theta terms, value) in one C call when k's module has
+    `closing` (`fused.closing_for`; the same kernels, the same bits), else one call each."""
+    fused = closing_for(k) if adj.solver != "backprop" else None
+    if fused is not None:
+        btq, direct, value = fused.close(th, contiguous(x), contiguous(adj.q))
+        return _Closing(_checked(btq), _checked(direct), value)
+    btq_msg = (None, "") if adj.solver == "backprop" else call_kernel(k.cross_vjp, x, th, adj.q)
+    direct_msg = call_kernel(k.upper_theta_grad, x, th)
+    try:
+        return _Closing(btq_msg, direct_msg, float(k.upper_value(x, th)))
+    except (KernelError, FloatingPointError, OverflowError) as exc:
+        return _Closing(btq_msg, direct_msg, math.nan, str(exc))
+
+
+def _checked(out: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """A fused kernel output as `call_kernel` returns a kernel's: None if not finite."""
+    return (out, "") if finite(out) else (None, "non-finite kernel output")
+
+
+def _assemble(th: np.ndarray, adj: AdjointResult, closing: _Closing,
               ledger: _Ledger) -> tuple[np.ndarray, np.ndarray]:
     """(h, the direct theta terms): h = -B^T q (one cross VJP) + upper_theta_grad."""
     if adj.solver == "backprop":
         h_impl = adj.h_cross
     else:
-        Btq, msg = call_kernel(k.cross_vjp, x, th, adj.q)
+        Btq, msg = closing.btq
         ledger.work["cross"] += 1
         h_impl = -Btq if Btq is not None else np.full(th.size, np.nan)
         if Btq is None:
             ledger.reason(ReasonKind.NON_FINITE, f"cross VJP not finite ({msg})")
-    direct, msg = call_kernel(k.upper_theta_grad, x, th)
+    direct, msg = closing.direct
     if direct is None:
         ledger.reason(ReasonKind.NON_FINITE, f"upper theta-gradient not finite ({msg})")
         direct = np.full(th.size, np.nan)
@@ -354,7 +388,7 @@ def _assemble(k: Any, th: np.ndarray, x: np.ndarray, adj: AdjointResult,
 
 
 def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: AdjointResult,
-             b: np.ndarray, e: float, grad: np.ndarray, direct: np.ndarray,
+             b: np.ndarray, e: float, grad: np.ndarray, direct: np.ndarray, closing: _Closing,
              opts: HypergradientOptions, ledger: _Ledger) -> HypergradientResult:
     """The bounds (a posteriori with its rounding floor, a priori), the value and the result."""
     x, q, R = low.x, adj.q, adj.residual
@@ -388,7 +422,7 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
         ledger.reason(ReasonKind.UNCERTIFIED,
                       f"uncertified constants (source = {c['source']!r}): the bound is only as "
                       "good as the stated constants")
-    value = _value(k, x, th, ledger)
+    value = _value(closing, ledger)
     if not finite(grad):
         ledger.reason(ReasonKind.NON_FINITE, "non-finite hypergradient")
     # A bound computed from certified constants stays valid for a capped or diverged solve (it
@@ -403,16 +437,13 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
         lower=low, adjoint=adj, notes=tuple(ledger.notes), theta=th)
 
 
-def _value(k: Any, x: np.ndarray, th: np.ndarray, ledger: _Ledger) -> float:
+def _value(closing: _Closing, ledger: _Ledger) -> float:
     """f(x_eps) + r(theta); a failure is a note and a reason, not an exception."""
-    value = math.nan
-    try:
-        value = float(k.upper_value(x, th))
-    except (KernelError, FloatingPointError, OverflowError) as exc:
-        ledger.notes.append(f"upper value failed: {exc}")
-    if not math.isfinite(value):
+    if closing.value_failure is not None:
+        ledger.notes.append(f"upper value failed: {closing.value_failure}")
+    if not math.isfinite(closing.value):
         ledger.reason(ReasonKind.NON_FINITE, "upper value not finite")
-    return value
+    return closing.value
 
 
 def _failed(th: np.ndarray, low: LowerResult, c: dict[str, Any], opts: HypergradientOptions,

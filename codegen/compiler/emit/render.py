@@ -19,6 +19,7 @@ from ...version import ABI_VERSION, __version__
 from .. import ir
 from ..kernels import CACHE_BUFFER, KernelSpec
 from ..problem import Problem
+from .closing import closing_context
 from .loopnest import LoopNestBuilder, Node
 from .loops import loops_context
 from .params import Param, wide
@@ -291,7 +292,7 @@ def render_module(problem: Problem, specs: list[KernelSpec]) -> tuple[str, str, 
     ctx = {
         "problem": problem.name, "prefix": f"hg_{problem.name}", "version": __version__,
         "abi": ABI_VERSION, "kernels": contexts, "sizes": sizes, "work": work + loop_work,
-        "loops": loops,
+        "loops": loops, "closing": closing_context(problem, kernels, f"hg_{problem.name}"),
         "template_digest": template_digest(),
     }
     header = env.get_template("module.h.j2").render(**ctx)
