@@ -25,6 +25,8 @@ LOGCOSH3 = 4 / (3 * sp.sqrt(3))  # sup |d^3 log cosh t| = 0.770
 STUDENT3 = sp.Rational(3, 2) + sp.sqrt(2)  # sup |d^3 log(1 + t^2)|
 LSE3 = 1 / sp.sqrt(2)  # Lipschitz constant of the Hessian of log-sum-exp (see lse_facts)
 LSE4 = sp.S.Half  # sup of the fourth derivative of log-sum-exp (see lse_facts)
+# sup_s |d/dw d^3/ds^3 sqrt(s^2 + w)| at w = 1: 0.9661, at s^2 = (6 - sqrt30)/4 (see _charbonnier)
+CHARB3W = 48 * sp.sqrt(180 - 30 * sp.sqrt(30)) / (10 - sp.sqrt(30)) ** sp.Rational(7, 2)
 NONSMOOTH = (sp.Abs, sp.Max, sp.Min, sp.Piecewise, sp.Heaviside, sp.sign)
 SMOOTH_HINT = ("use a smooth alternative such as the Charbonnier function sqrt(t**2 + nu**2) "
                "(nu > 0) instead of |t| or Huber")
@@ -42,6 +44,8 @@ class AtomFacts:
     rule: str = ""
     message: str = ""
     d4: sp.Expr = sp.oo  # sup |psi''''| (L_3); oo where the table has no value
+    # theta symbol -> sup_t |d psi'''/d theta| (L_DB for theta inside the atom); None: no rule
+    d3th: dict | None = None
 
     @property
     def peak(self):
@@ -127,7 +131,18 @@ def _sum_facts(facts):
                      "bound", all(f.certified for f in facts),
                      "sum of atoms: " + "; ".join(f.rule for f in facts),
                      "; ".join(f.message for f in facts if f.message),
-                     sp.Add(*[f.d4 for f in facts]))
+                     sp.Add(*[f.d4 for f in facts]), _add_dicts([f.d3th for f in facts]))
+
+
+def _add_dicts(ds):
+    """Key-wise sums (the sups of a sum's parts add); None if any part has no rule (None)."""
+    if any(d is None for d in ds):
+        return None
+    out: dict = {}
+    for d in ds:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def _scale_facts(f, kappa, theta_syms):
@@ -142,8 +157,13 @@ def _scale_facts(f, kappa, theta_syms):
         dth = {k: sp.Abs(kappa) * v for k, v in f.dth.items()}
         for s in kappa.free_symbols & set(theta_syms):
             dth[s] = dth.get(s, 0) + sp.Abs(sp.diff(kappa, s)) * f.peak
+    d3th = None
+    if f.d3th is not None:  # d(kappa psi''')/dtheta = kappa' psi''' + kappa d psi'''/dtheta
+        d3th = {k: sp.Abs(kappa) * v for k, v in f.d3th.items()}
+        for s in kappa.free_symbols & set(theta_syms):
+            d3th[s] = d3th.get(s, 0) + sp.Abs(sp.diff(kappa, s)) * f.d3
     return AtomFacts(f"{kappa}*{f.name}", lo, hi, sp.Abs(kappa) * f.d3, dth, f.kind, f.certified,
-                     f.rule + f"; scaled by {kappa}", f.message, sp.Abs(kappa) * f.d4)
+                     f.rule + f"; scaled by {kappa}", f.message, sp.Abs(kappa) * f.d4, d3th)
 
 
 def _base(psi, theta_syms, timeout):
@@ -218,30 +238,45 @@ def _polynomial(psi, theta_syms):
 
 
 def _charbonnier(al, be, ga, theta_syms):
+    """sqrt(al((t + tau)^2 + nu^2)); the group atom reuses its values (group_charbonnier).
+
+    With psi = sqrt(s^2 + w) (al = 1, w = nu^2): psi'' = w (s^2 + w)^(-3/2), max 1/sqrt(w);
+    |psi'''| max 48/(25 sqrt5)/w at s = sqrt(w)/2; psi'''' = 3 w (4 s^2 - w)(s^2 + w)^(-7/2), max
+    modulus 3/w^(3/2) at s = 0. For theta in nu^2: d psi''/dw = (s^2 - w/2)(s^2 + w)^(-5/2), sup
+    w^(-3/2)/2 at s = 0 (L_B), and d psi'''/dw = 3 s (3 w - 2 s^2)/(2 (s^2 + w)^(7/2)) =
+    w^-2 h(s/sqrt(w)) with h(r) = r (9/2 - 3 r^2)/(1 + r^2)^(7/2); h' vanishes where
+    12 r^4 - 36 r^2 + 9/2 = 0, and the larger |h| of the two roots is at r^2 = (6 - sqrt30)/4:
+    CHARB3W = 0.9661 (L_DB; docs/constants.md 3.11)."""
     if not (al.is_positive and _theta_free(al, theta_syms) and _theta_free(be, theta_syms)):
         return None
     nu2 = sp.simplify(ga / al - be**2 / (4 * al**2))
     if not nu2.is_positive:
         return None
     ra = sp.sqrt(al)
-    # d psi''/d(nu^2) for psi = sqrt(s^2 + w): (s^2 - w/2)(s^2 + w)^(-5/2), sup |.| = w^(-3/2)/2 at s = 0
-    dth = {s: sp.simplify(ra * sp.Abs(sp.diff(nu2, s)) / 2 / nu2 ** sp.Rational(3, 2))
-           for s in nu2.free_symbols & set(theta_syms)}
+    th = nu2.free_symbols & set(theta_syms)
+    dth = {s: sp.simplify(ra * sp.Abs(sp.diff(nu2, s)) / 2 / nu2 ** sp.Rational(3, 2)) for s in th}
+    d3th = {s: sp.simplify(ra * CHARB3W * sp.Abs(sp.diff(nu2, s)) / nu2**2) for s in th}
     return AtomFacts("Charbonnier", sp.S.Zero, sp.simplify(ra / sp.sqrt(nu2)),
                      sp.simplify(ra * CHARB3 / nu2), dth, "exact", True,
                      "atom table: Charbonnier sqrt(a((t + tau)^2 + nu^2)), psi'' in "
                      "(0, sqrt(a)/nu], sup|psi'''| = sqrt(a) 48/(25 sqrt5)/nu^2, "
-                     "sup|psi''''| = 3 sqrt(a)/nu^3 (at t = -tau)", "",
-                     sp.simplify(3 * ra / nu2 ** sp.Rational(3, 2)))
+                     "sup|psi''''| = 3 sqrt(a)/nu^3 (at t = -tau), "
+                     "sup|d psi'''/d(nu^2)| = sqrt(a) 0.9661/nu^4", "",
+                     sp.simplify(3 * ra / nu2 ** sp.Rational(3, 2)), d3th)
 
 
 def group_charbonnier(psi, ts, theta_syms):
     """psi(t_1..t_k) = sqrt(a sum t_k^2 + c): the isotropic Charbonnier group atom.
 
-    With F(w) = sqrt(1 + |w|^2): grad^2 F has eigenvalues s^-3/2 and s^-1/2 (s = 1 + |w|^2), so
-    psi'' in [0, sqrt(a)/nu]; D^3 F[h,h,h] = -3 a_h (1 + |w|^2 - a_h^2) / s^(5/2) with a_h = w.h,
-    maximal (48/(25 sqrt5)) at |w| = a_h = 1/2 for every k, so sup||D^3 psi|| = sqrt(a) 0.8587/nu^2
-    as for k = 1; d grad^2 psi / d(nu^2) has norm <= nu^-3/2 at 0, again as for k = 1.
+    Every derivative bound is the k = 1 value (docs/constants.md 3.11). Along a unit h through z,
+    t -> psi(z + t h) = sqrt(a) sqrt((t + z.h)^2 + nu_h^2) with nu_h^2 = |z|^2 - (z.h)^2 + c/a
+    >= c/a: a scalar Charbonnier whose nu_h^2 is at least c/a. Its j-th derivative at t = 0 is
+    D^j psi(z)[h, .., h], and the scalar sups (psi'' <= sqrt(a)/nu_h, |psi'''| <=
+    sqrt(a) 0.8587/nu_h^2, |psi''''| <= 3 sqrt(a)/nu_h^3, and the nu^2-derivatives of psi'' and
+    psi''') decrease in nu_h, so they hold with nu_h^2 = c/a. A symmetric multilinear form's norm
+    is the sup of its diagonal over unit h (Banach), so the Hessian lies in [0, a/sqrt(c)], and
+    sup||D^3 psi||, sup||D^4 psi|| (L_A, L_3) and the nu^2-derivatives (L_B, L_DB) are the
+    k = 1 values, attained on lines through 0.
     """
     if not (isinstance(psi, sp.Pow) and psi.exp == sp.S.Half):
         return None
@@ -265,10 +300,10 @@ def group_charbonnier(psi, ts, theta_syms):
     facts = _charbonnier(al, sp.S.Zero, const, theta_syms)
     if facts is not None:
         facts.name = f"group Charbonnier (k = {len(ts)})"
-        facts.d4 = sp.oo  # the k = 1 value is not proved for k > 1: no L_3
         facts.rule = ("atom table: isotropic Charbonnier sqrt(a |v|^2 + nu^2), v in R^k: Hessian in "
-                      "[0, sqrt(a)/nu], third derivative <= sqrt(a) 48/(25 sqrt5)/nu^2 (as for "
-                      "k = 1: derived)")
+                      "[0, a/nu], ||D^3|| <= a^(3/2) 48/(25 sqrt5)/nu^2, ||D^4|| <= 3 a^2/nu^3, "
+                      "||d D^3/d(nu^2)|| <= a^(3/2) 0.9661/nu^4 (the k = 1 values: every line "
+                      "through v is a scalar Charbonnier with a larger nu)")
     return facts
 
 

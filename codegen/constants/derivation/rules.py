@@ -144,15 +144,17 @@ def _lower_records(gt: list) -> dict:
     records["L_3"] = Record("L_3", L3, _kind(L3 == 0, L3), certified,
                             "Lipschitz constant of x -> DA(x) (fourth derivative of g): sum over "
                             "terms of |c| max w sup|psi''''| ||K||^2 max_I ||K_I||^2 (quadratic "
-                            "terms: 0; infinite where the atom table has no sup|psi''''|)",
+                            "terms: 0; group atoms: sup of the form's norm; infinite where the atom "
+                            "table has no sup|psi''''|)",
                             children=[_term_record("L_3", t, t.L3, t.L3 == 0) for t in gt])
     LDB = _sum([t.LDB for t in gt])
     records["L_DB"] = Record(
         "L_DB", LDB, _kind(LDB == 0, LDB), certified,
         "Lipschitz constant of x -> d(B u)/dx per ||u||: 0 for terms without theta or quadratic "
-        "in x (B affine in x); theta in a coefficient c or a per-sample weight w(theta_I) gives "
-        "(sum_l |dc/dtheta_l| max w + |c| max|w'|) sup|psi'''| ||K||^2 max_I ||K_I|| (infinite "
-        "for theta inside an atom or its argument)",
+        "in x (B affine in x); otherwise (sqrt(sum_l L_l^2) + |c| max|w'| sup|psi'''|) ||K||^2 "
+        "max_I ||K_I||, L_l = |dc/dtheta_l| max w sup|psi'''| + |c| max w sup|d psi'''/dtheta_l| "
+        "(theta in the coefficient, a per-sample weight w(theta_I), a Charbonnier's nu; infinite "
+        "for theta in the atom's argument, a filter's taps or an atom without d psi'''/dtheta)",
         children=[_term_record("L_DB", t, t.LDB, t.LDB == 0) for t in gt])
     cols, ps = {}, sp.S.Zero
     for t in gt:

@@ -498,21 +498,31 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
 
 
 def _cross_lipschitz(c, ps, f, op, off, ctx, single, dv, vmax):
-    """L_DB of a term c(theta) sum_I w_I(theta_I) psi(K_I x + b) whose B is not affine in x
-    (docs/constants.md 3.5). Its part of d(B u)/dx is K^T diag_I(beta_I psi''(K_I x)) K with
-    beta_I = (grad c . u) w_I + c w'(theta_I) u_I, so |beta_I| <= beta ||u|| with
-    beta = sum_l |dc/dtheta_l| max w + |c| max|w'|. As for L_A (the same sum with |c| max w in
-    place of beta) its Lipschitz constant is beta sup|psi'''| ||K||^2 max_I ||K_I||. Theta inside
-    the atom or its argument would need d psi'''/d theta, which the table does not have: oo."""
-    if f.dth is None or any(val != 0 for val in f.dth.values()) or ctx.has_theta(off):
+    """L_DB of a term c(theta) sum_I w_I(theta_I) psi(K_I x + b; theta) whose B is not affine in
+    x (docs/constants.md 3.5). Its part of d(B u)/dx is sum_l u_l K^T diag_I(beta_Il(x)) K with
+    beta_Il = dc/dtheta_l w_I psi'' + c w_I d psi''/dtheta_l (+ c w'(theta_I) psi'' for the
+    sample's own weight), whose x-Lipschitz constants per ||K_I (x - y)|| are
+    L_l = |dc/dtheta_l| max w sup|psi'''| + |c| max w sup|d psi'''/dtheta_l| (the atom table's
+    d3th, for theta inside the atom) and |c| max|w'| sup|psi'''|. As for L_A, with
+    sum_l |u_l| L_l <= ||u|| sqrt(sum_l L_l^2): (sqrt(sum_l L_l^2) + |c| max|w'| sup|psi'''|)
+    ||K||^2 max_I ||K_I||. No rule (oo): theta in the atom's argument, in a learned filter's
+    taps (d/dtheta of K^T psi''(K x) K grows with x), or inside an atom without d3th."""
+    if f.dth is None or ctx.has_theta(off) or op.dtaps:
+        return sp.oo
+    inside = {s for s, val in f.dth.items() if val != 0}
+    if inside and (f.d3th is None or not inside <= set(f.d3th)):
         return sp.oo
     theta_syms = set(ctx.theta_syms.values())
-    beta = sp.Add(*[sp.Abs(sp.diff(c, s)) for s in c.free_symbols & theta_syms]) * vmax
+    cols = {s: _mul(sp.Abs(sp.diff(c, s)) * vmax, f.d3) for s in c.free_symbols & theta_syms}
+    for s in inside:
+        cols[s] = cols.get(s, 0) + _mul(sp.Abs(c) * vmax, f.d3th[s])
+    vals = [v for v in cols.values() if v != 0]
+    beta = vals[0] if len(vals) == 1 else sp.sqrt(sp.factor_terms(sp.Add(*[v**2 for v in vals])))
     if ps is not None:
         if not single:
             return sp.oo
-        beta = beta + sp.Abs(c) * dv
-    return _mul(_mul(beta, f.d3), op.normsq * op.rowmax)
+        beta = beta + _mul(sp.Abs(c) * dv, f.d3)
+    return _mul(beta, op.normsq * op.rowmax)
 
 
 def _upper_theta(c, ps, f, op, off, ctx, limits):
