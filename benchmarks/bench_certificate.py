@@ -11,6 +11,8 @@ For each case (problem, lower solver, adjoint CG) and rtol in {1e-3, 1e-6, 1e-8}
 * tight: prob.hypergradient(theta, rtol=r, certificate="tight") (the default's choice where it
   applies, docs/bounds.md 15.6): the plain h with |h - h_c| + bound(h_c) steered to the target;
   its bound / ||h - grad F||, its work, and its true error / target (how little it overshoots);
+* auto: prob.hypergradient(theta, rtol=r), the default: the certificate it picked and its
+  bound / true error;
 * oracle: the same solvers with eps = delta = tol down a ladder (factor 2, no certificate used)
   stopped at the first tol whose TRUE error is <= r ||grad F|| and stays so at the next two rungs
   (the robust rule of the prototype; not implementable: it reads the exact gradient).
@@ -26,6 +28,9 @@ denoising with the fidelity weight as hyperparameter (tests/nonquadratic_kernels
 B not affine in x (Corollary 15.3 with cross_hvp and L_DB): the generated hypercleaning example
 with 8 per-sample weights (c = 10, n = 21 or 51, m = 8, mv = 200, lambda = 1e-2), and 1-D smoothed
 TV denoising with the TV weight e^t as hyperparameter (tests/nonquadratic_kernels.TV_WEIGHT).
+A group atom with theta inside it: examples/tv2d.py (isotropic smoothed TV, theta = (log alpha,
+log nu), 12 x 12 or 32 x 32; L_3 and L_DB from docs/constants.md 3.11).
+
 Paper-scale hypercleaning (20000 weights, the component along h): benchmarks/bench_hypercleaning.py.
 """
 import argparse
@@ -127,7 +132,10 @@ def run_case(name: str, k, theta: np.ndarray, lower: str) -> list[dict]:
                              components=True, max_iter=100000)
         tight = _hypergradient(k, theta, lower=lower, adjoint="cg", rtol=rtol,
                                certificate="tight", max_iter=100000)
+        auto = _hypergradient(k, theta, lower=lower, adjoint="cg", rtol=rtol, max_iter=100000)
         err_t = np.linalg.norm(tight.grad - exact)
+        err_a = np.linalg.norm(auto.grad - exact)
+        assert err_a <= auto.bound or err_a <= FLOOR * scale, (name, rtol, auto.bound, err_a)
         assert err_t <= tight.bound or err_t <= FLOOR * scale, (name, rtol, tight.bound, err_t)
         err_er = np.linalg.norm(er.grad - exact)
         err_c = np.linalg.norm(dwr.grad - exact)
@@ -142,11 +150,13 @@ def run_case(name: str, k, theta: np.ndarray, lower: str) -> list[dict]:
             "tight_work": _work(tight), "tight_ratio": _ratio(tight.bound, err_t, scale),
             "tight_status": tight.status, "tight_err": err_t / (rtol * scale),
             "er_status": er.status, "dwr_status": dwr.status,
+            "auto_cert": auto.certificate, "auto_ratio": _ratio(auto.bound, err_a, scale),
+            "auto_status": auto.status,
         })
     return out
 
 
-def cases(quick: bool):
+def _quadratic_cases(quick: bool):
     m, n, p = (400, 100, 200) if quick else (2000, 500, 1000)
     ridge, _ = _bind("ridge", _ridge_data(m, n, p, ill=False))
     ill, _ = _bind("ridge", _ridge_data(m, n, p, ill=True))
@@ -157,26 +167,72 @@ def cases(quick: bool):
     yield "ridge-ill cg", ill, np.array([math.log(1e-2)]), "cg"
     yield "quadratic p=10 cg", quad, np.ones(10), "cg"
     yield "quadratic p=10 gd", quad, np.ones(10), "gd"
+
+
+def _logistic_cases(quick: bool):
+    m, n, p = (400, 100, 200) if quick else (2000, 500, 1000)
     log_ns = runpy.run_path(str(ROOT / "examples" / "logistic.py"))
     log_data = log_ns["example_data"](m=m, n=n, p=p)
     logistic, _ = _bind("logistic", log_data)
     wrapped = GeneratedLogistic(logistic, log_data)
     yield "logistic gd", wrapped, np.array([math.log(1e-2)]), "gd"
     yield "logistic newton", wrapped, np.array([math.log(1e-2)]), "newton"
-    tv = SmoothTV1D.generate(seed=0, n=n, noise=0.2, beta=0.5, gamma=0.1)
+
+
+def _tv1d_cases(quick: bool):
+    tv = SmoothTV1D.generate(seed=0, n=100 if quick else 500, noise=0.2, beta=0.5, gamma=0.1)
     yield "tv1d gd", tv, np.array([1.0]), "gd"
     yield "tv1d newton", tv, np.array([1.0]), "newton"
-    # B not affine in x (cross_hvp, L_DB): per-sample weights on softmax cross-entropy (8 weights:
-    # every component certified) and a weight on smoothed TV
+
+
+def _hypercleaning_cases(quick: bool):
+    """B not affine in x (cross_hvp, L_DB): per-sample weights on softmax cross-entropy (8
+    weights: every component certified)."""
     hc_ns = runpy.run_path(str(ROOT / "examples" / "hypercleaning.py"))
     hc, _ = _bind("hypercleaning", hc_ns["example_data"](seed=0, c=10, n=21 if quick else 51,
                                                            m=8, mv=200, lam=1e-2))
     yield "hypercleaning gd", DenseGenerated(hc), np.linspace(-1.0, 1.0, 8), "gd"
     yield "hypercleaning newton", DenseGenerated(hc), np.linspace(-1.0, 1.0, 8), "newton"
+
+
+def _tv_weight_cases(quick: bool):
+    """B not affine in x: a weight e^t on 1-D smoothed TV."""
     tvw = build_problem(TV_WEIGHT, tempfile.mkdtemp(prefix="bench_cert_")).bind(
-        **tv_weight_data(seed=0, n=n))
+        **tv_weight_data(seed=0, n=100 if quick else 500))
     yield "tv-weight gd", DenseGenerated(tvw), np.array([math.log(0.3)]), "gd"
     yield "tv-weight newton", DenseGenerated(tvw), np.array([math.log(0.3)]), "newton"
+
+
+def _tv2d_cases(quick: bool):
+    """examples/tv2d.py, isotropic smoothed TV (a group atom) with theta = (log alpha, log nu):
+    L_3 and L_DB from the group atom's bounds (docs/constants.md 3.11)."""
+    side = 12 if quick else 32
+    tv2d, ns = _bind("tv2d", runpy.run_path(str(ROOT / "examples" / "tv2d.py"))["example_data"](
+        seed=0, h=side, w=side))
+    theta = np.array(ns["THETA0"])
+    yield "tv2d gd", DenseGenerated(tv2d), theta, "gd"
+    yield "tv2d newton", DenseGenerated(tv2d), theta, "newton"
+
+
+# (case names, builder): a builder runs only when --cases selects one of its names
+GROUPS = (
+    (("ridge cg", "ridge gd", "ridge-ill cg", "quadratic p=10 cg", "quadratic p=10 gd"),
+     _quadratic_cases),
+    (("logistic gd", "logistic newton"), _logistic_cases),
+    (("tv1d gd", "tv1d newton"), _tv1d_cases),
+    (("hypercleaning gd", "hypercleaning newton"), _hypercleaning_cases),
+    (("tv-weight gd", "tv-weight newton"), _tv_weight_cases),
+    (("tv2d gd", "tv2d newton"), _tv2d_cases),
+)
+
+
+def cases(quick: bool, words=None):
+    def wanted(name):
+        return not words or any(word in name for word in words)
+
+    for names, build in GROUPS:
+        if any(wanted(name) for name in names):
+            yield from (case for case in build(quick) if wanted(case[0]))
 
 
 METHODS = ("er", "dwr", "tight")
@@ -190,7 +246,8 @@ def _row_text(row: dict) -> str:
     return (f"{row['case']:<20} {row['rtol']:6.0e} {orc or '-':>6} "
             + "".join(f"{row[m + '_work']:6d}" for m in METHODS) + per_oracle
             + f" {row['er_ratio']:8.3g} {row['dwr_ratio']:8.3g} {row['plain_ratio']:8.3g}"
-            + f" {row['tight_ratio']:8.3g} {row['tight_err']:8.2g}" + flags)
+            + f" {row['tight_ratio']:8.3g} {row['tight_err']:8.2g}"
+            + f" {row['auto_cert']:>6} {row['auto_ratio']:8.3g}" + flags)
 
 
 def main() -> None:
@@ -203,16 +260,14 @@ def main() -> None:
     print("work in units; b/err = bound / true error; err/tgt = tight's true error / target")
     print(f"{'case':<20} {'rtol':>6} {'oracle':>6} {'ER':>6}{'DWR':>6}{'tight':>6}"
           f"{'ER/o':>7}{'DWR/o':>7}{'tght/o':>7} {'ER b/e':>8} {'DWR b/e':>8} {'plain':>8}"
-          f" {'tight':>8} {'err/tgt':>8}")
-    for name, k, theta, lower in cases(args.quick):
-        if args.cases and not any(word in name for word in args.cases):
-            continue
+          f" {'tight':>8} {'err/tgt':>8} {'auto':>6} {'auto b/e':>8}")
+    for name, k, theta, lower in cases(args.quick, args.cases):
         for row in run_case(name, k, theta, lower):
             rows.append(row)
             print(_row_text(row), flush=True)
     # medians over the rows where the method reached status "ok" (the target certified)
     for key, who in (("er_ratio", "er"), ("dwr_ratio", "dwr"), ("plain_ratio", "dwr"),
-                     ("tight_ratio", "tight")):
+                     ("tight_ratio", "tight"), ("auto_ratio", "auto")):
         print(f"median {key}: "
               f"{np.median([r[key] for r in rows if r[who + '_status'] == 'ok']):.3g}")
     for who in METHODS:
