@@ -57,15 +57,16 @@ def _unit_rows(rng, count, k):
     return v / np.linalg.norm(v, axis=0)
 
 
-@pytest.mark.parametrize("k, a, nu", [(2, 1.0, 0.05), (2, 2.5, 0.7), (3, 1.0, 0.3),
+@pytest.mark.parametrize("k, a, nu", [(1, 1.0, 0.2), (2, 1.0, 0.05), (2, 2.5, 0.7), (3, 1.0, 0.3),
                                       (3, 0.4, 2.0)])
 def test_group_charbonnier_bounds_hold_and_are_attained(k, a, nu):
     """The atom table's sups for the group atom (the k = 1 values, docs/constants.md 3.11):
     over a dense sample of points (radii 0..4 nu/sqrt(a), random directions) and unit
     directions, |D^j phi[h,..,h]| (j = 2, 3, 4) and the lnu-derivatives of j = 2, 3 never exceed
-    them, and the sampled maximum reaches at least 1/1.5 of each (the bound is not vacuous;
-    measured 0.999-1). The mixed fourth derivative in four independent unit directions stays
-    below sup||D^4 phi||, which checks the norm of the form itself, not only its diagonal."""
+    them, and the sampled maximum reaches at least 1/1.01 of each (the bounds are attained;
+    measured 0.9998-1 at the grid's resolution). k = 1 is the scalar atom. The mixed fourth
+    derivative in four independent unit directions stays below sup||D^4 phi||, which checks the
+    norm of the form itself, not only its diagonal."""
     ts = sp.symbols(f"t0:{k}", real=True)
     psi = sp.sqrt(sp.nsimplify(a) * sum(t ** 2 for t in ts) + sp.exp(2 * LNU))
     facts = atoms.group_charbonnier(psi, ts, [LNU])
@@ -90,7 +91,7 @@ def test_group_charbonnier_bounds_hold_and_are_attained(k, a, nu):
             assert vals.max() <= bound[key] * (1 + 1e-9), (key, r, vals.max(), bound[key])
             best[key] = max(best[key], float(vals.max()))
     for key in bound:
-        assert bound[key] <= 1.5 * best[key], (key, bound[key], best[key])
+        assert bound[key] <= 1.01 * best[key], (key, bound[key], best[key])
     for _ in range(20):
         z = rng.standard_normal((k, 500)) * rng.choice([0.1, 1.0, 3.0]) * nu / np.sqrt(a)
         vals = np.abs(fns["mixed"](z, *(_unit_rows(rng, 500, k) for _ in range(4)), np.log(nu)))
