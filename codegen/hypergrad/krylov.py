@@ -18,7 +18,7 @@ import numpy as np
 from .common import DIVERGENCE_FACTOR, MatVec, all_finite, call_kernel, dot
 from .results import Status
 
-__all__ = ["CGResult", "cg", "gauss_radau_start", "gauss_radau_step", "energy_estimate"]
+__all__ = ["CGResult", "cg", "curvature", "gauss_radau_start", "gauss_radau_step", "energy_estimate"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +89,7 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
             return result(Status.DIVERGED, f"residual grew from {diverge_from:.3g} to {rn:.3g}")
         Ad, msg = call_kernel(matvec, d)
         matvecs += 1
-        dAd, status, msg = _curvature(Ad, d, msg)
+        dAd, status, msg = curvature(Ad, d, msg)
         if status is not None or Ad is None:
             return result(status or Status.NON_FINITE, msg)
         alpha = ss / dAd
@@ -137,7 +137,7 @@ def energy_estimate(state: tuple[float, float] | None, ss: float) -> float:
     return math.sqrt(value) if value >= 0.0 and math.isfinite(value) else math.nan
 
 
-def _curvature(Ad: np.ndarray | None, d: np.ndarray,
+def curvature(Ad: np.ndarray | None, d: np.ndarray,
                msg: str) -> tuple[float, Status | None, str]:
     """(d^T A d, None, "") when A d is finite and d^T A d > 0, else (nan, the status that stops
     CG, why)."""

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..hypergrad.deflation import holding
 from .gd import run_gd
 from .lbfgs import run_lbfgs
 from .lbfgsb import run_lbfgsb
@@ -71,7 +72,8 @@ def optimize(problem: Any, theta0: Any, method: str | None = None,
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        status, message = loop(run, theta, opts)
+        with holding(run.kernels):
+            status, message = loop(run, theta, opts)
     except StopRun as stop:
         status, message = stop.status, stop.message
     except _Terminated:

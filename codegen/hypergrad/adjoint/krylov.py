@@ -25,6 +25,7 @@ from ..common import (
     norm,
     true_residual,
 )
+from ..deflation import held_for
 from ..fused import fused_cg, loops_for
 from ..krylov import cg
 from ..rates import cg_rate_bound, gd_step, hb_step, rates
@@ -112,12 +113,18 @@ def _solve(task: AdjointTask, solver: str, iterate: Iterate) -> AdjointResult:
 
 def _cg_segments(task: AdjointTask, run: _Run) -> tuple[Status, float, str, int, int]:
     """CG segments until the true residual meets delta: (status, R or nan, message,
-    iterations, segments)."""
+    iterations, segments). Preconditioned by the deflation a learning run holds for the kernel
+    (`deflation.held_for`), if any."""
     it, segments, s = 0, 1, -run.r
+    held = held_for(task.k) if run.history is None else None
     loops = loops_for(task.k) if run.history is None else None
     mu = task.constants["mu"]
     while True:
-        if loops is not None:  # the same CG in one C call
+        if held is not None:
+            out = held.solve(run.hvp, task.theta, task.b, run.q, residual=s, tol=task.delta,
+                             max_iter=task.max_iter - it, min_iter=max(run.min_iter - it, 0),
+                             diverge_from=run.r0)
+        elif loops is not None:  # the same CG in one C call
             out = fused_cg(loops, task.x, task.theta, task.b, run.q, residual=s,
                            tol=task.delta, max_iter=task.max_iter - it,
                            min_iter=max(run.min_iter - it, 0), diverge_from=run.r0, mu=mu)

@@ -17,7 +17,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..common import LowerTask, call_kernel, norm
+from ..common import LowerTask, call_kernel, hvp_at, norm
+from ..deflation import PRECONDITIONED_ETA, held_for
 from ..fused import FusedLoops, cg_at, fused_newton, loops_for
 from ..results import LowerResult, Status
 from .stopping import rounding_floor
@@ -37,11 +38,14 @@ Direction = Callable[[np.ndarray, np.ndarray, float, float, int],
 
 def solve_newton(task: LowerTask) -> LowerResult:
     """Newton-CG: the whole solve in one C call on a small problem whose module has the loop
-    (`fused.fused_newton`), else directions from CG at x (`fused.cg_at`) and steps here."""
+    (`fused.fused_newton`), else directions from CG at x (`fused.cg_at`) and steps here; in a
+    learning run that holds a deflation for k (`deflation.held_for`), directions from its
+    preconditioned CG, solved to a forcing term of at most PRECONDITIONED_ETA."""
     k, th, c, tol = task.k, task.theta, task.constants, task.tol
     mu, L_A = c["mu"], c.get("L_A", math.inf)
+    held = held_for(k)
     loops = None if task.record else loops_for(k)
-    if loops is not None and "loop_newton" in loops.functions:
+    if held is None and loops is not None and "loop_newton" in loops.functions:
         return _fused(task, loops)
 
     def direction(x: np.ndarray, g: np.ndarray, gn: float, gn0: float,
@@ -53,9 +57,14 @@ def solve_newton(task: LowerTask) -> LowerResult:
         eta = min(0.5, math.sqrt(gn / gn0))
         if math.isfinite(L_A):
             eta = min(eta, L_A * gn / (2 * mu * mu))
+        if held is not None:
+            eta = min(eta, PRECONDITIONED_ETA)
         inner_tol = max(eta * gn, NEWTON_TARGET_SHARE * tol * mu)
-        run = cg_at(k, x, th, -g, tol=inner_tol,
-                    max_iter=min(budget - 1, NEWTON_INNER_MAX), diverge_from=gn)
+        cap = min(budget - 1, NEWTON_INNER_MAX)
+        run = (cg_at(k, x, th, -g, tol=inner_tol, max_iter=cap, diverge_from=gn)
+               if held is None else
+               held.solve(hvp_at(k, x, th), th, -g, tol=inner_tol, max_iter=cap,
+                          diverge_from=gn))
         failed = run.status in (Status.NON_FINITE, Status.NOT_SPD)
         return run.x, run.matvecs, ((run.status, run.message) if failed else None)
 

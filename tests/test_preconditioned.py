@@ -1,0 +1,141 @@
+"""The deflation preconditioner a learning run holds (codegen/hypergrad/deflation.py,
+docs/solvers.md 6): preconditioned CG solves what CG solves, whatever the preconditioner; the
+Ritz vectors it keeps are the isolated small eigenvalues; and a stale or wrong one changes the
+work, never a certified answer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from codegen.hypergrad import deflation
+from codegen.hypergrad.deflation import Deflation, held_for, holding, pcg
+from codegen.hypergrad.krylov import cg
+from codegen.hypergrad.results import Status
+
+
+def _spd(n: int, small: tuple[float, ...], seed: int = 0) -> np.ndarray:
+    """A random SPD matrix whose spectrum is `small` below a bulk spread over [0.05, 1]."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    values = np.concatenate([small, np.linspace(0.05, 1.0, n - len(small))])
+    return (Q * values) @ Q.T
+
+
+@pytest.mark.parametrize("which", ["identity", "exact", "random"])
+def test_pcg_meets_the_true_residual_with_any_spd_preconditioner(which):
+    """The stopping test is on the unpreconditioned residual: the true residual of pcg's answer
+    meets tol as cg's does, with the identity (the same iterations as cg), the exact inverse
+    (one step) or an unrelated SPD matrix."""
+    A = _spd(80, (1e-3,))
+    b = np.random.default_rng(1).standard_normal(80)
+    rng = np.random.default_rng(2)
+    G = rng.standard_normal((80, 80))
+    M = {"identity": np.eye(80), "exact": np.linalg.inv(A), "random": G @ G.T + np.eye(80)}[which]
+    tol = 1e-8
+    out = pcg(lambda v: A @ v, b, tol=tol, max_iter=1000, precondition=lambda r: M @ r)
+    assert out.status is Status.CONVERGED
+    assert np.linalg.norm(b - A @ out.x) <= 10 * tol
+    plain = cg(lambda v: A @ v, b, tol=tol, max_iter=1000)
+    if which == "identity":
+        assert out.iterations == plain.iterations
+    if which == "exact":
+        assert out.iterations <= 2
+
+
+def test_deflation_keeps_the_isolated_eigenvalue_and_saves_products():
+    """After one solve the kept Ritz value is the outlier (1e-3, 50x below the bulk) to 1%, and
+    the next solve, with another right-hand side, takes fewer products than plain CG."""
+    n = 300
+    A = _spd(n, (1e-3,))
+    rng = np.random.default_rng(3)
+    held = Deflation()
+    theta = np.zeros(1)
+    first = held.solve(lambda v: A @ v, theta, rng.standard_normal(n), tol=1e-10, max_iter=500)
+    assert first.status is Status.CONVERGED and held.V is not None and held.V.shape[1] == 1
+    assert abs(held.values[0] - 1e-3) <= 1e-5
+    b = rng.standard_normal(n)
+    second = held.solve(lambda v: A @ v, theta, b, tol=1e-10, max_iter=500)
+    plain = cg(lambda v: A @ v, b, tol=1e-10, max_iter=500)
+    print(f"\nproducts: deflated {second.matvecs}, plain CG {plain.matvecs}")
+    assert second.status is Status.CONVERGED
+    assert np.linalg.norm(b - A @ second.x) <= 1e-9
+    assert second.matvecs < 0.9 * plain.matvecs
+
+
+def test_no_gap_keeps_nothing():
+    """A spectrum without an isolated bottom gives no Ritz value RITZ_GAP below the next one:
+    nothing is kept, and the solves are plain CG."""
+    A = _spd(120, ())
+    held = Deflation()
+    held.solve(lambda v: A @ v, np.zeros(1), np.ones(120), tol=1e-10, max_iter=500)
+    assert held.V is None
+
+
+def test_a_wrong_deflation_only_costs_iterations():
+    """Kept vectors that are not eigenvectors, with values 1e6 times off, at a stale theta: the
+    refresh recomputes the values at the new theta, and the answer still meets tol."""
+    n = 200
+    A = _spd(n, (1e-3, 2e-3))
+    rng = np.random.default_rng(4)
+    held = Deflation()
+    held.V, _ = np.linalg.qr(rng.standard_normal((n, 3)))
+    held.AV, held.values, held.scale = held.V * 1e-9, np.full(3, 1e-9), 1e3
+    held.theta = np.ones(1)
+    b = rng.standard_normal(n)
+    out = held.solve(lambda v: A @ v, np.zeros(1), b, tol=1e-9, max_iter=2000)
+    assert out.status is Status.CONVERGED
+    assert np.linalg.norm(b - A @ out.x) <= 1e-8
+
+
+def test_holding_is_scoped_to_its_block():
+    """A run holds a deflation for a kernel of DEFLATION_MIN_SIZE or more entries only inside
+    `holding`; smaller kernels get none (their solves stay in the fused loops)."""
+    class K:
+        def __init__(self, n):
+            self.x_size = n
+    big, small = K(deflation.DEFLATION_MIN_SIZE), K(deflation.DEFLATION_MIN_SIZE - 1)
+    with holding([big, small]):
+        assert held_for(big) is not None and held_for(small) is None
+    assert held_for(big) is None
+
+
+@pytest.fixture(scope="module")
+def logistic_256(build_dir):
+    from conftest import built_example
+    _, module, ns = built_example("logistic", build_dir)
+    return module.bind(**ns["example_data"](0, m=1500, n=256, p=400))
+
+
+def test_learning_run_with_deflation_keeps_its_certificate(logistic_256, monkeypatch):
+    """On the logistic example at 1500 x 256 (x at DEFLATION_MIN_SIZE) from a small weight, the
+    default run holds a deflation; it converges, its certified ||grad F|| bound holds against a
+    tight hypergradient, it ends at the theta the run without the deflation ends at (within
+    their stationarity) and takes fewer work units."""
+    prob = logistic_256
+    res = prob.optimize(-6.0, progress=False)
+    monkeypatch.setattr(deflation, "DEFLATION_MIN_SIZE", 10**9)
+    plain = prob.optimize(-6.0, progress=False)
+    tight = prob.hypergradient(res.theta, rtol=1e-8)
+    print(f"\nunits: deflated {res.work}, plain {plain.work}; theta {res.theta} {plain.theta}")
+    assert res.status == plain.status == "converged", res.message
+    assert float(np.linalg.norm(tight.grad)) - tight.bound <= res.stationarity
+    assert res.work < plain.work
+
+
+def test_wrong_deflation_gives_the_certified_hypergradient(logistic_256):
+    """A hypergradient inside `holding` with garbage kept vectors (random, values 1e6 off): its
+    bound still covers its distance to a tight hypergradient solved without any deflation."""
+    prob = logistic_256
+    theta = np.array([-7.0])
+    rng = np.random.default_rng(5)
+    with holding([prob]):
+        held = held_for(prob)
+        assert held is not None
+        held.V, _ = np.linalg.qr(rng.standard_normal((prob.x_size, 3)))
+        held.AV, held.values, held.scale = held.V * 1e-9, np.full(3, 1e-9), 1e3
+        held.theta = np.ones(1)
+        hg = prob.hypergradient(theta, lower="newton", adjoint="cg", eps=1e-6, delta=1e-6)
+    ref = prob.hypergradient(theta, rtol=1e-8, lower="direct", adjoint="direct")
+    assert hg.status == "ok" and ref.status == "ok"
+    assert abs(float(hg.grad[0] - ref.grad[0])) <= hg.bound + ref.bound
+    assert hg.bound < 0.25 * abs(float(ref.grad[0]))
