@@ -45,8 +45,9 @@ def test_closing_is_the_separate_kernels_bit_for_bit(name, build_dir):
     rng = np.random.default_rng(0)
     for scale in (1.0, 1e3):
         x, q = scale * rng.standard_normal(prob.x_size), rng.standard_normal(prob.x_size)
-        btq, direct, value = fused.close(theta, x, q)
+        btq, direct, value, finite = fused.close(theta, x, q)
         ref_btq, ref_direct, ref_value = separate(prob, theta, x, q)
+        assert finite
         assert btq.tobytes() == ref_btq.tobytes()
         assert direct.tobytes() == ref_direct.tobytes()
         assert np.float64(value).tobytes() == np.float64(ref_value).tobytes()
@@ -56,9 +57,9 @@ def test_closing_is_the_separate_kernels_bit_for_bit(name, build_dir):
 def test_closing_returns_non_finite_outputs_as_the_kernels_do(build_dir):
     prob, theta = bound("logistic", build_dir)
     x, q = np.full(prob.x_size, np.inf), np.ones(prob.x_size)
-    btq, direct, value = closing_for(prob).close(theta, x, q)
+    btq, direct, value, finite = closing_for(prob).close(theta, x, q)
     ref = separate(prob, theta, x, q)
-    assert not np.isfinite(value) and not np.all(np.isfinite(btq))
+    assert not finite and not np.isfinite(value) and not np.all(np.isfinite(btq))
     assert btq.tobytes() == ref[0].tobytes() and direct.tobytes() == ref[1].tobytes()
     assert np.float64(value).tobytes() == np.float64(ref[2]).tobytes()
 

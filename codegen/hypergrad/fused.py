@@ -114,10 +114,11 @@ class FusedLoops:
         return info
 
     def close(self, theta: np.ndarray, x: np.ndarray,
-              q: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        """(B^T q, the direct theta terms, f + r) at (x, theta) from the module's `closing` (one
-        call for cross_vjp, upper_theta_grad and upper_value); vectors C-contiguous float64.
-        Non-finite outputs are returned as they are, as the kernels return them."""
+              q: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, bool]:
+        """(B^T q, the direct theta terms, f + r, whether all three are finite) at (x, theta)
+        from the module's `closing` (one call for cross_vjp, upper_theta_grad and upper_value;
+        vectors C-contiguous float64). Non-finite outputs are returned as the kernels return
+        them; the flag is the kernels' own finiteness checks, so a caller need not repeat them."""
         from_buffer = self.ffi.from_buffer
         btq, direct, value = np.empty(self.theta_size), np.empty(self.theta_size), np.empty(1)
         args = [*self.sizes, from_buffer("double[]", theta), *self.data,
@@ -126,7 +127,7 @@ class FusedLoops:
             status = self.functions["closing"](*args)
         if status == 2:
             raise KernelError("closing: invalid size (every size must be at least 1)")
-        return btq, direct, float(value[0])
+        return btq, direct, float(value[0]), status == 0
 
 
 def data_per_entry(k: Any) -> float:
