@@ -30,3 +30,9 @@ def _cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def build_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("generated")
+
+
+@pytest.fixture(scope="session")
+def sanitized_root(tmp_path_factory):
+    """Where support.sanitized keeps the session's sanitized kernel objects (one per example)."""
+    return tmp_path_factory.mktemp("sanitized")

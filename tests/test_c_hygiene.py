@@ -28,7 +28,9 @@ import sympy as sp
 
 from codegen.pipeline import generate
 
-from support import GOLDEN_EXAMPLES, ROOT, load_example
+from support import GOLDEN_EXAMPLES, ROOT
+from support.processes import run_together
+from support.sanitized import SANITIZE, generated_texts, link_sanitized_driver
 
 # The sanitizer driver's examples (dense data only); determinism and golden files cover all.
 EXAMPLES = ("ridge", "logistic", "quadratic", "tv1d", "hypercleaning")
@@ -36,17 +38,6 @@ GOLDEN_FILES = ("hg_{name}.c", "hg_{name}.h", "meta.json", "__init__.py", "const
 UPDATE_GOLDEN = os.environ.get("HYPERGEN_UPDATE_GOLDEN") == "1"
 CC = os.environ.get("CC", "cc")
 STRICT = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-fopenmp-simd"]
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g",
-            "-fno-omit-frame-pointer"]
-
-_TEXTS = {}
-
-
-def texts(name):
-    """generate() of one example, memoised per test session."""
-    if name not in _TEXTS:
-        _TEXTS[name] = generate(load_example(name).problem)
-    return _TEXTS[name]
 
 
 def run(cmd, **kw):
@@ -64,13 +55,15 @@ def compiler():
 @pytest.mark.parametrize("opt", ["-O0", "-O2"])
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_strict_compile(compiler, tmp_path, name, opt):
-    t = texts(name)
+    t = generated_texts(name)
     (tmp_path / f"hg_{name}.c").write_text(t["source"])
     (tmp_path / f"hg_{name}.h").write_text(t["header"])
     # The header and the source in one translation unit: conflicting prototypes are errors.
     (tmp_path / "both.c").write_text(f'#include "hg_{name}.h"\n#include "hg_{name}.c"\n')
-    for src in (f"hg_{name}.c", "both.c"):
-        res = run([compiler, *STRICT, opt, "-c", src, "-o", os.devnull], cwd=tmp_path)
+    sources = (f"hg_{name}.c", "both.c")
+    compiles = run_together([[compiler, *STRICT, opt, "-c", src, "-o", os.devnull] for src in sources],
+                            cwd=tmp_path, timeout=120)
+    for src, res in zip(sources, compiles):
         assert res.returncode == 0, f"{name} ({src}, {opt}) does not compile cleanly:\n{res.stderr}"
         assert res.stderr.strip() == "", f"{name} ({src}, {opt}) compiler output:\n{res.stderr}"
 
@@ -253,14 +246,12 @@ def size_configs(meta):
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_sanitized_driver(sanitizer, tmp_path, name):
-    t = texts(name)
-    meta = t["meta"]
-    (tmp_path / f"hg_{name}.c").write_text(t["source"])
-    (tmp_path / f"hg_{name}.h").write_text(t["header"])
+def test_sanitized_driver(sanitizer, sanitized_root, tmp_path, name):
+    """The kernels' object is the session's (support/sanitized.py: -std=c99 -O1 -fopenmp-simd and
+    the sanitizers, shared with the fused loops' driver); this driver is linked against it."""
+    meta = generated_texts(name)["meta"]
     (tmp_path / "driver.c").write_text(driver_source(name, meta, size_configs(meta)))
-    res = run([sanitizer, "-std=c99", "-O1", "-fopenmp-simd", *SANITIZE, "driver.c", f"hg_{name}.c",
-               "-o", "driver", "-lm"], cwd=tmp_path)
+    res = link_sanitized_driver(sanitizer, name, sanitized_root, tmp_path)
     assert res.returncode == 0, f"the sanitizer driver of {name} does not build:\n{res.stderr}"
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
                UBSAN_OPTIONS="print_stacktrace=1")
@@ -315,15 +306,15 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def fresh_builds():
-    """The generated files of every example from two fresh interpreters (hash seeds 1 and 987)."""
-    results = []
-    for seed in ("1", "987"):
-        env = dict(os.environ, PYTHONHASHSEED=seed,
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        res = run([sys.executable, "-c", CHILD, *GOLDEN_EXAMPLES], cwd=ROOT, env=env)
+    """The generated files of every example from two fresh interpreters (hash seeds 1 and 987),
+    run at the same time (two cores)."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    envs = [dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=path) for seed in ("1", "987")]
+    children = run_together([[sys.executable, "-c", CHILD, *GOLDEN_EXAMPLES]] * 2, envs=envs,
+                            cwd=ROOT, timeout=300)
+    for res in children:
         assert res.returncode == 0, res.stderr
-        results.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    return results
+    return [json.loads(res.stdout.strip().splitlines()[-1]) for res in children]
 
 
 @pytest.mark.parametrize("name", GOLDEN_EXAMPLES)

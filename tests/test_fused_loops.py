@@ -30,9 +30,10 @@ from codegen.hypergrad.common import LowerTask, checked_constants, hvp_at
 from codegen.hypergrad.fused import FUSED_MAX_SIZE, fused_cg, loops_for
 from codegen.hypergrad.krylov import cg
 from codegen.hypergrad.lower import gradient
-from codegen.pipeline import build_problem, generate
+from codegen.pipeline import build_problem
 
 from support import built_example, load_example
+from support.sanitized import generated_texts, link_sanitized_driver
 
 SMALL = {"ridge": dict(m=60, n=20, p=15), "logistic": dict(m=80, n=20, p=30)}
 
@@ -318,8 +319,6 @@ def test_stencil_problems_take_the_fused_loops_above_fused_max_size(build_dir, m
 
 
 # -- AddressSanitizer + UBSan on the loops -------------------------------------------------------
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g",
-            "-fno-omit-frame-pointer"]
 DRIVEN = {"ridge": dict(m=7, n=5, p=3), "logistic": dict(m=9, n=10, p=4),
           "hypercleaning": dict(c=3, n=4, m=12, mv=6)}
 
@@ -389,20 +388,16 @@ def _extent(expr, sizes):
 
 
 @pytest.mark.parametrize("name", sorted(DRIVEN))
-def test_loops_under_address_sanitizer(name, tmp_path):
+def test_loops_under_address_sanitizer(name, sanitized_root, tmp_path):
+    """The kernels' object is the session's (support/sanitized.py, shared with the C hygiene
+    driver: the same -std=c99 -O1 -fopenmp-simd and sanitizer flags); the driver links it."""
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler {cc!r}")
-    problem, ns = load_example(name)
-    texts = generate(problem)
     sizes = DRIVEN[name]
-    data = ns["example_data"](**sizes)
-    (tmp_path / f"hg_{name}.c").write_text(texts["source"])
-    (tmp_path / f"hg_{name}.h").write_text(texts["header"])
-    (tmp_path / "driver.c").write_text(_driver(name, texts["meta"], sizes, data))
-    build = subprocess.run([cc, "-std=c99", "-O1", "-fopenmp-simd", *SANITIZE, "driver.c",
-                            f"hg_{name}.c", "-o", "driver", "-lm"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+    data = load_example(name).namespace["example_data"](**sizes)
+    (tmp_path / "driver.c").write_text(_driver(name, generated_texts(name)["meta"], sizes, data))
+    build = link_sanitized_driver(cc, name, sanitized_root, tmp_path)
     if build.returncode != 0 and "sanitize" in build.stderr:
         pytest.skip(f"{cc} cannot build with sanitizers: {build.stderr[:200]}")
     assert build.returncode == 0, build.stderr

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import mpmath
 import numpy as np
@@ -26,10 +27,10 @@ from hypothesis import strategies as st
 from codegen import Problem, ProblemError, sigmoid, softplus
 from codegen.compiler.emit.printer import print_expr
 from codegen.jit import default_flags
-from codegen.pipeline import build_problem, generate
+from codegen.pipeline import build_problem, generate, generate_cached
 
 from oracle import Oracle
-from support import load_example
+from support import built_example, load_example
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*constants not certified")
 CC = os.environ.get("CC", "cc")
@@ -38,8 +39,9 @@ KERNELS = ("lower_value", "lower_grad", "lower_hvp", "cross_vjp", "cross_jvp", "
 
 
 @pytest.fixture(scope="module")
-def build_dir(tmp_path_factory):
-    """Output directory and a private compile cache: every build really compiles."""
+def fuzz_dir(tmp_path_factory):
+    """Output directory and a private compile cache for the random problems: every build really
+    compiles."""
     root = tmp_path_factory.mktemp("fuzz_builds")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HYPERGEN_CACHE_DIR", str(root / "cache"))
@@ -50,18 +52,25 @@ def kernel_args(kernel, x, th, v, q, t):
     return {"lower_hvp": (x, th, v), "cross_vjp": (x, th, q), "cross_jvp": (x, th, t)}.get(kernel, (x, th))
 
 
-def compare_all(bound, oracle, x, th, v, q, t, rtol=1e-10, floor=1e-12, what=""):
-    """Every kernel of `bound` against the oracle: max error <= max(rtol max|ref|, floor)."""
+def references(oracle, x, th, v, q, t):
+    """The oracle's value of every kernel at these arguments."""
+    return {kernel: np.atleast_1d(getattr(oracle, kernel)(*kernel_args(kernel, x, th, v, q, t)))
+            for kernel in KERNELS}
+
+
+def compare_all(bound, refs, x, th, v, q, t, rtol=1e-10, floor=1e-12, what=""):
+    """Every kernel of `bound` against the oracle's values `refs` (references(...) at the same
+    arguments): max error <= max(rtol max|ref|, floor)."""
     for kernel in KERNELS:
         args = kernel_args(kernel, x, th, v, q, t)
         got = np.atleast_1d(getattr(bound, kernel)(*args))
-        ref = np.atleast_1d(getattr(oracle, kernel)(*args))
+        ref = refs[kernel]
         assert np.all(np.isfinite(got)), f"{kernel}: non-finite {got} (oracle {ref}){what}"
         tol = max(rtol * float(np.max(np.abs(ref))), floor)
         err = float(np.max(np.abs(got - ref)))
         assert err <= tol, f"{kernel}: |C - oracle| = {err:.3g} > {tol:.3g}\nC      {got}\noracle {ref}{what}"
     # the prepared HVP where the problem has one (lower_hvp_prepare + lower_hvp_apply)
-    got, ref = bound.hvp_at(x, th)(v), np.asarray(oracle.lower_hvp(x, th, v), dtype=float)
+    got, ref = bound.hvp_at(x, th)(v), np.asarray(refs["lower_hvp"], dtype=float)
     err, tol = float(np.max(np.abs(got - ref))), max(rtol * float(np.max(np.abs(ref))), floor)
     assert err <= tol, f"hvp_at: |C - oracle| = {err:.3g} > {tol:.3g}{what}"
 
@@ -159,20 +168,25 @@ def _with_explicit(test):
 @_with_explicit
 @given(spec=problem_specs(), sizes=st.tuples(st.sampled_from([2, 3, 9, 10]), st.integers(2, 4)),
        seed=st.integers(0, 2 ** 32 - 1))
-def test_random_problem_matches_oracle(build_dir, spec, sizes, seed):
+def test_random_problem_matches_oracle(fuzz_dir, spec, sizes, seed):
+    """The C compiler runs (in a thread waiting on its child process) while the oracle unrolls
+    and evaluates: the two take the two cores; the comparison waits for both."""
     problem = Problem(name=f"fuzz{next(_counter)}", x=x, theta=th,
                       lower=make_expr(LOWER_TERMS, spec["lower"], spec["options"]),
                       upper=make_expr(UPPER_TERMS, spec["upper"], spec["options"]),
                       regulariser=REGULARISERS[spec["regulariser"]])
-    module = build_problem(problem, build_dir, allow_uncertified=True)
-    ms, ns = sizes
-    rng = np.random.default_rng(seed)
-    data = {"K": rng.uniform(-1, 1, (ms, ns)), "y": rng.uniform(-1, 1, ms)}
-    data = {a.name: data[a.name] for a in problem.data_specs}
-    bound, oracle = module.bind(**data), Oracle(problem, data)
-    xv, v, q = (rng.uniform(-1, 1, ns) for _ in range(3))
-    thv, t = rng.uniform(-1, 1, 1), rng.uniform(-1, 1, 1)
-    compare_all(bound, oracle, xv, thv, v, q, t,
+    generate_cached(problem, allow_uncertified=True)  # here: the thread only writes and compiles
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        building = pool.submit(build_problem, problem, fuzz_dir, allow_uncertified=True)
+        ms, ns = sizes
+        rng = np.random.default_rng(seed)
+        data = {"K": rng.uniform(-1, 1, (ms, ns)), "y": rng.uniform(-1, 1, ms)}
+        data = {a.name: data[a.name] for a in problem.data_specs}
+        xv, v, q = (rng.uniform(-1, 1, ns) for _ in range(3))
+        thv, t = rng.uniform(-1, 1, 1), rng.uniform(-1, 1, 1)
+        refs = references(Oracle(problem, data), xv, thv, v, q, t)
+        module = building.result()
+    compare_all(module.bind(**data), refs, xv, thv, v, q, t,
                 what=f"\nlower = {problem.g}\nupper = {problem.f}\nr = {problem.r}")
 
 
@@ -432,8 +446,7 @@ def test_primitives_extreme_arguments(c_batch):
 def test_logistic_extreme_margins(build_dir):
     """Logistic regression with margins y_i (A x)_i up to |800|: every kernel finite and equal
     to the oracle (which evaluates log(1 + exp(z)) in 30-digit mpmath)."""
-    problem = load_example("logistic").problem
-    module = build_problem(problem, build_dir, allow_uncertified=True)
+    problem, module, _ = built_example("logistic", build_dir)  # the session's build
     rng = np.random.default_rng(7)
     mm, nn, pp = 4, 3, 3
     A = rng.uniform(-1, 1, (mm, nn)) * 400.0
@@ -444,19 +457,20 @@ def test_logistic_extreme_margins(build_dir):
     assert np.max(np.abs(margins)) > 300, margins  # the regime this test is about
     bound, oracle = module.bind(**data), Oracle(problem, data)
     v, q, t = rng.uniform(-1, 1, nn), rng.uniform(-1, 1, nn), rng.uniform(-1, 1, 1)
-    compare_all(bound, oracle, xv, np.array([0.0]), v, q, t)
+    compare_all(bound, references(oracle, xv, np.array([0.0]), v, q, t), xv, np.array([0.0]),
+                v, q, t)
     # z = +-800 exactly in both terms: A x = +-800 with y = +-1.
     data2 = {"A": np.full((2, 1), 800.0), "y": np.array([1.0, -1.0]),
              "Av": np.full((2, 1), -800.0), "yv": np.array([1.0, -1.0])}
     bound2, oracle2 = module.bind(**data2), Oracle(problem, data2)
     one = np.array([1.0])
-    compare_all(bound2, oracle2, one, np.array([0.0]), one, one, one)
+    compare_all(bound2, references(oracle2, one, np.array([0.0]), one, one, one), one,
+                np.array([0.0]), one, one, one)
 
 
 def test_hypercleaning_extreme_weights(build_dir):
     """theta_i = +-800 inside sigmoid(theta_i) (the per-sample weights): finite and exact."""
-    problem = load_example("hypercleaning").problem
-    module = build_problem(problem, build_dir, allow_uncertified=True)
+    problem, module, _ = built_example("hypercleaning", build_dir)  # the session's build
     rng = np.random.default_rng(3)
     cc_, nn, mm, mv = 2, 2, 3, 2
     data = {"A": rng.uniform(-1, 1, (mm, nn)), "Y": np.eye(cc_)[[0, 1, 1]],
@@ -465,7 +479,7 @@ def test_hypercleaning_extreme_weights(build_dir):
     W = rng.uniform(-1, 1, cc_ * nn)
     theta = np.array([800.0, -800.0, 40.0])
     v, q, t = rng.uniform(-1, 1, cc_ * nn), rng.uniform(-1, 1, cc_ * nn), rng.uniform(-1, 1, mm)
-    compare_all(bound, oracle, W, theta, v, q, t)
+    compare_all(bound, references(oracle, W, theta, v, q, t), W, theta, v, q, t)
 
 
 # -- 4. the allow-list ------------------------------------------------------------------------

@@ -457,13 +457,13 @@ def _sanitizer_runtimes() -> list[str]:
     return paths
 
 
-@pytest.mark.parametrize("name", ["ridge", "logistic_sparse", "tv2d"])
-def test_kernels_under_sanitizers_through_the_runtime(tmp_path, name):
-    """Dense, CSR and 2-D kernels built with -fsanitize=address,undefined (HYPERGEN_CFLAGS) and run by
-    the Python runtime with every solver pair: the buffers the runtime hands them are in bounds."""
-    import subprocess
-    import sys
+SANITIZED_TEST = "test_kernels_under_sanitizers_through_the_runtime"
 
+
+@pytest.fixture(scope="module")
+def sanitized_runs(request, tmp_path_factory):
+    """The children of the selected cases of SANITIZED_TEST by example name, all started on the
+    first use: they compile and run side by side (CI has two cores, pytest takes one)."""
     from conftest import ROOT
 
     runtimes = _sanitizer_runtimes()
@@ -473,9 +473,27 @@ def test_kernels_under_sanitizers_through_the_runtime(tmp_path, name):
                                "-fno-omit-frame-pointer",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                            os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", SANITIZED_RUN, name, str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "Sanitizer" not in done.stderr, done.stderr[-4000:]
+    names = [item.callspec.params["name"] for item in request.session.items
+             if getattr(item, "originalname", None) == SANITIZED_TEST
+             and item.module is request.module]
+    children = {name: subprocess.Popen(
+        [sys.executable, "-c", SANITIZED_RUN, name, str(tmp_path_factory.mktemp(f"asan_{name}"))],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name in names}
+    yield children
+    for child in children.values():
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+@pytest.mark.parametrize("name", ["ridge", "logistic_sparse", "tv2d"])
+def test_kernels_under_sanitizers_through_the_runtime(sanitized_runs, name):
+    """Dense, CSR and 2-D kernels built with -fsanitize=address,undefined (HYPERGEN_CFLAGS) and run by
+    the Python runtime with every solver pair: the buffers the runtime hands them are in bounds."""
+    child = sanitized_runs[name]
+    _, stderr = child.communicate(timeout=300)
+    assert child.returncode == 0 and "Sanitizer" not in stderr, stderr[-4000:]
 
 
 def test_cli_warnings_are_one_line_naming_the_file(two_problems, capsys):

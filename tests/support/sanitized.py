@@ -1,0 +1,78 @@
+"""The examples' generated C, and one AddressSanitizer + UBSan object of each, per test session.
+
+Two drivers link an example's sanitized kernels: tests/test_c_hygiene.py (every kernel at tiny
+sizes) and tests/test_fused_loops.py (every solver loop). Both compile hg_<name>.c with the same
+flags; compiling it once and linking each driver against that object saves the larger part of
+the work (hypercleaning's source takes ~20 s of CPU under ASan), and each driver is still built
+with exactly these flags.
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from codegen.pipeline import generate
+
+from .examples import load_example
+
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g",
+            "-fno-omit-frame-pointer"]
+# The flags of every sanitized driver build (the kernels' object and the driver alike).
+SANITIZED_FLAGS = ["-std=c99", "-O1", "-fopenmp-simd", *SANITIZE]
+
+_TEXTS: dict[str, dict[str, Any]] = {}
+
+
+def generated_texts(name: str) -> dict[str, Any]:
+    """generate() of examples/<name>.py ({"source", "header", "meta", ...}), once per session."""
+    if name not in _TEXTS:
+        _TEXTS[name] = generate(load_example(name).problem)
+    return _TEXTS[name]
+
+
+class Build(NamedTuple):
+    """A compiler run: its return code, its messages, and what it wrote (if it succeeded)."""
+
+    returncode: int
+    stderr: str
+    output: Path
+
+
+_OBJECTS: dict[tuple[str, str, Path], Build] = {}
+
+
+def write_sources(name: str, directory: Path) -> None:
+    """hg_<name>.c and hg_<name>.h (the generated texts) into `directory`."""
+    texts = generated_texts(name)
+    (directory / f"hg_{name}.c").write_text(texts["source"])
+    (directory / f"hg_{name}.h").write_text(texts["header"])
+
+
+def sanitized_object(cc: str, name: str, root: Path) -> Build:
+    """hg_<name>.o compiled with SANITIZED_FLAGS under root/<name>/, once per (cc, name, root)."""
+    key = (cc, name, Path(root))
+    if key not in _OBJECTS:
+        directory = Path(root) / name
+        directory.mkdir(parents=True, exist_ok=True)
+        write_sources(name, directory)
+        obj = directory / f"hg_{name}.o"
+        done = subprocess.run([cc, *SANITIZED_FLAGS, "-c", f"hg_{name}.c", "-o", obj.name],
+                              cwd=directory, capture_output=True, text=True, timeout=300)
+        _OBJECTS[key] = Build(done.returncode, done.stderr, obj)
+    return _OBJECTS[key]
+
+
+def link_sanitized_driver(cc: str, name: str, root: Path, directory: Path) -> Build:
+    """directory/driver from directory/driver.c and the session's sanitized hg_<name>.o.
+
+    hg_<name>.c and .h are written next to driver.c (the header for the driver, the source for
+    whoever reads a failure report)."""
+    write_sources(name, directory)
+    kernels = sanitized_object(cc, name, root)
+    if kernels.returncode != 0:
+        return kernels
+    done = subprocess.run([cc, *SANITIZED_FLAGS, "driver.c", str(kernels.output), "-o", "driver",
+                           "-lm"],
+                          cwd=directory, capture_output=True, text=True, timeout=300)
+    return Build(done.returncode, done.stderr, directory / "driver")
