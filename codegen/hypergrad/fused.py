@@ -15,6 +15,11 @@ unknown, a stencil-like kernel), else None: the Python loops then run, as they d
 plain-NumPy kernels, with a history to record, or on a large problem with costly kernels (where
 a kernel call costs far more than the Python and vector work around it, and Ctrl-C should reach
 the loop between kernel calls).
+
+The same modules export `hg_<name>_closing` (codegen/compiler/emit/closing.py): the kernels the
+hypergradient calls after its adjoint solve (cross VJP, theta terms, value) in one call, with the
+loops' fixed arguments. `closing_for(k)` returns k's `FusedLoops` when its module has it, at any
+size (`FusedLoops.close`); a module generated before it keeps three calls.
 """
 from __future__ import annotations
 
