@@ -154,7 +154,8 @@ def _lower_records(gt: list) -> dict:
         "in x (B affine in x); otherwise (sqrt(sum_l L_l^2) + |c| max|w'| sup|psi'''|) ||K||^2 "
         "max_I ||K_I||, L_l = |dc/dtheta_l| max w sup|psi'''| + |c| max w sup|d psi'''/dtheta_l| "
         "(theta in the coefficient, a per-sample weight w(theta_I), a Charbonnier's nu; infinite "
-        "for theta in the atom's argument, a filter's taps or an atom without d psi'''/dtheta)",
+        "for theta in the atom's argument or an atom without d psi'''/dtheta; theta in a "
+        "filter's taps: infinite here, finite on the ball, docs/constants.md 8.3)",
         children=[_term_record("L_DB", t, t.LDB, t.LDB == 0) for t in gt])
     cols, ps = {}, sp.S.Zero
     for t in gt:
@@ -255,6 +256,12 @@ XINF_RULE = ("; learned filters: |(dK/dtheta_l y)_I| <= m_l ||y||_inf <= m_l bal
              "ball, ball_xinf = ||x||_inf + r (docs/constants.md 8)")
 
 
+LDB_BALL_RULE = ("; theta in a learned filter's taps: column l adds |c| m_l (2 sup|psi'''| "
+                 "||K|| max_I||K_I|| + ||K||^2 (sup|psi''''| max_I||K_I|| ball_xinf + "
+                 "sup|psi'''|)), the change of c (dK_l^T diag psi'' K + K^T diag psi'' dK_l + "
+                 "K^T diag(psi''' dK_l x) K) (docs/constants.md 8.3)")
+
+
 def _ball_records(gt, ft, records, stated):
     """Ball versions of L, L_A, L_B, L_f where some term has an unbounded atom (never mu)."""
     if not any(t.ball for t in gt + ft):
@@ -262,7 +269,7 @@ def _ball_records(gt, ft, records, stated):
     terms = {t.label: t.ball["info"] for t in gt + ft if t.ball and t.ball["info"] is not None}
 
     def val(t, key):
-        return t.ball[key] if t.ball else getattr(t, key)
+        return t.ball.get(key, getattr(t, key)) if t.ball else getattr(t, key)
 
     exprs = {}
     exprs["L"] = (_sum([val(t, "hi") for t in gt]), gt)
@@ -273,6 +280,7 @@ def _ball_records(gt, ft, records, stated):
             cols[s] = cols.get(s, 0) + v
         ps = ps + val(t, "LB_ps")
     exprs["L_B"] = (_lb(cols, ps), gt)
+    exprs["L_DB"] = (_sum([val(t, "LDB") for t in gt]), gt)
     if any(t.ball for t in ft):
         Lf = _curvature_bound(_sum([t.lo for t in ft]), _sum([val(t, "hi") for t in ft]))
         exprs["L_f"] = (Lf, ft)
@@ -287,6 +295,8 @@ def _ball_records(gt, ft, records, stated):
         rule = (BALL_RULE if interval else "on the ball B(x, r) only (docs/framework.md section "
                 "8.4): the rules of the global constant") + (XINF_RULE if XINF in expr.free_symbols
                                                               else "")
+        if name == "L_DB":
+            rule += LDB_BALL_RULE
         out[name] = Record(name, expr, "bound", all(t.certified for t in ts), rule,
                            domain="ball", term=", ".join(t.label for t in ts if t.ball))
         records[name].message = ((records[name].message + "; ") if records[name].message else "") \

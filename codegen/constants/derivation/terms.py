@@ -17,6 +17,8 @@ from ..records import Operator, Record, T, ThetaMax, ThetaMin
 from .atoms import AtomFacts, analyse_atom, group_charbonnier, lse_facts
 from .ball import ball_symbols, term_info
 from .filters import filter_operator, learned_columns, stacked_filters
+from .ldb import cross_lipschitz, learned_cross_lipschitz
+from .ldb import mul as _mul
 from .operators import OpFacts, affine_index, classify_operator, stacked_stencil
 
 
@@ -327,7 +329,7 @@ def analyse_term(term: Term, ctx: Ctx, label: str, upper=False) -> TermFacts:
     tf.rows = op.rows
     tf = _combine(tf, c, ps, facts, op, off, ctx, upper, limits)
     if op.dtaps:
-        _learned(tf, c, facts, op)
+        _learned(tf, c, facts, op, off, ctx)
     elif tf.kind == "atom" and facts.kind == "infinite" and (facts.hi == sp.oo or facts.d3 == sp.oo):
         _ball(tf, c, ps, facts, psi, lin, off, op, ctx, upper, limits)
     return tf
@@ -347,10 +349,10 @@ def _filter_candidate(lin, ctx) -> bool:
     return all(all(sp.sympify(e).is_Integer for e in lim[1:]) for s in sums for lim in s.limits)
 
 
-def _learned(tf, c, facts, op) -> None:
-    """L_B columns of theta in a learned filter's taps (filters.learned_columns): infinite over
-    R^n when the atom's third derivative is not 0; the finite ball version (it reads
-    ball_xinf) goes to tf.ball."""
+def _learned(tf, c, facts, op, off, ctx) -> None:
+    """L_B columns of theta in a learned filter's taps (filters.learned_columns) and L_DB
+    (ldb.learned_cross_lipschitz): infinite over R^n when the atom's third derivative is not 0;
+    the finite ball versions (they read ball_xinf) go to tf.ball."""
     if None in tf.LB_cols or tf.kind != "atom":
         return
     glob, ball = learned_columns(c, facts, op)
@@ -362,7 +364,8 @@ def _learned(tf, c, facts, op) -> None:
         tf.LB_note = ("theta in the taps of a filter inside a non-quadratic atom: B is Lipschitz "
                       "only on a ball (x can grow along the filter's kernel); ball constant "
                       "with ball_xinf = ||x||_inf + r")
-        tf.ball = {"hi": tf.hi, "LA": tf.LA, "LB_cols": ball_cols, "LB_ps": tf.LB_ps, "info": None}
+        tf.ball = {"hi": tf.hi, "LA": tf.LA, "LB_cols": ball_cols, "LB_ps": tf.LB_ps, "info": None,
+                   "LDB": tf.LDB if tf.B_affine else learned_cross_lipschitz(c, facts, op, off, ctx)}
 
 
 def _ball(tf, c, ps, facts, psi, lin, off, op, ctx, upper, limits):
@@ -399,13 +402,6 @@ def _unsupported(tf, why):
     tf.lo_exact = tf.hi_exact = tf.scalar = False
     tf.message = f"no rule applies: {why}"
     return tf
-
-
-def _mul(a, b):
-    """a*b where oo*anything non-negative stays oo (never oo*0 = nan at evaluation)."""
-    if a == sp.oo or b == sp.oo:
-        return sp.oo
-    return a * b
 
 
 def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
@@ -460,7 +456,7 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
     # psi''' = 0: the term is quadratic in x for every theta, so its part of B is affine in x
     tf.B_affine = f.d3 == 0 or not tf.has_theta
     tf.LDB = (sp.S.Zero if tf.B_affine
-              else _cross_lipschitz(c, ps, f, op, off, ctx, single, dv, vmax))
+              else cross_lipschitz(c, ps, f, op, off, ctx, single, dv, vmax))
     # cross derivatives: theta in c, in the atom's parameters, in the offset, per-sample weights
     notes = []
     theta_syms = set(ctx.theta_syms.values())
@@ -495,34 +491,6 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
                   term=f"psi'' in [{sp.sstr(f.lo)}, {sp.sstr(f.hi)}], sup|psi'''| = {sp.sstr(f.d3)}")
     tf.parts = [arec, op.record]
     return tf
-
-
-def _cross_lipschitz(c, ps, f, op, off, ctx, single, dv, vmax):
-    """L_DB of a term c(theta) sum_I w_I(theta_I) psi(K_I x + b; theta) whose B is not affine in
-    x (docs/constants.md 3.5). Its part of d(B u)/dx is sum_l u_l K^T diag_I(beta_Il(x)) K with
-    beta_Il = dc/dtheta_l w_I psi'' + c w_I d psi''/dtheta_l (+ c w'(theta_I) psi'' for the
-    sample's own weight), whose x-Lipschitz constants per ||K_I (x - y)|| are
-    L_l = |dc/dtheta_l| max w sup|psi'''| + |c| max w sup|d psi'''/dtheta_l| (the atom table's
-    d3th, for theta inside the atom) and |c| max|w'| sup|psi'''|. As for L_A, with
-    sum_l |u_l| L_l <= ||u|| sqrt(sum_l L_l^2): (sqrt(sum_l L_l^2) + |c| max|w'| sup|psi'''|)
-    ||K||^2 max_I ||K_I||. No rule (oo): theta in the atom's argument, in a learned filter's
-    taps (d/dtheta of K^T psi''(K x) K grows with x), or inside an atom without d3th."""
-    if f.dth is None or ctx.has_theta(off) or op.dtaps:
-        return sp.oo
-    inside = {s for s, val in f.dth.items() if val != 0}
-    if inside and (f.d3th is None or not inside <= set(f.d3th)):
-        return sp.oo
-    theta_syms = set(ctx.theta_syms.values())
-    cols = {s: _mul(sp.Abs(sp.diff(c, s)) * vmax, f.d3) for s in c.free_symbols & theta_syms}
-    for s in inside:
-        cols[s] = cols.get(s, 0) + _mul(sp.Abs(c) * vmax, f.d3th[s])
-    vals = [v for v in cols.values() if v != 0]
-    beta = vals[0] if len(vals) == 1 else sp.sqrt(sp.factor_terms(sp.Add(*[v**2 for v in vals])))
-    if ps is not None:
-        if not single:
-            return sp.oo
-        beta = beta + _mul(sp.Abs(c) * dv, f.d3)
-    return _mul(beta, op.normsq * op.rowmax)
 
 
 def _upper_theta(c, ps, f, op, off, ctx, limits):
@@ -591,5 +559,5 @@ def _group(tf, term, c, ps, core, found, ctx, upper):
     off = sp.Add(*[o for _, o in parts])
     tf = _combine(tf, c, ps, facts, op, off, ctx, upper, tuple(term.limits))
     if op.dtaps:
-        _learned(tf, c, facts, op)
+        _learned(tf, c, facts, op, off, ctx)
     return tf
