@@ -1,4 +1,4 @@
-"""A deflation preconditioner a learning run holds across its solves (docs/solvers.md 6).
+"""A deflation preconditioner a learning run holds across its solves (docs/solvers.md 8).
 
 Along a learning run the lower Hessians A(x, theta) change slowly, and their hard part is often
 a few isolated small eigenvalues: l2-logistic regression at a small weight (the learning
@@ -34,7 +34,7 @@ from .krylov import CGResult, curvature
 from .results import Status
 
 __all__ = ["DEFLATION_MIN_SIZE", "DEFLATION_MAX_SIZE", "MAX_DEFLATED", "RITZ_GAP",
-           "PRECONDITIONED_ETA", "Deflation", "holding", "held_for", "pcg"]
+           "Deflation", "holding", "held_for", "pcg"]
 
 #: Smallest x for which a run holds a deflation: below it the fused C loops' speed outweighs
 #: the products saved (the preconditioned solves run in Python).
@@ -45,8 +45,6 @@ DEFLATION_MAX_SIZE = 20_000
 MAX_DEFLATED = 4
 #: A Ritz value is deflated when the next one is at least this many times larger.
 RITZ_GAP = 2.0
-#: Newton-CG's forcing term at most while a deflation is held (directions are cheap then).
-PRECONDITIONED_ETA = 0.1
 
 _HELD: weakref.WeakKeyDictionary[Any, Deflation] = weakref.WeakKeyDictionary()
 
