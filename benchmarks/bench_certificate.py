@@ -29,7 +29,8 @@ B not affine in x (Corollary 15.3 with cross_hvp and L_DB): the generated hyperc
 with 8 per-sample weights (c = 10, n = 21 or 51, m = 8, mv = 200, lambda = 1e-2), and 1-D smoothed
 TV denoising with the TV weight e^t as hyperparameter (tests/nonquadratic_kernels.TV_WEIGHT).
 A group atom with theta inside it: examples/tv2d.py (isotropic smoothed TV, theta = (log alpha,
-log nu), 12 x 12 or 32 x 32; L_3 and L_DB from docs/constants.md 3.11).
+log nu), 12 x 12 or 32 x 32; L_3 and L_DB from docs/constants.md 3.11). Theta in a learned
+filter's taps: examples/learned_filter_1d.py (L_DB on the ball only, docs/constants.md 8.3).
 
 Paper-scale hypercleaning (20000 weights, the component along h): benchmarks/bench_hypercleaning.py.
 """
@@ -214,6 +215,16 @@ def _tv2d_cases(quick: bool):
     yield "tv2d newton", DenseGenerated(tv2d), theta, "newton"
 
 
+def _learned_filter_cases(quick: bool):
+    """examples/learned_filter_1d.py, theta = (log weight, 3 taps) inside a Charbonnier: L_DB is
+    finite only on the ball around x_eps (docs/constants.md 8.3); piecewise-constant signals of
+    tests/problems/filter1d.py, n = 32 or 128."""
+    data = runpy.run_path(str(ROOT / "tests" / "problems" / "filter1d.py"))["example_data"](
+        seed=0, n=32 if quick else 128)
+    k, ns = _bind("learned_filter_1d", data)
+    yield "learned-filter fista", DenseGenerated(k), np.array(ns["THETA0"]), "fista"
+
+
 # (case names, builder): a builder runs only when --cases selects one of its names
 GROUPS = (
     (("ridge cg", "ridge gd", "ridge-ill cg", "quadratic p=10 cg", "quadratic p=10 gd"),
@@ -223,6 +234,7 @@ GROUPS = (
     (("hypercleaning gd", "hypercleaning newton"), _hypercleaning_cases),
     (("tv-weight gd", "tv-weight newton"), _tv_weight_cases),
     (("tv2d gd", "tv2d newton"), _tv2d_cases),
+    (("learned-filter fista",), _learned_filter_cases),
 )
 
 
