@@ -20,7 +20,7 @@ from test_constants_cross import _cross_hvp, _dense, _unit
 from test_learned_filters import THETA_LEARNED2D, THETA_STUDENT, learned2d, learned2d_data
 
 from codegen import Problem
-from codegen.constants import derive
+from codegen.constants import compute_data_quantities, derive, format_tree
 from codegen.pipeline import build_problem
 
 PROBLEMS = Path(__file__).resolve().parent / "problems"
@@ -135,6 +135,20 @@ def test_ball_L_DB_bounds_the_measured_quotients(name, build_dir):
             RATIOS.setdefault(f"{name}, {kind} ball: L_DB / quotient", []).append(c["L_DB"] / quot)
     kernel = RATIOS[f"{name}, kernel ball: L_DB / quotient"]
     assert min(kernel) <= 20.0, kernel
+
+
+def test_audit_shows_the_ball_L_DB():
+    """The audit lists L_DB = oo globally and its ball version with the tap rule and ball_xinf;
+    fixed filters with learned weights (examples/foe_denoise.py's form) keep a global L_DB."""
+    problem, data, _ = _from_file("filter1d", n=9)
+    der = derive(problem)
+    text = format_tree(der, compute_data_quantities(der, data))
+    ball = text.split("L_DB (on the ball B(x, r) only) = ")[1].split("\n")[:2]
+    assert "ball_xinf" in ball[0] and "theta in a learned filter's taps" in ball[1]
+    fixed = _from_file("foe_small")[0]
+    der2 = derive(fixed)
+    assert der2.constants["L_DB"].expr != sp.oo and "L_DB" not in (der2.ball or {}).get(
+        "constants", {})
 
 
 def test_student_t_expert_keeps_L_DB_infinite(build_dir):
