@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 
 import mpmath
 import numpy as np
@@ -27,10 +26,11 @@ from hypothesis import strategies as st
 from codegen import Problem, ProblemError, sigmoid, softplus
 from codegen.compiler.emit.printer import print_expr
 from codegen.jit import default_flags
-from codegen.pipeline import build_problem, generate, generate_cached
+from codegen.pipeline import generate
 
 from oracle import Oracle
 from support import built_example, load_example
+from support.overlap import build_alongside
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*constants not certified")
 CC = os.environ.get("CC", "cc")
@@ -169,23 +169,20 @@ def _with_explicit(test):
 @given(spec=problem_specs(), sizes=st.tuples(st.sampled_from([2, 3, 9, 10]), st.integers(2, 4)),
        seed=st.integers(0, 2 ** 32 - 1))
 def test_random_problem_matches_oracle(fuzz_dir, spec, sizes, seed):
-    """The C compiler runs (in a thread waiting on its child process) while the oracle unrolls
-    and evaluates: the two take the two cores; the comparison waits for both."""
+    """The C compiler runs (support/overlap.py) while the oracle unrolls and evaluates."""
     problem = Problem(name=f"fuzz{next(_counter)}", x=x, theta=th,
                       lower=make_expr(LOWER_TERMS, spec["lower"], spec["options"]),
                       upper=make_expr(UPPER_TERMS, spec["upper"], spec["options"]),
                       regulariser=REGULARISERS[spec["regulariser"]])
-    generate_cached(problem, allow_uncertified=True)  # here: the thread only writes and compiles
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        building = pool.submit(build_problem, problem, fuzz_dir, allow_uncertified=True)
-        ms, ns = sizes
-        rng = np.random.default_rng(seed)
-        data = {"K": rng.uniform(-1, 1, (ms, ns)), "y": rng.uniform(-1, 1, ms)}
-        data = {a.name: data[a.name] for a in problem.data_specs}
-        xv, v, q = (rng.uniform(-1, 1, ns) for _ in range(3))
-        thv, t = rng.uniform(-1, 1, 1), rng.uniform(-1, 1, 1)
-        refs = references(Oracle(problem, data), xv, thv, v, q, t)
-        module = building.result()
+    ms, ns = sizes
+    rng = np.random.default_rng(seed)
+    data = {"K": rng.uniform(-1, 1, (ms, ns)), "y": rng.uniform(-1, 1, ms)}
+    data = {a.name: data[a.name] for a in problem.data_specs}
+    xv, v, q = (rng.uniform(-1, 1, ns) for _ in range(3))
+    thv, t = rng.uniform(-1, 1, 1), rng.uniform(-1, 1, 1)
+    module, refs = build_alongside(problem, fuzz_dir,
+                                   lambda: references(Oracle(problem, data), xv, thv, v, q, t),
+                                   allow_uncertified=True)
     compare_all(module.bind(**data), refs, xv, thv, v, q, t,
                 what=f"\nlower = {problem.g}\nupper = {problem.f}\nr = {problem.r}")
 

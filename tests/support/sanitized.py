@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from codegen.pipeline import generate
+from codegen.pipeline import generate_cached
 
 from .examples import load_example
 
@@ -25,9 +25,11 @@ _TEXTS: dict[str, dict[str, Any]] = {}
 
 
 def generated_texts(name: str) -> dict[str, Any]:
-    """generate() of examples/<name>.py ({"source", "header", "meta", ...}), once per session."""
+    """generate() of examples/<name>.py ({"source", "header", "meta", ...}), once per session:
+    through the session's symbolic cache, which the example's build (support.built_example)
+    filled or reads (the same texts, checked against their checksum on the way in)."""
     if name not in _TEXTS:
-        _TEXTS[name] = generate(load_example(name).problem)
+        _TEXTS[name] = generate_cached(load_example(name).problem)
     return _TEXTS[name]
 
 
