@@ -30,7 +30,12 @@ from codegen.pipeline import generate
 
 from support import GOLDEN_EXAMPLES, ROOT
 from support.processes import run_together
-from support.sanitized import SANITIZE, generated_texts, link_sanitized_driver
+from support.sanitized import (
+    SANITIZE,
+    generated_texts,
+    link_sanitized_driver,
+    start_sanitized_objects,
+)
 
 # The sanitizer driver's examples (dense data only); determinism and golden files cover all.
 EXAMPLES = ("ridge", "logistic", "quadratic", "tv1d", "hypercleaning")
@@ -89,8 +94,10 @@ def test_strict_compile_symbolic_constants(compiler, tmp_path, const):
 
 # -- 2. sanitizers -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sanitizer(compiler, tmp_path_factory):
-    """Skip (with the reason) unless the compiler can build and run an ASan+UBSan program."""
+def sanitizer(compiler, tmp_path_factory, request, sanitized_root):
+    """Skip (with the reason) unless the compiler can build and run an ASan+UBSan program; then
+    start compiling the kernels' objects of the selected test_sanitized_driver cases (in the
+    background: each driver test links its object when it is ready)."""
     d = tmp_path_factory.mktemp("sanitizer_probe")
     (d / "probe.c").write_text("#include <stdlib.h>\n"
                                "int main(void) { double *p = malloc(2 * sizeof *p); p[1] = 1.0;\n"
@@ -101,6 +108,9 @@ def sanitizer(compiler, tmp_path_factory):
     res = run([str(d / "probe")], cwd=d)
     if res.returncode != 0:
         pytest.skip(f"sanitizer runtime does not work here: {res.stderr.strip()[:300]}")
+    start_sanitized_objects(compiler, [item.callspec.params["name"] for item in request.session.items
+                                       if getattr(item, "originalname", "") == "test_sanitized_driver"
+                                       and item.module is request.module], sanitized_root)
     return compiler
 
 

@@ -12,11 +12,11 @@ from typing import Any
 
 
 def run_together(commands: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]] | None = None,
-                 timeout: float = 300, **kwargs: Any) -> list[subprocess.CompletedProcess]:
+                 timeout: float = 300, **kwargs: Any) -> list[subprocess.CompletedProcess[str]]:
     """subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout,
     **kwargs) for every command (with its env from `envs`, if given), all started before any is
     waited for; the results in the order of `commands`."""
-    children: list[subprocess.Popen] = []
+    children: list[subprocess.Popen[str]] = []
     try:
         for k, command in enumerate(commands):
             env = None if envs is None else dict(envs[k])

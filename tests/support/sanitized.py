@@ -4,11 +4,14 @@ Two drivers link an example's sanitized kernels: tests/test_c_hygiene.py (every 
 sizes) and tests/test_fused_loops.py (every solver loop). Both compile hg_<name>.c with the same
 flags; compiling it once and linking each driver against that object saves the larger part of
 the work (hypercleaning's source takes ~20 s of CPU under ASan), and each driver is still built
-with exactly these flags.
+with exactly these flags. The objects compile in two background threads (each waiting on one
+compiler process: CI's two cores) from the moment a test asks for them or starts them ahead.
 """
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -41,9 +44,6 @@ class Build(NamedTuple):
     output: Path
 
 
-_OBJECTS: dict[tuple[str, str, Path], Build] = {}
-
-
 def write_sources(name: str, directory: Path) -> None:
     """hg_<name>.c and hg_<name>.h (the generated texts) into `directory`."""
     texts = generated_texts(name)
@@ -51,18 +51,37 @@ def write_sources(name: str, directory: Path) -> None:
     (directory / f"hg_{name}.h").write_text(texts["header"])
 
 
+def _compile_object(cc: str, name: str, directory: Path) -> Build:
+    obj = directory / f"hg_{name}.o"
+    done = subprocess.run([cc, *SANITIZED_FLAGS, "-c", f"hg_{name}.c", "-o", obj.name],
+                          cwd=directory, capture_output=True, text=True, timeout=600)
+    return Build(done.returncode, done.stderr, obj)
+
+
+_COMPILERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sanitized-cc")
+_OBJECTS: dict[tuple[str, str, Path], Future[Build]] = {}
+
+
+def _start(cc: str, name: str, root: Path) -> Future[Build]:
+    key = (cc, name, root)
+    if key not in _OBJECTS:
+        directory = root / name
+        directory.mkdir(parents=True, exist_ok=True)
+        write_sources(name, directory)  # here: the texts come from SymPy, under the GIL
+        _OBJECTS[key] = _COMPILERS.submit(_compile_object, cc, name, directory)
+    return _OBJECTS[key]
+
+
+def start_sanitized_objects(cc: str, names: Iterable[str], root: Path) -> None:
+    """Start compiling the objects of `names` (largest source first) without waiting for them:
+    the drivers that link them later find them built or being built."""
+    for name in sorted(set(names), key=lambda name: -len(generated_texts(name)["source"])):
+        _start(cc, name, Path(root))
+
+
 def sanitized_object(cc: str, name: str, root: Path) -> Build:
     """hg_<name>.o compiled with SANITIZED_FLAGS under root/<name>/, once per (cc, name, root)."""
-    key = (cc, name, Path(root))
-    if key not in _OBJECTS:
-        directory = Path(root) / name
-        directory.mkdir(parents=True, exist_ok=True)
-        write_sources(name, directory)
-        obj = directory / f"hg_{name}.o"
-        done = subprocess.run([cc, *SANITIZED_FLAGS, "-c", f"hg_{name}.c", "-o", obj.name],
-                              cwd=directory, capture_output=True, text=True, timeout=300)
-        _OBJECTS[key] = Build(done.returncode, done.stderr, obj)
-    return _OBJECTS[key]
+    return _start(cc, name, Path(root)).result()
 
 
 def link_sanitized_driver(cc: str, name: str, root: Path, directory: Path) -> Build:
@@ -75,6 +94,5 @@ def link_sanitized_driver(cc: str, name: str, root: Path, directory: Path) -> Bu
     if kernels.returncode != 0:
         return kernels
     done = subprocess.run([cc, *SANITIZED_FLAGS, "driver.c", str(kernels.output), "-o", "driver",
-                           "-lm"],
-                          cwd=directory, capture_output=True, text=True, timeout=300)
+                           "-lm"], cwd=directory, capture_output=True, text=True, timeout=300)
     return Build(done.returncode, done.stderr, directory / "driver")
