@@ -145,6 +145,7 @@ def test_audit_shows_the_ball_L_DB():
     text = format_tree(der, compute_data_quantities(der, data))
     ball = text.split("L_DB (on the ball B(x, r) only) = ")[1].split("\n")[:2]
     assert "ball_xinf" in ball[0] and "theta in a learned filter's taps" in ball[1]
+    assert "(L_DB on the ball B(x_eps, e) only)" in text
     fixed = _from_file("foe_small")[0]
     der2 = derive(fixed)
     assert der2.constants["L_DB"].expr != sp.oo and "L_DB" not in (der2.ball or {}).get(

@@ -55,8 +55,11 @@ def _certificates(der) -> list:
         out.append("  default (\"auto\") with rtol or atol: E&R's")
         return out
     corollary = "15.2, g and f quadratic in x" if quadratic else "15.3"
+    local = [name for name in _CORRECTION_CONSTANTS if name in ball
+             and der.constants[name].expr.has(sp.oo, sp.zoo)]
     out.append(f"  dwr, tight: available (Corollary {corollary}) where "
-               f"{', '.join(_CORRECTION_CONSTANTS)} are finite at theta")
+               f"{', '.join(_CORRECTION_CONSTANTS)} are finite at theta"
+               + (f" ({', '.join(local)} on the ball B(x_eps, e) only)" if local else ""))
     out.append("  default (\"auto\") with rtol or atol: \"tight\" with a first-order lower solver "
                "(gd, hb, fista), E&R's with cg, newton or direct (the least work, "
                "docs/bounds.md 15.6)")
