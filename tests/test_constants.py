@@ -561,12 +561,12 @@ L_A = 0   [exact, certified; all x; all theta]
     g2: 0   [exact, certified]
 
 L_3 = 0   [exact, certified; all x; all theta]
-    rule: Lipschitz constant of x -> DA(x) (fourth derivative of g): sum over terms of |c| max w sup|psi''''| ||K||^2 max_I ||K_I||^2 (quadratic terms: 0; infinite where the atom table has no sup|psi''''|)
+    rule: Lipschitz constant of x -> DA(x) (fourth derivative of g): sum over terms of |c| max w sup|psi''''| ||K||^2 max_I ||K_I||^2 (quadratic terms: 0; group atoms: sup of the form's norm; infinite where the atom table has no sup|psi''''|)
     g1: 0   [exact, certified]
     g2: 0   [exact, certified]
 
 L_DB = 0   [exact, certified; all x; all theta]
-    rule: Lipschitz constant of x -> d(B u)/dx per ||u||: 0 for terms without theta or quadratic in x (B affine in x); theta in a coefficient c or a per-sample weight w(theta_I) gives (sum_l |dc/dtheta_l| max w + |c| max|w'|) sup|psi'''| ||K||^2 max_I ||K_I|| (infinite for theta inside an atom or its argument)
+    rule: Lipschitz constant of x -> d(B u)/dx per ||u||: 0 for terms without theta or quadratic in x (B affine in x); otherwise (sqrt(sum_l L_l^2) + |c| max|w'| sup|psi'''|) ||K||^2 max_I ||K_I||, L_l = |dc/dtheta_l| max w sup|psi'''| + |c| max w sup|d psi'''/dtheta_l| (theta in the coefficient, a per-sample weight w(theta_I), a Charbonnier's nu; infinite for theta in the atom's argument or an atom without d psi'''/dtheta; theta in a filter's taps: infinite here, finite on the ball, docs/constants.md 8.3)
     g1: 0   [exact, certified]
     g2: 0   [exact, certified]
 
@@ -859,4 +859,4 @@ def test_fourth_derivative_and_affine_cross_records():
             * sp.Symbol("rowmax_K1"))
     assert sp.simplify(plain - want) == 0, plain
     group = derive(tv2d_problem()).constants
-    assert group["L_3"].expr != sp.oo and group["L_DB"].expr != sp.oo  # constants.md 3.11
+    assert group["L_3"].expr != sp.oo and group["L_DB"].expr != sp.oo  # docs/constants.md 3.11

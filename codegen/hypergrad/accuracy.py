@@ -510,7 +510,8 @@ def _dwr_first(k: Any, hg: HypergradientResult, target: float, n: int, component
     eps, delta, tol_v, tol_lam = dwr_planned(
         hg, target / math.sqrt(n) if components else target,
         bool(getattr(k, "upper_depends_on_theta", False)),
-        (*higher_constants(k, th), cross_lipschitz(k, th)) if uses_general_terms(k) else None)
+        (*higher_constants(k, th), cross_lipschitz(k, th, hg.x, float(hg.e)))
+        if uses_general_terms(k) else None)
     return eps, delta, [tol_v] * n, [tol_lam] * n
 
 

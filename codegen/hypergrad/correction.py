@@ -125,7 +125,8 @@ def _lower_missing(k: Any, th: np.ndarray | None) -> str | None:
         return ("the lower Hessian depends on x and B = d_theta grad_x g is not known to be "
                 "affine in x (theta not given: L_DB, the Lipschitz constant of x -> d(B u)/dx, "
                 "is read from the constants at theta)")
-    if not math.isfinite(cross_lipschitz(k, th)):
+    # a ball rule is finite on every ball or on none: the unit ball at 0 decides
+    if not math.isfinite(cross_lipschitz(k, th, np.zeros(int(k.x_size)), 1.0)):
         return ("the lower Hessian depends on x, B = d_theta grad_x g is not known to be affine "
                 "in x and the constants give no finite L_DB (Lipschitz constant of "
                 "x -> d(B u)/dx per ||u|| on the ball, a bound on d^4 g/dx^3 dtheta)")
@@ -138,13 +139,18 @@ def cross_hvp_of(k: Any) -> Any:
     return getattr(k, "cross_hvp", None)
 
 
-def cross_lipschitz(k: Any, th: np.ndarray) -> float:
+def cross_lipschitz(k: Any, th: np.ndarray, x: Any = None, radius: float = math.inf) -> float:
     """L_DB: a Lipschitz constant of x -> d(B u)/dx per ||u|| on the ball (docs/bounds.md 15.3).
     0 where B is known to be affine in x (g quadratic, or `cross_is_affine`); else from
-    k.constants(theta), inf where missing (the correction then does not apply)."""
+    k.constants(theta), or where that is infinite from k.local_constants on B(x, radius) (theta
+    in a learned filter's taps: finite on balls only, docs/constants.md 8.3; the ball must hold
+    x* and x_eps); inf where missing (the correction then does not apply)."""
     if bool(getattr(k, "is_quadratic", False)) or bool(getattr(k, "cross_is_affine", False)):
         return 0.0
     raw = dict(k.constants(th)).get("L_DB", math.inf)
+    local = getattr(k, "local_constants", None)
+    if float(raw) == math.inf and x is not None and math.isfinite(radius) and local is not None:
+        raw = local(np.asarray(x, dtype=np.float64), th, radius).get("L_DB", math.inf)
     value = float(raw)
     if math.isnan(value) or value < 0:
         raise ValueError(f"constant L_DB = {raw!r} is not >= 0")
@@ -207,7 +213,7 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
     R = norm(r)
     r_g = np.asarray(hg.lower.grad)  # type: ignore[union-attr]
     c["L_3"], c["L_Hf"] = higher_constants(k, th)
-    c["L_DB"] = cross_lipschitz(k, th)
+    c["L_DB"] = cross_lipschitz(k, th, x, float(hg.e))  # B(x_eps, e) holds x*
     parts = []
     for j, u in enumerate(directions):
         part, used = _one_direction(k, hg, c, x, th, q, r, R, r_g, u, (tol_v[j], tol_lam[j]),
