@@ -188,28 +188,53 @@ def _spectral(K, fro2: float, want_lmin: bool, tight: bool = False) -> dict:
                                      f"{fro2:.6g} and the block sum {bound:.6g}) + rounding "
                                      f"margin"},
                 "lmin": trivial}
-    G = K.T @ K if R >= D else K @ K.T
-    if hasattr(G, "toarray"):
-        G = G.toarray()
-    margin = spectral.gram_margin(R, D, fro2)
-    n = G.shape[0]
-    if method == "cholesky" and not (want_lmin and R >= D):
+    return _gram_spectral(K, fro2, method, want_lmin and R >= D, wide if R < D else trivial)
+
+
+def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict) -> dict:
+    """normsq (and lmin if `lmin_read`) from a Gram matrix G: where lmin is not read and G's side
+    is above CERTIFY_SIDE (or method is "cholesky"), the Cholesky certificate of c I - G, G in
+    float32 blocks where `spectral.gram32` allows (docs/constants.md 4); else eigvalsh.
+    `no_lmin`: the lmin entry when lmin is not read (0, or exactly 0 for a wide K)."""
+    R, D = K.shape
+    n = min(R, D)
+    certify = (method == "cholesky" or n > spectral.CERTIFY_SIDE) and not lmin_read
+    fast = None
+    if certify:
+        fast = None if hasattr(K, "toarray") else spectral.gram32(K, fro2)
+        G = fast[0] if fast else _gram64(K)
         estimate = spectral.lanczos_max(G)
         found = spectral.cholesky_certificate(G, estimate)
         if found is not None:
             bound, tries = found
-            return {"normsq": {"value": bound + margin, "certified": True,
+            if fast:
+                value = spectral.lift(bound, fast[1], fast[2])
+                how = f"float32 Gram by blocks of {spectral.GRAM32_ROWS} rows, margin {fast[1]:.2e}"
+            else:
+                margin = spectral.gram_margin(R, D, fro2)
+                value, how = bound + margin, f"margin {margin:.2e}"
+            return {"normsq": {"value": value, "certified": True,
                                "method": f"Cholesky certificate of c I - G for the {n}x{n} Gram "
                                          f"matrix (c from a Lanczos estimate {estimate:.6g}, "
-                                         f"{tries} factorisation(s)) + margin {margin:.2e}"},
-                    "lmin": wide if R < D else trivial}
+                                         f"{tries} factorisation(s)); {how}"},
+                    "lmin": no_lmin}
+    if fast is not None or not certify:
+        G = _gram64(K)  # no certificate tried, or it failed on the float32 Gram
+    margin = spectral.gram_margin(R, D, fro2)
     ev = np.linalg.eigvalsh(G)
     out = {"normsq": {"value": float(ev[-1]) + margin, "certified": True,
                       "method": f"eigvalsh of the {n}x{n} Gram matrix + margin {margin:.2e}"}}
-    out["lmin"] = wide if R < D else {
+    out["lmin"] = no_lmin if not lmin_read else {
         "value": max(0.0, float(ev[0]) - margin), "certified": True,
         "method": f"eigvalsh of the {D}x{D} Gram matrix - margin {margin:.2e}"}
     return out
+
+
+def _gram64(K) -> np.ndarray:
+    """The smaller Gram matrix K^T K or K K^T in float64, dense (NumPy's matmul takes syrk for
+    the transposed operand: half a general product's flops)."""
+    G = K.T @ K if K.shape[0] >= K.shape[1] else K @ K.T
+    return G.toarray() if hasattr(G, "toarray") else np.asarray(G)
 
 
 def _power_estimate(K) -> dict:

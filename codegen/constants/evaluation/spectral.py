@@ -44,14 +44,21 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.linalg import lapack
 
 U = 2.0 ** -53
 EIGH_SIDE_LIMIT = 1000  # Gram side up to which eigvalsh gives normsq and lmin at once
+CERTIFY_SIDE = 128  # ... and above which normsq alone takes the Cholesky certificate instead
 CHOLESKY_SIDE_LIMIT = 4000  # largest Gram side for the Cholesky certificate
 GRAM_FLOP_LIMIT = 4.0e9  # largest R D min(R, D) for which the whole Gram matrix is formed
 LMIN_FLOP_LIMIT = 1.0e11  # ... where lambda_min is needed too (no cheaper lower bound exists)
 BLOCK_ROWS = 32  # rows per block of the block sums: R D 32 flops, about 10 passes over K
 LANCZOS_STEPS = 40
+U32 = 2.0 ** -24  # float32's unit roundoff
+ETA32 = 2.0 ** -149  # float32's smallest subnormal: a bound on an underflowed result's error
+GRAM32_ROWS = 512  # rows per float32 block Gram of `gram32` (its margin grows with them)
+GRAM32_LOOSENESS = 0.02  # largest margin of `gram32`, relative to ||K||_F^2 / min(R, D)
+GRAM32_MIN_FLOPS = 1e8  # R D min(R, D) below which the float64 Gram (a few ms) is kept
 CW_STEPS = 8  # at most this many power steps on |K|^T |K| choose the Collatz-Wielandt vector
 CW_STALL = 1e-3  # ... and they stop once a step improves the bound by less than this
 CHUNK_ENTRIES = 2 ** 22  # entries of |K| per block of rows (a 32 MB buffer; few BLAS calls)
@@ -118,9 +125,55 @@ def block_sum_bound(K: np.ndarray, fro2: float, size: int | None = None) -> tupl
     return (bound if math.isfinite(bound) else math.inf), blocks, s
 
 
+def gram32(K: np.ndarray, fro2: float) -> tuple[np.ndarray, float, float] | None:
+    """(G, add, shift) with ||K||^2 <= (sqrt(lambda + add) + shift)^2 for every certified
+    lambda >= lambda_max(G) (`lift`), G the float64 sum of float32 Grams of blocks of s =
+    GRAM32_ROWS rows of K (columns if K is wide); or None where that would loosen ||K||^2 by
+    more than GRAM32_LOOSENESS of its cheap lower bound ||K||_F^2 / min(R, D), or K is small.
+    Half the time of the float64 Gram (single-precision syrk); fro2 a certified ||K||_F^2.
+
+    Rounding (Higham, Accuracy and Stability, 3.5, any summation order): K32 = fl32(K) has
+    |K - K32| <= u32 |K| + eta (eta = 2^-149 where it underflows), so ||K|| <= ||K32|| + shift,
+    shift = u32 ||K||_F + sqrt(R D) eta. Each block Gram has |fl32(K_b^T K_b) - K_b^T K_b| <=
+    gamma_s(u32) |K_b|^T |K_b| + s eta (underflowed products), summing the nb blocks in float64
+    adds gamma_nb(u) of the sum of their moduli, and |X| <= Y gives ||X||_2 <= ||Y||_2 <=
+    ||Y||_F, ||(|K32|^T |K32|)||_2 <= ||K32||_F^2 =: F. So ||K32^T K32 - G||_2 <= gamma_s(u32) F
+    + gamma_nb(u) (1 + gamma_s(u32)) F + abs, and the eigensolver's margin (10 side + 10) u F
+    is added as in `gram_margin`."""
+    R, D = K.shape
+    long_side = K if R >= D else K.T
+    n_long, side = long_side.shape
+    s = min(GRAM32_ROWS, n_long)
+    if float(R) * D * side < GRAM32_MIN_FLOPS or not 0.0 < fro2 <= 1e30:
+        return None
+    blocks = -(-n_long // s)
+    root = math.sqrt(fro2)
+    F = (root * (1 + U32) + math.sqrt(float(R) * D) * ETA32) ** 2 * (1 + 4 * U)
+    gam = s * U32 / (1 - s * U32)
+    floor = 2.0 * n_long * side * ETA32
+    acc = blocks * U / (1 - blocks * U) * ((1 + gam) * F + floor)
+    eig = (10 * side + 10) * U * ((1 + gam) * F + floor + acc) * 1.01
+    add = (gam * F + floor + acc + eig) * (1 + 8 * U)
+    if add > GRAM32_LOOSENESS * fro2 / side:
+        return None
+    G = np.zeros((side, side))
+    for start in range(0, n_long, s):
+        part = np.asarray(long_side[start:start + s], dtype=np.float32, order="C")
+        G += part.T @ part  # single-precision syrk (NumPy detects the transposed operand)
+    shift = (U32 * root + math.sqrt(float(R) * D) * ETA32) * (1 + 4 * U)
+    return G, add, shift
+
+
+def lift(lam: float, add: float, shift: float) -> float:
+    """(sqrt(lam + add) + shift)^2 rounded up: `gram32`'s bound on ||K||^2 from a certified
+    lam >= lambda_max(G)."""
+    bound = (math.sqrt(max(lam, 0.0) + add) * (1 + 2 * U) + shift) ** 2 * (1 + 8 * U)
+    return bound if math.isfinite(bound) else math.inf
+
+
 def lanczos_max(G: np.ndarray, steps: int = LANCZOS_STEPS) -> float:
-    """The largest Ritz value of G (symmetric) after `steps` Lanczos steps with full
-    reorthogonalisation: <= lambda_max(G) up to rounding, an ESTIMATE (never a bound)."""
+    """The Rayleigh quotient of the top Ritz vector of G (symmetric) after `steps` Lanczos steps
+    with full reorthogonalisation: <= lambda_max(G) up to rounding, an ESTIMATE (never a bound)."""
     n = G.shape[0]
     steps = max(1, min(steps, n))
     Q = np.zeros((steps, n))
@@ -139,7 +192,10 @@ def lanczos_max(G: np.ndarray, steps: int = LANCZOS_STEPS) -> float:
         beta.append(b)
         q = w / b
     T = np.diag(alpha) + np.diag(beta[:len(alpha) - 1], 1) + np.diag(beta[:len(alpha) - 1], -1)
-    return float(np.linalg.eigvalsh(T)[-1])
+    _, vectors = np.linalg.eigh(T)
+    v = Q[:len(alpha)].T @ vectors[:, -1]  # the Ritz vector: its Rayleigh quotient is at most
+    vv = float(v @ v)  # lambda_max even where Q lost orthogonality (a graded G: the Ritz value
+    return float(v @ (G @ v)) / vv if vv > 0 else 0.0  # itself came out 130x too large)
 
 
 def cholesky_certificate(G: np.ndarray, estimate: float) -> tuple[float, int] | None:
@@ -156,15 +212,22 @@ def cholesky_certificate(G: np.ndarray, estimate: float) -> tuple[float, int] | 
         c = max(estimate, 0.0) * (1 + s) + s * 1e-12 * scale
         M = -G  # a copy, negated exactly
         M[np.diag_indices(n)] += c
-        try:
-            np.linalg.cholesky(M)
-        except np.linalg.LinAlgError:
+        if not _factors(M):
             continue
         trace_m = float(np.sum(c - diag))
         bound = c + g / (1 - g) * abs(trace_m) * (1 + 4 * n * U) + U * float(np.max(np.abs(c - diag)))
         bound *= 1 + 4 * U
         return (bound, tries) if math.isfinite(bound) else None
     return None
+
+
+def _factors(M: np.ndarray) -> bool:
+    """Whether LAPACK's Cholesky factorisation of the symmetric M runs to completion (potrf's
+    info = 0: every pivot > 0 and not NaN). M.T is M's Fortran-ordered view (M is symmetric), so
+    potrf works in place with no copy and no zeroed triangle: 2x faster than np.linalg.cholesky
+    at 500 x 500."""
+    _, info = lapack.dpotrf(M.T, lower=0, overwrite_a=1, clean=0)
+    return bool(info == 0)
 
 
 def collatz_wielandt(K, steps: int = CW_STEPS) -> tuple[float, int]:

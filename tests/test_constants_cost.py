@@ -1,0 +1,136 @@
+"""The cheaper first-call data constants (docs/constants.md 4): ||K||^2 from a float32 Gram by
+blocks of rows (`spectral.gram32`) and a Cholesky certificate instead of eigvalsh where
+lambda_min is not read. Every bound is checked against the exact value (numpy's SVD) on random,
+ill-conditioned, rank-deficient, clustered-top (poor Lanczos estimates) and badly scaled
+matrices, tall and wide; and the logistic constants stay upper bounds within a few percent."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from codegen.constants import compute_data_quantities, derive, evaluate
+from codegen.constants.evaluation import quantities, spectral
+
+_SPEC = importlib.util.spec_from_file_location(
+    "example_logistic", Path(__file__).resolve().parents[1] / "examples" / "logistic.py")
+LOGISTIC = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(LOGISTIC)
+
+
+def exact_normsq(K) -> float:
+    return float(np.linalg.norm(K, 2) ** 2)
+
+
+def _with_spectrum(rng, rows, cols, s):
+    u, _ = np.linalg.qr(rng.standard_normal((rows, rows)))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, cols)))
+    return (u[:, :len(s)] * s) @ v[:, :len(s)].T
+
+
+def matrices():
+    """(name, K), side 40-60 so that several blocks of GRAM32_ROWS = 9 rows (a ragged last one)
+    are summed."""
+    rng = np.random.default_rng(11)
+    top = np.ones(40)
+    top[:4] = [7.0, 7.0 - 1e-9, 7.0 - 2e-9, 7.0 - 3e-9]  # clustered: Lanczos converges slowly
+    return [("gaussian 300x40", rng.standard_normal((300, 40))),
+            ("gaussian wide 45x260", rng.standard_normal((45, 260))),
+            ("non-negative 200x50", rng.random((200, 50))),
+            ("ill-conditioned", _with_spectrum(rng, 120, 40, np.logspace(0, -12, 40))),
+            ("rank-deficient", _with_spectrum(rng, 150, 60, np.r_[np.ones(5), np.zeros(55)])),
+            ("clustered top", _with_spectrum(rng, 100, 40, top)),
+            ("rank one", np.outer(rng.standard_normal(90), rng.standard_normal(40))),
+            ("tiny: float32 products underflow", 1e-19 * rng.standard_normal((200, 40))),
+            ("huge: beyond float32", 1e17 * rng.standard_normal((200, 40))),
+            ("huge dynamic range", rng.standard_normal((200, 40)) * np.logspace(-30, 12, 40))]
+
+
+@pytest.fixture
+def small_limits(monkeypatch):
+    """The float32 Gram and the certificate at these small sides."""
+    monkeypatch.setattr(spectral, "GRAM32_MIN_FLOPS", 0.0)
+    monkeypatch.setattr(spectral, "GRAM32_ROWS", 9)
+    monkeypatch.setattr(spectral, "CERTIFY_SIDE", 0)
+
+
+@pytest.mark.parametrize("name, K", matrices(), ids=[n for n, _ in matrices()])
+def test_float32_gram_and_certificate_bound_the_exact_norm(name, K, small_limits):
+    exact = exact_normsq(K)
+    q = quantities.operator_quantities(K, K[:, None, :], needed=("normsq",))["normsq"]
+    assert q["certified"] and q["value"] >= exact, (name, q)
+    if "float32" in q["method"]:  # the margin is at most GRAM32_LOOSENESS of ||K||_F^2 / side
+        assert q["value"] <= exact * (1 + spectral.GRAM32_LOOSENESS + 0.011), (name, q)
+    fast = spectral.gram32(K, float(np.sum(K * K)) * (1 + 1e-12))
+    if name.startswith("huge:"):
+        assert fast is None  # ||K||_F^2 > 1e30: float32 could overflow, the float64 Gram kept
+    if fast is not None:  # any certified lam >= lambda_max(G) lifts to a bound on ||K||^2
+        G, add, shift = fast
+        lam = float(np.linalg.eigvalsh(G)[-1]) * (1 + 1e-12)
+        assert spectral.lift(lam, add, shift) >= exact, name
+
+
+def test_the_lift_is_not_a_bound_without_its_margin(small_limits):
+    """The margin is needed: some matrix has lambda_max(G32) below ||K||^2 (float32 rounding
+    loses), so a test that ignored it would pass for the wrong reason."""
+    rng = np.random.default_rng(3)
+    below = 0
+    for _ in range(20):
+        K = rng.standard_normal((400, 30))
+        G, _, _ = spectral.gram32(K, float(np.sum(K * K)) * (1 + 1e-12))
+        below += float(np.linalg.eigvalsh(G)[-1]) < exact_normsq(K)
+    assert below > 0
+
+
+def test_potrf_decides_like_numpy_cholesky():
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((60, 30))
+    G = X.T @ X
+    lam = float(np.linalg.eigvalsh(G)[-1])
+    for c, ok in ((lam * 1.001, True), (lam * 0.999, False), (0.0, False)):
+        M = -G
+        M[np.diag_indices(30)] += c
+        assert spectral._factors(M.copy()) is ok
+
+
+def test_lmin_still_takes_eigvalsh_in_float64():
+    """Where lambda_min is read (ridge: mu = lmin + e^theta) the float64 Gram and eigvalsh stay:
+    no cheaper certified lower bound than 0 exists."""
+    rng = np.random.default_rng(5)
+    K = rng.standard_normal((3000, 200))
+    q = quantities.operator_quantities(K, K[:, None, :], needed=("normsq", "lmin"))
+    ev = np.linalg.eigvalsh(K.T @ K)
+    assert "eigvalsh" in q["normsq"]["method"]
+    assert ev[0] * (1 - 1e-9) <= q["lmin"]["value"] <= ev[0] <= ev[-1] <= q["normsq"]["value"]
+
+
+def test_logistic_constants_stay_upper_bounds_within_the_looseness(monkeypatch):
+    """At the size of the benchmark's small case (2000 x 500 takes the float32 Gram by default;
+    here 1500 x 160 with GRAM32_MIN_FLOPS lowered) every constant is >= the float64 eigvalsh one
+    and within GRAM32_LOOSENESS + the certificate's first slack of it."""
+    der = derive(LOGISTIC.logistic)
+    data = LOGISTIC.example_data(0, m=1500, n=160, p=400)
+    monkeypatch.setattr(spectral, "CERTIFY_SIDE", 10**6)
+    sharp = evaluate(der, [-1.0], compute_data_quantities(der, data))
+    monkeypatch.setattr(spectral, "CERTIFY_SIDE", 128)
+    monkeypatch.setattr(spectral, "GRAM32_MIN_FLOPS", 0.0)
+    q = compute_data_quantities(der, data)
+    assert all("float32" in q[k]["method"] for k in ("normsq_K1", "normsq_K2"))
+    fast = evaluate(der, [-1.0], q)
+    for name in ("L", "L_A", "L_f"):
+        assert sharp[name] <= fast[name] <= sharp[name] * (1 + spectral.GRAM32_LOOSENESS + 2e-3)
+    assert fast["mu"] == sharp["mu"] and fast["certified"]
+
+
+def test_default_thresholds():
+    """Without monkeypatching: 2000 x 500 (as 10000 x 500) takes the float32 Gram, a Gram side
+    of 1050 keeps the float64 one (its float32 margin would pass GRAM32_LOOSENESS: the Cholesky
+    path's 1e-3 holds there), and a small K (below GRAM32_MIN_FLOPS) keeps it too."""
+    rng = np.random.default_rng(6)
+    for shape, takes in (((2000, 500), True), ((1300, 1050), False), ((300, 100), False)):
+        K = rng.standard_normal(shape)
+        assert (spectral.gram32(K, float(np.sum(K * K)) * (1 + 1e-12)) is not None) is takes
+    q = quantities.operator_quantities(K, K[:, None, :], needed=("normsq",))["normsq"]
+    assert "eigvalsh" in q["method"]  # side 100 <= CERTIFY_SIDE: exact, as before
