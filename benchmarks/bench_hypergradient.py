@@ -600,7 +600,7 @@ def stages(prob, th, key, calls=2000):
 
 def c_calls(call):
     """Python-to-C calls of one call: kernel calls (KernelCaller.__call__) plus fused solver
-    loops (FusedLoops.run), counted by cProfile."""
+    loops (FusedLoops.run) and the fused closing step (FusedLoops.close), counted by cProfile."""
     pr = cProfile.Profile()
     pr.enable()
     call()
@@ -608,7 +608,7 @@ def c_calls(call):
     count = 0
     for (file, _, fn), (_, nc, _, _, _) in pstats.Stats(pr).stats.items():
         if (fn == "__call__" and file.endswith("kernel_caller.py")) or \
-                (fn == "run" and file.endswith("fused.py")):
+                (fn in ("run", "close") and file.endswith("fused.py")):
             count += nc
     return count
 
