@@ -15,8 +15,14 @@ the work units and the certified bound. Contenders run in turns (`--repeat` roun
 With `--lower fista` (adjoint "cg") the first-order solver asks the bind to tighten block-sum
 ||K||^2 by the Gram matrix (docs/constants.md 4): its time is then in the hypergradient column.
 
+- "eigvalsh64": below the Gram limits, eigvalsh of the float64 Gram as before the float32 Gram
+  and the certificate (docs/constants.md 4); "cholesky64": the certificate on the float64 Gram.
+
     python benchmarks/bench_constants.py [--size 20000 2000] [--repeat 3] [--lower fista]
-                                         [--profile] [--threads N]
+                                         [--profile] [--threads N] [--contenders NAME ...]
+
+(--contenders last: default blocks blocks128 gram frobenius; at 10000 x 500:
+--contenders eigvalsh64 cholesky64 blocks, "blocks" then being the default path.)
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ from timing import set_threads_from_argv  # noqa: E402
 THREADS = set_threads_from_argv()
 
 import cProfile  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
 import pstats  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -44,7 +52,9 @@ from codegen.constants.evaluation import spectral  # noqa: E402
 SETTINGS = {"blocks": {},
             "blocks128": {"BLOCK_ROWS": 128},
             "gram": {"GRAM_FLOP_LIMIT": 1.0e11},
-            "frobenius": {"BLOCK_ROWS": 1}}
+            "frobenius": {"BLOCK_ROWS": 1},
+            "eigvalsh64": {"CERTIFY_SIDE": 10 ** 9, "GRAM32_MIN_FLOPS": math.inf},
+            "cholesky64": {"GRAM32_MIN_FLOPS": math.inf}}
 
 
 def one_run(module, data, settings: dict, profile: bool, solvers: dict) -> dict:
@@ -71,8 +81,8 @@ def one_run(module, data, settings: dict, profile: bool, solvers: dict) -> dict:
     quantities = prob._prepared_constants()["quantities"]
     return {"constants": t1 - t0, "hypergradient": t2 - t1, "units": hg.work["units"],
             "bound": hg.bound, "L_A": c["L_A"], "L_f": c["L_f"], "profile": prof,
-            "quantities": {k: (q["value"], q["method"]) for k, q in quantities.items()
-                           if k.startswith(("normsq", "rowmax"))}}
+            "quantities": {k: (q["value"], q.get("flops", 0), q["method"])
+                           for k, q in quantities.items() if k.startswith(("normsq", "rowmax"))}}
 
 
 def main() -> None:
@@ -84,13 +94,15 @@ def main() -> None:
         else {}
     module = codegen.load(str(ROOT / "examples" / "logistic.py"))
     data = example_data(0, m=m, n=n, p=m // 4)
-    runs: dict = {name: [] for name in SETTINGS}
+    names = argv[argv.index("--contenders") + 1:] if "--contenders" in argv else [
+        "blocks", "blocks128", "gram", "frobenius"]
+    runs: dict = {name: [] for name in names}
     for _ in range(repeat):
-        for name, settings in SETTINGS.items():
-            runs[name].append(one_run(module, data, settings, "--profile" in argv, solvers))
+        for name in names:
+            runs[name].append(one_run(module, data, SETTINGS[name], "--profile" in argv, solvers))
             time.sleep(0.25)
     print(f"logistic {m} x {n} (validation {m // 4}), rtol=1e-6, {solvers or 'default solvers'}, "
-          f"threads {THREADS}, {repeat} fresh binds each, medians")
+          f"threads {THREADS}, {repeat} fresh binds each, medians; load {os.getloadavg()}")
     print(f"{'method':10} {'constants s':>11} {'hypergrad s':>11} {'share':>6} {'units':>6} "
           f"{'L_A':>9} {'L_f':>9} {'bound':>9}")
     for name, rs in runs.items():
@@ -101,8 +113,8 @@ def main() -> None:
         print(f"{name:10} {const:11.3f} {hyper:11.3f} {share:6.1%} {units:6.0f} "
               f"{rs[0]['L_A']:9.4g} {rs[0]['L_f']:9.4g} {rs[0]['bound']:9.3g}")
     for name, rs in runs.items():
-        for key, (value, method) in rs[0]["quantities"].items():
-            print(f"  {name:10} {key:10} {value:12.6g}  {method[:90]}")
+        for key, (value, flops, method) in rs[0]["quantities"].items():
+            print(f"  {name:10} {key:10} {value:12.6g} {flops:9.3g} flops  {method[:80]}")
     if "--profile" in argv:
         for name, rs in runs.items():
             print(f"--- {name}: constants + first hypergradient, by cumulative time")

@@ -134,3 +134,23 @@ def test_default_thresholds():
         assert (spectral.gram32(K, float(np.sum(K * K)) * (1 + 1e-12)) is not None) is takes
     q = quantities.operator_quantities(K, K[:, None, :], needed=("normsq",))["normsq"]
     assert "eigvalsh" in q["method"]  # side 100 <= CERTIFY_SIDE: exact, as before
+
+
+def test_two_operators_of_one_data_matrix_share_its_gram():
+    """y_i A x in the lower level and A x - b in the upper are two operators of the same bound
+    array A: one Gram matrix serves both (the same certified record), each with its own scale."""
+    import sympy as sp
+
+    from codegen import Problem
+
+    L = LOGISTIC
+    fit = sp.Sum((sp.Sum(L.A[L.i, L.j] * L.x[L.j], (L.j, 0, L.n - 1)) - L.y[L.i]) ** 2,
+                 (L.i, 0, L.m - 1)) / L.m
+    prob = Problem(name="shared_gram", x=L.x, theta=L.theta, lower=L.logistic.lower, upper=fit)
+    der = derive(prob)
+    assert len(der.operators) == 2
+    data = L.example_data(0, m=400, n=150, p=10)
+    q = compute_data_quantities(der, {"A": data["A"], "y": data["y"]})
+    one, two = q["normsq_K1"], q["normsq_K2"]
+    assert one["method"] == two["method"] and one["seconds"] == two["seconds"]
+    assert one["value"] == two["value"] >= exact_normsq(data["A"])

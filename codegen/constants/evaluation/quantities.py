@@ -184,6 +184,7 @@ def _spectral(K, fro2: float, want_lmin: bool, tight: bool = False) -> dict:
             f"sum of ||K_b||^2 over {blocks} blocks of {size} "
             f"{'rows' if R >= D else 'columns'} (eigvalsh of each block's Gram)")
         return {"normsq": {"value": min(fro2, bound), "certified": True, "loose": True,
+                           "flops": 2 * R * D * size + 4 * blocks * size ** 3 // 3,
                            "method": f"{how}: above the Gram limits (min of ||K||_F^2 = "
                                      f"{fro2:.6g} and the block sum {bound:.6g}) + rounding "
                                      f"margin"},
@@ -213,7 +214,8 @@ def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict) 
             else:
                 margin = spectral.gram_margin(R, D, fro2)
                 value, how = bound + margin, f"margin {margin:.2e}"
-            return {"normsq": {"value": value, "certified": True,
+            flops = spectral.gram_flops(R, D) + spectral.certificate_flops(n, tries)
+            return {"normsq": {"value": value, "certified": True, "flops": flops,
                                "method": f"Cholesky certificate of c I - G for the {n}x{n} Gram "
                                          f"matrix (c from a Lanczos estimate {estimate:.6g}, "
                                          f"{tries} factorisation(s)); {how}"},
@@ -222,7 +224,8 @@ def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict) 
         G = _gram64(K)  # no certificate tried, or it failed on the float32 Gram
     margin = spectral.gram_margin(R, D, fro2)
     ev = np.linalg.eigvalsh(G)
-    out = {"normsq": {"value": float(ev[-1]) + margin, "certified": True,
+    flops = spectral.gram_flops(R, D) * (2 if fast else 1) + 4 * n ** 3 // 3
+    out = {"normsq": {"value": float(ev[-1]) + margin, "certified": True, "flops": flops,
                       "method": f"eigvalsh of the {n}x{n} Gram matrix + margin {margin:.2e}"}}
     out["lmin"] = no_lmin if not lmin_read else {
         "value": max(0.0, float(ev[0]) - margin), "certified": True,
@@ -285,6 +288,7 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
             raise ProblemError(f"{msg}; got {name} = {scalars.get(name)}")
     arrays = DenseOnDemand(data, [k for k, shape in der.data_shapes.items() if shape])
     out.update(_filter_entries(der, arrays, needed))
+    seen: dict = {}  # the quantities of one data matrix, for every operator that is it
     for name, op in der.operators.items():
         kinds = tuple(w for w in QUANTITY_KINDS if needed is None or f"{w}_{name}" in needed)
         if not kinds and not estimates:
@@ -303,7 +307,7 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
                       "method": "operator too large to form densely: trivial bound"}
                   for w in kinds}
         else:
-            qs = scaled_quantities(operator_quantities(K, K3, estimates, kinds, tight), factor)
+            qs = scaled_quantities(_shared(seen, K, K3, estimates, kinds, tight), factor)
         for what, q in qs.items():
             key = f"{what}_{name}" if ":" not in what else f"normsq_{name}:estimate"
             q = dict(q)
@@ -311,6 +315,19 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
             out[key] = q
     _check_mu(der, out, sizes)
     return out
+
+
+def _shared(seen: dict, K, K3, estimates: bool, kinds: tuple, tight: bool) -> dict:
+    """operator_quantities(K, ...), each kind computed once per matrix object: two operators that
+    are the same data matrix up to a row scale of constant modulus (`simple_operator`: K is the
+    bound array itself, as in y_i A x and A x - b) share one Gram matrix; a later operator
+    computes only the kinds not yet there. K is kept in `seen` so that its id is not reused."""
+    key = (id(K), estimates, tight, K3 is None or K3.shape[1] == 1)
+    _, have = seen.setdefault(key, (K, {}))
+    missing = tuple(w for w in kinds if w not in have)
+    if missing or (estimates and "normsq:estimate" not in have):
+        have.update(operator_quantities(K, K3, estimates, missing, tight))
+    return {w: dict(q) for w, q in have.items() if w in kinds or ":" in w}
 
 
 def _filter_entries(der, arrays, needed) -> dict:

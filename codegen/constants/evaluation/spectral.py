@@ -171,6 +171,20 @@ def lift(lam: float, add: float, shift: float) -> float:
     return bound if math.isfinite(bound) else math.inf
 
 
+def gram_flops(rows: int, cols: int) -> int:
+    """Flops of the smaller Gram matrix by syrk: long side x side x (side + 1), half a general
+    product's (a multiply-add counts 2)."""
+    side = min(rows, cols)
+    return max(rows, cols) * side * (side + 1)
+
+
+def certificate_flops(side: int, tries: int, steps: int = LANCZOS_STEPS) -> int:
+    """Flops of `lanczos_max` (a product with G and two reorthogonalisations per step) and of
+    `tries` Cholesky factorisations (side^3 / 3 each)."""
+    steps = min(steps, side)
+    return steps * 2 * side * side + 4 * steps * steps * side + tries * side ** 3 // 3
+
+
 def lanczos_max(G: np.ndarray, steps: int = LANCZOS_STEPS) -> float:
     """The Rayleigh quotient of the top Ritz vector of G (symmetric) after `steps` Lanczos steps
     with full reorthogonalisation: <= lambda_max(G) up to rounding, an ESTIMATE (never a bound)."""
