@@ -55,4 +55,7 @@ int hg_tv2d_loop_fista(int64_t h, int64_t w, const double *restrict theta, const
 int hg_tv2d_loop_descent(int64_t h, int64_t w, const double *restrict theta, const double *restrict Xt, const double *restrict Y, const double *restrict hg_x0, double *restrict hg_x, double *restrict hg_g, const double *restrict hg_ctl, double *restrict hg_info, double *restrict hg_work);
 /* Newton-CG from x0 (directions by loop_cg from 0, steps halved until ||g|| decreases): the last x into x, its gradient into g; ctl = [tol, mu, L_A, max_iter (gradients + HVPs), inner_max, target_share]; info = [status, iterations, gradients, HVPs, ||g||, ||g0||, reason, value, have_g, last gradient failed] */
 int hg_tv2d_loop_newton(int64_t h, int64_t w, const double *restrict theta, const double *restrict Xt, const double *restrict Y, const double *restrict hg_x0, double *restrict hg_x, double *restrict hg_g, const double *restrict hg_ctl, double *restrict hg_info, double *restrict hg_work);
+
+/* a hypergradient's closing step at (x, theta) with adjoint q in one call: cross_vjp (B^T q) into btq, upper_theta_grad into direct, upper_value into value[0]; status 1 if an output is not finite */
+int hg_tv2d_closing(int64_t h, int64_t w, const double *restrict theta, const double *restrict Xt, const double *restrict Y, const double *restrict hg_x, const double *restrict hg_q, double *restrict hg_btq, double *restrict hg_direct, double *restrict hg_value, double *restrict hg_work);
 #endif
