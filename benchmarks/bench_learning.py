@@ -5,7 +5,7 @@
     python benchmarks/bench_learning.py --cases scalar --repeat 3
     python benchmarks/bench_learning.py --recompute-reference # F* again, not from the cache
 
-Cases (issue 16, item 2), every contender from the same theta0, all in the same run:
+Cases, every contender from the same theta0, all in the same run:
   scalar    l2-logistic regression, theta = log alpha (examples/logistic.py), 10000 x 500,
             p = 2000 validation samples, theta0 = 0, rel = 1e-6;
   weights   one weight per feature, theta_j = log alpha_j, n = 200, 2000 x 200, p = 1000, a small

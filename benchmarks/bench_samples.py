@@ -26,7 +26,7 @@ sample: the data sent once, the task sent per hypergradient with the warm start 
 and with explicit arrays, the result returned (x, q and the lower gradient stay on the worker)
 and what it would be with them; and the parent's cost per task, from 64 samples of 8 x 8
 (almost no work).
-The goal of issue 15: at least 1.7x faster than serial with 2 workers at 64 samples.
+The goal: at least 1.7x faster than serial with 2 workers at 64 samples.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Data quantities whose cost scales with the data (issue 14 item 5; docs/constants.md 4):
+"""Data quantities whose cost scales with the data (docs/constants.md 4):
 every certified bound on ||K||^2 is >= the exact value (brute force: numpy's SVD at small sizes)
 on random and adversarial matrices, the size thresholds switch the method, only the quantities
 some constant reads are computed, and the logistic L_A has the data-local form (item 2)."""
@@ -144,7 +144,7 @@ def logistic_hessian(K, x, m):
 
 
 def test_logistic_L_A_is_the_data_local_form_and_bounds_the_hessian_lipschitz_constant():
-    """L_A = (sqrt3/18) ||K||^2 max_i ||k_i|| / m (issue 14 item 2), never the max ||k_i||^3 form,
+    """L_A = (sqrt3/18) ||K||^2 max_i ||k_i|| / m, never the max ||k_i||^3 form,
     and above ||H(x) - H(y)|| / ||x - y|| at sampled pairs (brute force; the regulariser is
     quadratic and adds nothing)."""
     der = derive(LOGISTIC.logistic)

@@ -339,7 +339,7 @@ def test_theta0_number_fills_every_entry():
 
 
 def test_gd_returns_last_iterate():
-    """gd's steps are not certified: its result is where it went, not theta0 (issue 13)."""
+    """gd's steps are not certified: its result is where it went, not theta0."""
     k = noisy_ridge(0)
     res = optimize(k, 2.0, method="gd", step=1.0, eps0=0.1, delta0=0.1, max_iter=50,
                    progress=False)
@@ -398,7 +398,7 @@ poisson = Problem(
 
 def test_exp_link_values_use_ball_constants(tmp_path):
     """Poisson regression (exp link): L_f = inf globally, finite on a ball. MAID's value test
-    once used the global L_f and never moved theta ("accuracy floor ... and ;", issue 13); the
+    once used the global L_f and never moved theta ("accuracy floor ... and ;"); the
     values now use L_f on the ball that holds x_eps and x*, like the hypergradient."""
     import codegen
 
@@ -420,7 +420,7 @@ def test_exp_link_values_use_ball_constants(tmp_path):
 
 
 def test_sigterm_ends_a_run_like_ctrl_c():
-    """SIGTERM during a run returns the result so far with status "interrupted" (issue 13),
+    """SIGTERM during a run returns the result so far with status "interrupted",
     and the previous SIGTERM handler is back afterwards."""
     import signal
 

@@ -1,4 +1,4 @@
-"""Local (ball) constants for exp and polynomial atoms (docs/framework.md section 8.4; issue 4).
+"""Local (ball) constants for exp and polynomial atoms (docs/framework.md section 8.4).
 
 (a) brute force on the ball: lambda_max(A(y)) <= L and two-point quotients
     ||A(y) - A(y')|| / ||y - y'|| <= L_A for y, y' in B(x, r), dense Hessians from the oracle;

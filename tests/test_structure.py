@@ -1,4 +1,4 @@
-"""The package's structure, read with `ast` (issue 12's Goal as a test; no module is imported).
+"""The package's structure, read with `ast` (the layout's rules as a test; no module is imported).
 
 * 0 import cycles between modules (all imports, function-level ones included: a cycle held
   together by an import inside a function is still a cycle; imports under

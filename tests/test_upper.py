@@ -347,7 +347,7 @@ def test_cli_errors(tmp_path, ridge_module):
     from codegen.cli.main import main
     assert main(["optimize", os.path.join(ROOT, "examples", "ridge.py"), "--data",
                  str(tmp_path / "ok.npz"), "--budget", "x"]) == 2
-    # a negative theta0 is a value, not an option (issue 13); the default method runs
+    # a negative theta0 is a value, not an option; the default method runs
     assert main(["optimize", os.path.join(ROOT, "examples", "ridge.py"), "--data",
                  str(tmp_path / "ok.npz"), "--theta0", "-0.5", "--no-progress", "--out",
                  str(tmp_path / "neg")]) == 0

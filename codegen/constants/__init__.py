@@ -1,4 +1,4 @@
-"""Derived constants with an audit trail (docs/constants.md; issue 4).
+"""Derived constants with an audit trail (docs/constants.md).
 
     der = derive(problem)                          # structural rules; raises ProblemError if refuted
     q = compute_data_quantities(der, data)         # once per bind: certified norms of the operators

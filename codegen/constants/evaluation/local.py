@@ -1,4 +1,4 @@
-"""Local (ball) constants for atoms with unbounded derivatives (docs/framework.md section 8.4; issue 4).
+"""Local (ball) constants for atoms with unbounded derivatives (docs/framework.md section 8.4).
 
 exp(t) and polynomial atoms of degree >= 3 have psi'' and psi''' unbounded on R, so L, L_A (and L_B,
 L_f when such an atom carries theta or sits in f) are infinite globally. On a ball B(x, r) the
