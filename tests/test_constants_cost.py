@@ -154,3 +154,20 @@ def test_two_operators_of_one_data_matrix_share_its_gram():
     one, two = q["normsq_K1"], q["normsq_K2"]
     assert one["method"] == two["method"] and one["seconds"] == two["seconds"]
     assert one["value"] == two["value"] >= exact_normsq(data["A"])
+
+
+def test_constants_cost_counts_each_computation_once():
+    """`runtime.constants_cost`: the flops of the two Grams, Lanczos and the factorisations at
+    logistic 1500 x 160 (validation 400), each operator counted once."""
+    from codegen.constants.evaluation import runtime
+    from codegen.constants.evaluation.spectral import certificate_flops, gram_flops
+
+    der = derive(LOGISTIC.logistic)
+    q = compute_data_quantities(der, LOGISTIC.example_data(0, m=1500, n=160, p=400))
+    cost = runtime.constants_cost({"quantities": q})
+    tries = [int(q[k]["method"].split(" factorisation")[0].split(", ")[-1])
+             for k in ("normsq_K1", "normsq_K2")]
+    expect = (gram_flops(1500, 160) + gram_flops(400, 160) + certificate_flops(160, tries[0])
+              + certificate_flops(160, tries[1]))
+    assert cost["flops"] == expect
+    assert 0 < cost["seconds"] <= q["normsq_K1"]["seconds"] + q["normsq_K2"]["seconds"] + 1e-12

@@ -26,7 +26,7 @@ def prepare_constants(module, data: dict) -> dict:
     """Everything `evaluate_constants` needs, computed once per bind (data quantities included)."""
     meta = module.meta
     if module.constants_json is not None:
-        derivation = Derivation.from_json(module.constants_json)
+        derivation = _parsed(module.constants_json)
         return {"kind": "derived", "derivation": derivation, "data": data,
                 "quantities": compute_data_quantities(derivation, data),
                 "source": "stated" if meta.get("stated_constants") else "derived"}
@@ -41,6 +41,20 @@ def prepare_constants(module, data: dict) -> dict:
                if isinstance(s, sp.Symbol) and s.name in data}
     fns = {k: sp.lambdify([theta], e.xreplace(scalars), modules="math") for k, e in exprs.items()}
     return {"kind": "stated", "functions": fns}
+
+
+_PARSED: dict = {}  # id(constants.json content) -> (content, Derivation)
+
+
+def _parsed(raw) -> Derivation:
+    """Derivation.from_json(raw), once per module's constants.json content (it eval'd ~65 SymPy
+    expressions, 5-15 ms, at every bind): the records are read-only after parsing. The content
+    is kept with it so that its id is not reused."""
+    hit = _PARSED.get(id(raw))
+    if hit is None or hit[0] is not raw:
+        hit = (raw, Derivation.from_json(raw))
+        _PARSED[id(raw)] = hit
+    return hit[1]
 
 
 def tighten_constants(prepared: dict) -> bool:
@@ -59,6 +73,18 @@ def tighten_constants(prepared: dict) -> bool:
     prepared.pop("theta_free", None)
     prepared.pop("last_theta", None)
     return True
+
+
+def constants_cost(prepared: dict) -> dict:
+    """{"flops", "seconds"} of this bind's data quantities (docs/constants.md 4): each operator's
+    computation once (its quantities share one record of time; operators that share a data
+    matrix share one computation). For a caller that reports the constants with the first
+    hypergradient's work; stated constants cost nothing here."""
+    records = [q for q in prepared.get("quantities", {}).values() if "seconds" in q]
+    distinct = {(q["seconds"], q["method"]): q for q in records}  # shared records: one each
+    flops = sum(int(q.get("flops", 0)) for q in distinct.values())
+    seconds = sum({float(q["seconds"]) for q in records})  # one time per computation
+    return {"flops": flops, "seconds": seconds}
 
 
 def evaluate_constants(prepared: dict, theta: np.ndarray) -> dict:
