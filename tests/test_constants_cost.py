@@ -171,3 +171,24 @@ def test_constants_cost_counts_each_computation_once():
               + certificate_flops(160, tries[1]))
     assert cost["flops"] == expect
     assert 0 < cost["seconds"] <= q["normsq_K1"]["seconds"] + q["normsq_K2"]["seconds"] + 1e-12
+
+
+def test_tightening_recomputes_only_the_loose_operators(monkeypatch):
+    """`runtime.tighten_constants` (first-order step sizes) recomputes by the Gram matrix only the
+    operators whose ||K||^2 block sums bounded: here K1 (400 x 30, above the lowered Gram limit),
+    not K2 (100 x 30), whose record stays the same object's copy (its time unchanged)."""
+    from codegen.constants.evaluation import runtime
+
+    monkeypatch.setattr(spectral, "EIGH_SIDE_LIMIT", 0)
+    monkeypatch.setattr(spectral, "GRAM_FLOP_LIMIT", 1e5)  # K1: 3.6e5 flops, K2: 9e4
+    der = derive(LOGISTIC.logistic)
+    data = LOGISTIC.example_data(0, m=400, n=30, p=100)
+    q = compute_data_quantities(der, data)
+    assert q["normsq_K1"].get("loose") and not q["normsq_K2"].get("loose")
+    prepared = {"kind": "derived", "derivation": der, "data": data, "quantities": q}
+    assert runtime.tighten_constants(prepared)
+    after = prepared["quantities"]
+    assert after["normsq_K2"] is q["normsq_K2"]
+    assert "Cholesky" in after["normsq_K1"]["method"] and not after["normsq_K1"].get("loose")
+    assert exact_normsq(data["A"]) <= after["normsq_K1"]["value"] < q["normsq_K1"]["value"]
+    assert set(after) == set(q)

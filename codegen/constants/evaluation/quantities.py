@@ -268,11 +268,13 @@ def needed_quantities(derivation) -> set:
 
 
 def compute_data_quantities(derivation, data: dict, estimates: bool = False,
-                            lazy: bool = True, tight: bool = False) -> dict:
+                            lazy: bool = True, tight: bool = False,
+                            operators: set | None = None) -> dict:
     """name -> {"value", "method", "certified", ...} for sizes, scalar data and data quantities;
     with `lazy`, only the quantities some constant reads (an operator none reads is not even
     built); with `tight`, ||K||^2 by the Gram matrix up to LMIN_FLOP_LIMIT instead of block sums
-    (first-order step sizes: `runtime.tighten_constants`)."""
+    (first-order step sizes: `runtime.tighten_constants`, which passes the names of the
+    `operators` to recompute: the others are skipped)."""
     der = derivation
     needed = needed_quantities(der) if lazy else None
     sizes = bind_sizes(der, data)
@@ -291,7 +293,7 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
     seen: dict = {}  # the quantities of one data matrix, for every operator that is it
     for name, op in der.operators.items():
         kinds = tuple(w for w in QUANTITY_KINDS if needed is None or f"{w}_{name}" in needed)
-        if not kinds and not estimates:
+        if (not kinds and not estimates) or (operators is not None and name not in operators):
             continue
         shape, var = (der.x_shape, der.x_name) if op.var == "x" else (der.theta_shape, der.theta_name)
         var_shape = tuple(int(concrete(s, sizes)) for s in shape)

@@ -68,8 +68,10 @@ def tighten_constants(prepared: dict) -> bool:
     loose = loose_quantities(prepared["quantities"])
     if not loose:
         return False
-    prepared["quantities"] = compute_data_quantities(prepared["derivation"], prepared["data"],
-                                                     tight=True)
+    names = {key.split("_", 1)[1] for key in loose}  # normsq_K1 -> K1: only those again
+    fresh = compute_data_quantities(prepared["derivation"], prepared["data"], tight=True,
+                                    operators=names)
+    prepared["quantities"] = {**prepared["quantities"], **fresh}
     prepared.pop("theta_free", None)
     prepared.pop("last_theta", None)
     return True
