@@ -1,4 +1,4 @@
-"""Data constants against the first hypergradient of a fresh bind (issue 14 item 5).
+"""Data constants against the first hypergradient of a fresh bind.
 
 l2-logistic regression (examples/logistic.py) at m x n (default 20000 x 2000, validation m/4),
 `prob.hypergradient(theta, rtol=1e-6)` with defaults. For each method of ||K||^2 the script binds

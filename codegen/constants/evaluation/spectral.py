@@ -1,5 +1,5 @@
 """Certified upper bounds on ||K||^2 = lambda_max(K^T K) whose cost scales with the data
-(docs/constants.md 4; issue 14 item 5).
+(docs/constants.md 4).
 
 Four methods, chosen by the cost of a dense Gram matrix (`method_for`,
 `quantities.operator_quantities`):
