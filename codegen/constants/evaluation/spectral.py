@@ -16,6 +16,9 @@ Four methods, chosen by the cost of a dense Gram matrix (`method_for`,
   u max|c - G_ii|. So lambda_max(G) <= c + g/(1 - g) tr(M) + u max|c - G_ii|, and
   ||K||^2 <= that + the Gram rounding margin. n^3/3 flops instead of an eigensolve. If the
   factorisation breaks down, c was below lambda_max(G): s grows and it tries again.
+- Where lambda_min is not read and the Gram side is above CERTIFY_SIDE, the Cholesky certificate
+  replaces eigvalsh at every side, and the Gram matrix is summed from float32 blocks (`gram32`,
+  half the time; its rigorous margin at most GRAM32_LOOSENESS of ||K||_F^2 / side).
 - Block sums (dense K above the Gram limit): K^T K = sum_b K_b^T K_b over blocks K_b of s
   consecutive rows (columns if K is wide), so ||K||^2 <= sum_b ||K_b||^2 (the triangle
   inequality), each ||K_b||^2 the largest eigenvalue of the s x s Gram K_b K_b^T by eigvalsh +
