@@ -192,3 +192,21 @@ def test_tightening_recomputes_only_the_loose_operators(monkeypatch):
     assert "Cholesky" in after["normsq_K1"]["method"] and not after["normsq_K1"].get("loose")
     assert exact_normsq(data["A"]) <= after["normsq_K1"]["value"] < q["normsq_K1"]["value"]
     assert set(after) == set(q)
+
+
+def test_the_call_that_computes_the_constants_reports_their_cost():
+    """A bind's first hypergradient computes its data constants (lazily, at that call) and says
+    what they cost in its work, apart from the kernel units; the next call at the same data
+    computed none and reports none."""
+    import codegen
+
+    module = codegen.load(str(Path(__file__).resolve().parents[1] / "examples" / "logistic.py"))
+    prob = module.bind(**LOGISTIC.example_data())
+    assert prob.constants_cost() == {"flops": 0, "seconds": 0.0}
+    first = prob.hypergradient(0.0, rtol=1e-6)
+    spent = prob.constants_cost()
+    assert spent["flops"] > 0 and spent["seconds"] > 0
+    assert first.work["constants_flops"] == spent["flops"]
+    assert first.work["units"] == first.work["lower_grads"] + first.work["hvps"]
+    second = prob.hypergradient(0.0, rtol=1e-6)
+    assert "constants_flops" not in second.work and second.work["units"] == first.work["units"]

@@ -219,6 +219,11 @@ AUTO_CASES = [
 ]
 
 
+def _units(work: dict) -> dict:
+    """work without the data constants' flops (computed by whichever call reads them first)."""
+    return {key: value for key, value in work.items() if key != "constants_flops"}
+
+
 @pytest.mark.parametrize("name, sizes, theta, lower, adjoint", AUTO_CASES,
                          ids=[f"{c[0]}-{c[3]}-{c[4]}" for c in AUTO_CASES])
 def test_auto_picks_the_rule_and_is_certified(build_dir, name, sizes, theta, lower, adjoint):
@@ -234,7 +239,9 @@ def test_auto_picks_the_rule_and_is_certified(build_dir, name, sizes, theta, low
     fresh = module.bind(**ns["example_data"](seed=1, **sizes))
     explicit = fresh.hypergradient(theta, lower=lower, adjoint=adjoint, rtol=1e-6)
     np.testing.assert_array_equal(hg.grad, explicit.grad)
-    assert hg.bound == explicit.bound and hg.work == explicit.work
+    # the same work, but for the data constants: the fresh bind computes them in its call,
+    # `prob` already did in choose_solvers above
+    assert hg.bound == explicit.bound and _units(hg.work) == _units(explicit.work)
     # and it agrees with an independent tight solve within the two certified bounds
     other = "cg" if prob.is_quadratic else ("newton" if lower == "fista" else "fista")
     ref = prob.hypergradient(theta, lower=other, adjoint="cg", eps=1e-11, delta=1e-11)

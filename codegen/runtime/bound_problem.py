@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..constants.evaluation.runtime import (
+    constants_cost,
     cross_norm_structure,
     evaluate_constants,
     evaluate_local_constants,
@@ -28,6 +29,7 @@ from ..hypergrad import (
     hypergradient_samples,
     solve_lower,
 )
+from ..hypergrad.results import evolve
 from ..learn import optimize
 from .kernel_caller import KernelCaller
 from .validation import as_float64
@@ -237,11 +239,25 @@ class BoundProblem:
     def hypergradient(self, theta, options: HypergradientOptions | None = None, *, x0=None,
                       q0=None, **overrides) -> HypergradientResult:
         """The hypergradient with its a posteriori and a priori error bounds; options as for
-        codegen.hypergrad.hypergradient (lower="auto", adjoint="auto", eps, delta, rtol, ...)."""
-        return hypergradient(self, self.checked_theta(theta), options,
-                             x0=None if x0 is None else self._vector("x0", x0, self.x_size, "x0"),
-                             q0=None if q0 is None else self._vector("q0", q0, self.x_size, "q0"),
-                             **overrides)
+        codegen.hypergrad.hypergradient (lower="auto", adjoint="auto", eps, delta, rtol, ...).
+        The call that computes data constants (the first of a bind, or one that tightens them)
+        reports their flops in work["constants_flops"], apart from units (a BLAS-3 Gram's flops
+        run many times faster than a kernel pass's); their seconds are in constants_cost(), not
+        in work, which is deterministic."""
+        spent = self.constants_cost()
+        res = hypergradient(self, self.checked_theta(theta), options,
+                            x0=None if x0 is None else self._vector("x0", x0, self.x_size, "x0"),
+                            q0=None if q0 is None else self._vector("q0", q0, self.x_size, "q0"),
+                            **overrides)
+        flops = self.constants_cost()["flops"] - spent["flops"]
+        return evolve(res, work=dict(res.work, constants_flops=flops)) if flops else res
+
+    def constants_cost(self) -> dict:
+        """{"flops", "seconds"} this bind has spent on data constants so far (none before the
+        first call that reads them: they are computed lazily; docs/constants.md 4)."""
+        if self._constants is None:
+            return {"flops": 0, "seconds": 0.0}
+        return constants_cost(self._constants)
 
     def optimize(self, theta0, method=None, **options):
         """Learn theta from theta0 (codegen.learn.optimize): method None (the default,
