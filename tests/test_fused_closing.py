@@ -21,9 +21,9 @@ import sympy as sp
 
 from codegen.hypergrad import hypergradient
 from codegen.hypergrad.fused import closing_for
-from codegen.pipeline import generate
 
 from support import EXAMPLES, TINY, built_example, load_example
+from support.sanitized import generated_texts, link_sanitized_driver
 
 
 def bound(name, build_dir, sizes=None):
@@ -92,8 +92,6 @@ def test_hypergradient_bit_identical_without_the_fused_closing(name, build_dir, 
 
 
 # -- AddressSanitizer + UBSan on the closing ------------------------------------------------------
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g",
-            "-fno-omit-frame-pointer"]
 DRIVEN = {"ridge": dict(m=7, n=5, p=3), "logistic": dict(m=9, n=10, p=4),
           "hypercleaning": dict(c=3, n=4, m=12, mv=6)}
 
@@ -152,20 +150,16 @@ def _driver(name, meta, sizes, data):
 
 
 @pytest.mark.parametrize("name", sorted(DRIVEN))
-def test_closing_under_address_sanitizer(name, tmp_path):
+def test_closing_under_address_sanitizer(name, sanitized_root, tmp_path):
+    """The driver linked against the session's ASan/UBSan object of the example's kernels (the
+    same flags as every sanitized driver: support/sanitized.py)."""
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler {cc!r}")
-    problem, ns = load_example(name)
-    texts = generate(problem)
     sizes = DRIVEN[name]
-    (tmp_path / f"hg_{name}.c").write_text(texts["source"])
-    (tmp_path / f"hg_{name}.h").write_text(texts["header"])
-    (tmp_path / "driver.c").write_text(_driver(name, texts["meta"], sizes,
-                                               ns["example_data"](**sizes)))
-    build = subprocess.run([cc, "-std=c99", "-O1", "-fopenmp-simd", *SANITIZE, "driver.c",
-                            f"hg_{name}.c", "-o", "driver", "-lm"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+    data = load_example(name).namespace["example_data"](**sizes)
+    (tmp_path / "driver.c").write_text(_driver(name, generated_texts(name)["meta"], sizes, data))
+    build = link_sanitized_driver(cc, name, sanitized_root, tmp_path)
     if build.returncode != 0 and "sanitize" in build.stderr:
         pytest.skip(f"{cc} cannot build with sanitizers: {build.stderr[:200]}")
     assert build.returncode == 0, build.stderr
