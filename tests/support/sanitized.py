@@ -9,11 +9,15 @@ compiler process: CI's two cores) from the moment a test asks for them or starts
 """
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import pytest
 
 from codegen.pipeline import generate_cached
 
@@ -96,3 +100,20 @@ def link_sanitized_driver(cc: str, name: str, root: Path, directory: Path) -> Bu
     done = subprocess.run([cc, *SANITIZED_FLAGS, "driver.c", str(kernels.output), "-o", "driver",
                            "-lm"], cwd=directory, capture_output=True, text=True, timeout=300)
     return Build(done.returncode, done.stderr, directory / "driver")
+
+
+def run_sanitized_driver(name: str, root: Path, directory: Path) -> str:
+    """The stdout of directory/driver.c linked against the session's sanitized hg_<name>.o and
+    run with leak detection; skips where $CC (default cc) is missing or cannot sanitize, fails
+    on a build error or a sanitizer report (a non-zero exit)."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler {cc!r}")
+    build = link_sanitized_driver(cc, name, root, directory)
+    if build.returncode != 0 and "sanitize" in build.stderr:
+        pytest.skip(f"{cc} cannot build with sanitizers: {build.stderr[:200]}")
+    assert build.returncode == 0, build.stderr
+    res = subprocess.run(["./driver"], cwd=directory, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, ASAN_OPTIONS="detect_leaks=1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
