@@ -9,18 +9,24 @@ per image; the images are 128 x 128 crops of scikit-image's photographs (camera,
 astronaut in grey, ...) at random offsets, with Gaussian noise of std 0.1 (seed 0). Each timed
 call is one cold hypergradient, `prob.hypergradient(theta)` (lower and adjoint "auto": Newton
 and CG here), over all samples: serial (this process), executor="processes" (`--workers`
-spawned processes) and a Dask LocalCluster of `--workers` processes with one thread each (the
-workers' statistical profiler off unless --dask-profiler: it samples every thread every 10 ms,
-7-8 ms of a worker's CPU per call here, which a cluster that runs only hypergen does not need), each
-executor against serial with only its own workers alive (the processes first, the cluster
-started after them). Contenders are timed in turns (timing.interleaved_times: a warm-up call each, then --repeat
-rounds, one call per round, median), BLAS and OpenMP on --threads threads (default 1: a worker per core).
+spawned processes) and a Dask LocalCluster of `--workers` processes with one thread each,
+configured as a cluster that runs only hypergen (DEDICATED, unless --dask-defaults: Dask's
+event loops wake every 20 ms in the scheduler, each worker and each nanny, and its profiler
+samples every worker thread every 10 ms; an idle cluster of 2 workers took 170 ms of CPU per
+second that way, against about 50 with DEDICATED, docs/distributed.md 5), each executor against
+serial with only its own workers alive (the processes first, the cluster started after them).
+Contenders are timed in turns (timing.interleaved_times: a warm-up call each, then --repeat
+rounds, one call per round, median), BLAS and OpenMP on --threads threads (default 1: a worker
+per core).
 
 Printed: the setup (bind_samples: spawning and installing), the median seconds per hypergradient
 and the ratio serial / executor, and whether the executor's result has the serial bits
-(gradient, bound, value, per-sample x and q); the seconds to read every x and q after one
-call (they stay on the workers until read, docs/distributed.md 3); then the "ceiling": --workers bare processes, no
-executor, each computing its share of the samples serially, started together (what the
+(gradient, bound, value, per-sample x and q); then each contender's CPU seconds per call
+(Linux: /proc schedstat, every thread, so other jobs' load does not enter it): this process
+(for Dask with the scheduler and the client), the workers (and the nannies), and the workers'
+sum against the serial call's; the seconds to read every x and q after one call (they stay
+on the workers until read, docs/distributed.md 3); then the "ceiling": --workers bare
+processes, no executor, each computing its share of the samples serially, started together (what the
 machine allows; timed after the contenders, not interleaved with them). Then what travels per
 sample: the data sent once, the task sent per hypergradient with the warm start on the worker
 and with explicit arrays, the result returned (x, q and the lower gradient stay on the worker)
@@ -51,6 +57,16 @@ from codegen.runtime.sample_worker import Held, SampleTask, slim  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 THETA0 = np.array([np.log(0.1), np.log(0.05)])  # examples/tv2d.py's THETA0
 PHOTOS = ("camera", "moon", "coins", "astronaut", "coffee", "page", "text", "brick")
+#: Dask settings for a cluster that runs only hypergen (docs/distributed.md 5): no statistical
+#: profiler (it samples every worker thread every 10 ms), the event loops' tick every 200 ms
+#: instead of 20 (it only measures how late the loop runs), no work stealing (hypergen sends
+#: no Dask tasks to steal), the system monitor (the dashboard's CPU and memory plots) every
+#: 2 s instead of 0.5 and the nannies' memory check every 0.5 s instead of 0.1.
+DEDICATED = {"distributed.worker.profile.enabled": False,
+             "distributed.admin.tick.interval": "200ms",
+             "distributed.scheduler.work-stealing": False,
+             "distributed.admin.system-monitor.interval": "2s",
+             "distributed.worker.memory.monitor-interval": "500ms"}
 
 
 def photographs() -> list[np.ndarray]:
@@ -85,18 +101,52 @@ def bits(res) -> tuple:
             tuple(np.asarray(r.x).tobytes() + np.asarray(r.q).tobytes() for r in res.samples))
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds of every thread of process `pid` so far (Linux /proc schedstat, in ns; nan
+    elsewhere)."""
+    try:
+        return sum(int((task / "schedstat").read_text().split()[0])
+                   for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def executor_pids(prob, client) -> tuple[list[int], list[int]]:
+    """(the executor's worker processes, their nannies: Dask's only)."""
+    if client is None:
+        return prob.executor.backend.pids, []
+    workers = sorted(client.run(os.getpid).values())
+    return workers, [int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                     for p in workers]
+
+
+def metered(fn, pids: list[int], into: list):
+    """fn, appending each call's CPU seconds of `pids` (this process first) to `into`."""
+    def call():
+        before = [cpu_seconds(p) for p in pids]
+        out = fn()
+        into.append([cpu_seconds(p) - b for p, b in zip(pids, before)])
+        return out
+    return call
+
+
 def compare(module, label: str, executor, count: int, size: int, workers: int,
             repeat: int) -> None:
     """Serial against one executor, in turns: a line each (setup, median seconds per
-    hypergradient, ratio, same bits, then the time to read every x and q)."""
+    hypergradient, ratio, same bits, then the time to read every x and q), then the CPU
+    seconds per call of each process (medians over the timed calls)."""
     data = image_samples(count, size)
     start = time.perf_counter()
     probs = {"serial": module.bind_samples(data),
              label: module.bind_samples(data, executor=executor,
                                         workers=workers if executor == "processes" else None)}
     setup = {"serial": 0.0, label: time.perf_counter() - start}
+    worker_pids, nanny_pids = executor_pids(probs[label], None if label != "dask" else executor)
+    pids = {"serial": [os.getpid()], label: [os.getpid()] + worker_pids + nanny_pids}
+    cpu: dict = {name: [] for name in probs}
     try:
-        timed = interleaved_times({name: (lambda p=p: p.hypergradient(THETA0))
+        timed = interleaved_times({name: metered(lambda p=p: p.hypergradient(THETA0),
+                                                 pids[name], cpu[name])
                                    for name, p in probs.items()}, repeat, warm=0.0)
         read = read_seconds(probs[label])
     finally:
@@ -109,6 +159,14 @@ def compare(module, label: str, executor, count: int, size: int, workers: int,
         print(f"{count:>7} {name:>10} {setup[name]:>9.2f} {seconds:>9.3f} "
               f"{serial_seconds / seconds:>7.2f}x {same:>9}"
               + (f"   (then reading every x and q: {read:.3f} s)" if name == label else ""))
+    serial_cpu = float(np.median([c[0] for c in cpu["serial"][1:]]))
+    per = np.median(np.array(cpu[label][1:]), axis=0)  # the warm-up call left out
+    mine = per[1:1 + len(worker_pids)]
+    nannies = f", nannies {1e3 * per[1 + len(worker_pids):].sum():.0f} ms" if nanny_pids else ""
+    print(f"{count:>7} {'cpu':>10}   per call: serial {1e3 * serial_cpu:.0f} ms; {label}: "
+          f"this process {1e3 * per[0]:.1f} ms, workers "
+          f"{' + '.join(f'{1e3 * c:.0f}' for c in mine)} ms = {mine.sum() / serial_cpu:.3f} x "
+          f"serial{nannies}")
 
 
 def read_seconds(prob) -> float:
@@ -220,9 +278,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", default="1", help="BLAS and OpenMP threads per process (0: the libraries' defaults)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--dask-profiler", action="store_true",
-                    help="keep the Dask workers' statistical profiler on (Dask's default; off "
-                         "here, as on a cluster that runs only hypergen: docs/distributed.md 5)")
+    ap.add_argument("--dask-defaults", action="store_true",
+                    help="start the LocalCluster with Dask's default settings (profiler on, "
+                         "20 ms ticks, ...), not DEDICATED (docs/distributed.md 5)")
     args = ap.parse_args()
     counts = [8] if args.quick else [int(s) for s in args.samples.split(",")]
     size = 32 if args.quick else args.size
@@ -250,11 +308,13 @@ def main() -> None:
     print(f"load average {load()}")
     with_ceiling("processes", "processes")
     # the nannies hand this process's Dask configuration to the worker processes they start
-    with dask.config.set({"distributed.worker.profile.enabled": args.dask_profiler}), \
+    with dask.config.set({} if args.dask_defaults else DEDICATED), \
             LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                          dashboard_address=None) as cluster, Client(cluster) as client:
-        profiling = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
-        print(f"load average {load()}; workers' profiler on: {sorted(set(profiling.values()))}")
+        seen = client.run(lambda: [dask.config.get(key) for key in DEDICATED])
+        print(f"load average {load()}; workers' settings: "
+              + ", ".join(f"{key.rsplit('.', 2)[-2]}.{key.rsplit('.', 1)[-1]} {value}"
+                          for key, value in zip(DEDICATED, next(iter(seen.values())))))
         with_ceiling("dask", client)
         print(f"load average {load()}")
         traffic(module, size)

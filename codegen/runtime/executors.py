@@ -41,6 +41,7 @@ from .sample_worker import (
     ExecutorError,
     Pair,
     SampleTask,
+    thread_controller,
     thread_counts,
 )
 
@@ -150,6 +151,7 @@ class SampleExecutor:
     closed: bool = False
     _released: list[tuple[int, int]] = field(default_factory=list, repr=False)
     _finalizer: Any = field(init=False, repr=False)
+    _pools: Any = field(default_factory=thread_controller, repr=False)  # see thread_controller
     _lock: Any = field(default_factory=threading.RLock, repr=False)
     # run numbers are never reused: a task of an interrupted call that finishes late on its
     # worker leaves arrays under a number no result of the parent refers to
@@ -175,7 +177,7 @@ class SampleExecutor:
         x, q and lower gradient left there (HeldArrays)."""
         with self._lock:  # one call at a time
             self._check_open()
-            threads, run = thread_counts(), next(self._runs)
+            threads, run = thread_counts(self._pools), next(self._runs)
             count = len(self.tokens)
             starts = [self._starts(s, None if x0 is None else x0[s],
                                    None if q0 is None else q0[s]) for s in range(count)]
