@@ -424,9 +424,15 @@ def run_case(case: str, spec: tuple, args) -> list:
         for label, (call, cfg, jit) in peer_contenders(case, data, model, theta0, reached).items():
             calls[label] = ("peer", call, cfg, jit)
     print(f"  timing {len(calls)} contenders in turns, {args.repeat} run(s) each ...")
+    before = pass_seconds(prob, theta0)
     times = interleaved_times({label: c[1] for label, c in calls.items()}, args.repeat,
                               warm=0.0, warmup=False)
-    rows = [summarise(case, label, kind, cfg, jit, times[label], oracle, fstar, rel)
+    after = pass_seconds(prob, theta0)
+    unit = (min(before + after), max(before + after))
+    print(f"  one work unit (a pass over the data at theta0, median of 20; before / after the "
+          f"timed runs): lower gradient {before[0] * 1e3:.2f} / {after[0] * 1e3:.2f} ms, HVP "
+          f"{before[1] * 1e3:.2f} / {after[1] * 1e3:.2f} ms")
+    rows = [summarise(case, label, kind, cfg, jit, times[label], oracle, fstar, rel, unit)
             for label, (kind, _, cfg, jit) in calls.items()]
     peers = [r["t"] for r in rows if r["kind"] == "peer" and r["reached"]]
     for r in rows:
@@ -447,8 +453,27 @@ def cross_check(prob, oracle: Oracle, theta0: np.ndarray) -> None:
           f"certified bound / ||h|| = {hg.bound / norm:.1e} ({hg.status}): {verdict}")
 
 
-def summarise(case, label, kind, cfg, jit, timed, oracle, fstar, rel) -> dict:
-    """One contender's row: its median time, counts, and the oracle's verdict on its theta."""
+def pass_seconds(prob, theta0: np.ndarray, calls: int = 20) -> tuple[float, float]:
+    """Median seconds of one lower gradient and of one HVP at x = 0, theta0: what a work unit
+    (one pass of a kernel over the data) costs in this run, to split hypergen's time into units
+    x this cost and the rest (bind, data constants, upper gradients, Python)."""
+    x, v = np.zeros(prob.x_size), np.ones(prob.x_size)
+    out = []
+    for one in (lambda: prob.lower_grad(x, theta0), lambda: prob.lower_hvp(x, theta0, v)):
+        seconds = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            one()
+            seconds.append(time.perf_counter() - start)
+        out.append(float(np.median(seconds)))
+    return out[0], out[1]
+
+
+def summarise(case, label, kind, cfg, jit, timed, oracle, fstar, rel, unit=(math.nan,) * 2
+              ) -> dict:
+    """One contender's row: its median time, counts, and the oracle's verdict on its theta;
+    for hypergen also its work units x `unit` (the (least, most) seconds of one pass measured
+    in this run) and the rest of its time."""
     t, _, out = timed
     F, target = oracle.value(out["theta"]), fstar + rel * abs(fstar)
     row = dict(case=case, label=label, kind=kind, cfg=cfg, t=t, gap=(F - fstar) / abs(fstar),
@@ -461,7 +486,9 @@ def summarise(case, label, kind, cfg, jit, timed, oracle, fstar, rel) -> dict:
                    first=first_hit_hypergen(out, oracle, target))
         first = "never" if row["first"] is None else f"{row['first']:.2f} s"
         line += (f"; method {out['method']!r}, status {out['status']}, {out['work']} work units, bind {out['bind']:.2f} s, "
-                 f"history first reached the target at {first}")
+                 f"history first reached the target at {first}; units x one pass "
+                 f"{out['work'] * unit[0]:.2f}-{out['work'] * unit[1]:.2f} s, the rest "
+                 f"{t - out['work'] * unit[1]:.2f}-{t - out['work'] * unit[0]:.2f} s")
     else:
         line += f"; {cfg}" + (f", JIT compile {jit:.1f} s (not timed)" if jit else "")
     if row["gap"] < -1e-3 * rel:

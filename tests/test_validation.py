@@ -74,6 +74,11 @@ def test_bind_errors(build_dir):
     for data, message in cases:
         with pytest.raises(BindError, match=message):
             module.bind(**data)
+    # finite entries whose sum overflows (bind's quick test) are accepted, the inf among them named
+    huge = dict(good, b=np.full(4, 1e308))
+    assert module.bind(**huge).data["b"][0] == 1e308
+    with pytest.raises(BindError, match=r"b contains a non-finite value \(-inf\) at index \(2,\)"):
+        module.bind(**dict(good, b=np.array([1e308, 1e308, -np.inf, 0.0])))
     # float32 and integer data widen exactly instead of being reinterpreted
     p32 = module.bind(**dict(good, A=good["A"].astype(np.float32)))
     p64 = module.bind(**dict(good, A=good["A"].astype(np.float32).astype(np.float64)))
