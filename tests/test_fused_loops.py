@@ -357,22 +357,25 @@ def _driver(name, meta, sizes, data):
               f"    double start[{n_x}];",
               f"    for (int k = 0; k < {n_x}; ++k) start[k] = 0.1;",
               "    int failures = 0;"]
-    controls = {"loop_cg": ("1e-300, 1.0, 40.0, 0.0, 1.0, 1e-3", 6, 7),
-                "loop_fista": ("1e-300, 1e-3, 1e-2, 1e-1, 40.0", 5, 8),
-                "loop_descent": ("1e-300, 1e-3, 1e-2, 0.5, 40.0", 5, 7),
-                "loop_newton": ("1e-300, 1e-3, 1e300, 40.0, 10.0, 0.25", 6, 10)}
-    for loop, (ctl, n_ctl, info) in controls.items():
+    # loop_cg keeps the d and A d of its first 3 steps in a basis buffer of exactly that size
+    controls = {"loop_cg": ("1e-300, 1.0, 40.0, 0.0, 1.0, 1e-3, 3.0", 7, 7, 6 * n_x),
+                "loop_fista": ("1e-300, 1e-3, 1e-2, 1e-1, 40.0", 5, 8, 0),
+                "loop_descent": ("1e-300, 1e-3, 1e-2, 0.5, 40.0", 5, 7, 0),
+                "loop_newton": ("1e-300, 1e-3, 1e300, 40.0, 10.0, 0.25", 6, 10, 0)}
+    for loop, (ctl, n_ctl, info, n_basis) in controls.items():
+        basis = ", basis" if n_basis else ""
         lines += ["    {",
                   f"        double *v0 = exact(start, {n_x}), *v1 = exact(start, {n_x}),"
                   f" *v2 = exact(start, {n_x});",
+                  f"        double *basis = {f'malloc(sizeof(double) * {n_basis})' if n_basis else 'NULL'};",
                   f"        static const double c[] = {{{ctl}}};",
                   f"        double *ctl = exact(c, {n_ctl});",
                   f"        double *info = malloc(sizeof(double) * {info});",
                   "        double *work = malloc(sizeof(double) * (size_t)work_count);",
-                  f"        int status = {prefix}_{loop}({', '.join(fixed)}, v0, v1, v2, ctl, info, work);",
+                  f"        int status = {prefix}_{loop}({', '.join(fixed)}, v0, v1, v2{basis}, ctl, info, work);",
                   f"        if (status != 0) {{ fprintf(stderr, \"FAIL {loop}: %d\\n\", status); ++failures; }}",
                   f"        else printf(\"{loop} status %g iterations %g\\n\", info[0], info[1]);",
-                  "        free(v0); free(v1); free(v2); free(ctl); free(info); free(work);",
+                  "        free(v0); free(v1); free(v2); free(basis); free(ctl); free(info); free(work);",
                   "    }"]
     lines += [f"    free(a_{a['name']});" for a in meta["arrays"]
               if a["role"] in ("data", "theta") and a["shape"]]

@@ -316,9 +316,11 @@ def plain_tightened(part: Any, share: float, E: float,
     """New (E, R, R_v, R_lam) targets for the plain bound |u . (h - h_c)| + bound_u(h_c) of one
     direction to meet `share` (docs/bounds.md 15.6), or None at the rounding floor.
 
-    |u . (h - h_c)| is about h's true error, first order in E and R: both scale by
-    PLAIN_SHARE share / |u . (h - h_c)|. bound_u(h_c) gets the other part of the share from
-    `dwr_tightened`, and only when it exceeds that part (its residuals are then left alone).
+    |u . (h - h_c)| = |v . r - lam . grad g| is about h's true error: its adjoint part v . r is
+    linear in R, its lower part lam . grad g in E (`_plain_factors` scales each to its share of
+    PLAIN_SHARE share, so a part already small keeps its solve: no new lower solve when only
+    the adjoint is off). bound_u(h_c) gets the other part of the share from `dwr_tightened`,
+    and only when it exceeds that part (its residuals are then left alone).
     Steering only: every round's bound is recomputed and certified by itself."""
     gap = abs(part.value - part.plain)
     rest = (1.0 - PLAIN_SHARE) * share
@@ -328,10 +330,28 @@ def plain_tightened(part: Any, share: float, E: float,
         part.terms, rest, E, R, part.R_v, part.R_lam)
     if dwr is None:
         return None
-    f = min(1.0, PLAIN_SHARE * share / gap) if gap > 0 else 1.0
-    if f == 1.0 and part.bound <= rest:  # the sum tipped it: halve E and R
-        f = 0.5
-    return min(dwr[0], E * f), min(dwr[1], R * f), dwr[2], dwr[3]
+    f_E, f_R = _plain_factors(gap, abs(part.lower_part), abs(part.adjoint_part),
+                              PLAIN_SHARE * share)
+    if f_E == f_R == 1.0 and part.bound <= rest:  # the sum tipped it: halve E and R
+        f_E = f_R = 0.5
+    return min(dwr[0], E * f_E), min(dwr[1], R * f_R), dwr[2], dwr[3]
+
+
+def _plain_factors(gap: float, lower: float, adjoint: float,
+                   budget: float) -> tuple[float, float]:
+    """(f_E, f_R): the factors on E and R that bring h's error estimate `gap` within `budget`,
+    given its lower and adjoint parts. A part within a quarter of the budget keeps its residual
+    and the other part takes the rest; otherwise both scale by budget over their sum (the
+    triangle inequality: the parts may cancel in gap, not after the next round)."""
+    if gap <= budget:
+        return 1.0, 1.0
+    quarter = 0.25 * budget
+    if lower <= quarter < adjoint:
+        return 1.0, (budget - lower) / adjoint
+    if adjoint <= quarter < lower:
+        return (budget - adjoint) / lower, 1.0
+    f = min(1.0, budget / max(lower + adjoint, gap))
+    return f, f
 
 
 def _water_filled(terms: dict[str, float], budget: float) -> float:
@@ -424,6 +444,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     failure: str | None = None
     corr: Correction | None = None
     steered = target = math.inf
+    replanned = False
     for _ in range(max_rounds if steer else 1):
         hg = run(eps, delta, x0, q0, refine)
         _add_work(total, hg.work)
@@ -437,6 +458,13 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         n = len(dirs)
         if steer and tol_v is None:  # the first round: plan the forward and dual solves
             target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad))
+            if tight and not replanned:  # E^2 terms first: a warm re-solve costs less
+                replanned, planned_eps = True, _dwr_first(k, hg, TIGHT_PLAN_SHARE * target, n,
+                                                          components)[0]
+                if planned_eps < 0.5 * hg.e:  # than a correction that could not certify
+                    trail.append(f"eps={fmt(eps)}: E={fmt(hg.e)} over the E^2 terms' plan")
+                    eps, x0, q0 = planned_eps, hg.x, hg.q
+                    continue
             if tight:  # from this round's E and R, in this round
                 tol_v, tol_lam = _tight_first(hg, target, n)
             else:  # from this round's measurements, for the next round

@@ -238,6 +238,7 @@ class LowerTask:
     record: bool = False
     store_trajectory: bool = False
     dense: dict[str, Any] = field(default_factory=dict)
+    keep_basis: bool = False  # cg: keep the Krylov directions (`galerkin.KrylovBasis`)
 
 
 @dataclass

@@ -36,6 +36,7 @@ import numpy as np
 
 from .bounds import ROUNDING_FLOOR, certified_product
 from .common import call_kernel, dot, hvp_at, norm
+from .galerkin import galerkin
 from .results import HypergradientResult
 from .solve import run_adjoint
 
@@ -56,7 +57,9 @@ class DirectionCorrection:
     plain_bound    >= |u . (h - grad F)|: |u . (h - h_c)| + bound;
     terms          the bound's terms by name (docs/bounds.md 15.2);
     v, lam         the forward and dual iterates (warm starts of the next round);
-    R_v, R_lam     their true residuals."""
+    R_v, R_lam     their true residuals;
+    adjoint_part, lower_part  v . r and lam . grad g(x_eps): the correction's estimates of the
+                   adjoint's and the lower solve's shares of h's error (steering only)."""
 
     direction: np.ndarray
     value: float
@@ -68,6 +71,8 @@ class DirectionCorrection:
     lam: np.ndarray
     R_v: float
     R_lam: float
+    adjoint_part: float = 0.0
+    lower_part: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -240,7 +245,7 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     used["cross"] += len(D_parts)
     tol_v, tol_lam = tols
     fwd = run_adjoint(k, x, th, c, "cg", relative * norm(Bu) if tol_v is None else tol_v,
-                      starts[0], max_iter, Bu)
+                      _forward_start(hg, starts[0], Bu), max_iter, Bu)
     used["hvps"] += fwd.n_hvp
     Hv, _ = call_kernel(k.upper_hvp, x, th, fwd.q)
     used["upper"] += 1
@@ -274,7 +279,8 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
         if float(c["L_DB"]) > 0:  # B not affine in x (docs/bounds.md 15.3)
             terms["crossB"] = cross_term(mu, E, R, certified_product(float(c["L_DB"]), nu),
                                          norm(q))
-    delta = dot(v, r) - dot(lam, r_g)
+    adjoint_part, lower_part = dot(v, r), dot(lam, r_g)
+    delta = adjoint_part - lower_part
     plain = float(dot(u, np.asarray(hg.grad)))
     # rounding (docs/bounds.md 6): of the correction's two dot products, of m (the difference
     # B(q) u - B(0) u cancels; its error pairs with e) and of h's component
@@ -285,8 +291,18 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     if not math.isfinite(bound):
         bound = math.inf
     part = DirectionCorrection(u, plain + delta, plain, bound, abs(delta) + bound, terms, v, lam,
-                               fwd.residual, dual.residual)
+                               fwd.residual, dual.residual, adjoint_part, lower_part)
     return part, used
+
+
+def _forward_start(hg: HypergradientResult, v0: Any, Bu: np.ndarray) -> Any:
+    """The forward solve's start: v0 (the last round's v) when given, else the Galerkin
+    solution on the lower CG's kept Krylov basis (docs/bounds.md 15.7) when there is one, else
+    None (from 0). A start only: the CG recomputes its true residual."""
+    krylov = getattr(hg.lower, "krylov", None)
+    if v0 is not None or krylov is None:
+        return v0
+    return galerkin(krylov[0], krylov[1], Bu)
 
 
 def _cross_derivative(k: Any, x: np.ndarray, th: np.ndarray, u: np.ndarray, q: np.ndarray,

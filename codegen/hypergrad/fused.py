@@ -102,13 +102,13 @@ class FusedLoops:
         self.tail = [from_buffer("double[]", self.control), from_buffer("double[]", self.info),
                      self.work]
 
-    def run(self, name: str, theta: np.ndarray, vectors: list[np.ndarray],
+    def run(self, name: str, theta: np.ndarray, vectors: list[np.ndarray | None],
             control: list[float]) -> np.ndarray:
-        """Call loop `name`; vectors are C-contiguous float64 (outputs written in place).
-        Returns the info vector."""
-        from_buffer = self.ffi.from_buffer
+        """Call loop `name`; vectors are C-contiguous float64 (outputs written in place), None
+        for an optional one the loop may skip (C NULL). Returns the info vector."""
+        from_buffer, null = self.ffi.from_buffer, self.ffi.NULL
         args = [*self.sizes, from_buffer("double[]", theta), *self.data,
-                *[from_buffer("double[]", v) for v in vectors], *self.tail]
+                *[null if v is None else from_buffer("double[]", v) for v in vectors], *self.tail]
         with self.lock:
             self.control[:len(control)] = control
             self.info.fill(np.nan)  # an entry a loop does not write reads as unknown
@@ -228,10 +228,12 @@ class _CGMessage:
 def fused_cg(loops: FusedLoops, x_at: np.ndarray, theta: np.ndarray, b: np.ndarray,
              x0: np.ndarray | None = None, *, residual: np.ndarray | None = None,
              tol: float = 0.0, scale: float = 1.0, max_iter: int = 10_000, min_iter: int = 0,
-             diverge_from: float | None = None, mu: float | None = None) -> CGResult:
+             diverge_from: float | None = None, mu: float | None = None,
+             basis: np.ndarray | None = None) -> CGResult:
     """`krylov.cg` on A(x_at) u = b, A the lower Hessian, in one C call: the same steps and
     stopping tests (x0 = None starts from 0 with residual b; a given x0 needs its residual),
-    and with mu the same Gauss-Radau energy-norm estimate."""
+    and with mu the same Gauss-Radau energy-norm estimate. basis, a C-contiguous (cap, 2, n)
+    array, receives (d_i, A d_i) of the first cap steps, as `krylov.cg`'s `basis` list does."""
     if x0 is None:
         u, s = np.zeros(loops.x_size), contiguous(b).copy()
     elif residual is None:
@@ -240,8 +242,11 @@ def fused_cg(loops: FusedLoops, x_at: np.ndarray, theta: np.ndarray, b: np.ndarr
         u, s = contiguous(x0).copy(), contiguous(residual).copy()
     diverge = -1.0 if diverge_from is None else float(diverge_from)
     node = float(mu) if mu is not None and 0.0 < mu < math.inf else -1.0
-    info = loops.run("loop_cg", contiguous(theta), [contiguous(x_at), u, s],
-                     [tol, scale, count(max_iter), count(min_iter), diverge, node])
+    cap = 0 if basis is None else basis.shape[0]
+    if basis is not None and not (basis.flags.c_contiguous and basis.shape[1:] == (2, u.size)):
+        raise ValueError(f"basis must be C-contiguous of shape (cap, 2, {u.size})")
+    info = loops.run("loop_cg", contiguous(theta), [contiguous(x_at), u, s, basis],
+                     [tol, scale, count(max_iter), count(min_iter), diverge, node, float(cap)])
     status = LOOP_STATUSES[int(info[0])]
     message = ("" if status in (Status.CONVERGED, Status.CAPPED) else
                _CGMessage(status, int(info[4]), float(info[5]), diverge).text())

@@ -119,14 +119,15 @@ def _er(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
 
 
 def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
-          q0: Any) -> HypergradientResult:
-    """One hypergradient with E&R's bound at fixed eps and delta: th checked, opts resolved."""
+          q0: Any, keep_basis: bool = False) -> HypergradientResult:
+    """One hypergradient with E&R's bound at fixed eps and delta: th checked, opts resolved;
+    keep_basis: a lower CG keeps its Krylov directions for the correction's forward solve."""
     c_global = checked_constants(k, th)
     ledger = _Ledger(notes=list(c_global["notes"]))
     c = _step_size_constants(k, th, c_global, opts.lower, x0, ledger, opts.adjoint)
     dense: dict[str, Any] = {}  # lower="direct" and adjoint="direct" share one Hessian factor
     low = run_lower(k, th, c, opts.lower, opts.eps, x0, opts.max_iter, opts.record,
-                    adjoint_entry(opts.adjoint).backprop, dense)
+                    adjoint_entry(opts.adjoint).backprop, dense, keep_basis)
     ledger.work["lower_grads"] += low.n_grad
     ledger.work["hvps"] += low.n_hvp
     if low.status is not Status.CONVERGED:
@@ -169,7 +170,8 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
     plain = opts.evolve(certificate="er", rtol=None, atol=0.0)
 
     def run(eps: float, delta: float, x0: Any, q0: Any, refine: int) -> HypergradientResult:
-        return _once(k, th, plain.evolve(eps=eps, delta=delta, refine_iter=refine), x0, q0)
+        return _once(k, th, plain.evolve(eps=eps, delta=delta, refine_iter=refine), x0, q0,
+                     keep_basis=True)
 
     if opts.certificate == "tight":
         eps, delta = first_tolerances(opts.rtol or 0.0, opts.eps, opts.delta, tight=True)

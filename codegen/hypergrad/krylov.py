@@ -50,7 +50,8 @@ class CGResult:
 def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
        residual: np.ndarray | None = None, tol: float = 0.0, scale: float = 1.0,
        max_iter: int = 10_000, min_iter: int = 0, diverge_from: float | None = None,
-       history: list[Any] | None = None, mu: float | None = None) -> CGResult:
+       history: list[Any] | None = None, mu: float | None = None,
+       basis: list[tuple[np.ndarray, np.ndarray]] | None = None) -> CGResult:
     """Conjugate gradients for A x = b, A = matvec symmetric positive definite.
 
     x0 = None starts from 0 (residual b, no product); a given x0 costs one product for its
@@ -59,6 +60,8 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
     steps; with `diverge_from`, ||s|| > DIVERGENCE_FACTOR * diverge_from is "diverged".
     `history` (a list) receives ||s|| / scale after every step. `mu` (0 < mu <= the smallest
     eigenvalue of A) turns on the Gauss-Radau energy-norm estimate (`CGResult.energy_error`).
+    `basis` (a list) receives (d, A d) of every step: A-conjugate directions spanning the
+    Krylov space, for a Galerkin solve of another system with the same A (`galerkin`).
     """
     matvecs = 0
     x = np.zeros_like(b) if x0 is None else x0
@@ -96,6 +99,8 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
         x_new, s_new = x + alpha * d, s - alpha * Ad
         if not all_finite(x_new, s_new):
             return result(Status.NON_FINITE, "non-finite CG iterate")
+        if basis is not None:
+            basis.append((d, Ad))
         ss_new = dot(s_new, s_new)
         x, s = x_new, s_new
         d = s + (ss_new / ss) * d if ss > 0 else s.copy()

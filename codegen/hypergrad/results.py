@@ -145,6 +145,8 @@ class LowerResult:
     energy_error_estimate  cg only: the Gauss-Radau estimate of ||x - x*||_A from the last CG
                segment's coefficients (docs/solvers.md 6). An exact-arithmetic estimate, NOT a
                certificate (that is `bound`); nan when no CG step ran.
+    krylov     cg with a kept basis only: (S, A S), its directions and their products as rows
+               (`galerkin.KrylovBasis`), for the correction's forward solve.
     """
 
     x: np.ndarray
@@ -167,6 +169,7 @@ class LowerResult:
     trajectory: list[Any] | None = None
     message: str = ""
     energy_error_estimate: float = math.nan
+    krylov: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def work(self) -> int:

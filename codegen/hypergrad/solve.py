@@ -51,9 +51,10 @@ def solve_lower(k: Any, theta: Any, solver: str = "fista", tol: float = 1e-8,
 
 def run_lower(k: Any, th: np.ndarray, c: dict[str, Any], solver: str, tol: float, x0: Any,
               max_iter: int, record: bool = False, store_trajectory: bool = False,
-              dense: dict[str, Any] | None = None) -> LowerResult:
+              dense: dict[str, Any] | None = None, keep_basis: bool = False) -> LowerResult:
     """solve_lower with theta and the constants `c` already checked; `dense` is the Hessian
-    factor cache lower="direct" shares with adjoint="direct"."""
+    factor cache lower="direct" shares with adjoint="direct"; keep_basis asks lower="cg" for
+    its Krylov directions (`LowerResult.krylov`, docs/bounds.md 15.7)."""
     entry = lower_entry(solver)
     if entry.needs_quadratic and not getattr(k, "is_quadratic", False):
         raise SolverError(f"lower solver {solver!r} needs a quadratic lower level (constant "
@@ -74,7 +75,7 @@ def run_lower(k: Any, th: np.ndarray, c: dict[str, Any], solver: str, tol: float
         require_finite_L(solver, c["L"])
     task = LowerTask(k=k, theta=th, constants=c, tol=float(tol), x0=x0, max_iter=int(max_iter),
                      record=record, store_trajectory=store_trajectory,
-                     dense={} if dense is None else dense)
+                     dense={} if dense is None else dense, keep_basis=keep_basis)
     return entry.solve(task)
 
 

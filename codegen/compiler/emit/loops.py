@@ -42,9 +42,12 @@ LOOP_REASON = {"none": 0, "kernel": 1, "iterate": 2, "curvature": 3}
 #: (name, doc, vectors of the loop's own in `work`, its vector parameters as (ctype, name)).
 LOOPS = (
     ("loop_cg", "CG on A(xh) u = b from u with residual s = b - A u (both updated in place); "
-     "ctl = [tol, scale, max_iter, min_iter, diverge_from (< 0: none), mu (<= 0: none)]; "
-     "info = [status, iterations, matvecs, s.s, reason, value, alpha_mu (Gauss-Radau)]", 2,
-     (("const double *restrict", "hg_xh"), ("double *restrict", "hg_u"), ("double *restrict", "hg_s"))),
+     "step i < basis_cap writes d_i and A d_i to basis[2i n], basis[(2i + 1) n] (NULL: none); "
+     "ctl = [tol, scale, max_iter, min_iter, diverge_from (< 0: none), mu (<= 0: none), "
+     "basis_cap]; info = [status, iterations, matvecs, s.s, reason, value, alpha_mu "
+     "(Gauss-Radau)]", 2,
+     (("const double *restrict", "hg_xh"), ("double *restrict", "hg_u"), ("double *restrict", "hg_s"),
+      ("double *restrict", "hg_basis"))),
     ("loop_fista", "strongly convex FISTA from x0: the last z with a finite gradient into z, "
      "its gradient into g; ctl = [tol, mu, tau, q, max_iter]; "
      "info = [status, iterations, gradients, ||g||, ||g0||, beta_last, have_z, reason]", 4,
@@ -121,7 +124,7 @@ def loops_context(problem: Problem, kernels: Sequence[KernelLike], prefix: str
             kwork = f"hg_work + {own_code}"
             fixed_args = ", ".join(p.name for p in fixed)
             calls = {"grad": kernel_call(prefix, grad, {x: "hg_point", "out": "hg_grad"}, kwork),
-                     "cg": f"{prefix}_loop_cg({fixed_args}, hg_x, hg_u, hg_s, hg_cg_ctl, "
+                     "cg": f"{prefix}_loop_cg({fixed_args}, hg_x, hg_u, hg_s, NULL, hg_cg_ctl, "
                            f"hg_cg_info, {kwork})"}
             inner = grad.work_code()
             work += [f"{own_code} + {need}" for need in cg_work]

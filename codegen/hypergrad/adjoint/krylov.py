@@ -137,6 +137,8 @@ def _cg_segments(task: AdjointTask, run: _Run) -> tuple[Status, float, str, int,
         run.q, run.energy_error = out.x, out.energy_error
         if out.status is not Status.CONVERGED:
             return out.status, math.nan, out.message, it, segments
+        if out.iterations == 0:  # met delta where it started: s is a true residual there
+            return Status.CONVERGED, norm(s), "", it, segments
         status, R, msg, rt = _check(task, run)
         if status is not None or rt is None:
             return status or Status.NON_FINITE, R, msg, it, segments

@@ -11,6 +11,7 @@ from functools import partial
 
 from ..common import LowerTask, call_kernel, norm
 from ..fused import fused_cg, loops_for
+from ..galerkin import KrylovBasis
 from ..krylov import cg
 from ..rates import cg_rate_bound, rates
 from ..results import LowerResult, Status
@@ -34,14 +35,19 @@ def solve_cg(task: LowerTask) -> LowerResult:
     loops = loops_for(k) if hist is None else None
     status, msg = (Status.CONVERGED if gn / mu <= tol else None), ""
     energy = math.nan  # the last segment's Gauss-Radau estimate of ||x - x*||_A
+    basis = KrylovBasis(x.size) if task.keep_basis else None
     while status is None:
         # the Hessian is constant: the segment's first x serves for all its products
         if loops is not None:  # the same CG in one C call
+            slots = None if basis is None else basis.slots(task.max_iter - it)
             run = fused_cg(loops, x, th, -g, x, residual=-g, tol=tol, scale=mu,
-                           max_iter=task.max_iter - it, mu=mu)
+                           max_iter=task.max_iter - it, mu=mu, basis=slots)
+            if basis is not None:
+                basis.took(slots, run.iterations)
         else:
             run = cg(partial(k.lower_hvp, x, th), -g, x, residual=-g, tol=tol, scale=mu,
-                     max_iter=task.max_iter - it, history=hist, mu=mu)
+                     max_iter=task.max_iter - it, history=hist, mu=mu,
+                     basis=None if basis is None else basis.list_for_python())
         n_hvp += run.matvecs
         it += run.iterations
         x, g_true, energy = run.x, run.iterations == 0 and g_true, run.energy_error
@@ -72,7 +78,8 @@ def solve_cg(task: LowerTask) -> LowerResult:
                        tol=tol, mu=mu, L=L, n_grad=n_grad, n_hvp=n_hvp,
                        initial_bound=gn0 / mu, apriori=_apriori(gn0 / mu, it, segments, mu, L),
                        segments=segments, history=hist, message=msg,
-                       energy_error_estimate=energy)
+                       energy_error_estimate=energy,
+                       krylov=None if basis is None else basis.matrices())
 
 
 def _apriori(e0: float, K: int, segments: int, mu: float, L: float) -> float:

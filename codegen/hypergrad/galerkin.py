@@ -1,0 +1,80 @@
+"""Krylov reuse: the quadratic lower CG's directions, kept, and a Galerkin solve on them
+(docs/bounds.md 15.7).
+
+With g quadratic in x the lower CG's directions d_i and their products A d_i span a Krylov
+space of the one Hessian A. The correction's forward solve A v = B u has that same A, and
+where B u lies in (or near) the space, as it does for a weight on ||x||^2 (B = a x_eps), the
+Galerkin solution v = S (S^T A S)^+ S^T B u from the kept pairs costs no product with A. It is
+only a starting point: the forward CG recomputes its true residual (one product) and goes on
+from there, so the bound never depends on how good it is. In exact arithmetic it is never worse
+than the cold start 0, which lies in the space: Galerkin is the A-norm-best point of it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["KrylovBasis", "galerkin", "BASIS_MAX_BYTES", "GALERKIN_MAX_STEPS"]
+
+#: The kept directions and products of one lower solve take at most this many bytes.
+BASIS_MAX_BYTES = 64 << 20
+
+#: The Galerkin matrix S^T A S costs k^2 n flops; above this many kept steps (k) the cold start
+#: is kept (an ill-conditioned problem whose forward solve would cost as much again).
+GALERKIN_MAX_STEPS = 1000
+
+
+class KrylovBasis:
+    """The (d, A d) pairs of one lower CG solve, over its restart segments, up to
+    BASIS_MAX_BYTES. `slots` lends the fused C loop a buffer, `pairs` is `krylov.cg`'s list."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.cap = int(BASIS_MAX_BYTES // (16 * max(n, 1)))
+        self.blocks: list[np.ndarray] = []
+        self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def kept(self) -> int:
+        return sum(b.shape[0] for b in self.blocks) + len(self.pairs)
+
+    def slots(self, steps: int) -> np.ndarray | None:
+        """A (k, 2, n) buffer for the next fused segment of at most `steps` steps, or None when
+        the byte budget is spent (np.empty: only the rows the loop writes are touched)."""
+        room = min(steps, self.cap - self.kept())
+        return np.empty((room, 2, self.n)) if room > 0 else None
+
+    def took(self, buffer: np.ndarray | None, steps: int) -> None:
+        """Keep the first `steps` rows the fused loop wrote into `buffer`."""
+        if buffer is not None and steps > 0:
+            self.blocks.append(buffer[:min(steps, buffer.shape[0])])
+
+    def list_for_python(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """`krylov.cg`'s basis list while the budget lasts (None: keep no more)."""
+        return self.pairs if self.kept() < self.cap else None
+
+    def matrices(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(S, A S) with the directions as rows, or None when nothing was kept."""
+        rows = [b[:, 0, :] for b in self.blocks] + [p[0][None, :] for p in self.pairs]
+        products = [b[:, 1, :] for b in self.blocks] + [p[1][None, :] for p in self.pairs]
+        if not rows:
+            return None
+        k = min(sum(r.shape[0] for r in rows), self.cap)
+        return np.vstack(rows)[:k], np.vstack(products)[:k]
+
+
+def galerkin(S: np.ndarray, AS: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """v = S^T y with (S A S^T) y = S b, S's rows the kept directions: the A-norm-best
+    approximation of A^{-1} b in their span; None when there are more than GALERKIN_MAX_STEPS
+    or the projection is not finite. The Galerkin matrix is symmetrised and scaled to a unit
+    diagonal (the directions are A-conjugate in exact arithmetic, nearly so in floating point),
+    and its eigenvalues below 1e-12 of the largest are dropped (directions that lost their
+    independence)."""
+    if S.shape[0] == 0 or S.shape[0] > GALERKIN_MAX_STEPS:
+        return None
+    G = S @ AS.T
+    G = 0.5 * (G + G.T)
+    scale = np.sqrt(np.clip(np.diag(G), np.finfo(float).tiny, None))
+    w, V = np.linalg.eigh(G / np.outer(scale, scale))
+    keep = w > 1e-12 * w[-1]
+    y = V[:, keep] @ ((V[:, keep].T @ ((S @ b) / scale)) / w[keep]) / scale
+    v = S.T @ y
+    return v if np.all(np.isfinite(v)) else None
