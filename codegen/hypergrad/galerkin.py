@@ -34,7 +34,7 @@ class KrylovBasis:
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
 
     def kept(self) -> int:
-        return sum(b.shape[0] for b in self.blocks) + len(self.pairs)
+        return sum(int(b.shape[0]) for b in self.blocks) + len(self.pairs)
 
     def slots(self, steps: int) -> np.ndarray | None:
         """A (k, 2, n) buffer for the next fused segment of at most `steps` steps, or None when
