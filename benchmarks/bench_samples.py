@@ -12,8 +12,8 @@ and CG here), over all samples: serial (this process), executor="processes" (`--
 spawned processes) and a Dask LocalCluster of `--workers` processes with one thread each,
 configured as a cluster that runs only hypergen (DEDICATED, unless --dask-defaults: Dask's
 event loops wake every 20 ms in the scheduler, each worker and each nanny, and its profiler
-samples every worker thread every 10 ms; an idle cluster of 2 workers took 170 ms of CPU per
-second that way, against about 50 with DEDICATED, docs/distributed.md 5), each executor against
+samples every worker thread every 10 ms; an idle LocalCluster of 2 workers took 74-92 ms of
+CPU per second that way, 19-23 ms with DEDICATED, docs/distributed.md 5), each executor against
 serial with only its own workers alive (the processes first, the cluster started after them).
 Contenders are timed in turns (timing.interleaved_times: a warm-up call each, then --repeat
 rounds, one call per round, median), BLAS and OpenMP on --threads threads (default 1: a worker
@@ -23,8 +23,8 @@ Printed: the setup (bind_samples: spawning and installing), the median seconds p
 and the ratio serial / executor, and whether the executor's result has the serial bits
 (gradient, bound, value, per-sample x and q); then each contender's CPU seconds per call
 (Linux: /proc schedstat, every thread, so other jobs' load does not enter it): this process
-(for Dask with the scheduler and the client), the workers (and the nannies), and the workers'
-sum against the serial call's; the seconds to read every x and q after one call (they stay
+(for Dask with the LocalCluster's scheduler, nannies and the client), the workers, and the
+workers' sum against the serial call's; the seconds to read every x and q after one call (they stay
 on the workers until read, docs/distributed.md 3); then the "ceiling": --workers bare
 processes, no executor, each computing its share of the samples serially, started together (what the
 machine allows; timed after the contenders, not interleaved with them). Then what travels per
@@ -112,12 +112,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 def executor_pids(prob, client) -> tuple[list[int], list[int]]:
-    """(the executor's worker processes, their nannies: Dask's only)."""
+    """(the executor's worker processes, their nannies where they are other processes: a
+    LocalCluster's nannies live in this process, with its scheduler)."""
     if client is None:
         return prob.executor.backend.pids, []
     workers = sorted(client.run(os.getpid).values())
-    return workers, [int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                     for p in workers]
+    parents = {int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+               for p in workers}
+    return workers, sorted(parents - {os.getpid()})
 
 
 def metered(fn, pids: list[int], into: list):

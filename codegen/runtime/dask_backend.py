@@ -20,7 +20,9 @@ ExecutorError naming it. Dask is imported here only when a backend is made.
 from __future__ import annotations
 
 import asyncio
+import queue
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,7 @@ from .sample_worker import (
     MAX_ATTEMPTS,
     ExecutorError,
     Pair,
+    Receive,
     SampleMissing,
     SampleTask,
     fetch_arrays,
@@ -183,8 +186,19 @@ class DaskBackend:
 
     def _call(self, calls: list[tuple[str, str, tuple[Any, ...]]]) -> list[Any]:
         """Each (worker, method, args) on that worker's SampleHost, all at once; the replies in
-        order: the method's value, the exception it raised, or _Lost where the worker or its
-        actor could not be reached (the worker is then forgotten: an actor is made anew).
+        order (see _replies)."""
+        replies: list[Any] = [None] * len(calls)
+        for position, reply in self._replies(calls):
+            replies[position] = reply
+        return replies
+
+    def _replies(self, calls: list[tuple[str, str, tuple[Any, ...]]]
+                 ) -> Iterator[tuple[int, Any]]:
+        """Each (worker, method, args) on that worker's SampleHost, all at once; (its position
+        in `calls`, its reply) as each one comes back, here in the caller's thread while the
+        others still run: the method's value, the exception it raised, or _Lost where the
+        worker or its actor could not be reached (the worker is then forgotten: an actor is
+        made anew).
 
         The calls use the worker's `actor_execute` RPC, which the public Actor proxy wraps: the
         proxy catches only OSError, so a worker restarted since (it answers KeyError: no such
@@ -193,8 +207,10 @@ class DaskBackend:
         from distributed.actor import ProxyRPC
         from distributed.protocol.serialize import to_serialize
         client = self.client
+        done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        running: set[Any] = set()  # the event loop keeps only weak references to tasks
 
-        async def one(worker: str, method: str, args: tuple[Any, ...]) -> Any:
+        async def reply(worker: str, method: str, args: tuple[Any, ...]) -> Any:
             status = self.hosts[worker].future.status
             if status != "finished":  # the scheduler saw the actor's worker go (a restart
                 # cancels it, a death loses it): calling its address would wait out the 30 s
@@ -203,21 +219,37 @@ class DaskBackend:
             rpc = client.rpc(worker) if client.direct_to_workers else \
                 ProxyRPC(client.scheduler, worker)  # type: ignore[no-untyped-call]
             try:
-                reply = await rpc.actor_execute(actor=self.hosts[worker].key, function=method,
-                                                args=[to_serialize(a) for a in args],  # type: ignore[no-untyped-call]
-                                                kwargs={})
+                out = await rpc.actor_execute(actor=self.hosts[worker].key, function=method,
+                                              args=[to_serialize(a) for a in args],  # type: ignore[no-untyped-call]
+                                              kwargs={})
             except Exception as exc:  # noqa: BLE001 - the worker, or its actor, is gone
                 return _Lost(f"{type(exc).__name__}: {exc}")
-            return reply["result"] if reply["status"] == "OK" else reply["exception"]
+            return out["result"] if out["status"] == "OK" else out["exception"]
 
-        async def every() -> list[Any]:
-            return list(await asyncio.gather(*(one(*call) for call in calls)))
+        async def one(position: int, call: tuple[str, str, tuple[Any, ...]]) -> None:
+            out: Any = _Lost("the call was cancelled")
+            try:
+                out = await reply(*call)
+            finally:
+                done.put((position, out))
 
-        replies: list[Any] = client.sync(every)
-        for (worker, _, _), reply in zip(calls, replies):
-            if isinstance(reply, _Lost):
-                self._forget_host(worker)
-        return replies
+        async def start() -> None:
+            for position, call in enumerate(calls):
+                task = asyncio.ensure_future(one(position, call))
+                running.add(task)
+                task.add_done_callback(running.discard)
+
+        client.sync(start)
+        for _ in calls:
+            while True:
+                try:  # a timeout, so that Ctrl-C is seen while waiting
+                    position, out = done.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    continue
+            if isinstance(out, _Lost):
+                self._forget_host(calls[position][0])
+            yield position, out
 
     def _forget_host(self, worker: str) -> None:
         """A worker that lost a call: its actor is dropped, its samples get a new home."""
@@ -244,10 +276,9 @@ class DaskBackend:
             out[worker] = [mine[b::count] for b in range(count)]
         return out
 
-    def run(self, pairs: list[Pair]) -> list[bytes]:
+    def run(self, pairs: list[Pair], receive: Receive) -> None:
         full = {first.index: make_full for first, make_full in pairs}
         send = {first.index: first for first, _ in pairs}
-        results: dict[int, bytes] = {}
         errors: dict[int, BaseException] = {}
         losses: dict[int, int] = {}
         while send:
@@ -255,14 +286,13 @@ class DaskBackend:
             if reinstall:
                 self._install(reinstall)
                 send.update({s: full[s]() for s in reinstall})
-            by_worker = self._batches(send)
-            replies = self._call([(w, "run", (b,)) for w, b in by_worker.items()])
+            by_worker = list(self._batches(send).items())
             send = {}
-            for batches, reply in zip(by_worker.values(), replies):
-                for task, outcome in self._outcomes(batches, reply):
+            for position, reply in self._replies([(w, "run", (b,)) for w, b in by_worker]):
+                for task, outcome in self._outcomes(by_worker[position][1], reply):
                     s = task.index
                     if isinstance(outcome, bytes):
-                        results[s] = outcome
+                        receive(s, outcome)
                     elif isinstance(outcome, (SampleMissing, _Lost)):
                         losses[s] = losses.get(s, 0) + 1
                         if losses[s] >= MAX_ATTEMPTS:
@@ -281,7 +311,6 @@ class DaskBackend:
                 break
         if errors:
             raise first_error(errors)
-        return [results[first.index] for first, _ in pairs]
 
     @staticmethod
     def _outcomes(batches: list[list[SampleTask]], reply: Any) -> list[tuple[SampleTask, Any]]:

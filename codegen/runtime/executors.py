@@ -40,6 +40,7 @@ from .sample_worker import (
     SLOTS,
     ExecutorError,
     Pair,
+    Receive,
     SampleTask,
     thread_controller,
     thread_counts,
@@ -58,9 +59,10 @@ class Backend(Protocol):
 
     def install(self, module: Any, items: list[tuple[int, str, dict[str, Any]]]) -> None: ...
 
-    def run(self, pairs: list[Pair]) -> list[bytes]:
+    def run(self, pairs: list[Pair], receive: Receive) -> None:
         """Each pair's first task on its sample's worker (the second where that worker lost
-        the sample); the slim results (sample_worker.slim) in the pairs' order."""
+        the sample); each slim result (sample_worker.slim) given to `receive` as it arrives,
+        so the parent reads a worker's results while the others still compute."""
         ...
 
     def fetch(self, items: list[tuple[int, str, int, int]]) -> dict[int, Any]:
@@ -188,20 +190,23 @@ class SampleExecutor:
                      for s, (xs, qs) in enumerate(starts)]
             self.warm_count = sum(isinstance(step.x0, (tuple, FetchedStart)) for step in steps)
             drops = self._drops()
+            made: dict[int, HeldResult] = {}
+            loaded: dict[int, HypergradientResult] = {}
+
+            def receive(s: int, blob: bytes) -> None:  # a worker's results, as they arrive
+                made[s] = HeldResult(steps[s], weakref.ref(self))
+                loaded[s] = load(blob, made[s])
             try:
-                blobs = self.backend.run([self._pair(step, drops.get(step.sample, ()))
-                                          for step in steps])
+                self.backend.run([self._pair(step, drops.get(step.sample, ()))
+                                  for step in steps], receive)
             except BaseException:  # what the workers computed of this call is not referred to
                 self._released.extend((step.sample, run) for step in steps)
                 for s, runs in drops.items():
                     self._released.extend((s, r) for r in runs)
                 raise
-            results = []
-            for step, blob in zip(steps, blobs):
-                made = HeldResult(step, weakref.ref(self))
-                results.append(load(blob, made))
-                self._keep(made)
-            return results
+            for step in steps:
+                self._keep(made[step.sample])
+            return [loaded[step.sample] for step in steps]
 
     def _starts(self, s: int, x0: Any, q0: Any) -> tuple[Any, Any]:
         return self._source(s, x0), self._source(s, q0)
@@ -302,7 +307,7 @@ class SampleExecutor:
         """Compute made's call again on the sample's (new) worker from its steps: the same
         calls from the same starts give the same bits."""
         full = self._pair(made.step, ())[1]()
-        self.backend.run([(full, lambda: full)])
+        self.backend.run([(full, lambda: full)], lambda s, blob: None)
 
     def close(self) -> None:
         """Fetch the held arrays of the results still referenced (they stay readable), then

@@ -14,6 +14,7 @@ from .sample_worker import (
     MAX_ATTEMPTS,
     ExecutorError,
     Pair,
+    Receive,
     SampleMissing,
     SampleTask,
     first_error,
@@ -107,6 +108,7 @@ class ProcessBackend:
         self.module: Any = None
         self.items: dict[int, tuple[str, dict[str, Any]]] = {}
         self.home: dict[int, int] = {}
+        self.receive: Receive = lambda s, blob: None  # the running call's (`run`)
 
     @property
     def pids(self) -> list[int]:
@@ -136,16 +138,18 @@ class ProcessBackend:
             self.home[s] = live[n % len(live)]
             self.workers[self.home[s]].queue.append(_Item("install", [s]))
 
-    def run(self, pairs: list[Pair]) -> list[bytes]:
+    def run(self, pairs: list[Pair], receive: Receive) -> None:
         self._homes([first.index for first, _ in pairs])
         by_worker: dict[int, list[Pair]] = {}
         for pair in pairs:
             by_worker.setdefault(self.home[pair[0].index], []).append(pair)
         for position, mine in by_worker.items():
             self.workers[position].queue.append(_run_item(mine))
-        results: dict[int, Any] = {}
-        self._drive(results)
-        return [results[first.index] for first, _ in pairs]
+        self.receive = receive
+        try:
+            self._drive({})
+        finally:
+            self.receive = lambda s, blob: None
 
     def fetch(self, items: list[tuple[int, str, int, int]]) -> dict[int, Any]:
         self._homes([s for s, _, _, _ in items])
@@ -239,14 +243,14 @@ class ProcessBackend:
     def _outcomes(self, worker: _Process, item: _Item, outcomes: list[Any],
                   results: dict[int, Any], attempts: dict[int, int],
                   errors: dict[int, BaseException]) -> None:
-        """A run request's per-sample outcomes: a result, SampleMissing (the worker does not
-        hold the sample or an array its task starts from: install it and send the full task,
-        MAX_ATTEMPTS times at most), or the sample's own error."""
+        """A run request's per-sample outcomes: a result (to `receive`), SampleMissing (the
+        worker does not hold the sample or an array its task starts from: install it and send
+        the full task, MAX_ATTEMPTS times at most), or the sample's own error."""
         again = []
         for task, make_full, outcome in zip(item.tasks, item.fulls, outcomes):
             s = task.index
             if isinstance(outcome, bytes):
-                results[s] = outcome
+                self.receive(s, outcome)
             elif isinstance(outcome, SampleMissing):
                 attempts[s] = attempts.get(s, 0) + 1
                 if attempts[s] >= MAX_ATTEMPTS:

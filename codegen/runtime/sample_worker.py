@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # annotations only: a worker gets its module by unpickling (n
     from .bound_problem import BoundProblem
     from .module import GeneratedModule
 
-__all__ = ["MAX_ATTEMPTS", "SLOTS", "ExecutorError", "Held", "Pair", "SampleTask",
+__all__ = ["MAX_ATTEMPTS", "SLOTS", "ExecutorError", "Held", "Pair", "Receive", "SampleTask",
            "SampleMissing", "first_error", "install_samples", "forget_samples", "run_sample",
            "run_samples", "fetch_arrays", "held_calls", "serve", "slim",
            "worker_label", "thread_controller", "thread_counts", "tune_allocator"]
@@ -120,6 +120,10 @@ class SampleTask:
 #: A task to send first, and a function making the task to send again where the first found its
 #: sample's worker lost (its `replay` filled in: made only when needed).
 Pair = tuple[SampleTask, Callable[[], SampleTask]]
+
+#: Called by a backend in the parent with (sample, its slim result) as each worker's results
+#: arrive, while the other workers still compute.
+Receive = Callable[[int, bytes], None]
 
 
 @dataclass
