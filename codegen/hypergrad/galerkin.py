@@ -63,8 +63,9 @@ class KrylovBasis:
 
 def galerkin(S: np.ndarray, AS: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     """v = S^T y with (S A S^T) y = S b, S's rows the kept directions: the A-norm-best
-    approximation of A^{-1} b in their span; None when there are more than GALERKIN_MAX_STEPS
-    or the projection is not finite. The Galerkin matrix is symmetrised and scaled to a unit
+    approximation of A^{-1} b in their span; None when there are more than GALERKIN_MAX_STEPS,
+    when some d^T (A d) is not positive (these cannot be an SPD matrix's products) or the
+    projection is not finite. The Galerkin matrix is symmetrised and scaled to a unit
     diagonal (the directions are A-conjugate in exact arithmetic, nearly so in floating point),
     and its eigenvalues below 1e-12 of the largest are dropped (directions that lost their
     independence)."""
@@ -72,8 +73,14 @@ def galerkin(S: np.ndarray, AS: np.ndarray, b: np.ndarray) -> np.ndarray | None:
         return None
     G = S @ AS.T
     G = 0.5 * (G + G.T)
-    scale = np.sqrt(np.clip(np.diag(G), np.finfo(float).tiny, None))
-    w, V = np.linalg.eigh(G / np.outer(scale, scale))
+    diagonal = np.diag(G)
+    if not (np.all(np.isfinite(G)) and np.all(diagonal > 0)):
+        return None  # not the products of an SPD matrix: d^T A d > 0 for every kept d
+    scale = np.sqrt(diagonal)
+    try:
+        w, V = np.linalg.eigh(G / np.outer(scale, scale))
+    except np.linalg.LinAlgError:
+        return None
     keep = w > 1e-12 * w[-1]
     y = V[:, keep] @ ((V[:, keep].T @ ((S @ b) / scale)) / w[keep]) / scale
     v = S.T @ y

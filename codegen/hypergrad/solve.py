@@ -29,7 +29,7 @@ __all__ = ["solve_lower", "solve_adjoint", "run_lower", "run_adjoint"]
 
 def solve_lower(k: Any, theta: Any, solver: str = "fista", tol: float = 1e-8,
                 x0: Any = None, max_iter: int = DEFAULT_MAX_ITER, record: bool = False,
-                store_trajectory: bool = False) -> LowerResult:
+                store_trajectory: bool = False, keep_basis: bool = False) -> LowerResult:
     """Minimise g(., theta) until ||grad g(x)|| / mu <= tol (a certified ||x - x*|| <= tol).
 
     solver: "gd" (step 2/(L+mu)), "hb" (Polyak heavy ball; may fail on non-quadratic g, then
@@ -40,13 +40,14 @@ def solve_lower(k: Any, theta: Any, solver: str = "fista", tol: float = 1e-8,
     mu and L are re-evaluated from k.constants(theta) on every call. The test is made before the
     first step (a good warm start returns after 0 iterations and 1 gradient). `record=True`
     keeps the per-iteration G/mu; `store_trajectory=True` keeps x_0..x_K (GD/HB, for
-    adjoint="backprop"; O(K d) memory).
+    adjoint="backprop"; O(K d) memory); `keep_basis=True` keeps "cg"'s Krylov directions and
+    their products (`LowerResult.krylov`, docs/bounds.md 15.7; other solvers keep none).
     """
     th = checked_theta(k, theta)
     if solver == AUTO:
         solver = choose_lower(k, "backprop" if store_trajectory else AUTO, th)
     return run_lower(k, th, checked_constants(k, th), solver, tol, x0, max_iter, record,
-                     store_trajectory)
+                     store_trajectory, keep_basis=keep_basis)
 
 
 def run_lower(k: Any, th: np.ndarray, c: dict[str, Any], solver: str, tol: float, x0: Any,
