@@ -302,6 +302,21 @@ def test_a_killed_dask_worker_has_its_samples_recomputed(problems):
             assert victim not in prob.executor.backend.home.values()
 
 
+def test_samples_are_placed_by_size(bound):
+    """A sample never moves while its worker lives, so the workers are balanced when the data
+    are first sent: the largest sample first, each to the worker with the fewest bytes so far;
+    samples of one size go round the workers in order."""
+    from codegen.runtime.sample_worker import homes
+
+    def sized(*counts):
+        return [{"Y": np.zeros(n), "scale": 2.0} for n in counts]
+    assert homes(sized(4, 4, 4, 4, 4), 2) == [0, 1, 0, 1, 0]
+    assert homes(sized(1, 1, 1, 8, 1, 1, 1, 1, 1), 2) == [1, 1, 1, 0, 1, 1, 1, 1, 1]
+    assert homes(sized(3, 5, 2, 4), 2) == [1, 0, 0, 1]  # 5 + 2 against 4 + 3
+    assert homes(sized(7, 7), 3) == [0, 1]
+    assert bound["ridge"]["processes"].executor.backend.home == {s: s % 2 for s in range(SAMPLES)}
+
+
 def test_a_bad_executor_is_named(problems):
     module, data, _ = problems["ridge"]
     for bad, words in (("threads", "executor 'threads' is not an executor"),

@@ -37,6 +37,7 @@ from .sample_worker import (
     fetch_arrays,
     first_error,
     forget_samples,
+    homes,
     install_samples,
     run_samples,
     thread_counts,
@@ -141,9 +142,9 @@ class DaskBackend:
     def install(self, module: Any, items: list[tuple[int, str, dict[str, Any]]]) -> None:
         self.module = module
         workers = self.workers()
-        for s, token, data in items:
+        for (s, token, data), home in zip(items, homes([d for _, _, d in items], len(workers))):
             self.items[s] = (token, data)
-            self.home[s] = workers[s % len(workers)]
+            self.home[s] = workers[home]
         self._install([s for s, _, _ in items])
 
     def _host(self, worker: str) -> str:

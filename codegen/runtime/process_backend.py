@@ -18,6 +18,7 @@ from .sample_worker import (
     SampleMissing,
     SampleTask,
     first_error,
+    homes,
     serve,
 )
 
@@ -89,8 +90,9 @@ class _Process:
 
 class ProcessBackend:
     """A pool of local worker processes (forked from a server process that imported hypergen,
-    or spawned; each loads the module from its directory). Sample s lives on worker s mod n,
-    and moves only when its worker dies. Requests to one worker go one at a time, in order,
+    or spawned; each loads the module from its directory). A sample lives where `homes`
+    places it (samples of one size: sample s on worker s mod n), and moves only when its
+    worker dies. Requests to one worker go one at a time, in order,
     over its own pipe, up to PIPELINE_DEPTH of them outstanding; a call is one request per
     worker, with all its samples' tasks."""
 
@@ -117,9 +119,10 @@ class ProcessBackend:
 
     def install(self, module: Any, items: list[tuple[int, str, dict[str, Any]]]) -> None:
         self.module = module
-        for s, token, data in items:
+        for (s, token, data), home in zip(items, homes([d for _, _, d in items],
+                                                      len(self.workers))):
             self.items[s] = (token, data)
-            self.home[s] = s % len(self.workers)
+            self.home[s] = home
         for position, worker in enumerate(self.workers):
             mine = [s for s, _, _ in items if self.home[s] == position]
             if mine:

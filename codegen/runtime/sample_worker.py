@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # annotations only: a worker gets its module by unpickling (n
     from .module import GeneratedModule
 
 __all__ = ["MAX_ATTEMPTS", "SLOTS", "ExecutorError", "Held", "Pair", "Receive", "SampleTask",
-           "SampleMissing", "first_error", "install_samples", "forget_samples", "run_sample",
+           "SampleMissing", "first_error", "homes", "install_samples", "forget_samples", "run_sample",
            "run_samples", "fetch_arrays", "held_calls", "serve", "slim",
            "worker_label", "thread_controller", "thread_counts", "tune_allocator"]
 
@@ -62,6 +62,21 @@ class SampleMissing(HypergenError, LookupError):
 
     def __str__(self) -> str:
         return f"sample {self.token} {self.why} on worker {self.worker}"
+
+
+def homes(data: list[dict[str, Any]], count: int) -> list[int]:
+    """Each sample's home worker (0 to count - 1) when its data are first sent: the largest
+    sample first, each to the worker with the fewest bytes of data so far (ties: the lower
+    number). A sample's work grows with its size, and it never moves while its worker lives
+    (its data and warm starts stay there), so this is the one chance to balance the workers;
+    samples of one size go to worker s mod count."""
+    sizes = [sum(int(getattr(value, "nbytes", 0)) for value in d.values()) for d in data]
+    load = [0] * count
+    out = [0] * len(data)
+    for s in sorted(range(len(data)), key=lambda s: -sizes[s]):
+        out[s] = min(range(count), key=lambda w: load[w])
+        load[out[s]] += sizes[s]
+    return out
 
 
 def first_error(errors: dict[int, BaseException]) -> BaseException:
