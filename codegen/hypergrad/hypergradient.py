@@ -186,13 +186,14 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
 
 def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions) -> str | None:
     """Why opts.certificate ("dwr", "tight" or "auto") falls back to E&R's bound at th, or None.
-    The cheap rules first: "auto" with a CG, Newton or direct lower solve never pays for the
+    The cheap rules first: "auto" with a Newton or direct lower solve never pays for the
     constants that `dwr_unavailable` evaluates."""
     asked, size = opts.certificate, th.size
-    if asked == "auto" and not lower_entry(opts.lower).needs_finite_L:
+    if asked == "auto" and not (lower_entry(opts.lower).needs_finite_L or opts.lower == "cg"):
         # The certificate that certifies the target with the least work (docs/bounds.md 15.6):
-        # with a first-order lower solve the tight bound took 0.6-1.25x E&R's work, with a
-        # CG, Newton or direct one 1.0-1.9x (and 3.4-4.2x for 8 hyperparameters)
+        # with a first-order lower solve the tight bound took 0.6-1.25x E&R's work, with CG
+        # (the forward solve from its Krylov basis, 15.7) 0.8-1.07x, with Newton 1.05-1.7x
+        # for one or two hyperparameters (2-3.4x for 8)
         return f"E&R's certifies with less work with lower={opts.lower!r}"
     if asked in ("tight", "auto") and size > MAX_COMPONENTS:
         return (f"the tight bound needs a pair of solves per component, and theta has {size} "
