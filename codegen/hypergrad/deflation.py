@@ -14,14 +14,13 @@ from the next Ritz value s, are kept, and later solves use
 which maps the kept eigenvalues to about 1 and the rest of the spectrum to [1, L/s]. At a new
 theta the kept vectors' products are recomputed (k HVPs, counted as work), so l is current.
 
-Only a proposal: `pcg` stops on the recursive unpreconditioned residual as `krylov.cg` does,
+Only a proposal: the preconditioned `krylov.cg` stops on the recursive unpreconditioned residual,
 and every certificate recomputes true residuals and gradients with the kernels, so a stale or
 wrong V costs iterations, never correctness. Held only inside `holding` (the learning loops),
 so a single hypergradient call is the same with or without a run before it.
 """
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,12 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from .common import DIVERGENCE_FACTOR, MatVec, all_finite, call_kernel, dot
-from .krylov import CGResult, curvature
-from .results import Status
+from .common import MatVec, all_finite, call_kernel
+from .krylov import CGResult, cg
 
 __all__ = ["DEFLATION_MIN_SIZE", "DEFLATION_MAX_SIZE", "MAX_DEFLATED", "RITZ_GAP",
-           "Deflation", "holding", "held_for", "pcg"]
+           "Deflation", "holding", "held_for"]
 
 #: Smallest x for which a run holds a deflation: below it the fused C loops' speed outweighs
 #: the products saved (the preconditioned solves run in Python).
@@ -118,13 +116,12 @@ class Deflation:
 
     def solve(self, hvp: MatVec, theta: np.ndarray, b: np.ndarray, x0: np.ndarray | None = None,
               **kw: Any) -> CGResult:
-        """`pcg` with this preconditioner, refreshed at theta first and taught by the run after
+        """`krylov.cg` with this preconditioner, refreshed at theta first and taught by the run after
         (the refresh's HVPs are in the result's matvecs)."""
         spent = self.refresh(hvp, theta)
-        P: list[np.ndarray] = []
-        AP: list[np.ndarray] = []
-        run = pcg(hvp, b, x0, precondition=self.apply, keep=(P, AP), **kw)
-        self.learn(P, AP, theta)
+        pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        run = cg(hvp, b, x0, precondition=self.apply, basis=pairs, **kw)
+        self.learn([d for d, _ in pairs], [Ad for _, Ad in pairs], theta)
         return CGResult(run.x, run.residual, run.rr, run.iterations, run.matvecs + spent,
                         run.status, run.message)
 
@@ -156,52 +153,3 @@ def held_for(k: Any) -> Deflation | None:
         return _HELD.get(k)
     except TypeError:
         return None
-
-
-def pcg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
-        residual: np.ndarray | None = None, tol: float = 0.0, max_iter: int = 10_000,
-        min_iter: int = 0, diverge_from: float | None = None,
-        precondition: MatVec = lambda r: r,
-        keep: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> CGResult:
-    """Preconditioned CG for A x = b with the tests of `krylov.cg` on the unpreconditioned
-    recursive residual s = b - A x (so `tol` means what it means there; scale 1), and no energy
-    estimate. keep = (P, AP) receives the search directions and their products."""
-    matvecs = 0
-    x = np.zeros_like(b) if x0 is None else x0
-    if residual is None and x0 is not None:
-        Ax, msg = call_kernel(matvec, x)
-        matvecs += 1
-        if Ax is None:
-            return CGResult(x, b.copy(), math.inf, 0, matvecs, Status.NON_FINITE, msg)
-        residual = b - Ax
-    s = b.copy() if residual is None else residual
-    z = precondition(s)
-    d, sz, ss, it = z.copy(), dot(s, z), dot(s, s), 0
-    while True:
-        rn = math.sqrt(ss)
-        if (rn <= tol or rn == 0.0) and it >= min_iter:
-            return CGResult(x, s, ss, it, matvecs, Status.CONVERGED)
-        if it >= max_iter:
-            return CGResult(x, s, ss, it, matvecs, Status.CAPPED)
-        if diverge_from is not None and rn > DIVERGENCE_FACTOR * max(diverge_from, 1e-300):
-            return CGResult(x, s, ss, it, matvecs, Status.DIVERGED,
-                            f"residual grew from {diverge_from:.3g} to {rn:.3g}")
-        Ad, msg = call_kernel(matvec, d)
-        matvecs += 1
-        dAd, status, msg = curvature(Ad, d, msg)
-        if status is not None or Ad is None or not sz > 0.0:
-            return CGResult(x, s, ss, it, matvecs, status or Status.NON_FINITE,
-                            msg or "s^T M^{-1} s is not positive")
-        if keep is not None:
-            keep[0].append(d)
-            keep[1].append(Ad)
-        alpha = sz / dAd
-        x, s = x + alpha * d, s - alpha * Ad
-        if not all_finite(x, s):
-            return CGResult(x, s, math.inf, it, matvecs, Status.NON_FINITE,
-                            "non-finite CG iterate")
-        z = precondition(s)
-        sz_new = dot(s, z)
-        d = z + (sz_new / sz) * d
-        sz, ss = sz_new, dot(s, s)
-        it += 1

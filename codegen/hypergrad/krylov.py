@@ -51,7 +51,8 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
        residual: np.ndarray | None = None, tol: float = 0.0, scale: float = 1.0,
        max_iter: int = 10_000, min_iter: int = 0, diverge_from: float | None = None,
        history: list[Any] | None = None, mu: float | None = None,
-       basis: list[tuple[np.ndarray, np.ndarray]] | None = None) -> CGResult:
+       basis: list[tuple[np.ndarray, np.ndarray]] | None = None,
+       precondition: MatVec | None = None) -> CGResult:
     """Conjugate gradients for A x = b, A = matvec symmetric positive definite.
 
     x0 = None starts from 0 (residual b, no product); a given x0 costs one product for its
@@ -62,6 +63,9 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
     eigenvalue of A) turns on the Gauss-Radau energy-norm estimate (`CGResult.energy_error`).
     `basis` (a list) receives (d, A d) of every step: A-conjugate directions spanning the
     Krylov space, for a Galerkin solve of another system with the same A (`galerkin`).
+    `precondition` (r -> M^{-1} r, M SPD: the deflation of docs/solvers.md 8) makes it
+    preconditioned CG; the tests stay on the unpreconditioned residual s, so `tol` means the
+    same, and there is no energy estimate (its recurrence is the plain CG's).
     """
     matvecs = 0
     x = np.zeros_like(b) if x0 is None else x0
@@ -74,10 +78,12 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
             return CGResult(x, b.copy(), math.inf, 0, matvecs, Status.NON_FINITE, msg)
         residual = b - Ax
     s = residual
-    d = s.copy()
+    z = s if precondition is None else precondition(s)
+    d = z.copy()
     ss = dot(s, s)
+    sz = ss if precondition is None else dot(s, z)
     it = 0
-    radau = gauss_radau_start(mu)
+    radau = gauss_radau_start(mu) if precondition is None else None
 
     def result(status: Status, message: str = "") -> CGResult:
         return CGResult(x, s, ss, it, matvecs, status, message, energy_estimate(radau, ss))
@@ -95,7 +101,9 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
         dAd, status, msg = curvature(Ad, d, msg)
         if status is not None or Ad is None:
             return result(status or Status.NON_FINITE, msg)
-        alpha = ss / dAd
+        if not sz > 0.0:  # only a preconditioner that is not SPD gets here
+            return result(Status.NON_FINITE, "s^T M^{-1} s is not positive")
+        alpha = sz / dAd
         x_new, s_new = x + alpha * d, s - alpha * Ad
         if not all_finite(x_new, s_new):
             return result(Status.NON_FINITE, "non-finite CG iterate")
@@ -103,10 +111,16 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
             basis.append((d, Ad))
         ss_new = dot(s_new, s_new)
         x, s = x_new, s_new
-        d = s + (ss_new / ss) * d if ss > 0 else s.copy()
+        if precondition is None:
+            d = s + (ss_new / ss) * d if ss > 0 else s.copy()
+            sz_new = ss_new
+        else:
+            z = precondition(s)
+            sz_new = dot(s, z)
+            d = z + (sz_new / sz) * d
         if radau is not None:
             radau = gauss_radau_step(radau, alpha, ss_new / ss if ss > 0 else 0.0)
-        ss = ss_new
+        ss, sz = ss_new, sz_new
         it += 1
         if history is not None:
             history.append(math.sqrt(ss) / scale)
