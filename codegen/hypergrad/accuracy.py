@@ -458,13 +458,12 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         n = len(dirs)
         if steer and tol_v is None:  # the first round: plan the forward and dual solves
             target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad))
-            if tight and not replanned:  # E^2 terms first: a warm re-solve costs less
-                replanned, planned_eps = True, _dwr_first(k, hg, TIGHT_PLAN_SHARE * target, n,
-                                                          components)[0]
-                if planned_eps < 0.5 * hg.e:  # than a correction that could not certify
-                    trail.append(f"eps={fmt(eps)}: E={fmt(hg.e)} over the E^2 terms' plan")
-                    eps, x0, q0 = planned_eps, hg.x, hg.q
-                    continue
+            again = None if replanned or not tight else _tight_again(k, hg, target, n)
+            replanned = True
+            if again is not None:  # E^2 terms first: a warm re-solve costs less
+                trail.append(f"eps={fmt(eps)}: E={fmt(hg.e)} over the E^2 terms' plan")
+                eps, x0, q0 = again, hg.x, hg.q
+                continue
             if tight:  # from this round's E and R, in this round
                 tol_v, tol_lam = _tight_first(hg, target, n)
             else:  # from this round's measurements, for the next round
@@ -488,19 +487,14 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                      f"{'plain' if tight else 'DWR'} bound {fmt(steered)}")
         if not steer or steered <= target:
             break
-        share = target / math.sqrt(n) if components else target
-        new = [plain_tightened(p, share, hg.e, corr.residual) if tight else
-               dwr_tightened(p.terms, share, hg.e, corr.residual, p.R_v, p.R_lam)
-               for p in corr.parts]
-        if any(t is None for t in new):
+        planned = _next_round(corr, hg.e, target / math.sqrt(n) if components else target,
+                              tight)
+        if planned is None:
             failure = (f"certified accuracy unreachable: the rounding floor takes a fifth of "
                        f"atol + rtol ||grad|| = {fmt(target)}")
             break
-        planned = [t for t in new if t is not None]
-        eps = min(eps, min(t[0] for t in planned))
-        delta = min(delta, min(t[1] for t in planned))
-        tol_v = [cast(float | None, t[2]) for t in planned]
-        tol_lam = [cast(float | None, t[3]) for t in planned]
+        eps, delta = min(eps, planned[0]), min(delta, planned[1])
+        tol_v, tol_lam = planned[2], planned[3]
         x0, q0, refine = hg.x, hg.q, refine_iter
         v0, lam0 = [p.v for p in corr.parts], [p.lam for p in corr.parts]
     else:
@@ -511,6 +505,30 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     if tight:
         return _tight_result(hg, corr, grad, bound, plain, total, trail, failure)
     return _corrected_result(hg, corr, grad, bound, plain, components, total, trail, failure)
+
+
+def _next_round(corr: Correction, E: float, share: float, tight: bool
+                ) -> tuple[float, float, list[float | None], list[float | None]] | None:
+    """(eps, delta, tol_v, tol_lam per direction) of the next round: each direction's targets
+    (`plain_tightened` for the tight rounds, `dwr_tightened` else), the tightest E and R over
+    them; None when some direction is at the rounding floor."""
+    new = [plain_tightened(p, share, E, corr.residual) if tight else
+           dwr_tightened(p.terms, share, E, corr.residual, p.R_v, p.R_lam)
+           for p in corr.parts]
+    planned = [t for t in new if t is not None]
+    if len(planned) < len(new):
+        return None
+    return (min(t[0] for t in planned), min(t[1] for t in planned),
+            [t[2] for t in planned], [t[3] for t in planned])
+
+
+def _tight_again(k: Any, hg: HypergradientResult, target: float, n: int) -> float | None:
+    """The E at which the tight first round is solved again before its correction, or None:
+    the E^2 terms' plan (`dwr_planned` at TIGHT_PLAN_SHARE of the target) when it is below half
+    the round's E. A warm-started re-solve (a Newton step or two) costs less than a correction
+    that could not certify. Steering only."""
+    planned = _dwr_first(k, hg, TIGHT_PLAN_SHARE * target, n, True)[0]
+    return planned if planned < 0.5 * hg.e else None
 
 
 def _tight_result(hg: HypergradientResult, corr: Correction, h_c: np.ndarray, bound_c: float,
