@@ -97,8 +97,8 @@ def test_first_round_tolerances():
     assert first_tolerances(1e-6, 1e-2, 1e-6) == (1e-2, 1e-6)
     assert first_tolerances(1e-6, 1e-6, 3e-7) == (1e-6, 3e-7)
     assert first_tolerances(0.0, 1e-6, 1e-6) == (1e-6, 1e-6)
-    # the tight rounds start at the target itself, looser than the defaults if it is
-    assert first_tolerances(1e-3, 1e-6, 1e-6, tight=True) == (1e-3, 1e-3)
+    # the tight rounds start at half the target, looser than the defaults if it is
+    assert first_tolerances(1e-3, 1e-6, 1e-6, tight=True) == (5e-4, 5e-4)
     assert first_tolerances(1e-12, 1e-6, 1e-6, tight=True) == (1e-9, 1e-9)
     assert first_tolerances(1e-3, 1e-2, 1e-6, tight=True) == (1e-2, 1e-6)
 

@@ -276,8 +276,10 @@ def dwr_tightened(terms: dict[str, float], target: float, E: float, R: float, R_
 
 #: With certificate="tight", the first round runs at eps = delta = TIGHT_FIRST_ROUND * rtol
 #: (`first_tolerances`): the plain bound is within a few times h's error, so the rounds aim
-#: at the target itself, not at E&R's hundreds of times smaller true error.
-TIGHT_FIRST_ROUND = 1.0
+#: near the target itself, not at E&R's hundreds of times smaller true error. Half of it: a
+#: second round costs a restart of every solve; measured, rtol / 2 takes less work than rtol
+#: in every solver class of benchmarks/bench_certificate.py (docs/bounds.md 15.6).
+TIGHT_FIRST_ROUND = 0.5
 
 #: With certificate="tight" at the caller's eps and delta (no rtol, atol: one round, nothing to
 #: plan from), the forward and dual CGs stop at this fraction of their right-hand sides.
