@@ -142,8 +142,11 @@ def data_per_entry(k: Any) -> float:
     try:
         return _DATA_PER_ENTRY[k]
     except KeyError:
-        data = getattr(k, "data", {}).values()
-        numbers = sum(int(v.nnz) if hasattr(v, "nnz") else int(np.size(v)) for v in data)
+        data = getattr(k, "data", None)
+        if not isinstance(data, dict):  # a kernel object of its own: its cost is unknown
+            return math.inf
+        numbers = sum(int(v.nnz) if hasattr(v, "nnz") else int(np.size(v))
+                      for v in data.values())
         per_entry = _DATA_PER_ENTRY[k] = numbers / max(int(k.x_size), 1)
         return per_entry
     except TypeError:  # not weakly referenceable: not a bound problem

@@ -13,23 +13,32 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["KrylovBasis", "galerkin", "BASIS_MAX_BYTES", "GALERKIN_MAX_STEPS"]
+__all__ = ["KrylovBasis", "galerkin", "basis_steps", "BASIS_MAX_BYTES", "BASIS_MIN_STEPS"]
 
 #: The kept directions and products of one lower solve take at most this many bytes.
 BASIS_MAX_BYTES = 64 << 20
 
-#: The Galerkin matrix S^T A S costs k^2 n flops; above this many kept steps (k) the cold start
-#: is kept (an ill-conditioned problem whose forward solve would cost as much again).
-GALERKIN_MAX_STEPS = 1000
+#: Fewer directions than this are not kept at all (a span too small to start from).
+BASIS_MIN_STEPS = 8
+
+
+def basis_steps(n: int, per_entry: float) -> int:
+    """How many directions a lower CG keeps for x of n entries whose data hold `per_entry`
+    numbers per entry (`fused.data_per_entry`): at most n (the span's dimension),
+    BASIS_MAX_BYTES, and per_entry. The Galerkin solve of k directions costs about 2 k^2 n
+    flops, a cold forward CG as long as the lower solve about k products of 2 n per_entry
+    flops each, so it pays while k <= per_entry: dense data keep hundreds, a stencil none.
+    0 (keep none) below BASIS_MIN_STEPS."""
+    steps = int(min(n, BASIS_MAX_BYTES // (16 * max(n, 1)), per_entry))
+    return steps if steps >= BASIS_MIN_STEPS else 0
 
 
 class KrylovBasis:
-    """The (d, A d) pairs of one lower CG solve, over its restart segments, up to
-    BASIS_MAX_BYTES. `slots` lends the fused C loop a buffer, `pairs` is `krylov.cg`'s list."""
+    """The (d, A d) pairs of one lower CG solve, over its restart segments, up to `cap` of
+    them. `slots` lends the fused C loop a buffer, `list_for_python` is `krylov.cg`'s list."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.cap = int(BASIS_MAX_BYTES // (16 * max(n, 1)))
+    def __init__(self, n: int, cap: int) -> None:
+        self.n, self.cap = n, cap
         self.blocks: list[np.ndarray] = []
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -63,13 +72,12 @@ class KrylovBasis:
 
 def galerkin(S: np.ndarray, AS: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     """v = S^T y with (S A S^T) y = S b, S's rows the kept directions: the A-norm-best
-    approximation of A^{-1} b in their span; None when there are more than GALERKIN_MAX_STEPS,
-    when some d^T (A d) is not positive (these cannot be an SPD matrix's products) or the
-    projection is not finite. The Galerkin matrix is symmetrised and scaled to a unit
-    diagonal (the directions are A-conjugate in exact arithmetic, nearly so in floating point),
-    and its eigenvalues below 1e-12 of the largest are dropped (directions that lost their
-    independence)."""
-    if S.shape[0] == 0 or S.shape[0] > GALERKIN_MAX_STEPS:
+    approximation of A^{-1} b in their span; None when there are none, when some d^T (A d) is
+    not positive (these cannot be an SPD matrix's products) or the projection is not finite.
+    The Galerkin matrix is symmetrised and scaled to a unit diagonal (the directions are
+    A-conjugate in exact arithmetic, nearly so in floating point), and its eigenvalues below
+    1e-12 of the largest are dropped (directions that lost their independence)."""
+    if S.shape[0] == 0:
         return None
     G = S @ AS.T
     G = 0.5 * (G + G.T)

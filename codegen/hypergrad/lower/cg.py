@@ -10,8 +10,8 @@ import math
 from functools import partial
 
 from ..common import LowerTask, call_kernel, norm
-from ..fused import fused_cg, loops_for
-from ..galerkin import KrylovBasis
+from ..fused import data_per_entry, fused_cg, loops_for
+from ..galerkin import KrylovBasis, basis_steps
 from ..krylov import cg
 from ..rates import cg_rate_bound, rates
 from ..results import LowerResult, Status
@@ -35,7 +35,8 @@ def solve_cg(task: LowerTask) -> LowerResult:
     loops = loops_for(k) if hist is None else None
     status, msg = (Status.CONVERGED if gn / mu <= tol else None), ""
     energy = math.nan  # the last segment's Gauss-Radau estimate of ||x - x*||_A
-    basis = KrylovBasis(x.size) if task.keep_basis else None
+    steps = basis_steps(x.size, data_per_entry(k)) if task.keep_basis else 0
+    basis = KrylovBasis(x.size, steps) if steps else None
     while status is None:
         # the Hessian is constant: the segment's first x serves for all its products
         if loops is not None:  # the same CG in one C call
