@@ -24,12 +24,14 @@ BASIS_MIN_STEPS = 8
 
 def basis_steps(n: int, per_entry: float) -> int:
     """How many directions a lower CG keeps for x of n entries whose data hold `per_entry`
-    numbers per entry (`fused.data_per_entry`): at most n (the span's dimension),
-    BASIS_MAX_BYTES, and per_entry. The Galerkin solve of k directions costs about 2 k^2 n
-    flops, a cold forward CG as long as the lower solve about k products of 2 n per_entry
-    flops each, so it pays while k <= per_entry: dense data keep hundreds, a stencil none.
+    numbers per entry (`fused.data_per_entry`): at most BASIS_MAX_BYTES and per_entry. The
+    Galerkin solve of k directions costs about 2 k^2 n flops, a cold forward CG as long as the
+    lower solve about k products of 2 n per_entry flops each, so it pays while k <= per_entry:
+    dense data keep hundreds, a stencil none. Not n: in floating point an ill-conditioned CG's
+    directions lose their independence, and its first n span less than R^n (ridge with
+    condition number 1e3 at n = 100 takes 260-410 steps, and needs them all).
     0 (keep none) below BASIS_MIN_STEPS."""
-    steps = int(min(n, BASIS_MAX_BYTES // (16 * max(n, 1)), per_entry))
+    steps = int(min(BASIS_MAX_BYTES // (16 * max(n, 1)), per_entry))
     return steps if steps >= BASIS_MIN_STEPS else 0
 
 
