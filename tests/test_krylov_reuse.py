@@ -11,7 +11,7 @@ from test_correction import QuadraticRidge
 from codegen.hypergrad import hypergradient, solve_lower
 from codegen.hypergrad.correction import correct
 from codegen.hypergrad.fused import fused_cg, loops_for
-from codegen.hypergrad.galerkin import galerkin
+from codegen.hypergrad.galerkin import basis_steps, galerkin
 from codegen.hypergrad.krylov import cg
 from codegen.hypergrad.results import evolve
 
@@ -145,3 +145,12 @@ def test_a_wrong_basis_changes_the_work_never_the_certificate():
         part = corr.parts[0]
         assert abs(part.value - exact[0]) <= part.bound
         assert abs(part.plain - exact[0]) <= part.plain_bound
+
+
+def test_basis_steps_keep_what_the_galerkin_solve_pays_for():
+    """Dense data (hundreds of numbers per entry of x) keep that many directions, a stencil
+    (two per entry) keeps none, and 64 MiB caps what a huge x keeps (here below 8: none)."""
+    assert basis_steps(100, 606.0) == 606
+    assert basis_steps(2000, float("inf")) == (64 << 20) // (16 * 2000)
+    assert basis_steps(65536, 2.0) == 0
+    assert basis_steps(10**6, 1e9) == 0
