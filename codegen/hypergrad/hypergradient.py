@@ -192,7 +192,7 @@ def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions) -> 
     if asked == "auto" and not (lower_entry(opts.lower).needs_finite_L or opts.lower == "cg"):
         # The certificate that certifies the target with the least work (docs/bounds.md 15.6):
         # with a first-order lower solve the tight bound took 0.6-1.25x E&R's work, with CG
-        # (the forward solve from its Krylov basis, 15.7) 0.8-1.07x, with Newton 1.05-1.7x
+        # (the forward solve from its Krylov basis, 15.7) 0.86-0.98x, with Newton 1.1-1.9x
         # for one or two hyperparameters (2-3.4x for 8)
         return f"E&R's certifies with less work with lower={opts.lower!r}"
     if asked in ("tight", "auto") and size > MAX_COMPONENTS:
