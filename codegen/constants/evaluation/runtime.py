@@ -81,11 +81,18 @@ def constants_cost(prepared: dict) -> dict:
     """{"flops", "seconds"} of this bind's data quantities (docs/constants.md 4): each operator's
     computation once (its quantities share one record of time; operators that share a data
     matrix share one computation). For a caller that reports the constants with the first
-    hypergradient's work; stated constants cost nothing here."""
-    records = [q for q in prepared.get("quantities", {}).values() if "seconds" in q]
+    hypergradient's work; stated constants cost nothing here. Kept with the quantities it sums:
+    they change only by replacement (`tighten_constants`), so a hypergradient's two reads (before
+    and after it) cost a lookup, not a pass over the records."""
+    quantities = prepared.get("quantities", {})
+    kept = prepared.get("cost")
+    if kept is not None and kept[0] is quantities:
+        return dict(kept[1])
+    records = [q for q in quantities.values() if "seconds" in q]
     distinct = {(q["seconds"], q["method"]): q for q in records}  # shared records: one each
     flops = sum(int(q.get("flops", 0)) for q in distinct.values())
     seconds = sum({float(q["seconds"]) for q in records})  # one time per computation
+    prepared["cost"] = (quantities, {"flops": flops, "seconds": seconds})
     return {"flops": flops, "seconds": seconds}
 
 
