@@ -314,6 +314,9 @@ def test_samples_are_placed_by_size(bound):
     assert homes(sized(1, 1, 1, 8, 1, 1, 1, 1, 1), 2) == [1, 1, 1, 0, 1, 1, 1, 1, 1]
     assert homes(sized(3, 5, 2, 4), 2) == [1, 0, 0, 1]  # 5 + 2 against 4 + 3
     assert homes(sized(7, 7), 3) == [0, 1]
+    import scipy.sparse as sps  # counted by its stored entries and indices
+    sparse = [{"A": sps.csr_array(np.eye(n))} for n in (2, 40, 3, 4)]
+    assert homes(sparse, 2) == [1, 0, 1, 1]
     assert bound["ridge"]["processes"].executor.backend.home == {s: s % 2 for s in range(SAMPLES)}
 
 

@@ -64,13 +64,22 @@ class SampleMissing(HypergenError, LookupError):
         return f"sample {self.token} {self.why} on worker {self.worker}"
 
 
+def _nbytes(value: Any) -> int:
+    """The bytes of a sample's array, or of a sparse matrix's stored entries and indices (a
+    scipy.sparse matrix has no nbytes); 0 for a scalar."""
+    if hasattr(value, "nbytes"):
+        return int(value.nbytes)
+    return sum(int(getattr(getattr(value, part, None), "nbytes", 0))
+               for part in ("data", "indices", "indptr"))
+
+
 def homes(data: list[dict[str, Any]], count: int) -> list[int]:
     """Each sample's home worker (0 to count - 1) when its data are first sent: the largest
     sample first, each to the worker with the fewest bytes of data so far (ties: the lower
     number). A sample's work grows with its size, and it never moves while its worker lives
     (its data and warm starts stay there), so this is the one chance to balance the workers;
     samples of one size go to worker s mod count."""
-    sizes = [sum(int(getattr(value, "nbytes", 0)) for value in d.values()) for d in data]
+    sizes = [sum(_nbytes(value) for value in d.values()) for d in data]
     load = [0] * count
     out = [0] * len(data)
     for s in sorted(range(len(data)), key=lambda s: -sizes[s]):
