@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import MatVec, all_finite, call_kernel
+from .common import MatVec, all_finite, call_kernel, one_blas_thread
 from .krylov import CGResult, cg
 
 __all__ = ["DEFLATION_MIN_SIZE", "DEFLATION_MAX_SIZE", "MAX_DEFLATED", "RITZ_GAP",
@@ -90,6 +90,12 @@ class Deflation:
         below a gap of RITZ_GAP (none when there is no such gap)."""
         if not P:
             return
+        with one_blas_thread():  # small dense algebra between kernel calls
+            self._rayleigh_ritz(P, AP, theta)
+
+    def _rayleigh_ritz(self, P: list[np.ndarray], AP: list[np.ndarray],
+                       theta: np.ndarray) -> None:
+        """`learn`'s Rayleigh-Ritz step (BLAS already at one thread)."""
         W, AW = np.column_stack(P), np.column_stack(AP)
         if self.V is not None and self.AV is not None:
             W, AW = np.hstack([self.V, W]), np.hstack([self.AV, AW])

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .common import one_blas_thread
+
 __all__ = ["KrylovBasis", "galerkin", "basis_steps", "BASIS_MAX_BYTES", "BASIS_MIN_STEPS"]
 
 #: The kept directions and products of one lower solve take at most this many bytes.
@@ -81,6 +83,12 @@ def galerkin(S: np.ndarray, AS: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     1e-12 of the largest are dropped (directions that lost their independence)."""
     if S.shape[0] == 0:
         return None
+    with one_blas_thread():  # small dense algebra between kernel calls (`one_blas_thread`)
+        return _projected(S, AS, b)
+
+
+def _projected(S: np.ndarray, AS: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """`galerkin`'s projection (BLAS already at one thread)."""
     G = S @ AS.T
     G = 0.5 * (G + G.T)
     diagonal = np.diag(G)
