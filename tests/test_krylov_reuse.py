@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_correction import GroupRidge, QuadraticRidge
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from codegen.hypergrad import hypergradient, solve_lower
+from codegen.hypergrad.common import one_blas_thread
 from codegen.hypergrad.correction import correct
 from codegen.hypergrad.fused import fused_cg, loops_for
 from codegen.hypergrad.galerkin import basis_steps, galerkin
@@ -180,3 +182,16 @@ def test_the_default_with_cg_holds_on_drawn_problems(seed, groups, log_rtol):
     err = float(np.linalg.norm(hg.grad - exact))
     assert hg.certificate == "tight"
     assert err <= hg.bound or err <= 1e-13 * np.linalg.norm(exact), (hg.bound, err, hg.status)
+
+
+def test_one_blas_thread_limits_and_restores():
+    """The Galerkin solve's small dense algebra runs BLAS at one thread (OpenBLAS's spinning
+    threads would take the OpenMP kernels' cores) and gives the caller's count back after."""
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    with threadpool_limits(2, user_api="blas"):
+        before = blas_threads()
+        with one_blas_thread():
+            assert all(n == 1 for n in blas_threads())
+        assert blas_threads() == before
