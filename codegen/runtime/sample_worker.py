@@ -25,14 +25,10 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+from threadpoolctl import ThreadpoolController, threadpool_info  # the parent's thread counts
 
 from ..errors import HypergenError
 from ..hypergrad import HypergradientOptions, HypergradientResult, hypergradient
-
-try:  # the parent's BLAS and OpenMP thread counts are set on the workers with threadpoolctl
-    from threadpoolctl import ThreadpoolController, threadpool_info
-except ImportError:  # pragma: no cover - it comes with the dask extra and scikit-learn
-    ThreadpoolController = threadpool_info = None
 
 if TYPE_CHECKING:  # annotations only: a worker gets its module by unpickling (no import edge)
     from .bound_problem import BoundProblem
@@ -169,20 +165,17 @@ _CONTROLLER: list[Any] = []  # this process's threadpoolctl controller, made at 
 
 
 def thread_controller() -> Any:
-    """A threadpoolctl controller of the BLAS and OpenMP libraries loaded now, or None without
-    threadpoolctl. Finding the libraries walks every loaded shared object (0.7-2 ms, on the
-    parent's path before any task leaves); reading their thread counts through a controller
-    takes microseconds. An executor makes one when its samples are bound (NumPy's BLAS and the
-    module's OpenMP runtime, the libraries its samples run on, are loaded by then)."""
-    return None if ThreadpoolController is None else ThreadpoolController()
+    """A threadpoolctl controller of the BLAS and OpenMP libraries loaded now. Finding the
+    libraries walks every loaded shared object (0.7-2 ms, on the parent's path before any task
+    leaves); reading their thread counts through a controller takes microseconds. An executor
+    makes one when its samples are bound (NumPy's BLAS and the module's OpenMP runtime, the
+    libraries its samples run on, are loaded by then)."""
+    return ThreadpoolController()
 
 
-def thread_counts(controller: Any = None) -> dict[str, int] | None:
+def thread_counts(controller: Any = None) -> dict[str, int]:
     """The calling thread's BLAS and OpenMP thread counts ({"blas": n, "openmp": m}), for the
-    libraries `controller` knows (default: those loaded now), or None when threadpoolctl is
-    not installed."""
-    if threadpool_info is None:
-        return None
+    libraries `controller` knows (default: those loaded now)."""
     counts: dict[str, int] = {}
     for lib in (threadpool_info() if controller is None else controller.info()):
         api = str(lib["user_api"])
@@ -193,7 +186,7 @@ def thread_counts(controller: Any = None) -> dict[str, int] | None:
 def _use_thread_counts(counts: dict[str, int] | None) -> None:
     """Run this thread's BLAS and OpenMP on the parent's counts (OpenMP's is per thread, and a
     Dask worker may run tasks on another thread: set at every task; it costs microseconds)."""
-    if counts is None or ThreadpoolController is None:
+    if counts is None:  # a task made without them
         return
     if not _CONTROLLER:  # after the first install: the module's OpenMP runtime is loaded
         _CONTROLLER.append(ThreadpoolController())
