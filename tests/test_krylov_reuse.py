@@ -12,12 +12,12 @@ from test_correction import GroupRidge, QuadraticRidge
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from codegen.hypergrad import hypergradient, solve_lower
-from codegen.hypergrad.common import one_blas_thread
 from codegen.hypergrad.correction import correct
 from codegen.hypergrad.fused import fused_cg, loops_for
 from codegen.hypergrad.galerkin import basis_steps, galerkin
 from codegen.hypergrad.krylov import cg
 from codegen.hypergrad.results import evolve
+from codegen.threads import one_blas_thread
 
 from support import built_example
 
@@ -184,7 +184,7 @@ def test_the_default_with_cg_holds_on_drawn_problems(seed, groups, log_rtol):
     assert err <= hg.bound or err <= 1e-13 * np.linalg.norm(exact), (hg.bound, err, hg.status)
 
 
-def test_one_blas_thread_limits_and_restores():
+def test_one_blas_thread_limits_and_restores(build_dir):
     """The Galerkin solve's small dense algebra runs BLAS at one thread (OpenBLAS's spinning
     threads would take the OpenMP kernels' cores) and gives the caller's count back after."""
     def blas_threads():
@@ -194,4 +194,9 @@ def test_one_blas_thread_limits_and_restores():
         before = blas_threads()
         with one_blas_thread():
             assert all(n == 1 for n in blas_threads())
+        assert blas_threads() == before
+        # a fresh bind's data constants run at one thread too, and restore the count
+        _, module, ns = built_example("logistic", build_dir)
+        prob = module.bind(**ns["example_data"](0, m=300, n=40, p=100))
+        prob.constants(np.zeros(prob.theta_size))
         assert blas_threads() == before

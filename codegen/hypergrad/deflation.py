@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import MatVec, all_finite, call_kernel, one_blas_thread
+from ..threads import one_blas_thread
+from .common import MatVec, all_finite, call_kernel
 from .krylov import CGResult, cg
 
 __all__ = ["DEFLATION_MIN_SIZE", "DEFLATION_MAX_SIZE", "MAX_DEFLATED", "RITZ_GAP",

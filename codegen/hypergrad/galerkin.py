@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import one_blas_thread
+from ..threads import one_blas_thread
 
 __all__ = ["KrylovBasis", "galerkin", "basis_steps", "BASIS_MAX_BYTES", "BASIS_MIN_STEPS"]
 

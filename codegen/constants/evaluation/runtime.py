@@ -13,6 +13,7 @@ import numpy as np
 import sympy as sp
 
 from ...errors import HypergenError
+from ...threads import one_blas_thread
 from ..records import Derivation
 from .cross import CrossNorm, prepare_cross
 from .local import evaluate_local
@@ -27,8 +28,10 @@ def prepare_constants(module, data: dict) -> dict:
     meta = module.meta
     if module.constants_json is not None:
         derivation = _parsed(module.constants_json)
+        with one_blas_thread():  # Grams, Lanczos, Cholesky: before the kernels run (`threads`)
+            quantities = compute_data_quantities(derivation, data)
         return {"kind": "derived", "derivation": derivation, "data": data,
-                "quantities": compute_data_quantities(derivation, data),
+                "quantities": quantities,
                 "source": "stated" if meta.get("stated_constants") else "derived"}
     stated = meta.get("stated_constants")
     if not stated:
@@ -69,8 +72,9 @@ def tighten_constants(prepared: dict) -> bool:
     if not loose:
         return False
     names = {key.split("_", 1)[1] for key in loose}  # normsq_K1 -> K1: only those again
-    fresh = compute_data_quantities(prepared["derivation"], prepared["data"], tight=True,
-                                    operators=names)
+    with one_blas_thread():
+        fresh = compute_data_quantities(prepared["derivation"], prepared["data"], tight=True,
+                                        operators=names)
     prepared["quantities"] = {**prepared["quantities"], **fresh}
     prepared.pop("theta_free", None)
     prepared.pop("last_theta", None)
