@@ -273,6 +273,35 @@ def test_block_sums_bound_the_exact_norm_at_every_block_size(name, K):
         assert values[1] <= values[0] * (1 + 1e-9)  # pairs of rows: merged single rows
 
 
+def test_threads_split_the_gram_work_without_changing_a_bit():
+    """Block sums, the float32 Gram and the float64 Gram on 2 or 3 threads (`threads.in_threads`)
+    give the very bits of one thread (parts and groups are fixed, summed in order), and the
+    float64 Gram by blocks agrees with NumPy's K^T K to rounding; with the data constants of a
+    logistic bind whose K1 takes each of the three methods."""
+    rng = np.random.default_rng(21)
+    K = rng.standard_normal((3 * spectral.GRAM64_ROWS * spectral.GRAM_GROUP_BLOCKS + 77, 40))
+    fro2 = float(np.sum(K * K)) * (1 + 1e-12)
+    wide = rng.standard_normal((240, 2 * spectral.GRAM32_ROWS * spectral.GRAM_GROUP_BLOCKS + 99))
+    fro2_wide = float(np.sum(wide * wide)) * (1 + 1e-12)  # large enough for the float32 Gram
+    one = (spectral.block_sum_bound(K, fro2, size=8), spectral.gram32(wide, fro2_wide),
+           quantities._gram64(K))
+    for workers in (2, 3):
+        assert spectral.block_sum_bound(K, fro2, size=8, workers=workers) == one[0]
+        G32, add, shift = spectral.gram32(wide, fro2_wide, workers)
+        assert np.array_equal(G32, one[1][0]) and (add, shift) == one[1][1:]
+        assert np.array_equal(quantities._gram64(K, workers), one[2])
+    assert np.allclose(one[2], K.T @ K, rtol=0, atol=1e-12 * fro2)
+    der = derive(LOGISTIC.logistic)
+    for (m, n), method in zip(((600, 40), (3000, 300), (9000, 1300)),
+                              ("eigvalsh", "Cholesky certificate", "blocks of 32 rows")):
+        data = LOGISTIC.example_data(0, m=m, n=n, p=50)
+        serial = compute_data_quantities(der, data)
+        assert method in serial["normsq_K1"]["method"]
+        threaded = compute_data_quantities(der, data, workers=2)
+        assert {k: q["value"] for k, q in serial.items()} == \
+            {k: q["value"] for k, q in threaded.items()}
+
+
 def test_block_sums_are_exact_for_a_shared_top_direction_and_scale_with_block_size():
     """Rank one, and non-negative data (a dominant mean direction): every block shares K's top
     right singular vector and the sum is within 1.2x of ||K||^2. Isotropic Gaussian data: about

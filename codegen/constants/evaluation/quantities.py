@@ -101,7 +101,7 @@ QUANTITY_KINDS = ("normsq", "lmin", "rowmax")
 
 
 def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS,
-                        tight: bool = False) -> dict:
+                        tight: bool = False, workers: int = 1) -> dict:
     """Certified normsq, lmin, rowmax of K (only the kinds in `needed`; + a power-iteration
     estimate if asked; `tight`: the Gram matrix up to LMIN_FLOP_LIMIT, as for step sizes). Each
     entry says which method certified it and how long it took."""
@@ -116,7 +116,7 @@ def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS,
         res = {"normsq": {"value": math.inf, "certified": True, "method": "||K||_F overflows"},
                "lmin": {"value": 0.0, "certified": True, "method": "trivial lower bound 0"}}
     elif "normsq" in needed or "lmin" in needed:
-        res.update(_spectral(K, fro2, "lmin" in needed, tight))
+        res.update(_spectral(K, fro2, "lmin" in needed, tight, workers))
     for what in [w for w in res if w not in needed]:
         del res[what]
     if "rowmax" in needed:
@@ -160,7 +160,7 @@ def _rowmax(K, K3, rowsq: np.ndarray) -> dict:
     return {"value": math.sqrt(sq) * (1 + 2 * (R + D) * U), "certified": True, "method": how}
 
 
-def _spectral(K, fro2: float, want_lmin: bool, tight: bool = False) -> dict:
+def _spectral(K, fro2: float, want_lmin: bool, tight: bool = False, workers: int = 1) -> dict:
     """normsq (and lmin) of K by the method of `spectral.method_for` (eigvalsh where lmin is
     wanted and the Gram matrix is formed anyway)."""
     R, D = K.shape
@@ -179,7 +179,7 @@ def _spectral(K, fro2: float, want_lmin: bool, tight: bool = False) -> dict:
                                      f"{cw:.6g}) + rounding margin"},
                 "lmin": trivial}
     if method == "blocks":
-        bound, blocks, size = spectral.block_sum_bound(K, fro2)
+        bound, blocks, size = spectral.block_sum_bound(K, fro2, workers=workers)
         how = "||K||_F^2" if fro2 <= bound else (
             f"sum of ||K_b||^2 over {blocks} blocks of {size} "
             f"{'rows' if R >= D else 'columns'} (eigvalsh of each block's Gram)")
@@ -189,10 +189,12 @@ def _spectral(K, fro2: float, want_lmin: bool, tight: bool = False) -> dict:
                                      f"{fro2:.6g} and the block sum {bound:.6g}) + rounding "
                                      f"margin"},
                 "lmin": trivial}
-    return _gram_spectral(K, fro2, method, want_lmin and R >= D, wide if R < D else trivial)
+    return _gram_spectral(K, fro2, method, want_lmin and R >= D, wide if R < D else trivial,
+                          workers)
 
 
-def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict) -> dict:
+def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict,
+                   workers: int = 1) -> dict:
     """normsq (and lmin if `lmin_read`) from a Gram matrix G: where lmin is not read and G's side
     is above CERTIFY_SIDE (or method is "cholesky"), the Cholesky certificate of c I - G, G in
     float32 blocks where `spectral.gram32` allows (docs/constants.md 4); else eigvalsh.
@@ -202,8 +204,8 @@ def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict) 
     certify = (method == "cholesky" or n > spectral.CERTIFY_SIDE) and not lmin_read
     fast = None
     if certify:
-        fast = None if hasattr(K, "toarray") else spectral.gram32(K, fro2)
-        G = fast[0] if fast else _gram64(K)
+        fast = None if hasattr(K, "toarray") else spectral.gram32(K, fro2, workers)
+        G = fast[0] if fast else _gram64(K, workers)
         estimate = spectral.lanczos_max(G)
         found = spectral.cholesky_certificate(G, estimate)
         if found is not None:
@@ -221,7 +223,7 @@ def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict) 
                                          f"{tries} factorisation(s)); {how}"},
                     "lmin": no_lmin}
     if fast is not None or not certify:
-        G = _gram64(K)  # no certificate tried, or it failed on the float32 Gram
+        G = _gram64(K, workers)  # no certificate tried, or it failed on the float32 Gram
     margin = spectral.gram_margin(R, D, fro2)
     ev = np.linalg.eigvalsh(G)
     flops = spectral.gram_flops(R, D) * (2 if fast else 1) + 4 * n ** 3 // 3
@@ -233,11 +235,15 @@ def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict) 
     return out
 
 
-def _gram64(K) -> np.ndarray:
-    """The smaller Gram matrix K^T K or K K^T in float64, dense (NumPy's matmul takes syrk for
-    the transposed operand: half a general product's flops)."""
-    G = K.T @ K if K.shape[0] >= K.shape[1] else K @ K.T
-    return G.toarray() if hasattr(G, "toarray") else np.asarray(G)
+def _gram64(K, workers: int = 1) -> np.ndarray:
+    """The smaller Gram matrix K^T K or K K^T in float64, dense: sparse K by one product, dense
+    K by blocks of `spectral.GRAM64_ROWS` rows on up to `workers` threads (`spectral.summed_grams`; NumPy's
+    matmul takes syrk for the transposed operand: half a general product's flops)."""
+    if hasattr(K, "toarray"):
+        G = K.T @ K if K.shape[0] >= K.shape[1] else K @ K.T
+        return G.toarray() if hasattr(G, "toarray") else np.asarray(G)
+    long_side = K if K.shape[0] >= K.shape[1] else K.T
+    return spectral.summed_grams(long_side, spectral.GRAM64_ROWS, np.float64, workers)
 
 
 def _power_estimate(K) -> dict:
@@ -269,12 +275,13 @@ def needed_quantities(derivation) -> set:
 
 def compute_data_quantities(derivation, data: dict, estimates: bool = False,
                             lazy: bool = True, tight: bool = False,
-                            operators: set | None = None) -> dict:
+                            operators: set | None = None, workers: int = 1) -> dict:
     """name -> {"value", "method", "certified", ...} for sizes, scalar data and data quantities;
     with `lazy`, only the quantities some constant reads (an operator none reads is not even
     built); with `tight`, ||K||^2 by the Gram matrix up to LMIN_FLOP_LIMIT instead of block sums
     (first-order step sizes: `runtime.tighten_constants`, which passes the names of the
-    `operators` to recompute: the others are skipped)."""
+    `operators` to recompute: the others are skipped). Gram matrices and block sums run on up
+    to `workers` threads, with the same bits for every `workers` (`threads.in_threads`)."""
     der = derivation
     needed = needed_quantities(der) if lazy else None
     sizes = bind_sizes(der, data)
@@ -309,7 +316,8 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
                       "method": "operator too large to form densely: trivial bound"}
                   for w in kinds}
         else:
-            qs = scaled_quantities(_shared(seen, K, K3, estimates, kinds, tight), factor)
+            qs = scaled_quantities(_shared(seen, K, K3, estimates, kinds, tight, workers),
+                                   factor)
         for what, q in qs.items():
             key = f"{what}_{name}" if ":" not in what else f"normsq_{name}:estimate"
             q = dict(q)
@@ -319,7 +327,8 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
     return out
 
 
-def _shared(seen: dict, K, K3, estimates: bool, kinds: tuple, tight: bool) -> dict:
+def _shared(seen: dict, K, K3, estimates: bool, kinds: tuple, tight: bool,
+            workers: int = 1) -> dict:
     """operator_quantities(K, ...), each kind computed once per matrix object: two operators that
     are the same data matrix up to a row scale of constant modulus (`simple_operator`: K is the
     bound array itself, as in y_i A x and A x - b) share one Gram matrix; a later operator
@@ -328,7 +337,7 @@ def _shared(seen: dict, K, K3, estimates: bool, kinds: tuple, tight: bool) -> di
     _, have = seen.setdefault(key, (K, {}))
     missing = tuple(w for w in kinds if w not in have)
     if missing or (estimates and "normsq:estimate" not in have):
-        have.update(operator_quantities(K, K3, estimates, missing, tight))
+        have.update(operator_quantities(K, K3, estimates, missing, tight, workers))
     return {w: dict(q) for w, q in have.items() if w in kinds or ":" in w}
 
 

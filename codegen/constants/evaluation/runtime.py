@@ -28,8 +28,8 @@ def prepare_constants(module, data: dict) -> dict:
     meta = module.meta
     if module.constants_json is not None:
         derivation = _parsed(module.constants_json)
-        with one_blas_thread():  # Grams, Lanczos, Cholesky: before the kernels run (`threads`)
-            quantities = compute_data_quantities(derivation, data)
+        with one_blas_thread() as workers:  # before the kernels run (`codegen.threads`)
+            quantities = compute_data_quantities(derivation, data, workers=workers)
         return {"kind": "derived", "derivation": derivation, "data": data,
                 "quantities": quantities,
                 "source": "stated" if meta.get("stated_constants") else "derived"}
@@ -72,9 +72,9 @@ def tighten_constants(prepared: dict) -> bool:
     if not loose:
         return False
     names = {key.split("_", 1)[1] for key in loose}  # normsq_K1 -> K1: only those again
-    with one_blas_thread():
+    with one_blas_thread() as workers:
         fresh = compute_data_quantities(prepared["derivation"], prepared["data"], tight=True,
-                                        operators=names)
+                                        operators=names, workers=workers)
     prepared["quantities"] = {**prepared["quantities"], **fresh}
     prepared.pop("theta_free", None)
     prepared.pop("last_theta", None)

@@ -49,6 +49,8 @@ import math
 import numpy as np
 from scipy.linalg import lapack
 
+from ...threads import in_threads
+
 U = 2.0 ** -53
 EIGH_SIDE_LIMIT = 1000  # Gram side up to which eigvalsh gives normsq and lmin at once
 CERTIFY_SIDE = 128  # ... and above which normsq alone takes the Cholesky certificate instead
@@ -60,6 +62,7 @@ LANCZOS_STEPS = 40
 U32 = 2.0 ** -24  # float32's unit roundoff
 ETA32 = 2.0 ** -149  # float32's smallest subnormal: a bound on an underflowed result's error
 GRAM32_ROWS = 512  # rows per float32 block Gram of `gram32` (its margin grows with them)
+GRAM64_ROWS = 512  # rows per float64 block Gram (`quantities._gram64`; threads share the blocks)
 GRAM32_LOOSENESS = 0.02  # largest margin of `gram32`, relative to ||K||_F^2 / min(R, D)
 GRAM32_MIN_FLOPS = 1e8  # R D min(R, D) below which the float64 Gram (a few ms) is kept
 CW_STEPS = 8  # at most this many power steps on |K|^T |K| choose the Collatz-Wielandt vector
@@ -99,10 +102,13 @@ def block_rows(rows: int, cols: int) -> int:
     return max(1, min(BLOCK_ROWS, rows, cols))
 
 
-def block_sum_bound(K: np.ndarray, fro2: float, size: int | None = None) -> tuple[float, int, int]:
+def block_sum_bound(K: np.ndarray, fro2: float, size: int | None = None,
+                    workers: int = 1) -> tuple[float, int, int]:
     """(bound, blocks, s): a certified ||K||^2 <= sum_b lambda_max(K_b K_b^T) + margins over blocks
     of s consecutive rows of K (of columns if K is wide: rows of K^T); s = `size` or `block_rows`.
-    K dense; fro2 a certified upper bound on ||K||_F^2.
+    K dense; fro2 a certified upper bound on ||K||_F^2. The parts of CHUNK_ENTRIES entries run
+    on up to `workers` threads (`threads.in_threads`) and are summed in order: the same bits for
+    every `workers`.
 
     Rounding: each block's Gram and eigvalsh are covered by `gram_margin(s, D, ||K_b||_F^2)`; their
     sum over blocks is at most (D + 10 s + 10) u 1.01 fro2; eigenvalues are clipped at 0 and the
@@ -111,24 +117,30 @@ def block_sum_bound(K: np.ndarray, fro2: float, size: int | None = None) -> tupl
     n_long, short = long_side.shape
     s = max(1, min(size, short)) if size else block_rows(n_long, short)
     per_part = max(s, (CHUNK_ENTRIES // max(short, 1)) // s * s)  # whole blocks per BLAS call
-    total, blocks = 0.0, 0
-    for start in range(0, n_long, per_part):
+
+    def part_sum(start: int) -> tuple[float, int]:
         part = np.ascontiguousarray(long_side[start:start + per_part], dtype=np.float64)
         whole = part.shape[0] // s
         stacks = [part[:whole * s].reshape(whole, s, short)] if whole else []
         if part.shape[0] > whole * s:
             stacks.append(part[whole * s:][None])
+        total, blocks = 0.0, 0
         for stack in stacks:
             grams = stack @ stack.transpose(0, 2, 1)
             top = np.linalg.eigvalsh(grams)[:, -1]
             total += float(np.maximum(top, 0.0).sum())
             blocks += stack.shape[0]
+        return total, blocks
+
+    parts = list(in_threads(part_sum, range(0, n_long, per_part), workers))
+    total, blocks = sum(t for t, _ in parts), sum(b for _, b in parts)
     margin = (short + 10 * s + 10) * U * fro2 * 1.01
     bound = (total + margin) * (1 + 2 * (blocks + 2) * U)
     return (bound if math.isfinite(bound) else math.inf), blocks, s
 
 
-def gram32(K: np.ndarray, fro2: float) -> tuple[np.ndarray, float, float] | None:
+def gram32(K: np.ndarray, fro2: float,
+           workers: int = 1) -> tuple[np.ndarray, float, float] | None:
     """(G, add, shift) with ||K||^2 <= (sqrt(lambda + add) + shift)^2 for every certified
     lambda >= lambda_max(G) (`lift`), G the float64 sum of float32 Grams of blocks of s =
     GRAM32_ROWS rows of K (columns if K is wide); or None where that would loosen ||K||^2 by
@@ -159,12 +171,35 @@ def gram32(K: np.ndarray, fro2: float) -> tuple[np.ndarray, float, float] | None
     add = (gam * F + floor + acc + eig) * (1 + 8 * U)
     if add > GRAM32_LOOSENESS * fro2 / side:
         return None
-    G = np.zeros((side, side))
-    for start in range(0, n_long, s):
-        part = np.asarray(long_side[start:start + s], dtype=np.float32, order="C")
-        G += part.T @ part  # single-precision syrk (NumPy detects the transposed operand)
+    G = summed_grams(long_side, s, np.float32, workers)
     shift = (U32 * root + math.sqrt(float(R) * D) * ETA32) * (1 + 4 * U)
     return G, add, shift
+
+
+#: Blocks per group of `summed_grams`: a group's Gram is one task of its threads. Fixed, so the
+#: summation order (and the bits of G) do not depend on the number of threads.
+GRAM_GROUP_BLOCKS = 2
+
+
+def summed_grams(long_side: np.ndarray, rows: int, dtype: type,
+                 workers: int = 1) -> np.ndarray:
+    """G = sum over blocks of `rows` rows of long_side of part^T part, each part in `dtype`
+    (syrk: NumPy detects the transposed operand), summed in float64 by groups of
+    GRAM_GROUP_BLOCKS blocks on up to `workers` threads, the groups then in order."""
+    n_long, side = long_side.shape
+    group = rows * GRAM_GROUP_BLOCKS
+
+    def group_sum(start: int) -> np.ndarray:
+        G = np.zeros((side, side))
+        for lo in range(start, min(start + group, n_long), rows):
+            part = np.asarray(long_side[lo:lo + rows], dtype=dtype, order="C")
+            G += part.T @ part
+        return G
+
+    G = np.zeros((side, side))
+    for partial in in_threads(group_sum, range(0, n_long, group), workers):
+        G += partial
+    return G
 
 
 def lift(lam: float, add: float, shift: float) -> float:
