@@ -81,8 +81,10 @@ def dot(a: Vector, b: Vector) -> float:
 def norm(v: Any) -> float:
     """The 2-norm of v flattened: what np.linalg.norm computes (bit for bit below
     BLAS_FREE_FROM entries: sqrt(v . v)), without its call overhead and BLAS threads (`dot`)."""
-    if not (type(v) is np.ndarray and v.dtype == np.float64 and v.ndim == 1):
+    if not (type(v) is np.ndarray and v.dtype is _FLOAT64 and v.ndim == 1):
         v = np.asarray(v, dtype=np.float64).ravel()
+    if v.size < BLAS_FREE_FROM:  # `dot`'s short case, without its call
+        return math.sqrt(v.dot(v))
     return math.sqrt(dot(v, v))
 
 
@@ -95,12 +97,20 @@ def grad_norm(v: Any) -> float:
 
 
 def finite(a: Any) -> bool:
-    """np.isfinite(a).all(): every entry finite (the reduction without ndarray.all's Python
-    wrapper, a fifth of the check on a short vector)."""
+    """np.isfinite(a).all(): every entry finite. A short float64 vector (the small problems'
+    gradients and theta) is tested entry by entry as Python floats, a third of the ufunc and
+    reduction's dispatch; both tests read the same values, and neither raises a floating-point
+    flag (a sum of squares would warn on an overflow of huge finite entries)."""
+    if type(a) is np.ndarray and a.dtype is _FLOAT64 and a.size <= _SHORT:
+        return all(map(math.isfinite, a.ravel().tolist()))
     return bool(_ALL(np.isfinite(a), axis=None))
 
 
 _ALL = np.logical_and.reduce
+
+#: Vectors up to this length are tested by `finite` as Python floats (the faster below ~40).
+_SHORT = 32
+_FLOAT64 = np.dtype(np.float64)
 
 
 def all_finite(*arrays: Any) -> bool:
@@ -114,9 +124,11 @@ def call_kernel(fn: Callable[..., Any], *args: Any) -> tuple[np.ndarray | None, 
     non-finite outputs become None, so that a solver keeps its last finite iterate and reports a
     status instead of raising halfway through a solve."""
     try:
-        out = np.asarray(fn(*args), dtype=np.float64)
+        out = fn(*args)
     except (KernelError, FloatingPointError, OverflowError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
+    if not (type(out) is np.ndarray and out.dtype is _FLOAT64):  # a bound problem's already is
+        out = np.asarray(out, dtype=np.float64)
     if not finite(out):
         return None, "non-finite kernel output"
     return out, ""
@@ -149,7 +161,7 @@ def true_residual(hvp: MatVec, q: Vector, b: Vector) -> tuple[np.ndarray | None,
 
 def fmt(v: Any) -> str:
     """A number for a status or note: 3 significant digits; anything else as repr."""
-    if isinstance(v, (float, np.floating)):
+    if type(v) is float or isinstance(v, (float, np.floating)):
         return f"{float(v):.3g}"
     return repr(v)
 
@@ -198,48 +210,43 @@ def checked_constants(k: Any, theta: Any) -> dict[str, Any]:
     (conservative: the bound becomes inf rather than wrong), except L_A = 0 for a quadratic lower
     level. `certified` is False unless the kernel says True; `notes` lists what was assumed.
     """
-    raw = dict(k.constants(theta))
+    raw = k.constants(theta)
+    if type(raw) is not dict:
+        raw = dict(raw)
     notes: list[str] = []
-
-    def num(key: str, default: float) -> float:
-        v = raw.get(key, None)
-        if v is None:
-            notes.append(f"{key} missing, taken as {default}")
-            return float(default)
-        v = float(v)
-        if math.isnan(v):
-            raise SolverError(f"constant {key} is NaN at theta = {theta}")
-        return v
-
-    mu = num("mu", math.nan) if "mu" in raw else math.nan
+    mu = _constant(raw, "mu", math.nan, theta, notes) if "mu" in raw else math.nan
     if not (math.isfinite(mu) and mu > 0):
         raise SolverError(
             f"mu(theta) = {raw.get('mu')!r} at theta = {theta} is not a positive finite number: "
             "the lower level is not certified strongly convex there, no bound can be given")
-    L = num("L", math.inf)
+    L = _constant(raw, "L", math.inf, theta, notes)
     if L < mu * (1 - 1e-12):
         raise SolverError(f"L = {L} < mu = {mu} at theta = {theta}: inconsistent constants")
     L = max(L, mu)
-    quadratic = bool(getattr(k, "is_quadratic", False))
-    c: dict[str, Any] = {
-        "mu": mu,
-        "L": L,
-        "L_A": 0.0 if (quadratic and raw.get("L_A") is None) else num("L_A", math.inf),
-        "L_B": num("L_B", math.inf),
-        "L_f": num("L_f", math.inf),
-        "L_ft": (num("L_ft", math.inf) if getattr(k, "upper_depends_on_theta", False)
-                 else float(raw.get("L_ft") or 0.0)),
-        "certified": bool(raw.get("certified", False)),
-        "source": str(raw.get("source", "unknown")),
-    }
-    if any(c[key] < 0 for key in _LIPSCHITZ):
+    L_A = (0.0 if (getattr(k, "is_quadratic", False) and raw.get("L_A") is None)
+           else _constant(raw, "L_A", math.inf, theta, notes))
+    L_B = _constant(raw, "L_B", math.inf, theta, notes)
+    L_f = _constant(raw, "L_f", math.inf, theta, notes)
+    L_ft = (_constant(raw, "L_ft", math.inf, theta, notes)
+            if getattr(k, "upper_depends_on_theta", False) else float(raw.get("L_ft") or 0.0))
+    if L < 0 or L_A < 0 or L_B < 0 or L_f < 0 or L_ft < 0:
         raise SolverError(f"negative Lipschitz constant in {raw}")
-    c["notes"] = notes
-    return c
+    return {"mu": mu, "L": L, "L_A": L_A, "L_B": L_B, "L_f": L_f, "L_ft": L_ft,
+            "certified": bool(raw.get("certified", False)),
+            "source": str(raw.get("source", "unknown")), "notes": notes}
 
 
-#: The Lipschitz constants of `checked_constants` (every key of its result that starts with L).
-_LIPSCHITZ = ("L", "L_A", "L_B", "L_f", "L_ft")
+def _constant(raw: dict[str, Any], key: str, default: float, theta: Any,
+              notes: list[str]) -> float:
+    """raw[key] as a float; `default` with a note when missing; SolverError when NaN."""
+    v = raw.get(key, None)
+    if v is None:
+        notes.append(f"{key} missing, taken as {default}")
+        return float(default)
+    v = float(v)
+    if math.isnan(v):
+        raise SolverError(f"constant {key} is NaN at theta = {theta}")
+    return v
 
 
 @dataclass

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, fields
-from typing import Any
+from functools import lru_cache
+from typing import Any, Callable
 
 from .common import DEFAULT_MAX_ITER, SolverError
 from .registry import ADJOINT, AUTO, LOWER, check_adjoint_name, check_lower_name
@@ -66,42 +67,15 @@ class HypergradientOptions:
     components: bool | None = None
 
     def __post_init__(self) -> None:
-        self._check(_FIELDS)
+        self._check(_FIELD_ORDER)
 
     def _check(self, names: Any) -> None:
         """SolverError unless the fields `names` (and the combinations they take part in) are
-        valid; the rest was checked when this object's source was made."""
-        if "lower" in names:
-            check_lower_name(self.lower, allow_auto=True)
-        if "adjoint" in names:
-            check_adjoint_name(self.adjoint, allow_auto=True)
-        for name in ("eps", "delta", "atol"):  # rtol: codegen.hypergrad.accuracy
-            if name in names:
-                value = getattr(self, name)
-                # A negative tolerance can never be met: eps < 0 ended as "lower direct diverged".
-                if not _is_real(value) or math.isnan(value) or value < 0:
-                    raise SolverError(f"{name} must be a number >= 0, got {value!r}")
-        for name in ("max_iter", "refine_iter", "adjoint_max_iter"):
-            if name not in names:
-                continue
-            value = getattr(self, name)
-            if name == "adjoint_max_iter" and value is None:  # None: max_iter's
-                continue
-            if (not _is_real(value) or not math.isfinite(value)
-                    or not float(value).is_integer() or value < 0):
-                raise SolverError(f"{name} must be a non-negative integer, got {value!r}")
-        if "certificate" in names and self.certificate not in CERTIFICATES:
-            raise SolverError(f"certificate must be one of {', '.join(map(repr, CERTIFICATES))}, "
-                              f"got {self.certificate!r}")
-        if (not names.isdisjoint(_COMBINED) and ADJOINT.get(self.adjoint) is not None
-                and ADJOINT[self.adjoint].backprop):
-            entry = LOWER.get(self.lower)
-            if self.lower != AUTO and (entry is None or not entry.keeps_trajectory):
-                raise SolverError("adjoint='backprop' needs lower='gd' or 'hb' (reverse mode "
-                                  f"through the stored trajectory), not lower={self.lower!r}")
-            if self.targets_accuracy:
-                raise SolverError("rtol/atol steer the solvers by the certified bound, and "
-                                  "adjoint='backprop' has none; use adjoint='cg', 'gd' or 'hb'")
+        valid; the rest was checked when this object's source was made. The checks run in the
+        fields' declared order, so the first invalid field named is the same whatever the order
+        of the keywords."""
+        for check in _plan(tuple(names)):
+            check(self)
 
     def evolve(self, **changes: Any) -> HypergradientOptions:
         """dataclasses.replace(self, **changes) with only the changed fields checked (and the
@@ -114,7 +88,7 @@ class HypergradientOptions:
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.__dict__.update(changes)
-        new._check(changes.keys())
+        new._check(changes)
         return new
 
     @classmethod
@@ -148,7 +122,8 @@ class HypergradientOptions:
         return AUTO in (self.lower, self.adjoint)
 
 
-_FIELDS = frozenset(f.name for f in fields(HypergradientOptions))
+_FIELD_ORDER = tuple(f.name for f in fields(HypergradientOptions))
+_FIELDS = frozenset(_FIELD_ORDER)
 
 #: The fields whose combination with adjoint="backprop" is refused.
 _COMBINED = frozenset({"lower", "adjoint", "rtol", "atol"})
@@ -158,6 +133,68 @@ def _is_real(value: Any) -> bool:
     """A real number; plain floats and ints skip the ABC check, which costs microseconds on
     every round of an accuracy loop."""
     return type(value) in (float, int) or isinstance(value, numbers.Real)
+
+
+def _tolerance(name: str) -> Callable[[HypergradientOptions], object]:
+    def check(opts: HypergradientOptions) -> None:
+        value = getattr(opts, name)
+        # A negative tolerance can never be met: eps < 0 ended as "lower direct diverged".
+        if not _is_real(value) or math.isnan(value) or value < 0:
+            raise SolverError(f"{name} must be a number >= 0, got {value!r}")
+    return check
+
+
+def _count(name: str) -> Callable[[HypergradientOptions], object]:
+    def check(opts: HypergradientOptions) -> None:
+        value = getattr(opts, name)
+        if name == "adjoint_max_iter" and value is None:  # None: max_iter's
+            return
+        if (not _is_real(value) or not math.isfinite(value)
+                or not float(value).is_integer() or value < 0):
+            raise SolverError(f"{name} must be a non-negative integer, got {value!r}")
+    return check
+
+
+def _check_certificate(opts: HypergradientOptions) -> None:
+    if opts.certificate not in CERTIFICATES:
+        raise SolverError(f"certificate must be one of {', '.join(map(repr, CERTIFICATES))}, "
+                          f"got {opts.certificate!r}")
+
+
+def _check_backprop(opts: HypergradientOptions) -> None:
+    """adjoint="backprop" needs a lower solver with a trajectory and no accuracy target."""
+    entry = ADJOINT.get(opts.adjoint)
+    if entry is None or not entry.backprop:
+        return
+    lower = LOWER.get(opts.lower)
+    if opts.lower != AUTO and (lower is None or not lower.keeps_trajectory):
+        raise SolverError("adjoint='backprop' needs lower='gd' or 'hb' (reverse mode "
+                          f"through the stored trajectory), not lower={opts.lower!r}")
+    if opts.targets_accuracy:
+        raise SolverError("rtol/atol steer the solvers by the certified bound, and "
+                          "adjoint='backprop' has none; use adjoint='cg', 'gd' or 'hb'")
+
+
+#: Each field's own check, in the order they run (rtol: codegen.hypergrad.accuracy).
+_CHECKS: tuple[tuple[str, Callable[[HypergradientOptions], object]], ...] = (
+    ("lower", lambda opts: check_lower_name(opts.lower, allow_auto=True)),
+    ("adjoint", lambda opts: check_adjoint_name(opts.adjoint, allow_auto=True)),
+    ("eps", _tolerance("eps")),
+    ("delta", _tolerance("delta")),
+    ("atol", _tolerance("atol")),
+    ("max_iter", _count("max_iter")),
+    ("refine_iter", _count("refine_iter")),
+    ("adjoint_max_iter", _count("adjoint_max_iter")),
+    ("certificate", _check_certificate),
+)
+
+
+@lru_cache(maxsize=256)
+def _plan(names: tuple[str, ...]) -> tuple[Callable[[HypergradientOptions], object], ...]:
+    """The checks that changing the fields `names` calls for, in their order (the options of
+    one hypergradient change the same few sets of fields at every call)."""
+    checks = tuple(check for name, check in _CHECKS if name in names)
+    return checks + ((_check_backprop,) if not _COMBINED.isdisjoint(names) else ())
 
 
 #: The default options, made (and checked) once: frozen, so `make` shares them.

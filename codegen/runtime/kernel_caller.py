@@ -41,17 +41,21 @@ class KernelCaller:
         # kernels: two threads must not use it at once (a race would be a silently wrong result).
         self.lock = lock
 
-        # Per call, only the vector arguments change: (position, name, is the output) of each,
-        # the rest fixed.
+        # Per call, only the vector arguments change: (position, name) of each input and the
+        # positions of the output(s), the rest fixed.
         self.template = [self.fixed.get(p["name"]) for p in self.params]
-        self.slots = [(k, p["name"], p["role"] == "output") for k, p in enumerate(self.params)
-                      if p["name"] not in self.fixed]
+        self.inputs = tuple((k, p["name"]) for k, p in enumerate(self.params)
+                            if p["name"] not in self.fixed and p["role"] != "output")
+        self.outputs = tuple(k for k, p in enumerate(self.params)
+                             if p["name"] not in self.fixed and p["role"] == "output")
 
     def __call__(self, vectors: dict, out: np.ndarray):
         args = self.template.copy()
         from_buffer = self.from_buffer
-        for k, name, is_output in self.slots:
-            args[k] = from_buffer("double[]", out if is_output else vectors[name])
+        for k, name in self.inputs:
+            args[k] = from_buffer("double[]", vectors[name])
+        for k in self.outputs:
+            args[k] = from_buffer("double[]", out)
         with self.lock:
             status = self.fn(*args)
         if status == 2:
