@@ -16,8 +16,7 @@ as opposed to a failure.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -66,13 +65,15 @@ from .solve import run_adjoint, run_lower
 __all__ = ["hypergradient", "hypergradient_samples"]
 
 
-@dataclass
 class _Ledger:
     """What one hypergradient has spent and found so far (work, reasons, notes)."""
 
-    work: dict[str, Any] = field(default_factory=lambda: {"lower_grads": 0, "hvps": 0, "cross": 0})
-    reasons: list[Any] = field(default_factory=list)
-    notes: list[Any] = field(default_factory=list)
+    __slots__ = ("work", "reasons", "notes")
+
+    def __init__(self, notes: list[Any] | None = None) -> None:
+        self.work: dict[str, Any] = {"lower_grads": 0, "hvps": 0, "cross": 0}
+        self.reasons: list[Any] = []
+        self.notes: list[Any] = [] if notes is None else notes
 
     def reason(self, kind: ReasonKind, text: str, status: Status | None = None) -> None:
         self.reasons.append(Reason(kind, text, status))
@@ -340,11 +341,11 @@ def _adjoint(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, b: np.
     return adj
 
 
-@dataclass(frozen=True)
-class _Closing:
+class _Closing(NamedTuple):
     """What the step after the adjoint solve reads of the kernels at (x_eps, theta): B^T q and
     the direct theta terms as `call_kernel` returns them (None and the reason when not finite),
-    and f + r with the exception text of a failed evaluation (None if it did not raise)."""
+    and f + r with the exception text of a failed evaluation (None if it did not raise). A
+    NamedTuple: a frozen dataclass sets each field through object.__setattr__."""
 
     btq: tuple[np.ndarray | None, str]
     direct: tuple[np.ndarray | None, str]
@@ -359,7 +360,7 @@ def _closing(k: Any, th: np.ndarray, x: np.ndarray, adj: AdjointResult) -> _Clos
     if fused is not None:
         btq, direct, value, finite_outputs = fused.close(th, contiguous(x), contiguous(adj.q))
         if finite_outputs:  # the kernels checked every entry: call_kernel's test would pass
-            return _Closing((btq, ""), (direct, ""), value)
+            return _Closing((btq, ""), (direct, ""), value, None)
         return _Closing(_checked(btq), _checked(direct), value)
     btq_msg = (None, "") if adj.solver == "backprop" else call_kernel(k.cross_vjp, x, th, adj.q)
     direct_msg = call_kernel(k.upper_theta_grad, x, th)
@@ -432,8 +433,8 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
         ledger.reason(ReasonKind.NON_FINITE, "non-finite hypergradient")
     # A bound computed from certified constants stays valid for a capped or diverged solve (it
     # is about the returned point); "not SPD" contradicts mu > 0, so nothing is certified then.
-    certified = bool(c["certified"] and math.isfinite(bound)
-                     and not any(r.solver_status is Status.NOT_SPD for r in ledger.reasons))
+    certified = bool(c["certified"] and math.isfinite(bound) and not (
+        ledger.reasons and any(r.solver_status is Status.NOT_SPD for r in ledger.reasons)))
     return HypergradientResult(
         grad=grad, bound=bound, apriori_bound=apri, value=value, x=x, q=q,
         work=ledger.totals(), reasons=tuple(ledger.reasons), lower_solver=low.solver,

@@ -96,8 +96,15 @@ class BoundProblem:
         return arr
 
     def _call(self, kernel: str, x, theta, extra=None, out_size=None):
-        vectors = {self.x_name: self._vector(self.x_name, x, self.x_size, "x"),
-                   self.theta_name: self.checked_theta(theta)}
+        # _vector's and checked_theta's own first test, here without their calls: the solvers'
+        # vectors pass it on every kernel call
+        if not (type(x) is np.ndarray and x.dtype is _FLOAT64 and x.ndim == 1
+                and x.size == self.x_size and x.flags.c_contiguous):
+            x = self._vector(self.x_name, x, self.x_size, "x")
+        if not (type(theta) is np.ndarray and theta.dtype is _FLOAT64 and theta.ndim == 1
+                and theta.size == self.theta_size and theta.flags.c_contiguous):
+            theta = self.checked_theta(theta)
+        vectors = {self.x_name: x, self.theta_name: theta}
         if extra is not None:
             name, value, length = extra
             vectors[name] = self._vector(name, value, length, name)
@@ -154,6 +161,9 @@ class BoundProblem:
         `base` (the Hessian's Cholesky factor, ||B||), or None when `base` reads x or theta.
         Such a matrix is fixed by bind's read-only copy of the data, so what is derived from it
         holds at every x and theta of this bind."""
+        memo = self._derived.get(base)
+        if memo is not None:
+            return memo
         if base not in self.module.meta["data_only"]:
             return None
         return self._derived.setdefault(base, {})

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from ..common import AdjointTask, all_finite, hvp_at, norm, true_residual
+from ..common import AdjointTask, finite, hvp_at, norm, true_residual
 from ..dense import dense_factor
 from ..results import AdjointResult, Status
 
@@ -37,7 +37,7 @@ def solve_direct(task: AdjointTask) -> AdjointResult:
     while True:
         rt, msg = true_residual(hvp, q, b)
         n_hvp += 1
-        if rt is None or not all_finite(q):
+        if rt is None or not finite(q):
             status, R = Status.NON_FINITE, math.inf
             break
         R = norm(rt)

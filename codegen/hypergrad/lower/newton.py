@@ -102,7 +102,7 @@ def newton_descent(task: LowerTask, name: str, direction: Direction) -> LowerRes
             break
         alpha, accepted = 1.0, None  # accepted: the new gradient once a step decreases ||g||
         while n_grad + n_hvp < max_iter and alpha > 1e-10:
-            x_new = x + alpha * d
+            x_new = x + d if alpha == 1.0 else x + alpha * d  # 1.0 * d is d: the same bits
             g_new, msg = call_kernel(k.lower_grad, x_new, th)
             n_grad += 1
             gn_new = math.inf if g_new is None else norm(g_new)
