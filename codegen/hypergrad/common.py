@@ -102,7 +102,7 @@ def finite(a: Any) -> bool:
     reduction's dispatch; both tests read the same values, and neither raises a floating-point
     flag (a sum of squares would warn on an overflow of huge finite entries)."""
     if type(a) is np.ndarray and a.dtype is _FLOAT64 and a.size <= _SHORT:
-        return all(map(math.isfinite, a.ravel().tolist()))
+        return all(map(math.isfinite, (a if a.ndim == 1 else a.ravel()).tolist()))
     return bool(_ALL(np.isfinite(a), axis=None))
 
 

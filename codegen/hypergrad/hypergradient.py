@@ -301,7 +301,7 @@ def _localised(k: Any, th: np.ndarray, c: dict[str, Any], c_global: dict[str, An
     e = low.bound
     if adjoint_entry(opts.adjoint).backprop or low.grad is None:
         return c, e
-    local = not all(math.isfinite(c_global.get(key, 0.0)) for key in _LOCAL_KEYS)
+    local = not all(map(math.isfinite, map(c_global.get, _LOCAL_KEYS, _NO_CONSTANTS)))
     if local:
         c = _localise(k, low.x, th, c, c_global, e)
     e, used = refined_distance(k, low.x, th, c, low.grad, e, opts.refine_iter)
@@ -311,6 +311,7 @@ def _localised(k: Any, th: np.ndarray, c: dict[str, Any], c_global: dict[str, An
 
 #: The constants `_localise` tightens on a ball (when one of them is infinite globally).
 _LOCAL_KEYS = ("L_A", "L_B", "L_f", "L_ft")
+_NO_CONSTANTS = (0.0,) * len(_LOCAL_KEYS)  # what a kernel without one of them has (c.get's default)
 
 
 def _adjoint(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, b: np.ndarray,

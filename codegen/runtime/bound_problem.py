@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -177,7 +178,7 @@ class BoundProblem:
         values either way up to rounding (the same operations; a sum may be ordered otherwise)."""
         xv, th = self._vector(self.x_name, x, self.x_size, "x"), self.checked_theta(theta)
         if "lower_hvp_apply" not in self.kernels:
-            return lambda v: self.lower_hvp(xv, th, v)
+            return partial(self.lower_hvp, xv, th)
         cache = np.empty(max(1, self._cache_size))
         self.kernels["lower_hvp_prepare"]({self.x_name: xv, self.theta_name: th}, cache)
         apply = self.kernels["lower_hvp_apply"]
