@@ -161,7 +161,9 @@ def true_residual(hvp: MatVec, q: Vector, b: Vector) -> tuple[np.ndarray | None,
 
 def fmt(v: Any) -> str:
     """A number for a status or note: 3 significant digits; anything else as repr."""
-    if type(v) is float or isinstance(v, (float, np.floating)):
+    if type(v) is float:
+        return f"{v:.3g}"
+    if isinstance(v, (float, np.floating)):
         return f"{float(v):.3g}"
     return repr(v)
 

@@ -104,6 +104,8 @@ class HypergradientOptions:
             raise SolverError(f"unknown option{'s' if len(unknown) > 1 else ''} "
                               f"{', '.join(map(repr, unknown))} for the hypergradient; the "
                               f"options are {', '.join(sorted(_FIELDS))}")
+        if options is None and cls is HypergradientOptions and overrides:
+            return _from_defaults(overrides)
         base = options if options is not None else (
             DEFAULTS if cls is HypergradientOptions else cls())
         return base.evolve(**overrides) if overrides else base
@@ -199,3 +201,25 @@ def _plan(names: tuple[str, ...]) -> tuple[Callable[[HypergradientOptions], obje
 
 #: The default options, made (and checked) once: frozen, so `make` shares them.
 DEFAULTS = HypergradientOptions()
+
+#: DEFAULTS.evolve(**overrides) by the overrides' (name, type, value)s: the same few keywords
+#: come with every call of a learning loop or a benchmark, and the options are frozen.
+_MADE: dict[tuple[Any, ...], HypergradientOptions] = {}
+_MADE_MAX = 64
+
+
+def _from_defaults(overrides: dict[str, Any]) -> HypergradientOptions:
+    """DEFAULTS.evolve(**overrides), made once per distinct overrides (the type is part of the
+    key: 1, 1.0 and True are equal keys, not equal options). Unhashable values (refused by the
+    checks, or a caller's own type) are made afresh every time."""
+    try:
+        key = (tuple(overrides), tuple(map(type, overrides.values())), tuple(overrides.values()))
+        made = _MADE.get(key)
+    except TypeError:
+        return DEFAULTS.evolve(**overrides)
+    if made is None:
+        made = DEFAULTS.evolve(**overrides)
+        if len(_MADE) >= _MADE_MAX:
+            _MADE.clear()
+        _MADE[key] = made
+    return made
