@@ -127,8 +127,9 @@ def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
     ledger = _Ledger(notes=list(c_global["notes"]))
     c = _step_size_constants(k, th, c_global, opts.lower, x0, ledger, opts.adjoint)
     dense: dict[str, Any] = {}  # lower="direct" and adjoint="direct" share one Hessian factor
-    low = run_lower(k, th, c, opts.lower, opts.eps, x0, opts.max_iter, opts.record,
-                    adjoint_entry(opts.adjoint).backprop, dense, keep_basis)
+    backprop = adjoint_entry(opts.adjoint).backprop
+    low = run_lower(k, th, c, opts.lower, opts.eps, x0, opts.max_iter, opts.record, backprop,
+                    dense, keep_basis)
     ledger.work["lower_grads"] += low.n_grad
     ledger.work["hvps"] += low.n_hvp
     if low.status is not Status.CONVERGED:
@@ -136,12 +137,12 @@ def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
                       f"lower {low.solver} {low.status} (G/mu = {fmt(low.bound)}, eps = "
                       f"{fmt(opts.eps)}{'; ' + low.message if low.message else ''})",
                       low.status)
-    c, e = _localised(k, th, c, c_global, low, opts, ledger)
+    c, e = _localised(k, th, c, c_global, low, opts.refine_iter, backprop, ledger)
     b, msg = call_kernel(k.upper_grad, low.x, th)
     if b is None:
         ledger.reason(ReasonKind.NON_FINITE, f"grad_x f not finite at x_eps ({msg})")
         return _failed(th, low, c, opts, ledger)
-    adj = _adjoint(k, th, c, low, b, opts, q0, dense, ledger)
+    adj = _adjoint(k, th, c, low, b, opts, backprop, q0, dense, ledger)
     closing = _closing(k, th, low.x, adj)
     grad, direct = _assemble(th, adj, closing, ledger)
     return _bounded(k, th, c, low, adj, b, e, grad, direct, closing, opts, ledger)
@@ -252,14 +253,13 @@ def _step_size_constants(k: Any, th: np.ndarray, c: dict[str, Any], lower: str, 
     and x*; a wrong L can only stall the solver, its G/mu certificate needs mu alone. A lower or
     adjoint solver with a step size from L first asks k to tighten ||K||^2 where block sums
     bounded it (docs/constants.md 4)."""
-    steps = lower_entry(lower).needs_finite_L or (
-        adjoint is not None and adjoint_entry(adjoint).needs_finite_L)
+    lower_steps = lower_entry(lower).needs_finite_L
+    steps = lower_steps or (adjoint is not None and adjoint_entry(adjoint).needs_finite_L)
     tighten = getattr(k, "tighten_constants", None)
     if steps and tighten is not None and tighten():
         c = checked_constants(k, th)
         ledger.notes.append("step sizes: ||K||^2 by the Gram matrix instead of block sums")
-    if not (hasattr(k, "local_constants") and not math.isfinite(c["L"])
-            and lower_entry(lower).needs_finite_L):
+    if not (lower_steps and hasattr(k, "local_constants") and not math.isfinite(c["L"])):
         return c
     xs = np.zeros(x_size_of(k)) if x0 is None else np.asarray(x0, float).ravel()
     g0, _ = call_kernel(k.lower_grad, xs, th)
@@ -294,17 +294,18 @@ def _localise(k: Any, x: np.ndarray, th: np.ndarray, c: dict[str, Any], c_global
 
 
 def _localised(k: Any, th: np.ndarray, c: dict[str, Any], c_global: dict[str, Any],
-               low: LowerResult, opts: HypergradientOptions,
+               low: LowerResult, refine_iter: int, backprop: bool,
                ledger: _Ledger) -> tuple[dict[str, Any], float]:
     """(constants on the certified ball around x_eps, e): localised on B(x_eps, G/mu), which
-    refined_distance needs (a finite L_A) for a smaller certified e, then on B(x_eps, e)."""
+    refined_distance needs (a finite L_A) for a smaller certified e, then on B(x_eps, e);
+    with the adjoint backprop, which has no bound, c and G/mu as they are."""
     e = low.bound
-    if adjoint_entry(opts.adjoint).backprop or low.grad is None:
+    if backprop or low.grad is None:
         return c, e
     local = not all(map(math.isfinite, map(c_global.get, _LOCAL_KEYS, _NO_CONSTANTS)))
     if local:
         c = _localise(k, low.x, th, c, c_global, e)
-    e, used = refined_distance(k, low.x, th, c, low.grad, e, opts.refine_iter)
+    e, used = refined_distance(k, low.x, th, c, low.grad, e, refine_iter)
     ledger.work["hvps"] += used
     return (_localise(k, low.x, th, c, c_global, e) if local else c), e
 
@@ -315,10 +316,10 @@ _NO_CONSTANTS = (0.0,) * len(_LOCAL_KEYS)  # what a kernel without one of them h
 
 
 def _adjoint(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, b: np.ndarray,
-             opts: HypergradientOptions, q0: Any, dense: dict[str, Any],
+             opts: HypergradientOptions, backprop: bool, q0: Any, dense: dict[str, Any],
              ledger: _Ledger) -> AdjointResult:
-    """The adjoint solve at x_eps (or backprop through the trajectory), with its reasons."""
-    backprop = adjoint_entry(opts.adjoint).backprop
+    """The adjoint solve at x_eps (or backprop through the trajectory, `backprop`), with its
+    reasons."""
     if backprop:
         adj = backprop_adjoint(k, low, th, b=b)
         ledger.work["cross"] += adj.n_cross
