@@ -236,9 +236,10 @@ def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict,
 
 
 def _gram64(K, workers: int = 1) -> np.ndarray:
-    """The smaller Gram matrix K^T K or K K^T in float64, dense: sparse K by one product, dense
-    K by blocks of `spectral.GRAM64_ROWS` rows on up to `workers` threads (`spectral.summed_grams`; NumPy's
-    matmul takes syrk for the transposed operand: half a general product's flops)."""
+    """The smaller Gram matrix K^T K or K K^T in float64, dense: sparse K by one product,
+    dense K by blocks of `spectral.GRAM64_ROWS` rows on up to `workers` threads
+    (`spectral.summed_grams`; NumPy's matmul takes syrk for the transposed operand: half a
+    general product's flops)."""
     if hasattr(K, "toarray"):
         G = K.T @ K if K.shape[0] >= K.shape[1] else K @ K.T
         return G.toarray() if hasattr(G, "toarray") else np.asarray(G)
