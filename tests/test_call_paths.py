@@ -58,6 +58,30 @@ def test_made_options_are_shared_but_keep_the_keywords_types():
             HypergradientOptions.make(eps=[1e-6])  # unhashable: made afresh, then refused
 
 
+def test_evolved_options_are_shared_per_source_and_keep_the_keywords_types():
+    base = HypergradientOptions.make(rtol=1e-6)
+    a = base.evolve(eps=1e-9, delta=1e-8, rtol=None, atol=0.0)
+    assert base.evolve(eps=1e-9, delta=1e-8, rtol=None, atol=0.0) is a
+    assert (a.eps, a.delta, a.rtol, a.atol, a.lower) == (1e-9, 1e-8, None, 0.0, "auto")
+    other = HypergradientOptions.make(rtol=1e-5)  # another source: its own derived options
+    assert other.evolve(eps=1e-9, delta=1e-8, rtol=None, atol=0.0).rtol is None
+    assert other.evolve(eps=1e-9).rtol == 1e-5 and base.evolve(eps=1e-9).rtol == 1e-6
+    for value in (1, 1.0, True):
+        assert type(base.evolve(refine_iter=value).refine_iter) is type(value)
+    for zero in (0.0, -0.0, 0.0):  # equal keys, not equal options: -0.0 prints as "-0"
+        assert math.copysign(1.0, base.evolve(eps=zero).eps) == math.copysign(1.0, zero)
+        assert math.copysign(1.0, HypergradientOptions.make(atol=zero).atol) == math.copysign(1.0, zero)
+    for _ in range(2):  # refused every time: a refused value is never kept
+        with pytest.raises(SolverError, match="delta must be a number"):
+            base.evolve(delta=-1.0)
+        with pytest.raises(SolverError, match="unknown options"):
+            base.evolve(tolerance=1e-6)
+        with pytest.raises(SolverError, match="needs lower='gd' or 'hb'"):
+            base.evolve(rtol=None, lower="direct", adjoint="backprop")
+    with pytest.raises(SolverError, match="eps must be a number"):
+        base.evolve(eps=[1e-6])  # unhashable: made afresh, then refused
+
+
 def test_the_first_invalid_field_reported_does_not_depend_on_keyword_order():
     for keywords in (dict(eps=-1.0, lower="bfgs"), dict(lower="bfgs", eps=-1.0)):
         with pytest.raises(SolverError, match="unknown lower solver 'bfgs'"):

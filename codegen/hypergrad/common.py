@@ -91,9 +91,12 @@ def norm(v: Any) -> float:
 def grad_norm(v: Any) -> float:
     """np.linalg.norm(v) bit for bit at every length (sqrt(v . v) by BLAS, as NumPy computes
     it), without its dispatch: for decisions that must not move by an ulp (the accuracy
-    rounds' target)."""
-    v = np.asarray(v, dtype=np.float64).ravel()
-    return math.sqrt(float(v.dot(v)))
+    rounds' target). A contiguous float64 vector (every hypergradient's) is dotted as it is:
+    np.asarray and ravel would return it, or a view of the same entries."""
+    if not (type(v) is np.ndarray and v.dtype is _FLOAT64 and v.ndim == 1
+            and v.flags.c_contiguous):
+        v = np.asarray(v, dtype=np.float64).ravel()
+    return math.sqrt(v.dot(v))
 
 
 def finite(a: Any) -> bool:

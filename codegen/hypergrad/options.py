@@ -80,9 +80,37 @@ class HypergradientOptions:
     def evolve(self, **changes: Any) -> HypergradientOptions:
         """dataclasses.replace(self, **changes) with only the changed fields checked (and the
         combinations they enter): the same errors, without re-checking what this object's
-        own construction checked. The hypergradient derives several options per call (the
-        solvers "auto" chose, each accuracy round's tolerances), a few microseconds each
-        through replace."""
+        own construction checked. The options are frozen, and a hypergradient derives the same
+        few from the same source at every call (the solvers "auto" chose, the certificate,
+        each accuracy round's tolerances): each is made once per source and changes' names,
+        types and values and shared after that. Only values of the plain types (float, int,
+        bool, str, None) are keys, and no -0.0: 1, 1.0 and True, or 0.0 and -0.0, are equal
+        keys but not equal options (-0.0 prints as "-0"); other values (refused by the
+        checks, or a caller's own type) are made afresh every time."""
+        return self._derived(changes)
+
+    def _derived(self, changes: dict[str, Any]) -> HypergradientOptions:
+        """evolve(**changes), the changes as a dict (`make` passes its keywords as they are)."""
+        values = tuple(changes.values())
+        types = tuple(map(type, values))
+        if not _PLAIN.issuperset(types) or (0.0 in values and _negative_zero(values)):
+            return self._changed(changes)
+        key = (tuple(changes), types, values)
+        entry = _DERIVED.get(id(self))
+        made = None if entry is None else entry[1].get(key)
+        if made is None:
+            made = self._changed(changes)
+            if entry is None:
+                if len(_DERIVED) >= _DERIVED_MAX:
+                    _DERIVED.clear()
+                entry = _DERIVED[id(self)] = (self, {})
+            elif len(entry[1]) >= _DERIVED_MAX:
+                entry[1].clear()
+            entry[1][key] = made
+        return made
+
+    def _changed(self, changes: dict[str, Any]) -> HypergradientOptions:
+        """A new options object: self with `changes`, the changed fields checked."""
         if not changes.keys() <= _FIELDS:
             raise SolverError(f"unknown options {sorted(set(changes) - _FIELDS)}")
         new = object.__new__(type(self))
@@ -104,11 +132,9 @@ class HypergradientOptions:
             raise SolverError(f"unknown option{'s' if len(unknown) > 1 else ''} "
                               f"{', '.join(map(repr, unknown))} for the hypergradient; the "
                               f"options are {', '.join(sorted(_FIELDS))}")
-        if options is None and cls is HypergradientOptions and overrides:
-            return _from_defaults(overrides)
         base = options if options is not None else (
             DEFAULTS if cls is HypergradientOptions else cls())
-        return base.evolve(**overrides) if overrides else base
+        return base._derived(overrides) if overrides else base
 
     @property
     def targets_accuracy(self) -> bool:
@@ -202,24 +228,19 @@ def _plan(names: tuple[str, ...]) -> tuple[Callable[[HypergradientOptions], obje
 #: The default options, made (and checked) once: frozen, so `make` shares them.
 DEFAULTS = HypergradientOptions()
 
-#: DEFAULTS.evolve(**overrides) by the overrides' (name, type, value)s: the same few keywords
-#: come with every call of a learning loop or a benchmark, and the options are frozen.
-_MADE: dict[tuple[Any, ...], HypergradientOptions] = {}
-_MADE_MAX = 64
+#: The options `evolve` derived, by their source's id (the source is kept with them, so that
+#: its id is not reused while they are): at most _DERIVED_MAX sources of _DERIVED_MAX each.
+_DERIVED: dict[int, tuple[HypergradientOptions, dict[tuple[Any, ...], HypergradientOptions]]] = {}
+_DERIVED_MAX = 64
+
+#: The types whose equal values make equal options (up to the sign of a zero float).
+_PLAIN = frozenset({float, int, bool, str, type(None)})
 
 
-def _from_defaults(overrides: dict[str, Any]) -> HypergradientOptions:
-    """DEFAULTS.evolve(**overrides), made once per distinct overrides (the type is part of the
-    key: 1, 1.0 and True are equal keys, not equal options). Unhashable values (refused by the
-    checks, or a caller's own type) are made afresh every time."""
-    try:
-        key = (tuple(overrides), tuple(map(type, overrides.values())), tuple(overrides.values()))
-        made = _MADE.get(key)
-    except TypeError:
-        return DEFAULTS.evolve(**overrides)
-    if made is None:
-        made = DEFAULTS.evolve(**overrides)
-        if len(_MADE) >= _MADE_MAX:
-            _MADE.clear()
-        _MADE[key] = made
-    return made
+def _negative_zero(values: tuple[Any, ...]) -> bool:
+    """Whether a -0.0 is among values (a loop: a generator costs twice as much here)."""
+    for v in values:
+        if v == 0.0 and type(v) is float and math.copysign(1.0, v) < 0:
+            return True
+    return False
+
