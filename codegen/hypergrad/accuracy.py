@@ -98,7 +98,7 @@ def first_tolerances(rtol: float, eps: float, delta: float,
     at FIRST_ROUND * rtol, never looser than the defaults; the tight rounds (tight=True), whose
     bound is within a few times h's error, at the target itself: TIGHT_FIRST_ROUND * rtol as
     it is. Steering only: every round's bound is certified by itself."""
-    if not rtol > 0 or (eps, delta) != (DEFAULTS.eps, DEFAULTS.delta):
+    if not rtol > 0 or eps != DEFAULTS.eps or delta != DEFAULTS.delta:
         return eps, delta
     if tight:
         first = max(TIGHT_FIRST_ROUND * rtol, FIRST_FLOOR)
@@ -140,7 +140,7 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
             total[key] += hg.work.get(key, 0)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: bound {fmt(hg.bound)}")
         target = atol + rtol * grad_norm(hg.grad)
-        if not steerable(hg) or hg.bound <= target:
+        if hg.bound <= target or not steerable(hg):  # the target met: no more to steer
             break
         r_part, e_part, rounding = bound_parts(hg)
         share = SHARE * target

@@ -98,6 +98,7 @@ class FusedLoops:
         self.work = from_buffer("double[]", k.work)
         self.keep = (k.data, k.work)
         self.lock = k.kernels["lower_grad"].lock
+        self.doubles = module.ffi.typeof("double[]")  # the parsed type: no lookup by its name
         self.control, self.info = np.zeros(_CONTROL_SIZE), np.zeros(_INFO_SIZE)
         self.tail = [from_buffer("double[]", self.control), from_buffer("double[]", self.info),
                      self.work]
@@ -124,12 +125,19 @@ class FusedLoops:
         from the module's `closing` (one call for cross_vjp, upper_theta_grad and upper_value;
         vectors C-contiguous float64). Non-finite outputs are returned as the kernels return
         them; the flag is the kernels' own finiteness checks, so a caller need not repeat them."""
-        from_buffer = self.ffi.from_buffer
+        from_buffer, doubles = self.ffi.from_buffer, self.doubles
         btq, direct, value = np.empty(self.theta_size), np.empty(self.theta_size), np.empty(1)
-        args = [*self.sizes, from_buffer("double[]", theta), *self.data,
-                *[from_buffer("double[]", v) for v in (x, q, btq, direct, value)], self.work]
-        with self.lock:
-            status = self.functions["closing"](*args)
+        # the arguments as one unpacked call (no list per call); acquire / release: half the
+        # cost of a with block (codegen/runtime/kernel_caller.py)
+        closing, lock = self.functions["closing"], self.lock
+        args = (*self.sizes, from_buffer(doubles, theta), *self.data, from_buffer(doubles, x),
+                from_buffer(doubles, q), from_buffer(doubles, btq), from_buffer(doubles, direct),
+                from_buffer(doubles, value), self.work)
+        lock.acquire()
+        try:
+            status = closing(*args)
+        finally:
+            lock.release()
         if status == 2:
             raise KernelError("closing: invalid size (every size must be at least 1)")
         return btq, direct, float(value[0]), status == 0

@@ -16,6 +16,7 @@ as opposed to a failure.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -113,7 +114,7 @@ def _er(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
     """E&R's bound with th checked (once, not in every round) and opts resolved (no "auto"):
     in rounds for rtol / atol, else one solve."""
     if opts.targets_accuracy:
-        return _in_rounds(lambda o, x, q: _once(k, th, o, x, q), opts, x0, q0)
+        return _in_rounds(partial(_once, k, th), opts, x0, q0)
     if adjoint_entry(opts.adjoint).backprop and q0 is not None:
         raise SolverError("adjoint='backprop' takes no q0 (a warm start is not backprop)")
     return _once(k, th, opts, x0, q0)
@@ -125,9 +126,10 @@ def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
     keep_basis: a lower CG keeps its Krylov directions for the correction's forward solve."""
     c_global = checked_constants(k, th)
     ledger = _Ledger(notes=list(c_global["notes"]))
-    c = _step_size_constants(k, th, c_global, opts.lower, x0, ledger, opts.adjoint)
+    adjoint = adjoint_entry(opts.adjoint)
+    c = _step_size_constants(k, th, c_global, opts.lower, x0, ledger, adjoint.needs_finite_L)
     dense: dict[str, Any] = {}  # lower="direct" and adjoint="direct" share one Hessian factor
-    backprop = adjoint_entry(opts.adjoint).backprop
+    backprop = adjoint.backprop
     low = run_lower(k, th, c, opts.lower, opts.eps, x0, opts.max_iter, opts.record, backprop,
                     dense, keep_basis)
     ledger.work["lower_grads"] += low.n_grad
@@ -247,14 +249,14 @@ def _in_rounds(solve: Callable[[HypergradientOptions, Any, Any], HypergradientRe
 
 
 def _step_size_constants(k: Any, th: np.ndarray, c: dict[str, Any], lower: str, x0: Any,
-                         ledger: _Ledger, adjoint: str | None = None) -> dict[str, Any]:
+                         ledger: _Ledger, adjoint_steps: bool = False) -> dict[str, Any]:
     """c with an infinite L replaced by L on B(x0, 2 G0/mu) for a solver that takes its step
     from L (docs/bounds.md 4; exp / polynomial atoms are infinite globally). The ball holds x0
     and x*; a wrong L can only stall the solver, its G/mu certificate needs mu alone. A lower or
     adjoint solver with a step size from L first asks k to tighten ||K||^2 where block sums
-    bounded it (docs/constants.md 4)."""
+    bounded it (docs/constants.md 4); adjoint_steps: the adjoint solver takes one from L."""
     lower_steps = lower_entry(lower).needs_finite_L
-    steps = lower_steps or (adjoint is not None and adjoint_entry(adjoint).needs_finite_L)
+    steps = lower_steps or adjoint_steps
     tighten = getattr(k, "tighten_constants", None)
     if steps and tighten is not None and tighten():
         c = checked_constants(k, th)
