@@ -13,20 +13,17 @@ lower_hessian, cross_matrix, cross_norm_bound, local_constants, fixed_memo (docs
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from ..errors import HypergenError, KernelError
 
 __all__ = [
     "SolverError", "DEFAULT_MAX_ITER", "DIVERGENCE_FACTOR", "BLAS_FREE_FROM", "dot", "norm",
-    "one_blas_thread",
-    "all_finite", "finite", "grad_norm", "call_kernel", "fixed_memo", "hvp_at", "true_residual", "fmt", "summarize",
+    "all_finite", "finite", "grad_norm", "call_kernel", "fixed_memo", "hvp_at", "true_residual",
+    "fmt", "summarize",
     "checked_theta", "x_size_of", "checked_constants", "LowerTask", "AdjointTask",
 ]
 
@@ -41,21 +38,6 @@ BLAS_FREE_FROM = 8192
 
 Vector = np.ndarray
 MatVec = Callable[[np.ndarray], np.ndarray]
-
-_BLAS: list[ThreadpoolController] = []  # this process's controller, made at the first use
-
-
-@contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """BLAS and LAPACK at one thread for a few small dense operations between kernel calls.
-    OpenBLAS's threads spin for about 0.1 s after a threaded call and take the cores the
-    kernels' OpenMP threads need next: the Galerkin solve's 25 x 25 eigh made a 2000 x 500
-    ridge hypergradient take 24 ms instead of 8 at 2 threads. The controller (a walk over the
-    loaded libraries, 1-2 ms) is made once per process; a limit costs microseconds."""
-    if not _BLAS:
-        _BLAS.append(ThreadpoolController())
-    with _BLAS[0].limit(limits=1, user_api="blas"):
-        yield
 
 
 class SolverError(HypergenError, ValueError):
