@@ -18,6 +18,7 @@ import numpy as np
 import sympy as sp
 
 from ...errors import ProblemError
+from ...threads import blas_threads
 from . import spectral
 from .interpreter import DenseOnDemand, bind_sizes, concrete, dense_array, operator_matrix
 
@@ -225,7 +226,8 @@ def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict,
     if fast is not None or not certify:
         G = _gram64(K, workers)  # no certificate tried, or it failed on the float32 Gram
     margin = spectral.gram_margin(R, D, fro2)
-    ev = np.linalg.eigvalsh(G)
+    with blas_threads(workers if n >= spectral.THREADED_SIDE else 1):
+        ev = np.linalg.eigvalsh(G)
     flops = spectral.gram_flops(R, D) * (2 if fast else 1) + 4 * n ** 3 // 3
     out = {"normsq": {"value": float(ev[-1]) + margin, "certified": True, "flops": flops,
                       "method": f"eigvalsh of the {n}x{n} Gram matrix + margin {margin:.2e}"}}
@@ -236,14 +238,18 @@ def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict,
 
 
 def _gram64(K, workers: int = 1) -> np.ndarray:
-    """The smaller Gram matrix K^T K or K K^T in float64, dense: sparse K by one product,
-    dense K by blocks of `spectral.GRAM64_ROWS` rows on up to `workers` threads
-    (`spectral.summed_grams`; NumPy's matmul takes syrk for the transposed operand: half a
+    """The smaller Gram matrix K^T K or K K^T in float64, dense: sparse K by one product;
+    dense K by blocks of `spectral.GRAM64_ROWS` rows on up to `workers` Python threads
+    (`spectral.summed_grams`), or from a side of `spectral.THREADED_SIDE` by one product on
+    `workers` BLAS threads (NumPy's matmul takes syrk for the transposed operand: half a
     general product's flops)."""
     if hasattr(K, "toarray"):
         G = K.T @ K if K.shape[0] >= K.shape[1] else K @ K.T
         return G.toarray() if hasattr(G, "toarray") else np.asarray(G)
     long_side = K if K.shape[0] >= K.shape[1] else K.T
+    if long_side.shape[1] >= spectral.THREADED_SIDE:
+        with blas_threads(workers):
+            return np.asarray(long_side.T @ long_side)
     return spectral.summed_grams(long_side, spectral.GRAM64_ROWS, np.float64, workers)
 
 

@@ -63,6 +63,12 @@ U32 = 2.0 ** -24  # float32's unit roundoff
 ETA32 = 2.0 ** -149  # float32's smallest subnormal: a bound on an underflowed result's error
 GRAM32_ROWS = 512  # rows per float32 block Gram of `gram32` (its margin grows with them)
 GRAM64_ROWS = 512  # rows per float64 block Gram (`quantities._gram64`; threads share the blocks)
+#: Gram side from which the float64 Gram and its eigvalsh run on the caller's BLAS threads
+#: (`threads.blas_threads`) instead of one thread: at 2000 (20000 x 2000 data, 2 cores) the
+#: eigvalsh takes 265 ms instead of 464 and one product K^T K 821 ms instead of 968 by blocks
+#: on Python threads, more than the ~0.1 s the spinning pool then costs the first solve; at
+#: 1000 the eigvalsh saves 16 ms, less.
+THREADED_SIDE = 1500
 GRAM32_LOOSENESS = 0.02  # largest margin of `gram32`, relative to ||K||_F^2 / min(R, D)
 GRAM32_MIN_FLOPS = 1e8  # R D min(R, D) below which the float64 Gram (a few ms) is kept
 CW_STEPS = 8  # at most this many power steps on |K|^T |K| choose the Collatz-Wielandt vector
