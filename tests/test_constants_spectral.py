@@ -273,6 +273,30 @@ def test_block_sums_bound_the_exact_norm_at_every_block_size(name, K):
         assert values[1] <= values[0] * (1 + 1e-9)  # pairs of rows: merged single rows
 
 
+def test_block_sums_give_the_row_norms_their_bound_and_rowmax_read():
+    """On a tall dense K whose ||K||^2 takes block sums, the Grams' diagonals are the squared
+    row norms (to a few ulps of exact sums), ||K||_F^2 and rowmax are taken from them and still
+    bound the exact values; overflowing squares give no sums, and operator_quantities then
+    reports the trivial bounds as before."""
+    rng = np.random.default_rng(22)
+    K = rng.standard_normal((2 * spectral.CHUNK_ENTRIES // 300 + 37, 300))
+    sums = spectral.block_sums(K, size=16, workers=2)
+    exact = np.sum(K.astype(np.longdouble) ** 2, axis=1)
+    assert sums is not None and sums.diagonal.shape == (K.shape[0],)
+    assert np.allclose(sums.diagonal, exact, rtol=300 * 2.0 ** -53, atol=0)
+    K = rng.standard_normal((3000, 1200))  # above the Gram limit: block sums
+    q = quantities.operator_quantities(K, K[:, None, :], needed=("normsq", "rowmax"), workers=2)
+    assert "blocks of 32 rows" in q["normsq"]["method"]
+    assert q["normsq"]["value"] >= float(np.linalg.eigvalsh(K.T @ K)[-1])
+    top = float(np.sqrt(np.max(np.sum(K.astype(np.longdouble) ** 2, axis=1))))
+    assert top <= q["rowmax"]["value"] <= top * (1 + 1e-11)
+    huge = np.full((64, 8), 1e200)
+    with np.errstate(all="raise"):  # no warning or error of its own: overflow is tested
+        assert spectral.block_sums(huge, size=4) is None
+    out = quantities.operator_quantities(huge, huge[:, None, :], needed=("normsq", "rowmax"))
+    assert out["normsq"]["value"] == math.inf
+
+
 def test_threads_split_the_gram_work_without_changing_a_bit():
     """Block sums, the float32 Gram and the float64 Gram on 2 or 3 threads (`threads.in_threads`)
     give the very bits of one thread (parts and groups are fixed, summed in order), and the

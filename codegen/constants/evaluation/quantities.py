@@ -108,7 +108,9 @@ def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS,
     entry says which method certified it and how long it took."""
     start = time.perf_counter()
     R, D = K.shape
-    rowsq = _row_squares(K)
+    spectral_wanted = "normsq" in needed or "lmin" in needed
+    sums = _tall_block_sums(K, "lmin" in needed, tight, workers) if spectral_wanted else None
+    rowsq = sums.diagonal if sums is not None else _row_squares(K)
     fro2 = float(rowsq.sum()) * (1 + 2 * (R * D + 2) * U)  # a sum of non-negative terms
     if not fro2 > 0 and not (K.count_nonzero() if hasattr(K, "count_nonzero") else np.any(K)):
         return {w: {"value": 0.0, "method": "K = 0", "certified": True} for w in needed}
@@ -116,8 +118,8 @@ def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS,
     if not math.isfinite(fro2):  # overflow or non-finite data: only the trivial bounds hold
         res = {"normsq": {"value": math.inf, "certified": True, "method": "||K||_F overflows"},
                "lmin": {"value": 0.0, "certified": True, "method": "trivial lower bound 0"}}
-    elif "normsq" in needed or "lmin" in needed:
-        res.update(_spectral(K, fro2, "lmin" in needed, tight, workers))
+    elif spectral_wanted:
+        res.update(_spectral(K, fro2, "lmin" in needed, tight, workers, sums))
     for what in [w for w in res if w not in needed]:
         del res[what]
     if "rowmax" in needed:
@@ -136,6 +138,19 @@ def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS,
                      certified=what != "normsq:estimate",
                      method=q["method"] + " gave NaN: trivial bound")
     return res
+
+
+def _tall_block_sums(K, want_lmin: bool, tight: bool, workers: int) -> spectral.BlockSums | None:
+    """The block sums of `_spectral` computed first, when ||K||^2 takes them on a dense K with
+    at least as many rows as columns: their Grams' diagonals are the squared row norms, so the
+    pass over K for ||K||_F^2 and rowmax is saved (16 of 85 ms of a 20000 x 2000 logistic
+    bind's constants). None otherwise, or when a Gram overflows (the caller's checks of
+    ||K||_F^2 then decide, as without them)."""
+    R, D = K.shape
+    if hasattr(K, "toarray") or R < D or spectral.method_for(
+            R, D, want_lmin=want_lmin, tight=tight) != "blocks":
+        return None
+    return spectral.block_sums(K, workers=workers)
 
 
 def _row_squares(K) -> np.ndarray:
@@ -161,9 +176,10 @@ def _rowmax(K, K3, rowsq: np.ndarray) -> dict:
     return {"value": math.sqrt(sq) * (1 + 2 * (R + D) * U), "certified": True, "method": how}
 
 
-def _spectral(K, fro2: float, want_lmin: bool, tight: bool = False, workers: int = 1) -> dict:
+def _spectral(K, fro2: float, want_lmin: bool, tight: bool = False, workers: int = 1,
+              sums: spectral.BlockSums | None = None) -> dict:
     """normsq (and lmin) of K by the method of `spectral.method_for` (eigvalsh where lmin is
-    wanted and the Gram matrix is formed anyway)."""
+    wanted and the Gram matrix is formed anyway); `sums`: the block sums, already computed."""
     R, D = K.shape
     method = spectral.method_for(R, D, sparse=hasattr(K, "toarray"), want_lmin=want_lmin,
                                  tight=tight)
@@ -180,7 +196,10 @@ def _spectral(K, fro2: float, want_lmin: bool, tight: bool = False, workers: int
                                      f"{cw:.6g}) + rounding margin"},
                 "lmin": trivial}
     if method == "blocks":
-        bound, blocks, size = spectral.block_sum_bound(K, fro2, workers=workers)
+        if sums is None:
+            bound, blocks, size = spectral.block_sum_bound(K, fro2, workers=workers)
+        else:
+            bound, blocks, size = spectral.block_bound(sums, fro2), sums.blocks, sums.size
         how = "||K||_F^2" if fro2 <= bound else (
             f"sum of ||K_b||^2 over {blocks} blocks of {size} "
             f"{'rows' if R >= D else 'columns'} (eigvalsh of each block's Gram)")

@@ -45,6 +45,7 @@ lambda_max from below.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from scipy.linalg import lapack
@@ -108,41 +109,77 @@ def block_rows(rows: int, cols: int) -> int:
     return max(1, min(BLOCK_ROWS, rows, cols))
 
 
-def block_sum_bound(K: np.ndarray, fro2: float, size: int | None = None,
-                    workers: int = 1) -> tuple[float, int, int]:
-    """(bound, blocks, s): a certified ||K||^2 <= sum_b lambda_max(K_b K_b^T) + margins over blocks
-    of s consecutive rows of K (of columns if K is wide: rows of K^T); s = `size` or `block_rows`.
-    K dense; fro2 a certified upper bound on ||K||_F^2. The parts of CHUNK_ENTRIES entries run
-    on up to `workers` threads (`threads.in_threads`) and are summed in order: the same bits for
-    every `workers`.
+class BlockSums(NamedTuple):
+    """What `block_sums` computed: the sum of the blocks' lambda_max, how many blocks of how
+    many rows, the short side, and the Grams' diagonals in order (the long side's squared row
+    norms: ||k_i||^2 of K's rows when K is tall)."""
 
-    Rounding: each block's Gram and eigvalsh are covered by `gram_margin(s, D, ||K_b||_F^2)`; their
-    sum over blocks is at most (D + 10 s + 10) u 1.01 fro2; eigenvalues are clipped at 0 and the
-    sum of the nb non-negative terms is rounded up by (1 + 2 (nb + 1) u)."""
+    total: float
+    blocks: int
+    size: int
+    short: int
+    diagonal: np.ndarray
+
+
+def block_sums(K: np.ndarray, size: int | None = None, workers: int = 1) -> BlockSums | None:
+    """sum_b lambda_max(K_b K_b^T) over blocks of s consecutive rows of K (of columns if K is
+    wide: rows of K^T), s = `size` or `block_rows`, and the Grams' diagonals; None when a
+    Gram is not finite (squares that overflow). K dense. The parts of CHUNK_ENTRIES entries run
+    on up to `workers` threads (`threads.in_threads`) and are summed in order: the same bits for
+    every `workers`. `block_bound` turns the sum into a certified bound.
+
+    A diagonal entry is ||k_i||^2 summed by BLAS in some order: within gamma_D of it, as
+    einsum's sum is, so the rounding margins that hold for one hold for the other."""
     long_side = K if K.shape[0] >= K.shape[1] else K.T
     n_long, short = long_side.shape
     s = max(1, min(size, short)) if size else block_rows(n_long, short)
     per_part = max(s, (CHUNK_ENTRIES // max(short, 1)) // s * s)  # whole blocks per BLAS call
 
-    def part_sum(start: int) -> tuple[float, int]:
+    def part_sum(start: int) -> tuple[float, int, np.ndarray] | None:
         part = np.ascontiguousarray(long_side[start:start + per_part], dtype=np.float64)
         whole = part.shape[0] // s
         stacks = [part[:whole * s].reshape(whole, s, short)] if whole else []
         if part.shape[0] > whole * s:
             stacks.append(part[whole * s:][None])
-        total, blocks = 0.0, 0
+        total, blocks, diagonals = 0.0, 0, []
         for stack in stacks:
-            grams = stack @ stack.transpose(0, 2, 1)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is tested below
+                grams = stack @ stack.transpose(0, 2, 1)
+            if not np.isfinite(grams).all():
+                return None
             top = np.linalg.eigvalsh(grams)[:, -1]
             total += float(np.maximum(top, 0.0).sum())
             blocks += stack.shape[0]
-        return total, blocks
+            diagonals.append(np.einsum("bii->bi", grams).reshape(-1))
+        return total, blocks, np.concatenate(diagonals)
 
     parts = list(in_threads(part_sum, range(0, n_long, per_part), workers))
-    total, blocks = sum(t for t, _ in parts), sum(b for _, b in parts)
-    margin = (short + 10 * s + 10) * U * fro2 * 1.01
-    bound = (total + margin) * (1 + 2 * (blocks + 2) * U)
-    return (bound if math.isfinite(bound) else math.inf), blocks, s
+    if any(p is None for p in parts):
+        return None
+    done = [p for p in parts if p is not None]
+    return BlockSums(sum(t for t, _, _ in done), sum(b for _, b, _ in done), s, short,
+                     np.concatenate([d for _, _, d in done]))
+
+
+def block_bound(sums: BlockSums, fro2: float) -> float:
+    """A certified ||K||^2 <= sums.total + margins, fro2 a certified upper bound on ||K||_F^2.
+
+    Rounding: each block's Gram and eigvalsh are covered by `gram_margin(s, D, ||K_b||_F^2)`; their
+    sum over blocks is at most (D + 10 s + 10) u 1.01 fro2; eigenvalues are clipped at 0 and the
+    sum of the nb non-negative terms is rounded up by (1 + 2 (nb + 1) u)."""
+    margin = (sums.short + 10 * sums.size + 10) * U * fro2 * 1.01
+    bound = (sums.total + margin) * (1 + 2 * (sums.blocks + 2) * U)
+    return bound if math.isfinite(bound) else math.inf
+
+
+def block_sum_bound(K: np.ndarray, fro2: float, size: int | None = None,
+                    workers: int = 1) -> tuple[float, int, int]:
+    """(bound, blocks, s): `block_bound` of `block_sums` (inf when a Gram overflows)."""
+    sums = block_sums(K, size, workers)
+    if sums is None:
+        return math.inf, 0, max(1, min(size, min(K.shape))) if size else block_rows(
+            max(K.shape), min(K.shape))
+    return block_bound(sums, fro2), sums.blocks, sums.size
 
 
 def gram32(K: np.ndarray, fro2: float,
