@@ -29,15 +29,20 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+def _controller() -> ThreadpoolController:
+    """This process's controller, made at the first use (a walk over the loaded libraries)."""
+    if not _BLAS:
+        _BLAS.append(ThreadpoolController())
+    return _BLAS[0]
+
+
 @contextmanager
 def one_blas_thread() -> Iterator[int]:
     """BLAS and LAPACK at one thread inside the block, the caller's count restored after;
     yields the caller's count (at least 1), the threads `in_threads` may use instead. The
     controller (a walk over the loaded libraries, 1-2 ms) is made once per process; a limit
     costs microseconds."""
-    if not _BLAS:
-        _BLAS.append(ThreadpoolController())
-    blas = _BLAS[0].select(user_api="blas")
+    blas = _controller().select(user_api="blas")
     before = max([int(lib["num_threads"]) for lib in blas.info()] + [1])
     with blas.limit(limits=1):
         yield before
@@ -49,9 +54,7 @@ def blas_threads(count: int) -> Iterator[None]:
     after): for one large dense operation inside `one_blas_thread` that saves more time on
     the caller's threads than the pool's spinning afterwards costs the next kernel (about 0.1
     s at most; eigvalsh of a 2000 x 2000 Gram matrix: 464 ms at one thread, 265 at two)."""
-    if not _BLAS:
-        _BLAS.append(ThreadpoolController())
-    with _BLAS[0].limit(limits=max(int(count), 1), user_api="blas"):
+    with _controller().limit(limits=max(int(count), 1), user_api="blas"):
         yield
 
 

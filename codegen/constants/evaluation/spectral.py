@@ -103,10 +103,11 @@ def method_for(rows: int, cols: int, sparse: bool = False, want_lmin: bool = Fal
     return "nnz" if sparse else "blocks"
 
 
-def block_rows(rows: int, cols: int) -> int:
-    """Rows (of the long side) per block of `block_sum_bound`: BLOCK_ROWS, at most the short
-    side. Fixed, so the cost stays proportional to the data (R D s) at every size."""
-    return max(1, min(BLOCK_ROWS, rows, cols))
+def block_rows(rows: int, cols: int, size: int | None = None) -> int:
+    """Rows (of the long side) per block of `block_sums`: `size` if given, else BLOCK_ROWS, at
+    most the short side. Fixed, so the cost stays proportional to the data (R D s) at every
+    size."""
+    return max(1, min(size or BLOCK_ROWS, rows, cols))
 
 
 class BlockSums(NamedTuple):
@@ -132,7 +133,7 @@ def block_sums(K: np.ndarray, size: int | None = None, workers: int = 1) -> Bloc
     einsum's sum is, so the rounding margins that hold for one hold for the other."""
     long_side = K if K.shape[0] >= K.shape[1] else K.T
     n_long, short = long_side.shape
-    s = max(1, min(size, short)) if size else block_rows(n_long, short)
+    s = block_rows(n_long, short, size)
     per_part = max(s, (CHUNK_ENTRIES // max(short, 1)) // s * s)  # whole blocks per BLAS call
 
     def part_sum(start: int) -> tuple[float, int, np.ndarray] | None:
@@ -177,8 +178,7 @@ def block_sum_bound(K: np.ndarray, fro2: float, size: int | None = None,
     """(bound, blocks, s): `block_bound` of `block_sums` (inf when a Gram overflows)."""
     sums = block_sums(K, size, workers)
     if sums is None:
-        return math.inf, 0, max(1, min(size, min(K.shape))) if size else block_rows(
-            max(K.shape), min(K.shape))
+        return math.inf, 0, block_rows(max(K.shape), min(K.shape), size)
     return block_bound(sums, fro2), sums.blocks, sums.size
 
 
