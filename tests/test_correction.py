@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from codegen.hypergrad import HypergradientOptions, SolverError, hypergradient
 from codegen.hypergrad.correction import correct
+from codegen.hypergrad.hypergradient import TIGHT_NEWTON_MAX
 
 from oracle import Oracle
 from quadratic_kernels import Logistic, PaperQuadratic, Ridge
@@ -642,7 +643,7 @@ def test_generated_lower_tvp_differences_below_L3(build_dir):
 def test_nonquadratic_direction_and_auto(name):
     """components=False on a non-quadratic problem: u . h_c and its bound along u = h/||h||
     hold; the default certificate ("auto") is "tight" with a first-order lower solver, naming
-    Corollary 15.3, and E&R's with Newton."""
+    Corollary 15.3, and with Newton (one hyperparameter), where its bound holds too."""
     k, theta = NONQUADRATIC[name]
     exact = nq_exact(k, theta)
     hg = hypergradient(k, theta, lower="gd", adjoint="cg", rtol=1e-6, certificate="dwr",
@@ -656,7 +657,8 @@ def test_nonquadratic_direction_and_auto(name):
     assert auto.certificate == "tight" and "Corollary 15.3" in auto.notes[-1]
     assert np.linalg.norm(auto.grad - exact) <= auto.bound
     newton = hypergradient(k, theta, lower="newton", adjoint="cg", rtol=1e-6)
-    assert newton.certificate == "er"
+    assert theta.size <= TIGHT_NEWTON_MAX and newton.certificate == "tight"
+    assert np.linalg.norm(newton.grad - exact) <= newton.bound <= 1e-6 * np.linalg.norm(newton.grad)
 
 
 @pytest.mark.parametrize("lower", ["gd", "newton"])

@@ -190,21 +190,36 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
 
 def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions) -> str | None:
     """Why opts.certificate ("dwr", "tight" or "auto") falls back to E&R's bound at th, or None.
-    The cheap rules first: "auto" with a Newton or direct lower solve never pays for the
-    constants that `dwr_unavailable` evaluates."""
+    The cheap rules first: "auto" with the direct lower solve (or Newton and more than
+    TIGHT_NEWTON_MAX hyperparameters) never pays for the constants that `dwr_unavailable`
+    evaluates."""
     asked, size = opts.certificate, th.size
-    if asked == "auto" and not (lower_entry(opts.lower).needs_finite_L or opts.lower == "cg"):
-        # The certificate that certifies the target with the least work (docs/bounds.md 15.6):
-        # with a first-order lower solve the tight bound took 0.6-1.25x E&R's work, with CG
-        # (the forward solve from its Krylov basis, 15.7) 0.86-0.98x, with Newton 1.1-1.9x
-        # for one or two hyperparameters (2-3.4x for 8)
-        return f"E&R's certifies with less work with lower={opts.lower!r}"
+    if asked == "auto" and not _tight_by_default(opts.lower, size):
+        return f"E&R's certifies with less work with lower={opts.lower!r} and {size} hyperparameters"
     if asked in ("tight", "auto") and size > MAX_COMPONENTS:
         return (f"the tight bound needs a pair of solves per component, and theta has {size} "
                 f"> {MAX_COMPONENTS}")
     if adjoint_entry(opts.adjoint).backprop:
         return "adjoint='backprop' has no adjoint residual to correct"
     return dwr_unavailable(k, th)
+
+
+#: With a Newton lower solve, "auto" takes the tight bound for up to this many hyperparameters
+#: (docs/bounds.md 15.6): one forward and one dual solve each, which the tight rounds' looser
+#: adjoint mostly pays for: 1.0-1.2x E&R's work on dense l2-logistic regression (bound / true
+#: error 1.1-5.6 against E&R's 69-9600), 1.2-1.4x on CSR data (1.3-3.2 against 113-1094),
+#: 1.1-1.3x on smoothed TV (10-470 against 100-1.3e6); for 8, 2-3.4x E&R's work.
+TIGHT_NEWTON_MAX = 2
+
+
+def _tight_by_default(lower: str, size: int) -> bool:
+    """Whether "auto" tries the tight bound with this lower solver (docs/bounds.md 15.6): with a
+    first-order one (0.6-1.25x E&R's work) or CG (the forward solve from its Krylov basis,
+    15.7: 0.86-0.98x), and with Newton for up to TIGHT_NEWTON_MAX hyperparameters; not with
+    the direct solver, whose E&R bound is at the rounding level in one round."""
+    if lower_entry(lower).needs_finite_L or lower == "cg":
+        return True
+    return lower == "newton" and size <= TIGHT_NEWTON_MAX
 
 
 def _first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,

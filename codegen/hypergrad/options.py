@@ -44,10 +44,11 @@ class HypergradientOptions:
                       "tight" (the plain h with the bound |h - h_c| + bound(h_c), docs/bounds.md
                       15.6: within a few times h's true error; one forward and one dual
                       solve per hyperparameter, up to `correction.MAX_COMPONENTS`, else "er")
-                      or "auto" (the default: the one that certifies the target with the least
-                      work, docs/bounds.md 15.6: with rtol or atol and a first-order or CG
-                      lower solver (gd, hb, fista, cg), "tight" where it applies; "er"
-                      otherwise, and always at fixed eps and delta);
+                      or "auto" (the default, docs/bounds.md 15.6: with rtol or atol,
+                      "tight" where it applies and costs about E&R's work or less, with a
+                      first-order or CG lower solver (gd, hb, fista, cg) or with Newton for
+                      up to 2 hyperparameters; "er" otherwise, and always at fixed eps and
+                      delta);
     components        with "dwr": True certifies every component, False only the component along
                       h (one pair of solves); None: every component up to
                       `correction.MAX_COMPONENTS` hyperparameters.

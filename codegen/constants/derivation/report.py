@@ -60,9 +60,9 @@ def _certificates(der) -> list:
     out.append(f"  dwr, tight: available (Corollary {corollary}) where "
                f"{', '.join(_CORRECTION_CONSTANTS)} are finite at theta"
                + (f" ({', '.join(local)} on the ball B(x_eps, e) only)" if local else ""))
-    out.append("  default (\"auto\") with rtol or atol: \"tight\" with a first-order lower solver "
-               "(gd, hb, fista), E&R's with cg, newton or direct (the least work, "
-               "docs/bounds.md 15.6)")
+    out.append("  default (\"auto\") with rtol or atol: \"tight\" with a first-order or cg lower "
+               "solver (gd, hb, fista, cg; up to 8 hyperparameters) and with newton (up to 2), "
+               "E&R's otherwise (direct; docs/bounds.md 15.6)")
     return out
 
 
