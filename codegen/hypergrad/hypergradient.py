@@ -206,10 +206,11 @@ def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions) -> 
 
 #: With a Newton lower solve, "auto" takes the tight bound for up to this many hyperparameters
 #: (docs/bounds.md 15.6): one forward and one dual solve each, which the tight rounds' looser
-#: adjoint mostly pays for: 1.0-1.2x E&R's work on dense l2-logistic regression (bound / true
-#: error 1.1-5.6 against E&R's 69-9600), 1.2-1.4x on CSR data (1.3-3.2 against 113-1094),
-#: 1.1-1.3x on smoothed TV (10-470 against 100-1.3e6); for 8, 2-3.4x E&R's work.
-TIGHT_NEWTON_MAX = 2
+#: adjoint mostly pays for with one: 1.0-1.2x E&R's work on dense l2-logistic regression
+#: (bound / true error 1.1-5.6 against E&R's 69-9600), 1.2-1.4x on CSR data (1.3-3.2 against
+#: 113-1094). With two (smoothed TV's weight and smoothing) 1.1-1.3x for 11-474 against
+#: 100-1.3e6, and 1.18x the time on the 256 x 256 image; with 8, 2-3.4x E&R's work.
+TIGHT_NEWTON_MAX = 1
 
 
 def _tight_by_default(lower: str, size: int) -> bool:

@@ -47,7 +47,7 @@ class HypergradientOptions:
                       or "auto" (the default, docs/bounds.md 15.6: with rtol or atol,
                       "tight" where it applies and costs about E&R's work or less, with a
                       first-order or CG lower solver (gd, hb, fista, cg) or with Newton for
-                      up to 2 hyperparameters; "er" otherwise, and always at fixed eps and
+                      one hyperparameter; "er" otherwise, and always at fixed eps and
                       delta);
     components        with "dwr": True certifies every component, False only the component along
                       h (one pair of solves); None: every component up to
