@@ -190,11 +190,11 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
 
 def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions) -> str | None:
     """Why opts.certificate ("dwr", "tight" or "auto") falls back to E&R's bound at th, or None.
-    The cheap rules first: "auto" with the direct lower solve (or Newton and more than
-    TIGHT_NEWTON_MAX hyperparameters) never pays for the constants that `dwr_unavailable`
-    evaluates."""
+    The cheap rules first: "auto" with the direct lower solve (or Newton with the direct
+    adjoint or more than TIGHT_NEWTON_MAX hyperparameters) never pays for the constants that
+    `dwr_unavailable` evaluates."""
     asked, size = opts.certificate, th.size
-    if asked == "auto" and not _tight_by_default(opts.lower, size):
+    if asked == "auto" and not _tight_by_default(opts.lower, opts.adjoint, size):
         return f"E&R's certifies with less work with lower={opts.lower!r} and {size} hyperparameters"
     if asked in ("tight", "auto") and size > MAX_COMPONENTS:
         return (f"the tight bound needs a pair of solves per component, and theta has {size} "
@@ -213,14 +213,18 @@ def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions) -> 
 TIGHT_NEWTON_MAX = 1
 
 
-def _tight_by_default(lower: str, size: int) -> bool:
-    """Whether "auto" tries the tight bound with this lower solver (docs/bounds.md 15.6): with a
-    first-order one (0.6-1.25x E&R's work) or CG (the forward solve from its Krylov basis,
-    15.7: 0.86-0.98x), and with Newton for up to TIGHT_NEWTON_MAX hyperparameters; not with
-    the direct solver, whose E&R bound is at the rounding level in one round."""
+def _tight_by_default(lower: str, adjoint: str, size: int) -> bool:
+    """Whether "auto" tries the tight bound with these solvers (docs/bounds.md 15.6): with a
+    first-order lower solver (0.6-1.25x E&R's work) or CG (the forward solve from its Krylov
+    basis, 15.7: 0.86-0.98x), and with Newton and an iterative adjoint for up to
+    TIGHT_NEWTON_MAX hyperparameters. Not with the direct lower solver, whose E&R bound is at
+    the rounding level in one round, nor after Newton with the direct adjoint: h's error is
+    then far below the target, the tight bound's bound(h_c) is planned at a quarter of the
+    target, and it was 8-2000 times the error for 1.1-1.6x E&R's work (l2-logistic regression,
+    n = 24)."""
     if lower_entry(lower).needs_finite_L or lower == "cg":
         return True
-    return lower == "newton" and size <= TIGHT_NEWTON_MAX
+    return lower == "newton" and adjoint != "direct" and size <= TIGHT_NEWTON_MAX
 
 
 def _first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,
