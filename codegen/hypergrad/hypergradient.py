@@ -195,7 +195,8 @@ def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions) -> 
     `dwr_unavailable` evaluates."""
     asked, size = opts.certificate, th.size
     if asked == "auto" and not _tight_by_default(opts.lower, opts.adjoint, size):
-        return f"E&R's certifies with less work with lower={opts.lower!r} and {size} hyperparameters"
+        return (f"auto keeps E&R's with lower={opts.lower!r}, adjoint={opts.adjoint!r} and "
+                f"{size} hyperparameters")
     if asked in ("tight", "auto") and size > MAX_COMPONENTS:
         return (f"the tight bound needs a pair of solves per component, and theta has {size} "
                 f"> {MAX_COMPONENTS}")
@@ -206,10 +207,11 @@ def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions) -> 
 
 #: With a Newton lower solve, "auto" takes the tight bound for up to this many hyperparameters
 #: (docs/bounds.md 15.6): one forward and one dual solve each, which the tight rounds' looser
-#: adjoint mostly pays for with one: 1.0-1.2x E&R's work on dense l2-logistic regression
-#: (bound / true error 1.1-5.6 against E&R's 69-9600), 1.2-1.4x on CSR data (1.3-3.2 against
-#: 113-1094). With two (smoothed TV's weight and smoothing) 1.1-1.3x for 11-474 against
-#: 100-1.3e6, and 1.18x the time on the 256 x 256 image; with 8, 2-3.4x E&R's work.
+#: adjoint mostly pays for with one: 1.0-1.2x E&R's work on dense l2-logistic regression at
+#: 2000 x 500 and 20000 x 2000, 0.97-1.47x at 300 x 60 (bound / true error 1.0-9.6 against
+#: E&R's 9.4-9965), 1.0-1.4x on CSR data (1.0-3.2 against 12.8-1094). With two (smoothed TV's
+#: weight and smoothing) 1.1-1.3x for 11-474 against 100-1.3e6, and 1.25x the time on the
+#: 256 x 256 image; with 8, 2-3.4x E&R's work.
 TIGHT_NEWTON_MAX = 1
 
 

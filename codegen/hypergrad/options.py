@@ -46,9 +46,9 @@ class HypergradientOptions:
                       solve per hyperparameter, up to `correction.MAX_COMPONENTS`, else "er")
                       or "auto" (the default, docs/bounds.md 15.6: with rtol or atol,
                       "tight" where it applies and costs about E&R's work or less, with a
-                      first-order or CG lower solver (gd, hb, fista, cg) or with Newton and an
-                      iterative adjoint for one hyperparameter; "er" otherwise, and always at fixed eps and
-                      delta);
+                      first-order or CG lower solver (gd, hb, fista, cg) or with Newton and
+                      an iterative adjoint for one hyperparameter; "er" otherwise, and always
+                      at fixed eps and delta);
     components        with "dwr": True certifies every component, False only the component along
                       h (one pair of solves); None: every component up to
                       `correction.MAX_COMPONENTS` hyperparameters.
