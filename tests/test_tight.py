@@ -92,9 +92,9 @@ def test_tight_bound_holds_on_drawn_problems(seed, kind, log_rtol, lower):
 
 def test_auto_rule():
     """The default certificate ("auto"): "tight" with rtol and a first-order or CG lower solver
-    (one hyperparameter or several) and with Newton for up to TIGHT_NEWTON_MAX
-    hyperparameters; E&R's with Newton for more, with the direct solver, at fixed eps and
-    delta, and over several samples (no note: `certificate` says it)."""
+    (one hyperparameter or several) and with Newton and the CG adjoint for up to
+    TIGHT_NEWTON_MAX hyperparameters; E&R's with Newton for more, with the direct solver, at
+    fixed eps and delta, and over several samples (no note: `certificate` says it)."""
     ridge, theta1 = PROBLEMS["ridge"]
     groups, theta3 = PROBLEMS["groups"]
     assert hypergradient(ridge, theta1, lower="gd", rtol=1e-6).certificate == "tight"
@@ -104,7 +104,8 @@ def test_auto_rule():
     assert theta3.size > TIGHT_NEWTON_MAX >= theta1.size
     assert hypergradient(ridge, theta1, lower="newton", adjoint="cg",
                          rtol=1e-6).certificate == "tight"
-    assert hypergradient(groups, theta3, lower="newton", rtol=1e-6).certificate == "er"
+    assert hypergradient(groups, theta3, lower="newton", adjoint="cg",
+                         rtol=1e-6).certificate == "er"
     assert hypergradient(ridge, theta1, lower="direct", rtol=1e-6).certificate == "er"
     assert hypergradient(ridge, theta1, lower="cg", eps=1e-8, delta=1e-8).certificate == "er"
     many = hypergradient_samples([ridge, ridge], theta1, lower="cg", rtol=1e-6)
