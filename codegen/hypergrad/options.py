@@ -45,7 +45,7 @@ class HypergradientOptions:
                       15.6: within a few times h's true error; one forward and one dual
                       solve per hyperparameter, up to `correction.MAX_COMPONENTS`, else "er")
                       or "auto" (the default, docs/bounds.md 15.6: with rtol or atol,
-                      "tight" where it applies and costs about E&R's work or less, with a
+                      "tight" where it applies and its price over E&R's work is small: with a
                       first-order or CG lower solver (gd, hb, fista, cg) or with Newton and
                       an iterative adjoint for one hyperparameter; "er" otherwise, and always
                       at fixed eps and delta);
