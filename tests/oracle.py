@@ -286,6 +286,19 @@ class Oracle:
                                for j in range(len(mt))) for c in range(self.x_size)]
             return np.array([float(a) for a in out], dtype=np.float64)
 
+    def cross_tvp(self, x, theta, q, w) -> np.ndarray:
+        """d/ds B(x + s w)^T q: the same unrolled third derivative as cross_hvp, contracted with
+        q and w in x (a theta vector), in mpmath."""
+        D = self._call(self._f_cross_dx, x, theta)
+        q = np.asarray(q, dtype=np.float64).reshape(-1)
+        w = np.asarray(w, dtype=np.float64).reshape(-1)
+        with mpmath.workdps(self.dps):
+            mq = [mpmath.mpf(float(a)) for a in q]
+            mw = [mpmath.mpf(float(a)) for a in w]
+            out = [mpmath.fsum(D[c][a][j] * mq[c] * mw[a] for c in range(self.x_size)
+                               for a in range(self.x_size)) for j in range(self.theta_size)]
+            return np.array([float(a) for a in out], dtype=np.float64)
+
     def upper_theta_grad(self, x, theta) -> np.ndarray:
         """grad_theta (f + r)."""
         return self._vec(self._call(self._f_upper_theta_grad, x, theta), self.theta_size)

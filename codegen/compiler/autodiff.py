@@ -11,6 +11,7 @@ from the two:
     lower_tvp   = tangent(lower_hvp, x <- hg_w)    -> x_bar_dot_dw_dot (grad_x (v^T A(x) w): the
                                                       third derivative of g with two vectors)
     cross_hvp   = tangent(cross_jvp, x <- hg_w)    -> x_bar_dot_dw_dot (grad_x (w^T B(x) t))
+    cross_tvp   = tangent(cross_vjp, x <- hg_w)    -> theta_bar_dot_dw_dot (d/ds B(x + s w)^T q)
 
 The adjoint of `T[I] += e(..., Y[J], ...)` over a loop nest is `Y_bar[J] += T_bar[I] * de/dY[J]`
 over the same nest: a transposed contraction, or a scatter for shifted indices. Reads of

@@ -39,12 +39,12 @@ def kernel_specs(problem: Problem) -> list[KernelSpec]:
     grad_f = adjoint(f, [x, th])
     hvp = tangent(grad_g, {x: "v"}, [f"{x}_bar_dot"])
     cross = tangent(grad_g, {th: "t"}, [f"{x}_bar_dot"])
+    cross_t = tangent(grad_g, {x: "q"}, [f"{th}_bar_dot"])
     specs: list[tuple[str, str, ir.Program, tuple[str, ...], str]] = [
         ("lower_value", "g(x, theta), the lower-level objective", g, (), "value"),
         ("lower_grad", "grad_x g(x, theta)", grad_g, (), f"{x}_bar"),
         ("lower_hvp", "(d2g/dx2) v, forward over reverse", hvp, ("v",), f"{x}_bar_dot"),
-        ("cross_vjp", "B^T q = d/dtheta <grad_x g, q>", tangent(grad_g, {x: "q"}, [f"{th}_bar_dot"]),
-         ("q",), f"{th}_bar_dot"),
+        ("cross_vjp", "B^T q = d/dtheta <grad_x g, q>", cross_t, ("q",), f"{th}_bar_dot"),
         ("cross_jvp", "B t = d/ds grad_x g(x, theta + s t)", cross, ("t",), f"{x}_bar_dot"),
         ("upper_value", "f(x, theta) + r(theta), the upper-level objective", f, (), "value"),
         ("upper_grad", "grad_x f(x, theta)", grad_f, (), f"{x}_bar"),
@@ -67,6 +67,12 @@ def kernel_specs(problem: Problem) -> list[KernelSpec]:
         ("cross_hvp", "(d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP",
          tangent(cross, {x: "hg_w"}, [f"{x}_bar_dot_dw_dot"], suffix="_dw_dot"), ("t", "hg_w"),
          f"{x}_bar_dot_dw_dot"),
+        # G_w = d/ds B(x + s w)^T q, the same third derivative contracted with q and w in x
+        # (a theta vector): the block correction's G_w when B is not affine in x
+        # (docs/bounds.md 15.8). A second tangent of the cross VJP along x <- hg_w.
+        ("cross_tvp", "(d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP",
+         tangent(cross_t, {x: "hg_w"}, [f"{th}_bar_dot_dw_dot"], suffix="_dw_dot"), ("q", "hg_w"),
+         f"{th}_bar_dot_dw_dot"),
     ]
     specs += split_hessian(problem)
     out: list[KernelSpec] = []

@@ -43,7 +43,7 @@ from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 __all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances",
            "corrected_to_accuracy", "dwr_tightened", "dwr_planned", "plain_tightened",
            "tight_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE", "TIGHT_RELATIVE",
-           "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND"]
+           "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND", "plain_factors", "add_work", "Round"]
 
 #: Rounds (each a warm-started lower solve, adjoint solve and bound) before giving up.
 MAX_ROUNDS = 8
@@ -319,7 +319,7 @@ def plain_tightened(part: Any, share: float, E: float,
     direction to meet `share` (docs/bounds.md 15.6), or None at the rounding floor.
 
     |u . (h - h_c)| = |v . r - lam . grad g| is about h's true error: its adjoint part v . r is
-    linear in R, its lower part lam . grad g in E (`_plain_factors` scales each to its share of
+    linear in R, its lower part lam . grad g in E (`plain_factors` scales each to its share of
     PLAIN_SHARE share, so a part already small keeps its solve: no new lower solve when only
     the adjoint is off). bound_u(h_c) gets the other part of the share from `dwr_tightened`,
     and only when it exceeds that part (its residuals are then left alone).
@@ -332,14 +332,14 @@ def plain_tightened(part: Any, share: float, E: float,
         part.terms, rest, E, R, part.R_v, part.R_lam)
     if dwr is None:
         return None
-    f_E, f_R = _plain_factors(gap, abs(part.lower_part), abs(part.adjoint_part),
+    f_E, f_R = plain_factors(gap, abs(part.lower_part), abs(part.adjoint_part),
                               PLAIN_SHARE * share)
     if f_E == f_R == 1.0 and part.bound <= rest:  # the sum tipped it: halve E and R
         f_E = f_R = 0.5
     return min(dwr[0], E * f_E), min(dwr[1], R * f_R), dwr[2], dwr[3]
 
 
-def _plain_factors(gap: float, lower: float, adjoint: float,
+def plain_factors(gap: float, lower: float, adjoint: float,
                    budget: float) -> tuple[float, float]:
     """(f_E, f_R): the factors on E and R that bring h's error estimate `gap` within `budget`,
     given its lower and adjoint parts. A part within a quarter of the budget keeps its residual
@@ -436,7 +436,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     if steer:
         check_targets(0.0 if rtol is None else rtol, atol)
     total = dict.fromkeys(_WORK_KEYS, 0)
-    _add_work(total, spent or {})
+    add_work(total, spent or {})
     trail: list[str] = []
     tol_v: list[float | None] | None = None
     tol_lam: list[float | None] | None = None
@@ -449,7 +449,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     replanned = False
     for _ in range(max_rounds if steer else 1):
         hg = run(eps, delta, x0, q0, refine)
-        _add_work(total, hg.work)
+        add_work(total, hg.work)
         if steer and hg.reasons and all(r.kind is ReasonKind.ZERO_TRAP for r in hg.reasons):
             # delta >= ||grad f(x_eps)||: a relative first round was too loose for this x_eps
             delta, x0 = min(0.5 * delta, relative * hg.grad_f_norm), hg.x
@@ -479,7 +479,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                 continue
         corr = correct(k, hg, dirs, tol_v or [None] * n, tol_lam or [None] * n,
                        v0 or [None] * n, lam0 or [None] * n, max_iter, relative)
-        _add_work(total, {"hvps": corr.work["hvps"] + corr.work["upper"],
+        add_work(total, {"hvps": corr.work["hvps"] + corr.work["upper"],
                           "cross": corr.work["cross"],
                           "units": corr.work["hvps"] + corr.work["upper"]})
         grad, bound, plain = combined(corr, hg, components)
@@ -563,7 +563,7 @@ def _dwr_first(k: Any, hg: HypergradientResult, target: float, n: int, component
     return eps, delta, [tol_v] * n, [tol_lam] * n
 
 
-def _add_work(total: dict[str, int], work: dict[str, Any]) -> None:
+def add_work(total: dict[str, int], work: dict[str, Any]) -> None:
     for key in _WORK_KEYS:
         total[key] += int(work.get(key, 0))
 

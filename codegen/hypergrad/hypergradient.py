@@ -31,6 +31,7 @@ from .accuracy import (
 )
 from .adjoint.backprop import backprop_adjoint
 from .auto import choose_solvers
+from .block import block_to_accuracy, block_unavailable
 from .bounds import (
     ROUNDING_FLOOR,
     aposteriori_bound,
@@ -179,6 +180,9 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
 
     if opts.certificate == "tight":
         eps, delta = first_tolerances(opts.rtol or 0.0, opts.eps, opts.delta, tight=True)
+        if th.size > MAX_COMPONENTS:  # two solves for every component (docs/bounds.md 15.8)
+            return block_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
+                                     opts.refine_iter, opts.adjoint_cap)
         return corrected_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
                                      opts.refine_iter, True, opts.adjoint_cap, TIGHT_RELATIVE,
                                      tight=True)
@@ -197,12 +201,12 @@ def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions) -> 
     if asked == "auto" and not _tight_by_default(opts.lower, opts.adjoint, size):
         return (f"auto keeps E&R's with lower={opts.lower!r}, adjoint={opts.adjoint!r} and "
                 f"{size} hyperparameters")
-    if asked in ("tight", "auto") and size > MAX_COMPONENTS:
-        return (f"the tight bound needs a pair of solves per component, and theta has {size} "
-                f"> {MAX_COMPONENTS}")
     if adjoint_entry(opts.adjoint).backprop:
         return "adjoint='backprop' has no adjoint residual to correct"
-    return dwr_unavailable(k, th)
+    why = dwr_unavailable(k, th)
+    if why is None and asked in ("tight", "auto") and size > MAX_COMPONENTS:
+        return block_unavailable(k, th)
+    return why
 
 
 #: With a Newton lower solve, "auto" takes the tight bound for up to this many hyperparameters
@@ -211,7 +215,8 @@ def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions) -> 
 #: 2000 x 500 and 20000 x 2000, 0.97-1.47x at 300 x 60 (bound / true error 1.0-9.6 against
 #: E&R's 9.4-9965), 1.0-1.4x on CSR data (1.0-3.2 against 12.8-1094). With two (smoothed TV's
 #: weight and smoothing) 1.1-1.3x for 11-474 against 100-1.3e6, and 1.25x the time on the
-#: 256 x 256 image; with 8, 2-3.4x E&R's work.
+#: 256 x 256 image; with 8, 2-3.4x E&R's work. Above MAX_COMPONENTS the block correction
+#: (docs/bounds.md 15.8) certifies every component with two solves, and "auto" takes it.
 TIGHT_NEWTON_MAX = 1
 
 
@@ -223,10 +228,13 @@ def _tight_by_default(lower: str, adjoint: str, size: int) -> bool:
     the rounding level in one round, nor after Newton with the direct adjoint: h's error is
     then far below the target, the tight bound's bound(h_c) is planned at a quarter of the
     target, and it was 8-2000 times the error for 1.1-1.6x E&R's work (l2-logistic regression,
-    n = 24)."""
+    n = 24). Above MAX_COMPONENTS hyperparameters the tight bound is the block correction's
+    (15.8: two solves for all of them), 0.96-1.2x E&R's work on the examples (1.5x on
+    hypercleaning at rtol 1e-8)."""
     if lower_entry(lower).needs_finite_L or lower == "cg":
         return True
-    return lower == "newton" and adjoint != "direct" and size <= TIGHT_NEWTON_MAX
+    return lower == "newton" and adjoint != "direct" and (
+        size <= TIGHT_NEWTON_MAX or size > MAX_COMPONENTS)
 
 
 def _first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,

@@ -43,12 +43,14 @@ class HypergradientOptions:
                       certified component; where it does not apply, E&R's with a note) or
                       "tight" (the plain h with the bound |h - h_c| + bound(h_c), docs/bounds.md
                       15.6: within a few times h's true error; one forward and one dual
-                      solve per hyperparameter, up to `correction.MAX_COMPONENTS`, else "er")
+                      solve per hyperparameter up to `correction.MAX_COMPONENTS`, above it
+                      the block correction's two solves for all, docs/bounds.md 15.8)
                       or "auto" (the default, docs/bounds.md 15.6: with rtol or atol,
                       "tight" where it applies and its price over E&R's work is small: with a
                       first-order or CG lower solver (gd, hb, fista, cg) or with Newton and
-                      an iterative adjoint for one hyperparameter; "er" otherwise, and always
-                      at fixed eps and delta);
+                      an iterative adjoint for one hyperparameter or more than
+                      `correction.MAX_COMPONENTS`; "er" otherwise, and always at fixed eps
+                      and delta);
     components        with "dwr": True certifies every component, False only the component along
                       h (one pair of solves); None: every component up to
                       `correction.MAX_COMPONENTS` hyperparameters.

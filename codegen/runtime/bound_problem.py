@@ -225,6 +225,18 @@ class BoundProblem:
         self.kernels["cross_hvp"](vectors, out)
         return out
 
+    def cross_tvp(self, x, theta, q, w) -> np.ndarray:
+        """d/ds B(x + s w, theta)^T q = (q^T D_j(x) w)_j: the cross derivative once more in x,
+        as a theta vector (the block correction's G_w when B is not affine in x,
+        docs/bounds.md 15.8)."""
+        vectors = {self.x_name: self._vector(self.x_name, x, self.x_size, "x"),
+                   self.theta_name: self.checked_theta(theta),
+                   "q": self._vector("q", q, self.x_size, "q"),
+                   "hg_w": self._vector("w", w, self.x_size, "w")}
+        out = np.empty(self.theta_size)
+        self.kernels["cross_tvp"](vectors, out)
+        return out
+
     # -- constants and solvers -------------------------------------------------------------
     def _prepared_constants(self) -> dict:
         """The constants' derivation and data quantities, computed once per bind."""

@@ -40,6 +40,8 @@ int hg_hypercleaning_upper_hvp(int64_t c, int64_t m, int64_t mv, int64_t n, cons
 int hg_hypercleaning_lower_tvp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict W, const double *restrict v, const double *restrict hg_w, double *restrict W_bar_dot_dw_dot, double *restrict work);
 /* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
 int hg_hypercleaning_cross_hvp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict W, const double *restrict t, const double *restrict hg_w, double *restrict W_bar_dot_dw_dot, double *restrict work);
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_hypercleaning_cross_tvp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict W, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot, double *restrict work);
 /* (d2 g_fixed/dx2) v, g_fixed the terms of g without theta (read neither x nor theta) */
 int hg_hypercleaning_lower_hvp_fixed(int64_t c, int64_t m, int64_t n, const double *restrict theta, double lam, const double *restrict W, const double *restrict v, double *restrict W_bar_dot);
 /* (d2 g_varying/dx2) v, g_varying the terms of g with theta */
@@ -102,6 +104,7 @@ int64_t hg_hypercleaning_work_size(int64_t c, int64_t m, int64_t mv, int64_t n)
     if (2*c*mv + 4*mv > need) need = 2*c*mv + 4*mv;
     if (3*c*mv + 5*mv > need) need = 3*c*mv + 5*mv;
     if (4*c*m + 9*m > need) need = 4*c*m + 9*m;
+    if (3*c*m + 5*m > need) need = 3*c*m + 5*m;
     if (3*c*m + 5*m > need) need = 3*c*m + 5*m;
     if (3*c*m + 5*m > need) need = 3*c*m + 5*m;
     if (3*c*m + 5*m + (c*n) > need) need = 3*c*m + 5*m + (c*n);
@@ -2952,6 +2955,313 @@ int hg_hypercleaning_cross_hvp(int64_t c, int64_t m, int64_t n, const double *re
     }
 
     return hg_any_nonfinite(W_bar_dot_dw_dot, c*n) ? HG_HYPERCLEANING_NONFINITE : HG_HYPERCLEANING_OK;
+}
+
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_hypercleaning_cross_tvp(int64_t c, int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict W, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot, double *restrict work)
+{
+    if (c < 1 || m < 1 || n < 1) {
+        return HG_HYPERCLEANING_BAD_SIZE;
+    }
+    double *restrict s1 = work + 0;
+    double *restrict s3 = work + c*m;
+    double *restrict s4 = work + c*m + m;
+    double *restrict s1_dot = work + c*m + 2*m;
+    double *restrict s4_dot = work + 2*c*m + 2*m;
+    double *restrict s1_dw_dot = work + 2*c*m + 3*m;
+    double *restrict s4_dw_dot = work + 3*c*m + 3*m;
+    double *restrict s4_dot_dw_dot = work + 3*c*m + 4*m;
+    double s5_bar = 0.0;
+    memset(s1, 0, sizeof(double) * (size_t)(c*m));
+    for (int64_t hg_k = 0; hg_k < m; ++hg_k) s3[hg_k] = -INFINITY;
+    memset(s4, 0, sizeof(double) * (size_t)(m));
+    memset(s1_dot, 0, sizeof(double) * (size_t)(c*m));
+    memset(s4_dot, 0, sizeof(double) * (size_t)(m));
+    memset(s1_dw_dot, 0, sizeof(double) * (size_t)(c*m));
+    memset(s4_dw_dot, 0, sizeof(double) * (size_t)(m));
+    memset(s4_dot_dw_dot, 0, sizeof(double) * (size_t)(m));
+    memset(theta_bar_dot_dw_dot, 0, sizeof(double) * (size_t)(m));
+
+    s5_bar += 1.0/m;
+    #pragma omp parallel for schedule(static) if (c*m*n > 200000)
+    for (int64_t i = 0; i < m - m % 8; i += 8) {
+        for (int64_t k = 0; k < c; ++k) {
+            double acc0 = 0.0;
+            double acc3 = 0.0;
+            double acc6 = 0.0;
+            double acc9 = 0.0;
+            double acc12 = 0.0;
+            double acc15 = 0.0;
+            double acc18 = 0.0;
+            double acc21 = 0.0;
+            double acc1 = 0.0;
+            double acc4 = 0.0;
+            double acc7 = 0.0;
+            double acc10 = 0.0;
+            double acc13 = 0.0;
+            double acc16 = 0.0;
+            double acc19 = 0.0;
+            double acc22 = 0.0;
+            double acc2 = 0.0;
+            double acc5 = 0.0;
+            double acc8 = 0.0;
+            double acc11 = 0.0;
+            double acc14 = 0.0;
+            double acc17 = 0.0;
+            double acc20 = 0.0;
+            double acc23 = 0.0;
+            #pragma omp simd reduction(+:acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15, acc16, acc17, acc18, acc19, acc20, acc21, acc22, acc23)
+            for (int64_t j = 0; j < n; ++j) {
+                acc0 += A[i*n + j]*W[j + k*n];
+                acc3 += A[i*n + j + n]*W[j + k*n];
+                acc6 += A[i*n + j + 2*n]*W[j + k*n];
+                acc9 += A[i*n + j + 3*n]*W[j + k*n];
+                acc12 += A[i*n + j + 4*n]*W[j + k*n];
+                acc15 += A[i*n + j + 5*n]*W[j + k*n];
+                acc18 += A[i*n + j + 6*n]*W[j + k*n];
+                acc21 += A[i*n + j + 7*n]*W[j + k*n];
+                acc1 += A[i*n + j]*q[j + k*n];
+                acc4 += A[i*n + j + n]*q[j + k*n];
+                acc7 += A[i*n + j + 2*n]*q[j + k*n];
+                acc10 += A[i*n + j + 3*n]*q[j + k*n];
+                acc13 += A[i*n + j + 4*n]*q[j + k*n];
+                acc16 += A[i*n + j + 5*n]*q[j + k*n];
+                acc19 += A[i*n + j + 6*n]*q[j + k*n];
+                acc22 += A[i*n + j + 7*n]*q[j + k*n];
+                acc2 += A[i*n + j]*hg_w[j + k*n];
+                acc5 += A[i*n + j + n]*hg_w[j + k*n];
+                acc8 += A[i*n + j + 2*n]*hg_w[j + k*n];
+                acc11 += A[i*n + j + 3*n]*hg_w[j + k*n];
+                acc14 += A[i*n + j + 4*n]*hg_w[j + k*n];
+                acc17 += A[i*n + j + 5*n]*hg_w[j + k*n];
+                acc20 += A[i*n + j + 6*n]*hg_w[j + k*n];
+                acc23 += A[i*n + j + 7*n]*hg_w[j + k*n];
+            }
+            s1[c*i + k] += acc0;
+            s1[c*i + c + k] += acc3;
+            s1[c*i + 2*c + k] += acc6;
+            s1[c*i + 3*c + k] += acc9;
+            s1[c*i + 4*c + k] += acc12;
+            s1[c*i + 5*c + k] += acc15;
+            s1[c*i + 6*c + k] += acc18;
+            s1[c*i + 7*c + k] += acc21;
+            s1_dot[c*i + k] += acc1;
+            s1_dot[c*i + c + k] += acc4;
+            s1_dot[c*i + 2*c + k] += acc7;
+            s1_dot[c*i + 3*c + k] += acc10;
+            s1_dot[c*i + 4*c + k] += acc13;
+            s1_dot[c*i + 5*c + k] += acc16;
+            s1_dot[c*i + 6*c + k] += acc19;
+            s1_dot[c*i + 7*c + k] += acc22;
+            s1_dw_dot[c*i + k] += acc2;
+            s1_dw_dot[c*i + c + k] += acc5;
+            s1_dw_dot[c*i + 2*c + k] += acc8;
+            s1_dw_dot[c*i + 3*c + k] += acc11;
+            s1_dw_dot[c*i + 4*c + k] += acc14;
+            s1_dw_dot[c*i + 5*c + k] += acc17;
+            s1_dw_dot[c*i + 6*c + k] += acc20;
+            s1_dw_dot[c*i + 7*c + k] += acc23;
+        }
+        double acc24 = -INFINITY;
+        double acc25 = -INFINITY;
+        double acc26 = -INFINITY;
+        double acc27 = -INFINITY;
+        double acc28 = -INFINITY;
+        double acc29 = -INFINITY;
+        double acc30 = -INFINITY;
+        double acc31 = -INFINITY;
+        for (int64_t k = 0; k < c; ++k) {
+            acc24 = fmax(acc24, s1[c*i + k]);
+            acc25 = fmax(acc25, s1[c*i + c + k]);
+            acc26 = fmax(acc26, s1[c*i + 2*c + k]);
+            acc27 = fmax(acc27, s1[c*i + 3*c + k]);
+            acc28 = fmax(acc28, s1[c*i + 4*c + k]);
+            acc29 = fmax(acc29, s1[c*i + 5*c + k]);
+            acc30 = fmax(acc30, s1[c*i + 6*c + k]);
+            acc31 = fmax(acc31, s1[c*i + 7*c + k]);
+        }
+        s3[i] = fmax(s3[i], acc24);
+        s3[i + 1] = fmax(s3[i + 1], acc25);
+        s3[i + 2] = fmax(s3[i + 2], acc26);
+        s3[i + 3] = fmax(s3[i + 3], acc27);
+        s3[i + 4] = fmax(s3[i + 4], acc28);
+        s3[i + 5] = fmax(s3[i + 5], acc29);
+        s3[i + 6] = fmax(s3[i + 6], acc30);
+        s3[i + 7] = fmax(s3[i + 7], acc31);
+        double acc32 = 0.0;
+        double acc36 = 0.0;
+        double acc40 = 0.0;
+        double acc44 = 0.0;
+        double acc48 = 0.0;
+        double acc52 = 0.0;
+        double acc56 = 0.0;
+        double acc60 = 0.0;
+        double acc33 = 0.0;
+        double acc37 = 0.0;
+        double acc41 = 0.0;
+        double acc45 = 0.0;
+        double acc49 = 0.0;
+        double acc53 = 0.0;
+        double acc57 = 0.0;
+        double acc61 = 0.0;
+        double acc34 = 0.0;
+        double acc38 = 0.0;
+        double acc42 = 0.0;
+        double acc46 = 0.0;
+        double acc50 = 0.0;
+        double acc54 = 0.0;
+        double acc58 = 0.0;
+        double acc62 = 0.0;
+        double acc35 = 0.0;
+        double acc39 = 0.0;
+        double acc43 = 0.0;
+        double acc47 = 0.0;
+        double acc51 = 0.0;
+        double acc55 = 0.0;
+        double acc59 = 0.0;
+        double acc63 = 0.0;
+        #pragma omp simd reduction(+:acc32, acc33, acc34, acc35, acc36, acc37, acc38, acc39, acc40, acc41, acc42, acc43, acc44, acc45, acc46, acc47, acc48, acc49, acc50, acc51, acc52, acc53, acc54, acc55, acc56, acc57, acc58, acc59, acc60, acc61, acc62, acc63)
+        for (int64_t k = 0; k < c; ++k) {
+            const double c0 = exp(s1[c*i + k] - s3[i]);
+            const double c2 = exp(s1[c*i + c + k] - s3[i + 1]);
+            const double c4 = exp(s1[c*i + 2*c + k] - s3[i + 2]);
+            const double c6 = exp(s1[c*i + 3*c + k] - s3[i + 3]);
+            const double c8 = exp(s1[c*i + 4*c + k] - s3[i + 4]);
+            const double c10 = exp(s1[c*i + 5*c + k] - s3[i + 5]);
+            const double c12 = exp(s1[c*i + 6*c + k] - s3[i + 6]);
+            const double c14 = exp(s1[c*i + 7*c + k] - s3[i + 7]);
+            const double c1 = c0*s1_dot[c*i + k];
+            const double c3 = c2*s1_dot[c*i + c + k];
+            const double c5 = c4*s1_dot[c*i + 2*c + k];
+            const double c7 = c6*s1_dot[c*i + 3*c + k];
+            const double c9 = c8*s1_dot[c*i + 4*c + k];
+            const double c11 = c10*s1_dot[c*i + 5*c + k];
+            const double c13 = c12*s1_dot[c*i + 6*c + k];
+            const double c15 = c14*s1_dot[c*i + 7*c + k];
+            acc32 += c0;
+            acc36 += c2;
+            acc40 += c4;
+            acc44 += c6;
+            acc48 += c8;
+            acc52 += c10;
+            acc56 += c12;
+            acc60 += c14;
+            acc33 += c1;
+            acc37 += c3;
+            acc41 += c5;
+            acc45 += c7;
+            acc49 += c9;
+            acc53 += c11;
+            acc57 += c13;
+            acc61 += c15;
+            acc34 += c0*s1_dw_dot[c*i + k];
+            acc38 += c2*s1_dw_dot[c*i + c + k];
+            acc42 += c4*s1_dw_dot[c*i + 2*c + k];
+            acc46 += c6*s1_dw_dot[c*i + 3*c + k];
+            acc50 += c8*s1_dw_dot[c*i + 4*c + k];
+            acc54 += c10*s1_dw_dot[c*i + 5*c + k];
+            acc58 += c12*s1_dw_dot[c*i + 6*c + k];
+            acc62 += c14*s1_dw_dot[c*i + 7*c + k];
+            acc35 += c1*s1_dw_dot[c*i + k];
+            acc39 += c3*s1_dw_dot[c*i + c + k];
+            acc43 += c5*s1_dw_dot[c*i + 2*c + k];
+            acc47 += c7*s1_dw_dot[c*i + 3*c + k];
+            acc51 += c9*s1_dw_dot[c*i + 4*c + k];
+            acc55 += c11*s1_dw_dot[c*i + 5*c + k];
+            acc59 += c13*s1_dw_dot[c*i + 6*c + k];
+            acc63 += c15*s1_dw_dot[c*i + 7*c + k];
+        }
+        s4[i] += acc32;
+        s4[i + 1] += acc36;
+        s4[i + 2] += acc40;
+        s4[i + 3] += acc44;
+        s4[i + 4] += acc48;
+        s4[i + 5] += acc52;
+        s4[i + 6] += acc56;
+        s4[i + 7] += acc60;
+        s4_dot[i] += acc33;
+        s4_dot[i + 1] += acc37;
+        s4_dot[i + 2] += acc41;
+        s4_dot[i + 3] += acc45;
+        s4_dot[i + 4] += acc49;
+        s4_dot[i + 5] += acc53;
+        s4_dot[i + 6] += acc57;
+        s4_dot[i + 7] += acc61;
+        s4_dw_dot[i] += acc34;
+        s4_dw_dot[i + 1] += acc38;
+        s4_dw_dot[i + 2] += acc42;
+        s4_dw_dot[i + 3] += acc46;
+        s4_dw_dot[i + 4] += acc50;
+        s4_dw_dot[i + 5] += acc54;
+        s4_dw_dot[i + 6] += acc58;
+        s4_dw_dot[i + 7] += acc62;
+        s4_dot_dw_dot[i] += acc35;
+        s4_dot_dw_dot[i + 1] += acc39;
+        s4_dot_dw_dot[i + 2] += acc43;
+        s4_dot_dw_dot[i + 3] += acc47;
+        s4_dot_dw_dot[i + 4] += acc51;
+        s4_dot_dw_dot[i + 5] += acc55;
+        s4_dot_dw_dot[i + 6] += acc59;
+        s4_dot_dw_dot[i + 7] += acc63;
+        const double c16 = s5_bar*hg_sigmoid(-theta[i])*hg_sigmoid(theta[i]);
+        const double c17 = s5_bar*hg_sigmoid(-theta[i + 1])*hg_sigmoid(theta[i + 1]);
+        const double c18 = s5_bar*hg_sigmoid(-theta[i + 2])*hg_sigmoid(theta[i + 2]);
+        const double c19 = s5_bar*hg_sigmoid(-theta[i + 3])*hg_sigmoid(theta[i + 3]);
+        const double c20 = s5_bar*hg_sigmoid(-theta[i + 4])*hg_sigmoid(theta[i + 4]);
+        const double c21 = s5_bar*hg_sigmoid(-theta[i + 5])*hg_sigmoid(theta[i + 5]);
+        const double c22 = s5_bar*hg_sigmoid(-theta[i + 6])*hg_sigmoid(theta[i + 6]);
+        const double c23 = s5_bar*hg_sigmoid(-theta[i + 7])*hg_sigmoid(theta[i + 7]);
+        theta_bar_dot_dw_dot[i] += c16*s4_dot_dw_dot[i]/s4[i] - c16*s4_dot[i]*s4_dw_dot[i]/(s4[i]*s4[i]);
+        theta_bar_dot_dw_dot[i + 1] += c17*s4_dot_dw_dot[i + 1]/s4[i + 1] - c17*s4_dot[i + 1]*s4_dw_dot[i + 1]/(s4[i + 1]*s4[i + 1]);
+        theta_bar_dot_dw_dot[i + 2] += c18*s4_dot_dw_dot[i + 2]/s4[i + 2] - c18*s4_dot[i + 2]*s4_dw_dot[i + 2]/(s4[i + 2]*s4[i + 2]);
+        theta_bar_dot_dw_dot[i + 3] += c19*s4_dot_dw_dot[i + 3]/s4[i + 3] - c19*s4_dot[i + 3]*s4_dw_dot[i + 3]/(s4[i + 3]*s4[i + 3]);
+        theta_bar_dot_dw_dot[i + 4] += c20*s4_dot_dw_dot[i + 4]/s4[i + 4] - c20*s4_dot[i + 4]*s4_dw_dot[i + 4]/(s4[i + 4]*s4[i + 4]);
+        theta_bar_dot_dw_dot[i + 5] += c21*s4_dot_dw_dot[i + 5]/s4[i + 5] - c21*s4_dot[i + 5]*s4_dw_dot[i + 5]/(s4[i + 5]*s4[i + 5]);
+        theta_bar_dot_dw_dot[i + 6] += c22*s4_dot_dw_dot[i + 6]/s4[i + 6] - c22*s4_dot[i + 6]*s4_dw_dot[i + 6]/(s4[i + 6]*s4[i + 6]);
+        theta_bar_dot_dw_dot[i + 7] += c23*s4_dot_dw_dot[i + 7]/s4[i + 7] - c23*s4_dot[i + 7]*s4_dw_dot[i + 7]/(s4[i + 7]*s4[i + 7]);
+    }
+    for (int64_t i = m - m % 8; i < m; ++i) {
+        for (int64_t k = 0; k < c; ++k) {
+            double acc64 = 0.0;
+            double acc65 = 0.0;
+            double acc66 = 0.0;
+            #pragma omp simd reduction(+:acc64, acc65, acc66)
+            for (int64_t j = 0; j < n; ++j) {
+                acc64 += A[i*n + j]*W[j + k*n];
+                acc65 += A[i*n + j]*q[j + k*n];
+                acc66 += A[i*n + j]*hg_w[j + k*n];
+            }
+            s1[c*i + k] += acc64;
+            s1_dot[c*i + k] += acc65;
+            s1_dw_dot[c*i + k] += acc66;
+        }
+        double acc67 = -INFINITY;
+        for (int64_t k = 0; k < c; ++k) {
+            acc67 = fmax(acc67, s1[c*i + k]);
+        }
+        s3[i] = fmax(s3[i], acc67);
+        double acc68 = 0.0;
+        double acc69 = 0.0;
+        double acc70 = 0.0;
+        double acc71 = 0.0;
+        #pragma omp simd reduction(+:acc68, acc69, acc70, acc71)
+        for (int64_t k = 0; k < c; ++k) {
+            const double c24 = exp(s1[c*i + k] - s3[i]);
+            const double c25 = c24*s1_dot[c*i + k];
+            acc68 += c24;
+            acc69 += c25;
+            acc70 += c24*s1_dw_dot[c*i + k];
+            acc71 += c25*s1_dw_dot[c*i + k];
+        }
+        s4[i] += acc68;
+        s4_dot[i] += acc69;
+        s4_dw_dot[i] += acc70;
+        s4_dot_dw_dot[i] += acc71;
+        const double c26 = s5_bar*hg_sigmoid(-theta[i])*hg_sigmoid(theta[i]);
+        theta_bar_dot_dw_dot[i] += c26*s4_dot_dw_dot[i]/s4[i] - c26*s4_dot[i]*s4_dw_dot[i]/(s4[i]*s4[i]);
+    }
+
+    return hg_any_nonfinite(theta_bar_dot_dw_dot, m) ? HG_HYPERCLEANING_NONFINITE : HG_HYPERCLEANING_OK;
 }
 
 /* (d2 g_fixed/dx2) v, g_fixed the terms of g without theta (read neither x nor theta) */

@@ -34,6 +34,8 @@ int hg_logistic_upper_hvp(int64_t n, int64_t p, const double *restrict theta, co
 int hg_logistic_lower_tvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot, double *restrict work);
 /* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
 int hg_logistic_cross_hvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_logistic_cross_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_logistic_lower_hessian(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */

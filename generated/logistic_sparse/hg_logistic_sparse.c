@@ -40,6 +40,8 @@ int hg_logistic_sparse_upper_hvp(int64_t n, int64_t p, const double *restrict th
 int hg_logistic_sparse_lower_tvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict A_data, const int64_t *restrict A_indices, const int64_t *restrict A_indptr, const double *restrict y, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot, double *restrict work);
 /* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
 int hg_logistic_sparse_cross_hvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_logistic_sparse_cross_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_logistic_sparse_lower_hessian(int64_t m, int64_t n, const double *restrict theta, const double *restrict A_data, const int64_t *restrict A_indices, const int64_t *restrict A_indptr, const double *restrict y, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -508,6 +510,27 @@ int hg_logistic_sparse_cross_hvp(int64_t n, const double *restrict theta, const 
     }
 
     return hg_any_nonfinite(x_bar_dot_dw_dot, n) ? HG_LOGISTIC_SPARSE_NONFINITE : HG_LOGISTIC_SPARSE_OK;
+}
+
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_logistic_sparse_cross_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot)
+{
+    if (n < 1) {
+        return HG_LOGISTIC_SPARSE_BAD_SIZE;
+    }
+    (void)x;  /* part of the uniform signature, unused here */
+    double s2_dot_dw_dot = 0.0;
+    memset(theta_bar_dot_dw_dot, 0, sizeof(double) * (size_t)(1));
+
+    double acc0 = 0.0;
+    #pragma omp simd reduction(+:acc0)
+    for (int64_t j = 0; j < n; ++j) {
+        acc0 += 2.0*hg_w[j]*q[j];
+    }
+    s2_dot_dw_dot += acc0;
+    theta_bar_dot_dw_dot[0] += (1.0/2.0)*s2_dot_dw_dot*exp(theta[0]);
+
+    return hg_any_nonfinite(theta_bar_dot_dw_dot, 1) ? HG_LOGISTIC_SPARSE_NONFINITE : HG_LOGISTIC_SPARSE_OK;
 }
 
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */

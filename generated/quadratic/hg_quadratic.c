@@ -36,6 +36,8 @@ int hg_quadratic_upper_hvp(int64_t d, int64_t m1, int64_t p, const double *restr
 int hg_quadratic_lower_tvp(int64_t d, int64_t p, const double *restrict theta, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
 /* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
 int hg_quadratic_cross_hvp(int64_t d, int64_t p, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_quadratic_cross_tvp(int64_t d, int64_t p, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_quadratic_lower_hessian(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict D, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -830,6 +832,22 @@ int hg_quadratic_cross_hvp(int64_t d, int64_t p, const double *restrict theta, c
 
 
     return hg_any_nonfinite(x_bar_dot_dw_dot, d) ? HG_QUADRATIC_NONFINITE : HG_QUADRATIC_OK;
+}
+
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_quadratic_cross_tvp(int64_t d, int64_t p, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot)
+{
+    if (d < 1 || p < 1) {
+        return HG_QUADRATIC_BAD_SIZE;
+    }
+    (void)theta;  /* part of the uniform signature, unused here */
+    (void)x;  /* part of the uniform signature, unused here */
+    (void)q;  /* part of the uniform signature, unused here */
+    (void)hg_w;  /* part of the uniform signature, unused here */
+    memset(theta_bar_dot_dw_dot, 0, sizeof(double) * (size_t)(p));
+
+
+    return hg_any_nonfinite(theta_bar_dot_dw_dot, p) ? HG_QUADRATIC_NONFINITE : HG_QUADRATIC_OK;
 }
 
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */

@@ -36,6 +36,8 @@ int hg_ridge_upper_hvp(int64_t n, int64_t p, const double *restrict theta, const
 int hg_ridge_lower_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
 /* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
 int hg_ridge_cross_hvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_ridge_cross_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
 /* (d2 g_fixed/dx2) v, g_fixed the terms of g without theta (read neither x nor theta) */
 int hg_ridge_lower_hvp_fixed(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
 /* (d2 g_varying/dx2) v, g_varying the terms of g with theta */
@@ -663,6 +665,27 @@ int hg_ridge_cross_hvp(int64_t n, const double *restrict theta, const double *re
     }
 
     return hg_any_nonfinite(x_bar_dot_dw_dot, n) ? HG_RIDGE_NONFINITE : HG_RIDGE_OK;
+}
+
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_ridge_cross_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot)
+{
+    if (n < 1) {
+        return HG_RIDGE_BAD_SIZE;
+    }
+    (void)x;  /* part of the uniform signature, unused here */
+    double s2_dot_dw_dot = 0.0;
+    memset(theta_bar_dot_dw_dot, 0, sizeof(double) * (size_t)(1));
+
+    double acc0 = 0.0;
+    #pragma omp simd reduction(+:acc0)
+    for (int64_t j = 0; j < n; ++j) {
+        acc0 += 2.0*hg_w[j]*q[j];
+    }
+    s2_dot_dw_dot += acc0;
+    theta_bar_dot_dw_dot[0] += (1.0/2.0)*s2_dot_dw_dot*exp(theta[0]);
+
+    return hg_any_nonfinite(theta_bar_dot_dw_dot, 1) ? HG_RIDGE_NONFINITE : HG_RIDGE_OK;
 }
 
 /* (d2 g_fixed/dx2) v, g_fixed the terms of g without theta (read neither x nor theta) */

@@ -34,6 +34,8 @@ int hg_ridge_upper_hvp(int64_t n, int64_t p, const double *restrict theta, const
 int hg_ridge_lower_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
 /* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
 int hg_ridge_cross_hvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_ridge_cross_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
 /* (d2 g_fixed/dx2) v, g_fixed the terms of g without theta (read neither x nor theta) */
 int hg_ridge_lower_hvp_fixed(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
 /* (d2 g_varying/dx2) v, g_varying the terms of g with theta */

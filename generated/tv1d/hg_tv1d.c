@@ -36,6 +36,8 @@ int hg_tv1d_upper_hvp(int64_t n, const double *restrict theta, const double *res
 int hg_tv1d_lower_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
 /* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
 int hg_tv1d_cross_hvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_tv1d_cross_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
 /* (d2 g_fixed/dx2) v, g_fixed the terms of g without theta (read neither x nor theta) */
 int hg_tv1d_lower_hvp_fixed(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict x_bar_dot);
 /* (d2 g_varying/dx2) v, g_varying the terms of g with theta */
@@ -395,6 +397,60 @@ int hg_tv1d_cross_hvp(int64_t n, const double *restrict theta, const double *res
     }
 
     return hg_any_nonfinite(x_bar_dot_dw_dot, n) ? HG_TV1D_NONFINITE : HG_TV1D_OK;
+}
+
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_tv1d_cross_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot)
+{
+    if (n < 1) {
+        return HG_TV1D_BAD_SIZE;
+    }
+    double s1_bar = 0.0;
+    double s1_dot_dw_dot = 0.0;
+    memset(theta_bar_dot_dw_dot, 0, sizeof(double) * (size_t)(2));
+
+    const double c0 = exp(2.0*theta[1]);
+    double acc0 = 0.0;
+    #pragma omp simd reduction(+:acc0)
+    for (int64_t i = 0; i < n - 1; ++i) {
+        const double c1 = x[i + 1] - x[i];
+        const double c2 = (c1*c1);
+        const double c3 = c0 + c2;
+        const double c4 = (1.0/(sqrt(c3)));
+        const double c5 = c4*q[i + 1];
+        const double c6 = c4*q[i];
+        const double c7 = -c1;
+        const double c8 = (1.0/(c3*sqrt(c3)));
+        const double c9 = c8*q[i];
+        const double c10 = c8*q[i + 1];
+        const double c11 = c1*c7;
+        acc0 += hg_w[i + 1]*(c10*c11 + c5 - c6 + (c7*c7)*c9) + hg_w[i]*(c10*c2 + c11*c9 - c5 + c6);
+    }
+    s1_dot_dw_dot += acc0;
+    const double c12 = exp(theta[0]);
+    s1_bar += c12;
+    theta_bar_dot_dw_dot[0] += c12*s1_dot_dw_dot;
+    const double c13 = exp(2.0*theta[1]);
+    const double c16 = c13*s1_bar;
+    double acc1 = 0.0;
+    #pragma omp simd reduction(+:acc1)
+    for (int64_t i = 0; i < n - 1; ++i) {
+        const double c14 = x[i + 1] - x[i];
+        const double c15 = c13 + (c14*c14);
+        const double c17 = c16/(c15*sqrt(c15));
+        const double c18 = c17*q[i];
+        const double c19 = c17*q[i + 1];
+        const double c20 = 3.0*x[i + 1] - 3.0*x[i];
+        const double c21 = c16/(c15*c15*sqrt(c15));
+        const double c22 = -c20*c21;
+        const double c23 = -c14*q[i + 1];
+        const double c24 = c14*q[i];
+        const double c25 = c20*c21;
+        acc1 += hg_w[i + 1]*(c18 - c19 + c22*c23 + c22*c24) + hg_w[i]*(-c18 + c19 + c23*c25 + c24*c25);
+    }
+    theta_bar_dot_dw_dot[1] += acc1;
+
+    return hg_any_nonfinite(theta_bar_dot_dw_dot, 2) ? HG_TV1D_NONFINITE : HG_TV1D_OK;
 }
 
 /* (d2 g_fixed/dx2) v, g_fixed the terms of g without theta (read neither x nor theta) */

@@ -34,6 +34,8 @@ int hg_tv2d_upper_hvp(int64_t h, int64_t w, const double *restrict theta, const 
 int hg_tv2d_lower_tvp(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, const double *restrict hg_w, double *restrict X_bar_dot_dw_dot);
 /* (d3g/dx2 dtheta)[t, w, .] = grad_x (w^T B(x) t), forward over the cross JVP */
 int hg_tv2d_cross_hvp(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict t, const double *restrict hg_w, double *restrict X_bar_dot_dw_dot);
+/* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
+int hg_tv2d_cross_tvp(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
 /* (d2 g_fixed/dx2) v, g_fixed the terms of g without theta (read neither x nor theta) */
 int hg_tv2d_lower_hvp_fixed(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, double *restrict X_bar_dot);
 /* (d2 g_varying/dx2) v, g_varying the terms of g with theta */

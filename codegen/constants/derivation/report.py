@@ -61,8 +61,9 @@ def _certificates(der) -> list:
                f"{', '.join(_CORRECTION_CONSTANTS)} are finite at theta"
                + (f" ({', '.join(local)} on the ball B(x_eps, e) only)" if local else ""))
     out.append("  default (\"auto\") with rtol or atol: \"tight\" with a first-order or cg lower "
-               "solver (gd, hb, fista, cg; up to 8 hyperparameters) and with newton (one, "
-               "iterative adjoint), E&R's otherwise (direct; docs/bounds.md 15.6)")
+               "solver (gd, hb, fista, cg) and with newton and an iterative adjoint for one "
+               "hyperparameter or more than 8 (the block bound above 8), E&R's otherwise "
+               "(direct; docs/bounds.md 15.6, 15.8)")
     return out
 
 

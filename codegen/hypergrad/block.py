@@ -1,0 +1,311 @@
+"""The block correction: every component of the DWR-corrected hypergradient from two solves,
+whatever the number of hyperparameters (docs/bounds.md 15.8).
+
+The per-direction correction (correction.py) pays a forward and a dual solve for each
+component, so with many hyperparameters (a weight per feature or per sample) it certifies only
+the component along h. But the correction is linear in the direction u, and its two solves can
+be turned around: with w ~ A^{-1} grad g(x_eps) (a Newton direction) and
+t ~ A^{-1} (r + H_f w - T[w, q]) (r = A q - grad f, the adjoint residual),
+
+    h_c = h + B(x_eps)^T t + G_w,   G_w = d/ds B(x_eps + s w)^T q,
+
+holds every component at once. Its bound (Theorem 15.8) is Corollary 15.3's with exact forward
+and dual solutions, whose norms are bounded by ||B(x_eps)||/mu and ||m||/mu for every unit u,
+plus two first-order terms in the recomputed residuals of w and t, which the rounds plan from
+the target. G_w is two cross VJPs when B is affine in x, else one `cross_tvp` call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .accuracy import (
+    MAX_ROUNDS,
+    TIGHT_RELATIVE,
+    Round,
+    add_work,
+    check_targets,
+)
+from .bounds import ROUNDING_FLOOR, certified_product
+from .common import call_kernel, fmt, hvp_at, norm
+from .correction import (
+    cross_lipschitz,
+    cross_term,
+    higher_constants,
+    nonquadratic_terms,
+    product_terms,
+    uses_general_terms,
+)
+from .results import HypergradientResult, Reason, ReasonKind, evolve
+from .solve import run_adjoint
+
+__all__ = ["BlockCorrection", "block_correct", "block_unavailable", "solve_weights",
+           "block_to_accuracy", "block_tightened", "SOLVE_SHARE", "ERROR_SHARE", "SECOND_SHARE"]
+
+
+@dataclass(frozen=True)
+class BlockCorrection:
+    """h_c = h + B^T t + G_w for every component, with bound >= ||h_c - grad F||.
+
+    terms   the bound's terms by name (docs/bounds.md 15.8);
+    w, t    the two solves' iterates (warm starts of the next round), R_w, R_t their true
+            residuals;
+    shift   h_c - h: the correction's estimate of h's error (steering and the plain bound)."""
+
+    grad: np.ndarray
+    bound: float
+    terms: dict[str, float]
+    shift: np.ndarray
+    w: np.ndarray
+    t: np.ndarray
+    R: float
+    R_w: float
+    R_t: float
+    work: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def plain_bound(self) -> float:
+        """>= ||h - grad F||: ||h - h_c|| + bound (triangle inequality)."""
+        return norm(self.shift) + self.bound
+
+
+def block_unavailable(k: Any, theta: np.ndarray) -> str | None:
+    """None if the block correction applies to k at theta, else why not: beyond what
+    `correction.dwr_unavailable` asks, B not affine in x needs the `cross_tvp` kernel for G_w
+    (the caller checks dwr_unavailable first)."""
+    if cross_lipschitz(k, theta) == 0.0 or hasattr(k, "cross_tvp"):
+        return None
+    return ("B = d_theta grad_x g is not affine in x and the problem has no cross_tvp kernel "
+            "(d/ds B(x + s w)^T q, the block correction's G_w)")
+
+
+def solve_weights(hg: HypergradientResult) -> tuple[float, float]:
+    """(c_t, c_w): the factors of the block bound's two first-order terms, t = c_t R_t and
+    w = c_w R_w (docs/bounds.md 15.8): c_t = ||B||/mu, c_w = (||B|| J/mu + L_B ||q||)/mu with
+    J = L_f + L_A ||q||. The rounds plan the two solves' tolerances from them."""
+    c = dict(hg.constants) if isinstance(hg.constants, dict) else {}
+    mu, nB, nq = float(c["mu"]), float(hg.norm_B), float(hg.q_norm)
+    J = float(c["L_f"]) + certified_product(float(c.get("L_A", 0.0)), nq)
+    return nB / mu, (certified_product(nB, J) / mu + certified_product(float(c["L_B"]), nq)) / mu
+
+
+def block_correct(k: Any, hg: HypergradientResult, tol_w: float, tol_t: float, w0: Any,
+                  t0: Any, max_iter: int) -> BlockCorrection:
+    """Theorem 15.8 at hg's x_eps and q: the solves A w = grad g(x_eps) and
+    A t = r + H_f w - T[w, q] (CG to tol_w, tol_t, warm-started from w0, t0), G_w, h_c and the
+    bound on ||h_c - grad F||. Work: HVPs (the two CGs, r, T[w, q]), upper HVPs, cross calls."""
+    th = np.asarray(hg.theta, dtype=np.float64)
+    x, q = np.asarray(hg.x), np.asarray(hg.q)
+    c = dict(hg.constants) if isinstance(hg.constants, dict) else {}
+    work = {"hvps": 1, "cross": 1, "upper": 1}
+    b, _ = call_kernel(k.upper_grad, x, th)
+    Aq, _ = call_kernel(hvp_at(k, x, th), q)
+    if b is None or Aq is None:
+        raise FloatingPointError("grad_x f or A q not finite at x_eps")
+    r = Aq - b
+    r_g = np.asarray(hg.lower.grad)  # type: ignore[union-attr]
+    newton = run_adjoint(k, x, th, c, "cg", tol_w, w0, max_iter, r_g)
+    work["hvps"] += newton.n_hvp
+    w = newton.q
+    Hw, _ = call_kernel(k.upper_hvp, x, th, w)
+    if Hw is None:
+        raise FloatingPointError("the upper HVP H_f w is not finite")
+    y = Hw
+    Twq = np.zeros_like(w)
+    if not bool(getattr(k, "is_quadratic", False)):
+        T, _ = call_kernel(k.lower_tvp, x, th, w, q)
+        work["hvps"] += 1
+        if T is None:
+            raise FloatingPointError("the lower third-derivative product T[w, q] is not finite")
+        Twq = T
+        y = Hw - Twq
+    sol = run_adjoint(k, x, th, c, "cg", tol_t, t0, max_iter, r + y)
+    work["hvps"] += sol.n_hvp
+    t = sol.q
+    Bt, _ = call_kernel(k.cross_vjp, x, th, t)
+    if Bt is None:
+        raise FloatingPointError("the cross VJP B^T t is not finite")
+    G_w, G_parts = _cross_tangent(k, x, th, q, w, cross_lipschitz(k, th, x, float(hg.e)))
+    work["cross"] += len(G_parts)
+    shift = Bt + G_w
+    terms = _terms(k, hg, c, th, norm(r), newton.residual, sol.residual)
+    # rounding (docs/bounds.md 6): of B^T t and G_w (its two VJPs cancel), and of the right-hand
+    # side r + y (its error reaches h_c through B^T A^{-1})
+    nB, mu = float(hg.norm_B), float(c["mu"])
+    terms["rounding"] = (ROUNDING_FLOOR * (norm(Bt) + sum(G_parts) + nB * (
+        norm(Aq) + norm(b) + norm(Hw) + norm(Twq)) / mu) + hg.bound_forms.get("rounding", 0.0))
+    bound = math.fsum(terms.values())
+    if not math.isfinite(bound):
+        bound = math.inf
+    return BlockCorrection(np.asarray(hg.grad) + shift, bound, terms, shift, w, t, norm(r),
+                           newton.residual, sol.residual, work)
+
+
+def _terms(k: Any, hg: HypergradientResult, c: dict[str, Any], th: np.ndarray, R: float,
+           R_w: float, R_t: float) -> dict[str, float]:
+    """Theorem 15.8's terms: Corollary 15.2's or 15.3's at the exact v and lam of every unit u
+    (R_v = R_lam = 0, ||v|| <= ||B||/mu, ||lam|| <= ||m||/mu) and the solves' t, w."""
+    mu, E, nB, nq = float(c["mu"]), float(hg.e), float(hg.norm_B), float(hg.q_norm)
+    LB, Lf, LA = float(c["L_B"]), float(c["L_f"]), float(c.get("L_A", 0.0))
+    ft = float(c.get("L_ft", 0.0)) if bool(getattr(k, "upper_depends_on_theta", False)) else 0.0
+    c_t, c_w = solve_weights(hg)
+    terms = product_terms(mu, E, R, 0.0, 0.0, LB, Lf, ft)
+    if uses_general_terms(k):
+        L3, LHf = higher_constants(k, th)
+        nv = nB / mu
+        m_norm = certified_product(LB, nq) + certified_product(Lf + certified_product(LA, nq), nv)
+        terms.update(nonquadratic_terms(mu, E, R, 0.0, LB, Lf, LA, L3, LHf, nv, nq,
+                                        m_norm / mu))
+        L_DB = cross_lipschitz(k, th, hg.x, E)
+        if L_DB > 0:
+            terms["crossB"] = cross_term(mu, E, R, L_DB, nq)
+    terms["t"] = certified_product(c_t, R_t)
+    terms["w"] = certified_product(c_w, R_w)
+    return terms
+
+
+def _cross_tangent(k: Any, x: np.ndarray, th: np.ndarray, q: np.ndarray, w: np.ndarray,
+                   L_DB: float) -> tuple[np.ndarray, list[float]]:
+    """(G_w = d/ds B(x + s w)^T q at x_eps, the norms of the kernel outputs it came from). B
+    affine in x (L_DB = 0): B(w)^T q - B(0)^T q exactly, two cross VJPs; otherwise one
+    `cross_tvp` call."""
+    if L_DB == 0.0:
+        Bw, _ = call_kernel(k.cross_vjp, w, th, q)
+        B0, _ = call_kernel(k.cross_vjp, np.zeros_like(x), th, q)
+        if Bw is None or B0 is None:
+            raise FloatingPointError("a cross VJP is not finite")
+        return Bw - B0, [norm(Bw), norm(B0)]
+    G, _ = call_kernel(k.cross_tvp, x, th, q, w)
+    if G is None:
+        raise FloatingPointError("the cross derivative d/ds B(x + s w)^T q (cross_tvp) is not "
+                                 "finite")
+    return G, [norm(G)]
+
+
+#: Share of the target each of the block bound's first-order terms (t, w) is planned at: the
+#: two solves stop where c_t R_t and c_w R_w are this fraction of atol + rtol ||h||.
+SOLVE_SHARE = 0.1
+
+#: Share of the target h's error estimate ||h - h_c|| is aimed at when a round tightens eps and
+#: delta; the second-order terms, planned at SECOND_SHARE, and the solves' take the rest.
+ERROR_SHARE = 0.5
+SECOND_SHARE = 0.2
+
+
+def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: float,
+                      delta: float, x0: Any, q0: Any, refine_iter: int, max_iter: int,
+                      max_rounds: int = MAX_ROUNDS) -> HypergradientResult:
+    """The plain h with the block bound ||h - h_c|| + bound(h_c) (docs/bounds.md 15.8), in
+    rounds until it meets atol + rtol ||h|| (one round at eps, delta without a target).
+
+    Each round: run (a plain hypergradient with E&R's bound at eps, delta, warm-started), then
+    `block_correct` with its two solves planned from the target (`SOLVE_SHARE`) and warm-started
+    from the last round's. A round that misses the target tightens eps and delta by the factors
+    `block_tightened` reads off h's error estimate and the second-order terms. A round whose
+    plain hypergradient is not "ok" is returned as it is."""
+    steer = rtol is not None or atol != 0
+    if steer:
+        check_targets(0.0 if rtol is None else rtol, atol)
+    total = {"lower_grads": 0, "hvps": 0, "cross": 0, "units": 0}
+    trail: list[str] = []
+    starts: tuple[Any, Any] = (None, None)
+    refine = 0 if steer else refine_iter
+    failure: str | None = None
+    corr: BlockCorrection | None = None
+    plain = target = math.inf
+    replanned = False
+    for _ in range(max_rounds if steer else 1):
+        hg = run(eps, delta, x0, q0, refine)
+        add_work(total, hg.work)
+        if steer and hg.reasons and all(r.kind is ReasonKind.ZERO_TRAP for r in hg.reasons):
+            delta, x0 = min(0.5 * delta, TIGHT_RELATIVE * hg.grad_f_norm), hg.x
+            continue
+        if hg.status != "ok":
+            return evolve(hg, work=total)
+        target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad))
+        f = _second_order_factor(k, hg, target) if steer and not replanned else 1.0
+        replanned = True
+        if f < 0.5:  # E^2 terms over their share: a warm re-solve first, no correction yet
+            trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E={fmt(hg.e)}, R={fmt(hg.R)} "
+                         f"over the second-order terms' plan")
+            eps, delta, x0, q0 = min(eps, f * hg.e), min(delta, f * hg.R), hg.x, hg.q
+            continue
+        corr = block_correct(k, hg, *_solve_tolerances(hg, target if steer else math.nan),
+                             *starts, max_iter)
+        add_work(total, {"hvps": corr.work["hvps"] + corr.work["upper"],
+                          "cross": corr.work["cross"],
+                          "units": corr.work["hvps"] + corr.work["upper"]})
+        plain = min(corr.plain_bound, hg.bound)
+        trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: plain bound {fmt(plain)}")
+        if not steer or plain <= target:
+            break
+        if corr.terms["rounding"] >= 0.2 * target:
+            failure = (f"certified accuracy unreachable: the rounding floor takes a fifth of "
+                       f"atol + rtol ||grad|| = {fmt(target)}")
+            break
+        f_E, f_R = block_tightened(hg, corr, target)
+        eps, delta = min(eps, f_E * hg.e), min(delta, f_R * hg.R)
+        x0, q0, refine, starts = hg.x, hg.q, refine_iter, (corr.w, corr.t)
+    else:
+        failure = (f"certified accuracy not reached in {max_rounds} rounds: block bound "
+                   f"{fmt(plain)} > atol + rtol ||grad|| = {fmt(target)}")
+    if corr is None:  # every round was a zero trap
+        return evolve(hg, work=total)
+    return _block_result(hg, corr, plain, total, trail, failure)
+
+
+def _second_order_factor(k: Any, hg: HypergradientResult, target: float) -> float:
+    """The factor on E and R that brings the block bound's second-order terms (every term but
+    t, w and rounding, at this round's E and R; no solve needed) within SECOND_SHARE of the
+    target: they are products of two of E, R, so sqrt(share / terms); 1 when within."""
+    c = dict(hg.constants) if isinstance(hg.constants, dict) else {}
+    th = np.asarray(hg.theta, dtype=np.float64)
+    terms = _terms(k, hg, c, th, float(hg.R), 0.0, 0.0)
+    second = math.fsum(v for key, v in terms.items() if key not in ("t", "w"))
+    share = SECOND_SHARE * target
+    return math.sqrt(share / second) if second > share else 1.0
+
+
+def _solve_tolerances(hg: HypergradientResult, target: float) -> tuple[float, float]:
+    """(tol_w, tol_t): the residuals at which c_w R_w and c_t R_t are SOLVE_SHARE of the target;
+    without a target (nan), TIGHT_RELATIVE times each right-hand side's starting size."""
+    c_t, c_w = solve_weights(hg)
+    if not math.isfinite(target):
+        G = float(hg.G)
+        return TIGHT_RELATIVE * G, TIGHT_RELATIVE * (float(hg.R) + c_w * G)
+    share = SOLVE_SHARE * target
+    return (share / c_w if c_w > 0 else math.inf), (share / c_t if c_t > 0 else math.inf)
+
+
+def block_tightened(hg: HypergradientResult, corr: BlockCorrection,
+                    target: float) -> tuple[float, float]:
+    """(f_E, f_R): factors on the round's E and R for the next round. h's error estimate
+    ||h - h_c|| is about linear in E and R and is brought within ERROR_SHARE of the target by
+    scaling both: the estimate does not say which solve it comes from (t solves for both
+    parts at once; E&R's parts, measured, pointed at the wrong one on hypercleaning), and
+    a tighter lower solve costs Newton a step. The second-order terms (products of E and R)
+    scale with the square and are brought within SECOND_SHARE of the target. Steering only."""
+    gap = norm(corr.shift)
+    f = min(1.0, ERROR_SHARE * target / gap) if gap > 0 else 1.0
+    second = math.fsum(v for key, v in corr.terms.items() if key not in ("t", "w", "rounding"))
+    if second > SECOND_SHARE * target:
+        f = min(f, math.sqrt(SECOND_SHARE * target / second))
+    return (0.5, 0.5) if f == 1.0 else (f, f)  # 1: the sum tipped it, halve both
+
+
+def _block_result(hg: HypergradientResult, corr: BlockCorrection, plain: float,
+                  total: dict[str, int], trail: list[str],
+                  failure: str | None) -> HypergradientResult:
+    """hg (the plain h) with the bound min(||h - h_c|| + bound(h_c), E&R's), h_c and its bound
+    kept, the work of every round and the rounds' trail."""
+    notes = tuple(hg.notes) + ("block DWR certificate (docs/bounds.md 15.8) rounds: "
+                               + "; ".join(trail),)
+    reasons = hg.reasons if failure is None else (Reason(ReasonKind.ACCURACY, failure),)
+    return evolve(
+        hg, bound=plain, work=total, notes=notes, reasons=reasons, certificate="tight",
+        corrected_grad=corr.grad, corrected_bound=corr.bound, correction_terms=dict(corr.terms),
+        certified=bool(hg.certified and math.isfinite(plain)),
+        bound_forms=dict(hg.bound_forms, er=hg.bound, dwr=corr.bound, plain=plain))
