@@ -586,7 +586,7 @@ L_Hf = 0   [exact, certified; all x; all theta]
 certificates (docs/bounds.md 7, 15):
   er: E&R's bound, always
   dwr, tight: available (Corollary 15.2, g and f quadratic in x) where L_3, L_Hf, L_DB are finite at theta
-  default ("auto") with rtol or atol: "tight" with a first-order or cg lower solver (gd, hb, fista, cg) and with newton and an iterative adjoint for one hyperparameter or more than 8 (the block bound above 8), E&R's otherwise (direct; docs/bounds.md 15.6, 15.8)
+  default ("auto") with rtol or atol: "tight" with a first-order or cg lower solver (gd, hb, fista, cg) and with newton and an iterative adjoint for one hyperparameter, "block" with newton for more and above 8, E&R's otherwise (direct; docs/bounds.md 15.6, 15.8)
 
 data quantities (computed at bind time):
   K1: x -> (Sum(A[i, j]*x[j], (j, 0, n - 1)))_{i}, m rows

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from codegen.hypergrad import HypergradientOptions, SolverError, hypergradient
 from codegen.hypergrad.correction import correct
-from codegen.hypergrad.hypergradient import TIGHT_NEWTON_MAX
+from codegen.hypergrad.hypergradient import BLOCK_NEWTON_FROM
 
 from oracle import Oracle
 from quadratic_kernels import Logistic, PaperQuadratic, Ridge
@@ -657,7 +657,7 @@ def test_nonquadratic_direction_and_auto(name):
     assert auto.certificate == "tight" and "Corollary 15.3" in auto.notes[-1]
     assert np.linalg.norm(auto.grad - exact) <= auto.bound
     newton = hypergradient(k, theta, lower="newton", adjoint="cg", rtol=1e-6)
-    assert theta.size <= TIGHT_NEWTON_MAX and newton.certificate == "tight"
+    assert theta.size < BLOCK_NEWTON_FROM and newton.certificate == "tight"
     assert np.linalg.norm(newton.grad - exact) <= newton.bound <= 1e-6 * np.linalg.norm(newton.grad)
 
 

@@ -15,7 +15,7 @@ from codegen.constants.derivation.report import format_tree
 from codegen.constants.derivation.rules import derive
 from codegen.hypergrad import hypergradient, hypergradient_samples
 from codegen.hypergrad.correction import dwr_unavailable
-from codegen.hypergrad.hypergradient import TIGHT_NEWTON_MAX
+from codegen.hypergrad.hypergradient import BLOCK_NEWTON_FROM
 
 from support import EXAMPLES, TINY, built_example
 
@@ -92,8 +92,8 @@ def test_tight_bound_holds_on_drawn_problems(seed, kind, log_rtol, lower):
 
 def test_auto_rule():
     """The default certificate ("auto"): "tight" with rtol and a first-order or CG lower solver
-    (one hyperparameter or several) and with Newton and the CG adjoint for up to
-    TIGHT_NEWTON_MAX hyperparameters; E&R's with Newton for more, with the direct solver, at
+    (one hyperparameter or several) and with Newton and the CG adjoint below BLOCK_NEWTON_FROM
+    hyperparameters, the block bound with Newton from there; E&R's with the direct solver, at
     fixed eps and delta, and over several samples (no note: `certificate` says it)."""
     ridge, theta1 = PROBLEMS["ridge"]
     groups, theta3 = PROBLEMS["groups"]
@@ -101,11 +101,11 @@ def test_auto_rule():
     assert hypergradient(groups, theta3, lower="fista", rtol=1e-6).certificate == "tight"
     assert hypergradient(ridge, theta1, lower="cg", rtol=1e-6).certificate == "tight"
     assert hypergradient(groups, theta3, lower="cg", rtol=1e-6).certificate == "tight"
-    assert theta3.size > TIGHT_NEWTON_MAX >= theta1.size
+    assert theta3.size >= BLOCK_NEWTON_FROM > theta1.size
     assert hypergradient(ridge, theta1, lower="newton", adjoint="cg",
                          rtol=1e-6).certificate == "tight"
     assert hypergradient(groups, theta3, lower="newton", adjoint="cg",
-                         rtol=1e-6).certificate == "er"
+                         rtol=1e-6).certificate == "block"
     assert hypergradient(ridge, theta1, lower="direct", rtol=1e-6).certificate == "er"
     assert hypergradient(ridge, theta1, lower="cg", eps=1e-8, delta=1e-8).certificate == "er"
     many = hypergradient_samples([ridge, ridge], theta1, lower="cg", rtol=1e-6)

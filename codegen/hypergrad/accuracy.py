@@ -43,7 +43,8 @@ from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 __all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances",
            "corrected_to_accuracy", "dwr_tightened", "dwr_planned", "plain_tightened",
            "tight_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE", "TIGHT_RELATIVE",
-           "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND", "plain_factors", "add_work", "Round"]
+           "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND", "plain_factors", "add_work", "Round",
+           "floor_accepted", "lowest_eps", "lower_stalled"]
 
 #: Rounds (each a warm-started lower solve, adjoint solve and bound) before giving up.
 MAX_ROUNDS = 8
@@ -135,7 +136,7 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
     failure: str | None = None
     kind = ReasonKind.ACCURACY
     for _ in range(max_rounds):
-        hg = _floor_accepted(run(eps, delta, x0, q0, refine))
+        hg = floor_accepted(run(eps, delta, x0, q0, refine))
         for key in _WORK_KEYS:
             total[key] += hg.work.get(key, 0)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: bound {fmt(hg.bound)}")
@@ -144,8 +145,8 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
             break
         r_part, e_part, rounding = bound_parts(hg)
         share = SHARE * target
-        lowest = _lowest_eps(hg)
-        stalled = _lower_stalled(hg) or (e_part > share and eps <= lowest)
+        lowest = lowest_eps(hg)
+        stalled = lower_stalled(hg) or (e_part > share and eps <= lowest)
         if not stalled and rounding >= (1 - 2 * SHARE) * target and not rounding > 0:
             failure = (f"certified accuracy unreachable: atol + rtol ||grad|| = {fmt(target)}")
             break   # a zero target (h = 0 with atol = 0): no floor, the caller tightens
@@ -191,12 +192,12 @@ def _is_floor_reason(reason: Reason) -> bool:
             and reason.solver_status is Status.ROUNDING_FLOOR)
 
 
-def _lower_stalled(hg: HypergradientResult) -> bool:
-    """Whether hg's lower solve stagnated at its rounding floor (seen by `_floor_accepted`)."""
+def lower_stalled(hg: HypergradientResult) -> bool:
+    """Whether hg's lower solve stagnated at its rounding floor (seen by `floor_accepted`)."""
     return any(note.startswith(FLOOR_NOTE) for note in hg.notes)
 
 
-def _floor_accepted(hg: HypergradientResult) -> HypergradientResult:
+def floor_accepted(hg: HypergradientResult) -> HypergradientResult:
     """hg without its lower solve's "rounding floor" reason when that is its only non-stated
     reason: the bound certifies the G reached (the floor is accuracy, not failure); the
     rounds decide whether it meets the target. A note keeps what the solver said."""
@@ -219,10 +220,10 @@ def _unrefined_e(hg: HypergradientResult) -> float:
     return hg.G / mu if mu > 0 else math.nan
 
 
-def _lowest_eps(hg: HypergradientResult) -> float:
+def lowest_eps(hg: HypergradientResult) -> float:
     """The lowest eps the next round may ask for: eps_machine ||x|| (the largest over samples)."""
     if hg.samples is not None:
-        return max(_lowest_eps(s) for s in hg.samples)
+        return max(lowest_eps(s) for s in hg.samples)
     return solution_floor(hg.x) if hg.x is not None else 0.0
 
 

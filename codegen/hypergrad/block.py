@@ -28,6 +28,9 @@ from .accuracy import (
     Round,
     add_work,
     check_targets,
+    floor_accepted,
+    lower_stalled,
+    lowest_eps,
 )
 from .bounds import ROUNDING_FLOOR, certified_product
 from .common import call_kernel, fmt, hvp_at, norm
@@ -214,11 +217,12 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
     starts: tuple[Any, Any] = (None, None)
     refine = 0 if steer else refine_iter
     failure: str | None = None
+    kind = ReasonKind.ACCURACY
     corr: BlockCorrection | None = None
     plain = target = math.inf
     replanned = False
     for _ in range(max_rounds if steer else 1):
-        hg = run(eps, delta, x0, q0, refine)
+        hg = floor_accepted(run(eps, delta, x0, q0, refine))
         add_work(total, hg.work)
         if steer and hg.reasons and all(r.kind is ReasonKind.ZERO_TRAP for r in hg.reasons):
             delta, x0 = min(0.5 * delta, TIGHT_RELATIVE * hg.grad_f_norm), hg.x
@@ -226,12 +230,16 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         if hg.status != "ok":
             return evolve(hg, work=total)
         target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad))
-        f = _second_order_factor(k, hg, target) if steer and not replanned else 1.0
+        # a target below the rounding floor is not replanned for: the correction's round ends
+        # the rounds at the floor
+        floor = hg.bound_forms.get("rounding", 0.0) >= 0.2 * target
+        f = 1.0 if replanned or floor or not steer else _second_order_factor(k, hg, target)
         replanned = True
         if f < 0.5:  # E^2 terms over their share: a warm re-solve first, no correction yet
             trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E={fmt(hg.e)}, R={fmt(hg.R)} "
                          f"over the second-order terms' plan")
-            eps, delta, x0, q0 = min(eps, f * hg.e), min(delta, f * hg.R), hg.x, hg.q
+            eps, delta = max(min(eps, f * hg.e), lowest_eps(hg)), min(delta, f * hg.R)
+            x0, q0 = hg.x, hg.q
             continue
         corr = block_correct(k, hg, *_solve_tolerances(hg, target if steer else math.nan),
                              *starts, max_iter)
@@ -246,15 +254,24 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
             failure = (f"certified accuracy unreachable: the rounding floor takes a fifth of "
                        f"atol + rtol ||grad|| = {fmt(target)}")
             break
+        lowest = lowest_eps(hg)
+        if lower_stalled(hg) or eps <= lowest:
+            kind = ReasonKind.ACCURACY_FLOOR
+            failure = (f"accuracy floor (certified accuracy unreachable): atol + rtol ||grad|| = "
+                       f"{fmt(target)} is below the accuracy floating point allows here (the "
+                       f"lower solve at its rounding floor, e = {fmt(hg.e)}); block bound "
+                       f"{fmt(plain)} is the best certified")
+            break
         f_E, f_R = block_tightened(hg, corr, target)
-        eps, delta = min(eps, f_E * hg.e), min(delta, f_R * hg.R)
+        eps, delta = max(min(eps, f_E * hg.e), lowest), min(delta, f_R * hg.R)
         x0, q0, refine, starts = hg.x, hg.q, refine_iter, (corr.w, corr.t)
     else:
         failure = (f"certified accuracy not reached in {max_rounds} rounds: block bound "
                    f"{fmt(plain)} > atol + rtol ||grad|| = {fmt(target)}")
     if corr is None:  # every round was a zero trap
         return evolve(hg, work=total)
-    return _block_result(hg, corr, plain, total, trail, failure)
+    return _block_result(hg, corr, plain, total, trail,
+                         None if failure is None else Reason(kind, failure))
 
 
 def _second_order_factor(k: Any, hg: HypergradientResult, target: float) -> float:
@@ -298,14 +315,14 @@ def block_tightened(hg: HypergradientResult, corr: BlockCorrection,
 
 def _block_result(hg: HypergradientResult, corr: BlockCorrection, plain: float,
                   total: dict[str, int], trail: list[str],
-                  failure: str | None) -> HypergradientResult:
+                  failure: Reason | None) -> HypergradientResult:
     """hg (the plain h) with the bound min(||h - h_c|| + bound(h_c), E&R's), h_c and its bound
     kept, the work of every round and the rounds' trail."""
     notes = tuple(hg.notes) + ("block DWR certificate (docs/bounds.md 15.8) rounds: "
                                + "; ".join(trail),)
-    reasons = hg.reasons if failure is None else (Reason(ReasonKind.ACCURACY, failure),)
+    reasons = hg.reasons if failure is None else hg.reasons + (failure,)
     return evolve(
-        hg, bound=plain, work=total, notes=notes, reasons=reasons, certificate="tight",
+        hg, bound=plain, work=total, notes=notes, reasons=reasons, certificate="block",
         corrected_grad=corr.grad, corrected_bound=corr.bound, correction_terms=dict(corr.terms),
         certified=bool(hg.certified and math.isfinite(plain)),
         bound_forms=dict(hg.bound_forms, er=hg.bound, dwr=corr.bound, plain=plain))

@@ -153,8 +153,9 @@ def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
 
 def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
                       q0: Any) -> HypergradientResult:
-    """The hypergradient with the certificate opts names ("dwr", "tight", or what "auto"
-    resolves to) where it applies, else E&R's with a note saying why."""
+    """The hypergradient with the certificate opts names ("dwr", "tight", "block", or what
+    "auto" resolves to, `_resolved_certificate`) where it applies, else E&R's with a note
+    saying why."""
     asked = opts.certificate
     if asked == "auto" and not opts.targets_accuracy:
         # fixed eps and delta: the caller plans the accuracy (the learning loops do), and the
@@ -163,24 +164,23 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
     if opts.targets_accuracy:  # refused before any work, as the E&R rounds refuse it
         check_targets(0.0 if opts.rtol is None else opts.rtol, float(opts.atol))
     th = checked_theta(k, theta)
-    why = _certificate_refused(k, th, opts)
+    chosen = _resolved_certificate(opts, th.size)
+    why = _certificate_refused(k, th, opts, chosen)
     if why is not None:
         res = _er(k, th, opts.evolve(certificate="er"), x0, q0)
         if asked == "auto":  # the default: `certificate` names the bound, docs/bounds.md 15.6 why
             return res
         return evolve(res, notes=tuple(res.notes) + (
             f"certificate {asked!r}: E&R's bound, no DWR correction ({why})",))
-    if asked == "auto":
-        opts = opts.evolve(certificate="tight")
     plain = opts.evolve(certificate="er", rtol=None, atol=0.0)
 
     def run(eps: float, delta: float, x0: Any, q0: Any, refine: int) -> HypergradientResult:
         return _once(k, th, plain.evolve(eps=eps, delta=delta, refine_iter=refine), x0, q0,
                      keep_basis=True)
 
-    if opts.certificate == "tight":
+    if chosen in ("tight", "block"):
         eps, delta = first_tolerances(opts.rtol or 0.0, opts.eps, opts.delta, tight=True)
-        if th.size > MAX_COMPONENTS:  # two solves for every component (docs/bounds.md 15.8)
+        if chosen == "block":  # two solves for every component (docs/bounds.md 15.8)
             return block_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
                                      opts.refine_iter, opts.adjoint_cap)
         return corrected_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
@@ -192,49 +192,62 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
                                  opts.refine_iter, components, opts.adjoint_cap, relative, spent)
 
 
-def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions) -> str | None:
-    """Why opts.certificate ("dwr", "tight" or "auto") falls back to E&R's bound at th, or None.
-    The cheap rules first: "auto" with the direct lower solve (or Newton with the direct
-    adjoint or more than TIGHT_NEWTON_MAX hyperparameters) never pays for the constants that
+def _resolved_certificate(opts: HypergradientOptions, size: int) -> str:
+    """The certificate that runs: "er", "dwr", "tight" (one forward and one dual solve per
+    component) or "block" (two solves for all, docs/bounds.md 15.8). "tight" above
+    MAX_COMPONENTS hyperparameters is the block one; "auto" (with rtol / atol) is E&R's, the
+    tight or the block bound by `_tight_by_default` and `BLOCK_NEWTON_FROM`."""
+    asked = opts.certificate
+    if asked == "auto":
+        if not _tight_by_default(opts.lower, opts.adjoint, size):
+            return "er"
+        block = size > MAX_COMPONENTS or (opts.lower == "newton" and size >= BLOCK_NEWTON_FROM)
+        return "block" if block else "tight"
+    if asked == "tight" and size > MAX_COMPONENTS:
+        return "block"
+    return asked
+
+
+def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions,
+                         chosen: str) -> str | None:
+    """Why the chosen certificate ("dwr", "tight", "block"; "er" when "auto" keeps E&R's)
+    falls back to E&R's bound at th, or None. The cheap rules first: "auto" with the direct
+    lower solve (or Newton with the direct adjoint) never pays for the constants that
     `dwr_unavailable` evaluates."""
-    asked, size = opts.certificate, th.size
-    if asked == "auto" and not _tight_by_default(opts.lower, opts.adjoint, size):
+    if chosen == "er":
         return (f"auto keeps E&R's with lower={opts.lower!r}, adjoint={opts.adjoint!r} and "
-                f"{size} hyperparameters")
+                f"{th.size} hyperparameters")
     if adjoint_entry(opts.adjoint).backprop:
         return "adjoint='backprop' has no adjoint residual to correct"
     why = dwr_unavailable(k, th)
-    if why is None and asked in ("tight", "auto") and size > MAX_COMPONENTS:
+    if why is None and chosen == "block":
         return block_unavailable(k, th)
     return why
 
 
-#: With a Newton lower solve, "auto" takes the tight bound for up to this many hyperparameters
-#: (docs/bounds.md 15.6): one forward and one dual solve each, which the tight rounds' looser
-#: adjoint mostly pays for with one: 1.0-1.2x E&R's work on dense l2-logistic regression at
-#: 2000 x 500 and 20000 x 2000, 0.97-1.47x at 300 x 60 (bound / true error 1.0-9.6 against
-#: E&R's 9.4-9965), 1.0-1.4x on CSR data (1.0-3.2 against 12.8-1094). With two (smoothed TV's
-#: weight and smoothing) 1.1-1.3x for 11-474 against 100-1.3e6, and 1.25x the time on the
-#: 256 x 256 image; with 8, 2-3.4x E&R's work. Above MAX_COMPONENTS the block correction
-#: (docs/bounds.md 15.8) certifies every component with two solves, and "auto" takes it.
-TIGHT_NEWTON_MAX = 1
+#: With a Newton lower solve "auto" takes the tight bound (docs/bounds.md 15.6) below this many
+#: hyperparameters and the block bound (15.8) from it. The tight one pays a forward and a dual
+#: solve per hyperparameter, which its looser adjoint mostly pays for with one: 1.0-1.2x E&R's
+#: work on dense l2-logistic regression at 2000 x 500 and 20000 x 2000, 0.97-1.47x at 300 x 60
+#: (bound / true error 1.0-9.6 against E&R's 9.4-9965), 1.0-1.4x on CSR data (1.0-3.2 against
+#: 12.8-1094); with smoothed TV's two (weight and smoothing) 1.15-1.22x for 3-48, with 8
+#: 2-3.4x. The block one takes two solves for all: 0.99-1.1x E&R's work on TV for 3.9-895
+#: against E&R's 44-1.6e5, 0.96-1.5x above 8 hyperparameters (15.8).
+BLOCK_NEWTON_FROM = 2
 
 
 def _tight_by_default(lower: str, adjoint: str, size: int) -> bool:
     """Whether "auto" tries the tight bound with these solvers (docs/bounds.md 15.6): with a
     first-order lower solver (0.6-1.25x E&R's work) or CG (the forward solve from its Krylov
-    basis, 15.7: 0.86-0.98x), and with Newton and an iterative adjoint for up to
-    TIGHT_NEWTON_MAX hyperparameters. Not with the direct lower solver, whose E&R bound is at
-    the rounding level in one round, nor after Newton with the direct adjoint: h's error is
-    then far below the target, the tight bound's bound(h_c) is planned at a quarter of the
-    target, and it was 8-2000 times the error for 1.1-1.6x E&R's work (l2-logistic regression,
-    n = 24). Above MAX_COMPONENTS hyperparameters the tight bound is the block correction's
-    (15.8: two solves for all of them), 0.96-1.2x E&R's work on the examples (1.5x on
-    hypercleaning at rtol 1e-8)."""
+    basis, 15.7: 0.86-0.98x), and with Newton and an iterative adjoint (the block correction
+    from BLOCK_NEWTON_FROM hyperparameters, 15.8). Not with the direct lower solver, whose
+    E&R bound is at the rounding level in one round, nor after Newton with the direct adjoint:
+    h's error is then far below the target, the tight bound's bound(h_c) is planned at a
+    quarter of the target, and it was 8-2000 times the error for 1.1-1.6x E&R's work
+    (l2-logistic regression, n = 24)."""
     if lower_entry(lower).needs_finite_L or lower == "cg":
         return True
-    return lower == "newton" and adjoint != "direct" and (
-        size <= TIGHT_NEWTON_MAX or size > MAX_COMPONENTS)
+    return lower == "newton" and adjoint != "direct"
 
 
 def _first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,

@@ -18,8 +18,9 @@ from .registry import ADJOINT, AUTO, LOWER, check_adjoint_name, check_lower_name
 
 __all__ = ["HypergradientOptions", "DEFAULT_LOWER", "DEFAULT_ADJOINT", "CERTIFICATES", "DEFAULTS"]
 
-#: The certificates a hypergradient can report (docs/bounds.md 15 for "dwr" and "tight").
-CERTIFICATES = ("er", "dwr", "tight", "auto")
+#: The certificates a hypergradient can report (docs/bounds.md 15 for "dwr" and "tight", 15.8
+#: for "block").
+CERTIFICATES = ("er", "dwr", "tight", "block", "auto")
 
 #: The default solvers: chosen from the problem's structure and size (`codegen.hypergrad.auto`).
 DEFAULT_LOWER = AUTO
@@ -44,13 +45,14 @@ class HypergradientOptions:
                       "tight" (the plain h with the bound |h - h_c| + bound(h_c), docs/bounds.md
                       15.6: within a few times h's true error; one forward and one dual
                       solve per hyperparameter up to `correction.MAX_COMPONENTS`, above it
-                      the block correction's two solves for all, docs/bounds.md 15.8)
-                      or "auto" (the default, docs/bounds.md 15.6: with rtol or atol,
-                      "tight" where it applies and its price over E&R's work is small: with a
-                      first-order or CG lower solver (gd, hb, fista, cg) or with Newton and
-                      an iterative adjoint for one hyperparameter or more than
-                      `correction.MAX_COMPONENTS`; "er" otherwise, and always at fixed eps
-                      and delta);
+                      "block"'s) or "block" (the same bound from the block correction: two
+                      solves for every component, docs/bounds.md 15.8) or "auto" (the
+                      default, docs/bounds.md 15.6: with rtol or atol, the tight or block
+                      bound where it applies and its price over E&R's work is small: "tight"
+                      with a first-order or CG lower solver (gd, hb, fista, cg) or with Newton
+                      and an iterative adjoint for one hyperparameter, "block" with Newton
+                      for more and with any of them above `correction.MAX_COMPONENTS`; "er"
+                      otherwise, and always at fixed eps and delta);
     components        with "dwr": True certifies every component, False only the component along
                       h (one pair of solves); None: every component up to
                       `correction.MAX_COMPONENTS` hyperparameters.

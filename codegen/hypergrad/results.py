@@ -291,12 +291,13 @@ class HypergradientResult:
     lower, adjoint the solver results (lists for several samples), samples the per-sample results.
     certificate    which bound `bound` is: "er" (E&R's, docs/framework.md 7), "dwr" (grad is the
                    DWR-corrected h_c, bound its product bound, docs/bounds.md 15), "tight"
-                   (grad is h, bound |h - h_c| + bound(h_c), docs/bounds.md 15.6) or
+                   (grad is h, bound |h - h_c| + bound(h_c), docs/bounds.md 15.6), "block"
+                   (the same with the block correction's h_c, docs/bounds.md 15.8) or
                    "dwr-direction" (grad, bound as "er"; `directional` certifies the component
                    along h);
     uncorrected_grad, uncorrected_bound  with a DWR certificate: the plain h and the sharpest
                    bound on ||h - grad F|| (min of E&R's and |h - h_c| + bound(h_c));
-    corrected_grad, corrected_bound  with certificate "tight" (grad is the plain h, bound
+    corrected_grad, corrected_bound  with certificate "tight" or "block" (grad is the plain h, bound
                    |h - h_c| + bound(h_c), docs/bounds.md 15.6): h_c and bound(h_c);
     directional    with a DWR certificate: the first direction u and u . h_c ("value"), u . h
                    ("plain"), the bounds on |u . (h_c - grad F)| ("bound") and on

@@ -62,7 +62,7 @@ def _certificates(der) -> list:
                + (f" ({', '.join(local)} on the ball B(x_eps, e) only)" if local else ""))
     out.append("  default (\"auto\") with rtol or atol: \"tight\" with a first-order or cg lower "
                "solver (gd, hb, fista, cg) and with newton and an iterative adjoint for one "
-               "hyperparameter or more than 8 (the block bound above 8), E&R's otherwise "
+               "hyperparameter, \"block\" with newton for more and above 8, E&R's otherwise "
                "(direct; docs/bounds.md 15.6, 15.8)")
     return out
 
