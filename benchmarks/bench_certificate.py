@@ -11,8 +11,8 @@ For each case (problem, lower solver, adjoint CG) and rtol in {1e-3, 1e-6, 1e-8}
 * tight: prob.hypergradient(theta, rtol=r, certificate="tight") (the default's choice where it
   applies, docs/bounds.md 15.6): the plain h with |h - h_c| + bound(h_c) steered to the target;
   its bound / ||h - grad F||, its work, and its true error / target (how little it overshoots);
-* auto: prob.hypergradient(theta, rtol=r), the default: the certificate it picked and its
-  bound / true error;
+* auto: prob.hypergradient(theta, rtol=r), the default: the certificate it picked, its
+  bound / true error and its work / the oracle's;
 * oracle: the same solvers with eps = delta = tol down a ladder (factor 2, no certificate used)
   stopped at the first tol whose TRUE error is <= r ||grad F|| and stays so at the next two rungs
   (the robust rule of the prototype; not implementable: it reads the exact gradient).
@@ -31,6 +31,10 @@ TV denoising with the TV weight e^t as hyperparameter (tests/nonquadratic_kernel
 A group atom with theta inside it: examples/tv2d.py (isotropic smoothed TV, theta = (log alpha,
 log nu), 12 x 12 or 32 x 32; L_3 and L_DB from docs/constants.md 3.11). Theta in a learned
 filter's taps: examples/learned_filter_1d.py (L_DB on the ball only, docs/constants.md 8.3).
+
+More hyperparameters than the per-direction correction takes (the block correction,
+docs/bounds.md 15.8, "tight" above 8): one weight per feature (examples/logistic_weights.py,
+20 or 100 features) and hypercleaning with 40 per-sample weights.
 
 Paper-scale hypercleaning (20000 weights, the component along h): benchmarks/bench_hypercleaning.py.
 """
@@ -155,7 +159,7 @@ def run_case(name: str, k, theta: np.ndarray, lower: str) -> list[dict]:
             "tight_status": tight.status, "tight_err": err_t / (rtol * scale),
             "er_status": er.status, "dwr_status": dwr.status,
             "auto_cert": auto.certificate, "auto_ratio": _ratio(auto.bound, err_a, scale),
-            "auto_status": auto.status,
+            "auto_status": auto.status, "auto_work": _work(auto),
         })
     return out
 
@@ -199,6 +203,23 @@ def _hypercleaning_cases(quick: bool):
     yield "hypercleaning newton", DenseGenerated(hc), np.linspace(-1.0, 1.0, 8), "newton"
 
 
+def _weights_cases(quick: bool):
+    """More hyperparameters than the per-direction correction takes (docs/bounds.md 15.8): one
+    l2 weight per feature on logistic regression (examples/logistic_weights.py, B affine in x)
+    and 40 per-sample weights on hypercleaning (B not affine: the cross_tvp kernel)."""
+    m, n, p = (200, 20, 100) if quick else (1000, 100, 500)
+    lw_ns = runpy.run_path(str(ROOT / "examples" / "logistic_weights.py"))
+    lw, _ = _bind("logistic_weights", lw_ns["example_data"](seed=0, m=m, n=n, p=p,
+                                                             informative=5))
+    theta = np.linspace(-1.0, 1.0, n)
+    yield "weights fista", DenseGenerated(lw), theta, "fista"
+    yield "weights newton", DenseGenerated(lw), theta, "newton"
+    hc_ns = runpy.run_path(str(ROOT / "examples" / "hypercleaning.py"))
+    hc, _ = _bind("hypercleaning", hc_ns["example_data"](seed=0, c=10, n=21 if quick else 51,
+                                                           m=40, mv=200, lam=1e-2))
+    yield "weights-cleaning newton", DenseGenerated(hc), np.linspace(-1.0, 1.0, 40), "newton"
+
+
 def _tv_weight_cases(quick: bool):
     """B not affine in x: a weight e^t on 1-D smoothed TV."""
     tvw = build_problem(TV_WEIGHT, tempfile.mkdtemp(prefix="bench_cert_")).bind(
@@ -235,6 +256,7 @@ GROUPS = (
     (("logistic gd", "logistic newton"), _logistic_cases),
     (("tv1d gd", "tv1d newton"), _tv1d_cases),
     (("hypercleaning gd", "hypercleaning newton"), _hypercleaning_cases),
+    (("weights fista", "weights newton", "weights-cleaning newton"), _weights_cases),
     (("tv-weight gd", "tv-weight newton"), _tv_weight_cases),
     (("tv2d gd", "tv2d newton"), _tv2d_cases),
     (("learned-filter fista",), _learned_filter_cases),
@@ -262,7 +284,8 @@ def _row_text(row: dict) -> str:
             + "".join(f"{row[m + '_work']:6d}" for m in METHODS) + per_oracle
             + f" {row['er_ratio']:8.3g} {row['dwr_ratio']:8.3g} {row['plain_ratio']:8.3g}"
             + f" {row['tight_ratio']:8.3g} {row['tight_err']:8.2g}"
-            + f" {row['auto_cert']:>6} {row['auto_ratio']:8.3g}" + flags)
+            + f" {row['auto_cert']:>6} {row['auto_ratio']:8.3g}"
+            + (f" {row['auto_work'] / orc:7.2f}" if orc else "       -") + flags)
 
 
 def main() -> None:
@@ -275,7 +298,7 @@ def main() -> None:
     print("work in units; b/err = bound / true error; err/tgt = tight's true error / target")
     print(f"{'case':<20} {'rtol':>6} {'oracle':>6} {'ER':>6}{'DWR':>6}{'tight':>6}"
           f"{'ER/o':>7}{'DWR/o':>7}{'tght/o':>7} {'ER b/e':>8} {'DWR b/e':>8} {'plain':>8}"
-          f" {'tight':>8} {'err/tgt':>8} {'auto':>6} {'auto b/e':>8}")
+          f" {'tight':>8} {'err/tgt':>8} {'auto':>6} {'auto b/e':>8} {'auto/o':>7}")
     for name, k, theta, lower in cases(args.quick, args.cases):
         for row in run_case(name, k, theta, lower):
             rows.append(row)
@@ -285,7 +308,7 @@ def main() -> None:
                      ("tight_ratio", "tight"), ("auto_ratio", "auto")):
         print(f"median {key}: "
               f"{np.median([r[key] for r in rows if r[who + '_status'] == 'ok']):.3g}")
-    for who in METHODS:
+    for who in (*METHODS, "auto"):
         ok = [r[who + "_work"] / r["oracle"] for r in rows
               if r["oracle"] and r[who + "_status"] == "ok"]
         print(f"median {who}_work/oracle: {np.median(ok):.3g}")

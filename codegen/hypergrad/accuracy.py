@@ -40,11 +40,10 @@ from .lower.stopping import solution_floor
 from .options import DEFAULTS
 from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 
-__all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances",
+__all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances", "Round",
            "corrected_to_accuracy", "dwr_tightened", "dwr_planned", "plain_tightened",
-           "tight_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE", "TIGHT_RELATIVE",
-           "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND", "plain_factors", "add_work", "Round",
-           "floor_accepted", "lowest_eps", "lower_stalled"]
+           "tight_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE", "TIGHT_RELATIVE", "add_work",
+           "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND", "floor_accepted", "lowest_eps", "lower_stalled"]
 
 #: Rounds (each a warm-started lower solve, adjoint solve and bound) before giving up.
 MAX_ROUNDS = 8
@@ -320,7 +319,7 @@ def plain_tightened(part: Any, share: float, E: float,
     direction to meet `share` (docs/bounds.md 15.6), or None at the rounding floor.
 
     |u . (h - h_c)| = |v . r - lam . grad g| is about h's true error: its adjoint part v . r is
-    linear in R, its lower part lam . grad g in E (`plain_factors` scales each to its share of
+    linear in R, its lower part lam . grad g in E (`_plain_factors` scales each to its share of
     PLAIN_SHARE share, so a part already small keeps its solve: no new lower solve when only
     the adjoint is off). bound_u(h_c) gets the other part of the share from `dwr_tightened`,
     and only when it exceeds that part (its residuals are then left alone).
@@ -333,14 +332,14 @@ def plain_tightened(part: Any, share: float, E: float,
         part.terms, rest, E, R, part.R_v, part.R_lam)
     if dwr is None:
         return None
-    f_E, f_R = plain_factors(gap, abs(part.lower_part), abs(part.adjoint_part),
+    f_E, f_R = _plain_factors(gap, abs(part.lower_part), abs(part.adjoint_part),
                               PLAIN_SHARE * share)
     if f_E == f_R == 1.0 and part.bound <= rest:  # the sum tipped it: halve E and R
         f_E = f_R = 0.5
     return min(dwr[0], E * f_E), min(dwr[1], R * f_R), dwr[2], dwr[3]
 
 
-def plain_factors(gap: float, lower: float, adjoint: float,
+def _plain_factors(gap: float, lower: float, adjoint: float,
                    budget: float) -> tuple[float, float]:
     """(f_E, f_R): the factors on E and R that bring h's error estimate `gap` within `budget`,
     given its lower and adjoint parts. A part within a quarter of the budget keeps its residual

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -46,7 +46,8 @@ from .results import HypergradientResult, Reason, ReasonKind, evolve
 from .solve import run_adjoint
 
 __all__ = ["BlockCorrection", "block_correct", "block_unavailable", "solve_weights",
-           "block_to_accuracy", "block_tightened", "SOLVE_SHARE", "ERROR_SHARE", "SECOND_SHARE"]
+           "block_to_accuracy", "block_tightened", "second_order_factors", "SOLVE_SHARE",
+           "ERROR_SHARE", "SECOND_SHARE"]
 
 
 @dataclass(frozen=True)
@@ -233,12 +234,14 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         # a target below the rounding floor is not replanned for: the correction's round ends
         # the rounds at the floor
         floor = hg.bound_forms.get("rounding", 0.0) >= 0.2 * target
-        f = 1.0 if replanned or floor or not steer else _second_order_factor(k, hg, target)
+        f_E, f_R = (1.0, 1.0) if replanned or floor or not steer else second_order_factors(
+            _terms(k, hg, dict(cast(dict[str, Any], hg.constants)),
+                   np.asarray(hg.theta, dtype=np.float64), float(hg.R), 0.0, 0.0), target)
         replanned = True
-        if f < 0.5:  # E^2 terms over their share: a warm re-solve first, no correction yet
+        if min(f_E, f_R) < 0.5:  # over the second-order plan: a warm re-solve, no correction
             trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E={fmt(hg.e)}, R={fmt(hg.R)} "
                          f"over the second-order terms' plan")
-            eps, delta = max(min(eps, f * hg.e), lowest_eps(hg)), min(delta, f * hg.R)
+            eps, delta = max(min(eps, f_E * hg.e), lowest_eps(hg)), min(delta, f_R * hg.R)
             x0, q0 = hg.x, hg.q
             continue
         corr = block_correct(k, hg, *_solve_tolerances(hg, target if steer else math.nan),
@@ -274,16 +277,25 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
                          None if failure is None else Reason(kind, failure))
 
 
-def _second_order_factor(k: Any, hg: HypergradientResult, target: float) -> float:
-    """The factor on E and R that brings the block bound's second-order terms (every term but
-    t, w and rounding, at this round's E and R; no solve needed) within SECOND_SHARE of the
-    target: they are products of two of E, R, so sqrt(share / terms); 1 when within."""
-    c = dict(hg.constants) if isinstance(hg.constants, dict) else {}
-    th = np.asarray(hg.theta, dtype=np.float64)
-    terms = _terms(k, hg, c, th, float(hg.R), 0.0, 0.0)
-    second = math.fsum(v for key, v in terms.items() if key not in ("t", "w"))
+#: The pure E^2 terms of the block bound (the theta term is linear in E, RE is R E).
+E_SQUARED = ("EE", "lamA", "third", "upperH", "crossB")
+
+
+def second_order_factors(terms: dict[str, float], target: float) -> tuple[float, float]:
+    """(f_E, f_R): factors on E and R that bring the block bound's terms other than t, w and
+    rounding within SECOND_SHARE of the target: half of it for the E^2 terms (f_E^2), a quarter
+    for theta (linear in E) and a quarter for RE (f_E f_R). R is only tightened for RE: the
+    E^2 terms do not read it, and a needlessly tight adjoint lands h's error far below the
+    target. (1, 1) when within. Steering only."""
     share = SECOND_SHARE * target
-    return math.sqrt(share / second) if second > share else 1.0
+    squared = math.fsum(terms.get(key, 0.0) for key in E_SQUARED)
+    f_E = math.sqrt(0.5 * share / squared) if squared > 0.5 * share else 1.0
+    theta = terms.get("theta", 0.0) * f_E
+    if theta > 0.25 * share:
+        f_E *= 0.25 * share / theta
+    re = terms.get("RE", 0.0) * f_E
+    f_R = 0.25 * share / re if re > 0.25 * share else 1.0
+    return f_E, f_R
 
 
 def _solve_tolerances(hg: HypergradientResult, target: float) -> tuple[float, float]:
@@ -304,13 +316,12 @@ def block_tightened(hg: HypergradientResult, corr: BlockCorrection,
     scaling both: the estimate does not say which solve it comes from (t solves for both
     parts at once; E&R's parts, measured, pointed at the wrong one on hypercleaning), and
     a tighter lower solve costs Newton a step. The second-order terms (products of E and R)
-    scale with the square and are brought within SECOND_SHARE of the target. Steering only."""
+    are brought within SECOND_SHARE of the target by `second_order_factors`. Steering only."""
     gap = norm(corr.shift)
     f = min(1.0, ERROR_SHARE * target / gap) if gap > 0 else 1.0
-    second = math.fsum(v for key, v in corr.terms.items() if key not in ("t", "w", "rounding"))
-    if second > SECOND_SHARE * target:
-        f = min(f, math.sqrt(SECOND_SHARE * target / second))
-    return (0.5, 0.5) if f == 1.0 else (f, f)  # 1: the sum tipped it, halve both
+    f_E, f_R = second_order_factors(corr.terms, target)
+    f_E, f_R = min(f, f_E), min(f, f_R)
+    return (0.5, 0.5) if f_E == f_R == 1.0 else (f_E, f_R)  # the sum tipped it: halve both
 
 
 def _block_result(hg: HypergradientResult, corr: BlockCorrection, plain: float,
