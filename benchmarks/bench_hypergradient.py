@@ -511,8 +511,9 @@ def run_case(key, spec, args, have_jax):
 
 def final_tolerances(hg):
     """(eps, delta) of the last accuracy round of a result with rtol (from its rounds note: E&R's
-    rounds, or the correction's where the default certificate took it)."""
-    note = next(n for n in hg.notes if n.startswith(("accuracy rounds", "DWR certificate")))
+    rounds, or the per-direction or block correction's where the default certificate took it)."""
+    note = next(n for n in hg.notes
+                if n.startswith(("accuracy rounds", "DWR certificate", "block DWR certificate")))
     eps, delta = note.rsplit("eps=", 1)[1].split(":")[0].split(", delta=")
     return float(eps), float(delta)
 
