@@ -14,7 +14,10 @@ import math
 
 import numpy as np
 import pytest
-from nonquadratic_kernels import DenseGenerated, exact_hypergradient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nonquadratic_kernels import AffineLogistic, DenseGenerated, SmoothTV1D, exact_hypergradient
+from test_correction import GroupRidge, QuadraticRidge
 
 from codegen.hypergrad import hypergradient
 from codegen.hypergrad.block import block_correct, block_unavailable
@@ -144,3 +147,40 @@ def test_unreachable_target_ends_at_a_floor_with_a_valid_bound(problem):
     assert hg.certificate == "block" and not hg.ok, (name, hg.status)
     assert "accuracy" in hg.status and "unreachable" in hg.status, (name, hg.status)
     assert np.linalg.norm(hg.grad - exact) <= hg.bound
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["ridge", "groups", "logistic", "tv"]),
+       log_rtol=st.floats(-9, -2), lower=st.sampled_from(["gd", "newton", "fista"]))
+def test_block_bound_holds_on_drawn_problems(seed, kind, log_rtol, lower):
+    """Hypothesis-drawn problems (quadratic ridge, 1-4 group weights, logistic regression,
+    smoothed TV), hyperparameters and targets: the block bound is never below h's true error
+    nor bound(h_c) below h_c's, whatever the rounds did."""
+    rs = np.random.RandomState(seed)
+    if kind == "ridge":
+        k, theta = QuadraticRidge.generate(seed=seed), np.array([rs.uniform(-3, 1)])
+        exact = k.exact_hypergradient(theta)
+    elif kind == "groups":
+        p = int(rs.randint(1, 5))
+        k, theta = GroupRidge(seed=seed, p=p, d=3 * p + 2), rs.uniform(-3, 1, size=p)
+        exact = k.exact_hypergradient(theta)
+    elif kind == "logistic":
+        k = AffineLogistic.generate(seed=seed, m=int(rs.randint(10, 60)),
+                                    d=int(rs.randint(2, 7)), pv=int(rs.randint(5, 30)))
+        theta = np.array([rs.uniform(-4, 0)])
+        exact = exact_hypergradient(k, theta)
+    else:
+        k = SmoothTV1D.generate(seed=seed, n=int(rs.randint(5, 20)),
+                                gamma=float(rs.uniform(0.05, 1.0)))
+        theta = np.array([rs.uniform(-1, 1.5)])
+        exact = exact_hypergradient(k, theta)
+    hg = hypergradient(k, theta, lower=lower, adjoint="cg", rtol=10.0 ** log_rtol,
+                       certificate="block")
+    if not hg.usable:
+        return
+    scale = float(np.linalg.norm(exact))
+    err = float(np.linalg.norm(hg.grad - exact))
+    assert err <= hg.bound or err <= 1e-13 * scale, (hg.bound, err, hg.status)
+    if hg.certificate == "block":
+        err_c = float(np.linalg.norm(hg.corrected_grad - exact))
+        assert err_c <= hg.corrected_bound or err_c <= 1e-13 * scale, (hg.corrected_bound, err_c)
