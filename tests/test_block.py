@@ -184,3 +184,24 @@ def test_block_bound_holds_on_drawn_problems(seed, kind, log_rtol, lower):
     if hg.certificate == "block":
         err_c = float(np.linalg.norm(hg.corrected_grad - exact))
         assert err_c <= hg.corrected_bound or err_c <= 1e-13 * scale, (hg.corrected_bound, err_c)
+
+
+class OverflowingUpperHvp(DenseGenerated):
+    """A bound problem whose upper HVP overflows (what a kernel reports on non-finite values),
+    while everything the plain hypergradient needs is finite."""
+
+    def upper_hvp(self, x, theta, v):
+        raise FloatingPointError("upper_hvp: overflow")
+
+
+@pytest.mark.parametrize("certificate", ["block", "tight", "auto"])
+def test_a_failing_correction_kernel_falls_back_to_er(problem, certificate):
+    """A correction kernel that fails where the plain hypergradient does not: the call returns
+    E&R's certified bound with a note naming the failure, never an exception."""
+    name, k, theta, exact = problem
+    bad = OverflowingUpperHvp(k._prob)
+    hg = hypergradient(bad, theta, lower="newton", adjoint="cg", rtol=1e-6,
+                       certificate=certificate)
+    assert hg.ok and hg.certificate == "er", (name, hg.status)
+    assert "the correction failed (the upper HVP" in hg.notes[-1], hg.notes[-1]
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound <= 1e-6 * np.linalg.norm(hg.grad)

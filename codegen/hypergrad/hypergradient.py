@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import KernelError
 from .accuracy import (
     TIGHT_RELATIVE,
+    Round,
     check_targets,
     corrected_to_accuracy,
     first_tolerances,
@@ -178,6 +179,20 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
         return _once(k, th, plain.evolve(eps=eps, delta=delta, refine_iter=refine), x0, q0,
                      keep_basis=True)
 
+    try:
+        return _corrected(k, th, opts, chosen, run, x0, q0)
+    except (KernelError, FloatingPointError, OverflowError) as exc:
+        # a correction kernel (upper HVP, third derivatives, cross products) not finite where
+        # the plain hypergradient was: E&R's bound, never an exception or a wrong bound
+        res = _er(k, th, opts.evolve(certificate="er"), x0, q0)
+        return evolve(res, notes=tuple(res.notes) + (
+            f"certificate {asked!r}: E&R's bound, the correction failed ({exc})",))
+
+
+def _corrected(k: Any, th: np.ndarray, opts: HypergradientOptions, chosen: str, run: Round,
+               x0: Any, q0: Any) -> HypergradientResult:
+    """The rounds of the chosen correction: "tight" and "dwr" (docs/bounds.md 15.5-15.6),
+    "block" (15.8)."""
     if chosen in ("tight", "block"):
         eps, delta = first_tolerances(opts.rtol or 0.0, opts.eps, opts.delta, tight=True)
         if chosen == "block":  # two solves for every component (docs/bounds.md 15.8)
