@@ -36,14 +36,14 @@ from .correction import (
     higher_constants,
     uses_general_terms,
 )
-from .lower.stopping import solution_floor
+from .floors import floor_accepted, lower_stalled, lowest_eps, next_eps, unrefined_e
 from .options import DEFAULTS
-from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
+from .results import HypergradientResult, Reason, ReasonKind, evolve
 
 __all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances", "Round",
            "corrected_to_accuracy", "dwr_tightened", "dwr_planned", "plain_tightened",
            "tight_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE", "TIGHT_RELATIVE", "add_work",
-           "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND", "floor_accepted", "lowest_eps", "lower_stalled"]
+           "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND"]
 
 #: Rounds (each a warm-started lower solve, adjoint solve and bound) before giving up.
 MAX_ROUNDS = 8
@@ -53,9 +53,6 @@ MAX_ROUNDS = 8
 SHARE = 0.4
 
 _WORK_KEYS = ("lower_grads", "hvps", "cross", "units")
-
-#: The note that keeps a lower solve's "rounding floor" reason once the rounds accepted it.
-FLOOR_NOTE = "lower solve at its rounding floor"
 
 #: With rtol and eps, delta left at the options' defaults, the first round runs at
 #: eps = delta = FIRST_ROUND * rtol (`first_tolerances`). Over the examples (docs/bounds.md 12)
@@ -173,7 +170,7 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
         # (it tests before its first step); refine only where that is not enough (eps held at
         # the floor `lowest`, or a refined e kept the e part small). `needed` is the very float
         # eps was set to, so a rounding tie cannot buy refine_iter HVPs.
-        unrefined = _unrefined_e(hg)
+        unrefined = unrefined_e(hg)
         refine = refine_iter if (unrefined if unrefined < eps else eps) > needed else 0
         x0, q0 = hg.x, hg.q
     else:
@@ -184,46 +181,6 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
     reasons = hg.reasons if failure is None else (
         hg.reasons + (Reason(kind, failure),))
     return evolve(hg, work=total, notes=notes, reasons=reasons)
-
-
-def _is_floor_reason(reason: Reason) -> bool:
-    return (reason.kind is ReasonKind.LOWER_SOLVE
-            and reason.solver_status is Status.ROUNDING_FLOOR)
-
-
-def lower_stalled(hg: HypergradientResult) -> bool:
-    """Whether hg's lower solve stagnated at its rounding floor (seen by `floor_accepted`)."""
-    return any(note.startswith(FLOOR_NOTE) for note in hg.notes)
-
-
-def floor_accepted(hg: HypergradientResult) -> HypergradientResult:
-    """hg without its lower solve's "rounding floor" reason when that is its only non-stated
-    reason: the bound certifies the G reached (the floor is accuracy, not failure); the
-    rounds decide whether it meets the target. A note keeps what the solver said."""
-    if not hg.reasons:
-        return hg
-    floor = [r for r in hg.reasons if _is_floor_reason(r)]
-    rest = tuple(r for r in hg.reasons if not _is_floor_reason(r))
-    if not floor or not all(r.kind is ReasonKind.UNCERTIFIED for r in rest):
-        return hg
-    return evolve(hg, reasons=rest, notes=tuple(hg.notes) + tuple(
-        f"{FLOOR_NOTE}: {r}" for r in floor))
-
-
-def _unrefined_e(hg: HypergradientResult) -> float:
-    """G/mu at hg's x (the worst over samples): the e a lower solve warm-started there certifies
-    without a step or a refinement; nan when hg does not say."""
-    if hg.samples is not None:
-        return max(_unrefined_e(s) for s in hg.samples)
-    mu = cast(dict[str, Any], hg.constants).get("mu", math.nan)
-    return hg.G / mu if mu > 0 else math.nan
-
-
-def lowest_eps(hg: HypergradientResult) -> float:
-    """The lowest eps the next round may ask for: eps_machine ||x|| (the largest over samples)."""
-    if hg.samples is not None:
-        return max(lowest_eps(s) for s in hg.samples)
-    return solution_floor(hg.x) if hg.x is not None else 0.0
 
 
 def steerable(hg: HypergradientResult) -> bool:
@@ -448,7 +405,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     steered = target = math.inf
     replanned = False
     for _ in range(max_rounds if steer else 1):
-        hg = run(eps, delta, x0, q0, refine)
+        hg = floor_accepted(run(eps, delta, x0, q0, refine))
         add_work(total, hg.work)
         if steer and hg.reasons and all(r.kind is ReasonKind.ZERO_TRAP for r in hg.reasons):
             # delta >= ||grad f(x_eps)||: a relative first round was too loose for this x_eps
@@ -464,7 +421,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             replanned = True
             if again is not None:  # E^2 terms first: a warm re-solve costs less
                 trail.append(f"eps={fmt(eps)}: E={fmt(hg.e)} over the E^2 terms' plan")
-                eps, x0, q0 = again, hg.x, hg.q
+                eps, x0, q0 = next_eps(eps, again, hg), hg.x, hg.q
                 continue
             if tight:  # from this round's E and R, in this round
                 tol_v, tol_lam = _tight_first(hg, target, n)
@@ -495,7 +452,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             failure = (f"certified accuracy unreachable: the rounding floor takes a fifth of "
                        f"atol + rtol ||grad|| = {fmt(target)}")
             break
-        eps, delta = min(eps, planned[0]), min(delta, planned[1])
+        eps, delta = next_eps(eps, planned[0], hg), min(delta, planned[1])
         tol_v, tol_lam = planned[2], planned[3]
         x0, q0, refine = hg.x, hg.q, refine_iter
         v0, lam0 = [p.v for p in corr.parts], [p.lam for p in corr.parts]

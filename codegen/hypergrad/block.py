@@ -27,10 +27,8 @@ from .accuracy import (
     TIGHT_RELATIVE,
     Round,
     add_work,
+    bound_parts,
     check_targets,
-    floor_accepted,
-    lower_stalled,
-    lowest_eps,
 )
 from .bounds import ROUNDING_FLOOR, certified_product
 from .common import call_kernel, fmt, hvp_at, norm
@@ -42,6 +40,7 @@ from .correction import (
     product_terms,
     uses_general_terms,
 )
+from .floors import floor_accepted, lower_stalled, lowest_eps, next_eps
 from .results import HypergradientResult, Reason, ReasonKind, evolve
 from .solve import run_adjoint
 
@@ -241,7 +240,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         if min(f_E, f_R) < 0.5:  # over the second-order plan: a warm re-solve, no correction
             trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E={fmt(hg.e)}, R={fmt(hg.R)} "
                          f"over the second-order terms' plan")
-            eps, delta = max(min(eps, f_E * hg.e), lowest_eps(hg)), min(delta, f_R * hg.R)
+            eps, delta = next_eps(eps, f_E * hg.e, hg), min(delta, f_R * hg.R)
             x0, q0 = hg.x, hg.q
             continue
         corr = block_correct(k, hg, *_solve_tolerances(hg, target if steer else math.nan),
@@ -266,7 +265,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
                        f"{fmt(plain)} is the best certified")
             break
         f_E, f_R = block_tightened(hg, corr, target)
-        eps, delta = max(min(eps, f_E * hg.e), lowest), min(delta, f_R * hg.R)
+        eps, delta = next_eps(eps, f_E * hg.e, hg), min(delta, f_R * hg.R)
         x0, q0, refine, starts = hg.x, hg.q, refine_iter, (corr.w, corr.t)
     else:
         failure = (f"certified accuracy not reached in {max_rounds} rounds: block bound "
@@ -315,12 +314,17 @@ def block_tightened(hg: HypergradientResult, corr: BlockCorrection,
     ||h - h_c|| is about linear in E and R and is brought within ERROR_SHARE of the target by
     scaling both: the estimate does not say which solve it comes from (t solves for both
     parts at once; E&R's parts, measured, pointed at the wrong one on hypercleaning), and
-    a tighter lower solve costs Newton a step. The second-order terms (products of E and R)
-    are brought within SECOND_SHARE of the target by `second_order_factors`. Steering only."""
+    a tighter lower solve costs Newton a step. Only a part that E&R's own bound on it
+    (`bound_parts`, an upper bound) does not already put within a quarter of that share is
+    tightened: a lower solve at its rounding floor is not asked for more. The second-order
+    terms (products of E and R) are brought within SECOND_SHARE of the target by
+    `second_order_factors`. Steering only."""
     gap = norm(corr.shift)
     f = min(1.0, ERROR_SHARE * target / gap) if gap > 0 else 1.0
+    r_part, e_part, _ = bound_parts(hg)
+    small = 0.25 * ERROR_SHARE * target
     f_E, f_R = second_order_factors(corr.terms, target)
-    f_E, f_R = min(f, f_E), min(f, f_R)
+    f_E, f_R = min(f_E, 1.0 if e_part <= small else f), min(f_R, 1.0 if r_part <= small else f)
     return (0.5, 0.5) if f_E == f_R == 1.0 else (f_E, f_R)  # the sum tipped it: halve both
 
 
