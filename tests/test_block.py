@@ -205,3 +205,15 @@ def test_a_failing_correction_kernel_falls_back_to_er(problem, certificate):
     assert hg.ok and hg.certificate == "er", (name, hg.status)
     assert "the correction failed (the upper HVP" in hg.notes[-1], hg.notes[-1]
     assert np.linalg.norm(hg.grad - exact) <= hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-6])
+def test_block_by_name_at_fixed_tolerances(problem, tol):
+    """certificate="block" without a target: one round at the caller's eps and delta, its two
+    solves at TIGHT_RELATIVE of their right-hand sides; both bounds hold."""
+    name, k, theta, exact = problem
+    hg = hypergradient(k, theta, lower="newton", adjoint="cg", eps=tol, delta=tol,
+                       certificate="block")
+    assert hg.ok and hg.certificate == "block", (name, hg.status)
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound
+    assert np.linalg.norm(hg.corrected_grad - exact) <= hg.corrected_bound

@@ -299,11 +299,14 @@ def second_order_factors(terms: dict[str, float], target: float) -> tuple[float,
 
 def _solve_tolerances(hg: HypergradientResult, target: float) -> tuple[float, float]:
     """(tol_w, tol_t): the residuals at which c_w R_w and c_t R_t are SOLVE_SHARE of the target;
-    without a target (nan), TIGHT_RELATIVE times each right-hand side's starting size."""
+    without a target (nan), TIGHT_RELATIVE times each right-hand side's size, ||grad g|| = G
+    and ||r + y|| <= R + J G/mu (||y(w)|| <= J ||w||, J = L_f + L_A ||q||)."""
     c_t, c_w = solve_weights(hg)
     if not math.isfinite(target):
-        G = float(hg.G)
-        return TIGHT_RELATIVE * G, TIGHT_RELATIVE * (float(hg.R) + c_w * G)
+        c = cast(dict[str, Any], hg.constants)
+        G, mu = float(hg.G), float(c["mu"])
+        J = float(c["L_f"]) + certified_product(float(c.get("L_A", 0.0)), float(hg.q_norm))
+        return TIGHT_RELATIVE * G, TIGHT_RELATIVE * (float(hg.R) + certified_product(J, G) / mu)
     share = SOLVE_SHARE * target
     return (share / c_w if c_w > 0 else math.inf), (share / c_t if c_t > 0 else math.inf)
 
