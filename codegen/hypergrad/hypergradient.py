@@ -214,7 +214,7 @@ def _resolved_certificate(opts: HypergradientOptions, size: int) -> str:
     tight or the block bound by `_tight_by_default` and `BLOCK_NEWTON_FROM`."""
     asked = opts.certificate
     if asked == "auto":
-        if not _tight_by_default(opts.lower, opts.adjoint, size):
+        if not _tight_by_default(opts.lower, opts.adjoint):
             return "er"
         block = size > MAX_COMPONENTS or (opts.lower == "newton" and size >= BLOCK_NEWTON_FROM)
         return "block" if block else "tight"
@@ -247,11 +247,11 @@ def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions,
 #: (bound / true error 1.0-9.6 against E&R's 9.4-9965), 1.0-1.4x on CSR data (1.0-3.2 against
 #: 12.8-1094); with smoothed TV's two (weight and smoothing) 1.15-1.22x for 3-48, with 8
 #: 2-3.4x. The block one takes two solves for all: 0.99-1.1x E&R's work on TV for 3.9-895
-#: against E&R's 44-1.6e5, 0.96-1.5x above 8 hyperparameters (15.8).
+#: against E&R's 44-1.6e5, 0.96-1.6x above 8 hyperparameters (15.8).
 BLOCK_NEWTON_FROM = 2
 
 
-def _tight_by_default(lower: str, adjoint: str, size: int) -> bool:
+def _tight_by_default(lower: str, adjoint: str) -> bool:
     """Whether "auto" tries the tight bound with these solvers (docs/bounds.md 15.6): with a
     first-order lower solver (0.6-1.25x E&R's work) or CG (the forward solve from its Krylov
     basis, 15.7: 0.86-0.98x), and with Newton and an iterative adjoint (the block correction
