@@ -283,23 +283,29 @@ def _cross_hvp(prob, x, theta, t, w):
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_cross_hvp_matches_oracle_finite_differences_and_symmetry(name, build_dir):
-    """cross_hvp(x, theta, t, w) = grad_x (w^T B(x) t) = d/ds B(x + s w) t: against the unrolled
-    SymPy B differentiated once more in x (rtol 1e-12), central differences of cross_jvp along
-    w, and the symmetry of D_t(x) = d(B t)/dx (z . D_t w = w . D_t z)."""
+def test_cross_hvp_and_cross_tvp_match_oracle_and_finite_differences(name, build_dir):
+    """The cross derivative once more in x, two ways (one unrolled oracle for both):
+    cross_hvp(x, theta, t, w) = grad_x (w^T B(x) t) = d/ds B(x + s w) t against the unrolled SymPy
+    B differentiated once more in x (rtol 1e-12), central differences of cross_jvp along w, and
+    the symmetry of D_t(x) = d(B t)/dx (z . D_t w = w . D_t z); cross_tvp(x, theta, q, w) =
+    d/ds B(x + s w)^T q against the same oracle, central differences of cross_vjp, and
+    u . cross_tvp(q, w) = q . cross_hvp(u, w)."""
     problem, prob, data, rng, x, theta = _setup(name, build_dir, seed=7)
     t = rng.standard_normal(prob.theta_size)
-    w, z = (rng.standard_normal(prob.x_size) for _ in range(2))
+    w, z, q = (rng.standard_normal(prob.x_size) for _ in range(3))
     got = _cross_hvp(prob, x, theta, t, w)
+    got_t = prob.cross_tvp(x, theta, q, w)
+    assert got_t.shape == (prob.theta_size,)
     if name != "tv2d":  # 30 x 30 x theta entries unrolled: differences and symmetry only
         oracle = Oracle(problem, {k: a.toarray() if hasattr(a, "toarray") else a
                                   for k, a in data.items()})
-        want = oracle.cross_hvp(x, theta, t, w)
-        if np.max(np.abs(want)) == 0:  # B does not read x (theta only in x-free terms)
-            assert np.all(got == 0), f"{name}: {got}"
-        else:
-            err = np.max(np.abs(got - want)) / np.max(np.abs(want))
-            assert err <= 1e-12, f"{name}.cross_hvp: relative error {err:.2e}"
+        for kernel, value, want in (("cross_hvp", got, oracle.cross_hvp(x, theta, t, w)),
+                                    ("cross_tvp", got_t, oracle.cross_tvp(x, theta, q, w))):
+            if np.max(np.abs(want)) == 0:  # B does not read x (theta only in x-free terms)
+                assert np.all(value == 0), f"{name}.{kernel}: {value}"
+            else:
+                err = np.max(np.abs(value - want)) / np.max(np.abs(want))
+                assert err <= 1e-12, f"{name}.{kernel}: relative error {err:.2e}"
     scale = max(np.max(np.abs(got)), 1.0)
     h = 1e-5
     fd = (prob.cross_jvp(x + h * w, theta, t) - prob.cross_jvp(x - h * w, theta, t)) / (2 * h)
@@ -309,33 +315,11 @@ def test_cross_hvp_matches_oracle_finite_differences_and_symmetry(name, build_di
     # linear in t: the cross product with t and with -2 t
     np.testing.assert_allclose(_cross_hvp(prob, x, theta, -2 * t, w), -2 * got, rtol=1e-12,
                                atol=1e-14 * scale)
-
-
-@pytest.mark.parametrize("name", EXAMPLES)
-def test_cross_tvp_matches_oracle_finite_differences_and_cross_hvp(name, build_dir):
-    """cross_tvp(x, theta, q, w) = d/ds B(x + s w)^T q: against the unrolled SymPy B
-    differentiated once more in x (rtol 1e-12), central differences of cross_vjp along w, and
-    the same third derivative through cross_hvp (u . cross_tvp(q, w) = q . cross_hvp(u, w))."""
-    problem, prob, data, rng, x, theta = _setup(name, build_dir, seed=8)
-    q, w = (rng.standard_normal(prob.x_size) for _ in range(2))
-    u = rng.standard_normal(prob.theta_size)
-    got = prob.cross_tvp(x, theta, q, w)
-    assert got.shape == (prob.theta_size,)
-    if name != "tv2d":  # 30 x 30 x theta entries unrolled: the other two checks only
-        oracle = Oracle(problem, {k: a.toarray() if hasattr(a, "toarray") else a
-                                  for k, a in data.items()})
-        want = oracle.cross_tvp(x, theta, q, w)
-        if np.max(np.abs(want)) == 0:  # B does not read x
-            assert np.all(got == 0), f"{name}: {got}"
-        else:
-            err = np.max(np.abs(got - want)) / np.max(np.abs(want))
-            assert err <= 1e-12, f"{name}.cross_tvp: relative error {err:.2e}"
-    scale = max(np.max(np.abs(got)), 1.0)
-    h = 1e-5
-    fd = (prob.cross_vjp(x + h * w, theta, q) - prob.cross_vjp(x - h * w, theta, q)) / (2 * h)
-    np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-7 * scale)
-    assert np.isclose(u @ got, q @ _cross_hvp(prob, x, theta, u, w), rtol=1e-11,
-                      atol=1e-13 * scale * np.linalg.norm(u) * np.linalg.norm(q))
+    scale_t = max(np.max(np.abs(got_t)), 1.0)
+    fd_t = (prob.cross_vjp(x + h * w, theta, q) - prob.cross_vjp(x - h * w, theta, q)) / (2 * h)
+    np.testing.assert_allclose(got_t, fd_t, rtol=1e-6, atol=1e-7 * scale_t)
+    assert np.isclose(t @ got_t, q @ _cross_hvp(prob, x, theta, t, w), rtol=1e-11,
+                      atol=1e-13 * scale_t * np.linalg.norm(t) * np.linalg.norm(q))
 
 
 # The examples whose g splits into theta-free terms with a Hessian fixed by the data and terms
