@@ -399,3 +399,21 @@ def test_loops_under_address_sanitizer(name, sanitized_root, tmp_path):
                                                    "loop_newton"]
     # 40 steps each unless a test stopped them earlier: the loops ran, not just returned
     assert all(float(line.split()[-1]) >= 1 for line in lines), lines
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-300])
+def test_lower_cg_at_its_rounding_floor_stops_there(tol, build_dir, monkeypatch):
+    """A lower CG asked for more than floating point allows (tol 0 or 1e-300 on ridge): once a
+    segment ends at the rounding floor of ||grad g|| without reducing it, the solve stops with
+    status "rounding floor" and a true gradient, through the fused loop and the Python one, in
+    a few segments instead of running to max_iter; x stays within its certified bound of x*."""
+    prob, th = bound_problem("ridge", build_dir)
+    x_star = exact_solution(prob, th)
+    fused = solve_lower(prob, th, solver="cg", tol=tol)
+    monkeypatch.setattr(fused_module, "FUSED_MAX_SIZE", 0)
+    python = solve_lower(prob, th, solver="cg", tol=tol)
+    for res in (fused, python):
+        assert res.status == "rounding floor" and "stagnates" in res.message, res.message
+        assert res.iterations < 500, res.iterations
+        np.testing.assert_allclose(res.grad, prob.lower_grad(res.x, th), rtol=0, atol=1e-14)
+        assert np.linalg.norm(res.x - x_star) <= res.bound * (1 + 1e-6) + 1e-13

@@ -2,7 +2,9 @@
 
 CG on A (x - x*) = grad g(x), i.e. the residual -grad g. When the recursive residual meets the
 test, the true gradient is evaluated; if it fails the test, CG restarts from it (a new segment).
-The returned `grad` is always a true gradient.
+A segment that ends at the rounding floor of ||grad g|| without reducing it stops the solve
+with status "rounding floor", as Newton's stagnation does. The returned `grad` is always a
+true gradient.
 """
 from __future__ import annotations
 
@@ -15,8 +17,13 @@ from ..galerkin import KrylovBasis, basis_steps
 from ..krylov import cg
 from ..rates import cg_rate_bound, rates
 from ..results import LowerResult, Status
+from .stopping import rounding_floor
 
-__all__ = ["solve_cg"]
+__all__ = ["solve_cg", "STAGNATION"]
+
+#: A CG segment that ends at the rounding floor with its true ||grad g|| above this fraction of
+#: the one it started from made no progress: the solve stops there ("rounding floor").
+STAGNATION = 0.5
 
 
 def solve_cg(task: LowerTask) -> LowerResult:
@@ -60,9 +67,17 @@ def solve_cg(task: LowerTask) -> LowerResult:
         if g is None:
             status = Status.NON_FINITE
             break
-        g_true, gn = True, norm(g)
+        g_true, gn_start, gn = True, gn, norm(g)
         if gn / mu <= tol:
             status = Status.CONVERGED
+            break
+        floor = rounding_floor(L, x)
+        if gn <= floor and gn >= STAGNATION * gn_start:
+            # the segment's recursive residual met the test, the true gradient did not move:
+            # restarting again would only repeat that until max_iter
+            status, msg = Status.ROUNDING_FLOOR, (
+                f"||grad g|| = {gn:.3g} stagnates at the rounding floor {floor:.3g} "
+                f"(eps_machine * the scale of grad g) after {segments} segments")
             break
         segments += 1  # the recursive residual drifted from the true gradient: restart there
     if not g_true:
