@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nonquadratic_kernels import AffineLogistic, DenseGenerated, SmoothTV1D, exact_hypergradient
-from test_correction import GroupRidge, QuadraticRidge
+from nonquadratic_kernels import DenseGenerated, exact_hypergradient
+from test_tight import drawn_problem
 
 from codegen.hypergrad import hypergradient
 from codegen.hypergrad.block import block_correct, block_unavailable
@@ -156,24 +156,7 @@ def test_block_bound_holds_on_drawn_problems(seed, kind, log_rtol, lower):
     """Hypothesis-drawn problems (quadratic ridge, 1-4 group weights, logistic regression,
     smoothed TV), hyperparameters and targets: the block bound is never below h's true error
     nor bound(h_c) below h_c's, whatever the rounds did."""
-    rs = np.random.RandomState(seed)
-    if kind == "ridge":
-        k, theta = QuadraticRidge.generate(seed=seed), np.array([rs.uniform(-3, 1)])
-        exact = k.exact_hypergradient(theta)
-    elif kind == "groups":
-        p = int(rs.randint(1, 5))
-        k, theta = GroupRidge(seed=seed, p=p, d=3 * p + 2), rs.uniform(-3, 1, size=p)
-        exact = k.exact_hypergradient(theta)
-    elif kind == "logistic":
-        k = AffineLogistic.generate(seed=seed, m=int(rs.randint(10, 60)),
-                                    d=int(rs.randint(2, 7)), pv=int(rs.randint(5, 30)))
-        theta = np.array([rs.uniform(-4, 0)])
-        exact = exact_hypergradient(k, theta)
-    else:
-        k = SmoothTV1D.generate(seed=seed, n=int(rs.randint(5, 20)),
-                                gamma=float(rs.uniform(0.05, 1.0)))
-        theta = np.array([rs.uniform(-1, 1.5)])
-        exact = exact_hypergradient(k, theta)
+    k, theta, exact = drawn_problem(seed, kind, max_groups=4)
     hg = hypergradient(k, theta, lower=lower, adjoint="cg", rtol=10.0 ** log_rtol,
                        certificate="block")
     if not hg.usable:

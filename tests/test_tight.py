@@ -58,30 +58,35 @@ def test_tight_bound_holds_meets_rtol_and_is_close_to_the_error(lower):
     assert float(np.median(ratios)) <= 3.0, sorted(ratios)
 
 
+def drawn_problem(seed: int, kind: str, max_groups: int):
+    """(k, theta, exact grad F) of a drawn problem: quadratic ridge, 1..max_groups group
+    weights, logistic regression or smoothed 1-D TV, sizes and theta from the seed."""
+    rs = np.random.RandomState(seed)
+    if kind == "ridge":
+        k, theta = QuadraticRidge.generate(seed=seed), np.array([rs.uniform(-3, 1)])
+        return k, theta, k.exact_hypergradient(theta)
+    if kind == "groups":
+        p = int(rs.randint(1, max_groups + 1))
+        k, theta = GroupRidge(seed=seed, p=p, d=3 * p + 2), rs.uniform(-3, 1, size=p)
+        return k, theta, k.exact_hypergradient(theta)
+    if kind == "logistic":
+        k = AffineLogistic.generate(seed=seed, m=int(rs.randint(10, 60)),
+                                    d=int(rs.randint(2, 7)), pv=int(rs.randint(5, 30)))
+        theta = np.array([rs.uniform(-4, 0)])
+    else:
+        k = SmoothTV1D.generate(seed=seed, n=int(rs.randint(5, 20)),
+                                gamma=float(rs.uniform(0.05, 1.0)))
+        theta = np.array([rs.uniform(-1, 1.5)])
+    return k, theta, nq_exact(k, theta)
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), kind=st.sampled_from(["ridge", "groups", "logistic", "tv"]),
        log_rtol=st.floats(-9, -2), lower=st.sampled_from(["gd", "newton", "fista"]))
 def test_tight_bound_holds_on_drawn_problems(seed, kind, log_rtol, lower):
     """Hypothesis-drawn problems, hyperparameters and targets: the tight bound is never below
     h's true error, whatever the rounds did."""
-    rs = np.random.RandomState(seed)
-    if kind == "ridge":
-        k, theta = QuadraticRidge.generate(seed=seed), np.array([rs.uniform(-3, 1)])
-        exact = k.exact_hypergradient(theta)
-    elif kind == "groups":
-        p = int(rs.randint(1, 4))
-        k, theta = GroupRidge(seed=seed, p=p, d=3 * p + 2), rs.uniform(-3, 1, size=p)
-        exact = k.exact_hypergradient(theta)
-    elif kind == "logistic":
-        k = AffineLogistic.generate(seed=seed, m=int(rs.randint(10, 60)),
-                                    d=int(rs.randint(2, 7)), pv=int(rs.randint(5, 30)))
-        theta = np.array([rs.uniform(-4, 0)])
-        exact = nq_exact(k, theta)
-    else:
-        k = SmoothTV1D.generate(seed=seed, n=int(rs.randint(5, 20)),
-                                gamma=float(rs.uniform(0.05, 1.0)))
-        theta = np.array([rs.uniform(-1, 1.5)])
-        exact = nq_exact(k, theta)
+    k, theta, exact = drawn_problem(seed, kind, max_groups=3)
     hg = hypergradient(k, theta, lower=lower, adjoint="cg", rtol=10.0 ** log_rtol,
                        certificate="tight")
     if not hg.usable:

@@ -131,10 +131,11 @@ def block_correct(k: Any, hg: HypergradientResult, tol_w: float, tol_t: float, w
     Bt, _ = call_kernel(k.cross_vjp, x, th, t)
     if Bt is None:
         raise FloatingPointError("the cross VJP B^T t is not finite")
-    G_w, G_parts = _cross_tangent(k, x, th, q, w, cross_lipschitz(k, th, x, float(hg.e)))
+    L_DB = cross_lipschitz(k, th, x, float(hg.e))  # B(x_eps, e) holds x*
+    G_w, G_parts = _cross_tangent(k, x, th, q, w, L_DB)
     work["cross"] += len(G_parts)
     shift = Bt + G_w
-    terms = _terms(k, hg, c, th, norm(r), newton.residual, sol.residual)
+    terms = _terms(k, hg, c, th, L_DB, norm(r), newton.residual, sol.residual)
     # rounding (docs/bounds.md 6): of B^T t and G_w (its two VJPs cancel), and of the right-hand
     # side r + y (its error reaches h_c through B^T A^{-1})
     nB, mu = float(hg.norm_B), float(c["mu"])
@@ -147,10 +148,11 @@ def block_correct(k: Any, hg: HypergradientResult, tol_w: float, tol_t: float, w
                            newton.residual, sol.residual, work)
 
 
-def _terms(k: Any, hg: HypergradientResult, c: dict[str, Any], th: np.ndarray, R: float,
-           R_w: float, R_t: float) -> dict[str, float]:
+def _terms(k: Any, hg: HypergradientResult, c: dict[str, Any], th: np.ndarray, L_DB: float,
+           R: float, R_w: float, R_t: float) -> dict[str, float]:
     """Theorem 15.8's terms: Corollary 15.2's or 15.3's at the exact v and lam of every unit u
-    (R_v = R_lam = 0, ||v|| <= ||B||/mu, ||lam|| <= ||m||/mu) and the solves' t, w."""
+    (R_v = R_lam = 0, ||v|| <= ||B||/mu, ||lam|| <= ||m||/mu) and the solves' t, w; L_DB from
+    `cross_lipschitz` on B(x_eps, e)."""
     mu, E, nB, nq = float(c["mu"]), float(hg.e), float(hg.norm_B), float(hg.q_norm)
     LB, Lf, LA = float(c["L_B"]), float(c["L_f"]), float(c.get("L_A", 0.0))
     ft = float(c.get("L_ft", 0.0)) if bool(getattr(k, "upper_depends_on_theta", False)) else 0.0
@@ -162,7 +164,6 @@ def _terms(k: Any, hg: HypergradientResult, c: dict[str, Any], th: np.ndarray, R
         m_norm = certified_product(LB, nq) + certified_product(Lf + certified_product(LA, nq), nv)
         terms.update(nonquadratic_terms(mu, E, R, 0.0, LB, Lf, LA, L3, LHf, nv, nq,
                                         m_norm / mu))
-        L_DB = cross_lipschitz(k, th, hg.x, E)
         if L_DB > 0:
             terms["crossB"] = cross_term(mu, E, R, L_DB, nq)
     terms["t"] = certified_product(c_t, R_t)
@@ -234,8 +235,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         # the rounds at the floor
         floor = hg.bound_forms.get("rounding", 0.0) >= 0.2 * target
         f_E, f_R = (1.0, 1.0) if replanned or floor or not steer else second_order_factors(
-            _terms(k, hg, dict(cast(dict[str, Any], hg.constants)),
-                   np.asarray(hg.theta, dtype=np.float64), float(hg.R), 0.0, 0.0), target)
+            _second_order_terms(k, hg), target)
         replanned = True
         if min(f_E, f_R) < 0.5:  # over the second-order plan: a warm re-solve, no correction
             trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E={fmt(hg.e)}, R={fmt(hg.R)} "
@@ -274,6 +274,14 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         return evolve(hg, work=total)
     return _block_result(hg, corr, plain, total, trail,
                          None if failure is None else Reason(kind, failure))
+
+
+def _second_order_terms(k: Any, hg: HypergradientResult) -> dict[str, float]:
+    """The block bound's terms at hg's E and R before any solve (t = w = 0): what the first
+    round's plan reads."""
+    th = np.asarray(hg.theta, dtype=np.float64)
+    return _terms(k, hg, dict(cast(dict[str, Any], hg.constants)), th,
+                  cross_lipschitz(k, th, hg.x, float(hg.e)), float(hg.R), 0.0, 0.0)
 
 
 #: The pure E^2 terms of the block bound (the theta term is linear in E, RE is R E).
