@@ -14,8 +14,9 @@ spinning): 1.75x on 2 cores for the block sums of 20000 x 2000 and the float32 G
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, TypeVar
 
@@ -61,11 +62,19 @@ def blas_threads(count: int) -> Iterator[None]:
 def in_threads(fn: Callable[[Item], Result], items: Iterable[Item],
                workers: int) -> Iterator[Result]:
     """fn(item) for item in items, on up to `workers` Python threads, yielded in the items'
-    order: a caller who sums them in that order gets the same bits for every `workers`, and
-    holds only the results computed ahead of its sum, not all of them."""
+    order: a caller who sums them in that order gets the same bits for every `workers`. At
+    most workers + 1 items are submitted ahead of the caller's consumption (a window, not
+    `pool.map`, which submits every item at once), so a slow consumer holds at most that many
+    results (a group's Gram is side x side: 32 MB at side 2000), whatever their number."""
     todo = list(items)
     if workers <= 1 or len(todo) <= 1:
         yield from (fn(item) for item in todo)
         return
     with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-        yield from pool.map(fn, todo)
+        window: deque[Future[Result]] = deque()
+        for item in todo:
+            window.append(pool.submit(fn, item))
+            if len(window) > workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
