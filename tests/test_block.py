@@ -20,6 +20,7 @@ from nonquadratic_kernels import DenseGenerated, exact_hypergradient
 from test_tight import drawn_problem
 
 from codegen.hypergrad import hypergradient
+from codegen.hypergrad import block
 from codegen.hypergrad.block import block_correct, block_unavailable
 from codegen.hypergrad.correction import MAX_COMPONENTS
 
@@ -200,3 +201,33 @@ def test_block_by_name_at_fixed_tolerances(problem, tol):
     assert hg.ok and hg.certificate == "block", (name, hg.status)
     assert np.linalg.norm(hg.grad - exact) <= hg.bound
     assert np.linalg.norm(hg.corrected_grad - exact) <= hg.corrected_bound
+
+
+
+@pytest.fixture(scope="module")
+def quadratic(build_dir):
+    """The paper quadratic of PROBLEMS with its exact hypergradient."""
+    _, module, ns = built_example("quadratic", build_dir)
+    kwargs, theta = PROBLEMS["quadratic"]
+    k = DenseGenerated(module.bind(**ns["example_data"](seed=2, **kwargs)))
+    return k, theta, exact_hypergradient(k, theta)
+
+
+@pytest.mark.parametrize("rtol", [1e-3, 1e-6, 1e-8])
+def test_cheap_solves_are_sharpened(quadratic, rtol, monkeypatch):
+    """With a gradient-descent lower solve the correction's two CGs are a small share of the
+    work: when the met bound is over SHARPEN_RATIO times h's error estimate, t and w are solved
+    again (warm) and the bound comes within a few times the true error, for at most about
+    SHARPEN_BUDGET more work; the bound still holds. Without the budget nothing is solved
+    again, and h is the same."""
+    k, theta, exact = quadratic
+    budget = block.SHARPEN_BUDGET
+    hg = hypergradient(k, theta, lower="gd", adjoint="cg", rtol=rtol)
+    monkeypatch.setattr(block, "SHARPEN_BUDGET", 0.0)
+    plain = hypergradient(k, theta, lower="gd", adjoint="cg", rtol=rtol)
+    err = np.linalg.norm(hg.grad - exact)
+    assert np.array_equal(hg.grad, plain.grad) and hg.certificate == plain.certificate == "block"
+    assert err <= hg.bound <= plain.bound <= rtol * np.linalg.norm(hg.grad)
+    assert "t and w solved again" in hg.notes[-1] and "again" not in plain.notes[-1]
+    assert hg.bound <= 3.0 * err < plain.bound
+    assert hg.work["units"] <= (1 + budget) * plain.work["units"]
