@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 from nonquadratic_kernels import DenseGenerated, exact_hypergradient
 from test_tight import drawn_problem
 
-from codegen.hypergrad import hypergradient
-from codegen.hypergrad import block
+from codegen.hypergrad import block, hypergradient
 from codegen.hypergrad.block import block_correct, block_unavailable
 from codegen.hypergrad.correction import MAX_COMPONENTS
 

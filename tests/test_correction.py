@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from codegen.hypergrad import HypergradientOptions, SolverError, hypergradient
 from codegen.hypergrad.correction import correct
-from codegen.hypergrad.hypergradient import BLOCK_NEWTON_FROM
+from codegen.hypergrad.certificates import BLOCK_NEWTON_FROM
 
 from oracle import Oracle
 from quadratic_kernels import Logistic, PaperQuadratic, Ridge

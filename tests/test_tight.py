@@ -15,7 +15,7 @@ from codegen.constants.derivation.report import format_tree
 from codegen.constants.derivation.rules import derive
 from codegen.hypergrad import hypergradient, hypergradient_samples
 from codegen.hypergrad.correction import dwr_unavailable
-from codegen.hypergrad.hypergradient import BLOCK_NEWTON_FROM
+from codegen.hypergrad.certificates import BLOCK_NEWTON_FROM
 
 from support import EXAMPLES, TINY, built_example
 

@@ -23,16 +23,11 @@ import numpy as np
 
 from ..errors import KernelError
 from .accuracy import (
-    TIGHT_RELATIVE,
-    Round,
     check_targets,
-    corrected_to_accuracy,
-    first_tolerances,
     to_accuracy,
 )
 from .adjoint.backprop import backprop_adjoint
 from .auto import choose_solvers
-from .block import block_to_accuracy, block_unavailable
 from .bounds import (
     ROUNDING_FLOOR,
     aposteriori_bound,
@@ -40,6 +35,7 @@ from .bounds import (
     cross_norm,
     refined_distance,
 )
+from .certificates import certificate_refused, corrected, resolved_certificate
 from .common import (
     SolverError,
     call_kernel,
@@ -50,7 +46,6 @@ from .common import (
     norm,
     x_size_of,
 )
-from .correction import MAX_COMPONENTS, dwr_unavailable
 from .fused import closing_for, contiguous
 from .options import HypergradientOptions
 from .registry import adjoint_entry, lower_entry
@@ -155,7 +150,7 @@ def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
 def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
                       q0: Any) -> HypergradientResult:
     """The hypergradient with the certificate opts names ("dwr", "tight", "block", or what
-    "auto" resolves to, `_resolved_certificate`) where it applies, else E&R's with a note
+    "auto" resolves to, `resolved_certificate`) where it applies, else E&R's with a note
     saying why."""
     asked = opts.certificate
     if asked == "auto" and not opts.targets_accuracy:
@@ -165,8 +160,8 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
     if opts.targets_accuracy:  # refused before any work, as the E&R rounds refuse it
         check_targets(0.0 if opts.rtol is None else opts.rtol, float(opts.atol))
     th = checked_theta(k, theta)
-    chosen = _resolved_certificate(opts, th.size)
-    why = _certificate_refused(k, th, opts, chosen)
+    chosen = resolved_certificate(opts, th.size)
+    why = certificate_refused(k, th, opts, chosen)
     if why is not None:
         res = _er(k, th, opts.evolve(certificate="er"), x0, q0)
         if asked == "auto":  # the default: `certificate` names the bound, docs/bounds.md 15.6 why
@@ -180,109 +175,13 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
                      keep_basis=True)
 
     try:
-        return _corrected(k, th, opts, chosen, run, x0, q0)
+        return corrected(k, th, opts, chosen, run, x0, q0)
     except (KernelError, FloatingPointError, OverflowError) as exc:
         # a correction kernel (upper HVP, third derivatives, cross products) not finite where
         # the plain hypergradient was: E&R's bound, never an exception or a wrong bound
         res = _er(k, th, opts.evolve(certificate="er"), x0, q0)
         return evolve(res, notes=tuple(res.notes) + (
             f"certificate {asked!r}: E&R's bound, the correction failed ({exc})",))
-
-
-def _corrected(k: Any, th: np.ndarray, opts: HypergradientOptions, chosen: str, run: Round,
-               x0: Any, q0: Any) -> HypergradientResult:
-    """The rounds of the chosen correction: "tight" and "dwr" (docs/bounds.md 15.5-15.6),
-    "block" (15.8)."""
-    if chosen in ("tight", "block"):
-        eps, delta = first_tolerances(opts.rtol or 0.0, opts.eps, opts.delta, tight=True)
-        if chosen == "block":  # two solves for every component (docs/bounds.md 15.8)
-            return block_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
-                                     opts.refine_iter, opts.adjoint_cap)
-        return corrected_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
-                                     opts.refine_iter, True, opts.adjoint_cap, TIGHT_RELATIVE,
-                                     tight=True)
-    components = th.size <= MAX_COMPONENTS if opts.components is None else opts.components
-    eps, delta, relative, spent = _first_round(k, th, opts, x0)
-    return corrected_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
-                                 opts.refine_iter, components, opts.adjoint_cap, relative, spent)
-
-
-def _resolved_certificate(opts: HypergradientOptions, size: int) -> str:
-    """The certificate that runs: "er", "dwr", "tight" (one forward and one dual solve per
-    component) or "block" (two solves for all, docs/bounds.md 15.8). "tight" above
-    MAX_COMPONENTS hyperparameters is the block one; "auto" (with rtol / atol) is E&R's, the
-    tight or the block bound by `_tight_by_default` and `BLOCK_NEWTON_FROM`."""
-    asked = opts.certificate
-    if asked == "auto":
-        if not _tight_by_default(opts.lower, opts.adjoint):
-            return "er"
-        block = size > MAX_COMPONENTS or (opts.lower == "newton" and size >= BLOCK_NEWTON_FROM)
-        return "block" if block else "tight"
-    if asked == "tight" and size > MAX_COMPONENTS:
-        return "block"
-    return asked
-
-
-def _certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions,
-                         chosen: str) -> str | None:
-    """Why the chosen certificate ("dwr", "tight", "block"; "er" when "auto" keeps E&R's)
-    falls back to E&R's bound at th, or None. The cheap rules first: "auto" with the direct
-    lower solve (or Newton with the direct adjoint) never pays for the constants that
-    `dwr_unavailable` evaluates."""
-    if chosen == "er":
-        return (f"auto keeps E&R's with lower={opts.lower!r}, adjoint={opts.adjoint!r} and "
-                f"{th.size} hyperparameters")
-    if adjoint_entry(opts.adjoint).backprop:
-        return "adjoint='backprop' has no adjoint residual to correct"
-    why = dwr_unavailable(k, th)
-    if why is None and chosen == "block":
-        return block_unavailable(k, th)
-    return why
-
-
-#: With a Newton lower solve "auto" takes the tight bound (docs/bounds.md 15.6) below this many
-#: hyperparameters and the block bound (15.8) from it. The tight one pays a forward and a dual
-#: solve per hyperparameter, which its looser adjoint mostly pays for with one: 1.0-1.2x E&R's
-#: work on dense l2-logistic regression at 2000 x 500 and 20000 x 2000, 0.97-1.47x at 300 x 60
-#: (bound / true error 1.0-9.6 against E&R's 9.4-9965), 1.0-1.4x on CSR data (1.0-3.2 against
-#: 12.8-1094); with smoothed TV's two (weight and smoothing) 1.15-1.22x for 3-48, with 8
-#: 2-3.4x. The block one takes two solves for all: 0.99-1.1x E&R's work on TV for 3.9-895
-#: against E&R's 44-1.6e5, 0.96-1.6x above 8 hyperparameters (15.8).
-BLOCK_NEWTON_FROM = 2
-
-
-def _tight_by_default(lower: str, adjoint: str) -> bool:
-    """Whether "auto" tries the tight bound with these solvers (docs/bounds.md 15.6): with a
-    first-order lower solver (0.6-1.25x E&R's work) or CG (the forward solve from its Krylov
-    basis, 15.7: 0.86-0.98x), and with Newton and an iterative adjoint (the block correction
-    from BLOCK_NEWTON_FROM hyperparameters, 15.8). Not with the direct lower solver, whose
-    E&R bound is at the rounding level in one round, nor after Newton with the direct adjoint:
-    h's error is then far below the target, the tight bound's bound(h_c) is planned at a
-    quarter of the target, and it was 8-2000 times the error for 1.1-1.6x E&R's work
-    (l2-logistic regression, n = 24)."""
-    if lower_entry(lower).needs_finite_L or lower == "cg":
-        return True
-    return lower == "newton" and adjoint != "direct"
-
-
-def _first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,
-                 x0: Any) -> tuple[float, float, float, dict[str, int]]:
-    """(eps, delta, relative tolerance of the forward and dual CGs, work) of the DWR's first
-    round. With rtol: each solve to sqrt(rtol) of its starting size (the bound's terms are
-    products of two such errors; docs/bounds.md 15.5): eps = s ||grad g(x0)||/mu,
-    delta = s ||grad f(x0)||, s = sqrt(rtol); one lower and one upper gradient. Otherwise the
-    options' eps and delta, and the CGs to delta relative."""
-    if opts.rtol is None or opts.rtol <= 0:
-        return opts.eps, opts.delta, 1e-3, {}
-    s = math.sqrt(float(opts.rtol))
-    xs = np.zeros(x_size_of(k)) if x0 is None else np.asarray(x0, float).ravel()
-    g0, _ = call_kernel(k.lower_grad, xs, th)
-    b0, _ = call_kernel(k.upper_grad, xs, th)
-    spent = {"lower_grads": 1, "units": 1}
-    if g0 is None or b0 is None or not norm(g0) > 0 or not norm(b0) > 0:
-        return opts.eps, opts.delta, s, spent
-    mu = checked_constants(k, th)["mu"]
-    return s * norm(g0) / mu, s * norm(b0), s, spent
 
 
 def _resolved(k: Any, opts: HypergradientOptions, theta: Any) -> HypergradientOptions:
