@@ -27,7 +27,7 @@ __all__ = ["corrected", "resolved_certificate", "certificate_refused", "tight_by
 
 
 def corrected(k: Any, th: np.ndarray, opts: HypergradientOptions, chosen: str, run: Round,
-               x0: Any, q0: Any) -> HypergradientResult:
+              x0: Any, q0: Any) -> HypergradientResult:
     """The rounds of the chosen correction: "tight" and "dwr" (docs/bounds.md 15.5-15.6),
     "block" (15.8)."""
     if chosen in ("tight", "block"):
@@ -61,7 +61,7 @@ def resolved_certificate(opts: HypergradientOptions, size: int) -> str:
 
 
 def certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions,
-                         chosen: str) -> str | None:
+                        chosen: str) -> str | None:
     """Why the chosen certificate ("dwr", "tight", "block"; "er" when "auto" keeps E&R's)
     falls back to E&R's bound at th, or None. The cheap rules first: "auto" with the direct
     lower solve (or Newton with the direct adjoint) never pays for the constants that
@@ -103,7 +103,7 @@ def tight_by_default(lower: str, adjoint: str) -> bool:
 
 
 def first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,
-                 x0: Any) -> tuple[float, float, float, dict[str, int]]:
+                x0: Any) -> tuple[float, float, float, dict[str, int]]:
     """(eps, delta, relative tolerance of the forward and dual CGs, work) of the DWR's first
     round. With rtol: each solve to sqrt(rtol) of its starting size (the bound's terms are
     products of two such errors; docs/bounds.md 15.5): eps = s ||grad g(x0)||/mu,
