@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codegen.hypergrad import HypergradientOptions, SolverError, hypergradient
-from codegen.hypergrad.correction import correct
 from codegen.hypergrad.certificates import BLOCK_NEWTON_FROM
+from codegen.hypergrad.correction import correct
 
 from oracle import Oracle
 from quadratic_kernels import Logistic, PaperQuadratic, Ridge

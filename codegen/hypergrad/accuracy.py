@@ -36,7 +36,14 @@ from .correction import (
     higher_constants,
     uses_general_terms,
 )
-from .floors import floor_accepted, lower_stalled, lowest_eps, next_eps, unrefined_e
+from .floors import (
+    floor_accepted,
+    lower_stalled,
+    lowest_eps,
+    next_eps,
+    unrefined_e,
+    zero_target_eps,
+)
 from .options import DEFAULTS
 from .results import HypergradientResult, Reason, ReasonKind, evolve
 
@@ -413,6 +420,11 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             continue
         if hg.status != "ok":
             return evolve(hg, work=total)
+        if steer and not atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad)) > 0:
+            # h = 0 exactly: no target to plan the forward and dual solves from
+            trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: h = 0, a target of 0")
+            eps, x0, q0 = zero_target_eps(eps, hg), hg.x, hg.q
+            continue
         dirs = _directions(hg, components)
         n = len(dirs)
         if steer and tol_v is None:  # the first round: plan the forward and dual solves
@@ -459,8 +471,9 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     else:
         failure = (f"certified accuracy not reached in {max_rounds} rounds: dwr bound "
                    f"{fmt(steered)} > atol + rtol ||grad|| = {fmt(target)}")
-    if corr is None:  # every round was a zero trap
-        return evolve(hg, work=total)
+    if corr is None:  # every round was a zero trap or had a target of 0
+        return evolve(hg, work=total, reasons=hg.reasons if failure is None
+                      else hg.reasons + (Reason(ReasonKind.ACCURACY, failure),))
     if tight:
         return _tight_result(hg, corr, grad, bound, plain, total, trail, failure)
     return _corrected_result(hg, corr, grad, bound, plain, components, total, trail, failure)

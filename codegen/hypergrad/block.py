@@ -40,7 +40,7 @@ from .correction import (
     product_terms,
     uses_general_terms,
 )
-from .floors import floor_accepted, lower_stalled, lowest_eps, next_eps
+from .floors import floor_accepted, lower_stalled, lowest_eps, next_eps, zero_target_eps
 from .results import HypergradientResult, Reason, ReasonKind, evolve
 from .solve import run_adjoint
 
@@ -232,6 +232,10 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         if hg.status != "ok":
             return evolve(hg, work=total)
         target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad))
+        if steer and not target > 0:  # h = 0 exactly: no target to plan the solves from
+            trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: h = 0, a target of 0")
+            eps, x0, q0 = zero_target_eps(eps, hg), hg.x, hg.q
+            continue
         # a target below the rounding floor is not replanned for: the correction's round ends
         # the rounds at the floor
         floor = hg.bound_forms.get("rounding", 0.0) >= 0.2 * target
@@ -271,8 +275,9 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
     else:
         failure = (f"certified accuracy not reached in {max_rounds} rounds: block bound "
                    f"{fmt(plain)} > atol + rtol ||grad|| = {fmt(target)}")
-    if corr is None:  # every round was a zero trap
-        return evolve(hg, work=total)
+    if corr is None:  # every round was a zero trap or had a target of 0
+        return evolve(hg, work=total, reasons=hg.reasons if failure is None
+                      else hg.reasons + (Reason(kind, failure),))
     return _block_result(hg, corr, plain, total, trail,
                          None if failure is None else Reason(kind, failure))
 

@@ -14,7 +14,7 @@ from .lower.stopping import solution_floor
 from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 
 __all__ = ["FLOOR_NOTE", "floor_accepted", "lower_stalled", "lowest_eps", "unrefined_e",
-           "next_eps"]
+           "next_eps", "zero_target_eps", "ZERO_TARGET_SCALE"]
 
 #: The note that keeps a lower solve's "rounding floor" reason once the rounds accepted it.
 FLOOR_NOTE = "lower solve at its rounding floor"
@@ -68,3 +68,16 @@ def next_eps(eps: float, planned: float, hg: HypergradientResult) -> float:
     if planned >= hg.e:
         return eps
     return max(min(eps, planned), lowest_eps(hg))
+
+
+#: A round whose h is exactly 0 with atol = 0 has the target rtol ||h|| = 0, and nothing to plan
+#: a correction's solves from (a CG tolerance of 0 is never met: such a round ran to its cap,
+#: about 10^4 units). It happens when a loose first round accepts x_eps = x0 = 0 and B(0) = 0
+#: (a weight on ||x||^2). The next round asks the lower solve for this fraction of its e, which
+#: moves x off x0 (`zero_target_eps`).
+ZERO_TARGET_SCALE = 0.1
+
+
+def zero_target_eps(eps: float, hg: HypergradientResult) -> float:
+    """The next round's eps after a round whose target was 0 (`ZERO_TARGET_SCALE`)."""
+    return next_eps(eps, ZERO_TARGET_SCALE * min(eps, float(hg.e)), hg)
