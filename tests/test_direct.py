@@ -208,11 +208,11 @@ def test_indefinite_hessian_is_not_spd():
     assert "not SPD" in hg.status and not hg.certified and not hg.usable
 
 
-def test_delta_below_rounding_is_capped_with_its_reason():
+def test_delta_below_rounding_is_the_rounding_floor_with_its_reason():
     k = PaperQuadratic.generate(seed=2, m1=80, m2=80, d=6, p=2)
     x = solve_lower(k, np.zeros(2), solver="direct", tol=1e-12).x
     adj = solve_adjoint(k, x, np.zeros(2), solver="direct", delta=1e-300)
-    assert adj.status == "capped" and "stalled" in adj.message
+    assert adj.status == "rounding floor" and "stalled" in adj.message
     assert 0 < adj.residual < 1e-9 * np.linalg.norm(k.upper_grad(x, np.zeros(2)))
     assert adj.n_hvp <= k.x_size + 1 + DIRECT_REFINEMENTS
 

@@ -37,12 +37,15 @@ from .correction import (
     uses_general_terms,
 )
 from .floors import (
+    adjoint_stalled,
     floor_accepted,
     lower_stalled,
     lowest_eps,
+    next_delta,
     next_eps,
+    solve_again,
+    uncorrected,
     unrefined_e,
-    zero_target_eps,
 )
 from .options import DEFAULTS
 from .results import HypergradientResult, Reason, ReasonKind, evolve
@@ -50,7 +53,7 @@ from .results import HypergradientResult, Reason, ReasonKind, evolve
 __all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances", "Round",
            "corrected_to_accuracy", "dwr_tightened", "dwr_planned", "plain_tightened",
            "tight_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE", "TIGHT_RELATIVE", "add_work",
-           "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND"]
+           "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND", "add_correction_work"]
 
 #: Rounds (each a warm-started lower solve, adjoint solve and bound) before giving up.
 MAX_ROUNDS = 8
@@ -150,29 +153,32 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
         share = SHARE * target
         lowest = lowest_eps(hg)
         stalled = lower_stalled(hg) or (e_part > share and eps <= lowest)
+        # the adjoint at its rounding floor with its part over its share, and nothing left
+        # to tighten in e
+        adjoint_floor = adjoint_stalled(hg) and r_part > share and e_part <= share
         if not stalled and rounding >= (1 - 2 * SHARE) * target and not rounding > 0:
             failure = (f"certified accuracy unreachable: atol + rtol ||grad|| = {fmt(target)}")
             break   # a zero target (h = 0 with atol = 0): no floor, the caller tightens
-        if stalled or rounding >= (1 - 2 * SHARE) * target:
+        if stalled or adjoint_floor or rounding >= (1 - 2 * SHARE) * target:
             kind = ReasonKind.ACCURACY_FLOOR
+            why = (f"the lower solve reached its rounding floor, e = {fmt(hg.e)}" if stalled
+                   else f"the adjoint solve reached its rounding floor, R = {fmt(hg.R)}"
+                   if adjoint_floor else f"the rounding floor {fmt(rounding)} of the bound")
             failure = (f"accuracy floor (certified accuracy unreachable): atol + rtol "
                        f"||grad|| = {fmt(target)} is below the accuracy floating point "
-                       f"allows here ("
-                       + (f"the lower solve reached its rounding floor, e = {fmt(hg.e)}"
-                          if stalled else f"the rounding floor {fmt(rounding)} of the bound")
-                       + f"); bound {fmt(hg.bound)} is the best certified")
+                       f"allows here ({why}); bound {fmt(hg.bound)} is the best certified")
             break
         tightened = False
         # the e <= eps that keeps the e part within its share (the e part is about linear in e)
         needed = hg.e * share / e_part if e_part > 0 else math.inf
-        if r_part > share:
+        if r_part > share and not adjoint_stalled(hg):
             delta, tightened = min(delta, hg.R * share / r_part), True
         if e_part > share:
             eps, tightened = max(min(eps, needed), lowest), True
         if not tightened:  # both parts within share, the cross term or ||grad|| tipped it
             # (never to 0: a zero e or R is exact already, and a tolerance of 0 is never met)
             eps = max(0.5 * min(eps, hg.e), lowest) if hg.e > 0 else eps
-            delta = 0.5 * min(delta, hg.R) if hg.R > 0 else delta
+            delta = next_delta(delta, 0.5 * min(delta, hg.R), hg) if hg.R > 0 else delta
         # The next lower solve, warm-started at x, certifies e <= min(eps, G/mu at x) by itself
         # (it tests before its first step); refine only where that is not enough (eps held at
         # the floor `lowest`, or a refined e kept the e part small). `needed` is the very float
@@ -414,17 +420,12 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     for _ in range(max_rounds if steer else 1):
         hg = floor_accepted(run(eps, delta, x0, q0, refine))
         add_work(total, hg.work)
-        if steer and hg.reasons and all(r.kind is ReasonKind.ZERO_TRAP for r in hg.reasons):
-            # delta >= ||grad f(x_eps)||: a relative first round was too loose for this x_eps
-            delta, x0 = min(0.5 * delta, relative * hg.grad_f_norm), hg.x
+        restart = solve_again(hg, steer, rtol, atol, (eps, delta, x0, q0), relative, trail)
+        if restart is not None:
+            eps, delta, x0, q0 = restart
             continue
         if hg.status != "ok":
             return evolve(hg, work=total)
-        if steer and not atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad)) > 0:
-            # h = 0 exactly: no target to plan the forward and dual solves from
-            trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: h = 0, a target of 0")
-            eps, x0, q0 = zero_target_eps(eps, hg), hg.x, hg.q
-            continue
         dirs = _directions(hg, components)
         n = len(dirs)
         if steer and tol_v is None:  # the first round: plan the forward and dual solves
@@ -448,9 +449,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                 continue
         corr = correct(k, hg, dirs, tol_v or [None] * n, tol_lam or [None] * n,
                        v0 or [None] * n, lam0 or [None] * n, max_iter, relative)
-        add_work(total, {"hvps": corr.work["hvps"] + corr.work["upper"],
-                          "cross": corr.work["cross"],
-                          "units": corr.work["hvps"] + corr.work["upper"]})
+        add_correction_work(total, corr.work)
         grad, bound, plain = combined(corr, hg, components)
         steered = plain if tight else bound if components else corr.parts[0].bound
         target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad if tight else grad))
@@ -464,7 +463,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             failure = (f"certified accuracy unreachable: the rounding floor takes a fifth of "
                        f"atol + rtol ||grad|| = {fmt(target)}")
             break
-        eps, delta = next_eps(eps, planned[0], hg), min(delta, planned[1])
+        eps, delta = next_eps(eps, planned[0], hg), next_delta(delta, planned[1], hg)
         tol_v, tol_lam = planned[2], planned[3]
         x0, q0, refine = hg.x, hg.q, refine_iter
         v0, lam0 = [p.v for p in corr.parts], [p.lam for p in corr.parts]
@@ -472,8 +471,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         failure = (f"certified accuracy not reached in {max_rounds} rounds: dwr bound "
                    f"{fmt(steered)} > atol + rtol ||grad|| = {fmt(target)}")
     if corr is None:  # every round was a zero trap or had a target of 0
-        return evolve(hg, work=total, reasons=hg.reasons if failure is None
-                      else hg.reasons + (Reason(ReasonKind.ACCURACY, failure),))
+        return uncorrected(hg, total, failure)
     if tight:
         return _tight_result(hg, corr, grad, bound, plain, total, trail, failure)
     return _corrected_result(hg, corr, grad, bound, plain, components, total, trail, failure)
@@ -536,6 +534,12 @@ def _dwr_first(k: Any, hg: HypergradientResult, target: float, n: int, component
 def add_work(total: dict[str, int], work: dict[str, Any]) -> None:
     for key in _WORK_KEYS:
         total[key] += int(work.get(key, 0))
+
+
+def add_correction_work(total: dict[str, int], work: dict[str, int]) -> None:
+    """A correction's work (its HVPs, upper ones included, and cross calls) added to total."""
+    hvps = work["hvps"] + work["upper"]
+    add_work(total, {"hvps": hvps, "cross": work["cross"], "units": hvps})
 
 
 def _directions(hg: HypergradientResult, components: bool) -> list[np.ndarray]:

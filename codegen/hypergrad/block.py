@@ -26,6 +26,7 @@ from .accuracy import (
     MAX_ROUNDS,
     TIGHT_RELATIVE,
     Round,
+    add_correction_work,
     add_work,
     bound_parts,
     check_targets,
@@ -40,7 +41,16 @@ from .correction import (
     product_terms,
     uses_general_terms,
 )
-from .floors import floor_accepted, lower_stalled, lowest_eps, next_eps, zero_target_eps
+from .floors import (
+    adjoint_stalled,
+    floor_accepted,
+    lower_stalled,
+    lowest_eps,
+    next_delta,
+    next_eps,
+    solve_again,
+    uncorrected,
+)
 from .results import HypergradientResult, Reason, ReasonKind, evolve
 from .solve import run_adjoint
 
@@ -226,16 +236,14 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
     for _ in range(max_rounds if steer else 1):
         hg = floor_accepted(run(eps, delta, x0, q0, refine))
         add_work(total, hg.work)
-        if steer and hg.reasons and all(r.kind is ReasonKind.ZERO_TRAP for r in hg.reasons):
-            delta, x0 = min(0.5 * delta, TIGHT_RELATIVE * hg.grad_f_norm), hg.x
+        restart = solve_again(hg, steer, rtol, atol, (eps, delta, x0, q0), TIGHT_RELATIVE,
+                              trail)
+        if restart is not None:
+            eps, delta, x0, q0 = restart
             continue
         if hg.status != "ok":
             return evolve(hg, work=total)
         target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad))
-        if steer and not target > 0:  # h = 0 exactly: no target to plan the solves from
-            trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: h = 0, a target of 0")
-            eps, x0, q0 = zero_target_eps(eps, hg), hg.x, hg.q
-            continue
         # a target below the rounding floor is not replanned for: the correction's round ends
         # the rounds at the floor
         floor = hg.bound_forms.get("rounding", 0.0) >= 0.2 * target
@@ -245,12 +253,12 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         if min(f_E, f_R) < 0.5:  # over the second-order plan: a warm re-solve, no correction
             trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E={fmt(hg.e)}, R={fmt(hg.R)} "
                          f"over the second-order terms' plan")
-            eps, delta = next_eps(eps, f_E * hg.e, hg), min(delta, f_R * hg.R)
+            eps, delta = next_eps(eps, f_E * hg.e, hg), next_delta(delta, f_R * hg.R, hg)
             x0, q0 = hg.x, hg.q
             continue
         corr = block_correct(k, hg, *_solve_tolerances(hg, target if steer else math.nan),
                              *starts, max_iter)
-        _add_correction_work(total, corr)
+        add_correction_work(total, corr.work)
         plain = min(corr.plain_bound, hg.bound)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: plain bound {fmt(plain)}")
         if not steer or plain <= target:
@@ -270,14 +278,21 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
                        f"{fmt(plain)} is the best certified")
             break
         f_E, f_R = block_tightened(hg, corr, target)
-        eps, delta = next_eps(eps, f_E * hg.e, hg), min(delta, f_R * hg.R)
+        planned = next_eps(eps, f_E * hg.e, hg), next_delta(delta, f_R * hg.R, hg)
+        if planned == (eps, delta) and adjoint_stalled(hg):  # nothing left to tighten
+            kind = ReasonKind.ACCURACY_FLOOR
+            failure = (f"accuracy floor (certified accuracy unreachable): atol + rtol ||grad|| "
+                       f"= {fmt(target)} is below the accuracy floating point allows here (the "
+                       f"adjoint solve at its rounding floor, R = {fmt(hg.R)}); block bound "
+                       f"{fmt(plain)} is the best certified")
+            break
+        eps, delta = planned
         x0, q0, refine, starts = hg.x, hg.q, refine_iter, (corr.w, corr.t)
     else:
         failure = (f"certified accuracy not reached in {max_rounds} rounds: block bound "
                    f"{fmt(plain)} > atol + rtol ||grad|| = {fmt(target)}")
     if corr is None:  # every round was a zero trap or had a target of 0
-        return evolve(hg, work=total, reasons=hg.reasons if failure is None
-                      else hg.reasons + (Reason(kind, failure),))
+        return uncorrected(hg, total, failure, kind)
     return _block_result(hg, corr, plain, total, trail,
                          None if failure is None else Reason(kind, failure))
 
@@ -314,7 +329,7 @@ def _sharpened(k: Any, hg: HypergradientResult, corr: BlockCorrection, max_iter:
                               _tolerance(f * corr.terms["t"], c_t), corr.w, corr.t, max_iter)
     except FloatingPointError:  # the first correction's kernels were finite: keep it
         return corr
-    _add_correction_work(total, sharp)
+    add_correction_work(total, sharp.work)
     trail.append(f"t and w solved again: plain bound {fmt(sharp.plain_bound)}")
     return sharp if sharp.plain_bound < corr.plain_bound else corr
 
@@ -346,12 +361,6 @@ def second_order_factors(terms: dict[str, float], target: float) -> tuple[float,
     re = terms.get("RE", 0.0) * f_E
     f_R = 0.25 * share / re if re > 0.25 * share else 1.0
     return f_E, f_R
-
-
-def _add_correction_work(total: dict[str, int], corr: BlockCorrection) -> None:
-    """The correction's HVPs (upper ones included) and cross calls, added to total."""
-    hvps = corr.work["hvps"] + corr.work["upper"]
-    add_work(total, {"hvps": hvps, "cross": corr.work["cross"], "units": hvps})
 
 
 def _tolerance(term: float, weight: float) -> float:

@@ -1,28 +1,37 @@
-"""The rounding floor of the accuracy rounds (docs/bounds.md 12): the lowest eps a round may
-ask of a lower solve (eps_machine ||x||), and a lower solve that stagnated there.
+"""Where the accuracy rounds cannot plan from a round (docs/bounds.md 12, 15.5): the rounding
+floor (the lowest eps a round may ask of a lower solve, eps_machine ||x||, and a lower or a
+direct adjoint solve that stagnated at its rounding level), and a round to solve again before
+any correction (a zero trap, or h exactly 0: `solve_again`).
 
-A lower solve at its rounding floor certifies the G it reached; the rounds (E&R's, the tight
-and the block ones) accept that as accuracy, not failure, and stop with "accuracy floor" when
-the target needs less.
+A lower solve at its rounding floor certifies the G it reached, a direct adjoint whose
+refinement stalled the R it reached; the rounds (E&R's, the tight and the block ones) accept
+that as accuracy, not failure, ask that solve for no less (`next_eps`, `next_delta`), and stop
+with "accuracy floor" when the target needs less.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, cast
 
+import numpy as np
+
+from .common import fmt
 from .lower.stopping import solution_floor
 from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 
-__all__ = ["FLOOR_NOTE", "floor_accepted", "lower_stalled", "lowest_eps", "unrefined_e",
-           "next_eps", "zero_target_eps", "ZERO_TARGET_SCALE"]
+__all__ = ["FLOOR_NOTE", "ADJOINT_FLOOR_NOTE", "floor_accepted", "lower_stalled",
+           "adjoint_stalled", "lowest_eps", "unrefined_e", "next_eps", "next_delta",
+           "zero_target_eps", "ZERO_TARGET_SCALE", "solve_again", "uncorrected"]
 
-#: The note that keeps a lower solve's "rounding floor" reason once the rounds accepted it.
+#: The notes that keep a lower or adjoint solve's "rounding floor" reason once the rounds
+#: accepted it.
 FLOOR_NOTE = "lower solve at its rounding floor"
+ADJOINT_FLOOR_NOTE = "adjoint solve at its rounding floor"
+_NOTES = {ReasonKind.LOWER_SOLVE: FLOOR_NOTE, ReasonKind.ADJOINT_SOLVE: ADJOINT_FLOOR_NOTE}
 
 
 def _is_floor_reason(reason: Reason) -> bool:
-    return (reason.kind is ReasonKind.LOWER_SOLVE
-            and reason.solver_status is Status.ROUNDING_FLOOR)
+    return reason.kind in _NOTES and reason.solver_status is Status.ROUNDING_FLOOR
 
 
 def lower_stalled(hg: HypergradientResult) -> bool:
@@ -30,10 +39,15 @@ def lower_stalled(hg: HypergradientResult) -> bool:
     return any(note.startswith(FLOOR_NOTE) for note in hg.notes)
 
 
+def adjoint_stalled(hg: HypergradientResult) -> bool:
+    """Whether hg's adjoint solve stagnated at its rounding floor (seen by `floor_accepted`)."""
+    return any(note.startswith(ADJOINT_FLOOR_NOTE) for note in hg.notes)
+
+
 def floor_accepted(hg: HypergradientResult) -> HypergradientResult:
-    """hg without its lower solve's "rounding floor" reason when that is its only non-stated
-    reason: the bound certifies the G reached (the floor is accuracy, not failure); the
-    rounds decide whether it meets the target. A note keeps what the solver said."""
+    """hg without its solves' "rounding floor" reasons when those are its only non-stated
+    reasons: the bound certifies the G and R reached (the floor is accuracy, not failure);
+    the rounds decide whether it meets the target. A note keeps what the solver said."""
     if not hg.reasons:
         return hg
     floor = [r for r in hg.reasons if _is_floor_reason(r)]
@@ -41,7 +55,7 @@ def floor_accepted(hg: HypergradientResult) -> HypergradientResult:
     if not floor or not all(r.kind is ReasonKind.UNCERTIFIED for r in rest):
         return hg
     return evolve(hg, reasons=rest, notes=tuple(hg.notes) + tuple(
-        f"{FLOOR_NOTE}: {r}" for r in floor))
+        f"{_NOTES[r.kind]}: {r}" for r in floor))
 
 
 def unrefined_e(hg: HypergradientResult) -> float:
@@ -70,6 +84,13 @@ def next_eps(eps: float, planned: float, hg: HypergradientResult) -> float:
     return max(min(eps, planned), lowest_eps(hg))
 
 
+def next_delta(delta: float, planned: float, hg: HypergradientResult) -> float:
+    """The next round's delta from a plan for R: the current delta when hg's adjoint solve
+    stalled at its rounding floor (asking it for less only repeats the stall), else the
+    smaller of the two."""
+    return delta if adjoint_stalled(hg) else min(delta, planned)
+
+
 #: A round whose h is exactly 0 with atol = 0 has the target rtol ||h|| = 0, and nothing to plan
 #: a correction's solves from (a CG tolerance of 0 is never met: such a round ran to its cap,
 #: about 10^4 units). It happens when a loose first round accepts x_eps = x0 = 0 and B(0) = 0
@@ -81,3 +102,30 @@ ZERO_TARGET_SCALE = 0.1
 def zero_target_eps(eps: float, hg: HypergradientResult) -> float:
     """The next round's eps after a round whose target was 0 (`ZERO_TARGET_SCALE`)."""
     return next_eps(eps, ZERO_TARGET_SCALE * min(eps, float(hg.e)), hg)
+
+
+def uncorrected(hg: HypergradientResult, total: dict[str, int], failure: str | None,
+                kind: ReasonKind = ReasonKind.ACCURACY) -> HypergradientResult:
+    """hg (E&R's bound) with the rounds' work and their failure, when no round got as far as
+    its correction (each was a zero trap or had a target of 0)."""
+    return evolve(hg, work=total, reasons=hg.reasons if failure is None
+                  else hg.reasons + (Reason(kind, failure),))
+
+
+def solve_again(hg: HypergradientResult, steer: bool, rtol: float | None, atol: float,
+                start: tuple[float, float, Any, Any], relative: float,
+                trail: list[str]) -> tuple[float, float, Any, Any] | None:
+    """(eps, delta, x0, q0) of a round of the DWR, tight or block rounds solved again before
+    any correction, or None. After a zero trap (delta >= ||grad f(x_eps)||: a loose first
+    round for this x_eps), delta shrinks to `relative` ||grad f||; after a round whose h is
+    exactly 0 with atol = 0 (its target is 0, and a solve planned from it never stops),
+    `zero_target_eps` asks the lower solve for less. start: the round's (eps, delta, x0, q0)."""
+    eps, delta, _, q0 = start
+    if not steer:
+        return None
+    if hg.reasons and all(r.kind is ReasonKind.ZERO_TRAP for r in hg.reasons):
+        return eps, min(0.5 * delta, relative * hg.grad_f_norm), hg.x, q0
+    if hg.status == "ok" and not atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad)) > 0:
+        trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: h = 0, a target of 0")
+        return zero_target_eps(eps, hg), delta, hg.x, hg.q
+    return None

@@ -68,12 +68,13 @@ class Status(str, Enum):
     """How a lower or adjoint solve ended."""
 
     CONVERGED = "converged"
-    CAPPED = "capped"          # max_iter reached, or (direct) refinement stalled at rounding
+    CAPPED = "capped"          # max_iter reached (direct: after its refinement steps)
     DIVERGED = "diverged"      # the residual grew by DIVERGENCE_FACTOR, or no Newton decrease
     NON_FINITE = "non-finite"  # a kernel or an iterate was not finite: the last finite one kept
     NOT_SPD = "not SPD"        # d^T A d <= 0 or Cholesky failed: contradicts mu > 0
     ZERO_TRAP = "zero trap"    # ||grad f|| <= delta from q0 = 0: an iteration was forced
-    ROUNDING_FLOOR = "rounding floor"  # no decrease, ||grad g|| already at eps_machine's scale
+    ROUNDING_FLOOR = "rounding floor"  # no decrease at eps_machine's scale (||grad g||, or the
+    #                                    direct adjoint's refinement stalled)
 
     def __str__(self) -> str:
         return self.value

@@ -3,7 +3,8 @@ residual, for small x (docs/solvers.md 2, docs/bounds.md 11).
 
 q = A(x)^{-1} b from the factor (shared with lower="direct" through the task's `dense` cache),
 then q -= A^{-1} (A q - b), with A q from the HVP kernel (never the dense matrix), until R <= delta.
-A residual that stops halving has reached the rounding level: status "capped", with the reason.
+A residual that stops halving has reached the rounding level: status "rounding floor", with the
+reason (the accuracy rounds accept it as the best R there is, `floors.floor_accepted`).
 q0 plays no part: the solve is not iterative.
 """
 from __future__ import annotations
@@ -44,11 +45,13 @@ def solve_direct(task: AdjointTask) -> AdjointResult:
         if R <= delta:
             status = Status.CONVERGED
             break
-        if it >= min(task.max_iter, DIRECT_REFINEMENTS) or R > 0.5 * R_prev:
-            status = Status.CAPPED
+        if R > 0.5 * R_prev:
+            status = Status.ROUNDING_FLOOR
             msg = (f"iterative refinement stalled at R = {R:.3g} (the rounding level of the "
-                   "factored Hessian)" if R > 0.5 * R_prev else
-                   f"R = {R:.3g} after {it} refinement(s)")
+                   "factored Hessian)")
+            break
+        if it >= min(task.max_iter, DIRECT_REFINEMENTS):
+            status, msg = Status.CAPPED, f"R = {R:.3g} after {it} refinement(s)"
             break
         q, R_prev, it = q - fac.solve(rt), R, it + 1
     return AdjointResult(q=q, residual=R, iterations=it, status=status, solver="direct",
