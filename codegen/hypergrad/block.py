@@ -262,8 +262,9 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         plain = min(corr.plain_bound, hg.bound)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: plain bound {fmt(plain)}")
         if not steer or plain <= target:
-            corr = _sharpened(k, hg, corr, max_iter, total, trail)
-            plain = min(corr.plain_bound, hg.bound)
+            if steer:
+                corr = _sharpened(k, hg, corr, plain, total, trail)
+                plain = min(corr.plain_bound, hg.bound)
             break
         # unreachable once the rounding floors of both bounds take a fifth of the target: the
         # block bound's alone leaves E&R's, which a more accurate round may bring within it
@@ -310,25 +311,29 @@ SHARPEN_RATIO = 3.0
 SHARPEN_BUDGET = 0.1
 
 
-def _sharpened(k: Any, hg: HypergradientResult, corr: BlockCorrection, max_iter: int,
+def _sharpened(k: Any, hg: HypergradientResult, corr: BlockCorrection, plain: float,
                total: dict[str, int], trail: list[str]) -> BlockCorrection:
     """corr, or a sharper one from t and w solved again (warm) until their terms leave
-    bound(h_c) about 2 ||h - h_c||, when the plain bound is over SHARPEN_RATIO times the
-    estimate, t and w make most of bound(h_c) (nothing else is sharpened: E and R are h's own
-    accuracy) and their cost is within SHARPEN_BUDGET. Steering only: the bound returned is
-    the one computed for the solves returned. Adds the work to total and a note to trail."""
+    bound(h_c) about 2 ||h - h_c||, when the plain bound (the smaller of the two) is over
+    SHARPEN_RATIO times the estimate, t and w make most of bound(h_c) (nothing else is
+    sharpened: E and R are h's own accuracy) and their first solves cost at most
+    SHARPEN_BUDGET of the work so far; each CG is capped at half that budget, so a sharpening
+    never costs more. Steering only: the bound returned is the one computed for the solves
+    returned. Adds the work to total and a note to trail."""
     gap = norm(corr.shift)
     solves = corr.terms["t"] + corr.terms["w"]
     rest = corr.bound - solves
-    if (corr.plain_bound <= SHARPEN_RATIO * gap or solves <= 0.5 * corr.bound
-            or corr.work["hvps"] + corr.work["upper"] > SHARPEN_BUDGET * total["units"]):
+    budget = SHARPEN_BUDGET * total["units"]
+    if (not gap > 0 or plain <= SHARPEN_RATIO * gap or solves <= 0.5 * corr.bound
+            or corr.work["hvps"] + corr.work["upper"] > budget):
         return corr
     aim = SHARPEN_RATIO - 1.0
     f = max(aim * gap - rest, 0.25 * aim * gap) / solves
     c_t, c_w = solve_weights(hg)
     try:
         sharp = block_correct(k, hg, _tolerance(f * corr.terms["w"], c_w),
-                              _tolerance(f * corr.terms["t"], c_t), corr.w, corr.t, max_iter)
+                              _tolerance(f * corr.terms["t"], c_t), corr.w, corr.t,
+                              max(int(budget / 2), 1))
     except FloatingPointError:  # the first correction's kernels were finite: keep it
         return corr
     add_correction_work(total, sharp.work)
