@@ -4,6 +4,7 @@ log(1 + exp(z)) overflows for z > 709 and its derivative exp(z)/(1 + exp(z)) giv
 same holds for 1/(1 + exp(-z)). The primitives below carry their own derivative rules (softplus'
 = sigmoid, sigmoid'(z) = sigmoid(z) sigmoid(-z)), so every derivative the generator takes stays in the
 stable forms, and they print as branch-free stable C helpers (see templates/module.c.j2).
+log(cosh(z)) overflows for |z| > 710 the same way; logcosh' = tanh keeps its derivatives stable.
 Log-sum-exp is handled structurally by the lowering (max shifted out), not here.
 """
 from __future__ import annotations
@@ -65,9 +66,33 @@ class sigmoid(sp.Function):
         return True if self.args[0].is_real else None
 
 
+class logcosh(sp.Function):
+    """logcosh(z) = log(cosh(z)), printed as |z| + log1p(exp(-2|z|)) - log 2: cosh(z) overflows
+    for |z| > 710, and the derivatives SymPy takes of log(cosh(z)) are ratios of sinh and cosh
+    (inf/inf there). Its derivative is tanh(z), whose own derivatives stay in tanh."""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return sp.tanh(self.args[0])
+
+    @classmethod
+    def eval(cls, z: sp.Expr) -> sp.Expr | None:
+        if z.is_Number and z == 0:
+            return sp.S.Zero
+        return None
+
+    def _eval_rewrite_as_cosh(self, z: sp.Expr, **kwargs: Any) -> sp.Expr:
+        return sp.log(sp.cosh(z))
+
+    def _eval_is_real(self) -> bool | None:
+        real: bool | None = self.args[0].is_real
+        return real
+
+
 ALLOWED_FUNCTIONS = frozenset({
     sp.exp, sp.log, sp.sin, sp.cos, sp.tan, sp.sinh, sp.cosh, sp.tanh, sp.atan, sp.asinh,
-    sp.erf, sp.Abs, softplus, sigmoid,
+    sp.erf, sp.Abs, softplus, sigmoid, logcosh,
 })
 
 
@@ -81,10 +106,13 @@ def _one_plus_exp(expr: sp.Expr) -> sp.Expr | None:
 
 
 def stabilise(expr: sp.Expr) -> sp.Expr:
-    """Rewrite log(1 + exp(u)) -> softplus(u) and 1/(1 + exp(-u)), exp(u)/(1 + exp(u)) -> sigmoid(u)."""
+    """Rewrite log(1 + exp(u)) -> softplus(u), 1/(1 + exp(-u)), exp(u)/(1 + exp(u)) ->
+    sigmoid(u) and log(cosh(u)) -> logcosh(u)."""
 
     def rewrite(node: sp.Basic) -> sp.Basic:
         if isinstance(node, sp.log):
+            if isinstance(node.args[0], sp.cosh):
+                return logcosh(node.args[0].args[0])
             u = _one_plus_exp(node.args[0])
             if u is not None:
                 return softplus(u)

@@ -10,6 +10,7 @@ import pytest
 import sympy as sp
 
 from codegen import Problem, sigmoid
+from codegen.pipeline import build_problem
 
 from oracle import Oracle
 from support.overlap import build_alongside
@@ -47,6 +48,9 @@ CASES = {
                        upper=sp.Sum(sp.log(sp.Sum(sp.exp(X[r, j]), (j, 0, n - 1))), (r, 0, m - 1))),
     "index_value": dict(x=x, theta=t0, lower=sp.Sum((i + 1) * x[i] ** 2 + sp.cos(t0 * i) * x[i], ALL),
                         upper=sp.Sum(i * x[i] * y[i], ALL)),
+    # log cosh (robust regression): printed as the stable hg_logcosh, derivatives in tanh
+    "logcosh": dict(x=x, theta=t0, lower=sp.Sum(sp.log(sp.cosh(x[i] - y[i])), ALL) + RIDGE,
+                    upper=sp.Sum((x[i] - y[i]) ** 2, ALL)),
     # a matrix product inside an atom: the HVP caches Q X^T (a prepared HVP, three loops)
     "matrix_product": dict(x=X, theta=t0,
                            lower=sp.Sum(sp.log(1 + sp.exp(sp.Sum(Q[k, j] * X[r, j], (j, 0, n - 1)))),
@@ -89,3 +93,19 @@ def test_unseen_problem_shapes_match_oracle(name, build_dir):
     want = wants[2]  # lower_hvp at (x0, t, v): the prepared HVP where it pays
     err = np.max(np.abs(prob.hvp_at(x0, t)(v) - want)) / max(np.max(np.abs(want)), 1e-300)
     assert err <= 1e-12, f"{name}.hvp_at: relative error {err:.1e}"
+
+
+def test_log_cosh_stays_finite_where_cosh_overflows(build_dir):
+    """log(cosh(u)) with |u| up to 2000 (cosh overflows above 710, and SymPy's derivatives of
+    log cosh are sinh / cosh, inf / inf there): the value |u| - log 2, the gradient tanh(u) and
+    the HVP (1 - tanh(u)^2) v, each against NumPy, all finite."""
+    problem = Problem(name="logcosh_far", **CASES["logcosh"])
+    prob = build_problem(problem, build_dir).bind(y=np.linspace(-2000.0, 2000.0, 11))
+    x0, v, t = np.zeros(11), np.ones(11), np.array([0.5])
+    u = x0 - np.linspace(-2000.0, 2000.0, 11)
+    want = np.sum(np.logaddexp(u, -u) - np.log(2.0)) + np.exp(0.5) * np.sum(x0 ** 2)
+    assert prob.lower_value(x0, t) == pytest.approx(want, rel=1e-14)
+    assert np.allclose(prob.lower_grad(x0, t), np.tanh(u) + 2 * np.exp(0.5) * x0,
+                       rtol=0, atol=1e-15)
+    assert np.allclose(prob.lower_hvp(x0, t, v), (1 - np.tanh(u) ** 2 + 2 * np.exp(0.5)) * v,
+                       rtol=0, atol=1e-15)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
-from ..primitives import sigmoid, softplus
+from ..primitives import logcosh, sigmoid, softplus
 
 KINDS = ("exact", "bound", "estimate", "assumed", "infinite")
 T = sp.Symbol("t", real=True)  # the free variable of atoms psi(t) and of per-sample weights v(t)
@@ -63,7 +63,7 @@ def qsym(name: str) -> sp.Symbol:
 
 _NS = {k: getattr(sp, k) for k in dir(sp) if not k.startswith("_")}
 _NS.update(ThetaMax=ThetaMax, ThetaMin=ThetaMin, FilterGainSq=FilterGainSq, sigmoid=sigmoid,
-           softplus=softplus)
+           softplus=softplus, logcosh=logcosh)
 
 
 def dump(expr) -> str:

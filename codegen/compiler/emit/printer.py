@@ -13,10 +13,10 @@ import sympy as sp
 from sympy.printing.c import C99CodePrinter
 
 from ...errors import ProblemError
-from ...primitives import ALLOWED_FUNCTIONS, sigmoid, softplus
+from ...primitives import ALLOWED_FUNCTIONS, logcosh, sigmoid, softplus
 from .. import ir
 
-_C_FUNCTION = {softplus: "hg_softplus", sigmoid: "hg_sigmoid"}
+_C_FUNCTION = {softplus: "hg_softplus", sigmoid: "hg_sigmoid", logcosh: "hg_logcosh"}
 
 
 class KernelPrinter(C99CodePrinter):

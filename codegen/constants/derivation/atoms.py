@@ -16,7 +16,7 @@ import numpy as np
 import sympy as sp
 from sympy.calculus.util import maximum, minimum
 
-from ...primitives import sigmoid, softplus, stabilise
+from ...primitives import logcosh, sigmoid, softplus, stabilise
 from ..records import T
 
 SQRT3_18 = sp.sqrt(3) / 18  # sup |logistic'''| = sup |sigma''|
@@ -183,8 +183,8 @@ def _base(psi, theta_syms, timeout):
         q = _quadratic(psi.base)
         if q is not None:
             return _charbonnier(*q, theta_syms)
-    if isinstance(psi, sp.log) and isinstance(psi.args[0], sp.cosh):
-        ab = _linear(psi.args[0].args[0])
+    if isinstance(psi, logcosh):
+        ab = _linear(psi.args[0])
         if ab and ab[0].is_number and ab[0] != 0:
             a, b = ab
             return AtomFacts("log cosh", sp.S.Zero, a**2, abs(a)**3 * LOGCOSH3,
@@ -324,7 +324,8 @@ def _nonsmooth(psi, theta_syms):
 
 
 _NUMPY = [{"sigmoid": lambda z: 0.5 * (1 + np.tanh(z / 2)),
-           "softplus": lambda z: np.logaddexp(0, z), "Heaviside": lambda z, h=0.5: np.heaviside(z, h)},
+           "softplus": lambda z: np.logaddexp(0, z), "Heaviside": lambda z, h=0.5: np.heaviside(z, h),
+           "logcosh": lambda z: np.logaddexp(z, -z) - np.log(2.0)},
           "numpy"]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sympy as sp
 from sympy.parsing.sympy_parser import parse_expr
 
-from ...primitives import sigmoid, softplus
+from ...primitives import logcosh, sigmoid, softplus
 from ..records import Derivation, T
 from .terms import Term, VarReads, flatten, max_affine, split_affine
 
@@ -27,7 +27,7 @@ def _namespace(der):
         ns[s] = sp.Symbol(s)
     glob = {}
     exec("from sympy import *", glob)  # noqa: S102 - the parser's usual global namespace
-    glob.update(sigmoid=sigmoid, softplus=softplus)
+    glob.update(sigmoid=sigmoid, softplus=softplus, logcosh=logcosh)
     return ns, glob
 
 

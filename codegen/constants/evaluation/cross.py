@@ -50,7 +50,8 @@ GRAM_LIMIT = 5e7  # largest m R^2 kept in memory
 # -- numbers -----------------------------------------------------------------------------------
 def _lambdify(expr):
     return sp.lambdify([T], expr, modules=[{"sigmoid": lambda z: 0.5 * (1 + np.tanh(z / 2)),
-                                            "softplus": lambda z: np.logaddexp(0.0, z)}, "numpy"])
+                                            "softplus": lambda z: np.logaddexp(0.0, z),
+                                            "logcosh": lambda z: np.logaddexp(z, -z) - np.log(2.0)}, "numpy"])
 
 
 def _peak_fn(psi):

@@ -11,14 +11,14 @@ import numpy as np
 import sympy as sp
 
 from ...errors import ProblemError
-from ...primitives import sigmoid, softplus
+from ...primitives import logcosh, sigmoid, softplus
 
 ENTRY_LIMIT = 5e7  # largest dense operator (entries)
 
 _UFUNCS = {sp.exp: np.exp, sp.log: np.log, sp.sin: np.sin, sp.cos: np.cos, sp.tan: np.tan,
            sp.sinh: np.sinh, sp.cosh: np.cosh, sp.tanh: np.tanh, sp.atan: np.arctan,
            sp.asinh: np.arcsinh, sp.Abs: np.abs, sigmoid: lambda z: 0.5 * (1 + np.tanh(z / 2)),
-           softplus: lambda z: np.logaddexp(0.0, z)}
+           softplus: lambda z: np.logaddexp(0.0, z), logcosh: lambda z: np.logaddexp(z, -z) - np.log(2.0)}
 
 
 class Env:

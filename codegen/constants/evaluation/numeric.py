@@ -1,6 +1,6 @@
 """`evaluate`: the constants at one theta, with outward rounding (docs/constants.md section 5).
 
-Expressions are evaluated by a small float64 interpreter (stable sigmoid/softplus, max/min over
+Expressions are evaluated by a small float64 interpreter (stable sigmoid/softplus/logcosh, max/min over
 the theta entries for per-sample weights); mu is rounded down and every Lipschitz constant up by
 a relative 1e-12, which covers the few roundings of these short expressions. oo stays math.inf.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import sympy as sp
 
 from ...errors import ProblemError
-from ...primitives import sigmoid, softplus
+from ...primitives import logcosh, sigmoid, softplus
 from ..records import FilterGainSq, T, ThetaMax, ThetaMin
 from .spectral import filter_gain_sq
 
@@ -27,7 +27,7 @@ def _sig(z):
 
 _F = {sp.exp: np.exp, sp.log: np.log, sp.Abs: np.abs, sp.sin: np.sin, sp.cos: np.cos,
       sp.tanh: np.tanh, sp.cosh: np.cosh, sp.sinh: np.sinh, sp.atan: np.arctan,
-      sigmoid: _sig, softplus: lambda z: np.logaddexp(0.0, z)}
+      sigmoid: _sig, softplus: lambda z: np.logaddexp(0.0, z), logcosh: lambda z: np.logaddexp(z, -z) - np.log(2.0)}
 
 
 def num(expr, env: dict, theta: np.ndarray):
