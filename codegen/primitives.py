@@ -82,9 +82,6 @@ class logcosh(sp.Function):
             return sp.S.Zero
         return None
 
-    def _eval_rewrite_as_cosh(self, z: sp.Expr, **kwargs: Any) -> sp.Expr:
-        return sp.log(sp.cosh(z))
-
     def _eval_is_real(self) -> bool | None:
         real: bool | None = self.args[0].is_real
         return real
