@@ -39,6 +39,7 @@ from .correction import (
 from .floors import (
     adjoint_stalled,
     floor_accepted,
+    floor_failure,
     lower_stalled,
     lowest_eps,
     next_delta,
@@ -143,8 +144,7 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
     kind = ReasonKind.ACCURACY
     for _ in range(max_rounds):
         hg = floor_accepted(run(eps, delta, x0, q0, refine))
-        for key in _WORK_KEYS:
-            total[key] += hg.work.get(key, 0)
+        add_work(total, hg.work)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: bound {fmt(hg.bound)}")
         target = atol + rtol * grad_norm(hg.grad)
         if hg.bound <= target or not steerable(hg):  # the target met: no more to steer
@@ -164,9 +164,7 @@ def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, 
             why = (f"the lower solve reached its rounding floor, e = {fmt(hg.e)}" if stalled
                    else f"the adjoint solve reached its rounding floor, R = {fmt(hg.R)}"
                    if adjoint_floor else f"the rounding floor {fmt(rounding)} of the bound")
-            failure = (f"accuracy floor (certified accuracy unreachable): atol + rtol "
-                       f"||grad|| = {fmt(target)} is below the accuracy floating point "
-                       f"allows here ({why}); bound {fmt(hg.bound)} is the best certified")
+            failure = floor_failure(target, why, hg.bound)
             break
         tightened = False
         # the e <= eps that keeps the e part within its share (the e part is about linear in e)

@@ -44,6 +44,7 @@ from .correction import (
 from .floors import (
     adjoint_stalled,
     floor_accepted,
+    floor_failure,
     lower_stalled,
     lowest_eps,
     next_delta,
@@ -273,19 +274,15 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         lowest = lowest_eps(hg)
         if lower_stalled(hg) or eps <= lowest:
             kind = ReasonKind.ACCURACY_FLOOR
-            failure = (f"accuracy floor (certified accuracy unreachable): atol + rtol ||grad|| = "
-                       f"{fmt(target)} is below the accuracy floating point allows here (the "
-                       f"lower solve at its rounding floor, e = {fmt(hg.e)}); block bound "
-                       f"{fmt(plain)} is the best certified")
+            failure = floor_failure(target, f"the lower solve at its rounding floor, e = "
+                                    f"{fmt(hg.e)}", plain, "block bound")
             break
         f_E, f_R = block_tightened(hg, corr, target)
         planned = next_eps(eps, f_E * hg.e, hg), next_delta(delta, f_R * hg.R, hg)
         if planned == (eps, delta) and adjoint_stalled(hg):  # nothing left to tighten
             kind = ReasonKind.ACCURACY_FLOOR
-            failure = (f"accuracy floor (certified accuracy unreachable): atol + rtol ||grad|| "
-                       f"= {fmt(target)} is below the accuracy floating point allows here (the "
-                       f"adjoint solve at its rounding floor, R = {fmt(hg.R)}); block bound "
-                       f"{fmt(plain)} is the best certified")
+            failure = floor_failure(target, f"the adjoint solve at its rounding floor, R = "
+                                    f"{fmt(hg.R)}", plain, "block bound")
             break
         eps, delta = planned
         x0, q0, refine, starts = hg.x, hg.q, refine_iter, (corr.w, corr.t)

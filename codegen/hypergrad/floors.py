@@ -21,7 +21,8 @@ from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 
 __all__ = ["FLOOR_NOTE", "ADJOINT_FLOOR_NOTE", "floor_accepted", "lower_stalled",
            "adjoint_stalled", "lowest_eps", "unrefined_e", "next_eps", "next_delta",
-           "zero_target_eps", "ZERO_TARGET_SCALE", "solve_again", "uncorrected"]
+           "zero_target_eps", "ZERO_TARGET_SCALE", "solve_again", "uncorrected",
+           "floor_failure"]
 
 #: The notes that keep a lower or adjoint solve's "rounding floor" reason once the rounds
 #: accepted it.
@@ -82,6 +83,14 @@ def next_eps(eps: float, planned: float, hg: HypergradientResult) -> float:
     if planned >= hg.e:
         return eps
     return max(min(eps, planned), lowest_eps(hg))
+
+
+def floor_failure(target: float, why: str, bound: float, name: str = "bound") -> str:
+    """The failure text of rounds that end at an accuracy floor: the target, what reached its
+    floor (`why`), and the best certified bound (E&R's "bound", or the "block bound")."""
+    return (f"accuracy floor (certified accuracy unreachable): atol + rtol ||grad|| = "
+            f"{fmt(target)} is below the accuracy floating point allows here ({why}); {name} "
+            f"{fmt(bound)} is the best certified")
 
 
 def next_delta(delta: float, planned: float, hg: HypergradientResult) -> float:
