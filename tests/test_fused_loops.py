@@ -195,6 +195,26 @@ def test_fused_cg_stops_as_krylov_cg(build_dir):
     assert fused_cg(loops, x, th, b, tol=1e3, min_iter=3).iterations == 3
 
 
+def test_fused_cg_near_overflow_takes_the_entrywise_finiteness_test(build_dir):
+    """loop_cg skips its entrywise finiteness test while max |u| + |alpha| max |d| (and the same
+    for s and A d) stays below 1e300; from u near 1e301 it runs the test at every step, and
+    still takes krylov.cg's steps (the offset u0 changes no residual: the residual is given)."""
+    prob, th = bound_problem("logistic", build_dir)
+    x = exact_solution(prob, th)
+    b = prob.upper_grad(x, th)
+    loops, hvp = loops_for(prob), hvp_at(prob, x, th)
+    u0 = np.full(prob.x_size, 1e301)
+    fused = fused_cg(loops, x, th, b, u0, residual=b, tol=1e-9)
+    python = cg(hvp, b, u0.copy(), residual=b.copy(), tol=1e-9)
+    assert fused.status == python.status == "converged"
+    assert abs(fused.iterations - python.iterations) <= 1
+    plain = fused_cg(loops, x, th, b, tol=1e-9)
+    assert fused.iterations == plain.iterations
+    np.testing.assert_allclose(fused.x - u0, plain.x, rtol=0, atol=1e286)
+    np.testing.assert_allclose(fused.residual, plain.residual, rtol=1e-12,
+                               atol=1e-12 * np.linalg.norm(b))
+
+
 def _spd(n, cond, seed):
     """A symmetric positive definite n x n matrix with eigenvalues geomspace(1, cond, n)."""
     rng = np.random.default_rng(seed)
