@@ -4,7 +4,8 @@
 
 Prints the median time of one `lower_hvp` / `lower_grad` of ridge and l2-logistic regression
 against NumPy's `A @ v` followed by `A.T @ w` (the two passes over A a BLAS-based library makes),
-and the cold and cached `hypergen build` times of every example.
+of `lower_hvp_pair` (two products in one pass) against one `lower_hvp`, and the cold and cached
+`hypergen build` times of every example.
 """
 import argparse
 import statistics
@@ -46,6 +47,11 @@ def kernels(m, n, repeat):
         for kernel, args in [("lower_hvp", (x, 0.0, v)), ("lower_grad", (x, 0.0))]:
             t = median_time(lambda: getattr(prob, kernel)(*args), repeat)
             print(f"  {name}.{kernel}: {t * 1e3:.1f} ms = {t / t_numpy:.2f} x NumPy's two passes")
+            if kernel == "lower_hvp":  # two products in one pass (docs/solvers.md 9)
+                pair, u = prob.hvp_pair_at(x, 0.0), rng.standard_normal(n)
+                t_pair = median_time(lambda: pair(v, u), repeat)
+                print(f"  {name}.lower_hvp_pair: {t_pair * 1e3:.1f} ms = {t_pair / t:.2f} x one "
+                      f"lower_hvp")
 
 
 # The example problem files (the other scripts in examples/ use them).

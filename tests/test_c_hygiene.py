@@ -152,6 +152,8 @@ def _pointer_count(meta, kernel, param, counts):
             return counts[x] * counts[x]
         if pname == "cross_out":  # cross_matrix: theta_size columns of x_size
             return counts[x] * counts[theta]
+        if pname == "hg_products":  # lower_hvp_pair: two products, the rows of one output
+            return 2 * counts[x]
         for base in (x, theta):
             if pname in (f"{base}_bar", f"{base}_bar_dot", f"{base}_bar_dot_dw_dot"):
                 return counts[base]

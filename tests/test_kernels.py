@@ -51,6 +51,32 @@ def test_kernels_match_unrolled_sympy(name, build_dir):
         assert err <= 1e-12, f"{name}.hvp_at: relative error {err:.2e}"
 
 
+# The examples whose HVP makes a pass over a dense data matrix: they have lower_hvp_pair (two
+# products in one pass); stencils (two calls cost what one does) and prepared HVPs have none.
+PAIRED = {"ridge", "logistic", "quadratic"}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_lower_hvp_pair_matches_two_hvps_and_the_oracle(name, build_dir):
+    """lower_hvp_pair's rows are (d2g/dx2) v and (d2g/dx2) w: against the unrolled SymPy HVP
+    (rtol 1e-12) and the module's own lower_hvp; `hvp_pair_at` is None where there is none."""
+    problem, prob, data, rng, x, theta = _setup(name, build_dir, seed=7)
+    pair = prob.hvp_pair_at(x, theta)
+    assert (pair is not None) == (name in PAIRED), name
+    if pair is None:
+        return
+    oracle = Oracle(problem, data)
+    v, w = rng.standard_normal(prob.x_size), rng.standard_normal(prob.x_size)
+    got = pair(v, w)
+    assert got.shape == (2, prob.x_size)
+    for row, direction in zip(got, (v, w)):
+        want = np.asarray(oracle.lower_hvp(x, theta, direction), dtype=float)
+        scale = max(np.max(np.abs(want)), 1e-300)
+        assert np.max(np.abs(row - want)) / scale <= 1e-12, name
+        np.testing.assert_allclose(row, prob.lower_hvp(x, theta, direction), rtol=0,
+                                   atol=1e-13 * scale)
+
+
 # The examples whose HVP has heavy x-only temporaries (z = A x through CSR; the logits of a
 # multi-class loss, a matrix product), so a prepared HVP; dense logistic's z = A x rides along
 # with A v in one row sweep, and quadratic or stencil lower levels have none.

@@ -80,8 +80,50 @@ def kernel_specs(problem: Problem) -> list[KernelSpec]:
         program = _optimised(program, output)
         out.append(KernelSpec(name, doc, program, inputs, output))
         if name == "lower_hvp":
-            out += prepared_hvp(program, output)
+            prepared = prepared_hvp(program, output)
+            out += prepared or paired_hvp(hvp, program, x)
     return out
+
+
+#: The output of `lower_hvp_pair`: its two products stacked as rows (a generator's own name).
+PAIR_OUTPUT = "hg_products"
+
+
+def paired_hvp(hvp: ir.Program, optimised: ir.Program, x: str) -> list[KernelSpec]:
+    """[lower_hvp_pair], (d2g/dx2) v and (d2g/dx2) hg_w in one pass over the data, or [] where
+    the HVP makes no pass over a data matrix (a stencil: two calls cost what one would).
+
+    Two CG solves with the Hessian at one x (the adjoint's and the correction's forward solve,
+    docs/solvers.md 9) can run in lock step on it: a dense row pass reads a_i once for
+    a_i . x, a_i . v and a_i . hg_w, then scatters a_i into both products. Built as a second
+    tangent of the HVP program along x <- hg_w: its tangent of x_bar is the product with hg_w,
+    in the same statements (so in the same loops) as the product with v; the third-derivative
+    tangents of the v-tangents are dead code. The two products become the rows of PAIR_OUTPUT,
+    shape (2, *x's shape). hvp: the HVP program before dead-code elimination (its tangent
+    needs the primal statements), optimised: after it (what the HVP reads)."""
+    data = _data_matrices(optimised)
+    if not any(len(st.loops) > 1 and _reads(ir.Program(optimised.arrays, [st])) & data
+               for st in optimised.statements):
+        return []
+    first, second = f"{x}_bar_dot", f"{x}_bar_wdot"
+    both = tangent(hvp, {x: "hg_w"}, [first, second], suffix="_wdot")
+    both = eliminate_dead_code(both.with_statements(both.statements, [first, second]))
+    shape = both.arrays[first].shape
+    arrays = {n: a for n, a in both.arrays.items() if n not in (first, second)}
+    arrays[PAIR_OUTPUT] = ir.Array(PAIR_OUTPUT, (sp.Integer(2), *shape), ir.OUTPUT)
+    rows = {first: 0, second: 1}
+    statements = [ir.Statement(st.loops, tuple(
+        ir.Update(PAIR_OUTPUT, (sp.Integer(rows[u.target]), *u.index), u.expr, u.op)
+        if u.target in rows else u for u in st.updates)) for st in both.statements]
+    program = ir.Program(arrays, statements, (PAIR_OUTPUT,), dict(both.meta))
+    return [KernelSpec("lower_hvp_pair", "(d2g/dx2) v and (d2g/dx2) hg_w, the rows of one "
+                       "output, in one pass over the data", _optimised(program, PAIR_OUTPUT),
+                       ("v", "hg_w"), PAIR_OUTPUT)]
+
+
+def _data_matrices(program: ir.Program) -> set[str]:
+    """The data arrays of two or more dimensions (dense; CSR data has its prepared HVP)."""
+    return {n for n, a in program.arrays.items() if a.role == ir.DATA and len(a.shape) > 1}
 
 
 def _optimised(program: ir.Program, output: str) -> ir.Program:

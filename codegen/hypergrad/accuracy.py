@@ -22,7 +22,7 @@ the work of all rounds.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, cast
+from typing import Any, Callable, Protocol, cast
 
 import numpy as np
 
@@ -31,8 +31,10 @@ from .common import SolverError, fmt, grad_norm
 from .correction import (
     Correction,
     combined,
+    companion_starts,
     correct,
     cross_lipschitz,
+    forward_companion,
     higher_constants,
     uses_general_terms,
 )
@@ -91,8 +93,16 @@ def bound_parts(hg: HypergradientResult) -> tuple[float, float, float]:
     return r_part, max(hg.bound - rounding - r_part, 0.0), rounding
 
 
-#: run(eps, delta, x0, q0, refine_iter) -> one round's result.
-Round = Callable[[float, float, Any, Any, int], HypergradientResult]
+class Round(Protocol):
+    """run(eps, delta, x0, q0, refine_iter) -> one round's result; with `companion` (a
+    krylov.Companion), a system solved alongside the round's adjoint CG."""
+
+    def __call__(self, eps: float, delta: float, x0: Any, q0: Any, refine: int,
+                 companion: Any = None) -> HypergradientResult: ...
+
+
+#: The rounds of E&R's bound: no companion.
+PlainRound = Callable[[float, float, Any, Any, int], HypergradientResult]
 
 
 def first_tolerances(rtol: float, eps: float, delta: float,
@@ -122,7 +132,7 @@ def check_targets(rtol: float, atol: float) -> None:
                           f"(got rtol={rtol!r}, atol={atol!r})")
 
 
-def to_accuracy(run: Round, rtol: float, atol: float, eps: float, delta: float, x0: Any,
+def to_accuracy(run: PlainRound, rtol: float, atol: float, eps: float, delta: float, x0: Any,
                 q0: Any, refine_iter: int, max_rounds: int = MAX_ROUNDS) -> HypergradientResult:
     """Call run(eps, delta, x0, q0, refine_iter) -> HypergradientResult until
     bound <= atol + rtol ||grad||; the first round runs at `first_tolerances(rtol, eps, delta)`
@@ -414,9 +424,10 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     failure: str | None = None
     corr: Correction | None = None
     steered = target = math.inf
-    replanned = False
+    replanned, along = False, None
     for _ in range(max_rounds if steer else 1):
-        hg = floor_accepted(run(eps, delta, x0, q0, refine))
+        along = forward_companion(k, rtol, atol, along) if tight and tol_v is None else None
+        hg = floor_accepted(run(eps, delta, x0, q0, refine, along))
         add_work(total, hg.work)
         restart = solve_again(hg, steer, rtol, atol, (eps, delta, x0, q0), relative, trail)
         if restart is not None:
@@ -446,7 +457,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                 x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself
                 continue
         corr = correct(k, hg, dirs, tol_v or [None] * n, tol_lam or [None] * n,
-                       v0 or [None] * n, lam0 or [None] * n, max_iter, relative)
+                       v0 or companion_starts(along, n), lam0 or [None] * n, max_iter, relative)
         add_correction_work(total, corr.work)
         grad, bound, plain = combined(corr, hg, components)
         steered = plain if tight else bound if components else corr.parts[0].bound
@@ -530,8 +541,12 @@ def _dwr_first(k: Any, hg: HypergradientResult, target: float, n: int, component
 
 
 def add_work(total: dict[str, int], work: dict[str, Any]) -> None:
+    """total += work, key by key; "paired" (products that rode on another solve's passes,
+    docs/solvers.md 9) only where some round has it."""
     for key in _WORK_KEYS:
         total[key] += int(work.get(key, 0))
+    if work.get("paired"):
+        total["paired"] = total.get("paired", 0) + int(work["paired"])
 
 
 def add_correction_work(total: dict[str, int], work: dict[str, int]) -> None:

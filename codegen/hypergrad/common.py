@@ -269,3 +269,4 @@ class AdjointTask:
     max_iter: int = DEFAULT_MAX_ITER
     record: bool = False
     dense: dict[str, Any] = field(default_factory=dict)
+    companion: Any = None  # a krylov.Companion the CG takes its steps alongside (bound at x)

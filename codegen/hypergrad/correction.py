@@ -37,11 +37,12 @@ import numpy as np
 from .bounds import ROUNDING_FLOOR, certified_product
 from .common import call_kernel, dot, hvp_at, norm
 from .galerkin import galerkin
+from .krylov import Companion
 from .results import HypergradientResult
 from .solve import run_adjoint
 
 __all__ = ["Correction", "DirectionCorrection", "dwr_unavailable", "correct", "combined",
-           "MAX_COMPONENTS"]
+           "MAX_COMPONENTS", "forward_companion", "companion_starts"]
 
 #: Up to this many hyperparameters every component gets its own forward and dual solve; above it
 #: only the component along h is certified (one pair of solves: docs/bounds.md 15.4).
@@ -293,6 +294,37 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     part = DirectionCorrection(u, plain + delta, plain, bound, abs(delta) + bound, terms, v, lam,
                                fwd.residual, dual.residual, adjoint_part, lower_part)
     return part, used
+
+
+#: The share of the target (atol + rtol |h|) h's adjoint error may take where the forward solve
+#: steers the adjoint (`forward_companion`): the plain bound adds the lower part and bound(h_c),
+#: planned at TIGHT_PLAN_SHARE.
+GOAL_SHARE = 0.4
+
+
+def forward_companion(k: Any, rtol: float | None, atol: float,
+                      start: Companion | None = None) -> Companion:
+    """The first component's forward solve A v = B e_1 as a companion of a round's adjoint CG
+    (docs/solvers.md 9): where the module has a pair kernel, its steps ride on the adjoint's
+    passes over the data, and `correct` goes on from its v (`companion_starts`). With one
+    hyperparameter it also stops the adjoint once h's adjoint error, v . s, is within
+    GOAL_SHARE of atol + rtol |h| (h = direct - B e_1 . q at the adjoint's iterate). start: the
+    companion of a round solved again at a nearby x, whose v it starts from."""
+    def setup(x: np.ndarray, th: np.ndarray) -> Any:
+        Bu, _ = call_kernel(k.cross_jvp, x, th, np.eye(th.size)[0])
+        direct, _ = call_kernel(k.upper_theta_grad, x, th)
+        if Bu is None or direct is None or th.size != 1 or not (rtol or atol):
+            return None if Bu is None else (Bu, None)  # no goal without a target
+        d0, r = float(direct[0]), float(rtol or 0.0)
+        return Bu, lambda q: GOAL_SHARE * (atol + r * abs(d0 - dot(Bu, q)))
+    return Companion(setup, None if start is None or not start.steps else start.v)
+
+
+def companion_starts(companion: Companion | None, n: int) -> list[Any]:
+    """The forward solves' starts of a round whose adjoint had `companion` alongside: its v for
+    the first of n directions when it took a step, None (a start of their own) otherwise."""
+    v = None if companion is None or not companion.steps else companion.v
+    return [v] + [None] * (n - 1)
 
 
 def _forward_start(hg: HypergradientResult, v0: Any, Bu: np.ndarray) -> Any:

@@ -118,9 +118,10 @@ def _er(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
 
 
 def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
-          q0: Any, keep_basis: bool = False) -> HypergradientResult:
+          q0: Any, keep_basis: bool = False, companion: Any = None) -> HypergradientResult:
     """One hypergradient with E&R's bound at fixed eps and delta: th checked, opts resolved;
-    keep_basis: a lower CG keeps its Krylov directions for the correction's forward solve."""
+    keep_basis: a lower CG keeps its Krylov directions for the correction's forward solve;
+    companion: a krylov.Companion the adjoint CG solves alongside (docs/solvers.md 9)."""
     c_global = checked_constants(k, th)
     ledger = _Ledger(notes=list(c_global["notes"]))
     adjoint = adjoint_entry(opts.adjoint)
@@ -141,7 +142,7 @@ def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
     if b is None:
         ledger.reason(ReasonKind.NON_FINITE, f"grad_x f not finite at x_eps ({msg})")
         return _failed(th, low, c, opts, ledger)
-    adj = _adjoint(k, th, c, low, b, opts, backprop, q0, dense, ledger)
+    adj = _adjoint(k, th, c, low, b, opts, backprop, q0, dense, ledger, companion)
     closing = _closing(k, th, low.x, adj)
     grad, direct = _assemble(th, adj, closing, ledger)
     return _bounded(k, th, c, low, adj, b, e, grad, direct, closing, opts, ledger)
@@ -170,9 +171,10 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
             f"certificate {asked!r}: E&R's bound, no DWR correction ({why})",))
     plain = opts.evolve(certificate="er", rtol=None, atol=0.0)
 
-    def run(eps: float, delta: float, x0: Any, q0: Any, refine: int) -> HypergradientResult:
+    def run(eps: float, delta: float, x0: Any, q0: Any, refine: int,
+            companion: Any = None) -> HypergradientResult:
         return _once(k, th, plain.evolve(eps=eps, delta=delta, refine_iter=refine), x0, q0,
-                     keep_basis=True)
+                     keep_basis=True, companion=companion)
 
     try:
         return corrected(k, th, opts, chosen, run, x0, q0)
@@ -276,15 +278,19 @@ _NO_CONSTANTS = (0.0,) * len(_LOCAL_KEYS)  # what a kernel without one of them h
 
 def _adjoint(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, b: np.ndarray,
              opts: HypergradientOptions, backprop: bool, q0: Any, dense: dict[str, Any],
-             ledger: _Ledger) -> AdjointResult:
+             ledger: _Ledger, companion: Any = None) -> AdjointResult:
     """The adjoint solve at x_eps (or backprop through the trajectory, `backprop`), with its
-    reasons."""
+    reasons; `companion` rides along a CG adjoint where the forward solve has no Krylov basis
+    to start from (docs/bounds.md 15.7 is free; a paired product is not)."""
     if backprop:
         adj = backprop_adjoint(k, low, th, b=b)
         ledger.work["cross"] += adj.n_cross
     else:
+        along = companion if opts.adjoint == "cg" and low.krylov is None else None
         adj = run_adjoint(k, low.x, th, c, opts.adjoint, opts.delta, q0, opts.adjoint_cap, b,
-                          opts.record, dense)
+                          opts.record, dense, along)
+        if along is not None and along.steps:
+            ledger.work["paired"] = ledger.work.get("paired", 0) + along.steps
     ledger.work["hvps"] += adj.n_hvp
     if adj.zero_trap:
         ledger.reason(ReasonKind.ZERO_TRAP,

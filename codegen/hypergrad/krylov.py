@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .common import DIVERGENCE_FACTOR, MatVec, all_finite, call_kernel, dot
 from .results import Status
 
-__all__ = ["CGResult", "cg", "curvature", "gauss_radau_start", "gauss_radau_step", "energy_estimate"]
+__all__ = ["CGResult", "cg", "Companion", "curvature", "gauss_radau_start", "gauss_radau_step",
+           "energy_estimate"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,7 +53,7 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
        max_iter: int = 10_000, min_iter: int = 0, diverge_from: float | None = None,
        history: list[Any] | None = None, mu: float | None = None,
        basis: list[tuple[np.ndarray, np.ndarray]] | None = None,
-       precondition: MatVec | None = None) -> CGResult:
+       precondition: MatVec | None = None, companion: Companion | None = None) -> CGResult:
     """Conjugate gradients for A x = b, A = matvec symmetric positive definite.
 
     x0 = None starts from 0 (residual b, no product); a given x0 costs one product for its
@@ -66,6 +67,10 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
     `precondition` (r -> M^{-1} r, M SPD: the deflation of docs/solvers.md 8) makes it
     preconditioned CG; the tests stay on the unpreconditioned residual s, so `tol` means the
     same, and there is no energy estimate (its recurrence is the plain CG's).
+    `companion` (a bound `Companion`, unpreconditioned CG only) takes its steps on a second
+    system with the same A alongside, each step's two products from one pair kernel call;
+    this solve's own steps are the same, and with the companion's goal it also stops when the
+    goal is met (`Companion.satisfied`).
     """
     matvecs = 0
     x = np.zeros_like(b) if x0 is None else x0
@@ -96,7 +101,10 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
             return result(Status.CAPPED)
         if diverge_from is not None and rn > DIVERGENCE_FACTOR * max(diverge_from, 1e-300):
             return result(Status.DIVERGED, f"residual grew from {diverge_from:.3g} to {rn:.3g}")
-        Ad, msg = call_kernel(matvec, d)
+        if companion is not None and it >= min_iter and companion.satisfied(x, s):
+            return result(Status.CONVERGED)
+        Ad, msg = (call_kernel(matvec, d) if companion is None or not companion.active
+                   else companion.product(matvec, d))
         matvecs += 1
         dAd, status, msg = curvature(Ad, d, msg)
         if status is not None or Ad is None:
@@ -124,6 +132,89 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
         it += 1
         if history is not None:
             history.append(math.sqrt(ss) / scale)
+
+
+class Companion:
+    """A second system A v = b solved alongside `cg` (the same A at the same x), one pair
+    kernel call giving both products of a step (docs/solvers.md 9): a pass over the data
+    serves both solves. Plain CG from 0; it stops when a step breaks down (curvature or a
+    non-finite iterate: v stays at its last finite iterate) or with the solve it rides with.
+    v is only a start for a solve of its own, which recomputes the true residual (the
+    correction's forward solve, docs/bounds.md 15.6).
+
+    With a goal it also ends the leading solve. For b = B e_1 (one hyperparameter) and the
+    leading solve the adjoint A q = grad f, h = direct - b . q, so the leading iterate's error
+    in h is v* . s (s its residual, v* = A^{-1} b), at most |v . s| + (R_v / mu) ||s|| with R_v
+    this solve's residual: the leading solve stops once that is within goal(q), a share of the
+    target the caller computes from h at q. Steering only: the bound recomputes every residual.
+
+    setup(x, theta) -> (b, goal or None) at the leading solve's x, or None (then nothing runs
+    alongside); `bind` sets it up there with pair(d, e) -> the (2, n) products, or None.
+    start: v to start from (an earlier companion's, at a nearby x); its residual b - A v comes
+    from the first pair call, which then makes no step of its own."""
+
+    def __init__(self, setup: Callable[[np.ndarray, np.ndarray], Any],
+                 start: np.ndarray | None = None):
+        self.setup, self.start = setup, start
+        self.pair: Callable[[np.ndarray, np.ndarray], Any] | None = None
+        self.goal: Callable[[np.ndarray], float] | None = None
+        self.v: np.ndarray | None = None
+        self.steps = 0
+        self.active = self.met = self.pending = False
+
+    def bind(self, x: np.ndarray, theta: np.ndarray, mu: float,
+             pair: Callable[[np.ndarray, np.ndarray], Any] | None) -> None:
+        """Start at (x, theta): v = 0, s = d = b. Nothing runs without a pair kernel, a finite b
+        or a positive mu."""
+        made = self.setup(x, theta) if pair is not None and mu > 0.0 else None
+        if made is None or not all_finite(made[0]):
+            return
+        b, self.goal = made
+        self.pair, self.mu, self.b = pair, mu, b
+        start = self.start
+        self.pending = start is not None and start.shape == b.shape
+        self.v = start.copy() if start is not None and self.pending else np.zeros_like(b)
+        self.s, self.d = b.copy(), b.copy()
+        self.ss = dot(b, b)
+        self.active = self.ss > 0.0
+
+    def product(self, matvec: MatVec, d: np.ndarray) -> tuple[np.ndarray | None, str]:
+        """A d for the leading solve, and this solve's step from the same call (the leading
+        solve's product alone, by matvec, if the pair call fails)."""
+        second = self.v if self.pending else self.d
+        both, msg = (None, "") if self.pair is None else call_kernel(self.pair, d, second)
+        if both is None:
+            self.active = False
+            return call_kernel(matvec, d)
+        if self.pending:  # the start's residual: CG from there
+            self.s = self.b - both[1]
+            self.d, self.ss, self.pending = self.s.copy(), dot(self.s, self.s), False
+        else:
+            self._step(both[1])
+        return both[0], msg
+
+    def satisfied(self, q: np.ndarray, s: np.ndarray) -> bool:
+        """Whether the leading iterate q, with residual s, meets the goal (see above)."""
+        if self.goal is None or self.v is None or not self.steps:
+            return False
+        bound = abs(dot(self.v, s)) + math.sqrt(self.ss) * math.sqrt(dot(s, s)) / self.mu
+        self.met = bound <= self.goal(q)
+        return self.met
+
+    def _step(self, Ad: np.ndarray) -> None:
+        dAd = dot(self.d, Ad)
+        if not (math.isfinite(dAd) and dAd > 0.0):
+            self.active = False
+            return
+        alpha = self.ss / dAd
+        v, s = self.v + alpha * self.d, self.s - alpha * Ad
+        if not all_finite(v, s):
+            self.active = False
+            return
+        ss = dot(s, s)
+        self.v, self.s, self.d = v, s, s + (ss / self.ss) * self.d
+        self.ss, self.steps = ss, self.steps + 1
+        self.active = ss > 0.0
 
 
 def gauss_radau_start(mu: float | None) -> tuple[float, float] | None:

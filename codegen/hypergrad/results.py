@@ -281,6 +281,8 @@ class HypergradientResult:
     x, q           lower solution x_eps and adjoint q (lists for several samples);
     work           {"lower_grads", "hvps", "cross", "units"}: units = lower_grads + hvps (E&R's
                    work unit; cross products, one VJP + the JVPs for ||B||, counted separately);
+                   "paired" where a solve rode on another's passes over the data (its
+                   products, not in units: docs/solvers.md 9);
     status         "ok", or the reasons' texts "; "-joined; reasons: the typed reasons;
     lower_solver, adjoint_solver  the solvers used (what "auto" chose);
     constants      the constants used (k.constants(theta), validated);

@@ -103,9 +103,9 @@ def solve_adjoint(k: Any, x: Any, theta: Any, solver: str = "cg", delta: float =
 
 def run_adjoint(k: Any, x: np.ndarray, th: np.ndarray, c: dict[str, Any], solver: str, delta: float,
                 q0: Any, max_iter: int, b: Any = None, record: bool = False,
-                dense: dict[str, Any] | None = None) -> AdjointResult:
+                dense: dict[str, Any] | None = None, companion: Any = None) -> AdjointResult:
     """solve_adjoint with theta and the constants `c` already checked; `dense` as in
-    run_lower."""
+    run_lower; `companion` (a krylov.Companion) rides along a CG adjoint (docs/solvers.md 9)."""
     entry = adjoint_entry(solver)
     if entry.solve is None:
         raise SolverError(f"adjoint solver {solver!r} goes through backprop_adjoint / "
@@ -118,5 +118,6 @@ def run_adjoint(k: Any, x: np.ndarray, th: np.ndarray, c: dict[str, Any], solver
             raise SolverError(f"grad_x f is not finite at the lower solution ({msg})")
     task = AdjointTask(k=k, x=x, theta=th, constants=c, delta=float(delta),
                        b=np.asarray(b, dtype=np.float64), q0=q0, max_iter=int(max_iter),
-                       record=record, dense={} if dense is None else dense)
+                       record=record, dense={} if dense is None else dense,
+                       companion=companion)
     return entry.solve(task)

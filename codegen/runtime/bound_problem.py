@@ -190,6 +190,24 @@ class BoundProblem:
             return out
         return hvp
 
+    def hvp_pair_at(self, x, theta):
+        """(v, w) -> the (2, x_size) array of rows (d2g/dx2) v and (d2g/dx2) w at one x, from
+        one call of `lower_hvp_pair` (one pass over the data for both), or None when the module
+        has no such kernel (its HVP makes no pass over a data matrix, or it has a prepared HVP).
+        Two CG solves at one x run in lock step on it (docs/solvers.md 9)."""
+        if "lower_hvp_pair" not in self.kernels:
+            return None
+        xv, th = self._vector(self.x_name, x, self.x_size, "x"), self.checked_theta(theta)
+        kernel = self.kernels["lower_hvp_pair"]
+
+        def pair(v, w):
+            out = np.empty((2, self.x_size))
+            kernel({self.x_name: xv, self.theta_name: th,
+                    "v": self._vector("v", v, self.x_size, "v"),
+                    "hg_w": self._vector("w", w, self.x_size, "w")}, out)
+            return out
+        return pair
+
     def upper_value(self, x, theta) -> float:
         return self._call("upper_value", x, theta)
 

@@ -20,6 +20,8 @@ int hg_logistic_lower_value(int64_t m, int64_t n, const double *restrict theta, 
 int hg_logistic_lower_grad(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict x_bar, double *restrict work);
 /* (d2g/dx2) v, forward over reverse */
 int hg_logistic_lower_hvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
+/* (d2g/dx2) v and (d2g/dx2) hg_w, the rows of one output, in one pass over the data */
+int hg_logistic_lower_hvp_pair(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict hg_products, double *restrict work);
 /* B^T q = d/dtheta <grad_x g, q> */
 int hg_logistic_cross_vjp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, double *restrict theta_bar_dot);
 /* B t = d/ds grad_x g(x, theta + s t) */
@@ -91,6 +93,7 @@ int64_t hg_logistic_work_size(int64_t m, int64_t n, int64_t p)
     if (m > need) need = m;
     if (2*m > need) need = 2*m;
     if (3*m > need) need = 3*m;
+    if (5*m > need) need = 5*m;
     if (p > need) need = p;
     if (2*p > need) need = 2*p;
     if (3*p > need) need = 3*p;
@@ -384,6 +387,187 @@ int hg_logistic_lower_hvp(int64_t m, int64_t n, const double *restrict theta, co
     }
 
     return hg_any_nonfinite(x_bar_dot, n) ? HG_LOGISTIC_NONFINITE : HG_LOGISTIC_OK;
+}
+
+/* (d2g/dx2) v and (d2g/dx2) hg_w, the rows of one output, in one pass over the data */
+int hg_logistic_lower_hvp_pair(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict hg_products, double *restrict work)
+{
+    if (m < 1 || n < 1) {
+        return HG_LOGISTIC_BAD_SIZE;
+    }
+    double *restrict s0 = work + 0;
+    double *restrict s0_dot = work + m;
+    double *restrict s0_bar_dot = work + 2*m;
+    double *restrict s0_wdot = work + 3*m;
+    double *restrict s0_bar_wdot = work + 4*m;
+    double s1_bar = 0.0;
+    double s2_bar = 0.0;
+    memset(s0, 0, sizeof(double) * (size_t)(m));
+    memset(s0_dot, 0, sizeof(double) * (size_t)(m));
+    memset(s0_bar_dot, 0, sizeof(double) * (size_t)(m));
+    memset(s0_wdot, 0, sizeof(double) * (size_t)(m));
+    memset(s0_bar_wdot, 0, sizeof(double) * (size_t)(m));
+    memset(hg_products, 0, sizeof(double) * (size_t)(2*n));
+
+    s1_bar += 1.0/m;
+    s2_bar += (1.0/2.0)*exp(theta[0]);
+    #pragma omp parallel for schedule(static) if (m*n > 200000) reduction(+: hg_products[:2*n])
+    for (int64_t i = 0; i < m - m % 8; i += 8) {
+        double acc0 = 0.0;
+        double acc3 = 0.0;
+        double acc6 = 0.0;
+        double acc9 = 0.0;
+        double acc12 = 0.0;
+        double acc15 = 0.0;
+        double acc18 = 0.0;
+        double acc21 = 0.0;
+        double acc1 = 0.0;
+        double acc4 = 0.0;
+        double acc7 = 0.0;
+        double acc10 = 0.0;
+        double acc13 = 0.0;
+        double acc16 = 0.0;
+        double acc19 = 0.0;
+        double acc22 = 0.0;
+        double acc2 = 0.0;
+        double acc5 = 0.0;
+        double acc8 = 0.0;
+        double acc11 = 0.0;
+        double acc14 = 0.0;
+        double acc17 = 0.0;
+        double acc20 = 0.0;
+        double acc23 = 0.0;
+        #pragma omp simd reduction(+:acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15, acc16, acc17, acc18, acc19, acc20, acc21, acc22, acc23)
+        for (int64_t j = 0; j < n; ++j) {
+            acc0 += A[i*n + j]*x[j];
+            acc3 += A[i*n + j + n]*x[j];
+            acc6 += A[i*n + j + 2*n]*x[j];
+            acc9 += A[i*n + j + 3*n]*x[j];
+            acc12 += A[i*n + j + 4*n]*x[j];
+            acc15 += A[i*n + j + 5*n]*x[j];
+            acc18 += A[i*n + j + 6*n]*x[j];
+            acc21 += A[i*n + j + 7*n]*x[j];
+            acc1 += A[i*n + j]*v[j];
+            acc4 += A[i*n + j + n]*v[j];
+            acc7 += A[i*n + j + 2*n]*v[j];
+            acc10 += A[i*n + j + 3*n]*v[j];
+            acc13 += A[i*n + j + 4*n]*v[j];
+            acc16 += A[i*n + j + 5*n]*v[j];
+            acc19 += A[i*n + j + 6*n]*v[j];
+            acc22 += A[i*n + j + 7*n]*v[j];
+            acc2 += A[i*n + j]*hg_w[j];
+            acc5 += A[i*n + j + n]*hg_w[j];
+            acc8 += A[i*n + j + 2*n]*hg_w[j];
+            acc11 += A[i*n + j + 3*n]*hg_w[j];
+            acc14 += A[i*n + j + 4*n]*hg_w[j];
+            acc17 += A[i*n + j + 5*n]*hg_w[j];
+            acc20 += A[i*n + j + 6*n]*hg_w[j];
+            acc23 += A[i*n + j + 7*n]*hg_w[j];
+        }
+        s0[i] += acc0;
+        s0[i + 1] += acc3;
+        s0[i + 2] += acc6;
+        s0[i + 3] += acc9;
+        s0[i + 4] += acc12;
+        s0[i + 5] += acc15;
+        s0[i + 6] += acc18;
+        s0[i + 7] += acc21;
+        s0_dot[i] += acc1;
+        s0_dot[i + 1] += acc4;
+        s0_dot[i + 2] += acc7;
+        s0_dot[i + 3] += acc10;
+        s0_dot[i + 4] += acc13;
+        s0_dot[i + 5] += acc16;
+        s0_dot[i + 6] += acc19;
+        s0_dot[i + 7] += acc22;
+        s0_wdot[i] += acc2;
+        s0_wdot[i + 1] += acc5;
+        s0_wdot[i + 2] += acc8;
+        s0_wdot[i + 3] += acc11;
+        s0_wdot[i + 4] += acc14;
+        s0_wdot[i + 5] += acc17;
+        s0_wdot[i + 6] += acc20;
+        s0_wdot[i + 7] += acc23;
+        const double c0 = s0[i]*y[i];
+        const double c2 = s0[i + 1]*y[i + 1];
+        const double c4 = s0[i + 2]*y[i + 2];
+        const double c6 = s0[i + 3]*y[i + 3];
+        const double c8 = s0[i + 4]*y[i + 4];
+        const double c10 = s0[i + 5]*y[i + 5];
+        const double c12 = s0[i + 6]*y[i + 6];
+        const double c14 = s0[i + 7]*y[i + 7];
+        const double c1 = s1_bar*(y[i]*y[i])*hg_sigmoid(-c0)*hg_sigmoid(c0);
+        const double c3 = s1_bar*(y[i + 1]*y[i + 1])*hg_sigmoid(-c2)*hg_sigmoid(c2);
+        const double c5 = s1_bar*(y[i + 2]*y[i + 2])*hg_sigmoid(-c4)*hg_sigmoid(c4);
+        const double c7 = s1_bar*(y[i + 3]*y[i + 3])*hg_sigmoid(-c6)*hg_sigmoid(c6);
+        const double c9 = s1_bar*(y[i + 4]*y[i + 4])*hg_sigmoid(-c8)*hg_sigmoid(c8);
+        const double c11 = s1_bar*(y[i + 5]*y[i + 5])*hg_sigmoid(-c10)*hg_sigmoid(c10);
+        const double c13 = s1_bar*(y[i + 6]*y[i + 6])*hg_sigmoid(-c12)*hg_sigmoid(c12);
+        const double c15 = s1_bar*(y[i + 7]*y[i + 7])*hg_sigmoid(-c14)*hg_sigmoid(c14);
+        s0_bar_dot[i] += c1*s0_dot[i];
+        s0_bar_dot[i + 1] += c3*s0_dot[i + 1];
+        s0_bar_dot[i + 2] += c5*s0_dot[i + 2];
+        s0_bar_dot[i + 3] += c7*s0_dot[i + 3];
+        s0_bar_dot[i + 4] += c9*s0_dot[i + 4];
+        s0_bar_dot[i + 5] += c11*s0_dot[i + 5];
+        s0_bar_dot[i + 6] += c13*s0_dot[i + 6];
+        s0_bar_dot[i + 7] += c15*s0_dot[i + 7];
+        s0_bar_wdot[i] += c1*s0_wdot[i];
+        s0_bar_wdot[i + 1] += c3*s0_wdot[i + 1];
+        s0_bar_wdot[i + 2] += c5*s0_wdot[i + 2];
+        s0_bar_wdot[i + 3] += c7*s0_wdot[i + 3];
+        s0_bar_wdot[i + 4] += c9*s0_wdot[i + 4];
+        s0_bar_wdot[i + 5] += c11*s0_wdot[i + 5];
+        s0_bar_wdot[i + 6] += c13*s0_wdot[i + 6];
+        s0_bar_wdot[i + 7] += c15*s0_wdot[i + 7];
+        for (int64_t j = 0; j < n; ++j) {
+            hg_products[j] += A[i*n + j]*s0_bar_dot[i];
+            hg_products[j] += A[i*n + j + n]*s0_bar_dot[i + 1];
+            hg_products[j] += A[i*n + j + 2*n]*s0_bar_dot[i + 2];
+            hg_products[j] += A[i*n + j + 3*n]*s0_bar_dot[i + 3];
+            hg_products[j] += A[i*n + j + 4*n]*s0_bar_dot[i + 4];
+            hg_products[j] += A[i*n + j + 5*n]*s0_bar_dot[i + 5];
+            hg_products[j] += A[i*n + j + 6*n]*s0_bar_dot[i + 6];
+            hg_products[j] += A[i*n + j + 7*n]*s0_bar_dot[i + 7];
+            hg_products[j + n] += A[i*n + j]*s0_bar_wdot[i];
+            hg_products[j + n] += A[i*n + j + n]*s0_bar_wdot[i + 1];
+            hg_products[j + n] += A[i*n + j + 2*n]*s0_bar_wdot[i + 2];
+            hg_products[j + n] += A[i*n + j + 3*n]*s0_bar_wdot[i + 3];
+            hg_products[j + n] += A[i*n + j + 4*n]*s0_bar_wdot[i + 4];
+            hg_products[j + n] += A[i*n + j + 5*n]*s0_bar_wdot[i + 5];
+            hg_products[j + n] += A[i*n + j + 6*n]*s0_bar_wdot[i + 6];
+            hg_products[j + n] += A[i*n + j + 7*n]*s0_bar_wdot[i + 7];
+        }
+    }
+    for (int64_t i = m - m % 8; i < m; ++i) {
+        double acc24 = 0.0;
+        double acc25 = 0.0;
+        double acc26 = 0.0;
+        #pragma omp simd reduction(+:acc24, acc25, acc26)
+        for (int64_t j = 0; j < n; ++j) {
+            acc24 += A[i*n + j]*x[j];
+            acc25 += A[i*n + j]*v[j];
+            acc26 += A[i*n + j]*hg_w[j];
+        }
+        s0[i] += acc24;
+        s0_dot[i] += acc25;
+        s0_wdot[i] += acc26;
+        const double c16 = s0[i]*y[i];
+        const double c17 = s1_bar*(y[i]*y[i])*hg_sigmoid(-c16)*hg_sigmoid(c16);
+        s0_bar_dot[i] += c17*s0_dot[i];
+        s0_bar_wdot[i] += c17*s0_wdot[i];
+        for (int64_t j = 0; j < n; ++j) {
+            hg_products[j] += A[i*n + j]*s0_bar_dot[i];
+            hg_products[j + n] += A[i*n + j]*s0_bar_wdot[i];
+        }
+    }
+    const double c18 = 2.0*s2_bar;
+    for (int64_t j = 0; j < n; ++j) {
+        hg_products[j] += c18*v[j];
+        hg_products[j + n] += c18*hg_w[j];
+    }
+
+    return hg_any_nonfinite(hg_products, 2*n) ? HG_LOGISTIC_NONFINITE : HG_LOGISTIC_OK;
 }
 
 /* B^T q = d/dtheta <grad_x g, q> */

@@ -20,6 +20,8 @@ int hg_quadratic_lower_value(int64_t d, int64_t m2, int64_t p, const double *res
 int hg_quadratic_lower_grad(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict C, const double *restrict D, const double *restrict e, const double *restrict x, double *restrict x_bar, double *restrict work);
 /* (d2g/dx2) v, forward over reverse */
 int hg_quadratic_lower_hvp(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict D, const double *restrict x, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
+/* (d2g/dx2) v and (d2g/dx2) hg_w, the rows of one output, in one pass over the data */
+int hg_quadratic_lower_hvp_pair(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict D, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict hg_products, double *restrict work);
 /* B^T q = d/dtheta <grad_x g, q> */
 int hg_quadratic_cross_vjp(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict C, const double *restrict D, const double *restrict x, const double *restrict q, double *restrict theta_bar_dot, double *restrict work);
 /* B t = d/ds grad_x g(x, theta + s t) */
@@ -92,6 +94,7 @@ int64_t hg_quadratic_work_size(int64_t d, int64_t m1, int64_t m2, int64_t p)
     if (2*m2 > need) need = 2*m2;
     if (3*m2 > need) need = 3*m2;
     if (2*m2 > need) need = 2*m2;
+    if (4*m2 > need) need = 4*m2;
     if (2*m2 > need) need = 2*m2;
     if (2*m2 > need) need = 2*m2;
     if (m1 > need) need = m1;
@@ -401,6 +404,144 @@ int hg_quadratic_lower_hvp(int64_t d, int64_t m2, int64_t p, const double *restr
     }
 
     return hg_any_nonfinite(x_bar_dot, d) ? HG_QUADRATIC_NONFINITE : HG_QUADRATIC_OK;
+}
+
+/* (d2g/dx2) v and (d2g/dx2) hg_w, the rows of one output, in one pass over the data */
+int hg_quadratic_lower_hvp_pair(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict D, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict hg_products, double *restrict work)
+{
+    if (d < 1 || m2 < 1 || p < 1) {
+        return HG_QUADRATIC_BAD_SIZE;
+    }
+    (void)theta;  /* part of the uniform signature, unused here */
+    (void)x;  /* part of the uniform signature, unused here */
+    double *restrict s1_dot = work + 0;
+    double *restrict s1_bar_dot = work + m2;
+    double *restrict s1_wdot = work + 2*m2;
+    double *restrict s1_bar_wdot = work + 3*m2;
+    double s2_bar = 0.0;
+    memset(s1_dot, 0, sizeof(double) * (size_t)(m2));
+    memset(s1_bar_dot, 0, sizeof(double) * (size_t)(m2));
+    memset(s1_wdot, 0, sizeof(double) * (size_t)(m2));
+    memset(s1_bar_wdot, 0, sizeof(double) * (size_t)(m2));
+    memset(hg_products, 0, sizeof(double) * (size_t)(2*d));
+
+    s2_bar += 1.0;
+    #pragma omp parallel for schedule(static) if (d*m2 > 200000) reduction(+: hg_products[:2*d])
+    for (int64_t i = 0; i < m2 - m2 % 8; i += 8) {
+        double acc0 = 0.0;
+        double acc2 = 0.0;
+        double acc4 = 0.0;
+        double acc6 = 0.0;
+        double acc8 = 0.0;
+        double acc10 = 0.0;
+        double acc12 = 0.0;
+        double acc14 = 0.0;
+        double acc1 = 0.0;
+        double acc3 = 0.0;
+        double acc5 = 0.0;
+        double acc7 = 0.0;
+        double acc9 = 0.0;
+        double acc11 = 0.0;
+        double acc13 = 0.0;
+        double acc15 = 0.0;
+        #pragma omp simd reduction(+:acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15)
+        for (int64_t j = 0; j < d; ++j) {
+            acc0 += D[d*i + j]*v[j];
+            acc2 += D[d*i + d + j]*v[j];
+            acc4 += D[d*i + 2*d + j]*v[j];
+            acc6 += D[d*i + 3*d + j]*v[j];
+            acc8 += D[d*i + 4*d + j]*v[j];
+            acc10 += D[d*i + 5*d + j]*v[j];
+            acc12 += D[d*i + 6*d + j]*v[j];
+            acc14 += D[d*i + 7*d + j]*v[j];
+            acc1 += D[d*i + j]*hg_w[j];
+            acc3 += D[d*i + d + j]*hg_w[j];
+            acc5 += D[d*i + 2*d + j]*hg_w[j];
+            acc7 += D[d*i + 3*d + j]*hg_w[j];
+            acc9 += D[d*i + 4*d + j]*hg_w[j];
+            acc11 += D[d*i + 5*d + j]*hg_w[j];
+            acc13 += D[d*i + 6*d + j]*hg_w[j];
+            acc15 += D[d*i + 7*d + j]*hg_w[j];
+        }
+        s1_dot[i] += acc0;
+        s1_dot[i + 1] += acc2;
+        s1_dot[i + 2] += acc4;
+        s1_dot[i + 3] += acc6;
+        s1_dot[i + 4] += acc8;
+        s1_dot[i + 5] += acc10;
+        s1_dot[i + 6] += acc12;
+        s1_dot[i + 7] += acc14;
+        s1_wdot[i] += acc1;
+        s1_wdot[i + 1] += acc3;
+        s1_wdot[i + 2] += acc5;
+        s1_wdot[i + 3] += acc7;
+        s1_wdot[i + 4] += acc9;
+        s1_wdot[i + 5] += acc11;
+        s1_wdot[i + 6] += acc13;
+        s1_wdot[i + 7] += acc15;
+        const double c0 = 2.0*s2_bar;
+        const double c1 = 2.0*s2_bar;
+        const double c2 = 2.0*s2_bar;
+        const double c3 = 2.0*s2_bar;
+        const double c4 = 2.0*s2_bar;
+        const double c5 = 2.0*s2_bar;
+        const double c6 = 2.0*s2_bar;
+        const double c7 = 2.0*s2_bar;
+        s1_bar_dot[i] += c0*s1_dot[i];
+        s1_bar_dot[i + 1] += c1*s1_dot[i + 1];
+        s1_bar_dot[i + 2] += c2*s1_dot[i + 2];
+        s1_bar_dot[i + 3] += c3*s1_dot[i + 3];
+        s1_bar_dot[i + 4] += c4*s1_dot[i + 4];
+        s1_bar_dot[i + 5] += c5*s1_dot[i + 5];
+        s1_bar_dot[i + 6] += c6*s1_dot[i + 6];
+        s1_bar_dot[i + 7] += c7*s1_dot[i + 7];
+        s1_bar_wdot[i] += c0*s1_wdot[i];
+        s1_bar_wdot[i + 1] += c1*s1_wdot[i + 1];
+        s1_bar_wdot[i + 2] += c2*s1_wdot[i + 2];
+        s1_bar_wdot[i + 3] += c3*s1_wdot[i + 3];
+        s1_bar_wdot[i + 4] += c4*s1_wdot[i + 4];
+        s1_bar_wdot[i + 5] += c5*s1_wdot[i + 5];
+        s1_bar_wdot[i + 6] += c6*s1_wdot[i + 6];
+        s1_bar_wdot[i + 7] += c7*s1_wdot[i + 7];
+        for (int64_t j = 0; j < d; ++j) {
+            hg_products[j] += D[d*i + j]*s1_bar_dot[i];
+            hg_products[j] += D[d*i + d + j]*s1_bar_dot[i + 1];
+            hg_products[j] += D[d*i + 2*d + j]*s1_bar_dot[i + 2];
+            hg_products[j] += D[d*i + 3*d + j]*s1_bar_dot[i + 3];
+            hg_products[j] += D[d*i + 4*d + j]*s1_bar_dot[i + 4];
+            hg_products[j] += D[d*i + 5*d + j]*s1_bar_dot[i + 5];
+            hg_products[j] += D[d*i + 6*d + j]*s1_bar_dot[i + 6];
+            hg_products[j] += D[d*i + 7*d + j]*s1_bar_dot[i + 7];
+            hg_products[d + j] += D[d*i + j]*s1_bar_wdot[i];
+            hg_products[d + j] += D[d*i + d + j]*s1_bar_wdot[i + 1];
+            hg_products[d + j] += D[d*i + 2*d + j]*s1_bar_wdot[i + 2];
+            hg_products[d + j] += D[d*i + 3*d + j]*s1_bar_wdot[i + 3];
+            hg_products[d + j] += D[d*i + 4*d + j]*s1_bar_wdot[i + 4];
+            hg_products[d + j] += D[d*i + 5*d + j]*s1_bar_wdot[i + 5];
+            hg_products[d + j] += D[d*i + 6*d + j]*s1_bar_wdot[i + 6];
+            hg_products[d + j] += D[d*i + 7*d + j]*s1_bar_wdot[i + 7];
+        }
+    }
+    for (int64_t i = m2 - m2 % 8; i < m2; ++i) {
+        double acc16 = 0.0;
+        double acc17 = 0.0;
+        #pragma omp simd reduction(+:acc16, acc17)
+        for (int64_t j = 0; j < d; ++j) {
+            acc16 += D[d*i + j]*v[j];
+            acc17 += D[d*i + j]*hg_w[j];
+        }
+        s1_dot[i] += acc16;
+        s1_wdot[i] += acc17;
+        const double c8 = 2.0*s2_bar;
+        s1_bar_dot[i] += c8*s1_dot[i];
+        s1_bar_wdot[i] += c8*s1_wdot[i];
+        for (int64_t j = 0; j < d; ++j) {
+            hg_products[j] += D[d*i + j]*s1_bar_dot[i];
+            hg_products[d + j] += D[d*i + j]*s1_bar_wdot[i];
+        }
+    }
+
+    return hg_any_nonfinite(hg_products, 2*d) ? HG_QUADRATIC_NONFINITE : HG_QUADRATIC_OK;
 }
 
 /* B^T q = d/dtheta <grad_x g, q> */

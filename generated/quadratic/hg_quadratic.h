@@ -18,6 +18,8 @@ int hg_quadratic_lower_value(int64_t d, int64_t m2, int64_t p, const double *res
 int hg_quadratic_lower_grad(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict C, const double *restrict D, const double *restrict e, const double *restrict x, double *restrict x_bar, double *restrict work);
 /* (d2g/dx2) v, forward over reverse */
 int hg_quadratic_lower_hvp(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict D, const double *restrict x, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
+/* (d2g/dx2) v and (d2g/dx2) hg_w, the rows of one output, in one pass over the data */
+int hg_quadratic_lower_hvp_pair(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict D, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict hg_products, double *restrict work);
 /* B^T q = d/dtheta <grad_x g, q> */
 int hg_quadratic_cross_vjp(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict C, const double *restrict D, const double *restrict x, const double *restrict q, double *restrict theta_bar_dot, double *restrict work);
 /* B t = d/ds grad_x g(x, theta + s t) */

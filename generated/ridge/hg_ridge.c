@@ -20,6 +20,8 @@ int hg_ridge_lower_value(int64_t m, int64_t n, const double *restrict theta, con
 int hg_ridge_lower_grad(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict b, const double *restrict x, double *restrict x_bar, double *restrict work);
 /* (d2g/dx2) v, forward over reverse */
 int hg_ridge_lower_hvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
+/* (d2g/dx2) v and (d2g/dx2) hg_w, the rows of one output, in one pass over the data */
+int hg_ridge_lower_hvp_pair(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict hg_products, double *restrict work);
 /* B^T q = d/dtheta <grad_x g, q> */
 int hg_ridge_cross_vjp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, double *restrict theta_bar_dot);
 /* B t = d/ds grad_x g(x, theta + s t) */
@@ -99,6 +101,7 @@ int64_t hg_ridge_work_size(int64_t m, int64_t n, int64_t p)
     if (m > need) need = m;
     if (2*m > need) need = 2*m;
     if (2*m > need) need = 2*m;
+    if (4*m > need) need = 4*m;
     if (p > need) need = p;
     if (2*p > need) need = 2*p;
     if (2*p > need) need = 2*p;
@@ -357,6 +360,150 @@ int hg_ridge_lower_hvp(int64_t m, int64_t n, const double *restrict theta, const
     }
 
     return hg_any_nonfinite(x_bar_dot, n) ? HG_RIDGE_NONFINITE : HG_RIDGE_OK;
+}
+
+/* (d2g/dx2) v and (d2g/dx2) hg_w, the rows of one output, in one pass over the data */
+int hg_ridge_lower_hvp_pair(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict hg_products, double *restrict work)
+{
+    if (m < 1 || n < 1) {
+        return HG_RIDGE_BAD_SIZE;
+    }
+    (void)x;  /* part of the uniform signature, unused here */
+    double *restrict s0_dot = work + 0;
+    double *restrict s0_bar_dot = work + m;
+    double *restrict s0_wdot = work + 2*m;
+    double *restrict s0_bar_wdot = work + 3*m;
+    double s1_bar = 0.0;
+    double s2_bar = 0.0;
+    memset(s0_dot, 0, sizeof(double) * (size_t)(m));
+    memset(s0_bar_dot, 0, sizeof(double) * (size_t)(m));
+    memset(s0_wdot, 0, sizeof(double) * (size_t)(m));
+    memset(s0_bar_wdot, 0, sizeof(double) * (size_t)(m));
+    memset(hg_products, 0, sizeof(double) * (size_t)(2*n));
+
+    s1_bar += 1.0/2.0;
+    s2_bar += (1.0/2.0)*exp(theta[0]);
+    #pragma omp parallel for schedule(static) if (m*n > 200000) reduction(+: hg_products[:2*n])
+    for (int64_t i = 0; i < m - m % 8; i += 8) {
+        double acc0 = 0.0;
+        double acc2 = 0.0;
+        double acc4 = 0.0;
+        double acc6 = 0.0;
+        double acc8 = 0.0;
+        double acc10 = 0.0;
+        double acc12 = 0.0;
+        double acc14 = 0.0;
+        double acc1 = 0.0;
+        double acc3 = 0.0;
+        double acc5 = 0.0;
+        double acc7 = 0.0;
+        double acc9 = 0.0;
+        double acc11 = 0.0;
+        double acc13 = 0.0;
+        double acc15 = 0.0;
+        #pragma omp simd reduction(+:acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15)
+        for (int64_t j = 0; j < n; ++j) {
+            acc0 += A[i*n + j]*v[j];
+            acc2 += A[i*n + j + n]*v[j];
+            acc4 += A[i*n + j + 2*n]*v[j];
+            acc6 += A[i*n + j + 3*n]*v[j];
+            acc8 += A[i*n + j + 4*n]*v[j];
+            acc10 += A[i*n + j + 5*n]*v[j];
+            acc12 += A[i*n + j + 6*n]*v[j];
+            acc14 += A[i*n + j + 7*n]*v[j];
+            acc1 += A[i*n + j]*hg_w[j];
+            acc3 += A[i*n + j + n]*hg_w[j];
+            acc5 += A[i*n + j + 2*n]*hg_w[j];
+            acc7 += A[i*n + j + 3*n]*hg_w[j];
+            acc9 += A[i*n + j + 4*n]*hg_w[j];
+            acc11 += A[i*n + j + 5*n]*hg_w[j];
+            acc13 += A[i*n + j + 6*n]*hg_w[j];
+            acc15 += A[i*n + j + 7*n]*hg_w[j];
+        }
+        s0_dot[i] += acc0;
+        s0_dot[i + 1] += acc2;
+        s0_dot[i + 2] += acc4;
+        s0_dot[i + 3] += acc6;
+        s0_dot[i + 4] += acc8;
+        s0_dot[i + 5] += acc10;
+        s0_dot[i + 6] += acc12;
+        s0_dot[i + 7] += acc14;
+        s0_wdot[i] += acc1;
+        s0_wdot[i + 1] += acc3;
+        s0_wdot[i + 2] += acc5;
+        s0_wdot[i + 3] += acc7;
+        s0_wdot[i + 4] += acc9;
+        s0_wdot[i + 5] += acc11;
+        s0_wdot[i + 6] += acc13;
+        s0_wdot[i + 7] += acc15;
+        const double c0 = 2.0*s1_bar;
+        const double c1 = 2.0*s1_bar;
+        const double c2 = 2.0*s1_bar;
+        const double c3 = 2.0*s1_bar;
+        const double c4 = 2.0*s1_bar;
+        const double c5 = 2.0*s1_bar;
+        const double c6 = 2.0*s1_bar;
+        const double c7 = 2.0*s1_bar;
+        s0_bar_dot[i] += c0*s0_dot[i];
+        s0_bar_dot[i + 1] += c1*s0_dot[i + 1];
+        s0_bar_dot[i + 2] += c2*s0_dot[i + 2];
+        s0_bar_dot[i + 3] += c3*s0_dot[i + 3];
+        s0_bar_dot[i + 4] += c4*s0_dot[i + 4];
+        s0_bar_dot[i + 5] += c5*s0_dot[i + 5];
+        s0_bar_dot[i + 6] += c6*s0_dot[i + 6];
+        s0_bar_dot[i + 7] += c7*s0_dot[i + 7];
+        s0_bar_wdot[i] += c0*s0_wdot[i];
+        s0_bar_wdot[i + 1] += c1*s0_wdot[i + 1];
+        s0_bar_wdot[i + 2] += c2*s0_wdot[i + 2];
+        s0_bar_wdot[i + 3] += c3*s0_wdot[i + 3];
+        s0_bar_wdot[i + 4] += c4*s0_wdot[i + 4];
+        s0_bar_wdot[i + 5] += c5*s0_wdot[i + 5];
+        s0_bar_wdot[i + 6] += c6*s0_wdot[i + 6];
+        s0_bar_wdot[i + 7] += c7*s0_wdot[i + 7];
+        for (int64_t j = 0; j < n; ++j) {
+            hg_products[j] += A[i*n + j]*s0_bar_dot[i];
+            hg_products[j] += A[i*n + j + n]*s0_bar_dot[i + 1];
+            hg_products[j] += A[i*n + j + 2*n]*s0_bar_dot[i + 2];
+            hg_products[j] += A[i*n + j + 3*n]*s0_bar_dot[i + 3];
+            hg_products[j] += A[i*n + j + 4*n]*s0_bar_dot[i + 4];
+            hg_products[j] += A[i*n + j + 5*n]*s0_bar_dot[i + 5];
+            hg_products[j] += A[i*n + j + 6*n]*s0_bar_dot[i + 6];
+            hg_products[j] += A[i*n + j + 7*n]*s0_bar_dot[i + 7];
+            hg_products[j + n] += A[i*n + j]*s0_bar_wdot[i];
+            hg_products[j + n] += A[i*n + j + n]*s0_bar_wdot[i + 1];
+            hg_products[j + n] += A[i*n + j + 2*n]*s0_bar_wdot[i + 2];
+            hg_products[j + n] += A[i*n + j + 3*n]*s0_bar_wdot[i + 3];
+            hg_products[j + n] += A[i*n + j + 4*n]*s0_bar_wdot[i + 4];
+            hg_products[j + n] += A[i*n + j + 5*n]*s0_bar_wdot[i + 5];
+            hg_products[j + n] += A[i*n + j + 6*n]*s0_bar_wdot[i + 6];
+            hg_products[j + n] += A[i*n + j + 7*n]*s0_bar_wdot[i + 7];
+        }
+    }
+    for (int64_t i = m - m % 8; i < m; ++i) {
+        double acc16 = 0.0;
+        double acc17 = 0.0;
+        #pragma omp simd reduction(+:acc16, acc17)
+        for (int64_t j = 0; j < n; ++j) {
+            acc16 += A[i*n + j]*v[j];
+            acc17 += A[i*n + j]*hg_w[j];
+        }
+        s0_dot[i] += acc16;
+        s0_wdot[i] += acc17;
+        const double c8 = 2.0*s1_bar;
+        s0_bar_dot[i] += c8*s0_dot[i];
+        s0_bar_wdot[i] += c8*s0_wdot[i];
+        for (int64_t j = 0; j < n; ++j) {
+            hg_products[j] += A[i*n + j]*s0_bar_dot[i];
+            hg_products[j + n] += A[i*n + j]*s0_bar_wdot[i];
+        }
+    }
+    const double c9 = 2.0*s2_bar;
+    for (int64_t j = 0; j < n; ++j) {
+        hg_products[j] += c9*v[j];
+        hg_products[j + n] += c9*hg_w[j];
+    }
+
+    return hg_any_nonfinite(hg_products, 2*n) ? HG_RIDGE_NONFINITE : HG_RIDGE_OK;
 }
 
 /* B^T q = d/dtheta <grad_x g, q> */

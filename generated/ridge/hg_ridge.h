@@ -18,6 +18,8 @@ int hg_ridge_lower_value(int64_t m, int64_t n, const double *restrict theta, con
 int hg_ridge_lower_grad(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict b, const double *restrict x, double *restrict x_bar, double *restrict work);
 /* (d2g/dx2) v, forward over reverse */
 int hg_ridge_lower_hvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
+/* (d2g/dx2) v and (d2g/dx2) hg_w, the rows of one output, in one pass over the data */
+int hg_ridge_lower_hvp_pair(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, const double *restrict v, const double *restrict hg_w, double *restrict hg_products, double *restrict work);
 /* B^T q = d/dtheta <grad_x g, q> */
 int hg_ridge_cross_vjp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, double *restrict theta_bar_dot);
 /* B t = d/ds grad_x g(x, theta + s t) */

@@ -26,8 +26,8 @@ from ..common import (
     true_residual,
 )
 from ..deflation import held_for
-from ..fused import fused_cg, loops_for
-from ..krylov import cg
+from ..fused import data_per_entry, fused_cg, loops_for
+from ..krylov import Companion, cg
 from ..rates import cg_rate_bound, gd_step, hb_step, rates
 from ..results import AdjointResult, Status
 
@@ -119,8 +119,16 @@ def _cg_segments(task: AdjointTask, run: _Run) -> tuple[Status, float, str, int,
     held = held_for(task.k) if run.history is None else None
     loops = loops_for(task.k) if run.history is None else None
     mu = task.constants["mu"]
+    companion = _bound_companion(task, held)
+    met = False
     while True:
-        if held is not None:
+        if companion is not None:  # the first segment in Python, a pair product per step
+            floor = GOAL_FLOOR if companion.goal is not None else 1.0
+            out = cg(run.hvp, task.b, run.q, residual=s, tol=task.delta * floor,
+                     max_iter=task.max_iter - it, min_iter=max(run.min_iter - it, 0),
+                     diverge_from=run.r0, history=run.history, mu=mu, companion=companion)
+            met, companion = companion.met, None
+        elif held is not None:
             out = held.solve(run.hvp, task.theta, task.b, run.q, residual=s, tol=task.delta,
                              max_iter=task.max_iter - it, min_iter=max(run.min_iter - it, 0),
                              diverge_from=run.r0)
@@ -140,10 +148,36 @@ def _cg_segments(task: AdjointTask, run: _Run) -> tuple[Status, float, str, int,
         if out.iterations == 0:  # met delta where it started: s is a true residual there
             return Status.CONVERGED, norm(s), "", it, segments
         status, R, msg, rt = _check(task, run)
+        if met and status is None and rt is not None:  # the companion's goal ended it, not delta
+            return Status.CONVERGED, R, msg, it, segments
         if status is not None or rt is None:
             return status or Status.NON_FINITE, R, msg, it, segments
         s = -rt  # residual replacement: restart from the true residual
         segments += 1
+
+
+#: Data (numbers) from which a CG with a companion runs in Python with pair products instead
+#: of the fused C loop without: below, an HVP costs little more than the Python loop's own
+#: step (docs/solvers.md 9).
+PAIR_MIN_DATA = 1 << 18
+
+#: With a goal, the companion's segment may go on to this fraction of delta (a goal of 0, at
+#: h = 0, would never be met): delta is the rounds' blind plan, the goal an informed one.
+GOAL_FLOOR = 1e-2
+
+
+def _bound_companion(task: AdjointTask, held: Any) -> Companion | None:
+    """task's companion bound at task.x to the module's pair kernel, or None: there is none, a
+    learning run's deflation preconditions the solve (the companion's CG is plain), the data
+    are too small for a pass over them to outweigh the Python loop (PAIR_MIN_DATA), or the
+    module has no pair kernel or the right-hand side is not finite."""
+    companion = task.companion
+    pair_at = getattr(task.k, "hvp_pair_at", None)
+    if (companion is None or held is not None or pair_at is None
+            or data_per_entry(task.k) * task.x.size < PAIR_MIN_DATA):
+        return None
+    companion.bind(task.x, task.theta, float(task.constants["mu"]), pair_at(task.x, task.theta))
+    return companion if companion.active else None
 
 
 def _check(task: AdjointTask, run: _Run
