@@ -392,10 +392,13 @@ def test_an_interrupted_call_leaves_no_stale_reply(problems):
             raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGUSR1, interrupt)
+    # The timer is cancelled (or waited for) before the default handler, which ends the
+    # process, is restored: a call faster than its delay must not leave it pending.
+    timer = threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGUSR1))
     try:
         with module.bind_samples(data, executor="processes", workers=2) as prob:
             armed.set()
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+            timer.start()
             try:
                 prob.hypergradient(theta, **kw)
                 interrupted = False
@@ -404,6 +407,9 @@ def test_an_interrupted_call_leaves_no_stale_reply(problems):
             armed.clear()
             got = prob.hypergradient(theta + 0.3, **kw)
     finally:
+        timer.cancel()
+        if timer.ident is not None:
+            timer.join()
         signal.signal(signal.SIGUSR1, previous)
     if not interrupted:
         pytest.skip("the call ended before the interrupt arrived")
