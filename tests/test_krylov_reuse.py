@@ -200,3 +200,27 @@ def test_one_blas_thread_limits_and_restores(build_dir):
         prob = module.bind(**ns["example_data"](0, m=300, n=40, p=100))
         prob.constants(np.zeros(prob.theta_size))
         assert blas_threads() == before
+
+
+@pytest.mark.parametrize("adjoint,delta", [("cg", 1e-9), ("cg", 1e3), ("gd", 1e-6)])
+def test_the_adjoint_keeps_its_true_residual_and_the_correction_reads_it(adjoint, delta,
+                                                                         build_dir):
+    """The adjoint's recomputed true residual, kept in `AdjointResult.true_residual`, is
+    A q - grad f at the returned q (after steps; where a warm start already met delta; with
+    GD's iteration), and the correction takes it instead of recomputing it: one HVP less, the
+    same bound."""
+    _, module, ns = built_example("logistic", build_dir)
+    prob = module.bind(**ns["example_data"](0, m=300, n=60, p=100))
+    th = np.array([-2.0])
+    hg = prob.hypergradient(th, lower="newton", adjoint=adjoint, eps=1e-9, delta=delta,
+                            q0=np.full(prob.x_size, 1e-3))
+    kept = hg.adjoint.true_residual
+    want = prob.lower_hvp(hg.x, th, hg.q) - prob.upper_grad(hg.x, th)
+    np.testing.assert_allclose(kept, want, rtol=1e-13, atol=1e-15 * np.abs(want).max())
+    assert np.linalg.norm(kept) == pytest.approx(hg.R, rel=1e-13)
+    dirs, tols = [np.ones(1)], [1e-3 * np.linalg.norm(want)]
+    reading = correct(prob, hg, dirs, tols, tols, [None], [None], 1000)
+    recomputing = correct(prob, evolve(hg, adjoint=dataclasses.replace(
+        hg.adjoint, true_residual=None)), dirs, tols, tols, [None], [None], 1000)
+    assert reading.work["hvps"] == recomputing.work["hvps"] - 1
+    assert reading.parts[0].bound == pytest.approx(recomputing.parts[0].bound, rel=1e-12)

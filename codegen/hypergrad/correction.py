@@ -42,7 +42,7 @@ from .results import HypergradientResult
 from .solve import run_adjoint
 
 __all__ = ["Correction", "DirectionCorrection", "dwr_unavailable", "correct", "combined",
-           "MAX_COMPONENTS", "forward_companion", "companion_starts"]
+           "MAX_COMPONENTS", "forward_companion", "companion_starts", "adjoint_residual"]
 
 #: Up to this many hyperparameters every component gets its own forward and dual solve; above it
 #: only the component along h is certified (one pair of solves: docs/bounds.md 15.4).
@@ -209,13 +209,8 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
     th = np.asarray(hg.theta, dtype=np.float64)
     x, q = np.asarray(hg.x), np.asarray(hg.q)
     c = dict(hg.constants) if isinstance(hg.constants, dict) else {}
-    work = {"hvps": 1, "lower_grads": 0, "cross": 0, "upper": 1}
-    hvp = hvp_at(k, x, th)
-    b, _ = call_kernel(k.upper_grad, x, th)
-    Aq, _ = call_kernel(hvp, q)
-    if b is None or Aq is None:
-        raise FloatingPointError("grad_x f or A q not finite at x_eps")
-    r = Aq - b
+    r, _, spent = adjoint_residual(k, hg)
+    work = {"hvps": spent, "lower_grads": 0, "cross": 0, "upper": 1}
     R = norm(r)
     r_g = np.asarray(hg.lower.grad)  # type: ignore[union-attr]
     c["L_3"], c["L_Hf"] = higher_constants(k, th)
@@ -228,6 +223,21 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
             work[key] += n
         parts.append(part)
     return Correction(parts, R, work, "15.3" if uses_general_terms(k) else "15.2")
+
+
+def adjoint_residual(k: Any, hg: HypergradientResult) -> tuple[np.ndarray, np.ndarray, int]:
+    """(r = A q - grad f, grad f, HVPs spent) at hg's x_eps and q: the adjoint solve's own
+    recomputed true residual when it kept it (`AdjointResult.true_residual`: the same kernels
+    at the same x and q), else one HVP. FloatingPointError where it is not finite."""
+    th, x = np.asarray(hg.theta, dtype=np.float64), np.asarray(hg.x)
+    b, _ = call_kernel(k.upper_grad, x, th)
+    kept = getattr(hg.adjoint, "true_residual", None)
+    if b is not None and kept is not None:
+        return np.asarray(kept), b, 0
+    Aq, _ = call_kernel(hvp_at(k, x, th), np.asarray(hg.q))
+    if b is None or Aq is None:
+        raise FloatingPointError("grad_x f or A q not finite at x_eps")
+    return Aq - b, b, 1
 
 
 def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.ndarray,

@@ -217,6 +217,9 @@ class AdjointResult:
     energy_error_estimate  cg only: the Gauss-Radau estimate of ||q - A^{-1} grad f||_A from the
                last CG segment's coefficients (docs/solvers.md 6). An exact-arithmetic
                estimate, NOT a certificate (that is `bound`); nan when no CG step ran.
+    true_residual  A q - grad f at the returned q, the vector whose norm is `residual`, where
+               the iterative solvers recomputed it (the correction reads it instead of another
+               HVP); None otherwise.
     """
 
     q: np.ndarray
@@ -237,6 +240,7 @@ class AdjointResult:
     h_cross: np.ndarray | None = None
     message: str = ""
     energy_error_estimate: float = math.nan
+    true_residual: np.ndarray | None = None
 
     @property
     def work(self) -> int:

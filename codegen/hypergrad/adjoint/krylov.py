@@ -40,7 +40,7 @@ class _Run:
 
     hvp: MatVec
     q: np.ndarray
-    r: np.ndarray    # residual form A q - b
+    r: np.ndarray    # residual form A q - b (at q once `_check` or `_solve` recomputed it)
     r0: float
     trap: bool
     min_iter: int
@@ -100,6 +100,7 @@ def _solve(task: AdjointTask, solver: str, iterate: Iterate) -> AdjointResult:
         rt, msg2 = true_residual(hvp, run.q, b)
         run.n_hvp += 1
         R = norm(rt) if rt is not None else math.inf
+        run.r = run.r if rt is None else rt
         if rt is None:
             msg = msg or msg2
             if status in (Status.CONVERGED, Status.CAPPED, Status.ZERO_TRAP):
@@ -108,7 +109,8 @@ def _solve(task: AdjointTask, solver: str, iterate: Iterate) -> AdjointResult:
     return AdjointResult(q=run.q, residual=R, iterations=it, status=status, solver=solver,
                          delta=delta, mu=mu, n_hvp=run.n_hvp, r0=r0, zero_trap=trap,
                          apriori=apriori, apriori_rigorous=rigorous, segments=segments,
-                         history=run.history, message=msg, energy_error_estimate=run.energy_error)
+                         history=run.history, message=msg, energy_error_estimate=run.energy_error,
+                         true_residual=run.r if math.isfinite(R) else None)
 
 
 def _cg_segments(task: AdjointTask, run: _Run) -> tuple[Status, float, str, int, int]:
@@ -187,6 +189,7 @@ def _check(task: AdjointTask, run: _Run
     run.n_hvp += 1
     if rt is None:
         return Status.NON_FINITE, math.nan, msg, rt
+    run.r = rt  # the true residual at run.q from now on (`_solve` returns it)
     R = norm(rt)
     if R <= task.delta:
         return (Status.ZERO_TRAP if run.trap else Status.CONVERGED), R, msg, rt
