@@ -115,7 +115,10 @@ def block_correct(k: Any, hg: HypergradientResult, tol_w: float, tol_t: float, w
     th = np.asarray(hg.theta, dtype=np.float64)
     x, q = np.asarray(hg.x), np.asarray(hg.q)
     c = dict(hg.constants) if isinstance(hg.constants, dict) else {}
-    r, b, used = adjoint_residual(k, hg)
+    r, used = adjoint_residual(k, hg)
+    b, _ = call_kernel(k.upper_grad, x, th)  # for the rounding term
+    if b is None:
+        raise FloatingPointError("grad_x f not finite at x_eps")
     work = {"hvps": used, "cross": 1, "upper": 1}
     r_g = np.asarray(hg.lower.grad)  # type: ignore[union-attr]
     newton = run_adjoint(k, x, th, c, "cg", tol_w, w0, max_iter, r_g)

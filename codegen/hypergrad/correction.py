@@ -209,7 +209,7 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
     th = np.asarray(hg.theta, dtype=np.float64)
     x, q = np.asarray(hg.x), np.asarray(hg.q)
     c = dict(hg.constants) if isinstance(hg.constants, dict) else {}
-    r, _, spent = adjoint_residual(k, hg)
+    r, spent = adjoint_residual(k, hg)
     work = {"hvps": spent, "lower_grads": 0, "cross": 0, "upper": 1}
     R = norm(r)
     r_g = np.asarray(hg.lower.grad)  # type: ignore[union-attr]
@@ -225,19 +225,19 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
     return Correction(parts, R, work, "15.3" if uses_general_terms(k) else "15.2")
 
 
-def adjoint_residual(k: Any, hg: HypergradientResult) -> tuple[np.ndarray, np.ndarray, int]:
-    """(r = A q - grad f, grad f, HVPs spent) at hg's x_eps and q: the adjoint solve's own
-    recomputed true residual when it kept it (`AdjointResult.true_residual`: the same kernels
-    at the same x and q), else one HVP. FloatingPointError where it is not finite."""
+def adjoint_residual(k: Any, hg: HypergradientResult) -> tuple[np.ndarray, int]:
+    """(r = A q - grad f, HVPs spent) at hg's x_eps and q: the adjoint solve's own recomputed
+    true residual when it kept it (`AdjointResult.true_residual`: the same kernels at the same
+    x and q), else grad f and one HVP. FloatingPointError where it is not finite."""
+    kept = getattr(hg.adjoint, "true_residual", None)
+    if kept is not None:
+        return np.asarray(kept), 0
     th, x = np.asarray(hg.theta, dtype=np.float64), np.asarray(hg.x)
     b, _ = call_kernel(k.upper_grad, x, th)
-    kept = getattr(hg.adjoint, "true_residual", None)
-    if b is not None and kept is not None:
-        return np.asarray(kept), b, 0
     Aq, _ = call_kernel(hvp_at(k, x, th), np.asarray(hg.q))
     if b is None or Aq is None:
         raise FloatingPointError("grad_x f or A q not finite at x_eps")
-    return Aq - b, b, 1
+    return Aq - b, 1
 
 
 def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.ndarray,
@@ -322,9 +322,11 @@ def forward_companion(k: Any, rtol: float | None, atol: float,
     companion of a round solved again at a nearby x, whose v it starts from."""
     def setup(x: np.ndarray, th: np.ndarray) -> Any:
         Bu, _ = call_kernel(k.cross_jvp, x, th, np.eye(th.size)[0])
-        direct, _ = call_kernel(k.upper_theta_grad, x, th)
-        if Bu is None or direct is None or th.size != 1 or not (rtol or atol):
+        if Bu is None or th.size != 1 or not (rtol or atol):
             return None if Bu is None else (Bu, None)  # no goal without a target
+        direct, _ = call_kernel(k.upper_theta_grad, x, th)
+        if direct is None:
+            return Bu, None
         d0, r = float(direct[0]), float(rtol or 0.0)
         return Bu, lambda q: GOAL_SHARE * (atol + r * abs(d0 - dot(Bu, q)))
     return Companion(setup, None if start is None or not start.steps else start.v)

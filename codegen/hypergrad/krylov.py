@@ -101,7 +101,7 @@ def cg(matvec: MatVec, b: np.ndarray, x0: np.ndarray | None = None, *,
             return result(Status.CAPPED)
         if diverge_from is not None and rn > DIVERGENCE_FACTOR * max(diverge_from, 1e-300):
             return result(Status.DIVERGED, f"residual grew from {diverge_from:.3g} to {rn:.3g}")
-        if companion is not None and it >= min_iter and companion.satisfied(x, s):
+        if companion is not None and it >= min_iter and companion.satisfied(x, s, rn):
             return result(Status.CONVERGED)
         Ad, msg = (call_kernel(matvec, d) if companion is None or not companion.active
                    else companion.product(matvec, d))
@@ -193,11 +193,12 @@ class Companion:
             self._step(both[1])
         return both[0], msg
 
-    def satisfied(self, q: np.ndarray, s: np.ndarray) -> bool:
-        """Whether the leading iterate q, with residual s, meets the goal (see above)."""
+    def satisfied(self, q: np.ndarray, s: np.ndarray, s_norm: float) -> bool:
+        """Whether the leading iterate q, with residual s (of norm s_norm), meets the goal (see
+        above)."""
         if self.goal is None or self.v is None or not self.steps:
             return False
-        bound = abs(dot(self.v, s)) + math.sqrt(self.ss) * math.sqrt(dot(s, s)) / self.mu
+        bound = abs(dot(self.v, s)) + math.sqrt(self.ss) * s_norm / self.mu
         self.met = bound <= self.goal(q)
         return self.met
 
