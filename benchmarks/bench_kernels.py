@@ -4,10 +4,12 @@
 
 Prints the median time of one `lower_hvp` / `lower_grad` of ridge and l2-logistic regression
 against NumPy's `A @ v` followed by `A.T @ w` (the two passes over A a BLAS-based library makes),
-of `lower_hvp_pair` (two products in one pass) against one `lower_hvp`, and the cold and cached
-`hypergen build` times of every example.
+of `lower_hvp_pair` (two products in one pass) against one `lower_hvp`, the prepared HVP of
+CSR logistic regression (`lower_hvp_apply`) against SciPy's `A @ v` + `A.T @ w`, and the cold
+and cached `hypergen build` times of every example.
 """
 import argparse
+import runpy
 import statistics
 import subprocess
 import sys
@@ -54,6 +56,24 @@ def kernels(m, n, repeat):
                       f"lower_hvp")
 
 
+def sparse_kernels(m, n, density, repeat):
+    """The prepared HVP of CSR logistic regression (`hvp_at`: lower_hvp_prepare once, then one
+    lower_hvp_apply per product) against SciPy's two sparse passes."""
+    import codegen
+
+    ns = runpy.run_path(str(ROOT / "examples" / "logistic_sparse.py"))
+    data = ns["example_data"](0, m=m, n=n, p=10, density=density)
+    A, rng = data["A"], np.random.default_rng(1)
+    v, w = rng.standard_normal(n), rng.standard_normal(m)
+    t_scipy = median_time(lambda: (A @ v, A.T @ w), repeat)
+    print(f"CSR m = {m}, n = {n}, nnz = {A.nnz}: SciPy A @ v + A.T @ w: {t_scipy * 1e3:.2f} ms")
+    prob = codegen.load(ROOT / "examples" / "logistic_sparse.py").bind(**data)
+    hvp = prob.hvp_at(0.01 * rng.standard_normal(n), 0.0)
+    t = median_time(lambda: hvp(v), repeat)
+    print(f"  logistic_sparse.lower_hvp_apply: {t * 1e3:.2f} ms = {t / t_scipy:.2f} x SciPy's "
+          f"two passes")
+
+
 # The example problem files (the other scripts in examples/ use them).
 PROBLEMS = ("ridge", "logistic", "logistic_sparse", "quadratic", "tv1d", "tv2d", "hypercleaning")
 
@@ -79,6 +99,9 @@ if __name__ == "__main__":
     parser.add_argument("--m", type=int, default=20000)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--sparse", type=int, nargs=2, default=(20000, 100000),
+                        metavar=("M", "N"), help="CSR logistic regression's size (density 0.1%%)")
     args = parser.parse_args()
     kernels(args.m, args.n, args.repeat)
+    sparse_kernels(*args.sparse, 0.001, args.repeat)
     build_times()
