@@ -20,7 +20,7 @@ __all__ = ["solve_direct"]
 def solve_direct(task: LowerTask) -> LowerResult:
     """Newton descent with d = -A(x)^{-1} grad g from the (cached) factor."""
 
-    def direction(x: np.ndarray, g: np.ndarray, gn: float, gn0: float,
+    def direction(x: np.ndarray, g: np.ndarray, gn: float,
                   budget: int) -> tuple[np.ndarray | None, int, tuple[Status, str] | None]:
         fac, used, failure = dense_factor(task.k, x, task.theta, task.constants, task.dense)
         return (None if fac is None else -fac.solve(g)), used, failure

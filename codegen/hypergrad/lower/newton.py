@@ -1,7 +1,7 @@
 """Inexact Newton (Newton-CG) for the lower level; the backtracking loop lower="direct" shares.
 
-The direction solves A(x) d = -grad g by CG to a relative residual
-eta = min(1/2, sqrt(||g|| / ||g0||), L_A ||g|| / (2 mu^2)) (superlinear near x*, one exact step
+The direction solves A(x) d = -grad g by CG to a relative residual eta (`Forcing`: Eisenstat and
+Walker's choice 1, at most 1/2 and L_A ||g|| / (2 mu^2); superlinear near x*, one exact step
 when g is quadratic), but not below a quarter of the target tol * mu; since A d = -g + r with
 ||r|| <= eta ||g||, d is a descent direction for ||g||^2 / 2, and the step is halved until
 ||g(x + a d)|| <= (1 - 1e-4 a) ||g(x)||. Each step costs a few HVPs and gradients, about one
@@ -13,6 +13,7 @@ then it is "rounding floor", the accuracy floating point allows, not a failure.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -23,17 +24,61 @@ from ..fused import FusedLoops, cg_at, fused_newton, loops_for
 from ..results import LowerResult, Status
 from .stopping import rounding_floor
 
-__all__ = ["solve_newton", "newton_descent", "Direction", "NEWTON_TARGET_SHARE"]
+__all__ = ["solve_newton", "newton_descent", "Direction", "Forcing", "NEWTON_TARGET_SHARE"]
 
 #: The Newton system is solved to a residual of at least this fraction of the target ||grad g||.
 NEWTON_TARGET_SHARE = 0.25
 
 #: Inner CG steps per Newton direction at most.
 NEWTON_INNER_MAX = 100
+#: Eisenstat and Walker's safeguard: eta is kept at least eta_last^SAFEGUARD_POWER while that is
+#: above SAFEGUARD_FLOOR, so that one lucky step does not make the next solve needlessly tight.
+SAFEGUARD_POWER = (1.0 + math.sqrt(5.0)) / 2.0
+SAFEGUARD_FLOOR = 0.1
 
-#: direction(x, g, ||g||, ||g0||, work budget) -> (d or None, HVPs spent, None or the failure).
-Direction = Callable[[np.ndarray, np.ndarray, float, float, int],
+#: direction(x, g, ||g||, work budget) -> (d or None, HVPs spent, None or the failure).
+Direction = Callable[[np.ndarray, np.ndarray, float, int],
                      tuple[Optional[np.ndarray], int, Optional[tuple[Status, str]]]]
+
+
+@dataclass
+class Forcing:
+    """Newton-CG's forcing term (docs/solvers.md 1): the direction's CG stops at eta ||g||.
+
+    Eisenstat and Walker's choice 1, eta_k = | ||g_k|| - ||g_{k-1} + A d_{k-1}|| | / ||g_{k-1}||:
+    how far the last direction's linear model missed the gradient it reached. Where the model
+    predicts poorly (far from x*, after a backtracked step), a tight solve of it buys nothing;
+    where it predicts well, a tight solve pays. ||g + A d|| is the last CG's residual (the
+    model's prediction for a full step). eta is at most 1/2 (d stays a descent direction) and
+    at most L_A ||g|| / (2 mu^2) (the quadratic term after an exact step: quadratic convergence
+    near x*, one exact step when g is quadratic); the first is 1/2 unless that bound is below.
+    `loop_newton` (templates/solver_loops.c.j2) computes the same numbers in C."""
+
+    mu: float
+    L_A: float
+    last_eta: float = math.nan
+    last_gn: float = math.nan
+    predicted: float = math.nan
+
+    def eta(self, gn: float) -> float:
+        """The forcing term at ||g|| = gn, after the previous direction's `solved`."""
+        if math.isnan(self.predicted):
+            eta = 0.5
+        else:
+            eta = abs(gn - self.predicted) / self.last_gn
+            if self.last_eta > 0:  # last_eta ** SAFEGUARD_POWER as the C computes it
+                safeguard = math.exp(SAFEGUARD_POWER * math.log(self.last_eta))
+                if safeguard > SAFEGUARD_FLOOR:
+                    eta = max(eta, safeguard)
+            eta = min(eta, 0.5)
+        if math.isfinite(self.L_A):
+            eta = min(eta, self.L_A * gn / (2 * self.mu * self.mu))
+        self.last_eta, self.last_gn = eta, gn
+        return eta
+
+    def solved(self, residual_norm: float) -> None:
+        """The direction's CG stopped at ||g + A d|| = residual_norm."""
+        self.predicted = residual_norm
 
 
 def solve_newton(task: LowerTask) -> LowerResult:
@@ -49,21 +94,19 @@ def solve_newton(task: LowerTask) -> LowerResult:
     if held is None and loops is not None and "loop_newton" in loops.functions:
         return _fused(task, loops)
 
-    def direction(x: np.ndarray, g: np.ndarray, gn: float, gn0: float,
+    forcing = Forcing(mu, L_A)
+
+    def direction(x: np.ndarray, g: np.ndarray, gn: float,
                   budget: int) -> tuple[np.ndarray | None, int, tuple[Status, str] | None]:
-        # Forcing term: no tighter than the Newton model is good, (L_A / 2) (||g|| / mu)^2
-        # after an exact step (and exact for L_A = 0), which also holds after a warm start,
-        # where sqrt(||g|| / ||g0||) would start over at 1/2; and no need to solve far below
-        # the target: ||g(x + d)|| is about the residual once the quadratic term is small.
-        eta = min(0.5, math.sqrt(gn / gn0))
-        if math.isfinite(L_A):
-            eta = min(eta, L_A * gn / (2 * mu * mu))
-        inner_tol = max(eta * gn, NEWTON_TARGET_SHARE * tol * mu)
+        # no need to solve far below the target: ||g(x + d)|| is about the residual once the
+        # quadratic term is small
+        inner_tol = max(forcing.eta(gn) * gn, NEWTON_TARGET_SHARE * tol * mu)
         cap = min(budget - 1, NEWTON_INNER_MAX)
         run = (cg_at(k, x, th, -g, tol=inner_tol, max_iter=cap, diverge_from=gn)
                if held is None else
                held.solve(hvp_at(k, x, th), th, -g, tol=inner_tol, max_iter=cap,
                           diverge_from=gn))
+        forcing.solved(math.sqrt(run.rr))
         failed = run.status in (Status.NON_FINITE, Status.NOT_SPD)
         return run.x, run.matvecs, ((run.status, run.message) if failed else None)
 
@@ -94,7 +137,7 @@ def newton_descent(task: LowerTask, name: str, direction: Direction) -> LowerRes
         if budget <= 1:
             status = Status.CAPPED
             break
-        d, used, failure = direction(x, g, gn, gn0, budget)
+        d, used, failure = direction(x, g, gn, budget)
         n_hvp += used
         if failure is not None or d is None:
             status, why = failure or (Status.NON_FINITE, "")
