@@ -88,15 +88,22 @@ def test_a_wrong_deflation_only_costs_iterations():
 
 
 def test_holding_is_scoped_to_its_block():
-    """A run holds a deflation for a kernel of DEFLATION_MIN_SIZE or more entries only inside
-    `holding`; smaller kernels get none (their solves stay in the fused loops)."""
+    """A run holds a deflation for a kernel of DEFLATION_MIN_SIZE or more entries and
+    DEFLATION_MIN_DATA or more numbers of data only inside `holding`; smaller kernels, or
+    kernels with less data (a cheap HVP), get none: their solves stay in the fused loops."""
     class K:
-        def __init__(self, n):
+        def __init__(self, n, data=None):
             self.x_size = n
-    big, small = K(deflation.DEFLATION_MIN_SIZE), K(deflation.DEFLATION_MIN_SIZE - 1)
-    with holding([big, small]):
+            if data is not None:
+                self.data = data
+    n = deflation.DEFLATION_MIN_SIZE
+    rows = -(-deflation.DEFLATION_MIN_DATA // n)  # enough rows of n numbers
+    big, small = K(n), K(n - 1)
+    heavy, light = K(n, {"A": np.zeros((rows, n))}), K(n, {"A": np.zeros((rows - 1, n))})
+    with holding([big, small, heavy, light]):
         assert held_for(big) is not None and held_for(small) is None
-    assert held_for(big) is None
+        assert held_for(heavy) is not None and held_for(light) is None
+    assert held_for(big) is None and held_for(heavy) is None
 
 
 @pytest.fixture(scope="module")

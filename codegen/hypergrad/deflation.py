@@ -30,14 +30,21 @@ import numpy as np
 
 from ..threads import one_blas_thread
 from .common import MatVec, all_finite, call_kernel
+from .fused import data_per_entry
 from .krylov import CGResult, cg
 
-__all__ = ["DEFLATION_MIN_SIZE", "DEFLATION_MAX_SIZE", "MAX_DEFLATED", "RITZ_GAP",
+__all__ = ["DEFLATION_MIN_SIZE", "DEFLATION_MIN_DATA", "DEFLATION_MAX_SIZE", "MAX_DEFLATED",
+           "RITZ_GAP",
            "Deflation", "holding", "held_for"]
 
 #: Smallest x for which a run holds a deflation: below it the fused C loops' speed outweighs
 #: the products saved (the preconditioned solves run in Python).
 DEFLATION_MIN_SIZE = 256
+#: Least data (numbers, nonzeros for sparse data) for a run to hold one: the preconditioned
+#: solve's Python steps and its Rayleigh-Ritz step must weigh little next to its HVPs. On
+#: hypercleaning with digits (x of 650 entries, 75,000 numbers of data) a learning run took
+#: 1.6-2x the time with a deflation, for the same HVPs per solve (docs/solvers.md 8).
+DEFLATION_MIN_DATA = 1 << 18
 #: Largest x: a solve keeps its search directions (up to 100 vectors of x's size).
 DEFLATION_MAX_SIZE = 20_000
 #: Ritz vectors kept at most.
@@ -136,11 +143,13 @@ class Deflation:
 @contextmanager
 def holding(kernels: list[Any]) -> Iterator[None]:
     """Hold a Deflation for each kernel of a learning run whose x has DEFLATION_MIN_SIZE to
-    DEFLATION_MAX_SIZE entries, for the duration of the block."""
+    DEFLATION_MAX_SIZE entries and whose data hold DEFLATION_MIN_DATA numbers or more (a kernel
+    that is not a bound problem counts as large), for the duration of the block."""
     added = []
     for k in kernels:
         n = getattr(k, "x_size", None)
-        if isinstance(n, int) and DEFLATION_MIN_SIZE <= n <= DEFLATION_MAX_SIZE:
+        if (isinstance(n, int) and DEFLATION_MIN_SIZE <= n <= DEFLATION_MAX_SIZE
+                and data_per_entry(k) * n >= DEFLATION_MIN_DATA):
             try:
                 if k not in _HELD:
                     _HELD[k] = Deflation()
