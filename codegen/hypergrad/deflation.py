@@ -34,8 +34,7 @@ from .fused import data_per_entry
 from .krylov import CGResult, cg
 
 __all__ = ["DEFLATION_MIN_SIZE", "DEFLATION_MIN_DATA", "DEFLATION_MAX_SIZE", "MAX_DEFLATED",
-           "RITZ_GAP",
-           "Deflation", "holding", "held_for"]
+           "RITZ_GAP", "Deflation", "holding", "held_for"]
 
 #: Smallest x for which a run holds a deflation: below it the fused C loops' speed outweighs
 #: the products saved (the preconditioned solves run in Python).
