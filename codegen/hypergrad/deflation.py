@@ -42,7 +42,7 @@ DEFLATION_MIN_SIZE = 256
 #: Least data (numbers, nonzeros for sparse data) for a run to hold one: the preconditioned
 #: solve's Python steps and its Rayleigh-Ritz step must weigh little next to its HVPs. On
 #: hypercleaning with digits (x of 650 entries, 75,000 numbers of data) a learning run took
-#: 1.6-2x the time with a deflation, for the same HVPs per solve (docs/solvers.md 8).
+#: 1.5-2.1x the time with a deflation, for the same HVPs per solve (docs/solvers.md 8).
 DEFLATION_MIN_DATA = 1 << 18
 #: Largest x: a solve keeps its search directions (up to 100 vectors of x's size).
 DEFLATION_MAX_SIZE = 20_000
