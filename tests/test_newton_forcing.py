@@ -42,4 +42,4 @@ def test_the_quadratic_term_caps_eta_near_the_solution():
     forcing = Forcing(mu=1.0, L_A=2.0)
     forcing.eta(0.01)
     forcing.solved(0.0)
-    assert forcing.eta(0.009) == pytest.approx(2.0 * 0.009 / 2)  # not 0.9: L_A's term
+    assert forcing.eta(0.009) == pytest.approx(2.0 * 0.009 / 2)  # choice 1 and 1/2 ask for 0.5
