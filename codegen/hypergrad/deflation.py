@@ -16,42 +16,30 @@ theta the kept vectors' products are recomputed (k HVPs, counted as work), so l 
 
 Only a proposal: the preconditioned `krylov.cg` stops on the recursive unpreconditioned residual,
 and every certificate recomputes true residuals and gradients with the kernels, so a stale or
-wrong V costs iterations, never correctness. Held only inside `holding` (the learning loops),
+wrong V costs iterations, never correctness. Held only inside a learning run (`held.holding`),
 so a single hypergradient call is the same with or without a run before it.
 """
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from ..threads import one_blas_thread
 from .common import MatVec, all_finite, call_kernel
-from .fused import data_per_entry
 from .krylov import CGResult, cg
 
-__all__ = ["DEFLATION_MIN_SIZE", "DEFLATION_MIN_DATA", "DEFLATION_MAX_SIZE", "MAX_DEFLATED",
-           "RITZ_GAP", "Deflation", "holding", "held_for"]
+__all__ = ["DEFLATION_MIN_SIZE", "DEFLATION_MAX_SIZE", "MAX_DEFLATED", "RITZ_GAP", "Deflation"]
 
-#: Smallest x for which a run holds a deflation: below it the fused C loops' speed outweighs
-#: the products saved (the preconditioned solves run in Python).
+#: Smallest x for which a run holds a deflation; below it a run holds the Hessian's factor
+#: (`held`), whose n HVPs per assembly cost less there than the deflation saves.
 DEFLATION_MIN_SIZE = 256
-#: Least data (numbers, nonzeros for sparse data) for a run to hold one: the preconditioned
-#: solve's Python steps and its Rayleigh-Ritz step must weigh little next to its HVPs. On
-#: hypercleaning with digits (x of 650 entries, 75,000 numbers of data) a learning run took
-#: 1.5-2.1x the time with a deflation, for the same HVPs per solve (docs/solvers.md 8).
-DEFLATION_MIN_DATA = 1 << 18
 #: Largest x: a solve keeps its search directions (up to 100 vectors of x's size).
 DEFLATION_MAX_SIZE = 20_000
 #: Ritz vectors kept at most.
 MAX_DEFLATED = 4
 #: A Ritz value is deflated when the next one is at least this many times larger.
 RITZ_GAP = 2.0
-
-_HELD: weakref.WeakKeyDictionary[Any, Deflation] = weakref.WeakKeyDictionary()
 
 
 class Deflation:
@@ -137,34 +125,3 @@ class Deflation:
         self.learn([d for d, _ in pairs], [Ad for _, Ad in pairs], theta)
         return CGResult(run.x, run.residual, run.rr, run.iterations, run.matvecs + spent,
                         run.status, run.message)
-
-
-@contextmanager
-def holding(kernels: list[Any]) -> Iterator[None]:
-    """Hold a Deflation for each kernel of a learning run whose x has DEFLATION_MIN_SIZE to
-    DEFLATION_MAX_SIZE entries and whose data hold DEFLATION_MIN_DATA numbers or more (a kernel
-    that is not a bound problem counts as large), for the duration of the block."""
-    added = []
-    for k in kernels:
-        n = getattr(k, "x_size", None)
-        if (isinstance(n, int) and DEFLATION_MIN_SIZE <= n <= DEFLATION_MAX_SIZE
-                and data_per_entry(k) * n >= DEFLATION_MIN_DATA):
-            try:
-                if k not in _HELD:
-                    _HELD[k] = Deflation()
-                    added.append(k)
-            except TypeError:  # not weakly referenceable: nothing is held for it
-                continue
-    try:
-        yield
-    finally:
-        for k in added:
-            _HELD.pop(k, None)
-
-
-def held_for(k: Any) -> Deflation | None:
-    """The Deflation a run holds for kernel k, else None."""
-    try:
-        return _HELD.get(k)
-    except TypeError:
-        return None

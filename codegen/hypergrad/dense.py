@@ -30,17 +30,19 @@ __all__ = ["DIRECT_MAX_SIZE", "HessianFactor", "dense_factor"]
 DIRECT_MAX_SIZE = 2000
 
 class HessianFactor:
-    """The Cholesky factor of a symmetric positive definite Hessian A(x, theta) at one x.
+    """The Cholesky factor of a symmetric positive definite Hessian A(x, theta) at one x, or at
+    no recorded x (x None: a learning run's preconditioner, which no solve asks `holds_at`).
 
     `factor` returns None (and the reason) when A is not positive definite: mu > 0 says it
     must be, so the caller reports "not SPD" rather than trusting any step.
     """
 
-    def __init__(self, lower: np.ndarray, x: np.ndarray):
+    def __init__(self, lower: np.ndarray, x: np.ndarray | None):
         self.lower, self.x = lower, x
 
     @classmethod
-    def factor(cls, hessian: np.ndarray, x: np.ndarray) -> tuple[HessianFactor | None, str]:
+    def factor(cls, hessian: np.ndarray, x: np.ndarray | None = None
+               ) -> tuple[HessianFactor | None, str]:
         """LAPACK's dpotrf itself: scipy.linalg.cho_factor costs 5x more on a 10 x 10 matrix,
         which is what a small problem's hypergradient factors. The symmetrised copy is our own,
         so dpotrf may overwrite it, and its transpose (the same matrix) is Fortran-ordered, so
@@ -53,7 +55,7 @@ class HessianFactor:
                           "the Hessian is not SPD")
         if info < 0 or not np.isfinite(lower).all():
             return None, f"Cholesky factorisation failed (dpotrf info {info}, or not finite)"
-        return cls(lower, x.copy()), ""
+        return cls(lower, None if x is None else x.copy()), ""
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         out: np.ndarray
@@ -65,7 +67,7 @@ class HessianFactor:
     def holds_at(self, x: np.ndarray, hessian_constant: bool) -> bool:
         """Can this factor serve at x? At its own x always; elsewhere when A does not depend on
         x (L_A = 0)."""
-        return hessian_constant or np.array_equal(self.x, x)
+        return hessian_constant or (self.x is not None and np.array_equal(self.x, x))
 
 
 def dense_factor(k: Any, x: np.ndarray, th: np.ndarray, c: dict[str, Any], dense: dict[str, Any]

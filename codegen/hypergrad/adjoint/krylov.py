@@ -25,8 +25,8 @@ from ..common import (
     norm,
     true_residual,
 )
-from ..deflation import held_for
 from ..fused import data_per_entry, fused_cg, loops_for
+from ..held import held_for
 from ..krylov import Companion, cg
 from ..rates import cg_rate_bound, gd_step, hb_step, rates
 from ..results import AdjointResult, Status
@@ -115,8 +115,8 @@ def _solve(task: AdjointTask, solver: str, iterate: Iterate) -> AdjointResult:
 
 def _cg_segments(task: AdjointTask, run: _Run) -> tuple[Status, float, str, int, int]:
     """CG segments until the true residual meets delta: (status, R or nan, message,
-    iterations, segments). Preconditioned by the deflation a learning run holds for the kernel
-    (`deflation.held_for`), if any."""
+    iterations, segments). Preconditioned by what a learning run holds for the kernel
+    (`held.held_for`: a deflation or the Hessian's factor), if any."""
     it, segments, s = 0, 1, -run.r
     held = held_for(task.k) if run.history is None else None
     loops = loops_for(task.k) if run.history is None else None
@@ -170,7 +170,7 @@ GOAL_FLOOR = 1e-2
 
 def _bound_companion(task: AdjointTask, held: Any) -> Companion | None:
     """task's companion bound at task.x to the module's pair kernel, or None: there is none, a
-    learning run's deflation preconditions the solve (the companion's CG is plain), the data
+    learning run's preconditioner acts on the solve (the companion's CG is plain), the data
     are too small for a pass over them to outweigh the Python loop (PAIR_MIN_DATA), or the
     module has no pair kernel or the right-hand side is not finite."""
     companion = task.companion

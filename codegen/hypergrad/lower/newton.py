@@ -19,8 +19,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..common import LowerTask, call_kernel, hvp_at, norm
-from ..deflation import held_for
 from ..fused import FusedLoops, cg_at, fused_newton, loops_for
+from ..held import held_for
 from ..results import LowerResult, Status
 from .stopping import rounding_floor
 
@@ -84,9 +84,10 @@ class Forcing:
 def solve_newton(task: LowerTask) -> LowerResult:
     """Newton-CG: the whole solve in one C call on a small problem whose module has the loop
     (`fused.fused_newton`), else directions from CG at x (`fused.cg_at`) and steps here; in a
-    learning run that holds a deflation for k (`deflation.held_for`), directions from its
-    preconditioned CG (the same forcing term: a cap of 0.1 or 0.02 on it when preconditioned
-    changed case (a) of the learning benchmark by -1% to +2%)."""
+    learning run that holds a preconditioner for k (`held.held_for`: a deflation or the
+    Hessian's factor), directions from its preconditioned CG (the same forcing term: a cap of
+    0.1 or 0.02 on it under the deflation changed case (a) of the learning benchmark by -1% to
+    +2%)."""
     k, th, c, tol = task.k, task.theta, task.constants, task.tol
     mu, L_A = c["mu"], c.get("L_A", math.inf)
     held = held_for(k)
