@@ -1,4 +1,4 @@
-"""The preconditioners a learning run holds (codegen/hypergrad/held.py, deflation.py,
+"""The preconditioners a learning run holds (codegen/hypergrad/preconditioners.py, deflation.py,
 held_factor.py; docs/solvers.md 8): preconditioned CG solves what CG solves, whatever the
 preconditioner; the Ritz vectors a deflation keeps are the isolated small eigenvalues; a held
 factor is assembled when the steps it would save have cost its price; and a stale or wrong
@@ -10,12 +10,12 @@ import math
 import numpy as np
 import pytest
 
-from codegen.hypergrad import deflation, held
+from codegen.hypergrad import deflation, preconditioners
 from codegen.hypergrad.deflation import Deflation
 from codegen.hypergrad.dense import HessianFactor
-from codegen.hypergrad.held import held_for, holding
 from codegen.hypergrad.held_factor import HeldFactor
 from codegen.hypergrad.krylov import cg
+from codegen.hypergrad.preconditioners import held_for, holding
 from codegen.hypergrad.results import Status
 
 
@@ -103,10 +103,10 @@ def test_holding_is_scoped_to_its_block():
             if data is not None:
                 self.data = data
     n = deflation.DEFLATION_MIN_SIZE
-    rows = -(-held.HELD_MIN_DATA // n)  # enough rows of n numbers
+    rows = -(-preconditioners.HELD_MIN_DATA // n)  # enough rows of n numbers
     big, small = K(n), K(n - 1)
     heavy, light = K(n, {"A": np.zeros((rows, n))}), K(n, {"A": np.zeros((rows - 1, n))})
-    small_heavy = K(n - 1, {"A": np.zeros((-(-held.HELD_MIN_DATA // (n - 1)), n - 1))})
+    small_heavy = K(n - 1, {"A": np.zeros((-(-preconditioners.HELD_MIN_DATA // (n - 1)), n - 1))})
     with holding([big, small, heavy, light, small_heavy]):
         assert isinstance(held_for(big), Deflation) and isinstance(held_for(small), HeldFactor)
         assert isinstance(held_for(heavy), Deflation) and held_for(light) is None
@@ -179,7 +179,7 @@ def test_learning_run_with_deflation_keeps_its_certificate(logistic_256, monkeyp
     |F|, ftol = 1e-7 the stopping rule's) and takes fewer work units."""
     prob = logistic_256
     res = prob.optimize(-6.0, progress=False)
-    monkeypatch.setattr(held, "HELD_MIN_DATA", math.inf)
+    monkeypatch.setattr(preconditioners, "HELD_MIN_DATA", math.inf)
     plain = prob.optimize(-6.0, progress=False)
     tight = prob.hypergradient(res.theta, rtol=1e-8)
     print(f"\nunits: deflated {res.work}, plain {plain.work}; theta {res.theta} {plain.theta}")
@@ -219,7 +219,7 @@ def test_learning_run_with_a_held_factor_keeps_its_certificate(build_dir, monkey
     prob = module.bind(**ns["example_data"](0, m=1100, n=200, p=300))
     theta0 = np.zeros(200)
     res = prob.optimize(theta0, progress=False)
-    monkeypatch.setattr(held, "HELD_MIN_DATA", math.inf)
+    monkeypatch.setattr(preconditioners, "HELD_MIN_DATA", math.inf)
     plain = prob.optimize(theta0, progress=False)
     print(f"\nunits: with the factor {res.work}, plain {plain.work}")
     assert res.status == plain.status == "converged", res.message

@@ -16,7 +16,7 @@ theta the kept vectors' products are recomputed (k HVPs, counted as work), so l 
 
 Only a proposal: the preconditioned `krylov.cg` stops on the recursive unpreconditioned residual,
 and every certificate recomputes true residuals and gradients with the kernels, so a stale or
-wrong V costs iterations, never correctness. Held only inside a learning run (`held.holding`),
+wrong V costs iterations, never correctness. Held only inside a learning run (`preconditioners.holding`),
 so a single hypergradient call is the same with or without a run before it.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .krylov import CGResult, cg
 __all__ = ["DEFLATION_MIN_SIZE", "DEFLATION_MAX_SIZE", "MAX_DEFLATED", "RITZ_GAP", "Deflation"]
 
 #: Smallest x for which a run holds a deflation; below it a run holds the Hessian's factor
-#: (`held`), whose n HVPs per assembly cost less there than the deflation saves.
+#: (`preconditioners`), whose n HVPs per assembly cost less there than the deflation saves.
 DEFLATION_MIN_SIZE = 256
 #: Largest x: a solve keeps its search directions (up to 100 vectors of x's size).
 DEFLATION_MAX_SIZE = 20_000

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..hypergrad.held import holding
+from ..hypergrad.preconditioners import holding
 from .gd import run_gd
 from .lbfgs import run_lbfgs
 from .lbfgsb import run_lbfgsb

@@ -26,8 +26,8 @@ from ..common import (
     true_residual,
 )
 from ..fused import data_per_entry, fused_cg, loops_for
-from ..held import held_for
 from ..krylov import Companion, cg
+from ..preconditioners import held_for
 from ..rates import cg_rate_bound, gd_step, hb_step, rates
 from ..results import AdjointResult, Status
 
@@ -116,7 +116,7 @@ def _solve(task: AdjointTask, solver: str, iterate: Iterate) -> AdjointResult:
 def _cg_segments(task: AdjointTask, run: _Run) -> tuple[Status, float, str, int, int]:
     """CG segments until the true residual meets delta: (status, R or nan, message,
     iterations, segments). Preconditioned by what a learning run holds for the kernel
-    (`held.held_for`: a deflation or the Hessian's factor), if any."""
+    (`preconditioners.held_for`: a deflation or the Hessian's factor), if any."""
     it, segments, s = 0, 1, -run.r
     held = held_for(task.k) if run.history is None else None
     loops = loops_for(task.k) if run.history is None else None

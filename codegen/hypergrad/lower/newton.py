@@ -20,7 +20,7 @@ import numpy as np
 
 from ..common import LowerTask, call_kernel, hvp_at, norm
 from ..fused import FusedLoops, cg_at, fused_newton, loops_for
-from ..held import held_for
+from ..preconditioners import held_for
 from ..results import LowerResult, Status
 from .stopping import rounding_floor
 
@@ -84,7 +84,7 @@ class Forcing:
 def solve_newton(task: LowerTask) -> LowerResult:
     """Newton-CG: the whole solve in one C call on a small problem whose module has the loop
     (`fused.fused_newton`), else directions from CG at x (`fused.cg_at`) and steps here; in a
-    learning run that holds a preconditioner for k (`held.held_for`: a deflation or the
+    learning run that holds a preconditioner for k (`preconditioners.held_for`: a deflation or the
     Hessian's factor), directions from its preconditioned CG (the same forcing term: a cap of
     0.1 or 0.02 on it under the deflation changed case (a) of the learning benchmark by -1% to
     +2%)."""
