@@ -94,24 +94,32 @@ def test_a_wrong_deflation_only_costs_iterations():
 
 
 def test_holding_is_scoped_to_its_block():
-    """Inside `holding` a run holds a factor for a kernel below DEFLATION_MIN_SIZE entries, a
-    deflation from there on, and either only with HELD_MIN_DATA or more numbers of data (kernels
-    with less, a cheap HVP, keep the fused loops); outside it nothing is held."""
+    """Inside `holding` a run holds, for a kernel with HELD_MIN_DATA or more numbers of data, the
+    Hessian's factor where n^2 is at most the data's numbers (with a deflation as its fallback
+    from DEFLATION_MIN_SIZE entries on) and a deflation alone where n^2 is more; kernels with
+    less data (a cheap HVP) keep the fused loops; outside the block nothing is held."""
     class K:
-        def __init__(self, n, data=None):
+        def __init__(self, n, rows=None):
             self.x_size = n
-            if data is not None:
-                self.data = data
+            if rows is not None:
+                self.data = {"A": np.zeros((rows, n))}
     n = deflation.DEFLATION_MIN_SIZE
-    rows = -(-preconditioners.HELD_MIN_DATA // n)  # enough rows of n numbers
-    big, small = K(n), K(n - 1)
-    heavy, light = K(n, {"A": np.zeros((rows, n))}), K(n, {"A": np.zeros((rows - 1, n))})
-    small_heavy = K(n - 1, {"A": np.zeros((-(-preconditioners.HELD_MIN_DATA // (n - 1)), n - 1))})
-    with holding([big, small, heavy, light, small_heavy]):
-        assert isinstance(held_for(big), Deflation) and isinstance(held_for(small), HeldFactor)
-        assert isinstance(held_for(heavy), Deflation) and held_for(light) is None
-        assert isinstance(held_for(small_heavy), HeldFactor)
-    assert held_for(big) is None and held_for(heavy) is None and held_for(small) is None
+    least = preconditioners.HELD_MIN_DATA
+    rows = -(-least // n)  # enough rows of n numbers
+    big, small = K(n), K(n - 1)  # no data: a kernel of its own, counted as much data
+    heavy, light = K(n, rows), K(n, rows - 1)
+    small_heavy = K(n - 1, -(-least // (n - 1)))
+    wide = K(1024, least // 1024)  # n^2 = 4 x its numbers: a triangular solve costs 4 HVPs
+    kernels = [big, small, heavy, light, small_heavy, wide]
+    with holding(kernels):
+        for k in (big, heavy):
+            held = held_for(k)
+            assert isinstance(held, HeldFactor) and isinstance(held.fallback, Deflation)
+        for k in (small, small_heavy):
+            held = held_for(k)
+            assert isinstance(held, HeldFactor) and held.fallback is None
+        assert held_for(light) is None and isinstance(held_for(wide), Deflation)
+    assert all(held_for(k) is None for k in kernels)
 
 
 def _drifting(n: int, step: float):
@@ -122,28 +130,34 @@ def _drifting(n: int, step: float):
     return lambda t: (lambda v: A @ v + t * step * d * v), lambda t: A + np.diag(t * step * d)
 
 
-def test_held_factor_is_assembled_once_the_stale_steps_cost_its_price():
-    """A fresh HeldFactor runs plain CG until the steps beyond one per solve add up to n; the
-    next solve assembles the factor there (its n products counted in matvecs) and then takes
-    at most 2 steps, and solves at nearby matrices take a few, each meeting tol by its true
-    residual."""
+@pytest.mark.parametrize("fallback", [None, "deflation"])
+def test_held_factor_is_assembled_once_the_stale_steps_cost_its_price(fallback):
+    """A fresh HeldFactor runs plain CG (or its fallback deflation's) until the steps beyond one
+    per solve add up to n; the next solve assembles the factor there (its n products counted in
+    matvecs) and then takes at most 2 steps, and solves at nearby matrices take a few, each
+    meeting tol by its true residual."""
     n = 60
     hvp_at, matrix = _drifting(n, 1e-3)
     rng = np.random.default_rng(7)
-    factor, t, plain_steps = HeldFactor(), 0, 0
+    factor = HeldFactor(None if fallback is None else Deflation())
+    t, stale = 0, 0
     while not factor.due(n):
-        out = factor.solve(hvp_at(t), np.zeros(1), rng.standard_normal(n), tol=1e-9, max_iter=500)
-        assert factor.factor is None
-        plain_steps += out.iterations - 1
+        b = rng.standard_normal(n)
+        out = factor.solve(hvp_at(t), np.full(1, float(t)), b, tol=1e-9, max_iter=500)
+        assert factor.factor is None and out.status is Status.CONVERGED
+        assert np.linalg.norm(b - matrix(t) @ out.x) <= 1e-8
+        stale += out.iterations - 1
         t += 1
-    assert plain_steps >= n and factor.assemblies == 0
+    assert stale >= n and factor.assemblies == 0
+    if fallback is not None:
+        assert factor.fallback is not None and factor.fallback.V is not None  # it learned
     b = rng.standard_normal(n)
-    out = factor.solve(hvp_at(t), np.zeros(1), b, tol=1e-9, max_iter=500)
+    out = factor.solve(hvp_at(t), np.full(1, float(t)), b, tol=1e-9, max_iter=500)
     assert factor.assemblies == 1 and out.iterations <= 2 and out.matvecs <= n + 3
     assert np.linalg.norm(b - matrix(t) @ out.x) <= 1e-8
     for later in range(t + 1, t + 4):
         b = rng.standard_normal(n)
-        out = factor.solve(hvp_at(later), np.zeros(1), b, tol=1e-9, max_iter=500)
+        out = factor.solve(hvp_at(later), np.full(1, float(later)), b, tol=1e-9, max_iter=500)
         plain = cg(hvp_at(later), b, tol=1e-9, max_iter=500)
         assert out.status is Status.CONVERGED and np.linalg.norm(b - matrix(later) @ out.x) <= 1e-8
         assert out.iterations <= 0.5 * plain.iterations
@@ -174,9 +188,11 @@ def logistic_256(build_dir):
 
 def test_learning_run_with_deflation_keeps_its_certificate(logistic_256, monkeypatch):
     """On the logistic example at 3000 x 256 (x at DEFLATION_MIN_SIZE) from a small weight, the
-    default run holds a deflation; it converges, its certified ||grad F|| bound holds against a
-    tight hypergradient, it ends at the F the run without the deflation ends at (within 10 ftol
-    |F|, ftol = 1e-7 the stopping rule's) and takes fewer work units."""
+    default run holds a factor with a deflation as its fallback, and the deflation does all the
+    preconditioning (the run's stale steps stay below 256: no assembly); it converges, its
+    certified ||grad F|| bound holds against a tight hypergradient, it ends at the F the run
+    without a preconditioner ends at (within 10 ftol |F|, ftol = 1e-7 the stopping rule's) and
+    takes fewer work units."""
     prob = logistic_256
     res = prob.optimize(-6.0, progress=False)
     monkeypatch.setattr(preconditioners, "HELD_MIN_DATA", math.inf)
@@ -197,8 +213,9 @@ def test_wrong_deflation_gives_the_certified_hypergradient(logistic_256):
     theta = np.array([-7.0])
     rng = np.random.default_rng(5)
     with holding([prob]):
-        held = held_for(prob)
-        assert held is not None
+        factor = held_for(prob)
+        assert isinstance(factor, HeldFactor) and factor.fallback is not None
+        held = factor.fallback  # no factor assembled yet: the deflation acts
         held.V, _ = np.linalg.qr(rng.standard_normal((prob.x_size, 3)))
         held.AV, held.values, held.scale = held.V * 1e-9, np.full(3, 1e-9), 1e3
         held.theta = np.ones(1)

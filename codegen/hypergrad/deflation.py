@@ -31,8 +31,8 @@ from .krylov import CGResult, cg
 
 __all__ = ["DEFLATION_MIN_SIZE", "DEFLATION_MAX_SIZE", "MAX_DEFLATED", "RITZ_GAP", "Deflation"]
 
-#: Smallest x for which a run holds a deflation; below it a run holds the Hessian's factor
-#: (`preconditioners`), whose n HVPs per assembly cost less there than the deflation saves.
+#: Smallest x for which a run holds a deflation (below it, the Hessian's factor alone:
+#: `preconditioners`).
 DEFLATION_MIN_SIZE = 256
 #: Largest x: a solve keeps its search directions (up to 100 vectors of x's size).
 DEFLATION_MAX_SIZE = 20_000
