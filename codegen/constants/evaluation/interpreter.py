@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Mapping
+from functools import lru_cache
 
 import numpy as np
 import sympy as sp
@@ -26,6 +27,7 @@ class Env:
         self.sizes, self.scalars, self.arrays = sizes, scalars, arrays
         self.var, self.vshape = var, vshape
         self.D = int(np.prod(vshape))
+        self.size_key = frozenset(sizes.items())  # `as_int`'s cache key
 
 
 def expand_axes(arr, axes, target, jac):
@@ -111,9 +113,19 @@ def interpret(expr, env, E: Env):
 
 
 def as_int(expr, E):
-    v = sp.sympify(expr)
-    v = v.subs({s: E.sizes[s.name] for s in v.free_symbols if s.name in E.sizes})
-    return int(v)
+    """A loop limit (m - 1, n, 0) at the bound sizes. Cached per expression and sizes: the
+    cross-norm bound interprets its terms at every hypergradient of a learning run, and each
+    uncached limit is a SymPy subs (hypercleaning on digits, m = 200: 538 per run, which took
+    0.57 s with them and 0.50-0.52 s without, one thread)."""
+    if isinstance(expr, (int, np.integer)):
+        return int(expr)
+    return _as_int(sp.sympify(expr), E.size_key)
+
+
+@lru_cache(maxsize=4096)
+def _as_int(expr, size_key):
+    sizes = dict(size_key)
+    return int(expr.subs({s: sizes[s.name] for s in expr.free_symbols if s.name in sizes}))
 
 
 def _sum(body, limits, env, E):
