@@ -56,11 +56,12 @@ def test_deflation_keeps_the_isolated_eigenvalue_and_saves_products():
     rng = np.random.default_rng(3)
     held = Deflation()
     theta = np.zeros(1)
-    first = held.solve(lambda v: A @ v, theta, rng.standard_normal(n), tol=1e-10, max_iter=500)
+    first = held.solve(lambda v: A @ v, np.zeros(n), theta, rng.standard_normal(n), tol=1e-10,
+                       max_iter=500)
     assert first.status is Status.CONVERGED and held.V is not None and held.V.shape[1] == 1
     assert abs(held.values[0] - 1e-3) <= 1e-5
     b = rng.standard_normal(n)
-    second = held.solve(lambda v: A @ v, theta, b, tol=1e-10, max_iter=500)
+    second = held.solve(lambda v: A @ v, np.zeros(n), theta, b, tol=1e-10, max_iter=500)
     plain = cg(lambda v: A @ v, b, tol=1e-10, max_iter=500)
     print(f"\nproducts: deflated {second.matvecs}, plain CG {plain.matvecs}")
     assert second.status is Status.CONVERGED
@@ -73,7 +74,7 @@ def test_no_gap_keeps_nothing():
     nothing is kept, and the solves are plain CG."""
     A = _spd(120, ())
     held = Deflation()
-    held.solve(lambda v: A @ v, np.zeros(1), np.ones(120), tol=1e-10, max_iter=500)
+    held.solve(lambda v: A @ v, np.zeros(120), np.zeros(1), np.ones(120), tol=1e-10, max_iter=500)
     assert held.V is None
 
 
@@ -88,7 +89,7 @@ def test_a_wrong_deflation_only_costs_iterations():
     held.AV, held.values, held.scale = held.V * 1e-9, np.full(3, 1e-9), 1e3
     held.theta = np.ones(1)
     b = rng.standard_normal(n)
-    out = held.solve(lambda v: A @ v, np.zeros(1), b, tol=1e-9, max_iter=2000)
+    out = held.solve(lambda v: A @ v, np.zeros(n), np.zeros(1), b, tol=1e-9, max_iter=2000)
     assert out.status is Status.CONVERGED
     assert np.linalg.norm(b - A @ out.x) <= 1e-8
 
@@ -143,7 +144,8 @@ def test_held_factor_is_assembled_once_the_stale_steps_cost_its_price(fallback):
     t, stale = 0, 0
     while not factor.due(n):
         b = rng.standard_normal(n)
-        out = factor.solve(hvp_at(t), np.full(1, float(t)), b, tol=1e-9, max_iter=500)
+        out = factor.solve(hvp_at(t), np.zeros(n), np.full(1, float(t)), b, tol=1e-9,
+                           max_iter=500)
         assert factor.factor is None and out.status is Status.CONVERGED
         assert np.linalg.norm(b - matrix(t) @ out.x) <= 1e-8
         stale += out.iterations - 1
@@ -152,16 +154,56 @@ def test_held_factor_is_assembled_once_the_stale_steps_cost_its_price(fallback):
     if fallback is not None:
         assert factor.fallback is not None and factor.fallback.V is not None  # it learned
     b = rng.standard_normal(n)
-    out = factor.solve(hvp_at(t), np.full(1, float(t)), b, tol=1e-9, max_iter=500)
+    out = factor.solve(hvp_at(t), np.zeros(n), np.full(1, float(t)), b, tol=1e-9, max_iter=500)
     assert factor.assemblies == 1 and out.iterations <= 2 and out.matvecs <= n + 3
     assert np.linalg.norm(b - matrix(t) @ out.x) <= 1e-8
     for later in range(t + 1, t + 4):
         b = rng.standard_normal(n)
-        out = factor.solve(hvp_at(later), np.full(1, float(later)), b, tol=1e-9, max_iter=500)
+        out = factor.solve(hvp_at(later), np.zeros(n), np.full(1, float(later)), b, tol=1e-9,
+                           max_iter=500)
         plain = cg(hvp_at(later), b, tol=1e-9, max_iter=500)
         assert out.status is Status.CONVERGED and np.linalg.norm(b - matrix(later) @ out.x) <= 1e-8
         assert out.iterations <= 0.5 * plain.iterations
     assert factor.assemblies == 1
+
+
+def test_held_factor_swaps_the_theta_terms_at_a_new_theta():
+    """A(theta) = A0 + diag(e^theta) with the theta part known (as `dense.theta_part` gives a
+    generated module's): after one assembly at theta0, a solve at a theta far off takes at most
+    2 steps (the factor is of A(theta) itself), where the factor without the swap takes more;
+    a theta part that fails leaves the factor as it was, and the answers meet tol."""
+    n = 50
+    A0 = _spd(n, (1e-3,))
+    rng = np.random.default_rng(9)
+    theta0, theta1 = np.zeros(n), rng.uniform(-6.0, 0.0, n)
+
+    def hvp(theta):
+        return lambda v: A0 @ v + np.exp(theta) * v
+
+    def theta_part(x, theta):
+        return np.diag(np.exp(theta))
+
+    swapping, plain = HeldFactor(theta_part=theta_part), HeldFactor()
+    for held in (swapping, plain):
+        held.stale_steps = n  # due: the first solve assembles at theta0
+        held.solve(hvp(theta0), np.zeros(n), theta0, rng.standard_normal(n), tol=1e-9,
+                   max_iter=500)
+        assert held.assemblies == 1
+    np.testing.assert_allclose(swapping.rest, A0, atol=1e-12)
+    b = rng.standard_normal(n)
+    moved = swapping.solve(hvp(theta1), np.zeros(n), theta1, b, tol=1e-9, max_iter=500)
+    stale = plain.solve(hvp(theta1), np.zeros(n), theta1, b, tol=1e-9, max_iter=500)
+    A1 = A0 + np.diag(np.exp(theta1))
+    for out in (moved, stale):
+        assert out.status is Status.CONVERGED and np.linalg.norm(b - A1 @ out.x) <= 1e-8
+    assert moved.iterations <= 2 < stale.iterations
+    failing = HeldFactor(
+        theta_part=lambda x, theta: None if theta[0] != 0.0 else theta_part(x, theta))
+    failing.stale_steps = n
+    failing.solve(hvp(theta0), np.zeros(n), theta0, b, tol=1e-9, max_iter=500)
+    before = failing.factor
+    out = failing.solve(hvp(theta1), np.zeros(n), theta1, b, tol=1e-9, max_iter=500)
+    assert failing.factor is before and np.linalg.norm(b - A1 @ out.x) <= 1e-8
 
 
 def test_a_wrong_held_factor_only_costs_iterations():
@@ -173,7 +215,7 @@ def test_a_wrong_held_factor_only_costs_iterations():
     factor = HeldFactor()
     factor.factor, _ = HessianFactor.factor(G @ G.T + 1e-3 * np.eye(n))
     b = np.ones(n)
-    out = factor.solve(lambda v: A @ v, np.zeros(1), b, tol=1e-9, max_iter=2000)
+    out = factor.solve(lambda v: A @ v, np.zeros(n), np.zeros(1), b, tol=1e-9, max_iter=2000)
     assert out.status is Status.CONVERGED and factor.assemblies == 0
     assert np.linalg.norm(b - A @ out.x) <= 1e-8
     assert factor.stale_steps == out.iterations - 1

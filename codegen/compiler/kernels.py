@@ -137,14 +137,17 @@ def _reads(program: ir.Program) -> set[str]:
 
 def split_hessian(problem: Problem) -> list[tuple[str, str, ir.Program, tuple[str, ...], str]]:
     """The HVPs of g's terms without theta (`lower_hvp_fixed`) and with it
-    (`lower_hvp_varying`), when the first reads neither x nor theta; else [].
+    (`lower_hvp_varying`), when the first reads neither x nor theta; only the second when the
+    first reads x but the second reads no data matrix; else [].
 
     g = g_fixed(x) + g_varying(x, theta) split at its top-level sum. When g_fixed's Hessian is a
     matrix the data fix (ridge: A^T A of ||A x - b||^2 / 2), the direct solvers form it once per
     bind and add the Hessian of the rest at each (x, theta) (e^theta I: n^2 numbers instead of
-    n HVPs through A, codegen/hypergrad/dense.py). A g whose every term reads theta, or none,
-    has no such split (the whole Hessian is then either recomputed, or fixed by the data
-    already: meta "data_only")."""
+    n HVPs through A, codegen/hypergrad/dense.py). When it changes with x (a logistic loss), a
+    learning run's held factor still swaps the theta terms' Hessian for the new theta's, if
+    that costs no pass over the data (codegen/hypergrad/held_factor.py). A g whose every term
+    reads theta, or none, has no such split (the whole Hessian is then either recomputed, or
+    fixed by the data already: meta "data_only")."""
     x, th = problem.x_spec.name, problem.theta_spec.name
 
     def reads_theta(term: sp.Expr) -> bool:
@@ -159,13 +162,16 @@ def split_hessian(problem: Problem) -> list[tuple[str, str, ir.Program, tuple[st
     for part, label in ((sp.Add(*fixed), "fixed"), (sp.Add(*varying), "varying")):
         grad = adjoint(lower_objective(part, problem.arrays, f"lower ({label} terms)"), [x, th])
         hvps.append(tangent(grad, {x: "v"}, [f"{x}_bar_dot"]))
+    theta_terms = ("lower_hvp_varying", "(d2 g_varying/dx2) v, g_varying the terms of g with "
+                   "theta", hvps[1], ("v",), f"{x}_bar_dot")
     if _reads(_optimised(hvps[0], f"{x}_bar_dot")) & {x, th}:
-        return []  # g_fixed is not quadratic in x: its Hessian changes with x, nothing to keep
+        # g_fixed is not quadratic in x: its Hessian changes with x, nothing to keep
+        cheap = _optimised(hvps[1], f"{x}_bar_dot")
+        return [] if _reads(cheap) & _data_matrices(cheap) else [theta_terms]
     return [
         ("lower_hvp_fixed", "(d2 g_fixed/dx2) v, g_fixed the terms of g without theta (read "
          "neither x nor theta)", hvps[0], ("v",), f"{x}_bar_dot"),
-        ("lower_hvp_varying", "(d2 g_varying/dx2) v, g_varying the terms of g with theta",
-         hvps[1], ("v",), f"{x}_bar_dot"),
+        theta_terms,
     ]
 
 

@@ -16,8 +16,9 @@ theta the kept vectors' products are recomputed (k HVPs, counted as work), so l 
 
 Only a proposal: the preconditioned `krylov.cg` stops on the recursive unpreconditioned residual,
 and every certificate recomputes true residuals and gradients with the kernels, so a stale or
-wrong V costs iterations, never correctness. Held only inside a learning run (`preconditioners.holding`),
-so a single hypergradient call is the same with or without a run before it.
+wrong V costs iterations, never correctness. Held only inside a learning run
+(`preconditioners.holding`), so a single hypergradient call is the same with or without a run
+before it.
 """
 from __future__ import annotations
 
@@ -115,10 +116,11 @@ class Deflation:
         self.values, self.scale = values[:k], float(values[k])
         self.theta = np.array(theta, dtype=float)
 
-    def solve(self, hvp: MatVec, theta: np.ndarray, b: np.ndarray, x0: np.ndarray | None = None,
-              **kw: Any) -> CGResult:
-        """`krylov.cg` with this preconditioner, refreshed at theta first and taught by the run after
-        (the refresh's HVPs are in the result's matvecs)."""
+    def solve(self, hvp: MatVec, x: np.ndarray, theta: np.ndarray, b: np.ndarray,
+              x0: np.ndarray | None = None, **kw: Any) -> CGResult:
+        """`krylov.cg` for A(x, theta) (products by hvp; x itself is not read) with this
+        preconditioner, refreshed at theta first and taught by the run after (the refresh's
+        HVPs are in the result's matvecs)."""
         spent = self.refresh(hvp, theta)
         pairs: list[tuple[np.ndarray, np.ndarray]] = []
         run = cg(hvp, b, x0, precondition=self.apply, basis=pairs, **kw)

@@ -15,7 +15,7 @@ ridge's A^T A once, e^theta I each time (at 200 x 50, 110 us of HVPs through A b
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from scipy.linalg import lapack
@@ -24,7 +24,7 @@ from ..errors import KernelError
 from .common import SolverError, call_kernel, fixed_memo, hvp_at
 from .results import Status
 
-__all__ = ["DIRECT_MAX_SIZE", "HessianFactor", "dense_factor"]
+__all__ = ["DIRECT_MAX_SIZE", "HessianFactor", "dense_factor", "theta_part"]
 
 #: Largest x for the direct solvers: the Hessian takes n HVPs and 8 n^2 bytes (2000: 32 MB).
 DIRECT_MAX_SIZE = 2000
@@ -134,6 +134,17 @@ def split_parts(k: Any) -> tuple[Any, Any] | None:
     if not isinstance(kernels, dict) or "lower_hessian_fixed" not in kernels:
         return None
     return kernels["lower_hessian_fixed"], kernels["lower_hessian_varying"]
+
+
+def theta_part(k: Any) -> Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None:
+    """(x, theta) -> the Hessian of g's terms with theta (None when not finite), from the
+    module's `lower_hessian_varying`, or None when it has none: a learning run's held factor
+    swaps it at a new theta (held_factor.py)."""
+    kernels = getattr(k, "kernels", None)
+    if not isinstance(kernels, dict) or "lower_hessian_varying" not in kernels:
+        return None
+    caller = kernels["lower_hessian_varying"]
+    return lambda x, th: _columns_of(k, caller, x, th)[0]
 
 
 def _columns_of(k: Any, caller: Any, x: np.ndarray, th: np.ndarray

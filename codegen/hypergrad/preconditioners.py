@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any, Union
 
 from .deflation import DEFLATION_MAX_SIZE, DEFLATION_MIN_SIZE, Deflation
+from .dense import theta_part
 from .fused import data_per_entry
 from .held_factor import HeldFactor
 
@@ -53,7 +54,7 @@ def _preconditioner_for(k: Any) -> Held | None:
         return None
     deflation = Deflation() if DEFLATION_MIN_SIZE <= n <= DEFLATION_MAX_SIZE else None
     if n <= FACTOR_MAX_SIZE and n * n <= numbers:
-        return HeldFactor(deflation)
+        return HeldFactor(deflation, theta_part(k))
     return deflation
 
 

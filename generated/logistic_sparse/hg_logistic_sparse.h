@@ -40,10 +40,14 @@ int hg_logistic_sparse_lower_tvp(int64_t m, int64_t n, const double *restrict th
 int hg_logistic_sparse_cross_hvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
 /* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
 int hg_logistic_sparse_cross_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
+/* (d2 g_varying/dx2) v, g_varying the terms of g with theta */
+int hg_logistic_sparse_lower_hvp_varying(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict x_bar_dot);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_logistic_sparse_lower_hessian(int64_t m, int64_t n, const double *restrict theta, const double *restrict A_data, const int64_t *restrict A_indices, const int64_t *restrict A_indptr, const double *restrict y, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
 int hg_logistic_sparse_cross_matrix(int64_t n, const double *restrict theta, const double *restrict x, double *restrict cross_out, double *restrict work);
+/* d2 g_varying/dx2 as a dense matrix: column c is lower_hvp_varying with v = e_c */
+int hg_logistic_sparse_lower_hessian_varying(int64_t n, const double *restrict theta, const double *restrict x, double *restrict hessian_out, double *restrict work);
 
 /* CG on A(xh) u = b from u with residual s = b - A u (both updated in place); step i < basis_cap writes d_i and A d_i to basis[2i n], basis[(2i + 1) n] (NULL: none); ctl = [tol, scale, max_iter, min_iter, diverge_from (< 0: none), mu (<= 0: none), basis_cap]; info = [status, iterations, matvecs, s.s, reason, value, alpha_mu (Gauss-Radau)] */
 int hg_logistic_sparse_loop_cg(int64_t m, int64_t n, int64_t p, const double *restrict theta, const double *restrict A_data, const int64_t *restrict A_indices, const int64_t *restrict A_indptr, const double *restrict Av_data, const int64_t *restrict Av_indices, const int64_t *restrict Av_indptr, const double *restrict y, const double *restrict yv, const double *restrict hg_xh, double *restrict hg_u, double *restrict hg_s, double *restrict hg_basis, const double *restrict hg_ctl, double *restrict hg_info, double *restrict hg_work);

@@ -131,9 +131,9 @@ def _cg_segments(task: AdjointTask, run: _Run) -> tuple[Status, float, str, int,
                      diverge_from=run.r0, history=run.history, mu=mu, companion=companion)
             met, companion = companion.met, None
         elif held is not None:
-            out = held.solve(run.hvp, task.theta, task.b, run.q, residual=s, tol=task.delta,
-                             max_iter=task.max_iter - it, min_iter=max(run.min_iter - it, 0),
-                             diverge_from=run.r0)
+            out = held.solve(run.hvp, task.x, task.theta, task.b, run.q, residual=s,
+                             tol=task.delta, max_iter=task.max_iter - it,
+                             min_iter=max(run.min_iter - it, 0), diverge_from=run.r0)
         elif loops is not None:  # the same CG in one C call
             out = fused_cg(loops, task.x, task.theta, task.b, run.q, residual=s,
                            tol=task.delta, max_iter=task.max_iter - it,

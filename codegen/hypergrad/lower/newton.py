@@ -105,7 +105,7 @@ def solve_newton(task: LowerTask) -> LowerResult:
         cap = min(budget - 1, NEWTON_INNER_MAX)
         run = (cg_at(k, x, th, -g, tol=inner_tol, max_iter=cap, diverge_from=gn)
                if held is None else
-               held.solve(hvp_at(k, x, th), th, -g, tol=inner_tol, max_iter=cap,
+               held.solve(hvp_at(k, x, th), x, th, -g, tol=inner_tol, max_iter=cap,
                           diverge_from=gn))
         forcing.solved(math.sqrt(run.rr))
         failed = run.status in (Status.NON_FINITE, Status.NOT_SPD)
