@@ -54,7 +54,7 @@ def _preconditioner_for(k: Any) -> Held | None:
         return None
     deflation = Deflation() if DEFLATION_MIN_SIZE <= n <= DEFLATION_MAX_SIZE else None
     if n <= FACTOR_MAX_SIZE and n * n <= numbers:
-        return HeldFactor(deflation, theta_part(k))
+        return HeldFactor(deflation, theta_part(k), getattr(k, "hvp_pair_at", None))
     return deflation
 
 
