@@ -204,6 +204,7 @@ def test_held_factor_swaps_the_theta_terms_at_a_new_theta():
     before = failing.factor
     out = failing.solve(hvp(theta1), np.zeros(n), theta1, b, tol=1e-9, max_iter=500)
     assert failing.factor is before and np.linalg.norm(b - A1 @ out.x) <= 1e-8
+    assert np.array_equal(failing.theta, theta1)  # not tried again at theta1
 
 
 def test_a_wrong_held_factor_only_costs_iterations():

@@ -112,16 +112,16 @@ class HeldFactor:
 
     def _swap(self, x: np.ndarray, theta: np.ndarray) -> None:
         """The factor of A - V + V(x, theta): the theta terms' Hessian at the new theta. Left
-        as it was when V is not finite or the sum is not positive definite."""
-        if self.rest is None or self.theta_part is None:
-            return
-        V = self.theta_part(x, theta)
-        if V is None:
+        as it was when V is not finite or the sum is not positive definite (and not tried
+        again at this theta)."""
+        self.theta = np.array(theta, dtype=float)
+        V = None if self.rest is None or self.theta_part is None else self.theta_part(x, theta)
+        if V is None or self.rest is None:
             return
         with one_blas_thread():
             factor, _ = HessianFactor.factor(self.rest + V)
         if factor is not None:
-            self.factor, self.theta = factor, np.array(theta, dtype=float)
+            self.factor = factor
 
 
 def _assembled(hvp: MatVec, pair: Any, n: int) -> tuple[np.ndarray | None, int]:
