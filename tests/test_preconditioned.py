@@ -95,32 +95,40 @@ def test_a_wrong_deflation_only_costs_iterations():
 
 
 def test_holding_is_scoped_to_its_block():
-    """Inside `holding` a run holds, for a kernel with HELD_MIN_DATA or more numbers of data, the
-    Hessian's factor where n^2 is at most the data's numbers (with a deflation as its fallback
-    from DEFLATION_MIN_SIZE entries on) and a deflation alone where n^2 is more; kernels with
-    less data (a cheap HVP) keep the fused loops; outside the block nothing is held."""
+    """Inside `holding` a run holds the Hessian's factor where n^2 is at most the data's numbers
+    and those are FACTOR_MIN_DATA or more (with a deflation as its fallback where one is held
+    too), a deflation from DEFLATION_MIN_SIZE entries and DEFLATION_MIN_DATA numbers on, and
+    nothing for less data (a cheap HVP: the fused loops); outside the block nothing is held."""
     class K:
         def __init__(self, n, rows=None):
             self.x_size = n
             if rows is not None:
                 self.data = {"A": np.zeros((rows, n))}
     n = deflation.DEFLATION_MIN_SIZE
-    least = preconditioners.HELD_MIN_DATA
-    rows = -(-least // n)  # enough rows of n numbers
+    least = preconditioners.DEFLATION_MIN_DATA
+    rows = -(-least // n)  # enough rows of n numbers for a deflation
     big, small = K(n), K(n - 1)  # no data: a kernel of its own, counted as much data
     heavy, light = K(n, rows), K(n, rows - 1)
-    small_heavy = K(n - 1, -(-least // (n - 1)))
-    wide = K(1024, least // 1024)  # n^2 = 4 x its numbers: a triangular solve costs 4 HVPs
-    kernels = [big, small, heavy, light, small_heavy, wide]
+    square = K(n, n - 1)  # n^2 above its numbers: a triangular solve would cost more than an HVP
+    wide = K(1024, least // 1024)  # n^2 = 4 x its numbers, enough for a deflation
+    few = K(30, preconditioners.FACTOR_MIN_DATA // 30 - 1)
+    kernels = [big, small, heavy, light, square, wide, few]
     with holding(kernels):
         for k in (big, heavy):
             held = held_for(k)
             assert isinstance(held, HeldFactor) and isinstance(held.fallback, Deflation)
-        for k in (small, small_heavy):
+        for k in (small, light):
             held = held_for(k)
             assert isinstance(held, HeldFactor) and held.fallback is None
-        assert held_for(light) is None and isinstance(held_for(wide), Deflation)
+        assert isinstance(held_for(wide), Deflation)
+        assert held_for(square) is None and held_for(few) is None
     assert all(held_for(k) is None for k in kernels)
+
+
+def _nothing_held(monkeypatch) -> None:
+    """Make every learning run hold nothing (the plain run the preconditioned ones face)."""
+    monkeypatch.setattr(preconditioners, "DEFLATION_MIN_DATA", math.inf)
+    monkeypatch.setattr(preconditioners, "FACTOR_MIN_DATA", math.inf)
 
 
 def _drifting(n: int, step: float):
@@ -238,7 +246,7 @@ def test_learning_run_with_deflation_keeps_its_certificate(logistic_256, monkeyp
     takes fewer work units."""
     prob = logistic_256
     res = prob.optimize(-6.0, progress=False)
-    monkeypatch.setattr(preconditioners, "HELD_MIN_DATA", math.inf)
+    _nothing_held(monkeypatch)
     plain = prob.optimize(-6.0, progress=False)
     tight = prob.hypergradient(res.theta, rtol=1e-8)
     print(f"\nunits: deflated {res.work}, plain {plain.work}; theta {res.theta} {plain.theta}")
@@ -300,7 +308,7 @@ def test_learning_run_with_a_held_factor_keeps_its_certificate(build_dir, monkey
     prob = module.bind(**ns["example_data"](0, m=1100, n=200, p=300))
     theta0 = np.zeros(200)
     res = prob.optimize(theta0, progress=False)
-    monkeypatch.setattr(preconditioners, "HELD_MIN_DATA", math.inf)
+    _nothing_held(monkeypatch)
     plain = prob.optimize(theta0, progress=False)
     print(f"\nunits: with the factor {res.work}, plain {plain.work}")
     assert res.status == plain.status == "converged", res.message
