@@ -261,7 +261,7 @@ def test_held_factor_assembly_by_pairs_is_the_hessian(logistic_256):
     """The held factor's assembly from the pair kernel (two columns a pass) is the generated
     Hessian (lower_hessian, n HVPs) to rounding, in n / 2 passes; from the HVP alone, in n."""
     from codegen.hypergrad.common import hvp_at
-    from codegen.hypergrad.held_factor import _assembled
+    from codegen.hypergrad.dense import hvp_columns
 
     prob = logistic_256
     n = prob.x_size
@@ -269,8 +269,8 @@ def test_held_factor_assembly_by_pairs_is_the_hessian(logistic_256):
     x, theta = 0.1 * rng.standard_normal(n), np.array([-3.0])
     pair = prob.hvp_pair_at(x, theta)
     assert pair is not None
-    by_pairs, passes = _assembled(hvp_at(prob, x, theta), pair, n)
-    by_columns, singles = _assembled(hvp_at(prob, x, theta), None, n)
+    by_pairs, passes, _ = hvp_columns(hvp_at(prob, x, theta), n, pair)
+    by_columns, singles, _ = hvp_columns(hvp_at(prob, x, theta), n)
     want = prob.lower_hessian(x, theta)
     assert passes == n // 2 and singles == n
     scale = np.max(np.abs(want))

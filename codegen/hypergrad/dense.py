@@ -24,7 +24,7 @@ from ..errors import KernelError
 from .common import SolverError, call_kernel, fixed_memo, hvp_at
 from .results import Status
 
-__all__ = ["DIRECT_MAX_SIZE", "HessianFactor", "dense_factor", "theta_part"]
+__all__ = ["DIRECT_MAX_SIZE", "HessianFactor", "dense_factor", "hvp_columns", "theta_part"]
 
 #: Largest x for the direct solvers: the Hessian takes n HVPs and 8 n^2 bytes (2000: 32 MB).
 DIRECT_MAX_SIZE = 2000
@@ -118,13 +118,32 @@ def assembled_hessian(k: Any, x: np.ndarray, th: np.ndarray) -> tuple[np.ndarray
     if hasattr(k, "lower_hessian"):
         H, msg = call_kernel(k.lower_hessian, x, th)
         return (None, msg) if H is None else (H.reshape(n, n), "")
-    hvp, columns, msg = hvp_at(k, x, th), [], ""
-    for j in range(n):
-        col, msg = call_kernel(hvp, np.eye(1, n, j).ravel())
-        if col is None:
-            return None, msg
-        columns.append(col)
-    return np.column_stack(columns), ""
+    H, _, msg = hvp_columns(hvp_at(k, x, th), n)
+    return H, msg
+
+
+def hvp_columns(hvp: Any, n: int, pair: Any = None) -> tuple[np.ndarray | None, int, str]:
+    """(the n x n matrix whose columns are A e_j, kernel calls spent, ""), or (None, calls,
+    the reason) when a product fails: from hvp, or two columns a call from `pair` ((v, w) ->
+    the (2, n) rows A v, A w in one pass over the data: `hvp_pair_at`) where there is one."""
+    unit = np.eye(n)
+    A = np.empty((n, n))
+    j = calls = 0
+    while j < n:
+        calls += 1
+        if pair is not None and j + 1 < n:
+            both, msg = call_kernel(pair, unit[j], unit[j + 1])
+            if both is None:
+                return None, calls, msg
+            A[:, j], A[:, j + 1] = both[0], both[1]
+            j += 2
+            continue
+        column, msg = call_kernel(hvp, unit[j])
+        if column is None:
+            return None, calls, msg
+        A[:, j] = column
+        j += 1
+    return A, calls, ""
 
 
 def split_parts(k: Any) -> tuple[Any, Any] | None:

@@ -32,9 +32,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..threads import one_blas_thread
-from .common import MatVec, call_kernel
+from .common import MatVec
 from .deflation import Deflation
-from .dense import HessianFactor
+from .dense import HessianFactor, hvp_columns
 from .krylov import CGResult, cg
 
 __all__ = ["HeldFactor", "SWAP_MAX_SIZE"]
@@ -100,7 +100,7 @@ class HeldFactor:
         self.stale_steps, self.assemblies = 0, self.assemblies + 1
         self.factor, self.rest, self.theta = None, None, np.array(theta, dtype=float)
         pair = None if self.pair_at is None else self.pair_at(x, theta)
-        A, spent = _assembled(hvp, pair, n)
+        A, spent, _ = hvp_columns(hvp, n, pair)
         if A is None:
             return spent
         with one_blas_thread():  # a small factorisation between kernel calls
@@ -122,26 +122,3 @@ class HeldFactor:
             factor, _ = HessianFactor.factor(self.rest + V)
         if factor is not None:
             self.factor = factor
-
-
-def _assembled(hvp: MatVec, pair: Any, n: int) -> tuple[np.ndarray | None, int]:
-    """(the matrix whose columns are A e_j, passes over the data spent): from the pair
-    kernel two columns a call where there is one, else from hvp; None when a product fails."""
-    unit = np.eye(n)
-    A = np.empty((n, n))
-    j = calls = 0
-    while j < n:
-        calls += 1
-        if pair is not None and j + 1 < n:
-            both, _ = call_kernel(pair, unit[j], unit[j + 1])
-            if both is None:
-                return None, calls
-            A[:, j], A[:, j + 1] = both[0], both[1]
-            j += 2
-            continue
-        column, _ = call_kernel(hvp, unit[j])
-        if column is None:
-            return None, calls
-        A[:, j] = column
-        j += 1
-    return A, calls
