@@ -26,6 +26,7 @@ from .compiler.emit.render import (
     render_module,
     template_digest,
 )
+from .compiler.gram import GRAM_DATA, GRAM_REST
 from .compiler.kernels import kernel_specs
 from .compiler.problem import Problem
 from .constants import derive
@@ -76,6 +77,7 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any
                       for r in ir.reads_of(u.expr, s.program.arrays)} for s in specs}
     theta = problem.theta_spec.name
     apply = by_name.get("lower_hvp_apply")
+    weights = by_name.get("lower_gram_weights")
     meta = {
         "name": problem.name,
         "version": __version__,
@@ -92,6 +94,9 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any
             {"name": name, "shape": [str(e) for e in apply.program.arrays[name].shape]}
             for name in apply.cache],
         "cdef": cdef,
+        # d2g/dx2 = A^T diag(w) A + R (compiler/gram.py): the data matrix A and R's kernel
+        "gram": None if weights is None else {
+            "data": weights.program.meta[GRAM_DATA], "rest": weights.program.meta[GRAM_REST]},
         "is_quadratic": problem.x_spec.name not in reads["lower_hvp"],
         # f quadratic in x: the DWR correction's second-order term needs L_f only (docs/bounds.md 15.2)
         "upper_is_quadratic": problem.x_spec.name not in reads["upper_hvp"],

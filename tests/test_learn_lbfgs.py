@@ -82,14 +82,20 @@ def test_ftol_is_a_relative_tolerance_on_F(case):
     assert evaluations == sorted(evaluations)
 
 
-def test_stopping_accuracy_is_never_stepped_from(build_dir):
+def test_stopping_accuracy_is_never_stepped_from(build_dir, monkeypatch):
     """Near the end a trial point is solved only as far as the stopping rule needs (bound <=
     its absolute need, possibly above grad_rtol ||h||). Such a point either ends the run or is
     solved on to grad_rtol ||h|| at the same theta before any step leaves it; the run still
     reaches the optimum of a tight reference run, and its certificate holds for a tight
-    hypergradient. Several settings, so that the path is met whatever the solvers do."""
+    hypergradient. Several settings, so that the path is met whatever the solvers do. The
+    held factor is assembled from HVPs, not by the Gram product: with the product's price
+    (3 stale steps at this size) the solves end so far below what the rule needs that none of
+    these settings meets the path."""
     from conftest import built_example
 
+    from codegen.hypergrad import preconditioners
+
+    monkeypatch.setattr(preconditioners, "gram_at", lambda k: None)
     _, module, ns = built_example("logistic_weights", build_dir)
     prob = module.bind(**ns["example_data"](0, m=500, n=50, p=300))
     reference = prob.optimize(np.zeros(50), ftol=1e-12, progress=False)
@@ -225,7 +231,8 @@ def test_loop_asks_for_er_and_its_certificate_holds(build_dir):
     """The loops ask for E&R's certificate (`runner.LOOP_CERTIFICATE`, docs/framework.md 9.1)
     although the DWR correction applies to the logistic example; the default run's certified
     ||grad F|| bound at the returned theta holds against the tight certificate
-    (docs/bounds.md 15.6: within a few times h's true error) at rtol 1e-8, and against the
+    (docs/bounds.md 15.6: within a few times h's true error) at rtol 1e-8 (and atol 1e-3 of
+    that bound), and against the
     DWR-corrected h_c with its product bound."""
     from conftest import built_example
 
@@ -243,8 +250,11 @@ def test_loop_asks_for_er_and_its_certificate_holds(build_dir):
     assert hg.certificate == LOOP_CERTIFICATE and hg.bound <= 0.25 * np.linalg.norm(hg.grad)
     res = prob.optimize(0.0, progress=False)
     assert res.status == OptimizeStatus.CONVERGED, res.message
-    tight = prob.hypergradient(res.theta, rtol=1e-8, certificate="tight", adjoint="cg")
-    dwr = prob.hypergradient(res.theta, rtol=1e-8, certificate="dwr", adjoint="cg")
+    # atol: a run may end where ||h|| is near 0 and rtol alone asks below the rounding floor
+    atol = 1e-3 * res.stationarity
+    tight = prob.hypergradient(res.theta, rtol=1e-8, atol=atol, certificate="tight",
+                               adjoint="cg")
+    dwr = prob.hypergradient(res.theta, rtol=1e-8, atol=atol, certificate="dwr", adjoint="cg")
     print(f"\nstationarity {res.stationarity:.3e}; tight |h| {np.linalg.norm(tight.grad):.3e} "
           f"+- {tight.bound:.1e}; dwr |h_c| {np.linalg.norm(dwr.grad):.3e} +- {dwr.bound:.1e}")
     assert (tight.certificate, tight.status, dwr.certificate, dwr.status) == (

@@ -11,8 +11,9 @@ import sympy as sp
 
 from . import ir
 from .autodiff import adjoint, tangent
+from .gram import WEIGHTS_OUTPUT, gram_weights
 from .lowering import lower_objective
-from .passes import eliminate_dead_code, schedule
+from .passes import depending_on, eliminate_dead_code, one_update_each, schedule
 from .problem import Problem
 
 
@@ -74,7 +75,12 @@ def kernel_specs(problem: Problem) -> list[KernelSpec]:
          tangent(cross_t, {x: "hg_w"}, [f"{th}_bar_dot_dw_dot"], suffix="_dw_dot"), ("q", "hg_w"),
          f"{th}_bar_dot_dw_dot"),
     ]
-    specs += split_hessian(problem)
+    split = split_hessian(problem)
+    specs += split
+    # A^T diag(w) A + R: the Hessian as one BLAS product for a learning run's held factor
+    gram = gram_weights(problem, any(name == "lower_hvp_varying" for name, *_ in split))
+    if gram is not None:
+        specs.append((*gram, (), WEIGHTS_OUTPUT))
     out: list[KernelSpec] = []
     for name, doc, program, inputs, output in specs:
         program = _optimised(program, output)
@@ -192,16 +198,8 @@ def prepared_hvp(program: ir.Program, output: str, direction: str = "v") -> list
     z = A x and its tangent A v in one statement.
     """
     arrays = program.arrays
-    varying, stmts = {direction}, _one_update_each(program)
-    changed = True
-    while changed:
-        changed = False
-        for st in stmts:
-            targets = {u.target for u in st.updates}
-            reads = {ir.read_name(r) for u in st.updates for r in ir.reads_of(u.expr, arrays)}
-            if (reads | targets) & varying and not targets <= varying:
-                varying |= targets
-                changed = True
+    stmts = one_update_each(program)
+    varying = depending_on(stmts, arrays, direction)
     dependent = [st for st in stmts if {u.target for u in st.updates} & varying]
     read_by_dependent = {ir.read_name(r) for st in dependent for u in st.updates
                          for r in ir.reads_of(u.expr, arrays)}
@@ -227,20 +225,6 @@ def prepared_hvp(program: ir.Program, output: str, direction: str = "v") -> list
         KernelSpec("lower_hvp_apply", "(d2g/dx2) v from lower_hvp_prepare's cache",
                    schedule(apply), (CACHE_BUFFER, direction), output, tuple(cache)),
     ]
-
-
-def _one_update_each(program: ir.Program) -> list[ir.Statement]:
-    """The statements with several updates split into one statement per update, where no update
-    reads another's target (then their order inside the loop nest is free)."""
-    out: list[ir.Statement] = []
-    for st in program.statements:
-        targets = {u.target for u in st.updates}
-        reads = {ir.read_name(r) for u in st.updates for r in ir.reads_of(u.expr, program.arrays)}
-        if len(st.updates) > 1 and not targets & reads:
-            out += [ir.Statement(st.loops, (u,)) for u in st.updates]
-        else:
-            out.append(st)
-    return out
 
 
 def _heavy(stmt: ir.Statement, arrays: dict[str, ir.Array]) -> bool:

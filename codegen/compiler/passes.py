@@ -29,6 +29,37 @@ def eliminate_dead_code(program: ir.Program) -> ir.Program:
     return ir.Program(arrays, kept, program.outputs, dict(program.meta))
 
 
+def one_update_each(program: ir.Program) -> list[ir.Statement]:
+    """The statements with several updates split into one statement per update, where no update
+    reads another's target (then their order inside the loop nest is free): the tangent
+    transform puts z = A x and its tangent A v in one statement."""
+    out: list[ir.Statement] = []
+    for st in program.statements:
+        targets = {u.target for u in st.updates}
+        reads = {ir.read_name(r) for u in st.updates for r in ir.reads_of(u.expr, program.arrays)}
+        if len(st.updates) > 1 and not targets & reads:
+            out += [ir.Statement(st.loops, (u,)) for u in st.updates]
+        else:
+            out.append(st)
+    return out
+
+
+def depending_on(statements: list[ir.Statement], arrays: dict[str, ir.Array],
+                 direction: str) -> set[str]:
+    """The arrays whose values depend on the input `direction`: a statement depends on it if it
+    reads it or a dependent array, or adds into one (a fixed point over the statements)."""
+    varying, changed = {direction}, True
+    while changed:
+        changed = False
+        for st in statements:
+            targets = {u.target for u in st.updates}
+            reads = {ir.read_name(r) for u in st.updates for r in ir.reads_of(u.expr, arrays)}
+            if (reads | targets) & varying and not targets <= varying:
+                varying |= targets
+                changed = True
+    return varying
+
+
 def fuse_outer_loops(program: ir.Program) -> list[list[ir.Statement]]:
     """Group consecutive statements that can share their outermost loop.
 

@@ -27,6 +27,7 @@ from typing import Any, Union
 from .deflation import DEFLATION_MAX_SIZE, DEFLATION_MIN_SIZE, Deflation
 from .dense import theta_part
 from .fused import data_per_entry
+from .gram import gram_at
 from .held_factor import HeldFactor
 
 __all__ = ["DEFLATION_MIN_DATA", "FACTOR_MIN_DATA", "FACTOR_MAX_SIZE", "Held", "holding",
@@ -61,7 +62,7 @@ def _preconditioner_for(k: Any) -> Held | None:
     deflation = (Deflation() if DEFLATION_MIN_SIZE <= n <= DEFLATION_MAX_SIZE
                  and numbers >= DEFLATION_MIN_DATA else None)
     if n <= FACTOR_MAX_SIZE and n * n <= numbers and numbers >= FACTOR_MIN_DATA:
-        return HeldFactor(deflation, theta_part(k), getattr(k, "hvp_pair_at", None))
+        return HeldFactor(deflation, theta_part(k), getattr(k, "hvp_pair_at", None), gram_at(k))
     return deflation
 
 

@@ -42,6 +42,8 @@ int hg_logistic_cross_hvp(int64_t n, const double *restrict theta, const double 
 int hg_logistic_cross_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
 /* (d2 g_varying/dx2) v, g_varying the terms of g with theta */
 int hg_logistic_lower_hvp_varying(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict x_bar_dot);
+/* the row weights w of d2g/dx2 = A^T diag(w) A + the Hessian of g's terms with theta */
+int hg_logistic_lower_gram_weights(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict hg_weights, double *restrict work);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_logistic_lower_hessian(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -102,6 +104,7 @@ int64_t hg_logistic_work_size(int64_t m, int64_t n, int64_t p)
     if (2*p > need) need = 2*p;
     if (3*p > need) need = 3*p;
     if (4*m > need) need = 4*m;
+    if (2*m > need) need = 2*m;
     if (3*m + (n) > need) need = 3*m + (n);
     if (1 > need) need = 1;
     if (n > need) need = n;
@@ -1124,6 +1127,90 @@ int hg_logistic_lower_hvp_varying(int64_t n, const double *restrict theta, const
     }
 
     return hg_any_nonfinite(x_bar_dot, n) ? HG_LOGISTIC_NONFINITE : HG_LOGISTIC_OK;
+}
+
+/* the row weights w of d2g/dx2 = A^T diag(w) A + the Hessian of g's terms with theta */
+int hg_logistic_lower_gram_weights(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict hg_weights, double *restrict work)
+{
+    if (m < 1 || n < 1) {
+        return HG_LOGISTIC_BAD_SIZE;
+    }
+    (void)theta;  /* part of the uniform signature, unused here */
+    double *restrict s0 = work + 0;
+    double *restrict s0_bar_dot = work + m;
+    double s1_bar = 0.0;
+    memset(s0, 0, sizeof(double) * (size_t)(m));
+    memset(s0_bar_dot, 0, sizeof(double) * (size_t)(m));
+    memset(hg_weights, 0, sizeof(double) * (size_t)(m));
+
+    s1_bar += 1.0/m;
+    #pragma omp parallel for schedule(static) if (m*n > 200000)
+    for (int64_t i = 0; i < m - m % 8; i += 8) {
+        double acc0 = 0.0;
+        double acc1 = 0.0;
+        double acc2 = 0.0;
+        double acc3 = 0.0;
+        double acc4 = 0.0;
+        double acc5 = 0.0;
+        double acc6 = 0.0;
+        double acc7 = 0.0;
+        #pragma omp simd reduction(+:acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+        for (int64_t j = 0; j < n; ++j) {
+            acc0 += A[i*n + j]*x[j];
+            acc1 += A[i*n + j + n]*x[j];
+            acc2 += A[i*n + j + 2*n]*x[j];
+            acc3 += A[i*n + j + 3*n]*x[j];
+            acc4 += A[i*n + j + 4*n]*x[j];
+            acc5 += A[i*n + j + 5*n]*x[j];
+            acc6 += A[i*n + j + 6*n]*x[j];
+            acc7 += A[i*n + j + 7*n]*x[j];
+        }
+        s0[i] += acc0;
+        s0[i + 1] += acc1;
+        s0[i + 2] += acc2;
+        s0[i + 3] += acc3;
+        s0[i + 4] += acc4;
+        s0[i + 5] += acc5;
+        s0[i + 6] += acc6;
+        s0[i + 7] += acc7;
+        const double c0 = s0[i]*y[i];
+        const double c1 = s0[i + 1]*y[i + 1];
+        const double c2 = s0[i + 2]*y[i + 2];
+        const double c3 = s0[i + 3]*y[i + 3];
+        const double c4 = s0[i + 4]*y[i + 4];
+        const double c5 = s0[i + 5]*y[i + 5];
+        const double c6 = s0[i + 6]*y[i + 6];
+        const double c7 = s0[i + 7]*y[i + 7];
+        s0_bar_dot[i] += s1_bar*(y[i]*y[i])*hg_sigmoid(-c0)*hg_sigmoid(c0);
+        s0_bar_dot[i + 1] += s1_bar*(y[i + 1]*y[i + 1])*hg_sigmoid(-c1)*hg_sigmoid(c1);
+        s0_bar_dot[i + 2] += s1_bar*(y[i + 2]*y[i + 2])*hg_sigmoid(-c2)*hg_sigmoid(c2);
+        s0_bar_dot[i + 3] += s1_bar*(y[i + 3]*y[i + 3])*hg_sigmoid(-c3)*hg_sigmoid(c3);
+        s0_bar_dot[i + 4] += s1_bar*(y[i + 4]*y[i + 4])*hg_sigmoid(-c4)*hg_sigmoid(c4);
+        s0_bar_dot[i + 5] += s1_bar*(y[i + 5]*y[i + 5])*hg_sigmoid(-c5)*hg_sigmoid(c5);
+        s0_bar_dot[i + 6] += s1_bar*(y[i + 6]*y[i + 6])*hg_sigmoid(-c6)*hg_sigmoid(c6);
+        s0_bar_dot[i + 7] += s1_bar*(y[i + 7]*y[i + 7])*hg_sigmoid(-c7)*hg_sigmoid(c7);
+        hg_weights[i] += s0_bar_dot[i];
+        hg_weights[i + 1] += s0_bar_dot[i + 1];
+        hg_weights[i + 2] += s0_bar_dot[i + 2];
+        hg_weights[i + 3] += s0_bar_dot[i + 3];
+        hg_weights[i + 4] += s0_bar_dot[i + 4];
+        hg_weights[i + 5] += s0_bar_dot[i + 5];
+        hg_weights[i + 6] += s0_bar_dot[i + 6];
+        hg_weights[i + 7] += s0_bar_dot[i + 7];
+    }
+    for (int64_t i = m - m % 8; i < m; ++i) {
+        double acc8 = 0.0;
+        #pragma omp simd reduction(+:acc8)
+        for (int64_t j = 0; j < n; ++j) {
+            acc8 += A[i*n + j]*x[j];
+        }
+        s0[i] += acc8;
+        const double c8 = s0[i]*y[i];
+        s0_bar_dot[i] += s1_bar*(y[i]*y[i])*hg_sigmoid(-c8)*hg_sigmoid(c8);
+        hg_weights[i] += s0_bar_dot[i];
+    }
+
+    return hg_any_nonfinite(hg_weights, m) ? HG_LOGISTIC_NONFINITE : HG_LOGISTIC_OK;
 }
 
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */

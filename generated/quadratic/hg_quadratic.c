@@ -40,6 +40,8 @@ int hg_quadratic_lower_tvp(int64_t d, int64_t p, const double *restrict theta, c
 int hg_quadratic_cross_hvp(int64_t d, int64_t p, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
 /* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
 int hg_quadratic_cross_tvp(int64_t d, int64_t p, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
+/* the row weights w of d2g/dx2 = D^T diag(w) D */
+int hg_quadratic_lower_gram_weights(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict x, double *restrict hg_weights, double *restrict work);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_quadratic_lower_hessian(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict D, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -100,6 +102,7 @@ int64_t hg_quadratic_work_size(int64_t d, int64_t m1, int64_t m2, int64_t p)
     if (m1 > need) need = m1;
     if (2*m1 > need) need = 2*m1;
     if (2*m1 > need) need = 2*m1;
+    if (m2 > need) need = m2;
     if (2*m2 + (d) > need) need = 2*m2 + (d);
     if (2*m2 + (p) > need) need = 2*m2 + (p);
     if (2*(d) + 2*m2 > need) need = 2*(d) + 2*m2;
@@ -996,6 +999,28 @@ int hg_quadratic_cross_tvp(int64_t d, int64_t p, const double *restrict theta, c
 
 
     return hg_any_nonfinite(theta_bar_dot_dw_dot, p) ? HG_QUADRATIC_NONFINITE : HG_QUADRATIC_OK;
+}
+
+/* the row weights w of d2g/dx2 = D^T diag(w) D */
+int hg_quadratic_lower_gram_weights(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict x, double *restrict hg_weights, double *restrict work)
+{
+    if (d < 1 || m2 < 1 || p < 1) {
+        return HG_QUADRATIC_BAD_SIZE;
+    }
+    (void)theta;  /* part of the uniform signature, unused here */
+    (void)x;  /* part of the uniform signature, unused here */
+    double *restrict s1_bar_dot = work + 0;
+    double s2_bar = 0.0;
+    memset(s1_bar_dot, 0, sizeof(double) * (size_t)(m2));
+    memset(hg_weights, 0, sizeof(double) * (size_t)(m2));
+
+    s2_bar += 1.0;
+    for (int64_t i = 0; i < m2; ++i) {
+        s1_bar_dot[i] += 2.0*s2_bar;
+        hg_weights[i] += s1_bar_dot[i];
+    }
+
+    return hg_any_nonfinite(hg_weights, m2) ? HG_QUADRATIC_NONFINITE : HG_QUADRATIC_OK;
 }
 
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */

@@ -38,6 +38,8 @@ int hg_quadratic_lower_tvp(int64_t d, int64_t p, const double *restrict theta, c
 int hg_quadratic_cross_hvp(int64_t d, int64_t p, const double *restrict theta, const double *restrict x, const double *restrict t, const double *restrict hg_w, double *restrict x_bar_dot_dw_dot);
 /* (d3g/dx2 dtheta)[q, w, .] = d/ds B(x + s w)^T q, forward over the cross VJP */
 int hg_quadratic_cross_tvp(int64_t d, int64_t p, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
+/* the row weights w of d2g/dx2 = D^T diag(w) D */
+int hg_quadratic_lower_gram_weights(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict x, double *restrict hg_weights, double *restrict work);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_quadratic_lower_hessian(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict D, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */

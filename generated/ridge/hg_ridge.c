@@ -44,6 +44,8 @@ int hg_ridge_cross_tvp(int64_t n, const double *restrict theta, const double *re
 int hg_ridge_lower_hvp_fixed(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, const double *restrict v, double *restrict x_bar_dot, double *restrict work);
 /* (d2 g_varying/dx2) v, g_varying the terms of g with theta */
 int hg_ridge_lower_hvp_varying(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict x_bar_dot);
+/* the row weights w of d2g/dx2 = A^T diag(w) A + the Hessian of g's terms with theta */
+int hg_ridge_lower_gram_weights(int64_t m, int64_t n, const double *restrict theta, const double *restrict x, double *restrict hg_weights, double *restrict work);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_ridge_lower_hessian(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -106,6 +108,7 @@ int64_t hg_ridge_work_size(int64_t m, int64_t n, int64_t p)
     if (2*p > need) need = 2*p;
     if (2*p > need) need = 2*p;
     if (2*m > need) need = 2*m;
+    if (m > need) need = m;
     if (2*m + (n) > need) need = 2*m + (n);
     if (1 > need) need = 1;
     if (2*m + (n) > need) need = 2*m + (n);
@@ -941,6 +944,28 @@ int hg_ridge_lower_hvp_varying(int64_t n, const double *restrict theta, const do
     }
 
     return hg_any_nonfinite(x_bar_dot, n) ? HG_RIDGE_NONFINITE : HG_RIDGE_OK;
+}
+
+/* the row weights w of d2g/dx2 = A^T diag(w) A + the Hessian of g's terms with theta */
+int hg_ridge_lower_gram_weights(int64_t m, int64_t n, const double *restrict theta, const double *restrict x, double *restrict hg_weights, double *restrict work)
+{
+    if (m < 1 || n < 1) {
+        return HG_RIDGE_BAD_SIZE;
+    }
+    (void)theta;  /* part of the uniform signature, unused here */
+    (void)x;  /* part of the uniform signature, unused here */
+    double *restrict s0_bar_dot = work + 0;
+    double s1_bar = 0.0;
+    memset(s0_bar_dot, 0, sizeof(double) * (size_t)(m));
+    memset(hg_weights, 0, sizeof(double) * (size_t)(m));
+
+    s1_bar += 1.0/2.0;
+    for (int64_t i = 0; i < m; ++i) {
+        s0_bar_dot[i] += 2.0*s1_bar;
+        hg_weights[i] += s0_bar_dot[i];
+    }
+
+    return hg_any_nonfinite(hg_weights, m) ? HG_RIDGE_NONFINITE : HG_RIDGE_OK;
 }
 
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
