@@ -89,18 +89,24 @@ def _ridge_exact(data, theta):
 def test_split_hessian_is_the_hessian_and_its_fixed_part_is_kept_per_bind(build_dir, name):
     """Where g splits into theta-free terms with a Hessian fixed by the data and terms with theta,
     the direct solvers form the Hessian as the fixed part (once per bind, read-only) plus the
-    varying part: the same matrix as lower_hessian up to rounding, at any x and theta."""
+    varying part: the same matrix as lower_hessian up to rounding, at any x and theta. The
+    fixed part costs only its first call: ridge's by one BLAS product (its Gram form,
+    gram_price(n) HVPs), TV's from n HVPs."""
+    from codegen.hypergrad.gram import gram_price
+
     _, module, ns = built_example(name, build_dir)
     prob = module.bind(**ns["example_data"](seed=2, **TINY[name]))
     assert dense.split_parts(prob) is not None
     rng = np.random.default_rng(4)
     kept = None
-    for _ in range(3):
-        x = rng.standard_normal(prob.x_size)
+    n = prob.x_size
+    for call in range(3):
+        x = rng.standard_normal(n)
         theta = rng.standard_normal(prob.theta_size)
-        H, msg = dense.assembled_hessian(prob, x, theta)
+        H, spent, msg = dense.assembled_hessian(prob, x, theta)
         want = prob.lower_hessian(x, theta)
         assert msg == ""
+        assert spent == (0 if call else gram_price(n) if name == "ridge" else n)
         np.testing.assert_allclose(H, want.T, rtol=0, atol=1e-13 * np.abs(want).max())
         fixed = prob.fixed_memo("lower_hvp_fixed")["hessian"]
         assert kept is None or fixed is kept

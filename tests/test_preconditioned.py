@@ -243,13 +243,13 @@ def test_learning_run_with_deflation_keeps_its_certificate(logistic_256, monkeyp
     default run holds a factor with a deflation as its fallback. Without the Gram assembly the
     deflation does all the preconditioning (the run's stale steps stay below 256: no
     assembly); with it (the module has the form) the factor is assembled once the stale steps
-    reach 13. Either run converges, its certified ||grad F|| bound holds against a tight
+    reach 23. Either run converges, its certified ||grad F|| bound holds against a tight
     hypergradient, it ends at the F the run without a preconditioner ends at (within 10 ftol
     |F|, ftol = 1e-7 the stopping rule's) and takes fewer work units, the Gram products' price
     included."""
     prob = logistic_256
     if not gram:
-        monkeypatch.setattr(preconditioners, "gram_at", lambda k: None)
+        monkeypatch.setattr(preconditioners, "gram_at", lambda k, part: None)
     with holding([prob]):
         held = held_for(prob)
         assert isinstance(held, HeldFactor) and (held.gram is not None) == gram

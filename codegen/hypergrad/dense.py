@@ -21,7 +21,9 @@ import numpy as np
 from scipy.linalg import lapack
 
 from ..errors import KernelError
+from ..threads import one_blas_thread
 from .common import SolverError, call_kernel, fixed_memo, hvp_at
+from .gram import data_hessian_at, gram_price, rests_on_theta
 from .results import Status
 
 __all__ = ["DIRECT_MAX_SIZE", "HessianFactor", "dense_factor", "hvp_columns", "theta_part"]
@@ -91,35 +93,38 @@ def dense_factor(k: Any, x: np.ndarray, th: np.ndarray, c: dict[str, Any], dense
             f"the direct solvers form the dense {n} x {n} Hessian ({n} HVPs, "
             f"{8 * n * n / 1e6:.0f} MB); x has {n} entries, more than DIRECT_MAX_SIZE = "
             f"{DIRECT_MAX_SIZE}: use lower='newton' or 'cg' and adjoint='cg'")
-    H, msg = assembled_hessian(k, x, th)
+    H, spent, msg = assembled_hessian(k, x, th)
     if H is None:
-        return None, n, (Status.NON_FINITE, f"Hessian: {msg}")
+        return None, spent, (Status.NON_FINITE, f"Hessian: {msg}")
     fac, msg = HessianFactor.factor(H, x)
     if fac is None:
-        return None, n, (Status.NOT_SPD, msg)
+        return None, spent, (Status.NOT_SPD, msg)
     dense["factor"] = fac
-    return fac, n, None
+    return fac, spent, None
 
 
-def assembled_hessian(k: Any, x: np.ndarray, th: np.ndarray) -> tuple[np.ndarray | None, str]:
-    """(A(x, theta) as an (n, n) array, or its transpose; "") or (None, the reason).
+def assembled_hessian(k: Any, x: np.ndarray, th: np.ndarray
+                      ) -> tuple[np.ndarray | None, int, str]:
+    """(A(x, theta) as an (n, n) array, or its transpose; the HVPs it cost; "") or (None, the
+    HVPs spent, the reason).
 
-    The fixed part plus the varying part when the module has the split (`split_parts`), else
+    The fixed part plus the varying part when the module has the split (`split_parts`; the
+    fixed part costs only the call that forms it, the varying part no pass over the data), else
     k.lower_hessian in one kernel call, else n HVP columns (plain-NumPy kernels). Either
     orientation serves: the factor symmetrises."""
+    n = x.size
     parts = split_parts(k)
     if parts is not None:
-        fixed = _fixed_part(k, parts[0], x, th)
+        fixed, spent = _fixed_part(k, parts[0], x, th)
         if fixed is None:
-            return None, "non-finite kernel output (the Hessian of g's theta-free terms)"
+            return None, spent, "non-finite kernel output (the Hessian of g's theta-free terms)"
         varying, msg = _columns_of(k, parts[1], x, th)
-        return (None, msg) if varying is None else (varying + fixed, "")
-    n = x.size
+        return (None, spent, msg) if varying is None else (varying + fixed, spent, "")
     if hasattr(k, "lower_hessian"):
         H, msg = call_kernel(k.lower_hessian, x, th)
-        return (None, msg) if H is None else (H.reshape(n, n), "")
+        return (None, n, msg) if H is None else (H.reshape(n, n), n, "")
     H, _, msg = hvp_columns(hvp_at(k, x, th), n)
-    return H, msg
+    return H, n, msg
 
 
 def hvp_columns(hvp: Any, n: int, pair: Any = None) -> tuple[np.ndarray | None, int, str]:
@@ -182,16 +187,24 @@ def _columns_of(k: Any, caller: Any, x: np.ndarray, th: np.ndarray
     return out, ""
 
 
-def _fixed_part(k: Any, caller: Any, x: np.ndarray, th: np.ndarray) -> np.ndarray | None:
-    """The Hessian of g's theta-free terms, which reads neither x nor theta (the compiler emits
-    the split only then, and lists lower_hvp_fixed as data-only): computed on first use and kept
-    read-only in the bind's store (k.fixed_memo). None when not finite (then not kept)."""
+def _fixed_part(k: Any, caller: Any, x: np.ndarray, th: np.ndarray
+                ) -> tuple[np.ndarray | None, int]:
+    """(the Hessian of g's theta-free terms, the HVPs it cost now). It reads neither x nor theta
+    (the compiler emits the split only then, and lists lower_hvp_fixed as data-only): computed
+    on first use, by one BLAS product where g's theta-free terms are its Gram form's data terms
+    (`gram.py`; ridge's A^T A), else from n HVPs, and kept read-only in the bind's store
+    (k.fixed_memo). None when not finite (then not kept)."""
     memo = fixed_memo(k, "lower_hvp_fixed")
     held: np.ndarray | None = None if memo is None else memo.get("hessian")
     if held is not None:
-        return held
-    fixed, _ = _columns_of(k, caller, x, th)
+        return held, 0
+    data = data_hessian_at(k) if rests_on_theta(k) else None
+    if data is not None:
+        with one_blas_thread() as workers:  # dense algebra between kernel calls
+            fixed, spent = data(x, th, workers), gram_price(x.size)
+    else:
+        (fixed, _), spent = _columns_of(k, caller, x, th), x.size
     if fixed is not None and memo is not None:
         fixed.flags.writeable = False
         memo["hessian"] = fixed
-    return fixed
+    return fixed, spent

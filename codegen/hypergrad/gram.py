@@ -6,9 +6,11 @@ Assembled from HVPs it costs n passes over A (n / 2 with the pair kernel); from 
 (one kernel call, one pass) it is one symmetric rank-m update, which BLAS runs at its
 compute-bound rate. Measured at one thread against one HVP (the logistic example): the product
 took the time of n / 11 HVPs at 500 x 50, n / 18 at 2000 x 200, n / 20 at 4000 x 400 and
-10000 x 500, n / 27 at 5000 x 1000 and n / 43 at 20000 x 1000. GRAM_SPEEDUP prices it at
-n / 20 HVPs: the work it reports and the stale CG steps after which a held factor is assembled
-again (held_factor.py).
+10000 x 500, n / 27 at 5000 x 1000 and n / 43 at 20000 x 1000. The whole assembly of a held
+factor (the weights' pass, the product, the factorisation, the theta terms' Hessian and the
+Python around them) took 15-30 HVPs from 300 x 40 to 4000 x 400 (`logistic_weights`). So it is
+priced at n / GRAM_SPEEDUP + ASSEMBLY_OVERHEAD HVPs: the work it reports and the stale CG steps
+after which a held factor is assembled again (held_factor.py).
 """
 from __future__ import annotations
 
@@ -19,36 +21,41 @@ import numpy as np
 
 from ..errors import KernelError
 from ..threads import in_threads
-from .dense import theta_part
 
-__all__ = ["GRAM_SPEEDUP", "gram_at", "gram_price", "weighted_gram"]
+__all__ = ["GRAM_SPEEDUP", "ASSEMBLY_OVERHEAD", "data_hessian_at", "gram_at", "gram_price",
+           "rests_on_theta", "weighted_gram"]
 
-#: An assembly by the weighted Gram product costs the time of n / GRAM_SPEEDUP HVPs.
+#: The weighted Gram product costs the time of n / GRAM_SPEEDUP HVPs ...
 GRAM_SPEEDUP = 20
+#: ... and the rest of an assembly about ASSEMBLY_OVERHEAD HVPs more.
+ASSEMBLY_OVERHEAD = 10
 
 #: Entries of A per block of rows: each block is scaled into a buffer of its own (32 MB).
 BLOCK_ENTRIES = 1 << 22
 
-#: (x, theta, workers) -> the dense lower Hessian, or None where a kernel's output is not finite.
+#: (x, theta, workers) -> a dense Hessian, or None where a kernel's output is not finite.
 GramAt = Callable[[np.ndarray, np.ndarray, int], Optional[np.ndarray]]
+#: (x, theta) -> the Hessian of g's theta terms, or None (`dense.theta_part`).
+ThetaPart = Callable[[np.ndarray, np.ndarray], Optional[np.ndarray]]
 
 
 def gram_price(n: int) -> int:
     """The HVPs an assembly by the weighted Gram product is worth, for x of n entries."""
-    return max(1, math.ceil(n / GRAM_SPEEDUP))
+    return math.ceil(n / GRAM_SPEEDUP) + ASSEMBLY_OVERHEAD
 
 
-def gram_at(k: Any) -> GramAt | None:
-    """The weighted-Gram assembly of k's lower Hessian, or None where its module has no Gram
-    form (or k is not a generated bound problem)."""
+def data_hessian_at(k: Any) -> GramAt | None:
+    """(x, theta, workers) -> A^T diag(w) A, the Hessian of g's terms that read the data
+    matrix, or None where k's module has no Gram form (or k is not a generated bound problem).
+    Where the rest R is the Hessian of g's theta terms (`rests_on_theta`), this is the Hessian
+    of its theta-free terms, the direct solvers' fixed part (dense.py)."""
     meta = getattr(getattr(k, "module", None), "meta", None)
     kernels = getattr(k, "kernels", None)
     info = meta.get("gram") if isinstance(meta, dict) else None
     if not info or not isinstance(kernels, dict) or "lower_gram_weights" not in kernels:
         return None
     A = np.asarray(k.data[info["data"]], dtype=np.float64)
-    rest = theta_part(k) if info["rest"] else None
-    if A.ndim != 2 or A.shape[1] != k.x_size or (info["rest"] and rest is None):
+    if A.ndim != 2 or A.shape[1] != k.x_size:
         return None
     weights = kernels["lower_gram_weights"]
 
@@ -59,12 +66,35 @@ def gram_at(k: Any) -> GramAt | None:
         except (KernelError, FloatingPointError, OverflowError):
             return None
         H = weighted_gram(A, w, workers)
-        if rest is not None:
-            R = rest(x, theta)
-            if R is None:
-                return None
-            H += 0.5 * (R + R.T)
         return H if np.isfinite(H).all() else None
+    return hessian
+
+
+def rests_on_theta(k: Any) -> bool:
+    """Whether the rest R of k's Gram form is the Hessian of g's theta terms (else R = 0)."""
+    meta = getattr(getattr(k, "module", None), "meta", None)
+    info = meta.get("gram") if isinstance(meta, dict) else None
+    return bool(info and info["rest"])
+
+
+def gram_at(k: Any, theta_part: ThetaPart | None) -> GramAt | None:
+    """The whole lower Hessian A^T diag(w) A + R of k, R from `theta_part` (`dense.theta_part`
+    of k) where R is the theta terms' Hessian; None where k has no Gram form, or R is needed
+    and theta_part is None."""
+    data = data_hessian_at(k)
+    rest = theta_part if rests_on_theta(k) else None
+    if data is None or (rests_on_theta(k) and rest is None):
+        return None
+
+    def hessian(x: np.ndarray, theta: np.ndarray, workers: int = 1) -> np.ndarray | None:
+        H = data(x, theta, workers)
+        if H is None or rest is None:
+            return H
+        R = rest(x, theta)
+        if R is None:
+            return None
+        H += 0.5 * (R + R.T)
+        return H
     return hessian
 
 

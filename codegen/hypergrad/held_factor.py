@@ -14,8 +14,9 @@ assemblies, and a factor that stays good is paid for once.
 Where the module has a pair kernel (two HVPs in one pass over the data, `hvp_pair_at`), the
 assembly takes its columns two at a time: n / 2 passes (2000 x 200: 19 instead of 27 ms).
 Where g's Hessian is a weighted Gram matrix A^T diag(w) A plus its theta terms' (`gram.py`), it
-is one BLAS product instead, priced at n / GRAM_SPEEDUP HVPs (2000 x 200: 2.1 ms), and that
-price, not n, is the stale steps after which the factor is assembled again.
+is one BLAS product instead (2000 x 200: 2.1 ms), the assembly priced at n / 20 + 10 HVPs
+(`gram.gram_price`), and that price, not n, is the stale steps after which the factor is
+assembled again.
 
 Where the module has the Hessian of g's terms with theta apart (`dense.theta_part`: a weight
 e^theta_j x_j^2 / 2 per feature), a new theta swaps that part in, A(x_a, theta_a) - V(x_a,
@@ -38,7 +39,7 @@ from ..threads import one_blas_thread
 from .common import MatVec
 from .deflation import Deflation
 from .dense import HessianFactor, hvp_columns
-from .gram import GramAt, gram_price
+from .gram import GramAt, ThetaPart, gram_price
 from .krylov import CGResult, cg
 
 __all__ = ["HeldFactor", "SWAP_MAX_SIZE"]
@@ -46,8 +47,6 @@ __all__ = ["HeldFactor", "SWAP_MAX_SIZE"]
 #: Largest x whose factor is made again at every new theta (n^3 / 3 flops: 0.3 ms at 200).
 SWAP_MAX_SIZE = 512
 
-#: (x, theta) -> the Hessian of g's terms with theta, or None.
-ThetaPart = Callable[[np.ndarray, np.ndarray], Optional[np.ndarray]]
 #: (x, theta) -> (v, w) -> the (2, n) products A v, A w from one pass, or None (`hvp_pair_at`).
 PairAt = Callable[[np.ndarray, np.ndarray], Optional[Callable[[np.ndarray, np.ndarray], Any]]]
 
@@ -56,9 +55,9 @@ class HeldFactor:
     """The factor of A at the point of its last assembly, and the CG steps spent since.
 
     fallback: a `Deflation` that preconditions the solves while no factor is held (before the
-    first assembly, or after one failed). A short run whose deflated solves never add up to n
-    stale steps then never pays for a factor (the learning benchmark's case (a)); a long one
-    switches to the factor once they do. theta_part: `dense.theta_part` of the kernel, or
+    first assembly, or after one failed). A short run whose deflated solves never add up to the
+    assembly's price then never pays for a factor; a long one switches to the factor once they
+    do. theta_part: `dense.theta_part` of the kernel, or
     None; pair_at: the kernel's `hvp_pair_at`, or None; gram: `gram.gram_at` of the kernel,
     or None."""
 

@@ -62,7 +62,8 @@ def _preconditioner_for(k: Any) -> Held | None:
     deflation = (Deflation() if DEFLATION_MIN_SIZE <= n <= DEFLATION_MAX_SIZE
                  and numbers >= DEFLATION_MIN_DATA else None)
     if n <= FACTOR_MAX_SIZE and n * n <= numbers and numbers >= FACTOR_MIN_DATA:
-        return HeldFactor(deflation, theta_part(k), getattr(k, "hvp_pair_at", None), gram_at(k))
+        part = theta_part(k)
+        return HeldFactor(deflation, part, getattr(k, "hvp_pair_at", None), gram_at(k, part))
     return deflation
 
 
