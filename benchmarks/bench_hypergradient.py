@@ -20,7 +20,8 @@ Target: ||grad - grad F|| <= 1e-6 ||grad F||.
   pair's calls leave on a bind, data constants tightened for a step size, helps no other).
   Solvers: "cg" + "cg" when the lower level is quadratic (ridge, quadratic), the faster of
   "fista" + "cg" and "newton" + "cg" otherwise, and "direct" + "direct" too when x has at most
-  DIRECT_MAX entries (the quadratic problem); the fastest counts.
+  DIRECT_MAX entries, QUADRATIC_DIRECT_MAX for a quadratic lower level (the quadratic problem,
+  ridge-small); the fastest counts.
 * JAXopt and NumPy/SciPy have no certificate: their tolerance (one tol for the lower solve and the
   adjoint CG) runs down the same ladder until their TRUE error against a reference hypergradient
   is <= 1e-6 relative (an oracle tuning that favours them), and that configuration is timed.
@@ -29,9 +30,10 @@ Target: ||grad - grad F|| <= 1e-6 ||grad F||.
     jaxopt.linear_solve.solve_cg with an absolute tolerance. Compile time is reported separately.
   - NumPy/SciPy: hand-written gradients and Hessian-vector products; lower solve scipy CG
     (quadratic) or L-BFGS-B (otherwise), adjoint scipy CG (rtol = 0, atol = tol).
-  - Quadratic lower levels with x of at most DIRECT_MAX entries (the quadratic problem): both
+  - Quadratic lower levels with x of at most QUADRATIC_DIRECT_MAX entries (the quadratic
+    problem, ridge-small): both
     also solve with the materialised Hessian (JAXopt: jax.hessian, jax.scipy.linalg.solve and
-    implicit_diff with solve_cholesky; NumPy: the Hessian from n HVPs, scipy Cholesky), exact
+    implicit_diff with solve_cholesky; NumPy: the HVP of the identity matrix, scipy Cholesky), exact
     to rounding with no tolerance to tune; the faster variant of each library counts.
 * Diagnostic column "tuned like them": hypergen's fastest pair given the baselines' oracle
   tuning instead (eps = delta = tol down the ladder until the TRUE error is <= 1e-6, no
@@ -70,8 +72,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TARGET = 1e-6
-#: x sizes up to which hypergen also runs the direct solvers (dense Hessian, Cholesky).
+#: x sizes up to which hypergen also runs the direct solvers (dense Hessian, Cholesky), and the
+#: peers their dense solves: 100, and for quadratic lower levels the size up to which "auto"
+#: takes them where the Hessian has the Gram form (ridge-small, 500 entries).
 DIRECT_MAX = 100
+QUADRATIC_DIRECT_MAX = 1000
+
+
+def direct_size(n: int, quadratic: bool) -> bool:
+    """Whether the direct solvers (and the peers' dense solves) run at x of n entries."""
+    return n <= (QUADRATIC_DIRECT_MAX if quadratic else DIRECT_MAX)
 LADDER = [10.0 ** -k for k in range(4, 14)]
 
 FULL = {
@@ -211,8 +221,9 @@ def numpy_fista(grad_g, n, mu, L, tol, max_iter=1_000_000):
 
 
 def numpy_hypergradient_dense(model, n):
-    """Quadratic lower levels, small x: the Hessian from n HVPs, both solves by Cholesky."""
-    H = np.column_stack([model["hvp"](None, v) for v in np.eye(n)])
+    """Quadratic lower levels, small x: the Hessian as the HVP of the identity (one matrix
+    product: A^T (A I) + alpha I for ridge), both solves by Cholesky."""
+    H = model["hvp"](None, np.eye(n))
     cho = scipy.linalg.cho_factor(H)
     x = scipy.linalg.cho_solve(cho, model["rhs"])
     return -model["Btq"](x, scipy.linalg.cho_solve(cho, model["grad_f"](x)))
@@ -396,7 +407,7 @@ def run_case(key, spec, args, have_jax):
     # the 65 of a user's default call).
     module = codegen.load(ROOT / "examples" / f"{name}.py")
     pairs = [("cg", "cg")] if prob.is_quadratic else [("fista", "cg"), ("newton", "cg")]
-    if n <= DIRECT_MAX:
+    if direct_size(n, prob.is_quadratic):
         pairs.append(("direct", "direct"))
     for lower, adjoint in pairs:
         solver = f"{lower}+{adjoint}"
@@ -443,7 +454,7 @@ def run_case(key, spec, args, have_jax):
         label = {"cg": "cg", "lbfgs": "L-BFGS-B", "fista": "FISTA"}[lower_np] + "+cg"
         contenders[f"NumPy/SciPy {label} tol={tol:g}"] = (
             "np", partial(numpy_hypergradient, model, n, tol, lower_np), dict(tol=tol, solver=label))
-    if model["quadratic"] and n <= DIRECT_MAX:  # what a user would do at this size
+    if model["quadratic"] and direct_size(n, True):  # what a user would do at this size
         contenders["NumPy/SciPy dense Cholesky"] = (
             "np", partial(numpy_hypergradient_dense, model, n), dict(tol=0.0, solver="Cholesky"))
 
@@ -465,7 +476,7 @@ def run_case(key, spec, args, have_jax):
         fn = jaxopt_hypergradient_fn(name, n, tol)  # fresh: its first call compiles
         contenders[f"JAXopt {solver} tol={tol:g}"] = (
             "jax", lambda fn=fn: jax.block_until_ready(fn(jth, jdata)), dict(tol=tol, solver=solver))
-        if jax_functions(name)[2] and n <= DIRECT_MAX:  # the materialised Hessian, both direct
+        if jax_functions(name)[2] and direct_size(n, True):  # the materialised Hessian, both direct
             fn = jaxopt_hypergradient_fn(name, n, 0.0, dense=True)
             contenders["JAXopt dense (jax.hessian, Cholesky)"] = (
                 "jax", lambda fn=fn: jax.block_until_ready(fn(jth, jdata)),

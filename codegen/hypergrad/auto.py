@@ -2,6 +2,7 @@
 size and, where the choice hinges on it, its condition number L/mu at theta (docs/solvers.md 3).
 
     lower   g quadratic (k.is_quadratic), x_size <= QUADRATIC_DIRECT_MAX  "direct"
+            g quadratic with a Gram form, x_size <= GRAM_DIRECT_MAX       "direct"
             g quadratic                                                  "cg"
             g not quadratic, x_size <= NONQUADRATIC_DIRECT_MAX           "direct"
             g not quadratic, a cheap kernel with fused loops (`cheap_fused`),
@@ -14,8 +15,10 @@ size and, where the choice hinges on it, its condition number L/mu at theta (doc
 
 With adjoint="backprop" (a stored trajectory) lower "auto" is "gd". The thresholds are measured
 (docs/solvers.md 3): one factorisation serves a quadratic g's lower solve and adjoint, so it
-pays up to about 150 entries; a non-quadratic g needs a new factor at every Newton step, so
-there it pays only for a handful of entries, and Newton-CG (no L needed, quadratic convergence
+pays up to about 150 entries, and up to GRAM_DIRECT_MAX where the Hessian is A^T diag(w) A
+plus the theta terms' (`gram.py`: one BLAS product per bind instead of n HVPs); a
+non-quadratic g needs a new factor at every Newton step, so there it pays only for a handful
+of entries, and Newton-CG (no L needed, quadratic convergence
 near x*) takes over. FISTA's iterations grow like sqrt(L/mu) and Newton-CG's much less, but a
 Newton step costs a few Python-to-C round trips where FISTA runs whole in one fused C call: on a
 well-conditioned problem whose kernels cost a few vector passes (stencils: TV), FISTA's extra
@@ -31,14 +34,21 @@ from typing import Any
 
 from .common import checked_constants
 from .fused import CHEAP_DATA_PER_ENTRY, data_per_entry, loops_for
+from .gram import data_hessian_at
 from .registry import AUTO
 
-__all__ = ["QUADRATIC_DIRECT_MAX", "NONQUADRATIC_DIRECT_MAX", "ADJOINT_DIRECT_MAX",
+__all__ = ["QUADRATIC_DIRECT_MAX", "GRAM_DIRECT_MAX", "NONQUADRATIC_DIRECT_MAX", "ADJOINT_DIRECT_MAX",
            "FISTA_KAPPA_MAX", "FISTA_MAX_SIZE", "cheap_fused", "choose_lower",
            "choose_adjoint", "choose_solvers"]
 
 #: Largest x for lower="direct" when g is quadratic (one factor for the lower solve and adjoint).
 QUADRATIC_DIRECT_MAX = 150
+
+#: ... and when its Hessian has the Gram form: ridge at 2000 x 500, 5000 x 1000 (one thread,
+#: medians of 5 fresh binds) took 45 / 323 ms for the first call against CG's 51 / 319, and 5.1 /
+#: 27 ms at the next theta against 24 / 113; at 20000 x 2000 the first call took 4.7 s against
+#: 3.7-4.1 s.
+GRAM_DIRECT_MAX = 1000
 
 #: Largest x for lower="direct" when g is not quadratic (a factor per Newton step).
 NONQUADRATIC_DIRECT_MAX = 16
@@ -76,6 +86,8 @@ def choose_lower(k: Any, adjoint: str = AUTO, theta: Any = None) -> str:
     n = getattr(k, "x_size", None)
     quadratic = bool(getattr(k, "is_quadratic", False))
     limit = QUADRATIC_DIRECT_MAX if quadratic else NONQUADRATIC_DIRECT_MAX
+    if quadratic and data_hessian_at(k) is not None:
+        limit = max(limit, GRAM_DIRECT_MAX)
     if n is not None and n <= limit:
         return "direct"
     if quadratic:

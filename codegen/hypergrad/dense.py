@@ -23,7 +23,7 @@ from scipy.linalg import lapack
 from ..errors import KernelError
 from ..threads import one_blas_thread
 from .common import SolverError, call_kernel, fixed_memo, hvp_at
-from .gram import data_hessian_at, gram_price, rests_on_theta
+from .gram import data_hessian_at, gram_at, gram_price, rests_on_theta
 from .results import Status
 
 __all__ = ["DIRECT_MAX_SIZE", "HessianFactor", "dense_factor", "hvp_columns", "theta_part"]
@@ -110,6 +110,7 @@ def assembled_hessian(k: Any, x: np.ndarray, th: np.ndarray
 
     The fixed part plus the varying part when the module has the split (`split_parts`; the
     fixed part costs only the call that forms it, the varying part no pass over the data), else
+    one BLAS product where g has the Gram form and it is priced below n HVPs (`gram.py`), else
     k.lower_hessian in one kernel call, else n HVP columns (plain-NumPy kernels). Either
     orientation serves: the factor symmetrises."""
     n = x.size
@@ -120,6 +121,11 @@ def assembled_hessian(k: Any, x: np.ndarray, th: np.ndarray
             return None, spent, "non-finite kernel output (the Hessian of g's theta-free terms)"
         varying, msg = _columns_of(k, parts[1], x, th)
         return (None, spent, msg) if varying is None else (varying + fixed, spent, "")
+    whole = gram_at(k, theta_part(k)) if gram_price(n) < n else None
+    if whole is not None:
+        with one_blas_thread() as workers:
+            H = whole(x, th, workers)
+        return H, gram_price(n), "" if H is not None else "non-finite kernel output"
     if hasattr(k, "lower_hessian"):
         H, msg = call_kernel(k.lower_hessian, x, th)
         return (None, n, msg) if H is None else (H.reshape(n, n), n, "")

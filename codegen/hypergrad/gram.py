@@ -30,8 +30,9 @@ GRAM_SPEEDUP = 20
 #: ... and the rest of an assembly about ASSEMBLY_OVERHEAD HVPs more.
 ASSEMBLY_OVERHEAD = 10
 
-#: Entries of A per block of rows: each block is scaled into a buffer of its own (32 MB).
-BLOCK_ENTRIES = 1 << 22
+#: Entries of A per block of rows: each block is scaled into a buffer of its own (8 MB). Fixed,
+#: so that the sum runs in the same order, to the same bits, for every number of workers.
+BLOCK_ENTRIES = 1 << 20
 
 #: (x, theta, workers) -> a dense Hessian, or None where a kernel's output is not finite.
 GramAt = Callable[[np.ndarray, np.ndarray, int], Optional[np.ndarray]]
@@ -101,11 +102,11 @@ def gram_at(k: Any, theta_part: ThetaPart | None) -> GramAt | None:
 def weighted_gram(A: np.ndarray, w: np.ndarray, workers: int = 1) -> np.ndarray:
     """A^T diag(w) A, symmetric: sum over blocks of rows of B^T B with B = diag(sqrt(w)) A_block
     (a symmetric rank-k update, half the flops of a general product), minus the same for the
-    rows with w < 0. The blocks, at least one per worker, run on up to `workers` Python threads
-    (each BLAS call at the caller's thread count, which `one_blas_thread` makes one) and are
-    summed in order."""
+    rows with w < 0. The blocks run on up to `workers` Python threads (each BLAS call at the
+    caller's thread count, which `one_blas_thread` makes one) and are summed in order: the same
+    bits for every `workers`."""
     m, n = A.shape
-    rows = max(1, min(BLOCK_ENTRIES // max(n, 1), -(-m // max(workers, 1))))
+    rows = max(1, BLOCK_ENTRIES // max(n, 1))
 
     def block(start: int) -> np.ndarray:
         part, wp = A[start:start + rows], w[start:start + rows]
