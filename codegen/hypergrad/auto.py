@@ -18,14 +18,14 @@ With adjoint="backprop" (a stored trajectory) lower "auto" is "gd". The threshol
 pays up to about 150 entries, and up to GRAM_DIRECT_MAX where the Hessian is A^T diag(w) A
 plus the theta terms' (`gram.py`: one BLAS product per bind instead of n HVPs); a
 non-quadratic g needs a new factor at every Newton step, so there it pays only for a handful
-of entries, and Newton-CG (no L needed, quadratic convergence
-near x*) takes over. FISTA's iterations grow like sqrt(L/mu) and Newton-CG's much less, but a
-Newton step costs a few Python-to-C round trips where FISTA runs whole in one fused C call: on a
-well-conditioned problem whose kernels cost a few vector passes (stencils: TV), FISTA's extra
-gradients cost less than Newton's round trips, up to a few thousand entries. Without theta
-(theta=None) the rule is the one of structure and size alone (Newton-CG). L/mu is read only
-where it decides, so the other cases pay nothing for it; for one theta the choice is fixed, so
-every round and every sample of one call use the same solvers.
+of entries, and Newton-CG (no L needed, quadratic convergence near x*) takes over. FISTA's
+iterations grow like sqrt(L/mu) and Newton-CG's much less, but a Newton step costs a few
+Python-to-C round trips where FISTA runs whole in one fused C call: on a well-conditioned
+problem whose kernels cost a few vector passes (stencils: TV), FISTA's extra gradients cost
+less than Newton's round trips, up to a few thousand entries. Without theta (theta=None) the
+rule is the one of structure and size alone (Newton-CG). L/mu is read only where it decides,
+so the other cases pay nothing for it; for one theta the choice is fixed, so every round and
+every sample of one call use the same solvers.
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ from .fused import CHEAP_DATA_PER_ENTRY, data_per_entry, loops_for
 from .gram import data_hessian_at
 from .registry import AUTO
 
-__all__ = ["QUADRATIC_DIRECT_MAX", "GRAM_DIRECT_MAX", "NONQUADRATIC_DIRECT_MAX", "ADJOINT_DIRECT_MAX",
-           "FISTA_KAPPA_MAX", "FISTA_MAX_SIZE", "cheap_fused", "choose_lower",
-           "choose_adjoint", "choose_solvers"]
+__all__ = ["QUADRATIC_DIRECT_MAX", "GRAM_DIRECT_MAX", "NONQUADRATIC_DIRECT_MAX",
+           "ADJOINT_DIRECT_MAX", "FISTA_KAPPA_MAX", "FISTA_MAX_SIZE", "cheap_fused",
+           "choose_lower", "choose_adjoint", "choose_solvers"]
 
 #: Largest x for lower="direct" when g is quadratic (one factor for the lower solve and adjoint).
 QUADRATIC_DIRECT_MAX = 150

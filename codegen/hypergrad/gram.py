@@ -1,5 +1,5 @@
 """The lower Hessian as one BLAS product, A^T diag(w) A + R, where g has that form
-(codegen/compiler/gram.py; docs/solvers.md 8.2).
+(codegen/compiler/gram.py; docs/solvers.md 8.3).
 
 A generalised linear loss has the Hessian A^T diag(w) A plus the Hessian R of its theta terms.
 Assembled from HVPs it costs n passes over A (n / 2 with the pair kernel); from the weights w

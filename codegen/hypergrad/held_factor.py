@@ -57,9 +57,8 @@ class HeldFactor:
     fallback: a `Deflation` that preconditions the solves while no factor is held (before the
     first assembly, or after one failed). A short run whose deflated solves never add up to the
     assembly's price then never pays for a factor; a long one switches to the factor once they
-    do. theta_part: `dense.theta_part` of the kernel, or
-    None; pair_at: the kernel's `hvp_pair_at`, or None; gram: `gram.gram_at` of the kernel,
-    or None."""
+    do. theta_part: `dense.theta_part` of the kernel, or None; pair_at: the kernel's
+    `hvp_pair_at`, or None; gram: `gram.gram_at` of the kernel, or None."""
 
     def __init__(self, fallback: Deflation | None = None, theta_part: ThetaPart | None = None,
                  pair_at: PairAt | None = None, gram: GramAt | None = None) -> None:
