@@ -105,8 +105,10 @@ def _weights_program(hvp: ir.Program, x: str, out: str) -> ir.Program | None:
     source = su.expr / _matrix_read(su.expr, arrays)  # U[i'] of the scatter's own loop
     if not isinstance(source, sp.Indexed) or ir.read_name(source) not in chain:
         return None
-    if not all(_linear_row(st, u, chain, arrays) for st, u in rows):
-        return None
+    whole = (gst.loops[0].lo, gst.loops[0].hi)
+    if not all((st.loops[0].lo, st.loops[0].hi) == whole and _linear_row(st, u, chain, arrays)
+               for st, u in rows):
+        return None  # a row statement over part of the rows, or not linear in the chain
     ones = [_with_unit_gather(st, u, gu.target, arrays) for st, u in rows]
     weights = ir.Array(WEIGHTS_OUTPUT, arrays[gu.target].shape, ir.OUTPUT)
     copy = ir.Statement((ir.Loop(i, gst.loops[0].lo, gst.loops[0].hi),),
