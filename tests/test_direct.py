@@ -90,12 +90,13 @@ def test_split_hessian_is_the_hessian_and_its_fixed_part_is_kept_per_bind(build_
     """Where g splits into theta-free terms with a Hessian fixed by the data and terms with theta,
     the direct solvers form the Hessian as the fixed part (once per bind, read-only) plus the
     varying part: the same matrix as lower_hessian up to rounding, at any x and theta. The
-    fixed part costs only its first call: ridge's by one BLAS product (its Gram form,
-    gram_price(n) HVPs), TV's from n HVPs."""
+    fixed part costs only its first call: ridge's by one BLAS product (its Gram form, at 24
+    entries priced at gram_price(n) < n HVPs), TV's from n HVPs."""
     from codegen.hypergrad.gram import gram_price
 
     _, module, ns = built_example(name, build_dir)
-    prob = module.bind(**ns["example_data"](seed=2, **TINY[name]))
+    sizes = dict(m=40, n=24, p=10) if name == "ridge" else TINY[name]
+    prob = module.bind(**ns["example_data"](seed=2, **sizes))
     assert dense.split_parts(prob) is not None
     rng = np.random.default_rng(4)
     kept = None
@@ -112,7 +113,7 @@ def test_split_hessian_is_the_hessian_and_its_fixed_part_is_kept_per_bind(build_
         assert kept is None or fixed is kept
         assert not fixed.flags.writeable
         kept = fixed
-    other = module.bind(**ns["example_data"](seed=3, **TINY[name]))
+    other = module.bind(**ns["example_data"](seed=3, **sizes))
     assert other.fixed_memo("lower_hvp_fixed") == {}  # formed on first use, per bind
     dense.assembled_hessian(other, np.zeros(other.x_size), np.zeros(other.theta_size))
     assert other.fixed_memo("lower_hvp_fixed")["hessian"] is not kept

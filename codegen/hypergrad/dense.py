@@ -198,13 +198,14 @@ def _fixed_part(k: Any, caller: Any, x: np.ndarray, th: np.ndarray
     """(the Hessian of g's theta-free terms, the HVPs it cost now). It reads neither x nor theta
     (the compiler emits the split only then, and lists lower_hvp_fixed as data-only): computed
     on first use, by one BLAS product where g's theta-free terms are its Gram form's data terms
-    (`gram.py`; ridge's A^T A), else from n HVPs, and kept read-only in the bind's store
+    (`gram.py`; ridge's A^T A) and it is priced below n HVPs, else from n HVPs, and kept
+    read-only in the bind's store
     (k.fixed_memo). None when not finite (then not kept)."""
     memo = fixed_memo(k, "lower_hvp_fixed")
     held: np.ndarray | None = None if memo is None else memo.get("hessian")
     if held is not None:
         return held, 0
-    data = data_hessian_at(k) if rests_on_theta(k) else None
+    data = data_hessian_at(k) if rests_on_theta(k) and gram_price(x.size) < x.size else None
     if data is not None:
         with one_blas_thread() as workers:  # dense algebra between kernel calls
             fixed, spent = data(x, th, workers), gram_price(x.size)

@@ -27,7 +27,7 @@ from typing import Any, Union
 from .deflation import DEFLATION_MAX_SIZE, DEFLATION_MIN_SIZE, Deflation
 from .dense import theta_part
 from .fused import data_per_entry
-from .gram import gram_at
+from .gram import gram_at, gram_price
 from .held_factor import HeldFactor
 
 __all__ = ["DEFLATION_MIN_DATA", "FACTOR_MIN_DATA", "FACTOR_MAX_SIZE", "Held", "holding",
@@ -63,7 +63,8 @@ def _preconditioner_for(k: Any) -> Held | None:
                  and numbers >= DEFLATION_MIN_DATA else None)
     if n <= FACTOR_MAX_SIZE and n * n <= numbers and numbers >= FACTOR_MIN_DATA:
         part = theta_part(k)
-        return HeldFactor(deflation, part, getattr(k, "hvp_pair_at", None), gram_at(k, part))
+        gram = gram_at(k, part) if gram_price(n) < n else None  # else n HVPs cost less
+        return HeldFactor(deflation, part, getattr(k, "hvp_pair_at", None), gram)
     return deflation
 
 
