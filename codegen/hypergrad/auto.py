@@ -34,7 +34,7 @@ from typing import Any
 
 from .common import checked_constants
 from .fused import CHEAP_DATA_PER_ENTRY, data_per_entry, loops_for
-from .gram import data_hessian_at
+from .gram import has_gram_form
 from .registry import AUTO
 
 __all__ = ["QUADRATIC_DIRECT_MAX", "GRAM_DIRECT_MAX", "NONQUADRATIC_DIRECT_MAX",
@@ -86,9 +86,8 @@ def choose_lower(k: Any, adjoint: str = AUTO, theta: Any = None) -> str:
     n = getattr(k, "x_size", None)
     quadratic = bool(getattr(k, "is_quadratic", False))
     limit = QUADRATIC_DIRECT_MAX if quadratic else NONQUADRATIC_DIRECT_MAX
-    if quadratic and data_hessian_at(k) is not None:
-        limit = max(limit, GRAM_DIRECT_MAX)
-    if n is not None and n <= limit:
+    if n is not None and (n <= limit or (quadratic and n <= GRAM_DIRECT_MAX
+                                         and has_gram_form(k))):
         return "direct"
     if quadratic:
         return "cg"

@@ -23,7 +23,7 @@ from ..errors import KernelError
 from ..threads import in_threads
 
 __all__ = ["GRAM_SPEEDUP", "ASSEMBLY_OVERHEAD", "data_hessian_at", "gram_at", "gram_price",
-           "rests_on_theta", "weighted_gram"]
+           "has_gram_form", "rests_on_theta", "weighted_gram"]
 
 #: The weighted Gram product costs the time of n / GRAM_SPEEDUP HVPs ...
 GRAM_SPEEDUP = 20
@@ -50,15 +50,13 @@ def data_hessian_at(k: Any) -> GramAt | None:
     matrix, or None where k's module has no Gram form (or k is not a generated bound problem).
     Where the rest R is the Hessian of g's theta terms (`rests_on_theta`), this is the Hessian
     of its theta-free terms, the direct solvers' fixed part (dense.py)."""
-    meta = getattr(getattr(k, "module", None), "meta", None)
-    kernels = getattr(k, "kernels", None)
-    info = meta.get("gram") if isinstance(meta, dict) else None
-    if not info or not isinstance(kernels, dict) or "lower_gram_weights" not in kernels:
+    info = _gram_info(k)
+    if info is None:
         return None
     A = np.asarray(k.data[info["data"]], dtype=np.float64)
     if A.ndim != 2 or A.shape[1] != k.x_size:
         return None
-    weights = kernels["lower_gram_weights"]
+    weights = k.kernels["lower_gram_weights"]
 
     def hessian(x: np.ndarray, theta: np.ndarray, workers: int = 1) -> np.ndarray | None:
         w = np.empty(A.shape[0])
@@ -71,10 +69,25 @@ def data_hessian_at(k: Any) -> GramAt | None:
     return hessian
 
 
+def _gram_info(k: Any) -> dict[str, Any] | None:
+    """k's module meta "gram" ({"data": A's name, "rest": R's kernel or None}) where k is a
+    generated bound problem with `lower_gram_weights`, else None."""
+    meta = getattr(getattr(k, "module", None), "meta", None)
+    kernels = getattr(k, "kernels", None)
+    info = meta.get("gram") if isinstance(meta, dict) else None
+    if not info or not isinstance(kernels, dict) or "lower_gram_weights" not in kernels:
+        return None
+    return dict(info)
+
+
+def has_gram_form(k: Any) -> bool:
+    """Whether k's lower Hessian is A^T diag(w) A + R with its weights kernel."""
+    return _gram_info(k) is not None
+
+
 def rests_on_theta(k: Any) -> bool:
     """Whether the rest R of k's Gram form is the Hessian of g's theta terms (else R = 0)."""
-    meta = getattr(getattr(k, "module", None), "meta", None)
-    info = meta.get("gram") if isinstance(meta, dict) else None
+    info = _gram_info(k)
     return bool(info and info["rest"])
 
 
@@ -82,9 +95,9 @@ def gram_at(k: Any, theta_part: ThetaPart | None) -> GramAt | None:
     """The whole lower Hessian A^T diag(w) A + R of k, R from `theta_part` (`dense.theta_part`
     of k) where R is the theta terms' Hessian; None where k has no Gram form, or R is needed
     and theta_part is None."""
-    data = data_hessian_at(k)
-    rest = theta_part if rests_on_theta(k) else None
-    if data is None or (rests_on_theta(k) and rest is None):
+    data, needs_rest = data_hessian_at(k), rests_on_theta(k)
+    rest = theta_part if needs_rest else None
+    if data is None or (needs_rest and rest is None):
         return None
 
     def hessian(x: np.ndarray, theta: np.ndarray, workers: int = 1) -> np.ndarray | None:
