@@ -28,7 +28,9 @@ GRAM = {"ridge", "logistic", "quadratic"}
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_gram_assembly_is_the_hessian(name, build_dir):
     """gram_at's A^T diag(w) A + R is the unrolled SymPy Hessian (rtol 1e-12) and the module's
-    own lower_hessian, for 1 and 2 workers; None where the module has no Gram form."""
+    own lower_hessian, for 1 and 2 workers, by the product and again from the Gram matrix the
+    data constants kept (a least-squares g: ridge, quadratic); None where the module has no Gram
+    form."""
     problem, module, ns = built_example(name, build_dir)
     data = ns["example_data"](seed=4, **TINY[name])
     prob = module.bind(**data)
@@ -40,11 +42,21 @@ def test_gram_assembly_is_the_hessian(name, build_dir):
     x, theta = rng.standard_normal(prob.x_size), 0.5 * rng.standard_normal(prob.theta_size)
     want = Oracle(problem, data).hessian(x, theta)
     scale = np.max(np.abs(want))
-    for workers in (1, 2):
-        got = hessian(x, theta, workers)
-        assert got is not None and np.array_equal(got, got.T)
-        assert np.max(np.abs(got - want)) <= 1e-12 * scale, name
-        assert np.max(np.abs(got - prob.lower_hessian(x, theta))) <= 1e-12 * scale
+    matrix = prob.module.meta["gram"]["data"]
+    for kept in (False, True):
+        # kept for a least-squares g only: logistic's weights vary with x
+        assert (prob.data_gram(matrix) is not None) == (kept and name != "logistic"), name
+        for workers in (1, 2):
+            got = hessian(x, theta, workers)
+            assert got is not None and np.array_equal(got, got.T)
+            assert np.max(np.abs(got - want)) <= 1e-12 * scale, name
+            assert np.max(np.abs(got - prob.lower_hessian(x, theta))) <= 1e-12 * scale
+        prob.constants(theta)  # forms the Gram matrix for lambda_min where mu reads it
+    G = prob.data_gram(matrix)
+    if G is not None:
+        M = data[matrix]
+        assert not G.flags.writeable and not np.shares_memory(G, prob.data[matrix])
+        assert np.max(np.abs(G - M.T @ M)) <= 1e-13 * np.max(np.abs(M.T @ M))
 
 
 def test_logistic_weights_are_the_closed_form(build_dir):

@@ -30,6 +30,10 @@ __all__ = ["DIRECT_MAX_SIZE", "HessianFactor", "dense_factor", "hvp_columns", "t
 
 #: Largest x for the direct solvers: the Hessian takes n HVPs and 8 n^2 bytes (2000: 32 MB).
 DIRECT_MAX_SIZE = 2000
+#: From this size on, a factorisation runs with BLAS at one thread (`threads.one_blas_thread`):
+#: OpenBLAS threads dpotrf from n = 128, after which its spinning pool made the next HVP of a
+#: 2000 x 500 ridge take 4-8 ms instead of 0.2 on 2 cores (one_blas_thread costs about 18 us).
+ONE_THREAD_FACTOR_FROM = 64
 
 class HessianFactor:
     """The Cholesky factor of a symmetric positive definite Hessian A(x, theta) at one x, or at
@@ -51,7 +55,11 @@ class HessianFactor:
         the wrapper copies nothing: 8.6 against 9.4 us at n = 50, 76 against 89 us at 100."""
         symmetric = hessian + hessian.T  # HVP columns agree with rows up to rounding
         symmetric *= 0.5
-        lower, info = lapack.dpotrf(symmetric.T, lower=1, clean=0, overwrite_a=1)
+        if len(symmetric) < ONE_THREAD_FACTOR_FROM:
+            lower, info = lapack.dpotrf(symmetric.T, lower=1, clean=0, overwrite_a=1)
+        else:
+            with one_blas_thread():  # before the kernels run again (`codegen.threads`)
+                lower, info = lapack.dpotrf(symmetric.T, lower=1, clean=0, overwrite_a=1)
         if info > 0:
             return None, (f"Cholesky factorisation failed (leading minor {info} not positive): "
                           "the Hessian is not SPD")

@@ -64,9 +64,23 @@ def data_hessian_at(k: Any) -> GramAt | None:
             weights({k.x_name: x, k.theta_name: theta}, w)
         except (KernelError, FloatingPointError, OverflowError):
             return None
-        H = weighted_gram(A, w, workers)
+        H = _kept_multiple(k, info["data"], w)
+        if H is None:
+            H = weighted_gram(A, w, workers)
         return H if np.isfinite(H).all() else None
     return hessian
+
+
+def _kept_multiple(k: Any, name: str, w: np.ndarray) -> np.ndarray | None:
+    """w_0 A^T A where every weight is w_0 (a least-squares loss) and the bind kept A^T A (the
+    data constants formed it: `BoundProblem.data_gram`), else None. The same matrix as
+    `weighted_gram`'s to rounding, without a second product over A."""
+    kept = getattr(k, "data_gram", None)
+    G = None if kept is None else kept(name)
+    if G is None or not w.size or not w.min() == w.max():
+        return None
+    scaled: np.ndarray = G * w[0]
+    return scaled
 
 
 def _gram_info(k: Any) -> dict[str, Any] | None:

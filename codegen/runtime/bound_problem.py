@@ -62,6 +62,9 @@ class BoundProblem:
         self._constants = None
         self._fixed = {}  # the dense matrices of data-only kernels (_matrix)
         self._derived = {}  # what the solvers derive from those matrices (fixed_memo)
+        # a least-squares g's data matrix: its Gram matrix where the data constants form it
+        gram = meta.get("gram")
+        self._grams = {gram["data"]: None} if gram and self.is_quadratic else {}
         self._cache_size = sum(int(np.prod(module.extent(a["name"], self.sizes)))
                                for a in meta.get("hvp_cache", []))
 
@@ -259,8 +262,15 @@ class BoundProblem:
     def _prepared_constants(self) -> dict:
         """The constants' derivation and data quantities, computed once per bind."""
         if self._constants is None:
-            self._constants = prepare_constants(self.module, self.data)
+            self._constants = prepare_constants(self.module, self.data, self._grams)
         return self._constants
+
+    def data_gram(self, name: str) -> np.ndarray | None:
+        """M^T M (float64, read-only) of the bound data matrix `name` where the data constants
+        formed it (for lambda_min or ||M||^2), else None: the direct solvers' least-squares
+        Hessian is a multiple of it (hypergrad/gram.py), and a fresh bind's first call would
+        otherwise form it twice."""
+        return self._grams.get(name)
 
     def constants(self, theta) -> dict:
         """mu, L, L_A, L_B, L_f at theta (derived and certified, or stated by the problem)."""

@@ -102,10 +102,11 @@ QUANTITY_KINDS = ("normsq", "lmin", "rowmax")
 
 
 def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS,
-                        tight: bool = False, workers: int = 1) -> dict:
+                        tight: bool = False, workers: int = 1, keep: dict | None = None) -> dict:
     """Certified normsq, lmin, rowmax of K (only the kinds in `needed`; + a power-iteration
     estimate if asked; `tight`: the Gram matrix up to LMIN_FLOP_LIMIT, as for step sizes). Each
-    entry says which method certified it and how long it took."""
+    entry says which method certified it and how long it took. `keep`: receives K^T K under
+    "gram" where it was formed in float64 from a K with at least as many rows as columns."""
     start = time.perf_counter()
     R, D = K.shape
     spectral_wanted = "normsq" in needed or "lmin" in needed
@@ -119,7 +120,7 @@ def operator_quantities(K, K3, estimates: bool = False, needed=QUANTITY_KINDS,
         res = {"normsq": {"value": math.inf, "certified": True, "method": "||K||_F overflows"},
                "lmin": {"value": 0.0, "certified": True, "method": "trivial lower bound 0"}}
     elif spectral_wanted:
-        res.update(_spectral(K, fro2, "lmin" in needed, tight, workers, sums))
+        res.update(_spectral(K, fro2, "lmin" in needed, tight, workers, sums, keep))
     for what in [w for w in res if w not in needed]:
         del res[what]
     if "rowmax" in needed:
@@ -177,9 +178,10 @@ def _rowmax(K, K3, rowsq: np.ndarray) -> dict:
 
 
 def _spectral(K, fro2: float, want_lmin: bool, tight: bool = False, workers: int = 1,
-              sums: spectral.BlockSums | None = None) -> dict:
+              sums: spectral.BlockSums | None = None, keep: dict | None = None) -> dict:
     """normsq (and lmin) of K by the method of `spectral.method_for` (eigvalsh where lmin is
-    wanted and the Gram matrix is formed anyway); `sums`: the block sums, already computed."""
+    wanted and the Gram matrix is formed anyway); `sums`: the block sums, already computed;
+    `keep` as in `operator_quantities`."""
     R, D = K.shape
     method = spectral.method_for(R, D, sparse=hasattr(K, "toarray"), want_lmin=want_lmin,
                                  tight=tight)
@@ -210,15 +212,16 @@ def _spectral(K, fro2: float, want_lmin: bool, tight: bool = False, workers: int
                                      f"margin"},
                 "lmin": trivial}
     return _gram_spectral(K, fro2, method, want_lmin and R >= D, wide if R < D else trivial,
-                          workers)
+                          workers, keep)
 
 
 def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict,
-                   workers: int = 1) -> dict:
+                   workers: int = 1, keep: dict | None = None) -> dict:
     """normsq (and lmin if `lmin_read`) from a Gram matrix G: where lmin is not read and G's side
     is above CERTIFY_SIDE (or method is "cholesky"), the Cholesky certificate of c I - G, G in
     float32 blocks where `spectral.gram32` allows (docs/constants.md 4); else eigvalsh.
-    `no_lmin`: the lmin entry when lmin is not read (0, or exactly 0 for a wide K)."""
+    `no_lmin`: the lmin entry when lmin is not read (0, or exactly 0 for a wide K); `keep` as in
+    `operator_quantities`."""
     R, D = K.shape
     n = min(R, D)
     certify = (method == "cholesky" or n > spectral.CERTIFY_SIDE) and not lmin_read
@@ -226,6 +229,8 @@ def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict,
     if certify:
         fast = None if hasattr(K, "toarray") else spectral.gram32(K, fro2, workers)
         G = fast[0] if fast else _gram64(K, workers)
+        if not fast and keep is not None and R >= D:
+            keep["gram"] = G
         estimate = spectral.lanczos_max(G)
         found = spectral.cholesky_certificate(G, estimate)
         if found is not None:
@@ -244,6 +249,8 @@ def _gram_spectral(K, fro2: float, method: str, lmin_read: bool, no_lmin: dict,
                     "lmin": no_lmin}
     if fast is not None or not certify:
         G = _gram64(K, workers)  # no certificate tried, or it failed on the float32 Gram
+        if keep is not None and R >= D:
+            keep["gram"] = G
     margin = spectral.gram_margin(R, D, fro2)
     with blas_threads(workers if n >= spectral.THREADED_SIDE else 1):
         ev = np.linalg.eigvalsh(G)
@@ -301,13 +308,18 @@ def needed_quantities(derivation) -> set:
 
 def compute_data_quantities(derivation, data: dict, estimates: bool = False,
                             lazy: bool = True, tight: bool = False,
-                            operators: set | None = None, workers: int = 1) -> dict:
+                            operators: set | None = None, workers: int = 1,
+                            grams: dict | None = None) -> dict:
     """name -> {"value", "method", "certified", ...} for sizes, scalar data and data quantities;
     with `lazy`, only the quantities some constant reads (an operator none reads is not even
     built); with `tight`, ||K||^2 by the Gram matrix up to LMIN_FLOP_LIMIT instead of block sums
     (first-order step sizes: `runtime.tighten_constants`, which passes the names of the
     `operators` to recompute: the others are skipped). Gram matrices and block sums run on up
-    to `workers` threads, with the same bits for every `workers` (`threads.in_threads`)."""
+    to `workers` threads, with the same bits for every `workers` (`threads.in_threads`).
+    `grams`: {name: None} for bound data matrices M whose Gram matrix the caller would reuse
+    (the direct solvers' least-squares Hessian: hypergrad/gram.py); M^T M in float64,
+    read-only, replaces None where some operator is M as it stands and its Gram matrix was
+    formed here."""
     der = derivation
     needed = needed_quantities(der) if lazy else None
     sizes = bind_sizes(der, data)
@@ -342,8 +354,10 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
                       "method": "operator too large to form densely: trivial bound"}
                   for w in kinds}
         else:
-            qs = scaled_quantities(_shared(seen, K, K3, estimates, kinds, tight, workers),
+            keep: dict = {}
+            qs = scaled_quantities(_shared(seen, K, K3, estimates, kinds, tight, workers, keep),
                                    factor)
+            _keep_gram(grams, keep, K, data)
         for what, q in qs.items():
             key = f"{what}_{name}" if ":" not in what else f"normsq_{name}:estimate"
             q = dict(q)
@@ -353,17 +367,29 @@ def compute_data_quantities(derivation, data: dict, estimates: bool = False,
     return out
 
 
+def _keep_gram(grams: dict | None, keep: dict, K, data: dict) -> None:
+    """grams[name] = the Gram matrix in `keep`, for a name of `grams` that is the bound array K."""
+    if grams is None or "gram" not in keep:
+        return
+    for name in grams:
+        if data.get(name) is K:
+            G = keep["gram"]
+            G.flags.writeable = False
+            grams[name] = G
+
+
 def _shared(seen: dict, K, K3, estimates: bool, kinds: tuple, tight: bool,
-            workers: int = 1) -> dict:
+            workers: int = 1, keep: dict | None = None) -> dict:
     """operator_quantities(K, ...), each kind computed once per matrix object: two operators that
     are the same data matrix up to a row scale of constant modulus (`simple_operator`: K is the
     bound array itself, as in y_i A x and A x - b) share one Gram matrix; a later operator
-    computes only the kinds not yet there. K is kept in `seen` so that its id is not reused."""
+    computes only the kinds not yet there. K is kept in `seen` so that its id is not reused.
+    `keep` as in `operator_quantities`."""
     key = (id(K), estimates, tight, K3 is None or K3.shape[1] == 1)
     _, have = seen.setdefault(key, (K, {}))
     missing = tuple(w for w in kinds if w not in have)
     if missing or (estimates and "normsq:estimate" not in have):
-        have.update(operator_quantities(K, K3, estimates, missing, tight, workers))
+        have.update(operator_quantities(K, K3, estimates, missing, tight, workers, keep))
     return {w: dict(q) for w, q in have.items() if w in kinds or ":" in w}
 
 

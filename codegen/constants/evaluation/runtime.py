@@ -23,13 +23,15 @@ from .quantities import compute_data_quantities, loose_quantities
 NAMES = ("mu", "L", "L_A", "L_B", "L_f")
 
 
-def prepare_constants(module, data: dict) -> dict:
-    """Everything `evaluate_constants` needs, computed once per bind (data quantities included)."""
+def prepare_constants(module, data: dict, grams: dict | None = None) -> dict:
+    """Everything `evaluate_constants` needs, computed once per bind (data quantities included);
+    `grams` receives the data matrices' Gram matrices formed on the way
+    (`compute_data_quantities`)."""
     meta = module.meta
     if module.constants_json is not None:
         derivation = _parsed(module.constants_json)
         with one_blas_thread() as workers:  # before the kernels run (`codegen.threads`)
-            quantities = compute_data_quantities(derivation, data, workers=workers)
+            quantities = compute_data_quantities(derivation, data, workers=workers, grams=grams)
         return {"kind": "derived", "derivation": derivation, "data": data,
                 "quantities": quantities,
                 "source": "stated" if meta.get("stated_constants") else "derived"}
