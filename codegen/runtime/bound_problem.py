@@ -30,6 +30,7 @@ from ..hypergrad import (
     hypergradient_samples,
     solve_lower,
 )
+from ..hypergrad.dense import DIRECT_MAX_SIZE
 from ..hypergrad.results import evolve
 from ..learn import optimize
 from .kernel_caller import KernelCaller
@@ -62,9 +63,11 @@ class BoundProblem:
         self._constants = None
         self._fixed = {}  # the dense matrices of data-only kernels (_matrix)
         self._derived = {}  # what the solvers derive from those matrices (fixed_memo)
-        # a least-squares g's data matrix: its Gram matrix where the data constants form it
+        # a least-squares g's data matrix: its Gram matrix where the data constants form it, at
+        # sizes the direct solvers take (at most 32 MB)
         gram = meta.get("gram")
-        self._grams = {gram["data"]: None} if gram and self.is_quadratic else {}
+        self._grams = ({gram["data"]: None} if gram and self.is_quadratic
+                       and self.x_size <= DIRECT_MAX_SIZE else {})
         self._cache_size = sum(int(np.prod(module.extent(a["name"], self.sizes)))
                                for a in meta.get("hvp_cache", []))
 
