@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from codegen.errors import BindError
 from codegen.hypergrad import SolverError, dense, hypergradient, solve_adjoint, solve_lower
@@ -260,11 +261,12 @@ def test_too_large_for_direct_is_refused(monkeypatch):
         solve_adjoint(k, np.zeros(5), np.zeros(2), solver="direct")
 
 
-@pytest.mark.parametrize("n", [1, 10, 50, 120])
+@pytest.mark.parametrize("n", [1, 10, 50, 120, 200])
 def test_hessian_factor_is_the_cholesky_factor_of_the_symmetric_part(n):
     """HessianFactor.factor on an SPD matrix with rounding-size asymmetry, passed read-only (as
     a data-only Hessian is): its factor is NumPy's Cholesky factor of (H + H^T)/2, its solves
-    match a dense solve, and the input is left as it was."""
+    match a dense solve, and the input is left as it was; from ONE_THREAD_FACTOR_FROM on it
+    runs at one BLAS thread and leaves the caller's count as it was."""
     rng = np.random.default_rng(n)
     M = rng.standard_normal((n, n))
     H = M @ M.T + n * np.eye(n)
@@ -272,7 +274,11 @@ def test_hessian_factor_is_the_cholesky_factor_of_the_symmetric_part(n):
     H.setflags(write=False)
     before = H.copy()
     x = rng.standard_normal(n)
-    fac, why = dense.HessianFactor.factor(H, x)
+    with threadpool_limits(2, user_api="blas"):
+        threads = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+        fac, why = dense.HessianFactor.factor(H, x)
+        assert [lib["num_threads"] for lib in threadpool_info()
+                if lib["user_api"] == "blas"] == threads
     assert why == "" and fac is not None
     S = 0.5 * (H + H.T)
     L = np.tril(fac.lower)
