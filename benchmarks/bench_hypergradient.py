@@ -74,9 +74,10 @@ sys.path.insert(0, str(ROOT))
 TARGET = 1e-6
 #: x sizes up to which hypergen also runs the direct solvers (dense Hessian, Cholesky), and the
 #: peers their dense solves: 100, and for quadratic lower levels the size up to which "auto"
-#: takes them where the Hessian has the Gram form (ridge-small, 500 entries).
+#: takes them where the Hessian has the Gram form (ridge-small, 500 entries; ridge-large, 2000,
+#: where the bind keeps the A^T A its data constants formed).
 DIRECT_MAX = 100
-QUADRATIC_DIRECT_MAX = 1000
+QUADRATIC_DIRECT_MAX = 2000
 
 
 def direct_size(n: int, quadratic: bool) -> bool:

@@ -47,7 +47,9 @@ def test_gram_assembly_is_the_hessian(name, build_dir):
         # kept for a least-squares g only: logistic's weights vary with x
         assert (prob.data_gram(matrix) is not None) == (kept and name != "logistic"), name
         for workers in (1, 2):
-            got = hessian(x, theta, workers)
+            got, spent = hessian(x, theta, workers)
+            # the product's price, or the weights' one pass where the kept A^T A was scaled
+            assert spent == (1 if prob.data_gram(matrix) is not None else gram_price(prob.x_size))
             assert got is not None and np.array_equal(got, got.T)
             assert np.max(np.abs(got - want)) <= 1e-12 * scale, name
             assert np.max(np.abs(got - prob.lower_hessian(x, theta))) <= 1e-12 * scale
@@ -126,7 +128,7 @@ def test_held_factor_with_the_gram_product_is_due_at_its_price():
 
     def gram(x, theta, workers):
         calls.append(workers)
-        return H.copy()
+        return H.copy(), gram_price(n)
 
     factor = HeldFactor(gram=gram)
     assert factor.price(n) == gram_price(n) == 16

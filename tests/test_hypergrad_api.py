@@ -205,7 +205,8 @@ def test_auto_rule_on_structure_and_size():
 AUTO_CASES = [
     ("ridge", dict(m=40, n=10, p=20), 0.1, "direct", "direct"),     # quadratic, 10 <= 150
     ("ridge", dict(m=400, n=160, p=50), 0.1, "direct", "direct"),   # Gram form, 160 <= 1000
-    ("ridge", dict(m=1100, n=1010, p=20), 0.1, "cg", "cg"),         # Gram form, 1010 > 1000
+    ("ridge", dict(m=1100, n=1010, p=20), 0.1, "direct", "direct"),  # 1010 > 1000, A^T A kept
+    ("ridge", dict(m=300, n=1010, p=20), 0.1, "cg", "cg"),          # wide A: no A^T A formed
     ("quadratic", dict(m1=30, m2=30, d=5, p=3), 0.1, "direct", "direct"),
     ("logistic", dict(m=60, n=12, p=30), 0.1, "direct", "direct"),  # not quadratic, 12 <= 16
     ("logistic", dict(m=120, n=24, p=30), 0.1, "newton", "direct"),  # 16 < 24 <= 32

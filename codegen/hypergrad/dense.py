@@ -23,7 +23,7 @@ from scipy.linalg import lapack
 from ..errors import KernelError
 from ..threads import one_blas_thread
 from .common import SolverError, call_kernel, fixed_memo, hvp_at
-from .gram import data_hessian_at, gram_at, gram_price, rests_on_theta
+from .gram import data_hessian_at, gram_at, gram_price, kept_gram, rests_on_theta
 from .results import Status
 
 __all__ = ["DIRECT_MAX_SIZE", "HessianFactor", "dense_factor", "hvp_columns", "theta_part"]
@@ -118,7 +118,8 @@ def assembled_hessian(k: Any, x: np.ndarray, th: np.ndarray
 
     The fixed part plus the varying part when the module has the split (`split_parts`; the
     fixed part costs only the call that forms it, the varying part no pass over the data), else
-    one BLAS product where g has the Gram form and it is priced below n HVPs (`gram.py`), else
+    the Gram form where it pays (`_gram_pays`: one BLAS product priced below n HVPs, or the
+    A^T A the bind kept; `gram.py`), else
     k.lower_hessian in one kernel call, else n HVP columns (plain-NumPy kernels). Either
     orientation serves: the factor symmetrises."""
     n = x.size
@@ -129,16 +130,22 @@ def assembled_hessian(k: Any, x: np.ndarray, th: np.ndarray
             return None, spent, "non-finite kernel output (the Hessian of g's theta-free terms)"
         varying, msg = _columns_of(k, parts[1], x, th)
         return (None, spent, msg) if varying is None else (varying + fixed, spent, "")
-    whole = gram_at(k, theta_part(k)) if gram_price(n) < n else None
+    whole = gram_at(k, theta_part(k)) if _gram_pays(k, n) else None
     if whole is not None:
         with one_blas_thread() as workers:
-            H = whole(x, th, workers)
-        return H, gram_price(n), "" if H is not None else "non-finite kernel output"
+            H, spent = whole(x, th, workers)
+        return H, spent, "" if H is not None else "non-finite kernel output"
     if hasattr(k, "lower_hessian"):
         H, msg = call_kernel(k.lower_hessian, x, th)
         return (None, n, msg) if H is None else (H.reshape(n, n), n, "")
     H, _, msg = hvp_columns(hvp_at(k, x, th), n)
     return H, n, msg
+
+
+def _gram_pays(k: Any, n: int) -> bool:
+    """Whether the Gram form assembles the Hessian for less than n HVPs: by the product priced
+    below n, or from the A^T A the bind kept (one pass for the weights)."""
+    return gram_price(n) < n or kept_gram(k) is not None
 
 
 def hvp_columns(hvp: Any, n: int, pair: Any = None) -> tuple[np.ndarray | None, int, str]:
@@ -205,18 +212,18 @@ def _fixed_part(k: Any, caller: Any, x: np.ndarray, th: np.ndarray
                 ) -> tuple[np.ndarray | None, int]:
     """(the Hessian of g's theta-free terms, the HVPs it cost now). It reads neither x nor theta
     (the compiler emits the split only then, and lists lower_hvp_fixed as data-only): computed
-    on first use, by one BLAS product where g's theta-free terms are its Gram form's data terms
-    (`gram.py`; ridge's A^T A) and it is priced below n HVPs, else from n HVPs, and kept
-    read-only in the bind's store
-    (k.fixed_memo). None when not finite (then not kept)."""
+    on first use from the Gram form where g's theta-free terms are its data terms and it pays
+    (`_gram_pays`; ridge's A^T A / m: the bind's kept A^T A scaled, or one BLAS product), else
+    from n HVPs, and kept read-only in the bind's store (k.fixed_memo). None when not finite
+    (then not kept)."""
     memo = fixed_memo(k, "lower_hvp_fixed")
     held: np.ndarray | None = None if memo is None else memo.get("hessian")
     if held is not None:
         return held, 0
-    data = data_hessian_at(k) if rests_on_theta(k) and gram_price(x.size) < x.size else None
+    data = data_hessian_at(k) if rests_on_theta(k) and _gram_pays(k, x.size) else None
     if data is not None:
         with one_blas_thread() as workers:  # dense algebra between kernel calls
-            fixed, spent = data(x, th, workers), gram_price(x.size)
+            fixed, spent = data(x, th, workers)
     else:
         (fixed, _), spent = _columns_of(k, caller, x, th), x.size
     if fixed is not None and memo is not None:

@@ -23,7 +23,7 @@ from ..errors import KernelError
 from ..threads import in_threads
 
 __all__ = ["GRAM_SPEEDUP", "ASSEMBLY_OVERHEAD", "data_hessian_at", "gram_at", "gram_price",
-           "has_gram_form", "rests_on_theta", "weighted_gram"]
+           "has_gram_form", "kept_gram", "rests_on_theta", "weighted_gram"]
 
 #: The weighted Gram product costs the time of n / GRAM_SPEEDUP HVPs ...
 GRAM_SPEEDUP = 20
@@ -34,8 +34,9 @@ ASSEMBLY_OVERHEAD = 10
 #: so that the sum runs in the same order, to the same bits, for every number of workers.
 BLOCK_ENTRIES = 1 << 20
 
-#: (x, theta, workers) -> a dense Hessian, or None where a kernel's output is not finite.
-GramAt = Callable[[np.ndarray, np.ndarray, int], Optional[np.ndarray]]
+#: (x, theta, workers) -> (a dense Hessian, or None where a kernel's output is not finite; the
+#: HVPs its assembly is worth: `gram_price`, or 1 where it scaled the bind's kept A^T A).
+GramAt = Callable[[np.ndarray, np.ndarray, int], tuple[Optional[np.ndarray], int]]
 #: (x, theta) -> the Hessian of g's theta terms, or None (`dense.theta_part`).
 ThetaPart = Callable[[np.ndarray, np.ndarray], Optional[np.ndarray]]
 
@@ -58,25 +59,32 @@ def data_hessian_at(k: Any) -> GramAt | None:
         return None
     weights = k.kernels["lower_gram_weights"]
 
-    def hessian(x: np.ndarray, theta: np.ndarray, workers: int = 1) -> np.ndarray | None:
+    def hessian(x: np.ndarray, theta: np.ndarray,
+                workers: int = 1) -> tuple[np.ndarray | None, int]:
         w = np.empty(A.shape[0])
         try:
             weights({k.x_name: x, k.theta_name: theta}, w)
         except (KernelError, FloatingPointError, OverflowError):
-            return None
-        H = _kept_multiple(k, info["data"], w)
+            return None, 1
+        H, spent = _kept_multiple(k, w), 1
         if H is None:
-            H = weighted_gram(A, w, workers)
-        return H if np.isfinite(H).all() else None
+            H, spent = weighted_gram(A, w, workers), gram_price(A.shape[1])
+        return (H if np.isfinite(H).all() else None), spent
     return hessian
 
 
-def _kept_multiple(k: Any, name: str, w: np.ndarray) -> np.ndarray | None:
-    """w_0 A^T A where every weight is w_0 (a least-squares loss) and the bind kept A^T A (the
-    data constants formed it: `BoundProblem.data_gram`), else None. The same matrix as
-    `weighted_gram`'s to rounding, without a second product over A."""
-    kept = getattr(k, "data_gram", None)
-    G = None if kept is None else kept(name)
+def kept_gram(k: Any) -> np.ndarray | None:
+    """A^T A of the data matrix of k's Gram form where the bind kept it (a least-squares g whose
+    data constants formed it: `BoundProblem.data_gram`), else None."""
+    info, kept = _gram_info(k), getattr(k, "data_gram", None)
+    return None if info is None or kept is None else kept(info["data"])
+
+
+def _kept_multiple(k: Any, w: np.ndarray) -> np.ndarray | None:
+    """w_0 A^T A where every weight is w_0 (a least-squares loss) and the bind kept A^T A
+    (`kept_gram`), else None: the same matrix as `weighted_gram`'s to rounding, for the weights'
+    one pass instead of a second product over A."""
+    G = kept_gram(k)
     if G is None or not w.size or not w.min() == w.max():
         return None
     scaled: np.ndarray = G * w[0]
@@ -114,15 +122,16 @@ def gram_at(k: Any, theta_part: ThetaPart | None) -> GramAt | None:
     if data is None or (needs_rest and rest is None):
         return None
 
-    def hessian(x: np.ndarray, theta: np.ndarray, workers: int = 1) -> np.ndarray | None:
-        H = data(x, theta, workers)
+    def hessian(x: np.ndarray, theta: np.ndarray,
+                workers: int = 1) -> tuple[np.ndarray | None, int]:
+        H, spent = data(x, theta, workers)
         if H is None or rest is None:
-            return H
+            return H, spent
         R = rest(x, theta)
         if R is None:
-            return None
+            return None, spent
         H += 0.5 * (R + R.T)
-        return H
+        return H, spent
     return hessian
 
 

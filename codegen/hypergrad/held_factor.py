@@ -109,7 +109,7 @@ class HeldFactor:
         self.factor, self.rest, self.theta = None, None, np.array(theta, dtype=float)
         with one_blas_thread() as workers:  # dense algebra between kernel calls
             if self.gram is not None:
-                A, spent = self.gram(x, self.theta, workers), gram_price(n)
+                A, spent = self.gram(x, self.theta, workers)
             else:
                 pair = None if self.pair_at is None else self.pair_at(x, theta)
                 A, spent, _ = hvp_columns(hvp, n, pair)
