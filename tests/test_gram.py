@@ -3,6 +3,8 @@ codegen/hypergrad/gram.py): which problems have the form, the assembly against t
 SymPy Hessian, the weights against their closed form, and the held factor that uses it."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -59,6 +61,14 @@ def test_gram_assembly_is_the_hessian(name, build_dir):
         M = data[matrix]
         assert not G.flags.writeable and not np.shares_memory(G, prob.data[matrix])
         assert np.max(np.abs(G - M.T @ M)) <= 1e-13 * np.max(np.abs(M.T @ M))
+    # a worker binds unpickled arrays, whose float64 dtype is an equal but distinct object: it
+    # keeps the same Gram matrix (the bind's copies carry NumPy's own dtype)
+    worker = module.bind(pickle.loads(pickle.dumps(data)))
+    worker.constants(theta)
+    assert worker.data[matrix].dtype is np.dtype(np.float64)
+    assert (worker.data_gram(matrix) is None) == (G is None)
+    if G is not None:
+        np.testing.assert_array_equal(worker.data_gram(matrix), G)
 
 
 def test_logistic_weights_are_the_closed_form(build_dir):

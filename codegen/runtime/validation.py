@@ -33,8 +33,13 @@ def as_float64(name: str, value: npt.ArrayLike) -> np.ndarray:
 
 def frozen_copy(arr: np.ndarray) -> np.ndarray:
     """A private read-only copy: the constants derived from the data at bind time must keep
-    describing the data the kernels read, whatever the caller does to its arrays later."""
-    out = np.array(arr, dtype=np.float64, order="C", copy=True)
+    describing the data the kernels read, whatever the caller does to its arrays later. Made
+    with NumPy's own float64 dtype: an unpickled array (a worker's sample) carries an equal but
+    distinct dtype object, which np.array(..., copy=True) keeps and np.asarray(a, float64) then
+    copies again (the data constants read the data matrix so, and a copy is not the bound
+    array, whose Gram matrix the bind keeps: `BoundProblem.data_gram`)."""
+    out = np.empty(np.shape(arr), dtype=np.float64)
+    np.copyto(out, arr)
     out.flags.writeable = False
     return out
 
