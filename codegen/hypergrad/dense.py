@@ -144,7 +144,8 @@ def assembled_hessian(k: Any, x: np.ndarray, th: np.ndarray
 
 def _gram_pays(k: Any, n: int) -> bool:
     """Whether the Gram form assembles the Hessian for less than n HVPs: by the product priced
-    below n, or from the A^T A the bind kept (one pass for the weights)."""
+    below n, or from the A^T A the bind kept (one pass for the weights, where they are all equal;
+    per-row weights with a kept A^T A, a weighted least-squares loss, still take the product)."""
     return gram_price(n) < n or kept_gram(k) is not None
 
 
