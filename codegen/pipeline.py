@@ -94,9 +94,12 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any
             {"name": name, "shape": [str(e) for e in apply.program.arrays[name].shape]}
             for name in apply.cache],
         "cdef": cdef,
-        # d2g/dx2 = A^T diag(w) A + R (compiler/gram.py): the data matrix A and R's kernel
+        # d2g/dx2 = A^T diag(w) A + R (compiler/gram.py): the data matrix A, R's kernel, and
+        # whether R reads x (the energy-norm terms need R constant in x, docs/bounds.md 15.9)
         "gram": None if weights is None else {
-            "data": weights.program.meta[GRAM_DATA], "rest": weights.program.meta[GRAM_REST]},
+            "data": weights.program.meta[GRAM_DATA], "rest": weights.program.meta[GRAM_REST],
+            "rest_reads_x": bool(weights.program.meta[GRAM_REST])
+            and problem.x_spec.name in reads["lower_hvp_varying"]},
         "is_quadratic": problem.x_spec.name not in reads["lower_hvp"],
         # f quadratic in x: the DWR correction's second-order term needs L_f only (docs/bounds.md 15.2)
         "upper_is_quadratic": problem.x_spec.name not in reads["upper_hvp"],

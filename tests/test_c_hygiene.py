@@ -154,7 +154,7 @@ def _pointer_count(meta, kernel, param, counts):
             return counts[x] * counts[theta]
         if pname == "hg_products":  # lower_hvp_pair: two products, the rows of one output
             return 2 * counts[x]
-        if pname == "hg_weights":  # lower_gram_weights: one weight per row of the Gram's matrix
+        if pname in ("hg_weights", "hg_weights_dot"):  # lower_gram_weights (_jvp): one per row
             return counts[meta["gram"]["data"]] // counts[x]
         for base in (x, theta):
             if pname in (f"{base}_bar", f"{base}_bar_dot", f"{base}_bar_dot_dw_dot"):

@@ -561,7 +561,7 @@ def test_tightening_gives_tiny_terms_no_share_of_the_target():
     """dwr_tightened (steering): terms far below an equal share keep their value (water filling),
     so the terms over it are tightened only as far as the rest of the target allows, and the
     tightened terms, scaled as products, then fit the target."""
-    from codegen.hypergrad.accuracy import DWR_SHARE, dwr_tightened
+    from codegen.hypergrad.plans import DWR_SHARE, dwr_tightened
     terms = {"vR": 4.0, "RE": 4.0, "vE": 1.0, "lamE": 1.0, "EE": 4.0, "theta": 0.0,
              "lamA": 1e-4, "third": 1e-4, "upperH": 1e-4, "rounding": 0.0}
     E, R, R_v, R_lam = dwr_tightened(terms, 1.0, 1.0, 1.0, 1.0, 1.0)

@@ -50,7 +50,7 @@ def test_data_only_matrices_are_cached_and_checked(build_dir):
     prob = module.bind(**data)
     assert module.meta["data_only"] == ["lower_hvp", "cross_jvp"]
     assert repr(module).endswith("upper_theta_grad, upper_hvp, lower_tvp, cross_hvp, cross_tvp, "
-                                 "lower_gram_weights, lower_hessian, cross_matrix>")
+                                 "lower_gram_weights, lower_gram_weights_jvp, lower_hessian, cross_matrix>")
     D, C = data["D"], data["C"]
     scale = np.abs(2 * D.T @ D).max()
     for seed in range(3):  # any x, any theta: the same matrices

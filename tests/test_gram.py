@@ -1,6 +1,7 @@
 """The lower Hessian as a weighted Gram matrix A^T diag(w) A + R (codegen/compiler/gram.py,
 codegen/hypergrad/gram.py): which problems have the form, the assembly against the unrolled
-SymPy Hessian, the weights against their closed form, and the held factor that uses it."""
+SymPy Hessian, the weights and their tangent against closed forms, the meta flag on R, and
+the held factor that uses the form."""
 from __future__ import annotations
 
 import pickle
@@ -17,6 +18,7 @@ from codegen.hypergrad.gram import gram_at, gram_price, weighted_gram
 from codegen.hypergrad.held_factor import HeldFactor
 from codegen.hypergrad.krylov import cg
 from codegen.hypergrad.results import Status
+from codegen.pipeline import generate
 
 from oracle import Oracle
 from support import EXAMPLES, TINY, built_example
@@ -82,6 +84,13 @@ def test_logistic_weights_are_the_closed_form(build_dir):
     t = data["y"] * (data["A"] @ x)
     want = data["y"] ** 2 / (1 + np.exp(-t)) / (1 + np.exp(t)) / 37
     np.testing.assert_allclose(w, want, rtol=1e-13)
+    # their tangent along u: d/ds of sigma(t) sigma(-t) is sigma(t) sigma(-t) (1 - 2 sigma(t)) t'
+    u = np.random.default_rng(3).standard_normal(5)
+    tangent = np.empty(37)
+    prob.kernels["lower_gram_weights_jvp"]({"x": x, "theta": np.zeros(1), "v": u}, tangent)
+    sig = 1 / (1 + np.exp(-t))
+    np.testing.assert_allclose(tangent, want * (1 - 2 * sig) * data["y"] * (data["A"] @ u),
+                               rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
@@ -125,6 +134,17 @@ def test_which_lower_levels_have_the_gram_form(g, form):
                       upper=sp.Sum(x[j] ** 2, (j, 0, n - 1)))
     varying = any(name == "lower_hvp_varying" for name, *_ in split_hessian(problem))
     assert (gram_weights(problem, varying) is not None) == form
+
+
+@pytest.mark.parametrize("rest, reads_x", [(RIDGE, False), (RIDGE + sp.Sum(
+    sp.exp(theta[j]) * x[j] ** 4, (j, 0, n - 1)), True)])
+def test_generated_meta_says_whether_the_rest_reads_x(rest, reads_x):
+    """The module's meta "gram" says whether R (the theta terms' Hessian) reads x: the
+    energy-norm terms (docs/bounds.md 15.9) need it constant in x."""
+    problem = Problem(name="gramrest", x=x, theta=theta, lower=_loss(A) + rest,
+                      upper=sp.Sum(x[j] ** 2, (j, 0, n - 1)))
+    gram = generate(problem, allow_uncertified=True)["meta"]["gram"]
+    assert gram["data"] == "A" and gram["rest_reads_x"] is reads_x
 
 
 def test_held_factor_with_the_gram_product_is_due_at_its_price():

@@ -29,13 +29,16 @@ from .lowering import lower_objective
 from .passes import depending_on, eliminate_dead_code, one_update_each
 from .problem import Problem
 
-__all__ = ["gram_weights", "WEIGHTS_OUTPUT", "GRAM_DATA", "GRAM_REST"]
+__all__ = ["gram_weights", "gram_weights_jvp", "WEIGHTS_OUTPUT", "WEIGHTS_TANGENT", "GRAM_DATA",
+           "GRAM_REST"]
 
 Arrays = dict[str, ir.Array]
 Found = list[tuple[ir.Statement, ir.Update]]
 
 #: The output of `lower_gram_weights` (a generator's own name: no user symbol starts with hg_).
 WEIGHTS_OUTPUT = "hg_weights"
+#: The output of `lower_gram_weights_jvp`, the weights' tangent (a generator's own name too).
+WEIGHTS_TANGENT = f"{WEIGHTS_OUTPUT}_dot"
 #: Keys of the weights program's meta: the data matrix A, and the kernel that assembles R
 #: ("lower_hessian_varying") or None where R = 0.
 GRAM_DATA, GRAM_REST = "gram_data", "gram_rest"
@@ -68,6 +71,20 @@ def gram_weights(problem: Problem, has_varying: bool) -> tuple[str, str, ir.Prog
     return ("lower_gram_weights", f"the row weights w of d2g/dx2 = {program.meta[GRAM_DATA]}^T "
             "diag(w) " + program.meta[GRAM_DATA] + (" + the Hessian of g's terms with theta"
                                                     if rest else ""), program)
+
+
+def gram_weights_jvp(weights: ir.Program, x: str) -> tuple[str, str, ir.Program]:
+    """(name, doc, program) of `lower_gram_weights_jvp`: w'(x)[v] = d/ds w(x + s v), the
+    tangent of `lower_gram_weights` along x <- v.
+
+    With d2g/dx2 = A^T diag(w(x)) A + R, the third derivative of g along e applied to u is
+    A^T diag(w'(x)[e]) A u = A^T diag(w'(x)[u]) A e (third derivatives are symmetric) when R
+    does not depend on x: the energy-norm terms of the DWR correction read w'(x)[u] / w(x)
+    row by row (docs/bounds.md 15.9). One pass over A, like the weights."""
+    jvp = tangent(weights, {x: "v"}, [WEIGHTS_TANGENT])
+    program = eliminate_dead_code(jvp.with_statements(jvp.statements, [WEIGHTS_TANGENT]))
+    return ("lower_gram_weights_jvp", "w'(x)[v] = d/ds w(x + s v), the tangent of the row "
+            "weights along x", program)
 
 
 def _names(expr: sp.Expr) -> set[str]:

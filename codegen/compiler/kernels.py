@@ -11,7 +11,7 @@ import sympy as sp
 
 from . import ir
 from .autodiff import adjoint, tangent
-from .gram import WEIGHTS_OUTPUT, gram_weights
+from .gram import WEIGHTS_OUTPUT, WEIGHTS_TANGENT, gram_weights, gram_weights_jvp
 from .lowering import lower_objective
 from .passes import depending_on, eliminate_dead_code, one_update_each, schedule
 from .problem import Problem
@@ -81,6 +81,7 @@ def kernel_specs(problem: Problem) -> list[KernelSpec]:
     gram = gram_weights(problem, any(name == "lower_hvp_varying" for name, *_ in split))
     if gram is not None:
         specs.append((*gram, (), WEIGHTS_OUTPUT))
+        specs.append((*gram_weights_jvp(gram[2], x), ("v",), WEIGHTS_TANGENT))
     out: list[KernelSpec] = []
     for name, doc, program, inputs, output in specs:
         program = _optimised(program, output)

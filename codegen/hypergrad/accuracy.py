@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol, cast
 
 import numpy as np
 
-from .bounds import aposteriori_bound, certified_product
+from .bounds import aposteriori_bound
 from .common import SolverError, fmt, grad_norm
 from .correction import (
     Correction,
@@ -38,6 +38,7 @@ from .correction import (
     higher_constants,
     uses_general_terms,
 )
+from .energy import Energy, energy_at
 from .floors import (
     adjoint_stalled,
     floor_accepted,
@@ -51,12 +52,12 @@ from .floors import (
     unrefined_e,
 )
 from .options import DEFAULTS
+from .plans import TIGHT_PLAN_SHARE, dwr_planned, dwr_tightened, plain_tightened, tight_planned
 from .results import HypergradientResult, Reason, ReasonKind, evolve
 
 __all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances", "Round",
-           "corrected_to_accuracy", "dwr_tightened", "dwr_planned", "plain_tightened",
-           "tight_planned", "MAX_ROUNDS", "SHARE", "DWR_SHARE", "TIGHT_RELATIVE", "add_work",
-           "TIGHT_PLAN_SHARE", "TIGHT_FIRST_ROUND", "add_correction_work"]
+           "corrected_to_accuracy", "MAX_ROUNDS", "SHARE", "TIGHT_RELATIVE", "add_work",
+           "TIGHT_FIRST_ROUND", "add_correction_work"]
 
 #: Rounds (each a warm-started lower solve, adjoint solve and bound) before giving up.
 MAX_ROUNDS = 8
@@ -211,47 +212,6 @@ def steerable(hg: HypergradientResult) -> bool:
 
 
 
-#: The plan's norms are upper estimates (||v|| <= ||B||/mu, ||lam|| from them): planned rounds
-#: ended with the bound at 0.05-0.45 of the target (benchmarks/bench_certificate.py). 1.5 times
-#: the equal share puts it at 0.07-0.72 for 1-8% less work; twice the share needed a third round
-#: on ridge 2000 x 500 with GD at rtol 1e-6 (17% more work there).
-PLAN_SLACK = 1.5
-
-#: The terms of Corollaries 15.2 and 15.3 that are second order in E (docs/bounds.md 15).
-SECOND_ORDER = ("EE", "lamA", "third", "upperH", "crossB")
-
-#: Fraction of the target the DWR terms share (each term aims at DWR_SHARE * target / n for the
-#: n terms above zero); the rest absorbs the change of the terms between rounds.
-DWR_SHARE = 0.9
-
-
-def dwr_tightened(terms: dict[str, float], target: float, E: float, R: float, R_v: float,
-                  R_lam: float) -> tuple[float, float, float, float] | None:
-    """New (E, R, R_v, R_lam) targets so that each term of Theorem 15.1 (docs/bounds.md 15.2)
-    meets its share of `target`, or None when the rounding floor alone takes a fifth of it.
-
-    The terms scale as EE (lamA, third, upperH of Corollary 15.3) ~ E^2, theta ~ E, RE ~ R E,
-    vE ~ R_v E, lamE ~ R_lam E, vR ~ R_v R: E is set first (from the E^2 terms and theta), then
-    each residual from its products with the new E, and R, R_v split their product term evenly
-    (each by at most the square root of its excess).
-    This is steering only: every round's bound is recomputed and certified by itself."""
-    if terms.get("rounding", 0.0) >= 0.2 * target:
-        return None
-    share = _water_filled(terms, DWR_SHARE * (target - terms.get("rounding", 0.0)))
-
-    def factor(term: float, power: float = 1.0) -> float:
-        return 1.0 if term <= share else (share / term) ** (1.0 / power)
-
-    f_E = min([factor(terms.get(key, 0.0), 2.0) for key in SECOND_ORDER]
-              + [factor(terms["theta"])])
-    f_R = min(factor(terms["RE"] * f_E), factor(terms["vR"], 2.0))
-    f_v = min(factor(terms["vE"] * f_E), factor(terms["vR"], 2.0))
-    f_lam = factor(terms["lamE"] * f_E)
-    if min(f_E, f_R, f_v, f_lam) == 1.0:  # every term within its share: halve all
-        f_E = f_R = f_v = f_lam = 0.5
-    return E * f_E, R * f_R, R_v * f_v, R_lam * f_lam
-
-
 #: With certificate="tight", the first round runs at eps = delta = TIGHT_FIRST_ROUND * rtol
 #: (`first_tolerances`): the plain bound is within a few times h's error, so the rounds aim
 #: near the target itself, not at E&R's hundreds of times smaller true error. Half of it: a
@@ -262,131 +222,6 @@ TIGHT_FIRST_ROUND = 0.5
 #: With certificate="tight" at the caller's eps and delta (no rtol, atol: one round, nothing to
 #: plan from), the forward and dual CGs stop at this fraction of their right-hand sides.
 TIGHT_RELATIVE = 1e-3
-
-#: With certificate="tight", the first round's forward and dual solves aim bound(h_c) at this
-#: fraction of the target (`tight_planned`): the rounds aim h's own error at about half of it,
-#: so the bound stays within 1 + 2 bound(h_c) / err of h's true error.
-TIGHT_PLAN_SHARE = 0.25
-
-
-def tight_planned(hg: HypergradientResult, share: float) -> tuple[float, float]:
-    """(tol_v, tol_lam): the forward and dual residuals at which the terms that depend on them,
-    vR = R_v R/mu, vE = J R_v E/mu (J = L_f + L_A (||q|| + R/mu)) and lamE = R_lam E, each take a
-    third of `share`, given the round's E and R (docs/bounds.md 15.6). A residual that no term
-    limits is infinite: that solve makes no step (Newton's tiny E leaves the dual solve free).
-    Steering only: the correction recomputes both residuals and bounds with them."""
-    c = cast(dict[str, Any], hg.constants)
-    mu, E, R = float(c["mu"]), float(hg.e), float(hg.R)
-    J = float(c["L_f"]) + certified_product(float(c.get("L_A", 0.0)), hg.q_norm + R / mu)
-    third = share / 3.0
-
-    def limit(numerator: float, denominator: float) -> float:
-        return numerator / denominator if denominator > 0 else math.inf
-
-    return min(limit(third * mu, R), limit(third * mu, J * E)), limit(third, E)
-
-
-#: h's error estimate |u . (h - h_c)| is linear in E and R: a round that tightens them aims it
-#: at this fraction of its share (bound(h_c) takes the rest, through `dwr_tightened`).
-PLAIN_SHARE = 0.5
-
-
-def plain_tightened(part: Any, share: float, E: float,
-                    R: float) -> tuple[float, float, float, float] | None:
-    """New (E, R, R_v, R_lam) targets for the plain bound |u . (h - h_c)| + bound_u(h_c) of one
-    direction to meet `share` (docs/bounds.md 15.6), or None at the rounding floor.
-
-    |u . (h - h_c)| = |v . r - lam . grad g| is about h's true error: its adjoint part v . r is
-    linear in R, its lower part lam . grad g in E (`_plain_factors` scales each to its share of
-    PLAIN_SHARE share, so a part already small keeps its solve: no new lower solve when only
-    the adjoint is off). bound_u(h_c) gets the other part of the share from `dwr_tightened`,
-    and only when it exceeds that part (its residuals are then left alone).
-    Steering only: every round's bound is recomputed and certified by itself."""
-    gap = abs(part.value - part.plain)
-    rest = (1.0 - PLAIN_SHARE) * share
-    if part.terms.get("rounding", 0.0) >= 0.2 * share:
-        return None
-    dwr = (E, R, part.R_v, part.R_lam) if part.bound <= rest else dwr_tightened(
-        part.terms, rest, E, R, part.R_v, part.R_lam)
-    if dwr is None:
-        return None
-    f_E, f_R = _plain_factors(gap, abs(part.lower_part), abs(part.adjoint_part),
-                              PLAIN_SHARE * share)
-    if f_E == f_R == 1.0 and part.bound <= rest:  # the sum tipped it: halve E and R
-        f_E = f_R = 0.5
-    return min(dwr[0], E * f_E), min(dwr[1], R * f_R), dwr[2], dwr[3]
-
-
-def _plain_factors(gap: float, lower: float, adjoint: float,
-                   budget: float) -> tuple[float, float]:
-    """(f_E, f_R): the factors on E and R that bring h's error estimate `gap` within `budget`,
-    given its lower and adjoint parts. A part within a quarter of the budget keeps its residual
-    and the other part takes the rest; otherwise both scale by budget over their sum (the
-    triangle inequality: the parts may cancel in gap, not after the next round)."""
-    if gap <= budget:
-        return 1.0, 1.0
-    quarter = 0.25 * budget
-    if lower <= quarter < adjoint:
-        return 1.0, (budget - lower) / adjoint
-    if adjoint <= quarter < lower:
-        return (budget - adjoint) / lower, 1.0
-    f = min(1.0, budget / max(lower + adjoint, gap))
-    return f, f
-
-
-def _water_filled(terms: dict[str, float], budget: float) -> float:
-    """The share of `budget` each term above it may take when the terms already below their
-    share keep their own value (water filling): tiny terms (lamA, third, upperH, often 1e-3 of
-    the others) do not take an equal share of the target they do not need."""
-    values = sorted(val for key, val in terms.items() if key != "rounding" and val > 0)
-    while values and values[0] <= budget / len(values):
-        budget -= values.pop(0)
-    return budget / max(len(values), 1)
-
-
-def dwr_planned(hg: HypergradientResult, target: float, upper_depends_on_theta: bool,
-                higher: tuple[float, float, float] | None = None
-                ) -> tuple[float, float, float | None, float | None]:
-    """(eps, delta, tol_v, tol_lam) that put each term of Corollary 15.2 (15.3 when `higher` =
-    (L_3, L_Hf, L_DB) is given: g not quadratic) at its share of `target` (PLAN_SLACK times an equal
-    share: the estimates below are upper bounds), planned from a plain
-    hypergradient (its e, ||grad f||, ||B||, ||q|| and constants), with ||v|| ~ ||B||/mu:
-
-        E     from the E^2 terms (EE = c_v J E^2, c_v = (L_B + L_A ||v||)/mu, J = L_f + L_A ||q||,
-              + L_A ||lam|| E^2/2 + L_3 ||v|| ||q|| E^2/2 + L_Hf ||v|| E^2/2
-              + L_DB ||q|| E^2/2, crossB when B is not affine in x) and theta = L_ft E;
-        R     from RE = (L_B + L_A ||v||) R E/mu, and R, R_v balanced in vR = R_v R/mu relative
-              to ||grad f|| and ||B|| (R/||grad f|| = R_v/||B||);
-        R_v   from vE = J R_v E/mu and vR; R_lam from lamE = R_lam E.
-    A tolerance no term limits stays as it was (eps, delta) or None (relative). Steering only."""
-    c = cast(dict[str, Any], hg.constants)
-    mu, LB, Lf = float(c["mu"]), float(c["L_B"]), float(c["L_f"])
-    Lt = float(c.get("L_ft", 0.0)) if upper_depends_on_theta else 0.0
-    share = PLAN_SLACK * DWR_SHARE * target / (6 if Lt > 0 else 5)
-    nb, nB, nq = hg.grad_f_norm, hg.norm_B, hg.q_norm
-    LA, L3, LH, LDB = (0.0, 0.0, 0.0, 0.0) if higher is None else (float(c["L_A"]), *higher)
-    nv = nB / mu
-    D_eff = LB + certified_product(LA, nv)
-    J = Lf + certified_product(LA, nq)
-    n_lam = (certified_product(D_eff, nq) + certified_product(J, nv)) / mu
-    coef_E2 = (certified_product(D_eff, J) / mu + 0.5 * certified_product(LA, n_lam)
-               + 0.5 * certified_product(L3, nv, nq) + 0.5 * certified_product(LH, nv)
-               + 0.5 * certified_product(LDB, nq))
-
-    def limit(numerator: float, denominator: float) -> float:
-        return numerator / denominator if denominator > 0 else math.inf
-
-    E = min(hg.e, math.sqrt(limit(share, coef_E2)), limit(share, Lt))
-    R = min(limit(share * mu, D_eff * E), math.sqrt(limit(share * mu * nb, nB)))
-    R_v = min(limit(share * mu, J * E), limit(share * mu, R), math.sqrt(limit(share * mu * nB, nb)))
-    R_lam = limit(share, E)
-
-    def finite(value: float) -> float | None:
-        return value if math.isfinite(value) and value > 0 else None
-
-    return (E if E > 0 else hg.e, R if math.isfinite(R) and R > 0 else hg.R,
-            finite(R_v), finite(R_lam))
-
 
 def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: float,
                           delta: float, x0: Any, q0: Any, refine_iter: int,
@@ -426,7 +261,8 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     steered = target = math.inf
     replanned, along = False, None
     for _ in range(max_rounds if steer else 1):
-        along = forward_companion(k, rtol, atol, along) if tight and tol_v is None else None
+        # the forward solve beside the adjoint's; the energy-norm terms at this round's x_eps
+        along, energy = forward_companion(k, rtol, atol, along) if tight and tol_v is None else None, None
         hg = floor_accepted(run(eps, delta, x0, q0, refine, along))
         add_work(total, hg.work)
         restart = solve_again(hg, steer, rtol, atol, (eps, delta, x0, q0), relative, trail)
@@ -439,14 +275,14 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         n = len(dirs)
         if steer and tol_v is None:  # the first round: plan the forward and dual solves
             target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad))
-            again = None if replanned or not tight else _tight_again(k, hg, target, n)
+            again, energy = (None, None) if replanned or not tight else _tight_again(k, hg, target, n, total)
             replanned = True
             if again is not None:  # E^2 terms first: a warm re-solve costs less
                 trail.append(f"eps={fmt(eps)}: E={fmt(hg.e)} over the E^2 terms' plan")
                 eps, x0, q0 = next_eps(eps, again, hg), hg.x, hg.q
                 continue
             if tight:  # from this round's E and R, in this round
-                tol_v, tol_lam = _tight_first(hg, target, n)
+                tol_v, tol_lam = _tight_first(hg, target, n, energy)
             else:  # from this round's measurements, for the next round
                 trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E&R bound {fmt(hg.bound)}")
                 if hg.bound <= target:  # E&R's certifies it already: no correction needed
@@ -457,7 +293,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                 x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself
                 continue
         corr = correct(k, hg, dirs, tol_v or [None] * n, tol_lam or [None] * n,
-                       v0 or companion_starts(along, n), lam0 or [None] * n, max_iter, relative)
+                       v0 or companion_starts(along, n), lam0 or [None] * n, max_iter, relative, energy)
         add_correction_work(total, corr.work)
         grad, bound, plain = combined(corr, hg, components)
         steered = plain if tight else bound if components else corr.parts[0].bound
@@ -501,13 +337,25 @@ def _next_round(corr: Correction, E: float, share: float, tight: bool
             [t[2] for t in planned], [t[3] for t in planned])
 
 
-def _tight_again(k: Any, hg: HypergradientResult, target: float, n: int) -> float | None:
-    """The E at which the tight first round is solved again before its correction, or None:
-    the E^2 terms' plan (`dwr_planned` at TIGHT_PLAN_SHARE of the target) when it is below half
-    the round's E. A warm-started re-solve (a Newton step or two) costs less than a correction
-    that could not certify. Steering only."""
-    planned = _dwr_first(k, hg, TIGHT_PLAN_SHARE * target, n, True)[0]
-    return planned if planned < 0.5 * hg.e else None
+def _tight_again(k: Any, hg: HypergradientResult, target: float, n: int,
+                 total: dict[str, int]) -> tuple[float | None, Energy | None]:
+    """(the E at which the tight first round is solved again before its correction, or None;
+    the energy-norm quantities at its x_eps, or None; their passes are added to total): the
+    E^2 terms' plan (`dwr_planned` at TIGHT_PLAN_SHARE of the target) when it is below half the round's E.
+    A warm-started re-solve (a Newton step or two) costs less than a correction that could not
+    certify. Before asking for one, a Gram-form g plans again with the energy-norm terms
+    (docs/bounds.md 15.9, two passes over the data), which the correction then uses: on
+    l2-logistic regression at 20000 x 2000 their E^2 terms let the first round's E stand.
+    Steering only."""
+    share = TIGHT_PLAN_SHARE * target
+    planned = _dwr_first(k, hg, share, n, True)[0]
+    if planned >= 0.5 * hg.e:
+        return None, None
+    energy, passes = energy_at(k, hg)
+    add_work(total, {"hvps": passes, "units": passes})
+    if energy is not None:
+        planned = _dwr_first(k, hg, share, n, True, energy)[0]
+    return (planned if planned < 0.5 * hg.e else None), energy
 
 
 def _tight_result(hg: HypergradientResult, corr: Correction, h_c: np.ndarray, bound_c: float,
@@ -521,14 +369,15 @@ def _tight_result(hg: HypergradientResult, corr: Correction, h_c: np.ndarray, bo
                    certified=bool(hg.certified and math.isfinite(plain)))
 
 
-def _tight_first(hg: HypergradientResult, target: float,
-                 n: int) -> tuple[list[float | None], list[float | None]]:
+def _tight_first(hg: HypergradientResult, target: float, n: int,
+                 energy: Energy | None = None) -> tuple[list[float | None], list[float | None]]:
     """The first tight round's forward and dual tolerances, one pair per direction."""
-    tol_v, tol_lam = tight_planned(hg, TIGHT_PLAN_SHARE * target / math.sqrt(n))
+    tol_v, tol_lam = tight_planned(hg, TIGHT_PLAN_SHARE * target / math.sqrt(n), energy)
     return [tol_v] * n, [tol_lam] * n
 
 
-def _dwr_first(k: Any, hg: HypergradientResult, target: float, n: int, components: bool
+def _dwr_first(k: Any, hg: HypergradientResult, target: float, n: int, components: bool,
+               energy: Energy | None = None
                ) -> tuple[float, float, list[float | None], list[float | None]]:
     """(eps, delta, tol_v, tol_lam per direction) of the planned round (`dwr_planned`)."""
     th = np.asarray(hg.theta, dtype=np.float64)
@@ -536,7 +385,7 @@ def _dwr_first(k: Any, hg: HypergradientResult, target: float, n: int, component
         hg, target / math.sqrt(n) if components else target,
         bool(getattr(k, "upper_depends_on_theta", False)),
         (*higher_constants(k, th), cross_lipschitz(k, th, hg.x, float(hg.e)))
-        if uses_general_terms(k) else None)
+        if uses_general_terms(k) else None, energy)
     return eps, delta, [tol_v] * n, [tol_lam] * n
 
 

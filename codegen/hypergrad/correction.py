@@ -36,6 +36,7 @@ import numpy as np
 
 from .bounds import ROUNDING_FLOOR, certified_product
 from .common import call_kernel, dot, hvp_at, norm
+from .energy import Energy
 from .galerkin import galerkin
 from .krylov import Companion
 from .results import HypergradientResult
@@ -198,12 +199,15 @@ def higher_constants(k: Any, th: np.ndarray) -> tuple[float, float]:
 
 def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
             tol_v: list[float | None], tol_lam: list[float | None], v0: list[Any],
-            lam0: list[Any], max_iter: int, relative: float = 1e-3) -> Correction:
+            lam0: list[Any], max_iter: int, relative: float = 1e-3,
+            energy: Energy | None = None) -> Correction:
     """Theorem 15.1 at hg's x_eps and q for each direction u, bounded by Corollary 15.2 (g, f
     quadratic in x) or 15.3 (`dwr_unavailable` says which applies).
 
     tol_v, tol_lam: the CG tolerances of the forward (A v = B u) and dual (A lam = m) solves,
-    None for `relative` times the norm of the right-hand side; v0, lam0: warm starts (None: 0).
+    None for `relative` times the norm of the right-hand side; v0, lam0: warm starts (None: 0);
+    energy: the energy-norm quantities at hg's x_eps and q (`energy.energy_at`), which sharpen
+    Corollary 15.3's terms for one more pass per direction (docs/bounds.md 15.9).
     Work: HVPs (the two CGs, the residual r), upper HVPs and cross JVPs, in E&R's units as the
     hypergradient counts them."""
     th = np.asarray(hg.theta, dtype=np.float64)
@@ -218,7 +222,7 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
     parts = []
     for j, u in enumerate(directions):
         part, used = _one_direction(k, hg, c, x, th, q, r, R, r_g, u, (tol_v[j], tol_lam[j]),
-                                    (v0[j], lam0[j]), max_iter, relative)
+                                    (v0[j], lam0[j]), max_iter, relative, energy)
         for key, n in used.items():
             work[key] += n
         parts.append(part)
@@ -243,8 +247,8 @@ def adjoint_residual(k: Any, hg: HypergradientResult) -> tuple[np.ndarray, int]:
 def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.ndarray,
                    th: np.ndarray, q: np.ndarray, r: np.ndarray, R: float, r_g: np.ndarray,
                    u: np.ndarray, tols: tuple[float | None, float | None],
-                   starts: tuple[Any, Any], max_iter: int,
-                   relative: float) -> tuple[DirectionCorrection, dict[str, int]]:
+                   starts: tuple[Any, Any], max_iter: int, relative: float,
+                   energy: Energy | None = None) -> tuple[DirectionCorrection, dict[str, int]]:
     """The forward solve, m = -D_u q - H_f v (+ grad_x (v^T A(x) q)), the dual solve and the
     bound along u."""
     used = {"hvps": 0, "cross": 0, "upper": 0}
@@ -283,10 +287,14 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
                           certified_product(float(c.get("L_ft", 0.0)), nu)
                           if bool(getattr(k, "upper_depends_on_theta", False)) else 0.0)
     if uses_general_terms(k):
+        sharper = None
+        if energy is not None and not quadratic:  # docs/bounds.md 15.9: one pass for w'[v]
+            used["hvps"] += 1
+            sharper = (energy.bound(energy.rho_q), energy.bound(energy.rho(v)))
         terms.update(nonquadratic_terms(
             mu, E, R, fwd.residual, certified_product(LB, nu), Lf, float(c["L_A"]),
             float(c["L_3"]), float(c["L_Hf"]),
-            norm(v), norm(q), norm(lam)))
+            norm(v), norm(q), norm(lam), sharper))
         if float(c["L_DB"]) > 0:  # B not affine in x (docs/bounds.md 15.3)
             terms["crossB"] = cross_term(mu, E, R, certified_product(float(c["L_DB"]), nu),
                                          norm(q))
@@ -395,7 +403,8 @@ def product_terms(mu: float, E: float, R: float, R_v: float, R_lam: float, norm_
 
 def nonquadratic_terms(mu: float, E: float, R: float, R_v: float, norm_D: float, L_f: float,
                        L_A: float, L_3: float, L_Hf: float, norm_v: float, norm_q: float,
-                       norm_lam: float) -> dict[str, float]:
+                       norm_lam: float, energy: tuple[float, float] | None = None
+                       ) -> dict[str, float]:
     """Corollary 15.3's terms (g not quadratic, B affine in x; docs/bounds.md 15.3), by name:
     they replace RE, vE, EE of `product_terms` and add lamA, third, upperH.
 
@@ -405,16 +414,27 @@ def nonquadratic_terms(mu: float, E: float, R: float, R_v: float, norm_D: float,
         vE     = J R_v E/mu                  EE     = c_v J E^2
         lamA   = L_A ||lam|| E^2/2           third  = L_3 (nv + c_v E) nq E^2/2
         upperH = L_Hf (nv + c_v E) E^2/2
-    With L_A = L_3 = L_Hf = 0 they are Corollary 15.2's."""
+    With L_A = L_3 = L_Hf = 0 they are Corollary 15.2's. energy = (a_q, a_v), bounds on
+    ||DA(x_eps)[e] q|| and ||DA(x_eps)[e] v|| (`energy.Energy`, docs/bounds.md 15.9): then J E and
+    c_v E are also bounded by L_f E + a_q + L_A R E/mu and
+    (||D_u|| E + a_v + L_A R_v E/mu + L_3 nv E^2/2)/mu, RE by (||D_u|| E + a_v) R/mu, and each
+    takes the smaller of its two forms."""
     nq = norm_q + R / mu
     nv = norm_v + R_v / mu
-    c_v = (norm_D + certified_product(L_A, nv)) / mu
-    J = L_f + certified_product(L_A, nq)
-    nv_star = nv + certified_product(c_v, E)
+    JE = certified_product(L_f + certified_product(L_A, nq), E)    # >= ||DA[e] q_e - H_f e||
+    cvE = certified_product(norm_D + certified_product(L_A, nv), E) / mu   # >= ||v* - v_e||
+    RE = certified_product(norm_D + certified_product(L_A, norm_v), R, E) / mu
+    if energy is not None:
+        a_q, a_v = energy
+        JE = min(JE, certified_product(L_f, E) + a_q + certified_product(L_A, R, E) / mu)
+        cvE = min(cvE, (certified_product(norm_D, E) + a_v + certified_product(L_A, R_v, E) / mu
+                        + 0.5 * certified_product(L_3, nv, E, E)) / mu)
+        RE = min(RE, certified_product(certified_product(norm_D, E) + a_v, R) / mu)
+    nv_star = nv + cvE
     return {
-        "RE": certified_product(norm_D + certified_product(L_A, norm_v), R, E) / mu,
-        "vE": certified_product(J, R_v, E) / mu,
-        "EE": certified_product(c_v, J, E, E),
+        "RE": RE,
+        "vE": certified_product(JE, R_v) / mu,
+        "EE": certified_product(cvE, JE),
         "lamA": 0.5 * certified_product(L_A, norm_lam, E, E),
         "third": 0.5 * certified_product(L_3, nv_star, nq, E, E),
         "upperH": 0.5 * certified_product(L_Hf, nv_star, E, E),

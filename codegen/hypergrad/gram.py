@@ -22,8 +22,8 @@ import numpy as np
 from ..errors import KernelError
 from ..threads import in_threads
 
-__all__ = ["GRAM_SPEEDUP", "ASSEMBLY_OVERHEAD", "data_hessian_at", "gram_at", "gram_price",
-           "has_gram_form", "kept_gram", "rests_on_theta", "weighted_gram"]
+__all__ = ["GRAM_SPEEDUP", "ASSEMBLY_OVERHEAD", "data_hessian_at", "gram_at", "gram_info",
+           "gram_price", "has_gram_form", "kept_gram", "rests_on_theta", "weighted_gram"]
 
 #: The weighted Gram product costs the time of n / GRAM_SPEEDUP HVPs ...
 GRAM_SPEEDUP = 20
@@ -51,7 +51,7 @@ def data_hessian_at(k: Any) -> GramAt | None:
     matrix, or None where k's module has no Gram form (or k is not a generated bound problem).
     Where the rest R is the Hessian of g's theta terms (`rests_on_theta`), this is the Hessian
     of its theta-free terms, the direct solvers' fixed part (dense.py)."""
-    info = _gram_info(k)
+    info = gram_info(k)
     if info is None:
         return None
     A = np.asarray(k.data[info["data"]], dtype=np.float64)
@@ -76,7 +76,7 @@ def data_hessian_at(k: Any) -> GramAt | None:
 def kept_gram(k: Any) -> np.ndarray | None:
     """A^T A of the data matrix of k's Gram form where the bind kept it (a least-squares g whose
     data constants formed it: `BoundProblem.data_gram`), else None."""
-    info, kept = _gram_info(k), getattr(k, "data_gram", None)
+    info, kept = gram_info(k), getattr(k, "data_gram", None)
     return None if info is None or kept is None else kept(info["data"])
 
 
@@ -91,7 +91,7 @@ def _kept_multiple(k: Any, w: np.ndarray) -> np.ndarray | None:
     return scaled
 
 
-def _gram_info(k: Any) -> dict[str, Any] | None:
+def gram_info(k: Any) -> dict[str, Any] | None:
     """k's module meta "gram" ({"data": A's name, "rest": R's kernel or None}) where k is a
     generated bound problem with `lower_gram_weights`, else None."""
     meta = getattr(getattr(k, "module", None), "meta", None)
@@ -104,12 +104,12 @@ def _gram_info(k: Any) -> dict[str, Any] | None:
 
 def has_gram_form(k: Any) -> bool:
     """Whether k's lower Hessian is A^T diag(w) A + R with its weights kernel."""
-    return _gram_info(k) is not None
+    return gram_info(k) is not None
 
 
 def rests_on_theta(k: Any) -> bool:
     """Whether the rest R of k's Gram form is the Hessian of g's theta terms (else R = 0)."""
-    info = _gram_info(k)
+    info = gram_info(k)
     return bool(info and info["rest"])
 
 

@@ -44,6 +44,8 @@ int hg_logistic_cross_tvp(int64_t n, const double *restrict theta, const double 
 int hg_logistic_lower_hvp_varying(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict x_bar_dot);
 /* the row weights w of d2g/dx2 = A^T diag(w) A + the Hessian of g's terms with theta */
 int hg_logistic_lower_gram_weights(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict hg_weights, double *restrict work);
+/* w'(x)[v] = d/ds w(x + s v), the tangent of the row weights along x */
+int hg_logistic_lower_gram_weights_jvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, double *restrict hg_weights_dot, double *restrict work);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_logistic_lower_hessian(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -105,6 +107,7 @@ int64_t hg_logistic_work_size(int64_t m, int64_t n, int64_t p)
     if (3*p > need) need = 3*p;
     if (4*m > need) need = 4*m;
     if (2*m > need) need = 2*m;
+    if (3*m > need) need = 3*m;
     if (3*m + (n) > need) need = 3*m + (n);
     if (1 > need) need = 1;
     if (n > need) need = n;
@@ -1211,6 +1214,146 @@ int hg_logistic_lower_gram_weights(int64_t m, int64_t n, const double *restrict 
     }
 
     return hg_any_nonfinite(hg_weights, m) ? HG_LOGISTIC_NONFINITE : HG_LOGISTIC_OK;
+}
+
+/* w'(x)[v] = d/ds w(x + s v), the tangent of the row weights along x */
+int hg_logistic_lower_gram_weights_jvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, double *restrict hg_weights_dot, double *restrict work)
+{
+    if (m < 1 || n < 1) {
+        return HG_LOGISTIC_BAD_SIZE;
+    }
+    (void)theta;  /* part of the uniform signature, unused here */
+    double *restrict s0 = work + 0;
+    double *restrict s0_dot = work + m;
+    double *restrict s0_bar_dot_dot = work + 2*m;
+    double s1_bar = 0.0;
+    memset(s0, 0, sizeof(double) * (size_t)(m));
+    memset(s0_dot, 0, sizeof(double) * (size_t)(m));
+    memset(s0_bar_dot_dot, 0, sizeof(double) * (size_t)(m));
+    memset(hg_weights_dot, 0, sizeof(double) * (size_t)(m));
+
+    s1_bar += 1.0/m;
+    #pragma omp parallel for schedule(static) if (m*n > 200000)
+    for (int64_t i = 0; i < m - m % 8; i += 8) {
+        double acc0 = 0.0;
+        double acc2 = 0.0;
+        double acc4 = 0.0;
+        double acc6 = 0.0;
+        double acc8 = 0.0;
+        double acc10 = 0.0;
+        double acc12 = 0.0;
+        double acc14 = 0.0;
+        double acc1 = 0.0;
+        double acc3 = 0.0;
+        double acc5 = 0.0;
+        double acc7 = 0.0;
+        double acc9 = 0.0;
+        double acc11 = 0.0;
+        double acc13 = 0.0;
+        double acc15 = 0.0;
+        #pragma omp simd reduction(+:acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15)
+        for (int64_t j = 0; j < n; ++j) {
+            acc0 += A[i*n + j]*x[j];
+            acc2 += A[i*n + j + n]*x[j];
+            acc4 += A[i*n + j + 2*n]*x[j];
+            acc6 += A[i*n + j + 3*n]*x[j];
+            acc8 += A[i*n + j + 4*n]*x[j];
+            acc10 += A[i*n + j + 5*n]*x[j];
+            acc12 += A[i*n + j + 6*n]*x[j];
+            acc14 += A[i*n + j + 7*n]*x[j];
+            acc1 += A[i*n + j]*v[j];
+            acc3 += A[i*n + j + n]*v[j];
+            acc5 += A[i*n + j + 2*n]*v[j];
+            acc7 += A[i*n + j + 3*n]*v[j];
+            acc9 += A[i*n + j + 4*n]*v[j];
+            acc11 += A[i*n + j + 5*n]*v[j];
+            acc13 += A[i*n + j + 6*n]*v[j];
+            acc15 += A[i*n + j + 7*n]*v[j];
+        }
+        s0[i] += acc0;
+        s0[i + 1] += acc2;
+        s0[i + 2] += acc4;
+        s0[i + 3] += acc6;
+        s0[i + 4] += acc8;
+        s0[i + 5] += acc10;
+        s0[i + 6] += acc12;
+        s0[i + 7] += acc14;
+        s0_dot[i] += acc1;
+        s0_dot[i + 1] += acc3;
+        s0_dot[i + 2] += acc5;
+        s0_dot[i + 3] += acc7;
+        s0_dot[i + 4] += acc9;
+        s0_dot[i + 5] += acc11;
+        s0_dot[i + 6] += acc13;
+        s0_dot[i + 7] += acc15;
+        const double c0 = s0[i]*y[i];
+        const double c4 = s0[i + 1]*y[i + 1];
+        const double c8 = s0[i + 2]*y[i + 2];
+        const double c12 = s0[i + 3]*y[i + 3];
+        const double c16 = s0[i + 4]*y[i + 4];
+        const double c20 = s0[i + 5]*y[i + 5];
+        const double c24 = s0[i + 6]*y[i + 6];
+        const double c28 = s0[i + 7]*y[i + 7];
+        const double c1 = hg_sigmoid(-c0);
+        const double c5 = hg_sigmoid(-c4);
+        const double c9 = hg_sigmoid(-c8);
+        const double c13 = hg_sigmoid(-c12);
+        const double c17 = hg_sigmoid(-c16);
+        const double c21 = hg_sigmoid(-c20);
+        const double c25 = hg_sigmoid(-c24);
+        const double c29 = hg_sigmoid(-c28);
+        const double c2 = hg_sigmoid(c0);
+        const double c6 = hg_sigmoid(c4);
+        const double c10 = hg_sigmoid(c8);
+        const double c14 = hg_sigmoid(c12);
+        const double c18 = hg_sigmoid(c16);
+        const double c22 = hg_sigmoid(c20);
+        const double c26 = hg_sigmoid(c24);
+        const double c30 = hg_sigmoid(c28);
+        const double c3 = s1_bar*(y[i]*y[i]*y[i]);
+        const double c7 = s1_bar*(y[i + 1]*y[i + 1]*y[i + 1]);
+        const double c11 = s1_bar*(y[i + 2]*y[i + 2]*y[i + 2]);
+        const double c15 = s1_bar*(y[i + 3]*y[i + 3]*y[i + 3]);
+        const double c19 = s1_bar*(y[i + 4]*y[i + 4]*y[i + 4]);
+        const double c23 = s1_bar*(y[i + 5]*y[i + 5]*y[i + 5]);
+        const double c27 = s1_bar*(y[i + 6]*y[i + 6]*y[i + 6]);
+        const double c31 = s1_bar*(y[i + 7]*y[i + 7]*y[i + 7]);
+        s0_bar_dot_dot[i] += s0_dot[i]*((c1*c1)*c2*c3 - c1*(c2*c2)*c3);
+        s0_bar_dot_dot[i + 1] += s0_dot[i + 1]*((c5*c5)*c6*c7 - c5*(c6*c6)*c7);
+        s0_bar_dot_dot[i + 2] += s0_dot[i + 2]*(-(c10*c10)*c11*c9 + c10*c11*(c9*c9));
+        s0_bar_dot_dot[i + 3] += s0_dot[i + 3]*((c13*c13)*c14*c15 - c13*(c14*c14)*c15);
+        s0_bar_dot_dot[i + 4] += s0_dot[i + 4]*((c17*c17)*c18*c19 - c17*(c18*c18)*c19);
+        s0_bar_dot_dot[i + 5] += s0_dot[i + 5]*((c21*c21)*c22*c23 - c21*(c22*c22)*c23);
+        s0_bar_dot_dot[i + 6] += s0_dot[i + 6]*((c25*c25)*c26*c27 - c25*(c26*c26)*c27);
+        s0_bar_dot_dot[i + 7] += s0_dot[i + 7]*((c29*c29)*c30*c31 - c29*(c30*c30)*c31);
+        hg_weights_dot[i] += s0_bar_dot_dot[i];
+        hg_weights_dot[i + 1] += s0_bar_dot_dot[i + 1];
+        hg_weights_dot[i + 2] += s0_bar_dot_dot[i + 2];
+        hg_weights_dot[i + 3] += s0_bar_dot_dot[i + 3];
+        hg_weights_dot[i + 4] += s0_bar_dot_dot[i + 4];
+        hg_weights_dot[i + 5] += s0_bar_dot_dot[i + 5];
+        hg_weights_dot[i + 6] += s0_bar_dot_dot[i + 6];
+        hg_weights_dot[i + 7] += s0_bar_dot_dot[i + 7];
+    }
+    for (int64_t i = m - m % 8; i < m; ++i) {
+        double acc16 = 0.0;
+        double acc17 = 0.0;
+        #pragma omp simd reduction(+:acc16, acc17)
+        for (int64_t j = 0; j < n; ++j) {
+            acc16 += A[i*n + j]*x[j];
+            acc17 += A[i*n + j]*v[j];
+        }
+        s0[i] += acc16;
+        s0_dot[i] += acc17;
+        const double c32 = s0[i]*y[i];
+        const double c33 = hg_sigmoid(-c32);
+        const double c34 = hg_sigmoid(c32);
+        const double c35 = s1_bar*(y[i]*y[i]*y[i]);
+        s0_bar_dot_dot[i] += s0_dot[i]*((c33*c33)*c34*c35 - c33*(c34*c34)*c35);
+        hg_weights_dot[i] += s0_bar_dot_dot[i];
+    }
+
+    return hg_any_nonfinite(hg_weights_dot, m) ? HG_LOGISTIC_NONFINITE : HG_LOGISTIC_OK;
 }
 
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */

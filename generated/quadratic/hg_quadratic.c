@@ -42,6 +42,8 @@ int hg_quadratic_cross_hvp(int64_t d, int64_t p, const double *restrict theta, c
 int hg_quadratic_cross_tvp(int64_t d, int64_t p, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
 /* the row weights w of d2g/dx2 = D^T diag(w) D */
 int hg_quadratic_lower_gram_weights(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict x, double *restrict hg_weights, double *restrict work);
+/* w'(x)[v] = d/ds w(x + s v), the tangent of the row weights along x */
+int hg_quadratic_lower_gram_weights_jvp(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict hg_weights_dot);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_quadratic_lower_hessian(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict D, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -1021,6 +1023,21 @@ int hg_quadratic_lower_gram_weights(int64_t d, int64_t m2, int64_t p, const doub
     }
 
     return hg_any_nonfinite(hg_weights, m2) ? HG_QUADRATIC_NONFINITE : HG_QUADRATIC_OK;
+}
+
+/* w'(x)[v] = d/ds w(x + s v), the tangent of the row weights along x */
+int hg_quadratic_lower_gram_weights_jvp(int64_t d, int64_t m2, int64_t p, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict hg_weights_dot)
+{
+    if (d < 1 || m2 < 1 || p < 1) {
+        return HG_QUADRATIC_BAD_SIZE;
+    }
+    (void)theta;  /* part of the uniform signature, unused here */
+    (void)x;  /* part of the uniform signature, unused here */
+    (void)v;  /* part of the uniform signature, unused here */
+    memset(hg_weights_dot, 0, sizeof(double) * (size_t)(m2));
+
+
+    return hg_any_nonfinite(hg_weights_dot, m2) ? HG_QUADRATIC_NONFINITE : HG_QUADRATIC_OK;
 }
 
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */

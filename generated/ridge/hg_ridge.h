@@ -44,6 +44,8 @@ int hg_ridge_lower_hvp_fixed(int64_t m, int64_t n, const double *restrict theta,
 int hg_ridge_lower_hvp_varying(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict x_bar_dot);
 /* the row weights w of d2g/dx2 = A^T diag(w) A + the Hessian of g's terms with theta */
 int hg_ridge_lower_gram_weights(int64_t m, int64_t n, const double *restrict theta, const double *restrict x, double *restrict hg_weights, double *restrict work);
+/* w'(x)[v] = d/ds w(x + s v), the tangent of the row weights along x */
+int hg_ridge_lower_gram_weights_jvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict hg_weights_dot);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_ridge_lower_hessian(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
