@@ -73,6 +73,39 @@ def test_gram_assembly_is_the_hessian(name, build_dir):
         np.testing.assert_array_equal(worker.data_gram(matrix), G)
 
 
+@pytest.mark.parametrize("name", sorted(GRAM))
+def test_weights_tangent_is_their_derivative(name, build_dir):
+    """lower_gram_weights_jvp is the derivative of lower_gram_weights along v (central
+    differences; 0 for a least-squares g, whose weights do not depend on x)."""
+    _, module, ns = built_example(name, build_dir)
+    prob = module.bind(**ns["example_data"](seed=5, **TINY[name]))
+    rng = np.random.default_rng(5)
+    x, v = rng.standard_normal(prob.x_size), rng.standard_normal(prob.x_size)
+    theta = rng.standard_normal(prob.theta_size)
+    rows = prob.data[module.meta["gram"]["data"]].shape[0]
+
+    def weights(at):
+        out = np.empty(rows)
+        prob.kernels["lower_gram_weights"]({"x": at, "theta": theta}, out)
+        return out
+    tangent = np.empty(rows)
+    prob.kernels["lower_gram_weights_jvp"]({"x": x, "theta": theta, "v": v}, tangent)
+    h = 1e-5
+    diff = (weights(x + h * v) - weights(x - h * v)) / (2 * h)
+    scale = np.abs(weights(x)).max()
+    np.testing.assert_allclose(tangent, diff, rtol=1e-6, atol=1e-9 * scale)
+    if module.meta["is_quadratic"]:
+        assert not tangent.any()
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_weights_tangent_exists_where_the_weights_do(name, build_dir):
+    _, module, _ = built_example(name, build_dir)
+    kernels = {k["name"] for k in module.meta["kernels"]}
+    assert ("lower_gram_weights_jvp" in kernels) == ("lower_gram_weights" in kernels)
+    assert ("lower_gram_weights" in kernels) == (name in GRAM)
+
+
 def test_logistic_weights_are_the_closed_form(build_dir):
     """The logistic example's w_i = sigma(y_i a_i . x) sigma(-y_i a_i . x) y_i^2 / m."""
     _, module, ns = built_example("logistic", build_dir)
