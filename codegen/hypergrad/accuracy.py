@@ -211,7 +211,6 @@ def steerable(hg: HypergradientResult) -> bool:
     return math.isfinite(hg.bound) and all(r.kind is ReasonKind.UNCERTIFIED for r in hg.reasons)
 
 
-
 #: With certificate="tight", the first round runs at eps = delta = TIGHT_FIRST_ROUND * rtol
 #: (`first_tolerances`): the plain bound is within a few times h's error, so the rounds aim
 #: near the target itself, not at E&R's hundreds of times smaller true error. Half of it: a
@@ -222,6 +221,7 @@ TIGHT_FIRST_ROUND = 0.5
 #: With certificate="tight" at the caller's eps and delta (no rtol, atol: one round, nothing to
 #: plan from), the forward and dual CGs stop at this fraction of their right-hand sides.
 TIGHT_RELATIVE = 1e-3
+
 
 def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: float,
                           delta: float, x0: Any, q0: Any, refine_iter: int,
