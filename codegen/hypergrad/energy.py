@@ -110,8 +110,10 @@ def energy_at(k: Any, hg: HypergradientResult) -> tuple[Energy | None, int]:
     G = norm(np.asarray(lower_grad))
     eps_A = math.sqrt(G * G / mu + (0.5 * L_A * E ** 3 if E > 0 else 0.0))
     scale = math.sqrt(L) * eps_A * (1 + ROUNDING_FLOOR)
+    if not math.isfinite(scale):  # an infinite L_A on the ball: no pass for w'[q]
+        return None, 1
     rho_q = _rho(k, x, th, weights, np.asarray(hg.q))
-    if not math.isfinite(scale) or not math.isfinite(rho_q):
+    if not math.isfinite(rho_q):
         return None, 2
     return Energy(eps_A, scale, rho_q, k, x, th, weights), 2
 
