@@ -18,6 +18,7 @@ from typing import Any, Union
 import sympy as sp
 
 from .compiler import ir
+from .compiler.contraction import third_row_kernels
 from .compiler.emit.render import (
     ColumnsRenderer,
     KernelRenderer,
@@ -70,7 +71,9 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any
     A lower level whose strong convexity cannot be proved is an error unless `allow_uncertified`
     (then every bound computed with its constants says it is uncertified).
     """
-    specs = kernel_specs(problem)
+    constants = _derive_constants(problem, allow_uncertified)
+    third_rows = third_row_kernels(problem, constants.get("contractions", {}))
+    specs = kernel_specs(problem, third_rows)
     source, header, cdef = render_module(problem, specs)
     by_name = {s.name: s for s in specs}
     reads = {s.name: {ir.read_name(r) for st in s.program.statements for u in st.updates
@@ -108,11 +111,14 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any
         "data_only": [name for name in ("lower_hvp", "cross_jvp", "lower_hvp_fixed")
                       if name in reads and not {problem.x_spec.name, theta} & reads[name]],
         "upper_depends_on_theta": any(str(r.base.label) == theta for r in problem.f.atoms(sp.Indexed)),
+        # the row kernels of the data-local third derivative (docs/bounds.md 15.10): term,
+        # kernel, the atom's number of arguments and the output's shape
+        "third_rows": [row[5] for row in third_rows],
         "stated_constants": None if problem.constants is None else
         {k: sp.srepr(v) for k, v in sorted(problem.constants.items())},
     }
     return {"source": source, "header": header, "cdef": cdef, "meta": meta,
-            "constants": _derive_constants(problem, allow_uncertified)}
+            "constants": constants}
 
 
 def generate_cached(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any]:

@@ -115,11 +115,13 @@ def sanitizer(compiler, tmp_path_factory, request, sanitized_root):
 
 
 def _counts(meta, sizes):
-    """Number of doubles of every array of the problem at concrete sizes."""
+    """Number of doubles of every array of the problem at concrete sizes (and of each row
+    kernel's output, under the kernel's name)."""
     env = {s: sp.Symbol(s, integer=True, positive=True) for s in meta["sizes"]}
     subs = {env[s]: sp.Integer(v) for s, v in sizes.items()}
     out = {}
-    for a in meta["arrays"] + meta.get("hvp_cache", []):
+    rows = [{"name": r["kernel"], "shape": r["shape"]} for r in meta.get("third_rows", [])]
+    for a in meta["arrays"] + meta.get("hvp_cache", []) + rows:
         count = 1
         for e in a["shape"]:
             v = sp.sympify(e, locals=env).xreplace(subs)
@@ -156,6 +158,8 @@ def _pointer_count(meta, kernel, param, counts):
             return 2 * counts[x]
         if pname in ("hg_weights", "hg_weights_dot"):  # lower_gram_weights (_jvp): one per row
             return counts[meta["gram"]["data"]] // counts[x]
+        if pname == "hg_rows_bar":  # lower_third_rows_*: its shape in meta["third_rows"]
+            return counts[kernel["name"]]
         for base in (x, theta):
             if pname in (f"{base}_bar", f"{base}_bar_dot", f"{base}_bar_dot_dw_dot"):
                 return counts[base]

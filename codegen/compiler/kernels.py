@@ -5,12 +5,14 @@ nothing here knows about C.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sympy as sp
 
 from . import ir
 from .autodiff import adjoint, tangent
+from .contraction import RowKernel
 from .gram import WEIGHTS_OUTPUT, WEIGHTS_TANGENT, gram_weights, gram_weights_jvp
 from .lowering import lower_objective
 from .passes import depending_on, eliminate_dead_code, one_update_each, schedule
@@ -31,8 +33,9 @@ class KernelSpec:
 CACHE_BUFFER = "cache"
 
 
-def kernel_specs(problem: Problem) -> list[KernelSpec]:
-    """All kernels of a problem, in the fixed order of the interface."""
+def kernel_specs(problem: Problem, third_rows: Sequence[RowKernel] = ()) -> list[KernelSpec]:
+    """All kernels of a problem, in the fixed order of the interface; third_rows: the row
+    kernels of the data-local third derivative (`contraction.third_row_kernels`), last."""
     x, th = problem.x_spec.name, problem.theta_spec.name
     g = lower_objective(problem.g, problem.arrays, "lower")
     f = lower_objective(problem.f + problem.r, problem.arrays, "upper")
@@ -82,6 +85,7 @@ def kernel_specs(problem: Problem) -> list[KernelSpec]:
     if gram is not None:
         specs.append((*gram, (), WEIGHTS_OUTPUT))
         specs.append((*gram_weights_jvp(gram[2], x), ("v",), WEIGHTS_TANGENT))
+    specs += [row[:5] for row in third_rows]
     out: list[KernelSpec] = []
     for name, doc, program, inputs, output in specs:
         program = _optimised(program, output)

@@ -176,6 +176,10 @@ class Derivation:
     # Record (domain "ball"), "terms": label -> rebuild info}; empty when every constant is finite
     # globally
     ball: dict = field(default_factory=dict)
+    # the data-local third derivative (derivation/contraction.py, evaluation/contraction.py):
+    # term label -> record (JSON text); empty when some term of g has a third derivative and no
+    # record, or none has one
+    contractions: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         d = {
@@ -197,6 +201,8 @@ class Derivation:
         if self.ball:  # only for problems with ball constants (older files stay byte-identical)
             d["ball"] = {"constants": {k: r.to_dict() for k, r in self.ball["constants"].items()},
                          "terms": {k: ball_info_to_json(v) for k, v in self.ball["terms"].items()}}
+        if self.contractions:  # likewise: only where g has a third derivative
+            d["contractions"] = self.contractions
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -217,6 +223,7 @@ class Derivation:
                 "rows": [(t, load(r)) for t, r in ref["rows"]], "dim": load(ref["dim"])},
             mu_check=d["mu_check"],
             ball=_ball_from_json(d.get("ball")),
+            contractions=d.get("contractions", {}),
         )
 
     @property

@@ -53,6 +53,7 @@ from .floors import (
     solve_again,
     uncorrected,
 )
+from .local_third import LOCAL_Q, q_curvature, with_local_q
 from .results import HypergradientResult, Reason, ReasonKind, evolve
 from .solve import run_adjoint
 
@@ -100,10 +101,11 @@ def block_unavailable(k: Any, theta: np.ndarray) -> str | None:
 def solve_weights(hg: HypergradientResult) -> tuple[float, float]:
     """(c_t, c_w): the factors of the block bound's two first-order terms, t = c_t R_t and
     w = c_w R_w (docs/bounds.md 15.8): c_t = ||B||/mu, c_w = (||B|| J/mu + L_B ||q||)/mu with
-    J = L_f + L_A ||q||. The rounds plan the two solves' tolerances from them."""
+    J = L_f + L_A ||q|| (or L_f + LA_q, the local bound on ||DA(x_eps)[q]||, docs/bounds.md 15.10,
+    where it is smaller: y(a) = H_f a - DA[q] a). The rounds plan the two solves' tolerances from them."""
     c = dict(hg.constants) if isinstance(hg.constants, dict) else {}
     mu, nB, nq = float(c["mu"]), float(hg.norm_B), float(hg.q_norm)
-    J = float(c["L_f"]) + certified_product(float(c.get("L_A", 0.0)), nq)
+    J = float(c["L_f"]) + q_curvature(c, nq)
     return nB / mu, (certified_product(nB, J) / mu + certified_product(float(c["L_B"]), nq)) / mu
 
 
@@ -172,9 +174,12 @@ def _terms(k: Any, hg: HypergradientResult, c: dict[str, Any], th: np.ndarray, L
     if uses_general_terms(k):
         L3, LHf = higher_constants(k, th)
         nv = nB / mu
-        m_norm = certified_product(LB, nq) + certified_product(Lf + certified_product(LA, nq), nv)
+        m_norm = certified_product(LB, nq) + certified_product(Lf + q_curvature(c, nq), nv)
+        local = None  # docs/bounds.md 15.10: ||DA[e] q|| <= LA_q E; v is every v_u, no local one
+        if LOCAL_Q in c:
+            local = (certified_product(float(c[LOCAL_Q]), E), certified_product(LA, nv, E))
         terms.update(nonquadratic_terms(mu, E, R, 0.0, LB, Lf, LA, L3, LHf, nv, nq,
-                                        m_norm / mu))
+                                        m_norm / mu, local))
         if L_DB > 0:
             terms["crossB"] = cross_term(mu, E, R, L_DB, nq)
     terms["t"] = certified_product(c_t, R_t)
@@ -237,6 +242,9 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
     for _ in range(max_rounds if steer else 1):
         hg = floor_accepted(run(eps, delta, x0, q0, refine))
         add_work(total, hg.work)
+        if hg.status == "ok":
+            hg, passes = with_local_q(k, hg)
+            add_work(total, {"hvps": passes, "units": passes})
         restart = solve_again(hg, steer, rtol, atol, (eps, delta, x0, q0), TIGHT_RELATIVE,
                               trail)
         if restart is not None:
@@ -378,7 +386,7 @@ def _solve_tolerances(hg: HypergradientResult, target: float) -> tuple[float, fl
     if not math.isfinite(target):
         c = cast(dict[str, Any], hg.constants)
         G, mu = float(hg.G), float(c["mu"])
-        J = float(c["L_f"]) + certified_product(float(c.get("L_A", 0.0)), float(hg.q_norm))
+        J = float(c["L_f"]) + q_curvature(c, float(hg.q_norm))
         return TIGHT_RELATIVE * G, TIGHT_RELATIVE * (float(hg.R) + certified_product(J, G) / mu)
     share = SOLVE_SHARE * target
     return _tolerance(share, c_w), _tolerance(share, c_t)

@@ -39,6 +39,7 @@ from .common import call_kernel, dot, hvp_at, norm
 from .energy import Energy
 from .galerkin import galerkin
 from .krylov import Companion
+from .local_third import local_contractions, worth_local
 from .results import HypergradientResult
 from .solve import run_adjoint
 
@@ -281,6 +282,8 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     used["hvps"] += dual.n_hvp
     v, lam = fwd.q, dual.q
     mu, E = float(c["mu"]), float(hg.e)
+    adjoint_part, lower_part = dot(v, r), dot(lam, r_g)
+    delta = adjoint_part - lower_part
     nu = norm(u)
     LB, Lf = float(c["L_B"]), float(c["L_f"])
     terms = product_terms(mu, E, R, fwd.residual, dual.residual, certified_product(LB, nu), Lf,
@@ -291,15 +294,16 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
         if energy is not None and not quadratic:  # docs/bounds.md 15.9: one pass for w'[v]
             used["hvps"] += 1
             sharper = (energy.bound(energy.rho_q), energy.bound(energy.rho(v)))
-        terms.update(nonquadratic_terms(
-            mu, E, R, fwd.residual, certified_product(LB, nu), Lf, float(c["L_A"]),
-            float(c["L_3"]), float(c["L_Hf"]),
-            norm(v), norm(q), norm(lam), sharper))
+        general = (mu, E, R, fwd.residual, certified_product(LB, nu), Lf, float(c["L_A"]),
+                   float(c["L_3"]), float(c["L_Hf"]), norm(v), norm(q), norm(lam))
+        terms.update(nonquadratic_terms(*general, sharper))
+        if not quadratic and worth_local(terms, delta):
+            sharper, a_lam, passes = local_contractions(k, hg, v, lam, terms, sharper)
+            used["hvps"] += passes
+            terms.update(nonquadratic_terms(*general, sharper, a_lam))
         if float(c["L_DB"]) > 0:  # B not affine in x (docs/bounds.md 15.3)
             terms["crossB"] = cross_term(mu, E, R, certified_product(float(c["L_DB"]), nu),
                                          norm(q))
-    adjoint_part, lower_part = dot(v, r), dot(lam, r_g)
-    delta = adjoint_part - lower_part
     plain = float(dot(u, np.asarray(hg.grad)))
     # rounding (docs/bounds.md 6): of the correction's two dot products, of m (the difference
     # B(q) u - B(0) u cancels; its error pairs with e) and of h's component
@@ -403,8 +407,8 @@ def product_terms(mu: float, E: float, R: float, R_v: float, R_lam: float, norm_
 
 def nonquadratic_terms(mu: float, E: float, R: float, R_v: float, norm_D: float, L_f: float,
                        L_A: float, L_3: float, L_Hf: float, norm_v: float, norm_q: float,
-                       norm_lam: float, energy: tuple[float, float] | None = None
-                       ) -> dict[str, float]:
+                       norm_lam: float, energy: tuple[float, float] | None = None,
+                       a_lam: float | None = None) -> dict[str, float]:
     """Corollary 15.3's terms (g not quadratic, B affine in x; docs/bounds.md 15.3), by name:
     they replace RE, vE, EE of `product_terms` and add lamA, third, upperH.
 
@@ -418,7 +422,8 @@ def nonquadratic_terms(mu: float, E: float, R: float, R_v: float, norm_D: float,
     ||DA(x_eps)[e] q|| and ||DA(x_eps)[e] v|| (`energy.Energy`, docs/bounds.md 15.9): then J E and
     c_v E are also bounded by L_f E + a_q + L_A R E/mu and
     (||D_u|| E + a_v + L_A R_v E/mu + L_3 nv E^2/2)/mu, RE by (||D_u|| E + a_v) R/mu, and each
-    takes the smaller of its two forms."""
+    takes the smaller of its two forms. a_lam >= ||DA(x_eps)[e] lam|| (docs/bounds.md 15.10)
+    bounds lamA by a_lam E/2 + L_3 ||lam|| E^3/6 likewise."""
     nq = norm_q + R / mu
     nv = norm_v + R_v / mu
     JE = certified_product(L_f + certified_product(L_A, nq), E)    # >= ||DA[e] q_e - H_f e||
@@ -430,12 +435,16 @@ def nonquadratic_terms(mu: float, E: float, R: float, R_v: float, norm_D: float,
         cvE = min(cvE, (certified_product(norm_D, E) + a_v + certified_product(L_A, R_v, E) / mu
                         + 0.5 * certified_product(L_3, nv, E, E)) / mu)
         RE = min(RE, certified_product(certified_product(norm_D, E) + a_v, R) / mu)
+    lamA = 0.5 * certified_product(L_A, norm_lam, E, E)
+    if a_lam is not None:
+        lamA = min(lamA, 0.5 * certified_product(a_lam, E)
+                   + certified_product(L_3, norm_lam, E, E, E) / 6)
     nv_star = nv + cvE
     return {
         "RE": RE,
         "vE": certified_product(JE, R_v) / mu,
         "EE": certified_product(cvE, JE),
-        "lamA": 0.5 * certified_product(L_A, norm_lam, E, E),
+        "lamA": lamA,
         "third": 0.5 * certified_product(L_3, nv_star, nq, E, E),
         "upperH": 0.5 * certified_product(L_Hf, nv_star, E, E),
     }

@@ -20,6 +20,7 @@ from ..constants.evaluation.runtime import (
     evaluate_constants,
     evaluate_local_constants,
     prepare_constants,
+    third_contraction,
     tighten_constants,
 )
 from ..errors import BindError
@@ -55,6 +56,8 @@ class BoundProblem:
         self.is_quadratic = meta["is_quadratic"]
         self.upper_depends_on_theta = meta["upper_depends_on_theta"]
         self.upper_is_quadratic = bool(meta.get("upper_is_quadratic", False))
+        # every term of g with a third derivative has a row kernel (docs/bounds.md 15.10)
+        self.has_third_contraction = bool(meta.get("third_rows"))
         work_fn = getattr(module.lib, f"hg_{module.name}_work_size")
         self.work = np.zeros(max(1, int(work_fn(*[self.sizes[s] for s in meta["sizes"]]))))
         lock = threading.Lock()
@@ -324,6 +327,21 @@ class BoundProblem:
         return evaluate_local_constants(self._prepared_constants(), self.checked_theta(theta),
                                         self._vector("x", x, self.x_size, "x"), float(radius),
                                         self.data)
+
+    def third_contraction(self, x, theta, u) -> float:
+        """An upper bound on ||DA(x)[u]||, the derivative of g's Hessian at x along u (a
+        symmetric matrix), from the data at x row by row: one pass of each term's
+        `lower_third_rows_*` kernel (docs/bounds.md 15.10). inf where g has a term with no local
+        rule (log-sum-exp), a kernel's output is not finite, or the constants are stated."""
+        th = self.checked_theta(theta)
+        vectors = {self.x_name: self._vector("x", x, self.x_size, "x"), self.theta_name: th,
+                   "v": self._vector("u", u, self.x_size, "u")}
+        rows = {}
+        for r in self.module.meta.get("third_rows", []):
+            out = np.empty(self.module.extent(r["kernel"], self.sizes))
+            status = self.kernels[r["kernel"]](vectors, out) if out.size else 0
+            rows[r["term"]] = out if status == 0 else None
+        return third_contraction(self._prepared_constants(), th, rows)
 
     def cross_norm_bound(self, x, theta) -> float:
         """A certified upper bound on ||B(x, theta)||_2 in one pass over the data, or math.inf

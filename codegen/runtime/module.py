@@ -38,6 +38,9 @@ class GeneratedModule:
         env = {s.name: s for s in self._sizes}
         self.shapes = {a["name"]: tuple(sp.sympify(e, locals=env) for e in a["shape"])
                        for a in meta["arrays"] + meta.get("hvp_cache", [])}
+        # each row kernel's output (docs/bounds.md 15.10), under the kernel's name
+        self.shapes.update({r["kernel"]: tuple(sp.sympify(e, locals=env) for e in r["shape"])
+                            for r in meta.get("third_rows", [])})
 
     def __repr__(self):
         kernels = ", ".join(k["name"] for k in self.meta["kernels"])

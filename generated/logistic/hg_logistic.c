@@ -46,6 +46,8 @@ int hg_logistic_lower_hvp_varying(int64_t n, const double *restrict theta, const
 int hg_logistic_lower_gram_weights(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict hg_weights, double *restrict work);
 /* w'(x)[v] = d/ds w(x + s v), the tangent of the row weights along x */
 int hg_logistic_lower_gram_weights_jvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, double *restrict hg_weights_dot, double *restrict work);
+/* ||psi'''(K_I x + b_I)[K_I v]|| row by row for the term g1 of g (its atom's third derivative contracted with the direction) */
+int hg_logistic_lower_third_rows_g1(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, double *restrict hg_rows_bar, double *restrict work);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_logistic_lower_hessian(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -108,6 +110,7 @@ int64_t hg_logistic_work_size(int64_t m, int64_t n, int64_t p)
     if (4*m > need) need = 4*m;
     if (2*m > need) need = 2*m;
     if (3*m > need) need = 3*m;
+    if (2*m > need) need = 2*m;
     if (3*m + (n) > need) need = 3*m + (n);
     if (1 > need) need = 1;
     if (n > need) need = n;
@@ -1354,6 +1357,132 @@ int hg_logistic_lower_gram_weights_jvp(int64_t m, int64_t n, const double *restr
     }
 
     return hg_any_nonfinite(hg_weights_dot, m) ? HG_LOGISTIC_NONFINITE : HG_LOGISTIC_OK;
+}
+
+/* ||psi'''(K_I x + b_I)[K_I v]|| row by row for the term g1 of g (its atom's third derivative contracted with the direction) */
+int hg_logistic_lower_third_rows_g1(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, double *restrict hg_rows_bar, double *restrict work)
+{
+    if (m < 1 || n < 1) {
+        return HG_LOGISTIC_BAD_SIZE;
+    }
+    (void)theta;  /* part of the uniform signature, unused here */
+    double *restrict s0 = work + 0;
+    double *restrict s1 = work + m;
+    double s2_bar = 0.0;
+    memset(s0, 0, sizeof(double) * (size_t)(m));
+    memset(s1, 0, sizeof(double) * (size_t)(m));
+    memset(hg_rows_bar, 0, sizeof(double) * (size_t)(m));
+
+    s2_bar += 1.0;
+    #pragma omp parallel for schedule(static) if (m*n > 200000)
+    for (int64_t i = 0; i < m - m % 8; i += 8) {
+        double acc0 = 0.0;
+        double acc1 = 0.0;
+        double acc2 = 0.0;
+        double acc3 = 0.0;
+        double acc4 = 0.0;
+        double acc5 = 0.0;
+        double acc6 = 0.0;
+        double acc7 = 0.0;
+        #pragma omp simd reduction(+:acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+        for (int64_t j = 0; j < n; ++j) {
+            acc0 += A[i*n + j]*x[j];
+            acc1 += A[i*n + j + n]*x[j];
+            acc2 += A[i*n + j + 2*n]*x[j];
+            acc3 += A[i*n + j + 3*n]*x[j];
+            acc4 += A[i*n + j + 4*n]*x[j];
+            acc5 += A[i*n + j + 5*n]*x[j];
+            acc6 += A[i*n + j + 6*n]*x[j];
+            acc7 += A[i*n + j + 7*n]*x[j];
+        }
+        s0[i] += acc0;
+        s0[i + 1] += acc1;
+        s0[i + 2] += acc2;
+        s0[i + 3] += acc3;
+        s0[i + 4] += acc4;
+        s0[i + 5] += acc5;
+        s0[i + 6] += acc6;
+        s0[i + 7] += acc7;
+        double acc8 = 0.0;
+        double acc9 = 0.0;
+        double acc10 = 0.0;
+        double acc11 = 0.0;
+        double acc12 = 0.0;
+        double acc13 = 0.0;
+        double acc14 = 0.0;
+        double acc15 = 0.0;
+        #pragma omp simd reduction(+:acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15)
+        for (int64_t j = 0; j < n; ++j) {
+            acc8 += A[i*n + j]*v[j];
+            acc9 += A[i*n + j + n]*v[j];
+            acc10 += A[i*n + j + 2*n]*v[j];
+            acc11 += A[i*n + j + 3*n]*v[j];
+            acc12 += A[i*n + j + 4*n]*v[j];
+            acc13 += A[i*n + j + 5*n]*v[j];
+            acc14 += A[i*n + j + 6*n]*v[j];
+            acc15 += A[i*n + j + 7*n]*v[j];
+        }
+        s1[i] += acc8;
+        s1[i + 1] += acc9;
+        s1[i + 2] += acc10;
+        s1[i + 3] += acc11;
+        s1[i + 4] += acc12;
+        s1[i + 5] += acc13;
+        s1[i + 6] += acc14;
+        s1[i + 7] += acc15;
+        const double c0 = s0[i]*y[i];
+        const double c3 = s0[i + 1]*y[i + 1];
+        const double c6 = s0[i + 2]*y[i + 2];
+        const double c9 = s0[i + 3]*y[i + 3];
+        const double c12 = s0[i + 4]*y[i + 4];
+        const double c15 = s0[i + 5]*y[i + 5];
+        const double c18 = s0[i + 6]*y[i + 6];
+        const double c21 = s0[i + 7]*y[i + 7];
+        const double c1 = hg_sigmoid(c0);
+        const double c4 = hg_sigmoid(c3);
+        const double c7 = hg_sigmoid(c6);
+        const double c10 = hg_sigmoid(c9);
+        const double c13 = hg_sigmoid(c12);
+        const double c16 = hg_sigmoid(c15);
+        const double c19 = hg_sigmoid(c18);
+        const double c22 = hg_sigmoid(c21);
+        const double c2 = hg_sigmoid(-c0);
+        const double c5 = hg_sigmoid(-c3);
+        const double c8 = hg_sigmoid(-c6);
+        const double c11 = hg_sigmoid(-c9);
+        const double c14 = hg_sigmoid(-c12);
+        const double c17 = hg_sigmoid(-c15);
+        const double c20 = hg_sigmoid(-c18);
+        const double c23 = hg_sigmoid(-c21);
+        hg_rows_bar[i] += c1*c2*s2_bar*fabs(s1[i]*y[i]*(c1 - c2));
+        hg_rows_bar[i + 1] += c4*c5*s2_bar*fabs(s1[i + 1]*y[i + 1]*(c4 - c5));
+        hg_rows_bar[i + 2] += c7*c8*s2_bar*fabs(s1[i + 2]*y[i + 2]*(c7 - c8));
+        hg_rows_bar[i + 3] += c10*c11*s2_bar*fabs(s1[i + 3]*y[i + 3]*(c10 - c11));
+        hg_rows_bar[i + 4] += c13*c14*s2_bar*fabs(s1[i + 4]*y[i + 4]*(c13 - c14));
+        hg_rows_bar[i + 5] += c16*c17*s2_bar*fabs(s1[i + 5]*y[i + 5]*(c16 - c17));
+        hg_rows_bar[i + 6] += c19*c20*s2_bar*fabs(s1[i + 6]*y[i + 6]*(c19 - c20));
+        hg_rows_bar[i + 7] += c22*c23*s2_bar*fabs(s1[i + 7]*y[i + 7]*(c22 - c23));
+    }
+    for (int64_t i = m - m % 8; i < m; ++i) {
+        double acc16 = 0.0;
+        #pragma omp simd reduction(+:acc16)
+        for (int64_t j = 0; j < n; ++j) {
+            acc16 += A[i*n + j]*x[j];
+        }
+        s0[i] += acc16;
+        double acc17 = 0.0;
+        #pragma omp simd reduction(+:acc17)
+        for (int64_t j = 0; j < n; ++j) {
+            acc17 += A[i*n + j]*v[j];
+        }
+        s1[i] += acc17;
+        const double c24 = s0[i]*y[i];
+        const double c25 = hg_sigmoid(c24);
+        const double c26 = hg_sigmoid(-c24);
+        hg_rows_bar[i] += c25*c26*s2_bar*fabs(s1[i]*y[i]*(c25 - c26));
+    }
+
+    return hg_any_nonfinite(hg_rows_bar, m) ? HG_LOGISTIC_NONFINITE : HG_LOGISTIC_OK;
 }
 
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */

@@ -44,6 +44,8 @@ int hg_logistic_lower_hvp_varying(int64_t n, const double *restrict theta, const
 int hg_logistic_lower_gram_weights(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict hg_weights, double *restrict work);
 /* w'(x)[v] = d/ds w(x + s v), the tangent of the row weights along x */
 int hg_logistic_lower_gram_weights_jvp(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, double *restrict hg_weights_dot, double *restrict work);
+/* ||psi'''(K_I x + b_I)[K_I v]|| row by row for the term g1 of g (its atom's third derivative contracted with the direction) */
+int hg_logistic_lower_third_rows_g1(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, const double *restrict v, double *restrict hg_rows_bar, double *restrict work);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_logistic_lower_hessian(int64_t m, int64_t n, const double *restrict theta, const double *restrict A, const double *restrict y, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */

@@ -42,6 +42,8 @@ int hg_logistic_sparse_cross_hvp(int64_t n, const double *restrict theta, const 
 int hg_logistic_sparse_cross_tvp(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict q, const double *restrict hg_w, double *restrict theta_bar_dot_dw_dot);
 /* (d2 g_varying/dx2) v, g_varying the terms of g with theta */
 int hg_logistic_sparse_lower_hvp_varying(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict x_bar_dot);
+/* ||psi'''(K_I x + b_I)[K_I v]|| row by row for the term g1 of g (its atom's third derivative contracted with the direction) */
+int hg_logistic_sparse_lower_third_rows_g1(int64_t m, int64_t n, const double *restrict theta, const double *restrict A_data, const int64_t *restrict A_indices, const int64_t *restrict A_indptr, const double *restrict y, const double *restrict x, const double *restrict v, double *restrict hg_rows_bar, double *restrict work);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_logistic_sparse_lower_hessian(int64_t m, int64_t n, const double *restrict theta, const double *restrict A_data, const int64_t *restrict A_indices, const int64_t *restrict A_indptr, const double *restrict y, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */

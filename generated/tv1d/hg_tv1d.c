@@ -42,6 +42,8 @@ int hg_tv1d_cross_tvp(int64_t n, const double *restrict theta, const double *res
 int hg_tv1d_lower_hvp_fixed(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict x_bar_dot);
 /* (d2 g_varying/dx2) v, g_varying the terms of g with theta */
 int hg_tv1d_lower_hvp_varying(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict x_bar_dot);
+/* ||psi'''(K_I x + b_I)[K_I v]|| row by row for the term g2 of g (its atom's third derivative contracted with the direction) */
+int hg_tv1d_lower_third_rows_g2(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict hg_rows_bar);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_tv1d_lower_hessian(int64_t n, const double *restrict theta, const double *restrict x, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -504,6 +506,28 @@ int hg_tv1d_lower_hvp_varying(int64_t n, const double *restrict theta, const dou
     }
 
     return hg_any_nonfinite(x_bar_dot, n) ? HG_TV1D_NONFINITE : HG_TV1D_OK;
+}
+
+/* ||psi'''(K_I x + b_I)[K_I v]|| row by row for the term g2 of g (its atom's third derivative contracted with the direction) */
+int hg_tv1d_lower_third_rows_g2(int64_t n, const double *restrict theta, const double *restrict x, const double *restrict v, double *restrict hg_rows_bar)
+{
+    if (n < 1) {
+        return HG_TV1D_BAD_SIZE;
+    }
+    double s0_bar = 0.0;
+    memset(hg_rows_bar, 0, sizeof(double) * (size_t)(n - 1));
+
+    s0_bar += 1.0;
+    const double c0 = exp(2.0*theta[1]);
+    #pragma omp simd
+    for (int64_t i = 0; i < n - 1; ++i) {
+        const double c1 = x[i + 1] - x[i];
+        const double c2 = (c1*c1);
+        const double c3 = c0 + c2;
+        hg_rows_bar[i] += 3.0*s0_bar*fabs(c1*(v[i + 1] - v[i])*(c2/c3 - 1.0))/(c3*sqrt(c3));
+    }
+
+    return hg_any_nonfinite(hg_rows_bar, n - 1) ? HG_TV1D_NONFINITE : HG_TV1D_OK;
 }
 
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */

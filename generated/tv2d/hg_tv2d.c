@@ -42,6 +42,8 @@ int hg_tv2d_cross_tvp(int64_t h, int64_t w, const double *restrict theta, const 
 int hg_tv2d_lower_hvp_fixed(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, double *restrict X_bar_dot);
 /* (d2 g_varying/dx2) v, g_varying the terms of g with theta */
 int hg_tv2d_lower_hvp_varying(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, double *restrict X_bar_dot);
+/* ||psi'''(K_I x + b_I)[K_I v]|| row by row for the term g2 of g (its atom's third derivative contracted with the direction) */
+int hg_tv2d_lower_third_rows_g2(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, double *restrict hg_rows_bar);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_tv2d_lower_hessian(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */
@@ -1269,6 +1271,211 @@ int hg_tv2d_lower_hvp_varying(int64_t h, int64_t w, const double *restrict theta
     }
 
     return hg_any_nonfinite(X_bar_dot, h*w) ? HG_TV2D_NONFINITE : HG_TV2D_OK;
+}
+
+/* ||psi'''(K_I x + b_I)[K_I v]|| row by row for the term g2 of g (its atom's third derivative contracted with the direction) */
+int hg_tv2d_lower_third_rows_g2(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, double *restrict hg_rows_bar)
+{
+    if (h < 1 || w < 1) {
+        return HG_TV2D_BAD_SIZE;
+    }
+    double s0_bar = 0.0;
+    memset(hg_rows_bar, 0, sizeof(double) * (size_t)((h - 1)*(w - 1)));
+
+    s0_bar += 1.0;
+    #pragma omp parallel for schedule(static) if (h*w - h - w + 1 > 200000)
+    for (int64_t i = 0; i < h - 1 - (h - 1) % 8; i += 8) {
+        const double c0 = exp(2.0*theta[1]);
+        const double c19 = exp(2.0*theta[1]);
+        const double c38 = exp(2.0*theta[1]);
+        const double c57 = exp(2.0*theta[1]);
+        const double c76 = exp(2.0*theta[1]);
+        const double c95 = exp(2.0*theta[1]);
+        const double c114 = exp(2.0*theta[1]);
+        const double c133 = exp(2.0*theta[1]);
+        #pragma omp simd
+        for (int64_t j = 0; j < w - 1; ++j) {
+            const double c1 = -X[i*w + j];
+            const double c20 = X[i*w + j + w + 1] - X[i*w + j + w];
+            const double c39 = X[i*w + j + 2*w + 1] - X[i*w + j + 2*w];
+            const double c58 = X[i*w + j + 3*w + 1] - X[i*w + j + 3*w];
+            const double c77 = X[i*w + j + 4*w + 1] - X[i*w + j + 4*w];
+            const double c96 = X[i*w + j + 5*w + 1] - X[i*w + j + 5*w];
+            const double c115 = X[i*w + j + 6*w + 1] - X[i*w + j + 6*w];
+            const double c134 = X[i*w + j + 7*w + 1] - X[i*w + j + 7*w];
+            const double c2 = c1 + X[i*w + j + w];
+            const double c21 = (c20*c20);
+            const double c40 = (c39*c39);
+            const double c59 = (c58*c58);
+            const double c78 = (c77*c77);
+            const double c97 = (c96*c96);
+            const double c116 = (c115*c115);
+            const double c135 = (c134*c134);
+            const double c3 = (c2*c2);
+            const double c22 = -X[i*w + j + w] + X[i*w + j + 2*w];
+            const double c41 = -X[i*w + j + 2*w] + X[i*w + j + 3*w];
+            const double c60 = -X[i*w + j + 3*w] + X[i*w + j + 4*w];
+            const double c79 = -X[i*w + j + 4*w] + X[i*w + j + 5*w];
+            const double c98 = -X[i*w + j + 5*w] + X[i*w + j + 6*w];
+            const double c117 = -X[i*w + j + 6*w] + X[i*w + j + 7*w];
+            const double c136 = -X[i*w + j + 7*w] + X[i*w + j + 8*w];
+            const double c4 = c1 + X[i*w + j + 1];
+            const double c23 = (c22*c22);
+            const double c42 = (c41*c41);
+            const double c61 = (c60*c60);
+            const double c80 = (c79*c79);
+            const double c99 = (c98*c98);
+            const double c118 = (c117*c117);
+            const double c137 = (c136*c136);
+            const double c5 = (c4*c4);
+            const double c24 = c19 + c21 + c23;
+            const double c43 = c38 + c40 + c42;
+            const double c62 = c57 + c59 + c61;
+            const double c81 = c76 + c78 + c80;
+            const double c100 = c95 + c97 + c99;
+            const double c119 = c114 + c116 + c118;
+            const double c138 = c133 + c135 + c137;
+            const double c6 = c0 + c3 + c5;
+            const double c25 = (1.0/(c24*sqrt(c24)));
+            const double c44 = (1.0/(c43*sqrt(c43)));
+            const double c63 = (1.0/(c62*sqrt(c62)));
+            const double c82 = (1.0/(c81*sqrt(c81)));
+            const double c101 = (1.0/(c100*sqrt(c100)));
+            const double c120 = (1.0/(c119*sqrt(c119)));
+            const double c139 = (1.0/(c138*sqrt(c138)));
+            const double c7 = (1.0/(c6*sqrt(c6)));
+            const double c26 = v[i*w + j + w + 1] - v[i*w + j + w];
+            const double c45 = v[i*w + j + 2*w + 1] - v[i*w + j + 2*w];
+            const double c64 = v[i*w + j + 3*w + 1] - v[i*w + j + 3*w];
+            const double c83 = v[i*w + j + 4*w + 1] - v[i*w + j + 4*w];
+            const double c102 = v[i*w + j + 5*w + 1] - v[i*w + j + 5*w];
+            const double c121 = v[i*w + j + 6*w + 1] - v[i*w + j + 6*w];
+            const double c140 = v[i*w + j + 7*w + 1] - v[i*w + j + 7*w];
+            const double c8 = -v[i*w + j];
+            const double c27 = c25*c26;
+            const double c46 = c44*c45;
+            const double c65 = c63*c64;
+            const double c84 = c82*c83;
+            const double c103 = c101*c102;
+            const double c122 = c120*c121;
+            const double c141 = c139*c140;
+            const double c9 = c7*(c8 + v[i*w + j + w]);
+            const double c28 = 1.0/c24;
+            const double c47 = 1.0/c43;
+            const double c66 = 1.0/c62;
+            const double c85 = 1.0/c81;
+            const double c104 = 1.0/c100;
+            const double c123 = 1.0/c119;
+            const double c142 = 1.0/c138;
+            const double c10 = 1.0/c6;
+            const double c29 = c21*c28;
+            const double c48 = c40*c47;
+            const double c67 = c59*c66;
+            const double c86 = c78*c85;
+            const double c105 = c104*c97;
+            const double c124 = c116*c123;
+            const double c143 = c135*c142;
+            const double c11 = c10*c3;
+            const double c30 = c22*(3.0*c29 - 1.0);
+            const double c49 = c41*(3.0*c48 - 1.0);
+            const double c68 = c60*(3.0*c67 - 1.0);
+            const double c87 = c79*(3.0*c86 - 1.0);
+            const double c106 = c98*(3.0*c105 - 1.0);
+            const double c125 = c117*(3.0*c124 - 1.0);
+            const double c144 = c136*(3.0*c143 - 1.0);
+            const double c12 = c4*(3.0*c11 - 1.0);
+            const double c31 = c23*c28;
+            const double c50 = c42*c47;
+            const double c69 = c61*c66;
+            const double c88 = c80*c85;
+            const double c107 = c104*c99;
+            const double c126 = c118*c123;
+            const double c145 = c137*c142;
+            const double c13 = c7*(c8 + v[i*w + j + 1]);
+            const double c32 = 3.0*c31 - 1.0;
+            const double c51 = 3.0*c50 - 1.0;
+            const double c70 = 3.0*c69 - 1.0;
+            const double c89 = 3.0*c88 - 1.0;
+            const double c108 = 3.0*c107 - 1.0;
+            const double c127 = 3.0*c126 - 1.0;
+            const double c146 = 3.0*c145 - 1.0;
+            const double c14 = c10*c5;
+            const double c33 = c20*c32;
+            const double c52 = c39*c51;
+            const double c71 = c58*c70;
+            const double c90 = c77*c89;
+            const double c109 = c108*c96;
+            const double c128 = c115*c127;
+            const double c147 = c134*c146;
+            const double c15 = c2*(3.0*c14 - 1.0);
+            const double c34 = -v[i*w + j + w] + v[i*w + j + 2*w];
+            const double c53 = -v[i*w + j + 2*w] + v[i*w + j + 3*w];
+            const double c72 = -v[i*w + j + 3*w] + v[i*w + j + 4*w];
+            const double c91 = -v[i*w + j + 4*w] + v[i*w + j + 5*w];
+            const double c110 = -v[i*w + j + 5*w] + v[i*w + j + 6*w];
+            const double c129 = -v[i*w + j + 6*w] + v[i*w + j + 7*w];
+            const double c148 = -v[i*w + j + 7*w] + v[i*w + j + 8*w];
+            const double c16 = c15*c9;
+            const double c35 = c25*c34;
+            const double c54 = c44*c53;
+            const double c73 = c63*c72;
+            const double c92 = c82*c91;
+            const double c111 = c101*c110;
+            const double c130 = c120*c129;
+            const double c149 = c139*c148;
+            const double c17 = 3.0*c13*c4*(c14 - 1.0);
+            const double c36 = c31 - 1.0;
+            const double c55 = c50 - 1.0;
+            const double c74 = c69 - 1.0;
+            const double c93 = c88 - 1.0;
+            const double c112 = c107 - 1.0;
+            const double c131 = c126 - 1.0;
+            const double c150 = c145 - 1.0;
+            const double c18 = c12*c13 + 3.0*c2*c9*(c11 - 1.0);
+            const double c37 = 3.0*c20*c27*(c29 - 1.0) + c30*c35;
+            const double c56 = 3.0*c39*c46*(c48 - 1.0) + c49*c54;
+            const double c75 = 3.0*c58*c65*(c67 - 1.0) + c68*c73;
+            const double c94 = 3.0*c77*c84*(c86 - 1.0) + c87*c92;
+            const double c113 = 3.0*c103*c96*(c105 - 1.0) + c106*c111;
+            const double c132 = 3.0*c115*c122*(c124 - 1.0) + c125*c130;
+            const double c151 = 3.0*c134*c141*(c143 - 1.0) + c144*c149;
+            hg_rows_bar[i*w - i + j] += s0_bar*(sqrt(((c12*c9 + c13*c15)*(c12*c9 + c13*c15)) + (1.0/4.0)*((-c16 - c17 + c18)*(-c16 - c17 + c18))) + (1.0/2.0)*fabs(c16 + c17 + c18));
+            hg_rows_bar[i*w - i + j + w - 1] += s0_bar*(sqrt(((c27*c30 + c33*c35)*(c27*c30 + c33*c35)) + (1.0/4.0)*((c20*c25*c26*c32 + 3.0*c22*c25*c34*c36 - c37)*(c20*c25*c26*c32 + 3.0*c22*c25*c34*c36 - c37))) + (1.0/2.0)*fabs(3.0*c22*c35*c36 + c27*c33 + c37));
+            hg_rows_bar[i*w - i + j + 2*w - 2] += s0_bar*(sqrt(((c46*c49 + c52*c54)*(c46*c49 + c52*c54)) + (1.0/4.0)*((c39*c44*c45*c51 + 3.0*c41*c44*c53*c55 - c56)*(c39*c44*c45*c51 + 3.0*c41*c44*c53*c55 - c56))) + (1.0/2.0)*fabs(3.0*c41*c54*c55 + c46*c52 + c56));
+            hg_rows_bar[i*w - i + j + 3*w - 3] += s0_bar*(sqrt(((c65*c68 + c71*c73)*(c65*c68 + c71*c73)) + (1.0/4.0)*((c58*c63*c64*c70 + 3.0*c60*c63*c72*c74 - c75)*(c58*c63*c64*c70 + 3.0*c60*c63*c72*c74 - c75))) + (1.0/2.0)*fabs(3.0*c60*c73*c74 + c65*c71 + c75));
+            hg_rows_bar[i*w - i + j + 4*w - 4] += s0_bar*(sqrt(((c84*c87 + c90*c92)*(c84*c87 + c90*c92)) + (1.0/4.0)*((c77*c82*c83*c89 + 3.0*c79*c82*c91*c93 - c94)*(c77*c82*c83*c89 + 3.0*c79*c82*c91*c93 - c94))) + (1.0/2.0)*fabs(3.0*c79*c92*c93 + c84*c90 + c94));
+            hg_rows_bar[i*w - i + j + 5*w - 5] += s0_bar*(sqrt(((c103*c106 + c109*c111)*(c103*c106 + c109*c111)) + (1.0/4.0)*((c101*c102*c108*c96 + 3.0*c101*c110*c112*c98 - c113)*(c101*c102*c108*c96 + 3.0*c101*c110*c112*c98 - c113))) + (1.0/2.0)*fabs(c103*c109 + 3.0*c111*c112*c98 + c113));
+            hg_rows_bar[i*w - i + j + 6*w - 6] += s0_bar*(sqrt(((c122*c125 + c128*c130)*(c122*c125 + c128*c130)) + (1.0/4.0)*((c115*c120*c121*c127 + 3.0*c117*c120*c129*c131 - c132)*(c115*c120*c121*c127 + 3.0*c117*c120*c129*c131 - c132))) + (1.0/2.0)*fabs(3.0*c117*c130*c131 + c122*c128 + c132));
+            hg_rows_bar[i*w - i + j + 7*w - 7] += s0_bar*(sqrt(((c141*c144 + c147*c149)*(c141*c144 + c147*c149)) + (1.0/4.0)*((c134*c139*c140*c146 + 3.0*c136*c139*c148*c150 - c151)*(c134*c139*c140*c146 + 3.0*c136*c139*c148*c150 - c151))) + (1.0/2.0)*fabs(3.0*c136*c149*c150 + c141*c147 + c151));
+        }
+    }
+    for (int64_t i = h - 1 - (h - 1) % 8; i < h - 1; ++i) {
+        const double c152 = exp(2.0*theta[1]);
+        #pragma omp simd
+        for (int64_t j = 0; j < w - 1; ++j) {
+            const double c153 = -X[i*w + j];
+            const double c154 = c153 + X[i*w + j + w];
+            const double c155 = (c154*c154);
+            const double c156 = c153 + X[i*w + j + 1];
+            const double c157 = (c156*c156);
+            const double c158 = c152 + c155 + c157;
+            const double c159 = (1.0/(c158*sqrt(c158)));
+            const double c160 = -v[i*w + j];
+            const double c161 = c159*(c160 + v[i*w + j + w]);
+            const double c162 = 1.0/c158;
+            const double c163 = c155*c162;
+            const double c164 = c156*(3.0*c163 - 1.0);
+            const double c165 = c159*(c160 + v[i*w + j + 1]);
+            const double c166 = c157*c162;
+            const double c167 = c154*(3.0*c166 - 1.0);
+            const double c168 = c161*c167;
+            const double c169 = 3.0*c156*c165*(c166 - 1.0);
+            const double c170 = 3.0*c154*c161*(c163 - 1.0) + c164*c165;
+            hg_rows_bar[i*w - i + j] += s0_bar*(sqrt(((c161*c164 + c165*c167)*(c161*c164 + c165*c167)) + (1.0/4.0)*((-c168 - c169 + c170)*(-c168 - c169 + c170))) + (1.0/2.0)*fabs(c168 + c169 + c170));
+        }
+    }
+
+    return hg_any_nonfinite(hg_rows_bar, (h - 1)*(w - 1)) ? HG_TV2D_NONFINITE : HG_TV2D_OK;
 }
 
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */

@@ -40,6 +40,8 @@ int hg_tv2d_cross_tvp(int64_t h, int64_t w, const double *restrict theta, const 
 int hg_tv2d_lower_hvp_fixed(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, double *restrict X_bar_dot);
 /* (d2 g_varying/dx2) v, g_varying the terms of g with theta */
 int hg_tv2d_lower_hvp_varying(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, double *restrict X_bar_dot);
+/* ||psi'''(K_I x + b_I)[K_I v]|| row by row for the term g2 of g (its atom's third derivative contracted with the direction) */
+int hg_tv2d_lower_third_rows_g2(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, const double *restrict v, double *restrict hg_rows_bar);
 /* d2g/dx2 as a dense matrix: column c is lower_hvp with v = e_c */
 int hg_tv2d_lower_hessian(int64_t h, int64_t w, const double *restrict theta, const double *restrict X, double *restrict hessian_out, double *restrict work);
 /* B = d2g/dx dtheta as a dense matrix: column c is cross_jvp with t = e_c */

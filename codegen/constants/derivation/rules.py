@@ -16,6 +16,7 @@ import sympy as sp
 
 from ...errors import ProblemError
 from ..records import Derivation, Record, ThetaMin
+from .contraction import complete
 from .filters import XINF
 from .terms import Ctx, analyse_term, flatten
 
@@ -94,7 +95,8 @@ def derive(problem, allow_uncertified: bool = False) -> Derivation:
         conditions=sorted(ctx.conditions.items()), status=status,
         allow_uncertified=allow_uncertified, messages=messages + [
             t.message for t in gt + ft if t.message and t.kind != "unsupported"],
-        refutation=refutation, mu_check=mu_check, ball=ball)
+        refutation=refutation, mu_check=mu_check, ball=ball,
+        contractions=complete({t.label: t.contraction for t in gt if t.contraction}, gt))
 
 
 def _admit_lower_terms(gt: list, stated: dict, allow_uncertified: bool) -> tuple[list, str]:

@@ -16,6 +16,7 @@ from ...primitives import stabilise
 from ..records import Operator, Record, T, ThetaMax, ThetaMin
 from .atoms import AtomFacts, analyse_atom, group_charbonnier, lse_facts
 from .ball import ball_symbols, term_info
+from .contraction import contraction_info
 from .filters import filter_operator, learned_columns, stacked_filters
 from .ldb import cross_lipschitz, learned_cross_lipschitz
 from .ldb import mul as _mul
@@ -208,6 +209,7 @@ class TermFacts:
     parts: list = field(default_factory=list)  # Records: atom, operator, weights
     has_theta: bool = False
     ball: dict | None = None  # local (ball) versions of hi, LA, LB_cols, LB_ps + rebuild info
+    contraction: dict | None = None  # what ||DA(x)[u]|| needs at one x (derivation/contraction.py)
 
 
 def _sign(c, ctx):
@@ -328,6 +330,9 @@ def analyse_term(term: Term, ctx: Ctx, label: str, upper=False) -> TermFacts:
         op = classify_operator(lin, limits, len(term.limits), ctx, lse=bool(inner))
     tf.rows = op.rows
     tf = _combine(tf, c, ps, facts, op, off, ctx, upper, limits)
+    if tf.kind == "atom" and facts.d3 != 0:
+        tf.contraction = contraction_info([T], psi, [lin], [off], limits, c, ps, op.normsq,
+                                          ctx.theta_syms)
     if op.dtaps:
         _learned(tf, c, facts, op, off, ctx)
     elif tf.kind == "atom" and facts.kind == "infinite" and (facts.hi == sp.oo or facts.d3 == sp.oo):
@@ -558,6 +563,9 @@ def _group(tf, term, c, ps, core, found, ctx, upper):
     tf.kind, tf.rows = "atom", op.rows
     off = sp.Add(*[o for _, o in parts])
     tf = _combine(tf, c, ps, facts, op, off, ctx, upper, tuple(term.limits))
+    if facts.d3 != 0:
+        tf.contraction = contraction_info(list(ts), psi, lins, [o for _, o in parts],
+                                          tuple(term.limits), c, ps, op.normsq, ctx.theta_syms)
     if op.dtaps:
         _learned(tf, c, facts, op, off, ctx)
     return tf

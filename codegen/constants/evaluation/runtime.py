@@ -15,6 +15,7 @@ import sympy as sp
 from ...errors import HypergenError
 from ...threads import one_blas_thread
 from ..records import Derivation
+from .contraction import contraction_bound
 from .cross import CrossNorm, prepare_cross
 from .local import evaluate_local
 from .numeric import evaluate, reads_theta
@@ -139,6 +140,15 @@ def evaluate_local_constants(prepared: dict, theta: np.ndarray, x: np.ndarray, r
         return evaluate_constants(prepared, theta)
     return evaluate_local(prepared["derivation"], theta, prepared["quantities"], x, radius, data,
                           cache=prepared.setdefault("ball_cache", {}))
+
+
+def third_contraction(prepared: dict, theta: np.ndarray, rows: dict) -> float:
+    """An upper bound on ||DA(x)[u]||, the derivative of g's Hessian at x along u, from each
+    term's rows at x and u (docs/bounds.md 15.10; constants.evaluation.contraction); inf for
+    stated constants or where the derivation has no local rule."""
+    if prepared["kind"] != "derived":
+        return math.inf
+    return contraction_bound(prepared["derivation"], theta, prepared["quantities"], rows)
 
 
 def cross_norm_structure(prepared: dict, data: dict) -> CrossNorm | None:

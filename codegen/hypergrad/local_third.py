@@ -1,0 +1,106 @@
+"""The data-local third derivative in the DWR corrections (docs/bounds.md 15.10).
+
+Corollary 15.3 and Theorem 15.8 bound ||DA(x_eps)[e] u|| by L_A ||u|| E: sup |psi'''| over every
+argument and Cauchy-Schwarz over every row. The bound problem's `third_contraction(x, theta, u)`
+bounds the matrix DA(x_eps)[u] itself from the data at x_eps (||DA[e] u|| = ||DA[u] e||), and on
+smoothed TV it is 500 times smaller for the adjoint q. It costs a pass over the data per
+vector, so it is asked for only where the L_A terms matter: for q where L_A ||q|| is most of
+J = L_f + L_A ||q|| (`with_local_q`, kept in the result's constants as "LA_q"), for the
+per-direction v and lam where Corollary 15.3's L_A terms are more than half the first-order
+correction, which is what h's true error is close to (docs/bounds.md 15.6).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import HypergenError
+from .bounds import certified_product
+from .results import HypergradientResult, evolve
+
+__all__ = ["available", "local_contractions", "worth_local", "with_local_q", "q_curvature",
+           "LOCAL_SHARE", "LOCAL_Q"]
+
+#: The L_A terms' share of |first-order correction| above which v and lam get local bounds.
+LOCAL_SHARE = 0.5
+#: The constants' key of the bound on ||DA(x_eps)[q]|| at the result's x_eps and q.
+LOCAL_Q = "LA_q"
+_L_A_TERMS = ("RE", "vE", "EE", "lamA")
+
+
+def available(k: Any) -> bool:
+    """Whether k bounds ||DA(x)[u]|| locally: every term of g with a third derivative has a row
+    kernel (`BoundProblem.has_third_contraction`)."""
+    return bool(getattr(k, "has_third_contraction", False))
+
+
+def _contraction(k: Any, hg: HypergradientResult, u: np.ndarray) -> float:
+    """k's bound on ||DA(x_eps)[u]|| (inf where it fails)."""
+    try:
+        return float(k.third_contraction(hg.x, hg.theta, u))
+    except (HypergenError, ValueError, FloatingPointError, OverflowError):
+        return math.inf
+
+
+def with_local_q(k: Any, hg: HypergradientResult) -> tuple[HypergradientResult, int]:
+    """(hg with constants[LOCAL_Q] >= ||DA(x_eps)[q]||, passes spent): one pass where g is not
+    quadratic, k has the local rule and L_A ||q|| is more than L_f; hg as it is otherwise."""
+    c = hg.constants if isinstance(hg.constants, dict) else None
+    if c is None or LOCAL_Q in c or bool(getattr(k, "is_quadratic", False)) or not available(k):
+        return hg, 0
+    L_A, L_f = float(c.get("L_A", 0.0)), float(c.get("L_f", math.inf))
+    if not certified_product(L_A, float(hg.q_norm)) > L_f:
+        return hg, 0
+    value = _contraction(k, hg, np.asarray(hg.q))
+    return evolve(hg, constants=dict(c, **{LOCAL_Q: value})), 1
+
+
+def q_curvature(c: dict[str, Any], norm_q: float) -> float:
+    """A bound on ||DA(x_eps)[q]||: the smaller of L_A ||q|| and the local one when c has it."""
+    return min(certified_product(float(c.get("L_A", 0.0)), norm_q),
+               float(c.get(LOCAL_Q, math.inf)))
+
+
+def worth_local(terms: dict[str, float], delta: float) -> bool:
+    """Whether the L_A terms of Corollary 15.3 exceed LOCAL_SHARE |delta| (delta: the
+    correction along u, h_c - h)."""
+    return _L_A_sum(terms) > LOCAL_SHARE * abs(delta)
+
+
+def _L_A_sum(terms: dict[str, float]) -> float:
+    return math.fsum(terms.get(t, 0.0) for t in _L_A_TERMS)
+
+
+def local_contractions(k: Any, hg: HypergradientResult, v: np.ndarray, lam: np.ndarray,
+                       terms: dict[str, float], energy: tuple[float, float] | None
+                       ) -> tuple[tuple[float, float] | None, float | None, int]:
+    """((a_q, a_v), a_lam, passes): a_w >= ||DA(x_eps)[e] w|| for every ||e|| <= E, the smaller
+    of the local form Lambda_w E and the energy-norm one where `energy` gives it (a_q, a_v);
+    energy and None where k has no local rule. One pass over the data per vector: q's only
+    where hg's constants do not have it, lam's only where lamA is a tenth of the L_A terms
+    (None otherwise: lamA keeps its form)."""
+    c = hg.constants if isinstance(hg.constants, dict) else {}
+    E, passes = float(hg.e), 0
+    if not available(k):
+        return energy, None, 0
+    if LOCAL_Q in c:
+        lam_q = float(c[LOCAL_Q])
+    else:
+        lam_q, passes = _contraction(k, hg, np.asarray(hg.q)), 1
+    if not math.isfinite(lam_q):
+        return energy, None, passes
+    lam_v = _contraction(k, hg, v)
+    passes += 1
+    if not math.isfinite(lam_v):
+        return energy, None, passes
+    a_q, a_v = certified_product(lam_q, E), certified_product(lam_v, E)
+    if energy is not None:
+        a_q, a_v = min(a_q, energy[0]), min(a_v, energy[1])
+    a_lam = None
+    if terms.get("lamA", 0.0) > 0.1 * _L_A_sum(terms):
+        lam_lam = _contraction(k, hg, lam)
+        passes += 1
+        a_lam = certified_product(lam_lam, E) if math.isfinite(lam_lam) else None
+    return (a_q, a_v), a_lam, passes
