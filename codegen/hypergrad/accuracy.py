@@ -423,7 +423,8 @@ def _corrected_result(hg: HypergradientResult, corr: Correction, grad: np.ndarra
     directional = {"direction": part.direction, "value": part.value, "plain": part.plain,
                    "bound": part.bound, "plain_bound": part.plain_bound}
     terms = {key: math.fsum(p.terms[key] for p in corr.parts) for key in part.terms}
-    notes = tuple(hg.notes) + (f"DWR certificate (docs/bounds.md 15, Corollary {corr.corollary}) rounds: "
+    local = ", its third derivative from the data (15.10)" if corr.local else ""
+    notes = tuple(hg.notes) + (f"DWR certificate (docs/bounds.md 15, Corollary {corr.corollary}{local}) rounds: "
                                + "; ".join(trail),)
     reasons = hg.reasons if failure is None else (Reason(ReasonKind.ACCURACY, failure),)
     return evolve(

@@ -417,7 +417,9 @@ def _block_result(hg: HypergradientResult, corr: BlockCorrection, plain: float,
                   failure: Reason | None) -> HypergradientResult:
     """hg (the plain h) with the bound min(||h - h_c|| + bound(h_c), E&R's), h_c and its bound
     kept, the work of every round and the rounds' trail."""
-    notes = tuple(hg.notes) + ("block DWR certificate (docs/bounds.md 15.8) rounds: "
+    local = ("; ||DA[q]|| from the data, 15.10" if isinstance(hg.constants, dict)
+             and LOCAL_Q in hg.constants else "")
+    notes = tuple(hg.notes) + (f"block DWR certificate (docs/bounds.md 15.8{local}) rounds: "
                                + "; ".join(trail),)
     reasons = hg.reasons if failure is None else hg.reasons + (failure,)
     return evolve(

@@ -62,7 +62,8 @@ class DirectionCorrection:
     v, lam         the forward and dual iterates (warm starts of the next round);
     R_v, R_lam     their true residuals;
     adjoint_part, lower_part  v . r and lam . grad g(x_eps): the correction's estimates of the
-                   adjoint's and the lower solve's shares of h's error (steering only)."""
+                   adjoint's and the lower solve's shares of h's error (steering only);
+    local          whether the terms read the third derivative from the data (docs/bounds.md 15.10)."""
 
     direction: np.ndarray
     value: float
@@ -76,17 +77,20 @@ class DirectionCorrection:
     R_lam: float
     adjoint_part: float = 0.0
     lower_part: float = 0.0
+    local: bool = False
 
 
 @dataclass(frozen=True)
 class Correction:
-    """All directions of one correction, the work it cost, and the corollary of docs/bounds.md 15
-    whose terms bound it ("15.2": g and f quadratic in x; "15.3": g not quadratic, B affine)."""
+    """All directions of one correction, the work it cost, the corollary of docs/bounds.md 15
+    whose terms bound it ("15.2": g and f quadratic in x; "15.3": g not quadratic, B affine),
+    and whether some direction's terms read the third derivative from the data (15.10)."""
 
     parts: list[DirectionCorrection]
     residual: float  # R = ||A q - grad f||, recomputed here
     work: dict[str, int] = field(default_factory=dict)
     corollary: str = "15.2"
+    local: bool = False
 
 
 def dwr_unavailable(k: Any, theta: Any = None) -> str | None:
@@ -227,7 +231,8 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
         for key, n in used.items():
             work[key] += n
         parts.append(part)
-    return Correction(parts, R, work, "15.3" if uses_general_terms(k) else "15.2")
+    return Correction(parts, R, work, "15.3" if uses_general_terms(k) else "15.2",
+                      any(p.local for p in parts))
 
 
 def adjoint_residual(k: Any, hg: HypergradientResult) -> tuple[np.ndarray, int]:
@@ -289,6 +294,7 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     terms = product_terms(mu, E, R, fwd.residual, dual.residual, certified_product(LB, nu), Lf,
                           certified_product(float(c.get("L_ft", 0.0)), nu)
                           if bool(getattr(k, "upper_depends_on_theta", False)) else 0.0)
+    read_local = False
     if uses_general_terms(k):
         sharper = None
         if energy is not None and not quadratic:  # docs/bounds.md 15.9: one pass for w'[v]
@@ -298,9 +304,11 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
                    float(c["L_3"]), float(c["L_Hf"]), norm(v), norm(q), norm(lam))
         terms.update(nonquadratic_terms(*general, sharper))
         if not quadratic and worth_local(terms, delta):
-            sharper, a_lam, passes = local_contractions(k, hg, v, lam, terms, sharper)
+            local, a_lam, passes = local_contractions(k, hg, v, lam, terms, sharper)
             used["hvps"] += passes
-            terms.update(nonquadratic_terms(*general, sharper, a_lam))
+            if local is not sharper:  # the local forms are there
+                terms.update(nonquadratic_terms(*general, local, a_lam))
+                read_local = True
         if float(c["L_DB"]) > 0:  # B not affine in x (docs/bounds.md 15.3)
             terms["crossB"] = cross_term(mu, E, R, certified_product(float(c["L_DB"]), nu),
                                          norm(q))
@@ -314,7 +322,7 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     if not math.isfinite(bound):
         bound = math.inf
     part = DirectionCorrection(u, plain + delta, plain, bound, abs(delta) + bound, terms, v, lam,
-                               fwd.residual, dual.residual, adjoint_part, lower_part)
+                               fwd.residual, dual.residual, adjoint_part, lower_part, read_local)
     return part, used
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sympy as sp
 
+from ..records import load
+
 
 def _flag(rec):
     return "certified" if rec.certified else "NOT certified"
@@ -60,6 +62,12 @@ def _certificates(der) -> list:
     out.append(f"  dwr, tight: available (Corollary {corollary}) where "
                f"{', '.join(_CORRECTION_CONSTANTS)} are finite at theta"
                + (f" ({', '.join(local)} on the ball B(x_eps, e) only)" if local else ""))
+    if der.contractions:
+        out.append("    their third-derivative terms also read ||DA(x_eps)[u]|| from the data, row by "
+                   "row (docs/bounds.md 15.10): " + "; ".join(
+                       f"term {label}: {sp.sstr(load(r['scale']))} * max over rows of "
+                       f"||psi'''[K_I u]||, psi = {sp.sstr(load(r['psi']))}"
+                       for label, r in sorted(der.contractions.items())))
     out.append("  default (\"auto\") with rtol or atol: \"tight\" with a first-order or cg lower "
                "solver (gd, hb, fista, cg) and with newton and an iterative adjoint for one "
                "hyperparameter, \"block\" with newton for more and above 8, E&R's otherwise "
