@@ -131,6 +131,31 @@ def test_separable_atoms_are_exact(build_dir):
     assert _exact_norm(prob, x, both, u) <= prob.third_contraction(x, both, u)
 
 
+def test_group_atom_of_three_arguments(build_dir):
+    """A group atom of three differences, sqrt(d1^2 + d2^2 + d3^2 + nu^2): its kernel writes the
+    six entries a <= b of each row's 3 x 3 matrix and the runtime takes their eigenvalues; the
+    bound holds against the exact norm and is within a factor 6 of it."""
+    n = sp.Symbol("n", integer=True, positive=True)
+    i = sp.Idx("i", n)
+    x, y = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("y", shape=(n,))
+    theta = sp.IndexedBase("theta", shape=(2,))
+    d = [x[i + 1] - x[i], x[i + 2] - x[i + 1], x[i + 3] - x[i + 2]]
+    problem = Problem(
+        name="third_rows_group3", x=x, theta=theta,
+        lower=sp.Sum((x[i] - y[i]) ** 2, (i, 0, n - 1)) / 2 + sp.exp(theta[0]) * sp.Sum(
+            sp.sqrt(d[0] ** 2 + d[1] ** 2 + d[2] ** 2 + sp.exp(2 * theta[1])), (i, 0, n - 4)),
+        upper=sp.Sum((x[i] - y[i]) ** 2, (i, 0, n - 1)) / 2)
+    module = build_problem(problem, build_dir)
+    assert [(r["args"], r["shape"]) for r in module.meta["third_rows"]] == [(3, ["6", "n - 3"])]
+    rng = np.random.default_rng(0)
+    prob = module.bind(y=rng.standard_normal(12))
+    theta = np.array([0.0, math.log(0.3)])
+    for _ in range(3):
+        x0, u = rng.standard_normal(12), rng.standard_normal(12)
+        exact = _exact_norm(prob, x0, theta, u)
+        assert exact * (1 - 1e-12) <= prob.third_contraction(x0, theta, u) <= 6 * exact
+
+
 def test_no_rows_where_a_term_has_no_rule_or_no_third_derivative(build_dir):
     """Log-sum-exp (hypercleaning's softmax) has no row rule: no kernels, no local bound, and
     the corrections keep Corollary 15.3's terms; quadratic g has no third derivative."""

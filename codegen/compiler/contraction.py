@@ -42,10 +42,16 @@ DIRECTION = "v"
 def third_row_kernels(problem: Problem, records: dict[str, Any]) -> list[RowKernel]:
     """(name, doc, program, inputs, output, meta) of one kernel per record (term label ->
     record), in the labels' order; meta: the term, the atom's number of arguments d and the
-    output's shape (one norm per row for d <= 2, else d (d + 1) / 2 entries, entry first)."""
+    output's shape (one norm per row for d <= 2, else d (d + 1) / 2 entries, entry first).
+    All or none: a record whose row program cannot be built leaves the problem without rows
+    (the runtime then has no local bound, and the corrections keep Corollary 15.3's L_A), never
+    without its other kernels."""
     out: list[RowKernel] = []
     for label in sorted(records):
-        program, shape, d = _row_program(problem, records[label], label)
+        try:
+            program, shape, d = _row_program(problem, records[label], label)
+        except Exception:  # noqa: BLE001 - no rows at all: the bounds keep the global L_A
+            return []
         name = f"lower_third_rows_{label}"
         doc = (f"||psi'''(K_I x + b_I)[K_I v]|| row by row for the term {label} of g (its atom's "
                "third derivative contracted with the direction)")
