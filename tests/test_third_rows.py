@@ -173,7 +173,8 @@ def test_tight_correction_sharpened_on_tv(build_dir, monkeypatch):
     """tv1d (n = 256, the example's nu = 0.05: L_A ||q|| is 1000 times ||DA[q]||): the same
     tight hypergradient with and without the local bound; h is the same, both bounds are above
     its true error, the local one several times closer; vE shrinks by two orders; the result's
-    note names 15.10 where it took part."""
+    note names 15.10 where it took part and its constants keep Lambda_q (computed once for both
+    directions)."""
     prob, theta = _bound("tv1d", build_dir, sizes=dict(n=256))
     truth = _truth(prob, theta)
     sharp = hypergradient(prob, theta, rtol=1e-6, certificate="tight")
@@ -184,7 +185,9 @@ def test_tight_correction_sharpened_on_tv(build_dir, monkeypatch):
     assert err <= sharp.bound <= plain.bound / 2.5
     assert sharp.correction_terms["vE"] <= plain.correction_terms["vE"] / 100
     assert "from the data (15.10)" in sharp.notes[-1] and "15.10" not in plain.notes[-1]
-    assert sharp.work["units"] - plain.work["units"] <= 3 * len(theta)
+    assert sharp.work["units"] - plain.work["units"] <= 1 + 2 * len(theta)  # q once, v and lam
+    assert sharp.constants[LOCAL_Q] <= sharp.constants["L_A"] * sharp.q_norm / 100
+    assert LOCAL_Q not in plain.constants
 
 
 def test_block_correction_reads_the_local_q(build_dir):

@@ -51,6 +51,7 @@ from .floors import (
     uncorrected,
     unrefined_e,
 )
+from .local_third import LOCAL_Q
 from .options import DEFAULTS
 from .plans import TIGHT_PLAN_SHARE, dwr_planned, dwr_tightened, plain_tightened, tight_planned
 from .results import HypergradientResult, Reason, ReasonKind, evolve
@@ -424,11 +425,14 @@ def _corrected_result(hg: HypergradientResult, corr: Correction, grad: np.ndarra
                    "bound": part.bound, "plain_bound": part.plain_bound}
     terms = {key: math.fsum(p.terms[key] for p in corr.parts) for key in part.terms}
     local = ", its third derivative from the data (15.10)" if corr.local else ""
+    constants = hg.constants
+    if corr.local_q is not None and isinstance(constants, dict):  # audited with the others
+        constants = dict(constants, **{LOCAL_Q: corr.local_q})
     notes = tuple(hg.notes) + (f"DWR certificate (docs/bounds.md 15, Corollary {corr.corollary}{local}) rounds: "
                                + "; ".join(trail),)
     reasons = hg.reasons if failure is None else (Reason(ReasonKind.ACCURACY, failure),)
     return evolve(
-        hg, grad=grad, bound=bound, work=total, notes=notes, reasons=reasons,
+        hg, grad=grad, bound=bound, work=total, notes=notes, reasons=reasons, constants=constants,
         certificate="dwr" if components else "dwr-direction",
         uncorrected_grad=np.asarray(hg.grad), uncorrected_bound=plain,
         directional=directional, correction_terms=terms,

@@ -39,7 +39,7 @@ from .common import call_kernel, dot, hvp_at, norm
 from .energy import Energy
 from .galerkin import galerkin
 from .krylov import Companion
-from .local_third import local_contractions, worth_local
+from .local_third import LOCAL_Q, local_contractions, worth_local
 from .results import HypergradientResult
 from .solve import run_adjoint
 
@@ -91,6 +91,7 @@ class Correction:
     work: dict[str, int] = field(default_factory=dict)
     corollary: str = "15.2"
     local: bool = False
+    local_q: float | None = None  # the local bound on ||DA(x_eps)[q]|| where it was computed
 
 
 def dwr_unavailable(k: Any, theta: Any = None) -> str | None:
@@ -225,14 +226,15 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
     c["L_3"], c["L_Hf"] = higher_constants(k, th)
     c["L_DB"] = cross_lipschitz(k, th, x, float(hg.e))  # B(x_eps, e) holds x*
     parts = []
+    kept: dict[str, float] = {}
     for j, u in enumerate(directions):
         part, used = _one_direction(k, hg, c, x, th, q, r, R, r_g, u, (tol_v[j], tol_lam[j]),
-                                    (v0[j], lam0[j]), max_iter, relative, energy)
+                                    (v0[j], lam0[j]), max_iter, relative, energy, kept)
         for key, n in used.items():
             work[key] += n
         parts.append(part)
     return Correction(parts, R, work, "15.3" if uses_general_terms(k) else "15.2",
-                      any(p.local for p in parts))
+                      any(p.local for p in parts), kept.get(LOCAL_Q))
 
 
 def adjoint_residual(k: Any, hg: HypergradientResult) -> tuple[np.ndarray, int]:
@@ -254,9 +256,10 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
                    th: np.ndarray, q: np.ndarray, r: np.ndarray, R: float, r_g: np.ndarray,
                    u: np.ndarray, tols: tuple[float | None, float | None],
                    starts: tuple[Any, Any], max_iter: int, relative: float,
-                   energy: Energy | None = None) -> tuple[DirectionCorrection, dict[str, int]]:
+                   energy: Energy | None, kept: dict[str, float]
+                   ) -> tuple[DirectionCorrection, dict[str, int]]:
     """The forward solve, m = -D_u q - H_f v (+ grad_x (v^T A(x) q)), the dual solve and the
-    bound along u."""
+    bound along u; kept: what the directions share (the local bound on ||DA(x_eps)[q]||)."""
     used = {"hvps": 0, "cross": 0, "upper": 0}
     Bu, _ = call_kernel(k.cross_jvp, x, th, u)
     used["cross"] += 1
@@ -304,7 +307,7 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
                    float(c["L_3"]), float(c["L_Hf"]), norm(v), norm(q), norm(lam))
         terms.update(nonquadratic_terms(*general, sharper))
         if not quadratic and worth_local(terms, delta):
-            local, a_lam, passes = local_contractions(k, hg, v, lam, terms, sharper)
+            local, a_lam, passes = local_contractions(k, hg, v, lam, terms, sharper, kept)
             used["hvps"] += passes
             if local is not sharper:  # the local forms are there
                 terms.update(nonquadratic_terms(*general, local, a_lam))

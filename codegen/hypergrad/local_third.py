@@ -74,21 +74,26 @@ def _L_A_sum(terms: dict[str, float]) -> float:
 
 
 def local_contractions(k: Any, hg: HypergradientResult, v: np.ndarray, lam: np.ndarray,
-                       terms: dict[str, float], energy: tuple[float, float] | None
+                       terms: dict[str, float], energy: tuple[float, float] | None,
+                       kept: dict[str, float]
                        ) -> tuple[tuple[float, float] | None, float | None, int]:
     """((a_q, a_v), a_lam, passes): a_w >= ||DA(x_eps)[e] w|| for every ||e|| <= E, the smaller
     of the local form Lambda_w E and the energy-norm one where `energy` gives it (a_q, a_v);
     energy and None where k has no local rule. One pass over the data per vector: q's only
-    where hg's constants do not have it, lam's only where lamA is a tenth of the L_A terms
-    (None otherwise: lamA keeps its form)."""
+    where neither hg's constants nor `kept` (the caller's, shared by a correction's
+    directions; Lambda_q goes there under LOCAL_Q) has it, lam's only where lamA is a tenth of
+    the L_A terms (None otherwise: lamA keeps its form)."""
     c = hg.constants if isinstance(hg.constants, dict) else {}
     E, passes = float(hg.e), 0
     if not available(k):
         return energy, None, 0
     if LOCAL_Q in c:
         lam_q = float(c[LOCAL_Q])
+    elif LOCAL_Q in kept:
+        lam_q = kept[LOCAL_Q]
     else:
         lam_q, passes = _contraction(k, hg, np.asarray(hg.q)), 1
+        kept[LOCAL_Q] = lam_q
     if not math.isfinite(lam_q):
         return energy, None, passes
     lam_v = _contraction(k, hg, v)
