@@ -334,14 +334,16 @@ class BoundProblem:
         `lower_third_rows_*` kernel (docs/bounds.md 15.10). inf where g has a term with no local
         rule (log-sum-exp), a kernel's output is not finite, or the constants are stated."""
         th = self.checked_theta(theta)
+        direction = self._vector("u", u, self.x_size, "u")
         vectors = {self.x_name: self._vector("x", x, self.x_size, "x"), self.theta_name: th,
-                   "v": self._vector("u", u, self.x_size, "u")}
+                   "v": direction}
         rows = {}
         for r in self.module.meta.get("third_rows", []):
             out = np.empty(self.module.extent(r["kernel"], self.sizes))
             status = self.kernels[r["kernel"]](vectors, out) if out.size else 0
             rows[r["term"]] = out if status == 0 else None
-        return third_contraction(self._prepared_constants(), th, rows)
+        return third_contraction(self._prepared_constants(), th, rows,
+                                 float(np.linalg.norm(direction)))
 
     def cross_norm_bound(self, x, theta) -> float:
         """A certified upper bound on ||B(x, theta)||_2 in one pass over the data, or math.inf

@@ -5,11 +5,13 @@ of derivation/contraction.py and the rows their generated kernels wrote.
 Each term with a third derivative adds |c| max |v| ||K||^2 max_I ||M(I)||, where M(I) =
 psi'''(z_I)[K_I u] is the symmetric d x d matrix of the atom's third derivative and ||M(I)|| its
 largest |eigenvalue|, which `lower_third_rows_<term>` writes row by row for d <= 2 (its entries
-for more; compiler/contraction.py).
-Nothing here is a sup over an interval: the bound holds at x only.
+for more; compiler/contraction.py). Nothing here is a sup over an interval: the bound holds at x only.
 
-Rounding: each row value is a short sum and a short formula, a few ulps off; the total is
-rounded up by MARGIN, which covers relative errors of a million ulps in the largest row.
+Rounding: each row value is a short sum and a short formula, a few ulps off relative to the
+size of its terms. Where those terms cancel (SymPy's third derivative of sqrt(t^2 + nu^2) is
+3 t (t^2 / (t^2 + nu^2) - 1) / (t^2 + nu^2)^1.5) the error is a few ulps of sup |psi'''| |K_I u|,
+not of the row's value: the total is rounded up by MARGIN (relative) and by ABSOLUTE times the
+global L_A ||u|| (where L_A is finite), which covers both.
 """
 from __future__ import annotations
 
@@ -22,17 +24,19 @@ import sympy as sp
 from ..records import Derivation, load
 from .numeric import environment, num
 
-__all__ = ["contraction_bound", "row_peak", "MARGIN"]
+__all__ = ["contraction_bound", "row_peak", "MARGIN", "ABSOLUTE"]
 
 MARGIN = 1e-9
+ABSOLUTE = 64 * 2.0 ** -53
 
 
 def contraction_bound(der: Derivation, theta: np.ndarray, quantities: dict,
-                      rows: dict[str, np.ndarray | None]) -> float:
+                      rows: dict[str, np.ndarray | None], global_bound: float) -> float:
     """An upper bound on ||DA(x)[u]|| (the sum over g's terms with a third derivative), given
-    each term's rows at x and u (label -> the row kernel's output, None where it failed); inf
-    where the derivation has no records, a term has no rows, its scale reads an uncertified
-    data quantity, or a value is not finite."""
+    each term's rows at x and u (label -> the row kernel's output, None where it failed) and
+    the global bound L_A ||u|| (for the absolute rounding margin; inf skips it); inf where the
+    derivation has no records, a term has no rows, its scale reads an uncertified data
+    quantity, or a value is not finite."""
     if not der.contractions:
         return math.inf
     uncertified = {n for n, q in quantities.items()
@@ -48,7 +52,8 @@ def contraction_bound(der: Derivation, theta: np.ndarray, quantities: dict,
             values, len(record["args"]))
         if not math.isfinite(total):
             return math.inf
-    return total * (1 + MARGIN)
+    floor = ABSOLUTE * global_bound if math.isfinite(global_bound) else 0.0
+    return total * (1 + MARGIN) + floor
 
 
 @functools.lru_cache(maxsize=64)

@@ -142,13 +142,16 @@ def evaluate_local_constants(prepared: dict, theta: np.ndarray, x: np.ndarray, r
                           cache=prepared.setdefault("ball_cache", {}))
 
 
-def third_contraction(prepared: dict, theta: np.ndarray, rows: dict) -> float:
+def third_contraction(prepared: dict, theta: np.ndarray, rows: dict, norm_u: float) -> float:
     """An upper bound on ||DA(x)[u]||, the derivative of g's Hessian at x along u, from each
-    term's rows at x and u (docs/bounds.md 15.10; constants.evaluation.contraction); inf for
-    stated constants or where the derivation has no local rule."""
+    term's rows at x and u (docs/bounds.md 15.10; constants.evaluation.contraction; norm_u =
+    ||u|| for its rounding margin); inf for stated constants or where the derivation has no
+    local rule."""
     if prepared["kind"] != "derived":
         return math.inf
-    return contraction_bound(prepared["derivation"], theta, prepared["quantities"], rows)
+    global_bound = float(evaluate_constants(prepared, theta)["L_A"]) * norm_u
+    return contraction_bound(prepared["derivation"], theta, prepared["quantities"], rows,
+                             global_bound)
 
 
 def cross_norm_structure(prepared: dict, data: dict) -> CrossNorm | None:
