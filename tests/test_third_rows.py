@@ -213,3 +213,19 @@ def test_audit_names_the_rows(build_dir):
     assert "docs/bounds.md 15.10): term g2: 8*exp(la) * max over rows" in text
     problem, _, _ = built_example("hypercleaning", build_dir)
     assert "15.10" not in format_tree(derive(problem))
+
+
+def test_an_infinite_local_bound_leaves_the_global_one(build_dir, monkeypatch):
+    """Where the rows are not finite (third_contraction returns inf), the corrections keep
+    Corollary 15.3's and Theorem 15.8's terms: the same bounds as without rows, no LA_q in the
+    result's constants, no 15.10 in its note."""
+    prob, theta = _bound("tv1d", build_dir, sizes=dict(n=128))
+    monkeypatch.setattr(prob, "has_third_contraction", False)
+    plain = hypergradient(prob, theta, rtol=1e-6, certificate="tight")
+    monkeypatch.setattr(prob, "has_third_contraction", True)
+    monkeypatch.setattr(prob, "third_contraction", lambda x, theta, u: math.inf)
+    failed = hypergradient(prob, theta, rtol=1e-6, certificate="tight")
+    assert failed.bound == plain.bound and np.array_equal(failed.grad, plain.grad)
+    assert LOCAL_Q not in failed.constants and "15.10" not in failed.notes[-1]
+    block = hypergradient(prob, theta, rtol=1e-6, lower="newton", certificate="block")
+    assert LOCAL_Q not in block.constants and "15.10" not in block.notes[-1]

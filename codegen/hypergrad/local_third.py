@@ -46,7 +46,8 @@ def _contraction(k: Any, hg: HypergradientResult, u: np.ndarray) -> float:
 
 def with_local_q(k: Any, hg: HypergradientResult) -> tuple[HypergradientResult, int]:
     """(hg with constants[LOCAL_Q] >= ||DA(x_eps)[q]||, passes spent): one pass where g is not
-    quadratic, k has the local rule and L_A ||q|| is more than L_f; hg as it is otherwise."""
+    quadratic, k has the local rule and L_A ||q|| is more than L_f; hg as it is otherwise, and
+    where the bound came out infinite."""
     c = hg.constants if isinstance(hg.constants, dict) else None
     if c is None or LOCAL_Q in c or bool(getattr(k, "is_quadratic", False)) or not available(k):
         return hg, 0
@@ -54,6 +55,8 @@ def with_local_q(k: Any, hg: HypergradientResult) -> tuple[HypergradientResult, 
     if not certified_product(L_A, float(hg.q_norm)) > L_f:
         return hg, 0
     value = _contraction(k, hg, np.asarray(hg.q))
+    if not math.isfinite(value):  # a kernel's rows were not finite: L_A stands
+        return hg, 1
     return evolve(hg, constants=dict(c, **{LOCAL_Q: value})), 1
 
 
@@ -93,7 +96,8 @@ def local_contractions(k: Any, hg: HypergradientResult, v: np.ndarray, lam: np.n
         lam_q = kept[LOCAL_Q]
     else:
         lam_q, passes = _contraction(k, hg, np.asarray(hg.q)), 1
-        kept[LOCAL_Q] = lam_q
+        if math.isfinite(lam_q):
+            kept[LOCAL_Q] = lam_q
     if not math.isfinite(lam_q):
         return energy, None, passes
     lam_v = _contraction(k, hg, v)
