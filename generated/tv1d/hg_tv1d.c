@@ -522,9 +522,7 @@ int hg_tv1d_lower_third_rows_g2(int64_t n, const double *restrict theta, const d
     #pragma omp simd
     for (int64_t i = 0; i < n - 1; ++i) {
         const double c1 = x[i + 1] - x[i];
-        const double c2 = (c1*c1);
-        const double c3 = c0 + c2;
-        hg_rows_bar[i] += 3.0*s0_bar*fabs(c1*(v[i + 1] - v[i])*(c2/c3 - 1.0))/(c3*sqrt(c3));
+        hg_rows_bar[i] += 3.0*c0*s0_bar*fabs(c1*(v[i + 1] - v[i]))/((c0 + (c1*c1))*(c0 + (c1*c1))*sqrt(c0 + (c1*c1)));
     }
 
     return hg_any_nonfinite(hg_rows_bar, n - 1) ? HG_TV1D_NONFINITE : HG_TV1D_OK;
