@@ -97,7 +97,7 @@ def _compact(derivative: sp.Expr, args: list[sp.Symbol]) -> sp.Expr:
     """An algebraic derivative over one denominator, factored: SymPy's third derivative of
     sqrt(t^2 + nu^2) is 3 t (t^2 / (t^2 + nu^2) - 1) / (t^2 + nu^2)^1.5, whose terms cancel, and
     -3 nu^2 t / (t^2 + nu^2)^2.5 does not (the 2 x 2 norm of isotropic TV squares such entries:
-    compact they render in a third of the time). Left as it is where a function other than a
+    compact they render in about half the time). Left as it is where a function other than a
     power reads the arguments (softplus, sigmoid: their stable forms stay)."""
     if any(f.has(*args) for f in derivative.atoms(sp.Function)):
         return derivative
