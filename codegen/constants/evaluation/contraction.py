@@ -8,10 +8,11 @@ largest |eigenvalue|, which `lower_third_rows_<term>` writes row by row for d <=
 for more; compiler/contraction.py). Nothing here is a sup over an interval: the bound holds at x only.
 
 Rounding: each row value is a short sum and a short formula, a few ulps off relative to the
-size of its terms. Where those terms cancel (SymPy's third derivative of sqrt(t^2 + nu^2) is
-3 t (t^2 / (t^2 + nu^2) - 1) / (t^2 + nu^2)^1.5) the error is a few ulps of sup |psi'''| |K_I u|,
-not of the row's value: the total is rounded up by MARGIN (relative) and by ABSOLUTE times the
-global L_A ||u|| (where L_A is finite), which covers both.
+size of its terms. Where those terms cancel (logistic's psi''' = (sigmoid(-t) - sigmoid(t))
+sigmoid(t) sigmoid(-t) near t = 0; an entry t1 (2 t0^2 - t1^2 - nu^2) of isotropic TV near its
+zero) the error is a few ulps of sup |psi'''| |K_I u|, not of the row's value: the total is
+rounded up by MARGIN (relative) and by ABSOLUTE times the global L_A ||u|| (where L_A is
+finite), which covers both.
 """
 from __future__ import annotations
 
