@@ -713,6 +713,32 @@ def test_catalogue_theta_region():
         evaluate(der, 0.5, q)
 
 
+def test_catalogue_plain_theta_weight():
+    """theta/2 ||x - y||^2 + a Charbonnier term (theta itself the weight, not exp(theta)): the
+    quadratic atom's curvature is theta whatever theta's sign, so mu = theta, checked > 0 at
+    evaluate, not -|theta| refused at build; the Hessian's extreme eigenvalues at random points
+    stay within [mu, L]."""
+    prob = _vec_problem(lambda x, y, j, n, th: th / 2 * sp.Sum((x[j] - y[j]) ** 2, (j, 0, n - 1))
+                        + sp.Sum(sp.sqrt((x[j + 1] - x[j]) ** 2 + 1), (j, 0, n - 2)))
+    der = derive(prob)
+    assert der.mu_check == "theta" and der.certified
+    y = np.linspace(-1.0, 1.0, 6)
+    q = compute_data_quantities(der, {"y": y})
+    c = evaluate(der, 0.3, q)
+    assert c["mu"] == pytest.approx(0.3, rel=1e-12) and c["certified"]
+    xs = sp.symbols("x0:6")
+    g = 0.3 / 2 * sum((xi - yi) ** 2 for xi, yi in zip(xs, y)) + sum(
+        sp.sqrt((xs[i + 1] - xs[i]) ** 2 + 1) for i in range(5))
+    hess = sp.lambdify([xs], sp.hessian(g, xs), "numpy")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ev = np.linalg.eigvalsh(np.asarray(hess(rng.standard_normal(6) * 3), dtype=float))
+        assert c["mu"] * (1 - 1e-12) <= ev[0] and ev[-1] <= c["L"] * (1 + 1e-12)
+    for bad in (0.0, -0.3):
+        with pytest.raises(ProblemError, match=r"mu\(theta\) = .* <= 0 .*mu\(theta\) = theta"):
+            evaluate(der, bad, q)
+
+
 # -- atom table ------------------------------------------------------------------------------
 def test_atom_table_against_grid():
     t = atoms.T

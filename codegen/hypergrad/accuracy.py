@@ -385,7 +385,7 @@ def _dwr_first(k: Any, hg: HypergradientResult, target: float, n: int, component
     eps, delta, tol_v, tol_lam = dwr_planned(
         hg, target / math.sqrt(n) if components else target,
         bool(getattr(k, "upper_depends_on_theta", False)),
-        (*higher_constants(k, th), cross_lipschitz(k, th, hg.x, float(hg.e)))
+        (*higher_constants(k, th, hg.x, float(hg.e)), cross_lipschitz(k, th, hg.x, float(hg.e)))
         if uses_general_terms(k) else None, energy)
     return eps, delta, [tol_v] * n, [tol_lam] * n
 

@@ -172,7 +172,7 @@ def _terms(k: Any, hg: HypergradientResult, c: dict[str, Any], th: np.ndarray, L
     c_t, c_w = solve_weights(hg)
     terms = product_terms(mu, E, R, 0.0, 0.0, LB, Lf, ft)
     if uses_general_terms(k):
-        L3, LHf = higher_constants(k, th)
+        L3, LHf = higher_constants(k, th, hg.x, E)  # B(x_eps, e) holds x*
         nv = nB / mu
         m_norm = certified_product(LB, nq) + certified_product(Lf + q_curvature(c, nq), nv)
         local = None  # docs/bounds.md 15.10: ||DA[e] q|| <= LA_q E; v is every v_u, no local one

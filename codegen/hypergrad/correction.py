@@ -111,7 +111,8 @@ def dwr_unavailable(k: Any, theta: Any = None) -> str | None:
     if not hasattr(k, "upper_hvp"):
         return "the problem has no upper HVP (the dual right-hand side)"
     if th is not None:
-        L3, LH = higher_constants(k, th)
+        # a ball rule is finite on every ball or on none: the unit ball at 0 decides
+        L3, LH = higher_constants(k, th, np.zeros(int(k.x_size)), 1.0)
         if not math.isfinite(L3):
             return ("the lower Hessian depends on x and the constants give no finite L_3 "
                     "(Lipschitz constant of x -> DA(x), a fourth-derivative bound of g on the "
@@ -185,11 +186,20 @@ def uses_general_terms(k: Any) -> bool:
                 and bool(getattr(k, "upper_is_quadratic", False)))
 
 
-def higher_constants(k: Any, th: np.ndarray) -> tuple[float, float]:
+def higher_constants(k: Any, th: np.ndarray, x: Any = None,
+                     radius: float = math.inf) -> tuple[float, float]:
     """(L_3, L_Hf): Lipschitz constants of x -> DA(x) (fourth derivative of g) and of
-    x -> H_f(x) (third derivative of f), from k.constants(theta); 0 where g (f) is quadratic in
-    x, inf where missing (the bound is then infinite, never wrong)."""
+    x -> H_f(x) (third derivative of f), from k.constants(theta), or where that is infinite
+    (exp and polynomial atoms) from k.local_constants on B(x, radius), which must hold x* and
+    x_eps (docs/bounds.md 15.3); 0 where g (f) is quadratic in x, inf where missing (the bound
+    is then infinite, never wrong)."""
     raw = dict(k.constants(th))
+    local = getattr(k, "local_constants", None)
+    if (not all(math.isfinite(float(raw.get(key, math.inf))) for key in ("L_3", "L_Hf"))
+            and x is not None and math.isfinite(radius) and local is not None):
+        ball = local(np.asarray(x, dtype=np.float64), th, radius)
+        raw = {key: min(float(raw.get(key, math.inf)), float(ball.get(key, math.inf)))
+               for key in ("L_3", "L_Hf")}
 
     def read(key: str, zero: bool) -> float:
         if zero:
@@ -223,8 +233,8 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
     work = {"hvps": spent, "lower_grads": 0, "cross": 0, "upper": 1}
     R = norm(r)
     r_g = np.asarray(hg.lower.grad)  # type: ignore[union-attr]
-    c["L_3"], c["L_Hf"] = higher_constants(k, th)
-    c["L_DB"] = cross_lipschitz(k, th, x, float(hg.e))  # B(x_eps, e) holds x*
+    c["L_3"], c["L_Hf"] = higher_constants(k, th, x, float(hg.e))  # B(x_eps, e) holds x*
+    c["L_DB"] = cross_lipschitz(k, th, x, float(hg.e))
     parts = []
     kept: dict[str, float] = {}
     for j, u in enumerate(directions):

@@ -1,6 +1,7 @@
 """Build-time half of the local (ball) constants (docs/constants.md 3; evaluation/local.py is the
 bind-time half): the ball symbols of a term, and what an atom psi(k_i.x + b_i) must record so
-that sup |psi''|, sup |psi'''| over the argument intervals can be evaluated at bind time.
+that sup |psi''|, sup |psi'''|, sup |psi''''| over the argument intervals can be evaluated at bind
+time.
 
 Handled atoms: psi = polynomial + sum kappa exp(a t + b) with numbers only (the forms whose sups
 over an interval `evaluation.local.interval_sups` bounds rigorously).
@@ -14,8 +15,8 @@ from ..records import T, dump, qsym
 
 
 def ball_symbols(label: str) -> dict:
-    """The symbols ball_hi/peak/d3_<label> a term's ball constants are written in."""
-    return {w: qsym(f"ball_{w}_{label}") for w in ("hi", "peak", "d3")}
+    """The symbols ball_hi/peak/d3/d4_<label> a term's ball constants are written in."""
+    return {w: qsym(f"ball_{w}_{label}") for w in ("hi", "peak", "d3", "d4")}
 
 
 def ball_components(psi: sp.Expr) -> tuple | None:

@@ -249,9 +249,10 @@ def _apply_stated(records: dict, stated: dict, ctx: Ctx) -> None:
 
 
 BALL_RULE = ("on the ball B(x, r) only (docs/framework.md section 8.4): the rules of the global constant "
-             "with sup|psi''|, sup|psi'''| of each unbounded atom psi(k_i.x + b_i) taken over "
-             "[z_i - r||k_i||, z_i + r||k_i||], z = K x + b at the centre (ball_hi/peak/d3_<term>, "
-             "evaluated by constants.local.evaluate_local); mu stays global")
+             "with sup|psi''|, sup|psi'''|, sup|psi''''| of each unbounded atom psi(k_i.x + b_i) "
+             "taken over [z_i - r||k_i||, z_i + r||k_i||], z = K x + b at the centre "
+             "(ball_hi/peak/d3/d4_<term>, evaluated by constants.local.evaluate_local); mu stays "
+             "global")
 
 
 XINF_RULE = ("; learned filters: |(dK/dtheta_l y)_I| <= m_l ||y||_inf <= m_l ball_xinf on the "
@@ -265,7 +266,8 @@ LDB_BALL_RULE = ("; theta in a learned filter's taps: column l adds |c| m_l (2 s
 
 
 def _ball_records(gt, ft, records, stated):
-    """Ball versions of L, L_A, L_B, L_f where some term has an unbounded atom (never mu)."""
+    """Ball versions of L, L_A, L_B, L_3, L_DB, L_f and L_Hf where some term has an unbounded
+    atom (never mu)."""
     if not any(t.ball for t in gt + ft):
         return {}
     terms = {t.label: t.ball["info"] for t in gt + ft if t.ball and t.ball["info"] is not None}
@@ -283,16 +285,18 @@ def _ball_records(gt, ft, records, stated):
         ps = ps + val(t, "LB_ps")
     exprs["L_B"] = (_lb(cols, ps), gt)
     exprs["L_DB"] = (_sum([val(t, "LDB") for t in gt]), gt)
+    exprs["L_3"] = (_sum([val(t, "L3") for t in gt]), gt)
     if any(t.ball for t in ft):
         Lf = _curvature_bound(_sum([t.lo for t in ft]), _sum([val(t, "hi") for t in ft]))
         exprs["L_f"] = (Lf, ft)
+        exprs["L_Hf"] = (_sum([val(t, "LA") for t in ft]), ft)
     out = {}
     for name, (expr, ts) in exprs.items():
         if name in stated or name not in records or expr == sp.oo or expr == records[name].expr:
             continue
         if not expr.free_symbols or not any(s.name.startswith("ball_") for s in expr.free_symbols):
             continue
-        interval = any(s.name.startswith(("ball_hi_", "ball_peak_", "ball_d3_"))
+        interval = any(s.name.startswith(("ball_hi_", "ball_peak_", "ball_d3_", "ball_d4_"))
                        for s in expr.free_symbols)
         rule = (BALL_RULE if interval else "on the ball B(x, r) only (docs/framework.md section "
                 "8.4): the rules of the global constant") + (XINF_RULE if XINF in expr.free_symbols

@@ -388,13 +388,14 @@ def _ball(tf, c, ps, facts, psi, lin, off, op, ctx, upper, limits):
             return sy["peak"]
 
     bf = _BallFacts(facts.name + " (on the ball)", facts.lo, sy["hi"], sy["d3"], facts.dth,
-                    "bound", facts.certified, facts.rule + "; sup over the ball's argument intervals")
+                    "bound", facts.certified, facts.rule + "; sup over the ball's argument intervals",
+                    d4=sy["d4"])
     saved = (tf.lo, tf.hi, tf.LA, dict(tf.LB_cols), tf.LB_ps, tf.LB_note, tf.Lft, tf.rule,
              tf.message, tf.parts, tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified, tf.L3,
              tf.LDB)
     _combine(tf, c, ps, bf, op, off, ctx, upper, limits)
     tf.ball = {"hi": tf.hi, "LA": tf.LA, "LB_cols": dict(tf.LB_cols), "LB_ps": tf.LB_ps,
-               "info": info}
+               "L3": tf.L3, "info": info}
     (tf.lo, tf.hi, tf.LA, tf.LB_cols, tf.LB_ps, tf.LB_note, tf.Lft, tf.rule, tf.message, tf.parts,
      tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified, tf.L3, tf.LDB) = saved
 
@@ -409,6 +410,35 @@ def _unsupported(tf, why):
     return tf
 
 
+def _weighted_curvature(c, sign, f: AtomFacts, weights):
+    """[s_lo, s_hi] containing c v psi'' for every atom argument and every per-sample weight v in
+    weights = (vmin, vmax) (None: v = 1), by the sign of c (section 3.3 of docs/constants.md)."""
+    lo, hi = f.lo, f.hi
+
+    def vlo(z):  # min over v in [vmin, vmax] of v*z
+        if weights is None:
+            return z
+        vmin, vmax = weights
+        return vmin * z if z.is_nonnegative else (vmax * z if z.is_nonpositive else sp.Min(vmin * z, vmax * z))
+
+    def vhi(z):
+        if weights is None:
+            return z
+        vmin, vmax = weights
+        return vmax * z if z.is_nonnegative else (vmin * z if z.is_nonpositive else sp.Max(vmin * z, vmax * z))
+
+    if sign == "+":
+        return _mul(c, vlo(lo)) if lo != -sp.oo else -sp.oo, _mul(c, vhi(hi))
+    if sign == "-":
+        return -sp.oo if hi == sp.oo else c * vhi(hi), sp.oo if lo == -sp.oo else c * vlo(lo)
+    if weights is None and f.kind == "exact" and lo == hi:
+        # constant curvature (a quadratic atom): c psi'' is c lo whatever the sign of c (a weight
+        # theta/2 ||x||^2 gives mu = theta, checked > 0 at evaluate, not -|theta|)
+        return _mul(c, lo), _mul(c, lo)
+    s_hi = _mul(sp.Abs(c) * (sp.S.One if weights is None else weights[1]), f.peak)
+    return -s_hi, s_hi
+
+
 def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
     sign = _sign(c, ctx)
     if ps is None:
@@ -419,26 +449,7 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
         v, single = ps
         vmax, vmin = ThetaMax(sp.Lambda(T, v)), ThetaMin(sp.Lambda(T, v))
         dv = ThetaMax(sp.Lambda(T, sp.Abs(sp.diff(v, T))))
-    lo, hi = f.lo, f.hi
-
-    def vlo(z):  # min over v in [vmin, vmax] of v*z
-        if ps is None:
-            return z
-        return vmin * z if z.is_nonnegative else (vmax * z if z.is_nonpositive else sp.Min(vmin * z, vmax * z))
-
-    def vhi(z):
-        if ps is None:
-            return z
-        return vmax * z if z.is_nonnegative else (vmin * z if z.is_nonpositive else sp.Max(vmin * z, vmax * z))
-
-    if sign == "+":
-        s_lo, s_hi = _mul(c, vlo(lo)) if lo != -sp.oo else -sp.oo, _mul(c, vhi(hi))
-    elif sign == "-":
-        s_lo = -sp.oo if hi == sp.oo else c * vhi(hi)
-        s_hi = sp.oo if lo == -sp.oo else c * vlo(lo)
-    else:
-        s_hi = _mul(sp.Abs(c) * vmax, f.peak)
-        s_lo = -s_hi
+    s_lo, s_hi = _weighted_curvature(c, sign, f, None if ps is None else (vmin, vmax))
     N, lam = op.normsq, op.lmin
 
     def apply(s, low):

@@ -10,12 +10,13 @@ and every structural rule of `derivation.terms` holds on the ball with sup_R rep
 max_i sup_{I_i}. `derive` stores, per such term, the data needed to rebuild z = K x + b and ||k_i||
 (the affine argument as SymPy text) and, per constant, a "ball" Record whose expression uses the
 symbols ball_hi_<term> (max_i sup_{I_i} psi'', clipped at 0 from below), ball_peak_<term>
-(max_i sup_{I_i} |psi''|) and ball_d3_<term> (max_i sup_{I_i} |psi'''|).
+(max_i sup_{I_i} |psi''|), ball_d3_<term> (max_i sup_{I_i} |psi'''|) and ball_d4_<term>
+(max_i sup_{I_i} |psi''''|, for L_3).
 
 `evaluate_local(der, theta, quantities, x, radius, data)` returns the dict of `evaluate` with L,
-L_A, L_B, L_f replaced by min(global, ball) -- valid on B(x, radius) only. mu is NEVER local: it
-certifies ||x - x*|| <= G/mu, i.e. it is what puts x* into the ball in the first place, so it stays
-the global value from `evaluate`.
+L_A, L_B, L_3, L_DB, L_f, L_Hf replaced by min(global, ball) -- valid on B(x, radius) only. mu is
+NEVER local: it certifies ||x - x*|| <= G/mu, i.e. it is what puts x* into the ball in the first
+place, so it stays the global value from `evaluate`.
 
 Sups over I_i, vectorised over the rows, with outward margins:
 - exp components kappa exp(a t + b): |kappa a^n| exp(max over the two ends) (monotone);
@@ -98,20 +99,23 @@ def _exp_sup(kappa, a, b, n, lo, hi):
 
 
 def interval_sups(components, lo, hi) -> dict:
-    """max over rows of: sup psi'' (clipped >= 0), sup |psi''|, sup |psi'''| over [lo_i, hi_i]."""
+    """max over rows of: sup psi'' (clipped >= 0), sup |psi''|, sup |psi'''|, sup |psi''''| over
+    [lo_i, hi_i]."""
     coeffs, exps = components
     s2, a2 = _poly_sup(coeffs, 2, lo, hi)
     _, a3 = _poly_sup(coeffs, 3, lo, hi)
+    _, a4 = _poly_sup(coeffs, 4, lo, hi)
     for kappa, a, b in exps:
         s, ab = _exp_sup(kappa, a, b, 2, lo, hi)
         s2, a2 = s2 + s, a2 + ab
         a3 = a3 + _exp_sup(kappa, a, b, 3, lo, hi)[1]
+        a4 = a4 + _exp_sup(kappa, a, b, 4, lo, hi)[1]
 
     def top(v):
         v = float(np.max(v)) if v.size else 0.0
         return math.inf if math.isnan(v) else v * (1 + REL)
 
-    return {"hi": max(top(s2), 0.0), "peak": top(a2), "d3": top(a3)}
+    return {"hi": max(top(s2), 0.0), "peak": top(a2), "d3": top(a3), "d4": top(a4)}
 
 
 # -- bind-time rebuild of z = K x + b --------------------------------------------------------
@@ -197,7 +201,8 @@ def ball_values(der, theta, x, radius, data, cache=None) -> dict:
 
 
 def evaluate_local(der, theta, quantities, x, radius, data, cache=None) -> dict:
-    """`evaluate` with L, L_A, L_B, L_f replaced by min(global, bound on the ball B(x, radius)).
+    """`evaluate` with L, L_A, L_B, L_3, L_DB, L_f, L_Hf replaced by min(global, bound on the
+    ball B(x, radius)) where a ball record exists.
 
     Keys as `evaluate` (+ "domains": name -> "ball" | "all x", "radius"). mu stays GLOBAL: it is
     never evaluated on the ball (its role is to prove ||x - x*|| <= G/mu).

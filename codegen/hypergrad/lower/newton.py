@@ -155,7 +155,7 @@ def newton_descent(task: LowerTask, name: str, direction: Direction) -> LowerRes
                 break
             alpha *= 0.5
         if accepted is None:
-            status, msg = _no_decrease(gn, rounding_floor(L, x), n_grad + n_hvp >= max_iter, msg)
+            status, msg = _no_decrease(gn, _floor(task, x, gn), n_grad + n_hvp >= max_iter, msg)
             break
         x, g, gn = x_new, accepted, gn_new
         it += 1
@@ -178,13 +178,25 @@ def _fused(task: LowerTask, loops: FusedLoops) -> LowerResult:
                            n_grad=1, message=run.message)
     status, msg = run.status, run.message
     if status is None:
-        status, msg = _no_decrease(run.gn, rounding_floor(L, run.x),
+        status, msg = _no_decrease(run.gn, _floor(task, run.x, run.gn),
                                    run.n_grad + run.n_hvp >= task.max_iter,
                                    "non-finite kernel output" if run.last_failed else "")
     return LowerResult(x=run.x, grad=run.grad, bound=run.gn / mu, iterations=run.iterations,
                        status=status, solver="newton", tol=task.tol, mu=mu, L=L,
                        n_grad=run.n_grad, n_hvp=run.n_hvp, initial_bound=run.gn0 / mu,
                        apriori=run.gn0 / mu, message=msg)
+
+
+def _floor(task: LowerTask, x: np.ndarray, gn: float) -> float:
+    """The rounding floor of ||grad g|| at x (`stopping.rounding_floor`) with the task's L or,
+    where L is infinite globally (exp and polynomial atoms), with L on the ball B(x, ||g||/mu)
+    that holds x* (`local_constants`): without a scale, a Newton solve stalled at rounding
+    noise would read as diverged."""
+    L = float(task.constants["L"])
+    local = getattr(task.k, "local_constants", None)
+    if not math.isfinite(L) and local is not None:
+        L = float(local(x, task.theta, gn / float(task.constants["mu"]))["L"])
+    return rounding_floor(L, x)
 
 
 def _no_decrease(gn: float, floor: float, out_of_work: bool, msg: str) -> tuple[Status, str]:
