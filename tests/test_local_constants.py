@@ -8,7 +8,9 @@
     on Poisson regression the default (tight) certificate applies and is within a few times
     the true error (docs/bounds.md 15.3);
 (c) a problem whose constants are finite globally (ridge) is unchanged;
-(d) Newton stalled at rounding noise with L infinite globally reports the rounding floor.
+(d) Newton stalled at rounding noise with L infinite globally reports the rounding floor;
+(e) the DWR rounds at a small mu start where the local constants are finite.
+The atoms: exp, a quartic, cosh (the table's: psi'' >= 1 counts in mu) and Poisson regression.
 """
 import numpy as np
 import pytest
@@ -28,7 +30,7 @@ def atom_problem(kind):
     A, b = sp.IndexedBase("A", shape=(m, n)), sp.IndexedBase("b", shape=(m,))
     Av, bv = sp.IndexedBase("Av", shape=(p, n)), sp.IndexedBase("bv", shape=(p,))
     x, theta = sp.IndexedBase("x", shape=(n,)), sp.Symbol("theta")
-    atom = {"exp": sp.exp, "quartic": lambda u: u ** 4 / 4,
+    atom = {"exp": sp.exp, "quartic": lambda u: u ** 4 / 4, "cosh": sp.cosh,
             "ridge": lambda u: u ** 2 / 2}[kind]
     return Problem(
         name=f"local_{kind}", x=x, theta=theta,
@@ -85,7 +87,7 @@ def _ball_points(rng, x, r, count):
 
 
 def test_derivation_marks_ball_constants():
-    for kind in ("exp", "quartic"):
+    for kind in ("exp", "quartic", "cosh"):
         der = derive(atom_problem(kind))
         assert der.constants["L"].expr == sp.oo and der.constants["L_A"].expr == sp.oo
         ball = der.ball["constants"]
@@ -95,9 +97,12 @@ def test_derivation_marks_ball_constants():
         assert again.to_json() == der.to_json()
     ridge = derive(atom_problem("ridge"))
     assert ridge.ball == {} and '"ball"' not in ridge.to_json()
+    # cosh(a_i.x - b_i): psi'' = cosh >= 1 adds lambda_min(A^T A) to mu (each exp of its two
+    # alone would add 0)
+    assert derive(atom_problem("cosh")).constants["mu"].expr != derive(atom_problem("exp")).constants["mu"].expr
 
 
-@pytest.mark.parametrize("kind", ["exp", "quartic"])
+@pytest.mark.parametrize("kind", ["exp", "quartic", "cosh"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_local_constants_hold_on_the_ball(kind, seed, build_dir):
     data = make_data(seed)
@@ -190,22 +195,62 @@ def test_poisson_takes_the_tight_certificate(build_dir):
     assert max(ratios) <= 20.0 and np.median(ratios) <= 5.0, ratios
 
 
+def test_dwr_rounds_at_a_small_mu_start_on_a_ball_the_constants_bound(build_dir):
+    """certificate="dwr" plans its first lower solve to sqrt(rtol) of ||grad g(x0)||/mu, which at
+    mu = 3e-5 asked for no solve and left a ball on which the exp atoms' local constants are
+    infinite (an infinite bound ended the rounds: certificate "er", bound inf). The first round
+    is never looser than the tight rounds' (rtol/2): finite, valid bounds at every seed."""
+    for seed in (0, 1, 2):
+        prob = module("poisson", build_dir).bind(**poisson_data(seed, n=30))
+        th = np.array([np.log(0.1) - 8.0])
+        ref = prob.hypergradient(th, lower="newton", adjoint="cg", eps=1e-13, delta=1e-13)
+        hg = prob.hypergradient(th, rtol=1e-3, certificate="dwr", lower="newton", adjoint="cg")
+        assert hg.ok and hg.certificate == "dwr", hg.status
+        assert np.linalg.norm(hg.grad - ref.grad) <= hg.bound + ref.bound
+        assert hg.bound <= 1e-3 * np.linalg.norm(hg.grad)
+
+
+def cosh_problem():
+    """Least squares plus a heavy exp(theta) sum_j (exp(x_j) + exp(-x_j)): x* is near 0, where
+    the penalty's gradient exp(theta) (e^x - e^-x) is two large terms that cancel."""
+    m, n = sp.symbols("m n", integer=True, positive=True)
+    i, j = sp.Idx("i", m), sp.Idx("j", n)
+    A, b = sp.IndexedBase("A", shape=(m, n)), sp.IndexedBase("b", shape=(m,))
+    x, theta = sp.IndexedBase("x", shape=(n,)), sp.Symbol("theta")
+    return Problem(
+        name="local_cosh_penalty", x=x, theta=theta,
+        lower=sp.Sum((sp.Sum(A[i, j] * x[j], (j, 0, n - 1)) - b[i]) ** 2, (i, 0, m - 1)) / 2
+        + sp.exp(theta) * sp.Sum(sp.exp(x[j]) + sp.exp(-x[j]), (j, 0, n - 1))
+        + sp.Sum(x[j] ** 2, (j, 0, n - 1)) / 2000,
+        upper=sp.Sum(x[j] ** 2, (j, 0, n - 1)) / 2)
+
+
 @pytest.mark.parametrize("record", [False, True])  # the fused loop and the Python loop
-def test_newton_stalled_at_rounding_noise_is_not_diverged(record, build_dir):
-    """L is infinite globally (exp atoms): the rounding floor of ||grad g|| takes L on the ball
-    B(x, ||g||/mu), so a Newton solve asked for a tolerance no float reaches ends at its rounding
-    floor, not "diverged"."""
+@pytest.mark.parametrize("case", ["poisson", "cosh"])
+def test_newton_stalled_at_rounding_noise_is_not_diverged(case, record, build_dir):
+    """L is infinite globally (exp atoms): Newton asked for a tolerance no float reaches ends at
+    its rounding floor, not "diverged" (a hard failure). On Poisson regression L on the ball
+    around x gives the scale L ||x||; with the heavy cosh penalty x is near 0 while the
+    gradient's terms are about exp(theta), and the floor is where exact arithmetic would
+    have accepted a step (mu^2 / (4.5 2^-33 L_A) on the ball)."""
     from codegen.hypergrad import solve_lower
 
-    prob = module("poisson", build_dir).bind(**poisson_data(3))
-    th = np.array([np.log(0.1) - 3.0])
+    if case == "poisson":
+        prob = module("poisson", build_dir).bind(**poisson_data(3))
+        th = np.array([np.log(0.1) - 3.0])
+    else:
+        if "cosh penalty" not in _MODULES:
+            _MODULES["cosh penalty"] = build_problem(cosh_problem(), build_dir)
+        rng = np.random.default_rng(5)
+        prob = _MODULES["cosh penalty"].bind(A=rng.standard_normal((40, 12)), b=rng.standard_normal(40))
+        th = np.array([7.0])
     assert prob.constants(th)["L"] == np.inf
     low = solve_lower(prob, th, solver="newton", tol=1e-300, record=record)
     assert low.status == "rounding floor", low
-    assert "stagnates at the rounding floor" in low.message and low.bound < 1e-12
+    assert "stagnates at the rounding floor" in low.message and low.bound < 1e-10
 
 
-@pytest.mark.parametrize("kind", ["exp", "quartic"])
+@pytest.mark.parametrize("kind", ["exp", "quartic", "cosh"])
 def test_hypergradient_bound_finite_and_valid(kind, build_dir):
     data = make_data(7, m=8, n=5, p=4)
     prob = module(kind, build_dir).bind(**data)

@@ -126,6 +126,55 @@ def test_unreachable_target_keeps_a_valid_bound():
     assert np.linalg.norm(hg.grad - k.exact_hypergradient(theta)) <= hg.bound
 
 
+def _plain_weight_logistic():
+    """l2-logistic regression with the ridge weight written as theta itself (mu = theta)."""
+    import sympy as sp
+
+    from codegen import Problem
+    m, n, p = sp.symbols("m n p", integer=True, positive=True)
+    i, j, k = sp.Idx("i", m), sp.Idx("j", n), sp.Idx("k", p)
+    A, y = sp.IndexedBase("A", shape=(m, n)), sp.IndexedBase("y", shape=(m,))
+    Av, yv = sp.IndexedBase("Av", shape=(p, n)), sp.IndexedBase("yv", shape=(p,))
+    x, theta = sp.IndexedBase("x", shape=(n,)), sp.Symbol("theta")
+
+    def loss(M, lab, r, rows):
+        return sp.Sum(sp.log(1 + sp.exp(-lab[r] * sp.Sum(M[r, j] * x[j], (j, 0, n - 1)))),
+                      (r, 0, rows - 1)) / rows
+    return Problem(name="plain_weight", x=x, theta=theta,
+                   lower=loss(A, y, i, m) + theta / 2 * sp.Sum(x[j] ** 2, (j, 0, n - 1)),
+                   upper=loss(Av, yv, k, p))
+
+
+def test_auto_goes_past_the_floor_of_er_with_the_direct_solvers(build_dir):
+    """At mu = theta = 1e-6 auto takes the direct solvers and E&R's bound, which stops at its
+    accuracy floor (first order in e ~ eps_machine ||x|| / mu) above rtol ||h||; auto then runs
+    the tight correction from there, which certifies the target. Exact hypergradient: x* by
+    dense Newton, -B^T A^{-1} grad f from the dense matrices."""
+    from codegen.pipeline import build_problem
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(10)
+
+    def sample(c):
+        F = rng.standard_normal((c, 10))
+        return F, np.where(rng.random(c) < 1 / (1 + np.exp(-F @ w)), 1.0, -1.0)
+    (A, y), (Av, yv) = sample(150), sample(100)
+    prob = build_problem(_plain_weight_logistic(), build_dir).bind(A=A, y=y, Av=Av, yv=yv)
+    th = np.array([1e-6])
+    x = np.zeros(10)
+    for _ in range(60):
+        x = x - np.linalg.solve(prob.lower_hessian(x, th), prob.lower_grad(x, th))
+    exact = prob.upper_theta_grad(x, th) - prob.cross_matrix(x, th).T @ np.linalg.solve(
+        prob.lower_hessian(x, th), prob.upper_grad(x, th))
+    er = prob.hypergradient(th, rtol=1e-6, certificate="er")
+    assert er.lower_solver == "direct" and [r.kind.value for r in er.reasons] == ["accuracy floor"]
+    hg = prob.hypergradient(th, rtol=1e-6)
+    assert hg.ok and hg.certificate == "tight" and hg.lower_solver == "direct", hg.status
+    assert hg.bound <= 1e-6 * np.linalg.norm(hg.grad) and hg.bound < er.bound
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound
+    assert hg.work["units"] > er.work["units"] and "accuracy floor" in hg.notes[-1]
+
+
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_audit_names_the_certificates_the_runtime_allows(name, build_dir):
     """`hypergen audit` says whether the correction (and so "tight") is available from the

@@ -18,7 +18,7 @@ from .accuracy import TIGHT_RELATIVE, Round, corrected_to_accuracy, first_tolera
 from .block import block_to_accuracy, block_unavailable
 from .common import call_kernel, checked_constants, norm, x_size_of
 from .correction import MAX_COMPONENTS, dwr_unavailable
-from .options import HypergradientOptions
+from .options import DEFAULTS, HypergradientOptions
 from .registry import adjoint_entry, lower_entry
 from .results import HypergradientResult
 
@@ -107,8 +107,11 @@ def first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,
     """(eps, delta, relative tolerance of the forward and dual CGs, work) of the DWR's first
     round. With rtol: each solve to sqrt(rtol) of its starting size (the bound's terms are
     products of two such errors; docs/bounds.md 15.5): eps = s ||grad g(x0)||/mu,
-    delta = s ||grad f(x0)||, s = sqrt(rtol); one lower and one upper gradient. Otherwise the
-    options' eps and delta, and the CGs to delta relative."""
+    delta = s ||grad f(x0)||, s = sqrt(rtol); one lower and one upper gradient. eps is never
+    looser than the tight rounds' first (`first_tolerances`, rtol/2 absolute): with a small mu,
+    s ||grad g(x0)||/mu asks for no solve at all, and the ball B(x_eps, e) it leaves is too
+    large for local constants (exp atoms: infinite there, and an infinite bound ends the
+    rounds). Otherwise the options' eps and delta, and the CGs to delta relative."""
     if opts.rtol is None or opts.rtol <= 0:
         return opts.eps, opts.delta, 1e-3, {}
     s = math.sqrt(float(opts.rtol))
@@ -119,4 +122,5 @@ def first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,
     if g0 is None or b0 is None or not norm(g0) > 0 or not norm(b0) > 0:
         return opts.eps, opts.delta, s, spent
     mu = checked_constants(k, th)["mu"]
-    return s * norm(g0) / mu, s * norm(b0), s, spent
+    cap = first_tolerances(float(opts.rtol), DEFAULTS.eps, DEFAULTS.delta, tight=True)[0]
+    return min(s * norm(g0) / mu, cap), s * norm(b0), s, spent

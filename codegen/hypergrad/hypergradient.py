@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import KernelError
 from .accuracy import (
+    add_work,
     check_targets,
     to_accuracy,
 )
@@ -166,9 +167,23 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
     if why is not None:
         res = _er(k, th, opts.evolve(certificate="er"), x0, q0)
         if asked == "auto":  # the default: `certificate` names the bound, docs/bounds.md 15.6 why
-            return res
+            return _past_the_floor(k, th, opts, res) if chosen == "er" else res
         return evolve(res, notes=tuple(res.notes) + (
             f"certificate {asked!r}: E&R's bound, no DWR correction ({why})",))
+    try:
+        return _corrected(k, th, opts, chosen, x0, q0)
+    except (KernelError, FloatingPointError, OverflowError) as exc:
+        # a correction kernel (upper HVP, third derivatives, cross products) not finite where
+        # the plain hypergradient was: E&R's bound, never an exception or a wrong bound
+        res = _er(k, th, opts.evolve(certificate="er"), x0, q0)
+        return evolve(res, notes=tuple(res.notes) + (
+            f"certificate {asked!r}: E&R's bound, the correction failed ({exc})",))
+
+
+def _corrected(k: Any, th: np.ndarray, opts: HypergradientOptions, chosen: str, x0: Any,
+               q0: Any) -> HypergradientResult:
+    """The rounds of the chosen correction ("dwr", "tight", "block"), each round's plain
+    hypergradient by `_once` at the round's eps and delta."""
     plain = opts.evolve(certificate="er", rtol=None, atol=0.0)
 
     def run(eps: float, delta: float, x0: Any, q0: Any, refine: int,
@@ -176,14 +191,32 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
         return _once(k, th, plain.evolve(eps=eps, delta=delta, refine_iter=refine), x0, q0,
                      keep_basis=True, companion=companion)
 
+    return corrected(k, th, opts, chosen, run, x0, q0)
+
+
+def _past_the_floor(k: Any, th: np.ndarray, opts: HypergradientOptions,
+                    res: HypergradientResult) -> HypergradientResult:
+    """res, auto's E&R rounds (taken for their solvers: the direct ones), or where those stopped
+    at their accuracy floor short of the target the tight correction (block above
+    MAX_COMPONENTS) warm-started from res, when it applies and its bound is smaller. E&R's bound
+    is first order in e, which stalls near eps_machine ||x|| / mu; the correction's terms are
+    products, so at a small mu it certifies what E&R's cannot (docs/bounds.md 15.6). The work
+    of both is counted."""
+    if not any(r.kind is ReasonKind.ACCURACY_FLOOR for r in res.reasons):
+        return res
+    chosen = resolved_certificate(opts.evolve(certificate="tight"), th.size)
+    if certificate_refused(k, th, opts.evolve(certificate=chosen), chosen) is not None:
+        return res
     try:
-        return corrected(k, th, opts, chosen, run, x0, q0)
-    except (KernelError, FloatingPointError, OverflowError) as exc:
-        # a correction kernel (upper HVP, third derivatives, cross products) not finite where
-        # the plain hypergradient was: E&R's bound, never an exception or a wrong bound
-        res = _er(k, th, opts.evolve(certificate="er"), x0, q0)
-        return evolve(res, notes=tuple(res.notes) + (
-            f"certificate {asked!r}: E&R's bound, the correction failed ({exc})",))
+        alt = _corrected(k, th, opts, chosen, res.x, res.q)
+    except (KernelError, FloatingPointError, OverflowError):
+        return res
+    work = dict(res.work)
+    add_work(work, alt.work)
+    better = alt if alt.bound < res.bound else res
+    return evolve(better, work=work, notes=tuple(better.notes) + (
+        f"auto: E&R's rounds stopped at their accuracy floor (bound {fmt(res.bound)}); the "
+        f"{chosen} correction from there: bound {fmt(alt.bound)}",))
 
 
 def _resolved(k: Any, opts: HypergradientOptions, theta: Any) -> HypergradientOptions:

@@ -210,6 +210,14 @@ def _base(psi, theta_syms, timeout):
                              "atom table: exp(a t + b), psi'' in (0, oo)",
                              "exp has unbounded curvature: L and L_A are infinite globally "
                              "(only local constants on a ball exist)")
+    if isinstance(psi, sp.cosh):
+        ab = _linear(psi.args[0])
+        if ab and ab[0].is_number and ab[0] != 0:
+            a, b = ab
+            return AtomFacts("cosh", a**2, sp.oo, sp.oo, {} if _theta_free(b, theta_syms) else None,
+                             "infinite", True, "atom table: cosh(a t + b), psi'' = a^2 cosh in "
+                             "[a^2, oo)", "cosh has unbounded curvature: L and L_A are infinite "
+                             "globally (only local constants on a ball exist)")
     return _generic(psi, theta_syms, timeout)
 
 

@@ -21,8 +21,9 @@ def ball_symbols(label: str) -> dict:
 
 def ball_components(psi: sp.Expr) -> tuple | None:
     """(polynomial coefficients, [(kappa, a, b)]) with psi = poly(t) + sum kappa exp(a t + b),
-    all numbers; None when psi has another form (or theta/data symbols)."""
-    psi = sp.sympify(psi)
+    all numbers (cosh and sinh as their exps); None when psi has another form (or theta/data
+    symbols)."""
+    psi = sp.sympify(psi).rewrite(sp.exp) if sp.sympify(psi).has(sp.cosh, sp.sinh) else sp.sympify(psi)
     if psi.free_symbols - {T}:
         return None
     poly = sp.S.Zero

@@ -187,16 +187,32 @@ def _fused(task: LowerTask, loops: FusedLoops) -> LowerResult:
                        apriori=run.gn0 / mu, message=msg)
 
 
+#: The smallest step the backtracking tries is the last 2^-j above 1e-10, 2^-33 = 1.16e-10.
+SMALLEST_STEP = 2.0 ** -33
+
+
 def _floor(task: LowerTask, x: np.ndarray, gn: float) -> float:
-    """The rounding floor of ||grad g|| at x (`stopping.rounding_floor`) with the task's L or,
-    where L is infinite globally (exp and polynomial atoms), with L on the ball B(x, ||g||/mu)
-    that holds x* (`local_constants`): without a scale, a Newton solve stalled at rounding
-    noise would read as diverged."""
-    L = float(task.constants["L"])
+    """The ||grad g|| at x below which finding no decrease along a Newton direction is rounding
+    noise: `stopping.rounding_floor` (scale L ||x||). Where L is infinite globally (exp and
+    polynomial atoms) that scale misses the gradient's terms that do not vanish with x (psi' =
+    psi'' for exp), so with L and L_A on the ball B(x, 1.5 ||g||/mu) that holds x* and x + d
+    (`local_constants`) it is the larger of that and the level below which exact arithmetic
+    would have accepted a step: with A d = -g + r, ||r|| <= ||g||/2 (the forcing term; 0 for
+    lower="direct"), ||d|| <= 1.5 ||g||/mu and ||g(x + a d)|| <= (1 - a/2) ||g|| +
+    L_A a^2 ||d||^2/2, every a <= (1 - 2e-4) ||g|| / (L_A ||d||^2) passes the test, and the
+    halvings try one in [a/2, a] when that is >= 2 SMALLEST_STEP, i.e. when
+    ||g|| <= (1 - 2e-4) mu^2 / (4.5 SMALLEST_STEP L_A). With L finite a kernel whose gradient is
+    noisy far above rounding still reads as diverged. A steering level for the status only:
+    the certificate is ||g||/mu at the returned x either way."""
+    c, mu = task.constants, float(task.constants["mu"])
+    L = float(c["L"])
     local = getattr(task.k, "local_constants", None)
-    if not math.isfinite(L) and local is not None:
-        L = float(local(x, task.theta, gn / float(task.constants["mu"]))["L"])
-    return rounding_floor(L, x)
+    if math.isfinite(L) or local is None:
+        return rounding_floor(L, x)
+    ball = local(x, task.theta, 1.5 * gn / mu)
+    L_A = float(ball.get("L_A", math.inf))
+    exact = mu * mu * (1 - 2e-4) / (4.5 * SMALLEST_STEP * L_A) if L_A > 0 else math.inf
+    return max(rounding_floor(float(ball["L"]), x), exact)
 
 
 def _no_decrease(gn: float, floor: float, out_of_work: bool, msg: str) -> tuple[Status, str]:
@@ -205,6 +221,7 @@ def _no_decrease(gn: float, floor: float, out_of_work: bool, msg: str) -> tuple[
     if out_of_work:
         return Status.CAPPED, msg or "no decrease of ||grad g|| along the Newton direction"
     if gn <= floor:
-        return Status.ROUNDING_FLOOR, (f"||grad g|| = {gn:.3g} stagnates at the rounding floor "
-                                       f"{floor:.3g} (eps_machine * the scale of grad g)")
+        return Status.ROUNDING_FLOOR, (f"||grad g|| = {gn:.3g} stagnates at the rounding floor: "
+                                       f"below {floor:.3g}, exact arithmetic would have taken a "
+                                       "step (or it is eps_machine times the scale of grad g)")
     return Status.DIVERGED, msg or "no decrease of ||grad g|| along the Newton direction"
