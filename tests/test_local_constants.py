@@ -225,6 +225,38 @@ def cosh_problem():
         upper=sp.Sum(x[j] ** 2, (j, 0, n - 1)) / 2)
 
 
+def _cosh_penalty(build_dir, seed=5):
+    if "cosh penalty" not in _MODULES:
+        _MODULES["cosh penalty"] = build_problem(cosh_problem(), build_dir)
+    rng = np.random.default_rng(seed)
+    return _MODULES["cosh penalty"].bind(A=rng.standard_normal((40, 12)), b=rng.standard_normal(40))
+
+
+def test_theta_weighting_an_exp_atom_has_L_DB_on_the_ball(build_dir):
+    """theta as the weight of exp atoms makes B = d_theta grad_x g not affine in x, with L_DB
+    infinite globally: on the ball it is ||D_u(y) - D_u(y')|| / ||y - y'|| <= L_DB ||u|| (D_u from
+    cross_hvp's columns), and the tight certificate applies (E&R's only, before)."""
+    prob = _cosh_penalty(build_dir)
+    th = np.array([0.5])
+    assert prob.constants(th)["L_DB"] == np.inf
+    rng = np.random.default_rng(9)
+    for r in (0.1, 1.0):
+        x = 0.3 * rng.standard_normal(12)
+        c = prob.local_constants(x, th, r)
+        assert c["domains"]["L_DB"] == "ball" and np.isfinite(c["L_DB"])
+        pts = _ball_points(rng, x, r, 10)
+        D = [_columns(lambda e, y=y: prob.cross_hvp(y, th, np.ones(1), e), 12) for y in pts]
+        quot = max(np.linalg.norm(D[a] - D[b], 2) / np.linalg.norm(pts[a] - pts[b])
+                   for a in range(len(pts)) for b in range(a + 1, len(pts)))
+        assert 0 < quot <= c["L_DB"] * (1 + 1e-9)
+    ref = prob.hypergradient(th, lower="newton", adjoint="cg", eps=1e-13, delta=1e-13)
+    for rtol in (1e-3, 1e-6):
+        hg = prob.hypergradient(th, rtol=rtol, lower="newton", adjoint="cg")
+        assert hg.ok and hg.certificate == "tight", hg.status
+        err = np.linalg.norm(hg.grad - ref.grad)
+        assert err <= hg.bound + ref.bound and hg.bound <= 20 * max(err, ref.bound)
+
+
 @pytest.mark.parametrize("record", [False, True])  # the fused loop and the Python loop
 @pytest.mark.parametrize("case", ["poisson", "cosh"])
 def test_newton_stalled_at_rounding_noise_is_not_diverged(case, record, build_dir):
@@ -239,10 +271,7 @@ def test_newton_stalled_at_rounding_noise_is_not_diverged(case, record, build_di
         prob = module("poisson", build_dir).bind(**poisson_data(3))
         th = np.array([np.log(0.1) - 3.0])
     else:
-        if "cosh penalty" not in _MODULES:
-            _MODULES["cosh penalty"] = build_problem(cosh_problem(), build_dir)
-        rng = np.random.default_rng(5)
-        prob = _MODULES["cosh penalty"].bind(A=rng.standard_normal((40, 12)), b=rng.standard_normal(40))
+        prob = _cosh_penalty(build_dir)
         th = np.array([7.0])
     assert prob.constants(th)["L"] == np.inf
     low = solve_lower(prob, th, solver="newton", tol=1e-300, record=record)

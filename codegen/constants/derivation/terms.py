@@ -395,7 +395,7 @@ def _ball(tf, c, ps, facts, psi, lin, off, op, ctx, upper, limits):
              tf.LDB)
     _combine(tf, c, ps, bf, op, off, ctx, upper, limits)
     tf.ball = {"hi": tf.hi, "LA": tf.LA, "LB_cols": dict(tf.LB_cols), "LB_ps": tf.LB_ps,
-               "L3": tf.L3, "info": info}
+               "L3": tf.L3, "LDB": tf.LDB, "info": info}
     (tf.lo, tf.hi, tf.LA, tf.LB_cols, tf.LB_ps, tf.LB_note, tf.Lft, tf.rule, tf.message, tf.parts,
      tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified, tf.L3, tf.LDB) = saved
 
