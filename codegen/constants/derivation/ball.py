@@ -23,7 +23,9 @@ def ball_components(psi: sp.Expr) -> tuple | None:
     """(polynomial coefficients, [(kappa, a, b)]) with psi = poly(t) + sum kappa exp(a t + b),
     all numbers (cosh and sinh as their exps); None when psi has another form (or theta/data
     symbols)."""
-    psi = sp.sympify(psi).rewrite(sp.exp) if sp.sympify(psi).has(sp.cosh, sp.sinh) else sp.sympify(psi)
+    psi = sp.sympify(psi)
+    if psi.has(sp.cosh, sp.sinh):
+        psi = psi.rewrite(sp.exp)
     if psi.free_symbols - {T}:
         return None
     poly = sp.S.Zero

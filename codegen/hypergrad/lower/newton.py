@@ -222,6 +222,6 @@ def _no_decrease(gn: float, floor: float, out_of_work: bool, msg: str) -> tuple[
         return Status.CAPPED, msg or "no decrease of ||grad g|| along the Newton direction"
     if gn <= floor:
         return Status.ROUNDING_FLOOR, (f"||grad g|| = {gn:.3g} stagnates at the rounding floor: "
-                                       f"below {floor:.3g}, exact arithmetic would have taken a "
-                                       "step (or it is eps_machine times the scale of grad g)")
+                                       f"below {floor:.3g} floating point explains why no halved "
+                                       "step decreases it (docs/solvers.md 1)")
     return Status.DIVERGED, msg or "no decrease of ||grad g|| along the Newton direction"
