@@ -254,7 +254,7 @@ def test_theta_weighting_an_exp_atom_has_L_DB_on_the_ball(build_dir):
         hg = prob.hypergradient(th, rtol=rtol, lower="newton", adjoint="cg")
         assert hg.ok and hg.certificate == "tight", hg.status
         err = np.linalg.norm(hg.grad - ref.grad)
-        assert err <= hg.bound + ref.bound and hg.bound <= 20 * max(err, ref.bound)
+        assert err <= hg.bound + ref.bound and hg.bound <= 10 * max(err, ref.bound)  # measured 2.1-5.2
 
 
 @pytest.mark.parametrize("record", [False, True])  # the fused loop and the Python loop
