@@ -21,9 +21,16 @@ __all__ = ["EXAMPLES", "ROOT", "TINY", "built_example"]
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
-    """Keep test builds out of the user's cache unless HYPERGEN_CACHE_DIR is set already."""
+    """Keep test builds out of the user's cache unless HYPERGEN_CACHE_DIR is set already. The
+    workers of `pytest -n N` share one cache (next to their own temporary folders), so an
+    example is built once per run: the cache's lock lets one process build and the others wait."""
     if "HYPERGEN_CACHE_DIR" not in os.environ:
-        os.environ["HYPERGEN_CACHE_DIR"] = str(tmp_path_factory.mktemp("hypergen-cache"))
+        if "PYTEST_XDIST_WORKER" in os.environ:
+            shared = tmp_path_factory.getbasetemp().parent / "hypergen-cache"
+            shared.mkdir(exist_ok=True)
+            os.environ["HYPERGEN_CACHE_DIR"] = str(shared)
+        else:
+            os.environ["HYPERGEN_CACHE_DIR"] = str(tmp_path_factory.mktemp("hypergen-cache"))
     yield
 
 

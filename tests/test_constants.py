@@ -706,7 +706,7 @@ def test_catalogue_theta_region():
     prob = _vec_problem(lambda x, y, j, n, th: sp.Sum((x[j] - y[j]) ** 2, (j, 0, n - 1)) / 2
                         + sp.exp(th) * sp.Sum(sp.log(1 + (x[j + 1] - x[j]) ** 2), (j, 0, n - 2)))
     der = derive(prob)
-    assert der.mu_check == "theta" and "mu(theta) > 0" in der.constants["mu"].theta_region
+    assert der.constants["mu"].theta_region == "where 1 - exp(theta) > 0 (checked at evaluate)"
     q = compute_data_quantities(der, {"y": np.zeros(5)})
     assert evaluate(der, -1.0, q)["mu"] == pytest.approx(1 - np.exp(-1.0))
     with pytest.raises(ProblemError, match="mu"):
@@ -734,9 +734,37 @@ def test_catalogue_plain_theta_weight():
     for _ in range(20):
         ev = np.linalg.eigvalsh(np.asarray(hess(rng.standard_normal(6) * 3), dtype=float))
         assert c["mu"] * (1 - 1e-12) <= ev[0] and ev[-1] <= c["L"] * (1 + 1e-12)
-    for bad in (0.0, -0.3):
-        with pytest.raises(ProblemError, match=r"mu\(theta\) = .* <= 0 .*mu\(theta\) = theta"):
+    for bad, shown in ((0.0, "0"), (-0.3, "-0.3")):
+        with pytest.raises(ProblemError, match=rf"^mu = theta = {shown} <= 0 at theta = {shown}: "
+                                               rf"g is not certified strongly convex there \(mu depends "
+                                               rf"on theta and is checked at every evaluation\)$"):
             evaluate(der, bad, q)
+
+
+def test_refusals_speak_the_users_names_and_their_fix_works():
+    """A scalar theta named lam and a 2-D X: the refusal shows exp(lam), not the canonical
+    theta[0]; the suggested ridge term, parsed as written and added to g, makes the problem
+    certified; mu <= 0 at evaluate names lam and its value."""
+    h, w = sp.symbols("h w", integer=True, positive=True)
+    i, j = sp.Idx("i", h), sp.Idx("j", w)
+    X, D = sp.IndexedBase("X", shape=(h, w)), sp.IndexedBase("D", shape=(h, w))
+    lam = sp.Symbol("lam")
+    fit = sp.exp(lam) * sp.Sum((X[i, 0] - D[i, 0]) ** 2, (i, 0, h - 1))
+    upper = sp.Sum((X[i, j] - D[i, j]) ** 2, (i, 0, h - 1), (j, 0, w - 1))
+    with pytest.raises(ProblemError) as refusal:
+        derive(Problem(name="column_only", x=X, theta=lam, lower=fit, upper=upper))
+    text = str(refusal.value)
+    assert "exp(lam)*Sum(" in text and "theta" not in text, text
+    suggestion = text.split("such as ")[1]
+    assert suggestion == "(exp(lam)/2)*(Sum(X[i, j]**2, (i, 0, h - 1), (j, 0, w - 1)))"
+    ridge = sp.sympify(suggestion, locals={"X": X, "lam": lam, "h": h, "w": w, "i": i, "j": j})
+    der = derive(Problem(name="column_ridge", x=X, theta=lam, lower=fit + ridge, upper=upper))
+    assert der.certified and sp.sstr(der.constants["mu"].expr) == "exp(lam)"
+    weight = derive(Problem(name="plain_weight", x=X, theta=lam, upper=upper,
+                            lower=fit + lam / 2 * sp.Sum(X[i, j] ** 2, (i, 0, h - 1), (j, 0, w - 1))))
+    q = compute_data_quantities(weight, {"D": np.zeros((3, 4))})
+    with pytest.raises(ProblemError, match=r"^mu = lam = -0.5 <= 0 at lam = -0.5: "):
+        evaluate(weight, -0.5, q)
 
 
 # -- atom table ------------------------------------------------------------------------------

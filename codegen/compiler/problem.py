@@ -79,6 +79,7 @@ class Problem:
     g: sp.Expr = field(init=False, repr=False)
     f: sp.Expr = field(init=False, repr=False)
     r: sp.Expr = field(init=False, repr=False)
+    shown: dict[sp.Basic, sp.Basic] = field(init=False, repr=False)  # internal x[k] -> user symbol
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
@@ -90,6 +91,7 @@ class Problem:
         if x_spec.name == th_spec.name:
             raise ProblemError(f"x and theta are both named {x_spec.name!r}")
         subs = {**x_subs, **th_subs}
+        self.shown = {v: k for k, v in subs.items()}
         self.g = _objective(self.lower, "lower", subs)
         self.f = _objective(self.upper, "upper", subs)
         self.r = _objective(self.regulariser, "regulariser", subs)
@@ -100,8 +102,7 @@ class Problem:
         _check_functions(self.f, "upper")
         _check_functions(self.r, "regulariser")
         for label, expr in (("lower", self.g), ("upper", self.f), ("regulariser", self.r)):
-            _check_differentiable(expr, label, {x_spec.name, th_spec.name},
-                                  {v: k for k, v in subs.items()})
+            _check_differentiable(expr, label, {x_spec.name, th_spec.name}, self.shown)
         if self.r != 0 and any(a.role != "theta" for a in _bases_in(self.r, arrays)):
             raise ProblemError("the regulariser r(theta) may depend on theta and scalar data only")
         if not any(a.role == "x" for a in _bases_in(self.g, arrays)):
@@ -115,6 +116,10 @@ class Problem:
             check_indices(expr, self.arrays, label)
 
     # -- convenient views -------------------------------------------------------------------
+    def show(self, expr: object) -> str:
+        """expr as the user wrote it: internal x[k], theta[k] back to the user's Symbols."""
+        return str(sp.sstr(sp.sympify(expr).xreplace(self.shown)))
+
     @property
     def x_spec(self) -> ArraySpec:
         return next(a for a in self.arrays.values() if a.role == "x")

@@ -230,6 +230,26 @@ class Derivation:
     def certified(self) -> bool:
         return all(r.certified for r in self.constants.values())
 
+    @property
+    def ridge_term(self) -> str:
+        """A strongly convex term to suggest, in this problem's own x and theta."""
+        return ridge_term(self.x_name, self.x_shape, [n for n, _ in self.theta_symbols])
+
+
+def ridge_term(x_name: str, x_shape: tuple, theta_names: list[str],
+               x_symbols: list[str] | None = None) -> str:
+    """'(exp(lam)/2)*Sum(X[i, j]**2, (i, 0, m - 1), (j, 0, n - 1))': a ridge term on x as the
+    user wrote it (its Symbols, or its array with one index per axis), weighted by exp of the
+    one hyperparameter (learnable, positive for every theta) or, with several, by a constant."""
+    weight = f"exp({theta_names[0]})/2" if len(theta_names) == 1 else "1e-3/2"
+    if x_symbols:
+        squares = " + ".join(f"{s}**2" for s in x_symbols)
+    else:
+        idx = ["j"] if len(x_shape) == 1 else ["i", "j"]
+        limits = ", ".join(f"({v}, 0, {sp.sstr(sp.sympify(n) - 1)})" for v, n in zip(idx, x_shape))
+        squares = f"Sum({x_name}[{', '.join(idx)}]**2, {limits})"
+    return f"({weight})*({squares})"
+
 
 def _ball_from_json(d: dict | None) -> dict:
     if not d:

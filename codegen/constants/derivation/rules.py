@@ -15,12 +15,19 @@ import numpy as np
 import sympy as sp
 
 from ...errors import ProblemError
-from ..records import Derivation, Record, ThetaMin
+from ..records import Derivation, Record, ThetaMin, ridge_term
 from .contraction import complete
 from .filters import XINF
 from .terms import Ctx, analyse_term, flatten
 
-HINT = "add a strongly convex term such as (exp(theta)/2)*Sum(x[j]**2, j)"
+
+def _hint(ctx: Ctx) -> str:
+    """What to add, in the problem's own x and theta."""
+    x = ctx.problem.x
+    symbols = [x.name] if isinstance(x, sp.Symbol) else (
+        [s.name for s in x] if isinstance(x, (list, tuple)) else None)
+    term = ridge_term(ctx.x.name, ctx.x_shape, ctx.problem.theta_names or [], symbols)
+    return f"Add a strongly convex term such as {term}"
 
 
 def _kind(exprs_exact, expr, estimate=False):
@@ -105,12 +112,12 @@ def _admit_lower_terms(gt: list, stated: dict, allow_uncertified: bool) -> tuple
     estimated = [t for t in gt if t.kind != "unsupported" and not t.certified]
     if estimated and not allow_uncertified and "mu" not in stated:
         raise ProblemError("constants not certifiable: " + "; ".join(
-            f"{t.label} = {t.source}: {t.message or 'curvature only estimated'}" for t in estimated)
+            f"{t.label} = {t.shown}: {t.message or 'curvature only estimated'}" for t in estimated)
             + " (pass allow_uncertified=True to use the estimates)")
     unknown = [t for t in gt if t.kind == "unsupported"]
     if not unknown:
         return [], ""
-    text = "; ".join(f"{t.label} = {t.source}: {t.message}" for t in unknown)
+    text = "; ".join(f"{t.label} = {t.shown}: {t.message}" for t in unknown)
     if not allow_uncertified and "mu" not in stated:
         raise ProblemError(f"strong convexity unknown: {text}. Rewrite the term with "
                            f"table atoms, or pass allow_uncertified=True to assume it convex")
@@ -223,15 +230,14 @@ def _strong_convexity(mu_record: Record, gt: list, problem, ctx: Ctx, messages: 
             raise ProblemError(witness)
         msg = (f"strong convexity unknown: the curvature lower bound mu = {sp.sstr(mu)} is not "
                f"provably positive (terms: "
-               + "; ".join(f"{t.label} = {t.source} gives {sp.sstr(t.lo)}" for t in gt)
-               + f"); {HINT}")
+               + "; ".join(f"{t.label} = {t.shown} gives {sp.sstr(t.lo)}" for t in gt)
+               + f"). {_hint(ctx)}")
         if not may_stay_unknown:
             raise ProblemError(msg)
         messages.append(msg)
         return mu_check, "strong convexity unknown"
     if mu_check == "theta":
-        mu_record.theta_region = (f"where mu(theta) > 0 (checked at evaluate), mu(theta) = "
-                                  f"{sp.sstr(mu)}")
+        mu_record.theta_region = f"where {sp.sstr(mu)} > 0 (checked at evaluate)"
     elif mu_check == "data":
         mu_record.theta_region = "all theta, if the data quantities make mu > 0 (checked at bind)"
     return mu_check, ""
@@ -333,7 +339,7 @@ def _rows_refutation(gt, ctx):
     """Refuted when every x-dependence goes through linear maps with < dim x rows in total."""
     if any(t.rows is None for t in gt):
         return None, None
-    rows = [(f"{t.label} = {t.source}", t.rows) for t in gt if t.kind != "linear"]
+    rows = [(f"{t.label} = {t.shown}", t.rows) for t in gt if t.kind != "linear"]
     info = {"rows": rows, "dim": ctx.dim}
     gap = sp.simplify(ctx.dim - sp.Add(*[r for _, r in rows]))
     if gap.is_positive:
@@ -341,7 +347,7 @@ def _rows_refutation(gt, ctx):
         return (f"refuted: g is not strongly convex: every x-dependence goes through linear maps "
                 f"with {sp.sstr(sp.Add(*[r for _, r in rows]))} rows in total < dim x = "
                 f"{sp.sstr(ctx.dim)}, so g is constant along their common kernel; terms: {terms}. "
-                f"{HINT[0].upper() + HINT[1:]}"), info
+                f"{_hint(ctx)}"), info
     return None, info
 
 
@@ -373,7 +379,7 @@ def _witness(problem, ctx):
         if ev[0] < -1e-9:
             return (f"refuted: g is not convex: at x = {np.round(pt, 4).tolist()} (theta = 0) the "
                     f"Hessian has the eigenvalue {ev[0]:.6g} < 0. Check the negative-curvature "
-                    f"terms of {sp.sstr(problem.g)}; {HINT}")
+                    f"terms of {problem.show(problem.g)}. {_hint(ctx)}")
     return None
 
 

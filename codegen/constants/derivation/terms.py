@@ -141,9 +141,17 @@ class Term:
 
     @property
     def source(self) -> str:
+        """The term in the canonical names (x[k], theta[k]): records keep it and parse it back."""
+        return sp.sstr(self.expression())
+
+    def shown(self, names: dict) -> str:
+        """The term for messages, in the user's own Symbols (`Problem.shown`)."""
+        return sp.sstr(self.expression().xreplace(names))
+
+    def expression(self) -> sp.Expr:
         body = self.weight * self.core
         inner = sp.Sum(body, *self.limits) if self.limits else body
-        return sp.sstr(sp.Mul(self.coef, inner, evaluate=False) if self.coef != 1 else inner)
+        return sp.Mul(self.coef, inner, evaluate=False) if self.coef != 1 else inner
 
 
 def flatten(expr, ctx: Ctx) -> list:
@@ -188,6 +196,7 @@ def _flatten(expr, coef, weight, limits, ctx, out):
 class TermFacts:
     label: str
     source: str
+    shown: str  # source in the user's Symbols, for messages
     kind: str  # linear | atom | lse | unsupported
     lo: sp.Expr = sp.S.Zero
     hi: sp.Expr = sp.S.Zero
@@ -273,7 +282,7 @@ def _per_sample(w, limits, ctx):
 
 
 def analyse_term(term: Term, ctx: Ctx, label: str, upper=False) -> TermFacts:
-    tf = TermFacts(label, term.source, "unsupported")
+    tf = TermFacts(label, term.source, term.shown(ctx.problem.shown), "unsupported")
     tf.has_theta = ctx.has_theta(term.coef) or ctx.has_theta(term.weight) or ctx.has_theta(term.core)
     c = ctx.thetafy(term.coef)
     if c is None:

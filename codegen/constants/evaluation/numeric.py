@@ -153,6 +153,15 @@ def environment(derivation, theta, quantities):
     return th, env
 
 
+def _theta_shown(der, th: np.ndarray) -> str:
+    """'lam = -1' for the entries mu reads by name, else theta itself (short)."""
+    if der.theta_symbols and len(der.theta_symbols) <= 6:
+        return ", ".join(f"{name} = {th[k]:.6g}" for name, k in der.theta_symbols)
+    if th.size <= 4:
+        return f"theta = {np.array2string(th, precision=6, separator=', ')}"
+    return f"theta (norm {np.linalg.norm(th):.6g})"
+
+
 def evaluate(derivation, theta, quantities) -> dict:
     """mu, L, L_A, L_B, L_f (and L_ft) at theta, floats (math.inf allowed), plus `certified`."""
     der = derivation
@@ -171,9 +180,10 @@ def evaluate(derivation, theta, quantities) -> dict:
         out[name] = v
         flags[name] = rec.certified and not (_symbol_names(rec.expr) & used_uncertified)
     if not out["mu"] > 0:
-        msg = (f"mu(theta) = {out['mu']:.6g} <= 0 at theta = {th.tolist()}: strong convexity is "
-               f"not certified here (mu = {sp.sstr(der.constants['mu'].expr)}; "
-               f"{der.constants['mu'].theta_region})")
+        why = ("mu depends on theta and is checked at every evaluation" if der.mu_check == "theta"
+               else f"mu > 0 is certified {der.constants['mu'].theta_region}")
+        msg = (f"mu = {sp.sstr(der.constants['mu'].expr)} = {out['mu']:.6g} <= 0 at "
+               f"{_theta_shown(der, th)}: g is not certified strongly convex there ({why})")
         if not der.allow_uncertified:
             raise ProblemError(msg)
         warnings.warn(msg, stacklevel=2)

@@ -422,10 +422,9 @@ def _check_mu(der, quantities, sizes):
             raise ProblemError(
                 f"refuted: g is not strongly convex for this data: every x-dependence goes "
                 f"through linear maps with {sum(r for _, r in rows)} rows in total < dim x = {dim}, "
-                f"so g is constant along their common kernel; terms: {terms}. Add a strongly "
-                f"convex term such as (exp(theta)/2)*Sum(x[j]**2, j)")
+                f"so g is constant along their common kernel; terms: {terms}. "
+                f"Add a strongly convex term such as {der.ridge_term}")
     msg = (f"strong convexity unknown for this data: mu = {sp.sstr(mu)} evaluates to {val} "
-           f"(a rank-deficient operator?). Add a strongly convex term such as "
-           f"(exp(theta)/2)*Sum(x[j]**2, j)")
+           f"(a rank-deficient operator?). Add a strongly convex term such as {der.ridge_term}")
     if not der.allow_uncertified:
         raise ProblemError(msg)
