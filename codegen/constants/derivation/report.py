@@ -50,7 +50,12 @@ def _certificates(der) -> list:
                 and der.constants[name].expr.has(sp.oo, sp.zoo) and name not in ball]
     quadratic = all(der.constants[name].expr == 0 for name in ("L_A", "L_Hf")
                     if name in der.constants)
-    out = ["", "certificates (docs/bounds.md 7, 15):", "  er: E&R's bound, always"]
+    out = ["", "certificates (docs/bounds.md 7, 15):"]
+    if der.mu_check == "none":  # built with allow_uncertified: every bound divides by mu
+        return out + [f"  none: mu = {sp.sstr(der.constants['mu'].expr)} is not provably "
+                      "positive; a hypergradient raises where mu(theta) <= 0, and elsewhere its "
+                      "bounds rest on the unproved mu (certified=False)"]
+    out.append("  er: E&R's bound, always")
     if infinite:
         out.append(f"  dwr, tight: not available ({', '.join(infinite)} infinite: the "
                    "correction's second-order terms have no finite bound)")
