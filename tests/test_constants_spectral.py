@@ -88,6 +88,57 @@ def test_cholesky_certificate_survives_a_wrong_estimate():
         assert spectral.cholesky_certificate(G, 0.0) is None  # c <= 1e-12 scale < lam: refused
 
 
+def exact_lmin(K) -> float:
+    """lambda_min(K^T K) = sigma_min(K)^2 by the SVD of K itself (no Gram rounding)."""
+    return float(np.linalg.svd(K, compute_uv=False)[-1] ** 2)
+
+
+@pytest.mark.parametrize("kind", ["tall", "square", "graded", "rank_deficient"])
+def test_cholesky_floor_is_below_lambda_min_whatever_the_estimate(kind):
+    """The floor certificate (fl(G - s I) factors => lambda_min(G) >= s - its loss) against the
+    SVD of K: never above, for estimates far too high (the Lanczos run on G^-1 then picks the
+    shift), exact, or below; within 0.2% where it succeeds from a good estimate; None for a
+    singular G. With the Gram margin it bounds lambda_min(K^T K) itself."""
+    rng = np.random.default_rng(4)
+    n = 150
+    K = rng.standard_normal((n + (0 if kind == "square" else 3 * n), n))
+    if kind == "graded":
+        K *= np.logspace(0, -4, n)
+    if kind == "rank_deficient":
+        K[:, 1] = K[:, 0]
+    G = K.T @ K
+    lam = exact_lmin(K)
+    margin = spectral.gram_margin(*K.shape, float(np.sum(K * K)))
+    for estimate in (lam * 1e3, lam * 1.5, lam * (1 + 1e-6), lam, lam / 2):
+        found = spectral.cholesky_floor(G, estimate)
+        if kind == "rank_deficient":
+            assert found is None  # G is singular: nothing to certify
+            continue
+        assert found is not None, (kind, estimate)
+        floor, tries = found
+        assert 0 < floor - margin <= lam and 1 <= tries <= 2 + len(spectral.FLOOR_SLACKS)
+        if kind == "tall" and estimate == lam:
+            assert floor >= lam * (1 - 2e-3)  # the first slack
+    assert spectral.cholesky_floor(G, 0.0) is None
+
+
+def test_ridge_sized_gram_takes_two_cholesky_certificates_not_eigvalsh():
+    """A Gram side above EIGH_SIDE_LIMIT with lambda_min read (ridge's mu): normsq and lmin from
+    the Cholesky certificates of c I - G and G - s I, each on its side of the SVD's values and
+    within 0.2% of it, and the Gram matrix kept for the direct solvers."""
+    rng = np.random.default_rng(5)
+    rows, side = 1300, spectral.EIGH_SIDE_LIMIT + 50
+    K = rng.standard_normal((rows, side)) * np.linspace(1.0, 2.0, side)
+    keep: dict = {}
+    out = quantities.operator_quantities(K, K[:, None, :], needed=("normsq", "lmin"), keep=keep)
+    singular = np.linalg.svd(K, compute_uv=False)
+    assert spectral.method_for(rows, side, want_lmin=True) == "cholesky"
+    assert "Cholesky certificate of G - s I" in out["lmin"]["method"]
+    assert singular[0] ** 2 <= out["normsq"]["value"] <= singular[0] ** 2 * 1.002
+    assert singular[-1] ** 2 * 0.998 <= out["lmin"]["value"] <= singular[-1] ** 2
+    assert keep["gram"].shape == (side, side)
+
+
 def test_lanczos_is_an_estimate_from_below():
     """Why Lanczos / power values never certify: they are below lambda_max."""
     rng = np.random.default_rng(2)
