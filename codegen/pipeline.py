@@ -54,7 +54,9 @@ def load_problem_file(path: PathLike) -> list[Problem]:
         if isinstance(exc, SystemExit):  # sys.exit(0) would end hypergen "successfully" unbuilt
             raise HypergenError(f"{where}: the problem file called sys.exit({exc.code!r}) while "
                                 "being loaded; it must define its Problems, not exit") from None
-        raise HypergenError(f"{where}: {type(exc).__name__}: {exc}") from None
+        # hypergen's own errors keep their class (a ProblemError stays one for `except`)
+        kind = type(exc) if isinstance(exc, HypergenError) else HypergenError
+        raise kind(f"{where}: {type(exc).__name__}: {exc}") from None
     problems = [v for v in namespace.values() if isinstance(v, Problem)]
     if not problems:
         raise HypergenError(f"{path}: defines no codegen.Problem at module level")

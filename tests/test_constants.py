@@ -644,6 +644,30 @@ def test_catalogue_not_strongly_convex_unknown():
     assert not any(line.startswith("  er:") for line in certificates)
 
 
+def test_terms_on_single_symbols_add_on_the_diagonal():
+    """x given as Symbols: exp(t)/2 (x0^2 + x1^2 + x2^2) is three terms, each on one entry, 0 in
+    mu alone (the build was refused, suggesting the very term it had). Together their Hessian
+    is diagonal: mu = min over entries, L = max, plus the other terms' bounds (Weyl); both hold
+    against the Hessian's eigenvalues at random points and theta."""
+    x0, x1, x2, t = sp.symbols("x0 x1 x2 t")
+    g = (sp.exp(t) / 2 * (x0 ** 2 + x1 ** 2 + x2 ** 2) + sp.log(1 + sp.exp(x0))
+         - x2 ** 2 / 10 + (x1 - x2) ** 2)
+    der = derive(Problem(name="entries", x=[x0, x1, x2], theta=t, lower=g, upper=x0 + x1))
+    q = compute_data_quantities(der, {})
+    c = evaluate(der, 0.0, q)
+    assert c["certified"] and c["mu"] == pytest.approx(0.8, rel=1e-10)  # entry 2: 1 - 0.2
+    assert c["L"] == pytest.approx(1.25 + 8, rel=1e-10)  # entry 0: 1 + 1/4; (x1 - x2)^2: 2 * 2^2
+    hess = sp.lambdify([(x0, x1, x2), t], sp.hessian(g, (x0, x1, x2)), "numpy")
+    rng = np.random.default_rng(0)
+    for theta in (-0.5, 0.0, 1.5):
+        c = evaluate(der, theta, q)
+        for _ in range(20):
+            ev = np.linalg.eigvalsh(np.asarray(hess(rng.standard_normal(3) * 4, theta), dtype=float))
+            assert c["mu"] <= ev[0] * (1 + 1e-12) and ev[-1] <= c["L"] * (1 + 1e-12)
+    with pytest.raises(ProblemError, match="mu = exp"):
+        evaluate(der, np.log(0.1), q)  # exp(t) - 0.2 < 0: not strongly convex there
+
+
 def test_catalogue_abs_gives_infinite_LA():
     """|u| of x is refused by Problem itself (naming the smooth replacement); the atom table
     still says |t| is not C^2 (infinite L_A, the Charbonnier hint) for anything that reaches it."""
@@ -703,6 +727,39 @@ def test_catalogue_logistic_without_l2_unknown():
         pytest.skip("could not strip the l2 term")
     with pytest.raises(ProblemError, match=r"unknown.*softplus.*exp\(theta\)/2"):
         derive(prob)
+
+
+def test_triangular_range_operator_from_the_data():
+    """Sum(x[j], (j, 0, i)) (a cumulative sum; triangular ranges are part of the language): the
+    operator's matrix is the lower-triangular C of ones, so mu and L are exactly
+    e^theta + lambda_min / lambda_max(C^T C) (they raised a TypeError at bind)."""
+    n = sp.Symbol("n", integer=True, positive=True)
+    i, j = sp.Idx("i", n), sp.Idx("j", n)
+    x, z = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("z", shape=(n,))
+    th = sp.Symbol("theta")
+    prob = Problem(name="cumulative", x=x, theta=th, upper=sp.Sum(x[i] ** 2, (i, 0, n - 1)),
+                   lower=sp.Sum((sp.Sum(x[j], (j, 0, i)) - z[i]) ** 2, (i, 0, n - 1)) / 2
+                   + sp.exp(th) / 2 * sp.Sum(x[i] ** 2, (i, 0, n - 1)))
+    der = derive(prob)
+    c = evaluate(der, 0.3, compute_data_quantities(der, {"z": np.linspace(-1.0, 1.0, 7)}))
+    ev = np.linalg.eigvalsh(np.tril(np.ones((7, 7))).T @ np.tril(np.ones((7, 7))))
+    assert c["certified"]
+    assert c["mu"] == pytest.approx(np.exp(0.3) + ev[0], rel=1e-9) and c["mu"] <= np.exp(0.3) + ev[0]
+    assert c["L"] == pytest.approx(np.exp(0.3) + ev[-1], rel=1e-9) and c["L"] >= np.exp(0.3) + ev[-1]
+
+
+def test_erf_atom_constants_read_pi():
+    """erf'' = -(4/sqrt(pi)) t exp(-t^2): its extremes carry pi, which the evaluation reads as
+    a number (it raised 'cannot evaluate pi'); mu, L, L_A against the closed forms."""
+    prob = _vec_problem(lambda x, y, j, n, th: _l2(x, y, j, n, th)
+                        + sp.Sum((x[j] - y[j]) ** 2 / 2 + sp.erf(x[j]) / 5, (j, 0, n - 1)))
+    der = derive(prob)
+    c = evaluate(der, 0.0, compute_data_quantities(der, {"y": np.linspace(-2.0, 2.0, 9)}))
+    dip = 0.2 * 4 / np.sqrt(np.pi) * np.exp(-0.5) / np.sqrt(2)  # 0.2 max |erf''|
+    assert c["certified"]
+    assert c["mu"] == pytest.approx(2 - dip, rel=1e-9) and c["mu"] <= 2 - dip
+    assert c["L"] == pytest.approx(2 + dip, rel=1e-9) and c["L"] >= 2 + dip
+    assert c["L_A"] == pytest.approx(0.2 * 4 / np.sqrt(np.pi), rel=1e-9)
 
 
 def test_catalogue_theta_region():

@@ -57,6 +57,18 @@ CASES = {
                                         (r, 0, m - 1), (k, 0, K - 1))
                            + sp.exp(t0) * sp.Sum(X[r, j] ** 2, (r, 0, m - 1), (j, 0, n - 1)),
                            upper=sp.Sum((X[r, j] - cw[r] * y[j]) ** 2, (r, 0, m - 1), (j, 0, n - 1))),
+    # one body summed per row r (inside sqrt) and over all (r, j) in one Sum with two limits:
+    # two temporaries, each with its own shape (they were one, read with the wrong shape); the
+    # second orders the two sums the other way round in SymPy's canonical Add
+    "shared_body": dict(x=X, theta=t0,
+                        lower=sp.Sum(sp.sqrt(sp.Sum(X[r, j] ** 2, (j, 0, n - 1)) + 1), (r, 0, m - 1))
+                        + sp.exp(t0) * sp.Sum(X[r, j] ** 2, (r, 0, m - 1), (j, 0, n - 1)),
+                        upper=sp.Sum((X[r, j] - cw[r] * y[j]) ** 2, (r, 0, m - 1), (j, 0, n - 1))),
+    "shared_body_swapped": dict(
+        x=X, theta=t0, upper=sp.Sum((X[r, j] - cw[r]) ** 2, (r, 0, m - 1), (j, 0, n - 1)),
+        lower=sp.exp(t0) * sp.Sum(sp.sqrt(sp.Sum((X[r, j] - y[j]) ** 2, (j, 0, n - 1)) + 1),
+                                  (r, 0, m - 1))
+        + sp.Sum((X[r, j] - y[j]) ** 2, (r, 0, m - 1), (j, 0, n - 1))),
 }
 # n = 11 and m = 10 exceed the generator's JAM (8): the jammed loops and their remainders run.
 SHAPES = {"y": (11,), "w": (3,), "cw": (10,), "Q": (3, 11)}
@@ -64,7 +76,8 @@ SHAPES = {"y": (11,), "w": (3,), "cw": (10,), "Q": (3, 11)}
 # inner loops: n = 3 keeps jam and remainder and shrinks the oracle's unrolled Hessian from
 # 110 x 110 to 30 x 30 (matrix_product 44.6 s -> 12.7 s here, most of it now the C build).
 ROWS_CASES = {"y": (3,), "Q": (3, 3)}
-SHAPES_OF = {"matrix_product": {**SHAPES, **ROWS_CASES}, "rows_theta": {**SHAPES, **ROWS_CASES}}
+SHAPES_OF = {name: {**SHAPES, **ROWS_CASES}
+             for name in ("matrix_product", "rows_theta", "shared_body", "shared_body_swapped")}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -55,7 +55,7 @@ class _Lowering:
     def temp_for(self, dims: Loops, own: Loops, body: sp.Expr, op: str = "+",
                  differentiable: bool = True) -> ir.Array:
         """The temporary holding this reduction, emitting its statement the first time."""
-        key = (tuple(dims) + tuple(own), body, op)
+        key = (tuple(dims), tuple(own), body, op)  # dims vs own: a full sum vs one per outer row
         if key not in self.seen:
             temp = self.new_temp(dims, differentiable)
             self.statements.append(ir.Statement(

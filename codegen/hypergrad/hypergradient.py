@@ -425,9 +425,11 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
                           + (f" ({', '.join(inf_consts)} = inf)" if inf_consts else ""))
             bound = math.inf
     if not c["certified"]:
-        ledger.reason(ReasonKind.UNCERTIFIED,
-                      f"uncertified constants (source = {c['source']!r}): the bound is only as "
-                      "good as the stated constants")
+        ledger.reason(ReasonKind.UNCERTIFIED, (
+            "uncertified constants (stated): the bound is only as good as they are"
+            if c["source"] == "stated" else
+            f"uncertified constants (source = {c['source']!r}): the derivation could not certify "
+            f"them (built with allow_uncertified); the bound rests on them"))
     value = _value(closing, ledger)
     if not finite(grad):
         ledger.reason(ReasonKind.NON_FINITE, "non-finite hypergradient")

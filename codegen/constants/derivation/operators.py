@@ -26,6 +26,9 @@ class OpFacts:
     name: str = ""
     # learned filters (derivation/filters.py): theta symbol -> m_l >= ||dK/dtheta_l||
     dtaps: dict = field(default_factory=dict)
+    # a selection of one entry of x at fixed numbers (x given as Symbols, x[2]): its flat
+    # position, so terms on single entries can add on the Hessian's diagonal (rules.py)
+    entry: int | None = None
 
 
 def _count(limits):
@@ -146,7 +149,8 @@ def _structural(lin, limits, syms, shape, xname, rows):
         desc = (f"selection {a}*{xname}[...] ({'every entry once' if full else 'a subset of entries'}):"
                 f" K^T K = {a2}*{'I' if full else 'diag(0/1)'}; ||K||^2 = {a2}, lambda_min = {lmin}")
         rec = Record("operator (selection)", a2, "exact", True, desc)
-        return OpFacts(a2, lmin, sp.Abs(a), True, True, rows, full, rec, "selection")
+        return OpFacts(a2, lmin, sp.Abs(a), True, True, rows, full, rec, "selection",
+                       entry=_flat_entry(sig, shift, shape))
     l1 = sum(abs(v) for v in taps.values())
     l2 = sp.sqrt(sum(v**2 for v in taps.values()))
     zero_sum = sum(taps.values()) == 0
@@ -156,6 +160,20 @@ def _structural(lin, limits, syms, shape, xname, rows):
             + ("; taps sum to 0: constants are in the kernel, lambda_min = 0" if zero_sum else ""))
     rec = Record("operator (stencil)", l1**2, "bound", True, desc)
     return OpFacts(sp.sympify(l1**2), sp.S.Zero, l2, False, zero_sum, rows, False, rec, "stencil")
+
+
+def _flat_entry(sig, shift, shape) -> int | None:
+    """The flat (C order) position of a selection that reads x at fixed numbers (no summation
+    index) in an x of numeric shape, else None."""
+    if any(s is not None for s in sig) or not all(sp.sympify(d).is_Integer for d in shape):
+        return None
+    dims = [int(d) for d in shape]
+    if not all(0 <= int(c) < d for c, d in zip(shift, dims)):
+        return None
+    flat = 0
+    for c, d in zip(shift, dims):
+        flat = flat * d + int(c)
+    return flat
 
 
 def stacked_stencil(lins, limits, ctx):

@@ -79,7 +79,7 @@ def derive(problem, allow_uncertified: bool = False) -> Derivation:
         if t.kind == "unsupported":
             t.certified, t.lo, t.hi = True, -sp.oo, sp.oo
     messages, uncertified_reason = _admit_lower_terms(gt, stated, allow_uncertified)
-    records = _lower_records(gt) | _upper_records(ft, ctx.has_theta(sp.sympify(problem.f)))
+    records = _lower_records(gt, ctx.dim) | _upper_records(ft, ctx.has_theta(sp.sympify(problem.f)))
     ball = _ball_records(gt, ft, records, stated)
     mu_check, reason = _strong_convexity(records["mu"], gt, problem, ctx, messages,
                                          allow_uncertified or "mu" in stated)
@@ -127,20 +127,26 @@ def _admit_lower_terms(gt: list, stated: dict, allow_uncertified: bool) -> tuple
     return [f"unknown terms assumed convex: {text}"], "rests on terms assumed convex"
 
 
-def _lower_records(gt: list) -> dict:
+def _lower_records(gt: list, dim: sp.Expr) -> dict:
     """mu, L, L_A, L_B of g: Weyl over the terms (Hessians, third derivatives, B's columns add)."""
     records = {}
     certified = all(t.certified for t in gt)
     nonscalar = sum(1 for t in gt if not t.scalar)
-    mu = _sum([t.lo for t in gt])
-    records["mu"] = Record("mu", mu, _kind(all(t.lo_exact for t in gt) and nonscalar <= 1, mu),
+    diagonal = _diagonal(gt, dim)
+    rest = gt if diagonal is None else [t for t in gt if t.diagonal is None]
+    extra = "" if diagonal is None else (
+        "; the terms on single entries of x add on the Hessian's diagonal, whose extreme "
+        "eigenvalues are the min and max over entries of their summed bounds")
+    mu = _sum([t.lo for t in rest] + ([] if diagonal is None else [diagonal[0]]))
+    exact = diagonal is None and nonscalar <= 1
+    records["mu"] = Record("mu", mu, _kind(all(t.lo_exact for t in gt) and exact, mu),
                            certified,
                            "Weyl: the Hessian is the sum of the terms' Hessians; mu = sum of the "
-                           "terms' lower curvature bounds",
+                           "terms' lower curvature bounds" + extra,
                            children=[_term_record("mu", t, t.lo, t.lo_exact) for t in gt])
-    L = _sum([t.hi for t in gt])
-    records["L"] = Record("L", L, _kind(all(t.hi_exact for t in gt) and nonscalar <= 1, L),
-                          certified, "Weyl: L = sum of the terms' upper curvature bounds",
+    L = _sum([t.hi for t in rest] + ([] if diagonal is None else [diagonal[1]]))
+    records["L"] = Record("L", L, _kind(all(t.hi_exact for t in gt) and exact, L),
+                          certified, "Weyl: L = sum of the terms' upper curvature bounds" + extra,
                           children=[_term_record("L", t, t.hi, t.hi_exact) for t in gt])
     LA = _sum([t.LA for t in gt])
     records["L_A"] = Record("L_A", LA, _kind(LA == 0, LA), certified,
@@ -181,6 +187,27 @@ def _lower_records(gt: list) -> dict:
                                _lb(dict(t.LB_cols), t.LB_ps) == 0) for t in gt],
         message="; ".join(sorted({t.LB_note for t in gt if t.LB_note})))
     return records
+
+
+#: Largest x (entries) whose single-entry terms are grouped on the diagonal (`_diagonal`):
+#: x given as a list of Symbols is small; the min over entries is a SymPy Min of D terms.
+DIAGONAL_MAX = 256
+
+
+def _diagonal(gt: list, dim: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
+    """(lower, upper) curvature bounds of the terms on single fixed entries of x (x given as
+    Symbols: exp(t)/2 (x0**2 + x1**2) is two terms, each 0 in mu alone) taken together: their
+    Hessians are diagonal, entry k's in [sum of their lower bounds on k, sum of upper], so the
+    sum's eigenvalues lie in [min_k, max_k] (an entry no such term reads counts 0). None for
+    fewer than two such terms or an x whose size is not a number up to DIAGONAL_MAX."""
+    on = [t for t in gt if t.diagonal is not None]
+    if len(on) < 2 or not (dim.is_Integer and int(dim) <= DIAGONAL_MAX):
+        return None
+    lows, highs = [sp.S.Zero] * int(dim), [sp.S.Zero] * int(dim)
+    for t in on:
+        k, lo, hi = t.diagonal
+        lows[k], highs[k] = lows[k] + lo, highs[k] + hi
+    return sp.Min(*lows), sp.Max(*highs)
 
 
 LFT_ZERO_RULE = ("theta enters f only through terms without x: grad_theta f does not depend on "

@@ -219,6 +219,9 @@ class TermFacts:
     has_theta: bool = False
     ball: dict | None = None  # local (ball) versions of hi, LA, LB_cols, LB_ps + rebuild info
     contraction: dict | None = None  # what ||DA(x)[u]|| needs at one x (derivation/contraction.py)
+    # a term on one fixed entry k of x (x given as Symbols): (k, lower, upper curvature along
+    # e_k); such terms add on the Hessian's diagonal (rules.py)
+    diagonal: tuple | None = None
 
 
 def _sign(c, ctx):
@@ -401,12 +404,12 @@ def _ball(tf, c, ps, facts, psi, lin, off, op, ctx, upper, limits):
                     d4=sy["d4"])
     saved = (tf.lo, tf.hi, tf.LA, dict(tf.LB_cols), tf.LB_ps, tf.LB_note, tf.Lft, tf.rule,
              tf.message, tf.parts, tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified, tf.L3,
-             tf.LDB)
+             tf.LDB, tf.diagonal)
     _combine(tf, c, ps, bf, op, off, ctx, upper, limits)
     tf.ball = {"hi": tf.hi, "LA": tf.LA, "LB_cols": dict(tf.LB_cols), "LB_ps": tf.LB_ps,
                "L3": tf.L3, "LDB": tf.LDB, "info": info}
     (tf.lo, tf.hi, tf.LA, tf.LB_cols, tf.LB_ps, tf.LB_note, tf.Lft, tf.rule, tf.message, tf.parts,
-     tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified, tf.L3, tf.LDB) = saved
+     tf.lo_exact, tf.hi_exact, tf.scalar, tf.certified, tf.L3, tf.LDB, tf.diagonal) = saved
 
 
 def _unsupported(tf, why):
@@ -469,6 +472,9 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
         return s * N if s.is_nonnegative else (s * lam if s.is_nonpositive else sp.Max(s * lam, s * N))
 
     tf.lo, tf.hi = apply(s_lo, True), apply(s_hi, False)
+    if op.entry is not None and ps is None:  # H_t = c psi'' a^2 e_k e_k^T, N = a^2
+        tf.diagonal = (op.entry, s_lo if s_lo in (sp.oo, -sp.oo) else s_lo * N,
+                       s_hi if s_hi in (sp.oo, -sp.oo) else s_hi * N)
     const_curv = f.lo == f.hi and f.kind == "exact" and ps is None and sign != "?"
     tf.lo_exact = const_curv and (op.lmin_exact if sign == "+" else op.normsq_exact)
     tf.hi_exact = const_curv and (op.normsq_exact if sign == "+" else op.lmin_exact)

@@ -131,8 +131,13 @@ def _as_int(expr, size_key):
 def _sum(body, limits, env, E):
     env2 = dict(env)
     counts = {}
+    masks = []  # 0/1 factors of triangular ranges
     for s, lo, hi in limits:
-        rng = np.arange(as_int(lo, E), as_int(hi, E) + 1)
+        if _reads_indices((lo, hi), env2):
+            rng, mask = _triangular(s, lo, hi, env2, E)
+            masks.append(mask)
+        else:
+            rng = np.arange(as_int(lo, E), as_int(hi, E) + 1)
         env2[s] = rng
         counts[s] = rng.size
     if body.is_Add:
@@ -145,8 +150,25 @@ def _sum(body, limits, env, E):
         others = [interpret(a, env2, E) for a in factors if a is not reads[0]]
         if not any(p[2] for p in others):
             position = factors.index(reads[0])
-            return _scatter_contract(others, position, reads[0], env2, E, contract, counts)
-    return _contract([interpret(a, env2, E) for a in factors], contract, counts)
+            return _scatter_contract(others + masks, position, reads[0], env2, E, contract,
+                                     counts)
+    return _contract([interpret(a, env2, E) for a in factors] + masks, contract, counts)
+
+
+def _reads_indices(limits, env) -> bool:
+    """Whether a loop limit reads an enclosing summation index (a triangular range)."""
+    return any(s in env for limit in limits for s in sp.sympify(limit).free_symbols)
+
+
+def _triangular(s, lo, hi, env, E):
+    """(s's values over the widest range, the 0/1 factor lo <= s <= hi on the axes of s and of
+    the enclosing indices the limits read): Sum(x[j], (j, 0, i)) as a masked full sum."""
+    lo_part, hi_part = interpret(lo, env, E), interpret(hi, env, E)
+    rng = np.arange(int(np.min(lo_part[1])), int(np.max(hi_part[1])) + 1)
+    index = ((s,), rng, False)
+    axes = _union([index, lo_part, hi_part])
+    grid, low, high = (expand_axes(a, ax, axes, False) for ax, a, _ in (index, lo_part, hi_part))
+    return rng, (axes, ((grid >= low) & (grid <= high)).astype(np.float64), False)
 
 
 def _scatter_contract(others, position, read, env, E, contract, counts):

@@ -41,8 +41,8 @@ def _compiled(expr):
     """The expression as nested Python closures f(env, theta), built once per expression: a
     hypergradient evaluates the constants at every theta, and walking the SymPy tree there
     (type tests, attribute lookups) cost more than the arithmetic."""
-    if expr.is_Number:  # oo and -oo too (singletons; float() gives +-inf)
-        value = float(expr)
+    if expr.is_Number or (expr.is_number and expr.is_extended_real):
+        value = float(expr)  # oo and -oo (float() gives +-inf), pi and 2/sqrt(pi) (erf) too
         return lambda env, theta: value
     if isinstance(expr, sp.Symbol):
         name = expr.name
