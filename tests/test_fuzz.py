@@ -97,6 +97,8 @@ LOWER_TERMS = {
     "cubic": lambda o: sp.Sum(x[j] ** 3 * sp.exp(th), J),
     "product": lambda o: sp.Sum(x[j] ** 2, J) * sp.Sum(y[i] * Kx, I),
     "theta_atom": lambda o: sp.Sum((sp.Sum(sp.exp(th) * K[i, j] * x[j], J) - y[i]) ** 2, I),
+    # K x's body again, in one Sum over both indices: its own temporary beside fit's per-row one
+    "total": lambda o: sp.Sum(K[i, j] * x[j], I, J),
 }
 UPPER_TERMS = {
     "l2": lambda o: sp.Sum(x[j] ** 2, J) / 2,
@@ -110,7 +112,7 @@ UPPER_TERMS = {
 }
 REGULARISERS = {"0": sp.Integer(0), "theta2": th ** 2 / 2, "exp": sp.exp(th),
                 "softplus": sp.log(1 + sp.exp(th))}
-USES_K = {"fit", "softplus", "lse", "atom", "product", "theta_atom"}
+USES_K = {"fit", "softplus", "lse", "atom", "product", "theta_atom", "total"}
 COEFFS = [sp.Integer(1), sp.Rational(1, 2), sp.Integer(2), sp.Rational(-1, 3), sp.Rational(3, 2),
           sp.Rational(1, 7)]
 
@@ -142,7 +144,8 @@ _counter = itertools.count()
 
 R = sp.Rational
 EXPLICIT = [  # every grammar term at least once, whatever Hypothesis draws
-    ({"lower": [("fit", R(1), "1"), ("softplus", R(1, 2), "theta"), ("lse", R(2), "cos")],
+    ({"lower": [("fit", R(1), "1"), ("softplus", R(1, 2), "theta"), ("lse", R(2), "cos"),
+                ("total", R(1, 2), "theta")],
       "upper": [("l2", R(1), "1"), ("softplus", R(1), "1")], "regulariser": "softplus",
       "options": {"c": R(1, 4), "atom": "tanh"}}, (3, 2)),
     ({"lower": [("stencil", R(1), "exp"), ("atom", R(-1, 3), "theta2"), ("cubic", R(1, 7), "1")],
