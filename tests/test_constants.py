@@ -847,6 +847,33 @@ def test_atom_table_against_grid():
     assert p2.max() > float(wrong.hi)  # a wrong table entry would be caught by the grid
 
 
+@pytest.mark.parametrize("fn", ["tanh", "sigmoid", "atan", "asinh", "erf", "sin", "cos"])
+def test_bounded_atom_rows_against_grid_and_mpmath(fn):
+    """The table rows of the bounded-derivative atoms, at f(a t + b) with a = -3/2: psi'' range,
+    sup|psi'''| and sup|psi''''| hold on a grid and are attained (tight to 1e-6); each f''''
+    sup equals, to 20 digits, |f''''| at mpmath's root of f''''' near the grid's argmax."""
+    import mpmath
+
+    t = atoms.T
+    f = sigmoid if fn == "sigmoid" else getattr(sp, fn)
+    psi = f(-sp.Rational(3, 2) * t + sp.Rational(1, 3))
+    facts = atoms.analyse_atom(psi)
+    assert facts.kind == "exact" and facts.certified
+    grid = np.linspace(-12, 12, 480001)
+    plain = psi.rewrite(sp.exp) if fn == "sigmoid" else psi
+    derivative = {k: sp.lambdify(t, sp.diff(plain, t, k), "numpy")(grid) for k in (2, 3, 4)}
+    assert float(facts.lo) <= derivative[2].min() + 1e-12 and derivative[2].max() <= float(facts.hi) + 1e-12
+    for k, sup in ((2, facts.peak), (3, facts.d3), (4, facts.d4)):
+        measured = np.abs(derivative[k]).max()
+        assert measured <= float(sup) * (1 + 1e-12) and float(sup) <= measured * (1 + 1e-6), (k, fn)
+    base = sigmoid(t).rewrite(sp.exp) if fn == "sigmoid" else f(t)
+    f4, f5 = (sp.lambdify(t, sp.diff(base, t, k), "mpmath") for k in (4, 5))
+    near = grid[np.argmax(np.abs(sp.lambdify(t, sp.diff(base, t, 4), "numpy")(grid)))]
+    with mpmath.workdps(30):
+        root = mpmath.findroot(f5, near)
+        assert abs(abs(f4(root)) - sp.N(atoms.BOUNDED[f][2], 30)) < 1e-20
+
+
 def test_lse_third_derivative_bound():
     rng = np.random.default_rng(0)
     worst = 0.0

@@ -426,7 +426,7 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
             bound = math.inf
     if not c["certified"]:
         ledger.reason(ReasonKind.UNCERTIFIED, (
-            "uncertified constants (stated): the bound is only as good as they are"
+            "uncertified constants (stated): the bound is only as good as the stated constants"
             if c["source"] == "stated" else
             f"uncertified constants (source = {c['source']!r}): the derivation could not certify "
             f"them (built with allow_uncertified); the bound rests on them"))
