@@ -379,6 +379,11 @@ def test_stated_constants_honour_rtol_and_are_called_stated(build_dir):
     assert loose.bound > 1e-7  # eps = delta = 1e-6 alone does not reach rtol = 1e-10
     assert tight.bound <= 1e-10 * np.linalg.norm(tight.grad)
     assert tight.status.startswith("uncertified constants (stated): the bound is only as good")
+    # the correction's rounds steer a stated-constants round too (they returned the first round
+    # as it was, bound 5e-8 > target, when cos's L_3 made the tight bound the default)
+    assert tight.certificate == "tight" and "plain bound" in tight.notes[-1]
+    er = prob.hypergradient(0.3, lower="gd", adjoint="cg", rtol=1e-10, certificate="er")
+    assert er.bound <= 1e-10 * np.linalg.norm(er.grad)
     unreachable = prob.hypergradient(0.3, lower="gd", adjoint="cg", rtol=1e-17)
     assert "certified accuracy unreachable" in unreachable.status
 

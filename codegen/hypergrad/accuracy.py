@@ -47,6 +47,7 @@ from .floors import (
     lowest_eps,
     next_delta,
     next_eps,
+    round_ok,
     solve_again,
     uncorrected,
     unrefined_e,
@@ -209,7 +210,7 @@ def to_accuracy(run: PlainRound, rtol: float, atol: float, eps: float, delta: fl
 def steerable(hg: HypergradientResult) -> bool:
     """Whether another accuracy round can tighten hg's bound: it is finite and its only reasons
     (if any) say the constants are stated, not certified."""
-    return math.isfinite(hg.bound) and all(r.kind is ReasonKind.UNCERTIFIED for r in hg.reasons)
+    return math.isfinite(hg.bound) and round_ok(hg)
 
 
 #: With certificate="tight", the first round runs at eps = delta = TIGHT_FIRST_ROUND * rtol
@@ -270,7 +271,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         if restart is not None:
             eps, delta, x0, q0 = restart
             continue
-        if hg.status != "ok":
+        if not round_ok(hg):
             return evolve(hg, work=total)
         dirs = _directions(hg, components)
         n = len(dirs)

@@ -50,6 +50,7 @@ from .floors import (
     lowest_eps,
     next_delta,
     next_eps,
+    round_ok,
     solve_again,
     uncorrected,
 )
@@ -242,7 +243,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
     for _ in range(max_rounds if steer else 1):
         hg = floor_accepted(run(eps, delta, x0, q0, refine))
         add_work(total, hg.work)
-        if hg.status == "ok":
+        if round_ok(hg):
             hg, passes = with_local_q(k, hg)
             add_work(total, {"hvps": passes, "units": passes})
         restart = solve_again(hg, steer, rtol, atol, (eps, delta, x0, q0), TIGHT_RELATIVE,
@@ -250,7 +251,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         if restart is not None:
             eps, delta, x0, q0 = restart
             continue
-        if hg.status != "ok":
+        if not round_ok(hg):
             return evolve(hg, work=total)
         target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad))
         # a target below the rounding floor is not replanned for: the correction's round ends

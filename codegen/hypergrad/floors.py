@@ -45,6 +45,14 @@ def adjoint_stalled(hg: HypergradientResult) -> bool:
     return any(note.startswith(ADJOINT_FLOOR_NOTE) for note in hg.notes)
 
 
+def round_ok(hg: HypergradientResult) -> bool:
+    """Whether a round's plain hypergradient can be corrected and steered: its only reasons,
+    if any, say the constants are stated (status "ok" but for that). A correction's rounds
+    that asked for status "ok" returned a stated-constants problem's first round as it was,
+    bound above the target and nothing in the status to say so."""
+    return all(r.kind is ReasonKind.UNCERTIFIED for r in hg.reasons)
+
+
 def floor_accepted(hg: HypergradientResult) -> HypergradientResult:
     """hg without its solves' "rounding floor" reasons when those are its only non-stated
     reasons: the bound certifies the G and R reached (the floor is accuracy, not failure);
@@ -134,7 +142,7 @@ def solve_again(hg: HypergradientResult, steer: bool, rtol: float | None, atol: 
         return None
     if hg.reasons and all(r.kind is ReasonKind.ZERO_TRAP for r in hg.reasons):
         return eps, min(0.5 * delta, relative * hg.grad_f_norm), hg.x, q0
-    if hg.status == "ok" and not atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad)) > 0:
+    if round_ok(hg) and not atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad)) > 0:
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: h = 0, a target of 0")
         return zero_target_eps(eps, hg), delta, hg.x, hg.q
     return None
