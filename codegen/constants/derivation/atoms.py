@@ -52,6 +52,10 @@ BOUNDED = {
     sp.sin: (sp.S.One, sp.S.One, sp.S.One),
     sp.cos: (sp.S.One, sp.S.One, sp.S.One),
 }
+#: sup |f'| of the same functions (tanh' = sech^2, sigmoid' = s (1 - s), atan' = 1/(1 + t^2),
+#: asinh' = (1 + t^2)^(-1/2), erf' = 2 exp(-t^2)/sqrt(pi), all at t = 0; sin, cos 1)
+FIRST_SUP = {sp.tanh: sp.S.One, sigmoid: sp.Rational(1, 4), sp.atan: sp.S.One, sp.asinh: sp.S.One,
+             sp.erf: 2 / sp.sqrt(sp.pi), sp.sin: sp.S.One, sp.cos: sp.S.One}
 NONSMOOTH = (sp.Abs, sp.Max, sp.Min, sp.Piecewise, sp.Heaviside, sp.sign)
 SMOOTH_HINT = ("use a smooth alternative such as the Charbonnier function sqrt(t**2 + nu**2) "
                "(nu > 0) instead of |t| or Huber")
@@ -71,6 +75,7 @@ class AtomFacts:
     d4: sp.Expr = sp.oo  # sup |psi''''| (L_3); oo where the table has no value
     # theta symbol -> sup_t |d psi'''/d theta| (L_DB for theta inside the atom); None: no rule
     d3th: dict | None = None
+    d1: sp.Expr = sp.oo  # sup |psi'| (L_ft of theta in f's coefficients); oo: none or unbounded
 
     @property
     def peak(self):
@@ -156,7 +161,8 @@ def _sum_facts(facts):
                      "bound", all(f.certified for f in facts),
                      "sum of atoms: " + "; ".join(f.rule for f in facts),
                      "; ".join(f.message for f in facts if f.message),
-                     sp.Add(*[f.d4 for f in facts]), _add_dicts([f.d3th for f in facts]))
+                     sp.Add(*[f.d4 for f in facts]), _add_dicts([f.d3th for f in facts]),
+                     sp.Add(*[f.d1 for f in facts]))
 
 
 def _add_dicts(ds):
@@ -188,7 +194,8 @@ def _scale_facts(f, kappa, theta_syms):
         for s in kappa.free_symbols & set(theta_syms):
             d3th[s] = d3th.get(s, 0) + sp.Abs(sp.diff(kappa, s)) * f.d3
     return AtomFacts(f"{kappa}*{f.name}", lo, hi, sp.Abs(kappa) * f.d3, dth, f.kind, f.certified,
-                     f.rule + f"; scaled by {kappa}", f.message, sp.Abs(kappa) * f.d4, d3th)
+                     f.rule + f"; scaled by {kappa}", f.message, sp.Abs(kappa) * f.d4, d3th,
+                     sp.Abs(kappa) * f.d1)
 
 
 def _base(psi, theta_syms, timeout):
@@ -203,7 +210,8 @@ def _base(psi, theta_syms, timeout):
             return AtomFacts("softplus", sp.S.Zero, a**2 / 4, abs(a)**3 * SQRT3_18,
                              {} if _theta_free(b, theta_syms) else None, "exact", True,
                              "atom table: softplus(a t + b), psi'' in (0, a^2/4], "
-                             "sup|psi'''| = |a|^3 sqrt3/18, sup|psi''''| = a^4/8", "", a**4 / 8)
+                             "sup|psi'''| = |a|^3 sqrt3/18, sup|psi''''| = a^4/8", "", a**4 / 8,
+                             d1=sp.Abs(a))
     if isinstance(psi, sp.Pow) and psi.exp == sp.S.Half:
         q = _quadratic(psi.base)
         if q is not None:
@@ -216,7 +224,7 @@ def _base(psi, theta_syms, timeout):
                              {} if _theta_free(b, theta_syms) else None, "exact", True,
                              "atom table: log cosh(a t + b), psi'' in (0, a^2], "
                              "sup|psi'''| = |a|^3 4/(3 sqrt3), sup|psi''''| = 2 a^4", "",
-                             2 * a**4)
+                             2 * a**4, d1=sp.Abs(a))
     if isinstance(psi, sp.log):
         q = _quadratic(psi.args[0])
         if q is not None and all(_theta_free(c, theta_syms) for c in q) and q[0].is_positive:
@@ -227,7 +235,8 @@ def _base(psi, theta_syms, timeout):
                                  STUDENT3 / nu2 ** sp.Rational(3, 2), {}, "exact", True,
                                  "atom table: log((t + tau)^2 + nu^2), psi'' in "
                                  "[-1/(4 nu^2), 2/nu^2], sup|psi'''| = (3/2 + sqrt2)/nu^3",
-                                 "nonconvex atom: negative curvature -1/(4 nu^2)")
+                                 "nonconvex atom: negative curvature -1/(4 nu^2)",
+                                 d1=1 / sp.sqrt(nu2))
     if isinstance(psi, sp.exp):
         ab = _linear(psi.args[0])
         if ab:
@@ -258,7 +267,8 @@ def _bounded(psi, ab, theta_syms):
     return AtomFacts(name, -a ** 2 * f2, a ** 2 * f2, a ** 3 * f3,
                      {} if _theta_free(b, theta_syms) else None, "exact", True,
                      f"atom table: {name}(a t + b), psi'' in [-a^2 {f2}, a^2 {f2}], "
-                     f"sup|psi'''| = |a|^3 {f3}, sup|psi''''| = a^4 {sp.N(f4, 6)}", "", a ** 4 * f4)
+                     f"sup|psi'''| = |a|^3 {f3}, sup|psi''''| = a^4 {sp.N(f4, 6)}", "", a ** 4 * f4,
+                     d1=a * FIRST_SUP[type(psi)])
 
 
 def _polynomial(psi, theta_syms):
@@ -310,7 +320,7 @@ def _charbonnier(al, be, ga, theta_syms):
                      "(0, sqrt(a)/nu], sup|psi'''| = sqrt(a) 48/(25 sqrt5)/nu^2, "
                      "sup|psi''''| = 3 sqrt(a)/nu^3 (at t = -tau), "
                      "sup|d psi'''/d(nu^2)| = sqrt(a) 0.9661/nu^4", "",
-                     sp.simplify(3 * ra / nu2 ** sp.Rational(3, 2)), d3th)
+                     sp.simplify(3 * ra / nu2 ** sp.Rational(3, 2)), d3th, d1=ra)
 
 
 def group_charbonnier(psi, ts, theta_syms):

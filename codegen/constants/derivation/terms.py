@@ -525,14 +525,21 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
 
 
 def _upper_theta(c, ps, f, op, off, ctx, limits):
-    """Lipschitz constant in x of grad_theta f for one term of f (L_ft)."""
-    if ps is None and not (c.free_symbols & set(ctx.theta_syms.values())) and f.d3 == 0 \
-            and f.lo == f.hi and ctx.has_theta(off):
+    """Lipschitz constant in x of grad_theta f for one term of f (L_ft): theta in the offset of
+    a quadratic atom, or in the coefficient alone (docs/constants.md 3.9)."""
+    theta = c.free_symbols & set(ctx.theta_syms.values())
+    if ps is None and not theta and f.d3 == 0 and f.lo == f.hi and ctx.has_theta(off):
         lin_t, rest = _split_theta(off, ctx)
         if ctx.has_theta(rest):
             return sp.oo
         opt = classify_operator(lin_t, limits, 0, ctx, var="theta", lse=True)
         return sp.Abs(c) * sp.Abs(f.hi) * sp.sqrt(op.normsq) * sp.sqrt(opt.normsq)
+    if (ps is None and theta and not ctx.has_theta(off) and f.dth == {} and f.d1 != sp.oo
+            and op.rows is not None):
+        # grad_theta (c(theta) sum_i psi(k_i x + b_i)) = grad c(theta) F(x), and F is Lipschitz
+        # with sup ||K^T psi'(K x + b)|| <= ||K|| sqrt(rows) sup|psi'|
+        grad_c = sp.sqrt(sp.Add(*[sp.diff(c, s) ** 2 for s in sorted(theta, key=str)]))
+        return grad_c * f.d1 * sp.sqrt(op.normsq) * sp.sqrt(op.rows)
     return sp.oo
 
 
