@@ -21,6 +21,7 @@ from .filters import filter_operator, learned_columns, stacked_filters
 from .ldb import cross_lipschitz, learned_cross_lipschitz
 from .ldb import mul as _mul
 from .operators import OpFacts, affine_index, classify_operator, stacked_stencil
+from .upper_theta import upper_theta_lipschitz
 
 
 # -- reads and degrees ------------------------------------------------------------------------
@@ -512,7 +513,7 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
         notes.append("theta in the argument of a non-quadratic atom: no rule")
     tf.LB_cols, tf.LB_ps, tf.LB_note = cols, ps_part, "; ".join(notes)
     if upper and tf.has_theta:
-        tf.Lft = _upper_theta(c, ps, f, op, off, ctx, limits)
+        tf.Lft = upper_theta_lipschitz(c, ps, f, op, off, ctx, limits)
     wtxt = "" if ps is None else f", per-sample weight v(theta_I) = {ps[0]} in [{vmin}, {vmax}]"
     tf.rule = (f"{tf.kind}: coefficient {c} ({'>= 0' if sign == '+' else '<= 0' if sign == '-' else 'sign unknown'})"
                f"{wtxt}; {f.name} of K x + b, K: {op.name}")
@@ -522,50 +523,6 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
                   term=f"psi'' in [{sp.sstr(f.lo)}, {sp.sstr(f.hi)}], sup|psi'''| = {sp.sstr(f.d3)}")
     tf.parts = [arec, op.record]
     return tf
-
-
-def _upper_theta(c, ps, f, op, off, ctx, limits):
-    """Lipschitz constant in x of grad_theta f for one term of f (L_ft): theta in the offset of
-    a quadratic atom, or in the coefficient alone (docs/constants.md 3.9)."""
-    theta = c.free_symbols & set(ctx.theta_syms.values())
-    if ps is None and not theta and f.d3 == 0 and f.lo == f.hi and ctx.has_theta(off):
-        lin_t, rest = _split_theta(off, ctx)
-        if ctx.has_theta(rest):
-            return sp.oo
-        opt = classify_operator(lin_t, limits, 0, ctx, var="theta", lse=True)
-        return sp.Abs(c) * sp.Abs(f.hi) * sp.sqrt(op.normsq) * sp.sqrt(opt.normsq)
-    if (ps is None and theta and not ctx.has_theta(off) and f.dth == {} and f.d1 != sp.oo
-            and op.rows is not None):
-        # grad_theta (c(theta) sum_i psi(k_i x + b_i)) = grad c(theta) F(x), and F is Lipschitz
-        # with sup ||K^T psi'(K x + b)|| <= ||K|| sqrt(rows) sup|psi'|
-        grad_c = sp.sqrt(sp.Add(*[sp.diff(c, s) ** 2 for s in sorted(theta, key=str)]))
-        return grad_c * f.d1 * sp.sqrt(op.normsq) * sp.sqrt(op.rows)
-    return sp.oo
-
-
-def _split_theta(off, ctx):
-    parts = []
-    for a in sp.Add.make_args(off):
-        if isinstance(a, sp.Sum) and a.function.is_Add:
-            parts += [sp.Sum(b, *a.limits) for b in a.function.args]
-        else:
-            parts.append(a)
-    lin = sp.Add(*[a for a in parts if ctx.has_theta(a)])
-    rest = sp.Add(*[a for a in parts if not ctx.has_theta(a)])
-    # theta must enter linearly with theta-free coefficients
-    deg_ok = all(_theta_linear(a, ctx) for a in sp.Add.make_args(lin))
-    return (lin, rest) if deg_ok else (lin, lin)
-
-
-def _theta_linear(a, ctx):
-    if isinstance(a, sp.Sum):
-        return _theta_linear(a.function, ctx)
-    if isinstance(a, sp.Indexed):
-        return True
-    if a.is_Mul:
-        dep = [b for b in a.args if ctx.has_theta(b)]
-        return len(dep) == 1 and _theta_linear(dep[0], ctx)
-    return False
 
 
 def _group(tf, term, c, ps, core, found, ctx, upper):
