@@ -47,7 +47,7 @@ def test_theta_in_the_coefficient_of_a_validation_loss_gives_a_finite_L_ft():
     learned mix of two validation losses. grad_t f = sigmoid'(t) (F_1(x) - F_2(x)), each F_i
     Lipschitz with ||K_i|| sqrt(rows)/rows sup|softplus'| (it was L_ft = inf, so no bound). The
     constant holds against the quotients ||grad_t f(x) - grad_t f(x')|| / ||x - x'|| at random and
-    at nearby pairs, at several t."""
+    at nearby pairs, at several t (the largest is 0.39 of it)."""
     m, p, q = sp.symbols("m p nq", integer=True, positive=True)
     i, k, l_ = sp.Idx("i", m), sp.Idx("k", p), sp.Idx("l", q)
     t = sp.Symbol("t")
@@ -80,4 +80,5 @@ def test_theta_in_the_coefficient_of_a_validation_loss_gives_a_finite_L_ft():
             z = 3 * rng.standard_normal(6)
             z2 = z + (1e-4 if trial % 2 else 3.0) * rng.standard_normal(6)
             worst = max(worst, abs(grad_t(z, tt) - grad_t(z2, tt)) / np.linalg.norm(z - z2) / L_ft)
+    print(f"\nlargest quotient / L_ft: {worst:.3g}")
     assert 0.05 < worst <= 1.0  # valid, and not vacuous
