@@ -648,15 +648,17 @@ def test_terms_on_single_symbols_add_on_the_diagonal():
     """x given as Symbols: exp(t)/2 (x0^2 + x1^2 + x2^2) is three terms, each on one entry, 0 in
     mu alone (the build was refused, suggesting the very term it had). Together their Hessian
     is diagonal: mu = min over entries, L = max, plus the other terms' bounds (Weyl); both hold
-    against the Hessian's eigenvalues at random points and theta."""
+    against the Hessian's eigenvalues at random points and theta. f's L_f likewise."""
     x0, x1, x2, t = sp.symbols("x0 x1 x2 t")
     g = (sp.exp(t) / 2 * (x0 ** 2 + x1 ** 2 + x2 ** 2) + sp.log(1 + sp.exp(x0))
          - x2 ** 2 / 10 + (x1 - x2) ** 2)
-    der = derive(Problem(name="entries", x=[x0, x1, x2], theta=t, lower=g, upper=x0 + x1))
+    f = (x0 - 1) ** 2 + (x1 - 2) ** 2 / 2 + sp.log(1 + sp.exp(x2))
+    der = derive(Problem(name="entries", x=[x0, x1, x2], theta=t, lower=g, upper=f))
     q = compute_data_quantities(der, {})
     c = evaluate(der, 0.0, q)
     assert c["certified"] and c["mu"] == pytest.approx(0.8, rel=1e-10)  # entry 2: 1 - 0.2
     assert c["L"] == pytest.approx(1.25 + 8, rel=1e-10)  # entry 0: 1 + 1/4; (x1 - x2)^2: 2 * 2^2
+    assert c["L_f"] == pytest.approx(2.0, rel=1e-10)  # f's Hessian diag(2, 1, sigmoid'), not 3.25
     hess = sp.lambdify([(x0, x1, x2), t], sp.hessian(g, (x0, x1, x2)), "numpy")
     rng = np.random.default_rng(0)
     for theta in (-0.5, 0.0, 1.5):

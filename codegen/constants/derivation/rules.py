@@ -79,7 +79,8 @@ def derive(problem, allow_uncertified: bool = False) -> Derivation:
         if t.kind == "unsupported":
             t.certified, t.lo, t.hi = True, -sp.oo, sp.oo
     messages, uncertified_reason = _admit_lower_terms(gt, stated, allow_uncertified)
-    records = _lower_records(gt, ctx.dim) | _upper_records(ft, ctx.has_theta(sp.sympify(problem.f)))
+    records = _lower_records(gt, ctx.dim) | _upper_records(ft, ctx.has_theta(sp.sympify(problem.f)),
+                                                           ctx.dim)
     ball = _ball_records(gt, ft, records, stated)
     mu_check, reason = _strong_convexity(records["mu"], gt, problem, ctx, messages,
                                          allow_uncertified or "mu" in stated)
@@ -214,11 +215,15 @@ LFT_ZERO_RULE = ("theta enters f only through terms without x: grad_theta f does
                  "x, so its Lipschitz constant in x is 0")
 
 
-def _upper_records(ft: list, f_reads_theta: bool) -> dict:
-    """L_f (Weyl over the terms of f) and, when f reads theta, L_ft. `flatten` drops the terms
-    of f without x; when theta sits only there (f = ||x - y||^2/2 + theta^2), grad_theta f is
-    constant in x and L_ft = 0 exactly (without this record the consumers would read L_ft = inf)."""
-    Lf = _curvature_bound(_sum([t.lo for t in ft]), _sum([t.hi for t in ft]))
+def _upper_records(ft: list, f_reads_theta: bool, dim: sp.Expr) -> dict:
+    """L_f (Weyl over the terms of f, those on single entries of x together, `_diagonal`) and,
+    when f reads theta, L_ft. `flatten` drops the terms of f without x; when theta sits only
+    there (f = ||x - y||^2/2 + theta^2), grad_theta f is constant in x and L_ft = 0 exactly
+    (without this record the consumers would read L_ft = inf)."""
+    diagonal = _diagonal(ft, dim)
+    rest = ft if diagonal is None else [t for t in ft if t.diagonal is None]
+    Lf = _curvature_bound(_sum([t.lo for t in rest] + ([] if diagonal is None else [diagonal[0]])),
+                          _sum([t.hi for t in rest] + ([] if diagonal is None else [diagonal[1]])))
     nfs = sum(1 for t in ft if not t.scalar)
     records = {"L_f": Record(
         "L_f", Lf, _kind(all(t.hi_exact and t.lo_exact for t in ft) and nfs <= 1, Lf),
@@ -235,8 +240,9 @@ def _upper_records(ft: list, f_reads_theta: bool) -> dict:
         Lft = _sum([t.Lft for t in ft if t.has_theta])
         records["L_ft"] = Record("L_ft", Lft, _kind(False, Lft), all(t.certified for t in ft),
                                  "Lipschitz constant in x of grad_theta f: theta in the offset of a "
-                                 "quadratic atom gives |c| psi'' ||K_x|| ||K_theta||; otherwise "
-                                 "infinite (no rule)",
+                                 "quadratic atom gives |c| psi'' ||K_x|| ||K_theta||, theta in the "
+                                 "coefficient alone ||grad c|| sup|psi'| ||K|| sqrt(rows); "
+                                 "otherwise infinite (no rule)",
                                  children=[_term_record("L_ft", t, t.Lft, False)
                                            for t in ft if t.has_theta])
     elif f_reads_theta:
