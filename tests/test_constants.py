@@ -844,6 +844,9 @@ def test_atom_table_against_grid():
         assert float(f.lo) <= p2.min() + 1e-12 and float(f.hi) >= p2.max() - 1e-12, psi
         assert float(f.d3) >= np.abs(p3).max() - 1e-12, psi
         assert float(f.d3) <= np.abs(p3).max() * 1.001 + 1e-9, psi  # table entries are tight
+        # sup|psi'|, which L_ft's rule reads (1e-12: the grid's own rounding at the limit)
+        p1 = np.abs(sp.lambdify(t, sp.diff(psi, t), "numpy")(grid)).max()
+        assert p1 <= float(f.d1) * (1 + 1e-12) and float(f.d1) <= p1 * 1.001 + 1e-9, psi
     wrong = atoms.AtomFacts("logistic, mutated", 0, sp.Rational(1, 8), atoms.SQRT3_18)
     p2 = sp.lambdify(t, sp.diff(sp.log(1 + sp.exp(t)), t, 2), "numpy")(grid)
     assert p2.max() > float(wrong.hi)  # a wrong table entry would be caught by the grid
@@ -852,7 +855,8 @@ def test_atom_table_against_grid():
 @pytest.mark.parametrize("fn", ["tanh", "sigmoid", "atan", "asinh", "erf", "sin", "cos"])
 def test_bounded_atom_rows_against_grid_and_mpmath(fn):
     """The table rows of the bounded-derivative atoms, at f(a t + b) with a = -3/2: psi'' range,
-    sup|psi'''| and sup|psi''''| hold on a grid and are attained (tight to 1e-6); each f''''
+    sup|psi'| (L_ft), sup|psi'''|, sup|psi''''| hold on a grid and are attained (tight to 1e-6);
+    each f''''
     sup equals, to 20 digits, |f''''| at mpmath's root of f''''' near the grid's argmax."""
     import mpmath
 
@@ -863,9 +867,9 @@ def test_bounded_atom_rows_against_grid_and_mpmath(fn):
     assert facts.kind == "exact" and facts.certified
     grid = np.linspace(-12, 12, 480001)
     plain = psi.rewrite(sp.exp) if fn == "sigmoid" else psi
-    derivative = {k: sp.lambdify(t, sp.diff(plain, t, k), "numpy")(grid) for k in (2, 3, 4)}
+    derivative = {k: sp.lambdify(t, sp.diff(plain, t, k), "numpy")(grid) for k in (1, 2, 3, 4)}
     assert float(facts.lo) <= derivative[2].min() + 1e-12 and derivative[2].max() <= float(facts.hi) + 1e-12
-    for k, sup in ((2, facts.peak), (3, facts.d3), (4, facts.d4)):
+    for k, sup in ((1, facts.d1), (2, facts.peak), (3, facts.d3), (4, facts.d4)):
         measured = np.abs(derivative[k]).max()
         assert measured <= float(sup) * (1 + 1e-12) and float(sup) <= measured * (1 + 1e-6), (k, fn)
     base = sigmoid(t).rewrite(sp.exp) if fn == "sigmoid" else f(t)
@@ -873,7 +877,7 @@ def test_bounded_atom_rows_against_grid_and_mpmath(fn):
     near = grid[np.argmax(np.abs(sp.lambdify(t, sp.diff(base, t, 4), "numpy")(grid)))]
     with mpmath.workdps(30):
         root = mpmath.findroot(f5, near)
-        assert abs(abs(f4(root)) - sp.N(atoms.BOUNDED[f][2], 30)) < 1e-20
+        assert abs(abs(f4(root)) - sp.N(atoms.BOUNDED[f][3], 30)) < 1e-20
 
 
 def test_lse_third_derivative_bound():

@@ -27,35 +27,34 @@ LSE3 = 1 / sp.sqrt(2)  # Lipschitz constant of the Hessian of log-sum-exp (see l
 LSE4 = sp.S.Half  # sup of the fourth derivative of log-sum-exp (see lse_facts)
 # sup_s |d/dw d^3/ds^3 sqrt(s^2 + w)| at w = 1: 0.9661, at s^2 = (6 - sqrt30)/4 (see _charbonnier)
 CHARB3W = 48 * sp.sqrt(180 - 30 * sp.sqrt(30)) / (10 - sp.sqrt(30)) ** sp.Rational(7, 2)
-#: f(a t + b) for the functions with bounded derivatives: (sup|f''|, sup|f'''|, sup|f''''|), with
-#: f'' in [-sup, sup] (odd about a point for the first five, sin and cos by periodicity). Each
-#: sup is |f^(k)| at a root of f^(k+1) (SymPy's `maximum`); tests/test_constants.py checks them
-#: against a grid and mpmath. Before, SymPy's function_range ran at every build (2.5 s for tanh,
-#: against a 3 s timeout) and sigmoid's timed out into a sampled, uncertified estimate.
+#: f(a t + b) for the functions with bounded derivatives: (sup|f'|, sup|f''|, sup|f'''|,
+#: sup|f''''|), with f'' in [-sup, sup] (odd about a point for the first five, sin and cos by
+#: periodicity). sup|f'| is at t = 0 (tanh' = sech^2, sigmoid' = s (1 - s), atan' = 1/(1 + t^2),
+#: asinh' = (1 + t^2)^(-1/2), erf' = 2 exp(-t^2)/sqrt(pi)); each other sup is |f^(k)| at a root
+#: of f^(k+1) (SymPy's `maximum`); tests/test_constants.py checks them against a grid and
+#: mpmath. Before, SymPy's function_range ran at every build (2.5 s for tanh, against a 3 s
+#: timeout) and sigmoid's timed out into a sampled, uncertified estimate.
 TANH4 = (8 * (sp.S.Half + sp.sqrt(105) / 30) * (sp.sqrt(105) / 10 + sp.S.Half)
          * sp.sqrt(sp.S.Half - sp.sqrt(105) / 30))  # 4.0859
 BOUNDED = {
-    sp.tanh: (4 * sp.sqrt(3) / 9, sp.Integer(2), TANH4),
-    sigmoid: (sp.sqrt(3) / 18, sp.Rational(1, 8), TANH4 / 32),  # 1/2 + tanh(t/2)/2
-    sp.atan: (3 * sp.sqrt(3) / 8, sp.Integer(2),
+    sp.tanh: (sp.S.One, 4 * sp.sqrt(3) / 9, sp.Integer(2), TANH4),
+    sigmoid: (sp.Rational(1, 4), sp.sqrt(3) / 18, sp.Rational(1, 8), TANH4 / 32),  # tanh(t/2)
+    sp.atan: (sp.S.One, 3 * sp.sqrt(3) / 8, sp.Integer(2),
               24 * sp.sqrt(1 - 2 * sp.sqrt(5) / 5) * (1 - 2 * (1 - 2 * sp.sqrt(5) / 5)
                                                       / (2 - 2 * sp.sqrt(5) / 5))
               / (2 - 2 * sp.sqrt(5) / 5) ** 3),  # 4.6686
-    sp.asinh: (2 * sp.sqrt(3) / 9, sp.Integer(1),
+    sp.asinh: (sp.S.One, 2 * sp.sqrt(3) / 9, sp.Integer(1),
                3 * sp.sqrt(sp.Rational(3, 2) - sp.sqrt(30) / 4)
                * (3 - 5 * (sp.Rational(3, 2) - sp.sqrt(30) / 4)
                   / (sp.Rational(5, 2) - sp.sqrt(30) / 4))
                / (sp.Rational(5, 2) - sp.sqrt(30) / 4) ** sp.Rational(5, 2)),  # 1.9323
-    sp.erf: (2 * sp.sqrt(2) * sp.exp(-sp.S.Half) / sp.sqrt(sp.pi), 4 / sp.sqrt(sp.pi),
+    sp.erf: (2 / sp.sqrt(sp.pi), 2 * sp.sqrt(2) * sp.exp(-sp.S.Half) / sp.sqrt(sp.pi),
+             4 / sp.sqrt(sp.pi),
              8 * sp.sqrt(6) * sp.sqrt(sp.Rational(3, 2) - sp.sqrt(6) / 2)
              * sp.exp(sp.sqrt(6) / 2 - sp.Rational(3, 2)) / sp.sqrt(sp.pi)),  # 4.4047
-    sp.sin: (sp.S.One, sp.S.One, sp.S.One),
-    sp.cos: (sp.S.One, sp.S.One, sp.S.One),
+    sp.sin: (sp.S.One, sp.S.One, sp.S.One, sp.S.One),
+    sp.cos: (sp.S.One, sp.S.One, sp.S.One, sp.S.One),
 }
-#: sup |f'| of the same functions (tanh' = sech^2, sigmoid' = s (1 - s), atan' = 1/(1 + t^2),
-#: asinh' = (1 + t^2)^(-1/2), erf' = 2 exp(-t^2)/sqrt(pi), all at t = 0; sin, cos 1)
-FIRST_SUP = {sp.tanh: sp.S.One, sigmoid: sp.Rational(1, 4), sp.atan: sp.S.One, sp.asinh: sp.S.One,
-             sp.erf: 2 / sp.sqrt(sp.pi), sp.sin: sp.S.One, sp.cos: sp.S.One}
 NONSMOOTH = (sp.Abs, sp.Max, sp.Min, sp.Piecewise, sp.Heaviside, sp.sign)
 SMOOTH_HINT = ("use a smooth alternative such as the Charbonnier function sqrt(t**2 + nu**2) "
                "(nu > 0) instead of |t| or Huber")
@@ -261,14 +260,14 @@ def _base(psi, theta_syms, timeout):
 
 def _bounded(psi, ab, theta_syms):
     """f(a t + b), f in BOUNDED: psi^(k)(t) = a^k f^(k)(a t + b) over all t, the sups scaled."""
-    f2, f3, f4 = BOUNDED[type(psi)]
+    f1, f2, f3, f4 = BOUNDED[type(psi)]
     a, b = sp.Abs(ab[0]), ab[1]
     name = type(psi).__name__
     return AtomFacts(name, -a ** 2 * f2, a ** 2 * f2, a ** 3 * f3,
                      {} if _theta_free(b, theta_syms) else None, "exact", True,
                      f"atom table: {name}(a t + b), psi'' in [-a^2 {f2}, a^2 {f2}], "
                      f"sup|psi'''| = |a|^3 {f3}, sup|psi''''| = a^4 {sp.N(f4, 6)}", "", a ** 4 * f4,
-                     d1=a * FIRST_SUP[type(psi)])
+                     d1=a * f1)
 
 
 def _polynomial(psi, theta_syms):

@@ -47,6 +47,19 @@ def affine_index(e, syms):
     return False
 
 
+def summands(u):
+    """The terms of u with every Sum of an Add split into Sums of its parts, so that the parts
+    reading x (or theta) can be told from the rest: the linear map and offset of an atom's
+    argument (`terms.split_affine`), theta's part of an offset (`upper_theta`)."""
+    parts = []
+    for a in sp.Add.make_args(u):
+        if isinstance(a, sp.Sum) and a.function.is_Add:
+            parts += [sp.Sum(b, *a.limits) for b in a.function.args]
+        else:
+            parts.append(a)
+    return parts
+
+
 def classify_operator(lin, limits, block, ctx, var="x", lse=False) -> OpFacts:
     """The linear map I -> lin_I: a selection or stencil (analytic norms) or a data operator."""
     spec = ctx.x if var == "x" else ctx.th

@@ -20,7 +20,7 @@ from .contraction import contraction_info
 from .filters import filter_operator, learned_columns, stacked_filters
 from .ldb import cross_lipschitz, learned_cross_lipschitz
 from .ldb import mul as _mul
-from .operators import OpFacts, affine_index, classify_operator, stacked_stencil
+from .operators import OpFacts, affine_index, classify_operator, stacked_stencil, summands
 from .upper_theta import upper_theta_lipschitz
 
 
@@ -254,12 +254,7 @@ def max_affine(expr, ctx, out):
 
 
 def split_affine(u, ctx):
-    parts = []
-    for a in sp.Add.make_args(u):
-        if isinstance(a, sp.Sum) and a.function.is_Add:
-            parts += [sp.Sum(b, *a.limits) for b in a.function.args]
-        else:
-            parts.append(a)
+    parts = summands(u)
     lin = sp.Add(*[a for a in parts if ctx.has_x(a)])
     off = sp.Add(*[a for a in parts if not ctx.has_x(a)])
     return lin, off

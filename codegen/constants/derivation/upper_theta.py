@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .operators import classify_operator
+from .operators import classify_operator, summands
 
 
 def upper_theta_lipschitz(c, ps, f, op, off, ctx, limits):
@@ -27,12 +27,7 @@ def upper_theta_lipschitz(c, ps, f, op, off, ctx, limits):
 
 
 def _split_theta(off, ctx):
-    parts = []
-    for a in sp.Add.make_args(off):
-        if isinstance(a, sp.Sum) and a.function.is_Add:
-            parts += [sp.Sum(b, *a.limits) for b in a.function.args]
-        else:
-            parts.append(a)
+    parts = summands(off)
     lin = sp.Add(*[a for a in parts if ctx.has_theta(a)])
     rest = sp.Add(*[a for a in parts if not ctx.has_theta(a)])
     # theta must enter linearly with theta-free coefficients

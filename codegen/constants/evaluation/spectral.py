@@ -279,7 +279,8 @@ def certificate_flops(side: int, tries: int, steps: int = LANCZOS_STEPS) -> int:
 def lanczos_max(G: np.ndarray, steps: int = LANCZOS_STEPS) -> float:
     """The Rayleigh quotient of the top Ritz vector of G (symmetric) after `steps` Lanczos steps
     with full reorthogonalisation: <= lambda_max(G) up to rounding, an ESTIMATE (never a bound)."""
-    return lanczos_ends(G, steps)[1]
+    basis, vectors, _ = _lanczos(lambda v: G @ v, G.shape[0], steps)
+    return _rayleigh(G, basis.T @ vectors[:, -1])
 
 
 def lanczos_ends(G: np.ndarray, steps: int = LANCZOS_STEPS) -> tuple[float, float]:
@@ -288,12 +289,13 @@ def lanczos_ends(G: np.ndarray, steps: int = LANCZOS_STEPS) -> tuple[float, floa
     where Q lost orthogonality (a graded G: the top Ritz value itself came out 130x too large):
     ESTIMATES from inside, never bounds."""
     basis, vectors, _ = _lanczos(lambda v: G @ v, G.shape[0], steps)
-    ends = []
-    for column in (0, -1):
-        v = basis.T @ vectors[:, column]
-        vv = float(v @ v)
-        ends.append(float(v @ (G @ v)) / vv if vv > 0 else 0.0)
-    return ends[0], ends[1]
+    return _rayleigh(G, basis.T @ vectors[:, 0]), _rayleigh(G, basis.T @ vectors[:, -1])
+
+
+def _rayleigh(G: np.ndarray, v: np.ndarray) -> float:
+    """v^T G v / v^T v (0 for v = 0): in [lambda_min, lambda_max] up to rounding, for any v."""
+    vv = float(v @ v)
+    return float(v @ (G @ v)) / vv if vv > 0 else 0.0
 
 
 def _lanczos(apply: Callable[[np.ndarray], np.ndarray], n: int,
