@@ -92,7 +92,8 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any
         "theta_names": problem.theta_names,
         "sizes": [s.name for s in problem.sizes],
         "arrays": [{"name": a.name, "role": a.role, "shape": [str(e) for e in a.shape],
-                    "sparse": a.sparse} for a in problem.arrays.values()],
+                    "sparse": a.sparse, **({"facts": list(a.facts)} if a.facts else {})}
+                   for a in problem.arrays.values()],
         "kernels": [_kernel_meta(k) for k in kernel_renderers(problem, specs)],
         # the prepared HVP's cache arrays, in buffer order ([] when the HVP has none)
         "hvp_cache": [] if apply is None else [
@@ -174,7 +175,7 @@ def symbolic_key(problem: Problem, allow_uncertified: bool) -> str:
     """The symbolic cache's key: what the generated texts depend on (docs/compiler.md 10)."""
     h = hashlib.sha256()
     canonical = [problem.name, sp.srepr(problem.g), sp.srepr(problem.f), sp.srepr(problem.r),
-                 [(a.name, a.role, a.sparse, [sp.srepr(e) for e in a.shape])
+                 [(a.name, a.role, a.sparse, [sp.srepr(e) for e in a.shape], list(a.facts))
                   for a in problem.arrays.values()],
                  None if problem.constants is None else
                  {k: sp.srepr(v) for k, v in sorted(problem.constants.items())},

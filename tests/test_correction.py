@@ -361,14 +361,44 @@ def test_generated_ridge_dwr_bounds_hold_against_dense_solves(lower, build_dir):
         assert plain_err <= hg.uncorrected_bound <= 2.0 * plain_err + 1e-14
 
 
-def test_several_samples_keep_er_with_a_note():
+def test_several_samples_each_get_their_own_correction():
+    """Each sample's DWR correction at fixed eps and delta: the mean of the corrected h_s with
+    the mean of their bounds (the error of a mean is at most the mean of the errors)."""
     from codegen.hypergrad import hypergradient_samples
     ks = [QuadraticRidge.generate(seed=s) for s in (1, 2)]
-    hg = hypergradient_samples(ks, np.array([0.0]), lower="gd", adjoint="cg", eps=1e-6,
-                               delta=1e-6, certificate="dwr")
-    exact = np.mean([k.exact_hypergradient(np.array([0.0])) for k in ks], axis=0)
-    assert hg.certificate == "er" and "several samples" in hg.notes[-1]
-    assert np.linalg.norm(hg.grad - exact) <= hg.bound
+    theta = np.array([0.0])
+    exact = np.mean([k.exact_hypergradient(theta) for k in ks], axis=0)
+    hg, er = (hypergradient_samples(ks, theta, lower="gd", adjoint="cg", eps=1e-6, delta=1e-6,
+                                    certificate=c) for c in ("dwr", "er"))
+    assert hg.certificate == "dwr" and er.certificate == "er"
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound < 0.01 * er.bound
+
+
+@pytest.mark.parametrize("lower", ["fista", "newton"])
+def test_several_samples_to_a_target_whose_h_cancel(lower):
+    """rtol on the mean of two samples whose hypergradients have opposite signs (mean 0.15 of
+    either): the samples' own rounds to rtol ||h_s|| can miss rtol ||mean h||, and every sample
+    then runs again to that target (a note says so). The mean bound meets the target and holds
+    against the exact mean; with a first-order solver each sample's tight bound makes it a few
+    times the true error (measured 1.5, 1.1, 13), E&R's hundreds of times (1350, 1550, 776)."""
+    from codegen.hypergrad import hypergradient_samples
+    ks = [QuadraticRidge.generate(seed=s, m=12, d=10) for s in (2, 9)]
+    theta = np.array([-4.0])
+    each = [float(k.exact_hypergradient(theta)[0]) for k in ks]
+    exact = np.mean(each)
+    assert each[0] * each[1] < 0 and abs(exact) < 0.2 * min(map(abs, each))
+    again = False
+    for rtol in (1e-3, 1e-6, 1e-8):
+        hg = hypergradient_samples(ks, theta, lower=lower, rtol=rtol)
+        er = hypergradient_samples(ks, theta, lower=lower, rtol=rtol, certificate="er")
+        assert hg.ok and hg.bound <= rtol * np.linalg.norm(hg.grad)
+        err, er_err = abs(hg.grad[0] - exact), abs(er.grad[0] - exact)
+        assert err <= hg.bound and er_err <= er.bound
+        again |= any("every sample again" in n for n in hg.notes)
+        if lower == "fista":
+            assert hg.certificate == "tight" and hg.bound <= 30 * err
+            assert hg.bound / err <= 0.05 * er.bound / er_err
+    assert again or lower == "fista"
 
 
 def test_loose_target_met_by_er_in_the_first_round():

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import codegen
-from codegen import HypergenError, ProblemError
+from codegen import BindError, HypergenError, ProblemError
 from codegen.compiler.emit.render import environment
 from codegen.runtime import load_directory
 from conftest import built_example
@@ -297,15 +297,16 @@ def test_sizes_beyond_memory_are_refused_naming_x(grid_module):
         grid_module.bind(w=np.zeros(n), u=np.zeros(100_000))
 
 
-def test_longdouble_data_that_rounds_warns_naming_the_array(grid_module):
+def test_longdouble_data_that_rounds_is_refused_naming_the_array(grid_module):
     import numpy as np
 
     if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps:
         pytest.skip("longdouble is float64 on this platform")
     third = np.ones(4, dtype=np.longdouble) / 3
-    with pytest.warns(RuntimeWarning, match=r"w has dtype .*: hypergen computes in float64, so 4 of "
-                                            r"its 4 values are rounded"):
+    with pytest.raises(BindError, match=r"w has dtype .*, and 4 of its 4 values are not float64 "
+                                        r"numbers .* w.astype\(np.float64\)"):
         grid_module.bind(w=third, u=np.ones(2))
+    assert grid_module.bind(w=third.astype(np.float64), u=np.ones(2)).hypergradient(0.0).ok
 
 
 def test_longdouble_data_that_is_exact_binds_silently(grid_module):

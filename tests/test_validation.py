@@ -40,6 +40,14 @@ def make(**kw):
      "index b has the name of an array"),
     (dict(theta=sp.Integer(3)), "hyperparameter theta must be"),
     (dict(x=Z, lower=FIT + sp.Sum(Z[ell] ** 2, (ell, 0, K - 1))), "size K .* can never be bound"),
+    # SymPy simplifies with a declared fact (sqrt(u**2) is u for a positive u): x and theta range
+    # over all reals, and a data fact bind cannot check on floats is refused
+    (dict(x=sp.IndexedBase("x", shape=(n,), positive=True)),
+     "lower variable x x declares nonnegative=True, nonzero=True, positive=True"),
+    (dict(theta=sp.Symbol("th", nonnegative=True)),
+     "hyperparameter theta th declares nonnegative=True"),
+    (dict(lower=FIT + sp.Symbol("p", irrational=True) * sp.Sum(x[j] ** 2, (j, 0, n - 1))),
+     "data symbol p declares irrational=True.*: bind can check only positive, negative"),
 ])
 def test_problem_errors_name_the_culprit(kw, message):
     with pytest.raises(ProblemError, match=message):
@@ -89,6 +97,60 @@ def test_bind_errors(build_dir):
     assert module.bind(**dict(good, A=wide)).lower_value(x, 0.1) == module.bind(**good).lower_value(x, 0.1)
 
 
+def test_declared_facts_are_checked_at_bind(build_dir):
+    """nu declared positive: SymPy folds sqrt(nu**2) to nu, so for nu < 0 (the same problem
+    without the declaration) L came out -39 and L_3 -2.4e4, both certified. bind refuses a
+    value against a declared fact, naming it; nonnegative data may hold zeros, a sparse
+    positive matrix may not (its implicit zeros are values)."""
+    import scipy.sparse as sps
+
+    from codegen.pipeline import build_problem
+
+    nu = sp.Symbol("nu", positive=True)
+    w = sp.IndexedBase("w", shape=(n,), nonnegative=True)
+    P = sp.IndexedBase("P", shape=(m, n), positive=True)
+    lower = (sp.Sum(sp.exp(th) * sp.sqrt(x[j] ** 2 + nu ** 2), (j, 0, n - 1))
+             + sp.Sum(sp.Sum(P[i, j] * x[j], (j, 0, n - 1)) ** 2, (i, 0, m - 1)) + sp.sqrt(nu ** 2)
+             * sp.Sum(x[j] ** 2, (j, 0, n - 1)))
+    problem = Problem(name="facts", x=x, theta=th, lower=lower, sparse="P",
+                      upper=sp.Sum(w[j] * (x[j] - 1) ** 2, (j, 0, n - 1)))
+    assert [(a.name, a.facts) for a in problem.data_specs] == [
+        ("P", ("positive",)), ("nu", ("positive",)), ("w", ("nonnegative",))]
+    module = build_problem(problem, build_dir)
+    good = dict(nu=0.1, w=np.array([0.0, 1.0, 2.0]), P=sps.csr_array(np.full((2, 3), 0.5)))
+    prob = module.bind(**good)
+    assert prob.constants(0.0)["L"] > 0
+    cases = [
+        (dict(good, nu=-0.1), r"nu is declared positive=True in the problem, so every value must "
+                              r"be > 0, but nu = -0.1"),
+        (dict(good, w=np.array([0.0, -2.0, 1.0])), r"w is declared nonnegative=True .* but w\[1\] = -2.0"),
+        (dict(good, P=sps.csr_array(np.array([[0.5, 0.0, 1.0], [1.0, 1.0, 1.0]]))),
+         "P is declared positive=True .* but its implicit zeros are not"),
+    ]
+    for data, message in cases:
+        with pytest.raises(BindError, match=message):
+            module.bind(**data)
+
+
+def test_argument_checks_of_the_constants(build_dir):
+    """A non-finite theta, a radius that is negative or NaN, and options of the wrong type are
+    refused by name (they were accepted: constants certified at theta = nan, a local bound on a
+    ball of radius -1, a raw TypeError for rtol="1e-6")."""
+    from codegen.hypergrad import SolverError
+
+    _, module, ns = built_example("ridge", build_dir)
+    prob = module.bind(**ns["example_data"](seed=0, **TINY["ridge"]))
+    with pytest.raises(BindError, match=r"theta\[0\] = nan: theta must be finite"):
+        prob.constants(np.nan)
+    for radius in (-1.0, np.nan):
+        with pytest.raises(BindError, match="the ball's radius must be a number >= 0"):
+            prob.local_constants(np.zeros(3), 0.0, radius)
+    with pytest.raises(SolverError, match="rtol must be a number or None, got '1e-6'"):
+        prob.hypergradient(0.0, rtol="1e-6")
+    with pytest.raises(SolverError, match="components must be True, False or None, got 'yes'"):
+        prob.hypergradient(0.0, rtol=1e-6, components="yes")
+
+
 def test_vector_argument_errors(build_dir):
     _, module, ns = built_example("ridge", build_dir)
     prob = module.bind(**ns["example_data"](seed=0, **TINY["ridge"]))
@@ -108,6 +170,23 @@ def test_bind_samples(build_dir):
     samples = [ns["example_data"](seed=s, **TINY["ridge"]) for s in range(3)]
     bound = module.bind_samples(samples)
     assert len(bound) == 3
+    # the kernels, sample by sample: x (and v, q) one vector per sample, theta shared
+    one = [module.bind(**d) for d in samples]
+    rng = np.random.default_rng(1)
+    xs, vs = rng.standard_normal((3, 3)), [rng.standard_normal(3) for _ in range(3)]
+    t = np.ones(1)
+    for name, args in (("lower_value", ()), ("lower_grad", ()), ("upper_value", ()),
+                       ("upper_grad", ()), ("lower_hessian", ()), ("lower_hvp", (vs,)),
+                       ("cross_vjp", (vs,)), ("cross_jvp", (t,))):
+        got = getattr(bound, name)(xs, 0.3, *args)
+        want = [getattr(p, name)(xs[s], 0.3, *[a if a is t else a[s] for a in args])
+                for s, p in enumerate(one)]
+        assert len(got) == 3 and all(np.array_equal(g, w) for g, w in zip(got, want)), name
+    with pytest.raises(BindError, match=r"lower_grad over 3 samples takes x as one vector per "
+                                        r"sample \(a list of 3\), got ndarray of length 3"):
+        bound.lower_grad(np.ones(3), 0.3)
+    with pytest.raises(BindError, match=r"lower_hvp over 3 samples takes v as one vector per"):
+        bound.lower_hvp(xs, 0.3, vs[:2])
     bad = samples[:2] + [dict(samples[2], b=np.ones(9))]
     with pytest.raises(BindError, match="sample 2: inconsistent size m"):
         module.bind_samples(bad)

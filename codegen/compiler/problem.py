@@ -23,6 +23,7 @@ import sympy as sp
 
 from ..errors import ProblemError
 from ..primitives import ALLOWED_FUNCTIONS
+from .facts import declared_facts, refuse_variable_facts
 from .lowering import check_indices
 
 C_KEYWORDS = frozenset(
@@ -51,6 +52,7 @@ class ArraySpec:
     shape: tuple[sp.Expr, ...]  # of SymPy integer expressions in the size symbols; () for a scalar
     role: str  # "data", "x" or "theta"
     sparse: bool = False  # a 2-D data matrix bound as CSR: contractions loop over its non-zeros
+    facts: tuple[str, ...] = ()  # what a data symbol declares of its values, checked at bind (facts.py)
 
     @property
     def base(self) -> sp.IndexedBase:
@@ -146,6 +148,12 @@ def _variable_spec(var: object, default_name: str,
                    what: str) -> tuple[ArraySpec, dict[sp.Symbol, sp.Expr]]:
     """Canonical array for x or theta, and the substitution of user symbols into it."""
     role = "x" if default_name == "x" else "theta"
+    if isinstance(var, (sp.IndexedBase, sp.Symbol)):
+        refuse_variable_facts(var, f"{what} {var.name}")
+    elif isinstance(var, (list, tuple)):
+        for s in var:
+            if isinstance(s, sp.Symbol):
+                refuse_variable_facts(s, f"{what} {s.name}")
     if isinstance(var, sp.IndexedBase):
         shape = var.shape
         if shape is None or len(shape) not in (1, 2):
@@ -199,13 +207,15 @@ def _collect_data(expr: sp.Expr, label: str, arrays: dict[str, ArraySpec]) -> No
                                    f"IndexedBase('{name}', shape=(...))")
             if len(shape) != len(node.indices):
                 raise ProblemError(f"{label}: {name} has shape {tuple(shape)} but is used as {node}")
-            arrays[name] = ArraySpec(name, tuple(sp.sympify(s) for s in shape), "data")
+            arrays[name] = ArraySpec(name, tuple(sp.sympify(s) for s in shape), "data",
+                                     facts=declared_facts(node.base, f"data array {name}"))
         elif isinstance(node, sp.Symbol) and not isinstance(node, sp.Idx) and not _is_integer(node):
             if node.name in arrays:
                 if arrays[node.name].shape != ():
                     raise ProblemError(f"{label}: {node.name} is used both as a scalar and an array")
                 continue
-            arrays[node.name] = ArraySpec(node.name, (), "data")
+            arrays[node.name] = ArraySpec(node.name, (), "data",
+                                          facts=declared_facts(node, f"data symbol {node.name}"))
 
 
 def _walk(expr: sp.Basic) -> Iterator[sp.Basic]:
@@ -230,7 +240,7 @@ def _mark_sparse(arrays: dict[str, ArraySpec],
         spec = arrays.get(str(name))
         if spec is None or spec.role != "data" or len(spec.shape) != 2:
             raise ProblemError(f"sparse={tuple(sparse)}: {name} is not a 2-D data array of the problem")
-        arrays[spec.name] = ArraySpec(spec.name, spec.shape, "data", sparse=True)
+        arrays[spec.name] = ArraySpec(spec.name, spec.shape, "data", sparse=True, facts=spec.facts)
     return arrays
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any, Callable
 
+import numpy as np
+
 from .common import DEFAULT_MAX_ITER, SolverError
 from .registry import ADJOINT, AUTO, LOWER, check_adjoint_name, check_lower_name
 
@@ -177,6 +179,18 @@ def _tolerance(name: str) -> Callable[[HypergradientOptions], object]:
     return check
 
 
+def _check_rtol(opts: HypergradientOptions) -> None:
+    """None (fixed eps and delta) or a real number: its value, with atol's, is checked where
+    the rounds start (accuracy.check_targets: finite, >= 0, not both 0)."""
+    if opts.rtol is not None and not _is_real(opts.rtol):
+        raise SolverError(f"rtol must be a number or None, got {opts.rtol!r}")
+
+
+def _check_components(opts: HypergradientOptions) -> None:
+    if opts.components is not None and not isinstance(opts.components, (bool, np.bool_)):
+        raise SolverError(f"components must be True, False or None, got {opts.components!r}")
+
+
 def _count(name: str) -> Callable[[HypergradientOptions], object]:
     def check(opts: HypergradientOptions) -> None:
         value = getattr(opts, name)
@@ -214,11 +228,13 @@ _CHECKS: tuple[tuple[str, Callable[[HypergradientOptions], object]], ...] = (
     ("adjoint", lambda opts: check_adjoint_name(opts.adjoint, allow_auto=True)),
     ("eps", _tolerance("eps")),
     ("delta", _tolerance("delta")),
+    ("rtol", _check_rtol),
     ("atol", _tolerance("atol")),
     ("max_iter", _count("max_iter")),
     ("refine_iter", _count("refine_iter")),
     ("adjoint_max_iter", _count("adjoint_max_iter")),
     ("certificate", _check_certificate),
+    ("components", _check_components),
 )
 
 

@@ -361,8 +361,9 @@ def _stationary(base: Point, d: np.ndarray, pairs: deque[Pair], f0: float,
         return None
     predicted, limit = cert * cert * coef, o.ftol * _scale(base, f0)
     if predicted <= limit:
-        return (f"F can decrease by about {predicted:.3g} more (quasi-Newton model, certified "
-                f"gradient) <= ftol |F| = {limit:.3g}; ||grad F|| <= "
+        return (f"F can decrease by about {predicted:.3g} more <= ftol |F| = {limit:.3g} (an "
+                f"estimate from the certified gradient and the curvature the steps have met, not "
+                f"a bound: a direction of smaller curvature can hold more); ||grad F|| <= "
                 f"||h|| + bound = {cert:.3g} (certified)")
     return None
 

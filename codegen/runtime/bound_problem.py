@@ -278,9 +278,18 @@ class BoundProblem:
         otherwise form it twice."""
         return self._grams.get(name)
 
+    def finite_theta(self, theta) -> np.ndarray:
+        """checked_theta, and every entry finite (the constants at theta; the kernels' calls
+        skip this test, their results' finiteness is checked where it matters)."""
+        th = self.checked_theta(theta)
+        if not np.all(np.isfinite(th)):
+            k = int(np.argmin(np.isfinite(th)))
+            raise BindError(f"theta[{k}] = {float(th[k])!r}: theta must be finite")
+        return th
+
     def constants(self, theta) -> dict:
         """mu, L, L_A, L_B, L_f at theta (derived and certified, or stated by the problem)."""
-        return evaluate_constants(self._prepared_constants(), self.checked_theta(theta))
+        return evaluate_constants(self._prepared_constants(), self.finite_theta(theta))
 
     def tighten_constants(self) -> bool:
         """||K||^2 by the Gram matrix where block sums bounded it (once per bind; for the step
@@ -324,9 +333,11 @@ class BoundProblem:
     def local_constants(self, x, theta, radius) -> dict:
         """constants(theta) with L, L_A, L_B, L_f valid only on the ball B(x, radius) (finite for
         exp / polynomial atoms; min(global, ball) otherwise). mu stays global (docs/framework.md 8.4)."""
-        return evaluate_local_constants(self._prepared_constants(), self.checked_theta(theta),
-                                        self._vector("x", x, self.x_size, "x"), float(radius),
-                                        self.data)
+        r = float(radius)
+        if not r >= 0:  # nan fails too
+            raise BindError(f"radius = {radius!r}: the ball's radius must be a number >= 0")
+        return evaluate_local_constants(self._prepared_constants(), self.finite_theta(theta),
+                                        self._vector("x", x, self.x_size, "x"), r, self.data)
 
     def third_contraction(self, x, theta, u) -> float:
         """An upper bound on ||DA(x)[u]||, the derivative of g's Hessian at x along u (a
@@ -408,6 +419,48 @@ class BoundSamples:
         """Stop the executor's worker processes (a Client passed in is left open)."""
         if self.executor is not None:
             self.executor.close()
+
+    # -- kernels, sample by sample (docs/interface.md 4) ------------------------------------
+    def _each(self, kernel: str, x, theta, second: tuple[str, Any] | None = None,
+              shared: Any = None) -> list:
+        """kernel on every sample, in sample order: x (and `second`, (name, vectors): v or q)
+        one vector per sample; theta and `shared` (cross_jvp's t) the same for all."""
+        S = len(self.samples)
+        for name, seq in [("x", x)] + ([second] if second is not None else []):
+            if (isinstance(seq, np.ndarray) and seq.ndim < 2) or not hasattr(seq, "__len__") \
+                    or len(seq) != S:
+                raise BindError(f"{kernel} over {S} samples takes {name} as one vector per "
+                                f"sample (a list of {S}), got {type(seq).__name__}"
+                                f"{f' of length {len(seq)}' if hasattr(seq, '__len__') else ''}")
+        out = []
+        for s, k in enumerate(self.samples):
+            args = [x[s], theta] + ([second[1][s]] if second is not None else [])
+            out.append(getattr(k, kernel)(*args, *(() if shared is None else (shared,))))
+        return out
+
+    def lower_value(self, x, theta) -> list:
+        return self._each("lower_value", x, theta)
+
+    def lower_grad(self, x, theta) -> list:
+        return self._each("lower_grad", x, theta)
+
+    def lower_hvp(self, x, theta, v) -> list:
+        return self._each("lower_hvp", x, theta, ("v", v))
+
+    def lower_hessian(self, x, theta) -> list:
+        return self._each("lower_hessian", x, theta)
+
+    def cross_vjp(self, x, theta, q) -> list:
+        return self._each("cross_vjp", x, theta, ("q", q))
+
+    def cross_jvp(self, x, theta, t) -> list:
+        return self._each("cross_jvp", x, theta, shared=t)
+
+    def upper_value(self, x, theta) -> list:
+        return self._each("upper_value", x, theta)
+
+    def upper_grad(self, x, theta) -> list:
+        return self._each("upper_grad", x, theta)
 
     def constants(self, theta) -> list:
         return [s.constants(theta) for s in self.samples]

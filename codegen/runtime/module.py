@@ -21,7 +21,7 @@ from ..jit import file_sha256, load_published
 from ..version import ABI_VERSION
 from .bound_problem import BoundProblem, BoundSamples
 from .executors import check_executor, make_executor
-from .validation import as_csr, as_float64, check_finite, frozen_copy
+from .validation import as_csr, as_float64, check_facts, check_finite, frozen_copy
 
 
 class GeneratedModule:
@@ -92,7 +92,7 @@ class GeneratedModule:
                             f"the data names are {', '.join(names)}")
         sparse = {a["name"] for a in self.meta["arrays"] if a.get("sparse")}
         for n in names:
-            warn_if_rounded(n, data[n])
+            refuse_if_rounded(n, data[n])
         arrays = {n: as_csr(n, data[n]) if n in sparse else frozen_copy(as_float64(n, data[n]))
                   for n in names}
         sizes = {}
@@ -120,6 +120,9 @@ class GeneratedModule:
                 raise BindError(f"{n} has shape {arrays[n].shape} but the problem declares "
                                 f"{tuple(map(str, self.shapes[n]))} = {want}")
             check_finite(n, arrays[n])
+        for a in self.meta["arrays"]:
+            if a.get("facts"):
+                check_facts(a["name"], arrays[a["name"]], a["facts"])
         return {"arrays": arrays, "sizes": {s.name: sizes[s.name] for s in self._sizes}}
 
     def check_memory(self, sizes: dict) -> None:
@@ -146,18 +149,17 @@ class GeneratedModule:
 SOLVER_VECTORS = 4
 
 
-def warn_if_rounded(name: str, value: object) -> None:
-    """Data wider than float64 (longdouble) is rounded to the float64 the kernels compute in:
-    said, naming the array, when that changes a value (it used to happen silently)."""
+def refuse_if_rounded(name: str, value: object) -> None:
+    """Data wider than float64 (longdouble) bind only when every value is a float64 number: the
+    kernels compute in float64, and bind converts exactly or refuses (docs/interface.md 3)."""
     if not isinstance(value, (np.ndarray, np.generic)) or value.dtype.kind != "f" \
             or value.dtype.itemsize <= 8:
         return
     changed = int(np.count_nonzero(np.asarray(value).astype(np.float64) != value))
     if changed:
-        warnings.warn(f"{name} has dtype {value.dtype}: hypergen computes in float64, so "
-                      f"{changed} of its {np.size(value)} values are rounded (relative change "
-                      f"<= 1.1e-16); pass {name}.astype(np.float64) to say that is intended",
-                      RuntimeWarning, stacklevel=4)
+        raise BindError(f"{name} has dtype {value.dtype}, and {changed} of its {np.size(value)} "
+                        f"values are not float64 numbers (hypergen computes in float64); pass "
+                        f"{name}.astype(np.float64) to round them")
 
 
 def load_directory(directory) -> GeneratedModule:

@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sps
 
+from ..compiler.facts import DATA_FACTS
 from ..errors import BindError
 
 
@@ -82,3 +83,25 @@ def check_finite(name: str, arr: Any) -> None:
         bad = np.argwhere(~np.isfinite(arr))[0]
         where = tuple(int(b) for b in bad) if arr.ndim else ()
         raise BindError(f"{name} contains a non-finite value ({arr[tuple(bad)]}) at index {where}")
+
+
+def check_facts(name: str, arr: Any, facts: list[str]) -> None:
+    """Refuse a value that breaks what the problem declares of `name` (positive=True, ...),
+    naming the first such entry: SymPy simplified the problem with the declaration, so the
+    kernels and the certified constants hold only for values that keep it (compiler/facts.py).
+    A sparse matrix's implicit zeros count as values."""
+    values = arr.data if hasattr(arr, "tocsr") else np.asarray(arr)
+    for fact in facts:
+        test, says = DATA_FACTS[fact]
+        if hasattr(arr, "tocsr") and arr.nnz < np.prod(arr.shape) and not bool(test(np.zeros(1))[0]):
+            raise BindError(f"{name} is declared {fact}=True in the problem, so every value must "
+                            f"be {says}, but its implicit zeros are not")
+        ok = test(values)
+        if not bool(np.all(ok)):
+            bad = np.argwhere(~np.asarray(ok))[0] if values.ndim else ()
+            where = tuple(int(b) for b in bad)
+            shown = f"{name}{list(where)}" if where else name
+            raise BindError(f"{name} is declared {fact}=True in the problem, so every value must be "
+                            f"{says}, but {shown} = {float(values[tuple(bad)])!r}: SymPy has simplified "
+                            f"the problem with that declaration (with positive=True, sqrt({name}**2) "
+                            f"is {name}), so its kernels and constants would be wrong for this value")

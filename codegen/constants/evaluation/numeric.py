@@ -177,6 +177,11 @@ def evaluate(derivation, theta, quantities) -> dict:
                 raise ProblemError(f"mu evaluates to NaN at theta = {th}")
             v = math.inf
         v = _mu_rounded(rec.expr, v, env, th) if name == "mu" else round_up(v)
+        if v < 0 and name != "mu":  # a norm or a Lipschitz constant: never certify it negative
+            raise ProblemError(
+                f"{name} = {sp.sstr(rec.expr)} = {v:.6g} < 0 at {_theta_shown(der, th)}: a bound on "
+                f"a norm cannot be negative (a data value against an assumption the problem "
+                f"declares, or a stated constant that is wrong)")
         out[name] = v
         flags[name] = rec.certified and not (_symbol_names(rec.expr) & used_uncertified)
     if not out["mu"] > 0:
