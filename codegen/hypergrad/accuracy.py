@@ -229,8 +229,8 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                           delta: float, x0: Any, q0: Any, refine_iter: int,
                           components: bool, max_iter: int, relative: float,
                           spent: dict[str, int] | None = None,
-                          max_rounds: int = MAX_ROUNDS, tight: bool = False
-                          ) -> HypergradientResult:
+                          max_rounds: int = MAX_ROUNDS, tight: bool = False,
+                          dense: dict[str, Any] | None = None) -> HypergradientResult:
     """The DWR-corrected hypergradient (docs/bounds.md 15), in rounds when rtol/atol ask for
     bound <= atol + rtol ||grad|| (one round at eps, delta otherwise).
 
@@ -295,7 +295,8 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                 x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself
                 continue
         corr = correct(k, hg, dirs, tol_v or [None] * n, tol_lam or [None] * n,
-                       v0 or companion_starts(along, n), lam0 or [None] * n, max_iter, relative, energy)
+                       v0 or companion_starts(along, n), lam0 or [None] * n, max_iter, relative, energy,
+                       dense)
         add_correction_work(total, corr.work)
         grad, bound, plain = combined(corr, hg, components)
         steered = plain if tight else bound if components else corr.parts[0].bound

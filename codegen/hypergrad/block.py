@@ -56,7 +56,7 @@ from .floors import (
 )
 from .local_third import LOCAL_Q, q_curvature, with_local_q
 from .results import HypergradientResult, Reason, ReasonKind, evolve
-from .solve import run_adjoint
+from .solve import correction_solve
 
 __all__ = ["BlockCorrection", "block_correct", "block_unavailable", "solve_weights",
            "block_to_accuracy", "block_tightened", "second_order_factors", "SOLVE_SHARE",
@@ -111,7 +111,7 @@ def solve_weights(hg: HypergradientResult) -> tuple[float, float]:
 
 
 def block_correct(k: Any, hg: HypergradientResult, tol_w: float, tol_t: float, w0: Any,
-                  t0: Any, max_iter: int) -> BlockCorrection:
+                  t0: Any, max_iter: int, dense: dict[str, Any] | None = None) -> BlockCorrection:
     """Theorem 15.8 at hg's x_eps and q: the solves A w = grad g(x_eps) and
     A t = r + H_f w - T[w, q] (CG to tol_w, tol_t, warm-started from w0, t0), G_w, h_c and the
     bound on ||h_c - grad F||. Work: HVPs (the two CGs, r, T[w, q]), upper HVPs, cross calls."""
@@ -124,7 +124,7 @@ def block_correct(k: Any, hg: HypergradientResult, tol_w: float, tol_t: float, w
         raise FloatingPointError("grad_x f not finite at x_eps")
     work = {"hvps": used, "cross": 1, "upper": 1}
     r_g = np.asarray(hg.lower.grad)  # type: ignore[union-attr]
-    newton = run_adjoint(k, x, th, c, "cg", tol_w, w0, max_iter, r_g)
+    newton = correction_solve(k, hg, c, tol_w, w0, max_iter, r_g, dense)
     work["hvps"] += newton.n_hvp
     w = newton.q
     Hw, _ = call_kernel(k.upper_hvp, x, th, w)
@@ -139,7 +139,7 @@ def block_correct(k: Any, hg: HypergradientResult, tol_w: float, tol_t: float, w
             raise FloatingPointError("the lower third-derivative product T[w, q] is not finite")
         Twq = T
         y = Hw - Twq
-    sol = run_adjoint(k, x, th, c, "cg", tol_t, t0, max_iter, r + y)
+    sol = correction_solve(k, hg, c, tol_t, t0, max_iter, r + y, dense)
     work["hvps"] += sol.n_hvp
     t = sol.q
     Bt, _ = call_kernel(k.cross_vjp, x, th, t)
@@ -218,7 +218,8 @@ SECOND_SHARE = 0.2
 
 def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: float,
                       delta: float, x0: Any, q0: Any, refine_iter: int, max_iter: int,
-                      max_rounds: int = MAX_ROUNDS) -> HypergradientResult:
+                      max_rounds: int = MAX_ROUNDS, dense: dict[str, Any] | None = None
+                      ) -> HypergradientResult:
     """The plain h with the block bound ||h - h_c|| + bound(h_c) (docs/bounds.md 15.8), in
     rounds until it meets atol + rtol ||h|| (one round at eps, delta without a target).
 
@@ -267,13 +268,13 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
             x0, q0 = hg.x, hg.q
             continue
         corr = block_correct(k, hg, *_solve_tolerances(hg, target if steer else math.nan),
-                             *starts, max_iter)
+                             *starts, max_iter, dense)
         add_correction_work(total, corr.work)
         plain = min(corr.plain_bound, hg.bound)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: plain bound {fmt(plain)}")
         if not steer or plain <= target:
             if steer:
-                corr = _sharpened(k, hg, corr, plain, total, trail)
+                corr = _sharpened(k, hg, corr, plain, total, trail, dense)
                 plain = min(corr.plain_bound, hg.bound)
             break
         if corr.terms["rounding"] >= 0.2 * target:
@@ -316,7 +317,8 @@ SHARPEN_BUDGET = 0.1
 
 
 def _sharpened(k: Any, hg: HypergradientResult, corr: BlockCorrection, plain: float,
-               total: dict[str, int], trail: list[str]) -> BlockCorrection:
+               total: dict[str, int], trail: list[str],
+               dense: dict[str, Any] | None = None) -> BlockCorrection:
     """corr, or a sharper one from t and w solved again (warm) until their terms leave
     bound(h_c) about 2 ||h - h_c||, when the plain bound (the smaller of the two) is over
     SHARPEN_RATIO times the estimate, t and w make most of bound(h_c) (nothing else is
@@ -337,7 +339,7 @@ def _sharpened(k: Any, hg: HypergradientResult, corr: BlockCorrection, plain: fl
     try:
         sharp = block_correct(k, hg, _tolerance(f * corr.terms["w"], c_w),
                               _tolerance(f * corr.terms["t"], c_t), corr.w, corr.t,
-                              max(int(budget / 2), 1))
+                              max(int(budget / 2), 1), dense)
     except FloatingPointError:  # the first correction's kernels were finite: keep it
         return corr
     add_correction_work(total, sharp.work)

@@ -27,33 +27,38 @@ __all__ = ["corrected", "resolved_certificate", "certificate_refused", "tight_by
 
 
 def corrected(k: Any, th: np.ndarray, opts: HypergradientOptions, chosen: str, run: Round,
-              x0: Any, q0: Any) -> HypergradientResult:
+              x0: Any, q0: Any, dense: dict[str, Any] | None = None) -> HypergradientResult:
     """The rounds of the chosen correction: "tight" and "dwr" (docs/bounds.md 15.5-15.6),
-    "block" (15.8)."""
+    "block" (15.8); dense: the rounds' factor cache, which the correction's solves read where
+    the adjoint is direct (`solve.correction_solve`)."""
     if chosen in ("tight", "block"):
         eps, delta = first_tolerances(opts.rtol or 0.0, opts.eps, opts.delta, tight=True)
         if chosen == "block":  # two solves for every component (docs/bounds.md 15.8)
             return block_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
-                                     opts.refine_iter, opts.adjoint_cap)
+                                     opts.refine_iter, opts.adjoint_cap, dense=dense)
         return corrected_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
                                      opts.refine_iter, True, opts.adjoint_cap, TIGHT_RELATIVE,
-                                     tight=True)
+                                     tight=True, dense=dense)
     components = th.size <= MAX_COMPONENTS if opts.components is None else opts.components
     eps, delta, relative, spent = first_round(k, th, opts, x0)
     return corrected_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
-                                 opts.refine_iter, components, opts.adjoint_cap, relative, spent)
+                                 opts.refine_iter, components, opts.adjoint_cap, relative, spent,
+                                 dense=dense)
 
 
-def resolved_certificate(opts: HypergradientOptions, size: int) -> str:
+def resolved_certificate(opts: HypergradientOptions, size: int, quadratic: bool = False) -> str:
     """The certificate that runs: "er", "dwr", "tight" (one forward and one dual solve per
     component) or "block" (two solves for all, docs/bounds.md 15.8). "tight" above
     MAX_COMPONENTS hyperparameters is the block one; "auto" (with rtol / atol) is E&R's, the
-    tight or the block bound by `tight_by_default` and `BLOCK_NEWTON_FROM`."""
+    tight or the block bound by `tight_by_default` and `BLOCK_NEWTON_FROM` (quadratic: g is
+    quadratic in x). With the direct adjoint the tight bound's solves are triangular solves
+    by the held factor, so it stays per component up to MAX_COMPONENTS."""
     asked = opts.certificate
     if asked == "auto":
-        if not tight_by_default(opts.lower, opts.adjoint):
+        if not tight_by_default(opts.lower, opts.adjoint, quadratic):
             return "er"
-        block = size > MAX_COMPONENTS or (opts.lower == "newton" and size >= BLOCK_NEWTON_FROM)
+        block = size > MAX_COMPONENTS or (opts.lower == "newton" and opts.adjoint != "direct"
+                                          and size >= BLOCK_NEWTON_FROM)
         return "block" if block else "tight"
     if asked == "tight" and size > MAX_COMPONENTS:
         return "block"
@@ -88,18 +93,21 @@ def certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions,
 BLOCK_NEWTON_FROM = 2
 
 
-def tight_by_default(lower: str, adjoint: str) -> bool:
+def tight_by_default(lower: str, adjoint: str, quadratic: bool = False) -> bool:
     """Whether "auto" tries the tight bound with these solvers (docs/bounds.md 15.6): with a
     first-order lower solver (0.6-1.25x E&R's work) or CG (the forward solve from its Krylov
-    basis, 15.7: 0.86-0.98x), and with Newton and an iterative adjoint (the block correction
-    from BLOCK_NEWTON_FROM hyperparameters, 15.8). Not with the direct lower solver, whose
-    E&R bound is at the rounding level in one round, nor after Newton with the direct adjoint:
-    h's error is then far below the target, the tight bound's bound(h_c) is planned at a
-    quarter of the target, and it was 8-2000 times the error for 1.1-1.6x E&R's work
-    (l2-logistic regression, n = 24)."""
+    basis, 15.7: 0.86-0.98x), with Newton and an iterative adjoint (the block correction
+    from BLOCK_NEWTON_FROM hyperparameters, 15.8), and with the direct adjoint where g is not
+    quadratic: the correction's solves then reuse the adjoint's factor, their residuals are at
+    the rounding level, and the bound comes within a few times h's error (Newton lands that
+    error far below the target; with CG solves planned at a quarter of the target the bound
+    was 8-2000 times it). Not for a quadratic g with the direct solvers: their E&R bound is at
+    the rounding level in one round."""
     if lower_entry(lower).needs_finite_L or lower == "cg":
         return True
-    return lower == "newton" and adjoint != "direct"
+    if adjoint == "direct":
+        return lower in ("newton", "direct") and not quadratic
+    return lower == "newton"
 
 
 def first_round(k: Any, th: np.ndarray, opts: HypergradientOptions,

@@ -41,7 +41,7 @@ from .galerkin import galerkin
 from .krylov import Companion
 from .local_third import LOCAL_Q, local_contractions, worth_local
 from .results import HypergradientResult
-from .solve import run_adjoint
+from .solve import correction_solve
 
 __all__ = ["Correction", "DirectionCorrection", "dwr_unavailable", "correct", "combined",
            "MAX_COMPONENTS", "forward_companion", "companion_starts", "adjoint_residual"]
@@ -216,16 +216,17 @@ def higher_constants(k: Any, th: np.ndarray, x: Any = None,
 def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
             tol_v: list[float | None], tol_lam: list[float | None], v0: list[Any],
             lam0: list[Any], max_iter: int, relative: float = 1e-3,
-            energy: Energy | None = None) -> Correction:
+            energy: Energy | None = None, dense: dict[str, Any] | None = None) -> Correction:
     """Theorem 15.1 at hg's x_eps and q for each direction u, bounded by Corollary 15.2 (g, f
     quadratic in x) or 15.3 (`dwr_unavailable` says which applies).
 
     tol_v, tol_lam: the CG tolerances of the forward (A v = B u) and dual (A lam = m) solves,
     None for `relative` times the norm of the right-hand side; v0, lam0: warm starts (None: 0);
     energy: the energy-norm quantities at hg's x_eps and q (`energy.energy_at`), which sharpen
-    Corollary 15.3's terms for one more pass per direction (docs/bounds.md 15.9).
-    Work: HVPs (the two CGs, the residual r), upper HVPs and cross JVPs, in E&R's units as the
-    hypergradient counts them."""
+    Corollary 15.3's terms for one more pass per direction (docs/bounds.md 15.9); dense: the
+    rounds' factor cache, by which the two solves run where the adjoint was direct
+    (`solve.correction_solve`). Work: HVPs (the two CGs, the residual r), upper HVPs and cross
+    JVPs, in E&R's units as the hypergradient counts them."""
     th = np.asarray(hg.theta, dtype=np.float64)
     x, q = np.asarray(hg.x), np.asarray(hg.q)
     c = dict(hg.constants) if isinstance(hg.constants, dict) else {}
@@ -239,7 +240,7 @@ def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],
     kept: dict[str, float] = {}
     for j, u in enumerate(directions):
         part, used = _one_direction(k, hg, c, x, th, q, r, R, r_g, u, (tol_v[j], tol_lam[j]),
-                                    (v0[j], lam0[j]), max_iter, relative, energy, kept)
+                                    (v0[j], lam0[j]), max_iter, relative, energy, kept, dense)
         for key, n in used.items():
             work[key] += n
         parts.append(part)
@@ -266,7 +267,8 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
                    th: np.ndarray, q: np.ndarray, r: np.ndarray, R: float, r_g: np.ndarray,
                    u: np.ndarray, tols: tuple[float | None, float | None],
                    starts: tuple[Any, Any], max_iter: int, relative: float,
-                   energy: Energy | None, kept: dict[str, float]
+                   energy: Energy | None, kept: dict[str, float],
+                   dense: dict[str, Any] | None = None
                    ) -> tuple[DirectionCorrection, dict[str, int]]:
     """The forward solve, m = -D_u q - H_f v (+ grad_x (v^T A(x) q)), the dual solve and the
     bound along u; kept: what the directions share (the local bound on ||DA(x_eps)[q]||)."""
@@ -278,8 +280,8 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     Dq, D_parts = _cross_derivative(k, x, th, u, q, float(c["L_DB"]) == 0.0)
     used["cross"] += len(D_parts)
     tol_v, tol_lam = tols
-    fwd = run_adjoint(k, x, th, c, "cg", relative * norm(Bu) if tol_v is None else tol_v,
-                      _forward_start(hg, starts[0], Bu), max_iter, Bu)
+    fwd = correction_solve(k, hg, c, relative * norm(Bu) if tol_v is None else tol_v,
+                           lambda: _forward_start(hg, starts[0], Bu), max_iter, Bu, dense)
     used["hvps"] += fwd.n_hvp
     Hv, _ = call_kernel(k.upper_hvp, x, th, fwd.q)
     used["upper"] += 1
@@ -295,8 +297,8 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
             raise FloatingPointError("the lower third-derivative product is not finite")
         Tvq = T
         m = m + Tvq
-    dual = run_adjoint(k, x, th, c, "cg", relative * norm(m) if tol_lam is None else tol_lam,
-                       starts[1], max_iter, m)
+    dual = correction_solve(k, hg, c, relative * norm(m) if tol_lam is None else tol_lam,
+                            starts[1], max_iter, m, dense)
     used["hvps"] += dual.n_hvp
     v, lam = fwd.q, dual.q
     mu, E = float(c["mu"]), float(hg.e)

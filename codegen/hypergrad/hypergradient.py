@@ -119,15 +119,18 @@ def _er(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
 
 
 def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
-          q0: Any, keep_basis: bool = False, companion: Any = None) -> HypergradientResult:
+          q0: Any, keep_basis: bool = False, companion: Any = None,
+          dense: dict[str, Any] | None = None) -> HypergradientResult:
     """One hypergradient with E&R's bound at fixed eps and delta: th checked, opts resolved;
     keep_basis: a lower CG keeps its Krylov directions for the correction's forward solve;
-    companion: a krylov.Companion the adjoint CG solves alongside (docs/solvers.md 9)."""
+    companion: a krylov.Companion the adjoint CG solves alongside (docs/solvers.md 9); dense:
+    the direct solvers' factor cache, kept by the caller (a correction's solves read it)."""
     c_global = checked_constants(k, th)
     ledger = _Ledger(notes=list(c_global["notes"]))
     adjoint = adjoint_entry(opts.adjoint)
     c = _step_size_constants(k, th, c_global, opts.lower, x0, ledger, adjoint.needs_finite_L)
-    dense: dict[str, Any] = {}  # lower="direct" and adjoint="direct" share one Hessian factor
+    if dense is None:  # lower="direct" and adjoint="direct" share one Hessian factor
+        dense = {}
     backprop = adjoint.backprop
     low = run_lower(k, th, c, opts.lower, opts.eps, x0, opts.max_iter, opts.record, backprop,
                     dense, keep_basis)
@@ -162,7 +165,7 @@ def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
     if opts.targets_accuracy:  # refused before any work, as the E&R rounds refuse it
         check_targets(0.0 if opts.rtol is None else opts.rtol, float(opts.atol))
     th = checked_theta(k, theta)
-    chosen = resolved_certificate(opts, th.size)
+    chosen = resolved_certificate(opts, th.size, bool(getattr(k, "is_quadratic", False)))
     why = certificate_refused(k, th, opts, chosen)
     if why is not None:
         res = _er(k, th, opts.evolve(certificate="er"), x0, q0)
@@ -185,13 +188,14 @@ def _corrected(k: Any, th: np.ndarray, opts: HypergradientOptions, chosen: str, 
     """The rounds of the chosen correction ("dwr", "tight", "block"), each round's plain
     hypergradient by `_once` at the round's eps and delta."""
     plain = opts.evolve(certificate="er", rtol=None, atol=0.0)
+    dense: dict[str, Any] = {}  # the last round's factor, for the correction's direct solves
 
     def run(eps: float, delta: float, x0: Any, q0: Any, refine: int,
             companion: Any = None) -> HypergradientResult:
         return _once(k, th, plain.evolve(eps=eps, delta=delta, refine_iter=refine), x0, q0,
-                     keep_basis=True, companion=companion)
+                     keep_basis=True, companion=companion, dense=dense)
 
-    return corrected(k, th, opts, chosen, run, x0, q0)
+    return corrected(k, th, opts, chosen, run, x0, q0, dense)
 
 
 def _past_the_floor(k: Any, th: np.ndarray, opts: HypergradientOptions,

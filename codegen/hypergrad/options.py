@@ -51,10 +51,12 @@ class HypergradientOptions:
                       solves for every component, docs/bounds.md 15.8) or "auto" (the
                       default, docs/bounds.md 15.6: with rtol or atol, the tight or block
                       bound where it applies and its price over E&R's work is small: "tight"
-                      with a first-order or CG lower solver (gd, hb, fista, cg) or with Newton
-                      and an iterative adjoint for one hyperparameter, "block" with Newton
-                      for more and with any of them above `correction.MAX_COMPONENTS`; "er"
-                      otherwise, and always at fixed eps and delta);
+                      with a first-order or CG lower solver (gd, hb, fista, cg), with Newton
+                      and an iterative adjoint for one hyperparameter, and with the direct
+                      adjoint where g is not quadratic; "block" with Newton and an iterative
+                      adjoint for more and with any of them above
+                      `correction.MAX_COMPONENTS`; "er" otherwise, and always at fixed eps
+                      and delta);
     components        with "dwr": True certifies every component, False only the component along
                       h (one pair of solves); None: every component up to
                       `correction.MAX_COMPONENTS` hyperparameters.

@@ -24,7 +24,7 @@ from .rates import require_finite_L
 from .registry import AUTO, adjoint_entry, lower_entry
 from .results import AdjointResult, LowerResult
 
-__all__ = ["solve_lower", "solve_adjoint", "run_lower", "run_adjoint"]
+__all__ = ["solve_lower", "solve_adjoint", "run_lower", "run_adjoint", "correction_solve"]
 
 
 def solve_lower(k: Any, theta: Any, solver: str = "fista", tol: float = 1e-8,
@@ -99,6 +99,20 @@ def solve_adjoint(k: Any, x: Any, theta: Any, solver: str = "cg", delta: float =
         solver = choose_adjoint(k, theta=th)
     return run_adjoint(k, np.asarray(x, dtype=np.float64), th, checked_constants(k, th),
                        solver, delta, q0, max_iter, b, record)
+
+
+def correction_solve(k: Any, hg: Any, c: dict[str, Any], delta: float, start: Any,
+                     max_iter: int, b: np.ndarray, dense: dict[str, Any] | None) -> AdjointResult:
+    """A solve with the adjoint's matrix A(x_eps, theta) for a correction's forward, dual or
+    block solve: by the round's own factor (`dense`, held at x_eps) where the round's adjoint
+    was direct, so that the solve's residual is at the rounding level for two triangular
+    solves and one residual (docs/bounds.md 15.6), else by CG from `start` (a warm start, or
+    a callable that makes one: not called for the direct solve)."""
+    x, th = np.asarray(hg.x), np.asarray(hg.theta, dtype=np.float64)
+    if dense is not None and hg.adjoint_solver == "direct":
+        return run_adjoint(k, x, th, c, "direct", delta, None, max_iter, b, dense=dense)
+    return run_adjoint(k, x, th, c, "cg", delta, start() if callable(start) else start,
+                       max_iter, b)
 
 
 def run_adjoint(k: Any, x: np.ndarray, th: np.ndarray, c: dict[str, Any], solver: str, delta: float,
