@@ -294,9 +294,8 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                 eps, delta, tol_v, tol_lam = _dwr_first(k, hg, target, n, components)
                 x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself
                 continue
-        corr = correct(k, hg, dirs, tol_v or [None] * n, tol_lam or [None] * n,
-                       v0 or companion_starts(along, n), lam0 or [None] * n, max_iter, relative, energy,
-                       dense)
+        corr = correct(k, hg, dirs, tol_v or [None] * n, tol_lam or [None] * n, v0 or companion_starts(
+            along, n), lam0 or [None] * n, max_iter, relative, energy, dense)
         add_correction_work(total, corr.work)
         grad, bound, plain = combined(corr, hg, components)
         steered = plain if tight else bound if components else corr.parts[0].bound

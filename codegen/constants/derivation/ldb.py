@@ -20,6 +20,26 @@ def mul(a, b):
     return a * b
 
 
+def offset_slopes(off, ctx) -> dict | None:
+    """{theta symbol: |d b/d theta|} for theta in the offset b(theta) of an atom's argument
+    K x + b (a learned shift, softplus(x_j - t)): {} where b has no theta; None where no rule
+    applies, a slope that reads data, an index or theta with a symbolic index (it would vary
+    with the row). The slope may depend on theta (b = -e^t c)."""
+    if not ctx.has_theta(off):
+        return {}
+    b = ctx.thetafy(off)
+    if b is None:
+        return None
+    theta_syms = set(ctx.theta_syms.values())
+    slopes = {}
+    for s in b.free_symbols & theta_syms:
+        d = sp.diff(b, s)
+        if d.atoms(sp.Indexed) or d.free_symbols - theta_syms:
+            return None
+        slopes[s] = sp.Abs(d)
+    return slopes
+
+
 def _inside(f) -> set | None:
     """The theta symbols inside the atom (psi'' depends on them), None when some has no
     sup|d psi'''/d theta| (then no rule)."""
@@ -45,11 +65,14 @@ def cross_lipschitz(c, ps, f, op, off, ctx, single, dv, vmax):
     beta_Il = dc/dtheta_l w_I psi'' + c w_I d psi''/dtheta_l (+ c w'(theta_I) psi'' for the
     sample's own weight), whose x-Lipschitz constants per ||K_I (x - y)|| are
     L_l = |dc/dtheta_l| max w sup|psi'''| + |c| max w sup|d psi'''/dtheta_l| (the atom table's
-    d3th, for theta inside the atom) and |c| max|w'| sup|psi'''|. As for L_A, with
-    sum_l |u_l| L_l <= ||u|| sqrt(sum_l L_l^2): (sqrt(sum_l L_l^2) + |c| max|w'| sup|psi'''|)
-    ||K||^2 max_I ||K_I||. No rule (oo): theta in the atom's argument, in a learned filter's
-    taps (only on a ball: `learned_cross_lipschitz`), or inside an atom without d3th."""
-    if f.dth is None or ctx.has_theta(off) or op.dtaps:
+    d3th, for theta inside the atom) and |c| max|w'| sup|psi'''|; theta_l in the offset b adds
+    beta_Il = c w_I psi''' db/dtheta_l, of constant |c| max w sup|psi''''| |db/dtheta_l|. As
+    for L_A, with sum_l |u_l| L_l <= ||u|| sqrt(sum_l L_l^2): (sqrt(sum_l L_l^2) + |c| max|w'|
+    sup|psi'''|) ||K||^2 max_I ||K_I||. No rule (oo): an offset whose slope varies with the
+    row (`offset_slopes`), theta in a learned filter's taps (only on a ball:
+    `learned_cross_lipschitz`), or inside an atom without d3th."""
+    slopes = offset_slopes(off, ctx)
+    if f.dth is None or slopes is None or op.dtaps:
         return sp.oo
     inside = _inside(f)
     if inside is None:
@@ -58,6 +81,8 @@ def cross_lipschitz(c, ps, f, op, off, ctx, single, dv, vmax):
     cols = {s: mul(sp.Abs(sp.diff(c, s)) * vmax, f.d3) for s in c.free_symbols & theta_syms}
     for s in inside:
         cols[s] = cols.get(s, 0) + mul(sp.Abs(c) * vmax, f.d3th[s])
+    for s, slope in slopes.items():
+        cols[s] = cols.get(s, 0) + mul(mul(sp.Abs(c) * vmax, f.d4), slope)
     beta = _combined(cols)
     if ps is not None:
         if not single:

@@ -18,7 +18,7 @@ from .atoms import AtomFacts, analyse_atom, group_charbonnier, lse_facts
 from .ball import ball_symbols, term_info
 from .contraction import contraction_info
 from .filters import filter_operator, learned_columns, stacked_filters
-from .ldb import cross_lipschitz, learned_cross_lipschitz
+from .ldb import cross_lipschitz, learned_cross_lipschitz, offset_slopes
 from .ldb import mul as _mul
 from .operators import OpFacts, affine_index, classify_operator, stacked_stencil, summands
 from .upper_theta import upper_theta_lipschitz
@@ -503,9 +503,16 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
         else:
             ps_part = sp.oo
             notes.append("per-sample weight not indexed one-to-one by the sample index")
-    if ctx.has_theta(off) and f.d3 != 0:
+    # theta in the offset b: column l of B is c K^T diag(w psi''(u)) db/dtheta_l, which moves
+    # by at most |c| max w sup|psi'''| |db/dtheta_l| ||K||^2 per ||x - y||
+    slopes = offset_slopes(off, ctx) if tf.kind == "atom" else ({} if not ctx.has_theta(off) else None)
+    if slopes is None and f.d3 != 0:
         cols = {None: sp.oo}
-        notes.append("theta in the argument of a non-quadratic atom: no rule")
+        notes.append("theta in the argument of a non-quadratic atom, its slope varying with the "
+                     "row: no rule")
+    elif f.d3 != 0 and None not in cols:
+        for s, slope in slopes.items():
+            cols[s] = cols.get(s, 0) + _mul(_mul(sp.Abs(c) * vmax, f.d3), slope) * N
     tf.LB_cols, tf.LB_ps, tf.LB_note = cols, ps_part, "; ".join(notes)
     if upper and tf.has_theta:
         tf.Lft = upper_theta_lipschitz(c, ps, f, op, off, ctx, limits)
