@@ -497,12 +497,8 @@ def _combine(tf, c, ps, f: AtomFacts, op: OpFacts, off, ctx, upper, limits):
         for s, val in f.dth.items():
             cols[s] = cols.get(s, 0) + _mul(sp.Abs(c) * vmax, val) * N
     ps_part = sp.S.Zero
-    if ps is not None:
-        if single:
-            ps_part = _mul(sp.Abs(c) * dv, f.peak) * op.rowmax * sp.sqrt(N)
-        else:
-            ps_part = sp.oo
-            notes.append("per-sample weight not indexed one-to-one by the sample index")
+    if ps is not None:  # rows grouped by the weight's index (one row per group when single)
+        ps_part = _mul(sp.Abs(c) * dv, f.peak) * (op.rowmax * sp.sqrt(N) if single else N)
     # theta in the offset b: column l of B is c K^T diag(w psi''(u)) db/dtheta_l, which moves
     # by at most |c| max w sup|psi'''| |db/dtheta_l| ||K||^2 per ||x - y||
     slopes = offset_slopes(off, ctx) if tf.kind == "atom" else ({} if not ctx.has_theta(off) else None)

@@ -1,0 +1,83 @@
+"""Per-group weights: theta[c] weighting every row of its group c (one ridge weight per class of a
+multinomial logistic regression, x[j, c]). Only weights indexed one-to-one by the rows had an L_B
+rule; a weight shared by a group gave L_B = inf and no bound. With the rows grouped by the
+weight's index, B(x) u = c K^T D_u psi'(K x + b), D_u the rows' u_{I(r)} v'(theta_{I(r)}), so
+||B(x) u - B(y) u|| <= |c| max|v'| sup|psi''| ||K||^2 ||u|| ||x - y||."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sympy as sp
+
+from codegen import Problem, softplus
+from codegen.pipeline import build_problem
+
+m, n, C, p = sp.symbols("m n C p", integer=True, positive=True)
+i, j, c, k = sp.Idx("i", m), sp.Idx("j", n), sp.Idx("c", C), sp.Idx("k", p)
+A, Y = sp.IndexedBase("A", shape=(m, n)), sp.IndexedBase("Y", shape=(m, C))
+Av, Yv = sp.IndexedBase("Av", shape=(p, n)), sp.IndexedBase("Yv", shape=(p, C))
+x = sp.IndexedBase("x", shape=(n, C))
+theta = sp.IndexedBase("theta", shape=(C,))
+THETA = np.array([-2.0, -1.0, -1.5])
+
+
+def _cross_entropy(M, Yo, r, N):
+    z = sp.Sum(M[r, j] * x[j, c], (j, 0, n - 1))
+    return sp.Sum(sp.log(sp.Sum(sp.exp(z), (c, 0, C - 1))) - sp.Sum(Yo[r, c] * z, (c, 0, C - 1)),
+                  (r, 0, N - 1)) / N
+
+
+@pytest.fixture(scope="module")
+def per_class(tmp_path_factory):
+    """Multinomial logistic regression with a ridge weight e^theta[c] per class, and a softplus
+    term weighted per class too (a non-quadratic atom under a group weight)."""
+    problem = Problem(
+        name="per_class", x=x, theta=theta,
+        lower=_cross_entropy(A, Y, i, m)
+        + sp.Sum(sp.exp(theta[c]) * sp.Sum(x[j, c] ** 2, (j, 0, n - 1)), (c, 0, C - 1)) / 2
+        + sp.Sum(sp.exp(theta[c]) * sp.Sum(softplus(x[j, c]), (j, 0, n - 1)), (c, 0, C - 1)) / 4,
+        upper=_cross_entropy(Av, Yv, k, p))
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((5, 3))
+
+    def labels(M):
+        return np.eye(3)[np.argmax(M @ W + 0.5 * rng.standard_normal((M.shape[0], 3)), 1)]
+    A_, Av_ = rng.standard_normal((40, 5)), rng.standard_normal((30, 5))
+    return build_problem(problem, tmp_path_factory.mktemp("per_class")).bind(
+        A=A_, Y=labels(A_), Av=Av_, Yv=labels(Av_))
+
+
+def test_group_weight_L_B_bounds_the_measured_quotients(per_class):
+    """The ridge part's B column is e^theta[c] x[:, c]: its quotient reaches max_c e^theta[c];
+    the softplus part adds at most max e^theta[c] / 4 sup softplus'' = max e^theta[c] / 16."""
+    cst = per_class.constants(THETA)
+    assert np.isfinite(cst["L_B"]) and cst["certified_flags"]["L_B"]
+    top = float(np.exp(THETA.max()))
+    assert top <= cst["L_B"] <= top * (1 + 1 / 16) * (1 + 1e-9)
+    rng = np.random.default_rng(1)
+    worst = 0.0
+    for trial in range(200):
+        a = 2 * rng.standard_normal(15)
+        e = a + 10.0 ** -(trial % 4) * rng.standard_normal(15)
+        diff = per_class.cross_matrix(a, THETA) - per_class.cross_matrix(e, THETA)
+        worst = max(worst, np.linalg.norm(diff, 2) / np.linalg.norm(a - e))
+    print(f"largest quotient {worst:.4g} of L_B = {cst['L_B']:.4g}")
+    assert 0.9 * top <= worst <= cst["L_B"]
+
+
+def test_group_weight_problem_is_certified(per_class):
+    xs = np.zeros(15)
+    for _ in range(60):
+        step = np.linalg.solve(per_class.lower_hessian(xs, THETA), per_class.lower_grad(xs, THETA))
+        s = 1.0
+        while per_class.lower_value(xs - s * step, THETA) > per_class.lower_value(xs, THETA):
+            s /= 2
+        xs = xs - s * step
+    assert np.linalg.norm(per_class.lower_grad(xs, THETA)) < 1e-12
+    exact = per_class.upper_theta_grad(xs, THETA) - per_class.cross_matrix(xs, THETA).T @ np.linalg.solve(
+        per_class.lower_hessian(xs, THETA), per_class.upper_grad(xs, THETA))
+    for rtol in (1e-3, 1e-8):
+        for lower in ("auto", "fista"):
+            hg = per_class.hypergradient(THETA, rtol=rtol, lower=lower)
+            assert hg.ok and hg.certified, hg.status
+            assert np.linalg.norm(hg.grad - exact) <= hg.bound <= rtol * np.linalg.norm(hg.grad)
