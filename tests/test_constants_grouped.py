@@ -81,3 +81,47 @@ def test_group_weight_problem_is_certified(per_class):
             hg = per_class.hypergradient(THETA, rtol=rtol, lower=lower)
             assert hg.ok and hg.certified, hg.status
             assert np.linalg.norm(hg.grad - exact) <= hg.bound <= rtol * np.linalg.norm(hg.grad)
+
+
+@pytest.fixture(scope="module")
+def two_roles(tmp_path_factory):
+    """theta (m + n entries) in two roles: a weight per sample theta[i] and per feature
+    theta[m + j], which is one-to-one in j (a shift by a size); before, only shifts by a number
+    were, and the per-feature weights fell under no rule."""
+    mm, nn = sp.symbols("mm nn", integer=True, positive=True)
+    ii, jj = sp.Idx("ii", mm), sp.Idx("jj", nn)
+    B_, y_ = sp.IndexedBase("B", shape=(mm, nn)), sp.IndexedBase("y", shape=(mm,))
+    z = sp.IndexedBase("z", shape=(nn,))
+    w = sp.IndexedBase("w", shape=(mm + nn,))
+    r = sp.Sum(B_[ii, jj] * z[jj], (jj, 0, nn - 1)) - y_[ii]
+    problem = Problem(
+        name="two_roles", x=z, theta=w,
+        lower=sp.Sum(sp.exp(w[ii]) * r ** 2, (ii, 0, mm - 1)) / 2
+        + sp.Sum(sp.exp(w[mm + jj]) * (z[jj] ** 2 / 2 + softplus(z[jj]) / 4), (jj, 0, nn - 1)),
+        upper=sp.Sum((z[jj] - 1) ** 2, (jj, 0, nn - 1)) / 2)
+    rng = np.random.default_rng(3)
+    return build_problem(problem, tmp_path_factory.mktemp("two_roles")).bind(
+        B=rng.standard_normal((7, 4)), y=rng.standard_normal(7))
+
+
+def test_shift_by_a_size_is_one_to_one(two_roles):
+    th = np.linspace(-1.0, 0.5, 11)
+    cst = two_roles.constants(th)
+    assert np.isfinite(cst["L_B"]) and cst["certified_flags"]["L_B"]
+    rng = np.random.default_rng(4)
+    worst = 0.0
+    for trial in range(200):
+        a = 2 * rng.standard_normal(4)
+        e = a + 10.0 ** -(trial % 4) * rng.standard_normal(4)
+        diff = two_roles.cross_matrix(a, th) - two_roles.cross_matrix(e, th)
+        worst = max(worst, np.linalg.norm(diff, 2) / np.linalg.norm(a - e))
+    print(f"largest quotient {worst:.4g} of L_B = {cst['L_B']:.4g}")
+    assert 0.1 * cst["L_B"] <= worst <= cst["L_B"]
+    xs = np.zeros(4)
+    for _ in range(40):
+        xs = xs - np.linalg.solve(two_roles.lower_hessian(xs, th), two_roles.lower_grad(xs, th))
+    exact = -two_roles.cross_matrix(xs, th).T @ np.linalg.solve(two_roles.lower_hessian(xs, th),
+                                                                two_roles.upper_grad(xs, th))
+    hg = two_roles.hypergradient(th, rtol=1e-6)
+    assert hg.ok and hg.certified
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound <= 1e-6 * np.linalg.norm(hg.grad)

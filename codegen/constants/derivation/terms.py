@@ -20,7 +20,7 @@ from .contraction import contraction_info
 from .filters import filter_operator, learned_columns, stacked_filters
 from .ldb import cross_lipschitz, learned_cross_lipschitz, offset_slopes
 from .ldb import mul as _mul
-from .operators import OpFacts, affine_index, classify_operator, stacked_stencil, summands
+from .operators import OpFacts, classify_operator, stacked_stencil, summands
 from .upper_theta import upper_theta_lipschitz
 
 
@@ -275,8 +275,10 @@ def _per_sample(w, limits, ctx):
         return None, False
     if not v.is_nonnegative:
         return None, False
-    pos = affine_index(ix.indices[0], [limits[0][0]]) if len(limits) == 1 else False
-    single = pos is not False and pos[0] is not None
+    # one-to-one: the index is the sample index plus a shift of numbers and sizes (theta[m + j])
+    shift = sp.simplify(ix.indices[0] - limits[0][0]) if len(limits) == 1 else None
+    single = shift is not None and not shift.has(limits[0][0]) and all(
+        s.is_integer for s in shift.free_symbols)
     return (v, single), True
 
 
