@@ -15,8 +15,9 @@ from .examples import (
     load_example,
 )
 from .loops import LoopInfo, kernel_body, kernel_names, loops_of
+from .quotients import largest_B_quotient
 
 __all__ = [
     "EXAMPLES", "EXAMPLES_DIR", "GOLDEN_EXAMPLES", "ROOT", "TINY", "LoopInfo", "built_example",
-    "example_data", "kernel_body", "kernel_names", "load_example", "loops_of",
+    "example_data", "kernel_body", "kernel_names", "largest_B_quotient", "load_example", "loops_of",
 ]
