@@ -276,7 +276,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         dirs = _directions(hg, components)
         n = len(dirs)
         if steer and tol_v is None:  # the first round: plan the forward and dual solves
-            target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad))
+            target = atol + (rtol or 0.0) * grad_norm(hg.grad)
             again, energy = (None, None) if replanned or not tight else _tight_again(k, hg, target, n, total)
             replanned = True
             if again is not None:  # E^2 terms first: a warm re-solve costs less
@@ -299,7 +299,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         add_correction_work(total, corr.work)
         grad, bound, plain = combined(corr, hg, components)
         steered = plain if tight else bound if components else corr.parts[0].bound
-        target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad if tight else grad))
+        target = atol + (rtol or 0.0) * grad_norm(hg.grad if tight else grad)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: "
                      f"{'plain' if tight else 'DWR'} bound {fmt(steered)}")
         if not steer or steered <= target:
@@ -412,7 +412,7 @@ def _directions(hg: HypergradientResult, components: bool) -> list[np.ndarray]:
     if components:
         return list(np.eye(p))
     h = np.asarray(hg.grad, dtype=np.float64)
-    nh = float(np.linalg.norm(h))
+    nh = grad_norm(h)
     return [h / nh if nh > 0 else np.eye(p)[0]]
 
 

@@ -32,7 +32,7 @@ from .accuracy import (
     check_targets,
 )
 from .bounds import ROUNDING_FLOOR, certified_product
-from .common import call_kernel, fmt, norm
+from .common import call_kernel, fmt, grad_norm, norm
 from .correction import (
     adjoint_residual,
     cross_lipschitz,
@@ -254,7 +254,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
             continue
         if not round_ok(hg):
             return evolve(hg, work=total)
-        target = atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad))
+        target = atol + (rtol or 0.0) * grad_norm(hg.grad)
         # a target below the rounding floor is not replanned for: the correction's round ends
         # the rounds at the floor
         floor = hg.bound_forms.get("rounding", 0.0) >= 0.2 * target

@@ -34,13 +34,45 @@ SVD_MARGIN = 1e-10
 
 def certified_product(*xs: float) -> float:
     """Product with 0 * inf = 0: a term whose certified factor (an error bound, a norm) is exactly
-    zero vanishes whatever the (possibly infinite) Lipschitz constant multiplying it."""
+    zero vanishes whatever the (possibly infinite) Lipschitz constant multiplying it. A partial
+    product that leaves the normal range (1e-200 * 1e-200 * 1e300 is 1e-100, not 0) is redone on
+    the factors' mantissas and exponents, and a positive result below the normal range is
+    rounded up by a subnormal step per factor: an upper bound never comes out 0."""
     if 0.0 in xs:
         return 0.0
     out = 1.0
     for x in xs:
         out *= float(x)  # Python floats overflow to inf without a warning
+        if not _NORMAL <= abs(out) <= _HUGE:
+            return _scaled_product(xs)
     return out
+
+
+#: The partial products `certified_product` takes as they are (normal, far from overflow).
+_NORMAL, _HUGE = 2.0 ** -1000, 2.0 ** 1000
+_TINY = 2.0 ** -1074  # the smallest subnormal
+
+
+def _scaled_product(xs: tuple[float, ...]) -> float:
+    mant, expo = 1.0, 0
+    for x in xs:
+        m, e = math.frexp(float(x))  # inf and nan come back as they are, e = 0
+        mant, e2 = math.frexp(mant * m)
+        expo += e + e2
+    if not math.isfinite(mant):
+        return mant
+    try:
+        out = math.ldexp(mant, expo)
+    except OverflowError:
+        return math.copysign(math.inf, mant)
+    if abs(out) < 2.0 ** -1022:  # subnormal or 0: each rounding lost at most a step
+        out += math.copysign(len(xs) * _TINY, mant)
+    return out
+
+
+def _inverse(mu: float) -> float:
+    """1/mu for the bounds (inf for a mu too small to invert; mu > 0 is checked upstream)."""
+    return 1.0 / mu if mu > 0 else math.inf
 
 
 def cross_norm(k: Any, x: np.ndarray, theta: Any) -> tuple[float, int]:
@@ -135,14 +167,14 @@ def aposteriori_bound(c: dict[str, Any], e: float, R: float, norm_B: float, norm
     ||q - q*|| <= (R + L_f e + L_A e |q|)/mu, and h - grad F = -B_e^T (q - q*) - (B_e - B*)^T q*.
     Both are valid upper bounds, so the smaller one is. + L_ft e if f depends on theta.
     """
-    mu, LA, LB, Lf = c["mu"], c["L_A"], c["L_B"], c["L_f"]
-    mul = certified_product
+    LA, LB, Lf = c["L_A"], c["L_B"], c["L_f"]
+    mul, inv = certified_product, _inverse(float(c["mu"]))
     nB, nb, nq = norm_B, norm_b, norm_q
-    first = mul(nB, R) / mu
-    f1 = (first + (mul(Lf, nB, e) + mul(LB, nb, e)) / mu + mul(LA, nB, nb, e) / mu ** 2
-          + mul(LB, Lf, e, e) / mu)
-    f2 = (first + (mul(nB, Lf, e) + mul(nB, nq, LA, e)) / mu + mul(nq, LB, e)
-          + mul(LB, e, R) / mu + (mul(LB, e, e, Lf) + mul(LB, e, e, nq, LA)) / mu)
+    first = mul(nB, R, inv)
+    f1 = (first + mul(Lf, nB, e, inv) + mul(LB, nb, e, inv) + mul(LA, nB, nb, e, inv, inv)
+          + mul(LB, Lf, e, e, inv))
+    f2 = (first + mul(nB, Lf, e, inv) + mul(nB, nq, LA, e, inv) + mul(nq, LB, e)
+          + mul(LB, e, R, inv) + mul(LB, e, e, Lf, inv) + mul(LB, e, e, nq, LA, inv))
     extra = mul(c.get("L_ft", 0.0), e) if upper_depends_on_theta else 0.0
     forms = {"grad_f": f1 + extra, "q": f2 + extra}
     vals = [v for v in forms.values() if not math.isnan(v)]
@@ -157,13 +189,12 @@ def apriori_bound(c: dict[str, Any], eps: float, delta: float, norm_B_e: float, 
       (|B*|/mu) delta + (L_B/mu) eps delta + [L_B |b*|/mu + L_f |B*|/mu + L_A |B*| |b*|/mu^2] eps
       + (L_f L_B/mu) eps^2   (+ L_ft eps if f depends on theta).
     """
-    mu, LA, LB, Lf = c["mu"], c["L_A"], c["L_B"], c["L_f"]
-    mul = certified_product
+    LA, LB, Lf = c["L_A"], c["L_B"], c["L_f"]
+    mul, inv = certified_product, _inverse(float(c["mu"]))
     nBs = norm_B_e + mul(LB, eps)
     nbs = norm_b_e + mul(Lf, eps)
-    v = (mul(nBs, delta) / mu + mul(LB, eps, delta) / mu
-         + (mul(LB, nbs, eps) + mul(Lf, nBs, eps)) / mu + mul(LA, nBs, nbs, eps) / mu ** 2
-         + mul(Lf, LB, eps, eps) / mu)
+    v = (mul(nBs, delta, inv) + mul(LB, eps, delta, inv) + mul(LB, nbs, eps, inv)
+         + mul(Lf, nBs, eps, inv) + mul(LA, nBs, nbs, eps, inv, inv) + mul(Lf, LB, eps, eps, inv))
     if upper_depends_on_theta:
         v += mul(c.get("L_ft", 0.0), eps)
     return v if not math.isnan(v) else math.inf

@@ -65,9 +65,26 @@ def norm(v: Any) -> float:
     BLAS_FREE_FROM entries: sqrt(v . v)), without its call overhead and BLAS threads (`dot`)."""
     if not (type(v) is np.ndarray and v.dtype is _FLOAT64 and v.ndim == 1):
         v = np.asarray(v, dtype=np.float64).ravel()
-    if v.size < BLAS_FREE_FROM:  # `dot`'s short case, without its call
-        return math.sqrt(v.dot(v))
-    return math.sqrt(dot(v, v))
+    s = v.dot(v) if v.size < BLAS_FREE_FROM else dot(v, v)  # `dot`'s short case, without its call
+    if SAFE_SQUARES[0] <= s <= SAFE_SQUARES[1]:
+        return math.sqrt(s)
+    return scaled_norm(v)
+
+
+#: sqrt(v . v) is the 2-norm to rounding while v . v stays within these: below, the squares of
+#: the entries underflow (a vector of 1e-160s has v . v = 0, and a bound made of such norms
+#: vanished below the true error); above, they overflow.
+SAFE_SQUARES = (1e-250, 1e250)
+
+
+def scaled_norm(v: np.ndarray) -> float:
+    """||v|| for a v whose v . v left SAFE_SQUARES (or is 0 or nan): max|v_i| ||v / max|v_i|||,
+    0 for a zero vector, inf or nan where an entry is."""
+    top = float(np.max(np.abs(v))) if v.size else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return top
+    w = v / top
+    return top * math.sqrt(w.dot(w))
 
 
 def grad_norm(v: Any) -> float:
@@ -78,7 +95,8 @@ def grad_norm(v: Any) -> float:
     if not (type(v) is np.ndarray and v.dtype is _FLOAT64 and v.ndim == 1
             and v.flags.c_contiguous):
         v = np.asarray(v, dtype=np.float64).ravel()
-    return math.sqrt(v.dot(v))
+    s = v.dot(v)
+    return math.sqrt(s) if SAFE_SQUARES[0] <= s <= SAFE_SQUARES[1] else scaled_norm(v)
 
 
 def finite(a: Any) -> bool:

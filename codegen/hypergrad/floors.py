@@ -13,9 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, cast
 
-import numpy as np
-
-from .common import fmt
+from .common import fmt, grad_norm
 from .lower.stopping import solution_floor
 from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 
@@ -142,7 +140,7 @@ def solve_again(hg: HypergradientResult, steer: bool, rtol: float | None, atol: 
         return None
     if hg.reasons and all(r.kind is ReasonKind.ZERO_TRAP for r in hg.reasons):
         return eps, min(0.5 * delta, relative * hg.grad_f_norm), hg.x, q0
-    if round_ok(hg) and not atol + (rtol or 0.0) * float(np.linalg.norm(hg.grad)) > 0:
+    if round_ok(hg) and not atol + (rtol or 0.0) * grad_norm(hg.grad) > 0:
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: h = 0, a target of 0")
         return zero_target_eps(eps, hg), delta, hg.x, hg.q
     return None

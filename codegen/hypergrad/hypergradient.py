@@ -44,6 +44,7 @@ from .common import (
     checked_theta,
     finite,
     fmt,
+    grad_norm,
     norm,
     x_size_of,
 )
@@ -507,7 +508,7 @@ def _samples_to_accuracy(ks: list[Any], theta: Any, opts: HypergradientOptions, 
     as an absolute one, so that the mean of the bounds meets it. The work of both is summed."""
     check_targets(0.0 if opts.rtol is None else float(opts.rtol), float(opts.atol))
     res = _mean_over_samples(ks, theta, opts, x0, q0, per_sample)
-    target = float(opts.atol) + float(opts.rtol or 0.0) * float(np.linalg.norm(res.grad))
+    target = float(opts.atol) + float(opts.rtol or 0.0) * grad_norm(res.grad)
     if res.bound <= target or not target > 0 or not res.ok:
         return res
     again = _mean_over_samples(ks, theta, opts.evolve(rtol=None, atol=SAMPLES_MARGIN * target),
@@ -518,7 +519,7 @@ def _samples_to_accuracy(ks: list[Any], theta: Any, opts: HypergradientOptions, 
             f"{fmt(res.bound)} > atol + rtol ||grad|| = {fmt(target)}; every sample again to "
             f"{fmt(SAMPLES_MARGIN * target)}")
     reasons = again.reasons
-    final = float(opts.atol) + float(opts.rtol or 0.0) * float(np.linalg.norm(again.grad))
+    final = float(opts.atol) + float(opts.rtol or 0.0) * grad_norm(again.grad)
     if again.ok and not again.bound <= final:
         reasons += (Reason(ReasonKind.ACCURACY, f"the mean bound {fmt(again.bound)} is above atol "
                            f"+ rtol ||grad|| = {fmt(final)}"),)

@@ -20,9 +20,10 @@ from .common import (
     checked_theta,
     x_size_of,
 )
+from .lower.stopping import rounding_floor
 from .rates import require_finite_L
 from .registry import AUTO, adjoint_entry, lower_entry
-from .results import AdjointResult, LowerResult
+from .results import AdjointResult, LowerResult, evolve
 
 __all__ = ["solve_lower", "solve_adjoint", "run_lower", "run_adjoint", "correction_solve"]
 
@@ -46,8 +47,13 @@ def solve_lower(k: Any, theta: Any, solver: str = "fista", tol: float = 1e-8,
     th = checked_theta(k, theta)
     if solver == AUTO:
         solver = choose_lower(k, "backprop" if store_trajectory else AUTO, th)
-    return run_lower(k, th, checked_constants(k, th), solver, tol, x0, max_iter, record,
-                     store_trajectory, keep_basis=keep_basis)
+    c = checked_constants(k, th)
+    res = run_lower(k, th, c, solver, tol, x0, max_iter, record, store_trajectory,
+                    keep_basis=keep_basis)
+    # ||grad g|| is the computed gradient's; near the rounding floor its own rounding (about
+    # eps sqrt(n) L ||x||) is as large, and G/mu alone fell below ||x - x*|| (or was 0)
+    margin = rounding_floor(float(c["L"]), res.x) / float(c["mu"]) if res.x is not None else 0.0
+    return evolve(res, bound=res.bound + margin) if margin > 0 else res
 
 
 def run_lower(k: Any, th: np.ndarray, c: dict[str, Any], solver: str, tol: float, x0: Any,

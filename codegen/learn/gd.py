@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..hypergrad.common import grad_norm
 from .options import GDOptions
 from .result import OptimizeStatus
 from .runner import Runner
@@ -39,7 +40,7 @@ def run_gd(run: Runner, theta: np.ndarray, o: GDOptions) -> tuple[OptimizeStatus
         eps = max(o.eps0 * f, SCHEDULE_FLOOR) if o.schedule else o.eps0
         delta = max(o.delta0 * f, SCHEDULE_FLOOR) if o.schedule else o.delta0
         hg = run.hypergradient(theta, eps, delta)
-        hn = float(np.linalg.norm(hg.grad))
+        hn = grad_norm(hg.grad)
         entry = run.record(theta, hg.value, run.value_error(hg), hn, hg.bound, eps, delta, step,
                            notify=False)
         run.accept(theta, entry)

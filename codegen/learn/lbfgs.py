@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..hypergrad import aposteriori_bound
+from ..hypergrad.common import grad_norm
 from ..hypergrad.lower.stopping import solution_floor
 from .options import QuasiNewtonOptions
 from .result import OptimizeStatus
@@ -134,7 +135,7 @@ def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: Quasi
     while True:
         hg = run.hypergradient(theta, eps, delta, rtol=rtol, atol=atol)
         h = np.array(hg.grad, dtype=float)
-        hn = float(np.linalg.norm(h))
+        hn = grad_norm(h)
         err = run.value_error(hg)
         used_eps = float(hg.e) if math.isfinite(hg.e) and hg.e > 0 else eps
         entry = run.record(theta, hg.value, err, hn, hg.bound, used_eps, delta, step)
@@ -170,7 +171,7 @@ def _check_floors(run: Runner, hg: Any, eps: float, o: QuasiNewtonOptions, why: 
     xs = hg.x if hg.samples is not None else [hg.x]
     lowest = max(solution_floor(x) for x in xs)
     if eps < lowest:
-        raise _floor_end(run, float(np.linalg.norm(hg.grad)) + float(hg.bound),
+        raise _floor_end(run, grad_norm(hg.grad) + float(hg.bound),
                          f"{FLOOR_LEAD} (eps = {eps:.3g} < eps_machine ||x|| = "
                          f"{lowest:.3g}: {why})")
 
@@ -244,13 +245,13 @@ def _line_search(run: Runner, base: Point, d: np.ndarray, max_move: float, next_
     passes the certified Armijo test: (accepted point or None, the base point, possibly
     re-evaluated with tighter values). next_hn is the ||h|| expected at the trial point, atol
     the stopping rule's absolute need there (their sum sets the first round's tolerances)."""
-    length = float(np.linalg.norm(d))
+    length = grad_norm(d)
     t, share = min(1.0, max_move / length) if length > 0 else 1.0, o.value_share
     for _ in range(o.max_backtracks):
         new = run.project(base.theta + t * d)
         move = new - base.theta
         dec = -float(base.h @ move)
-        if dec <= base.bound * float(np.linalg.norm(move)):
+        if dec <= base.bound * grad_norm(move):
             return None, base                   # not a certified descent move (or none)
         target = share * dec
         if math.isfinite(base.err) and base.err > target:
@@ -418,7 +419,7 @@ def _remember(pairs: deque[Pair], new: Point, old: Point, gamma: float) -> tuple
     steps so far: the next steepest-descent step is EXPAND times longer."""
     s, y = new.theta - old.theta, new.h - old.h
     sy = float(s @ y)
-    if sy > CURVATURE_MIN * float(np.linalg.norm(s) * np.linalg.norm(y)):
+    if sy > CURVATURE_MIN * grad_norm(s) * grad_norm(y):
         pairs.append((s, y, 1.0 / sy))
         return sy / float(y @ y), True
     return (gamma if pairs else gamma * EXPAND), False
@@ -471,7 +472,7 @@ def run_lbfgs(run: Runner, theta: np.ndarray, o: QuasiNewtonOptions
             raise StopRun(OptimizeStatus.STALLED,
                           f"no trial step passed the certified decrease test; ||grad F|| <= "
                           f"||h|| + bound = {base.hn + base.bound:.3g} (certified)")
-        max_move = MOVE_GROWTH * float(np.linalg.norm(trial.theta - base.theta))
+        max_move = MOVE_GROWTH * grad_norm(trial.theta - base.theta)
         rate_before, rate = rate, (min(1.0, trial.hn / base.hn) if base.hn > 0 else 1.0)
         previous, base = base, trial
         run.accept(base.theta, base.entry)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..hypergrad.common import grad_norm
 from .options import LBFGSBOptions
 from .result import OptimizeStatus
 from .runner import Runner, StopRun, floor_stop, shrink_to_accuracy
@@ -32,12 +33,12 @@ def run_lbfgsb(run: Runner, theta: np.ndarray, o: LBFGSBOptions) -> tuple[Optimi
         th = np.array(th, dtype=float)
         # The line search compares values: their certified error must be a fraction of the
         # change h.(theta - theta_prev) it is meant to see (no requirement at the first point).
-        dist = 0.0 if state["prev"] is None else float(np.linalg.norm(th - state["prev"]))
+        dist = 0.0 if state["prev"] is None else grad_norm(th - state["prev"])
         value_tol = (lambda hn: frac * hn * dist) if dist > 0 else None
         hg, state["eps"], state["delta"], ok = shrink_to_accuracy(
             run, th, state["eps"], state["delta"], frac, o.tau, value_tol)
         state["prev"] = th
-        hn = float(np.linalg.norm(hg.grad))
+        hn = grad_norm(hg.grad)
         run.record(th, hg.value, run.value_error(hg), hn, hg.bound, state["eps"],
                    state["delta"], math.nan)
         if hn + hg.bound <= o.gtol:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..hypergrad.common import grad_norm
 from .options import MAIDOptions
 from .result import OptimizeStatus
 from .runner import Runner, StopRun, floor_stop, shrink_to_accuracy
@@ -54,7 +55,7 @@ def run_maid(run: Runner, theta: np.ndarray, o: MAIDOptions) -> tuple[OptimizeSt
         for j in range(o.max_bt_loop):
             hg, eps, delta, ok = shrink_to_accuracy(run, theta, eps, delta, 1.0 - o.eta, o.tau)
             run.pending = None
-            hn = float(np.linalg.norm(hg.grad))
+            hn = grad_norm(hg.grad)
             fe = run.value_error(hg)
             run.record(theta, hg.value, fe, hn, hg.bound, eps, delta, s)
             if hn + hg.bound <= o.gtol:

@@ -19,6 +19,7 @@ from ..errors import HypergenError
 from ..hypergrad import (
     call_kernel, checked_constants, hypergradient, hypergradient_samples, solve_lower,
 )
+from ..hypergrad.common import grad_norm
 from .options import CommonOptions
 from .result import OptimizeStatus
 
@@ -306,7 +307,7 @@ class Runner:
             if b is None or not math.isfinite(v):
                 return math.inf, math.inf, None
             vals.append(v)
-            errs.append(value_error_bound(float(np.linalg.norm(b)), low.bound,
+            errs.append(value_error_bound(grad_norm(b), low.bound,
                                           self._lipschitz_f(k, low.x, theta, low.bound)))
             xs.append(low.x)
         return float(np.mean(vals)), float(np.mean(errs)), (xs if self.multi else xs[0])
@@ -360,7 +361,7 @@ def shrink_to_accuracy(run: Runner, theta: np.ndarray, eps: float, delta: float,
     eps would fall below min_eps (the last hg is returned; run.floor_reason says why)."""
     while True:
         hg = run.hypergradient(theta, eps, delta)
-        hn = float(np.linalg.norm(hg.grad))
+        hn = grad_norm(hg.grad)
         grad_ok = hg.bound <= frac * hn
         verr = run.value_error(hg) if value_tol is not None else 0.0
         if not math.isfinite(verr):
@@ -386,7 +387,7 @@ def shrink_to_accuracy(run: Runner, theta: np.ndarray, eps: float, delta: float,
 
 def floor_stop(run: Runner, hg: Any, eps: float, reason: str = "") -> StopRun:
     """The stop at the accuracy floor: "converged" when the certificate meets gtol anyway."""
-    hn = float(np.linalg.norm(hg.grad))
+    hn = grad_norm(hg.grad)
     cert = hn + hg.bound
     if cert <= run.options.gtol:
         return StopRun(OptimizeStatus.CONVERGED, f"||grad F|| <= ||h|| + bound = {cert:.3g}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -177,6 +178,8 @@ def evaluate(derivation, theta, quantities) -> dict:
                 raise ProblemError(f"mu evaluates to NaN at theta = {th}")
             v = math.inf
         v = _mu_rounded(rec.expr, v, env, th) if name == "mu" else round_up(v)
+        if name == "mu" and v == math.inf:  # an overflow (e^theta): the largest float is a lower bound
+            v = sys.float_info.max
         if v < 0 and name != "mu":  # a norm or a Lipschitz constant: never certify it negative
             raise ProblemError(
                 f"{name} = {sp.sstr(rec.expr)} = {v:.6g} < 0 at {_theta_shown(der, th)}: a bound on "

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ..common import DIVERGENCE_FACTOR
+from ..common import DIVERGENCE_FACTOR, norm
 from ..results import Status
 
 __all__ = ["first_order_stop", "rounding_floor", "solution_floor", "ROUNDING_FACTOR"]
@@ -23,7 +23,7 @@ def rounding_floor(L: float, x: np.ndarray) -> float:
     if not math.isfinite(L):
         return 0.0
     arr = np.asarray(x, dtype=np.float64)
-    scale = L * float(np.linalg.norm(arr)) * math.sqrt(max(arr.size, 1))
+    scale = L * norm(arr) * math.sqrt(max(arr.size, 1))
     return ROUNDING_FACTOR * float(np.finfo(np.float64).eps) * scale
 
 
@@ -32,9 +32,8 @@ def solution_floor(x: np.ndarray) -> float:
     (x's own entries are rounded to that; the accuracy rounds never ask for less). A sample's
     x left on its worker (a HeldArray, docs/distributed.md 3) gives its norm unfetched."""
     known = getattr(x, "norm", None)
-    norm = known if isinstance(known, float) else \
-        float(np.linalg.norm(np.asarray(x, dtype=np.float64)))
-    return float(np.finfo(np.float64).eps) * norm
+    size = known if isinstance(known, float) else norm(np.asarray(x, dtype=np.float64))
+    return float(np.finfo(np.float64).eps) * size
 
 
 def first_order_stop(gn: float, gn0: float, mu: float, tol: float, iteration: int,

@@ -1,0 +1,112 @@
+"""Certificates at the edges of floating point. Norms were sqrt(v . v), which is 0 for a vector
+of 1e-160s: ||B|| and ||grad g|| vanished, and bounds made of them fell below the true error
+with status "ok" (ridge at theta = -600: bound 20 times below it), solve_lower stopped at x0
+with bound 0, and optimize claimed ||grad F|| <= 1e-188 where it was 1e-175. mu ** 2 raised a raw
+OverflowError (mu > 1e154) or ZeroDivisionError (mu < 1e-162). Each case against an exact
+reference."""
+from __future__ import annotations
+
+import math
+
+import mpmath as mp
+import numpy as np
+import pytest
+
+from codegen.hypergrad.bounds import certified_product
+from codegen.hypergrad.common import grad_norm, norm
+
+from support import built_example
+
+
+@pytest.mark.parametrize("scale", [1e-160, 1e-200, 1e-300, 1e160, 1e200])
+def test_norms_neither_underflow_nor_overflow(scale):
+    v = scale * np.array([3.0, -4.0, 0.0])
+    for f in (norm, grad_norm):
+        assert f(v) == pytest.approx(5 * scale, rel=1e-15)
+    assert norm(np.zeros(4)) == 0.0 and math.isnan(norm(np.array([1.0, np.nan])))
+    assert norm(np.array([1.0, np.inf])) == math.inf
+
+
+def test_certified_product_keeps_its_scale():
+    assert certified_product(1e-200, 1e-200, 1e300) == pytest.approx(1e-100, rel=1e-15)
+    assert certified_product(1e200, 1e200, 1e-300) == pytest.approx(1e100, rel=1e-15)
+    assert 0 < certified_product(1e-200, 1e-200) <= 1e-320  # an upper bound is never 0
+    assert certified_product(0.0, math.inf) == 0.0 and certified_product(1e300, 1e300) == math.inf
+    assert certified_product(2.0, 3.0) == 6.0
+
+
+@pytest.fixture(scope="module")
+def ridge(build_dir):
+    _, module, ns = built_example("ridge", build_dir)
+    return module, ns["example_data"](0, m=20, n=8, p=12)
+
+
+@pytest.mark.parametrize("theta", [-600.0, -700.0])
+def test_tiny_B_keeps_a_valid_bound(ridge, theta):
+    """grad F = e^theta c with c = -x*^T H^-1 grad f(x*) at full relative accuracy."""
+    module, d = ridge
+    prob = module.bind(**d)
+    A, b, Av, bv = d["A"], d["b"], d["Av"], d["bv"]
+    H = A.T @ A + math.exp(theta) * np.eye(A.shape[1])
+    xs = np.linalg.solve(H, A.T @ b)
+    c = -(xs @ np.linalg.solve(H, Av.T @ (Av @ xs - bv) / Av.shape[0]))
+    for kw in (dict(lower="fista", adjoint="cg", eps=1e-3, delta=1e-1), dict(rtol=1e-6)):
+        hg = prob.hypergradient(theta, **kw)
+        err = abs(float(hg.grad[0]) - math.exp(theta) * c)
+        assert hg.ok and err <= hg.bound, (kw, err, hg.bound)
+        assert hg.norm_B == pytest.approx(math.exp(theta) * float(np.linalg.norm(hg.x)), rel=1e-12)
+
+
+def test_tiny_data_solve_lower_bound_holds(ridge):
+    """Data scaled by 1e-150: ||grad g(0)|| ~ 1e-300 normed to 0, and the solvers stopped at x0
+    with bound 0. x* from a 50-digit solve."""
+    module, d = ridge
+    small = {k: v * 1e-150 for k, v in d.items()}
+    prob = module.bind(**small)
+    mp.mp.dps = 50
+    M = mp.matrix(small["A"].tolist())
+    xs = mp.lu_solve(M.T * M + mp.eye(8), M.T * mp.matrix(small["b"].tolist()))
+    for solver in ("newton", "fista", "direct"):
+        sol = prob.solve_lower(0.0, solver=solver, tol=1e-8)
+        dist = float(mp.sqrt(mp.fsum((mp.mpf(float(a)) - e) ** 2 for a, e in zip(sol.x, xs))))
+        assert sol.success and 0 < dist <= sol.bound, (solver, dist, sol.bound)
+
+
+def test_huge_and_tiny_mu_give_no_raw_exception(ridge, build_dir):
+    """mu = e^700 or data * 1e150 (mu ~ 1e300), and logistic at theta = -400 (mu ~ 1e-174):
+    every call returns a result or a hypergen error, no OverflowError or ZeroDivisionError."""
+    from codegen import HypergenError
+
+    module, d = ridge
+    _, logistic, ns = built_example("logistic", build_dir)
+    cases = [(module.bind(**d), 700.0), (module.bind(**{k: v * 1e150 for k, v in d.items()}), 0.0),
+             (logistic.bind(**ns["example_data"](0, m=30, n=6, p=30)), -400.0)]
+    for prob, theta in cases:
+        for kw in (dict(rtol=1e-6), dict(eps=1e-8, delta=1e-8)):
+            try:
+                hg = prob.hypergradient(theta, **kw)
+            except HypergenError:
+                continue
+            assert hg.bound >= 0
+
+
+def test_overflowing_mu_is_the_largest_float(ridge):
+    """e^745 overflows: mu, a certified lower bound, is the largest float, not inf."""
+    module, d = ridge
+    assert module.bind(**d).constants(745.0)["mu"] == np.finfo(float).max
+
+
+def test_optimize_claims_hold_at_tiny_gradients(ridge):
+    """Ridge from theta0 = -400 (grad F ~ 1e-175): the certified ||grad F|| <= ||h|| + bound held
+    1e-188 when ||h|| normed to 0."""
+    module, d = ridge
+    prob = module.bind(**d)
+    A, b, Av, bv = d["A"], d["b"], d["Av"], d["bv"]
+    for method in ("maid", "gd", None):
+        res = prob.optimize(-400.0, method=method, max_iter=3)
+        th = float(np.ravel(res.theta)[0])
+        H = A.T @ A + math.exp(th) * np.eye(8)
+        xs = np.linalg.solve(H, A.T @ b)
+        true = abs(math.exp(th) * (xs @ np.linalg.solve(H, Av.T @ (Av @ xs - bv) / Av.shape[0])))
+        last = res.history[-1]
+        assert math.isfinite(res.value) and true <= last["grad_norm"] + last["bound"], (method, true)
