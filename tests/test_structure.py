@@ -38,7 +38,7 @@ INNER_IMPORTS_PER_1000 = 1.5
 # them (or pay for them): progress bars, plots, SciPy's optimisers, dask collections.
 OPTIONAL_DEPENDENCIES = ("tqdm", "matplotlib", "scipy.optimize", "dask")
 
-BASE = {"errors", "primitives", "version", "threads"}
+BASE = {"errors", "primitives", "version", "threads", "floats"}
 # Layer of a module: its first component under codegen/ (constants_runtime belongs to constants).
 # Each layer may import itself, the layers listed here and BASE.
 LAYERS = {

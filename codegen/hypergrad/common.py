@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import HypergenError, KernelError
+from ..floats import SAFE_SQUARES, scaled_norm
 
 __all__ = [
     "SolverError", "DEFAULT_MAX_ITER", "DIVERGENCE_FACTOR", "BLAS_FREE_FROM", "dot", "norm",
@@ -71,20 +72,6 @@ def norm(v: Any) -> float:
     return scaled_norm(v)
 
 
-#: sqrt(v . v) is the 2-norm to rounding while v . v stays within these: below, the squares of
-#: the entries underflow (a vector of 1e-160s has v . v = 0, and a bound made of such norms
-#: vanished below the true error); above, they overflow.
-SAFE_SQUARES = (1e-250, 1e250)
-
-
-def scaled_norm(v: np.ndarray) -> float:
-    """||v|| for a v whose v . v left SAFE_SQUARES (or is 0 or nan): max|v_i| ||v / max|v_i|||,
-    0 for a zero vector, inf or nan where an entry is."""
-    top = float(np.max(np.abs(v))) if v.size else 0.0
-    if top == 0.0 or not math.isfinite(top):
-        return top
-    w = v / top
-    return top * math.sqrt(w.dot(w))
 
 
 def grad_norm(v: Any) -> float:

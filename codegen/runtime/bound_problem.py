@@ -24,6 +24,7 @@ from ..constants.evaluation.runtime import (
     tighten_constants,
 )
 from ..errors import BindError
+from ..floats import norm2
 from ..hypergrad import (
     HypergradientOptions,
     HypergradientResult,
@@ -354,7 +355,7 @@ class BoundProblem:
             status = self.kernels[r["kernel"]](vectors, out) if out.size else 0
             rows[r["term"]] = out if status == 0 else None
         return third_contraction(self._prepared_constants(), th, rows,
-                                 float(np.linalg.norm(direction)))
+                                 norm2(direction))
 
     def cross_norm_bound(self, x, theta) -> float:
         """A certified upper bound on ||B(x, theta)||_2 in one pass over the data, or math.inf

@@ -33,6 +33,7 @@ from collections import ChainMap
 import numpy as np
 import sympy as sp
 
+from ...floats import norm2
 from ..derivation.atoms import analyse_atom
 from ..derivation.ball import ball_components
 from ..derivation.cross_structure import NotAvailable, structure
@@ -170,7 +171,7 @@ class CrossNorm:
         if self.lo < 0 or self.hi >= theta.size:
             raise NotAvailable("sample range outside theta")
         th = theta[self.lo:self.hi + 1]
-        xnorm = float(np.linalg.norm(x))
+        xnorm = norm2(x)
         gamma = 4 * (self.D + 10) * U
         allrows = np.arange(self.lo, self.hi + 1)
         W, E, col = [], np.zeros(self.m), 0
