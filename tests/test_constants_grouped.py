@@ -115,3 +115,33 @@ def test_shift_by_a_size_is_one_to_one(two_roles):
     hg = two_roles.hypergradient(th, rtol=1e-6)
     assert hg.ok and hg.certified
     assert np.linalg.norm(hg.grad - exact) <= hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
+
+
+def test_theta_entry_at_an_index_of_sizes(tmp_path_factory):
+    """theta of m + 1 entries: a weight per sample theta[i] and one ridge weight theta[m], the
+    last entry, whose index is known only once m is bound. Its constants had no rule (a
+    symbolic index); they now read theta[m] at bind."""
+    mm, nn = sp.symbols("mm nn", integer=True, positive=True)
+    ii, jj = sp.Idx("ii", mm), sp.Idx("jj", nn)
+    B_, y_ = sp.IndexedBase("B", shape=(mm, nn)), sp.IndexedBase("y", shape=(mm,))
+    z = sp.IndexedBase("z", shape=(nn,))
+    w = sp.IndexedBase("w", shape=(mm + 1,))
+    r = sp.Sum(B_[ii, jj] * z[jj], (jj, 0, nn - 1)) - y_[ii]
+    problem = Problem(
+        name="last_entry", x=z, theta=w,
+        lower=sp.Sum(sp.exp(w[ii]) * r ** 2, (ii, 0, mm - 1)) / 2
+        + sp.exp(w[mm]) * sp.Sum(z[jj] ** 2, (jj, 0, nn - 1)) / 2,
+        upper=sp.Sum((z[jj] - 1) ** 2, (jj, 0, nn - 1)) / 2)
+    rng = np.random.default_rng(5)
+    B, y = rng.standard_normal((7, 4)), rng.standard_normal(7)
+    prob = build_problem(problem, tmp_path_factory.mktemp("last_entry")).bind(B=B, y=y)
+    th = np.linspace(-0.5, 0.5, 8)
+    cst = prob.constants(th)
+    # mu: the ridge weight e^theta[7] (the last entry) plus lambda_min of B^T diag(e^theta_i) B
+    H = B.T @ np.diag(np.exp(th[:7])) @ B + np.exp(th[7]) * np.eye(4)
+    assert cst["certified"] and np.exp(th[7]) <= cst["mu"] <= np.linalg.eigvalsh(H)[0]
+    xs = np.linalg.solve(H, B.T @ (np.exp(th[:7]) * y))
+    exact = -prob.cross_matrix(xs, th).T @ np.linalg.solve(H, xs - 1)
+    hg = prob.hypergradient(th, rtol=1e-6)
+    assert hg.ok and hg.certified
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound <= 1e-6 * np.linalg.norm(hg.grad)

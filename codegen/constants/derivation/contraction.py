@@ -27,7 +27,8 @@ def contraction_info(args: list, psi: sp.Expr, lins: list, offs: list, limits: t
     reads), the row limits, and scale = |c| max |v| ||K||^2 (ps: the per-sample weight
     (v, single) or None)."""
     vmax = sp.S.One if ps is None else ThetaMax(sp.Lambda(T, sp.Abs(ps[0])))
-    reads = sorted((s.name, k) for k, s in theta_syms.items() if s in psi.free_symbols)
+    reads = sorted((s.name, k if isinstance(k, int) else sp.sstr(k))
+                   for k, s in theta_syms.items() if s in psi.free_symbols)
     return {"args": [a.name for a in args], "psi": dump(psi), "theta": reads,
             "lins": [dump(e) for e in lins],
             "offs": [dump(e) for e in offs],

@@ -95,7 +95,8 @@ def derive(problem, allow_uncertified: bool = False) -> Derivation:
     return Derivation(
         problem=problem.name, constants=records, operators=ctx.operators,
         quantities=ctx.quantities,
-        theta_symbols=sorted((s.name, k) for k, s in ctx.theta_syms.items()),
+        theta_symbols=sorted((s.name, k if isinstance(k, int) else sp.sstr(k))
+                             for k, s in ctx.theta_syms.items()),
         theta_name=ctx.th.name, x_name=ctx.x.name, x_shape=ctx.x_shape,
         theta_shape=tuple(ctx.th.shape), sizes=[s.name for s in problem.sizes],
         scalars=ctx.scalar_names,

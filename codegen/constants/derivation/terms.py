@@ -83,9 +83,13 @@ class Ctx(VarReads):
         self.quantities = {}
         self.conditions = {}  # scalar data symbol name -> message
 
-    def theta_symbol(self, k: int) -> sp.Symbol:
+    def theta_symbol(self, k: int | sp.Expr) -> sp.Symbol:
+        """The real Symbol of theta's entry k: a number, or an expression in the sizes (the
+        entry theta[m + n] of a theta of m + n + 1 entries, known at bind)."""
         if k not in self.theta_syms:
-            if self._names is not None and k < len(self._names):
+            if not isinstance(k, int):
+                name = f"{self.th.name}[{sp.sstr(k)}]"
+            elif self._names is not None and k < len(self._names):
                 name = self._names[k]
             elif len(self.th.shape) == 2:  # numeric shape (Problem checks it)
                 pos = np.unravel_index(k, tuple(int(s) for s in self.th.shape))
@@ -106,8 +110,13 @@ class Ctx(VarReads):
             rep[ix] = self.theta_symbol(flat)
         return expr.xreplace(rep)
 
-    def theta_flat(self, ix) -> int | None:
-        """The flat (C order) position of the theta read ix, None for a symbolic index."""
+    def theta_flat(self, ix) -> int | sp.Expr | None:
+        """The flat (C order) position of the theta read ix: a number, an expression in the
+        sizes alone for a 1-D theta (theta[m + n]: one entry, fixed once the data are bound),
+        None for an index that reads a loop index or anything else."""
+        if len(ix.indices) == 1 and not ix.indices[0].is_Integer:
+            e = sp.sympify(ix.indices[0])
+            return e if e.free_symbols and e.free_symbols <= self.sizes else None
         if len(ix.indices) != len(self.th.shape) or not all(e.is_Integer for e in ix.indices):
             return None
         if len(ix.indices) == 1:

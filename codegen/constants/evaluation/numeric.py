@@ -148,16 +148,27 @@ def environment(derivation, theta, quantities):
         if ":" not in name:
             env[name] = float(q["value"]) if not isinstance(q, (int, float)) else float(q)
     for name, k in derivation.theta_symbols:
-        if k >= th.size:
-            raise ProblemError(f"theta has {th.size} entries; the constants read entry {k}")
-        env[name] = float(th[k])
+        flat = theta_entry(k, env)
+        if not 0 <= flat < th.size:
+            raise ProblemError(f"theta has {th.size} entries; the constants read entry {k} = {flat}")
+        env[name] = float(th[flat])
     return th, env
 
 
-def _theta_shown(der, th: np.ndarray) -> str:
-    """'lam = -1' for the entries mu reads by name, else theta itself (short)."""
+def theta_entry(k: int | str, env: dict) -> int:
+    """The flat index of a theta read: k itself, or k's expression in the sizes (theta[m + n])
+    evaluated with the bound sizes in env."""
+    if isinstance(k, int):
+        return k
+    expr = sp.sympify(k)
+    return int(expr.xreplace({s: sp.Integer(int(env[s.name])) for s in expr.free_symbols}))
+
+
+def _theta_shown(der, th: np.ndarray, env: dict) -> str:
+    """'lam = -1' for the entries the constants read by name (their values in env), else theta
+    itself (short)."""
     if der.theta_symbols and len(der.theta_symbols) <= 6:
-        return ", ".join(f"{name} = {th[k]:.6g}" for name, k in der.theta_symbols)
+        return ", ".join(f"{name} = {env[name]:.6g}" for name, _ in der.theta_symbols)
     if th.size <= 4:
         return f"theta = {np.array2string(th, precision=6, separator=', ')}"
     return f"theta (norm {np.linalg.norm(th):.6g})"
@@ -182,7 +193,7 @@ def evaluate(derivation, theta, quantities) -> dict:
             v = sys.float_info.max
         if v < 0 and name != "mu":  # a norm or a Lipschitz constant: never certify it negative
             raise ProblemError(
-                f"{name} = {sp.sstr(rec.expr)} = {v:.6g} < 0 at {_theta_shown(der, th)}: a bound on "
+                f"{name} = {sp.sstr(rec.expr)} = {v:.6g} < 0 at {_theta_shown(der, th, env)}: a bound on "
                 f"a norm cannot be negative (a data value against an assumption the problem "
                 f"declares, or a stated constant that is wrong)")
         out[name] = v
@@ -191,7 +202,7 @@ def evaluate(derivation, theta, quantities) -> dict:
         why = ("mu depends on theta and is checked at every evaluation" if der.mu_check == "theta"
                else f"mu > 0 is certified {der.constants['mu'].theta_region}")
         msg = (f"mu = {sp.sstr(der.constants['mu'].expr)} = {out['mu']:.6g} <= 0 at "
-               f"{_theta_shown(der, th)}: g is not certified strongly convex there ({why})")
+               f"{_theta_shown(der, th, env)}: g is not certified strongly convex there ({why})")
         if not der.allow_uncertified:
             raise ProblemError(msg)
         warnings.warn(msg, stacklevel=2)
