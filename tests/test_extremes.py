@@ -110,3 +110,35 @@ def test_optimize_claims_hold_at_tiny_gradients(ridge):
         true = abs(math.exp(th) * (xs @ np.linalg.solve(H, Av.T @ (Av @ xs - bv) / Av.shape[0])))
         last = res.history[-1]
         assert math.isfinite(res.value) and true <= last["grad_norm"] + last["bound"], (method, true)
+
+
+def test_cg_at_underflowing_residuals_returns(ridge):
+    """Data * 1e-150: the C loop's residual sqrt(s . s) underflows to 0 and met its test at
+    once, while the true gradient (normed scaled) did not: the segments restarted for ever."""
+    module, d = ridge
+    prob = module.bind(**{k: v * 1e-150 for k, v in d.items()})
+    sol = prob.solve_lower(0.0, solver="cg", tol=0.0)
+    assert sol.status == "rounding floor" and sol.bound > 0
+    prob.hypergradient(0.0, rtol=1e-6, lower="cg", adjoint="cg")  # returns, whatever it says
+
+
+def test_tight_bound_over_components_does_not_underflow(ridge):
+    """The per-component bounds (2.7e-180) were combined as sqrt(sum b_j^2): 0."""
+    module, d = ridge
+    prob = module.bind(**d)
+    theta = -400.0
+    A, b, Av, bv = d["A"], d["b"], d["Av"], d["bv"]
+    H = A.T @ A + math.exp(theta) * np.eye(8)
+    xs = np.linalg.solve(H, A.T @ b)
+    exact = -math.exp(theta) * (xs @ np.linalg.solve(H, Av.T @ (Av @ xs - bv) / Av.shape[0]))
+    for lower in ("fista", "newton"):
+        hg = prob.hypergradient(theta, rtol=1e-6, lower=lower, adjoint="cg", certificate="tight")
+        assert hg.certificate == "tight" and 0 < abs(float(hg.grad[0]) - exact) <= hg.bound
+
+
+def test_optimize_without_a_certified_point_is_no_success(ridge):
+    """Ridge from theta0 = 700: h underflows to 0 inside the cross kernel and the run stops at
+    its floor before accepting any point; it reported success with value nan."""
+    module, d = ridge
+    res = module.bind(**d).optimize(700.0, max_iter=2)
+    assert not res.success and math.isnan(res.value) and "no point was certified" in res.message

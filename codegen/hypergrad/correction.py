@@ -486,6 +486,6 @@ def combined(corr: Correction, hg: HypergradientResult,
         return h, hg.bound, hg.bound
     shift = np.array([p.value - p.plain for p in corr.parts])
     h_c = h + shift
-    dwr = math.sqrt(math.fsum(p.bound ** 2 for p in corr.parts))
-    plain = math.sqrt(math.fsum(p.plain_bound ** 2 for p in corr.parts))
+    dwr = math.hypot(*(p.bound for p in corr.parts))  # no square underflows (1e-180)
+    plain = math.hypot(*(p.plain_bound for p in corr.parts))
     return h_c, min(dwr, norm(shift) + hg.bound), min(plain, hg.bound)

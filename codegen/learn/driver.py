@@ -91,9 +91,11 @@ def optimize(problem: Any, theta0: Any, method: str | None = None,
 
 def _result(run: Runner, theta0: np.ndarray, status: OptimizeStatus,
             message: str) -> OptimizeResult:
-    if run.best is None:
+    if run.best is None:  # no point certified: whatever stopped the run, it is no success
         theta, entry = theta0, {"value": math.nan, "value_error": math.nan,
                                 "grad_norm": math.nan, "bound": math.nan}
+        if OptimizeStatus(status).success:
+            status, message = OptimizeStatus.FAILED, f"no point was certified: {message}"
     else:
         theta, entry = run.best
     return OptimizeResult(

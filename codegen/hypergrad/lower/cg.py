@@ -71,6 +71,13 @@ def solve_cg(task: LowerTask) -> LowerResult:
         if gn / mu <= tol:
             status = Status.CONVERGED
             break
+        if run.iterations == 0:  # the segment met its test at once (a residual normed to 0 by
+            # underflow, or at the rounding level) and the true gradient did not: restarting
+            # would repeat that for ever
+            status, msg = Status.ROUNDING_FLOOR, (
+                f"||grad g|| = {gn:.3g}: the CG segment took no step (its residual met the test "
+                f"where the true gradient does not)")
+            break
         floor = rounding_floor(L, x)
         if gn <= floor and gn >= STAGNATION * gn_start:
             # the segment's recursive residual met the test, the true gradient did not move:
