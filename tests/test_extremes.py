@@ -142,3 +142,29 @@ def test_optimize_without_a_certified_point_is_no_success(ridge):
     module, d = ridge
     res = module.bind(**d).optimize(700.0, max_iter=2)
     assert not res.success and math.isnan(res.value) and "no point was certified" in res.message
+
+
+def test_solve_lower_margin_with_an_infinite_L(build_dir):
+    """Poisson-type exp atoms have L = inf: the rounding margin of solve_lower's bound was 0, and
+    at tol = 0 the bound was 0 against a true distance of 8e-24. L is taken on the ball now."""
+    import sympy as sp
+
+    from codegen import Problem
+    from codegen.pipeline import build_problem
+
+    n = sp.Symbol("n", integer=True, positive=True)
+    j = sp.Idx("j", n)
+    x, y = sp.IndexedBase("x", shape=(n,)), sp.IndexedBase("y", shape=(n,))
+    t = sp.Symbol("t")
+    problem = Problem(name="poisson_entries", x=x, theta=t,
+                      lower=sp.Sum(sp.exp(x[j]) - y[j] * x[j], (j, 0, n - 1))
+                      + sp.exp(t) * sp.Sum(x[j] ** 2, (j, 0, n - 1)) / 2,
+                      upper=sp.Sum(x[j] ** 2, (j, 0, n - 1)) / 2)
+    prob = build_problem(problem, build_dir).bind(y=np.array([0.5, 1.0, 2.0, 3.0]))
+    assert prob.constants(0.0)["L"] == math.inf
+    mp.mp.dps = 50  # x*_j solves e^z - y_j + z = 0 (theta = 0)
+    xs = [mp.findroot(lambda z, yj=yj: mp.exp(z) - yj + z, 0) for yj in (0.5, 1.0, 2.0, 3.0)]
+    for solver in ("newton", "direct"):
+        sol = prob.solve_lower(0.0, solver=solver, tol=0.0)
+        dist = float(mp.sqrt(mp.fsum((mp.mpf(float(a)) - e) ** 2 for a, e in zip(sol.x, xs))))
+        assert 0 < dist <= sol.bound, (solver, dist, sol.bound)  # tol = 0: the floor, not success

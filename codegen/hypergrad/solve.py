@@ -4,6 +4,7 @@ at this theta (docs/solvers.md 1-2). run_lower / run_adjoint take constants alre
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from .common import (
     checked_theta,
     x_size_of,
 )
-from .lower.stopping import rounding_floor
+from .lower.stopping import rounding_floor, solution_floor
 from .rates import require_finite_L
 from .registry import AUTO, adjoint_entry, lower_entry
 from .results import AdjointResult, LowerResult, evolve
@@ -51,8 +52,15 @@ def solve_lower(k: Any, theta: Any, solver: str = "fista", tol: float = 1e-8,
     res = run_lower(k, th, c, solver, tol, x0, max_iter, record, store_trajectory,
                     keep_basis=keep_basis)
     # ||grad g|| is the computed gradient's; near the rounding floor its own rounding (about
-    # eps sqrt(n) L ||x||) is as large, and G/mu alone fell below ||x - x*|| (or was 0)
-    margin = rounding_floor(float(c["L"]), res.x) / float(c["mu"]) if res.x is not None else 0.0
+    # eps sqrt(n) L ||x||) is as large, and G/mu alone fell below ||x - x*|| (or was 0). An
+    # infinite L (exp atoms) is taken on the ball B(x, 2 G/mu + the floor of x), which holds x*.
+    if res.x is None or not math.isfinite(res.bound):
+        return res
+    L = float(c["L"])
+    local = getattr(k, "local_constants", None)
+    if not math.isfinite(L) and local is not None:
+        L = float(local(res.x, th, 2 * res.bound + solution_floor(res.x))["L"])
+    margin = rounding_floor(L, res.x) / float(c["mu"])
     return evolve(res, bound=res.bound + margin) if margin > 0 else res
 
 
