@@ -21,6 +21,8 @@ import numpy as np
 from ..errors import HypergenError, KernelError
 from ..floats import SAFE_SQUARES, scaled_norm
 
+_SAFE_LOW, _SAFE_HIGH = SAFE_SQUARES  # as plain floats: the norms' one test, thousands of times
+
 __all__ = [
     "SolverError", "DEFAULT_MAX_ITER", "DIVERGENCE_FACTOR", "BLAS_FREE_FROM", "dot", "norm",
     "all_finite", "finite", "grad_norm", "call_kernel", "fixed_memo", "hvp_at", "true_residual",
@@ -66,8 +68,8 @@ def norm(v: Any) -> float:
     BLAS_FREE_FROM entries: sqrt(v . v)), without its call overhead and BLAS threads (`dot`)."""
     if not (type(v) is np.ndarray and v.dtype is _FLOAT64 and v.ndim == 1):
         v = np.asarray(v, dtype=np.float64).ravel()
-    s = v.dot(v) if v.size < BLAS_FREE_FROM else dot(v, v)  # `dot`'s short case, without its call
-    if SAFE_SQUARES[0] <= s <= SAFE_SQUARES[1]:
+    s = float(v.dot(v)) if v.size < BLAS_FREE_FROM else dot(v, v)  # `dot`'s short case
+    if _SAFE_LOW <= s <= _SAFE_HIGH or (s == 0.0 and not np.count_nonzero(v)):
         return math.sqrt(s)
     return scaled_norm(v)
 
@@ -82,8 +84,10 @@ def grad_norm(v: Any) -> float:
     if not (type(v) is np.ndarray and v.dtype is _FLOAT64 and v.ndim == 1
             and v.flags.c_contiguous):
         v = np.asarray(v, dtype=np.float64).ravel()
-    s = v.dot(v)
-    return math.sqrt(s) if SAFE_SQUARES[0] <= s <= SAFE_SQUARES[1] else scaled_norm(v)
+    s = float(v.dot(v))
+    if _SAFE_LOW <= s <= _SAFE_HIGH or (s == 0.0 and not np.count_nonzero(v)):
+        return math.sqrt(s)
+    return scaled_norm(v)
 
 
 def finite(a: Any) -> bool:

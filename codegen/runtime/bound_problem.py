@@ -32,6 +32,7 @@ from ..hypergrad import (
     hypergradient_samples,
     solve_lower,
 )
+from ..hypergrad.common import finite
 from ..hypergrad.dense import DIRECT_MAX_SIZE
 from ..hypergrad.results import evolve
 from ..learn import optimize
@@ -283,7 +284,7 @@ class BoundProblem:
         """checked_theta, and every entry finite (the constants at theta; the kernels' calls
         skip this test, their results' finiteness is checked where it matters)."""
         th = self.checked_theta(theta)
-        if not np.all(np.isfinite(th)):
+        if not finite(th):
             k = int(np.argmin(np.isfinite(th)))
             raise BindError(f"theta[{k}] = {float(th[k])!r}: theta must be finite")
         return th
