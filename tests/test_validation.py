@@ -126,6 +126,8 @@ def test_declared_facts_are_checked_at_bind(build_dir):
         (dict(good, w=np.array([0.0, -2.0, 1.0])), r"w is declared nonnegative=True .* but w\[1\] = -2.0"),
         (dict(good, P=sps.csr_array(np.array([[0.5, 0.0, 1.0], [1.0, 1.0, 1.0]]))),
          "P is declared positive=True .* but its implicit zeros are not"),
+        (dict(good, P=sps.csr_array(np.array([[0.5, 2.0, 1.0], [1.0, 1.0, -1.0]]))),
+         r"P is declared positive=True .* but P\[1, 2\] = -1.0"),
     ]
     for data, message in cases:
         with pytest.raises(BindError, match=message):

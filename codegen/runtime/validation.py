@@ -100,6 +100,9 @@ def check_facts(name: str, arr: Any, facts: list[str]) -> None:
         if not bool(np.all(ok)):
             bad = np.argwhere(~np.asarray(ok))[0] if values.ndim else ()
             where = tuple(int(b) for b in bad)
+            if hasattr(arr, "tocsr"):  # a stored value: its (row, column) in the matrix
+                row = int(np.searchsorted(arr.indptr, where[0], side="right")) - 1
+                where = (row, int(arr.indices[where[0]]))
             shown = f"{name}{list(where)}" if where else name
             raise BindError(f"{name} is declared {fact}=True in the problem, so every value must be "
                             f"{says}, but {shown} = {float(values[tuple(bad)])!r}: SymPy has simplified "
