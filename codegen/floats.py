@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-__all__ = ["SAFE_SQUARES", "scaled_norm", "norm2"]
+__all__ = ["SAFE_SQUARES", "scaled_norm", "from_squares", "norm2"]
 
 SAFE_SQUARES = (1e-250, 1e250)
 
@@ -25,8 +25,18 @@ def scaled_norm(v: np.ndarray) -> float:
     return top * math.sqrt(w.dot(w))
 
 
+_SAFE_LOW, _SAFE_HIGH = SAFE_SQUARES  # as plain floats: the norms' one test, thousands of times
+
+
+def from_squares(s: float, v: np.ndarray) -> float:
+    """||v|| from s = v . v: sqrt(s) inside SAFE_SQUARES and for a zero vector, else
+    `scaled_norm` (v . v underflowed, overflowed or is nan)."""
+    if _SAFE_LOW <= s <= _SAFE_HIGH or (s == 0.0 and not np.count_nonzero(v)):
+        return math.sqrt(s)
+    return scaled_norm(v)
+
+
 def norm2(v: object) -> float:
     """The 2-norm of v flattened, at every scale."""
     a = np.asarray(v, dtype=np.float64).ravel()
-    s = a.dot(a)
-    return math.sqrt(s) if SAFE_SQUARES[0] <= s <= SAFE_SQUARES[1] else scaled_norm(a)
+    return from_squares(float(a.dot(a)), a)

@@ -19,9 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import HypergenError, KernelError
-from ..floats import SAFE_SQUARES, scaled_norm
-
-_SAFE_LOW, _SAFE_HIGH = SAFE_SQUARES  # as plain floats: the norms' one test, thousands of times
+from ..floats import from_squares
 
 __all__ = [
     "SolverError", "DEFAULT_MAX_ITER", "DIVERGENCE_FACTOR", "BLAS_FREE_FROM", "dot", "norm",
@@ -68,26 +66,19 @@ def norm(v: Any) -> float:
     BLAS_FREE_FROM entries: sqrt(v . v)), without its call overhead and BLAS threads (`dot`)."""
     if not (type(v) is np.ndarray and v.dtype is _FLOAT64 and v.ndim == 1):
         v = np.asarray(v, dtype=np.float64).ravel()
-    s = float(v.dot(v)) if v.size < BLAS_FREE_FROM else dot(v, v)  # `dot`'s short case
-    if _SAFE_LOW <= s <= _SAFE_HIGH or (s == 0.0 and not np.count_nonzero(v)):
-        return math.sqrt(s)
-    return scaled_norm(v)
-
-
+    return from_squares(float(v.dot(v)) if v.size < BLAS_FREE_FROM else dot(v, v), v)
 
 
 def grad_norm(v: Any) -> float:
-    """np.linalg.norm(v) bit for bit at every length (sqrt(v . v) by BLAS, as NumPy computes
-    it), without its dispatch: for decisions that must not move by an ulp (the accuracy
-    rounds' target). A contiguous float64 vector (every hypergradient's) is dotted as it is:
+    """np.linalg.norm(v) bit for bit at every length while v . v is in floats.SAFE_SQUARES
+    (sqrt(v . v) by BLAS, as NumPy computes it; scaled outside, where NumPy's underflows),
+    without its dispatch: for decisions that must not move by an ulp (the accuracy rounds'
+    target). A contiguous float64 vector (every hypergradient's) is dotted as it is:
     np.asarray and ravel would return it, or a view of the same entries."""
     if not (type(v) is np.ndarray and v.dtype is _FLOAT64 and v.ndim == 1
             and v.flags.c_contiguous):
         v = np.asarray(v, dtype=np.float64).ravel()
-    s = float(v.dot(v))
-    if _SAFE_LOW <= s <= _SAFE_HIGH or (s == 0.0 and not np.count_nonzero(v)):
-        return math.sqrt(s)
-    return scaled_norm(v)
+    return from_squares(float(v.dot(v)), v)
 
 
 def finite(a: Any) -> bool:

@@ -160,8 +160,14 @@ def theta_entry(k: int | str, env: dict) -> int:
     evaluated with the bound sizes in env."""
     if isinstance(k, int):
         return k
-    expr = sp.sympify(k)
+    expr = _size_expression(k)
     return int(expr.xreplace({s: sp.Integer(int(env[s.name])) for s in expr.free_symbols}))
+
+
+@functools.lru_cache(maxsize=64)
+def _size_expression(k: str) -> sp.Expr:
+    """k parsed once (evaluate runs at every hypergradient)."""
+    return sp.sympify(k)
 
 
 def _theta_shown(der, th: np.ndarray, env: dict) -> str:
