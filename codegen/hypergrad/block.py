@@ -31,7 +31,7 @@ from .accuracy import (
     bound_parts,
     check_targets,
 )
-from .bounds import ROUNDING_FLOOR, certified_product
+from .bounds import ROUNDING_FLOOR, certified_product, distance_from_step
 from .common import call_kernel, fmt, grad_norm, norm
 from .correction import (
     adjoint_residual,
@@ -70,6 +70,8 @@ class BlockCorrection:
     terms   the bound's terms by name (docs/bounds.md 15.8);
     w, t    the two solves' iterates (warm starts of the next round), R_w, R_t their true
             residuals;
+    E       the certified ||x_eps - x*|| the terms read: G/mu, or the refined distance from
+            the Newton step w (docs/bounds.md 5) where that is smaller;
     shift   h_c - h: the correction's estimate of h's error (steering and the plain bound)."""
 
     grad: np.ndarray
@@ -81,6 +83,7 @@ class BlockCorrection:
     R: float
     R_w: float
     R_t: float
+    E: float
     work: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -145,11 +148,15 @@ def block_correct(k: Any, hg: HypergradientResult, tol_w: float, tol_t: float, w
     Bt, _ = call_kernel(k.cross_vjp, x, th, t)
     if Bt is None:
         raise FloatingPointError("the cross VJP B^T t is not finite")
-    L_DB = cross_lipschitz(k, th, x, float(hg.e))  # B(x_eps, e) holds x*
+    # w is a Newton step at x_eps with its true residual: the refined ||x_eps - x*|| for free
+    # (docs/bounds.md 5), often far below G/mu after Newton, and every term in E reads it
+    E = distance_from_step(float(hg.e), norm(w), newton.residual, float(c["mu"]),
+                           float(c.get("L_A", math.inf)))
+    L_DB = cross_lipschitz(k, th, x, E)  # B(x_eps, E) holds x*
     G_w, G_parts = _cross_tangent(k, x, th, q, w, L_DB)
     work["cross"] += len(G_parts)
     shift = Bt + G_w
-    terms = _terms(k, hg, c, th, L_DB, norm(r), newton.residual, sol.residual)
+    terms = _terms(k, hg, c, th, L_DB, norm(r), newton.residual, sol.residual, E)
     # rounding (docs/bounds.md 6): of B^T t and G_w (its two VJPs cancel), and of the right-hand
     # side r + y (its error reaches h_c through B^T A^{-1})
     nB, mu = float(hg.norm_B), float(c["mu"])
@@ -159,15 +166,15 @@ def block_correct(k: Any, hg: HypergradientResult, tol_w: float, tol_t: float, w
     if not math.isfinite(bound):
         bound = math.inf
     return BlockCorrection(np.asarray(hg.grad) + shift, bound, terms, shift, w, t, norm(r),
-                           newton.residual, sol.residual, work)
+                           newton.residual, sol.residual, E, work)
 
 
 def _terms(k: Any, hg: HypergradientResult, c: dict[str, Any], th: np.ndarray, L_DB: float,
-           R: float, R_w: float, R_t: float) -> dict[str, float]:
-    """Theorem 15.8's terms: Corollary 15.2's or 15.3's at the exact v and lam of every unit u
-    (R_v = R_lam = 0, ||v|| <= ||B||/mu, ||lam|| <= ||m||/mu) and the solves' t, w; L_DB from
-    `cross_lipschitz` on B(x_eps, e)."""
-    mu, E, nB, nq = float(c["mu"]), float(hg.e), float(hg.norm_B), float(hg.q_norm)
+           R: float, R_w: float, R_t: float, E: float) -> dict[str, float]:
+    """Theorem 15.8's terms: Corollary 15.3's or 15.2's at the exact v and lam of every unit u
+    (R_v = R_lam = 0, ||v|| <= ||B||/mu, ||lam|| <= ||m||/mu) and the solves' t, w, with
+    E >= ||x_eps - x*|| certified; L_DB from `cross_lipschitz` on B(x_eps, E)."""
+    mu, nB, nq = float(c["mu"]), float(hg.norm_B), float(hg.q_norm)
     LB, Lf, LA = float(c["L_B"]), float(c["L_f"]), float(c.get("L_A", 0.0))
     ft = float(c.get("L_ft", 0.0)) if bool(getattr(k, "upper_depends_on_theta", False)) else 0.0
     c_t, c_w = solve_weights(hg)
@@ -271,7 +278,8 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
                              *starts, max_iter, dense)
         add_correction_work(total, corr.work)
         plain = min(corr.plain_bound, hg.bound)
-        trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: plain bound {fmt(plain)}")
+        refined = f", E = {fmt(corr.E)} from w" if corr.E < hg.e else ""
+        trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: plain bound {fmt(plain)}{refined}")
         if not steer or plain <= target:
             if steer:
                 corr = _sharpened(k, hg, corr, plain, total, trail, dense)
@@ -352,7 +360,8 @@ def _second_order_terms(k: Any, hg: HypergradientResult) -> dict[str, float]:
     round's plan reads."""
     th = np.asarray(hg.theta, dtype=np.float64)
     return _terms(k, hg, dict(cast(dict[str, Any], hg.constants)), th,
-                  cross_lipschitz(k, th, hg.x, float(hg.e)), float(hg.R), 0.0, 0.0)
+                  cross_lipschitz(k, th, hg.x, float(hg.e)), float(hg.R), 0.0, 0.0,
+                  float(hg.e))
 
 
 #: The pure E^2 terms of the block bound (the theta term is linear in E, RE is R E).

@@ -18,6 +18,7 @@ from .common import call_kernel, fixed_memo, norm
 from .solve import run_adjoint
 
 __all__ = ["aposteriori_bound", "apriori_bound", "cross_norm", "refined_distance",
+           "distance_from_step",
            "certified_product", "FROBENIUS_MAX_P", "ROUNDING_FLOOR", "SVD_MARGIN"]
 
 #: ||B|| is taken as the Frobenius norm from p cross JVPs up to this p (exact for p = 1).
@@ -140,17 +141,26 @@ def refined_distance(k: Any, x: np.ndarray, theta: np.ndarray, c: dict[str, Any]
         return e0, 0
     # The adjoint CG solves A(x) s = grad g and recomputes its true residual at the end.
     sol = run_adjoint(k, x, theta, c, "cg", 1e-3 * e0 * mu, None, iterations, grad)
-    if sol.q is None or not math.isfinite(sol.residual):
+    if sol.q is None:
         return e0, sol.n_hvp
-    a = (norm(sol.q) + sol.residual / mu) * (1 + 1e-12)
-    used = sol.n_hvp
+    return distance_from_step(e0, norm(sol.q), sol.residual, mu, L_A), sol.n_hvp
+
+
+def distance_from_step(e0: float, step: float, residual: float, mu: float, L_A: float) -> float:
+    """min(e0, the certified ||x - x*|| of `refined_distance`) from ANY s with ||s|| = step and
+    its recomputed residual ||A(x) s - grad g(x)|| = residual (docs/bounds.md 5): a Newton step
+    some other solve took already (the block correction's w) gives it for free. e0 when L_A is
+    infinite or the quadratic in e has no root above e0's side."""
+    if e0 == 0.0 or not (math.isfinite(L_A) and math.isfinite(step) and math.isfinite(residual)):
+        return e0
+    a = (step + residual / mu) * (1 + 1e-12)
     if L_A == 0.0:
-        return min(e0, a), used
+        return min(e0, a)
     cq = L_A / (2 * mu)
     disc = 1 - 4 * a * cq
     if disc < 0 or e0 >= (1 + math.sqrt(disc)) / (2 * cq):
-        return e0, used
-    return min(e0, 2 * a / (1 + math.sqrt(disc))), used
+        return e0
+    return min(e0, 2 * a / (1 + math.sqrt(disc)))
 
 
 def aposteriori_bound(c: dict[str, Any], e: float, R: float, norm_B: float, norm_b: float,
