@@ -705,3 +705,45 @@ def test_literal_size_of_two_billion_derives_without_unrolling():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "{"
+
+
+def test_sums_empty_at_small_sizes_are_zero_not_a_crash(tmp_path):
+    """A 3-tap blur over i in 0..n-3 has a per-row temporary of n - 2 entries: at n = 1 its work
+    offset was work - 1 and its memset length (size_t)(-1), a segfault. Every kernel, and the
+    hypergradient, against NumPy at n = 1..5, the blur sum empty (0) below n = 3."""
+    import sympy as sp
+
+    from codegen import Problem
+    from codegen.pipeline import build_problem
+
+    n = sp.Symbol("n", integer=True, positive=True)
+    i, s = sp.Idx("i", n), sp.Idx("s", 3)
+    x, y, kf = (sp.IndexedBase(name, shape=shape) for name, shape in
+                (("x", (n,)), ("y", (n,)), ("kf", (3,))))
+    theta = sp.Symbol("theta")
+    problem = Problem(name="blur", x=x, theta=theta,
+                      lower=sp.Sum((sp.Sum(kf[s] * x[i + s], (s, 0, 2)) - y[i]) ** 2,
+                                   (i, 0, n - 3)) / 2
+                      + sp.exp(theta) / 2 * sp.Sum(x[i] ** 2, (i, 0, n - 1)),
+                      upper=sp.Sum((x[i] - y[i]) ** 2, (i, 0, n - 1)) / 2)
+    module = build_problem(problem, tmp_path)
+    taps, th = np.array([0.25, 0.5, 0.25]), 0.3
+    for size in range(1, 6):
+        rng = np.random.default_rng(size)
+        yv, xv, v = rng.standard_normal((3, size))
+        K = np.zeros((max(size - 2, 0), size))
+        for row in range(size - 2):
+            K[row, row:row + 3] = taps
+        H = K.T @ K + np.exp(th) * np.eye(size)
+        prob = module.bind(y=yv, kf=taps)
+        resid = K @ xv - yv[:size - 2]
+        assert prob.lower_value(xv, th) == pytest.approx(
+            0.5 * resid @ resid + 0.5 * np.exp(th) * xv @ xv, rel=1e-13)
+        np.testing.assert_allclose(prob.lower_grad(xv, th), K.T @ resid + np.exp(th) * xv,
+                                   rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(prob.lower_hvp(xv, th, v), H @ v, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(prob.lower_hessian(xv, th), H, rtol=1e-13, atol=1e-15)
+        xs = np.linalg.solve(H, K.T @ yv[:size - 2])
+        exact = -np.exp(th) * xs @ np.linalg.solve(H, xs - yv)
+        hg = prob.hypergradient(th, rtol=1e-8)
+        assert hg.ok and abs(float(hg.grad[0]) - exact) <= hg.bound, (size, hg.status)

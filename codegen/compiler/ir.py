@@ -35,6 +35,16 @@ class Array:
         return self.shape == ()
 
 
+def extent(array: Array) -> sp.Expr:
+    """The number of entries of `array` (1 for a scalar): the product of its dimensions, each
+    clamped at 0 unless the sizes (integers >= 1) prove it nonnegative. A temporary over the
+    rows of a sum whose range is empty at small sizes (i in 0..n-3 at n = 1) has n - 2 entries
+    by its formula; as a work offset, a memset length or an OpenMP array section, -1 reached
+    outside the buffer and crashed the interpreter."""
+    dims = [d if sp.sympify(d).is_nonnegative else sp.Max(0, d) for d in array.shape]
+    return sp.Mul(*dims)
+
+
 @dataclass(frozen=True)
 class Loop:
     var: sp.Symbol  # integer Symbol named after the user's Idx

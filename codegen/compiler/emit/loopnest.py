@@ -116,7 +116,7 @@ class LoopNestBuilder:
         for target in kinds[1]:
             arr = self.arrays[target]
             reductions.append(arr.name if arr.is_scalar else
-                              f"{arr.name}[:{self.index_code(sp.Mul(*arr.shape))}]")
+                              f"{arr.name}[:{self.index_code(ir.extent(arr))}]")
         # Trip count bound: indices in inner ranges (triangular sums) at their largest values.
         extents = sp.Mul(*[lp.hi - lp.lo + 1 for lp in heaviest.loops])
         for _ in heaviest.loops:

@@ -111,6 +111,15 @@ class IndexPrinter(C99CodePrinter):
     def __init__(self) -> None:
         super().__init__({"strict": True})
 
+    def _print_Max(self, expr: sp.Max) -> str:
+        """max(a, b, ...) of integers as nested conditionals (fmax would be a double):
+        `ir.extent`'s clamp, (n - 2 > 0 ? n - 2 : 0)."""
+        code = self._print(expr.args[0])
+        for arg in expr.args[1:]:
+            other = self._print(arg)
+            code = f"({other} > {code} ? {other} : {code})"
+        return code
+
     def _print_Pow(self, expr: sp.Pow) -> str:
         base, exp = expr.base, expr.exp
         if not (exp.is_Integer and exp > 0):

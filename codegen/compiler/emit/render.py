@@ -55,7 +55,7 @@ def _size_symbols(program: ir.Program, sizes: Sequence[sp.Symbol]) -> list[sp.Sy
 
 
 def _extent(arr: ir.Array) -> sp.Expr:
-    return sp.Mul(*arr.shape) if arr.shape else sp.Integer(1)
+    return ir.extent(arr)
 
 
 class KernelRenderer:
