@@ -114,9 +114,9 @@ class IndexPrinter(C99CodePrinter):
     def _print_Max(self, expr: sp.Max) -> str:
         """max(a, b, ...) of integers as nested conditionals (fmax would be a double):
         `ir.extent`'s clamp, (n - 2 > 0 ? n - 2 : 0)."""
-        code = self._print(expr.args[0])
+        code: str = self._print(expr.args[0])
         for arg in expr.args[1:]:
-            other = self._print(arg)
+            other: str = self._print(arg)
             code = f"({other} > {code} ? {other} : {code})"
         return code
 
