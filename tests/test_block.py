@@ -270,3 +270,34 @@ def test_the_newton_solve_w_refines_E(rtol, build_dir):
     corr = block_correct(k, plain, 1e-3 * plain.G, 1e-3 * plain.R, None, None, 2000)
     true_e = np.linalg.norm(plain.x - x_star(k, theta))
     assert true_e <= corr.E <= 2 * true_e < 0.2 * plain.e, (true_e, corr.E, plain.e)
+
+
+def test_rounds_never_plan_delta_below_the_rounding_level(build_dir):
+    """x of 3 Symbols, Newton and CG: round 1's CG converged at R = 1.2e-16 and the block rounds
+    planned delta = R for round 2, whose CG stalled at 1.7e-16 and ran to its cap (10^4
+    iterations, "adjoint cg capped", 10325 units; E&R's rounds: "ok" in 20). Deltas are now
+    planned no lower than the residual's rounding level (`floors.lowest_delta`)."""
+    import runpy
+    from pathlib import Path
+
+    from codegen.pipeline import build_problem
+
+    ns = runpy.run_path(str(Path(__file__).parent / "problems" / "xsyms.py"))
+    prob = build_problem(ns["xsyms"], build_dir).bind(**ns["example_data"](seed=0))
+    theta = np.array([0.5, -0.5])
+    exact = exact_hypergradient(DenseGenerated(prob), theta)
+    hg = prob.hypergradient(theta, rtol=1e-6, lower="newton", adjoint="cg")
+    assert hg.ok and hg.certificate == "block" and hg.work["units"] < 200, (hg.status, hg.work)
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound <= 1e-6 * np.linalg.norm(hg.grad)
+
+
+@pytest.mark.parametrize("certificate", ["auto", "tight", "dwr", "block", "er"])
+def test_an_exactly_zero_hypergradient_is_ok(certificate, build_dir):
+    """1-D TV on one pixel: the TV sum is empty, g does not depend on theta, B = 0 and
+    grad F = 0 exactly, which E&R's bound certifies as 0. The correction's rounds took h = 0 for
+    a target of 0 to solve again, 8 rounds, and ended "not reached: dwr bound inf > atol +
+    rtol ||grad|| = inf" (both infs their starting values) with the bound 0."""
+    _, module, _ = built_example("tv1d", build_dir)
+    prob = module.bind(y=np.array([0.3]), xt=np.array([0.1]))
+    hg = prob.hypergradient([-2.3, -3.0], rtol=1e-6, certificate=certificate)
+    assert hg.ok and hg.bound == 0.0 and not np.any(hg.grad), hg.status

@@ -41,6 +41,7 @@ from .correction import (
 from .energy import Energy, energy_at
 from .floors import (
     adjoint_stalled,
+    exactly_zero,
     floor_accepted,
     floor_failure,
     lower_stalled,
@@ -271,7 +272,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         if restart is not None:
             eps, delta, x0, q0 = restart
             continue
-        if not round_ok(hg):
+        if not round_ok(hg) or exactly_zero(hg):
             return evolve(hg, work=total)
         dirs = _directions(hg, components)
         n = len(dirs)

@@ -44,6 +44,7 @@ from .correction import (
 )
 from .floors import (
     adjoint_stalled,
+    exactly_zero,
     floor_accepted,
     floor_failure,
     lower_stalled,
@@ -259,7 +260,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         if restart is not None:
             eps, delta, x0, q0 = restart
             continue
-        if not round_ok(hg):
+        if not round_ok(hg) or exactly_zero(hg):
             return evolve(hg, work=total)
         target = atol + (rtol or 0.0) * grad_norm(hg.grad)
         # a target below the rounding floor is not replanned for: the correction's round ends

@@ -13,12 +13,18 @@ from __future__ import annotations
 import math
 from typing import Any, cast
 
+import numpy as np
+
 from .common import fmt, grad_norm
 from .lower.stopping import solution_floor
 from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 
+EPS = float(np.finfo(np.float64).eps)
+
 __all__ = ["FLOOR_NOTE", "ADJOINT_FLOOR_NOTE", "floor_accepted", "lower_stalled",
-           "adjoint_stalled", "lowest_eps", "unrefined_e", "next_eps", "next_delta",
+           "adjoint_stalled", "lowest_eps", "lowest_delta", "DELTA_FLOOR", "exactly_zero",
+           "unrefined_e",
+           "next_eps", "next_delta",
            "zero_target_eps", "ZERO_TARGET_SCALE", "solve_again", "uncorrected",
            "floor_failure"]
 
@@ -99,11 +105,27 @@ def floor_failure(target: float, why: str, bound: float, name: str = "bound") ->
             f"{fmt(bound)} is the best certified")
 
 
+#: The lowest delta the rounds plan: this many eps_machine sqrt(n) ||grad_x f||, about the
+#: rounding of a recomputed residual A q - b at convergence (A q is about b). A plan from a
+#: residual already there (1.2e-16, or exactly 0 on an x of 4 entries) set delta below what
+#: the next round's CG reaches, and it ran to its cap: 10^4-2 10^4 units, "capped".
+DELTA_FLOOR = 8.0
+
+
+def lowest_delta(hg: HypergradientResult) -> float:
+    """The lowest delta the next round may ask for (`DELTA_FLOOR`; the largest over samples)."""
+    if hg.samples is not None:
+        return max(lowest_delta(s) for s in hg.samples)
+    n = hg.x.size if hg.x is not None else 1
+    b = float(hg.grad_f_norm)
+    return DELTA_FLOOR * EPS * math.sqrt(n) * b if math.isfinite(b) else 0.0
+
+
 def next_delta(delta: float, planned: float, hg: HypergradientResult) -> float:
     """The next round's delta from a plan for R: the current delta when hg's adjoint solve
     stalled at its rounding floor (asking it for less only repeats the stall), else the
-    smaller of the two."""
-    return delta if adjoint_stalled(hg) else min(delta, planned)
+    smaller of the two, never planned below `lowest_delta`."""
+    return delta if adjoint_stalled(hg) else min(delta, max(planned, lowest_delta(hg)))
 
 
 #: A round whose h is exactly 0 with atol = 0 has the target rtol ||h|| = 0, and nothing to plan
@@ -140,7 +162,16 @@ def solve_again(hg: HypergradientResult, steer: bool, rtol: float | None, atol: 
         return None
     if hg.reasons and all(r.kind is ReasonKind.ZERO_TRAP for r in hg.reasons):
         return eps, min(0.5 * delta, relative * hg.grad_f_norm), hg.x, q0
-    if round_ok(hg) and not atol + (rtol or 0.0) * grad_norm(hg.grad) > 0:
+    if (round_ok(hg) and not atol + (rtol or 0.0) * grad_norm(hg.grad) > 0
+            and not exactly_zero(hg)):
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: h = 0, a target of 0")
         return zero_target_eps(eps, hg), delta, hg.x, hg.q
     return None
+
+
+def exactly_zero(hg: HypergradientResult) -> bool:
+    """Whether hg is h = 0 with E&R's bound 0: grad F = 0 exactly (B = 0 at every x, say a
+    stencil whose sums are all empty at these sizes), which meets any target, 0 included. The
+    correction's rounds return it as it is; they had solved again for 8 rounds and ended
+    "not reached: dwr bound inf > ... = inf" with the bound 0."""
+    return round_ok(hg) and hg.bound == 0.0 and not grad_norm(hg.grad) > 0
