@@ -194,6 +194,17 @@ def test_bind_samples(build_dir):
         module.bind_samples(bad)
 
 
+def test_bind_samples_refuses_theta_sizes_that_differ(build_dir):
+    """Hypercleaning's theta has one weight per training row (shape (m,)): samples with 12 and
+    10 rows were bound, and every call then failed with contradictory sizes."""
+    _, module, ns = built_example("hypercleaning", build_dir)
+    samples = [ns["example_data"](seed=s, c=3, n=4, m=rows, mv=10) for s, rows in ((0, 12), (1, 10))]
+    with pytest.raises(BindError, match=r"sample 1: theta has 10 entries, sample 0's has 12; the "
+                                        r"samples share one theta, so the sizes in its shape \(m\) "
+                                        r"must agree: m = 10 \(sample 0: 12\)"):
+        module.bind_samples(samples)
+
+
 def test_threads_sharing_a_bound_problem_get_right_answers(build_dir):
     """Kernels release the GIL and share the work buffer: calls must not interleave."""
     from concurrent.futures import ThreadPoolExecutor
@@ -220,3 +231,16 @@ def test_bind_keeps_a_private_copy(build_dir):
     before = prob.lower_grad(x, 0.0)
     data["A"] *= 100.0
     np.testing.assert_array_equal(prob.lower_grad(x, 0.0), before)
+
+
+def test_a_sparse_matrix_for_dense_data_names_the_cause(build_dir):
+    """ridge declares A dense: a CSR A said only "expected real numbers (float64), got dtype
+    object"."""
+    import scipy.sparse as sparse
+
+    _, module, ns = built_example("ridge", build_dir)
+    data = ns["example_data"](seed=0, **TINY["ridge"])
+    with pytest.raises(BindError, match=r"A: a scipy.sparse matrix where the problem expects a "
+                                        r"dense array; declare it sparse in the Problem "
+                                        r"\(sparse=\(\"A\",\)\) or pass A.toarray\(\)"):
+        module.bind(**dict(data, A=sparse.csr_matrix(data["A"])))

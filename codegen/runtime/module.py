@@ -75,8 +75,23 @@ class GeneratedModule:
                 bound.append(self.bind(data))
             except BindError as exc:
                 raise BindError(f"sample {s}: {exc}") from None
+        self._check_one_theta(bound)
         return BoundSamples(bound, make_executor(executor, self, [b.data for b in bound],
                                                  workers))
+
+    def _check_one_theta(self, bound: list) -> None:
+        """BindError naming the first sample whose theta has another size than sample 0's: the
+        samples share one theta (with theta of shape (m,), one weight per training row, each
+        sample's m sets it). Accepted, every later call failed with contradictory sizes."""
+        spec = next(a for a in self.meta["arrays"] if a["role"] == "theta")
+        for s, b in enumerate(bound):
+            if b.theta_size != bound[0].theta_size:
+                sizes = ", ".join(f"{d} = {b.sizes[d]} (sample 0: {bound[0].sizes[d]})"
+                                  for d in spec["shape"] if d in b.sizes)
+                raise BindError(
+                    f"sample {s}: theta has {b.theta_size} entries, sample 0's has "
+                    f"{bound[0].theta_size}; the samples share one theta, so the sizes in its "
+                    f"shape ({', '.join(spec['shape'])}) must agree: {sizes}")
 
     # -- validation ------------------------------------------------------------------------
     def validate(self, data: dict) -> dict:

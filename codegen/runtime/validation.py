@@ -29,6 +29,10 @@ def as_float64(name: str, value: npt.ArrayLike) -> np.ndarray:
         return np.require(out, requirements="C")
     if arr.dtype.kind == "f":
         return np.require(arr.astype(np.float64), requirements="C")  # float16/32 widen exactly
+    if hasattr(value, "toarray") and hasattr(value, "nnz"):
+        raise BindError(f"{name}: a scipy.sparse matrix where the problem expects a dense array; "
+                        f"declare it sparse in the Problem (sparse=(\"{name}\",)) or pass "
+                        f"{name}.toarray()")
     raise BindError(f"{name}: expected real numbers (float64), got dtype {arr.dtype}")
 
 
