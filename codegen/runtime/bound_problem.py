@@ -186,8 +186,10 @@ class BoundProblem:
         With a prepared HVP (lower_hvp_prepare / lower_hvp_apply: the HVP has temporaries that
         depend on x alone, like z = A x) those are computed here once into a private cache and
         each call runs only the v-dependent part; otherwise every call is lower_hvp. The same
-        values either way up to rounding (the same operations; a sum may be ordered otherwise)."""
-        xv, th = self._vector(self.x_name, x, self.x_size, "x"), self.checked_theta(theta)
+        values either way up to rounding (the same operations; a sum may be ordered otherwise).
+        x and theta are copied: the cache holds their values, and a caller that reused its
+        buffers got products at neither point."""
+        xv, th = self._held(x, theta)
         if "lower_hvp_apply" not in self.kernels:
             return partial(self.lower_hvp, xv, th)
         cache = np.empty(max(1, self._cache_size))
@@ -201,6 +203,11 @@ class BoundProblem:
             return out
         return hvp
 
+    def _held(self, x, theta) -> tuple[np.ndarray, np.ndarray]:
+        """Checked private copies of x and theta for a function that keeps them (`hvp_at`)."""
+        return (self._vector(self.x_name, x, self.x_size, "x").copy(),
+                self.checked_theta(theta).copy())
+
     def hvp_pair_at(self, x, theta):
         """(v, w) -> the (2, x_size) array of rows (d2g/dx2) v and (d2g/dx2) w at one x, from
         one call of `lower_hvp_pair` (one pass over the data for both), or None when the module
@@ -208,7 +215,7 @@ class BoundProblem:
         Two CG solves at one x run in lock step on it (docs/solvers.md 9)."""
         if "lower_hvp_pair" not in self.kernels:
             return None
-        xv, th = self._vector(self.x_name, x, self.x_size, "x"), self.checked_theta(theta)
+        xv, th = self._held(x, theta)
         kernel = self.kernels["lower_hvp_pair"]
 
         def pair(v, w):
