@@ -264,3 +264,15 @@ def test_hvp_at_keeps_its_point_when_the_caller_reuses_buffers(name, build_dir):
     np.testing.assert_allclose(hvp(v), want, rtol=1e-12, atol=1e-14)
     if pair is not None:
         np.testing.assert_allclose(pair(v, v)[0], want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("certificate", ["er", "tight"])
+def test_a_result_keeps_the_theta_it_was_computed_at(certificate, build_dir):
+    """A result's theta was the caller's own float64 array: reused, the result reported a theta
+    it was never computed at."""
+    _, module, ns = built_example("ridge", build_dir)
+    prob = module.bind(**ns["example_data"](seed=0, **TINY["ridge"]))
+    theta = np.array([0.3])
+    hg = prob.hypergradient(theta, rtol=1e-6, certificate=certificate)
+    theta[0] = 5.0
+    assert hg.theta is not None and hg.theta[0] == 0.3

@@ -166,11 +166,13 @@ def summarize(a: Any) -> str:
 
 
 def checked_theta(k: Any, theta: Any) -> np.ndarray:
-    """theta as a finite 1-D float64 array of the kernel's theta_size, else SolverError."""
+    """theta as a finite 1-D float64 array of the kernel's theta_size, else SolverError; always
+    a copy: results keep it, and a caller that reused its array made a result report a theta
+    it was never computed at."""
     if type(theta) is np.ndarray and theta.dtype == np.float64 and theta.ndim == 1:
-        th = theta  # what the conversions below return for such a theta, without their calls
+        th = theta.copy()  # what the conversions below return for such a theta, without their calls
     else:
-        th = np.atleast_1d(np.asarray(theta, dtype=np.float64)).ravel()
+        th = np.array(theta, dtype=np.float64).reshape(-1)
     size = getattr(k, "theta_size", None)
     if size is not None and th.size != size:
         raise SolverError(f"theta has {th.size} entries, the problem has theta_size = {size}")
