@@ -83,6 +83,7 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any
     theta = problem.theta_spec.name
     apply = by_name.get("lower_hvp_apply")
     weights = by_name.get("lower_gram_weights")
+    renderers = kernel_renderers(problem, specs)
     meta = {
         "name": problem.name,
         "version": __version__,
@@ -94,7 +95,12 @@ def generate(problem: Problem, allow_uncertified: bool = False) -> dict[str, Any
         "arrays": [{"name": a.name, "role": a.role, "shape": [str(e) for e in a.shape],
                     "sparse": a.sparse, **({"facts": list(a.facts)} if a.facts else {})}
                    for a in problem.arrays.values()],
-        "kernels": [_kernel_meta(k) for k in kernel_renderers(problem, specs)],
+        "kernels": [_kernel_meta(k) for k in renderers],
+        # the doubles of `work` each kernel's temporaries take, SymPy text in the sizes: bind
+        # refuses sizes they cannot be allocated for (the C work_size is an int64, which wrapped
+        # past 2^63 to 18 doubles, and the first kernel call crashed)
+        "work": sorted({str(k.work_size()) for k in renderers
+                        if isinstance(k, KernelRenderer) and k.work_arrays()}),
         # the prepared HVP's cache arrays, in buffer order ([] when the HVP has none)
         "hvp_cache": [] if apply is None else [
             {"name": name, "shape": [str(e) for e in apply.program.arrays[name].shape]}

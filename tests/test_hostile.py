@@ -747,3 +747,29 @@ def test_sums_empty_at_small_sizes_are_zero_not_a_crash(tmp_path):
         exact = -np.exp(th) * xs @ np.linalg.solve(H, xs - yv)
         hg = prob.hypergradient(th, rtol=1e-8)
         assert hg.ok and abs(float(hg.grad[0]) - exact) <= hg.bound, (size, hg.status)
+
+
+def test_temporaries_beyond_memory_are_refused_at_bind(tmp_path):
+    """A temporary over three data sizes of 2^21 has 2^63 doubles: the C work_size (int64)
+    wrapped to 18, bind allocated 18 doubles, and the first kernel call crashed."""
+    import sympy as sp
+
+    from codegen import Problem
+    from codegen.pipeline import build_problem
+
+    n, m, p, r = sp.symbols("n m p r", integer=True, positive=True)
+    i, j, k, ell = sp.Idx("i", n), sp.Idx("j", m), sp.Idx("k", p), sp.Idx("l", r)
+    a, c, e = (sp.IndexedBase(name, shape=(size,)) for name, size in (("a", m), ("c", p), ("e", r)))
+    y, x = sp.IndexedBase("y", shape=(n,)), sp.IndexedBase("x", shape=(n,))
+    t = sp.Symbol("t")
+    inner = sp.Sum(x[i] * a[j] * c[k] * e[ell], (i, 0, n - 1))
+    problem = Problem(name="outer3", x=x, theta=t,
+                      lower=sp.Sum((x[i] - y[i]) ** 2 / 2, (i, 0, n - 1))
+                      + sp.exp(t) * sp.Sum(inner ** 2, (j, 0, m - 1), (k, 0, p - 1), (ell, 0, r - 1)),
+                      upper=sp.Sum((x[i] - y[i]) ** 2, (i, 0, n - 1)))
+    module = build_problem(problem, tmp_path)
+    small = module.bind(a=np.ones(2), c=np.ones(3), e=np.ones(2), y=np.ones(3))
+    assert np.isfinite(small.lower_value(np.zeros(3), 0.0))
+    big = np.full(2 ** 21, 1e-3)
+    with pytest.raises(BindError, match=r"the kernels' temporaries would take [\d,]+ doubles"):
+        module.bind(a=big, c=big, e=big, y=np.ones(3))

@@ -169,6 +169,7 @@ def checked_theta(k: Any, theta: Any) -> np.ndarray:
     """theta as a finite 1-D float64 array of the kernel's theta_size, else SolverError; always
     a copy: results keep it, and a caller that reused its array made a result report a theta
     it was never computed at."""
+    th: np.ndarray
     if type(theta) is np.ndarray and theta.dtype == np.float64 and theta.ndim == 1:
         th = theta.copy()  # what the conversions below return for such a theta, without their calls
     else:

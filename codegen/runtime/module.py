@@ -41,6 +41,7 @@ class GeneratedModule:
         # each row kernel's output (docs/bounds.md 15.10), under the kernel's name
         self.shapes.update({r["kernel"]: tuple(sp.sympify(e, locals=env) for e in r["shape"])
                             for r in meta.get("third_rows", [])})
+        self._work = [sp.sympify(e, locals=env) for e in meta.get("work", [])]
 
     def __repr__(self):
         kernels = ", ".join(k["name"] for k in self.meta["kernels"])
@@ -141,13 +142,21 @@ class GeneratedModule:
         return {"arrays": arrays, "sizes": {s.name: sizes[s.name] for s in self._sizes}}
 
     def check_memory(self, sizes: dict) -> None:
-        """Refuse sizes whose solver vectors cannot fit in this machine's memory, naming x and its
-        size, before any allocation (m = 1e9 once ended in NumPy's MemoryError, or the OOM killer)."""
+        """Refuse sizes whose solver vectors or kernel temporaries cannot fit in this machine's
+        memory, naming x and its size or the temporaries' total, before any allocation (m = 1e9
+        once ended in NumPy's MemoryError, or the OOM killer; temporaries of 2^63 doubles wrapped
+        the C work_size to 18 and crashed the first kernel call)."""
         x = self.meta["x"]
         entries = math.prod(self.extent(x, sizes))
         cache = sum(math.prod(self.extent(a["name"], sizes)) for a in self.meta.get("hvp_cache", []))
-        needed = 8 * (SOLVER_VECTORS * entries + cache)
+        subs = {s: sizes[s.name] for s in self._sizes if s.name in sizes}
+        work = max((int(w.xreplace(subs)) for w in self._work), default=0)
+        needed = 8 * (SOLVER_VECTORS * entries + cache + work)
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if needed > memory and work > SOLVER_VECTORS * entries + cache:
+            raise BindError(
+                f"the kernels' temporaries would take {work:,} doubles ({8 * work / 1e9:.3g} GB; "
+                f"sizes {sizes}), and this machine has {memory / 1e9:.3g} GB of memory")
         if needed > memory:
             raise BindError(
                 f"{x} would have {entries:,} entries ({8 * entries / 1e9:.3g} GB per vector; sizes "
