@@ -82,8 +82,16 @@ class _Lowering:
             raise ProblemError(f"{self.label}: the index {var} is summed inside a sum over itself; "
                                f"use a different Idx for the inner sum")
         # Bounds may use enclosing indices (triangular sums): lift those to their loop variables.
-        return ir.Loop(sp.Symbol(str(var), integer=True), self.lift(sp.sympify(lo), outer),
+        loop = ir.Loop(sp.Symbol(str(var), integer=True), self.lift(sp.sympify(lo), outer),
                        self.lift(sp.sympify(hi), outer))
+        for which, bound in (("lower", loop.lo), ("upper", loop.hi)):
+            # (n - 1)/2 passed the index proofs in real arithmetic and printed as a double
+            # bound, i < n/2 + 1/2, which ran one step too far for even n (an out-of-bounds read)
+            if bound.is_integer is not True:
+                raise ProblemError(f"{self.label}: the sum over {var} has the {which} limit "
+                                   f"{bound}, which is not an integer for every size; give the "
+                                   f"range integer limits (a size symbol of its own, say)")
+        return loop
 
     # -- the recursive lift ----------------------------------------------------------------
     def lift(self, expr: sp.Expr, loops: Loops) -> sp.Expr:
