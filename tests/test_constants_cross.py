@@ -188,3 +188,45 @@ def test_tv_weight_L_DB_within_a_factor_2_of_the_measured_derivative(tv_weight):
                   for x in (y, y + h * d))
         best = max(best, np.linalg.norm(D1 - D0, 2) / h)
     assert best <= L_DB * (1 + 1e-4) and L_DB <= 2 * best, (L_DB, best)
+
+
+def test_an_interrupt_while_the_cross_grams_build_loses_nothing(build_dir):
+    """A KeyboardInterrupt in CrossNorm._grams' offsets loop (where a Ctrl-C landed in a timing
+    run) had left its Gram matrices set and its offsets half built: every later ||B|| bound of
+    that bind was inf. The next call now builds them again, and the bound is a fresh bind's.
+    The interrupt is raised by a trace function at that loop's line, as SIGINT would."""
+    import inspect
+    import sys
+
+    from codegen.constants.evaluation import cross
+
+    _, module, ns = built_example("hypercleaning", build_dir)
+    data = ns["example_data"](seed=0, m=300, mv=100, c=4, n=10)
+    theta = np.full(300, 0.05)
+    want = module.bind(**data).hypergradient(theta, rtol=1e-8)
+    source, first = inspect.getsourcelines(cross.CrossNorm._grams)
+    line = first + next(k for k, text in enumerate(source) if "offsets.append(np.abs" in text)
+    fired = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not cross.CrossNorm._grams.__code__:
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == line and not fired:
+                fired.append(True)
+                raise KeyboardInterrupt
+            return local
+        return local
+
+    prob = module.bind(**data)
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prob.hypergradient(theta, rtol=1e-8)
+    finally:
+        sys.settrace(None)
+    assert fired
+    got = prob.hypergradient(theta, rtol=1e-8)
+    assert np.isfinite(prob.cross_norm_bound(got.x, theta))
+    assert got.norm_B == want.norm_B and got.bound == want.bound

@@ -142,7 +142,10 @@ class CrossNorm:
         return split_affine(spec["u"], VarReads(self.der.x_name, self.der.theta_name))
 
     def _grams(self):
-        """Per-sample Gram matrices J_I J_I^T (m, R, R), row norms, offsets |b|."""
+        """Per-sample Gram matrices J_I J_I^T (m, R, R), row norms, offsets |b|. Built into
+        locals and published together, gram last (it is what says they are built): a
+        KeyboardInterrupt in the offsets loop had left gram set and offsets half built, and
+        every later bound of that bind was inf."""
         step = max(1, int(CHUNK_ENTRIES // max(1, self.R * self.D)))
         gram = np.empty((self.m, self.R, self.R))
         for start in range(0, self.m, step):
@@ -150,17 +153,17 @@ class CrossNorm:
             J = np.concatenate([self._eval(s, self._lin(s)[0], chunk, True) for s in self.specs],
                                axis=1)
             gram[start:start + chunk.size] = J @ J.transpose(0, 2, 1)  # batched BLAS, not einsum
-        self.gram = gram
-        self.rownorm = np.sqrt(np.maximum(np.einsum("irr->ir", gram), 0.0)) * (1 + 4 * (self.D + 4) * U)
-        self.offsets = []
+        rownorm = np.sqrt(np.maximum(np.einsum("irr->ir", gram), 0.0)) * (1 + 4 * (self.D + 4) * U)
+        offsets = []
         allrows = np.arange(self.lo, self.hi + 1)
         for s in self.specs:
             if s["kind"] == "linear":
-                self.offsets.append(None)
+                offsets.append(None)
                 continue
             off = self._lin(s)[1]
-            self.offsets.append(np.abs(self._eval(s, off, allrows, False)) if off != 0
-                                else np.zeros((self.m, s["nrows"])))
+            offsets.append(np.abs(self._eval(s, off, allrows, False)) if off != 0
+                           else np.zeros((self.m, s["nrows"])))
+        self.rownorm, self.offsets, self.gram = rownorm, offsets, gram
 
     def column_norms(self, x, theta, margins=True) -> np.ndarray:
         """Upper bounds on ||B e_I|| for the samples I = lo..hi (computed values if not margins)."""
