@@ -294,6 +294,20 @@ def test_edited_source_or_meta_is_refused(module_copy, name):
     assert "checksums.sha256" in str(info.value) and "hypergen build" in str(info.value)
 
 
+@pytest.mark.parametrize("keep", [0, 3])
+def test_a_manifest_that_stops_listing_a_file_is_refused(module_copy, keep):
+    """An emptied checksums.sha256 (or one with lines removed) verified nothing, silently: an
+    edited constants.json (mu 1000 times larger) then gave a certified bound that was wrong."""
+    manifest = module_copy / "checksums.sha256"
+    lines = [ln for ln in manifest.read_text().splitlines() if "constants.json" not in ln]
+    manifest.write_text("".join(f"{ln}\n" for ln in lines[:keep]))
+    path = module_copy / "constants.json"
+    path.write_text(path.read_text().replace('"mu"', '"mu" ', 1))
+    with pytest.raises(HypergenError, match=r"checksums.sha256 does not list .*constants.json "
+                                            r"\(truncated or edited\)"):
+        load_directory(module_copy)
+
+
 @pytest.mark.parametrize("damage", ["missing", "garbage"])
 def test_directory_without_a_readable_manifest_loads_with_a_warning(module_copy, damage):
     manifest = module_copy / "checksums.sha256"

@@ -526,3 +526,26 @@ def test_large_tasks_and_results_flow_with_requests_pipelined(problems):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_module_directory_rebuilt_for_another_problem_is_an_error_on_workers(tmp_path):
+    """Workers load a module by its directory. After another problem of the same name was built
+    into it (an edited file loaded again), a "processes" executor of the first module computed
+    the second problem's numbers, status "ok". The directory's fingerprint travels with the
+    module now, and the mismatch is an error that names the fix."""
+    import codegen
+    from codegen import HypergenError
+
+    source = (ROOT / "examples" / "ridge.py").read_text()
+    other = tmp_path / "ridge_other.py"
+    other.write_text(source.replace("sp.exp(theta) / 2 * sp.Sum(x[j] ** 2",
+                                    "sp.exp(3 * theta) / 2 * sp.Sum(x[j] ** 2"))
+    assert other.read_text() != source
+    out = tmp_path / "modules"
+    first = codegen.load(ROOT / "examples" / "ridge.py", out=out)
+    _, ns = load_example("ridge")
+    data = [ns["example_data"](seed=s, **TINY["ridge"]) for s in range(2)]
+    codegen.load(other, out=out)
+    with pytest.raises(HypergenError, match="now holds another build of problem 'ridge'"):
+        with first.bind_samples(data, executor="processes", workers=2) as prob:
+            prob.hypergradient(0.0, rtol=1e-8)

@@ -7,6 +7,7 @@ done once at bind time, so the per-call path only checks the vector arguments.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ class GeneratedModule:
         self.extension = lib_module
         self.ffi, self.lib = lib_module.ffi, lib_module.lib
         self.constants_json = constants
+        self.fingerprint: str | None = None  # the digest of its checksums (`load_directory`)
         self._sizes = [sp.Symbol(s, integer=True, positive=True) for s in meta["sizes"]]
         env = {s.name: s for s in self._sizes}
         self.shapes = {a["name"]: tuple(sp.sympify(e, locals=env) for e in a["shape"])
@@ -48,9 +50,12 @@ class GeneratedModule:
         return f"<hypergen module {self.name!r}: kernels {kernels}>"
 
     def __reduce__(self) -> tuple:
-        """Pickled as its directory, unpickled by loading it from there: how a worker process
-        gets the module the parent built (the compiled extension is reused, not rebuilt)."""
-        return load_directory, (str(self.directory),)
+        """Pickled as its directory and fingerprint, unpickled by loading it from there: how a
+        worker process gets the module the parent built (the compiled extension is reused, not
+        rebuilt). The fingerprint makes a directory that holds another build by then (a
+        problem of the same name loaded since) an error: workers had computed that problem's
+        numbers, status "ok"."""
+        return load_directory, (str(self.directory), self.fingerprint)
 
     def bind(self, data=None, **arrays) -> "BoundProblem":
         """Bind one sample's data (NumPy arrays by the problem's data names)."""
@@ -186,8 +191,10 @@ def refuse_if_rounded(name: str, value: object) -> None:
                         f"{name}.astype(np.float64) to round them")
 
 
-def load_directory(directory) -> GeneratedModule:
-    """Load a built problem directory (what `hypergen build` wrote), compiling only on a miss."""
+def load_directory(directory, expected: str | None = None) -> GeneratedModule:
+    """Load a built problem directory (what `hypergen build` wrote), compiling only on a miss;
+    with `expected`, refuse a directory whose fingerprint (the digest of its checksums) is not
+    that: it holds another build than the one a pickled module named."""
     directory = Path(directory)
     meta = _read_json(directory / "meta.json")
     if not isinstance(meta, dict) or not {"name", "cdef", "kernels"} <= meta.keys():
@@ -201,10 +208,19 @@ def load_directory(directory) -> GeneratedModule:
     prefix = f"hg_{meta['name']}"
     constants_path = directory / "constants.json"
     constants = _read_json(constants_path) if constants_path.exists() else None
-    verify_manifest(directory)
+    recorded = verify_manifest(directory, (f"{prefix}.c", "meta.json", "constants.json"))
     source = (directory / f"{prefix}.c").read_text()
+    fingerprint = hashlib.sha256(json.dumps(
+        sorted(recorded.items()) if recorded is not None else [source, meta]).encode()).hexdigest()
+    if expected is not None and fingerprint != expected:
+        raise HypergenError(
+            f"{directory} now holds another build of problem {meta['name']!r} than the one this "
+            f"process was handed (a problem of the same name was built or loaded there since): "
+            f"load the problem file again with codegen.load, and bind again")
     lib_module = load_published(meta["name"], source, meta["cdef"], directory)
-    return GeneratedModule(directory, lib_module, meta, constants)
+    module = GeneratedModule(directory, lib_module, meta, constants)
+    module.fingerprint = fingerprint
+    return module
 
 
 #: sha256sum-format list of the files `hypergen build` wrote into a module directory
@@ -220,21 +236,30 @@ def read_manifest(directory: Path) -> dict[str, str] | None:
         return None
 
 
-def verify_manifest(directory: Path) -> None:
+def verify_manifest(directory: Path, required: tuple[str, ...] = ()) -> dict[str, str] | None:
     """Refuse a module directory whose files differ from what `hypergen build` wrote: an edited
-    constants.json gives wrong certified bounds, an edited C source a wrong kernel."""
+    constants.json gives wrong certified bounds, an edited C source a wrong kernel. A manifest
+    that does not list a `required` file present in the directory is refused too: an emptied
+    one had verified nothing, silently, and an edited constants.json was then trusted. Returns
+    the manifest (None where there is none, with a warning)."""
     recorded = read_manifest(directory)
     if recorded is None:
         warnings.warn(f"hypergen: {directory / MANIFEST} is missing or unreadable: the files of "
                       f"{directory} are not verified (run `hypergen build` again to write it)",
                       RuntimeWarning, stacklevel=3)
-        return
+        return None
+    unlisted = [name for name in required if name not in recorded and (directory / name).exists()]
+    if unlisted:
+        raise HypergenError(f"{directory / MANIFEST} does not list {', '.join(unlisted)} "
+                            "(truncated or edited): run `hypergen build` on the problem file to "
+                            "write this module again")
     for name, digest in recorded.items():
         path = directory / name
         if path.exists() and file_sha256(path) != digest:
             raise HypergenError(f"{path} does not match its checksum in {directory / MANIFEST} "
                                 "(edited or damaged since it was written): run `hypergen build` "
                                 "on the problem file to write this module again")
+    return recorded
 
 
 def _read_json(path: Path):

@@ -22,6 +22,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -362,9 +363,14 @@ def serve(connection: Connection) -> None:
         "forget": forget_samples}
     while True:
         try:
-            kind, payload = connection.recv()
+            raw = connection.recv_bytes()
         except (EOFError, OSError):
             return
+        try:  # unpickled here, so that a request this worker cannot load goes back as an error
+            kind, payload = ForkingPickler.loads(raw)
+        except Exception as exc:  # noqa: BLE001 - a module whose directory changed, say
+            connection.send(("error", (exc, traceback.format_exc())))
+            continue
         if kind == "stop":
             return
         try:
