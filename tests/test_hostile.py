@@ -387,6 +387,10 @@ def test_stated_constants_honour_rtol_and_are_called_stated(build_dir):
     assert er.bound <= 1e-10 * np.linalg.norm(er.grad)
     unreachable = prob.hypergradient(0.3, lower="gd", adjoint="cg", rtol=1e-17)
     assert "certified accuracy unreachable" in unreachable.status
+    # optimize's result and message called their bound "(certified)" under stated constants
+    res = prob.optimize(0.3, max_iter=5)
+    assert not res.certified and "(certified)" not in res.certificate() + res.message
+    assert "(not certified: the constants are stated)" in res.certificate()
 
 
 # -- a fuzzer over the identifier slots: refused naming the name, or C that compiles ------------

@@ -98,6 +98,8 @@ def _result(run: Runner, theta0: np.ndarray, status: OptimizeStatus,
             status, message = OptimizeStatus.FAILED, f"no point was certified: {message}"
     else:
         theta, entry = run.best
+    if run.last_hg is not None and not getattr(run.last_hg, "certified", True):
+        message = message.replace("(certified)", "(not certified: the constants are stated)")
     return OptimizeResult(
         theta=theta, value=entry["value"], history=run.history, status=OptimizeStatus(status),
         work=run.work, seconds=run.elapsed(), method=run.options.method, message=message,

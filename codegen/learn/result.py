@@ -105,6 +105,14 @@ class OptimizeResult:
                 f"nit={self.nit}, steps={len(self.history)}"
                 + (f", message={self.message!r}" if self.message else "") + ")")
 
+    @property
+    def certified(self) -> bool:
+        """Whether the run's bounds rest on certified constants: False under stated (or
+        uncertified) constants, where the numbers are the same and the word "certified" is not
+        theirs (it was, and a wrong stated mu made the claim false)."""
+        hg = self.hypergradient
+        return hg is None or bool(getattr(hg, "certified", True))
+
     def certificate(self) -> str:
         """One line: how close to optimal theta is, as far as it is certified."""
         if math.isnan(self.grad_norm):
@@ -113,14 +121,19 @@ class OptimizeResult:
         if not math.isfinite(self.bound):
             return f"||h|| = {_fmt(self.grad_norm)}; no certified bound (||grad F|| unknown)"
         return (f"||grad F(theta)|| <= ||h|| + bound = {_fmt(self.grad_norm)} + "
-                f"{_fmt(self.bound)} = {_fmt(self.stationarity)} (certified)")
+                f"{_fmt(self.bound)} = {_fmt(self.stationarity)} ({self.claim})")
+
+    @property
+    def claim(self) -> str:
+        """What a bound of this run is: "certified", or what it rests on instead."""
+        return "certified" if self.certified else "not certified: the constants are stated"
 
     def summary(self) -> str:
         th = np.asarray(self.theta)
         th_s = (", ".join(f"{v:.6g}" for v in th) if th.size <= 10
                 else f"{th.size} entries, norm {np.linalg.norm(th):.6g}, "
                      f"min {th.min():.6g}, max {th.max():.6g}")
-        err = (f" +- {_fmt(self.value_error)} (certified interval for F(theta))"
+        err = (f" +- {_fmt(self.value_error)} ({self.claim} interval for F(theta))"
                if math.isfinite(self.value_error) else "")
         lines = [f"method   {self.method}",
                  f"status   {self.status}" + (f" ({self.message})" if self.message else ""),
