@@ -201,6 +201,8 @@ def _collect_data(expr: sp.Expr, label: str, arrays: dict[str, ArraySpec]) -> No
                 if arrays[name].role == "data" and len(arrays[name].shape) != len(node.indices):
                     raise ProblemError(f"{label}: {name} is used with {len(node.indices)} indices "
                                        f"but has shape {arrays[name].shape}")
+                if arrays[name].role == "data":
+                    _same_declaration(arrays[name], node.base, f"data array {name}", label)
                 continue
             if shape is None:
                 raise ProblemError(f"{label}: data array {name} has no shape; declare it as "
@@ -213,9 +215,26 @@ def _collect_data(expr: sp.Expr, label: str, arrays: dict[str, ArraySpec]) -> No
             if node.name in arrays:
                 if arrays[node.name].shape != ():
                     raise ProblemError(f"{label}: {node.name} is used both as a scalar and an array")
+                if arrays[node.name].role == "data":
+                    _same_declaration(arrays[node.name], node, f"data symbol {node.name}", label)
                 continue
             arrays[node.name] = ArraySpec(node.name, (), "data",
                                           facts=declared_facts(node, f"data symbol {node.name}"))
+
+
+def _same_declaration(spec: ArraySpec, node: sp.Basic, what: str, label: str) -> None:
+    """ProblemError when a second SymPy object of the same name declares other facts: SymPy
+    keeps them apart (and has already simplified with each one's assumptions: sqrt(c**2) is c
+    for c positive), while the data bind as one array. Merged, the declared fact was dropped,
+    bind accepted c = -0.5, and the certified hypergradient was that of another g."""
+    facts = declared_facts(node, what)
+    if facts != spec.facts:
+        shown = ", ".join(f"{f}=True" for f in facts) or "no assumptions"
+        before = ", ".join(f"{f}=True" for f in spec.facts) or "no assumptions"
+        raise ProblemError(f"{label}: two different SymPy symbols are named {spec.name!r}, one "
+                           f"declared with {before} and one with {shown}; SymPy treats them as "
+                           f"different symbols, hypergen would bind one array: declare "
+                           f"{spec.name} once")
 
 
 def _walk(expr: sp.Basic) -> Iterator[sp.Basic]:
