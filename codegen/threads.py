@@ -14,6 +14,7 @@ spinning): 1.75x on 2 cores for the block sums of 20000 x 2000 and the float32 G
 """
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,12 +23,32 @@ from typing import Callable, TypeVar
 
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["one_blas_thread", "blas_threads", "in_threads"]
+__all__ = ["one_blas_thread", "blas_threads", "in_threads", "serial_openmp_after_fork"]
 
 _BLAS: list[ThreadpoolController] = []  # this process's controller, made at the first use
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+
+_FORK_HOOK: list[bool] = []  # registered once per process
+
+
+def serial_openmp_after_fork() -> None:
+    """Make a child forked from this process run OpenMP at one thread (registered once, when a
+    module is loaded). GNU libgomp's thread pool does not survive fork: after one kernel had run
+    a parallel loop here, a child of a `fork` Pool hung for ever in its first kernel call. The
+    child's kernels run serially instead (their sums in another order: other last bits). The
+    sample executors' workers start from a server process that loaded no module, so they keep
+    their threads."""
+    if _FORK_HOOK:
+        return
+    _FORK_HOOK.append(True)
+    os.register_at_fork(after_in_child=_one_openmp_thread)
+
+
+def _one_openmp_thread() -> None:
+    ThreadpoolController().select(user_api="openmp").limit(limits=1)
 
 
 def _controller() -> ThreadpoolController:

@@ -19,6 +19,7 @@ import sympy as sp
 
 from ..errors import BindError, HypergenError
 from ..jit import file_sha256, load_published
+from ..threads import serial_openmp_after_fork
 from ..version import ABI_VERSION
 from .bound_problem import BoundProblem, BoundSamples
 from .executors import check_executor, make_executor
@@ -218,6 +219,7 @@ def load_directory(directory, expected: str | None = None) -> GeneratedModule:
             f"process was handed (a problem of the same name was built or loaded there since): "
             f"load the problem file again with codegen.load, and bind again")
     lib_module = load_published(meta["name"], source, meta["cdef"], directory)
+    serial_openmp_after_fork()
     module = GeneratedModule(directory, lib_module, meta, constants)
     module.fingerprint = fingerprint
     return module
