@@ -135,6 +135,10 @@ def test_callback_stop_and_budgets(ridge):
     k, _ = ridge
     res = optimize(k, 2.0, method="gd", callback=lambda e: e["step"] >= 3, progress=False)
     assert res.status == "callback" and len(res.history) == 4
+    for method in ("gd", "lbfgs"):  # np.True_ from a NumPy comparison stops too (it was ignored)
+        res = optimize(k, 2.0, method=method, progress=False,
+                       callback=lambda e: np.asarray(e["step"]) >= 1)
+        assert res.status == "callback" and len(res.history) == 2, method
     res = optimize(k, 2.0, method="maid", budget=500, progress=False)
     assert res.status == "budget" and 500 <= res.work < 500 + 200
     res = optimize(k, 2.0, method="maid", budget="1e-3s", progress=False)

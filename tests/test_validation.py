@@ -282,3 +282,16 @@ def test_a_result_keeps_the_theta_it_was_computed_at(certificate, build_dir):
     hg = prob.hypergradient(theta, rtol=1e-6, certificate=certificate)
     theta[0] = 5.0
     assert hg.theta is not None and hg.theta[0] == 0.3
+
+
+def test_a_masked_array_with_masked_entries_is_refused(build_dir):
+    """np.asarray drops a mask: a masked-out outlier was computed with, silently."""
+    _, module, ns = built_example("ridge", build_dir)
+    data = ns["example_data"](seed=0, **TINY["ridge"])
+    b = np.ma.masked_array(data["b"].copy(), mask=np.zeros(data["b"].size, bool))
+    prob = module.bind(**dict(data, b=b))  # nothing masked: the values themselves
+    assert np.array_equal(prob.data["b"], data["b"])
+    b.mask[0] = True
+    with pytest.raises(BindError, match=r"b is a masked array with 1 masked entries; the kernels "
+                                        r"read every entry"):
+        module.bind(**dict(data, b=b))

@@ -14,7 +14,7 @@ import numpy as np
 from ..hypergrad.common import grad_norm
 from .options import GDOptions
 from .result import OptimizeStatus
-from .runner import Runner
+from .runner import Runner, stops
 
 __all__ = ["run_gd", "schedule_factor"]
 
@@ -45,7 +45,7 @@ def run_gd(run: Runner, theta: np.ndarray, o: GDOptions) -> tuple[OptimizeStatus
                            notify=False)
         run.accept(theta, entry)
         callback = o.callback
-        if callback is not None and callback(dict(entry)) is True:
+        if callback is not None and stops(callback(dict(entry))):
             return OptimizeStatus.CALLBACK, "the callback asked to stop"
         if hn + hg.bound <= o.gtol:
             return OptimizeStatus.CONVERGED, f"||grad F|| <= ||h|| + bound = {hn + hg.bound:.3g}"

@@ -23,7 +23,7 @@ from ..hypergrad.common import grad_norm
 from .options import CommonOptions
 from .result import OptimizeStatus
 
-__all__ = ["StopRun", "Runner", "value_error_bound", "short_theta", "progress_bar",
+__all__ = ["StopRun", "Runner", "stops", "value_error_bound", "short_theta", "progress_bar",
            "LOOP_CERTIFICATE"]
 
 #: Distinct non-"ok" hypergradient statuses kept in the result's notes.
@@ -57,6 +57,12 @@ def _lagrange_weights(ts: list[float], t: float) -> list[float]:
         weights.append(w)
     return weights
 
+
+
+def stops(answer: Any) -> bool:
+    """Whether a callback's return value asks the run to stop: True, NumPy's np.True_ included
+    (a callback computed with NumPy returns that, and `is True` ignored it)."""
+    return isinstance(answer, (bool, np.bool_)) and bool(answer)
 
 class StopRun(Exception):
     """Ends a run with a status and a message (raised by the runner or a method)."""
@@ -335,7 +341,7 @@ class Runner:
             self.bar.set_postfix(value=f"{value:.6g}", h=f"{grad_norm:.2g}", bound=f"{bound:.2g}",
                                  eps=f"{eps:.1g}", refresh=False)
         callback = self.options.callback
-        if notify and callback is not None and callback(dict(entry)) is True:
+        if notify and callback is not None and stops(callback(dict(entry))):
             raise StopRun(OptimizeStatus.CALLBACK, "the callback asked to stop")
         return entry
 

@@ -115,6 +115,7 @@ class GeneratedModule:
         sparse = {a["name"] for a in self.meta["arrays"] if a.get("sparse")}
         for n in names:
             refuse_if_rounded(n, data[n])
+            refuse_if_masked(n, data[n])
         arrays = {n: as_csr(n, data[n]) if n in sparse else frozen_copy(as_float64(n, data[n]))
                   for n in names}
         sizes = {}
@@ -177,6 +178,17 @@ class GeneratedModule:
 
 #: x-sized float64 vectors a hypergradient keeps at least (x, gradient, adjoint, direction).
 SOLVER_VECTORS = 4
+
+
+def refuse_if_masked(name: str, value: object) -> None:
+    """A NumPy masked array with masked entries is refused: the kernels read every entry, and
+    np.asarray drops the mask, so a masked-out outlier was computed with, silently."""
+    if isinstance(value, np.ma.MaskedArray):
+        masked = int(np.count_nonzero(np.ma.getmaskarray(value)))
+        if masked:
+            raise BindError(f"{name} is a masked array with {masked} masked entries; the kernels "
+                            f"read every entry, the mask would be dropped: pass {name}.filled(v) "
+                            f"with the value you mean, or only the entries you keep")
 
 
 def refuse_if_rounded(name: str, value: object) -> None:
