@@ -28,6 +28,10 @@ def make(**kw):
     (dict(upper=sp.Matrix([1, 2])), "must be a scalar"),
     (dict(lower=sp.Sum(A[i, j] ** 2, (i, 0, m - 1), (j, 0, n - 1))), "does not depend on x"),
     (dict(lower=FIT + x[j] ** 2), "index j is used outside any sum"),
+    (dict(upper=sp.Sum(x[j] ** 2, (j, 0, n - 1)) + sp.I * th), r"the term I\*th holds I, which has no "
+     "real value"),
+    (dict(lower=FIT + sp.exp(th) * sp.Sum(x[j] ** 2, (j, 0, n - 1)) + sp.zoo * th),
+     r"the term zoo\*th holds zoo"),
     (dict(lower=FIT + sp.Symbol("c") * sp.Sum(x[j], (j, 0, n - 1))
           + sp.sqrt(sp.Symbol("c", positive=True) ** 2) * sp.Sum(x[j] ** 2, (j, 0, n - 1))),
      "two different SymPy symbols are named 'c', one declared with no assumptions and one with "

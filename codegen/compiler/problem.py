@@ -100,6 +100,8 @@ class Problem:
         arrays = {x_spec.name: x_spec, th_spec.name: th_spec}
         for label, expr in (("lower", self.g), ("upper", self.f), ("regulariser", self.r)):
             _collect_data(expr, label, arrays)
+        for label, expr in (("lower", self.g), ("upper", self.f), ("regulariser", self.r)):
+            _check_real_constants(expr, label, self.shown)
         _check_functions(self.g, "lower")
         _check_functions(self.f, "upper")
         _check_functions(self.r, "regulariser")
@@ -235,6 +237,21 @@ def _same_declaration(spec: ArraySpec, node: sp.Basic, what: str, label: str) ->
                            f"declared with {before} and one with {shown}; SymPy treats them as "
                            f"different symbols, hypergen would bind one array: declare "
                            f"{spec.name} once")
+
+
+#: Constants with no real C value: sp.I ended in a C compiler error ('I' undeclared) or a SymPy
+#: traceback ("not comparable"), zoo in a printer traceback.
+NON_REAL = (sp.I, sp.zoo, sp.oo, sp.S.NegativeInfinity, sp.nan)
+
+
+def _check_real_constants(expr: sp.Expr, label: str, shown: dict[sp.Basic, sp.Basic]) -> None:
+    """ProblemError naming a complex, infinite or undefined constant and a term it is in (in
+    the user's names: `shown` maps x and theta back)."""
+    for term in sp.Add.make_args(sp.expand(expr, deep=False, mul=False, multinomial=False)):
+        for node in _walk(term):
+            if any(node is c for c in NON_REAL):
+                raise ProblemError(f"{label}: the term {term.xreplace(shown)} holds {node}, which "
+                                   f"has no real value; the objectives must be real-valued")
 
 
 def _walk(expr: sp.Basic) -> Iterator[sp.Basic]:
