@@ -299,3 +299,12 @@ def test_a_masked_array_with_masked_entries_is_refused(build_dir):
     with pytest.raises(BindError, match=r"b is a masked array with 1 masked entries; the kernels "
                                         r"read every entry"):
         module.bind(**dict(data, b=b))
+
+
+@pytest.mark.parametrize("name", ["M_PI", "EOF", "INT64_MAX", "CHAR_BIT", "EDOM", "Py_None"])
+def test_names_the_c_headers_may_define_are_refused(name):
+    """A data symbol named like a macro of the headers the module is compiled with passed every
+    name check and ended in a C compiler dump."""
+    c = sp.Symbol(name)
+    with pytest.raises(ProblemError, match=f"symbol name '{name}' may be a macro of the headers"):
+        make(lower=FIT + sp.exp(th) * sp.Sum(x[j] ** 2, (j, 0, n - 1)) + c * th * sp.Sum(x[j], (j, 0, n - 1)))

@@ -44,6 +44,14 @@ C_LIBRARY = frozenset(
 )
 
 
+#: Names the headers a module is compiled with may define as macros (M_PI, EOF, INT64_MAX,
+#: CHAR_BIT, EDOM, Py_None...): such a data name passed every check and ended in a compiler dump.
+C_MACROS = re.compile(
+    r"Py\w*|_\w*|M_\w+|(U?INT\w*|SIZE|PTRDIFF|SIG|WCHAR|WINT|S?CHAR|UCHAR|U?SHRT|U?L?LONG|FLT"
+    r"|DBL|LDBL|RAND|EXIT|FP|MATH|SEEK|FOPEN|FILENAME|TMP)_\w*|E[A-Z0-9]{2,}|EOF|BUFSIZ"
+    r"|stdin|stdout|stderr|errno|assert|offsetof|NDEBUG", flags=re.ASCII)
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     """One named array of the problem: data, the lower variable or the hyperparameters."""
@@ -364,6 +372,10 @@ def _check_identifier(name: str, what: str) -> None:
                            "and underscores, starting with a letter)")
     if name in C_KEYWORDS or name in C_LIBRARY:
         raise ProblemError(f"{what} name {name!r} is a C keyword or C library name; rename it")
+    if C_MACROS.fullmatch(name):
+        raise ProblemError(f"{what} name {name!r} may be a macro of the headers the module is "
+                           f"compiled with (<math.h>, <stdint.h>, <stdio.h>, <limits.h>, "
+                           f"<errno.h>, Python.h); rename it")
     if _RESERVED.match(name):
         raise ProblemError(f"{what} name {name!r} is reserved for the generator's own "
                            f"variables; rename it")
