@@ -353,6 +353,11 @@ def test_erf_in_the_upper_level_says_uncertified(build_dir):
     hg = build_problem(problem, build_dir).bind(y=np.linspace(0, 1, 5)).hypergradient(0.3)
     assert np.isfinite(hg.grad).all() and not hg.certified
     assert "bound not finite" in hg.status and "L_f" in hg.status
+    # erf(x)**2 is an atom of its own: its sampled bounds lambdified erf as math.erf, which
+    # takes no array (a raw TypeError ended the build)
+    squared = _scalar_problem(upper=lambda x, y, t: sp.erf(x) ** 2 - y * x, name="erf_squared")
+    hg = build_problem(squared, build_dir).bind(y=np.linspace(0, 1, 5)).hypergradient(0.3)
+    assert np.isfinite(hg.grad).all()
 
 
 def test_stated_constants_honour_rtol_and_are_called_stated(build_dir):

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.special
 import sympy as sp
 from sympy.calculus.util import maximum, minimum
 
@@ -382,7 +383,10 @@ def _nonsmooth(psi, theta_syms):
 
 _NUMPY = [{"sigmoid": lambda z: 0.5 * (1 + np.tanh(z / 2)),
            "softplus": lambda z: np.logaddexp(0, z), "Heaviside": lambda z, h=0.5: np.heaviside(z, h),
-           "logcosh": lambda z: np.logaddexp(z, -z) - np.log(2.0)},
+           "logcosh": lambda z: np.logaddexp(z, -z) - np.log(2.0),
+           # NumPy has no erf: lambdify fell back to math.erf, which takes no array (a raw
+           # TypeError ended `hypergen build` on erf(u)**2)
+           "erf": scipy.special.erf, "erfc": scipy.special.erfc},
           "numpy"]
 
 
