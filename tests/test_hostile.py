@@ -261,6 +261,20 @@ def test_npy_data_for_several_arrays_names_them(tmp_path):
         load_data(tmp_path / "A.npy", ["A", "b", "Av", "bv"])
 
 
+def test_npz_with_a_shared_and_a_per_sample_array_of_one_name_names_both(tmp_path):
+    """An .npz with A__0 and A: A is every sample's, so the two contradict; A was dropped."""
+    import numpy as np
+
+    from codegen.cli.optimize import load_data
+
+    np.savez(tmp_path / "mixed.npz", A__0=np.eye(2), A=np.ones((2, 2)), b=np.ones(2))
+    with pytest.raises(HypergenError, match=r"mixed.npz: A and A__0 are both given; an array "
+                                            r"without a suffix is shared by every sample"):
+        load_data(tmp_path / "mixed.npz", ["A", "b"])
+    np.savez(tmp_path / "fine.npz", A__0=np.eye(2), A__1=np.ones((2, 2)), b=np.ones(2))
+    assert [d["b"].tolist() for d in load_data(tmp_path / "fine.npz", ["A", "b"])] == [[1, 1]] * 2
+
+
 # -- data and runtime arguments ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

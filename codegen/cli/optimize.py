@@ -102,6 +102,11 @@ def load_data(path: str | Path, names: Sequence[str]
     if indices != list(range(len(indices))):
         raise HypergenError(f"{path}: sample suffixes must be __0 ... __{len(indices) - 1} "
                             f"without gaps, got {', '.join('__' + str(i) for i in indices)}")
+    both = sorted(f"{n} and {n}__{s}" for s in indices for n in per[s] if n in shared)
+    if both:  # a shared array is every sample's: one of its own contradicts it (it was dropped)
+        raise HypergenError(f"{path}: {', '.join(both)} are both given; an array without a "
+                            f"suffix is shared by every sample, so give either it or one per "
+                            f"sample")
     samples = []
     for s in indices:
         data = dict(shared)
