@@ -32,7 +32,7 @@ from .compiler.kernels import kernel_specs
 from .compiler.problem import Problem
 from .constants import derive
 from .errors import HypergenError
-from .jit import cache_root, file_sha256, publish, write_atomically
+from .jit import cache_root, file_sha256, modules_root, publish, write_atomically
 from .runtime import GeneratedModule, load_directory
 from .runtime.module import MANIFEST, read_manifest
 from .version import ABI_VERSION, __version__
@@ -282,5 +282,5 @@ def load(path: PathLike, name: str | None = None, out: PathLike | None = None,
     """codegen.load: build the problems of a file (cached) and return the one asked for."""
     problems = load_problem_file(path)
     chosen = choose_problem(problems, name, path)
-    out = Path(out) if out is not None else cache_root(None) / "modules"
+    out = Path(out) if out is not None else modules_root()
     return build_problem(chosen, out, source_file=str(path), allow_uncertified=allow_uncertified)

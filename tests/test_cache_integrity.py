@@ -31,7 +31,7 @@ from codegen.pipeline import generate_cached, write_outputs
 from codegen.runtime import load_directory
 
 from conftest import built_example
-from support import example_data, load_example
+from support import ROOT, example_data, load_example
 
 REPO = pathlib.Path(codegen.__file__).resolve().parent.parent
 CDEF = "double twice(double a);"
@@ -638,3 +638,17 @@ def test_full_disk_during_optimize_keeps_running_and_says_where(tmp_path, build_
                                " (File too large): the run goes on")
     assert lines[-1].startswith(f"hypergen: error: cannot write the history into {tmp_path / 'run'}")
     assert "Traceback" not in done.stderr and "status " in done.stdout  # the summary was printed
+
+
+def test_load_with_an_unwritable_cache_falls_back_with_a_warning(tmp_path, monkeypatch):
+    """$HYPERGEN_CACHE_DIR through a file (unwritable, as a read-only mount is): codegen.load
+    raised on <cache>/modules, where the interface promises a private temporary directory and
+    a warning."""
+    import codegen
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("HYPERGEN_CACHE_DIR", str(blocker / "cache"))
+    with pytest.warns(RuntimeWarning, match="is not writable"):
+        module = codegen.load(ROOT / "examples" / "ridge.py")
+    assert module.name == "ridge" and blocker not in module.directory.parents
