@@ -308,3 +308,17 @@ def test_names_the_c_headers_may_define_are_refused(name):
     c = sp.Symbol(name)
     with pytest.raises(ProblemError, match=f"symbol name '{name}' may be a macro of the headers"):
         make(lower=FIT + sp.exp(th) * sp.Sum(x[j] ** 2, (j, 0, n - 1)) + c * th * sp.Sum(x[j], (j, 0, n - 1)))
+
+
+def test_data_named_data_or_self_bind_as_keywords(tmp_path):
+    """bind(self, data=None, **arrays): arrays named data or self could not be passed."""
+    from codegen.pipeline import build_problem
+
+    data, me = sp.IndexedBase("data", shape=(n,)), sp.IndexedBase("self", shape=(n,))
+    problem = make(name="named_data",
+                   lower=sp.Sum((x[j] - data[j]) ** 2 + sp.exp(th) * x[j] ** 2, (j, 0, n - 1)),
+                   upper=sp.Sum((x[j] - me[j]) ** 2, (j, 0, n - 1)))
+    module = build_problem(problem, tmp_path)
+    prob = module.bind(data=np.ones(4), self=np.zeros(4))
+    assert prob.lower_value(np.ones(4), 0.0) == pytest.approx(4.0)
+    assert module.bind({"data": np.ones(4), "self": np.zeros(4)}).x_size == 4

@@ -58,8 +58,10 @@ class GeneratedModule:
         numbers, status "ok"."""
         return load_directory, (str(self.directory), self.fingerprint)
 
-    def bind(self, data=None, **arrays) -> "BoundProblem":
-        """Bind one sample's data (NumPy arrays by the problem's data names)."""
+    def bind(self, data=None, /, **arrays) -> "BoundProblem":
+        """Bind one sample's data (NumPy arrays by the problem's data names), as a dict or as
+        keywords; `data` is positional only, so that data arrays named data or self bind as
+        keywords too."""
         data = dict(data or {}, **arrays)
         return BoundProblem(self, self.validate(data))
 
