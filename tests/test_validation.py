@@ -322,3 +322,17 @@ def test_data_named_data_or_self_bind_as_keywords(tmp_path):
     prob = module.bind(data=np.ones(4), self=np.zeros(4))
     assert prob.lower_value(np.ones(4), 0.0) == pytest.approx(4.0)
     assert module.bind({"data": np.ones(4), "self": np.zeros(4)}).x_size == 4
+
+
+def test_unreadable_data_and_samples_are_named(build_dir):
+    """A ragged list, a list of lists and an array of dicts ended in raw NumPy and Python errors."""
+    _, module, ns = built_example("ridge", build_dir)
+    data = ns["example_data"](seed=0, **TINY["ridge"])
+    ragged = [list(row) for row in data["A"]]
+    ragged[0] = ragged[0][:-1]
+    with pytest.raises(BindError, match=r"A: cannot be read as an array of numbers"):
+        module.bind(**dict(data, A=ragged))
+    with pytest.raises(BindError, match=r"sample 0 is a list"):
+        module.bind_samples([list(data.values())])
+    with pytest.raises(BindError, match=r"a non-empty list of dicts of arrays, got ndarray"):
+        module.bind_samples(np.array([data, data]))

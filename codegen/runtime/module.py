@@ -12,6 +12,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +76,13 @@ class GeneratedModule:
         home worker, where its data were sent once (docs/distributed.md); the numbers equal the
         serial ones. Data are validated here first, so a bad sample is named before any worker
         starts. Close the executor with `prob.close()` (or `with ... as prob`)."""
-        if isinstance(samples, dict) or not samples:
-            raise BindError("bind_samples expects a non-empty list of dicts of arrays")
+        if not isinstance(samples, Sequence) or isinstance(samples, str) or not samples:
+            raise BindError(f"bind_samples expects a non-empty list of dicts of arrays, got "
+                            f"{type(samples).__name__}")
+        for s, data in enumerate(samples):
+            if not isinstance(data, dict):
+                raise BindError(f"bind_samples expects a list of dicts of arrays; sample {s} is "
+                                f"a {type(data).__name__}")
         check_executor(executor, workers)
         bound = []
         for s, data in enumerate(samples):

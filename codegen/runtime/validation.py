@@ -19,7 +19,10 @@ def as_float64(name: str, value: npt.ArrayLike) -> np.ndarray:
     """Convert to a C-contiguous float64 array exactly, or refuse; never reinterpret bytes."""
     if type(value) is np.ndarray and value.dtype == np.float64 and value.flags.c_contiguous:
         return value  # the per-call fast path: solvers pass such arrays thousands of times
-    arr = np.asarray(value)
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:  # a ragged nested list, say
+        raise BindError(f"{name}: cannot be read as an array of numbers ({exc})") from None
     if arr.dtype == np.float64:
         return np.require(arr, requirements="C")
     if arr.dtype.kind in "biu":
