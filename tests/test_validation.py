@@ -28,6 +28,7 @@ def make(**kw):
     (dict(upper=sp.Matrix([1, 2])), "must be a scalar"),
     (dict(lower=sp.Sum(A[i, j] ** 2, (i, 0, m - 1), (j, 0, n - 1))), "does not depend on x"),
     (dict(lower=FIT + x[j] ** 2), "index j is used outside any sum"),
+    (dict(constants={"mu": x[0], "L": 10}), r"constant mu = x\[0\] reads the lower variable x"),
     (dict(upper=sp.Sum(x[j] ** 2, (j, 0, n - 1)) + sp.I * th), r"the term I\*th holds I, which has no "
      "real value"),
     (dict(lower=FIT + sp.exp(th) * sp.Sum(x[j] ** 2, (j, 0, n - 1)) + sp.zoo * th),

@@ -123,7 +123,7 @@ class Problem:
         self.sizes = tuple(sorted(_size_symbols(self.arrays.values()), key=lambda s: s.name))
         _check_names(self)
         _check_sizes_bindable(self)
-        self.constants = _stated_constants(self.constants, subs)
+        self.constants = _stated_constants(self.constants, subs, x_spec.name)
         for label, expr in (("lower", self.g), ("upper", self.f), ("regulariser", self.r)):
             check_indices(expr, self.arrays, label)
 
@@ -423,8 +423,8 @@ def _check_sizes_bindable(problem: Problem) -> None:
 _CONSTANT_NAMES = ("mu", "L", "L_A", "L_B", "L_f")
 
 
-def _stated_constants(constants: object,
-                      subs: dict[sp.Symbol, sp.Expr]) -> dict[str, sp.Expr] | None:
+def _stated_constants(constants: object, subs: dict[sp.Symbol, sp.Expr],
+                      x_name: str) -> dict[str, sp.Expr] | None:
     if constants is None:
         return None
     if not isinstance(constants, dict):
@@ -436,6 +436,11 @@ def _stated_constants(constants: object,
         expr = sp.sympify(value).xreplace(subs)
         if expr.atoms(sp.Sum):
             raise ProblemError(f"constant {key} = {value}: stated constants may not contain sums")
+        if any(str(r.base.label) == x_name for r in expr.atoms(sp.Indexed)):
+            # a constant is one number for every x (it bounds over all of them): one that read
+            # x built, and every hypergradient then failed at run time
+            raise ProblemError(f"constant {key} = {value} reads the lower variable {x_name}; "
+                               f"stated constants are expressions in theta and scalar data")
         out[key] = expr
     if "mu" not in out:
         raise ProblemError("stated constants must include mu (the certificate ||grad g||/mu needs it)")
