@@ -57,7 +57,8 @@ def load_problem_file(path: PathLike) -> list[Problem]:
         # hypergen's own errors keep their class (a ProblemError stays one for `except`)
         kind = type(exc) if isinstance(exc, HypergenError) else HypergenError
         raise kind(f"{where}: {type(exc).__name__}: {exc}") from None
-    problems = [v for v in namespace.values() if isinstance(v, Problem)]
+    problems = list({id(v): v for v in namespace.values() if isinstance(v, Problem)}.values())
+    # (one Problem bound to two names, `default = ridge`, is one problem)
     if not problems:
         raise HypergenError(f"{path}: defines no codegen.Problem at module level")
     names = [p.name for p in problems]

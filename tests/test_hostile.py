@@ -796,3 +796,15 @@ def test_temporaries_beyond_memory_are_refused_at_bind(tmp_path):
     big = np.full(2 ** 21, 1e-3)
     with pytest.raises(BindError, match=r"the kernels' temporaries would take [\d,]+ doubles"):
         module.bind(a=big, c=big, e=big, y=np.ones(3))
+
+
+def test_one_problem_bound_to_two_names_is_one_problem(tmp_path):
+    """`default = ridge` at module level made the file's one problem a duplicate of itself."""
+    from codegen.pipeline import load_problem_file
+
+    from conftest import ROOT
+
+    source = (ROOT / "examples" / "ridge.py").read_text() + "\ndefault = ridge\n"
+    path = tmp_path / "aliased.py"
+    path.write_text(source)
+    assert [p.name for p in load_problem_file(path)] == ["ridge"]

@@ -202,6 +202,8 @@ def run_optimize(args: argparse.Namespace) -> int:
     else:
         data = load_data(data_path, names)
     check_image_pairs(data if isinstance(data, list) else [data], module.meta, data_path)
+    if scheduler != "local" and not isinstance(data, list):
+        data = [data]  # one sample on the scheduler asked for (it was ignored, and not checked)
     prob = (module.bind_samples(data, executor=None if scheduler == "local" else scheduler)
             if isinstance(data, list) else module.bind(data))
     executor = getattr(prob, "executor", None)
