@@ -31,7 +31,7 @@ from .compiler.gram import GRAM_DATA, GRAM_REST
 from .compiler.kernels import kernel_specs
 from .compiler.problem import Problem
 from .constants import derive
-from .errors import HypergenError
+from .errors import HypergenError, ProblemError
 from .jit import cache_root, file_sha256, modules_root, publish, write_atomically
 from .runtime import GeneratedModule, load_directory
 from .runtime.module import MANIFEST, read_manifest
@@ -259,11 +259,28 @@ def write_outputs(problem: Problem, texts: dict[str, Any], out_dir: PathLike,
 def build_problem(problem: Problem, out_dir: PathLike, source_file: str | None = None,
                   allow_uncertified: bool = False) -> GeneratedModule:
     """Generate, write and compile one problem; return the loaded GeneratedModule."""
-    texts = generate_cached(problem, allow_uncertified)
+    try:
+        texts = generate_cached(problem, allow_uncertified)
+    except ProblemError as exc:  # found after the file ran (convexity, say): name where it is
+        if source_file is None:
+            raise
+        raise ProblemError(f"{_definition(source_file, problem.name)}: {exc}") from None
     target = write_outputs(problem, texts, out_dir, source_file)
     module = load_directory(target)
     publish(module.extension, target)
     return module
+
+
+def _definition(source_file: str, name: str) -> str:
+    """FILE:LINE of the Problem called `name` (the first line that says name="..."), or FILE."""
+    try:
+        lines = Path(source_file).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return source_file
+    for number, line in enumerate(lines, start=1):
+        if f'name="{name}"' in line or f"name='{name}'" in line:
+            return f"{source_file}:{number}"
+    return source_file
 
 
 def choose_problem(problems: list[Problem], name: str | None, path: PathLike) -> Problem:

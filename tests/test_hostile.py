@@ -808,3 +808,19 @@ def test_one_problem_bound_to_two_names_is_one_problem(tmp_path):
     path = tmp_path / "aliased.py"
     path.write_text(source)
     assert [p.name for p in load_problem_file(path)] == ["ridge"]
+
+
+def test_a_problem_refused_after_its_file_ran_names_the_file_and_line(tmp_path):
+    """The strong-convexity refusal, found while deriving the constants, named the term but
+    neither the file nor the line, unlike every error raised while the file runs."""
+    path = tmp_path / "concave.py"
+    path.write_text(
+        "import sympy as sp\nfrom codegen import Problem\n"
+        "n = sp.Symbol('n', integer=True, positive=True)\ni = sp.Idx('i', n)\n"
+        "x, y = sp.IndexedBase('x', shape=(n,)), sp.IndexedBase('y', shape=(n,))\n"
+        "t = sp.Symbol('t')\n"
+        "concave = Problem(name='concave', x=x, theta=t,\n"
+        "                  lower=-sp.Sum((x[i] - y[i])**2, (i, 0, n - 1)) / 2 + sp.exp(t),\n"
+        "                  upper=sp.Sum((x[i] - y[i])**2, (i, 0, n - 1)))\n")
+    with pytest.raises(ProblemError, match=f"^{path}:7: strong convexity unknown"):
+        codegen.load(path, out=tmp_path / "out")
