@@ -47,7 +47,7 @@ C_LIBRARY = frozenset(
 #: Names the headers a module is compiled with may define as macros (M_PI, EOF, INT64_MAX,
 #: CHAR_BIT, EDOM, Py_None...): such a data name passed every check and ended in a compiler dump.
 C_MACROS = re.compile(
-    r"Py\w*|_\w*|M_\w+|(U?INT\w*|SIZE|PTRDIFF|SIG|WCHAR|WINT|S?CHAR|UCHAR|U?SHRT|U?L?LONG|FLT"
+    r"Py\w*|M_\w+|(U?INT\w*|SIZE|PTRDIFF|SIG|WCHAR|WINT|S?CHAR|UCHAR|U?SHRT|U?L?LONG|FLT"
     r"|DBL|LDBL|RAND|EXIT|FP|MATH|SEEK|FOPEN|FILENAME|TMP)_\w*|E[A-Z0-9]{2,}|EOF|BUFSIZ"
     r"|stdin|stdout|stderr|errno|assert|offsetof|NDEBUG", flags=re.ASCII)
 
@@ -255,7 +255,7 @@ NON_REAL = (sp.I, sp.zoo, sp.oo, sp.S.NegativeInfinity, sp.nan)
 def _check_real_constants(expr: sp.Expr, label: str, shown: dict[sp.Basic, sp.Basic]) -> None:
     """ProblemError naming a complex, infinite or undefined constant and a term it is in (in
     the user's names: `shown` maps x and theta back)."""
-    for term in sp.Add.make_args(sp.expand(expr, deep=False, mul=False, multinomial=False)):
+    for term in sp.Add.make_args(expr):
         for node in _walk(term):
             if any(node is c for c in NON_REAL):
                 raise ProblemError(f"{label}: the term {term.xreplace(shown)} holds {node}, which "
