@@ -325,7 +325,7 @@ def _shard(cache_dir: PathLike | None, key: str) -> pathlib.Path:
             return preferred
     except OSError:
         pass
-    fallback = _private_temp_root() / LAYOUT / key[:2]
+    fallback = private_temp_root() / LAYOUT / key[:2]
     origin = " ($HYPERGEN_CACHE_DIR)" if cache_dir is None and "HYPERGEN_CACHE_DIR" in os.environ else ""
     warnings.warn(f"hypergen cache {preferred}{origin} is not writable; using {fallback}",
                   RuntimeWarning, stacklevel=4)
@@ -333,25 +333,7 @@ def _shard(cache_dir: PathLike | None, key: str) -> pathlib.Path:
     return fallback
 
 
-def modules_root() -> pathlib.Path:
-    """<cache>/modules, where `codegen.load` publishes built problems; an unwritable cache
-    degrades to the private temp directory with a warning, as the compile cache does (a
-    read-only $HYPERGEN_CACHE_DIR made `codegen.load` raise, where the interface promises the
-    fallback)."""
-    preferred = cache_root(None) / "modules"
-    try:
-        preferred.mkdir(parents=True, exist_ok=True)
-        if os.access(preferred, os.W_OK | os.X_OK):
-            return preferred
-    except OSError:
-        pass
-    fallback = _private_temp_root() / "modules"
-    warnings.warn(f"hypergen cache {preferred} is not writable; publishing modules in {fallback}",
-                  RuntimeWarning, stacklevel=3)
-    return fallback
-
-
-def _private_temp_root() -> pathlib.Path:
+def private_temp_root() -> pathlib.Path:
     """<tempdir>/hypergen-<uid>, refused unless this user owns it and nobody else can write to it
     (otherwise another user could plant a binary there that we would load)."""
     root = pathlib.Path(tempfile.gettempdir()) / f"hypergen-{os.getuid()}"
