@@ -19,14 +19,12 @@ from .common import fmt, grad_norm
 from .lower.stopping import solution_floor
 from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 
-EPS = float(np.finfo(np.float64).eps)
-
 __all__ = ["FLOOR_NOTE", "ADJOINT_FLOOR_NOTE", "floor_accepted", "lower_stalled",
            "adjoint_stalled", "lowest_eps", "lowest_delta", "DELTA_FLOOR", "exactly_zero",
-           "unrefined_e",
-           "next_eps", "next_delta",
-           "zero_target_eps", "ZERO_TARGET_SCALE", "solve_again", "uncorrected",
-           "floor_failure"]
+           "unrefined_e", "next_eps", "next_delta", "zero_target_eps", "ZERO_TARGET_SCALE",
+           "solve_again", "uncorrected", "floor_failure"]
+
+EPS = float(np.finfo(np.float64).eps)
 
 #: The notes that keep a lower or adjoint solve's "rounding floor" reason once the rounds
 #: accepted it.

@@ -99,7 +99,7 @@ def _result(run: Runner, theta0: np.ndarray, status: OptimizeStatus,
     else:
         theta, entry = run.best
     if run.last_hg is not None and not getattr(run.last_hg, "certified", True):
-        message = message.replace("(certified)", "(not certified: the constants are stated)")
+        message = message.replace("(certified)", "(not certified: the constants are uncertified)")
     return OptimizeResult(
         theta=theta, value=entry["value"], history=run.history, status=OptimizeStatus(status),
         work=run.work, seconds=run.elapsed(), method=run.options.method, message=message,

@@ -107,9 +107,9 @@ class OptimizeResult:
 
     @property
     def certified(self) -> bool:
-        """Whether the run's bounds rest on certified constants: False under stated (or
-        uncertified) constants, where the numbers are the same and the word "certified" is not
-        theirs (it was, and a wrong stated mu made the claim false)."""
+        """Whether the run's bounds rest on certified constants: False under stated constants
+        (or uncertified derived ones, allow_uncertified), where the numbers are the same and the
+        word "certified" is not theirs (it was, and a wrong stated mu made the claim false)."""
         hg = self.hypergradient
         return hg is None or bool(getattr(hg, "certified", True))
 
@@ -126,7 +126,7 @@ class OptimizeResult:
     @property
     def claim(self) -> str:
         """What a bound of this run is: "certified", or what it rests on instead."""
-        return "certified" if self.certified else "not certified: the constants are stated"
+        return "certified" if self.certified else "not certified: the constants are uncertified"
 
     def summary(self) -> str:
         th = np.asarray(self.theta)

@@ -58,11 +58,11 @@ def _lagrange_weights(ts: list[float], t: float) -> list[float]:
     return weights
 
 
-
 def stops(answer: Any) -> bool:
     """Whether a callback's return value asks the run to stop: True, NumPy's np.True_ included
     (a callback computed with NumPy returns that, and `is True` ignored it)."""
     return isinstance(answer, (bool, np.bool_)) and bool(answer)
+
 
 class StopRun(Exception):
     """Ends a run with a status and a message (raised by the runner or a method)."""
