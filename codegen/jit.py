@@ -174,7 +174,7 @@ def load_published(module_name: str, source: str, cdef: str, directory: PathLike
     with _key_lock(key):
         if key in _LOADED or not path.is_file():
             return _cached(module_name, source, cdef, flags, key, cache_dir)
-        manifest = _shard(cache_dir, key) / key / "build.json"
+        manifest = writable_dir(cache_dir, f"{LAYOUT}/{key[:2]}") / key / "build.json"
         module = _try_load(path, manifest, _module_name(module_name, key), key,
                            "not loaded: the cache's copy is used and published again")
         if module is not None:
@@ -315,25 +315,26 @@ def cache_root(cache_dir: PathLike | None) -> pathlib.Path:
     return pathlib.Path(cache_dir).expanduser().absolute()
 
 
-def _shard(cache_dir: PathLike | None, key: str) -> pathlib.Path:
-    """The writable directory <LAYOUT>/<key[:2]> holding this key's entry and lock file. An unwritable
-    cache (read-only, a path through a file) degrades to a private temp directory with a warning."""
-    preferred = cache_root(cache_dir) / LAYOUT / key[:2]
+def writable_dir(cache_dir: PathLike | None, relative: str, stacklevel: int = 4) -> pathlib.Path:
+    """cache_root(cache_dir)/relative, created (a compile-cache shard <LAYOUT>/<key[:2]>, or the
+    modules `codegen.load` publishes); an unwritable cache (read-only, a path through a file)
+    degrades to the same place under the private temp directory with a warning."""
+    preferred = cache_root(cache_dir) / relative
     try:
         preferred.mkdir(parents=True, exist_ok=True)
         if os.access(preferred, os.W_OK | os.X_OK):
             return preferred
     except OSError:
         pass
-    fallback = private_temp_root() / LAYOUT / key[:2]
+    fallback = _private_temp_root() / relative
     origin = " ($HYPERGEN_CACHE_DIR)" if cache_dir is None and "HYPERGEN_CACHE_DIR" in os.environ else ""
     warnings.warn(f"hypergen cache {preferred}{origin} is not writable; using {fallback}",
-                  RuntimeWarning, stacklevel=4)
+                  RuntimeWarning, stacklevel=stacklevel)
     fallback.mkdir(parents=True, exist_ok=True)
     return fallback
 
 
-def private_temp_root() -> pathlib.Path:
+def _private_temp_root() -> pathlib.Path:
     """<tempdir>/hypergen-<uid>, refused unless this user owns it and nobody else can write to it
     (otherwise another user could plant a binary there that we would load)."""
     root = pathlib.Path(tempfile.gettempdir()) / f"hypergen-{os.getuid()}"
@@ -493,7 +494,7 @@ def _cached(module_name: str, source: str, cdef: str, flags: tuple[str, ...], ke
         if key in _LOADED:
             _count("reused")
             return _LOADED[key]
-        shard = _shard(cache_dir, key)
+        shard = writable_dir(cache_dir, f"{LAYOUT}/{key[:2]}")
         artifact = shard / key / _extension_name(module_name, key)
         with _file_lock(shard / f"{key}.lock"):
             module = None

@@ -32,7 +32,7 @@ from .compiler.kernels import kernel_specs
 from .compiler.problem import Problem
 from .constants import derive
 from .errors import HypergenError, ProblemError
-from .jit import cache_root, file_sha256, private_temp_root, publish, write_atomically
+from .jit import cache_root, file_sha256, publish, writable_dir, write_atomically
 from .runtime import GeneratedModule, load_directory
 from .runtime.module import MANIFEST, read_manifest
 from .version import ABI_VERSION, __version__
@@ -271,24 +271,6 @@ def build_problem(problem: Problem, out_dir: PathLike, source_file: str | None =
     return module
 
 
-def modules_root() -> Path:
-    """<cache>/modules, where `codegen.load` publishes built problems; an unwritable cache
-    degrades to the private temp directory with a warning, as the compile cache does (a
-    read-only $HYPERGEN_CACHE_DIR made `codegen.load` raise, where the interface promises the
-    fallback)."""
-    preferred = cache_root(None) / "modules"
-    try:
-        preferred.mkdir(parents=True, exist_ok=True)
-        if os.access(preferred, os.W_OK | os.X_OK):
-            return preferred
-    except OSError:
-        pass
-    fallback = private_temp_root() / "modules"
-    warnings.warn(f"hypergen cache {preferred} is not writable; publishing modules in {fallback}",
-                  RuntimeWarning, stacklevel=3)
-    return fallback
-
-
 def _definition(source_file: str, name: str) -> str:
     """FILE:LINE of the Problem called `name` (the first line that says name="..."), or FILE."""
     try:
@@ -318,5 +300,6 @@ def load(path: PathLike, name: str | None = None, out: PathLike | None = None,
     """codegen.load: build the problems of a file (cached) and return the one asked for."""
     problems = load_problem_file(path)
     chosen = choose_problem(problems, name, path)
-    out = Path(out) if out is not None else modules_root()
+    # an unwritable cache publishes into the private temp directory, with a warning
+    out = Path(out) if out is not None else writable_dir(None, "modules", stacklevel=3)
     return build_problem(chosen, out, source_file=str(path), allow_uncertified=allow_uncertified)

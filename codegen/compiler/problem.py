@@ -47,8 +47,9 @@ C_LIBRARY = frozenset(
 #: Names the headers a module is compiled with may define as macros (M_PI, EOF, INT64_MAX,
 #: CHAR_BIT, EDOM, Py_None...): such a data name passed every check and ended in a compiler dump.
 C_MACROS = re.compile(
-    r"Py\w*|M_\w+|(U?INT\w*|SIZE|PTRDIFF|SIG|WCHAR|WINT|S?CHAR|UCHAR|U?SHRT|U?L?LONG|FLT"
-    r"|DBL|LDBL|RAND|EXIT|FP|MATH|SEEK|FOPEN|FILENAME|TMP)_\w*|E[A-Z0-9]{2,}|EOF|BUFSIZ"
+    r"Py_\w*|Py[A-Z]\w*|M_[A-Z0-9_]+|(U?INT(8|16|32|64|MAX|PTR)?|SIZE|PTRDIFF|SIG|WCHAR|WINT"
+    r"|S?CHAR|UCHAR|U?SHRT|U?L?LONG|FLT|DBL|LDBL|RAND|EXIT|FP|MATH|SEEK|FOPEN|FILENAME|TMP)_\w*"
+    r"|E[A-Z0-9]{2,}|EOF|BUFSIZ"
     r"|stdin|stdout|stderr|errno|assert|offsetof|NDEBUG", flags=re.ASCII)
 
 

@@ -54,10 +54,6 @@ def _size_symbols(program: ir.Program, sizes: Sequence[sp.Symbol]) -> list[sp.Sy
     return [s for s in sizes if s in used]
 
 
-def _extent(arr: ir.Array) -> sp.Expr:
-    return ir.extent(arr)
-
-
 class KernelRenderer:
     """Turns one KernelSpec into the parameters, work layout and body tree of its C function."""
 
@@ -80,7 +76,7 @@ class KernelRenderer:
         params = [Param("int64_t", s.name, "size") for s in _size_symbols(self.program, prob.sizes)]
         th = prob.theta_spec
         params.append(Param("const double *restrict", th.name, "theta",
-                            self.index_code(_extent(self.arrays[th.name]))))
+                            self.index_code(ir.extent(self.arrays[th.name]))))
         for spec in prob.data_specs:
             if spec.name in used:
                 if spec.sparse:
@@ -89,14 +85,14 @@ class KernelRenderer:
                                Param("const int64_t *restrict", f"{spec.name}_indptr", "csr_indptr")]
                 elif spec.shape:
                     params.append(Param("const double *restrict", spec.name, "data",
-                                        self.index_code(_extent(self.arrays[spec.name]))))
+                                        self.index_code(ir.extent(self.arrays[spec.name]))))
                 else:
                     params.append(Param("double", spec.name, "scalar"))
         xs = prob.x_spec.name
         params.append(Param("const double *restrict", xs, "input",
-                            self.index_code(_extent(self.arrays[xs]))))
+                            self.index_code(ir.extent(self.arrays[xs]))))
         for name in self.spec.inputs:
-            extent = self.cache_size() if name == CACHE_BUFFER else _extent(self.arrays[name])
+            extent = self.cache_size() if name == CACHE_BUFFER else ir.extent(self.arrays[name])
             params.append(Param("const double *restrict", name, "input", self.index_code(extent)))
         params.append(Param("double *restrict", self.out_param(), "output",
                             self.index_code(self.output_extent())))
@@ -112,13 +108,13 @@ class KernelRenderer:
     def output_extent(self) -> sp.Expr:
         if self.spec.output == CACHE_BUFFER:
             return self.cache_size()
-        return _extent(self.arrays[self.spec.output])
+        return ir.extent(self.arrays[self.spec.output])
 
     def cache_arrays(self) -> list[ir.Array]:
         return [self.arrays[name] for name in self.spec.cache]
 
     def cache_size(self) -> sp.Expr:
-        return sp.Add(*[_extent(a) for a in self.cache_arrays()])
+        return sp.Add(*[ir.extent(a) for a in self.cache_arrays()])
 
     def work_arrays(self) -> list[ir.Array]:
         return [a for a in self.arrays.values() if a.role == ir.TEMP and not a.is_scalar]
@@ -128,7 +124,7 @@ class KernelRenderer:
                 if a.role in (ir.TEMP, ir.OUTPUT) and a.is_scalar]
 
     def work_size(self) -> sp.Expr:
-        return sp.Add(*[_extent(a) for a in self.work_arrays()])
+        return sp.Add(*[ir.extent(a) for a in self.work_arrays()])
 
     def work_code(self) -> str | None:
         """C expression of the doubles of `work` this kernel uses (None: it takes no work)."""
@@ -148,11 +144,11 @@ class KernelRenderer:
             qualifier = "" if writes_cache else "const "
             lines.append(f"{qualifier}double *restrict {arr.name} = "
                          f"{CACHE_BUFFER} + {self.index_code(offset)};")
-            offset += _extent(arr)
+            offset += ir.extent(arr)
         offset = sp.Integer(0)
         for arr in self.work_arrays():
             lines.append(f"double *restrict {arr.name} = work + {self.index_code(offset)};")
-            offset += _extent(arr)
+            offset += ir.extent(arr)
         for arr in self.scalar_locals():
             lines.append(f"double {arr.name} = {self._initial(arr.name)};")
         if writes_cache:
@@ -162,7 +158,7 @@ class KernelRenderer:
             outputs = [] if out.is_scalar else [out]
         zeroed = self.work_arrays() + outputs
         for arr in zeroed:
-            extent = self.index_code(_extent(arr))
+            extent = self.index_code(ir.extent(arr))
             init = self._initial(arr.name)
             if init == "0.0":
                 lines.append(f"memset({arr.name}, 0, sizeof(double) * (size_t)({extent}));")
