@@ -15,10 +15,11 @@ import numpy as np
 from scipy.linalg import lapack
 
 from .common import call_kernel, fixed_memo, norm
+from .lower.stopping import rounding_floor
 from .solve import run_adjoint
 
 __all__ = ["aposteriori_bound", "apriori_bound", "cross_norm", "refined_distance",
-           "distance_from_step",
+           "distance_from_step", "corrected_value",
            "certified_product", "FROBENIUS_MAX_P", "ROUNDING_FLOOR", "SVD_MARGIN"]
 
 #: ||B|| is taken as the Frobenius norm from p cross JVPs up to this p (exact for p = 1).
@@ -161,6 +162,24 @@ def distance_from_step(e0: float, step: float, residual: float, mu: float, L_A: 
     if disc < 0 or e0 >= (1 + math.sqrt(disc)) / (2 * cq):
         return e0
     return min(e0, 2 * a / (1 + math.sqrt(disc)))
+
+
+def corrected_value(c: dict[str, Any], value: float, x: np.ndarray, grad: np.ndarray,
+                    q: np.ndarray, e: float, R: float) -> tuple[float, float]:
+    """(f_c, a certified bound on |f_c - F|) for f_c = value - q . grad g(x_eps), value = f(x_eps)
+    (+ r(theta)), q the adjoint with ||A(x_eps) q - grad_x f(x_eps)|| <= R, e >= ||x_eps - x*||,
+    L_A and L_f in c valid on B(x_eps, e) (docs/bounds.md 13):
+
+        |F - f_c| <= R e + (L_f + L_A ||q||) e^2 / 2 + ||q|| (floor of grad g + ROUNDING_FLOOR ||grad g||).
+
+    Second order in e where the plain value's ||grad f|| e is first order: a line search's value
+    test needs a far looser lower solve. (nan, inf) when value is not finite."""
+    if not math.isfinite(value):
+        return math.nan, math.inf
+    mul, nq = certified_product, norm(q)
+    floor = mul(nq, rounding_floor(float(c["L"]), x) + ROUNDING_FLOOR * norm(grad))
+    err = (mul(R, e) + 0.5 * (mul(c["L_f"], e, e) + mul(c["L_A"], nq, e, e)) + floor)
+    return value - float(np.dot(q, grad)), (err if not math.isnan(err) else math.inf)
 
 
 def aposteriori_bound(c: dict[str, Any], e: float, R: float, norm_B: float, norm_b: float,

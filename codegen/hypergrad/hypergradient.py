@@ -33,6 +33,7 @@ from .bounds import (
     ROUNDING_FLOOR,
     aposteriori_bound,
     apriori_bound,
+    corrected_value,
     cross_norm,
     refined_distance,
 )
@@ -436,6 +437,8 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
             f"uncertified constants (source = {c['source']!r}): the derivation could not certify "
             f"them (built with allow_uncertified); the bound rests on them"))
     value = _value(closing, ledger)
+    fc, fc_err = (corrected_value(c, value, x, low.grad, q, e, R)
+                  if adj.solver != "backprop" and low.grad is not None else (math.nan, math.inf))
     if not finite(grad):
         ledger.reason(ReasonKind.NON_FINITE, "non-finite hypergradient")
     # A bound computed from certified constants stays valid for a capped or diverged solve (it
@@ -447,7 +450,8 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
         work=ledger.totals(), reasons=tuple(ledger.reasons), lower_solver=low.solver,
         adjoint_solver=adj.solver, constants=c, G=low.G, R=R, e=e, norm_B=nB, grad_f_norm=nb,
         q_norm=nq, certified=certified, apriori_rigorous=apri_rig, bound_forms=forms,
-        lower=low, adjoint=adj, notes=tuple(ledger.notes), theta=th)
+        lower=low, adjoint=adj, notes=tuple(ledger.notes), theta=th, corrected_value=fc,
+        corrected_value_error=fc_err)
 
 
 def _value(closing: _Closing, ledger: _Ledger) -> float:

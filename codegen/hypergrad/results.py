@@ -309,7 +309,9 @@ class HypergradientResult:
     directional    with a DWR certificate: the first direction u and u . h_c ("value"), u . h
                    ("plain"), the bounds on |u . (h_c - grad F)| ("bound") and on
                    |u . (h - grad F)| ("plain_bound");
-    correction_terms  the DWR bound's terms (summed over directions), docs/bounds.md 15.2.
+    correction_terms  the DWR bound's terms (summed over directions), docs/bounds.md 15.2;
+    corrected_value, corrected_value_error  value - q . grad g(x_eps) and a certified bound on its
+                   distance to F(theta) (docs/bounds.md 13; nan, inf without an adjoint q).
     """
 
     grad: np.ndarray
@@ -344,6 +346,8 @@ class HypergradientResult:
     corrected_bound: float = math.nan
     directional: dict[str, Any] = field(default_factory=dict)
     correction_terms: dict[str, float] = field(default_factory=dict)
+    corrected_value: float = math.nan
+    corrected_value_error: float = math.inf
 
     @property
     def status(self) -> str:

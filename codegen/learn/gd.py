@@ -41,8 +41,8 @@ def run_gd(run: Runner, theta: np.ndarray, o: GDOptions) -> tuple[OptimizeStatus
         delta = max(o.delta0 * f, SCHEDULE_FLOOR) if o.schedule else o.delta0
         hg = run.hypergradient(theta, eps, delta)
         hn = grad_norm(hg.grad)
-        entry = run.record(theta, hg.value, run.value_error(hg), hn, hg.bound, eps, delta, step,
-                           notify=False)
+        value, error = run.certified_value(hg)
+        entry = run.record(theta, value, error, hn, hg.bound, eps, delta, step, notify=False)
         run.accept(theta, entry)
         callback = o.callback
         if callback is not None and stops(callback(dict(entry))):

@@ -115,13 +115,27 @@ class Point:
 
 
 def _distance_for_value(hg: Any, target: float) -> float:
-    """The e that makes ||grad f|| e + L_f/2 e^2 = target at hg's point (0 when L_f = inf)."""
+    """The e that brings the certified value error (`Runner.certified_value`) to target at hg's
+    point, for every sample: the larger of the plain bound's root, ||grad f|| e + L_f/2 e^2 =
+    target, and the corrected value's, R e + (L_f + L_A ||q||)/2 e^2 = target with the adjoint
+    residual R met there (its rounding floor left to the test); 0 when neither is finite."""
     parts = hg.samples if hg.samples is not None else [hg]
-    nb = max(float(r.grad_f_norm) for r in parts)
-    L_f = max(float(r.constants["L_f"]) for r in parts)
-    if not math.isfinite(L_f):
+    needs = []
+    for r in parts:
+        L_f, L_A = float(r.constants["L_f"]), float(r.constants["L_A"])
+        plain = _root(float(r.grad_f_norm), L_f / 2, target)
+        corrected = (_root(float(r.R), (L_f + L_A * float(r.q_norm)) / 2, target)
+                     if math.isfinite(r.corrected_value_error) else 0.0)
+        needs.append(max(plain, corrected))
+    return min(needs)
+
+
+def _root(a: float, b: float, target: float) -> float:
+    """The e >= 0 with a e + b e^2 = target (a, b >= 0); 0 when a or b is not finite."""
+    if not (math.isfinite(a) and math.isfinite(b)):
         return 0.0
-    return 2 * target / (nb + math.sqrt(nb * nb + 2 * L_f * target))
+    denominator = a + math.sqrt(a * a + 4 * b * target)
+    return 2 * target / denominator if denominator > 0 else math.inf
 
 
 def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: QuasiNewtonOptions,
@@ -136,9 +150,9 @@ def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: Quasi
         hg = run.hypergradient(theta, eps, delta, rtol=rtol, atol=atol)
         h = np.array(hg.grad, dtype=float)
         hn = grad_norm(h)
-        err = run.value_error(hg)
+        value, err = run.certified_value(hg)
         used_eps = float(hg.e) if math.isfinite(hg.e) and hg.e > 0 else eps
-        entry = run.record(theta, hg.value, err, hn, hg.bound, used_eps, delta, step)
+        entry = run.record(theta, value, err, hn, hg.bound, used_eps, delta, step)
         if not math.isfinite(err):
             note = "value error bound not finite (L_f = inf): the line search is not certified"
             if note not in run.notes:
@@ -154,7 +168,7 @@ def _evaluate(run: Runner, theta: np.ndarray, eps: float, delta: float, o: Quasi
                           f"atol + rtol ||h|| = {atol + rtol * hn:.3g}")
             continue
         if value_tol is None or not math.isfinite(err) or err <= value_tol:
-            return Point(theta, hg, h, hn, float(hg.bound), float(hg.value), err,
+            return Point(theta, hg, h, hn, float(hg.bound), value, err,
                          used_eps, max(float(hg.R), o.min_eps) if math.isfinite(hg.R) else delta,
                          entry, bool(hg.bound <= o.grad_rtol * hn))
         need = _distance_for_value(hg, 0.8 * value_tol)

@@ -39,14 +39,14 @@ def run_lbfgsb(run: Runner, theta: np.ndarray, o: LBFGSBOptions) -> tuple[Optimi
             run, th, state["eps"], state["delta"], frac, o.tau, value_tol)
         state["prev"] = th
         hn = grad_norm(hg.grad)
-        run.record(th, hg.value, run.value_error(hg), hn, hg.bound, state["eps"],
-                   state["delta"], math.nan)
+        value, error = run.certified_value(hg)
+        run.record(th, value, error, hn, hg.bound, state["eps"], state["delta"], math.nan)
         if hn + hg.bound <= o.gtol:
             raise StopRun(OptimizeStatus.CONVERGED,
                           f"||grad F|| <= ||h|| + bound = {hn + hg.bound:.3g}")
         if not ok:
             raise floor_stop(run, hg, state["eps"])
-        return float(hg.value), np.array(hg.grad, dtype=float)
+        return value, np.array(hg.grad, dtype=float)
 
     def count(*args: Any) -> None:
         run.iterations += 1

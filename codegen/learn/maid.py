@@ -28,10 +28,10 @@ from .runner import Runner, StopRun, floor_stop, shrink_to_accuracy
 __all__ = ["run_maid"]
 
 
-def _backtrack(run: Runner, theta: np.ndarray, hg: Any, s: float, fe: float, eps: float,
-               tries: int, o: MAIDOptions) -> tuple[Any, ...] | None:
-    """The first of `tries` steps s rho^i that passes the certified decrease test:
-    (step, theta', value, error, x'), or None."""
+def _backtrack(run: Runner, theta: np.ndarray, hg: Any, s: float, value: float, fe: float,
+               eps: float, tries: int, o: MAIDOptions) -> tuple[Any, ...] | None:
+    """The first of `tries` steps s rho^i that passes the certified decrease test against the
+    value at theta (error fe): (step, theta', value, error, x'), or None."""
     x_here = run.x
     grad = np.asarray(hg.grad)
     armijo = float(o.armijo or 0.0)  # set from eta in MAIDOptions
@@ -42,7 +42,7 @@ def _backtrack(run: Runner, theta: np.ndarray, hg: Any, s: float, fe: float, eps
         if dec <= 0:
             break                                 # the box stops every move
         v, err, x_new = run.value_at(new, eps, x_here)
-        if v + err + fe <= hg.value - armijo * dec:
+        if v + err + fe <= value - armijo * dec:
             return t, new, v, err, x_new
     return None
 
@@ -56,8 +56,8 @@ def run_maid(run: Runner, theta: np.ndarray, o: MAIDOptions) -> tuple[OptimizeSt
             hg, eps, delta, ok = shrink_to_accuracy(run, theta, eps, delta, 1.0 - o.eta, o.tau)
             run.pending = None
             hn = grad_norm(hg.grad)
-            fe = run.value_error(hg)
-            run.record(theta, hg.value, fe, hn, hg.bound, eps, delta, s)
+            value, fe = run.certified_value(hg)
+            run.record(theta, value, fe, hn, hg.bound, eps, delta, s)
             if hn + hg.bound <= o.gtol:
                 return OptimizeStatus.CONVERGED, f"||grad F|| <= ||h|| + bound = {hn + hg.bound:.3g}"
             if not ok:
@@ -68,7 +68,7 @@ def run_maid(run: Runner, theta: np.ndarray, o: MAIDOptions) -> tuple[OptimizeSt
                               "|f(x_eps) - f(x*)|, i.e. a finite L_f (got value error "
                               f"{fe}); use method='lbfgsb' or 'gd'")
             x_here = run.x
-            accepted = _backtrack(run, theta, hg, s, fe, eps, o.bt_steps + j, o)
+            accepted = _backtrack(run, theta, hg, s, value, fe, eps, o.bt_steps + j, o)
             run.x = x_here
             if accepted is not None:
                 break

@@ -269,12 +269,19 @@ class Runner:
         qs = [q for _, _, q in trail]
         return moved([x for _, x, _ in trail]), (moved(qs) if qs[-1] is self.q else self.q)
 
-    def value_error(self, hg: Any) -> float:
-        """Certified bound on |f(x_eps) - f(x*)| (mean over samples) with e the certified
-        ||x_eps - x*|| and L_f the hypergradient's own (ball-local where that is finite)."""
+    def certified_value(self, hg: Any) -> tuple[float, float]:
+        """(value, certified bound on |value - F(theta)|), means over samples; per sample the
+        better of f(x_eps) with ||grad f|| e + L_f/2 e^2 (e the certified ||x_eps - x*||, L_f the
+        hypergradient's own, ball-local where that is finite) and the adjoint-corrected value
+        f(x_eps) - q . grad g(x_eps) with its second-order bound (docs/bounds.md 13)."""
         parts = hg.samples if self.multi else [hg]
-        return float(np.mean([value_error_bound(r.grad_f_norm, r.e, r.constants["L_f"])
-                              for r in parts]))
+        pairs = []
+        for r in parts:
+            plain = (float(r.value), value_error_bound(r.grad_f_norm, r.e, r.constants["L_f"]))
+            corrected = (float(r.corrected_value), float(r.corrected_value_error))
+            pairs.append(corrected if corrected[1] < plain[1] else plain)
+        values, errors = zip(*pairs)
+        return float(np.mean(values)), float(np.mean(errors))
 
     def _lipschitz_f(self, k: Any, x: np.ndarray, theta: np.ndarray, e: float) -> float:
         """L_f valid on B(x, e), which holds the segment [x, x*]: the global one, or the
@@ -369,7 +376,7 @@ def shrink_to_accuracy(run: Runner, theta: np.ndarray, eps: float, delta: float,
         hg = run.hypergradient(theta, eps, delta)
         hn = grad_norm(hg.grad)
         grad_ok = hg.bound <= frac * hn
-        verr = run.value_error(hg) if value_tol is not None else 0.0
+        verr = run.certified_value(hg)[1] if value_tol is not None else 0.0
         if not math.isfinite(verr):
             note = "value error bound not finite (L_f = inf?): values are not certified"
             if note not in run.notes:
