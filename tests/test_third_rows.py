@@ -12,7 +12,7 @@ import sympy as sp
 from codegen import Problem
 from codegen.constants import derive, format_tree
 from codegen.hypergrad import hypergradient
-from codegen.hypergrad.local_third import LOCAL_Q
+from codegen.hypergrad.local_third import LOCAL_Q, ball_q_curvature
 from codegen.pipeline import build_problem
 
 from support import TINY, built_example
@@ -229,3 +229,30 @@ def test_an_infinite_local_bound_leaves_the_global_one(build_dir, monkeypatch):
     assert LOCAL_Q not in failed.constants and "15.10" not in failed.notes[-1]
     block = hypergradient(prob, theta, rtol=1e-6, lower="newton", certificate="block")
     assert LOCAL_Q not in block.constants and "15.10" not in block.notes[-1]
+
+
+@pytest.mark.parametrize("name, sizes", [("logistic", dict(m=80, n=12, p=60)),
+                                         ("tv1d", dict(n=48))])
+def test_er_bound_reads_the_q_curvature_on_the_ball(name, sizes, build_dir, monkeypatch):
+    """E&R's q form with ||(A(x*) - A(x_eps)) q|| <= a e, a = Lambda_q + L_3 ||q|| e / 2, in place
+    of L_A ||q|| e (docs/bounds.md 3): the product against its exact value from the dense
+    Hessians at x_eps and x*, the bound above h's true error at four eps and below the plain
+    E&R bound (the same h), Lambda_q kept in the constants, its one pass counted."""
+    prob, theta = _bound(name, build_dir, sizes=sizes)
+    truth = _truth(prob, theta)
+    for eps in (1e-2, 1e-4, 1e-6, 1e-8):
+        kw = dict(lower="newton", adjoint="cg", eps=eps, delta=1e-3 * eps, refine_iter=0)
+        hg = hypergradient(prob, theta, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(prob, "has_third_contraction", False)
+            plain = hypergradient(prob, theta, **kw)
+        assert np.array_equal(hg.grad, plain.grad) and LOCAL_Q not in plain.constants
+        err = np.linalg.norm(hg.grad - truth.grad) + truth.bound
+        assert err <= hg.bound < plain.bound, (eps, err, hg.bound, plain.bound)
+        assert hg.constants[LOCAL_Q] <= hg.constants["L_A"] * hg.q_norm
+        assert hg.work["units"] == plain.work["units"] + 1
+        _, a, passes = ball_q_curvature(prob, theta, hg.x, hg.q, hg.e)
+        d = np.linalg.norm(hg.x - truth.x) + truth.e
+        change = (prob.lower_hessian(truth.x, theta) - prob.lower_hessian(hg.x, theta)) @ hg.q
+        assert np.linalg.norm(change) <= a * d * (1 + 1e-9) + 1e-13 and d <= hg.e
+        assert a < hg.constants["L_A"] * hg.q_norm / 2

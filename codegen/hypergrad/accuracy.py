@@ -35,7 +35,6 @@ from .correction import (
     correct,
     cross_lipschitz,
     forward_companion,
-    higher_constants,
     uses_general_terms,
 )
 from .energy import Energy, energy_at
@@ -53,7 +52,7 @@ from .floors import (
     uncorrected,
     unrefined_e,
 )
-from .local_third import LOCAL_Q
+from .local_third import LOCAL_Q, higher_constants
 from .options import DEFAULTS
 from .plans import TIGHT_PLAN_SHARE, dwr_planned, dwr_tightened, plain_tightened, tight_planned
 from .results import HypergradientResult, Reason, ReasonKind, evolve

@@ -37,7 +37,6 @@ from .correction import (
     adjoint_residual,
     cross_lipschitz,
     cross_term,
-    higher_constants,
     nonquadratic_terms,
     product_terms,
     uses_general_terms,
@@ -55,7 +54,7 @@ from .floors import (
     solve_again,
     uncorrected,
 )
-from .local_third import LOCAL_Q, q_curvature, with_local_q
+from .local_third import LOCAL_Q, higher_constants, q_curvature, with_local_q
 from .results import HypergradientResult, Reason, ReasonKind, evolve
 from .solve import correction_solve
 

@@ -183,8 +183,8 @@ def corrected_value(c: dict[str, Any], value: float, x: np.ndarray, grad: np.nda
 
 
 def aposteriori_bound(c: dict[str, Any], e: float, R: float, norm_B: float, norm_b: float,
-                      norm_q: float, upper_depends_on_theta: bool = False
-                      ) -> tuple[float, dict[str, float]]:
+                      norm_q: float, upper_depends_on_theta: bool = False,
+                      q_curvature: float | None = None) -> tuple[float, dict[str, float]]:
     """The computable bound of docs/framework.md 7; returns (min, {"grad_f": ..., "q": ...}).
 
     With e >= ||x_eps - x*|| certified (G/mu), mu, and L_A, L_B, L_f valid on the ball
@@ -195,15 +195,18 @@ def aposteriori_bound(c: dict[str, Any], e: float, R: float, norm_B: float, norm
     The q form follows from A*(q - q*) = (A* - A_e) q + r + (b_e - b*), i.e.
     ||q - q*|| <= (R + L_f e + L_A e |q|)/mu, and h - grad F = -B_e^T (q - q*) - (B_e - B*)^T q*.
     Both are valid upper bounds, so the smaller one is. + L_ft e if f depends on theta.
+    q_curvature: a bound a with ||(A* - A_e) q|| <= a e that the q form reads in place of
+    |q| L_A (`local_third.ball_q_curvature`: the third derivative along q from the data).
     """
     LA, LB, Lf = c["L_A"], c["L_B"], c["L_f"]
     mul, inv = certified_product, _inverse(float(c["mu"]))
     nB, nb, nq = norm_B, norm_b, norm_q
+    LAq = mul(nq, LA) if q_curvature is None else q_curvature
     first = mul(nB, R, inv)
     f1 = (first + mul(Lf, nB, e, inv) + mul(LB, nb, e, inv) + mul(LA, nB, nb, e, inv, inv)
           + mul(LB, Lf, e, e, inv))
-    f2 = (first + mul(nB, Lf, e, inv) + mul(nB, nq, LA, e, inv) + mul(nq, LB, e)
-          + mul(LB, e, R, inv) + mul(LB, e, e, Lf, inv) + mul(LB, e, e, nq, LA, inv))
+    f2 = (first + mul(nB, Lf, e, inv) + mul(nB, LAq, e, inv) + mul(nq, LB, e)
+          + mul(LB, e, R, inv) + mul(LB, e, e, Lf, inv) + mul(LB, e, e, LAq, inv))
     extra = mul(c.get("L_ft", 0.0), e) if upper_depends_on_theta else 0.0
     forms = {"grad_f": f1 + extra, "q": f2 + extra}
     vals = [v for v in forms.values() if not math.isnan(v)]

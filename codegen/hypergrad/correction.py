@@ -39,7 +39,7 @@ from .common import call_kernel, dot, hvp_at, norm
 from .energy import Energy
 from .galerkin import galerkin
 from .krylov import Companion
-from .local_third import LOCAL_Q, local_contractions, worth_local
+from .local_third import LOCAL_Q, higher_constants, local_contractions, worth_local
 from .results import HypergradientResult
 from .solve import correction_solve
 
@@ -184,33 +184,6 @@ def uses_general_terms(k: Any) -> bool:
     """Whether k's bound is Corollary 15.3's (g or f not quadratic in x) rather than 15.2's."""
     return not (bool(getattr(k, "is_quadratic", False))
                 and bool(getattr(k, "upper_is_quadratic", False)))
-
-
-def higher_constants(k: Any, th: np.ndarray, x: Any = None,
-                     radius: float = math.inf) -> tuple[float, float]:
-    """(L_3, L_Hf): Lipschitz constants of x -> DA(x) (fourth derivative of g) and of
-    x -> H_f(x) (third derivative of f), from k.constants(theta), or where that is infinite
-    (exp and polynomial atoms) from k.local_constants on B(x, radius), which must hold x* and
-    x_eps (docs/bounds.md 15.3); 0 where g (f) is quadratic in x, inf where missing (the bound
-    is then infinite, never wrong)."""
-    raw = dict(k.constants(th))
-    local = getattr(k, "local_constants", None)
-    if (not all(math.isfinite(float(raw.get(key, math.inf))) for key in ("L_3", "L_Hf"))
-            and x is not None and math.isfinite(radius) and local is not None):
-        ball = local(np.asarray(x, dtype=np.float64), th, radius)
-        raw = {key: min(float(raw.get(key, math.inf)), float(ball.get(key, math.inf)))
-               for key in ("L_3", "L_Hf")}
-
-    def read(key: str, zero: bool) -> float:
-        if zero:
-            return 0.0
-        value = float(raw.get(key, math.inf))
-        if math.isnan(value) or value < 0:
-            raise ValueError(f"constant {key} = {raw.get(key)!r} is not >= 0")
-        return value
-
-    return (read("L_3", bool(getattr(k, "is_quadratic", False))),
-            read("L_Hf", bool(getattr(k, "upper_is_quadratic", False))))
 
 
 def correct(k: Any, hg: HypergradientResult, directions: list[np.ndarray],

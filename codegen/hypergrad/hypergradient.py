@@ -31,7 +31,6 @@ from .adjoint.backprop import backprop_adjoint
 from .auto import choose_solvers
 from .bounds import (
     ROUNDING_FLOOR,
-    aposteriori_bound,
     apriori_bound,
     corrected_value,
     cross_norm,
@@ -50,6 +49,7 @@ from .common import (
     x_size_of,
 )
 from .fused import closing_for, contiguous
+from .local_third import er_bound
 from .options import HypergradientOptions
 from .registry import adjoint_entry, lower_entry
 from .results import (
@@ -415,7 +415,8 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
                       "no a posteriori bound: adjoint='backprop' is reverse mode through the "
                       "trajectory (Hessians at every iterate), not covered by E&R's analysis")
     else:
-        bound, forms = aposteriori_bound(c, e, R, nB, nb, nq, dep_theta)
+        bound, forms, c, passes = er_bound(k, th, c, x, q, e, R, nB, nb, dep_theta)
+        ledger.work["hvps"] += passes
         # Floating point: h itself is computed with rounding errors the exact-arithmetic bound
         # does not see; without this floor a converged solve could claim 1e-17 on a 1e-16 error.
         forms["rounding"] = ROUNDING_FLOOR * (nB * nq + norm(direct))

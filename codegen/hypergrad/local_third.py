@@ -1,4 +1,5 @@
-"""The data-local third derivative in the DWR corrections (docs/bounds.md 15.10).
+"""The data-local third derivative in the DWR corrections (docs/bounds.md 15.10) and in E&R's
+bound (docs/bounds.md 3, `er_bound`).
 
 Corollary 15.3 and Theorem 15.8 bound ||DA(x_eps)[e] u|| by L_A ||u|| E: sup |psi'''| over every
 argument and Cauchy-Schwarz over every row. The bound problem's `third_contraction(x, theta, u)`
@@ -17,17 +18,21 @@ from typing import Any
 import numpy as np
 
 from ..errors import HypergenError
-from .bounds import certified_product
+from .bounds import aposteriori_bound, certified_product
+from .common import norm
 from .results import HypergradientResult, evolve
 
 __all__ = ["available", "local_contractions", "worth_local", "with_local_q", "q_curvature",
-           "LOCAL_SHARE", "LOCAL_Q"]
+           "higher_constants", "ball_q_curvature", "LOCAL_SHARE", "LOCAL_Q", "ER_LOCAL_SHARE"]
 
 #: The L_A terms' share of |first-order correction| above which v and lam get local bounds.
 LOCAL_SHARE = 0.5
 #: The constants' key of the bound on ||DA(x_eps)[q]|| at the result's x_eps and q.
 LOCAL_Q = "LA_q"
 _L_A_TERMS = ("RE", "vE", "EE", "lamA")
+#: E&R's bound reads ||DA[q]|| from the data (`ball_q_curvature`) only where its L_A ||q|| term is
+#: more than this share of the bound (else the pass buys less than it costs).
+ER_LOCAL_SHARE = 0.25
 
 
 def available(k: Any) -> bool:
@@ -118,3 +123,74 @@ def local_contractions(k: Any, hg: HypergradientResult, v: np.ndarray, lam: np.n
         passes += 1
         a_lam = certified_product(lam_lam, E) if math.isfinite(lam_lam) else None
     return (a_q, a_v), a_lam, passes
+
+
+def higher_constants(k: Any, th: np.ndarray, x: Any = None,
+                     radius: float = math.inf) -> tuple[float, float]:
+    """(L_3, L_Hf): Lipschitz constants of x -> DA(x) (fourth derivative of g) and of
+    x -> H_f(x) (third derivative of f), from k.constants(theta), or where that is infinite
+    (exp and polynomial atoms) from k.local_constants on B(x, radius), which must hold x* and
+    x_eps (docs/bounds.md 15.3); 0 where g (f) is quadratic in x, inf where missing (the bound
+    is then infinite, never wrong)."""
+    raw = dict(k.constants(th))
+    local = getattr(k, "local_constants", None)
+    if (not all(math.isfinite(float(raw.get(key, math.inf))) for key in ("L_3", "L_Hf"))
+            and x is not None and math.isfinite(radius) and local is not None):
+        ball = local(np.asarray(x, dtype=np.float64), th, radius)
+        raw = {key: min(float(raw.get(key, math.inf)), float(ball.get(key, math.inf)))
+               for key in ("L_3", "L_Hf")}
+
+    def read(key: str, zero: bool) -> float:
+        if zero:
+            return 0.0
+        value = float(raw.get(key, math.inf))
+        if math.isnan(value) or value < 0:
+            raise ValueError(f"constant {key} = {raw.get(key)!r} is not >= 0")
+        return value
+
+    return (read("L_3", bool(getattr(k, "is_quadratic", False))),
+            read("L_Hf", bool(getattr(k, "upper_is_quadratic", False))))
+
+
+def er_bound(k: Any, th: np.ndarray, c: dict[str, Any], x: np.ndarray, q: np.ndarray, e: float,
+             R: float, norm_B: float, norm_b: float, depends_on_theta: bool
+             ) -> tuple[float, dict[str, float], dict[str, Any], int]:
+    """(E&R's a posteriori bound (`aposteriori_bound`), its forms, the constants, passes spent):
+    where the q form's L_A ||q|| terms are more than ER_LOCAL_SHARE of the bound, the q form
+    reads `ball_q_curvature` instead (one pass over the data), and the constants returned are a
+    copy of c with Lambda_q under LOCAL_Q (the block rounds read it there); else c itself."""
+    nq = norm(q)
+    bound, forms = aposteriori_bound(c, e, R, norm_B, norm_b, nq, depends_on_theta)
+    mul, mu = certified_product, float(c["mu"])
+    la_terms = mul(norm_B, nq, float(c["L_A"]), e) / mu if mu > 0 else math.inf
+    if not (math.isfinite(bound) and la_terms > ER_LOCAL_SHARE * bound) or LOCAL_Q in c:
+        return bound, forms, c, 0
+    lam_q, a, passes = ball_q_curvature(k, th, x, q, e)
+    if a is None:
+        return bound, forms, c, passes
+    local, local_forms = aposteriori_bound(c, e, R, norm_B, norm_b, nq, depends_on_theta, a)
+    kept = dict(c, **{LOCAL_Q: lam_q})
+    return (local, local_forms, kept, passes) if local < bound else (bound, forms, kept, passes)
+
+
+def ball_q_curvature(k: Any, th: np.ndarray, x: np.ndarray, q: np.ndarray,
+                     e: float) -> tuple[float, float | None, int]:
+    """(Lambda_q, a, passes) with ||(A(x*) - A(x_eps)) q|| <= a e for every x* in B(x_eps, e)
+    (docs/bounds.md 3): a = Lambda_q + L_3 ||q|| e / 2, Lambda_q >= ||DA(x_eps)[q]|| from the data at x_eps
+    (Lemma 15.10, one pass) and L_3 the Lipschitz constant of DA on the ball, since
+    A(x*) - A(x_eps) integrates DA(x_s)[x* - x_eps] over the segment and ||DA(x_s)[q]|| <=
+    Lambda_q + L_3 s e ||q||. a is None where k has no row kernels, g is quadratic (DA = 0: the
+    L_A terms vanish anyway), L_3 is infinite or a row is not finite."""
+    if not available(k) or bool(getattr(k, "is_quadratic", False)) or not math.isfinite(e):
+        return math.inf, None, 0
+    L3, _ = higher_constants(k, th, x, e)
+    if not math.isfinite(L3):
+        return math.inf, None, 0
+    try:
+        lam_q = float(k.third_contraction(x, th, q))
+    except (HypergenError, ValueError, FloatingPointError, OverflowError):
+        return math.inf, None, 1
+    if not math.isfinite(lam_q):
+        return math.inf, None, 1
+    return lam_q, lam_q + 0.5 * certified_product(L3, norm(q), e), 1
+
