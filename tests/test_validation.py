@@ -37,6 +37,13 @@ def make(**kw):
           + sp.sqrt(sp.Symbol("c", positive=True) ** 2) * sp.Sum(x[j] ** 2, (j, 0, n - 1))),
      "two different SymPy symbols are named 'c', one declared with no assumptions and one with "
      "positive=True"),
+    # a data array named like theta (its label was renamed with theta: 'theta[0]' is not a C
+    # identifier) or like another array of another shape (an index error about the wrong one)
+    (dict(lower=FIT + sp.exp(th) * sp.Sum(sp.IndexedBase("th", shape=(n,))[j] * x[j] ** 2,
+                                          (j, 0, n - 1))),
+     "the lower objective: the name 'th' is used for theta and for the data array th; rename one"),
+    (dict(upper=sp.Sum(sp.IndexedBase("b", shape=(n,))[j] * x[j], (j, 0, n - 1))),
+     r"two different IndexedBases are named 'b', with shapes \(m,\) and \(n,\)"),
     (dict(lower=FIT + sp.exp(th) * sp.Sum(x[j] ** 2, (j, 0, n - 1)) + th * sp.Sum(x[2 * j], (j, 0, (n - 1) / 2))),
      "the sum over j has the upper limit n/2 - 1/2, which is not an integer for every size"),
     (dict(lower=FIT + sp.Sum((x[j + 1] - x[j]) ** 2, (j, 0, n - 1))), "can leave x"),

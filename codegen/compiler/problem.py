@@ -200,6 +200,13 @@ def _objective(expr: object, label: str, subs: dict[sp.Symbol, sp.Expr]) -> sp.E
         raise ProblemError(f"the {label} objective must be a scalar expression, got {type(expr).__name__}")
     if any(isinstance(a, (sp.Eq, sp.Rel)) for a in sp.preorder_traversal(expr)):
         raise ProblemError(f"the {label} objective contains a relation; it must be a scalar expression")
+    # x and theta Symbols become entries of their arrays; the substitution would also rename
+    # an array whose label is the same Symbol (t[i] became theta[0][i])
+    taken = {s.name: str(entry.base.label) for s, entry in subs.items()}  # name -> x, theta
+    for base in sorted(expr.atoms(sp.IndexedBase), key=str):
+        if str(base.label) in taken:
+            raise ProblemError(f"the {label} objective: the name {str(base.label)!r} is used for "
+                               f"{taken[str(base.label)]} and for the data array {base}; rename one")
     return expr.xreplace(subs) if subs else expr
 
 
@@ -214,6 +221,7 @@ def _collect_data(expr: sp.Expr, label: str, arrays: dict[str, ArraySpec]) -> No
                                        f"but has shape {arrays[name].shape}")
                 if arrays[name].role == "data":
                     _same_declaration(arrays[name], node.base, f"data array {name}", label)
+                    _same_shape(arrays[name], shape, label)
                 continue
             if shape is None:
                 raise ProblemError(f"{label}: data array {name} has no shape; declare it as "
@@ -231,6 +239,15 @@ def _collect_data(expr: sp.Expr, label: str, arrays: dict[str, ArraySpec]) -> No
                 continue
             arrays[node.name] = ArraySpec(node.name, (), "data",
                                           facts=declared_facts(node, f"data symbol {node.name}"))
+
+
+def _same_shape(spec: ArraySpec, shape: Any, label: str) -> None:
+    """ProblemError when a second IndexedBase of the same name has another shape: the data
+    bind as one array, and an index check against the first shape named the wrong array."""
+    if shape is not None and tuple(sp.sympify(s) for s in shape) != spec.shape:
+        raise ProblemError(f"{label}: two different IndexedBases are named {spec.name!r}, with "
+                           f"shapes {spec.shape} and {tuple(shape)}; hypergen would bind one "
+                           f"array: declare {spec.name} once")
 
 
 def _same_declaration(spec: ArraySpec, node: sp.Basic, what: str, label: str) -> None:
