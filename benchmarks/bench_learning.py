@@ -68,7 +68,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_times, machine, set_threads_from_argv  # noqa: E402
+from timing import fresh_memory, interleaved_times, machine, set_threads_from_argv  # noqa: E402
 
 THREADS = set_threads_from_argv()
 
@@ -545,7 +545,7 @@ def main() -> None:
           f"load average at start {os.getloadavg()[0]:.2f}")
     rows = [r for c in args.cases for r in run_case(c, specs[c], args)]
     print(f"load average at end {os.getloadavg()[0]:.2f} (other processes on this machine make "
-          "times noisy)")
+          f"times noisy); memory after the runs: {fresh_memory()}")
     table(rows)
 
 

@@ -109,3 +109,33 @@ def machine() -> tuple:
     v = np.ones(2000)
     t, _, _ = median_time(lambda: A @ v, 15)
     return model, os.cpu_count(), t, 20000 * 2000 * 8 / t / 1e9
+
+
+def fresh_memory() -> str:
+    """How this machine pays for fresh memory: the seconds of a NumPy copy of 40 MB into newly
+    allocated pages (the copy `bind` makes of the learning benchmark's data; measured after a
+    process has allocated and freed much memory, since a fresh process finds huge pages), NumPy's
+    madvise-hugepage setting and the kernel's THP defrag mode. With defrag "madvise" and no free
+    huge page, the first touch of NumPy's madvised pages stalls on compaction (numpy#31590): a
+    copy then takes 0.3-0.5 s instead of 0.01-0.02 s, and NUMPY_MADVISE_HUGEPAGE=0 avoids it."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _get_madvise_hugepage
+        madvise = "on" if _get_madvise_hugepage() else "off"
+    except ImportError:
+        madvise = "?"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/defrag") as fh:
+            defrag = fh.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        defrag = "?"
+    a = np.ones(5_000_000)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        a.copy()
+        times.append(time.perf_counter() - start)
+    return (f"a 40 MB copy into fresh memory {statistics.median(times):.3f} s (NumPy madvise "
+            f"hugepage {madvise}, THP defrag {defrag})")
+
