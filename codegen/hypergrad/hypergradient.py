@@ -122,11 +122,13 @@ def _er(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
 
 def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
           q0: Any, keep_basis: bool = False, companion: Any = None,
-          dense: dict[str, Any] | None = None) -> HypergradientResult:
+          dense: dict[str, Any] | None = None, sharpen: bool = True) -> HypergradientResult:
     """One hypergradient with E&R's bound at fixed eps and delta: th checked, opts resolved;
     keep_basis: a lower CG keeps its Krylov directions for the correction's forward solve;
     companion: a krylov.Companion the adjoint CG solves alongside (docs/solvers.md 9); dense:
-    the direct solvers' factor cache, kept by the caller (a correction's solves read it)."""
+    the direct solvers' factor cache, kept by the caller (a correction's solves read it);
+    sharpen: E&R's bound may spend a pass on the third derivative along q (`er_bound`), not
+    where a correction's bound replaces it."""
     c_global = checked_constants(k, th)
     ledger = _Ledger(notes=list(c_global["notes"]))
     adjoint = adjoint_entry(opts.adjoint)
@@ -151,7 +153,7 @@ def _once(k: Any, th: np.ndarray, opts: HypergradientOptions, x0: Any,
     adj = _adjoint(k, th, c, low, b, opts, backprop, q0, dense, ledger, companion)
     closing = _closing(k, th, low.x, adj)
     grad, direct = _assemble(th, adj, closing, ledger)
-    return _bounded(k, th, c, low, adj, b, e, grad, direct, closing, opts, ledger)
+    return _bounded(k, th, c, low, adj, b, e, grad, direct, closing, ledger, sharpen)
 
 
 def _with_certificate(k: Any, theta: Any, opts: HypergradientOptions, x0: Any,
@@ -195,7 +197,7 @@ def _corrected(k: Any, th: np.ndarray, opts: HypergradientOptions, chosen: str, 
     def run(eps: float, delta: float, x0: Any, q0: Any, refine: int,
             companion: Any = None) -> HypergradientResult:
         return _once(k, th, plain.evolve(eps=eps, delta=delta, refine_iter=refine), x0, q0,
-                     keep_basis=True, companion=companion, dense=dense)
+                     keep_basis=True, companion=companion, dense=dense, sharpen=False)
 
     return corrected(k, th, opts, chosen, run, x0, q0, dense)
 
@@ -401,8 +403,9 @@ def _assemble(th: np.ndarray, adj: AdjointResult, closing: _Closing,
 
 def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: AdjointResult,
              b: np.ndarray, e: float, grad: np.ndarray, direct: np.ndarray, closing: _Closing,
-             opts: HypergradientOptions, ledger: _Ledger) -> HypergradientResult:
-    """The bounds (a posteriori with its rounding floor, a priori), the value and the result."""
+             ledger: _Ledger, sharpen: bool) -> HypergradientResult:
+    """The bounds (a posteriori with its rounding floor, a priori), the value and the result;
+    sharpen: as `_once`'s."""
     x, q, R = low.x, adj.q, adj.residual
     dep_theta = bool(getattr(k, "upper_depends_on_theta", False))
     nB, n_cross = cross_norm(k, x, th)
@@ -415,7 +418,7 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
                       "no a posteriori bound: adjoint='backprop' is reverse mode through the "
                       "trajectory (Hessians at every iterate), not covered by E&R's analysis")
     else:
-        bound, forms, c, passes = er_bound(k, th, c, x, q, e, R, nB, nb, dep_theta)
+        bound, forms, c, passes = er_bound(k, th, c, x, q, e, R, nB, nb, dep_theta, sharpen)
         ledger.work["hvps"] += passes
         # Floating point: h itself is computed with rounding errors the exact-arithmetic bound
         # does not see; without this floor a converged solve could claim 1e-17 on a 1e-16 error.
