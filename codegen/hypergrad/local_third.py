@@ -165,8 +165,7 @@ def er_bound(k: Any, th: np.ndarray, c: dict[str, Any], x: np.ndarray, q: np.nda
     bound, forms = aposteriori_bound(c, e, R, norm_B, norm_b, nq, depends_on_theta)
     mul, mu = certified_product, float(c["mu"])
     la_terms = mul(norm_B, nq, float(c["L_A"]), e) / mu if mu > 0 else math.inf
-    if not (sharpen and math.isfinite(bound) and la_terms > ER_LOCAL_SHARE * bound) \
-            or LOCAL_Q in c:
+    if not (sharpen and math.isfinite(bound) and la_terms > ER_LOCAL_SHARE * bound):
         return bound, forms, c, 0
     lam_q, a, passes = ball_q_curvature(k, th, x, q, e)
     if a is None:
@@ -179,8 +178,8 @@ def er_bound(k: Any, th: np.ndarray, c: dict[str, Any], x: np.ndarray, q: np.nda
 def ball_q_curvature(k: Any, th: np.ndarray, x: np.ndarray, q: np.ndarray,
                      e: float) -> tuple[float, float | None, int]:
     """(Lambda_q, a, passes) with ||(A(x*) - A(x_eps)) q|| <= a e for every x* in B(x_eps, e)
-    (docs/bounds.md 3): a = Lambda_q + L_3 ||q|| e / 2, Lambda_q >= ||DA(x_eps)[q]|| from the data at x_eps
-    (Lemma 15.10, one pass) and L_3 the Lipschitz constant of DA on the ball, since
+    (docs/bounds.md 3): a = Lambda_q + L_3 ||q|| e / 2, Lambda_q >= ||DA(x_eps)[q]|| from the
+    data at x_eps (Lemma 15.10, one pass) and L_3 the Lipschitz constant of DA on the ball, since
     A(x*) - A(x_eps) integrates DA(x_s)[x* - x_eps] over the segment and ||DA(x_s)[q]|| <=
     Lambda_q + L_3 s e ||q||. a is None where k has no row kernels, g is quadratic (DA = 0: the
     L_A terms vanish anyway), L_3 is infinite or a row is not finite."""
