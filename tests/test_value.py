@@ -54,3 +54,20 @@ def test_corrected_value_needs_an_adjoint(build_dir):
     prob = module.bind(**ns["example_data"](seed=1, m=60, n=8, p=40))
     hg = hypergradient(prob, np.array([-1.0]), lower="gd", adjoint="backprop", eps=1e-3)
     assert np.isnan(hg.corrected_value) and hg.corrected_value_error == np.inf
+
+
+def test_samples_average_the_corrected_values(build_dir):
+    """Several samples: the mean's corrected value and error are the samples' means, and F's
+    mean over the samples lies within it."""
+    _, module, ns = built_example("logistic", build_dir)
+    data = [ns["example_data"](seed=s, m=60, n=8, p=40) for s in range(3)]
+    theta = np.array([-2.0])
+    hg = module.bind_samples(data).hypergradient(theta, eps=1e-5, delta=1e-8)
+    parts = hg.samples
+    assert hg.corrected_value == pytest.approx(np.mean([r.corrected_value for r in parts]),
+                                               rel=1e-15)
+    assert hg.corrected_value_error == pytest.approx(
+        np.mean([r.corrected_value_error for r in parts]), rel=1e-15)
+    F = np.mean([float(k.upper_value(x_star(k, theta), theta))
+                 for k in (DenseGenerated(module.bind(**d)) for d in data)])
+    assert abs(hg.corrected_value - F) <= hg.corrected_value_error

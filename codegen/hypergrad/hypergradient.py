@@ -484,7 +484,8 @@ def hypergradient_samples(ks: Any, theta: Any, options: HypergradientOptions | N
 
     Each sample's lower problem and adjoint are solved separately (own mu_s, G_s, R_s, own zero
     trap and NaN guards); grad = mean_s h_s and bound = mean_s bound_s (the error of a mean is at
-    most the mean of the errors), apriori_bound likewise, value = mean_s value_s, work summed.
+    most the mean of the errors), apriori_bound likewise, value = mean_s value_s (and the
+    corrected value and its error likewise), work summed.
     The regulariser: every kernel's upper_theta_grad is assumed to include grad r(theta), so the
     average counts it exactly once (not S times). x0, q0: None or one entry per sample. G, R,
     e, norm_B, grad_f_norm, q_norm are the worst (largest) over samples; x, q, lower, adjoint,
@@ -572,7 +573,9 @@ def _mean_over_samples(ks: list[Any], theta: Any, opts: HypergradientOptions, x0
         apriori_rigorous=all(r.apriori_rigorous for r in res),
         lower=[r.lower for r in res], adjoint=[r.adjoint for r in res],
         notes=tuple(sorted({n for r in res for n in r.notes})), samples=res,
-        theta=res[0].theta, certificate="+".join(sorted({r.certificate for r in res})))
+        theta=res[0].theta, certificate="+".join(sorted({r.certificate for r in res})),
+        corrected_value=float(np.mean([r.corrected_value for r in res])),
+        corrected_value_error=float(np.mean([r.corrected_value_error for r in res])))
 
 
 def _merged_reasons(res: list[Any]) -> tuple[Reason, ...]:
