@@ -40,7 +40,7 @@ def test_corrected_value_is_certified_and_second_order(problem, eps):
     name, k, theta, lower, F = problem
     hg = hypergradient(k, theta, lower=lower, adjoint="cg", eps=eps, delta=1e-3 * eps,
                        refine_iter=0)
-    plain = value_error_bound(hg.grad_f_norm, hg.e, hg.constants["L_f"])
+    plain = value_error_bound(hg.grad_f_norm, hg.e, hg.constants["L_f"], hg.value)
     assert abs(hg.value - F) <= plain, (name, hg.value - F, plain)
     assert abs(hg.corrected_value - F) <= hg.corrected_value_error, \
         (name, hg.corrected_value - F, hg.corrected_value_error)

@@ -170,16 +170,19 @@ def corrected_value(c: dict[str, Any], value: float, x: np.ndarray, grad: np.nda
     (+ r(theta)), q the adjoint with ||A(x_eps) q - grad_x f(x_eps)|| <= R, e >= ||x_eps - x*||,
     L_A and L_f in c valid on B(x_eps, e) (docs/bounds.md 13):
 
-        |F - f_c| <= R e + (L_f + L_A ||q||) e^2 / 2 + ||q|| (floor of grad g + ROUNDING_FLOOR ||grad g||).
+        |F - f_c| <= R e + (L_f + L_A ||q||) e^2 / 2 + ||q|| (floor of grad g + ROUNDING_FLOOR ||grad g||)
+                     + ROUNDING_FLOOR (|value| + |q . grad g|)   (the values' own rounding).
 
     Second order in e where the plain value's ||grad f|| e is first order: a line search's value
     test needs a far looser lower solve. (nan, inf) when value is not finite."""
     if not math.isfinite(value):
         return math.nan, math.inf
     mul, nq = certified_product, norm(q)
-    floor = mul(nq, rounding_floor(float(c["L"]), x) + ROUNDING_FLOOR * norm(grad))
+    correction = float(np.dot(q, grad))
+    floor = (mul(nq, rounding_floor(float(c["L"]), x) + ROUNDING_FLOOR * norm(grad))
+             + ROUNDING_FLOOR * (abs(value) + abs(correction)))
     err = (mul(R, e) + 0.5 * (mul(c["L_f"], e, e) + mul(c["L_A"], nq, e, e)) + floor)
-    return value - float(np.dot(q, grad)), (err if not math.isnan(err) else math.inf)
+    return value - correction, (err if not math.isnan(err) else math.inf)
 
 
 def aposteriori_bound(c: dict[str, Any], e: float, R: float, norm_B: float, norm_b: float,

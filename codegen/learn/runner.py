@@ -19,6 +19,7 @@ from ..errors import HypergenError
 from ..hypergrad import (
     call_kernel, checked_constants, hypergradient, hypergradient_samples, solve_lower,
 )
+from ..hypergrad.bounds import ROUNDING_FLOOR
 from ..hypergrad.common import grad_norm
 from .options import CommonOptions
 from .result import OptimizeStatus
@@ -72,14 +73,14 @@ class StopRun(Exception):
         self.status, self.message = status, message
 
 
-def value_error_bound(grad_f_norm: float, e: float, L_f: float) -> float:
-    """Certified bound on |f(x_eps) - f(x*)| for ||x_eps - x*|| <= e (docs/bounds.md 13):
-    ||grad f(x_eps)|| e + L_f/2 e^2, with L_f valid on the ball B(x_eps, e)."""
-    if e == 0:
-        return 0.0
+def value_error_bound(grad_f_norm: float, e: float, L_f: float, value: float) -> float:
+    """Certified bound on |value - F| for value = f(x_eps) (+ r) computed at ||x_eps - x*|| <= e
+    (docs/bounds.md 13): ||grad f(x_eps)|| e + L_f/2 e^2, with L_f valid on the ball
+    B(x_eps, e), plus the rounding floor ROUNDING_FLOOR |value| of the computed value."""
     if not math.isfinite(e):
         return math.inf
-    return grad_f_norm * e + (0.5 * L_f * e * e)
+    floor = ROUNDING_FLOOR * abs(value)
+    return floor if e == 0 else grad_f_norm * e + (0.5 * L_f * e * e) + floor
 
 
 def short_theta(theta: np.ndarray) -> str:
@@ -277,7 +278,8 @@ class Runner:
         parts = hg.samples if self.multi else [hg]
         pairs = []
         for r in parts:
-            plain = (float(r.value), value_error_bound(r.grad_f_norm, r.e, r.constants["L_f"]))
+            plain = (float(r.value), value_error_bound(r.grad_f_norm, r.e, r.constants["L_f"],
+                                                       float(r.value)))
             corrected = (float(r.corrected_value), float(r.corrected_value_error))
             pairs.append(corrected if corrected[1] < plain[1] else plain)
         values, errors = zip(*pairs)
@@ -321,7 +323,7 @@ class Runner:
                 return math.inf, math.inf, None
             vals.append(v)
             errs.append(value_error_bound(grad_norm(b), low.bound,
-                                          self._lipschitz_f(k, low.x, theta, low.bound)))
+                                          self._lipschitz_f(k, low.x, theta, low.bound), v))
             xs.append(low.x)
         return float(np.mean(vals)), float(np.mean(errs)), (xs if self.multi else xs[0])
 
