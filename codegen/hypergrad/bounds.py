@@ -165,7 +165,8 @@ def distance_from_step(e0: float, step: float, residual: float, mu: float, L_A: 
 
 
 def corrected_value(c: dict[str, Any], value: float, x: np.ndarray, grad: np.ndarray,
-                    q: np.ndarray, e: float, R: float) -> tuple[float, float]:
+                    q: np.ndarray, e: float, R: float, norm_q: float,
+                    norm_grad: float) -> tuple[float, float]:
     """(f_c, a certified bound on |f_c - F|) for f_c = value - q . grad g(x_eps), value = f(x_eps)
     (+ r(theta)), q the adjoint with ||A(x_eps) q - grad_x f(x_eps)|| <= R, e >= ||x_eps - x*||,
     L_A and L_f in c valid on B(x_eps, e) (docs/bounds.md 13):
@@ -174,12 +175,13 @@ def corrected_value(c: dict[str, Any], value: float, x: np.ndarray, grad: np.nda
                      + ROUNDING_FLOOR (|value| + |q . grad g|)   (the values' own rounding).
 
     Second order in e where the plain value's ||grad f|| e is first order: a line search's value
-    test needs a far looser lower solve. (nan, inf) when value is not finite."""
+    test needs a far looser lower solve. (nan, inf) when value is not finite. norm_q, norm_grad:
+    ||q||, ||grad g(x_eps)||, which the caller has."""
     if not math.isfinite(value):
         return math.nan, math.inf
-    mul, nq = certified_product, norm(q)
-    correction = float(np.dot(q, grad))
-    floor = (mul(nq, rounding_floor(float(c["L"]), x) + ROUNDING_FLOOR * norm(grad))
+    mul, nq = certified_product, norm_q
+    correction = float(q.dot(grad))
+    floor = (mul(nq, rounding_floor(float(c["L"]), x) + ROUNDING_FLOOR * norm_grad)
              + ROUNDING_FLOOR * (abs(value) + abs(correction)))
     err = (mul(R, e) + 0.5 * (mul(c["L_f"], e, e) + mul(c["L_A"], nq, e, e)) + floor)
     return value - correction, (err if not math.isnan(err) else math.inf)

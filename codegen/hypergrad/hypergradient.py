@@ -418,7 +418,7 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
                       "no a posteriori bound: adjoint='backprop' is reverse mode through the "
                       "trajectory (Hessians at every iterate), not covered by E&R's analysis")
     else:
-        bound, forms, c, passes = er_bound(k, th, c, x, q, e, R, nB, nb, dep_theta, sharpen)
+        bound, forms, c, passes = er_bound(k, th, c, x, q, e, R, nB, nb, nq, dep_theta, sharpen)
         ledger.work["hvps"] += passes
         # Floating point: h itself is computed with rounding errors the exact-arithmetic bound
         # does not see; without this floor a converged solve could claim 1e-17 on a 1e-16 error.
@@ -441,7 +441,8 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
             f"uncertified constants (source = {c['source']!r}): the derivation could not certify "
             f"them (built with allow_uncertified); the bound rests on them"))
     value = _value(closing, ledger)
-    fc, fc_err = (corrected_value(c, value, x, low.grad, q, e, R)
+    G = low.G
+    fc, fc_err = (corrected_value(c, value, x, low.grad, q, e, R, nq, G)
                   if adj.solver != "backprop" and low.grad is not None else (math.nan, math.inf))
     if not finite(grad):
         ledger.reason(ReasonKind.NON_FINITE, "non-finite hypergradient")
@@ -452,7 +453,7 @@ def _bounded(k: Any, th: np.ndarray, c: dict[str, Any], low: LowerResult, adj: A
     return HypergradientResult(
         grad=grad, bound=bound, apriori_bound=apri, value=value, x=x, q=q,
         work=ledger.totals(), reasons=tuple(ledger.reasons), lower_solver=low.solver,
-        adjoint_solver=adj.solver, constants=c, G=low.G, R=R, e=e, norm_B=nB, grad_f_norm=nb,
+        adjoint_solver=adj.solver, constants=c, G=G, R=R, e=e, norm_B=nB, grad_f_norm=nb,
         q_norm=nq, certified=certified, apriori_rigorous=apri_rig, bound_forms=forms,
         lower=low, adjoint=adj, notes=tuple(ledger.notes), theta=th, corrected_value=fc,
         corrected_value_error=fc_err)

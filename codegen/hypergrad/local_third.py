@@ -153,15 +153,15 @@ def higher_constants(k: Any, th: np.ndarray, x: Any = None,
 
 
 def er_bound(k: Any, th: np.ndarray, c: dict[str, Any], x: np.ndarray, q: np.ndarray, e: float,
-             R: float, norm_B: float, norm_b: float, depends_on_theta: bool, sharpen: bool
-             ) -> tuple[float, dict[str, float], dict[str, Any], int]:
+             R: float, norm_B: float, norm_b: float, norm_q: float, depends_on_theta: bool,
+             sharpen: bool) -> tuple[float, dict[str, float], dict[str, Any], int]:
     """(E&R's a posteriori bound (`aposteriori_bound`), its forms, the constants, passes spent):
     with `sharpen` (E&R's is the certificate the caller reports: a correction's own bound
     makes the pass a waste), where the q form's L_A ||q|| terms are more than ER_LOCAL_SHARE
     of the bound, the q form reads `ball_q_curvature` instead (one pass over the data), and
     the constants returned are a copy of c with Lambda_q under LOCAL_Q (the block rounds read
     it there); else c itself."""
-    nq = norm(q)
+    nq = norm_q
     bound, forms = aposteriori_bound(c, e, R, norm_B, norm_b, nq, depends_on_theta)
     mul, mu = certified_product, float(c["mu"])
     la_terms = mul(norm_B, nq, float(c["L_A"]), e) / mu if mu > 0 else math.inf
