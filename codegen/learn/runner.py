@@ -39,8 +39,9 @@ MAX_EXTRAPOLATION = 4.0
 TRAIL = 3
 #: The certificate every loop asks for, for every size of theta: E&R's (docs/framework.md 9.1,
 #: "Certificates in the loop"). With a Newton-CG lower solve, learning one weight of the 10000 x
-#: 500 logistic example from theta0 = 0 took 351 units with it, 401 with "dwr" (the loop
-#: stepping along h_c with bound(h_c)) and 541-678 with "tight"; beyond
+#: 500 logistic example from theta0 = 0 took 171 units with it, 256 with "dwr" (the loop
+#: stepping along h_c with bound(h_c)) and 235 with "tight" (earlier versions: 351, 401 and
+#: 541-678); beyond
 #: correction.MAX_COMPONENTS entries "dwr" certifies only the component along h and leaves grad
 #: and bound E&R's, at one more pair of solves. Not measured in a loop: a first-order lower
 #: solve, where a single call's default is the tight bound.
