@@ -44,6 +44,8 @@ def make(**kw):
      "the lower objective: the name 'th' is used for theta and for the data array th; rename one"),
     (dict(upper=sp.Sum(sp.IndexedBase("b", shape=(n,))[j] * x[j], (j, 0, n - 1))),
      r"two different IndexedBases are named 'b', with shapes \(m,\) and \(n,\)"),
+    (dict(upper=sp.Sum(sp.IndexedBase("x", shape=(m,))[i] ** 2, (i, 0, m - 1))),
+     r"two different IndexedBases are named 'x' \(one of them x\), with shapes \(n,\) and \(m,\)"),
     (dict(lower=FIT + sp.exp(th) * sp.Sum(x[j] ** 2, (j, 0, n - 1)) + th * sp.Sum(x[2 * j], (j, 0, (n - 1) / 2))),
      "the sum over j has the upper limit n/2 - 1/2, which is not an integer for every size"),
     (dict(lower=FIT + sp.Sum((x[j + 1] - x[j]) ** 2, (j, 0, n - 1))), "can leave x"),

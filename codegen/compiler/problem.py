@@ -221,7 +221,7 @@ def _collect_data(expr: sp.Expr, label: str, arrays: dict[str, ArraySpec]) -> No
                                        f"but has shape {arrays[name].shape}")
                 if arrays[name].role == "data":
                     _same_declaration(arrays[name], node.base, f"data array {name}", label)
-                    _same_shape(arrays[name], shape, label)
+                _same_shape(arrays[name], shape, label)
                 continue
             if shape is None:
                 raise ProblemError(f"{label}: data array {name} has no shape; declare it as "
@@ -242,12 +242,14 @@ def _collect_data(expr: sp.Expr, label: str, arrays: dict[str, ArraySpec]) -> No
 
 
 def _same_shape(spec: ArraySpec, shape: Any, label: str) -> None:
-    """ProblemError when a second IndexedBase of the same name has another shape: the data
-    bind as one array, and an index check against the first shape named the wrong array."""
+    """ProblemError when a second IndexedBase of the same name (data, x or theta) has another
+    shape: they would be one array, and an index check against the first shape named the
+    wrong array."""
     if shape is not None and tuple(sp.sympify(s) for s in shape) != spec.shape:
-        raise ProblemError(f"{label}: two different IndexedBases are named {spec.name!r}, with "
-                           f"shapes {spec.shape} and {tuple(shape)}; hypergen would bind one "
-                           f"array: declare {spec.name} once")
+        what = "" if spec.role == "data" else f" (one of them {spec.role})"
+        raise ProblemError(f"{label}: two different IndexedBases are named {spec.name!r}{what}, "
+                           f"with shapes {spec.shape} and {tuple(shape)}; hypergen would bind "
+                           f"one array: declare {spec.name} once")
 
 
 def _same_declaration(spec: ArraySpec, node: sp.Basic, what: str, label: str) -> None:
