@@ -251,7 +251,7 @@ def test_er_bound_reads_the_q_curvature_on_the_ball(name, sizes, build_dir, monk
         assert err <= hg.bound < plain.bound, (eps, err, hg.bound, plain.bound)
         assert hg.constants[LOCAL_Q] <= hg.constants["L_A"] * hg.q_norm
         assert hg.work["units"] == plain.work["units"] + 1
-        _, a, passes = ball_q_curvature(prob, theta, hg.x, hg.q, hg.e)
+        _, a, _ = ball_q_curvature(prob, theta, hg.x, hg.q, hg.e)
         d = np.linalg.norm(hg.x - truth.x) + truth.e
         change = (prob.lower_hessian(truth.x, theta) - prob.lower_hessian(hg.x, theta)) @ hg.q
         assert np.linalg.norm(change) <= a * d * (1 + 1e-9) + 1e-13 and d <= hg.e
