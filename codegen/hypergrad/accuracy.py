@@ -57,7 +57,8 @@ from .options import DEFAULTS
 from .plans import TIGHT_PLAN_SHARE, dwr_planned, dwr_tightened, plain_tightened, tight_planned
 from .results import HypergradientResult, Reason, ReasonKind, evolve
 
-__all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances", "Round",
+__all__ = ["sharpen_budget", "SHARPEN_RATIO", "SHARPEN_BUDGET", "to_accuracy", "check_targets",
+           "bound_parts", "first_tolerances", "Round",
            "corrected_to_accuracy", "MAX_ROUNDS", "SHARE", "TIGHT_RELATIVE", "add_work",
            "TIGHT_FIRST_ROUND", "add_correction_work"]
 
@@ -300,12 +301,10 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         grad, bound, plain = combined(corr, hg, components)
         steered = plain if tight else bound if components else corr.parts[0].bound
         target = atol + (rtol or 0.0) * grad_norm(hg.grad if tight else grad)
-        trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: "
-                     f"{'plain' if tight else 'DWR'} bound {fmt(steered)}")
+        trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: {'plain' if tight else 'DWR'} bound {fmt(steered)}")
         if not steer or steered <= target:
             break
-        planned = _next_round(corr, hg.e, target / math.sqrt(n) if components else target,
-                              tight)
+        planned = _next_round(corr, hg.e, target / math.sqrt(n) if components else target, tight)
         if planned is None:
             failure = (f"certified accuracy unreachable: the rounding floor takes a fifth of "
                        f"atol + rtol ||grad|| = {fmt(target)}")
@@ -320,6 +319,8 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     if corr is None:  # every round was a zero trap or had a target of 0
         return uncorrected(hg, total, failure)
     if tight:
+        if steer and failure is None:
+            corr, grad, bound, plain = _tight_sharpened(k, hg, corr, plain, total, trail, relative, energy, dense)
         return _tight_result(hg, corr, grad, bound, plain, total, trail, failure)
     return _corrected_result(hg, corr, grad, bound, plain, components, total, trail, failure)
 
@@ -358,6 +359,65 @@ def _tight_again(k: Any, hg: HypergradientResult, target: float, n: int,
     if energy is not None:
         planned = _dwr_first(k, hg, share, n, True, energy)[0]
     return (planned if planned < 0.5 * hg.e else None), energy
+
+
+#: A met target's tight or block bound is sharpened when it is more than SHARPEN_RATIO times h's
+#: error estimate ||h - h_c|| (bound(h_c) > 2 ||h - h_c||: the correction's solves were planned
+#: from the target, and h's error landed far below it) ...
+SHARPEN_RATIO = 3.0
+#: ... and when the correction's own solves cost at most this share of the work so far (a warm
+#: continuation costs about as much again) ...
+SHARPEN_BUDGET = 0.1
+#: ... times plain / (SHARPEN_RATIO ||h - h_c||), the factor a sharpening may remove, up to
+#: SHARPEN_FACTOR_MAX: a bound 30 times h's error may spend three times what one 3.5 times may.
+SHARPEN_FACTOR_MAX = 3.0
+
+
+def sharpen_budget(plain: float, gap: float, units: int) -> float:
+    """The work (units) a sharpening of a met bound `plain` may cost, h's error estimate being
+    `gap` and `units` the work so far: SHARPEN_BUDGET units per factor of SHARPEN_RATIO over
+    the estimate, at most SHARPEN_FACTOR_MAX of them; 0 when plain is within SHARPEN_RATIO gap."""
+    if not gap > 0 or plain <= SHARPEN_RATIO * gap:
+        return 0.0
+    return SHARPEN_BUDGET * min(plain / (SHARPEN_RATIO * gap), SHARPEN_FACTOR_MAX) * units
+
+#: The terms of a direction's bound(h_c) that its forward and dual residuals make (linear in
+#: R_v or R_lam; docs/bounds.md 15.2): what a sharpening can shrink without a new lower solve.
+SOLVE_TERMS = ("vR", "vE", "lamE")
+
+
+def _tight_sharpened(k: Any, hg: HypergradientResult, corr: Correction, plain: float,
+                     total: dict[str, int], trail: list[str], relative: float,
+                     energy: Energy | None, dense: dict[str, Any] | None
+                     ) -> tuple[Correction, np.ndarray, float, float]:
+    """(correction, h_c, bound(h_c), plain bound) from the forward and dual solves run on
+    (warm) until their terms leave bound(h_c) about 2 ||h - h_c||, or from corr where the plain
+    bound is within SHARPEN_RATIO of that estimate, the solves' terms are under half of
+    bound(h_c) (E and R are h's own accuracy, not sharpened), the first correction cost more
+    than `sharpen_budget` allows, or the new bound is not smaller. Each CG is capped at half
+    that budget. Steering only: the bound returned is the one computed for the solves returned. Adds the
+    work to total and a note to trail."""
+    gap = math.hypot(*(p.value - p.plain for p in corr.parts))
+    solves = math.fsum(p.terms[t] for p in corr.parts for t in SOLVE_TERMS)
+    bounds = math.fsum(p.bound for p in corr.parts)
+    budget = sharpen_budget(plain, gap, total["units"])
+    kept = (corr, *combined(corr, hg, True))
+    if (solves <= 0.5 * bounds or not budget > 0
+            or corr.work["hvps"] + corr.work["upper"] > budget):
+        return kept
+    aim = SHARPEN_RATIO - 1.0
+    f = max(aim * gap - (bounds - solves), 0.25 * aim * gap) / solves
+    try:
+        sharp = correct(k, hg, [p.direction for p in corr.parts], [p.R_v * f for p in corr.parts],
+                        [p.R_lam * f for p in corr.parts], [p.v for p in corr.parts],
+                        [p.lam for p in corr.parts], max(int(budget / 2), 1), relative, energy,
+                        dense)
+    except FloatingPointError:  # the first correction's kernels were finite: keep it
+        return kept
+    add_correction_work(total, sharp.work)
+    grad, bound, sharper = combined(sharp, hg, True)
+    trail.append(f"forward and dual solved again: plain bound {fmt(sharper)}")
+    return (sharp, grad, bound, sharper) if sharper < plain else kept
 
 
 def _tight_result(hg: HypergradientResult, corr: Correction, h_c: np.ndarray, bound_c: float,

@@ -24,12 +24,14 @@ import numpy as np
 
 from .accuracy import (
     MAX_ROUNDS,
+    SHARPEN_RATIO,
     TIGHT_RELATIVE,
     Round,
     add_correction_work,
     add_work,
     bound_parts,
     check_targets,
+    sharpen_budget,
 )
 from .bounds import ROUNDING_FLOOR, certified_product, distance_from_step
 from .common import call_kernel, fmt, grad_norm, norm
@@ -214,8 +216,11 @@ def _cross_tangent(k: Any, x: np.ndarray, th: np.ndarray, q: np.ndarray, w: np.n
 
 
 #: Share of the target each of the block bound's first-order terms (t, w) is planned at: the
-#: two solves stop where c_t R_t and c_w R_w are this fraction of atol + rtol ||h||.
-SOLVE_SHARE = 0.1
+#: two solves stop where c_t R_t and c_w R_w are this fraction of atol + rtol ||h||. Newton lands
+#: h's error at 0.001-0.1 of the target, so at a tenth t and w made most of the bound (2-D TV,
+#: 12 x 12: bound / true error 3-12.6, median 6.95); at 0.03 the median is 2.95 for 4% more work
+#: (`bench_certificate.py --quick`'s block rows: 1.2-3.5 -> 1.04-3.2 times the error).
+SOLVE_SHARE = 0.03
 
 #: Share of the target h's error estimate ||h - h_c|| is aimed at when a round tightens eps and
 #: delta; the second-order terms, planned at SECOND_SHARE, and the solves' take the rest.
@@ -313,32 +318,21 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
                          None if failure is None else Reason(kind, failure))
 
 
-#: A met target's block bound is sharpened when it is more than SHARPEN_RATIO times h's error
-#: estimate ||h - h_c|| (bound(h_c) > 2 ||h - h_c||: the two solves were planned from the
-#: target, and h's error landed far below it) ...
-SHARPEN_RATIO = 3.0
-#: ... and when the correction's own solves cost at most this share of the work so far: a
-#: warm continuation of t and w costs about as much again (measured, `bench_certificate.py
-#: --quick`: the paper quadratic with GD, bound / error 12.7, 6.0, 5.3 -> 1.8, 1.6, 1.3 for
-#: 3-6% more work; with CG, whose t and w are a third of the work, it would cost 40%).
-SHARPEN_BUDGET = 0.1
-
-
 def _sharpened(k: Any, hg: HypergradientResult, corr: BlockCorrection, plain: float,
                total: dict[str, int], trail: list[str],
                dense: dict[str, Any] | None = None) -> BlockCorrection:
     """corr, or a sharper one from t and w solved again (warm) until their terms leave
     bound(h_c) about 2 ||h - h_c||, when the plain bound (the smaller of the two) is over
     SHARPEN_RATIO times the estimate, t and w make most of bound(h_c) (nothing else is
-    sharpened: E and R are h's own accuracy) and their first solves cost at most
-    SHARPEN_BUDGET of the work so far; each CG is capped at half that budget, so a sharpening
-    never costs more. Steering only: the bound returned is the one computed for the solves
+    sharpened: E and R are h's own accuracy) and their first solves cost at most what
+    `sharpen_budget` allows; each CG is capped at half that budget, so a sharpening never
+    costs more. Steering only: the bound returned is the one computed for the solves
     returned. Adds the work to total and a note to trail."""
     gap = norm(corr.shift)
     solves = corr.terms["t"] + corr.terms["w"]
     rest = corr.bound - solves
-    budget = SHARPEN_BUDGET * total["units"]
-    if (not gap > 0 or plain <= SHARPEN_RATIO * gap or solves <= 0.5 * corr.bound
+    budget = sharpen_budget(plain, gap, total["units"])
+    if (solves <= 0.5 * corr.bound or not budget > 0
             or corr.work["hvps"] + corr.work["upper"] > budget):
         return corr
     aim = SHARPEN_RATIO - 1.0
