@@ -394,9 +394,9 @@ def _tight_sharpened(k: Any, hg: HypergradientResult, corr: Correction, plain: f
     (warm) until their terms leave bound(h_c) about 2 ||h - h_c||, or from corr where the plain
     bound is within SHARPEN_RATIO of that estimate, the solves' terms are under half of
     bound(h_c) (E and R are h's own accuracy, not sharpened), the first correction cost more
-    than `sharpen_budget` allows, or the new bound is not smaller. Each CG is capped at half
-    that budget. Steering only: the bound returned is the one computed for the solves returned. Adds the
-    work to total and a note to trail."""
+    than `sharpen_budget` allows, or the new bound is not smaller. Each of the 2 p CGs (p
+    directions) is capped at 1 / (2 p) of that budget. Steering only: the bound returned is
+    the one computed for the solves returned. Adds the work to total and a note to trail."""
     gap = math.hypot(*(p.value - p.plain for p in corr.parts))
     solves = math.fsum(p.terms[t] for p in corr.parts for t in SOLVE_TERMS)
     bounds = math.fsum(p.bound for p in corr.parts)
@@ -410,8 +410,8 @@ def _tight_sharpened(k: Any, hg: HypergradientResult, corr: Correction, plain: f
     try:
         sharp = correct(k, hg, [p.direction for p in corr.parts], [p.R_v * f for p in corr.parts],
                         [p.R_lam * f for p in corr.parts], [p.v for p in corr.parts],
-                        [p.lam for p in corr.parts], max(int(budget / 2), 1), relative, energy,
-                        dense)
+                        [p.lam for p in corr.parts], max(int(budget / (2 * len(corr.parts))), 1),
+                        relative, energy, dense)
     except FloatingPointError:  # the first correction's kernels were finite: keep it
         return kept
     add_correction_work(total, sharp.work)
