@@ -2,6 +2,7 @@
 default with rtol / atol: valid against exact gradients, within a few times the true error, and
 chosen by "auto" by the documented rule."""
 import math
+import runpy
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from codegen.hypergrad import accuracy, hypergradient, hypergradient_samples
 from codegen.hypergrad.certificates import BLOCK_NEWTON_FROM
 from codegen.hypergrad.correction import dwr_unavailable
 
-from support import EXAMPLES, TINY, built_example
+from support import EXAMPLES, EXAMPLES_DIR, TINY, built_example
 
 RTOLS = (1e-3, 1e-6, 1e-8)
 
@@ -149,6 +150,40 @@ def test_unreachable_target_keeps_a_valid_bound():
     hg = hypergradient(k, theta, lower="cg", rtol=1e-20, certificate="tight")
     assert hg.status != "ok" and "accuracy" in hg.status
     assert np.linalg.norm(hg.grad - k.exact_hypergradient(theta)) <= hg.bound
+
+
+@pytest.mark.parametrize("certificate", ["tight", "block"])
+@pytest.mark.parametrize("lower", ["newton", "gd"])
+def test_a_target_below_the_rounding_floor_ends_at_the_floor(certificate, lower):
+    """atol = 1e-20 on 1-D smoothed TV: the rounds aim at ROUNDING_GOAL times the correction's
+    rounding terms instead (no solve is planned below E&R's) and end there with "accuracy
+    floor", at a bound below what a reachable rtol of 1e-10 gives, in a few hundred units. They
+    used to end at their first correction ("unreachable", bounds 5e-9 to 2e-7), the block
+    bound's two solves having run to their caps (11-13 thousand units) for a target of 1e-20."""
+    k = SmoothTV1D.generate(seed=0, n=100, noise=0.2, beta=0.5, gamma=0.1)
+    theta = np.array([1.0])
+    exact = nq_exact(k, theta)
+    hg = hypergradient(k, theta, lower=lower, adjoint="cg", certificate=certificate, atol=1e-20)
+    reach = hypergradient(k, theta, lower=lower, adjoint="cg", certificate=certificate,
+                          rtol=1e-10)
+    assert hg.certificate == certificate and "accuracy floor" in hg.status, hg.status
+    assert np.linalg.norm(hg.grad - exact) <= hg.bound <= reach.bound
+    assert hg.work["units"] < 1000
+
+
+def test_a_failed_round_keeps_the_last_certified_one(build_dir):
+    """The FoE example (6 x 6, eight filter weights) with GD and the block bound at atol 1e-12:
+    a later round's GD runs to its cap below its practical floor. That round's own bound (E&R's
+    at G/mu = 1e-13) was 8e-9 and was returned; the round before had certified 1.1e-10 with
+    the block bound, which is now kept, the failure named."""
+    _, module, _ = built_example("foe_denoise", build_dir)
+    ns = runpy.run_path(str(EXAMPLES_DIR / "tv2d.py"))
+    prob = module.bind(**ns["example_data"](0, h=6, w=6))
+    theta = np.full(prob.theta_size, math.log(0.02))
+    truth = prob.hypergradient(theta, lower="newton", adjoint="cg", eps=1e-13, delta=1e-13)
+    hg = prob.hypergradient(theta, lower="gd", adjoint="cg", certificate="block", atol=1e-12)
+    assert hg.certificate == "block" and "the last certified round is kept" in hg.status
+    assert np.linalg.norm(hg.grad - truth.grad) <= hg.bound + truth.bound and hg.bound < 1e-9
 
 
 def _plain_weight_logistic():

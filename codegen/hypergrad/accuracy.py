@@ -22,6 +22,7 @@ the work of all rounds.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, cast
 
 import numpy as np
@@ -47,8 +48,12 @@ from .floors import (
     lowest_eps,
     next_delta,
     next_eps,
+    round_failed,
     round_ok,
+    rounding_failure,
+    rounding_goal,
     solve_again,
+    solve_floor,
     uncorrected,
     unrefined_e,
 )
@@ -241,7 +246,10 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     component (grad = h_c, bound on ||h_c - grad F||); else only the component along h is
     certified (grad = h, bound = E&R's, `directional` holds the component's bound and rtol
     steers it). The first round's forward and dual solves stop at `relative` times the norm of
-    their right-hand sides. A round whose plain hypergradient is not "ok" is returned as it is.
+    their right-hand sides. A target below the rounding floor is aimed at ROUNDING_GOAL times
+    the correction's rounding terms instead (`floors.rounding_goal`). A round whose plain
+    hypergradient is not "ok" is returned as it is, or, after a corrected round, that round
+    with the failure named (`floors.round_failed`).
     spent: work done before the first round (counted in the result).
 
     tight (every component): the rounds steer the plain h's bound |h - h_c| + bound(h_c)
@@ -254,15 +262,12 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     total = dict.fromkeys(_WORK_KEYS, 0)
     add_work(total, spent or {})
     trail: list[str] = []
-    tol_v: list[float | None] | None = None
-    tol_lam: list[float | None] | None = None
-    v0: list[Any] | None = None
-    lam0: list[Any] | None = None
+    tol_v = tol_lam = v0 = lam0 = cast("list[Any] | None", None)  # per direction, once planned
     refine = 0 if steer else refine_iter
     failure: str | None = None
-    corr: Correction | None = None
+    last: _Certified | None = None  # the last round with a correction
     steered = target = math.inf
-    replanned, along = False, None
+    replanned, along, floor_goal = False, None, 0.0
     for _ in range(max_rounds if steer else 1):
         # the forward solve beside the adjoint's; the energy-norm terms at this round's x_eps
         along, energy = forward_companion(k, rtol, atol, along) if tight and tol_v is None else None, None
@@ -273,41 +278,43 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
             eps, delta, x0, q0 = restart
             continue
         if not round_ok(hg) or exactly_zero(hg):
-            return evolve(hg, work=total)
+            return _failed_round(hg, last, tight, components, total, trail)
         dirs = _directions(hg, components)
         n = len(dirs)
         if steer and tol_v is None:  # the first round: plan the forward and dual solves
             target = atol + (rtol or 0.0) * grad_norm(hg.grad)
-            again, energy = (None, None) if replanned or not tight else _tight_again(k, hg, target, n, total)
+            aim = max(target, rounding_goal([hg.bound_forms.get("rounding", 0.0)], n))  # no plan below
+            again, energy = (None, None) if replanned or not tight else _tight_again(k, hg, aim, n, total)
             replanned = True
             if again is not None:  # E^2 terms first: a warm re-solve costs less
                 trail.append(f"eps={fmt(eps)}: E={fmt(hg.e)} over the E^2 terms' plan")
                 eps, x0, q0 = next_eps(eps, again, hg), hg.x, hg.q
                 continue
             if tight:  # from this round's E and R, in this round
-                tol_v, tol_lam = _tight_first(hg, target, n, energy)
+                tol_v, tol_lam = _tight_first(hg, aim, n, energy)
             else:  # from this round's measurements, for the next round
                 trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E&R bound {fmt(hg.bound)}")
                 if hg.bound <= target:  # E&R's certifies it already: no correction needed
-                    return evolve(hg, work=total, notes=tuple(hg.notes) + (
-                        "DWR rounds: E&R's bound met the target in the first round; "
-                        + "; ".join(trail),))
-                eps, delta, tol_v, tol_lam = _dwr_first(k, hg, target, n, components)
+                    return _er_met(hg, total, trail)
+                eps, delta, tol_v, tol_lam = _dwr_first(k, hg, aim, n, components)
                 x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself
                 continue
         corr = correct(k, hg, dirs, tol_v or [None] * n, tol_lam or [None] * n, v0 or companion_starts(
             along, n), lam0 or [None] * n, max_iter, relative, energy, dense)
         add_correction_work(total, corr.work)
-        grad, bound, plain = combined(corr, hg, components)
-        steered = plain if tight else bound if components else corr.parts[0].bound
-        target = atol + (rtol or 0.0) * grad_norm(hg.grad if tight else grad)
+        last = _Certified(hg, corr, *combined(corr, hg, components))
+        steered = last.plain if tight else last.bound if components else corr.parts[0].bound
+        target = atol + (rtol or 0.0) * grad_norm(hg.grad if tight else last.grad)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: {'plain' if tight else 'DWR'} bound {fmt(steered)}")
-        if not steer or steered <= target:
+        floor_goal = max(floor_goal, rounding_goal([p.terms["rounding"] for p in corr.parts], n))
+        if not steer or steered <= max(target, floor_goal):  # met, or as close as the floor lets it
+            failure = None if not steer or steered <= target else rounding_failure(
+                target, max(p.terms["rounding"] for p in corr.parts), steered, "dwr bound")
             break
-        planned = _next_round(corr, hg.e, target / math.sqrt(n) if components else target, tight)
-        if planned is None:
-            failure = (f"certified accuracy unreachable: the rounding floor takes a fifth of "
-                       f"atol + rtol ||grad|| = {fmt(target)}")
+        planned = _next_round(corr, hg.e, max(target, floor_goal) / math.sqrt(n if components else 1), tight)
+        if planned is None or ((lower_stalled(hg) or eps <= lowest_eps(hg))  # nothing left to ask
+                               and next_delta(delta, planned[1], hg) >= delta):
+            failure = _floor_reached(target, hg, corr, steered, planned is None)
             break
         eps, delta = next_eps(eps, planned[0], hg), next_delta(delta, planned[1], hg)
         tol_v, tol_lam = planned[2], planned[3]
@@ -316,13 +323,59 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
     else:
         failure = (f"certified accuracy not reached in {max_rounds} rounds: dwr bound "
                    f"{fmt(steered)} > atol + rtol ||grad|| = {fmt(target)}")
-    if corr is None:  # every round was a zero trap or had a target of 0
+    if last is None:  # every round was a zero trap or had a target of 0
         return uncorrected(hg, total, failure)
-    if tight:
-        if steer and failure is None:
-            corr, grad, bound, plain = _tight_sharpened(k, hg, corr, plain, total, trail, relative, energy, dense)
-        return _tight_result(hg, corr, grad, bound, plain, total, trail, failure)
-    return _corrected_result(hg, corr, grad, bound, plain, components, total, trail, failure)
+    if tight and steer and failure is None:
+        last = _tight_sharpened(k, last, total, trail, relative, energy, dense)
+    return last.result(tight, components, total, trail, failure)
+
+
+def _floor_reached(target: float, hg: HypergradientResult, corr: Correction, bound: float,
+                   rounding: bool) -> str:
+    """The failure text of correction rounds that cannot ask more: a direction's rounding terms
+    over their share of the target (`rounding`), or the lower solve at its rounding floor."""
+    if rounding:
+        return rounding_failure(target, max(p.terms["rounding"] for p in corr.parts), bound,
+                                "dwr bound")
+    return floor_failure(target, solve_floor(hg, True), bound, "dwr bound")
+
+
+def _failed_round(hg: HypergradientResult, last: _Certified | None, tight: bool, components: bool,
+                  total: dict[str, int], trail: list[str]) -> HypergradientResult:
+    """A round whose plain hypergradient is not "ok" (capped, diverged): returned as it is
+    (E&R's bound, certified where its solves' residuals are), unless an earlier corrected
+    round certified a smaller bound; that round is then returned with the failure named."""
+    if last is None or (hg.certified and hg.bound <= (last.plain if tight else last.bound)):
+        return evolve(hg, work=total)
+    return last.result(tight, components, total, trail, round_failed(hg))
+
+
+@dataclass(frozen=True)
+class _Certified:
+    """A correction round: its plain hypergradient, its correction and `combined`'s grad and
+    bounds. The rounds return the last one (a later round that fails keeps it: its bound
+    certifies its own h, not a later round's)."""
+
+    hg: HypergradientResult
+    corr: Correction
+    grad: np.ndarray
+    bound: float
+    plain: float
+
+    def result(self, tight: bool, components: bool, total: dict[str, int], trail: list[str],
+               failure: str | None) -> HypergradientResult:
+        """The rounds' result: h with the tight bound, or the corrected gradient."""
+        if tight:
+            return _tight_result(self.hg, self.corr, self.grad, self.bound, self.plain, total,
+                                 trail, failure)
+        return _corrected_result(self.hg, self.corr, self.grad, self.bound, self.plain,
+                                 components, total, trail, failure)
+
+
+def _er_met(hg: HypergradientResult, total: dict[str, int], trail: list[str]) -> HypergradientResult:
+    """hg, whose E&R bound met the target in the DWR rounds' first round, with their work."""
+    return evolve(hg, work=total, notes=tuple(hg.notes) + (
+        "DWR rounds: E&R's bound met the target in the first round; " + "; ".join(trail),))
 
 
 def _next_round(corr: Correction, E: float, share: float, tight: bool
@@ -373,38 +426,43 @@ SHARPEN_BUDGET = 0.1
 SHARPEN_FACTOR_MAX = 3.0
 
 
-def sharpen_budget(plain: float, gap: float, units: int) -> float:
+def sharpen_budget(plain: float, gap: float, units: int, floor: float = 0.0) -> float:
     """The work (units) a sharpening of a met bound `plain` may cost, h's error estimate being
-    `gap` and `units` the work so far: SHARPEN_BUDGET units per factor of SHARPEN_RATIO over
-    the estimate, at most SHARPEN_FACTOR_MAX of them; 0 when plain is within SHARPEN_RATIO gap."""
-    if not gap > 0 or plain <= SHARPEN_RATIO * gap:
+    `gap`, `floor` the bound's rounding terms and `units` the work so far: SHARPEN_BUDGET units
+    per factor of SHARPEN_RATIO over the larger of the two, at most SHARPEN_FACTOR_MAX of them;
+    0 when plain is within SHARPEN_RATIO of it (at the rounding level, gap is rounding too: a
+    sharpening there halved a bound of 6e-16 for 48% more work)."""
+    scale = max(gap, floor)
+    if not gap > 0 or plain <= SHARPEN_RATIO * scale:
         return 0.0
-    return SHARPEN_BUDGET * min(plain / (SHARPEN_RATIO * gap), SHARPEN_FACTOR_MAX) * units
+    return SHARPEN_BUDGET * min(plain / (SHARPEN_RATIO * scale), SHARPEN_FACTOR_MAX) * units
 
 #: The terms of a direction's bound(h_c) that its forward and dual residuals make (linear in
 #: R_v or R_lam; docs/bounds.md 15.2): what a sharpening can shrink without a new lower solve.
 SOLVE_TERMS = ("vR", "vE", "lamE")
 
 
-def _tight_sharpened(k: Any, hg: HypergradientResult, corr: Correction, plain: float,
-                     total: dict[str, int], trail: list[str], relative: float,
-                     energy: Energy | None, dense: dict[str, Any] | None
-                     ) -> tuple[Correction, np.ndarray, float, float]:
-    """(correction, h_c, bound(h_c), plain bound) from the forward and dual solves run on
-    (warm) until their terms leave bound(h_c) about 2 ||h - h_c||, or from corr where the plain
-    bound is within SHARPEN_RATIO of that estimate, the solves' terms are under half of
-    bound(h_c) (E and R are h's own accuracy, not sharpened), the first correction cost more
-    than `sharpen_budget` allows, or the new bound is not smaller. Each of the 2 p CGs (p
-    directions) is capped at 1 / (2 p) of that budget. Steering only: the bound returned is
-    the one computed for the solves returned. Adds the work to total and a note to trail."""
+def _tight_sharpened(k: Any, last: _Certified, total: dict[str, int], trail: list[str],
+                     relative: float, energy: Energy | None, dense: dict[str, Any] | None
+                     ) -> _Certified:
+    """last with the forward and dual solves run on (warm) until their terms leave bound(h_c)
+    about 2 ||h - h_c||, or last itself where the plain bound is within SHARPEN_RATIO of that
+    estimate, the solves' terms are under half of bound(h_c) (E and R are h's own accuracy, not
+    sharpened), the first correction cost more than `sharpen_budget` allows, or the new bound
+    is not smaller. Each of the 2 p CGs (p directions) is capped at 1 / (2 p) of that budget;
+    each also checks its true residual, and the correction's products are made again, so a
+    sharpening can cost up to about twice the budget where the CGs take few steps. Steering
+    only: the bound returned is the one computed for the solves returned. Adds the work to
+    total and a note to trail."""
+    hg, corr = last.hg, last.corr
     gap = math.hypot(*(p.value - p.plain for p in corr.parts))
     solves = math.fsum(p.terms[t] for p in corr.parts for t in SOLVE_TERMS)
     bounds = math.fsum(p.bound for p in corr.parts)
-    budget = sharpen_budget(plain, gap, total["units"])
-    kept = (corr, *combined(corr, hg, True))
+    floor = math.fsum(p.terms.get("rounding", 0.0) for p in corr.parts)
+    budget = sharpen_budget(last.plain, gap, total["units"], floor)
     if (solves <= 0.5 * bounds or not budget > 0
             or corr.work["hvps"] + corr.work["upper"] > budget):
-        return kept
+        return last
     aim = SHARPEN_RATIO - 1.0
     f = max(aim * gap - (bounds - solves), 0.25 * aim * gap) / solves
     try:
@@ -413,11 +471,11 @@ def _tight_sharpened(k: Any, hg: HypergradientResult, corr: Correction, plain: f
                         [p.lam for p in corr.parts], max(int(budget / (2 * len(corr.parts))), 1),
                         relative, energy, dense)
     except FloatingPointError:  # the first correction's kernels were finite: keep it
-        return kept
+        return last
     add_correction_work(total, sharp.work)
-    grad, bound, sharper = combined(sharp, hg, True)
-    trail.append(f"forward and dual solved again: plain bound {fmt(sharper)}")
-    return (sharp, grad, bound, sharper) if sharper < plain else kept
+    sharper = _Certified(hg, sharp, *combined(sharp, hg, True))
+    trail.append(f"forward and dual solved again: plain bound {fmt(sharper.plain)}")
+    return sharper if sharper.plain < last.plain else last
 
 
 def _tight_result(hg: HypergradientResult, corr: Correction, h_c: np.ndarray, bound_c: float,

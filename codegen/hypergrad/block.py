@@ -52,8 +52,12 @@ from .floors import (
     lowest_eps,
     next_delta,
     next_eps,
+    round_failed,
     round_ok,
+    rounding_failure,
+    rounding_goal,
     solve_again,
+    solve_floor,
     uncorrected,
 )
 from .local_third import LOCAL_Q, higher_constants, q_curvature, with_local_q
@@ -239,8 +243,11 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
     `block_correct` with its two solves planned from the target (`SOLVE_SHARE`) and warm-started
     from the last round's. A round that misses the target tightens eps and delta by the factors
     `block_tightened` reads off h's error estimate and the second-order terms; a met bound far
-    above that estimate is sharpened where its two solves are cheap (`_sharpened`). A round
-    whose plain hypergradient is not "ok" is returned as it is."""
+    above that estimate is sharpened where its two solves are cheap (`_sharpened`). A target
+    below the rounding floor is aimed at ROUNDING_GOAL times the correction's rounding terms
+    instead, and the rounds end there with "accuracy floor" (`floors.rounding_goal`). A round
+    whose plain hypergradient is not "ok" is returned as it is, or, after a corrected round,
+    that round with the failure named (`floors.round_failed`)."""
     steer = rtol is not None or atol != 0
     if steer:
         check_targets(0.0 if rtol is None else rtol, atol)
@@ -252,7 +259,8 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
     kind = ReasonKind.ACCURACY
     corr: BlockCorrection | None = None
     plain = target = math.inf
-    replanned = False
+    replanned, floor_goal = False, 0.0
+    done = cast(HypergradientResult, None)  # the round corr was made at, once there is one
     for _ in range(max_rounds if steer else 1):
         hg = floor_accepted(run(eps, delta, x0, q0, refine))
         add_work(total, hg.work)
@@ -265,13 +273,16 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
             eps, delta, x0, q0 = restart
             continue
         if not round_ok(hg) or exactly_zero(hg):
-            return evolve(hg, work=total)
+            if corr is None or (hg.certified and hg.bound <= plain):  # its own bound is better
+                return evolve(hg, work=total)
+            return _block_result(done, corr, plain, total, trail,
+                                 Reason(ReasonKind.ACCURACY, round_failed(hg)))
         target = atol + (rtol or 0.0) * grad_norm(hg.grad)
-        # a target below the rounding floor is not replanned for: the correction's round ends
-        # the rounds at the floor
-        floor = hg.bound_forms.get("rounding", 0.0) >= 0.2 * target
-        f_E, f_R = (1.0, 1.0) if replanned or floor or not steer else second_order_factors(
-            _second_order_terms(k, hg), target)
+        # the target, or where the rounding floor lets it be (E&R's rounding terms before the
+        # correction's are known: no solve is planned below them)
+        aim = max(target, floor_goal, rounding_goal([hg.bound_forms.get("rounding", 0.0)], 1))
+        f_E, f_R = (1.0, 1.0) if replanned or not steer else second_order_factors(
+            _second_order_terms(k, hg), aim)
         replanned = True
         if min(f_E, f_R) < 0.5:  # over the second-order plan: a warm re-solve, no correction
             trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E={fmt(hg.e)}, R={fmt(hg.R)} "
@@ -279,33 +290,31 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
             eps, delta = next_eps(eps, f_E * hg.e, hg), next_delta(delta, f_R * hg.R, hg)
             x0, q0 = hg.x, hg.q
             continue
-        corr = block_correct(k, hg, *_solve_tolerances(hg, target if steer else math.nan),
+        corr = block_correct(k, hg, *_solve_tolerances(hg, aim if steer else math.nan),
                              *starts, max_iter, dense)
         add_correction_work(total, corr.work)
-        plain = min(corr.plain_bound, hg.bound)
+        plain, done = min(corr.plain_bound, hg.bound), hg
         refined = f", E = {fmt(corr.E)} from w" if corr.E < hg.e else ""
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: plain bound {fmt(plain)}{refined}")
+        floor_goal = max(floor_goal, rounding_goal([corr.terms["rounding"]], 1))
+        aim = max(target, floor_goal)
+        if steer and target < plain <= aim:  # as close as the rounding floor lets it get
+            kind = ReasonKind.ACCURACY_FLOOR
+            failure = rounding_failure(target, corr.terms["rounding"], plain, "block bound")
+            break
         if not steer or plain <= target:
             if steer:
                 corr = _sharpened(k, hg, corr, plain, total, trail, dense)
                 plain = min(corr.plain_bound, hg.bound)
             break
-        if corr.terms["rounding"] >= 0.2 * target:
-            failure = (f"certified accuracy unreachable: the rounding floor takes a fifth of "
-                       f"atol + rtol ||grad|| = {fmt(target)}")
-            break
         lowest = lowest_eps(hg)
-        if lower_stalled(hg) or eps <= lowest:
-            kind = ReasonKind.ACCURACY_FLOOR
-            failure = floor_failure(target, f"the lower solve at its rounding floor, e = "
-                                    f"{fmt(hg.e)}", plain, "block bound")
-            break
-        f_E, f_R = block_tightened(hg, corr, target)
+        f_E, f_R = block_tightened(hg, corr, aim)
         planned = next_eps(eps, f_E * hg.e, hg), next_delta(delta, f_R * hg.R, hg)
-        if planned == (eps, delta) and adjoint_stalled(hg):  # nothing left to tighten
+        # the lower solve at its floor, or the adjoint with nothing left to tighten
+        at_floor = lower_stalled(hg) or eps <= lowest
+        if at_floor or (planned == (eps, delta) and adjoint_stalled(hg)):
             kind = ReasonKind.ACCURACY_FLOOR
-            failure = floor_failure(target, f"the adjoint solve at its rounding floor, R = "
-                                    f"{fmt(hg.R)}", plain, "block bound")
+            failure = floor_failure(target, solve_floor(hg, at_floor), plain, "block bound")
             break
         eps, delta = planned
         x0, q0, refine, starts = hg.x, hg.q, refine_iter, (corr.w, corr.t)
@@ -314,7 +323,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
                    f"{fmt(plain)} > atol + rtol ||grad|| = {fmt(target)}")
     if corr is None:  # every round was a zero trap or had a target of 0
         return uncorrected(hg, total, failure, kind)
-    return _block_result(hg, corr, plain, total, trail,
+    return _block_result(done, corr, plain, total, trail,
                          None if failure is None else Reason(kind, failure))
 
 
@@ -325,13 +334,14 @@ def _sharpened(k: Any, hg: HypergradientResult, corr: BlockCorrection, plain: fl
     bound(h_c) about 2 ||h - h_c||, when the plain bound (the smaller of the two) is over
     SHARPEN_RATIO times the estimate, t and w make most of bound(h_c) (nothing else is
     sharpened: E and R are h's own accuracy) and their first solves cost at most what
-    `sharpen_budget` allows; each CG is capped at half that budget, so a sharpening never
-    costs more. Steering only: the bound returned is the one computed for the solves
+    `sharpen_budget` allows; each CG is capped at half that budget (each also checks its true
+    residual, and the correction's products are made again: up to about twice the budget
+    where the CGs take few steps). Steering only: the bound returned is the one computed for the solves
     returned. Adds the work to total and a note to trail."""
     gap = norm(corr.shift)
     solves = corr.terms["t"] + corr.terms["w"]
     rest = corr.bound - solves
-    budget = sharpen_budget(plain, gap, total["units"])
+    budget = sharpen_budget(plain, gap, total["units"], corr.terms["rounding"])
     if (solves <= 0.5 * corr.bound or not budget > 0
             or corr.work["hvps"] + corr.work["upper"] > budget):
         return corr

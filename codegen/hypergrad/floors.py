@@ -19,10 +19,11 @@ from .common import fmt, grad_norm
 from .lower.stopping import solution_floor
 from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 
-__all__ = ["FLOOR_NOTE", "ADJOINT_FLOOR_NOTE", "floor_accepted", "lower_stalled",
-           "adjoint_stalled", "lowest_eps", "lowest_delta", "DELTA_FLOOR", "exactly_zero",
+__all__ = ["ROUNDING_GOAL", "rounding_goal", "FLOOR_NOTE", "ADJOINT_FLOOR_NOTE", "floor_accepted",
+           "lower_stalled", "adjoint_stalled", "lowest_eps", "lowest_delta", "DELTA_FLOOR", "exactly_zero",
            "unrefined_e", "next_eps", "next_delta", "zero_target_eps", "ZERO_TARGET_SCALE",
-           "solve_again", "uncorrected", "floor_failure"]
+           "solve_again", "uncorrected", "floor_failure", "rounding_failure", "solve_floor",
+           "round_failed"]
 
 EPS = float(np.finfo(np.float64).eps)
 
@@ -95,6 +96,22 @@ def next_eps(eps: float, planned: float, hg: HypergradientResult) -> float:
     return max(min(eps, planned), lowest_eps(hg))
 
 
+#: A correction's bound cannot go below its rounding terms: where atol + rtol ||h|| is under
+#: this many times them, the tight, DWR and block rounds aim at this many times them instead,
+#: and end there with `floor_failure` (a target below the floor used to end the rounds after
+#: their first correction: a 12 x 12 FoE image with GD took a bound of 2.2e-3 at atol 1e-14,
+#: where atol 1e-10 reached 4e-11). Above 10: the tight rounds give bound(h_c) half of their
+#: share, and `plans.dwr_tightened` stops where the rounding terms take a fifth of that.
+ROUNDING_GOAL = 12.0
+
+
+def rounding_goal(roundings: list[float], n: int) -> float:
+    """What the correction rounds aim at when the target is below the floor: ROUNDING_GOAL
+    times the largest rounding term of the n directions, times sqrt(n) (the directions' bounds
+    combine in quadrature)."""
+    return ROUNDING_GOAL * math.sqrt(n) * max(roundings, default=0.0)
+
+
 def floor_failure(target: float, why: str, bound: float, name: str = "bound") -> str:
     """The failure text of rounds that end at an accuracy floor: the target, what reached its
     floor (`why`), and the best certified bound (E&R's "bound", or the "block bound")."""
@@ -108,6 +125,27 @@ def floor_failure(target: float, why: str, bound: float, name: str = "bound") ->
 #: residual already there (1.2e-16, or exactly 0 on an x of 4 entries) set delta below what
 #: the next round's CG reaches, and it ran to its cap: 10^4-2 10^4 units, "capped".
 DELTA_FLOOR = 8.0
+
+
+def rounding_failure(target: float, rounding: float, bound: float, name: str) -> str:
+    """`floor_failure` for correction rounds that ended at their rounding terms (`rounding`)."""
+    return floor_failure(target, f"the correction's rounding terms, {fmt(rounding)}", bound, name)
+
+
+def solve_floor(hg: HypergradientResult, lower: bool) -> str:
+    """What reached its rounding floor in hg's round: the lower solve (e) or the adjoint (R)."""
+    if lower:
+        return f"the lower solve at its rounding floor, e = {fmt(hg.e)}"
+    return f"the adjoint solve at its rounding floor, R = {fmt(hg.R)}"
+
+
+def round_failed(hg: HypergradientResult) -> str:
+    """The failure text of correction rounds whose next round's solve did not end "ok" (capped,
+    diverged, not finite) and whose last corrected round certified a smaller bound than the
+    failed round's own: that round is kept (a 12 x 12 FoE image with GD at atol 1e-14: a capped
+    round's 3.8e-8 where the round before had certified 4.8e-11)."""
+    return (f"certified accuracy not reached: the next round did not end ok ({hg.status}); "
+            f"the last certified round is kept")
 
 
 def lowest_delta(hg: HypergradientResult) -> float:
