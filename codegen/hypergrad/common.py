@@ -177,8 +177,9 @@ def checked_theta(k: Any, theta: Any) -> np.ndarray:
     size = getattr(k, "theta_size", None)
     if size is not None and th.size != size:
         raise SolverError(f"theta has {th.size} entries, the problem has theta_size = {size}")
-    if not finite(th):
-        raise SolverError(f"theta is not finite: {th}")
+    if not finite(th):  # the entry named, as the bound problem's own check does
+        j = int(np.argmin(np.isfinite(th)))
+        raise SolverError(f"theta[{j}] = {float(th[j])!r}: theta must be finite")
     return th
 
 
