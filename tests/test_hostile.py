@@ -564,8 +564,8 @@ def ridge_bound(build_dir):
 
 
 RUNTIME_CASES = [  # (case, call(module, data, prob), error type name, message pattern)
-    ("theta nan", lambda m, d, p: p.hypergradient(float("nan")), "SolverError", r"theta\[0\] = nan: theta must be finite"),
-    ("theta inf", lambda m, d, p: p.hypergradient(float("inf")), "SolverError", r"theta\[0\] = inf: theta must be finite"),
+    ("theta nan", lambda m, d, p: p.hypergradient(float("nan")), "SolverError", r"theta\[0\] = nan: theta must"),
+    ("theta inf", lambda m, d, p: p.hypergradient(float("inf")), "SolverError", r"theta\[0\] = inf: theta must"),
     ("theta text", lambda m, d, p: p.hypergradient("abc"), "BindError", r"theta: expected real numbers"),
     ("theta None", lambda m, d, p: p.hypergradient(None), "BindError", r"theta: expected real numbers"),
     ("theta 2-D", lambda m, d, p: p.hypergradient([[0.1]]), "BindError", r"theta must be .* got shape \(1, 1\)"),
