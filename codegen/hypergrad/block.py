@@ -44,12 +44,14 @@ from .correction import (
     uses_general_terms,
 )
 from .floors import (
+    BLOCK_ROUNDING_GOAL,
     adjoint_stalled,
     exactly_zero,
     floor_accepted,
     floor_failure,
     lower_stalled,
     lowest_eps,
+    lowest_residual,
     next_delta,
     next_eps,
     round_failed,
@@ -133,7 +135,7 @@ def block_correct(k: Any, hg: HypergradientResult, tol_w: float, tol_t: float, w
         raise FloatingPointError("grad_x f not finite at x_eps")
     work = {"hvps": used, "cross": 1, "upper": 1}
     r_g = np.asarray(hg.lower.grad)  # type: ignore[union-attr]
-    newton = correction_solve(k, hg, c, tol_w, w0, max_iter, r_g, dense)
+    newton = correction_solve(k, hg, c, max(tol_w, lowest_residual(r_g)), w0, max_iter, r_g, dense)
     work["hvps"] += newton.n_hvp
     w = newton.q
     Hw, _ = call_kernel(k.upper_hvp, x, th, w)
@@ -148,7 +150,7 @@ def block_correct(k: Any, hg: HypergradientResult, tol_w: float, tol_t: float, w
             raise FloatingPointError("the lower third-derivative product T[w, q] is not finite")
         Twq = T
         y = Hw - Twq
-    sol = correction_solve(k, hg, c, tol_t, t0, max_iter, r + y, dense)
+    sol = correction_solve(k, hg, c, max(tol_t, lowest_residual(r + y)), t0, max_iter, r + y, dense)
     work["hvps"] += sol.n_hvp
     t = sol.q
     Bt, _ = call_kernel(k.cross_vjp, x, th, t)
@@ -280,7 +282,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         target = atol + (rtol or 0.0) * grad_norm(hg.grad)
         # the target, or where the rounding floor lets it be (E&R's rounding terms before the
         # correction's are known: no solve is planned below them)
-        aim = max(target, floor_goal, rounding_goal([hg.bound_forms.get("rounding", 0.0)], 1))
+        aim = max(target, floor_goal, rounding_goal([hg.bound_forms.get("rounding", 0.0)], 1, BLOCK_ROUNDING_GOAL))
         f_E, f_R = (1.0, 1.0) if replanned or not steer else second_order_factors(
             _second_order_terms(k, hg), aim)
         replanned = True
@@ -296,7 +298,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         plain, done = min(corr.plain_bound, hg.bound), hg
         refined = f", E = {fmt(corr.E)} from w" if corr.E < hg.e else ""
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: plain bound {fmt(plain)}{refined}")
-        floor_goal = max(floor_goal, rounding_goal([corr.terms["rounding"]], 1))
+        floor_goal = max(floor_goal, rounding_goal([corr.terms["rounding"]], 1, BLOCK_ROUNDING_GOAL))
         aim = max(target, floor_goal)
         if steer and target < plain <= aim:  # as close as the rounding floor lets it get
             kind = ReasonKind.ACCURACY_FLOOR

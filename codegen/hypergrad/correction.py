@@ -37,6 +37,7 @@ import numpy as np
 from .bounds import ROUNDING_FLOOR, certified_product
 from .common import call_kernel, dot, hvp_at, norm
 from .energy import Energy
+from .floors import lowest_residual
 from .galerkin import galerkin
 from .krylov import Companion
 from .local_third import LOCAL_Q, higher_constants, local_contractions, worth_local
@@ -253,7 +254,7 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
     Dq, D_parts = _cross_derivative(k, x, th, u, q, float(c["L_DB"]) == 0.0)
     used["cross"] += len(D_parts)
     tol_v, tol_lam = tols
-    fwd = correction_solve(k, hg, c, relative * norm(Bu) if tol_v is None else tol_v,
+    fwd = correction_solve(k, hg, c, relative * norm(Bu) if tol_v is None else max(tol_v, lowest_residual(Bu)),
                            lambda: _forward_start(hg, starts[0], Bu), max_iter, Bu, dense)
     used["hvps"] += fwd.n_hvp
     Hv, _ = call_kernel(k.upper_hvp, x, th, fwd.q)
@@ -270,7 +271,7 @@ def _one_direction(k: Any, hg: HypergradientResult, c: dict[str, Any], x: np.nda
             raise FloatingPointError("the lower third-derivative product is not finite")
         Tvq = T
         m = m + Tvq
-    dual = correction_solve(k, hg, c, relative * norm(m) if tol_lam is None else tol_lam,
+    dual = correction_solve(k, hg, c, relative * norm(m) if tol_lam is None else max(tol_lam, lowest_residual(m)),
                             starts[1], max_iter, m, dense)
     used["hvps"] += dual.n_hvp
     v, lam = fwd.q, dual.q

@@ -19,8 +19,9 @@ from .common import fmt, grad_norm
 from .lower.stopping import solution_floor
 from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 
-__all__ = ["ROUNDING_GOAL", "rounding_goal", "FLOOR_NOTE", "ADJOINT_FLOOR_NOTE", "floor_accepted",
-           "lower_stalled", "adjoint_stalled", "lowest_eps", "lowest_delta", "DELTA_FLOOR", "exactly_zero",
+__all__ = ["ROUNDING_GOAL", "BLOCK_ROUNDING_GOAL", "rounding_goal", "lowest_residual",
+           "FLOOR_NOTE", "ADJOINT_FLOOR_NOTE", "floor_accepted", "lower_stalled",
+           "adjoint_stalled", "lowest_eps", "lowest_delta", "DELTA_FLOOR", "exactly_zero",
            "unrefined_e", "next_eps", "next_delta", "zero_target_eps", "ZERO_TARGET_SCALE",
            "solve_again", "uncorrected", "floor_failure", "rounding_failure", "solve_floor",
            "round_failed"]
@@ -97,19 +98,31 @@ def next_eps(eps: float, planned: float, hg: HypergradientResult) -> float:
 
 
 #: A correction's bound cannot go below its rounding terms: where atol + rtol ||h|| is under
-#: this many times them, the tight, DWR and block rounds aim at this many times them instead,
-#: and end there with `floor_failure` (a target below the floor used to end the rounds after
-#: their first correction: a 12 x 12 FoE image with GD took a bound of 2.2e-3 at atol 1e-14,
-#: where atol 1e-10 reached 4e-11). Above 10: the tight rounds give bound(h_c) half of their
-#: share, and `plans.dwr_tightened` stops where the rounding terms take a fifth of that.
-ROUNDING_GOAL = 12.0
+#: this many times them, the tight and DWR rounds aim at this many times them instead, and end
+#: there with `floor_failure` (a target below the floor used to end the rounds after their first
+#: correction: a 12 x 12 FoE image with GD took a bound of 2.2e-3 at atol 1e-14, where atol
+#: 1e-10 reached 4e-11). Just above 10, where those rounds used to give up: the tight rounds give
+#: bound(h_c) half of their share, and `plans.dwr_tightened` stops at a fifth of that; a target
+#: above it is steered to as before (at 12, targets between 10 and 12 times the floor that the
+#: rounds used to meet ended at the floor, up to 10 times above them).
+ROUNDING_GOAL = 11.0
+#: The same for the block rounds, which gave up where the rounding term took a fifth.
+BLOCK_ROUNDING_GOAL = 5.5
 
 
-def rounding_goal(roundings: list[float], n: int) -> float:
-    """What the correction rounds aim at when the target is below the floor: ROUNDING_GOAL
-    times the largest rounding term of the n directions, times sqrt(n) (the directions' bounds
-    combine in quadrature)."""
-    return ROUNDING_GOAL * math.sqrt(n) * max(roundings, default=0.0)
+def rounding_goal(roundings: list[float], n: int, factor: float = ROUNDING_GOAL) -> float:
+    """What the correction rounds aim at when the target is below the floor: `factor` times the
+    largest rounding term of the n directions, times sqrt(n) (the directions' bounds combine in
+    quadrature)."""
+    return factor * math.sqrt(n) * max(roundings, default=0.0)
+
+
+def lowest_residual(b: np.ndarray) -> float:
+    """The lowest residual a correction's CG for A v = b is asked for: DELTA_FLOOR eps_machine
+    sqrt(n) ||b|| (`lowest_delta`'s rule for any right-hand side). Near the rounding floor the
+    rounds' plans asked the forward and dual CGs for less, and both ran to their caps: 2 x 10^4
+    units for a bound the round before had nearly reached."""
+    return DELTA_FLOOR * EPS * math.sqrt(b.size) * float(np.linalg.norm(b))
 
 
 def floor_failure(target: float, why: str, bound: float, name: str = "bound") -> str:
