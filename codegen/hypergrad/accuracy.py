@@ -437,6 +437,7 @@ def sharpen_budget(plain: float, gap: float, units: int, floor: float = 0.0) -> 
         return 0.0
     return SHARPEN_BUDGET * min(plain / (SHARPEN_RATIO * scale), SHARPEN_FACTOR_MAX) * units
 
+
 #: The terms of a direction's bound(h_c) that its forward and dual residuals make (linear in
 #: R_v or R_lam; docs/bounds.md 15.2): what a sharpening can shrink without a new lower solve.
 SOLVE_TERMS = ("vR", "vE", "lamE")

@@ -246,8 +246,8 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
     from the last round's. A round that misses the target tightens eps and delta by the factors
     `block_tightened` reads off h's error estimate and the second-order terms; a met bound far
     above that estimate is sharpened where its two solves are cheap (`_sharpened`). A target
-    below the rounding floor is aimed at ROUNDING_GOAL times the correction's rounding terms
-    instead, and the rounds end there with "accuracy floor" (`floors.rounding_goal`). A round
+    below the rounding floor is aimed at BLOCK_ROUNDING_GOAL times the correction's rounding
+    terms instead, and the rounds end there with "accuracy floor" (`floors.rounding_goal`). A round
     whose plain hypergradient is not "ok" is returned as it is, or, after a corrected round,
     that round with the failure named (`floors.round_failed`)."""
     steer = rtol is not None or atol != 0
@@ -338,8 +338,8 @@ def _sharpened(k: Any, hg: HypergradientResult, corr: BlockCorrection, plain: fl
     sharpened: E and R are h's own accuracy) and their first solves cost at most what
     `sharpen_budget` allows; each CG is capped at half that budget (each also checks its true
     residual, and the correction's products are made again: up to about twice the budget
-    where the CGs take few steps). Steering only: the bound returned is the one computed for the solves
-    returned. Adds the work to total and a note to trail."""
+    where the CGs take few steps). Steering only: the bound returned is the one computed for
+    the solves returned. Adds the work to total and a note to trail."""
     gap = norm(corr.shift)
     solves = corr.terms["t"] + corr.terms["w"]
     rest = corr.bound - solves

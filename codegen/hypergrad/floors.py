@@ -117,14 +117,6 @@ def rounding_goal(roundings: list[float], n: int, factor: float = ROUNDING_GOAL)
     return factor * math.sqrt(n) * max(roundings, default=0.0)
 
 
-def lowest_residual(b: np.ndarray) -> float:
-    """The lowest residual a correction's CG for A v = b is asked for: DELTA_FLOOR eps_machine
-    sqrt(n) ||b|| (`lowest_delta`'s rule for any right-hand side). Near the rounding floor the
-    rounds' plans asked the forward and dual CGs for less, and both ran to their caps: 2 x 10^4
-    units for a bound the round before had nearly reached."""
-    return DELTA_FLOOR * EPS * math.sqrt(b.size) * float(np.linalg.norm(b))
-
-
 def floor_failure(target: float, why: str, bound: float, name: str = "bound") -> str:
     """The failure text of rounds that end at an accuracy floor: the target, what reached its
     floor (`why`), and the best certified bound (E&R's "bound", or the "block bound")."""
@@ -168,6 +160,14 @@ def lowest_delta(hg: HypergradientResult) -> float:
     n = hg.x.size if hg.x is not None else 1
     b = float(hg.grad_f_norm)
     return DELTA_FLOOR * EPS * math.sqrt(n) * b if math.isfinite(b) else 0.0
+
+
+def lowest_residual(b: np.ndarray) -> float:
+    """The lowest residual a correction's CG for A v = b is asked for: DELTA_FLOOR eps_machine
+    sqrt(n) ||b|| (`lowest_delta`'s rule for any right-hand side). Near the rounding floor the
+    rounds' plans asked the forward and dual CGs for less, and both ran to their caps: 2 x 10^4
+    units for a bound the round before had nearly reached."""
+    return DELTA_FLOOR * EPS * math.sqrt(b.size) * float(np.linalg.norm(b))
 
 
 def next_delta(delta: float, planned: float, hg: HypergradientResult) -> float:
