@@ -171,6 +171,24 @@ def test_a_target_below_the_rounding_floor_ends_at_the_floor(certificate, lower)
     assert hg.work["units"] < 1000
 
 
+@pytest.mark.parametrize("certificate", ["tight", "block"])
+def test_a_first_order_lower_solve_is_not_asked_below_its_practical_floor(certificate, build_dir):
+    """The 1-D TV example with FISTA at atol 1e-14, below the floor: G/mu stops falling near
+    rounding_floor(L, x) / mu and FISTA has no test for that, so once the rounds aim at their
+    rounding terms they ask no less of it (`floors.lowest_eps` with at_floor). It ran to its
+    cap of 10^4 iterations, then returned E&R's bound of the capped round: 38-61 times the
+    units of the rounds before. Now "accuracy floor" in a few hundred units."""
+    _, module, ns = built_example("tv1d", build_dir)
+    prob = module.bind(**ns["example_data"](0, n=64))
+    theta = np.array(ns["THETA0"], dtype=float)
+    truth = prob.hypergradient(theta, lower="newton", adjoint="cg", eps=1e-13, delta=1e-13)
+    hg = prob.hypergradient(theta, lower="fista", adjoint="cg", certificate=certificate,
+                            atol=1e-14)
+    assert hg.certificate == certificate and "accuracy floor" in hg.status, hg.status
+    assert np.linalg.norm(hg.grad - truth.grad) <= hg.bound + truth.bound
+    assert hg.bound < 1e-11 and hg.work["units"] < 1000
+
+
 def test_a_failed_round_keeps_the_last_certified_one(build_dir):
     """The FoE example (6 x 6, eight filter weights) with GD and the block bound at atol 1e-12:
     a later round's GD runs to its cap below its practical floor. That round's own bound (E&R's

@@ -312,11 +312,11 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                 target, max(p.terms["rounding"] for p in corr.parts), steered, "dwr bound")
             break
         planned = _next_round(corr, hg.e, max(target, floor_goal) / math.sqrt(n if components else 1), tight)
-        if planned is None or ((lower_stalled(hg) or eps <= lowest_eps(hg))  # nothing left to ask
+        if planned is None or ((lower_stalled(hg) or eps <= lowest_eps(hg, floor_goal > target))  # nothing left
                                and next_delta(delta, planned[1], hg) >= delta):
             failure = _floor_reached(target, hg, corr, steered, planned is None)
             break
-        eps, delta = next_eps(eps, planned[0], hg), next_delta(delta, planned[1], hg)
+        eps, delta = next_eps(eps, planned[0], hg, floor_goal > target), next_delta(delta, planned[1], hg)
         tol_v, tol_lam = planned[2], planned[3]
         x0, q0, refine = hg.x, hg.q, refine_iter
         v0, lam0 = [p.v for p in corr.parts], [p.lam for p in corr.parts]

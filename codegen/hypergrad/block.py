@@ -309,9 +309,9 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
                 corr = _sharpened(k, hg, corr, plain, total, trail, dense)
                 plain = min(corr.plain_bound, hg.bound)
             break
-        lowest = lowest_eps(hg)
+        lowest = lowest_eps(hg, aim > target)
         f_E, f_R = block_tightened(hg, corr, aim)
-        planned = next_eps(eps, f_E * hg.e, hg), next_delta(delta, f_R * hg.R, hg)
+        planned = next_eps(eps, f_E * hg.e, hg, aim > target), next_delta(delta, f_R * hg.R, hg)
         # the lower solve at its floor, or the adjoint with nothing left to tighten
         at_floor = lower_stalled(hg) or eps <= lowest
         if at_floor or (planned == (eps, delta) and adjoint_stalled(hg)):
