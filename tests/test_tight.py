@@ -189,6 +189,20 @@ def test_a_first_order_lower_solve_is_not_asked_below_its_practical_floor(certif
     assert hg.bound < 1e-11 and hg.work["units"] < 1000
 
 
+@pytest.mark.parametrize("certificate", ["tight", "block"])
+def test_a_round_that_fails_first_returns_its_own_bound_and_says_so(certificate):
+    """GD capped at 40 iterations in the first round (1-D smoothed TV): no correction was made,
+    so the result is that round's, with E&R's bound and certificate "er"; its last note says
+    why the certificate is not the one asked for (the notes were empty)."""
+    k = SmoothTV1D.generate(seed=0, n=100, noise=0.2, beta=0.5, gamma=0.1)
+    theta = np.array([1.0])
+    hg = hypergradient(k, theta, lower="gd", adjoint="cg", certificate=certificate, rtol=1e-8,
+                       max_iter=40)
+    assert hg.certificate == "er" and "capped" in hg.status
+    assert hg.notes[-1].startswith(f"{certificate} rounds ended at a round whose solve did not")
+    assert np.linalg.norm(hg.grad - nq_exact(k, theta)) <= hg.bound
+
+
 def test_a_failed_round_keeps_the_last_certified_one(build_dir):
     """The FoE example (6 x 6, eight filter weights) with GD and the block bound at atol 1e-12:
     a later round's GD runs to its cap below its practical floor. That round's own bound (E&R's

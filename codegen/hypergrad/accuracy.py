@@ -48,6 +48,7 @@ from .floors import (
     lowest_eps,
     next_delta,
     next_eps,
+    own_bound,
     round_failed,
     round_ok,
     rounding_failure,
@@ -346,7 +347,7 @@ def _failed_round(hg: HypergradientResult, last: _Certified | None, tight: bool,
     (E&R's bound, certified where its solves' residuals are), unless an earlier corrected
     round certified a smaller bound; that round is then returned with the failure named."""
     if last is None or (hg.certified and hg.bound <= (last.plain if tight else last.bound)):
-        return evolve(hg, work=total)
+        return own_bound(hg, total, "tight" if tight else "DWR")
     return last.result(tight, components, total, trail, round_failed(hg))
 
 

@@ -54,6 +54,7 @@ from .floors import (
     lowest_residual,
     next_delta,
     next_eps,
+    own_bound,
     round_failed,
     round_ok,
     rounding_failure,
@@ -276,7 +277,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
             continue
         if not round_ok(hg) or exactly_zero(hg):
             if corr is None or (hg.certified and hg.bound <= plain):  # its own bound is better
-                return evolve(hg, work=total)
+                return own_bound(hg, total, "block")
             return _block_result(done, corr, plain, total, trail,
                                  Reason(ReasonKind.ACCURACY, round_failed(hg)))
         target = atol + (rtol or 0.0) * grad_norm(hg.grad)

@@ -23,7 +23,7 @@ __all__ = ["FIRST_ORDER", "ROUNDING_GOAL", "BLOCK_ROUNDING_GOAL", "rounding_goal
            "FLOOR_NOTE", "ADJOINT_FLOOR_NOTE", "floor_accepted", "lower_stalled",
            "adjoint_stalled", "lowest_eps", "lowest_delta", "DELTA_FLOOR", "exactly_zero",
            "unrefined_e", "next_eps", "next_delta", "zero_target_eps", "ZERO_TARGET_SCALE",
-           "solve_again", "uncorrected", "floor_failure", "rounding_failure", "solve_floor",
+           "solve_again", "uncorrected", "own_bound", "floor_failure", "rounding_failure", "solve_floor",
            "round_failed"]
 
 EPS = float(np.finfo(np.float64).eps)
@@ -156,6 +156,16 @@ def solve_floor(hg: HypergradientResult, lower: bool) -> str:
     if lower:
         return f"the lower solve at its rounding floor, e = {fmt(hg.e)}"
     return f"the adjoint solve at its rounding floor, R = {fmt(hg.R)}"
+
+
+def own_bound(hg: HypergradientResult, total: dict[str, int], name: str) -> HypergradientResult:
+    """hg, the round the `name` rounds (tight, DWR, block) ended at because its solve did not
+    end "ok" or its h is exactly 0, with E&R's bound, the rounds' work and a note saying so:
+    the result's certificate is then "er" where the caller asked for the rounds' own."""
+    return evolve(hg, work=total, notes=tuple(hg.notes) + (
+        f"{name} rounds ended at a round whose solve did not end ok or whose h is exactly 0, "
+        f"before a correction or with a smaller bound than the last corrected round's: its own "
+        f"(E&R's) bound is returned",))
 
 
 def round_failed(hg: HypergradientResult) -> str:
