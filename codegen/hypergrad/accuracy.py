@@ -63,8 +63,8 @@ from .options import DEFAULTS
 from .plans import TIGHT_PLAN_SHARE, dwr_planned, dwr_tightened, plain_tightened, tight_planned
 from .results import HypergradientResult, Reason, ReasonKind, evolve
 
-__all__ = ["sharpen_budget", "SHARPEN_RATIO", "SHARPEN_BUDGET", "to_accuracy", "check_targets",
-           "bound_parts", "first_tolerances", "Round",
+__all__ = ["sharpen_budget", "sharpen_factor", "SHARPEN_RATIO", "SHARPEN_BUDGET", "to_accuracy",
+           "check_targets", "bound_parts", "first_tolerances", "Round",
            "corrected_to_accuracy", "MAX_ROUNDS", "SHARE", "TIGHT_RELATIVE", "add_work",
            "TIGHT_FIRST_ROUND", "add_correction_work"]
 
@@ -284,7 +284,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         n = len(dirs)
         if steer and tol_v is None:  # the first round: plan the forward and dual solves
             target = atol + (rtol or 0.0) * grad_norm(hg.grad)
-            aim = max(target, rounding_goal([hg.bound_forms.get("rounding", 0.0)], n))  # no plan below
+            aim = max(target, rounding_goal(hg.bound_forms.get("rounding", 0.0), n))  # no plan below
             again, energy = (None, None) if replanned or not tight else _tight_again(k, hg, aim, n, total)
             replanned = True
             if again is not None:  # E^2 terms first: a warm re-solve costs less
@@ -307,10 +307,10 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         steered = last.plain if tight else last.bound if components else corr.parts[0].bound
         target = atol + (rtol or 0.0) * grad_norm(hg.grad if tight else last.grad)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: {'plain' if tight else 'DWR'} bound {fmt(steered)}")
-        floor_goal = max(floor_goal, rounding_goal([p.terms["rounding"] for p in corr.parts], n))
+        floor_goal = max(floor_goal, rounding_goal(max(p.terms["rounding"] for p in corr.parts), n))
         if not steer or steered <= max(target, floor_goal):  # met, or as close as the floor lets it
-            failure = None if not steer or steered <= target else rounding_failure(
-                target, max(p.terms["rounding"] for p in corr.parts), steered, "dwr bound")
+            failure = None if not steer or steered <= target else _floor_reached(
+                target, hg, corr, steered, True)
             break
         planned = _next_round(corr, hg.e, max(target, floor_goal) / math.sqrt(n if components else 1), tight)
         if planned is None or ((lower_stalled(hg) or eps <= lowest_eps(hg, floor_goal > target))  # nothing left
@@ -439,6 +439,14 @@ def sharpen_budget(plain: float, gap: float, units: int, floor: float = 0.0) -> 
     return SHARPEN_BUDGET * min(plain / (SHARPEN_RATIO * scale), SHARPEN_FACTOR_MAX) * units
 
 
+def sharpen_factor(gap: float, rest: float, solves: float) -> float:
+    """The factor on the correction's solve residuals (their terms `solves`, linear in them) that
+    brings the bound, `rest` + solves, to about (SHARPEN_RATIO - 1) gap, gap being h's error
+    estimate; a quarter of that for the solves' terms where the rest alone is already over it."""
+    aim = SHARPEN_RATIO - 1.0
+    return max(aim * gap - rest, 0.25 * aim * gap) / solves
+
+
 #: The terms of a direction's bound(h_c) that its forward and dual residuals make (linear in
 #: R_v or R_lam; docs/bounds.md 15.2): what a sharpening can shrink without a new lower solve.
 SOLVE_TERMS = ("vR", "vE", "lamE")
@@ -465,8 +473,7 @@ def _tight_sharpened(k: Any, last: _Certified, total: dict[str, int], trail: lis
     if (solves <= 0.5 * bounds or not budget > 0
             or corr.work["hvps"] + corr.work["upper"] > budget):
         return last
-    aim = SHARPEN_RATIO - 1.0
-    f = max(aim * gap - (bounds - solves), 0.25 * aim * gap) / solves
+    f = sharpen_factor(gap, bounds - solves, solves)
     try:
         sharp = correct(k, hg, [p.direction for p in corr.parts], [p.R_v * f for p in corr.parts],
                         [p.R_lam * f for p in corr.parts], [p.v for p in corr.parts],

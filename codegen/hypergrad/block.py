@@ -24,7 +24,6 @@ import numpy as np
 
 from .accuracy import (
     MAX_ROUNDS,
-    SHARPEN_RATIO,
     TIGHT_RELATIVE,
     Round,
     add_correction_work,
@@ -32,6 +31,7 @@ from .accuracy import (
     bound_parts,
     check_targets,
     sharpen_budget,
+    sharpen_factor,
 )
 from .bounds import ROUNDING_FLOOR, certified_product, distance_from_step
 from .common import call_kernel, fmt, grad_norm, norm
@@ -283,7 +283,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         target = atol + (rtol or 0.0) * grad_norm(hg.grad)
         # the target, or where the rounding floor lets it be (E&R's rounding terms before the
         # correction's are known: no solve is planned below them)
-        aim = max(target, floor_goal, rounding_goal([hg.bound_forms.get("rounding", 0.0)], 1, BLOCK_ROUNDING_GOAL))
+        aim = max(target, floor_goal, rounding_goal(hg.bound_forms.get("rounding", 0.0), 1, BLOCK_ROUNDING_GOAL))
         f_E, f_R = (1.0, 1.0) if replanned or not steer else second_order_factors(
             _second_order_terms(k, hg), aim)
         replanned = True
@@ -299,7 +299,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         plain, done = min(corr.plain_bound, hg.bound), hg
         refined = f", E = {fmt(corr.E)} from w" if corr.E < hg.e else ""
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: plain bound {fmt(plain)}{refined}")
-        floor_goal = max(floor_goal, rounding_goal([corr.terms["rounding"]], 1, BLOCK_ROUNDING_GOAL))
+        floor_goal = max(floor_goal, rounding_goal(corr.terms["rounding"], 1, BLOCK_ROUNDING_GOAL))
         aim = max(target, floor_goal)
         if steer and target < plain <= aim:  # as close as the rounding floor lets it get
             kind = ReasonKind.ACCURACY_FLOOR
@@ -348,8 +348,7 @@ def _sharpened(k: Any, hg: HypergradientResult, corr: BlockCorrection, plain: fl
     if (solves <= 0.5 * corr.bound or not budget > 0
             or corr.work["hvps"] + corr.work["upper"] > budget):
         return corr
-    aim = SHARPEN_RATIO - 1.0
-    f = max(aim * gap - rest, 0.25 * aim * gap) / solves
+    f = sharpen_factor(gap, rest, solves)
     c_t, c_w = solve_weights(hg)
     try:
         sharp = block_correct(k, hg, _tolerance(f * corr.terms["w"], c_w),

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from .common import fmt, grad_norm
+from .common import fmt, grad_norm, norm
 from .lower.stopping import rounding_floor, solution_floor
 from .results import HypergradientResult, Reason, ReasonKind, Status, evolve
 
@@ -124,11 +124,11 @@ ROUNDING_GOAL = 11.0
 BLOCK_ROUNDING_GOAL = 5.5
 
 
-def rounding_goal(roundings: list[float], n: int, factor: float = ROUNDING_GOAL) -> float:
+def rounding_goal(rounding: float, n: int, factor: float = ROUNDING_GOAL) -> float:
     """What the correction rounds aim at when the target is below the floor: `factor` times the
-    largest rounding term of the n directions, times sqrt(n) (the directions' bounds combine in
-    quadrature)."""
-    return factor * math.sqrt(n) * max(roundings, default=0.0)
+    largest rounding term of the n directions (`rounding`), times sqrt(n) (the directions'
+    bounds combine in quadrature)."""
+    return factor * math.sqrt(n) * rounding
 
 
 def floor_failure(target: float, why: str, bound: float, name: str = "bound") -> str:
@@ -191,7 +191,7 @@ def lowest_residual(b: np.ndarray) -> float:
     sqrt(n) ||b|| (`lowest_delta`'s rule for any right-hand side). Near the rounding floor the
     rounds' plans asked the forward and dual CGs for less, and both ran to their caps: 2 x 10^4
     units for a bound the round before had nearly reached."""
-    return DELTA_FLOOR * EPS * math.sqrt(b.size) * float(np.linalg.norm(b))
+    return DELTA_FLOOR * EPS * math.sqrt(b.size) * norm(b)
 
 
 def next_delta(delta: float, planned: float, hg: HypergradientResult) -> float:
