@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codegen.hypergrad import HypergradientOptions, SolverError, hypergradient
-from codegen.hypergrad.certificates import BLOCK_NEWTON_FROM
+from codegen.hypergrad.certificates import BLOCK_FROM
 from codegen.hypergrad.correction import correct
 
 from oracle import Oracle
@@ -687,7 +687,7 @@ def test_nonquadratic_direction_and_auto(name):
     assert auto.certificate == "tight" and "Corollary 15.3" in auto.notes[-1]
     assert np.linalg.norm(auto.grad - exact) <= auto.bound
     newton = hypergradient(k, theta, lower="newton", adjoint="cg", rtol=1e-6)
-    assert theta.size < BLOCK_NEWTON_FROM and newton.certificate == "tight"
+    assert theta.size < BLOCK_FROM and newton.certificate == "tight"
     assert np.linalg.norm(newton.grad - exact) <= newton.bound <= 1e-6 * np.linalg.norm(newton.grad)
 
 

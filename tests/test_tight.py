@@ -15,7 +15,7 @@ from test_correction import NONQUADRATIC, PROBLEMS, GroupRidge, QuadraticRidge
 from codegen.constants.derivation.report import format_tree
 from codegen.constants.derivation.rules import derive
 from codegen.hypergrad import accuracy, hypergradient, hypergradient_samples
-from codegen.hypergrad.certificates import BLOCK_NEWTON_FROM
+from codegen.hypergrad.certificates import BLOCK_FROM
 from codegen.hypergrad.correction import dwr_unavailable
 
 from support import EXAMPLES, EXAMPLES_DIR, TINY, built_example
@@ -122,21 +122,18 @@ def test_tight_bound_holds_on_drawn_problems(seed, kind, log_rtol, lower):
 
 
 def test_auto_rule():
-    """The default certificate ("auto"): "tight" with rtol and a first-order or CG lower solver
-    (one hyperparameter or several) and with Newton and the CG adjoint below BLOCK_NEWTON_FROM
-    hyperparameters, the block bound with Newton from there; E&R's with the direct solver, at
-    fixed eps and delta; over several samples each sample's own (no note: `certificate` says it)."""
+    """The default certificate ("auto"): with rtol and a first-order, CG or Newton lower solver
+    the tight bound below BLOCK_FROM hyperparameters and the block bound from there; E&R's with
+    the direct solver, at fixed eps and delta; over several samples each sample's own (no note:
+    `certificate` says it)."""
     ridge, theta1 = PROBLEMS["ridge"]
     groups, theta3 = PROBLEMS["groups"]
-    assert hypergradient(ridge, theta1, lower="gd", rtol=1e-6).certificate == "tight"
-    assert hypergradient(groups, theta3, lower="fista", rtol=1e-6).certificate == "tight"
-    assert hypergradient(ridge, theta1, lower="cg", rtol=1e-6).certificate == "tight"
-    assert hypergradient(groups, theta3, lower="cg", rtol=1e-6).certificate == "tight"
-    assert theta3.size >= BLOCK_NEWTON_FROM > theta1.size
-    assert hypergradient(ridge, theta1, lower="newton", adjoint="cg",
-                         rtol=1e-6).certificate == "tight"
-    assert hypergradient(groups, theta3, lower="newton", adjoint="cg",
-                         rtol=1e-6).certificate == "block"
+    assert theta3.size >= BLOCK_FROM > theta1.size
+    for lower in ("gd", "fista", "cg", "newton"):
+        assert hypergradient(ridge, theta1, lower=lower, adjoint="cg",
+                             rtol=1e-6).certificate == "tight"
+        assert hypergradient(groups, theta3, lower=lower, adjoint="cg",
+                             rtol=1e-6).certificate == "block"
     assert hypergradient(ridge, theta1, lower="direct", rtol=1e-6).certificate == "er"
     assert hypergradient(ridge, theta1, lower="cg", eps=1e-8, delta=1e-8).certificate == "er"
     many = hypergradient_samples([ridge, ridge], theta1, lower="cg", rtol=1e-6)

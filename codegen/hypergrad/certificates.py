@@ -23,7 +23,7 @@ from .registry import adjoint_entry, lower_entry
 from .results import HypergradientResult
 
 __all__ = ["corrected", "resolved_certificate", "certificate_refused", "tight_by_default",
-           "first_round", "BLOCK_NEWTON_FROM"]
+           "first_round", "BLOCK_FROM"]
 
 
 def corrected(k: Any, th: np.ndarray, opts: HypergradientOptions, chosen: str, run: Round,
@@ -33,7 +33,7 @@ def corrected(k: Any, th: np.ndarray, opts: HypergradientOptions, chosen: str, r
     the adjoint is direct (`solve.correction_solve`)."""
     if chosen in ("tight", "block"):
         eps, delta = first_tolerances(opts.rtol or 0.0, opts.eps, opts.delta, tight=True)
-        if chosen == "block":  # two solves for every component (docs/bounds.md 15.8)
+        if chosen == "block":  # two solves for all components (docs/bounds.md 15.8)
             return block_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
                                      opts.refine_iter, opts.adjoint_cap, dense=dense)
         return corrected_to_accuracy(run, k, opts.rtol, float(opts.atol), eps, delta, x0, q0,
@@ -49,16 +49,16 @@ def corrected(k: Any, th: np.ndarray, opts: HypergradientOptions, chosen: str, r
 def resolved_certificate(opts: HypergradientOptions, size: int, quadratic: bool = False) -> str:
     """The certificate that runs: "er", "dwr", "tight" (one forward and one dual solve per
     component) or "block" (two solves for all, docs/bounds.md 15.8). "tight" above
-    MAX_COMPONENTS hyperparameters is the block one; "auto" (with rtol / atol) is E&R's, the
-    tight or the block bound by `tight_by_default` and `BLOCK_NEWTON_FROM` (quadratic: g is
-    quadratic in x). With the direct adjoint the tight bound's solves are triangular solves
-    by the held factor, so it stays per component up to MAX_COMPONENTS."""
+    MAX_COMPONENTS hyperparameters is the block one; "auto" (with rtol / atol) is E&R's where
+    `tight_by_default` says no (quadratic: g is quadratic in x), else the tight bound for one
+    hyperparameter and the block bound from BLOCK_FROM. With the direct adjoint the tight
+    bound's solves are triangular solves by the held factor, exact to rounding, so it stays per
+    component up to MAX_COMPONENTS."""
     asked = opts.certificate
     if asked == "auto":
         if not tight_by_default(opts.lower, opts.adjoint, quadratic):
             return "er"
-        block = size > MAX_COMPONENTS or (opts.lower == "newton" and opts.adjoint != "direct"
-                                          and size >= BLOCK_NEWTON_FROM)
+        block = size > MAX_COMPONENTS or (opts.adjoint != "direct" and size >= BLOCK_FROM)
         return "block" if block else "tight"
     if asked == "tight" and size > MAX_COMPONENTS:
         return "block"
@@ -82,22 +82,24 @@ def certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions,
     return why
 
 
-#: With a Newton lower solve "auto" takes the tight bound (docs/bounds.md 15.6) below this many
-#: hyperparameters and the block bound (15.8) from it. The tight one pays a forward and a dual
-#: solve per hyperparameter, which its looser adjoint mostly pays for with one: 1.0-1.2x E&R's
-#: work on dense l2-logistic regression at 2000 x 500 and 20000 x 2000, 0.97-1.47x at 300 x 60
-#: (bound / true error 1.0-9.6 against E&R's 9.4-9965), 1.0-1.4x on CSR data (1.0-3.2 against
-#: 12.8-1094); with smoothed TV's two (weight and smoothing) 1.15-1.22x for 3-48, with 8
-#: 2-3.4x. The block one takes two solves for all: 0.99-1.1x E&R's work on TV for 3.9-895
-#: against E&R's 44-1.6e5, 0.96-1.6x above 8 hyperparameters (15.8).
-BLOCK_NEWTON_FROM = 2
+#: With an iterative adjoint "auto" takes the tight bound (docs/bounds.md 15.6) below this many
+#: hyperparameters and the block bound (15.8) from it, whatever the lower solver. The tight one
+#: pays a forward and a dual solve per hyperparameter, the block one two solves for all. With
+#: one hyperparameter the tight bound stays closer to the error (1-D TV at rtol 1e-3: 1.7-3.3
+#: against 2.2-9.6, for 3-25% more work). From two on the block one took 0.33-0.93 of the tight
+#: one's work for a bound / true error of 1.0-3.1 against 1.0-20 (gd, hb, fista, CG and Newton;
+#: group ridge, group logistic, the paper quadratic, 2-D TV, a learned filter, hypercleaning
+#: with 8 weights); with Newton on TV 0.99-1.1x E&R's work for 3.9-895 against E&R's 44-1.6e5.
+#: With the direct adjoint the block bound took 0.5-0.9 of the units but only 1-6% less time,
+#: and after the direct lower solve it was 23 times the error where the tight one was 1.0.
+BLOCK_FROM = 2
 
 
 def tight_by_default(lower: str, adjoint: str, quadratic: bool = False) -> bool:
-    """Whether "auto" tries the tight bound with these solvers (docs/bounds.md 15.6): with a
-    first-order lower solver (0.6-1.25x E&R's work) or CG (the forward solve from its Krylov
-    basis, 15.7: 0.86-0.98x), with Newton and an iterative adjoint (the block correction
-    from BLOCK_NEWTON_FROM hyperparameters, 15.8), and with the direct adjoint where g is not
+    """Whether "auto" tries a corrected bound with these solvers (the tight one of docs/bounds.md
+    15.6, the block one of 15.8 from BLOCK_FROM hyperparameters): with a first-order lower
+    solver (tight: 0.6-1.25x E&R's work) or CG (the forward solve from its Krylov basis, 15.7:
+    0.86-0.98x), with Newton and an iterative adjoint, and with the direct adjoint where g is not
     quadratic: the correction's solves then reuse the adjoint's factor, their residuals are at
     the rounding level, and the bound comes within a few times h's error (Newton lands that
     error far below the target; with CG solves planned at a quarter of the target the bound
