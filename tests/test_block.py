@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from nonquadratic_kernels import DenseGenerated, exact_hypergradient, x_star
 from test_tight import drawn_problem
 
-from codegen.hypergrad import accuracy, block, hypergradient
+from codegen.hypergrad import block, hypergradient, plans
 from codegen.hypergrad.block import block_correct, block_unavailable
 from codegen.hypergrad.correction import MAX_COMPONENTS
 
@@ -221,19 +221,19 @@ def test_cheap_solves_are_sharpened(quadratic, rtol, monkeypatch):
     again, and h is the same. (The first solves are planned at a tenth of the target here, as
     before SOLVE_SHARE = 0.03, which leaves this problem's bound within the ratio.)"""
     k, theta, exact = quadratic
-    budget = accuracy.SHARPEN_BUDGET
+    budget = plans.SHARPEN_BUDGET
     monkeypatch.setattr(block, "SOLVE_SHARE", 0.1)
     hg = hypergradient(k, theta, lower="gd", adjoint="cg", rtol=rtol)
-    monkeypatch.setattr(accuracy, "SHARPEN_BUDGET", 0.0)
+    monkeypatch.setattr(plans, "SHARPEN_BUDGET", 0.0)
     plain = hypergradient(k, theta, lower="gd", adjoint="cg", rtol=rtol)
     err = np.linalg.norm(hg.grad - exact)
     assert np.array_equal(hg.grad, plain.grad) and hg.certificate == plain.certificate == "block"
     assert err <= hg.bound <= plain.bound <= rtol * np.linalg.norm(hg.grad)
     assert "t and w solved again" in hg.notes[-1] and "again" not in plain.notes[-1]
     assert hg.bound <= 3.0 * err < plain.bound
-    monkeypatch.setattr(accuracy, "SHARPEN_BUDGET", budget)
+    monkeypatch.setattr(plans, "SHARPEN_BUDGET", budget)
     gap = np.linalg.norm(plain.grad - plain.corrected_grad)
-    allowed = accuracy.sharpen_budget(plain.bound, gap, plain.work["units"])
+    allowed = plans.sharpen_budget(plain.bound, gap, plain.work["units"])
     assert 0 < hg.work["units"] - plain.work["units"] <= allowed
 
 

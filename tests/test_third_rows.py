@@ -11,7 +11,7 @@ import sympy as sp
 
 from codegen import Problem
 from codegen.constants import derive, format_tree
-from codegen.hypergrad import accuracy, hypergradient
+from codegen.hypergrad import hypergradient, plans
 from codegen.hypergrad.local_third import LOCAL_Q, ball_q_curvature
 from codegen.pipeline import build_problem
 
@@ -174,9 +174,9 @@ def test_tight_correction_sharpened_on_tv(build_dir, monkeypatch):
     tight hypergradient with and without the local bound; h is the same, both bounds are above
     its true error, the local one several times closer; vE shrinks by two orders; the result's
     note names 15.10 where it took part and its constants keep Lambda_q (computed once for both
-    directions). Without the sharpening of a met bound (`accuracy.sharpen_budget`), which
+    directions). Without the sharpening of a met bound (`plans.sharpen_budget`), which
     would solve the plain run's forward and dual solves on until vE is small too."""
-    monkeypatch.setattr(accuracy, "SHARPEN_BUDGET", 0.0)
+    monkeypatch.setattr(plans, "SHARPEN_BUDGET", 0.0)
     prob, theta = _bound("tv1d", build_dir, sizes=dict(n=256))
     truth = _truth(prob, theta)
     sharp = hypergradient(prob, theta, rtol=1e-6, certificate="tight")

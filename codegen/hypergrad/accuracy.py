@@ -22,7 +22,7 @@ the work of all rounds.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol, cast
 
 import numpy as np
@@ -40,7 +40,10 @@ from .correction import (
 )
 from .energy import Energy, energy_at
 from .floors import (
+    CAPPED_NOTE,
     adjoint_stalled,
+    capped_only,
+    caps_met,
     exactly_zero,
     floor_accepted,
     floor_failure,
@@ -53,6 +56,7 @@ from .floors import (
     round_ok,
     rounding_failure,
     rounding_goal,
+    rounds_out,
     solve_again,
     solve_floor,
     uncorrected,
@@ -60,11 +64,18 @@ from .floors import (
 )
 from .local_third import LOCAL_Q, higher_constants
 from .options import DEFAULTS
-from .plans import TIGHT_PLAN_SHARE, dwr_planned, dwr_tightened, plain_tightened, tight_planned
+from .plans import (
+    TIGHT_PLAN_SHARE,
+    dwr_planned,
+    dwr_tightened,
+    plain_tightened,
+    sharpen_budget,
+    sharpen_factor,
+    tight_planned,
+)
 from .results import HypergradientResult, Reason, ReasonKind, evolve
 
-__all__ = ["sharpen_budget", "sharpen_factor", "SHARPEN_RATIO", "SHARPEN_BUDGET", "to_accuracy",
-           "check_targets", "bound_parts", "first_tolerances", "Round",
+__all__ = ["to_accuracy", "check_targets", "bound_parts", "first_tolerances", "Round",
            "corrected_to_accuracy", "MAX_ROUNDS", "SHARE", "TIGHT_RELATIVE", "add_work",
            "TIGHT_FIRST_ROUND", "add_correction_work"]
 
@@ -205,8 +216,7 @@ def to_accuracy(run: PlainRound, rtol: float, atol: float, eps: float, delta: fl
         refine = refine_iter if (unrefined if unrefined < eps else eps) > needed else 0
         x0, q0 = hg.x, hg.q
     else:
-        failure = (f"certified accuracy not reached in {max_rounds} rounds: bound "
-                   f"{fmt(hg.bound)} > atol + rtol ||grad|| = {fmt(target)}")
+        failure = rounds_out(max_rounds, "bound", hg.bound, target)
     notes = tuple(hg.notes) + (f"accuracy rounds (rtol={fmt(rtol)}, atol={fmt(atol)}): "
                                + "; ".join(trail),)
     reasons = hg.reasons if failure is None else (
@@ -278,14 +288,15 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         if restart is not None:
             eps, delta, x0, q0 = restart
             continue
-        if not round_ok(hg) or exactly_zero(hg):
+        capped = tight and steer and capped_only(hg)  # corrected once, then the rounds end
+        if (not round_ok(hg) and not capped) or exactly_zero(hg):
             return _failed_round(hg, last, tight, components, total, trail)
         dirs = _directions(hg, components)
         n = len(dirs)
         if steer and tol_v is None:  # the first round: plan the forward and dual solves
             target = atol + (rtol or 0.0) * grad_norm(hg.grad)
             aim = max(target, rounding_goal(hg.bound_forms.get("rounding", 0.0), n))  # no plan below
-            again, energy = (None, None) if replanned or not tight else _tight_again(k, hg, aim, n, total)
+            again, energy = (None, None) if replanned or not tight or capped else _tight_again(k, hg, aim, n, total)
             replanned = True
             if again is not None:  # E^2 terms first: a warm re-solve costs less
                 trail.append(f"eps={fmt(eps)}: E={fmt(hg.e)} over the E^2 terms' plan")
@@ -300,13 +311,14 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                 eps, delta, tol_v, tol_lam = _dwr_first(k, hg, aim, n, components)
                 x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself
                 continue
-        corr = correct(k, hg, dirs, tol_v or [None] * n, tol_lam or [None] * n, v0 or companion_starts(
-            along, n), lam0 or [None] * n, max_iter, relative, energy, dense)
-        add_correction_work(total, corr.work)
-        last = _Certified(hg, corr, *combined(corr, hg, components))
-        steered = last.plain if tight else last.bound if components else corr.parts[0].bound
+        kept, last = last, _correction_round(k, hg, dirs, (tol_v, tol_lam, v0 or companion_starts(along, n), lam0),
+                                             (max_iter, relative), energy, dense, components, total)
+        corr, steered = last.corr, last.steered(tight, components)
         target = atol + (rtol or 0.0) * grad_norm(hg.grad if tight else last.grad)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: {'plain' if tight else 'DWR'} bound {fmt(steered)}")
+        if capped and steered > target:  # its solve would stop at max_iter again
+            return _capped_end(last, kept, total, trail)
+        last = replace(last, hg=caps_met(hg)) if capped else last
         floor_goal = max(floor_goal, rounding_goal(max(p.terms["rounding"] for p in corr.parts), n))
         if not steer or steered <= max(target, floor_goal):  # met, or as close as the floor lets it
             failure = None if not steer or steered <= target else _floor_reached(
@@ -322,8 +334,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
         x0, q0, refine = hg.x, hg.q, refine_iter
         v0, lam0 = [p.v for p in corr.parts], [p.lam for p in corr.parts]
     else:
-        failure = (f"certified accuracy not reached in {max_rounds} rounds: dwr bound "
-                   f"{fmt(steered)} > atol + rtol ||grad|| = {fmt(target)}")
+        failure = rounds_out(max_rounds, "dwr bound", steered, target)
     if last is None:  # every round was a zero trap or had a target of 0
         return uncorrected(hg, total, failure)
     if tight and steer and failure is None:
@@ -339,6 +350,34 @@ def _floor_reached(target: float, hg: HypergradientResult, corr: Correction, bou
         return rounding_failure(target, max(p.terms["rounding"] for p in corr.parts), bound,
                                 "dwr bound")
     return floor_failure(target, solve_floor(hg, True), bound, "dwr bound")
+
+
+def _correction_round(k: Any, hg: HypergradientResult, dirs: list[np.ndarray],
+                      plan: tuple[Any, Any, Any, Any], caps: tuple[int, float], energy: Energy | None,
+                      dense: dict[str, Any] | None, components: bool,
+                      total: dict[str, int]) -> _Certified:
+    """hg corrected along dirs (`correction.correct`) with plan = (tol_v, tol_lam, v0, lam0) per
+    direction (None: not planned, or no warm start) and caps = (max_iter, relative); its work
+    added to total."""
+    n = len(dirs)
+    tol_v, tol_lam, v0, lam0 = (p or [None] * n for p in plan)
+    corr = correct(k, hg, dirs, tol_v, tol_lam, v0, lam0, caps[0], caps[1], energy, dense)
+    add_correction_work(total, corr.work)
+    return _Certified(hg, corr, *combined(corr, hg, components))
+
+
+def _capped_end(last: _Certified, kept: _Certified | None, total: dict[str, int],
+                trail: list[str]) -> HypergradientResult:
+    """The tight rounds' end at a round whose solves were capped (`floors.capped_only`) and
+    whose correction `last` did not meet the target: the smallest bound of that round's own
+    (E&R's), its correction's and the corrected round before it (`kept`), the caps named."""
+    hg = last.hg
+    trail.append(CAPPED_NOTE)
+    if kept is not None and kept.plain < min(last.plain, hg.bound):
+        return kept.result(True, True, total, trail, round_failed(hg))
+    if hg.bound <= last.plain:
+        return own_bound(hg, total, "tight")
+    return last.result(True, True, total, trail, None)  # hg's reasons: its caps
 
 
 def _failed_round(hg: HypergradientResult, last: _Certified | None, tight: bool, components: bool,
@@ -362,6 +401,10 @@ class _Certified:
     grad: np.ndarray
     bound: float
     plain: float
+
+    def steered(self, tight: bool, components: bool) -> float:
+        """The bound the rounds steer: h's (tight), h_c's, or the component along h's."""
+        return self.plain if tight else self.bound if components else self.corr.parts[0].bound
 
     def result(self, tight: bool, components: bool, total: dict[str, int], trail: list[str],
                failure: str | None) -> HypergradientResult:
@@ -413,38 +456,6 @@ def _tight_again(k: Any, hg: HypergradientResult, target: float, n: int,
     if energy is not None:
         planned = _dwr_first(k, hg, share, n, True, energy)[0]
     return (planned if planned < 0.5 * hg.e else None), energy
-
-
-#: A met target's tight or block bound is sharpened when it is more than SHARPEN_RATIO times h's
-#: error estimate ||h - h_c|| (bound(h_c) > 2 ||h - h_c||: the correction's solves were planned
-#: from the target, and h's error landed far below it) ...
-SHARPEN_RATIO = 3.0
-#: ... and when the correction's own solves cost at most this share of the work so far (a warm
-#: continuation costs about as much again) ...
-SHARPEN_BUDGET = 0.1
-#: ... times plain / (SHARPEN_RATIO ||h - h_c||), the factor a sharpening may remove, up to
-#: SHARPEN_FACTOR_MAX: a bound 30 times h's error may spend three times what one 3.5 times may.
-SHARPEN_FACTOR_MAX = 3.0
-
-
-def sharpen_budget(plain: float, gap: float, units: int, floor: float = 0.0) -> float:
-    """The work (units) a sharpening of a met bound `plain` may cost, h's error estimate being
-    `gap`, `floor` the bound's rounding terms and `units` the work so far: SHARPEN_BUDGET units
-    per factor of SHARPEN_RATIO over the larger of the two, at most SHARPEN_FACTOR_MAX of them;
-    0 when plain is within SHARPEN_RATIO of it (at the rounding level, gap is rounding too: a
-    sharpening there halved a bound of 6e-16 for 48% more work)."""
-    scale = max(gap, floor)
-    if not gap > 0 or plain <= SHARPEN_RATIO * scale:
-        return 0.0
-    return SHARPEN_BUDGET * min(plain / (SHARPEN_RATIO * scale), SHARPEN_FACTOR_MAX) * units
-
-
-def sharpen_factor(gap: float, rest: float, solves: float) -> float:
-    """The factor on the correction's solve residuals (their terms `solves`, linear in them) that
-    brings the bound, `rest` + solves, to about (SHARPEN_RATIO - 1) gap, gap being h's error
-    estimate; a quarter of that for the solves' terms where the rest alone is already over it."""
-    aim = SHARPEN_RATIO - 1.0
-    return max(aim * gap - rest, 0.25 * aim * gap) / solves
 
 
 #: The terms of a direction's bound(h_c) that its forward and dual residuals make (linear in
@@ -558,7 +569,7 @@ def _corrected_result(hg: HypergradientResult, corr: Correction, grad: np.ndarra
         constants = dict(constants, **{LOCAL_Q: corr.local_q})
     notes = tuple(hg.notes) + (f"DWR certificate (docs/bounds.md 15, Corollary {corr.corollary}{local}) rounds: "
                                + "; ".join(trail),)
-    reasons = hg.reasons if failure is None else (Reason(ReasonKind.ACCURACY, failure),)
+    reasons = hg.reasons + (() if failure is None else (Reason(ReasonKind.ACCURACY, failure),))
     return evolve(
         hg, grad=grad, bound=bound, work=total, notes=notes, reasons=reasons, constants=constants,
         certificate="dwr" if components else "dwr-direction",

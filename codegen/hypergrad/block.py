@@ -30,8 +30,6 @@ from .accuracy import (
     add_work,
     bound_parts,
     check_targets,
-    sharpen_budget,
-    sharpen_factor,
 )
 from .bounds import ROUNDING_FLOOR, certified_product, distance_from_step
 from .common import call_kernel, fmt, grad_norm, norm
@@ -45,7 +43,10 @@ from .correction import (
 )
 from .floors import (
     BLOCK_ROUNDING_GOAL,
+    CAPPED_NOTE,
     adjoint_stalled,
+    capped_only,
+    caps_met,
     exactly_zero,
     floor_accepted,
     floor_failure,
@@ -59,11 +60,13 @@ from .floors import (
     round_ok,
     rounding_failure,
     rounding_goal,
+    rounds_out,
     solve_again,
     solve_floor,
     uncorrected,
 )
 from .local_third import LOCAL_Q, higher_constants, q_curvature, with_local_q
+from .plans import sharpen_budget, sharpen_factor
 from .results import HypergradientResult, Reason, ReasonKind, evolve
 from .solve import correction_solve
 
@@ -270,12 +273,12 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         if round_ok(hg):
             hg, passes = with_local_q(k, hg)
             add_work(total, {"hvps": passes, "units": passes})
-        restart = solve_again(hg, steer, rtol, atol, (eps, delta, x0, q0), TIGHT_RELATIVE,
-                              trail)
+        restart = solve_again(hg, steer, rtol, atol, (eps, delta, x0, q0), TIGHT_RELATIVE, trail)
         if restart is not None:
             eps, delta, x0, q0 = restart
             continue
-        if not round_ok(hg) or exactly_zero(hg):
+        capped = steer and capped_only(hg)  # corrected once, then the rounds end
+        if (not round_ok(hg) and not capped) or exactly_zero(hg):
             if corr is None or (hg.certified and hg.bound <= plain):  # its own bound is better
                 return own_bound(hg, total, "block")
             return _block_result(done, corr, plain, total, trail,
@@ -284,7 +287,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         # the target, or where the rounding floor lets it be (E&R's rounding terms before the
         # correction's are known: no solve is planned below them)
         aim = max(target, floor_goal, rounding_goal(hg.bound_forms.get("rounding", 0.0), 1, BLOCK_ROUNDING_GOAL))
-        f_E, f_R = (1.0, 1.0) if replanned or not steer else second_order_factors(
+        f_E, f_R = (1.0, 1.0) if replanned or not steer or capped else second_order_factors(
             _second_order_terms(k, hg), aim)
         replanned = True
         if min(f_E, f_R) < 0.5:  # over the second-order plan: a warm re-solve, no correction
@@ -293,12 +296,15 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
             eps, delta = next_eps(eps, f_E * hg.e, hg), next_delta(delta, f_R * hg.R, hg)
             x0, q0 = hg.x, hg.q
             continue
-        corr = block_correct(k, hg, *_solve_tolerances(hg, aim if steer else math.nan),
-                             *starts, max_iter, dense)
+        kept = (corr, plain, done)
+        corr = block_correct(k, hg, *_solve_tolerances(hg, aim if steer else math.nan), *starts, max_iter, dense)
         add_correction_work(total, corr.work)
         plain, done = min(corr.plain_bound, hg.bound), hg
         refined = f", E = {fmt(corr.E)} from w" if corr.E < hg.e else ""
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: plain bound {fmt(plain)}{refined}")
+        if capped and plain > target:  # its solve would stop at max_iter again
+            return _capped_end(kept, (corr, plain, done), total, trail)
+        done = caps_met(hg) if capped else done
         floor_goal = max(floor_goal, rounding_goal(corr.terms["rounding"], 1, BLOCK_ROUNDING_GOAL))
         aim = max(target, floor_goal)
         if steer and target < plain <= aim:  # as close as the rounding floor lets it get
@@ -310,11 +316,10 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
                 corr = _sharpened(k, hg, corr, plain, total, trail, dense)
                 plain = min(corr.plain_bound, hg.bound)
             break
-        lowest = lowest_eps(hg, aim > target)
         f_E, f_R = block_tightened(hg, corr, aim)
         planned = next_eps(eps, f_E * hg.e, hg, aim > target), next_delta(delta, f_R * hg.R, hg)
         # the lower solve at its floor, or the adjoint with nothing left to tighten
-        at_floor = lower_stalled(hg) or eps <= lowest
+        at_floor = lower_stalled(hg) or eps <= lowest_eps(hg, aim > target)
         if at_floor or (planned == (eps, delta) and adjoint_stalled(hg)):
             kind = ReasonKind.ACCURACY_FLOOR
             failure = floor_failure(target, solve_floor(hg, at_floor), plain, "block bound")
@@ -322,12 +327,26 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         eps, delta = planned
         x0, q0, refine, starts = hg.x, hg.q, refine_iter, (corr.w, corr.t)
     else:
-        failure = (f"certified accuracy not reached in {max_rounds} rounds: block bound "
-                   f"{fmt(plain)} > atol + rtol ||grad|| = {fmt(target)}")
+        failure = rounds_out(max_rounds, "block bound", plain, target)
     if corr is None:  # every round was a zero trap or had a target of 0
         return uncorrected(hg, total, failure, kind)
     return _block_result(done, corr, plain, total, trail,
                          None if failure is None else Reason(kind, failure))
+
+
+def _capped_end(kept: tuple[Any, float, Any], last: tuple[BlockCorrection, float, HypergradientResult],
+                total: dict[str, int], trail: list[str]) -> HypergradientResult:
+    """The block rounds' end at a round whose solves were capped (`floors.capped_only`) and
+    whose correction did not meet the target: the smaller plain bound (its correction's or its
+    own E&R's, `last`) or the corrected round before it (`kept`), the caps named."""
+    corr, plain, hg = last
+    trail.append(CAPPED_NOTE)
+    if kept[0] is not None and kept[1] < plain:
+        return _block_result(kept[2], kept[0], kept[1], total, trail,
+                             Reason(ReasonKind.ACCURACY, round_failed(hg)))
+    if hg.bound <= plain:
+        return own_bound(hg, total, "block")
+    return _block_result(hg, corr, plain, total, trail, None)  # hg's reasons: its caps
 
 
 def _sharpened(k: Any, hg: HypergradientResult, corr: BlockCorrection, plain: float,

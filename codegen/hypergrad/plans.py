@@ -3,7 +3,8 @@
 Every round's bound is recomputed and certified by itself (`correction.correct`); what lives
 here only chooses the next eps, delta and the forward and dual CG tolerances from a round's
 measured terms (`dwr_tightened`, `plain_tightened`) or, before any correction, from a plain
-round's norms and constants (`dwr_planned`, `tight_planned`), so that few rounds suffice.
+round's norms and constants (`dwr_planned`, `tight_planned`), so that few rounds suffice, and
+how much a met bound far above h's error may spend on sharpening (`sharpen_budget`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from .energy import Energy
 from .results import HypergradientResult
 
 __all__ = ["DWR_SHARE", "PLAN_SLACK", "PLAIN_SHARE", "SECOND_ORDER", "TIGHT_DUAL_SHARE",
-           "TIGHT_PLAN_SHARE", "dwr_planned", "dwr_tightened", "plain_tightened", "tight_planned"]
+           "TIGHT_PLAN_SHARE", "dwr_planned", "dwr_tightened", "plain_tightened", "tight_planned",
+           "SHARPEN_RATIO", "SHARPEN_BUDGET", "SHARPEN_FACTOR_MAX", "sharpen_budget",
+           "sharpen_factor"]
 
 #: The plan's norms are upper estimates (||v|| <= ||B||/mu, ||lam|| from them): planned rounds
 #: ended with the bound at 0.05-0.45 of the target (benchmarks/bench_certificate.py). 1.5 times
@@ -214,3 +217,35 @@ def _energy_planned(energy: Energy, E: float, R: float, mu: float, L: tuple[floa
     per_lam = energy.rho_q / nq * (energy.eps_A / E) ** 2 + certified_product(L_3, E) / 3
     return (min(certified_product(L_A, nq), per_q + certified_product(L_A, R) / mu),
             min(certified_product(L_A, nv), per_q * nv / nq), min(L_A, per_lam))
+
+
+#: A met target's tight or block bound is sharpened when it is more than SHARPEN_RATIO times h's
+#: error estimate ||h - h_c|| (bound(h_c) > 2 ||h - h_c||: the correction's solves were planned
+#: from the target, and h's error landed far below it) ...
+SHARPEN_RATIO = 3.0
+#: ... and when the correction's own solves cost at most this share of the work so far (a warm
+#: continuation costs about as much again) ...
+SHARPEN_BUDGET = 0.1
+#: ... times plain / (SHARPEN_RATIO ||h - h_c||), the factor a sharpening may remove, up to
+#: SHARPEN_FACTOR_MAX: a bound 30 times h's error may spend three times what one 3.5 times may.
+SHARPEN_FACTOR_MAX = 3.0
+
+
+def sharpen_budget(plain: float, gap: float, units: int, floor: float = 0.0) -> float:
+    """The work (units) a sharpening of a met bound `plain` may cost, h's error estimate being
+    `gap`, `floor` the bound's rounding terms and `units` the work so far: SHARPEN_BUDGET units
+    per factor of SHARPEN_RATIO over the larger of the two, at most SHARPEN_FACTOR_MAX of them;
+    0 when plain is within SHARPEN_RATIO of it (at the rounding level, gap is rounding too: a
+    sharpening there halved a bound of 6e-16 for 48% more work)."""
+    scale = max(gap, floor)
+    if not gap > 0 or plain <= SHARPEN_RATIO * scale:
+        return 0.0
+    return SHARPEN_BUDGET * min(plain / (SHARPEN_RATIO * scale), SHARPEN_FACTOR_MAX) * units
+
+
+def sharpen_factor(gap: float, rest: float, solves: float) -> float:
+    """The factor on the correction's solve residuals (their terms `solves`, linear in them) that
+    brings the bound, `rest` + solves, to about (SHARPEN_RATIO - 1) gap, gap being h's error
+    estimate; a quarter of that for the solves' terms where the rest alone is already over it."""
+    aim = SHARPEN_RATIO - 1.0
+    return max(aim * gap - rest, 0.25 * aim * gap) / solves
