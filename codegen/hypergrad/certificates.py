@@ -23,7 +23,7 @@ from .registry import adjoint_entry, lower_entry
 from .results import HypergradientResult
 
 __all__ = ["corrected", "resolved_certificate", "certificate_refused", "tight_by_default",
-           "first_round", "BLOCK_FROM"]
+           "first_round", "BLOCK_FROM", "BLOCK_SOLVERS"]
 
 
 def corrected(k: Any, th: np.ndarray, opts: HypergradientOptions, chosen: str, run: Round,
@@ -51,14 +51,16 @@ def resolved_certificate(opts: HypergradientOptions, size: int, quadratic: bool 
     component) or "block" (two solves for all, docs/bounds.md 15.8). "tight" above
     MAX_COMPONENTS hyperparameters is the block one; "auto" (with rtol / atol) is E&R's where
     `tight_by_default` says no (quadratic: g is quadratic in x), else the tight bound for one
-    hyperparameter and the block bound from BLOCK_FROM. With the direct adjoint the tight
-    bound's solves are triangular solves by the held factor, exact to rounding, so it stays per
+    hyperparameter and, with Newton or CG and an iterative adjoint, the block bound from
+    BLOCK_FROM. With a first-order lower solver, and with the direct adjoint (whose solves are
+    triangular solves by the held factor, exact to rounding), the tight bound stays per
     component up to MAX_COMPONENTS."""
     asked = opts.certificate
     if asked == "auto":
         if not tight_by_default(opts.lower, opts.adjoint, quadratic):
             return "er"
-        block = size > MAX_COMPONENTS or (opts.adjoint != "direct" and size >= BLOCK_FROM)
+        block = size > MAX_COMPONENTS or (opts.lower in BLOCK_SOLVERS and opts.adjoint != "direct"
+                                          and size >= BLOCK_FROM)
         return "block" if block else "tight"
     if asked == "tight" and size > MAX_COMPONENTS:
         return "block"
@@ -82,22 +84,27 @@ def certificate_refused(k: Any, th: np.ndarray, opts: HypergradientOptions,
     return why
 
 
-#: With an iterative adjoint "auto" takes the tight bound (docs/bounds.md 15.6) below this many
-#: hyperparameters and the block bound (15.8) from it, whatever the lower solver. The tight one
-#: pays a forward and a dual solve per hyperparameter, the block one two solves for all. With
-#: one hyperparameter the tight bound stays closer to the error (1-D TV at rtol 1e-3: 1.7-3.3
-#: against 2.2-9.6, for 3-25% more work). From two on the block one took 0.33-0.93 of the tight
-#: one's work for a bound / true error of 1.0-3.1 against 1.0-20 (gd, hb, fista, CG and Newton;
-#: group ridge, group logistic, the paper quadratic, 2-D TV, a learned filter, hypercleaning
-#: with 8 weights); with Newton on TV 0.99-1.1x E&R's work for 3.9-895 against E&R's 44-1.6e5.
+#: With Newton or CG and an iterative adjoint "auto" takes the tight bound (docs/bounds.md 15.6)
+#: below this many hyperparameters and the block bound (15.8) from it (BLOCK_SOLVERS). The tight
+#: one pays a forward and a dual solve per hyperparameter, the block one two solves for all:
+#: from two on the block one took 0.54-0.82 of the tight one's work with CG (group ridge, the
+#: paper quadratic) for a bound / true error of 1.1-3.0 against 1.0-20, and with Newton on TV
+#: 0.99-1.1x E&R's work for 3.9-895 against E&R's 44-1.6e5. With a first-order lower solver
+#: (gd, hb, fista) it took 0.33-0.93 of the work on the same problems with bounds as close, but
+#: over a sweep of 11,886 calls its bound was 1.49 times the error in the median where the
+#: tight one's was 1.21, with outliers 10-1000 times looser (1-D TV with fista at rtol 1e-2:
+#: 95 against 2.5; at theta0 - 5 with gd 1544 against 1.4), and a caller's eps = delta = 1e-2
+#: on the FoE example sent its lower solve to its cap (6.3x the work): those keep the tight one.
 #: With the direct adjoint the block bound took 0.5-0.9 of the units but only 1-6% less time,
 #: and after the direct lower solve it was 23 times the error where the tight one was 1.0.
 BLOCK_FROM = 2
+#: The lower solvers with which "auto" takes the block bound from BLOCK_FROM hyperparameters.
+BLOCK_SOLVERS = ("newton", "cg")
 
 
 def tight_by_default(lower: str, adjoint: str, quadratic: bool = False) -> bool:
     """Whether "auto" tries a corrected bound with these solvers (the tight one of docs/bounds.md
-    15.6, the block one of 15.8 from BLOCK_FROM hyperparameters): with a first-order lower
+    15.6, the block one of 15.8 where `resolved_certificate` says): with a first-order lower
     solver (tight: 0.6-1.25x E&R's work) or CG (the forward solve from its Krylov basis, 15.7:
     0.86-0.98x), with Newton and an iterative adjoint, and with the direct adjoint where g is not
     quadratic: the correction's solves then reuse the adjoint's factor, their residuals are at
