@@ -44,6 +44,7 @@ from .floors import (
     adjoint_stalled,
     capped_only,
     caps_met,
+    correction_iterations,
     exactly_zero,
     floor_accepted,
     floor_failure,
@@ -312,7 +313,7 @@ def corrected_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, e
                 x0, q0 = hg.x, hg.q  # refine stays 0: the planned eps is on G/mu itself
                 continue
         kept, last = last, _correction_round(k, hg, dirs, (tol_v, tol_lam, v0 or companion_starts(along, n), lam0),
-                                             (max_iter, relative), energy, dense, components, total)
+                                             (max_iter, relative, capped), energy, dense, components, total)
         corr, steered = last.corr, last.steered(tight, components)
         target = atol + (rtol or 0.0) * grad_norm(hg.grad if tight else last.grad)
         trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: {'plain' if tight else 'DWR'} bound {fmt(steered)}")
@@ -353,15 +354,16 @@ def _floor_reached(target: float, hg: HypergradientResult, corr: Correction, bou
 
 
 def _correction_round(k: Any, hg: HypergradientResult, dirs: list[np.ndarray],
-                      plan: tuple[Any, Any, Any, Any], caps: tuple[int, float], energy: Energy | None,
+                      plan: tuple[Any, Any, Any, Any], caps: tuple[int, float, bool], energy: Energy | None,
                       dense: dict[str, Any] | None, components: bool,
                       total: dict[str, int]) -> _Certified:
     """hg corrected along dirs (`correction.correct`) with plan = (tol_v, tol_lam, v0, lam0) per
-    direction (None: not planned, or no warm start) and caps = (max_iter, relative); its work
-    added to total."""
+    direction (None: not planned, or no warm start) and caps = (max_iter, relative, capped:
+    hg's solves were capped, `floors.correction_iterations`); its work added to total."""
     n = len(dirs)
     tol_v, tol_lam, v0, lam0 = (p or [None] * n for p in plan)
-    corr = correct(k, hg, dirs, tol_v, tol_lam, v0, lam0, caps[0], caps[1], energy, dense)
+    iterations = correction_iterations(caps[0], total, 2 * n if caps[2] else 0)
+    corr = correct(k, hg, dirs, tol_v, tol_lam, v0, lam0, iterations, caps[1], energy, dense)
     add_correction_work(total, corr.work)
     return _Certified(hg, corr, *combined(corr, hg, components))
 

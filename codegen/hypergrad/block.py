@@ -47,6 +47,7 @@ from .floors import (
     adjoint_stalled,
     capped_only,
     caps_met,
+    correction_iterations,
     exactly_zero,
     floor_accepted,
     floor_failure,
@@ -277,7 +278,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         if restart is not None:
             eps, delta, x0, q0 = restart
             continue
-        capped = steer and capped_only(hg)  # corrected once, then the rounds end
+        capped = steer and capped_only(hg) and _correctable(k, hg)  # corrected once, then the rounds end
         if (not round_ok(hg) and not capped) or exactly_zero(hg):
             if corr is None or (hg.certified and hg.bound <= plain):  # its own bound is better
                 return own_bound(hg, total, "block")
@@ -293,11 +294,11 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         if min(f_E, f_R) < 0.5:  # over the second-order plan: a warm re-solve, no correction
             trail.append(f"eps={fmt(eps)}, delta={fmt(delta)}: E={fmt(hg.e)}, R={fmt(hg.R)} "
                          f"over the second-order terms' plan")
-            eps, delta = next_eps(eps, f_E * hg.e, hg), next_delta(delta, f_R * hg.R, hg)
-            x0, q0 = hg.x, hg.q
+            eps, delta, x0, q0 = next_eps(eps, f_E * hg.e, hg), next_delta(delta, f_R * hg.R, hg), hg.x, hg.q
             continue
-        kept = (corr, plain, done)
-        corr = block_correct(k, hg, *_solve_tolerances(hg, aim if steer else math.nan), *starts, max_iter, dense)
+        kept, corr = (corr, plain, done), block_correct(
+            k, hg, *_solve_tolerances(hg, aim if steer else math.nan), *starts,
+            correction_iterations(max_iter, total, 2 * capped), dense)
         add_correction_work(total, corr.work)
         plain, done = min(corr.plain_bound, hg.bound), hg
         refined = f", E = {fmt(corr.E)} from w" if corr.E < hg.e else ""
@@ -332,6 +333,13 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
         return uncorrected(hg, total, failure, kind)
     return _block_result(done, corr, plain, total, trail,
                          None if failure is None else Reason(kind, failure))
+
+
+def _correctable(k: Any, hg: HypergradientResult) -> bool:
+    """Whether the block bound can come below a capped round's own E&R bound: its terms that no
+    solve of t or w lowers, at the round's E and R, are below it. Steering only (w may refine
+    E; the bound is the one computed)."""
+    return math.fsum(_second_order_terms(k, hg).values()) < hg.bound
 
 
 def _capped_end(kept: tuple[Any, float, Any], last: tuple[BlockCorrection, float, HypergradientResult],
