@@ -298,7 +298,7 @@ def block_to_accuracy(run: Round, k: Any, rtol: float | None, atol: float, eps: 
             continue
         kept, corr = (corr, plain, done), block_correct(
             k, hg, *_solve_tolerances(hg, aim if steer else math.nan), *starts,
-            correction_iterations(max_iter, total, 2 * capped), dense)
+            correction_iterations(max_iter, total, 2 if capped else 0), dense)
         add_correction_work(total, corr.work)
         plain, done = min(corr.plain_bound, hg.bound), hg
         refined = f", E = {fmt(corr.E)} from w" if corr.E < hg.e else ""
